@@ -1,0 +1,1 @@
+"""Devices: the registry model and the device-side reference clients."""

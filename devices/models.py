@@ -1,0 +1,104 @@
+"""The Device object of contract §7, as accepted on ``P/devices/<id>/register`` and the CLI.
+
+Channels are kept in order of preference; the platform decides which address field a
+channel carries. Unknown fields are errors that name the field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+PLATFORMS = ("fcm", "apns", "wns", "webpush", "mqtt", "simulation")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FcmChannel(_Strict):
+    platform: Literal["fcm"]
+    token: Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+class ApnsChannel(_Strict):
+    platform: Literal["apns"]
+    token: str
+
+    @field_validator("token")
+    @classmethod
+    def _hex(cls, v: str) -> str:
+        if not re.fullmatch(r"[0-9a-fA-F]{64,200}", v) or len(v) % 2:
+            raise ValueError("must be the device token in hex (64 hex digits)")
+        return v.lower()
+
+
+class WnsChannel(_Strict):
+    platform: Literal["wns"]
+    channel_uri: Annotated[str, Field(min_length=1, max_length=2048)]
+
+    @field_validator("channel_uri")
+    @classmethod
+    def _https(cls, v: str) -> str:
+        if not v.startswith("https://"):
+            raise ValueError("must be an https:// URL")
+        return v
+
+
+class WebPushKeys(_Strict):
+    p256dh: Annotated[str, Field(min_length=1, max_length=256)]
+    auth: Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class WebPushSubscription(_Strict):
+    endpoint: Annotated[str, Field(min_length=1, max_length=2048)]
+    keys: WebPushKeys
+    # Browsers' PushSubscription.toJSON() includes this; accepted and ignored.
+    expirationTime: int | float | None = None
+
+
+class WebPushChannel(_Strict):
+    platform: Literal["webpush"]
+    subscription: WebPushSubscription
+
+
+class MqttChannel(_Strict):
+    platform: Literal["mqtt"]
+
+
+class SimulationChannel(_Strict):
+    platform: Literal["simulation"]
+
+
+Channel = Annotated[
+    Union[FcmChannel, ApnsChannel, WnsChannel, WebPushChannel, MqttChannel, SimulationChannel],
+    Field(discriminator="platform"),
+]
+
+
+class Device(_Strict):
+    device_id: str
+    segment: Annotated[str, Field(max_length=128)] | None = None
+    tags: Annotated[list[Annotated[str, Field(min_length=1, max_length=128)]], Field(max_length=64)] = Field(default_factory=list)
+    channels: Annotated[list[Channel], Field(min_length=1, max_length=16)]
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, v: str) -> str:
+        if not DEVICE_ID_RE.match(v):
+            raise ValueError("must match [A-Za-z0-9._:-]{1,128}")
+        return v
+
+
+def channel_address(channel: BaseModel) -> str:
+    """The channel's address as one string (token, URI, subscription JSON, or '')."""
+    if isinstance(channel, (FcmChannel, ApnsChannel)):
+        return channel.token
+    if isinstance(channel, WnsChannel):
+        return channel.channel_uri
+    if isinstance(channel, WebPushChannel):
+        return channel.subscription.model_dump_json(exclude_none=True)
+    return ""

@@ -1,0 +1,120 @@
+"""The broker's account file: one ``NAME:HASH:ROLE`` line per user, argon2id hashes.
+
+Written by ``homepot-gateway users add/remove`` while the daemon may be running; the
+broker re-reads it when its mtime changes, so new accounts work without a restart.
+Writes are atomic (temp file + rename) so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
+ROLE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+_hasher = PasswordHasher()
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    hash: str
+    role: str
+
+
+class PasswordFileError(ValueError):
+    pass
+
+
+def parse(text: str, path: Path | str = "passwd") -> dict[str, Account]:
+    accounts: dict[str, Account] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        # The argon2 hash contains '$' and ',' but never ':'.
+        parts = line.split(":")
+        if len(parts) != 3 or not NAME_RE.match(parts[0]) or not ROLE_RE.match(parts[2]):
+            raise PasswordFileError(f"{path}:{lineno}: expected NAME:HASH:ROLE")
+        accounts[parts[0]] = Account(parts[0], parts[1], parts[2])
+    return accounts
+
+
+class PasswordFile:
+    """Cached view of the account file, reloaded when it changes on disk."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._accounts: dict[str, Account] = {}
+
+    def accounts(self) -> dict[str, Account]:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            self._stamp, self._accounts = None, {}
+            return self._accounts
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp:
+            self._accounts = parse(self.path.read_text(encoding="utf-8"), self.path)
+            self._stamp = stamp
+        return self._accounts
+
+    def verify(self, name: str, password: str) -> Account | None:
+        """The account if ``password`` matches, else None (unknown user included)."""
+        account = self.accounts().get(name)
+        if account is None:
+            # Spend the same time as a real check so user names cannot be probed.
+            try:
+                _hasher.verify(_DUMMY_HASH, password)
+            except VerificationError:
+                pass
+            return None
+        try:
+            _hasher.verify(account.hash, password)
+        except (VerificationError, InvalidHashError):
+            return None
+        return account
+
+
+_DUMMY_HASH = _hasher.hash("not a real password")
+
+
+def _write_atomic(path: Path, accounts: dict[str, Account]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".passwd.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for acc in accounts.values():
+                fh.write(f"{acc.name}:{acc.hash}:{acc.role}\n")
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def add_user(path: Path, name: str, password: str, role: str) -> None:
+    if not NAME_RE.match(name):
+        raise PasswordFileError("NAME: must match [A-Za-z0-9._:@-]{1,128}")
+    if not ROLE_RE.match(role):
+        raise PasswordFileError("--role: must match [A-Za-z0-9_-]{1,64}")
+    if not password:
+        raise PasswordFileError("password: must not be empty")
+    accounts = parse(path.read_text(encoding="utf-8"), path) if path.exists() else {}
+    accounts[name] = Account(name, _hasher.hash(password), role)
+    _write_atomic(path, accounts)
+
+
+def remove_user(path: Path, name: str) -> bool:
+    accounts = parse(path.read_text(encoding="utf-8"), path) if path.exists() else {}
+    if accounts.pop(name, None) is None:
+        return False
+    _write_atomic(path, accounts)
+    return True

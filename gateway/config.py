@@ -1,0 +1,618 @@
+"""Configuration: ``config.toml`` validated against the contract (§4).
+
+Every problem is reported as ``KEY: message`` with the dotted key, so an operator
+can fix a file without reading a traceback. Secrets named by ``*_file`` keys are
+read once here, held as :class:`pydantic.SecretStr` and never logged.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+ENV_PREFIX = "HOMEPOT_"
+CONFIG_ENV = "HOMEPOT_GATEWAY_CONFIG"
+DEFAULT_PATHS = (Path("config.toml"), Path("/etc/homepot-gateway/config.toml"))
+
+SITE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class ConfigError(Exception):
+    """Invalid configuration; ``problems`` holds ``(key, message)`` pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{k}: {m}" for k, m in problems))
+
+    def lines(self) -> list[str]:
+        return [f"{k}: {m}" if k else m for k, m in self.problems]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not (0 <= int(port) <= 65535):
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        ipaddress.ip_address(host[1:-1])
+    elif not host:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class GatewaySection(_Section):
+    site_id: str = "site-001"
+    topic_prefix: str = "homepot"
+    data_dir: Path = Path("./var")
+
+    @field_validator("site_id")
+    @classmethod
+    def _site_id(cls, v: str) -> str:
+        if not SITE_ID_RE.match(v):
+            raise ValueError("must match [A-Za-z0-9_-]{1,64}")
+        return v
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v or any(c in v for c in "+#\0") or v.startswith("$") or v.startswith("/") or v.endswith("/"):
+            raise ValueError("must be a non-empty topic without wildcards, '$' or leading/trailing '/'")
+        return v
+
+
+class ListenerSection(_Section):
+    name: str
+    type: Literal["tcp", "tls", "ws", "wss"] = "tcp"
+    bind: Annotated[str, Field(description="HOST:PORT")] = "127.0.0.1:1883"
+    allow_anonymous: bool = False
+    anonymous_role: str = "anonymous"
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    cafile: Path | None = None
+    require_client_cert: bool = False
+
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, v: str) -> str:
+        return _check_host_port(v)
+
+    @model_validator(mode="after")
+    def _tls(self) -> "ListenerSection":
+        if self.type in ("tls", "wss"):
+            if self.certfile is None or self.keyfile is None:
+                raise ValueError(f"a {self.type} listener needs certfile and keyfile")
+        if self.require_client_cert and self.cafile is None:
+            raise ValueError("require_client_cert needs cafile")
+        return self
+
+    @property
+    def secure(self) -> bool:
+        return self.type in ("tls", "wss")
+
+
+class AuthSection(_Section):
+    password_file: Path = Path("./var/passwd")
+
+
+class AclRule(_Section):
+    publish: list[str] = Field(default_factory=list)
+    subscribe: list[str] = Field(default_factory=list)
+    deny: list[str] = Field(default_factory=list)
+
+
+def default_acl() -> dict[str, AclRule]:
+    """Contract §5 defaults; a role given in the config replaces its default."""
+    tech = AclRule(publish=["{prefix}/jobs", "{prefix}/devices/+/register"], subscribe=["{prefix}/#"])
+    return {
+        "device": AclRule(
+            publish=[
+                "{prefix}/devices/{username}/ack",
+                "{prefix}/devices/{username}/register",
+                "{prefix}/devices/{username}/telemetry/#",
+            ],
+            subscribe=["{prefix}/devices/{username}/#"],
+        ),
+        "technician": tech,
+        "controller": tech.model_copy(deep=True),
+        "monitor": AclRule(subscribe=["{prefix}/#"]),
+        "admin": AclRule(publish=["#"], subscribe=["#"]),
+        "anonymous": AclRule(),
+    }
+
+
+class BrokerSection(_Section):
+    mode: Literal["embedded", "external"] = "embedded"
+    url: str = "mqtt://127.0.0.1:1883"
+    username: str = ""
+    password_file: Path | None = None
+    password: SecretStr | None = Field(default=None, exclude=True)
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    max_queued_messages: int = Field(default=1000, ge=1)
+    listeners: list[ListenerSection] = Field(default_factory=list)
+    auth: AuthSection = Field(default_factory=AuthSection)
+    acl: dict[str, AclRule] = Field(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return _check_mqtt_url(v)
+
+    @model_validator(mode="after")
+    def _listeners(self) -> "BrokerSection":
+        names = [listener.name for listener in self.listeners]
+        if len(set(names)) != len(names):
+            raise ValueError("listener names must be unique")
+        binds = [listener.bind for listener in self.listeners]
+        if len(set(binds)) != len(binds):
+            raise ValueError("two listeners bind the same address")
+        return self
+
+    def roles(self) -> dict[str, AclRule]:
+        merged = default_acl()
+        merged.update(self.acl)
+        return merged
+
+
+def _check_mqtt_url(v: str) -> str:
+    m = re.match(r"^(mqtt|mqtts|ws|wss)://([^/:]+|\[[0-9a-fA-F:]+\])(:(\d{1,5}))?/?$", v)
+    if not m:
+        raise ValueError("expected mqtt://HOST[:PORT] or mqtts://, ws://, wss://")
+    return v
+
+
+class MqttUrl:
+    """Parsed ``mqtt://host:port`` URL (only what aiomqtt needs)."""
+
+    DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443}
+
+    def __init__(self, url: str):
+        scheme, rest = url.split("://", 1)
+        rest = rest.rstrip("/")
+        if rest.startswith("["):
+            host, _, port = rest[1:].partition("]")
+            port = port.lstrip(":")
+        else:
+            host, _, port = rest.partition(":")
+        self.scheme = scheme
+        self.host = host
+        self.port = int(port) if port else self.DEFAULT_PORTS[scheme]
+        self.tls = scheme in ("mqtts", "wss")
+        self.transport = "websockets" if scheme in ("ws", "wss") else "tcp"
+
+
+class UpstreamSection(_Section):
+    url: str
+    client_id: str = ""
+    username: str = ""
+    password_file: Path | None = None
+    password: SecretStr | None = Field(default=None, exclude=True)
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    buffer_max_mb: float = Field(default=256, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return _check_mqtt_url(v)
+
+
+class DispatchSection(_Section):
+    batch_size: int = Field(default=50, ge=1, le=10000)
+    max_in_flight: int = Field(default=200, ge=1, le=100000)
+    max_attempts: int = Field(default=10, ge=1)
+    backoff_initial_s: float = Field(default=1.0, gt=0)
+    backoff_max_s: float = Field(default=300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _backoff(self) -> "DispatchSection":
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("backoff_max_s must be >= backoff_initial_s")
+        return self
+
+
+class SimulationBridge(_Section):
+    enabled: bool = True
+    latency_ms: float = Field(default=20, ge=0)
+    ack: bool = True
+    # Fault injection, as fractions of deliveries (0..1); see README "Simulation".
+    fail_rate: float = Field(default=0.0, ge=0, le=1)
+    invalid_rate: float = Field(default=0.0, ge=0, le=1)
+    throttle_rate: float = Field(default=0.0, ge=0, le=1)
+    retry_after_s: float = Field(default=1.0, ge=0)
+    seed: int | None = None
+
+
+class MqttBridge(_Section):
+    enabled: bool = True
+    qos: Literal[0, 1, 2] = 1
+
+
+class FcmBridge(_Section):
+    enabled: bool = False
+    service_account_file: Path | None = None
+    project_id: str = ""
+    endpoint: str = "https://fcm.googleapis.com"
+    ca_file: Path | None = None
+    service_account_info: dict[str, Any] | None = Field(default=None, exclude=True, repr=False)
+
+
+class ApnsBridge(_Section):
+    enabled: bool = False
+    team_id: str = ""
+    key_id: str = ""
+    key_file: Path | None = None
+    cert_file: Path | None = None
+    cert_key_file: Path | None = None
+    topic: str = ""
+    environment: Literal["production", "sandbox"] = "production"
+    endpoint: str = ""
+    ca_file: Path | None = None
+    signing_key: SecretStr | None = Field(default=None, exclude=True)
+
+
+class WnsBridge(_Section):
+    enabled: bool = False
+    client_id: str = ""
+    client_secret_file: Path | None = None
+    client_secret: SecretStr | None = Field(default=None, exclude=True)
+    auth: Literal["live", "entra"] = "live"
+    tenant_id: str = ""
+    token_url: str = ""
+    allowed_hosts: list[str] = Field(default_factory=lambda: ["notify.windows.com"])
+    ca_file: Path | None = None
+
+
+class WebpushBridge(_Section):
+    enabled: bool = False
+    vapid_private_key_file: Path = Path("./var/vapid_private.pem")
+    subject: str = "mailto:ops@example.com"
+    allow_private_endpoints: bool = False
+    ca_file: Path | None = None
+
+    @field_validator("subject")
+    @classmethod
+    def _subject(cls, v: str) -> str:
+        if not (v.startswith("mailto:") or v.startswith("https://")):
+            raise ValueError("must start with mailto: or https:")
+        return v
+
+
+class BridgesSection(_Section):
+    simulation: SimulationBridge = Field(default_factory=SimulationBridge)
+    mqtt: MqttBridge = Field(default_factory=MqttBridge)
+    fcm: FcmBridge = Field(default_factory=FcmBridge)
+    apns: ApnsBridge = Field(default_factory=ApnsBridge)
+    wns: WnsBridge = Field(default_factory=WnsBridge)
+    webpush: WebpushBridge = Field(default_factory=WebpushBridge)
+
+
+class HttpSection(_Section):
+    bind: str = "127.0.0.1:8080"
+
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, v: str) -> str:
+        return _check_host_port(v)
+
+
+class LoggingSection(_Section):
+    level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    format: Literal["json", "console"] = "json"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
+
+class Config(_Section):
+    gateway: GatewaySection = Field(default_factory=GatewaySection)
+    broker: BrokerSection = Field(default_factory=BrokerSection)
+    upstream: UpstreamSection | None = None
+    dispatch: DispatchSection = Field(default_factory=DispatchSection)
+    bridges: BridgesSection = Field(default_factory=BridgesSection)
+    http: HttpSection | None = None
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+
+    # Where the file was read from; relative paths in it are relative to the cwd,
+    # like Mosquitto's, so `make run` from the repo works as documented.
+    source: Path | None = Field(default=None, exclude=True)
+
+    @property
+    def prefix(self) -> str:
+        """``P`` of the contract: ``<topic_prefix>/<site_id>``."""
+        return f"{self.gateway.topic_prefix}/{self.gateway.site_id}"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.gateway.data_dir
+
+    @property
+    def db_path(self) -> Path:
+        return self.gateway.data_dir / "gateway.db"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def find_config_path(explicit: str | os.PathLike[str] | None) -> Path:
+    """The contract's search order: --config, $HOMEPOT_GATEWAY_CONFIG, ./config.toml, /etc."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    for candidate in DEFAULT_PATHS:
+        if candidate.exists():
+            return candidate
+    return DEFAULT_PATHS[0]
+
+
+def _leaf_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> dict[str, tuple[str, ...]]:
+    """Map ``SECTION_KEY`` env suffixes to dotted paths, derived from the models."""
+    out: dict[str, tuple[str, ...]] = {}
+    for name, field in model.model_fields.items():
+        if field.exclude or name == "source":
+            continue
+        path = prefix + (name,)
+        ann = field.annotation
+        sub = _model_of(ann)
+        if sub is not None and name not in ("listeners",):
+            out.update(_leaf_paths(sub, path))
+        else:
+            out["_".join(path).upper()] = path
+    return out
+
+
+def _model_of(ann: Any) -> type[BaseModel] | None:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()) or ():
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _parse_env_value(raw: str) -> Any:
+    """Env values are TOML values when they parse as one (true, 5, ["a"]), else strings."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def apply_env(data: dict[str, Any], environ: dict[str, str]) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    leaves = _leaf_paths(Config)
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        path = leaves.get(name[len(ENV_PREFIX):])
+        if path is None:
+            problems.append((name, "unknown configuration override (no such key)"))
+            continue
+        node = data
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                problems.append((name, f"{'.'.join(path[:-1])} is not a table"))
+                break
+            node = nxt
+        else:
+            node[path[-1]] = _parse_env_value(raw)
+    return problems
+
+
+def _loc(err_loc: tuple[Any, ...], data: dict[str, Any]) -> str:
+    """Render a pydantic location as the TOML key; listeners by name when known."""
+    parts: list[str] = []
+    node: Any = data
+    for item in err_loc:
+        if isinstance(item, int) and parts and parts[-1] == "listeners":
+            name = None
+            if isinstance(node, list) and item < len(node) and isinstance(node[item], dict):
+                name = node[item].get("name")
+            parts[-1] = f"listeners[{name or item}]"
+        elif isinstance(item, str) and not item.startswith(("function-", "model-")):
+            parts.append(item)
+        if isinstance(node, dict):
+            node = node.get(item)
+        elif isinstance(node, list) and isinstance(item, int) and item < len(node):
+            node = node[item]
+        else:
+            node = None
+    return ".".join(parts)
+
+
+def _read_secret(path: Path, key: str, problems: list[tuple[str, str]]) -> str | None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        problems.append((key, f"file not found: {path}"))
+        return None
+    except OSError as exc:
+        problems.append((key, f"cannot read {path}: {exc.strerror}"))
+        return None
+    return text.strip()
+
+
+def _require_file(path: Path | None, key: str, problems: list[tuple[str, str]], required: bool = True) -> None:
+    if path is None or str(path) == "":
+        if required:
+            problems.append((key, "required"))
+        return
+    if not path.is_file():
+        problems.append((key, f"file not found: {path}"))
+
+
+def _load_secrets(cfg: Config, problems: list[tuple[str, str]]) -> None:
+    """Read every ``*_file`` secret of enabled parts once; record missing ones by key."""
+    if cfg.broker.password_file and str(cfg.broker.password_file):
+        secret = _read_secret(cfg.broker.password_file, "broker.password_file", problems)
+        if secret is not None:
+            cfg.broker.password = SecretStr(secret)
+    for listener_index, listener in enumerate(cfg.broker.listeners):
+        key = f"broker.listeners[{listener.name}]"
+        if cfg.broker.mode == "embedded":
+            for attr in ("certfile", "keyfile", "cafile"):
+                value = getattr(listener, attr)
+                if value is not None:
+                    _require_file(value, f"{key}.{attr}", problems)
+    if cfg.upstream is not None:
+        up = cfg.upstream
+        if up.password_file and str(up.password_file):
+            secret = _read_secret(up.password_file, "upstream.password_file", problems)
+            if secret is not None:
+                up.password = SecretStr(secret)
+        for attr in ("ca_file", "cert_file", "key_file"):
+            value = getattr(up, attr)
+            if value is not None and str(value):
+                _require_file(value, f"upstream.{attr}", problems)
+
+    b = cfg.bridges
+    if b.fcm.enabled:
+        _require_file(b.fcm.service_account_file, "bridges.fcm.service_account_file", problems)
+        if b.fcm.service_account_file and b.fcm.service_account_file.is_file():
+            import json
+
+            try:
+                info = json.loads(b.fcm.service_account_file.read_text(encoding="utf-8"))
+                if not isinstance(info, dict):
+                    raise ValueError("not a JSON object")
+                for needed in ("client_email", "private_key", "token_uri"):
+                    if needed not in info:
+                        raise ValueError(f"missing {needed!r}")
+                b.fcm.service_account_info = info
+                if not b.fcm.project_id:
+                    if "project_id" not in info:
+                        raise ValueError("missing 'project_id' (or set bridges.fcm.project_id)")
+                    b.fcm.project_id = info["project_id"]
+            except ValueError as exc:
+                problems.append(("bridges.fcm.service_account_file", f"not a service account JSON: {exc}"))
+    if b.apns.enabled:
+        if not b.apns.topic:
+            problems.append(("bridges.apns.topic", "required (the app's bundle id)"))
+        if b.apns.cert_file and str(b.apns.cert_file):
+            _require_file(b.apns.cert_file, "bridges.apns.cert_file", problems)
+            if b.apns.cert_key_file is not None and str(b.apns.cert_key_file):
+                _require_file(b.apns.cert_key_file, "bridges.apns.cert_key_file", problems)
+        else:
+            for attr in ("team_id", "key_id"):
+                if not getattr(b.apns, attr):
+                    problems.append((f"bridges.apns.{attr}", "required for token auth (or set cert_file)"))
+            _require_file(b.apns.key_file, "bridges.apns.key_file", problems)
+            if b.apns.key_file and b.apns.key_file.is_file():
+                secret = _read_secret(b.apns.key_file, "bridges.apns.key_file", problems)
+                if secret is not None:
+                    if "PRIVATE KEY" not in secret:
+                        problems.append(("bridges.apns.key_file", "not a PEM private key (.p8)"))
+                    else:
+                        b.apns.signing_key = SecretStr(secret)
+        if b.apns.ca_file is not None and str(b.apns.ca_file):
+            _require_file(b.apns.ca_file, "bridges.apns.ca_file", problems)
+    if b.wns.enabled:
+        if not b.wns.client_id:
+            problems.append(("bridges.wns.client_id", "required"))
+        if b.wns.client_secret_file is None or not str(b.wns.client_secret_file):
+            problems.append(("bridges.wns.client_secret_file", "required"))
+        else:
+            secret = _read_secret(b.wns.client_secret_file, "bridges.wns.client_secret_file", problems)
+            if secret is not None:
+                b.wns.client_secret = SecretStr(secret)
+        if b.wns.auth == "entra" and not b.wns.tenant_id and not b.wns.token_url:
+            problems.append(("bridges.wns.tenant_id", "required when auth = \"entra\""))
+        if not b.wns.allowed_hosts:
+            problems.append(("bridges.wns.allowed_hosts", "must name at least one host"))
+    if b.webpush.enabled:
+        # The key may be created by `homepot-gateway vapid-keys`; a missing one is
+        # created at start (like the contract's command), a bad one is an error.
+        path = b.webpush.vapid_private_key_file
+        if path.exists() and "PRIVATE KEY" not in path.read_text(encoding="utf-8", errors="replace"):
+            problems.append(("bridges.webpush.vapid_private_key_file", "not a PEM private key"))
+    for name in ("fcm", "wns", "webpush"):
+        ca = getattr(b, name).ca_file
+        if getattr(b, name).enabled and ca is not None and str(ca):
+            _require_file(ca, f"bridges.{name}.ca_file", problems)
+
+
+def _blank_paths_to_none(data: Any) -> Any:
+    """TOML has no null: ``key_file = ""`` means unset, as in the contract's sample."""
+    if isinstance(data, dict):
+        return {
+            k: (None if (k.endswith("file") and v == "") else _blank_paths_to_none(v))
+            for k, v in data.items()
+        }
+    if isinstance(data, list):
+        return [_blank_paths_to_none(v) for v in data]
+    return data
+
+
+def parse_config(data: dict[str, Any], environ: dict[str, str] | None = None, source: Path | None = None) -> Config:
+    """Validate a config mapping (after env overrides); raise :class:`ConfigError`."""
+    environ = dict(os.environ if environ is None else environ)
+    problems = apply_env(data, environ)
+    data = _blank_paths_to_none(data)
+    cfg: Config | None = None
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            key = _loc(tuple(err["loc"]), data)
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            elif msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            problems.append((key, msg))
+    if cfg is not None:
+        cfg.source = source
+        if cfg.broker.mode == "embedded" and not cfg.broker.listeners:
+            problems.append(("broker.listeners", "embedded mode needs at least one listener"))
+        _load_secrets(cfg, problems)
+    if problems:
+        raise ConfigError(problems)
+    assert cfg is not None
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None) -> Config:
+    cfg_path = find_config_path(path)
+    try:
+        raw = cfg_path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError([("", f"config file not found: {cfg_path}")]) from None
+    except OSError as exc:
+        raise ConfigError([("", f"cannot read {cfg_path}: {exc.strerror}")]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([("", f"{cfg_path}: not valid TOML: {exc}")]) from None
+    return parse_config(data, environ, source=cfg_path)

@@ -1,0 +1,194 @@
+"""``homepot-gateway run``: the daemon's lifecycle in one asyncio loop.
+
+Order matters: the embedded broker listens first, then the gateway's own client
+connects to it (the same client code that external mode uses), then the services
+run; systemd hears READY=1 only when all of that holds. Shutdown goes the other
+way, so no in-flight work is cut off by a broker that is already gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import signal
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import structlog
+
+from gateway import __version__
+from gateway.broker import BrokerStartError, EmbeddedBroker, InternalCredentials
+from gateway.config import Config
+from gateway.mqtt import ConnectionSettings, GatewayClient, NotConnected
+from gateway.sdnotify import Notifier
+from gateway.service import Service
+from gateway.topics import Topics
+
+log = structlog.get_logger(__name__)
+
+STOP_BUDGET_S = 8.0  # of the contract's 10 s; the rest is for the broker and exit
+
+
+def utcnow_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+ServiceFactory = Callable[["Daemon"], list[Service]]
+
+
+class Daemon:
+    def __init__(self, cfg: Config, service_factory: ServiceFactory | None = None,
+                 environ: dict[str, str] | None = None):
+        self.cfg = cfg
+        self.topics = Topics(cfg.prefix)
+        self.notifier = Notifier(environ)
+        self.started_at = utcnow_iso()
+        self.internal = InternalCredentials.generate()
+        self.broker: EmbeddedBroker | None = None
+        self.client: GatewayClient | None = None
+        self.services: list[Service] = []
+        self._service_factory = service_factory or default_services
+        self.stop_event = asyncio.Event()
+
+    # ------------------------------------------------------------------ helpers
+    def _status_payload(self, state: str) -> bytes:
+        return json.dumps({"state": state, "version": __version__, "started_at": self.started_at}).encode()
+
+    def client_settings(self) -> ConnectionSettings:
+        b = self.cfg.broker
+        if b.mode == "embedded" and not b.username:
+            username, password = self.internal.username, self.internal.password
+        else:
+            username = b.username or None
+            password = b.password.get_secret_value() if b.password else None
+        return ConnectionSettings(
+            url=b.url,
+            client_id=f"homepot-gateway-{self.cfg.gateway.site_id}",
+            username=username, password=password,
+            ca_file=str(b.ca_file) if b.ca_file else None,
+            cert_file=str(b.cert_file) if b.cert_file else None,
+            key_file=str(b.key_file) if b.key_file else None,
+            clean_session=False,
+            will_topic=self.topics.gateway_status,
+            will_payload=self._status_payload("offline"),
+        )
+
+    async def _announce_online(self, client: GatewayClient) -> None:
+        await client.publish(self.topics.gateway_status, self._status_payload("online"), qos=1, retain=True)
+
+    # ------------------------------------------------------------------ run
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        self.cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            return await self._run()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            self.notifier.close()
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self.stop_event.is_set():
+            return
+        log.info("stop requested", signal=sig.name)
+        self.stop_event.set()
+
+    async def _run(self) -> int:
+        cfg = self.cfg
+        if cfg.broker.mode == "embedded":
+            self.broker = EmbeddedBroker(cfg, self.internal)
+            try:
+                await self.broker.start()
+            except BrokerStartError as exc:
+                log.error("broker failed to start", error=str(exc))
+                self.broker = None
+                return 2
+
+        client = GatewayClient(self.client_settings(), name="broker")
+        self.client = client
+        self.services = self._service_factory(self)
+        for svc in self.services:
+            svc.attach(client)
+        client.on_connect(self._announce_online)
+
+        client_stop = asyncio.Event()
+        client_task = asyncio.create_task(client.run(client_stop), name="mqtt-client")
+        connected = await client.wait_connected(timeout=10)
+        if not connected and cfg.broker.mode == "embedded":
+            log.error("cannot connect to the embedded broker", url=cfg.broker.url, error=client.last_error)
+            client_stop.set()
+            await client_task
+            await self._stop_broker()
+            return 1
+        if not connected:
+            log.warning("external broker unreachable; retrying in the background", url=cfg.broker.url)
+
+        services_stopping = asyncio.Event()
+        service_tasks = [asyncio.create_task(svc.run(services_stopping), name=svc.name) for svc in self.services]
+        watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
+        status = f"running; broker {cfg.broker.mode} {cfg.broker.url}"
+        self.notifier.ready(status)
+        log.info("gateway ready", site_id=cfg.gateway.site_id, mode=cfg.broker.mode, url=cfg.broker.url,
+                 services=[s.name for s in self.services], version=__version__)
+
+        stop_wait = asyncio.create_task(self.stop_event.wait())
+        await asyncio.wait([stop_wait, *service_tasks], return_when=asyncio.FIRST_COMPLETED)
+        exit_code = 0
+        for task in service_tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.error("service crashed", service=task.get_name(), error=repr(task.exception()))
+                exit_code = 1
+
+        # ---------------------------------------------------------- shutdown
+        self.notifier.stopping("stopping: finishing in-flight work")
+        log.info("stopping")
+        services_stopping.set()
+        _, pending = await asyncio.wait(service_tasks, timeout=STOP_BUDGET_S) if service_tasks else (set(), set())
+        for task in pending:
+            log.warning("service did not stop in time; cancelling", service=task.get_name())
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        try:
+            await client.publish(self.topics.gateway_status, self._status_payload("offline"), qos=1,
+                                 retain=True, timeout=2)
+        except NotConnected:
+            pass
+        client_stop.set()
+        await asyncio.wait_for(asyncio.gather(client_task, return_exceptions=True), 3)
+        watchdog.cancel()
+        stop_wait.cancel()
+        await self._stop_broker()
+        log.info("stopped", exit_code=exit_code)
+        return exit_code
+
+    async def _stop_broker(self) -> None:
+        if self.broker is not None:
+            try:
+                await asyncio.wait_for(self.broker.stop(), 3)
+            except (TimeoutError, Exception) as exc:  # never block exit on broker teardown
+                log.warning("broker shutdown incomplete", error=repr(exc))
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval
+        if not interval:
+            return
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+
+def default_services(daemon: Daemon) -> list[Service]:
+    """The services a daemon runs; the pipeline and upstream link register here."""
+    services: list[Service] = []
+    return services
+
+
+def run_daemon(cfg: Config) -> int:
+    return asyncio.run(Daemon(cfg).run())
+
+
+__all__ = ["Daemon", "run_daemon", "utcnow_iso"]

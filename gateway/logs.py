@@ -1,0 +1,51 @@
+"""structlog set-up: JSON lines under systemd, a readable console format for humans.
+
+Third-party stdlib loggers (amqtt, httpx) are routed through the same renderer so the
+journal holds one format; amqtt's chatty INFO lines are kept at WARNING unless the
+gateway itself runs at debug.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR, "critical": logging.CRITICAL}
+
+
+def setup_logging(level: str = "info", fmt: str = "json") -> None:
+    numeric = _LEVELS[level]
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: structlog.typing.Processor
+    if fmt == "json":
+        renderer = structlog.processors.JSONRenderer()
+        shared.append(structlog.processors.format_exc_info)
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+    quiet = logging.DEBUG if numeric <= logging.DEBUG else logging.WARNING
+    for name in ("amqtt", "transitions", "websockets", "httpx", "httpcore", "hpack", "h2"):
+        logging.getLogger(name).setLevel(max(numeric, quiet))

@@ -1,0 +1,232 @@
+"""Test helpers: real processes (the daemon, Mosquitto), ports, configs, a notify socket."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port}")
+
+
+# ------------------------------------------------------------------ TOML (tests only)
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (str, Path)):
+        s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{s}"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(type(v))
+
+
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """Enough TOML for test configs: scalars, lists, tables, arrays of tables."""
+    lines: list[str] = []
+    tables: list[tuple[str, dict[str, Any]]] = []
+    arrays: list[tuple[str, list[dict[str, Any]]]] = []
+    for k, v in data.items():
+        if isinstance(v, dict):
+            tables.append((k, v))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            arrays.append((k, v))
+        else:
+            lines.append(f"{k} = {_toml_value(v)}")
+    out = "\n".join(lines) + ("\n" if lines else "")
+    for k, v in tables:
+        name = f"{prefix}{k}"
+        out += f"\n[{name}]\n" + to_toml(v, name + ".")
+    for k, items in arrays:
+        name = f"{prefix}{k}"
+        for item in items:
+            out += f"\n[[{name}]]\n" + to_toml(item, name + ".")
+    return out
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def base_config(tmp: Path, port: int, **extra: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "gateway": {"site_id": "site-t", "topic_prefix": "homepot", "data_dir": str(tmp / "var")},
+        "broker": {
+            "mode": "embedded",
+            "url": f"mqtt://127.0.0.1:{port}",
+            "listeners": [{"name": "local", "type": "tcp", "bind": f"127.0.0.1:{port}",
+                           "allow_anonymous": True, "anonymous_role": "admin"}],
+            "auth": {"password_file": str(tmp / "var" / "passwd")},
+        },
+        "bridges": {"simulation": {"enabled": True, "latency_ms": 0}, "mqtt": {"enabled": True}},
+        "logging": {"level": "info", "format": "json"},
+    }
+    return deep_merge(cfg, extra)
+
+
+def write_config(tmp: Path, data: dict[str, Any], name: str = "config.toml") -> Path:
+    path = tmp / name
+    path.write_text(to_toml(data))
+    return path
+
+
+# ------------------------------------------------------------------ systemd notify
+class NotifySocket:
+    """A datagram socket standing in for systemd's ``$NOTIFY_SOCKET``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[tuple[float, dict[str, str]]] = []
+
+    def _recv(self, timeout: float) -> bool:
+        self.sock.settimeout(max(timeout, 0.001))
+        try:
+            data = self.sock.recv(65536)
+        except (TimeoutError, socket.timeout):
+            return False
+        fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+        self.messages.append((time.monotonic(), fields))
+        return True
+
+    def wait_for(self, key: str, value: str | None = None, timeout: float = 20.0) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for _, fields in self.messages[seen:]:
+                seen += 1
+                if key in fields and (value is None or fields[key] == value):
+                    return fields
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no {key}={value} on the notify socket; got {self.messages}")
+            self._recv(remaining)
+
+    def drain(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            self._recv(remaining)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# ------------------------------------------------------------------ the daemon
+@dataclass
+class GatewayProcess:
+    """``python -m gateway run`` as a real child process."""
+
+    config: Path
+    workdir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    notify: NotifySocket | None = None
+    log_path: Path | None = None
+    _starts: int = 0
+
+    def start(self, wait_ready: bool = True, timeout: float = 30.0) -> "GatewayProcess":
+        self._starts += 1
+        sock_path = self.workdir / f"notify-{self._starts}.sock"
+        if self.notify:
+            self.notify.close()
+        self.notify = NotifySocket(sock_path)
+        self.log_path = self.workdir / f"gateway-{self._starts}.log"
+        env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "PYTHONUNBUFFERED": "1", **self.env}
+        env.pop("HOMEPOT_GATEWAY_CONFIG", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "--config", str(self.config), "run"],
+            cwd=self.workdir, env=env, stdout=subprocess.DEVNULL,
+            stderr=open(self.log_path, "wb"),
+        )
+        if wait_ready:
+            try:
+                self.notify.wait_for("READY", "1", timeout=timeout)
+            except TimeoutError:
+                self.kill()
+                raise AssertionError(f"gateway did not get ready; log:\n{self.log()}") from None
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def wait(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+
+# ------------------------------------------------------------------ Mosquitto
+MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+
+
+@dataclass
+class Mosquitto:
+    workdir: Path
+    port: int
+    extra_conf: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "Mosquitto":
+        assert MOSQUITTO, "mosquitto is not installed"
+        conf = self.workdir / f"mosquitto-{self.port}.conf"
+        body = self.extra_conf or f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+        # As root Mosquitto drops to user "mosquitto", who cannot read pytest's 0700 tmp dirs.
+        run_as = "user root\n" if os.geteuid() == 0 else ""
+        conf.write_text(body + run_as + f"persistence true\npersistence_location {self.workdir}/\n")
+        self.log_path = self.workdir / f"mosquitto-{self.port}.log"
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=open(self.log_path, "wb"))
+        wait_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

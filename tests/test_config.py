@@ -1,0 +1,126 @@
+"""Configuration (contract §4): validation names the key, env overrides, secrets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, load_config, parse_config
+from tests.support import ROOT, to_toml
+
+
+def problems(data: dict, env: dict | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, env or {})
+    return info.value.lines()
+
+
+def test_repo_config_is_valid_and_embedded():
+    cfg = load_config(ROOT / "config.toml", environ={})
+    assert cfg.broker.mode == "embedded"
+    assert cfg.broker.listeners[0].bind == "127.0.0.1:1883"
+    assert cfg.broker.listeners[0].allow_anonymous is True
+    assert cfg.bridges.simulation.enabled and cfg.bridges.mqtt.enabled
+    assert not cfg.bridges.fcm.enabled
+    assert cfg.prefix == "homepot/site-001"
+
+
+def test_unknown_key_is_named():
+    lines = problems({"dispatch": {"tll": 5}, "broker": {"listeners": [{"name": "a", "bind": "127.0.0.1:1"}]}})
+    assert lines == ["dispatch.tll: unknown key"]
+
+
+def test_unknown_section_and_listener_key_named():
+    lines = problems({"gatewy": {}, "broker": {"listeners": [{"name": "lan", "bind": "0.0.0.0:1883", "tpye": "tcp"}]}})
+    assert "gatewy: unknown key" in lines
+    assert "broker.listeners[lan].tpye: unknown key" in lines
+
+
+def test_bad_values_name_their_keys():
+    lines = problems({
+        "gateway": {"site_id": "bad site!"},
+        "broker": {"mode": "cluster", "listeners": [{"name": "x", "bind": "nope"}]},
+        "dispatch": {"batch_size": 0},
+    })
+    joined = "\n".join(lines)
+    assert "gateway.site_id: must match" in joined
+    assert "broker.mode:" in joined
+    assert "broker.listeners[x].bind: expected HOST:PORT" in joined
+    assert "dispatch.batch_size:" in joined
+
+
+def test_enabled_bridge_with_missing_file_names_key(tmp_path: Path):
+    lines = problems({
+        "broker": {"listeners": [{"name": "a", "bind": "127.0.0.1:1"}]},
+        "bridges": {"apns": {"enabled": True, "team_id": "T", "key_id": "K", "topic": "com.x",
+                             "key_file": str(tmp_path / "missing.p8")}},
+    })
+    assert lines == [f"bridges.apns.key_file: file not found: {tmp_path / 'missing.p8'}"]
+
+
+def test_tls_listener_needs_cert():
+    lines = problems({"broker": {"listeners": [{"name": "sec", "type": "tls", "bind": "127.0.0.1:8883"}]}})
+    assert lines == ["broker.listeners[sec]: a tls listener needs certfile and keyfile"]
+
+
+def test_embedded_needs_a_listener():
+    assert problems({}) == ["broker.listeners: embedded mode needs at least one listener"]
+
+
+def test_env_overrides_are_typed_and_checked():
+    base = {"broker": {"listeners": [{"name": "a", "bind": "127.0.0.1:1"}]}}
+    cfg = parse_config(dict(base), {"HOMEPOT_BRIDGES_SIMULATION_ENABLED": "false",
+                                    "HOMEPOT_DISPATCH_MAX_IN_FLIGHT": "7",
+                                    "HOMEPOT_GATEWAY_SITE_ID": "shop-9",
+                                    "HOMEPOT_GATEWAY_CONFIG": "/ignored.toml"})
+    assert cfg.bridges.simulation.enabled is False
+    assert cfg.dispatch.max_in_flight == 7
+    assert cfg.prefix == "homepot/shop-9"
+    assert problems(dict(base), {"HOMEPOT_DISPATCH_MAX_INFLIGHT": "7"}) == [
+        "HOMEPOT_DISPATCH_MAX_INFLIGHT: unknown configuration override (no such key)"]
+    assert problems(dict(base), {"HOMEPOT_DISPATCH_MAX_IN_FLIGHT": "many"})[0].startswith("dispatch.max_in_flight:")
+
+
+def test_secret_files_are_read_and_never_shown(tmp_path: Path):
+    secret = tmp_path / "pw"
+    secret.write_text("hunter2-very-secret\n")
+    cfg = parse_config({"broker": {"mode": "external", "url": "mqtt://127.0.0.1:1",
+                                   "username": "gw", "password_file": str(secret)}}, {})
+    assert cfg.broker.password.get_secret_value() == "hunter2-very-secret"
+    assert "hunter2" not in repr(cfg) and "hunter2" not in str(cfg.model_dump())
+    assert "hunter2" not in cfg.model_dump_json()
+
+
+def test_check_config_cli_exit_codes(tmp_path: Path):
+    good = tmp_path / "good.toml"
+    good.write_text((ROOT / "config.toml").read_text())
+    bad = tmp_path / "bad.toml"
+    bad.write_text(to_toml({"broker": {"listeners": [{"name": "a", "bind": "127.0.0.1:1"}]},
+                            "dispatch": {"tll": 3}}))
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[gateway\n")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "gateway", *a], capture_output=True, text=True,
+                                    cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
+    ok = run("--config", str(good), "check-config")
+    assert ok.returncode == 0, ok.stderr
+    res = run("--config", str(bad), "check-config")
+    assert res.returncode == 2
+    assert res.stderr.strip() == "dispatch.tll: unknown key"
+    assert "Traceback" not in res.stderr
+    res = run("--config", str(broken), "check-config")
+    assert res.returncode == 2 and "not valid TOML" in res.stderr and "Traceback" not in res.stderr
+    res = run("--config", str(tmp_path / "nope.toml"), "check-config")
+    assert res.returncode == 2 and "config file not found" in res.stderr
+
+
+def test_config_path_from_environment(tmp_path: Path):
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml({"broker": {"listeners": [{"name": "a", "bind": "127.0.0.1:1"}]},
+                             "gateway": {"site_id": "from-env"}}))
+    res = subprocess.run([sys.executable, "-m", "gateway", "check-config"], capture_output=True, text=True,
+                         cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "HOMEPOT_GATEWAY_CONFIG": str(path)})
+    assert res.returncode == 0, res.stderr
+    assert str(path) in res.stdout
