@@ -23,6 +23,7 @@ from gateway.config import Config
 from gateway.mqtt import ConnectionSettings, GatewayClient, NotConnected
 from gateway.sdnotify import Notifier
 from gateway.service import Service
+from gateway.storage import Database
 from gateway.topics import Topics
 
 log = structlog.get_logger(__name__)
@@ -50,6 +51,7 @@ class Daemon:
         self.services: list[Service] = []
         self._service_factory = service_factory or default_services
         self.stop_event = asyncio.Event()
+        self.db = Database(cfg.db_path)
 
     # ------------------------------------------------------------------ helpers
     def _status_payload(self, state: str) -> bytes:
@@ -83,9 +85,11 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         self.cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        await self.db.open()
         try:
             return await self._run()
         finally:
+            await self.db.close()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             self.notifier.close()
