@@ -1,0 +1,36 @@
+"""Builds the enabled bridges from config: platform name → bridge instance.
+
+Each platform module exposes ``build(section, ctx) -> Bridge``; adding a platform is one
+line in ``_BUILDERS``. Imports are lazy so a site that never enables FCM never imports
+google-auth.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from bridges.base import Bridge, BridgeContext
+from gateway.config import Config
+
+# platform → module exposing build(section, ctx)
+_BUILDERS: dict[str, str] = {
+    "simulation": "bridges.simulation",
+    "mqtt": "bridges.mqtt",
+    "fcm": "bridges.fcm",
+    "apns": "bridges.apns",
+    "wns": "bridges.wns",
+    "webpush": "bridges.webpush",
+}
+
+
+def enabled_platforms(cfg: Config) -> list[str]:
+    return [name for name in _BUILDERS if getattr(cfg.bridges, name).enabled]
+
+
+def build_bridges(cfg: Config, ctx: BridgeContext) -> dict[str, Bridge]:
+    bridges: dict[str, Bridge] = {}
+    for name in enabled_platforms(cfg):
+        module: Any = importlib.import_module(_BUILDERS[name])
+        bridges[name] = module.build(getattr(cfg.bridges, name), ctx)
+    return bridges
