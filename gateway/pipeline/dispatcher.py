@@ -63,8 +63,13 @@ class BridgeSlot:
     sent: int = 0
 
     @property
+    def unhealthy(self) -> bool:
+        return self.pauses > 0
+
+    @property
     def free(self) -> int:
-        return self.limit - self.in_flight
+        # An unhealthy bridge is probed with one delivery at a time until it answers.
+        return (1 if self.unhealthy else self.limit) - self.in_flight
 
 
 class Dispatcher:
@@ -244,10 +249,10 @@ class Dispatcher:
         now = time.time()
         base = dict(message_id=row.message_id, job_id=row.job_id, device_id=row.device_id, platform=platform)
         kind = outcome.kind
+        if kind is not OutcomeKind.UNHEALTHY and slot.unhealthy:
+            log.warning("bridge healthy again", platform=platform, was=slot.pause_reason)
+            slot.paused_until, slot.pauses = 0.0, 0
         if kind is OutcomeKind.ACCEPTED:
-            if slot.pauses and slot.paused_until:
-                log.info("bridge healthy again", platform=platform)
-                slot.paused_until, slot.pauses = 0.0, 0
             slot.sent += 1
             return store.Result(**base, state="sent", attempts=attempt)
         if kind is OutcomeKind.INVALID_ADDRESS:
@@ -257,14 +262,16 @@ class Dispatcher:
         if kind is OutcomeKind.FAILED:
             return store.Result(**base, state="failed", attempts=attempt, error=f"{platform}: {outcome.reason}")
         if kind is OutcomeKind.UNHEALTHY:
-            pause = outcome.retry_after or min(self.cfg.backoff_max_s,
-                                               max(5.0, self.cfg.backoff_initial_s * 5) * (2 ** slot.pauses))
             if slot.paused_until <= now:
+                pause = outcome.retry_after or min(self.cfg.backoff_max_s,
+                                                   max(5.0, self.cfg.backoff_initial_s * 5) * (2 ** slot.pauses))
+                if not slot.unhealthy or outcome.reason != slot.pause_reason:
+                    # Logged once per episode, not per delivery or per probe.
+                    log.error("bridge unhealthy; paused, deliveries kept", platform=platform,
+                              reason=outcome.reason, retry_in_s=round(pause, 1))
                 slot.pauses += 1
                 slot.paused_until = now + pause
                 slot.pause_reason = outcome.reason
-                log.error("bridge unhealthy; paused, deliveries kept", platform=platform, reason=outcome.reason,
-                          retry_in_s=round(pause, 1))
             return store.Result(**base, state="queued", attempts=row.attempts, next_at=slot.paused_until,
                                 error=f"{platform} unhealthy: {outcome.reason}")
         # RETRY
