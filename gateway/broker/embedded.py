@@ -100,6 +100,7 @@ class GatewayBroker(Broker):
         self._index: SubscriptionIndex[ClientState] = SubscriptionIndex()
         self._retained: dict[str, tuple[Message, int]] = {}
         self._seq = itertools.count(1)
+        self._connecting: set[WriterAdapter] = set()
 
     # ================================================================== state
     def restore(self, loaded: LoadedState) -> None:
@@ -178,17 +179,31 @@ class GatewayBroker(Broker):
     async def _initialize_client_session(self, reader: ReaderAdapter, writer: WriterAdapter,
                                          remote_address: str, remote_port: int
                                          ) -> tuple[GatewayProtocolHandler, Session]:  # type: ignore[override]
-        """Read and check the CONNECT only; no session is touched before authentication."""
+        """Read and check the CONNECT only; no session is touched before authentication.
+
+        amqtt would parse any first packet as a CONNECT and wait for as many bytes as
+        its length claims; here anything but CONNECT closes the connection at once
+        [MQTT-3.1.0-1], and a CONNECT must be complete within ``CONNECT_TIMEOUT_S``.
+        """
+        self._connecting.add(writer)
         try:
+            first = await asyncio.wait_for(reader.read(1), CONNECT_TIMEOUT_S)
+            if first != b"\x10":
+                raise AMQTTError(f"first packet is not CONNECT (byte {first!r})")
             handler, session = await asyncio.wait_for(
-                GatewayProtocolHandler.init_from_connect(reader, writer, self.plugins_manager), CONNECT_TIMEOUT_S)
+                GatewayProtocolHandler.init_from_connect(_Prefixed(first, reader), writer, self.plugins_manager),
+                CONNECT_TIMEOUT_S)
         except (TimeoutError, AMQTTError, MQTTError, NoDataError, Exception) as exc:
             await _close_writer(writer)
+            if isinstance(exc, asyncio.IncompleteReadError):  # closed before a byte: port probes
+                raise AMQTTError("connection closed before CONNECT") from None
             if not isinstance(exc, (MQTTError, NoDataError)):
                 self.metrics.protocol_errors += 1
             log.info("connection refused before CONNECT completed", remote=f"{remote_address}:{remote_port}",
                      error=str(exc) or type(exc).__name__)
             raise AMQTTError(str(exc)) from None
+        finally:
+            self._connecting.discard(writer)
         assert isinstance(handler, GatewayProtocolHandler)
         return handler, session
 
@@ -481,6 +496,8 @@ class GatewayBroker(Broker):
         log.debug("embedded broker shutting down")
         for server in self._servers.values():
             await server.close_instance()
+        for writer in list(self._connecting):
+            abort_transport(writer)
         for cs in list(self._clients.values()):
             handler = cs.handler
             if handler is not None:
@@ -500,6 +517,25 @@ class GatewayBroker(Broker):
             await asyncio.gather(self._session_monitor_task, return_exceptions=True)
         await self.plugins_manager.close()
         self.transitions.stopping_success()
+
+
+class _Prefixed(ReaderAdapter):
+    """A reader that first returns bytes already consumed (the CONNECT's first byte)."""
+
+    def __init__(self, prefix: bytes, inner: ReaderAdapter):
+        self._prefix = prefix
+        self._inner = inner
+
+    async def read(self, n: int = -1) -> bytes:
+        if self._prefix and n != 0:
+            head, self._prefix = self._prefix, b""
+            if n == 1:
+                return head
+            return head + await self._inner.read(n - 1 if n > 0 else n)
+        return await self._inner.read(n)
+
+    def feed_eof(self) -> None:
+        self._inner.feed_eof()
 
 
 async def _close_writer(writer: WriterAdapter) -> None:
