@@ -263,6 +263,7 @@ class Paho:
         self.connack: int | None = None
         self.session_present: bool | None = None
         self.suback: list[int] | None = None
+        self.disconnected = False
         self._lock = threading.Lock()
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean,
                                   transport=transport)  # type: ignore[arg-type]
@@ -273,6 +274,10 @@ class Paho:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
+        self.client.on_disconnect = self._on_disconnect
+
+    def _on_disconnect(self, *args: Any) -> None:
+        self.disconnected = True
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self.connack = reason.value if hasattr(reason, "value") else int(reason)
@@ -288,7 +293,7 @@ class Paho:
     async def connect(self, expect_ok: bool = True) -> "Paho":
         await asyncio.to_thread(self.client.connect, "127.0.0.1", self.port, 30)
         self.client.loop_start()
-        await until(lambda: self.connack is not None)
+        await until(lambda: self.connack is not None or self.disconnected)
         if expect_ok:
             assert self.connack == 0, self.connack
         return self
