@@ -34,6 +34,7 @@ class FakeWns:
         self.clock = Clock()
         self.tokens: dict[str, tuple[str, float]] = {}  # token → (flow, expiry)
         self.token_requests = 0
+        self.token_forms: list[dict[str, str]] = []
         self.channels: set[str] = set()  # valid channel ids (the `token` query parameter)
         self.expired_channels: set[str] = set()
         self.injections = Injections()
@@ -78,6 +79,7 @@ class FakeWns:
     def _token(self, req: Request, flow: str) -> Response:
         self.token_requests += 1
         form = {k: v[0] for k, v in parse_qs(req.body.decode()).items()}
+        self.token_forms.append({k: v for k, v in form.items() if k != "client_secret"})
         if (req.header("content-type") or "").split(";")[0] != "application/x-www-form-urlencoded":
             return json_response(400, {"error": "invalid_request"})
         if form.get("grant_type") != "client_credentials":
