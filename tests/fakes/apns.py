@@ -43,6 +43,7 @@ class FakeApns:
         self.accepted: list[Seen] = []
         self.jwts_seen: list[str] = []  # distinct provider tokens, in order of first use
         self._jwt_switched_at: float | None = None
+        self._verified: dict[str, dict[str, object]] = {}
         self.server = TlsHttpServer(self.handle, pki.server_context(require_client_cert=cert_auth),
                                     protocols=("h2",))
 
@@ -77,16 +78,12 @@ class FakeApns:
         if not auth.startswith("bearer "):
             return 403, "InvalidProviderToken"
         token = auth[len("bearer "):]
-        try:
-            header = jwt.get_unverified_header(token)
-            if header.get("alg") != "ES256" or header.get("kid") != self.key_id:
+        claims = self._verified.get(token)
+        if claims is None:
+            claims = self._verify(token)
+            if claims is None:
                 return 403, "InvalidProviderToken"
-            claims = jwt.decode(token, self.key.public_key(), algorithms=["ES256"],
-                                options={"verify_exp": False, "verify_iat": False, "require": ["iss", "iat"]})
-        except jwt.PyJWTError:
-            return 403, "InvalidProviderToken"
-        if claims.get("iss") != self.team_id or not isinstance(claims.get("iat"), int):
-            return 403, "InvalidProviderToken"
+            self._verified[token] = claims
         now = self.clock()
         if claims["iat"] > now + 60:
             return 403, "InvalidProviderToken"
@@ -98,6 +95,21 @@ class FakeApns:
             self.jwts_seen.append(token)
             self._jwt_switched_at = now
         return None
+
+    def _verify(self, token: str) -> dict[str, object] | None:
+        """Signature, ``kid``, ``alg``, ``iss`` and ``iat`` present; the result is cached per token
+        (as APNs does: the signature of a reused token is not re-checked per request)."""
+        try:
+            header = jwt.get_unverified_header(token)
+            if header.get("alg") != "ES256" or header.get("kid") != self.key_id:
+                return None
+            claims = jwt.decode(token, self.key.public_key(), algorithms=["ES256"],
+                                options={"verify_exp": False, "verify_iat": False, "require": ["iss", "iat"]})
+        except jwt.PyJWTError:
+            return None
+        if claims.get("iss") != self.team_id or not isinstance(claims.get("iat"), int):
+            return None
+        return claims
 
     async def handle(self, req: Request) -> Response:
         if req.http_version != "2":
