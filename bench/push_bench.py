@@ -1,0 +1,214 @@
+"""Push bridge benchmark: a 20,000-device job over APNs and FCM against the HTTP/2 fakes.
+
+For each platform the same run sends N deliveries twice to the same fake:
+
+* through the bridge (``bridge.send(Delivery)``: request building, JWT/OAuth handling,
+  answer classification), ``--concurrency`` at a time like the dispatcher's
+  ``max_in_flight``;
+* with a bare ``httpx.AsyncClient`` (HTTP/2, same TLS) POSTing pre-built requests with the
+  same headers and bodies at the same concurrency — the floor for this transport.
+
+The fakes run in a child process so their CPU is not charged to the client's event loop.
+The ratio bridge/bare is the bridge's overhead over raw httpx; peak RSS is this process's.
+
+    python -m bench.push_bench [--devices 20000] [--concurrency 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import resource
+import sys
+import tempfile
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+
+def _serve(kind: str, workdir: str, queue: "mp.Queue[Any]") -> None:
+    """Child process: run one fake until killed; report what the client needs."""
+    import logging
+
+    logging.disable(logging.CRITICAL)
+
+    from tests.fakes.apns import FakeApns
+    from tests.fakes.common import Pki
+    from tests.fakes.fcm import FakeFcm
+
+    async def main() -> None:
+        pki = Pki(Path(workdir) / kind)
+        if kind == "apns":
+            fake: Any = await FakeApns(pki).start()
+            info = {"endpoint": fake.endpoint, "key_pem": fake.key_pem, "team_id": fake.team_id,
+                    "key_id": fake.key_id, "topic": fake.topic}
+        else:
+            fake = await FakeFcm(pki).start()
+            info = {"endpoint": fake.endpoint, "service_account": fake.service_account()}
+        # Keep the fake's request log from growing for 40k requests.
+        fake.seen = _Discard()
+        fake.accepted = _Discard()
+        queue.put({**info, "ca_file": str(pki.ca_file)})
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+class _Discard(list):  # type: ignore[type-arg]
+    def append(self, _item: Any) -> None:
+        pass
+
+
+def _deliveries(platform: str, n: int) -> list[Any]:
+    from pydantic import TypeAdapter
+
+    from bridges.base import Delivery, Notification
+    from devices.models import Channel
+    from gateway.timeutil import utcnow
+
+    adapter = TypeAdapter(Channel)
+    now = utcnow()
+    note = Notification(title="Config update", body="Version 2.1.0 is ready",
+                        data={"config_url": "https://cfg.example/2.1.0", "config_version": "2.1.0"})
+    out = []
+    for i in range(n):
+        channel = {"platform": "apns", "token": f"{i:064x}"} if platform == "apns" else \
+            {"platform": "fcm", "token": f"fcm-device-token-{i:08d}-" + "x" * 100}
+        out.append(Delivery(message_id=str(uuid.uuid4()), job_id="bench-job", device_id=f"dev-{i}",
+                            channel=adapter.validate_python(channel), notification=note, options={},
+                            sent_at=now, expires_at=now + timedelta(hours=1)))
+    return out
+
+
+async def _pool(n: int, concurrency: int, fn: Any) -> float:
+    """Run ``fn(i)`` for i < n with at most ``concurrency`` in flight; seconds taken."""
+    next_i = 0
+
+    async def worker() -> None:
+        nonlocal next_i
+        while next_i < n:
+            i = next_i
+            next_i += 1
+            await fn(i)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - started
+
+
+async def _bench_platform(platform: str, info: dict[str, Any], n: int, concurrency: int, tmp: Path) -> dict[str, Any]:
+    import httpx
+
+    from bridges import _http, apns, fcm
+    from bridges.base import BridgeContext, OutcomeKind
+    from gateway.config import parse_config
+    from gateway.topics import Topics
+
+    if platform == "apns":
+        (tmp / "key.p8").write_text(info["key_pem"])
+        section = {"enabled": True, "team_id": info["team_id"], "key_id": info["key_id"],
+                   "key_file": str(tmp / "key.p8"), "topic": info["topic"], "endpoint": info["endpoint"],
+                   "ca_file": info["ca_file"]}
+    else:
+        (tmp / "sa.json").write_text(json.dumps(info["service_account"]))
+        section = {"enabled": True, "service_account_file": str(tmp / "sa.json"), "endpoint": info["endpoint"],
+                   "ca_file": info["ca_file"]}
+    cfg = parse_config({"gateway": {"data_dir": str(tmp)}, "broker": {"listeners": [{"name": "l"}]},
+                        "bridges": {platform: section}}, environ={})
+    module: Any = apns if platform == "apns" else fcm
+    bridge = module.build(getattr(cfg.bridges, platform), BridgeContext(None, Topics("b/s"), tmp))
+    await bridge.start()
+
+    deliveries = _deliveries(platform, n)
+    # Warm up (TLS, HTTP/2 connection, JWT or OAuth token) outside the timing.
+    await bridge.send(deliveries[0])
+
+    # Pre-build the identical requests for the bare client (auth included).
+    requests: list[tuple[str, dict[str, str], bytes]] = []
+    for d in deliveries:
+        if platform == "apns":
+            headers, body = bridge.build(d)
+            headers = dict(headers, authorization=f"bearer {apns.JWTS.get(bridge.cfg.team_id, bridge.cfg.key_id, bridge._key)}")
+            requests.append((f"{bridge.base}/3/device/{d.channel.token}", headers, body))
+        else:
+            body = json.dumps(bridge.build(d)).encode()
+            token = await bridge._access_token()
+            requests.append((bridge.url, {"authorization": f"Bearer {token}", "content-type": "application/json"}, body))
+
+    bare = httpx.AsyncClient(verify=_http.tls_context(Path(info["ca_file"])), http1=platform != "apns", http2=True,
+                             limits=httpx.Limits(max_connections=100, max_keepalive_connections=100))
+    await bare.post(requests[0][0], headers=requests[0][1], content=requests[0][2])
+    bare_ok = 0
+
+    async def bare_send(i: int) -> None:
+        nonlocal bare_ok
+        url, headers, body = requests[i]
+        r = await bare.post(url, headers=headers, content=body)
+        bare_ok += r.status_code == 200
+
+    bridge_ok = 0
+    reasons: dict[str, int] = {}
+
+    async def bridge_send(i: int) -> None:
+        nonlocal bridge_ok
+        outcome = await bridge.send(deliveries[i])
+        if outcome.kind is OutcomeKind.ACCEPTED:
+            bridge_ok += 1
+        else:
+            key = f"{outcome.kind.value}: {outcome.reason}"
+            reasons[key] = reasons.get(key, 0) + 1
+
+    bare_s = await _pool(n, concurrency, bare_send)
+    bridge_s = await _pool(n, concurrency, bridge_send)
+    await bare.aclose()
+    await bridge.close()
+    return {"platform": platform, "deliveries": n, "concurrency": concurrency,
+            "bridge_s": round(bridge_s, 2), "bridge_per_s": round(n / bridge_s), "bridge_accepted": bridge_ok,
+            "bare_s": round(bare_s, 2), "bare_per_s": round(n / bare_s), "bare_accepted": bare_ok,
+            "ratio": round(bridge_s / bare_s, 2), "not_accepted": reasons,
+            "jwt_minted": apns.JWTS.minted if platform == "apns" else None,
+            "oauth_refreshes": bridge.refreshes if platform == "fcm" else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=20000)
+    parser.add_argument("--concurrency", type=int, default=200)
+    parser.add_argument("--platform", choices=["apns", "fcm", "both"], default="both")
+    args = parser.parse_args(argv)
+    import logging
+
+    logging.disable(logging.INFO)
+    results = []
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmpdir:
+        for platform in (["apns", "fcm"] if args.platform == "both" else [args.platform]):
+            queue: Any = ctx.Queue()
+            proc = ctx.Process(target=_serve, args=(platform, tmpdir, queue), daemon=True)
+            proc.start()
+            try:
+                info = queue.get(timeout=60)
+                work = Path(tmpdir) / f"client-{platform}"
+                work.mkdir()
+                results.append(asyncio.run(_bench_platform(platform, info, args.devices, args.concurrency, work)))
+            finally:
+                proc.terminate()
+                proc.join(10)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for r in results:
+        print(f"{r['platform']:5} {r['deliveries']} deliveries, {r['concurrency']} in flight: "
+              f"bridge {r['bridge_s']} s ({r['bridge_per_s']}/s, {r['bridge_accepted']} accepted) | "
+              f"bare httpx {r['bare_s']} s ({r['bare_per_s']}/s, {r['bare_accepted']} accepted) | "
+              f"ratio {r['ratio']}")
+    print(f"peak RSS of the client process: {peak_kib / 1024:.0f} MiB")
+    print(json.dumps({"results": results, "peak_rss_mib": round(peak_kib / 1024)}))
+    ok = all(r["bridge_accepted"] == r["deliveries"] and r["bare_accepted"] == r["deliveries"] for r in results)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

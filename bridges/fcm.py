@@ -1,0 +1,262 @@
+"""FCM bridge: Firebase Cloud Messaging HTTP v1, one message per request over HTTP/2.
+
+Auth is an OAuth2 access token obtained with google-auth from the service-account file
+(JWT-bearer grant posted to the file's ``token_uri``). google-auth's ``refresh()`` blocks,
+so it runs in a worker thread, single-flight behind a lock, and *before* the token expires
+(:data:`REFRESH_MARGIN_S`) so sends do not stall on it. The token request goes through a
+small httpx-based google-auth transport so the same ``ca_file`` is trusted there too.
+A 401 UNAUTHENTICATED refreshes once and resends once (re-authentication, not a retry);
+every other answer is classified for the pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import structlog
+
+from bridges import _http
+from bridges.base import Bridge, BridgeConfigError, BridgeContext, Delivery, Outcome
+from devices.models import FcmChannel
+from gateway.config import FcmBridge
+
+log = structlog.get_logger(__name__)
+
+SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
+REFRESH_MARGIN_S = 300  # refresh when less than 5 minutes are left
+UNHEALTHY_RETRY_S = 60.0
+QUOTA_DEFAULT_RETRY_S = 60.0
+FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
+BAD_REQUEST_TYPE = "type.googleapis.com/google.rpc.BadRequest"
+# What FCM says when the *token* (not the payload) is malformed; it uses INVALID_ARGUMENT
+# for both, and only the message or a field violation on message.token tells them apart.
+INVALID_TOKEN_MESSAGE = "not a valid fcm registration token"
+
+_now = time.time  # patched by tests
+
+
+class _HttpxAuthRequest:
+    """google-auth's transport interface (``google.auth.transport.Request``) over httpx.
+
+    Blocking, like google-auth expects; it only ever runs in a worker thread.
+    """
+
+    def __init__(self, ca_file: Any):
+        self._client = httpx.Client(verify=_http.tls_context(ca_file), timeout=15.0, trust_env=False)
+
+    def __call__(self, url: str, method: str = "GET", body: bytes | None = None,
+                 headers: dict[str, str] | None = None, timeout: float | None = None,
+                 **kwargs: Any) -> Any:
+        from google.auth import exceptions
+        from google.auth.transport import Response
+
+        try:
+            r = self._client.request(method, url, content=body, headers=headers,
+                                     timeout=timeout or 15.0)
+        except httpx.HTTPError as exc:
+            raise exceptions.TransportError(f"token request failed: {type(exc).__name__}") from None
+
+        class _Resp(Response):
+            status = r.status_code
+            headers = dict(r.headers)
+            data = r.content
+
+        return _Resp()
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class _TokenError(Exception):
+    """Refreshing the OAuth token failed; ``outcome`` says whether that is config or transient."""
+
+    def __init__(self, outcome: Outcome):
+        super().__init__(outcome.reason)
+        self.outcome = outcome
+
+
+class FcmBridgeImpl(Bridge):
+    platform = "fcm"
+
+    def __init__(self, cfg: FcmBridge, ctx: BridgeContext):
+        self.cfg = cfg
+        self.url = f"{cfg.endpoint.rstrip('/')}/v1/projects/{cfg.project_id}/messages:send"
+        self._creds: Any = None
+        self._auth_request: _HttpxAuthRequest | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._lock = asyncio.Lock()
+        self._token: str | None = None
+        self._expiry: float = 0.0
+        self.refreshes = 0
+
+    async def start(self) -> None:
+        from google.oauth2 import service_account
+
+        if not self.cfg.service_account_info or not self.cfg.project_id:
+            raise BridgeConfigError("bridges.fcm.service_account_file: no service account loaded")
+        try:
+            self._creds = service_account.Credentials.from_service_account_info(
+                self.cfg.service_account_info, scopes=[SCOPE])
+        except (ValueError, KeyError) as exc:
+            raise BridgeConfigError(
+                f"bridges.fcm.service_account_file: unusable service account ({type(exc).__name__})") from None
+        self._auth_request = _HttpxAuthRequest(self.cfg.ca_file)
+        self._client = _http.async_client(self.cfg.ca_file, http1=True, http2=True)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        if self._auth_request is not None:
+            self._auth_request.close()
+            self._auth_request = None
+
+    # ------------------------------------------------------------------ OAuth token
+    async def _access_token(self, force: bool = False, stale: str | None = None) -> str:
+        """A valid access token; refreshed off the loop when missing, expiring or ``stale``."""
+        if not force and self._token and self._expiry - _now() > REFRESH_MARGIN_S:
+            return self._token
+        async with self._lock:
+            if self._token and self._expiry - _now() > REFRESH_MARGIN_S and (
+                    not force or self._token != stale):
+                return self._token  # another sender refreshed while we waited
+            from google.auth import exceptions
+
+            try:
+                await asyncio.to_thread(self._creds.refresh, self._auth_request)
+            except exceptions.RefreshError as exc:
+                # invalid_grant / invalid_client / bad key: the configuration is wrong.
+                retryable = bool(getattr(exc, "retryable", False))
+                reason = "oauth token refresh refused"
+                raise _TokenError(Outcome.retry(reason) if retryable else
+                                  Outcome.unhealthy(reason, UNHEALTHY_RETRY_S)) from None
+            except exceptions.TransportError:
+                raise _TokenError(Outcome.retry("oauth token endpoint unreachable")) from None
+            except (exceptions.GoogleAuthError, ValueError) as exc:
+                raise _TokenError(Outcome.unhealthy(
+                    f"oauth token refresh failed ({type(exc).__name__})", UNHEALTHY_RETRY_S)) from None
+            expiry = self._creds.expiry
+            self._token = self._creds.token
+            if expiry is None:
+                self._expiry = _now() + 3600
+            else:
+                self._expiry = expiry.replace(tzinfo=UTC).timestamp() if expiry.tzinfo is None \
+                    else expiry.timestamp()
+            self.refreshes += 1
+            log.info("fcm access token refreshed", project_id=self.cfg.project_id,
+                     expires_at=datetime.fromtimestamp(self._expiry, UTC).isoformat())
+            assert self._token is not None
+            return self._token
+
+    # ------------------------------------------------------------------ request building
+    def build(self, d: Delivery) -> dict[str, Any] | Outcome:
+        """The ``{"message": ...}`` body: the job's notification, data and options.fcm merged."""
+        assert isinstance(d.channel, FcmChannel)
+        n = d.notification
+        message: dict[str, Any] = {"token": d.channel.token}
+        if n.title or n.body:
+            message["notification"] = {k: v for k, v in (("title", n.title), ("body", n.body)) if v}
+        message["data"] = {**n.data, "message_id": d.message_id, "job_id": d.job_id}
+        android: dict[str, Any] = {
+            "priority": "high" if n.priority in ("high", "critical") else "normal",
+            "ttl": f"{d.ttl_remaining}s",
+        }
+        if n.collapse_key:
+            android["collapse_key"] = n.collapse_key
+        message["android"] = android
+        options = d.options or {}
+        for key in ("token", "topic", "condition"):
+            if key in options:
+                return Outcome.failed(f"options.fcm.{key}: the target is the device's token")
+        merged = _deep_merge(message, copy.deepcopy(options))
+        if not isinstance(merged.get("data"), dict):
+            return Outcome.failed("options.fcm.data must be an object of strings")
+        # The identifiers the device acks with always win over options.
+        merged["data"]["message_id"] = d.message_id
+        merged["data"]["job_id"] = d.job_id
+        return {"message": merged}
+
+    # ------------------------------------------------------------------ sending
+    async def send(self, delivery: Delivery) -> Outcome:
+        if self._client is None:
+            raise RuntimeError("FCM bridge used before start()")
+        if not isinstance(delivery.channel, FcmChannel):
+            return Outcome.failed("not an fcm channel")
+        body = self.build(delivery)
+        if isinstance(body, Outcome):
+            return body
+        token: str | None = None
+        for attempt in (1, 2):
+            try:
+                token = await self._access_token(force=attempt == 2, stale=token)
+            except _TokenError as exc:
+                return exc.outcome
+            try:
+                response = await self._client.post(
+                    self.url, json=body, headers={"authorization": f"Bearer {token}"})
+            except httpx.HTTPError as exc:
+                return _http.transport_outcome(exc)
+            outcome, code = self.classify(response)
+            if code == "UNAUTHENTICATED" and attempt == 1:
+                continue  # refresh the OAuth token once and resend
+            return outcome
+        return outcome
+
+    def classify(self, r: httpx.Response) -> tuple[Outcome, str]:
+        """Map one FCM answer (HTTP status + FcmError errorCode) to an Outcome."""
+        status = r.status_code
+        if status == 200:
+            return Outcome.accepted(status=200), ""
+        err = _http.json_or_empty(r).get("error")
+        err = err if isinstance(err, dict) else {}
+        details = err.get("details") if isinstance(err.get("details"), list) else []
+        code = ""
+        token_field = False
+        for detail in details:
+            if not isinstance(detail, dict):
+                continue
+            if detail.get("@type") == FCM_ERROR_TYPE and detail.get("errorCode"):
+                code = str(detail["errorCode"])
+            if detail.get("@type") == BAD_REQUEST_TYPE:
+                for violation in detail.get("fieldViolations") or []:
+                    if isinstance(violation, dict) and violation.get("field") == "message.token":
+                        token_field = True
+        if not code:
+            code = str(err.get("status") or f"HTTP {status}")
+        message = str(err.get("message") or "")
+        reason = f"{code}: {message}"[:300] if message else code
+        if code in ("UNREGISTERED", "SENDER_ID_MISMATCH"):
+            return Outcome.invalid_address(reason, status), code
+        if code == "INVALID_ARGUMENT":
+            if token_field or INVALID_TOKEN_MESSAGE in message.lower():
+                return Outcome.invalid_address(reason, status), code
+            return Outcome.failed(reason, status), code
+        if code == "QUOTA_EXCEEDED" or status == 429:
+            return Outcome.retry(reason, _http.retry_after(r.headers, QUOTA_DEFAULT_RETRY_S), status), code
+        if code in ("UNAVAILABLE", "INTERNAL") or status >= 500:
+            return Outcome.retry(reason, _http.retry_after(r.headers), status), code
+        if code in ("THIRD_PARTY_AUTH_ERROR", "PERMISSION_DENIED", "UNAUTHENTICATED") or status in (401, 403):
+            return Outcome.unhealthy(reason, UNHEALTHY_RETRY_S, status), code
+        if status == 404:
+            # Not UNREGISTERED: the project or endpoint is wrong, which no device can fix.
+            return Outcome.unhealthy(reason, UNHEALTHY_RETRY_S, status), code
+        return Outcome.failed(reason, status), code
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def build(section: FcmBridge, ctx: BridgeContext) -> Bridge:
+    return FcmBridgeImpl(section, ctx)
