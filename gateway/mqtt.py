@@ -202,9 +202,10 @@ class GatewayClient:
             # A handler bug must not take the link down; the message is acked so it
             # cannot loop forever, and the failure is logged with its topic.
             log.exception("handler failed", link=self.name, topic=topic)
-        finally:
-            if message.qos > 0:
-                client._client.ack(message.mid, message.qos)  # noqa: SLF001
+        # Not reached when the handler is cancelled (shutdown mid-store): the message stays
+        # unacknowledged and the broker redelivers it to the persistent session.
+        if message.qos > 0:
+            client._client.ack(message.mid, message.qos)  # noqa: SLF001
 
     async def disconnect(self) -> None:
         client = self._state.client

@@ -24,6 +24,7 @@ from typing import Any
 import aiomqtt
 import paho.mqtt.client as paho
 import structlog
+from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.config import MqttUrl
@@ -58,13 +59,13 @@ def explain(exc: BaseException, settings: ConnectionSettings) -> str:
     text = str(exc) or type(exc).__name__
     low = text.lower()
     code = _code(exc)
-    if isinstance(exc, aiomqtt.MqttConnectError) or code is not None:
+    if isinstance(exc, MqttConnectError) or code is not None:
         if code in _AUTH_CODES:
             return ("the cloud broker refused our credentials (check upstream.username, "
                     f"upstream.password_file and the broker's ACL): {text}")
         if code in _CLIENT_ID_CODES:
             return f"the cloud broker refused our client id (check upstream.client_id): {text}"
-        if isinstance(exc, aiomqtt.MqttConnectError):
+        if isinstance(exc, MqttConnectError):
             return f"the cloud broker refused the connection: {text}"
     if any(marker in low for marker in _CLIENT_CERT_REJECTED):
         return ("the cloud broker rejected our client certificate (check upstream.cert_file, "
@@ -101,6 +102,9 @@ class UpstreamClient(GatewayClient):
 
     def _make_client(self) -> aiomqtt.Client:
         client = super()._make_client()
+        # The drain keeps up to 100 publishes awaiting PUBACK by design; aiomqtt's
+        # "pending publish calls" warning (default above 10) would fire on every batch.
+        client.pending_calls_threshold = max(client.pending_calls_threshold, self.settings.max_inflight + 10)
         inner = client._client  # noqa: SLF001 - the paho client; GatewayClient uses it already
         inner.disable_logger()
         inner.on_log = self._on_paho_log

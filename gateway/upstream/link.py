@@ -131,10 +131,13 @@ class UpstreamLink:
             outbox.remove_listener(wake)
             await self._announce_offline()
             client_stop.set()
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                client_task.cancel()  # torn down: do not wait for a handler in progress
             try:
                 await asyncio.wait_for(asyncio.gather(client_task, return_exceptions=True), 5)
             except TimeoutError:
-                client_task.cancel()
+                pass  # wait_for cancelled it
             log.info("upstream link stopped", **self.metrics())
 
     # ------------------------------------------------------------------ metrics

@@ -14,8 +14,8 @@ table by triggers, so the hot path is one small read and one INSERT, never a sca
 * below 90 % of the cap nothing but the INSERT happens;
 * crossing 90 % logs one warning and coalesces status snapshots oldest first: a snapshot
   of a job that has a newer unsent snapshot is redundant (the status topic is retained,
-  the newest one is what the cloud keeps). While above, each new snapshot replaces the
-  unsent older ones of its job (one index lookup);
+  the newest one is what the cloud keeps). From then until the buffer drains below 80 %,
+  each new snapshot replaces the unsent older ones of its job (one index lookup);
 * only when a row would not fit under the cap are rows dropped, oldest acks first, then
   (acks exhausted) the oldest remaining status snapshots, each counted in ``dropped``.
   Acks are never dropped before the cap is reached.
@@ -204,7 +204,7 @@ def enqueue(conn: sqlite3.Connection, kind: Kind, topic: str, payload: bytes, re
         log.warning("upstream message larger than the whole buffer; dropped", topic=topic, size=size,
                     max_bytes=cap)
         return
-    if used + size > cap * NEAR_FRACTION:
+    if near or used + size > cap * NEAR_FRACTION:
         if not near:
             conn.execute("UPDATE upstream_outbox_state SET near = 1 WHERE id = 1")
             coalesced = _coalesce_all(conn)
