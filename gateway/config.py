@@ -247,6 +247,7 @@ class SimulationBridge(_Section):
     invalid_rate: float = Field(default=0.0, ge=0, le=1)
     throttle_rate: float = Field(default=0.0, ge=0, le=1)
     retry_after_s: float = Field(default=1.0, ge=0)
+    transient_attempts: int = Field(default=0, ge=0)  # the first N attempts of every delivery get a 503
     seed: int | None = None
 
 

@@ -13,7 +13,7 @@ import json
 
 import signal
 from collections.abc import Callable
-from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 
@@ -24,15 +24,12 @@ from gateway.mqtt import ConnectionSettings, GatewayClient, NotConnected
 from gateway.sdnotify import Notifier
 from gateway.service import Service
 from gateway.storage import Database
+from gateway.timeutil import iso, utcnow
 from gateway.topics import Topics
 
 log = structlog.get_logger(__name__)
 
 STOP_BUDGET_S = 8.0  # of the contract's 10 s; the rest is for the broker and exit
-
-
-def utcnow_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 ServiceFactory = Callable[["Daemon"], list[Service]]
@@ -44,11 +41,12 @@ class Daemon:
         self.cfg = cfg
         self.topics = Topics(cfg.prefix)
         self.notifier = Notifier(environ)
-        self.started_at = utcnow_iso()
+        self.started_at = iso(utcnow())
         self.internal = InternalCredentials.generate()
         self.broker: EmbeddedBroker | None = None
         self.client: GatewayClient | None = None
         self.services: list[Service] = []
+        self.pipeline: Any = None
         self._service_factory = service_factory or default_services
         self.stop_event = asyncio.Event()
         self.db = Database(cfg.db_path)
@@ -187,7 +185,11 @@ class Daemon:
 
 def default_services(daemon: Daemon) -> list[Service]:
     """The services a daemon runs; the pipeline and upstream link register here."""
-    services: list[Service] = []
+    from gateway.pipeline import Pipeline
+
+    pipeline = Pipeline(daemon.cfg, daemon.db)
+    daemon.pipeline = pipeline
+    services: list[Service] = [pipeline]
     return services
 
 
@@ -195,4 +197,4 @@ def run_daemon(cfg: Config) -> int:
     return asyncio.run(Daemon(cfg).run())
 
 
-__all__ = ["Daemon", "run_daemon", "utcnow_iso"]
+__all__ = ["Daemon", "run_daemon"]

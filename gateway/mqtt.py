@@ -72,7 +72,7 @@ class GatewayClient:
     """Keeps one connection up (jittered exponential reconnect) and routes messages."""
 
     def __init__(self, settings: ConnectionSettings, *, name: str = "broker",
-                 backoff_initial: float = 0.5, backoff_max: float = 30.0):
+                 backoff_initial: float = 0.5, backoff_max: float = 30.0, max_concurrent_handlers: int = 256):
         self.settings = settings
         self.name = name
         self._routes: list[Route] = []
@@ -82,6 +82,7 @@ class GatewayClient:
         self._backoff_max = backoff_max
         self.connect_failures = 0
         self.last_error: str | None = None
+        self._slots = asyncio.Semaphore(max_concurrent_handlers)
 
     # ----------------------------------------------------------------- set-up
     def route(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
@@ -178,7 +179,12 @@ class GatewayClient:
                     pass
 
     async def _consume(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+        """Handlers run concurrently (an ack waits for a batched commit; serial handling
+        would cap throughput at one commit per message), but PUBACKs go out in arrival
+        order as MQTT 3.1.1 requires [MQTT-4.6.0-2]."""
         messages = aiter(client.messages)
+        order: asyncio.Queue[tuple[aiomqtt.Message, asyncio.Task[None]] | None] = asyncio.Queue()
+        acker = asyncio.create_task(self._ack_in_order(client, order))
         stop_wait = asyncio.ensure_future(stop.wait())
         try:
             while True:
@@ -187,11 +193,31 @@ class GatewayClient:
                 if nxt not in done:
                     nxt.cancel()
                     return
-                await self._dispatch(client, nxt.result())
+                message = nxt.result()
+                await self._slots.acquire()
+                task = asyncio.create_task(self._handle(message))
+                order.put_nowait((message, task))
         finally:
             stop_wait.cancel()
+            order.put_nowait(None)
+            # Let started handlers finish (their work is committed and acked), briefly.
+            try:
+                await asyncio.wait_for(acker, 5)
+            except (TimeoutError, aiomqtt.MqttError):
+                acker.cancel()
 
-    async def _dispatch(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+    async def _ack_in_order(self, client: aiomqtt.Client,
+                            order: "asyncio.Queue[tuple[aiomqtt.Message, asyncio.Task[None]] | None]") -> None:
+        while (item := await order.get()) is not None:
+            message, task = item
+            try:
+                await asyncio.wait([task])  # never raises, whatever the handler did
+            finally:
+                self._slots.release()
+            if message.qos > 0 and not task.cancelled():
+                client._client.ack(message.mid, message.qos)  # noqa: SLF001
+
+    async def _handle(self, message: aiomqtt.Message) -> None:
         topic = message.topic.value
         try:
             for route in self._routes:
@@ -202,10 +228,6 @@ class GatewayClient:
             # A handler bug must not take the link down; the message is acked so it
             # cannot loop forever, and the failure is logged with its topic.
             log.exception("handler failed", link=self.name, topic=topic)
-        # Not reached when the handler is cancelled (shutdown mid-store): the message stays
-        # unacknowledged and the broker redelivers it to the persistent session.
-        if message.qos > 0:
-            client._client.ack(message.mid, message.qos)  # noqa: SLF001
 
     async def disconnect(self) -> None:
         client = self._state.client

@@ -1,0 +1,45 @@
+"""MQTT devices (PLCs, terminals): the §8 envelope on ``P/devices/<id>/notify``.
+
+Published through the gateway's own client at the job's QoS (``options.mqtt.qos``,
+else ``[bridges.mqtt] qos``). The broker taking the message (PUBACK/PUBCOMP for QoS
+1/2) is "accepted"; a persistent device session then holds it until the device is back.
+"""
+
+from __future__ import annotations
+
+import json
+
+import structlog
+
+from bridges.base import Bridge, BridgeConfigError, BridgeContext, Delivery, Outcome
+from gateway.config import MqttBridge
+from gateway.mqtt import NotConnected
+
+log = structlog.get_logger(__name__)
+
+
+class MqttDeviceBridge(Bridge):
+    platform = "mqtt"
+
+    def __init__(self, section: MqttBridge, ctx: BridgeContext):
+        self.default_qos = section.qos
+        self.ctx = ctx
+
+    async def start(self) -> None:
+        if self.ctx.client is None:
+            raise BridgeConfigError("bridges.mqtt: no MQTT client")
+
+    async def send(self, delivery: Delivery) -> Outcome:
+        assert self.ctx.client is not None
+        qos = delivery.options.get("qos", self.default_qos) if isinstance(delivery.options, dict) else self.default_qos
+        payload = json.dumps(delivery.envelope(), separators=(",", ":")).encode()
+        try:
+            await self.ctx.client.publish(self.ctx.topics.device_notify(delivery.device_id), payload,
+                                          qos=int(qos), retain=False)
+        except NotConnected as exc:
+            return Outcome.retry(f"broker unreachable: {exc}")
+        return Outcome.accepted()
+
+
+def build(section: MqttBridge, ctx: BridgeContext) -> Bridge:
+    return MqttDeviceBridge(section, ctx)

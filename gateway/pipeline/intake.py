@@ -1,0 +1,161 @@
+"""What comes in: jobs, device registrations and acks, from MQTT, the upstream link
+and the CLI. Each is validated at the edge, committed to SQLite, and only then
+acknowledged; bad input is answered (a ``rejected`` status or ``P/gateway/errors``) and
+never raises into the MQTT client."""
+
+from __future__ import annotations
+
+import json
+
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from gateway.mqtt import GatewayClient, NotConnected
+from gateway.pipeline import store
+from gateway.pipeline.models import (
+    DEVICE_ID_RE,
+    MAX_JOB_BYTES,
+    InputError,
+    decode_json_object,
+    parse_ack,
+    parse_device,
+    parse_job,
+    readable_job_id,
+)
+from gateway.pipeline.recorder import Recorder
+from gateway.pipeline.status import publish_error, publish_rejection
+from gateway.storage import Database
+from gateway.topics import Topics
+
+log = structlog.get_logger(__name__)
+
+
+class Intake:
+    def __init__(self, db: Database, client: GatewayClient, topics: Topics, recorder: Recorder,
+                 on_job: Callable[[], None], on_status: Callable[[], None],
+                 forward: store.Forwarder | None = None):
+        self.db = db
+        self.client = client
+        self.topics = topics
+        self.recorder = recorder
+        self.on_job = on_job
+        self.on_status = on_status
+        self.forward = forward
+        self.rejected = 0
+        self.errors = 0
+
+    # ----------------------------------------------------------------- jobs
+    async def submit_job(self, payload: bytes, source: str, topic: str | None = None) -> str | None:
+        """Validate and store a job; returns its job_id when accepted or already known."""
+        topic = topic or self.topics.jobs
+        job_id: str | None = None
+        try:
+            obj = decode_json_object(payload, MAX_JOB_BYTES, "job")
+            job_id = readable_job_id(obj)
+            if job_id is not None and await self._republish_if_known(job_id):
+                return job_id
+            parsed = parse_job(obj)
+        except InputError as err:
+            await self._reject(job_id, topic, err)
+            return None
+        inserted = await self.db.run(lambda conn: store.insert_job(conn, parsed, source) or store.mark_dirty(conn, parsed.job_id))
+        log.info("job accepted" if inserted else "job already known", job_id=parsed.job_id, source=source)
+        self.on_job()
+        self.on_status()
+        return parsed.job_id
+
+    async def _republish_if_known(self, job_id: str) -> bool:
+        def known(conn: Any) -> bool:
+            if conn.execute("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)).fetchone() is None:
+                return False
+            store.mark_dirty(conn, job_id)
+            return True
+
+        if await self.db.run(known):
+            log.info("job already known; status re-published", job_id=job_id)
+            self.on_status()
+            return True
+        return False
+
+    async def _reject(self, job_id: str | None, topic: str, err: InputError) -> None:
+        self.rejected += 1
+        log.info("job rejected", job_id=job_id, code=err.code, error=err.message)
+        try:
+            if job_id is not None:
+                await publish_rejection(self.client, self.topics, job_id, err.code, err.message)
+                if self.forward is not None:
+                    payload = json.dumps(store.rejected_status(job_id, err.code, err.message)).encode()
+                    await self.db.run(lambda conn: self.forward.enqueue(
+                        conn, "status", self.topics.job_status(job_id), payload, True, job_id))
+            else:
+                await publish_error(self.client, self.topics, topic, err.code, err.message)
+        except NotConnected:
+            log.warning("could not publish rejection: broker unreachable", job_id=job_id)
+
+    # ----------------------------------------------------------------- devices
+    async def register_device(self, device_id: str, payload: bytes, source: str) -> bool:
+        topic = self.topics.device_register(device_id)
+        try:
+            if not DEVICE_ID_RE.match(device_id):
+                raise InputError("invalid_device", f"device_id: {device_id!r} in the topic must match [A-Za-z0-9._:-]{{1,128}}")
+            if not payload:
+                removed = await self.db.run(lambda conn: store.remove_device(conn, device_id))
+                log.info("device removed" if removed else "device to remove was unknown", device_id=device_id)
+                return removed
+            device = parse_device(payload, device_id)
+        except InputError as err:
+            await self._error(topic, err)
+            return False
+        await self.db.run(lambda conn: store.upsert_device(conn, device, source))
+        log.info("device registered", device_id=device_id, source=source,
+                 channels=[c.platform for c in device.channels])
+        return True
+
+    # ----------------------------------------------------------------- acks
+    async def ack(self, device_id: str, payload: bytes, topic: str) -> store.AckResult | None:
+        try:
+            ack = parse_ack(payload)
+        except InputError as err:
+            await self._error(topic, err)
+            return None
+        result = await self.recorder.ack(device_id, ack)
+        if not result.accepted:
+            log.info("ack refused", device_id=device_id, message_id=ack.message_id, reason=result.reason)
+        else:
+            self.on_status()
+        return result
+
+    async def _error(self, topic: str, err: InputError) -> None:
+        self.errors += 1
+        log.info("input refused", topic=topic, code=err.code, error=err.message)
+        try:
+            await publish_error(self.client, self.topics, topic, err.code, err.message)
+        except NotConnected:
+            pass
+
+    # ----------------------------------------------------------------- MQTT handlers
+    async def on_jobs_message(self, message: Any) -> None:
+        await self.submit_job(_payload(message), "mqtt", message.topic.value)
+
+    async def on_register_message(self, message: Any) -> None:
+        device_id = self.topics.device_id_of(message.topic.value) or ""
+        await self.register_device(device_id, _payload(message), "mqtt")
+
+    async def on_ack_message(self, message: Any) -> None:
+        topic = message.topic.value
+        device_id = self.topics.device_id_of(topic) or ""
+        await self.ack(device_id, _payload(message), topic)
+
+
+def _payload(message: Any) -> bytes:
+    p = message.payload
+    if isinstance(p, (bytes, bytearray)):
+        return bytes(p)
+    if p is None:
+        return b""
+    return str(p).encode()
+
+
+__all__ = ["Intake"]

@@ -1,0 +1,221 @@
+"""Jobs and acks as they arrive from the network (contract §6, §9).
+
+Pydantic models at the edge: unknown fields are errors, ``data`` values must be
+strings, and every error is turned into one message that names the field, e.g.
+``notification.tll: unknown field``. Both job shapes are accepted: the contract's and
+the older orchestrator's ``push_notification`` shape.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator, model_validator
+
+from gateway.timeutil import parse_iso
+
+MAX_JOB_BYTES = 256 * 1024
+MAX_ACK_BYTES = 16 * 1024
+MAX_DEVICE_BYTES = 64 * 1024
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+MAX_TTL = 28 * 24 * 3600  # FCM's and WNS's own ceiling
+
+
+class InputError(ValueError):
+    """Input that cannot be accepted; ``code`` is machine-readable, ``message`` names the field."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def as_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+DeviceId = Annotated[StrictStr, Field(pattern=DEVICE_ID_RE.pattern)]
+
+
+class Target(_Strict):
+    devices: Annotated[list[DeviceId], Field(min_length=1, max_length=100_000)] | None = None
+    segment: Annotated[StrictStr, Field(min_length=1, max_length=128)] | None = None
+    all: StrictBool | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Target":
+        given = [k for k in ("devices", "segment", "all") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("exactly one of devices, segment or all is required")
+        if self.all is False:
+            raise ValueError("all must be true when given")
+        return self
+
+    def as_json(self) -> dict[str, Any]:
+        if self.devices is not None:
+            # de-duplicated, sorted: expansion pages through it by device_id
+            return {"devices": sorted(set(self.devices))}
+        if self.segment is not None:
+            return {"segment": self.segment}
+        return {"all": True}
+
+
+class NotificationIn(_Strict):
+    title: Annotated[StrictStr, Field(max_length=1024)] | None = None
+    body: Annotated[StrictStr, Field(max_length=4096)] | None = None
+    data: dict[Annotated[StrictStr, Field(min_length=1, max_length=256)], StrictStr] = Field(default_factory=dict)
+    priority: Literal["low", "normal", "high", "critical"] = "normal"
+    ttl: Annotated[StrictInt, Field(ge=0, le=MAX_TTL)] = 3600
+    collapse_key: Annotated[StrictStr, Field(min_length=1, max_length=64)] | None = None
+
+
+class MqttOptions(_Strict):
+    qos: Literal[0, 1, 2] = 1
+
+
+class Options(_Strict):
+    # Platform-specific extras are passed through to that platform's bridge, which
+    # merges them into its request; their inner shape is the platform's.
+    apns: dict[str, Any] = Field(default_factory=dict)
+    fcm: dict[str, Any] = Field(default_factory=dict)
+    wns: dict[str, Any] = Field(default_factory=dict)
+    webpush: dict[str, Any] = Field(default_factory=dict)
+    mqtt: MqttOptions = Field(default_factory=MqttOptions)
+
+
+class JobIn(_Strict):
+    job_id: Annotated[StrictStr, Field(pattern=JOB_ID_RE.pattern)] | None = None
+    target: Target
+    notification: NotificationIn
+    options: Options = Field(default_factory=Options)
+
+
+class LegacyPush(_Strict):
+    config_url: Annotated[StrictStr, Field(min_length=1, max_length=2048)]
+    version: Annotated[StrictStr, Field(min_length=1, max_length=128)]
+    priority: Literal["low", "normal", "high", "critical"] = "normal"
+
+
+class LegacyJobIn(_Strict):
+    """The older orchestrator's shape (contract §6)."""
+
+    job_id: Annotated[StrictStr, Field(pattern=JOB_ID_RE.pattern)] | None = None
+    name: Annotated[StrictStr, Field(max_length=256)] | None = None
+    push_notification: LegacyPush
+    target: Target
+
+    def to_job(self) -> JobIn:
+        push = self.push_notification
+        return JobIn(
+            job_id=self.job_id, target=self.target,
+            notification=NotificationIn(
+                title=f"Configuration update {push.version}",
+                data={"config_url": push.config_url, "config_version": push.version},
+                priority=push.priority),
+        )
+
+
+@dataclass(frozen=True)
+class ParsedJob:
+    job_id: str
+    job: JobIn
+    generated_id: bool
+
+
+def _field_errors(exc: ValidationError, prefix: str = "") -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "model-"))))
+        loc = f"{prefix}{loc}" if loc else (prefix.rstrip(".") or "job")
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif err["type"] == "missing":
+            msg = "required"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def decode_json_object(payload: bytes, limit: int, what: str) -> dict[str, Any]:
+    if len(payload) > limit:
+        raise InputError("too_large", f"{what}: {len(payload)} bytes is over the {limit} byte limit")
+    try:
+        obj = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise InputError("invalid_json", f"{what}: not valid JSON ({exc.__class__.__name__})") from None
+    if not isinstance(obj, dict):
+        raise InputError("invalid_json", f"{what}: must be a JSON object")
+    return obj
+
+
+def readable_job_id(obj: dict[str, Any]) -> str | None:
+    """The job_id if the object carries a valid one (for addressing a rejection)."""
+    job_id = obj.get("job_id")
+    return job_id if isinstance(job_id, str) and JOB_ID_RE.match(job_id) else None
+
+
+def parse_job(obj: dict[str, Any]) -> ParsedJob:
+    try:
+        if "push_notification" in obj:
+            job = LegacyJobIn.model_validate(obj).to_job()
+        else:
+            job = JobIn.model_validate(obj)
+    except ValidationError as exc:
+        raise InputError("invalid_job", _field_errors(exc)) from None
+    if job.job_id is None:
+        return ParsedJob(str(uuid.uuid4()), job, True)
+    return ParsedJob(job.job_id, job, False)
+
+
+class AckIn(_Strict):
+    message_id: Annotated[StrictStr, Field(min_length=1, max_length=64)]
+    status: Literal["received", "displayed", "opened", "dismissed", "failed"]
+    at: datetime
+    error: Annotated[StrictStr, Field(max_length=1024)] | None = None
+
+    @field_validator("at", mode="before")
+    @classmethod
+    def _at(cls, v: Any) -> datetime:
+        if not isinstance(v, str):
+            raise ValueError("must be an ISO-8601 time string")
+        try:
+            return parse_iso(v)
+        except ValueError:
+            raise ValueError("not an ISO-8601 time") from None
+
+    @field_validator("message_id")
+    @classmethod
+    def _uuid(cls, v: str) -> str:
+        return v.lower()
+
+
+def parse_ack(payload: bytes) -> AckIn:
+    obj = decode_json_object(payload, MAX_ACK_BYTES, "ack")
+    try:
+        return AckIn.model_validate(obj)
+    except ValidationError as exc:
+        raise InputError("invalid_ack", _field_errors(exc)) from None
+
+
+def parse_device(payload: bytes, topic_device_id: str | None = None) -> "Device":
+    from devices.models import Device
+
+    obj = decode_json_object(payload, MAX_DEVICE_BYTES, "device")
+    try:
+        device = Device.model_validate(obj)
+    except ValidationError as exc:
+        raise InputError("invalid_device", _field_errors(exc)) from None
+    if topic_device_id is not None and device.device_id != topic_device_id:
+        raise InputError("invalid_device", f"device_id: {device.device_id!r} does not match the topic's {topic_device_id!r}")
+    return device

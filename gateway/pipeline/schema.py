@@ -1,0 +1,93 @@
+"""The pipeline's tables. Counts per job are kept incrementally in ``jobs`` (one row
+update per batch) so status never needs a scan of a 100,000-row job."""
+
+from __future__ import annotations
+
+import sqlite3
+
+VERSION = 1
+
+DDL = """
+CREATE TABLE IF NOT EXISTS devices (
+    device_id   TEXT PRIMARY KEY,
+    segment     TEXT,
+    tags        TEXT NOT NULL DEFAULT '[]',
+    channels    TEXT NOT NULL,            -- JSON list, in order of preference
+    invalid     TEXT NOT NULL DEFAULT '{}', -- JSON {"<platform>|<address>": {"at": iso, "reason": str}}
+    source      TEXT NOT NULL DEFAULT 'cli',
+    updated_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS devices_by_segment ON devices(segment, device_id);
+
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id        TEXT PRIMARY KEY,
+    state         TEXT NOT NULL,          -- accepted | dispatching | completed | acknowledged
+    source        TEXT NOT NULL,
+    target        TEXT NOT NULL,          -- JSON
+    notification  TEXT NOT NULL,          -- JSON
+    options       TEXT NOT NULL,          -- JSON
+    created_at    REAL NOT NULL,
+    updated_at    REAL NOT NULL,
+    expires_at    REAL NOT NULL,
+    ttl           INTEGER NOT NULL,
+    expand_cursor TEXT,                   -- last device_id expanded (NULL = not started)
+    expanded      INTEGER NOT NULL DEFAULT 0,
+    targets       INTEGER NOT NULL DEFAULT 0,
+    queued        INTEGER NOT NULL DEFAULT 0,
+    sent          INTEGER NOT NULL DEFAULT 0,
+    acknowledged  INTEGER NOT NULL DEFAULT 0,
+    failed        INTEGER NOT NULL DEFAULT 0,
+    expired       INTEGER NOT NULL DEFAULT 0,
+    invalid_address INTEGER NOT NULL DEFAULT 0,
+    status_dirty  INTEGER NOT NULL DEFAULT 1,
+    status_published_at REAL NOT NULL DEFAULT 0,
+    status_published_state TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_to_expand ON jobs(expanded, created_at) WHERE expanded = 0;
+CREATE INDEX IF NOT EXISTS jobs_dirty ON jobs(status_dirty) WHERE status_dirty = 1;
+
+CREATE TABLE IF NOT EXISTS deliveries (
+    message_id  TEXT PRIMARY KEY,
+    job_id      TEXT NOT NULL REFERENCES jobs(job_id),
+    device_id   TEXT NOT NULL,
+    state       TEXT NOT NULL,            -- queued | sent | acknowledged | failed | expired | invalid_address
+    platform    TEXT,                     -- channel of the last attempt
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    next_at     REAL NOT NULL,
+    sent_at     REAL,
+    acked_at    REAL,
+    latency_ms  REAL,
+    last_error  TEXT,
+    UNIQUE (job_id, device_id)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(next_at) WHERE state = 'queued';
+CREATE INDEX IF NOT EXISTS deliveries_by_device ON deliveries(device_id, message_id);
+
+CREATE TABLE IF NOT EXISTS acks (
+    id          INTEGER PRIMARY KEY,
+    message_id  TEXT NOT NULL,
+    device_id   TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    at          TEXT NOT NULL,
+    error       TEXT,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS acks_by_message ON acks(message_id);
+
+CREATE TABLE IF NOT EXISTS counters (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    _run_script(conn)
+    conn.execute(f"PRAGMA user_version = {VERSION}")
+
+
+def _run_script(conn: sqlite3.Connection) -> None:
+    # executescript() would COMMIT the caller's transaction; run statements one by one.
+    for statement in DDL.split(";"):
+        if statement.strip():
+            conn.execute(statement)

@@ -1,0 +1,316 @@
+"""Delivery policy, in process: the dispatcher against scripted bridges and real SQLite.
+
+Each test drives the same Dispatcher/Recorder/Expander the daemon runs, with a bridge
+that answers from a script, so retry, Retry-After, TTL, fallback, health and
+concurrency are checked exactly (and quickly) without a network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from bridges.base import Bridge, Delivery, Outcome
+from devices.models import Device
+from gateway.config import DispatchSection
+from gateway.pipeline import schema, store
+from gateway.pipeline.backoff import backoff_delay, retry_delay
+from gateway.pipeline.dispatcher import Dispatcher, Expander
+from gateway.pipeline.models import parse_job
+from gateway.pipeline.recorder import Recorder
+from gateway.storage import Database
+
+
+class ScriptedBridge(Bridge):
+    """Answers each delivery from a per-device script of outcomes (then accepts)."""
+
+    def __init__(self, platform: str, script: dict[str, list[Outcome]] | None = None, delay: float = 0.0,
+                 default: Outcome | None = None):
+        self.platform = platform  # type: ignore[misc]
+        self.script = defaultdict(list, {k: list(v) for k, v in (script or {}).items()})
+        self.delay = delay
+        self.default = default or Outcome.accepted()
+        self.calls: list[tuple[float, Delivery]] = []
+        self.concurrent = 0
+        self.max_concurrent = 0
+
+    async def send(self, delivery: Delivery) -> Outcome:
+        self.calls.append((time.monotonic(), delivery))
+        self.concurrent += 1
+        self.max_concurrent = max(self.max_concurrent, self.concurrent)
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            queue = self.script[delivery.device_id]
+            return queue.pop(0) if queue else self.default
+        finally:
+            self.concurrent -= 1
+
+
+class Harness:
+    def __init__(self, db: Database, bridges: dict[str, Bridge], **dispatch):
+        self.db = db
+        self.cfg = DispatchSection(**{"backoff_initial_s": 0.05, "backoff_max_s": 0.2, **dispatch})
+        self.recorder = Recorder(db)
+        self.dispatcher = Dispatcher(self.cfg, db, bridges, self.recorder, rng=random.Random(1))
+        self.expander = Expander(db, self.cfg.batch_size, self.dispatcher.wake.set)
+        self.stopping = asyncio.Event()
+
+    async def add_devices(self, devices: list[dict]) -> None:
+        def work(conn):
+            for d in devices:
+                store.upsert_device(conn, Device.model_validate(d), "test")
+        await self.db.run(work)
+
+    async def submit(self, job: dict) -> str:
+        parsed = parse_job(job)
+        await self.db.run(lambda conn: store.insert_job(conn, parsed, "test"))
+        self.expander.wake.set()
+        return parsed.job_id
+
+    async def run_until_complete(self, job_id: str, timeout: float = 10.0) -> dict:
+        tasks = [asyncio.create_task(self.recorder.run()), asyncio.create_task(self.expander.run(self.stopping)),
+                 asyncio.create_task(self.dispatcher.run(self.stopping))]
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                status = await self.db.run(lambda conn: store.job_status(conn, job_id))
+                if status and status["state"] in ("completed", "acknowledged"):
+                    return status
+                await asyncio.sleep(0.02)
+            raise AssertionError(f"job not complete: {status}")
+        finally:
+            self.stopping.set()
+            await self.dispatcher.drain(1)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def deliveries(self, job_id: str) -> dict[str, dict]:
+        rows = await self.db.run(lambda conn: store.delivery_rows(conn, job_id))
+        return {r["device_id"]: r for r in rows}
+
+
+@pytest.fixture
+async def db(tmp_path: Path):
+    database = await Database(tmp_path / "gw.db").open([schema.migrate])
+    yield database
+    await database.close()
+
+
+def sim(device_id: str, *platforms: str, segment: str | None = None) -> dict:
+    chans = []
+    for p in platforms or ("simulation",):
+        chans.append({"platform": p} if p in ("simulation", "mqtt") else {"platform": p, "token": f"tok-{device_id}"})
+    return {"device_id": device_id, "segment": segment, "channels": chans}
+
+
+def job(target: dict, **notification) -> dict:
+    return {"target": target, "notification": {"title": "t", "body": "b", **notification}}
+
+
+async def test_every_device_gets_one_delivery_with_exact_counts(db):
+    bridge = ScriptedBridge("simulation")
+    h = Harness(db, {"simulation": bridge}, batch_size=7)
+    await h.add_devices([sim(f"d{i:03}", segment="a" if i % 2 else "b") for i in range(50)])
+    job_id = await h.submit(job({"segment": "a"}))
+    status = await h.run_until_complete(job_id)
+    assert status["state"] == "completed"
+    assert status["counts"] == {"targets": 25, "queued": 0, "sent": 25, "acknowledged": 0, "failed": 0,
+                                "expired": 0, "invalid_address": 0}
+    assert sorted(d.device_id for _, d in bridge.calls) == [f"d{i:03}" for i in range(1, 50, 2)]
+    assert all(d.message_id == d.message_id.lower() and len(d.message_id) == 36 for _, d in bridge.calls)
+
+
+async def test_explicit_device_list_with_unknown_device_fails_that_one(db):
+    h = Harness(db, {"simulation": ScriptedBridge("simulation")})
+    await h.add_devices([sim("known")])
+    job_id = await h.submit(job({"devices": ["known", "ghost", "known"]}))
+    status = await h.run_until_complete(job_id)
+    assert status["counts"]["targets"] == 2 and status["counts"]["sent"] == 1 and status["counts"]["failed"] == 1
+    assert (await h.deliveries(job_id))["ghost"]["last_error"] == "unknown device"
+
+
+async def test_retry_after_is_honoured_then_delivered(db):
+    bridge = ScriptedBridge("simulation", {"d1": [Outcome.retry("429", retry_after=0.4), Outcome.retry("429", retry_after=0.3)]})
+    h = Harness(db, {"simulation": bridge})
+    await h.add_devices([sim("d1")])
+    job_id = await h.submit(job({"all": True}))
+    status = await h.run_until_complete(job_id)
+    assert status["counts"]["sent"] == 1
+    times = [t for t, _ in bridge.calls]
+    assert len(times) == 3
+    assert times[1] - times[0] >= 0.38 and times[2] - times[1] >= 0.28
+    assert [d.attempt for _, d in bridge.calls] == [1, 2, 3]
+    assert (await h.deliveries(job_id))["d1"]["attempts"] == 3
+
+
+async def test_max_attempts_then_failed_with_reason(db):
+    bridge = ScriptedBridge("simulation", default=Outcome.retry("HTTP 503"))
+    h = Harness(db, {"simulation": bridge}, max_attempts=4)
+    await h.add_devices([sim("d1")])
+    job_id = await h.submit(job({"all": True}))
+    status = await h.run_until_complete(job_id)
+    assert status["counts"]["failed"] == 1 and len(bridge.calls) == 4
+    row = (await h.deliveries(job_id))["d1"]
+    assert row["state"] == "failed" and "gave up after 4 attempts" in row["last_error"]
+
+
+def test_backoff_is_full_jitter_exponential_and_capped():
+    rng = random.Random(7)
+    for attempt, ceiling in [(1, 1.0), (2, 2.0), (3, 4.0), (6, 30.0), (20, 30.0)]:
+        samples = [backoff_delay(attempt, 1.0, 30.0, rng) for _ in range(300)]
+        assert all(0 <= s <= ceiling for s in samples)
+        assert max(samples) > ceiling * 0.9 and min(samples) < ceiling * 0.1  # full jitter spans the range
+    assert retry_delay(3, 120.0, 1.0, 30.0) == 120.0  # Retry-After wins, even above the cap
+
+
+async def test_ttl_expires_instead_of_delivering_late(db):
+    bridge = ScriptedBridge("simulation", default=Outcome.retry("429", retry_after=5))
+    h = Harness(db, {"simulation": bridge})
+    await h.add_devices([sim("d1")])
+    job_id = await h.submit(job({"all": True}, ttl=2))
+    status = await h.run_until_complete(job_id, timeout=5)
+    assert status["counts"]["expired"] == 1 and len(bridge.calls) == 1  # next try would be after the TTL
+
+
+async def test_ttl_zero_means_one_attempt_now_or_never(db):
+    bridge = ScriptedBridge("simulation", {"d1": [Outcome.retry("503")]})
+    h = Harness(db, {"simulation": bridge})
+    await h.add_devices([sim("d1"), sim("d2")])
+    job_id = await h.submit(job({"all": True}, ttl=0))
+    status = await h.run_until_complete(job_id)
+    assert status["counts"]["expired"] == 1 and status["counts"]["sent"] == 1
+    assert all(d.ttl_remaining == 0 for _, d in bridge.calls)
+
+
+async def test_invalid_address_marks_channel_and_falls_over(db):
+    fcm = ScriptedBridge("fcm", default=Outcome.invalid_address("UNREGISTERED", status=404))
+    simb = ScriptedBridge("simulation")
+    h = Harness(db, {"fcm": fcm, "simulation": simb})
+    await h.add_devices([sim("d1", "fcm", "simulation"), sim("d2", "fcm")])
+    job_id = await h.submit(job({"all": True}))
+    status = await h.run_until_complete(job_id)
+    assert status["counts"]["sent"] == 1 and status["counts"]["invalid_address"] == 1
+    rows = await h.deliveries(job_id)
+    assert rows["d1"]["platform"] == "simulation" and rows["d1"]["state"] == "sent"
+    device = await db.run(lambda conn: store.get_device(conn, "d1"))
+    mark = device["channels"][0]["invalid"]
+    assert mark["reason"].startswith("fcm: UNREGISTERED") and mark["at"].endswith("Z")
+    # The mark is kept: the next job skips the invalid channel without asking FCM again.
+    fcm.calls.clear()
+    h2 = Harness(db, {"fcm": fcm, "simulation": simb})
+    job2 = await h2.submit(job({"devices": ["d1"]}))
+    assert (await h2.run_until_complete(job2))["counts"]["sent"] == 1
+    assert fcm.calls == []
+
+
+async def test_reregistering_with_a_new_token_clears_the_mark(db):
+    h = Harness(db, {"fcm": ScriptedBridge("fcm")})
+    await h.add_devices([sim("d1", "fcm")])
+    await db.run(lambda conn: store.mark_invalid(conn, "d1", "fcm|tok-d1", "UNREGISTERED", time.time()))
+    await h.add_devices([sim("d1", "fcm")])  # same token: mark kept
+    assert "invalid" in (await db.run(lambda c: store.get_device(c, "d1")))["channels"][0]
+    await h.add_devices([{"device_id": "d1", "channels": [{"platform": "fcm", "token": "new"}]}])
+    assert "invalid" not in (await db.run(lambda c: store.get_device(c, "d1")))["channels"][0]
+
+
+async def test_unhealthy_bridge_pauses_and_others_flow(db):
+    bad = ScriptedBridge("fcm", default=Outcome.unhealthy("THIRD_PARTY_AUTH_ERROR", retry_after=0.5))
+    good = ScriptedBridge("simulation")
+    h = Harness(db, {"fcm": bad, "simulation": good}, max_attempts=2)
+    await h.add_devices([sim(f"f{i}", "fcm") for i in range(5)] + [sim(f"s{i}") for i in range(5)])
+    job_id = await h.submit(job({"all": True}))
+    tasks = [asyncio.create_task(h.recorder.run()), asyncio.create_task(h.expander.run(h.stopping)),
+             asyncio.create_task(h.dispatcher.run(h.stopping))]
+    await asyncio.sleep(1.3)
+    status = await db.run(lambda conn: store.job_status(conn, job_id))
+    # The healthy bridge delivered everything; the FCM deliveries wait (not failed, no attempts spent).
+    assert status["counts"]["sent"] == 5 and status["counts"]["queued"] == 5 and status["counts"]["failed"] == 0
+    rows = await h.deliveries(job_id)
+    assert all(rows[f"f{i}"]["attempts"] == 0 for i in range(5))
+    # Paused: a probe roughly every 0.5 s, not one request per queued delivery per loop.
+    assert 2 <= len(bad.calls) <= 12, len(bad.calls)
+    # The platform recovers: the queued deliveries go out.
+    bad.default = Outcome.accepted()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        status = await db.run(lambda conn: store.job_status(conn, job_id))
+        if status["state"] == "completed":
+            break
+        await asyncio.sleep(0.05)
+    h.stopping.set()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert status["counts"]["sent"] == 10
+
+
+async def test_concurrency_per_bridge_is_bounded(db):
+    bridge = ScriptedBridge("simulation", delay=0.02)
+    h = Harness(db, {"simulation": bridge}, max_in_flight=8, batch_size=100)
+    await h.add_devices([sim(f"d{i:03}") for i in range(200)])
+    job_id = await h.submit(job({"all": True}))
+    status = await h.run_until_complete(job_id)
+    assert status["counts"]["sent"] == 200
+    assert bridge.max_concurrent == 8
+
+
+async def test_bridge_exception_is_a_retry_not_a_crash(db):
+    class Broken(ScriptedBridge):
+        async def send(self, delivery):
+            self.calls.append((time.monotonic(), delivery))
+            if len(self.calls) == 1:
+                raise RuntimeError("bug")
+            return Outcome.accepted()
+
+    bridge = Broken("simulation")
+    h = Harness(db, {"simulation": bridge})
+    await h.add_devices([sim("d1")])
+    job_id = await h.submit(job({"all": True}))
+    assert (await h.run_until_complete(job_id))["counts"]["sent"] == 1 and len(bridge.calls) == 2
+
+
+async def test_no_enabled_bridge_fails_clearly(db):
+    h = Harness(db, {"simulation": ScriptedBridge("simulation")})
+    await h.add_devices([{"device_id": "d1", "channels": [{"platform": "apns", "token": "ab" * 32}]}])
+    job_id = await h.submit(job({"all": True}))
+    status = await h.run_until_complete(job_id)
+    assert status["counts"]["failed"] == 1
+    assert "no enabled bridge" in (await h.deliveries(job_id))["d1"]["last_error"]
+
+
+async def test_acks_first_moves_state_every_ack_stored_foreign_refused(db):
+    from gateway.pipeline.models import parse_ack
+
+    h = Harness(db, {"simulation": ScriptedBridge("simulation")})
+    await h.add_devices([sim("d1"), sim("d2")])
+    job_id = await h.submit(job({"all": True}))
+    await h.run_until_complete(job_id)
+    rows = await h.deliveries(job_id)
+    m1 = rows["d1"]["message_id"]
+    acks = [
+        ("d1", parse_ack(f'{{"message_id":"{m1}","status":"received","at":"2030-01-01T10:00:00"}}'.encode())),
+        ("d1", parse_ack(f'{{"message_id":"{m1.upper()}","status":"opened","at":"2030-01-01T12:00:00+02:00"}}'.encode())),
+        ("d2", parse_ack(f'{{"message_id":"{m1}","status":"received","at":"2030-01-01T10:00:00Z"}}'.encode())),
+        ("d1", parse_ack(b'{"message_id":"00000000-0000-0000-0000-000000000000","status":"received","at":"2030-01-01T10:00:00Z"}')),
+    ]
+    results = await db.run(lambda conn: store.apply_acks(conn, acks, time.time()))
+    assert [r.accepted for r in results] == [True, True, False, False]
+    assert results[0].first and not results[1].first
+    stored = await db.run(lambda conn: conn.execute("SELECT status, at FROM acks ORDER BY id").fetchall())
+    # naive time = UTC; +02:00 converted to UTC
+    assert [tuple(r) for r in stored] == [("received", "2030-01-01T10:00:00.000Z"), ("opened", "2030-01-01T10:00:00.000Z")]
+    status = await db.run(lambda conn: store.job_status(conn, job_id))
+    assert status["counts"]["acknowledged"] == 1 and status["counts"]["sent"] == 1 and status["state"] == "completed"
+    counts = await db.run(store.counters)
+    assert counts["acks_refused"] == 2 and counts["acks_stored"] == 2
+    m2 = rows["d2"]["message_id"]
+    await db.run(lambda conn: store.apply_acks(conn, [("d2", parse_ack(
+        f'{{"message_id":"{m2}","status":"received","at":"2030-01-01T10:00:00Z"}}'.encode()))], time.time()))
+    assert (await db.run(lambda conn: store.job_status(conn, job_id)))["state"] == "acknowledged"
