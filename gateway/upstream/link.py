@@ -67,7 +67,8 @@ class UpstreamLink:
 
     def __init__(self, cfg: Config, db: Database, intake: Intake, *,
                  backoff_initial: float = 1.0, backoff_max: float = 60.0,
-                 window: int = 64, publish_timeout: float = 30.0, poll_interval: float = 1.0):
+                 window: int = 64, publish_timeout: float = 30.0, poll_interval: float = 1.0,
+                 stop_flush_s: float = 2.0):
         if cfg.upstream is None:
             raise ValueError("UpstreamLink needs an [upstream] section")
         if not 1 <= window <= 100:
@@ -82,6 +83,7 @@ class UpstreamLink:
         self._window = window
         self._publish_timeout = publish_timeout
         self._poll_interval = poll_interval
+        self._stop_flush_s = stop_flush_s
         self._wake = asyncio.Event()
         self._stats: outbox.OutboxStats | None = None
         self._counters = {"published": 0, "jobs_received": 0, "registrations_received": 0, "resend_rounds": 0}
@@ -209,6 +211,26 @@ class UpstreamLink:
                 # e.g. a disk error: keep the rows, say so, try again; never crash the daemon.
                 log.exception("upstream drain failed; retrying")
                 await _first(stopping.wait(), timeout=1.0)
+        await self._final_flush()
+
+    async def _final_flush(self) -> None:
+        """On a clean stop, send what is queued while the link is up, for a bounded time.
+
+        Whatever is left (or queued later by the pipeline's own shutdown) stays in the
+        outbox and goes out after the next start.
+        """
+        if not self.client.up.is_set() or self._stop_flush_s <= 0:
+            return
+        try:
+            async with asyncio.timeout(self._stop_flush_s):
+                await self._drain_connected(asyncio.Event(), until_empty=True)
+        except TimeoutError:
+            pass
+        except Exception:
+            log.exception("upstream final flush failed; rows stay buffered")
+        if self._stats is not None and self._stats.rows:
+            log.info("upstream link stopping with messages buffered; sent after the restart",
+                     rows=self._stats.rows)
 
     # ------------------------------------------------------------------ outbound
     async def _drain(self, stopping: asyncio.Event) -> None:
@@ -221,19 +243,22 @@ class UpstreamLink:
                 continue
             await self._drain_connected(stopping)
 
-    async def _drain_connected(self, stopping: asyncio.Event) -> None:
-        """Publish the outbox in order until it is empty, the link drops or we stop.
+    async def _drain_connected(self, stopping: asyncio.Event, *, until_empty: bool = False) -> None:
+        """Publish the outbox in order until the link drops or we stop (or, with
+        ``until_empty``, until nothing is left).
 
         Rows go out in batches of ``window`` publishes awaiting their PUBACKs together;
-        paho writes them to the socket in call order and the broker keeps that order,
-        so a batch is as ordered as one-by-one, at ``window`` times the throughput.
-        Acked rows are deleted at the next fetch (same transaction), so a crash in
-        between only means they are sent again: at least once.
+        paho writes them to the socket in call order and the broker keeps that order (and
+        acknowledges in that order), so a batch is as ordered as one-by-one, at ``window``
+        times the throughput, and what was acknowledged is always a prefix. Acked rows are
+        deleted at the next fetch (same transaction), so a crash in between only means
+        they are sent again: at least once. Each session starts from the oldest row left.
         """
         lost = self.client.lost
         cursor = 0
         acked: list[int] = []
         broken: list[str] = []
+        tasks: list[asyncio.Task[None]] = []
         self._counters["resend_rounds"] += 1
         try:
             while not (stopping.is_set() or lost.is_set() or broken):
@@ -242,20 +267,22 @@ class UpstreamLink:
                 self._wake.clear()
                 rows, self._stats = await self.db.run(lambda conn: self._exchange(conn, done, cursor))
                 if not rows:
+                    if until_empty:
+                        return
                     await _first(self._wake.wait(), lost.wait(), stopping.wait(), timeout=self._poll_interval)
                     continue
                 tasks = [asyncio.create_task(self._publish(row, acked, broken)) for row in rows]
                 batch = asyncio.gather(*tasks)
                 await _first(batch, lost.wait(), stopping.wait())
-                if not batch.done() and stopping.is_set() and not lost.is_set():
-                    await _first(batch, lost.wait(), timeout=2.0)  # let PUBACKs in flight arrive
                 if not batch.done():
-                    for task in tasks:
-                        task.cancel()
-                    await asyncio.gather(*tasks, return_exceptions=True)
-                    break
+                    break  # the unconfirmed rows stay in the outbox and are sent again
+                tasks = []
                 cursor = rows[-1].seq
         finally:
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
             if acked:
                 done = list(acked)
                 self._stats = await self.db.run(lambda conn: self._forget(conn, done))
