@@ -112,34 +112,6 @@ async def test_jobs_and_registrations_from_the_cloud_reach_the_intake(cloud: Clo
     assert intake2.jobs == [(b'{"job_id":"while-away"}', SOURCE)]
 
 
-async def test_a_job_is_not_acknowledged_to_the_cloud_before_the_intake_returned(cloud: Cloud, db: Database,
-                                                                                  tmp_path: Path):
-    """If the gateway dies while the intake is storing a job, the cloud redelivers it."""
-    cfg = make_config(cloud, tmp_path)
-
-    class StuckIntake(RecordingIntake):
-        async def submit_job(self, payload: bytes, source: str) -> None:
-            self.jobs.append((payload, source))
-            self.changed.set()
-            await asyncio.Event().wait()  # never returns: the commit never happens
-
-    stuck = StuckIntake()
-    link = UpstreamLink(cfg, db, stuck, **FAST)
-    stopping = asyncio.Event()
-    task = asyncio.create_task(link.run(stopping))
-    await wait_until(lambda: link.client.connected, what="connected")
-    cloud.publish(f"{PREFIX}/jobs", b'{"job_id":"j-1"}')
-    await stuck.wait(lambda i: len(i.jobs) == 1)
-    task.cancel()  # the process goes away mid-intake
-    await asyncio.gather(task, return_exceptions=True)
-    await link.client.disconnect()
-
-    again = RecordingIntake()
-    async with running(UpstreamLink(cfg, db, again, **FAST)):
-        await again.wait(lambda i: len(i.jobs) == 1)
-    assert again.jobs == [(b'{"job_id":"j-1"}', SOURCE)]  # redelivered: at least once
-
-
 async def test_mutual_tls(cloud_factory, db: Database, tmp_path: Path):
     cloud = cloud_factory(require_certificate=True)
     cfg = make_config(cloud, tmp_path)
