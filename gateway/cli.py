@@ -186,7 +186,7 @@ def send(
     except InputError as err:
         fail(err.message)
     conn = _db(cfg)
-    _tx(conn, lambda c: store.insert_job(c, parsed, "cli") or store.mark_dirty(c, parsed.job_id))
+    _tx(conn, lambda c: store.submit_job(c, parsed, "cli"))
     typer.echo(parsed.job_id)
     if wait:
         raise typer.Exit(_wait_for(conn, parsed.job_id, timeout))

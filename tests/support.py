@@ -230,3 +230,99 @@ class Mosquitto:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+# ------------------------------------------------------------------ an independent MQTT client
+class MqttProbe:
+    """paho-mqtt client for tests: collects messages (with arrival time), publishes."""
+
+    def __init__(self, port: int, topics: list[str] | None = None, host: str = "127.0.0.1",
+                 username: str | None = None, password: str | None = None, client_id: str = ""):
+        import threading
+
+        import paho.mqtt.client as paho
+
+        self.messages: list[tuple[float, str, bytes, bool]] = []
+        self._lock = threading.Lock()
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id)
+        if username:
+            self.client.username_pw_set(username, password)
+        self._topics = topics or []
+        self._subscribed = threading.Event()
+
+        def on_connect(cl, userdata, flags, reason, props):  # noqa: ANN001
+            if self._topics:
+                cl.subscribe([(t, 1) for t in self._topics])
+            else:
+                self._subscribed.set()
+
+        def on_subscribe(cl, userdata, mid, reasons, props):  # noqa: ANN001
+            self._subscribed.set()
+
+        def on_message(cl, userdata, msg):  # noqa: ANN001
+            with self._lock:
+                self.messages.append((time.monotonic(), msg.topic, msg.payload, bool(msg.retain)))
+
+        self.client.on_connect = on_connect
+        self.client.on_subscribe = on_subscribe
+        self.client.on_message = on_message
+        self.client.connect(host, port)
+        self.client.loop_start()
+        if not self._subscribed.wait(10):
+            raise TimeoutError("probe did not connect/subscribe")
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> None:
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        info.wait_for_publish(10)
+
+    def on(self, topic_filter: str) -> list[tuple[float, str, bytes, bool]]:
+        import paho.mqtt.client as paho
+
+        with self._lock:
+            return [m for m in self.messages if paho.topic_matches_sub(topic_filter, m[1])]
+
+    def wait_for(self, predicate, timeout: float = 10.0):  # noqa: ANN001
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                snapshot = list(self.messages)
+            result = predicate(snapshot)
+            if result:
+                return result
+            time.sleep(0.02)
+        raise TimeoutError(f"condition not met; got {[(t, p[:200]) for _, t, p, _ in self.messages[-10:]]}")
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def cli(config: Path, *args: str, timeout: float = 120, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", "--config", str(config), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=config.parent, input=input)
+
+
+def bulk_register(data_dir: Path, devices: list[dict[str, Any]]) -> None:
+    """Put many devices in the registry the way `devices add` does (same store code), in one transaction."""
+    from devices.models import Device
+    from gateway.pipeline import schema, store
+    from gateway.storage import connect
+
+    conn = connect(data_dir / "gateway.db")
+    conn.execute("BEGIN IMMEDIATE")
+    schema.migrate(conn)
+    for d in devices:
+        store.upsert_device(conn, Device.model_validate(d), "test")
+    conn.execute("COMMIT")
+    conn.close()
+
+
+def job_status_from_db(data_dir: Path, job_id: str) -> dict[str, Any] | None:
+    from gateway.pipeline import store
+    from gateway.storage import connect
+
+    conn = connect(data_dir / "gateway.db")
+    try:
+        return store.job_status(conn, job_id)
+    finally:
+        conn.close()

@@ -60,7 +60,7 @@ class Intake:
         except InputError as err:
             await self._reject(job_id, topic, err)
             return None
-        inserted = await self.db.run(lambda conn: store.insert_job(conn, parsed, source) or store.mark_dirty(conn, parsed.job_id))
+        inserted = await self.db.run(lambda conn: store.submit_job(conn, parsed, source))
         log.info("job accepted" if inserted else "job already known", job_id=parsed.job_id, source=source)
         self.on_job()
         self.on_status()

@@ -122,6 +122,14 @@ def insert_job(conn: sqlite3.Connection, parsed: ParsedJob, source: str, now: fl
     return cur.rowcount > 0
 
 
+def submit_job(conn: sqlite3.Connection, parsed: ParsedJob, source: str) -> bool:
+    """Store a new job (True), or ask for a known job's status to be re-published (False)."""
+    if insert_job(conn, parsed, source):
+        return True
+    mark_dirty(conn, parsed.job_id)
+    return False
+
+
 def status_from_row(row: sqlite3.Row) -> dict[str, Any]:
     return {
         "job_id": row["job_id"],
