@@ -84,6 +84,7 @@ class UpstreamLink:
         self._publish_timeout = publish_timeout
         self._poll_interval = poll_interval
         self._stop_flush_s = stop_flush_s
+        self._backoff_max = backoff_max
         self._wake = asyncio.Event()
         self._stats: outbox.OutboxStats | None = None
         self._counters = {"published": 0, "jobs_received": 0, "registrations_received": 0, "resend_rounds": 0}
@@ -201,7 +202,7 @@ class UpstreamLink:
                 await self.client.run(stop)
             except Exception:
                 log.exception("upstream client loop failed; restarting")
-                await _first(stop.wait(), timeout=self.client._backoff_max)  # noqa: SLF001
+                await _first(stop.wait(), timeout=self._backoff_max)
 
     async def _keep_draining(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():

@@ -111,6 +111,7 @@ def test_a_cloud_job_is_delivered_locally_and_its_acks_and_status_come_back_up(g
         assert statuses_of(msgs, "cloud-job-1")[-1]["state"] == "acknowledged"
 
         assert gw.stop() == 0
+    assert json.loads(cloud.retained(f"{PREFIX}/gateway/status"))["state"] == "offline"  # a clean stop says so
     log = gw.log()
     assert "Traceback" not in log and GW_PASSWORD not in log
 

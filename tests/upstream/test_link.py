@@ -202,3 +202,15 @@ async def test_bad_credentials_or_certificates_retry_with_backoff(case: str, clo
     # failed fast (no 10 s connect timeouts) yet with backoff between attempts
     assert 0.05 < elapsed < 4
     assert (await link.refresh_metrics())["buffer_rows"] == 3  # nothing lost meanwhile
+
+
+def test_the_password_is_used_but_never_shown(cloud_factory, tmp_path: Path):
+    """Rich tracebacks print locals: the connection settings must not reveal the secret."""
+    from tests.upstream.cloud import GW_PASSWORD
+
+    cloud = cloud_factory(start=False)
+    cfg = make_config(cloud, tmp_path)
+    link = UpstreamLink(cfg, Database(tmp_path / "unused.db"), RecordingIntake())
+    assert link.client.settings.password == GW_PASSWORD
+    assert GW_PASSWORD not in repr(link.client.settings) and GW_PASSWORD not in repr(cfg)
+    assert link.client.settings.client_id == "gw-site-t"  # default gw-<site_id>
