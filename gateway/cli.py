@@ -123,24 +123,17 @@ def vapid_keys() -> None:
 # ---------------------------------------------------------------------- pipeline commands
 def _db(cfg: Config):  # noqa: ANN202 - sqlite3.Connection, imported lazily
     from gateway.pipeline import schema
-    from gateway.storage import connect
+    from gateway.storage import connect, transaction
 
     conn = connect(cfg.db_path)
-    conn.execute("BEGIN IMMEDIATE")
-    schema.migrate(conn)
-    conn.execute("COMMIT")
+    transaction(conn, schema.migrate)
     return conn
 
 
 def _tx(conn, fn):  # noqa: ANN001, ANN202
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        result = fn(conn)
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-    return result
+    from gateway.storage import transaction
+
+    return transaction(conn, fn)
 
 
 @app.command("send")

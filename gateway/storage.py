@@ -45,6 +45,18 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+def transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """Run ``fn(conn)`` in one write transaction (BEGIN IMMEDIATE: no upgrade deadlocks)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result
+
+
 class Database:
     """Serialises all access on one thread; ``run`` wraps each call in a transaction."""
 
@@ -66,16 +78,8 @@ class Database:
         return self
 
     def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        conn = self._conn
-        assert conn is not None, "database not open"
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(conn)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        return result
+        assert self._conn is not None, "database not open"
+        return transaction(self._conn, fn)
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` in one transaction on the database thread."""

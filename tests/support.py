@@ -109,6 +109,7 @@ class NotifySocket:
     def __init__(self, path: Path):
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        path.unlink(missing_ok=True)  # a previous daemon's socket file in the same workdir
         self.sock.bind(str(path))
         self.messages: list[tuple[float, dict[str, str]]] = []
 
