@@ -11,6 +11,7 @@ import pytest
 import structlog
 
 from gateway.storage import Database, connect
+from gateway.storage import transaction as tx  # one write transaction, as Database.run
 from gateway.upstream import outbox
 
 P = "homepot/site-t"
@@ -21,17 +22,6 @@ def conn(tmp_path: Path) -> sqlite3.Connection:
     c = connect(tmp_path / "gateway.db")
     yield c
     c.close()
-
-
-def tx(conn: sqlite3.Connection, fn) -> object:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        result = fn(conn)
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-    return result
 
 
 def status(conn: sqlite3.Connection, job: str, n: int, pad: int = 0) -> None:
