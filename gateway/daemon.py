@@ -101,7 +101,7 @@ class Daemon:
     async def _run(self) -> int:
         cfg = self.cfg
         if cfg.broker.mode == "embedded":
-            self.broker = EmbeddedBroker(cfg, self.internal)
+            self.broker = EmbeddedBroker(cfg, self.internal, self.db)
             try:
                 await self.broker.start()
             except BrokerStartError as exc:

@@ -160,7 +160,7 @@ class GatewayProcess:
 
     def start(self, wait_ready: bool = True, timeout: float = 30.0) -> "GatewayProcess":
         self._starts += 1
-        sock_path = self.workdir / f"notify-{self._starts}.sock"
+        sock_path = self.workdir / f"n{id(self) % 100000}-{self._starts}.sock"
         if self.notify:
             self.notify.close()
         self.notify = NotifySocket(sock_path)

@@ -1,12 +1,31 @@
-"""The embedded MQTT broker: amqtt (pinned) with the gateway's auth and listeners.
+"""The embedded MQTT broker: amqtt (pinned) made to keep MQTT 3.1.1's promises.
 
 The gateway's own core never calls into this object to move messages: it connects
-to a listener as an ordinary MQTT client, exactly as in ``external`` mode. This module
-only owns starting, authenticating and stopping the broker.
+to a listener as an ordinary MQTT client, exactly as in ``external`` mode.
+
+What amqtt still does: listeners (TCP, TLS, websockets), accepting connections,
+decoding packets (its reader loop) and writing the CONNECT-time error CONNACKs.
+What :class:`GatewayBroker` overrides, because amqtt 0.12.1 gets it wrong:
+
+- authentication happens before the client id touches any session, so a client
+  with a bad password can neither take over nor wipe someone's session; bad
+  credentials get CONNACK 0x04, a refused anonymous client 0x05;
+- sessions, subscriptions, retained messages and offline queues live in
+  :mod:`gateway.broker.clients` and :mod:`gateway.broker.state` (SQLite), with
+  delivered QoS = min(publish, subscription) [MQTT-3.8.4-6], RETAIN=1 only for
+  retained messages sent because of a new subscription [MQTT-3.3.1-8/9], retained
+  messages only for the subscribing client's new filters [MQTT-3.3.1-6], an offline
+  queue for every persistent session (named or anonymous) bounded by
+  ``max_queued_messages``, and in-flight messages resent with DUP=1 [MQTT-4.4.0-1];
+- keepalive is enforced (1.5 × keepalive) and the will is published on every
+  abnormal close [MQTT-3.1.2-24];
+- per-role ACLs on publish, subscribe and delivery (retained included).
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import secrets
 import ssl
@@ -15,16 +34,34 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from amqtt.broker import Broker
+from amqtt.adapters import ReaderAdapter, WriterAdapter
+from amqtt.broker import Broker, Server
 from amqtt.contexts import BrokerConfig, ListenerConfig, ListenerType
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.disconnect import DisconnectPacket
+from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import Session
 
+from gateway.broker.acl import ClientAcl
+from gateway.broker.clients import ClientState, Message, Outgoing
+from gateway.broker.codec import PUBACK, PUBCOMP, PUBREC, encode_ack, encode_connack
+from gateway.broker.handler import GatewayProtocolHandler, abort_transport
+from gateway.broker.matching import SubscriptionIndex, has_wildcard, matches, valid_topic_filter, valid_topic_name
+from gateway.broker.metrics import BrokerMetrics
 from gateway.broker.passwords import PasswordFile, PasswordFileError
-from gateway.config import Config, ListenerSection
+from gateway.broker.state import LoadedState, StateStore
+from gateway.config import AclRule, Config, ListenerSection
+from gateway.storage import Database
 
 log = structlog.get_logger(__name__)
 
 INTERNAL_USERNAME = "homepot-gateway"
+CONNECT_TIMEOUT_S = 10.0     # a connection that sends no CONNECT is closed [MQTT-3.1.0-1]
+STOP_HANDLER_TIMEOUT_S = 2.0
+
+BAD_USERNAME_PASSWORD = 0x04
+NOT_AUTHORIZED = 0x05
+SUBACK_FAILURE = 0x80
 
 
 class BrokerStartError(Exception):
@@ -44,15 +81,89 @@ class InternalCredentials:
 
 
 class GatewayBroker(Broker):
-    """amqtt's broker, authenticating per listener against the gateway's account file."""
+    """amqtt's broker with the gateway's auth, ACLs, sessions and durable state."""
 
     def __init__(self, config: BrokerConfig, listeners: dict[str, ListenerSection],
-                 passwords: PasswordFile, internal: InternalCredentials, **kwargs: Any):
+                 passwords: PasswordFile, internal: InternalCredentials, *,
+                 roles: dict[str, AclRule], prefix: str, store: StateStore | None,
+                 max_queued: int, metrics: BrokerMetrics | None = None, **kwargs: Any):
         super().__init__(config, **kwargs)
         self._gw_listeners = listeners
         self._passwords = passwords
         self._internal = internal
-        self.auth_failures = 0
+        self._roles = roles
+        self._prefix = prefix
+        self._store = store
+        self._max_queued = max_queued
+        self.metrics = metrics or BrokerMetrics()
+        self._clients: dict[str, ClientState] = {}
+        self._index: SubscriptionIndex[ClientState] = SubscriptionIndex()
+        self._retained: dict[str, tuple[Message, int]] = {}
+        self._seq = itertools.count(1)
+        self._connecting: set[WriterAdapter] = set()
+
+    # ================================================================== state
+    def restore(self, loaded: LoadedState) -> None:
+        """Retained messages and persistent sessions from SQLite (before ``start``)."""
+        self._seq = itertools.count(loaded.next_seq)
+        for topic, (payload, qos) in loaded.retained.items():
+            self._retained[topic] = (Message(topic, payload), qos)
+        for stored in loaded.sessions.values():
+            cs = self._new_client(stored.client_id, clean=False)
+            cs.username, cs.role, cs.dropped = stored.username, stored.role, stored.dropped
+            cs.acl = self._compile_acl(stored.role, stored.username)
+            for topic_filter, qos in stored.subscriptions.items():
+                cs.subscriptions[topic_filter] = qos
+                self._index.add(topic_filter, cs.client_id, cs, qos)
+            cs.restore([(Outgoing(Message(m.topic, m.payload), m.qos, m.retain, m.seq), m.packet_id, m.state)
+                        for m in stored.messages])
+            cs.qos2_in = set(stored.qos2_in)
+            self._clients[cs.client_id] = cs
+        if loaded.sessions or loaded.retained:
+            log.info("broker state restored", sessions=len(loaded.sessions), retained=len(loaded.retained),
+                     queued=sum(len(s.messages) for s in loaded.sessions.values()))
+
+    def _new_client(self, client_id: str, clean: bool) -> ClientState:
+        return ClientState(client_id, clean, store=self._store, metrics=self.metrics, seq=self._seq,
+                           max_queued=self._max_queued)
+
+    def _compile_acl(self, role: str | None, username: str | None) -> ClientAcl:
+        rule = self._roles.get(role or "") or AclRule()  # a role that vanished from the config: nothing
+        return ClientAcl(rule, self._prefix, username)
+
+    def _discard(self, cs: ClientState) -> None:
+        """Forget a session: its subscriptions, queue and (if persistent) its rows."""
+        for topic_filter in cs.subscriptions:
+            self._index.remove(topic_filter, cs.client_id)
+        cs.subscriptions.clear()
+        cs.pending.clear()
+        cs.inflight.clear()
+        if self._clients.get(cs.client_id) is cs:
+            del self._clients[cs.client_id]
+        if not cs.clean and self._store is not None:
+            self._store.forget_session(cs.client_id)
+
+    def snapshot(self) -> dict[str, int]:
+        """Counters and gauges (see :class:`BrokerMetrics`)."""
+        return self.metrics.snapshot(
+            sessions=len(self._clients),
+            subscriptions=len(self._index),
+            retained=len(self._retained),
+            queued=sum(len(cs.pending) for cs in self._clients.values()),
+            inflight=sum(len(cs.inflight) for cs in self._clients.values()),
+        )
+
+    # ================================================================== TLS
+    def _create_ssl_context(self, listener: ListenerConfig) -> ssl.SSLContext:  # type: ignore[override]
+        """TLS 1.2+; client certificates required where the listener says so."""
+        ctx = Broker._create_ssl_context(listener)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        section = self._listener_section(listener)
+        if section is not None and section.require_client_cert:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        elif section is not None and section.cafile is None:
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
 
     def _listener_section(self, listener: ListenerConfig) -> ListenerSection | None:
         for name, cfg in self.listeners_config.items():
@@ -60,34 +171,381 @@ class GatewayBroker(Broker):
                 return self._gw_listeners.get(name)
         return None
 
-    async def _authenticate(self, session: Session, listener: ListenerConfig) -> bool:
-        section = self._listener_section(listener)
-        role = self.resolve_role(session, section)
-        session.homepot_role = role  # type: ignore[attr-defined]
-        if role is None:
-            self.auth_failures += 1
-            log.info("mqtt auth refused", client_id=session.client_id, username=session.username,
-                     listener=section.name if section else None)
-            return False
-        return True
-
-    def resolve_role(self, session: Session, section: ListenerSection | None) -> str | None:
-        """The session's role, or None when it may not connect."""
-        username, password = session.username, session.password
-        if username:
-            if username == self._internal.username:
-                return "admin" if secrets.compare_digest(password or "", self._internal.password) else None
-            try:
-                account = self._passwords.verify(username, password or "")
-            except PasswordFileError as exc:
-                log.error("password file unreadable", error=str(exc))
-                return None
-            return account.role if account else None
-        if section is not None and section.allow_anonymous:
-            return section.anonymous_role
+    # ================================================================== connections
+    async def _session_monitor(self) -> None:
+        """amqtt's monitor deletes sessions it thinks anonymous; session lifetime is ours."""
         return None
 
+    async def _initialize_client_session(self, reader: ReaderAdapter, writer: WriterAdapter,
+                                         remote_address: str, remote_port: int
+                                         ) -> tuple[GatewayProtocolHandler, Session]:  # type: ignore[override]
+        """Read and check the CONNECT only; no session is touched before authentication.
 
+        amqtt would parse any first packet as a CONNECT and wait for as many bytes as
+        its length claims; here anything but CONNECT closes the connection at once
+        [MQTT-3.1.0-1], and a CONNECT must be complete within ``CONNECT_TIMEOUT_S``.
+        """
+        self._connecting.add(writer)
+        try:
+            first = await asyncio.wait_for(reader.read(1), CONNECT_TIMEOUT_S)
+            if first != b"\x10":
+                raise AMQTTError(f"first packet is not CONNECT (byte {first!r})")
+            handler, session = await asyncio.wait_for(
+                GatewayProtocolHandler.init_from_connect(_Prefixed(first, reader), writer, self.plugins_manager),
+                CONNECT_TIMEOUT_S)
+        except (TimeoutError, AMQTTError, MQTTError, NoDataError, Exception) as exc:
+            await _close_writer(writer)
+            if isinstance(exc, asyncio.IncompleteReadError):  # closed before a byte: port probes
+                raise AMQTTError("connection closed before CONNECT") from None
+            if not isinstance(exc, (MQTTError, NoDataError)):
+                self.metrics.protocol_errors += 1
+            log.info("connection refused before CONNECT completed", remote=f"{remote_address}:{remote_port}",
+                     error=str(exc) or type(exc).__name__)
+            raise AMQTTError(str(exc)) from None
+        finally:
+            self._connecting.discard(writer)
+        assert isinstance(handler, GatewayProtocolHandler)
+        return handler, session
+
+    async def _authorize(self, session: Session, section: ListenerSection | None) -> tuple[str | None, int]:
+        """(role, 0) or (None, CONNACK return code). Passwords are never logged."""
+        username, password = session.username, session.password
+        role: str | None
+        if username is not None:
+            if username == self._internal.username:
+                ok = secrets.compare_digest((password or "").encode(), self._internal.password.encode())
+                return ("admin", 0) if ok else (None, BAD_USERNAME_PASSWORD)
+            try:
+                # argon2 takes tens of milliseconds of CPU: never on the event loop.
+                account = await asyncio.to_thread(self._passwords.verify, username, password or "")
+            except PasswordFileError as exc:
+                log.error("password file unreadable", error=str(exc))
+                return None, NOT_AUTHORIZED
+            if account is None:
+                return None, BAD_USERNAME_PASSWORD
+            role = account.role
+        elif section is not None and section.allow_anonymous:
+            role = section.anonymous_role
+        else:
+            return None, NOT_AUTHORIZED
+        if role not in self._roles:
+            log.warning("account has a role the configuration does not define", username=username, role=role)
+            return None, NOT_AUTHORIZED
+        return role, 0
+
+    async def _handle_client_session(self, reader: ReaderAdapter, writer: WriterAdapter, client_session: Session,
+                                     handler: Any, server: Server, listener_name: str) -> None:
+        """CONNECT accepted by amqtt's parser → authenticate, resume or create, serve, clean up."""
+        assert isinstance(handler, GatewayProtocolHandler)
+        session = client_session
+        section = self._gw_listeners.get(listener_name)
+        try:
+            role, code = await self._authorize(session, section)
+            if role is None:
+                self.metrics.auth_failures += 1
+                log.info("mqtt connection refused", client_id=session.client_id, username=session.username,
+                         listener=section.name if section else listener_name, return_code=code)
+                try:
+                    writer.write(encode_connack(False, code))
+                    await writer.drain()
+                finally:
+                    await _close_writer(writer)  # [MQTT-3.2.2-5]
+                return
+            session.homepot_role = role  # type: ignore[attr-defined]
+            cs, present = self._open_session(session, role)
+            if session.keep_alive > 0:
+                # amqtt's reader times out after this many seconds without a packet.
+                session.keep_alive = session.keep_alive * 1.5  # type: ignore[assignment]
+            handler.attach(session, reader, writer)
+            handler.gw, handler.client = self, cs
+            session.transitions.connect()
+            self._sessions[cs.client_id] = (session, handler)
+            self.metrics.clients_connected += 1
+            self.metrics.connections_total += 1
+            await handler.send_bytes(encode_connack(present, 0))
+            cs.attach(handler)          # resends in-flight messages, then drains the queue
+            await handler.start()       # amqtt's reader loop
+            log.debug("client connected", client_id=cs.client_id, username=cs.username, role=role,
+                      clean_session=cs.clean, session_present=present)
+            await self._client_message_loop(session, handler)
+        except Exception as exc:  # one client's trouble must never take the broker down
+            log.warning("client session failed", client_id=session.client_id, error=repr(exc))
+        finally:
+            if handler.client is not None:
+                await self._connection_closed(handler, abnormal=True)
+
+    def _open_session(self, session: Session, role: str) -> tuple[ClientState, bool]:
+        """Take over a live connection, then resume (CleanSession=0) or start afresh."""
+        client_id = session.client_id or ""
+        old = self._clients.get(client_id)
+        if old is not None and old.handler is not None:
+            # [MQTT-3.1.4-2] the existing connection is closed. Its will is not sent: the
+            # same client is back, and a late "offline" will would race its new state.
+            old_handler = old.handler
+            old_handler.client = None
+            old.detach()
+            self._sessions.pop(client_id, None)
+            self.metrics.clients_connected -= 1
+            old_handler.abort()
+            log.info("client id taken over by a new connection", client_id=client_id)
+        present = False
+        if session.clean_session:
+            if old is not None:
+                self._discard(old)  # [MQTT-3.1.2-6]
+            cs = self._new_client(client_id, clean=True)
+        elif old is not None and not old.clean:
+            cs, present = old, True  # [MQTT-3.1.2-4], [MQTT-3.2.2-2]
+        else:
+            if old is not None:
+                self._discard(old)
+            cs = self._new_client(client_id, clean=False)
+        cs.username, cs.role = session.username, role
+        cs.acl = self._compile_acl(role, session.username)
+        self._clients[client_id] = cs
+        if not cs.clean and self._store is not None:
+            self._store.session(client_id, session.username, role)
+        return cs, present
+
+    async def _handle_disconnect(self, client_session: Session, handler: Any,
+                                 disconnect_waiter: asyncio.Future[Any]) -> None:
+        result = disconnect_waiter.result()
+        await self._connection_closed(handler, abnormal=not isinstance(result, DisconnectPacket))
+
+    async def _connection_closed(self, handler: GatewayProtocolHandler, abnormal: bool) -> None:
+        """The one place a connection ends: will, session state, metrics, socket."""
+        cs = handler.client
+        handler.client = None
+        if cs is not None and cs.handler is handler:
+            session = handler.session
+            if abnormal and session is not None and session.will_flag:
+                self._publish_will(cs, session)  # [MQTT-3.1.2-8]; not after DISCONNECT [MQTT-3.14.4-3]
+            cs.detach()
+            if self._sessions.get(cs.client_id, (None, None))[1] is handler:
+                del self._sessions[cs.client_id]
+            self.metrics.clients_connected -= 1
+            if session is not None:
+                session.transitions.disconnect()
+            if cs.clean:
+                self._discard(cs)
+            log.debug("client disconnected", client_id=cs.client_id, abnormal=abnormal)
+        await self._stop_handler(handler)
+
+    async def _stop_handler(self, handler: Any) -> None:
+        try:
+            await asyncio.wait_for(handler.stop(), STOP_HANDLER_TIMEOUT_S)
+        except Exception:  # a half-open socket would never finish closing politely
+            abort_transport(handler.writer)
+
+    def _publish_will(self, cs: ClientState, session: Session) -> None:
+        topic = session.will_topic or ""
+        qos = session.will_qos or 0
+        if not valid_topic_name(topic) or qos > 2:
+            return
+        if cs.acl is not None and not cs.acl.may_publish(topic):
+            self.metrics.denied_publish += 1
+            log.info("will denied by ACL", client_id=cs.client_id, topic=topic)
+            return
+        self.metrics.wills_published += 1
+        self.route(topic, bytes(session.will_message or b""), qos, bool(session.will_retain))
+
+    # ================================================================== publish
+    def route(self, topic: str, payload: bytes, qos: int, retain: bool) -> bool:
+        """Store (retain) and fan out one message; True when it queued durable writes."""
+        durable = False
+        if retain:
+            store = self._store
+            if payload:
+                self._retained[topic] = (Message(topic, payload), qos)  # [MQTT-3.3.1-5/7]
+                if store is not None:
+                    store.retain(topic, payload, qos)
+                    durable = True
+            elif self._retained.pop(topic, None) is not None:  # [MQTT-3.3.1-10/11]
+                if store is not None:
+                    store.clear_retained(topic)
+                    durable = True
+        targets = self._index.match(topic)
+        if not targets:
+            return durable
+        msg = Message(topic, payload)
+        metrics = self.metrics
+        for cs, sub_qos in targets.values():
+            acl = cs.acl
+            if acl is not None and not acl.allow_all and not acl.may_receive(topic):
+                metrics.denied_receive += 1
+                continue
+            # Live messages go out with RETAIN=0 [MQTT-3.3.1-9] at min(pub, sub) [MQTT-3.8.4-6].
+            if cs.enqueue(msg, qos if qos < sub_qos else sub_qos, False):
+                durable = True
+        return durable
+
+    async def on_publish(self, handler: GatewayProtocolHandler, cs: ClientState, packet: PublishPacket) -> None:
+        metrics = self.metrics
+        metrics.messages_in += 1
+        header = packet.variable_header
+        topic = header.topic_name if header is not None else ""
+        packet_id = header.packet_id if header is not None else None
+        qos = packet.qos
+        payload = bytes(packet.data or b"")
+        metrics.bytes_in += len(payload)
+        if qos > 2 or (qos and packet_id is None) or not valid_topic_name(topic):
+            # [MQTT-3.3.1-4], [MQTT-4.7.3-1]: a protocol violation closes the connection.
+            metrics.protocol_errors += 1
+            log.info("malformed PUBLISH; closing connection", client_id=cs.client_id, qos=qos)
+            handler.abort()
+            return
+        store = cs.store
+        if qos == 2:
+            assert packet_id is not None
+            if packet_id in cs.qos2_in:
+                await handler.send_bytes(encode_ack(PUBREC, packet_id))  # resent: not routed again
+                return
+            cs.qos2_in.add(packet_id)
+            if store is not None:
+                store.qos2_received(cs.client_id, packet_id)
+        acl = cs.acl
+        durable = False
+        if topic.startswith("$SYS") or (acl is not None and not acl.may_publish(topic)):
+            # Dropped and counted; still acknowledged: 3.1.1 has no negative PUBACK [MQTT-3.3.5-2].
+            metrics.denied_publish += 1
+            log.debug("publish denied by ACL", client_id=cs.client_id, username=cs.username, topic=topic)
+        else:
+            durable = self.route(topic, payload, qos, packet.retain_flag)
+        if qos == 0:
+            return
+        assert packet_id is not None
+        if (durable or (qos == 2 and store is not None)) and self._store is not None:
+            await self._store.barrier()
+        await handler.send_bytes(encode_ack(PUBACK if qos == 1 else PUBREC, packet_id))
+
+    async def on_pubrel(self, handler: GatewayProtocolHandler, cs: ClientState, packet_id: int) -> None:
+        if packet_id in cs.qos2_in:
+            cs.qos2_in.discard(packet_id)
+            store = cs.store
+            if store is not None:
+                store.qos2_released(cs.client_id, packet_id)
+        await handler.send_bytes(encode_ack(PUBCOMP, packet_id))  # always [MQTT-4.3.3-2]
+
+    async def internal_message_broadcast(self, topic: str, data: bytes, qos: int | None = None) -> None:
+        """amqtt's plugin API, routed through the gateway's path."""
+        self.route(topic, bytes(data), qos or 0, False)
+
+    # ================================================================== subscribe
+    async def _handle_subscription(self, client_session: Session, handler: Any,
+                                   subscribe_waiter: asyncio.Future[Any]) -> None:
+        subscription = subscribe_waiter.result()
+        cs: ClientState | None = handler.client
+        if cs is None:
+            return
+        codes: list[int] = []
+        granted: list[tuple[str, int]] = []
+        store = cs.store
+        for topic_filter, qos in subscription.topics:
+            if qos not in (0, 1, 2) or not valid_topic_filter(topic_filter):
+                codes.append(SUBACK_FAILURE)
+                continue
+            if cs.acl is not None and not cs.acl.may_subscribe(topic_filter):
+                self.metrics.denied_subscribe += 1
+                log.info("subscribe denied by ACL", client_id=cs.client_id, username=cs.username,
+                         role=cs.role, filter=topic_filter)
+                codes.append(SUBACK_FAILURE)
+                continue
+            cs.subscriptions[topic_filter] = qos  # an identical filter replaces the old one [MQTT-3.8.4-3]
+            self._index.add(topic_filter, cs.client_id, cs, qos)
+            if store is not None:
+                store.subscribe(cs.client_id, topic_filter, qos)
+            codes.append(qos)
+            granted.append((topic_filter, qos))
+        if store is not None and granted:
+            await store.barrier()
+        await handler.mqtt_acknowledge_subscription(subscription.packet_id, codes)
+        for topic_filter, qos in granted:
+            self._send_retained(cs, topic_filter, qos)
+
+    def _send_retained(self, cs: ClientState, topic_filter: str, qos: int) -> None:
+        """Retained messages for one new subscription of one client [MQTT-3.3.1-6/8]."""
+        if has_wildcard(topic_filter):
+            candidates = [(t, r) for t, r in self._retained.items() if matches(t, topic_filter)]
+        else:
+            found = self._retained.get(topic_filter)
+            candidates = [(topic_filter, found)] if found is not None else []
+        for topic, (msg, retained_qos) in candidates:
+            if cs.acl is not None and not cs.acl.may_receive(topic):
+                self.metrics.denied_receive += 1
+                continue
+            cs.enqueue(msg, min(qos, retained_qos), True)
+
+    async def _handle_unsubscription(self, client_session: Session, handler: Any,
+                                     unsubscribe_waiter: asyncio.Future[Any]) -> None:
+        unsubscription = unsubscribe_waiter.result()
+        cs: ClientState | None = handler.client
+        if cs is None:
+            return
+        store = cs.store
+        for topic_filter in unsubscription.topics:
+            if cs.subscriptions.pop(topic_filter, None) is not None:
+                self._index.remove(topic_filter, cs.client_id)
+                if store is not None:
+                    store.unsubscribe(cs.client_id, topic_filter)
+        if store is not None:
+            await store.barrier()
+        await handler.mqtt_acknowledge_unsubscription(unsubscription.packet_id)
+
+    # ================================================================== shutdown
+    async def shutdown(self) -> None:
+        """Close listeners and connections; persistent sessions stay in SQLite."""
+        log.debug("embedded broker shutting down")
+        for server in self._servers.values():
+            await server.close_instance()
+        for writer in list(self._connecting):
+            abort_transport(writer)
+        for cs in list(self._clients.values()):
+            handler = cs.handler
+            if handler is not None:
+                handler.client = None
+                cs.detach()
+                self.metrics.clients_connected -= 1
+                await self._stop_handler(handler)
+            if cs.clean:
+                self._discard(cs)
+        self._sessions.clear()
+        if self._store is not None:
+            await self._store.flush()
+        self.transitions.shutdown()
+        await self._shutdown_broadcast_loop()
+        if self._session_monitor_task:
+            self._session_monitor_task.cancel()
+            await asyncio.gather(self._session_monitor_task, return_exceptions=True)
+        await self.plugins_manager.close()
+        self.transitions.stopping_success()
+
+
+class _Prefixed(ReaderAdapter):
+    """A reader that first returns bytes already consumed (the CONNECT's first byte)."""
+
+    def __init__(self, prefix: bytes, inner: ReaderAdapter):
+        self._prefix = prefix
+        self._inner = inner
+
+    async def read(self, n: int = -1) -> bytes:
+        if self._prefix and n != 0:
+            head, self._prefix = self._prefix, b""
+            if n == 1:
+                return head
+            return head + await self._inner.read(n - 1 if n > 0 else n)
+        return await self._inner.read(n)
+
+    def feed_eof(self) -> None:
+        self._inner.feed_eof()
+
+
+async def _close_writer(writer: WriterAdapter) -> None:
+    try:
+        await asyncio.wait_for(writer.close(), 1.0)
+    except Exception:
+        abort_transport(writer)
+
+
+# ====================================================================== configuration
 def _amqtt_listener(section: ListenerSection) -> ListenerConfig:
     kind = ListenerType.WS if section.type in ("ws", "wss") else ListenerType.TCP
     return ListenerConfig(
@@ -137,26 +595,61 @@ def _check_tls(section: ListenerSection) -> None:
 
 
 class EmbeddedBroker:
-    """Lifecycle wrapper: ``async with EmbeddedBroker(cfg, creds):`` listens until exit."""
+    """Lifecycle wrapper: ``async with EmbeddedBroker(cfg, creds, db):`` listens until exit.
 
-    def __init__(self, cfg: Config, internal: InternalCredentials):
+    ``db`` is the daemon's open :class:`Database`; without one the broker opens
+    ``cfg.db_path`` itself (in-process tests, the benchmark) and closes it on stop.
+    """
+
+    def __init__(self, cfg: Config, internal: InternalCredentials, db: Database | None = None):
         self._cfg = cfg
         self.internal = internal
         self.broker: GatewayBroker | None = None
+        self._db = db
+        self._own_db: Database | None = None
+        self._store: StateStore | None = None
+
+    def metrics(self) -> dict[str, int]:
+        """Counters (clients connected, messages in/out, dropped, denied, ...) for the gateway."""
+        if self.broker is None:
+            return BrokerMetrics().snapshot()
+        return self.broker.snapshot()
 
     async def start(self) -> None:
+        roles = self._cfg.broker.roles()
         for section in self._cfg.broker.listeners:
             _check_tls(section)
+            if section.allow_anonymous and section.anonymous_role not in roles:
+                raise BrokerStartError(f"broker.listeners[{section.name}].anonymous_role: unknown role "
+                                       f"{section.anonymous_role!r} (known: {', '.join(sorted(roles))})")
+        db = self._db
+        if db is None:
+            self._cfg.data_dir.mkdir(parents=True, exist_ok=True)
+            db = self._own_db = await Database(self._cfg.db_path).open()
+        metrics = BrokerMetrics()
+
+        def persist_error() -> None:
+            metrics.persist_errors += 1
+
+        store = self._store = StateStore(db, on_error=persist_error)
+        try:
+            loaded = await store.open()
+        except Exception as exc:
+            await self._close_db()
+            raise BrokerStartError(f"broker: cannot read its state from {db.path}: {exc}") from None
         amqtt_cfg, by_name = build_amqtt_config(self._cfg)
         passwords = PasswordFile(Path(self._cfg.broker.auth.password_file))
-        broker = GatewayBroker(amqtt_cfg, by_name, passwords, self.internal)
-        self._apply_client_cert_policy(broker, by_name)
+        broker = GatewayBroker(amqtt_cfg, by_name, passwords, self.internal, roles=roles, prefix=self._cfg.prefix,
+                               store=store, max_queued=self._cfg.broker.max_queued_messages, metrics=metrics)
+        broker.restore(loaded)
         amqtt_log = logging.getLogger("amqtt.broker")
         amqtt_log.addFilter(_drop_startup_traceback)
         try:
             await broker.start()
         except Exception as exc:  # amqtt wraps every start failure in BrokerError
             cause = exc.__cause__ or exc
+            await store.close()
+            await self._close_db()
             raise BrokerStartError(_describe_start_error(cause, self._cfg)) from None
         finally:
             amqtt_log.removeFilter(_drop_startup_traceback)
@@ -164,25 +657,19 @@ class EmbeddedBroker:
         log.info("embedded broker listening",
                  listeners=[f"{s.name}={s.type}://{s.bind}" for s in self._cfg.broker.listeners])
 
-    @staticmethod
-    def _apply_client_cert_policy(broker: GatewayBroker, by_name: dict[str, ListenerSection]) -> None:
-        """amqtt makes client certificates optional; ``require_client_cert`` makes them required."""
-        original = broker._create_ssl_context
-
-        def create(listener: ListenerConfig) -> ssl.SSLContext:
-            ctx = original(listener)
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            for name, cfg in broker.listeners_config.items():
-                if cfg is listener and by_name[name].require_client_cert:
-                    ctx.verify_mode = ssl.CERT_REQUIRED
-            return ctx
-
-        broker._create_ssl_context = create  # type: ignore[method-assign]
-
     async def stop(self) -> None:
         if self.broker is not None:
             broker, self.broker = self.broker, None
             await broker.shutdown()
+        if self._store is not None:
+            store, self._store = self._store, None
+            await store.close()
+        await self._close_db()
+
+    async def _close_db(self) -> None:
+        if self._own_db is not None:
+            db, self._own_db = self._own_db, None
+            await db.close()
 
     async def __aenter__(self) -> "EmbeddedBroker":
         await self.start()

@@ -1,0 +1,314 @@
+"""Embedded broker vs bare amqtt vs Mosquitto, on this machine, in one run.
+
+    python -m bench.broker_bench [--messages 4000] [--fanout-messages 400] [--json out.json]
+
+Each broker runs in its own process on a free loopback port; the load comes from
+this process through a minimal asyncio MQTT 3.1.1 client (the same for all three,
+so client cost is equal). Scenarios: QoS 0/1/2 × 1 publisher → 1 and → 50
+subscribers (subscription QoS = publish QoS).
+
+- throughput: the publisher sends as fast as the broker accepts (QoS 1/2 with at most
+  ``WINDOW`` unacknowledged messages); rate = deliveries / (last delivery − first send);
+- latency: a paced run (one message every 2 ms); p50/p99 of send → receive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+WINDOW = 16
+TOPIC = "bench/topic"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+# ------------------------------------------------------------------ brokers
+GATEWAY = """
+import asyncio, sys
+from gateway.config import parse_config
+from gateway.broker import EmbeddedBroker, InternalCredentials
+async def main():
+    port, data = int(sys.argv[1]), sys.argv[2]
+    cfg = parse_config({"gateway": {"data_dir": data}, "broker": {"url": f"mqtt://127.0.0.1:{port}",
+        "max_queued_messages": 100000,
+        "listeners": [{"name": "l", "bind": f"127.0.0.1:{port}", "allow_anonymous": True, "anonymous_role": "admin"}],
+        "auth": {"password_file": data + "/passwd"}}}, environ={})
+    async with EmbeddedBroker(cfg, InternalCredentials.generate()):
+        await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+AMQTT = """
+import asyncio, sys
+from amqtt.broker import Broker
+async def main():
+    port = int(sys.argv[1])
+    b = Broker({"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+                "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}})
+    await b.start()
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+@dataclass
+class BrokerProc:
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_broker(name: str, workdir: Path) -> BrokerProc:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    if name == "gateway":
+        data = workdir / "gateway"
+        data.mkdir()
+        cmd = [sys.executable, "-c", textwrap.dedent(GATEWAY), str(port), str(data)]
+    elif name == "amqtt":
+        cmd = [sys.executable, "-c", textwrap.dedent(AMQTT), str(port)]
+    else:
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        conf = workdir / "mosquitto.conf"
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\n"
+                        + ("user root\n" if os.geteuid() == 0 else ""))
+        cmd = [exe, "-c", str(conf)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return BrokerProc(name, port, proc)
+
+
+# ------------------------------------------------------------------ a minimal client
+def _s(v: str) -> bytes:
+    raw = v.encode()
+    return struct.pack("!H", len(raw)) + raw
+
+
+def _rl(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        d, n = n % 128, n // 128
+        out.append(d | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+@dataclass
+class Client:
+    port: int
+    client_id: str
+    latencies: list[int] = field(default_factory=list)
+    received: int = 0
+    last_rx: float = 0.0
+    acked: asyncio.Queue[int] | None = None
+
+    async def connect(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        var = _s("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 0)
+        payload = _s(self.client_id)
+        self.writer.write(b"\x10" + _rl(len(var) + len(payload)) + var + payload)
+        head = await self.reader.readexactly(4)
+        assert head[0] == 0x20 and head[3] == 0, head
+        self.acked = asyncio.Queue()
+        self.subacked = asyncio.Event()
+        self.task = asyncio.create_task(self._read())
+
+    async def subscribe(self, qos: int) -> None:
+        body = struct.pack("!H", 1) + _s(TOPIC) + bytes([qos])
+        self.writer.write(b"\x82" + _rl(len(body)) + body)
+        await asyncio.wait_for(self.subacked.wait(), 10)
+
+    def publish(self, pid: int, qos: int, payload: bytes) -> None:
+        body = _s(TOPIC) + (struct.pack("!H", pid) if qos else b"") + payload
+        self.writer.write(bytes([0x30 | (qos << 1)]) + _rl(len(body)) + body)
+
+    async def _read(self) -> None:
+        buf = b""
+        reader, writer = self.reader, self.writer
+        while True:
+            chunk = await reader.read(262144)
+            if not chunk:
+                return
+            buf += chunk
+            pos, n = 0, len(buf)
+            out = []
+            while True:
+                if n - pos < 2:
+                    break
+                mult, length, i = 1, 0, pos + 1
+                while i < n:
+                    b = buf[i]
+                    length += (b & 0x7F) * mult
+                    mult *= 128
+                    i += 1
+                    if not b & 0x80:
+                        break
+                else:
+                    break
+                if i + length > n:
+                    break
+                kind, flags = buf[pos] >> 4, buf[pos] & 0x0F
+                body = buf[i:i + length]
+                pos = i + length
+                if kind == 3:
+                    tlen = struct.unpack_from("!H", body)[0]
+                    qos = (flags >> 1) & 3
+                    off = 2 + tlen
+                    if qos:
+                        pid = struct.unpack_from("!H", body, off)[0]
+                        off += 2
+                        out.append(bytes([0x40 if qos == 1 else 0x50, 2]) + struct.pack("!H", pid))
+                    sent = struct.unpack_from("!q", body, off)[0]
+                    now = time.perf_counter_ns()
+                    self.latencies.append(now - sent)
+                    self.received += 1
+                    self.last_rx = now
+                elif kind == 6:  # PUBREL → PUBCOMP
+                    out.append(b"\x70\x02" + body[:2])
+                elif kind == 5:  # PUBREC (we publish QoS 2) → PUBREL
+                    out.append(b"\x62\x02" + body[:2])
+                elif kind in (4, 7):  # PUBACK / PUBCOMP: the window moves
+                    assert self.acked is not None
+                    self.acked.put_nowait(struct.unpack_from("!H", body)[0])
+                elif kind == 9:
+                    self.subacked.set()
+            buf = buf[pos:]
+            if out:
+                writer.write(b"".join(out))
+
+    async def close(self) -> None:
+        self.writer.write(b"\xe0\x00")
+        self.task.cancel()
+        self.writer.close()
+
+
+async def run_scenario(port: int, qos: int, subs: int, messages: int, paced: bool) -> dict[str, float]:
+    subscribers = [Client(port, f"sub-{i}") for i in range(subs)]
+    for s in subscribers:
+        await s.connect()
+        await s.subscribe(qos)
+    pub = Client(port, "pub")
+    await pub.connect()
+    await asyncio.sleep(0.1)
+    filler = b"x" * 56  # 64-byte payloads
+    in_flight = 0
+    start = time.perf_counter_ns()
+    for i in range(messages):
+        if qos:
+            if in_flight >= WINDOW:
+                assert pub.acked is not None
+                await pub.acked.get()
+                in_flight -= 1
+            in_flight += 1
+        pub.publish(i % 65535 + 1, qos, struct.pack("!q", time.perf_counter_ns()) + filler)
+        if paced:
+            await pub.writer.drain()
+            await asyncio.sleep(0.002)
+        elif i % 64 == 63:
+            await pub.writer.drain()
+    expected = messages * subs
+    deadline = time.monotonic() + 60
+    while sum(s.received for s in subscribers) < expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    got = sum(s.received for s in subscribers)
+    end = max(s.last_rx for s in subscribers) or time.perf_counter_ns()
+    lat = sorted(x for s in subscribers for x in s.latencies)
+    for c in [*subscribers, pub]:
+        await c.close()
+    await asyncio.sleep(0.1)
+    return {
+        "delivered": got, "expected": expected,
+        "msgs_per_s": got / ((end - start) / 1e9) if end > start else 0.0,
+        "p50_ms": lat[len(lat) // 2] / 1e6 if lat else float("nan"),
+        "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1e6 if lat else float("nan"),
+    }
+
+
+async def bench_broker(port: int, messages: int, fanout_messages: int) -> dict[str, dict[str, float]]:
+    results: dict[str, dict[str, float]] = {}
+    for subs in (1, 50):
+        for qos in (0, 1, 2):
+            n = messages if subs == 1 else fanout_messages
+            thr = await run_scenario(port, qos, subs, n, paced=False)
+            lat = await run_scenario(port, qos, subs, 200 if subs == 1 else 100, paced=True)
+            results[f"qos{qos} 1->{subs}"] = {**thr, "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"],
+                                               "lat_delivered": lat["delivered"], "lat_expected": lat["expected"]}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=4000, help="messages per 1→1 throughput run")
+    parser.add_argument("--fanout-messages", type=int, default=400, help="messages per 1→50 throughput run")
+    parser.add_argument("--brokers", default="gateway,amqtt,mosquitto")
+    parser.add_argument("--json", type=Path, help="write the raw figures here")
+    args = parser.parse_args()
+    all_results: dict[str, dict[str, dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.brokers.split(","):
+            workdir = Path(tmp) / name
+            workdir.mkdir()
+            broker = start_broker(name, workdir)
+            try:
+                all_results[name] = asyncio.run(bench_broker(broker.port, args.messages, args.fanout_messages))
+            finally:
+                broker.stop()
+    names = list(all_results)
+    scenarios = list(next(iter(all_results.values())))
+    print(f"{'scenario':<12}" + "".join(f"{n + ' msg/s':>18}{'p50 ms':>9}{'p99 ms':>9}" for n in names))
+    for sc in scenarios:
+        row = f"{sc:<12}"
+        for n in names:
+            r = all_results[n][sc]
+            lost = "" if r["delivered"] == r["expected"] else f" ({r['delivered']}/{r['expected']})"
+            row += f"{r['msgs_per_s']:>18,.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{lost}"
+        print(row)
+    if "gateway" in all_results and "amqtt" in all_results:
+        print("\ngateway vs bare amqtt (throughput ratio): " + ", ".join(
+            f"{sc} {all_results['gateway'][sc]['msgs_per_s'] / max(all_results['amqtt'][sc]['msgs_per_s'], 1e-9):.2f}x"
+            for sc in scenarios))
+    if args.json:
+        args.json.write_text(json.dumps(all_results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

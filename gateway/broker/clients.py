@@ -1,0 +1,253 @@
+"""Per-client session state and outgoing delivery of the embedded broker.
+
+amqtt delivers each message in its own task that waits at most 5 s for the PUBACK
+and then forgets the message, so nothing is left to resend when a persistent
+session reconnects, and messages queued while offline are replayed with RETAIN=1.
+Here a :class:`ClientState` outlives connections (CleanSession=0) and owns:
+
+- ``pending``: messages not yet written, oldest first, at most
+  ``max_queued_messages`` (the oldest is dropped and counted);
+- ``inflight``: QoS 1/2 messages written and not yet acknowledged, by packet id,
+  kept until PUBACK / PUBCOMP and resent with DUP=1 on reconnect [MQTT-4.4.0-1];
+- ``qos2_in``: packet ids of QoS 2 PUBLISHes received and not yet released, so a
+  resent PUBLISH is never routed twice [MQTT-4.3.3-2].
+
+One sender task per connected client drains ``pending`` in order, batching writes,
+so a slow or dead subscriber never stalls the publisher or other subscribers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from typing import TYPE_CHECKING
+
+import structlog
+
+from gateway.broker.acl import ClientAcl
+from gateway.broker.codec import PUBREL, encode_ack, encode_publish, encode_topic
+from gateway.broker.metrics import BrokerMetrics
+from gateway.broker.state import RELEASED, SENT, StateStore
+
+if TYPE_CHECKING:
+    from gateway.broker.handler import GatewayProtocolHandler
+
+log = structlog.get_logger(__name__)
+
+MAX_INFLIGHT = 100      # QoS 1/2 messages written and unacknowledged, per client
+BATCH = 256             # packets per write
+
+
+class Message:
+    """One application message as routed; shared by every client it goes to."""
+
+    __slots__ = ("_qos0", "payload", "topic", "topic_b")
+
+    def __init__(self, topic: str, payload: bytes):
+        self.topic = topic
+        self.topic_b = encode_topic(topic)
+        self.payload = payload
+        self._qos0: dict[bool, bytes] = {}
+
+    def qos0_packet(self, retain: bool) -> bytes:
+        """A QoS 0 PUBLISH is the same bytes for every subscriber: encode it once."""
+        packet = self._qos0.get(retain)
+        if packet is None:
+            packet = self._qos0[retain] = encode_publish(self.topic_b, self.payload, 0, retain)
+        return packet
+
+
+class Outgoing:
+    """A message on its way to one client, at the QoS it is delivered with."""
+
+    __slots__ = ("msg", "packet_id", "qos", "retain", "seq", "state")
+
+    def __init__(self, msg: Message, qos: int, retain: bool, seq: int = 0):
+        self.msg = msg
+        self.qos = qos
+        self.retain = retain
+        self.seq = seq          # row in broker_messages (persistent sessions, QoS > 0), else 0
+        self.packet_id: int | None = None
+        self.state = 0
+
+    def packet(self, dup: bool = False) -> bytes:
+        if self.qos == 0:
+            return self.msg.qos0_packet(self.retain)
+        return encode_publish(self.msg.topic_b, self.msg.payload, self.qos, self.retain, dup, self.packet_id)
+
+
+class ClientState:
+    """Everything the broker keeps for one client id, connected or not."""
+
+    def __init__(self, client_id: str, clean: bool, *, store: StateStore | None, metrics: BrokerMetrics,
+                 seq: itertools.count[int], max_queued: int, max_inflight: int = MAX_INFLIGHT):
+        self.client_id = client_id
+        self.clean = clean
+        self.username: str | None = None
+        self.role: str | None = None
+        self.acl: ClientAcl | None = None
+        self.subscriptions: dict[str, int] = {}
+        self.pending: deque[Outgoing] = deque()
+        self.inflight: dict[int, Outgoing] = {}
+        self.qos2_in: set[int] = set()
+        self.handler: GatewayProtocolHandler | None = None
+        self.dropped = 0
+        self._store = store
+        self._metrics = metrics
+        self._seq = seq
+        self._max_queued = max_queued
+        self._max_inflight = max_inflight
+        self._next_pid = 0
+        self._wake = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
+
+    # ----------------------------------------------------------------- helpers
+    @property
+    def persistent(self) -> bool:
+        return not self.clean and self._store is not None
+
+    @property
+    def store(self) -> StateStore | None:
+        return self._store if not self.clean else None
+
+    def _alloc_packet_id(self) -> int:
+        pid = self._next_pid
+        for _ in range(65535):
+            pid = pid % 65535 + 1
+            if pid not in self.inflight:
+                self._next_pid = pid
+                return pid
+        raise RuntimeError("no free packet identifier")  # cannot happen: inflight ≤ max_inflight
+
+    # ----------------------------------------------------------------- queueing
+    def enqueue(self, msg: Message, qos: int, retain: bool) -> bool:
+        """Queue ``msg`` for this client; True when a durable write was queued for it."""
+        online = self.handler is not None
+        if qos == 0 and not online:
+            return False  # QoS 0 is not part of an offline session's state [MQTT-3.1.2-5]
+        durable = False
+        out = Outgoing(msg, qos, retain)
+        store = self._store
+        if qos and not self.clean and store is not None:
+            out.seq = next(self._seq)
+            store.queue_message(self.client_id, out.seq, msg.topic, msg.payload, qos, retain)
+            durable = True
+        pending = self.pending
+        pending.append(out)
+        if len(pending) > self._max_queued:
+            oldest = pending.popleft()
+            self.dropped += 1
+            self._metrics.dropped += 1
+            if oldest.seq and store is not None:
+                store.message_done(self.client_id, oldest.seq)
+                store.dropped(self.client_id, self.dropped)
+        if online:
+            self._wake.set()
+        return durable
+
+    def restore(self, messages: list[tuple[Outgoing, int | None, int]]) -> None:
+        """Messages loaded from SQLite: written ones go back in flight, the rest queue."""
+        for out, packet_id, state in messages:
+            if packet_id and state in (SENT, RELEASED) and packet_id not in self.inflight:
+                out.packet_id, out.state = packet_id, state
+                self.inflight[packet_id] = out
+            else:
+                self.pending.append(out)
+
+    # ----------------------------------------------------------------- connection
+    def attach(self, handler: GatewayProtocolHandler) -> None:
+        self.handler = handler
+        self._wake = asyncio.Event()
+        self._sender = asyncio.get_running_loop().create_task(
+            self._run_sender(handler), name=f"mqtt-send:{self.client_id}")
+
+    def detach(self) -> None:
+        self.handler = None
+        if self._sender is not None:
+            self._sender.cancel()
+            self._sender = None
+        if any(out.qos == 0 for out in self.pending):
+            self.pending = deque(out for out in self.pending if out.qos)
+
+    async def _run_sender(self, handler: GatewayProtocolHandler) -> None:
+        metrics = self._metrics
+        try:
+            if self.inflight:
+                # [MQTT-4.4.0-1]: unacknowledged PUBLISH again with DUP=1, PUBREL again.
+                parts = []
+                for pid, out in self.inflight.items():
+                    if out.state == RELEASED:
+                        parts.append(encode_ack(PUBREL, pid))
+                    else:
+                        parts.append(out.packet(dup=True))
+                        metrics.messages_out += 1
+                await handler.send_bytes(b"".join(parts))
+            wake = self._wake
+            while True:
+                pending = self.pending
+                if not pending or (pending[0].qos and len(self.inflight) >= self._max_inflight):
+                    wake.clear()
+                    await wake.wait()
+                    continue
+                parts = []
+                barrier = False
+                nbytes = 0
+                store = self._store
+                while pending and len(parts) < BATCH:
+                    out = pending[0]
+                    if out.qos:
+                        if len(self.inflight) >= self._max_inflight:
+                            break
+                        pid = self._alloc_packet_id()
+                        out.packet_id, out.state = pid, SENT
+                        self.inflight[pid] = out
+                        if out.seq and store is not None:
+                            store.message_state(self.client_id, out.seq, pid, SENT)
+                            # A QoS 2 packet id must be on disk before the client sees it,
+                            # or a restarted broker could send the message under a new id.
+                            barrier = barrier or out.qos == 2
+                    pending.popleft()
+                    parts.append(out.packet())
+                    nbytes += len(out.msg.payload)
+                if barrier and store is not None:
+                    await store.barrier()
+                await handler.send_bytes(b"".join(parts))
+                metrics.messages_out += len(parts)
+                metrics.bytes_out += nbytes
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a broken connection must not take the broker down
+            log.warning("delivery to client failed; closing its connection", client_id=self.client_id,
+                        error=repr(exc))
+            handler.abort()
+
+    # ----------------------------------------------------------------- acknowledgements
+    def on_puback(self, packet_id: int) -> None:
+        out = self.inflight.get(packet_id)
+        if out is None or out.qos != 1:
+            return  # unknown id: nothing to do (a late PUBACK after a resend)
+        del self.inflight[packet_id]
+        if out.seq and self._store is not None:
+            self._store.message_done(self.client_id, out.seq)
+        if self.pending:
+            self._wake.set()
+
+    async def on_pubrec(self, packet_id: int, handler: GatewayProtocolHandler) -> None:
+        out = self.inflight.get(packet_id)
+        if out is not None and out.qos == 2 and out.state != RELEASED:
+            out.state = RELEASED
+            if out.seq and self._store is not None:
+                self._store.message_state(self.client_id, out.seq, packet_id, RELEASED)
+                await self._store.barrier()
+        await handler.send_bytes(encode_ack(PUBREL, packet_id))
+
+    def on_pubcomp(self, packet_id: int) -> None:
+        out = self.inflight.get(packet_id)
+        if out is None or out.qos != 2:
+            return
+        del self.inflight[packet_id]
+        if out.seq and self._store is not None:
+            self._store.message_done(self.client_id, out.seq)
+        if self.pending:
+            self._wake.set()

@@ -1,0 +1,33 @@
+"""Counters of the embedded broker, read by the gateway (``EmbeddedBroker.metrics()``).
+
+Plain integers bumped on the event loop: no locks, no allocation on the hot path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class BrokerMetrics:
+    clients_connected: int = 0
+    connections_total: int = 0
+    auth_failures: int = 0
+    messages_in: int = 0             # PUBLISH packets received from clients
+    messages_out: int = 0            # PUBLISH packets written to clients (resends included)
+    bytes_in: int = 0                # payload bytes received
+    bytes_out: int = 0               # payload bytes written
+    dropped: int = 0                 # queued messages dropped (max_queued_messages, oldest first)
+    denied_publish: int = 0          # PUBLISHes dropped by the ACL (still acknowledged)
+    denied_subscribe: int = 0        # SUBSCRIBE filters refused with 0x80
+    denied_receive: int = 0          # deliveries withheld because the receiver's role may not read
+    keepalive_timeouts: int = 0      # connections closed after 1.5 × keepalive of silence
+    wills_published: int = 0
+    protocol_errors: int = 0         # connections closed for malformed input
+    persist_errors: int = 0          # SQLite writes that failed (logged)
+
+    def snapshot(self, **gauges: int) -> dict[str, int]:
+        out = asdict(self)
+        out["denied"] = self.denied_publish + self.denied_subscribe + self.denied_receive
+        out.update(gauges)
+        return out
