@@ -187,10 +187,16 @@ def default_services(daemon: Daemon) -> list[Service]:
     """The services a daemon runs; the pipeline and upstream link register here."""
     from gateway.pipeline import Pipeline
 
-    pipeline = Pipeline(daemon.cfg, daemon.db)
+    if daemon.cfg.upstream is None:
+        pipeline = Pipeline(daemon.cfg, daemon.db)
+        daemon.pipeline = pipeline
+        return [pipeline]
+    from gateway.upstream import UpstreamLink, outbox
+
+    # Status changes and acks are queued for the cloud in the pipeline's own transactions.
+    pipeline = Pipeline(daemon.cfg, daemon.db, forward=outbox)
     daemon.pipeline = pipeline
-    services: list[Service] = [pipeline]
-    return services
+    return [pipeline, UpstreamLink(daemon.cfg, daemon.db, pipeline)]
 
 
 def run_daemon(cfg: Config) -> int:

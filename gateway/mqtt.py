@@ -41,7 +41,7 @@ class ConnectionSettings:
     url: str
     client_id: str
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in logs or tracebacks
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None

@@ -1,0 +1,151 @@
+"""End to end: the real daemon (pipeline + simulation fleet) with a real Mosquitto over TLS
+as the cloud controller's broker."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import paho.mqtt.client as paho
+
+from tests.support import ROOT, GatewayProcess
+from tests.upstream.cloud import GW_PASSWORD, PREFIX, Cloud, Observer, Seen
+
+DEVICES = ["pos-1", "pos-2", "pos-3"]
+
+
+def start_gateway(gateway_factory, cloud: Cloud) -> GatewayProcess:
+    return gateway_factory(extra={
+        "upstream": cloud.upstream_section(),
+        "bridges": {"simulation": {"enabled": True, "latency_ms": 0, "ack": True}, "mqtt": {"enabled": True}},
+    })
+
+
+def local_publish(gw: GatewayProcess, topic: str, payload: bytes | str) -> None:
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2)
+    c.connect("127.0.0.1", gw.port)  # type: ignore[attr-defined]
+    c.loop_start()
+    try:
+        info = c.publish(topic, payload, qos=1)
+        info.wait_for_publish(timeout=5)
+        assert info.is_published()
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def cli_json(gw: GatewayProcess, *args: str) -> object:
+    out = subprocess.run([sys.executable, "-m", "gateway", "--config", str(gw.config), *args, "--json"],
+                         cwd=gw.workdir, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def wait(predicate, timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def wait_devices(gw: GatewayProcess, expected: list[str]) -> None:
+    wait(lambda: sorted(d["device_id"] for d in cli_json(gw, "devices", "list")) == sorted(expected),  # type: ignore[union-attr]
+         what=f"devices {expected} registered")
+
+
+def acks_of(msgs: list[Seen], job_id: str) -> list[dict]:
+    out = []
+    for m in msgs:
+        if m.topic == f"{PREFIX}/acks":
+            ack = json.loads(m.payload)
+            if ack["job_id"] == job_id:
+                out.append(ack)
+    return out
+
+
+def statuses_of(msgs: list[Seen], job_id: str) -> list[dict]:
+    return [json.loads(m.payload) for m in msgs if m.topic == f"{PREFIX}/jobs/{job_id}/status"]
+
+
+def job(job_id: str) -> bytes:
+    return json.dumps({"job_id": job_id, "target": {"devices": DEVICES},
+                       "notification": {"title": "Config update", "body": "Version 2.1.0 is ready"}}).encode()
+
+
+def online(cloud: Cloud) -> bool:
+    return json.loads(cloud.retained(f"{PREFIX}/gateway/status", timeout=0.5) or b"{}").get("state") == "online"
+
+
+def test_a_cloud_job_is_delivered_locally_and_its_acks_and_status_come_back_up(gateway_factory, cloud: Cloud):
+    with Observer(cloud) as obs:
+        gw = start_gateway(gateway_factory, cloud)
+        wait(lambda: online(cloud), what="gateway online on the cloud")
+        for device in DEVICES:
+            cloud.publish(f"{PREFIX}/devices/{device}/register",
+                          json.dumps({"device_id": device, "channels": [{"platform": "simulation"}]}))
+        wait_devices(gw, DEVICES)
+
+        cloud.publish(f"{PREFIX}/jobs", job("cloud-job-1"))
+        msgs = obs.wait_for(lambda m: len(acks_of(m, "cloud-job-1")) >= 3 and any(
+            s["state"] == "acknowledged" for s in statuses_of(m, "cloud-job-1")), timeout=20)
+        acks = acks_of(msgs, "cloud-job-1")
+        assert sorted(a["device_id"] for a in acks) == DEVICES
+        for a in acks:
+            assert a["status"] == "received" and a["message_id"] and a["at"]
+            assert isinstance(a["latency_ms"], (int, float)) and a["latency_ms"] >= 0
+        final = statuses_of(msgs, "cloud-job-1")[-1]
+        assert final["state"] == "acknowledged" and final["counts"]["acknowledged"] == 3
+        # delivered locally: the local status says the same
+        assert cli_json(gw, "jobs", "show", "cloud-job-1")["state"] == "acknowledged"  # type: ignore[index]
+        assert json.loads(cloud.retained(f"{PREFIX}/jobs/cloud-job-1/status"))["state"] == "acknowledged"
+
+        # the cloud redelivers the same job: not dispatched again, its status is re-published
+        before = len(statuses_of(obs.snapshot(), "cloud-job-1"))
+        cloud.publish(f"{PREFIX}/jobs", job("cloud-job-1"))
+        msgs = obs.wait_for(lambda m: len(statuses_of(m, "cloud-job-1")) > before, timeout=10)
+        time.sleep(0.5)
+        assert len(acks_of(obs.snapshot(), "cloud-job-1")) == 3
+        assert statuses_of(msgs, "cloud-job-1")[-1]["state"] == "acknowledged"
+
+        assert gw.stop() == 0
+    assert json.loads(cloud.retained(f"{PREFIX}/gateway/status"))["state"] == "offline"  # a clean stop says so
+    log = gw.log()
+    assert "Traceback" not in log and GW_PASSWORD not in log
+
+
+def test_acks_and_final_status_survive_a_cloud_outage_and_kill9(gateway_factory, cloud: Cloud):
+    with Observer(cloud) as obs:  # a persistent session: the cloud keeps what it missed
+        gw = start_gateway(gateway_factory, cloud)
+        wait(lambda: online(cloud), what="gateway online on the cloud")
+        for device in DEVICES:
+            local_publish(gw, f"{PREFIX}/devices/{device}/register",
+                          json.dumps({"device_id": device, "channels": [{"platform": "simulation"}]}))
+        wait_devices(gw, DEVICES)
+
+        cloud.stop()  # the WAN goes away; local work goes on
+        local_publish(gw, f"{PREFIX}/jobs", job("local-job-1"))
+        wait(lambda: cli_json(gw, "jobs", "show", "local-job-1")["state"] == "acknowledged",  # type: ignore[index]
+             what="local-job-1 acknowledged locally")
+        gw.kill()  # kill -9 with everything for the cloud only in the outbox
+
+        gw.start()  # ready without the cloud
+        local_publish(gw, f"{PREFIX}/jobs", job("local-job-2"))
+        wait(lambda: cli_json(gw, "jobs", "show", "local-job-2")["state"] == "acknowledged",  # type: ignore[index]
+             what="local-job-2 acknowledged locally")
+        assert not obs.snapshot() or all("local-job" not in m.payload.decode() for m in obs.snapshot())
+
+        cloud.start()
+        msgs = obs.wait_for(lambda m: all(
+            len({a["message_id"] for a in acks_of(m, j)}) == 3
+            and any(s["state"] == "acknowledged" for s in statuses_of(m, j))
+            for j in ("local-job-1", "local-job-2")), timeout=30)
+        for j in ("local-job-1", "local-job-2"):
+            acks = acks_of(msgs, j)
+            assert sorted(a["device_id"] for a in acks) == DEVICES  # every ack, none twice
+            assert statuses_of(msgs, j)[-1]["state"] == "acknowledged"  # the final status arrives last
+            assert json.loads(cloud.retained(f"{PREFIX}/jobs/{j}/status"))["counts"]["acknowledged"] == 3
+        assert gw.stop() == 0
+    assert "Traceback" not in gw.log()
