@@ -168,7 +168,8 @@ class GatewayClient:
                 for callback in self._on_connect:
                     await callback(self)
                 await self._consume(client, stop)
-            except aiomqtt.MqttError as exc:
+            except (aiomqtt.MqttError, NotConnected) as exc:
+                # NotConnected: the connection dropped while an on-connect callback published.
                 log.warning("mqtt connection lost", link=self.name, error=str(exc))
             finally:
                 self._state.connected.clear()
