@@ -145,24 +145,29 @@ def default_acl() -> dict[str, AclRule]:
     }
 
 
-class BrokerSection(_Section):
-    mode: Literal["embedded", "external"] = "embedded"
+class _MqttLinkSection(_Section):
+    """A connection the gateway makes as an MQTT client (its broker, the cloud's)."""
+
     url: str = "mqtt://127.0.0.1:1883"
     username: str = ""
     password_file: Path | None = None
-    password: SecretStr | None = Field(default=None, exclude=True)
+    password: SecretStr | None = Field(default=None, exclude=True)  # read from password_file
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
-    max_queued_messages: int = Field(default=1000, ge=1)
-    listeners: list[ListenerSection] = Field(default_factory=list)
-    auth: AuthSection = Field(default_factory=AuthSection)
-    acl: dict[str, AclRule] = Field(default_factory=dict)
 
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
         return _check_mqtt_url(v)
+
+
+class BrokerSection(_MqttLinkSection):
+    mode: Literal["embedded", "external"] = "embedded"
+    max_queued_messages: int = Field(default=1000, ge=1)
+    listeners: list[ListenerSection] = Field(default_factory=list)
+    auth: AuthSection = Field(default_factory=AuthSection)
+    acl: dict[str, AclRule] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _listeners(self) -> "BrokerSection":
@@ -207,21 +212,10 @@ class MqttUrl:
         self.transport = "websockets" if scheme in ("ws", "wss") else "tcp"
 
 
-class UpstreamSection(_Section):
+class UpstreamSection(_MqttLinkSection):
     url: str
     client_id: str = ""
-    username: str = ""
-    password_file: Path | None = None
-    password: SecretStr | None = Field(default=None, exclude=True)
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
     buffer_max_mb: float = Field(default=256, gt=0)
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        return _check_mqtt_url(v)
 
 
 class DispatchSection(_Section):
@@ -474,12 +468,22 @@ def _require_file(path: Path | None, key: str, problems: list[tuple[str, str]], 
         problems.append((key, f"file not found: {path}"))
 
 
+def _load_link_secrets(section: _MqttLinkSection, key: str, problems: list[tuple[str, str]],
+                       check_tls_files: bool) -> None:
+    if section.password_file is not None and str(section.password_file):
+        secret = _read_secret(section.password_file, f"{key}.password_file", problems)
+        if secret is not None:
+            section.password = SecretStr(secret)
+    if check_tls_files:
+        for attr in ("ca_file", "cert_file", "key_file"):
+            value = getattr(section, attr)
+            if value is not None and str(value):
+                _require_file(value, f"{key}.{attr}", problems)
+
+
 def _load_secrets(cfg: Config, problems: list[tuple[str, str]]) -> None:
     """Read every ``*_file`` secret of enabled parts once; record missing ones by key."""
-    if cfg.broker.password_file and str(cfg.broker.password_file):
-        secret = _read_secret(cfg.broker.password_file, "broker.password_file", problems)
-        if secret is not None:
-            cfg.broker.password = SecretStr(secret)
+    _load_link_secrets(cfg.broker, "broker", problems, check_tls_files=cfg.broker.mode == "external")
     for listener_index, listener in enumerate(cfg.broker.listeners):
         key = f"broker.listeners[{listener.name}]"
         if cfg.broker.mode == "embedded":
@@ -488,15 +492,7 @@ def _load_secrets(cfg: Config, problems: list[tuple[str, str]]) -> None:
                 if value is not None:
                     _require_file(value, f"{key}.{attr}", problems)
     if cfg.upstream is not None:
-        up = cfg.upstream
-        if up.password_file and str(up.password_file):
-            secret = _read_secret(up.password_file, "upstream.password_file", problems)
-            if secret is not None:
-                up.password = SecretStr(secret)
-        for attr in ("ca_file", "cert_file", "key_file"):
-            value = getattr(up, attr)
-            if value is not None and str(value):
-                _require_file(value, f"upstream.{attr}", problems)
+        _load_link_secrets(cfg.upstream, "upstream", problems, check_tls_files=True)
 
     b = cfg.bridges
     if b.fcm.enabled:
