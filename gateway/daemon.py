@@ -109,6 +109,10 @@ class Daemon:
                 self.broker = None
                 return 2
 
+        if cfg.http is not None:
+            # Contract §4 reserves [http] for a later HTTP API; say so instead of pretending.
+            log.warning("[http] is configured but this version has no HTTP API; nothing listens on it",
+                        bind=cfg.http.bind)
         client = GatewayClient(self.client_settings(), name="broker")
         self.client = client
         self.services = self._service_factory(self)
