@@ -29,7 +29,7 @@ from gateway.topics import Topics
 
 log = structlog.get_logger(__name__)
 
-STOP_BUDGET_S = 8.0  # of the contract's 10 s; the rest is for the broker and exit
+STOP_BUDGET_S = 6.0  # of the contract's 10 s; then ≤1.5 s for the client and ≤2 s for the broker
 
 
 ServiceFactory = Callable[["Daemon"], list[Service]]
@@ -164,7 +164,10 @@ class Daemon:
         except NotConnected:
             pass
         client_stop.set()
-        await asyncio.wait_for(asyncio.gather(client_task, return_exceptions=True), 3)
+        try:
+            await asyncio.wait_for(asyncio.gather(client_task, return_exceptions=True), 1.5)
+        except TimeoutError:
+            log.warning("mqtt client did not disconnect in time")
         watchdog.cancel()
         stop_wait.cancel()
         await self._stop_broker()
@@ -174,7 +177,7 @@ class Daemon:
     async def _stop_broker(self) -> None:
         if self.broker is not None:
             try:
-                await asyncio.wait_for(self.broker.stop(), 3)
+                await asyncio.wait_for(self.broker.stop(), 2)
             except (TimeoutError, Exception) as exc:  # never block exit on broker teardown
                 log.warning("broker shutdown incomplete", error=repr(exc))
 
