@@ -79,7 +79,7 @@ class NotificationIn(_Strict):
 
 
 class MqttOptions(_Strict):
-    qos: Literal[0, 1, 2] = 1
+    qos: Literal[0, 1, 2] | None = None  # None: the bridge's [bridges.mqtt] qos
 
 
 class Options(_Strict):
@@ -131,7 +131,7 @@ class ParsedJob:
     generated_id: bool
 
 
-def _field_errors(exc: ValidationError, prefix: str = "") -> str:
+def field_errors(exc: ValidationError, prefix: str = "") -> str:
     parts = []
     for err in exc.errors()[:5]:
         loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "model-"))))
@@ -172,7 +172,7 @@ def parse_job(obj: dict[str, Any]) -> ParsedJob:
         else:
             job = JobIn.model_validate(obj)
     except ValidationError as exc:
-        raise InputError("invalid_job", _field_errors(exc)) from None
+        raise InputError("invalid_job", field_errors(exc)) from None
     if job.job_id is None:
         return ParsedJob(str(uuid.uuid4()), job, True)
     return ParsedJob(job.job_id, job, False)
@@ -205,7 +205,7 @@ def parse_ack(payload: bytes) -> AckIn:
     try:
         return AckIn.model_validate(obj)
     except ValidationError as exc:
-        raise InputError("invalid_ack", _field_errors(exc)) from None
+        raise InputError("invalid_ack", field_errors(exc)) from None
 
 
 def parse_device(payload: bytes, topic_device_id: str | None = None) -> "Device":
@@ -215,7 +215,7 @@ def parse_device(payload: bytes, topic_device_id: str | None = None) -> "Device"
     try:
         device = Device.model_validate(obj)
     except ValidationError as exc:
-        raise InputError("invalid_device", _field_errors(exc)) from None
+        raise InputError("invalid_device", field_errors(exc)) from None
     if topic_device_id is not None and device.device_id != topic_device_id:
         raise InputError("invalid_device", f"device_id: {device.device_id!r} does not match the topic's {topic_device_id!r}")
     return device

@@ -115,7 +115,7 @@ def insert_job(conn: sqlite3.Connection, parsed: ParsedJob, source: str, now: fl
         "INSERT OR IGNORE INTO jobs(job_id, state, source, target, notification, options, created_at, "
         "updated_at, expires_at, ttl) VALUES (?, 'accepted', ?, ?, ?, ?, ?, ?, ?, ?)",
         (parsed.job_id, source, json.dumps(job.target.as_json()), n.model_dump_json(),
-         job.options.model_dump_json(), now, now, now + n.ttl, n.ttl),
+         job.options.model_dump_json(exclude_none=True), now, now, now + n.ttl, n.ttl),
     )
     if cur.rowcount:
         bump(conn, "jobs_accepted")
