@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.broker.codec import encode_topic, remaining_length
+
 WINDOW = 16
 TOPIC = "bench/topic"
 
@@ -117,18 +119,6 @@ def start_broker(name: str, workdir: Path) -> BrokerProc:
 
 
 # ------------------------------------------------------------------ a minimal client
-def _s(v: str) -> bytes:
-    raw = v.encode()
-    return struct.pack("!H", len(raw)) + raw
-
-
-def _rl(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        d, n = n % 128, n // 128
-        out.append(d | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 @dataclass
@@ -142,9 +132,9 @@ class Client:
 
     async def connect(self) -> None:
         self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-        var = _s("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 0)
-        payload = _s(self.client_id)
-        self.writer.write(b"\x10" + _rl(len(var) + len(payload)) + var + payload)
+        var = encode_topic("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 0)
+        payload = encode_topic(self.client_id)
+        self.writer.write(b"\x10" + remaining_length(len(var) + len(payload)) + var + payload)
         head = await self.reader.readexactly(4)
         assert head[0] == 0x20 and head[3] == 0, head
         self.acked = asyncio.Queue()
@@ -152,13 +142,13 @@ class Client:
         self.task = asyncio.create_task(self._read())
 
     async def subscribe(self, qos: int) -> None:
-        body = struct.pack("!H", 1) + _s(TOPIC) + bytes([qos])
-        self.writer.write(b"\x82" + _rl(len(body)) + body)
+        body = struct.pack("!H", 1) + encode_topic(TOPIC) + bytes([qos])
+        self.writer.write(b"\x82" + remaining_length(len(body)) + body)
         await asyncio.wait_for(self.subacked.wait(), 10)
 
     def publish(self, pid: int, qos: int, payload: bytes) -> None:
-        body = _s(TOPIC) + (struct.pack("!H", pid) if qos else b"") + payload
-        self.writer.write(bytes([0x30 | (qos << 1)]) + _rl(len(body)) + body)
+        body = encode_topic(TOPIC) + (struct.pack("!H", pid) if qos else b"") + payload
+        self.writer.write(bytes([0x30 | (qos << 1)]) + remaining_length(len(body)) + body)
 
     async def _read(self) -> None:
         buf = b""

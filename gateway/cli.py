@@ -238,7 +238,7 @@ def devices_add(
 
     from devices.models import Device
     from gateway.pipeline import store
-    from gateway.pipeline.models import _field_errors
+    from gateway.pipeline.models import field_errors
 
     cfg = get_config()
     addresses = list(address or [])
@@ -263,7 +263,7 @@ def devices_add(
     try:
         dev = Device.model_validate({"device_id": device_id, "segment": segment, "tags": tag or [], "channels": channels})
     except ValidationError as exc:
-        fail(_field_errors(exc))
+        fail(field_errors(exc))
     conn = _db(cfg)
     _tx(conn, lambda c: store.upsert_device(c, dev, "cli"))
     typer.echo(f"device {device_id} registered ({', '.join(platform)})")

@@ -19,14 +19,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from tests.fakes.common import Clock, Injection, Injections, Seen, Pki, json_response
-from tests.fakes.server import Request, Response, TlsHttpServer
+from tests.fakes.server import FakeService, Request, Response, TlsHttpServer
 
 PUSH_TYPES = {"alert", "background", "location", "voip", "complication", "fileprovider", "mdm",
               "liveactivity", "pushtotalk", "widgets", "controls"}
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 
-class FakeApns:
+class FakeApns(FakeService):
     def __init__(self, pki: Pki, *, team_id: str = "TEAM123456", key_id: str = "KEY1234567",
                  topic: str = "com.example.app", cert_auth: bool = False):
         self.pki = pki
@@ -47,16 +47,10 @@ class FakeApns:
         self.server = TlsHttpServer(self.handle, pki.server_context(require_client_cert=cert_auth),
                                     protocols=("h2",))
 
-    async def start(self) -> "FakeApns":
-        await self.server.start()
-        return self
-
-    async def stop(self) -> None:
-        await self.server.stop()
 
     @property
     def endpoint(self) -> str:
-        return self.server.origin
+        return self.origin
 
     def inject(self, token: str, status: int, reason: str, retry_after: int | None = None,
                count: int = 1, timestamp: int | None = None) -> None:

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from tests.fakes.common import Clock, Injection, Injections, Seen, Pki, json_response
-from tests.fakes.server import Request, Response, TlsHttpServer
+from tests.fakes.server import FakeService, Request, Response, TlsHttpServer
 
 GOOGLE_TOKEN_AUD = "https://oauth2.googleapis.com/token"
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
@@ -47,7 +47,7 @@ def fcm_error(error_code: str, message: str = "", details: list[dict[str, Any]] 
     return status, body
 
 
-class FakeFcm:
+class FakeFcm(FakeService):
     def __init__(self, pki: Pki, project_id: str = "homepot-test", token_lifetime: int = 3599):
         self.pki = pki
         self.project_id = project_id
@@ -64,16 +64,10 @@ class FakeFcm:
         self.accepted: list[Seen] = []
         self.server = TlsHttpServer(self.handle, pki.server_context(), protocols=("h2", "http/1.1"))
 
-    async def start(self) -> "FakeFcm":
-        await self.server.start()
-        return self
-
-    async def stop(self) -> None:
-        await self.server.stop()
 
     @property
     def endpoint(self) -> str:
-        return self.server.origin
+        return self.origin
 
     def service_account(self) -> dict[str, Any]:
         pem = self.sa_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode()

@@ -243,3 +243,20 @@ class TlsHttpServer:
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             conn.start_next_cycle()
+
+
+class FakeService:
+    """Base of the platform fakes: one :class:`TlsHttpServer` in ``self.server``."""
+
+    server: TlsHttpServer
+
+    async def start(self):  # noqa: ANN201 - returns the subclass
+        await self.server.start()
+        return self
+
+    async def stop(self) -> None:
+        await self.server.stop()
+
+    @property
+    def origin(self) -> str:
+        return self.server.origin

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tests.fakes.common import Clock, Injection, Injections, Seen, Pki
-from tests.fakes.server import Request, Response, TlsHttpServer
+from tests.fakes.server import FakeService, Request, Response, TlsHttpServer
 
 TOPIC_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 
@@ -76,7 +76,7 @@ def decrypt_aes128gcm(body: bytes, ua_private: ec.EllipticCurvePrivateKey, auth_
     return stripped[:-1]
 
 
-class FakePushService:
+class FakePushService(FakeService):
     def __init__(self, pki: Pki, host: str = "127.0.0.1"):
         self.pki = pki
         self.clock = Clock()
@@ -88,16 +88,7 @@ class FakePushService:
         self.vapid_tokens: list[str] = []
         self.server = TlsHttpServer(self.handle, pki.server_context(), host=host, protocols=("h2", "http/1.1"))
 
-    async def start(self) -> "FakePushService":
-        await self.server.start()
-        return self
 
-    async def stop(self) -> None:
-        await self.server.stop()
-
-    @property
-    def origin(self) -> str:
-        return self.server.origin
 
     def subscribe(self, app_server_key: str | None = None, host: str | None = None) -> dict[str, Any]:
         """A browser's PushSubscription.toJSON() for a new subscription on this service."""

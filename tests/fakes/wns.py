@@ -14,7 +14,7 @@ import xml.etree.ElementTree as ET
 from urllib.parse import parse_qs, urlsplit
 
 from tests.fakes.common import Clock, Injection, Injections, Seen, Pki, json_response
-from tests.fakes.server import Request, Response, TlsHttpServer
+from tests.fakes.server import FakeService, Request, Response, TlsHttpServer
 
 LIVE_SCOPE = "notify.windows.com"
 ENTRA_SCOPE = "https://wns.windows.com/.default"
@@ -22,7 +22,7 @@ TYPES = {"wns/toast": ("text/xml", "toast"), "wns/tile": ("text/xml", "tile"),
          "wns/badge": ("text/xml", "badge"), "wns/raw": ("application/octet-stream", None)}
 
 
-class FakeWns:
+class FakeWns(FakeService):
     def __init__(self, pki: Pki, *, flow: str = "live", client_id: str = "ms-app://s-1-15-2-1",
                  client_secret: str = "wns-secret-value", tenant: str = "tenant-1", token_lifetime: int = 86400):
         self.pki = pki
@@ -42,12 +42,6 @@ class FakeWns:
         self.accepted: list[Seen] = []
         self.server = TlsHttpServer(self.handle, pki.server_context(), protocols=("http/1.1",))
 
-    async def start(self) -> "FakeWns":
-        await self.server.start()
-        return self
-
-    async def stop(self) -> None:
-        await self.server.stop()
 
     def token_url(self, flow: str | None = None) -> str:
         flow = flow or self.flow
