@@ -27,6 +27,13 @@ T = TypeVar("T")
 Migration = Callable[[sqlite3.Connection], None]
 
 
+class NotStored(Exception):
+    """An item could not be committed now (disk full, database locked or read-only, a full
+    upstream buffer under ``overflow = "refuse-new"``). Whoever received it must not
+    acknowledge it (no PUBACK, no HTTP 2xx): the sender keeps it and tries again later.
+    """
+
+
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     """A connection with the gateway's pragmas (also used by the CLI)."""
     path.parent.mkdir(parents=True, exist_ok=True)
