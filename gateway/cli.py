@@ -178,8 +178,15 @@ def send(
         parsed = parse_job(obj)
     except InputError as err:
         fail(err.message)
-    conn = _db(cfg)
-    _tx(conn, lambda c: store.submit_job(c, parsed, "cli"))
+    import sqlite3
+
+    from gateway.storage import NotStored
+
+    try:
+        conn = _db(cfg)
+        _tx(conn, lambda c: store.submit_job(c, parsed, "cli"))
+    except (sqlite3.Error, OSError, NotStored) as exc:  # disk full, read-only, locked: not queued
+        fail(f"send: the job was not stored ({exc}); nothing was queued", 1)
     typer.echo(parsed.job_id)
     if wait:
         raise typer.Exit(_wait_for(conn, parsed.job_id, timeout))
