@@ -34,7 +34,6 @@ from gateway.storage import Database, FailureEpisode, is_storage_error
 log = structlog.get_logger(__name__)
 
 IDLE_MAX_S = 1.0  # the longest sleep with nothing due (a safety net; wake-ups do the work)
-SWEEP_EVERY_S = 0.25  # expiry sweep for paused bridges' deliveries, at most this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +90,6 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._jobs: OrderedDict[str, JobInfo] = OrderedDict()
         self._accepting = True
-        self._last_sweep = 0.0
         self.passes = 0
         self.db_failures = FailureEpisode(log, "dispatcher: reading due work")
         self.record_failures = FailureEpisode(log, "dispatcher: recording results; no new sends until it works")
@@ -146,9 +144,7 @@ class Dispatcher:
                 wake_at = min(wake_at, slot.paused_until)
             elif slot.free > 0:
                 wants[name] = min(5000, slot.free + self._in_flight_on(name))
-        sweep = bool(paused) and now - self._last_sweep >= SWEEP_EVERY_S
-        if sweep:
-            self._last_sweep = now
+        sweep = bool(paused)  # deliveries no bridge fetches now may still have to expire
         routable = list(self.slots)
 
         def scan(conn: Any) -> tuple[dict[str, tuple[list[store.DueDelivery], float | None]],

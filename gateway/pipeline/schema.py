@@ -109,6 +109,7 @@ CREATE INDEX IF NOT EXISTS jobs_open ON jobs(expires_at) WHERE state IN ('accept
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(updated_at) WHERE state IN ('completed', 'acknowledged', 'rejected');
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(next_at) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS deliveries_route_due ON deliveries(route, next_at) WHERE state = 'queued';
+CREATE INDEX IF NOT EXISTS deliveries_job_queued ON deliveries(job_id, route) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS deliveries_resend ON deliveries(route, resend_at) WHERE state = 'sent' AND resend_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS deliveries_by_device ON deliveries(device_id, message_id);
 CREATE INDEX IF NOT EXISTS acks_by_message ON acks(message_id);
