@@ -34,6 +34,7 @@ from gateway.storage import Database, FailureEpisode, is_storage_error
 log = structlog.get_logger(__name__)
 
 IDLE_MAX_S = 1.0  # the longest sleep with nothing due (a safety net; wake-ups do the work)
+UNROUTED_EVERY_S = 1.0  # look for deliveries without a usable route this often (they are rare)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +92,14 @@ class Dispatcher:
         self._jobs: OrderedDict[str, JobInfo] = OrderedDict()
         self._accepting = True
         self.passes = 0
+        self._unrouted_at = 0.0
         self.db_failures = FailureEpisode(log, "dispatcher: reading due work")
         self.record_failures = FailureEpisode(log, "dispatcher: recording results; no new sends until it works")
+
+    def new_rows(self) -> None:
+        """Expansion made rows: some may have no route yet (no usable channel); look now."""
+        self._unrouted_at = 0.0
+        self.wake.set()
 
     def pause(self, platform: str, reason: str, until: float = float("inf")) -> None:
         """Hold a bridge in memory (e.g. it could not start); its deliveries keep their times."""
@@ -126,9 +133,6 @@ class Dispatcher:
             if pending:
                 await asyncio.wait(pending, timeout=0.5)
 
-    def _in_flight_on(self, platform: str) -> int:
-        return sum(1 for p in self._in_flight.values() if p == platform)
-
     async def _dispatch_once(self) -> tuple[int, float]:
         """One pass; returns (work started, when to look again at the latest)."""
         self.passes += 1
@@ -143,22 +147,30 @@ class Dispatcher:
                 paused.append(name)
                 wake_at = min(wake_at, slot.paused_until)
             elif slot.free > 0:
-                wants[name] = min(5000, slot.free + self._in_flight_on(name))
+                # Rows being sent or recorded are still due in the table: fetch past them.
+                wants[name] = min(5000, slot.free + len(self._in_flight))
         sweep = bool(paused)  # deliveries no bridge fetches now may still have to expire
         routable = list(self.slots)
+        look_unrouted = now >= self._unrouted_at
+        resend = self.resend if self.cfg.ack_timeout_s > 0 else set()
 
         def scan(conn: Any) -> tuple[dict[str, tuple[list[store.DueDelivery], float | None]],
                                      list[store.DueDelivery], list[store.DueDelivery], float | None]:
             fetched = {}
             for name, limit in wants.items():
-                rows = store.due_for_route(conn, name, now, limit)
-                fetched[name] = (rows, store.next_due_for_route(conn, name, now) if len(rows) < limit else None)
-            unrouted = store.unrouted_due(conn, now, routable, 200)
+                rows = store.due_for_route(conn, name, now, limit, resends=name in resend)
+                # With sends in flight, their completion wakes us anyway; else look ahead.
+                idle = len(rows) < limit and self.slots[name].in_flight == 0
+                fetched[name] = (rows, store.next_due_for_route(conn, name, now, resends=name in resend)
+                                 if idle else None)
+            unrouted = store.unrouted_due(conn, now, routable, 200) if look_unrouted else []
             expiring = store.expiring(conn, now, paused) if sweep else []
             next_expiry = store.next_expiry(conn, now) if paused else None
             return fetched, unrouted, expiring, next_expiry
 
         fetched, unrouted, expiring, next_expiry = await self.db.run(scan)
+        if look_unrouted:
+            self._unrouted_at = now if unrouted else now + UNROUTED_EVERY_S
         if next_expiry is not None:
             wake_at = min(wake_at, next_expiry)
         every = [r for rows, _ in fetched.values() for r in rows] + unrouted + expiring

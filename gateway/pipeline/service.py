@@ -82,7 +82,7 @@ class Pipeline:
 
     def _on_page(self) -> None:
         assert self.dispatcher is not None and self.status is not None
-        self.dispatcher.wake.set()
+        self.dispatcher.new_rows()
         self.status.wake.set()
 
     async def _bridge_ack(self, device_id: str, payload: bytes) -> None:

@@ -127,9 +127,11 @@ def choose_channel(channels: list[dict[str, Any]] | None, invalid: dict[str, Any
     else ``(final_state, error)`` for the delivery."""
     if channels is None:
         return "failed", "device removed from the registry"
-    enabled = set(platforms)
+    enabled = platforms if isinstance(platforms, (set, frozenset, dict)) else set(platforms)
     saw_invalid = False
     for raw in channels:
+        if raw.get("platform") not in enabled and not invalid and also_invalid is None:
+            continue  # no marks to look for: skip parsing channels we cannot use
         try:
             channel = _channel_adapter.validate_python(raw)
         except ValueError:
@@ -278,10 +280,13 @@ def jobs_to_expand(conn: sqlite3.Connection, limit: int = 10) -> list[str]:
     return [r["job_id"] for r in rows]
 
 
-def _route_of(channels: str, invalid: str, platforms: Iterable[str] | None) -> str | None:
+def _route_of(channels: str, invalid: str, platforms: set[str] | None) -> str | None:
     if platforms is None:
         return None
-    choice = choose_channel(json.loads(channels), json.loads(invalid), platforms)
+    marks = json.loads(invalid)
+    if not marks:  # the common case: the first channel on an enabled bridge, no parsing needed
+        return next((c.get("platform") for c in json.loads(channels) if c.get("platform") in platforms), None)
+    choice = choose_channel(json.loads(channels), marks, platforms)
     return choice.platform if isinstance(choice, Route) else None  # None: the dispatcher finishes it
 
 
@@ -304,6 +309,7 @@ def expand_page(conn: sqlite3.Connection, job_id: str, batch_size: int, now: flo
     target = json.loads(job["target"])
     cursor = job["expand_cursor"] or ""
     unknown: list[str] = []
+    platforms = set(platforms) if platforms is not None else None
     if "devices" in target:
         wanted: list[str] = target["devices"]
         start = bisect.bisect_right(wanted, cursor) if cursor else 0
@@ -395,22 +401,23 @@ def _due_rows(rows: Iterable[Any], resend: bool = False) -> list[DueDelivery]:
                         json.loads(r[5]) if r[5] else {}, r[6], resend) for r in rows]
 
 
-def due_for_route(conn: sqlite3.Connection, route: str, now: float, limit: int) -> list[DueDelivery]:
+def due_for_route(conn: sqlite3.Connection, route: str, now: float, limit: int,
+                  resends: bool = True) -> list[DueDelivery]:
     """Due work of one bridge: queued deliveries first, then sent ones due for a resend."""
     out = _due_rows(conn.execute(_DUE_COLUMNS + "WHERE d.state = 'queued' AND d.route = ? AND d.next_at <= ? "
                                  "ORDER BY d.next_at LIMIT ?", (route, now, limit)))
-    if len(out) < limit:
+    if resends and len(out) < limit:
         out += _due_rows(conn.execute(_DUE_COLUMNS + "WHERE d.state = 'sent' AND d.route = ? AND d.resend_at <= ? "
                                       "ORDER BY d.resend_at LIMIT ?", (route, now, limit - len(out))), resend=True)
     return out
 
 
-def next_due_for_route(conn: sqlite3.Connection, route: str, now: float) -> float | None:
+def next_due_for_route(conn: sqlite3.Connection, route: str, now: float, resends: bool = True) -> float | None:
     """When the bridge's next delivery (or resend) falls due after ``now``."""
     a = conn.execute("SELECT MIN(next_at) FROM deliveries WHERE state = 'queued' AND route = ? AND next_at > ?",
                      (route, now)).fetchone()[0]
     b = conn.execute("SELECT MIN(resend_at) FROM deliveries WHERE state = 'sent' AND route = ? AND resend_at > ?",
-                     (route, now)).fetchone()[0]
+                     (route, now)).fetchone()[0] if resends else None
     return min((t for t in (a, b) if t is not None), default=None)
 
 
@@ -555,16 +562,21 @@ def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, AckIn]], now: flo
     ``not_stored``; the rest of the batch commits."""
     deltas = _Deltas()
     out: list[AckResult] = []
+    savepoints = forward is not None  # only the forwarder can refuse one ack alone
     for device_id, ack in acks:
-        conn.execute("SAVEPOINT ack")
+        if savepoints:
+            conn.execute("SAVEPOINT ack")
         try:
             result, move = _apply_ack(conn, device_id, ack, now, forward, acks_topic)
         except NotStored as exc:
+            if not savepoints:
+                raise
             conn.execute("ROLLBACK TO ack")
             conn.execute("RELEASE ack")
             out.append(AckResult(False, f"not stored: {exc}", not_stored=True))
             continue
-        conn.execute("RELEASE ack")
+        if savepoints:
+            conn.execute("RELEASE ack")
         if move is not None:
             deltas.move(*move)
         out.append(result)

@@ -324,6 +324,9 @@ def test_status_reaches_the_cloud_while_the_local_broker_is_down_and_rejections_
         gw = gateway_factory({**external(local), "upstream": cloud.upstream_section(),
                               "bridges": {"simulation": {"latency_ms": 0, "ack": True}}})
         bulk_register(tmp_path / "var", sims(4, "sim", "s"))
+        deadline = time.monotonic() + 20  # the cloud link is up (its session subscribed)
+        while json.loads(cloud.retained(f"{P}/gateway/status", timeout=0.5) or b"{}").get("state") != "online":
+            assert time.monotonic() < deadline, gw.log()[-2000:]
         with Observer(cloud, f"{P}/jobs/+/status") as obs:
             local.stop()  # the local broker goes away; the cloud link stays up
             deadline = time.monotonic() + 10

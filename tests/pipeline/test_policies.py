@@ -58,7 +58,7 @@ class Harness:
         self.cfg = DispatchSection(**{"backoff_initial_s": 0.05, "backoff_max_s": 0.2, **dispatch})
         self.recorder = Recorder(db)
         self.dispatcher = Dispatcher(self.cfg, db, bridges, self.recorder, rng=random.Random(1))
-        self.expander = Expander(db, self.cfg.batch_size, self.dispatcher.wake.set)
+        self.expander = Expander(db, self.cfg.batch_size, self.dispatcher.new_rows)
         self.stopping = asyncio.Event()
 
     async def add_devices(self, devices: list[dict]) -> None:
