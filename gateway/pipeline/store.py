@@ -528,9 +528,11 @@ def apply_results(conn: sqlite3.Connection, results: list[Result], now: float) -
         if r.invalid_key:
             mark_invalid(conn, r.device_id, r.invalid_key, r.error or "invalid address", now)
         if r.resend:
-            # Already counted as sent; a resend changes attempts and the next resend only.
-            conn.execute("UPDATE deliveries SET attempts = ?, resend_at = ?, last_error = ? "
-                         "WHERE message_id = ? AND state = 'sent'",
+            # Already counted as sent; a resend changes attempts and the next resend only. The
+            # attempt counts even if the device's ack (to this very resend) was stored first.
+            conn.execute("UPDATE deliveries SET attempts = MAX(attempts, ?), "
+                         "resend_at = CASE WHEN state = 'sent' THEN ? END, "
+                         "last_error = CASE WHEN state = 'sent' THEN ? ELSE last_error END WHERE message_id = ?",
                          (r.attempts, r.resend_at, r.error, r.message_id))
             continue
         if r.state == "sent":
@@ -538,6 +540,10 @@ def apply_results(conn: sqlite3.Connection, results: list[Result], now: float) -
                 "UPDATE deliveries SET state = 'sent', platform = ?, route = ?, attempts = ?, sent_at = ?, "
                 "resend_at = ?, last_error = NULL WHERE message_id = ? AND state = 'queued'",
                 (r.platform, r.platform, r.attempts, now, r.resend_at, r.message_id))
+            if not cur.rowcount:  # acked before this result was recorded: keep what the send was
+                conn.execute("UPDATE deliveries SET platform = ?, route = ?, attempts = MAX(attempts, ?), "
+                             "sent_at = COALESCE(sent_at, ?) WHERE message_id = ? AND state = 'acknowledged'",
+                             (r.platform, r.platform, r.attempts, now, r.message_id))
         elif r.state == "queued":
             conn.execute(
                 "UPDATE deliveries SET platform = COALESCE(?, platform), route = COALESCE(?, route), attempts = ?, "
