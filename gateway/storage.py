@@ -152,25 +152,19 @@ def transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T],
     return result
 
 
-class Database:
-    """Serialises all access on one thread; ``run`` wraps each call in a transaction.
+class _DaemonThreadExecutor(concurrent.futures.Executor):
+    """One worker thread, a daemon thread: a statement stuck on a dead disk must not keep
+    the process from exiting after a stop (SQLite's journal makes an interrupted write safe).
+    ``ThreadPoolExecutor`` joins its threads at interpreter exit."""
 
-    The thread is a daemon thread: a statement stuck on a dead disk must not keep the
-    process from exiting after a stop (SQLite's journal makes an interrupted write safe).
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, name: str = "sqlite"):
         self._queue: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None] = \
             queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._conn: sqlite3.Connection | None = None
-        self._thread_id: int | None = None
-        self._give_up_at: float | None = None  # monotonic; lock waits end here (shutdown)
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+        self._shutdown = False
 
-    # ------------------------------------------------------------ the thread
-    def _worker(self) -> None:
-        self._thread_id = threading.get_ident()
+    def _work(self) -> None:
         while (item := self._queue.get()) is not None:
             fn, fut = item
             if not fut.set_running_or_notify_cancel():
@@ -180,18 +174,36 @@ class Database:
             except BaseException as exc:  # handed to the caller
                 fut.set_exception(exc)
 
-    def _submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._worker, name="sqlite", daemon=True)
-            self._thread.start()
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+        if self._shutdown:
+            raise RuntimeError("database executor is shut down")
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._queue.put((fn, fut))
+        self._queue.put((lambda: fn(*args, **kwargs), fut))
         return fut
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if not self._shutdown:
+            self._shutdown = True
+            self._queue.put(None)
+        if wait:
+            self._thread.join()
+
+
+class Database:
+    """Serialises all access on one thread; ``run`` wraps each call in a transaction."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._executor = _DaemonThreadExecutor()
+        self._conn: sqlite3.Connection | None = None
+        self._thread_id: int | None = None
+        self._give_up_at: float | None = None  # monotonic; lock waits end here (shutdown)
 
     def _open(self) -> None:
         self._conn = connect(self.path)
         # Lock waits are done in short steps by _begin (see LOCK_WAIT_S).
         self._conn.execute(f"PRAGMA busy_timeout = {LOCK_STEP_MS}")
+        self._thread_id = threading.get_ident()
 
     def _begin(self, conn: sqlite3.Connection) -> None:
         deadline = time.monotonic() + LOCK_WAIT_S
@@ -211,22 +223,23 @@ class Database:
         assert self._conn is not None, "database not open"
         return transaction(self._conn, fn, begin=self._begin)
 
-    # ------------------------------------------------------------ API
     async def open(self, migrations: list[Migration] | None = None) -> "Database":
-        await asyncio.wrap_future(self._submit(self._open))
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._open)
         for migrate in migrations or []:
             await self.run(migrate)
         return self
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` in one transaction on the database thread."""
-        return await asyncio.wrap_future(self._submit(lambda: self._call(fn)))
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._call, fn)
 
     def run_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """For code already on the database thread (nested use is a bug)."""
         if threading.get_ident() == self._thread_id:
             raise RuntimeError("run_sync called on the database thread")
-        return self._submit(lambda: self._call(fn)).result()
+        return self._executor.submit(self._call, fn).result()
 
     async def probe(self) -> None:
         """Raise unless a small write commits now (used to pace retries after a failure)."""
@@ -242,8 +255,7 @@ class Database:
         self._give_up_at = time.monotonic() + after_s
 
     async def close(self, timeout: float = 1.0) -> None:
-        if self._thread is None:
-            return
+        """Close the connection; a thread still stuck (dead disk) is left behind after ``timeout``."""
         self.stop_waiting_for_locks()
 
         def _close() -> None:
@@ -251,12 +263,13 @@ class Database:
                 self._conn.close()
                 self._conn = None
 
-        fut = self._submit(_close)
-        self._queue.put(None)
+        loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
+            await asyncio.wait_for(loop.run_in_executor(self._executor, _close), timeout)
         except TimeoutError:
             log.warning("database thread busy at exit; leaving it", path=str(self.path))
         except sqlite3.Error as exc:
             log.warning("database close failed", error=str(exc))
-        self._thread = None
+        except RuntimeError:  # closed before
+            pass
+        self._executor.shutdown(wait=False)
