@@ -229,8 +229,10 @@ class Dispatcher:
             self._finish_now(store.Result(row.message_id, row.job_id, row.device_id, state,
                                           attempts=row.attempts, error=error))
         else:
-            self._finish_now(store.Result(row.message_id, row.job_id, row.device_id, "queued",
-                                          attempts=row.attempts, next_at=time.time(), route=choice.platform))
+            job = self._jobs.get(row.job_id)
+            now = time.time()
+            self._finish_now(store.Result(row.message_id, row.job_id, row.device_id, "queued", attempts=row.attempts,
+                                          next_at=min(now, job.expires_at) if job else now, route=choice.platform))
         return 1
 
     def _start(self, row: store.DueDelivery, now: float) -> int:
@@ -259,8 +261,8 @@ class Dispatcher:
                 self._finish_now(store.Result(**base, state=picked[0], attempts=row.attempts, error=picked[1]))
                 return 1
             if picked.platform != row.route:  # the device or the config changed: wait in the other queue
-                self._finish_now(store.Result(**base, state="queued", attempts=row.attempts, next_at=now,
-                                              route=picked.platform))
+                self._finish_now(store.Result(**base, state="queued", attempts=row.attempts,
+                                              next_at=min(now, job.expires_at), route=picked.platform))
                 return 1
             choice = picked
         slot = self.slots[choice.platform]
@@ -368,8 +370,8 @@ class Dispatcher:
             nxt = store.choose_channel(row.channels, row.invalid, self.slots, also_invalid=key)
             if isinstance(nxt, tuple):
                 return store.Result(**base, state=nxt[0], attempts=row.attempts, error=error, invalid_key=key)
-            return store.Result(**base, state="queued", attempts=row.attempts, next_at=now, route=nxt.platform,
-                                error=error, invalid_key=key)
+            return store.Result(**base, state="queued", attempts=row.attempts, next_at=min(now, job.expires_at),
+                                route=nxt.platform, error=error, invalid_key=key)
         if kind is OutcomeKind.FAILED:
             return store.Result(**base, state="failed", attempts=attempt, error=f"{platform}: {outcome.reason}")
         if kind is OutcomeKind.UNHEALTHY:
@@ -377,7 +379,7 @@ class Dispatcher:
                 return store.Result(**base, state="expired", attempts=row.attempts,
                                     error=f"ttl 0 (now or never) and {platform} is unhealthy: {outcome.reason}")
             # Waits (no attempt spent) while the bridge is paused in memory; stored time stays finite.
-            return store.Result(**base, state="queued", attempts=row.attempts, next_at=now,
+            return store.Result(**base, state="queued", attempts=row.attempts, next_at=min(now, job.expires_at),
                                 error=f"{platform} unhealthy: {outcome.reason}")
         # RETRY
         if attempt >= self.cfg.max_attempts:

@@ -25,7 +25,7 @@ import structlog
 
 from gateway.mqtt import GatewayClient, NotConnected
 from gateway.pipeline import store
-from gateway.storage import Database, FailureEpisode, is_storage_error
+from gateway.storage import Database, FailureEpisode, NotStored, is_storage_error
 from gateway.topics import Topics
 
 log = structlog.get_logger(__name__)
@@ -84,11 +84,18 @@ class StatusPublisher:
                 if forward is not None and row["cloud_dirty"] and _due(row, "cloud_published_at",
                                                                       "cloud_published_state", now, force):
                     payload = json.dumps(store.status_from_row(row)).encode()
-                    forward.enqueue(conn, "status", self.topics.job_status(row["job_id"]), payload, True,
-                                    row["job_id"])
-                    conn.execute("UPDATE jobs SET cloud_published_at = ?, cloud_published_state = ?, "
-                                 "cloud_dirty = CASE WHEN updated_at = ? THEN 0 ELSE 1 END WHERE job_id = ?",
-                                 (now, row["state"], row["updated_at"], row["job_id"]))
+                    conn.execute("SAVEPOINT cloud")
+                    try:
+                        forward.enqueue(conn, "status", self.topics.job_status(row["job_id"]), payload, True,
+                                        row["job_id"])
+                    except NotStored:  # the outbox refuses it now: stays owed, local publishing goes on
+                        conn.execute("ROLLBACK TO cloud")
+                        conn.execute("RELEASE cloud")
+                    else:
+                        conn.execute("RELEASE cloud")
+                        conn.execute("UPDATE jobs SET cloud_published_at = ?, cloud_published_state = ?, "
+                                     "cloud_dirty = CASE WHEN updated_at = ? THEN 0 ELSE 1 END WHERE job_id = ?",
+                                     (now, row["state"], row["updated_at"], row["job_id"]))
                 if _loggable(row):
                     conn.execute("UPDATE jobs SET logged_state = ? WHERE job_id = ?",
                                  (_logged_as(row), row["job_id"]))

@@ -303,9 +303,11 @@ def expand_page(conn: sqlite3.Connection, job_id: str, batch_size: int, now: flo
     are already counted as queued (unknown devices move to failed). At the end the
     counts are corrected to the rows really made, in case the registry changed meanwhile.
     """
-    job = conn.execute("SELECT target, expand_cursor, expanded FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+    job = conn.execute("SELECT target, expand_cursor, expanded, expires_at FROM jobs WHERE job_id = ?",
+                       (job_id,)).fetchone()
     if job is None or job["expanded"]:
         return True
+    due = min(now, job["expires_at"])  # a stored time is never past the TTL (ttl 0: due at once)
     target = json.loads(job["target"])
     cursor = job["expand_cursor"] or ""
     unknown: list[str] = []
@@ -333,8 +335,8 @@ def expand_page(conn: sqlite3.Connection, job_id: str, batch_size: int, now: flo
         rows = [(r[0], _route_of(r[1], r[2], platforms)) for r in found_rows]
         page = [r[0] for r in found_rows]
         done = len(found_rows) < batch_size
-    queued = _insert_deliveries(conn, job_id, rows, "queued", None, now)
-    failed = _insert_deliveries(conn, job_id, [(d, None) for d in unknown], "failed", "unknown device", now)
+    queued = _insert_deliveries(conn, job_id, rows, "queued", None, due)
+    failed = _insert_deliveries(conn, job_id, [(d, None) for d in unknown], "failed", "unknown device", due)
     conn.execute(
         "UPDATE jobs SET expanded_rows = expanded_rows + ?, queued = queued - ?, failed = failed + ?, "
         "expand_cursor = ?, expanded = ?, state = CASE WHEN state = 'accepted' THEN 'dispatching' ELSE state END, "

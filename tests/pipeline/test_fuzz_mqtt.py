@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.support import MqttProbe, bulk_register, cli
@@ -113,6 +113,14 @@ def test_every_fuzzed_mqtt_input_is_answered_and_the_daemon_keeps_working(gatewa
     @settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     @given(topic=topics, body=st.one_of(job_like.map(json.dumps), ack_like.map(json.dumps),
                                         device_like.map(json.dumps), raw_bytes))
+    # One of each kind of answer, whatever the generator draws:
+    @example(topic=f"{P}/jobs", body=json.dumps({"job_id": "fz-ex", "target": {"all": True},
+                                                 "notification": {"tll": 1}}))
+    @example(topic=f"{P}/jobs", body=b"{not json")
+    @example(topic=f"{P}/devices/d1/ack", body=json.dumps({"message_id": "00000000-0000-0000-0000-000000000000",
+                                                            "status": "received"}))
+    @example(topic=f"{P}/devices/fz/register",
+             body=json.dumps({"device_id": "fz", "channels": [{"platform": "simulation"}]}))
     def publish(topic: str, body) -> None:
         payload = body.encode() if isinstance(body, str) else body
         sent.append((topic, payload))
