@@ -299,7 +299,7 @@ class GatewayClient:
         except Exception as exc:
             if is_storage_error(exc):
                 self.held += 1
-                self._storage.failed(exc, link=self.name, topic=topic)
+                self._storage.note(exc, link=self.name, topic=topic)
                 return False
             return self._bug(message, topic)
         self._storage.ok(link=self.name)

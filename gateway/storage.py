@@ -78,13 +78,17 @@ class FailureEpisode:
     def failing(self) -> bool:
         return self.since is not None
 
-    def failed(self, exc: BaseException, **fields: Any) -> float:
-        """Count a failure (logged only if it starts an episode); the delay before a retry."""
+    def note(self, exc: BaseException, **fields: Any) -> None:
+        """Count a failure; logged only if it starts an episode."""
         self.failures += 1
         if self.since is None:
             self.since = time.monotonic()
             self._delay = self.initial
             self.log.error(f"{self.what} failing; will retry", error=f"{exc.__class__.__name__}: {exc}", **fields)
+
+    def failed(self, exc: BaseException, **fields: Any) -> float:
+        """Count a failure (see ``note``); the delay before the retry."""
+        self.note(exc, **fields)
         return self.delay()
 
     def delay(self) -> float:

@@ -92,7 +92,7 @@ class Recorder:
             ack_results = await self._db.run(work)
         except Exception as exc:
             if is_storage_error(exc):
-                self.failures.failed(exc, items=len(items))  # logged once per episode
+                self.failures.note(exc, items=len(items))  # logged once per episode
             else:
                 log.exception("recording outcomes failed")
             for item in items:

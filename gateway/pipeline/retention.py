@@ -46,7 +46,7 @@ class Pruner:
             except Exception as exc:
                 if not is_storage_error(exc):
                     raise
-                self.failures.failed(exc)
+                self.failures.note(exc)
             else:
                 self.failures.ok()
             try:

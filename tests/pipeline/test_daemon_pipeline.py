@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import pytest
 
 from tests.conftest import needs_mosquitto_clients
 from tests.support import ROOT, MqttProbe, bulk_register, cli, job_status_from_db
