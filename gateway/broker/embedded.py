@@ -334,7 +334,8 @@ class GatewayBroker(Broker):
                 # amqtt's reader times out after this many seconds without a packet.
                 session.keep_alive = session.keep_alive * 1.5  # type: ignore[assignment]
             # Every read inside a packet is bounded too (1.5 × keepalive, or packet_timeout_s).
-            guarded = StallGuard(reader, session.keep_alive if session.keep_alive > 0 else self._packet_timeout_s)
+            guarded = StallGuard(reader, session.keep_alive if session.keep_alive > 0 else self._packet_timeout_s,
+                                 handler.handle_read_timeout)
             handler.attach(session, guarded, writer)
             handler.gw, handler.client = self, cs
             session.transitions.connect()
@@ -409,6 +410,8 @@ class GatewayBroker(Broker):
         """The one place a connection ends: will, session state, metrics, socket."""
         cs = handler.client
         handler.client = None
+        if isinstance(handler.reader, StallGuard):
+            handler.reader.cancel()
         if cs is not None and cs.handler is handler:
             session = handler.session
             if abnormal and session is not None and session.will_flag and not handler.no_will:

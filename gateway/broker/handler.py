@@ -55,46 +55,70 @@ def abort_transport(writer: Any) -> None:
 
 
 class StallGuard(ReaderAdapter):
-    """The connection's reader, with a time limit on every read inside a packet.
+    """The connection's reader, with a time limit on every packet once it has begun.
 
     It follows the MQTT framing (§2.2: one type byte, 1–4 "remaining length" bytes,
-    then that many bytes) from the sizes amqtt reads, so it knows whether a read
-    starts a packet (idle wait: amqtt's keepalive applies, or nothing with
-    keepalive 0) or continues one (bounded by ``timeout``). A timeout raises
-    :class:`TimeoutError`, which amqtt's reader loop turns into
-    ``handle_read_timeout``.
+    then that many bytes) from the sizes amqtt reads, so it knows whether the client is
+    between packets (idle: amqtt's keepalive applies, or nothing with keepalive 0) or in
+    the middle of one. A packet not complete ``timeout`` seconds after its first byte
+    calls ``on_stall`` (the handler closes the connection like a keepalive timeout).
+
+    One lazy timer per connection, not one per packet: it wakes at most once per
+    ``timeout`` and re-arms for the packet in progress, so the hot path only sets a
+    timestamp (``asyncio.wait_for`` per read cost a task per packet).
     """
 
-    def __init__(self, inner: ReaderAdapter, timeout: float):
+    def __init__(self, inner: ReaderAdapter, timeout: float, on_stall: Any = None):
         self._inner = inner
         self.timeout = timeout
+        self.on_stall = on_stall
         self._state = 0          # 0 between packets, 1 reading the remaining length, 2 in the body
         self._length = 0
         self._multiplier = 1
-        self.stalled = False     # the last timeout happened inside a packet
+        self._since: float | None = None   # loop time the packet in progress began
+        self._timer: asyncio.TimerHandle | None = None
+        self.stalled = False
 
     async def read(self, n: int = -1) -> bytes:
-        if self._state == 0:
-            data = await self._inner.read(n)
-        else:
-            try:
-                data = await asyncio.wait_for(self._inner.read(n), self.timeout)
-            except TimeoutError:
-                self.stalled = True
-                raise
+        data = await self._inner.read(n)
         self._track(data)
         return data
+
+    def _begin(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._since = loop.time()
+        if self._timer is None and self.on_stall is not None:
+            self._timer = loop.call_at(self._since + self.timeout, self._check)
+
+    def _check(self) -> None:
+        self._timer = None
+        since = self._since
+        if since is None:
+            return  # between packets: the next packet arms it again
+        loop = asyncio.get_running_loop()
+        if loop.time() - since >= self.timeout:
+            self.stalled = True
+            if self.on_stall is not None:
+                self.on_stall()
+            return
+        self._timer = loop.call_at(since + self.timeout, self._check)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _track(self, data: bytes) -> None:
         for index, byte in enumerate(data):
             if self._state == 0:
                 self._state, self._length, self._multiplier = 1, 0, 1
+                self._begin()
             elif self._state == 1:
                 self._length += (byte & 0x7F) * self._multiplier
                 self._multiplier *= 128
                 if not byte & 0x80:
                     if self._length == 0:
-                        self._state = 0
+                        self._state, self._since = 0, None
                     else:
                         self._state = 2
                         self._body(len(data) - index - 1)
@@ -106,7 +130,7 @@ class StallGuard(ReaderAdapter):
     def _body(self, n: int) -> None:
         self._length -= n
         if self._length <= 0:
-            self._state = 0
+            self._state, self._since = 0, None
 
     def feed_eof(self) -> None:
         self._inner.feed_eof()
@@ -135,6 +159,8 @@ class GatewayProtocolHandler(BrokerProtocolHandler):
 
     def abort(self) -> None:
         """Close the connection as a network failure (the will is published)."""
+        if isinstance(self.reader, StallGuard):
+            self.reader.cancel()
         abort_transport(self.writer)
         waiter = self._disconnect_waiter
         if waiter is not None and not waiter.done():
