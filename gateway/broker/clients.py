@@ -196,8 +196,11 @@ class ClientState:
         self._metrics.dropped_acl += 1
         if out.seq and self._store is not None:
             self._store.message_done(self.client_id, out.seq)
-        log.info("queued message withheld: the client's role may not read its topic (any more)",
-                 client_id=self.client_id, username=self.username, role=self.role, topic=out.msg.topic)
+        suppressed = self._drop_log((self.client_id, "acl"))
+        if suppressed is not None:
+            log.info("queued message withheld: the client's role may not read its topic (any more)",
+                     client_id=self.client_id, username=self.username, role=self.role, topic=out.msg.topic,
+                     suppressed=suppressed)
         return False
 
     async def _run_sender(self, handler: GatewayProtocolHandler) -> None:

@@ -670,7 +670,10 @@ class GatewayBroker(Broker):
                 self._discard(cs)
         self._sessions.clear()
         if self._store is not None:
-            await self._store.flush()
+            try:
+                await self._store.flush()
+            except StateNotStored:
+                pass  # StateStore.close says what could not be written
         self.transitions.shutdown()
         await self._shutdown_broadcast_loop()
         if self._session_monitor_task:
@@ -834,7 +837,7 @@ class EmbeddedBroker:
         except compat.AmqttMismatch as exc:
             await store.close()
             await self._close_db()
-            raise BrokerStartError(str(exc)) from None
+            raise BrokerStartError(f"broker: {exc}") from None
         broker.restore(loaded)
         amqtt_log = logging.getLogger("amqtt.broker")
         amqtt_log.addFilter(_drop_startup_traceback)

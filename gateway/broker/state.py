@@ -248,6 +248,9 @@ class StateStore:
         if not self._pending and not self._retry and (self._flusher is None or self._flusher.done()):
             fut.set_result(None)
             return fut
+        if self._closed:
+            fut.set_exception(StateNotStored("broker state store is closed"))
+            return fut
         self._waiters.append(fut)
         self._schedule()
         return fut

@@ -6,7 +6,7 @@ In-process broker; the daemon-level proof is in ``test_daemon_broker.py``.
 
 from __future__ import annotations
 
-from tests.broker.helpers import PUBACK, PUBLISH, RawClient, start_broker, write_accounts
+from tests.broker.helpers import PUBACK, PUBLISH, RawClient, start_broker, until, write_accounts
 
 P = "homepot/site-t"
 
@@ -112,6 +112,7 @@ async def test_inflight_message_is_not_resent_to_a_role_that_may_no_longer_read_
         await admin.expect(PUBACK)
         assert (await dave.expect(PUBLISH)).topic == f"{P}/jobs/secret/status"
         dave.drop()  # no PUBACK: in flight
+        await until(lambda: b.metrics()["clients_connected"] == 1)  # the broker saw dave go
         write_accounts(passwd, {"dave": "device"})
         admin.publish(f"{P}/devices/dave/notify", b"n", 1)
         await admin.expect(PUBACK)
