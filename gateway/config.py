@@ -139,7 +139,7 @@ def default_acl() -> dict[str, AclRule]:
         ),
         "technician": tech,
         "controller": tech.model_copy(deep=True),
-        "monitor": AclRule(subscribe=["{prefix}/#"]),
+        "monitor": AclRule(subscribe=["{prefix}/#", "$SYS/#"]),
         "admin": AclRule(publish=["#"], subscribe=["#"]),
         "anonymous": AclRule(),
     }

@@ -101,7 +101,9 @@ class Daemon:
     async def _run(self) -> int:
         cfg = self.cfg
         if cfg.broker.mode == "embedded":
-            self.broker = EmbeddedBroker(cfg, self.internal, self.db)
+            # The broker reserves our client id for our account (contract §5).
+            self.broker = EmbeddedBroker(cfg, self.internal, self.db,
+                                         reserved_client_id=self.client_settings().client_id)
             try:
                 await self.broker.start()
             except BrokerStartError as exc:
