@@ -389,7 +389,7 @@ def jobs_show(job_id: Annotated[str, typer.Argument(metavar="ID")],
                 if r.get("latency_ms") is not None:
                     extra.append(f"latency={r['latency_ms']:.0f}ms")
                 reason = f"  {r['last_error']}" if r.get("last_error") else ""
-                typer.echo(f"  {r['device_id']}\t{' '.join(extra)}{reason}")
+                typer.echo(f"  {r['device_id']}  {' '.join(extra)}{reason}")
 
 
 def main() -> None:
