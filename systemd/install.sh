@@ -53,7 +53,15 @@ GROUP=$(id -gn "$SERVICE_USER")
 if [ ! -x "$PREFIX/bin/python" ]; then
   "$PYTHON" -m venv "$PREFIX"
 fi
-"$PREFIX/bin/python" -m pip install --quiet --disable-pip-version-check "$SRC"
+# Reinstall only when the code changed since the last run (a fingerprint of the sources).
+FINGERPRINT=$(cd "$SRC" && find pyproject.toml README.md gateway bridges devices -type f \
+                ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$PREFIX/.source-sha256" 2>/dev/null)" = "$FINGERPRINT" ] && [ -x "$PREFIX/bin/homepot-gateway" ]; then
+  say "code unchanged since the last install; venv kept"
+else
+  "$PREFIX/bin/python" -m pip install --quiet --disable-pip-version-check "$SRC"
+  printf '%s\n' "$FINGERPRINT" > "$PREFIX/.source-sha256"
+fi
 chmod -R a+rX "$PREFIX"
 install -d -m 0755 "$BINDIR"
 ln -sfn "$PREFIX/bin/homepot-gateway" "$BINDIR/homepot-gateway"
