@@ -190,9 +190,17 @@ def test_until_deliveries_and_a_daemon_that_goes_away(gateway_factory, tmp_path:
 
     # The daemon stops while a CLI waits: the CLI says so within about a second instead of timing out.
     waiting = subprocess.Popen([sys.executable, "-m", "gateway", "--config", str(gw.config), "send", "--title", "t",
-                                "--segment", "demo", "--wait", "--until", "acknowledged", "--timeout", "120"],
+                                "--segment", "demo", "--job-id", "j-wait", "--wait", "--until", "acknowledged",
+                                "--timeout", "120"],
                                cwd=gw.config.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)
+    assert waiting.stdout is not None and waiting.stdout.readline().strip() == "j-wait"  # stored; checks the lock next
+    from tests.support import job_status_from_db
+
+    deadline = time.monotonic() + 30  # the daemon has done its part: the CLI is well into its wait
+    while (job_status_from_db(tmp_path / "var", "j-wait") or {}).get("state") != "completed":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(0.5)
     assert gw.stop() == 0
     out, err = waiting.communicate(timeout=15)
     assert waiting.returncode == 1

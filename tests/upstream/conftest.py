@@ -11,7 +11,7 @@ import pytest
 from gateway.config import Config, parse_config
 from gateway.storage import Database
 from gateway.upstream.link import UpstreamLink
-from tests.support import MOSQUITTO, require_tool
+from tests.support import require_tool
 from tests.upstream.cloud import Cloud
 
 # Short backoff so reconnects in tests take fractions of a second, not minutes.
