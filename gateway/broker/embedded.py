@@ -803,6 +803,12 @@ class EmbeddedBroker:
 
     snapshot = metrics
 
+    def reload_passwords(self) -> int:
+        """SIGHUP: re-read the password file now; the number of accounts (blocking file I/O)."""
+        if self.broker is None:
+            return 0
+        return self.broker._passwords.reload()  # noqa: SLF001 - same module
+
     async def start(self) -> None:
         roles = self._cfg.broker.roles()
         for section in self._cfg.broker.listeners:
