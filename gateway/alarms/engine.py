@@ -32,7 +32,7 @@ import structlog
 
 from gateway.alarms.jobs import JobPlan
 from gateway.alarms.rules import CompiledRule, format_value
-from gateway.alarms.values import Unparseable, extract
+from gateway.alarms.values import Payload, Unparseable, extract
 from gateway.timeutil import iso
 from datetime import UTC, datetime
 
@@ -106,6 +106,43 @@ class Batch:
         return not (self.drafts or self.jobs or self.inbox_ids)
 
 
+class _Message:
+    """One message as the rules see it; what several rules would compute alike (the value
+    of the same field, the key from the same filter and template) is computed once."""
+
+    __slots__ = ("topic", "payload", "retained", "_levels", "_values", "_keys")
+
+    def __init__(self, topic: str, payload: Payload, retained: bool):
+        self.topic, self.payload, self.retained = topic, payload, retained
+        self._levels: list[str] | None = None
+        self._values: dict[tuple[tuple[str, ...], bool], Any] = {}
+        self._keys: dict[tuple[str, str], str] = {}
+
+    def value(self, rule: CompiledRule) -> Any:
+        sig = (rule.path, rule.numeric)
+        found = self._values.get(sig, _MISSING)
+        if found is _MISSING:
+            try:
+                found = extract(self.payload, rule.path, rule.numeric)
+            except Unparseable as exc:
+                found = exc
+            self._values[sig] = found
+        if isinstance(found, Unparseable):
+            raise found
+        return found
+
+    def key(self, rule: CompiledRule) -> str:
+        key = self._keys.get(rule.key_sig)
+        if key is None:
+            if self._levels is None:
+                self._levels = self.topic.split("/")
+            key = self._keys[rule.key_sig] = rule.key_for(self.topic, self._levels)
+        return key
+
+
+_MISSING: Any = object()
+
+
 class Engine:
     def __init__(self, rules: list[CompiledRule]):
         self.rules: dict[str, CompiledRule] = {r.name: r for r in rules}
@@ -116,6 +153,7 @@ class Engine:
         self.stats_dirty = False
         self._heap: list[tuple[float, RowKey]] = []
         self._scheduled: dict[RowKey, float] = {}
+        self._escalating: dict[RowKey, float] = {}  # firing alarms' next escalation
         self._topic_rules: dict[str, tuple[CompiledRule, ...]] = {}
         self._logged_bad: set[tuple[str, str]] = set()
 
@@ -153,11 +191,22 @@ class Engine:
         return removed
 
     def rebuild_timers(self) -> None:
-        self._heap, self._scheduled = [], {}
+        self._heap, self._scheduled, self._escalating = [], {}, {}
         for rk, row in self.rows.items():
             due = self.due(row)
             if due is not None:
                 self._schedule(rk, due)
+            self._track_escalation(row)
+
+    def _track_escalation(self, row: AlarmRow) -> None:
+        if row.state == "firing" and row.due_at is not None:
+            self._escalating[row.rk] = row.due_at
+        else:
+            self._escalating.pop(row.rk, None)
+
+    def escalation_due(self, now: float) -> bool:
+        """An escalation is about to go out (the service first looks for a fresh ack)."""
+        return any(t <= now for t in self._escalating.values())
 
     # ------------------------------------------------------------------ lookups
     def rules_for(self, topic: str) -> tuple[CompiledRule, ...]:
@@ -222,6 +271,7 @@ class Engine:
             due = self.due(draft)
             if due is not None:
                 self._schedule(rk, due)
+            self._track_escalation(draft)
         return list(batch.drafts.values())
 
     def discard(self, batch: Batch) -> None:
@@ -230,8 +280,11 @@ class Engine:
 
     # ------------------------------------------------------------------ messages
     def on_message(self, batch: Batch, topic: str, payload: bytes, retained: bool = False) -> None:
-        for rule in self.rules_for(topic):
-            self._evaluate(batch, rule, topic, payload, retained)
+        rules = self.rules_for(topic)
+        if rules:
+            msg = _Message(topic, Payload(payload), retained)
+            for rule in rules:
+                self._evaluate(batch, rule, msg)
 
     def _bad(self, rule: CompiledRule, topic: str, reason: str) -> None:
         self.stats[rule.name].unparseable += 1
@@ -241,10 +294,10 @@ class Engine:
             log.warning("telemetry not evaluated (logged once per rule and topic)", rule=rule.name, topic=topic,
                         reason=reason)
 
-    def _evaluate(self, batch: Batch, rule: CompiledRule, topic: str, payload: bytes, retained: bool) -> None:
-        now = batch.now
+    def _evaluate(self, batch: Batch, rule: CompiledRule, msg: "_Message") -> None:
+        now, topic, retained = batch.now, msg.topic, msg.retained
         try:
-            value = extract(payload, rule.path, rule.numeric)
+            value = msg.value(rule)
         except Unparseable as exc:
             if rule.kind != "stale":
                 self._bad(rule, topic, exc.reason)
@@ -252,7 +305,7 @@ class Engine:
             value = None  # a stale rule listens for life, not for values
         self.stats[rule.name].evaluated += 1
         self.stats_dirty = True
-        rk = (rule.name, rule.key_for(topic))
+        rk = (rule.name, msg.key(rule))
         row = self._row(batch, rk)
 
         if rule.kind == "stale":
@@ -407,6 +460,7 @@ class Engine:
                and self.rules.get(r.rule) is not None and self.rules[r.rule].kind != "stale"]
         for r in out:
             del self.rows[r.rk]
+            self._escalating.pop(r.rk, None)
             self.unpublished.discard(r.rk)
             self.lazy_dirty.discard(r.rk)
         return out

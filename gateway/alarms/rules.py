@@ -300,6 +300,7 @@ class CompiledRule:
     wildcards: tuple[tuple[int, bool], ...]  # (level index, is '#')
     device_level: int | None
     static_topic: str | None  # the filter itself when it has no wildcard
+    key_sig: tuple[str, str]  # rules with the same filter and key template share the key of a message
 
     @property
     def numeric(self) -> bool:
@@ -327,8 +328,8 @@ class CompiledRule:
         return False
 
     # -- topics -------------------------------------------------------------------
-    def context(self, topic: str) -> dict[str, str]:
-        levels = topic.split("/")
+    def context(self, topic: str, levels: list[str] | None = None) -> dict[str, str]:
+        levels = levels if levels is not None else topic.split("/")
         ctx = {"topic": topic, "rule": self.name}
         for n, (i, multi) in enumerate(self.wildcards, 1):
             ctx[str(n)] = "/".join(levels[i:]) if multi else (levels[i] if i < len(levels) else "")
@@ -336,8 +337,24 @@ class CompiledRule:
             ctx["device_id"] = levels[self.device_level] if self.device_level < len(levels) else ""
         return ctx
 
-    def key_for(self, topic: str) -> str:
-        return self.key_t.render(self.context(topic))
+    def key_for(self, topic: str, levels: list[str] | None = None) -> str:
+        """Per message and rule, so it reads only the fields the key uses."""
+        if self.key_t.fields == {"topic"} and len(self.key_t.parts) == 1:
+            return topic  # the default key
+        levels = levels if levels is not None else topic.split("/")
+        out = []
+        for is_field, t in self.key_t.parts:
+            if not is_field:
+                out.append(t)
+            elif t == "topic":
+                out.append(topic)
+            elif t == "device_id":
+                i = self.device_level
+                out.append(levels[i] if i is not None and i < len(levels) else "")
+            else:
+                i, multi = self.wildcards[int(t) - 1]
+                out.append("/".join(levels[i:]) if multi else (levels[i] if i < len(levels) else ""))
+        return "".join(out)
 
 
 def compile_rule(rule: RuleSection, prefix: str) -> CompiledRule:
@@ -367,6 +384,7 @@ def compile_rule(rule: RuleSection, prefix: str) -> CompiledRule:
         priority=rule.priority,
         escalate=tuple(sorted((Step(s.after_s, dict(s.target)) for s in rule.escalate), key=lambda s: s.after_s)),
         wildcards=wild, device_level=_device_level(levels), static_topic=None if wild else topic_filter,
+        key_sig=(topic_filter, rule.key),
     )
 
 

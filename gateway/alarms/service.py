@@ -240,7 +240,7 @@ class AlarmService:
             due = self.engine.next_due()
             timers_due = due is not None and due <= now
             # An escalation about to go out first looks for an ack that just landed.
-            poll = now >= next_poll or timers_due
+            poll = now >= next_poll or self.engine.escalation_due(now)
             if poll:
                 next_poll = now + self.inbox_poll_s if self.rules else float("inf")
             if items or poll or timers_due:

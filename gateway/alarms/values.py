@@ -55,28 +55,55 @@ def _as_number(v: Any) -> int | float:
     raise Unparseable("an object, not a number" if isinstance(v, dict) else "an array, not a number")
 
 
-def extract(payload: bytes, path: tuple[str, ...], numeric: bool) -> Any:
+class Payload:
+    """One message's payload, decoded at most once however many rules read it."""
+
+    __slots__ = ("raw", "_text", "_json")
+    _UNSET: Any = object()
+
+    def __init__(self, raw: bytes):
+        self.raw = raw
+        self._text: str | Unparseable | None = None
+        self._json: Any = self._UNSET
+
+    def text(self) -> str:
+        if self._text is None:
+            if len(self.raw) > MAX_PAYLOAD:
+                self._text = Unparseable(f"payload over {MAX_PAYLOAD} bytes")
+            else:
+                try:
+                    self._text = self.raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    self._text = Unparseable("payload is not UTF-8")
+        if isinstance(self._text, Unparseable):
+            raise self._text
+        return self._text
+
+    def json(self) -> Any:
+        if self._json is self._UNSET:
+            try:
+                self._json = json.loads(self.text(), parse_constant=_reject_constant)
+            except Unparseable as exc:
+                self._json = exc
+            except (ValueError, RecursionError):
+                self._json = Unparseable("payload is not JSON")
+        if isinstance(self._json, Unparseable):
+            raise self._json
+        return self._json
+
+
+def extract(payload: bytes | Payload, path: tuple[str, ...], numeric: bool) -> Any:
     """The rule's value: a number for above/below, a string/number/boolean for equals.
 
     ``path == ()`` means the payload itself (its text, stripped); otherwise the payload is
     a JSON object and ``path`` the dotted field (a digit segment indexes an array).
     """
-    if len(payload) > MAX_PAYLOAD:
-        raise Unparseable(f"payload over {MAX_PAYLOAD} bytes")
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError:
-        raise Unparseable("payload is not UTF-8") from None
+    p = payload if isinstance(payload, Payload) else Payload(payload)
     if not path:
         if numeric:
-            return parse_number(text)
-        return text.strip()
-    try:
-        node: Any = json.loads(text, parse_constant=_reject_constant)
-    except Unparseable:
-        raise
-    except (ValueError, RecursionError):
-        raise Unparseable("payload is not JSON") from None
+            return parse_number(p.text())
+        return p.text().strip()
+    node: Any = p.json()
     walked: list[str] = []
     for part in path:
         walked.append(part)
