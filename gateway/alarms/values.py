@@ -55,6 +55,10 @@ def _as_number(v: Any) -> int | float:
     raise Unparseable("an object, not a number" if isinstance(v, dict) else "an array, not a number")
 
 
+# One decoder: json.loads() with any keyword builds a new decoder per call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 class Payload:
     """One message's payload, decoded at most once however many rules read it."""
 
@@ -82,7 +86,7 @@ class Payload:
     def json(self) -> Any:
         if self._json is self._UNSET:
             try:
-                self._json = json.loads(self.text(), parse_constant=_reject_constant)
+                self._json = _DECODER.decode(self.text())
             except Unparseable as exc:
                 self._json = exc
             except (ValueError, RecursionError):
