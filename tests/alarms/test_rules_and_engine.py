@@ -4,10 +4,13 @@ the state machine driven with explicit clocks against a real SQLite schema."""
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from gateway.alarms import store
@@ -273,3 +276,41 @@ def test_cli_ack_refuses_unknown_rules_and_alarms(tmp_path: Path, monkeypatch):
     assert res.exit_code == 1 and "is cleared, not firing" in res.output
     res = runner.invoke(app, ["--config", str(cfg), "alarms", "list"])
     assert res.exit_code == 0 and res.output.startswith("t\td\tcleared\tvalue=0\t")
+
+
+def test_a_batch_that_cannot_be_committed_changes_nothing_and_fires_once_later(tmp_path: Path):
+    h = Harness(tmp_path, {**TEMP, "for_s": 5.0})
+    h.step(0, ("devices/d/temp", "11"))
+    readonly = connect(tmp_path / "gateway.db", readonly=True)
+    batch = h.engine.begin(6.0)
+    h.engine.on_timers(batch)
+    assert [plan.kind for _, plan in batch.jobs] == ["fire"]
+    with pytest.raises(sqlite3.OperationalError):
+        transaction(readonly, lambda c: store.commit(c, batch))  # e.g. a full disk
+    h.engine.discard(batch)
+    row = h.row("t", "d")
+    assert row.state == "pending" and row.jobs == [] and row.seq == 0
+    assert h.engine.next_due() == 5.0  # the timer is back
+    assert h.step(7.0) == ["alarm.t.d.1"]
+    assert h.step(8.0) == [] and h.row("t", "d").state == "firing"
+    rows, _, _ = transaction(h.conn, store.load)
+    assert [(r.state, r.jobs) for r in rows] == [("firing", ["alarm.t.d.1"])]
+
+
+@settings(max_examples=500, deadline=None)
+@given(payload=st.binary(max_size=200) | st.text(max_size=60).map(str.encode)
+       | st.recursive(st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=8),
+                      lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["a", "b", "0"]),
+                                                                                   inner, max_size=3),
+                      max_leaves=10).map(lambda v: json.dumps(v).encode()),
+       path=st.sampled_from([(), ("a",), ("a", "b"), ("a", "0"), ("0",)]), numeric=st.booleans())
+def test_extract_returns_a_value_of_the_right_kind_or_says_why(payload: bytes, path, numeric: bool):
+    try:
+        value = extract(payload, path, numeric)
+    except Unparseable as exc:
+        assert exc.reason
+        return
+    if numeric:
+        assert isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        assert isinstance(value, (str, int, float, bool))
