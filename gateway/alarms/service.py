@@ -170,9 +170,17 @@ class AlarmService:
             return
         worker = asyncio.create_task(self._worker(stopping), name="alarms-worker")
         publisher = asyncio.create_task(self._publisher(stopping), name="alarms-publisher")
+
+        async def relay_stop() -> None:
+            await stopping.wait()
+            self._wake.set()
+            self._publish_wake.set()
+
+        relay = asyncio.create_task(relay_stop())
         try:
             await worker
         finally:
+            relay.cancel()
             self._worker_done = True
             try:
                 await asyncio.wait_for(self._publish_pending(), 2)
@@ -226,12 +234,11 @@ class AlarmService:
             due = self.engine.next_due()
             wake_at = min(next_poll, next_flush, next_prune, due if due is not None else float("inf"))
             if self._queue.empty() and not stopping.is_set() and wake_at > now:
-                stop_wait = asyncio.ensure_future(stopping.wait())
-                wake_wait = asyncio.ensure_future(self._wake.wait())
-                await asyncio.wait({stop_wait, wake_wait}, timeout=min(wake_at - now, 3600),
-                                   return_when=asyncio.FIRST_COMPLETED)
-                stop_wait.cancel()
-                wake_wait.cancel()
+                try:
+                    async with asyncio.timeout(min(wake_at - now, 3600)):
+                        await self._wake.wait()  # set by handlers, and once by stopping
+                except TimeoutError:
+                    pass
             self._wake.clear()
             items: list[_Item] = []
             while len(items) < MAX_BATCH and not self._queue.empty():
@@ -362,7 +369,8 @@ class AlarmService:
     async def _publisher(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
             try:
-                await asyncio.wait_for(self._publish_wake.wait(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await self._publish_wake.wait()
             except TimeoutError:
                 pass
             self._publish_wake.clear()
