@@ -200,6 +200,10 @@ class AlarmService:
             stop.cancel()
             if not self.pipeline.ready.is_set():
                 self._worker_done = True
+                queued = []
+                while not self._queue.empty():
+                    queued.append(self._queue.get_nowait())
+                self._fail(queued, RuntimeError("stopped before the alarm engine started"))
                 return False
         else:
             from gateway.pipeline import schema
@@ -252,7 +256,15 @@ class AlarmService:
                 next_poll = now + self.inbox_poll_s if self.rules else float("inf")
             if items or poll or timers_due:
                 async with self._lock:
-                    await self._process(items, poll_inbox=poll)
+                    try:
+                        await self._process(items, poll_inbox=poll)
+                    except Exception as exc:
+                        # A bug, not bad input: keep the daemon and the other alarms running,
+                        # acknowledge nothing of this batch, and do not spin on it.
+                        log.exception("alarm batch failed")
+                        self._fail(items, exc)
+                        self.engine.rebuild_timers()
+                        await asyncio.sleep(1.0)
             if now >= next_prune:
                 next_prune = now + PRUNE_EVERY_S
                 self._prune(now)
@@ -301,10 +313,7 @@ class AlarmService:
             except Exception as exc:
                 engine.discard(batch)
                 self._store_failed(exc)
-                err = NotStored(f"alarm state not stored: {exc}")
-                for item in items:
-                    if not item.fut.done():
-                        item.fut.set_exception(err)
+                self._fail(items, exc)
                 return
             if self._store_failing:
                 self._store_failing = False
@@ -324,6 +333,15 @@ class AlarmService:
         for item, result in zip(items, results):
             if not item.fut.done():
                 item.fut.set_result(result)
+
+    @staticmethod
+    def _fail(items: list[_Item], exc: Exception) -> None:
+        """Their handlers raise NotStored: the shared "not committed, do not acknowledge"
+        signal (gateway.storage) that the MQTT client turns into a withheld PUBACK."""
+        err = NotStored(f"alarm state not stored: {exc}")
+        for item in items:
+            if not item.fut.done():
+                item.fut.set_exception(err)
 
     def _store_failed(self, exc: Exception) -> None:
         if not self._store_failing:
