@@ -392,5 +392,81 @@ def jobs_show(job_id: Annotated[str, typer.Argument(metavar="ID")],
                 typer.echo(f"  {r['device_id']}  {' '.join(extra)}{reason}")
 
 
+# ---------------------------------------------------------------------- alarms (issue 10)
+alarms_app = typer.Typer(no_args_is_help=True, help="Sensor alarms ([[rules]]) and their states.")
+app.add_typer(alarms_app, name="alarms")
+
+
+def _alarms_db(cfg: Config):  # noqa: ANN202 - sqlite3.Connection
+    from gateway.alarms import store as alarm_store
+
+    conn = _db(cfg)
+    _tx(conn, alarm_store.migrate)
+    return conn
+
+
+@alarms_app.command("list")
+def alarms_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List alarm states (AlarmState objects), by rule and key."""
+    import json
+
+    from gateway.alarms import store as alarm_store
+
+    states = alarm_store.list_states(_alarms_db(get_config()))
+    if as_json:
+        typer.echo(json.dumps(states, indent=2))
+        return
+    for s in states:
+        typer.echo(f"{s['rule']}\t{s['key']}\t{s['state']}\tvalue={json.dumps(s['value'])}\tsince={s['since']}\t"
+                   f"fired_at={s['fired_at'] or '-'}\tacknowledged_by={s['acknowledged_by'] or '-'}\t"
+                   f"escalation_step={s['escalation_step']}\tjobs={','.join(s['jobs']) or '-'}")
+
+
+@alarms_app.command("ack")
+def alarms_ack(
+    rule: Annotated[str, typer.Argument(metavar="RULE")],
+    key: Annotated[str, typer.Argument(metavar="KEY")],
+    by: Annotated[Optional[str], typer.Option("--by", help="who acknowledges (default cli:<user>)")] = None,
+    note: Annotated[Optional[str], typer.Option("--note")] = None,
+) -> None:
+    """Acknowledge a firing alarm: its escalation stops."""
+    import getpass
+    import time
+
+    from gateway.alarms import store as alarm_store
+    from gateway.alarms.rules import key_from_level
+
+    cfg = get_config()
+    if rule not in {r.name for r in cfg.rules}:
+        fail(f"RULE: no rule {rule!r} in the config (rules: {', '.join(r.name for r in cfg.rules) or 'none'})")
+    if by is None:
+        try:
+            by = f"cli:{getpass.getuser()}"
+        except (KeyError, OSError):
+            by = "cli"
+    conn = _alarms_db(cfg)
+    row = alarm_store.get_row(conn, rule, key) or alarm_store.get_row(conn, rule, key_from_level(key))
+    if row is None or row.state == "idle":
+        fail(f"KEY: no alarm {key!r} of rule {rule!r}", 1)
+    if row.state == "acknowledged":
+        typer.echo(f"{rule} {row.key}: already acknowledged by {row.acknowledged_by}")
+        return
+    if row.state != "firing":
+        fail(f"KEY: alarm {row.key!r} of rule {rule!r} is {row.state}, not firing", 1)
+    _tx(conn, lambda c: alarm_store.request_ack(c, rule, row.key, by, note, time.time()))
+    # The running daemon applies it within a fraction of a second; show that it did.
+    deadline = time.monotonic() + 3.0
+    current = row
+    while time.monotonic() < deadline:
+        current = alarm_store.get_row(conn, rule, row.key)
+        if current is None or current.state != "firing" or current.episode != row.episode:
+            break
+        time.sleep(0.1)
+    if current is not None and current.state == "acknowledged":
+        typer.echo(f"{rule} {row.key}: acknowledged by {current.acknowledged_by}")
+    else:
+        typer.echo(f"{rule} {row.key}: ack recorded; the gateway applies it when it runs")
+
+
 def main() -> None:
     app()

@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.alarms.rules import RuleSection, check_rules
+
 ENV_PREFIX = "HOMEPOT_"
 CONFIG_ENV = "HOMEPOT_GATEWAY_CONFIG"
 DEFAULT_PATHS = (Path("config.toml"), Path("/etc/homepot-gateway/config.toml"))
@@ -129,7 +131,9 @@ class AclRule(_Section):
 
 def default_acl() -> dict[str, AclRule]:
     """Contract §5 defaults; a role given in the config replaces its default."""
-    tech = AclRule(publish=["{prefix}/jobs", "{prefix}/devices/+/register"], subscribe=["{prefix}/#"])
+    tech = AclRule(publish=["{prefix}/jobs", "{prefix}/devices/+/register",
+                            "{prefix}/alarms/+/+/ack"],  # acknowledge an alarm (contract §5, §11)
+                   subscribe=["{prefix}/#"])
     return {
         "device": AclRule(
             publish=[
@@ -338,6 +342,7 @@ class Config(_Section):
     bridges: BridgesSection = Field(default_factory=BridgesSection)
     http: HttpSection | None = None
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    rules: list[RuleSection] = Field(default_factory=list)  # sensor alarms (gateway.alarms)
 
     # Where the file was read from; relative paths in it are relative to the cwd,
     # like Mosquitto's, so `make run` from the repo works as documented.
@@ -482,6 +487,13 @@ def _loc(err_loc: tuple[Any, ...], data: dict[str, Any]) -> str:
             if isinstance(node, list) and item < len(node) and isinstance(node[item], dict):
                 name = node[item].get("name")
             parts[-1] = f"listeners[{name or item}]"
+        elif isinstance(item, int) and parts and parts[-1] == "rules":
+            name = None
+            if isinstance(node, list) and item < len(node) and isinstance(node[item], dict):
+                name = node[item].get("name")
+            parts[-1] = f"rules[{name if isinstance(name, str) and name else item}]"
+        elif isinstance(item, int) and parts and parts[0].startswith("rules["):
+            parts[-1] += f"[{item}]"
         elif isinstance(item, str) and not item.startswith(("function-", "model-")):
             parts.append(item)
         if isinstance(node, dict):
@@ -640,6 +652,7 @@ def parse_config(data: dict[str, Any], environ: dict[str, str] | None = None, so
         if cfg.broker.mode == "embedded" and not cfg.broker.listeners:
             problems.append(("broker.listeners", "embedded mode needs at least one listener"))
         _load_secrets(cfg, problems)
+        problems += check_rules(cfg.rules)
     if problems:
         raise ConfigError(problems)
     assert cfg is not None

@@ -316,18 +316,23 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 def default_services(daemon: Daemon) -> list[Service]:
     """The services a daemon runs; the pipeline and upstream link register here."""
+    from gateway.alarms.service import AlarmService
     from gateway.pipeline import Pipeline
 
     if daemon.cfg.upstream is None:
         pipeline = Pipeline(daemon.cfg, daemon.db)
         daemon.pipeline = pipeline
-        return [pipeline]
-    from gateway.upstream import UpstreamLink, outbox
+        services: list[Service] = [pipeline]
+    else:
+        from gateway.upstream import UpstreamLink, outbox
 
-    # Status changes and acks are queued for the cloud in the pipeline's own transactions.
-    pipeline = Pipeline(daemon.cfg, daemon.db, forward=outbox)
-    daemon.pipeline = pipeline
-    return [pipeline, UpstreamLink(daemon.cfg, daemon.db, pipeline)]
+        # Status changes and acks are queued for the cloud in the pipeline's own transactions.
+        pipeline = Pipeline(daemon.cfg, daemon.db, forward=outbox)
+        daemon.pipeline = pipeline
+        services = [pipeline, UpstreamLink(daemon.cfg, daemon.db, pipeline)]
+    # Last: its routes come after the pipeline's, so a rule never takes P/jobs or device acks away.
+    services.append(AlarmService(daemon.cfg, daemon.db, pipeline))
+    return services
 
 
 def run_daemon(cfg: Config) -> int:
