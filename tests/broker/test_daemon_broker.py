@@ -153,7 +153,7 @@ async def test_a_denied_publish_is_explained_once_per_client_and_topic(gw):
     line = mine[0]
     assert (line["username"], line["role"], line["topic"]) == ("tech-1", "technician", topic)
     assert "no negative PUBACK" in line["event"] and "dropped" in line["event"]
-    assert line["role_may_publish"] == [f"{P}/jobs", f"{P}/devices/+/register"]
+    assert line["role_may_publish"] == [f"{P}/jobs", f"{P}/devices/+/register", f"{P}/alarms/+/+/ack"]
     assert line["level"] == "warning"
 
 
