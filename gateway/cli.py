@@ -342,5 +342,13 @@ def jobs_show(job_id: Annotated[str, typer.Argument(metavar="ID")],
     typer.echo(json.dumps(status) if as_json else json.dumps(status, indent=2))
 
 
+@app.command("status")
+def status(as_json: Annotated[bool, typer.Option("--json", help="print the status as JSON")] = False) -> None:
+    """The running gateway at a glance; exit 0 healthy, 1 degraded, 2 unreachable."""
+    from gateway.status import main as status_main
+
+    raise typer.Exit(status_main(get_config(), as_json))
+
+
 def main() -> None:
     app()
