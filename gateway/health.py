@@ -128,6 +128,7 @@ class HealthReporter:
         self.latest: dict[str, Any] = {}
         self._published: tuple[float, float] | None = None  # (time, upstream published) for a rate
         self.upstream_drain_rate: float | None = None
+        self._write_error: str | None = None
 
     def attach(self, client: GatewayClient) -> None:
         """Nothing to route: the reporter only reads."""
@@ -137,7 +138,13 @@ class HealthReporter:
         try:
             while not stopping.is_set():
                 await self.refresh()
-                await asyncio.to_thread(self._write, self.latest)
+                try:
+                    await asyncio.to_thread(self._write, self.latest)
+                    self._write_error = None
+                except OSError as exc:  # a full disk must not stop the daemon; `status` will say stale
+                    if str(exc) != self._write_error:
+                        log.warning("runtime snapshot not written", path=str(self.path), error=str(exc))
+                    self._write_error = str(exc)
                 # Lag: how late the loop wakes us compared with when we asked.
                 asked = self.interval
                 t0 = time.monotonic()

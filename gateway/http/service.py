@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiohttp import web
 
+import devices
+
 from gateway.config import split_host_port
 from gateway.http.acks import AckSigner, secret_path
 from gateway.http.auth import BasicAuth
@@ -41,7 +43,7 @@ log = structlog.get_logger(__name__)
 
 HEADER_TIMEOUT_S = 10.0
 SHUTDOWN_S = 2.0
-WEB_DIR = Path(__file__).resolve().parent.parent.parent / "devices" / "web"
+WEB_DIR = Path(devices.__file__).resolve().parent / "web"  # the package's data (pyproject package-data)
 WEB_TYPES = {".js": "text/javascript", ".html": "text/html", ".css": "text/css", ".json": "application/json",
              ".webmanifest": "application/manifest+json", ".png": "image/png", ".svg": "image/svg+xml"}
 
