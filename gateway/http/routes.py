@@ -99,8 +99,9 @@ class Api:
         return pipeline
 
     async def _db(self, fn: Any) -> Any:
+        """A read (on the API's read-only connection, never queued behind the writer's fsyncs)."""
         try:
-            return await self.svc.daemon.db.run(fn)
+            return await self.svc.reader.run(fn)
         except STORAGE_ERRORS as exc:
             raise _not_stored(exc) from None
 
@@ -206,7 +207,7 @@ class Api:
                 await resp.write(b": keepalive\n\n")
                 last_write = time.monotonic()
             try:
-                fresh = await self.svc.daemon.db.run(lambda conn: store.job_status(conn, job_id))
+                fresh = await self.svc.reader.run(lambda conn: store.job_status(conn, job_id))
             except STORAGE_ERRORS:
                 continue  # a transient database error: keep the stream, try again
             if fresh is None:

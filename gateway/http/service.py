@@ -30,6 +30,7 @@ from gateway.config import split_host_port
 from gateway.http.acks import AckSigner, secret_path
 from gateway.http.auth import BasicAuth
 from gateway.http.errors import HTTP_CODES, ApiError, error_response
+from gateway.http.reader import Reader
 from gateway.http.routes import Api
 from gateway.metrics import Metrics
 from gateway.mqtt import GatewayClient
@@ -87,6 +88,7 @@ class HttpService:
         self.changes = Pulse()
         self.auth = BasicAuth(daemon.cfg)
         self.metrics = Metrics(daemon.cfg.db_path)
+        self.reader = Reader(daemon.cfg.db_path)
         self.start_error: str | None = None
         self.signer: AckSigner
         try:
@@ -234,6 +236,7 @@ class HttpService:
             except TimeoutError:
                 log.warning("http api did not stop in time")
             self.metrics.close()
+            await asyncio.to_thread(self.reader.close)
             self.auth.close()
             log.info("http api stopped")
 
