@@ -103,3 +103,24 @@ def test_ack_signer_constant_format_and_secret_file(tmp_path):
     (tmp_path / "short").write_text("abc")
     with pytest.raises(ValueError):
         load_or_create_secret(tmp_path / "short")
+
+
+def test_http_config_keys_are_validated_and_named(tmp_path):
+    from gateway.config import ConfigError
+
+    def problems(http: dict) -> list[str]:
+        with pytest.raises(ConfigError) as info:
+            parse_config({"broker": {"listeners": [{"name": "l", "bind": "127.0.0.1:1"}]}, "http": http}, environ={})
+        return info.value.lines()
+
+    assert problems({"certfile": str(tmp_path / "c.pem")}) == ["http: certfile and keyfile go together (HTTPS needs both)"]
+    assert problems({"public_url": "https://gw.example/x?y=1"})[0].startswith("http.public_url: expected")
+    assert problems({"certfile": str(tmp_path / "c.pem"), "keyfile": str(tmp_path / "k.pem")}) == [
+        f"http.certfile: file not found: {tmp_path / 'c.pem'}", f"http.keyfile: file not found: {tmp_path / 'k.pem'}"]
+    assert problems({"bnd": "x"}) == ["http.bnd: unknown key"]
+    cfg = parse_config({"broker": {"listeners": [{"name": "l", "bind": "127.0.0.1:1"}]}, "http": {"bind": "[::1]:8443"}},
+                       environ={"HOMEPOT_HTTP_PUBLIC_URL": "https://gw.example:8443/"})
+    assert cfg.http.base_url() == "https://gw.example:8443"
+    cfg = parse_config({"broker": {"listeners": [{"name": "l", "bind": "127.0.0.1:1"}]}, "http": {"bind": "[::1]:8443"}},
+                       environ={})
+    assert cfg.http.base_url() == "http://[::1]:8443"
