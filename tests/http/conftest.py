@@ -53,6 +53,19 @@ class ApiGateway:
 
 def make_api_gateway(tmp: Path, extra: dict[str, Any] | None = None, users: dict[str, tuple[str, str]] | None = None,
                      start: bool = True, scheme: str = "http") -> ApiGateway:
+    for attempt in range(3):
+        try:
+            return _make_api_gateway(tmp, extra, users, start, scheme)
+        except AssertionError as exc:
+            # free_port() is check-then-use: on a shared machine another test may take the
+            # port first. That is the rig's race, not the gateway's; pick new ports.
+            if "address already in use" not in str(exc) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _make_api_gateway(tmp: Path, extra: dict[str, Any] | None, users: dict[str, tuple[str, str]] | None,
+                      start: bool, scheme: str) -> ApiGateway:
     port, http_port = free_port(), free_port()
     extra = dict(extra or {})
     http = {"bind": f"127.0.0.1:{http_port}", **extra.pop("http", {})}

@@ -51,7 +51,7 @@ def fuzz_api(tmp_path_factory):
     a.gw.kill()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                      HealthCheck.too_slow])
 @given(method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]),
        route=st.sampled_from(ROUTES), ident=ids, sig=st.text(max_size=70), auth=auths, body=bodies,
