@@ -154,8 +154,9 @@ class Api:
         except STORAGE_ERRORS as exc:
             raise _not_stored(exc) from None
         if accepted is None:
-            assert problem is not None
-            raise ApiError.from_input(problem)
+            if problem is not None:
+                raise ApiError.from_input(problem)
+            raise ApiError(503, "not_stored", "the job was not stored; try again", {"Retry-After": "5"})
         status = await self._db(lambda conn: store.job_status(conn, accepted))
         if status is None:
             raise ApiError(503, "not_stored", "the job could not be read back; try again")
@@ -305,7 +306,7 @@ class Api:
             ack = parse_ack(body)
         except InputError as err:
             self.svc.metrics.http_acks.labels("invalid").inc()
-            raise ApiError(err.code == "too_large" and 413 or 400, err.code, err.message, ACK_CORS) from None
+            raise ApiError(413 if err.code == "too_large" else 400, err.code, err.message, ACK_CORS) from None
         device_id = await self._db(lambda conn: _device_of(conn, ack.message_id))
         if device_id is None:
             self.svc.metrics.http_acks.labels("unknown").inc()

@@ -158,6 +158,8 @@ class HttpService:
     async def _web_config(self, request: web.Request) -> web.Response:
         from gateway.http.errors import json_response
 
+        if self.web_config.get("vapid_public_key") is None:
+            await self._load_web_config()  # the Web Push bridge may have created the key since
         return json_response(self.web_config)
 
     async def _web_file(self, request: web.Request) -> web.StreamResponse:
@@ -190,11 +192,11 @@ class HttpService:
         public_key = None
         path = cfg.bridges.webpush.vapid_private_key_file
         if cfg.bridges.webpush.enabled:
+            # Read only: the Web Push bridge creates the key at start (O_EXCL); creating it
+            # here too would race it. Until it exists, config.json says null and is retried.
             try:
-                # The Web Push bridge creates the key at start when missing; so do we, so the
-                # page can subscribe whichever service starts first.
-                key = await asyncio.to_thread(vapid.load_or_create, path)
-                public_key = vapid.public_key_b64(key)
+                if await asyncio.to_thread(path.exists):
+                    public_key = vapid.public_key_b64(await asyncio.to_thread(vapid.load_or_create, path))
             except (OSError, ValueError, TypeError) as exc:
                 log.warning("web push client gets no VAPID key", error=str(exc))
         self.web_config = {"vapid_public_key": public_key, "api": self.cfg.base_url(), "site_id": cfg.gateway.site_id}
