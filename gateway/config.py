@@ -11,6 +11,8 @@ import ipaddress
 import os
 import re
 import tomllib
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,6 +25,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from gateway.alarms.rules import RuleSection, check_rules
 
 ENV_PREFIX = "HOMEPOT_"
 CONFIG_ENV = "HOMEPOT_GATEWAY_CONFIG"
@@ -127,7 +131,9 @@ class AclRule(_Section):
 
 def default_acl() -> dict[str, AclRule]:
     """Contract §5 defaults; a role given in the config replaces its default."""
-    tech = AclRule(publish=["{prefix}/jobs", "{prefix}/devices/+/register"], subscribe=["{prefix}/#"])
+    tech = AclRule(publish=["{prefix}/jobs", "{prefix}/devices/+/register",
+                            "{prefix}/alarms/+/+/ack"],  # acknowledge an alarm (contract §5, §11)
+                   subscribe=["{prefix}/#"])
     return {
         "device": AclRule(
             publish=[
@@ -139,7 +145,7 @@ def default_acl() -> dict[str, AclRule]:
         ),
         "technician": tech,
         "controller": tech.model_copy(deep=True),
-        "monitor": AclRule(subscribe=["{prefix}/#"]),
+        "monitor": AclRule(subscribe=["{prefix}/#", "$SYS/#"]),
         "admin": AclRule(publish=["#"], subscribe=["#"]),
         "anonymous": AclRule(),
     }
@@ -363,6 +369,7 @@ class Config(_Section):
     bridges: BridgesSection = Field(default_factory=BridgesSection)
     http: HttpSection | None = None
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    rules: list[RuleSection] = Field(default_factory=list)  # sensor alarms (gateway.alarms)
 
     # Where the file was read from; relative paths in it are relative to the cwd,
     # like Mosquitto's, so `make run` from the repo works as documented.
@@ -398,33 +405,76 @@ def find_config_path(explicit: str | os.PathLike[str] | None) -> Path:
     return DEFAULT_PATHS[0]
 
 
-def _leaf_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> dict[str, tuple[str, ...]]:
-    """Map ``SECTION_KEY`` env suffixes to dotted paths, derived from the models."""
-    out: dict[str, tuple[str, ...]] = {}
+def shadow_note(explicit: str | os.PathLike[str] | None) -> str | None:
+    """One line for stderr when ``./config.toml`` was picked while the service's file exists.
+
+    The contract's order lets a checkout's config win over ``/etc``; an operator who runs
+    the CLI from a checkout would otherwise act on the dev database without a hint.
+    """
+    if explicit or os.environ.get(CONFIG_ENV):
+        return None
+    local, system = DEFAULT_PATHS
+    if not (local.exists() and system.exists()):
+        return None
+    try:
+        if local.resolve() == system.resolve():
+            return None
+    except OSError:
+        pass
+    return (f"note: using {local.resolve()} (./config.toml comes before {system}); "
+            f"pass --config {system} to act on the installed service")
+
+
+def _leaf_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> dict[str, tuple[tuple[str, ...], Any]]:
+    """Map ``SECTION_KEY`` env suffixes to (dotted path, annotation), derived from the models."""
+    out: dict[str, tuple[tuple[str, ...], Any]] = {}
     for name, field in model.model_fields.items():
         if field.exclude or name == "source":
             continue
         path = prefix + (name,)
         ann = field.annotation
         sub = _model_of(ann)
-        if sub is not None and name not in ("listeners",):
+        if sub is not None:
             out.update(_leaf_paths(sub, path))
         else:
-            out["_".join(path).upper()] = path
+            out["_".join(path).upper()] = (path, ann)
     return out
 
 
 def _model_of(ann: Any) -> type[BaseModel] | None:
+    """The section model behind ``Model`` or ``Model | None``; lists and dicts of models are leaves."""
     if isinstance(ann, type) and issubclass(ann, BaseModel):
         return ann
-    for arg in getattr(ann, "__args__", ()) or ():
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+            return args[0]
     return None
 
 
-def _parse_env_value(raw: str) -> Any:
-    """Env values are TOML values when they parse as one (true, 5, ["a"]), else strings."""
+def _is_text(ann: Any) -> bool:
+    """True when a field takes text as given: str, paths, secrets, string Literals (None aside)."""
+    if ann is type(None):
+        return True
+    if isinstance(ann, type):
+        return issubclass(ann, (str, os.PathLike, SecretStr))
+    origin = typing.get_origin(ann)
+    if origin is typing.Literal:
+        return all(isinstance(v, str) for v in typing.get_args(ann))
+    if origin in (typing.Union, types.UnionType):
+        return all(_is_text(a) for a in typing.get_args(ann))
+    if origin is typing.Annotated:
+        return _is_text(typing.get_args(ann)[0])
+    return False
+
+
+def _parse_env_value(raw: str, ann: Any = None) -> Any:
+    """An override typed from the schema: a text field gets the raw string
+    (``HOMEPOT_GATEWAY_SITE_ID=1234`` is the site id "1234"); numbers, booleans, lists and
+    tables are read as TOML values (``true``, ``5``, ``["a","b"]``), and what does not parse
+    is handed to validation as the string, so the error names the key."""
+    if ann is not None and _is_text(ann):
+        return raw
     try:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -437,10 +487,11 @@ def apply_env(data: dict[str, Any], environ: dict[str, str]) -> list[tuple[str, 
     for name, raw in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
             continue
-        path = leaves.get(name[len(ENV_PREFIX):])
-        if path is None:
+        leaf = leaves.get(name[len(ENV_PREFIX):])
+        if leaf is None:
             problems.append((name, "unknown configuration override (no such key)"))
             continue
+        path, ann = leaf
         node = data
         for part in path[:-1]:
             nxt = node.setdefault(part, {})
@@ -449,7 +500,7 @@ def apply_env(data: dict[str, Any], environ: dict[str, str]) -> list[tuple[str, 
                 break
             node = nxt
         else:
-            node[path[-1]] = _parse_env_value(raw)
+            node[path[-1]] = _parse_env_value(raw, ann)
     return problems
 
 
@@ -463,6 +514,13 @@ def _loc(err_loc: tuple[Any, ...], data: dict[str, Any]) -> str:
             if isinstance(node, list) and item < len(node) and isinstance(node[item], dict):
                 name = node[item].get("name")
             parts[-1] = f"listeners[{name or item}]"
+        elif isinstance(item, int) and parts and parts[-1] == "rules":
+            name = None
+            if isinstance(node, list) and item < len(node) and isinstance(node[item], dict):
+                name = node[item].get("name")
+            parts[-1] = f"rules[{name if isinstance(name, str) and name else item}]"
+        elif isinstance(item, int) and parts and parts[0].startswith("rules["):
+            parts[-1] += f"[{item}]"
         elif isinstance(item, str) and not item.startswith(("function-", "model-")):
             parts.append(item)
         if isinstance(node, dict):
@@ -626,6 +684,7 @@ def parse_config(data: dict[str, Any], environ: dict[str, str] | None = None, so
         if cfg.broker.mode == "embedded" and not cfg.broker.listeners:
             problems.append(("broker.listeners", "embedded mode needs at least one listener"))
         _load_secrets(cfg, problems)
+        problems += check_rules(cfg.rules)
     if problems:
         raise ConfigError(problems)
     assert cfg is not None

@@ -15,7 +15,8 @@ Three kinds of source, none of which costs the pipeline anything between scrapes
 (prometheus_client collectors: objects with ``collect()`` yielding metric families); the
 HTTP service registers them at start. ``collect()`` runs in a worker thread: read values
 that are safe to read there (numbers, a snapshot, your own SQLite connection). The alarms
-service uses this for ``homepot_alarms_firing``.
+service could use it; ``homepot_alarms_firing`` and ``homepot_alarms{state}`` are read
+from the alarms table here.
 """
 
 from __future__ import annotations
@@ -201,6 +202,7 @@ class DatabaseCollector:
             jobs = stats.jobs_by_state(conn)
             devices = stats.device_count(conn)
             backlog = stats.upstream_backlog(conn)
+            alarms = stats.alarms_by_state(conn)
         finally:
             conn.execute("COMMIT")
         deliveries = GaugeMetricFamily(f"{NS}_deliveries", "deliveries now in each state, by platform of the last "
@@ -233,6 +235,14 @@ class DatabaseCollector:
         dev = GaugeMetricFamily(f"{NS}_devices", "registered devices")
         dev.add_metric([], float(devices))
         yield dev
+        if alarms is not None:
+            firing = GaugeMetricFamily(f"{NS}_alarms_firing", "alarms firing now (sensor rules, issue 10)")
+            firing.add_metric([], float(alarms.get("firing", 0)))
+            yield firing
+            by_state = GaugeMetricFamily(f"{NS}_alarms", "alarm records by state", labels=["state"])
+            for state, n in sorted(alarms.items()):
+                by_state.add_metric([state], float(n))
+            yield by_state
         if backlog is not None:
             for key, name, doc in (("buffer_rows", "upstream_backlog_messages", "messages waiting for the cloud"),
                                    ("buffer_bytes", "upstream_backlog_bytes", "bytes waiting for the cloud"),

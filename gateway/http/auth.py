@@ -87,8 +87,8 @@ class BasicAuth:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def invalidate(self) -> None:
-        """Forget every verified credential (SIGHUP, account changes)."""
+    def invalidate(self, cfg: Config | None = None) -> None:
+        """Forget every verified credential (SIGHUP via ``Daemon.on_reload``, account changes)."""
         if self._cache:
             log.info("http credential cache cleared", entries=len(self._cache))
         self._cache.clear()
