@@ -40,7 +40,7 @@ def test_status_without_http_healthy_then_unreachable(gateway_factory, tmp_path)
     assert info["broker"]["clients_connected"] >= 1 and info["broker"]["sessions"] >= 1
     assert info["deliveries"]["simulation"]["acknowledged"] == 1
     assert info["bridges"]["simulation"]["healthy"] is True and info["oldest_queued_age_s"] is None
-    assert info["alarms_firing"] is None  # no alarms table in this version's schema
+    assert info["alarms_firing"] == []  # the alarms table exists, nothing fires
     code, text = status(gw.config)
     assert code == 0 and "OK" in text and "simulation" in text
     assert gw.stop() == 0
@@ -100,3 +100,30 @@ def test_status_of_a_stuck_daemon_is_unreachable(gateway_factory, tmp_path):
     wait_until(lambda: status(gw.config)[0] == 0, timeout=15)
     assert db_rows(tmp_path / "var", "SELECT COUNT(*) FROM delivery_stats")[0][0] >= 0
     assert gw.stop() == 0
+
+
+def test_a_firing_alarm_shows_in_status_and_metrics(tmp_path):
+    from tests.support import MqttProbe
+
+    rule = {"name": "freezer-high", "topic": "{prefix}/devices/+/telemetry/temp", "value": "", "above": -15.0,
+            "key": "{device_id}", "target": {"segment": "techs"}, "title": "Freezer {device_id} at {value} C",
+            "body": "too warm"}
+    api = make_api_gateway(tmp_path, {"rules": [rule]}, users={})
+    try:
+        probe = MqttProbe(api.port)
+        probe.publish("homepot/site-t/devices/fz-1/telemetry/temp", "-3")
+        probe.close()
+
+        def firing() -> list:
+            return json.loads(status(api.config, "--json")[1])["alarms_firing"]
+
+        alarms = wait_until(firing, timeout=20)
+        assert [(a["rule"], a["key"]) for a in alarms] == [("freezer-high", "fz-1")] and alarms[0]["fired_at"]
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(api.client().get("/metrics").text) for s in f.samples}
+        assert samples[("homepot_alarms_firing", ())] == 1.0
+        code, text = status(api.config)
+        assert "alarms firing: 1" in text and "freezer-high" in text
+    finally:
+        api.close()
+    assert api.gw.stop() == 0
