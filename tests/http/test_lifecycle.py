@@ -4,6 +4,7 @@ a stop within the budget with streams open, hostile clients, account changes."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import threading
 import time
@@ -134,6 +135,10 @@ def test_a_changed_password_is_refused_at_once_though_logins_are_cached(tmp_path
         for _ in range(30):
             assert old.get("/v1/jobs").status_code == 200
         assert time.monotonic() - t0 < 3  # argon2 once, then the cache (30 checks would take seconds)
+        # SIGHUP (systemctl reload) clears the cache through Daemon.on_reload.
+        api.gw.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "http credential cache cleared" in api.gw.log(), timeout=10)
+        assert old.get("/v1/jobs").status_code == 200  # verified again, still valid
         r = cli(api.config, "users", "add", "tech", "--role", "technician", "--password-stdin", input="new-pw\n")
         assert r.returncode == 0
         wait_until(lambda: old.get("/v1/jobs").status_code == 401, timeout=5)
