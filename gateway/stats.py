@@ -7,13 +7,16 @@ same transaction as each change (an insert, a state or platform change, a deleti
 retention), whichever process or component makes it:
 
 - ``delivery_stats(platform, state, n)``: deliveries now in each state, per platform (the
-  channel of the last attempt; ``''`` for a delivery not attempted yet).
+  bridge a queued delivery is routed to where the pipeline keeps ``route``, else the
+  channel of the last attempt; ``''`` when neither is known yet).
 - ``ack_latency_stats(platform, le, n, total_ms)``: first acks per platform and latency
   bucket (``le`` in ms, -1 = above the last bound); only ever grows, like a Prometheus
   histogram, also when old deliveries are pruned.
 
-``migrate`` creates them and rebuilds both from the deliveries table at every daemon
-start, so they heal themselves if anything ever bypassed the triggers. Everything else
+``migrate`` creates them, re-creates the triggers for the deliveries table's columns as they
+are, and rebuilds both from the deliveries table at every daemon start, so they heal
+themselves if anything ever bypassed the triggers. The triggers' writes count in
+``Connection.total_changes``: code counting its own inserts must use ``cursor.rowcount``. Everything else
 here is a read that costs a handful of rows whatever the fleet size.
 """
 
@@ -31,7 +34,7 @@ UNASSIGNED = ""  # platform of a delivery that no bridge has attempted yet
 
 _BUCKET_CASE = "CASE " + " ".join(f"WHEN {{v}} <= {b!r} THEN {b!r}" for b in LATENCY_BUCKETS_MS) + " ELSE -1.0 END"
 
-DDL = f"""
+TABLES = """
 CREATE TABLE IF NOT EXISTS delivery_stats (
     platform TEXT NOT NULL,
     state    TEXT NOT NULL,
@@ -45,40 +48,75 @@ CREATE TABLE IF NOT EXISTS ack_latency_stats (
     total_ms REAL NOT NULL,
     PRIMARY KEY (platform, le)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS deliveries_queued_by_job ON deliveries(job_id, COALESCE(platform, ''))
-    WHERE state = 'queued';
-CREATE TRIGGER IF NOT EXISTS delivery_stats_insert AFTER INSERT ON deliveries BEGIN
-    INSERT INTO delivery_stats(platform, state, n) VALUES (COALESCE(NEW.platform, ''), NEW.state, 1)
+"""
+
+# Re-created at every start from the deliveries table's columns (see platform_columns()).
+TRIGGERS = ("delivery_stats_insert", "delivery_stats_delete", "delivery_stats_update", "ack_latency_stats_update")
+QUEUED_INDEX = "deliveries_queued_by_platform"
+
+DERIVED = """
+CREATE INDEX IF NOT EXISTS {index} ON deliveries(job_id, {key}) WHERE state = 'queued';
+CREATE TRIGGER delivery_stats_insert AFTER INSERT ON deliveries BEGIN
+    INSERT INTO delivery_stats(platform, state, n) VALUES ({key_new}, NEW.state, 1)
     ON CONFLICT(platform, state) DO UPDATE SET n = n + 1;
 END;
-CREATE TRIGGER IF NOT EXISTS delivery_stats_delete AFTER DELETE ON deliveries BEGIN
-    UPDATE delivery_stats SET n = n - 1 WHERE platform = COALESCE(OLD.platform, '') AND state = OLD.state;
+CREATE TRIGGER delivery_stats_delete AFTER DELETE ON deliveries BEGIN
+    UPDATE delivery_stats SET n = n - 1 WHERE platform = {key_old} AND state = OLD.state;
 END;
-CREATE TRIGGER IF NOT EXISTS delivery_stats_update AFTER UPDATE OF state, platform ON deliveries
-WHEN OLD.state IS NOT NEW.state OR OLD.platform IS NOT NEW.platform BEGIN
-    UPDATE delivery_stats SET n = n - 1 WHERE platform = COALESCE(OLD.platform, '') AND state = OLD.state;
-    INSERT INTO delivery_stats(platform, state, n) VALUES (COALESCE(NEW.platform, ''), NEW.state, 1)
+CREATE TRIGGER delivery_stats_update AFTER UPDATE OF state, {watched} ON deliveries
+WHEN OLD.state IS NOT NEW.state OR {key_old} IS NOT {key_new} BEGIN
+    UPDATE delivery_stats SET n = n - 1 WHERE platform = {key_old} AND state = OLD.state;
+    INSERT INTO delivery_stats(platform, state, n) VALUES ({key_new}, NEW.state, 1)
     ON CONFLICT(platform, state) DO UPDATE SET n = n + 1;
 END;
-CREATE TRIGGER IF NOT EXISTS ack_latency_stats_update AFTER UPDATE OF state ON deliveries
+CREATE TRIGGER ack_latency_stats_update AFTER UPDATE OF state ON deliveries
 WHEN NEW.state = 'acknowledged' AND OLD.state IS NOT 'acknowledged' AND NEW.latency_ms IS NOT NULL BEGIN
     INSERT INTO ack_latency_stats(platform, le, n, total_ms)
-    VALUES (COALESCE(NEW.platform, ''), {_BUCKET_CASE.format(v="NEW.latency_ms")}, 1, NEW.latency_ms)
+    VALUES ({key_new}, {bucket_new}, 1, NEW.latency_ms)
     ON CONFLICT(platform, le) DO UPDATE SET n = n + 1, total_ms = total_ms + excluded.total_ms;
 END;
 """
 
 
+def platform_columns(conn: sqlite3.Connection) -> list[str]:
+    """Which delivery columns name its platform, in order of precedence.
+
+    ``platform`` is the channel of the last attempt. A pipeline that also keeps ``route``
+    (the bridge a queued delivery is due on) gives queued work its platform before the first
+    attempt; it is preferred when present."""
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(deliveries)")}
+    return [c for c in ("route", "platform") if c in cols]
+
+
+def platform_key(conn: sqlite3.Connection, alias: str = "") -> str:
+    prefix = f"{alias}." if alias else ""
+    return "COALESCE(" + ", ".join(f"{prefix}{c}" for c in platform_columns(conn)) + ", '')"
+
+
 def migrate(conn: sqlite3.Connection) -> None:
-    """Create the tables and triggers (idempotent) and recount from ``deliveries``."""
-    for statement in _statements(DDL):
+    """Create the tables, (re)create the triggers and index for the deliveries table as it is
+    now, and recount both aggregates from it."""
+    for statement in _statements(TABLES):
+        conn.execute(statement)
+    for name in TRIGGERS:
+        conn.execute(f"DROP TRIGGER IF EXISTS {name}")
+    key = platform_key(conn)
+    existing = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?",
+                            (QUEUED_INDEX,)).fetchone()
+    if existing is not None and key not in existing[0]:
+        conn.execute(f"DROP INDEX {QUEUED_INDEX}")  # the columns changed: index the new key
+    conn.execute("DROP INDEX IF EXISTS deliveries_queued_by_job")  # this module's earlier name
+    ddl = DERIVED.format(index=QUEUED_INDEX, key=key, key_new=platform_key(conn, "NEW"),
+                         key_old=platform_key(conn, "OLD"), watched=", ".join(platform_columns(conn)),
+                         bucket_new=_BUCKET_CASE.format(v="NEW.latency_ms"))
+    for statement in _statements(ddl):
         conn.execute(statement)
     conn.execute("DELETE FROM delivery_stats")
-    conn.execute("INSERT INTO delivery_stats(platform, state, n) SELECT COALESCE(platform, ''), state, COUNT(*) "
+    conn.execute(f"INSERT INTO delivery_stats(platform, state, n) SELECT {key}, state, COUNT(*) "
                  "FROM deliveries GROUP BY 1, 2")
     conn.execute("DELETE FROM ack_latency_stats")
     conn.execute(f"INSERT INTO ack_latency_stats(platform, le, n, total_ms) "
-                 f"SELECT COALESCE(platform, ''), {_BUCKET_CASE.format(v='latency_ms')} AS le, COUNT(*), "
+                 f"SELECT {key}, {_BUCKET_CASE.format(v='latency_ms')} AS le, COUNT(*), "
                  f"SUM(latency_ms) FROM deliveries WHERE state = 'acknowledged' AND latency_ms IS NOT NULL "
                  f"GROUP BY 1, 2")
 
@@ -128,19 +166,20 @@ def oldest_queued(conn: sqlite3.Connection, now: float | None = None) -> dict[st
 
     Only jobs with queued deliveries are visited (their count is kept on the job row), and
     each platform's oldest is found from the oldest job down, one probe of the partial
-    index ``deliveries_queued_by_job`` (queued rows only) each.
+    index :data:`QUEUED_INDEX` (queued rows only) each.
     """
     now = time.time() if now is None else now
     platforms = [p for (p, s), n in delivery_counts(conn).items() if s == "queued" and n > 0]
     if not platforms:
         return {}
+    key = platform_key(conn)
     out: dict[str, float] = {}
     for job_id, created_at in conn.execute("SELECT job_id, created_at FROM jobs WHERE queued > 0 ORDER BY created_at"):
         for platform in platforms:
             if platform in out:
                 continue
-            hit = conn.execute("SELECT 1 FROM deliveries WHERE job_id = ? AND state = 'queued' "
-                               "AND COALESCE(platform, '') = ? LIMIT 1", (job_id, platform)).fetchone()
+            hit = conn.execute(f"SELECT 1 FROM deliveries WHERE job_id = ? AND state = 'queued' "
+                               f"AND {key} = ? LIMIT 1", (job_id, platform)).fetchone()
             if hit is not None:
                 out[platform] = max(0.0, now - created_at)
         if len(out) == len(platforms):

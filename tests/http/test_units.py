@@ -124,3 +124,31 @@ def test_http_config_keys_are_validated_and_named(tmp_path):
     cfg = parse_config({"broker": {"listeners": [{"name": "l", "bind": "127.0.0.1:1"}]}, "http": {"bind": "[::1]:8443"}},
                        environ={})
     assert cfg.http.base_url() == "http://[::1]:8443"
+
+
+def test_a_route_column_gives_queued_work_its_platform_before_the_first_attempt():
+    """A pipeline that routes deliveries (a ``route`` column) is followed at the next start."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    schema.migrate(conn)
+    stats.migrate(conn)
+    conn.execute("INSERT INTO jobs(job_id, state, source, target, notification, options, created_at, updated_at, "
+                 "expires_at, ttl, queued) VALUES ('j', 'dispatching', 't', '{}', '{}', '{}', 0, 0, 9e9, 60, 2)")
+    conn.execute("INSERT INTO deliveries(message_id, job_id, device_id, state, next_at) VALUES ('m1', 'j', 'd1', 'queued', 0)")
+    assert stats.delivery_counts(conn) == {("", "queued"): 1}
+    if "route" not in {r[1] for r in conn.execute("PRAGMA table_info(deliveries)")}:
+        conn.execute("ALTER TABLE deliveries ADD COLUMN route TEXT")
+    conn.execute("UPDATE deliveries SET route = 'fcm'")
+    stats.migrate(conn)  # the next start
+    assert stats.delivery_counts(conn) == {("fcm", "queued"): 1} == grouped_by(conn, "COALESCE(route, platform, '')")
+    conn.execute("INSERT INTO deliveries(message_id, job_id, device_id, state, next_at, route) "
+                 "VALUES ('m2', 'j', 'd2', 'queued', 0, 'wns')")
+    conn.execute("UPDATE deliveries SET route = 'apns' WHERE message_id = 'm1'")
+    assert stats.delivery_counts(conn) == {("apns", "queued"): 1, ("wns", "queued"): 1}
+    assert set(stats.oldest_queued(conn)) == {"apns", "wns"}
+    plan = conn.execute("EXPLAIN QUERY PLAN SELECT 1 FROM deliveries WHERE job_id = 'j' AND state = 'queued' "
+                        f"AND {stats.platform_key(conn)} = 'wns' LIMIT 1").fetchall()
+    assert stats.QUEUED_INDEX in str(plan)
+
+
+def grouped_by(conn: sqlite3.Connection, key: str) -> dict[tuple[str, str], int]:
+    return {(r[0], r[1]): r[2] for r in conn.execute(f"SELECT {key}, state, COUNT(*) FROM deliveries GROUP BY 1, 2")}
