@@ -468,5 +468,13 @@ def alarms_ack(
         typer.echo(f"{rule} {row.key}: ack recorded; the gateway applies it when it runs")
 
 
+@app.command("status")
+def status(as_json: Annotated[bool, typer.Option("--json", help="print the status as JSON")] = False) -> None:
+    """The running gateway at a glance; exit 0 healthy, 1 degraded, 2 unreachable."""
+    from gateway.status import main as status_main
+
+    raise typer.Exit(status_main(get_config(), as_json))
+
+
 def main() -> None:
     app()

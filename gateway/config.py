@@ -317,11 +317,38 @@ class BridgesSection(_Section):
 
 class HttpSection(_Section):
     bind: str = "127.0.0.1:8080"
+    public_url: str = ""  # how devices reach the API; "" = http(s)://<bind>
+    ack_secret_file: Path | None = None  # HMAC key of signed ack URLs; None = <data_dir>/ack_secret
+    certfile: Path | None = None  # HTTPS when certfile and keyfile are set
+    keyfile: Path | None = None
 
     @field_validator("bind")
     @classmethod
     def _bind(cls, v: str) -> str:
         return _check_host_port(v)
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, v: str) -> str:
+        if v and not re.match(r"^https?://[^/?#\s@]+(/[^?#\s]*)?$", v):
+            raise ValueError("expected http(s)://HOST[:PORT][/PATH] without query or user info")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "HttpSection":
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("certfile and keyfile go together (HTTPS needs both)")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.certfile is not None
+
+    def base_url(self) -> str:
+        """``public_url``, else ``http(s)://<bind>`` (what ack URLs start with)."""
+        if self.public_url:
+            return self.public_url
+        return f"{'https' if self.tls else 'http'}://{self.bind}"
 
 
 class LoggingSection(_Section):
@@ -612,6 +639,11 @@ def _load_secrets(cfg: Config, problems: list[tuple[str, str]]) -> None:
         path = b.webpush.vapid_private_key_file
         if path.exists() and "PRIVATE KEY" not in path.read_text(encoding="utf-8", errors="replace"):
             problems.append(("bridges.webpush.vapid_private_key_file", "not a PEM private key"))
+    if cfg.http is not None:
+        for attr in ("certfile", "keyfile"):
+            value = getattr(cfg.http, attr)
+            if value is not None:
+                _require_file(value, f"http.{attr}", problems)
     for name in ("fcm", "wns", "webpush"):
         ca = getattr(b, name).ca_file
         if getattr(b, name).enabled and ca is not None and str(ca):

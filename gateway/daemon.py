@@ -222,10 +222,6 @@ class Daemon:
                 self.broker = None
                 return 2
 
-        if cfg.http is not None:
-            # Contract §4 reserves [http] for a later HTTP API; say so instead of pretending.
-            log.warning("[http] is configured but this version has no HTTP API; nothing listens on it",
-                        bind=cfg.http.bind)
         client = GatewayClient(self.client_settings(), name="broker")
         self.client = client
         self.services = self._service_factory(self)
@@ -249,10 +245,11 @@ class Daemon:
         service_tasks = [asyncio.create_task(svc.run(services_stopping), name=svc.name) for svc in self.services]
         watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
         status = f"running; broker {cfg.broker.mode} {cfg.broker.url}"
-        self.notifier.ready(status)
-        self._ready = True
-        log.info("gateway ready", site_id=cfg.gateway.site_id, mode=cfg.broker.mode, url=cfg.broker.url,
-                 services=[s.name for s in self.services], version=__version__)
+        if await _services_started(self.services, service_tasks):  # e.g. the HTTP API listens
+            self.notifier.ready(status)
+            self._ready = True
+            log.info("gateway ready", site_id=cfg.gateway.site_id, mode=cfg.broker.mode, url=cfg.broker.url,
+                     services=[s.name for s in self.services], version=__version__)
 
         stop_wait = asyncio.create_task(self.stop_event.wait())
         await asyncio.wait([stop_wait, *service_tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -260,7 +257,7 @@ class Daemon:
         for task in service_tasks:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 log.error("service crashed", service=task.get_name(), error=repr(task.exception()))
-                exit_code = 1
+                exit_code = max(exit_code, getattr(task.exception(), "exit_code", 1))
 
         # ---------------------------------------------------------- shutdown
         self.notifier.stopping("stopping: finishing in-flight work")
@@ -304,6 +301,18 @@ class Daemon:
             await asyncio.sleep(interval)
 
 
+async def _services_started(services: list[Service], tasks: list[asyncio.Task[None]]) -> bool:
+    """Wait for each service that has a ``started`` event (set once it serves); False if one
+    ended first (it failed to start: no READY=1, the daemon stops)."""
+    for svc, task in zip(services, tasks):
+        started = getattr(svc, "started", None)
+        if isinstance(started, asyncio.Event) and not started.is_set():
+            waiter = asyncio.ensure_future(started.wait())
+            await asyncio.wait([waiter, task], return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+    return not any(t.done() for t in tasks)
+
+
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ; lists (listeners, rules) are compared whole."""
     if isinstance(old, dict) and isinstance(new, dict):
@@ -315,7 +324,14 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def default_services(daemon: Daemon) -> list[Service]:
-    """The services a daemon runs; the pipeline and upstream link register here."""
+    """The services a daemon runs: the pipeline (and upstream link) and the alarms, then the
+    health reporter and, with [http], the HTTP API."""
+    services = _core_services(daemon)
+    return [*services, *_observer_services(daemon)]
+
+
+def _core_services(daemon: Daemon) -> list[Service]:
+    """The pipeline, the upstream link and the alarms."""
     from gateway.alarms.service import AlarmService
     from gateway.pipeline import Pipeline
 
@@ -333,6 +349,22 @@ def default_services(daemon: Daemon) -> list[Service]:
     # Last: its routes come after the pipeline's, so a rule never takes P/jobs or device acks away.
     services.append(AlarmService(daemon.cfg, daemon.db, pipeline))
     return services
+
+
+def _observer_services(daemon: Daemon) -> list[Service]:
+    """runtime.json for `status`, /healthz and /metrics; the HTTP API when [http] is set."""
+    from gateway.health import HealthReporter
+
+    reporter = HealthReporter(daemon)
+    if daemon.cfg.http is None:
+        return [reporter]
+    from gateway.http import HttpService
+
+    http = HttpService(daemon, reporter)
+    if daemon.pipeline is not None:
+        daemon.pipeline.ack_url = http.ack_url  # every payload carries its signed ack URL (§8)
+    daemon.on_reload(http.auth.invalidate, name="http credential cache")  # SIGHUP: forget cached logins
+    return [reporter, http]
 
 
 def run_daemon(cfg: Config) -> int:

@@ -12,6 +12,7 @@ import json
 import random
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -85,6 +86,8 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._jobs: OrderedDict[str, JobInfo] = OrderedDict()
         self._accepting = True
+        # message_id → signed ack URL, put in every payload when [http] is on (contract §8).
+        self.ack_url: Callable[[str], str] | None = None
 
     # ----------------------------------------------------------------- loop
     async def run(self, stopping: asyncio.Event) -> None:
@@ -223,7 +226,8 @@ class Dispatcher:
         delivery = Delivery(
             message_id=row.message_id, job_id=row.job_id, device_id=row.device_id, channel=channel,
             notification=job.notification, options=job.options.get(platform) or {},
-            sent_at=now_dt, expires_at=datetime.fromtimestamp(job.expires_at, UTC), attempt=attempt)
+            sent_at=now_dt, expires_at=datetime.fromtimestamp(job.expires_at, UTC), attempt=attempt,
+            ack_url=self.ack_url(row.message_id) if self.ack_url is not None else None)
         released = False
         try:
             try:

@@ -41,6 +41,7 @@ class Pipeline:
         self.dispatcher: Dispatcher | None = None
         self.expander: Expander | None = None
         self.status: StatusPublisher | None = None
+        self.ack_url: Any = None  # message_id → signed ack URL (set by the daemon when [http] is on)
 
     # ----------------------------------------------------------------- set-up
     def attach(self, client: GatewayClient) -> None:
@@ -56,6 +57,7 @@ class Pipeline:
                             on_ack=self._bridge_ack)
         self.bridges = build_bridges(self.cfg, ctx)
         self.dispatcher = Dispatcher(self.cfg.dispatch, self.db, self.bridges, self.recorder)
+        self.dispatcher.ack_url = self.ack_url
 
     def _gate(self, handler: Any) -> Any:
         """Messages that arrive before the schema exists wait for it."""
