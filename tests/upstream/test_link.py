@@ -42,7 +42,12 @@ async def enqueue_traffic(db: Database, start: int, count: int, jobs: int = 5) -
 
 
 def forwarded(msgs: list[Seen]) -> list[tuple[str, bytes]]:
-    return [(m.topic, m.payload) for m in msgs if "/gateway/status" not in m.topic]
+    """(topic, payload as queued) of every outbox row the cloud saw, in arrival order."""
+    return [(m.topic, m.body) for m in msgs if "/gateway/status" not in m.topic]
+
+
+def ids(msgs: list[Seen]) -> list[str | None]:
+    return [m.id for m in msgs if "/gateway/status" not in m.topic]
 
 
 def first_occurrences(items: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
@@ -75,11 +80,13 @@ async def test_buffered_rows_drain_in_order_and_statuses_are_retained(cloud: Clo
             await wait_until(lambda: link.metrics()["buffer_rows"] == 0, what="outbox emptied")
             assert link.metrics()["published"] == 180 and link.metrics()["connected"]
     assert forwarded(msgs) == sent  # exactly once here (no outage), in enqueue order
+    assert None not in ids(msgs) and len(set(ids(msgs))) == 180  # every row carries its own id
 
     # retained: a controller subscribing later sees each job's last status and the gateway status
     for j in range(5):
         last = [p for t, p in sent if t == f"{PREFIX}/jobs/job-{j}/status"][-1]
-        assert cloud.retained(f"{PREFIX}/jobs/job-{j}/status") == last
+        retained = cloud.retained(f"{PREFIX}/jobs/job-{j}/status")
+        assert Seen("", retained, True, 0).body == last
     assert cloud.retained(f"{PREFIX}/acks", timeout=0.3) is None  # acks are not retained
     status = json.loads(cloud.retained(f"{PREFIX}/gateway/status"))
     assert status["state"] == "offline"  # clean stop says so

@@ -94,11 +94,9 @@ def test_seq_is_never_reused_after_the_buffer_empties(conn):
     assert rows(conn)[0].seq > last  # a drain cursor at `last` still finds it
 
 
-def test_bad_kind_or_keyed_ack_is_a_programming_error(conn):
+def test_bad_kind_is_a_programming_error(conn):
     with pytest.raises(ValueError):
         outbox.enqueue(conn, "telemetry", "t", b"", False)  # type: ignore[arg-type]
-    with pytest.raises(ValueError):
-        outbox.enqueue(conn, "ack", "t", b"", False, coalesce_key="job")
 
 
 def test_below_the_warning_level_nothing_is_coalesced(conn):
@@ -128,7 +126,7 @@ def test_near_the_cap_status_snapshots_are_coalesced_oldest_first_and_acks_kept(
         # crossing 90 %: one warning, the redundant snapshots go, every ack stays
         tx(conn, lambda c: [ack(c, n + i) for i in range(12)])
     warnings = [e for e in logs if e["log_level"] == "warning"]
-    assert [e["event"] for e in warnings] == ["upstream buffer nearly full; coalescing job status snapshots"]
+    assert [e["event"] for e in warnings] == ["upstream buffer nearly full; coalescing"]
     st = consistent(conn)
     assert st.near_cap and st.dropped == 0 and st.coalesced > 0
     assert st.bytes <= cap
@@ -165,8 +163,8 @@ def test_at_the_cap_oldest_acks_drop_first_counted_and_warned_once(conn):
     # the job statuses (one per job, nothing to coalesce) were kept while acks could give way
     assert sorted(json.loads(r.payload)["job_id"] for r in left if r.kind == "status") == ["job-0", "job-1", "job-2"]
     events = [e["event"] for e in logs if e["log_level"] == "warning"]
-    assert events.count("upstream buffer full; dropping the oldest messages") == 1
-    assert events.count("upstream buffer nearly full; coalescing job status snapshots") == 1
+    assert events.count("upstream buffer full; dropping the oldest messages (overflow = drop-oldest)") == 1
+    assert events.count("upstream buffer nearly full; coalescing") == 1
 
 
 def test_statuses_drop_only_when_no_ack_is_left(conn):
