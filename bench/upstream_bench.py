@@ -9,7 +9,7 @@ Measures, in one run on this machine, against the same proxy and the same Mosqui
   at 0 ms and at 100 ms RTT;
 - with the default window (``[upstream] max_inflight``) and with a window of 64, the
   publishes the drain kept in flight before the sliding window (it waited for a whole batch).
-An independent subscriber (another process) checks that every ack arrived once and in order.
+An independent subscriber (``mosquitto_sub``) checks that every ack arrived once and in order.
 
     python -m bench.upstream_bench [--acks 20000] [--rtt-ms 100] [--json out.json]
 """
@@ -21,8 +21,8 @@ import asyncio
 import json
 import multiprocessing as mp
 import sys
+import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -44,36 +44,26 @@ def _proxy_process(target_port: int, delay_s: float, port_q: Any, stop_ev: Any) 
     proxy.stop()
 
 
-def _receiver_process(port: int, expected: int, ready_ev: Any, result_q: Any) -> None:
-    """Subscribe P/acks at QoS 1; report count, order and the arrival span."""
-    import paho.mqtt.client as paho
+class Receiver:
+    """``mosquitto_sub`` (C, so it costs the measured process nothing) on P/acks at QoS 1;
+    line-buffered (``stdbuf``) so its SUBACK line is seen before the drain starts."""
 
-    seen: list[int] = []
-    times: list[float] = []
-    done = threading.Event()
+    def __init__(self, port: int, expected: int):
+        self.expected = expected
+        self.proc = subprocess.Popen(
+            ["stdbuf", "-oL", "mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-t", f"{PREFIX}/acks", "-q", "1",
+             "-C", str(expected), "-d", "-i", f"bench-receiver-{time.monotonic_ns()}"],
+            stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:  # -d: debug lines; wait for the SUBACK
+            if "SUBACK" in line:
+                return
+        raise RuntimeError("mosquitto_sub did not subscribe")
 
-    def on_connect(c: paho.Client, *_: Any) -> None:
-        c.subscribe(f"{PREFIX}/acks", qos=1)
-
-    def on_subscribe(*_: Any) -> None:
-        ready_ev.set()
-
-    def on_message(_c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
-        seen.append(json.loads(msg.payload)["n"])
-        times.append(time.perf_counter())
-        if len(seen) >= expected:
-            done.set()
-
-    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-receiver", clean_session=True)
-    c.on_connect, c.on_subscribe, c.on_message = on_connect, on_subscribe, on_message
-    c.max_inflight_messages_set(1000)
-    c.connect("127.0.0.1", port)
-    c.loop_start()
-    done.wait(600)
-    c.disconnect()
-    c.loop_stop()
-    result_q.put({"received": len(seen), "in_order": seen == sorted(seen),
-                  "unique": len(set(seen)), "span_s": (times[-1] - times[0]) if times else None})
+    def result(self) -> dict[str, Any]:
+        out, _ = self.proc.communicate(timeout=120)
+        seen = [json.loads(line)["n"] for line in out.splitlines() if line.startswith("{")]
+        return {"received": len(seen), "in_order": seen == sorted(seen), "unique": len(set(seen))}
 
 
 async def _drain(workdir: Path, proxy_port: int, acks: int, window: int) -> dict[str, Any]:
@@ -125,21 +115,18 @@ def run_case(mosq_port: int, acks: int, delay_s: float, window: int) -> dict[str
     proxy = ctx.Process(target=_proxy_process, args=(mosq_port, delay_s, port_q, stop_ev), daemon=True)
     proxy.start()
     proxy_port = port_q.get(timeout=10)
-    ready_ev, result_q = ctx.Event(), ctx.Queue()
-    receiver = ctx.Process(target=_receiver_process, args=(mosq_port, acks, ready_ev, result_q), daemon=True)
-    receiver.start()
-    assert ready_ev.wait(10), "receiver did not subscribe"
+    receiver = Receiver(mosq_port, acks)
     try:
         with tempfile.TemporaryDirectory(prefix="upstream-bench-") as tmp:
             drained = asyncio.run(_drain(Path(tmp), proxy_port, acks, window))
-        got = result_q.get(timeout=120)
+        got = receiver.result()
     finally:
         stop_ev.set()
         proxy.join(5)
-        receiver.join(5)
-        for p in (proxy, receiver):
-            if p.is_alive():
-                p.kill()
+        if proxy.is_alive():
+            proxy.kill()
+        if receiver.proc.poll() is None:
+            receiver.proc.kill()
     return {"rtt_ms": round(2 * delay_s * 1000), "window": window, "acks": acks, **drained, **got}
 
 

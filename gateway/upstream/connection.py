@@ -52,12 +52,12 @@ _CLIENT_CERT_REJECTED = (
 _PLAINTEXT_ANSWER = ("wrong_version_number", "wrong version number", "packet length mismatch",
                      "record layer failure", "http request")
 _CLOSED_IN_HANDSHAKE = ("unexpected_eof_while_reading", "unexpected eof while reading",
-                        "eof occurred in violation of protocol")
+                        "eof occurred in violation of protocol", "connection reset")
 _HOSTNAME_MISMATCH = ("hostname mismatch", "ip address mismatch", "doesn't match", "does not match")
 _CERT_EXPIRED = ("certificate has expired", "certificate is not yet valid")
 _SERVER_CERT_UNTRUSTED = ("certificate_verify_failed", "certificate verify failed")
 _UNREACHABLE = ("connection refused", "timed out", "no route to host", "name or service not known",
-                "temporary failure in name resolution", "network is unreachable", "connection reset")
+                "temporary failure in name resolution", "network is unreachable")
 
 
 def _code(exc: BaseException) -> int | None:
@@ -101,7 +101,7 @@ def explain(exc: BaseException, settings: ConnectionSettings) -> str:
     if any(marker in low for marker in _SERVER_CERT_UNTRUSTED):
         return ("cannot verify the cloud broker's certificate: it is not signed by a CA we trust (check "
                 f"upstream.ca_file): {text}")
-    if "closed before connack" in low:
+    if "closed before connack" in low or "connection reset" in low:
         hint = ("client certificate, credentials, client id" if tls else
                 "credentials, client id; or the port expects TLS: use mqtts://")
         return f"the cloud broker closed the connection during login (check {hint}): {text}"

@@ -24,10 +24,11 @@ What makes it safe:
   end with the same row as the oldest unconfirmed (the connection dropped shortly after
   it was sent, or its PUBACK never came while later ones did), it is moved to
   ``upstream_outbox_aside`` (kept, counted, logged) and the drain goes on with the rest.
-* **A clean stop waits for what is in flight.** On stop no new row is sent after
-  ``3/4`` of ``stop_flush_s``; the PUBACKs still due are awaited until ``stop_flush_s``,
-  and the confirmed prefix is deleted. Only rows truly unconfirmed are sent again after
-  the restart.
+* **A clean stop waits for what is in flight.** On stop the drain goes on sending only
+  while a row sent now can still be confirmed within ``stop_flush_s`` (twice the moving
+  average of publish → PUBACK, plus 50 ms), then awaits the PUBACKs still due until
+  ``stop_flush_s`` and deletes the confirmed prefix. Only rows truly unconfirmed are sent
+  again after the restart.
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ class Drain:
         self._highest_sent = 0  # rows up to this seq were published before (a resend otherwise)
         self._strike_seq: int | None = None
         self._strikes = 0
+        self._confirm_s = 0.2  # moving average of publish → PUBACK, for the stop's last sends
 
     def notify(self) -> None:
         """A row was queued (called on the loop, via ``call_soon_threadsafe``)."""
@@ -158,7 +160,7 @@ class Drain:
         lost = self.client.lost
         s = self._session = _Session()
         watchers = [asyncio.create_task(_set_when(ev, s.changed)) for ev in (lost, stopping)]
-        send_until = hard_deadline = None
+        hard_deadline: float | None = None
         ended = "stopped"
         try:
             while True:
@@ -170,14 +172,14 @@ class Drain:
                     ended = "lost"
                     break
                 if stopping.is_set() and hard_deadline is None:
-                    send_until = now + 0.75 * self.stop_flush_s
                     hard_deadline = now + self.stop_flush_s
                 self._retire(s)
                 s.failed = s.failed or self._overdue(s, now)
                 if s.failed is not None:
                     ended = "broken"
                     break
-                sending = send_until is None or now < send_until
+                # Stopping: send only what can still be confirmed before the deadline.
+                sending = hard_deadline is None or now + 2 * self._confirm_s + 0.05 < hard_deadline
                 if (s.fetching is None and sending and len(s.ahead) < max(1, self.window // 2)
                         and (not s.exhausted or self.wake.is_set())):
                     s.fetching = self._background(s, self._fetch(s))
@@ -259,6 +261,8 @@ class Drain:
         else:
             slot.state = ACKED
             s.max_acked = max(s.max_acked, slot.row.seq)
+            # how long a row takes from publish to PUBACK now (round trip plus queueing)
+            self._confirm_s += 0.05 * (time.monotonic() - slot.sent_at - self._confirm_s)
         s.changed.set()
 
     def _retire(self, s: _Session) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -116,10 +115,6 @@ async def wait_until(predicate, timeout: float = 15.0, what: str = "condition") 
         await asyncio.sleep(0.02)
 
 
-def seq_of(m: Seen) -> int:
-    return int(re.fullmatch(r"[0-9a-f]+-(\d+)", m.id or "").group(1))  # type: ignore[union-attr]
-
-
 async def test_a_lost_puback_never_lets_an_older_status_win(cloud: Cloud, db: Database, tmp_path: Path):
     """Issue 15.1: the PUBACK of one status snapshot is lost while later rows are confirmed."""
     lost: list[Publish] = []
@@ -134,7 +129,7 @@ async def test_a_lost_puback_never_lets_an_older_status_win(cloud: Cloud, db: Da
     with MqttFaultProxy(cloud.plain_port, policy=policy) as proxy, Observer(cloud) as obs:
         cfg = plain_config(cloud, proxy, tmp_path)
         async with running(UpstreamLink(cfg, db, RecordingIntake(), **FAST)) as link:
-            await wait_until(lambda: link.metrics()["buffer_rows"] == 0 and link.metrics()["connected"],
+            await wait_until(lambda: link.metrics().get("buffer_rows") == 0 and link.metrics()["connected"],
                              what="outbox emptied")
             msgs = await everything_seen(cloud, obs)
             metrics = link.metrics()
@@ -156,7 +151,7 @@ async def test_a_slow_link_keeps_a_window_in_flight_and_deletes_in_batches(cloud
     with MqttFaultProxy(cloud.plain_port, delay_s=0.1) as proxy, Observer(cloud) as obs:
         cfg = plain_config(cloud, proxy, tmp_path, max_inflight=400)
         async with running(UpstreamLink(cfg, db, RecordingIntake(), **FAST)) as link:
-            await wait_until(lambda: link.metrics()["buffer_rows"] == 0, timeout=30, what="outbox emptied")
+            await wait_until(lambda: link.metrics().get("buffer_rows") == 0, timeout=30, what="outbox emptied")
             msgs = await everything_seen(cloud, obs)
             metrics = link.metrics()
     assert [(m.topic, m.body) for m in rows_seen(msgs)] == sent  # exactly once, in order
@@ -176,7 +171,7 @@ async def test_cuts_after_n_publishes_resend_only_the_unconfirmed_suffix(cloud: 
     with MqttFaultProxy(cloud.plain_port, policy=policy, delay_s=0.02) as proxy, Observer(cloud) as obs:
         cfg = plain_config(cloud, proxy, tmp_path)
         async with running(UpstreamLink(cfg, db, RecordingIntake(), **FAST)) as link:
-            await wait_until(lambda: link.metrics()["buffer_rows"] == 0, timeout=30, what="outbox emptied")
+            await wait_until(lambda: link.metrics().get("buffer_rows") == 0, timeout=30, what="outbox emptied")
             msgs = await everything_seen(cloud, obs)
             metrics = link.metrics()
     assert proxy.stats.cuts == 3
@@ -204,7 +199,7 @@ async def test_a_broker_that_kicks_on_one_topic_gets_backoff_and_the_row_is_set_
         link = UpstreamLink(cfg, db, RecordingIntake(), backoff_initial=0.1, backoff_max=0.4,
                             poll_interval=0.2, set_aside_after=4)
         async with running(link):
-            await wait_until(lambda: link.metrics()["buffer_rows"] == 0, timeout=20, what="outbox emptied")
+            await wait_until(lambda: link.metrics().get("buffer_rows") == 0, timeout=20, what="outbox emptied")
             msgs = await everything_seen(cloud, obs)
             metrics = link.metrics()
             connections = proxy.stats.connections
@@ -230,17 +225,17 @@ async def test_a_broker_that_kicks_on_one_topic_gets_backoff_and_the_row_is_set_
 
 async def test_a_clean_stop_mid_drain_sends_nothing_twice(cloud: Cloud, db: Database, tmp_path: Path):
     """Issue 15.6: stopping while hundreds are in flight waits for their PUBACKs."""
-    sent = await enqueue_mix(db, 0, 2000)
+    sent = await enqueue_mix(db, 0, 3000)
     with MqttFaultProxy(cloud.plain_port, delay_s=0.05) as proxy, Observer(cloud) as obs:
         cfg = plain_config(cloud, proxy, tmp_path, max_inflight=300)
-        link = UpstreamLink(cfg, db, RecordingIntake(), **FAST)
+        link = UpstreamLink(cfg, db, RecordingIntake(), stop_flush_s=0.6, **FAST)
         async with running(link):
-            await wait_until(lambda: link.metrics()["published"] >= 300 and link.metrics()["in_flight"] >= 100,
+            await wait_until(lambda: link.metrics()["published"] >= 300,
                              what="a window in flight")
         stopped = await link.refresh_metrics()
-        assert 0 < stopped["buffer_rows"] < 2000  # stopped mid-drain
+        assert 0 < stopped["buffer_rows"] < 3000  # stopped mid-drain
         async with running(UpstreamLink(cfg, db, RecordingIntake(), **FAST)) as again:
-            await wait_until(lambda: again.metrics()["buffer_rows"] == 0, timeout=30, what="outbox emptied")
+            await wait_until(lambda: again.metrics().get("buffer_rows") == 0, timeout=30, what="outbox emptied")
             msgs = await everything_seen(cloud, obs)
     assert [(m.topic, m.body) for m in rows_seen(msgs)] == sent  # once each, in order, across the stop
 

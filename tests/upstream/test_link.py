@@ -174,7 +174,8 @@ async def test_statuses_of_the_same_job_never_regress_on_the_cloud(cloud: Cloud,
     assert json.loads(cloud.retained(f"{PREFIX}/jobs/{job}/status"))["n"] == 199
 
 
-@pytest.mark.parametrize("case", ["bad_password", "untrusted_server", "client_cert_rejected", "broken_tls_file"])
+@pytest.mark.parametrize("case", ["bad_password", "untrusted_server", "client_cert_rejected", "broken_tls_file",
+                                  "plaintext_port", "wrong_host"])
 async def test_bad_credentials_or_certificates_retry_with_backoff(case: str, cloud_factory, db: Database,
                                                                   tmp_path: Path):
     cloud = cloud_factory(require_certificate=case == "client_cert_rejected")
@@ -192,6 +193,12 @@ async def test_bad_credentials_or_certificates_retry_with_backoff(case: str, clo
         other = Cloud(tmp_path / "other-ca")  # a client certificate from a CA the broker does not trust
         overrides.update(cert_file=str(other.client_cert), key_file=str(other.client_key))
         expect = "rejected our client certificate"
+    elif case == "plaintext_port":  # mqtts:// to a port that speaks plain MQTT: not a certificate problem
+        overrides["url"] = f"mqtts://127.0.0.1:{cloud.plain_port}"
+        expect = "(is the port in upstream.url a plaintext MQTT port? mqtts:// needs the TLS port"
+    elif case == "wrong_host":  # the certificate names 127.0.0.1 and localhost, not this name
+        overrides["url"] = f"mqtts://127.1:{cloud.port}"  # 127.0.0.1 by another name
+        expect = "the cloud broker's certificate is not for this host"
     else:
         garbage = tmp_path / "garbage.pem"
         garbage.write_text("-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n")
