@@ -134,7 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--acks", type=int, default=20000)
     parser.add_argument("--rtt-ms", type=float, default=100.0)
-    parser.add_argument("--window", type=int, default=500, help="the default [upstream] max_inflight")
+    parser.add_argument("--window", type=int, default=1000, help="the default [upstream] max_inflight")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="upstream-bench-mosq-") as tmp:

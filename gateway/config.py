@@ -221,7 +221,7 @@ class UpstreamSection(_MqttLinkSection):
     # A password over mqtt:// or ws:// travels in clear: refused unless this is true.
     allow_plaintext: bool = False
     # Publishes awaiting the cloud's PUBACK at once (the drain's window).
-    max_inflight: int = Field(default=500, ge=1, le=10000)
+    max_inflight: int = Field(default=1000, ge=1, le=10000)
 
     def plaintext_problems(self) -> list[tuple[str, str]]:
         """``mqtt://``/``ws://`` with secrets or TLS files: (key, message) for each.

@@ -103,7 +103,7 @@ class _Session:
 class Drain:
     """Publishes the outbox through an :class:`UpstreamClient`, one session per connection."""
 
-    def __init__(self, db: Database, client: UpstreamClient, *, window: int = 500,
+    def __init__(self, db: Database, client: UpstreamClient, *, window: int = 1000,
                  publish_timeout: float = 30.0, poll_interval: float = 1.0, gap_grace: float = 2.0,
                  forget_batch: int = 500, forget_interval: float = 0.1, set_aside_after: int = 5,
                  suspect_s: float = 10.0, stop_flush_s: float = 2.0):
@@ -180,7 +180,7 @@ class Drain:
                     break
                 # Stopping: send only what can still be confirmed before the deadline.
                 sending = hard_deadline is None or now + 2 * self._confirm_s + 0.05 < hard_deadline
-                if (s.fetching is None and sending and len(s.ahead) < max(1, self.window // 2)
+                if (s.fetching is None and sending and len(s.ahead) < self.window
                         and (not s.exhausted or self.wake.is_set())):
                     s.fetching = self._background(s, self._fetch(s))
                 if s.forget and s.forgetting is None and (

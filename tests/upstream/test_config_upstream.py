@@ -61,7 +61,7 @@ def test_overflow_and_max_inflight_are_validated(tmp_path: Path):
     cfg = parse_config(config(tmp_path), environ={})
     assert cfg.upstream is not None
     assert (cfg.upstream.overflow, cfg.upstream.max_inflight, cfg.upstream.allow_plaintext) == (
-        "drop-oldest", 500, False)
+        "drop-oldest", 1000, False)
     assert [k for k, _ in problems(config(tmp_path, overflow="drop-newest"))] == ["upstream.overflow"]
     assert [k for k, _ in problems(config(tmp_path, max_inflight=0))] == ["upstream.max_inflight"]
     ok = parse_config(config(tmp_path, overflow="refuse-new", max_inflight=100), environ={})
