@@ -69,45 +69,51 @@ def _code(exc: BaseException) -> int | None:
     return None
 
 
-def explain(exc: BaseException, settings: ConnectionSettings) -> str:
-    """One stable sentence naming the likely cause and the keys to check, plus the raw error."""
-    text = str(exc) or type(exc).__name__
-    low = text.lower()
+def cause(exc: BaseException, settings: ConnectionSettings) -> str | None:
+    """The likely cause of a failed connect and the keys to check, in one stable sentence
+    (None when the error says nothing we can add to)."""
+    low = (str(exc) or type(exc).__name__).lower()
     code = _code(exc)
     if isinstance(exc, MqttConnectError) or code is not None:
         if code in _AUTH_CODES:
             return ("the cloud broker refused our credentials (check upstream.username, "
-                    f"upstream.password_file and the broker's ACL): {text}")
+                    "upstream.password_file and the broker's ACL)")
         if code in _CLIENT_ID_CODES:
-            return f"the cloud broker refused our client id (check upstream.client_id): {text}"
+            return "the cloud broker refused our client id (check upstream.client_id)"
         if isinstance(exc, MqttConnectError):
-            return f"the cloud broker refused the connection: {text}"
+            return "the cloud broker refused the connection"
     if any(marker in low for marker in _CLIENT_CERT_REJECTED):
         return ("the cloud broker rejected our client certificate (check upstream.cert_file, "
-                f"upstream.key_file and the CA the broker trusts): {text}")
+                "upstream.key_file and the CA the broker trusts)")
     tls = MqttUrl(settings.url).tls
     if tls and any(marker in low for marker in _PLAINTEXT_ANSWER):
         # Not a certificate problem: the other end answered, but not in TLS.
         return ("the port in upstream.url does not speak TLS (it answered in plaintext; mqtts:// needs the "
-                f"broker's TLS port, usually 8883): {text}")
+                "broker's TLS port, usually 8883)")
     if tls and "closed before connack" not in low and any(marker in low for marker in _CLOSED_IN_HANDSHAKE):
         return ("the cloud broker closed the connection in the TLS handshake without a TLS alert (is the port "
-                f"in upstream.url a plaintext MQTT port? mqtts:// needs the TLS port, usually 8883): {text}")
+                "in upstream.url a plaintext MQTT port? mqtts:// needs the TLS port, usually 8883)")
     if any(marker in low for marker in _HOSTNAME_MISMATCH):
         return ("the cloud broker's certificate is not for this host (check the host name in upstream.url "
-                f"against the certificate's names): {text}")
+                "against the certificate's names)")
     if any(marker in low for marker in _CERT_EXPIRED):
-        return f"the cloud broker's certificate has expired or is not valid yet (check it, and this host's clock): {text}"
+        return "the cloud broker's certificate has expired or is not valid yet (check it, and this host's clock)"
     if any(marker in low for marker in _SERVER_CERT_UNTRUSTED):
-        return ("cannot verify the cloud broker's certificate: it is not signed by a CA we trust (check "
-                f"upstream.ca_file): {text}")
+        return "cannot verify the cloud broker's certificate: it is not signed by a CA we trust (check upstream.ca_file)"
     if "closed before connack" in low or "connection reset" in low:
         hint = ("client certificate, credentials, client id" if tls else
                 "credentials, client id; or the port expects TLS: use mqtts://")
-        return f"the cloud broker closed the connection during login (check {hint}): {text}"
+        return f"the cloud broker closed the connection during login (check {hint})"
     if any(marker in low for marker in _UNREACHABLE):
-        return f"the cloud broker is unreachable: {text}"
-    return text
+        return "the cloud broker is unreachable"
+    return None
+
+
+def explain(exc: BaseException, settings: ConnectionSettings) -> str:
+    """One stable sentence naming the likely cause and the keys to check, plus the raw error."""
+    text = str(exc) or type(exc).__name__
+    why = cause(exc, settings)
+    return f"{why}: {text}" if why else text
 
 
 class UpstreamClient(GatewayClient):
@@ -128,6 +134,7 @@ class UpstreamClient(GatewayClient):
         self._lost_since_warning = 0
         self._acks: dict[int, asyncio.Future[None]] = {}
         self._failures_logged: set[str] = set()
+        self._cause: str | None = None  # the explained cause of the last failed connect
         # ``up``: connected (CONNACK accepted); ``lost``: the connection that was up dropped.
         # Both flip in paho's callbacks, i.e. the moment the socket goes, not when the
         # reconnect loop notices.
@@ -157,10 +164,12 @@ class UpstreamClient(GatewayClient):
             except aiomqtt.MqttError as exc:
                 self.connect_failures += 1
                 message = str(exc)
-                if message not in self._failures_logged:
-                    # Once per distinct cause until a connection succeeds: a cause whose
-                    # wording races (an alert read, or only the EOF after it) stays one line.
-                    self._failures_logged.add(message)
+                key = self._cause or message
+                self._cause = None
+                if key not in self._failures_logged:
+                    # Once per cause until a connection succeeds: the raw error of one cause
+                    # can vary between attempts (the TLS alert read, or only the EOF after it).
+                    self._failures_logged.add(key)
                     log.warning("mqtt connect failed", link=self.name, url=self.settings.url, error=message)
                 self.last_error = message
                 delay = await self._wait(stop, delay)
@@ -298,8 +307,10 @@ class UpstreamClient(GatewayClient):
         try:
             client = await super().connect_once()
         except aiomqtt.MqttError as exc:
+            self._cause = cause(exc, self.settings)
             raise aiomqtt.MqttError(explain(exc, self.settings)) from exc
         except OSError as exc:  # ssl.SSLError / FileNotFoundError building the TLS context
+            self._cause = "cannot load the TLS files"
             raise aiomqtt.MqttError(
                 "cannot load the TLS files (check upstream.ca_file, upstream.cert_file, "
                 f"upstream.key_file): {exc}") from exc

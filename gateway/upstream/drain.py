@@ -190,10 +190,10 @@ class Drain:
                 while sending and s.ahead and len(s.inflight) < self.window:
                     self._send(s, s.ahead.popleft())
                 self.counters.in_flight = len(s.inflight)
-                idle = (not s.inflight and (not s.ahead or not sending) and s.exhausted and not s.forget
-                        and not s.busy)
-                if hard_deadline is not None and (idle or now >= hard_deadline):
-                    break
+                settled = not s.inflight and not s.forget and not s.busy
+                idle = settled and not s.ahead and s.exhausted
+                if hard_deadline is not None and ((settled and (idle or not sending)) or now >= hard_deadline):
+                    break  # stopping: everything sent is confirmed (or the time is up)
                 if s.changed.is_set():
                     continue
                 try:

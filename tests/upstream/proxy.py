@@ -232,10 +232,16 @@ class _Conn:
         tasks = [
             asyncio.create_task(self._pump(self.reader, to_server, self._from_client, from_client=True)),
             asyncio.create_task(self._pump(self.up_reader, to_client, self._from_server, from_client=False)),
-            asyncio.create_task(self._write(to_server, self.up_writer)),
-            asyncio.create_task(self._write(to_client, self.writer)),
         ]
-        await self.closed.wait()
+        writers = [asyncio.create_task(self._write(to_server, self.up_writer)),
+                   asyncio.create_task(self._write(to_client, self.writer))]
+        tasks += writers
+        # Done when both directions have delivered what they carried (as TCP would: bytes a
+        # dead client sent before it died still reach the broker), or at a cut/kick/stop.
+        closed = asyncio.create_task(self.closed.wait())
+        await asyncio.wait([asyncio.gather(*writers), closed], return_when=asyncio.FIRST_COMPLETED)
+        self.close()
+        tasks.append(closed)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -271,10 +277,7 @@ class _Conn:
         if from_client and self.kicking:
             await self._finish_kick()
         else:
-            # one side closed: deliver what is queued (after its delay), then close
-            queue.put_nowait(None)
-            await asyncio.sleep(self.proxy.delay_s + 0.05)
-            self.close()
+            queue.put_nowait(None)  # this side ended: the writer delivers what is queued, then closes
 
     async def _finish_kick(self) -> None:
         # Like a broker: what came before the denied publish is processed and answered.
@@ -295,8 +298,10 @@ class _Conn:
                 writer.write(data)
                 if writer.transport.get_write_buffer_size() > 1 << 20:
                     await writer.drain()
+            await writer.drain()
+            writer.close()  # the other side ended and all it sent is delivered: end this one too
         except (ConnectionError, OSError):
-            self.close()
+            pass  # the receiver is gone; what it did not get is lost, as on a real network
 
     # ------------------------------------------------------------------ inspection
     def _from_client(self, frame: bytes) -> bytes | None:

@@ -159,6 +159,7 @@ def test_kill9_with_a_batch_in_flight_then_every_row_arrives_in_order(gateway_fa
 
     from tests.support import bulk_register
     from tests.upstream.proxy import MqttFaultProxy
+    from tests.upstream.test_link_process import outbox_rows
 
     fleet = [f"dev-{i:03}" for i in range(300)]
     with MqttFaultProxy(cloud.plain_port, delay_s=0.25) as proxy, Observer(cloud) as obs:
@@ -180,6 +181,8 @@ def test_kill9_with_a_batch_in_flight_then_every_row_arrives_in_order(gateway_fa
              and any(s["state"] == "acknowledged" for s in statuses_of(obs.snapshot(), "k9")), timeout=40,
              what="every ack and the final status")
         wait(lambda: cli_json(gw, "jobs", "show", "k9")["state"] == "acknowledged", what="local final state")  # type: ignore[index]
+        wait(lambda: outbox_rows(tmp_path / "var" / "gateway.db") == 0, timeout=30,
+             what="the restarted gateway confirmed every row")  # the first copies may all be there already
         assert gw.stop() == 0  # a clean stop: what is still in flight is awaited, then offline
         barrier = b"after-the-gateway"
         cloud.publish(f"{PREFIX}/test-barrier", barrier)
