@@ -7,11 +7,14 @@ import json
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import paho.mqtt.client as paho
 
-from tests.support import ROOT, GatewayProcess
+from tests.support import GatewayProcess, bulk_register
+from tests.upstream.proxy import MqttFaultProxy
+from tests.upstream.test_link_process import outbox_rows
 from tests.upstream.cloud import GW_PASSWORD, PREFIX, Cloud, Observer, Seen
 
 DEVICES = ["pos-1", "pos-2", "pos-3"]
@@ -151,16 +154,11 @@ def test_acks_and_final_status_survive_a_cloud_outage_and_kill9(gateway_factory,
     assert "Traceback" not in gw.log()
 
 
-def test_kill9_with_a_batch_in_flight_then_every_row_arrives_in_order(gateway_factory, cloud: Cloud, tmp_path):
+def test_kill9_with_a_batch_in_flight_then_every_row_arrives_in_order(gateway_factory, cloud: Cloud,
+                                                                     tmp_path: Path):
     """Issue 15.8: the daemon is killed while hundreds of rows await their PUBACK (500 ms
     round trip through a delay proxy); after the restart every ack arrives, each job's
     statuses keep their order, and the retained status is the final one."""
-    from collections import Counter
-
-    from tests.support import bulk_register
-    from tests.upstream.proxy import MqttFaultProxy
-    from tests.upstream.test_link_process import outbox_rows
-
     fleet = [f"dev-{i:03}" for i in range(300)]
     with MqttFaultProxy(cloud.plain_port, delay_s=0.25) as proxy, Observer(cloud) as obs:
         gw = gateway_factory(extra={
