@@ -222,6 +222,34 @@ class UpstreamSection(_MqttLinkSection):
     url: str
     client_id: str = ""
     buffer_max_mb: float = Field(default=256, gt=0)
+    # At the cap: coalesce then drop the oldest (counted), or refuse new device acks.
+    overflow: Literal["drop-oldest", "refuse-new"] = "drop-oldest"
+    # A password over mqtt:// or ws:// travels in clear: refused unless this is true.
+    allow_plaintext: bool = False
+    # Publishes awaiting the cloud's PUBACK at once (the drain's window).
+    max_inflight: int = Field(default=1000, ge=1, le=10000)
+
+    def plaintext_problems(self) -> list[tuple[str, str]]:
+        """``mqtt://``/``ws://`` with secrets or TLS files: (key, message) for each.
+
+        Without TLS a password goes over the wire in clear and a CA or client certificate
+        is silently unused; both are configuration mistakes until proven otherwise.
+        """
+        url = MqttUrl(self.url)
+        if url.tls:
+            return []
+        problems: list[tuple[str, str]] = []
+        if self.password_file is not None and str(self.password_file) and not self.allow_plaintext:
+            problems.append(("upstream.password_file",
+                             f"a password over {url.scheme}:// is sent in clear; use mqtts:// (or wss://) "
+                             "or set upstream.allow_plaintext = true"))
+        for attr in ("ca_file", "cert_file", "key_file"):
+            value = getattr(self, attr)
+            if value is not None and str(value):
+                problems.append((f"upstream.{attr}",
+                                 f"{url.scheme}:// does not use TLS, so this file would be ignored; "
+                                 "use mqtts:// (or wss://)"))
+        return problems
 
 
 class DispatchSection(_Section):
@@ -578,6 +606,7 @@ def _load_secrets(cfg: Config, problems: list[tuple[str, str]]) -> None:
                     _require_file(value, f"{key}.{attr}", problems)
     if cfg.upstream is not None:
         _load_link_secrets(cfg.upstream, "upstream", problems, check_tls_files=True)
+        problems.extend(cfg.upstream.plaintext_problems())
 
     b = cfg.bridges
     if b.fcm.enabled:
