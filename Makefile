@@ -6,7 +6,14 @@ STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 PYTEST_ARGS ?=
 
-.PHONY: run test install install-test debian-test-deps bench clean
+## Debian packages the test suite drives. A missing one is a test failure, not a skip:
+## `make test` installs them when it runs as root, and stops with a clear message otherwise.
+## Extend the list here when a test needs another tool (e.g. chromium for browser tests).
+DEBIAN_TEST_PACKAGES := mosquitto mosquitto-clients systemd passwd python3-venv chromium curl
+## Commands the tests call, checked after the install.
+TEST_TOOLS := mosquitto mosquitto_sub mosquitto_pub mosquitto_passwd systemd-analyze useradd userdel chromium curl
+
+.PHONY: run test install install-test install-service debian-test-deps bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,25 +30,36 @@ $(TEST_STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 install-test: $(TEST_STAMP)
 
-## Debian packages the tests drive (a real Mosquitto); installed only as root and when missing.
+## Installs the missing DEBIAN_TEST_PACKAGES (as root, with apt-get), then checks TEST_TOOLS.
 debian-test-deps:
-	@if ! command -v mosquitto >/dev/null 2>&1 || ! command -v mosquitto_sub >/dev/null 2>&1; then \
+	@missing=""; \
+	for p in $(DEBIAN_TEST_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' "$$p" 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing mosquitto mosquitto-clients"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; \
+	    echo "installing Debian packages for the tests:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null \
+	      || { echo "make test: apt-get install$$missing failed" >&2; exit 1; }; \
 	  else \
-	    echo "mosquitto not installed and not root: tests that need it will be skipped"; \
+	    echo "make test: the tests need the Debian packages$$missing; run make test as root (it installs them) or: sudo apt-get install$$missing" >&2; \
+	    exit 1; \
 	  fi; \
 	fi
-	@if ! command -v systemd-analyze >/dev/null 2>&1 && [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null 2>&1 || true; \
-	fi
+	@for t in $(TEST_TOOLS); do \
+	  command -v "$$t" >/dev/null 2>&1 || [ -x "/usr/sbin/$$t" ] || { echo "make test: $$t not found after installing $(DEBIAN_TEST_PACKAGES)" >&2; exit 1; }; \
+	done
 
 run: $(STAMP)
 	$(VENV)/bin/homepot-gateway --config ./config.toml run
 
 test: $(TEST_STAMP) debian-test-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## The service: venv in /opt/homepot-gateway, CLI linked into /usr/local/bin, user homepot,
+## /etc/homepot-gateway/config.toml, the unit. Root; safe to run again (systemd/install.sh).
+install-service:
+	./systemd/install.sh
 
 bench: $(TEST_STAMP) debian-test-deps
 	$(PY) -m bench

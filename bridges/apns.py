@@ -6,8 +6,8 @@ must be *reused*: Apple rejects tokens older than 60 minutes (403 ExpiredProvide
 and punishes re-minting more often than every 20 minutes (429
 TooManyProviderTokenUpdates). So JWTs are cached per (team, key) for the whole process and
 renewed after :data:`JWT_REUSE_S`; an ExpiredProviderToken answer renews it once (only
-if nobody did meanwhile) and resends once. Everything else is classified, never retried:
-the pipeline owns retries and fallback.
+if nobody did meanwhile) and resends once (:func:`bridges._auth.send_with_reauth`).
+Everything else is classified, never retried: the pipeline owns retries and fallback.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import httpx
 import jwt
 import structlog
 
-from bridges import _http
+from bridges import _http, _mapping
+from bridges._auth import Credential, send_with_reauth
 from bridges.base import Bridge, BridgeConfigError, BridgeContext, Delivery, Outcome
 from devices.models import ApnsChannel
 from gateway.config import ApnsBridge
@@ -158,16 +159,12 @@ class ApnsBridgeImpl(Bridge):
             body[key] = value
         body.update(opts)  # remaining options are custom top-level keys
         body["aps"] = aps
-        body["message_id"] = d.message_id
-        body["job_id"] = d.job_id
+        body.update(d.ids())  # message_id, job_id (and ack_url) always win
         payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
         if len(payload) > MAX_PAYLOAD:
             return Outcome.failed(f"PayloadTooLarge: {len(payload)} bytes > {MAX_PAYLOAD} (not sent)")
         push_type = "alert" if alert else "background"
-        if not alert or n.priority == "low":
-            priority = "5"  # background pushes must use 5
-        else:
-            priority = "10"
+        priority = _mapping.priority("apns", n.priority) if alert else "5"  # background pushes must use 5
         ttl = d.ttl_remaining
         headers = {
             "apns-topic": self.cfg.topic,
@@ -201,21 +198,25 @@ class ApnsBridgeImpl(Bridge):
             return built
         headers, payload = built
         url = f"{self.base}/3/device/{delivery.channel.token}"
-        used_jwt = None
-        for attempt in (1, 2):
-            if not self.cert_auth:
-                used_jwt = JWTS.get(self.cfg.team_id, self.cfg.key_id, self._key,
-                                    stale=used_jwt if attempt == 2 else None)
-                headers["authorization"] = f"bearer {used_jwt}"
+        client = self._client
+
+        async def credential(stale: str | None) -> Credential[str | None]:
+            if self.cert_auth:
+                return Credential(None)  # the TLS client certificate is the credential
+            return Credential(JWTS.get(self.cfg.team_id, self.cfg.key_id, self._key, stale=stale))
+
+        async def attempt(jwt_: Credential[str | None]) -> tuple[Outcome, bool]:
+            sent = dict(headers)
+            if jwt_.value is not None:
+                sent["authorization"] = f"bearer {jwt_.value}"
             try:
-                response = await self._client.post(url, headers=headers, content=payload)
+                response = await client.post(url, headers=sent, content=payload)
             except httpx.HTTPError as exc:
-                return _http.transport_outcome(exc)
+                return _http.transport_outcome(exc), False
             outcome, reason = self.classify(response)
-            if reason == "ExpiredProviderToken" and attempt == 1 and not self.cert_auth:
-                continue  # new JWT, resend once: re-authentication, not a retry
-            return outcome
-        return outcome
+            return outcome, reason == "ExpiredProviderToken" and not self.cert_auth
+
+        return await send_with_reauth(credential, attempt)
 
     def classify(self, r: httpx.Response) -> tuple[Outcome, str]:
         """Map one APNs answer to an Outcome (and return Apple's reason)."""

@@ -49,6 +49,8 @@ class Delivery:
     sent_at: datetime  # when this attempt is made (UTC)
     expires_at: datetime  # created_at + ttl (UTC); a bridge maps it to the platform's TTL
     attempt: int = 1
+    # The signed URL the device may POST its ack to (contract §8, §10); None without [http].
+    ack_url: str | None = None
 
     @property
     def ttl_remaining(self) -> int:
@@ -56,10 +58,13 @@ class Delivery:
         return max(0, int((self.expires_at - self.sent_at).total_seconds()))
 
     def envelope(self) -> dict[str, Any]:
-        """The §8 envelope; the payload every platform carries in its own way."""
+        """The §8 envelope; the payload every platform carries in its own way.
+
+        ``ack_url`` is in it only when the HTTP API is on (the contract's envelope without
+        [http] has no such key)."""
         from gateway.timeutil import iso
 
-        return {
+        out: dict[str, Any] = {
             "message_id": self.message_id,
             "job_id": self.job_id,
             "title": self.notification.title,
@@ -69,6 +74,19 @@ class Delivery:
             "sent_at": iso(self.sent_at),
             "expires_at": iso(self.expires_at),
         }
+        if self.ack_url is not None:
+            out["ack_url"] = self.ack_url
+        return out
+
+    def ids(self) -> dict[str, str]:
+        """What a device acks with, as string pairs: message_id, job_id and ack_url if any.
+
+        Every platform's payload carries these where the app can read them; they always
+        win over job data or options of the same name."""
+        out = {"message_id": self.message_id, "job_id": self.job_id}
+        if self.ack_url is not None:
+            out["ack_url"] = self.ack_url
+        return out
 
 
 class OutcomeKind(enum.Enum):

@@ -3,10 +3,10 @@
 Auth is an OAuth2 access token obtained with google-auth from the service-account file
 (JWT-bearer grant posted to the file's ``token_uri``). google-auth's ``refresh()`` blocks,
 so it runs in a worker thread, single-flight behind a lock, and *before* the token expires
-(:data:`REFRESH_MARGIN_S`) so sends do not stall on it. The token request goes through a
-small httpx-based google-auth transport so the same ``ca_file`` is trusted there too.
-A 401 UNAUTHENTICATED refreshes once and resends once (re-authentication, not a retry);
-every other answer is classified for the pipeline.
+(:data:`REFRESH_MARGIN_S`) so sends do not stall on it (the cache is :class:`bridges._auth.TokenCache`). The token
+request goes through a small httpx-based google-auth transport so the same ``ca_file`` is
+trusted there too. A 401 UNAUTHENTICATED refreshes once and resends once
+(:func:`bridges._auth.send_with_reauth`); every other answer is classified for the pipeline.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import Any
 import httpx
 import structlog
 
-from bridges import _http
+from bridges import _http, _mapping
+from bridges._auth import AuthFailed, Credential, TokenCache, send_with_reauth
 from bridges.base import Bridge, BridgeConfigError, BridgeContext, Delivery, Outcome
 from devices.models import FcmChannel
 from gateway.config import FcmBridge
@@ -72,14 +73,6 @@ class _HttpxAuthRequest:
         self._client.close()
 
 
-class _TokenError(Exception):
-    """Refreshing the OAuth token failed; ``outcome`` says whether that is config or transient."""
-
-    def __init__(self, outcome: Outcome):
-        super().__init__(outcome.reason)
-        self.outcome = outcome
-
-
 class FcmBridgeImpl(Bridge):
     platform = "fcm"
 
@@ -89,10 +82,11 @@ class FcmBridgeImpl(Bridge):
         self._creds: Any = None
         self._auth_request: _HttpxAuthRequest | None = None
         self._client: httpx.AsyncClient | None = None
-        self._lock = asyncio.Lock()
-        self._token: str | None = None
-        self._expiry: float = 0.0
-        self.refreshes = 0
+        self._tokens = TokenCache(self._refresh, REFRESH_MARGIN_S, lambda: _now())
+
+    @property
+    def refreshes(self) -> int:
+        return self._tokens.fetches
 
     async def start(self) -> None:
         from google.oauth2 import service_account
@@ -117,41 +111,34 @@ class FcmBridgeImpl(Bridge):
             self._auth_request = None
 
     # ------------------------------------------------------------------ OAuth token
-    async def _access_token(self, force: bool = False, stale: str | None = None) -> str:
-        """A valid access token; refreshed off the loop when missing, expiring or ``stale``."""
-        if not force and self._token and self._expiry - _now() > REFRESH_MARGIN_S:
-            return self._token
-        async with self._lock:
-            if self._token and self._expiry - _now() > REFRESH_MARGIN_S and (
-                    not force or self._token != stale):
-                return self._token  # another sender refreshed while we waited
-            from google.auth import exceptions
+    async def _access_token(self, stale: str | None = None) -> str:
+        """A valid access token (refreshed off the loop when missing, expiring or ``stale``)."""
+        return (await self._tokens.get(stale)).value
 
-            try:
-                await asyncio.to_thread(self._creds.refresh, self._auth_request)
-            except exceptions.RefreshError as exc:
-                # invalid_grant / invalid_client / bad key: the configuration is wrong.
-                retryable = bool(getattr(exc, "retryable", False))
-                reason = "oauth token refresh refused"
-                raise _TokenError(Outcome.retry(reason) if retryable else
-                                  Outcome.unhealthy(reason, UNHEALTHY_RETRY_S)) from None
-            except exceptions.TransportError:
-                raise _TokenError(Outcome.retry("oauth token endpoint unreachable")) from None
-            except (exceptions.GoogleAuthError, ValueError) as exc:
-                raise _TokenError(Outcome.unhealthy(
-                    f"oauth token refresh failed ({type(exc).__name__})", UNHEALTHY_RETRY_S)) from None
-            expiry = self._creds.expiry
-            self._token = self._creds.token
-            if expiry is None:
-                self._expiry = _now() + 3600
-            else:
-                self._expiry = expiry.replace(tzinfo=UTC).timestamp() if expiry.tzinfo is None \
-                    else expiry.timestamp()
-            self.refreshes += 1
-            log.info("fcm access token refreshed", project_id=self.cfg.project_id,
-                     expires_at=datetime.fromtimestamp(self._expiry, UTC).isoformat())
-            assert self._token is not None
-            return self._token
+    async def _refresh(self) -> tuple[str, float]:
+        from google.auth import exceptions
+
+        try:
+            await asyncio.to_thread(self._creds.refresh, self._auth_request)
+        except exceptions.RefreshError as exc:
+            # invalid_grant / invalid_client / bad key: the configuration is wrong.
+            retryable = bool(getattr(exc, "retryable", False))
+            reason = "oauth token refresh refused"
+            raise AuthFailed(Outcome.retry(reason) if retryable else
+                             Outcome.unhealthy(reason, UNHEALTHY_RETRY_S)) from None
+        except exceptions.TransportError:
+            raise AuthFailed(Outcome.retry("oauth token endpoint unreachable")) from None
+        except (exceptions.GoogleAuthError, ValueError) as exc:
+            raise AuthFailed(Outcome.unhealthy(
+                f"oauth token refresh failed ({type(exc).__name__})", UNHEALTHY_RETRY_S)) from None
+        expiry = self._creds.expiry
+        if expiry is None:
+            expires_at = _now() + 3600
+        else:
+            expires_at = expiry.replace(tzinfo=UTC).timestamp() if expiry.tzinfo is None else expiry.timestamp()
+        log.info("fcm access token refreshed", project_id=self.cfg.project_id,
+                 expires_at=datetime.fromtimestamp(expires_at, UTC).isoformat())
+        return self._creds.token, expires_at
 
     # ------------------------------------------------------------------ request building
     def build(self, d: Delivery) -> dict[str, Any] | Outcome:
@@ -161,9 +148,9 @@ class FcmBridgeImpl(Bridge):
         message: dict[str, Any] = {"token": d.channel.token}
         if n.title or n.body:
             message["notification"] = {k: v for k, v in (("title", n.title), ("body", n.body)) if v}
-        message["data"] = {**n.data, "message_id": d.message_id, "job_id": d.job_id}
+        message["data"] = {**n.data, **d.ids()}
         android: dict[str, Any] = {
-            "priority": "high" if n.priority in ("high", "critical") else "normal",
+            "priority": _mapping.priority("fcm", n.priority),
             "ttl": f"{d.ttl_remaining}s",
         }
         if n.collapse_key:
@@ -176,9 +163,8 @@ class FcmBridgeImpl(Bridge):
         merged = _deep_merge(message, copy.deepcopy(options))
         if not isinstance(merged.get("data"), dict):
             return Outcome.failed("options.fcm.data must be an object of strings")
-        # The identifiers the device acks with always win over options.
-        merged["data"]["message_id"] = d.message_id
-        merged["data"]["job_id"] = d.job_id
+        # The identifiers the device acks with (and its ack URL) always win over options.
+        merged["data"].update(d.ids())
         return {"message": merged}
 
     # ------------------------------------------------------------------ sending
@@ -190,22 +176,20 @@ class FcmBridgeImpl(Bridge):
         body = self.build(delivery)
         if isinstance(body, Outcome):
             return body
-        token: str | None = None
-        for attempt in (1, 2):
+        client = self._client
+
+        async def credential(stale: str | None) -> Credential[str]:
+            return await self._tokens.get(stale)
+
+        async def attempt(token: Credential[str]) -> tuple[Outcome, bool]:
             try:
-                token = await self._access_token(force=attempt == 2, stale=token)
-            except _TokenError as exc:
-                return exc.outcome
-            try:
-                response = await self._client.post(
-                    self.url, json=body, headers={"authorization": f"Bearer {token}"})
+                response = await client.post(self.url, json=body, headers={"authorization": f"Bearer {token.value}"})
             except httpx.HTTPError as exc:
-                return _http.transport_outcome(exc)
+                return _http.transport_outcome(exc), False
             outcome, code = self.classify(response)
-            if code == "UNAUTHENTICATED" and attempt == 1:
-                continue  # refresh the OAuth token once and resend
-            return outcome
-        return outcome
+            return outcome, code == "UNAUTHENTICATED"
+
+        return await send_with_reauth(credential, attempt)
 
     def classify(self, r: httpx.Response) -> tuple[Outcome, str]:
         """Map one FCM answer (HTTP status + FcmError errorCode) to an Outcome."""

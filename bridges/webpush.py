@@ -13,8 +13,6 @@ addresses unless ``allow_private_endpoints`` (see :mod:`bridges.ssrf`).
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import re
 import time
@@ -25,7 +23,7 @@ import httpx
 import jwt
 import structlog
 
-from bridges import _http, ssrf
+from bridges import _http, _mapping, ssrf
 from bridges.base import Bridge, BridgeConfigError, BridgeContext, Delivery, Outcome
 from devices.models import WebPushChannel
 from gateway import vapid
@@ -38,7 +36,6 @@ VAPID_LIFETIME_S = 12 * 3600  # RFC 8292: at most 24 h
 VAPID_RENEW_BEFORE_S = 3600
 UNHEALTHY_RETRY_S = 60.0
 TOPIC_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
-URGENCY = {"low": "low", "normal": "normal", "high": "high", "critical": "high"}
 URGENCIES = {"very-low", "low", "normal", "high"}
 OPTION_KEYS = {"urgency", "topic", "notification"}
 
@@ -96,10 +93,10 @@ class WebPushBridgeImpl(Bridge):
 
     def build(self, d: Delivery) -> tuple[dict[str, str], bytes] | Outcome:
         opts = d.options or {}
-        unknown = sorted(set(opts) - OPTION_KEYS)
-        if unknown:
-            return Outcome.failed(f"options.webpush.{unknown[0]}: unknown option")
-        envelope = d.envelope()
+        unknown = _mapping.unknown_option("webpush", opts, OPTION_KEYS)
+        if unknown is not None:
+            return unknown
+        envelope = d.envelope()  # carries ack_url when the HTTP API is on
         if opts.get("notification") is not None:
             if not isinstance(opts["notification"], dict):
                 return Outcome.failed("options.webpush.notification must be an object")
@@ -118,14 +115,14 @@ class WebPushBridgeImpl(Bridge):
             return Outcome.invalid_address(f"subscription keys unusable ({type(exc).__name__})")
         if len(body) > MAX_BODY:
             return Outcome.failed(f"encrypted payload {len(body)} bytes > {MAX_BODY} (not sent)")
-        urgency = str(opts.get("urgency") or URGENCY.get(d.notification.priority, "normal"))
+        urgency = str(opts.get("urgency") or _mapping.priority("webpush", d.notification.priority))
         if urgency not in URGENCIES:
             return Outcome.failed("options.webpush.urgency: very-low | low | normal | high")
         headers = {"ttl": str(d.ttl_remaining), "urgency": urgency,
                    "content-encoding": "aes128gcm", "content-type": "application/octet-stream"}
         topic = opts.get("topic") or d.notification.collapse_key
         if topic:
-            headers["topic"] = _topic(str(topic))
+            headers["topic"] = _mapping.collapse_id(str(topic), 32, "base64url", TOPIC_RE)
         return headers, body
 
     async def send(self, delivery: Delivery) -> Outcome:
@@ -169,14 +166,6 @@ class WebPushBridgeImpl(Bridge):
         if status == 429 or status >= 500:
             return Outcome.retry(reason, _http.retry_after(r.headers), status)
         return Outcome.failed(reason, status)  # 400, 413 and anything undocumented
-
-
-def _topic(value: str) -> str:
-    """Topic must be ≤ 32 base64url characters; other keys are hashed into that alphabet."""
-    if TOPIC_RE.match(value):
-        return value
-    digest = base64.urlsafe_b64encode(hashlib.sha256(value.encode()).digest()).rstrip(b"=")
-    return digest.decode()[:32]
 
 
 def build(section: WebpushBridge, ctx: BridgeContext) -> Bridge:

@@ -4,8 +4,15 @@ The channel URI is supplied by the device, so it is only used when its host is u
 the operator's ``allowed_hosts`` (default ``notify.windows.com``) and, at connect time,
 resolves to a public address (:mod:`bridges.ssrf`). The access token comes from the live
 (``login.live.com``) or Entra (``login.microsoftonline.com``) client-credentials flow —
-they are not interchangeable — and is cached until shortly before it expires; a 401
-fetches a new one once and resends once (re-authentication, not a retry).
+they are not interchangeable — and is cached until shortly before it expires
+(:class:`bridges._auth.TokenCache`); a 401 fetches a new one once and resends once
+(re-authentication, not a retry).
+
+A 403 means "authenticated, but not for this channel URI": the channel was created by
+another app than the one our credentials belong to. That is either this one channel's
+fault (a device registered a URI of another app) or ours for every channel (the operator
+configured the wrong package). :meth:`WnsBridgeImpl.forbidden` tells them apart from what
+the bridge has seen, see the README's "WNS 403" rule.
 
 What is sent: a toast built from title/body (XML escaped by ElementTree, never by string
 concatenation) whose ``launch`` argument carries ``message_id``/``job_id``; a raw
@@ -15,19 +22,17 @@ notification (the §8 envelope as JSON) for data-only jobs; tile or badge via
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import ipaddress
 import json
 import time
 import xml.etree.ElementTree as ET
-from typing import Any
 from urllib.parse import urlencode
 
 import httpx
 import structlog
 
-from bridges import _http, ssrf
+from bridges import _http, _mapping, ssrf
+from bridges._auth import AuthFailed, Credential, TokenCache, send_with_reauth
 from bridges.base import Bridge, BridgeConfigError, BridgeContext, Delivery, Outcome
 from devices.models import WnsChannel
 from gateway.config import WnsBridge
@@ -45,16 +50,8 @@ UNHEALTHY_RETRY_S = 60.0
 THROTTLE_DEFAULT_S = 60.0
 TYPES = {"toast": "wns/toast", "tile": "wns/tile", "badge": "wns/badge", "raw": "wns/raw"}
 OPTION_KEYS = {"type", "xml", "badge", "priority", "tag", "group", "launch"}
-# critical/high → 1 (High), normal → 2 (Medium), low → 3 (Low); 4 only via options.
-PRIORITY = {"critical": "1", "high": "1", "normal": "2", "low": "3"}
 
 _now = time.time  # patched by tests
-
-
-class _AuthFailed(Exception):
-    def __init__(self, outcome: Outcome):
-        super().__init__(outcome.reason)
-        self.outcome = outcome
 
 
 class WnsBridgeImpl(Bridge):
@@ -77,10 +74,15 @@ class WnsBridgeImpl(Bridge):
         self._resolver = resolver
         self._client: httpx.AsyncClient | None = None
         self._token_client: httpx.AsyncClient | None = None
-        self._lock = asyncio.Lock()
-        self._token: str | None = None
-        self._expiry = 0.0
-        self.token_fetches = 0
+        self._tokens = TokenCache(self._fetch_token, TOKEN_MARGIN_S, lambda: _now())
+        # 403 bookkeeping (see forbidden()): has WNS ever accepted one of our tokens, and
+        # which channels refused a token fetched just for them while it had not.
+        self.credentials_proven = False
+        self._forbidden_unproven: set[str] = set()
+
+    @property
+    def token_fetches(self) -> int:
+        return self._tokens.fetches
 
     async def start(self) -> None:
         if self.cfg.client_secret is None or not self.cfg.client_id:
@@ -98,49 +100,42 @@ class WnsBridgeImpl(Bridge):
 
     # ------------------------------------------------------------------ access token
     async def _access_token(self, stale: str | None = None) -> str:
-        if self._token and self._token != stale and self._expiry - _now() > TOKEN_MARGIN_S:
-            return self._token
-        async with self._lock:
-            if self._token and self._token != stale and self._expiry - _now() > TOKEN_MARGIN_S:
-                return self._token
-            assert self._token_client is not None and self.cfg.client_secret is not None
-            form = {"grant_type": "client_credentials", "client_id": self.cfg.client_id,
-                    "client_secret": self.cfg.client_secret.get_secret_value(), "scope": self.scope}
-            try:
-                r = await self._token_client.post(self.token_url, data=form)
-            except httpx.HTTPError as exc:
-                raise _AuthFailed(Outcome.retry(f"token endpoint: {type(exc).__name__}")) from None
-            body = _http.json_or_empty(r)
-            if r.status_code != 200 or not isinstance(body.get("access_token"), str):
-                error = str(body.get("error") or f"HTTP {r.status_code}")
-                if r.status_code >= 500 or r.status_code == 429:
-                    raise _AuthFailed(Outcome.retry(f"token endpoint: {error}",
-                                                    _http.retry_after(r.headers), r.status_code))
-                raise _AuthFailed(Outcome.unhealthy(f"token request refused: {error}",
-                                                    UNHEALTHY_RETRY_S, r.status_code))
-            try:
-                lifetime = float(body.get("expires_in", 86400))
-            except (TypeError, ValueError):
-                lifetime = 86400.0
-            self._token = body["access_token"]
-            self._expiry = _now() + lifetime
-            self.token_fetches += 1
-            log.info("wns access token obtained", auth=self.cfg.auth, expires_in=int(lifetime))
-            return self._token
+        return (await self._tokens.get(stale)).value
+
+    async def _fetch_token(self) -> tuple[str, float]:
+        assert self._token_client is not None and self.cfg.client_secret is not None
+        form = {"grant_type": "client_credentials", "client_id": self.cfg.client_id,
+                "client_secret": self.cfg.client_secret.get_secret_value(), "scope": self.scope}
+        try:
+            r = await self._token_client.post(self.token_url, data=form)
+        except httpx.HTTPError as exc:
+            raise AuthFailed(Outcome.retry(f"token endpoint: {type(exc).__name__}")) from None
+        body = _http.json_or_empty(r)
+        if r.status_code != 200 or not isinstance(body.get("access_token"), str):
+            error = str(body.get("error") or f"HTTP {r.status_code}")
+            if r.status_code >= 500 or r.status_code == 429:
+                raise AuthFailed(Outcome.retry(f"token endpoint: {error}", _http.retry_after(r.headers), r.status_code))
+            raise AuthFailed(Outcome.unhealthy(f"token request refused: {error}", UNHEALTHY_RETRY_S, r.status_code))
+        try:
+            lifetime = float(body.get("expires_in", 86400))
+        except (TypeError, ValueError):
+            lifetime = 86400.0
+        log.info("wns access token obtained", auth=self.cfg.auth, expires_in=int(lifetime))
+        return body["access_token"], _now() + lifetime
 
     # ------------------------------------------------------------------ request building
     def build(self, d: Delivery) -> tuple[dict[str, str], bytes] | Outcome:
         n = d.notification
         opts = d.options or {}
-        unknown = sorted(set(opts) - OPTION_KEYS)
-        if unknown:
-            return Outcome.failed(f"options.wns.{unknown[0]}: unknown option")
+        unknown = _mapping.unknown_option("wns", opts, OPTION_KEYS)
+        if unknown is not None:
+            return unknown
         kind = str(opts.get("type") or ("toast" if (n.title or n.body) else "raw"))
         if kind not in TYPES:
             return Outcome.failed(f"options.wns.type: must be one of {', '.join(TYPES)}")
         content_type = "text/xml"
         if kind == "toast":
-            launch = {"message_id": d.message_id, "job_id": d.job_id}
+            launch = d.ids()  # message_id, job_id and ack_url: the app reads them on launch
             extra_launch = opts.get("launch") or {}
             if not isinstance(extra_launch, dict):
                 return Outcome.failed("options.wns.launch must be an object")
@@ -175,7 +170,7 @@ class WnsBridgeImpl(Bridge):
             return Outcome.failed(f"payload {len(body)} bytes > {MAX_BODY} (not sent)")
         headers = {"x-wns-type": TYPES[kind], "content-type": content_type,
                    "x-wns-requestforstatus": "true"}
-        priority = str(opts.get("priority") or PRIORITY.get(n.priority, "2"))
+        priority = str(opts.get("priority") or _mapping.priority("wns", n.priority))
         if priority not in ("1", "2", "3", "4"):
             return Outcome.failed("options.wns.priority: must be 1..4")
         headers["x-wns-priority"] = priority
@@ -186,9 +181,9 @@ class WnsBridgeImpl(Bridge):
             headers["x-wns-ttl"] = str(ttl)
         tag = opts.get("tag") or n.collapse_key
         if tag and kind in ("toast", "tile"):
-            headers["x-wns-tag"] = _tag(str(tag))
+            headers["x-wns-tag"] = _mapping.collapse_id(str(tag), MAX_TAG, "hex")
         if opts.get("group") and kind == "toast":
-            headers["x-wns-group"] = _tag(str(opts["group"]))
+            headers["x-wns-group"] = _mapping.collapse_id(str(opts["group"]), MAX_TAG, "hex")
         return headers, body
 
     # ------------------------------------------------------------------ sending
@@ -205,24 +200,61 @@ class WnsBridgeImpl(Bridge):
         if isinstance(built, Outcome):
             return built
         headers, body = built
-        token: str | None = None
-        for attempt in (1, 2):
+        client = self._client
+        channel_uri = delivery.channel.channel_uri
+
+        async def credential(stale: str | None) -> Credential[str]:
+            return await self._tokens.get(stale)
+
+        async def attempt(token: Credential[str]) -> tuple[Outcome, bool]:
             try:
-                token = await self._access_token(stale=token if attempt == 2 else None)
-            except _AuthFailed as exc:
-                return exc.outcome
-            headers["authorization"] = f"Bearer {token}"
-            try:
-                r = await self._client.post(url, headers=headers, content=body)
+                r = await client.post(url, headers={**headers, "authorization": f"Bearer {token.value}"},
+                                      content=body)
             except httpx.HTTPError as exc:
                 refused = ssrf.refusal(exc)
                 if refused is not None:
-                    return Outcome.invalid_address(f"channel URI refused: {refused.args[0]}")
-                return _http.transport_outcome(exc)
-            if r.status_code == 401 and attempt == 1:
-                continue  # new access token, resend once
-            return self.classify(r)
-        return self.classify(r)
+                    return Outcome.invalid_address(f"channel URI refused: {refused.args[0]}"), False
+                return _http.transport_outcome(exc), False
+            if r.status_code == 401:
+                return self.classify(r), True  # new access token, resend once
+            if r.status_code == 403:
+                return self.forbidden(r, channel_uri, token.fresh)
+            outcome = self.classify(r)
+            if r.status_code == 200:
+                self._proven()
+            return outcome, False
+
+        return await send_with_reauth(credential, attempt)
+
+    def _proven(self) -> None:
+        if not self.credentials_proven:
+            self.credentials_proven = True
+            self._forbidden_unproven.clear()
+
+    def forbidden(self, r: httpx.Response, channel_uri: str, fresh_token: bool) -> tuple[Outcome, bool]:
+        """Decide a 403 (the README's "WNS 403" rule); returns (outcome, re-authenticate).
+
+        1. WNS accepted one of our tokens before (for any channel): our credentials are good
+           for our app, so this channel belongs to another app → invalid address (the device
+           falls over to its next channel and must register a URI of ours).
+        2. Not proven yet and the token came from the cache: get a fresh one, resend once.
+        3. Not proven and the token is fresh: one such channel is retried later (with
+           backoff, the bridge keeps sending to the others, whose success proves rule 1);
+           a second, different channel refusing a fresh token means our credentials are
+           wrong for every channel → unhealthy (paused, work kept).
+        """
+        status = r.status_code
+        detail = (r.headers.get("x-wns-error-description") or "").strip()[:200]
+        reason = "HTTP 403" + (f" {detail}" if detail else "")
+        if self.credentials_proven:
+            return Outcome.invalid_address(f"{reason} (channel belongs to another app)", status), False
+        if not fresh_token:
+            return Outcome.unhealthy(reason, UNHEALTHY_RETRY_S, status), True
+        self._forbidden_unproven.add(channel_uri)
+        if len(self._forbidden_unproven) >= 2:
+            return Outcome.unhealthy(f"{reason} (refused for {len(self._forbidden_unproven)} channels; "
+                                     "check bridges.wns.client_id)", UNHEALTHY_RETRY_S, status), False
+        return Outcome.retry(f"{reason} (channel or credentials; not known yet)", status=status), False
 
     def classify(self, r: httpx.Response) -> Outcome:
         status = r.status_code
@@ -243,13 +275,6 @@ class WnsBridgeImpl(Bridge):
         if status == 429 or status >= 500:
             return Outcome.retry(reason, _http.retry_after(r.headers), status)
         return Outcome.failed(reason, status)  # 400, 405, 413 and anything undocumented
-
-
-def _tag(value: str) -> str:
-    """X-WNS-Tag/Group allow 16 characters; longer keys are hashed, not cut (no collisions)."""
-    if len(value) <= MAX_TAG:
-        return value
-    return hashlib.sha256(value.encode()).hexdigest()[:MAX_TAG]
 
 
 def _names_private(host: str) -> bool:

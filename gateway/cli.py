@@ -43,11 +43,34 @@ def fail(lines: list[str] | str, code: int = 2) -> None:
 
 
 def get_config() -> Config:
+    """The config by the contract's lookup order; then, run as root against a data dir that
+    another user owns (the service's), become that user (gateway/privileges.py)."""
+    from gateway.config import shadow_note
+    from gateway.privileges import become_owner_of
+
     try:
-        return load_config(state.config_path)
+        cfg = load_config(state.config_path)
     except ConfigError as exc:
         fail(exc.lines())
         raise  # unreachable
+    note = shadow_note(state.config_path)
+    if note:
+        typer.echo(note, err=True)
+    try:
+        become_owner_of(cfg.data_dir)
+    except OSError as exc:
+        fail(f"gateway.data_dir: cannot switch to the owner of {cfg.data_dir}: {exc.strerror}")
+    return cfg
+
+
+def daemon_running(cfg: Config) -> bool | None:
+    """True/False from the daemon's lock (gateway/lock.py); None when it cannot be told."""
+    from gateway.lock import daemon_pid
+
+    try:
+        return daemon_pid(cfg.data_dir) is not None
+    except OSError:
+        return None
 
 
 @app.command("check-config")
@@ -141,31 +164,34 @@ def send(
     title: Annotated[Optional[str], typer.Option("--title")] = None,
     body: Annotated[Optional[str], typer.Option("--body")] = None,
     data: Annotated[Optional[list[str]], typer.Option("--data", help="K=V (repeatable)")] = None,
-    priority: Annotated[str, typer.Option("--priority")] = "normal",
-    ttl: Annotated[int, typer.Option("--ttl")] = 3600,
+    priority: Annotated[str, typer.Option("--priority", help="low|normal|high|critical")] = "normal",
+    ttl: Annotated[int, typer.Option("--ttl", help="seconds; 0 = now or never")] = 3600,
     collapse_key: Annotated[Optional[str], typer.Option("--collapse-key")] = None,
     job_id: Annotated[Optional[str], typer.Option("--job-id")] = None,
     device: Annotated[Optional[list[str]], typer.Option("--device", help="target device (repeatable)")] = None,
     segment: Annotated[Optional[str], typer.Option("--segment")] = None,
     all_devices: Annotated[bool, typer.Option("--all")] = False,
-    wait: Annotated[bool, typer.Option("--wait", help="show progress until the job is complete")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="show progress until the job reaches --until")] = False,
     timeout: Annotated[float, typer.Option("--timeout", help="seconds to wait with --wait")] = 300.0,
+    until: Annotated[str, typer.Option("--until", help="completed (nothing queued) | acknowledged (every target acked)")] = "completed",
 ) -> None:
     """Submit a job to the running gateway; print its job_id."""
-    from gateway.pipeline import store
-    from gateway.pipeline.models import InputError, parse_job
+    from pydantic import ValidationError
 
-    cfg = get_config()
+    from gateway.cli_input import OptionError, job_errors, parse_data
+    from gateway.pipeline import store
+    from gateway.pipeline.models import InputError, JobIn, parse_job
+
+    if until not in ("completed", "acknowledged"):
+        fail(f"--until: expected completed or acknowledged, got {until!r}")
     chosen = [name for name, given in (("--device", bool(device)), ("--segment", segment is not None),
                                        ("--all", all_devices)) if given]
     if len(chosen) != 1:
         fail("target: give exactly one of --device, --segment, --all")
-    pairs: dict[str, str] = {}
-    for item in data or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            fail(f"--data: expected K=V, got {item!r}")
-        pairs[key] = value
+    try:
+        pairs = parse_data(data or [])
+    except OptionError as exc:
+        fail(str(exc))
     target = {"devices": device} if device else {"segment": segment} if segment is not None else {"all": True}
     notification: dict = {"data": pairs, "priority": priority, "ttl": ttl}
     for k, v in (("title", title), ("body", body), ("collapse_key", collapse_key)):
@@ -175,9 +201,14 @@ def send(
     if job_id is not None:
         obj["job_id"] = job_id
     try:
+        JobIn.model_validate(obj)
+    except ValidationError as exc:
+        fail(job_errors(exc, device))
+    try:
         parsed = parse_job(obj)
     except InputError as err:
         fail(err.message)
+    cfg = get_config()
     import sqlite3
 
     from gateway.storage import NotStored
@@ -188,46 +219,18 @@ def send(
     except (sqlite3.Error, OSError, NotStored) as exc:  # disk full, read-only, locked: not queued
         fail(f"send: the job was not stored ({exc}); nothing was queued", 1)
     typer.echo(parsed.job_id)
+    running = daemon_running(cfg)
+    if running is False:
+        typer.echo(f"warning: no homepot-gateway daemon runs on {cfg.data_dir.resolve()} (config {cfg.source}): job "
+                   f"{parsed.job_id} is stored and goes out when the daemon starts", err=True)
+        if wait:
+            typer.echo("--wait: nothing would make progress; not waiting", err=True)
+            raise typer.Exit(1)
     if wait:
-        raise typer.Exit(_wait_for(conn, parsed.job_id, timeout))
+        from gateway.progress import wait_for_job
 
-
-def _wait_for(conn, job_id: str, timeout: float) -> int:  # noqa: ANN001
-    import time
-
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from gateway.pipeline import store
-
-    console = Console(stderr=True)
-    deadline = time.monotonic() + timeout
-    status = None
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console,
-                  transient=not console.is_terminal) as progress:
-        task = progress.add_task(job_id, total=None, detail="")
-        while time.monotonic() < deadline:
-            status = store.job_status(conn, job_id)
-            if status is not None:
-                c = status["counts"]
-                done = c["targets"] - c["queued"]
-                detail = (f"{status['state']} sent={c['sent']} acked={c['acknowledged']} failed={c['failed']} "
-                          f"expired={c['expired']} invalid={c['invalid_address']}")
-                progress.update(task, total=c["targets"] or None, completed=done, detail=detail)
-                if status["state"] in ("completed", "acknowledged"):
-                    break
-            time.sleep(0.2)
-    if status is None or status["state"] not in ("completed", "acknowledged"):
-        typer.echo(f"timeout: job {job_id} not complete after {timeout:g} s", err=True)
-        return 1
-    c = status["counts"]
-    typer.echo(f"{status['state']}: targets={c['targets']} sent={c['sent']} acknowledged={c['acknowledged']} "
-               f"failed={c['failed']} expired={c['expired']} invalid_address={c['invalid_address']}", err=True)
-    return 1 if c["failed"] or c["expired"] or c["invalid_address"] else 0
-
-
-_ADDRESS_FIELD = {"fcm": "token", "apns": "token", "wns": "channel_uri"}
+        raise typer.Exit(wait_for_job(conn, parsed.job_id, timeout, until,  # type: ignore[arg-type]
+                                      store.job_status, lambda: daemon_running(cfg) is not False, cfg.data_dir))
 
 
 @devices_app.command("add")
@@ -239,41 +242,68 @@ def devices_add(
     tag: Annotated[Optional[list[str]], typer.Option("--tag")] = None,
 ) -> None:
     """Register (or replace) a device."""
-    import json
-
     from pydantic import ValidationError
 
     from devices.models import Device
+    from gateway.cli_input import OptionError, add_device_errors, build_channel
     from gateway.pipeline import store
-    from gateway.pipeline.models import field_errors
 
-    cfg = get_config()
     addresses = list(address or [])
     if len(addresses) > len(platform):
-        fail("--address: more addresses than --platform options")
+        fail("--address: more --address than --platform options (they pair up in order)")
     addresses += [""] * (len(platform) - len(addresses))
+    many = len(platform) > 1
     channels = []
     for i, (plat, addr) in enumerate(zip(platform, addresses)):
-        if plat in _ADDRESS_FIELD:
-            channels.append({"platform": plat, _ADDRESS_FIELD[plat]: addr})
-        elif plat == "webpush":
-            try:
-                channels.append({"platform": plat, "subscription": json.loads(addr)})
-            except json.JSONDecodeError:
-                fail(f"--address[{i}]: webpush needs the subscription JSON")
-        elif plat in ("mqtt", "simulation"):
-            if addr:
-                fail(f"--address[{i}]: {plat} takes no address (give an empty one)")
-            channels.append({"platform": plat})
-        else:
-            fail(f"--platform[{i}]: unknown platform {plat!r}")
+        try:
+            channels.append(build_channel(plat, addr, where=f"--address[{i}] ({plat})" if many else "--address",
+                                          platform_where=f"--platform[{i}]" if many else "--platform"))
+        except OptionError as exc:
+            fail(str(exc))
     try:
         dev = Device.model_validate({"device_id": device_id, "segment": segment, "tags": tag or [], "channels": channels})
     except ValidationError as exc:
-        fail(field_errors(exc))
-    conn = _db(cfg)
+        fail(add_device_errors(exc, platform))
+    conn = _db(get_config())
     _tx(conn, lambda c: store.upsert_device(c, dev, "cli"))
     typer.echo(f"device {device_id} registered ({', '.join(platform)})")
+
+
+@devices_app.command("import")
+def devices_import(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="JSON lines of Device objects, or CSV id,platform,address,segment,tags")],
+    fmt: Annotated[Optional[str], typer.Option("--format", help="jsonl|csv (default: from the file name, else its content)")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=100000, help="devices per transaction")] = 500,
+) -> None:
+    """Register many devices from a file, a batch per transaction; refused lines are listed."""
+    from rich.console import Console
+
+    from gateway.device_import import ImportFileError, read_file
+    from gateway.pipeline import store
+    from gateway.progress import progress_bar
+
+    try:
+        parsed = read_file(file, fmt)
+    except ImportFileError as exc:
+        fail(str(exc))
+    conn = _db(get_config())
+    devices = parsed.devices
+    console = Console(stderr=True)
+    with progress_bar(console) as bar:
+        task = bar.add_task("importing", total=len(devices))
+        for start in range(0, len(devices), batch_size):
+            batch = devices[start:start + batch_size]
+
+            def write(c, batch=batch):  # noqa: ANN001, ANN202
+                for dev in batch:
+                    store.upsert_device(c, dev, "import")
+
+            _tx(conn, write)
+            bar.advance(task, len(batch))
+    typer.echo(f"imported {len(devices)} device(s) from {file}"
+               + (f"; refused {len(parsed.refused)} line(s):" if parsed.refused else ""), err=bool(parsed.refused))
+    if parsed.refused:
+        fail([f"line {line}: {message}" for line, message in parsed.refused])
 
 
 @devices_app.command("list")
@@ -337,16 +367,120 @@ def jobs_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
 @jobs_app.command("show")
 def jobs_show(job_id: Annotated[str, typer.Argument(metavar="ID")],
-              as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Show one job's status."""
+              as_json: Annotated[bool, typer.Option("--json")] = False,
+              deliveries: Annotated[bool, typer.Option("--deliveries", help="list the job's devices by state, with the platform's reason")] = False) -> None:
+    """Show one job's status (and, with --deliveries, where each device stands)."""
     import json
 
     from gateway.pipeline import store
 
-    status = store.job_status(_db(get_config()), job_id)
+    conn = _db(get_config())
+    status = store.job_status(conn, job_id)
     if status is None:
         fail(f"ID: no such job {job_id!r}", 1)
-    typer.echo(json.dumps(status) if as_json else json.dumps(status, indent=2))
+    rows = store.delivery_rows(conn, job_id) if deliveries else []
+    if as_json:
+        typer.echo(json.dumps({**status, "deliveries": rows} if deliveries else status))
+        return
+    typer.echo(json.dumps(status, indent=2))
+    error = status.get("error")
+    if error:
+        typer.echo(f"error: {error.get('code')}: {error.get('message')}", err=True)
+    if deliveries:
+        order = ["queued", "sent", "acknowledged", "failed", "expired", "invalid_address"]
+        for st in sorted({r["state"] for r in rows}, key=lambda x: order.index(x) if x in order else len(order)):
+            group = [r for r in rows if r["state"] == st]
+            typer.echo(f"{st} ({len(group)}):")
+            for r in group:
+                extra = [r["platform"] or "-", f"attempts={r['attempts']}"]
+                if r.get("latency_ms") is not None:
+                    extra.append(f"latency={r['latency_ms']:.0f}ms")
+                reason = f"  {r['last_error']}" if r.get("last_error") else ""
+                typer.echo(f"  {r['device_id']}  {' '.join(extra)}{reason}")
+
+
+# ---------------------------------------------------------------------- alarms (issue 10)
+alarms_app = typer.Typer(no_args_is_help=True, help="Sensor alarms ([[rules]]) and their states.")
+app.add_typer(alarms_app, name="alarms")
+
+
+def _alarms_db(cfg: Config):  # noqa: ANN202 - sqlite3.Connection
+    from gateway.alarms import store as alarm_store
+
+    conn = _db(cfg)
+    _tx(conn, alarm_store.migrate)
+    return conn
+
+
+@alarms_app.command("list")
+def alarms_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List alarm states (AlarmState objects), by rule and key."""
+    import json
+
+    from gateway.alarms import store as alarm_store
+
+    states = alarm_store.list_states(_alarms_db(get_config()))
+    if as_json:
+        typer.echo(json.dumps(states, indent=2))
+        return
+    for s in states:
+        typer.echo(f"{s['rule']}\t{s['key']}\t{s['state']}\tvalue={json.dumps(s['value'])}\tsince={s['since']}\t"
+                   f"fired_at={s['fired_at'] or '-'}\tacknowledged_by={s['acknowledged_by'] or '-'}\t"
+                   f"escalation_step={s['escalation_step']}\tjobs={','.join(s['jobs']) or '-'}")
+
+
+@alarms_app.command("ack")
+def alarms_ack(
+    rule: Annotated[str, typer.Argument(metavar="RULE")],
+    key: Annotated[str, typer.Argument(metavar="KEY")],
+    by: Annotated[Optional[str], typer.Option("--by", help="who acknowledges (default cli:<user>)")] = None,
+    note: Annotated[Optional[str], typer.Option("--note")] = None,
+) -> None:
+    """Acknowledge a firing alarm: its escalation stops."""
+    import getpass
+    import time
+
+    from gateway.alarms import store as alarm_store
+    from gateway.alarms.rules import key_from_level
+
+    cfg = get_config()
+    if rule not in {r.name for r in cfg.rules}:
+        fail(f"RULE: no rule {rule!r} in the config (rules: {', '.join(r.name for r in cfg.rules) or 'none'})")
+    if by is None:
+        try:
+            by = f"cli:{getpass.getuser()}"
+        except (KeyError, OSError):
+            by = "cli"
+    conn = _alarms_db(cfg)
+    row = alarm_store.get_row(conn, rule, key) or alarm_store.get_row(conn, rule, key_from_level(key))
+    if row is None or row.state == "idle":
+        fail(f"KEY: no alarm {key!r} of rule {rule!r}", 1)
+    if row.state == "acknowledged":
+        typer.echo(f"{rule} {row.key}: already acknowledged by {row.acknowledged_by}")
+        return
+    if row.state != "firing":
+        fail(f"KEY: alarm {row.key!r} of rule {rule!r} is {row.state}, not firing", 1)
+    _tx(conn, lambda c: alarm_store.request_ack(c, rule, row.key, by, note, time.time()))
+    # The running daemon applies it within a fraction of a second; show that it did.
+    deadline = time.monotonic() + 3.0
+    current = row
+    while time.monotonic() < deadline:
+        current = alarm_store.get_row(conn, rule, row.key)
+        if current is None or current.state != "firing" or current.episode != row.episode:
+            break
+        time.sleep(0.1)
+    if current is not None and current.state == "acknowledged":
+        typer.echo(f"{rule} {row.key}: acknowledged by {current.acknowledged_by}")
+    else:
+        typer.echo(f"{rule} {row.key}: ack recorded; the gateway applies it when it runs")
+
+
+@app.command("status")
+def status(as_json: Annotated[bool, typer.Option("--json", help="print the status as JSON")] = False) -> None:
+    """The running gateway at a glance; exit 0 healthy, 1 degraded, 2 unreachable."""
+    from gateway.status import main as status_main
+
+    raise typer.Exit(status_main(get_config(), as_json))
 
 
 def main() -> None:

@@ -11,6 +11,8 @@ import ipaddress
 import os
 import re
 import tomllib
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,6 +25,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from gateway.alarms.rules import RuleSection, check_rules
 
 ENV_PREFIX = "HOMEPOT_"
 CONFIG_ENV = "HOMEPOT_GATEWAY_CONFIG"
@@ -127,7 +131,9 @@ class AclRule(_Section):
 
 def default_acl() -> dict[str, AclRule]:
     """Contract §5 defaults; a role given in the config replaces its default."""
-    tech = AclRule(publish=["{prefix}/jobs", "{prefix}/devices/+/register"], subscribe=["{prefix}/#"])
+    tech = AclRule(publish=["{prefix}/jobs", "{prefix}/devices/+/register",
+                            "{prefix}/alarms/+/+/ack"],  # acknowledge an alarm (contract §5, §11)
+                   subscribe=["{prefix}/#"])
     return {
         "device": AclRule(
             publish=[
@@ -139,7 +145,7 @@ def default_acl() -> dict[str, AclRule]:
         ),
         "technician": tech,
         "controller": tech.model_copy(deep=True),
-        "monitor": AclRule(subscribe=["{prefix}/#"]),
+        "monitor": AclRule(subscribe=["{prefix}/#", "$SYS/#"]),
         "admin": AclRule(publish=["#"], subscribe=["#"]),
         "anonymous": AclRule(),
     }
@@ -216,6 +222,34 @@ class UpstreamSection(_MqttLinkSection):
     url: str
     client_id: str = ""
     buffer_max_mb: float = Field(default=256, gt=0)
+    # At the cap: coalesce then drop the oldest (counted), or refuse new device acks.
+    overflow: Literal["drop-oldest", "refuse-new"] = "drop-oldest"
+    # A password over mqtt:// or ws:// travels in clear: refused unless this is true.
+    allow_plaintext: bool = False
+    # Publishes awaiting the cloud's PUBACK at once (the drain's window).
+    max_inflight: int = Field(default=1000, ge=1, le=10000)
+
+    def plaintext_problems(self) -> list[tuple[str, str]]:
+        """``mqtt://``/``ws://`` with secrets or TLS files: (key, message) for each.
+
+        Without TLS a password goes over the wire in clear and a CA or client certificate
+        is silently unused; both are configuration mistakes until proven otherwise.
+        """
+        url = MqttUrl(self.url)
+        if url.tls:
+            return []
+        problems: list[tuple[str, str]] = []
+        if self.password_file is not None and str(self.password_file) and not self.allow_plaintext:
+            problems.append(("upstream.password_file",
+                             f"a password over {url.scheme}:// is sent in clear; use mqtts:// (or wss://) "
+                             "or set upstream.allow_plaintext = true"))
+        for attr in ("ca_file", "cert_file", "key_file"):
+            value = getattr(self, attr)
+            if value is not None and str(value):
+                problems.append((f"upstream.{attr}",
+                                 f"{url.scheme}:// does not use TLS, so this file would be ignored; "
+                                 "use mqtts:// (or wss://)"))
+        return problems
 
 
 class DispatchSection(_Section):
@@ -319,11 +353,38 @@ class BridgesSection(_Section):
 
 class HttpSection(_Section):
     bind: str = "127.0.0.1:8080"
+    public_url: str = ""  # how devices reach the API; "" = http(s)://<bind>
+    ack_secret_file: Path | None = None  # HMAC key of signed ack URLs; None = <data_dir>/ack_secret
+    certfile: Path | None = None  # HTTPS when certfile and keyfile are set
+    keyfile: Path | None = None
 
     @field_validator("bind")
     @classmethod
     def _bind(cls, v: str) -> str:
         return _check_host_port(v)
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, v: str) -> str:
+        if v and not re.match(r"^https?://[^/?#\s@]+(/[^?#\s]*)?$", v):
+            raise ValueError("expected http(s)://HOST[:PORT][/PATH] without query or user info")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "HttpSection":
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("certfile and keyfile go together (HTTPS needs both)")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.certfile is not None
+
+    def base_url(self) -> str:
+        """``public_url``, else ``http(s)://<bind>`` (what ack URLs start with)."""
+        if self.public_url:
+            return self.public_url
+        return f"{'https' if self.tls else 'http'}://{self.bind}"
 
 
 class StorageSection(_Section):
@@ -351,6 +412,7 @@ class Config(_Section):
     http: HttpSection | None = None
     storage: StorageSection = Field(default_factory=StorageSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    rules: list[RuleSection] = Field(default_factory=list)  # sensor alarms (gateway.alarms)
 
     # Where the file was read from; relative paths in it are relative to the cwd,
     # like Mosquitto's, so `make run` from the repo works as documented.
@@ -386,33 +448,76 @@ def find_config_path(explicit: str | os.PathLike[str] | None) -> Path:
     return DEFAULT_PATHS[0]
 
 
-def _leaf_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> dict[str, tuple[str, ...]]:
-    """Map ``SECTION_KEY`` env suffixes to dotted paths, derived from the models."""
-    out: dict[str, tuple[str, ...]] = {}
+def shadow_note(explicit: str | os.PathLike[str] | None) -> str | None:
+    """One line for stderr when ``./config.toml`` was picked while the service's file exists.
+
+    The contract's order lets a checkout's config win over ``/etc``; an operator who runs
+    the CLI from a checkout would otherwise act on the dev database without a hint.
+    """
+    if explicit or os.environ.get(CONFIG_ENV):
+        return None
+    local, system = DEFAULT_PATHS
+    if not (local.exists() and system.exists()):
+        return None
+    try:
+        if local.resolve() == system.resolve():
+            return None
+    except OSError:
+        pass
+    return (f"note: using {local.resolve()} (./config.toml comes before {system}); "
+            f"pass --config {system} to act on the installed service")
+
+
+def _leaf_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> dict[str, tuple[tuple[str, ...], Any]]:
+    """Map ``SECTION_KEY`` env suffixes to (dotted path, annotation), derived from the models."""
+    out: dict[str, tuple[tuple[str, ...], Any]] = {}
     for name, field in model.model_fields.items():
         if field.exclude or name == "source":
             continue
         path = prefix + (name,)
         ann = field.annotation
         sub = _model_of(ann)
-        if sub is not None and name not in ("listeners",):
+        if sub is not None:
             out.update(_leaf_paths(sub, path))
         else:
-            out["_".join(path).upper()] = path
+            out["_".join(path).upper()] = (path, ann)
     return out
 
 
 def _model_of(ann: Any) -> type[BaseModel] | None:
+    """The section model behind ``Model`` or ``Model | None``; lists and dicts of models are leaves."""
     if isinstance(ann, type) and issubclass(ann, BaseModel):
         return ann
-    for arg in getattr(ann, "__args__", ()) or ():
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+            return args[0]
     return None
 
 
-def _parse_env_value(raw: str) -> Any:
-    """Env values are TOML values when they parse as one (true, 5, ["a"]), else strings."""
+def _is_text(ann: Any) -> bool:
+    """True when a field takes text as given: str, paths, secrets, string Literals (None aside)."""
+    if ann is type(None):
+        return True
+    if isinstance(ann, type):
+        return issubclass(ann, (str, os.PathLike, SecretStr))
+    origin = typing.get_origin(ann)
+    if origin is typing.Literal:
+        return all(isinstance(v, str) for v in typing.get_args(ann))
+    if origin in (typing.Union, types.UnionType):
+        return all(_is_text(a) for a in typing.get_args(ann))
+    if origin is typing.Annotated:
+        return _is_text(typing.get_args(ann)[0])
+    return False
+
+
+def _parse_env_value(raw: str, ann: Any = None) -> Any:
+    """An override typed from the schema: a text field gets the raw string
+    (``HOMEPOT_GATEWAY_SITE_ID=1234`` is the site id "1234"); numbers, booleans, lists and
+    tables are read as TOML values (``true``, ``5``, ``["a","b"]``), and what does not parse
+    is handed to validation as the string, so the error names the key."""
+    if ann is not None and _is_text(ann):
+        return raw
     try:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -425,10 +530,11 @@ def apply_env(data: dict[str, Any], environ: dict[str, str]) -> list[tuple[str, 
     for name, raw in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
             continue
-        path = leaves.get(name[len(ENV_PREFIX):])
-        if path is None:
+        leaf = leaves.get(name[len(ENV_PREFIX):])
+        if leaf is None:
             problems.append((name, "unknown configuration override (no such key)"))
             continue
+        path, ann = leaf
         node = data
         for part in path[:-1]:
             nxt = node.setdefault(part, {})
@@ -437,7 +543,7 @@ def apply_env(data: dict[str, Any], environ: dict[str, str]) -> list[tuple[str, 
                 break
             node = nxt
         else:
-            node[path[-1]] = _parse_env_value(raw)
+            node[path[-1]] = _parse_env_value(raw, ann)
     return problems
 
 
@@ -451,6 +557,13 @@ def _loc(err_loc: tuple[Any, ...], data: dict[str, Any]) -> str:
             if isinstance(node, list) and item < len(node) and isinstance(node[item], dict):
                 name = node[item].get("name")
             parts[-1] = f"listeners[{name or item}]"
+        elif isinstance(item, int) and parts and parts[-1] == "rules":
+            name = None
+            if isinstance(node, list) and item < len(node) and isinstance(node[item], dict):
+                name = node[item].get("name")
+            parts[-1] = f"rules[{name if isinstance(name, str) and name else item}]"
+        elif isinstance(item, int) and parts and parts[0].startswith("rules["):
+            parts[-1] += f"[{item}]"
         elif isinstance(item, str) and not item.startswith(("function-", "model-")):
             parts.append(item)
         if isinstance(node, dict):
@@ -508,6 +621,7 @@ def _load_secrets(cfg: Config, problems: list[tuple[str, str]]) -> None:
                     _require_file(value, f"{key}.{attr}", problems)
     if cfg.upstream is not None:
         _load_link_secrets(cfg.upstream, "upstream", problems, check_tls_files=True)
+        problems.extend(cfg.upstream.plaintext_problems())
 
     b = cfg.bridges
     if b.fcm.enabled:
@@ -569,6 +683,11 @@ def _load_secrets(cfg: Config, problems: list[tuple[str, str]]) -> None:
         path = b.webpush.vapid_private_key_file
         if path.exists() and "PRIVATE KEY" not in path.read_text(encoding="utf-8", errors="replace"):
             problems.append(("bridges.webpush.vapid_private_key_file", "not a PEM private key"))
+    if cfg.http is not None:
+        for attr in ("certfile", "keyfile"):
+            value = getattr(cfg.http, attr)
+            if value is not None:
+                _require_file(value, f"http.{attr}", problems)
     for name in ("fcm", "wns", "webpush"):
         ca = getattr(b, name).ca_file
         if getattr(b, name).enabled and ca is not None and str(ca):
@@ -609,6 +728,7 @@ def parse_config(data: dict[str, Any], environ: dict[str, str] | None = None, so
         if cfg.broker.mode == "embedded" and not cfg.broker.listeners:
             problems.append(("broker.listeners", "embedded mode needs at least one listener"))
         _load_secrets(cfg, problems)
+        problems += check_rules(cfg.rules)
     if problems:
         raise ConfigError(problems)
     assert cfg is not None

@@ -4,6 +4,10 @@ Order matters: the embedded broker listens first, then the gateway's own client
 connects to it (the same client code that external mode uses), then the services
 run; systemd hears READY=1 only when all of that holds. Shutdown goes the other
 way, so no in-flight work is cut off by a broker that is already gone.
+
+SIGHUP (``systemctl reload``) re-reads what can change in place — the password file,
+``[logging] level``, and whatever services registered with :meth:`Daemon.on_reload` — and
+names in one log line what else changed in the file and needs a restart.
 """
 
 from __future__ import annotations
@@ -11,15 +15,17 @@ from __future__ import annotations
 import asyncio
 import json
 
+import inspect
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
 
 from gateway import __version__
 from gateway.broker import BrokerStartError, EmbeddedBroker, InternalCredentials
-from gateway.config import Config
+from gateway.config import Config, ConfigError, load_config
+from gateway.lock import AlreadyRunning, DaemonLock
 from gateway.mqtt import ConnectionSettings, GatewayClient, NotConnected
 from gateway.sdnotify import Notifier
 from gateway.service import Service
@@ -40,6 +46,7 @@ LOCK_WAIT_AT_STOP_S = 2.0  # after this, a locked database fails at once instead
 
 
 ServiceFactory = Callable[["Daemon"], list[Service]]
+ReloadCallback = Callable[[Config], Awaitable[None] | None]
 
 
 class Daemon:
@@ -57,6 +64,22 @@ class Daemon:
         self._service_factory = service_factory or default_services
         self.stop_event = asyncio.Event()
         self.db = Database(cfg.db_path)
+        self.lock = DaemonLock(cfg.data_dir)
+        self._reload_callbacks: list[tuple[str, ReloadCallback]] = []
+        self._reload_task: asyncio.Task[None] | None = None
+        self._reload_again = False
+        self._ready = False
+
+    def on_reload(self, callback: ReloadCallback, name: str | None = None) -> None:
+        """Call ``callback(cfg)`` on every SIGHUP (``systemctl reload``), in registration order.
+
+        ``cfg`` is the configuration as re-read from the file (the running one if the file
+        is now invalid). A callback drops what it caches from files or accounts (the HTTP
+        API's verified credentials, say); it may be a coroutine function; one that raises is
+        logged and does not stop the others. ``self.cfg`` keeps the values the daemon
+        started with, except ``logging.level``, which is applied.
+        """
+        self._reload_callbacks.append((name or getattr(callback, "__qualname__", repr(callback)), callback))
 
     # ------------------------------------------------------------------ helpers
     def _status_payload(self, state: str) -> bytes:
@@ -89,15 +112,35 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        self.cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        await self.db.open()
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         try:
-            return await self._run()
+            self.cfg.data_dir.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()
+        except AlreadyRunning as exc:
+            log.error("another gateway runs on this data_dir", error=str(exc))
+            self._remove_signal_handlers(loop)
+            return 2
+        except OSError as exc:
+            log.error("cannot use data_dir", data_dir=str(self.cfg.data_dir), error=str(exc))
+            self._remove_signal_handlers(loop)
+            return 2
+        try:
+            await self.db.open()
+            try:
+                return await self._run()
+            finally:
+                if self._reload_task is not None:
+                    await asyncio.gather(self._reload_task, return_exceptions=True)
+                await self.db.close(timeout=DB_CLOSE_S)
         finally:
-            await self.db.close(timeout=DB_CLOSE_S)
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
+            self.lock.release()
+            self._remove_signal_handlers(loop)
             self.notifier.close()
+
+    @staticmethod
+    def _remove_signal_handlers(loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self.stop_event.is_set():
@@ -105,10 +148,80 @@ class Daemon:
         log.info("stop requested", signal=sig.name)
         self.stop_event.set()
 
+    # ------------------------------------------------------------------ reload (SIGHUP)
+    def _on_hup(self) -> None:
+        if self._reload_task is not None and not self._reload_task.done():
+            self._reload_again = True  # one more pass after this one: the file may have changed since
+            return
+        self._reload_task = asyncio.create_task(self._reload_loop(), name="reload")
+
+    async def _reload_loop(self) -> None:
+        while True:
+            self._reload_again = False
+            try:
+                await self.reload()
+            except Exception as exc:  # a reload must never take the daemon down
+                log.error("reload failed", error=repr(exc))
+            if not self._reload_again or self.stop_event.is_set():
+                return
+
+    async def reload(self) -> dict[str, list[str]]:
+        """What SIGHUP does; returns the ``reloaded`` and ``restart_needed`` key lists it logged."""
+        tell_systemd = self._ready and not self.stop_event.is_set()
+        if tell_systemd:
+            self.notifier.send("RELOADING=1", "STATUS=reloading")
+        reloaded: list[str] = []
+        restart: list[str] = []
+        effective = self.cfg
+        source = self.cfg.source
+        try:
+            new = await asyncio.to_thread(load_config, source) if source is not None else None
+        except ConfigError as exc:
+            new = None
+            log.error("reload: the config file is invalid; keeping the running configuration",
+                      config=str(source), problems=exc.lines())
+        if new is not None:
+            effective = new
+            if new.logging.level != self.cfg.logging.level:
+                from gateway.logs import set_level
+
+                log.info("reload: log level changed", old=self.cfg.logging.level, new=new.logging.level)
+                set_level(new.logging.level)
+                self.cfg.logging.level = new.logging.level
+                reloaded.append("logging.level")
+            restart = [key for key in _changed_keys(self.cfg.model_dump(mode="json"), new.model_dump(mode="json"))
+                       if key != "logging.level"]
+        if self.broker is not None:
+            try:
+                accounts = await asyncio.to_thread(self.broker.reload_passwords)
+                reloaded.append("broker.auth.password_file")
+                log.info("reload: password file read", path=str(self.cfg.broker.auth.password_file),
+                         accounts=accounts)
+            except Exception as exc:  # noqa: BLE001 - a broken file is reported, the daemon keeps running
+                log.error("reload: cannot read the password file", path=str(self.cfg.broker.auth.password_file),
+                          error=str(exc))
+        for name, callback in self._reload_callbacks:
+            try:
+                result = callback(effective)
+                if inspect.isawaitable(result):
+                    await result
+                reloaded.append(name)
+            except Exception as exc:  # noqa: BLE001 - one bad callback must not stop the others
+                log.error("reload: callback failed", callback=name, error=repr(exc))
+        if restart:
+            log.warning("reload: these settings changed in the file and take effect only after a restart",
+                        keys=restart)
+        log.info("reloaded", reloaded=reloaded, restart_needed=restart)
+        if tell_systemd and not self.stop_event.is_set():
+            self.notifier.send("READY=1", f"STATUS=running; reloaded {', '.join(reloaded) or 'nothing'}")
+        return {"reloaded": reloaded, "restart_needed": restart}
+
     async def _run(self) -> int:
         cfg = self.cfg
         if cfg.broker.mode == "embedded":
-            self.broker = EmbeddedBroker(cfg, self.internal, self.db)
+            # The broker reserves our client id for our account (contract §5).
+            self.broker = EmbeddedBroker(cfg, self.internal, self.db,
+                                         reserved_client_id=self.client_settings().client_id)
             try:
                 await self.broker.start()
             except BrokerStartError as exc:
@@ -116,10 +229,6 @@ class Daemon:
                 self.broker = None
                 return 2
 
-        if cfg.http is not None:
-            # Contract §4 reserves [http] for a later HTTP API; say so instead of pretending.
-            log.warning("[http] is configured but this version has no HTTP API; nothing listens on it",
-                        bind=cfg.http.bind)
         client = GatewayClient(self.client_settings(), name="broker", storage_probe=self.db.probe)
         self.client = client
         self.services = self._service_factory(self)
@@ -143,9 +252,11 @@ class Daemon:
         service_tasks = [asyncio.create_task(svc.run(services_stopping), name=svc.name) for svc in self.services]
         watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
         status = f"running; broker {cfg.broker.mode} {cfg.broker.url}"
-        self.notifier.ready(status)
-        log.info("gateway ready", site_id=cfg.gateway.site_id, mode=cfg.broker.mode, url=cfg.broker.url,
-                 services=[s.name for s in self.services], version=__version__)
+        if await _services_started(self.services, service_tasks):  # e.g. the HTTP API listens
+            self.notifier.ready(status)
+            self._ready = True
+            log.info("gateway ready", site_id=cfg.gateway.site_id, mode=cfg.broker.mode, url=cfg.broker.url,
+                     services=[s.name for s in self.services], version=__version__)
 
         stop_wait = asyncio.create_task(self.stop_event.wait())
         await asyncio.wait([stop_wait, *service_tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -153,7 +264,7 @@ class Daemon:
         for task in service_tasks:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 log.error("service crashed", service=task.get_name(), error=repr(task.exception()))
-                exit_code = 1
+                exit_code = max(exit_code, getattr(task.exception(), "exit_code", 1))
 
         # ---------------------------------------------------------- shutdown
         self.notifier.stopping("stopping: finishing in-flight work")
@@ -198,20 +309,70 @@ class Daemon:
             await asyncio.sleep(interval)
 
 
+async def _services_started(services: list[Service], tasks: list[asyncio.Task[None]]) -> bool:
+    """Wait for each service that has a ``started`` event (set once it serves); False if one
+    ended first (it failed to start: no READY=1, the daemon stops)."""
+    for svc, task in zip(services, tasks):
+        started = getattr(svc, "started", None)
+        if isinstance(started, asyncio.Event) and not started.is_set():
+            waiter = asyncio.ensure_future(started.wait())
+            await asyncio.wait([waiter, task], return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+    return not any(t.done() for t in tasks)
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ; lists (listeners, rules) are compared whole."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            out += _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [prefix.rstrip(".")] if old != new else []
+
+
 def default_services(daemon: Daemon) -> list[Service]:
-    """The services a daemon runs; the pipeline and upstream link register here."""
+    """The services a daemon runs: the pipeline (and upstream link) and the alarms, then the
+    health reporter and, with [http], the HTTP API."""
+    services = _core_services(daemon)
+    return [*services, *_observer_services(daemon)]
+
+
+def _core_services(daemon: Daemon) -> list[Service]:
+    """The pipeline, the upstream link and the alarms."""
+    from gateway.alarms.service import AlarmService
     from gateway.pipeline import Pipeline
 
     if daemon.cfg.upstream is None:
         pipeline = Pipeline(daemon.cfg, daemon.db)
         daemon.pipeline = pipeline
-        return [pipeline]
-    from gateway.upstream import UpstreamLink, outbox
+        services: list[Service] = [pipeline]
+    else:
+        from gateway.upstream import UpstreamLink, outbox
 
-    # Status changes and acks are queued for the cloud in the pipeline's own transactions.
-    pipeline = Pipeline(daemon.cfg, daemon.db, forward=outbox)
-    daemon.pipeline = pipeline
-    return [pipeline, UpstreamLink(daemon.cfg, daemon.db, pipeline)]
+        # Status changes and acks are queued for the cloud in the pipeline's own transactions.
+        pipeline = Pipeline(daemon.cfg, daemon.db, forward=outbox)
+        daemon.pipeline = pipeline
+        services = [pipeline, UpstreamLink(daemon.cfg, daemon.db, pipeline)]
+    # Last: its routes come after the pipeline's, so a rule never takes P/jobs or device acks away.
+    services.append(AlarmService(daemon.cfg, daemon.db, pipeline))
+    return services
+
+
+def _observer_services(daemon: Daemon) -> list[Service]:
+    """runtime.json for `status`, /healthz and /metrics; the HTTP API when [http] is set."""
+    from gateway.health import HealthReporter
+
+    reporter = HealthReporter(daemon)
+    if daemon.cfg.http is None:
+        return [reporter]
+    from gateway.http import HttpService
+
+    http = HttpService(daemon, reporter)
+    if daemon.pipeline is not None:
+        daemon.pipeline.ack_url = http.ack_url  # every payload carries its signed ack URL (§8)
+    daemon.on_reload(http.auth.invalidate, name="http credential cache")  # SIGHUP: forget cached logins
+    return [reporter, http]
 
 
 def run_daemon(cfg: Config) -> int:

@@ -45,7 +45,18 @@ def setup_logging(level: str = "info", fmt: str = "json") -> None:
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(numeric)
+    set_level(level)
+
+
+_CHATTY = ("amqtt", "transitions", "websockets", "httpx", "httpcore", "hpack", "h2")
+
+
+def set_level(level: str) -> None:
+    """Apply ``[logging] level`` (at start and on SIGHUP): the root logger, and the chatty
+    third-party loggers at WARNING unless the gateway itself runs at debug. Loggers are
+    filtered by the stdlib at every call, so cached structlog loggers follow at once."""
+    numeric = _LEVELS[level]
+    logging.getLogger().setLevel(numeric)
     quiet = logging.DEBUG if numeric <= logging.DEBUG else logging.WARNING
-    for name in ("amqtt", "transitions", "websockets", "httpx", "httpcore", "hpack", "h2"):
+    for name in _CHATTY:
         logging.getLogger(name).setLevel(max(numeric, quiet))

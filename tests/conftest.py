@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import MOSQUITTO, GatewayProcess, Mosquitto, base_config, free_port, write_config
+from tests.support import GatewayProcess, Mosquitto, base_config, free_port, require_tool, write_config
 
 
 @pytest.fixture
@@ -41,12 +40,16 @@ def gateway_factory(tmp_path: Path) -> Iterator:
 
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
-    if not MOSQUITTO:
-        pytest.skip("mosquitto not installed (make test installs it as root)")
     m = Mosquitto(tmp_path, free_port()).start()
     yield m
     m.stop()
 
 
-needs_mosquitto_clients = pytest.mark.skipif(
-    not shutil.which("mosquitto_sub"), reason="mosquitto-clients not installed")
+@pytest.fixture
+def mosquitto_clients() -> dict[str, str]:
+    """mosquitto_pub/_sub paths; a missing one fails the test (make test installs them)."""
+    return {name: require_tool(name) for name in ("mosquitto_pub", "mosquitto_sub")}
+
+
+# Marks a test that runs mosquitto_pub/mosquitto_sub: it fails, never skips, without them.
+needs_mosquitto_clients = pytest.mark.usefixtures("mosquitto_clients")

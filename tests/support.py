@@ -16,6 +16,18 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def require_tool(name: str) -> str:
+    """The path of a command the tests drive. A missing tool fails the test (never a skip):
+    `make test` installs the Makefile's DEBIAN_TEST_PACKAGES when it runs as root."""
+    import pytest
+
+    path = shutil.which(name) or next((f"{d}/{name}" for d in ("/usr/sbin", "/sbin") if Path(f"{d}/{name}").exists()), None)
+    if path is None:
+        pytest.fail(f"{name} is not installed: the tests need it; `make test` as root installs the Makefile's "
+                    "DEBIAN_TEST_PACKAGES (mosquitto, mosquitto-clients, systemd, ...)", pytrace=False)
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -211,14 +223,14 @@ class Mosquitto:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> "Mosquitto":
-        assert MOSQUITTO, "mosquitto is not installed"
+        require_tool("mosquitto")
         conf = self.workdir / f"mosquitto-{self.port}.conf"
         body = self.extra_conf or f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
         # As root Mosquitto drops to user "mosquitto", who cannot read pytest's 0700 tmp dirs.
         run_as = "user root\n" if os.geteuid() == 0 else ""
         conf.write_text(body + run_as + f"persistence true\npersistence_location {self.workdir}/\n")
         self.log_path = self.workdir / f"mosquitto-{self.port}.log"
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([require_tool("mosquitto"), "-c", str(conf)], stdout=subprocess.DEVNULL,
                                      stderr=open(self.log_path, "wb"))
         wait_port(self.port)
         return self

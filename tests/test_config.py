@@ -124,3 +124,69 @@ def test_config_path_from_environment(tmp_path: Path):
                          cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "HOMEPOT_GATEWAY_CONFIG": str(path)})
     assert res.returncode == 0, res.stderr
     assert str(path) in res.stdout
+
+
+# ------------------------------------------------------------------ env overrides typed from the schema
+def test_env_overrides_follow_the_field_types():
+    """Issue 9.12: a text field gets the raw string, numbers/booleans/lists are parsed."""
+    base = {"broker": {"listeners": [{"name": "a", "bind": "127.0.0.1:1"}]}}
+    cfg = parse_config(dict(base), {
+        "HOMEPOT_GATEWAY_SITE_ID": "1234",              # str field: the site "1234", not the integer
+        "HOMEPOT_GATEWAY_TOPIC_PREFIX": "true",         # str field: the word "true"
+        "HOMEPOT_GATEWAY_DATA_DIR": "/srv/gw 1",        # Path: as given, spaces included
+        "HOMEPOT_BROKER_USERNAME": "007",               # leading zeros kept
+        "HOMEPOT_LOGGING_FORMAT": "console",            # Literal of strings
+        "HOMEPOT_BRIDGES_MQTT_QOS": "2",                # Literal[0, 1, 2]: a number
+        "HOMEPOT_BRIDGES_SIMULATION_SEED": "42",        # int | None
+        "HOMEPOT_BRIDGES_SIMULATION_FAIL_RATE": "0.25",
+        "HOMEPOT_BRIDGES_FCM_ENABLED": "false",
+        "HOMEPOT_BRIDGES_WNS_ALLOWED_HOSTS": '["notify.windows.com", "example.net"]',
+        "HOMEPOT_BROKER_LISTENERS": '[{name = "env", bind = "127.0.0.1:2883", allow_anonymous = true}]',
+        "HOMEPOT_BROKER_ACL": '{ops = {publish = ["#"]}}',
+        "HOMEPOT_UPSTREAM_URL": "mqtts://cloud.example:8883",   # an optional section comes into being
+    })
+    assert cfg.gateway.site_id == "1234" and cfg.prefix == "true/1234"
+    assert str(cfg.data_dir) == "/srv/gw 1"
+    assert cfg.broker.username == "007"
+    assert cfg.logging.format == "console"
+    assert cfg.bridges.mqtt.qos == 2 and cfg.bridges.simulation.seed == 42
+    assert cfg.bridges.simulation.fail_rate == 0.25 and cfg.bridges.fcm.enabled is False
+    assert cfg.bridges.wns.allowed_hosts == ["notify.windows.com", "example.net"]
+    assert [(li.name, li.bind, li.allow_anonymous) for li in cfg.broker.listeners] == [("env", "127.0.0.1:2883", True)]
+    assert cfg.broker.roles()["ops"].publish == ["#"]
+    assert cfg.upstream is not None and cfg.upstream.url == "mqtts://cloud.example:8883"
+
+
+def test_env_overrides_that_name_no_key_or_break_a_type_are_errors():
+    base = {"broker": {"listeners": [{"name": "a", "bind": "127.0.0.1:1"}]}}
+    assert problems(dict(base), {"HOMEPOT_GATEWAY_SITEID": "x", "HOMEPOT_BROKER_ACL_TECHNICIAN_PUBLISH": "[]",
+                                 "HOMEPOT_BROKER_LISTENERS_BIND": "127.0.0.1:5"}) == [
+        "HOMEPOT_BROKER_ACL_TECHNICIAN_PUBLISH: unknown configuration override (no such key)",
+        "HOMEPOT_BROKER_LISTENERS_BIND: unknown configuration override (no such key)",
+        "HOMEPOT_GATEWAY_SITEID: unknown configuration override (no such key)"]
+    lines = problems(dict(base), {"HOMEPOT_BRIDGES_MQTT_QOS": "high", "HOMEPOT_GATEWAY_SITE_ID": "a b"})
+    assert any(line.startswith("bridges.mqtt.qos:") for line in lines), lines
+    assert "gateway.site_id: must match [A-Za-z0-9_-]{1,64}" in lines
+
+
+# ------------------------------------------------------------------ lookup order and the shadowed /etc file
+def test_lookup_order_and_a_note_when_the_checkout_shadows_the_service(tmp_path: Path, monkeypatch):
+    from gateway import config as config_mod
+
+    etc = tmp_path / "etc" / "config.toml"
+    etc.parent.mkdir()
+    work = tmp_path / "checkout"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(config_mod, "DEFAULT_PATHS", (Path("config.toml"), etc))
+    monkeypatch.delenv("HOMEPOT_GATEWAY_CONFIG", raising=False)
+    assert config_mod.find_config_path(None) == Path("config.toml")     # nothing exists: the first
+    etc.write_text("")
+    assert config_mod.find_config_path(None) == etc and config_mod.shadow_note(None) is None
+    (work / "config.toml").write_text("")
+    assert config_mod.find_config_path(None) == Path("config.toml")     # the contract's order stays
+    note = config_mod.shadow_note(None)
+    assert note is not None and str(work / "config.toml") in note and f"--config {etc}" in note
+    assert config_mod.shadow_note("x.toml") is None                     # chosen explicitly: no note
+    monkeypatch.setenv("HOMEPOT_GATEWAY_CONFIG", str(etc))
+    assert config_mod.find_config_path(None) == etc and config_mod.shadow_note(None) is None

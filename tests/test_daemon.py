@@ -179,12 +179,10 @@ def test_external_mode_against_real_mosquitto(gateway_factory, mosquitto):
 
 
 def test_external_mode_with_credentials(gateway_factory, tmp_path: Path):
-    from tests.support import MOSQUITTO, Mosquitto
+    from tests.support import Mosquitto, require_tool
 
-    if not MOSQUITTO:
-        pytest.skip("mosquitto not installed")
     pwfile = tmp_path / "mosq.passwd"
-    subprocess.run(["mosquitto_passwd", "-c", "-b", str(pwfile), "gw", "s3cret-pass"], check=True)
+    subprocess.run([require_tool("mosquitto_passwd"), "-c", "-b", str(pwfile), "gw", "s3cret-pass"], check=True)
     port = free_port()
     m = Mosquitto(tmp_path, port, extra_conf=f"listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {pwfile}\n").start()
     try:
@@ -203,10 +201,8 @@ def test_external_mode_with_credentials(gateway_factory, tmp_path: Path):
 
 def test_external_broker_down_at_start_then_up(gateway_factory, tmp_path: Path):
     """External mode does not crash-loop when the broker is late: it retries and connects."""
-    from tests.support import MOSQUITTO, Mosquitto
+    from tests.support import Mosquitto
 
-    if not MOSQUITTO:
-        pytest.skip("mosquitto not installed")
     port = free_port()
     gw = gateway_factory(port=port, extra={"broker": {"mode": "external", "url": f"mqtt://127.0.0.1:{port}",
                                                        "listeners": []}})

@@ -48,6 +48,11 @@ class ClientAcl:
         self.allow_all = not self._deny and ["#"] in self._publish and ["#"] in self._subscribe
         self._receive_cache: dict[str, bool] = {}
 
+    @property
+    def publish_filters(self) -> list[str]:
+        """The publish filters after substitution (for log lines that explain a denial)."""
+        return ["/".join(levels) for levels in self._publish]
+
     def _denied(self, levels: list[str]) -> bool:
         return any(levels_match(d, levels) for d in self._deny)
 

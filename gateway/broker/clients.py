@@ -6,14 +6,20 @@ session reconnects, and messages queued while offline are replayed with RETAIN=1
 Here a :class:`ClientState` outlives connections (CleanSession=0) and owns:
 
 - ``pending``: messages not yet written, oldest first, at most
-  ``max_queued_messages`` (the oldest is dropped and counted);
+  ``max_queued_messages`` (the oldest is dropped, counted and logged, rate-limited);
+  the in-flight window below is not part of it (Mosquitto counts the same way), and
+  the gateway's own session is never capped (``capped = False``): what a publisher
+  saw acknowledged for the gateway must reach the gateway;
 - ``inflight``: QoS 1/2 messages written and not yet acknowledged, by packet id,
   kept until PUBACK / PUBCOMP and resent with DUP=1 on reconnect [MQTT-4.4.0-1];
 - ``qos2_in``: packet ids of QoS 2 PUBLISHes received and not yet released, so a
   resent PUBLISH is never routed twice [MQTT-4.3.3-2].
 
 One sender task per connected client drains ``pending`` in order, batching writes,
-so a slow or dead subscriber never stalls the publisher or other subscribers.
+so a slow or dead subscriber never stalls the publisher or other subscribers. Every
+message is checked against the client's *current* ACL when it is written, not only
+when it was queued: a session restored from disk, or resumed after the account's
+role changed, gets nothing its role may not read now.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ import structlog
 from gateway.broker.acl import ClientAcl
 from gateway.broker.codec import PUBREL, encode_ack, encode_publish, encode_topic
 from gateway.broker.metrics import BrokerMetrics
-from gateway.broker.state import RELEASED, SENT, StateStore
+from gateway.broker.state import RELEASED, SENT, StateNotStored, StateStore
+from gateway.broker.throttle import LogThrottle
 
 if TYPE_CHECKING:
     from gateway.broker.handler import GatewayProtocolHandler
@@ -81,12 +88,15 @@ class ClientState:
     """Everything the broker keeps for one client id, connected or not."""
 
     def __init__(self, client_id: str, clean: bool, *, store: StateStore | None, metrics: BrokerMetrics,
-                 seq: itertools.count[int], max_queued: int, max_inflight: int = MAX_INFLIGHT):
+                 seq: itertools.count[int], max_queued: int, max_inflight: int = MAX_INFLIGHT,
+                 capped: bool = True, drop_log: LogThrottle | None = None):
         self.client_id = client_id
         self.clean = clean
         self.username: str | None = None
         self.role: str | None = None
+        self.owner: str | None = None    # the principal the session belongs to (see GatewayBroker)
         self.acl: ClientAcl | None = None
+        self.capped = capped             # False only for the gateway's own session
         self.subscriptions: dict[str, int] = {}
         self.pending: deque[Outgoing] = deque()
         self.inflight: dict[int, Outgoing] = {}
@@ -98,6 +108,7 @@ class ClientState:
         self._seq = seq
         self._max_queued = max_queued
         self._max_inflight = max_inflight
+        self._drop_log = drop_log or LogThrottle()
         self._next_pid = 0
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
@@ -135,13 +146,20 @@ class ClientState:
             durable = True
         pending = self.pending
         pending.append(out)
-        if len(pending) > self._max_queued:
+        if self.capped and len(pending) > self._max_queued:
             oldest = pending.popleft()
             self.dropped += 1
             self._metrics.dropped += 1
             if oldest.seq and store is not None:
                 store.message_done(self.client_id, oldest.seq)
-                store.dropped(self.client_id, self.dropped)
+                if not self.clean:
+                    store.dropped(self.client_id, self.dropped)
+            suppressed = self._drop_log(self.client_id)
+            if suppressed is not None:
+                log.warning("client queue full; oldest message dropped (broker.max_queued_messages)",
+                            client_id=self.client_id, username=self.username, connected=online,
+                            max_queued_messages=self._max_queued, dropped_topic=oldest.msg.topic,
+                            dropped_total=self.dropped, suppressed=suppressed)
         if online:
             self._wake.set()
         return durable
@@ -170,18 +188,36 @@ class ClientState:
         if any(out.qos == 0 for out in self.pending):
             self.pending = deque(out for out in self.pending if out.qos)
 
+    def _readable(self, out: Outgoing) -> bool:
+        """May this client's role read ``out`` now? If not, it is dropped and counted."""
+        acl = self.acl
+        if acl is None or acl.allow_all or acl.may_receive(out.msg.topic):
+            return True
+        self._metrics.dropped_acl += 1
+        if out.seq and self._store is not None:
+            self._store.message_done(self.client_id, out.seq)
+        suppressed = self._drop_log((self.client_id, "acl"))
+        if suppressed is not None:
+            log.info("queued message withheld: the client's role may not read its topic (any more)",
+                     client_id=self.client_id, username=self.username, role=self.role, topic=out.msg.topic,
+                     suppressed=suppressed)
+        return False
+
     async def _run_sender(self, handler: GatewayProtocolHandler) -> None:
         metrics = self._metrics
         try:
             if self.inflight:
-                # [MQTT-4.4.0-1]: unacknowledged PUBLISH again with DUP=1, PUBREL again.
+                # [MQTT-4.4.0-1]: unacknowledged PUBLISH again with DUP=1, PUBREL again
+                # (a PUBREL carries no message: it needs no ACL check).
                 parts = []
-                for pid, out in self.inflight.items():
+                for pid, out in list(self.inflight.items()):
                     if out.state == RELEASED:
                         parts.append(encode_ack(PUBREL, pid))
-                    else:
+                    elif self._readable(out):
                         parts.append(out.packet(dup=True))
                         metrics.messages_out += 1
+                    else:
+                        del self.inflight[pid]
                 await handler.send_bytes(b"".join(parts))
             wake = self._wake
             while True:
@@ -196,6 +232,9 @@ class ClientState:
                 store = self._store
                 while pending and len(parts) < BATCH:
                     out = pending[0]
+                    if not self._readable(out):
+                        pending.popleft()
+                        continue
                     if out.qos:
                         if len(self.inflight) >= self._max_inflight:
                             break
@@ -212,11 +251,17 @@ class ClientState:
                     nbytes += len(out.msg.payload)
                 if barrier and store is not None:
                     await store.barrier()
+                if not parts:
+                    continue
                 await handler.send_bytes(b"".join(parts))
                 metrics.messages_out += len(parts)
                 metrics.bytes_out += nbytes
         except asyncio.CancelledError:
             raise
+        except StateNotStored:
+            # A QoS 2 packet id could not be stored: sending it could deliver twice after
+            # a restart. Close; the message is resent when the client is back.
+            handler.close_unstored()
         except Exception as exc:  # a broken connection must not take the broker down
             log.warning("delivery to client failed; closing its connection", client_id=self.client_id,
                         error=repr(exc))
@@ -239,7 +284,11 @@ class ClientState:
             out.state = RELEASED
             if out.seq and self._store is not None:
                 self._store.message_state(self.client_id, out.seq, packet_id, RELEASED)
-                await self._store.barrier()
+                try:
+                    await self._store.barrier()
+                except StateNotStored:
+                    handler.close_unstored()  # no PUBREL before RELEASED is on disk
+                    return
         await handler.send_bytes(encode_ack(PUBREL, packet_id))
 
     def on_pubcomp(self, packet_id: int) -> None:

@@ -17,9 +17,16 @@ What :class:`GatewayBroker` overrides, because amqtt 0.12.1 gets it wrong:
   messages only for the subscribing client's new filters [MQTT-3.3.1-6], an offline
   queue for every persistent session (named or anonymous) bounded by
   ``max_queued_messages``, and in-flight messages resent with DUP=1 [MQTT-4.4.0-1];
-- keepalive is enforced (1.5 × keepalive) and the will is published on every
-  abnormal close [MQTT-3.1.2-24];
-- per-role ACLs on publish, subscribe and delivery (retained included).
+- keepalive is enforced (1.5 × keepalive), also against a client stalled in the
+  middle of a packet, and the will is published on every abnormal close [MQTT-3.1.2-24];
+- per-role ACLs on publish, subscribe and delivery (retained and queued included);
+- a session belongs to the principal that made it (a username, or "anonymous on
+  listener X"): a CONNECT from anyone else with its client id is refused (0x05)
+  before anything is touched, and the gateway's own client id is reserved for the
+  gateway's account;
+- a denied publish is logged once per client and topic per minute, and counted;
+- retained messages live in a bounded topic trie (:mod:`gateway.broker.retained`);
+- ``$SYS/broker/...`` is published inside the broker (:mod:`gateway.broker.sys`).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import itertools
 import logging
 import secrets
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,14 +50,18 @@ from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import Session
 
+from gateway.broker import compat
 from gateway.broker.acl import ClientAcl
 from gateway.broker.clients import ClientState, Message, Outgoing
 from gateway.broker.codec import PUBACK, PUBCOMP, PUBREC, encode_ack, encode_connack
-from gateway.broker.handler import GatewayProtocolHandler, abort_transport
-from gateway.broker.matching import SubscriptionIndex, has_wildcard, matches, valid_topic_filter, valid_topic_name
+from gateway.broker.handler import GatewayProtocolHandler, StallGuard, abort_transport
+from gateway.broker.matching import SubscriptionIndex, matches, valid_topic_filter, valid_topic_name
 from gateway.broker.metrics import BrokerMetrics
 from gateway.broker.passwords import PasswordFile, PasswordFileError
-from gateway.broker.state import LoadedState, StateStore
+from gateway.broker.retained import MAX_RETAINED_BYTES, MAX_RETAINED_MESSAGES, RetainedStore
+from gateway.broker.state import LoadedState, StateNotStored, StateStore
+from gateway.broker.systopics import SYS_INTERVAL_S, SysPublisher
+from gateway.broker.throttle import LogThrottle
 from gateway.config import AclRule, Config, ListenerSection
 from gateway.storage import Database
 
@@ -57,6 +69,7 @@ log = structlog.get_logger(__name__)
 
 INTERNAL_USERNAME = "homepot-gateway"
 CONNECT_TIMEOUT_S = 10.0     # a connection that sends no CONNECT is closed [MQTT-3.1.0-1]
+PACKET_TIMEOUT_S = 60.0      # a keepalive=0 client stalled in the middle of a packet is closed
 STOP_HANDLER_TIMEOUT_S = 2.0
 
 BAD_USERNAME_PASSWORD = 0x04
@@ -80,13 +93,30 @@ class InternalCredentials:
         return cls(INTERNAL_USERNAME, secrets.token_urlsafe(32))
 
 
+def user_principal(username: str) -> str:
+    return f"user:{username}"
+
+
+def anonymous_principal(listener: str) -> str:
+    return f"anonymous@{listener}"
+
+
 class GatewayBroker(Broker):
-    """amqtt's broker with the gateway's auth, ACLs, sessions and durable state."""
+    """amqtt's broker with the gateway's auth, ACLs, sessions and durable state.
+
+    ``reserved_client_id`` is the gateway's own client id: only ``gateway_usernames``
+    (the per-process internal account, and ``broker.username`` when the daemon logs in
+    with a configured account) may use it, and its session is never capped.
+    """
 
     def __init__(self, config: BrokerConfig, listeners: dict[str, ListenerSection],
                  passwords: PasswordFile, internal: InternalCredentials, *,
                  roles: dict[str, AclRule], prefix: str, store: StateStore | None,
-                 max_queued: int, metrics: BrokerMetrics | None = None, **kwargs: Any):
+                 max_queued: int, metrics: BrokerMetrics | None = None,
+                 reserved_client_id: str | None = None, gateway_usernames: tuple[str, ...] = (),
+                 max_retained: int = MAX_RETAINED_MESSAGES, max_retained_bytes: int = MAX_RETAINED_BYTES,
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S, packet_timeout_s: float = PACKET_TIMEOUT_S,
+                 **kwargs: Any):
         super().__init__(config, **kwargs)
         self._gw_listeners = listeners
         self._passwords = passwords
@@ -98,19 +128,37 @@ class GatewayBroker(Broker):
         self.metrics = metrics or BrokerMetrics()
         self._clients: dict[str, ClientState] = {}
         self._index: SubscriptionIndex[ClientState] = SubscriptionIndex()
-        self._retained: dict[str, tuple[Message, int]] = {}
+        self._retained: RetainedStore[tuple[Message, int]] = RetainedStore(max_retained, max_retained_bytes)
+        self._sys_retained: dict[str, Message] = {}   # $SYS/...: in memory only, not counted
         self._seq = itertools.count(1)
         self._connecting: set[WriterAdapter] = set()
+        self.reserved_client_id = reserved_client_id
+        self._gateway_principals = {user_principal(u) for u in (internal.username, *gateway_usernames) if u}
+        self._connect_timeout_s = connect_timeout_s
+        self._packet_timeout_s = packet_timeout_s
+        self._denied_log = LogThrottle()
+        self._drop_log = LogThrottle()
+        self._retained_log = LogThrottle()
+        self.started_at = time.time()
 
     # ================================================================== state
     def restore(self, loaded: LoadedState) -> None:
         """Retained messages and persistent sessions from SQLite (before ``start``)."""
         self._seq = itertools.count(loaded.next_seq)
+        over_limit = 0
         for topic, (payload, qos) in loaded.retained.items():
-            self._retained[topic] = (Message(topic, payload), qos)
+            if not self._retained.put(topic, (Message(topic, payload), qos), _retained_size(topic, payload)):
+                over_limit += 1
+                if self._store is not None:
+                    self._store.clear_retained(topic)
+        if over_limit:
+            log.warning("retained messages over the retained store's limits were deleted at start",
+                        deleted=over_limit, max_messages=self._retained.max_messages,
+                        max_bytes=self._retained.max_bytes)
         for stored in loaded.sessions.values():
             cs = self._new_client(stored.client_id, clean=False)
             cs.username, cs.role, cs.dropped = stored.username, stored.role, stored.dropped
+            cs.owner = stored.owner or self._legacy_owner(stored.username)
             cs.acl = self._compile_acl(stored.role, stored.username)
             for topic_filter, qos in stored.subscriptions.items():
                 cs.subscriptions[topic_filter] = qos
@@ -123,9 +171,18 @@ class GatewayBroker(Broker):
             log.info("broker state restored", sessions=len(loaded.sessions), retained=len(loaded.retained),
                      queued=sum(len(s.messages) for s in loaded.sessions.values()))
 
+    def _legacy_owner(self, username: str | None) -> str:
+        """The owner of a session stored before sessions had owners: its username, else
+        anonymous on the (first) listener that lets anonymous clients in."""
+        if username:
+            return user_principal(username)
+        anonymous = [s.name for s in self._gw_listeners.values() if s.allow_anonymous]
+        return anonymous_principal(anonymous[0] if anonymous else "")
+
     def _new_client(self, client_id: str, clean: bool) -> ClientState:
         return ClientState(client_id, clean, store=self._store, metrics=self.metrics, seq=self._seq,
-                           max_queued=self._max_queued)
+                           max_queued=self._max_queued, capped=client_id != self.reserved_client_id,
+                           drop_log=self._drop_log)
 
     def _compile_acl(self, role: str | None, username: str | None) -> ClientAcl:
         rule = self._roles.get(role or "") or AclRule()  # a role that vanished from the config: nothing
@@ -145,12 +202,18 @@ class GatewayBroker(Broker):
 
     def snapshot(self) -> dict[str, int]:
         """Counters and gauges (see :class:`BrokerMetrics`)."""
+        store = self._store
         return self.metrics.snapshot(
             sessions=len(self._clients),
+            sessions_persistent=sum(1 for cs in self._clients.values() if not cs.clean),
             subscriptions=len(self._index),
             retained=len(self._retained),
+            retained_bytes=self._retained.bytes,
             queued=sum(len(cs.pending) for cs in self._clients.values()),
             inflight=sum(len(cs.inflight) for cs in self._clients.values()),
+            persist_backlog=store.backlog if store is not None else 0,
+            persist_failing=int(store.failing) if store is not None else 0,
+            uptime_s=int(time.time() - self.started_at),
         )
 
     # ================================================================== TLS
@@ -187,12 +250,12 @@ class GatewayBroker(Broker):
         """
         self._connecting.add(writer)
         try:
-            first = await asyncio.wait_for(reader.read(1), CONNECT_TIMEOUT_S)
+            first = await asyncio.wait_for(reader.read(1), self._connect_timeout_s)
             if first != b"\x10":
                 raise AMQTTError(f"first packet is not CONNECT (byte {first!r})")
             handler, session = await asyncio.wait_for(
                 GatewayProtocolHandler.init_from_connect(_Prefixed(first, reader), writer, self.plugins_manager),
-                CONNECT_TIMEOUT_S)
+                self._connect_timeout_s)
         except (TimeoutError, AMQTTError, MQTTError, NoDataError, Exception) as exc:
             await _close_writer(writer)
             if isinstance(exc, asyncio.IncompleteReadError):  # closed before a byte: port probes
@@ -252,11 +315,28 @@ class GatewayBroker(Broker):
                     await _close_writer(writer)  # [MQTT-3.2.2-5]
                 return
             session.homepot_role = role  # type: ignore[attr-defined]
-            cs, present = self._open_session(session, role)
+            listener = section.name if section else listener_name
+            owner = user_principal(session.username) if session.username is not None else anonymous_principal(listener)
+            refusal = self._ownership_refusal(session.client_id or "", owner)
+            if refusal is not None:
+                # Nothing was touched: the session, its queue and its live connection stay as they are.
+                self.metrics.sessions_refused += 1
+                log.warning("mqtt connection refused: " + refusal, client_id=session.client_id,
+                            username=session.username, role=role, listener=listener, return_code=NOT_AUTHORIZED)
+                try:
+                    writer.write(encode_connack(False, NOT_AUTHORIZED))
+                    await writer.drain()
+                finally:
+                    await _close_writer(writer)
+                return
+            cs, present = self._open_session(session, role, owner)
             if session.keep_alive > 0:
                 # amqtt's reader times out after this many seconds without a packet.
                 session.keep_alive = session.keep_alive * 1.5  # type: ignore[assignment]
-            handler.attach(session, reader, writer)
+            # Every read inside a packet is bounded too (1.5 × keepalive, or packet_timeout_s).
+            guarded = StallGuard(reader, session.keep_alive if session.keep_alive > 0 else self._packet_timeout_s,
+                                 handler.handle_read_timeout)
+            handler.attach(session, guarded, writer)
             handler.gw, handler.client = self, cs
             session.transitions.connect()
             self._sessions[cs.client_id] = (session, handler)
@@ -274,7 +354,22 @@ class GatewayBroker(Broker):
             if handler.client is not None:
                 await self._connection_closed(handler, abnormal=True)
 
-    def _open_session(self, session: Session, role: str) -> tuple[ClientState, bool]:
+    def _ownership_refusal(self, client_id: str, owner: str) -> str | None:
+        """Why ``owner`` may not use ``client_id`` (None: it may).
+
+        A client id that belongs to a session (persistent, or clean and connected) is
+        its owner's: anyone else is refused, whatever their CleanSession flag, since
+        CleanSession=1 would wipe the owner's queue and a takeover would kick the owner
+        off. The gateway's own client id is reserved for the gateway's account.
+        """
+        if client_id and client_id == self.reserved_client_id and owner not in self._gateway_principals:
+            return "client id is reserved for the gateway's own client"
+        old = self._clients.get(client_id)
+        if old is not None and old.owner is not None and old.owner != owner:
+            return "client id belongs to a session of another principal"
+        return None
+
+    def _open_session(self, session: Session, role: str, owner: str) -> tuple[ClientState, bool]:
         """Take over a live connection, then resume (CleanSession=0) or start afresh."""
         client_id = session.client_id or ""
         old = self._clients.get(client_id)
@@ -299,11 +394,11 @@ class GatewayBroker(Broker):
             if old is not None:
                 self._discard(old)
             cs = self._new_client(client_id, clean=False)
-        cs.username, cs.role = session.username, role
+        cs.username, cs.role, cs.owner = session.username, role, owner
         cs.acl = self._compile_acl(role, session.username)
         self._clients[client_id] = cs
         if not cs.clean and self._store is not None:
-            self._store.session(client_id, session.username, role)
+            self._store.session(client_id, session.username, role, owner)
         return cs, present
 
     async def _handle_disconnect(self, client_session: Session, handler: Any,
@@ -315,9 +410,11 @@ class GatewayBroker(Broker):
         """The one place a connection ends: will, session state, metrics, socket."""
         cs = handler.client
         handler.client = None
+        if isinstance(handler.reader, StallGuard):
+            handler.reader.cancel()
         if cs is not None and cs.handler is handler:
             session = handler.session
-            if abnormal and session is not None and session.will_flag:
+            if abnormal and session is not None and session.will_flag and not handler.no_will:
                 self._publish_will(cs, session)  # [MQTT-3.1.2-8]; not after DISCONNECT [MQTT-3.14.4-3]
             cs.detach()
             if self._sessions.get(cs.client_id, (None, None))[1] is handler:
@@ -352,21 +449,26 @@ class GatewayBroker(Broker):
     def route(self, topic: str, payload: bytes, qos: int, retain: bool) -> bool:
         """Store (retain) and fan out one message; True when it queued durable writes."""
         durable = False
+        msg: Message | None = None
         if retain:
             store = self._store
             if payload:
-                self._retained[topic] = (Message(topic, payload), qos)  # [MQTT-3.3.1-5/7]
-                if store is not None:
-                    store.retain(topic, payload, qos)
-                    durable = True
-            elif self._retained.pop(topic, None) is not None:  # [MQTT-3.3.1-10/11]
+                msg = Message(topic, payload)
+                if self._retained.put(topic, (msg, qos), _retained_size(topic, payload)):  # [MQTT-3.3.1-5/7]
+                    if store is not None:
+                        store.retain(topic, payload, qos)
+                        durable = True
+                else:
+                    durable = self._refuse_retained(topic) or durable
+            elif self._retained.remove(topic):  # [MQTT-3.3.1-10/11]
                 if store is not None:
                     store.clear_retained(topic)
                     durable = True
         targets = self._index.match(topic)
         if not targets:
             return durable
-        msg = Message(topic, payload)
+        if msg is None:
+            msg = Message(topic, payload)
         metrics = self.metrics
         for cs, sub_qos in targets.values():
             acl = cs.acl
@@ -377,6 +479,34 @@ class GatewayBroker(Broker):
             if cs.enqueue(msg, qos if qos < sub_qos else sub_qos, False):
                 durable = True
         return durable
+
+    def _refuse_retained(self, topic: str) -> bool:
+        """The retained store is at a limit: not kept, counted, logged (rate-limited). A stale
+        message it would have replaced is cleared. True when that queued a durable write."""
+        self.metrics.retained_refused += 1
+        suppressed = self._retained_log("retained")
+        if suppressed is not None:
+            log.warning("retained message not kept: the retained store is full (delivered to current "
+                        "subscribers only)", topic=topic, retained=len(self._retained),
+                        retained_bytes=self._retained.bytes, max_messages=self._retained.max_messages,
+                        max_bytes=self._retained.max_bytes, suppressed=suppressed)
+        if self._retained.remove(topic) and self._store is not None:
+            self._store.clear_retained(topic)
+            return True
+        return False
+
+    def _log_denied_publish(self, cs: ClientState, topic: str) -> None:
+        suppressed = self._denied_log((cs.client_id, topic))
+        if suppressed is None:
+            return
+        acl = cs.acl
+        log.warning(
+            "publish denied by ACL and dropped: the client's role may not publish to this topic; MQTT 3.1.1 has "
+            "no negative PUBACK, so the client was acknowledged and cannot tell (this line repeats at most "
+            "once a minute per client and topic)",
+            client_id=cs.client_id, username=cs.username, role=cs.role, topic=topic,
+            role_may_publish=acl.publish_filters if acl is not None else [],
+            suppressed_since_last=suppressed)
 
     async def on_publish(self, handler: GatewayProtocolHandler, cs: ClientState, packet: PublishPacket) -> None:
         metrics = self.metrics
@@ -397,7 +527,10 @@ class GatewayBroker(Broker):
         if qos == 2:
             assert packet_id is not None
             if packet_id in cs.qos2_in:
-                await handler.send_bytes(encode_ack(PUBREC, packet_id))  # resent: not routed again
+                # Resent: not routed again; its first PUBREC may have been held back by a
+                # failed write, so the same barrier applies.
+                if await self._durable(handler, True):
+                    await handler.send_bytes(encode_ack(PUBREC, packet_id))
                 return
             cs.qos2_in.add(packet_id)
             if store is not None:
@@ -407,23 +540,39 @@ class GatewayBroker(Broker):
         if topic.startswith("$SYS") or (acl is not None and not acl.may_publish(topic)):
             # Dropped and counted; still acknowledged: 3.1.1 has no negative PUBACK [MQTT-3.3.5-2].
             metrics.denied_publish += 1
-            log.debug("publish denied by ACL", client_id=cs.client_id, username=cs.username, topic=topic)
+            self._log_denied_publish(cs, topic)
         else:
             durable = self.route(topic, payload, qos, packet.retain_flag)
         if qos == 0:
             return
         assert packet_id is not None
-        if (durable or (qos == 2 and store is not None)) and self._store is not None:
+        if await self._durable(handler, durable or (qos == 2 and store is not None)):
+            await handler.send_bytes(encode_ack(PUBACK if qos == 1 else PUBREC, packet_id))
+
+    async def _durable(self, handler: GatewayProtocolHandler, needed: bool) -> bool:
+        """Wait until what an acknowledgement depends on is committed. False: it could not
+        be; the connection is closed (no acknowledgement, no will) so the client resends."""
+        if not needed or self._store is None:
+            return True
+        try:
             await self._store.barrier()
-        await handler.send_bytes(encode_ack(PUBACK if qos == 1 else PUBREC, packet_id))
+        except StateNotStored:
+            handler.close_unstored()
+            return False
+        return True
 
     async def on_pubrel(self, handler: GatewayProtocolHandler, cs: ClientState, packet_id: int) -> None:
+        needed = False
         if packet_id in cs.qos2_in:
             cs.qos2_in.discard(packet_id)
             store = cs.store
             if store is not None:
                 store.qos2_released(cs.client_id, packet_id)
-        await handler.send_bytes(encode_ack(PUBCOMP, packet_id))  # always [MQTT-4.3.3-2]
+                needed = True
+        # PUBCOMP only once the release is on disk: otherwise a restart would remember the
+        # id as unreleased and swallow the client's next message with the same id.
+        if await self._durable(handler, needed):
+            await handler.send_bytes(encode_ack(PUBCOMP, packet_id))  # always [MQTT-4.3.3-2]
 
     async def internal_message_broadcast(self, topic: str, data: bytes, qos: int | None = None) -> None:
         """amqtt's plugin API, routed through the gateway's path."""
@@ -455,24 +604,36 @@ class GatewayBroker(Broker):
                 store.subscribe(cs.client_id, topic_filter, qos)
             codes.append(qos)
             granted.append((topic_filter, qos))
-        if store is not None and granted:
-            await store.barrier()
+        if not await self._durable(handler, store is not None and bool(granted)):
+            return
         await handler.mqtt_acknowledge_subscription(subscription.packet_id, codes)
         for topic_filter, qos in granted:
             self._send_retained(cs, topic_filter, qos)
 
     def _send_retained(self, cs: ClientState, topic_filter: str, qos: int) -> None:
-        """Retained messages for one new subscription of one client [MQTT-3.3.1-6/8]."""
-        if has_wildcard(topic_filter):
-            candidates = [(t, r) for t, r in self._retained.items() if matches(t, topic_filter)]
-        else:
-            found = self._retained.get(topic_filter)
-            candidates = [(topic_filter, found)] if found is not None else []
-        for topic, (msg, retained_qos) in candidates:
-            if cs.acl is not None and not cs.acl.may_receive(topic):
+        """Retained messages for one new subscription of one client [MQTT-3.3.1-6/8]; the
+        trie walks only what the filter can match."""
+        acl = cs.acl
+        for topic, (msg, retained_qos) in self._retained.match(topic_filter):
+            if acl is not None and not acl.may_receive(topic):
                 self.metrics.denied_receive += 1
                 continue
             cs.enqueue(msg, min(qos, retained_qos), True)
+        if topic_filter.startswith("$"):  # only a filter naming '$SYS' can match it [MQTT-4.7.2-1]
+            for topic, msg in self._sys_retained.items():
+                if matches(topic, topic_filter) and (acl is None or acl.may_receive(topic)):
+                    cs.enqueue(msg, 0, True)
+
+    def publish_sys(self, topic: str, payload: bytes) -> None:
+        """A ``$SYS`` message from inside the broker: retained in memory (never on disk, not
+        in the retained count), QoS 0, to current subscribers whose role may read it."""
+        msg = Message(topic, payload)
+        self._sys_retained[topic] = msg
+        for cs, _ in self._index.match(topic).values():
+            acl = cs.acl
+            if acl is not None and not acl.allow_all and not acl.may_receive(topic):
+                continue
+            cs.enqueue(msg, 0, False)  # live forward: RETAIN=0 [MQTT-3.3.1-9]
 
     async def _handle_unsubscription(self, client_session: Session, handler: Any,
                                      unsubscribe_waiter: asyncio.Future[Any]) -> None:
@@ -486,8 +647,8 @@ class GatewayBroker(Broker):
                 self._index.remove(topic_filter, cs.client_id)
                 if store is not None:
                     store.unsubscribe(cs.client_id, topic_filter)
-        if store is not None:
-            await store.barrier()
+        if not await self._durable(handler, store is not None):
+            return
         await handler.mqtt_acknowledge_unsubscription(unsubscription.packet_id)
 
     # ================================================================== shutdown
@@ -509,7 +670,10 @@ class GatewayBroker(Broker):
                 self._discard(cs)
         self._sessions.clear()
         if self._store is not None:
-            await self._store.flush()
+            try:
+                await self._store.flush()
+            except StateNotStored:
+                pass  # StateStore.close says what could not be written
         self.transitions.shutdown()
         await self._shutdown_broadcast_loop()
         if self._session_monitor_task:
@@ -517,6 +681,10 @@ class GatewayBroker(Broker):
             await asyncio.gather(self._session_monitor_task, return_exceptions=True)
         await self.plugins_manager.close()
         self.transitions.stopping_success()
+
+
+def _retained_size(topic: str, payload: bytes) -> int:
+    return len(topic.encode("utf-8", "surrogatepass")) + len(payload)
 
 
 class _Prefixed(ReaderAdapter):
@@ -594,26 +762,52 @@ def _check_tls(section: ListenerSection) -> None:
         ) from None
 
 
+def gateway_client_id(cfg: Config) -> str:
+    """The gateway's own client id (``homepot-gateway-<site_id>``), reserved in the broker."""
+    return f"homepot-gateway-{cfg.gateway.site_id}"
+
+
 class EmbeddedBroker:
     """Lifecycle wrapper: ``async with EmbeddedBroker(cfg, creds, db):`` listens until exit.
 
     ``db`` is the daemon's open :class:`Database`; without one the broker opens
     ``cfg.db_path`` itself (in-process tests, the benchmark) and closes it on stop.
+    ``reserved_client_id`` is the client id the daemon's own client uses (default
+    :func:`gateway_client_id`). The keyword arguments after it are limits and intervals
+    that are not configuration keys (tests shorten them; the README documents them).
     """
 
-    def __init__(self, cfg: Config, internal: InternalCredentials, db: Database | None = None):
+    def __init__(self, cfg: Config, internal: InternalCredentials, db: Database | None = None, *,
+                 reserved_client_id: str | None = None, sys_interval_s: float = SYS_INTERVAL_S,
+                 max_retained: int = MAX_RETAINED_MESSAGES, max_retained_bytes: int = MAX_RETAINED_BYTES,
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S, packet_timeout_s: float = PACKET_TIMEOUT_S):
         self._cfg = cfg
         self.internal = internal
         self.broker: GatewayBroker | None = None
         self._db = db
         self._own_db: Database | None = None
         self._store: StateStore | None = None
+        self._sys: SysPublisher | None = None
+        self.reserved_client_id = reserved_client_id or gateway_client_id(cfg)
+        self._options: dict[str, Any] = dict(
+            max_retained=max_retained, max_retained_bytes=max_retained_bytes,
+            connect_timeout_s=connect_timeout_s, packet_timeout_s=packet_timeout_s)
+        self.sys_interval_s = sys_interval_s
 
     def metrics(self) -> dict[str, int]:
-        """Counters (clients connected, messages in/out, dropped, denied, ...) for the gateway."""
+        """Counters and gauges (see :class:`BrokerMetrics` and ``GatewayBroker.snapshot``);
+        the names are stable (Prometheus metrics and ``$SYS`` are built from them)."""
         if self.broker is None:
             return BrokerMetrics().snapshot()
         return self.broker.snapshot()
+
+    snapshot = metrics
+
+    def reload_passwords(self) -> int:
+        """SIGHUP: re-read the password file now; the number of accounts (blocking file I/O)."""
+        if self.broker is None:
+            return 0
+        return self.broker._passwords.reload()  # noqa: SLF001 - same module
 
     async def start(self) -> None:
         roles = self._cfg.broker.roles()
@@ -639,8 +833,17 @@ class EmbeddedBroker:
             raise BrokerStartError(f"broker: cannot read its state from {db.path}: {exc}") from None
         amqtt_cfg, by_name = build_amqtt_config(self._cfg)
         passwords = PasswordFile(Path(self._cfg.broker.auth.password_file))
+        configured = (self._cfg.broker.username,) if self._cfg.broker.username else ()
         broker = GatewayBroker(amqtt_cfg, by_name, passwords, self.internal, roles=roles, prefix=self._cfg.prefix,
-                               store=store, max_queued=self._cfg.broker.max_queued_messages, metrics=metrics)
+                               store=store, max_queued=self._cfg.broker.max_queued_messages, metrics=metrics,
+                               reserved_client_id=self.reserved_client_id, gateway_usernames=configured,
+                               **self._options)
+        try:
+            compat.check_amqtt(broker)
+        except compat.AmqttMismatch as exc:
+            await store.close()
+            await self._close_db()
+            raise BrokerStartError(f"broker: {exc}") from None
         broker.restore(loaded)
         amqtt_log = logging.getLogger("amqtt.broker")
         amqtt_log.addFilter(_drop_startup_traceback)
@@ -654,10 +857,15 @@ class EmbeddedBroker:
         finally:
             amqtt_log.removeFilter(_drop_startup_traceback)
         self.broker = broker
+        self._sys = SysPublisher(broker, self.sys_interval_s)
+        self._sys.start()
         log.info("embedded broker listening",
                  listeners=[f"{s.name}={s.type}://{s.bind}" for s in self._cfg.broker.listeners])
 
     async def stop(self) -> None:
+        if self._sys is not None:
+            sys_publisher, self._sys = self._sys, None
+            await sys_publisher.stop()
         if self.broker is not None:
             broker, self.broker = self.broker, None
             await broker.shutdown()

@@ -1,6 +1,8 @@
 """Counters of the embedded broker, read by the gateway (``EmbeddedBroker.metrics()``).
 
 Plain integers bumped on the event loop: no locks, no allocation on the hot path.
+The names are stable: the HTTP API's Prometheus metrics and ``$SYS/broker/...`` read
+them. Gauges (sessions, retained, queued, ...) are added by ``snapshot``.
 """
 
 from __future__ import annotations
@@ -18,13 +20,18 @@ class BrokerMetrics:
     bytes_in: int = 0                # payload bytes received
     bytes_out: int = 0               # payload bytes written
     dropped: int = 0                 # queued messages dropped (max_queued_messages, oldest first)
+    dropped_acl: int = 0             # queued/in-flight messages withheld when sent: the receiver's role may not read
     denied_publish: int = 0          # PUBLISHes dropped by the ACL (still acknowledged)
     denied_subscribe: int = 0        # SUBSCRIBE filters refused with 0x80
     denied_receive: int = 0          # deliveries withheld because the receiver's role may not read
+    sessions_refused: int = 0        # CONNECTs refused (0x05): client id owned by another principal, or reserved
+    retained_refused: int = 0        # retained messages not kept: the retained store is at a limit
     keepalive_timeouts: int = 0      # connections closed after 1.5 × keepalive of silence
+    packet_timeouts: int = 0         # connections closed while stalled in the middle of a packet
     wills_published: int = 0
     protocol_errors: int = 0         # connections closed for malformed input
-    persist_errors: int = 0          # SQLite writes that failed (logged)
+    persist_errors: int = 0          # SQLite commits of broker state that failed (logged once per episode)
+    not_acknowledged: int = 0        # PUBLISH/SUBSCRIBE/QoS 2 steps left unacknowledged because state was not stored
 
     def snapshot(self, **gauges: int) -> dict[str, int]:
         out = asdict(self)

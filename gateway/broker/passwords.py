@@ -66,6 +66,12 @@ class PasswordFile:
             self._stamp = stamp
         return self._accounts
 
+    def reload(self) -> int:
+        """Re-read the file now, even if its mtime and size look unchanged (SIGHUP); the number
+        of accounts. A broken file raises :class:`PasswordFileError`."""
+        self._stamp = None
+        return len(self.accounts())
+
     def verify(self, name: str, password: str) -> Account | None:
         """The account if ``password`` matches, else None (unknown user included)."""
         account = self.accounts().get(name)

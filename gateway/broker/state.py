@@ -12,6 +12,12 @@ they reach the disk, so a message queued and acknowledged within one group never
 costs a write. Whoever must not answer before the state is durable (a PUBACK to a
 publisher, a QoS 2 PUBLISH) awaits :meth:`StateStore.barrier`.
 
+A commit that fails (disk full, I/O error, read-only file) fails every barrier that
+waited for it, so nothing is acknowledged that is not on disk; the operations are kept
+and retried first, in order, with backoff, until the disk takes them again. Replaying
+them ahead of what was queued since gives the same rows as if the commit had worked,
+so the coalescing rules below need no special case.
+
 Unlike amqtt's SessionDBPlugin, an acknowledged message is deleted (no replay after
 restart), an unsubscribe deletes the filter, and a session that reconnects with
 CleanSession=1 is forgotten.
@@ -28,7 +34,7 @@ from typing import Any
 
 import structlog
 
-from gateway.storage import Database
+from gateway.storage import Database, NotStored
 
 log = structlog.get_logger(__name__)
 
@@ -37,7 +43,7 @@ CREATE TABLE IF NOT EXISTS broker_retained (
     topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL, stored_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS broker_sessions (
     client_id TEXT PRIMARY KEY, username TEXT, role TEXT, created_at REAL NOT NULL,
-    dropped INTEGER NOT NULL DEFAULT 0);
+    dropped INTEGER NOT NULL DEFAULT 0, owner TEXT);
 CREATE TABLE IF NOT EXISTS broker_subscriptions (
     client_id TEXT NOT NULL, filter TEXT NOT NULL, qos INTEGER NOT NULL, PRIMARY KEY (client_id, filter));
 CREATE TABLE IF NOT EXISTS broker_messages (
@@ -72,12 +78,21 @@ class StoredMessage:
     state: int
 
 
+RETRY_INITIAL_S = 0.2   # first retry of a failed commit; doubles up to RETRY_MAX_S
+RETRY_MAX_S = 5.0
+
+
+class StateNotStored(NotStored):
+    """The broker's state could not be committed: do not acknowledge what depended on it."""
+
+
 @dataclass
 class StoredSession:
     client_id: str
     username: str | None
     role: str | None
     dropped: int = 0
+    owner: str | None = None     # the principal the session belongs to (None: written before owners existed)
     subscriptions: dict[str, int] = field(default_factory=dict)
     messages: list[StoredMessage] = field(default_factory=list)
     qos2_in: set[int] = field(default_factory=set)
@@ -90,13 +105,21 @@ class LoadedState:
     next_seq: int
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    for stmt in _statements():
+        conn.execute(stmt)
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(broker_sessions)")}
+    if "owner" not in columns:  # databases written before sessions had owners
+        conn.execute("ALTER TABLE broker_sessions ADD COLUMN owner TEXT")
+
+
 def _load(conn: sqlite3.Connection) -> LoadedState:
     retained = {row[0]: (bytes(row[1]), int(row[2]))
                 for row in conn.execute("SELECT topic, payload, qos FROM broker_retained")}
     sessions: dict[str, StoredSession] = {}
-    for cid, username, role, dropped in conn.execute(
-            "SELECT client_id, username, role, dropped FROM broker_sessions"):
-        sessions[cid] = StoredSession(cid, username, role, int(dropped))
+    for cid, username, role, dropped, owner in conn.execute(
+            "SELECT client_id, username, role, dropped, owner FROM broker_sessions"):
+        sessions[cid] = StoredSession(cid, username, role, int(dropped), owner)
     for cid, flt, qos in conn.execute("SELECT client_id, filter, qos FROM broker_subscriptions"):
         if cid in sessions:
             sessions[cid].subscriptions[flt] = int(qos)
@@ -126,17 +149,29 @@ Key = tuple[Any, ...]
 class StateStore:
     """Queues row operations and commits them in groups on the database thread."""
 
-    def __init__(self, db: Database, on_error: Any = None):
+    def __init__(self, db: Database, on_error: Any = None, *, retry_initial_s: float = RETRY_INITIAL_S,
+                 retry_max_s: float = RETRY_MAX_S):
         self._db = db
         self._pending: dict[Key, tuple[Any, ...]] = {}
+        self._retry: list[tuple[Any, ...]] = []   # operations of failed commits, oldest first
         self._waiters: list[asyncio.Future[None]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._on_error = on_error
         self._closed = False
+        self._retry_initial_s = retry_initial_s
+        self._retry_max_s = retry_max_s
+        self._kick = asyncio.Event()  # cuts a retry delay short (shutdown)
+        self.failing = False        # a failure episode is going on (logged once)
         self.commits = 0
+        self.failed_commits = 0
+
+    @property
+    def backlog(self) -> int:
+        """Operations not yet on disk (queued or waiting for a retry)."""
+        return len(self._pending) + len(self._retry)
 
     async def open(self) -> LoadedState:
-        await self._db.run(lambda conn: [conn.execute(s) for s in _statements()])
+        await self._db.run(_migrate)
         return await self._db.run(_load)
 
     # ------------------------------------------------------------------ operations
@@ -151,15 +186,16 @@ class StateStore:
     def clear_retained(self, topic: str) -> None:
         self._put(("ret", topic), ("ret_del", topic))
 
-    def session(self, client_id: str, username: str | None, role: str | None) -> None:
-        self._put(("sess", client_id), ("sess_put", client_id, username, role))
+    def session(self, client_id: str, username: str | None, role: str | None, owner: str | None = None) -> None:
+        self._put(("sess", client_id), ("sess_put", client_id, username, role, owner))
 
     def forget_session(self, client_id: str) -> None:
-        # Drop not-yet-written rows of this client: the delete covers them anyway,
-        # and a later re-creation must be applied after the delete.
+        # Drop not-yet-written rows of this client: the delete covers them anyway.
+        # The delete has its own key, so a re-creation queued after it (a
+        # ``session()`` in the same batch) is applied after it instead of replacing it.
         for key in [k for k in self._pending if len(k) > 1 and k[1] == client_id and k[0] != "ret"]:
             del self._pending[key]
-        self._put(("sess", client_id), ("sess_del", client_id))
+        self._put(("sess_del", client_id), ("sess_del", client_id))
 
     def dropped(self, client_id: str, count: int) -> None:
         self._put(("drop", client_id), ("sess_drop", client_id, count))
@@ -202,10 +238,18 @@ class StateStore:
 
     # ------------------------------------------------------------------ flushing
     def barrier(self) -> asyncio.Future[None]:
-        """A future that resolves once everything queued so far is committed."""
+        """A future that resolves once everything queued so far is committed.
+
+        It fails with :class:`StateNotStored` when that commit fails: the caller must
+        not acknowledge what it was waiting for. The operations are not lost; they are
+        retried until they are written.
+        """
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if not self._pending and (self._flusher is None or self._flusher.done()):
+        if not self._pending and not self._retry and (self._flusher is None or self._flusher.done()):
             fut.set_result(None)
+            return fut
+        if self._closed:
+            fut.set_exception(StateNotStored("broker state store is closed"))
             return fut
         self._waiters.append(fut)
         self._schedule()
@@ -218,18 +262,46 @@ class StateStore:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_loop(), name="broker-state-flush")
 
     async def _flush_loop(self) -> None:
-        while self._pending or self._waiters:
-            ops = list(self._pending.values())
-            self._pending = {}
+        delay = 0.0
+        while self._pending or self._waiters or self._retry:
+            if delay and not self._kick.is_set():
+                try:  # a failing disk: do not spin on it
+                    await asyncio.wait_for(self._kick.wait(), delay)
+                except TimeoutError:
+                    pass
+            # Failed operations first, in their order, then everything queued since.
+            ops = self._retry + list(self._pending.values())
+            self._retry, self._pending = [], {}
             waiters, self._waiters = self._waiters, []
             if ops:
                 try:
                     await self._db.run(lambda conn: _apply(conn, ops))
-                    self.commits += 1
-                except Exception as exc:  # disk full, I/O error: keep serving, say so
-                    log.error("broker state write failed", error=repr(exc), operations=len(ops))
+                except Exception as exc:  # disk full, I/O error, read-only: keep serving, acknowledge nothing
+                    self._retry = ops
+                    self.failed_commits += 1
+                    if not self.failing:
+                        self.failing = True
+                        log.error("broker state write failed; publishes, subscriptions and QoS 2 steps that need "
+                                  "it are not acknowledged (their connections are closed so clients resend) "
+                                  "until a write succeeds; retrying", error=repr(exc), operations=len(ops))
+                    else:
+                        log.debug("broker state write failed again", error=repr(exc), operations=len(ops))
                     if self._on_error is not None:
                         self._on_error()
+                    failure = StateNotStored(f"broker state not committed: {exc!r}")
+                    for fut in waiters:
+                        if not fut.done():
+                            fut.set_exception(failure)
+                    delay = min(max(delay * 2, self._retry_initial_s), self._retry_max_s)
+                    if self._closed:
+                        return
+                    continue
+                self.commits += 1
+                if self.failing:
+                    self.failing = False
+                    log.warning("broker state writes resumed", failed_commits=self.failed_commits,
+                                operations=len(ops))
+                delay = 0.0
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(None)
@@ -238,10 +310,18 @@ class StateStore:
         await self.barrier()
 
     async def close(self) -> None:
-        await self.flush()
+        """Write what is queued (one attempt when failing), then stop."""
+        self._kick.set()
+        try:
+            await self.flush()
+        except StateNotStored:
+            pass
         self._closed = True
         if self._flusher is not None:
+            self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
+        if self._retry or self._pending:
+            log.error("broker state not written at shutdown (the disk kept failing)", operations=self.backlog)
 
 
 def _apply(conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
@@ -263,9 +343,10 @@ def _apply(conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
         elif kind == "ret_del":
             conn.execute("DELETE FROM broker_retained WHERE topic = ?", (op[1],))
         elif kind == "sess_put":
-            conn.execute("INSERT INTO broker_sessions (client_id, username, role, created_at) VALUES (?, ?, ?, ?)"
-                         " ON CONFLICT (client_id) DO UPDATE SET username = excluded.username, role = excluded.role",
-                         (op[1], op[2], op[3], now))
+            conn.execute("INSERT INTO broker_sessions (client_id, username, role, created_at, owner)"
+                         " VALUES (?, ?, ?, ?, ?) ON CONFLICT (client_id) DO UPDATE SET"
+                         " username = excluded.username, role = excluded.role, owner = excluded.owner",
+                         (op[1], op[2], op[3], now, op[4]))
         elif kind == "sess_drop":
             conn.execute("UPDATE broker_sessions SET dropped = ? WHERE client_id = ?", (op[2], op[1]))
         elif kind == "sess_del":

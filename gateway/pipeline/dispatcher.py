@@ -18,6 +18,7 @@ import json
 import random
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -95,6 +96,8 @@ class Dispatcher:
         self._unrouted_at = 0.0
         self.db_failures = FailureEpisode(log, "dispatcher: reading due work")
         self.record_failures = FailureEpisode(log, "dispatcher: recording results; no new sends until it works")
+        # message_id → signed ack URL, put in every payload when [http] is on (contract §8).
+        self.ack_url: Callable[[str], str] | None = None
 
     def new_rows(self) -> None:
         """Expansion made rows: some may have no route yet (no usable channel); look now."""
@@ -306,7 +309,8 @@ class Dispatcher:
         delivery = Delivery(
             message_id=row.message_id, job_id=row.job_id, device_id=row.device_id, channel=channel,
             notification=job.notification, options=job.options.get(platform) or {},
-            sent_at=now_dt, expires_at=datetime.fromtimestamp(job.expires_at, UTC), attempt=attempt)
+            sent_at=now_dt, expires_at=datetime.fromtimestamp(job.expires_at, UTC), attempt=attempt,
+            ack_url=self.ack_url(row.message_id) if self.ack_url is not None else None)
         released = False
         try:
             try:

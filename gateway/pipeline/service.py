@@ -51,6 +51,7 @@ class Pipeline:
         self.expander: Expander | None = None
         self.status: StatusPublisher | None = None
         self.pruner: Pruner | None = None
+        self.ack_url: Any = None  # message_id → signed ack URL (set by the daemon when [http] is on)
 
     # ----------------------------------------------------------------- set-up
     def attach(self, client: GatewayClient) -> None:
@@ -68,6 +69,7 @@ class Pipeline:
         self.expander = Expander(self.db, self.cfg.dispatch.batch_size, self._on_page, platforms=list(self.bridges))
         resend = {name for name in self.bridges if getattr(self.cfg.bridges, name).resend_unacked}
         self.dispatcher = Dispatcher(self.cfg.dispatch, self.db, self.bridges, self.recorder, resend=resend)
+        self.dispatcher.ack_url = self.ack_url
 
     def _gate(self, handler: Any) -> Any:
         """Messages that arrive before the schema exists wait for it."""

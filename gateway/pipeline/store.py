@@ -360,13 +360,14 @@ def _insert_deliveries(conn: sqlite3.Connection, job_id: str, rows: list[tuple[s
                        error: str | None, now: float) -> int:
     if not rows:
         return 0
-    before = conn.total_changes
-    conn.executemany(
+    # rowcount counts the rows this statement inserted, not the writes of triggers on
+    # deliveries (gateway.stats keeps its aggregates with triggers); total_changes would.
+    cur = conn.executemany(
         "INSERT OR IGNORE INTO deliveries(message_id, job_id, device_id, state, next_at, last_error, route) "
         "VALUES (?, ?, ?, ?, ?, ?, ?)",
         [(str(uuid.uuid4()), job_id, d, state, now, error, route) for d, route in rows],
     )
-    return conn.total_changes - before
+    return cur.rowcount
 
 
 def settle_jobs(conn: sqlite3.Connection, job_ids: Iterable[str], now: float) -> None:

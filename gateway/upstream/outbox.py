@@ -3,29 +3,38 @@
 Why a table and not a queue in memory: the cloud may be away for minutes or for days,
 and the gateway may be killed meanwhile. The pipeline calls :func:`enqueue` with its own
 connection inside the transaction that changes a job's status or stores an ack, so the
-forward commits (or rolls back) together with the fact it reports; the drain in
-:mod:`gateway.upstream.link` publishes rows in ``seq`` order and deletes each only after
-the cloud broker's PUBACK (at least once, never silently lost).
+forward commits (or rolls back) together with the fact it reports; the drain
+(:mod:`gateway.upstream.drain`) publishes rows in ``seq`` order and deletes only the
+prefix the cloud broker has acknowledged (at least once, in order, never silently lost).
 
-Bounded by ``upstream.buffer_max_mb`` (stored here by :func:`configure`, so ``enqueue``
-needs no config). The size of the buffer is kept as a running total in a one-row state
-table by triggers, so the hot path is one small read and one INSERT, never a scan:
+Every row goes up with an ``id`` (:func:`wire_payload`): ``<outbox id>-<seq>``, unique per
+row across restarts and across a wiped database, so the cloud can de-duplicate a resend.
+
+Bounded by ``upstream.buffer_max_mb`` and governed by ``upstream.overflow`` (both stored
+here by :func:`configure`, so ``enqueue`` needs no config). The size of the buffer is kept
+as a running total in a one-row state table by triggers, so the hot path is one small read
+and one INSERT, never a scan:
 
 * below 90 % of the cap nothing but the INSERT happens;
-* crossing 90 % logs one warning and coalesces status snapshots oldest first: a snapshot
-  of a job that has a newer unsent snapshot is redundant (the status topic is retained,
-  the newest one is what the cloud keeps). From then until the buffer drains below 80 %,
-  each new snapshot replaces the unsent older ones of its job (one index lookup);
-* only when a row would not fit under the cap are rows dropped, oldest acks first, then
-  (acks exhausted) the oldest remaining status snapshots, each counted in ``dropped``.
-  Acks are never dropped before the cap is reached.
+* crossing 90 % logs one warning and coalesces: a status snapshot of a job that has a newer
+  unsent snapshot is redundant (the status topic is retained, the newest one is what the
+  cloud keeps); with ``overflow = "drop-oldest"`` the unsent acks of one delivery are also
+  merged into its most advanced one (:data:`ACK_RANK`). From then until the buffer drains
+  below 80 %, each new row replaces the unsent ones it supersedes (one index lookup);
+* when a row still does not fit under the cap: ``drop-oldest`` drops rows, oldest acks
+  first, then (acks exhausted) the oldest remaining status snapshots, each counted in
+  ``dropped``; ``refuse-new`` raises :class:`OutboxFull` for an ack (the pipeline does not
+  acknowledge it to the device, which keeps it and sends it again) and still takes a status
+  snapshot (the gateway produced it; nobody could resend it), over the cap if need be.
 
-The counters fall back under the warning level at 80 %, so the warning is logged once
+The counters fall back under the warning level at 80 %, so each warning is logged once
 per episode, not once per row.
 """
 
 from __future__ import annotations
 
+import json
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
@@ -34,15 +43,26 @@ from typing import Literal
 
 import structlog
 
+from gateway.storage import NotStored
+
 log = structlog.get_logger(__name__)
 
 Kind = Literal["status", "ack"]
 KINDS: frozenset[str] = frozenset({"status", "ack"})
+Overflow = Literal["drop-oldest", "refuse-new"]
+OVERFLOWS: frozenset[str] = frozenset({"drop-oldest", "refuse-new"})
 
 NEAR_FRACTION = 0.9  # warn and start coalescing above this share of the cap
-CLEAR_FRACTION = 0.8  # below this the episode is over (warning re-armed)
+CLEAR_FRACTION = 0.8  # below this the episode is over (warnings re-armed)
 ROW_OVERHEAD = 64  # bytes counted per row besides topic and payload (seq, flags, index)
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+ASIDE_MAX_ROWS = 1000  # rows set aside are kept for inspection, the newest this many
+
+# How far an ack's status got, for coalescing acks of one delivery under drop-oldest: the
+# most advanced survives. "opened" is what a sender hopes for; "dismissed" is the other
+# thing a user can do with a shown notification; "displayed" means it reached the screen;
+# "failed" is the device's verdict after it received the message; "received" is the least.
+ACK_RANK: dict[str, int] = {"received": 1, "failed": 2, "displayed": 3, "dismissed": 4, "opened": 5}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS upstream_outbox (
@@ -51,7 +71,7 @@ CREATE TABLE IF NOT EXISTS upstream_outbox (
     topic TEXT NOT NULL,
     payload BLOB NOT NULL,
     retain INTEGER NOT NULL,
-    coalesce_key TEXT,
+    coalesce_key TEXT,                          -- status: the job_id; ack: the message_id
     size INTEGER NOT NULL,
     created_at REAL NOT NULL
 );
@@ -66,7 +86,7 @@ CREATE TABLE IF NOT EXISTS upstream_outbox_state (
     coalesced INTEGER NOT NULL DEFAULT 0,
     max_bytes INTEGER NOT NULL,
     near INTEGER NOT NULL DEFAULT 0,        -- above 90 % since last below 80 %
-    dropping INTEGER NOT NULL DEFAULT 0     -- the "dropping" warning was logged this episode
+    dropping INTEGER NOT NULL DEFAULT 0     -- the "buffer full" warning was logged this episode
 );
 CREATE TRIGGER IF NOT EXISTS upstream_outbox_added AFTER INSERT ON upstream_outbox BEGIN
     UPDATE upstream_outbox_state SET bytes = bytes + NEW.size, rows = rows + 1 WHERE id = 1;
@@ -74,10 +94,34 @@ END;
 CREATE TRIGGER IF NOT EXISTS upstream_outbox_removed AFTER DELETE ON upstream_outbox BEGIN
     UPDATE upstream_outbox_state SET bytes = bytes - OLD.size, rows = rows - 1 WHERE id = 1;
 END;
+CREATE TABLE IF NOT EXISTS upstream_outbox_aside (
+    seq INTEGER PRIMARY KEY,                    -- the row's seq in upstream_outbox
+    kind TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    retain INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    set_aside_at REAL NOT NULL,
+    reason TEXT NOT NULL
+);
 """
+
+# Columns added after the first release: (name, declaration). Added to older databases.
+_STATE_COLUMNS = (
+    ("coalesced_acks", "INTEGER NOT NULL DEFAULT 0"),
+    ("refused", "INTEGER NOT NULL DEFAULT 0"),
+    ("set_aside", "INTEGER NOT NULL DEFAULT 0"),
+    ("refuse_new", "INTEGER NOT NULL DEFAULT 0"),   # overflow = "refuse-new"
+    ("id_prefix", "TEXT"),                          # random, once per database: ids survive a wipe
+)
 
 # Wake-up hooks of running drains (called from the database thread; must be thread-safe).
 _listeners: set[Callable[[], None]] = set()
+
+
+class OutboxFull(NotStored):
+    """``overflow = "refuse-new"`` and no room for this ack: do not acknowledge it to the
+    device (it keeps the ack and sends it again); nothing was written for it."""
 
 
 @dataclass(frozen=True)
@@ -100,20 +144,28 @@ class OutboxStats:
     max_bytes: int
     near_cap: bool
     oldest_age_s: float | None = None
+    coalesced_acks: int = 0
+    refused: int = 0
+    set_aside: int = 0
+    overflow: str = "drop-oldest"
 
     @property
     def fill(self) -> float:
         return self.bytes / self.max_bytes if self.max_bytes else 0.0
 
-    def as_dict(self) -> dict[str, float | int | bool | None]:
+    def as_dict(self) -> dict[str, float | int | bool | str | None]:
         return {
             "buffer_bytes": self.bytes,
             "buffer_rows": self.rows,
             "buffer_max_bytes": self.max_bytes,
             "buffer_fill": round(self.fill, 4),
             "buffer_near_cap": self.near_cap,
+            "buffer_overflow": self.overflow,
             "buffer_dropped": self.dropped,
             "buffer_coalesced": self.coalesced,
+            "buffer_coalesced_acks": self.coalesced_acks,
+            "buffer_refused": self.refused,
+            "buffer_set_aside": self.set_aside,
             "buffer_oldest_age_s": self.oldest_age_s,
         }
 
@@ -122,16 +174,22 @@ class OutboxStats:
 
 
 def ensure_schema(conn: sqlite3.Connection) -> None:
-    """Create the outbox tables if missing; safe to call any number of times.
+    """Create (or bring up to date) the outbox tables; safe to call any number of times.
 
     Uses ``execute`` per statement (not ``executescript``, which would commit the
     caller's open transaction).
     """
     for statement in _split_sql(_SCHEMA):
         conn.execute(statement)
+    have = {r[1] for r in conn.execute("PRAGMA table_info(upstream_outbox_state)")}
+    for name, decl in _STATE_COLUMNS:
+        if name not in have:
+            conn.execute(f"ALTER TABLE upstream_outbox_state ADD COLUMN {name} {decl}")
     conn.execute(
         "INSERT OR IGNORE INTO upstream_outbox_state (id, max_bytes) VALUES (1, ?)", (DEFAULT_MAX_BYTES,)
     )
+    conn.execute("UPDATE upstream_outbox_state SET id_prefix = ? WHERE id = 1 AND id_prefix IS NULL",
+                 (secrets.token_hex(4),))
 
 
 def _split_sql(script: str) -> list[str]:
@@ -151,11 +209,12 @@ def _split_sql(script: str) -> list[str]:
 
 
 def _state(conn: sqlite3.Connection, columns: str) -> sqlite3.Row | tuple[int, ...]:
-    """Read the state row, creating the schema first if this database has none yet.
+    """Read the state row, creating or upgrading the schema first if needed.
 
     enqueue must work even if the pipeline writes before the link's start ran
-    ensure_schema; trying the read first costs nothing on the hot path (the error is
-    raised when the statement is prepared and leaves the caller's transaction intact).
+    ensure_schema (or on a database from an older release); trying the read first costs
+    nothing on the hot path (the error is raised when the statement is prepared and leaves
+    the caller's transaction intact).
     """
     sql = f"SELECT {columns} FROM upstream_outbox_state WHERE id = 1"
     try:
@@ -168,16 +227,30 @@ def _state(conn: sqlite3.Connection, columns: str) -> sqlite3.Row | tuple[int, .
     return row
 
 
-def configure(conn: sqlite3.Connection, max_bytes: int) -> None:
-    """Store the cap (from ``upstream.buffer_max_mb``) so :func:`enqueue` needs no config."""
-    _state(conn, "id")
-    conn.execute("UPDATE upstream_outbox_state SET max_bytes = ? WHERE id = 1", (int(max_bytes),))
+def configure(conn: sqlite3.Connection, max_bytes: int, overflow: Overflow = "drop-oldest") -> None:
+    """Store the cap and the overflow policy (``[upstream]``) so :func:`enqueue` needs no config."""
+    if overflow not in OVERFLOWS:
+        raise ValueError(f"overflow must be 'drop-oldest' or 'refuse-new', not {overflow!r}")
+    _state(conn, "refuse_new")
+    conn.execute("UPDATE upstream_outbox_state SET max_bytes = ?, refuse_new = ? WHERE id = 1",
+                 (int(max_bytes), 1 if overflow == "refuse-new" else 0))
     _rearm(conn)
 
 
 def row_size(topic: str, payload: bytes) -> int:
     """What one row counts against the cap (an estimate of its size on disk)."""
     return len(payload) + len(topic.encode()) + ROW_OVERHEAD
+
+
+def _ack_fields(payload: bytes) -> tuple[str | None, int, object]:
+    """(message_id, rank, latency_ms) of an ack payload; (None, 0, None) if it is not one."""
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        return None, 0, None
+    if not isinstance(body, dict) or not isinstance(body.get("message_id"), str):
+        return None, 0, None
+    return body["message_id"], ACK_RANK.get(str(body.get("status")), 0), body.get("latency_ms")
 
 
 # --------------------------------------------------------------------------- hot path
@@ -188,18 +261,22 @@ def enqueue(conn: sqlite3.Connection, kind: Kind, topic: str, payload: bytes, re
     """Queue one message for the cloud, inside the caller's transaction.
 
     ``kind="status"`` with ``coalesce_key`` = job_id for JobStatus snapshots (a newer one
-    makes older unsent ones redundant when space is short); ``kind="ack"`` without a key.
-    Never raises for a full buffer: the pipeline's own commit must not fail because the
-    WAN is down; what gives way is counted in ``dropped``.
+    makes older unsent ones redundant when space is short); ``kind="ack"`` with the ack
+    payload of contract §5 (its ``message_id`` is read from it when no key is given).
+
+    A full buffer never fails a status snapshot: the pipeline's own commit must not fail
+    because the WAN is down. For an ack it depends on ``overflow``: ``drop-oldest`` makes
+    room (counted in ``dropped``); ``refuse-new`` raises :class:`OutboxFull` before
+    writing anything for that ack.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be 'status' or 'ack', not {kind!r}")
-    if kind == "ack" and coalesce_key is not None:
-        raise ValueError("acks are never coalesced; pass coalesce_key=None")
     payload = bytes(payload)
+    if kind == "ack" and coalesce_key is None:
+        coalesce_key = _ack_fields(payload)[0]  # kept on the row: coalescing must not parse the buffer
     size = row_size(topic, payload)
-    used, cap, near = _state(conn, "bytes, max_bytes, near")
-    if size > cap:
+    used, cap, near, refuse_new = _state(conn, "bytes, max_bytes, near, refuse_new")
+    if size > cap:  # could never fit, under either policy: refusing would loop for ever
         conn.execute("UPDATE upstream_outbox_state SET dropped = dropped + 1 WHERE id = 1")
         log.warning("upstream message larger than the whole buffer; dropped", topic=topic, size=size,
                     max_bytes=cap)
@@ -207,19 +284,37 @@ def enqueue(conn: sqlite3.Connection, kind: Kind, topic: str, payload: bytes, re
     if near or used + size > cap * NEAR_FRACTION:
         if not near:
             conn.execute("UPDATE upstream_outbox_state SET near = 1 WHERE id = 1")
-            coalesced = _coalesce_all(conn)
-            log.warning("upstream buffer nearly full; coalescing job status snapshots",
-                        bytes=used, max_bytes=cap, fill=round(used / cap, 3), coalesced=coalesced)
-        if coalesce_key is not None:
-            _coalesce_key(conn, coalesce_key)
+            coalesced = _coalesce_statuses(conn)
+            merged = 0 if refuse_new else _coalesce_all_acks(conn)
+            log.warning("upstream buffer nearly full; coalescing", bytes=used, max_bytes=cap,
+                        fill=round(used / cap, 3), coalesced_statuses=coalesced, coalesced_acks=merged,
+                        overflow="refuse-new" if refuse_new else "drop-oldest")
+        if kind == "status" and coalesce_key is not None:
+            _coalesce_status(conn, coalesce_key)
+        elif kind == "ack" and coalesce_key is not None and not refuse_new:
+            merged_payload = _coalesce_ack(conn, coalesce_key, payload)
+            if merged_payload is None:
+                _wake_listeners()
+                return  # a more advanced ack of this delivery is already waiting
+            payload = merged_payload
+            size = row_size(topic, payload)
         used = conn.execute("SELECT bytes FROM upstream_outbox_state WHERE id = 1").fetchone()[0]
         if used + size > cap:
-            _make_room(conn, cap, size)
+            if refuse_new:
+                if kind == "ack":
+                    _refuse(cap, topic)
+                # a status snapshot is never refused: it goes in over the cap
+            else:
+                _make_room(conn, cap, size)
     conn.execute(
         "INSERT INTO upstream_outbox (kind, topic, payload, retain, coalesce_key, size, created_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
         (kind, topic, payload, 1 if retain else 0, coalesce_key, size, time.time()),
     )
+    _wake_listeners()
+
+
+def _wake_listeners() -> None:
     for wake in tuple(_listeners):
         wake()
 
@@ -229,26 +324,130 @@ def _count(conn: sqlite3.Connection, column: str, n: int) -> None:
         conn.execute(f"UPDATE upstream_outbox_state SET {column} = {column} + ? WHERE id = 1", (n,))
 
 
-def _coalesce_all(conn: sqlite3.Connection) -> int:
+def _coalesce_statuses(conn: sqlite3.Connection) -> int:
     """Delete every status snapshot that a newer unsent one of the same job supersedes."""
     n = conn.execute(
-        "DELETE FROM upstream_outbox WHERE coalesce_key IS NOT NULL AND seq < ("
+        "DELETE FROM upstream_outbox WHERE kind = 'status' AND coalesce_key IS NOT NULL AND seq < ("
         " SELECT MAX(newer.seq) FROM upstream_outbox AS newer"
-        " WHERE newer.coalesce_key = upstream_outbox.coalesce_key)"
+        " WHERE newer.kind = 'status' AND newer.coalesce_key = upstream_outbox.coalesce_key)"
     ).rowcount
     _count(conn, "coalesced", n)
     return n
 
 
-def _coalesce_key(conn: sqlite3.Connection, key: str) -> int:
+def _coalesce_status(conn: sqlite3.Connection, key: str) -> int:
     """The snapshot about to be queued supersedes the unsent ones of the same job."""
-    n = conn.execute("DELETE FROM upstream_outbox WHERE coalesce_key = ?", (key,)).rowcount
+    n = conn.execute("DELETE FROM upstream_outbox WHERE kind = 'status' AND coalesce_key = ?", (key,)).rowcount
     _count(conn, "coalesced", n)
     return n
 
 
+def _merge_ack(kept: bytes, others: list[bytes]) -> bytes:
+    """``kept`` with the delivery's latency from an earlier ack if it has none itself.
+
+    Only the first ack of a delivery carries ``latency_ms`` (the delivery's latency);
+    merging it into a later, more advanced one must not lose it.
+    """
+    body = json.loads(kept)
+    if body.get("latency_ms") is None:
+        for other in others:
+            latency = _ack_fields(other)[2]
+            if latency is not None:
+                body["latency_ms"] = latency
+                return json.dumps(body).encode()
+    return kept
+
+
+def _replace_payload(conn: sqlite3.Connection, seq: int, old: bytes, new: bytes) -> None:
+    if new != old:
+        conn.execute("UPDATE upstream_outbox SET payload = ?, size = size + ? WHERE seq = ?",
+                     (new, len(new) - len(old), seq))
+        conn.execute("UPDATE upstream_outbox_state SET bytes = bytes + ? WHERE id = 1", (len(new) - len(old),))
+
+
+def _keeper(queued: list[tuple[int, bytes]]) -> tuple[int, bytes]:
+    """The ack of one delivery that coalescing keeps: the most advanced, the oldest on a tie."""
+    return max(queued, key=lambda r: (_ack_fields(r[1])[1], -r[0]))
+
+
+def _coalesce_ack(conn: sqlite3.Connection, key: str, payload: bytes) -> bytes | None:
+    """Merge the unsent acks of one delivery with the new one; keep the most advanced.
+
+    Returns the payload to insert, or None when an unsent ack that is at least as advanced
+    is already queued: that one keeps its place in the order and the new one is counted as
+    coalesced. Equal ranks keep the older, which carries the delivery's latency.
+    """
+    queued = [(int(r[0]), bytes(r[1])) for r in conn.execute(
+        "SELECT seq, payload FROM upstream_outbox WHERE kind = 'ack' AND coalesce_key = ? ORDER BY seq", (key,))]
+    if not queued:
+        return payload
+    best_seq, best = _keeper(queued)
+    if _ack_fields(best)[1] >= _ack_fields(payload)[1]:
+        others = [r for r in queued if r[0] != best_seq]
+        n = _delete(conn, [r[0] for r in others])
+        _count(conn, "coalesced_acks", n + 1)  # the older ones merged, and the new one
+        _replace_payload(conn, best_seq, best, _merge_ack(best, [r[1] for r in others] + [payload]))
+        return None
+    n = _delete(conn, [r[0] for r in queued])
+    _count(conn, "coalesced_acks", n)
+    return _merge_ack(payload, [r[1] for r in queued])
+
+
+def _coalesce_all_acks(conn: sqlite3.Connection) -> int:
+    """Merge every delivery's unsent acks into its most advanced one (drop-oldest only)."""
+    rows = conn.execute(
+        "SELECT seq, coalesce_key, payload FROM upstream_outbox WHERE kind = 'ack' AND coalesce_key IN ("
+        " SELECT coalesce_key FROM upstream_outbox WHERE kind = 'ack' AND coalesce_key IS NOT NULL"
+        " GROUP BY coalesce_key HAVING COUNT(*) > 1) ORDER BY seq"
+    ).fetchall()
+    groups: dict[str, list[tuple[int, bytes]]] = {}
+    for seq, key, body in rows:
+        groups.setdefault(key, []).append((int(seq), bytes(body)))
+    victims: list[int] = []
+    for queued in groups.values():
+        best_seq, best = _keeper(queued)
+        others = [r for r in queued if r[0] != best_seq]
+        victims += [r[0] for r in others]
+        _replace_payload(conn, best_seq, best, _merge_ack(best, [r[1] for r in others]))
+    n = _delete(conn, victims)
+    _count(conn, "coalesced_acks", n)
+    return n
+
+
+def _refuse(cap: int, topic: str) -> None:
+    """refuse-new at the cap: count, warn (rate-limited), raise; nothing is written.
+
+    The caller rolls back what it did for this ack (it must, to not acknowledge it), so
+    anything written here would be undone: the refusal is counted in memory (on the
+    database thread, like every enqueue) and moved to the state table by :func:`stats`.
+    """
+    global _refused_pending, _refused_since_warning, _refuse_warned_at
+    _refused_pending += 1
+    _refused_since_warning += 1
+    now = time.monotonic()
+    if _refuse_warned_at is None or now - _refuse_warned_at >= REFUSE_WARNING_INTERVAL_S:
+        log.warning("upstream buffer full; refusing device acks until the cloud takes some (overflow = refuse-new)",
+                    max_bytes=cap, topic=topic, refused=_refused_since_warning)
+        _refuse_warned_at = now
+        _refused_since_warning = 0
+    raise OutboxFull("upstream buffer full (overflow = refuse-new): the ack is not stored; the device resends it")
+
+
+REFUSE_WARNING_INTERVAL_S = 60.0
+_refused_pending = 0  # refusals not yet added to the state table (database thread only)
+_refused_since_warning = 0
+_refuse_warned_at: float | None = None
+
+
+def _record_refusals(conn: sqlite3.Connection) -> None:
+    global _refused_pending
+    if _refused_pending:
+        _count(conn, "refused", _refused_pending)
+        _refused_pending = 0
+
+
 def _make_room(conn: sqlite3.Connection, cap: int, size: int) -> None:
-    """At the cap: drop the oldest acks, then the oldest status snapshots, until it fits."""
+    """drop-oldest at the cap: drop the oldest acks, then the oldest status snapshots, until it fits."""
     budget = cap - size
     used, dropping = conn.execute(
         "SELECT bytes, dropping FROM upstream_outbox_state WHERE id = 1").fetchone()
@@ -261,18 +460,18 @@ def _make_room(conn: sqlite3.Connection, cap: int, size: int) -> None:
             if not victims:
                 break
             chosen: list[int] = []
-            for seq, size in victims:
+            for seq, row_bytes in victims:
                 if used <= budget:
                     break
                 chosen.append(seq)
-                used -= size
+                used -= row_bytes
             _delete(conn, chosen)
             dropped[kind] += len(chosen)
     total = dropped["ack"] + dropped["status"]
     _count(conn, "dropped", total)
     if total and not dropping:
         conn.execute("UPDATE upstream_outbox_state SET dropping = 1 WHERE id = 1")
-        log.warning("upstream buffer full; dropping the oldest messages", max_bytes=cap,
+        log.warning("upstream buffer full; dropping the oldest messages (overflow = drop-oldest)", max_bytes=cap,
                     dropped_acks=dropped["ack"], dropped_statuses=dropped["status"])
 
 
@@ -306,18 +505,91 @@ def fetch(conn: sqlite3.Connection, after_seq: int, limit: int) -> list[OutboxRo
 
 
 def delete_sent(conn: sqlite3.Connection, seqs: Iterable[int]) -> int:
-    """Forget rows the cloud broker acknowledged (PUBACK); rows already coalesced are skipped."""
+    """Forget rows the cloud broker acknowledged (PUBACK); rows already coalesced are skipped.
+
+    The drain passes only the acknowledged *prefix* (every row before them confirmed too),
+    never a row behind one still unconfirmed: see :mod:`gateway.upstream.drain`.
+    """
     _state(conn, "id")
     n = _delete(conn, seqs)
     _rearm(conn)
     return n
 
 
+def id_prefix(conn: sqlite3.Connection) -> str:
+    """This database's random prefix of the ``id`` every row carries upstream."""
+    return str(_state(conn, "id_prefix")[0])
+
+
+def wire_payload(row: OutboxRow, prefix: str) -> bytes:
+    """The payload as published: the stored JSON object plus ``"id": "<prefix>-<seq>"``.
+
+    The id is the same on every resend of the row and never reused (seq is AUTOINCREMENT;
+    the prefix is random per database), so the cloud de-duplicates on it. A payload that
+    is not a JSON object, or already has an ``id`` key, goes as stored. This runs for
+    every row sent, so the id is appended as text (where ``json.dumps`` would put it);
+    the payload is parsed only when ``"id"`` appears in it, to tell a key from a value.
+    """
+    payload = row.payload
+    if payload[:1] != b"{" or payload[-1:] != b"}":
+        return payload
+    ident = f'"id": "{prefix}-{row.seq}"'.encode()
+    if b'"id"' not in payload:
+        if not payload[1:-1].strip():
+            return b"{" + ident + b"}"
+        return payload[:-1] + b", " + ident + b"}"
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        return payload
+    if not isinstance(body, dict) or "id" in body:
+        return payload
+    body["id"] = f"{prefix}-{row.seq}"
+    return json.dumps(body).encode()
+
+
+def set_aside(conn: sqlite3.Connection, seq: int, reason: str) -> OutboxRow | None:
+    """Move one row out of the way (the cloud broker will not take it); keep it, count it.
+
+    Kept in ``upstream_outbox_aside`` (the newest :data:`ASIDE_MAX_ROWS`) for an operator
+    to look at; counted in ``set_aside``.
+    """
+    row = conn.execute("SELECT seq, kind, topic, payload, retain, created_at FROM upstream_outbox WHERE seq = ?",
+                       (seq,)).fetchone()
+    if row is None:
+        return None
+    conn.execute(
+        "INSERT OR REPLACE INTO upstream_outbox_aside (seq, kind, topic, payload, retain, created_at, set_aside_at,"
+        " reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (row[0], row[1], row[2], row[3], row[4], row[5], time.time(), reason))
+    conn.execute("DELETE FROM upstream_outbox_aside WHERE seq NOT IN ("
+                 " SELECT seq FROM upstream_outbox_aside ORDER BY seq DESC LIMIT ?)", (ASIDE_MAX_ROWS,))
+    _delete(conn, [seq])
+    _count(conn, "set_aside", 1)
+    _rearm(conn)
+    return OutboxRow(int(row[0]), str(row[1]), str(row[2]), bytes(row[3]), bool(row[4]))
+
+
+def set_aside_rows(conn: sqlite3.Connection) -> list[dict[str, object]]:
+    """What was set aside, oldest first (for operators and tests)."""
+    _state(conn, "id")
+    rows = conn.execute("SELECT seq, kind, topic, payload, set_aside_at, reason FROM upstream_outbox_aside"
+                        " ORDER BY seq").fetchall()
+    return [{"seq": r[0], "kind": r[1], "topic": r[2], "payload": bytes(r[3]), "set_aside_at": r[4],
+             "reason": r[5]} for r in rows]
+
+
 def stats(conn: sqlite3.Connection) -> OutboxStats:
-    used, rows, dropped, coalesced, cap, near = _state(conn, "bytes, rows, dropped, coalesced, max_bytes, near")
+    _state(conn, "id")
+    _record_refusals(conn)
+    (used, rows, dropped, coalesced, cap, near, coalesced_acks, refused, aside,
+     refuse_new) = _state(conn, "bytes, rows, dropped, coalesced, max_bytes, near, coalesced_acks, refused,"
+                                " set_aside, refuse_new")
     oldest = conn.execute("SELECT created_at FROM upstream_outbox ORDER BY seq LIMIT 1").fetchone()
     age = max(0.0, time.time() - float(oldest[0])) if oldest else None
-    return OutboxStats(int(used), int(rows), int(dropped), int(coalesced), int(cap), bool(near), age)
+    return OutboxStats(int(used), int(rows), int(dropped), int(coalesced), int(cap), bool(near), age,
+                       int(coalesced_acks), int(refused), int(aside),
+                       "refuse-new" if refuse_new else "drop-oldest")
 
 
 def add_listener(wake: Callable[[], None]) -> None:

@@ -47,7 +47,8 @@ def context(tmp_path: Path) -> BridgeContext:
 
 def delivery(channel: Any, *, title: str | None = "Config update", body: str | None = "Version 2.1.0 is ready",
              data: dict[str, str] | None = None, priority: str = "normal", ttl: int = 3600,
-             collapse_key: str | None = None, options: dict[str, Any] | None = None) -> Delivery:
+             collapse_key: str | None = None, options: dict[str, Any] | None = None,
+             ack_url: str | None = None) -> Delivery:
     from pydantic import TypeAdapter
 
     from devices.models import Channel
@@ -58,7 +59,7 @@ def delivery(channel: Any, *, title: str | None = "Config update", body: str | N
         channel=TypeAdapter(Channel).validate_python(channel),
         notification=Notification(title=title, body=body, data=data if data is not None else {"config_version": "2.1.0"},
                                   priority=priority, ttl=ttl, collapse_key=collapse_key),
-        options=options or {}, sent_at=now, expires_at=now + timedelta(seconds=ttl))
+        options=options or {}, sent_at=now, expires_at=now + timedelta(seconds=ttl), ack_url=ack_url)
 
 
 @pytest.fixture

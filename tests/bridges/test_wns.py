@@ -137,7 +137,9 @@ async def test_wrong_client_secret_is_unhealthy_and_never_logged(tmp_path, fake_
     (406, {}, OutcomeKind.RETRY, 60.0),
     (400, {}, OutcomeKind.FAILED, None),
     (413, {}, OutcomeKind.FAILED, None),
-    (403, {}, OutcomeKind.UNHEALTHY, 60.0),
+    # A 403 before WNS ever accepted a token of ours: this channel or our credentials?
+    # Not known yet, so this one delivery backs off (README "WNS 403"; more in test_wns_403).
+    (403, {}, OutcomeKind.RETRY, None),
     (500, {}, OutcomeKind.RETRY, None),
     (503, {"retry-after": "5"}, OutcomeKind.RETRY, 5.0),
     (200, {"x-wns-status": "channelthrottled"}, OutcomeKind.RETRY, 60.0),
@@ -199,3 +201,55 @@ async def test_oversize_body_is_failed_before_sending(tmp_path, fake_wns, pki):
     outcome = await bridge.send(delivery(channel(fake_wns.new_channel()), body="x" * 5100))
     await bridge.close()
     assert outcome.kind is OutcomeKind.FAILED and fake_wns.seen == []
+
+
+# ---------------------------------------------------------------- 403 (README "WNS 403")
+FOREIGN = {"x-wns-error-description": "The channel belongs to another application"}
+
+
+async def test_403_for_one_foreign_channel_marks_only_that_channel(tmp_path, fake_wns, pki):
+    """Once WNS accepted our token for some channel, a 403 is the channel's fault: it is an
+    invalid address (the device falls over), and the bridge keeps sending to the others."""
+    bridge = await make_bridge(tmp_path, fake_wns, pki)
+    good, foreign = fake_wns.new_channel(), fake_wns.new_channel()
+    fake_wns.inject(foreign, 403, FOREIGN, count=5)
+    assert (await bridge.send(delivery(channel(good)))).kind is OutcomeKind.ACCEPTED
+    outcome = await bridge.send(delivery(channel(foreign)))
+    after = await bridge.send(delivery(channel(good)))
+    await bridge.close()
+    assert outcome.kind is OutcomeKind.INVALID_ADDRESS and outcome.status == 403
+    assert "another app" in outcome.reason and "belongs to another application" in outcome.reason
+    assert after.kind is OutcomeKind.ACCEPTED
+    foreign_id = foreign.rsplit("=", 1)[1]
+    assert len([s for s in fake_wns.seen if s.request.path.endswith(foreign_id)]) == 1  # no resend
+    assert fake_wns.token_requests == 1
+
+
+async def test_403_before_any_success_backs_off_that_delivery_then_marks_the_channel(tmp_path, fake_wns, pki):
+    bridge = await make_bridge(tmp_path, fake_wns, pki)
+    good, foreign = fake_wns.new_channel(), fake_wns.new_channel()
+    fake_wns.inject(foreign, 403, FOREIGN, count=5)
+    first = await bridge.send(delivery(channel(foreign)))  # a fresh token refused: which side is wrong?
+    assert first.kind is OutcomeKind.RETRY and first.retry_after is None  # the pipeline's backoff
+    assert (await bridge.send(delivery(channel(good)))).kind is OutcomeKind.ACCEPTED  # our credentials work
+    second = await bridge.send(delivery(channel(foreign)))
+    await bridge.close()
+    assert second.kind is OutcomeKind.INVALID_ADDRESS
+
+
+async def test_403_from_every_channel_is_a_configuration_error(tmp_path, fake_wns, pki):
+    """Wrong package credentials: every channel refuses. A cached token is replaced once
+    first; a second channel refusing a fresh token pauses the bridge (work kept)."""
+    bridge = await make_bridge(tmp_path, fake_wns, pki)
+    a, b = fake_wns.new_channel(), fake_wns.new_channel()
+    fake_wns.inject(a, 403, count=5)
+    fake_wns.inject(b, 403, count=5)
+    first = await bridge.send(delivery(channel(a)))
+    second = await bridge.send(delivery(channel(b)))  # cached token → one new token, resend
+    await bridge.close()
+    assert first.kind is OutcomeKind.RETRY
+    assert second.kind is OutcomeKind.UNHEALTHY and second.retry_after == 60.0
+    assert "client_id" in second.reason
+    assert fake_wns.token_requests == 2
+    b_id = b.rsplit("=", 1)[1]
+    assert len([s for s in fake_wns.seen if s.request.path.endswith(b_id)]) == 2

@@ -40,9 +40,26 @@ def broker_config(tmp: Path, port: int, **extra: Any) -> Config:
     return parse_config(deep_merge(data, extra), environ={})
 
 
-async def start_broker(tmp: Path, port: int | None = None, **extra: Any) -> EmbeddedBroker:
+def write_accounts(path: Path, accounts: dict[str, str], password: str | None = "pw") -> None:
+    """Broker accounts NAME -> ROLE in the password file, all with ``password`` (or ``pw-NAME``
+    when password is None). Real argon2id hashes, verified by the real code, but with cheap
+    parameters (argon2 reads them from the hash) so tests that log in often stay fast."""
+    from argon2 import PasswordHasher
+
+    from gateway.broker.passwords import Account, _write_atomic, parse
+
+    cheap = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    existing = parse(path.read_text(encoding="utf-8"), path) if path.exists() else {}
+    for name, role in accounts.items():
+        existing[name] = Account(name, cheap.hash(password or f"pw-{name}"), role)
+    _write_atomic(path, existing)
+
+
+async def start_broker(tmp: Path, port: int | None = None, options: dict[str, Any] | None = None,
+                       **extra: Any) -> EmbeddedBroker:
+    """``extra``: config sections merged in; ``options``: EmbeddedBroker keyword arguments."""
     port = port or free_port()
-    broker = EmbeddedBroker(broker_config(tmp, port, **extra), InternalCredentials.generate())
+    broker = EmbeddedBroker(broker_config(tmp, port, **extra), InternalCredentials.generate(), **(options or {}))
     await broker.start()
     broker.port = port  # type: ignore[attr-defined]
     return broker

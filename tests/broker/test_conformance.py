@@ -26,7 +26,7 @@ from tests.broker.helpers import (
     until,
 )
 
-needs_mosquitto = pytest.mark.skipif(not HAVE_MOSQUITTO_CLIENTS, reason="mosquitto-clients not installed")
+needs_mosquitto = pytest.mark.usefixtures("mosquitto_clients")  # fails without them (tests/conftest.py)
 
 
 @needs_mosquitto

@@ -96,7 +96,7 @@ async def test_offline_queue_is_bounded_oldest_dropped_and_counted(tmp_path):
     assert db.execute("SELECT dropped FROM broker_sessions WHERE client_id = 'small'").fetchone() == (7,)
 
 
-@pytest.mark.skipif(not HAVE_MOSQUITTO_CLIENTS, reason="mosquitto-clients not installed")
+@pytest.mark.usefixtures("mosquitto_clients")  # fails without them (tests/conftest.py)
 def test_kill_9_keeps_acknowledged_retained_and_queued_messages(gateway_factory, tmp_path):
     """What a publisher saw acknowledged (PUBACK/PUBCOMP) is on disk: kill -9 loses none of it."""
     gw = gateway_factory()

@@ -3,6 +3,7 @@ and an independent paho observer that sees what the gateway sends up."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 import time
@@ -32,6 +33,7 @@ class Cloud:
     workdir: Path
     require_certificate: bool = False
     port: int = field(default_factory=free_port)
+    plain_port: int = field(default_factory=free_port)  # same accounts, no TLS (for fault proxies)
     mosquitto: Mosquitto | None = None
 
     def __post_init__(self) -> None:
@@ -64,6 +66,7 @@ class Cloud:
             f"require_certificate {'true' if self.require_certificate else 'false'}\n"
             f"password_file {self.passwd}\nallow_anonymous false\n"
             "max_queued_messages 100000\nmax_inflight_messages 100\n"
+            f"listener {self.plain_port} 127.0.0.1\n"
         )
 
     def start(self) -> "Cloud":
@@ -73,6 +76,14 @@ class Cloud:
     def stop(self) -> None:
         if self.mosquitto is not None:
             self.mosquitto.stop()
+
+    def plain_section(self, port: int, **overrides: Any) -> dict[str, Any]:
+        """``[upstream]`` for a plaintext link to ``port`` (a fault proxy in front of
+        :attr:`plain_port`): same account, so ``allow_plaintext`` must be set."""
+        section: dict[str, Any] = {"url": f"mqtt://127.0.0.1:{port}", "username": GW_USER,
+                                   "password_file": str(self.password_file), "allow_plaintext": True}
+        section.update(overrides)
+        return section
 
     def upstream_section(self, **overrides: Any) -> dict[str, Any]:
         section: dict[str, Any] = {"url": self.url, "username": GW_USER, "password_file": str(self.password_file),
@@ -112,6 +123,13 @@ class Cloud:
             c.disconnect()
             c.loop_stop()
 
+    def retained_many(self, topic_filter: str, count: int, timeout: float = 5.0) -> dict[str, bytes]:
+        """The retained messages under ``topic_filter`` as a new subscriber sees them (one
+        subscription, so one client for many topics); waits for ``count`` of them."""
+        with Observer(self, topic_filter, client_id="") as obs:
+            got = obs.wait_for(lambda msgs: len({m.topic for m in msgs}) >= count, timeout=timeout)
+            return {m.topic: m.payload for m in got}
+
     def retained(self, topic: str, timeout: float = 3.0) -> bytes | None:
         """The retained message on ``topic`` as a new subscriber sees it (None if none)."""
         with Observer(self, topic, client_id="") as obs:
@@ -125,6 +143,27 @@ class Seen:
     payload: bytes
     retain: bool
     at: float
+
+    @property
+    def id(self) -> str | None:
+        """The ``id`` the gateway adds to every row it sends up (None if absent)."""
+        try:
+            body = json.loads(self.payload)
+        except ValueError:
+            return None
+        return body.get("id") if isinstance(body, dict) else None
+
+    @property
+    def body(self) -> bytes:
+        """The payload as the pipeline queued it: without the ``id`` the link adds."""
+        try:
+            obj = json.loads(self.payload)
+        except ValueError:
+            return self.payload
+        if not isinstance(obj, dict) or "id" not in obj:
+            return self.payload
+        obj.pop("id")
+        return json.dumps(obj).encode()
 
 
 class Observer:

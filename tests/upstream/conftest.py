@@ -11,7 +11,7 @@ import pytest
 from gateway.config import Config, parse_config
 from gateway.storage import Database
 from gateway.upstream.link import UpstreamLink
-from tests.support import MOSQUITTO
+from tests.support import require_tool
 from tests.upstream.cloud import Cloud
 
 # Short backoff so reconnects in tests take fractions of a second, not minutes.
@@ -59,8 +59,7 @@ async def running(link: UpstreamLink) -> AsyncIterator[UpstreamLink]:
 
 @pytest.fixture
 def cloud_factory(tmp_path: Path) -> Iterator:
-    if not MOSQUITTO:
-        pytest.skip("mosquitto not installed (make test installs it as root)")
+    require_tool("mosquitto")  # a missing tool fails the test (make test installs it)
     clouds: list[Cloud] = []
 
     def make(require_certificate: bool = False, start: bool = True) -> Cloud:

@@ -7,11 +7,14 @@ import json
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import paho.mqtt.client as paho
 
-from tests.support import ROOT, GatewayProcess
+from tests.support import GatewayProcess, bulk_register
+from tests.upstream.proxy import MqttFaultProxy
+from tests.upstream.test_link_process import outbox_rows
 from tests.upstream.cloud import GW_PASSWORD, PREFIX, Cloud, Observer, Seen
 
 DEVICES = ["pos-1", "pos-2", "pos-3"]
@@ -148,4 +151,55 @@ def test_acks_and_final_status_survive_a_cloud_outage_and_kill9(gateway_factory,
             assert statuses_of(msgs, j)[-1]["state"] == "acknowledged"  # the final status arrives last
             assert json.loads(cloud.retained(f"{PREFIX}/jobs/{j}/status"))["counts"]["acknowledged"] == 3
         assert gw.stop() == 0
+    assert "Traceback" not in gw.log()
+
+
+def test_kill9_with_a_batch_in_flight_then_every_row_arrives_in_order(gateway_factory, cloud: Cloud,
+                                                                     tmp_path: Path):
+    """Issue 15.8: the daemon is killed while hundreds of rows await their PUBACK (500 ms
+    round trip through a delay proxy); after the restart every ack arrives, each job's
+    statuses keep their order, and the retained status is the final one."""
+    fleet = [f"dev-{i:03}" for i in range(300)]
+    with MqttFaultProxy(cloud.plain_port, delay_s=0.25) as proxy, Observer(cloud) as obs:
+        gw = gateway_factory(extra={
+            "upstream": cloud.plain_section(proxy.port),
+            "bridges": {"simulation": {"enabled": True, "latency_ms": 0, "ack": True}, "mqtt": {"enabled": True}},
+        }, start=False)
+        bulk_register(tmp_path / "var", [{"device_id": d, "channels": [{"platform": "simulation"}]} for d in fleet])
+        gw.start()
+        wait(lambda: online(cloud), what="gateway online on the cloud")
+        local_publish(gw, f"{PREFIX}/jobs", json.dumps({
+            "job_id": "k9", "target": {"all": True}, "notification": {"title": "t", "body": "b"}}))
+        wait(lambda: proxy.stats.publishes >= 150, what="a batch in flight", timeout=20)
+        gw.kill()  # kill -9: the PUBACKs of what is in flight are 0.5 s away
+        in_flight_at_kill = proxy.stats.publishes - proxy.stats.pubacks
+        assert in_flight_at_kill >= 100
+        gw.start()
+        wait(lambda: len({a["message_id"] for a in acks_of(obs.snapshot(), "k9")}) == 300
+             and any(s["state"] == "acknowledged" for s in statuses_of(obs.snapshot(), "k9")), timeout=40,
+             what="every ack and the final status")
+        wait(lambda: cli_json(gw, "jobs", "show", "k9")["state"] == "acknowledged", what="local final state")  # type: ignore[index]
+        wait(lambda: outbox_rows(tmp_path / "var" / "gateway.db") == 0, timeout=30,
+             what="the restarted gateway confirmed every row")  # the first copies may all be there already
+        assert gw.stop() == 0  # a clean stop: what is still in flight is awaited, then offline
+        barrier = b"after-the-gateway"
+        cloud.publish(f"{PREFIX}/test-barrier", barrier)
+        msgs = obs.wait_for(lambda m: any(x.payload == barrier for x in m))
+    rows = [m for m in msgs if m.topic == f"{PREFIX}/acks" or m.topic == f"{PREFIX}/jobs/k9/status"]
+    # every row carries an id; copies of a row carry the same id and body (the cloud de-duplicates)
+    bodies: dict[str, bytes] = {}
+    for m in rows:
+        assert m.id is not None and bodies.setdefault(m.id, m.body) == m.body
+    copies = Counter(m.id for m in rows)
+    assert sum(n - 1 for n in copies.values()) >= 1  # the batch in flight went up again after the restart
+    acks = [json.loads(bodies[i]) for i in dict.fromkeys(m.id for m in rows if m.topic.endswith("/acks"))]
+    assert sorted(a["device_id"] for a in acks) == fleet  # every ack, once per id
+    # the job's statuses, in the order they were last seen, only move forward
+    last_seen = {m.id: k for k, m in enumerate(rows)}
+    statuses = [json.loads(m.body) for k, m in enumerate(rows)
+                if m.topic.endswith("/status") and last_seen[m.id] == k]
+    progress = [(s["counts"]["acknowledged"], s["updated_at"]) for s in statuses]
+    assert progress == sorted(progress) and statuses[-1]["state"] == "acknowledged"
+    final = json.loads(cloud.retained(f"{PREFIX}/jobs/k9/status"))
+    assert final["state"] == "acknowledged" and final["counts"]["acknowledged"] == 300
     assert "Traceback" not in gw.log()

@@ -42,7 +42,12 @@ async def enqueue_traffic(db: Database, start: int, count: int, jobs: int = 5) -
 
 
 def forwarded(msgs: list[Seen]) -> list[tuple[str, bytes]]:
-    return [(m.topic, m.payload) for m in msgs if "/gateway/status" not in m.topic]
+    """(topic, payload as queued) of every outbox row the cloud saw, in arrival order."""
+    return [(m.topic, m.body) for m in msgs if "/gateway/status" not in m.topic]
+
+
+def ids(msgs: list[Seen]) -> list[str | None]:
+    return [m.id for m in msgs if "/gateway/status" not in m.topic]
 
 
 def first_occurrences(items: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
@@ -75,11 +80,13 @@ async def test_buffered_rows_drain_in_order_and_statuses_are_retained(cloud: Clo
             await wait_until(lambda: link.metrics()["buffer_rows"] == 0, what="outbox emptied")
             assert link.metrics()["published"] == 180 and link.metrics()["connected"]
     assert forwarded(msgs) == sent  # exactly once here (no outage), in enqueue order
+    assert None not in ids(msgs) and len(set(ids(msgs))) == 180  # every row carries its own id
 
     # retained: a controller subscribing later sees each job's last status and the gateway status
     for j in range(5):
         last = [p for t, p in sent if t == f"{PREFIX}/jobs/job-{j}/status"][-1]
-        assert cloud.retained(f"{PREFIX}/jobs/job-{j}/status") == last
+        retained = cloud.retained(f"{PREFIX}/jobs/job-{j}/status")
+        assert Seen("", retained, True, 0).body == last
     assert cloud.retained(f"{PREFIX}/acks", timeout=0.3) is None  # acks are not retained
     status = json.loads(cloud.retained(f"{PREFIX}/gateway/status"))
     assert status["state"] == "offline"  # clean stop says so
@@ -167,7 +174,8 @@ async def test_statuses_of_the_same_job_never_regress_on_the_cloud(cloud: Cloud,
     assert json.loads(cloud.retained(f"{PREFIX}/jobs/{job}/status"))["n"] == 199
 
 
-@pytest.mark.parametrize("case", ["bad_password", "untrusted_server", "client_cert_rejected", "broken_tls_file"])
+@pytest.mark.parametrize("case", ["bad_password", "untrusted_server", "client_cert_rejected", "broken_tls_file",
+                                  "plaintext_port", "wrong_host"])
 async def test_bad_credentials_or_certificates_retry_with_backoff(case: str, cloud_factory, db: Database,
                                                                   tmp_path: Path):
     cloud = cloud_factory(require_certificate=case == "client_cert_rejected")
@@ -185,6 +193,12 @@ async def test_bad_credentials_or_certificates_retry_with_backoff(case: str, clo
         other = Cloud(tmp_path / "other-ca")  # a client certificate from a CA the broker does not trust
         overrides.update(cert_file=str(other.client_cert), key_file=str(other.client_key))
         expect = "rejected our client certificate"
+    elif case == "plaintext_port":  # mqtts:// to a port that speaks plain MQTT: not a certificate problem
+        overrides["url"] = f"mqtts://127.0.0.1:{cloud.plain_port}"
+        expect = "(is the port in upstream.url a plaintext MQTT port? mqtts:// needs the TLS port"
+    elif case == "wrong_host":  # the certificate names 127.0.0.1 and localhost, not this name
+        overrides["url"] = f"mqtts://127.1:{cloud.port}"  # 127.0.0.1 by another name
+        expect = "the cloud broker's certificate is not for this host"
     else:
         garbage = tmp_path / "garbage.pem"
         garbage.write_text("-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from gateway.storage import Database, connect
+from gateway.storage import Database, NotStored, connect
 from gateway.storage import transaction as tx  # one write transaction, as Database.run
 from gateway.upstream import outbox
 
@@ -94,11 +94,9 @@ def test_seq_is_never_reused_after_the_buffer_empties(conn):
     assert rows(conn)[0].seq > last  # a drain cursor at `last` still finds it
 
 
-def test_bad_kind_or_keyed_ack_is_a_programming_error(conn):
+def test_bad_kind_is_a_programming_error(conn):
     with pytest.raises(ValueError):
         outbox.enqueue(conn, "telemetry", "t", b"", False)  # type: ignore[arg-type]
-    with pytest.raises(ValueError):
-        outbox.enqueue(conn, "ack", "t", b"", False, coalesce_key="job")
 
 
 def test_below_the_warning_level_nothing_is_coalesced(conn):
@@ -128,7 +126,7 @@ def test_near_the_cap_status_snapshots_are_coalesced_oldest_first_and_acks_kept(
         # crossing 90 %: one warning, the redundant snapshots go, every ack stays
         tx(conn, lambda c: [ack(c, n + i) for i in range(12)])
     warnings = [e for e in logs if e["log_level"] == "warning"]
-    assert [e["event"] for e in warnings] == ["upstream buffer nearly full; coalescing job status snapshots"]
+    assert [e["event"] for e in warnings] == ["upstream buffer nearly full; coalescing"]
     st = consistent(conn)
     assert st.near_cap and st.dropped == 0 and st.coalesced > 0
     assert st.bytes <= cap
@@ -165,8 +163,8 @@ def test_at_the_cap_oldest_acks_drop_first_counted_and_warned_once(conn):
     # the job statuses (one per job, nothing to coalesce) were kept while acks could give way
     assert sorted(json.loads(r.payload)["job_id"] for r in left if r.kind == "status") == ["job-0", "job-1", "job-2"]
     events = [e["event"] for e in logs if e["log_level"] == "warning"]
-    assert events.count("upstream buffer full; dropping the oldest messages") == 1
-    assert events.count("upstream buffer nearly full; coalescing job status snapshots") == 1
+    assert events.count("upstream buffer full; dropping the oldest messages (overflow = drop-oldest)") == 1
+    assert events.count("upstream buffer nearly full; coalescing") == 1
 
 
 def test_statuses_drop_only_when_no_ack_is_left(conn):
@@ -229,3 +227,196 @@ async def test_enqueue_through_the_database_thread_and_stats_for_other_processes
         assert st.as_dict()["buffer_rows"] == 5 and st.oldest_age_s is not None
     finally:
         reader.close()
+
+
+# --------------------------------------------------------------------------- overflow (issue 15.5)
+
+
+def device_ack(conn: sqlite3.Connection, message_id: str, status: str, n: int, latency: float | None = None,
+               pad: int = 0) -> None:
+    payload = {"message_id": message_id, "status": status, "device_id": "pos-1", "job_id": "job-a",
+               "latency_ms": latency, "n": n, "pad": "z" * pad}
+    outbox.enqueue(conn, "ack", f"{P}/acks", json.dumps(payload).encode(), False)
+
+
+def acks_left(conn: sqlite3.Connection) -> list[dict]:
+    return [json.loads(r.payload) for r in rows(conn) if r.kind == "ack"]
+
+
+def test_drop_oldest_merges_a_deliverys_acks_into_its_most_advanced_before_dropping(conn):
+    cap = 12_000
+    tx(conn, lambda c: outbox.configure(c, cap, "drop-oldest"))
+
+    def fill(c):
+        # 20 deliveries, each acked received → displayed → opened (and one dismissed), in waves
+        for wave, status in enumerate(("received", "displayed", "opened")):
+            for d in range(20):
+                if (d, status) == (3, "opened"):
+                    status_d = "dismissed"
+                else:
+                    status_d = status
+                device_ack(c, f"msg-{d}", status_d, wave * 100 + d, latency=40.0 + d if wave == 0 else None, pad=60)
+    with structlog.testing.capture_logs() as logs:
+        tx(conn, fill)
+    st = consistent(conn)
+    assert st.dropped == 0 and st.coalesced_acks > 0 and st.near_cap
+    left = acks_left(conn)
+    by_msg = {}
+    for a in left:
+        assert a["message_id"] not in by_msg  # one ack per delivery once coalesced
+        by_msg[a["message_id"]] = a
+    # each delivery kept its most advanced ack, with the delivery's latency from its first ack
+    assert by_msg["msg-3"]["status"] == "dismissed"
+    assert {a["status"] for m, a in by_msg.items() if m != "msg-3"} <= {"opened", "displayed", "received"}
+    for m, a in by_msg.items():
+        d = int(m.split("-")[1])
+        assert a["latency_ms"] == 40.0 + d
+    assert any(e["event"] == "upstream buffer nearly full; coalescing" for e in logs)
+
+
+def test_ack_rank_order_and_a_less_advanced_ack_does_not_replace_a_more_advanced_one(conn):
+    assert list(outbox.ACK_RANK) == ["received", "failed", "displayed", "dismissed", "opened"]
+    tx(conn, lambda c: outbox.configure(c, 2_000, "drop-oldest"))
+    tx(conn, lambda c: [ack(c, i, pad=40) for i in range(12)])  # near the cap
+    assert outbox.stats(conn).near_cap
+    tx(conn, lambda c: device_ack(c, "late", "opened", 100, latency=12.0))
+    tx(conn, lambda c: device_ack(c, "late", "received", 101))  # arrives after the open: adds nothing
+    late = [a for a in acks_left(conn) if a["message_id"] == "late"]
+    assert [(a["status"], a["n"], a["latency_ms"]) for a in late] == [("opened", 100, 12.0)]
+
+
+def test_drop_oldest_at_the_cap_drops_oldest_acks_counted(conn):
+    tx(conn, lambda c: outbox.configure(c, 6_000, "drop-oldest"))
+    for i in range(120):
+        tx(conn, lambda c, i=i: device_ack(c, f"m{i}", "received", i))
+    st = consistent(conn)
+    kept = [a["n"] for a in acks_left(conn)]
+    assert st.bytes <= 6_000 and st.dropped == 120 - len(kept) > 0
+    assert kept == list(range(120 - len(kept), 120))
+
+
+def test_refuse_new_raises_for_an_ack_and_writes_nothing_for_it(conn):
+    cap = 6_000
+    tx(conn, lambda c: outbox.configure(c, cap, "refuse-new"))
+    tx(conn, lambda c: status(c, "job-s", 0))
+    stored = 0
+    with structlog.testing.capture_logs() as logs:
+        for i in range(200):
+            before = consistent(conn)
+            try:
+                tx(conn, lambda c, i=i: device_ack(c, f"m{i}", "received", i))
+            except outbox.OutboxFull as exc:
+                assert isinstance(exc, NotStored)  # the shared "do not acknowledge" meaning
+                after = consistent(conn)
+                assert (after.bytes, after.rows) == (before.bytes, before.rows)  # nothing written for it
+                continue
+            stored += 1
+    st = consistent(conn)
+    assert 0 < stored < 200 and st.dropped == 0
+    # every ack that was stored is still there: refuse-new never drops one
+    assert [a["n"] for a in acks_left(conn)] == list(range(stored))
+    assert st.refused == 200 - stored  # counted (moved to the state table by stats())
+    refusing = [e for e in logs if e["event"].startswith("upstream buffer full; refusing device acks")]
+    assert len(refusing) == 1  # rate-limited, not one line per refused ack
+
+
+def test_refuse_new_never_refuses_a_status_snapshot(conn):
+    tx(conn, lambda c: outbox.configure(c, 4_000, "refuse-new"))
+    while True:
+        try:
+            tx(conn, lambda c: device_ack(c, f"m{outbox.stats(c).rows}", "received", 0, pad=50))
+        except outbox.OutboxFull:
+            break
+    for n in range(5):  # the buffer is full of acks: snapshots still go in (one per job kept)
+        tx(conn, lambda c, n=n: [status(c, f"job-{j}", n, pad=100) for j in range(3)])
+    statuses = [json.loads(r.payload) for r in rows(conn) if r.kind == "status"]
+    assert sorted((s["job_id"], s["n"]) for s in statuses) == [("job-0", 4), ("job-1", 4), ("job-2", 4)]
+    st = consistent(conn)
+    assert st.dropped == 0 and st.bytes > 4_000  # over the cap by the snapshots, by design
+
+
+def test_refuse_new_takes_acks_again_once_the_cloud_took_some(conn):
+    tx(conn, lambda c: outbox.configure(c, 3_000, "refuse-new"))
+    n = 0
+    while True:
+        try:
+            tx(conn, lambda c, n=n: device_ack(c, f"m{n}", "received", n))
+            n += 1
+        except outbox.OutboxFull:
+            break
+    tx(conn, lambda c: outbox.delete_sent(c, [r.seq for r in outbox.fetch(c, 0, 5)]))  # PUBACKed
+    tx(conn, lambda c: device_ack(c, "again", "received", 999))  # fits again: no exception
+    assert acks_left(conn)[-1]["message_id"] == "again"
+
+
+def test_configure_rejects_an_unknown_overflow(conn):
+    with pytest.raises(ValueError):
+        tx(conn, lambda c: outbox.configure(c, 1000, "drop-newest"))  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- ids and set-aside (15.3, 15.6)
+
+
+def test_every_row_goes_up_with_an_id_that_survives_resends_and_a_wiped_database(tmp_path: Path):
+    def ids_of(path: Path) -> list[str]:
+        c = connect(path)
+        try:
+            tx(c, lambda c: [ack(c, i) for i in range(3)])
+            tx(c, lambda c: status(c, "job-a", 1))
+            prefix = outbox.id_prefix(c)
+            wire = [json.loads(outbox.wire_payload(r, prefix)) for r in rows(c)]
+            again = [json.loads(outbox.wire_payload(r, outbox.id_prefix(c))) for r in rows(c)]
+        finally:
+            c.close()
+        assert wire == again  # the same id on every resend
+        assert [w["n"] for w in wire] == [0, 1, 2, 1]  # the payload otherwise unchanged
+        return [w["id"] for w in wire]
+
+    first = ids_of(tmp_path / "a.db")
+    assert len(set(first)) == 4
+    (tmp_path / "a.db").unlink()
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"a.db{suffix}").unlink(missing_ok=True)
+    assert not set(first) & set(ids_of(tmp_path / "a.db"))  # a wiped database reuses no id
+
+
+def test_wire_payload_keeps_an_existing_id_key_and_odd_payloads(conn):
+    row = outbox.OutboxRow(7, "ack", "t", b'{"id": "mine", "a": 1}', False)
+    assert outbox.wire_payload(row, "p") == row.payload
+    value_only = outbox.OutboxRow(8, "ack", "t", b'{"device_id": "id", "a": 1}', False)
+    assert json.loads(outbox.wire_payload(value_only, "p")) == {"device_id": "id", "a": 1, "id": "p-8"}
+    assert outbox.wire_payload(outbox.OutboxRow(9, "ack", "t", b"[1]", False), "p") == b"[1]"
+    assert json.loads(outbox.wire_payload(outbox.OutboxRow(10, "ack", "t", b"{}", False), "p")) == {"id": "p-10"}
+
+
+def test_a_row_set_aside_is_kept_counted_and_out_of_the_drain(conn):
+    tx(conn, lambda c: [ack(c, i) for i in range(3)])
+    victim = rows(conn)[1]
+    moved = tx(conn, lambda c: outbox.set_aside(c, victim.seq, "3 sessions in a row"))
+    assert moved == victim
+    assert [json.loads(r.payload)["n"] for r in rows(conn)] == [0, 2]
+    st = consistent(conn)
+    assert st.set_aside == 1 and st.as_dict()["buffer_set_aside"] == 1
+    aside = outbox.set_aside_rows(conn)
+    assert [(a["seq"], a["payload"], a["reason"]) for a in aside] == [(victim.seq, victim.payload,
+                                                                       "3 sessions in a row")]
+
+
+def test_a_database_from_the_previous_release_is_upgraded_in_place(tmp_path: Path):
+    """The state table gained columns: an old one is altered, its rows and counters kept."""
+    c = connect(tmp_path / "old.db")
+    c.execute("CREATE TABLE upstream_outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, "
+              "topic TEXT NOT NULL, payload BLOB NOT NULL, retain INTEGER NOT NULL, coalesce_key TEXT, "
+              "size INTEGER NOT NULL, created_at REAL NOT NULL)")
+    c.execute("CREATE TABLE upstream_outbox_state (id INTEGER PRIMARY KEY CHECK (id = 1), bytes INTEGER NOT NULL "
+              "DEFAULT 0, rows INTEGER NOT NULL DEFAULT 0, dropped INTEGER NOT NULL DEFAULT 0, coalesced INTEGER "
+              "NOT NULL DEFAULT 0, max_bytes INTEGER NOT NULL, near INTEGER NOT NULL DEFAULT 0, dropping INTEGER "
+              "NOT NULL DEFAULT 0)")
+    c.execute("INSERT INTO upstream_outbox (kind, topic, payload, retain, coalesce_key, size, created_at) "
+              "VALUES ('ack', 't', '{\"n\": 0}', 0, NULL, 73, 0)")
+    c.execute("INSERT INTO upstream_outbox_state (id, bytes, rows, dropped, max_bytes) VALUES (1, 73, 1, 5, 100000)")
+    tx(c, lambda c: ack(c, 1))  # the pipeline writes first: the upgrade happens on the way
+    st = consistent(c)
+    assert (st.rows, st.dropped, st.max_bytes, st.set_aside, st.refused) == (2, 5, 100000, 0, 0)
+    assert outbox.id_prefix(c) not in ("", "None")
+    c.close()

@@ -1,0 +1,88 @@
+/* homepot-gateway Web Push client page: subscribe this browser and register it as a device.
+ *
+ * 1. GET /web/config.json for the gateway's VAPID public key.
+ * 2. Register sw.js (scope /web/), ask for notification permission, subscribe with the key.
+ * 3. PUT /v1/devices/<id> with the subscription, as a `device` account whose name is the
+ *    device id (or any technician/controller/admin account): HTTP Basic.
+ * Everything is exposed as window.homepot so a kiosk script or a test can drive it.
+ */
+'use strict';
+
+function b64urlToBytes(text) {
+  const pad = '='.repeat((4 - (text.length % 4)) % 4);
+  const raw = atob((text + pad).replace(/-/g, '+').replace(/_/g, '/'));
+  return Uint8Array.from(raw, (c) => c.charCodeAt(0));
+}
+
+function basic(user, password) {
+  const bytes = new TextEncoder().encode(user + ':' + password);
+  let binary = '';
+  bytes.forEach((b) => { binary += String.fromCharCode(b); });
+  return 'Basic ' + btoa(binary);
+}
+
+function say(text, isError) {
+  const el = document.getElementById('status');
+  if (el) { el.textContent = text; el.className = isError ? 'error' : 'ok'; }
+  return text;
+}
+
+async function config() {
+  const r = await fetch('config.json', {cache: 'no-store'});
+  if (!r.ok) throw new Error('config.json: HTTP ' + r.status);
+  return r.json();
+}
+
+async function registerWorker() {
+  const reg = await navigator.serviceWorker.register('sw.js', {scope: './'});
+  await navigator.serviceWorker.ready;
+  return reg;
+}
+
+async function subscribe() {
+  const cfg = await config();
+  if (!cfg.vapid_public_key) throw new Error('the gateway has no Web Push key ([bridges.webpush] is off)');
+  const permission = await Notification.requestPermission();
+  if (permission !== 'granted') throw new Error('notification permission: ' + permission);
+  const reg = await registerWorker();
+  const existing = await reg.pushManager.getSubscription();
+  if (existing) return existing.toJSON();
+  const sub = await reg.pushManager.subscribe({userVisibleOnly: true,
+                                               applicationServerKey: b64urlToBytes(cfg.vapid_public_key)});
+  return sub.toJSON();
+}
+
+async function register(deviceId, subscription, user, password, segment) {
+  const device = {device_id: deviceId, channels: [{platform: 'webpush', subscription}]};
+  if (segment) device.segment = segment;
+  const r = await fetch('/v1/devices/' + encodeURIComponent(deviceId), {
+    method: 'PUT', headers: {'Content-Type': 'application/json', 'Authorization': basic(user, password)},
+    body: JSON.stringify(device)});
+  const body = await r.json().catch(() => ({}));
+  if (!r.ok) throw new Error('register: HTTP ' + r.status + ' ' + ((body.error && body.error.message) || ''));
+  return body;
+}
+
+async function enable(deviceId, user, password, segment) {
+  try {
+    const sub = await subscribe();
+    await register(deviceId, sub, user || deviceId, password, segment);
+    return say('registered ' + deviceId + ' for notifications');
+  } catch (err) {
+    say(String(err.message || err), true);
+    throw err;
+  }
+}
+
+window.homepot = {config, registerWorker, subscribe, register, enable};
+
+document.addEventListener('DOMContentLoaded', () => {
+  const form = document.getElementById('enable');
+  if (!form) return;
+  registerWorker().catch((err) => say('service worker: ' + err, true));
+  form.addEventListener('submit', (event) => {
+    event.preventDefault();
+    const f = new FormData(form);
+    enable(f.get('device_id'), f.get('user'), f.get('password'), f.get('segment')).catch(() => {});
+  });
+});

@@ -1,0 +1,392 @@
+"""``[[rules]]``: what an alarm rule may say (contract §4, §11), checked at start.
+
+The pydantic model only checks types (so a wrong type is reported by the config loader
+like any other key); :func:`check_rules` checks what a rule *means* — one condition, a
+hysteresis on the right side of the threshold, a well-formed topic filter, templates
+that only use placeholders the filter can fill, job-shaped targets — and reports each
+problem under the rule's name, e.g. ``rules[freezer-high].clear_at: ...``. A rule that
+passes is turned into a :class:`CompiledRule`, which the engine uses per message.
+
+This module is imported by :mod:`gateway.config`; it must not import the config or the
+pipeline at module level.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+RULE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+PRIORITY = Literal["low", "normal", "high", "critical"]
+
+Number = Annotated[float, Field(strict=True)]
+Seconds = Annotated[float, Field(strict=True, ge=0)]
+PositiveSeconds = Annotated[float, Field(strict=True, gt=0)]
+
+
+class _RuleModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EscalateStep(_RuleModel):
+    after_s: PositiveSeconds
+    target: dict[str, Any]
+
+
+class RuleSection(_RuleModel):
+    """One ``[[rules]]`` table. Defaults are documented in README "Alarms"."""
+
+    name: str
+    topic: str
+    value: str = ""
+    above: Number | None = None
+    below: Number | None = None
+    equals: Any = None  # a TOML string, number or boolean; checked in check_rules
+    stale_s: PositiveSeconds | None = None
+    for_s: Seconds = 0.0
+    clear_at: Number | None = None
+    key: str = "{topic}"
+    target: dict[str, Any]
+    title: str | None = None
+    body: str | None = None
+    priority: PRIORITY = "high"
+    escalate: list[EscalateStep] = Field(default_factory=list)
+
+    @property
+    def condition(self) -> str | None:
+        given = [c for c in ("above", "below", "equals", "stale_s") if getattr(self, c) is not None]
+        return given[0] if len(given) == 1 else None
+
+
+# ---------------------------------------------------------------------- templates
+_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+
+
+class Template:
+    """``{name}`` placeholders, ``{{``/``}}`` for literal braces; nothing else is evaluated
+    (no attribute access or format specs: a telemetry value never reaches ``str.format``)."""
+
+    __slots__ = ("parts", "fields")
+
+    def __init__(self, text: str):
+        self.parts: list[tuple[bool, str]] = []  # (is_field, text)
+        pos = 0
+        for m in _TOKEN.finditer(text):
+            if m.start() > pos:
+                self.parts.append((False, text[pos:m.start()]))
+            tok = m.group(0)
+            if tok in ("{{", "}}"):
+                self.parts.append((False, tok[0]))
+            elif tok in ("{", "}"):
+                raise ValueError(f"unmatched {tok!r} at position {m.start()} (write {tok * 2} for a literal brace)")
+            else:
+                self.parts.append((True, m.group(1)))
+            pos = m.end()
+        if pos < len(text):
+            self.parts.append((False, text[pos:]))
+        self.fields = {t for is_field, t in self.parts if is_field}
+
+    def render(self, ctx: Mapping[str, str]) -> str:
+        return "".join(ctx.get(t, "") if is_field else t for is_field, t in self.parts)
+
+
+# ---------------------------------------------------------------------- topics and keys
+def key_level(key: str) -> str:
+    """The key as one topic level of ``P/alarms/<rule>/<key>``: ``%`` and ``/`` are
+    percent-encoded, so a key that is a whole topic (the default) stays one level."""
+    return key.replace("%", "%25").replace("/", "%2F")
+
+
+def key_from_level(level: str) -> str:
+    return level.replace("%2F", "/").replace("%2f", "/").replace("%25", "%")
+
+
+def _filter_problem(topic_filter: str) -> str | None:
+    if not topic_filter:
+        return "must not be empty"
+    if "\0" in topic_filter:
+        return "must not contain NUL"
+    if len(topic_filter.encode()) > 65535:
+        return "too long"
+    levels = topic_filter.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return "'#' must be a whole level and the last one"
+        if "+" in level and level != "+":
+            return "'+' must be a whole level"
+        if "{" in level or "}" in level:
+            return "only {prefix} may be substituted in a topic filter"
+    return None
+
+
+def _device_level(levels: list[str]) -> int | None:
+    """Index of the level after the first ``devices`` level (the ``{device_id}`` segment)."""
+    for i, level in enumerate(levels[:-1]):
+        if level == "devices" and levels[i + 1] != "#":
+            return i + 1
+    return None
+
+
+def _wildcards(levels: list[str]) -> list[int]:
+    return [i for i, level in enumerate(levels) if level in ("+", "#")]
+
+
+# ---------------------------------------------------------------------- semantic checks
+def _target_problems(target: Any, key: str) -> list[tuple[str, str]]:
+    """Validate as a Job target (contract §6) with the pipeline's own model."""
+    from gateway.pipeline.models import Target  # lazy: the pipeline imports the config
+
+    try:
+        Target.model_validate(target)
+    except ValidationError as exc:
+        out = []
+        for err in exc.errors():
+            loc = ""
+            for p in err["loc"]:
+                if isinstance(p, int):
+                    loc += f"[{p}]"
+                elif not p.startswith(("function-", "model-")):
+                    loc += f".{p}" if loc else p
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            elif msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            out.append((f"{key}.{loc}" if loc else key, msg))
+        return out
+    return []
+
+
+def _template_problems(text: str, allowed: set[str], key: str, why: Mapping[str, str]) -> list[tuple[str, str]]:
+    try:
+        tpl = Template(text)
+    except ValueError as exc:
+        return [(key, str(exc))]
+    out = []
+    for name in sorted(tpl.fields - allowed):
+        out.append((key, why.get(name) or f"unknown placeholder {{{name}}} (allowed: "
+                    + ", ".join("{" + a + "}" for a in sorted(allowed, key=lambda a: (a.isdigit(), a))) + ")"))
+    return out
+
+
+def check_rule(rule: RuleSection) -> list[tuple[str, str]]:
+    """Problems as ``(field, message)``; the caller prefixes ``rules[<name>].``."""
+    problems: list[tuple[str, str]] = []
+    if not RULE_NAME_RE.match(rule.name):
+        problems.append(("name", "must match [A-Za-z0-9_-]{1,64} (it is a topic level and part of job ids)"))
+    condition = rule.condition
+    if condition is None:
+        given = [c for c in ("above", "below", "equals", "stale_s") if getattr(rule, c) is not None]
+        if given:
+            problems.append((given[1], f"give exactly one condition; {given[0]} is already set"))
+        else:
+            problems.append(("above", "give exactly one condition: above, below, equals or stale_s"))
+    if rule.equals is not None and (not isinstance(rule.equals, (str, int, float, bool))
+                                    or (isinstance(rule.equals, float) and not math.isfinite(rule.equals))):
+        problems.append(("equals", "must be a string, a number or a boolean"))
+    if rule.clear_at is not None:
+        if condition == "above" and rule.above is not None and rule.clear_at > rule.above:
+            problems.append(("clear_at", f"must be at or below above ({rule.above:g}): the alarm clears when the value "
+                                         "falls to clear_at"))
+        elif condition == "below" and rule.below is not None and rule.clear_at < rule.below:
+            problems.append(("clear_at", f"must be at or above below ({rule.below:g}): the alarm clears when the value "
+                                         "rises to clear_at"))
+        elif condition in ("equals", "stale_s"):
+            article = "an" if condition == "equals" else "a"
+            problems.append(("clear_at", f"only applies to above or below ({article} {condition} alarm clears when "
+                                         "its condition no longer holds)"))
+    for name in ("above", "below", "clear_at"):
+        v = getattr(rule, name)
+        if v is not None and not math.isfinite(v):
+            problems.append((name, "must be a finite number"))
+
+    topic_filter = rule.topic.replace("{prefix}", "p/p")
+    levels = topic_filter.split("/")
+    if (why := _filter_problem(topic_filter)) is not None:
+        problems.append(("topic", why))
+        levels = []
+    if rule.value and any(part == "" for part in rule.value.split(".")):
+        problems.append(("value", "a dotted JSON field such as \"celsius\" or \"sensor.temp\"; \"\" = the payload itself"))
+
+    n_wild = len(_wildcards(levels))
+    has_device = _device_level(levels) is not None
+    topic_fields = {"topic", *(str(i) for i in range(1, n_wild + 1))} | ({"device_id"} if has_device else set())
+    why = {"device_id": "{device_id} needs a topic filter with a devices/<id> level",
+           **{str(i): f"{{{i}}}: the topic filter has only {n_wild} wildcard(s)" for i in range(n_wild + 1, 10)},
+           "value": "{value} is not allowed in the key (one alarm per device or topic, not per value)"}
+    problems += _template_problems(rule.key, topic_fields, "key", why)
+    if not any(k == "key" for k, _ in problems):
+        literal = "".join(t for is_field, t in Template(rule.key).parts if not is_field)
+        if any(c in literal for c in "+#\0"):
+            problems.append(("key", "must not contain '+', '#' or NUL (the key is a topic level)"))
+    text_fields = topic_fields | {"value", "rule", "key"}
+    for name in ("title", "body"):
+        text = getattr(rule, name)
+        if text is not None:
+            problems += _template_problems(text, text_fields, name, why)
+
+    problems += _target_problems(rule.target, "target")
+    for i, step in enumerate(rule.escalate):
+        problems += _target_problems(step.target, f"escalate[{i}].target")
+    return problems
+
+
+def check_rules(rules: list[RuleSection]) -> list[tuple[str, str]]:
+    """Every rule's problems as ``(key, message)`` with keys like ``rules[freezer-high].above``."""
+    problems: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for i, rule in enumerate(rules):
+        label = f"rules[{rule.name or i}]"
+        if rule.name in seen:
+            problems.append((f"{label}.name", "duplicate rule name"))
+        seen.add(rule.name)
+        problems += [(f"{label}.{field}", msg) for field, msg in check_rule(rule)]
+    return problems
+
+
+# ---------------------------------------------------------------------- compiled rules
+def _canonical(v: Any) -> str:
+    """Text form of a value for ``equals`` and templates: JSON spelling for booleans,
+    integral numbers without a fraction, strings as they are."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return str(int(v)) if v.is_integer() and abs(v) < 1e16 else repr(v)
+    return "" if v is None else str(v)
+
+
+def values_equal(value: Any, wanted: Any) -> bool:
+    if (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and isinstance(wanted, (int, float)) and not isinstance(wanted, bool)):
+        return value == wanted
+    return _canonical(value) == _canonical(wanted)
+
+
+def format_value(value: Any) -> str:
+    return _canonical(value)
+
+
+@dataclass(frozen=True)
+class Step:
+    after_s: float
+    target: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CompiledRule:
+    """A checked rule with ``{prefix}`` substituted, ready to evaluate messages."""
+
+    name: str
+    topic_filter: str
+    kind: str  # above | below | equals | stale
+    threshold: Any
+    clear_at: float | None
+    for_s: float
+    stale_s: float | None
+    path: tuple[str, ...]
+    key_t: Template
+    title_t: Template
+    body_t: Template
+    target: dict[str, Any]
+    priority: str
+    escalate: tuple[Step, ...]
+    wildcards: tuple[tuple[int, bool], ...]  # (level index, is '#')
+    device_level: int | None
+    static_topic: str | None  # the filter itself when it has no wildcard
+    key_sig: tuple[str, str]  # rules with the same filter and key template share the key of a message
+
+    @property
+    def numeric(self) -> bool:
+        return self.kind in ("above", "below")
+
+    # -- conditions ---------------------------------------------------------------
+    def active(self, v: Any) -> bool:
+        """The condition holds (the alarm goes pending, or stays firing)."""
+        if self.kind == "above":
+            return v > self.threshold
+        if self.kind == "below":
+            return v < self.threshold
+        if self.kind == "equals":
+            return values_equal(v, self.threshold)
+        return False
+
+    def clears(self, v: Any) -> bool:
+        """A firing alarm clears: at or past ``clear_at`` (hysteresis), or no longer equal."""
+        if self.kind == "above":
+            return v <= self.clear_at  # type: ignore[operator]
+        if self.kind == "below":
+            return v >= self.clear_at  # type: ignore[operator]
+        if self.kind == "equals":
+            return not values_equal(v, self.threshold)
+        return False
+
+    # -- topics -------------------------------------------------------------------
+    def context(self, topic: str, levels: list[str] | None = None) -> dict[str, str]:
+        levels = levels if levels is not None else topic.split("/")
+        ctx = {"topic": topic, "rule": self.name}
+        for n, (i, multi) in enumerate(self.wildcards, 1):
+            ctx[str(n)] = "/".join(levels[i:]) if multi else (levels[i] if i < len(levels) else "")
+        if self.device_level is not None:
+            ctx["device_id"] = levels[self.device_level] if self.device_level < len(levels) else ""
+        return ctx
+
+    def key_for(self, topic: str, levels: list[str] | None = None) -> str:
+        """Per message and rule, so it reads only the fields the key uses."""
+        if self.key_t.fields == {"topic"} and len(self.key_t.parts) == 1:
+            return topic  # the default key
+        levels = levels if levels is not None else topic.split("/")
+        out = []
+        for is_field, t in self.key_t.parts:
+            if not is_field:
+                out.append(t)
+            elif t == "topic":
+                out.append(topic)
+            elif t == "device_id":
+                i = self.device_level
+                out.append(levels[i] if i is not None and i < len(levels) else "")
+            else:
+                i, multi = self.wildcards[int(t) - 1]
+                out.append("/".join(levels[i:]) if multi else (levels[i] if i < len(levels) else ""))
+        return "".join(out)
+
+
+def compile_rule(rule: RuleSection, prefix: str) -> CompiledRule:
+    topic_filter = rule.topic.replace("{prefix}", prefix)
+    levels = topic_filter.split("/")
+    kind = "stale" if rule.condition == "stale_s" else rule.condition
+    assert kind is not None, "check_rules() runs first"
+    threshold = {"above": rule.above, "below": rule.below, "equals": rule.equals, "stale": None}[kind]
+    clear_at = rule.clear_at if rule.clear_at is not None else (threshold if kind in ("above", "below") else None)
+    if rule.title is not None:
+        title = rule.title
+    else:
+        title = "Alarm {rule}: {key}"
+    if rule.body is not None:
+        body = rule.body
+    else:
+        shown = {"above": f"{{value}} is above {_canonical(rule.above)}",
+                 "below": f"{{value}} is below {_canonical(rule.below)}",
+                 "equals": "{value} equals " + _canonical(rule.equals).replace("{", "{{").replace("}", "}}"),
+                 "stale": f"no message on {{topic}} for {_canonical(rule.stale_s)} s"}
+        body = shown[kind]
+    wild = tuple((i, levels[i] == "#") for i in _wildcards(levels))
+    return CompiledRule(
+        name=rule.name, topic_filter=topic_filter, kind=kind, threshold=threshold, clear_at=clear_at,
+        for_s=rule.for_s, stale_s=rule.stale_s, path=tuple(rule.value.split(".")) if rule.value else (),
+        key_t=Template(rule.key), title_t=Template(title), body_t=Template(body), target=dict(rule.target),
+        priority=rule.priority,
+        escalate=tuple(sorted((Step(s.after_s, dict(s.target)) for s in rule.escalate), key=lambda s: s.after_s)),
+        wildcards=wild, device_level=_device_level(levels), static_topic=None if wild else topic_filter,
+        key_sig=(topic_filter, rule.key),
+    )
+
+
+__all__ = ["CompiledRule", "EscalateStep", "RuleSection", "Template", "check_rules", "compile_rule",
+           "format_value", "key_from_level", "key_level", "values_equal"]

@@ -1,0 +1,282 @@
+"""The alarm tables and every transaction that touches them.
+
+``alarms`` holds one row per (rule, key); ``alarm_jobs`` maps each job an alarm submitted
+to its alarm and episode; ``alarm_inbox`` holds acknowledgements that arrive from outside
+the engine (the CLI, and ``opened`` acks on an alarm's deliveries); ``alarm_stats`` and
+``alarm_meta`` keep per-rule counters and the gateway's last sign of life.
+
+**Opened acks.** The trigger ``alarm_opened_ack`` runs inside the pipeline's own ack
+transaction (``store.apply_acks``, MQTT and HTTP acks alike): an ``opened`` ack on a
+delivery of an alarm's job adds an inbox row in the same commit as the ack itself. So the
+pipeline needs no knowledge of alarms, and an ack that was acknowledged to the device is
+never lost to the alarm. The engine (the only writer of ``alarms``) applies and deletes
+inbox rows in its next transaction.
+
+Functions here run inside one transaction (``Database.run`` or the CLI's ``transaction``)
+and neither await nor log.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any
+
+from gateway.alarms.engine import AlarmRow, Batch
+from gateway.alarms.jobs import build_job, job_id_for
+from gateway.pipeline import store as pipeline_store
+from gateway.pipeline.models import InputError
+
+STATES = ("pending", "firing", "acknowledged", "cleared")
+MAX_NOTIFIED_DEVICES = 100_000
+
+DDL = """
+CREATE TABLE IF NOT EXISTS alarms (
+    rule            TEXT NOT NULL,
+    akey            TEXT NOT NULL,
+    state           TEXT NOT NULL,      -- idle | pending | firing | acknowledged | cleared
+    topic           TEXT,
+    value           TEXT,               -- JSON
+    last_value      TEXT,               -- JSON
+    since           REAL,
+    fired_at        REAL,
+    acknowledged_by TEXT,
+    note            TEXT,
+    escalation_step INTEGER NOT NULL DEFAULT 0,
+    episode         INTEGER NOT NULL DEFAULT 0,
+    seq             INTEGER NOT NULL DEFAULT 0,
+    jobs            TEXT NOT NULL DEFAULT '[]',
+    due_at          REAL,
+    last_seen       REAL,
+    version         INTEGER NOT NULL DEFAULT 0,
+    published_version INTEGER NOT NULL DEFAULT 0,
+    updated_at      REAL NOT NULL,
+    PRIMARY KEY (rule, akey)
+);
+CREATE INDEX IF NOT EXISTS alarms_by_state ON alarms(state);
+
+CREATE TABLE IF NOT EXISTS alarm_jobs (
+    job_id   TEXT PRIMARY KEY,
+    rule     TEXT NOT NULL,
+    akey     TEXT NOT NULL,
+    episode  INTEGER NOT NULL,
+    kind     TEXT NOT NULL              -- fire | escalate | clear
+);
+CREATE INDEX IF NOT EXISTS alarm_jobs_by_alarm ON alarm_jobs(rule, akey);
+
+CREATE TABLE IF NOT EXISTS alarm_inbox (
+    id       INTEGER PRIMARY KEY,
+    rule     TEXT NOT NULL,
+    akey     TEXT NOT NULL,
+    episode  INTEGER,                   -- NULL: the alarm's current firing
+    by       TEXT NOT NULL,
+    note     TEXT,
+    at       REAL NOT NULL,
+    source   TEXT NOT NULL              -- delivery | cli
+);
+
+CREATE TABLE IF NOT EXISTS alarm_stats (
+    rule        TEXT PRIMARY KEY,
+    evaluated   INTEGER NOT NULL DEFAULT 0,
+    unparseable INTEGER NOT NULL DEFAULT 0
+);
+
+CREATE TABLE IF NOT EXISTS alarm_meta (
+    name  TEXT PRIMARY KEY,
+    value REAL NOT NULL
+);
+"""
+
+TRIGGER = """
+CREATE TRIGGER IF NOT EXISTS alarm_opened_ack AFTER INSERT ON acks
+WHEN NEW.status = 'opened'
+BEGIN
+    INSERT INTO alarm_inbox(rule, akey, episode, by, note, at, source)
+    SELECT j.rule, j.akey, j.episode, 'device:' || NEW.device_id, NULL, NEW.received_at, 'delivery'
+    FROM deliveries d JOIN alarm_jobs j ON j.job_id = d.job_id
+    WHERE d.message_id = NEW.message_id AND j.kind != 'clear';
+END
+"""
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Create the alarm tables; the pipeline's tables (``acks``, ``deliveries``) must exist."""
+    # executescript() would COMMIT the caller's transaction; run statements one by one.
+    for statement in DDL.split(";\n"):
+        if statement.strip():
+            conn.execute(statement)
+    conn.execute(TRIGGER)
+
+
+def has_tables(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alarms'").fetchone() is not None
+
+
+# ------------------------------------------------------------------ rows
+_COLUMNS = ("rule", "akey", "state", "topic", "value", "last_value", "since", "fired_at", "acknowledged_by", "note",
+            "escalation_step", "episode", "seq", "jobs", "due_at", "last_seen", "version", "published_version",
+            "updated_at")
+_UPSERT = (f"INSERT INTO alarms({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
+           "ON CONFLICT(rule, akey) DO UPDATE SET "
+           + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[2:]))
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def row_from_db(r: sqlite3.Row) -> AlarmRow:
+    return AlarmRow(
+        rule=r["rule"], key=r["akey"], state=r["state"], topic=r["topic"], value=_loads(r["value"]),
+        last_value=_loads(r["last_value"]), since=r["since"], fired_at=r["fired_at"],
+        acknowledged_by=r["acknowledged_by"], note=r["note"], escalation_step=r["escalation_step"],
+        episode=r["episode"], seq=r["seq"], jobs=json.loads(r["jobs"]), due_at=r["due_at"], last_seen=r["last_seen"],
+        version=r["version"], published_version=r["published_version"], updated_at=r["updated_at"])
+
+
+def _row_params(row: AlarmRow) -> tuple[Any, ...]:
+    return (row.rule, row.key, row.state, row.topic, json.dumps(row.value), json.dumps(row.last_value), row.since,
+            row.fired_at, row.acknowledged_by, row.note, row.escalation_step, row.episode, row.seq,
+            json.dumps(row.jobs), row.due_at, row.last_seen, row.version, row.published_version, row.updated_at)
+
+
+def write_rows(conn: sqlite3.Connection, rows: list[AlarmRow]) -> None:
+    conn.executemany(_UPSERT, [_row_params(r) for r in rows])
+
+
+def load(conn: sqlite3.Connection) -> tuple[list[AlarmRow], dict[str, tuple[int, int]], float | None]:
+    rows = [row_from_db(r) for r in conn.execute("SELECT * FROM alarms")]
+    stats = {r["rule"]: (r["evaluated"], r["unparseable"]) for r in conn.execute("SELECT * FROM alarm_stats")}
+    alive = conn.execute("SELECT value FROM alarm_meta WHERE name = 'alive_at'").fetchone()
+    return rows, stats, alive[0] if alive else None
+
+
+def delete_rows(conn: sqlite3.Connection, keys: list[tuple[str, str]]) -> None:
+    conn.executemany("DELETE FROM alarms WHERE rule = ? AND akey = ?", keys)
+    conn.executemany("DELETE FROM alarm_jobs WHERE rule = ? AND akey = ?", keys)
+
+
+# ------------------------------------------------------------------ the engine's commit
+def _notified_target(conn: sqlite3.Connection, job_ids: list[str]) -> dict[str, Any] | None:
+    """Everyone an episode's jobs reached or are about to reach, as one job target."""
+    if not job_ids:
+        return None
+    marks = ",".join("?" * len(job_ids))
+    rows = conn.execute(f"SELECT job_id, target, expanded FROM jobs WHERE job_id IN ({marks})", job_ids).fetchall()
+    targets = [json.loads(r["target"]) for r in rows]
+    if not targets:
+        return None
+    if any(t.get("all") for t in targets):
+        return {"all": True}
+    distinct = {json.dumps(t, sort_keys=True) for t in targets}
+    if len(distinct) == 1:
+        return targets[0]
+    devices: set[str] = set()
+    for r, target in zip(rows, targets):
+        if r["expanded"]:
+            devices.update(d[0] for d in conn.execute("SELECT device_id FROM deliveries WHERE job_id = ?", (r["job_id"],)))
+        elif "devices" in target:
+            devices.update(target["devices"])
+        elif "segment" in target:
+            devices.update(d[0] for d in conn.execute("SELECT device_id FROM devices WHERE segment = ?",
+                                                      (target["segment"],)))
+    if not devices:
+        return None
+    return {"devices": sorted(devices)[:MAX_NOTIFIED_DEVICES]}
+
+
+def commit(conn: sqlite3.Connection, batch: Batch) -> list[str]:
+    """Submit the batch's jobs and write its rows, in this one transaction. Returns the
+    job ids submitted. Job ids are taken by the alarm's counter; one that exists already
+    (a pruned alarm's old job, a hand-made job) is skipped, so no alarm job is swallowed by
+    the pipeline's idempotency."""
+    submitted: list[str] = []
+    for row, plan in batch.jobs:
+        target = plan.target if plan.target is not None else _notified_target(conn, list(plan.episode_jobs))
+        if target is None:
+            continue  # nobody was notified (every earlier job failed validation): nothing to clear
+        while True:
+            row.seq += 1
+            job_id = job_id_for(row.rule, row.key, row.seq)
+            try:
+                parsed = build_job(job_id, plan, target)
+            except InputError:
+                # Cannot happen for a checked rule; never let one alarm stop the others.
+                pipeline_store.bump(conn, "alarm_jobs_invalid")
+                job_id = ""
+                break
+            if pipeline_store.insert_job(conn, parsed, "alarm", batch.now):
+                break
+        if not job_id:
+            continue
+        conn.execute("INSERT OR REPLACE INTO alarm_jobs(job_id, rule, akey, episode, kind) VALUES (?, ?, ?, ?, ?)",
+                     (job_id, row.rule, row.key, plan.episode, plan.kind))
+        plan.episode_jobs.append(job_id)
+        submitted.append(job_id)
+    write_rows(conn, list(batch.drafts.values()))
+    if batch.inbox_ids:
+        conn.executemany("DELETE FROM alarm_inbox WHERE id = ?", [(i,) for i in batch.inbox_ids])
+    return submitted
+
+
+def read_inbox(conn: sqlite3.Connection, limit: int = 500) -> list[sqlite3.Row]:
+    return conn.execute("SELECT * FROM alarm_inbox ORDER BY id LIMIT ?", (limit,)).fetchall()
+
+
+def flush(conn: sqlite3.Connection, rows: list[AlarmRow], stats: dict[str, tuple[int, int]],
+          alive_at: float | None, delete: list[tuple[str, str]]) -> None:
+    """What is kept lazily: stale watches' ``last_seen``, published versions, counters,
+    the gateway's last sign of life, and rows whose retained state has been cleared."""
+    write_rows(conn, rows)
+    conn.executemany("INSERT INTO alarm_stats(rule, evaluated, unparseable) VALUES (?, ?, ?) ON CONFLICT(rule) "
+                     "DO UPDATE SET evaluated = excluded.evaluated, unparseable = excluded.unparseable",
+                     [(k, e, u) for k, (e, u) in stats.items()])
+    if alive_at is not None:
+        conn.execute("INSERT INTO alarm_meta(name, value) VALUES ('alive_at', ?) "
+                     "ON CONFLICT(name) DO UPDATE SET value = excluded.value", (alive_at,))
+    if delete:
+        delete_rows(conn, delete)
+
+
+# ------------------------------------------------------------------ readers (CLI, status, metrics)
+def list_states(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """AlarmState objects (contract §11), by rule and key; stale watches that never alarmed are left out."""
+    if not has_tables(conn):
+        return []
+    rows = conn.execute("SELECT * FROM alarms WHERE state != 'idle' ORDER BY rule, akey")
+    return [row_from_db(r).state_json() for r in rows]
+
+
+def get_row(conn: sqlite3.Connection, rule: str, key: str) -> AlarmRow | None:
+    if not has_tables(conn):
+        return None
+    r = conn.execute("SELECT * FROM alarms WHERE rule = ? AND akey = ?", (rule, key)).fetchone()
+    return row_from_db(r) if r else None
+
+
+def counts(conn: sqlite3.Connection) -> dict[str, int]:
+    """Alarms per state plus the per-rule counters summed, for ``status`` and ``/metrics``:
+    ``{"pending", "firing", "acknowledged", "cleared", "evaluated", "unparseable"}``.
+    Works on a database the alarm service never ran on (all zero)."""
+    out = {s: 0 for s in STATES} | {"evaluated": 0, "unparseable": 0}
+    if not has_tables(conn):
+        return out
+    for r in conn.execute("SELECT state, COUNT(*) FROM alarms WHERE state != 'idle' GROUP BY state"):
+        if r[0] in out:
+            out[r[0]] = r[1]
+    r = conn.execute("SELECT COALESCE(SUM(evaluated), 0), COALESCE(SUM(unparseable), 0) FROM alarm_stats").fetchone()
+    out["evaluated"], out["unparseable"] = r[0], r[1]
+    return out
+
+
+def rule_stats(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+    if not has_tables(conn):
+        return {}
+    return {r["rule"]: {"evaluated": r["evaluated"], "unparseable": r["unparseable"]}
+            for r in conn.execute("SELECT * FROM alarm_stats ORDER BY rule")}
+
+
+def request_ack(conn: sqlite3.Connection, rule: str, key: str, by: str, note: str | None, now: float) -> None:
+    """An operator's ack (the CLI): the running engine applies it within a poll interval."""
+    conn.execute("INSERT INTO alarm_inbox(rule, akey, episode, by, note, at, source) VALUES (?, ?, NULL, ?, ?, ?, 'cli')",
+                 (rule, key, by, note, now))

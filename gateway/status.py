@@ -1,0 +1,179 @@
+"""``homepot-gateway status [--json]`` (contract §3): the running gateway at a glance.
+
+Works without ``[http]`` and from another process or user: it reads the daemon's runtime
+snapshot (``<data_dir>/runtime.json``, see :mod:`gateway.health`) and the database, read
+only. It never creates a file there: the database is opened ``mode=ro`` while the daemon's
+``-wal``/``-shm`` files exist, and ``immutable`` when they do not (no daemon writes then),
+so a root shell cannot leave root-owned files in the service's data dir.
+
+Exit codes: 0 healthy, 1 degraded (a check fails), 2 unreachable (no daemon, or its
+snapshot is stale).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway import health, stats
+from gateway.config import Config
+
+EXIT = {"ok": 0, "degraded": 1, "unreachable": 2}
+STATES = ("queued", "sent", "acknowledged", "failed", "expired", "invalid_address")
+
+
+def open_readonly(db_path: Path) -> sqlite3.Connection | None:
+    if not db_path.exists():
+        return None
+    wal = db_path.with_name(db_path.name + "-wal")
+    shm = db_path.with_name(db_path.name + "-shm")
+    mode = "mode=ro" if wal.exists() and shm.exists() else "mode=ro&immutable=1"
+    conn = sqlite3.connect(f"file:{db_path}?{mode}", uri=True, timeout=10, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout = 10000")
+    return conn
+
+
+def collect(cfg: Config, now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    snap, why = health.read_snapshot(cfg.data_dir, now)
+    out: dict[str, Any] = {"site_id": cfg.gateway.site_id}
+    if snap is None or why:
+        out["status"], out["reason"] = "unreachable", why
+    else:
+        out["status"] = snap.get("status") or health.verdict(snap)[0]
+        out["reason"] = "; ".join(f"{k}: {v['detail']}" for k, v in (snap.get("checks") or {}).items() if not v.get("ok"))
+    if snap is not None and not why:
+        out["daemon"] = {"pid": snap.get("pid"), "version": snap.get("version"), "started_at": snap.get("started_at"),
+                         "snapshot_age_s": round(now - float(snap.get("written_at", now)), 1)}
+        out["checks"] = snap.get("checks") or {}
+        broker = snap.get("broker") or {}
+        out["broker"] = {"mode": (snap.get("broker_client") or {}).get("mode"),
+                         "client_connected": (snap.get("broker_client") or {}).get("connected"),
+                         "clients_connected": broker.get("clients_connected"), "sessions": broker.get("sessions"),
+                         "messages_dropped": broker.get("dropped")}
+        out["bridges"] = snap.get("bridges") or {}
+        out["upstream"] = snap.get("upstream")
+    else:
+        # Without a live daemon its last checks would only mislead: say when it was last seen.
+        out.update(daemon=None, checks={}, broker=None, bridges={}, upstream=None)
+        if snap is not None:
+            out["last_seen"] = {"pid": snap.get("pid"), "version": snap.get("version"),
+                                "written_at": snap.get("written_at")}
+    conn = open_readonly(cfg.db_path)
+    out["deliveries"], out["oldest_queued_age_s"], out["alarms_firing"] = {}, None, None
+    if conn is not None:
+        try:
+            conn.execute("BEGIN")
+            out["deliveries"] = _deliveries(conn)
+            if stats.has_table(conn, "jobs"):
+                out["oldest_queued_age_s"] = _round(stats.oldest_queued_overall(conn, now))
+            backlog = stats.upstream_backlog(conn)
+            if backlog is not None:
+                out["upstream"] = {**(out.get("upstream") or {}), **backlog}
+            out["alarms_firing"] = stats.alarms_firing(conn)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            out["database_error"] = str(exc)
+        finally:
+            conn.close()
+    return out
+
+
+def _deliveries(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+    if stats.has_table(conn, "delivery_stats"):
+        counts = stats.delivery_counts(conn)
+    elif stats.has_table(conn, "deliveries"):  # a database the daemon has not opened since upgrading
+        counts = {(r[0], r[1]): r[2] for r in conn.execute(
+            "SELECT COALESCE(platform, ''), state, COUNT(*) FROM deliveries GROUP BY 1, 2")}
+    else:
+        counts = {}
+    out: dict[str, dict[str, int]] = {}
+    for (platform, state), n in sorted(counts.items()):
+        out.setdefault(platform or "unassigned", {})[state] = n
+    return out
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 1)
+
+
+def render(info: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    colour = {"ok": "green", "degraded": "yellow", "unreachable": "red"}[info["status"]]
+    head = f"[bold]{info['site_id']}[/]  [{colour}]{info['status'].upper()}[/]"
+    daemon = info.get("daemon")
+    if daemon:
+        head += f"  pid {daemon['pid']}  v{daemon['version']}  since {daemon['started_at']}"
+    console.print(head)
+    if info.get("reason"):
+        console.print(f"  [{colour}]{info['reason']}[/]")
+    if info.get("checks"):
+        t = Table(title="checks", title_justify="left")
+        t.add_column("check")
+        t.add_column("")
+        t.add_column("detail")
+        for name, c in info["checks"].items():
+            t.add_row(name, "[green]ok[/]" if c.get("ok") else "[red]FAIL[/]", str(c.get("detail", "")))
+        console.print(t)
+    if info.get("broker"):
+        b = info["broker"]
+        console.print(f"broker ({b.get('mode')}): gateway client {'connected' if b.get('client_connected') else 'NOT connected'}"
+                      + (f", {b['clients_connected']} clients, {b['sessions']} sessions, {b['messages_dropped']} dropped"
+                         if b.get("clients_connected") is not None else ""))
+    if info.get("bridges"):
+        t = Table(title="bridges", title_justify="left")
+        for col in ("platform", "health", "in flight", "sent", "reason"):
+            t.add_column(col)
+        for name, br in sorted(info["bridges"].items()):
+            t.add_row(name, "[green]healthy[/]" if br.get("healthy") else "[red]unhealthy[/]",
+                      str(br.get("in_flight", "")), str(br.get("sent", "")), br.get("reason") or "")
+        console.print(t)
+    t = Table(title="deliveries", title_justify="left")
+    t.add_column("platform")
+    for state in STATES:
+        t.add_column(state, justify="right")
+    for platform, by_state in sorted(info.get("deliveries", {}).items()):
+        t.add_row(platform, *(str(by_state.get(s, 0)) for s in STATES))
+    console.print(t)
+    oldest = info.get("oldest_queued_age_s")
+    console.print(f"oldest queued delivery: {'none queued' if oldest is None else f'{oldest:.0f} s'}")
+    up = info.get("upstream")
+    if up:
+        console.print(f"upstream: {'connected' if up.get('connected') else 'NOT connected'}, backlog "
+                      f"{up.get('buffer_rows', '?')} messages / {up.get('buffer_bytes', '?')} bytes, oldest "
+                      f"{_age(up.get('buffer_oldest_age_s'))}, drain {_rate(up.get('drain_rate'))}")
+    alarms = info.get("alarms_firing")
+    if alarms is None:
+        console.print("alarms: none configured")
+    elif not alarms:
+        console.print("alarms: none firing")
+    else:
+        console.print(f"[red]alarms firing: {len(alarms)}[/]")
+        for a in alarms:
+            console.print("  " + " ".join(f"{k}={v}" for k, v in a.items()))
+
+
+def _age(v: Any) -> str:
+    return "-" if not isinstance(v, (int, float)) else f"{v:.0f} s"
+
+
+def _rate(v: Any) -> str:
+    return "-" if not isinstance(v, (int, float)) else f"{v:.1f}/s"
+
+
+def main(cfg: Config, as_json: bool) -> int:
+    info = collect(cfg)
+    if as_json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        render(info)
+    return EXIT[info["status"]]
+
+
+__all__ = ["collect", "main", "open_readonly"]

@@ -1,0 +1,93 @@
+"""The reference agent tells its operator when its acks cannot count (issue 14.1).
+
+MQTT 3.1.1 has no negative PUBACK: a broker drops a publish the client may not make and
+acknowledges it anyway. The agent cannot see that, so it warns on what it can see: no
+account (or another one) at start, and a message it already acked coming again.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from tests.support import MqttProbe, cli, free_port
+
+
+def start_agent(gw, *args: str, tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:  # noqa: ANN001
+    out, err = tmp_path / f"agent-{time.monotonic_ns()}.out", tmp_path / f"agent-{time.monotonic_ns()}.err"
+    proc = subprocess.Popen([sys.executable, "-m", "devices.agent", "--url", f"mqtt://127.0.0.1:{gw.port}",
+                             "--prefix", "homepot/site-t", *args], stdout=open(out, "wb"), stderr=open(err, "wb"))
+    return proc, out, err
+
+
+def events(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+
+
+def wait_event(path: Path, name: str, timeout: float = 15.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [e for e in events(path) if e.get("event") == name]
+        if found:
+            return found[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no {name!r} event in {path.read_text()}")
+
+
+def test_anonymous_agent_warns_and_notices_a_redelivered_acked_message(gateway_factory, tmp_path: Path):
+    port = free_port()  # the shipped config's listener: anonymous local clients are technicians
+    gw = gateway_factory({"broker": {"listeners": [{"name": "local", "type": "tcp", "bind": f"127.0.0.1:{port}",
+                                                    "allow_anonymous": True, "anonymous_role": "technician"}]}},
+                         port=port, start=False)
+    assert cli(gw.config, "users", "add", "boss", "--role", "admin", "--password-stdin", input="boss-pw\n").returncode == 0
+    gw.start()
+    agent, out, err = start_agent(gw, "--device-id", "plc-9", tmp_path=tmp_path)
+    try:
+        warning = wait_event(err, "warning")["message"]
+        assert "without a username" in warning and "users add plc-9 --role device" in warning
+        wait_event(out, "ready")
+        # The gateway's mqtt bridge would resend a delivery it never saw acked; play that part
+        # with the admin account: the same envelope twice.
+        envelope = json.dumps({"message_id": str(uuid.uuid4()), "job_id": "j", "title": "t", "body": "b",
+                               "data": {}, "priority": "normal", "sent_at": "2030-01-01T00:00:00Z",
+                               "expires_at": "2030-01-01T01:00:00Z"})
+        admin = MqttProbe(gw.port, username="boss", password="boss-pw")
+        admin.publish("homepot/site-t/devices/plc-9/notify", envelope)
+        admin.publish("homepot/site-t/devices/plc-9/notify", envelope)
+        admin.close()
+        hint = wait_event(err, "ack_not_recorded")
+        assert json.loads(envelope)["message_id"] == hint["message_id"]
+        assert "homepot/site-t/devices/plc-9/ack" in hint["hint"]
+        assert [e["duplicate"] for e in events(out) if e["event"] == "notify"] == [False, True]
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
+    assert gw.stop() == 0
+
+
+def test_agent_with_wrong_credentials_says_so_and_exits_2(gateway_factory, tmp_path: Path):
+    gw = gateway_factory()
+    secret = tmp_path / "plc.password"
+    secret.write_text("right-one\n")
+    assert cli(gw.config, "users", "add", "plc-3", "--role", "device", "--password-stdin",
+               input="right-one\n").returncode == 0
+    wrong = tmp_path / "wrong.password"
+    wrong.write_text("not-it\n")
+    agent, out, err = start_agent(gw, "--device-id", "plc-3", "--username", "plc-3", "--password-file", str(wrong),
+                                  tmp_path=tmp_path)
+    assert agent.wait(timeout=20) == 2
+    assert "refused our credentials" in wait_event(err, "error")["message"]
+    # With the right password: no warning, ready.
+    agent, out, err = start_agent(gw, "--device-id", "plc-3", "--username", "plc-3", "--password-file", str(secret),
+                                  "--count", "1", tmp_path=tmp_path)
+    try:
+        wait_event(out, "ready")
+        assert not [e for e in events(err) if e["event"] == "warning"]
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
+    assert gw.stop() == 0
