@@ -41,6 +41,13 @@ class Pruner:
         if self.retention_s <= 0:
             return  # retention_days = 0: keep for ever
         while not stopping.is_set():
+            # First pass one interval after the start: the start itself is busy enough.
+            try:
+                await asyncio.wait_for(stopping.wait(), self.interval)
+            except TimeoutError:
+                pass
+            if stopping.is_set():
+                break
             try:
                 await self.prune_all(stopping)
             except Exception as exc:
@@ -49,10 +56,6 @@ class Pruner:
                 self.failures.note(exc)
             else:
                 self.failures.ok()
-            try:
-                await asyncio.wait_for(stopping.wait(), self.interval)
-            except TimeoutError:
-                pass
 
     async def prune_all(self, stopping: asyncio.Event | None = None) -> int:
         total = 0

@@ -57,7 +57,7 @@ class Pipeline:
     def attach(self, client: GatewayClient) -> None:
         self.client = client
         self.status = StatusPublisher(self.db, client, self.topics, self.forward)
-        self.pruner = Pruner(self.db, self.cfg.storage.retention_days, self.status.wake.set)
+        self.pruner = Pruner(self.db, self.cfg.storage.retention_days, self.status.clears_due)
         self.intake = Intake(self.db, client, self.topics, self.recorder, on_job=self._wake_expander,
                              on_status=self.status.wake.set, forward=self.forward)
         client.route(self.topics.jobs, self._gate(self.intake.on_jobs_message), qos=1)

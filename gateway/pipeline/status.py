@@ -51,6 +51,7 @@ class StatusPublisher:
         self.wake = asyncio.Event()
         self.published = 0
         self.cleared = 0
+        self.clears_owed = True  # look at start; then when the pruner says it pruned (see clears_due)
         self.failures = FailureEpisode(log, "publishing job status")
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -131,16 +132,26 @@ class StatusPublisher:
         await self._publish_clears()
         return count
 
+    def clears_due(self) -> None:
+        """The pruner deleted jobs: their retained status topics are owed a clear."""
+        self.clears_owed = True
+        self.wake.set()
+
     async def _publish_clears(self) -> None:
         """Empty retained payloads for pruned jobs (retention); owed in SQLite until sent."""
+        if not self.clears_owed:
+            return
         job_ids = await self.db.run(store.owed_clears)
+        if not job_ids:
+            self.clears_owed = False
+            return
         sent: list[str] = []
         try:
             for job_id in job_ids:
                 await self.client.publish(self.topics.job_status(job_id), b"", qos=1, retain=True)
                 sent.append(job_id)
         except NotConnected:
-            pass
+            pass  # still owed (in SQLite, and clears_owed stays set)
         finally:
             if sent:
                 await self.db.run(lambda conn: store.clears_done(conn, sent))

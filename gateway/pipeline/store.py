@@ -415,6 +415,13 @@ def due_for_route(conn: sqlite3.Connection, route: str, now: float, limit: int,
     return out
 
 
+def due_deliveries(conn: sqlite3.Connection, now: float, limit: int) -> list[DueDelivery]:
+    """Every due queued delivery, whatever its route (for tools and tests; the dispatcher
+    fetches per route)."""
+    return _due_rows(conn.execute(_DUE_COLUMNS + "WHERE d.state = 'queued' AND d.next_at <= ? "
+                                  "ORDER BY d.next_at LIMIT ?", (now, limit)))
+
+
 def next_due_for_route(conn: sqlite3.Connection, route: str, now: float, resends: bool = True) -> float | None:
     """When the bridge's next delivery (or resend) falls due after ``now``."""
     a = conn.execute("SELECT MIN(next_at) FROM deliveries WHERE state = 'queued' AND route = ? AND next_at > ?",
