@@ -389,8 +389,8 @@ class HttpSection(_Section):
 
 class StorageSection(_Section):
     # Finished jobs, their deliveries and acks are pruned after this many days (fractions
-    # allowed) and their retained status topics cleared; 0 = keep for ever.
-    retention_days: float = Field(default=30.0, ge=0)
+    # allowed) and their retained status topics cleared. Alarms use it too.
+    retention_days: float = Field(default=30.0, gt=0)
 
 
 class LoggingSection(_Section):

@@ -38,8 +38,6 @@ class Pruner:
         self.failures = FailureEpisode(log, "pruning old jobs")
 
     async def run(self, stopping: asyncio.Event) -> None:
-        if self.retention_s <= 0:
-            return  # retention_days = 0: keep for ever
         while not stopping.is_set():
             # First pass one interval after the start: the start itself is busy enough.
             try:
