@@ -4,6 +4,10 @@ Each delivery "reaches" its device after ``latency_ms``; a seeded fault mix answ
 some deliveries like a real platform would (invalid address, throttled with
 Retry-After, transient server error), and with ``ack = true`` the device acks through
 the same path as an MQTT ack. No network: 100,000 devices cost only memory and CPU.
+
+A simulated device behaves like an MQTT client whose ack got no PUBACK: when the
+gateway cannot store the ack (disk full, ``NotStored``) it sends it again later, until
+it is stored or the bridge closes.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import structlog
 
 from bridges.base import Bridge, BridgeContext, Delivery, Outcome
 from gateway.config import SimulationBridge
+from gateway.storage import is_storage_error
 from gateway.timeutil import iso, utcnow
 
 log = structlog.get_logger(__name__)
@@ -30,6 +35,7 @@ class SimulatedFleet(Bridge):
         self.rng = random.Random(section.seed)
         self._ack_tasks: set[asyncio.Task[None]] = set()
         self.received: int = 0
+        self.ack_retries: int = 0
 
     def _fault(self, delivery: Delivery) -> Outcome | None:
         c = self.cfg
@@ -64,14 +70,24 @@ class SimulatedFleet(Bridge):
             await asyncio.sleep(self.cfg.latency_ms / 1000)
         payload = json.dumps({"message_id": delivery.message_id, "status": "received", "at": iso(utcnow())}).encode()
         assert self.ctx.on_ack is not None
-        try:
-            await self.ctx.on_ack(delivery.device_id, payload)
-        except Exception:
-            log.exception("simulated ack failed", message_id=delivery.message_id)
+        delay = 0.2
+        while True:
+            try:
+                await self.ctx.on_ack(delivery.device_id, payload)
+                return
+            except Exception as exc:
+                if not is_storage_error(exc):
+                    log.exception("simulated ack failed", message_id=delivery.message_id)
+                    return
+                self.ack_retries += 1  # not stored (not "PUBACKed"): the device tries again
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def close(self) -> None:
         if self._ack_tasks:
-            await asyncio.wait(set(self._ack_tasks), timeout=2)
+            _, pending = await asyncio.wait(set(self._ack_tasks), timeout=2)
+            for task in pending:
+                task.cancel()
 
 
 def build(section: SimulationBridge, ctx: BridgeContext) -> Bridge:

@@ -209,8 +209,15 @@ def send(
     except InputError as err:
         fail(err.message)
     cfg = get_config()
-    conn = _db(cfg)
-    _tx(conn, lambda c: store.submit_job(c, parsed, "cli"))
+    import sqlite3
+
+    from gateway.storage import NotStored
+
+    try:
+        conn = _db(cfg)
+        _tx(conn, lambda c: store.submit_job(c, parsed, "cli"))
+    except (sqlite3.Error, OSError, NotStored) as exc:  # disk full, read-only, locked: not queued
+        fail(f"send: the job was not stored ({exc}); nothing was queued", 1)
     typer.echo(parsed.job_id)
     running = daemon_running(cfg)
     if running is False:

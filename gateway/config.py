@@ -258,6 +258,8 @@ class DispatchSection(_Section):
     max_attempts: int = Field(default=10, ge=1)
     backoff_initial_s: float = Field(default=1.0, gt=0)
     backoff_max_s: float = Field(default=300.0, gt=0)
+    # A sent, unacked delivery on a bridge with resend_unacked is sent again after this; 0 = never.
+    ack_timeout_s: float = Field(default=60.0, ge=0)
 
     @model_validator(mode="after")
     def _backoff(self) -> "DispatchSection":
@@ -268,6 +270,7 @@ class DispatchSection(_Section):
 
 class SimulationBridge(_Section):
     enabled: bool = True
+    resend_unacked: bool = False
     latency_ms: float = Field(default=20, ge=0)
     ack: bool = True
     # Fault injection, as fractions of deliveries (0..1); see README "Simulation".
@@ -281,11 +284,13 @@ class SimulationBridge(_Section):
 
 class MqttBridge(_Section):
     enabled: bool = True
+    resend_unacked: bool = True  # an MQTT publish to a device without a session is lost silently
     qos: Literal[0, 1, 2] = 1
 
 
 class FcmBridge(_Section):
     enabled: bool = False
+    resend_unacked: bool = False
     service_account_file: Path | None = None
     project_id: str = ""
     endpoint: str = "https://fcm.googleapis.com"
@@ -295,6 +300,7 @@ class FcmBridge(_Section):
 
 class ApnsBridge(_Section):
     enabled: bool = False
+    resend_unacked: bool = False
     team_id: str = ""
     key_id: str = ""
     key_file: Path | None = None
@@ -309,6 +315,7 @@ class ApnsBridge(_Section):
 
 class WnsBridge(_Section):
     enabled: bool = False
+    resend_unacked: bool = False
     client_id: str = ""
     client_secret_file: Path | None = None
     client_secret: SecretStr | None = Field(default=None, exclude=True)
@@ -321,6 +328,7 @@ class WnsBridge(_Section):
 
 class WebpushBridge(_Section):
     enabled: bool = False
+    resend_unacked: bool = False
     vapid_private_key_file: Path = Path("./var/vapid_private.pem")
     subject: str = "mailto:ops@example.com"
     allow_private_endpoints: bool = False
@@ -379,6 +387,12 @@ class HttpSection(_Section):
         return f"{'https' if self.tls else 'http'}://{self.bind}"
 
 
+class StorageSection(_Section):
+    # Finished jobs, their deliveries and acks are pruned after this many days (fractions
+    # allowed) and their retained status topics cleared. Alarms use it too.
+    retention_days: float = Field(default=30.0, gt=0)
+
+
 class LoggingSection(_Section):
     level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     format: Literal["json", "console"] = "json"
@@ -396,6 +410,7 @@ class Config(_Section):
     dispatch: DispatchSection = Field(default_factory=DispatchSection)
     bridges: BridgesSection = Field(default_factory=BridgesSection)
     http: HttpSection | None = None
+    storage: StorageSection = Field(default_factory=StorageSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     rules: list[RuleSection] = Field(default_factory=list)  # sensor alarms (gateway.alarms)
 

@@ -129,6 +129,9 @@ class HealthReporter:
         self._published: tuple[float, float] | None = None  # (time, upstream published) for a rate
         self.upstream_drain_rate: float | None = None
         self._write_error: str | None = None
+        # Set after the first refresh: READY=1 waits for it (daemon._services_started), so a
+        # /healthz right after READY never reports "database: not checked yet".
+        self.started = asyncio.Event()
 
     def attach(self, client: GatewayClient) -> None:
         """Nothing to route: the reporter only reads."""
@@ -138,6 +141,7 @@ class HealthReporter:
         try:
             while not stopping.is_set():
                 await self.refresh()
+                self.started.set()
                 try:
                     await asyncio.to_thread(self._write, self.latest)
                     self._write_error = None

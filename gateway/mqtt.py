@@ -3,13 +3,23 @@
 This is the "one way through": the core publishes and subscribes through this client
 in embedded and external mode alike. Incoming QoS 1/2 messages are acknowledged only
 after their handler returned, so a job is in SQLite before the broker forgets it.
+
+A handler that could not store its message (disk full, database read-only or locked:
+any :func:`gateway.storage.is_storage_error`) gets no PUBACK: the client stops taking
+messages, acknowledges none after it (PUBACKs go out in arrival order), and closes the
+connection, so the broker keeps the message in our persistent session and redelivers
+it (DUP=1) when we are back. Reconnects after such a failure are paced (exponential,
+and a write probe must succeed first), the failure is logged once per episode, and
+nothing else stops. Bad input is the handler's business: it answers and returns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import ssl
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -17,12 +27,19 @@ import aiomqtt
 import structlog
 
 from gateway.config import MqttUrl
+from gateway.storage import FailureEpisode, is_storage_error
 from gateway.topics import matches
 
 log = structlog.get_logger(__name__)
 
 Handler = Callable[[aiomqtt.Message], Awaitable[None]]
 OnConnect = Callable[["GatewayClient"], Awaitable[None]]
+Probe = Callable[[], Awaitable[None]]
+
+# A message whose handler raised something that is not a storage failure (a bug) is
+# redelivered this many times in all before it is acknowledged and dropped, so one poison
+# message cannot stall the link for ever.
+POISON_DELIVERIES = 3
 
 
 class NotConnected(Exception):
@@ -72,7 +89,8 @@ class GatewayClient:
     """Keeps one connection up (jittered exponential reconnect) and routes messages."""
 
     def __init__(self, settings: ConnectionSettings, *, name: str = "broker",
-                 backoff_initial: float = 0.5, backoff_max: float = 30.0, max_concurrent_handlers: int = 256):
+                 backoff_initial: float = 0.5, backoff_max: float = 30.0, max_concurrent_handlers: int = 256,
+                 storage_probe: Probe | None = None, hold_initial: float = 0.5, hold_max: float = 10.0):
         self.settings = settings
         self.name = name
         self._routes: list[Route] = []
@@ -83,6 +101,12 @@ class GatewayClient:
         self.connect_failures = 0
         self.last_error: str | None = None
         self._slots = asyncio.Semaphore(max_concurrent_handlers)
+        self._probe = storage_probe
+        self._storage = FailureEpisode(log, f"{name}: storing incoming messages", hold_initial, hold_max)
+        self._held_last = False
+        self._bugs: OrderedDict[tuple[str, bytes], int] = OrderedDict()
+        self.held = 0  # messages left unacknowledged because they could not be stored
+        self.poison_dropped = 0
 
     # ----------------------------------------------------------------- set-up
     def route(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
@@ -94,6 +118,10 @@ class GatewayClient:
     @property
     def connected(self) -> bool:
         return self._state.connected.is_set()
+
+    @property
+    def storage_failing(self) -> bool:
+        return self._storage.failing
 
     async def wait_connected(self, timeout: float | None = None) -> bool:
         try:
@@ -147,6 +175,10 @@ class GatewayClient:
         """Stay connected until ``stop`` is set."""
         delay = self._backoff_initial
         while not stop.is_set():
+            if self._held_last:
+                await self._pause_after_hold(stop)
+                if stop.is_set():
+                    break
             try:
                 client = await self.connect_once()
             except aiomqtt.MqttError as exc:
@@ -163,11 +195,14 @@ class GatewayClient:
             self.last_error = None
             self._state.client = client
             self._state.connected.set()
-            log.info("mqtt connected", link=self.name, url=self.settings.url)
+            # While stored messages keep failing we reconnect every few seconds; say it once.
+            (log.debug if self._storage.failing else log.info)("mqtt connected", link=self.name,
+                                                               url=self.settings.url)
+            held = False
             try:
                 for callback in self._on_connect:
                     await callback(self)
-                await self._consume(client, stop)
+                held = await self._consume(client, stop)
             except (aiomqtt.MqttError, NotConnected) as exc:
                 # NotConnected: the connection dropped while an on-connect callback published.
                 log.warning("mqtt connection lost", link=self.name, error=str(exc))
@@ -178,57 +213,115 @@ class GatewayClient:
                     await client.__aexit__(None, None, None)
                 except Exception:  # already gone
                     pass
+            self._held_last = held
 
-    async def _consume(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+    async def _pause_after_hold(self, stop: asyncio.Event) -> None:
+        """Wait before taking the held message back: a growing delay, then (if given) until a
+        write to the database succeeds, so a full disk is not hammered with redeliveries."""
+        await _sleep_or_stop(stop, self._storage.delay())
+        while self._probe is not None and not stop.is_set():
+            try:
+                await self._probe()
+                break
+            except Exception as exc:
+                if not is_storage_error(exc):
+                    log.exception("storage probe failed", link=self.name)
+                    break
+                self._storage.failed(exc, link=self.name)
+                await _sleep_or_stop(stop, self._storage.delay())
+        self._held_last = False
+
+    async def _consume(self, client: aiomqtt.Client, stop: asyncio.Event) -> bool:
         """Handlers run concurrently (an ack waits for a batched commit; serial handling
         would cap throughput at one commit per message), but PUBACKs go out in arrival
-        order as MQTT 3.1.1 requires [MQTT-4.6.0-2]."""
+        order as MQTT 3.1.1 requires [MQTT-4.6.0-2].
+
+        Returns True when it stopped because a message could not be stored: that message
+        and every later one on this connection stay unacknowledged (redelivered after the
+        reconnect), which is the only order-preserving way to refuse one."""
         messages = aiter(client.messages)
-        order: asyncio.Queue[tuple[aiomqtt.Message, asyncio.Task[None]] | None] = asyncio.Queue()
-        acker = asyncio.create_task(self._ack_in_order(client, order))
+        order: asyncio.Queue[tuple[aiomqtt.Message, asyncio.Task[bool]] | None] = asyncio.Queue()
+        held = asyncio.Event()
+        acker = asyncio.create_task(self._ack_in_order(client, order, held))
         stop_wait = asyncio.ensure_future(stop.wait())
+        held_wait = asyncio.ensure_future(held.wait())
         try:
             while True:
                 nxt = asyncio.ensure_future(anext(messages))
-                done, _ = await asyncio.wait({nxt, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({nxt, stop_wait, held_wait}, return_when=asyncio.FIRST_COMPLETED)
                 if nxt not in done:
                     nxt.cancel()
-                    return
+                    break
                 message = nxt.result()
+                if held.is_set():
+                    break  # not handled, not acked: the broker redelivers it
                 await self._slots.acquire()
                 task = asyncio.create_task(self._handle(message))
                 order.put_nowait((message, task))
         finally:
             stop_wait.cancel()
+            held_wait.cancel()
             order.put_nowait(None)
             # Let started handlers finish (their work is committed and acked), briefly.
             try:
                 await asyncio.wait_for(acker, 5)
             except (TimeoutError, aiomqtt.MqttError):
                 acker.cancel()
+        return held.is_set()
 
     async def _ack_in_order(self, client: aiomqtt.Client,
-                            order: "asyncio.Queue[tuple[aiomqtt.Message, asyncio.Task[None]] | None]") -> None:
+                            order: "asyncio.Queue[tuple[aiomqtt.Message, asyncio.Task[bool]] | None]",
+                            held: asyncio.Event) -> None:
+        holding = False
         while (item := await order.get()) is not None:
             message, task = item
             try:
                 await asyncio.wait([task])  # never raises, whatever the handler did
             finally:
                 self._slots.release()
-            if message.qos > 0 and not task.cancelled():
+            stored = not task.cancelled() and task.result()
+            if not stored and not holding:
+                holding = True
+                held.set()
+            if holding:
+                continue  # neither this one nor any later one: PUBACKs must stay in order
+            if message.qos > 0:
                 client._client.ack(message.mid, message.qos)  # noqa: SLF001
 
-    async def _handle(self, message: aiomqtt.Message) -> None:
+    async def _handle(self, message: aiomqtt.Message) -> bool:
+        """Run the message's handler; True if it may be acknowledged."""
         topic = message.topic.value
+        route = next((r for r in self._routes if matches(topic, r.topic_filter)), None)
+        if route is None:
+            return True
         try:
-            for route in self._routes:
-                if matches(topic, route.topic_filter):
-                    await route.handler(message)
-                    break
-        except Exception:
-            # A handler bug must not take the link down; the message is acked so it
-            # cannot loop forever, and the failure is logged with its topic.
-            log.exception("handler failed", link=self.name, topic=topic)
+            await route.handler(message)
+        except Exception as exc:
+            if is_storage_error(exc):
+                self.held += 1
+                self._storage.note(exc, link=self.name, topic=topic)
+                return False
+            return self._bug(message, topic)
+        self._storage.ok(link=self.name)
+        return True
+
+    def _bug(self, message: aiomqtt.Message, topic: str) -> bool:
+        """A handler raised something that is not a storage failure. It is logged with its
+        traceback and redelivered (it may be transient); after POISON_DELIVERIES it is
+        acknowledged and dropped so that it cannot stall the link for ever."""
+        payload = message.payload if isinstance(message.payload, (bytes, bytearray)) else str(message.payload).encode()
+        key = (topic, hashlib.sha256(payload).digest())
+        seen = self._bugs.pop(key, 0) + 1
+        if seen >= POISON_DELIVERIES:
+            self.poison_dropped += 1
+            log.exception("handler failed; message dropped", link=self.name, topic=topic, deliveries=seen)
+            return True
+        log.exception("handler failed; message not acknowledged, will be redelivered", link=self.name,
+                      topic=topic, deliveries=seen)
+        self._bugs[key] = seen
+        while len(self._bugs) > 1000:
+            self._bugs.popitem(last=False)
+        return False
 
     async def disconnect(self) -> None:
         client = self._state.client

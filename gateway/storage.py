@@ -10,21 +10,36 @@ the connection and runs inside one transaction::
 
 Readers in other processes (the CLI) open their own connection; WAL lets them read
 while the daemon writes.
+
+Failures: a full disk, a read-only file or a lock held too long surface as
+``sqlite3.Error`` (or ``OSError``) from ``run``; :func:`is_storage_error` tells them
+from bugs, and :class:`FailureEpisode` logs them once per episode, not per message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import structlog
 
 T = TypeVar("T")
 
 Migration = Callable[[sqlite3.Connection], None]
+
+log = structlog.get_logger(__name__)
+
+# The daemon waits for another process's write lock in short steps (so a stop can cut
+# the wait short) up to LOCK_WAIT_S in all, as a 30 s busy_timeout would.
+LOCK_WAIT_S = 30.0
+LOCK_STEP_MS = 200
 
 
 class NotStored(Exception):
@@ -32,6 +47,65 @@ class NotStored(Exception):
     upstream buffer under ``overflow = "refuse-new"``). Whoever received it must not
     acknowledge it (no PUBACK, no HTTP 2xx): the sender keeps it and tries again later.
     """
+
+
+STORAGE_ERRORS: tuple[type[BaseException], ...] = (NotStored, sqlite3.Error, OSError)
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """True for "could not commit now" (the sender should retry), False for a bug."""
+    return isinstance(exc, STORAGE_ERRORS)
+
+
+class FailureEpisode:
+    """Logs a failing dependency once when it starts failing and once when it recovers.
+
+    A full disk makes every message fail; one line per message would flood the journal
+    (and, on the same full disk, fail to be written). ``failed`` returns the delay to wait
+    before the next try: exponential, capped.
+    """
+
+    def __init__(self, logger: Any, what: str, initial: float = 0.5, maximum: float = 10.0):
+        self.log = logger
+        self.what = what
+        self.initial = initial
+        self.maximum = maximum
+        self.since: float | None = None
+        self.failures = 0
+        self._delay = initial
+
+    @property
+    def failing(self) -> bool:
+        return self.since is not None
+
+    def note(self, exc: BaseException, **fields: Any) -> None:
+        """Count a failure; logged only if it starts an episode."""
+        self.failures += 1
+        if self.since is None:
+            self.since = time.monotonic()
+            self._delay = self.initial
+            self.log.error(f"{self.what} failing; will retry", error=f"{exc.__class__.__name__}: {exc}", **fields)
+
+    def failed(self, exc: BaseException, **fields: Any) -> float:
+        """Count a failure (see ``note``); the delay before the retry."""
+        self.note(exc, **fields)
+        return self.delay()
+
+    def delay(self) -> float:
+        """The next wait (doubling from ``initial`` up to ``maximum``)."""
+        delay = self._delay
+        self._delay = min(self._delay * 2, self.maximum)
+        return delay
+
+    def ok(self, **fields: Any) -> None:
+        """A success: ends an episode (logged once) and resets the delay."""
+        self._delay = self.initial
+        if self.since is None:
+            return
+        self.log.warning(f"{self.what} recovered", failures=self.failures,
+                         after_s=round(time.monotonic() - self.since, 1), **fields)
+        self.since = None
+        self.failures = 0
 
 
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -52,16 +126,71 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
-def transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
-    """Run ``fn(conn)`` in one write transaction (BEGIN IMMEDIATE: no upgrade deadlocks)."""
-    conn.execute("BEGIN IMMEDIATE")
+def _rollback(conn: sqlite3.Connection) -> None:
+    # After SQLITE_FULL or an I/O error SQLite may already have rolled back; a second
+    # ROLLBACK would raise and hide the real error.
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+
+def transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T],
+                begin: Callable[[sqlite3.Connection], None] | None = None) -> T:
+    """Run ``fn(conn)`` in one write transaction (BEGIN IMMEDIATE: no upgrade deadlocks).
+
+    A failing COMMIT (disk full) rolls back too, so the connection is never left inside
+    a transaction that every later BEGIN would trip over.
+    """
+    if begin is None:
+        conn.execute("BEGIN IMMEDIATE")
+    else:
+        begin(conn)
     try:
         result = fn(conn)
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        _rollback(conn)
         raise
-    conn.execute("COMMIT")
     return result
+
+
+class _DaemonThreadExecutor(concurrent.futures.Executor):
+    """One worker thread, a daemon thread: a statement stuck on a dead disk must not keep
+    the process from exiting after a stop (SQLite's journal makes an interrupted write safe).
+    ``ThreadPoolExecutor`` joins its threads at interpreter exit."""
+
+    def __init__(self, name: str = "sqlite"):
+        self._queue: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None] = \
+            queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+        self._shutdown = False
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fn, fut = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # handed to the caller
+                fut.set_exception(exc)
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+        if self._shutdown:
+            raise RuntimeError("database executor is shut down")
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._queue.put((lambda: fn(*args, **kwargs), fut))
+        return fut
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if not self._shutdown:
+            self._shutdown = True
+            self._queue.put(None)
+        if wait:
+            self._thread.join()
 
 
 class Database:
@@ -69,13 +198,34 @@ class Database:
 
     def __init__(self, path: Path):
         self.path = path
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        self._executor = _DaemonThreadExecutor()
         self._conn: sqlite3.Connection | None = None
         self._thread_id: int | None = None
+        self._give_up_at: float | None = None  # monotonic; lock waits end here (shutdown)
 
     def _open(self) -> None:
         self._conn = connect(self.path)
+        # Lock waits are done in short steps by _begin (see LOCK_WAIT_S).
+        self._conn.execute(f"PRAGMA busy_timeout = {LOCK_STEP_MS}")
         self._thread_id = threading.get_ident()
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                code = getattr(exc, "sqlite_errorcode", None)
+                busy = code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "locked" in str(exc)
+                now = time.monotonic()
+                give_up = self._give_up_at is not None and now >= self._give_up_at
+                if not busy or now >= deadline or give_up:
+                    raise
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        assert self._conn is not None, "database not open"
+        return transaction(self._conn, fn, begin=self._begin)
 
     async def open(self, migrations: list[Migration] | None = None) -> "Database":
         loop = asyncio.get_running_loop()
@@ -83,10 +233,6 @@ class Database:
         for migrate in migrations or []:
             await self.run(migrate)
         return self
-
-    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        assert self._conn is not None, "database not open"
-        return transaction(self._conn, fn)
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` in one transaction on the database thread."""
@@ -99,13 +245,35 @@ class Database:
             raise RuntimeError("run_sync called on the database thread")
         return self._executor.submit(self._call, fn).result()
 
-    async def close(self) -> None:
-        loop = asyncio.get_running_loop()
+    async def probe(self) -> None:
+        """Raise unless a small write commits now (used to pace retries after a failure)."""
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("CREATE TABLE IF NOT EXISTS storage_probe (id INTEGER PRIMARY KEY, pad BLOB)")
+            conn.execute("INSERT OR REPLACE INTO storage_probe(id, pad) VALUES (1, randomblob(16384))")
+        await self.run(write)
+
+    def stop_waiting_for_locks(self, after_s: float = 0.0) -> None:
+        """From now (+after_s), a transaction that finds the database locked fails at once
+        instead of waiting: shutdown must fit its budget even if another process holds
+        the write lock."""
+        self._give_up_at = time.monotonic() + after_s
+
+    async def close(self, timeout: float = 1.0) -> None:
+        """Close the connection; a thread still stuck (dead disk) is left behind after ``timeout``."""
+        self.stop_waiting_for_locks()
 
         def _close() -> None:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
 
-        await loop.run_in_executor(self._executor, _close)
-        self._executor.shutdown(wait=True)
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.run_in_executor(self._executor, _close), timeout)
+        except TimeoutError:
+            log.warning("database thread busy at exit; leaving it", path=str(self.path))
+        except sqlite3.Error as exc:
+            log.warning("database close failed", error=str(exc))
+        except RuntimeError:  # closed before
+            pass
+        self._executor.shutdown(wait=False)

@@ -1,8 +1,14 @@
 """Expansion and dispatch: jobs become delivery rows; due rows go to their bridges.
 
 Every policy of delivery lives here, once: channel choice and fallback, TTL, retries
-with backoff and Retry-After, max attempts, bridge health pauses and bounded
-concurrency per bridge. Bridges only translate (see :mod:`bridges.base`).
+with backoff and Retry-After, max attempts, resends of unacked deliveries, bridge health
+pauses and bounded concurrency per bridge. Bridges only translate (see :mod:`bridges.base`).
+
+Each delivery row carries its route (the bridge of its next attempt), and due work is
+fetched per bridge, only for bridges with free slots: a saturated or paused bridge
+never holds other bridges' deliveries behind it. Pauses live in memory; what is stored
+(``next_at``, ``resend_at``) is always a finite time before the job's TTL. While nothing
+is due the dispatcher sleeps until the next due time, a pause's end or a wake-up.
 """
 
 from __future__ import annotations
@@ -18,19 +24,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from pydantic import TypeAdapter
 
 from bridges.base import Bridge, Delivery, Notification, Outcome, OutcomeKind
-from devices.models import Channel
 from gateway.config import DispatchSection
 from gateway.pipeline import store
 from gateway.pipeline.backoff import retry_delay
 from gateway.pipeline.recorder import Recorder
-from gateway.storage import Database
+from gateway.storage import Database, FailureEpisode, is_storage_error
 
 log = structlog.get_logger(__name__)
 
-_channel_adapter: TypeAdapter[Any] = TypeAdapter(Channel)
+IDLE_MAX_S = 1.0  # the longest sleep with nothing due (a safety net; wake-ups do the work)
+UNROUTED_EVERY_S = 1.0  # look for deliveries without a usable route this often (they are rare)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,33 +80,50 @@ class BridgeSlot:
 
 class Dispatcher:
     def __init__(self, cfg: DispatchSection, db: Database, bridges: dict[str, Bridge], recorder: Recorder,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, resend: set[str] | frozenset[str] = frozenset()):
         self.cfg = cfg
         self.db = db
         self.slots = {name: BridgeSlot(b, cfg.max_in_flight) for name, b in bridges.items()}
         self.recorder = recorder
         self.rng = rng or random.Random()
+        self.resend = set(resend)  # bridges with resend_unacked
         self.wake = asyncio.Event()
-        self._in_flight: set[str] = set()
+        self._in_flight: dict[str, str | None] = {}  # message_id → bridge (None: only being recorded)
         self._tasks: set[asyncio.Task[None]] = set()
         self._jobs: OrderedDict[str, JobInfo] = OrderedDict()
         self._accepting = True
+        self.passes = 0
+        self._unrouted_at = 0.0
+        self.db_failures = FailureEpisode(log, "dispatcher: reading due work")
+        self.record_failures = FailureEpisode(log, "dispatcher: recording results; no new sends until it works")
         # message_id → signed ack URL, put in every payload when [http] is on (contract §8).
         self.ack_url: Callable[[str], str] | None = None
+
+    def new_rows(self) -> None:
+        """Expansion made rows: some may have no route yet (no usable channel); look now."""
+        self._unrouted_at = 0.0
+        self.wake.set()
+
+    def pause(self, platform: str, reason: str, until: float = float("inf")) -> None:
+        """Hold a bridge in memory (e.g. it could not start); its deliveries keep their times."""
+        slot = self.slots[platform]
+        slot.paused_until, slot.pause_reason, slot.pauses = until, reason, max(1, slot.pauses)
 
     # ----------------------------------------------------------------- loop
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
-            started = await self._dispatch_once()
+            self.wake.clear()  # before the pass: a wake-up during it is not lost
+            try:
+                started, wake_at = await self._dispatch_once()
+            except Exception as exc:
+                if not is_storage_error(exc):
+                    raise
+                await _wait(stopping, None, self.db_failures.failed(exc))
+                continue
+            self.db_failures.ok()
             if started:
                 continue
-            self.wake.clear()
-            timeout = await self._idle_timeout()
-            stop_wait = asyncio.ensure_future(stopping.wait())
-            wake_wait = asyncio.ensure_future(self.wake.wait())
-            await asyncio.wait({stop_wait, wake_wait}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            stop_wait.cancel()
-            wake_wait.cancel()
+            await _wait(stopping, self.wake, max(0.01, wake_at - time.time()))
         self._accepting = False
 
     async def drain(self, timeout: float) -> None:
@@ -112,57 +134,77 @@ class Dispatcher:
             for task in pending:
                 task.cancel()
             if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
+                await asyncio.wait(pending, timeout=0.5)
 
-    async def _idle_timeout(self) -> float:
-        nxt = await self.db.run(store.next_due_at)
-        if nxt is None:
-            return 1.0
-        return min(1.0, max(0.005, nxt - time.time()))
+    async def _dispatch_once(self) -> tuple[int, float]:
+        """One pass; returns (work started, when to look again at the latest)."""
+        self.passes += 1
+        now = time.time()
+        wake_at = now + IDLE_MAX_S
+        if self.record_failures.failing:
+            return 0, wake_at  # results wait to be recorded: send nothing more until they are
+        wants: dict[str, int] = {}
+        paused: list[str] = []
+        for name, slot in self.slots.items():
+            if slot.paused_until > now:
+                paused.append(name)
+                wake_at = min(wake_at, slot.paused_until)
+            elif slot.free > 0:
+                # Rows being sent or recorded are still due in the table: fetch past them.
+                wants[name] = min(5000, slot.free + len(self._in_flight))
+        sweep = bool(paused)  # deliveries no bridge fetches now may still have to expire
+        routable = list(self.slots)
+        look_unrouted = now >= self._unrouted_at
+        resend = self.resend if self.cfg.ack_timeout_s > 0 else set()
 
-    async def _dispatch_once(self) -> int:
-        capacity = sum(max(0, s.free) for s in self.slots.values() if s.paused_until <= time.time())
-        if capacity <= 0 and self.slots:
-            return 0
-        limit = max(capacity, 1) + len(self._in_flight)
-        rows = await self.db.run(lambda conn: store.due_deliveries(conn, time.time(), min(limit, 5000)))
-        rows = [r for r in rows if r.message_id not in self._in_flight]
-        if not rows:
-            return 0
-        await self._load_jobs({r.job_id for r in rows})
+        def scan(conn: Any) -> tuple[dict[str, tuple[list[store.DueDelivery], float | None]],
+                                     list[store.DueDelivery], list[store.DueDelivery], float | None]:
+            fetched = {}
+            for name, limit in wants.items():
+                rows = store.due_for_route(conn, name, now, limit, resends=name in resend)
+                # With sends in flight, their completion wakes us anyway; else look ahead.
+                idle = len(rows) < limit and self.slots[name].in_flight == 0
+                fetched[name] = (rows, store.next_due_for_route(conn, name, now, resends=name in resend)
+                                 if idle else None)
+            unrouted = store.unrouted_due(conn, now, routable, 200) if look_unrouted else []
+            expiring = store.expiring(conn, now, paused) if sweep else []
+            next_expiry = store.next_expiry(conn, now) if paused else None
+            return fetched, unrouted, expiring, next_expiry
+
+        fetched, unrouted, expiring, next_expiry = await self.db.run(scan)
+        if look_unrouted:
+            self._unrouted_at = now if unrouted else now + UNROUTED_EVERY_S
+        if next_expiry is not None:
+            wake_at = min(wake_at, next_expiry)
+        every = [r for rows, _ in fetched.values() for r in rows] + unrouted + expiring
+        await self._load_jobs({r.job_id for r in every if r.message_id not in self._in_flight})
         now = time.time()
         started = 0
-        postponed: dict[float, list[str]] = {}
-        for row in rows:
-            job = self._jobs.get(row.job_id)
-            if job is None:
-                continue
-            if self._expired(job, row.attempts, now):
+        for row in expiring:
+            if row.message_id not in self._in_flight and row.job_id in self._jobs:
                 self._finish_now(store.Result(row.message_id, row.job_id, row.device_id, "expired",
-                                              attempts=row.attempts, error="ttl elapsed before delivery"))
+                                              attempts=row.attempts, error=self._expiry_reason(row)))
                 started += 1
-                continue
-            choice = self._choose_channel(row)
-            if isinstance(choice, store.Result):
-                self._finish_now(choice)
-                started += 1
-                continue
-            platform, channel, key = choice
-            slot = self.slots[platform]
-            if slot.paused_until > now:
-                postponed.setdefault(slot.paused_until, []).append(row.message_id)
-                continue
-            if slot.free <= 0:
-                continue
-            slot.in_flight += 1
-            self._in_flight.add(row.message_id)
-            task = asyncio.create_task(self._send(slot, platform, channel, key, row, job))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            started += 1
-        for until, ids in postponed.items():
-            await self.recorder.postpone(ids, until)
-        return started
+        for row in unrouted:
+            if row.message_id not in self._in_flight:
+                started += self._route(row)
+        for name, (rows, next_due) in fetched.items():
+            if next_due is not None:
+                wake_at = min(wake_at, next_due)
+            for row in rows:
+                if row.message_id in self._in_flight:
+                    continue
+                if self.slots[name].free <= 0:
+                    break
+                started += self._start(row, now)
+        return started, wake_at
+
+    def _expiry_reason(self, row: store.DueDelivery) -> str:
+        job = self._jobs[row.job_id]
+        if job.ttl == 0:
+            return f"ttl 0 (now or never) and {row.route} is paused: {self.slots[row.route].pause_reason}" \
+                if row.route in self.slots else "ttl 0 (now or never)"
+        return "ttl elapsed before delivery"
 
     async def _load_jobs(self, job_ids: set[str]) -> None:
         missing = [j for j in job_ids if j not in self._jobs]
@@ -182,40 +224,81 @@ class Dispatcher:
             return attempts > 0  # "deliver now or never": one attempt, no retries
         return now >= job.expires_at
 
-    def _choose_channel(self, row: store.DueDelivery) -> tuple[str, Any, str] | store.Result:
-        """First channel whose bridge is enabled and whose address is not marked invalid."""
-        if row.channels is None:
-            return store.Result(row.message_id, row.job_id, row.device_id, "failed", attempts=row.attempts,
-                                error="device removed from the registry")
-        saw_invalid = False
-        for raw in row.channels:
-            try:
-                channel = _channel_adapter.validate_python(raw)
-            except ValueError:
-                continue
-            key = store.channel_key(channel)
-            if key in row.invalid:
-                saw_invalid = True
-                continue
-            if channel.platform in self.slots:
-                return channel.platform, channel, key
-        if saw_invalid:
-            return store.Result(row.message_id, row.job_id, row.device_id, "invalid_address", attempts=row.attempts,
-                                error="every channel's address is invalid")
-        return store.Result(row.message_id, row.job_id, row.device_id, "failed", attempts=row.attempts,
-                            error="no enabled bridge for any of the device's channels")
+    def _route(self, row: store.DueDelivery) -> int:
+        """A queued delivery without a usable route: give it one (fetched next pass) or finish it."""
+        choice = store.choose_channel(row.channels, row.invalid, self.slots)
+        if isinstance(choice, tuple):
+            state, error = choice
+            self._finish_now(store.Result(row.message_id, row.job_id, row.device_id, state,
+                                          attempts=row.attempts, error=error))
+        else:
+            job = self._jobs.get(row.job_id)
+            now = time.time()
+            self._finish_now(store.Result(row.message_id, row.job_id, row.device_id, "queued", attempts=row.attempts,
+                                          next_at=min(now, job.expires_at) if job else now, route=choice.platform))
+        return 1
 
-    def _finish_now(self, result: store.Result) -> None:
-        self._in_flight.add(result.message_id)
-        task = asyncio.create_task(self._record(result))
+    def _start(self, row: store.DueDelivery, now: float) -> int:
+        job = self._jobs.get(row.job_id)
+        if job is None:
+            return 0
+        base = dict(message_id=row.message_id, job_id=row.job_id, device_id=row.device_id)
+        if row.resend:
+            if job.ttl == 0 or now >= job.expires_at:
+                self._finish_now(store.Result(**base, state="sent", attempts=row.attempts, resend=True,
+                                              error="ttl ended; no more resends"))
+                return 1
+            found = store.channel_for(row.channels, row.invalid, row.route or "")
+            if found is None:
+                self._finish_now(store.Result(**base, state="sent", attempts=row.attempts, resend=True,
+                                              error=f"no usable {row.route} channel left; no more resends"))
+                return 1
+            choice: store.Route = found
+        else:
+            if self._expired(job, row.attempts, now):
+                self._finish_now(store.Result(**base, state="expired", attempts=row.attempts,
+                                              error="ttl elapsed before delivery"))
+                return 1
+            picked = store.choose_channel(row.channels, row.invalid, self.slots)
+            if isinstance(picked, tuple):
+                self._finish_now(store.Result(**base, state=picked[0], attempts=row.attempts, error=picked[1]))
+                return 1
+            if picked.platform != row.route:  # the device or the config changed: wait in the other queue
+                self._finish_now(store.Result(**base, state="queued", attempts=row.attempts,
+                                              next_at=min(now, job.expires_at), route=picked.platform))
+                return 1
+            choice = picked
+        slot = self.slots[choice.platform]
+        slot.in_flight += 1
+        self._in_flight[row.message_id] = choice.platform
+        self._spawn(self._send(slot, choice.platform, choice.channel, choice.key, row, job))
+        return 1
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _finish_now(self, result: store.Result) -> None:
+        self._in_flight[result.message_id] = None
+        self._spawn(self._record(result))
+
     async def _record(self, result: store.Result) -> None:
+        """Commit one result; while the database refuses (disk full), keep it and try again
+        (the row stays out of fetching, so it is neither lost nor sent twice meanwhile)."""
         try:
-            await self.recorder.result(result)
+            while True:
+                try:
+                    await self.recorder.result(result)
+                    self.record_failures.ok()
+                    return
+                except Exception as exc:
+                    if not is_storage_error(exc):
+                        log.exception("recording a result failed", message_id=result.message_id)
+                        return  # the row keeps its stored state and is retried from there
+                    await asyncio.sleep(self.record_failures.failed(exc))
         finally:
-            self._in_flight.discard(result.message_id)
+            self._in_flight.pop(result.message_id, None)
             self.wake.set()
 
     # ----------------------------------------------------------------- one send
@@ -241,42 +324,66 @@ class Dispatcher:
             # The bridge is free again; the row stays excluded from fetching until committed.
             slot.in_flight -= 1
             released = True
-            await self.recorder.result(result)
+            self._in_flight[row.message_id] = None
         finally:
             if not released:
                 slot.in_flight -= 1
-            self._in_flight.discard(row.message_id)
-            self.wake.set()
+                self._in_flight.pop(row.message_id, None)
+                self.wake.set()
+        await self._record(result)
+
+    def _resend_at(self, platform: str, attempt: int, job: JobInfo, now: float) -> float | None:
+        """When a sent delivery is sent again if no ack came (bridges with resend_unacked)."""
+        if platform not in self.resend or self.cfg.ack_timeout_s <= 0 or attempt >= self.cfg.max_attempts:
+            return None
+        at = now + self.cfg.ack_timeout_s
+        return at if at < job.expires_at else None
+
+    def _health(self, slot: BridgeSlot, platform: str, outcome: Outcome, now: float) -> None:
+        if outcome.kind is not OutcomeKind.UNHEALTHY:
+            if slot.unhealthy:
+                log.warning("bridge healthy again", platform=platform, was=slot.pause_reason)
+                slot.paused_until, slot.pauses = 0.0, 0
+            return
+        if slot.paused_until <= now:
+            pause = outcome.retry_after or min(self.cfg.backoff_max_s,
+                                               max(5.0, self.cfg.backoff_initial_s * 5) * (2 ** slot.pauses))
+            if not slot.unhealthy or outcome.reason != slot.pause_reason:
+                # Logged once per episode, not per delivery or per probe.
+                log.error("bridge unhealthy; paused, deliveries kept", platform=platform,
+                          reason=outcome.reason, retry_in_s=round(pause, 1))
+            slot.pauses += 1
+            slot.paused_until = now + pause
+            slot.pause_reason = outcome.reason
 
     def _decide(self, slot: BridgeSlot, platform: str, key: str, row: store.DueDelivery, job: JobInfo,
                 attempt: int, outcome: Outcome) -> store.Result:
         now = time.time()
+        self._health(slot, platform, outcome, now)
+        if row.resend:
+            return self._decide_resend(platform, key, row, job, attempt, outcome, now)
         base = dict(message_id=row.message_id, job_id=row.job_id, device_id=row.device_id, platform=platform)
         kind = outcome.kind
-        if kind is not OutcomeKind.UNHEALTHY and slot.unhealthy:
-            log.warning("bridge healthy again", platform=platform, was=slot.pause_reason)
-            slot.paused_until, slot.pauses = 0.0, 0
         if kind is OutcomeKind.ACCEPTED:
             slot.sent += 1
-            return store.Result(**base, state="sent", attempts=attempt)
+            return store.Result(**base, state="sent", attempts=attempt,
+                                resend_at=self._resend_at(platform, attempt, job, now))
         if kind is OutcomeKind.INVALID_ADDRESS:
             # Not an attempt against the delivery: it falls over to the next channel now.
-            return store.Result(**base, state="queued", attempts=row.attempts, next_at=now,
-                                error=f"{platform}: {outcome.reason}", invalid_key=key)
+            error = f"{platform}: {outcome.reason}"
+            nxt = store.choose_channel(row.channels, row.invalid, self.slots, also_invalid=key)
+            if isinstance(nxt, tuple):
+                return store.Result(**base, state=nxt[0], attempts=row.attempts, error=error, invalid_key=key)
+            return store.Result(**base, state="queued", attempts=row.attempts, next_at=min(now, job.expires_at),
+                                route=nxt.platform, error=error, invalid_key=key)
         if kind is OutcomeKind.FAILED:
             return store.Result(**base, state="failed", attempts=attempt, error=f"{platform}: {outcome.reason}")
         if kind is OutcomeKind.UNHEALTHY:
-            if slot.paused_until <= now:
-                pause = outcome.retry_after or min(self.cfg.backoff_max_s,
-                                                   max(5.0, self.cfg.backoff_initial_s * 5) * (2 ** slot.pauses))
-                if not slot.unhealthy or outcome.reason != slot.pause_reason:
-                    # Logged once per episode, not per delivery or per probe.
-                    log.error("bridge unhealthy; paused, deliveries kept", platform=platform,
-                              reason=outcome.reason, retry_in_s=round(pause, 1))
-                slot.pauses += 1
-                slot.paused_until = now + pause
-                slot.pause_reason = outcome.reason
-            return store.Result(**base, state="queued", attempts=row.attempts, next_at=slot.paused_until,
+            if job.ttl == 0:
+                return store.Result(**base, state="expired", attempts=row.attempts,
+                                    error=f"ttl 0 (now or never) and {platform} is unhealthy: {outcome.reason}")
+            # Waits (no attempt spent) while the bridge is paused in memory; stored time stays finite.
+            return store.Result(**base, state="queued", attempts=row.attempts, next_at=min(now, job.expires_at),
                                 error=f"{platform} unhealthy: {outcome.reason}")
         # RETRY
         if attempt >= self.cfg.max_attempts:
@@ -290,6 +397,30 @@ class Dispatcher:
         return store.Result(**base, state="queued", attempts=attempt, next_at=next_at,
                             error=f"{platform}: {outcome.reason}")
 
+    def _decide_resend(self, platform: str, key: str, row: store.DueDelivery, job: JobInfo, attempt: int,
+                       outcome: Outcome, now: float) -> store.Result:
+        """A resend never changes the delivery's state (it was accepted once and stays
+        ``sent``); it counts as an attempt and decides when, if ever, to send again."""
+        base = dict(message_id=row.message_id, job_id=row.job_id, device_id=row.device_id, platform=platform,
+                    state="sent", resend=True)
+        kind = outcome.kind
+        if kind is OutcomeKind.ACCEPTED:
+            self.slots[platform].sent += 1
+            at = self._resend_at(platform, attempt, job, now)
+            return store.Result(**base, attempts=attempt, resend_at=at,
+                                error=None if at is not None else f"no ack after {attempt} sends; no more resends")
+        if kind is OutcomeKind.UNHEALTHY:
+            return store.Result(**base, attempts=row.attempts, resend_at=now,
+                                error=f"{platform} unhealthy: {outcome.reason}")
+        if kind is OutcomeKind.RETRY and attempt < self.cfg.max_attempts:
+            at = now + retry_delay(attempt, outcome.retry_after, self.cfg.backoff_initial_s,
+                                   self.cfg.backoff_max_s, self.rng)
+            return store.Result(**base, attempts=attempt, resend_at=at if at < job.expires_at else None,
+                                error=f"resend: {platform}: {outcome.reason}")
+        return store.Result(**base, attempts=attempt, resend_at=None,
+                            invalid_key=key if kind is OutcomeKind.INVALID_ADDRESS else None,
+                            error=f"resend: {platform}: {outcome.reason}; no more resends")
+
     def metrics(self) -> dict[str, Any]:
         return {name: {"in_flight": s.in_flight, "sent": s.sent, "paused": s.paused_until > time.time(),
                        "pause_reason": s.pause_reason if s.paused_until > time.time() else None}
@@ -299,28 +430,48 @@ class Dispatcher:
 class Expander:
     """Turns accepted jobs into delivery rows, one page (``batch_size``) per transaction."""
 
-    def __init__(self, db: Database, batch_size: int, on_page: Any):
+    def __init__(self, db: Database, batch_size: int, on_page: Any, platforms: list[str] | None = None):
         self.db = db
         self.batch_size = batch_size
         self.on_page = on_page
+        self.platforms = platforms
         self.wake = asyncio.Event()
+        self.failures = FailureEpisode(log, "expanding jobs")
 
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
             self.wake.clear()
-            job_ids = await self.db.run(store.jobs_to_expand)
-            for job_id in job_ids:
-                done = False
-                while not done and not stopping.is_set():
-                    done = await self.db.run(
-                        lambda conn, j=job_id: store.expand_page(conn, j, self.batch_size, time.time()))
-                    self.on_page()
-            if job_ids:
+            try:
+                busy = await self._expand(stopping)
+            except Exception as exc:
+                if not is_storage_error(exc):
+                    raise
+                await _wait(stopping, None, self.failures.failed(exc))
                 continue
-            stop_wait = asyncio.ensure_future(stopping.wait())
-            wake_wait = asyncio.ensure_future(self.wake.wait())
+            self.failures.ok()
+            if busy:
+                continue
             # Jobs written by the CLI (another process) are found by this poll.
-            await asyncio.wait({stop_wait, wake_wait}, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
-            stop_wait.cancel()
-            wake_wait.cancel()
+            await _wait(stopping, self.wake, 0.5)
 
+    async def _expand(self, stopping: asyncio.Event) -> bool:
+        job_ids = await self.db.run(store.jobs_to_expand)
+        for job_id in job_ids:
+            done = False
+            while not done and not stopping.is_set():
+                done = await self.db.run(
+                    lambda conn, j=job_id: store.expand_page(conn, j, self.batch_size, time.time(), self.platforms))
+                self.on_page()
+        return bool(job_ids)
+
+
+async def _wait(stopping: asyncio.Event, wake: asyncio.Event | None, timeout: float) -> None:
+    """Sleep up to ``timeout``; return early on stop (or on ``wake``)."""
+    waiters = {asyncio.ensure_future(stopping.wait())}
+    if wake is not None:
+        waiters.add(asyncio.ensure_future(wake.wait()))
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()

@@ -1,11 +1,15 @@
 """What comes in: jobs, device registrations and acks, from MQTT, the upstream link
 and the CLI. Each is validated at the edge, committed to SQLite, and only then
-acknowledged; bad input is answered (a ``rejected`` status or ``P/gateway/errors``) and
-never raises into the MQTT client."""
+acknowledged.
+
+Two kinds of failure, kept apart: bad input (:class:`InputError`) is answered — a job
+with a readable job_id is stored as ``rejected`` (its status is published like any
+other, also later if the broker is away now), anything else gets ``P/gateway/errors`` —
+and the handler returns, so the message is acknowledged. A storage failure (disk full,
+database locked, ``NotStored``) propagates: the MQTT client then does not acknowledge
+the message and the sender keeps it."""
 
 from __future__ import annotations
-
-import json
 
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +29,7 @@ from gateway.pipeline.models import (
     readable_job_id,
 )
 from gateway.pipeline.recorder import Recorder
-from gateway.pipeline.status import publish_error, publish_rejection
+from gateway.pipeline.status import publish_error
 from gateway.storage import Database
 from gateway.topics import Topics
 
@@ -58,17 +62,23 @@ class Intake:
                 return job_id
             parsed = parse_job(obj)
         except InputError as err:
-            await self._reject(job_id, topic, err)
+            await self._reject(job_id, topic, source, err)
             return None
         inserted = await self.db.run(lambda conn: store.submit_job(conn, parsed, source))
-        log.info("job accepted" if inserted else "job already known", job_id=parsed.job_id, source=source)
+        if not inserted:
+            log.info("job already known; status re-published", job_id=parsed.job_id, source=source)
+        # "job accepted" (with its target count) is logged by the status publisher's pass,
+        # which also sees jobs that the CLI wrote.
         self.on_job()
         self.on_status()
         return parsed.job_id
 
     async def _republish_if_known(self, job_id: str) -> bool:
+        """A known, accepted job_id: re-publish its status (idempotency). A *rejected* one
+        is not final: the new payload is judged on its own (README)."""
         def known(conn: Any) -> bool:
-            if conn.execute("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)).fetchone() is None:
+            row = conn.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            if row is None or row["state"] == "rejected":
                 return False
             store.mark_dirty(conn, job_id)
             return True
@@ -79,20 +89,19 @@ class Intake:
             return True
         return False
 
-    async def _reject(self, job_id: str | None, topic: str, err: InputError) -> None:
+    async def _reject(self, job_id: str | None, topic: str, source: str, err: InputError) -> None:
         self.rejected += 1
-        log.info("job rejected", job_id=job_id, code=err.code, error=err.message)
+        if job_id is not None:
+            # Stored (state rejected, with its error) before the message is acknowledged;
+            # the status publisher publishes it locally and queues it for the cloud.
+            await self.db.run(lambda conn: store.reject_job(conn, job_id, source, err.code, err.message))
+            self.on_status()
+            return
+        log.info("job rejected", code=err.code, error=err.message, source=source)
         try:
-            if job_id is not None:
-                await publish_rejection(self.client, self.topics, job_id, err.code, err.message)
-                if self.forward is not None:
-                    payload = json.dumps(store.rejected_status(job_id, err.code, err.message)).encode()
-                    await self.db.run(lambda conn: self.forward.enqueue(
-                        conn, "status", self.topics.job_status(job_id), payload, True, job_id))
-            else:
-                await publish_error(self.client, self.topics, topic, err.code, err.message)
+            await publish_error(self.client, self.topics, topic, err.code, err.message)
         except NotConnected:
-            log.warning("could not publish rejection: broker unreachable", job_id=job_id)
+            log.warning("could not publish error: broker unreachable", topic=topic, code=err.code)
 
     # ----------------------------------------------------------------- devices
     async def register_device(self, device_id: str, payload: bytes, source: str) -> bool:

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator, model_validator
 
-from gateway.timeutil import parse_iso
+from gateway.timeutil import parse_iso, utcnow
 
 MAX_JOB_BYTES = 256 * 1024
 MAX_ACK_BYTES = 16 * 1024
@@ -181,7 +181,7 @@ def parse_job(obj: dict[str, Any]) -> ParsedJob:
 class AckIn(_Strict):
     message_id: Annotated[StrictStr, Field(min_length=1, max_length=64)]
     status: Literal["received", "displayed", "opened", "dismissed", "failed"]
-    at: datetime
+    at: datetime = Field(default_factory=utcnow)  # absent = when the gateway got it (contract §9)
     error: Annotated[StrictStr, Field(max_length=1024)] | None = None
 
     @field_validator("at", mode="before")

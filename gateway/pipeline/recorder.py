@@ -4,6 +4,11 @@ A commit costs an fsync (synchronous=FULL); one per delivery would cap a site at
 hundred deliveries a second. Callers await their own item's commit, so nothing is
 acknowledged (to a device, or as done to the dispatcher) before it is on disk; items
 that arrive while a commit runs simply join the next batch.
+
+A batch that cannot commit (disk full, database locked) fails every item's future with
+the storage error: the dispatcher keeps its results and records them again later, an
+MQTT ack stays unacknowledged to the device (which sends it again). One ack that cannot
+be stored on its own (``NotStored`` from the upstream buffer) fails only its own future.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import structlog
 
 from gateway.pipeline import store
 from gateway.pipeline.models import AckIn
-from gateway.storage import Database
+from gateway.storage import Database, FailureEpisode, NotStored, is_storage_error
 
 log = structlog.get_logger(__name__)
 
@@ -26,7 +31,7 @@ MAX_BATCH = 2000
 
 @dataclass(slots=True)
 class _Item:
-    kind: str  # "result" | "ack" | "postpone"
+    kind: str  # "result" | "ack"
     payload: Any
     future: asyncio.Future[Any]
 
@@ -38,16 +43,14 @@ class Recorder:
         self._acks_topic = acks_topic
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self.batches = 0
-        self.on_commit: list[Any] = []  # callables(job_ids) run after each commit
+        self.on_commit: list[Any] = []  # callables() run after each commit
+        self.failures = FailureEpisode(log, "recording outcomes and acks")
 
     async def result(self, result: store.Result) -> None:
         await self._submit("result", result)
 
     async def ack(self, device_id: str, ack: AckIn) -> store.AckResult:
         return await self._submit("ack", (device_id, ack))
-
-    async def postpone(self, message_ids: list[str], until: float) -> None:
-        await self._submit("postpone", (message_ids, until))
 
     async def _submit(self, kind: str, payload: Any) -> Any:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -77,13 +80,10 @@ class Recorder:
     async def _commit(self, items: list[_Item]) -> None:
         results = [i.payload for i in items if i.kind == "result"]
         acks = [i.payload for i in items if i.kind == "ack"]
-        postpones = [i.payload for i in items if i.kind == "postpone"]
         forward, topic = self._forward, self._acks_topic
 
         def work(conn: Any) -> list[store.AckResult]:
             now = time.time()
-            for ids, until in postpones:
-                store.postpone(conn, ids, until)
             if results:
                 store.apply_results(conn, results, now)
             return store.apply_acks(conn, acks, now, forward, topic) if acks else []
@@ -91,16 +91,26 @@ class Recorder:
         try:
             ack_results = await self._db.run(work)
         except Exception as exc:
-            log.exception("recording outcomes failed")
+            if is_storage_error(exc):
+                self.failures.note(exc, items=len(items))  # logged once per episode
+            else:
+                log.exception("recording outcomes failed")
             for item in items:
                 if not item.future.done():
                     item.future.set_exception(exc)
             return
+        self.failures.ok()
         self.batches += 1
         ack_iter = iter(ack_results)
         for item in items:
-            if item.future.done():
+            ack_result = next(ack_iter) if item.kind == "ack" else None
+            if item.future.done():  # its waiter was cancelled
                 continue
-            item.future.set_result(next(ack_iter) if item.kind == "ack" else None)
+            if ack_result is None:
+                item.future.set_result(None)
+            elif ack_result.not_stored:
+                item.future.set_exception(NotStored(ack_result.reason))
+            else:
+                item.future.set_result(ack_result)
         for callback in self.on_commit:
             callback()

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import sqlite3
 
-VERSION = 1
+VERSION = 2
 
-DDL = """
+TABLES = """
 CREATE TABLE IF NOT EXISTS devices (
     device_id   TEXT PRIMARY KEY,
     segment     TEXT,
@@ -21,7 +21,7 @@ CREATE INDEX IF NOT EXISTS devices_by_segment ON devices(segment, device_id);
 
 CREATE TABLE IF NOT EXISTS jobs (
     job_id        TEXT PRIMARY KEY,
-    state         TEXT NOT NULL,          -- accepted | dispatching | completed | acknowledged
+    state         TEXT NOT NULL,          -- accepted | rejected | dispatching | completed | acknowledged
     source        TEXT NOT NULL,
     target        TEXT NOT NULL,          -- JSON
     notification  TEXT NOT NULL,          -- JSON
@@ -41,10 +41,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     invalid_address INTEGER NOT NULL DEFAULT 0,
     status_dirty  INTEGER NOT NULL DEFAULT 1,
     status_published_at REAL NOT NULL DEFAULT 0,
-    status_published_state TEXT
+    status_published_state TEXT,
+    error         TEXT,                   -- JSON {"code", "message"} (rejected, no_targets)
+    cloud_dirty   INTEGER NOT NULL DEFAULT 0,  -- a status snapshot is owed to the cloud
+    cloud_published_at REAL NOT NULL DEFAULT 0,
+    cloud_published_state TEXT,
+    logged_state  TEXT,                   -- last lifecycle state written to the log
+    expanded_rows INTEGER NOT NULL DEFAULT 0    -- delivery rows made so far
 );
-CREATE INDEX IF NOT EXISTS jobs_to_expand ON jobs(expanded, created_at) WHERE expanded = 0;
-CREATE INDEX IF NOT EXISTS jobs_dirty ON jobs(status_dirty) WHERE status_dirty = 1;
 
 CREATE TABLE IF NOT EXISTS deliveries (
     message_id  TEXT PRIMARY KEY,
@@ -58,10 +62,10 @@ CREATE TABLE IF NOT EXISTS deliveries (
     acked_at    REAL,
     latency_ms  REAL,
     last_error  TEXT,
+    route       TEXT,                     -- bridge of the next attempt (queued) or of the send (sent)
+    resend_at   REAL,                     -- sent, unacked: when to send it again (NULL = never)
     UNIQUE (job_id, device_id)
 );
-CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(next_at) WHERE state = 'queued';
-CREATE INDEX IF NOT EXISTS deliveries_by_device ON deliveries(device_id, message_id);
 
 CREATE TABLE IF NOT EXISTS acks (
     id          INTEGER PRIMARY KEY,
@@ -72,22 +76,62 @@ CREATE TABLE IF NOT EXISTS acks (
     error       TEXT,
     received_at REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS acks_by_message ON acks(message_id);
 
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+
+CREATE TABLE IF NOT EXISTS status_clears (  -- pruned jobs whose retained status is still to clear
+    job_id TEXT PRIMARY KEY,
+    at     REAL NOT NULL
+);
+"""
+
+# Columns added after version 1: (table, column, declaration, back-fill for existing rows).
+ADDED_COLUMNS = [
+    ("jobs", "error", "TEXT", None),
+    ("jobs", "cloud_dirty", "INTEGER NOT NULL DEFAULT 0", None),
+    ("jobs", "cloud_published_at", "REAL NOT NULL DEFAULT 0", None),
+    ("jobs", "cloud_published_state", "TEXT", None),
+    ("jobs", "logged_state", "TEXT", "UPDATE jobs SET logged_state = state"),
+    ("jobs", "expanded_rows", "INTEGER NOT NULL DEFAULT 0",
+     "UPDATE jobs SET expanded_rows = (SELECT COUNT(*) FROM deliveries d WHERE d.job_id = jobs.job_id)"),
+    ("deliveries", "route", "TEXT", None),
+    ("deliveries", "resend_at", "REAL", None),
+]
+
+INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_to_expand ON jobs(expanded, created_at) WHERE expanded = 0;
+CREATE INDEX IF NOT EXISTS jobs_dirty ON jobs(status_dirty) WHERE status_dirty = 1;
+CREATE INDEX IF NOT EXISTS jobs_cloud_dirty ON jobs(cloud_dirty) WHERE cloud_dirty = 1;
+CREATE INDEX IF NOT EXISTS jobs_open ON jobs(expires_at) WHERE state IN ('accepted', 'dispatching');
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(updated_at) WHERE state IN ('completed', 'acknowledged', 'rejected');
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(next_at) WHERE state = 'queued';
+CREATE INDEX IF NOT EXISTS deliveries_route_due ON deliveries(route, next_at) WHERE state = 'queued';
+CREATE INDEX IF NOT EXISTS deliveries_job_queued ON deliveries(job_id, route) WHERE state = 'queued';
+CREATE INDEX IF NOT EXISTS deliveries_resend ON deliveries(route, resend_at) WHERE state = 'sent' AND resend_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS deliveries_by_device ON deliveries(device_id, message_id);
+CREATE INDEX IF NOT EXISTS acks_by_message ON acks(message_id);
 """
 
 
 def migrate(conn: sqlite3.Connection) -> None:
-    _run_script(conn)
-    conn.execute(f"PRAGMA user_version = {VERSION}")
+    """Create or upgrade the tables in the caller's transaction (idempotent; also run by the CLI)."""
+    _run_script(conn, TABLES)
+    for table, column, decl, backfill in ADDED_COLUMNS:
+        have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+            if backfill:
+                conn.execute(backfill)
+    _run_script(conn, INDEXES)
+    if conn.execute("PRAGMA user_version").fetchone()[0] != VERSION:
+        conn.execute(f"PRAGMA user_version = {VERSION}")
 
 
-def _run_script(conn: sqlite3.Connection) -> None:
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
     # executescript() would COMMIT the caller's transaction; run statements one by one.
-    for statement in DDL.split(";"):
+    for statement in script.split(";"):
         if statement.strip():
             conn.execute(statement)

@@ -16,13 +16,19 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from devices.models import Device, channel_address
-from gateway.pipeline.models import AckIn, ParsedJob
-from gateway.timeutil import iso, utcnow
 from datetime import UTC, datetime
+
+from pydantic import TypeAdapter
+
+from devices.models import PLATFORMS, Channel, Device, channel_address
+from gateway.pipeline.models import AckIn, ParsedJob
+from gateway.storage import NotStored
+from gateway.timeutil import iso, utcnow
 
 COUNT_KEYS = ("queued", "sent", "acknowledged", "failed", "expired", "invalid_address")
 FINAL_DELIVERY_STATES = frozenset({"acknowledged", "failed", "expired", "invalid_address"})
+
+_channel_adapter: TypeAdapter[Any] = TypeAdapter(Channel)
 
 
 class Forwarder(Protocol):
@@ -105,21 +111,98 @@ def mark_invalid(conn: sqlite3.Connection, device_id: str, key: str, reason: str
     conn.execute("UPDATE devices SET invalid = ? WHERE device_id = ?", (json.dumps(marks), device_id))
 
 
+# ------------------------------------------------------------------ channel choice
+@dataclass(frozen=True, slots=True)
+class Route:
+    """The channel a delivery's next attempt uses."""
+
+    platform: str
+    channel: Any
+    key: str
+
+
+def choose_channel(channels: list[dict[str, Any]] | None, invalid: dict[str, Any] | Iterable[str],
+                   platforms: Iterable[str], also_invalid: str | None = None) -> Route | tuple[str, str]:
+    """First channel whose bridge is enabled and whose address is not marked invalid;
+    else ``(final_state, error)`` for the delivery."""
+    if channels is None:
+        return "failed", "device removed from the registry"
+    enabled = platforms if isinstance(platforms, (set, frozenset, dict)) else set(platforms)
+    saw_invalid = False
+    for raw in channels:
+        if raw.get("platform") not in enabled and not invalid and also_invalid is None:
+            continue  # no marks to look for: skip parsing channels we cannot use
+        try:
+            channel = _channel_adapter.validate_python(raw)
+        except ValueError:
+            continue
+        key = channel_key(channel)
+        if key in invalid or key == also_invalid:
+            saw_invalid = True
+            continue
+        if channel.platform in enabled:
+            return Route(channel.platform, channel, key)
+    if saw_invalid:
+        return "invalid_address", "every channel's address is invalid"
+    return "failed", "no enabled bridge for any of the device's channels"
+
+
+def channel_for(channels: list[dict[str, Any]] | None, invalid: dict[str, Any], platform: str) -> Route | None:
+    """The device's first usable channel on ``platform`` (a resend goes where the send went)."""
+    for raw in channels or []:
+        if raw.get("platform") != platform:
+            continue
+        try:
+            channel = _channel_adapter.validate_python(raw)
+        except ValueError:
+            continue
+        key = channel_key(channel)
+        if key not in invalid:
+            return Route(platform, channel, key)
+    return None
+
+
 # ------------------------------------------------------------------ jobs
+FINAL_JOB_STATES = ("completed", "acknowledged", "rejected")
+_DIRTY = "status_dirty = 1, cloud_dirty = 1"  # a status is owed locally and to the cloud
+
+
+def count_targets(conn: sqlite3.Connection, target: dict[str, Any]) -> int:
+    """How many deliveries the job will have, known when it is accepted (the registry may
+    still change while it is expanded; expansion corrects the count at its end)."""
+    if "devices" in target:
+        return len(target["devices"])
+    if "segment" in target:
+        return conn.execute("SELECT COUNT(*) FROM devices WHERE segment = ?", (target["segment"],)).fetchone()[0]
+    return conn.execute("SELECT COUNT(*) FROM devices").fetchone()[0]
+
+
 def insert_job(conn: sqlite3.Connection, parsed: ParsedJob, source: str, now: float | None = None) -> bool:
-    """Store an accepted job; False if the job_id was seen before (idempotency key)."""
+    """Store an accepted job; False if the job_id was seen before (idempotency key).
+
+    A job_id whose job was *rejected* was never dispatched: a valid job may take it (the
+    rejection is replaced), so a technician can fix a typo and send again with the same id.
+    """
     now = now or time.time()
+    existing = conn.execute("SELECT state FROM jobs WHERE job_id = ?", (parsed.job_id,)).fetchone()
+    if existing is not None:
+        if existing["state"] != "rejected":
+            return False
+        conn.execute("DELETE FROM jobs WHERE job_id = ?", (parsed.job_id,))
     job = parsed.job
     n = job.notification
-    cur = conn.execute(
-        "INSERT OR IGNORE INTO jobs(job_id, state, source, target, notification, options, created_at, "
-        "updated_at, expires_at, ttl) VALUES (?, 'accepted', ?, ?, ?, ?, ?, ?, ?, ?)",
-        (parsed.job_id, source, json.dumps(job.target.as_json()), n.model_dump_json(),
-         job.options.model_dump_json(exclude_none=True), now, now, now + n.ttl, n.ttl),
+    target = job.target.as_json()
+    targets = count_targets(conn, target)
+    conn.execute(
+        "INSERT INTO jobs(job_id, state, source, target, notification, options, created_at, "
+        "updated_at, expires_at, ttl, targets, queued, status_dirty, cloud_dirty) "
+        "VALUES (?, 'accepted', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, 1)",
+        (parsed.job_id, source, json.dumps(target), n.model_dump_json(),
+         job.options.model_dump_json(exclude_none=True), now, now, now + n.ttl, n.ttl, targets, targets),
     )
-    if cur.rowcount:
-        bump(conn, "jobs_accepted")
-    return cur.rowcount > 0
+    conn.execute("DELETE FROM status_clears WHERE job_id = ?", (parsed.job_id,))
+    bump(conn, "jobs_accepted")
+    return True
 
 
 def submit_job(conn: sqlite3.Connection, parsed: ParsedJob, source: str) -> bool:
@@ -130,11 +213,39 @@ def submit_job(conn: sqlite3.Connection, parsed: ParsedJob, source: str) -> bool
     return False
 
 
+def reject_job(conn: sqlite3.Connection, job_id: str, source: str, code: str, message: str,
+               now: float | None = None) -> bool:
+    """Store a rejection under a readable job_id (state ``rejected`` with its error), so that
+    its status is published like any other (also later, if the broker is away now) and
+    ``jobs show`` finds it. False if the id belongs to an accepted job: that job is left
+    alone and its status re-published."""
+    now = now or time.time()
+    error = json.dumps({"code": code, "message": message})
+    row = conn.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+    if row is not None and row["state"] != "rejected":
+        mark_dirty(conn, job_id)
+        return False
+    if row is None:
+        conn.execute(
+            "INSERT INTO jobs(job_id, state, source, target, notification, options, created_at, updated_at, "
+            "expires_at, ttl, expanded, error, status_dirty, cloud_dirty) "
+            "VALUES (?, 'rejected', ?, '{}', '{}', '{}', ?, ?, ?, 0, 1, ?, 1, 1)",
+            (job_id, source, now, now, now, error))
+        conn.execute("DELETE FROM status_clears WHERE job_id = ?", (job_id,))
+    else:
+        conn.execute(
+            f"UPDATE jobs SET error = ?, source = ?, updated_at = ?, {_DIRTY}, status_published_at = 0, "
+            "cloud_published_at = 0, logged_state = NULL WHERE job_id = ?", (error, source, now, job_id))
+    bump(conn, "jobs_rejected")
+    return True
+
+
 def status_from_row(row: sqlite3.Row) -> dict[str, Any]:
+    error = row["error"] if "error" in row.keys() else None
     return {
         "job_id": row["job_id"],
         "state": row["state"],
-        "error": None,
+        "error": json.loads(error) if error else None,
         "counts": {"targets": row["targets"], **{k: row[k] for k in COUNT_KEYS}},
         "created_at": _iso_ts(row["created_at"]),
         "updated_at": _iso_ts(row["updated_at"]),
@@ -158,7 +269,9 @@ def list_jobs(conn: sqlite3.Connection, limit: int = 1000) -> list[dict[str, Any
 
 
 def mark_dirty(conn: sqlite3.Connection, job_id: str) -> None:
-    conn.execute("UPDATE jobs SET status_dirty = 1, status_published_at = 0 WHERE job_id = ?", (job_id,))
+    """Re-publish the job's current status now (locally and to the cloud)."""
+    conn.execute(f"UPDATE jobs SET {_DIRTY}, status_published_at = 0, cloud_published_at = 0 WHERE job_id = ?",
+                 (job_id,))
 
 
 # ------------------------------------------------------------------ expansion
@@ -167,62 +280,92 @@ def jobs_to_expand(conn: sqlite3.Connection, limit: int = 10) -> list[str]:
     return [r["job_id"] for r in rows]
 
 
-def expand_page(conn: sqlite3.Connection, job_id: str, batch_size: int, now: float) -> bool:
+def _route_of(channels: str, invalid: str, platforms: set[str] | None) -> str | None:
+    if platforms is None:
+        return None
+    marks = json.loads(invalid)
+    if not marks:  # the common case: the first channel on an enabled bridge, no parsing needed
+        return next((c.get("platform") for c in json.loads(channels) if c.get("platform") in platforms), None)
+    choice = choose_channel(json.loads(channels), marks, platforms)
+    return choice.platform if isinstance(choice, Route) else None  # None: the dispatcher finishes it
+
+
+def expand_page(conn: sqlite3.Connection, job_id: str, batch_size: int, now: float,
+                platforms: Iterable[str] | None = None) -> bool:
     """Turn the next page of the job's target into delivery rows; True when done.
 
     The cursor (last device_id) is committed with the rows, so a crash mid-job resumes
     at the next page, and ``UNIQUE(job_id, device_id)`` makes a repeated page harmless.
+    Each row gets its route (the bridge of its first attempt among ``platforms``), so
+    the dispatcher can fetch due work per bridge.
+
+    Counts: ``targets`` and ``queued`` were set when the job was accepted; rows made now
+    are already counted as queued (unknown devices move to failed). At the end the
+    counts are corrected to the rows really made, in case the registry changed meanwhile.
     """
-    job = conn.execute("SELECT target, expand_cursor, expanded FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+    job = conn.execute("SELECT target, expand_cursor, expanded, expires_at FROM jobs WHERE job_id = ?",
+                       (job_id,)).fetchone()
     if job is None or job["expanded"]:
         return True
+    due = min(now, job["expires_at"])  # a stored time is never past the TTL (ttl 0: due at once)
     target = json.loads(job["target"])
     cursor = job["expand_cursor"] or ""
     unknown: list[str] = []
+    platforms = set(platforms) if platforms is not None else None
     if "devices" in target:
         wanted: list[str] = target["devices"]
         start = bisect.bisect_right(wanted, cursor) if cursor else 0
         page = wanted[start:start + batch_size]
-        known = set()
+        found: dict[str, tuple[str, str]] = {}
         if page:
             marks = ",".join("?" * len(page))
-            known = {r[0] for r in conn.execute(f"SELECT device_id FROM devices WHERE device_id IN ({marks})", page)}
-        ids = [d for d in page if d in known]
-        unknown = [d for d in page if d not in known]
+            found = {r[0]: (r[1], r[2]) for r in conn.execute(
+                f"SELECT device_id, channels, invalid FROM devices WHERE device_id IN ({marks})", page)}
+        rows = [(d, _route_of(*found[d], platforms)) for d in page if d in found]
+        unknown = [d for d in page if d not in found]
         done = start + batch_size >= len(wanted)
     else:
         if "segment" in target:
-            rows = conn.execute("SELECT device_id FROM devices WHERE segment = ? AND device_id > ? "
-                                "ORDER BY device_id LIMIT ?", (target["segment"], cursor, batch_size))
+            found_rows = conn.execute("SELECT device_id, channels, invalid FROM devices WHERE segment = ? "
+                                      "AND device_id > ? ORDER BY device_id LIMIT ?",
+                                      (target["segment"], cursor, batch_size)).fetchall()
         else:
-            rows = conn.execute("SELECT device_id FROM devices WHERE device_id > ? ORDER BY device_id LIMIT ?",
-                                (cursor, batch_size))
-        ids = [r[0] for r in rows]
-        page = ids
-        done = len(ids) < batch_size
-    queued = _insert_deliveries(conn, job_id, ids, "queued", None, now)
-    failed = _insert_deliveries(conn, job_id, unknown, "failed", "unknown device", now)
+            found_rows = conn.execute("SELECT device_id, channels, invalid FROM devices WHERE device_id > ? "
+                                      "ORDER BY device_id LIMIT ?", (cursor, batch_size)).fetchall()
+        rows = [(r[0], _route_of(r[1], r[2], platforms)) for r in found_rows]
+        page = [r[0] for r in found_rows]
+        done = len(found_rows) < batch_size
+    queued = _insert_deliveries(conn, job_id, rows, "queued", None, due)
+    failed = _insert_deliveries(conn, job_id, [(d, None) for d in unknown], "failed", "unknown device", due)
     conn.execute(
-        "UPDATE jobs SET targets = targets + ?, queued = queued + ?, failed = failed + ?, expand_cursor = ?, "
-        "expanded = ?, state = CASE WHEN state = 'accepted' THEN 'dispatching' ELSE state END, "
-        "updated_at = ?, status_dirty = 1 WHERE job_id = ?",
-        (queued + failed, queued, failed, page[-1] if page else cursor, int(done), now, job_id),
+        "UPDATE jobs SET expanded_rows = expanded_rows + ?, queued = queued - ?, failed = failed + ?, "
+        "expand_cursor = ?, expanded = ?, state = CASE WHEN state = 'accepted' THEN 'dispatching' ELSE state END, "
+        f"updated_at = ?, {_DIRTY} WHERE job_id = ?",
+        (queued + failed, failed, failed, page[-1] if page else cursor, int(done), now, job_id),
     )
     if done:
+        if "segment" in target:
+            why = f"target.segment: no registered device is in segment {target['segment']!r}"
+        else:
+            why = "target.all: no device is registered"
+        conn.execute(
+            "UPDATE jobs SET queued = queued + (expanded_rows - targets), targets = expanded_rows, "
+            "error = CASE WHEN expanded_rows = 0 THEN ? ELSE error END WHERE job_id = ?",
+            (json.dumps({"code": "no_targets", "message": why}), job_id))
         settle_jobs(conn, [job_id], now)
     return done
 
 
-def _insert_deliveries(conn: sqlite3.Connection, job_id: str, device_ids: list[str], state: str,
+def _insert_deliveries(conn: sqlite3.Connection, job_id: str, rows: list[tuple[str, str | None]], state: str,
                        error: str | None, now: float) -> int:
-    if not device_ids:
+    if not rows:
         return 0
     # rowcount counts the rows this statement inserted, not the writes of triggers on
     # deliveries (gateway.stats keeps its aggregates with triggers); total_changes would.
     cur = conn.executemany(
-        "INSERT OR IGNORE INTO deliveries(message_id, job_id, device_id, state, next_at, last_error) "
-        "VALUES (?, ?, ?, ?, ?, ?)",
-        [(str(uuid.uuid4()), job_id, d, state, now, error) for d in device_ids],
+        "INSERT OR IGNORE INTO deliveries(message_id, job_id, device_id, state, next_at, last_error, route) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [(str(uuid.uuid4()), job_id, d, state, now, error, route) for d, route in rows],
     )
     return cur.rowcount
 
@@ -234,7 +377,7 @@ def settle_jobs(conn: sqlite3.Connection, job_ids: Iterable[str], now: float) ->
             "UPDATE jobs SET state = CASE "
             " WHEN expanded = 1 AND queued = 0 AND targets > 0 AND acknowledged = targets THEN 'acknowledged' "
             " WHEN expanded = 1 AND queued = 0 THEN 'completed' ELSE state END, "
-            " updated_at = ?, status_dirty = 1 WHERE job_id = ?",
+            f" updated_at = ?, {_DIRTY} WHERE job_id = ? AND state != 'rejected'",
             (now, job_id),
         )
 
@@ -248,20 +391,92 @@ class DueDelivery:
     attempts: int
     channels: list[dict[str, Any]] | None  # None: the device was removed
     invalid: dict[str, Any]
+    route: str | None = None
+    resend: bool = False  # already sent, unacked: this is a resend on ``route``
+
+
+_DUE_COLUMNS = ("SELECT d.message_id, d.job_id, d.device_id, d.attempts, v.channels, v.invalid, d.route "
+                "FROM deliveries d LEFT JOIN devices v ON v.device_id = d.device_id ")
+
+
+def _due_rows(rows: Iterable[Any], resend: bool = False) -> list[DueDelivery]:
+    return [DueDelivery(r[0], r[1], r[2], r[3], json.loads(r[4]) if r[4] else None,
+                        json.loads(r[5]) if r[5] else {}, r[6], resend) for r in rows]
+
+
+def due_for_route(conn: sqlite3.Connection, route: str, now: float, limit: int,
+                  resends: bool = True) -> list[DueDelivery]:
+    """Due work of one bridge: queued deliveries first, then sent ones due for a resend."""
+    out = _due_rows(conn.execute(_DUE_COLUMNS + "WHERE d.state = 'queued' AND d.route = ? AND d.next_at <= ? "
+                                 "ORDER BY d.next_at LIMIT ?", (route, now, limit)))
+    if resends and len(out) < limit:
+        out += _due_rows(conn.execute(_DUE_COLUMNS + "WHERE d.state = 'sent' AND d.route = ? AND d.resend_at <= ? "
+                                      "ORDER BY d.resend_at LIMIT ?", (route, now, limit - len(out))), resend=True)
+    return out
 
 
 def due_deliveries(conn: sqlite3.Connection, now: float, limit: int) -> list[DueDelivery]:
-    rows = conn.execute(
-        "SELECT d.message_id, d.job_id, d.device_id, d.attempts, v.channels, v.invalid FROM deliveries d "
-        "LEFT JOIN devices v ON v.device_id = d.device_id "
-        "WHERE d.state = 'queued' AND d.next_at <= ? ORDER BY d.next_at LIMIT ?", (now, limit))
-    return [DueDelivery(r[0], r[1], r[2], r[3], json.loads(r[4]) if r[4] else None,
-                        json.loads(r[5]) if r[5] else {}) for r in rows]
+    """Every due queued delivery, whatever its route (for tools and tests; the dispatcher
+    fetches per route)."""
+    return _due_rows(conn.execute(_DUE_COLUMNS + "WHERE d.state = 'queued' AND d.next_at <= ? "
+                                  "ORDER BY d.next_at LIMIT ?", (now, limit)))
+
+
+def next_due_for_route(conn: sqlite3.Connection, route: str, now: float, resends: bool = True) -> float | None:
+    """When the bridge's next delivery (or resend) falls due after ``now``."""
+    a = conn.execute("SELECT MIN(next_at) FROM deliveries WHERE state = 'queued' AND route = ? AND next_at > ?",
+                     (route, now)).fetchone()[0]
+    b = conn.execute("SELECT MIN(resend_at) FROM deliveries WHERE state = 'sent' AND route = ? AND resend_at > ?",
+                     (route, now)).fetchone()[0] if resends else None
+    return min((t for t in (a, b) if t is not None), default=None)
+
+
+def unrouted_due(conn: sqlite3.Connection, now: float, routable: Iterable[str], limit: int) -> list[DueDelivery]:
+    """Due queued deliveries without a route, or routed to a bridge that is not enabled
+    (the config changed, or expansion found no usable channel): to be routed again."""
+    enabled = set(routable)
+    out = _due_rows(conn.execute(_DUE_COLUMNS + "WHERE d.state = 'queued' AND d.route IS NULL AND d.next_at <= ? "
+                                 "LIMIT ?", (now, limit)))
+    for platform in PLATFORMS:
+        if platform not in enabled and len(out) < limit:
+            out += _due_rows(conn.execute(_DUE_COLUMNS + "WHERE d.state = 'queued' AND d.route = ? AND d.next_at <= ? "
+                                          "LIMIT ?", (platform, now, limit - len(out))))
+    return out
 
 
 def next_due_at(conn: sqlite3.Connection) -> float | None:
     row = conn.execute("SELECT MIN(next_at) FROM deliveries WHERE state = 'queued'").fetchone()
     return row[0]
+
+
+def expiring(conn: sqlite3.Connection, now: float, paused: Iterable[str], limit: int = 500) -> list[DueDelivery]:
+    """Queued deliveries that must expire although no bridge will fetch them: those of jobs
+    whose TTL has passed (their bridge may be paused or saturated), and those of ``ttl = 0``
+    jobs ("now or never") whose bridge is paused now."""
+    paused = sorted(set(paused))
+    out: list[DueDelivery] = []
+    jobs = conn.execute("SELECT job_id, ttl, expires_at FROM jobs WHERE state IN ('accepted', 'dispatching') "
+                        "AND queued > 0 AND (expires_at <= ? OR ttl = 0) ORDER BY expires_at LIMIT 100",
+                        (now,)).fetchall()
+    for job in jobs:
+        if len(out) >= limit:
+            break
+        if job["expires_at"] <= now and job["ttl"] > 0:
+            rows = conn.execute(_DUE_COLUMNS + "WHERE d.job_id = ? AND d.state = 'queued' LIMIT ?",
+                                (job["job_id"], limit - len(out)))
+        elif paused:
+            marks = ",".join("?" * len(paused))
+            rows = conn.execute(_DUE_COLUMNS + f"WHERE d.job_id = ? AND d.state = 'queued' AND d.route IN ({marks}) "
+                                "LIMIT ?", (job["job_id"], *paused, limit - len(out)))
+        else:
+            continue
+        out += _due_rows(rows)
+    return out
+
+
+def next_expiry(conn: sqlite3.Connection, now: float) -> float | None:
+    return conn.execute("SELECT MIN(expires_at) FROM jobs WHERE state IN ('accepted', 'dispatching') AND queued > 0 "
+                        "AND expires_at > ?", (now,)).fetchone()[0]
 
 
 def job_rows(conn: sqlite3.Connection, job_ids: Iterable[str]) -> dict[str, sqlite3.Row]:
@@ -285,6 +500,9 @@ class Result:
     next_at: float = 0.0
     error: str | None = None
     invalid_key: str | None = None  # channel to mark invalid on the device
+    route: str | None = None  # queued: the bridge of the next attempt (None: unchanged)
+    resend_at: float | None = None  # sent: when to send it again if still unacked (None: never)
+    resend: bool = False  # the delivery was already sent; it stays sent whatever this attempt gave
 
 
 @dataclass(slots=True)
@@ -294,6 +512,7 @@ class AckResult:
     job_id: str | None = None
     latency_ms: float | None = None
     first: bool = False
+    not_stored: bool = False  # raised NotStored (e.g. the upstream buffer refuses new acks)
 
 
 @dataclass
@@ -308,7 +527,7 @@ class _Deltas:
     def apply(self, conn: sqlite3.Connection, now: float) -> None:
         for job_id, deltas in self.by_job.items():
             sets = ", ".join(f"{k} = {k} + ?" for k in deltas)
-            conn.execute(f"UPDATE jobs SET {sets}, updated_at = ?, status_dirty = 1 WHERE job_id = ?",
+            conn.execute(f"UPDATE jobs SET {sets}, updated_at = ?, {_DIRTY} WHERE job_id = ?",
                          (*deltas.values(), now, job_id))
         settle_jobs(conn, self.by_job.keys(), now)
 
@@ -318,63 +537,134 @@ def apply_results(conn: sqlite3.Connection, results: list[Result], now: float) -
     for r in results:
         if r.invalid_key:
             mark_invalid(conn, r.device_id, r.invalid_key, r.error or "invalid address", now)
+        if r.resend:
+            # Already counted as sent; a resend changes attempts and the next resend only. The
+            # attempt counts even if the device's ack (to this very resend) was stored first.
+            conn.execute("UPDATE deliveries SET attempts = MAX(attempts, ?), "
+                         "resend_at = CASE WHEN state = 'sent' THEN ? END, "
+                         "last_error = CASE WHEN state = 'sent' THEN ? ELSE last_error END WHERE message_id = ?",
+                         (r.attempts, r.resend_at, r.error, r.message_id))
+            continue
         if r.state == "sent":
             cur = conn.execute(
-                "UPDATE deliveries SET state = 'sent', platform = ?, attempts = ?, sent_at = ?, last_error = NULL "
-                "WHERE message_id = ? AND state = 'queued'", (r.platform, r.attempts, now, r.message_id))
+                "UPDATE deliveries SET state = 'sent', platform = ?, route = ?, attempts = ?, sent_at = ?, "
+                "resend_at = ?, last_error = NULL WHERE message_id = ? AND state = 'queued'",
+                (r.platform, r.platform, r.attempts, now, r.resend_at, r.message_id))
+            if not cur.rowcount:  # acked before this result was recorded: keep what the send was
+                conn.execute("UPDATE deliveries SET platform = ?, route = ?, attempts = MAX(attempts, ?), "
+                             "sent_at = COALESCE(sent_at, ?) WHERE message_id = ? AND state = 'acknowledged'",
+                             (r.platform, r.platform, r.attempts, now, r.message_id))
         elif r.state == "queued":
-            cur = conn.execute(
-                "UPDATE deliveries SET platform = ?, attempts = ?, next_at = ?, last_error = ? "
-                "WHERE message_id = ? AND state = 'queued'", (r.platform, r.attempts, r.next_at, r.error, r.message_id))
+            conn.execute(
+                "UPDATE deliveries SET platform = COALESCE(?, platform), route = COALESCE(?, route), attempts = ?, "
+                "next_at = ?, last_error = ? WHERE message_id = ? AND state = 'queued'",
+                (r.platform, r.route, r.attempts, r.next_at, r.error, r.message_id))
             continue  # no count changes
         else:
             cur = conn.execute(
-                "UPDATE deliveries SET state = ?, platform = ?, attempts = ?, last_error = ? "
+                "UPDATE deliveries SET state = ?, platform = COALESCE(?, platform), attempts = ?, last_error = ? "
                 "WHERE message_id = ? AND state = 'queued'", (r.state, r.platform, r.attempts, r.error, r.message_id))
         if cur.rowcount:
             deltas.move(r.job_id, "queued", r.state)
     deltas.apply(conn, now)
 
 
-def postpone(conn: sqlite3.Connection, message_ids: list[str], until: float) -> None:
-    """Deliveries whose bridge is paused wait; attempts are not spent."""
-    conn.executemany("UPDATE deliveries SET next_at = ? WHERE message_id = ? AND state = 'queued'",
-                     [(until, m) for m in message_ids])
-
-
 def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, AckIn]], now: float,
                forward: Forwarder | None = None, acks_topic: str | None = None) -> list[AckResult]:
-    """Store every ack; the first valid one moves its delivery to acknowledged."""
+    """Store every ack; the first valid one moves its delivery to acknowledged.
+
+    Each ack is its own SAVEPOINT: one that cannot be stored (the upstream buffer raising
+    NotStored under ``overflow = "refuse-new"``) is rolled back alone and reported as
+    ``not_stored``; the rest of the batch commits."""
     deltas = _Deltas()
     out: list[AckResult] = []
+    savepoints = forward is not None  # only the forwarder can refuse one ack alone
     for device_id, ack in acks:
-        row = conn.execute("SELECT job_id, device_id, state, sent_at FROM deliveries WHERE message_id = ?",
-                           (ack.message_id,)).fetchone()
-        if row is None or row["device_id"] != device_id:
-            bump(conn, "acks_refused")
-            out.append(AckResult(False, "unknown message_id" if row is None else "message_id was not sent to this device"))
+        if savepoints:
+            conn.execute("SAVEPOINT ack")
+        try:
+            result, move = _apply_ack(conn, device_id, ack, now, forward, acks_topic)
+        except NotStored as exc:
+            if not savepoints:
+                raise
+            conn.execute("ROLLBACK TO ack")
+            conn.execute("RELEASE ack")
+            out.append(AckResult(False, f"not stored: {exc}", not_stored=True))
             continue
-        conn.execute("INSERT INTO acks(message_id, device_id, status, at, error, received_at) VALUES (?, ?, ?, ?, ?, ?)",
-                     (ack.message_id, device_id, ack.status, iso(ack.at), ack.error, now))
-        bump(conn, "acks_stored")
-        first = row["state"] in ("queued", "sent")
-        latency = None
-        if first:
-            sent_at = row["sent_at"] if row["sent_at"] is not None else now
-            latency = max(0.0, (ack.at.timestamp() - sent_at) * 1000.0)
-            conn.execute("UPDATE deliveries SET state = 'acknowledged', acked_at = ?, latency_ms = ? WHERE message_id = ?",
-                         (ack.at.timestamp(), latency, ack.message_id))
-            deltas.move(row["job_id"], row["state"], "acknowledged")
-        result = AckResult(True, job_id=row["job_id"], latency_ms=latency, first=first)
+        if savepoints:
+            conn.execute("RELEASE ack")
+        if move is not None:
+            deltas.move(*move)
         out.append(result)
-        if forward is not None and acks_topic is not None:
-            payload = {"message_id": ack.message_id, "status": ack.status, "at": iso(ack.at),
-                       **({"error": ack.error} if ack.error is not None else {}),
-                       "device_id": device_id, "job_id": row["job_id"],
-                       "latency_ms": round(latency, 3) if latency is not None else None}
-            forward.enqueue(conn, "ack", acks_topic, json.dumps(payload).encode(), False, None)
     deltas.apply(conn, now)
     return out
+
+
+def _apply_ack(conn: sqlite3.Connection, device_id: str, ack: AckIn, now: float, forward: Forwarder | None,
+               acks_topic: str | None) -> tuple[AckResult, tuple[str, str, str] | None]:
+    row = conn.execute("SELECT job_id, device_id, state, sent_at FROM deliveries WHERE message_id = ?",
+                       (ack.message_id,)).fetchone()
+    if row is None or row["device_id"] != device_id:
+        bump(conn, "acks_refused")
+        return AckResult(False, "unknown message_id" if row is None else "message_id was not sent to this device"), None
+    conn.execute("INSERT INTO acks(message_id, device_id, status, at, error, received_at) VALUES (?, ?, ?, ?, ?, ?)",
+                 (ack.message_id, device_id, ack.status, iso(ack.at), ack.error, now))
+    bump(conn, "acks_stored")
+    first = row["state"] in ("queued", "sent")
+    latency = None
+    move = None
+    if first:
+        sent_at = row["sent_at"] if row["sent_at"] is not None else now
+        latency = max(0.0, (ack.at.timestamp() - sent_at) * 1000.0)
+        conn.execute("UPDATE deliveries SET state = 'acknowledged', acked_at = ?, latency_ms = ?, resend_at = NULL "
+                     "WHERE message_id = ?", (ack.at.timestamp(), latency, ack.message_id))
+        move = (row["job_id"], row["state"], "acknowledged")
+    if forward is not None and acks_topic is not None:
+        payload = {"message_id": ack.message_id, "status": ack.status, "at": iso(ack.at),
+                   **({"error": ack.error} if ack.error is not None else {}),
+                   "device_id": device_id, "job_id": row["job_id"],
+                   "latency_ms": round(latency, 3) if latency is not None else None}
+        forward.enqueue(conn, "ack", acks_topic, json.dumps(payload).encode(), False, None)
+    return AckResult(True, job_id=row["job_id"], latency_ms=latency, first=first), move
+
+
+# ------------------------------------------------------------------ retention
+def prune(conn: sqlite3.Connection, cutoff: float, now: float, max_rows: int = 2000) -> list[str]:
+    """Delete finished jobs last changed before ``cutoff`` with their deliveries and acks,
+    touching about ``max_rows`` rows (one small transaction; a big job takes several).
+    Returns the job_ids whose job row went: their retained status is now owed a clear
+    (``status_clears``), published by the status publisher."""
+    pruned: list[str] = []
+    budget = max_rows
+    marks_states = ",".join("?" * len(FINAL_JOB_STATES))
+    jobs = conn.execute(f"SELECT job_id FROM jobs WHERE state IN ({marks_states}) AND updated_at < ? "
+                        "ORDER BY updated_at LIMIT 100", (*FINAL_JOB_STATES, cutoff)).fetchall()
+    for (job_id,) in jobs:
+        if budget <= 0:
+            break
+        ids = [r[0] for r in conn.execute("SELECT message_id FROM deliveries WHERE job_id = ? LIMIT ?",
+                                          (job_id, budget))]
+        if ids:
+            marks = ",".join("?" * len(ids))
+            conn.execute(f"DELETE FROM acks WHERE message_id IN ({marks})", ids)
+            conn.execute(f"DELETE FROM deliveries WHERE message_id IN ({marks})", ids)
+        if len(ids) >= budget:
+            break  # more rows of this job next time
+        budget -= len(ids) + 1
+        conn.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
+        conn.execute("INSERT OR REPLACE INTO status_clears(job_id, at) VALUES (?, ?)", (job_id, now))
+        pruned.append(job_id)
+    if pruned:
+        bump(conn, "jobs_pruned", len(pruned))
+    return pruned
+
+
+def owed_clears(conn: sqlite3.Connection, limit: int = 200) -> list[str]:
+    return [r[0] for r in conn.execute("SELECT job_id FROM status_clears ORDER BY at LIMIT ?", (limit,))]
+
+
+def clears_done(conn: sqlite3.Connection, job_ids: list[str]) -> None:
+    conn.executemany("DELETE FROM status_clears WHERE job_id = ?", [(j,) for j in job_ids])
 
 
 def delivery_rows(conn: sqlite3.Connection, job_id: str, limit: int = 100000) -> list[dict[str, Any]]:

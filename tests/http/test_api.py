@@ -90,7 +90,9 @@ def test_bad_jobs_get_the_mqtt_codes_and_messages(api):
     assert error_of(tech.post("/v1/jobs", content=b""))["code"] == "invalid_json"
     big = tech.post("/v1/jobs", content=dumps(job(body="x" * 300_000)))
     assert big.status_code == 413 and error_of(big)["code"] == "too_large"
-    assert db_rows(api.data_dir, "SELECT COUNT(*) FROM jobs WHERE job_id = 'typo-1'") == [(0,)]
+    # Stored as rejected (issue 14.5: `jobs show typo-1` explains it), never dispatched.
+    assert db_rows(api.data_dir, "SELECT state, expanded FROM jobs WHERE job_id = 'typo-1'") == [("rejected", 1)]
+    assert db_rows(api.data_dir, "SELECT COUNT(*) FROM deliveries WHERE job_id = 'typo-1'") == [(0,)]
 
 
 def test_devices_crud_paging_and_device_self_service(api):

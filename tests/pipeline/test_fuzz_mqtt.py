@@ -1,6 +1,8 @@
 """Hypothesis fuzzing of jobs, devices and acks sent over MQTT to the running daemon.
 
-Whatever arrives, the daemon must stay up, keep answering, and still run a valid job
+Whatever arrives, the daemon must answer every input as the contract says (a status for
+a job with a readable job_id, an error on ``P/gateway/errors`` for other bad input, a
+counted refusal for an ack nobody was sent), stay up, and still run a valid job
 afterwards with exact counts.
 """
 
@@ -8,9 +10,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.support import MqttProbe, bulk_register, cli
@@ -21,7 +24,8 @@ json_scalars = st.none() | st.booleans() | st.integers(-2**63, 2**63) | st.float
 json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4), max_leaves=20)
 
 job_like = st.fixed_dictionaries({}, optional={
-    "job_id": st.text(max_size=70) | json_values,
+    "job_id": st.sampled_from(["fz-1", "fz-2", "fz.3"]) | st.from_regex(r"[A-Za-z0-9._:-]{1,64}", fullmatch=True)
+              | st.text(max_size=70) | json_values,
     "target": st.one_of(json_values, st.fixed_dictionaries({}, optional={
         "devices": st.lists(st.text(max_size=10), max_size=3) | json_values,
         "segment": st.text(max_size=10) | json_values, "all": json_values})),
@@ -36,6 +40,9 @@ ack_like = st.fixed_dictionaries({}, optional={
     "message_id": st.uuids().map(str) | json_values, "status": st.sampled_from(["received", "opened", "bogus"]) | json_values,
     "at": st.sampled_from(["2030-01-01T00:00:00", "2030-01-01T00:00:00+05:30", "yesterday", ""]) | json_values,
     "error": json_values, "extra": json_values})
+ack_like = ack_like | st.fixed_dictionaries(
+    {"message_id": st.uuids().map(str), "status": st.sampled_from(["received", "opened", "failed"])},
+    optional={"at": st.sampled_from(["2030-01-01T00:00:00", "2030-01-01T00:00:00Z"]), "error": st.text(max_size=20)})
 device_like = st.fixed_dictionaries({}, optional={
     "device_id": st.text(max_size=20) | json_values, "segment": json_values, "tags": json_values,
     "channels": st.lists(st.fixed_dictionaries({"platform": st.sampled_from(["fcm", "apns", "mqtt", "webpush", "x"])},
@@ -43,21 +50,117 @@ device_like = st.fixed_dictionaries({}, optional={
 raw_bytes = st.binary(max_size=300)
 
 
-def test_fuzzed_mqtt_input_never_crashes_the_daemon(gateway_factory, tmp_path: Path):
+def expected_answer(topic: str, body: bytes) -> tuple[str, str | None]:
+    """What the contract says the gateway answers to one input, by the parsers' verdict:
+    ("status", job_id) for a job with a readable job_id, ("status", None) for a valid job
+    without one, ("error", None) for input answered on P/gateway/errors, ("ack", None) for a
+    well-formed ack (stored or refused and counted), ("device", None) for a registration or
+    removal that is stored."""
+    from gateway.pipeline.models import (
+        DEVICE_ID_RE,
+        MAX_JOB_BYTES,
+        InputError,
+        decode_json_object,
+        parse_ack,
+        parse_device,
+        parse_job,
+        readable_job_id,
+    )
+
+    if topic == f"{P}/jobs":
+        try:
+            obj = decode_json_object(body, MAX_JOB_BYTES, "job")
+        except InputError:
+            return "error", None
+        job_id = readable_job_id(obj)
+        if job_id is not None:
+            return "status", job_id
+        try:
+            parse_job(obj)
+        except InputError:
+            return "error", None
+        return "status", None
+    device_id = topic.split("/")[3]
+    if topic.endswith("/ack"):
+        try:
+            parse_ack(body)
+        except InputError:
+            return "error", None
+        return "ack", None
+    if not DEVICE_ID_RE.match(device_id):
+        return "error", None
+    if not body:
+        return "device", None
+    try:
+        parse_device(body, device_id)
+    except InputError:
+        return "error", None
+    return "device", None
+
+
+def test_every_fuzzed_mqtt_input_is_answered_and_the_daemon_keeps_working(gateway_factory, tmp_path: Path):
+    """Each job with a readable job_id gets a status on its topic; every other bad input an
+    error on P/gateway/errors naming its topic (exactly one each); every well-formed ack is
+    stored or refused and counted. Then a valid job still runs with exact counts."""
     gw = gateway_factory({"bridges": {"simulation": {"latency_ms": 0}}})
     bulk_register(tmp_path / "var", [{"device_id": f"d{i}", "channels": [{"platform": "simulation"}]} for i in range(5)])
-    probe = MqttProbe(gw.port)
+    probe = MqttProbe(gw.port, [f"{P}/jobs/+/status", f"{P}/gateway/errors"])
     topics = st.sampled_from([f"{P}/jobs", f"{P}/devices/d1/ack", f"{P}/devices/fz/register",
-                              f"{P}/devices/d2/register", f"{P}/devices/../ack"])
+                              f"{P}/devices/d2/register", f"{P}/devices/../ack", f"{P}/devices/../register"])
+    sent: list[tuple[str, bytes]] = []
+    infos = []
 
     @settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     @given(topic=topics, body=st.one_of(job_like.map(json.dumps), ack_like.map(json.dumps),
                                         device_like.map(json.dumps), raw_bytes))
+    # One of each kind of answer, whatever the generator draws:
+    @example(topic=f"{P}/jobs", body=json.dumps({"job_id": "fz-ex", "target": {"all": True},
+                                                 "notification": {"tll": 1}}))
+    @example(topic=f"{P}/jobs", body=b"{not json")
+    @example(topic=f"{P}/devices/d1/ack", body=json.dumps({"message_id": "00000000-0000-0000-0000-000000000000",
+                                                            "status": "received"}))
+    @example(topic=f"{P}/devices/fz/register",
+             body=json.dumps({"device_id": "fz", "channels": [{"platform": "simulation"}]}))
     def publish(topic: str, body) -> None:
-        probe.client.publish(topic, body, qos=1)
+        payload = body.encode() if isinstance(body, str) else body
+        sent.append((topic, payload))
+        infos.append(probe.client.publish(topic, payload, qos=1))
 
     publish()
-    time.sleep(1.0)
+    for info in infos:
+        info.wait_for_publish(10)
+        assert info.is_published()
+    expected = [expected_answer(t, b) for t, b in sent]
+    errors_per_topic = Counter(t for (t, _), (kind, _) in zip(sent, expected) if kind == "error")
+    job_ids = {job_id for kind, job_id in expected if kind == "status" and job_id is not None}
+    anonymous_jobs = sum(1 for kind, job_id in expected if kind == "status" and job_id is None)
+    well_formed_acks = sum(1 for kind, _ in expected if kind == "ack")
+    assert errors_per_topic and job_ids and well_formed_acks  # the fuzz reached every branch
+
+    def answered(msgs) -> bool:  # noqa: ANN001
+        errors = Counter(json.loads(p)["topic"] for _, t, p, _ in msgs if t == f"{P}/gateway/errors")
+        status_ids = {json.loads(p)["job_id"] for _, t, p, _ in msgs if t.endswith("/status") and p}
+        return (all(errors[t] >= n for t, n in errors_per_topic.items()) and job_ids <= status_ids
+                and len(status_ids - job_ids) >= anonymous_jobs)
+
+    probe.wait_for(answered, timeout=60)
+    msgs = probe.on("#")
+    errors = [json.loads(p) for _, t, p, _ in msgs if t == f"{P}/gateway/errors"]
+    assert Counter(e["topic"] for e in errors) == errors_per_topic  # exactly one answer each
+    assert all(e["error"]["code"] and ":" in e["error"]["message"] for e in errors)
+    from gateway.pipeline import store
+    from gateway.storage import connect
+
+    deadline = time.monotonic() + 30
+    while True:
+        conn = connect(tmp_path / "var" / "gateway.db")
+        counts = store.counters(conn)
+        conn.close()
+        if counts.get("acks_refused", 0) + counts.get("acks_stored", 0) >= well_formed_acks:
+            break
+        assert time.monotonic() < deadline, (counts, well_formed_acks)
+        time.sleep(0.1)
+    assert counts.get("acks_refused", 0) + counts.get("acks_stored", 0) == well_formed_acks
     assert gw.proc.poll() is None, gw.log()[-3000:]
     res = cli(gw.config, "send", "--title", "after the storm", "--device", "d0", "--device", "d3", "--wait", "--timeout", "30")
     assert res.returncode == 0, res.stderr + gw.log()[-2000:]

@@ -58,7 +58,7 @@ class Harness:
         self.cfg = DispatchSection(**{"backoff_initial_s": 0.05, "backoff_max_s": 0.2, **dispatch})
         self.recorder = Recorder(db)
         self.dispatcher = Dispatcher(self.cfg, db, bridges, self.recorder, rng=random.Random(1))
-        self.expander = Expander(db, self.cfg.batch_size, self.dispatcher.wake.set)
+        self.expander = Expander(db, self.cfg.batch_size, self.dispatcher.new_rows)
         self.stopping = asyncio.Event()
 
     async def add_devices(self, devices: list[dict]) -> None:
@@ -314,3 +314,188 @@ async def test_acks_first_moves_state_every_ack_stored_foreign_refused(db):
     await db.run(lambda conn: store.apply_acks(conn, [("d2", parse_ack(
         f'{{"message_id":"{m2}","status":"received","at":"2030-01-01T10:00:00Z"}}'.encode()))], time.time()))
     assert (await db.run(lambda conn: store.job_status(conn, job_id)))["state"] == "acknowledged"
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 9 (items 4, 6, 7, 8) and issue 14 (items 5, 6): targets, pauses, fairness, resends.
+
+class CountingDatabase(Database):
+    """The real database, counting transactions (a dispatcher polling SQLite shows up here)."""
+
+    calls = 0
+
+    async def run(self, fn):  # noqa: ANN001, ANN201
+        self.calls += 1
+        return await super().run(fn)
+
+
+async def run_for(h: Harness, seconds: float) -> None:
+    h.stopping = asyncio.Event()
+    tasks = [asyncio.create_task(h.recorder.run()), asyncio.create_task(h.expander.run(h.stopping)),
+             asyncio.create_task(h.dispatcher.run(h.stopping))]
+    await asyncio.sleep(seconds)
+    h.stopping.set()
+    await h.dispatcher.drain(1)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_targets_are_counted_when_the_job_is_accepted_and_an_empty_target_says_so(db):
+    h = Harness(db, {"simulation": ScriptedBridge("simulation")}, batch_size=3)
+    await h.add_devices([sim(f"d{i}", segment="pos") for i in range(7)])
+    job_id = await h.submit(job({"segment": "pos"}))
+    # Before any expansion: the first status already has the right total, and counts add up.
+    status = await db.run(lambda conn: store.job_status(conn, job_id))
+    assert status["state"] == "accepted" and status["counts"]["targets"] == 7 and status["counts"]["queued"] == 7
+    done = await h.run_until_complete(job_id)
+    assert done["counts"]["targets"] == 7 and done["counts"]["sent"] == 7 and done["error"] is None
+    h2 = Harness(db, {"simulation": ScriptedBridge("simulation")})
+    empty = await h2.submit(job({"segment": "nobody-here"}))
+    status = await h2.run_until_complete(empty)
+    assert status["state"] == "completed" and status["counts"]["targets"] == 0
+    assert status["error"]["code"] == "no_targets" and "nobody-here" in status["error"]["message"]
+
+
+async def test_a_paused_bridge_does_not_make_the_dispatcher_poll(tmp_path: Path):
+    db = await CountingDatabase(tmp_path / "gw.db").open([schema.migrate])
+    try:
+        h = Harness(db, {"fcm": ScriptedBridge("fcm")})
+        await h.add_devices([sim(f"f{i}", "fcm") for i in range(20)])
+        h.dispatcher.slots["fcm"].paused_until = float("inf")  # as a bridge that could not start
+        h.dispatcher.slots["fcm"].pause_reason = "bridges.fcm: bad key"
+        await h.submit(job({"all": True}))
+        await run_for(h, 0.5)  # expansion done; everything due belongs to the paused bridge
+        before = db.calls
+        await run_for(h, 2.0)
+        assert db.calls - before <= 12, f"{db.calls - before} transactions in 2 s with nothing to do"
+    finally:
+        await db.close()
+
+
+async def test_a_bridge_that_cannot_start_keeps_finite_times_and_delivers_after_a_restart(db):
+    fcm = ScriptedBridge("fcm")
+    h = Harness(db, {"fcm": fcm, "simulation": ScriptedBridge("simulation")})
+    await h.add_devices([sim("f1", "fcm"), sim("s1")])
+    h.dispatcher.slots["fcm"].paused_until = float("inf")
+    h.dispatcher.slots["fcm"].pause_reason = "bridges.fcm: bad key"
+    job_id = await h.submit(job({"all": True}, ttl=600))
+    await run_for(h, 1.0)
+    rows = await db.run(lambda conn: conn.execute(
+        "SELECT d.state, d.next_at, j.expires_at FROM deliveries d JOIN jobs j USING (job_id)").fetchall())
+    assert {r["state"] for r in rows} == {"queued", "sent"}
+    assert all(r["next_at"] <= r["expires_at"] for r in rows), [tuple(r) for r in rows]
+    assert fcm.calls == []
+    # "Restart" with the key fixed: a fresh dispatcher on the same database.
+    h2 = Harness(db, {"fcm": fcm, "simulation": ScriptedBridge("simulation")})
+    status = await h2.run_until_complete(job_id, timeout=5)
+    assert status["counts"]["sent"] == 2 and len(fcm.calls) == 1
+
+
+async def test_ttl_zero_is_now_or_never_also_when_the_bridge_is_unhealthy(db):
+    bridge = ScriptedBridge("fcm", {"f0": [Outcome.unhealthy("THIRD_PARTY_AUTH_ERROR", retry_after=0.3)]})
+    h = Harness(db, {"fcm": bridge})
+    await h.add_devices([sim("f0", "fcm")])
+    job_id = await h.submit(job({"all": True}, ttl=0))
+    status = await h.run_until_complete(job_id, timeout=3)
+    assert status["counts"]["expired"] == 1 and status["counts"]["sent"] == 0
+    assert len(bridge.calls) == 1  # not sent again once the bridge recovered
+    # A ttl=0 job that arrives while the bridge is paused is not kept for later either.
+    h2 = Harness(db, {"fcm": bridge})
+    h2.dispatcher.slots["fcm"].paused_until = time.time() + 0.6
+    h2.dispatcher.slots["fcm"].pauses = 1
+    job2 = await h2.submit(job({"all": True}, ttl=0))
+    status = await h2.run_until_complete(job2, timeout=3)
+    assert status["counts"]["expired"] == 1 and len(bridge.calls) == 1
+
+
+async def test_a_saturated_bridge_does_not_hold_other_bridges_behind_it(db):
+    slow = ScriptedBridge("fcm", delay=0.2)
+    fast = ScriptedBridge("simulation")
+    h = Harness(db, {"fcm": slow, "simulation": fast}, max_in_flight=4, batch_size=200)
+    await h.add_devices([sim(f"f{i:04}", "fcm", segment="phones") for i in range(600)]
+                        + [sim(f"s{i}", segment="plcs") for i in range(5)])
+    big = await h.submit(job({"segment": "phones"}))
+    tasks = [asyncio.create_task(h.recorder.run()), asyncio.create_task(h.expander.run(h.stopping)),
+             asyncio.create_task(h.dispatcher.run(h.stopping))]
+    try:
+        await asyncio.sleep(0.5)  # the slow bridge is saturated with 600 due deliveries
+        t0 = time.monotonic()
+        small = await h.submit(job({"segment": "plcs"}))
+        while (await db.run(lambda conn: store.job_status(conn, small)))["state"] != "completed":
+            assert time.monotonic() - t0 < 2.0, "the small job waited behind the saturated bridge"
+            await asyncio.sleep(0.02)
+        assert (await db.run(lambda conn: store.job_status(conn, big)))["counts"]["queued"] > 400
+        assert len(fast.calls) == 5
+    finally:
+        h.stopping.set()
+        await h.dispatcher.drain(0.5)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_unacked_deliveries_are_resent_until_acked_or_out_of_attempts(db):
+    from gateway.pipeline.models import parse_ack
+
+    mqtt = ScriptedBridge("mqtt")
+    h = Harness(db, {"mqtt": mqtt}, ack_timeout_s=0.3, max_attempts=3)
+    h.dispatcher.resend = {"mqtt"}
+    await h.add_devices([sim("plc-1", "mqtt"), sim("plc-2", "mqtt")])
+    job_id = await h.submit(job({"all": True}))
+    status = await h.run_until_complete(job_id)
+    assert status["counts"]["sent"] == 2  # completed: nothing queued; resends go on while unacked
+    rows = await h.deliveries(job_id)
+    m1 = rows["plc-1"]["message_id"]
+    await run_for(h, 0.45)  # one ack timeout later: each sent once more
+    ack = parse_ack(f'{{"message_id":"{m1}","status":"received","at":"2030-01-01T10:00:00Z"}}'.encode())
+    await db.run(lambda conn: store.apply_acks(conn, [("plc-1", ack)], time.time()))
+    await run_for(h, 1.2)  # plc-2 runs out of attempts (3); plc-1 is acked: no more resends
+    sent = defaultdict(list)
+    for _, d in mqtt.calls:
+        sent[d.device_id].append((d.message_id, d.attempt))
+    assert [a for _, a in sent["plc-1"]] == [1, 2] and len({m for m, _ in sent["plc-1"]}) == 1
+    assert [a for _, a in sent["plc-2"]] == [1, 2, 3] and {m for m, _ in sent["plc-2"]} == {rows["plc-2"]["message_id"]}
+    rows = await h.deliveries(job_id)
+    assert rows["plc-2"]["state"] == "sent" and rows["plc-2"]["attempts"] == 3
+    assert "no more resends" in rows["plc-2"]["last_error"]
+    status = await db.run(lambda conn: store.job_status(conn, job_id))
+    c = status["counts"]
+    assert (c["sent"], c["acknowledged"], c["queued"]) == (1, 1, 0) and status["state"] == "completed"
+    assert sum(c[k] for k in store.COUNT_KEYS) == c["targets"]
+
+
+async def test_one_ack_that_cannot_be_stored_fails_alone_not_its_batch(db):
+    from gateway.pipeline.models import parse_ack
+    from gateway.storage import NotStored
+
+    class RefusingOutbox:
+        """Stands in for the upstream outbox under overflow = "refuse-new" (for one device)."""
+
+        def enqueue(self, conn, kind, topic, payload, retain, coalesce_key=None):  # noqa: ANN001
+            if b'"device_id": "d2"' in payload:
+                raise NotStored("upstream buffer full")
+            conn.execute("INSERT INTO counters(name, value) VALUES ('forwarded', 1) "
+                         "ON CONFLICT(name) DO UPDATE SET value = value + 1")
+
+    h = Harness(db, {"simulation": ScriptedBridge("simulation")})
+    await h.add_devices([sim("d1"), sim("d2"), sim("d3")])
+    job_id = await h.submit(job({"all": True}))
+    await h.run_until_complete(job_id)
+    rows = await h.deliveries(job_id)
+    recorder = Recorder(db, RefusingOutbox(), "p/acks")
+    task = asyncio.create_task(recorder.run())
+    try:
+        acks = [recorder.ack(d, parse_ack(f'{{"message_id":"{rows[d]["message_id"]}","status":"received",'
+                                          f'"at":"2030-01-01T10:00:00Z"}}'.encode())) for d in ("d1", "d2", "d3")]
+        results = await asyncio.gather(*acks, return_exceptions=True)
+    finally:
+        task.cancel()
+    assert recorder.batches == 1
+    assert results[0].accepted and results[2].accepted
+    assert isinstance(results[1], NotStored)
+    states = {d: r["state"] for d, r in (await h.deliveries(job_id)).items()}
+    assert states == {"d1": "acknowledged", "d2": "sent", "d3": "acknowledged"}
+    stored = await db.run(lambda conn: conn.execute("SELECT device_id FROM acks ORDER BY device_id").fetchall())
+    assert [r[0] for r in stored] == ["d1", "d3"]
+    assert (await db.run(store.counters))["forwarded"] == 2
