@@ -484,7 +484,7 @@ def _may_ack_alarms(principal: "Principal") -> bool:
 def _int(raw: str | None, default: int, name: str) -> int:
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= q.MAX_PAGE:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= q.MAX_PAGE:  # "²".isdigit() is true
         raise ApiError(400, "bad_request", f"{name}: must be an integer 1..{q.MAX_PAGE}")
     return int(raw)
 

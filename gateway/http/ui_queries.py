@@ -140,6 +140,7 @@ def job_summary(row: sqlite3.Row) -> dict[str, Any]:
         "counts": {"targets": row["targets"], **{k: row[k] for k in COUNT_KEYS}},
         "created_at": _iso_ts(row["created_at"]), "updated_at": _iso_ts(row["updated_at"]),
         "source": row["source"], "title": notification.get("title"), "priority": notification.get("priority"),
+        "cursor": encode_job_cursor(row["created_at"], row["job_id"]),  # a page that ends here continues from it
     }
 
 
@@ -165,8 +166,8 @@ def jobs_page(conn: sqlite3.Connection, limit: int = 20, before: str | None = No
     where, args = [], []
     if before:
         created, job_id = decode_job_cursor(before)
-        where.append("(created_at < ? OR (created_at = ? AND job_id < ?))")
-        args += [created, created, job_id]
+        where.append("(created_at, job_id) < (?, ?)")  # a row value: a range on ui_jobs_by_created
+        args += [created, job_id]
     if state:
         where.append("state = ?")
         args.append(state)
@@ -406,8 +407,8 @@ def alarms_page(conn: sqlite3.Connection, state: str = "firing", after: tuple[st
     if not stats.has_table(conn, "alarms"):
         return {"alarms": [], "next": None, "counts": alarm_counts(conn)}
     rule, key = after or ("", "")
-    rows = conn.execute("SELECT * FROM alarms WHERE state = ? AND (rule > ? OR (rule = ? AND akey > ?)) "
-                        "ORDER BY rule, akey LIMIT ?", (state, rule, rule, key, limit + 1)).fetchall()
+    rows = conn.execute("SELECT * FROM alarms WHERE state = ? AND (rule, akey) > (?, ?) "
+                        "ORDER BY rule, akey LIMIT ?", (state, rule, key, limit + 1)).fetchall()
     more = len(rows) > limit
     rows = rows[:limit]
     return {"alarms": [_alarm_json(r) for r in rows], "counts": alarm_counts(conn),

@@ -12,6 +12,7 @@ const FINAL = new Set(["completed", "acknowledged", "rejected"]);
 
 const view = {jobs: [], cursors: [null], next: null, filter: {q: "", state: ""}, open: null, deliveries: null};
 let onOpen = () => {};
+let loadedOnce = false;
 
 /** The bar: one segment per delivery state, widths in % of targets. */
 export function progress(job) {
@@ -64,6 +65,7 @@ export async function loadJobs(cursorIndex = 0) {
   view.cursors.length = cursorIndex + 1;
   view.index = cursorIndex;
   view.next = page.next;
+  loadedOnce = true;
   renderList();
 }
 
@@ -78,38 +80,56 @@ function onFirstPageUnfiltered() {
   return !view.index && !view.filter.q && !view.filter.state;
 }
 
-/** Jobs that changed (the event stream): rows shown are replaced in place; a job not
- * shown yet that belongs on top of the first page reloads that page (one request). */
+const newer = (a, b) => a.created_at > b.created_at || (a.created_at === b.created_at && a.job_id > b.job_id);
+
+/** Put a job that is not shown yet where it belongs in a newest-first list of ``size``;
+ * true if it went in. The row pushed out gives the list its "older" cursor. */
+function place(list, job, size) {
+  const at = list.findIndex((j) => newer(job, j));
+  if (at < 0 && list.length >= size) return false;
+  list.splice(at < 0 ? list.length : at, 0, job);
+  return list.length > size ? (list.pop(), "trimmed") : true;
+}
+
+/** Jobs that changed (the event stream): rows shown are redrawn in place, new jobs that
+ * belong on the first page are put there. No request: the event carries the data. */
 export function jobsChanged(changed) {
-  let reload = false;
-  let reloadLatest = false;
+  let redraw = false;
+  let redrawLatest = false;
   for (const job of changed) {
     const i = view.jobs.findIndex((j) => j.job_id === job.job_id);
     if (i >= 0) {
       view.jobs[i] = job;
       const row = $(`#jobs-list li[data-job-id="${CSS.escape(job.job_id)}"]`);
       if (row) row.replaceWith(jobRow(job));
-    } else if (onFirstPageUnfiltered() && (!view.jobs.length || job.created_at >= view.jobs[0].created_at)) {
-      reload = true;
+    } else if (onFirstPageUnfiltered()) {
+      const placed = place(view.jobs, job, PAGE);
+      if (placed === "trimmed") view.next = view.jobs[view.jobs.length - 1].cursor;
+      redraw = redraw || Boolean(placed);
     }
     const k = latest.findIndex((j) => j.job_id === job.job_id);
     if (k >= 0) {
       latest[k] = job;
       const row = $(`#now-jobs li[data-job-id="${CSS.escape(job.job_id)}"]`);
       if (row) row.replaceWith(jobRow(job));
-    } else if (!latest.length || job.created_at >= latest[latest.length - 1].created_at) {
-      reloadLatest = true;
+    } else {
+      redrawLatest = place(latest, job, LATEST) || redrawLatest;
     }
     if (view.open && view.open.job_id === job.job_id) updateOpen(job);
   }
-  if (reload) loadJobs(0).catch(showListError);
-  if (reloadLatest) loadLatest().catch(() => {});
+  if (redraw && loadedOnce) renderList();
+  if (redrawLatest) renderLatest();
 }
 
-// The Now tab's five latest jobs.
+// The Now tab's latest jobs.
+const LATEST = 5;
 let latest = [];
 export async function loadLatest() {
-  latest = (await get("/ui/api/jobs", {limit: 5})).jobs;
+  latest = (await get("/ui/api/jobs", {limit: LATEST})).jobs;
+  renderLatest();
+}
+
+function renderLatest() {
   fill($("#now-jobs"), latest.length ? latest.map(jobRow) : h("li", {class: "muted"}, "no jobs yet"));
 }
 
@@ -324,7 +344,7 @@ export function initJobs(session, opened) {
     view.cursors = [null];
     loadJobs(0).catch(showListError);
   });
-  $("#jobs-older").addEventListener("click", () => { view.cursors[view.index + 1] = view.next; loadJobs(view.index + 1); });
+  $("#jobs-older").addEventListener("click", () => { view.cursors[view.index + 1] = view.next; loadJobs(view.index + 1).catch(showListError); });
   $("#jobs-newer").addEventListener("click", () => loadJobs(view.index - 1));
 }
 
