@@ -121,6 +121,11 @@ class BasicAuth:
         name, sep, password = decoded.partition(":")
         if not sep or not name:
             raise ApiError(401, "unauthorized", "Authorization: expected NAME:PASSWORD", CHALLENGE)
+        return await self.check(name, password)
+
+    async def check(self, name: str, password: str) -> Principal:
+        """The principal of a name and password (HTTP Basic, the operator page's login form),
+        or ApiError 401/403/503; cached and rate-bounded as described above."""
         self._check_file()
         key = hmac.new(self._key, name.encode() + b"\0" + password.encode(), hashlib.sha256).digest()
         cached = self._cache.get(key)
@@ -150,6 +155,10 @@ class BasicAuth:
         except (PasswordFileError, OSError) as exc:
             log.error("password file unreadable; HTTP logins refused", error=str(exc))
             return None
+
+    def principal_for(self, name: str, role: str) -> Principal:
+        """The principal of an account already verified (an operator page session)."""
+        return self._principal(name, role)
 
     def _principal(self, name: str, role: str) -> Principal:
         rule = self.roles.get(role)

@@ -1,4 +1,4 @@
-"""The routes of contract §10 (all but ``GET /``'s operator page, which is a later issue).
+"""The routes of contract §10 (``GET /``'s operator page for browsers is :mod:`gateway.http.ui`).
 
 Every handler validates with the same functions as the MQTT side
 (:mod:`gateway.pipeline.models`) and commits through the same pipeline entry points
@@ -134,6 +134,14 @@ class Api:
         if not principal.may_submit_jobs():
             raise ApiError(403, "forbidden", f"role {principal.role!r} may not submit jobs")
         payload = await read_body(request, MAX_JOB_BYTES, "job")
+        status = await self.submit_job(principal, payload)
+        return json_response(status, status=202, headers={"Location": f"/v1/jobs/{status['job_id']}"})
+
+    async def submit_job(self, principal: Any, payload: bytes) -> dict[str, Any]:
+        """Validate and commit a job (the API's and the operator page's one way in); the
+        JobStatus, or the ApiError the API answers."""
+        if not principal.may_submit_jobs():
+            raise ApiError(403, "forbidden", f"role {principal.role!r} may not submit jobs")
         try:
             obj = decode_json_object(payload, MAX_JOB_BYTES, "job")
         except InputError as err:
@@ -160,7 +168,7 @@ class Api:
         status = await self._db(lambda conn: store.job_status(conn, accepted))
         if status is None:
             raise ApiError(503, "not_stored", "the job could not be read back; try again")
-        return json_response(status, status=202, headers={"Location": f"/v1/jobs/{accepted}"})
+        return status
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         await self._reader(request)
@@ -339,7 +347,7 @@ def _int_param(request: web.Request, name: str, default: int, low: int, high: in
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:  # "²".isdigit() is true
         raise ApiError(400, "bad_request", f"{name}: must be an integer {low}..{high}")
     return int(raw)
 

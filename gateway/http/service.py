@@ -32,6 +32,7 @@ from gateway.http.auth import BasicAuth
 from gateway.http.errors import HTTP_CODES, ApiError, error_response
 from gateway.http.reader import Reader
 from gateway.http.routes import Api
+from gateway.http.sessions import SessionStore
 from gateway.metrics import Metrics
 from gateway.mqtt import GatewayClient
 from gateway.pipeline.models import MAX_JOB_BYTES
@@ -89,6 +90,11 @@ class HttpService:
         self.auth = BasicAuth(daemon.cfg)
         self.metrics = Metrics(daemon.cfg.db_path)
         self.reader = Reader(daemon.cfg.db_path)
+        # The operator page (gateway.http.ui): its own read connection, so a device search
+        # over 100,000 rows never delays an ack's lookup on the API's.
+        self.ui_reader = Reader(daemon.cfg.db_path)
+        self.sessions = SessionStore(Path(daemon.cfg.broker.auth.password_file))
+        self.page: Any = None
         self.start_error: str | None = None
         self.signer: AckSigner
         try:
@@ -107,12 +113,15 @@ class HttpService:
 
     # ------------------------------------------------------------------ app
     def build_app(self) -> web.Application:
+        from gateway.http.ui import OperatorPage
+
         api = Api(self)
+        self.page = page = OperatorPage(self, api)
         app = web.Application(client_max_size=MAX_JOB_BYTES + 1024, middlewares=[self._middleware])
         r = app.router
         r.add_get("/healthz", api.healthz, allow_head=False)
         r.add_get("/metrics", api.metrics, allow_head=False)
-        r.add_get("/", api.index, allow_head=False)
+        r.add_get("/", page.index, allow_head=False)  # the page for browsers, the JSON pointer otherwise
         r.add_post("/v1/jobs", api.post_job)
         r.add_get("/v1/jobs", api.list_jobs, allow_head=False)
         r.add_get("/v1/jobs/{job_id}", api.get_job, allow_head=False)
@@ -126,6 +135,7 @@ class HttpService:
         r.add_get("/web/config.json", self._web_config, allow_head=False)
         r.add_get("/web/", self._web_file, allow_head=False)
         r.add_get("/web/{name}", self._web_file, allow_head=False)
+        page.add_routes(r)
         return app
 
     @web.middleware
@@ -201,6 +211,21 @@ class HttpService:
                 log.warning("web push client gets no VAPID key", error=str(exc))
         self.web_config = {"vapid_public_key": public_key, "api": self.cfg.base_url(), "site_id": cfg.gateway.site_id}
 
+    async def _migrate_ui(self) -> None:
+        """The operator page's indexes and tag table (gateway.http.ui_queries); without them
+        the page still works, only slower, so a failure here does not stop the API."""
+        from gateway.http import ui_queries
+        from gateway.pipeline import schema
+
+        def migrate(conn: Any) -> None:
+            schema.migrate(conn)  # idempotent; whoever is first creates the pipeline's tables
+            ui_queries.migrate(conn)
+
+        try:
+            await self.daemon.db.run(migrate)
+        except Exception as exc:
+            log.warning("operator page indexes not created; its searches will be slower", error=str(exc)[:300])
+
     async def run(self, stopping: asyncio.Event) -> None:
         if self.start_error:
             log.error("http api cannot start", error=self.start_error)
@@ -211,6 +236,7 @@ class HttpService:
             recorder.on_commit.append(self.changes.fire)
         self.metrics.register_services(self.daemon.services)
         await self._load_web_config()
+        await self._migrate_ui()
         ssl_ctx = self._ssl_context()
         host, port = split_host_port(self.cfg.bind)
         runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False,
@@ -233,12 +259,15 @@ class HttpService:
         finally:
             self.stopping.set()
             self.changes.fire()
+            if self.page is not None:
+                self.page.hub.stop()
             try:
                 await asyncio.wait_for(runner.cleanup(), SHUTDOWN_S + 1.5)
             except TimeoutError:
                 log.warning("http api did not stop in time")
             self.metrics.close()
             await asyncio.to_thread(self.reader.close)
+            await asyncio.to_thread(self.ui_reader.close)
             self.auth.close()
             log.info("http api stopped")
 

@@ -1,0 +1,510 @@
+"""The operator page (contract §10 ``GET /``, issue 13): what a site technician sees and does.
+
+Plain HTML, CSS and ES modules from ``gateway/http/ui/`` (no build step), served by the
+daemon, fed by the JSON routes below and one event stream (:mod:`gateway.http.ui_events`).
+
+Who: the broker's accounts with their MQTT meaning (:mod:`gateway.http.auth`). Seeing needs
+the right to read job status (monitor, technician, controller, admin); sending a job needs
+the right to publish ``P/jobs``; acknowledging an alarm the right to publish its
+``P/alarms/<rule>/<key>/ack``. A ``device`` account is refused at login.
+
+How: a login form opens a session (:mod:`gateway.http.sessions`: HttpOnly SameSite=Strict
+cookie, CSRF token per session). Reads also take HTTP Basic, like the rest of the API, so
+scripts and tests can use them; every write needs the session, its CSRF token in
+``X-CSRF-Token``, and no foreign ``Origin`` / ``Sec-Fetch-Site: cross-site``.
+
+``GET /`` answers a browser (``Accept: text/html``) with the page, or the login form when
+there is no session; any other client keeps the JSON pointer to the API's routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import re
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
+
+import structlog
+from aiohttp import web
+
+from gateway.http import ui_queries as q
+from gateway.http.errors import ApiError, json_response
+from gateway.http.reader import Reader
+from gateway.http.sessions import COOKIE, Session, SessionStore, clear_cookie_header, cookie_header
+from gateway.http.ui_events import EventHub
+from gateway.pipeline.models import (
+    JOB_ID_RE,
+    MAX_JOB_BYTES,
+    InputError,
+    decode_json_object,
+    parse_job,
+)
+from gateway.storage import NotStored
+from gateway.timeutil import parse_iso
+
+if TYPE_CHECKING:
+    from gateway.http.auth import Principal
+    from gateway.http.routes import Api
+    from gateway.http.service import HttpService
+
+log = structlog.get_logger(__name__)
+
+UI_DIR = Path(__file__).resolve().parent / "ui"
+STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml", ".png": "image/png"}
+MAX_LOGIN_BYTES = 4096
+MAX_ACK_BYTES = 4096
+ACK_WAIT_S = 3.0
+MAX_STREAMS = 200
+MAX_STREAMS_PER_SESSION = 8
+KEEPALIVE_S = 15.0
+STORAGE_ERRORS = (NotStored, OSError)
+# No inline script or style, nothing from elsewhere, no framing (clickjacking).
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
+    # same-origin, not no-referrer: with no-referrer a browser sends "Origin: null" on a form POST.
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+NO_STORE = {"Cache-Control": "no-store"}
+LOC = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*): ")
+
+
+def field_messages(message: str) -> list[dict[str, str]]:
+    """The API's error message split per field: ``"a.b: x; c: y"`` → ``[{field a.b, message
+    "a.b: x"}, ...]`` (the page shows each next to its control, in the API's own words)."""
+    out: list[dict[str, str]] = []
+    for part in message.split("; "):
+        m = LOC.match(part)
+        if m or not out:
+            out.append({"field": m.group(1) if m else "", "message": part})
+        else:
+            out[-1]["message"] += "; " + part
+    return out
+
+
+def wants_html(request: web.Request) -> bool:
+    return "text/html" in request.headers.get("Accept", "")
+
+
+class OperatorPage:
+    """Handlers of the page and its JSON routes, bound to the HTTP service."""
+
+    def __init__(self, service: "HttpService", api: "Api"):
+        self.svc = service
+        self.api = api
+        self.cfg = service.daemon.cfg
+        self.sessions: SessionStore = service.sessions
+        self.reader: Reader = service.ui_reader
+        self.hub = EventHub(self.reader, service.changes, service.stopping, self.now_view)
+        self.streams = 0
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        r = router
+        r.add_post("/ui/login", self.login)
+        r.add_post("/ui/logout", self.logout)
+        r.add_get("/ui/static/{name}", self.static, allow_head=False)
+        r.add_get("/ui/api/session", self.session_info, allow_head=False)
+        r.add_get("/ui/api/now", self.now, allow_head=False)
+        r.add_get("/ui/api/events", self.events, allow_head=False)
+        r.add_get("/ui/api/jobs", self.jobs, allow_head=False)
+        r.add_post("/ui/api/jobs", self.send_job)
+        r.add_get("/ui/api/jobs/{job_id}", self.job, allow_head=False)
+        r.add_get("/ui/api/jobs/{job_id}/deliveries", self.deliveries, allow_head=False)
+        r.add_get("/ui/api/devices", self.devices, allow_head=False)
+        r.add_get("/ui/api/devices/{device_id}", self.device, allow_head=False)
+        r.add_get("/ui/api/alarms", self.alarms, allow_head=False)
+        r.add_post("/ui/api/alarms/ack", self.ack_alarm)
+
+    # ------------------------------------------------------------------ who
+    def _secure(self, request: web.Request) -> bool:
+        return request.secure or self.cfg.http is not None and self.cfg.http.tls
+
+    async def _session(self, request: web.Request, touch: bool = True) -> Session | None:
+        return await self.sessions.get(request.cookies.get(COOKIE), touch=touch)
+
+    async def _viewer(self, request: web.Request) -> tuple["Principal", Session | None]:
+        """Who reads: the session's account, else HTTP Basic; must be allowed to read jobs."""
+        session = await self._session(request)
+        if session is not None:
+            principal = self.svc.auth.principal_for(session.name, session.role)
+        elif request.headers.get("Authorization"):
+            principal = await self.svc.auth.principal(request.headers.get("Authorization"))
+        else:
+            raise ApiError(401, "unauthorized", "log in on the operator page (/) or use HTTP Basic")
+        if not principal.may_read_jobs():
+            raise ApiError(403, "forbidden", f"role {principal.role!r} may not use the operator page")
+        return principal, session
+
+    async def _actor(self, request: web.Request) -> tuple["Principal", Session]:
+        """Who acts: a session (never Basic: a browser sends cached Basic credentials
+        cross-site), its CSRF token, and a request that says it comes from this origin."""
+        self._same_origin(request)
+        session = await self._session(request)
+        if session is None:
+            raise ApiError(401, "unauthorized", "log in on the operator page (/) first; scripts use /v1")
+        if not self.sessions.csrf_ok(session, request.headers.get("X-CSRF-Token")):
+            raise ApiError(403, "csrf", "X-CSRF-Token: missing or not this session's token (reload the page)")
+        return self.svc.auth.principal_for(session.name, session.role), session
+
+    @staticmethod
+    def _same_origin(request: web.Request) -> None:
+        if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+            raise ApiError(403, "csrf", "Sec-Fetch-Site: a request from another site is refused")
+        origin = request.headers.get("Origin")
+        if origin is not None and origin != f"{request.scheme}://{request.host}":
+            raise ApiError(403, "csrf", f"Origin: {origin[:100]!r} is not this gateway's origin")
+
+    # ------------------------------------------------------------------ pages
+    async def index(self, request: web.Request) -> web.StreamResponse:
+        if not wants_html(request):
+            return await self.api.index(request)
+        session = await self._session(request)
+        if session is None:
+            return self._login_page()
+        return self._file_response("index.html", PAGE_HEADERS)
+
+    def _login_page(self, error: str = "", username: str = "", status: int = 200) -> web.Response:
+        text = (UI_DIR / "login.html").read_text(encoding="utf-8")
+        message = f'<p class="error" id="login-error" role="alert">{html.escape(error)}</p>' if error else ""
+        text = text.replace("<!--ERROR-->", message).replace("__USERNAME__", html.escape(username, quote=True))
+        return web.Response(text=text, status=status, content_type="text/html", headers=PAGE_HEADERS)
+
+    async def login(self, request: web.Request) -> web.Response:
+        from gateway.http.routes import read_body
+
+        try:
+            self._same_origin(request)
+        except ApiError as err:
+            return self._login_page(err.message, status=403)
+        body = await read_body(request, MAX_LOGIN_BYTES, "login form")
+        form = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+        username = (form.get("username") or [""])[0].strip()
+        password = (form.get("password") or [""])[0]
+        if not username or not password:
+            return self._login_page("user name and password are required", username, 400)
+        try:
+            principal = await self.svc.auth.check(username, password)
+        except ApiError as err:
+            log.info("operator page login refused", user=username[:64], reason=err.code, peer=request.remote)
+            return self._login_page(err.message, username, err.status)
+        if not principal.may_read_jobs():
+            log.info("operator page login refused", user=principal.name, role=principal.role, reason="role")
+            return self._login_page(f"{principal.name} ({principal.role}) may not use the operator page",
+                                    username, 403)
+        created = await self.sessions.create(principal.name, principal.role)
+        if created is None:
+            return self._login_page("wrong user name or password", username, 401)
+        token, _ = created
+        log.info("operator page login", user=principal.name, role=principal.role, peer=request.remote)
+        return web.Response(status=303, headers={"Location": "/", "Set-Cookie": cookie_header(token, self._secure(request)),
+                                                 **NO_STORE})
+
+    async def logout(self, request: web.Request) -> web.Response:
+        await self._actor(request)
+        session = self.sessions.end(request.cookies.get(COOKIE))
+        if session is not None:
+            log.info("operator page logout", user=session.name)
+        return web.Response(status=204, headers={"Set-Cookie": clear_cookie_header(self._secure(request)), **NO_STORE})
+
+    async def static(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        path = (UI_DIR / name).resolve()
+        if path.parent != UI_DIR or path.suffix not in STATIC_TYPES or not path.is_file():
+            raise ApiError(404, "not_found", f"no such file: /ui/static/{name}"[:200])
+        return self._file_response(name, {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
+
+    @staticmethod
+    def _file_response(name: str, headers: dict[str, str]) -> web.FileResponse:
+        path = UI_DIR / name
+        kind = "text/html" if path.suffix == ".html" else STATIC_TYPES[path.suffix]
+        return web.FileResponse(path, headers={"Content-Type": f"{kind}; charset=utf-8", **headers})
+
+    # ------------------------------------------------------------------ reads
+    async def _read(self, fn: Any) -> Any:
+        try:
+            return await self.reader.run(fn)
+        except q.QueryError as err:
+            raise ApiError(400, "bad_request", str(err)) from None
+        except Exception as exc:  # sqlite3.Error, OSError: the database cannot answer now
+            log.error("operator page read failed", error=f"{type(exc).__name__}: {exc}"[:300])
+            raise ApiError(503, "not_ready", "the database cannot answer now; try again", {"Retry-After": "2"}) from None
+
+    async def session_info(self, request: web.Request) -> web.Response:
+        principal, session = await self._viewer(request)
+        return json_response({
+            "user": principal.name, "role": principal.role, "site_id": self.cfg.gateway.site_id,
+            "csrf": session.csrf if session is not None else None,
+            "may": {"send_jobs": principal.may_submit_jobs(), "ack_alarms": _may_ack_alarms(principal)},
+            "rules": {r.name: {"escalate": [s.after_s for s in r.escalate]} for r in self.cfg.rules},
+        }, headers=NO_STORE)
+
+    async def now_view(self) -> dict[str, Any]:
+        """Gateway state (mode, uptime, version), bridges, broker, queue, cloud link, alarms:
+        the health snapshot the reporter keeps plus a handful of aggregate rows."""
+        reporter = self.svc.reporter
+        snap = reporter.latest or reporter.snapshot()
+        db = await self.reader.run(q.now_from_db)
+        daemon = self.svc.daemon
+        started = parse_iso(daemon.started_at).timestamp()
+        client = snap.get("broker_client") or {}
+        upstream = snap.get("upstream")
+        if upstream is not None or db["upstream_backlog"] is not None:
+            upstream = {**(upstream or {}), **(db["upstream_backlog"] or {})}
+            upstream = {k: upstream.get(k) for k in ("connected", "last_error", "drain_rate", "buffer_rows",
+                                                     "buffer_bytes", "buffer_max_bytes", "buffer_oldest_age_s",
+                                                     "buffer_dropped", "buffer_overflow")}
+        broker = snap.get("broker") or None
+        if broker is not None:
+            broker = {k: broker.get(k) for k in ("clients_connected", "sessions", "subscriptions", "retained",
+                                                 "queued", "dropped")}
+        return {
+            "gateway": {"site_id": self.cfg.gateway.site_id, "version": snap.get("version"),
+                        "state": snap.get("state"), "status": snap.get("status"), "checks": snap.get("checks"),
+                        "mode": self.cfg.broker.mode, "started_at": daemon.started_at,
+                        "uptime_s": round(max(0.0, time.time() - started)),
+                        "broker_client_connected": client.get("connected")},
+            "bridges": snap.get("bridges") or {},
+            "broker": broker,
+            "upstream": upstream,
+            **{k: v for k, v in db.items() if k != "upstream_backlog"},
+        }
+
+    async def now(self, request: web.Request) -> web.Response:
+        await self._viewer(request)
+        return json_response(await self.now_view(), headers=NO_STORE)
+
+    async def jobs(self, request: web.Request) -> web.Response:
+        await self._viewer(request)
+        query = request.query
+        limit = _int(query.get("limit"), 20, "limit")
+        state = query.get("state", "")
+        if state and state not in ("accepted", "rejected", "dispatching", "completed", "acknowledged"):
+            raise ApiError(400, "bad_request", "state: one of accepted, rejected, dispatching, completed, acknowledged")
+        prefix = _prefix(query.get("q", ""), "q")
+        before = query.get("before") or None
+        return json_response(await self._read(lambda c: q.jobs_page(c, limit, before, state or None, prefix)),
+                             headers=NO_STORE)
+
+    async def job(self, request: web.Request) -> web.Response:
+        await self._viewer(request)
+        job_id = _job_id(request)
+        detail = await self._read(lambda c: q.job_detail(c, job_id))
+        if detail is None:
+            raise ApiError(404, "not_found", f"no job {job_id!r}")
+        return json_response(detail, headers=NO_STORE)
+
+    async def deliveries(self, request: web.Request) -> web.Response:
+        await self._viewer(request)
+        job_id = _job_id(request)
+        which = request.query.get("state", "")
+        if which == "problems":
+            states: tuple[str, ...] = q.PROBLEM_STATES
+        elif which in q.DELIVERY_STATES:
+            states = (which,)
+        elif which == "":
+            states = ()
+        else:
+            raise ApiError(400, "bad_request", f"state: one of problems, {', '.join(q.DELIVERY_STATES)}")
+        after = _prefix(request.query.get("after", ""), "after")
+        limit = _int(request.query.get("limit"), 50, "limit")
+        return json_response(await self._read(lambda c: q.deliveries_page(c, job_id, states, after, limit)),
+                             headers=NO_STORE)
+
+    async def devices(self, request: web.Request) -> web.Response:
+        await self._viewer(request)
+        query = request.query
+        prefix = _prefix(query.get("q", "").strip(), "q")
+        segment = query.get("segment", "").strip()
+        tag = query.get("tag", "").strip()
+        for name, value in (("segment", segment), ("tag", tag)):
+            if len(value) > 128:
+                raise ApiError(400, "bad_request", f"{name}: at most 128 characters")
+        after = _prefix(query.get("after", ""), "after")
+        limit = _int(query.get("limit"), 50, "limit")
+        return json_response(await self._read(lambda c: q.devices_page(c, prefix, segment, tag, after, limit)),
+                             headers=NO_STORE)
+
+    async def device(self, request: web.Request) -> web.Response:
+        await self._viewer(request)
+        device_id = request.match_info["device_id"]
+        if not re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", device_id):
+            raise ApiError(404, "not_found", f"device_id: {device_id[:130]!r} is not a device id")
+        detail = await self._read(lambda c: q.device_detail(c, device_id))
+        if detail is None:
+            raise ApiError(404, "not_found", f"no device {device_id!r}")
+        return json_response(detail, headers=NO_STORE)
+
+    async def alarms(self, request: web.Request) -> web.Response:
+        await self._viewer(request)
+        state = request.query.get("state", "firing")
+        if state not in q.ALARM_STATES:
+            raise ApiError(400, "bad_request", f"state: one of {', '.join(q.ALARM_STATES)}")
+        after = None
+        if request.query.get("after_rule") is not None:
+            after = (request.query.get("after_rule", ""), request.query.get("after_key", ""))
+        limit = _int(request.query.get("limit"), 50, "limit")
+        return json_response(await self._read(lambda c: q.alarms_page(c, state, after, limit)), headers=NO_STORE)
+
+    # ------------------------------------------------------------------ the event stream
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        principal, session = await self._viewer(request)
+        if self.streams >= MAX_STREAMS or (session is not None and session.streams >= MAX_STREAMS_PER_SESSION):
+            raise ApiError(503, "not_ready", "too many open event streams; close a page", {"Retry-After": "5"})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                           "X-Accel-Buffering": "no"})
+        self.streams += 1
+        if session is not None:
+            session.streams += 1
+        sub = self.hub.subscribe()
+        try:
+            await resp.prepare(request)
+            await resp.write(b"retry: 3000\n\n")
+            for event, data in await self.hub.hello():
+                await resp.write(_event(event, data))
+            token = request.cookies.get(COOKIE)
+            while not self.svc.stopping.is_set():
+                try:
+                    event, data = await asyncio.wait_for(sub.queue.get(), KEEPALIVE_S)
+                except TimeoutError:
+                    event, data = "", None
+                if session is not None and await self.sessions.get(token) is None:
+                    await resp.write(_event("logout", {"why": "the session ended"}))
+                    break
+                if event == "bye":
+                    break
+                if sub.behind:
+                    sub.behind = False
+                    await resp.write(_event("resync", {"why": "this page fell behind"}))
+                elif event:
+                    await resp.write(_event(event, data))
+                else:
+                    await resp.write(b": keepalive\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise
+        finally:
+            self.hub.unsubscribe(sub)
+            self.streams -= 1
+            if session is not None:
+                session.streams -= 1
+        await resp.write_eof()
+        return resp
+
+    # ------------------------------------------------------------------ writes
+    async def send_job(self, request: web.Request) -> web.Response:
+        """The page's job form: the API's validation and pipeline entry (same codes and
+        messages, split per field), plus one check the API does not make: every device a job
+        names must be registered (a typo would otherwise only show as a failed delivery)."""
+        from gateway.http.routes import read_body
+
+        principal, session = await self._actor(request)
+        if not principal.may_submit_jobs():
+            raise ApiError(403, "forbidden", f"role {principal.role!r} may not submit jobs")
+        payload = await read_body(request, MAX_JOB_BYTES, "job")
+        try:
+            try:
+                obj = decode_json_object(payload, MAX_JOB_BYTES, "job")
+                parse_job(obj)
+            except InputError:
+                status = await self.api.submit_job(principal, payload)  # raises the API's own error
+            else:
+                devices = (obj.get("target") or {}).get("devices") or []
+                known = await self._read(lambda c: q.known_devices(c, devices))
+                unknown = sorted(set(devices) - known)
+                if unknown:
+                    more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+                    raise ApiError(400, "unknown_device", "target.devices: no registered device "
+                                   + ", ".join(repr(d) for d in unknown[:5]) + more)
+                status = await self.api.submit_job(principal, payload)
+        except ApiError as err:
+            return json_response({"error": {"code": err.code, "message": err.message},
+                                  "fields": field_messages(err.message)}, status=err.status, headers=err.headers)
+        log.info("job sent from the operator page", job_id=status["job_id"], user=session.name)
+        return json_response(status, status=202, headers={"Location": f"/v1/jobs/{status['job_id']}"})
+
+    async def ack_alarm(self, request: web.Request) -> web.Response:
+        """What ``homepot-gateway alarms ack RULE KEY`` does, as the logged-in user: an inbox
+        row the alarm engine applies (escalation stops), then the alarm as it is after that."""
+        from gateway.alarms import store as alarm_store
+        from gateway.alarms.rules import key_level
+        from gateway.http.routes import read_body
+
+        principal, session = await self._actor(request)
+        body = await read_body(request, MAX_ACK_BYTES, "alarm ack")
+        try:
+            obj = decode_json_object(body, MAX_ACK_BYTES, "alarm ack")
+        except InputError as err:
+            raise ApiError.from_input(err) from None
+        rule, key, note = obj.get("rule"), obj.get("key"), obj.get("note")
+        unknown = sorted(set(obj) - {"rule", "key", "note"})
+        if unknown:
+            raise ApiError(400, "invalid_alarm_ack", f"{unknown[0]}: unknown field")
+        if not isinstance(rule, str) or not isinstance(key, str) or not rule or not key:
+            raise ApiError(400, "invalid_alarm_ack", "rule, key: required strings")
+        if note is not None and (not isinstance(note, str) or len(note) > 1024):
+            raise ApiError(400, "invalid_alarm_ack", "note: a string of at most 1024 characters")
+        if not principal.acl.may_publish(f"{principal.topics.prefix}/alarms/{rule}/{key_level(key)}/ack"):
+            raise ApiError(403, "forbidden", f"role {principal.role!r} may not acknowledge alarms")
+        if rule not in {r.name for r in self.cfg.rules}:
+            raise ApiError(404, "unknown_alarm", f"rule: no rule {rule!r} in the config")
+        current = await self._read(lambda c: q.alarm(c, rule, key))
+        if current is None:
+            raise ApiError(404, "unknown_alarm", f"key: no alarm {key!r} of rule {rule!r}")
+        if current["state"] == "acknowledged":
+            return json_response({"result": "already", "alarm": current})
+        if current["state"] != "firing":
+            raise ApiError(409, "alarm_not_firing", f"key: alarm {key!r} of rule {rule!r} is {current['state']}, not firing")
+        try:
+            await self.svc.daemon.db.run(lambda c: alarm_store.request_ack(c, rule, key, session.name, note, time.time()))
+        except Exception as exc:
+            log.error("alarm ack not stored", rule=rule, key=key, error=f"{type(exc).__name__}: {exc}"[:300])
+            raise ApiError(503, "not_stored", "the ack could not be stored now; try again", {"Retry-After": "5"}) from None
+        log.info("alarm ack requested on the operator page", rule=rule, key=key, by=session.name)
+        deadline = time.monotonic() + ACK_WAIT_S
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            current = await self._read(lambda c: q.alarm(c, rule, key))
+            if current is None or current["state"] != "firing":
+                break
+        acknowledged = current is not None and current["state"] == "acknowledged"
+        return json_response({"result": "acknowledged" if acknowledged else "recorded", "alarm": current},
+                             status=200 if acknowledged else 202)
+
+
+def _may_ack_alarms(principal: "Principal") -> bool:
+    # A literal '+' level is matched only by a wildcard in the role's publish filters.
+    return principal.acl.may_publish(f"{principal.topics.prefix}/alarms/+/+/ack")
+
+
+def _int(raw: str | None, default: int, name: str) -> int:
+    if raw is None or raw == "":
+        return default
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= q.MAX_PAGE:  # "²".isdigit() is true
+        raise ApiError(400, "bad_request", f"{name}: must be an integer 1..{q.MAX_PAGE}")
+    return int(raw)
+
+
+def _prefix(raw: str, name: str) -> str:
+    try:
+        return q.check_id_prefix(raw, name)
+    except q.QueryError as err:
+        raise ApiError(400, "bad_request", str(err)) from None
+
+
+def _job_id(request: web.Request) -> str:
+    job_id = request.match_info["job_id"]
+    if not JOB_ID_RE.match(job_id):
+        raise ApiError(404, "not_found", f"job_id: {job_id[:70]!r} is not a job id")
+    return job_id
+
+
+def _event(name: str, data: Any) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'), default=str)}\n\n".encode()
+
+
+__all__ = ["OperatorPage", "field_messages", "wants_html"]

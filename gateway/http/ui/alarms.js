@@ -1,0 +1,83 @@
+// The "Alarms" tab: alarms by state with value, since, escalation; Acknowledge (technician and up).
+
+import {$, h, fill, badge} from "./dom.js";
+import {time, value} from "./format.js";
+import {get, post, ApiError} from "./api.js";
+
+const PAGE = 50;
+const view = {state: "firing", cursors: [null], index: 0, rev: -1, stale: true};
+let session = null;
+
+function escalation(a) {
+  const steps = ((session.rules || {})[a.rule] || {}).escalate || [];
+  if (!steps.length) return "none configured";
+  let text = `step ${a.escalation_step} of ${steps.length}`;
+  if (a.state === "firing" && a.next_escalation_at) text += `, next ${time(a.next_escalation_at)}`;
+  if (a.state === "acknowledged") text += ", stopped";
+  return text;
+}
+
+export async function loadAlarms(index = 0) {
+  const after = view.cursors[index];
+  const page = await get("/ui/api/alarms", {state: view.state, limit: PAGE,
+                                            after_rule: after ? after[0] : null, after_key: after ? after[1] : null});
+  view.index = index;
+  view.cursors.length = index + 1;
+  if (page.next) view.cursors.push(page.next);
+  view.stale = false;
+  for (const opt of $("#alarm-state").options) opt.textContent = `${opt.value} (${page.counts[opt.value] || 0})`;
+  const may = session.may.ack_alarms;
+  fill($("#alarm-table tbody"), page.alarms.length ? page.alarms.map((a) => h("tr", {"data-alarm": `${a.rule}/${a.key}`, "data-state": a.state},
+    h("td", {}, a.rule), h("td", {}, a.key), h("td", {}, badge(a.state, `alarm-${a.state}`)),
+    h("td", {}, value(a.value)), h("td", {}, h("span", {title: a.since || ""}, time(a.since))),
+    h("td", {class: "escalation"}, escalation(a)),
+    h("td", {}, a.acknowledged_by || "–"),
+    h("td", {class: "small"}, a.jobs.join(", ") || "–"),
+    h("td", {}, a.state === "firing" && may ? h("button", {type: "button", class: "primary",
+      "aria-label": `Acknowledge alarm ${a.rule} ${a.key}`, onclick: (ev) => acknowledge(ev.target, a)}, "Acknowledge") : "")))
+    : h("tr", {}, h("td", {colspan: 9, class: "muted"}, `no ${view.state} alarms`)));
+  $("#alarm-prev").disabled = index === 0;
+  $("#alarm-next").disabled = !page.next;
+}
+
+async function acknowledge(button, a) {
+  button.disabled = true;
+  const msg = $("#alarm-msg");
+  try {
+    const res = await post("/ui/api/alarms/ack", {rule: a.rule, key: a.key});
+    const by = res.alarm && res.alarm.acknowledged_by;
+    msg.textContent = res.result === "recorded"
+      ? `Acknowledgement of ${a.rule} ${a.key} recorded; the gateway applies it shortly.`
+      : `${a.rule} ${a.key} acknowledged by ${by}: escalation stopped.`;
+    msg.className = "ok";
+    await loadAlarms(view.index);
+  } catch (err) {
+    if (!(err instanceof ApiError)) throw err;
+    msg.textContent = `${err.code}: ${err.message}`;
+    msg.className = "error";
+    button.disabled = false;
+  }
+}
+
+/** The event stream's alarm revision: refetch the page shown when it moved. */
+export function alarmsChanged(ev, visible) {
+  if (ev.rev === view.rev) return;
+  view.rev = ev.rev;
+  view.stale = true;
+  if (visible) loadAlarms(view.index).catch(() => {});
+}
+
+export function showAlarms() {
+  if (view.stale) loadAlarms(view.index).catch(() => {});
+}
+
+export function initAlarms(s) {
+  session = s;
+  $("#alarm-state").addEventListener("change", (ev) => {
+    view.state = ev.target.value;
+    view.cursors = [null];
+    loadAlarms(0).catch(() => {});
+  });
+  $("#alarm-next").addEventListener("click", () => loadAlarms(view.index + 1));
+  $("#alarm-prev").addEventListener("click", () => loadAlarms(view.index - 1));
+}

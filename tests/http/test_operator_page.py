@@ -1,0 +1,361 @@
+"""The operator page (issue 13) in a real browser: Debian's chromium, headless, driven over
+the DevTools protocol by Playwright for Python, against the real daemon.
+
+One daemon for the module: 1,000 simulated devices in segment ``fleet`` (the job whose
+progress is watched), 2,000 in ``store`` with tags (server-side paging), two MQTT devices
+(``tech-1`` gets alarm and form jobs, ``lead-1`` escalations), and an alarm rule that
+escalates after 6 s. Independent receivers check what the gateway did: an MQTT client on
+the devices' notify topics and the alarm state topics, and a separate SQLite connection.
+
+Screenshots go to each test's temporary directory (``shot()`` prints their paths).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+
+from tests.http.conftest import P, ApiGateway, db_rows, make_api_gateway, wait_until
+from tests.support import MqttProbe, bulk_register
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run"]
+USERS = {"tech": ("technician", "tech-pw"), "mon": ("monitor", "mon-pw"), "plc-1": ("device", "plc1-pw")}
+ESCALATE_AFTER_S = 6.0
+DOOR_RULE = {"name": "door", "topic": "{prefix}/devices/+/telemetry/door", "equals": "open", "key": "{device_id}",
+             "target": {"devices": ["tech-1"]}, "title": "Door {device_id} is {value}",
+             "escalate": [{"after_s": ESCALATE_AFTER_S, "target": {"devices": ["lead-1"]}}]}
+
+
+def _devices() -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = [{"device_id": f"fleet-{i:04}", "segment": "fleet", "channels": [{"platform": "simulation"}]}
+                                 for i in range(1000)]
+    out += [{"device_id": f"store-{i:04}", "segment": "store", "tags": [f"floor-{i % 3}"],
+             "channels": [{"platform": "simulation"}]} for i in range(2000)]
+    out[1000 + 7]["channels"] = [{"platform": "fcm", "token": "fcm-token-of-store-0007-0123456789"},
+                                 {"platform": "simulation"}]
+    out += [{"device_id": "tech-1", "segment": "techs", "channels": [{"platform": "mqtt"}]},
+            {"device_id": "lead-1", "segment": "leads", "channels": [{"platform": "mqtt"}]}]
+    return out
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiGateway]:
+    assert shutil.which("chromium") == CHROMIUM, "Debian's chromium is required (make test installs it)"
+    tmp = tmp_path_factory.mktemp("ui")
+    # 1,000 deliveries at 100 in flight and 200 ms each: about 2 s, long enough to watch.
+    a = make_api_gateway(tmp, {"bridges": {"simulation": {"latency_ms": 200}}, "dispatch": {"max_in_flight": 100},
+                               "rules": [DOOR_RULE]}, users=USERS, start=False)
+    bulk_register(tmp / "var", _devices())
+    _mark_invalid(tmp / "var", "store-0007", "fcm|fcm-token-of-store-0007-0123456789", "Unregistered (FCM 404)")
+    a.gw.start()
+    yield a
+    a.close()
+    a.gw.kill()
+    if a.gw.notify:
+        a.gw.notify.close()
+
+
+def _mark_invalid(data_dir: Path, device_id: str, key: str, reason: str) -> None:
+    """What the pipeline records when a platform reports an address invalid (same store code)."""
+    from gateway.pipeline import store
+    from gateway.storage import connect
+
+    conn = connect(data_dir / "gateway.db")
+    conn.execute("BEGIN IMMEDIATE")
+    store.mark_invalid(conn, device_id, key, reason, time.time() - 3600)
+    conn.execute("COMMIT")
+    conn.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def context(browser: Browser) -> Iterator[BrowserContext]:
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    ctx.set_default_timeout(20_000)
+    yield ctx
+    ctx.close()
+
+
+def login(ctx: BrowserContext, gw: ApiGateway, user: str, password: str | None = None) -> Page:
+    page = ctx.new_page()
+    page.goto(gw.base + "/")
+    page.get_by_label("User name").fill(user)
+    page.get_by_label("Password").fill(password or USERS[user][1])
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_selector("body[data-ready=true]", state="attached")
+    return page
+
+
+def shot(page: Page, tmp_path: Path, name: str, full_page: bool = True) -> Path:
+    path = tmp_path / f"{name}.png"
+    page.screenshot(path=str(path), full_page=full_page)
+    print(f"screenshot: {path}")
+    return path
+
+
+def jobs_in_db(gw: ApiGateway) -> set[str]:
+    return {r[0] for r in db_rows(gw.data_dir, "SELECT job_id FROM jobs")}
+
+
+# ------------------------------------------------------------------ login and roles
+def test_login_refuses_wrong_passwords_and_devices_and_a_monitor_sees_but_cannot_act(gw, context, tmp_path):
+    page = context.new_page()
+    page.goto(gw.base + "/")
+    page.get_by_label("User name").fill("tech")
+    page.get_by_label("Password").fill("not-the-password")
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_role("alert")).to_have_text("wrong user name or password")
+    assert not context.cookies(), "no session for a wrong password"
+    shot(page, tmp_path, "login-refused")
+    page.get_by_label("User name").fill("plc-1")
+    page.get_by_label("Password").fill("plc1-pw")
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_role("alert")).to_have_text("plc-1 (device) may not use the operator page")
+    assert not context.cookies()
+
+    page = login(context, gw, "mon")
+    expect(page.locator("#who")).to_have_text("mon (monitor)")
+    [cookie] = context.cookies()
+    assert cookie["name"] == "homepot_session" and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert "homepot_session" not in page.evaluate("document.cookie"), "scripts cannot read the session"
+    assert cookie["value"] not in page.content() and cookie["value"] not in page.url
+    # The monitor sees the gateway's state, and no control to act.
+    expect(page.locator("#now-bridges [data-bridge=simulation]")).to_contain_text("healthy")
+    page.get_by_role("tab", name="Jobs").click()
+    expect(page.locator("#send")).to_be_hidden()
+    # Nor may it act by hand, with its own session and CSRF token: the server refuses.
+    answers = page.evaluate("""async () => {
+        const s = await (await fetch('/ui/api/session')).json();
+        const post = (path, body) => fetch(path, {method: 'POST', body: JSON.stringify(body),
+            headers: {'Content-Type': 'application/json', 'X-CSRF-Token': s.csrf}})
+            .then(async r => [r.status, (await r.json()).error.code]);
+        return [await post('/ui/api/jobs', {target: {all: true}, notification: {title: 'x'}}),
+                await post('/ui/api/alarms/ack', {rule: 'door', key: 'door-z'})];
+    }""")
+    assert answers == [[403, "forbidden"], [403, "forbidden"]]
+
+    # Keyboard: the tabs follow the arrow keys; every control has a label.
+    page.locator("#tab-jobs").focus()
+    page.keyboard.press("ArrowRight")
+    expect(page.locator("#tab-devices")).to_be_focused()
+    expect(page.locator("#panel-devices")).to_be_visible()
+    unlabeled = page.evaluate("""() => [...document.querySelectorAll('input, select, textarea, button')]
+        .filter(el => !((el.labels && el.labels.length) || el.getAttribute('aria-label') || el.textContent.trim()))
+        .map(el => el.id || el.outerHTML.slice(0, 80))""")
+    assert unlabeled == []
+
+    page.get_by_role("button", name="Log out").click()
+    expect(page.get_by_label("User name")).to_be_visible()
+    stale = httpx.get(f"{gw.base}/ui/api/now", cookies={"homepot_session": cookie["value"]})
+    assert stale.status_code == 401, "the session ended with the logout"
+
+
+# ------------------------------------------------------------------ jobs, live
+def test_a_1000_device_job_progresses_live_to_completed_over_the_event_stream(gw, context, tmp_path):
+    page = login(context, gw, "tech")
+    requests: list[tuple[float, str]] = []
+    page.on("request", lambda r: requests.append((time.monotonic(), r.url)))
+    page.get_by_role("tab", name="Jobs").click()
+    page.wait_for_selector("#jobs-list li")
+    # Record every state of the job's row the page draws (rows are redrawn on each event).
+    page.evaluate("""() => {
+        window.seen = [];
+        new MutationObserver(() => {
+            const row = document.querySelector('#jobs-list li[data-job-id="fleet-1"]');
+            if (row) window.seen.push([row.dataset.state, Number(row.dataset.done)]);
+        }).observe(document.querySelector('#jobs-list'), {childList: true, subtree: true});
+    }""")
+    list_reads_before = sum(1 for _, u in requests if "/ui/api/jobs?" in u)
+    r = httpx.post(f"{gw.base}/v1/jobs", auth=("tech", "tech-pw"), json={
+        "job_id": "fleet-1", "target": {"segment": "fleet"}, "notification": {"title": "Config 2.1", "body": "ready"}})
+    assert r.status_code == 202, r.text
+    row = page.locator('#jobs-list li[data-job-id="fleet-1"]')
+    expect(row).to_have_attribute("data-done", "1000", timeout=30_000)
+    expect(row).to_have_attribute("data-state", re.compile(r"^(completed|acknowledged)$"))
+    expect(row).to_contain_text("1,000/1,000 done")
+    seen = page.evaluate("window.seen")
+    partial = sorted({done for _, done in seen if 0 < done < 1000})
+    assert len(partial) >= 2, f"progress was not drawn live: {seen}"
+    # Live means pushed: one event stream, and no read of the job list since it was shown
+    # (the new job and each of its changes came in events).
+    list_reads = sum(1 for _, u in requests if "/ui/api/jobs?" in u) - list_reads_before
+    assert list_reads == 0, [u for _, u in requests]
+    assert sum(1 for _, u in requests if u.endswith("/ui/api/events")) <= 1
+    # The gateway's own record agrees with the page.
+    assert db_rows(gw.data_dir, "SELECT targets, queued FROM jobs WHERE job_id = 'fleet-1'") == [(1000, 0)]
+
+    # The job's deliveries, 50 a page, with their outcomes.
+    row.get_by_role("button", name="Show job fleet-1").click()
+    detail = page.locator("#job-detail")
+    expect(detail.get_by_role("heading", name="Job fleet-1")).to_be_visible()
+    expect(detail.locator("#deliv-table tbody tr")).to_have_count(50)
+    expect(detail.locator("#deliv-table tbody tr").first).to_have_attribute("data-device", "fleet-0000")
+    detail.get_by_role("button", name="Next").click()
+    expect(detail.locator("#deliv-table tbody tr").first).to_have_attribute("data-device", "fleet-0050")
+    expect(detail).to_contain_text("Ack latency")
+    shot(page, tmp_path, "job-detail")
+    page.get_by_role("tab", name="Now").click()
+    expect(page.locator("#now-latency")).to_contain_text("simulation")
+    shot(page, tmp_path, "now", full_page=False)
+    phone = context.new_page()
+    phone.set_viewport_size({"width": 390, "height": 844})
+    phone.goto(gw.base + "/")
+    phone.wait_for_selector("body[data-ready=true]", state="attached")
+    expect(phone.locator('#now-jobs li[data-job-id="fleet-1"]')).to_be_visible()
+    width = phone.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, f"the phone layout scrolls sideways ({width} px)"
+    shot(phone, tmp_path, "now-phone")
+
+
+# ------------------------------------------------------------------ the send form
+def test_a_job_sent_from_the_form_reaches_the_device_and_bad_fields_are_named(gw, context, tmp_path):
+    probe = MqttProbe(gw.port, [f"{P}/devices/tech-1/notify"])
+    page = login(context, gw, "tech")
+    page.get_by_role("tab", name="Jobs").click()
+    page.locator("#send > summary").click()
+    page.get_by_label("Title", exact=True).fill("Shift change")
+    page.get_by_label("Device ids (comma or space separated)").fill("tech-1")
+    page.get_by_text("More: job id, TTL, collapse key, data").click()
+    page.get_by_label("TTL (seconds)").fill("-5")
+    page.get_by_label("Job id (optional)").fill("form-1")
+    before = jobs_in_db(gw)
+    page.get_by_role("button", name="Send job").click()
+    ttl_error = page.locator("#f-ttl-error")
+    expect(ttl_error).to_be_visible()
+    # The same message the API gives for the same job, next to the field it names.
+    api = httpx.post(f"{gw.base}/v1/jobs", auth=("tech", "tech-pw"), json={
+        "job_id": "form-1", "target": {"devices": ["tech-1"]},
+        "notification": {"title": "Shift change", "priority": "normal", "ttl": -5}})
+    assert api.status_code == 400
+    assert ttl_error.inner_text() == api.json()["error"]["message"]
+    assert ttl_error.inner_text().startswith("notification.ttl: ")
+    expect(page.get_by_label("TTL (seconds)")).to_have_attribute("aria-invalid", "true")
+    expect(page.get_by_label("TTL (seconds)")).to_be_focused()
+    shot(page, tmp_path, "form-ttl-error")
+
+    page.get_by_label("TTL (seconds)").fill("600")
+    page.get_by_label("Device ids (comma or space separated)").fill("tech-1, ghost-9")
+    page.get_by_role("button", name="Send job").click()
+    expect(page.locator("#f-devices-error")).to_have_text("target.devices: no registered device 'ghost-9'")
+    expect(ttl_error).to_be_hidden()
+    assert jobs_in_db(gw) - before <= {"form-1"}, "a job naming an unknown device was not dispatched"
+    assert db_rows(gw.data_dir, "SELECT state FROM jobs WHERE job_id = 'form-1'") in ([], [("rejected",)])
+
+    page.get_by_label("Device ids (comma or space separated)").fill("tech-1")
+    page.get_by_role("button", name="Send job").click()
+    expect(page.locator("#f-ok")).to_have_text("Job form-1 accepted.")
+    expect(page.locator("#job-detail")).to_contain_text("Shift change")
+    # The device got it (an independent MQTT client on its notify topic).
+    msgs = probe.wait_for(lambda m: [json.loads(p) for t, _, p, _ in probe.on(f"{P}/devices/tech-1/notify")
+                                     if json.loads(p)["job_id"] == "form-1"], timeout=15)
+    assert msgs[0]["title"] == "Shift change"
+    expect(page.locator('#jobs-list li[data-job-id="form-1"]')).to_be_visible()
+    probe.close()
+
+
+# ------------------------------------------------------------------ alarms
+def test_acknowledging_a_firing_alarm_on_the_page_stops_its_escalation(gw, context, browser, tmp_path):
+    probe = MqttProbe(gw.port, [f"{P}/alarms/#", f"{P}/devices/lead-1/notify"])
+    page = login(context, gw, "tech")
+    page.get_by_role("tab", name="Alarms").click()
+    probe.publish(f"{P}/devices/door-a/telemetry/door", "open")
+    row = page.locator('#alarm-table tr[data-alarm="door/door-a"]')
+    expect(row).to_have_attribute("data-state", "firing")  # appears by itself (event stream)
+    expect(row).to_contain_text("step 0 of 1")
+    expect(page.locator("#alarm-badge")).to_have_text("1")
+
+    monitor = browser.new_context()
+    mon_page = login(monitor, gw, "mon")
+    mon_page.get_by_role("tab", name="Alarms").click()
+    expect(mon_page.locator('#alarm-table tr[data-alarm="door/door-a"]')).to_be_visible()
+    expect(mon_page.get_by_role("button", name="Acknowledge alarm door door-a")).to_have_count(0)
+    monitor.close()
+
+    shot(page, tmp_path, "alarm-firing", full_page=False)
+    page.get_by_role("button", name="Acknowledge alarm door door-a").click()
+    expect(page.locator("#alarm-msg")).to_have_text("door door-a acknowledged by tech: escalation stopped.")
+    expect(row).to_have_count(0)
+    page.get_by_label("Show alarms that are").select_option("acknowledged")
+    acked = page.locator('#alarm-table tr[data-alarm="door/door-a"]')
+    expect(acked).to_contain_text("tech")
+    expect(acked.locator(".escalation")).to_have_text("step 0 of 1, stopped")
+    state = probe.wait_for(lambda m: [json.loads(p) for _, _, p, _ in probe.on(f"{P}/alarms/door/door-a")
+                                      if p and json.loads(p)["state"] == "acknowledged"])
+    assert state[-1]["acknowledged_by"] == "tech"  # what `alarms ack --by tech` records
+
+    # Barrier: door-b fires after the ack, with the same escalation delay; once its
+    # escalation has gone out, door-a's (due earlier) would have gone out before it.
+    probe.publish(f"{P}/devices/door-b/telemetry/door", "open")
+    probe.wait_for(lambda m: [p for _, _, p, _ in probe.on(f"{P}/devices/lead-1/notify")
+                              if json.loads(p)["job_id"] == "alarm.door.door-b.2"], timeout=ESCALATE_AFTER_S + 15)
+    assert not [p for _, _, p, _ in probe.on(f"{P}/devices/lead-1/notify") if "door-a" in json.loads(p)["job_id"]]
+    assert db_rows(gw.data_dir, "SELECT job_id FROM jobs WHERE job_id LIKE 'alarm.door.door-a.%'") == [
+        ("alarm.door.door-a.1",)]
+    page.get_by_label("Show alarms that are").select_option("firing")
+    expect(page.locator('#alarm-table tr[data-alarm="door/door-b"] .escalation')).to_contain_text("step 1 of 1")
+    probe.close()
+
+
+# ------------------------------------------------------------------ devices, paged on the server
+def test_devices_are_searched_and_paged_on_the_server(gw, context, tmp_path):
+    page = login(context, gw, "tech")
+    responses: list[Any] = []
+    page.on("response", lambda r: responses.append(r) if "/ui/api/devices?" in r.url else None)
+    page.get_by_role("tab", name="Devices").click()
+    rows = page.locator("#dev-table tbody tr")
+    expect(page.locator("#dev-total")).to_have_text("3,002 devices match")
+    expect(rows).to_have_count(50)
+    expect(rows.first).to_have_attribute("data-device", "fleet-0000")
+    page.locator("#panel-devices").get_by_role("button", name="Next").click()
+    expect(rows.first).to_have_attribute("data-device", "fleet-0050")
+    expect(page.locator("#dev-page")).to_have_text("51–100 of 3,002")
+    page.locator("#panel-devices").get_by_role("button", name="Previous").click()
+    expect(rows.first).to_have_attribute("data-device", "fleet-0000")
+
+    panel = page.locator("#panel-devices")
+    panel.get_by_label("Tag", exact=True).fill("floor-1")
+    panel.get_by_label("Segment", exact=True).fill("store")
+    panel.get_by_label("Device id starts with").fill("store-01")
+    panel.get_by_role("button", name="Search").click()
+    # store-0100..store-0199 with i % 3 == 1: 100, 103, ..., 199 = 34 of them.
+    expect(page.locator("#dev-total")).to_have_text("34 devices match")
+    expect(rows).to_have_count(34)
+    expect(rows.first).to_have_attribute("data-device", "store-0100")
+
+    panel.get_by_label("Tag", exact=True).fill("")
+    panel.get_by_label("Segment", exact=True).fill("")
+    panel.get_by_label("Device id starts with").fill("store-0007")
+    panel.get_by_role("button", name="Search").click()
+    device = page.locator('#dev-table tr[data-device="store-0007"]')
+    channels = device.locator(".channels li")
+    expect(channels).to_have_count(2)
+    expect(channels.nth(0)).to_contain_text("fcm")
+    expect(channels.nth(0)).to_contain_text("invalid")
+    expect(channels.nth(0)).to_contain_text("Unregistered (FCM 404)")
+    expect(channels.nth(1)).to_contain_text("simulation")
+    assert "fcm-token-of-store-0007-0123456789" not in page.content(), "addresses are shown shortened"
+    device.get_by_role("button", name="Show device store-0007").click()
+    expect(page.locator("#device-detail")).to_contain_text("Channels, in order")
+    shot(page, tmp_path, "devices")
+
+    pages = [(r.url, r.json()) for r in responses]
+    assert pages and all(len(body["devices"]) <= 50 and "limit=50" in url for url, body in pages)
+    assert sum(len(body["devices"]) for _, body in pages) < 300, "the page never loads the fleet"
