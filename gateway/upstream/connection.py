@@ -38,7 +38,7 @@ from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.config import MqttUrl
-from gateway.mqtt import ConnectionSettings, GatewayClient, NotConnected
+from gateway.mqtt import ConnectionSettings, GatewayClient, NotConnected, Probe
 
 log = structlog.get_logger(__name__)
 
@@ -122,8 +122,9 @@ class UpstreamClient(GatewayClient):
     LOST_WARNING_INTERVAL_S = 60.0
 
     def __init__(self, settings: ConnectionSettings, *, backoff_initial: float = 1.0,
-                 backoff_max: float = 60.0, healthy_after_s: float = 30.0):
-        super().__init__(settings, name="upstream", backoff_initial=backoff_initial, backoff_max=backoff_max)
+                 backoff_max: float = 60.0, healthy_after_s: float = 30.0, storage_probe: Probe | None = None):
+        super().__init__(settings, name="upstream", backoff_initial=backoff_initial, backoff_max=backoff_max,
+                         storage_probe=storage_probe)
         self.healthy_after_s = healthy_after_s
         self.connects = 0  # connections that came up (CONNACK accepted)
         self.drops = 0  # of those, how many ended without us closing them
@@ -155,10 +156,16 @@ class UpstreamClient(GatewayClient):
         """Stay connected until ``stop`` is set (the base loop, with the backoff above).
 
         Same steps as :meth:`GatewayClient.run` (connect, on-connect callbacks, consume),
-        but a session that ends before it proved healthy does not reset the backoff.
+        but a session that ends before it proved healthy does not reset the backoff, and
+        a session we ended ourselves because a cloud job could not be stored (full disk)
+        is not a drop: the pause before the next connect waits for the database instead.
         """
         delay = self._backoff_initial
         while not stop.is_set():
+            if self._held_last:
+                await self._pause_after_hold(stop)
+                if stop.is_set():
+                    break
             try:
                 client = await self.connect_once()
             except aiomqtt.MqttError as exc:
@@ -184,10 +191,11 @@ class UpstreamClient(GatewayClient):
             self._state.connected.set()
             log.info("mqtt connected", link=self.name, url=self.settings.url)
             error = "closed"
+            held = False
             try:
                 for callback in self._on_connect:
                     await callback(self)
-                await self._consume(client, stop)
+                held = await self._consume(client, stop)
             except (aiomqtt.MqttError, NotConnected) as exc:
                 error = str(exc)
             finally:
@@ -197,8 +205,11 @@ class UpstreamClient(GatewayClient):
                     await client.__aexit__(None, None, None)
                 except Exception:  # already gone
                     pass
+            self._held_last = held
             if stop.is_set():
                 break
+            if held:
+                continue
             healthy = self._healthy or time.monotonic() - started >= self.healthy_after_s
             if not self._closing:
                 self.drops += 1

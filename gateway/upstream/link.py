@@ -102,7 +102,7 @@ class UpstreamLink:
             max_inflight=window,
         )
         self.client = UpstreamClient(settings, backoff_initial=backoff_initial, backoff_max=backoff_max,
-                                     healthy_after_s=healthy_after_s)
+                                     healthy_after_s=healthy_after_s, storage_probe=db.probe)
         self.client.route(self.topics.jobs, self._on_job, qos=1)
         self.client.route(self.topics.device_register(), self._on_register, qos=1)
         self.client.on_connect(self._announce_online)
