@@ -5,6 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 PYTEST_ARGS ?=
+## Test files run on this many workers (pytest-xdist; one file stays on one worker, so a
+## module's fixtures, e.g. the service install, are built once). 0 runs them in this process.
+PYTEST_WORKERS ?= 2
 
 ## Debian packages the test suite drives. A missing one is a test failure, not a skip:
 ## `make test` installs them when it runs as root, and stops with a clear message otherwise.
@@ -54,7 +57,7 @@ run: $(STAMP)
 	$(VENV)/bin/homepot-gateway --config ./config.toml run
 
 test: $(TEST_STAMP) debian-test-deps
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 ## The service: venv in /opt/homepot-gateway, CLI linked into /usr/local/bin, user homepot,
 ## /etc/homepot-gateway/config.toml, the unit. Root; safe to run again (systemd/install.sh).

@@ -99,7 +99,12 @@ async def test_jobs_and_registrations_from_the_cloud_reach_the_intake(cloud: Clo
                       "notification": {"title": "Config update", "body": "2.1.0"}}).encode()
     async with running(UpstreamLink(cfg, db, intake, **FAST)) as link:
         await wait_until(lambda: link.client.connected, what="connected")
-        assert json.loads(cloud.retained(f"{PREFIX}/gateway/status"))["state"] == "online"
+        # 'connected' is set before the on-connect announcement is published; read the
+        # retained status off the loop (cloud.retained blocks) until the announcement is there.
+        deadline = time.monotonic() + 10
+        while (await asyncio.to_thread(cloud.retained, f"{PREFIX}/gateway/status", 0.5)) is None:
+            assert time.monotonic() < deadline, "no retained gateway status"
+        assert json.loads(await asyncio.to_thread(cloud.retained, f"{PREFIX}/gateway/status"))["state"] == "online"
         cloud.publish(f"{PREFIX}/jobs", job)
         cloud.publish(f"{PREFIX}/jobs", b"{not json")  # bad input is the intake's to reject
         cloud.publish(f"{PREFIX}/devices/pos-1/register", b'{"device_id":"pos-1","channels":[{"platform":"simulation"}]}')
