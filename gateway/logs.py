@@ -17,7 +17,8 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 
 
 def setup_logging(level: str = "info", fmt: str = "json") -> None:
-    numeric = _LEVELS[level]
+    if level not in _LEVELS:  # the config schema allows only these; fail before configuring anything
+        raise ValueError(f"logging.level: unknown level {level!r}")
     shared = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,

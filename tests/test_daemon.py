@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import paho.mqtt.client as paho
-import pytest
 import trustme
 
 from tests.conftest import needs_mosquitto_clients

@@ -9,7 +9,6 @@ independent clients.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import struct
 import threading
 import time
@@ -23,8 +22,6 @@ import paho.mqtt.client as paho
 from gateway.broker import EmbeddedBroker, InternalCredentials
 from gateway.config import Config, parse_config
 from tests.support import deep_merge, free_port
-
-HAVE_MOSQUITTO_CLIENTS = bool(shutil.which("mosquitto_pub") and shutil.which("mosquitto_sub"))
 
 
 def broker_config(tmp: Path, port: int, **extra: Any) -> Config:

@@ -13,7 +13,6 @@ import time
 import pytest
 
 from tests.broker.helpers import (
-    HAVE_MOSQUITTO_CLIENTS,
     PUBACK,
     PUBCOMP,
     PUBLISH,

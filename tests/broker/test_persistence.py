@@ -12,7 +12,7 @@ import time
 import paho.mqtt.client as paho
 import pytest
 
-from tests.broker.helpers import HAVE_MOSQUITTO_CLIENTS, PUBLISH, Paho, RawClient, start_broker, until
+from tests.broker.helpers import PUBLISH, Paho, RawClient, start_broker, until
 
 BINARY = bytes(range(256)) + b"\x00\xff\x00"
 

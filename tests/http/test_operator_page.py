@@ -24,7 +24,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
-from tests.http.conftest import P, ApiGateway, db_rows, make_api_gateway, wait_until
+from tests.http.conftest import P, ApiGateway, db_rows, make_api_gateway
 from tests.support import MqttProbe, bulk_register
 
 CHROMIUM = "/usr/bin/chromium"
