@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 from pathlib import Path
 
@@ -233,3 +234,33 @@ def test_the_password_is_used_but_never_shown(cloud_factory, tmp_path: Path):
     assert link.client.settings.password == GW_PASSWORD
     assert GW_PASSWORD not in repr(link.client.settings) and GW_PASSWORD not in repr(cfg)
     assert link.client.settings.client_id == "gw-site-t"  # default gw-<site_id>
+
+
+class FullDiskIntake(RecordingIntake):
+    """The pipeline's database refuses the first ``failures`` jobs as a full disk does."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def submit_job(self, payload: bytes, source: str) -> dict:
+        if self.failures:
+            self.failures -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return await super().submit_job(payload, source)
+
+
+async def test_a_cloud_job_that_cannot_be_stored_is_not_acked_and_arrives_once_the_disk_takes_it(
+        cloud: Cloud, db: Database, tmp_path: Path):
+    """Issue 9.3 for the cloud link: the job stays with the cloud broker (no PUBACK) until it
+    is stored, later jobs keep their order, and holding it is not a dropped connection."""
+    cfg = make_config(cloud, tmp_path)
+    intake = FullDiskIntake(failures=2)
+    async with running(UpstreamLink(cfg, db, intake, **FAST)) as link:
+        await wait_until(lambda: link.client.connected, what="connected")
+        for n in range(3):
+            cloud.publish(f"{PREFIX}/jobs", f'{{"job_id":"disk-{n}"}}'.encode())
+        await intake.wait(lambda i: len(i.jobs) == 3, timeout=20)
+        assert link.client.held == 2
+        assert link.client.drops == 0  # we closed it to get the job back; not a lost link
+    assert [p for p, _ in intake.jobs] == [b'{"job_id":"disk-0"}', b'{"job_id":"disk-1"}', b'{"job_id":"disk-2"}']
