@@ -186,6 +186,7 @@ class GatewayProtocolHandler(BrokerProtocolHandler):
     gw: GatewayBroker | None = None
     client: ClientState | None = None
     no_will = False          # closed by the broker for its own trouble: the client did nothing wrong
+    _acks: list[bytes]       # acknowledgements waiting for _flush_acks (set by _reader_loop)
 
     async def send_bytes(self, data: bytes) -> None:
         """Write already-encoded packets; the lock keeps amqtt's websocket writer consistent."""
@@ -231,6 +232,7 @@ class GatewayProtocolHandler(BrokerProtocolHandler):
         running: deque[asyncio.Task[None]] = deque()
         self._idle_since: float | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._acks = []
         reader = self.reader
         try:
             while reader is not None:
@@ -291,6 +293,12 @@ class GatewayProtocolHandler(BrokerProtocolHandler):
         self._reader_stopped.set()
         await self.stop()
 
+    def _flush_acks(self) -> None:
+        acks, self._acks = self._acks, []
+        writer = self.writer
+        if acks and writer is not None:
+            writer.write(b"".join(acks))
+
     def _idle_check(self, keepalive: float) -> None:
         """The keepalive: no packet begun for ``keepalive`` s (1.5 × the client's) → timeout."""
         self._idle_timer = None
@@ -331,9 +339,13 @@ class GatewayProtocolHandler(BrokerProtocolHandler):
             ack_kind, ack_id, durable = ack
             barrier = gw.commit_barrier(durable)
             if barrier is None and not self._write_lock.locked() and isinstance(self.writer, StreamWriterAdapter):
-                # Nothing to wait for and nobody writing: answer now, in order, without a task.
-                # (A websocket writer or a held lock takes the awaited path below.)
-                self.writer.write(encode_ack(ack_kind, ack_id))
+                # Nothing to wait for and nobody writing: answer without a task, in order.
+                # The acks of everything this read brought go out in one write once the reader
+                # waits for more (one send per ack was the broker's largest cost after the
+                # decoding). A websocket writer or a held lock takes the awaited path below.
+                self._acks.append(encode_ack(ack_kind, ack_id))
+                if len(self._acks) == 1:
+                    asyncio.get_running_loop().call_soon(self._flush_acks)
                 return None
             return asyncio.get_running_loop().create_task(gw.acknowledge_publish(self, ack_kind, ack_id, barrier))
         if kind in (_PUBACK, _PUBREC, _PUBREL, _PUBCOMP):
