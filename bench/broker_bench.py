@@ -1,6 +1,6 @@
 """Embedded broker vs bare amqtt vs Mosquitto, on this machine, in one run.
 
-    python -m bench.broker_bench [--messages 4000] [--fanout-messages 400] [--json out.json]
+    python -m bench.broker_bench [--messages 4000] [--fanout-messages 400] [--brokers ...] [--json out.json]
 
 Each broker runs in its own process on a free loopback port; the load comes from
 this process through a minimal asyncio MQTT 3.1.1 client (the same for all three,
@@ -29,6 +29,7 @@ import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gateway.broker.codec import encode_topic, remaining_length
 
@@ -66,7 +67,11 @@ async def main():
         "auth": {"password_file": data + "/passwd"}}}, environ={})
     async with EmbeddedBroker(cfg, InternalCredentials.generate()):
         await asyncio.Event().wait()
-asyncio.run(main())
+if len(sys.argv) > 3 and sys.argv[3] == "uvloop":
+    import uvloop
+    uvloop.run(main())
+else:
+    asyncio.run(main())
 """
 
 AMQTT = """
@@ -101,10 +106,12 @@ class BrokerProc:
 def start_broker(name: str, workdir: Path) -> BrokerProc:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    if name == "gateway":
+    if name in ("gateway", "gateway-uvloop"):
         data = workdir / "gateway"
         data.mkdir()
         cmd = [sys.executable, "-c", textwrap.dedent(GATEWAY), str(port), str(data)]
+        if name == "gateway-uvloop":
+            cmd.append("uvloop")
     elif name == "amqtt":
         cmd = [sys.executable, "-c", textwrap.dedent(AMQTT), str(port)]
     else:
@@ -129,10 +136,11 @@ class Client:
     received: int = 0
     last_rx: float = 0.0
     acked: asyncio.Queue[int] | None = None
+    clean: bool = True
 
     async def connect(self) -> None:
         self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-        var = encode_topic("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 0)
+        var = encode_topic("MQTT") + bytes([4, 0x02 if self.clean else 0x00]) + struct.pack("!H", 0)
         payload = encode_topic(self.client_id)
         self.writer.write(b"\x10" + remaining_length(len(var) + len(payload)) + var + payload)
         head = await self.reader.readexactly(4)
@@ -210,8 +218,18 @@ class Client:
         self.writer.close()
 
 
-async def run_scenario(port: int, qos: int, subs: int, messages: int, paced: bool) -> dict[str, float]:
-    subscribers = [Client(port, f"sub-{i}") for i in range(subs)]
+async def run_scenario(port: int, qos: int, subs: int, messages: int, paced: bool,
+                       persistent: bool = False) -> dict[str, float]:
+    prefix = "psub" if persistent else "sub"
+    if persistent:
+        # Start from an empty session: connect clean once (drops any earlier state), then
+        # persistent, so the run measures a live CleanSession=0 subscriber.
+        for i in range(subs):
+            c = Client(port, f"{prefix}-{i}")
+            await c.connect()
+            await c.close()
+        await asyncio.sleep(0.1)
+    subscribers = [Client(port, f"{prefix}-{i}", clean=not persistent) for i in range(subs)]
     for s in subscribers:
         await s.connect()
         await s.subscribe(qos)
@@ -245,6 +263,11 @@ async def run_scenario(port: int, qos: int, subs: int, messages: int, paced: boo
     for c in [*subscribers, pub]:
         await c.close()
     await asyncio.sleep(0.1)
+    if persistent:
+        for i in range(subs):  # drop the sessions again, so nothing queues for them later
+            c = Client(port, f"{prefix}-{i}")
+            await c.connect()
+            await c.close()
     return {
         "delivered": got, "expected": expected,
         "msgs_per_s": got / ((end - start) / 1e9) if end > start else 0.0,
@@ -253,51 +276,134 @@ async def run_scenario(port: int, qos: int, subs: int, messages: int, paced: boo
     }
 
 
-async def bench_broker(port: int, messages: int, fanout_messages: int) -> dict[str, dict[str, float]]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _measured(pid: int, port: int, qos: int, subs: int, n: int, persistent: bool = False) -> dict[str, float]:
+    """A throughput run, with the broker process's CPU time per delivery."""
+    before = cpu_seconds(pid)
+    thr = await run_scenario(port, qos, subs, n, paced=False, persistent=persistent)
+    thr["cpu_us_per_msg"] = 1e6 * (cpu_seconds(pid) - before) / max(thr["delivered"], 1)
+    return thr
+
+
+async def bench_broker(pid: int, port: int, messages: int, fanout_messages: int) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
     for subs in (1, 50):
         for qos in (0, 1, 2):
             n = messages if subs == 1 else fanout_messages
-            thr = await run_scenario(port, qos, subs, n, paced=False)
+            thr = await _measured(pid, port, qos, subs, n)
             lat = await run_scenario(port, qos, subs, 200 if subs == 1 else 100, paced=True)
             results[f"qos{qos} 1->{subs}"] = {**thr, "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"],
                                                "lat_delivered": lat["delivered"], "lat_expected": lat["expected"]}
+    # A persistent (CleanSession=0) subscriber at QoS 1: the gateway writes each message to
+    # SQLite (group commit) before the publisher's PUBACK; amqtt and Mosquitto (persistence
+    # off, their default) keep it in memory only.
+    thr = await _measured(pid, port, 1, 1, messages, persistent=True)
+    lat = await run_scenario(port, 1, 1, 200, paced=True, persistent=True)
+    results["qos1 1->1 persistent"] = {**thr, "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"],
+                                       "lat_delivered": lat["delivered"], "lat_expected": lat["expected"]}
     return results
 
 
-def main() -> None:
+def _row(name: str, value: float, unit: str, baseline: float | None = None, ratio: float | None = None,
+         goal: str = "", met: bool | None = None) -> dict[str, Any]:
+    """One row of ``python -m bench``'s summary table (the shape bench/README.md defines)."""
+    if ratio is None and baseline:
+        ratio = value / baseline
+    return {"name": name, "value": value, "unit": unit, "baseline": baseline, "ratio": ratio,
+            "goal": goal, "met": met}
+
+
+def _have_uvloop() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=4000, help="messages per 1→1 throughput run")
     parser.add_argument("--fanout-messages", type=int, default=400, help="messages per 1→50 throughput run")
-    parser.add_argument("--brokers", default="gateway,amqtt,mosquitto")
+    parser.add_argument("--brokers", default=None,
+                        help="comma-separated; default gateway,gateway-uvloop (if uvloop is installed),amqtt,mosquitto")
     parser.add_argument("--json", type=Path, help="write the raw figures here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    brokers = args.brokers
+    if brokers is None:
+        brokers = "gateway,gateway-uvloop,amqtt,mosquitto" if _have_uvloop() else "gateway,amqtt,mosquitto"
+        if not _have_uvloop():
+            print("uvloop is not installed (pip install '.[uvloop]'): the gateway on uvloop is not measured")
     all_results: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.brokers.split(","):
+        for name in brokers.split(","):
             workdir = Path(tmp) / name
             workdir.mkdir()
             broker = start_broker(name, workdir)
             try:
-                all_results[name] = asyncio.run(bench_broker(broker.port, args.messages, args.fanout_messages))
+                all_results[name] = asyncio.run(bench_broker(broker.proc.pid, broker.port, args.messages,
+                                                             args.fanout_messages))
             finally:
                 broker.stop()
     names = list(all_results)
     scenarios = list(next(iter(all_results.values())))
-    print(f"{'scenario':<12}" + "".join(f"{n + ' msg/s':>18}{'p50 ms':>9}{'p99 ms':>9}" for n in names))
+    print(f"{'scenario':<22}" + "".join(f"{n + ' msg/s':>22}{'CPU us':>8}{'p50 ms':>9}{'p99 ms':>9}"
+                                        for n in names))
     for sc in scenarios:
-        row = f"{sc:<12}"
+        line = f"{sc:<22}"
         for n in names:
             r = all_results[n][sc]
             lost = "" if r["delivered"] == r["expected"] else f" ({r['delivered']}/{r['expected']})"
-            row += f"{r['msgs_per_s']:>18,.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{lost}"
-        print(row)
+            line += (f"{r['msgs_per_s']:>22,.0f}{r['cpu_us_per_msg']:>8.0f}{r['p50_ms']:>9.2f}"
+                     f"{r['p99_ms']:>9.2f}{lost}")
+        print(line)
+    print("(CPU us = the broker process's CPU time per delivery in the throughput run)")
     if "gateway" in all_results and "amqtt" in all_results:
         print("\ngateway vs bare amqtt (throughput ratio): " + ", ".join(
             f"{sc} {all_results['gateway'][sc]['msgs_per_s'] / max(all_results['amqtt'][sc]['msgs_per_s'], 1e-9):.2f}x"
             for sc in scenarios))
     if args.json:
         args.json.write_text(json.dumps(all_results, indent=2))
+    return _summary(all_results)
+
+
+def _summary(res: dict[str, dict[str, dict[str, float]]]) -> list[dict[str, Any]]:
+    rows = []
+    gw = res.get("gateway")
+    if gw is None:
+        return rows
+
+    def rate(name: str, sc: str) -> float:
+        r = res[name][sc]
+        return r["msgs_per_s"] if r["delivered"] == r["expected"] else 0.0
+
+    if "mosquitto" in res:
+        for sc in ("qos1 1->1", "qos1 1->50"):
+            value, base = rate("gateway", sc), rate("mosquitto", sc)
+            rows.append(_row(f"broker {sc.replace('qos', 'QoS ').replace('->', ' -> ')} vs Mosquitto, msg/s",
+                             round(value), "msg/s", baseline=round(base), goal=">= 0.25x Mosquitto",
+                             met=base > 0 and value / base >= 0.25))
+    if "amqtt" in res:
+        for sc in ("qos0 1->1", "qos1 1->1", "qos2 1->1", "qos0 1->50", "qos1 1->50", "qos2 1->50"):
+            value, base = rate("gateway", sc), rate("amqtt", sc)
+            rows.append(_row(f"broker {sc.replace('qos', 'QoS ').replace('->', ' -> ')} vs bare amqtt, msg/s",
+                             round(value), "msg/s", baseline=round(base), goal=">= 1.0x bare amqtt",
+                             met=base > 0 and value >= base))
+    sc = "qos1 1->1 persistent"
+    base = rate("mosquitto", sc) if "mosquitto" in res else None
+    rows.append(_row("broker QoS 1 1 -> 1, CleanSession=0 subscriber (SQLite; Mosquitto in memory), msg/s",
+                     round(rate("gateway", sc)),
+                     "msg/s", baseline=round(base) if base else None, goal=""))
+    if "gateway-uvloop" in res:
+        for sc in ("qos1 1->1", "qos1 1->50"):
+            rows.append(_row(f"broker {sc.replace('qos', 'QoS ').replace('->', ' -> ')} on uvloop vs asyncio, msg/s",
+                             round(rate("gateway-uvloop", sc)), "msg/s", baseline=round(rate("gateway", sc)), goal=""))
+    return rows
 
 
 if __name__ == "__main__":

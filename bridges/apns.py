@@ -58,7 +58,19 @@ class _JwtCache:
 
     def __init__(self) -> None:
         self._tokens: dict[tuple[str, str, str], _Jwt] = {}
+        # id(key) -> (key, fingerprint): the fingerprint is a public-key export and a
+        # SHA-256, done once per key object rather than on every send (the key is held
+        # here, so its id cannot be reused by another object while the entry lives).
+        self._fingerprints: dict[int, tuple[Any, str]] = {}
         self.minted = 0  # how many JWTs were signed (observable by tests and the bench)
+
+    def _fingerprint(self, key: Any) -> str:
+        known = self._fingerprints.get(id(key))
+        if known is not None and known[0] is key:
+            return known[1]
+        fp = _fingerprint(key)
+        self._fingerprints[id(key)] = (key, fp)
+        return fp
 
     def get(self, team_id: str, key_id: str, key: Any, *, stale: str | None = None) -> str:
         """The current JWT; a new one if it is older than the reuse window or is ``stale``.
@@ -68,7 +80,7 @@ class _JwtCache:
         Synchronous and lock-free on purpose: it never awaits, so on one event loop no two
         callers can mint concurrently.
         """
-        slot = (team_id, key_id, _fingerprint(key))
+        slot = (team_id, key_id, self._fingerprint(key))
         now = _now()
         current = self._tokens.get(slot)
         if (current is not None and current.token != stale
@@ -84,6 +96,7 @@ class _JwtCache:
 
     def clear(self) -> None:
         self._tokens.clear()
+        self._fingerprints.clear()
         self.minted = 0
 
 

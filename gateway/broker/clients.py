@@ -164,6 +164,11 @@ class ClientState:
             self._wake.set()
         return durable
 
+    @property
+    def backlogged(self) -> bool:
+        """Connected with a capped queue at least half full: its sender should run soon."""
+        return self.handler is not None and self.capped and 2 * len(self.pending) >= self._max_queued
+
     def restore(self, messages: list[tuple[Outgoing, int | None, int]]) -> None:
         """Messages loaded from SQLite: written ones go back in flight, the rest queue."""
         for out, packet_id, state in messages:

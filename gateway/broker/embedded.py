@@ -125,6 +125,9 @@ class GatewayBroker(Broker):
         self._prefix = prefix
         self._store = store
         self._max_queued = max_queued
+        # Set by route() when a connected subscriber's queue is half full; the reader that
+        # routed the message yields once so that the subscriber's sender runs (handler.py).
+        self.backlogged = False
         self.metrics = metrics or BrokerMetrics()
         self._clients: dict[str, ClientState] = {}
         self._index: SubscriptionIndex[ClientState] = SubscriptionIndex()
@@ -478,6 +481,8 @@ class GatewayBroker(Broker):
             # Live messages go out with RETAIN=0 [MQTT-3.3.1-9] at min(pub, sub) [MQTT-3.8.4-6].
             if cs.enqueue(msg, qos if qos < sub_qos else sub_qos, False):
                 durable = True
+            if cs.backlogged:
+                self.backlogged = True  # the reader yields before routing the next message
         return durable
 
     def _refuse_retained(self, topic: str) -> bool:
@@ -509,29 +514,41 @@ class GatewayBroker(Broker):
             suppressed_since_last=suppressed)
 
     async def on_publish(self, handler: GatewayProtocolHandler, cs: ClientState, packet: PublishPacket) -> None:
+        """A PUBLISH decoded by amqtt (the handler's own reader decodes them itself)."""
+        header = packet.variable_header
+        ack = self.accept_publish(handler, cs, header.topic_name if header is not None else "",
+                                  header.packet_id if header is not None else None, packet.qos,
+                                  bytes(packet.data or b""), bool(packet.retain_flag))
+        if ack is not None:
+            kind, packet_id, durable = ack
+            await self.acknowledge_publish(handler, kind, packet_id, self.commit_barrier(durable))
+
+    def accept_publish(self, handler: GatewayProtocolHandler, cs: ClientState, topic: str, packet_id: int | None,
+                       qos: int, payload: bytes, retain: bool) -> tuple[int, int, bool] | None:
+        """Everything a PUBLISH does before its acknowledgement, without awaiting: checks,
+        QoS 2 bookkeeping, ACL, routing (and queueing the durable writes it needs).
+
+        Returns ``(kind, packet_id, durable)``: PUBACK or PUBREC, and whether the ack must
+        wait for the commit (:meth:`commit_barrier`, :meth:`acknowledge_publish`), or None
+        when no ack is due.
+        Synchronous so that the reader can route in arrival order without a task per packet.
+        """
         metrics = self.metrics
         metrics.messages_in += 1
-        header = packet.variable_header
-        topic = header.topic_name if header is not None else ""
-        packet_id = header.packet_id if header is not None else None
-        qos = packet.qos
-        payload = bytes(packet.data or b"")
         metrics.bytes_in += len(payload)
         if qos > 2 or (qos and packet_id is None) or not valid_topic_name(topic):
             # [MQTT-3.3.1-4], [MQTT-4.7.3-1]: a protocol violation closes the connection.
             metrics.protocol_errors += 1
             log.info("malformed PUBLISH; closing connection", client_id=cs.client_id, qos=qos)
             handler.abort()
-            return
+            return None
         store = cs.store
         if qos == 2:
             assert packet_id is not None
             if packet_id in cs.qos2_in:
                 # Resent: not routed again; its first PUBREC may have been held back by a
                 # failed write, so the same barrier applies.
-                if await self._durable(handler, True):
-                    await handler.send_bytes(encode_ack(PUBREC, packet_id))
-                return
+                return PUBREC, packet_id, True
             cs.qos2_in.add(packet_id)
             if store is not None:
                 store.qos2_received(cs.client_id, packet_id)
@@ -542,12 +559,33 @@ class GatewayBroker(Broker):
             metrics.denied_publish += 1
             self._log_denied_publish(cs, topic)
         else:
-            durable = self.route(topic, payload, qos, packet.retain_flag)
+            durable = self.route(topic, payload, qos, retain)
         if qos == 0:
-            return
+            return None
         assert packet_id is not None
-        if await self._durable(handler, durable or (qos == 2 and store is not None)):
-            await handler.send_bytes(encode_ack(PUBACK if qos == 1 else PUBREC, packet_id))
+        return (PUBACK if qos == 1 else PUBREC), packet_id, durable or (qos == 2 and store is not None)
+
+    def commit_barrier(self, needed: bool) -> asyncio.Future[None] | None:
+        """The commit an acknowledgement must wait for (None: nothing to wait for).
+
+        Taken when the message is routed, not when the acknowledging task first runs: a
+        barrier taken later would miss the group commit that already carries the message
+        and wait for the next one."""
+        if not needed or self._store is None:
+            return None
+        return self._store.barrier()
+
+    async def acknowledge_publish(self, handler: GatewayProtocolHandler, kind: int, packet_id: int,
+                                  barrier: asyncio.Future[None] | None) -> None:
+        """Send the PUBACK/PUBREC once ``barrier`` (see :meth:`commit_barrier`) is committed.
+        If the commit fails, no acknowledgement: the connection is closed so the client resends."""
+        if barrier is not None:
+            try:
+                await barrier
+            except StateNotStored:
+                handler.close_unstored()
+                return
+        await handler.send_bytes(encode_ack(kind, packet_id))
 
     async def _durable(self, handler: GatewayProtocolHandler, needed: bool) -> bool:
         """Wait until what an acknowledgement depends on is committed. False: it could not

@@ -403,3 +403,35 @@ async def test_malformed_input_never_takes_the_broker_down(broker):
     assert (await ok.expect(PUBLISH)).payload == b"still here"
     assert broker.metrics()["protocol_errors"] >= 2
     ok.disconnect()
+
+
+async def test_ill_formed_packets_after_connect_close_the_connection(broker):
+    """The broker's own reader (gateway/broker/handler.py): [MQTT-1.5.3-1] a topic that is not
+    UTF-8, [MQTT-3.1.0-2] a second CONNECT, an acknowledgement whose remaining length is not 2
+    and a remaining length over 4 bytes [MQTT-2.2.3] close the connection (the stream can
+    no longer be trusted); nothing is routed, the broker serves everyone else."""
+    sub = RawClient(broker.port)
+    await sub.connect("watcher")
+    assert await sub.subscribe(("#", 0)) == [0]
+    cases = {
+        "bad-utf8": b"\x30\x05\x00\x02\xff\xfex",            # PUBLISH, topic bytes ff fe
+        "second-connect": b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c\x00\x00",
+        "long-puback": b"\x40\x03\x00\x01\x00",             # PUBACK with 3 bytes
+        "long-length": b"\x30\xff\xff\xff\xff\x01",           # 5 remaining-length bytes
+    }
+    before = broker.metrics()["protocol_errors"]
+    for name, data in cases.items():
+        c = RawClient(broker.port)
+        await c.connect(name)
+        c.send(data)
+        assert await c.closed(), name
+    assert broker.metrics()["protocol_errors"] >= before + 3
+    # Nothing of the above was routed; the barrier is a later message on the same subscription.
+    ok = RawClient(broker.port)
+    await ok.connect("ok-after")
+    ok.publish("after", b"still here", 1)
+    await ok.expect(PUBACK)
+    got = await sub.expect(PUBLISH)
+    assert (got.topic, got.payload) == ("after", b"still here")
+    ok.disconnect()
+    sub.disconnect()
