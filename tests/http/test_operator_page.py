@@ -25,7 +25,7 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from tests.http.conftest import P, ApiGateway, db_rows, make_api_gateway, wait_until
-from tests.support import MqttProbe, bulk_register
+from tests.support import MqttProbe, bulk_register, free_port
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -223,6 +223,18 @@ def test_a_1000_device_job_progresses_live_to_completed_over_the_event_stream(gw
     width = phone.evaluate("document.documentElement.scrollWidth")
     assert width <= 390, f"the phone layout scrolls sideways ({width} px)"
     shot(phone, tmp_path, "now-phone")
+    # Every tab fits the phone's width (wide tables scroll inside their own box).
+    for tab in ("Jobs", "Devices", "Alarms"):
+        phone.get_by_role("tab", name=tab).click()
+        expect(phone.locator(f"#panel-{tab.lower()}")).to_be_visible()
+        if tab == "Jobs":
+            phone.locator("#send > summary").click()
+            expect(phone.get_by_label("Title", exact=True)).to_be_visible()
+        if tab == "Devices":
+            expect(phone.locator("#dev-table tbody tr")).to_have_count(50)
+        shot(phone, tmp_path, f"{tab.lower()}-phone", full_page=False)
+        width = phone.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, f"the {tab} tab scrolls sideways on a phone ({width} px)"
 
 
 # ------------------------------------------------------------------ the send form
@@ -359,3 +371,48 @@ def test_devices_are_searched_and_paged_on_the_server(gw, context, tmp_path):
     pages = [(r.url, r.json()) for r in responses]
     assert pages and all(len(body["devices"]) <= 50 and "limit=50" in url for url, body in pages)
     assert sum(len(body["devices"]) for _, body in pages) < 300, "the page never loads the fleet"
+
+
+# ------------------------------------------------------------------ the Now tab under load
+def test_the_now_tab_shows_the_oldest_queued_delivery_and_the_cloud_backlog(browser, tmp_path):
+    """A slow bridge keeps deliveries queued and an unreachable cloud broker lets the
+    outbox grow: the Now tab shows both ages, the backlog's messages and bytes, and why the
+    link is down, as the API's own numbers say."""
+    a = make_api_gateway(tmp_path, {"bridges": {"simulation": {"latency_ms": 30_000}}, "dispatch": {"max_in_flight": 1},
+                                    "upstream": {"url": f"mqtt://127.0.0.1:{free_port()}"}}, users=USERS, start=False)
+    bulk_register(tmp_path / "var", [{"device_id": f"slow-{i}", "segment": "slow", "channels": [{"platform": "simulation"}]}
+                                     for i in range(10)])
+    a.gw.start()
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    ctx.set_default_timeout(20_000)
+    try:
+        r = httpx.post(f"{a.base}/v1/jobs", auth=("tech", "tech-pw"), json={
+            "job_id": "slow-1", "target": {"segment": "slow"}, "notification": {"title": "Slow"}})
+        assert r.status_code == 202, r.text
+
+        def now() -> dict[str, Any] | None:
+            body = httpx.get(f"{a.base}/ui/api/now", auth=("mon", "mon-pw")).json()
+            u, q = body["upstream"], body["queue"]
+            ok = (u and u["buffer_rows"] and (u["buffer_oldest_age_s"] or 0) >= 2 and (q["oldest_age_s"] or 0) >= 2)
+            return body if ok else None
+
+        body = wait_until(now, timeout=20, interval=0.3)
+        assert body["upstream"]["connected"] is False and body["upstream"]["buffer_bytes"] > 0
+        assert body["queue"]["depth"] >= 8 and body["queue"]["by_platform"]["simulation"] == body["queue"]["depth"]
+
+        page = login(ctx, a, "mon")
+        queue = page.locator("#now-queue")
+        expect(queue.locator("[data-testid=queue-depth]")).to_have_text(re.compile(r"^\d+$"))
+        assert int(queue.locator("[data-testid=queue-depth]").inner_text()) >= 8
+        expect(queue).to_contain_text(re.compile(r"Oldest queued\s*\d+ s"))
+        upstream = page.locator("#now-upstream")
+        expect(upstream).to_contain_text("not connected")
+        expect(upstream).to_contain_text(re.compile(r"Backlog\s*[1-9][\d,]* messages, [\d.]+ k?B"))
+        expect(upstream).to_contain_text(re.compile(r"Oldest waiting\s*\d+ s"))
+        shot(page, tmp_path, "now-backlog", full_page=False)
+    finally:
+        ctx.close()
+        a.close()
+        a.gw.kill()
+        if a.gw.notify:
+            a.gw.notify.close()
