@@ -25,6 +25,7 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from tests.http.conftest import P, ApiGateway, db_rows, make_api_gateway, wait_until
+from tests.http.test_health_status import rsa_pem
 from tests.support import MqttProbe, bulk_register, free_port
 
 CHROMIUM = "/usr/bin/chromium"
@@ -393,8 +394,12 @@ def test_devices_are_searched_and_paged_on_the_server(gw, context, tmp_path):
 def test_the_now_tab_shows_the_oldest_queued_delivery_and_the_cloud_backlog(browser, tmp_path):
     """A slow bridge keeps deliveries queued and an unreachable cloud broker lets the
     outbox grow: the Now tab shows both ages, the backlog's messages and bytes, and why the
-    link is down, as the API's own numbers say."""
-    a = make_api_gateway(tmp_path, {"bridges": {"simulation": {"latency_ms": 30_000}}, "dispatch": {"max_in_flight": 1},
+    link is down, as the API's own numbers say. An APNs bridge whose key is RSA (APNs wants
+    P-256) is unhealthy: the Now tab names it and says why."""
+    apns = {"enabled": True, "team_id": "T", "key_id": "K", "key_file": str(rsa_pem(tmp_path / "AuthKey.p8")),
+            "topic": "com.example.app"}
+    a = make_api_gateway(tmp_path, {"bridges": {"simulation": {"latency_ms": 30_000}, "apns": apns},
+                                    "dispatch": {"max_in_flight": 1},
                                     "upstream": {"url": f"mqtt://127.0.0.1:{free_port()}"}}, users=USERS, start=False)
     bulk_register(tmp_path / "var", [{"device_id": f"slow-{i}", "segment": "slow", "channels": [{"platform": "simulation"}]}
                                      for i in range(10)])
@@ -425,6 +430,11 @@ def test_the_now_tab_shows_the_oldest_queued_delivery_and_the_cloud_backlog(brow
         expect(upstream).to_contain_text("not connected")
         expect(upstream).to_contain_text(re.compile(r"Backlog\s*[1-9][\d,]* messages, [\d.]+ k?B"))
         expect(upstream).to_contain_text(re.compile(r"Oldest waiting\s*\d+ s"))
+        apns_row = page.locator("#now-bridges [data-bridge=apns]")
+        expect(apns_row).to_contain_text("unhealthy")
+        expect(apns_row.locator(".reason")).to_contain_text("P-256")
+        expect(page.locator("#now-bridges [data-bridge=simulation]")).to_contain_text("healthy")
+        expect(page.locator("#now-gateway")).to_contain_text(re.compile(r"Failing\s*bridges: apns: .*P-256"))
         shot(page, tmp_path, "now-backlog", full_page=False)
     finally:
         ctx.close()

@@ -34,10 +34,13 @@ export function renderNow(now) {
   fill($("#now-bridges"), bridges.length ? h("div", {class: "scroll"}, h("table", {class: "table compact"},
     h("thead", {}, h("tr", {}, h("th", {scope: "col"}, "Platform"), h("th", {scope: "col"}, "Health"),
                     h("th", {scope: "col", class: "num"}, "In flight"), h("th", {scope: "col", class: "num"}, "Sent"))),
-    h("tbody", {}, bridges.sort().map(([name, b]) => h("tr", {"data-bridge": name},
-      h("td", {}, name),
-      h("td", {}, b.healthy ? badge("healthy", "ok") : [badge("unhealthy", "bad"), h("div", {class: "reason"}, b.reason || "")]),
-      h("td", {class: "num"}, num(b.in_flight)), h("td", {class: "num"}, num(b.sent)))))))
+    // One tbody per bridge: an unhealthy one's reason gets a row of its own, full width.
+    bridges.sort().map(([name, b]) => h("tbody", {"data-bridge": name},
+      h("tr", {},
+        h("td", {}, name),
+        h("td", {}, b.healthy ? badge("healthy", "ok") : badge("unhealthy", "bad")),
+        h("td", {class: "num"}, num(b.in_flight)), h("td", {class: "num"}, num(b.sent))),
+      b.healthy ? null : h("tr", {class: "reason-row"}, h("td", {colspan: 4, class: "reason"}, b.reason || "no reason given"))))))
     : h("p", {class: "muted"}, "no bridge enabled"));
 
   const b = now.broker;
