@@ -4,7 +4,7 @@ the DevTools protocol by Playwright for Python, against the real daemon.
 One daemon for the module: 1,000 simulated devices in segment ``fleet`` (the job whose
 progress is watched), 2,000 in ``store`` with tags (server-side paging), two MQTT devices
 (``tech-1`` gets alarm and form jobs, ``lead-1`` escalations), and an alarm rule that
-escalates after 6 s. Independent receivers check what the gateway did: an MQTT client on
+escalates after 10 s. Independent receivers check what the gateway did: an MQTT client on
 the devices' notify topics and the alarm state topics, and a separate SQLite connection.
 
 Screenshots go to each test's temporary directory (``shot()`` prints their paths).
@@ -24,14 +24,15 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
-from tests.http.conftest import P, ApiGateway, db_rows, make_api_gateway
-from tests.support import MqttProbe, bulk_register
+from tests.http.conftest import P, ApiGateway, db_rows, make_api_gateway, wait_until
+from tests.http.test_health_status import rsa_pem
+from tests.support import MqttProbe, bulk_register, free_port
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]
 USERS = {"tech": ("technician", "tech-pw"), "mon": ("monitor", "mon-pw"), "plc-1": ("device", "plc1-pw")}
-ESCALATE_AFTER_S = 6.0
+ESCALATE_AFTER_S = 10.0  # the time the test has to see door-a fire and acknowledge it, on a busy machine
 DOOR_RULE = {"name": "door", "topic": "{prefix}/devices/+/telemetry/door", "equals": "open", "key": "{device_id}",
              "target": {"devices": ["tech-1"]}, "title": "Door {device_id} is {value}",
              "escalate": [{"after_s": ESCALATE_AFTER_S, "target": {"devices": ["lead-1"]}}]}
@@ -45,7 +46,9 @@ def _devices() -> list[dict[str, Any]]:
     out[1000 + 7]["channels"] = [{"platform": "fcm", "token": "fcm-token-of-store-0007-0123456789"},
                                  {"platform": "simulation"}]
     out += [{"device_id": "tech-1", "segment": "techs", "channels": [{"platform": "mqtt"}]},
-            {"device_id": "lead-1", "segment": "leads", "channels": [{"platform": "mqtt"}]}]
+            {"device_id": "lead-1", "segment": "leads", "channels": [{"platform": "mqtt"}]},
+            {"device_id": "gone-1", "segment": "odd", "channels": [{"platform": "fcm", "token": "fcm-token-of-gone-1-abcdef"}]},
+            {"device_id": "nobridge-1", "segment": "odd", "channels": [{"platform": "apns", "token": "ab" * 32}]}]
     return out
 
 
@@ -58,6 +61,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiGateway]:
                                "rules": [DOOR_RULE]}, users=USERS, start=False)
     bulk_register(tmp / "var", _devices())
     _mark_invalid(tmp / "var", "store-0007", "fcm|fcm-token-of-store-0007-0123456789", "Unregistered (FCM 404)")
+    _mark_invalid(tmp / "var", "gone-1", "fcm|fcm-token-of-gone-1-abcdef", "Unregistered (FCM 404)")
     a.gw.start()
     yield a
     a.close()
@@ -223,6 +227,18 @@ def test_a_1000_device_job_progresses_live_to_completed_over_the_event_stream(gw
     width = phone.evaluate("document.documentElement.scrollWidth")
     assert width <= 390, f"the phone layout scrolls sideways ({width} px)"
     shot(phone, tmp_path, "now-phone")
+    # Every tab fits the phone's width (wide tables scroll inside their own box).
+    for tab in ("Jobs", "Devices", "Alarms"):
+        phone.get_by_role("tab", name=tab).click()
+        expect(phone.locator(f"#panel-{tab.lower()}")).to_be_visible()
+        if tab == "Jobs":
+            phone.locator("#send > summary").click()
+            expect(phone.get_by_label("Title", exact=True)).to_be_visible()
+        if tab == "Devices":
+            expect(phone.locator("#dev-table tbody tr")).to_have_count(50)
+        shot(phone, tmp_path, f"{tab.lower()}-phone", full_page=False)
+        width = phone.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, f"the {tab} tab scrolls sideways on a phone ({width} px)"
 
 
 # ------------------------------------------------------------------ the send form
@@ -282,13 +298,6 @@ def test_acknowledging_a_firing_alarm_on_the_page_stops_its_escalation(gw, conte
     expect(row).to_contain_text("step 0 of 1")
     expect(page.locator("#alarm-badge")).to_have_text("1")
 
-    monitor = browser.new_context()
-    mon_page = login(monitor, gw, "mon")
-    mon_page.get_by_role("tab", name="Alarms").click()
-    expect(mon_page.locator('#alarm-table tr[data-alarm="door/door-a"]')).to_be_visible()
-    expect(mon_page.get_by_role("button", name="Acknowledge alarm door door-a")).to_have_count(0)
-    monitor.close()
-
     shot(page, tmp_path, "alarm-firing", full_page=False)
     page.get_by_role("button", name="Acknowledge alarm door door-a").click()
     expect(page.locator("#alarm-msg")).to_have_text("door door-a acknowledged by tech: escalation stopped.")
@@ -311,6 +320,26 @@ def test_acknowledging_a_firing_alarm_on_the_page_stops_its_escalation(gw, conte
         ("alarm.door.door-a.1",)]
     page.get_by_label("Show alarms that are").select_option("firing")
     expect(page.locator('#alarm-table tr[data-alarm="door/door-b"] .escalation')).to_contain_text("step 1 of 1")
+    # On a phone the alarm and its Acknowledge button are on screen, not off to the right.
+    phone = context.new_page()
+    phone.set_viewport_size({"width": 390, "height": 844})
+    phone.goto(gw.base + "/")
+    phone.wait_for_selector("body[data-ready=true]", state="attached")
+    phone.get_by_role("tab", name="Alarms").click()
+    phone_row = phone.locator('#alarm-table tr[data-alarm="door/door-b"]')
+    expect(phone_row).to_contain_text("step 1 of 1")
+    shot(phone, tmp_path, "alarm-firing-phone", full_page=False)
+    expect(phone.get_by_role("button", name="Acknowledge alarm door door-b")).to_be_in_viewport(ratio=1)
+    expect(phone_row.locator(".escalation")).to_be_in_viewport(ratio=1)
+    assert phone.evaluate("document.documentElement.scrollWidth") <= 390
+    phone.close()
+    # A monitor sees the firing alarm and no button to acknowledge it.
+    monitor = browser.new_context()
+    mon_page = login(monitor, gw, "mon")
+    mon_page.get_by_role("tab", name="Alarms").click()
+    expect(mon_page.locator('#alarm-table tr[data-alarm="door/door-b"]')).to_be_visible()
+    expect(mon_page.get_by_role("button", name="Acknowledge alarm door door-b")).to_have_count(0)
+    monitor.close()
     probe.close()
 
 
@@ -321,12 +350,12 @@ def test_devices_are_searched_and_paged_on_the_server(gw, context, tmp_path):
     page.on("response", lambda r: responses.append(r) if "/ui/api/devices?" in r.url else None)
     page.get_by_role("tab", name="Devices").click()
     rows = page.locator("#dev-table tbody tr")
-    expect(page.locator("#dev-total")).to_have_text("3,002 devices match")
+    expect(page.locator("#dev-total")).to_have_text("3,004 devices match")
     expect(rows).to_have_count(50)
     expect(rows.first).to_have_attribute("data-device", "fleet-0000")
     page.locator("#panel-devices").get_by_role("button", name="Next").click()
     expect(rows.first).to_have_attribute("data-device", "fleet-0050")
-    expect(page.locator("#dev-page")).to_have_text("51–100 of 3,002")
+    expect(page.locator("#dev-page")).to_have_text("51–100 of 3,004")
     page.locator("#panel-devices").get_by_role("button", name="Previous").click()
     expect(rows.first).to_have_attribute("data-device", "fleet-0000")
 
@@ -359,3 +388,90 @@ def test_devices_are_searched_and_paged_on_the_server(gw, context, tmp_path):
     pages = [(r.url, r.json()) for r in responses]
     assert pages and all(len(body["devices"]) <= 50 and "limit=50" in url for url, body in pages)
     assert sum(len(body["devices"]) for _, body in pages) < 300, "the page never loads the fleet"
+
+
+# ------------------------------------------------------------------ the Now tab under load
+def test_the_now_tab_shows_the_oldest_queued_delivery_and_the_cloud_backlog(browser, tmp_path):
+    """A slow bridge keeps deliveries queued and an unreachable cloud broker lets the
+    outbox grow: the Now tab shows both ages, the backlog's messages and bytes, and why the
+    link is down, as the API's own numbers say. An APNs bridge whose key is RSA (APNs wants
+    P-256) is unhealthy: the Now tab names it and says why."""
+    apns = {"enabled": True, "team_id": "T", "key_id": "K", "key_file": str(rsa_pem(tmp_path / "AuthKey.p8")),
+            "topic": "com.example.app"}
+    a = make_api_gateway(tmp_path, {"bridges": {"simulation": {"latency_ms": 30_000}, "apns": apns},
+                                    "dispatch": {"max_in_flight": 1},
+                                    "upstream": {"url": f"mqtt://127.0.0.1:{free_port()}"}}, users=USERS, start=False)
+    bulk_register(tmp_path / "var", [{"device_id": f"slow-{i}", "segment": "slow", "channels": [{"platform": "simulation"}]}
+                                     for i in range(10)])
+    a.gw.start()
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    ctx.set_default_timeout(20_000)
+    try:
+        r = httpx.post(f"{a.base}/v1/jobs", auth=("tech", "tech-pw"), json={
+            "job_id": "slow-1", "target": {"segment": "slow"}, "notification": {"title": "Slow"}})
+        assert r.status_code == 202, r.text
+
+        def now() -> dict[str, Any] | None:
+            body = httpx.get(f"{a.base}/ui/api/now", auth=("mon", "mon-pw")).json()
+            u, q = body["upstream"], body["queue"]
+            ok = (u and u["buffer_rows"] and (u["buffer_oldest_age_s"] or 0) >= 2 and (q["oldest_age_s"] or 0) >= 2)
+            return body if ok else None
+
+        body = wait_until(now, timeout=20, interval=0.3)
+        assert body["upstream"]["connected"] is False and body["upstream"]["buffer_bytes"] > 0
+        assert body["queue"]["depth"] >= 8 and body["queue"]["by_platform"]["simulation"] == body["queue"]["depth"]
+
+        page = login(ctx, a, "mon")
+        queue = page.locator("#now-queue")
+        expect(queue.locator("[data-testid=queue-depth]")).to_have_text(re.compile(r"^\d+$"))
+        assert int(queue.locator("[data-testid=queue-depth]").inner_text()) >= 8
+        expect(queue).to_contain_text(re.compile(r"Oldest queued\s*\d+ s"))
+        upstream = page.locator("#now-upstream")
+        expect(upstream).to_contain_text("not connected")
+        expect(upstream).to_contain_text(re.compile(r"Backlog\s*[1-9][\d,]* messages, [\d.]+ k?B"))
+        expect(upstream).to_contain_text(re.compile(r"Oldest waiting\s*\d+ s"))
+        apns_row = page.locator("#now-bridges [data-bridge=apns]")
+        expect(apns_row).to_contain_text("unhealthy")
+        expect(apns_row.locator(".reason")).to_contain_text("P-256")
+        expect(page.locator("#now-bridges [data-bridge=simulation]")).to_contain_text("healthy")
+        expect(page.locator("#now-gateway")).to_contain_text(re.compile(r"Failing\s*bridges: apns: .*P-256"))
+        shot(page, tmp_path, "now-backlog", full_page=False)
+    finally:
+        ctx.close()
+        a.close()
+        a.gw.kill()
+        if a.gw.notify:
+            a.gw.notify.close()
+
+
+# ------------------------------------------------------------------ a job's problems
+def test_a_jobs_failed_and_invalid_address_deliveries_are_shown_with_their_reasons(gw, context, tmp_path):
+    page = login(context, gw, "mon")
+    r = httpx.post(f"{gw.base}/v1/jobs", auth=("tech", "tech-pw"), json={
+        "job_id": "odd-1", "target": {"devices": ["gone-1", "nobridge-1", "fleet-0001"]},
+        "notification": {"title": "Odd ones"}})
+    assert r.status_code == 202, r.text
+    wait_until(lambda: db_rows(gw.data_dir, "SELECT state FROM jobs WHERE job_id = 'odd-1'")[0][0]
+               in ("completed", "acknowledged"), timeout=20)
+    rows = {d: (st, reason) for d, st, reason in db_rows(
+        gw.data_dir, "SELECT device_id, state, last_error FROM deliveries WHERE job_id = 'odd-1'")}
+    assert rows["gone-1"][0] == "invalid_address" and rows["nobridge-1"][0] == "failed", rows
+    page.get_by_role("tab", name="Jobs").click()
+    row = page.locator('#jobs-list li[data-job-id="odd-1"]')
+    expect(row).to_contain_text("1 failed · 1 invalid address")
+    row.get_by_role("button", name="Show job odd-1").click()
+    detail = page.locator("#job-detail")
+    expect(detail.get_by_role("heading", name="Job odd-1")).to_be_visible()
+    # A finished job with problems opens on them: the failed and invalid-address devices,
+    # each with the reason the gateway recorded.
+    expect(detail.get_by_label("Show")).to_have_value("problems")
+    shown = detail.locator("#deliv-table tbody tr")
+    expect(shown).to_have_count(2)
+    for device, (state, reason) in (("gone-1", rows["gone-1"]), ("nobridge-1", rows["nobridge-1"])):
+        tr = detail.locator(f'#deliv-table tr[data-device="{device}"]')
+        expect(tr).to_contain_text(state)
+        expect(tr).to_contain_text(reason)
+    shot(page, tmp_path, "job-problems")
+    detail.get_by_label("Show").select_option("")
+    expect(shown).to_have_count(3)
+    expect(detail.locator('#deliv-table tr[data-device="fleet-0001"]')).to_contain_text("simulation")

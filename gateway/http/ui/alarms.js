@@ -28,12 +28,15 @@ export async function loadAlarms(index = 0) {
   for (const opt of $("#alarm-state").options) opt.textContent = `${opt.value} (${page.counts[opt.value] || 0})`;
   const may = session.may.ack_alarms;
   fill($("#alarm-table tbody"), page.alarms.length ? page.alarms.map((a) => h("tr", {"data-alarm": `${a.rule}/${a.key}`, "data-state": a.state},
-    h("td", {}, a.rule), h("td", {}, a.key), h("td", {}, badge(a.state, `alarm-${a.state}`)),
-    h("td", {}, value(a.value)), h("td", {}, h("span", {title: a.since || ""}, time(a.since))),
-    h("td", {class: "escalation"}, escalation(a)),
-    h("td", {}, a.acknowledged_by || "–"),
-    h("td", {class: "small"}, a.jobs.join(", ") || "–"),
-    h("td", {}, a.state === "firing" && may ? h("button", {type: "button", class: "primary",
+    // data-label: a phone shows each row as a card, every value under its column's name.
+    h("td", {"data-label": "Rule"}, a.rule), h("td", {"data-label": "Key"}, a.key),
+    h("td", {"data-label": "State"}, badge(a.state, `alarm-${a.state}`)),
+    h("td", {"data-label": "Value"}, value(a.value)),
+    h("td", {"data-label": "Since"}, h("span", {title: a.since || ""}, time(a.since))),
+    h("td", {class: "escalation", "data-label": "Escalation"}, escalation(a)),
+    h("td", {"data-label": "Acknowledged by"}, a.acknowledged_by || "–"),
+    h("td", {class: "small", "data-label": "Jobs"}, a.jobs.join(", ") || "–"),
+    h("td", {class: "action"}, a.state === "firing" && may ? h("button", {type: "button", class: "primary",
       "aria-label": `Acknowledge alarm ${a.rule} ${a.key}`, onclick: (ev) => acknowledge(ev.target, a)}, "Acknowledge") : "")))
     : h("tr", {}, h("td", {colspan: 9, class: "muted"}, `no ${view.state} alarms`)));
   $("#alarm-prev").disabled = index === 0;

@@ -54,7 +54,7 @@ export async function openDevice(deviceId) {
     h("h3", {}, "Recent deliveries"),
     h("div", {class: "scroll"}, h("table", {class: "table"},
       h("caption", {class: "sr-only"}, `Recent deliveries to ${d.device_id}`),
-      h("thead", {}, h("tr", {}, ["Job", "State", "Platform", "Attempts", "Outcome / reason", "Latency"].map((t) => h("th", {scope: "col"}, t)))),
+      h("thead", {}, h("tr", {}, ["Job", "State", "Platform", "Attempts", "Outcome / reason", "Latency"].map((t) => h("th", {scope: "col", class: t === "Attempts" || t === "Latency" ? "num" : ""}, t)))),
       h("tbody", {}, d.recent.length ? d.recent.map((r) => h("tr", {},
         h("td", {}, h("a", {href: `#job=${encodeURIComponent(r.job_id)}`}, r.job_id)), h("td", {}, badge(r.state, `d-${r.state}`)), h("td", {}, r.platform || "–"),
         h("td", {class: "num"}, num(r.attempts)), h("td", {}, r.reason || ""), h("td", {class: "num"}, ms(r.latency_ms))))

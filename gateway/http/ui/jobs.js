@@ -179,7 +179,7 @@ function renderDetail() {
     h("div", {class: "scroll"}, h("table", {class: "table", id: "deliv-table"},
       h("caption", {class: "sr-only"}, `Deliveries of job ${d.job_id}`),
       h("thead", {}, h("tr", {}, ["Device", "State", "Platform", "Attempts", "Outcome / reason", "Latency"]
-        .map((t) => h("th", {scope: "col"}, t)))),
+        .map((t) => h("th", {scope: "col", class: t === "Attempts" || t === "Latency" ? "num" : ""}, t)))),
       h("tbody", {}))),
     h("div", {class: "pager"},
       h("button", {type: "button", id: "deliv-prev", onclick: () => loadDeliveries(view.deliveries.index - 1)}, "Previous"),

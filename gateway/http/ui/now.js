@@ -25,19 +25,22 @@ export function renderNow(now) {
   fill($("#now-queue"), facts([
     ["Queued deliveries", h("strong", {"data-testid": "queue-depth"}, num(q.depth))],
     ["Oldest queued", q.oldest_age_s === null ? "none queued" : age(q.oldest_age_s)],
-    ...Object.entries(q.by_platform).map(([p, n]) => [`  on ${p}`, num(n)]),
+    ...Object.entries(q.by_platform).map(([p, n]) => [`Queued on ${p}`, num(n)]),
     ["Sent, awaiting ack", num(now.deliveries.sent)],
     ["Failed / expired / invalid", `${num(now.deliveries.failed)} / ${num(now.deliveries.expired)} / ${num(now.deliveries.invalid_address)}`],
   ]));
 
   const bridges = Object.entries(now.bridges);
-  fill($("#now-bridges"), bridges.length ? h("table", {class: "table compact"},
+  fill($("#now-bridges"), bridges.length ? h("div", {class: "scroll"}, h("table", {class: "table compact"},
     h("thead", {}, h("tr", {}, h("th", {scope: "col"}, "Platform"), h("th", {scope: "col"}, "Health"),
-                    h("th", {scope: "col"}, "In flight"), h("th", {scope: "col"}, "Sent"))),
-    h("tbody", {}, bridges.sort().map(([name, b]) => h("tr", {"data-bridge": name},
-      h("td", {}, name),
-      h("td", {}, b.healthy ? badge("healthy", "ok") : [badge("unhealthy", "bad"), h("div", {class: "reason"}, b.reason || "")]),
-      h("td", {class: "num"}, num(b.in_flight)), h("td", {class: "num"}, num(b.sent))))))
+                    h("th", {scope: "col", class: "num"}, "In flight"), h("th", {scope: "col", class: "num"}, "Sent"))),
+    // One tbody per bridge: an unhealthy one's reason gets a row of its own, full width.
+    bridges.sort().map(([name, b]) => h("tbody", {"data-bridge": name},
+      h("tr", {},
+        h("td", {}, name),
+        h("td", {}, b.healthy ? badge("healthy", "ok") : badge("unhealthy", "bad")),
+        h("td", {class: "num"}, num(b.in_flight)), h("td", {class: "num"}, num(b.sent))),
+      b.healthy ? null : h("tr", {class: "reason-row"}, h("td", {colspan: 4, class: "reason"}, b.reason || "no reason given"))))))
     : h("p", {class: "muted"}, "no bridge enabled"));
 
   const b = now.broker;
@@ -72,10 +75,10 @@ export function renderNow(now) {
   badgeEl.setAttribute("aria-label", `${a.counts.firing} firing`);
 
   const lat = Object.entries(now.ack_latency);
-  fill($("#now-latency"), lat.length ? h("table", {class: "table compact"},
-    h("thead", {}, h("tr", {}, h("th", {scope: "col"}, "Platform"), h("th", {scope: "col"}, "Acks"),
-                    h("th", {scope: "col"}, "Mean"), h("th", {scope: "col"}, "p95 ≤"))),
+  fill($("#now-latency"), lat.length ? h("div", {class: "scroll"}, h("table", {class: "table compact"},
+    h("thead", {}, h("tr", {}, h("th", {scope: "col"}, "Platform"), h("th", {scope: "col", class: "num"}, "Acks"),
+                    h("th", {scope: "col", class: "num"}, "Mean"), h("th", {scope: "col", class: "num"}, "p95 ≤"))),
     h("tbody", {}, lat.map(([p, l]) => h("tr", {}, h("td", {}, p), h("td", {class: "num"}, num(l.count)),
-      h("td", {class: "num"}, ms(l.mean_ms)), h("td", {class: "num"}, ms(l.p95_le_ms))))))
+      h("td", {class: "num"}, ms(l.mean_ms)), h("td", {class: "num"}, ms(l.p95_le_ms)))))))
     : h("p", {class: "muted"}, "no acks yet"));
 }
