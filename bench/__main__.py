@@ -1,13 +1,48 @@
-"""``python -m bench`` (``make bench``): run every benchmark module in turn."""
+"""``python -m bench`` (``make bench``): run every benchmark module in turn, then ONE table.
+
+Each ``bench/*_bench.py`` module's ``main()`` returns a list of summary rows (see
+``bench/summary.py``); this runner collects them and prints one table of figures, ratios
+and goals at the end. A module that fails is reported as a failed row, and the run goes on.
+``python -m bench pipeline registration`` runs only the modules whose names contain one of
+the words given.
+"""
 
 import importlib
 import pkgutil
 import sys
+import time
+import traceback
 from pathlib import Path
 
-for info in sorted(pkgutil.iter_modules([str(Path(__file__).parent)]), key=lambda i: i.name):
-    if info.name.endswith("_bench"):
+from bench.summary import row, table
+
+
+def _main() -> int:
+    wanted = sys.argv[1:]
+    rows = []
+    started = time.perf_counter()
+    failed = False
+    for info in sorted(pkgutil.iter_modules([str(Path(__file__).parent)]), key=lambda i: i.name):
+        if not info.name.endswith("_bench") or (wanted and not any(w in info.name for w in wanted)):
+            continue
         print(f"== bench.{info.name}", flush=True)
-        module = importlib.import_module(f"bench.{info.name}")
+        t0 = time.perf_counter()
         sys.argv = [info.name]
-        module.main()
+        try:
+            module = importlib.import_module(f"bench.{info.name}")
+            got = module.main() or []
+        except Exception:  # noqa: BLE001 — a failed module is a row in the table, not the end of the run
+            traceback.print_exc()
+            got = [row(f"{info.name}: FAILED (see above)", float("nan"), "", goal="runs", met=False)]
+            failed = True
+        spent = time.perf_counter() - t0
+        print(f"== bench.{info.name}: {spent:.0f} s", flush=True)
+        rows += got
+    total = time.perf_counter() - started
+    rows.append(row("make bench, total wall time", total, "s", goal="< 600 s", met=total < 600))
+    print()
+    print(table(rows), flush=True)
+    return 1 if failed else 0
+
+
+sys.exit(_main())
