@@ -40,7 +40,7 @@ def _peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def run_daemon(n: int, workdir: Path) -> dict:
+def run_daemon(n: int, workdir: Path, profile: Path | None = None) -> dict:
     port = free_port()
     cfg = base_config(workdir, port, bridges={"simulation": {"latency_ms": 0, "ack": True}},
                       dispatch={"batch_size": 500, "max_in_flight": 500}, logging={"level": "warning"})
@@ -55,6 +55,11 @@ def run_daemon(n: int, workdir: Path) -> dict:
     sock.settimeout(30)
     while b"READY=1" not in sock.recv(4096):
         pass
+    spy = None
+    if profile is not None:
+        from bench import profiling
+        spy = profiling.start(proc.pid, profile)
+        time.sleep(1.0)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "gateway", "--config", str(cfg_path), "send", "--title", "bench", "--all",
                     "--job-id", "bench-1"], check=True, capture_output=True, cwd=workdir)
@@ -69,6 +74,10 @@ def run_daemon(n: int, workdir: Path) -> dict:
         time.sleep(0.05)
     elapsed = time.perf_counter() - t0
     rss = _peak_rss_mb(proc.pid)
+    if spy is not None:
+        from bench import profiling
+        profiling.stop(spy)
+        print(profiling.summary(profile), flush=True)
     proc.send_signal(signal.SIGTERM)
     proc.wait(30)
     return {"seconds": elapsed, "deliveries_per_s": n / elapsed, "first_delivery_s": first_sent, "peak_rss_mb": rss}
@@ -120,13 +129,15 @@ def run_baseline(n: int, workdir: Path, page: int = 500, batch: int = 500) -> di
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--devices", type=int, default=100_000)
+    ap.add_argument("--profile", type=Path, help="sample the daemon with py-spy into this file (raw) and summarise")
+    ap.add_argument("--no-baseline", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         (work / "d").mkdir()
         (work / "b").mkdir()
-        daemon = run_daemon(args.devices, work / "d")
-        baseline = run_baseline(args.devices, work / "b")
+        daemon = run_daemon(args.devices, work / "d", args.profile)
+        baseline = run_baseline(args.devices, work / "b") if not args.no_baseline else {"seconds": float("nan")}
     result = {"devices": args.devices, "daemon": daemon, "baseline_sqlite_only": baseline,
               "ratio_daemon_time_over_baseline": daemon["seconds"] / baseline["seconds"]}
     print(json.dumps(result, indent=2))
