@@ -14,6 +14,12 @@ from typing import Any
 from tests.support import base_config, free_port, write_config
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds the process has used (all threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mb(pid: int) -> float:
     return _status_mb(pid, "VmHWM:")
 

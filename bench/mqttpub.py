@@ -28,12 +28,13 @@ def connect_packet(client_id: str) -> bytes:
     return bytes([0x10]) + _remaining(len(body)) + body
 
 
-def publish_packet(topic: str, payload: bytes, packet_id: int) -> bytes:
+def publish_packet(topic: str, payload: bytes, packet_id: int, retain: bool = False) -> bytes:
     body = _str(topic) + struct.pack("!H", packet_id) + payload
-    return bytes([0x32]) + _remaining(len(body)) + body
+    return bytes([0x33 if retain else 0x32]) + _remaining(len(body)) + body
 
 
-async def publish_all(port: int, messages: list[tuple[str, bytes]], client_id: str, window: int = 500) -> float:
+async def publish_all(port: int, messages: list[tuple[str, bytes]], client_id: str, window: int = 500,
+                      retain: bool = False) -> float:
     """Publish every (topic, payload) at QoS 1 keeping at most ``window`` unacknowledged;
     returns the time.perf_counter() at which the last PUBACK arrived."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -66,7 +67,7 @@ async def publish_all(port: int, messages: list[tuple[str, bytes]], client_id: s
         pid = n % 65535 + 1
         await free.acquire()
         outstanding.add(pid)
-        writer.write(publish_packet(topic, payload, pid))
+        writer.write(publish_packet(topic, payload, pid, retain))
         if n % 64 == 63:
             await writer.drain()
     await writer.drain()

@@ -412,19 +412,26 @@ _DUE_COLUMNS = ("SELECT d.message_id, d.job_id, d.device_id, d.attempts, v.chann
                 "FROM deliveries d LEFT JOIN devices v ON v.device_id = d.device_id ")
 
 
-def _due_rows(rows: Iterable[Any], resend: bool = False) -> list[DueDelivery]:
+def _due_rows(rows: Iterable[Any], resend: bool = False,
+              skip: frozenset[str] | set[str] = frozenset()) -> list[DueDelivery]:
+    # Rows in ``skip`` (being sent or recorded) are dropped before their JSON is decoded:
+    # under a large job most fetched rows are still in flight, and this runs on the
+    # database thread, where every microsecond delays the next commit.
     return [DueDelivery(r[0], r[1], r[2], r[3], json.loads(r[4]) if r[4] else None,
-                        json.loads(r[5]) if r[5] else {}, r[6], resend) for r in rows]
+                        json.loads(r[5]) if r[5] else {}, r[6], resend) for r in rows if r[0] not in skip]
 
 
 def due_for_route(conn: sqlite3.Connection, route: str, now: float, limit: int,
-                  resends: bool = True) -> list[DueDelivery]:
-    """Due work of one bridge: queued deliveries first, then sent ones due for a resend."""
-    out = _due_rows(conn.execute(_DUE_COLUMNS + "WHERE d.state = 'queued' AND d.route = ? AND d.next_at <= ? "
-                                 "ORDER BY d.next_at LIMIT ?", (route, now, limit)))
-    if resends and len(out) < limit:
+                  resends: bool = True, skip: frozenset[str] | set[str] = frozenset()) -> list[DueDelivery]:
+    """Due work of one bridge: queued deliveries first, then sent ones due for a resend.
+    ``limit`` counts fetched rows, including those in ``skip`` (left out of the answer)."""
+    fetched = conn.execute(_DUE_COLUMNS + "WHERE d.state = 'queued' AND d.route = ? AND d.next_at <= ? "
+                           "ORDER BY d.next_at LIMIT ?", (route, now, limit)).fetchall()
+    out = _due_rows(fetched, skip=skip)
+    if resends and len(fetched) < limit:
         out += _due_rows(conn.execute(_DUE_COLUMNS + "WHERE d.state = 'sent' AND d.route = ? AND d.resend_at <= ? "
-                                      "ORDER BY d.resend_at LIMIT ?", (route, now, limit - len(out))), resend=True)
+                                      "ORDER BY d.resend_at LIMIT ?", (route, now, limit - len(fetched))),
+                         resend=True, skip=skip)
     return out
 
 
