@@ -45,6 +45,7 @@ class Daemon:
         self.cfg = base_config(workdir, self.port, **extra)
         self.cfg_path = write_config(workdir, self.cfg)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.ready_cpu_s = float("nan")  # CPU the process had used when READY arrived
 
     def start(self, timeout: float = 60.0) -> float:
         """Start; returns seconds from process start to READY=1."""
@@ -60,9 +61,11 @@ class Daemon:
         try:
             while b"READY=1" not in sock.recv(4096):
                 pass
+            elapsed = time.perf_counter() - t0
+            self.ready_cpu_s = cpu_s(self.proc.pid)
         finally:
             sock.close()
-        return time.perf_counter() - t0
+        return elapsed
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run([sys.executable, "-m", "gateway", "--config", str(self.cfg_path), *args],
