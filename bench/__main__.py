@@ -16,6 +16,16 @@ from pathlib import Path
 
 from bench.summary import row, table
 
+# Arguments that keep ``make bench`` within its 10 minutes on the 2-core box (each module's
+# own defaults are its full run: ``python -m bench.<name>``). The goals of issue 11 are
+# always measured at full size: the 100,000-device fan-out, 100,000 devices + 10,000
+# retained for start-up.
+QUICK_ARGS = {
+    "alarms_bench": ["--messages", "3000"],
+    "http_bench": ["--acks", "1000", "--devices", "20000", "--scrapes", "10"],
+    "upstream_bench": ["--acks", "5000"],
+}
+
 
 def _main() -> int:
     wanted = sys.argv[1:]
@@ -27,7 +37,7 @@ def _main() -> int:
             continue
         print(f"== bench.{info.name}", flush=True)
         t0 = time.perf_counter()
-        sys.argv = [info.name]
+        sys.argv = [info.name, *QUICK_ARGS.get(info.name, [])]
         try:
             module = importlib.import_module(f"bench.{info.name}")
             got = module.main() or []
