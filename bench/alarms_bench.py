@@ -150,7 +150,9 @@ def engine_only(name: str, messages: int) -> float:
     return (time.process_time() - start) / messages * 1e6
 
 
-def main() -> None:
+def main() -> list[dict]:
+    from bench.summary import row
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=10000)
     args = parser.parse_args()
@@ -162,10 +164,14 @@ def main() -> None:
     base = results["none"]["msgs_per_s"]
     print(f"{'scenario':<24}{'msgs/s':>10}{'vs none':>9}{'PUBACKed after s':>18}{'evaluated after s':>19}"
           f"{'daemon CPU us/msg':>19}{'engine alone CPU us/msg':>25}")
+    rows = []
     for name, r in results.items():
         alone = engine_only(name, args.messages) if name != "none" else 0.0
         print(f"{name:<24}{r['msgs_per_s']:>10,.0f}{r['msgs_per_s'] / base:>8.2f}x{r['acked_s']:>18.2f}"
               f"{r['evaluated_s']:>19.2f}{r['cpu_us_per_msg']:>19.0f}{alone:>25.1f}")
+        rows.append(row(f"alarms: telemetry evaluated, {name}, msgs/s (baseline: no rule)", r["msgs_per_s"], "/s",
+                        baseline=base))
+    return rows
 
 
 if __name__ == "__main__":

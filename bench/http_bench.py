@@ -225,7 +225,9 @@ def bench_trigger_cost(n: int, workdir: Path) -> dict:
             "overhead": f"{(with_ / without - 1) * 100:+.0f} %"}
 
 
-def main() -> None:
+def main() -> list[dict]:
+    from bench.summary import row
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--acks", type=int, default=2000, help="acks each way (MQTT and HTTP)")
     ap.add_argument("--devices", type=int, default=100_000, help="devices for the /metrics scrape")
@@ -239,6 +241,12 @@ def main() -> None:
         scrape = bench_scrape(args.devices, args.scrapes, work / "s")
         triggers = bench_trigger_cost(args.devices, work / "t")
     print(json.dumps({"acks": acks, "metrics_scrape": scrape, "trigger_cost": triggers}, indent=2))
+    return [row("HTTP acks (signed URLs), acks/s (baseline: MQTT acks)", acks["http_acks_per_s"], "/s",
+                baseline=acks["mqtt_acks_per_s"]),
+            row(f"/metrics scrape p50, {args.devices:,} devices and deliveries (baseline: /healthz)",
+                scrape["metrics_ms_p50"], "ms", baseline=scrape["healthz_ms_p50"]),
+            row("SQLite writes of a job with / without the delivery_stats triggers", triggers["with_triggers_s"], "s",
+                baseline=triggers["without_triggers_s"])]
 
 
 if __name__ == "__main__":

@@ -130,7 +130,9 @@ def run_case(mosq_port: int, acks: int, delay_s: float, window: int) -> dict[str
     return {"rtt_ms": round(2 * delay_s * 1000), "window": window, "acks": acks, **drained, **got}
 
 
-def main() -> None:
+def main() -> list[dict]:
+    from bench.summary import row
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--acks", type=int, default=20000)
     parser.add_argument("--rtt-ms", type=float, default=100.0)
@@ -155,6 +157,15 @@ def main() -> None:
             mosq.stop()
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    out = []
+    for r in results:
+        ok = r["received"] == r["acks"] and r["unique"] == r["acks"] and r["in_order"]
+        goal, met = "all received once, in order", ok
+        if r["window"] == args.window and r["rtt_ms"] > 0:
+            goal, met = ">= 2,000/s, all received once, in order", ok and r["acks_per_s"] >= 2000
+        out.append(row(f"upstream drain, RTT {r['rtt_ms']} ms, window {r['window']}, acks/s", r["acks_per_s"], "/s",
+                       goal=goal, met=met))
+    return out
 
 
 if __name__ == "__main__":

@@ -126,6 +126,9 @@ class Outcome:
 
 
 AckCallback = Callable[[str, bytes], Awaitable[None]]  # (device_id, Ack JSON) → stored like an MQTT ack
+# Many acks at once [(device_id, Ack JSON)] → one batched commit; per ack True if stored
+# (False: not stored now, send it again later). Raises if the whole batch could not be stored.
+AcksCallback = Callable[[list[tuple[str, bytes]]], Awaitable[list[bool]]]
 
 
 @dataclass
@@ -136,6 +139,7 @@ class BridgeContext:
     topics: "Topics"
     data_dir: Path
     on_ack: AckCallback | None = None
+    on_acks: AcksCallback | None = None
 
 
 class BridgeConfigError(Exception):

@@ -157,13 +157,15 @@ class Dispatcher:
         look_unrouted = now >= self._unrouted_at
         resend = self.resend if self.cfg.ack_timeout_s > 0 else set()
 
+        skip = frozenset(self._in_flight)  # a copy: the scan runs on the database thread
+
         def scan(conn: Any) -> tuple[dict[str, tuple[list[store.DueDelivery], float | None]],
                                      list[store.DueDelivery], list[store.DueDelivery], float | None]:
             fetched = {}
             for name, limit in wants.items():
-                rows = store.due_for_route(conn, name, now, limit, resends=name in resend)
+                rows = store.due_for_route(conn, name, now, limit, resends=name in resend, skip=skip)
                 # With sends in flight, their completion wakes us anyway; else look ahead.
-                idle = len(rows) < limit and self.slots[name].in_flight == 0
+                idle = len(rows) + len(skip) < limit and self.slots[name].in_flight == 0
                 fetched[name] = (rows, store.next_due_for_route(conn, name, now, resends=name in resend)
                                  if idle else None)
             unrouted = store.unrouted_due(conn, now, routable, 200) if look_unrouted else []

@@ -20,6 +20,7 @@ from gateway.mqtt import GatewayClient, NotConnected
 from gateway.pipeline import store
 from gateway.pipeline.models import (
     DEVICE_ID_RE,
+    AckIn,
     MAX_JOB_BYTES,
     InputError,
     decode_json_object,
@@ -110,14 +111,14 @@ class Intake:
             if not DEVICE_ID_RE.match(device_id):
                 raise InputError("invalid_device", f"device_id: {device_id!r} in the topic must match [A-Za-z0-9._:-]{{1,128}}")
             if not payload:
-                removed = await self.db.run(lambda conn: store.remove_device(conn, device_id))
+                removed = await self.recorder.remove(device_id)
                 log.info("device removed" if removed else "device to remove was unknown", device_id=device_id)
                 return removed
             device = parse_device(payload, device_id)
         except InputError as err:
             await self._error(topic, err)
             return False
-        await self.db.run(lambda conn: store.upsert_device(conn, device, source))
+        await self.recorder.register(device, source)  # in the recorder's next batched commit
         log.info("device registered", device_id=device_id, source=source,
                  channels=[c.platform for c in device.channels])
         return True
@@ -135,6 +136,32 @@ class Intake:
         else:
             self.on_status()
         return result
+
+    async def acks(self, items: list[tuple[str, bytes, str]]) -> list[store.AckResult | None]:
+        """Many acks (device_id, payload, topic) in one recorder item: each parsed and
+        stored exactly as :meth:`ack` does, committed before this returns. None for a
+        payload refused as bad input (answered on the errors topic); an ack that could not
+        be stored alone comes back ``not_stored``. A storage failure of the batch raises."""
+        parsed: list[tuple[str, AckIn]] = []
+        where: list[int] = []
+        out: list[store.AckResult | None] = [None] * len(items)
+        for n, (device_id, payload, topic) in enumerate(items):
+            try:
+                parsed.append((device_id, parse_ack(payload)))
+                where.append(n)
+            except InputError as err:
+                await self._error(topic, err)
+        results = await self.recorder.acks(parsed)
+        stored = False
+        for n, (device_id, ack), result in zip(where, parsed, results):
+            out[n] = result
+            if result.accepted:
+                stored = True
+            elif not result.not_stored:
+                log.info("ack refused", device_id=device_id, message_id=ack.message_id, reason=result.reason)
+        if stored:
+            self.on_status()
+        return out
 
     async def _error(self, topic: str, err: InputError) -> None:
         self.errors += 1

@@ -1,4 +1,5 @@
-"""The single writer for delivery outcomes and acks, committing them in batches.
+"""The single writer for delivery outcomes, acks and device registrations, committing them
+in batches.
 
 A commit costs an fsync (synchronous=FULL); one per delivery would cap a site at a few
 hundred deliveries a second. Callers await their own item's commit, so nothing is
@@ -31,7 +32,7 @@ MAX_BATCH = 2000
 
 @dataclass(slots=True)
 class _Item:
-    kind: str  # "result" | "ack"
+    kind: str  # "result" | "ack" | "acks" (a list, one future) | "device" | "remove"
     payload: Any
     future: asyncio.Future[Any]
 
@@ -51,6 +52,21 @@ class Recorder:
 
     async def ack(self, device_id: str, ack: AckIn) -> store.AckResult:
         return await self._submit("ack", (device_id, ack))
+
+    async def acks(self, acks: list[tuple[str, AckIn]]) -> list[store.AckResult]:
+        """Many acks, one future (a bridge's batch of device acks): the same commit as
+        :meth:`ack`; an ack that could not be stored alone comes back ``not_stored``."""
+        if not acks:
+            return []
+        return await self._submit("acks", acks)
+
+    async def register(self, device: Any, source: str) -> None:
+        """Insert or update a device; returns once committed (then the sender may be acked)."""
+        await self._submit("device", (device, source))
+
+    async def remove(self, device_id: str) -> bool:
+        """Remove a device; True if it existed. Returns once committed."""
+        return await self._submit("remove", device_id)
 
     async def _submit(self, kind: str, payload: Any) -> Any:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -79,17 +95,26 @@ class Recorder:
 
     async def _commit(self, items: list[_Item]) -> None:
         results = [i.payload for i in items if i.kind == "result"]
-        acks = [i.payload for i in items if i.kind == "ack"]
+        acks: list[tuple[str, AckIn]] = []
+        for i in items:
+            if i.kind == "ack":
+                acks.append(i.payload)
+            elif i.kind == "acks":
+                acks += i.payload
+        registry = [i for i in items if i.kind in ("device", "remove")]
         forward, topic = self._forward, self._acks_topic
 
-        def work(conn: Any) -> list[store.AckResult]:
+        def work(conn: Any) -> tuple[list[store.AckResult], list[Any]]:
             now = time.time()
-            if results:
-                store.apply_results(conn, results, now)
-            return store.apply_acks(conn, acks, now, forward, topic) if acks else []
+            # Registrations first, in arrival order (a device registered and acked in the
+            # same batch is known to the ack); each is one small upsert in the batch's
+            # transaction, so a burst of registrations costs one fsync per batch.
+            changed = [store.upsert_device(conn, *i.payload, now) if i.kind == "device"
+                       else store.remove_device(conn, i.payload) for i in registry]
+            return store.apply_batch(conn, results, acks, now, forward, topic), changed
 
         try:
-            ack_results = await self._db.run(work)
+            ack_results, changed = await self._db.run(work)
         except Exception as exc:
             if is_storage_error(exc):
                 self.failures.note(exc, items=len(items))  # logged once per episode
@@ -101,12 +126,25 @@ class Recorder:
             return
         self.failures.ok()
         self.batches += 1
-        ack_iter = iter(ack_results)
+        ack_at = 0
+        changed_iter = iter(changed)
         for item in items:
-            ack_result = next(ack_iter) if item.kind == "ack" else None
+            ack_result = None
+            if item.kind == "ack":
+                ack_result = ack_results[ack_at]
+                ack_at += 1
+            elif item.kind == "acks":
+                got = ack_results[ack_at:ack_at + len(item.payload)]
+                ack_at += len(item.payload)
+                if not item.future.done():
+                    item.future.set_result(got)
+                continue
+            registered = next(changed_iter) if item.kind in ("device", "remove") else None
             if item.future.done():  # its waiter was cancelled
                 continue
-            if ack_result is None:
+            if item.kind == "remove":
+                item.future.set_result(registered)
+            elif ack_result is None:
                 item.future.set_result(None)
             elif ack_result.not_stored:
                 item.future.set_exception(NotStored(ack_result.reason))

@@ -64,7 +64,7 @@ class Pipeline:
         client.route(self.topics.device_register(), self._gate(self.intake.on_register_message), qos=1)
         client.route(self.topics.device_ack(), self._gate(self.intake.on_ack_message), qos=1)
         ctx = BridgeContext(client=client, topics=self.topics, data_dir=self.cfg.data_dir,
-                            on_ack=self._bridge_ack)
+                            on_ack=self._bridge_ack, on_acks=self._bridge_acks)
         self.bridges = build_bridges(self.cfg, ctx)
         self.expander = Expander(self.db, self.cfg.dispatch.batch_size, self._on_page, platforms=list(self.bridges))
         resend = {name for name in self.bridges if getattr(self.cfg.bridges, name).resend_unacked}
@@ -90,6 +90,13 @@ class Pipeline:
     async def _bridge_ack(self, device_id: str, payload: bytes) -> None:
         assert self.intake is not None
         await self.intake.ack(device_id, payload, self.topics.device_ack(device_id))
+
+    async def _bridge_acks(self, acks: list[tuple[str, bytes]]) -> list[bool]:
+        """A bridge's batch of device acks: one recorder item, one commit (see Intake.acks).
+        Bad input counts as handled (True), as an MQTT broker would PUBACK it."""
+        assert self.intake is not None
+        results = await self.intake.acks([(d, p, self.topics.device_ack(d)) for d, p in acks])
+        return [r is None or not r.not_stored for r in results]
 
     # ----------------------------------------------------------------- intake API (upstream link)
     async def submit_job(self, payload: bytes, source: str) -> str | None:

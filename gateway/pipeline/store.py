@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
 import sqlite3
 import time
 import uuid
@@ -356,6 +357,18 @@ def expand_page(conn: sqlite3.Connection, job_id: str, batch_size: int, now: flo
     return done
 
 
+def new_message_id() -> str:
+    """A lowercase UUID (contract §6) whose first 48 bits are the time in ms (the RFC 9562
+    version 7 layout; 74 random bits follow). Rows made together get neighbouring keys, so
+    the ``deliveries`` primary key grows at its end and a batch of updates by message_id
+    touches a few B-tree pages instead of one random page per row: about a third less
+    SQLite time for a 100,000-row job than random (version 4) ids (bench/README.md)."""
+    rand = int.from_bytes(os.urandom(10))
+    value = (int(time.time() * 1000) & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | (rand >> 68) << 64 \
+        | 0b10 << 62 | (rand & 0x3FFF_FFFF_FFFF_FFFF)
+    return str(uuid.UUID(int=value))
+
+
 def _insert_deliveries(conn: sqlite3.Connection, job_id: str, rows: list[tuple[str, str | None]], state: str,
                        error: str | None, now: float) -> int:
     if not rows:
@@ -365,7 +378,7 @@ def _insert_deliveries(conn: sqlite3.Connection, job_id: str, rows: list[tuple[s
     cur = conn.executemany(
         "INSERT OR IGNORE INTO deliveries(message_id, job_id, device_id, state, next_at, last_error, route) "
         "VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [(str(uuid.uuid4()), job_id, d, state, now, error, route) for d, route in rows],
+        [(new_message_id(), job_id, d, state, now, error, route) for d, route in rows],
     )
     return cur.rowcount
 
@@ -399,19 +412,26 @@ _DUE_COLUMNS = ("SELECT d.message_id, d.job_id, d.device_id, d.attempts, v.chann
                 "FROM deliveries d LEFT JOIN devices v ON v.device_id = d.device_id ")
 
 
-def _due_rows(rows: Iterable[Any], resend: bool = False) -> list[DueDelivery]:
+def _due_rows(rows: Iterable[Any], resend: bool = False,
+              skip: frozenset[str] | set[str] = frozenset()) -> list[DueDelivery]:
+    # Rows in ``skip`` (being sent or recorded) are dropped before their JSON is decoded:
+    # under a large job most fetched rows are still in flight, and this runs on the
+    # database thread, where every microsecond delays the next commit.
     return [DueDelivery(r[0], r[1], r[2], r[3], json.loads(r[4]) if r[4] else None,
-                        json.loads(r[5]) if r[5] else {}, r[6], resend) for r in rows]
+                        json.loads(r[5]) if r[5] else {}, r[6], resend) for r in rows if r[0] not in skip]
 
 
 def due_for_route(conn: sqlite3.Connection, route: str, now: float, limit: int,
-                  resends: bool = True) -> list[DueDelivery]:
-    """Due work of one bridge: queued deliveries first, then sent ones due for a resend."""
-    out = _due_rows(conn.execute(_DUE_COLUMNS + "WHERE d.state = 'queued' AND d.route = ? AND d.next_at <= ? "
-                                 "ORDER BY d.next_at LIMIT ?", (route, now, limit)))
-    if resends and len(out) < limit:
+                  resends: bool = True, skip: frozenset[str] | set[str] = frozenset()) -> list[DueDelivery]:
+    """Due work of one bridge: queued deliveries first, then sent ones due for a resend.
+    ``limit`` counts fetched rows, including those in ``skip`` (left out of the answer)."""
+    fetched = conn.execute(_DUE_COLUMNS + "WHERE d.state = 'queued' AND d.route = ? AND d.next_at <= ? "
+                           "ORDER BY d.next_at LIMIT ?", (route, now, limit)).fetchall()
+    out = _due_rows(fetched, skip=skip)
+    if resends and len(fetched) < limit:
         out += _due_rows(conn.execute(_DUE_COLUMNS + "WHERE d.state = 'sent' AND d.route = ? AND d.resend_at <= ? "
-                                      "ORDER BY d.resend_at LIMIT ?", (route, now, limit - len(out))), resend=True)
+                                      "ORDER BY d.resend_at LIMIT ?", (route, now, limit - len(fetched))),
+                         resend=True, skip=skip)
     return out
 
 
@@ -569,63 +589,120 @@ def apply_results(conn: sqlite3.Connection, results: list[Result], now: float) -
     deltas.apply(conn, now)
 
 
-def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, AckIn]], now: float,
-               forward: Forwarder | None = None, acks_topic: str | None = None) -> list[AckResult]:
-    """Store every ack; the first valid one moves its delivery to acknowledged.
+def apply_batch(conn: sqlite3.Connection, results: list[Result], acks: list[tuple[str, AckIn]], now: float,
+                forward: Forwarder | None = None, acks_topic: str | None = None) -> list[AckResult]:
+    """One recorder batch: the dispatcher's results, then the acks, in one transaction.
 
-    Each ack is its own SAVEPOINT: one that cannot be stored (the upstream buffer raising
-    NotStored under ``overflow = "refuse-new"``) is rolled back alone and reported as
-    ``not_stored``; the rest of the batch commits."""
-    deltas = _Deltas()
-    out: list[AckResult] = []
-    savepoints = forward is not None  # only the forwarder can refuse one ack alone
-    for device_id, ack in acks:
-        if savepoints:
-            conn.execute("SAVEPOINT ack")
-        try:
-            result, move = _apply_ack(conn, device_id, ack, now, forward, acks_topic)
-        except NotStored as exc:
-            if not savepoints:
-                raise
-            conn.execute("ROLLBACK TO ack")
-            conn.execute("RELEASE ack")
-            out.append(AckResult(False, f"not stored: {exc}", not_stored=True))
-            continue
-        if savepoints:
-            conn.execute("RELEASE ack")
-        if move is not None:
-            deltas.move(*move)
-        out.append(result)
-    deltas.apply(conn, now)
+    A delivery whose "sent" result and first ack arrive in the same batch (a fast device
+    acks before the result is recorded) is written once: the ack's update also records the
+    send (platform, route, attempts, sent_at = now, as the result would have), instead of
+    moving it to ``sent`` and then to ``acknowledged`` (half the row and index writes, one
+    trigger run instead of two). What is stored is the same as applying them one by one."""
+    merged: dict[str, Result] = {}
+    if acks and results:
+        acked = {ack.message_id for _, ack in acks}
+        for r in results:
+            if r.state == "sent" and not r.resend and not r.invalid_key and r.message_id in acked:
+                merged[r.message_id] = r
+    if results:
+        apply_results(conn, [r for r in results if r.message_id not in merged] if merged else results, now)
+    if not acks:
+        return []
+    out = apply_acks(conn, acks, now, forward, acks_topic, merged)
+    if merged:  # not used by a first ack (refused, or acked before): recorded as a plain send
+        apply_results(conn, list(merged.values()), now)
     return out
 
 
-def _apply_ack(conn: sqlite3.Connection, device_id: str, ack: AckIn, now: float, forward: Forwarder | None,
-               acks_topic: str | None) -> tuple[AckResult, tuple[str, str, str] | None]:
-    row = conn.execute("SELECT job_id, device_id, state, sent_at FROM deliveries WHERE message_id = ?",
-                       (ack.message_id,)).fetchone()
-    if row is None or row["device_id"] != device_id:
-        bump(conn, "acks_refused")
-        return AckResult(False, "unknown message_id" if row is None else "message_id was not sent to this device"), None
-    conn.execute("INSERT INTO acks(message_id, device_id, status, at, error, received_at) VALUES (?, ?, ?, ?, ?, ?)",
-                 (ack.message_id, device_id, ack.status, iso(ack.at), ack.error, now))
-    bump(conn, "acks_stored")
-    first = row["state"] in ("queued", "sent")
-    latency = None
-    move = None
-    if first:
-        sent_at = row["sent_at"] if row["sent_at"] is not None else now
-        latency = max(0.0, (ack.at.timestamp() - sent_at) * 1000.0)
-        conn.execute("UPDATE deliveries SET state = 'acknowledged', acked_at = ?, latency_ms = ?, resend_at = NULL "
-                     "WHERE message_id = ?", (ack.at.timestamp(), latency, ack.message_id))
-        move = (row["job_id"], row["state"], "acknowledged")
-    if forward is not None and acks_topic is not None:
-        payload = {"message_id": ack.message_id, "status": ack.status, "at": iso(ack.at),
-                   **({"error": ack.error} if ack.error is not None else {}),
-                   "device_id": device_id, "job_id": row["job_id"],
-                   "latency_ms": round(latency, 3) if latency is not None else None}
-        forward.enqueue(conn, "ack", acks_topic, json.dumps(payload).encode(), False, None)
-    return AckResult(True, job_id=row["job_id"], latency_ms=latency, first=first), move
+def _chunks(items: list[Any], n: int = 500) -> Iterator[list[Any]]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, AckIn]], now: float,
+               forward: Forwarder | None = None, acks_topic: str | None = None,
+               sends: dict[str, Result] | None = None) -> list[AckResult]:
+    """Store every ack; the first valid one moves its delivery to acknowledged.
+
+    The batch is read with one query per 500 acks and written with ``executemany``; acks of
+    the same delivery in one batch are applied in order (only the first moves it). With a
+    forwarder, each accepted ack's copy for the cloud is queued in its own SAVEPOINT: one
+    that cannot be stored (the upstream buffer raising NotStored under
+    ``overflow = "refuse-new"``) is rolled back alone, not written at all and reported as
+    ``not_stored``; the rest of the batch commits.
+
+    ``sends``: "sent" results of the same batch not yet applied (see :func:`apply_batch`);
+    a first ack of one of them records the send too, and takes it out of ``sends``."""
+    rows: dict[str, list[Any]] = {}
+    ids = list({ack.message_id for _, ack in acks})
+    for chunk in _chunks(ids):
+        marks = ",".join("?" * len(chunk))
+        for r in conn.execute(f"SELECT message_id, job_id, device_id, state, sent_at FROM deliveries "
+                              f"WHERE message_id IN ({marks})", chunk):
+            rows[r[0]] = [r[1], r[2], r[3], r[4]]  # job_id, device_id, state (kept current), sent_at
+    deltas = _Deltas()
+    out: list[AckResult] = []
+    inserts: list[tuple[Any, ...]] = []
+    plain: list[tuple[Any, ...]] = []
+    with_send: list[tuple[Any, ...]] = []
+    refused = 0
+    sends = sends if sends is not None else {}
+    forwarding = forward is not None and acks_topic is not None
+    for device_id, ack in acks:
+        row = rows.get(ack.message_id)
+        if row is None or row[1] != device_id:
+            refused += 1
+            out.append(AckResult(False, "unknown message_id" if row is None
+                                 else "message_id was not sent to this device"))
+            continue
+        job_id, _, state, sent_at = row
+        first = state in ("queued", "sent")
+        at_ts = ack.at.timestamp()
+        at_iso = iso(ack.at)
+        send = sends.get(ack.message_id) if first and state == "queued" else None
+        latency = None
+        if first:
+            base = sent_at if sent_at is not None else now
+            latency = max(0.0, (at_ts - base) * 1000.0)
+        if forwarding:
+            payload = {"message_id": ack.message_id, "status": ack.status, "at": at_iso,
+                       **({"error": ack.error} if ack.error is not None else {}),
+                       "device_id": device_id, "job_id": job_id,
+                       "latency_ms": round(latency, 3) if latency is not None else None}
+            conn.execute("SAVEPOINT ack")
+            try:
+                forward.enqueue(conn, "ack", acks_topic, json.dumps(payload).encode(), False, None)  # type: ignore[union-attr]
+            except NotStored as exc:
+                conn.execute("ROLLBACK TO ack")
+                conn.execute("RELEASE ack")
+                out.append(AckResult(False, f"not stored: {exc}", not_stored=True))
+                continue
+            conn.execute("RELEASE ack")
+        inserts.append((ack.message_id, device_id, ack.status, at_iso, ack.error, now))
+        if first:
+            if send is not None:
+                del sends[ack.message_id]
+                with_send.append((at_ts, latency, send.platform, send.platform, send.attempts, now, ack.message_id))
+            else:
+                plain.append((at_ts, latency, ack.message_id))
+            deltas.move(job_id, state, "acknowledged")
+            row[2] = "acknowledged"
+        out.append(AckResult(True, job_id=job_id, latency_ms=latency, first=first))
+    if inserts:
+        conn.executemany("INSERT INTO acks(message_id, device_id, status, at, error, received_at) "
+                         "VALUES (?, ?, ?, ?, ?, ?)", inserts)
+        bump(conn, "acks_stored", len(inserts))
+    if refused:
+        bump(conn, "acks_refused", refused)
+    if plain:
+        conn.executemany("UPDATE deliveries SET state = 'acknowledged', acked_at = ?, latency_ms = ?, "
+                         "resend_at = NULL WHERE message_id = ?", plain)
+    if with_send:
+        conn.executemany("UPDATE deliveries SET state = 'acknowledged', acked_at = ?, latency_ms = ?, "
+                         "resend_at = NULL, last_error = NULL, platform = ?, route = ?, attempts = ?, sent_at = ? "
+                         "WHERE message_id = ?", with_send)
+    deltas.apply(conn, now)
+    return out
 
 
 # ------------------------------------------------------------------ retention
