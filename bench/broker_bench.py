@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.summary import row as _row
 from gateway.broker.codec import encode_topic, remaining_length
 
 WINDOW = 16
@@ -308,14 +309,6 @@ async def bench_broker(pid: int, port: int, messages: int, fanout_messages: int)
                                        "lat_delivered": lat["delivered"], "lat_expected": lat["expected"]}
     return results
 
-
-def _row(name: str, value: float, unit: str, baseline: float | None = None, ratio: float | None = None,
-         goal: str = "", met: bool | None = None) -> dict[str, Any]:
-    """One row of ``python -m bench``'s summary table (the shape bench/README.md defines)."""
-    if ratio is None and baseline:
-        ratio = value / baseline
-    return {"name": name, "value": value, "unit": unit, "baseline": baseline, "ratio": ratio,
-            "goal": goal, "met": met}
 
 
 def _have_uvloop() -> bool:

@@ -31,6 +31,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from bench.summary import row as _row
+
 ROUNDS = 4  # slices per mode, alternated
 GOAL_RATE = 1000  # requests/s per platform (issue 11)
 
@@ -203,14 +205,6 @@ def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-
-def _row(name: str, value: float, unit: str, baseline: float | None = None, ratio: float | None = None,
-         goal: str = "", met: bool | None = None) -> dict[str, Any]:
-    """One row of ``python -m bench``'s summary table (the shape bench/README.md defines)."""
-    if ratio is None and baseline:
-        ratio = value / baseline
-    return {"name": name, "value": value, "unit": unit, "baseline": baseline, "ratio": ratio,
-            "goal": goal, "met": met}
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
