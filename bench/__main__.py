@@ -24,6 +24,7 @@ QUICK_ARGS = {
     "alarms_bench": ["--messages", "3000"],
     "http_bench": ["--acks", "1000", "--devices", "20000", "--scrapes", "10"],
     "upstream_bench": ["--acks", "5000"],
+    "push_bench": ["--devices", "3000"],
 }
 
 
