@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -9,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -339,3 +342,34 @@ def job_status_from_db(data_dir: Path, job_id: str) -> dict[str, Any] | None:
         return store.job_status(conn, job_id)
     finally:
         conn.close()
+
+
+# ------------------------------------------------------------------ small and full disks
+@contextlib.contextmanager
+def mounted_tmpfs(mnt: Path, size: str, mode: str = "0755") -> Iterator[Path]:
+    """A tmpfs of ``size`` (e.g. "16m") mounted on ``mnt`` (created), unmounted (lazily, so a
+    daemon still holding files cannot block it) whatever the test did. Needs root: CI is."""
+    mnt.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode={mode}", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill_disk(filler: Path) -> Path:
+    """Write ``filler`` until its filesystem says ENOSPC, down to the last 512-byte block;
+    deleting the file gives the space back."""
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (1 << 20, 1 << 16, 1 << 12, 512):
+            chunk = b"\0" * size
+            while True:
+                try:
+                    os.write(fd, chunk)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC, exc
+                    break
+    finally:
+        os.close(fd)
+    return filler

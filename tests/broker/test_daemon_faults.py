@@ -3,12 +3,10 @@ dir) and a burst of 5,000 device acks for the gateway's own session (issue 9 ite
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
 import sqlite3
-import subprocess
 import threading
 import time
 import uuid
@@ -19,7 +17,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 
-from tests.support import GatewayProcess, base_config, free_port, write_config
+from tests.support import GatewayProcess, base_config, fill_disk, free_port, mounted_tmpfs, write_config
 
 P = "homepot/site-t"
 
@@ -28,29 +26,8 @@ P = "homepot/site-t"
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 6 MiB tmpfs; unmounted in teardown (whatever the test did)."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m,mode=0700", "tmpfs", str(mnt)], check=True)
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "6m", "0700") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def fill(path: Path) -> None:
-    """Write until the filesystem says ENOSPC."""
-    chunk = b"\0" * 65536
-    with open(path, "wb", buffering=0) as fh:
-        try:
-            while True:
-                fh.write(chunk)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC, exc
-        while True:  # the last partial block
-            try:
-                fh.write(b"\0" * 512)
-            except OSError:
-                break
 
 
 class Publisher:
@@ -140,7 +117,7 @@ def test_full_disk_nothing_is_acknowledged_that_is_not_stored(tmp_path: Path, sm
         keeper.disconnect()
         keeper.loop_stop()
 
-        fill(small_disk / "ballast")
+        fill_disk(small_disk / "ballast")
         pub = Publisher(port, "plc-writer")
         n = 8
         payloads = {f"{P}/plc/cfg/{i}": os.urandom(96 * 1024) for i in range(n)}
@@ -187,13 +164,8 @@ def counter(data_dir: Path, name: str) -> int:
 def ram_disk(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs data dir: fsync is free there, so the test measures the broker's behaviour,
     not the disk of a shared CI machine."""
-    mnt = tmp_path / "ram"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(mnt)], check=True)
-    try:
+    with mounted_tmpfs(tmp_path / "ram", "64m", "0700") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_5000_acks_at_once_all_reach_the_gateway(tmp_path: Path, ram_disk: Path):

@@ -15,7 +15,7 @@ import trustme
 from gateway.broker.passwords import remove_user
 
 from tests.http.conftest import dumps, error_of, job, make_api_gateway, wait_until
-from tests.support import GatewayProcess, base_config, cli, free_port, write_config
+from tests.support import GatewayProcess, base_config, cli, free_port, mounted_tmpfs, write_config
 
 
 def test_ready_only_once_the_api_listens_and_a_port_in_use_is_exit_2(tmp_path):
@@ -155,12 +155,8 @@ def test_a_changed_password_is_refused_at_once_though_logins_are_cached(tmp_path
 
 def test_a_full_disk_is_503_never_2xx(tmp_path):
     import os
-    import subprocess
 
-    var = tmp_path / "var"
-    var.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(var)], check=True)
-    try:
+    with mounted_tmpfs(tmp_path / "var", "24m") as var:
         api = make_api_gateway(tmp_path, {"bridges": {"simulation": {"latency_ms": 0}}},
                                users={"tech": ("technician", "tech-pw")})
         tech = httpx.Client(base_url=api.base, auth=("tech", "tech-pw"), timeout=30)
@@ -199,5 +195,3 @@ def test_a_full_disk_is_503_never_2xx(tmp_path):
         api.close()
         assert api.gw.stop() == 0
         assert json.loads((var / "runtime.json").read_text())["state"] == "stopped"
-    finally:
-        subprocess.run(["umount", "-l", str(var)], check=False)

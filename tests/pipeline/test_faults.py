@@ -5,11 +5,8 @@ platform), not only on the gateway's own database."""
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +15,16 @@ from typing import Any
 import pytest
 
 from tests.pipeline.devices import P, MqttDevice
-from tests.support import MqttProbe, Mosquitto, bulk_register, cli, free_port, job_status_from_db
+from tests.support import (
+    MqttProbe,
+    Mosquitto,
+    bulk_register,
+    cli,
+    fill_disk,
+    free_port,
+    job_status_from_db,
+    mounted_tmpfs,
+)
 
 
 def sims(n: int, prefix: str, segment: str) -> list[dict[str, Any]]:
@@ -47,31 +53,8 @@ def external(mosq: Mosquitto, **extra: Any) -> dict[str, Any]:
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 16 MB tmpfs mounted as the daemon's data dir (CI runs as root)."""
-    mnt = tmp_path / "var"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(mnt)], check=True)
-    try:
+    with mounted_tmpfs(tmp_path / "var", "16m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def fill(disk: Path) -> Path:
-    """Fill the filesystem to the last block."""
-    filler = disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for size in (1 << 20, 1 << 16, 1 << 12, 512):
-            chunk = b"\0" * size
-            while True:
-                try:
-                    os.write(fd, chunk)
-                except OSError as exc:
-                    assert exc.errno == errno.ENOSPC, exc
-                    break
-    finally:
-        os.close(fd)
-    return filler
 
 
 def test_full_disk_nothing_publishers_saw_acknowledged_is_lost(gateway_factory, mosquitto, small_disk: Path,
@@ -98,7 +81,7 @@ def test_full_disk_nothing_publishers_saw_acknowledged_is_lost(gateway_factory, 
                                                "notification": {"title": "mid"}}))
         probe.wait_for(lambda _m: any(s["counts"]["acknowledged"] >= 10 for s in statuses(probe, "mid")))
 
-        filler = fill(small_disk)
+        filler = fill_disk(small_disk / "filler")
         refused = cli(gw.config, "send", "--title", "t", "--all", "--job-id", "cli-full")
         assert refused.returncode == 1, refused
         assert refused.stderr.count("\n") == 1 and refused.stderr.startswith("send: the job was not stored")
