@@ -9,8 +9,8 @@ Measures, in one run on this machine:
   taken in the committing transaction), p50 and p99 over every ack of the job;
 - a baseline: a bare loop doing only the SQLite writes the pipeline needs for the same
   job (delivery rows inserted page by page, each marked sent, each ack stored and
-  marked acknowledged), with the daemon's schema (pipeline tables and the ``gateway.stats``
-  triggers), the same pragmas and the same batch sizes;
+  marked acknowledged), with the daemon's schema (pipeline tables, and the ``gateway.stats``
+  aggregates kept with ``stats.tracking`` as the store does), the same pragmas and the same batch sizes;
 and the ratio of the two.
 
     python -m bench.pipeline_bench [--devices 100000] [--profile out.raw] [--no-baseline]
@@ -124,16 +124,18 @@ def run_baseline(n: int, workdir: Path, page: int = 500, batch: int = 500) -> di
         rows = [(str(uuid.uuid4()), "b", d, "queued", 0.0, "simulation") for d in chunk]
         messages += [r[0] for r in rows]
         conn.execute("BEGIN IMMEDIATE")
-        conn.executemany("INSERT INTO deliveries(message_id, job_id, device_id, state, next_at, route) "
-                         "VALUES (?,?,?,?,?,?)", rows)
+        with stats.tracking(conn, [r[0] for r in rows], inserted=True):
+            conn.executemany("INSERT INTO deliveries(message_id, job_id, device_id, state, next_at, route) "
+                             "VALUES (?,?,?,?,?,?)", rows)
         conn.execute("UPDATE jobs SET targets = targets + ?, queued = queued + ? WHERE job_id = 'b'", (len(rows), len(rows)))
         conn.execute("COMMIT")
     now = time.time()
     for start in range(0, n, batch):
         chunk = messages[start:start + batch]
         conn.execute("BEGIN IMMEDIATE")
-        conn.executemany("UPDATE deliveries SET state='sent', platform='simulation', attempts=1, sent_at=? "
-                         "WHERE message_id=?", [(now, m) for m in chunk])
+        with stats.tracking(conn, chunk):
+            conn.executemany("UPDATE deliveries SET state='sent', platform='simulation', attempts=1, sent_at=? "
+                             "WHERE message_id=?", [(now, m) for m in chunk])
         conn.execute("UPDATE jobs SET queued = queued - ?, sent = sent + ? WHERE job_id='b'", (len(chunk), len(chunk)))
         conn.execute("COMMIT")
     for start in range(0, n, batch):
@@ -141,8 +143,9 @@ def run_baseline(n: int, workdir: Path, page: int = 500, batch: int = 500) -> di
         conn.execute("BEGIN IMMEDIATE")
         conn.executemany("INSERT INTO acks(message_id, device_id, status, at, received_at) VALUES (?, 'd', 'received', 'x', ?)",
                          [(m, now) for m in chunk])
-        conn.executemany("UPDATE deliveries SET state='acknowledged', acked_at=?, latency_ms=1 WHERE message_id=?",
-                         [(now, m) for m in chunk])
+        with stats.tracking(conn, chunk):
+            conn.executemany("UPDATE deliveries SET state='acknowledged', acked_at=?, latency_ms=1 WHERE message_id=?",
+                             [(now, m) for m in chunk])
         conn.execute("UPDATE jobs SET sent = sent - ?, acknowledged = acknowledged + ? WHERE job_id='b'", (len(chunk), len(chunk)))
         conn.execute("COMMIT")
     elapsed = time.perf_counter() - t0

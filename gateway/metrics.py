@@ -6,7 +6,7 @@ Three kinds of source, none of which costs the pipeline anything between scrapes
   taken on the event loop at scrape time and handed to :class:`RuntimeCollector`;
 - SQLite, read by :class:`DatabaseCollector` on its own read-only connection in the
   scrape's worker thread (WAL: it never waits for the pipeline's writer, nor the writer
-  for it), from the trigger-kept aggregates of :mod:`gateway.stats`: a few rows whatever
+  for it), from the aggregates :mod:`gateway.stats` keeps with every write: a few rows whatever
   the fleet size;
 - counters kept in process (HTTP requests) and prometheus_client's process/platform/GC
   collectors.

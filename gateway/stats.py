@@ -1,10 +1,10 @@
-"""Delivery aggregates for ``/metrics`` and ``status``, kept by SQLite triggers.
+"""Delivery aggregates for ``/metrics`` and ``status``, kept by the pipeline's writes.
 
 Counting deliveries per (platform, state) with ``GROUP BY`` is a scan of the deliveries
 table: millions of rows on a site that keeps 30 days of jobs to 100,000 devices, on every
-Prometheus scrape. Instead, triggers on ``deliveries`` keep two small tables exact in the
-same transaction as each change (an insert, a state or platform change, a deletion by
-retention), whichever process or component makes it:
+Prometheus scrape. Instead, two small tables are kept exact in the same transaction as each
+change to the deliveries table (an insert, a state or platform change, a deletion by
+retention):
 
 - ``delivery_stats(platform, state, n)``: deliveries now in each state, per platform (the
   bridge a queued delivery is routed to where the pipeline keeps ``route``, else the
@@ -13,17 +13,36 @@ retention), whichever process or component makes it:
   bucket (``le`` in ms, -1 = above the last bound); only ever grows, like a Prometheus
   histogram, also when old deliveries are pruned.
 
-``migrate`` creates them and, at a daemon start where the triggers are missing or differ from
-what the deliveries table's columns call for, re-creates them and rebuilds both tables from
-the deliveries table, so they heal themselves if anything ever bypassed the triggers. The triggers' writes count in
-``Connection.total_changes``: code counting its own inserts must use ``cursor.rowcount``. Everything else
-here is a read that costs a handful of rows whatever the fleet size.
+Every write to ``deliveries`` (gateway/pipeline/store.py is the only writer: expansion,
+results, acks, retention) moves the aggregates in its own transaction, once per batch:
+:func:`tracking` reads the rows a batch touches before and after its statements (``IN``
+lookups by primary key) and :func:`apply_changes` makes one upsert per (platform, state)
+whose count moved and per latency bucket that grew. Where the store already knows both
+sides (the rows it inserts as written; the acks, whose rows it has just read and whose
+updates are unconditional) it calls :func:`apply_changes` without the reads. Until issue 11
+row-level triggers did this: two or three trigger statements per changed row (SQLite has no
+statement-level triggers), several times the cost of the row update itself
+(bench/README.md, "Pipeline").
+
+``migrate`` creates the tables, drops those triggers where an older gateway made them, and
+recounts both tables from the deliveries table at a start where they cannot be trusted: the
+platform key changed, or the cheap check of :func:`stale` (the total, and the queued rows
+per platform, read from indexes) disagrees. That is what a writer that bypassed
+:func:`tracking` (a hand-made repair, an older tool) leaves behind when it inserted or
+deleted rows or touched the queue; a bypass that only moves rows between final states or
+platforms is not seen by that check: ``DELETE FROM delivery_stats`` forces a full recount
+at the next start. Everything else here
+is a read that costs a handful of rows whatever the fleet size.
 """
 
 from __future__ import annotations
 
+import bisect
 import sqlite3
 import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 # Ack latency bucket bounds (ms): a push shown on a phone within 100 ms .. a PLC that was
@@ -50,32 +69,10 @@ CREATE TABLE IF NOT EXISTS ack_latency_stats (
 ) WITHOUT ROWID;
 """
 
-# Re-created at every start from the deliveries table's columns (see platform_columns()).
-TRIGGERS = ("delivery_stats_insert", "delivery_stats_delete", "delivery_stats_update", "ack_latency_stats_update")
+# The row-level triggers an older gateway kept the tables with; dropped by migrate().
+OLD_TRIGGERS = ("delivery_stats_insert", "delivery_stats_delete", "delivery_stats_update", "ack_latency_stats_update")
 QUEUED_INDEX = "deliveries_queued_by_platform"
-
-DERIVED = """
-CREATE INDEX IF NOT EXISTS {index} ON deliveries(job_id, {key}) WHERE state = 'queued';
-CREATE TRIGGER delivery_stats_insert AFTER INSERT ON deliveries BEGIN
-    INSERT INTO delivery_stats(platform, state, n) VALUES ({key_new}, NEW.state, 1)
-    ON CONFLICT(platform, state) DO UPDATE SET n = n + 1;
-END;
-CREATE TRIGGER delivery_stats_delete AFTER DELETE ON deliveries BEGIN
-    UPDATE delivery_stats SET n = n - 1 WHERE platform = {key_old} AND state = OLD.state;
-END;
-CREATE TRIGGER delivery_stats_update AFTER UPDATE OF state, {watched} ON deliveries
-WHEN OLD.state IS NOT NEW.state OR {key_old} IS NOT {key_new} BEGIN
-    UPDATE delivery_stats SET n = n - 1 WHERE platform = {key_old} AND state = OLD.state;
-    INSERT INTO delivery_stats(platform, state, n) VALUES ({key_new}, NEW.state, 1)
-    ON CONFLICT(platform, state) DO UPDATE SET n = n + 1;
-END;
-CREATE TRIGGER ack_latency_stats_update AFTER UPDATE OF state ON deliveries
-WHEN NEW.state = 'acknowledged' AND OLD.state IS NOT 'acknowledged' AND NEW.latency_ms IS NOT NULL BEGIN
-    INSERT INTO ack_latency_stats(platform, le, n, total_ms)
-    VALUES ({key_new}, {bucket_new}, 1, NEW.latency_ms)
-    ON CONFLICT(platform, le) DO UPDATE SET n = n + 1, total_ms = total_ms + excluded.total_ms;
-END;
-"""
+_CHUNK = 500  # ids per IN (...) lookup
 
 
 def platform_columns(conn: sqlite3.Connection) -> list[str]:
@@ -93,36 +90,90 @@ def platform_key(conn: sqlite3.Connection, alias: str = "") -> str:
     return "COALESCE(" + ", ".join(f"{prefix}{c}" for c in platform_columns(conn)) + ", '')"
 
 
-def migrate(conn: sqlite3.Connection) -> None:
-    """Create the tables, (re)create the triggers and index for the deliveries table as it is
-    now, and recount both aggregates from it.
+def bucket_of(latency_ms: float) -> float:
+    """The histogram bucket (``le``) of a latency; -1.0 above the last bound."""
+    i = bisect.bisect_left(LATENCY_BUCKETS_MS, latency_ms)
+    return LATENCY_BUCKETS_MS[i] if i < len(LATENCY_BUCKETS_MS) else -1.0
 
-    When every trigger and the index are already there exactly as they would be made now,
-    nothing is re-created or recounted: triggers fire for every writer, so the aggregates
-    can only have drifted while a trigger was missing or different (an older gateway, a
-    changed deliveries table). The recount is a scan of every delivery kept (0.3 s for
-    100,000 rows on the development machine) on the way to READY."""
-    for statement in _statements(TABLES):
-        conn.execute(statement)
+
+_Row = tuple[str, str, Any]  # platform key, state, latency_ms
+
+
+def snapshot(conn: sqlite3.Connection, ids: list[str]) -> dict[str, _Row]:
+    """message_id → (platform key, state, latency_ms) of those of ``ids`` that exist."""
+    key = platform_key(conn)  # one PRAGMA per batch; the columns may differ between databases
+    out: dict[str, _Row] = {}
+    for start in range(0, len(ids), _CHUNK):
+        chunk = ids[start:start + _CHUNK]
+        marks = ",".join("?" * len(chunk))
+        for r in conn.execute(f"SELECT message_id, {key}, state, latency_ms FROM deliveries "
+                              f"WHERE message_id IN ({marks})", chunk):
+            out[r[0]] = (r[1], r[2], r[3])
+    return out
+
+
+@contextmanager
+def tracking(conn: sqlite3.Connection, message_ids: Iterable[str], inserted: bool = False) -> Iterator[None]:
+    """Keep the aggregates exact across the deliveries writes made inside the block.
+
+    ``message_ids`` are every delivery the block may insert, change or delete (others are
+    not looked at). ``inserted=True`` says the ids are new (fresh primary keys), so there is
+    nothing to read before. Must run inside the writes' transaction: the aggregates commit
+    or roll back with the rows, so they stay exact after a crash (kill -9) too."""
+    ids = list(dict.fromkeys(message_ids))
+    if not ids:
+        yield
+        return
+    before = {} if inserted else snapshot(conn, ids)
+    yield
+    after = snapshot(conn, ids)
+    apply_changes(conn, before, after)
+
+
+def apply_changes(conn: sqlite3.Connection, before: dict[str, _Row], after: dict[str, _Row]) -> None:
+    """One upsert per (platform, state) whose count moved and per latency bucket that grew."""
+    counts: Counter[tuple[str, str]] = Counter()
+    latency: dict[tuple[str, float], list[float]] = {}
+    for mid, old in before.items():
+        new = after.get(mid)
+        if new is None or new[:2] != old[:2]:
+            counts[old[:2]] -= 1
+    for mid, new in after.items():
+        old = before.get(mid)
+        if old is None or new[:2] != old[:2]:
+            counts[new[:2]] += 1
+        if new[1] == "acknowledged" and (old is None or old[1] != "acknowledged") and new[2] is not None:
+            slot = latency.setdefault((new[0], bucket_of(float(new[2]))), [0, 0.0])
+            slot[0] += 1
+            slot[1] += float(new[2])
+    moved = [(platform, state, n) for (platform, state), n in counts.items() if n]
+    if moved:
+        conn.executemany("INSERT INTO delivery_stats(platform, state, n) VALUES (?, ?, ?) "
+                         "ON CONFLICT(platform, state) DO UPDATE SET n = n + excluded.n", moved)
+    if latency:
+        conn.executemany("INSERT INTO ack_latency_stats(platform, le, n, total_ms) VALUES (?, ?, ?, ?) "
+                         "ON CONFLICT(platform, le) DO UPDATE SET n = n + excluded.n, "
+                         "total_ms = total_ms + excluded.total_ms",
+                         [(p, le, v[0], v[1]) for (p, le), v in latency.items()])
+
+
+def stale(conn: sqlite3.Connection) -> bool:
+    """Whether the kept counts disagree with the deliveries table on its total or on its
+    queued rows per platform (the queue that ``/metrics`` and ``/healthz`` watch). Both are
+    read from indexes (the queued ones from the partial :data:`QUEUED_INDEX`): a few ms for
+    100,000 rows kept, no scan of the table."""
     key = platform_key(conn)
-    ddl = DERIVED.format(index=QUEUED_INDEX, key=key, key_new=platform_key(conn, "NEW"),
-                         key_old=platform_key(conn, "OLD"), watched=", ".join(platform_columns(conn)),
-                         bucket_new=_BUCKET_CASE.format(v="NEW.latency_ms"))
-    wanted = {_normal(st) for st in _statements(ddl) if st.lstrip().upper().startswith("CREATE TRIGGER")}
-    have = {_normal(r[0]) for r in conn.execute(
-        f"SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name IN ({','.join('?' * len(TRIGGERS))})",
-        TRIGGERS)}
-    index = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?",
-                         (QUEUED_INDEX,)).fetchone()
-    if have == wanted and index is not None and key in index[0]:
-        return  # exact since they were made: no recount
-    for name in TRIGGERS:
-        conn.execute(f"DROP TRIGGER IF EXISTS {name}")
-    if index is not None and key not in index[0]:
-        conn.execute(f"DROP INDEX {QUEUED_INDEX}")  # the columns changed: index the new key
-    conn.execute("DROP INDEX IF EXISTS deliveries_queued_by_job")  # this module's earlier name
-    for statement in _statements(ddl):
-        conn.execute(statement)
+    kept = {(p, s): n for p, s, n in conn.execute("SELECT platform, state, n FROM delivery_stats")}
+    total = conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
+    queued = {p: n for p, n in conn.execute(f"SELECT {key}, COUNT(*) FROM deliveries INDEXED BY {QUEUED_INDEX} "
+                                            f"WHERE state = 'queued' GROUP BY 1")}
+    kept_queued = {p: n for (p, s), n in kept.items() if s == "queued" and n}
+    return sum(kept.values()) != total or kept_queued != queued
+
+
+def recount(conn: sqlite3.Connection) -> None:
+    """Rebuild both aggregates from the deliveries table (a scan of every delivery kept)."""
+    key = platform_key(conn)
     conn.execute("DELETE FROM delivery_stats")
     conn.execute(f"INSERT INTO delivery_stats(platform, state, n) SELECT {key}, state, COUNT(*) "
                  "FROM deliveries GROUP BY 1, 2")
@@ -133,21 +184,37 @@ def migrate(conn: sqlite3.Connection) -> None:
                  f"GROUP BY 1, 2")
 
 
-def _normal(sql: str) -> str:
-    """A statement's text without whitespace differences (sqlite_master keeps it as written)."""
-    return " ".join(sql.replace("IF NOT EXISTS ", "").split()).rstrip(";")
+def prepare(conn: sqlite3.Connection) -> None:
+    """Create the tables and drop an older gateway's triggers (they kept the counts exact up
+    to here, so this needs no recount). Run by the pipeline's ``schema.migrate`` too, so
+    that no writer of deliveries ever runs with both the triggers and :func:`tracking`, or
+    without the tables."""
+    for statement in TABLES.strip().split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    for name in OLD_TRIGGERS:
+        conn.execute(f"DROP TRIGGER IF EXISTS {name}")
 
 
-def _statements(script: str) -> list[str]:
-    """Split the DDL on ';' at the end of a line, keeping trigger bodies whole."""
-    out, current = [], []
-    for line in script.strip().splitlines():
-        current.append(line)
-        stripped = line.strip()
-        if stripped.endswith(";") and (not any("CREATE TRIGGER" in c for c in current) or stripped == "END;"):
-            out.append("\n".join(current))
-            current = []
-    return out
+def migrate(conn: sqlite3.Connection) -> None:
+    """Create the tables and the queued index for the deliveries table as it is now, drop an
+    older gateway's triggers, and recount both aggregates when they cannot be trusted.
+
+    A recount happens when the platform key changed (a ``route`` column appeared: the index
+    is re-made on it) or :func:`stale` finds the counts off. Otherwise nothing is recounted:
+    the recount is a scan of every delivery kept (0.3 s for 100,000 rows on the development
+    machine) on the way to READY."""
+    prepare(conn)
+    key = platform_key(conn)
+    conn.execute("DROP INDEX IF EXISTS deliveries_queued_by_job")  # this module's earlier name
+    index = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?",
+                         (QUEUED_INDEX,)).fetchone()
+    changed = index is not None and key not in index[0]
+    if changed:
+        conn.execute(f"DROP INDEX {QUEUED_INDEX}")  # the columns changed: index the new key
+    conn.execute(f"CREATE INDEX IF NOT EXISTS {QUEUED_INDEX} ON deliveries(job_id, {key}) WHERE state = 'queued'")
+    if changed or stale(conn):
+        recount(conn)
 
 
 def has_table(conn: sqlite3.Connection, name: str) -> bool:
@@ -265,5 +332,5 @@ def alarms_by_state(conn: sqlite3.Connection) -> dict[str, int] | None:
 
 
 __all__ = ["LATENCY_BUCKETS_MS", "UNASSIGNED", "ack_latency", "alarms_by_state", "alarms_firing", "counters", "delivery_counts",
-           "device_count", "jobs_by_state", "migrate", "oldest_queued", "oldest_queued_overall",
-           "upstream_backlog"]
+           "device_count", "jobs_by_state", "migrate", "oldest_queued", "oldest_queued_overall", "prepare", "recount",
+           "snapshot", "apply_changes", "stale", "tracking", "upstream_backlog"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import sqlite3
 
+from gateway import stats
+
 VERSION = 2
 
 TABLES = """
@@ -126,6 +128,7 @@ def migrate(conn: sqlite3.Connection) -> None:
             if backfill:
                 conn.execute(backfill)
     _run_script(conn, INDEXES)
+    stats.prepare(conn)  # the aggregates every write of deliveries keeps (gateway.stats.tracking)
     if conn.execute("PRAGMA user_version").fetchone()[0] != VERSION:
         conn.execute(f"PRAGMA user_version = {VERSION}")
 

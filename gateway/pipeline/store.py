@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pydantic import TypeAdapter
 
 from devices.models import PLATFORMS, Channel, Device, channel_address
+from gateway import stats
 from gateway.pipeline.models import AckIn, ParsedJob
 from gateway.storage import NotStored
 from gateway.timeutil import iso, utcnow
@@ -373,13 +374,14 @@ def _insert_deliveries(conn: sqlite3.Connection, job_id: str, rows: list[tuple[s
                        error: str | None, now: float) -> int:
     if not rows:
         return 0
-    # rowcount counts the rows this statement inserted, not the writes of triggers on
-    # deliveries (gateway.stats keeps its aggregates with triggers); total_changes would.
+    values = [(new_message_id(), job_id, d, state, now, error, route) for d, route in rows]
     cur = conn.executemany(
         "INSERT OR IGNORE INTO deliveries(message_id, job_id, device_id, state, next_at, last_error, route) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [(new_message_id(), job_id, d, state, now, error, route) for d, route in rows],
-    )
+        "VALUES (?, ?, ?, ?, ?, ?, ?)", values)
+    if cur.rowcount == len(values):  # every row is in, as written (platform key: its route)
+        stats.apply_changes(conn, {}, {v[0]: (v[6] or "", state, None) for v in values})
+    else:  # some were already there (same job and device): count the rows that went in
+        stats.apply_changes(conn, {}, stats.snapshot(conn, [v[0] for v in values]))  # the ids are new
     return cur.rowcount
 
 
@@ -553,6 +555,12 @@ class _Deltas:
 
 
 def apply_results(conn: sqlite3.Connection, results: list[Result], now: float) -> None:
+    # Resends change neither state nor platform: the aggregates need not look at them.
+    with stats.tracking(conn, [r.message_id for r in results if not r.resend]):
+        _apply_results(conn, results, now)
+
+
+def _apply_results(conn: sqlite3.Connection, results: list[Result], now: float) -> None:
     deltas = _Deltas()
     for r in results:
         if r.invalid_key:
@@ -597,7 +605,7 @@ def apply_batch(conn: sqlite3.Connection, results: list[Result], acks: list[tupl
     acks before the result is recorded) is written once: the ack's update also records the
     send (platform, route, attempts, sent_at = now, as the result would have), instead of
     moving it to ``sent`` and then to ``acknowledged`` (half the row and index writes, one
-    trigger run instead of two). What is stored is the same as applying them one by one."""
+    aggregate change instead of two). What is stored is the same as applying them one by one."""
     merged: dict[str, Result] = {}
     if acks and results:
         acked = {ack.message_id for _, ack in acks}
@@ -635,11 +643,15 @@ def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, AckIn]], now: flo
     a first ack of one of them records the send too, and takes it out of ``sends``."""
     rows: dict[str, list[Any]] = {}
     ids = list({ack.message_id for _, ack in acks})
+    key = stats.platform_key(conn)
     for chunk in _chunks(ids):
         marks = ",".join("?" * len(chunk))
-        for r in conn.execute(f"SELECT message_id, job_id, device_id, state, sent_at FROM deliveries "
+        for r in conn.execute(f"SELECT message_id, job_id, device_id, state, sent_at, {key} FROM deliveries "
                               f"WHERE message_id IN ({marks})", chunk):
-            rows[r[0]] = [r[1], r[2], r[3], r[4]]  # job_id, device_id, state (kept current), sent_at
+            # job_id, device_id, state (kept current), sent_at, platform key (for gateway.stats)
+            rows[r[0]] = [r[1], r[2], r[3], r[4], r[5]]
+    before: dict[str, tuple[str, str, Any]] = {}  # first acks: (platform key, state, latency) now ...
+    after: dict[str, tuple[str, str, Any]] = {}  # ... and once the updates below are made
     deltas = _Deltas()
     out: list[AckResult] = []
     inserts: list[tuple[Any, ...]] = []
@@ -655,7 +667,7 @@ def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, AckIn]], now: flo
             out.append(AckResult(False, "unknown message_id" if row is None
                                  else "message_id was not sent to this device"))
             continue
-        job_id, _, state, sent_at = row
+        job_id, _, state, sent_at, platform_key = row
         first = state in ("queued", "sent")
         at_ts = ack.at.timestamp()
         at_iso = iso(ack.at)
@@ -680,11 +692,14 @@ def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, AckIn]], now: flo
             conn.execute("RELEASE ack")
         inserts.append((ack.message_id, device_id, ack.status, at_iso, ack.error, now))
         if first:
+            before[ack.message_id] = (platform_key, state, None)
             if send is not None:
                 del sends[ack.message_id]
                 with_send.append((at_ts, latency, send.platform, send.platform, send.attempts, now, ack.message_id))
+                after[ack.message_id] = (send.platform or "", "acknowledged", latency)  # route = platform
             else:
                 plain.append((at_ts, latency, ack.message_id))
+                after[ack.message_id] = (platform_key, "acknowledged", latency)
             deltas.move(job_id, state, "acknowledged")
             row[2] = "acknowledged"
         out.append(AckResult(True, job_id=job_id, latency_ms=latency, first=first))
@@ -694,6 +709,15 @@ def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, AckIn]], now: flo
         bump(conn, "acks_stored", len(inserts))
     if refused:
         bump(conn, "acks_refused", refused)
+    _acknowledge(conn, plain, with_send)
+    # The updates are unconditional by message_id, so what they leave is known without a
+    # second read: the aggregates move in the same transaction (gateway.stats.tracking).
+    stats.apply_changes(conn, before, after)
+    deltas.apply(conn, now)
+    return out
+
+
+def _acknowledge(conn: sqlite3.Connection, plain: list[tuple[Any, ...]], with_send: list[tuple[Any, ...]]) -> None:
     if plain:
         conn.executemany("UPDATE deliveries SET state = 'acknowledged', acked_at = ?, latency_ms = ?, "
                          "resend_at = NULL WHERE message_id = ?", plain)
@@ -701,8 +725,6 @@ def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, AckIn]], now: flo
         conn.executemany("UPDATE deliveries SET state = 'acknowledged', acked_at = ?, latency_ms = ?, "
                          "resend_at = NULL, last_error = NULL, platform = ?, route = ?, attempts = ?, sent_at = ? "
                          "WHERE message_id = ?", with_send)
-    deltas.apply(conn, now)
-    return out
 
 
 # ------------------------------------------------------------------ retention
@@ -724,7 +746,8 @@ def prune(conn: sqlite3.Connection, cutoff: float, now: float, max_rows: int = 2
         if ids:
             marks = ",".join("?" * len(ids))
             conn.execute(f"DELETE FROM acks WHERE message_id IN ({marks})", ids)
-            conn.execute(f"DELETE FROM deliveries WHERE message_id IN ({marks})", ids)
+            with stats.tracking(conn, ids):
+                conn.execute(f"DELETE FROM deliveries WHERE message_id IN ({marks})", ids)
         if len(ids) >= budget:
             break  # more rows of this job next time
         budget -= len(ids) + 1

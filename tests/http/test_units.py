@@ -1,4 +1,4 @@
-"""In-process checks of the pieces the daemon tests cannot see from outside: the trigger-kept
+"""In-process checks of the pieces the daemon tests cannot see from outside: the delivery
 aggregates stay exact, the credential cache, the ack signer."""
 
 from __future__ import annotations
@@ -55,15 +55,53 @@ def test_delivery_stats_follow_every_pipeline_write_and_survive_a_recount():
     latency = stats.ack_latency(conn)["mqtt"]
     assert latency["count"] == 12 and latency["buckets"][-1] == (float("inf"), 12)
     assert [n for _, n in latency["buckets"]] == sorted(n for _, n in latency["buckets"])  # cumulative
-    conn.execute("DELETE FROM deliveries WHERE state = 'failed'")  # retention
+    failed = [r[0] for r in conn.execute("SELECT message_id FROM deliveries WHERE state = 'failed'")]
+    with stats.tracking(conn, failed):  # a deletion, as retention (store.prune) makes it
+        conn.execute("DELETE FROM deliveries WHERE state = 'failed'")
     assert stats.delivery_counts(conn) == grouped(conn)
     assert stats.oldest_queued(conn)[""] >= 0 and set(stats.oldest_queued(conn)) == {""}
-    conn.execute("DROP TRIGGER delivery_stats_update")  # something bypassed the triggers...
-    conn.execute("UPDATE deliveries SET state = 'expired' WHERE state = 'queued'")
-    assert stats.delivery_counts(conn) != grouped(conn)
-    stats.migrate(conn)  # ...the next start recounts and re-creates them
+    stats.migrate(conn)  # a start with exact counts: nothing to repair
+    assert not stats.stale(conn) and stats.delivery_counts(conn) == grouped(conn)
+    conn.execute("UPDATE deliveries SET state = 'expired' WHERE state = 'queued'")  # a writer bypassing tracking...
+    assert stats.delivery_counts(conn) != grouped(conn) and stats.stale(conn)
+    stats.migrate(conn)  # ...the next start finds the counts off and recounts them
     assert stats.delivery_counts(conn) == grouped(conn)
     assert stats.ack_latency(conn)["mqtt"]["count"] == 12
+    conn.execute("DELETE FROM delivery_stats")  # how an operator forces a full recount
+    stats.migrate(conn)
+    assert stats.delivery_counts(conn) == grouped(conn)
+    conn.execute("UPDATE jobs SET state = 'completed', updated_at = 0 WHERE job_id = 'j'")
+    store.prune(conn, time.time(), time.time(), max_rows=7)  # retention: part of the job's rows...
+    assert stats.delivery_counts(conn) == grouped(conn) and sum(grouped(conn).values()) == 25 - 7
+    store.prune(conn, time.time(), time.time())  # ...then the rest and the job
+    assert stats.delivery_counts(conn) == grouped(conn) == {} and not stats.stale(conn)
+    assert stats.ack_latency(conn)["mqtt"]["count"] == 12  # a histogram only grows
+
+
+def test_a_database_kept_by_the_old_triggers_loses_them_without_a_recount():
+    """An older gateway kept the aggregates with row triggers: the first start drops them
+    (else every change would count twice) and keeps the counts it finds exact."""
+    conn = fresh_db()
+    conn.execute("INSERT INTO jobs(job_id, state, source, target, notification, options, created_at, updated_at, "
+                 "expires_at, ttl, queued) VALUES ('j', 'dispatching', 't', '{}', '{}', '{}', 0, 0, 9e9, 60, 1)")
+    conn.execute("CREATE TRIGGER delivery_stats_insert AFTER INSERT ON deliveries BEGIN "
+                 "INSERT INTO delivery_stats(platform, state, n) VALUES (COALESCE(NEW.route, NEW.platform, ''), "
+                 "NEW.state, 1) ON CONFLICT(platform, state) DO UPDATE SET n = n + 1; END")
+    conn.execute("INSERT INTO deliveries(message_id, job_id, device_id, state, next_at, route) "
+                 "VALUES ('m1', 'j', 'd1', 'queued', 0, 'fcm')")
+    conn.execute("UPDATE delivery_stats SET n = 7")  # marks the kept count: a recount would reset it
+    conn.execute("INSERT INTO deliveries(message_id, job_id, device_id, state, next_at, route) "
+                 "VALUES ('m0', 'j', 'd0', 'acknowledged', 0, 'fcm')")  # the trigger counts it
+    assert stats.delivery_counts(conn) == {("fcm", "queued"): 7, ("fcm", "acknowledged"): 1}
+    conn.execute("UPDATE delivery_stats SET n = 1 WHERE state = 'queued'")  # exact again
+    schema.migrate(conn)
+    assert conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'deliveries'"
+                        ).fetchone()[0] == 0
+    with stats.tracking(conn, ["m2"], inserted=True):
+        conn.execute("INSERT INTO deliveries(message_id, job_id, device_id, state, next_at, route) "
+                     "VALUES ('m2', 'j', 'd2', 'queued', 0, 'fcm')")
+    assert stats.delivery_counts(conn) == {("fcm", "queued"): 2, ("fcm", "acknowledged"): 1} == grouped_by(
+        conn, "COALESCE(route, platform, '')")
 
 
 async def test_logins_are_verified_once_then_cached_and_forgotten_on_invalidate(tmp_path):
@@ -133,16 +171,20 @@ def test_a_route_column_gives_queued_work_its_platform_before_the_first_attempt(
     stats.migrate(conn)
     conn.execute("INSERT INTO jobs(job_id, state, source, target, notification, options, created_at, updated_at, "
                  "expires_at, ttl, queued) VALUES ('j', 'dispatching', 't', '{}', '{}', '{}', 0, 0, 9e9, 60, 2)")
-    conn.execute("INSERT INTO deliveries(message_id, job_id, device_id, state, next_at) VALUES ('m1', 'j', 'd1', 'queued', 0)")
+    with stats.tracking(conn, ["m1"], inserted=True):
+        conn.execute("INSERT INTO deliveries(message_id, job_id, device_id, state, next_at) "
+                     "VALUES ('m1', 'j', 'd1', 'queued', 0)")
     assert stats.delivery_counts(conn) == {("", "queued"): 1}
     if "route" not in {r[1] for r in conn.execute("PRAGMA table_info(deliveries)")}:
         conn.execute("ALTER TABLE deliveries ADD COLUMN route TEXT")
-    conn.execute("UPDATE deliveries SET route = 'fcm'")
-    stats.migrate(conn)  # the next start
+    conn.execute("UPDATE deliveries SET route = 'fcm'")  # an upgrade's backfill, not tracked
+    stats.migrate(conn)  # the next start: the platform key changed, so it recounts
     assert stats.delivery_counts(conn) == {("fcm", "queued"): 1} == grouped_by(conn, "COALESCE(route, platform, '')")
-    conn.execute("INSERT INTO deliveries(message_id, job_id, device_id, state, next_at, route) "
-                 "VALUES ('m2', 'j', 'd2', 'queued', 0, 'wns')")
-    conn.execute("UPDATE deliveries SET route = 'apns' WHERE message_id = 'm1'")
+    with stats.tracking(conn, ["m2"], inserted=True):
+        conn.execute("INSERT INTO deliveries(message_id, job_id, device_id, state, next_at, route) "
+                     "VALUES ('m2', 'j', 'd2', 'queued', 0, 'wns')")
+    with stats.tracking(conn, ["m1"]):  # a queued delivery routed to another bridge
+        conn.execute("UPDATE deliveries SET route = 'apns' WHERE message_id = 'm1'")
     assert stats.delivery_counts(conn) == {("apns", "queued"): 1, ("wns", "queued"): 1}
     assert set(stats.oldest_queued(conn)) == {"apns", "wns"}
     plan = conn.execute("EXPLAIN QUERY PLAN SELECT 1 FROM deliveries WHERE job_id = 'j' AND state = 'queued' "
