@@ -39,7 +39,6 @@ from amqtt.adapters import BufferReader, ReaderAdapter, StreamWriterAdapter
 from amqtt.errors import MQTTError, NoDataError
 from amqtt.mqtt import packet_class
 from amqtt.mqtt.connack import ConnackPacket
-from amqtt.mqtt.connect import ConnectPacket
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.packet import MQTTFixedHeader
 from amqtt.mqtt.pingreq import PingReqPacket

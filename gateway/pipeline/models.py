@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator, model_validator
 
+from devices.models import Device
 from gateway.timeutil import parse_iso, utcnow
 
 MAX_JOB_BYTES = 256 * 1024
@@ -208,9 +209,7 @@ def parse_ack(payload: bytes) -> AckIn:
         raise InputError("invalid_ack", field_errors(exc)) from None
 
 
-def parse_device(payload: bytes, topic_device_id: str | None = None) -> "Device":
-    from devices.models import Device
-
+def parse_device(payload: bytes, topic_device_id: str | None = None) -> Device:
     obj = decode_json_object(payload, MAX_DEVICE_BYTES, "device")
     try:
         device = Device.model_validate(obj)

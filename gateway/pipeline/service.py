@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-from bridges.base import AckCallback, Bridge, BridgeContext, BridgeConfigError
+from bridges.base import Bridge, BridgeConfigError, BridgeContext
 from bridges.registry import build_bridges
 from gateway.config import Config
 from gateway.mqtt import GatewayClient
