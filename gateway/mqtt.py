@@ -22,6 +22,7 @@ import ssl
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiomqtt
 import structlog
@@ -157,6 +158,7 @@ class GatewayClient:
         )
         # Ack incoming QoS 1/2 only once a handler has stored the message (see module doc).
         client._client.manual_ack_set(True)  # noqa: SLF001 - aiomqtt 2.x has no public switch
+        _register_writes_only_for_open_sockets(client)
         return client
 
     async def connect_once(self) -> aiomqtt.Client:
@@ -338,3 +340,31 @@ async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), seconds)
     except TimeoutError:
         pass
+
+
+def _register_writes_only_for_open_sockets(client: aiomqtt.Client) -> None:
+    """aiomqtt 2.5.1 asks the loop to watch paho's socket for writing from paho's connect
+    thread (``call_soon_threadsafe(add_writer, fd, ...)``). When the broker closes the
+    connection in the TLS handshake or login (a rejected client certificate), paho has closed
+    that socket before the loop runs the call: asyncio then logs an "Exception in callback"
+    traceback, or watches whatever socket reused the number. Same callback, but it watches
+    only the socket paho still holds open."""
+    inner = client._client  # noqa: SLF001 - the paho client; aiomqtt is pinned exactly
+    loop = client._loop  # noqa: SLF001
+
+    def register_write(pc: Any, _userdata: Any, sock: Any) -> None:
+        def writable() -> None:
+            try:
+                pc.loop_write()
+            except Exception as exc:  # a broken connection: end it, as aiomqtt does
+                disconnected = client._disconnected  # noqa: SLF001 - a new future per connect
+                if not disconnected.done():
+                    disconnected.set_exception(exc)
+
+        def watch() -> None:
+            if pc.socket() is sock and sock.fileno() != -1:
+                loop.add_writer(sock.fileno(), writable)
+
+        loop.call_soon_threadsafe(watch)
+
+    inner.on_socket_register_write = register_write

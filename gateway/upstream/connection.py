@@ -56,6 +56,7 @@ _CLOSED_IN_HANDSHAKE = ("unexpected_eof_while_reading", "unexpected eof while re
 _HOSTNAME_MISMATCH = ("hostname mismatch", "ip address mismatch", "doesn't match", "does not match")
 _CERT_EXPIRED = ("certificate has expired", "certificate is not yet valid")
 _SERVER_CERT_UNTRUSTED = ("certificate_verify_failed", "certificate verify failed")
+LOGIN_CLOSED = "the cloud broker closed the connection during login"
 _UNREACHABLE = ("connection refused", "timed out", "no route to host", "name or service not known",
                 "temporary failure in name resolution", "network is unreachable")
 
@@ -103,7 +104,7 @@ def cause(exc: BaseException, settings: ConnectionSettings) -> str | None:
     if "closed before connack" in low or "connection reset" in low:
         hint = ("client certificate, credentials, client id" if tls else
                 "credentials, client id; or the port expects TLS: use mqtts://")
-        return f"the cloud broker closed the connection during login (check {hint})"
+        return f"{LOGIN_CLOSED} (check {hint})"
     if any(marker in low for marker in _UNREACHABLE):
         return "the cloud broker is unreachable"
     return None
@@ -135,6 +136,7 @@ class UpstreamClient(GatewayClient):
         self._lost_since_warning = 0
         self._acks: dict[int, asyncio.Future[None]] = {}
         self._failures_logged: set[str] = set()
+        self._login_closed_seen = False  # a bare "closed during login" held back (see _first_of_cause)
         self._cause: str | None = None  # the explained cause of the last failed connect
         # ``up``: connected (CONNACK accepted); ``lost``: the connection that was up dropped.
         # Both flip in paho's callbacks, i.e. the moment the socket goes, not when the
@@ -173,16 +175,14 @@ class UpstreamClient(GatewayClient):
                 message = str(exc)
                 key = self._cause or message
                 self._cause = None
-                if key not in self._failures_logged:
-                    # Once per cause until a connection succeeds: the raw error of one cause
-                    # can vary between attempts (the TLS alert read, or only the EOF after it).
-                    self._failures_logged.add(key)
+                if self._first_of_cause(key):
                     log.warning("mqtt connect failed", link=self.name, url=self.settings.url, error=message)
                 self.last_error = message
                 delay = await self._wait(stop, delay)
                 continue
             self.last_error = None
             self._failures_logged.clear()
+            self._login_closed_seen = False
             self.connects += 1
             self._healthy = self._closing = False
             self.backoff_s = 0.0
@@ -218,6 +218,24 @@ class UpstreamClient(GatewayClient):
                 delay = self._backoff_initial
             else:
                 delay = await self._wait(stop, delay)
+
+    def _first_of_cause(self, key: str) -> bool:
+        """Whether a failed connect is the first of its cause since the last connection, so
+        it gets the one warning line. The raw error of one cause varies between attempts: a
+        rejected client certificate shows as the TLS alert, or only as the EOF after it (a
+        connection closed during login, which names no cause). So a bare "closed during
+        login" is said only if a second one comes before anything more specific, and not at
+        all once a specific cause was said."""
+        if key in self._failures_logged:
+            return False
+        if key.startswith(LOGIN_CLOSED):
+            if self._failures_logged:
+                return False
+            if not self._login_closed_seen:
+                self._login_closed_seen = True
+                return False
+        self._failures_logged.add(key)
+        return True
 
     async def _wait(self, stop: asyncio.Event, delay: float) -> float:
         """Sleep a jittered ``delay`` (or until stop); return the next, doubled, delay."""
