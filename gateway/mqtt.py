@@ -107,6 +107,7 @@ class GatewayClient:
         self._held_last = False
         self._bugs: OrderedDict[tuple[str, bytes], int] = OrderedDict()
         self.held = 0  # messages left unacknowledged because they could not be stored
+        self.backoff_s = 0.0  # the wait before the next connect attempt (0 while connected)
         self.poison_dropped = 0
 
     # ----------------------------------------------------------------- set-up
@@ -174,7 +175,13 @@ class GatewayClient:
         return client
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Stay connected until ``stop`` is set."""
+        """Stay connected until ``stop`` is set: connect, run the on-connect callbacks,
+        consume; after a failed connect wait a jittered, doubling backoff; after a session
+        that ended because a message could not be stored, wait for the database instead.
+
+        What a subclass may change is in three hooks: how a failed connect is logged
+        (:meth:`_connect_failed`), what a new connection resets (:meth:`_connected`), and
+        what follows a session that ended by itself (:meth:`_session_ended`)."""
         delay = self._backoff_initial
         while not stop.is_set():
             if self._held_last:
@@ -186,20 +193,18 @@ class GatewayClient:
             except aiomqtt.MqttError as exc:
                 self.connect_failures += 1
                 message = str(exc)
-                if message != self.last_error:
-                    log.warning("mqtt connect failed", link=self.name, url=self.settings.url, error=message)
+                self._connect_failed(message)
                 self.last_error = message
-                wait = random.uniform(delay / 2, delay)
-                delay = min(delay * 2, self._backoff_max)
-                await _sleep_or_stop(stop, wait)
+                delay = await self._wait(stop, delay)
                 continue
-            delay = self._backoff_initial
             self.last_error = None
+            delay = self._connected(delay)
             self._state.client = client
             self._state.connected.set()
             # While stored messages keep failing we reconnect every few seconds; say it once.
             (log.debug if self._storage.failing else log.info)("mqtt connected", link=self.name,
                                                                url=self.settings.url)
+            error: str | None = None
             held = False
             try:
                 for callback in self._on_connect:
@@ -207,7 +212,7 @@ class GatewayClient:
                 held = await self._consume(client, stop)
             except (aiomqtt.MqttError, NotConnected) as exc:
                 # NotConnected: the connection dropped while an on-connect callback published.
-                log.warning("mqtt connection lost", link=self.name, error=str(exc))
+                error = str(exc)
             finally:
                 self._state.connected.clear()
                 self._state.client = None
@@ -216,6 +221,31 @@ class GatewayClient:
                 except Exception:  # already gone
                     pass
             self._held_last = held
+            if not held and not stop.is_set():  # we closed a held session ourselves: not a loss
+                delay = await self._session_ended(stop, error, delay)
+
+    def _connect_failed(self, message: str) -> None:
+        """Log a failed connect: once per distinct error (``last_error`` is the previous one)."""
+        if message != self.last_error:
+            log.warning("mqtt connect failed", link=self.name, url=self.settings.url, error=message)
+
+    def _connected(self, delay: float) -> float:
+        """A connection came up: the next failure starts the backoff afresh."""
+        self.backoff_s = 0.0
+        return self._backoff_initial
+
+    async def _session_ended(self, stop: asyncio.Event, error: str | None, delay: float) -> float:
+        """The connection ended without a stop and without a held message: reconnect at once."""
+        if error is not None:
+            log.warning("mqtt connection lost", link=self.name, error=error)
+        return delay
+
+    async def _wait(self, stop: asyncio.Event, delay: float) -> float:
+        """Sleep a jittered ``delay`` (or until stop); return the next, doubled, delay."""
+        wait = random.uniform(delay / 2, delay)
+        self.backoff_s = wait
+        await _sleep_or_stop(stop, wait)
+        return min(delay * 2, self._backoff_max)
 
     async def _pause_after_hold(self, stop: asyncio.Event) -> None:
         """Wait before taking the held message back: a growing delay, then (if given) until a

@@ -26,7 +26,6 @@ the local link) with two additions the WAN needs:
 from __future__ import annotations
 
 import asyncio
-import random
 import threading
 import time
 from typing import Any
@@ -129,7 +128,7 @@ class UpstreamClient(GatewayClient):
         self.healthy_after_s = healthy_after_s
         self.connects = 0  # connections that came up (CONNACK accepted)
         self.drops = 0  # of those, how many ended without us closing them
-        self.backoff_s = 0.0  # the wait before the next attempt (0 while connected and healthy)
+        self._session_started = 0.0  # monotonic time the current connection came up
         self._healthy = False
         self._closing = False
         self._lost_warned_at: float | None = None
@@ -154,70 +153,32 @@ class UpstreamClient(GatewayClient):
         self._closing = True
         await super().disconnect()
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Stay connected until ``stop`` is set (the base loop, with the backoff above).
+    # ------------------------------------------------------------------ GatewayClient.run's hooks
+    def _connect_failed(self, message: str) -> None:
+        key = self._cause or message
+        self._cause = None
+        if self._first_of_cause(key):
+            log.warning("mqtt connect failed", link=self.name, url=self.settings.url, error=message)
 
-        Same steps as :meth:`GatewayClient.run` (connect, on-connect callbacks, consume),
-        but a session that ends before it proved healthy does not reset the backoff, and
-        a session we ended ourselves because a cloud job could not be stored (full disk)
-        is not a drop: the pause before the next connect waits for the database instead.
-        """
-        delay = self._backoff_initial
-        while not stop.is_set():
-            if self._held_last:
-                await self._pause_after_hold(stop)
-                if stop.is_set():
-                    break
-            try:
-                client = await self.connect_once()
-            except aiomqtt.MqttError as exc:
-                self.connect_failures += 1
-                message = str(exc)
-                key = self._cause or message
-                self._cause = None
-                if self._first_of_cause(key):
-                    log.warning("mqtt connect failed", link=self.name, url=self.settings.url, error=message)
-                self.last_error = message
-                delay = await self._wait(stop, delay)
-                continue
-            self.last_error = None
-            self._failures_logged.clear()
-            self._login_closed_seen = False
-            self.connects += 1
-            self._healthy = self._closing = False
-            self.backoff_s = 0.0
-            started = time.monotonic()
-            self._state.client = client
-            self._state.connected.set()
-            log.info("mqtt connected", link=self.name, url=self.settings.url)
-            error = "closed"
-            held = False
-            try:
-                for callback in self._on_connect:
-                    await callback(self)
-                held = await self._consume(client, stop)
-            except (aiomqtt.MqttError, NotConnected) as exc:
-                error = str(exc)
-            finally:
-                self._state.connected.clear()
-                self._state.client = None
-                try:
-                    await client.__aexit__(None, None, None)
-                except Exception:  # already gone
-                    pass
-            self._held_last = held
-            if stop.is_set():
-                break
-            if held:
-                continue
-            healthy = self._healthy or time.monotonic() - started >= self.healthy_after_s
-            if not self._closing:
-                self.drops += 1
-                self._warn_lost(error, healthy)
-            if healthy:
-                delay = self._backoff_initial
-            else:
-                delay = await self._wait(stop, delay)
+    def _connected(self, delay: float) -> float:
+        """Counters reset, but not the backoff: a session that ends before it proved healthy
+        (a cloud broker that kicks us on one publish) keeps backing off."""
+        self._failures_logged.clear()
+        self._login_closed_seen = False
+        self.connects += 1
+        self._healthy = self._closing = False
+        self.backoff_s = 0.0
+        self._session_started = time.monotonic()
+        return delay
+
+    async def _session_ended(self, stop: asyncio.Event, error: str | None, delay: float) -> float:
+        healthy = self._healthy or time.monotonic() - self._session_started >= self.healthy_after_s
+        if not self._closing:
+            self.drops += 1
+            self._warn_lost(error or "closed", healthy)
+        if healthy:
+            return self._backoff_initial
+        return await self._wait(stop, delay)
 
     def _first_of_cause(self, key: str) -> bool:
         """Whether a failed connect is the first of its cause since the last connection, so
@@ -236,16 +197,6 @@ class UpstreamClient(GatewayClient):
                 return False
         self._failures_logged.add(key)
         return True
-
-    async def _wait(self, stop: asyncio.Event, delay: float) -> float:
-        """Sleep a jittered ``delay`` (or until stop); return the next, doubled, delay."""
-        wait = random.uniform(delay / 2, delay)
-        self.backoff_s = wait
-        try:
-            await asyncio.wait_for(stop.wait(), wait)
-        except TimeoutError:
-            pass
-        return min(delay * 2, self._backoff_max)
 
     def _warn_lost(self, error: str, healthy: bool) -> None:
         """One warning, then at most one a minute with how many drops it stands for."""
