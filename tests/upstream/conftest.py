@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -40,6 +41,15 @@ class RecordingIntake:
             while not predicate(self):
                 self.changed.clear()
                 await self.changed.wait()
+
+
+async def wait_until(predicate, timeout: float = 15.0, what: str = "condition") -> None:
+    """Poll ``predicate`` (cheap, in-process state) every 20 ms until it holds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 def make_config(cloud: Cloud, tmp: Path, **upstream: Any) -> Config:

@@ -21,7 +21,7 @@ from gateway.upstream import outbox
 from gateway.upstream.link import UpstreamLink
 from tests.support import base_config, free_port
 from tests.upstream.cloud import PREFIX, Cloud, Observer, Seen
-from tests.upstream.conftest import FAST, RecordingIntake, running
+from tests.upstream.conftest import FAST, RecordingIntake, running, wait_until
 from tests.upstream.proxy import MqttFaultProxy, Publish
 
 JOBS = 4
@@ -105,14 +105,6 @@ def assert_retained_newest(cloud: Cloud, sent: list[tuple[str, bytes]]) -> None:
     for j in range(JOBS):
         topic = f"{PREFIX}/jobs/job-{j}/status"
         assert Seen("", retained[topic], True, 0).body == newest_status(sent, f"job-{j}")
-
-
-async def wait_until(predicate, timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def test_a_lost_puback_never_lets_an_older_status_win(cloud: Cloud, db: Database, tmp_path: Path):

@@ -18,7 +18,7 @@ from gateway.storage import Database
 from gateway.upstream import outbox
 from gateway.upstream.link import SOURCE, UpstreamLink
 from tests.upstream.cloud import PREFIX, Cloud, Observer, Seen
-from tests.upstream.conftest import FAST, RecordingIntake, make_config, running
+from tests.upstream.conftest import FAST, RecordingIntake, make_config, running, wait_until
 
 
 async def enqueue_traffic(db: Database, start: int, count: int, jobs: int = 5) -> list[tuple[str, bytes]]:
@@ -59,14 +59,6 @@ def first_occurrences(items: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]
             seen.add(item)
             out.append(item)
     return out
-
-
-async def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def test_buffered_rows_drain_in_order_and_statuses_are_retained(cloud: Cloud, db: Database, tmp_path: Path):
