@@ -8,29 +8,17 @@ import asyncio
 import struct
 import time
 
-
-def _remaining(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _str(s: str) -> bytes:
-    b = s.encode()
-    return struct.pack("!H", len(b)) + b
+from gateway.broker.codec import encode_publish, encode_topic, remaining_length
 
 
 def connect_packet(client_id: str) -> bytes:
-    body = _str("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60) + _str(client_id)
-    return bytes([0x10]) + _remaining(len(body)) + body
+    """CONNECT, MQTT 3.1.1, CleanSession=1, keepalive 60 s, no credentials."""
+    body = encode_topic("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60) + encode_topic(client_id)
+    return bytes([0x10]) + remaining_length(len(body)) + body
 
 
 def publish_packet(topic: str, payload: bytes, packet_id: int, retain: bool = False) -> bytes:
-    body = _str(topic) + struct.pack("!H", packet_id) + payload
-    return bytes([0x33 if retain else 0x32]) + _remaining(len(body)) + body
+    return encode_publish(encode_topic(topic), payload, 1, retain, packet_id=packet_id)
 
 
 async def publish_all(port: int, messages: list[tuple[str, bytes]], client_id: str, window: int = 500,
