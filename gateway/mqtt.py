@@ -29,7 +29,6 @@ import structlog
 
 from gateway.config import MqttUrl
 from gateway.storage import FailureEpisode, is_storage_error
-from gateway.topics import matches
 
 log = structlog.get_logger(__name__)
 
@@ -95,6 +94,7 @@ class GatewayClient:
         self.settings = settings
         self.name = name
         self._routes: list[Route] = []
+        self._index = _RouteIndex()
         self._on_connect: list[OnConnect] = []
         self._state = _State()
         self._backoff_initial = backoff_initial
@@ -112,6 +112,7 @@ class GatewayClient:
 
     # ----------------------------------------------------------------- set-up
     def route(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        self._index.add(topic_filter, len(self._routes))
         self._routes.append(Route(topic_filter, handler, qos))
 
     def on_connect(self, callback: OnConnect) -> None:
@@ -342,9 +343,10 @@ class GatewayClient:
         if held.is_set():
             return False
         topic = message.topic.value
-        route = next((r for r in self._routes if matches(topic, r.topic_filter)), None)
-        if route is None:
+        first = self._index.first(topic)
+        if first is None:
             return True
+        route = self._routes[first]
         try:
             await route.handler(message)
         except Exception as exc:
@@ -490,3 +492,64 @@ def _read_in_chunks(client: aiomqtt.Client) -> None:
         loop.call_soon_threadsafe(take_over)
 
     inner.on_socket_open = on_socket_open
+
+
+class _RouteNode:
+    __slots__ = ("children", "end", "plus", "rest")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _RouteNode] = {}
+        self.plus: _RouteNode | None = None   # the filter has '+' at this level
+        self.end: int | None = None           # a filter ends here: the first route's index
+        self.rest: int | None = None          # a filter has '#' here: the first route's index
+
+
+class _RouteIndex:
+    """The routes' filters as a tree of levels. :meth:`first` is the first route (in the order
+    they were added) whose filter matches a topic (MQTT 3.1.1 §4.7, as
+    :func:`gateway.topics.matches`): one walk over the topic's levels instead of a match per
+    route. The alarm engine adds a route per distinct rule filter, so with 100 rules every
+    telemetry message was matched against up to 100 filters, each split again
+    (bench/README.md, "Alarms")."""
+
+    def __init__(self) -> None:
+        self._root = _RouteNode()
+
+    def add(self, topic_filter: str, index: int) -> None:
+        node = self._root
+        for level in topic_filter.split("/"):
+            if level == "#":
+                node.rest = index if node.rest is None else min(node.rest, index)
+                return
+            if level == "+":
+                if node.plus is None:
+                    node.plus = _RouteNode()
+                node = node.plus
+            else:
+                child = node.children.get(level)
+                if child is None:
+                    child = node.children[level] = _RouteNode()
+                node = child
+        node.end = index if node.end is None else min(node.end, index)
+
+    def first(self, topic: str) -> int | None:
+        levels = topic.split("/")
+        n = len(levels)
+        dollar = topic.startswith("$")   # never matched by a leading wildcard [MQTT-4.7.2-1]
+        best: int | None = None
+        stack = [(self._root, 0)]
+        while stack:
+            node, depth = stack.pop()
+            wild = not (dollar and depth == 0)
+            if node.rest is not None and wild and (best is None or node.rest < best):
+                best = node.rest   # '#' also matches the parent level: "a/#" matches "a"
+            if depth == n:
+                if node.end is not None and (best is None or node.end < best):
+                    best = node.end
+                continue
+            child = node.children.get(levels[depth])
+            if child is not None:
+                stack.append((child, depth + 1))
+            if node.plus is not None and wild:
+                stack.append((node.plus, depth + 1))
+        return best
