@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.daemon import Daemon  # noqa: E402
+from bench.daemon import Daemon, cpu_s  # noqa: E402
 from bench.mqttpub import publish_all  # noqa: E402
 from bench.summary import row  # noqa: E402
 
@@ -55,6 +55,8 @@ def run(n: int, clients: int, window: int, workdir: Path, profile: Path | None =
                                           for c, share in enumerate(shares)))
             return t0, max(ends)
 
+        assert daemon.proc is not None
+        cpu0 = cpu_s(daemon.proc.pid)
         t0, t_puback = asyncio.run(go())
         # The broker PUBACKs once the message is stored for the gateway's persistent session;
         # the gateway's client acks it to the broker only after the registry commit. The
@@ -67,6 +69,7 @@ def run(n: int, clients: int, window: int, workdir: Path, profile: Path | None =
             if stored >= n or t1 > deadline:
                 break
             time.sleep(0.02)
+        cpu = cpu_s(daemon.proc.pid) - cpu0
         conn.close()
         if spy is not None:
             from bench import profiling
@@ -76,7 +79,7 @@ def run(n: int, clients: int, window: int, workdir: Path, profile: Path | None =
         daemon.stop()
     elapsed = t1 - t0
     return {"devices": n, "seconds": elapsed, "per_s": n / elapsed, "stored": stored,
-            "pubacks_per_s": n / (t_puback - t0)}
+            "pubacks_per_s": n / (t_puback - t0), "cpu_us_per_device": cpu / n * 1e6}
 
 
 def main() -> list[dict]:
@@ -92,6 +95,8 @@ def main() -> list[dict]:
     ok = r["stored"] == args.devices
     return [row(f"registration over MQTT, {args.devices:,} devices, devices/s", r["per_s"], "/s",
                 goal=f">= {GOAL:,.0f}/s, all stored", met=ok and r["per_s"] >= GOAL),
+            row("registration: daemon CPU per device (user+sys, all threads)", r["cpu_us_per_device"], "us",
+                goal="information (steadier under load)"),
             row("registration: devices in the registry after the last PUBACK", r["stored"], "devices",
                 goal=f"= {args.devices:,}", met=ok)]
 

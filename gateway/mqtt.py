@@ -29,7 +29,6 @@ import structlog
 
 from gateway.config import MqttUrl
 from gateway.storage import FailureEpisode, is_storage_error
-from gateway.topics import matches
 
 log = structlog.get_logger(__name__)
 
@@ -90,11 +89,12 @@ class GatewayClient:
     """Keeps one connection up (jittered exponential reconnect) and routes messages."""
 
     def __init__(self, settings: ConnectionSettings, *, name: str = "broker",
-                 backoff_initial: float = 0.5, backoff_max: float = 30.0, max_concurrent_handlers: int = 256,
+                 backoff_initial: float = 0.5, backoff_max: float = 30.0, max_concurrent_handlers: int = 1024,
                  storage_probe: Probe | None = None, hold_initial: float = 0.5, hold_max: float = 10.0):
         self.settings = settings
         self.name = name
         self._routes: list[Route] = []
+        self._index = _RouteIndex()
         self._on_connect: list[OnConnect] = []
         self._state = _State()
         self._backoff_initial = backoff_initial
@@ -112,6 +112,7 @@ class GatewayClient:
 
     # ----------------------------------------------------------------- set-up
     def route(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        self._index.add(topic_filter, len(self._routes))
         self._routes.append(Route(topic_filter, handler, qos))
 
     def on_connect(self, callback: OnConnect) -> None:
@@ -160,6 +161,7 @@ class GatewayClient:
         # Ack incoming QoS 1/2 only once a handler has stored the message (see module doc).
         client._client.manual_ack_set(True)  # noqa: SLF001 - aiomqtt 2.x has no public switch
         _register_writes_only_for_open_sockets(client)
+        _read_in_chunks(client)
         return client
 
     async def connect_once(self) -> aiomqtt.Client:
@@ -272,6 +274,8 @@ class GatewayClient:
         and every later one on this connection stay unacknowledged (redelivered after the
         reconnect), which is the only order-preserving way to refuse one."""
         messages = aiter(client.messages)
+        queued = client._queue  # noqa: SLF001 - aiomqtt's incoming queue (aiomqtt is pinned exactly)
+        disconnected = client._disconnected  # noqa: SLF001 - a new future per connect
         order: asyncio.Queue[tuple[aiomqtt.Message, asyncio.Task[bool]] | None] = asyncio.Queue()
         held = asyncio.Event()
         acker = asyncio.create_task(self._ack_in_order(client, order, held))
@@ -279,16 +283,24 @@ class GatewayClient:
         held_wait = asyncio.ensure_future(held.wait())
         try:
             while True:
-                nxt = asyncio.ensure_future(anext(messages))
-                done, _ = await asyncio.wait({nxt, stop_wait, held_wait}, return_when=asyncio.FIRST_COMPLETED)
-                if nxt not in done:
-                    nxt.cancel()
-                    break
-                message = nxt.result()
+                if stop.is_set() or held.is_set():
+                    break  # a message taken now would be neither handled nor acked
+                if queued.qsize() and not disconnected.done():
+                    # Already received: take it without the iterator's task and the waits
+                    # (two tasks and two asyncio.wait per message, several per cent of the
+                    # loop's time in a registration burst; bench/README.md "Registration").
+                    message = queued.get_nowait()
+                else:
+                    nxt = asyncio.ensure_future(anext(messages))
+                    done, _ = await asyncio.wait({nxt, stop_wait, held_wait}, return_when=asyncio.FIRST_COMPLETED)
+                    if nxt not in done:
+                        nxt.cancel()
+                        break
+                    message = nxt.result()
                 if held.is_set():
                     break  # not handled, not acked: the broker redelivers it
                 await self._slots.acquire()
-                task = asyncio.create_task(self._handle(message))
+                task = asyncio.create_task(self._handle(message, held))
                 order.put_nowait((message, task))
         finally:
             stop_wait.cancel()
@@ -308,7 +320,8 @@ class GatewayClient:
         while (item := await order.get()) is not None:
             message, task = item
             try:
-                await asyncio.wait([task])  # never raises, whatever the handler did
+                if not task.done():
+                    await asyncio.wait([task])  # never raises, whatever the handler did
             finally:
                 self._slots.release()
             stored = not task.cancelled() and task.result()
@@ -320,20 +333,32 @@ class GatewayClient:
             if message.qos > 0:
                 client._client.ack(message.mid, message.qos)  # noqa: SLF001
 
-    async def _handle(self, message: aiomqtt.Message) -> bool:
-        """Run the message's handler; True if it may be acknowledged."""
+    async def _handle(self, message: aiomqtt.Message, held: asyncio.Event) -> bool:
+        """Run the message's handler; True if it may be acknowledged.
+
+        Messages already received are taken without waiting between them, so several
+        handlers may be created before the first runs: once one has refused its message
+        (``held``), a later one neither runs its handler nor is acknowledged (the broker
+        redelivers it after the reconnect, after the refused one, in order)."""
+        if held.is_set():
+            return False
         topic = message.topic.value
-        route = next((r for r in self._routes if matches(topic, r.topic_filter)), None)
-        if route is None:
+        first = self._index.first(topic)
+        if first is None:
             return True
+        route = self._routes[first]
         try:
             await route.handler(message)
         except Exception as exc:
             if is_storage_error(exc):
                 self.held += 1
                 self._storage.note(exc, link=self.name, topic=topic)
+                held.set()
                 return False
-            return self._bug(message, topic)
+            ok = self._bug(message, topic)
+            if not ok:
+                held.set()
+            return ok
         self._storage.ok(link=self.name)
         return True
 
@@ -398,3 +423,133 @@ def _register_writes_only_for_open_sockets(client: aiomqtt.Client) -> None:
         loop.call_soon_threadsafe(watch)
 
     inner.on_socket_register_write = register_write
+
+
+RECV_BYTES = 65536  # one recv() for paho's many small reads (see _read_in_chunks)
+
+
+def _read_in_chunks(client: aiomqtt.Client) -> None:
+    """paho reads a packet with at least three ``recv()`` system calls (the type byte, each
+    remaining-length byte, the body), and aiomqtt's reader callback has it decode one packet
+    per pass of the event loop (``loop_read``'s packet budget is 1 for a client that
+    publishes nothing), so a stream of QoS 1 messages from the broker cost three system calls
+    and a loop pass each (bench/README.md, "Registration": the largest share of the
+    gateway client's CPU). Here paho's reads are served from one ``recv()`` of up to
+    ``RECV_BYTES``, and the socket's reader callback lets paho decode every packet already
+    read before it returns to the loop. paho still decodes and dispatches every packet
+    exactly as before; only where its bytes come from changes."""
+    inner = client._client  # noqa: SLF001 - the paho client; paho and aiomqtt are pinned exactly
+    loop = client._loop  # noqa: SLF001
+    recv = inner._sock_recv  # noqa: SLF001 - paho's own (maps TLS want-read/write, a closed socket)
+    # The bytes read and not yet handed to paho, and the socket they came from.
+    buffered: list[Any] = [None, b"", 0]
+
+    def sock_recv(bufsize: int) -> bytes:
+        sock, data, pos = buffered
+        if sock is not inner._sock or pos >= len(data):  # noqa: SLF001
+            data = recv(RECV_BYTES)   # BlockingIOError when nothing is there; b"" at EOF
+            buffered[:] = [inner._sock, data, 0]  # noqa: SLF001
+            pos = 0
+            if not data:
+                return data
+        end = pos + bufsize
+        buffered[2] = end
+        return data[pos:end] if pos or end < len(data) else data
+
+    inner._sock_recv = sock_recv  # noqa: SLF001
+
+    def has_buffered() -> bool:
+        sock, data, pos = buffered
+        return sock is not None and sock is inner._sock and pos < len(data)  # noqa: SLF001
+
+    def read_all() -> None:
+        try:
+            while True:
+                inner.loop_read()
+                sock = inner._sock  # noqa: SLF001
+                if sock is None:
+                    break  # the connection ended (paho closed it and told aiomqtt)
+                if has_buffered():
+                    continue
+                pending = getattr(sock, "pending", None)  # TLS: decrypted bytes not read yet
+                if pending is not None and pending() > 0:
+                    continue
+                break
+        except Exception as exc:  # a broken connection: end it, as aiomqtt's callback does
+            disconnected = client._disconnected  # noqa: SLF001 - a new future per connect
+            if not disconnected.done():
+                disconnected.set_exception(exc)
+
+    aiomqtt_open = inner.on_socket_open
+
+    def on_socket_open(pc: Any, userdata: Any, sock: Any) -> None:
+        aiomqtt_open(pc, userdata, sock)  # schedules aiomqtt's add_reader on the loop
+
+        def take_over() -> None:  # runs after aiomqtt's add_reader: same fd, our callback
+            if pc.socket() is sock and sock.fileno() != -1:
+                loop.add_reader(sock.fileno(), read_all)
+
+        loop.call_soon_threadsafe(take_over)
+
+    inner.on_socket_open = on_socket_open
+
+
+class _RouteNode:
+    __slots__ = ("children", "end", "plus", "rest")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _RouteNode] = {}
+        self.plus: _RouteNode | None = None   # the filter has '+' at this level
+        self.end: int | None = None           # a filter ends here: the first route's index
+        self.rest: int | None = None          # a filter has '#' here: the first route's index
+
+
+class _RouteIndex:
+    """The routes' filters as a tree of levels. :meth:`first` is the first route (in the order
+    they were added) whose filter matches a topic (MQTT 3.1.1 §4.7, as
+    :func:`gateway.topics.matches`): one walk over the topic's levels instead of a match per
+    route. The alarm engine adds a route per distinct rule filter, so with 100 rules every
+    telemetry message was matched against up to 100 filters, each split again
+    (bench/README.md, "Alarms")."""
+
+    def __init__(self) -> None:
+        self._root = _RouteNode()
+
+    def add(self, topic_filter: str, index: int) -> None:
+        node = self._root
+        for level in topic_filter.split("/"):
+            if level == "#":
+                node.rest = index if node.rest is None else min(node.rest, index)
+                return
+            if level == "+":
+                if node.plus is None:
+                    node.plus = _RouteNode()
+                node = node.plus
+            else:
+                child = node.children.get(level)
+                if child is None:
+                    child = node.children[level] = _RouteNode()
+                node = child
+        node.end = index if node.end is None else min(node.end, index)
+
+    def first(self, topic: str) -> int | None:
+        levels = topic.split("/")
+        n = len(levels)
+        dollar = topic.startswith("$")   # never matched by a leading wildcard [MQTT-4.7.2-1]
+        best: int | None = None
+        stack = [(self._root, 0)]
+        while stack:
+            node, depth = stack.pop()
+            wild = not (dollar and depth == 0)
+            if node.rest is not None and wild and (best is None or node.rest < best):
+                best = node.rest   # '#' also matches the parent level: "a/#" matches "a"
+            if depth == n:
+                if node.end is not None and (best is None or node.end < best):
+                    best = node.end
+                continue
+            child = node.children.get(levels[depth])
+            if child is not None:
+                stack.append((child, depth + 1))
+            if node.plus is not None and wild:
+                stack.append((node.plus, depth + 1))
+        return best

@@ -52,7 +52,7 @@ from amqtt.session import Session
 
 from gateway.broker import compat
 from gateway.broker.acl import ClientAcl
-from gateway.broker.clients import ClientState, Message, Outgoing
+from gateway.broker.clients import GATEWAY_MAX_INFLIGHT, MAX_INFLIGHT, ClientState, Message, Outgoing
 from gateway.broker.codec import PUBACK, PUBCOMP, PUBREC, encode_ack, encode_connack
 from gateway.broker.handler import GatewayProtocolHandler, StallGuard, abort_transport
 from gateway.broker.matching import SubscriptionIndex, matches, valid_topic_filter, valid_topic_name
@@ -183,8 +183,10 @@ class GatewayBroker(Broker):
         return anonymous_principal(anonymous[0] if anonymous else "")
 
     def _new_client(self, client_id: str, clean: bool) -> ClientState:
+        gateway = client_id == self.reserved_client_id
         return ClientState(client_id, clean, store=self._store, metrics=self.metrics, seq=self._seq,
-                           max_queued=self._max_queued, capped=client_id != self.reserved_client_id,
+                           max_queued=self._max_queued, capped=not gateway,
+                           max_inflight=GATEWAY_MAX_INFLIGHT if gateway else MAX_INFLIGHT,
                            drop_log=self._drop_log)
 
     def _compile_acl(self, role: str | None, username: str | None) -> ClientAcl:
@@ -574,6 +576,14 @@ class GatewayBroker(Broker):
         if not needed or self._store is None:
             return None
         return self._store.barrier()
+
+    def shared_commit_barrier(self) -> asyncio.Future[None] | None:
+        """The commit the acknowledgement of a just-routed PUBLISH waits for, shared by every
+        PUBLISH routed before that commit begins (:meth:`StateStore.shared_barrier`); None
+        without a store. For done-callbacks only, never awaited."""
+        if self._store is None:
+            return None
+        return self._store.shared_barrier()
 
     async def acknowledge_publish(self, handler: GatewayProtocolHandler, kind: int, packet_id: int,
                                   barrier: asyncio.Future[None] | None) -> None:

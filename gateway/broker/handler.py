@@ -31,6 +31,7 @@ from the same bytes and handled by amqtt as before.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -186,6 +187,8 @@ class GatewayProtocolHandler(BrokerProtocolHandler):
     client: ClientState | None = None
     no_will = False          # closed by the broker for its own trouble: the client did nothing wrong
     _acks: list[bytes]       # acknowledgements waiting for _flush_acks (set by _reader_loop)
+    _ack_barrier: asyncio.Future[None] | None = None   # the commit _barrier_acks wait for
+    _barrier_acks: list[bytes]
 
     async def send_bytes(self, data: bytes) -> None:
         """Write already-encoded packets; the lock keeps amqtt's websocket writer consistent."""
@@ -292,6 +295,26 @@ class GatewayProtocolHandler(BrokerProtocolHandler):
         self._reader_stopped.set()
         await self.stop()
 
+    def _acks_committed(self, acks: list[bytes], barrier: asyncio.Future[None]) -> None:
+        """The commit the PUBLISHes behind ``acks`` waited for is done: acknowledge them all
+        in one write, in the order they were received; if it failed, acknowledge none and
+        close the connection so that the client resends them (:meth:`close_unstored`).
+        Commits finish in order, so the groups' writes keep the PUBLISHes' order."""
+        if barrier is self._ack_barrier:
+            self._ack_barrier = None
+        failed = barrier.cancelled() or barrier.exception() is not None
+        if self.client is None:
+            return  # the connection ended: the client resends what it has no PUBACK for
+        if failed:
+            self.close_unstored()
+            return
+        writer = self.writer
+        if writer is not None and not writer.is_closed:
+            # A stream writer: whole packets appended to the transport's buffer, like the
+            # unawaited acks of _flush_acks (they are a few bytes each, bounded by what the
+            # client sent).
+            writer.write(b"".join(acks))
+
     def _flush_acks(self) -> None:
         acks, self._acks = self._acks, []
         writer = self.writer
@@ -336,6 +359,19 @@ class GatewayProtocolHandler(BrokerProtocolHandler):
             if ack is None:
                 return None
             ack_kind, ack_id, durable = ack
+            if durable and isinstance(self.writer, StreamWriterAdapter):
+                shared = gw.shared_commit_barrier()
+                if shared is not None:
+                    # Wait for the commit without a task: the acks of everything routed
+                    # before this commit starts go out in one write once it is on disk
+                    # (a task, a future and a send() per PUBLISH were most of the broker's
+                    # cost of a persistent-session message; bench/README.md "Registration").
+                    if shared is not self._ack_barrier:
+                        self._ack_barrier = shared
+                        self._barrier_acks = []
+                        shared.add_done_callback(functools.partial(self._acks_committed, self._barrier_acks))
+                    self._barrier_acks.append(encode_ack(ack_kind, ack_id))
+                    return None
             barrier = gw.commit_barrier(durable)
             if barrier is None and not self._write_lock.locked() and isinstance(self.writer, StreamWriterAdapter):
                 # Nothing to wait for and nobody writing: answer without a task, in order.

@@ -2,8 +2,8 @@
 
 amqtt matches every published topic against every subscription filter by splitting
 strings per filter per message. Here exact filters are one dict lookup and wildcard
-filters are pre-split once, so routing cost grows with the number of wildcard
-filters only. Overlapping subscriptions of one client collapse into one delivery at
+filters sit in a tree of levels, so routing costs one walk over the topic's levels
+whatever the number of filters. Overlapping subscriptions of one client collapse into one delivery at
 the highest granted QoS [MQTT-3.3.5-1].
 """
 
@@ -84,39 +84,106 @@ def covers(outer: list[str], inner: list[str]) -> bool:
     return len(outer) == n_inner
 
 
-class SubscriptionIndex(Generic[T]):
-    """filter → {client_id: (client, qos)}; ``match`` returns one entry per client."""
+class _Node(Generic[T]):
+    """One level of the wildcard filters' tree."""
 
-    __slots__ = ("_exact", "_wild")
+    __slots__ = ("children", "end", "plus", "rest")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node[T]] = {}
+        self.plus: _Node[T] | None = None                 # '+' at this level
+        self.end: dict[str, tuple[T, int]] | None = None   # filters that end here
+        self.rest: dict[str, tuple[T, int]] | None = None  # filters with '#' here
+
+    def empty(self) -> bool:
+        return not self.children and self.plus is None and self.end is None and self.rest is None
+
+
+def _merge(out: dict[str, tuple[T, int]], subs: dict[str, tuple[T, int]]) -> None:
+    if not out:
+        out.update(subs)
+        return
+    for client_id, entry in subs.items():
+        seen = out.get(client_id)
+        if seen is None or seen[1] < entry[1]:
+            out[client_id] = entry
+
+
+class SubscriptionIndex(Generic[T]):
+    """filter → {client_id: (client, qos)}; ``match`` returns one entry per client.
+
+    Exact filters are one dict lookup; wildcard filters sit in a tree of levels, so a
+    topic is matched in one walk over its levels whatever the number of filters (the
+    alarm engine subscribes the gateway to one filter per rule: with 100 rules a scan
+    matched every telemetry message against 100 filters; bench/README.md, "Alarms")."""
+
+    __slots__ = ("_exact", "_root", "_wild")
 
     def __init__(self) -> None:
         self._exact: dict[str, dict[str, tuple[T, int]]] = {}
-        self._wild: dict[str, tuple[list[str], bool, dict[str, tuple[T, int]]]] = {}
+        self._wild: dict[str, dict[str, tuple[T, int]]] = {}   # wildcard filter → its subscribers
+        self._root: _Node[T] = _Node()
 
     def add(self, topic_filter: str, client_id: str, client: T, qos: int) -> None:
-        if has_wildcard(topic_filter):
-            entry = self._wild.get(topic_filter)
-            if entry is None:
-                levels = topic_filter.split("/")
-                entry = (levels, levels[0] in ("+", "#"), {})
-                self._wild[topic_filter] = entry
-            entry[2][client_id] = (client, qos)
-        else:
+        if not has_wildcard(topic_filter):
             self._exact.setdefault(topic_filter, {})[client_id] = (client, qos)
+            return
+        subs = self._wild.get(topic_filter)
+        if subs is None:
+            subs = self._wild[topic_filter] = {}
+            node = self._root
+            for level in topic_filter.split("/"):
+                if level == "#":
+                    node.rest = subs
+                    break
+                if level == "+":
+                    if node.plus is None:
+                        node.plus = _Node()
+                    node = node.plus
+                else:
+                    child = node.children.get(level)
+                    if child is None:
+                        child = node.children[level] = _Node()
+                    node = child
+            else:
+                node.end = subs
+        subs[client_id] = (client, qos)
 
     def remove(self, topic_filter: str, client_id: str) -> None:
-        if has_wildcard(topic_filter):
-            entry = self._wild.get(topic_filter)
-            if entry is not None:
-                entry[2].pop(client_id, None)
-                if not entry[2]:
-                    del self._wild[topic_filter]
-        else:
+        if not has_wildcard(topic_filter):
             subs = self._exact.get(topic_filter)
             if subs is not None:
                 subs.pop(client_id, None)
                 if not subs:
                     del self._exact[topic_filter]
+            return
+        subs = self._wild.get(topic_filter)
+        if subs is None:
+            return
+        subs.pop(client_id, None)
+        if subs:
+            return
+        del self._wild[topic_filter]
+        path: list[tuple[_Node[T], str]] = []   # (parent, level) down to the filter's node
+        node = self._root
+        for level in topic_filter.split("/"):
+            if level == "#":
+                node.rest = None
+                break
+            nxt = node.plus if level == "+" else node.children.get(level)
+            assert nxt is not None  # every wildcard filter in _wild has its path
+            path.append((node, level))
+            node = nxt
+        else:
+            node.end = None
+        for parent, level in reversed(path):  # drop the nodes no filter needs any more
+            child = parent.plus if level == "+" else parent.children[level]
+            if not child.empty():
+                break
+            if level == "+":
+                parent.plus = None
+            else:
+                del parent.children[level]
 
     def match(self, topic: str) -> dict[str, tuple[T, int]]:
         """Every subscribed client whose filters match, with the maximum granted QoS."""
@@ -125,21 +192,25 @@ class SubscriptionIndex(Generic[T]):
         if exact:
             out.update(exact)
         if self._wild:
-            dollar = topic.startswith("$")
             levels = topic.split("/")
-            for filter_levels, leading_wildcard, subs in self._wild.values():
-                if dollar and leading_wildcard:
-                    continue  # [MQTT-4.7.2-1]
-                if not levels_match(filter_levels, levels):
+            n = len(levels)
+            dollar = topic.startswith("$")
+            stack = [(self._root, 0)]
+            while stack:
+                node, depth = stack.pop()
+                wild = not (dollar and depth == 0)  # [MQTT-4.7.2-1]
+                if node.rest is not None and wild:
+                    _merge(out, node.rest)  # '#' also matches the parent level: "a/#" matches "a"
+                if depth == n:
+                    if node.end is not None:
+                        _merge(out, node.end)
                     continue
-                if not out:
-                    out.update(subs)
-                    continue
-                for client_id, entry in subs.items():
-                    seen = out.get(client_id)
-                    if seen is None or seen[1] < entry[1]:
-                        out[client_id] = entry
+                child = node.children.get(levels[depth])
+                if child is not None:
+                    stack.append((child, depth + 1))
+                if node.plus is not None and wild:
+                    stack.append((node.plus, depth + 1))
         return out
 
     def __len__(self) -> int:
-        return sum(len(s) for s in self._exact.values()) + sum(len(e[2]) for e in self._wild.values())
+        return sum(len(s) for s in self._exact.values()) + sum(len(s) for s in self._wild.values())

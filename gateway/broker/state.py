@@ -155,6 +155,7 @@ class StateStore:
         self._pending: dict[Key, tuple[Any, ...]] = {}
         self._retry: list[tuple[Any, ...]] = []   # operations of failed commits, oldest first
         self._waiters: list[asyncio.Future[None]] = []
+        self._shared: asyncio.Future[None] | None = None   # see shared_barrier
         self._flusher: asyncio.Task[None] | None = None
         self._on_error = on_error
         self._closed = False
@@ -255,6 +256,19 @@ class StateStore:
         self._schedule()
         return fut
 
+    def shared_barrier(self) -> asyncio.Future[None]:
+        """:meth:`barrier`, one future for every caller until the flusher takes it: a
+        stream of QoS 1 publishes then costs one future (and one write of its PUBACKs, see
+        ``GatewayProtocolHandler._dispatch``) per commit instead of one per message.
+
+        Only for callers that add done-callbacks: awaiting it from a task that can be
+        cancelled would cancel it for every other caller."""
+        shared = self._shared
+        if shared is not None and self._waiters and self._waiters[-1] is shared:
+            return shared  # not taken by a flush yet: everything queued so far is in its commit
+        shared = self._shared = self.barrier()
+        return shared
+
     def _schedule(self) -> None:
         if self._flusher is None or self._flusher.done():
             if self._closed:
@@ -324,20 +338,38 @@ class StateStore:
             log.error("broker state not written at shutdown (the disk kept failing)", operations=self.backlog)
 
 
+_MSG_PUT = ("INSERT OR REPLACE INTO broker_messages (client_id, seq, topic, payload, qos, retain, packet_id, state)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+_MSG_UPD = "UPDATE broker_messages SET packet_id = ?, state = ? WHERE client_id = ? AND seq = ?"
+_MSG_DEL = "DELETE FROM broker_messages WHERE client_id = ? AND seq = ?"
+
+
 def _apply(conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
+    """Write ``ops`` in their order. A run of consecutive message operations of one kind
+    (what a stream of QoS 1 messages to a persistent session produces: puts as they are
+    routed, state updates as they are sent, deletes as they are acknowledged) goes to
+    SQLite as one ``executemany``; the order of the operations is kept as it is."""
     now = time.time()
-    for op in ops:
+    n = len(ops)
+    i = 0
+    while i < n:
+        op = ops[i]
         kind = op[0]
-        if kind == "msg_put":
-            conn.execute("INSERT OR REPLACE INTO broker_messages"
-                         " (client_id, seq, topic, payload, qos, retain, packet_id, state)"
-                         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", op[1:])
-        elif kind == "msg_upd":
-            conn.execute("UPDATE broker_messages SET packet_id = ?, state = ? WHERE client_id = ? AND seq = ?",
-                         (op[3], op[4], op[1], op[2]))
-        elif kind == "msg_del":
-            conn.execute("DELETE FROM broker_messages WHERE client_id = ? AND seq = ?", op[1:])
-        elif kind == "ret_put":
+        if kind in ("msg_put", "msg_upd", "msg_del"):
+            j = i + 1
+            while j < n and ops[j][0] == kind:
+                j += 1
+            run = ops[i:j]
+            i = j
+            if kind == "msg_put":
+                conn.executemany(_MSG_PUT, [o[1:] for o in run])
+            elif kind == "msg_upd":
+                conn.executemany(_MSG_UPD, [(o[3], o[4], o[1], o[2]) for o in run])
+            else:
+                conn.executemany(_MSG_DEL, [o[1:] for o in run])
+            continue
+        i += 1
+        if kind == "ret_put":
             conn.execute("INSERT OR REPLACE INTO broker_retained (topic, payload, qos, stored_at) VALUES (?, ?, ?, ?)",
                          (op[1], op[2], op[3], now))
         elif kind == "ret_del":
