@@ -32,7 +32,12 @@ def setup_logging(level: str = "info", fmt: str = "json") -> None:
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        # filter_by_level first: a call below the level stops there (about 1 µs) instead of
+        # running the processors and being dropped by the stdlib afterwards (about 25 µs, on
+        # hot paths such as every registration at debug). It asks the stdlib logger at each
+        # call, so a level changed on SIGHUP applies at once.
+        processors=[structlog.stdlib.filter_by_level, *shared,
+                    structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
