@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -81,7 +82,7 @@ class FcmBridgeImpl(Bridge):
         self.url = f"{cfg.endpoint.rstrip('/')}/v1/projects/{cfg.project_id}/messages:send"
         self._creds: Any = None
         self._auth_request: _HttpxAuthRequest | None = None
-        self._client: httpx.AsyncClient | None = None
+        self._client: _http.PushClient | None = None
         self._tokens = TokenCache(self._refresh, REFRESH_MARGIN_S, lambda: _now())
 
     @property
@@ -100,7 +101,7 @@ class FcmBridgeImpl(Bridge):
             raise BridgeConfigError(
                 f"bridges.fcm.service_account_file: unusable service account ({type(exc).__name__})") from None
         self._auth_request = _HttpxAuthRequest(self.cfg.ca_file)
-        self._client = _http.async_client(self.cfg.ca_file, http1=True, http2=True)
+        self._client = _http.PushClient(self.cfg.ca_file, http2_only=False)
 
     async def close(self) -> None:
         if self._client is not None:
@@ -177,21 +178,23 @@ class FcmBridgeImpl(Bridge):
         if isinstance(body, Outcome):
             return body
         client = self._client
+        payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
         async def credential(stale: str | None) -> Credential[str]:
             return await self._tokens.get(stale)
 
         async def attempt(token: Credential[str]) -> tuple[Outcome, bool]:
+            headers = {"authorization": f"Bearer {token.value}", "content-type": "application/json"}
             try:
-                response = await client.post(self.url, json=body, headers={"authorization": f"Bearer {token.value}"})
-            except httpx.HTTPError as exc:
+                response = await client.post(self.url, headers, payload)
+            except client.errors as exc:
                 return _http.transport_outcome(exc), False
             outcome, code = self.classify(response)
             return outcome, code == "UNAUTHENTICATED"
 
         return await send_with_reauth(credential, attempt)
 
-    def classify(self, r: httpx.Response) -> tuple[Outcome, str]:
+    def classify(self, r: _http.Answer) -> tuple[Outcome, str]:
         """Map one FCM answer (HTTP status + FcmError errorCode) to an Outcome."""
         status = r.status_code
         if status == 200:
