@@ -9,6 +9,7 @@ asyncio TLS server. Handlers see a :class:`Request` and return a :class:`Respons
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack.hpack
+import hpack.huffman_table
 from hpack import HeaderTuple, NeverIndexedHeaderTuple
 
 
@@ -45,6 +48,21 @@ class Response:
 
 Handler = Callable[[Request], Awaitable[Response]]
 
+
+# Clients send their credential (the APNs provider JWT, the FCM bearer token) on every
+# request as a never-indexed, Huffman-coded literal (h2, nghttp2 and libcurl all do, as RFC
+# 7541 §7.1.3 advises), and hpack decodes Huffman in pure Python: the same ~200 bytes decoded
+# again per request were 14 % of the fake's CPU. Decoding is a pure function of the bytes,
+# so the fakes' process memoises it (hpack.hpack looks the function up as a module global;
+# hpack is pinned exactly in pyproject.toml for that reason). What is decoded is unchanged.
+_decode_huffman_cached = functools.lru_cache(maxsize=1024)(hpack.huffman_table.decode_huffman)
+
+
+def _decode_huffman(data: bytes | memoryview) -> bytes:
+    return _decode_huffman_cached(bytes(data))
+
+
+hpack.hpack.decode_huffman = _decode_huffman  # type: ignore[attr-defined]
 
 # Response headers whose values repeat, so HPACK may add them to its dynamic table. Every
 # other response header (apns-id is a new UUID per answer, retry-after varies) is sent as a
