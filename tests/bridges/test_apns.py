@@ -276,3 +276,27 @@ async def test_the_system_trust_store_is_trusted_next_to_ca_file(tmp_path, fake_
     outcome = await bridge.send(delivery({"platform": "apns", "token": TOKEN}))
     await bridge.close()
     assert outcome.kind is OutcomeKind.ACCEPTED, outcome
+
+
+async def test_a_send_cancelled_mid_flight_leaves_the_bridge_usable(tmp_path, fake_apns, pki):
+    """The pipeline cancels sends at shutdown: the request's handle is dropped, the next send works."""
+    arrived, gate = asyncio.Event(), asyncio.Event()
+    answer = fake_apns.server.handler
+
+    async def held(req):  # the first request waits until the test lets it go
+        arrived.set()
+        await gate.wait()
+        return await answer(req)
+
+    fake_apns.server.handler = held
+    bridge = await make_bridge(tmp_path, fake_apns, pki)
+    task = asyncio.create_task(bridge.send(delivery({"platform": "apns", "token": TOKEN})))
+    await arrived.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    fake_apns.server.handler = answer
+    gate.set()
+    outcome = await bridge.send(delivery({"platform": "apns", "token": TOKEN}))
+    await bridge.close()
+    assert outcome.kind is OutcomeKind.ACCEPTED, outcome
