@@ -1,13 +1,14 @@
 """APNs bridge: Apple's token-based (or certificate-based) HTTP/2 provider API.
 
 One delivery is one ``POST /3/device/<token>`` on long-lived HTTP/2 connections
-(:class:`bridges._http.PushClient`, HTTP/2 only: APNs speaks nothing else). Token auth signs an ES256 provider JWT that
-must be *reused*: Apple rejects tokens older than 60 minutes (403 ExpiredProviderToken)
-and punishes re-minting more often than every 20 minutes (429
-TooManyProviderTokenUpdates). So JWTs are cached per (team, key) for the whole process and
-renewed after :data:`JWT_REUSE_S`; an ExpiredProviderToken answer renews it once (only
-if nobody did meanwhile) and resends once (:func:`bridges._auth.send_with_reauth`).
-Everything else is classified, never retried: the pipeline owns retries and fallback.
+(:class:`bridges._http.PushClient`, HTTP/2 only: APNs speaks nothing else). Token auth
+signs an ES256 provider JWT that must be *reused*: Apple rejects tokens older than 60
+minutes (403 ExpiredProviderToken) and punishes re-minting more often than every 20
+minutes (429 TooManyProviderTokenUpdates). So JWTs are cached per (team, key) for the
+whole process and renewed after :data:`JWT_REUSE_S`; an ExpiredProviderToken answer renews
+it once (only if nobody did meanwhile) and resends once
+(:func:`bridges._auth.send_with_reauth`). Everything else is classified, never retried:
+the pipeline owns retries and fallback.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""FCM bridge: Firebase Cloud Messaging HTTP v1, one message per request over HTTP/2.
+"""FCM bridge: Firebase Cloud Messaging HTTP v1, one message per request over HTTP/2
+(:class:`bridges._http.PushClient`, libcurl).
 
 Auth is an OAuth2 access token obtained with google-auth from the service-account file
 (JWT-bearer grant posted to the file's ``token_uri``). google-auth's ``refresh()`` blocks,
