@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -75,6 +76,25 @@ PUSH_IDLE_HANDLES = 32
 
 class NoAnswer(Exception):
     """A :class:`PushClient` request that got no usable HTTP answer."""
+
+
+class UnsafeHeader(NoAnswer):
+    """A header libcurl would not send as one field (CR, LF or NUL in it, or a bad name)."""
+
+
+# RFC 9110 §5.1 field names (a token) and §5.5 values: libcurl takes header *lines*, so a CR
+# or LF in a value would start another header (httpx/h2 refused those; libcurl does not).
+FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+FIELD_VALUE_FORBIDDEN = re.compile(r"[\r\n\x00]")
+
+
+def header_problem(name: str, value: str) -> str | None:
+    """Why ``name: value`` cannot be sent as one header field, or None."""
+    if not FIELD_NAME.fullmatch(name):
+        return f"header name {name!r} is not a token"
+    if FIELD_VALUE_FORBIDDEN.search(value):
+        return f"header {name!r}: CR, LF or NUL in the value"
+    return None
 
 
 class NotHttp2(NoAnswer):
@@ -211,7 +231,7 @@ class PushClient:
             try:
                 curl.clean_handles_and_buffers()  # frees the previous request's header list
                 curl.setopt(CurlOpt.URL, url)
-                curl.setopt(CurlOpt.HTTPHEADER, [f"{k}: {v}".encode() for k, v in headers.items()])
+                curl.setopt(CurlOpt.HTTPHEADER, _header_lines(headers))
                 curl.setopt(CurlOpt.POSTFIELDS, body)  # not copied: ``body`` outlives the transfer
                 curl.setopt(CurlOpt.POSTFIELDSIZE, len(body))
                 curl.setopt(CurlOpt.WRITEDATA, content)
@@ -248,6 +268,18 @@ class PushClient:
         if self._multi is not None:
             await self._multi.close()
             self._multi = None
+
+
+def _header_lines(headers: dict[str, str]) -> list[bytes]:
+    """libcurl's header lines; refuses what would not be exactly one field each."""
+    lines = []
+    for name, value in headers.items():
+        problem = header_problem(name, value)
+        if problem is not None:
+            raise UnsafeHeader(problem)
+        # "name:" with nothing after it would make libcurl drop the header; "name;" sends it empty.
+        lines.append(f"{name}: {value}".encode() if value.strip() else f"{name};".encode())
+    return lines
 
 
 def _header_block(raw: bytes) -> dict[str, str]:
@@ -298,5 +330,5 @@ def json_or_empty(response: Answer) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-__all__ = ["DEFAULT_TIMEOUT", "PUSH_MAX_IN_FLIGHT", "Answer", "NoAnswer", "NotHttp2", "PushAnswer", "PushClient", "async_client", "json_or_empty", "retry_after", "tls_context",
+__all__ = ["DEFAULT_TIMEOUT", "PUSH_MAX_IN_FLIGHT", "Answer", "NoAnswer", "NotHttp2", "PushAnswer", "PushClient", "UnsafeHeader", "header_problem", "async_client", "json_or_empty", "retry_after", "tls_context",
            "transport_outcome"]

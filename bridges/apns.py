@@ -190,11 +190,16 @@ class ApnsBridgeImpl(Bridge):
         if n.collapse_key:
             if len(n.collapse_key.encode()) > MAX_COLLAPSE_ID:
                 return Outcome.failed(f"collapse_key over {MAX_COLLAPSE_ID} bytes (apns-collapse-id)")
+            if _http.header_problem("apns-collapse-id", n.collapse_key):
+                return Outcome.failed("collapse_key: CR, LF or NUL cannot be sent (apns-collapse-id)")
             headers["apns-collapse-id"] = n.collapse_key
         for name, value in extra_headers.items():
             lname = str(name).lower()
             if not lname.startswith("apns-") or lname == "apns-id":
                 return Outcome.failed(f"options.apns.headers: {name!r} cannot be set")
+            problem = _http.header_problem(lname, str(value))
+            if problem is not None:
+                return Outcome.failed(f"options.apns.headers: {problem}")
             headers[lname] = str(value)
         if headers["apns-push-type"] == "background":
             headers["apns-priority"] = "5"

@@ -300,3 +300,33 @@ async def test_a_send_cancelled_mid_flight_leaves_the_bridge_usable(tmp_path, fa
     outcome = await bridge.send(delivery({"platform": "apns", "token": TOKEN}))
     await bridge.close()
     assert outcome.kind is OutcomeKind.ACCEPTED, outcome
+
+
+@pytest.mark.parametrize("options,collapse_key", [
+    ({"headers": {"apns-foo": "a\r\nx-evil: b"}}, None),
+    ({"headers": {"apns-foo": "a\nx-evil: b"}}, None),
+    ({"headers": {"apns-foo": "a\x00b"}}, None),
+    ({"headers": {"apns-a:b": "c"}}, None),
+    ({}, "ab\r\nx-evil: 1"),
+])
+async def test_a_header_that_would_split_or_truncate_is_failed_and_not_sent(tmp_path, fake_apns, pki, options,
+                                                                           collapse_key):
+    """Job options reach the request's headers: CR/LF/NUL would inject or cut a header."""
+    bridge = await make_bridge(tmp_path, fake_apns, pki)
+    outcome = await bridge.send(delivery({"platform": "apns", "token": TOKEN}, options=options,
+                                         collapse_key=collapse_key))
+    await bridge.close()
+    assert outcome.kind is OutcomeKind.FAILED, outcome
+    assert fake_apns.seen == []
+
+
+async def test_the_push_client_itself_refuses_a_header_line_that_is_not_one_field(fake_apns, pki):
+    from bridges import _http
+
+    client = _http.PushClient(pki.ca_file, http2_only=True)
+    try:
+        with pytest.raises(_http.UnsafeHeader):
+            await client.post(f"{fake_apns.endpoint}/3/device/{TOKEN}", {"apns-topic": "x\r\ny: z"}, b"{}")
+    finally:
+        await client.aclose()
+    assert fake_apns.seen == [] and fake_apns.server.connections == 0
