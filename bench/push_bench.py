@@ -11,9 +11,13 @@ For each platform the same run sends N deliveries twice to the same fake:
 The fakes run in a child process so their CPU is not charged to the client's event loop.
 The ratio is bridge throughput / bare throughput (1.0 = the bridge costs nothing on top of
 httpx); the two alternate in slices so that load changes hit both. CPU per request is
-reported for the client (this process) and for the fake; peak RSS is this process's.
+reported for the client (this process) and for the fake (during the bridge's and the bare
+client's slices apart: the two clients frame requests differently, which the fake pays for);
+peak RSS is this process's. ``--h2load`` also measures the fake alone with nghttp2's h2load
+(Debian package ``nghttp2-client``), the same request, ``--concurrency`` streams on one
+connection and on four: what the fake can serve when the client costs it nothing.
 
-    python -m bench.push_bench [--devices 4000] [--concurrency 200]
+    python -m bench.push_bench [--devices 4000] [--concurrency 200] [--h2load]
 """
 
 from __future__ import annotations
@@ -108,7 +112,7 @@ async def _pool(n: int, concurrency: int, fn: Any) -> float:
 
 
 async def _bench_platform(platform: str, info: dict[str, Any], n: int, concurrency: int, tmp: Path,
-                          fake_pid: int) -> dict[str, Any]:
+                          fake_pid: int, with_h2load: bool = False) -> dict[str, Any]:
     import httpx
 
     from bridges import _http, apns, fcm
@@ -174,7 +178,7 @@ async def _bench_platform(platform: str, info: dict[str, Any], n: int, concurren
     # in the machine's load during the run falls on both alike.
     bare_s = bridge_s = 0.0
     bare_cpu = bridge_cpu = 0.0
-    fake_cpu = 0.0
+    fake_cpu = {"bare": 0.0, "bridge": 0.0}
     per_round = -(-n // ROUNDS)
     for start in range(0, n, per_round):
         count = min(per_round, n - start)
@@ -187,17 +191,47 @@ async def _bench_platform(platform: str, info: dict[str, Any], n: int, concurren
                 bare_s, bare_cpu = bare_s + took, bare_cpu + cpu
             else:
                 bridge_s, bridge_cpu = bridge_s + took, bridge_cpu + cpu
-            fake_cpu += _cpu_seconds(fake_pid) - fake0
+            fake_cpu[which] += _cpu_seconds(fake_pid) - fake0
     await bare.aclose()
     await bridge.close()
+    h2load = [_h2load(requests[0], n, connections, concurrency, fake_pid, tmp)
+              for connections in (1, 4)] if with_h2load else None
     return {"platform": platform, "deliveries": n, "concurrency": concurrency,
             "bridge_s": round(bridge_s, 2), "bridge_per_s": round(n / bridge_s), "bridge_accepted": bridge_ok,
             "bare_s": round(bare_s, 2), "bare_per_s": round(n / bare_s), "bare_accepted": bare_ok,
             "ratio": round(bare_s / bridge_s, 2), "not_accepted": reasons,
             "bridge_cpu_us": round(1e6 * bridge_cpu / n), "bare_cpu_us": round(1e6 * bare_cpu / n),
-            "fake_cpu_us": round(1e6 * fake_cpu / (2 * n)),
+            "fake_cpu_us": round(1e6 * (fake_cpu["bare"] + fake_cpu["bridge"]) / (2 * n)),
+            "fake_cpu_us_bridge": round(1e6 * fake_cpu["bridge"] / n),
+            "fake_cpu_us_bare": round(1e6 * fake_cpu["bare"] / n),
+            "h2load": h2load,
             "jwt_minted": apns.JWTS.minted if platform == "apns" else None,
             "oauth_refreshes": bridge.refreshes if platform == "fcm" else None}
+
+
+def _h2load(request: tuple[str, dict[str, str], bytes], n: int, connections: int, concurrency: int,
+            fake_pid: int, tmp: Path) -> dict[str, Any]:
+    """h2load POSTs ``request`` n times (``concurrency`` streams over ``connections``)."""
+    import re
+    import shutil
+    import subprocess
+
+    exe = shutil.which("h2load")
+    if exe is None:
+        raise SystemExit("--h2load: h2load not found (apt-get install nghttp2-client)")
+    url, headers, body = request
+    (tmp / "h2load-body").write_bytes(body)
+    args = [exe, "-n", str(n), "-c", str(connections), "-m", str(max(1, concurrency // connections)),
+            "-d", str(tmp / "h2load-body")]
+    for name, value in headers.items():
+        args += ["-H", f"{name}: {value}"]
+    fake0 = _cpu_seconds(fake_pid)
+    out = subprocess.run(args + [url], capture_output=True, text=True, timeout=600).stdout
+    fake_cpu = _cpu_seconds(fake_pid) - fake0
+    rate = re.search(r"finished in [^,]+, ([0-9.]+) req/s", out)
+    ok = re.search(r"status codes: (\d+) 2xx", out)
+    return {"connections": connections, "per_s": round(float(rate.group(1))) if rate else None,
+            "accepted": int(ok.group(1)) if ok else 0, "fake_cpu_us": round(1e6 * fake_cpu / n)}
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -212,6 +246,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--devices", type=int, default=4000)
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--platform", choices=["apns", "fcm", "both"], default="both")
+    parser.add_argument("--h2load", action="store_true", help="also measure the fake alone with h2load")
     args = parser.parse_args(argv)
     import logging
 
@@ -228,7 +263,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 work = Path(tmpdir) / f"client-{platform}"
                 work.mkdir()
                 results.append(asyncio.run(_bench_platform(platform, info, args.devices, args.concurrency, work,
-                                                           proc.pid)))
+                                                           proc.pid, args.h2load)))
             finally:
                 proc.terminate()
                 proc.join(10)
@@ -237,8 +272,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print(f"{r['platform']:5} {r['deliveries']} deliveries, {r['concurrency']} in flight: "
               f"bridge {r['bridge_s']} s ({r['bridge_per_s']}/s, {r['bridge_accepted']} accepted, "
               f"{r['bridge_cpu_us']} us CPU/request) | bare httpx {r['bare_s']} s ({r['bare_per_s']}/s, "
-              f"{r['bare_accepted']} accepted, {r['bare_cpu_us']} us CPU/request) | fake {r['fake_cpu_us']} us "
-              f"CPU/request | bridge/bare throughput {r['ratio']}x")
+              f"{r['bare_accepted']} accepted, {r['bare_cpu_us']} us CPU/request) | fake {r['fake_cpu_us_bridge']} / "
+              f"{r['fake_cpu_us_bare']} us CPU/request (bridge / bare) | bridge/bare throughput {r['ratio']}x")
+        for h in r["h2load"] or []:
+            print(f"{r['platform']:5} fake alone, h2load {h['connections']} connection(s) x "
+                  f"{r['concurrency'] // h['connections']} streams: {h['per_s']}/s ({h['accepted']} accepted), "
+                  f"fake {h['fake_cpu_us']} us CPU/request")
     print(f"peak RSS of the client process: {peak_kib / 1024:.0f} MiB")
     print(json.dumps({"results": results, "peak_rss_mib": round(peak_kib / 1024)}))
     rows = []

@@ -1,13 +1,14 @@
 """APNs bridge: Apple's token-based (or certificate-based) HTTP/2 provider API.
 
-One delivery is one ``POST /3/device/<token>`` on a long-lived HTTP/2 connection pool
-(``http1=False``: APNs speaks nothing else). Token auth signs an ES256 provider JWT that
-must be *reused*: Apple rejects tokens older than 60 minutes (403 ExpiredProviderToken)
-and punishes re-minting more often than every 20 minutes (429
-TooManyProviderTokenUpdates). So JWTs are cached per (team, key) for the whole process and
-renewed after :data:`JWT_REUSE_S`; an ExpiredProviderToken answer renews it once (only
-if nobody did meanwhile) and resends once (:func:`bridges._auth.send_with_reauth`).
-Everything else is classified, never retried: the pipeline owns retries and fallback.
+One delivery is one ``POST /3/device/<token>`` on long-lived HTTP/2 connections
+(:class:`bridges._http.PushClient`, HTTP/2 only: APNs speaks nothing else). Token auth
+signs an ES256 provider JWT that must be *reused*: Apple rejects tokens older than 60
+minutes (403 ExpiredProviderToken) and punishes re-minting more often than every 20
+minutes (429 TooManyProviderTokenUpdates). So JWTs are cached per (team, key) for the
+whole process and renewed after :data:`JWT_REUSE_S`; an ExpiredProviderToken answer renews
+it once (only if nobody did meanwhile) and resends once
+(:func:`bridges._auth.send_with_reauth`). Everything else is classified, never retried:
+the pipeline owns retries and fallback.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import jwt
 import structlog
 
@@ -118,7 +118,7 @@ class ApnsBridgeImpl(Bridge):
         self.base = (cfg.endpoint or HOSTS[cfg.environment]).rstrip("/")
         self.cert_auth = cfg.cert_file is not None and str(cfg.cert_file) != ""
         self._key: Any = None
-        self._client: httpx.AsyncClient | None = None
+        self._client: _http.PushClient | None = None
 
     async def start(self) -> None:
         if not self.cert_auth:
@@ -135,8 +135,8 @@ class ApnsBridgeImpl(Bridge):
                 raise BridgeConfigError("bridges.apns.key_file: not a P-256 (ES256) key")
             self._key = key
         try:
-            self._client = _http.async_client(
-                self.cfg.ca_file, http1=False, http2=True,
+            self._client = _http.PushClient(
+                self.cfg.ca_file, http2_only=True,
                 cert_file=self.cfg.cert_file if self.cert_auth else None,
                 key_file=self.cfg.cert_key_file if self.cert_auth else None)
         except (OSError, ValueError) as exc:
@@ -190,11 +190,16 @@ class ApnsBridgeImpl(Bridge):
         if n.collapse_key:
             if len(n.collapse_key.encode()) > MAX_COLLAPSE_ID:
                 return Outcome.failed(f"collapse_key over {MAX_COLLAPSE_ID} bytes (apns-collapse-id)")
+            if _http.header_problem("apns-collapse-id", n.collapse_key):
+                return Outcome.failed("collapse_key: CR, LF or NUL cannot be sent (apns-collapse-id)")
             headers["apns-collapse-id"] = n.collapse_key
         for name, value in extra_headers.items():
             lname = str(name).lower()
             if not lname.startswith("apns-") or lname == "apns-id":
                 return Outcome.failed(f"options.apns.headers: {name!r} cannot be set")
+            problem = _http.header_problem(lname, str(value))
+            if problem is not None:
+                return Outcome.failed(f"options.apns.headers: {problem}")
             headers[lname] = str(value)
         if headers["apns-push-type"] == "background":
             headers["apns-priority"] = "5"
@@ -223,15 +228,15 @@ class ApnsBridgeImpl(Bridge):
             if jwt_.value is not None:
                 sent["authorization"] = f"bearer {jwt_.value}"
             try:
-                response = await client.post(url, headers=sent, content=payload)
-            except httpx.HTTPError as exc:
+                response = await client.post(url, sent, payload)
+            except client.errors as exc:
                 return _http.transport_outcome(exc), False
             outcome, reason = self.classify(response)
             return outcome, reason == "ExpiredProviderToken" and not self.cert_auth
 
         return await send_with_reauth(credential, attempt)
 
-    def classify(self, r: httpx.Response) -> tuple[Outcome, str]:
+    def classify(self, r: _http.Answer) -> tuple[Outcome, str]:
         """Map one APNs answer to an Outcome (and return Apple's reason)."""
         if r.status_code == 200:
             return Outcome.accepted(status=200), ""

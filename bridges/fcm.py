@@ -1,4 +1,5 @@
-"""FCM bridge: Firebase Cloud Messaging HTTP v1, one message per request over HTTP/2.
+"""FCM bridge: Firebase Cloud Messaging HTTP v1, one message per request over HTTP/2
+(:class:`bridges._http.PushClient`, libcurl).
 
 Auth is an OAuth2 access token obtained with google-auth from the service-account file
 (JWT-bearer grant posted to the file's ``token_uri``). google-auth's ``refresh()`` blocks,
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -81,7 +83,7 @@ class FcmBridgeImpl(Bridge):
         self.url = f"{cfg.endpoint.rstrip('/')}/v1/projects/{cfg.project_id}/messages:send"
         self._creds: Any = None
         self._auth_request: _HttpxAuthRequest | None = None
-        self._client: httpx.AsyncClient | None = None
+        self._client: _http.PushClient | None = None
         self._tokens = TokenCache(self._refresh, REFRESH_MARGIN_S, lambda: _now())
 
     @property
@@ -100,7 +102,7 @@ class FcmBridgeImpl(Bridge):
             raise BridgeConfigError(
                 f"bridges.fcm.service_account_file: unusable service account ({type(exc).__name__})") from None
         self._auth_request = _HttpxAuthRequest(self.cfg.ca_file)
-        self._client = _http.async_client(self.cfg.ca_file, http1=True, http2=True)
+        self._client = _http.PushClient(self.cfg.ca_file, http2_only=False)
 
     async def close(self) -> None:
         if self._client is not None:
@@ -177,21 +179,23 @@ class FcmBridgeImpl(Bridge):
         if isinstance(body, Outcome):
             return body
         client = self._client
+        payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
         async def credential(stale: str | None) -> Credential[str]:
             return await self._tokens.get(stale)
 
         async def attempt(token: Credential[str]) -> tuple[Outcome, bool]:
+            headers = {"authorization": f"Bearer {token.value}", "content-type": "application/json"}
             try:
-                response = await client.post(self.url, json=body, headers={"authorization": f"Bearer {token.value}"})
-            except httpx.HTTPError as exc:
+                response = await client.post(self.url, headers, payload)
+            except client.errors as exc:
                 return _http.transport_outcome(exc), False
             outcome, code = self.classify(response)
             return outcome, code == "UNAUTHENTICATED"
 
         return await send_with_reauth(credential, attempt)
 
-    def classify(self, r: httpx.Response) -> tuple[Outcome, str]:
+    def classify(self, r: _http.Answer) -> tuple[Outcome, str]:
         """Map one FCM answer (HTTP status + FcmError errorCode) to an Outcome."""
         status = r.status_code
         if status == 200:

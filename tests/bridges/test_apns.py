@@ -242,3 +242,91 @@ async def test_neither_key_nor_jwt_reaches_the_logs(tmp_path, fake_apns, pki):
     assert "apns provider token signed" in text
     assert jwt_seen not in text and jwt_seen.split(".")[2] not in text
     assert "PRIVATE KEY" not in text and fake_apns.key_pem.splitlines()[1] not in text
+
+
+async def test_apns_never_falls_back_to_http1(tmp_path, fake_apns, fake_wns, pki):
+    """An endpoint that speaks only HTTP/1.1 (the WNS fake) gets no push: APNs is HTTP/2 only."""
+    bridge = await make_bridge(tmp_path, fake_apns, pki, endpoint=fake_wns.origin)
+    outcome = await bridge.send(delivery({"platform": "apns", "token": TOKEN}))
+    await bridge.close()
+    assert outcome.kind is OutcomeKind.RETRY and outcome.reason.startswith("transport"), outcome
+    assert not [s for s in fake_wns.seen if s.request.path.startswith("/3/device/")]
+
+
+async def test_an_endpoint_signed_by_another_ca_gets_no_push(tmp_path, fake_apns, pki):
+    other = Pki(tmp_path / "other-ca")
+    bridge = await make_bridge(tmp_path, fake_apns, pki, ca_file=str(other.ca_file))
+    outcome = await bridge.send(delivery({"platform": "apns", "token": TOKEN}))
+    await bridge.close()
+    assert outcome.kind is OutcomeKind.RETRY and outcome.reason.startswith("transport"), outcome
+    assert fake_apns.seen == []
+
+
+async def test_the_system_trust_store_is_trusted_next_to_ca_file(tmp_path, fake_apns, pki, monkeypatch):
+    """``ca_file`` adds a CA; it does not replace the system's (here: SSL_CERT_DIR holds the fake's CA)."""
+    import subprocess
+
+    system = tmp_path / "system-certs"
+    system.mkdir()
+    (system / "fake-ca.pem").write_bytes(pki.ca_file.read_bytes())
+    subprocess.run(["openssl", "rehash", str(system)], check=True, capture_output=True)
+    monkeypatch.setenv("SSL_CERT_DIR", str(system))
+    other = Pki(tmp_path / "other-ca")
+    bridge = await make_bridge(tmp_path, fake_apns, pki, ca_file=str(other.ca_file))
+    outcome = await bridge.send(delivery({"platform": "apns", "token": TOKEN}))
+    await bridge.close()
+    assert outcome.kind is OutcomeKind.ACCEPTED, outcome
+
+
+async def test_a_send_cancelled_mid_flight_leaves_the_bridge_usable(tmp_path, fake_apns, pki):
+    """The pipeline cancels sends at shutdown: the request's handle is dropped, the next send works."""
+    arrived, gate = asyncio.Event(), asyncio.Event()
+    answer = fake_apns.server.handler
+
+    async def held(req):  # the first request waits until the test lets it go
+        arrived.set()
+        await gate.wait()
+        return await answer(req)
+
+    fake_apns.server.handler = held
+    bridge = await make_bridge(tmp_path, fake_apns, pki)
+    task = asyncio.create_task(bridge.send(delivery({"platform": "apns", "token": TOKEN})))
+    await arrived.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    fake_apns.server.handler = answer
+    gate.set()
+    outcome = await bridge.send(delivery({"platform": "apns", "token": TOKEN}))
+    await bridge.close()
+    assert outcome.kind is OutcomeKind.ACCEPTED, outcome
+
+
+@pytest.mark.parametrize("options,collapse_key", [
+    ({"headers": {"apns-foo": "a\r\nx-evil: b"}}, None),
+    ({"headers": {"apns-foo": "a\nx-evil: b"}}, None),
+    ({"headers": {"apns-foo": "a\x00b"}}, None),
+    ({"headers": {"apns-a:b": "c"}}, None),
+    ({}, "ab\r\nx-evil: 1"),
+])
+async def test_a_header_that_would_split_or_truncate_is_failed_and_not_sent(tmp_path, fake_apns, pki, options,
+                                                                           collapse_key):
+    """Job options reach the request's headers: CR/LF/NUL would inject or cut a header."""
+    bridge = await make_bridge(tmp_path, fake_apns, pki)
+    outcome = await bridge.send(delivery({"platform": "apns", "token": TOKEN}, options=options,
+                                         collapse_key=collapse_key))
+    await bridge.close()
+    assert outcome.kind is OutcomeKind.FAILED, outcome
+    assert fake_apns.seen == []
+
+
+async def test_the_push_client_itself_refuses_a_header_line_that_is_not_one_field(fake_apns, pki):
+    from bridges import _http
+
+    client = _http.PushClient(pki.ca_file, http2_only=True)
+    try:
+        with pytest.raises(_http.UnsafeHeader):
+            await client.post(f"{fake_apns.endpoint}/3/device/{TOKEN}", {"apns-topic": "x\r\ny: z"}, b"{}")
+    finally:
+        await client.aclose()
+    assert fake_apns.seen == [] and fake_apns.server.connections == 0

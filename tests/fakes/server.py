@@ -9,6 +9,7 @@ asyncio TLS server. Handlers see a :class:`Request` and return a :class:`Respons
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack.hpack
+import hpack.huffman_table
+from hpack import HeaderTuple, NeverIndexedHeaderTuple
 
 
 @dataclass
@@ -43,6 +47,30 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+# Clients send their credential (the APNs provider JWT, the FCM bearer token) on every
+# request as a never-indexed, Huffman-coded literal (h2, nghttp2 and libcurl all do, as RFC
+# 7541 §7.1.3 advises), and hpack decodes Huffman in pure Python: the same ~200 bytes decoded
+# again per request were 14 % of the fake's CPU. Decoding is a pure function of the bytes,
+# so the fakes' process memoises it (hpack.hpack looks the function up as a module global;
+# hpack is pinned exactly in pyproject.toml for that reason). What is decoded is unchanged.
+_decode_huffman_cached = functools.lru_cache(maxsize=1024)(hpack.huffman_table.decode_huffman)
+
+
+def _decode_huffman(data: bytes | memoryview) -> bytes:
+    return _decode_huffman_cached(bytes(data))
+
+
+hpack.hpack.decode_huffman = _decode_huffman  # type: ignore[attr-defined]
+
+# Response headers whose values repeat, so HPACK may add them to its dynamic table. Every
+# other response header (apns-id is a new UUID per answer, retry-after varies) is sent as a
+# literal that is never indexed: indexing them filled the encoder's dynamic table (up to the
+# client's SETTINGS_HEADER_TABLE_SIZE, 64 KiB for libcurl) with entries no answer reuses, and
+# hpack searches that table linearly for every header it encodes, which made the search a
+# quarter of the fake's CPU per request. Only the encoding changes; a client decodes the same.
+INDEXED_RESPONSE_HEADERS = frozenset({"content-type", "content-length"})
 
 
 class TlsHttpServer:
@@ -127,6 +155,25 @@ class TlsHttpServer:
                 writer.write(data)
                 await writer.drain()
 
+        # Answers that fit the flow-control window are written once per event-loop pass,
+        # together: many streams finish in the same pass, and one TLS record and one send()
+        # for all of them costs a fraction of one each. Back-pressure still holds: the read
+        # loop drains the writer before it reads the next requests.
+        write_pending = False
+
+        def write_soon() -> None:
+            nonlocal write_pending
+            if not write_pending:
+                write_pending = True
+                asyncio.get_running_loop().call_soon(write_now)
+
+        def write_now() -> None:
+            nonlocal write_pending
+            write_pending = False
+            data = conn.data_to_send()
+            if data and not writer.is_closing():
+                writer.write(data)
+
         async def respond(stream_id: int, headers: list[tuple[str, str]], body: bytes) -> None:
             h = dict(headers)
             req = Request(method=h.get(":method", ""), path=h.get(":path", ""),
@@ -136,8 +183,12 @@ class TlsHttpServer:
                 resp = await self.handler(req)
             except Exception as exc:  # a bug in a fake must be visible, not a hang
                 resp = Response(500, f"fake handler error: {exc!r}".encode())
-            out_headers = [(":status", str(resp.status))] + [(k.lower(), v) for k, v in resp.headers.items()]
-            out_headers.append(("content-length", str(len(resp.body))))
+            out_headers = [HeaderTuple(":status", str(resp.status))]
+            for k, v in resp.headers.items():
+                k = k.lower()
+                out_headers.append(HeaderTuple(k, v) if k in INDEXED_RESPONSE_HEADERS else
+                                   NeverIndexedHeaderTuple(k, v))
+            out_headers.append(HeaderTuple("content-length", str(len(resp.body))))
             async with lock:
                 try:
                     conn.send_headers(stream_id, out_headers, end_stream=not resp.body)
@@ -155,7 +206,7 @@ class TlsHttpServer:
                             continue
                         chunk, data = data[:window], data[window:]
                         conn.send_data(stream_id, bytes(chunk), end_stream=not data)
-                    await flush()
+                    write_soon()
                 except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, ConnectionError):
                     pass
 
