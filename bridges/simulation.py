@@ -23,6 +23,7 @@ import json
 import random
 import time
 from collections import deque
+from datetime import UTC, datetime
 
 import structlog
 
@@ -79,7 +80,10 @@ class SimulatedFleet(Bridge):
         return Outcome.accepted(status=200)
 
     def _queue_ack(self, delivery: Delivery) -> None:
-        payload = json.dumps({"message_id": delivery.message_id, "status": "received", "at": iso(utcnow())}).encode()
+        # The device's own clock, as gateway.timeutil.iso writes it (UTC, ms, "Z"), made
+        # without its conversion step: once per simulated delivery.
+        at = datetime.now(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+        payload = json.dumps({"message_id": delivery.message_id, "status": "received", "at": at}).encode()
         self._due_acks.append((time.monotonic() + self.cfg.latency_ms / 1000, 0.2, delivery.device_id, payload))
         if self._ack_flusher is None or self._ack_flusher.done():
             self._ack_flusher = asyncio.create_task(self._flush_acks())
