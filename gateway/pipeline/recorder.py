@@ -85,11 +85,17 @@ class Recorder:
     async def run(self) -> None:
         """Runs until cancelled; a batch in progress is committed before cancellation lands."""
         while True:
-            first = await self._queue.get()
-            items = [first]
-            while len(items) < MAX_BATCH and not self._queue.empty():
-                items.append(self._queue.get_nowait())
-            await asyncio.shield(self._commit(items))
+            items = [await self._queue.get()]
+            try:
+                # One turn of the event loop before the batch is cut: what the callbacks and
+                # tasks already due in this turn hand over joins it (the dispatcher's results
+                # of a wave of sends and the acks those sends caused meet in one batch, where
+                # a send and its first ack are written once: store.apply_batch).
+                await asyncio.sleep(0)
+            finally:  # also when cancelled there: the items taken are committed first
+                while len(items) < MAX_BATCH and not self._queue.empty():
+                    items.append(self._queue.get_nowait())
+                await asyncio.shield(self._commit(items))
 
     async def flush(self) -> None:
         """Commit whatever is queued now (used at shutdown)."""
