@@ -394,12 +394,12 @@ class Dispatcher:
         self._health(slot, platform, outcome, now)
         if row.resend:
             return self._decide_resend(platform, key, row, job, attempt, outcome, now)
-        base = dict(message_id=row.message_id, job_id=row.job_id, device_id=row.device_id, platform=platform)
         kind = outcome.kind
-        if kind is OutcomeKind.ACCEPTED:
+        if kind is OutcomeKind.ACCEPTED:  # the usual case: built positionally, no keyword dict
             slot.sent += 1
-            return store.Result(**base, state="sent", attempts=attempt,
+            return store.Result(row.message_id, row.job_id, row.device_id, "sent", platform, attempt,
                                 resend_at=self._resend_at(platform, attempt, job, now))
+        base = dict(message_id=row.message_id, job_id=row.job_id, device_id=row.device_id, platform=platform)
         if kind is OutcomeKind.INVALID_ADDRESS:
             # Not an attempt against the delivery: it falls over to the next channel now.
             error = f"{platform}: {outcome.reason}"
