@@ -133,9 +133,33 @@ class Route:
 def choose_channel(channels: list[dict[str, Any]] | None, invalid: dict[str, Any] | Iterable[str],
                    platforms: Iterable[str], also_invalid: str | None = None) -> Route | tuple[str, str]:
     """First channel whose bridge is enabled and whose address is not marked invalid;
-    else ``(final_state, error)`` for the delivery."""
+    else ``(final_state, error)`` for the delivery.
+
+    Without marks to look for, the answer depends only on the channels and the enabled
+    bridges: it is kept for the last ~1,000 channel lists seen, by identity (the lists of
+    :func:`_channels` are shared by every device with the same stored text; the cache holds
+    the list, so its id cannot be reused meanwhile). A fleet of MQTT devices validates its
+    one channel shape once instead of once per delivery. The answer (a Route with a frozen
+    pydantic channel, or a tuple) is shared: read, never changed."""
     if channels is None:
         return "failed", "device removed from the registry"
+    if invalid or also_invalid is not None:
+        return _choose_channel(channels, invalid, platforms, also_invalid)
+    hit = _choices.get(id(channels))
+    if hit is not None and hit[0] is channels and hit[1] is platforms:
+        return hit[2]
+    choice = _choose_channel(channels, invalid, platforms, also_invalid)
+    if len(_choices) >= _CHANNELS_CACHED:
+        _choices.clear()
+    _choices[id(channels)] = (channels, platforms, choice)
+    return choice
+
+
+_choices: dict[int, tuple[list[dict[str, Any]], Any, Route | tuple[str, str]]] = {}
+
+
+def _choose_channel(channels: list[dict[str, Any]], invalid: dict[str, Any] | Iterable[str],
+                    platforms: Iterable[str], also_invalid: str | None) -> Route | tuple[str, str]:
     enabled = platforms if isinstance(platforms, (set, frozenset, dict)) else set(platforms)
     saw_invalid = False
     for raw in channels:
@@ -289,13 +313,32 @@ def jobs_to_expand(conn: sqlite3.Connection, limit: int = 10) -> list[str]:
     return [r["job_id"] for r in rows]
 
 
+_CHANNELS_CACHED = 1024
+_channels_by_text: dict[str, list[dict[str, Any]]] = {}
+
+
+def _channels(text: str) -> list[dict[str, Any]]:
+    """A device's channels list decoded from its stored JSON, once per distinct text while
+    it stays among the last ~1,000 seen. Fleets whose channels carry no per-device address
+    (MQTT devices, the simulation) store the same text for every device, and expansion and
+    every dispatcher pass decode it once per delivery otherwise; push fleets (a token per
+    device) gain nothing and pay a dict lookup. The lists are shared: read, never changed."""
+    decoded = _channels_by_text.get(text)
+    if decoded is None:
+        decoded = json.loads(text)
+        if len(_channels_by_text) >= _CHANNELS_CACHED:
+            _channels_by_text.clear()
+        _channels_by_text[text] = decoded
+    return decoded
+
+
 def _route_of(channels: str, invalid: str, platforms: set[str] | None) -> str | None:
     if platforms is None:
         return None
     marks = json.loads(invalid) if invalid != "{}" else None  # no marks: the usual case, nothing to decode
     if not marks:  # the common case: the first channel on an enabled bridge, no parsing needed
-        return next((c.get("platform") for c in json.loads(channels) if c.get("platform") in platforms), None)
-    choice = choose_channel(json.loads(channels), marks, platforms)
+        return next((c.get("platform") for c in _channels(channels) if c.get("platform") in platforms), None)
+    choice = choose_channel(_channels(channels), marks, platforms)
     return choice.platform if isinstance(choice, Route) else None  # None: the dispatcher finishes it
 
 
@@ -421,7 +464,7 @@ class DueDelivery:
     job_id: str
     device_id: str
     attempts: int
-    channels: list[dict[str, Any]] | None  # None: the device was removed
+    channels: list[dict[str, Any]] | None  # None: the device was removed (shared with other rows: read only)
     invalid: dict[str, Any]
     route: str | None = None
     resend: bool = False  # already sent, unacked: this is a resend on ``route``
@@ -436,7 +479,7 @@ def _due_rows(rows: Iterable[Any], resend: bool = False,
     # Rows in ``skip`` (being sent or recorded) are dropped before their JSON is decoded:
     # under a large job most fetched rows are still in flight, and this runs on the
     # database thread, where every microsecond delays the next commit.
-    return [DueDelivery(r[0], r[1], r[2], r[3], json.loads(r[4]) if r[4] else None,
+    return [DueDelivery(r[0], r[1], r[2], r[3], _channels(r[4]) if r[4] else None,
                         json.loads(r[5]) if r[5] and r[5] != "{}" else {}, r[6], resend)
             for r in rows if r[0] not in skip]
 
