@@ -188,12 +188,20 @@ def prepare(conn: sqlite3.Connection) -> None:
     """Create the tables and drop an older gateway's triggers (they kept the counts exact up
     to here, so this needs no recount). Run by the pipeline's ``schema.migrate`` too, so
     that no writer of deliveries ever runs with both the triggers and :func:`tracking`, or
-    without the tables."""
+    without the tables.
+
+    It also makes sure the queued index exists (created on the platform key as it is now
+    when missing; :func:`migrate` re-makes it when the key changed): besides this module's
+    reads, the pipeline's per-job lookups of queued rows (``store.expiring``) use it, so it
+    is the one index on queued rows by job (issue 11 dropped the pipeline's own copy)."""
     for statement in TABLES.strip().split(";"):
         if statement.strip():
             conn.execute(statement)
     for name in OLD_TRIGGERS:
         conn.execute(f"DROP TRIGGER IF EXISTS {name}")
+    if has_table(conn, "deliveries"):
+        conn.execute(f"CREATE INDEX IF NOT EXISTS {QUEUED_INDEX} ON deliveries(job_id, {platform_key(conn)}) "
+                     "WHERE state = 'queued'")
 
 
 def migrate(conn: sqlite3.Connection) -> None:

@@ -41,6 +41,20 @@ log = structlog.get_logger(__name__)
 LOCK_WAIT_S = 30.0
 LOCK_STEP_MS = 200
 
+# The daemon's writer connection only (it does every write of a fan-out; the CLI's and the
+# HTTP API's short-lived connections keep SQLite's defaults). Durability is unchanged (WAL,
+# synchronous=FULL: every commit is on disk before it returns). Measured on the pipeline
+# bench's SQLite-only loop, 100,000 deliveries (bench/README.md, "Pipeline"):
+# - cache_size: 16 MiB of page cache instead of 2 MiB, so a 100,000-row job's index pages
+#   stay in memory instead of being read back from the OS for every batch (-6 % CPU);
+#   it fills only as it is used, so idle RSS does not change, and the job's peak stays
+#   well inside its +64 MB budget;
+# - wal_autocheckpoint: copy the WAL into the database every 10,000 pages (~40 MB of WAL
+#   on disk) instead of every 1,000: the hot index pages a fan-out rewrites in every batch
+#   are copied (and the database fsynced) a tenth as often (-7 % CPU more). A checkpoint
+#   moves committed pages only; a crash replays the WAL at the next open.
+WRITER_PRAGMAS = ("PRAGMA cache_size = -16384", "PRAGMA wal_autocheckpoint = 10000")
+
 
 class NotStored(Exception):
     """An item could not be committed now (disk full, database locked or read-only, a full
@@ -207,6 +221,8 @@ class Database:
         self._conn = connect(self.path)
         # Lock waits are done in short steps by _begin (see LOCK_WAIT_S).
         self._conn.execute(f"PRAGMA busy_timeout = {LOCK_STEP_MS}")
+        for pragma in WRITER_PRAGMAS:
+            self._conn.execute(pragma)
         self._thread_id = threading.get_ident()
 
     def _begin(self, conn: sqlite3.Connection) -> None:

@@ -45,6 +45,7 @@ class JobInfo:
     created_at: float
     expires_at: float
     ttl: int
+    expires_dt: datetime  # expires_at as the Delivery carries it (made once per job, not per send)
 
     @classmethod
     def from_row(cls, row: Any) -> "JobInfo":
@@ -53,7 +54,8 @@ class JobInfo:
             Notification(title=n.get("title"), body=n.get("body"), data=n.get("data") or {},
                          priority=n.get("priority", "normal"), ttl=n.get("ttl", 3600),
                          collapse_key=n.get("collapse_key")),
-            json.loads(row["options"]), row["created_at"], row["expires_at"], row["ttl"])
+            json.loads(row["options"]), row["created_at"], row["expires_at"], row["ttl"],
+            datetime.fromtimestamp(row["expires_at"], UTC))
 
 
 @dataclass
@@ -90,6 +92,10 @@ class Dispatcher:
         self.wake = asyncio.Event()
         self._in_flight: dict[str, str | None] = {}  # message_id → bridge (None: only being recorded)
         self._tasks: set[asyncio.Task[None]] = set()
+        # Results decided in this turn of the event loop, handed to the recorder together
+        # (one recorder item and one future for all of them: see _record_soon).
+        self._results: list[store.Result] = []
+        self._flush_scheduled = False
         self._jobs: OrderedDict[str, JobInfo] = OrderedDict()
         self._accepting = True
         self.passes = 0
@@ -127,14 +133,22 @@ class Dispatcher:
         self._accepting = False
 
     async def drain(self, timeout: float) -> None:
-        """Wait for in-flight sends (shutdown); those still running are cancelled and stay queued."""
+        """Wait for in-flight sends and the recording of their results (shutdown); those
+        still running are cancelled and stay queued."""
         self._accepting = False
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=0.5)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            self._flush_results()  # a send that just finished hands its result over now
+            remaining = deadline - loop.time()
+            if not self._tasks or remaining <= 0:
+                break
+            await asyncio.wait(set(self._tasks), timeout=remaining)
+        pending = set(self._tasks)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=0.5)
 
     async def _dispatch_once(self) -> tuple[int, float]:
         """One pass; returns (work started, when to look again at the latest)."""
@@ -283,35 +297,51 @@ class Dispatcher:
 
     def _finish_now(self, result: store.Result) -> None:
         self._in_flight[result.message_id] = None
-        self._spawn(self._record(result))
+        self._record_soon(result)
 
-    async def _record(self, result: store.Result) -> None:
-        """Commit one result; while the database refuses (disk full), keep it and try again
-        (the row stays out of fetching, so it is neither lost nor sent twice meanwhile)."""
+    def _record_soon(self, result: store.Result) -> None:
+        """Queue a result for the recorder. Every result decided in this turn of the event
+        loop goes in one recorder item (one future, one waiting task), instead of a future
+        and a coroutine per delivery; the commit is the recorder's batch either way."""
+        self._results.append(result)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_results)
+
+    def _flush_results(self) -> None:
+        self._flush_scheduled = False
+        if self._results:
+            results, self._results = self._results, []
+            self._spawn(self._record(results))
+
+    async def _record(self, results: list[store.Result]) -> None:
+        """Commit results; while the database refuses (disk full), keep them and try again
+        (the rows stay out of fetching, so they are neither lost nor sent twice meanwhile)."""
         try:
             while True:
                 try:
-                    await self.recorder.result(result)
+                    await self.recorder.results(results)
                     self.record_failures.ok()
                     return
                 except Exception as exc:
                     if not is_storage_error(exc):
-                        log.exception("recording a result failed", message_id=result.message_id)
-                        return  # the row keeps its stored state and is retried from there
+                        log.exception("recording results failed", deliveries=len(results),
+                                      message_id=results[0].message_id)
+                        return  # the rows keep their stored state and are retried from there
                     await asyncio.sleep(self.record_failures.failed(exc))
         finally:
-            self._in_flight.pop(result.message_id, None)
+            for result in results:
+                self._in_flight.pop(result.message_id, None)
             self.wake.set()
 
     # ----------------------------------------------------------------- one send
     async def _send(self, slot: BridgeSlot, platform: str, channel: Any, key: str,
                     row: store.DueDelivery, job: JobInfo) -> None:
         attempt = row.attempts + 1
-        now_dt = datetime.now(UTC)
         delivery = Delivery(
             message_id=row.message_id, job_id=row.job_id, device_id=row.device_id, channel=channel,
             notification=job.notification, options=job.options.get(platform) or {},
-            sent_at=now_dt, expires_at=datetime.fromtimestamp(job.expires_at, UTC), attempt=attempt,
+            sent_at=datetime.now(UTC), expires_at=job.expires_dt, attempt=attempt,
             ack_url=self.ack_url(row.message_id) if self.ack_url is not None else None)
         released = False
         try:
@@ -332,7 +362,7 @@ class Dispatcher:
                 slot.in_flight -= 1
                 self._in_flight.pop(row.message_id, None)
                 self.wake.set()
-        await self._record(result)
+        self._record_soon(result)
 
     def _resend_at(self, platform: str, attempt: int, job: JobInfo, now: float) -> float | None:
         """When a sent delivery is sent again if no ack came (bridges with resend_unacked)."""
@@ -364,12 +394,12 @@ class Dispatcher:
         self._health(slot, platform, outcome, now)
         if row.resend:
             return self._decide_resend(platform, key, row, job, attempt, outcome, now)
-        base = dict(message_id=row.message_id, job_id=row.job_id, device_id=row.device_id, platform=platform)
         kind = outcome.kind
-        if kind is OutcomeKind.ACCEPTED:
+        if kind is OutcomeKind.ACCEPTED:  # the usual case: built positionally, no keyword dict
             slot.sent += 1
-            return store.Result(**base, state="sent", attempts=attempt,
+            return store.Result(row.message_id, row.job_id, row.device_id, "sent", platform, attempt,
                                 resend_at=self._resend_at(platform, attempt, job, now))
+        base = dict(message_id=row.message_id, job_id=row.job_id, device_id=row.device_id, platform=platform)
         if kind is OutcomeKind.INVALID_ADDRESS:
             # Not an attempt against the delivery: it falls over to the next channel now.
             error = f"{platform}: {outcome.reason}"

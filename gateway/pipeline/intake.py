@@ -21,7 +21,7 @@ from gateway.mqtt import GatewayClient, NotConnected
 from gateway.pipeline import store
 from gateway.pipeline.models import (
     DEVICE_ID_RE,
-    AckIn,
+    Ack,
     MAX_JOB_BYTES,
     InputError,
     decode_json_object,
@@ -144,7 +144,7 @@ class Intake:
         stored exactly as :meth:`ack` does, committed before this returns. None for a
         payload refused as bad input (answered on the errors topic); an ack that could not
         be stored alone comes back ``not_stored``. A storage failure of the batch raises."""
-        parsed: list[tuple[str, AckIn]] = []
+        parsed: list[tuple[str, Ack]] = []
         where: list[int] = []
         out: list[store.AckResult | None] = [None] * len(items)
         for n, (device_id, payload, topic) in enumerate(items):

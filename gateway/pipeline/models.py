@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator, model_validator
 
 from devices.models import Device
-from gateway.timeutil import parse_iso, utcnow
+from gateway.timeutil import iso, parse_iso, utcnow
 
 MAX_JOB_BYTES = 256 * 1024
 MAX_ACK_BYTES = 16 * 1024
@@ -201,10 +201,47 @@ class AckIn(_Strict):
         return v.lower()
 
 
-def parse_ack(payload: bytes) -> AckIn:
+@dataclass(slots=True)
+class Ack:
+    """A validated ack, as :func:`parse_ack` gives it to the pipeline."""
+
+    message_id: str  # lowercase
+    status: str
+    at: datetime  # aware, UTC
+    error: str | None
+    at_text: str  # ``at`` as stored and forwarded (gateway.timeutil.iso: UTC, ms, "Z")
+
+    @classmethod
+    def of(cls, model: AckIn) -> "Ack":
+        return cls(model.message_id, model.status, model.at, model.error, iso(model.at))
+
+
+_ACK_KEYS = frozenset(AckIn.model_fields)
+_ACK_STATUSES = frozenset(("received", "displayed", "opened", "dismissed", "failed"))
+_CANONICAL_AT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
+
+
+def parse_ack(payload: bytes) -> Ack:
+    """Validate an ack (contract §9) with :class:`AckIn`'s rules. An ack that plainly has
+    the contract's shape (known keys only, plain strings within their limits, a status of
+    the list, a readable ``at``) is checked here without running the model: the same
+    checks, written out, at a fraction of the cost (an ack per delivery, 100,000 in a
+    fan-out); an ``at`` already written as the gateway writes times is kept as it came.
+    Anything else goes through the model, which gives the error that names the field;
+    both paths give the same result (tests/pipeline/test_ack_parse.py)."""
     obj = decode_json_object(payload, MAX_ACK_BYTES, "ack")
+    mid, status, at, error = obj.get("message_id"), obj.get("status"), obj.get("at"), obj.get("error")
+    if (type(mid) is str and 0 < len(mid) <= 64 and type(status) is str and status in _ACK_STATUSES
+            and type(at) is str and (error is None or (type(error) is str and len(error) <= 1024))
+            and _ACK_KEYS.issuperset(obj)):
+        try:
+            when = parse_iso(at)
+        except ValueError:
+            pass  # the model says why
+        else:
+            return Ack(mid.lower(), status, when, error, at if _CANONICAL_AT.fullmatch(at) else iso(when))
     try:
-        return AckIn.model_validate(obj)
+        return Ack.of(AckIn.model_validate(obj))
     except ValidationError as exc:
         raise InputError("invalid_ack", field_errors(exc)) from None
 

@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 
 from gateway.pipeline import store
-from gateway.pipeline.models import AckIn
+from gateway.pipeline.models import Ack
 from gateway.storage import Database, FailureEpisode, NotStored, is_storage_error
 
 log = structlog.get_logger(__name__)
@@ -32,7 +32,7 @@ MAX_BATCH = 2000
 
 @dataclass(slots=True)
 class _Item:
-    kind: str  # "result" | "ack" | "acks" (a list, one future) | "device" | "remove"
+    kind: str  # "result" | "results" (a list, one future) | "ack" | "acks" (a list, one future) | "device" | "remove"
     payload: Any
     future: asyncio.Future[Any]
 
@@ -50,10 +50,16 @@ class Recorder:
     async def result(self, result: store.Result) -> None:
         await self._submit("result", result)
 
-    async def ack(self, device_id: str, ack: AckIn) -> store.AckResult:
+    async def results(self, results: list[store.Result]) -> None:
+        """Many results, one future (the dispatcher's results of one loop iteration): the
+        same commit as :meth:`result`, without a future and a waiting coroutine per delivery."""
+        if results:
+            await self._submit("results", results)
+
+    async def ack(self, device_id: str, ack: Ack) -> store.AckResult:
         return await self._submit("ack", (device_id, ack))
 
-    async def acks(self, acks: list[tuple[str, AckIn]]) -> list[store.AckResult]:
+    async def acks(self, acks: list[tuple[str, Ack]]) -> list[store.AckResult]:
         """Many acks, one future (a bridge's batch of device acks): the same commit as
         :meth:`ack`; an ack that could not be stored alone comes back ``not_stored``."""
         if not acks:
@@ -79,11 +85,17 @@ class Recorder:
     async def run(self) -> None:
         """Runs until cancelled; a batch in progress is committed before cancellation lands."""
         while True:
-            first = await self._queue.get()
-            items = [first]
-            while len(items) < MAX_BATCH and not self._queue.empty():
-                items.append(self._queue.get_nowait())
-            await asyncio.shield(self._commit(items))
+            items = [await self._queue.get()]
+            try:
+                # One turn of the event loop before the batch is cut: what the callbacks and
+                # tasks already due in this turn hand over joins it (the dispatcher's results
+                # of a wave of sends and the acks those sends caused meet in one batch, where
+                # a send and its first ack are written once: store.apply_batch).
+                await asyncio.sleep(0)
+            finally:  # also when cancelled there: the items taken are committed first
+                while len(items) < MAX_BATCH and not self._queue.empty():
+                    items.append(self._queue.get_nowait())
+                await asyncio.shield(self._commit(items))
 
     async def flush(self) -> None:
         """Commit whatever is queued now (used at shutdown)."""
@@ -94,8 +106,13 @@ class Recorder:
             await self._commit(items)
 
     async def _commit(self, items: list[_Item]) -> None:
-        results = [i.payload for i in items if i.kind == "result"]
-        acks: list[tuple[str, AckIn]] = []
+        results: list[store.Result] = []
+        for i in items:
+            if i.kind == "result":
+                results.append(i.payload)
+            elif i.kind == "results":
+                results += i.payload
+        acks: list[tuple[str, Ack]] = []
         for i in items:
             if i.kind == "ack":
                 acks.append(i.payload)

@@ -103,15 +103,20 @@ ADDED_COLUMNS = [
     ("deliveries", "resend_at", "REAL", None),
 ]
 
+# Indexes an older gateway kept on ``deliveries`` that cost a B-tree insert and delete per
+# delivery for nothing (issue 11): ``deliveries_due(next_at)`` is served by
+# ``deliveries_route_due`` (the earliest due time is a MIN per route), and
+# ``deliveries_job_queued(job_id, route)`` by gateway.stats' queued index on
+# ``(job_id, <platform key>)``, the same rows with the job first.
+DROPPED_INDEXES = ("deliveries_due", "deliveries_job_queued")
+
 INDEXES = """
 CREATE INDEX IF NOT EXISTS jobs_to_expand ON jobs(expanded, created_at) WHERE expanded = 0;
 CREATE INDEX IF NOT EXISTS jobs_dirty ON jobs(status_dirty) WHERE status_dirty = 1;
 CREATE INDEX IF NOT EXISTS jobs_cloud_dirty ON jobs(cloud_dirty) WHERE cloud_dirty = 1;
 CREATE INDEX IF NOT EXISTS jobs_open ON jobs(expires_at) WHERE state IN ('accepted', 'dispatching');
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(updated_at) WHERE state IN ('completed', 'acknowledged', 'rejected');
-CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(next_at) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS deliveries_route_due ON deliveries(route, next_at) WHERE state = 'queued';
-CREATE INDEX IF NOT EXISTS deliveries_job_queued ON deliveries(job_id, route) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS deliveries_resend ON deliveries(route, resend_at) WHERE state = 'sent' AND resend_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS deliveries_by_device ON deliveries(device_id, message_id);
 CREATE INDEX IF NOT EXISTS acks_by_message ON acks(message_id);
@@ -127,6 +132,8 @@ def migrate(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
             if backfill:
                 conn.execute(backfill)
+    for name in DROPPED_INDEXES:
+        conn.execute(f"DROP INDEX IF EXISTS {name}")
     _run_script(conn, INDEXES)
     stats.prepare(conn)  # the aggregates every write of deliveries keeps (gateway.stats.tracking)
     if conn.execute("PRAGMA user_version").fetchone()[0] != VERSION:
