@@ -146,6 +146,15 @@ def apply_changes(conn: sqlite3.Connection, before: dict[str, _Row], after: dict
             slot = latency.setdefault((new[0], bucket_of(float(new[2]))), [0, 0.0])
             slot[0] += 1
             slot[1] += float(new[2])
+    apply_counts(conn, counts, latency)
+
+
+def apply_counts(conn: sqlite3.Connection, counts: dict[tuple[str, str], int],
+                 latency: dict[tuple[str, float], list[float]]) -> None:
+    """Move the aggregates by what a batch changed: ``counts`` (platform key, state) → rows
+    gained (negative: lost), ``latency`` (platform key, bucket) → [acks, sum of ms]. For
+    writers that know the changes without a before/after pair (the store's hot paths:
+    expansion, acks); :func:`apply_changes` ends here too."""
     moved = [(platform, state, n) for (platform, state), n in counts.items() if n]
     if moved:
         conn.executemany("INSERT INTO delivery_stats(platform, state, n) VALUES (?, ?, ?) "

@@ -258,6 +258,21 @@ class Dispatcher:
         job = self._jobs.get(row.job_id)
         if job is None:
             return 0
+        if row.resend or job.ttl == 0 or now >= job.expires_at:
+            return self._start_other(row, job, now)
+        picked = store.choose_channel(row.channels, row.invalid, self.slots)
+        if type(picked) is not store.Route or picked.platform != row.route:
+            return self._start_other(row, job, now)
+        # The usual case: a first attempt on the row's route, well inside the TTL.
+        slot = self.slots[picked.platform]
+        slot.in_flight += 1
+        self._in_flight[row.message_id] = picked.platform
+        self._spawn(self._send(slot, picked.platform, picked.channel, picked.key, row, job))
+        return 1
+
+    def _start_other(self, row: store.DueDelivery, job: JobInfo, now: float) -> int:
+        """:meth:`_start` for everything but a plain first attempt: resends, expiry, no usable
+        channel, a route that changed."""
         base = dict(message_id=row.message_id, job_id=row.job_id, device_id=row.device_id)
         if row.resend:
             if job.ttl == 0 or now >= job.expires_at:

@@ -439,7 +439,11 @@ def _insert_deliveries(conn: sqlite3.Connection, job_id: str, rows: list[tuple[s
         "INSERT OR IGNORE INTO deliveries(message_id, job_id, device_id, state, next_at, last_error, route) "
         "VALUES (?, ?, ?, ?, ?, ?, ?)", values)
     if cur.rowcount == len(values):  # every row is in, as written (platform key: its route)
-        stats.apply_changes(conn, {}, {v[0]: (v[6] or "", state, None) for v in values})
+        counts: dict[tuple[str, str], int] = {}
+        for _, route in rows:
+            k = (route or "", state)
+            counts[k] = counts.get(k, 0) + 1
+        stats.apply_counts(conn, counts, {})
     else:  # some were already there (same job and device): count the rows that went in
         stats.apply_changes(conn, {}, stats.snapshot(conn, [v[0] for v in values]))  # the ids are new
     return cur.rowcount
@@ -777,8 +781,12 @@ def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, Ack | AckIn]], no
                               f"WHERE message_id IN ({marks})", chunk):
             # job_id, device_id, state (kept current), sent_at, platform key (for gateway.stats)
             rows[r[0]] = [r[1], r[2], r[3], r[4], r[5]]
-    before: dict[str, tuple[str, str, Any]] = {}  # first acks: (platform key, state, latency) now ...
-    after: dict[str, tuple[str, str, Any]] = {}  # ... and once the updates below are made
+    # What the first acks move in gateway.stats: (platform key, state) → rows, and
+    # (platform key, latency bucket) → [acks, sum of ms]. The updates below are unconditional
+    # by message_id, so what they leave is known without a second read.
+    counts: dict[tuple[str, str], int] = {}
+    latency_sums: dict[tuple[str, float], list[float]] = {}
+    bucket_of = stats.bucket_of
     deltas = _Deltas()
     out: list[AckResult] = []
     inserts: list[tuple[Any, ...]] = []
@@ -819,14 +827,23 @@ def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, Ack | AckIn]], no
             conn.execute("RELEASE ack")
         inserts.append((ack.message_id, device_id, ack.status, at_iso, ack.error, now))
         if first:
-            before[ack.message_id] = (platform_key, state, None)
             if send is not None:
                 del sends[ack.message_id]
                 with_send.append((at_ts, latency, send.platform, send.platform, send.attempts, now, ack.message_id))
-                after[ack.message_id] = (send.platform or "", "acknowledged", latency)  # route = platform
+                new_key = send.platform or ""  # route = platform
             else:
                 plain.append((at_ts, latency, ack.message_id))
-                after[ack.message_id] = (platform_key, "acknowledged", latency)
+                new_key = platform_key
+            k = (platform_key, state)
+            counts[k] = counts.get(k, 0) - 1
+            k = (new_key, "acknowledged")
+            counts[k] = counts.get(k, 0) + 1
+            slot = latency_sums.get((new_key, bucket := bucket_of(latency)))  # type: ignore[arg-type]
+            if slot is None:
+                latency_sums[(new_key, bucket)] = [1, latency]
+            else:
+                slot[0] += 1
+                slot[1] += latency  # type: ignore[operator]
             deltas.move(job_id, state, "acknowledged")
             row[2] = "acknowledged"
         out.append(AckResult(True, job_id=job_id, latency_ms=latency, first=first))
@@ -837,9 +854,7 @@ def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, Ack | AckIn]], no
     if refused:
         bump(conn, "acks_refused", refused)
     _acknowledge(conn, plain, with_send)
-    # The updates are unconditional by message_id, so what they leave is known without a
-    # second read: the aggregates move in the same transaction (gateway.stats.tracking).
-    stats.apply_changes(conn, before, after)
+    stats.apply_counts(conn, counts, latency_sums)  # in the same transaction as the rows
     deltas.apply(conn, now)
     return out
 
