@@ -164,8 +164,7 @@ class Dispatcher:
                 paused.append(name)
                 wake_at = min(wake_at, slot.paused_until)
             elif slot.free > 0:
-                # Rows being sent or recorded are still due in the table: fetch past them.
-                wants[name] = min(5000, slot.free + len(self._in_flight))
+                wants[name] = slot.free  # rows being sent or recorded are left out by the query
         sweep = bool(paused)  # deliveries no bridge fetches now may still have to expire
         routable = list(self.slots)
         look_unrouted = now >= self._unrouted_at
@@ -179,7 +178,7 @@ class Dispatcher:
             for name, limit in wants.items():
                 rows = store.due_for_route(conn, name, now, limit, resends=name in resend, skip=skip)
                 # With sends in flight, their completion wakes us anyway; else look ahead.
-                idle = len(rows) + len(skip) < limit and self.slots[name].in_flight == 0
+                idle = len(rows) < limit and self.slots[name].in_flight == 0
                 fetched[name] = (rows, store.next_due_for_route(conn, name, now, resends=name in resend)
                                  if idle else None)
             unrouted = store.unrouted_due(conn, now, routable, 200) if look_unrouted else []

@@ -488,34 +488,29 @@ def _due_rows(rows: Iterable[Any], resend: bool = False,
             for r in rows if r[0] not in skip]
 
 
-def _due_details(conn: sqlite3.Connection, picked: list[tuple[int, str]], resend: bool = False) -> list[DueDelivery]:
-    """The due rows ``picked`` ((rowid, message_id), in due order) with their device's
-    channels, in the same order: looked up by rowid, 500 at a time."""
-    by_id: dict[str, DueDelivery] = {}
-    for chunk in _chunks(picked):
-        marks = ",".join("?" * len(chunk))
-        for d in _due_rows(conn.execute(_DUE_COLUMNS + f"WHERE d.rowid IN ({marks})", [r[0] for r in chunk]), resend):
-            by_id[d.message_id] = d
-    return [by_id[m] for _, m in picked if m in by_id]
+# The states are literals: a partial index is used only for a WHERE that plainly implies its own.
+_DUE_SKIPPING = (_DUE_COLUMNS + "WHERE d.state = '{state}' AND d.route = ? AND d.{at} <= ? "
+                 "AND d.message_id NOT IN (SELECT value FROM json_each(?)) ORDER BY d.{at} LIMIT ?")
+_DUE_QUEUED = _DUE_SKIPPING.format(state="queued", at="next_at")
+_DUE_RESEND = _DUE_SKIPPING.format(state="sent", at="resend_at")
 
 
 def due_for_route(conn: sqlite3.Connection, route: str, now: float, limit: int,
                   resends: bool = True, skip: frozenset[str] | set[str] = frozenset()) -> list[DueDelivery]:
-    """Due work of one bridge: queued deliveries first, then sent ones due for a resend.
-    ``limit`` counts fetched rows, including those in ``skip`` (left out of the answer).
+    """Due work of one bridge, up to ``limit`` rows not in ``skip``: queued deliveries first,
+    then sent ones due for a resend.
 
-    Under a large job most due rows are still in flight (being sent or recorded), and the
-    dispatcher fetches past them on every pass: the due order is read from the partial index
-    alone (rowid and message_id), and only the rows not in ``skip`` are then read with their
-    device's channels (a join and two JSON documents each). Reading every fetched row with
-    its join cost about 8 µs per skipped row on the database thread (bench/README.md)."""
-    fetched = conn.execute("SELECT rowid, message_id FROM deliveries WHERE state = 'queued' AND route = ? "
-                           "AND next_at <= ? ORDER BY next_at LIMIT ?", (route, now, limit)).fetchall()
-    out = _due_details(conn, [(r[0], r[1]) for r in fetched if r[1] not in skip])
-    if resends and len(fetched) < limit:
-        again = conn.execute("SELECT rowid, message_id FROM deliveries WHERE state = 'sent' AND route = ? "
-                             "AND resend_at <= ? ORDER BY resend_at LIMIT ?", (route, now, limit - len(fetched)))
-        out += _due_details(conn, [(r[0], r[1]) for r in again if r[1] not in skip], resend=True)
+    Under a large job many due rows are still in flight (being sent or recorded; they stay
+    due in the table until their result commits). They are left out by SQLite itself
+    (``NOT IN`` the ids handed over as one JSON array, looked up in a temporary index), in
+    one statement per kind that walks the due index and joins the device's channels only
+    for the rows it returns: no Python object per skipped row, no second lookup per row,
+    and the work runs in SQLite, which lets the event loop's thread run meanwhile (the
+    database thread's Python holds the GIL; bench/README.md, "Pipeline")."""
+    ids = json.dumps(list(skip)) if skip else "[]"
+    out = _due_rows(conn.execute(_DUE_QUEUED, (route, now, ids, limit)))
+    if resends and len(out) < limit:
+        out += _due_rows(conn.execute(_DUE_RESEND, (route, now, ids, limit - len(out))), resend=True)
     return out
 
 
