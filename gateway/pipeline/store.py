@@ -434,18 +434,23 @@ def _insert_deliveries(conn: sqlite3.Connection, job_id: str, rows: list[tuple[s
                        error: str | None, now: float) -> int:
     if not rows:
         return 0
-    values = [(m, job_id, d, state, now, error, route) for m, (d, route) in zip(new_message_ids(len(rows)), rows)]
-    cur = conn.executemany(
+    # One statement for the page: the rows go in as one JSON array ([message_id, device_id,
+    # route] each) that SQLite walks itself (json_each, in order), instead of a statement
+    # step with seven bound values per row; the per-row work then runs in SQLite, without
+    # the GIL the event loop needs (bench/README.md, "Pipeline").
+    ids = new_message_ids(len(rows))
+    cur = conn.execute(
         "INSERT OR IGNORE INTO deliveries(message_id, job_id, device_id, state, next_at, last_error, route) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?)", values)
-    if cur.rowcount == len(values):  # every row is in, as written (platform key: its route)
+        "SELECT value->>0, ?, value->>1, ?, ?, ?, value->>2 FROM json_each(?)",
+        (job_id, state, now, error, json.dumps([[m, d, route] for m, (d, route) in zip(ids, rows)])))
+    if cur.rowcount == len(rows):  # every row is in, as written (platform key: its route)
         counts: dict[tuple[str, str], int] = {}
         for _, route in rows:
             k = (route or "", state)
             counts[k] = counts.get(k, 0) + 1
         stats.apply_counts(conn, counts, {})
     else:  # some were already there (same job and device): count the rows that went in
-        stats.apply_changes(conn, {}, stats.snapshot(conn, [v[0] for v in values]))  # the ids are new
+        stats.apply_changes(conn, {}, stats.snapshot(conn, ids))  # the ids are new
     return cur.rowcount
 
 
@@ -788,6 +793,7 @@ def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, Ack | AckIn]], no
     plain: list[tuple[Any, ...]] = []
     with_send: list[tuple[Any, ...]] = []
     refused = 0
+    nul = False  # an error text with a NUL: SQLite's JSON functions would cut it there
     sends = sends if sends is not None else {}
     forwarding = forward is not None and acks_topic is not None
     for device_id, ack in acks:
@@ -820,14 +826,16 @@ def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, Ack | AckIn]], no
                 out.append(AckResult(False, f"not stored: {exc}", not_stored=True))
                 continue
             conn.execute("RELEASE ack")
-        inserts.append((ack.message_id, device_id, ack.status, at_iso, ack.error, now))
+        inserts.append((ack.message_id, device_id, ack.status, at_iso, ack.error))
+        if ack.error is not None and "\x00" in ack.error:
+            nul = True
         if first:
             if send is not None:
                 del sends[ack.message_id]
-                with_send.append((at_ts, latency, send.platform, send.platform, send.attempts, now, ack.message_id))
+                with_send.append((ack.message_id, at_ts, latency, send.platform, send.attempts))
                 new_key = send.platform or ""  # route = platform
             else:
-                plain.append((at_ts, latency, ack.message_id))
+                plain.append((ack.message_id, at_ts, latency))
                 new_key = platform_key
             k = (platform_key, state)
             counts[k] = counts.get(k, 0) - 1
@@ -842,26 +850,41 @@ def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, Ack | AckIn]], no
             deltas.move(job_id, state, "acknowledged")
             row[2] = "acknowledged"
         out.append(AckResult(True, job_id=job_id, latency_ms=latency, first=first))
-    if inserts:
+    # The batch's rows go to SQLite as one JSON array each (json_each walks them in order),
+    # not a statement step with bound values per row: see _insert_deliveries.
+    if inserts and nul:
         conn.executemany("INSERT INTO acks(message_id, device_id, status, at, error, received_at) "
-                         "VALUES (?, ?, ?, ?, ?, ?)", inserts)
+                         "VALUES (?, ?, ?, ?, ?, ?)", [(*i, now) for i in inserts])
+    elif inserts:
+        conn.execute("INSERT INTO acks(message_id, device_id, status, at, error, received_at) "
+                     "SELECT value->>0, value->>1, value->>2, value->>3, value->>4, ? FROM json_each(?)",
+                     (now, json.dumps(inserts)))
+    if inserts:
         bump(conn, "acks_stored", len(inserts))
     if refused:
         bump(conn, "acks_refused", refused)
-    _acknowledge(conn, plain, with_send)
+    _acknowledge(conn, plain, with_send, now)
     stats.apply_counts(conn, counts, latency_sums)  # in the same transaction as the rows
     deltas.apply(conn, now)
     return out
 
 
-def _acknowledge(conn: sqlite3.Connection, plain: list[tuple[Any, ...]], with_send: list[tuple[Any, ...]]) -> None:
+def _acknowledge(conn: sqlite3.Connection, plain: list[tuple[Any, ...]], with_send: list[tuple[Any, ...]],
+                 now: float) -> None:
+    """First acks: ``plain`` [message_id, acked_at, latency_ms], ``with_send`` the same and
+    the send's platform and attempts (its route is its platform, its sent_at the batch's
+    time). One UPDATE … FROM json_each per list, each row found by primary key; the ids
+    are distinct (only a delivery's first ack is here). Floats keep their value through the
+    JSON text (Python writes the shortest text that reads back to the same double)."""
     if plain:
-        conn.executemany("UPDATE deliveries SET state = 'acknowledged', acked_at = ?, latency_ms = ?, "
-                         "resend_at = NULL WHERE message_id = ?", plain)
+        conn.execute("UPDATE deliveries SET state = 'acknowledged', acked_at = j.value->>1, "
+                     "latency_ms = j.value->>2, resend_at = NULL "
+                     "FROM json_each(?) AS j WHERE deliveries.message_id = j.value->>0", (json.dumps(plain),))
     if with_send:
-        conn.executemany("UPDATE deliveries SET state = 'acknowledged', acked_at = ?, latency_ms = ?, "
-                         "resend_at = NULL, last_error = NULL, platform = ?, route = ?, attempts = ?, sent_at = ? "
-                         "WHERE message_id = ?", with_send)
+        conn.execute("UPDATE deliveries SET state = 'acknowledged', acked_at = j.value->>1, "
+                     "latency_ms = j.value->>2, resend_at = NULL, last_error = NULL, platform = j.value->>3, "
+                     "route = j.value->>3, attempts = j.value->>4, sent_at = ? "
+                     "FROM json_each(?) AS j WHERE deliveries.message_id = j.value->>0", (now, json.dumps(with_send)))
 
 
 # ------------------------------------------------------------------ retention
