@@ -775,12 +775,13 @@ def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, Ack | AckIn]], no
     rows: dict[str, list[Any]] = {}
     ids = list({ack.message_id for _, ack in acks})
     key = stats.platform_key(conn)
-    for chunk in _chunks(ids):
-        marks = ",".join("?" * len(chunk))
-        for r in conn.execute(f"SELECT message_id, job_id, device_id, state, sent_at, {key} FROM deliveries "
-                              f"WHERE message_id IN ({marks})", chunk):
-            # job_id, device_id, state (kept current), sent_at, platform key (for gateway.stats)
-            rows[r[0]] = [r[1], r[2], r[3], r[4], r[5]]
+    # The ids as one JSON array: the same statement text for every batch size, so it is
+    # prepared once and found in the connection's statement cache (an IN list of n marks
+    # is a new statement for every n a batch happens to have).
+    for r in conn.execute(f"SELECT message_id, job_id, device_id, state, sent_at, {key} FROM deliveries "
+                          "WHERE message_id IN (SELECT value FROM json_each(?))", (json.dumps(ids),)):
+        # job_id, device_id, state (kept current), sent_at, platform key (for gateway.stats)
+        rows[r[0]] = [r[1], r[2], r[3], r[4], r[5]]
     # What the first acks move in gateway.stats: (platform key, state) → rows, and
     # (platform key, latency bucket) → [acks, sum of ms]. The updates below are unconditional
     # by message_id, so what they leave is known without a second read.
