@@ -36,9 +36,14 @@ class Notification:
     collapse_key: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Delivery:
-    """One (job, device) pair on one channel, as handed to a bridge."""
+    """One (job, device) pair on one channel, as handed to a bridge.
+
+    Not frozen, though bridges only read it: one is made per send, and a frozen dataclass
+    sets each of its 10 fields through ``object.__setattr__`` (several times the cost of a
+    plain one; bench/README.md, "Pipeline"). Nothing hashes a Delivery or keeps one past
+    its send."""
 
     message_id: str  # lowercase UUID; APNs apns-id
     job_id: str

@@ -38,6 +38,7 @@ is a read that costs a handful of rows whatever the fleet size.
 from __future__ import annotations
 
 import bisect
+import json
 import sqlite3
 import time
 from collections import Counter
@@ -72,7 +73,6 @@ CREATE TABLE IF NOT EXISTS ack_latency_stats (
 # The row-level triggers an older gateway kept the tables with; dropped by migrate().
 OLD_TRIGGERS = ("delivery_stats_insert", "delivery_stats_delete", "delivery_stats_update", "ack_latency_stats_update")
 QUEUED_INDEX = "deliveries_queued_by_platform"
-_CHUNK = 500  # ids per IN (...) lookup
 
 
 def platform_columns(conn: sqlite3.Connection) -> list[str]:
@@ -103,12 +103,11 @@ def snapshot(conn: sqlite3.Connection, ids: list[str]) -> dict[str, _Row]:
     """message_id → (platform key, state, latency_ms) of those of ``ids`` that exist."""
     key = platform_key(conn)  # one PRAGMA per batch; the columns may differ between databases
     out: dict[str, _Row] = {}
-    for start in range(0, len(ids), _CHUNK):
-        chunk = ids[start:start + _CHUNK]
-        marks = ",".join("?" * len(chunk))
-        for r in conn.execute(f"SELECT message_id, {key}, state, latency_ms FROM deliveries "
-                              f"WHERE message_id IN ({marks})", chunk):
-            out[r[0]] = (r[1], r[2], r[3])
+    # The ids as one JSON array: one statement text whatever their number, prepared once
+    # (an IN list of n marks is a new statement for every n).
+    for r in conn.execute(f"SELECT message_id, {key}, state, latency_ms FROM deliveries "
+                          "WHERE message_id IN (SELECT value FROM json_each(?))", (json.dumps(ids),)):
+        out[r[0]] = (r[1], r[2], r[3])
     return out
 
 
@@ -146,6 +145,15 @@ def apply_changes(conn: sqlite3.Connection, before: dict[str, _Row], after: dict
             slot = latency.setdefault((new[0], bucket_of(float(new[2]))), [0, 0.0])
             slot[0] += 1
             slot[1] += float(new[2])
+    apply_counts(conn, counts, latency)
+
+
+def apply_counts(conn: sqlite3.Connection, counts: dict[tuple[str, str], int],
+                 latency: dict[tuple[str, float], list[float]]) -> None:
+    """Move the aggregates by what a batch changed: ``counts`` (platform key, state) → rows
+    gained (negative: lost), ``latency`` (platform key, bucket) → [acks, sum of ms]. For
+    writers that know the changes without a before/after pair (the store's hot paths:
+    expansion, acks); :func:`apply_changes` ends here too."""
     moved = [(platform, state, n) for (platform, state), n in counts.items() if n]
     if moved:
         conn.executemany("INSERT INTO delivery_stats(platform, state, n) VALUES (?, ?, ?) "

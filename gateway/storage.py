@@ -176,7 +176,7 @@ class _DaemonThreadExecutor(concurrent.futures.Executor):
     ``ThreadPoolExecutor`` joins its threads at interpreter exit."""
 
     def __init__(self, name: str = "sqlite"):
-        self._queue: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None] = \
+        self._queue: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any] | None] | None] = \
             queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
@@ -185,6 +185,9 @@ class _DaemonThreadExecutor(concurrent.futures.Executor):
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
             fn, fut = item
+            if fut is None:  # Database.run: fn hands its answer over itself
+                fn()
+                continue
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
@@ -207,6 +210,48 @@ class _DaemonThreadExecutor(concurrent.futures.Executor):
             self._thread.join()
 
 
+class _Answers:
+    """Answers of :meth:`Database.run` calls, handed from the database thread to the event
+    loop: the thread appends, and schedules one pick-up on the loop only if none is
+    pending; the loop sets every collected answer's future in that one callback."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._done: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        self._scheduled = False
+
+    def run(self, fut: asyncio.Future[Any], call: Callable[[Any], Any], fn: Any) -> None:
+        """On the database thread: run ``call(fn)`` unless its caller is gone, hand over the answer."""
+        if fut.cancelled():  # a plain read; a cancel that comes later gets the answer ignored
+            return
+        try:
+            item = (fut, True, call(fn))
+        except BaseException as exc:  # handed to the caller
+            item = (fut, False, exc)
+        with self._lock:
+            self._done.append(item)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    def _deliver(self) -> None:
+        with self._lock:
+            done, self._done = self._done, []
+            self._scheduled = False
+        for fut, ok, value in done:
+            if fut.done():  # cancelled meanwhile
+                continue
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+
+
 class Database:
     """Serialises all access on one thread; ``run`` wraps each call in a transaction."""
 
@@ -216,6 +261,7 @@ class Database:
         self._conn: sqlite3.Connection | None = None
         self._thread_id: int | None = None
         self._give_up_at: float | None = None  # monotonic; lock waits end here (shutdown)
+        self._answers: _Answers | None = None
 
     def _open(self) -> None:
         self._conn = connect(self.path)
@@ -251,9 +297,25 @@ class Database:
         return self
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(conn)`` in one transaction on the database thread."""
+        """Run ``fn(conn)`` in one transaction on the database thread.
+
+        The answer comes back on a plain asyncio future, set from the database thread with
+        one ``call_soon_threadsafe`` for all answers the loop has not picked up yet
+        (:class:`_Answers`), instead of ``run_in_executor``'s concurrent future (a lock and
+        a condition each), its chaining callbacks and one write to the loop's wake-up
+        socket per call: that write releases the GIL, and the database thread, the
+        critical path of a fan-out, then waits to get it back (bench/README.md,
+        "Pipeline"). A call whose caller was cancelled before it started is not run, as
+        with ``run_in_executor``."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call, fn)
+        answers = self._answers
+        if answers is None or answers.loop is not loop:
+            answers = self._answers = _Answers(loop)
+        fut: asyncio.Future[T] = loop.create_future()
+        if self._executor._shutdown:
+            raise RuntimeError("database executor is shut down")
+        self._executor._queue.put((lambda: answers.run(fut, self._call, fn), None))
+        return await fut
 
     def run_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """For code already on the database thread (nested use is a bug)."""

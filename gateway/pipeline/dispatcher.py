@@ -164,8 +164,7 @@ class Dispatcher:
                 paused.append(name)
                 wake_at = min(wake_at, slot.paused_until)
             elif slot.free > 0:
-                # Rows being sent or recorded are still due in the table: fetch past them.
-                wants[name] = min(5000, slot.free + len(self._in_flight))
+                wants[name] = slot.free  # rows being sent or recorded are left out by the query
         sweep = bool(paused)  # deliveries no bridge fetches now may still have to expire
         routable = list(self.slots)
         look_unrouted = now >= self._unrouted_at
@@ -179,7 +178,7 @@ class Dispatcher:
             for name, limit in wants.items():
                 rows = store.due_for_route(conn, name, now, limit, resends=name in resend, skip=skip)
                 # With sends in flight, their completion wakes us anyway; else look ahead.
-                idle = len(rows) + len(skip) < limit and self.slots[name].in_flight == 0
+                idle = len(rows) < limit and self.slots[name].in_flight == 0
                 fetched[name] = (rows, store.next_due_for_route(conn, name, now, resends=name in resend)
                                  if idle else None)
             unrouted = store.unrouted_due(conn, now, routable, 200) if look_unrouted else []
@@ -258,6 +257,21 @@ class Dispatcher:
         job = self._jobs.get(row.job_id)
         if job is None:
             return 0
+        if row.resend or job.ttl == 0 or now >= job.expires_at:
+            return self._start_other(row, job, now)
+        picked = store.choose_channel(row.channels, row.invalid, self.slots)
+        if type(picked) is not store.Route or picked.platform != row.route:
+            return self._start_other(row, job, now)
+        # The usual case: a first attempt on the row's route, well inside the TTL.
+        slot = self.slots[picked.platform]
+        slot.in_flight += 1
+        self._in_flight[row.message_id] = picked.platform
+        self._spawn(self._send(slot, picked.platform, picked.channel, picked.key, row, job))
+        return 1
+
+    def _start_other(self, row: store.DueDelivery, job: JobInfo, now: float) -> int:
+        """:meth:`_start` for everything but a plain first attempt: resends, expiry, no usable
+        channel, a route that changed."""
         base = dict(message_id=row.message_id, job_id=row.job_id, device_id=row.device_id)
         if row.resend:
             if job.ttl == 0 or now >= job.expires_at:

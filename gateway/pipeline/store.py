@@ -434,14 +434,23 @@ def _insert_deliveries(conn: sqlite3.Connection, job_id: str, rows: list[tuple[s
                        error: str | None, now: float) -> int:
     if not rows:
         return 0
-    values = [(m, job_id, d, state, now, error, route) for m, (d, route) in zip(new_message_ids(len(rows)), rows)]
-    cur = conn.executemany(
+    # One statement for the page: the rows go in as one JSON array ([message_id, device_id,
+    # route] each) that SQLite walks itself (json_each, in order), instead of a statement
+    # step with seven bound values per row; the per-row work then runs in SQLite, without
+    # the GIL the event loop needs (bench/README.md, "Pipeline").
+    ids = new_message_ids(len(rows))
+    cur = conn.execute(
         "INSERT OR IGNORE INTO deliveries(message_id, job_id, device_id, state, next_at, last_error, route) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?)", values)
-    if cur.rowcount == len(values):  # every row is in, as written (platform key: its route)
-        stats.apply_changes(conn, {}, {v[0]: (v[6] or "", state, None) for v in values})
+        "SELECT value->>0, ?, value->>1, ?, ?, ?, value->>2 FROM json_each(?)",
+        (job_id, state, now, error, json.dumps([[m, d, route] for m, (d, route) in zip(ids, rows)])))
+    if cur.rowcount == len(rows):  # every row is in, as written (platform key: its route)
+        counts: dict[tuple[str, str], int] = {}
+        for _, route in rows:
+            k = (route or "", state)
+            counts[k] = counts.get(k, 0) + 1
+        stats.apply_counts(conn, counts, {})
     else:  # some were already there (same job and device): count the rows that went in
-        stats.apply_changes(conn, {}, stats.snapshot(conn, [v[0] for v in values]))  # the ids are new
+        stats.apply_changes(conn, {}, stats.snapshot(conn, ids))  # the ids are new
     return cur.rowcount
 
 
@@ -484,34 +493,29 @@ def _due_rows(rows: Iterable[Any], resend: bool = False,
             for r in rows if r[0] not in skip]
 
 
-def _due_details(conn: sqlite3.Connection, picked: list[tuple[int, str]], resend: bool = False) -> list[DueDelivery]:
-    """The due rows ``picked`` ((rowid, message_id), in due order) with their device's
-    channels, in the same order: looked up by rowid, 500 at a time."""
-    by_id: dict[str, DueDelivery] = {}
-    for chunk in _chunks(picked):
-        marks = ",".join("?" * len(chunk))
-        for d in _due_rows(conn.execute(_DUE_COLUMNS + f"WHERE d.rowid IN ({marks})", [r[0] for r in chunk]), resend):
-            by_id[d.message_id] = d
-    return [by_id[m] for _, m in picked if m in by_id]
+# The states are literals: a partial index is used only for a WHERE that plainly implies its own.
+_DUE_SKIPPING = (_DUE_COLUMNS + "WHERE d.state = '{state}' AND d.route = ? AND d.{at} <= ? "
+                 "AND d.message_id NOT IN (SELECT value FROM json_each(?)) ORDER BY d.{at} LIMIT ?")
+_DUE_QUEUED = _DUE_SKIPPING.format(state="queued", at="next_at")
+_DUE_RESEND = _DUE_SKIPPING.format(state="sent", at="resend_at")
 
 
 def due_for_route(conn: sqlite3.Connection, route: str, now: float, limit: int,
                   resends: bool = True, skip: frozenset[str] | set[str] = frozenset()) -> list[DueDelivery]:
-    """Due work of one bridge: queued deliveries first, then sent ones due for a resend.
-    ``limit`` counts fetched rows, including those in ``skip`` (left out of the answer).
+    """Due work of one bridge, up to ``limit`` rows not in ``skip``: queued deliveries first,
+    then sent ones due for a resend.
 
-    Under a large job most due rows are still in flight (being sent or recorded), and the
-    dispatcher fetches past them on every pass: the due order is read from the partial index
-    alone (rowid and message_id), and only the rows not in ``skip`` are then read with their
-    device's channels (a join and two JSON documents each). Reading every fetched row with
-    its join cost about 8 µs per skipped row on the database thread (bench/README.md)."""
-    fetched = conn.execute("SELECT rowid, message_id FROM deliveries WHERE state = 'queued' AND route = ? "
-                           "AND next_at <= ? ORDER BY next_at LIMIT ?", (route, now, limit)).fetchall()
-    out = _due_details(conn, [(r[0], r[1]) for r in fetched if r[1] not in skip])
-    if resends and len(fetched) < limit:
-        again = conn.execute("SELECT rowid, message_id FROM deliveries WHERE state = 'sent' AND route = ? "
-                             "AND resend_at <= ? ORDER BY resend_at LIMIT ?", (route, now, limit - len(fetched)))
-        out += _due_details(conn, [(r[0], r[1]) for r in again if r[1] not in skip], resend=True)
+    Under a large job many due rows are still in flight (being sent or recorded; they stay
+    due in the table until their result commits). They are left out by SQLite itself
+    (``NOT IN`` the ids handed over as one JSON array, looked up in a temporary index), in
+    one statement per kind that walks the due index and joins the device's channels only
+    for the rows it returns: no Python object per skipped row, no second lookup per row,
+    and the work runs in SQLite, which lets the event loop's thread run meanwhile (the
+    database thread's Python holds the GIL; bench/README.md, "Pipeline")."""
+    ids = json.dumps(list(skip)) if skip else "[]"
+    out = _due_rows(conn.execute(_DUE_QUEUED, (route, now, ids, limit)))
+    if resends and len(out) < limit:
+        out += _due_rows(conn.execute(_DUE_RESEND, (route, now, ids, limit - len(out))), resend=True)
     return out
 
 
@@ -771,20 +775,26 @@ def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, Ack | AckIn]], no
     rows: dict[str, list[Any]] = {}
     ids = list({ack.message_id for _, ack in acks})
     key = stats.platform_key(conn)
-    for chunk in _chunks(ids):
-        marks = ",".join("?" * len(chunk))
-        for r in conn.execute(f"SELECT message_id, job_id, device_id, state, sent_at, {key} FROM deliveries "
-                              f"WHERE message_id IN ({marks})", chunk):
-            # job_id, device_id, state (kept current), sent_at, platform key (for gateway.stats)
-            rows[r[0]] = [r[1], r[2], r[3], r[4], r[5]]
-    before: dict[str, tuple[str, str, Any]] = {}  # first acks: (platform key, state, latency) now ...
-    after: dict[str, tuple[str, str, Any]] = {}  # ... and once the updates below are made
+    # The ids as one JSON array: the same statement text for every batch size, so it is
+    # prepared once and found in the connection's statement cache (an IN list of n marks
+    # is a new statement for every n a batch happens to have).
+    for r in conn.execute(f"SELECT message_id, job_id, device_id, state, sent_at, {key} FROM deliveries "
+                          "WHERE message_id IN (SELECT value FROM json_each(?))", (json.dumps(ids),)):
+        # job_id, device_id, state (kept current), sent_at, platform key (for gateway.stats)
+        rows[r[0]] = [r[1], r[2], r[3], r[4], r[5]]
+    # What the first acks move in gateway.stats: (platform key, state) → rows, and
+    # (platform key, latency bucket) → [acks, sum of ms]. The updates below are unconditional
+    # by message_id, so what they leave is known without a second read.
+    counts: dict[tuple[str, str], int] = {}
+    latency_sums: dict[tuple[str, float], list[float]] = {}
+    bucket_of = stats.bucket_of
     deltas = _Deltas()
     out: list[AckResult] = []
     inserts: list[tuple[Any, ...]] = []
     plain: list[tuple[Any, ...]] = []
     with_send: list[tuple[Any, ...]] = []
     refused = 0
+    nul = False  # an error text with a NUL: SQLite's JSON functions would cut it there
     sends = sends if sends is not None else {}
     forwarding = forward is not None and acks_topic is not None
     for device_id, ack in acks:
@@ -817,41 +827,65 @@ def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, Ack | AckIn]], no
                 out.append(AckResult(False, f"not stored: {exc}", not_stored=True))
                 continue
             conn.execute("RELEASE ack")
-        inserts.append((ack.message_id, device_id, ack.status, at_iso, ack.error, now))
+        inserts.append((ack.message_id, device_id, ack.status, at_iso, ack.error))
+        if ack.error is not None and "\x00" in ack.error:
+            nul = True
         if first:
-            before[ack.message_id] = (platform_key, state, None)
             if send is not None:
                 del sends[ack.message_id]
-                with_send.append((at_ts, latency, send.platform, send.platform, send.attempts, now, ack.message_id))
-                after[ack.message_id] = (send.platform or "", "acknowledged", latency)  # route = platform
+                with_send.append((ack.message_id, at_ts, latency, send.platform, send.attempts))
+                new_key = send.platform or ""  # route = platform
             else:
-                plain.append((at_ts, latency, ack.message_id))
-                after[ack.message_id] = (platform_key, "acknowledged", latency)
+                plain.append((ack.message_id, at_ts, latency))
+                new_key = platform_key
+            k = (platform_key, state)
+            counts[k] = counts.get(k, 0) - 1
+            k = (new_key, "acknowledged")
+            counts[k] = counts.get(k, 0) + 1
+            slot = latency_sums.get((new_key, bucket := bucket_of(latency)))  # type: ignore[arg-type]
+            if slot is None:
+                latency_sums[(new_key, bucket)] = [1, latency]
+            else:
+                slot[0] += 1
+                slot[1] += latency  # type: ignore[operator]
             deltas.move(job_id, state, "acknowledged")
             row[2] = "acknowledged"
         out.append(AckResult(True, job_id=job_id, latency_ms=latency, first=first))
-    if inserts:
+    # The batch's rows go to SQLite as one JSON array each (json_each walks them in order),
+    # not a statement step with bound values per row: see _insert_deliveries.
+    if inserts and nul:
         conn.executemany("INSERT INTO acks(message_id, device_id, status, at, error, received_at) "
-                         "VALUES (?, ?, ?, ?, ?, ?)", inserts)
+                         "VALUES (?, ?, ?, ?, ?, ?)", [(*i, now) for i in inserts])
+    elif inserts:
+        conn.execute("INSERT INTO acks(message_id, device_id, status, at, error, received_at) "
+                     "SELECT value->>0, value->>1, value->>2, value->>3, value->>4, ? FROM json_each(?)",
+                     (now, json.dumps(inserts)))
+    if inserts:
         bump(conn, "acks_stored", len(inserts))
     if refused:
         bump(conn, "acks_refused", refused)
-    _acknowledge(conn, plain, with_send)
-    # The updates are unconditional by message_id, so what they leave is known without a
-    # second read: the aggregates move in the same transaction (gateway.stats.tracking).
-    stats.apply_changes(conn, before, after)
+    _acknowledge(conn, plain, with_send, now)
+    stats.apply_counts(conn, counts, latency_sums)  # in the same transaction as the rows
     deltas.apply(conn, now)
     return out
 
 
-def _acknowledge(conn: sqlite3.Connection, plain: list[tuple[Any, ...]], with_send: list[tuple[Any, ...]]) -> None:
+def _acknowledge(conn: sqlite3.Connection, plain: list[tuple[Any, ...]], with_send: list[tuple[Any, ...]],
+                 now: float) -> None:
+    """First acks: ``plain`` [message_id, acked_at, latency_ms], ``with_send`` the same and
+    the send's platform and attempts (its route is its platform, its sent_at the batch's
+    time). One UPDATE … FROM json_each per list, each row found by primary key; the ids
+    are distinct (only a delivery's first ack is here). Floats keep their value through the
+    JSON text (Python writes the shortest text that reads back to the same double)."""
     if plain:
-        conn.executemany("UPDATE deliveries SET state = 'acknowledged', acked_at = ?, latency_ms = ?, "
-                         "resend_at = NULL WHERE message_id = ?", plain)
+        conn.execute("UPDATE deliveries SET state = 'acknowledged', acked_at = j.value->>1, "
+                     "latency_ms = j.value->>2, resend_at = NULL "
+                     "FROM json_each(?) AS j WHERE deliveries.message_id = j.value->>0", (json.dumps(plain),))
     if with_send:
-        conn.executemany("UPDATE deliveries SET state = 'acknowledged', acked_at = ?, latency_ms = ?, "
-                         "resend_at = NULL, last_error = NULL, platform = ?, route = ?, attempts = ?, sent_at = ? "
-                         "WHERE message_id = ?", with_send)
+        conn.execute("UPDATE deliveries SET state = 'acknowledged', acked_at = j.value->>1, "
+                     "latency_ms = j.value->>2, resend_at = NULL, last_error = NULL, platform = j.value->>3, "
+                     "route = j.value->>3, attempts = j.value->>4, sent_at = ? "
+                     "FROM json_each(?) AS j WHERE deliveries.message_id = j.value->>0", (now, json.dumps(with_send)))
 
 
 # ------------------------------------------------------------------ retention

@@ -1,0 +1,64 @@
+"""The store writes a page of delivery rows and a batch's acks as one statement over a
+JSON array (issue 11): what lands in the tables must be exactly what the values were,
+whatever the text (non-ASCII, quotes, newlines, a NUL that SQLite's JSON functions would
+cut) and to the last bit of every float."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from gateway import stats
+from gateway.pipeline import schema, store
+from gateway.pipeline.models import Ack
+from gateway.storage import Database
+
+from .test_policies import Harness, ScriptedBridge, job, sim
+
+ERRORS = [None, "plain", "quote \" backslash \\ newline \n tab \t", "emoji 😀 and é", "nul \x00 after the nul",
+          "\u2028 line separator"]
+
+
+async def test_ack_rows_and_first_ack_updates_keep_every_value_exactly(tmp_path: Path):
+    db = await Database(tmp_path / "gw.db").open([schema.migrate, stats.migrate])
+    try:
+        h = Harness(db, {"simulation": ScriptedBridge("simulation")}, batch_size=50)
+        await h.add_devices([sim(f"d.{i:03}:x-y") for i in range(30)])
+        job_id = await h.submit(job({"all": True}, ttl=600))
+        await db.run(lambda conn: store.expand_page(conn, job_id, 50, time.time(), ["simulation"]))
+        rows = await db.run(lambda conn: conn.execute(
+            "SELECT message_id, device_id, route, state FROM deliveries WHERE job_id = ? ORDER BY rowid",
+            (job_id,)).fetchall())
+        assert [r[1] for r in rows] == [f"d.{i:03}:x-y" for i in range(30)]  # in order, as written
+        assert {(r[2], r[3]) for r in rows} == {("simulation", "queued")}
+
+        now = time.time()
+        acks = []
+        for n, r in enumerate(rows):
+            at = datetime.fromtimestamp(now - n * 0.0137, UTC)
+            text = at.isoformat(timespec="milliseconds")[:-6] + "Z"
+            acks.append((r[1], Ack(r[0], "received", datetime.fromisoformat(text[:-1] + "+00:00"),
+                                   ERRORS[n % len(ERRORS)], text)))
+        # Half of them with their send in the same batch (the UPDATE that records both).
+        sends = [store.Result(r[0], job_id, r[1], "sent", "simulation", 1) for r in rows[::2]]
+        out = await db.run(lambda conn: store.apply_batch(conn, sends, acks, now))
+        assert all(o.accepted and o.first for o in out)
+
+        stored = await db.run(lambda conn: conn.execute(
+            "SELECT a.message_id, a.device_id, a.status, a.at, a.error, a.received_at, d.state, d.acked_at, "
+            "d.latency_ms, d.platform, d.route, d.attempts, d.sent_at FROM acks a "
+            "JOIN deliveries d ON d.message_id = a.message_id ORDER BY a.id").fetchall())
+        assert len(stored) == len(acks)
+        for n, ((device_id, ack), s, o) in enumerate(zip(acks, stored, out)):
+            assert tuple(s[:6]) == (ack.message_id, device_id, "received", ack.at_text, ack.error, now)
+            assert s[6] == "acknowledged"
+            assert s[7] == ack.at.timestamp()  # bit for bit
+            assert s[8] == o.latency_ms
+            if n % 2 == 0:  # its send was recorded by the same update
+                assert (s[9], s[10], s[11], s[12]) == ("simulation", "simulation", 1, now)
+            else:  # acked with no send recorded: the row keeps what expansion wrote
+                assert (s[9], s[10], s[11], s[12]) == (None, "simulation", 0, None)
+        assert await db.run(stats.delivery_counts) == {("simulation", "acknowledged"): 30}  # platform key: platform, else route
+    finally:
+        await db.close()
