@@ -124,10 +124,22 @@ class Recorder:
         def work(conn: Any) -> tuple[list[store.AckResult], list[Any]]:
             now = time.time()
             # Registrations first, in arrival order (a device registered and acked in the
-            # same batch is known to the ack); each is one small upsert in the batch's
-            # transaction, so a burst of registrations costs one fsync per batch.
-            changed = [store.upsert_device(conn, *i.payload, now) if i.kind == "device"
-                       else store.remove_device(conn, i.payload) for i in registry]
+            # same batch is known to the ack), in the batch's transaction, so a burst of
+            # registrations costs one fsync per batch. Each run of registrations between
+            # removals is one store.upsert_devices (a SELECT per 500, one executemany).
+            changed: list[Any] = []
+            run: list[tuple[Any, str]] = []
+            for i in registry:
+                if i.kind == "device":
+                    run.append(i.payload)
+                    changed.append(None)
+                    continue
+                if run:
+                    store.upsert_devices(conn, run, now)
+                    run = []
+                changed.append(store.remove_device(conn, i.payload))
+            if run:
+                store.upsert_devices(conn, run, now)
             return store.apply_batch(conn, results, acks, now, forward, topic), changed
 
         try:
