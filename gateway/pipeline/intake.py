@@ -120,9 +120,13 @@ class Intake:
             await self._error(topic, err)
             return False
         await self.recorder.register(device, source)  # in the recorder's next batched commit
-        if log.isEnabledFor(logging.INFO):  # structlog would build the event (~25 us) to drop it
-            log.info("device registered", device_id=device_id, source=source,
-                     channels=[c.platform for c in device.channels])
+        # Per device at debug; at info the recorder logs one "devices registered" line per
+        # commit (README, "Devices"): a burst of thousands a second would otherwise cost
+        # ~25-60 us of the event loop per device and overrun journald's rate limit, which
+        # then drops the gateway's other lines too.
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("device registered", device_id=device_id, source=source,
+                      channels=[c.platform for c in device.channels])
         return True
 
     # ----------------------------------------------------------------- acks

@@ -15,6 +15,7 @@ be stored on its own (``NotStored`` from the upstream buffer) fails only its own
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,20 @@ class _Item:
     kind: str  # "result" | "results" (a list, one future) | "ack" | "acks" (a list, one future) | "device" | "remove"
     payload: Any
     future: asyncio.Future[Any]
+
+
+SHOWN_IDS = 10  # device ids named in a "devices registered" line
+
+
+def _log_registered(registry: list[_Item]) -> None:
+    """One info line per commit for its registrations (the per-device line is at debug):
+    how many, and the first device ids with their sources, so a lone registration is
+    still named."""
+    devices = [i.payload for i in registry if i.kind == "device"]
+    if devices:
+        log.info("devices registered", count=len(devices),
+                 devices=[f"{d.device_id} ({source})" for d, source in devices[:SHOWN_IDS]],
+                 more=max(0, len(devices) - SHOWN_IDS))
 
 
 class Recorder:
@@ -155,6 +170,8 @@ class Recorder:
             return
         self.failures.ok()
         self.batches += 1
+        if registry and log.isEnabledFor(logging.INFO):
+            _log_registered(registry)
         ack_at = 0
         changed_iter = iter(changed)
         for item in items:
