@@ -15,7 +15,6 @@ be stored on its own (``NotStored`` from the upstream buffer) fails only its own
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -170,7 +169,7 @@ class Recorder:
             return
         self.failures.ok()
         self.batches += 1
-        if registry and log.isEnabledFor(logging.INFO):
+        if registry:
             _log_registered(registry)
         ack_at = 0
         changed_iter = iter(changed)

@@ -6,6 +6,7 @@ registration in the batch keeps that channel's address."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
@@ -88,3 +89,31 @@ def test_a_batch_larger_than_one_select(tmp_path):
         assert conn.execute("SELECT invalid FROM devices WHERE device_id = 'd-0000'").fetchone()[0] == "{}"
     finally:
         conn.close()
+
+
+async def test_the_recorder_keeps_arrival_order_across_removals(tmp_path):
+    """One recorder batch: register, remove, register again (with a mark in between
+    from before the batch). Runs of registrations are cut at the removal, so the device
+    exists at the end, its old mark is gone with the removal, and remove says it existed."""
+    from gateway.pipeline.recorder import Recorder
+    from gateway.storage import Database
+
+    db = await Database(tmp_path / "gw.db").open([schema.migrate])
+    try:
+        fcm = lambda tok: Device.model_validate({"device_id": "d-1", "channels": [{"platform": "fcm", "token": tok}]})
+        await db.run(lambda c: store.upsert_device(c, fcm("t"), "old", 1.0))
+        await db.run(lambda c: store.mark_invalid(c, "d-1", "fcm|t", "gone", 2.0))
+        recorder = Recorder(db)
+        runner = asyncio.create_task(recorder.run())
+        first = asyncio.ensure_future(recorder.register(fcm("t"), "mqtt"))
+        removed = asyncio.ensure_future(recorder.remove("d-1"))
+        again = asyncio.ensure_future(recorder.register(fcm("t"), "http:x"))
+        gone = asyncio.ensure_future(recorder.remove("d-2"))
+        assert await asyncio.gather(first, removed, again, gone) == [None, True, None, False]
+        assert recorder.batches == 1
+        row = await db.run(lambda c: tuple(c.execute("SELECT source, invalid FROM devices WHERE device_id = 'd-1'").fetchone()))
+        assert row == ("http:x", "{}")
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+    finally:
+        await db.close()
