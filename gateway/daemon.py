@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from gateway import __version__
+from gateway import __version__, gc_tuning
 from gateway.broker import BrokerStartError, EmbeddedBroker, InternalCredentials
 from gateway.config import Config, ConfigError, load_config
 from gateway.lock import AlreadyRunning, DaemonLock
@@ -255,6 +255,7 @@ class Daemon:
         if await _services_started(self.services, service_tasks):  # e.g. the HTTP API listens
             self.notifier.ready(status)
             self._ready = True
+            gc_tuning.freeze()  # startup's objects leave the collector's sight (gateway/gc_tuning.py)
             log.info("gateway ready", site_id=cfg.gateway.site_id, mode=cfg.broker.mode, url=cfg.broker.url,
                      services=[s.name for s in self.services], version=__version__)
 
@@ -376,6 +377,7 @@ def _observer_services(daemon: Daemon) -> list[Service]:
 
 
 def run_daemon(cfg: Config) -> int:
+    gc_tuning.tune()
     return asyncio.run(Daemon(cfg).run())
 
 

@@ -36,6 +36,9 @@ from gateway.storage import Database
 from gateway.topics import Topics
 
 log = structlog.get_logger(__name__)
+# The same logger through the stdlib, for a level check that works whether or not
+# structlog is configured (gateway.logs routes structlog through these loggers).
+_stdlog = logging.getLogger(__name__)
 
 
 class Intake:
@@ -120,9 +123,13 @@ class Intake:
             await self._error(topic, err)
             return False
         await self.recorder.register(device, source)  # in the recorder's next batched commit
-        if log.isEnabledFor(logging.INFO):  # structlog would build the event (~25 us) to drop it
-            log.info("device registered", device_id=device_id, source=source,
-                     channels=[c.platform for c in device.channels])
+        # Per device at debug; at info the recorder logs one "devices registered" line per
+        # commit (README, "Devices"): a burst of thousands a second would otherwise cost
+        # ~25-60 us of the event loop per device and overrun journald's rate limit, which
+        # then drops the gateway's other lines too.
+        if _stdlog.isEnabledFor(logging.DEBUG):
+            log.debug("device registered", device_id=device_id, source=source,
+                      channels=[c.platform for c in device.channels])
         return True
 
     # ----------------------------------------------------------------- acks

@@ -37,6 +37,20 @@ class _Item:
     future: asyncio.Future[Any]
 
 
+SHOWN_IDS = 10  # device ids named in a "devices registered" line
+
+
+def _log_registered(registry: list[_Item]) -> None:
+    """One info line per commit for its registrations (the per-device line is at debug):
+    how many, and the first device ids with their sources, so a lone registration is
+    still named."""
+    devices = [i.payload for i in registry if i.kind == "device"]
+    if devices:
+        log.info("devices registered", count=len(devices),
+                 devices=[f"{d.device_id} ({source})" for d, source in devices[:SHOWN_IDS]],
+                 more=max(0, len(devices) - SHOWN_IDS))
+
+
 class Recorder:
     def __init__(self, db: Database, forward: store.Forwarder | None = None, acks_topic: str | None = None):
         self._db = db
@@ -124,10 +138,22 @@ class Recorder:
         def work(conn: Any) -> tuple[list[store.AckResult], list[Any]]:
             now = time.time()
             # Registrations first, in arrival order (a device registered and acked in the
-            # same batch is known to the ack); each is one small upsert in the batch's
-            # transaction, so a burst of registrations costs one fsync per batch.
-            changed = [store.upsert_device(conn, *i.payload, now) if i.kind == "device"
-                       else store.remove_device(conn, i.payload) for i in registry]
+            # same batch is known to the ack), in the batch's transaction, so a burst of
+            # registrations costs one fsync per batch. Each run of registrations between
+            # removals is one store.upsert_devices (a SELECT per 500, one executemany).
+            changed: list[Any] = []
+            run: list[tuple[Any, str]] = []
+            for i in registry:
+                if i.kind == "device":
+                    run.append(i.payload)
+                    changed.append(None)
+                    continue
+                if run:
+                    store.upsert_devices(conn, run, now)
+                    run = []
+                changed.append(store.remove_device(conn, i.payload))
+            if run:
+                store.upsert_devices(conn, run, now)
             return store.apply_batch(conn, results, acks, now, forward, topic), changed
 
         try:
@@ -143,6 +169,8 @@ class Recorder:
             return
         self.failures.ok()
         self.batches += 1
+        if registry:
+            _log_registered(registry)
         ack_at = 0
         changed_iter = iter(changed)
         for item in items:

@@ -82,6 +82,38 @@ def upsert_device(conn: sqlite3.Connection, device: Device, source: str, now: fl
     )
 
 
+_UPSERT_DEVICE = (
+    "INSERT INTO devices(device_id, segment, tags, channels, invalid, source, updated_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET segment = excluded.segment, "
+    "tags = excluded.tags, channels = excluded.channels, invalid = excluded.invalid, "
+    "source = excluded.source, updated_at = excluded.updated_at")
+
+
+def upsert_devices(conn: sqlite3.Connection, devices: list[tuple[Device, str]], now: float) -> None:
+    """:func:`upsert_device` for each (device, source) in order, as one SELECT per 500
+    distinct devices and one ``executemany``: the recorder's batch of registrations
+    (a registration burst is thousands per commit). The rows written are the same, in
+    the same order: a device twice in the batch ends as its last registration, with the
+    invalid marks that both registrations' channel lists keep."""
+    ids = list(dict.fromkeys(d.device_id for d, _ in devices))
+    marks_of: dict[str, dict[str, Any]] = {}
+    for chunk in _chunks(ids):
+        sql = f"SELECT device_id, invalid FROM devices WHERE device_id IN ({','.join('?' * len(chunk))})"
+        for device_id, invalid in conn.execute(sql, chunk):
+            if invalid != "{}":
+                marks_of[device_id] = json.loads(invalid)
+    rows = []
+    for device, source in devices:
+        marks = marks_of.get(device.device_id)
+        if marks:
+            keys = {channel_key(c) for c in device.channels}
+            marks = marks_of[device.device_id] = {k: v for k, v in marks.items() if k in keys}
+        rows.append((device.device_id, device.segment, json.dumps(device.tags) if device.tags else "[]",
+                     json.dumps([c.model_dump(exclude_none=True) for c in device.channels]),
+                     json.dumps(marks) if marks else "{}", source, now))
+    conn.executemany(_UPSERT_DEVICE, rows)
+
+
 def remove_device(conn: sqlite3.Connection, device_id: str) -> bool:
     return conn.execute("DELETE FROM devices WHERE device_id = ?", (device_id,)).rowcount > 0
 
