@@ -53,6 +53,12 @@ def get_config() -> Config:
     except ConfigError as exc:
         fail(exc.lines())
         raise  # unreachable
+    from gateway.storage import SqliteTooOld, check_sqlite
+
+    try:
+        check_sqlite()
+    except SqliteTooOld as exc:
+        fail(str(exc))
     note = shadow_note(state.config_path)
     if note:
         typer.echo(note, err=True)

@@ -122,8 +122,27 @@ class FailureEpisode:
         self.failures = 0
 
 
+# The pipeline's batched writes use the JSON operator ``->>`` (SQLite 3.38) and
+# ``UPDATE … FROM`` (3.33); an older library would fail on the first fan-out with a bare
+# syntax error, so it is refused when the database is opened, by name.
+MIN_SQLITE = (3, 38, 0)
+
+
+class SqliteTooOld(RuntimeError):
+    pass
+
+
+def check_sqlite(version: tuple[int, int, int] = sqlite3.sqlite_version_info) -> None:
+    if version < MIN_SQLITE:
+        raise SqliteTooOld(
+            f"SQLite {'.'.join(map(str, version))} is too old: the gateway needs "
+            f"{'.'.join(map(str, MIN_SQLITE))} or newer (the library Python's sqlite3 module "
+            f"is linked against; Debian 12's is 3.40)")
+
+
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     """A connection with the gateway's pragmas (also used by the CLI)."""
+    check_sqlite()
     path.parent.mkdir(parents=True, exist_ok=True)
     if readonly:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, isolation_level=None,

@@ -62,3 +62,15 @@ async def test_ack_rows_and_first_ack_updates_keep_every_value_exactly(tmp_path:
         assert await db.run(stats.delivery_counts) == {("simulation", "acknowledged"): 30}  # platform key: platform, else route
     finally:
         await db.close()
+
+
+def test_an_sqlite_older_than_the_batched_writes_need_is_refused_by_name():
+    """The batched writes use ``->>`` (SQLite 3.38): an older library is refused when the
+    database is opened, with both versions named, not with a syntax error mid fan-out."""
+    import pytest
+
+    from gateway.storage import MIN_SQLITE, SqliteTooOld, check_sqlite
+
+    check_sqlite(MIN_SQLITE)
+    with pytest.raises(SqliteTooOld, match=r"SQLite 3\.37\.2 is too old: the gateway needs 3\.38\.0"):
+        check_sqlite((3, 37, 2))
