@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -302,7 +303,7 @@ def enqueue(conn: sqlite3.Connection, kind: Kind, topic: str, payload: bytes, re
         if used + size > cap:
             if refuse_new:
                 if kind == "ack":
-                    _refuse(cap, topic)
+                    _refuse(conn, cap, topic)
                 # a status snapshot is never refused: it goes in over the cap
             else:
                 _make_room(conn, cap, size)
@@ -414,15 +415,18 @@ def _coalesce_all_acks(conn: sqlite3.Connection) -> int:
     return n
 
 
-def _refuse(cap: int, topic: str) -> None:
+def _refuse(conn: sqlite3.Connection, cap: int, topic: str) -> None:
     """refuse-new at the cap: count, warn (rate-limited), raise; nothing is written.
 
     The caller rolls back what it did for this ack (it must, to not acknowledge it), so
-    anything written here would be undone: the refusal is counted in memory (on the
-    database thread, like every enqueue) and moved to the state table by :func:`stats`.
+    anything written here would be undone: the refusal is counted in memory, per database
+    file, and moved to the state table by :func:`record_refusals` on the writer's next
+    transaction that asks for it (the link's and the drain's ``stats(..., record=True)``).
     """
-    global _refused_pending, _refused_since_warning, _refuse_warned_at
-    _refused_pending += 1
+    global _refused_since_warning, _refuse_warned_at
+    key = _database_key(conn)
+    with _refused_lock:
+        _refused_pending[key] = _refused_pending.get(key, 0) + 1
     _refused_since_warning += 1
     now = time.monotonic()
     if _refuse_warned_at is None or now - _refuse_warned_at >= REFUSE_WARNING_INTERVAL_S:
@@ -434,16 +438,42 @@ def _refuse(cap: int, topic: str) -> None:
 
 
 REFUSE_WARNING_INTERVAL_S = 60.0
-_refused_pending = 0  # refusals not yet added to the state table (database thread only)
+# Refusals not yet added to the state table, per database file. Per file, not one number
+# for the process: a reader (the /metrics scrape, the operator page, on their own
+# connections and threads) only adds them to what it reports, and a count of one
+# database must never be written into another's (as happened between tests in one process).
+_refused_pending: dict[str, int] = {}
+_refused_lock = threading.Lock()
 _refused_since_warning = 0
 _refuse_warned_at: float | None = None
 
 
-def _record_refusals(conn: sqlite3.Connection) -> None:
-    global _refused_pending
-    if _refused_pending:
-        _count(conn, "refused", _refused_pending)
-        _refused_pending = 0
+def _database_key(conn: sqlite3.Connection) -> str:
+    row = conn.execute("PRAGMA database_list").fetchone()  # (seq, "main", file; "" in memory)
+    return f"{row[2]}" if row[2] else f"memory:{id(conn)}"
+
+
+def _pending_refusals(conn: sqlite3.Connection) -> int:
+    if not _refused_pending:
+        return 0
+    with _refused_lock:
+        return _refused_pending.get(_database_key(conn), 0)
+
+
+def record_refusals(conn: sqlite3.Connection) -> None:
+    """Move the refusals counted in memory into the state table (the writer's transaction)."""
+    if not _refused_pending:
+        return
+    key = _database_key(conn)
+    with _refused_lock:
+        n = _refused_pending.pop(key, 0)
+    if n:
+        try:
+            _count(conn, "refused", n)
+        except BaseException:
+            with _refused_lock:  # not written: keep them for the next try
+                _refused_pending[key] = _refused_pending.get(key, 0) + n
+            raise
 
 
 def _make_room(conn: sqlite3.Connection, cap: int, size: int) -> None:
@@ -579,16 +609,20 @@ def set_aside_rows(conn: sqlite3.Connection) -> list[dict[str, object]]:
              "reason": r[5]} for r in rows]
 
 
-def stats(conn: sqlite3.Connection) -> OutboxStats:
+def stats(conn: sqlite3.Connection, *, record: bool = False) -> OutboxStats:
+    """The outbox's figures. ``record`` (the writer only) first moves the refusals counted in
+    memory into the state table; without it nothing is written (readers on their own
+    connections call this too) and the pending refusals are added to the count reported."""
     _state(conn, "id")
-    _record_refusals(conn)
+    if record:
+        record_refusals(conn)
     (used, rows, dropped, coalesced, cap, near, coalesced_acks, refused, aside,
      refuse_new) = _state(conn, "bytes, rows, dropped, coalesced, max_bytes, near, coalesced_acks, refused,"
                                 " set_aside, refuse_new")
     oldest = conn.execute("SELECT created_at FROM upstream_outbox ORDER BY seq LIMIT 1").fetchone()
     age = max(0.0, time.time() - float(oldest[0])) if oldest else None
     return OutboxStats(int(used), int(rows), int(dropped), int(coalesced), int(cap), bool(near), age,
-                       int(coalesced_acks), int(refused), int(aside),
+                       int(coalesced_acks), int(refused) + (0 if record else _pending_refusals(conn)), int(aside),
                        "refuse-new" if refuse_new else "drop-oldest")
 
 

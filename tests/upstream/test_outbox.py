@@ -402,6 +402,34 @@ def test_a_row_set_aside_is_kept_counted_and_out_of_the_drain(conn):
                                                                        "3 sessions in a row")]
 
 
+def test_refusals_belong_to_their_database_and_readers_only_report_them(tmp_path: Path):
+    """Refusals are counted in memory until the writer stores them. A reader on its own
+    read-only connection (the /metrics scrape, the operator page) reports them without
+    writing, and they are never written into another database of the same process (this
+    flaked the upgrade test below when a refusal of an earlier test was still pending)."""
+    a, b = connect(tmp_path / "a.db"), connect(tmp_path / "b.db")
+    tx(a, lambda c: outbox.configure(c, 1_000, "refuse-new"))
+    tx(b, outbox.ensure_schema)
+    refused = 0
+    for i in range(40):
+        try:
+            tx(a, lambda c, i=i: device_ack(c, f"m{i}", "received", i))
+        except outbox.OutboxFull:
+            refused += 1
+    assert refused > 0
+    reader = connect(tmp_path / "a.db", readonly=True)
+    assert outbox.stats(reader).refused == refused  # reported, nothing written (read-only)
+    assert a.execute("SELECT refused FROM upstream_outbox_state").fetchone()[0] == 0
+    assert tx(b, lambda c: outbox.stats(c, record=True)).refused == 0  # not the other file's
+    tx(b, lambda c: ack(c, 1))
+    assert b.execute("SELECT refused FROM upstream_outbox_state").fetchone()[0] == 0
+    assert tx(a, lambda c: outbox.stats(c, record=True)).refused == refused  # the writer stores them
+    assert a.execute("SELECT refused FROM upstream_outbox_state").fetchone()[0] == refused
+    assert outbox.stats(reader).refused == refused  # once, not twice
+    for c in (reader, a, b):
+        c.close()
+
+
 def test_a_database_from_the_previous_release_is_upgraded_in_place(tmp_path: Path):
     """The state table gained columns: an old one is altered, its rows and counters kept."""
     c = connect(tmp_path / "old.db")
