@@ -29,6 +29,7 @@ import structlog
 
 from gateway.config import MqttUrl
 from gateway.storage import FailureEpisode, is_storage_error
+from gateway.topics import FilterTree
 
 log = structlog.get_logger(__name__)
 
@@ -494,62 +495,17 @@ def _read_in_chunks(client: aiomqtt.Client) -> None:
     inner.on_socket_open = on_socket_open
 
 
-class _RouteNode:
-    __slots__ = ("children", "end", "plus", "rest")
-
-    def __init__(self) -> None:
-        self.children: dict[str, _RouteNode] = {}
-        self.plus: _RouteNode | None = None   # the filter has '+' at this level
-        self.end: int | None = None           # a filter ends here: the first route's index
-        self.rest: int | None = None          # a filter has '#' here: the first route's index
-
-
 class _RouteIndex:
-    """The routes' filters as a tree of levels. :meth:`first` is the first route (in the order
-    they were added) whose filter matches a topic (MQTT 3.1.1 §4.7, as
-    :func:`gateway.topics.matches`): one walk over the topic's levels instead of a match per
-    route. The alarm engine adds a route per distinct rule filter, so with 100 rules every
-    telemetry message was matched against up to 100 filters, each split again
-    (bench/README.md, "Alarms")."""
+    """The first route (in the order they were added) whose filter matches a topic, from
+    one walk of :class:`gateway.topics.FilterTree` instead of a match per route (the alarm
+    engine adds a route per distinct rule filter; bench/README.md, "Alarms")."""
 
     def __init__(self) -> None:
-        self._root = _RouteNode()
+        self._tree: FilterTree[int] = FilterTree()
 
     def add(self, topic_filter: str, index: int) -> None:
-        node = self._root
-        for level in topic_filter.split("/"):
-            if level == "#":
-                node.rest = index if node.rest is None else min(node.rest, index)
-                return
-            if level == "+":
-                if node.plus is None:
-                    node.plus = _RouteNode()
-                node = node.plus
-            else:
-                child = node.children.get(level)
-                if child is None:
-                    child = node.children[level] = _RouteNode()
-                node = child
-        node.end = index if node.end is None else min(node.end, index)
+        if self._tree.get(topic_filter) is None:   # a filter added again keeps its first route
+            self._tree.set(topic_filter, index)
 
     def first(self, topic: str) -> int | None:
-        levels = topic.split("/")
-        n = len(levels)
-        dollar = topic.startswith("$")   # never matched by a leading wildcard [MQTT-4.7.2-1]
-        best: int | None = None
-        stack = [(self._root, 0)]
-        while stack:
-            node, depth = stack.pop()
-            wild = not (dollar and depth == 0)
-            if node.rest is not None and wild and (best is None or node.rest < best):
-                best = node.rest   # '#' also matches the parent level: "a/#" matches "a"
-            if depth == n:
-                if node.end is not None and (best is None or node.end < best):
-                    best = node.end
-                continue
-            child = node.children.get(levels[depth])
-            if child is not None:
-                stack.append((child, depth + 1))
-            if node.plus is not None and wild:
-                stack.append((node.plus, depth + 1))
-        return best
+        return min(self._tree.matching(topic), default=None)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Generic, TypeVar
 
+from gateway.topics import FilterTree
+
 T = TypeVar("T")
 
 MAX_TOPIC_BYTES = 65535
@@ -84,21 +86,6 @@ def covers(outer: list[str], inner: list[str]) -> bool:
     return len(outer) == n_inner
 
 
-class _Node(Generic[T]):
-    """One level of the wildcard filters' tree."""
-
-    __slots__ = ("children", "end", "plus", "rest")
-
-    def __init__(self) -> None:
-        self.children: dict[str, _Node[T]] = {}
-        self.plus: _Node[T] | None = None                 # '+' at this level
-        self.end: dict[str, tuple[T, int]] | None = None   # filters that end here
-        self.rest: dict[str, tuple[T, int]] | None = None  # filters with '#' here
-
-    def empty(self) -> bool:
-        return not self.children and self.plus is None and self.end is None and self.rest is None
-
-
 def _merge(out: dict[str, tuple[T, int]], subs: dict[str, tuple[T, int]]) -> None:
     if not out:
         out.update(subs)
@@ -117,12 +104,12 @@ class SubscriptionIndex(Generic[T]):
     alarm engine subscribes the gateway to one filter per rule: with 100 rules a scan
     matched every telemetry message against 100 filters; bench/README.md, "Alarms")."""
 
-    __slots__ = ("_exact", "_root", "_wild")
+    __slots__ = ("_exact", "_tree", "_wild")
 
     def __init__(self) -> None:
         self._exact: dict[str, dict[str, tuple[T, int]]] = {}
         self._wild: dict[str, dict[str, tuple[T, int]]] = {}   # wildcard filter → its subscribers
-        self._root: _Node[T] = _Node()
+        self._tree: FilterTree[dict[str, tuple[T, int]]] = FilterTree()   # the same dicts by level
 
     def add(self, topic_filter: str, client_id: str, client: T, qos: int) -> None:
         if not has_wildcard(topic_filter):
@@ -131,59 +118,21 @@ class SubscriptionIndex(Generic[T]):
         subs = self._wild.get(topic_filter)
         if subs is None:
             subs = self._wild[topic_filter] = {}
-            node = self._root
-            for level in topic_filter.split("/"):
-                if level == "#":
-                    node.rest = subs
-                    break
-                if level == "+":
-                    if node.plus is None:
-                        node.plus = _Node()
-                    node = node.plus
-                else:
-                    child = node.children.get(level)
-                    if child is None:
-                        child = node.children[level] = _Node()
-                    node = child
-            else:
-                node.end = subs
+            self._tree.set(topic_filter, subs)
         subs[client_id] = (client, qos)
 
     def remove(self, topic_filter: str, client_id: str) -> None:
-        if not has_wildcard(topic_filter):
-            subs = self._exact.get(topic_filter)
-            if subs is not None:
-                subs.pop(client_id, None)
-                if not subs:
-                    del self._exact[topic_filter]
-            return
-        subs = self._wild.get(topic_filter)
+        subs = (self._wild if has_wildcard(topic_filter) else self._exact).get(topic_filter)
         if subs is None:
             return
         subs.pop(client_id, None)
         if subs:
             return
-        del self._wild[topic_filter]
-        path: list[tuple[_Node[T], str]] = []   # (parent, level) down to the filter's node
-        node = self._root
-        for level in topic_filter.split("/"):
-            if level == "#":
-                node.rest = None
-                break
-            nxt = node.plus if level == "+" else node.children.get(level)
-            assert nxt is not None  # every wildcard filter in _wild has its path
-            path.append((node, level))
-            node = nxt
+        if has_wildcard(topic_filter):
+            del self._wild[topic_filter]
+            self._tree.discard(topic_filter)
         else:
-            node.end = None
-        for parent, level in reversed(path):  # drop the nodes no filter needs any more
-            child = parent.plus if level == "+" else parent.children[level]
-            if not child.empty():
-                break
-            if level == "+":
-                parent.plus = None
-            else:
-                del parent.children[level]
+            del self._exact[topic_filter]
 
     def match(self, topic: str) -> dict[str, tuple[T, int]]:
         """Every subscribed client whose filters match, with the maximum granted QoS."""
@@ -192,24 +141,8 @@ class SubscriptionIndex(Generic[T]):
         if exact:
             out.update(exact)
         if self._wild:
-            levels = topic.split("/")
-            n = len(levels)
-            dollar = topic.startswith("$")
-            stack = [(self._root, 0)]
-            while stack:
-                node, depth = stack.pop()
-                wild = not (dollar and depth == 0)  # [MQTT-4.7.2-1]
-                if node.rest is not None and wild:
-                    _merge(out, node.rest)  # '#' also matches the parent level: "a/#" matches "a"
-                if depth == n:
-                    if node.end is not None:
-                        _merge(out, node.end)
-                    continue
-                child = node.children.get(levels[depth])
-                if child is not None:
-                    stack.append((child, depth + 1))
-                if node.plus is not None and wild:
-                    stack.append((node.plus, depth + 1))
+            for subs in self._tree.matching(topic):
+                _merge(out, subs)
         return out
 
     def __len__(self) -> int:

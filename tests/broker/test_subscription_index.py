@@ -52,4 +52,4 @@ def test_removing_every_filter_leaves_an_empty_tree():
     for topic_filter in filters:
         index.remove(topic_filter, "c1")
     assert len(index) == 0 and index.match("a/b/c") == {}
-    assert index._root.empty()  # noqa: SLF001 - no node outlives its last filter
+    assert index._tree._root.empty()  # noqa: SLF001 - no node outlives its last filter
