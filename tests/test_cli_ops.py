@@ -243,3 +243,14 @@ def test_send_wait_draws_a_progress_bar_on_a_terminal(gateway_factory, tmp_path:
     partial = [int(n) for n in __import__("re").findall(r"\b(\d+)/60\b", screen)]
     assert partial and min(partial) < 60
     assert gw.stop(signal.SIGTERM) == 0
+
+
+def test_every_command_refuses_an_sqlite_too_old_for_the_batched_writes(cfg_path: Path, monkeypatch):
+    """The library's version is what it is on this machine; the floor is raised instead, so
+    the check the CLI runs before any command must refuse it with one line naming both."""
+    import gateway.storage
+
+    monkeypatch.setattr(gateway.storage, "MIN_SQLITE", (99, 0, 0))
+    for args in (["check-config"], ["devices", "list"]):
+        code, err = run_inproc(cfg_path, *args)
+        assert code != 0 and "is too old: the gateway needs 99.0.0 or newer" in err, (args, code, err)
