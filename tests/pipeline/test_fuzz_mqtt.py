@@ -87,7 +87,7 @@ def expected_answer(topic: str, body: bytes) -> tuple[str, str | None]:
         except InputError:
             return "error", None
         return "ack", None
-    if not DEVICE_ID_RE.match(device_id):
+    if not DEVICE_ID_RE.fullmatch(device_id):
         return "error", None
     if not body:
         return "device", None
