@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from gateway import __version__, stats
+from gateway import __version__, setaside, stats
 from gateway.mqtt import GatewayClient
 
 if TYPE_CHECKING:
@@ -195,6 +195,7 @@ class HealthReporter:
                               "last_error": getattr(client, "last_error", None)},
             "broker": _broker_metrics(d),
             "bridges": bridge_health(d.pipeline),
+            "set_aside": set_aside_view(d),
             "upstream": self._upstream(d),
             "http": ({"bind": d.cfg.http.bind, "url": d.cfg.http.base_url()} if d.cfg.http is not None else None),
         }
@@ -232,6 +233,25 @@ def _migrate(conn: sqlite3.Connection) -> None:
 
     schema.migrate(conn)  # idempotent; the pipeline runs it too, whoever is first
     stats.migrate(conn)
+
+
+def set_aside_view(d: "Daemon") -> dict[str, Any]:
+    """Messages set aside by the gateway's MQTT links (gateway.setaside): a count per link
+    and the last few of all links, newest last, for ``status`` and ``/metrics``."""
+    links: dict[str, Any] = {"broker": d.client}
+    link = next((s for s in d.services if getattr(s, "name", "") == "upstream"), None)
+    if link is not None:
+        links["upstream"] = getattr(link, "client", None)
+    counts: dict[str, int] = {}
+    recent: list[dict[str, Any]] = []
+    for name, client in links.items():
+        kept = getattr(client, "set_aside", None)
+        if kept is None:
+            continue
+        counts[name] = kept.count
+        recent.extend({"link": name, **m} for m in kept.recent())
+    recent.sort(key=lambda m: m["at"])
+    return {"counts": counts, "recent": recent[-setaside.KEEP:]}
 
 
 def _broker_metrics(d: "Daemon") -> dict[str, Any] | None:
