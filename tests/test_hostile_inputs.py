@@ -212,3 +212,34 @@ def test_every_hostile_http_request_is_answered_and_the_next_one_flows(site, rou
 def test_no_http_request_failed_inside_the_daemon(site):
     assert "http handler failed" not in site.gw.log()
     assert site.gw.proc.poll() is None
+
+
+def test_ids_with_a_trailing_newline_or_dot_segments_are_refused_by_the_daemon(site):
+    """`re.match` with `^...$` let "nl\\n" and "dev-z\\n" through: the job was stored (as
+    rejected) and its status published on a topic ending in a newline."""
+    s = site
+    for job_id in ("nl\n", ".."):
+        s.local.publish(f"{P}/jobs", json.dumps({"job_id": job_id, "target": {"all": True},
+                                                  "notification": {"title": "t"}}))
+    s.local.publish(f"{P}/devices/dev-z\n/register",
+                    json.dumps({"device_id": "dev-z\n", "channels": [{"platform": "simulation"}]}))
+    for device_id in ("dev-z\n", ".."):
+        r = httpx.put(f"{s.base}/v1/devices/{quote(device_id, safe='')}", auth=("tech", "tech-pw"), timeout=10,
+                      json={"device_id": device_id, "channels": [{"platform": "simulation"}]})
+        assert r.status_code in (400, 404), (device_id, r.status_code, r.text)
+
+    def refused(msgs: Any) -> bool:
+        errors = [json.loads(p) for _, t, p, _ in msgs if t == f"{P}/gateway/errors"]
+        about_jobs = [e for e in errors if e["topic"] == f"{P}/jobs" and "job_id" in e["error"]["message"]]
+        return len(about_jobs) >= 2 and any(e["topic"] == f"{P}/devices/dev-z\n/register" for e in errors)
+
+    s.local.wait_for(refused, timeout=10)
+    assert not [t for _, t, _, _ in s.local.on("#") if "\n" in t.split("/")[3] and t.endswith("/status")]
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{s.tmp / 'var' / 'gateway.db'}?mode=ro", uri=True)
+    try:
+        assert conn.execute("SELECT COUNT(*) FROM jobs WHERE job_id IN ('nl\n', '..')").fetchone()[0] == 0
+        assert conn.execute("SELECT COUNT(*) FROM devices WHERE device_id IN ('dev-z\n', '..')").fetchone()[0] == 0
+    finally:
+        conn.close()
