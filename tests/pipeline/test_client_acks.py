@@ -152,3 +152,19 @@ async def test_set_aside_messages_are_counted_in_metrics_and_listed_by_status(mo
     status.render({"site_id": "s", "status": "ok", "set_aside": view, "deliveries": {}})
     out = " ".join(capsys.readouterr().out.split())  # rich wraps at the terminal's width
     assert "messages set aside" in out and "1 from the broker link" in out and "'t/x' (4400 bytes)" in out
+
+
+async def test_a_closed_database_is_a_storage_failure_not_a_set_aside(tmp_path):
+    """A message handled while the daemon shuts its database down must be held (redelivered
+    after the restart), never acknowledged and set aside as if it were a bug."""
+    from gateway.storage import Database, is_storage_error
+
+    db = await Database(tmp_path / "gateway.db").open()
+    await db.run(lambda conn: conn.execute("SELECT 1").fetchone())
+    await db.close()
+    try:
+        await db.run(lambda conn: conn.execute("SELECT 1").fetchone())
+    except Exception as exc:  # noqa: BLE001 - what the MQTT client would see
+        assert is_storage_error(exc) and isinstance(exc, RuntimeError), repr(exc)
+    else:
+        raise AssertionError("a closed database answered")
