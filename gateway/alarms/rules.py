@@ -41,7 +41,7 @@ class EscalateStep(_RuleModel):
 
 
 class RuleSection(_RuleModel):
-    """One ``[[rules]]`` table. Defaults are documented in README "Alarms"."""
+    """One ``[[rules]]`` table; each field's description is its documentation (docs/configuration.md is generated from it)."""
 
     name: str = Field(description="`[A-Za-z0-9_-]{1,64}`, unique; a topic level and part of job ids.")
     topic: str = Field(
