@@ -66,15 +66,29 @@ def test_every_config_key_has_a_description():
         assert key in rendered, key
 
 
+def _anchors(doc: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    out, fence = set(), False
+    for line in doc.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            fence = not fence
+        elif not fence and (m := re.match(r"^#+ (.*)$", line)):
+            out.add(re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-"))
+    return out
+
+
 def test_every_relative_link_points_at_an_existing_file():
     broken = []
     for doc in [ROOT / "README.md", *DOCS]:
         for target in LINK.findall(doc.read_text(encoding="utf-8")):
-            if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+            if re.match(r"^[a-z]+:", target):
                 continue
-            path = target.split("#", 1)[0]
-            if not (doc.parent / path).exists():
+            path, _, anchor = target.partition("#")
+            dest = doc.parent / path if path else doc
+            if not dest.exists():
                 broken.append(f"{doc.relative_to(ROOT)}: {target}")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                broken.append(f"{doc.relative_to(ROOT)}: {target} (no such heading)")
     assert not broken, broken
     assert DOCS, "docs/*.md missing"
 
