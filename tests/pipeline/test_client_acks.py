@@ -98,8 +98,9 @@ async def test_a_handler_failure_that_is_not_storage_sets_the_message_aside_and_
     await asyncio.to_thread(publish, mosquitto.port, "t/x", [b"bug", b"next"])
     client = await run_client(mosquitto.port, handler, lambda: any(b == b"next" for _, b in seen))
     bodies = [b for _, b in seen]
-    assert bodies == [b"bug", b"next"], bodies  # delivered once each: no redelivery, no reconnect
-    assert seen[1][0] - seen[0][0] < 1.0
+    # Delivered once each: a held message would have been redelivered, and "next" with it.
+    # (How fast the next one flows is measured against the daemon: tests/test_hostile_inputs.py.)
+    assert bodies == [b"bug", b"next"], bodies
     assert client.set_aside.count == 1 and client.held == 0 and client.connect_failures == 0
     [kept] = client.set_aside.recent()
     assert kept["topic"] == "t/x" and kept["reason"] == "KeyError: 'a bug'" and kept["size"] == 3 and kept["at"]
