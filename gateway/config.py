@@ -89,6 +89,8 @@ class GatewaySection(_Section):
     def _prefix(cls, v: str) -> str:
         if not v or any(c in v for c in "+#\0") or v.startswith("$") or v.startswith("/") or v.endswith("/"):
             raise ValueError("must be a non-empty topic without wildcards, '$' or leading/trailing '/'")
+        if any(not c.isprintable() for c in v):  # a newline, tab or control character
+            raise ValueError(f"must be printable: {v!r} has a control character")
         return v
 
 

@@ -88,9 +88,12 @@ def test_every_accepted_device_or_job_id_is_one_topic_level_and_one_url_segment(
 @given(value=candidates)
 @example(value="site-a\n")
 @example(value="freezer\n")
+@example(value="homepot\n")
 def test_every_accepted_site_id_and_rule_name_is_one_topic_level(value: str):
     if accepted(lambda: GatewaySection(site_id=value)):
         assert_clean(value)
+    if accepted(lambda: GatewaySection(topic_prefix=value)):  # not one level, but every topic starts with it
+        assert value.isprintable() and not set(value) & set("+#\0"), value
     rule = RuleSection.model_validate({"name": value, "topic": "{prefix}/devices/+/t", "above": 1.0,
                                        "target": {"segment": "s"}, "title": "x"})
     if not any(field == "name" for field, _ in check_rule(rule)):
