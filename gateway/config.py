@@ -357,6 +357,7 @@ class HttpSection(_Section):
     ack_secret_file: Path | None = None  # HMAC key of signed ack URLs; None = <data_dir>/ack_secret
     certfile: Path | None = None  # HTTPS when certfile and keyfile are set
     keyfile: Path | None = None
+    max_streams_per_account: int = Field(default=20, ge=1, le=10_000)  # open event streams of one account
 
     @field_validator("bind")
     @classmethod

@@ -195,9 +195,13 @@ class Api:
 
     async def job_events(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: a ``status`` event with the JobStatus on every change, until final."""
-        await self._reader(request)
+        principal = await self._reader(request)
         job_id = request.match_info["job_id"]
         status = await self._job(job_id)
+        with self.svc.streams.hold(principal.name):
+            return await self._job_stream(request, job_id, status)
+
+    async def _job_stream(self, request: web.Request, job_id: str, status: dict[str, Any]) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
