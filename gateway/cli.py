@@ -448,7 +448,7 @@ def alarms_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
 def alarms_ack(
     rule: Annotated[str, typer.Argument(metavar="RULE")],
     key: Annotated[str, typer.Argument(metavar="KEY")],
-    by: Annotated[Optional[str], typer.Option("--by", help="who acknowledges (default cli:<user>)")] = None,
+    by: Annotated[Optional[str], typer.Option("--by", help="who acknowledges (recorded as cli:<by>; default the login name)")] = None,
     note: Annotated[Optional[str], typer.Option("--note")] = None,
 ) -> None:
     """Acknowledge a firing alarm: its escalation stops."""
@@ -463,9 +463,10 @@ def alarms_ack(
         fail(f"RULE: no rule {rule!r} in the config (rules: {', '.join(r.name for r in cfg.rules) or 'none'})")
     if by is None:
         try:
-            by = f"cli:{getpass.getuser()}"
+            by = getpass.getuser()
         except (KeyError, OSError):
-            by = "cli"
+            by = ""
+    by = f"cli:{by}" if by else "cli"  # the channel, then who said so
     conn = _alarms_db(cfg)
     row = alarm_store.get_row(conn, rule, key) or alarm_store.get_row(conn, rule, key_from_level(key))
     if row is None or row.state == "idle":

@@ -145,7 +145,11 @@ def default_acl() -> dict[str, AclRule]:
         ),
         "technician": tech,
         "controller": tech.model_copy(deep=True),
-        "monitor": AclRule(subscribe=["{prefix}/#", "$SYS/#"]),
+        # Read-only: every notification's payload carries its signed ack URL (a capability to
+        # acknowledge it, and so to stop an alarm's escalation), so the devices' notify
+        # topics are not the monitor's to read. It still sees job status, alarms, gateway
+        # status and $SYS.
+        "monitor": AclRule(subscribe=["{prefix}/#", "$SYS/#"], deny=["{prefix}/devices/+/notify"]),
         "admin": AclRule(publish=["#"], subscribe=["#"]),
         "anonymous": AclRule(),
     }

@@ -27,6 +27,7 @@ from gateway.pipeline.models import (
     MAX_ACK_BYTES,
     MAX_DEVICE_BYTES,
     MAX_JOB_BYTES,
+    AckVia,
     InputError,
     decode_json_object,
     parse_ack,
@@ -325,7 +326,7 @@ class Api:
             raise ApiError(404, "not_found", f"no delivery {message_id!r} (pruned, or never sent)", ACK_CORS)
         pipeline = await self._ready()
         try:
-            result = await pipeline.intake.ack(device_id, body, f"http:/v1/acks/{ack.message_id}")
+            result = await pipeline.intake.ack(device_id, body, f"http:/v1/acks/{ack.message_id}", AckVia.ACK_URL)
         except STORAGE_ERRORS as exc:
             raise _not_stored(exc, ACK_CORS) from None
         if result is None or not result.accepted:

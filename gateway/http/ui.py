@@ -461,7 +461,8 @@ class OperatorPage:
         if current["state"] != "firing":
             raise ApiError(409, "alarm_not_firing", f"key: alarm {key!r} of rule {rule!r} is {current['state']}, not firing")
         try:
-            await self.svc.daemon.db.run(lambda c: alarm_store.request_ack(c, rule, key, session.name, note, time.time()))
+            await self.svc.daemon.db.run(lambda c: alarm_store.request_ack(c, rule, key, f"http:{session.name}", note,
+                                                                           time.time()))
         except Exception as exc:
             log.error("alarm ack not stored", rule=rule, key=key, error=f"{type(exc).__name__}: {exc}"[:300])
             raise ApiError(503, "not_stored", "the ack could not be stored now; try again", {"Retry-After": "5"}) from None
