@@ -57,12 +57,16 @@ def test_a_monitor_gets_no_ack_capability_and_acks_name_their_channel(gateway_fa
     r = httpx.post(env["ack_url"], json={"status": "opened"})
     assert r.status_code == 202, r.text
     assert wait_state(admin, "door", "door-1", "acknowledged")["acknowledged_by"] == "ack-url"
+    detail = httpx.get(f"http://127.0.0.1:{http_port}/ui/api/devices/dev-a", auth=("mon", "mon-pw")).json()
+    assert detail["last_ack"]["via"] == "ack-url" and detail["last_ack"]["status"] == "opened"
 
     # The device's own ack, on its ack topic with its account, names that account.
     admin.publish(f"{P}/devices/door-2/telemetry/door", "open")
     _, env2 = wait_envelope(device, "dev-a", "alarm.door.door-2.1")
     device.publish(f"{P}/devices/dev-a/ack", json.dumps({"message_id": env2["message_id"], "status": "opened"}))
     assert wait_state(admin, "door", "door-2", "acknowledged")["acknowledged_by"] == "mqtt:dev-a"
+    detail = httpx.get(f"http://127.0.0.1:{http_port}/ui/api/devices/dev-a", auth=("mon", "mon-pw")).json()
+    assert detail["last_ack"]["via"] == "mqtt"
 
     # An operator's ack on the alarm topic says what it is: the publisher's word for who.
     admin.publish(f"{P}/devices/door-3/telemetry/door", "open")
