@@ -160,3 +160,22 @@ def test_cli_as_root_leaves_the_service_user_owner_only_files(tmp_path: Path):
         assert loose(data_dir) == []
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_shared_sticky_dir_is_left_alone_and_a_stricter_umask_kept(tmp_path: Path):
+    """data_dir = "/tmp" by mistake must not make /tmp private; a umask stricter than 077 stays."""
+    from gateway import filemodes
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    (shared / "someone-elses").write_text("x")
+    os.chmod(shared / "someone-elses", 0o644)
+    done = filemodes.tighten(shared)
+    assert done.changed == [] and "sticky" in (done.skipped or "")
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+    assert stat.S_IMODE((shared / "someone-elses").stat().st_mode) == 0o644
+    os.umask(0o277)
+    assert filemodes.restrict_umask() == 0o277
+    os.umask(0o002)
+    assert filemodes.restrict_umask() == 0o077
