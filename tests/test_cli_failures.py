@@ -82,8 +82,9 @@ def test_no_command_prints_a_traceback_for_a_broken_database(tmp_path: Path, arg
     """The generic guard: a database error that no command words itself still ends in one
     line naming the command, the cause and the file."""
     config = write_config(tmp_path, base_config(tmp_path, free_port()))
-    (tmp_path / "var").mkdir()
+    (tmp_path / "var").mkdir(mode=0o700)  # private already: no "made owner-only" note
     (tmp_path / "var" / "gateway.db").write_bytes(b"this is not an SQLite database, " * 200)
+    (tmp_path / "var" / "gateway.db").chmod(0o600)
     res = cli(config, *args)
     command = " ".join(a for a in args[:2] if not a.startswith("-") and a not in ("x", "t"))
     line = one_line_failure(res, f"{command}: ")
