@@ -118,6 +118,20 @@ def legit_job_is_processed_within_a_second(s: Any, via: str) -> float:
     return arrived - t0
 
 
+FLOW_S = 1.0
+
+
+def assert_flows(s: Any, via: str, took: float, what: Any) -> None:
+    """The valid job after a hostile input took under FLOW_S. On a machine so loaded that
+    the same job *alone* takes half of that or more, the bar is twice what it takes alone
+    (measured now, twice, the faster counts): the stall this guards against (a message
+    held and redelivered after a doubling reconnect pause) takes ten seconds and more."""
+    if took < FLOW_S:
+        return
+    alone = min(legit_job_is_processed_within_a_second(s, via) for _ in range(2))
+    assert alone >= FLOW_S / 2 and took < 2 * alone, (what, via, f"took {took:.2f} s, alone {alone:.2f} s")
+
+
 MQTT_TOPICS = {  # topic -> (template kind, where a legit job then goes)
     f"{P}/jobs": ["job", "job_anon", "job_options"],
     f"{P}/devices/hz-dev/register": ["device"],
@@ -144,7 +158,7 @@ def test_every_hostile_mqtt_message_is_answered_and_the_next_one_flows(site, whe
     body = body_of(kinds[pick % len(kinds)], fragment, raw, n)
     (s.remote if upstream else s.local).publish(topic, body)
     took = legit_job_is_processed_within_a_second(s, "upstream" if upstream else "local")
-    assert took < 1.0, (where, body[:80], took)
+    assert_flows(s, "upstream" if upstream else "local", took, (where, body[:80]))
     # What the contract says this input is answered with, collected and checked at the end.
     if "/alarms/" in topic:
         s.expected_errors[topic] += 1  # a malformed ack, or an ack of an alarm that is not firing
@@ -206,7 +220,7 @@ def test_every_hostile_http_request_is_answered_and_the_next_one_flows(site, rou
         finally:
             response.close()
     took = legit_job_is_processed_within_a_second(s, "http")
-    assert took < 1.0, (method, path, took)
+    assert_flows(s, "http", took, (method, path))
 
 
 def test_no_http_request_failed_inside_the_daemon(site):
