@@ -142,7 +142,7 @@ class GatewayBroker(Broker):
         self._denied_log = LogThrottle()
         self._drop_log = LogThrottle()
         self._retained_log = LogThrottle()
-        self.started_at = time.time()
+        self.started_mono = time.monotonic()
 
     # ================================================================== state
     def restore(self, loaded: LoadedState) -> None:
@@ -218,7 +218,7 @@ class GatewayBroker(Broker):
             inflight=sum(len(cs.inflight) for cs in self._clients.values()),
             persist_backlog=store.backlog if store is not None else 0,
             persist_failing=int(store.failing) if store is not None else 0,
-            uptime_s=int(time.time() - self.started_at),
+            uptime_s=int(time.monotonic() - self.started_mono),
         )
 
     # ================================================================== TLS

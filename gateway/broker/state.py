@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
+from gateway import clock
 from gateway.storage import Database, NotStored
 
 log = structlog.get_logger(__name__)
@@ -349,7 +349,7 @@ def _apply(conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
     (what a stream of QoS 1 messages to a persistent session produces: puts as they are
     routed, state updates as they are sent, deletes as they are acknowledged) goes to
     SQLite as one ``executemany``; the order of the operations is kept as it is."""
-    now = time.time()
+    now = clock.now()
     n = len(ops)
     i = 0
     while i < n:
