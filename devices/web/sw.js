@@ -130,6 +130,7 @@ function flushAcks(budgetMs = FLUSH_BUDGET_MS) {
           if (now - rec.created > MAX_AGE_MS) { await deleteAck(rec.id); continue; }
           if (rec.nextAt > now) { next = Math.min(next, rec.nextAt); continue; }
           rec.tries += 1;
+          rec.lastAt = now;
           const result = await post(rec);
           if (result.done) {
             await deleteAck(rec.id);

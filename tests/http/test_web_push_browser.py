@@ -186,12 +186,24 @@ class Browser:
             await asyncio.sleep(0.1)
 
 
-def webpush_gateway(tmp_path, pki):
-    return make_api_gateway(tmp_path, {"bridges": {"simulation": {"enabled": False}, "mqtt": {"enabled": False},
-                                                   "webpush": {"enabled": True, "allow_private_endpoints": True,
-                                                               "vapid_private_key_file": str(tmp_path / "var" / "vapid.pem"),
-                                                               "ca_file": str(pki.ca_file)}}},
-                            users={"tech": ("technician", "tech-pw"), "web-1": ("device", "web1-pw")})
+@pytest.fixture
+def started(push_service):
+    """Daemons a test started; killed before the fake push service stops (a failed test's
+    daemon would hold a connection to it)."""
+    apis: list = []
+    yield apis
+    for api in apis:
+        api.gw.kill()
+
+
+def webpush_gateway(tmp_path, pki, started):
+    api = make_api_gateway(tmp_path, {"bridges": {"simulation": {"enabled": False}, "mqtt": {"enabled": False},
+                                                  "webpush": {"enabled": True, "allow_private_endpoints": True,
+                                                              "vapid_private_key_file": str(tmp_path / "var" / "vapid.pem"),
+                                                              "ca_file": str(pki.ca_file)}}},
+                           users={"tech": ("technician", "tech-pw"), "web-1": ("device", "web1-pw")})
+    started.append(api)
+    return api
 
 
 async def wait_acknowledged(tech: httpx.AsyncClient, job_id: str, timeout: float) -> dict:
@@ -208,12 +220,12 @@ async def wait_acknowledged(tech: httpx.AsyncClient, job_id: str, timeout: float
     raise AssertionError(f"{job_id} not acknowledged: {state}")
 
 
-async def test_ack_refused_with_503_on_a_full_disk_arrives_when_there_is_room(tmp_path, push_service):
+async def test_ack_refused_with_503_on_a_full_disk_arrives_when_there_is_room(tmp_path, push_service, started):
     """The gateway answers 503 + Retry-After while its disk is full: the worker keeps the ack
     (IndexedDB), waits as asked, and the delivery is acknowledged once the disk has room."""
     pki, fake = push_service
     with mounted_tmpfs(tmp_path / "var", "24m") as var:
-        api = webpush_gateway(tmp_path, pki)
+        api = webpush_gateway(tmp_path, pki, started)
         try:
             async with async_playwright() as pw, Browser(api, fake, pw) as b, \
                     httpx.AsyncClient(base_url=api.base, auth=("tech", "tech-pw"), timeout=30) as tech:
@@ -223,6 +235,7 @@ async def test_ack_refused_with_503_on_a_full_disk_arrives_when_there_is_room(tm
                 # Refused (503) for longer than the old worker's three tries in ~6 s.
                 recs = await b.wait_pending(lambda rs: rs and rs[0].get("lastStatus") == 503 and rs[0]["tries"] >= 3)
                 assert json.loads(recs[0]["body"])["status"] == "received"
+                assert recs[0]["nextAt"] - recs[0]["lastAt"] >= 5000  # the gateway's Retry-After: 5
                 assert (await tech.get("/v1/jobs/full-1")).json()["state"] != "acknowledged"
                 filler.unlink()
                 await wait_acknowledged(tech, "full-1", timeout=60)
@@ -235,9 +248,9 @@ async def test_ack_refused_with_503_on_a_full_disk_arrives_when_there_is_room(tm
         assert api.gw.stop() == 0
 
 
-async def test_ack_sent_while_the_gateway_restarts_arrives_after_it_is_back(tmp_path, push_service):
+async def test_ack_sent_while_the_gateway_restarts_arrives_after_it_is_back(tmp_path, push_service, started):
     pki, fake = push_service
-    api = webpush_gateway(tmp_path, pki)
+    api = webpush_gateway(tmp_path, pki, started)
     try:
         async with async_playwright() as pw, Browser(api, fake, pw) as b, \
                 httpx.AsyncClient(base_url=api.base, auth=("tech", "tech-pw"), timeout=30) as tech:
@@ -254,11 +267,11 @@ async def test_ack_sent_while_the_gateway_restarts_arrives_after_it_is_back(tmp_
     assert api.gw.stop() == 0
 
 
-async def test_page_load_sends_acks_left_unsent(tmp_path, push_service):
+async def test_page_load_sends_acks_left_unsent(tmp_path, push_service, started):
     """An ack left in the worker's store (its event ran out of time) goes out when a page of
     the app loads, without a new push."""
     pki, fake = push_service
-    api = webpush_gateway(tmp_path, pki)
+    api = webpush_gateway(tmp_path, pki, started)
     try:
         async with async_playwright() as pw, Browser(api, fake, pw) as b, \
                 httpx.AsyncClient(base_url=api.base, auth=("tech", "tech-pw"), timeout=30) as tech:
