@@ -194,5 +194,6 @@ def test_backward_step_of_an_hour_freezes_neither_escalation_nor_resends(gateway
     before = len(envelopes(probe, "phone-r"))
     wait_count(probe, "phone-r", "resend-me", before + 2, timeout=20)
     assert time.monotonic() - restarted < 20
+    assert "gateway time differs from the system clock" in gw.log()  # the restart saw the step
     probe.close()
     assert gw.stop() == 0
