@@ -23,7 +23,7 @@ from gateway.timeutil import parse_iso
 from tests.support import MqttProbe, bulk_register, require_tool
 
 P = "homepot/site-t"
-STALE_S = 5.0  # heartbeats come every 0.5 s: ten missed in a row on a loaded machine is not expected
+STALE_S = 8.0  # heartbeats come every 0.5 s: sixteen missed in a row, even on a loaded machine, is not expected
 
 
 def faketime_env(offset_file: Path) -> dict[str, str]:
@@ -145,9 +145,11 @@ def test_forward_step_of_a_day_fires_no_stale_alarm_and_expires_no_resend(gatewa
         # Barrier: s-0 falls silent now; its alarm comes stale_s later, after anything the step fired.
         alive.discard("s-0")
         silent_at = time.monotonic()
-        arrived = wait_count(probe, "tech-1", "alarm.heartbeat.s-0.1", 1, timeout=30)[0]
-        assert alarm_job_ids(tmp_path / "var", "alarm.heartbeat.") == ["alarm.heartbeat.s-0.1"]
-        assert arrived - silent_at >= STALE_S - 0.6, "fired before stale_s had passed"  # a beat may be in flight
+        arrived = wait_count(probe, "tech-1", "alarm.heartbeat.s-0.1", 1, timeout=60)[0]
+        fired = alarm_job_ids(tmp_path / "var", "alarm.heartbeat.")
+        assert fired == ["alarm.heartbeat.s-0.1"], (fired, round(arrived - stepped, 2), gw.log()[-3000:])
+        # A beat may be in flight when s-0 leaves the set.
+        assert arrived - silent_at >= STALE_S - 0.6, ("fired before stale_s had passed", round(arrived - stepped, 2))
     finally:
         beating.set()
         if beater.is_alive():
