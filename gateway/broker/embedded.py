@@ -53,10 +53,11 @@ from amqtt.session import Session
 from gateway.broker import compat
 from gateway.broker.acl import ClientAcl
 from gateway.broker.clients import GATEWAY_MAX_INFLIGHT, MAX_INFLIGHT, ClientState, Message, Outgoing
+from gateway.broker.accounts import AccountWatcher
 from gateway.broker.codec import PUBACK, PUBCOMP, PUBREC, encode_ack, encode_connack
 from gateway.broker.handler import GatewayProtocolHandler, StallGuard, abort_transport
 from gateway.broker.limits import (MAX_CONNECT_PACKET, SERVER_UNAVAILABLE, ClientLimits, Limit, LimitPolicy,
-                                   LimitRecorder, RetainedQuota)
+                                   LimitRecorder, RateBucket, RetainedQuota)
 from gateway.broker.matching import SubscriptionIndex, matches, valid_topic_filter, valid_topic_name
 from gateway.broker.metrics import BrokerMetrics
 from gateway.broker.passwords import PasswordFile, PasswordFileError
@@ -73,6 +74,9 @@ INTERNAL_USERNAME = "homepot-gateway"
 CONNECT_TIMEOUT_S = 10.0     # a connection that sends no CONNECT is closed [MQTT-3.1.0-1]
 PACKET_TIMEOUT_S = 60.0      # a keepalive=0 client stalled in the middle of a packet is closed
 STOP_HANDLER_TIMEOUT_S = 2.0
+ACCOUNTS_POLL_S = 1.0        # how often the password file's stamp is checked (accounts.py)
+EXPIRY_SWEEP_MIN_S = 0.25    # session expiry sweeps: a quarter of the shortest expiry, within these
+EXPIRY_SWEEP_MAX_S = 60.0
 
 BAD_USERNAME_PASSWORD = 0x04
 NOT_AUTHORIZED = 0x05
@@ -488,6 +492,49 @@ class GatewayBroker(Broker):
                              new_client_id=client_id, max_sessions_per_account=cap, queued=len(cs.pending))
                     self._discard(cs)
         return None
+
+    # ------------------------------------------------------------------ accounts (accounts.py)
+    def clients(self) -> list[ClientState]:
+        """Every session, connected or persistent offline."""
+        return list(self._clients.values())
+
+    def is_gateway(self, cs: ClientState) -> bool:
+        return cs.owner in self._gateway_principals
+
+    def knows_role(self, role: str) -> bool:
+        return role in self._roles
+
+    def disconnect(self, cs: ClientState) -> None:
+        """Close a client's connection now (its account changed), without its will (the
+        account has no rights left to publish one); a clean session ends with it."""
+        handler = cs.handler
+        if handler is None:
+            return
+        handler.client = None   # _connection_closed then does nothing more for it
+        handler.no_will = True
+        cs.detach()
+        if self._sessions.get(cs.client_id, (None, None))[1] is handler:
+            del self._sessions[cs.client_id]
+        self.metrics.clients_connected -= 1
+        handler.abort()
+        if cs.clean:
+            self._discard(cs)
+
+    def forget(self, cs: ClientState) -> None:
+        """Forget a session with its subscriptions and queue (its account is gone)."""
+        self.disconnect(cs)
+        self._discard(cs)
+
+    def change_role(self, cs: ClientState, role: str) -> None:
+        """The session's account has a new role: its ACL and limits, now."""
+        cs.role = role
+        cs.acl = self._compile_acl(role, cs.username)
+        cs.limits = self._client_limits(role, cs.owner)
+        if cs.handler is not None:
+            cs.rate = (RateBucket(cs.limits.max_publish_rate, cs.limits.max_publish_bytes_rate)
+                       if cs.limits.rate_limited else None)
+        if not cs.clean and self._store is not None:
+            self._store.session(cs.client_id, cs.username, role, cs.owner)
 
     def expire_sessions(self) -> int:
         """Forget persistent sessions offline longer than their role's session_expiry_s (also
@@ -987,7 +1034,8 @@ class EmbeddedBroker:
     def __init__(self, cfg: Config, internal: InternalCredentials, db: Database | None = None, *,
                  reserved_client_id: str | None = None, sys_interval_s: float = SYS_INTERVAL_S,
                  max_retained: int = MAX_RETAINED_MESSAGES, max_retained_bytes: int = MAX_RETAINED_BYTES,
-                 connect_timeout_s: float = CONNECT_TIMEOUT_S, packet_timeout_s: float = PACKET_TIMEOUT_S):
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S, packet_timeout_s: float = PACKET_TIMEOUT_S,
+                 accounts_poll_s: float = ACCOUNTS_POLL_S):
         self._cfg = cfg
         self.internal = internal
         self.broker: GatewayBroker | None = None
@@ -995,6 +1043,9 @@ class EmbeddedBroker:
         self._own_db: Database | None = None
         self._store: StateStore | None = None
         self._sys: SysPublisher | None = None
+        self._accounts: AccountWatcher | None = None
+        self._expiry: asyncio.Task[None] | None = None
+        self.accounts_poll_s = accounts_poll_s
         self.reserved_client_id = reserved_client_id or gateway_client_id(cfg)
         self._options: dict[str, Any] = dict(
             max_retained=max_retained, max_retained_bytes=max_retained_bytes,
@@ -1015,6 +1066,12 @@ class EmbeddedBroker:
         if self.broker is None:
             return 0
         return self.broker._passwords.reload()  # noqa: SLF001 - same module
+
+    async def check_accounts(self) -> dict[str, int] | None:
+        """SIGHUP, after :meth:`reload_passwords`: apply the accounts to connected clients now."""
+        if self._accounts is None:
+            return None
+        return await self._accounts.check(force=True)
 
     async def start(self) -> None:
         roles = self._cfg.broker.roles()
@@ -1044,7 +1101,7 @@ class EmbeddedBroker:
         broker = GatewayBroker(amqtt_cfg, by_name, passwords, self.internal, roles=roles, prefix=self._cfg.prefix,
                                store=store, max_queued=self._cfg.broker.max_queued_messages, metrics=metrics,
                                reserved_client_id=self.reserved_client_id, gateway_usernames=configured,
-                               **self._options)
+                               limits=LimitPolicy(self._cfg.broker.limits), **self._options)
         try:
             compat.check_amqtt(broker)
         except compat.AmqttMismatch as exc:
@@ -1066,10 +1123,30 @@ class EmbeddedBroker:
         self.broker = broker
         self._sys = SysPublisher(broker, self.sys_interval_s)
         self._sys.start()
+        self._accounts = AccountWatcher(broker, passwords, self.accounts_poll_s)
+        self._accounts.start()
+        self._expiry = asyncio.get_running_loop().create_task(self._expire_loop(broker, roles), name="broker-expiry")
         log.info("embedded broker listening",
                  listeners=[f"{s.name}={s.type}://{s.bind}" for s in self._cfg.broker.listeners])
 
+    async def _expire_loop(self, broker: GatewayBroker, roles: dict[str, AclRule]) -> None:
+        """Session expiry: a sweep every quarter of the shortest expiry (at most a minute)."""
+        shortest = broker.limits.shortest_expiry(list(roles))
+        if not shortest:
+            return
+        interval = min(EXPIRY_SWEEP_MAX_S, max(EXPIRY_SWEEP_MIN_S, shortest / 4))
+        while True:
+            broker.expire_sessions()
+            await asyncio.sleep(interval)
+
     async def stop(self) -> None:
+        if self._expiry is not None:
+            task, self._expiry = self._expiry, None
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self._accounts is not None:
+            watcher, self._accounts = self._accounts, None
+            await watcher.stop()
         if self._sys is not None:
             sys_publisher, self._sys = self._sys, None
             await sys_publisher.stop()
