@@ -57,7 +57,7 @@ BATCH = 256             # packets per write
 class Message:
     """One application message as routed; shared by every client it goes to."""
 
-    __slots__ = ("_qos0", "body_id", "payload", "refs", "topic", "topic_b")
+    __slots__ = ("_qos0", "body_id", "payload", "refs", "shared", "topic", "topic_b")
 
     def __init__(self, topic: str, payload: bytes):
         self.topic = topic
@@ -66,6 +66,9 @@ class Message:
         self._qos0: dict[bool, bytes] = {}
         self.body_id = 0    # its row in broker_bodies while persistent sessions queue it (StateStore.queue_shared)
         self.refs = 0       # how many persistent sessions' rows name that body
+        # Routed to more than one session: persistent ones share one stored body. A message for
+        # one session keeps its payload in its own row (one write, as before).
+        self.shared = False
 
     def qos0_packet(self, retain: bool) -> bytes:
         """A QoS 0 PUBLISH is the same bytes for every subscriber: encode it once."""
@@ -159,7 +162,10 @@ class ClientState:
         store = self._store
         if qos and not self.clean and store is not None:
             out.seq = next(self._seq)
-            store.queue_shared(self.client_id, out.seq, msg, qos, retain)
+            if msg.shared:
+                store.queue_shared(self.client_id, out.seq, msg, qos, retain)
+            else:
+                store.queue_message(self.client_id, out.seq, msg.topic, msg.payload, qos, retain)
             durable = True
         pending = self.pending
         pending.append(out)

@@ -200,7 +200,7 @@ class GatewayBroker(Broker):
         msg = bodies.get(m.body_id)
         if msg is None:
             msg = bodies[m.body_id] = Message(m.topic, m.payload)
-            msg.body_id = m.body_id
+            msg.body_id, msg.shared = m.body_id, True
         msg.refs += 1
         return msg
 
@@ -665,6 +665,7 @@ class GatewayBroker(Broker):
             return durable
         if msg is None:
             msg = Message(topic, payload)
+        msg.shared = len(targets) > 1
         metrics = self.metrics
         for cs, sub_qos in targets.values():
             acl = cs.acl
