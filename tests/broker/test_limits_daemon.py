@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker.helpers import PUBACK, PUBLISH, RawClient, _rl, _s, write_accounts
+from tests.broker.helpers import PUBACK, PUBLISH, RawClient, _rl, write_accounts
 from tests.support import GatewayProcess, base_config, bulk_register, cli, free_port, write_config
 
 P = "homepot/site-t"
