@@ -34,7 +34,7 @@ import structlog
 
 from gateway.broker.acl import ClientAcl
 from gateway.broker.codec import PUBREL, encode_ack, encode_publish, encode_topic
-from gateway.broker.limits import UNLIMITED, ClientLimits, Limit, LimitRecorder, RateBucket
+from gateway.broker.limits import UNLIMITED, ClientLimits, ConnectionCount, Limit, LimitRecorder, RateBucket
 from gateway.broker.metrics import BrokerMetrics
 from gateway.broker.state import RELEASED, SENT, StateNotStored, StateStore
 from gateway.broker.throttle import LogThrottle
@@ -102,7 +102,7 @@ class ClientState:
     def __init__(self, client_id: str, clean: bool, *, store: StateStore | None, metrics: BrokerMetrics,
                  seq: itertools.count[int], max_queued: int, max_inflight: int = MAX_INFLIGHT,
                  capped: bool = True, drop_log: LogThrottle | None = None,
-                 limit_log: LimitRecorder | None = None):
+                 limit_log: LimitRecorder | None = None, connections: ConnectionCount | None = None):
         self.client_id = client_id
         self.clean = clean
         self.username: str | None = None
@@ -128,6 +128,8 @@ class ClientState:
         self._max_inflight = max_inflight
         self._drop_log = drop_log or LogThrottle()
         self._limit_log = limit_log
+        self._connections = connections
+        self._counted: tuple[str | None, bool] | None = None   # its entry in ``connections`` while connected
         self._next_pid = 0
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
@@ -236,12 +238,23 @@ class ClientState:
     def attach(self, handler: GatewayProtocolHandler) -> None:
         self.handler = handler
         limits = self.limits
+        if self._connections is not None:
+            self._counted = self._connections.add(self.role, limits)
         self.rate = RateBucket(limits.max_publish_rate, limits.max_publish_bytes_rate) if limits.rate_limited else None
         self._wake = asyncio.Event()
         self._sender = asyncio.get_running_loop().create_task(
             self._run_sender(handler), name=f"mqtt-send:{self.client_id}")
 
+    def recount(self) -> None:
+        """Its role or limits changed while connected: count it under the new ones."""
+        if self._connections is not None and self._counted is not None:
+            self._connections.remove(self._counted)
+            self._counted = self._connections.add(self.role, self.limits)
+
     def detach(self) -> None:
+        if self._connections is not None and self._counted is not None:
+            self._connections.remove(self._counted)
+            self._counted = None
         self.handler = None
         if self._sender is not None:
             self._sender.cancel()

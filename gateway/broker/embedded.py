@@ -57,7 +57,7 @@ from gateway.broker.accounts import AccountWatcher
 from gateway.broker.codec import PUBACK, PUBCOMP, PUBREC, encode_ack, encode_connack
 from gateway.broker.handler import GatewayProtocolHandler, StallGuard, abort_transport
 from gateway.broker.limits import (MAX_CONNECT_PACKET, SERVER_UNAVAILABLE, ClientLimits, Limit, LimitPolicy,
-                                   LimitRecorder, RateBucket, RetainedQuota)
+                                   ConnectionCount, LimitRecorder, RateBucket, RetainedQuota)
 from gateway.broker.matching import SubscriptionIndex, matches, valid_topic_filter, valid_topic_name
 from gateway.broker.metrics import BrokerMetrics
 from gateway.broker.passwords import PasswordFile, PasswordFileError
@@ -138,6 +138,7 @@ class GatewayBroker(Broker):
         self.limits = limits or LimitPolicy()
         self.limit_log = LimitRecorder(self.metrics)
         self.retained_quota = RetainedQuota()
+        self.connections = ConnectionCount()
         self._clients: dict[str, ClientState] = {}
         self._index: SubscriptionIndex[ClientState] = SubscriptionIndex()
         self._retained: RetainedStore[tuple[Message, int]] = RetainedStore(max_retained, max_retained_bytes)
@@ -217,7 +218,7 @@ class GatewayBroker(Broker):
         return ClientState(client_id, clean, store=self._store, metrics=self.metrics, seq=self._seq,
                            max_queued=self._max_queued, capped=not gateway,
                            max_inflight=GATEWAY_MAX_INFLIGHT if gateway else MAX_INFLIGHT,
-                           drop_log=self._drop_log, limit_log=self.limit_log)
+                           drop_log=self._drop_log, limit_log=self.limit_log, connections=self.connections)
 
     def _client_limits(self, role: str | None, owner: str | None) -> ClientLimits:
         return self.limits.for_role(role, gateway=owner in self._gateway_principals)
@@ -472,10 +473,9 @@ class GatewayBroker(Broker):
         client_id = session.client_id or ""
         old = self._clients.get(client_id)
         if limits.max_connections and not (old is not None and old.handler is not None):  # a takeover adds none
-            connected = [cs for cs in self._clients.values() if cs.handler is not None and cs.limits.max_connections]
-            if len(connected) >= self.limits.max_connections:
+            if self.connections.total >= self.limits.max_connections:
                 return Limit.CONNECTIONS
-            if sum(1 for cs in connected if cs.role == role) >= limits.max_connections:
+            if self.connections.by_role.get(role, 0) >= limits.max_connections:
                 return Limit.CONNECTIONS
         cap = limits.max_sessions_per_account
         if cap and not session.clean_session and (old is None or old.clean):
@@ -533,6 +533,7 @@ class GatewayBroker(Broker):
         if cs.handler is not None:
             cs.rate = (RateBucket(cs.limits.max_publish_rate, cs.limits.max_publish_bytes_rate)
                        if cs.limits.rate_limited else None)
+            cs.recount()
         if not cs.clean and self._store is not None:
             self._store.session(cs.client_id, cs.username, role, cs.owner)
 

@@ -222,6 +222,31 @@ class RetainedQuota:
         return held[0] if held else None
 
 
+class ConnectionCount:
+    """Connected clients that ``max_connections`` counts (those with a limit), in total and per
+    role: kept as clients attach and detach, so a CONNECT costs no walk over every client."""
+
+    __slots__ = ("by_role", "total")
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.by_role: dict[str | None, int] = {}
+
+    def add(self, role: str | None, limits: ClientLimits) -> tuple[str | None, bool]:
+        """Count a client now connected; returns the key :meth:`remove` takes back."""
+        counted = bool(limits.max_connections)
+        if counted:
+            self.total += 1
+            self.by_role[role] = self.by_role.get(role, 0) + 1
+        return role, counted
+
+    def remove(self, key: tuple[str | None, bool]) -> None:
+        role, counted = key
+        if counted:
+            self.total -= 1
+            self.by_role[role] -= 1
+
+
 class RateBucket:
     """Token buckets for one connection's PUBLISH messages and payload bytes.
 
