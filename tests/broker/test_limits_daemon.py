@@ -348,7 +348,7 @@ async def test_publish_rate_slows_the_flooder_not_the_others(gw):
         await device.expect(PUBACK, timeout=10)
     elapsed = time.monotonic() - start
     assert elapsed >= 2.5, elapsed           # 80 at 20/s after a burst of 20: about 3 s
-    assert max(round_trips) < 0.5, round_trips
+    assert max(round_trips) < 1.0, round_trips   # not held behind the flooder's pauses (3 s in all)
     assert _metrics(gw)["homepot_broker_limited_rate"] > 0
     assert len(_limit_lines(gw, "rate", "plc-1-rate")) == 1
     device.disconnect()
