@@ -57,7 +57,7 @@ from gateway.broker.accounts import AccountWatcher
 from gateway.broker.codec import PUBACK, PUBCOMP, PUBREC, encode_ack, encode_connack
 from gateway.broker.handler import GatewayProtocolHandler, StallGuard, abort_transport
 from gateway.broker.limits import (MAX_CONNECT_PACKET, SERVER_UNAVAILABLE, ClientLimits, Limit, LimitPolicy,
-                                   ConnectionCount, LimitRecorder, RateBucket, RetainedQuota)
+                                   ConnectionCount, LimitRecorder, LimitVerdict, RateBucket, RetainedQuota)
 from gateway.broker.matching import SubscriptionIndex, matches, valid_topic_filter, valid_topic_name
 from gateway.broker.metrics import BrokerMetrics
 from gateway.broker.passwords import PasswordFile, PasswordFileError
@@ -699,6 +699,14 @@ class GatewayBroker(Broker):
             self._store.clear_retained(topic)
             return True
         return False
+
+    def retained_verdict(self, publisher: ClientState, topic: str, payload: bytes) -> LimitVerdict | None:
+        """Would :meth:`route` refuse to keep this retained message (the publisher's retained
+        quota)? For a wire that can say so (MQTT 5: PUBACK 0x97); the message is routed either way."""
+        owner = self._retained_owner(publisher)
+        if not payload or self.retained_quota.admits(topic, owner, _retained_size(topic, payload), publisher.limits):
+            return None
+        return Limit.RETAINED.verdict
 
     def _retained_owner(self, publisher: ClientState | None) -> str | None:
         """Whom a retained message counts against: None for the gateway's own client (and

@@ -17,7 +17,7 @@ from gateway.broker.limits import (MAX_CONNECT_PACKET, SMALL_PACKET, UNLIMITED, 
 from gateway.broker.state import StateStore
 from gateway.config import BrokerLimits
 from gateway.storage import Database
-from tests.broker.helpers import PUBACK, PUBLISH, RawClient, start_broker, until
+from tests.broker.helpers import PUBACK, PUBLISH, RawClient, start_broker, until, write_accounts
 
 
 def test_policy_per_role_admin_and_gateway():
@@ -168,5 +168,27 @@ async def test_session_expiry_counts_from_the_last_disconnect_across_restarts(tm
         again = RawClient(port)
         assert await again.connect("exp-1", clean=False) == (False, 0)
         again.disconnect()
+    finally:
+        await b.stop()
+
+
+async def test_retained_verdict_for_a_wire_that_can_answer_it(tmp_path: Path):
+    """A device at its retained quota: replacing its own topic is fine, a new one is
+    QUOTA_EXCEEDED (MQTT 5 PUBACK 0x97), and route() keeps only what the verdict allows."""
+    write_accounts(tmp_path / "var" / "passwd", {"d1": "device"})
+    b = await start_broker(tmp_path, broker={"limits": {"device": {"max_retained_per_principal": 1}}})
+    try:
+        d = RawClient(b.port)
+        await d.connect("d1", username="d1", password="pw")
+        topic = "homepot/site-t/devices/d1/telemetry/"
+        d.publish(topic + "a", b"1", 1, retain=True)
+        await d.expect(PUBACK)
+        cs = b.broker._clients["d1"]
+        assert b.broker.retained_verdict(cs, topic + "a", b"2") is None
+        assert b.broker.retained_verdict(cs, topic + "b", b"2") is LimitVerdict.QUOTA_EXCEEDED
+        d.publish(topic + "b", b"2", 1, retain=True)
+        await d.expect(PUBACK)
+        assert b.metrics()["limited_retained"] == 1 and b.metrics()["retained"] == 1
+        d.disconnect()
     finally:
         await b.stop()
