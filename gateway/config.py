@@ -211,7 +211,7 @@ class RoleLimits(_Section):
     max_publish_rate: float | None = Field(
         default=None, ge=0, description="PUBLISH packets per second per client; 0 = no limit.")
     max_publish_bytes_rate: float | None = Field(
-        default=None, ge=0, description="PUBLISH payload bytes per second per client; 0 = no limit.")
+        default=None, ge=0, description="PUBLISH packet bytes (topic and payload) per second per client; 0 = no limit.")
 
 
 class BrokerLimits(_Section):
@@ -247,7 +247,7 @@ class BrokerLimits(_Section):
         default=0, ge=0, description="PUBLISH packets per second per client; a faster client is slowed down (its connection is "
             "not read until it is within the rate); 0 = no limit.")
     max_publish_bytes_rate: float = Field(
-        default=0, ge=0, description="PUBLISH payload bytes per second per client, slowed down the same way; 0 = no limit.")
+        default=0, ge=0, description="PUBLISH packet bytes (topic and payload) per second per client, slowed down the same way; 0 = no limit.")
     roles: dict[str, RoleLimits] = Field(
         default_factory=dict, description="Per-role overrides, written as `[broker.limits.<role>]` tables.")
 
