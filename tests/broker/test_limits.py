@@ -192,3 +192,45 @@ async def test_retained_verdict_for_a_wire_that_can_answer_it(tmp_path: Path):
         d.disconnect()
     finally:
         await b.stop()
+
+
+def test_limits_config_errors_name_the_key():
+    from gateway.config import ConfigError, parse_config
+
+    listeners = [{"name": "l", "bind": "127.0.0.1:1"}]
+
+    def problems(limits: dict, environ: dict | None = None) -> list[str]:
+        try:
+            parse_config({"broker": {"listeners": listeners, "limits": limits}}, environ or {})
+        except ConfigError as exc:
+            return exc.lines()
+        return []
+
+    assert problems({"max_pakcet_size": 3}) == ["broker.limits.max_pakcet_size: unknown key"]
+    assert problems({"device": {"max_x": 1}}) == ["broker.limits.device.max_x: unknown key"]
+    assert problems({"device": {"max_packet_size": 1}}) == [
+        "broker.limits.device.max_packet_size: Input should be greater than or equal to 16"]
+    assert "[broker.limits.nosuchrole] names no role" in problems({"nosuchrole": {"max_connections": 1}})[0]
+    cfg = parse_config({"broker": {"listeners": listeners, "acl": {"kiosk": {}},
+                                   "limits": {"kiosk": {"max_publish_rate": 2}}}},
+                       {"HOMEPOT_BROKER_LIMITS_MAX_CONNECTIONS": "50"})
+    assert cfg.broker.limits.max_connections == 50 and cfg.broker.limits.roles["kiosk"].max_publish_rate == 2
+
+
+async def test_sockets_waiting_for_their_connect_are_capped(tmp_path: Path):
+    """max_connections also bounds connections that have not sent CONNECT yet."""
+    b = await start_broker(tmp_path, broker={"limits": {"max_connections": 2}})
+    try:
+        idle = [await RawClient(b.port).open() for _ in range(2)]
+        await until(lambda: len(b.broker._connecting) == 2)
+        third = await RawClient(b.port).open()
+        assert await third.closed(timeout=5)
+        assert b.metrics()["limited_connections"] == 1
+        for c in idle:
+            c.drop()
+        await until(lambda: not b.broker._connecting)
+        ok = RawClient(b.port)
+        assert await ok.connect("after") == (False, 0)
+        ok.disconnect()
+    finally:
+        await b.stop()
