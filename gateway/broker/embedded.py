@@ -189,9 +189,28 @@ class GatewayBroker(Broker):
                         for m in stored.messages])
             cs.qos2_in = set(stored.qos2_in)
             self._clients[cs.client_id] = cs
+        self._trim_sessions()
         if loaded.sessions or loaded.retained:
             log.info("broker state restored", sessions=len(loaded.sessions), retained=len(loaded.retained),
                      queued=sum(len(s.messages) for s in loaded.sessions.values()))
+
+    def _trim_sessions(self) -> None:
+        """Principals holding more persistent sessions than max_sessions_per_account (stored
+        before the limit, or under a higher one) keep their most recently seen ones."""
+        by_owner: dict[str | None, list[ClientState]] = {}
+        for cs in self._clients.values():
+            if not cs.clean:
+                by_owner.setdefault(cs.owner, []).append(cs)
+        for owner, held in by_owner.items():
+            cap = held[0].limits.max_sessions_per_account
+            if not cap or len(held) <= cap:
+                continue
+            held.sort(key=lambda cs: cs.offline_since)
+            for cs in held[:len(held) - cap]:
+                self.metrics.sessions_evicted += 1
+                self._discard(cs)
+            log.warning("persistent sessions over broker.limits.max_sessions_per_account forgotten at start "
+                        "(the longest offline)", owner=owner, forgotten=len(held) - cap, kept=cap)
 
     @staticmethod
     def _stored_body(bodies: dict[int, Message], m: Any) -> Message:

@@ -234,3 +234,28 @@ async def test_sockets_waiting_for_their_connect_are_capped(tmp_path: Path):
         ok.disconnect()
     finally:
         await b.stop()
+
+
+async def test_sessions_over_the_limit_from_before_are_trimmed_at_start(tmp_path: Path):
+    """Sessions a principal left behind before the limit existed: at start its 3 most
+    recently seen are kept, the rest forgotten with their rows."""
+    b = await start_broker(tmp_path)      # no per-account limit for admin (anonymous here)
+    port = b.port
+    try:
+        for n in range(6):
+            c = RawClient(port)
+            await c.connect(f"old-{n}", clean=False)
+            await c.subscribe(("t/#", 1))
+            c.disconnect()
+            await until(lambda: b.metrics()["clients_connected"] == 0)
+    finally:
+        await b.stop()
+    b = await start_broker(tmp_path, port=port, broker={"limits": {"admin": {"max_sessions_per_account": 3}}})
+    try:
+        assert b.metrics()["sessions_evicted"] == 3
+        await b.broker._store.flush()
+        rows = sqlite3.connect(tmp_path / "var" / "gateway.db").execute(
+            "SELECT client_id FROM broker_sessions ORDER BY client_id").fetchall()
+        assert rows == [("old-3",), ("old-4",), ("old-5",)]
+    finally:
+        await b.stop()
