@@ -64,7 +64,7 @@ CREATE TABLE IF NOT EXISTS broker_bodies (id INTEGER PRIMARY KEY, payload BLOB N
 # Columns added after the first release (databases written before get them at start).
 _ADDED_COLUMNS = (
     ("broker_sessions", "owner", "TEXT"),
-    ("broker_sessions", "seen_at", "REAL"),          # wall clock of the last disconnect (session expiry)
+    ("broker_sessions", "seen_at", "REAL"),          # gateway.clock time of the last disconnect (session expiry)
     ("broker_retained", "owner", "TEXT"),            # principal that set it (retained quota)
     ("broker_messages", "body_id", "INTEGER"),       # broker_bodies row holding the payload (payload is then '')
 )
@@ -108,7 +108,7 @@ class StoredSession:
     role: str | None
     dropped: int = 0
     owner: str | None = None     # the principal the session belongs to (None: written before owners existed)
-    seen_at: float | None = None  # wall clock of its last disconnect (None: not recorded)
+    seen_at: float | None = None  # gateway.clock time of its last disconnect (None: not recorded)
     subscriptions: dict[str, int] = field(default_factory=dict)
     messages: list[StoredMessage] = field(default_factory=list)
     qos2_in: set[int] = field(default_factory=set)
