@@ -119,17 +119,26 @@ def legit_job_is_processed_within_a_second(s: Any, via: str) -> float:
 
 
 FLOW_S = 1.0
+TRIES = 3
 
 
-def assert_flows(s: Any, via: str, took: float, what: Any) -> None:
-    """The valid job after a hostile input took under FLOW_S. On a machine so loaded that
-    the same job *alone* takes half of that or more, the bar is twice what it takes alone
-    (measured now, twice, the faster counts): the stall this guards against (a message
-    held and redelivered after a doubling reconnect pause) takes ten seconds and more."""
-    if took < FLOW_S:
-        return
+def assert_flows(s: Any, via: str, send_hostile: Any, what: Any) -> None:
+    """A valid job right after the hostile input is processed within FLOW_S.
+
+    A hostile input that stalls the gateway does so every time it is sent; a shared, loaded
+    test machine stalls now and then on its own. So a pair over the bar is sent again, up
+    to TRIES times in all, and the input fails only if every try was over the bar, unless
+    the same job *alone* (measured then, twice, the faster counts) also takes half the bar
+    or more: then the bar is twice that. The stall this guards against (a message held and
+    redelivered after a doubling reconnect pause) takes ten seconds and more."""
+    times = []
+    for _ in range(TRIES):
+        send_hostile()
+        times.append(legit_job_is_processed_within_a_second(s, via))
+        if times[-1] < FLOW_S:
+            return
     alone = min(legit_job_is_processed_within_a_second(s, via) for _ in range(2))
-    assert alone >= FLOW_S / 2 and took < 2 * alone, (what, via, f"took {took:.2f} s, alone {alone:.2f} s")
+    assert alone >= FLOW_S / 2 and min(times) < 2 * alone, (what, via, times, f"alone {alone:.2f} s")
 
 
 MQTT_TOPICS = {  # topic -> (template kind, where a legit job then goes)
@@ -156,16 +165,21 @@ def test_every_hostile_mqtt_message_is_answered_and_the_next_one_flows(site, whe
     kinds = MQTT_TOPICS[where]
     n = next(s.counter)
     body = body_of(kinds[pick % len(kinds)], fragment, raw, n)
-    (s.remote if upstream else s.local).publish(topic, body)
-    took = legit_job_is_processed_within_a_second(s, "upstream" if upstream else "local")
-    assert_flows(s, "upstream" if upstream else "local", took, (where, body[:80]))
-    # What the contract says this input is answered with, collected and checked at the end.
+
+    sends = []
+
+    def send() -> None:
+        (s.remote if upstream else s.local).publish(topic, body)
+        sends.append(1)
+
+    assert_flows(s, "upstream" if upstream else "local", send, (where, body[:80]))
+    # What the contract says each send is answered with, collected and checked at the end.
     if "/alarms/" in topic:
-        s.expected_errors[topic] += 1  # a malformed ack, or an ack of an alarm that is not firing
+        s.expected_errors[topic] += len(sends)  # a malformed ack, or an ack of an alarm not firing
     elif not topic.endswith("/telemetry/temp"):
         kind, job_id = expected_answer(topic, body)
         if kind == "error":
-            s.expected_errors[topic] += 1
+            s.expected_errors[topic] += len(sends)
         elif kind == "status" and job_id is not None:
             s.expected_status.add(job_id)
 
@@ -204,6 +218,15 @@ def test_every_hostile_http_request_is_answered_and_the_next_one_flows(site, rou
     method, path = route
     body = body_of(kind, fragment, raw, next(s.counter))
     url = s.base + path.format(mid=MID, sig=s.signer.sign(MID), h=quote(fragment[:300], safe=""))
+
+    def send() -> None:
+        request_once(s, method, path, url, body)
+
+    assert_flows(s, "http", send, (method, path))
+
+
+def request_once(s: Any, method: str, path: str, url: str, body: bytes) -> None:
+    """One request, answered with a code below 500 within the client's timeout (a hang fails)."""
     headers = {"Content-Type": "application/json", "Origin": s.base}
     with httpx.Client(timeout=10) as client:
         if path.startswith("/ui/api/"):
@@ -219,8 +242,6 @@ def test_every_hostile_http_request_is_answered_and_the_next_one_flows(site, rou
             assert response.status_code < 500, (method, path, response.status_code, response.read()[:300])
         finally:
             response.close()
-    took = legit_job_is_processed_within_a_second(s, "http")
-    assert_flows(s, "http", took, (method, path))
 
 
 def test_no_http_request_failed_inside_the_daemon(site):
