@@ -158,6 +158,9 @@ MQTT_TOPICS = {  # topic -> (template kind, where a legit job then goes)
        fragment=st.sampled_from(FRAGMENTS), raw=st.none() | st.sampled_from(RAW))
 @example(where=f"{P}/devices/d0/ack", pick=0, fragment=BIG, raw=None)  # the 4,400-digit ack of the report
 @example(where=f"{P}/jobs", pick=0, fragment=BIG, raw=None)
+@example(where=f"{P}/jobs", pick=0, fragment="NaN", raw=None)  # readable job_id: a rejected status
+@example(where=f"upstream:{P}/jobs", pick=2, fragment="1e999999", raw=None)
+@example(where=f"{P}/alarms/freezer/d0/ack", pick=0, fragment='"\\ud800"', raw=None)
 def test_every_hostile_mqtt_message_is_answered_and_the_next_one_flows(site, where, pick, fragment, raw):
     s = site
     upstream = where.startswith("upstream:")
