@@ -52,11 +52,6 @@ log = structlog.get_logger(__name__)
 PENDING, ACKED, FAILED = 0, 1, 2
 
 
-def _stats_recorded(conn: Any) -> outbox.OutboxStats:
-    """The outbox's figures, read on the writer: refusals counted in memory are stored first."""
-    return outbox.stats(conn, record=True)
-
-
 @dataclass(slots=True)
 class _Slot:
     row: outbox.OutboxRow
@@ -147,7 +142,7 @@ class Drain:
         up = self.client.up
         while not stopping.is_set():
             if not up.is_set():
-                self.stats = await self.db.run(_stats_recorded)  # fresh metrics while offline
+                self.stats = await self.db.run(outbox.stats)  # fresh metrics while offline
                 await first_of(up.wait(), stopping.wait(), timeout=max(self.poll_interval, 1.0))
                 continue
             try:
@@ -304,7 +299,7 @@ class Drain:
         self.wake.clear()
 
         def work(conn: Any) -> tuple[list[outbox.OutboxRow], outbox.OutboxStats]:
-            return outbox.fetch(conn, cursor, limit), outbox.stats(conn, record=True)
+            return outbox.fetch(conn, cursor, limit), outbox.stats(conn)
 
         rows, self.stats = await self.db.run(work)
         s.ahead.extend(rows)
@@ -318,7 +313,7 @@ class Drain:
 
         def work(conn: Any) -> outbox.OutboxStats:
             outbox.delete_sent(conn, done)
-            return outbox.stats(conn, record=True)
+            return outbox.stats(conn)
 
         try:
             self.stats = await self.db.run(work)

@@ -175,14 +175,14 @@ class UpstreamLink:
         }
 
     async def refresh_metrics(self) -> dict[str, Any]:
-        self.drain.stats = await self.db.run(lambda conn: outbox.stats(conn, record=True))
+        self.drain.stats = await self.db.run(lambda conn: outbox.stats(conn))
         return self.metrics()
 
     # ------------------------------------------------------------------ helpers
     def _prepare(self, conn: sqlite3.Connection) -> outbox.OutboxStats:
         outbox.ensure_schema(conn)
         outbox.configure(conn, self.max_bytes, self.overflow)
-        self.drain.stats = outbox.stats(conn, record=True)
+        self.drain.stats = outbox.stats(conn)
         return self.drain.stats
 
     def _status_payload(self, state: str) -> bytes:

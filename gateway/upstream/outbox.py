@@ -23,9 +23,13 @@ and one INSERT, never a scan:
   below 80 %, each new row replaces the unsent ones it supersedes (one index lookup);
 * when a row still does not fit under the cap: ``drop-oldest`` drops rows, oldest acks
   first, then (acks exhausted) the oldest remaining status snapshots, each counted in
-  ``dropped``; ``refuse-new`` raises :class:`OutboxFull` for an ack (the pipeline does not
-  acknowledge it to the device, which keeps it and sends it again) and still takes a status
-  snapshot (the gateway produced it; nobody could resend it), over the cap if need be.
+  ``dropped``; ``refuse-new`` drops nothing: an ack is stored and acknowledged locally as
+  always, and its upstream copy waits outside the buffer (``upstream_outbox_held``, counted
+  in ``refused``) until the cloud has taken enough rows, then joins the buffer in arrival
+  order. Refusing the ack itself would make the gateway leave its local broker to have it
+  resent, and local deliveries went through that same connection (a local job reached no
+  device while the WAN was down). A status snapshot is never held back: it goes in, over
+  the cap if need be.
 
 The counters fall back under the warning level at 80 %, so each warning is logged once
 per episode, not once per row.
@@ -36,15 +40,12 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 import structlog
-
-from gateway.storage import NotStored
 
 log = structlog.get_logger(__name__)
 
@@ -95,6 +96,20 @@ END;
 CREATE TRIGGER IF NOT EXISTS upstream_outbox_removed AFTER DELETE ON upstream_outbox BEGIN
     UPDATE upstream_outbox_state SET bytes = bytes - OLD.size, rows = rows - 1 WHERE id = 1;
 END;
+CREATE TABLE IF NOT EXISTS upstream_outbox_held (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,      -- arrival order of the acks held back
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    coalesce_key TEXT,
+    size INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS upstream_outbox_held_added AFTER INSERT ON upstream_outbox_held BEGIN
+    UPDATE upstream_outbox_state SET held = held + 1 WHERE id = 1;
+END;
+CREATE TRIGGER IF NOT EXISTS upstream_outbox_held_removed AFTER DELETE ON upstream_outbox_held BEGIN
+    UPDATE upstream_outbox_state SET held = held - 1 WHERE id = 1;
+END;
 CREATE TABLE IF NOT EXISTS upstream_outbox_aside (
     seq INTEGER PRIMARY KEY,                    -- the row's seq in upstream_outbox
     kind TEXT NOT NULL,
@@ -114,15 +129,11 @@ _STATE_COLUMNS = (
     ("set_aside", "INTEGER NOT NULL DEFAULT 0"),
     ("refuse_new", "INTEGER NOT NULL DEFAULT 0"),   # overflow = "refuse-new"
     ("id_prefix", "TEXT"),                          # random, once per database: ids survive a wipe
+    ("held", "INTEGER NOT NULL DEFAULT 0"),         # acks waiting in upstream_outbox_held (refuse-new)
 )
 
 # Wake-up hooks of running drains (called from the database thread; must be thread-safe).
 _listeners: set[Callable[[], None]] = set()
-
-
-class OutboxFull(NotStored):
-    """``overflow = "refuse-new"`` and no room for this ack: do not acknowledge it to the
-    device (it keeps the ack and sends it again); nothing was written for it."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +160,7 @@ class OutboxStats:
     refused: int = 0
     set_aside: int = 0
     overflow: str = "drop-oldest"
+    held: int = 0
 
     @property
     def fill(self) -> float:
@@ -166,6 +178,7 @@ class OutboxStats:
             "buffer_coalesced": self.coalesced,
             "buffer_coalesced_acks": self.coalesced_acks,
             "buffer_refused": self.refused,
+            "buffer_held": self.held,
             "buffer_set_aside": self.set_aside,
             "buffer_oldest_age_s": self.oldest_age_s,
         }
@@ -235,6 +248,7 @@ def configure(conn: sqlite3.Connection, max_bytes: int, overflow: Overflow = "dr
     _state(conn, "refuse_new")
     conn.execute("UPDATE upstream_outbox_state SET max_bytes = ?, refuse_new = ? WHERE id = 1",
                  (int(max_bytes), 1 if overflow == "refuse-new" else 0))
+    _release_held(conn)
     _rearm(conn)
 
 
@@ -265,10 +279,10 @@ def enqueue(conn: sqlite3.Connection, kind: Kind, topic: str, payload: bytes, re
     makes older unsent ones redundant when space is short); ``kind="ack"`` with the ack
     payload of contract §5 (its ``message_id`` is read from it when no key is given).
 
-    A full buffer never fails a status snapshot: the pipeline's own commit must not fail
-    because the WAN is down. For an ack it depends on ``overflow``: ``drop-oldest`` makes
-    room (counted in ``dropped``); ``refuse-new`` raises :class:`OutboxFull` before
-    writing anything for that ack.
+    A full buffer never fails the pipeline's commit: local work must not wait for the WAN.
+    A status snapshot goes in (over the cap if need be); for an ack ``drop-oldest`` makes
+    room (counted in ``dropped``) and ``refuse-new`` holds its copy back until there is
+    room (counted in ``refused``).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be 'status' or 'ack', not {kind!r}")
@@ -276,7 +290,10 @@ def enqueue(conn: sqlite3.Connection, kind: Kind, topic: str, payload: bytes, re
     if kind == "ack" and coalesce_key is None:
         coalesce_key = _ack_fields(payload)[0]  # kept on the row: coalescing must not parse the buffer
     size = row_size(topic, payload)
-    used, cap, near, refuse_new = _state(conn, "bytes, max_bytes, near, refuse_new")
+    used, cap, near, refuse_new, held = _state(conn, "bytes, max_bytes, near, refuse_new, held")
+    if kind == "ack" and refuse_new and held:  # behind the acks already held back: order kept
+        _hold(conn, cap, topic, payload, coalesce_key, size)
+        return
     if size > cap:  # could never fit, under either policy: refusing would loop for ever
         conn.execute("UPDATE upstream_outbox_state SET dropped = dropped + 1 WHERE id = 1")
         log.warning("upstream message larger than the whole buffer; dropped", topic=topic, size=size,
@@ -303,8 +320,9 @@ def enqueue(conn: sqlite3.Connection, kind: Kind, topic: str, payload: bytes, re
         if used + size > cap:
             if refuse_new:
                 if kind == "ack":
-                    _refuse(conn, cap, topic)
-                # a status snapshot is never refused: it goes in over the cap
+                    _hold(conn, cap, topic, payload, coalesce_key, size)
+                    return
+                # a status snapshot is never held back: it goes in over the cap
             else:
                 _make_room(conn, cap, size)
     conn.execute(
@@ -415,65 +433,60 @@ def _coalesce_all_acks(conn: sqlite3.Connection) -> int:
     return n
 
 
-def _refuse(conn: sqlite3.Connection, cap: int, topic: str) -> None:
-    """refuse-new at the cap: count, warn (rate-limited), raise; nothing is written.
+def _hold(conn: sqlite3.Connection, cap: int, topic: str, payload: bytes, coalesce_key: str | None,
+          size: int) -> None:
+    """refuse-new at the cap: the ack's upstream copy waits outside the buffer.
 
-    The caller rolls back what it did for this ack (it must, to not acknowledge it), so
-    anything written here would be undone: the refusal is counted in memory, per database
-    file, and moved to the state table by :func:`record_refusals` on the writer's next
-    transaction that asks for it (the link's and the drain's ``stats(..., record=True)``).
+    Written in the caller's transaction, so the ack itself is stored and acknowledged
+    like any other (the gateway never leaves its local broker to have it resent, which
+    stopped local deliveries); only its copy for the cloud waits, in arrival order, and
+    moves into the buffer as the cloud takes rows (:func:`_release_held`). Counted in
+    ``refused``; warned about at most once a minute.
     """
     global _refused_since_warning, _refuse_warned_at
-    key = _database_key(conn)
-    with _refused_lock:
-        _refused_pending[key] = _refused_pending.get(key, 0) + 1
+    conn.execute("INSERT INTO upstream_outbox_held (topic, payload, coalesce_key, size, created_at)"
+                 " VALUES (?, ?, ?, ?, ?)", (topic, payload, coalesce_key, size, time.time()))
+    _count(conn, "refused", 1)
     _refused_since_warning += 1
     now = time.monotonic()
     if _refuse_warned_at is None or now - _refuse_warned_at >= REFUSE_WARNING_INTERVAL_S:
-        log.warning("upstream buffer full; refusing device acks until the cloud takes some (overflow = refuse-new)",
-                    max_bytes=cap, topic=topic, refused=_refused_since_warning)
+        log.warning("upstream buffer full; device acks are stored and their upstream copies wait until the cloud"
+                    " takes some (overflow = refuse-new)", max_bytes=cap, topic=topic, held=_refused_since_warning)
         _refuse_warned_at = now
         _refused_since_warning = 0
-    raise OutboxFull("upstream buffer full (overflow = refuse-new): the ack is not stored; the device resends it")
+
+
+def _release_held(conn: sqlite3.Connection) -> int:
+    """Move held-back acks into the buffer, oldest first, while they fit under the cap
+    (all of them when the policy is no longer refuse-new: enqueue then makes room)."""
+    used, cap, refuse_new, held = _state(conn, "bytes, max_bytes, refuse_new, held")
+    moved = 0
+    while held:
+        batch = conn.execute("SELECT seq, topic, payload, coalesce_key, size, created_at FROM upstream_outbox_held"
+                             " ORDER BY seq LIMIT 64").fetchall()
+        if not batch:
+            break
+        for seq, topic, payload, key, size, created_at in batch:
+            if refuse_new and used + size > cap:
+                return moved
+            conn.execute("DELETE FROM upstream_outbox_held WHERE seq = ?", (seq,))
+            held -= 1
+            if refuse_new:
+                conn.execute(
+                    "INSERT INTO upstream_outbox (kind, topic, payload, retain, coalesce_key, size, created_at)"
+                    " VALUES ('ack', ?, ?, 0, ?, ?, ?)", (topic, payload, key, size, created_at))
+                used += size
+            else:
+                enqueue(conn, "ack", topic, bytes(payload), False, coalesce_key=key)
+            moved += 1
+    if moved:
+        _wake_listeners()
+    return moved
 
 
 REFUSE_WARNING_INTERVAL_S = 60.0
-# Refusals not yet added to the state table, per database file. Per file, not one number
-# for the process: a reader (the /metrics scrape, the operator page, on their own
-# connections and threads) only adds them to what it reports, and a count of one
-# database must never be written into another's (as happened between tests in one process).
-_refused_pending: dict[str, int] = {}
-_refused_lock = threading.Lock()
 _refused_since_warning = 0
 _refuse_warned_at: float | None = None
-
-
-def _database_key(conn: sqlite3.Connection) -> str:
-    row = conn.execute("PRAGMA database_list").fetchone()  # (seq, "main", file; "" in memory)
-    return f"{row[2]}" if row[2] else f"memory:{id(conn)}"
-
-
-def _pending_refusals(conn: sqlite3.Connection) -> int:
-    if not _refused_pending:
-        return 0
-    with _refused_lock:
-        return _refused_pending.get(_database_key(conn), 0)
-
-
-def record_refusals(conn: sqlite3.Connection) -> None:
-    """Move the refusals counted in memory into the state table (the writer's transaction)."""
-    if not _refused_pending:
-        return
-    key = _database_key(conn)
-    with _refused_lock:
-        n = _refused_pending.pop(key, 0)
-    if n:
-        try:
-            _count(conn, "refused", n)
-        except BaseException:
-            with _refused_lock:  # not written: keep them for the next try
-                _refused_pending[key] = _refused_pending.get(key, 0) + n
-            raise
 
 
 def _make_room(conn: sqlite3.Connection, cap: int, size: int) -> None:
@@ -542,6 +555,7 @@ def delete_sent(conn: sqlite3.Connection, seqs: Iterable[int]) -> int:
     """
     _state(conn, "id")
     n = _delete(conn, seqs)
+    _release_held(conn)
     _rearm(conn)
     return n
 
@@ -596,6 +610,7 @@ def set_aside(conn: sqlite3.Connection, seq: int, reason: str) -> OutboxRow | No
                  " SELECT seq FROM upstream_outbox_aside ORDER BY seq DESC LIMIT ?)", (ASIDE_MAX_ROWS,))
     _delete(conn, [seq])
     _count(conn, "set_aside", 1)
+    _release_held(conn)
     _rearm(conn)
     return OutboxRow(int(row[0]), str(row[1]), str(row[2]), bytes(row[3]), bool(row[4]))
 
@@ -609,21 +624,17 @@ def set_aside_rows(conn: sqlite3.Connection) -> list[dict[str, object]]:
              "reason": r[5]} for r in rows]
 
 
-def stats(conn: sqlite3.Connection, *, record: bool = False) -> OutboxStats:
-    """The outbox's figures. ``record`` (the writer only) first moves the refusals counted in
-    memory into the state table; without it nothing is written (readers on their own
-    connections call this too) and the pending refusals are added to the count reported."""
+def stats(conn: sqlite3.Connection) -> OutboxStats:
+    """The outbox's figures (nothing is written: readers on their own connections call this too)."""
     _state(conn, "id")
-    if record:
-        record_refusals(conn)
-    (used, rows, dropped, coalesced, cap, near, coalesced_acks, refused, aside,
-     refuse_new) = _state(conn, "bytes, rows, dropped, coalesced, max_bytes, near, coalesced_acks, refused,"
-                                " set_aside, refuse_new")
+    (used, rows, dropped, coalesced, cap, near, coalesced_acks, refused, aside, refuse_new,
+     held) = _state(conn, "bytes, rows, dropped, coalesced, max_bytes, near, coalesced_acks, refused,"
+                          " set_aside, refuse_new, held")
     oldest = conn.execute("SELECT created_at FROM upstream_outbox ORDER BY seq LIMIT 1").fetchone()
     age = max(0.0, time.time() - float(oldest[0])) if oldest else None
     return OutboxStats(int(used), int(rows), int(dropped), int(coalesced), int(cap), bool(near), age,
-                       int(coalesced_acks), int(refused) + (0 if record else _pending_refusals(conn)), int(aside),
-                       "refuse-new" if refuse_new else "drop-oldest")
+                       int(coalesced_acks), int(refused), int(aside),
+                       "refuse-new" if refuse_new else "drop-oldest", int(held))
 
 
 def add_listener(wake: Callable[[], None]) -> None:

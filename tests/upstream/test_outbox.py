@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from gateway.storage import Database, NotStored, connect
+from gateway.storage import Database, connect
 from gateway.storage import transaction as tx  # one write transaction, as Database.run
 from gateway.upstream import outbox
 
@@ -295,38 +295,34 @@ def test_drop_oldest_at_the_cap_drops_oldest_acks_counted(conn):
     assert kept == list(range(120 - len(kept), 120))
 
 
-def test_refuse_new_raises_for_an_ack_and_writes_nothing_for_it(conn):
+def held_rows(conn: sqlite3.Connection) -> list[dict]:
+    return [json.loads(r[0]) for r in conn.execute("SELECT payload FROM upstream_outbox_held ORDER BY seq")]
+
+
+def test_refuse_new_holds_an_acks_upstream_copy_back_and_never_fails_the_callers_commit(conn):
+    """At the cap an ack's transaction still commits (the ack counts locally, the device is
+    acknowledged): only its copy for the cloud waits, outside the buffer, in order."""
     cap = 6_000
     tx(conn, lambda c: outbox.configure(c, cap, "refuse-new"))
     tx(conn, lambda c: status(c, "job-s", 0))
-    stored = 0
     with structlog.testing.capture_logs() as logs:
         for i in range(200):
-            before = consistent(conn)
-            try:
-                tx(conn, lambda c, i=i: device_ack(c, f"m{i}", "received", i))
-            except outbox.OutboxFull as exc:
-                assert isinstance(exc, NotStored)  # the shared "do not acknowledge" meaning
-                after = consistent(conn)
-                assert (after.bytes, after.rows) == (before.bytes, before.rows)  # nothing written for it
-                continue
-            stored += 1
+            tx(conn, lambda c, i=i: device_ack(c, f"m{i}", "received", i))  # never raises
     st = consistent(conn)
-    assert 0 < stored < 200 and st.dropped == 0
-    # every ack that was stored is still there: refuse-new never drops one
-    assert [a["n"] for a in acks_left(conn)] == list(range(stored))
-    assert st.refused == 200 - stored  # counted (moved to the state table by stats())
-    refusing = [e for e in logs if e["event"].startswith("upstream buffer full; refusing device acks")]
-    assert len(refusing) == 1  # rate-limited, not one line per refused ack
+    queued = [a["n"] for a in acks_left(conn)]
+    held = [a["n"] for a in held_rows(conn)]
+    assert 0 < len(queued) < 200 and st.dropped == 0 and st.bytes <= cap
+    assert queued + held == list(range(200))  # nothing dropped, arrival order kept across both
+    assert st.refused == st.held == len(held)
+    assert st.as_dict()["buffer_held"] == len(held)
+    holding = [e for e in logs if e["event"].startswith("upstream buffer full; device acks are stored")]
+    assert len(holding) == 1  # rate-limited, not one line per held ack
 
 
-def test_refuse_new_never_refuses_a_status_snapshot(conn):
+def test_refuse_new_never_holds_a_status_snapshot_back(conn):
     tx(conn, lambda c: outbox.configure(c, 4_000, "refuse-new"))
-    while True:
-        try:
-            tx(conn, lambda c: device_ack(c, f"m{outbox.stats(c).rows}", "received", 0, pad=50))
-        except outbox.OutboxFull:
-            break
+    while not outbox.stats(conn).held:
+        tx(conn, lambda c: device_ack(c, f"m{outbox.stats(c).rows}", "received", 0, pad=50))
     for n in range(5):  # the buffer is full of acks: snapshots still go in (one per job kept)
         tx(conn, lambda c, n=n: [status(c, f"job-{j}", n, pad=100) for j in range(3)])
     statuses = [json.loads(r.payload) for r in rows(conn) if r.kind == "status"]
@@ -335,18 +331,34 @@ def test_refuse_new_never_refuses_a_status_snapshot(conn):
     assert st.dropped == 0 and st.bytes > 4_000  # over the cap by the snapshots, by design
 
 
-def test_refuse_new_takes_acks_again_once_the_cloud_took_some(conn):
+def test_refuse_new_moves_held_acks_in_as_the_cloud_takes_rows_and_loses_none(conn):
+    cap = 3_000
+    tx(conn, lambda c: outbox.configure(c, cap, "refuse-new"))
+    for n in range(40):
+        tx(conn, lambda c, n=n: device_ack(c, f"m{n}", "received", n))
+    assert outbox.stats(conn).held > 0
+    sent: list[int] = []
+    while rows(conn) or held_rows(conn):
+        batch = outbox.fetch(conn, 0, 5)
+        sent += [json.loads(r.payload)["n"] for r in batch]
+        tx(conn, lambda c, batch=batch: outbox.delete_sent(c, [r.seq for r in batch]))  # PUBACKed
+        st = consistent(conn)
+        assert st.bytes <= cap and st.held == len(held_rows(conn))
+        if len(sent) == 10:
+            tx(conn, lambda c: device_ack(c, "late", "received", 40))  # behind the held ones
+    assert sent == list(range(41))  # every ack once, in arrival order
+    assert outbox.stats(conn).refused >= 1 and outbox.stats(conn).held == 0
+
+
+def test_held_acks_join_the_buffer_when_the_policy_becomes_drop_oldest(conn):
     tx(conn, lambda c: outbox.configure(c, 3_000, "refuse-new"))
-    n = 0
-    while True:
-        try:
-            tx(conn, lambda c, n=n: device_ack(c, f"m{n}", "received", n))
-            n += 1
-        except outbox.OutboxFull:
-            break
-    tx(conn, lambda c: outbox.delete_sent(c, [r.seq for r in outbox.fetch(c, 0, 5)]))  # PUBACKed
-    tx(conn, lambda c: device_ack(c, "again", "received", 999))  # fits again: no exception
-    assert acks_left(conn)[-1]["message_id"] == "again"
+    for n in range(30):
+        tx(conn, lambda c, n=n: device_ack(c, f"m{n}", "received", n))
+    assert outbox.stats(conn).held > 0
+    tx(conn, lambda c: outbox.configure(c, 3_000, "drop-oldest"))  # restarted with the other policy
+    st = consistent(conn)
+    assert st.held == 0 and not held_rows(conn) and st.bytes <= 3_000
+    assert acks_left(conn)[-1]["n"] == 29  # the newest survive, as drop-oldest promises
 
 
 def test_configure_rejects_an_unknown_overflow(conn):
@@ -402,30 +414,21 @@ def test_a_row_set_aside_is_kept_counted_and_out_of_the_drain(conn):
                                                                        "3 sessions in a row")]
 
 
-def test_refusals_belong_to_their_database_and_readers_only_report_them(tmp_path: Path):
-    """Refusals are counted in memory until the writer stores them. A reader on its own
-    read-only connection (the /metrics scrape, the operator page) reports them without
-    writing, and they are never written into another database of the same process (this
-    flaked the upgrade test below when a refusal of an earlier test was still pending)."""
+def test_refusals_are_stored_with_the_ack_and_belong_to_their_database(tmp_path: Path):
+    """A held-back ack is counted in its own transaction: a reader on its own read-only
+    connection (the /metrics scrape, the operator page) sees the count, and another
+    database of the same process never does (this once flaked the upgrade test below)."""
     a, b = connect(tmp_path / "a.db"), connect(tmp_path / "b.db")
     tx(a, lambda c: outbox.configure(c, 1_000, "refuse-new"))
     tx(b, outbox.ensure_schema)
-    refused = 0
     for i in range(40):
-        try:
-            tx(a, lambda c, i=i: device_ack(c, f"m{i}", "received", i))
-        except outbox.OutboxFull:
-            refused += 1
+        tx(a, lambda c, i=i: device_ack(c, f"m{i}", "received", i))
+    refused = a.execute("SELECT refused FROM upstream_outbox_state").fetchone()[0]
     assert refused > 0
     reader = connect(tmp_path / "a.db", readonly=True)
-    assert outbox.stats(reader).refused == refused  # reported, nothing written (read-only)
-    assert a.execute("SELECT refused FROM upstream_outbox_state").fetchone()[0] == 0
-    assert tx(b, lambda c: outbox.stats(c, record=True)).refused == 0  # not the other file's
+    assert outbox.stats(reader).refused == refused == outbox.stats(reader).held
     tx(b, lambda c: ack(c, 1))
-    assert b.execute("SELECT refused FROM upstream_outbox_state").fetchone()[0] == 0
-    assert tx(a, lambda c: outbox.stats(c, record=True)).refused == refused  # the writer stores them
-    assert a.execute("SELECT refused FROM upstream_outbox_state").fetchone()[0] == refused
-    assert outbox.stats(reader).refused == refused  # once, not twice
+    assert outbox.stats(b).refused == 0 and outbox.stats(b).held == 0
     for c in (reader, a, b):
         c.close()
 
