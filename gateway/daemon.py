@@ -349,12 +349,15 @@ def _core_services(daemon: Daemon) -> list[Service]:
         daemon.pipeline = pipeline
         services: list[Service] = [pipeline]
     else:
-        from gateway.upstream import UpstreamLink, outbox
+        from gateway.upstream import UpstreamLink
+        from gateway.upstream.outbox import Outbox
 
-        # Status changes and acks are queued for the cloud in the pipeline's own transactions.
+        # Status changes and acks are queued for the cloud in the pipeline's own transactions,
+        # into the same outbox object the link drains (its listeners wake the drain).
+        outbox = Outbox.for_upstream(daemon.cfg.upstream)
         pipeline = Pipeline(daemon.cfg, daemon.db, forward=outbox)
         daemon.pipeline = pipeline
-        services = [pipeline, UpstreamLink(daemon.cfg, daemon.db, pipeline)]
+        services = [pipeline, UpstreamLink(daemon.cfg, daemon.db, pipeline, outbox)]
     # Last: its routes come after the pipeline's, so a rule never takes P/jobs or device acks away.
     services.append(AlarmService(daemon.cfg, daemon.db, pipeline))
     return services

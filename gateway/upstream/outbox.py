@@ -1,7 +1,7 @@
 """The upstream outbox: what the gateway owes the cloud, kept in the gateway's SQLite.
 
 Why a table and not a queue in memory: the cloud may be away for minutes or for days,
-and the gateway may be killed meanwhile. The pipeline calls :func:`enqueue` with its own
+and the gateway may be killed meanwhile. The pipeline calls :meth:`Outbox.enqueue` with its own
 connection inside the transaction that changes a job's status or stores an ack, so the
 forward commits (or rolls back) together with the fact it reports; the drain
 (:mod:`gateway.upstream.drain`) publishes rows in ``seq`` order and deletes only the
@@ -11,7 +11,7 @@ Every row goes up with an ``id`` (:func:`wire_payload`): ``<outbox id>-<seq>``, 
 row across restarts and across a wiped database, so the cloud can de-duplicate a resend.
 
 Bounded by ``upstream.buffer_max_mb`` and governed by ``upstream.overflow`` (both stored
-here by :func:`configure`, so ``enqueue`` needs no config). The size of the buffer is kept
+in the state table by :meth:`Outbox.prepare`, so the hot path needs no config). The size of the buffer is kept
 as a running total in a one-row state table by triggers, so the hot path is one small read
 and one INSERT, never a scan:
 
@@ -37,15 +37,19 @@ per episode, not once per row.
 
 from __future__ import annotations
 
+import enum
 import json
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 import structlog
+
+from gateway.config import UpstreamSection
 
 log = structlog.get_logger(__name__)
 
@@ -59,6 +63,7 @@ CLEAR_FRACTION = 0.8  # below this the episode is over (warnings re-armed)
 ROW_OVERHEAD = 64  # bytes counted per row besides topic and payload (seq, flags, index)
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 ASIDE_MAX_ROWS = 1000  # rows set aside are kept for inspection, the newest this many
+HELD_WARNING_INTERVAL_S = 60.0  # the "held back" warning at most this often
 
 # How far an ack's status got, for coalescing acks of one delivery under drop-oldest: the
 # most advanced survives. "opened" is what a sender hopes for; "dismissed" is the other
@@ -131,10 +136,6 @@ _STATE_COLUMNS = (
     ("id_prefix", "TEXT"),                          # random, once per database: ids survive a wipe
     ("held", "INTEGER NOT NULL DEFAULT 0"),         # acks waiting in upstream_outbox_held (refuse-new)
 )
-
-# Wake-up hooks of running drains (called from the database thread; must be thread-safe).
-_listeners: set[Callable[[], None]] = set()
-
 
 @dataclass(frozen=True)
 class OutboxRow:
@@ -241,15 +242,17 @@ def _state(conn: sqlite3.Connection, columns: str) -> sqlite3.Row | tuple[int, .
     return row
 
 
-def configure(conn: sqlite3.Connection, max_bytes: int, overflow: Overflow = "drop-oldest") -> None:
-    """Store the cap and the overflow policy (``[upstream]``) so :func:`enqueue` needs no config."""
+def _store_policy(conn: sqlite3.Connection, max_bytes: int, overflow: str) -> int:
+    """Store the cap and the overflow policy (``[upstream]``) in the state table, where the
+    hot path reads them with the running size; returns the held acks moved into the buffer."""
     if overflow not in OVERFLOWS:
         raise ValueError(f"overflow must be 'drop-oldest' or 'refuse-new', not {overflow!r}")
     _state(conn, "refuse_new")
     conn.execute("UPDATE upstream_outbox_state SET max_bytes = ?, refuse_new = ? WHERE id = 1",
                  (int(max_bytes), 1 if overflow == "refuse-new" else 0))
-    _release_held(conn)
+    moved = _release_held(conn)
     _rearm(conn)
+    return moved
 
 
 def row_size(topic: str, payload: bytes) -> int:
@@ -271,8 +274,17 @@ def _ack_fields(payload: bytes) -> tuple[str | None, int, object]:
 # --------------------------------------------------------------------------- hot path
 
 
-def enqueue(conn: sqlite3.Connection, kind: Kind, topic: str, payload: bytes, retain: bool,
-            coalesce_key: str | None = None) -> None:
+class Placed(enum.Enum):
+    """Where :meth:`Outbox.enqueue` put a message."""
+
+    QUEUED = "queued"      # a row in the buffer
+    MERGED = "merged"      # into a more advanced unsent ack of the same delivery (drop-oldest)
+    HELD = "held"          # refuse-new at the cap: waits outside the buffer
+    TOO_BIG = "too_big"    # larger than the whole buffer: dropped and counted
+
+
+def _place(conn: sqlite3.Connection, kind: str, topic: str, payload: bytes, retain: bool,
+           coalesce_key: str | None = None) -> Placed:
     """Queue one message for the cloud, inside the caller's transaction.
 
     ``kind="status"`` with ``coalesce_key`` = job_id for JobStatus snapshots (a newer one
@@ -292,13 +304,12 @@ def enqueue(conn: sqlite3.Connection, kind: Kind, topic: str, payload: bytes, re
     size = row_size(topic, payload)
     used, cap, near, refuse_new, held = _state(conn, "bytes, max_bytes, near, refuse_new, held")
     if kind == "ack" and refuse_new and held:  # behind the acks already held back: order kept
-        _hold(conn, cap, topic, payload, coalesce_key, size)
-        return
-    if size > cap:  # could never fit, under either policy: refusing would loop for ever
+        return _hold(conn, topic, payload, coalesce_key, size)
+    if size > cap:  # could never fit, under either policy: holding it would hold every later ack
         conn.execute("UPDATE upstream_outbox_state SET dropped = dropped + 1 WHERE id = 1")
         log.warning("upstream message larger than the whole buffer; dropped", topic=topic, size=size,
                     max_bytes=cap)
-        return
+        return Placed.TOO_BIG
     if near or used + size > cap * NEAR_FRACTION:
         if not near:
             conn.execute("UPDATE upstream_outbox_state SET near = 1 WHERE id = 1")
@@ -312,16 +323,14 @@ def enqueue(conn: sqlite3.Connection, kind: Kind, topic: str, payload: bytes, re
         elif kind == "ack" and coalesce_key is not None and not refuse_new:
             merged_payload = _coalesce_ack(conn, coalesce_key, payload)
             if merged_payload is None:
-                _wake_listeners()
-                return  # a more advanced ack of this delivery is already waiting
+                return Placed.MERGED  # a more advanced ack of this delivery is already waiting
             payload = merged_payload
             size = row_size(topic, payload)
         used = conn.execute("SELECT bytes FROM upstream_outbox_state WHERE id = 1").fetchone()[0]
         if used + size > cap:
             if refuse_new:
                 if kind == "ack":
-                    _hold(conn, cap, topic, payload, coalesce_key, size)
-                    return
+                    return _hold(conn, topic, payload, coalesce_key, size)
                 # a status snapshot is never held back: it goes in over the cap
             else:
                 _make_room(conn, cap, size)
@@ -330,12 +339,7 @@ def enqueue(conn: sqlite3.Connection, kind: Kind, topic: str, payload: bytes, re
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
         (kind, topic, payload, 1 if retain else 0, coalesce_key, size, time.time()),
     )
-    _wake_listeners()
-
-
-def _wake_listeners() -> None:
-    for wake in tuple(_listeners):
-        wake()
+    return Placed.QUEUED
 
 
 def _count(conn: sqlite3.Connection, column: str, n: int) -> None:
@@ -433,27 +437,19 @@ def _coalesce_all_acks(conn: sqlite3.Connection) -> int:
     return n
 
 
-def _hold(conn: sqlite3.Connection, cap: int, topic: str, payload: bytes, coalesce_key: str | None,
-          size: int) -> None:
+def _hold(conn: sqlite3.Connection, topic: str, payload: bytes, coalesce_key: str | None, size: int) -> Placed:
     """refuse-new at the cap: the ack's upstream copy waits outside the buffer.
 
     Written in the caller's transaction, so the ack itself is stored and acknowledged
     like any other (the gateway never leaves its local broker to have it resent, which
     stopped local deliveries); only its copy for the cloud waits, in arrival order, and
     moves into the buffer as the cloud takes rows (:func:`_release_held`). Counted in
-    ``refused``; warned about at most once a minute.
+    ``refused`` (:class:`Outbox` warns, at most once a minute).
     """
-    global _refused_since_warning, _refuse_warned_at
     conn.execute("INSERT INTO upstream_outbox_held (topic, payload, coalesce_key, size, created_at)"
                  " VALUES (?, ?, ?, ?, ?)", (topic, payload, coalesce_key, size, time.time()))
     _count(conn, "refused", 1)
-    _refused_since_warning += 1
-    now = time.monotonic()
-    if _refuse_warned_at is None or now - _refuse_warned_at >= REFUSE_WARNING_INTERVAL_S:
-        log.warning("upstream buffer full; device acks are stored and their upstream copies wait until the cloud"
-                    " takes some (overflow = refuse-new)", max_bytes=cap, topic=topic, held=_refused_since_warning)
-        _refuse_warned_at = now
-        _refused_since_warning = 0
+    return Placed.HELD
 
 
 def _release_held(conn: sqlite3.Connection) -> int:
@@ -477,16 +473,9 @@ def _release_held(conn: sqlite3.Connection) -> int:
                     " VALUES ('ack', ?, ?, 0, ?, ?, ?)", (topic, payload, key, size, created_at))
                 used += size
             else:
-                enqueue(conn, "ack", topic, bytes(payload), False, coalesce_key=key)
+                _place(conn, "ack", topic, bytes(payload), False, coalesce_key=key)
             moved += 1
-    if moved:
-        _wake_listeners()
     return moved
-
-
-REFUSE_WARNING_INTERVAL_S = 60.0
-_refused_since_warning = 0
-_refuse_warned_at: float | None = None
 
 
 def _make_room(conn: sqlite3.Connection, cap: int, size: int) -> None:
@@ -547,7 +536,7 @@ def fetch(conn: sqlite3.Connection, after_seq: int, limit: int) -> list[OutboxRo
     return [OutboxRow(int(r[0]), str(r[1]), str(r[2]), bytes(r[3]), bool(r[4])) for r in rows]
 
 
-def delete_sent(conn: sqlite3.Connection, seqs: Iterable[int]) -> int:
+def _delete_sent(conn: sqlite3.Connection, seqs: Iterable[int]) -> tuple[int, int]:
     """Forget rows the cloud broker acknowledged (PUBACK); rows already coalesced are skipped.
 
     The drain passes only the acknowledged *prefix* (every row before them confirmed too),
@@ -555,9 +544,9 @@ def delete_sent(conn: sqlite3.Connection, seqs: Iterable[int]) -> int:
     """
     _state(conn, "id")
     n = _delete(conn, seqs)
-    _release_held(conn)
+    moved = _release_held(conn)
     _rearm(conn)
-    return n
+    return n, moved
 
 
 def id_prefix(conn: sqlite3.Connection) -> str:
@@ -592,7 +581,7 @@ def wire_payload(row: OutboxRow, prefix: str) -> bytes:
     return json.dumps(body).encode()
 
 
-def set_aside(conn: sqlite3.Connection, seq: int, reason: str) -> OutboxRow | None:
+def _set_aside(conn: sqlite3.Connection, seq: int, reason: str) -> tuple[OutboxRow | None, int]:
     """Move one row out of the way (the cloud broker will not take it); keep it, count it.
 
     Kept in ``upstream_outbox_aside`` (the newest :data:`ASIDE_MAX_ROWS`) for an operator
@@ -601,7 +590,7 @@ def set_aside(conn: sqlite3.Connection, seq: int, reason: str) -> OutboxRow | No
     row = conn.execute("SELECT seq, kind, topic, payload, retain, created_at FROM upstream_outbox WHERE seq = ?",
                        (seq,)).fetchone()
     if row is None:
-        return None
+        return None, 0
     conn.execute(
         "INSERT OR REPLACE INTO upstream_outbox_aside (seq, kind, topic, payload, retain, created_at, set_aside_at,"
         " reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -610,9 +599,9 @@ def set_aside(conn: sqlite3.Connection, seq: int, reason: str) -> OutboxRow | No
                  " SELECT seq FROM upstream_outbox_aside ORDER BY seq DESC LIMIT ?)", (ASIDE_MAX_ROWS,))
     _delete(conn, [seq])
     _count(conn, "set_aside", 1)
-    _release_held(conn)
+    moved = _release_held(conn)
     _rearm(conn)
-    return OutboxRow(int(row[0]), str(row[1]), str(row[2]), bytes(row[3]), bool(row[4]))
+    return OutboxRow(int(row[0]), str(row[1]), str(row[2]), bytes(row[3]), bool(row[4])), moved
 
 
 def set_aside_rows(conn: sqlite3.Connection) -> list[dict[str, object]]:
@@ -637,10 +626,126 @@ def stats(conn: sqlite3.Connection) -> OutboxStats:
                        "refuse-new" if refuse_new else "drop-oldest", int(held))
 
 
-def add_listener(wake: Callable[[], None]) -> None:
-    """Call ``wake`` (thread-safe, cheap) whenever a row is queued in this process."""
-    _listeners.add(wake)
+class Outbox:
+    """The outbox of one gateway: its policy, its listeners and its rate-limited warning.
 
+    One instance is built per daemon and handed to everything that writes the outbox: the
+    pipeline queues through :meth:`enqueue` inside its own transactions, the link's drain
+    reads, deletes and sets rows aside, and the link applies the policy at start
+    (:meth:`prepare`). The rows and the counters live in the database (see the module
+    docstring); what lives here is what only this process needs: who to wake when a row
+    is queued, and when the "held back" warning was last logged. Nothing is shared between
+    two instances, so two daemons (or two tests) in one process never see each other's.
 
-def remove_listener(wake: Callable[[], None]) -> None:
-    _listeners.discard(wake)
+    Methods that take a connection run on the database thread, inside the caller's
+    transaction; listeners are called there too (they must be thread-safe and cheap).
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, overflow: Overflow = "drop-oldest") -> None:
+        self._check(max_bytes, overflow)
+        self._max_bytes = int(max_bytes)
+        self._overflow: Overflow = overflow
+        self._lock = threading.Lock()  # listeners change on the event loop, are called on the database thread
+        self._listeners: set[Callable[[], None]] = set()
+        self._held_since_warning = 0
+        self._held_warned_at: float | None = None
+
+    @classmethod
+    def for_upstream(cls, section: UpstreamSection) -> Outbox:
+        """The outbox ``[upstream]`` asks for (``buffer_max_mb``, ``overflow``)."""
+        return cls(int(section.buffer_max_mb * 1024 * 1024), section.overflow)
+
+    @staticmethod
+    def _check(max_bytes: int, overflow: str) -> None:
+        if overflow not in OVERFLOWS:
+            raise ValueError(f"overflow must be 'drop-oldest' or 'refuse-new', not {overflow!r}")
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, not {max_bytes!r}")
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes
+
+    @property
+    def overflow(self) -> Overflow:
+        return self._overflow
+
+    # ------------------------------------------------------------------ policy
+    def prepare(self, conn: sqlite3.Connection) -> OutboxStats:
+        """At start (the writer): create or upgrade the tables, store this policy, report."""
+        ensure_schema(conn)
+        self._wake_if(_store_policy(conn, self._max_bytes, self._overflow))
+        return stats(conn)
+
+    def configure(self, conn: sqlite3.Connection, max_bytes: int, overflow: Overflow = "drop-oldest") -> None:
+        """Change the cap and the policy and store them (the hot path reads them from the
+        state table with the running size, so they hold for every writer of the database)."""
+        self._check(max_bytes, overflow)
+        self._max_bytes, self._overflow = int(max_bytes), overflow
+        self._wake_if(_store_policy(conn, self._max_bytes, self._overflow))
+
+    # ------------------------------------------------------------------ writers
+    def enqueue(self, conn: sqlite3.Connection, kind: str, topic: str, payload: bytes, retain: bool,
+                coalesce_key: str | None = None) -> None:
+        """Queue one message for the cloud inside the caller's transaction (see :func:`_place`);
+        wakes the listeners. Never fails because the buffer is full."""
+        placed = _place(conn, kind, topic, payload, retain, coalesce_key)
+        if placed is Placed.HELD:
+            self._warn_held(topic)
+        self._wake()
+
+    def delete_sent(self, conn: sqlite3.Connection, seqs: Iterable[int]) -> int:
+        """Forget rows the cloud broker acknowledged (see :func:`_delete_sent`); held-back
+        acks that fit now move in."""
+        n, moved = _delete_sent(conn, seqs)
+        self._wake_if(moved)
+        return n
+
+    def set_aside(self, conn: sqlite3.Connection, seq: int, reason: str) -> OutboxRow | None:
+        """Move one row out of the way, kept and counted (see :func:`_set_aside`)."""
+        row, moved = _set_aside(conn, seq, reason)
+        self._wake_if(moved)
+        return row
+
+    # ------------------------------------------------------------------ readers
+    def fetch(self, conn: sqlite3.Connection, after_seq: int, limit: int) -> list[OutboxRow]:
+        return fetch(conn, after_seq, limit)
+
+    def stats(self, conn: sqlite3.Connection) -> OutboxStats:
+        return stats(conn)
+
+    def id_prefix(self, conn: sqlite3.Connection) -> str:
+        return id_prefix(conn)
+
+    def set_aside_rows(self, conn: sqlite3.Connection) -> list[dict[str, object]]:
+        return set_aside_rows(conn)
+
+    # ------------------------------------------------------------------ listeners
+    def add_listener(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` (thread-safe, cheap, never raising) whenever a row is queued."""
+        with self._lock:
+            self._listeners.add(wake)
+
+    def remove_listener(self, wake: Callable[[], None]) -> None:
+        with self._lock:
+            self._listeners.discard(wake)
+
+    def _wake(self) -> None:
+        with self._lock:
+            listeners = tuple(self._listeners)
+        for wake in listeners:
+            wake()
+
+    def _wake_if(self, moved: int) -> None:
+        if moved:
+            self._wake()
+
+    def _warn_held(self, topic: str) -> None:
+        with self._lock:
+            self._held_since_warning += 1
+            now = time.monotonic()
+            if self._held_warned_at is not None and now - self._held_warned_at < HELD_WARNING_INTERVAL_S:
+                return
+            held, self._held_since_warning, self._held_warned_at = self._held_since_warning, 0, now
+        log.warning("upstream buffer full; device acks are stored and their upstream copies wait until the cloud"
+                    " takes some (overflow = refuse-new)", max_bytes=self._max_bytes, topic=topic, held=held)
