@@ -303,13 +303,11 @@ def _place(conn: sqlite3.Connection, kind: str, topic: str, payload: bytes, reta
         coalesce_key = _ack_fields(payload)[0]  # kept on the row: coalescing must not parse the buffer
     size = row_size(topic, payload)
     used, cap, near, refuse_new, held = _state(conn, "bytes, max_bytes, near, refuse_new, held")
+    if size > cap:  # could never fit, under either policy: holding it would hold every later ack
+        _drop_too_big(conn, topic, size, cap)
+        return Placed.TOO_BIG
     if kind == "ack" and refuse_new and held:  # behind the acks already held back: order kept
         return _hold(conn, topic, payload, coalesce_key, size)
-    if size > cap:  # could never fit, under either policy: holding it would hold every later ack
-        conn.execute("UPDATE upstream_outbox_state SET dropped = dropped + 1 WHERE id = 1")
-        log.warning("upstream message larger than the whole buffer; dropped", topic=topic, size=size,
-                    max_bytes=cap)
-        return Placed.TOO_BIG
     if near or used + size > cap * NEAR_FRACTION:
         if not near:
             conn.execute("UPDATE upstream_outbox_state SET near = 1 WHERE id = 1")
@@ -437,6 +435,11 @@ def _coalesce_all_acks(conn: sqlite3.Connection) -> int:
     return n
 
 
+def _drop_too_big(conn: sqlite3.Connection, topic: str, size: int, cap: int) -> None:
+    conn.execute("UPDATE upstream_outbox_state SET dropped = dropped + 1 WHERE id = 1")
+    log.warning("upstream message larger than the whole buffer; dropped", topic=topic, size=size, max_bytes=cap)
+
+
 def _hold(conn: sqlite3.Connection, topic: str, payload: bytes, coalesce_key: str | None, size: int) -> Placed:
     """refuse-new at the cap: the ack's upstream copy waits outside the buffer.
 
@@ -463,11 +466,13 @@ def _release_held(conn: sqlite3.Connection) -> int:
         if not batch:
             break
         for seq, topic, payload, key, size, created_at in batch:
-            if refuse_new and used + size > cap:
-                return moved
+            if refuse_new and size <= cap < used + size:
+                return moved  # waits for the drain; every ack behind it waits too (order)
             conn.execute("DELETE FROM upstream_outbox_held WHERE seq = ?", (seq,))
             held -= 1
-            if refuse_new:
+            if size > cap:  # the cap shrank below it (a restart with a smaller buffer_max_mb)
+                _drop_too_big(conn, topic, size, cap)
+            elif refuse_new:
                 conn.execute(
                     "INSERT INTO upstream_outbox (kind, topic, payload, retain, coalesce_key, size, created_at)"
                     " VALUES ('ack', ?, ?, 0, ?, ?, ?)", (topic, payload, key, size, created_at))

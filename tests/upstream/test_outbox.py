@@ -360,6 +360,30 @@ def test_refuse_new_moves_held_acks_in_as_the_cloud_takes_rows_and_loses_none(co
     assert outbox.stats(conn).refused >= 1 and outbox.stats(conn).held == 0
 
 
+def test_a_held_ack_that_can_no_longer_fit_is_dropped_not_left_blocking_the_rest(conn):
+    """Restarted with a smaller buffer_max_mb: a held ack larger than the whole new cap is
+    dropped and counted (it could never move in), the ones behind it still arrive, in order."""
+    tx(conn, lambda c: OB.configure(c, 3_000, "refuse-new"))
+    n = 0
+    while not outbox.stats(conn).held:
+        tx(conn, lambda c, n=n: device_ack(c, f"m{n}", "received", n))
+        n += 1
+    tx(conn, lambda c: device_ack(c, "big", "received", n, pad=1_500))  # held, ~1.7 KB
+    for k in range(n + 1, n + 4):
+        tx(conn, lambda c, k=k: device_ack(c, f"m{k}", "received", k))
+    tx(conn, lambda c: OB.configure(c, 1_000, "refuse-new"))
+    sent: list[int] = []
+    for _ in range(100):  # bounded: a held ack that never fits would block the rest for ever
+        batch = outbox.fetch(conn, 0, 3)
+        if not batch:
+            break
+        sent += [json.loads(r.payload)["n"] for r in batch]
+        tx(conn, lambda c, batch=batch: OB.delete_sent(c, [r.seq for r in batch]))
+    assert sent == [k for k in range(n + 4) if k != n]  # only the big one is gone, the rest in order
+    st = consistent(conn)
+    assert st.dropped == 1 and st.held == 0
+
+
 def test_held_acks_join_the_buffer_when_the_policy_becomes_drop_oldest(conn):
     tx(conn, lambda c: OB.configure(c, 3_000, "refuse-new"))
     for n in range(30):
