@@ -28,6 +28,7 @@ from gateway.http.auth import BasicAuth, Principal
 from gateway.http.errors import HTTP_CODES, ApiError, error_response, json_response
 from gateway.http.pulse import Pulse
 from gateway.http.reader import Reader
+from gateway.http.streams import StreamSlots
 from gateway.metrics import Metrics
 from gateway.pipeline import store
 from gateway.pipeline.models import (
@@ -36,6 +37,7 @@ from gateway.pipeline.models import (
     MAX_ACK_BYTES,
     MAX_DEVICE_BYTES,
     MAX_JOB_BYTES,
+    AckVia,
     InputError,
     decode_json_object,
     parse_ack,
@@ -95,7 +97,7 @@ class JobIntake(Protocol):
 
     async def register_device(self, device_id: str, payload: bytes, source: str) -> bool: ...
 
-    async def ack(self, device_id: str, payload: bytes, source: str) -> store.AckResult | None: ...
+    async def ack(self, device_id: str, payload: bytes, source: str, via: AckVia) -> store.AckResult | None: ...
 
 
 class HealthView(Protocol):
@@ -122,6 +124,7 @@ class ApiParts:
     signer: AckSigner
     changes: Pulse             # fired after every pipeline commit (event streams re-read)
     stopping: asyncio.Event    # set when the API stops (event streams end)
+    streams: StreamSlots       # every event stream, counted per account
 
 
 def api_app(parts: ApiParts) -> tuple[web.Application, "Api"]:
@@ -294,9 +297,13 @@ class Api:
 
     async def job_events(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: a ``status`` event with the JobStatus on every change, until final."""
-        await self._reader(request)
+        principal = await self._reader(request)
         job_id = request.match_info["job_id"]
         status = await self._job(job_id)
+        with self.svc.streams.hold(principal.name):
+            return await self._job_stream(request, job_id, status)
+
+    async def _job_stream(self, request: web.Request, job_id: str, status: dict[str, Any]) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
@@ -420,7 +427,7 @@ class Api:
             raise ApiError(404, "not_found", f"no delivery {message_id!r} (pruned, or never sent)", ACK_CORS)
         pipeline = await self._ready()
         try:
-            result = await pipeline.ack(device_id, body, f"http:/v1/acks/{ack.message_id}")
+            result = await pipeline.ack(device_id, body, f"http:/v1/acks/{ack.message_id}", AckVia.ACK_URL)
         except STORAGE_ERRORS as exc:
             raise _not_stored(exc, ACK_CORS) from None
         if result is None or not result.accepted:

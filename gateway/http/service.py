@@ -33,6 +33,7 @@ from gateway.http.pulse import Pulse
 from gateway.http.reader import Reader
 from gateway.http.routes import ApiParts, HealthView, JobIntake, api_app
 from gateway.http.sessions import SessionStore
+from gateway.http.streams import StreamSlots
 from gateway.metrics import Metrics
 from gateway.mqtt import GatewayClient
 from gateway.service import ServiceStartError
@@ -80,11 +81,13 @@ class HttpService:
         # over 100,000 rows never delays an ack's lookup on the API's.
         self.ui_reader = Reader(cfg.db_path)
         self.sessions = SessionStore(Path(cfg.broker.auth.password_file))
+        self.streams = StreamSlots(self.cfg.max_streams_per_account)  # every event stream, per account
         self.page: OperatorPage | None = None
         self.start_error = signer_error
         self.signer = signer
         self.parts = ApiParts(cfg=cfg, jobs=jobs, health=health, reader=self.reader, auth=self.auth,
-                              metrics=self.metrics, signer=signer, changes=changes, stopping=self.stopping)
+                              metrics=self.metrics, signer=signer, changes=changes, stopping=self.stopping,
+                              streams=self.streams)
         self.web_config: dict[str, Any] = {}
 
     def attach(self, client: GatewayClient) -> None:

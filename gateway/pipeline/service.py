@@ -22,6 +22,7 @@ from gateway.mqtt import GatewayClient
 from gateway.pipeline import schema, store
 from gateway.pipeline.dispatcher import Dispatcher, Expander
 from gateway.pipeline.intake import Intake
+from gateway.pipeline.models import AckVia
 from gateway.pipeline.recorder import Recorder
 from gateway.pipeline.retention import Pruner
 from gateway.pipeline.status import StatusPublisher
@@ -99,13 +100,14 @@ class Pipeline:
 
     async def _bridge_ack(self, device_id: str, payload: bytes) -> None:
         assert self.intake is not None
-        await self.intake.ack(device_id, payload, self.topics.device_ack(device_id))
+        # Only the simulation bridge acks in process (for its simulated devices).
+        await self.intake.ack(device_id, payload, self.topics.device_ack(device_id), AckVia.SIMULATION)
 
     async def _bridge_acks(self, acks: list[tuple[str, bytes]]) -> list[bool]:
         """A bridge's batch of device acks: one recorder item, one commit (see Intake.acks).
         Bad input counts as handled (True), as an MQTT broker would PUBACK it."""
         assert self.intake is not None
-        results = await self.intake.acks([(d, p, self.topics.device_ack(d)) for d, p in acks])
+        results = await self.intake.acks([(d, p, self.topics.device_ack(d)) for d, p in acks], AckVia.SIMULATION)
         return [r is None or not r.not_stored for r in results]
 
     # ----------------------------------------------------------------- intake API (upstream link)
@@ -119,11 +121,12 @@ class Pipeline:
         assert self.intake is not None
         return await self.intake.register_device(device_id, payload, source)
 
-    async def ack(self, device_id: str, payload: bytes, source: str) -> store.AckResult | None:
-        """One device ack from outside MQTT (the HTTP ack URL); None if it is bad input."""
+    async def ack(self, device_id: str, payload: bytes, source: str, via: AckVia) -> store.AckResult | None:
+        """One device ack from outside MQTT (the HTTP ack URL), stored with the channel it
+        came by; None if it is bad input."""
         await self.ready.wait()
         assert self.intake is not None
-        return await self.intake.ack(device_id, payload, source)
+        return await self.intake.ack(device_id, payload, source, via)
 
     def on_commit(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` after every commit of outcomes or acks (job statuses may have changed)."""

@@ -20,8 +20,10 @@ from gateway.http.auth import BasicAuth
 from gateway.http.pulse import Pulse
 from gateway.http.reader import Reader
 from gateway.http.routes import ApiParts, api_app
+from gateway.http.streams import StreamSlots
 from gateway.metrics import Metrics
 from gateway.pipeline import schema, store
+from gateway.pipeline.models import AckVia
 from gateway.storage import connect
 from gateway.storage import transaction as tx
 
@@ -43,8 +45,8 @@ class StrictIntake:
     async def register_device(self, device_id: str, payload: bytes, source: str) -> bool:
         raise AssertionError(f"unexpected register_device {device_id} from {source}")
 
-    async def ack(self, device_id: str, payload: bytes, source: str) -> store.AckResult | None:
-        self.acks.append((device_id, json.loads(payload), source))
+    async def ack(self, device_id: str, payload: bytes, source: str, via: AckVia) -> store.AckResult | None:
+        self.acks.append((device_id, json.loads(payload), f"{source} via {via}"))
         return store.AckResult(True, job_id="job-1", latency_ms=42.0, first=len(self.acks) == 1)
 
 
@@ -69,7 +71,7 @@ def parts(tmp_path: Path):
     conn.close()
     made = ApiParts(cfg=cfg, jobs=StrictIntake(), health=FixedHealth("degraded"), reader=Reader(cfg.db_path),
                     auth=BasicAuth(cfg), metrics=Metrics(cfg.db_path), signer=AckSigner(b"k" * 32, "http://gw"),
-                    changes=Pulse(), stopping=asyncio.Event())
+                    changes=Pulse(), stopping=asyncio.Event(), streams=StreamSlots(4))
     yield made
     made.reader.close()
     made.metrics.close()
@@ -92,7 +94,7 @@ async def test_a_signed_ack_goes_to_the_pipeline_and_a_forged_one_never_does(par
         assert first.headers["Access-Control-Allow-Origin"] == "*"
         [(device_id, body, source)] = intake.acks
         assert (device_id, body["message_id"], body["status"], source) == ("plc-1", MID, "received",
-                                                                           f"http:/v1/acks/{MID}")
+                                                                           f"http:/v1/acks/{MID} via ack-url")
         assert body["at"]  # absent in the request: when the gateway got it
 
         health = await client.get("/healthz")
