@@ -33,6 +33,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from gateway import clock
 from gateway import stats
 
 log = structlog.get_logger(__name__)
@@ -205,7 +206,7 @@ class DatabaseCollector:
         conn = self._connection()
         conn.execute("BEGIN")  # one consistent read snapshot for the whole scrape
         try:
-            now = time.time()
+            now = clock.now()
             counts = stats.delivery_counts(conn)
             latency = stats.ack_latency(conn)
             oldest = stats.oldest_queued(conn, now)

@@ -31,6 +31,7 @@ from urllib.parse import parse_qs
 import structlog
 from aiohttp import web
 
+from gateway import clock
 from gateway.http import ui_queries as q
 from gateway.http.errors import ApiError, json_response
 from gateway.http.reader import Reader
@@ -269,7 +270,7 @@ class OperatorPage:
             "gateway": {"site_id": self.cfg.gateway.site_id, "version": snap.get("version"),
                         "state": snap.get("state"), "status": snap.get("status"), "checks": snap.get("checks"),
                         "mode": self.cfg.broker.mode, "started_at": self.started_at,
-                        "uptime_s": round(max(0.0, time.time() - started)),
+                        "uptime_s": round(max(0.0, clock.now() - started)),
                         "broker_client_connected": client.get("connected")},
             "bridges": snap.get("bridges") or {},
             "broker": broker,
@@ -466,7 +467,7 @@ class OperatorPage:
             raise ApiError(409, "alarm_not_firing", f"key: alarm {key!r} of rule {rule!r} is {current['state']}, not firing")
         try:
             await self.db.run(lambda c: alarm_store.request_ack(c, rule, key, f"http:{session.name}", note,
-                                                                time.time()))
+                                                                clock.now()))
         except Exception as exc:
             log.error("alarm ack not stored", rule=rule, key=key, error=f"{type(exc).__name__}: {exc}"[:300])
             raise ApiError(503, "not_stored", "the ack could not be stored now; try again", {"Retry-After": "5"}) from None

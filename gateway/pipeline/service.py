@@ -9,7 +9,6 @@ half a second to close."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,6 +16,7 @@ import structlog
 
 from bridges.base import Bridge, BridgeConfigError, BridgeContext
 from bridges.registry import build_bridges
+from gateway import clock
 from gateway.config import Config
 from gateway.mqtt import GatewayClient
 from gateway.pipeline import schema, store
@@ -144,7 +144,7 @@ class Pipeline:
         """Per enabled bridge: healthy (no pause episode running), pause reason, in flight, sent."""
         if self.dispatcher is None:
             return {}
-        now = time.time()
+        now = clock.now()  # paused_until is on the gateway's clock
         out: dict[str, dict[str, Any]] = {}
         for name, slot in self.dispatcher.slots.items():
             unhealthy = slot.unhealthy or slot.paused_until > now
