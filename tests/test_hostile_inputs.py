@@ -199,6 +199,9 @@ def test_every_hostile_mqtt_message_was_answered(site):
     s.local.wait_for(answered, timeout=30)
     log = s.gw.log()
     assert "message set aside: its handler failed" not in log and "Traceback" not in log, log[-3000:]  # every input was classified
+    # ...and the daemon reports it so: nothing set aside on either MQTT link.
+    snap = json.loads((s.tmp / "var" / "runtime.json").read_text())
+    assert snap["set_aside"] == {"counts": {"broker": 0, "upstream": 0}, "recent": []}
 
 
 HTTP = [("POST", "/v1/jobs"), ("PUT", "/v1/devices/hz-http"), ("POST", "/v1/acks/{mid}?sig={sig}"),

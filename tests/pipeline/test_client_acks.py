@@ -122,8 +122,6 @@ async def test_a_handler_failure_that_is_not_storage_sets_the_message_aside_and_
 async def test_set_aside_messages_are_counted_in_metrics_and_listed_by_status(mosquitto, capsys):
     """What an operator sees of a set-aside message: the count per link in /metrics, and
     in `status` the count and the last ones (topic, time, size, reason)."""
-    from types import SimpleNamespace
-
     from gateway import health, status
     from gateway.metrics import RuntimeCollector
 
@@ -139,7 +137,7 @@ async def test_set_aside_messages_are_counted_in_metrics_and_listed_by_status(mo
         await handler(message)
 
     client = await run_client(mosquitto.port, counting, lambda: bool(seen))
-    view = health.set_aside_view(SimpleNamespace(client=client, services=[]))
+    view = health.set_aside_view(health.HealthProbes(client=client, started_at="2026-01-01T00:00:00.000Z"))
     assert view["counts"] == {"broker": 1}
     [kept] = view["recent"]
     assert kept["link"] == "broker" and kept["topic"] == "t/x" and kept["size"] == 4400
