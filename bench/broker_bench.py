@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.summary import row as _row
-from gateway.broker.codec import encode_topic, remaining_length
+from gateway.broker.wire.codec import utf8 as encode_topic, varint as remaining_length
 
 WINDOW = 16
 TOPIC = "bench/topic"

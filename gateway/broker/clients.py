@@ -26,19 +26,22 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
+import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import structlog
 
 from gateway.broker.acl import ClientAcl
-from gateway.broker.codec import PUBREL, encode_ack, encode_publish, encode_topic
+from gateway.broker.wire.codec import PUBREL_B, V5, send_ack, send_publish, utf8, varint
 from gateway.broker.metrics import BrokerMetrics
 from gateway.broker.state import RELEASED, SENT, StateNotStored, StateStore
 from gateway.broker.throttle import LogThrottle
 
 if TYPE_CHECKING:
-    from gateway.broker.handler import GatewayProtocolHandler
+    from gateway.broker.wire.connection import Connection
 
 log = structlog.get_logger(__name__)
 
@@ -53,41 +56,66 @@ BATCH = 256             # packets per write
 
 
 class Message:
-    """One application message as routed; shared by every client it goes to."""
+    """One application message as routed; shared by every client it goes to.
 
-    __slots__ = ("_qos0", "payload", "topic", "topic_b")
+    ``props`` are the MQTT 5.0 properties passed through from the publisher (encoded);
+    ``expires_at`` the end of its Message Expiry Interval on the monotonic clock (None:
+    never). A 3.1.1 receiver gets neither; a 5.0 receiver gets the remaining interval
+    [MQTT-3.3.2-6] and its Subscription Identifier [MQTT-3.3.4-3].
+    """
 
-    def __init__(self, topic: str, payload: bytes):
+    __slots__ = ("_qos0", "expires_at", "payload", "props", "topic", "topic_b")
+
+    def __init__(self, topic: str, payload: bytes, props: bytes = b"", expires_at: float | None = None):
         self.topic = topic
-        self.topic_b = encode_topic(topic)
+        self.topic_b = utf8(topic)
         self.payload = payload
-        self._qos0: dict[bool, bytes] = {}
+        self.props = props
+        self.expires_at = expires_at
+        self._qos0: dict[tuple[bool, int], bytes] = {}
 
-    def qos0_packet(self, retain: bool) -> bytes:
-        """A QoS 0 PUBLISH is the same bytes for every subscriber: encode it once."""
-        packet = self._qos0.get(retain)
-        if packet is None:
-            packet = self._qos0[retain] = encode_publish(self.topic_b, self.payload, 0, retain)
-        return packet
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
+
+    def v5_props(self, sub_id: int) -> bytes:
+        props = self.props
+        if self.expires_at is not None:
+            remaining = max(1, math.ceil(self.expires_at - time.monotonic()))
+            props += b"\x02" + remaining.to_bytes(4, "big")
+        if sub_id:
+            props += b"\x0b" + varint(sub_id)
+        return props
+
+    def packet(self, version: int, qos: int, retain: bool, dup: bool = False, packet_id: int | None = None,
+               sub_id: int = 0) -> bytes:
+        if qos == 0 and not sub_id and self.expires_at is None:
+            # A QoS 0 PUBLISH is the same bytes for every subscriber of a version: encode it once.
+            key = (retain, version)
+            cached = self._qos0.get(key)
+            if cached is None:
+                cached = self._qos0[key] = send_publish(
+                    self.topic_b, self.payload, 0, retain, props=self.props if version == V5 else None)
+            return cached
+        props = self.v5_props(sub_id) if version == V5 else None
+        return send_publish(self.topic_b, self.payload, qos, retain, dup, packet_id, props)
 
 
 class Outgoing:
     """A message on its way to one client, at the QoS it is delivered with."""
 
-    __slots__ = ("msg", "packet_id", "qos", "retain", "seq", "state")
+    __slots__ = ("msg", "packet_id", "qos", "retain", "seq", "state", "sub_id")
 
-    def __init__(self, msg: Message, qos: int, retain: bool, seq: int = 0):
+    def __init__(self, msg: Message, qos: int, retain: bool, seq: int = 0, sub_id: int = 0):
         self.msg = msg
         self.qos = qos
         self.retain = retain
         self.seq = seq          # row in broker_messages (persistent sessions, QoS > 0), else 0
+        self.sub_id = sub_id
         self.packet_id: int | None = None
         self.state = 0
 
-    def packet(self, dup: bool = False) -> bytes:
-        if self.qos == 0:
-            return self.msg.qos0_packet(self.retain)
-        return encode_publish(self.msg.topic_b, self.msg.payload, self.qos, self.retain, dup, self.packet_id)
+    def packet(self, version: int, dup: bool = False) -> bytes:
+        return self.msg.packet(version, self.qos, self.retain, dup, self.packet_id, self.sub_id)
 
 
 class ClientState:
@@ -107,8 +135,10 @@ class ClientState:
         self.pending: deque[Outgoing] = deque()
         self.inflight: dict[int, Outgoing] = {}
         self.qos2_in: set[int] = set()
-        self.handler: GatewayProtocolHandler | None = None
+        self.handler: Connection | None = None
         self.dropped = 0
+        self.expiry_s: int | None = None   # 5.0 Session Expiry Interval once disconnected (None: never)
+        self._expiry: asyncio.TimerHandle | None = None
         self._store = store
         self._metrics = metrics
         self._seq = seq
@@ -138,17 +168,19 @@ class ClientState:
         raise RuntimeError("no free packet identifier")  # cannot happen: inflight ≤ max_inflight
 
     # ----------------------------------------------------------------- queueing
-    def enqueue(self, msg: Message, qos: int, retain: bool) -> bool:
+    def enqueue(self, msg: Message, qos: int, retain: bool, sub_id: int = 0) -> bool:
         """Queue ``msg`` for this client; True when a durable write was queued for it."""
         online = self.handler is not None
         if qos == 0 and not online:
             return False  # QoS 0 is not part of an offline session's state [MQTT-3.1.2-5]
         durable = False
-        out = Outgoing(msg, qos, retain)
+        out = Outgoing(msg, qos, retain, 0, sub_id)
         store = self._store
         if qos and not self.clean and store is not None:
             out.seq = next(self._seq)
-            store.queue_message(self.client_id, out.seq, msg.topic, msg.payload, qos, retain)
+            expires_at = None if msg.expires_at is None else time.time() + (msg.expires_at - time.monotonic())
+            store.queue_message(self.client_id, out.seq, msg.topic, msg.payload, qos, retain, msg.props,
+                                expires_at, sub_id)
             durable = True
         pending = self.pending
         pending.append(out)
@@ -184,8 +216,18 @@ class ClientState:
             else:
                 self.pending.append(out)
 
+    # ----------------------------------------------------------------- session expiry
+    def arm_expiry(self, seconds: int, expire: Callable[[ClientState], None]) -> None:
+        self.cancel_expiry()
+        self._expiry = asyncio.get_running_loop().call_later(seconds, expire, self)
+
+    def cancel_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+
     # ----------------------------------------------------------------- connection
-    def attach(self, handler: GatewayProtocolHandler) -> None:
+    def attach(self, handler: Connection) -> None:
         self.handler = handler
         self._wake = asyncio.Event()
         self._sender = asyncio.get_running_loop().create_task(
@@ -199,14 +241,22 @@ class ClientState:
         if any(out.qos == 0 for out in self.pending):
             self.pending = deque(out for out in self.pending if out.qos)
 
+    def _forget(self, out: Outgoing) -> None:
+        if out.seq and self._store is not None:
+            self._store.message_done(self.client_id, out.seq)
+
     def _readable(self, out: Outgoing) -> bool:
-        """May this client's role read ``out`` now? If not, it is dropped and counted."""
+        """May this client's role read ``out`` now, and has it not expired? If not, it is
+        dropped and counted (an expired message is never sent [MQTT-3.3.2-5])."""
+        if out.msg.expires_at is not None and out.msg.expired(time.monotonic()):
+            self._metrics.expired += 1
+            self._forget(out)
+            return False
         acl = self.acl
         if acl is None or acl.allow_all or acl.may_receive(out.msg.topic):
             return True
         self._metrics.dropped_acl += 1
-        if out.seq and self._store is not None:
-            self._store.message_done(self.client_id, out.seq)
+        self._forget(out)
         suppressed = self._drop_log((self.client_id, "acl"))
         if suppressed is not None:
             log.info("queued message withheld: the client's role may not read its topic (any more)",
@@ -214,8 +264,12 @@ class ClientState:
                      suppressed=suppressed)
         return False
 
-    async def _run_sender(self, handler: GatewayProtocolHandler) -> None:
+    async def _run_sender(self, handler: Connection) -> None:
         metrics = self._metrics
+        version = handler.version
+        # The client's Receive Maximum bounds what is in flight to it [MQTT-3.3.4-9].
+        window = min(self._max_inflight, handler.send_quota)
+        max_packet = handler.max_packet_out
         try:
             if self.inflight:
                 # [MQTT-4.4.0-1]: unacknowledged PUBLISH again with DUP=1, PUBREL again
@@ -223,9 +277,9 @@ class ClientState:
                 parts = []
                 for pid, out in list(self.inflight.items()):
                     if out.state == RELEASED:
-                        parts.append(encode_ack(PUBREL, pid))
+                        parts.append(send_ack(PUBREL_B, pid))
                     elif self._readable(out):
-                        parts.append(out.packet(dup=True))
+                        parts.append(out.packet(version, dup=True))
                         metrics.messages_out += 1
                     else:
                         del self.inflight[pid]
@@ -233,7 +287,7 @@ class ClientState:
             wake = self._wake
             while True:
                 pending = self.pending
-                if not pending or (pending[0].qos and len(self.inflight) >= self._max_inflight):
+                if not pending or (pending[0].qos and len(self.inflight) >= window):
                     wake.clear()
                     await wake.wait()
                     continue
@@ -247,18 +301,28 @@ class ClientState:
                         pending.popleft()
                         continue
                     if out.qos:
-                        if len(self.inflight) >= self._max_inflight:
+                        if len(self.inflight) >= window:
                             break
                         pid = self._alloc_packet_id()
-                        out.packet_id, out.state = pid, SENT
+                        out.packet_id = pid
+                        data = out.packet(version)
+                        if max_packet is not None and len(data) > max_packet:
+                            self._too_large(pending.popleft())
+                            continue
+                        out.state = SENT
                         self.inflight[pid] = out
                         if out.seq and store is not None:
                             store.message_state(self.client_id, out.seq, pid, SENT)
                             # A QoS 2 packet id must be on disk before the client sees it,
                             # or a restarted broker could send the message under a new id.
                             barrier = barrier or out.qos == 2
+                    else:
+                        data = out.packet(version)
+                        if max_packet is not None and len(data) > max_packet:
+                            self._too_large(pending.popleft())
+                            continue
                     pending.popleft()
-                    parts.append(out.packet())
+                    parts.append(data)
                     nbytes += len(out.msg.payload)
                 if barrier and store is not None:
                     await store.barrier()
@@ -278,6 +342,16 @@ class ClientState:
                         error=repr(exc))
             handler.abort()
 
+    def _too_large(self, out: Outgoing) -> None:
+        """Larger than the client's Maximum Packet Size: not sent, as if delivered [MQTT-3.1.2-25]."""
+        out.packet_id = None
+        self._metrics.dropped_too_large += 1
+        self._forget(out)
+        suppressed = self._drop_log((self.client_id, "size"))
+        if suppressed is not None:
+            log.info("message not sent: larger than the client's Maximum Packet Size", client_id=self.client_id,
+                     topic=out.msg.topic, suppressed=suppressed)
+
     # ----------------------------------------------------------------- acknowledgements
     def on_puback(self, packet_id: int) -> None:
         out = self.inflight.get(packet_id)
@@ -289,7 +363,7 @@ class ClientState:
         if self.pending:
             self._wake.set()
 
-    async def on_pubrec(self, packet_id: int, handler: GatewayProtocolHandler) -> None:
+    async def on_pubrec(self, packet_id: int, handler: Connection) -> None:
         out = self.inflight.get(packet_id)
         if out is not None and out.qos == 2 and out.state != RELEASED:
             out.state = RELEASED
@@ -300,7 +374,18 @@ class ClientState:
                 except StateNotStored:
                     handler.close_unstored()  # no PUBREL before RELEASED is on disk
                     return
-        await handler.send_bytes(encode_ack(PUBREL, packet_id))
+        await handler.send_bytes(send_ack(PUBREL_B, packet_id))
+
+    def on_pubrec_refused(self, packet_id: int) -> None:
+        """A 5.0 PUBREC with a reason code of 0x80 or more: the receiver refused the message and
+        the exchange ends there (no PUBREL) [MQTT-4.3.3-4]; it is not sent again."""
+        out = self.inflight.get(packet_id)
+        if out is None or out.qos != 2 or out.state == RELEASED:
+            return
+        del self.inflight[packet_id]
+        self._forget(out)
+        if self.pending:
+            self._wake.set()
 
     def on_pubcomp(self, packet_id: int) -> None:
         out = self.inflight.get(packet_id)

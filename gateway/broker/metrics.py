@@ -31,6 +31,10 @@ class BrokerMetrics:
     wills_published: int = 0
     protocol_errors: int = 0         # connections closed for malformed input
     persist_errors: int = 0          # SQLite commits of broker state that failed (logged once per episode)
+    expired: int = 0                 # MQTT 5.0 messages dropped from queues or retained when their expiry passed
+    dropped_too_large: int = 0       # messages not sent: larger than the receiving client's Maximum Packet Size
+    receive_maximum_exceeded: int = 0  # MQTT 5.0 clients disconnected (0x93) for exceeding the broker's Receive Maximum
+    sessions_expired: int = 0        # MQTT 5.0 sessions discarded when their Session Expiry Interval ran out
     not_acknowledged: int = 0        # PUBLISH/SUBSCRIBE/QoS 2 steps left unacknowledged because state was not stored
 
     def snapshot(self, **gauges: int) -> dict[str, int]:

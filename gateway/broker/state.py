@@ -40,16 +40,17 @@ log = structlog.get_logger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS broker_retained (
-    topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL, stored_at REAL NOT NULL);
+    topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL, stored_at REAL NOT NULL,
+    props BLOB, expires_at REAL);
 CREATE TABLE IF NOT EXISTS broker_sessions (
     client_id TEXT PRIMARY KEY, username TEXT, role TEXT, created_at REAL NOT NULL,
-    dropped INTEGER NOT NULL DEFAULT 0, owner TEXT);
+    dropped INTEGER NOT NULL DEFAULT 0, owner TEXT, expiry_s INTEGER);
 CREATE TABLE IF NOT EXISTS broker_subscriptions (
     client_id TEXT NOT NULL, filter TEXT NOT NULL, qos INTEGER NOT NULL, PRIMARY KEY (client_id, filter));
 CREATE TABLE IF NOT EXISTS broker_messages (
     client_id TEXT NOT NULL, seq INTEGER NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL,
     qos INTEGER NOT NULL, retain INTEGER NOT NULL DEFAULT 0, packet_id INTEGER,
-    state INTEGER NOT NULL DEFAULT 0,
+    state INTEGER NOT NULL DEFAULT 0, props BLOB, expires_at REAL, sub_id INTEGER,
     PRIMARY KEY (client_id, seq));
 CREATE TABLE IF NOT EXISTS broker_qos2_in (
     client_id TEXT NOT NULL, packet_id INTEGER NOT NULL, PRIMARY KEY (client_id, packet_id));
@@ -76,6 +77,9 @@ class StoredMessage:
     retain: bool
     packet_id: int | None
     state: int
+    props: bytes = b""              # MQTT 5.0 properties passed through to subscribers (encoded)
+    expires_at: float | None = None   # wall-clock end of the Message Expiry Interval
+    sub_id: int = 0                 # the Subscription Identifier it is delivered with
 
 
 RETRY_INITIAL_S = 0.2   # first retry of a failed commit; doubles up to RETRY_MAX_S
@@ -93,6 +97,7 @@ class StoredSession:
     role: str | None
     dropped: int = 0
     owner: str | None = None     # the principal the session belongs to (None: written before owners existed)
+    expiry_s: int | None = None  # MQTT 5.0 Session Expiry Interval (None: until removed, as 3.1.1)
     subscriptions: dict[str, int] = field(default_factory=dict)
     messages: list[StoredMessage] = field(default_factory=list)
     qos2_in: set[int] = field(default_factory=set)
@@ -100,7 +105,7 @@ class StoredSession:
 
 @dataclass
 class LoadedState:
-    retained: dict[str, tuple[bytes, int]]
+    retained: dict[str, tuple[bytes, int, bytes, float | None]]   # payload, qos, props, expires_at
     sessions: dict[str, StoredSession]
     next_seq: int
 
@@ -111,26 +116,38 @@ def _migrate(conn: sqlite3.Connection) -> None:
     columns = {row[1] for row in conn.execute("PRAGMA table_info(broker_sessions)")}
     if "owner" not in columns:  # databases written before sessions had owners
         conn.execute("ALTER TABLE broker_sessions ADD COLUMN owner TEXT")
+    # Databases written before the broker spoke MQTT 5.0.
+    _add_columns(conn, "broker_sessions", {"expiry_s": "INTEGER"})
+    _add_columns(conn, "broker_retained", {"props": "BLOB", "expires_at": "REAL"})
+    _add_columns(conn, "broker_messages", {"props": "BLOB", "expires_at": "REAL", "sub_id": "INTEGER"})
+
+
+def _add_columns(conn: sqlite3.Connection, table: str, wanted: dict[str, str]) -> None:
+    columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+    for name, kind in wanted.items():
+        if name not in columns:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
 
 def _load(conn: sqlite3.Connection) -> LoadedState:
-    retained = {row[0]: (bytes(row[1]), int(row[2]))
-                for row in conn.execute("SELECT topic, payload, qos FROM broker_retained")}
+    retained = {row[0]: (bytes(row[1]), int(row[2]), bytes(row[3] or b""), row[4])
+                for row in conn.execute("SELECT topic, payload, qos, props, expires_at FROM broker_retained")}
     sessions: dict[str, StoredSession] = {}
-    for cid, username, role, dropped, owner in conn.execute(
-            "SELECT client_id, username, role, dropped, owner FROM broker_sessions"):
-        sessions[cid] = StoredSession(cid, username, role, int(dropped), owner)
+    for cid, username, role, dropped, owner, expiry_s in conn.execute(
+            "SELECT client_id, username, role, dropped, owner, expiry_s FROM broker_sessions"):
+        sessions[cid] = StoredSession(cid, username, role, int(dropped), owner, expiry_s)
     for cid, flt, qos in conn.execute("SELECT client_id, filter, qos FROM broker_subscriptions"):
         if cid in sessions:
             sessions[cid].subscriptions[flt] = int(qos)
     next_seq = 1
-    for cid, seq, topic, payload, qos, retain, pid, state in conn.execute(
-            "SELECT client_id, seq, topic, payload, qos, retain, packet_id, state FROM broker_messages"
-            " ORDER BY seq"):
+    for cid, seq, topic, payload, qos, retain, pid, state, props, expires_at, sub_id in conn.execute(
+            "SELECT client_id, seq, topic, payload, qos, retain, packet_id, state, props, expires_at, sub_id"
+            " FROM broker_messages ORDER BY seq"):
         next_seq = max(next_seq, int(seq) + 1)
         if cid in sessions:
             sessions[cid].messages.append(StoredMessage(int(seq), topic, bytes(payload), int(qos),
-                                                        bool(retain), pid, int(state)))
+                                                        bool(retain), pid, int(state), bytes(props or b""),
+                                                        expires_at, int(sub_id or 0)))
     for cid, pid in conn.execute("SELECT client_id, packet_id FROM broker_qos2_in"):
         if cid in sessions:
             sessions[cid].qos2_in.add(int(pid))
@@ -181,14 +198,16 @@ class StateStore:
         self._pending[key] = op  # moved to the end: applied after everything before it
         self._schedule()
 
-    def retain(self, topic: str, payload: bytes, qos: int) -> None:
-        self._put(("ret", topic), ("ret_put", topic, payload, qos))
+    def retain(self, topic: str, payload: bytes, qos: int, props: bytes = b"",
+               expires_at: float | None = None) -> None:
+        self._put(("ret", topic), ("ret_put", topic, payload, qos, props or None, expires_at))
 
     def clear_retained(self, topic: str) -> None:
         self._put(("ret", topic), ("ret_del", topic))
 
-    def session(self, client_id: str, username: str | None, role: str | None, owner: str | None = None) -> None:
-        self._put(("sess", client_id), ("sess_put", client_id, username, role, owner))
+    def session(self, client_id: str, username: str | None, role: str | None, owner: str | None = None,
+                expiry_s: int | None = None) -> None:
+        self._put(("sess", client_id), ("sess_put", client_id, username, role, owner, expiry_s))
 
     def forget_session(self, client_id: str) -> None:
         # Drop not-yet-written rows of this client: the delete covers them anyway.
@@ -208,15 +227,17 @@ class StateStore:
         self._put(("sub", client_id, topic_filter), ("sub_del", client_id, topic_filter))
 
     def queue_message(self, client_id: str, seq: int, topic: str, payload: bytes, qos: int,
-                      retain: bool = False) -> None:
+                      retain: bool = False, props: bytes = b"", expires_at: float | None = None,
+                      sub_id: int = 0) -> None:
         self._put(("msg", client_id, seq),
-                  ("msg_put", client_id, seq, topic, payload, qos, int(retain), None, QUEUED))
+                  ("msg_put", client_id, seq, topic, payload, qos, int(retain), None, QUEUED, props or None,
+                   expires_at, sub_id or None))
 
     def message_state(self, client_id: str, seq: int, packet_id: int, state: int) -> None:
         key = ("msg", client_id, seq)
         earlier = self._pending.get(key)
         if earlier is not None and earlier[0] == "msg_put":
-            self._put(key, earlier[:7] + (packet_id, state))
+            self._put(key, earlier[:7] + (packet_id, state) + earlier[9:])
         else:
             self._put(key, ("msg_upd", client_id, seq, packet_id, state))
 
@@ -338,8 +359,8 @@ class StateStore:
             log.error("broker state not written at shutdown (the disk kept failing)", operations=self.backlog)
 
 
-_MSG_PUT = ("INSERT OR REPLACE INTO broker_messages (client_id, seq, topic, payload, qos, retain, packet_id, state)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+_MSG_PUT = ("INSERT OR REPLACE INTO broker_messages (client_id, seq, topic, payload, qos, retain, packet_id, state,"
+            " props, expires_at, sub_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _MSG_UPD = "UPDATE broker_messages SET packet_id = ?, state = ? WHERE client_id = ? AND seq = ?"
 _MSG_DEL = "DELETE FROM broker_messages WHERE client_id = ? AND seq = ?"
 
@@ -370,15 +391,15 @@ def _apply(conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
             continue
         i += 1
         if kind == "ret_put":
-            conn.execute("INSERT OR REPLACE INTO broker_retained (topic, payload, qos, stored_at) VALUES (?, ?, ?, ?)",
-                         (op[1], op[2], op[3], now))
+            conn.execute("INSERT OR REPLACE INTO broker_retained (topic, payload, qos, stored_at, props, expires_at)"
+                         " VALUES (?, ?, ?, ?, ?, ?)", (op[1], op[2], op[3], now, op[4], op[5]))
         elif kind == "ret_del":
             conn.execute("DELETE FROM broker_retained WHERE topic = ?", (op[1],))
         elif kind == "sess_put":
-            conn.execute("INSERT INTO broker_sessions (client_id, username, role, created_at, owner)"
-                         " VALUES (?, ?, ?, ?, ?) ON CONFLICT (client_id) DO UPDATE SET"
-                         " username = excluded.username, role = excluded.role, owner = excluded.owner",
-                         (op[1], op[2], op[3], now, op[4]))
+            conn.execute("INSERT INTO broker_sessions (client_id, username, role, created_at, owner, expiry_s)"
+                         " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (client_id) DO UPDATE SET"
+                         " username = excluded.username, role = excluded.role, owner = excluded.owner,"
+                         " expiry_s = excluded.expiry_s", (op[1], op[2], op[3], now, op[4], op[5]))
         elif kind == "sess_drop":
             conn.execute("UPDATE broker_sessions SET dropped = ? WHERE client_id = ?", (op[2], op[1]))
         elif kind == "sess_del":
