@@ -65,9 +65,13 @@ def on_publish(conn: Connection, cs: ClientState, flags: int, body: bytes) -> as
     if conn.version != V5:
         payload = body[start:]
         return _accept(conn, cs, topic, packet_id, qos, payload, retain, b"", None)
-    cursor = Body(body, start)
-    props = P.decode(cursor, PUBLISH)
-    payload = body[cursor.pos:]
+    if start < len(body) and body[start] == 0:
+        props: P.Properties = {}   # the common case: an empty property block
+        payload = body[start + 1:]
+    else:
+        cursor = Body(body, start)
+        props = P.decode(cursor, PUBLISH)
+        payload = body[cursor.pos:]
     if qos:
         conn.unacked_in += 1
         if conn.unacked_in > conn.receive_maximum:
@@ -102,9 +106,10 @@ def on_publish(conn: Connection, cs: ClientState, flags: int, body: bytes) -> as
         log.info("PUBLISH refused: payload is not UTF-8 although its Payload Format Indicator says so",
                  client_id=cs.client_id, topic=topic)
         return _answer(conn, qos, packet_id, reason, False)
-    expiry = props.get(Prop.MESSAGE_EXPIRY_INTERVAL) if props else None
-    forwarded = P.passed_through(props)
-    return _accept(conn, cs, topic, packet_id, qos, payload, retain, forwarded, expiry)
+    if not props:
+        return _accept(conn, cs, topic, packet_id, qos, payload, retain, b"", None)
+    return _accept(conn, cs, topic, packet_id, qos, payload, retain, P.passed_through(props),
+                   props.get(Prop.MESSAGE_EXPIRY_INTERVAL))
 
 
 def _accept(conn: Connection, cs: ClientState, topic: str, packet_id: int | None, qos: int, payload: bytes,
