@@ -19,10 +19,9 @@ results, acks, retention) moves the aggregates in its own transaction, once per 
 lookups by primary key) and :func:`apply_changes` makes one upsert per (platform, state)
 whose count moved and per latency bucket that grew. Where the store already knows both
 sides (the rows it inserts as written; the acks, whose rows it has just read and whose
-updates are unconditional) it calls :func:`apply_changes` without the reads. Until issue 11
-row-level triggers did this: two or three trigger statements per changed row (SQLite has no
-statement-level triggers), several times the cost of the row update itself
-(bench/README.md, "Pipeline").
+updates are unconditional) it calls :func:`apply_changes` without the reads. Not row-level
+triggers: those cost two or three trigger statements per changed row (SQLite has no
+statement-level triggers), several times the cost of the row update itself.
 
 ``migrate`` creates the tables, drops those triggers where an older gateway made them, and
 recounts both tables from the deliveries table at a start where they cannot be trusted: the
@@ -201,7 +200,7 @@ def prepare(conn: sqlite3.Connection) -> None:
     It also makes sure the queued index exists (created on the platform key as it is now
     when missing; :func:`migrate` re-makes it when the key changed): besides this module's
     reads, the pipeline's per-job lookups of queued rows (``store.expiring``) use it, so it
-    is the one index on queued rows by job (issue 11 dropped the pipeline's own copy)."""
+    is the one index on queued rows by job (a second one would cost a B-tree write per delivery)."""
     for statement in TABLES.strip().split(";"):
         if statement.strip():
             conn.execute(statement)
@@ -320,7 +319,7 @@ def upstream_backlog(conn: sqlite3.Connection) -> dict[str, Any] | None:
 
 
 def alarms_firing(conn: sqlite3.Connection) -> list[dict[str, Any]] | None:
-    """Alarms in state ``firing`` when the alarms table exists (issue 10), else None."""
+    """Alarms in state ``firing`` when the alarms table exists, else None."""
     if not has_table(conn, "alarms"):
         return None
     try:

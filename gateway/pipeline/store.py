@@ -445,7 +445,7 @@ def new_message_id() -> str:
     version 7 layout; 74 random bits follow). Rows made together get neighbouring keys, so
     the ``deliveries`` primary key grows at its end and a batch of updates by message_id
     touches a few B-tree pages instead of one random page per row: about a third less
-    SQLite time for a 100,000-row job than random (version 4) ids (bench/README.md)."""
+    SQLite time for a 100,000-row job than random (version 4) ids."""
     return new_message_ids(1)[0]
 
 
@@ -469,7 +469,7 @@ def _insert_deliveries(conn: sqlite3.Connection, job_id: str, rows: list[tuple[s
     # One statement for the page: the rows go in as one JSON array ([message_id, device_id,
     # route] each) that SQLite walks itself (json_each, in order), instead of a statement
     # step with seven bound values per row; the per-row work then runs in SQLite, without
-    # the GIL the event loop needs (bench/README.md, "Pipeline").
+    # the GIL the event loop needs.
     ids = new_message_ids(len(rows))
     cur = conn.execute(
         "INSERT OR IGNORE INTO deliveries(message_id, job_id, device_id, state, next_at, last_error, route) "
@@ -543,7 +543,7 @@ def due_for_route(conn: sqlite3.Connection, route: str, now: float, limit: int,
     one statement per kind that walks the due index and joins the device's channels only
     for the rows it returns: no Python object per skipped row, no second lookup per row,
     and the work runs in SQLite, which lets the event loop's thread run meanwhile (the
-    database thread's Python holds the GIL; bench/README.md, "Pipeline")."""
+    database thread's Python holds the GIL)."""
     ids = json.dumps(list(skip)) if skip else "[]"
     out = _due_rows(conn.execute(_DUE_QUEUED, (route, now, ids, limit)))
     if resends and len(out) < limit:
