@@ -194,6 +194,7 @@ class Daemon:
         if self.broker is not None:
             try:
                 accounts = await asyncio.to_thread(self.broker.reload_passwords)
+                await self.broker.check_accounts()  # removed accounts, changed passwords and roles: now
                 reloaded.append("broker.auth.password_file")
                 log.info("reload: password file read", path=str(self.cfg.broker.auth.password_file),
                          accounts=accounts)

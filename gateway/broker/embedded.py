@@ -42,8 +42,11 @@ from typing import Any
 
 import structlog
 
+from gateway.broker.accounts import AccountWatcher
 from gateway.broker.acl import ClientAcl
 from gateway.broker.clients import GATEWAY_MAX_INFLIGHT, MAX_INFLIGHT, ClientState, Message, Outgoing
+from gateway.broker.limits import (MAX_CONNECT_PACKET, ClientLimits, ConnectionCount, Limit, LimitPolicy,
+                                   LimitRecorder, RateBucket, RetainedQuota)
 from gateway.broker.matching import SubscriptionIndex, matches, valid_topic_name
 from gateway.broker.metrics import BrokerMetrics
 from gateway.broker.passwords import PasswordFile, PasswordFileError
@@ -67,6 +70,9 @@ INTERNAL_USERNAME = "homepot-gateway"
 CONNECT_TIMEOUT_S = 10.0     # a connection that sends no CONNECT is closed [MQTT-3.1.0-1]
 PACKET_TIMEOUT_S = 60.0      # a keepalive=0 client stalled in the middle of a packet is closed
 SHUTDOWN_GRACE_S = 1.0       # connections get this long to take their DISCONNECT at shutdown
+ACCOUNTS_POLL_S = 1.0        # how often the password file's stamp is checked (accounts.py)
+EXPIRY_SWEEP_MIN_S = 0.25    # session expiry sweeps: a quarter of the shortest expiry, within these
+EXPIRY_SWEEP_MAX_S = 60.0
 
 
 class BrokerStartError(Exception):
@@ -115,7 +121,8 @@ class GatewayBroker:
                  max_queued: int, metrics: BrokerMetrics | None = None,
                  reserved_client_id: str | None = None, gateway_usernames: tuple[str, ...] = (),
                  max_retained: int = MAX_RETAINED_MESSAGES, max_retained_bytes: int = MAX_RETAINED_BYTES,
-                 connect_timeout_s: float = CONNECT_TIMEOUT_S, packet_timeout_s: float = PACKET_TIMEOUT_S):
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S, packet_timeout_s: float = PACKET_TIMEOUT_S,
+                 limits: LimitPolicy | None = None):
         self._sections = listeners
         self._listeners: list[Listener] = []
         self._passwords = passwords
@@ -128,6 +135,10 @@ class GatewayBroker:
         # routed the message yields once so that the subscriber's sender runs (connection.py).
         self.backlogged = False
         self.metrics = metrics or BrokerMetrics()
+        self.limits = limits or LimitPolicy()
+        self.limit_log = LimitRecorder(self.metrics)
+        self.retained_quota = RetainedQuota()
+        self.connections = ConnectionCount()
         self._clients: dict[str, ClientState] = {}
         self._index: SubscriptionIndex[ClientState] = SubscriptionIndex()
         self._shared: SubscriptionIndex[SharedGroup] = SubscriptionIndex()
@@ -152,14 +163,19 @@ class GatewayBroker:
         self._seq = itertools.count(loaded.next_seq)
         over_limit = expired = 0
         now = time.monotonic()
-        for topic, (payload, qos, props, wall_expiry) in loaded.retained.items():
+        for topic, (payload, qos, principal, props, wall_expiry) in loaded.retained.items():
             msg = Message(topic, payload, props, _monotonic(wall_expiry))
             if msg.expired(now):
                 expired += 1
                 if self._store is not None:
                     self._store.clear_retained(topic)
                 continue
-            if not self._retained.put(topic, (msg, qos), _retained_size(topic, payload)):
+            size = _retained_size(topic, payload)
+            gateway = principal is not None and principal in self._gateway_principals
+            owner = None if gateway else principal   # stored before owners were recorded: no one's
+            if self._retained.put(topic, (msg, qos), size, exempt=gateway):
+                self.retained_quota.stored(topic, owner, size)
+            else:
                 over_limit += 1
                 if self._store is not None:
                     self._store.clear_retained(topic)
@@ -168,23 +184,38 @@ class GatewayBroker:
             log.warning("retained messages over the retained store's limits were deleted at start",
                         deleted=over_limit, max_messages=self._retained.max_messages,
                         max_bytes=self._retained.max_bytes)
+        bodies: dict[int, Message] = {}
         for stored in loaded.sessions.values():
             cs = self._new_client(stored.client_id, clean=False)
             cs.username, cs.role, cs.dropped = stored.username, stored.role, stored.dropped
             cs.owner = stored.owner or self._legacy_owner(stored.username)
             cs.acl = self._compile_acl(stored.role, stored.username)
+            cs.limits = self._client_limits(stored.role, cs.owner)
             cs.expiry_s = stored.expiry_s
+            if stored.seen_at is not None:  # wall clock on disk, monotonic in memory
+                cs.offline_since = time.monotonic() - max(0.0, time.time() - stored.seen_at)
             for topic_filter, options in stored.subscriptions.items():
                 self.subscribe(cs, topic_filter, options)
-            cs.restore([(Outgoing(Message(m.topic, m.payload, m.props, _monotonic(m.expires_at)), m.qos, m.retain,
-                                  m.seq, m.sub_id), m.packet_id, m.state)
-                        for m in stored.messages])
+            cs.restore([(Outgoing(self._stored_body(bodies, m), m.qos, m.retain, m.seq, m.sub_id), m.packet_id,
+                         m.state) for m in stored.messages])
             cs.qos2_in = set(stored.qos2_in)
             self._clients[cs.client_id] = cs
             self._arm_expiry(cs)
         if loaded.sessions or loaded.retained:
             log.info("broker state restored", sessions=len(loaded.sessions), retained=len(loaded.retained),
                      queued=sum(len(s.messages) for s in loaded.sessions.values()))
+
+    @staticmethod
+    def _stored_body(bodies: dict[int, Message], m: Any) -> Message:
+        """One Message per stored body, however many sessions queue it (and its references)."""
+        if m.body_id is None:
+            return Message(m.topic, m.payload, m.props, _monotonic(m.expires_at))
+        msg = bodies.get(m.body_id)
+        if msg is None:
+            msg = bodies[m.body_id] = Message(m.topic, m.payload, m.props, _monotonic(m.expires_at))
+            msg.body_id, msg.shared = m.body_id, True
+        msg.refs += 1
+        return msg
 
     def _legacy_owner(self, username: str | None) -> str:
         """The owner of a session stored before sessions had owners: its username, else
@@ -199,7 +230,10 @@ class GatewayBroker:
         return ClientState(client_id, clean, store=self._store, metrics=self.metrics, seq=self._seq,
                            max_queued=self._max_queued, capped=not gateway,
                            max_inflight=GATEWAY_MAX_INFLIGHT if gateway else MAX_INFLIGHT,
-                           drop_log=self._drop_log)
+                           drop_log=self._drop_log, limit_log=self.limit_log, connections=self.connections)
+
+    def _client_limits(self, role: str | None, owner: str | None) -> ClientLimits:
+        return self.limits.for_role(role, gateway=owner in self._gateway_principals)
 
     def _compile_acl(self, role: str | None, username: str | None) -> ClientAcl:
         rule = self._roles.get(role or "") or AclRule()  # a role that vanished from the config: nothing
@@ -207,10 +241,12 @@ class GatewayBroker:
 
     def _discard(self, cs: ClientState) -> None:
         """Forget a session: its subscriptions, queue and (if persistent) its rows."""
+        cs.release_all()
         for topic_filter in list(cs.subscriptions):
             self._unindex(cs, topic_filter)
         cs.subscriptions.clear()
         cs.pending.clear()
+        cs.pending_bytes = 0
         cs.inflight.clear()
         cs.cancel_expiry()
         if self._clients.get(cs.client_id) is cs:
@@ -228,6 +264,7 @@ class GatewayBroker:
             retained=len(self._retained),
             retained_bytes=self._retained.bytes,
             queued=sum(len(cs.pending) for cs in self._clients.values()),
+            queued_bytes=sum(cs.pending_bytes for cs in self._clients.values()),
             inflight=sum(len(cs.inflight) for cs in self._clients.values()),
             persist_backlog=store.backlog if store is not None else 0,
             persist_failing=int(store.failing) if store is not None else 0,
@@ -247,7 +284,12 @@ class GatewayBroker:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: Writer, section: ListenerSection,
                       remote: str) -> None:
+        if len(self.connecting) >= self.limits.max_connections:
+            self.limit_log.hit(Limit.CONNECTIONS, None, remote=remote, connecting=len(self.connecting))
+            writer.abort()
+            return
         conn = Connection(self, reader, writer, section, remote)
+        conn.max_packet_in = MAX_CONNECT_PACKET   # the sender is not known yet: its CONNECT is bounded
         self._connections.add(conn)
         try:
             await conn.serve()
@@ -260,30 +302,31 @@ class GatewayBroker:
 
     # ================================================================== connect
     async def authorize(self, username: str | None, password: str | None,
-                        section: ListenerSection) -> tuple[str | None, Reason]:
-        """(role, SUCCESS) or (None, the refusal). Passwords are never logged."""
+                        section: ListenerSection) -> tuple[str | None, Reason, str | None]:
+        """(role, SUCCESS, the account's password hash) or (None, the refusal, None). Passwords
+        are never logged; the hash lets accounts.py close the connection when the password changes."""
         role: str | None
         if username is not None:
             if username == self._internal.username:
                 ok = secrets.compare_digest((password or "").encode(), self._internal.password.encode())
-                return ("admin", Reason.SUCCESS) if ok else (None, Reason.BAD_USER_NAME_OR_PASSWORD)
+                return ("admin", Reason.SUCCESS, None) if ok else (None, Reason.BAD_USER_NAME_OR_PASSWORD, None)
             try:
                 # argon2 takes tens of milliseconds of CPU: never on the event loop.
                 account = await asyncio.to_thread(self._passwords.verify, username, password or "")
             except PasswordFileError as exc:
                 log.error("password file unreadable", error=str(exc))
-                return None, Reason.NOT_AUTHORIZED
+                return None, Reason.NOT_AUTHORIZED, None
             if account is None:
-                return None, Reason.BAD_USER_NAME_OR_PASSWORD
-            role = account.role
+                return None, Reason.BAD_USER_NAME_OR_PASSWORD, None
+            role, account_hash = account.role, account.hash
         elif section.allow_anonymous:
-            role = section.anonymous_role
+            role, account_hash = section.anonymous_role, None
         else:
-            return None, Reason.NOT_AUTHORIZED
+            return None, Reason.NOT_AUTHORIZED, None
         if role not in self._roles:
             log.warning("account has a role the configuration does not define", username=username, role=role)
-            return None, Reason.NOT_AUTHORIZED
-        return role, Reason.SUCCESS
+            return None, Reason.NOT_AUTHORIZED, None
+        return role, Reason.SUCCESS, account_hash
 
     def owner_of(self, username: str | None, section: ListenerSection) -> str:
         return user_principal(username) if username is not None else anonymous_principal(section.name)
@@ -303,7 +346,118 @@ class GatewayBroker:
             return "client id belongs to a session of another principal"
         return None
 
-    def open_session(self, conn: Connection, packet: ConnectPacket, role: str, owner: str) -> tuple[ClientState, bool]:
+    def quota_refusal(self, packet: ConnectPacket, role: str, owner: str) -> Limit | None:
+        """max_connections (total and per role) and max_sessions_per_account for a CONNECT that
+        passed authentication and ownership; None: admitted. Nothing is touched before the
+        verdict, except that a principal at its session limit loses its longest-offline
+        session(s) to a new one (only when one is offline; otherwise the CONNECT is refused)."""
+        limits = self._client_limits(role, owner)
+        client_id = packet.client_id
+        old = self._clients.get(client_id)
+        if limits.max_connections and not (old is not None and old.handler is not None):  # a takeover adds none
+            if self.connections.total >= self.limits.max_connections:
+                return Limit.CONNECTIONS
+            if self.connections.by_role.get(role, 0) >= limits.max_connections:
+                return Limit.CONNECTIONS
+        cap = limits.max_sessions_per_account
+        persistent = packet.session_expiry != 0
+        if cap and persistent and (old is None or old.clean or packet.clean_start):
+            held = [cs for cs in self._clients.values() if not cs.clean and cs.owner == owner and cs is not old]
+            if len(held) >= cap:
+                offline = sorted((cs for cs in held if cs.handler is None), key=lambda cs: cs.offline_since)
+                excess = len(held) - cap + 1
+                if len(offline) < excess:
+                    return Limit.SESSIONS
+                for cs in offline[:excess]:
+                    self.metrics.sessions_evicted += 1
+                    log.info("persistent session forgotten for a newer one of its principal "
+                             "(broker.limits.max_sessions_per_account)", client_id=cs.client_id, owner=owner,
+                             new_client_id=client_id, max_sessions_per_account=cap, queued=len(cs.pending))
+                    self._discard(cs)
+        return None
+
+    # ------------------------------------------------------------------ accounts (accounts.py)
+    def clients(self) -> list[ClientState]:
+        """Every session, connected or persistent offline."""
+        return list(self._clients.values())
+
+    def is_gateway(self, cs: ClientState) -> bool:
+        return cs.owner in self._gateway_principals
+
+    def knows_role(self, role: str) -> bool:
+        return role in self._roles
+
+    def disconnect(self, cs: ClientState) -> None:
+        """Close a client's connection now (its account changed), without its will (the
+        account has no rights left to publish one); a clean session ends with it. A 5.0 client
+        is told: DISCONNECT 0x98 (Administrative action)."""
+        conn = cs.handler
+        if conn is None:
+            return
+        conn.client = None   # connection_closed then does nothing more for it
+        conn.no_will = True
+        cs.detach()
+        self.metrics.clients_connected -= 1
+        conn.disconnect(Reason.ADMINISTRATIVE_ACTION)
+        if cs.clean or cs.expiry_s == 0:
+            self._discard(cs)
+        else:
+            self._arm_expiry(cs)
+
+    def forget(self, cs: ClientState) -> None:
+        """Forget a session with its subscriptions and queue (its account is gone)."""
+        self.disconnect(cs)
+        self._discard(cs)
+
+    def change_role(self, cs: ClientState, role: str) -> None:
+        """The session's account has a new role: its ACL and limits, now."""
+        cs.role = role
+        cs.acl = self._compile_acl(role, cs.username)
+        cs.limits = self._client_limits(role, cs.owner)
+        conn = cs.handler
+        if conn is not None:
+            cs.rate = (RateBucket(cs.limits.max_publish_rate, cs.limits.max_publish_bytes_rate)
+                       if cs.limits.rate_limited else None)
+            cs.recount()
+            conn.max_packet_in = cs.limits.max_packet_size
+        if not cs.clean and self._store is not None:
+            self._store.session(cs.client_id, cs.username, role, cs.owner, cs.expiry_s)
+
+    def expire_sessions(self) -> int:
+        """Forget persistent sessions offline longer than their role's session_expiry_s (also
+        MQTT 3.1.1 ones, like Mosquitto's persistent_client_expiration); the number forgotten.
+        (A 5.0 session's own Session Expiry Interval has its timer: :meth:`_arm_expiry`.)"""
+        now = time.monotonic()
+        expired = [cs for cs in self._clients.values()
+                   if not cs.clean and cs.handler is None and cs.limits.session_expiry_s
+                   and now - cs.offline_since >= cs.limits.session_expiry_s]
+        for cs in expired:
+            self.metrics.sessions_expired += 1
+            log.info("persistent session expired (broker.limits.session_expiry_s)", client_id=cs.client_id,
+                     owner=cs.owner, offline_s=round(now - cs.offline_since), queued=len(cs.pending))
+            self._discard(cs)
+        return len(expired)
+
+    def packet_too_large(self, cs: ClientState | None, length: int) -> None:
+        """The reader saw a fixed header over the client's max_packet_size: counted, logged;
+        the reader closes the connection without reading the body."""
+        if cs is None:
+            self.limit_log.hit(Limit.PACKET_SIZE, None, packet="CONNECT", packet_bytes=length,
+                               max_connect_packet=MAX_CONNECT_PACKET)
+            return
+        self.limit_log.hit(Limit.PACKET_SIZE, cs.client_id, username=cs.username, role=cs.role,
+                           packet_bytes=length, max_packet_size=cs.limits.max_packet_size)
+
+    async def rate_pause(self, cs: ClientState, pause: float) -> None:
+        """A client over its publish rate: its connection is not read for ``pause`` seconds
+        (TCP pushes back on it; nothing it sent is lost)."""
+        self.limit_log.hit(Limit.RATE, cs.client_id, username=cs.username, role=cs.role,
+                           max_publish_rate=cs.limits.max_publish_rate,
+                           max_publish_bytes_rate=cs.limits.max_publish_bytes_rate)
+        await asyncio.sleep(pause)
+
+    def open_session(self, conn: Connection, packet: ConnectPacket, role: str, owner: str,
+                     account_hash: str | None = None) -> tuple[ClientState, bool]:
         """Take over a live connection, then resume or start afresh.
 
         3.1.1: CleanSession=1 discards the old session and the new one ends with the
@@ -340,6 +494,8 @@ class GatewayBroker:
         cs.expiry_s = expiry if packet.version == V5 else None
         cs.username, cs.role, cs.owner = packet.username, role, owner
         cs.acl = self._compile_acl(role, packet.username)
+        cs.limits = self._client_limits(role, owner)
+        cs.account_hash = account_hash
         self._clients[client_id] = cs
         if not cs.clean and self._store is not None:
             self._store.session(client_id, packet.username, role, owner, cs.expiry_s)
@@ -352,8 +508,11 @@ class GatewayBroker:
             self._store.session(cs.client_id, cs.username, cs.role, cs.owner, expiry)
 
     def _arm_expiry(self, cs: ClientState) -> None:
+        """The 5.0 Session Expiry Interval counts from the end of the last connection (across a
+        restart too: ``offline_since`` comes from the stored disconnect time)."""
         if cs.expiry_s is not None and cs.handler is None and not cs.clean:
-            cs.arm_expiry(cs.expiry_s, self._expire_session)
+            remaining = cs.expiry_s - (time.monotonic() - cs.offline_since)
+            cs.arm_expiry(max(0.0, remaining), self._expire_session)
 
     def _expire_session(self, cs: ClientState) -> None:
         if cs.handler is None and self._clients.get(cs.client_id) is cs:
@@ -407,37 +566,51 @@ class GatewayBroker:
             return
         self.metrics.wills_published += 1
         expires_at = time.monotonic() + will.expiry_s if will.expiry_s is not None else None
-        self.route(will.topic, will.payload, will.qos, will.retain, will.props, expires_at)
+        self.route(will.topic, will.payload, will.qos, will.retain, will.props, expires_at, publisher=cs)
 
     # ================================================================== publish
     def route(self, topic: str, payload: bytes, qos: int, retain: bool, props: bytes = b"",
-              expires_at: float | None = None, origin: ClientState | None = None) -> bool:
-        """Store (retain) and fan out one message; True when it queued durable writes."""
+              expires_at: float | None = None, publisher: ClientState | None = None) -> bool:
+        """Store (retain) and fan out one message; True when it queued durable writes.
+
+        A retained message counts against its ``publisher``'s principal (retained quota);
+        the gateway's own retained messages count against no one and pass the store's limits,
+        so no client can crowd out job, alarm and gateway status."""
         durable = False
         msg: Message | None = None
         if retain:
             store = self._store
             if payload:
                 msg = Message(topic, payload, props, expires_at)
-                if self._retained.put(topic, (msg, qos), _retained_size(topic, payload)):  # [MQTT-3.3.1-5/7]
+                size = _retained_size(topic, payload)
+                owner = self._retained_owner(publisher)
+                if publisher is not None and not self.retained_quota.admits(topic, owner, size, publisher.limits):
+                    count, nbytes = self.retained_quota.usage(owner or "")
+                    self.limit_log.hit(Limit.RETAINED, publisher.client_id, username=publisher.username,
+                                       topic=topic, retained_topics=count, retained_bytes=nbytes,
+                                       max_retained_per_principal=publisher.limits.max_retained_per_principal,
+                                       max_retained_bytes_per_principal=publisher.limits.max_retained_bytes_per_principal)
+                    durable = self._clear_retained(topic) or durable
+                elif self._retained.put(topic, (msg, qos), size, exempt=owner is None):  # [MQTT-3.3.1-5/7]
+                    self.retained_quota.stored(topic, owner, size)
                     if store is not None:
-                        store.retain(topic, payload, qos, props, _wall(expires_at))
+                        store.retain(topic, payload, qos, publisher.owner if publisher is not None else None,
+                                     props, _wall(expires_at))
                         durable = True
                 else:
                     durable = self._refuse_retained(topic) or durable
-            elif self._retained.remove(topic):  # [MQTT-3.3.1-10/11]
-                if store is not None:
-                    store.clear_retained(topic)
-                    durable = True
+            else:
+                durable = self._clear_retained(topic) or durable  # [MQTT-3.3.1-10/11]
         targets = self._index.match(topic)
         shared = self._shared.match(topic) if self._shared._exact or self._shared._wild else None  # noqa: SLF001
         if not targets and not shared:
             return durable
         if msg is None:
             msg = Message(topic, payload, props, expires_at)
+        msg.shared = len(targets) + (len(shared) if shared else 0) > 1
         metrics = self.metrics
         for cs, options in targets.values():
-            if options & NO_LOCAL and cs is origin:
+            if options & NO_LOCAL and cs is publisher:
                 continue  # [MQTT-3.8.3-3]
             acl = cs.acl
             if acl is not None and not acl.allow_all and not acl.may_receive(topic):
@@ -475,10 +648,22 @@ class GatewayBroker:
                         "subscribers only)", topic=topic, retained=len(self._retained),
                         retained_bytes=self._retained.bytes, max_messages=self._retained.max_messages,
                         max_bytes=self._retained.max_bytes, suppressed=suppressed)
+        return self._clear_retained(topic)
+
+    def _clear_retained(self, topic: str) -> bool:
+        """Forget the retained message of ``topic``; True when that queued a durable write."""
+        self.retained_quota.removed(topic)
         if self._retained.remove(topic) and self._store is not None:
             self._store.clear_retained(topic)
             return True
         return False
+
+    def _retained_owner(self, publisher: ClientState | None) -> str | None:
+        """Whom a retained message counts against: None for the gateway's own client (and
+        for messages from inside the broker)."""
+        if publisher is None or publisher.owner in self._gateway_principals:
+            return None
+        return publisher.owner
 
     def log_denied_publish(self, cs: ClientState, topic: str, told: bool = False) -> None:
         suppressed = self._denied_log((cs.client_id, topic))
@@ -578,10 +763,8 @@ class GatewayBroker:
                 continue
             cs.enqueue(msg, min(qos, retained_qos), True, sub_id)
         for topic in expired:
-            self._retained.remove(topic)
             self.metrics.expired += 1
-            if self._store is not None:
-                self._store.clear_retained(topic)
+            self._clear_retained(topic)
         if topic_filter.startswith("$"):  # only a filter naming '$SYS' can match it [MQTT-4.7.2-1]
             for topic, msg in self._sys_retained.items():
                 if matches(topic, topic_filter) and (acl is None or acl.may_receive(topic)):
@@ -669,7 +852,8 @@ class EmbeddedBroker:
     def __init__(self, cfg: Config, internal: InternalCredentials, db: Database | None = None, *,
                  reserved_client_id: str | None = None, sys_interval_s: float = SYS_INTERVAL_S,
                  max_retained: int = MAX_RETAINED_MESSAGES, max_retained_bytes: int = MAX_RETAINED_BYTES,
-                 connect_timeout_s: float = CONNECT_TIMEOUT_S, packet_timeout_s: float = PACKET_TIMEOUT_S):
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S, packet_timeout_s: float = PACKET_TIMEOUT_S,
+                 accounts_poll_s: float = ACCOUNTS_POLL_S):
         self._cfg = cfg
         self.internal = internal
         self.broker: GatewayBroker | None = None
@@ -677,6 +861,9 @@ class EmbeddedBroker:
         self._own_db: Database | None = None
         self._store: StateStore | None = None
         self._sys: SysPublisher | None = None
+        self._accounts: AccountWatcher | None = None
+        self._expiry: asyncio.Task[None] | None = None
+        self.accounts_poll_s = accounts_poll_s
         self.reserved_client_id = reserved_client_id or gateway_client_id(cfg)
         self._options: dict[str, Any] = dict(
             max_retained=max_retained, max_retained_bytes=max_retained_bytes,
@@ -697,6 +884,12 @@ class EmbeddedBroker:
         if self.broker is None:
             return 0
         return self.broker._passwords.reload()  # noqa: SLF001 - same module
+
+    async def check_accounts(self) -> dict[str, int] | None:
+        """SIGHUP, after :meth:`reload_passwords`: apply the accounts to connected clients now."""
+        if self._accounts is None:
+            return None
+        return await self._accounts.check(force=True)
 
     async def start(self) -> None:
         roles = self._cfg.broker.roles()
@@ -725,7 +918,8 @@ class EmbeddedBroker:
         broker = GatewayBroker(list(self._cfg.broker.listeners), passwords, self.internal, roles=roles,
                                prefix=self._cfg.prefix, store=store, max_queued=self._cfg.broker.max_queued_messages,
                                metrics=metrics, reserved_client_id=self.reserved_client_id,
-                               gateway_usernames=configured, **self._options)
+                               gateway_usernames=configured, limits=LimitPolicy(self._cfg.broker.limits),
+                               **self._options)
         broker.restore(loaded)
         try:
             await broker.start()
@@ -737,10 +931,31 @@ class EmbeddedBroker:
         self.broker = broker
         self._sys = SysPublisher(broker, self.sys_interval_s)
         self._sys.start()
+        self._accounts = AccountWatcher(broker, passwords, self.accounts_poll_s)
+        self._accounts.start()
+        self._expiry = asyncio.get_running_loop().create_task(self._expire_loop(broker, roles), name="broker-expiry")
         log.info("embedded broker listening",
                  listeners=[f"{s.name}={s.type}://{s.bind}" for s in self._cfg.broker.listeners])
 
+    async def _expire_loop(self, broker: GatewayBroker, roles: dict[str, AclRule]) -> None:
+        """Session expiry (broker.limits.session_expiry_s): a sweep every quarter of the shortest
+        expiry (at most a minute)."""
+        shortest = broker.limits.shortest_expiry(list(roles))
+        if not shortest:
+            return
+        interval = min(EXPIRY_SWEEP_MAX_S, max(EXPIRY_SWEEP_MIN_S, shortest / 4))
+        while True:
+            broker.expire_sessions()
+            await asyncio.sleep(interval)
+
     async def stop(self) -> None:
+        if self._expiry is not None:
+            task, self._expiry = self._expiry, None
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self._accounts is not None:
+            watcher, self._accounts = self._accounts, None
+            await watcher.stop()
         if self._sys is not None:
             sys_publisher, self._sys = self._sys, None
             await sys_publisher.stop()

@@ -5,6 +5,12 @@ session (CleanSession=0) its subscriptions, its queued and in-flight QoS 1/2
 messages (with packet id and QoS 2 progress) and the QoS 2 packet ids it has
 published but not yet released. Payloads are BLOBs, so binary data round-trips.
 
+A message queued for many persistent sessions is stored once: its body is one row of
+``broker_bodies`` that every session's ``broker_messages`` row names (``body_id``), and it
+is deleted with the last of them (the broker counts the references in memory; orphans
+left by a crash are deleted at start). Before, each session's row carried the payload,
+so 200 sessions made every QoS 1 message 200 writes of its body.
+
 Writes are queued by the broker as they happen and committed in groups by one
 flusher task ("group commit"): one transaction (one fsync) carries everything that
 accumulated while the previous one ran. Operations on the same row coalesce before
@@ -40,21 +46,36 @@ log = structlog.get_logger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS broker_retained (
-    topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL, stored_at REAL NOT NULL,
-    props BLOB, expires_at REAL);
+    topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL, stored_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS broker_sessions (
     client_id TEXT PRIMARY KEY, username TEXT, role TEXT, created_at REAL NOT NULL,
-    dropped INTEGER NOT NULL DEFAULT 0, owner TEXT, expiry_s INTEGER);
+    dropped INTEGER NOT NULL DEFAULT 0, owner TEXT);
 CREATE TABLE IF NOT EXISTS broker_subscriptions (
     client_id TEXT NOT NULL, filter TEXT NOT NULL, qos INTEGER NOT NULL, PRIMARY KEY (client_id, filter));
 CREATE TABLE IF NOT EXISTS broker_messages (
     client_id TEXT NOT NULL, seq INTEGER NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL,
     qos INTEGER NOT NULL, retain INTEGER NOT NULL DEFAULT 0, packet_id INTEGER,
-    state INTEGER NOT NULL DEFAULT 0, props BLOB, expires_at REAL, sub_id INTEGER,
+    state INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (client_id, seq));
 CREATE TABLE IF NOT EXISTS broker_qos2_in (
     client_id TEXT NOT NULL, packet_id INTEGER NOT NULL, PRIMARY KEY (client_id, packet_id));
+CREATE TABLE IF NOT EXISTS broker_bodies (id INTEGER PRIMARY KEY, payload BLOB NOT NULL);
 """
+# Columns added after the first release (databases written before get them at start).
+_ADDED_COLUMNS = (
+    ("broker_sessions", "owner", "TEXT"),
+    ("broker_sessions", "seen_at", "REAL"),          # wall clock of the last disconnect (session expiry)
+    ("broker_retained", "owner", "TEXT"),            # principal that set it (retained quota)
+    ("broker_messages", "body_id", "INTEGER"),       # broker_bodies row holding the payload (payload is then '')
+    # MQTT 5.0: properties passed through to subscribers (encoded), the Message Expiry as wall-clock
+    # time, the Subscription Identifier a queued message is delivered with, the Session Expiry Interval.
+    ("broker_retained", "props", "BLOB"),
+    ("broker_retained", "expires_at", "REAL"),
+    ("broker_messages", "props", "BLOB"),
+    ("broker_messages", "expires_at", "REAL"),
+    ("broker_messages", "sub_id", "INTEGER"),
+    ("broker_sessions", "expiry_s", "INTEGER"),
+)
 
 # broker_messages.state
 QUEUED = 0      # not sent yet
@@ -77,6 +98,7 @@ class StoredMessage:
     retain: bool
     packet_id: int | None
     state: int
+    body_id: int | None = None   # shared body (broker_bodies): the same id is the same message
     props: bytes = b""              # MQTT 5.0 properties passed through to subscribers (encoded)
     expires_at: float | None = None   # wall-clock end of the Message Expiry Interval
     sub_id: int = 0                 # the Subscription Identifier it is delivered with
@@ -97,6 +119,7 @@ class StoredSession:
     role: str | None
     dropped: int = 0
     owner: str | None = None     # the principal the session belongs to (None: written before owners existed)
+    seen_at: float | None = None  # wall clock of its last disconnect (None: not recorded)
     expiry_s: int | None = None  # MQTT 5.0 Session Expiry Interval (None: until removed, as 3.1.1)
     subscriptions: dict[str, int] = field(default_factory=dict)
     messages: list[StoredMessage] = field(default_factory=list)
@@ -105,49 +128,48 @@ class StoredSession:
 
 @dataclass
 class LoadedState:
-    retained: dict[str, tuple[bytes, int, bytes, float | None]]   # payload, qos, props, expires_at
+    # topic -> (payload, qos, principal that set it, 5.0 properties, wall-clock expiry)
+    retained: dict[str, tuple[bytes, int, str | None, bytes, float | None]]
     sessions: dict[str, StoredSession]
     next_seq: int
+    next_body: int = 1
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
     for stmt in _statements():
         conn.execute(stmt)
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(broker_sessions)")}
-    if "owner" not in columns:  # databases written before sessions had owners
-        conn.execute("ALTER TABLE broker_sessions ADD COLUMN owner TEXT")
-    # Databases written before the broker spoke MQTT 5.0.
-    _add_columns(conn, "broker_sessions", {"expiry_s": "INTEGER"})
-    _add_columns(conn, "broker_retained", {"props": "BLOB", "expires_at": "REAL"})
-    _add_columns(conn, "broker_messages", {"props": "BLOB", "expires_at": "REAL", "sub_id": "INTEGER"})
-
-
-def _add_columns(conn: sqlite3.Connection, table: str, wanted: dict[str, str]) -> None:
-    columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-    for name, kind in wanted.items():
-        if name not in columns:
-            conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+    for table, column, kind in _ADDED_COLUMNS:
+        if column not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
 def _load(conn: sqlite3.Connection) -> LoadedState:
-    retained = {row[0]: (bytes(row[1]), int(row[2]), bytes(row[3] or b""), row[4])
-                for row in conn.execute("SELECT topic, payload, qos, props, expires_at FROM broker_retained")}
+    retained = {row[0]: (bytes(row[1]), int(row[2]), row[3], bytes(row[4] or b""), row[5])
+                for row in conn.execute("SELECT topic, payload, qos, owner, props, expires_at FROM broker_retained")}
     sessions: dict[str, StoredSession] = {}
-    for cid, username, role, dropped, owner, expiry_s in conn.execute(
-            "SELECT client_id, username, role, dropped, owner, expiry_s FROM broker_sessions"):
-        sessions[cid] = StoredSession(cid, username, role, int(dropped), owner, expiry_s)
+    for cid, username, role, dropped, owner, seen_at, expiry_s in conn.execute(
+            "SELECT client_id, username, role, dropped, owner, seen_at, expiry_s FROM broker_sessions"):
+        sessions[cid] = StoredSession(cid, username, role, int(dropped), owner, seen_at, expiry_s)
     for cid, flt, qos in conn.execute("SELECT client_id, filter, qos FROM broker_subscriptions"):
         if cid in sessions:
             sessions[cid].subscriptions[flt] = int(qos)
     next_seq = 1
-    for cid, seq, topic, payload, qos, retain, pid, state, props, expires_at, sub_id in conn.execute(
-            "SELECT client_id, seq, topic, payload, qos, retain, packet_id, state, props, expires_at, sub_id"
-            " FROM broker_messages ORDER BY seq"):
+    lost: list[tuple[str, int]] = []
+    for cid, seq, topic, payload, qos, retain, pid, state, body_id, body, props, expires_at, sub_id in conn.execute(
+            "SELECT m.client_id, m.seq, m.topic, m.payload, m.qos, m.retain, m.packet_id, m.state, m.body_id,"
+            " b.payload, m.props, m.expires_at, m.sub_id"
+            " FROM broker_messages m LEFT JOIN broker_bodies b ON b.id = m.body_id ORDER BY m.seq"):
         next_seq = max(next_seq, int(seq) + 1)
+        if body_id is not None and body is None:
+            lost.append((cid, seq))  # cannot happen: the body goes with its last row
+            continue
         if cid in sessions:
-            sessions[cid].messages.append(StoredMessage(int(seq), topic, bytes(payload), int(qos),
-                                                        bool(retain), pid, int(state), bytes(props or b""),
-                                                        expires_at, int(sub_id or 0)))
+            sessions[cid].messages.append(StoredMessage(int(seq), topic, bytes(body if body_id is not None else payload),
+                                                        int(qos), bool(retain), pid, int(state), body_id,
+                                                        bytes(props or b""), expires_at, int(sub_id or 0)))
+    if lost:
+        log.error("queued messages without their body were deleted", messages=len(lost))
+        conn.executemany(_MSG_DEL, lost)
     for cid, pid in conn.execute("SELECT client_id, packet_id FROM broker_qos2_in"):
         if cid in sessions:
             sessions[cid].qos2_in.add(int(pid))
@@ -155,7 +177,11 @@ def _load(conn: sqlite3.Connection) -> LoadedState:
     conn.execute("DELETE FROM broker_subscriptions WHERE client_id NOT IN (SELECT client_id FROM broker_sessions)")
     conn.execute("DELETE FROM broker_messages WHERE client_id NOT IN (SELECT client_id FROM broker_sessions)")
     conn.execute("DELETE FROM broker_qos2_in WHERE client_id NOT IN (SELECT client_id FROM broker_sessions)")
-    return LoadedState(retained, sessions, next_seq)
+    # Bodies no row names any more (a crash between the last row's delete and the body's).
+    conn.execute("DELETE FROM broker_bodies WHERE id NOT IN"
+                 " (SELECT body_id FROM broker_messages WHERE body_id IS NOT NULL)")
+    next_body = int(conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM broker_bodies").fetchone()[0])
+    return LoadedState(retained, sessions, next_seq, next_body)
 
 
 # Pending operations are keyed by the row they touch; a later op on the same row
@@ -182,6 +208,7 @@ class StateStore:
         self.failing = False        # a failure episode is going on (logged once)
         self.commits = 0
         self.failed_commits = 0
+        self._next_body = 1
 
     @property
     def backlog(self) -> int:
@@ -190,7 +217,9 @@ class StateStore:
 
     async def open(self) -> LoadedState:
         await self._db.run(_migrate)
-        return await self._db.run(_load)
+        loaded = await self._db.run(_load)
+        self._next_body = max(self._next_body, loaded.next_body)
+        return loaded
 
     # ------------------------------------------------------------------ operations
     def _put(self, key: Key, op: tuple[Any, ...]) -> None:
@@ -198,9 +227,9 @@ class StateStore:
         self._pending[key] = op  # moved to the end: applied after everything before it
         self._schedule()
 
-    def retain(self, topic: str, payload: bytes, qos: int, props: bytes = b"",
+    def retain(self, topic: str, payload: bytes, qos: int, owner: str | None = None, props: bytes = b"",
                expires_at: float | None = None) -> None:
-        self._put(("ret", topic), ("ret_put", topic, payload, qos, props or None, expires_at))
+        self._put(("ret", topic), ("ret_put", topic, payload, qos, owner, props or None, expires_at))
 
     def clear_retained(self, topic: str) -> None:
         self._put(("ret", topic), ("ret_del", topic))
@@ -217,6 +246,10 @@ class StateStore:
             del self._pending[key]
         self._put(("sess_del", client_id), ("sess_del", client_id))
 
+    def session_seen(self, client_id: str, at: float) -> None:
+        """The session's connection ended at wall-clock ``at`` (its expiry counts from here)."""
+        self._put(("seen", client_id), ("sess_seen", client_id, at))
+
     def dropped(self, client_id: str, count: int) -> None:
         self._put(("drop", client_id), ("sess_drop", client_id, count))
 
@@ -230,8 +263,35 @@ class StateStore:
                       retain: bool = False, props: bytes = b"", expires_at: float | None = None,
                       sub_id: int = 0) -> None:
         self._put(("msg", client_id, seq),
-                  ("msg_put", client_id, seq, topic, payload, qos, int(retain), None, QUEUED, props or None,
+                  ("msg_put", client_id, seq, topic, payload, qos, int(retain), None, QUEUED, None, props or None,
                    expires_at, sub_id or None))
+
+    def queue_shared(self, client_id: str, seq: int, msg: Any, qos: int, retain: bool = False,
+                     expires_at: float | None = None, sub_id: int = 0) -> None:
+        """Queue ``msg`` (a ``clients.Message``: ``topic``, ``payload``, ``body_id``, ``refs``) for
+        one session, its body stored once for every session that queues it. Each call must be
+        matched by one :meth:`release_body` when the session is done with it."""
+        if not msg.body_id:
+            msg.body_id = self._next_body
+            self._next_body += 1
+            self._put(("body", msg.body_id), ("body_put", msg.body_id, msg.payload))
+        msg.refs += 1
+        self._put(("msg", client_id, seq),
+                  ("msg_put", client_id, seq, msg.topic, b"", qos, int(retain), None, QUEUED, msg.body_id,
+                   msg.props or None, expires_at, sub_id or None))
+
+    def release_body(self, msg: Any) -> None:
+        """One session is done with ``msg``: the body goes with the last reference."""
+        if not msg.body_id:
+            return
+        msg.refs -= 1
+        if msg.refs > 0:
+            return
+        key = ("body", msg.body_id)
+        earlier = self._pending.pop(key, None)
+        if earlier is None or earlier[0] != "body_put":  # on disk (or retrying): delete it there
+            self._put(key, ("body_del", msg.body_id))
+        msg.body_id, msg.refs = 0, 0
 
     def message_state(self, client_id: str, seq: int, packet_id: int, state: int) -> None:
         key = ("msg", client_id, seq)
@@ -359,8 +419,9 @@ class StateStore:
             log.error("broker state not written at shutdown (the disk kept failing)", operations=self.backlog)
 
 
-_MSG_PUT = ("INSERT OR REPLACE INTO broker_messages (client_id, seq, topic, payload, qos, retain, packet_id, state,"
-            " props, expires_at, sub_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_MSG_PUT = ("INSERT OR REPLACE INTO broker_messages"
+            " (client_id, seq, topic, payload, qos, retain, packet_id, state, body_id, props, expires_at, sub_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _MSG_UPD = "UPDATE broker_messages SET packet_id = ?, state = ? WHERE client_id = ? AND seq = ?"
 _MSG_DEL = "DELETE FROM broker_messages WHERE client_id = ? AND seq = ?"
 
@@ -390,9 +451,13 @@ def _apply(conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
                 conn.executemany(_MSG_DEL, [o[1:] for o in run])
             continue
         i += 1
-        if kind == "ret_put":
-            conn.execute("INSERT OR REPLACE INTO broker_retained (topic, payload, qos, stored_at, props, expires_at)"
-                         " VALUES (?, ?, ?, ?, ?, ?)", (op[1], op[2], op[3], now, op[4], op[5]))
+        if kind == "body_put":
+            conn.execute("INSERT OR REPLACE INTO broker_bodies (id, payload) VALUES (?, ?)", op[1:])
+        elif kind == "body_del":
+            conn.execute("DELETE FROM broker_bodies WHERE id = ?", op[1:])
+        elif kind == "ret_put":
+            conn.execute("INSERT OR REPLACE INTO broker_retained (topic, payload, qos, stored_at, owner, props,"
+                         " expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)", (op[1], op[2], op[3], now, op[4], op[5], op[6]))
         elif kind == "ret_del":
             conn.execute("DELETE FROM broker_retained WHERE topic = ?", (op[1],))
         elif kind == "sess_put":
@@ -400,6 +465,8 @@ def _apply(conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
                          " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (client_id) DO UPDATE SET"
                          " username = excluded.username, role = excluded.role, owner = excluded.owner,"
                          " expiry_s = excluded.expiry_s", (op[1], op[2], op[3], now, op[4], op[5]))
+        elif kind == "sess_seen":
+            conn.execute("UPDATE broker_sessions SET seen_at = ? WHERE client_id = ?", (op[2], op[1]))
         elif kind == "sess_drop":
             conn.execute("UPDATE broker_sessions SET dropped = ? WHERE client_id = ?", (op[2], op[1]))
         elif kind == "sess_del":

@@ -85,6 +85,15 @@ class Malformed(Exception):
         self.reason = reason
 
 
+class TooLarge(Malformed):
+    """A fixed header announced more than the receiver's maximum packet size; nothing of the
+    body was read."""
+
+    def __init__(self, length: int, limit: int):
+        super().__init__(f"packet of {length} bytes (at most {limit})", Reason.PACKET_TOO_LARGE)
+        self.length = length
+
+
 def varint(n: int) -> bytes:
     """A Variable Byte Integer (§1.5.5)."""
     if n < 128:

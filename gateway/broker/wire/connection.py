@@ -30,7 +30,7 @@ import structlog
 from gateway.broker.wire import handle_connect, handle_disconnect, handle_publish, handle_subscribe
 from gateway.broker.wire.codec import (
     AUTH, CONNECT, DISCONNECT, PINGREQ, PINGRESP_PACKET, PUBACK, PUBACK_B, PUBCOMP, PUBLISH, PUBREC, PUBREC_B,
-    PUBREL, SUBSCRIBE, UNSUBSCRIBE, V5, V311, Malformed, Reason, send_disconnect,
+    PUBREL, SUBSCRIBE, UNSUBSCRIBE, V5, V311, Malformed, Reason, TooLarge, send_disconnect,
 )
 
 if TYPE_CHECKING:
@@ -88,6 +88,7 @@ class Connection:
         self._ack_barrier: asyncio.Future[None] | None = None
         self._barrier_acks: list[bytes] = []
         self._tasks: deque[asyncio.Task[Any]] = deque()
+        self._pause = 0.0            # seconds the reader waits: the client is over its publish rate
 
     # ================================================================== life cycle
     async def serve(self) -> None:
@@ -126,14 +127,16 @@ class Connection:
         else:
             raise Malformed("remaining length over 4 bytes")
         if self.max_packet_in is not None and length > self.max_packet_in:
-            raise Malformed("CONNECT larger than the broker's maximum packet size", Reason.PACKET_TOO_LARGE)
+            raise TooLarge(length, self.max_packet_in)   # the sender is not known yet: before a body byte
         return await reader.readexactly(length)
 
     def _refuse_early(self, exc: BaseException) -> None:
         if isinstance(exc, asyncio.IncompleteReadError) and not exc.partial:
             self.close_now()  # closed before a byte: port probes
             return
-        if not isinstance(exc, ConnectionError):
+        if isinstance(exc, TooLarge):
+            self.gw.packet_too_large(None, exc.length)
+        elif not isinstance(exc, ConnectionError):
             self.gw.metrics.protocol_errors += 1
         log.info("connection refused before CONNECT completed", remote=self.remote,
                  error=str(exc) or type(exc).__name__)
@@ -171,6 +174,11 @@ class Connection:
                     if pos < 0 or self.closed:
                         return   # DISCONNECT, or the connection was closed by what a packet did
                     if need == _YIELD:
+                        if self._pause:
+                            # Over its publish rate: this connection is not read until it is within it.
+                            pause, self._pause = self._pause, 0.0
+                            await gw.rate_pause(client, pause)
+                            continue
                         # A subscriber's queue is half full: let its sender move messages into
                         # flight before the next one is routed (a burst read in one piece would
                         # otherwise overflow max_queued_messages before the sender ran once).
@@ -232,8 +240,8 @@ class Connection:
                 shift += 7
                 if shift > 21:
                     raise Malformed("remaining length over 4 bytes")
-            if max_in is not None and length + (i - pos) > max_in:
-                raise Malformed("packet larger than the broker's maximum packet size", Reason.PACKET_TOO_LARGE)
+            if max_in is not None and length > max_in:
+                raise TooLarge(length, max_in)   # closed before a byte of the body is read
             end = i + length
             if end > n:
                 return pos, end - n
@@ -243,6 +251,12 @@ class Connection:
             pos = end
             if self.closed:
                 return -1, 0
+            rate = self.client.rate if first >> 4 == PUBLISH and self.client is not None else None
+            if rate is not None:
+                pause = rate.take(length)
+                if pause > 0:
+                    self._pause = pause
+                    return pos, _YIELD
             if gw.backlogged and pos < n:
                 return pos, _YIELD
         return pos, 0
@@ -414,7 +428,10 @@ class Connection:
         self.close_now()
 
     def protocol_error(self, exc: Malformed) -> None:
-        self.gw.metrics.protocol_errors += 1
+        if isinstance(exc, TooLarge):
+            self.gw.packet_too_large(self.client, exc.length)
+        else:
+            self.gw.metrics.protocol_errors += 1
         log.info("malformed packet; closing connection", client_id=self.client.client_id if self.client else None,
                  reason=str(exc), reason_code=f"0x{int(exc.reason):02x}")
         if self.version == V5 and not self.closed:

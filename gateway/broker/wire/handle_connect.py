@@ -24,6 +24,7 @@ import structlog
 from gateway.broker.wire import properties as P
 from gateway.broker.wire.codec import CONNECT, V5, V311, Body, Malformed, Reason, send_connack
 from gateway.broker.wire.properties import Prop
+from gateway.config import MQTT_MAX_PACKET
 
 if TYPE_CHECKING:
     from gateway.broker.wire.connection import Connection
@@ -153,7 +154,7 @@ async def handle(conn: Connection, body: bytes) -> bool:
             return False
         # [MQTT-3.1.3-6], [MQTT-3.2.2-16]: a unique id, told to a 5.0 client.
         packet.client_id = assigned = "auto-" + secrets.token_hex(12)
-    role, reason = await gw.authorize(packet.username, packet.password, conn.section)
+    role, reason, account_hash = await gw.authorize(packet.username, packet.password, conn.section)
     if role is None:
         gw.metrics.auth_failures += 1
         log.info("mqtt connection refused", client_id=packet.client_id, username=packet.username,
@@ -169,6 +170,14 @@ async def handle(conn: Connection, body: bytes) -> bool:
                     role=role, listener=conn.section.name, reason_code="0x87")
         conn.write(send_connack(packet.version, False, Reason.NOT_AUTHORIZED))
         return False
+    limit = gw.quota_refusal(packet, role, owner)
+    if limit is not None:
+        # 3.1.1: CONNACK 0x03 (server unavailable); 5.0: the limit's reason (0x97 quota exceeded).
+        reason = Reason(limit.verdict.v5_reason)
+        gw.limit_log.hit(limit, packet.client_id, username=packet.username, role=role, listener=conn.section.name,
+                         reason_code=f"0x{int(reason):02x}")
+        conn.write(send_connack(packet.version, False, reason))
+        return False
     conn.set_keepalive(packet.keepalive)
     props: P.Properties = {}
     if v5:
@@ -178,12 +187,15 @@ async def handle(conn: Connection, body: bytes) -> bool:
         props[Prop.TOPIC_ALIAS_MAXIMUM] = conn.topic_alias_maximum
         if assigned is not None:
             props[Prop.ASSIGNED_CLIENT_IDENTIFIER] = assigned
-        if conn.max_packet_in is not None:
-            props[Prop.MAXIMUM_PACKET_SIZE] = conn.max_packet_in
-    cs, present = gw.open_session(conn, packet, role, owner)
+    cs, present = gw.open_session(conn, packet, role, owner, account_hash)
     conn.client = cs
+    conn.max_packet_in = cs.limits.max_packet_size   # [broker.limits] of its role, from now on
     gw.metrics.clients_connected += 1
     gw.metrics.connections_total += 1
+    if v5 and conn.max_packet_in is not None and conn.max_packet_in < MQTT_MAX_PACKET:
+        # Its role's max_packet_size, told as the broker's Maximum Packet Size (the whole packet:
+        # the limit is on the remaining length, so the fixed header's 5 bytes are added).
+        props[Prop.MAXIMUM_PACKET_SIZE] = min(conn.max_packet_in + 5, 268_435_460)
     conn.write(send_connack(packet.version, present, Reason.SUCCESS, P.encode(props) if v5 else b""))
     cs.attach(conn)   # resends in-flight messages, then drains the queue
     log.debug("client connected", client_id=cs.client_id, username=cs.username, role=role,
