@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.broker.wire import properties as P
-from gateway.broker.wire.codec import Body, Malformed
+from gateway.broker.wire.codec import PUBLISH, Body, Malformed
 from gateway.broker.wire.handle_connect import Refused, decode
 from tests.broker.helpers import _rl, _s, start_broker
 
@@ -118,6 +118,30 @@ def test_property_decoder_raises_only_malformed(block: bytes, packet_type: int) 
     # what was decoded encodes again (and decodes to the same)
     again = Body(P.block(props))
     assert P.decode(again, packet_type) == props
+
+
+@settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow])
+@given(block=property_blocks(), tail=st.binary(max_size=6))
+def test_the_publish_property_decoder_agrees_with_the_generic_one(block: bytes, tail: bytes) -> None:
+    """The hot path's flat PUBLISH decoder (P.decode_publish) accepts and refuses exactly what
+    the generic decoder does, with the same reason code, and forwards exactly the pass-through
+    properties [MQTT-3.3.2-4/15/16/17/20]."""
+    data = block + tail
+    expected: P.Properties | int
+    try:
+        cursor = Body(data)
+        expected = P.decode(cursor, PUBLISH)
+        expected_end = cursor.pos
+    except Malformed as exc:
+        expected = int(exc.reason)
+    try:
+        props, forwarded, end = P.decode_publish(data, 0)
+    except Malformed as exc:
+        assert expected == int(exc.reason)
+        return
+    assert props == expected and end == expected_end
+    passed = {k: v for k, v in props.items() if k in P.PASSED_THROUGH}
+    assert P.decode(Body(_rl(len(forwarded)) + forwarded), PUBLISH) == passed
 
 
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])

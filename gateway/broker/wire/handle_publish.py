@@ -68,10 +68,10 @@ def on_publish(conn: Connection, cs: ClientState, flags: int, body: bytes) -> as
     if start < len(body) and body[start] == 0:
         props: P.Properties = {}   # the common case: an empty property block
         payload = body[start + 1:]
+        forwarded = b""
     else:
-        cursor = Body(body, start)
-        props = P.decode(cursor, PUBLISH)
-        payload = body[cursor.pos:]
+        props, forwarded, end_props = P.decode_publish(body, start)
+        payload = body[end_props:]
     if qos:
         conn.unacked_in += 1
         if conn.unacked_in > conn.receive_maximum:
@@ -108,7 +108,7 @@ def on_publish(conn: Connection, cs: ClientState, flags: int, body: bytes) -> as
         return _answer(conn, qos, packet_id, reason, False)
     if not props:
         return _accept(conn, cs, topic, packet_id, qos, payload, retain, b"", None)
-    return _accept(conn, cs, topic, packet_id, qos, payload, retain, P.passed_through(props),
+    return _accept(conn, cs, topic, packet_id, qos, payload, retain, forwarded,
                    props.get(Prop.MESSAGE_EXPIRY_INTERVAL))
 
 

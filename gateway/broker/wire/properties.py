@@ -97,6 +97,8 @@ ALLOWED: dict[int, frozenset[int]] = {
     CONNACK: frozenset(KINDS),
 }
 
+NAMES: dict[int, str] = {int(p): p.name.lower() for p in Prop}
+
 _BOOLEAN = frozenset({Prop.PAYLOAD_FORMAT_INDICATOR, Prop.REQUEST_PROBLEM_INFORMATION,
                       Prop.REQUEST_RESPONSE_INFORMATION})
 _NOT_ZERO = frozenset({Prop.RECEIVE_MAXIMUM, Prop.MAXIMUM_PACKET_SIZE, Prop.TOPIC_ALIAS,
@@ -135,7 +137,7 @@ def decode(body: Body, packet_type: int) -> Properties:
         kind = KINDS.get(ident)
         if kind is None or ident not in allowed:
             raise Malformed(f"property 0x{ident:02x} is not allowed in this packet")
-        what = Prop(ident).name.lower()
+        what = NAMES[ident]
         value = _read_value(inner, kind, what)
         if ident == Prop.USER_PROPERTY:
             props.setdefault(ident, []).append(value)
@@ -193,3 +195,107 @@ def passed_through(props: Properties) -> bytes:
     if not props:
         return b""
     return encode({p: props[p] for p in PASSED_THROUGH if p in props})
+
+
+_PASSED_IDS = frozenset(int(p) for p in PASSED_THROUGH)
+
+
+def decode_publish(data: bytes, pos: int) -> tuple[Properties, bytes, int]:
+    """The property block of a PUBLISH at ``pos``: (properties, the pass-through pairs as they
+    came (raw bytes: forwarded without re-encoding), the offset after the block).
+
+    The same checks as :func:`decode` (the hypothesis tests hold them equal), written flat for
+    the hot path: a generic decode and re-encode cost ~10× what the ``mqtt5`` wheel does for a
+    PUBLISH with five properties (bench/mqtt5_codec.py)."""
+    n = len(data)
+    length, shift = 0, 0
+    while True:
+        if pos >= n:
+            raise Malformed("packet ends inside the property length")
+        byte = data[pos]
+        pos += 1
+        length |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            break
+        shift += 7
+        if shift > 21:
+            raise Malformed("property length: variable byte integer longer than 4 bytes")
+    end = pos + length
+    if end > n:
+        raise Malformed("property length beyond the packet")
+    props: Properties = {}
+    forwarded: list[bytes] = []
+    try:
+        while pos < end:
+            start = pos
+            ident = data[pos]
+            pos += 1
+            if ident == 0x01:
+                value: Any = data[pos]
+                pos += 1
+            elif ident == 0x02:
+                value = int.from_bytes(data[pos:pos + 4], "big")
+                pos += 4
+            elif ident == 0x03 or ident == 0x08:
+                size = (data[pos] << 8 | data[pos + 1])
+                raw = data[pos + 2:pos + 2 + size]
+                pos += 2 + size
+                if pos > end:
+                    raise Malformed(f"packet ends inside {NAMES[ident]}")
+                value = raw.decode("utf-8")
+                if "\0" in value:
+                    raise Malformed(f"{NAMES[ident]} contains U+0000")
+            elif ident == 0x09:
+                size = (data[pos] << 8 | data[pos + 1])
+                value = data[pos + 2:pos + 2 + size]
+                pos += 2 + size
+            elif ident == 0x23:
+                value = (data[pos] << 8 | data[pos + 1])
+                pos += 2
+            elif ident == 0x26:
+                size = (data[pos] << 8 | data[pos + 1])
+                key = data[pos + 2:pos + 2 + size]
+                pos += 2 + size
+                size = (data[pos] << 8 | data[pos + 1])
+                val = data[pos + 2:pos + 2 + size]
+                pos += 2 + size
+                if pos > end:
+                    raise Malformed("packet ends inside user_property")
+                pair = (key.decode("utf-8"), val.decode("utf-8"))
+                if "\0" in pair[0] or "\0" in pair[1]:
+                    raise Malformed("user_property contains U+0000")
+                props.setdefault(ident, []).append(pair)
+                forwarded.append(data[start:pos])
+                continue
+            elif ident == 0x0B:
+                # Not allowed from a client [MQTT-3.3.4-6]; decoded so that the caller says so.
+                value, shift = 0, 0
+                while True:
+                    if pos >= end:
+                        raise Malformed("packet ends inside subscription_identifier")
+                    byte = data[pos]
+                    pos += 1
+                    value |= (byte & 0x7F) << shift
+                    if not byte & 0x80:
+                        break
+                    shift += 7
+                    if shift > 21:
+                        raise Malformed("subscription_identifier: variable byte integer longer than 4 bytes")
+            else:
+                raise Malformed(f"property 0x{ident:02x} is not allowed in this packet")
+            if pos > end:
+                raise Malformed(f"packet ends inside {NAMES[ident]}")
+            if ident in props:
+                raise Malformed(f"property {NAMES[ident]} given twice", Reason.PROTOCOL_ERROR)
+            if ident == 0x01 and value > 1:
+                raise Malformed("property payload_format_indicator must be 0 or 1", Reason.PROTOCOL_ERROR)
+            if not value and (ident == 0x23 or ident == 0x0B):
+                raise Malformed(f"property {NAMES[ident]} must not be 0", Reason.PROTOCOL_ERROR)
+            props[ident] = value
+            if ident in _PASSED_IDS:
+                forwarded.append(data[start:pos])
+    except UnicodeDecodeError:
+        raise Malformed("a property string is not valid UTF-8") from None
+    except IndexError:
+        raise Malformed("packet ends inside a property") from None
+    return props, b"".join(forwarded), end
