@@ -190,3 +190,90 @@ class RawClient5(RawClient):
 
     async def next_publish(self, timeout: float = 5.0) -> Publish5:
         return parse_publish(await self.expect(PUBLISH, timeout))
+
+
+# ---------------------------------------------------------------- paho-mqtt 2.2 speaking 5.0
+import asyncio  # noqa: E402
+import threading  # noqa: E402
+
+import paho.mqtt.client as paho  # noqa: E402
+from paho.mqtt.packettypes import PacketTypes  # noqa: E402
+from paho.mqtt.properties import Properties  # noqa: E402
+
+from tests.broker.helpers import until  # noqa: E402
+
+
+@dataclass
+class Received5:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    props: dict[str, Any]
+
+
+def paho_props(kind: int, **values: Any) -> Properties:
+    """paho Properties of packet ``kind`` (PacketTypes.PUBLISH, ...) from keyword names
+    (MessageExpiryInterval=60, UserProperty=[("k", "v")], ...)."""
+    props = Properties(kind)
+    for name, value in values.items():
+        setattr(props, name, value)
+    return props
+
+
+class Paho5:
+    """paho-mqtt with ``protocol=MQTTv5``, its network loop in a thread."""
+
+    def __init__(self, port: int, client_id: str = "", *, clean_start: bool = True,
+                 session_expiry: int | None = None, username: str | None = None, password: str | None = None):
+        self.port = port
+        self.clean_start = clean_start
+        self.session_expiry = session_expiry
+        self.messages: list[Received5] = []
+        self.connack: tuple[int, bool, dict[str, Any]] | None = None
+        self.suback: list[int] | None = None
+        self.disconnect_reason: int | None = None
+        self._lock = threading.Lock()
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda c, u, mid, reasons, props: setattr(self, "suback", [r.value for r in reasons])
+        self.client.on_disconnect = lambda c, u, flags, reason, props: setattr(self, "disconnect_reason", reason.value)
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self.connack = (reason.value, bool(flags.session_present), props.json() if props else {})
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        props = msg.properties.json() if getattr(msg, "properties", None) is not None else {}
+        with self._lock:
+            self.messages.append(Received5(msg.topic, msg.payload, msg.qos, bool(msg.retain), props))
+
+    async def connect(self) -> "Paho5":
+        props = None
+        if self.session_expiry is not None:
+            props = paho_props(PacketTypes.CONNECT, SessionExpiryInterval=self.session_expiry)
+        await asyncio.to_thread(self.client.connect, "127.0.0.1", self.port, 30, clean_start=self.clean_start,
+                                properties=props)
+        self.client.loop_start()
+        await until(lambda: self.connack is not None or self.disconnect_reason is not None)
+        return self
+
+    async def subscribe(self, topic: str, qos: int, **options: Any) -> list[int]:
+        self.suback = None
+        self.client.subscribe(topic, options=paho.SubscribeOptions(qos=qos, **options))
+        await until(lambda: self.suback is not None)
+        assert self.suback is not None
+        return self.suback
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False,
+                      **props: Any) -> Any:
+        info = self.client.publish(topic, payload, qos, retain,
+                                   properties=paho_props(PacketTypes.PUBLISH, **props) if props else None)
+        await until(info.is_published)
+        return info
+
+    async def stop(self) -> None:
+        self.client.disconnect()
+        await asyncio.to_thread(self.client.loop_stop)
