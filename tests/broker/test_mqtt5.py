@@ -430,3 +430,23 @@ async def test_qos2_flow_with_reason_codes_and_unknown_pubrel(broker):
     assert (got.payload, got.qos) == (b"once", 2)
     c.disconnect5()
     sub.disconnect5()
+
+
+async def test_role_max_packet_size_is_the_connack_maximum_and_disconnects_0x95(tmp_path):
+    """The role's ``max_packet_size`` is told to a 5.0 client as the CONNACK's Maximum Packet
+    Size (§3.2.2.3.6); a packet over it is answered DISCONNECT 0x95 (Packet too large) from its
+    fixed header (a client must not exceed it [MQTT-3.2.2-15]), and the client's will is published."""
+    b = await start_broker(tmp_path, broker={"limits": {"admin": {"max_packet_size": 1000}}})
+    try:
+        watcher = await _client(b.port, "w95")
+        await watcher.subscribe5(("big/#", 0))
+        c = await _client(b.port, "big", will=("big/will", b"gone", 0, False, {}))
+        assert c.connack_props[0x27] == 1005
+        c.send(b"\x30\xff\xff\x03" + b"\x00\x05big/x")   # announces ~64 KiB, sends a few bytes
+        assert disconnect_reason(await c.expect(DISCONNECT)) == 0x95
+        assert await c.closed()
+        assert (await watcher.next_publish()).payload == b"gone"
+        assert b.metrics()["limited_packet_size"] == 1
+        watcher.disconnect5()
+    finally:
+        await b.stop()
