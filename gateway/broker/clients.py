@@ -42,6 +42,7 @@ from gateway.broker.state import RELEASED, SENT, StateNotStored, StateStore
 from gateway.broker.throttle import LogThrottle
 
 if TYPE_CHECKING:
+    from gateway.broker.shared import SharedGroup
     from gateway.broker.wire.connection import Connection
 
 log = structlog.get_logger(__name__)
@@ -108,10 +109,12 @@ class Message:
 class Outgoing:
     """A message on its way to one client, at the QoS it is delivered with."""
 
-    __slots__ = ("msg", "packet_id", "qos", "retain", "seq", "state", "sub_id")
+    __slots__ = ("group", "msg", "packet_id", "qos", "retain", "seq", "state", "sub_id")
 
-    def __init__(self, msg: Message, qos: int, retain: bool, seq: int = 0, sub_id: int = 0):
+    def __init__(self, msg: Message, qos: int, retain: bool, seq: int = 0, sub_id: int = 0,
+                 group: SharedGroup | None = None):
         self.msg = msg
+        self.group = group      # the shared subscription it came through (handed over if the member leaves)
         self.qos = qos
         self.retain = retain
         self.seq = seq          # row in broker_messages (persistent sessions, QoS > 0), else 0
@@ -182,13 +185,14 @@ class ClientState:
         raise RuntimeError("no free packet identifier")  # cannot happen: inflight ≤ max_inflight
 
     # ----------------------------------------------------------------- queueing
-    def enqueue(self, msg: Message, qos: int, retain: bool, sub_id: int = 0) -> bool:
+    def enqueue(self, msg: Message, qos: int, retain: bool, sub_id: int = 0,
+                group: SharedGroup | None = None) -> bool:
         """Queue ``msg`` for this client; True when a durable write was queued for it."""
         online = self.handler is not None
         if qos == 0 and not online:
             return False  # QoS 0 is not part of an offline session's state [MQTT-3.1.2-5]
         durable = False
-        out = Outgoing(msg, qos, retain, 0, sub_id)
+        out = Outgoing(msg, qos, retain, 0, sub_id, group)
         store = self._store
         if qos and not self.clean and store is not None:
             out.seq = next(self._seq)
@@ -444,6 +448,24 @@ class ClientState:
                     handler.close_unstored()  # no PUBREL before RELEASED is on disk
                     return
         await handler.send_bytes(send_ack(PUBREL_B, packet_id))
+
+    def take_shared(self) -> list[Outgoing]:
+        """The member leaves (its connection ended): remove and return the QoS 1/2 messages it got
+        through a shared subscription and has not acknowledged, so the group's other members get
+        them (at least once). A QoS 2 message whose PUBREC came is the receiver's: it stays."""
+        taken = [out for out in self.pending if out.group is not None and out.qos]
+        if taken:
+            self.pending = deque(out for out in self.pending if out.group is None or not out.qos)
+            self.pending_bytes = sum(len(out.msg.payload) for out in self.pending)
+        for packet_id, out in list(self.inflight.items()):
+            if out.group is not None and out.state != RELEASED:
+                del self.inflight[packet_id]
+                taken.append(out)
+        return taken
+
+    def forget_taken(self, out: Outgoing) -> None:
+        """A message from :meth:`take_shared` was queued elsewhere: its stored row goes."""
+        self._forget(out)
 
     def on_pubrec_refused(self, packet_id: int) -> None:
         """A 5.0 PUBREC with a reason code of 0x80 or more: the receiver refused the message and

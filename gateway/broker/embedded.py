@@ -534,6 +534,7 @@ class GatewayBroker:
                 self._schedule_will(cs, packet.will)  # [MQTT-3.1.2-8]; not after DISCONNECT [MQTT-3.14.4-3]
             cs.detach()
             self.metrics.clients_connected -= 1
+            self._hand_over(cs)
             if cs.clean or cs.expiry_s == 0:
                 self._discard(cs)
             else:
@@ -541,6 +542,25 @@ class GatewayBroker:
             log.debug("client disconnected", client_id=cs.client_id, abnormal=abnormal)
         if not conn.closed:
             conn.close_now()
+
+    def _hand_over(self, cs: ClientState) -> None:
+        """A shared-subscription member left: its unacknowledged messages of the group go to
+        another connected member (queued there first, then forgotten here)."""
+        taken = cs.take_shared()
+        kept: list[Outgoing] = []
+        for out in taken:
+            group = out.group
+            member = group.pick(out.msg.topic, leaving=cs) if group is not None else None
+            if member is None:
+                kept.append(out)
+                continue
+            other, options = member
+            sub_qos = options & QOS_MASK
+            other.enqueue(out.msg, min(out.qos, sub_qos), out.retain, options >> SUB_ID_SHIFT, group)
+            cs.forget_taken(out)
+            self.metrics.shared_handed_over += 1
+        if kept:  # no other member to take them: they stay in the session, in flight ones first
+            cs.restore([(out, out.packet_id, out.state) for out in kept])
 
     def _schedule_will(self, cs: ClientState, will: Will) -> None:
         delay = will.delay_s
@@ -632,7 +652,7 @@ class GatewayBroker:
                 cs, options = member
                 sub_qos = options & QOS_MASK
                 if cs.enqueue(msg, qos if qos < sub_qos else sub_qos, retain and bool(options & RETAIN_AS_PUBLISHED),
-                              options >> SUB_ID_SHIFT):
+                              options >> SUB_ID_SHIFT, group):
                     durable = True
                 if cs.backlogged:
                     self.backlogged = True

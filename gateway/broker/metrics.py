@@ -33,6 +33,7 @@ class BrokerMetrics:
     persist_errors: int = 0          # SQLite commits of broker state that failed (logged once per episode)
     expired: int = 0                 # MQTT 5.0 messages dropped from queues or retained when their expiry passed
     dropped_too_large: int = 0       # messages not sent: larger than the receiving client's Maximum Packet Size
+    shared_handed_over: int = 0      # unacknowledged messages of a leaving shared-subscription member given to another
     receive_maximum_exceeded: int = 0  # MQTT 5.0 clients disconnected (0x93) for exceeding the broker's Receive Maximum
     not_acknowledged: int = 0        # PUBLISH/SUBSCRIBE/QoS 2 steps left unacknowledged because state was not stored
     # [broker.limits] (gateway.broker.limits.Limit.metric): each hit of a limit

@@ -2,9 +2,10 @@
 
 Each message matching the filter goes to one member of the group, not to every member:
 round robin over the members that are connected, and over every member (their sessions
-queue it) when none is. A member that leaves stops getting new messages at once; what is
-already queued or in flight for it stays in its session (it gets it when it is back, or
-it is dropped with the session).
+queue it) when none is. When a member's connection ends, the QoS 1/2 messages it got through
+the group and has not acknowledged are handed to another connected member (at least once: the
+leaving member may have received one without acknowledging it); with no other member
+connected they stay in its session.
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ class SharedGroup:
         self.members: dict[str, tuple[ClientState, int]] = {}
         self._next = 0
 
-    def pick(self, topic: str) -> tuple[ClientState, int] | None:
-        """The member that gets the next message (None: no member may read ``topic``)."""
-        members = list(self.members.values())
+    def pick(self, topic: str, leaving: ClientState | None = None) -> tuple[ClientState, int] | None:
+        """The member that gets the next message (None: no member may read ``topic``). With
+        ``leaving`` (a member whose messages are handed over): another connected member only."""
+        members = [m for m in self.members.values() if m[0] is not leaving]
         readable = [m for m in members if m[0].acl is None or m[0].acl.allow_all or m[0].acl.may_receive(topic)]
-        online = [m for m in readable if m[0].handler is not None] or readable
+        online = [m for m in readable if m[0].handler is not None]
+        if leaving is None and not online:
+            online = readable
         if not online:
             return None
         self._next = (self._next + 1) % len(online)

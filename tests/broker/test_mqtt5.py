@@ -450,3 +450,37 @@ async def test_role_max_packet_size_is_the_connack_maximum_and_disconnects_0x95(
         watcher.disconnect5()
     finally:
         await b.stop()
+
+
+async def test_a_leaving_shared_member_hands_its_unacknowledged_messages_over(broker):
+    """§4.8.2: at-least-once hand-over: messages a member of ``$share/<group>/...`` received and
+    did not acknowledge go to another member when its connection ends."""
+    lazy = await _client(broker.port, "lazy", props={0x11: 300})
+    busy = await _client(broker.port, "busy")
+    assert await lazy.subscribe5(("$share/work/task/#", 1)) == [1]
+    assert await busy.subscribe5(("$share/work/task/#", 1)) == [1]
+    pub = await _client(broker.port, "boss")
+    for i in range(6):
+        pub.publish5("task/x", str(i).encode(), 1)
+    for _ in range(6):
+        await pub.expect(PUBACK)
+    got_busy: list[bytes] = []
+    got_lazy: list[bytes] = []
+    while (pkt := await busy.read(timeout=0.5)) is not None:
+        if pkt.type == PUBLISH:
+            got_busy.append(pkt.body[-1:])
+            busy.ack(4, pkt.packet_id)
+    while (pkt := await lazy.read(timeout=0.3)) is not None:
+        if pkt.type == PUBLISH:
+            got_lazy.append(pkt.body[-1:])   # received, never acknowledged
+    assert got_lazy and sorted(got_busy + got_lazy) == [str(i).encode() for i in range(6)]
+    lazy.drop()
+    handed: list[bytes] = []
+    while len(handed) < len(got_lazy):
+        pkt = await busy.expect(PUBLISH)
+        handed.append(pkt.body[-1:])
+        busy.ack(4, pkt.packet_id)
+    assert sorted(handed) == sorted(got_lazy)
+    assert broker.metrics()["shared_handed_over"] == len(got_lazy)
+    busy.disconnect5()
+    pub.disconnect5()
