@@ -699,12 +699,6 @@ class GatewayBroker:
             role_may_publish=acl.publish_filters if acl is not None else [],
             suppressed_since_last=suppressed)
 
-    def commit_barrier(self, needed: bool) -> asyncio.Future[None] | None:
-        """The commit an acknowledgement must wait for (None: nothing to wait for)."""
-        if not needed or self._store is None:
-            return None
-        return self._store.barrier()
-
     def shared_commit_barrier(self) -> asyncio.Future[None] | None:
         """The commit the acknowledgement of a just-routed PUBLISH waits for, shared by every
         PUBLISH routed before that commit begins (:meth:`StateStore.shared_barrier`); None

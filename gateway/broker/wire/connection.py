@@ -29,7 +29,7 @@ import structlog
 
 from gateway.broker.wire import handle_connect, handle_disconnect, handle_publish, handle_subscribe
 from gateway.broker.wire.codec import (
-    AUTH, CONNECT, DISCONNECT, PINGREQ, PINGRESP_PACKET, PUBACK, PUBACK_B, PUBCOMP, PUBLISH, PUBREC, PUBREC_B,
+    AUTH, CONNECT, DISCONNECT, PINGREQ, PINGRESP_PACKET, PUBACK, PUBCOMP, PUBLISH,
     PUBREL, SUBSCRIBE, UNSUBSCRIBE, V5, V311, Malformed, Reason, TooLarge, send_disconnect,
 )
 
@@ -350,10 +350,6 @@ class Connection:
         """Acknowledgements in one write; each PUBACK ends a QoS 1 exchange (Receive Maximum)."""
         if self.closed:
             return
-        if self.version == V5:
-            # A PUBACK, or a refusing PUBREC, ends an exchange counted against our Receive Maximum.
-            done = sum(1 for a in acks if a[0] == PUBACK_B or (a[0] == PUBREC_B and len(a) > 4 and a[4] >= 0x80))
-            self.unacked_in = max(0, self.unacked_in - done)
         self.writer.write(b"".join(acks))
 
     def queue_ack(self, ack: bytes) -> None:
@@ -386,10 +382,6 @@ class Connection:
             self.close_unstored()
             return
         self.write_acks(acks)
-
-    def run(self, coro: Any) -> None:
-        """A flow that must wait (a commit, a write): its own task, cancelled when the reader ends."""
-        self._tasks.append(asyncio.get_running_loop().create_task(coro))
 
     # ================================================================== closing
     def abort(self) -> None:

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 import structlog
 
 from gateway.broker.matching import valid_topic_name
-from gateway.broker.state import StateNotStored
 from gateway.broker.wire import properties as P
 from gateway.broker.wire.codec import (
     PUBACK, PUBACK_B, PUBCOMP, PUBCOMP_B, PUBLISH, PUBREC, PUBREC_B, PUBREL, V5, Body, Malformed, Reason, send_ack,
@@ -165,6 +164,11 @@ def _answer(conn: Connection, qos: int, packet_id: int | None, reason: int,
     if qos == 0:
         return None
     assert packet_id is not None
+    if (qos == 1 or reason) and conn.version == V5:
+        # The exchange ends with this PUBACK (or refusing PUBREC): no longer counted against our
+        # Receive Maximum. Counted off when decided rather than when written (after a commit): a
+        # client is never disconnected for acknowledgements it has not seen yet.
+        conn.unacked_in -= 1
     ack = send_ack(PUBACK_B if qos == 1 else PUBREC_B, packet_id, reason)
     if durable:
         shared = conn.gw.shared_commit_barrier()
@@ -226,18 +230,3 @@ async def on_pubrel(conn: Connection, cs: ClientState, packet_id: int) -> None:
         # Always answered [MQTT-4.3.3-2]; a 5.0 client learns an unknown id (0x92).
         reason = Reason.PACKET_IDENTIFIER_NOT_FOUND if (conn.version == V5 and not known) else 0
         conn.write(send_ack(PUBCOMP_B, packet_id, reason))
-
-
-async def acknowledge(conn: Connection, ack: bytes, barrier: asyncio.Future[None] | None) -> None:
-    """Send ``ack`` once ``barrier`` is committed; if the commit fails, no acknowledgement: the
-    connection is closed so the client resends."""
-    if barrier is not None:
-        try:
-            await barrier
-        except StateNotStored:
-            conn.close_unstored()
-            return
-    conn.write_acks([ack])
-
-
-__all__ = ["PUBCOMP", "PUBREL", "acknowledge", "on_ack", "on_publish", "on_pubrel"]
