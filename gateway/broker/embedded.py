@@ -801,8 +801,7 @@ class GatewayBroker:
         stay in SQLite."""
         log.debug("embedded broker shutting down")
         for listener in self._listeners:
-            await listener.close()
-        self._listeners.clear()
+            listener.close()
         for conn in list(self.connecting):
             conn.abort()
         for handle in self._pending_wills.values():
@@ -822,6 +821,9 @@ class GatewayBroker:
             await asyncio.sleep(0)   # let the DISCONNECTs reach the transports before they close
         for conn in list(self._connections):
             conn.abort()
+        for listener in self._listeners:
+            await listener.wait_closed()
+        self._listeners.clear()
         if self._store is not None:
             try:
                 await self._store.flush()

@@ -178,12 +178,15 @@ class Listener:
             if transport is not None and not transport.is_closing():
                 transport.abort()
 
-    async def close(self) -> None:
-        server = self._server
-        self._server = None
+    def close(self) -> None:
+        """Stop accepting; the broker then closes the connections (:meth:`wait_closed` after)."""
+        if self._server is not None:
+            self._server.close()
+
+    async def wait_closed(self) -> None:
+        server, self._server = self._server, None
         if server is None:
             return
-        server.close()
         for pump in list(self._ws_pumps):
             pump.cancel()
         try:
