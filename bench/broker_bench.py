@@ -307,8 +307,8 @@ async def bench_broker(pid: int, port: int, messages: int, fanout_messages: int)
             results[f"qos{qos} 1->{subs}"] = {**thr, "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"],
                                                "lat_delivered": lat["delivered"], "lat_expected": lat["expected"]}
     # A persistent (CleanSession=0) subscriber at QoS 1: the gateway writes each message to
-    # SQLite (group commit) before the publisher's PUBACK; amqtt and Mosquitto (persistence
-    # off, their default) keep it in memory only.
+    # SQLite (group commit) before the publisher's PUBACK; Mosquitto (persistence off, its
+    # default) keeps it in memory only.
     thr = await _measured(pid, port, 1, 1, messages, persistent=True)
     lat = await run_scenario(port, 1, 1, 200, paced=True, persistent=True)
     results["qos1 1->1 persistent"] = {**thr, "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"],

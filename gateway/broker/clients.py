@@ -1,9 +1,9 @@
 """Per-client session state and outgoing delivery of the embedded broker.
 
-amqtt delivers each message in its own task that waits at most 5 s for the PUBACK
-and then forgets the message, so nothing is left to resend when a persistent
-session reconnects, and messages queued while offline are replayed with RETAIN=1.
-Here a :class:`ClientState` outlives connections (CleanSession=0) and owns:
+A delivery must survive its connection: a message not acknowledged when a persistent
+session's connection ends is resent when it is back, and messages queued while offline
+are live messages (RETAIN=0). So a :class:`ClientState` outlives connections
+(CleanSession=0, or a 5.0 Session Expiry Interval) and owns:
 
 - ``pending``: messages not yet written, oldest first, at most
   ``max_queued_messages`` (the oldest is dropped, counted and logged, rate-limited);

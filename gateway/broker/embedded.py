@@ -46,7 +46,7 @@ from gateway.broker.accounts import AccountWatcher
 from gateway.broker.acl import ClientAcl
 from gateway.broker.clients import GATEWAY_MAX_INFLIGHT, MAX_INFLIGHT, ClientState, Message, Outgoing
 from gateway.broker.limits import (MAX_CONNECT_PACKET, ClientLimits, ConnectionCount, Limit, LimitPolicy,
-                                   LimitRecorder, RateBucket, RetainedQuota)
+                                   LimitRecorder, LimitVerdict, RateBucket, RetainedQuota)
 from gateway.broker.matching import SubscriptionIndex, matches, valid_topic_name
 from gateway.broker.metrics import BrokerMetrics
 from gateway.broker.passwords import PasswordFile, PasswordFileError
@@ -201,9 +201,28 @@ class GatewayBroker:
             cs.qos2_in = set(stored.qos2_in)
             self._clients[cs.client_id] = cs
             self._arm_expiry(cs)
+        self._trim_sessions()
         if loaded.sessions or loaded.retained:
             log.info("broker state restored", sessions=len(loaded.sessions), retained=len(loaded.retained),
                      queued=sum(len(s.messages) for s in loaded.sessions.values()))
+
+    def _trim_sessions(self) -> None:
+        """Principals holding more persistent sessions than max_sessions_per_account (stored
+        before the limit, or under a higher one) keep their most recently seen ones."""
+        by_owner: dict[str | None, list[ClientState]] = {}
+        for cs in self._clients.values():
+            if not cs.clean:
+                by_owner.setdefault(cs.owner, []).append(cs)
+        for owner, held in by_owner.items():
+            cap = held[0].limits.max_sessions_per_account
+            if not cap or len(held) <= cap:
+                continue
+            held.sort(key=lambda cs: cs.offline_since)
+            for cs in held[:len(held) - cap]:
+                self.metrics.sessions_evicted += 1
+                self._discard(cs)
+            log.warning("persistent sessions over broker.limits.max_sessions_per_account forgotten at start "
+                        "(the longest offline)", owner=owner, forgotten=len(held) - cap, kept=cap)
 
     @staticmethod
     def _stored_body(bodies: dict[int, Message], m: Any) -> Message:
@@ -677,6 +696,14 @@ class GatewayBroker:
             self._store.clear_retained(topic)
             return True
         return False
+
+    def retained_verdict(self, publisher: ClientState, topic: str, payload: bytes) -> LimitVerdict | None:
+        """Would :meth:`route` refuse to keep this retained message (the publisher's retained
+        quota)? For a wire that can say so (MQTT 5: PUBACK 0x97); the message is routed either way."""
+        owner = self._retained_owner(publisher)
+        if not payload or self.retained_quota.admits(topic, owner, _retained_size(topic, payload), publisher.limits):
+            return None
+        return Limit.RETAINED.verdict
 
     def _retained_owner(self, publisher: ClientState | None) -> str | None:
         """Whom a retained message counts against: None for the gateway's own client (and

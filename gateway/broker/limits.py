@@ -20,6 +20,20 @@ rate), so the hooks can move with the wire code.
   minute (with the number held back).
 - :class:`RetainedQuota` accounts retained topics and bytes per principal.
 - :class:`RateBucket` is the per-connection token bucket for messages and bytes.
+- :class:`ConnectionCount` counts connected clients per role as they attach and detach.
+
+Where the broker calls in (each a few lines, to move with the wire code):
+
+- reader, after the fixed header: ``length > client.limits.max_packet_size`` →
+  ``GatewayBroker.packet_too_large`` and close; after a PUBLISH: ``client.rate.take(length)``
+  → ``GatewayBroker.rate_pause``;
+- accept, before CONNECT: the count of sockets still connecting, and ``_connect_length``
+  (``MAX_CONNECT_PACKET``);
+- after authentication: ``GatewayBroker._quota_refusal`` → a :class:`Limit` (CONNACK 0x03;
+  MQTT 5: ``limit.verdict``), which may also evict the principal's longest-offline session;
+- ``ClientState.enqueue``: ``max_queued_bytes``; ``GatewayBroker.route``: the retained quota
+  (``GatewayBroker.retained_verdict`` for a PUBACK reason code);
+- ``EmbeddedBroker``: the session expiry sweep and :class:`gateway.broker.accounts.AccountWatcher`.
 """
 
 from __future__ import annotations

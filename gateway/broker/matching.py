@@ -1,7 +1,7 @@
 """Topic names, topic filters and the subscription index of the embedded broker.
 
-amqtt matches every published topic against every subscription filter by splitting
-strings per filter per message. Here exact filters are one dict lookup and wildcard
+Matching every published topic against every filter (splitting strings per filter per
+message) costs in proportion to the filters. Here exact filters are one dict lookup and wildcard
 filters sit in a tree of levels, so routing costs one walk over the topic's levels
 whatever the number of filters. Overlapping subscriptions of one client collapse into one delivery at
 the highest granted QoS [MQTT-3.3.5-1].

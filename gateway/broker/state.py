@@ -24,9 +24,8 @@ and retried first, in order, with backoff, until the disk takes them again. Repl
 them ahead of what was queued since gives the same rows as if the commit had worked,
 so the coalescing rules below need no special case.
 
-Unlike amqtt's SessionDBPlugin, an acknowledged message is deleted (no replay after
-restart), an unsubscribe deletes the filter, and a session that reconnects with
-CleanSession=1 is forgotten.
+An acknowledged message is deleted (no replay after restart), an unsubscribe deletes the
+filter, and a session that reconnects with CleanSession=1 (5.0: Clean Start) is forgotten.
 """
 
 from __future__ import annotations

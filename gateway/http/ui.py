@@ -58,8 +58,7 @@ STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg
 MAX_LOGIN_BYTES = 4096
 MAX_ACK_BYTES = 4096
 ACK_WAIT_S = 3.0
-MAX_STREAMS = 200
-MAX_STREAMS_PER_SESSION = 8
+MAX_STREAMS_PER_SESSION = 8  # within the account's cap (gateway/http/streams.py)
 KEEPALIVE_S = 15.0
 STORAGE_ERRORS = (NotStored, OSError)
 # No inline script or style, nothing from elsewhere, no framing (clickjacking).
@@ -102,7 +101,6 @@ class OperatorPage:
         self.sessions: SessionStore = service.sessions
         self.reader: Reader = service.ui_reader
         self.hub = EventHub(self.reader, service.changes, service.stopping, self.now_view)
-        self.streams = 0
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         r = router
@@ -354,11 +352,15 @@ class OperatorPage:
     # ------------------------------------------------------------------ the event stream
     async def events(self, request: web.Request) -> web.StreamResponse:
         principal, session = await self._viewer(request)
-        if self.streams >= MAX_STREAMS or (session is not None and session.streams >= MAX_STREAMS_PER_SESSION):
-            raise ApiError(503, "not_ready", "too many open event streams; close a page", {"Retry-After": "5"})
+        if session is not None and session.streams >= MAX_STREAMS_PER_SESSION:
+            raise ApiError(503, "not_ready", f"this session has {session.streams} open event streams, the most one "
+                           "session may hold; close a page", {"Retry-After": "5"})
+        with self.svc.streams.hold(principal.name):
+            return await self._stream(request, session)
+
+    async def _stream(self, request: web.Request, session: Session | None) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                            "X-Accel-Buffering": "no"})
-        self.streams += 1
         if session is not None:
             session.streams += 1
         sub = self.hub.subscribe()
@@ -389,7 +391,6 @@ class OperatorPage:
             raise
         finally:
             self.hub.unsubscribe(sub)
-            self.streams -= 1
             if session is not None:
                 session.streams -= 1
         await resp.write_eof()
@@ -460,7 +461,8 @@ class OperatorPage:
         if current["state"] != "firing":
             raise ApiError(409, "alarm_not_firing", f"key: alarm {key!r} of rule {rule!r} is {current['state']}, not firing")
         try:
-            await self.svc.daemon.db.run(lambda c: alarm_store.request_ack(c, rule, key, session.name, note, time.time()))
+            await self.svc.daemon.db.run(lambda c: alarm_store.request_ack(c, rule, key, f"http:{session.name}", note,
+                                                                           time.time()))
         except Exception as exc:
             log.error("alarm ack not stored", rule=rule, key=key, error=f"{type(exc).__name__}: {exc}"[:300])
             raise ApiError(503, "not_stored", "the ack could not be stored now; try again", {"Retry-After": "5"}) from None

@@ -17,7 +17,7 @@ from gateway.broker.limits import (MAX_CONNECT_PACKET, SMALL_PACKET, UNLIMITED, 
 from gateway.broker.state import StateStore
 from gateway.config import BrokerLimits
 from gateway.storage import Database
-from tests.broker.helpers import PUBACK, PUBLISH, RawClient, start_broker, until
+from tests.broker.helpers import PUBACK, PUBLISH, RawClient, start_broker, until, write_accounts
 
 
 def test_policy_per_role_admin_and_gateway():
@@ -168,5 +168,94 @@ async def test_session_expiry_counts_from_the_last_disconnect_across_restarts(tm
         again = RawClient(port)
         assert await again.connect("exp-1", clean=False) == (False, 0)
         again.disconnect()
+    finally:
+        await b.stop()
+
+
+async def test_retained_verdict_for_a_wire_that_can_answer_it(tmp_path: Path):
+    """A device at its retained quota: replacing its own topic is fine, a new one is
+    QUOTA_EXCEEDED (MQTT 5 PUBACK 0x97), and route() keeps only what the verdict allows."""
+    write_accounts(tmp_path / "var" / "passwd", {"d1": "device"})
+    b = await start_broker(tmp_path, broker={"limits": {"device": {"max_retained_per_principal": 1}}})
+    try:
+        d = RawClient(b.port)
+        await d.connect("d1", username="d1", password="pw")
+        topic = "homepot/site-t/devices/d1/telemetry/"
+        d.publish(topic + "a", b"1", 1, retain=True)
+        await d.expect(PUBACK)
+        cs = b.broker._clients["d1"]
+        assert b.broker.retained_verdict(cs, topic + "a", b"2") is None
+        assert b.broker.retained_verdict(cs, topic + "b", b"2") is LimitVerdict.QUOTA_EXCEEDED
+        d.publish(topic + "b", b"2", 1, retain=True)
+        await d.expect(PUBACK)
+        assert b.metrics()["limited_retained"] == 1 and b.metrics()["retained"] == 1
+        d.disconnect()
+    finally:
+        await b.stop()
+
+
+def test_limits_config_errors_name_the_key():
+    from gateway.config import ConfigError, parse_config
+
+    listeners = [{"name": "l", "bind": "127.0.0.1:1"}]
+
+    def problems(limits: dict, environ: dict | None = None) -> list[str]:
+        try:
+            parse_config({"broker": {"listeners": listeners, "limits": limits}}, environ or {})
+        except ConfigError as exc:
+            return exc.lines()
+        return []
+
+    assert problems({"max_pakcet_size": 3}) == ["broker.limits.max_pakcet_size: unknown key"]
+    assert problems({"device": {"max_x": 1}}) == ["broker.limits.device.max_x: unknown key"]
+    assert problems({"device": {"max_packet_size": 1}}) == [
+        "broker.limits.device.max_packet_size: Input should be greater than or equal to 16"]
+    assert "[broker.limits.nosuchrole] names no role" in problems({"nosuchrole": {"max_connections": 1}})[0]
+    cfg = parse_config({"broker": {"listeners": listeners, "acl": {"kiosk": {}},
+                                   "limits": {"kiosk": {"max_publish_rate": 2}}}},
+                       {"HOMEPOT_BROKER_LIMITS_MAX_CONNECTIONS": "50"})
+    assert cfg.broker.limits.max_connections == 50 and cfg.broker.limits.roles["kiosk"].max_publish_rate == 2
+
+
+async def test_sockets_waiting_for_their_connect_are_capped(tmp_path: Path):
+    """max_connections also bounds connections that have not sent CONNECT yet."""
+    b = await start_broker(tmp_path, broker={"limits": {"max_connections": 2}})
+    try:
+        idle = [await RawClient(b.port).open() for _ in range(2)]
+        await until(lambda: len(b.broker._connecting) == 2)
+        third = await RawClient(b.port).open()
+        assert await third.closed(timeout=5)
+        assert b.metrics()["limited_connections"] == 1
+        for c in idle:
+            c.drop()
+        await until(lambda: not b.broker._connecting)
+        ok = RawClient(b.port)
+        assert await ok.connect("after") == (False, 0)
+        ok.disconnect()
+    finally:
+        await b.stop()
+
+
+async def test_sessions_over_the_limit_from_before_are_trimmed_at_start(tmp_path: Path):
+    """Sessions a principal left behind before the limit existed: at start its 3 most
+    recently seen are kept, the rest forgotten with their rows."""
+    b = await start_broker(tmp_path)      # no per-account limit for admin (anonymous here)
+    port = b.port
+    try:
+        for n in range(6):
+            c = RawClient(port)
+            await c.connect(f"old-{n}", clean=False)
+            await c.subscribe(("t/#", 1))
+            c.disconnect()
+            await until(lambda: b.metrics()["clients_connected"] == 0)
+    finally:
+        await b.stop()
+    b = await start_broker(tmp_path, port=port, broker={"limits": {"admin": {"max_sessions_per_account": 3}}})
+    try:
+        assert b.metrics()["sessions_evicted"] == 3
+        await b.broker._store.flush()
+        rows = sqlite3.connect(tmp_path / "var" / "gateway.db").execute(
+            "SELECT client_id FROM broker_sessions ORDER BY client_id").fetchall()
+        assert rows == [("old-3",), ("old-4",), ("old-5",)]
     finally:
         await b.stop()

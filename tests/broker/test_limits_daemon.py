@@ -433,3 +433,47 @@ async def test_account_changes_reach_connected_clients(gw):
     for client in (b, admin, c2):
         client.disconnect()
     assert _metrics(gw)["homepot_broker_accounts_disconnected"] >= 2
+
+
+async def test_shared_bodies_survive_kill_9(tmp_path: Path):
+    """Messages queued for three persistent sessions are stored once each, PUBACKed only once
+    on disk, and after ``kill -9`` every session still gets every one of them, in order; once
+    all have acknowledged, no body is left."""
+    port = free_port()
+    data = base_config(tmp_path, port, broker={"listeners": [
+        {"name": "local", "type": "tcp", "bind": f"127.0.0.1:{port}", "allow_anonymous": False}]})
+    write_accounts(tmp_path / "var" / "passwd", {"mon-1": "monitor", "adm-1": "admin"}, password=None)
+    proc = GatewayProcess(write_config(tmp_path, data), tmp_path)
+    proc.data_dir = tmp_path / "var"  # type: ignore[attr-defined]
+    proc.start()
+    try:
+        for n in range(3):
+            c = RawClient(port)
+            assert await c.connect(f"mon-k{n}", clean=False, **_login("mon-1")) == (False, 0)
+            assert await c.subscribe((f"{P}/k/#", 1)) == [1]
+            c.disconnect()
+        admin = RawClient(port)
+        assert await admin.connect("adm-k", **_login("adm-1")) == (False, 0)
+        for n in range(20):
+            admin.publish(f"{P}/k/x", n.to_bytes(1, "big") * 1000, 1)
+            await admin.expect(PUBACK)
+        proc.kill()
+        assert _db(proc, "SELECT count(*), sum(length(payload)) FROM broker_bodies") == [(20, 20000)]
+        assert _db(proc, "SELECT count(*), sum(length(payload)) FROM broker_messages") == [(60, 0)]
+        proc.start()
+        for n in range(3):
+            c = RawClient(port)
+            assert await c.connect(f"mon-k{n}", clean=False, **_login("mon-1")) == (True, 0)
+            got = []
+            while len(got) < 20:
+                pkt = await c.expect(PUBLISH, timeout=10)
+                got.append(pkt.payload[0])
+                assert pkt.payload == bytes([got[-1]]) * 1000
+                c.ack(PUBACK, pkt.packet_id)
+            assert got == list(range(20))
+            c.disconnect()
+        await _until(lambda: _db(proc, "SELECT count(*) FROM broker_bodies") == [(0,)])
+    finally:
+        proc.kill()
+        if proc.notify:
+            proc.notify.close()

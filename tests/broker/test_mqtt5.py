@@ -484,3 +484,26 @@ async def test_a_leaving_shared_member_hands_its_unacknowledged_messages_over(br
     assert broker.metrics()["shared_handed_over"] == len(got_lazy)
     busy.disconnect5()
     pub.disconnect5()
+
+
+async def test_retained_over_quota_is_delivered_and_answered_0x97(tmp_path):
+    """A retained message over its publisher's quota (``max_retained_per_principal``) reaches
+    current subscribers but is not kept; a 5.0 publisher is told PUBACK 0x97 (Quota exceeded)."""
+    b = await start_broker(tmp_path, broker={"limits": {"admin": {"max_retained_per_principal": 1}}})
+    try:
+        sub = await _client(b.port, "q-sub")
+        await sub.subscribe5(("quota/#", 1))
+        c = await _client(b.port, "q-pub")
+        c.publish5("quota/a", b"1", 1, retain=True)
+        assert ack_reason(await c.expect(PUBACK)) == 0
+        c.publish5("quota/b", b"2", 1, retain=True)
+        assert ack_reason(await c.expect(PUBACK)) == 0x97
+        assert [m.payload for m in [await sub.next_publish(), await sub.next_publish()]] == [b"1", b"2"]
+        late = await _client(b.port, "q-late")
+        await late.subscribe5(("quota/#", 1))
+        assert (await late.next_publish()).payload == b"1"
+        assert await late.read(timeout=0.3) is None   # quota/b was not kept
+        for x in (sub, c, late):
+            x.disconnect5()
+    finally:
+        await b.stop()

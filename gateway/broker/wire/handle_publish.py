@@ -137,6 +137,7 @@ def _accept(conn: Connection, cs: ClientState, topic: str, packet_id: int | None
                 conn.unacked_in -= 1   # the same exchange, counted once
             return _answer(conn, qos, packet_id, 0, True)
     acl = cs.acl
+    reason = 0
     if topic.startswith("$SYS") or (acl is not None and not acl.may_publish(topic)):
         metrics.denied_publish += 1
         gw.log_denied_publish(cs, topic, v5)
@@ -145,8 +146,17 @@ def _accept(conn: Connection, cs: ClientState, topic: str, packet_id: int | None
         # Dropped and counted; still acknowledged: 3.1.1 has no negative PUBACK [MQTT-3.3.5-2].
         durable = False
     else:
+        if retain and v5 and qos:
+            # Over the publisher's retained quota: routed, not kept; a 5.0 client is told (0x97).
+            verdict = gw.retained_verdict(cs, topic, payload)
+            if verdict is not None:
+                reason = int(verdict)
         expires_at = time.monotonic() + expiry if expiry is not None else None
         durable = gw.route(topic, payload, qos, retain, props, expires_at, cs)
+        if reason:
+            # The exchange ends with this answer (a refusing PUBREC too: no PUBREL follows, so
+            # the packet id is not remembered).
+            return _answer(conn, qos, packet_id, reason, durable)
     if qos == 2:
         assert packet_id is not None
         cs.qos2_in.add(packet_id)
