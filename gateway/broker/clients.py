@@ -92,6 +92,14 @@ class Message:
             props += b"\x0b" + varint(sub_id)
         return props
 
+    def aliased(self, qos: int, retain: bool, dup: bool, packet_id: int | None, sub_id: int, alias: int,
+                with_topic: bool) -> bytes:
+        """A 5.0 PUBLISH with a Topic Alias: the first one of a connection carries the topic name
+        and sets the alias, later ones an empty topic name (§3.3.2.3.4)."""
+        props = self.v5_props(sub_id) + b"\x23" + alias.to_bytes(2, "big")
+        return send_publish(self.topic_b if with_topic else b"\x00\x00", self.payload, qos, retain, dup, packet_id,
+                            props)
+
     def packet(self, version: int, qos: int, retain: bool, dup: bool = False, packet_id: int | None = None,
                sub_id: int = 0) -> bytes:
         if qos == 0 and not sub_id and self.expires_at is None:
@@ -340,6 +348,24 @@ class ClientState:
         # The client's Receive Maximum bounds what is in flight to it [MQTT-3.3.4-9].
         window = min(self._max_inflight, handler.send_quota)
         max_packet = handler.max_packet_out
+        # Topic aliases towards a 5.0 client that allows them: one per topic, first come, for the
+        # connection's life (the client's Topic Alias Maximum bounds how many).
+        alias_max = handler.topic_alias_max_out
+        aliases = handler.aliases_out
+
+        def encode(out: Outgoing, dup: bool = False) -> tuple[bytes, str | None]:
+            """The packet for ``out``, and the topic whose alias it set (None: none set)."""
+            if not alias_max:
+                return out.packet(version, dup), None
+            topic = out.msg.topic
+            alias = aliases.get(topic)
+            if alias is not None:
+                return out.msg.aliased(out.qos, out.retain, dup, out.packet_id, out.sub_id, alias, False), None
+            if len(aliases) < alias_max:
+                alias = aliases[topic] = len(aliases) + 1
+                return out.msg.aliased(out.qos, out.retain, dup, out.packet_id, out.sub_id, alias, True), topic
+            return out.packet(version, dup), None
+
         try:
             if self.inflight:
                 # [MQTT-4.4.0-1]: unacknowledged PUBLISH again with DUP=1, PUBREL again
@@ -349,7 +375,7 @@ class ClientState:
                     if out.state == RELEASED:
                         parts.append(send_ack(PUBREL_B, pid))
                     elif self._readable(out):
-                        parts.append(out.packet(version, dup=True))
+                        parts.append(encode(out, dup=True)[0])
                         metrics.messages_out += 1
                     else:
                         del self.inflight[pid]
@@ -376,8 +402,10 @@ class ClientState:
                             break
                         pid = self._alloc_packet_id()
                         out.packet_id = pid
-                        data = out.packet(version)
+                        data, new_alias = encode(out)
                         if max_packet is not None and len(data) > max_packet:
+                            if new_alias is not None:
+                                del aliases[new_alias]   # not sent: the alias was not set
                             self._too_large(pending.popleft())
                             continue
                         out.state = SENT
@@ -388,8 +416,10 @@ class ClientState:
                             # or a restarted broker could send the message under a new id.
                             barrier = barrier or out.qos == 2
                     else:
-                        data = out.packet(version)
+                        data, new_alias = encode(out)
                         if max_packet is not None and len(data) > max_packet:
+                            if new_alias is not None:
+                                del aliases[new_alias]
                             self._too_large(pending.popleft())
                             continue
                     pending.popleft()

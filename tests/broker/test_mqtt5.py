@@ -77,7 +77,7 @@ async def test_denied_publish_and_subscribe_get_0x87_and_bad_topic_0x90(tmp_path
         pid = mon.publish5(f"{P}/jobs", b"{}", 2)
         rec = await mon.expect(PUBREC)
         assert (rec.packet_id, ack_reason(rec)) == (pid, 0x87)
-        # The exchange ended with the refusing PUBREC: the id is free again [MQTT-4.3.3-?].
+        # The exchange ended with the refusing PUBREC (§4.3.3: a Reason Code of 0x80 or more ends it).
         pid = mon.publish5(f"{P}/x/+/y", b"{}", 1)
         assert ack_reason(await mon.expect(PUBACK)) == 0x90
         assert await mon.read(timeout=0.3) is None   # nothing routed back to its own subscription
@@ -507,3 +507,27 @@ async def test_retained_over_quota_is_delivered_and_answered_0x97(tmp_path):
             x.disconnect5()
     finally:
         await b.stop()
+
+
+async def test_topic_aliases_towards_a_client_that_allows_them(broker):
+    """§3.3.2.3.4: to a client whose CONNECT allows topic aliases the broker sends the topic once
+    with an alias, then the alias with an empty topic name; never more aliases than the client's
+    Topic Alias Maximum [MQTT-3.3.2-9], and none to a client that allows none."""
+    c = await _client(broker.port, "alias-to", props={0x22: 1})
+    plain = await _client(broker.port, "no-alias")
+    for x in (c, plain):
+        await x.subscribe5(("ta/#", 1))
+    pub = RawClient(broker.port)
+    await pub.connect("ta-pub")
+    for topic, qos in (("ta/one", 0), ("ta/one", 1), ("ta/two", 1), ("ta/one", 2)):
+        pub.publish(topic, b"x", qos)
+    got = [await c.next_publish() for _ in range(4)]
+    assert [(m.topic, m.props.get(0x23)) for m in got] == [("ta/one", 1), ("", 1), ("ta/two", None), ("", 1)]
+    seen = [await plain.next_publish() for _ in range(4)]
+    assert all(0x23 not in m.props and m.topic for m in seen)
+    for m in got + seen:
+        if m.qos == 1:
+            (c if m in got else plain).ack(4, m.packet_id)
+    c.disconnect5()
+    plain.disconnect5()
+    pub.disconnect()

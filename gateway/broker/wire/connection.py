@@ -72,6 +72,8 @@ class Connection:
         # Limits of the peer (5.0): its Receive Maximum and Maximum Packet Size.
         self.send_quota = 65535
         self.max_packet_out: int | None = None
+        self.topic_alias_max_out = 0           # the client's Topic Alias Maximum (0: no aliases to it)
+        self.aliases_out: dict[str, int] = {}  # topic → alias set on this connection
         # Ours: checked on every packet the client sends.
         self.max_packet_in: int | None = None
         self.receive_maximum = SERVER_RECEIVE_MAXIMUM

@@ -183,6 +183,7 @@ async def handle(conn: Connection, body: bytes) -> bool:
     if v5:
         conn.send_quota = packet.props.get(Prop.RECEIVE_MAXIMUM, 65535)
         conn.max_packet_out = packet.props.get(Prop.MAXIMUM_PACKET_SIZE)
+        conn.topic_alias_max_out = packet.props.get(Prop.TOPIC_ALIAS_MAXIMUM, 0)
         props[Prop.RECEIVE_MAXIMUM] = conn.receive_maximum
         props[Prop.TOPIC_ALIAS_MAXIMUM] = conn.topic_alias_maximum
         if assigned is not None:

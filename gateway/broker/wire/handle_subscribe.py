@@ -5,7 +5,8 @@ One return code per filter, in order [MQTT-3.8.4-4/5]. A refused filter is 0x80 
 options (No Local, Retain As Published, Retain Handling) and the Subscription Identifier
 are kept with the subscription (:mod:`gateway.broker.suboptions`), and on disk with it.
 ``$share/<group>/<filter>`` is a shared subscription: each message goes to one member of
-the group [MQTT-4.8.2]; retained messages are not sent for it [MQTT-3.8.4-?].
+the group (§4.8.2); retained messages are not sent for it (§4.8.2: "Retained messages are
+not sent to the Session when it establishes a new Shared Subscription").
 The SUBACK / UNSUBACK is written once the subscription is on disk (persistent sessions).
 """
 
