@@ -164,8 +164,10 @@ class GatewayClient:
             raise NotConnected(f"{self.name}: publish failed: {exc}") from exc
 
     # ----------------------------------------------------------------- run
-    def _make_client(self, version: aiomqtt.ProtocolVersion) -> aiomqtt.Client:
+    def _make_client(self) -> aiomqtt.Client:
+        """A client for the next connect, at :attr:`protocol_version` (subclasses extend it)."""
         s = self.settings
+        version = self.protocol_version
         url = MqttUrl(s.url)
         will = None
         if s.will_topic is not None:
@@ -192,7 +194,7 @@ class GatewayClient:
 
     async def connect_once(self) -> aiomqtt.Client:
         """Connect and subscribe; raise aiomqtt.MqttError on failure."""
-        client = self._make_client(self.protocol_version)
+        client = self._make_client()
         try:
             await client.__aenter__()
         except aiomqtt.MqttError as exc:
@@ -201,7 +203,7 @@ class GatewayClient:
                 raise
             log.info("broker does not speak MQTT 5.0; using 3.1.1", link=self.name, url=self.settings.url)
             self.protocol_version = aiomqtt.ProtocolVersion.V311
-            client = self._make_client(self.protocol_version)
+            client = self._make_client()
             await client.__aenter__()
         try:
             for route in self._routes:
