@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from gateway import clock
 from gateway.broker.acl import ClientAcl
 from gateway.broker.limits import UNLIMITED, ClientLimits, ConnectionCount, Limit, LimitRecorder, RateBucket
 from gateway.broker.wire.codec import PUBREL_B, V5, send_ack, send_publish, utf8, varint
@@ -204,7 +205,8 @@ class ClientState:
         store = self._store
         if qos and not self.clean and store is not None:
             out.seq = next(self._seq)
-            expires_at = None if msg.expires_at is None else time.time() + (msg.expires_at - time.monotonic())
+            # On disk on the gateway's clock (gateway.clock): a restart keeps its meaning.
+            expires_at = None if msg.expires_at is None else clock.now() + (msg.expires_at - time.monotonic())
             if msg.shared:
                 store.queue_shared(self.client_id, out.seq, msg, qos, retain, expires_at, sub_id)
             else:
@@ -314,7 +316,7 @@ class ClientState:
             self._sender = None
         self.offline_since = time.monotonic()
         if self.persistent:
-            self._store.session_seen(self.client_id, time.time())  # type: ignore[union-attr]
+            self._store.session_seen(self.client_id, clock.now())  # type: ignore[union-attr]
         if any(out.qos == 0 for out in self.pending):
             self.pending = deque(out for out in self.pending if out.qos)
             self.pending_bytes = sum(len(out.msg.payload) for out in self.pending)

@@ -42,6 +42,7 @@ from typing import Any
 
 import structlog
 
+from gateway import clock
 from gateway.broker.accounts import AccountWatcher
 from gateway.broker.acl import ClientAcl
 from gateway.broker.clients import GATEWAY_MAX_INFLIGHT, MAX_INFLIGHT, ClientState, Message, Outgoing
@@ -100,12 +101,13 @@ def anonymous_principal(listener: str) -> str:
 
 
 def _wall(expires_at: float | None) -> float | None:
-    """A monotonic deadline as wall-clock time, for the database (restarts reset the monotonic clock)."""
-    return None if expires_at is None else time.time() + (expires_at - time.monotonic())
+    """A monotonic deadline on the gateway's clock (gateway.clock), for the database: a restart
+    resets the monotonic clock, the gateway's clock keeps its timeline."""
+    return None if expires_at is None else clock.now() + (expires_at - time.monotonic())
 
 
 def _monotonic(wall: float | None) -> float | None:
-    return None if wall is None else time.monotonic() + (wall - time.time())
+    return None if wall is None else time.monotonic() + (wall - clock.now())
 
 
 class GatewayBroker:
@@ -155,7 +157,7 @@ class GatewayBroker:
         self._denied_log = LogThrottle()
         self._drop_log = LogThrottle()
         self._retained_log = LogThrottle()
-        self.started_at = time.time()
+        self.started_mono = time.monotonic()
 
     # ================================================================== state
     def restore(self, loaded: LoadedState) -> None:
@@ -192,8 +194,8 @@ class GatewayBroker:
             cs.acl = self._compile_acl(stored.role, stored.username)
             cs.limits = self._client_limits(stored.role, cs.owner)
             cs.expiry_s = stored.expiry_s
-            if stored.seen_at is not None:  # wall clock on disk, monotonic in memory
-                cs.offline_since = time.monotonic() - max(0.0, time.time() - stored.seen_at)
+            if stored.seen_at is not None:  # the gateway's clock on disk (gateway.clock), monotonic in memory
+                cs.offline_since = time.monotonic() - max(0.0, clock.now() - stored.seen_at)
             for topic_filter, options in stored.subscriptions.items():
                 self.subscribe(cs, topic_filter, options)
             cs.restore([(Outgoing(self._stored_body(bodies, m), m.qos, m.retain, m.seq, m.sub_id), m.packet_id,
@@ -287,7 +289,7 @@ class GatewayBroker:
             inflight=sum(len(cs.inflight) for cs in self._clients.values()),
             persist_backlog=store.backlog if store is not None else 0,
             persist_failing=int(store.failing) if store is not None else 0,
-            uptime_s=int(time.time() - self.started_at),
+            uptime_s=int(time.monotonic() - self.started_mono),
         )
 
     def _shared_groups(self) -> list[tuple[SharedGroup, int]]:

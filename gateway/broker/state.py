@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
+from gateway import clock
 from gateway.storage import Database, NotStored
 
 log = structlog.get_logger(__name__)
@@ -63,7 +63,7 @@ CREATE TABLE IF NOT EXISTS broker_bodies (id INTEGER PRIMARY KEY, payload BLOB N
 # Columns added after the first release (databases written before get them at start).
 _ADDED_COLUMNS = (
     ("broker_sessions", "owner", "TEXT"),
-    ("broker_sessions", "seen_at", "REAL"),          # wall clock of the last disconnect (session expiry)
+    ("broker_sessions", "seen_at", "REAL"),          # gateway.clock time of the last disconnect (session expiry)
     ("broker_retained", "owner", "TEXT"),            # principal that set it (retained quota)
     ("broker_messages", "body_id", "INTEGER"),       # broker_bodies row holding the payload (payload is then '')
     # MQTT 5.0: properties passed through to subscribers (encoded), the Message Expiry as wall-clock
@@ -99,7 +99,7 @@ class StoredMessage:
     state: int
     body_id: int | None = None   # shared body (broker_bodies): the same id is the same message
     props: bytes = b""              # MQTT 5.0 properties passed through to subscribers (encoded)
-    expires_at: float | None = None   # wall-clock end of the Message Expiry Interval
+    expires_at: float | None = None   # end of the Message Expiry Interval on the gateway clock (gateway.clock)
     sub_id: int = 0                 # the Subscription Identifier it is delivered with
 
 
@@ -118,7 +118,7 @@ class StoredSession:
     role: str | None
     dropped: int = 0
     owner: str | None = None     # the principal the session belongs to (None: written before owners existed)
-    seen_at: float | None = None  # wall clock of its last disconnect (None: not recorded)
+    seen_at: float | None = None  # gateway.clock time of its last disconnect (None: not recorded)
     expiry_s: int | None = None  # MQTT 5.0 Session Expiry Interval (None: until removed, as 3.1.1)
     subscriptions: dict[str, int] = field(default_factory=dict)
     messages: list[StoredMessage] = field(default_factory=list)
@@ -430,7 +430,7 @@ def _apply(conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
     (what a stream of QoS 1 messages to a persistent session produces: puts as they are
     routed, state updates as they are sent, deletes as they are acknowledged) goes to
     SQLite as one ``executemany``; the order of the operations is kept as it is."""
-    now = time.time()
+    now = clock.now()
     n = len(ops)
     i = 0
     while i < n:
