@@ -279,6 +279,8 @@ class BrokerSection(_MqttLinkSection):
         description="`embedded` runs the MQTT broker inside the gateway; `external` uses an existing broker at `url` and embeds none.")
     max_queued_messages: int = Field(default=1000, ge=1,
         description="Messages kept per offline persistent session; the oldest are dropped and counted.")
+    protocol: Literal["auto", "5", "3.1.1"] = Field(default="auto",
+        description="The MQTT version of the gateway's own client: `5`, `3.1.1`, or `auto` (5 when the broker offers it; the embedded broker does).")
     listeners: list[ListenerSection] = Field(default_factory=list,
         description="Embedded mode: the broker's listeners (`[[broker.listeners]]`, keys below); at least one.")
     auth: AuthSection = Field(default_factory=AuthSection,

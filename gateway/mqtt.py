@@ -4,6 +4,11 @@ This is the "one way through": the core publishes and subscribes through this cl
 in embedded and external mode alike. Incoming QoS 1/2 messages are acknowledged only
 after their handler returned, so a job is in SQLite before the broker forgets it.
 
+It speaks MQTT 5.0 or 3.1.1 (``ConnectionSettings.protocol``): "auto" tries 5.0 first and
+falls back to 3.1.1 when the broker refuses 5.0 (and stays there until restarted). A 5.0
+persistent session asks for a Session Expiry Interval that never ends, as CleanSession=0 does
+in 3.1.1: otherwise the broker would drop our session, and its queue, at every disconnect.
+
 A handler that could not store its message (disk full, database read-only or locked:
 any :func:`gateway.storage.is_storage_error`) gets no PUBACK: the client stops taking
 messages, acknowledges none after it (PUBACKs go out in arrival order), and closes the
@@ -28,6 +33,8 @@ from typing import Any
 
 import aiomqtt
 import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from gateway.config import MqttUrl
 from gateway.setaside import SetAside
@@ -39,6 +46,11 @@ log = structlog.get_logger(__name__)
 Handler = Callable[[aiomqtt.Message], Awaitable[None]]
 OnConnect = Callable[["GatewayClient"], Awaitable[None]]
 Probe = Callable[[], Awaitable[None]]
+
+PROTOCOLS = ("auto", "5", "3.1.1")
+SESSION_NEVER_EXPIRES = 0xFFFFFFFF
+# CONNACK codes of a broker that does not speak 5.0: 3.1.1's 0x01 or 5.0's 0x84.
+_UNSUPPORTED_PROTOCOL = (1, 0x84)
 
 
 class NotConnected(Exception):
@@ -67,6 +79,7 @@ class ConnectionSettings:
     will_payload: bytes | None = None
     will_retain: bool = True
     max_inflight: int = 100
+    protocol: str = "3.1.1"   # "5", "3.1.1" or "auto" (5.0 when the broker offers it)
 
     def tls_context(self) -> ssl.SSLContext | None:
         if not MqttUrl(self.url).tls:
@@ -109,6 +122,11 @@ class GatewayClient:
         self.held = 0  # messages left unacknowledged because they could not be stored
         self.backoff_s = 0.0  # the wait before the next connect attempt (0 while connected)
         self.set_aside = SetAside(log, name)  # handled with a failure that is not storage
+        if settings.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol: {settings.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        # The version the next connect uses; "auto" starts with 5.0.
+        self.protocol_version = aiomqtt.ProtocolVersion.V311 if settings.protocol == "3.1.1" else \
+            aiomqtt.ProtocolVersion.V5
 
     # ----------------------------------------------------------------- set-up
     def route(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
@@ -146,15 +164,24 @@ class GatewayClient:
 
     # ----------------------------------------------------------------- run
     def _make_client(self) -> aiomqtt.Client:
+        """A client for the next connect, at :attr:`protocol_version` (subclasses extend it)."""
         s = self.settings
+        version = self.protocol_version
         url = MqttUrl(s.url)
         will = None
         if s.will_topic is not None:
             will = aiomqtt.Will(s.will_topic, s.will_payload, qos=1, retain=s.will_retain)
+        if version == aiomqtt.ProtocolVersion.V5:
+            props = Properties(PacketTypes.CONNECT)
+            if not s.clean_session:
+                props.SessionExpiryInterval = SESSION_NEVER_EXPIRES
+            session: dict[str, Any] = {"clean_start": s.clean_session, "properties": props}
+        else:
+            session = {"clean_session": s.clean_session}
         client = aiomqtt.Client(
             url.host, url.port,
             username=s.username or None, password=s.password or None,
-            identifier=s.client_id, clean_session=s.clean_session,
+            identifier=s.client_id, protocol=version, **session,
             transport=url.transport, tls_context=s.tls_context(), keepalive=s.keepalive,
             will=will, max_inflight_messages=s.max_inflight, timeout=10,
         )
@@ -167,7 +194,16 @@ class GatewayClient:
     async def connect_once(self) -> aiomqtt.Client:
         """Connect and subscribe; raise aiomqtt.MqttError on failure."""
         client = self._make_client()
-        await client.__aenter__()
+        try:
+            await client.__aenter__()
+        except aiomqtt.MqttError as exc:
+            if not (self.settings.protocol == "auto" and self.protocol_version == aiomqtt.ProtocolVersion.V5
+                    and getattr(exc, "rc", None) in _UNSUPPORTED_PROTOCOL):
+                raise
+            log.info("broker does not speak MQTT 5.0; using 3.1.1", link=self.name, url=self.settings.url)
+            self.protocol_version = aiomqtt.ProtocolVersion.V311
+            client = self._make_client()
+            await client.__aenter__()
         try:
             for route in self._routes:
                 await client.subscribe(route.topic_filter, qos=route.qos)
