@@ -80,7 +80,7 @@ class GatewaySection(_Section):
     @field_validator("site_id")
     @classmethod
     def _site_id(cls, v: str) -> str:
-        if not SITE_ID_RE.match(v):
+        if not SITE_ID_RE.fullmatch(v):
             raise ValueError("must match [A-Za-z0-9_-]{1,64}")
         return v
 
@@ -89,6 +89,8 @@ class GatewaySection(_Section):
     def _prefix(cls, v: str) -> str:
         if not v or any(c in v for c in "+#\0") or v.startswith("$") or v.startswith("/") or v.endswith("/"):
             raise ValueError("must be a non-empty topic without wildcards, '$' or leading/trailing '/'")
+        if any(not c.isprintable() for c in v):  # a newline, tab or control character
+            raise ValueError(f"must be printable: {v!r} has a control character")
         return v
 
 
@@ -312,7 +314,7 @@ class BrokerSection(_MqttLinkSection):
 
 
 def _check_mqtt_url(v: str) -> str:
-    m = re.match(r"^(mqtt|mqtts|ws|wss)://([^/:]+|\[[0-9a-fA-F:]+\])(:(\d{1,5}))?/?$", v)
+    m = re.fullmatch(r"^(mqtt|mqtts|ws|wss)://([^/:]+|\[[0-9a-fA-F:]+\])(:(\d{1,5}))?/?$", v)
     if not m:
         raise ValueError("expected mqtt://HOST[:PORT] or mqtts://, ws://, wss://")
     return v
@@ -523,7 +525,7 @@ class HttpSection(_Section):
     @field_validator("public_url")
     @classmethod
     def _public_url(cls, v: str) -> str:
-        if v and not re.match(r"^https?://[^/?#\s@]+(/[^?#\s]*)?$", v):
+        if v and not re.fullmatch(r"^https?://[^/?#\s@]+(/[^?#\s]*)?$", v):
             raise ValueError("expected http(s)://HOST[:PORT][/PATH] without query or user info")
         return v.rstrip("/")
 
