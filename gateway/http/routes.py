@@ -158,13 +158,22 @@ def json_errors(metrics: Metrics) -> Middleware:
                        405: f"{request.method} is not allowed here"}.get(exc.status, exc.reason)
             headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
             response = error_response(exc.status, code, message, headers)
-        except (asyncio.CancelledError, ConnectionResetError):
+        except asyncio.CancelledError:
             metrics.http_requests.labels(route, request.method, "499").inc()
             raise
+        except ConnectionResetError:
+            # The client went away (a page closed, a stream dropped): nothing for an operator to
+            # do, so not an error. Answering instead of raising keeps aiohttp from logging the
+            # traceback at ERROR; its write of this answer to the closed transport is dropped.
+            log.debug("http client went away", route=route, method=request.method)
+            metrics.http_requests.labels(route, request.method, "499").inc()
+            metrics.observe_http(route, request.method, time.perf_counter() - t0)
+            return web.Response(status=499)
         except Exception:
             log.exception("http handler failed", route=route, method=request.method)
             response = error_response(500, "internal", "internal error (logged)")
         metrics.http_requests.labels(route, request.method, str(response.status)).inc()
+        metrics.observe_http(route, request.method, time.perf_counter() - t0)
         if response.status >= 500:
             log.warning("http request failed", route=route, method=request.method, status=response.status,
                         duration_ms=round((time.perf_counter() - t0) * 1000, 1))
