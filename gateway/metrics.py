@@ -22,6 +22,7 @@ snapshot, your own SQLite connection). ``homepot_alarms_firing`` and
 from __future__ import annotations
 
 import asyncio
+import json
 import platform
 import sqlite3
 import threading
@@ -208,6 +209,7 @@ class DatabaseCollector:
         # scrape from the runtime snapshot) and the configured alarm rules.
         self.platforms: list[str] = []
         self.rules = list(rules or [])
+        self.presence: dict[str, Any] = {}  # the broker's device presence, set per scrape
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
         self.last_duration_s = 0.0
@@ -259,6 +261,7 @@ class DatabaseCollector:
             backlog = stats.upstream_backlog(conn)
             alarms = stats.alarms_by_state(conn)
             firing = stats.alarms_firing(conn)
+            online = _connected_by_segment(conn, self.presence)
         finally:
             conn.execute("COMMIT")
         deliveries = GaugeMetricFamily(f"{NS}_deliveries", "deliveries now in each state, by platform of the last "
@@ -294,6 +297,12 @@ class DatabaseCollector:
         dev = GaugeMetricFamily(f"{NS}_devices", "registered devices")
         dev.add_metric([], float(devices))
         yield dev
+        connected = GaugeMetricFamily(f"{NS}_devices_connected", "registered devices connected to the embedded "
+                                      "broker with their device account, by segment (0 for a segment whose "
+                                      "devices were seen since start and all left)", labels=["segment"])
+        for segment, n in sorted(online.items()):
+            connected.add_metric([segment], float(n))
+        yield connected
         per_rule: dict[str, int] = {name: 0 for name in self.rules}
         for alarm in firing or []:
             per_rule[str(alarm.get("rule"))] = per_rule.get(str(alarm.get("rule")), 0) + 1
@@ -324,6 +333,18 @@ class DatabaseCollector:
                     c = CounterMetricFamily(f"{NS}_{name}", doc)
                     c.add_metric([], float(value))
                     yield c
+
+
+def _connected_by_segment(conn: sqlite3.Connection, presence: dict[str, Any]) -> dict[str, int]:
+    """segment → devices connected now, over the registered devices the broker has seen."""
+    if not presence:
+        return {}
+    out: dict[str, int] = {}
+    seen = json.dumps(sorted(presence))
+    for device_id, segment in conn.execute("SELECT device_id, COALESCE(segment, '') FROM devices "
+                                           "WHERE device_id IN (SELECT value FROM json_each(?))", (seen,)):
+        out[segment] = out.get(segment, 0) + (1 if presence[device_id].get("connected") else 0)
+    return out
 
 
 class Metrics:
@@ -359,6 +380,7 @@ class Metrics:
         async with self._lock:  # one scrape at a time: the runtime snapshot is per scrape
             self.runtime.snapshot = snapshot
             self.database.platforms = sorted(snapshot.get("bridges") or {})
+            self.database.presence = snapshot.get("presence") or {}
             return await asyncio.to_thread(generate_latest, self.registry)
 
     def close(self) -> None:

@@ -26,6 +26,7 @@ from gateway.config import Config
 from gateway.ids import NOT_DOTS, is_id
 from gateway.http.acks import AckSigner
 from gateway.http.auth import BasicAuth, Principal
+from gateway.broker.presence import device_presence
 from gateway.http.errors import HTTP_CODES, ApiError, error_response, json_response
 from gateway.http.pulse import Pulse
 from gateway.http.reader import Reader
@@ -377,7 +378,12 @@ class Api:
         device = await self._db(lambda conn: store.get_device(conn, device_id))
         if device is None:
             raise ApiError(404, "not_found", f"no device {device_id!r}")
+        device["presence"] = device_presence(self._presence(), device_id)
         return json_response(device)
+
+    def _presence(self) -> dict[str, Any] | None:
+        """The embedded broker's device presence, read now."""
+        return (self.svc.health.snapshot() or {}).get("presence")
 
     async def delete_device(self, request: web.Request) -> web.Response:
         device_id = request.match_info["device_id"]
@@ -403,6 +409,9 @@ class Api:
             return [store.device_json(r) for r in rows]
 
         devices = await self._db(page)
+        presence = self._presence()
+        for device in devices:
+            device["presence"] = device_presence(presence, device["device_id"])
         headers = {}
         if len(devices) == limit:
             headers["Link"] = f'</v1/devices?after={devices[-1]["device_id"]}&limit={limit}>; rel="next"'
