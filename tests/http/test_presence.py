@@ -8,9 +8,11 @@ import json
 import signal
 import subprocess
 
+from playwright.sync_api import expect, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.http.conftest import dumps, make_api_gateway, wait_until
+from tests.http.test_operator_page import CHROMIUM, FLAGS
 from tests.support import cli, require_tool
 
 
@@ -20,6 +22,27 @@ def connected_in_segment(api, segment: str) -> float | None:
             if s.name == "homepot_devices_connected" and s.labels.get("segment") == segment:
                 return s.value
     return None
+
+
+def page_online(api) -> dict[str, str]:
+    """The operator page's Devices tab, in chromium: the "Connected" cell's badge per device."""
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(20_000)
+            page.goto(api.base + "/")
+            page.get_by_label("User name").fill("tech")
+            page.get_by_label("Password").fill("tech-pw")
+            page.get_by_role("button", name="Log in").click()
+            page.wait_for_selector("body[data-ready=true]", state="attached")
+            page.get_by_role("tab", name="Devices").click()
+            rows = page.locator("#dev-table tbody tr[data-device]")
+            expect(rows).to_have_count(2)
+            return {rows.nth(i).get_attribute("data-device"): rows.nth(i).locator("td.online .badge").inner_text()
+                    for i in range(2)}
+        finally:
+            browser.close()
 
 
 def test_an_agent_connecting_and_killed_shows_in_api_cli_status_and_metrics(tmp_path):
@@ -44,6 +67,7 @@ def test_an_agent_connecting_and_killed_shows_in_api_cli_status_and_metrics(tmp_
         listed = {d["device_id"]: d["presence"] for d in tech.get("/v1/devices").json()}
         assert listed["plc-1"]["connected"] is True and listed["plc-8"]["connected"] is False
         assert connected_in_segment(api, "plcs") == 1.0
+        assert page_online(api) == {"plc-1": "connected", "plc-8": "not connected"}
 
         def cli_presence() -> dict:
             r = cli(api.config, "devices", "show", "plc-1", "--json", timeout=60)
@@ -62,6 +86,7 @@ def test_an_agent_connecting_and_killed_shows_in_api_cli_status_and_metrics(tmp_
                           timeout=15)
         assert down["last_seen"] and down["last_seen"] >= up["since"], down
         assert connected_in_segment(api, "plcs") == 0.0
+        assert page_online(api) == {"plc-1": "not connected", "plc-8": "not connected"}
         wait_until(lambda: cli_presence()["connected"] is False, timeout=15)
         r = cli(api.config, "devices", "list", timeout=60)
         line = next(ln for ln in r.stdout.splitlines() if ln.startswith("plc-1\t"))
