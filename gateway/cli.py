@@ -412,7 +412,10 @@ def jobs_show(job_id: Annotated[str, typer.Argument(metavar="ID")],
                 extra = [r["platform"] or "-", f"attempts={r['attempts']}"]
                 if r.get("latency_ms") is not None:
                     extra.append(f"latency={r['latency_ms']:.0f}ms")
-                reason = f"  {r['last_error']}" if r.get("last_error") else ""
+                text = r.get("reason") or r.get("last_error")
+                reason = f"  {text}" if text else ""
+                if r.get("moved") and r.get("moved") != text:
+                    reason += f"  ({r['moved']})"
                 typer.echo(f"  {r['device_id']}  {' '.join(extra)}{reason}")
 
 

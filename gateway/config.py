@@ -372,9 +372,11 @@ class UpstreamSection(_MqttLinkSection):
 
 
 class DispatchSection(_Section):
-    batch_size: int = Field(default=50, ge=1, le=10000,
+    batch_size: int = Field(default=500, ge=1, le=10000,
         description="Devices read per transaction when expanding a job.")
-    max_in_flight: int = Field(default=200, ge=1, le=100000, description="Concurrent sends per bridge.")
+    max_in_flight: int | None = Field(default=None, ge=1, le=100000,
+        description="Concurrent sends per bridge; unset = each bridge's own default "
+                    "(500 for `simulation` and `mqtt`, 200 for the HTTP push platforms).")
     max_attempts: int = Field(default=10, ge=1, description="Attempts (sends and resends) per delivery.")
     backoff_initial_s: float = Field(default=1.0, gt=0,
         description="First retry backoff in seconds (full jitter, doubling).")
@@ -382,6 +384,9 @@ class DispatchSection(_Section):
         description="Largest retry backoff in seconds; also the longest pause of an unhealthy bridge.")
     ack_timeout_s: float = Field(default=60.0, ge=0,
         description="A sent, unacked delivery of a bridge with `resend_unacked` is sent again (same message_id) after this; `0` = never.")
+    fallback_after_s: float = Field(default=30.0, ge=0,
+        description="A delivery waiting on a bridge that has been unhealthy (or unable to start) for this long "
+                    "moves to the device's next channel; `ttl = 0` jobs move at once.")
 
     @model_validator(mode="after")
     def _backoff(self) -> "DispatchSection":
