@@ -93,6 +93,14 @@ def daemon_running(cfg: Config) -> bool | None:
 def check_config() -> None:
     """Validate the configuration; print each problem as KEY: message."""
     cfg = get_config()
+    from bridges.keys import problems
+
+    # A push key the bridge would refuse at start (the daemon would run with that bridge
+    # unhealthy): found here, by the same loaders, before the service starts.
+    found = [tuple(fault.split(": ", 1)) for fault in cfg.bridge_faults.values()]
+    found += [p for p in problems(cfg) if p[0].split(".")[1] not in cfg.bridge_faults]
+    if found:
+        fail([f"{key}: {msg}" for key, msg in found])
     typer.echo(f"ok: {cfg.source}")
 
 

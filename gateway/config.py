@@ -580,6 +580,10 @@ class Config(_Section):
     # Where the file was read from; relative paths in it are relative to the cwd,
     # like Mosquitto's, so `make run` from the repo works as documented.
     source: Path | None = Field(default=None, exclude=True)
+    # Push bridges whose key file cannot be used (platform → "key: message"): not a
+    # config error for `run` (the daemon starts with that bridge unhealthy and its
+    # devices fall over to their next channel); `check-config` reports them.
+    bridge_faults: dict[str, str] = Field(default_factory=dict, exclude=True)
 
     @property
     def prefix(self) -> str:
@@ -869,6 +873,11 @@ def _blank_paths_to_none(data: Any) -> Any:
     return data
 
 
+# A push bridge's credential files: one that is missing or broken stops that bridge only.
+BRIDGE_KEY_FILES = frozenset({"service_account_file", "key_file", "cert_file", "cert_key_file",
+                              "client_secret_file", "vapid_private_key_file"})
+
+
 def parse_config(data: dict[str, Any], environ: dict[str, str] | None = None, source: Path | None = None) -> Config:
     """Validate a config mapping (after env overrides); raise :class:`ConfigError`."""
     environ = dict(os.environ if environ is None else environ)
@@ -890,7 +899,14 @@ def parse_config(data: dict[str, Any], environ: dict[str, str] | None = None, so
         cfg.source = source
         if cfg.broker.mode == "embedded" and not cfg.broker.listeners:
             problems.append(("broker.listeners", "embedded mode needs at least one listener"))
-        _load_secrets(cfg, problems)
+        secret_problems: list[tuple[str, str]] = []
+        _load_secrets(cfg, secret_problems)
+        for key, msg in secret_problems:
+            parts = key.split(".")
+            if len(parts) == 3 and parts[0] == "bridges" and parts[2] in BRIDGE_KEY_FILES:
+                cfg.bridge_faults.setdefault(parts[1], f"{key}: {msg}")
+            else:
+                problems.append((key, msg))
         problems += check_rules(cfg.rules)
     if problems:
         raise ConfigError(problems)
