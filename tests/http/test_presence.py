@@ -36,6 +36,8 @@ def page_online(api) -> dict[str, str]:
             page.get_by_label("Password").fill("tech-pw")
             page.get_by_role("button", name="Log in").click()
             page.wait_for_selector("body[data-ready=true]", state="attached")
+            # The bridges' counters say since when they count (the gateway's start).
+            expect(page.locator("#now-bridges thead")).to_contain_text("Sent since ")
             page.get_by_role("tab", name="Devices").click()
             rows = page.locator("#dev-table tbody tr[data-device]")
             expect(rows).to_have_count(2)
