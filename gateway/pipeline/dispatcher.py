@@ -352,10 +352,11 @@ class Dispatcher:
     async def _send(self, slot: BridgeSlot, platform: str, channel: Any, key: str,
                     row: store.DueDelivery, job: JobInfo) -> None:
         attempt = row.attempts + 1
+        sent_at = datetime.now(UTC)
         delivery = Delivery(
             message_id=row.message_id, job_id=row.job_id, device_id=row.device_id, channel=channel,
             notification=job.notification, options=job.options.get(platform) or {},
-            sent_at=datetime.now(UTC), expires_at=job.expires_dt, attempt=attempt,
+            sent_at=sent_at, expires_at=job.expires_dt, attempt=attempt,
             ack_url=self.ack_url(row.message_id) if self.ack_url is not None else None)
         released = False
         try:
@@ -366,7 +367,7 @@ class Dispatcher:
             except Exception as exc:  # a bridge bug must not stop the pipeline
                 log.exception("bridge raised", platform=platform, message_id=row.message_id)
                 outcome = Outcome.retry(f"bridge error: {exc.__class__.__name__}")
-            result = self._decide(slot, platform, key, row, job, attempt, outcome)
+            result = self._decide(slot, platform, key, row, job, attempt, outcome, sent_at.timestamp())
             # The bridge is free again; the row stays excluded from fetching until committed.
             slot.in_flight -= 1
             released = True
@@ -403,7 +404,7 @@ class Dispatcher:
             slot.pause_reason = outcome.reason
 
     def _decide(self, slot: BridgeSlot, platform: str, key: str, row: store.DueDelivery, job: JobInfo,
-                attempt: int, outcome: Outcome) -> store.Result:
+                attempt: int, outcome: Outcome, sent_at: float) -> store.Result:
         now = time.time()
         self._health(slot, platform, outcome, now)
         if row.resend:
@@ -412,7 +413,7 @@ class Dispatcher:
         if kind is OutcomeKind.ACCEPTED:  # the usual case: built positionally, no keyword dict
             slot.sent += 1
             return store.Result(row.message_id, row.job_id, row.device_id, "sent", platform, attempt,
-                                resend_at=self._resend_at(platform, attempt, job, now))
+                                resend_at=self._resend_at(platform, attempt, job, now), sent_at=sent_at)
         base = dict(message_id=row.message_id, job_id=row.job_id, device_id=row.device_id, platform=platform)
         if kind is OutcomeKind.INVALID_ADDRESS:
             # Not an attempt against the delivery: it falls over to the next channel now.

@@ -648,6 +648,9 @@ class Result:
     route: str | None = None  # queued: the bridge of the next attempt (None: unchanged)
     resend_at: float | None = None  # sent: when to send it again if still unacked (None: never)
     resend: bool = False  # the delivery was already sent; it stays sent whatever this attempt gave
+    # sent: when the send was handed to the bridge; the ack latency is counted from it.
+    # None: the time the result is recorded (tools and tests that write results by hand).
+    sent_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -705,11 +708,11 @@ def _apply_sends(conn: sqlite3.Connection, sends: list[Result], now: float) -> N
         if old is None:
             continue  # pruned meanwhile: nothing to update
         if old[1] == "queued":
-            sent.append((r.platform, r.platform, r.attempts, now, r.resend_at, r.message_id))
+            sent.append((r.platform, r.platform, r.attempts, r.sent_at or now, r.resend_at, r.message_id))
             after[r.message_id] = (r.platform or "", "sent", old[2])
             deltas.move(r.job_id, "queued", "sent")
         elif old[1] == "acknowledged":  # acked before this result was recorded: keep what the send was
-            acked.append((r.platform, r.platform, r.attempts, now, r.message_id))
+            acked.append((r.platform, r.platform, r.attempts, r.sent_at or now, r.message_id))
             after[r.message_id] = (r.platform or "", "acknowledged", old[2])
         else:
             after[r.message_id] = old
@@ -740,11 +743,11 @@ def _apply_results(conn: sqlite3.Connection, results: list[Result], now: float) 
             cur = conn.execute(
                 "UPDATE deliveries SET state = 'sent', platform = ?, route = ?, attempts = ?, sent_at = ?, "
                 "resend_at = ?, last_error = NULL WHERE message_id = ? AND state = 'queued'",
-                (r.platform, r.platform, r.attempts, now, r.resend_at, r.message_id))
+                (r.platform, r.platform, r.attempts, r.sent_at or now, r.resend_at, r.message_id))
             if not cur.rowcount:  # acked before this result was recorded: keep what the send was
                 conn.execute("UPDATE deliveries SET platform = ?, route = ?, attempts = MAX(attempts, ?), "
                              "sent_at = COALESCE(sent_at, ?) WHERE message_id = ? AND state = 'acknowledged'",
-                             (r.platform, r.platform, r.attempts, now, r.message_id))
+                             (r.platform, r.platform, r.attempts, r.sent_at or now, r.message_id))
         elif r.state == "queued":
             conn.execute(
                 "UPDATE deliveries SET platform = COALESCE(?, platform), route = COALESCE(?, route), attempts = ?, "
@@ -766,7 +769,7 @@ def apply_batch(conn: sqlite3.Connection, results: list[Result], acks: list[tupl
 
     A delivery whose "sent" result and first ack arrive in the same batch (a fast device
     acks before the result is recorded) is written once: the ack's update also records the
-    send (platform, route, attempts, sent_at = now, as the result would have), instead of
+    send (platform, route, attempts, sent_at, as the result would have), instead of
     moving it to ``sent`` and then to ``acknowledged`` (half the row and index writes, one
     aggregate change instead of two). What is stored is the same as applying them one by one."""
     merged: dict[str, Result] = {}
@@ -843,6 +846,8 @@ def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, Ack | AckIn]], no
         send = sends.get(ack.message_id) if first and state == "queued" else None
         latency = None
         if first:
+            if send is not None:  # sent and acked in this batch: counted from the send, not the batch
+                sent_at = send.sent_at
             base = sent_at if sent_at is not None else now
             latency = max(0.0, (at_ts - base) * 1000.0)
         if forwarding:
@@ -865,7 +870,8 @@ def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, Ack | AckIn]], no
         if first:
             if send is not None:
                 del sends[ack.message_id]
-                with_send.append((ack.message_id, at_ts, latency, send.platform, send.attempts))
+                with_send.append((ack.message_id, at_ts, latency, send.platform, send.attempts,
+                                  send.sent_at or now))
                 new_key = send.platform or ""  # route = platform
             else:
                 plain.append((ack.message_id, at_ts, latency))
@@ -905,8 +911,7 @@ def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, Ack | AckIn]], no
 def _acknowledge(conn: sqlite3.Connection, plain: list[tuple[Any, ...]], with_send: list[tuple[Any, ...]],
                  now: float) -> None:
     """First acks: ``plain`` [message_id, acked_at, latency_ms], ``with_send`` the same and
-    the send's platform and attempts (its route is its platform, its sent_at the batch's
-    time). One UPDATE … FROM json_each per list, each row found by primary key; the ids
+    the send's platform, attempts and time (its route is its platform). One UPDATE … FROM json_each per list, each row found by primary key; the ids
     are distinct (only a delivery's first ack is here). Floats keep their value through the
     JSON text (Python writes the shortest text that reads back to the same double)."""
     if plain:
@@ -916,8 +921,8 @@ def _acknowledge(conn: sqlite3.Connection, plain: list[tuple[Any, ...]], with_se
     if with_send:
         conn.execute("UPDATE deliveries SET state = 'acknowledged', acked_at = j.value->>1, "
                      "latency_ms = j.value->>2, resend_at = NULL, last_error = NULL, platform = j.value->>3, "
-                     "route = j.value->>3, attempts = j.value->>4, sent_at = ? "
-                     "FROM json_each(?) AS j WHERE deliveries.message_id = j.value->>0", (now, json.dumps(with_send)))
+                     "route = j.value->>3, attempts = j.value->>4, sent_at = j.value->>5 "
+                     "FROM json_each(?) AS j WHERE deliveries.message_id = j.value->>0", (json.dumps(with_send),))
 
 
 # ------------------------------------------------------------------ retention
