@@ -401,6 +401,9 @@ def jobs_show(job_id: Annotated[str, typer.Argument(metavar="ID")],
                 extra = [r["platform"] or "-", f"attempts={r['attempts']}"]
                 if r.get("latency_ms") is not None:
                     extra.append(f"latency={r['latency_ms']:.0f}ms")
+                if r.get("acks"):
+                    extra.append("acks=" + ",".join(a["status"] + (f"(+{a['repeats']} repeats)" if a["repeats"] else "")
+                                                    for a in r["acks"]))
                 reason = f"  {r['last_error']}" if r.get("last_error") else ""
                 typer.echo(f"  {r['device_id']}  {' '.join(extra)}{reason}")
 

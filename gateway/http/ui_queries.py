@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gateway import stats
+from gateway.pipeline import store
 from gateway.timeutil import iso
 
 COUNT_KEYS = ("queued", "sent", "acknowledged", "failed", "expired", "invalid_address")
@@ -251,10 +252,12 @@ def deliveries_page(conn: sqlite3.Connection, job_id: str, states: tuple[str, ..
                         (*args, limit + 1)).fetchall()
     more = len(rows) > limit
     rows = rows[:limit]
+    acks = store.acks_of(conn, [r["message_id"] for r in rows])
     return {"deliveries": [{"message_id": r["message_id"], "device_id": r["device_id"], "state": r["state"],
                             "platform": r["platform"], "attempts": r["attempts"], "reason": r["last_error"],
                             "latency_ms": r["latency_ms"], "sent_at": _iso_ts(r["sent_at"]),
-                            "acked_at": _iso_ts(r["acked_at"])} for r in rows],
+                            "acked_at": _iso_ts(r["acked_at"]), "acks": acks.get(r["message_id"], [])}
+                           for r in rows],
             "next": rows[-1]["device_id"] if more else None}
 
 

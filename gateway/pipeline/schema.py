@@ -69,14 +69,16 @@ CREATE TABLE IF NOT EXISTS deliveries (
     UNIQUE (job_id, device_id)
 );
 
-CREATE TABLE IF NOT EXISTS acks (
+CREATE TABLE IF NOT EXISTS acks (        -- one row per status of a delivery: the first ack of it
     id          INTEGER PRIMARY KEY,
     message_id  TEXT NOT NULL,
     device_id   TEXT NOT NULL,
     status      TEXT NOT NULL,
     at          TEXT NOT NULL,
     error       TEXT,
-    received_at REAL NOT NULL
+    received_at REAL NOT NULL,
+    repeats     INTEGER NOT NULL DEFAULT 0, -- later acks of the same status, counted, not stored
+    last_received_at REAL                   -- when the latest of them came
 );
 
 CREATE TABLE IF NOT EXISTS counters (
@@ -101,6 +103,8 @@ ADDED_COLUMNS = [
      "UPDATE jobs SET expanded_rows = (SELECT COUNT(*) FROM deliveries d WHERE d.job_id = jobs.job_id)"),
     ("deliveries", "route", "TEXT", None),
     ("deliveries", "resend_at", "REAL", None),
+    ("acks", "repeats", "INTEGER NOT NULL DEFAULT 0", None),
+    ("acks", "last_received_at", "REAL", None),
 ]
 
 # Indexes an older gateway kept on ``deliveries`` that cost a B-tree insert and delete per
@@ -119,7 +123,6 @@ CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(updated_at) WHERE state IN ('co
 CREATE INDEX IF NOT EXISTS deliveries_route_due ON deliveries(route, next_at) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS deliveries_resend ON deliveries(route, resend_at) WHERE state = 'sent' AND resend_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS deliveries_by_device ON deliveries(device_id, message_id);
-CREATE INDEX IF NOT EXISTS acks_by_message ON acks(message_id);
 """
 
 
@@ -135,9 +138,26 @@ def migrate(conn: sqlite3.Connection) -> None:
     for name in DROPPED_INDEXES:
         conn.execute(f"DROP INDEX IF EXISTS {name}")
     _run_script(conn, INDEXES)
+    _acks_once(conn)
     stats.prepare(conn)  # the aggregates every write of deliveries keeps (gateway.stats.tracking)
     if conn.execute("PRAGMA user_version").fetchone()[0] != VERSION:
         conn.execute(f"PRAGMA user_version = {VERSION}")
+
+
+def _acks_once(conn: sqlite3.Connection) -> None:
+    """Each status of a delivery is stored once (``acks_once``). A database from a gateway
+    that stored every ack keeps the first of each status and counts the others as its
+    repeats; the unique index then replaces the plain one on message_id."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'acks_once'").fetchone():
+        return
+    conn.execute("CREATE TEMP TABLE acks_kept AS SELECT MIN(id) AS id, COUNT(*) - 1 AS repeats, "
+                 "MAX(received_at) AS last_received_at FROM acks GROUP BY message_id, status HAVING COUNT(*) > 1")
+    conn.execute("UPDATE acks SET repeats = acks.repeats + k.repeats, last_received_at = k.last_received_at "
+                 "FROM acks_kept AS k WHERE acks.id = k.id")
+    conn.execute("DELETE FROM acks WHERE id NOT IN (SELECT MIN(id) FROM acks GROUP BY message_id, status)")
+    conn.execute("DROP TABLE temp.acks_kept")
+    conn.execute("DROP INDEX IF EXISTS acks_by_message")
+    conn.execute("CREATE UNIQUE INDEX acks_once ON acks(message_id, status)")
 
 
 def _run_script(conn: sqlite3.Connection, script: str) -> None:

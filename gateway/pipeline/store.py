@@ -661,6 +661,7 @@ class AckResult:
     latency_ms: float | None = None
     first: bool = False
     not_stored: bool = False  # raised NotStored (e.g. the upstream buffer refuses new acks)
+    repeat: bool = False  # a status already stored for the delivery: counted, not stored again
 
 
 @dataclass
@@ -796,7 +797,13 @@ def _chunks(items: list[Any], n: int = 500) -> Iterator[list[Any]]:
 def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, Ack | AckIn]], now: float,
                forward: Forwarder | None = None, acks_topic: str | None = None,
                sends: dict[str, Result] | None = None) -> list[AckResult]:
-    """Store every ack; the first valid one moves its delivery to acknowledged.
+    """Store each status of a delivery once; the first valid ack moves its delivery to
+    acknowledged.
+
+    A later ack with a status already stored for its delivery (a device or an ack URL
+    sending the same ack again and again) is a repeat: accepted, counted on the stored
+    row (``repeats``, ``last_received_at``) and in ``acks_repeated``, not stored again and
+    not forwarded to the cloud, so a flood of them costs no space.
 
     The batch is read with one query per 500 acks and written with ``executemany``; acks of
     the same delivery in one batch are applied in order (only the first moves it). With a
@@ -817,6 +824,14 @@ def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, Ack | AckIn]], no
                           "WHERE message_id IN (SELECT value FROM json_each(?))", (json.dumps(ids),)):
         # job_id, device_id, state (kept current), sent_at, platform key (for gateway.stats)
         rows[r[0]] = [r[1], r[2], r[3], r[4], r[5]]
+    # (message_id, status) already stored: only deliveries past their first ack can have any,
+    # so a fan-out's batch of first acks reads nothing more.
+    seen: set[tuple[str, str]] = set()
+    acked_before = [m for m, row in rows.items() if row[2] not in ("queued", "sent")]
+    if acked_before:
+        seen.update((r[0], r[1]) for r in conn.execute("SELECT message_id, status FROM acks WHERE message_id IN "
+                                                       "(SELECT value FROM json_each(?))", (json.dumps(acked_before),)))
+    repeats: dict[tuple[str, str], int] = {}
     # What the first acks move in gateway.stats: (platform key, state) → rows, and
     # (platform key, latency bucket) → [acks, sum of ms]. The updates below are unconditional
     # by message_id, so what they leave is known without a second read.
@@ -840,6 +855,11 @@ def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, Ack | AckIn]], no
                                  else "message_id was not sent to this device"))
             continue
         job_id, _, state, sent_at, platform_key = row
+        if (ack.message_id, ack.status) in seen:
+            k2 = (ack.message_id, ack.status)
+            repeats[k2] = repeats.get(k2, 0) + 1
+            out.append(AckResult(True, job_id=job_id, repeat=True))
+            continue
         first = state in ("queued", "sent")
         at_ts = ack.at.timestamp()
         at_iso = ack.at_text if type(ack) is Ack else _iso_utc(ack.at)
@@ -865,6 +885,7 @@ def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, Ack | AckIn]], no
                 continue
             conn.execute("RELEASE ack")
         inserts.append((ack.message_id, device_id, ack.status, at_iso, ack.error))
+        seen.add((ack.message_id, ack.status))
         if ack.error is not None and "\x00" in ack.error:
             nul = True
         if first:
@@ -891,21 +912,31 @@ def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, Ack | AckIn]], no
         out.append(AckResult(True, job_id=job_id, latency_ms=latency, first=first))
     # The batch's rows go to SQLite as one JSON array each (json_each walks them in order),
     # not a statement step with bound values per row: see _insert_deliveries.
+    # ``seen`` keeps the rows new; the conflict clause only makes sure a repeat that got past
+    # it is counted, never a constraint error that would fail (and retry) the whole batch.
     if inserts and nul:
         conn.executemany("INSERT INTO acks(message_id, device_id, status, at, error, received_at) "
-                         "VALUES (?, ?, ?, ?, ?, ?)", [(*i, now) for i in inserts])
+                         f"VALUES (?, ?, ?, ?, ?, ?) {_ACK_REPEAT}", [(*i, now) for i in inserts])
     elif inserts:
         conn.execute("INSERT INTO acks(message_id, device_id, status, at, error, received_at) "
-                     "SELECT value->>0, value->>1, value->>2, value->>3, value->>4, ? FROM json_each(?)",
-                     (now, json.dumps(inserts)))
-    if inserts:
-        bump(conn, "acks_stored", len(inserts))
+                     "SELECT value->>0, value->>1, value->>2, value->>3, value->>4, ? FROM json_each(?) WHERE true "
+                     + _ACK_REPEAT, (now, json.dumps(inserts)))
+    if repeats:
+        conn.executemany("UPDATE acks SET repeats = repeats + ?, last_received_at = ? "
+                         "WHERE message_id = ? AND status = ?", [(n, now, m, st) for (m, st), n in repeats.items()])
+        bump(conn, "acks_repeated", sum(repeats.values()))
+    if inserts or repeats:
+        bump(conn, "acks_stored", len(inserts) + sum(repeats.values()))
     if refused:
         bump(conn, "acks_refused", refused)
     _acknowledge(conn, plain, with_send, now)
     stats.apply_counts(conn, counts, latency_sums)  # in the same transaction as the rows
     deltas.apply(conn, now)
     return out
+
+
+_ACK_REPEAT = ("ON CONFLICT(message_id, status) DO UPDATE SET repeats = repeats + 1, "
+               "last_received_at = excluded.received_at")
 
 
 def _acknowledge(conn: sqlite3.Connection, plain: list[tuple[Any, ...]], with_send: list[tuple[Any, ...]],
@@ -966,6 +997,26 @@ def clears_done(conn: sqlite3.Connection, job_ids: list[str]) -> None:
 
 
 def delivery_rows(conn: sqlite3.Connection, job_id: str, limit: int = 100000) -> list[dict[str, Any]]:
-    rows = conn.execute("SELECT message_id, device_id, state, platform, attempts, last_error, latency_ms FROM deliveries "
-                        "WHERE job_id = ? ORDER BY device_id LIMIT ?", (job_id, limit))
-    return [dict(r) for r in rows]
+    """A job's deliveries by device_id, each with its stored acks (:func:`acks_of`)."""
+    rows = [dict(r) for r in conn.execute(
+        "SELECT message_id, device_id, state, platform, attempts, last_error, latency_ms FROM deliveries "
+        "WHERE job_id = ? ORDER BY device_id LIMIT ?", (job_id, limit))]
+    acks: dict[str, list[dict[str, Any]]] = {}
+    for r in conn.execute("SELECT a.message_id, a.status, a.at, a.repeats FROM deliveries d JOIN acks a "
+                          "ON a.message_id = d.message_id WHERE d.job_id = ? ORDER BY a.id", (job_id,)):
+        acks.setdefault(r[0], []).append({"status": r[1], "at": r[2], "repeats": r[3]})
+    for row in rows:
+        row["acks"] = acks.get(row["message_id"], [])
+    return rows
+
+
+def acks_of(conn: sqlite3.Connection, message_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """message_id → its stored acks in arrival order: each status once, with ``at`` (the
+    device's time of the first) and ``repeats`` (later acks of that status, not stored).
+    For a page of deliveries (up to a few hundred ids: one bound value each)."""
+    found: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    if message_ids:  # sorted here: a page's few rows, not a sort in SQLite
+        for r in conn.execute("SELECT message_id, id, status, at, repeats FROM acks WHERE message_id IN "
+                              f"({','.join('?' * len(message_ids))})", message_ids):
+            found.setdefault(r[0], []).append((r[1], {"status": r[2], "at": r[3], "repeats": r[4]}))
+    return {m: [a for _, a in sorted(rows, key=lambda x: x[0])] for m, rows in found.items()}
