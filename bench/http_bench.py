@@ -213,16 +213,14 @@ def bench_trigger_cost(n: int, workdir: Path) -> dict:
     import contextlib
     import uuid
 
-    from gateway import stats
-    from gateway.pipeline import schema
+    from gateway import migrations, stats
     from gateway.storage import connect
 
     def run(mode: str, round_: int) -> float:
         path = workdir / f"t-{mode}-{round_}.db"
         conn = connect(path)
         conn.execute("BEGIN IMMEDIATE")
-        schema.migrate(conn)
-        stats.migrate(conn)
+        migrations.migrate(conn)
         if mode == "triggers":
             for statement in OLD_TRIGGERS.strip().split("END;"):
                 if statement.strip():

@@ -111,8 +111,8 @@ def run_baseline(n: int, workdir: Path, page: int = 500, batch: int = 500) -> di
     same UPDATE (what ``store.apply_batch`` writes when the send's result and the device's
     ack are in one recorder batch, as they are for a device that acks at once), the job's
     counts and the aggregates moved once. One transaction (one fsync) per page and per batch."""
-    from gateway import stats
-    from gateway.pipeline import schema, store
+    from gateway import migrations, stats
+    from gateway.pipeline import store
     from gateway.storage import WRITER_PRAGMAS, connect
 
     path = workdir / "baseline.db"
@@ -120,8 +120,7 @@ def run_baseline(n: int, workdir: Path, page: int = 500, batch: int = 500) -> di
     for pragma in WRITER_PRAGMAS:
         conn.execute(pragma)
     conn.execute("BEGIN IMMEDIATE")
-    schema.migrate(conn)
-    stats.migrate(conn)
+    migrations.migrate(conn)
     conn.execute("INSERT INTO jobs(job_id, state, source, target, notification, options, created_at, updated_at, "
                  "expires_at, ttl) VALUES ('b', 'accepted', 'x', '{}', '{}', '{}', 0, 0, 0, 0)")
     conn.execute("COMMIT")

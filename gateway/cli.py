@@ -151,11 +151,15 @@ def vapid_keys() -> None:
 
 # ---------------------------------------------------------------------- pipeline commands
 def _db(cfg: Config):  # noqa: ANN202 - sqlite3.Connection, imported lazily
-    from gateway.pipeline import schema
+    from gateway import migrations
     from gateway.storage import connect, transaction
 
     conn = connect(cfg.db_path)
-    transaction(conn, schema.migrate)
+    try:
+        transaction(conn, migrations.migrate)  # the schema registry, as the daemon runs it at start
+    except migrations.SchemaTooNew as exc:
+        conn.close()
+        fail(f"{cfg.db_path}: {exc}", 1)
     return conn
 
 
@@ -414,11 +418,7 @@ app.add_typer(alarms_app, name="alarms")
 
 
 def _alarms_db(cfg: Config):  # noqa: ANN202 - sqlite3.Connection
-    from gateway.alarms import store as alarm_store
-
-    conn = _db(cfg)
-    _tx(conn, alarm_store.migrate)
-    return conn
+    return _db(cfg)
 
 
 @alarms_app.command("list")

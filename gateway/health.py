@@ -137,7 +137,6 @@ class HealthReporter:
         """Nothing to route: the reporter only reads."""
 
     async def run(self, stopping: asyncio.Event) -> None:
-        await self.daemon.db.run(_migrate)
         try:
             while not stopping.is_set():
                 await self.refresh()
@@ -225,13 +224,6 @@ class HealthReporter:
         tmp.write_text(json.dumps(snap, default=str), encoding="utf-8")
         os.chmod(tmp, 0o644)  # readable by an operator's `status` (no secrets in it)
         os.replace(tmp, self.path)
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    from gateway.pipeline import schema
-
-    schema.migrate(conn)  # idempotent; the pipeline runs it too, whoever is first
-    stats.migrate(conn)
 
 
 def _broker_metrics(d: "Daemon") -> dict[str, Any] | None:

@@ -24,9 +24,10 @@ row-level triggers did this: two or three trigger statements per changed row (SQ
 statement-level triggers), several times the cost of the row update itself
 (bench/README.md, "Pipeline").
 
-``migrate`` creates the tables, drops those triggers where an older gateway made them, and
-recounts both tables from the deliveries table at a start where they cannot be trusted: the
-platform key changed, or the cheap check of :func:`stale` (the total, and the queued rows
+Its migration (``MIGRATIONS``, run by :mod:`gateway.migrations`) creates the tables and
+drops those triggers where an older gateway made them; :func:`check`, at every start,
+recounts both tables from the deliveries table where they cannot be trusted: the cheap
+check of :func:`stale` (the total, and the queued rows
 per platform, read from indexes) disagrees. That is what a writer that bypassed
 :func:`tracking` (a hand-made repair, an older tool) leaves behind when it inserted or
 deleted rows or touched the queue; a bypass that only moves rows between final states or
@@ -45,6 +46,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from gateway.storage import run_script
 
 # Ack latency bucket bounds (ms): a push shown on a phone within 100 ms .. a PLC that was
 # offline for an hour.
@@ -75,19 +78,17 @@ OLD_TRIGGERS = ("delivery_stats_insert", "delivery_stats_delete", "delivery_stat
 QUEUED_INDEX = "deliveries_queued_by_platform"
 
 
-def platform_columns(conn: sqlite3.Connection) -> list[str]:
-    """Which delivery columns name its platform, in order of precedence.
-
-    ``platform`` is the channel of the last attempt. A pipeline that also keeps ``route``
-    (the bridge a queued delivery is due on) gives queued work its platform before the first
-    attempt; it is preferred when present."""
-    cols = {r[1] for r in conn.execute("PRAGMA table_info(deliveries)")}
-    return [c for c in ("route", "platform") if c in cols]
+# A delivery's platform: ``route`` (the bridge a queued delivery is due on, or the one it was
+# sent on), else ``platform`` (the channel of the last attempt), else '' (not routed yet).
+# Both columns exist in every database the schema registry migrated.
+PLATFORM_KEY = "COALESCE(route, platform, '')"
 
 
-def platform_key(conn: sqlite3.Connection, alias: str = "") -> str:
-    prefix = f"{alias}." if alias else ""
-    return "COALESCE(" + ", ".join(f"{prefix}{c}" for c in platform_columns(conn)) + ", '')"
+def platform_key(conn: sqlite3.Connection | None = None, alias: str = "") -> str:
+    """:data:`PLATFORM_KEY`, its columns prefixed with ``alias``."""
+    if not alias:
+        return PLATFORM_KEY
+    return f"COALESCE({alias}.route, {alias}.platform, '')"
 
 
 def bucket_of(latency_ms: float) -> float:
@@ -101,7 +102,7 @@ _Row = tuple[str, str, Any]  # platform key, state, latency_ms
 
 def snapshot(conn: sqlite3.Connection, ids: list[str]) -> dict[str, _Row]:
     """message_id → (platform key, state, latency_ms) of those of ``ids`` that exist."""
-    key = platform_key(conn)  # one PRAGMA per batch; the columns may differ between databases
+    key = PLATFORM_KEY
     out: dict[str, _Row] = {}
     # The ids as one JSON array: one statement text whatever their number, prepared once
     # (an IN list of n marks is a new statement for every n).
@@ -170,7 +171,7 @@ def stale(conn: sqlite3.Connection) -> bool:
     queued rows per platform (the queue that ``/metrics`` and ``/healthz`` watch). Both are
     read from indexes (the queued ones from the partial :data:`QUEUED_INDEX`): a few ms for
     100,000 rows kept, no scan of the table."""
-    key = platform_key(conn)
+    key = PLATFORM_KEY
     kept = {(p, s): n for p, s, n in conn.execute("SELECT platform, state, n FROM delivery_stats")}
     total = conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
     queued = {p: n for p, n in conn.execute(f"SELECT {key}, COUNT(*) FROM deliveries INDEXED BY {QUEUED_INDEX} "
@@ -181,7 +182,7 @@ def stale(conn: sqlite3.Connection) -> bool:
 
 def recount(conn: sqlite3.Connection) -> None:
     """Rebuild both aggregates from the deliveries table (a scan of every delivery kept)."""
-    key = platform_key(conn)
+    key = PLATFORM_KEY
     conn.execute("DELETE FROM delivery_stats")
     conn.execute(f"INSERT INTO delivery_stats(platform, state, n) SELECT {key}, state, COUNT(*) "
                  "FROM deliveries GROUP BY 1, 2")
@@ -192,44 +193,36 @@ def recount(conn: sqlite3.Connection) -> None:
                  f"GROUP BY 1, 2")
 
 
-def prepare(conn: sqlite3.Connection) -> None:
-    """Create the tables and drop an older gateway's triggers (they kept the counts exact up
-    to here, so this needs no recount). Run by the pipeline's ``schema.migrate`` too, so
-    that no writer of deliveries ever runs with both the triggers and :func:`tracking`, or
-    without the tables.
-
-    It also makes sure the queued index exists (created on the platform key as it is now
-    when missing; :func:`migrate` re-makes it when the key changed): besides this module's
-    reads, the pipeline's per-job lookups of queued rows (``store.expiring``) use it, so it
-    is the one index on queued rows by job (issue 11 dropped the pipeline's own copy)."""
-    for statement in TABLES.strip().split(";"):
-        if statement.strip():
-            conn.execute(statement)
+def _v1_tables(conn: sqlite3.Connection) -> None:
+    """The aggregate tables and the queued index on the platform key; an older gateway's
+    row triggers dropped (they kept the counts exact up to here). An index made on an
+    older key (before deliveries had ``route``) is made again on today's, and the counts
+    recounted on it. Besides this module's reads, the pipeline's per-job lookups of queued
+    rows (``store.expiring``) use the index: it is the one index on queued rows by job."""
+    run_script(conn, TABLES)
     for name in OLD_TRIGGERS:
         conn.execute(f"DROP TRIGGER IF EXISTS {name}")
-    if has_table(conn, "deliveries"):
-        conn.execute(f"CREATE INDEX IF NOT EXISTS {QUEUED_INDEX} ON deliveries(job_id, {platform_key(conn)}) "
-                     "WHERE state = 'queued'")
-
-
-def migrate(conn: sqlite3.Connection) -> None:
-    """Create the tables and the queued index for the deliveries table as it is now, drop an
-    older gateway's triggers, and recount both aggregates when they cannot be trusted.
-
-    A recount happens when the platform key changed (a ``route`` column appeared: the index
-    is re-made on it) or :func:`stale` finds the counts off. Otherwise nothing is recounted:
-    the recount is a scan of every delivery kept (0.3 s for 100,000 rows on the development
-    machine) on the way to READY."""
-    prepare(conn)
-    key = platform_key(conn)
     conn.execute("DROP INDEX IF EXISTS deliveries_queued_by_job")  # this module's earlier name
     index = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?",
                          (QUEUED_INDEX,)).fetchone()
-    changed = index is not None and key not in index[0]
+    changed = index is not None and PLATFORM_KEY not in index[0]
     if changed:
         conn.execute(f"DROP INDEX {QUEUED_INDEX}")  # the columns changed: index the new key
-    conn.execute(f"CREATE INDEX IF NOT EXISTS {QUEUED_INDEX} ON deliveries(job_id, {key}) WHERE state = 'queued'")
-    if changed or stale(conn):
+    conn.execute(f"CREATE INDEX IF NOT EXISTS {QUEUED_INDEX} ON deliveries(job_id, {PLATFORM_KEY}) "
+                 "WHERE state = 'queued'")
+    if changed:
+        recount(conn)
+
+
+# This module's migrations, oldest first (gateway.migrations): never edit a released one.
+MIGRATIONS = (_v1_tables,)
+
+
+def check(conn: sqlite3.Connection) -> None:
+    """At every start (after the migrations): recount both aggregates when :func:`stale`
+    finds them off. Otherwise nothing is recounted: the recount is a scan of every
+    delivery kept (0.3 s for 100,000 rows on the development machine) on the way to READY."""
+    if stale(conn):
         recount(conn)
 
 
@@ -272,7 +265,7 @@ def oldest_queued(conn: sqlite3.Connection, now: float | None = None) -> dict[st
     platforms = [p for (p, s), n in delivery_counts(conn).items() if s == "queued" and n > 0]
     if not platforms:
         return {}
-    key = platform_key(conn)
+    key = PLATFORM_KEY
     out: dict[str, float] = {}
     for job_id, created_at in conn.execute("SELECT job_id, created_at FROM jobs WHERE queued > 0 ORDER BY created_at"):
         for platform in platforms:
@@ -320,33 +313,20 @@ def upstream_backlog(conn: sqlite3.Connection) -> dict[str, Any] | None:
 
 
 def alarms_firing(conn: sqlite3.Connection) -> list[dict[str, Any]] | None:
-    """Alarms in state ``firing`` when the alarms table exists (issue 10), else None."""
-    if not has_table(conn, "alarms"):
-        return None
-    try:
-        cols = {r[1] for r in conn.execute("PRAGMA table_info(alarms)")}
-        if "state" not in cols:
-            return None
-        # gateway.alarms.store names the key column ``akey``; shown as ``key`` (AlarmState).
-        names = [(c, "key" if c == "akey" else c) for c in ("rule", "akey", "key", "value", "since", "fired_at")
-                 if c in cols]
-        select = ", ".join(c for c, _ in names) or "state"
-        rows = conn.execute(f"SELECT {select} FROM alarms WHERE state = 'firing' ORDER BY rule").fetchall()
-        return [{label: v for (_, label), v in zip(names, r)} for r in rows]
-    except sqlite3.Error:
-        return None
+    """Alarms in state ``firing`` (rule, key, value, since, fired_at), or None on a database
+    without the alarm tables: read through the alarm package, which owns them."""
+    from gateway.alarms import store as alarms
+
+    return alarms.firing(conn)
 
 
 def alarms_by_state(conn: sqlite3.Connection) -> dict[str, int] | None:
     """Alarm records per state (pending, firing, acknowledged, ...), or None without alarms."""
-    if not has_table(conn, "alarms"):
-        return None
-    try:
-        return {r[0]: int(r[1]) for r in conn.execute("SELECT state, COUNT(*) FROM alarms GROUP BY state")}
-    except sqlite3.Error:
-        return None
+    from gateway.alarms import store as alarms
+
+    return alarms.by_state(conn)
 
 
-__all__ = ["LATENCY_BUCKETS_MS", "UNASSIGNED", "ack_latency", "alarms_by_state", "alarms_firing", "counters", "delivery_counts",
-           "device_count", "jobs_by_state", "migrate", "oldest_queued", "oldest_queued_overall", "prepare", "recount",
-           "snapshot", "apply_changes", "stale", "tracking", "upstream_backlog"]
+__all__ = ["LATENCY_BUCKETS_MS", "MIGRATIONS", "PLATFORM_KEY", "UNASSIGNED", "ack_latency", "alarms_by_state",
+           "alarms_firing", "check", "counters", "delivery_counts", "device_count", "jobs_by_state", "oldest_queued",
+           "oldest_queued_overall", "recount", "snapshot", "apply_changes", "stale", "tracking", "upstream_backlog"]

@@ -26,6 +26,7 @@ from gateway.alarms.engine import AlarmRow, Batch
 from gateway.alarms.jobs import build_job, job_id_for
 from gateway.pipeline import store as pipeline_store
 from gateway.pipeline.models import InputError
+from gateway.storage import run_script
 
 STATES = ("pending", "firing", "acknowledged", "cleared")
 MAX_NOTIFIED_DEVICES = 100_000
@@ -99,13 +100,22 @@ END
 """
 
 
-def migrate(conn: sqlite3.Connection) -> None:
-    """Create the alarm tables; the pipeline's tables (``acks``, ``deliveries``) must exist."""
-    # executescript() would COMMIT the caller's transaction; run statements one by one.
-    for statement in DDL.split(";\n"):
-        if statement.strip():
-            conn.execute(statement)
+def _v1_tables(conn: sqlite3.Connection) -> None:
+    """The alarm tables and the opened-ack trigger (the pipeline's ``acks`` and
+    ``deliveries`` exist: the registry migrates the pipeline first)."""
+    run_script(conn, DDL)
     conn.execute(TRIGGER)
+
+
+def _v2_state_index(conn: sqlite3.Connection) -> None:
+    """Alarms of a state in key order from the index alone (the page lists them by rule
+    and key, a page at a time): ``alarms_by_state`` gains the key columns."""
+    conn.execute("DROP INDEX IF EXISTS alarms_by_state")
+    conn.execute("CREATE INDEX alarms_by_state ON alarms(state, rule, akey)")
+
+
+# The alarm tables' migrations, oldest first (gateway.migrations): never edit a released one.
+MIGRATIONS = (_v1_tables, _v2_state_index)
 
 
 def has_tables(conn: sqlite3.Connection) -> bool:
@@ -252,6 +262,22 @@ def get_row(conn: sqlite3.Connection, rule: str, key: str) -> AlarmRow | None:
         return None
     r = conn.execute("SELECT * FROM alarms WHERE rule = ? AND akey = ?", (rule, key)).fetchone()
     return row_from_db(r) if r else None
+
+
+def firing(conn: sqlite3.Connection) -> list[dict[str, Any]] | None:
+    """Alarms firing now, by rule: ``rule``, ``key``, ``value`` (as stored), ``since`` and
+    ``fired_at`` (epoch s), for ``status``; None on a database without the alarm tables."""
+    if not has_tables(conn):
+        return None
+    return [{"rule": r[0], "key": r[1], "value": r[2], "since": r[3], "fired_at": r[4]} for r in conn.execute(
+        "SELECT rule, akey, value, since, fired_at FROM alarms WHERE state = 'firing' ORDER BY rule")]
+
+
+def by_state(conn: sqlite3.Connection) -> dict[str, int] | None:
+    """Alarm records per state, idle included (``/metrics``); None without the alarm tables."""
+    if not has_tables(conn):
+        return None
+    return {r[0]: int(r[1]) for r in conn.execute("SELECT state, COUNT(*) FROM alarms GROUP BY state")}
 
 
 def counts(conn: sqlite3.Connection) -> dict[str, int]:

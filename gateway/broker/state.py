@@ -28,13 +28,12 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
-from gateway.storage import Database, NotStored
+from gateway.storage import Database, NotStored, run_script
 
 log = structlog.get_logger(__name__)
 
@@ -59,12 +58,6 @@ CREATE TABLE IF NOT EXISTS broker_qos2_in (
 QUEUED = 0      # not sent yet
 SENT = 1        # PUBLISH sent, waiting for PUBACK / PUBREC
 RELEASED = 2    # QoS 2: PUBREC received, PUBREL sent, waiting for PUBCOMP
-
-
-def _statements() -> Iterator[str]:
-    for stmt in SCHEMA.split(";"):
-        if stmt.strip():
-            yield stmt
 
 
 @dataclass
@@ -106,11 +99,15 @@ class LoadedState:
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
-    for stmt in _statements():
-        conn.execute(stmt)
+    run_script(conn, SCHEMA)
     columns = {row[1] for row in conn.execute("PRAGMA table_info(broker_sessions)")}
     if "owner" not in columns:  # databases written before sessions had owners
         conn.execute("ALTER TABLE broker_sessions ADD COLUMN owner TEXT")
+
+
+# The broker's migrations, oldest first, run by the schema registry (gateway.migrations)
+# when the database is opened: never edit a released one.
+MIGRATIONS = (_migrate,)
 
 
 def _load(conn: sqlite3.Connection) -> LoadedState:
@@ -172,7 +169,7 @@ class StateStore:
         return len(self._pending) + len(self._retry)
 
     async def open(self) -> LoadedState:
-        await self._db.run(_migrate)
+        """The stored state (the tables exist: the database was opened with its migrations)."""
         return await self._db.run(_load)
 
     # ------------------------------------------------------------------ operations

@@ -816,7 +816,7 @@ def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, Ack | AckIn]], no
     a first ack of one of them records the send too, and takes it out of ``sends``."""
     rows: dict[str, list[Any]] = {}
     ids = list({ack.message_id for _, ack in acks})
-    key = stats.platform_key(conn)
+    key = stats.PLATFORM_KEY
     # The ids as one JSON array: the same statement text for every batch size, so it is
     # prepared once and found in the connection's statement cache (an IN list of n marks
     # is a new statement for every n a batch happens to have).

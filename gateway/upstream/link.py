@@ -180,7 +180,6 @@ class UpstreamLink:
 
     # ------------------------------------------------------------------ helpers
     def _prepare(self, conn: sqlite3.Connection) -> outbox.OutboxStats:
-        outbox.ensure_schema(conn)
         outbox.configure(conn, self.max_bytes, self.overflow)
         self.drain.stats = outbox.stats(conn, record=True)
         return self.drain.stats

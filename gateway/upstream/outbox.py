@@ -44,7 +44,7 @@ from typing import Literal
 
 import structlog
 
-from gateway.storage import NotStored
+from gateway.storage import NotStored, run_script
 
 log = structlog.get_logger(__name__)
 
@@ -180,8 +180,7 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
     Uses ``execute`` per statement (not ``executescript``, which would commit the
     caller's open transaction).
     """
-    for statement in _split_sql(_SCHEMA):
-        conn.execute(statement)
+    run_script(conn, _SCHEMA)
     have = {r[1] for r in conn.execute("PRAGMA table_info(upstream_outbox_state)")}
     for name, decl in _STATE_COLUMNS:
         if name not in have:
@@ -193,20 +192,9 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
                  (secrets.token_hex(4),))
 
 
-def _split_sql(script: str) -> list[str]:
-    """Split the schema on statement ends, keeping trigger bodies whole."""
-    statements: list[str] = []
-    current = ""
-    for line in script.splitlines():
-        stripped = line.split("--", 1)[0].rstrip()
-        if not stripped:
-            continue
-        current += stripped + "\n"
-        if stripped.endswith(";") and (not current.lstrip().upper().startswith("CREATE TRIGGER")
-                                       or stripped.strip().upper() == "END;"):
-            statements.append(current.strip())
-            current = ""
-    return statements
+# The outbox's migrations, oldest first, run by the schema registry (gateway.migrations)
+# when the database is opened: never edit a released one.
+MIGRATIONS = (ensure_schema,)
 
 
 def _state(conn: sqlite3.Connection, columns: str) -> sqlite3.Row | tuple[int, ...]:

@@ -18,7 +18,7 @@ import pytest
 from bridges.base import Bridge, Delivery, Outcome
 from devices.models import Device
 from gateway.config import DispatchSection
-from gateway.pipeline import schema, store
+from gateway.pipeline import store
 from gateway.pipeline.backoff import backoff_delay, retry_delay
 from gateway.pipeline.dispatcher import Dispatcher, Expander
 from gateway.pipeline.models import parse_job
@@ -98,7 +98,7 @@ class Harness:
 
 @pytest.fixture
 async def db(tmp_path: Path):
-    database = await Database(tmp_path / "gw.db").open([schema.migrate])
+    database = await Database(tmp_path / "gw.db").open()
     yield database
     await database.close()
 
@@ -358,7 +358,7 @@ async def test_targets_are_counted_when_the_job_is_accepted_and_an_empty_target_
 
 
 async def test_a_paused_bridge_does_not_make_the_dispatcher_poll(tmp_path: Path):
-    db = await CountingDatabase(tmp_path / "gw.db").open([schema.migrate])
+    db = await CountingDatabase(tmp_path / "gw.db").open()
     try:
         h = Harness(db, {"fcm": ScriptedBridge("fcm")})
         await h.add_devices([sim(f"f{i}", "fcm") for i in range(20)])

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway import stats
-from gateway.pipeline import schema, store
+from gateway.pipeline import store
 from gateway.pipeline.models import Ack
 from gateway.storage import Database
 
@@ -21,7 +21,7 @@ ERRORS = [None, "plain", "quote \" backslash \\ newline \n tab \t", "emoji 😀 
 
 
 async def test_ack_rows_and_first_ack_updates_keep_every_value_exactly(tmp_path: Path):
-    db = await Database(tmp_path / "gw.db").open([schema.migrate, stats.migrate])
+    db = await Database(tmp_path / "gw.db").open()
     try:
         h = Harness(db, {"simulation": ScriptedBridge("simulation")}, batch_size=50)
         await h.add_devices([sim(f"d.{i:03}:x-y") for i in range(30)])
@@ -80,7 +80,7 @@ async def test_a_send_and_its_ack_in_one_batch_count_latency_from_the_send(tmp_p
     """The merged write (result and first ack in one batch) stores the send's own time, and
     the latency runs from it to the device's ack: not from the batch's commit, which is
     later than the ack and would read 0 ms."""
-    db = await Database(tmp_path / "gw.db").open([schema.migrate, stats.migrate])
+    db = await Database(tmp_path / "gw.db").open()
     try:
         h = Harness(db, {"simulation": ScriptedBridge("simulation")}, batch_size=50)
         await h.add_devices([sim(f"d{i}") for i in range(4)])
