@@ -13,13 +13,11 @@ retention):
   bucket (``le`` in ms, -1 = above the last bound); only ever grows, like a Prometheus
   histogram, also when old deliveries are pruned.
 
-Every write to ``deliveries`` (gateway/pipeline/store.py is the only writer: expansion,
-results, acks, retention) moves the aggregates in its own transaction, once per batch:
-:func:`tracking` reads the rows a batch touches before and after its statements (``IN``
-lookups by primary key) and :func:`apply_changes` makes one upsert per (platform, state)
-whose count moved and per latency bucket that grew. Where the store already knows both
-sides (the rows it inserts as written; the acks, whose rows it has just read and whose
-updates are unconditional) it calls :func:`apply_changes` without the reads. Until issue 11
+Every write to ``deliveries`` goes through one class,
+``gateway.pipeline.deliveries.DeliveryWriter`` (a test's SQLite authorizer fails any
+other): it knows each row it changes before and after (it read the row once in the
+transaction, or wrote it), and makes one upsert per (platform, state) whose count moved
+and per latency bucket that grew (:func:`apply_counts`), once per batch. Until issue 11
 row-level triggers did this: two or three trigger statements per changed row (SQLite has no
 statement-level triggers), several times the cost of the row update itself
 (bench/README.md, "Pipeline").
@@ -29,7 +27,7 @@ drops those triggers where an older gateway made them; :func:`check`, at every s
 recounts both tables from the deliveries table where they cannot be trusted: the cheap
 check of :func:`stale` (the total, and the queued rows
 per platform, read from indexes) disagrees. That is what a writer that bypassed
-:func:`tracking` (a hand-made repair, an older tool) leaves behind when it inserted or
+the one writer (a hand-made repair, an older tool) leaves behind when it inserted or
 deleted rows or touched the queue; a bypass that only moves rows between final states or
 platforms is not seen by that check: ``DELETE FROM delivery_stats`` forces a full recount
 at the next start. Everything else here
@@ -39,12 +37,8 @@ is a read that costs a handful of rows whatever the fleet size.
 from __future__ import annotations
 
 import bisect
-import json
 import sqlite3
 import time
-from collections import Counter
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from gateway.storage import run_script
@@ -97,64 +91,13 @@ def bucket_of(latency_ms: float) -> float:
     return LATENCY_BUCKETS_MS[i] if i < len(LATENCY_BUCKETS_MS) else -1.0
 
 
-_Row = tuple[str, str, Any]  # platform key, state, latency_ms
-
-
-def snapshot(conn: sqlite3.Connection, ids: list[str]) -> dict[str, _Row]:
-    """message_id → (platform key, state, latency_ms) of those of ``ids`` that exist."""
-    key = PLATFORM_KEY
-    out: dict[str, _Row] = {}
-    # The ids as one JSON array: one statement text whatever their number, prepared once
-    # (an IN list of n marks is a new statement for every n).
-    for r in conn.execute(f"SELECT message_id, {key}, state, latency_ms FROM deliveries "
-                          "WHERE message_id IN (SELECT value FROM json_each(?))", (json.dumps(ids),)):
-        out[r[0]] = (r[1], r[2], r[3])
-    return out
-
-
-@contextmanager
-def tracking(conn: sqlite3.Connection, message_ids: Iterable[str], inserted: bool = False) -> Iterator[None]:
-    """Keep the aggregates exact across the deliveries writes made inside the block.
-
-    ``message_ids`` are every delivery the block may insert, change or delete (others are
-    not looked at). ``inserted=True`` says the ids are new (fresh primary keys), so there is
-    nothing to read before. Must run inside the writes' transaction: the aggregates commit
-    or roll back with the rows, so they stay exact after a crash (kill -9) too."""
-    ids = list(dict.fromkeys(message_ids))
-    if not ids:
-        yield
-        return
-    before = {} if inserted else snapshot(conn, ids)
-    yield
-    after = snapshot(conn, ids)
-    apply_changes(conn, before, after)
-
-
-def apply_changes(conn: sqlite3.Connection, before: dict[str, _Row], after: dict[str, _Row]) -> None:
-    """One upsert per (platform, state) whose count moved and per latency bucket that grew."""
-    counts: Counter[tuple[str, str]] = Counter()
-    latency: dict[tuple[str, float], list[float]] = {}
-    for mid, old in before.items():
-        new = after.get(mid)
-        if new is None or new[:2] != old[:2]:
-            counts[old[:2]] -= 1
-    for mid, new in after.items():
-        old = before.get(mid)
-        if old is None or new[:2] != old[:2]:
-            counts[new[:2]] += 1
-        if new[1] == "acknowledged" and (old is None or old[1] != "acknowledged") and new[2] is not None:
-            slot = latency.setdefault((new[0], bucket_of(float(new[2]))), [0, 0.0])
-            slot[0] += 1
-            slot[1] += float(new[2])
-    apply_counts(conn, counts, latency)
-
-
 def apply_counts(conn: sqlite3.Connection, counts: dict[tuple[str, str], int],
                  latency: dict[tuple[str, float], list[float]]) -> None:
     """Move the aggregates by what a batch changed: ``counts`` (platform key, state) → rows
-    gained (negative: lost), ``latency`` (platform key, bucket) → [acks, sum of ms]. For
-    writers that know the changes without a before/after pair (the store's hot paths:
-    expansion, acks); :func:`apply_changes` ends here too."""
+    gained (negative: lost), ``latency`` (platform key, bucket) → [acks, sum of ms]. Called
+    by the deliveries' one writer (gateway.pipeline.deliveries.DeliveryWriter) once per
+    batch, in the batch's transaction: the aggregates commit or roll back with the rows,
+    so they stay exact after a crash (kill -9) too."""
     moved = [(platform, state, n) for (platform, state), n in counts.items() if n]
     if moved:
         conn.executemany("INSERT INTO delivery_stats(platform, state, n) VALUES (?, ?, ?) "
@@ -329,4 +272,4 @@ def alarms_by_state(conn: sqlite3.Connection) -> dict[str, int] | None:
 
 __all__ = ["LATENCY_BUCKETS_MS", "MIGRATIONS", "PLATFORM_KEY", "UNASSIGNED", "ack_latency", "alarms_by_state",
            "alarms_firing", "check", "counters", "delivery_counts", "device_count", "jobs_by_state", "oldest_queued",
-           "oldest_queued_overall", "recount", "snapshot", "apply_changes", "stale", "tracking", "upstream_backlog"]
+           "oldest_queued_overall", "recount", "apply_counts", "stale", "upstream_backlog"]

@@ -87,6 +87,7 @@ class Dispatcher:
         self.db = db
         self.slots = {name: BridgeSlot(b, cfg.max_in_flight) for name, b in bridges.items()}
         self.recorder = recorder
+        self.channels = store.ChannelCache()  # devices' channel lists decoded once per distinct text
         self.rng = rng or random.Random()
         self.resend = set(resend)  # bridges with resend_unacked
         self.wake = asyncio.Event()
@@ -176,13 +177,14 @@ class Dispatcher:
                                      list[store.DueDelivery], list[store.DueDelivery], float | None]:
             fetched = {}
             for name, limit in wants.items():
-                rows = store.due_for_route(conn, name, now, limit, resends=name in resend, skip=skip)
+                rows = store.due_for_route(conn, name, now, limit, resends=name in resend, skip=skip,
+                                           channels=self.channels)
                 # With sends in flight, their completion wakes us anyway; else look ahead.
                 idle = len(rows) < limit and self.slots[name].in_flight == 0
                 fetched[name] = (rows, store.next_due_for_route(conn, name, now, resends=name in resend)
                                  if idle else None)
-            unrouted = store.unrouted_due(conn, now, routable, 200) if look_unrouted else []
-            expiring = store.expiring(conn, now, paused) if sweep else []
+            unrouted = store.unrouted_due(conn, now, routable, 200, self.channels) if look_unrouted else []
+            expiring = store.expiring(conn, now, paused, channels=self.channels) if sweep else []
             next_expiry = store.next_expiry(conn, now) if paused else None
             return fetched, unrouted, expiring, next_expiry
 
@@ -482,6 +484,7 @@ class Expander:
         self.batch_size = batch_size
         self.on_page = on_page
         self.platforms = platforms
+        self.channels = store.ChannelCache()  # the registry's channel lists decoded once per distinct text
         self.wake = asyncio.Event()
         self.failures = FailureEpisode(log, "expanding jobs")
 
@@ -507,7 +510,8 @@ class Expander:
             done = False
             while not done and not stopping.is_set():
                 done = await self.db.run(
-                    lambda conn, j=job_id: store.expand_page(conn, j, self.batch_size, time.time(), self.platforms))
+                    lambda conn, j=job_id: store.expand_page(conn, j, self.batch_size, time.time(), self.platforms,
+                                                             self.channels))
                 self.on_page()
         return bool(job_ids)
 

@@ -25,6 +25,8 @@ from gateway.pipeline.models import parse_job
 from gateway.pipeline.recorder import Recorder
 from gateway.storage import Database
 
+from .writer_guard import guard_deliveries
+
 
 class ScriptedBridge(Bridge):
     """Answers each delivery from a per-device script of outcomes (then accepts)."""
@@ -98,9 +100,13 @@ class Harness:
 
 @pytest.fixture
 async def db(tmp_path: Path):
+    """The real database, with the guard that refuses a write of deliveries outside its one
+    writer (tests/pipeline/writer_guard.py)."""
     database = await Database(tmp_path / "gw.db").open()
+    violations = await database.run(guard_deliveries)
     yield database
     await database.close()
+    assert violations == []
 
 
 def sim(device_id: str, *platforms: str, segment: str | None = None) -> dict:
