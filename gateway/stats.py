@@ -123,6 +123,14 @@ def stale(conn: sqlite3.Connection) -> bool:
     return sum(kept.values()) != total or kept_queued != queued
 
 
+def counted(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
+    """(platform, state) → deliveries, counted from the deliveries table (a scan): for a
+    database whose aggregates do not exist yet (made before them, not opened since). The
+    platform is the channel of the last attempt, the one column every version had."""
+    return {(r[0], r[1]): r[2] for r in conn.execute(
+        "SELECT COALESCE(platform, ''), state, COUNT(*) FROM deliveries GROUP BY 1, 2")}
+
+
 def recount(conn: sqlite3.Connection) -> None:
     """Rebuild both aggregates from the deliveries table (a scan of every delivery kept)."""
     key = PLATFORM_KEY

@@ -24,6 +24,9 @@ from typing import Any
 
 from gateway.alarms.engine import AlarmRow, Batch
 from gateway.alarms.jobs import build_job, job_id_for
+from gateway.pipeline import deliveries as pipeline_deliveries
+from gateway.pipeline import jobs as pipeline_jobs
+from gateway.pipeline import registry as pipeline_registry
 from gateway.pipeline import store as pipeline_store
 from gateway.pipeline.models import InputError
 from gateway.storage import run_script
@@ -171,8 +174,7 @@ def _notified_target(conn: sqlite3.Connection, job_ids: list[str]) -> dict[str, 
     """Everyone an episode's jobs reached or are about to reach, as one job target."""
     if not job_ids:
         return None
-    marks = ",".join("?" * len(job_ids))
-    rows = conn.execute(f"SELECT job_id, target, expanded FROM jobs WHERE job_id IN ({marks})", job_ids).fetchall()
+    rows = list(pipeline_jobs.job_rows(conn, job_ids).values())
     targets = [json.loads(r["target"]) for r in rows]
     if not targets:
         return None
@@ -184,12 +186,11 @@ def _notified_target(conn: sqlite3.Connection, job_ids: list[str]) -> dict[str, 
     devices: set[str] = set()
     for r, target in zip(rows, targets):
         if r["expanded"]:
-            devices.update(d[0] for d in conn.execute("SELECT device_id FROM deliveries WHERE job_id = ?", (r["job_id"],)))
+            devices.update(pipeline_deliveries.devices_of_job(conn, r["job_id"]))
         elif "devices" in target:
             devices.update(target["devices"])
         elif "segment" in target:
-            devices.update(d[0] for d in conn.execute("SELECT device_id FROM devices WHERE segment = ?",
-                                                      (target["segment"],)))
+            devices.update(pipeline_registry.in_segment(conn, target["segment"]))
     if not devices:
         return None
     return {"devices": sorted(devices)[:MAX_NOTIFIED_DEVICES]}

@@ -479,6 +479,17 @@ def expiring(conn: sqlite3.Connection, now: float, paused: Iterable[str], limit:
     return out
 
 
+def device_of(conn: sqlite3.Connection, message_id: str) -> str | None:
+    """The device a delivery is for (None: no such delivery, or pruned)."""
+    row = conn.execute("SELECT device_id FROM deliveries WHERE message_id = ?", (message_id,)).fetchone()
+    return row[0] if row else None
+
+
+def devices_of_job(conn: sqlite3.Connection, job_id: str) -> list[str]:
+    """The devices a job's deliveries are for."""
+    return [r[0] for r in conn.execute("SELECT device_id FROM deliveries WHERE job_id = ?", (job_id,))]
+
+
 def of_job(conn: sqlite3.Connection, job_id: str, limit: int) -> list[str]:
     """Up to ``limit`` message_ids of a job's deliveries (retention deletes them in pages)."""
     return [r[0] for r in conn.execute("SELECT message_id FROM deliveries WHERE job_id = ? LIMIT ?", (job_id, limit))]
@@ -504,5 +515,5 @@ def _chunks(items: list[Any], n: int = 500) -> Iterator[list[Any]]:
 
 
 __all__ = ["DeliveryWriter", "DueDelivery", "FINAL_DELIVERY_STATES", "FirstAck", "Result", "delivery_rows",
-           "due_deliveries", "due_for_route", "expand_page", "expiring", "new_message_id", "new_message_ids",
+           "device_of", "devices_of_job", "due_deliveries", "due_for_route", "expand_page", "expiring", "new_message_id", "new_message_ids",
            "next_due_at", "next_due_for_route", "of_job", "unrouted_due"]

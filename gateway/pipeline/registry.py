@@ -98,6 +98,17 @@ def mark_invalid(conn: sqlite3.Connection, device_id: str, key: str, reason: str
     conn.execute("UPDATE devices SET invalid = ? WHERE device_id = ?", (json.dumps(marks), device_id))
 
 
+def devices_after(conn: sqlite3.Connection, after: str, limit: int) -> list[dict[str, Any]]:
+    """One page of the registry by device_id (:func:`device_json` each), after ``after``."""
+    rows = conn.execute("SELECT * FROM devices WHERE device_id > ? ORDER BY device_id LIMIT ?", (after, limit))
+    return [device_json(r) for r in rows]
+
+
+def in_segment(conn: sqlite3.Connection, segment: str) -> list[str]:
+    """device_ids of a segment (index devices_by_segment)."""
+    return [r[0] for r in conn.execute("SELECT device_id FROM devices WHERE segment = ?", (segment,))]
+
+
 def count_targets(conn: sqlite3.Connection, target: dict[str, Any]) -> int:
     """How many deliveries a job will have, known when it is accepted (the registry may
     still change while it is expanded; expansion corrects the count at its end)."""
@@ -129,5 +140,5 @@ def page_after(conn: sqlite3.Connection, cursor: str, limit: int, segment: str |
     return [(r[0], r[1], r[2]) for r in rows]
 
 
-__all__ = ["channel_key", "channels_of", "count_targets", "device_json", "get_device", "iter_devices", "mark_invalid",
+__all__ = ["channel_key", "channels_of", "count_targets", "device_json", "devices_after", "in_segment", "get_device", "iter_devices", "mark_invalid",
            "page_after", "remove_device", "upsert_device", "upsert_devices"]
