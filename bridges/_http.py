@@ -9,7 +9,7 @@ bridge turns the same network failure into the same :class:`~bridges.base.Outcom
 Two clients: httpx (Web Push and WNS, whose endpoints come from devices and so go through
 the SSRF-guarded transports of :mod:`bridges.ssrf`) and :class:`PushClient` (APNs and FCM,
 fixed configured hosts): libcurl with nghttp2 through ``curl_cffi``, which needs about a
-quarter of httpx's CPU per HTTP/2 request (``bench/README.md``, "Push bridges").
+quarter of httpx's CPU per HTTP/2 request.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ class Delivery:
 
     Not frozen, though bridges only read it: one is made per send, and a frozen dataclass
     sets each of its 10 fields through ``object.__setattr__`` (several times the cost of a
-    plain one; bench/README.md, "Pipeline"). Nothing hashes a Delivery or keeps one past
+    plain one). Nothing hashes a Delivery or keeps one past
     its send."""
 
     message_id: str  # lowercase UUID; APNs apns-id

@@ -12,7 +12,7 @@ A 403 means "authenticated, but not for this channel URI": the channel was creat
 another app than the one our credentials belong to. That is either this one channel's
 fault (a device registered a URI of another app) or ours for every channel (the operator
 configured the wrong package). :meth:`WnsBridgeImpl.forbidden` tells them apart from what
-the bridge has seen, see the README's "WNS 403" rule.
+the bridge has seen (docs/push-platforms.md, "WNS 403").
 
 What is sent: a toast built from title/body (XML escaped by ElementTree, never by string
 concatenation) whose ``launch`` argument carries ``message_id``/``job_id``; a raw
@@ -232,7 +232,7 @@ class WnsBridgeImpl(Bridge):
             self._forbidden_unproven.clear()
 
     def forbidden(self, r: httpx.Response, channel_uri: str, fresh_token: bool) -> tuple[Outcome, bool]:
-        """Decide a 403 (the README's "WNS 403" rule); returns (outcome, re-authenticate).
+        """Decide a 403 (docs/push-platforms.md, "WNS 403"); returns (outcome, re-authenticate).
 
         1. WNS accepted one of our tokens before (for any channel): our credentials are good
            for our app, so this channel belongs to another app → invalid address (the device

@@ -412,7 +412,7 @@ def jobs_show(job_id: Annotated[str, typer.Argument(metavar="ID")],
                 typer.echo(f"  {r['device_id']}  {' '.join(extra)}{reason}")
 
 
-# ---------------------------------------------------------------------- alarms (issue 10)
+# ---------------------------------------------------------------------- alarms
 alarms_app = typer.Typer(no_args_is_help=True, help="Sensor alarms ([[rules]]) and their states.")
 app.add_typer(alarms_app, name="alarms")
 

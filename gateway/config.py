@@ -70,9 +70,12 @@ def split_host_port(value: str) -> tuple[str, int]:
 
 
 class GatewaySection(_Section):
-    site_id: str = "site-001"
-    topic_prefix: str = "homepot"
-    data_dir: Path = Path("./var")
+    site_id: str = Field(default="site-001",
+        description="The site's id, `[A-Za-z0-9_-]{1,64}`; part of every topic (P = `<topic_prefix>/<site_id>`).")
+    topic_prefix: str = Field(default="homepot",
+        description="First level of every topic the gateway uses: a non-empty topic without wildcards, `$` or a leading/trailing `/`.")
+    data_dir: Path = Field(default=Path("./var"),
+        description="SQLite database, broker state, keys, the daemon lock and `runtime.json`. Relative to the working directory.")
 
     @field_validator("site_id")
     @classmethod
@@ -90,15 +93,22 @@ class GatewaySection(_Section):
 
 
 class ListenerSection(_Section):
-    name: str
-    type: Literal["tcp", "tls", "ws", "wss"] = "tcp"
-    bind: Annotated[str, Field(description="HOST:PORT")] = "127.0.0.1:1883"
-    allow_anonymous: bool = False
-    anonymous_role: str = "anonymous"
-    certfile: Path | None = None
-    keyfile: Path | None = None
-    cafile: Path | None = None
-    require_client_cert: bool = False
+    name: str = Field(description="The listener's name, unique; errors name it (`broker.listeners[lan].bind`).")
+    type: Literal["tcp", "tls", "ws", "wss"] = Field(default="tcp",
+        description="`tcp`, `tls`, `ws` or `wss`; TLS is 1.2 or newer.")
+    bind: str = Field(default="127.0.0.1:1883", description="`HOST:PORT` to listen on.")
+    allow_anonymous: bool = Field(default=False,
+        description="Let clients in without credentials, with the role `anonymous_role`.")
+    anonymous_role: str = Field(default="anonymous",
+        description="The role of anonymous clients on this listener.")
+    certfile: Path | None = Field(default=None,
+        description="Server certificate (PEM); required for `tls`/`wss`.")
+    keyfile: Path | None = Field(default=None,
+        description="Server private key (PEM); required for `tls`/`wss`.")
+    cafile: Path | None = Field(default=None,
+        description="CA that signs client certificates; required with `require_client_cert`.")
+    require_client_cert: bool = Field(default=False,
+        description="Refuse TLS clients without a certificate signed by `cafile`.")
 
     @field_validator("bind")
     @classmethod
@@ -120,13 +130,17 @@ class ListenerSection(_Section):
 
 
 class AuthSection(_Section):
-    password_file: Path = Path("./var/passwd")
+    password_file: Path = Field(default=Path("./var/passwd"),
+        description="Broker accounts, `NAME:HASH:ROLE` with argon2id hashes; written by `users add`, re-read when it changes and on SIGHUP. Keep it in the data dir.")
 
 
 class AclRule(_Section):
-    publish: list[str] = Field(default_factory=list)
-    subscribe: list[str] = Field(default_factory=list)
-    deny: list[str] = Field(default_factory=list)
+    publish: list[str] = Field(default_factory=list,
+        description="Topic filters this role may publish to; `{prefix}` and `{username}` are substituted.")
+    subscribe: list[str] = Field(default_factory=list,
+        description="Topic filters this role may subscribe to; `{prefix}` and `{username}` are substituted.")
+    deny: list[str] = Field(default_factory=list,
+        description="Filters this role may neither publish, subscribe to, nor receive.")
 
 
 def default_acl() -> dict[str, AclRule]:
@@ -154,13 +168,15 @@ def default_acl() -> dict[str, AclRule]:
 class _MqttLinkSection(_Section):
     """A connection the gateway makes as an MQTT client (its broker, the cloud's)."""
 
-    url: str = "mqtt://127.0.0.1:1883"
-    username: str = ""
-    password_file: Path | None = None
+    url: str = Field(default="mqtt://127.0.0.1:1883",
+        description="The broker to connect to: `mqtt://HOST[:PORT]`, `mqtts://`, `ws://` or `wss://`.")
+    username: str = Field(default="", description="The gateway's own username on that broker.")
+    password_file: Path | None = Field(default=None,
+        description="File holding the gateway's password on that broker; read once at start, never logged.")
     password: SecretStr | None = Field(default=None, exclude=True)  # read from password_file
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    ca_file: Path | None = Field(default=None, description="Extra CA to trust for `mqtts://`/`wss://`.")
+    cert_file: Path | None = Field(default=None, description="Client certificate for mutual TLS.")
+    key_file: Path | None = Field(default=None, description="Client private key for mutual TLS.")
 
     @field_validator("url")
     @classmethod
@@ -169,11 +185,16 @@ class _MqttLinkSection(_Section):
 
 
 class BrokerSection(_MqttLinkSection):
-    mode: Literal["embedded", "external"] = "embedded"
-    max_queued_messages: int = Field(default=1000, ge=1)
-    listeners: list[ListenerSection] = Field(default_factory=list)
-    auth: AuthSection = Field(default_factory=AuthSection)
-    acl: dict[str, AclRule] = Field(default_factory=dict)
+    mode: Literal["embedded", "external"] = Field(default="embedded",
+        description="`embedded` runs the MQTT broker inside the gateway; `external` uses an existing broker at `url` and embeds none.")
+    max_queued_messages: int = Field(default=1000, ge=1,
+        description="Messages kept per offline persistent session; the oldest are dropped and counted.")
+    listeners: list[ListenerSection] = Field(default_factory=list,
+        description="Embedded mode: the broker's listeners (`[[broker.listeners]]`, keys below); at least one.")
+    auth: AuthSection = Field(default_factory=AuthSection,
+        description="Embedded mode: where the broker's accounts are (`[broker.auth]`).")
+    acl: dict[str, AclRule] = Field(default_factory=dict,
+        description="Per-role ACLs (`[broker.acl.<role>]`, keys below); a role given here replaces that role's defaults; new roles may be added.")
 
     @model_validator(mode="after")
     def _listeners(self) -> "BrokerSection":
@@ -219,15 +240,16 @@ class MqttUrl:
 
 
 class UpstreamSection(_MqttLinkSection):
-    url: str
-    client_id: str = ""
-    buffer_max_mb: float = Field(default=256, gt=0)
-    # At the cap: coalesce then drop the oldest (counted), or refuse new device acks.
-    overflow: Literal["drop-oldest", "refuse-new"] = "drop-oldest"
-    # A password over mqtt:// or ws:// travels in clear: refused unless this is true.
-    allow_plaintext: bool = False
-    # Publishes awaiting the cloud's PUBACK at once (the drain's window).
-    max_inflight: int = Field(default=1000, ge=1, le=10000)
+    url: str = Field(description="The cloud controller's broker, e.g. `mqtts://cloud.example.com:8883`.")
+    client_id: str = Field(default="", description="Client id on the cloud broker (persistent session).")
+    buffer_max_mb: float = Field(default=256, gt=0,
+        description="Store-and-forward cap on disk for what is owed to the cloud, in MB.")
+    overflow: Literal["drop-oldest", "refuse-new"] = Field(default="drop-oldest",
+        description="At the cap: `drop-oldest` coalesces, then drops the oldest (counted); `refuse-new` leaves device acks un-PUBACKed until there is room.")
+    allow_plaintext: bool = Field(default=False,
+        description="Allow a password over `mqtt://` or `ws://`, where it travels in clear.")
+    max_inflight: int = Field(default=1000, ge=1, le=10000,
+        description="Publishes awaiting the cloud's PUBACK at once (the drain's window).")
 
     def plaintext_problems(self) -> list[tuple[str, str]]:
         """``mqtt://``/``ws://`` with secrets or TLS files: (key, message) for each.
@@ -253,13 +275,16 @@ class UpstreamSection(_MqttLinkSection):
 
 
 class DispatchSection(_Section):
-    batch_size: int = Field(default=50, ge=1, le=10000)
-    max_in_flight: int = Field(default=200, ge=1, le=100000)
-    max_attempts: int = Field(default=10, ge=1)
-    backoff_initial_s: float = Field(default=1.0, gt=0)
-    backoff_max_s: float = Field(default=300.0, gt=0)
-    # A sent, unacked delivery on a bridge with resend_unacked is sent again after this; 0 = never.
-    ack_timeout_s: float = Field(default=60.0, ge=0)
+    batch_size: int = Field(default=50, ge=1, le=10000,
+        description="Devices read per transaction when expanding a job.")
+    max_in_flight: int = Field(default=200, ge=1, le=100000, description="Concurrent sends per bridge.")
+    max_attempts: int = Field(default=10, ge=1, description="Attempts (sends and resends) per delivery.")
+    backoff_initial_s: float = Field(default=1.0, gt=0,
+        description="First retry backoff in seconds (full jitter, doubling).")
+    backoff_max_s: float = Field(default=300.0, gt=0,
+        description="Largest retry backoff in seconds; also the longest pause of an unhealthy bridge.")
+    ack_timeout_s: float = Field(default=60.0, ge=0,
+        description="A sent, unacked delivery of a bridge with `resend_unacked` is sent again (same message_id) after this; `0` = never.")
 
     @model_validator(mode="after")
     def _backoff(self) -> "DispatchSection":
@@ -269,70 +294,95 @@ class DispatchSection(_Section):
 
 
 class SimulationBridge(_Section):
-    enabled: bool = True
-    resend_unacked: bool = False
-    latency_ms: float = Field(default=20, ge=0)
-    ack: bool = True
-    # Fault injection, as fractions of deliveries (0..1); see README "Simulation".
-    fail_rate: float = Field(default=0.0, ge=0, le=1)
-    invalid_rate: float = Field(default=0.0, ge=0, le=1)
-    throttle_rate: float = Field(default=0.0, ge=0, le=1)
-    retry_after_s: float = Field(default=1.0, ge=0)
-    transient_attempts: int = Field(default=0, ge=0)  # the first N attempts of every delivery get a 503
-    seed: int | None = None
+    enabled: bool = Field(default=True,
+        description="In-process fake device fleet, for demos, tests and benchmarks.")
+    resend_unacked: bool = Field(default=False,
+        description="Resend sent, unacked deliveries after `dispatch.ack_timeout_s`.")
+    latency_ms: float = Field(default=20, ge=0, description="Time each simulated send takes.")
+    ack: bool = Field(default=True, description="Simulated devices ack what they receive.")
+    fail_rate: float = Field(default=0.0, ge=0, le=1,
+        description="Fraction of deliveries (0..1) answered with a 503 (fault injection).")
+    invalid_rate: float = Field(default=0.0, ge=0, le=1,
+        description="Fraction of deliveries (0..1) reported as an invalid address.")
+    throttle_rate: float = Field(default=0.0, ge=0, le=1,
+        description="Fraction of deliveries (0..1) answered with a 429 and `retry_after_s`.")
+    retry_after_s: float = Field(default=1.0, ge=0,
+        description="The Retry-After of injected 429s and transient 503s.")
+    transient_attempts: int = Field(default=0, ge=0,
+        description="The first N attempts of every delivery get a 503 with `retry_after_s`.")
+    seed: int | None = Field(default=None,
+        description="Seed of the fault-injection random generator; unset = random.")
 
 
 class MqttBridge(_Section):
-    enabled: bool = True
-    resend_unacked: bool = True  # an MQTT publish to a device without a session is lost silently
-    qos: Literal[0, 1, 2] = 1
+    enabled: bool = Field(default=True, description="Deliver to devices over MQTT (`P/devices/<id>/notify`).")
+    resend_unacked: bool = Field(default=True,
+        description="Resend sent, unacked deliveries after `dispatch.ack_timeout_s`: a publish to a device without a session is lost silently.")
+    qos: Literal[0, 1, 2] = Field(default=1,
+        description="QoS of notify publishes unless the job's `options.mqtt.qos` says otherwise.")
 
 
 class FcmBridge(_Section):
-    enabled: bool = False
-    resend_unacked: bool = False
-    service_account_file: Path | None = None
-    project_id: str = ""
-    endpoint: str = "https://fcm.googleapis.com"
-    ca_file: Path | None = None
+    enabled: bool = Field(default=False, description="Deliver through Firebase Cloud Messaging.")
+    resend_unacked: bool = Field(default=False,
+        description="Resend sent, unacked deliveries after `dispatch.ack_timeout_s`.")
+    service_account_file: Path | None = Field(default=None,
+        description="The service account JSON; required when enabled.")
+    project_id: str = Field(default="", description="FCM project; read from the service account unless set.")
+    endpoint: str = Field(default="https://fcm.googleapis.com",
+        description="FCM API base URL (private deployments, tests).")
+    ca_file: Path | None = Field(default=None, description="Extra CA to trust, besides the system's.")
     service_account_info: dict[str, Any] | None = Field(default=None, exclude=True, repr=False)
 
 
 class ApnsBridge(_Section):
-    enabled: bool = False
-    resend_unacked: bool = False
-    team_id: str = ""
-    key_id: str = ""
-    key_file: Path | None = None
-    cert_file: Path | None = None
-    cert_key_file: Path | None = None
-    topic: str = ""
-    environment: Literal["production", "sandbox"] = "production"
-    endpoint: str = ""
-    ca_file: Path | None = None
+    enabled: bool = Field(default=False, description="Deliver through Apple Push Notification service.")
+    resend_unacked: bool = Field(default=False,
+        description="Resend sent, unacked deliveries after `dispatch.ack_timeout_s`.")
+    team_id: str = Field(default="", description="Apple team id (token auth).")
+    key_id: str = Field(default="", description="Key id of the `.p8` key (token auth).")
+    key_file: Path | None = Field(default=None,
+        description="The `.p8` signing key (token auth); or use `cert_file`.")
+    cert_file: Path | None = Field(default=None,
+        description="Client certificate (certificate auth) instead of a token.")
+    cert_key_file: Path | None = Field(default=None, description="Private key of `cert_file`, if not in it.")
+    topic: str = Field(default="", description="The app's bundle id; required when enabled.")
+    environment: Literal["production", "sandbox"] = Field(default="production",
+        description="`production` or `sandbox`: which APNs host.")
+    endpoint: str = Field(default="", description="Overrides the environment's host.")
+    ca_file: Path | None = Field(default=None, description="Extra CA to trust, besides the system's.")
     signing_key: SecretStr | None = Field(default=None, exclude=True)
 
 
 class WnsBridge(_Section):
-    enabled: bool = False
-    resend_unacked: bool = False
-    client_id: str = ""
-    client_secret_file: Path | None = None
+    enabled: bool = Field(default=False, description="Deliver through Windows Push Notification Services.")
+    resend_unacked: bool = Field(default=False,
+        description="Resend sent, unacked deliveries after `dispatch.ack_timeout_s`.")
+    client_id: str = Field(default="",
+        description="The app's client id (package SID); required when enabled.")
+    client_secret_file: Path | None = Field(default=None,
+        description="File holding the client secret; required when enabled.")
     client_secret: SecretStr | None = Field(default=None, exclude=True)
-    auth: Literal["live", "entra"] = "live"
-    tenant_id: str = ""
-    token_url: str = ""
-    allowed_hosts: list[str] = Field(default_factory=lambda: ["notify.windows.com"])
-    ca_file: Path | None = None
+    auth: Literal["live", "entra"] = Field(default="live",
+        description="`live` (login.live.com) or `entra` (Microsoft Entra ID; needs `tenant_id`).")
+    tenant_id: str = Field(default="", description="Entra tenant, for `auth = \"entra\"`.")
+    token_url: str = Field(default="", description="Overrides the token endpoint of `auth`.")
+    allowed_hosts: list[str] = Field(default_factory=lambda: ["notify.windows.com"],
+        description="A channel URI's host must equal or be a subdomain of one of these.")
+    ca_file: Path | None = Field(default=None, description="Extra CA to trust, besides the system's.")
 
 
 class WebpushBridge(_Section):
-    enabled: bool = False
-    resend_unacked: bool = False
-    vapid_private_key_file: Path = Path("./var/vapid_private.pem")
-    subject: str = "mailto:ops@example.com"
-    allow_private_endpoints: bool = False
-    ca_file: Path | None = None
+    enabled: bool = Field(default=False, description="Deliver through Web Push (VAPID).")
+    resend_unacked: bool = Field(default=False,
+        description="Resend sent, unacked deliveries after `dispatch.ack_timeout_s`.")
+    vapid_private_key_file: Path = Field(default=Path("./var/vapid_private.pem"),
+        description="The VAPID key pair's private key (PEM); created by `vapid-keys` or at start if missing.")
+    subject: str = Field(default="mailto:ops@example.com",
+        description="VAPID `sub`: a `mailto:` or `https:` contact.")
+    allow_private_endpoints: bool = Field(default=False,
+        description="Allow push endpoints on loopback or private addresses.")
+    ca_file: Path | None = Field(default=None, description="Extra CA to trust, besides the system's.")
 
     @field_validator("subject")
     @classmethod
@@ -343,20 +393,24 @@ class WebpushBridge(_Section):
 
 
 class BridgesSection(_Section):
-    simulation: SimulationBridge = Field(default_factory=SimulationBridge)
-    mqtt: MqttBridge = Field(default_factory=MqttBridge)
-    fcm: FcmBridge = Field(default_factory=FcmBridge)
-    apns: ApnsBridge = Field(default_factory=ApnsBridge)
-    wns: WnsBridge = Field(default_factory=WnsBridge)
-    webpush: WebpushBridge = Field(default_factory=WebpushBridge)
+    simulation: SimulationBridge = Field(default_factory=SimulationBridge,
+        description="`[bridges.simulation]`.")
+    mqtt: MqttBridge = Field(default_factory=MqttBridge, description="`[bridges.mqtt]`.")
+    fcm: FcmBridge = Field(default_factory=FcmBridge, description="`[bridges.fcm]`.")
+    apns: ApnsBridge = Field(default_factory=ApnsBridge, description="`[bridges.apns]`.")
+    wns: WnsBridge = Field(default_factory=WnsBridge, description="`[bridges.wns]`.")
+    webpush: WebpushBridge = Field(default_factory=WebpushBridge, description="`[bridges.webpush]`.")
 
 
 class HttpSection(_Section):
-    bind: str = "127.0.0.1:8080"
-    public_url: str = ""  # how devices reach the API; "" = http(s)://<bind>
-    ack_secret_file: Path | None = None  # HMAC key of signed ack URLs; None = <data_dir>/ack_secret
-    certfile: Path | None = None  # HTTPS when certfile and keyfile are set
-    keyfile: Path | None = None
+    bind: str = Field(default="127.0.0.1:8080", description="`HOST:PORT` the HTTP API listens on.")
+    public_url: str = Field(default="",
+        description="How devices reach the API; ack URLs start with it. Empty = `http(s)://<bind>`.")
+    ack_secret_file: Path | None = Field(default=None,
+        description="HMAC key of signed ack URLs; unset = `<data_dir>/ack_secret`, created 0600.")
+    certfile: Path | None = Field(default=None,
+        description="HTTPS (TLS 1.2+) certificate; together with `keyfile`.")
+    keyfile: Path | None = Field(default=None, description="HTTPS private key; together with `certfile`.")
 
     @field_validator("bind")
     @classmethod
@@ -388,14 +442,15 @@ class HttpSection(_Section):
 
 
 class StorageSection(_Section):
-    # Finished jobs, their deliveries and acks are pruned after this many days (fractions
-    # allowed) and their retained status topics cleared. Alarms use it too.
-    retention_days: float = Field(default=30.0, gt=0)
+    retention_days: float = Field(default=30.0, gt=0,
+        description="Finished jobs, their deliveries and acks are pruned after this many days (fractions allowed) and their retained status topics cleared. Alarms use it too.")
 
 
 class LoggingSection(_Section):
-    level: Literal["debug", "info", "warning", "error", "critical"] = "info"
-    format: Literal["json", "console"] = "json"
+    level: Literal["debug", "info", "warning", "error", "critical"] = Field(default="info",
+        description="`debug`, `info`, `warning`, `error` or `critical`; applied at once on SIGHUP.")
+    format: Literal["json", "console"] = Field(default="json",
+        description="`json` lines (for the journal) or readable `console`.")
 
     @field_validator("level", mode="before")
     @classmethod
@@ -404,15 +459,17 @@ class LoggingSection(_Section):
 
 
 class Config(_Section):
-    gateway: GatewaySection = Field(default_factory=GatewaySection)
-    broker: BrokerSection = Field(default_factory=BrokerSection)
-    upstream: UpstreamSection | None = None
-    dispatch: DispatchSection = Field(default_factory=DispatchSection)
-    bridges: BridgesSection = Field(default_factory=BridgesSection)
-    http: HttpSection | None = None
-    storage: StorageSection = Field(default_factory=StorageSection)
-    logging: LoggingSection = Field(default_factory=LoggingSection)
-    rules: list[RuleSection] = Field(default_factory=list)  # sensor alarms (gateway.alarms)
+    gateway: GatewaySection = Field(default_factory=GatewaySection, description="`[gateway]`.")
+    broker: BrokerSection = Field(default_factory=BrokerSection, description="`[broker]`.")
+    upstream: UpstreamSection | None = Field(default=None,
+        description="`[upstream]`: the cloud controller's broker; absent = no cloud link.")
+    dispatch: DispatchSection = Field(default_factory=DispatchSection, description="`[dispatch]`.")
+    bridges: BridgesSection = Field(default_factory=BridgesSection, description="`[bridges.*]`.")
+    http: HttpSection | None = Field(default=None, description="`[http]`: the HTTP API; absent = off.")
+    storage: StorageSection = Field(default_factory=StorageSection, description="`[storage]`.")
+    logging: LoggingSection = Field(default_factory=LoggingSection, description="`[logging]`.")
+    rules: list[RuleSection] = Field(default_factory=list,
+        description="`[[rules]]`: sensor alarms, any number.")
 
     # Where the file was read from; relative paths in it are relative to the cwd,
     # like Mosquitto's, so `make run` from the repo works as documented.

@@ -1,4 +1,4 @@
-"""The cyclic garbage collector's settings for the running daemon (issue 11).
+"""The cyclic garbage collector's settings for the running daemon.
 
 CPython frees an object by reference counting as soon as nothing refers to it; the
 cyclic collector exists only for reference cycles. By default it runs a young
@@ -11,7 +11,7 @@ the gateway's session, so they are promoted, and every full collection walked th
 heap again: everything imported and built at startup plus the backlog. Measured with a
 ``gc.callbacks`` probe on the registration bench (20,000 devices), collections took
 well over a second of a run of about four seconds of daemon CPU, in pauses of
-70-400 ms that stopped the event loop (bench/README.md, "Registration").
+70-400 ms that stopped the event loop.
 
 Two settings, applied by :func:`tune` and :func:`freeze`:
 

@@ -236,7 +236,7 @@ class DatabaseCollector:
         dev.add_metric([], float(devices))
         yield dev
         if alarms is not None:
-            firing = GaugeMetricFamily(f"{NS}_alarms_firing", "alarms firing now (sensor rules, issue 10)")
+            firing = GaugeMetricFamily(f"{NS}_alarms_firing", "alarms firing now (sensor rules)")
             firing.add_metric([], float(alarms.get("firing", 0)))
             yield firing
             by_state = GaugeMetricFamily(f"{NS}_alarms", "alarm records by state", labels=["state"])

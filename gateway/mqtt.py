@@ -289,7 +289,7 @@ class GatewayClient:
                 if queued.qsize() and not disconnected.done():
                     # Already received: take it without the iterator's task and the waits
                     # (two tasks and two asyncio.wait per message, several per cent of the
-                    # loop's time in a registration burst; bench/README.md "Registration").
+                    # loop's time in a registration burst).
                     message = queued.get_nowait()
                 else:
                     nxt = asyncio.ensure_future(anext(messages))
@@ -434,8 +434,8 @@ def _read_in_chunks(client: aiomqtt.Client) -> None:
     remaining-length byte, the body), and aiomqtt's reader callback has it decode one packet
     per pass of the event loop (``loop_read``'s packet budget is 1 for a client that
     publishes nothing), so a stream of QoS 1 messages from the broker cost three system calls
-    and a loop pass each (bench/README.md, "Registration": the largest share of the
-    gateway client's CPU). Here paho's reads are served from one ``recv()`` of up to
+    and a loop pass each (the largest share of the gateway client's CPU in a
+    registration burst). Here paho's reads are served from one ``recv()`` of up to
     ``RECV_BYTES``, and the socket's reader callback lets paho decode every packet already
     read before it returns to the loop. paho still decodes and dispatches every packet
     exactly as before; only where its bytes come from changes."""
@@ -498,7 +498,7 @@ def _read_in_chunks(client: aiomqtt.Client) -> None:
 class _RouteIndex:
     """The first route (in the order they were added) whose filter matches a topic, from
     one walk of :class:`gateway.topics.FilterTree` instead of a match per route (the alarm
-    engine adds a route per distinct rule filter; bench/README.md, "Alarms")."""
+    engine adds a route per distinct rule filter)."""
 
     def __init__(self) -> None:
         self._tree: FilterTree[int] = FilterTree()

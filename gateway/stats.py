@@ -17,10 +17,9 @@ Every write to ``deliveries`` goes through one class,
 ``gateway.pipeline.deliveries.DeliveryWriter`` (a test's SQLite authorizer fails any
 other): it knows each row it changes before and after (it read the row once in the
 transaction, or wrote it), and makes one upsert per (platform, state) whose count moved
-and per latency bucket that grew (:func:`apply_counts`), once per batch. Until issue 11
-row-level triggers did this: two or three trigger statements per changed row (SQLite has no
-statement-level triggers), several times the cost of the row update itself
-(bench/README.md, "Pipeline").
+and per latency bucket that grew (:func:`apply_counts`), once per batch. Not row-level
+triggers: those cost two or three trigger statements per changed row (SQLite has no
+statement-level triggers), several times the cost of the row update itself.
 
 Its migration (``MIGRATIONS``, run by :mod:`gateway.migrations`) creates the tables and
 drops those triggers where an older gateway made them; :func:`check`, at every start,

@@ -44,7 +44,7 @@ LOCK_STEP_MS = 200
 # The daemon's writer connection only (it does every write of a fan-out; the CLI's and the
 # HTTP API's short-lived connections keep SQLite's defaults). Durability is unchanged (WAL,
 # synchronous=FULL: every commit is on disk before it returns). Measured on the pipeline
-# bench's SQLite-only loop, 100,000 deliveries (bench/README.md, "Pipeline"):
+# bench's SQLite-only loop, 100,000 deliveries:
 # - cache_size: 16 MiB of page cache instead of 2 MiB, so a 100,000-row job's index pages
 #   stay in memory instead of being read back from the OS for every batch (-6 % CPU);
 #   it fills only as it is used, so idle RSS does not change, and the job's peak stays
@@ -356,8 +356,7 @@ class Database:
         (:class:`_Answers`), instead of ``run_in_executor``'s concurrent future (a lock and
         a condition each), its chaining callbacks and one write to the loop's wake-up
         socket per call: that write releases the GIL, and the database thread, the
-        critical path of a fan-out, then waits to get it back (bench/README.md,
-        "Pipeline"). A call whose caller was cancelled before it started is not run, as
+        critical path of a fan-out, then waits to get it back. A call whose caller was cancelled before it started is not run, as
         with ``run_in_executor``."""
         loop = asyncio.get_running_loop()
         answers = self._answers

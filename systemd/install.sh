@@ -54,7 +54,7 @@ if [ ! -x "$PREFIX/bin/python" ]; then
   "$PYTHON" -m venv "$PREFIX"
 fi
 # Reinstall only when the code changed since the last run (a fingerprint of the sources).
-FINGERPRINT=$(cd "$SRC" && find pyproject.toml README.md gateway bridges devices -type f \
+FINGERPRINT=$(cd "$SRC" && find pyproject.toml README.md docs gateway bridges devices -type f \
                 ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$PREFIX/.source-sha256" 2>/dev/null)" = "$FINGERPRINT" ] && [ -x "$PREFIX/bin/homepot-gateway" ]; then
   say "code unchanged since the last install; venv kept"
@@ -78,7 +78,7 @@ else
   tmp=$(mktemp)
   sed -e "1,2c\\
 # homepot-gateway — the service's configuration (written by systemd/install.sh).\\
-# Every key is documented in $DOCDIR/README.md (\"Configuration\"); unknown keys are errors." \
+# Every key is documented in $DOCDIR/docs/configuration.md; unknown keys are errors." \
       -e "s|\"\\./var|\"$STATEDIR|g" \
       -e 's|^format = "console"|format = "json"|' \
       "$SRC/config.toml" > "$tmp"
@@ -89,8 +89,10 @@ fi
 "$PREFIX/bin/homepot-gateway" --config "$CONFIG" check-config >/dev/null \
   || die "$CONFIG does not validate (see the lines above)"
 
-# 4. The README where the unit's Documentation= points.
+# 4. The README where the unit's Documentation= points, and the docs/ it links to.
 install -D -m 0644 "$SRC/README.md" "$DOCDIR/README.md"
+install -d -m 0755 "$DOCDIR/docs"
+install -m 0644 "$SRC"/docs/*.md "$SRC"/docs/*.png "$DOCDIR/docs/"
 
 # 5. The unit, pointed at the paths above.
 tmp=$(mktemp)

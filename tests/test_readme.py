@@ -1,4 +1,4 @@
-"""The README's Quick start runs as written (issue 14.8).
+"""The README's Quick start runs as written.
 
 Every fenced block preceded by ``<!-- tested -->`` is run, command by command, in README
 order, in a copy of this checkout, against a daemon started the way the README says
@@ -114,7 +114,7 @@ def test_the_readme_marks_what_it_runs():
     assert [_tokens(c.text) for c in blocks[0].commands] == [["make", "run"]]
     commands = [c for b in blocks[1:] for c in b.commands]
     joined = "\n".join(c.text for c in commands)
-    # The end-to-end path of issue 14.1: an account for the device, the agent, an acked job.
+    # The end-to-end path a new user takes: an account for the device, the agent, an acked job.
     assert "users add plc-7 --role device" in joined and "devices.agent" in joined
     assert any("--until acknowledged" in c.text and c.expect for c in commands)
 

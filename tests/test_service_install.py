@@ -113,6 +113,10 @@ def test_install_is_one_idempotent_step(installed: Installed):
     assert f"User={installed.user}" in body and "DynamicUser" not in body
     doc = [line for line in body.splitlines() if line.startswith("Documentation=")][0]
     assert Path(doc.removeprefix("Documentation=file://")).read_text() == (ROOT / "README.md").read_text()
+    # ... with the docs/ it links to, so its links work where it is installed.
+    installed = Path(doc.removeprefix("Documentation=file://")).parent
+    assert (installed / "docs" / "configuration.md").read_text() == (ROOT / "docs" / "configuration.md").read_text()
+    assert (installed / "docs" / "operator-page.png").is_file()
     verify = subprocess.run([require_tool("systemd-analyze"), "verify", str(unit)], capture_output=True, text=True)
     assert verify.returncode == 0, verify.stderr
     assert "homepot-gateway.service" not in verify.stderr, verify.stderr

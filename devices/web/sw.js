@@ -1,4 +1,4 @@
-/* homepot-gateway Web Push service worker (contract §1, §10).
+/* homepot-gateway Web Push service worker (contract §10).
  *
  * A push carries the §8 envelope as JSON: message_id, job_id, title, body, data,
  * priority, sent_at, expires_at, ack_url, and optionally `notification` (the job's

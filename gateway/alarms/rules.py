@@ -34,28 +34,43 @@ class _RuleModel(BaseModel):
 
 
 class EscalateStep(_RuleModel):
-    after_s: PositiveSeconds
-    target: dict[str, Any]
+    after_s: PositiveSeconds = Field(
+        description="Seconds after firing at which this step's job goes out, while the alarm fires unacknowledged.")
+    target: dict[str, Any] = Field(
+        description="A Job target: `{devices = [...]}`, `{segment = \"...\"}` or `{all = true}`.")
 
 
 class RuleSection(_RuleModel):
-    """One ``[[rules]]`` table. Defaults are documented in README "Alarms"."""
+    """One ``[[rules]]`` table; each field's description is its documentation (docs/configuration.md is generated from it)."""
 
-    name: str
-    topic: str
-    value: str = ""
-    above: Number | None = None
-    below: Number | None = None
-    equals: Any = None  # a TOML string, number or boolean; checked in check_rules
-    stale_s: PositiveSeconds | None = None
-    for_s: Seconds = 0.0
-    clear_at: Number | None = None
-    key: str = "{topic}"
-    target: dict[str, Any]
-    title: str | None = None
-    body: str | None = None
-    priority: PRIORITY = "high"
-    escalate: list[EscalateStep] = Field(default_factory=list)
+    name: str = Field(description="`[A-Za-z0-9_-]{1,64}`, unique; a topic level and part of job ids.")
+    topic: str = Field(
+        description="MQTT topic filter; `{prefix}` is replaced by P. The gateway subscribes to it (QoS 1).")
+    value: str = Field(default="",
+        description="Dotted JSON field (`celsius`, `sensor.temp`; a digit segment indexes an array); empty = the payload itself.")
+    above: Number | None = Field(default=None,
+        description="Alarm when the value is strictly above this. Exactly one of above, below, equals, stale_s.")
+    below: Number | None = Field(default=None, description="Alarm when the value is strictly below this.")
+    equals: Any = Field(default=None,
+        description="Alarm when the value equals this string, number or boolean.")
+    stale_s: PositiveSeconds | None = Field(default=None,
+        description="Alarm when no message arrives on the key's topic for this many seconds.")
+    for_s: Seconds = Field(default=0.0,
+        description="The condition must hold this long before the alarm fires.")
+    clear_at: Number | None = Field(default=None,
+        description="Hysteresis: `above` clears at or below it, `below` at or above it; default the threshold.")
+    key: str = Field(default="{topic}",
+        description="One alarm per rendered key: `{device_id}`, `{1}`, `{2}`… (the filter's wildcards), `{topic}`.")
+    target: dict[str, Any] = Field(
+        description="A Job target: `{devices = [...]}`, `{segment = \"...\"}` or `{all = true}`.")
+    title: str | None = Field(default=None,
+        description="Template of the job's title (placeholders of the key plus `{value}`, `{rule}`, `{key}`); default `Alarm {rule}: {key}`.")
+    body: str | None = Field(default=None,
+        description="Template of the job's body; default per condition, e.g. `{value} is above -15`.")
+    priority: PRIORITY = Field(default="high",
+        description="`low`, `normal`, `high` or `critical` (firing and escalation jobs; clearing jobs are `normal`).")
+    escalate: list[EscalateStep] = Field(default_factory=list,
+        description="Steps `{after_s = N, target = {...}}` (keys below).")
 
     @property
     def condition(self) -> str | None:

@@ -45,8 +45,7 @@ log = structlog.get_logger(__name__)
 MAX_INFLIGHT = 100      # QoS 1/2 messages written and unacknowledged, per client
 # The same for the gateway's own session (its reserved client id). Its client acks a message
 # only after the message's batched commit, so the window caps that batch: at 100 a burst of
-# registrations or telemetry waited a commit round trip per 100 messages (bench/README.md,
-# "Registration"). Device clients keep 100: a small device need not take 1000 at once, and
+# registrations or telemetry waited a commit round trip per 100 messages. Device clients keep 100: a small device need not take 1000 at once, and
 # the messages are in memory (and, for persistent sessions, on disk) either way.
 GATEWAY_MAX_INFLIGHT = 1000
 BATCH = 256             # packets per write

@@ -822,7 +822,7 @@ class EmbeddedBroker:
     ``cfg.db_path`` itself (in-process tests, the benchmark) and closes it on stop.
     ``reserved_client_id`` is the client id the daemon's own client uses (default
     :func:`gateway_client_id`). The keyword arguments after it are limits and intervals
-    that are not configuration keys (tests shorten them; the README documents them).
+    that are not configuration keys (tests shorten them; docs/broker.md documents them).
     """
 
     def __init__(self, cfg: Config, internal: InternalCredentials, db: Database | None = None, *,

@@ -18,8 +18,7 @@ is redirected here:
   as long as it likes, but not stop in the middle of one.
 
 The reader loop itself is the gateway's (:meth:`GatewayProtocolHandler._reader_loop`):
-amqtt's spent about half of the broker's CPU on a QoS 1 stream (profile in
-bench/README.md, "Broker"): an ``asyncio.wait_for`` (a task and a timer) per packet for
+amqtt's spent about half of the broker's CPU on a QoS 1 stream (profiled): an ``asyncio.wait_for`` (a task and a timer) per packet for
 the keepalive, a decode of every field through awaited one-field reads, and a task per
 packet. Ours reads each packet in three reads (type, length, body), decodes PUBLISH and
 the acknowledgements from the body in memory, routes a PUBLISH at once (in arrival order,
@@ -365,7 +364,7 @@ class GatewayProtocolHandler(BrokerProtocolHandler):
                     # Wait for the commit without a task: the acks of everything routed
                     # before this commit starts go out in one write once it is on disk
                     # (a task, a future and a send() per PUBLISH were most of the broker's
-                    # cost of a persistent-session message; bench/README.md "Registration").
+                    # cost of a persistent-session message).
                     if shared is not self._ack_barrier:
                         self._ack_barrier = shared
                         self._barrier_acks = []

@@ -102,7 +102,7 @@ class SubscriptionIndex(Generic[T]):
     Exact filters are one dict lookup; wildcard filters sit in a tree of levels, so a
     topic is matched in one walk over its levels whatever the number of filters (the
     alarm engine subscribes the gateway to one filter per rule: with 100 rules a scan
-    matched every telemetry message against 100 filters; bench/README.md, "Alarms")."""
+    matched every telemetry message against 100 filters)."""
 
     __slots__ = ("_exact", "_tree", "_wild")
 

@@ -1,4 +1,4 @@
-"""The operator page (contract §10 ``GET /``, issue 13): what a site technician sees and does.
+"""The operator page (contract §10 ``GET /``): what a site technician sees and does.
 
 Plain HTML, CSS and ES modules from ``gateway/http/ui/`` (no build step), served by the
 daemon, fed by the JSON routes below and one event stream (:mod:`gateway.http.ui_events`).

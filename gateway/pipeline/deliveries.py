@@ -11,7 +11,7 @@ write is a new method here, and cannot forget them.
 
 Every write is a batch; a single item is a batch of one. Rows go to SQLite as one JSON
 array per statement (``json_each`` walks it in order) or with ``executemany``: one
-statement step per row, not one Python round trip (bench/README.md, "Pipeline").
+statement step per row, not one Python round trip.
 """
 
 from __future__ import annotations
@@ -301,7 +301,7 @@ def new_message_id() -> str:
     version 7 layout; 74 random bits follow). Rows made together get neighbouring keys, so
     the ``deliveries`` primary key grows at its end and a batch of updates by message_id
     touches a few B-tree pages instead of one random page per row: about a third less
-    SQLite time for a 100,000-row job than random (version 4) ids (bench/README.md)."""
+    SQLite time for a 100,000-row job than random (version 4) ids."""
     return new_message_ids(1)[0]
 
 
@@ -403,7 +403,7 @@ def due_for_route(conn: sqlite3.Connection, route: str, now: float, limit: int, 
     one statement per kind that walks the due index and joins the device's channels only
     for the rows it returns: no Python object per skipped row, no second lookup per row,
     and the work runs in SQLite, which lets the event loop's thread run meanwhile (the
-    database thread's Python holds the GIL; bench/README.md, "Pipeline")."""
+    database thread's Python holds the GIL)."""
     ids = json.dumps(list(skip)) if skip else "[]"
     out = _due_rows(conn.execute(_DUE_QUEUED, (route, now, ids, limit)), channels=channels)
     if resends and len(out) < limit:

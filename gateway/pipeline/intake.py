@@ -80,7 +80,7 @@ class Intake:
 
     async def _republish_if_known(self, job_id: str) -> bool:
         """A known, accepted job_id: re-publish its status (idempotency). A *rejected* one
-        is not final: the new payload is judged on its own (README)."""
+        is not final: the new payload is judged on its own, so a fixed typo can be sent again."""
         def known(conn: Any) -> bool:
             row = conn.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
             if row is None or row["state"] == "rejected":
@@ -124,7 +124,7 @@ class Intake:
             return False
         await self.recorder.register(device, source)  # in the recorder's next batched commit
         # Per device at debug; at info the recorder logs one "devices registered" line per
-        # commit (README, "Devices"): a burst of thousands a second would otherwise cost
+        # commit: a burst of thousands a second would otherwise cost
         # ~25-60 us of the event loop per device and overrun journald's rate limit, which
         # then drops the gateway's other lines too.
         if _stdlog.isEnabledFor(logging.DEBUG):

@@ -107,7 +107,7 @@ ADDED_COLUMNS = [
 ]
 
 # Indexes an older gateway kept on ``deliveries`` that cost a B-tree insert and delete per
-# delivery for nothing (issue 11): ``deliveries_due(next_at)`` is served by
+# delivery for nothing: ``deliveries_due(next_at)`` is served by
 # ``deliveries_route_due`` (the earliest due time is a MIN per route), and
 # ``deliveries_job_queued(job_id, route)`` by gateway.stats' queued index on
 # ``(job_id, <platform key>)``, the same rows with the job first.

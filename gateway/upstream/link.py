@@ -153,7 +153,7 @@ class UpstreamLink:
 
     # ------------------------------------------------------------------ metrics
     def metrics(self) -> dict[str, Any]:
-        """Counters for operators (README "Metrics"): link state, reconnects, the window,
+        """Counters for operators (``/metrics``, ``status``): link state, reconnects, the window,
         what was confirmed, resent or set aside, and the buffer (size, fill, overflow
         policy, dropped, coalesced, refused)."""
         if self.drain.stats is not None:
