@@ -103,19 +103,14 @@ def _store_acks(writer: DeliveryWriter, acks: list[tuple[str, Ack | AckIn]], for
     ``sends``: "sent" results of the same batch not yet recorded; a first ack of one of
     them records the send too, and takes it out of ``sends``."""
     conn, now = writer.conn, writer.now
-    rows = writer.read(ack.message_id for _, ack in acks)
-    # (message_id, status) already stored: only deliveries past their first ack can have any,
-    # so a fan-out's batch of first acks reads nothing more.
-    seen: set[tuple[str, str]] = set()
-    acked_before = [m for m in {ack.message_id for _, ack in acks}
-                    if (row := rows.get(m)) is not None and row[2] not in ("queued", "sent")]
-    if acked_before:
-        seen.update((r[0], r[1]) for r in conn.execute(
-            "SELECT message_id, status FROM acks WHERE message_id IN (SELECT value FROM json_each(?))",
-            (json.dumps(acked_before),)))
+    rows = writer.read([ack.message_id for _, ack in acks])
+    # A delivery still queued or sent has no ack stored (its first ack would have moved it):
+    # its first ack here cannot be a repeat. The stored statuses are read only when an ack
+    # of another delivery comes, so a fan-out's batch of first acks reads nothing more.
+    seen: set[tuple[str, str]] | None = None
     repeats: dict[tuple[str, str], int] = {}
     first_acks: list[FirstAck] = []
-    firsts: set[str] = set()  # acknowledged by an earlier ack of this batch
+    firsts: dict[str, str] = {}  # acknowledged by an earlier ack of this batch → its status
     out: list[AckResult] = []
     inserts: list[tuple[Any, ...]] = []
     with_nul: list[tuple[str, str, str]] = []  # (error, message_id, status): SQLite's JSON cuts a text at a NUL
@@ -129,11 +124,14 @@ def _store_acks(writer: DeliveryWriter, acks: list[tuple[str, Ack | AckIn]], for
             out.append(AckResult(False, "unknown message_id" if row is None else "message_id was not sent to this device"))
             continue
         job_id, state, sent_at = row[0], row[2], row[5]
-        if (mid, ack.status) in seen:
-            repeats[(mid, ack.status)] = repeats.get((mid, ack.status), 0) + 1
+        first = (state == "queued" or state == "sent") and mid not in firsts
+        if not first and seen is None:
+            seen = _stored_statuses(conn, rows, acks)
+        if not first and (firsts.get(mid) == ack.status or (mid, ack.status) in seen):  # type: ignore[operator]
+            k = (mid, ack.status)
+            repeats[k] = repeats.get(k, 0) + 1
             out.append(AckResult(True, job_id=job_id, repeat=True))
             continue
-        first = state in ("queued", "sent") and mid not in firsts
         at_ts = ack.at.timestamp()
         at_iso = ack.at_text if type(ack) is Ack else _iso_utc(ack.at)
         send = sends.get(mid) if first and state == "queued" else None
@@ -160,12 +158,13 @@ def _store_acks(writer: DeliveryWriter, acks: list[tuple[str, Ack | AckIn]], for
         inserts.append((mid, device_id, ack.status, at_iso, ack.error))
         if ack.error is not None and "\x00" in ack.error:
             with_nul.append((ack.error, mid, ack.status))
-        seen.add((mid, ack.status))
         if first:
             if send is not None:
                 del sends[mid]
-            first_acks.append(FirstAck(mid, at_ts, latency, send))  # type: ignore[arg-type]
-            firsts.add(mid)
+            first_acks.append((mid, at_ts, latency, send))  # type: ignore[arg-type]
+            firsts[mid] = ack.status
+        else:
+            seen.add((mid, ack.status))  # type: ignore[union-attr]
         out.append(AckResult(True, job_id=job_id, latency_ms=latency, first=first))
     if inserts:
         conn.execute(_INSERT, (now, json.dumps(inserts)))
@@ -181,6 +180,19 @@ def _store_acks(writer: DeliveryWriter, acks: list[tuple[str, Ack | AckIn]], for
         jobs.bump(conn, "acks_refused", refused)
     writer.acknowledge(first_acks)
     return out
+
+
+def _stored_statuses(conn: sqlite3.Connection, rows: dict[str, list[Any]],
+                     acks: list[tuple[str, Ack | AckIn]]) -> set[tuple[str, str]]:
+    """(message_id, status) already stored for the batch's deliveries that are past their
+    first ack (acknowledged, or finished otherwise)."""
+    past = [mid for _, ack in acks if (row := rows.get(mid := ack.message_id)) is not None
+            and row[2] != "queued" and row[2] != "sent"]
+    if not past:
+        return set()
+    return {(r[0], r[1]) for r in conn.execute(
+        "SELECT message_id, status FROM acks WHERE message_id IN (SELECT value FROM json_each(?))",
+        (json.dumps(past),))}
 
 
 def acks_of(conn: sqlite3.Connection, message_ids: list[str]) -> dict[str, list[dict[str, Any]]]:

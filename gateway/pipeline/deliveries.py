@@ -56,29 +56,14 @@ class Result:
     sent_at: float | None = None
 
 
-@dataclass(slots=True)
-class FirstAck:
-    """A delivery's first ack, as :meth:`DeliveryWriter.acknowledge` records it: when the
-    device acked, the latency from the send, and the send itself when its result is in the
-    same batch and not yet recorded (one update writes both)."""
-
-    message_id: str
-    acked_at: float
-    latency_ms: float
-    send: Result | None = None
+# A delivery's first ack, as DeliveryWriter.acknowledge records it: (message_id, when the
+# device acked, the latency from the send in ms, the send itself when its result is in the
+# same batch and not yet recorded: one update writes both). A tuple: one per ack.
+FirstAck = tuple[str, float, float, "Result | None"]
 
 
-# A delivery as the writer knows it: job_id, device_id, state, route, platform, sent_at.
-_JOB, _DEVICE, _STATE, _ROUTE, _PLATFORM, _SENT_AT = range(6)
-
-
-def _key(row: list[Any]) -> str:
-    """The platform the aggregates count a row under (gateway.stats.PLATFORM_KEY)."""
-    route = row[_ROUTE]
-    if route is not None:
-        return route
-    platform = row[_PLATFORM]
-    return platform if platform is not None else ""
+# A delivery as the writer knows it: [job_id, device_id, state, route, platform, sent_at].
+# Its platform for the aggregates (gateway.stats.PLATFORM_KEY) is route, else platform, else ''.
 
 
 _SENT = ("UPDATE deliveries SET state = 'sent', platform = ?, route = ?, attempts = ?, sent_at = ?, resend_at = ?, "
@@ -91,16 +76,18 @@ _REQUEUED = ("UPDATE deliveries SET platform = COALESCE(?, platform), route = CO
              "next_at = ?, last_error = ? WHERE message_id = ? AND state = 'queued'")
 _FINISHED = ("UPDATE deliveries SET state = ?, platform = COALESCE(?, platform), attempts = ?, last_error = ? "
              "WHERE message_id = ? AND state = 'queued'")
-# First acks: [message_id, acked_at, latency_ms] each, or with the send of the same batch
-# [..., platform, attempts, sent_at] (its route is its platform; its error is cleared).
-# Each row found by primary key. Floats keep their value through the JSON text (Python
-# writes the shortest text that reads back to the same double).
-_ACKNOWLEDGED = (
+# First acks, each row found by primary key: [message_id, acked_at, latency_ms] each, or
+# with the send of the same batch [..., platform, attempts, sent_at] (its route is its
+# platform; its error is cleared). Two shapes, not one statement with COALESCEs: SQLite
+# parses a row's JSON again for every ->> (3.40 keeps no parse), and a fan-out has 100,000
+# of them. Floats keep their value through the JSON text (Python writes the shortest text
+# that reads back to the same double).
+_ACKNOWLEDGED = ("UPDATE deliveries SET state = 'acknowledged', acked_at = j.value->>1, latency_ms = j.value->>2, "
+                 "resend_at = NULL FROM json_each(?) AS j WHERE deliveries.message_id = j.value->>0")
+_ACKNOWLEDGED_WITH_SEND = (
     "UPDATE deliveries SET state = 'acknowledged', acked_at = j.value->>1, latency_ms = j.value->>2, "
-    "resend_at = NULL, platform = COALESCE(j.value->>3, platform), route = COALESCE(j.value->>3, route), "
-    "attempts = COALESCE(j.value->>4, attempts), sent_at = COALESCE(j.value->>5, sent_at), "
-    "last_error = CASE WHEN j.value->>3 IS NULL THEN last_error END "
-    "FROM json_each(?) AS j WHERE deliveries.message_id = j.value->>0")
+    "resend_at = NULL, last_error = NULL, platform = j.value->>3, route = j.value->>3, attempts = j.value->>4, "
+    "sent_at = j.value->>5 FROM json_each(?) AS j WHERE deliveries.message_id = j.value->>0")
 
 
 class DeliveryWriter:
@@ -137,29 +124,36 @@ class DeliveryWriter:
         come from what the writer knows): message_id → [job_id, device_id, state, route,
         platform, sent_at]. Read only: the writer keeps them current."""
         rows = self._rows
-        missing = [m for m in dict.fromkeys(message_ids) if m not in rows]
+        missing = [m for m in message_ids if m not in rows] if rows else list(message_ids)
         if missing:
             # The ids as one JSON array: one statement text whatever their number, prepared
-            # once (an IN list of n marks is a new statement for every n).
-            for r in self.conn.execute("SELECT message_id, job_id, device_id, state, route, platform, sent_at "
-                                       "FROM deliveries WHERE message_id IN (SELECT value FROM json_each(?))",
-                                       (json.dumps(missing),)):
-                rows[r[0]] = [r[1], r[2], r[3], r[4], r[5], r[6]]
+            # once (an IN list of n marks is a new statement for every n). Plain tuples, not
+            # the connection's Row objects: one list per row, made by the unpacking.
+            cur = self.conn.cursor()
+            cur.row_factory = None
+            for mid, *row in cur.execute("SELECT message_id, job_id, device_id, state, route, platform, sent_at "
+                                         "FROM deliveries WHERE message_id IN (SELECT value FROM json_each(?))",
+                                         (json.dumps(missing),)):
+                rows[mid] = row
         return rows
 
     def _move(self, row: list[Any], state: str, route: str | None, platform: str | None) -> None:
         """Change what the writer knows of a row, and what the change moves."""
-        old_key, old_state = _key(row), row[_STATE]
-        row[_STATE], row[_ROUTE], row[_PLATFORM] = state, route, platform
-        new_key = _key(row)
-        if (old_key, old_state) != (new_key, state):
-            counts = self._counts
-            counts[(old_key, old_state)] = counts.get((old_key, old_state), 0) - 1
-            counts[(new_key, state)] = counts.get((new_key, state), 0) + 1
+        old_state = row[2]
+        old_key = row[3] if row[3] is not None else (row[4] if row[4] is not None else "")
+        new_key = route if route is not None else (platform if platform is not None else "")
+        row[2], row[3], row[4] = state, route, platform
         if old_state != state:
-            by_state = self._jobs[row[_JOB]]
+            by_state = self._jobs[row[0]]
             by_state[old_state] -= 1
             by_state[state] += 1
+        elif old_key == new_key:
+            return
+        counts = self._counts
+        k = (old_key, old_state)
+        counts[k] = counts.get(k, 0) - 1
+        k = (new_key, state)
+        counts[k] = counts.get(k, 0) + 1
 
     def flush(self) -> None:
         """Write what the batch moved: the aggregates, then the jobs' counts (and settle them)."""
@@ -189,9 +183,12 @@ class DeliveryWriter:
                 k = (route or "", state)
                 counts[k] = counts.get(k, 0) + 1
         else:  # some were there already: count the rows that went in (their ids are new)
-            for row in self.read(ids).values():
-                k = (_key(row), row[_STATE])
-                counts[k] = counts.get(k, 0) + 1
+            known = self.read(ids)
+            for m in ids:
+                row = known.get(m)
+                if row is not None:
+                    k = (row[3] if row[3] is not None else (row[4] if row[4] is not None else ""), row[2])
+                    counts[k] = counts.get(k, 0) + 1
         return cur.rowcount
 
     def record(self, results: list[Result]) -> None:
@@ -200,85 +197,91 @@ class DeliveryWriter:
         the device's ack, which keeps what the send was); a resend changes its attempts
         and its next resend only. The statements keep their own guards on the state, so
         what they change is what :meth:`_move` predicts from the rows read."""
-        rows = self.read(r.message_id for r in results if not r.resend)
-        distinct = len({r.message_id for r in results}) == len(results)
+        rows = self.read([r.message_id for r in results if not r.resend])
         # Statements of one shape go in one executemany; with a delivery twice in the
         # batch, runs of one shape in the batch's order instead.
+        ordered = len({r.message_id for r in results}) != len(results)
         groups: list[tuple[str, list[tuple[Any, ...]]]] = []
         by_sql: dict[str, list[tuple[Any, ...]]] = {}
-
-        def add(sql: str, params: tuple[Any, ...]) -> None:
-            if distinct:
+        move, now, conn = self._move, self.now, self.conn
+        for r in results:
+            if r.invalid_key:
+                registry.mark_invalid(conn, r.device_id, r.invalid_key, r.error or "invalid address", now)
+            if r.resend:
+                # The attempt counts even if the device's ack (to this very resend) came first.
+                sql, params = _RESENT, (r.attempts, r.resend_at, r.error, r.message_id)
+            else:
+                row = rows.get(r.message_id)
+                if row is None:
+                    continue  # pruned meanwhile: nothing to update
+                state = row[2]
+                if r.state == "sent":
+                    sent_at = r.sent_at or now
+                    if state == "queued":
+                        sql, params = _SENT, (r.platform, r.platform, r.attempts, sent_at, r.resend_at, r.message_id)
+                        move(row, "sent", r.platform, r.platform)
+                        row[5] = sent_at
+                    elif state == "acknowledged":  # acked before this result was recorded: keep what the send was
+                        sql, params = _SENT_AFTER_ACK, (r.platform, r.platform, r.attempts, sent_at, r.message_id)
+                        move(row, "acknowledged", r.platform, r.platform)
+                        if row[5] is None:
+                            row[5] = sent_at
+                    else:
+                        continue
+                elif state != "queued":
+                    continue
+                elif r.state == "queued":  # tried again later, maybe on another bridge
+                    sql, params = _REQUEUED, (r.platform, r.route, r.attempts, r.next_at, r.error, r.message_id)
+                    move(row, "queued", r.route if r.route is not None else row[3],
+                         r.platform if r.platform is not None else row[4])
+                else:  # failed | expired | invalid_address
+                    sql, params = _FINISHED, (r.state, r.platform, r.attempts, r.error, r.message_id)
+                    move(row, r.state, row[3], r.platform if r.platform is not None else row[4])
+            if ordered:
+                if groups and groups[-1][0] == sql:
+                    groups[-1][1].append(params)
+                else:
+                    groups.append((sql, [params]))
+            else:
                 batch = by_sql.get(sql)
                 if batch is None:
                     batch = by_sql[sql] = []
                     groups.append((sql, batch))
                 batch.append(params)
-            elif groups and groups[-1][0] == sql:
-                groups[-1][1].append(params)
-            else:
-                groups.append((sql, [params]))
-
-        for r in results:
-            if r.invalid_key:
-                registry.mark_invalid(self.conn, r.device_id, r.invalid_key, r.error or "invalid address", self.now)
-            if r.resend:
-                # The attempt counts even if the device's ack (to this very resend) came first.
-                add(_RESENT, (r.attempts, r.resend_at, r.error, r.message_id))
-                continue
-            row = rows.get(r.message_id)
-            if row is None:
-                continue  # pruned meanwhile: nothing to update
-            state = row[_STATE]
-            if r.state == "sent":
-                sent_at = r.sent_at or self.now
-                if state == "queued":
-                    add(_SENT, (r.platform, r.platform, r.attempts, sent_at, r.resend_at, r.message_id))
-                    self._move(row, "sent", r.platform, r.platform)
-                    row[_SENT_AT] = sent_at
-                elif state == "acknowledged":  # acked before this result was recorded: keep what the send was
-                    add(_SENT_AFTER_ACK, (r.platform, r.platform, r.attempts, sent_at, r.message_id))
-                    self._move(row, "acknowledged", r.platform, r.platform)
-                    if row[_SENT_AT] is None:
-                        row[_SENT_AT] = sent_at
-            elif state != "queued":
-                continue
-            elif r.state == "queued":  # tried again later, maybe on another bridge
-                add(_REQUEUED, (r.platform, r.route, r.attempts, r.next_at, r.error, r.message_id))
-                self._move(row, "queued", r.route if r.route is not None else row[_ROUTE],
-                           r.platform if r.platform is not None else row[_PLATFORM])
-            else:  # failed | expired | invalid_address
-                add(_FINISHED, (r.state, r.platform, r.attempts, r.error, r.message_id))
-                self._move(row, r.state, row[_ROUTE], r.platform if r.platform is not None else row[_PLATFORM])
-        for sql, params in groups:
-            self.conn.executemany(sql, params)
+        for sql, batch in groups:
+            conn.executemany(sql, batch)
 
     def acknowledge(self, acks: list[FirstAck]) -> None:
         """Deliveries' first acks (each delivery once, read before and still queued or
         sent): acknowledged, with when and the latency; with its send when the send's
-        result is in the same batch. One statement for them all."""
+        result is in the same batch. One statement per shape."""
         if not acks:
             return
-        rows, latency, bucket_of = self._rows, self._latency, stats.bucket_of
+        rows, latency, bucket_of, move, now = self._rows, self._latency, stats.bucket_of, self._move, self.now
         items: list[list[Any]] = []
-        for a in acks:
-            row = rows[a.message_id]
-            send = a.send
+        with_send: list[list[Any]] = []
+        for mid, acked_at, latency_ms, send in acks:
+            row = rows[mid]
             if send is not None and send.platform is not None:
-                sent_at = send.sent_at or self.now
-                items.append([a.message_id, a.acked_at, a.latency_ms, send.platform, send.attempts, sent_at])
-                self._move(row, "acknowledged", send.platform, send.platform)
-                row[_SENT_AT] = sent_at
+                key = send.platform
+                sent_at = send.sent_at or now
+                with_send.append([mid, acked_at, latency_ms, key, send.attempts, sent_at])
+                move(row, "acknowledged", key, key)
+                row[5] = sent_at
             else:
-                items.append([a.message_id, a.acked_at, a.latency_ms])
-                self._move(row, "acknowledged", row[_ROUTE], row[_PLATFORM])
-            slot = latency.get(k := (_key(row), bucket_of(a.latency_ms)))
+                items.append([mid, acked_at, latency_ms])
+                move(row, "acknowledged", row[3], row[4])
+                key = row[3] if row[3] is not None else (row[4] if row[4] is not None else "")
+            slot = latency.get(k := (key, bucket_of(latency_ms)))
             if slot is None:
-                latency[k] = [1, a.latency_ms]
+                latency[k] = [1, latency_ms]
             else:
                 slot[0] += 1
-                slot[1] += a.latency_ms
-        self.conn.execute(_ACKNOWLEDGED, (json.dumps(items),))
+                slot[1] += latency_ms
+        if items:
+            self.conn.execute(_ACKNOWLEDGED, (json.dumps(items),))
+        if with_send:
+            self.conn.execute(_ACKNOWLEDGED_WITH_SEND, (json.dumps(with_send),))
 
     def delete(self, message_ids: list[str]) -> None:
         """Delete rows (retention): they leave the per-state counts; the latency histogram
@@ -288,7 +291,7 @@ class DeliveryWriter:
         gone = [m for m in message_ids if m in rows]
         for m in gone:
             row = rows.pop(m)
-            k = (_key(row), row[_STATE])
+            k = (row[3] if row[3] is not None else (row[4] if row[4] is not None else ""), row[2])
             counts[k] = counts.get(k, 0) - 1
         if gone:
             self.conn.execute("DELETE FROM deliveries WHERE message_id IN (SELECT value FROM json_each(?))",
