@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from gateway import clock
 from gateway.config import Config, ConfigError, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -42,9 +43,12 @@ def fail(lines: list[str] | str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def get_config() -> Config:
+def get_config(tighten: bool = True) -> Config:
     """The config by the contract's lookup order; then, run as root against a data dir that
-    another user owns (the service's), become that user (gateway/privileges.py)."""
+    another user owns (the service's), become that user (gateway/privileges.py); then make
+    whatever this command creates owner-only, and tighten a data dir left loose
+    (gateway/filemodes.py; ``run`` leaves that to the daemon, which logs it)."""
+    from gateway import filemodes
     from gateway.config import shadow_note
     from gateway.privileges import become_owner_of
 
@@ -66,6 +70,12 @@ def get_config() -> Config:
         become_owner_of(cfg.data_dir)
     except OSError as exc:
         fail(f"gateway.data_dir: cannot switch to the owner of {cfg.data_dir}: {exc.strerror}")
+    filemodes.restrict_umask()
+    if tighten:
+        done = filemodes.tighten(cfg.data_dir)
+        if done.changed:
+            typer.echo(f"note: {cfg.data_dir} made owner-only ({len(done.changed)} entries: {done.summary(5)})",
+                       err=True)
     return cfg
 
 
@@ -89,7 +99,7 @@ def check_config() -> None:
 @app.command("run")
 def run() -> None:
     """Run the daemon in the foreground."""
-    cfg = get_config()
+    cfg = get_config(tighten=False)
     from gateway.daemon import run_daemon
     from gateway.logs import setup_logging
 
@@ -160,6 +170,7 @@ def _db(cfg: Config):  # noqa: ANN202 - sqlite3.Connection, imported lazily
     except migrations.SchemaTooNew as exc:
         conn.close()
         fail(f"{cfg.db_path}: {exc}", 1)
+    clock.attach(conn)  # write times on the daemon's timeline (gateway.clock)
     return conn
 
 
@@ -442,7 +453,7 @@ def alarms_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
 def alarms_ack(
     rule: Annotated[str, typer.Argument(metavar="RULE")],
     key: Annotated[str, typer.Argument(metavar="KEY")],
-    by: Annotated[Optional[str], typer.Option("--by", help="who acknowledges (default cli:<user>)")] = None,
+    by: Annotated[Optional[str], typer.Option("--by", help="who acknowledges (recorded as cli:<by>; default the login name)")] = None,
     note: Annotated[Optional[str], typer.Option("--note")] = None,
 ) -> None:
     """Acknowledge a firing alarm: its escalation stops."""
@@ -457,9 +468,10 @@ def alarms_ack(
         fail(f"RULE: no rule {rule!r} in the config (rules: {', '.join(r.name for r in cfg.rules) or 'none'})")
     if by is None:
         try:
-            by = f"cli:{getpass.getuser()}"
+            by = getpass.getuser()
         except (KeyError, OSError):
-            by = "cli"
+            by = ""
+    by = f"cli:{by}" if by else "cli"  # the channel, then who said so
     conn = _alarms_db(cfg)
     row = alarm_store.get_row(conn, rule, key) or alarm_store.get_row(conn, rule, key_from_level(key))
     if row is None or row.state == "idle":
@@ -469,7 +481,7 @@ def alarms_ack(
         return
     if row.state != "firing":
         fail(f"KEY: alarm {row.key!r} of rule {rule!r} is {row.state}, not firing", 1)
-    _tx(conn, lambda c: alarm_store.request_ack(c, rule, row.key, by, note, time.time()))
+    _tx(conn, lambda c: alarm_store.request_ack(c, rule, row.key, by, note, clock.now()))
     # The running daemon applies it within a fraction of a second; show that it did.
     deadline = time.monotonic() + 3.0
     current = row

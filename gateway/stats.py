@@ -37,9 +37,9 @@ from __future__ import annotations
 
 import bisect
 import sqlite3
-import time
 from typing import Any
 
+from gateway import clock
 from gateway.storage import run_script
 
 # Ack latency bucket bounds (ms): a push shown on a phone within 100 ms .. a PLC that was
@@ -211,7 +211,7 @@ def oldest_queued(conn: sqlite3.Connection, now: float | None = None) -> dict[st
     each platform's oldest is found from the oldest job down, one probe of the partial
     index :data:`QUEUED_INDEX` (queued rows only) each.
     """
-    now = time.time() if now is None else now
+    now = clock.now() if now is None else now
     platforms = [p for (p, s), n in delivery_counts(conn).items() if s == "queued" and n > 0]
     if not platforms:
         return {}
@@ -231,7 +231,7 @@ def oldest_queued(conn: sqlite3.Connection, now: float | None = None) -> dict[st
 
 
 def oldest_queued_overall(conn: sqlite3.Connection, now: float | None = None) -> float | None:
-    now = time.time() if now is None else now
+    now = clock.now() if now is None else now
     row = conn.execute("SELECT MIN(created_at) FROM jobs WHERE queued > 0").fetchone()
     return None if row is None or row[0] is None else max(0.0, now - row[0])
 

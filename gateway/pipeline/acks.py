@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from gateway.pipeline import jobs
 from gateway.pipeline.deliveries import DeliveryWriter, FirstAck, Result
-from gateway.pipeline.models import Ack, AckIn
+from gateway.pipeline.models import Ack, AckIn, AckVia
 from gateway.storage import NotStored
 from gateway.timeutil import iso
 
@@ -52,8 +52,8 @@ def _iso_utc(dt: datetime) -> str:
 # step with bound values per row. ``seen`` keeps the rows new; the conflict clause only
 # makes sure a repeat that got past it is counted, never a constraint error that would
 # fail (and retry) the whole batch.
-_INSERT = ("INSERT INTO acks(message_id, device_id, status, at, error, received_at) "
-           "SELECT value->>0, value->>1, value->>2, value->>3, value->>4, ? FROM json_each(?) WHERE true "
+_INSERT = ("INSERT INTO acks(message_id, device_id, status, at, error, via, received_at) "
+           "SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, ? FROM json_each(?) WHERE true "
            "ON CONFLICT(message_id, status) DO UPDATE SET repeats = repeats + 1, "
            "last_received_at = excluded.received_at")
 
@@ -155,7 +155,7 @@ def _store_acks(writer: DeliveryWriter, acks: list[tuple[str, Ack | AckIn]], for
                 out.append(AckResult(False, f"not stored: {exc}", not_stored=True))
                 continue
             conn.execute("RELEASE ack")
-        inserts.append((mid, device_id, ack.status, at_iso, ack.error))
+        inserts.append((mid, device_id, ack.status, at_iso, ack.error, getattr(ack, "via", AckVia.MQTT)))
         if ack.error is not None and "\x00" in ack.error:
             with_nul.append((ack.error, mid, ack.status))
         if first:

@@ -20,13 +20,14 @@ import bisect
 import json
 import os
 import sqlite3
-import time
+
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from devices.models import PLATFORMS
+from gateway import clock
 from gateway import stats
 from gateway.pipeline import jobs, registry
 from gateway.pipeline.routing import ChannelCache, decode, route_of
@@ -311,7 +312,7 @@ def new_message_id() -> str:
 def new_message_ids(n: int) -> list[str]:
     """``n`` ids as :func:`new_message_id` makes them, for one page of rows: one clock
     reading and one read of random bytes for the page instead of one each per row."""
-    ms = (int(time.time() * 1000) & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | 0b10 << 62
+    ms = (int(clock.now() * 1000) & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | 0b10 << 62
     rand = os.urandom(10 * n)
     out = []
     for i in range(0, 10 * n, 10):

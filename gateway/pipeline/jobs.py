@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
+
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+from gateway import clock
 from gateway.pipeline import registry
 from gateway.pipeline.models import ParsedJob
 from gateway.timeutil import iso, utcnow
@@ -46,7 +47,7 @@ def insert_job(conn: sqlite3.Connection, parsed: ParsedJob, source: str, now: fl
     A job_id whose job was *rejected* was never dispatched: a valid job may take it (the
     rejection is replaced), so a technician can fix a typo and send again with the same id.
     """
-    now = now or time.time()
+    now = now or clock.now()
     existing = conn.execute("SELECT state FROM jobs WHERE job_id = ?", (parsed.job_id,)).fetchone()
     if existing is not None:
         if existing["state"] != "rejected":
@@ -82,7 +83,7 @@ def reject_job(conn: sqlite3.Connection, job_id: str, source: str, code: str, me
     its status is published like any other (also later, if the broker is away now) and
     ``jobs show`` finds it. False if the id belongs to an accepted job: that job is left
     alone and its status re-published."""
-    now = now or time.time()
+    now = now or clock.now()
     error = json.dumps({"code": code, "message": message})
     row = conn.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
     if row is not None and row["state"] != "rejected":
@@ -201,8 +202,6 @@ def job_rows(conn: sqlite3.Connection, job_ids: Iterable[str]) -> dict[str, sqli
         return {}
     marks = ",".join("?" * len(ids))
     return {r["job_id"]: r for r in conn.execute(f"SELECT * FROM jobs WHERE job_id IN ({marks})", ids)}
-
-
 
 
 def delete_job(conn: sqlite3.Connection, job_id: str, now: float) -> None:

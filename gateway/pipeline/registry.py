@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
+
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 from devices.models import Device
+from gateway import clock
 from gateway.pipeline.routing import channel_key
 from gateway.timeutil import iso
 
@@ -35,7 +36,7 @@ def upsert_devices(conn: sqlite3.Connection, devices: list[tuple[Device, str]], 
     channels whose address is unchanged. One SELECT per 500 distinct devices and one
     ``executemany`` (a registration burst is thousands per commit); a device twice in the
     batch ends as its last registration, with the marks both channel lists keep."""
-    now = now or time.time()
+    now = now or clock.now()
     ids = list(dict.fromkeys(d.device_id for d, _ in devices))
     marks_of: dict[str, dict[str, Any]] = {}
     for chunk in _chunks(ids):

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
 from collections.abc import Callable
 
 import structlog
 
+from gateway import clock
 from gateway.pipeline import acks, deliveries, jobs
 from gateway.storage import Database, FailureEpisode, is_storage_error
 
@@ -59,7 +59,7 @@ class Pruner:
     async def prune_all(self, stopping: asyncio.Event | None = None) -> int:
         total = 0
         while stopping is None or not stopping.is_set():
-            now = time.time()
+            now = clock.now()
             cutoff = now - self.retention_s
             job_ids = await self.db.run(lambda conn: prune(conn, cutoff, now, BATCH_ROWS))
             if job_ids:
