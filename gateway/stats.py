@@ -251,8 +251,10 @@ def device_count(conn: sqlite3.Connection) -> int:
 
 
 def upstream_backlog(conn: sqlite3.Connection) -> dict[str, Any] | None:
-    """The cloud link's outbox (rows, bytes, oldest age, dropped), or None without one."""
-    if not has_table(conn, "upstream_outbox_state"):
+    """The cloud link's outbox (rows, bytes, oldest age, dropped), or None without one (its
+    tables exist in every database; its state row once a link used it)."""
+    if not has_table(conn, "upstream_outbox_state") or \
+            conn.execute("SELECT 1 FROM upstream_outbox_state WHERE id = 1").fetchone() is None:
         return None
     try:
         from gateway.upstream import outbox
