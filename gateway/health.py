@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from gateway import __version__, stats
+from gateway import __version__, setaside, stats
 from gateway.config import Config
 from gateway.mqtt import GatewayClient
 from gateway.storage import Database
@@ -220,6 +220,7 @@ class HealthReporter:
                               "last_error": client.last_error},
             "broker": _metrics_of(probes.broker),
             "bridges": probes.bridges.bridge_health() if probes.bridges is not None else {},
+            "set_aside": set_aside_view(probes),
             "upstream": self._upstream(),
             "http": ({"bind": cfg.http.bind, "url": cfg.http.base_url()} if cfg.http is not None else None),
         }
@@ -250,6 +251,22 @@ class HealthReporter:
         tmp.write_text(json.dumps(snap, default=str), encoding="utf-8")
         os.chmod(tmp, 0o600)  # like everything in the data dir (gateway/filemodes.py); `status` runs as its owner
         os.replace(tmp, self.path)
+
+
+def set_aside_view(probes: HealthProbes) -> dict[str, Any]:
+    """Messages set aside by the gateway's MQTT links (gateway.setaside): a count per link
+    and the last few of all links, newest last, for ``status`` and ``/metrics``."""
+    links = {"broker": probes.client, "upstream": getattr(probes.upstream, "client", None)}
+    counts: dict[str, int] = {}
+    recent: list[dict[str, Any]] = []
+    for name, client in links.items():
+        kept = getattr(client, "set_aside", None)
+        if kept is None:
+            continue
+        counts[name] = kept.count
+        recent.extend({"link": name, **m} for m in kept.recent())
+    recent.sort(key=lambda m: m["at"])
+    return {"counts": counts, "recent": recent[-setaside.KEEP:]}
 
 
 def _metrics_of(part: MetricsProbe | None) -> dict[str, Any] | None:
