@@ -142,6 +142,14 @@ def daemon_running(cfg: Config) -> bool | None:
 def check_config() -> None:
     """Validate the configuration; print each problem as KEY: message."""
     cfg = get_config()
+    from bridges.keys import problems
+
+    # A push key the bridge would refuse at start (the daemon would run with that bridge
+    # unhealthy): found here, by the same loaders, before the service starts.
+    found = [tuple(fault.split(": ", 1)) for fault in cfg.bridge_faults.values()]
+    found += [p for p in problems(cfg) if p[0].split(".")[1] not in cfg.bridge_faults]
+    if found:
+        fail([f"{key}: {msg}" for key, msg in found])
     typer.echo(f"ok: {cfg.source}")
 
 
@@ -492,7 +500,10 @@ def jobs_show(job_id: Annotated[str, typer.Argument(metavar="ID")],
                 if r.get("acks"):
                     extra.append("acks=" + ",".join(a["status"] + (f"(+{a['repeats']} repeats)" if a["repeats"] else "")
                                                     for a in r["acks"]))
-                reason = f"  {r['last_error']}" if r.get("last_error") else ""
+                text = r.get("reason") or r.get("last_error")
+                reason = f"  {text}" if text else ""
+                if r.get("moved") and r.get("moved") != text:
+                    reason += f"  ({r['moved']})"
                 typer.echo(f"  {r['device_id']}  {' '.join(extra)}{reason}")
 
 

@@ -24,6 +24,7 @@ import sqlite3
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from devices.models import PLATFORMS
@@ -31,6 +32,7 @@ from gateway import clock
 from gateway import stats
 from gateway.pipeline import jobs, registry
 from gateway.pipeline.routing import ChannelCache, decode, route_of
+from gateway.timeutil import iso
 
 FINAL_DELIVERY_STATES = frozenset({"acknowledged", "failed", "expired", "invalid_address"})
 
@@ -55,6 +57,7 @@ class Result:
     # sent: when the send was handed to the bridge; the ack latency is counted from it.
     # None: the time the result is recorded (tools and tests that write results by hand).
     sent_at: float | None = None
+    moved: str | None = None  # queued: why it left its channel for the next one (kept once sent)
 
 
 # A delivery's first ack, as DeliveryWriter.acknowledge records it: (message_id, when the
@@ -74,7 +77,7 @@ _SENT_AFTER_ACK = ("UPDATE deliveries SET platform = ?, route = ?, attempts = MA
 _RESENT = ("UPDATE deliveries SET attempts = MAX(attempts, ?), resend_at = CASE WHEN state = 'sent' THEN ? END, "
            "last_error = CASE WHEN state = 'sent' THEN ? ELSE last_error END WHERE message_id = ?")
 _REQUEUED = ("UPDATE deliveries SET platform = COALESCE(?, platform), route = COALESCE(?, route), attempts = ?, "
-             "next_at = ?, last_error = ? WHERE message_id = ? AND state = 'queued'")
+             "next_at = ?, last_error = ?, moved = COALESCE(?, moved) WHERE message_id = ? AND state = 'queued'")
 _FINISHED = ("UPDATE deliveries SET state = ?, platform = COALESCE(?, platform), attempts = ?, last_error = ? "
              "WHERE message_id = ? AND state = 'queued'")
 # First acks, each row found by primary key: [message_id, acked_at, latency_ms] each, or
@@ -232,7 +235,8 @@ class DeliveryWriter:
                 elif state != "queued":
                     continue
                 elif r.state == "queued":  # tried again later, maybe on another bridge
-                    sql, params = _REQUEUED, (r.platform, r.route, r.attempts, r.next_at, r.error, r.message_id)
+                    sql, params = _REQUEUED, (r.platform, r.route, r.attempts, r.next_at, r.error, r.moved,
+                                              r.message_id)
                     move(row, "queued", r.route if r.route is not None else row[3],
                          r.platform if r.platform is not None else row[4])
                 else:  # failed | expired | invalid_address
@@ -423,6 +427,29 @@ def due_deliveries(conn: sqlite3.Connection, now: float, limit: int) -> list[Due
                                   "ORDER BY d.next_at LIMIT ?", (now, limit)))
 
 
+def movable_for_route(conn: sqlite3.Connection, route: str, now: float, usable: Iterable[str], limit: int,
+                      skip: frozenset[str] | set[str] = frozenset(), channels: ChannelCache | None = None,
+                      ) -> list[DueDelivery]:
+    """Due queued deliveries of a down bridge whose device has a channel on one of the
+    ``usable`` platforms (the only ones that can move: the rest wait for the bridge)."""
+    rows = conn.execute(_DUE_COLUMNS + "WHERE d.state = 'queued' AND d.route = ? AND d.next_at <= ? "
+                        "AND d.message_id NOT IN (SELECT value FROM json_each(?)) "
+                        "AND EXISTS (SELECT 1 FROM json_each(v.channels) c "
+                        "WHERE c.value->>'platform' IN (SELECT value FROM json_each(?))) LIMIT ?",
+                        (route, now, json.dumps(list(skip)), json.dumps(list(usable)), limit))
+    return _due_rows(rows, channels=channels)
+
+
+def unexplained_for_route(conn: sqlite3.Connection, route: str, now: float, limit: int,
+                          skip: frozenset[str] | set[str] = frozenset(), channels: ChannelCache | None = None,
+                          ) -> list[DueDelivery]:
+    """Due queued deliveries of an unhealthy bridge that do not say yet why they wait."""
+    rows = conn.execute(_DUE_COLUMNS + "WHERE d.state = 'queued' AND d.route = ? AND d.next_at <= ? "
+                        "AND d.last_error IS NULL AND d.message_id NOT IN (SELECT value FROM json_each(?)) LIMIT ?",
+                        (route, now, json.dumps(list(skip)), limit))
+    return _due_rows(rows, channels=channels)
+
+
 def next_due_for_route(conn: sqlite3.Connection, route: str, now: float, resends: bool = True) -> float | None:
     """When the bridge's next delivery (or resend) falls due after ``now``."""
     a = conn.execute("SELECT MIN(next_at) FROM deliveries WHERE state = 'queued' AND route = ? AND next_at > ?",
@@ -504,13 +531,32 @@ def delivery_rows(conn: sqlite3.Connection, job_id: str, limit: int = 100000) ->
     :func:`gateway.pipeline.acks.acks_of_job` gives them)."""
     from gateway.pipeline import acks  # acks writes deliveries through this module
 
-    rows = [dict(r) for r in conn.execute(
-        "SELECT message_id, device_id, state, platform, attempts, last_error, latency_ms FROM deliveries "
-        "WHERE job_id = ? ORDER BY device_id LIMIT ?", (job_id, limit))]
+    now = clock.now()  # next_at is on the gateway's clock
+    rows = []
+    for r in conn.execute("SELECT message_id, device_id, state, platform, route, attempts, last_error, latency_ms, "
+                          "moved, next_at FROM deliveries WHERE job_id = ? ORDER BY device_id LIMIT ?", (job_id, limit)):
+        row = dict(r)
+        row["reason"] = wait_reason(row["state"], row.pop("next_at"), row["last_error"], row["moved"], now)
+        rows.append(row)
     stored = acks.acks_of_job(conn, job_id)
     for row in rows:
         row["acks"] = stored.get(row["message_id"], [])
     return rows
+
+
+def wait_reason(state: str, next_at: float | None, last_error: str | None, moved: str | None,
+                now: float) -> str | None:
+    """Why a queued delivery waits (contract §8), from what its row holds: a bridge that
+    is unhealthy, a retry's backoff, a move to the device's next channel."""
+    if state != "queued":
+        return None
+    if last_error and " unhealthy" in last_error:
+        return f"bridge {last_error}"  # "bridge fcm unhealthy: <why>"
+    if last_error and next_at is not None and next_at > now:
+        return f"backoff until {iso(datetime.fromtimestamp(next_at, UTC))}: {last_error}"
+    if moved:
+        return moved
+    return last_error
 
 
 def _chunks(items: list[Any], n: int = 500) -> Iterator[list[Any]]:
@@ -519,5 +565,5 @@ def _chunks(items: list[Any], n: int = 500) -> Iterator[list[Any]]:
 
 
 __all__ = ["DeliveryWriter", "DueDelivery", "FINAL_DELIVERY_STATES", "FirstAck", "Result", "delivery_rows",
-           "device_of", "devices_of_job", "due_deliveries", "due_for_route", "expand_page", "expiring", "new_message_id", "new_message_ids",
+           "device_of", "devices_of_job", "due_deliveries", "due_for_route", "movable_for_route", "unexplained_for_route", "wait_reason", "expand_page", "expiring", "new_message_id", "new_message_ids",
            "next_due_at", "next_due_for_route", "of_job", "unrouted_due"]

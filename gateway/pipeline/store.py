@@ -29,11 +29,14 @@ from gateway.pipeline.deliveries import (
     due_for_route,
     expand_page,
     expiring,
+    movable_for_route,
     new_message_id,
     new_message_ids,
     next_due_at,
     next_due_for_route,
+    unexplained_for_route,
     unrouted_due,
+    wait_reason,
 )
 from gateway.pipeline.jobs import (
     COUNT_KEYS,
@@ -80,6 +83,6 @@ __all__ = ["COUNT_KEYS", "FINAL_DELIVERY_STATES", "FINAL_JOB_STATES", "AckResult
            "apply_results", "bump", "channel_for", "channel_key", "choose_channel", "clears_done", "count_targets",
            "counters", "delivery_rows", "device_json", "due_deliveries", "due_for_route", "expand_page", "expiring",
            "get_device", "insert_job", "iter_devices", "job_rows", "job_status", "jobs_to_expand", "list_jobs",
-           "mark_dirty", "mark_invalid", "new_message_id", "new_message_ids", "next_due_at", "next_due_for_route",
+           "mark_dirty", "mark_invalid", "movable_for_route", "new_message_id", "new_message_ids", "next_due_at", "next_due_for_route",
            "next_expiry", "owed_clears", "prune", "reject_job", "rejected_status", "remove_device", "settle_jobs",
-           "status_from_row", "submit_job", "unrouted_due", "upsert_device", "upsert_devices"]
+           "status_from_row", "submit_job", "unexplained_for_route", "unrouted_due", "wait_reason", "upsert_device", "upsert_devices"]
