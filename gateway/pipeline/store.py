@@ -965,3 +965,15 @@ def delivery_rows(conn: sqlite3.Connection, job_id: str, limit: int = 100000) ->
     rows = conn.execute("SELECT message_id, device_id, state, platform, attempts, last_error, latency_ms FROM deliveries "
                         "WHERE job_id = ? ORDER BY device_id LIMIT ?", (job_id, limit))
     return [dict(r) for r in rows]
+
+
+def shift_deadlines(conn: sqlite3.Connection, delta: float) -> int:
+    """Move the pipeline's pending deadlines by ``delta`` s (gateway.clock re-anchored):
+    due times of queued deliveries (backoff, retries), resend times of unacked ones, the
+    TTL expiry of open jobs, and the status publishers' throttle bases. Times of what
+    already happened (created_at, sent_at, acked_at, updated_at) are not moved."""
+    return (clock.shift_columns(conn, "deliveries", "next_at", delta, "state = 'queued'")
+            + clock.shift_columns(conn, "deliveries", "resend_at", delta, "state = 'sent'")
+            + clock.shift_columns(conn, "jobs", "expires_at", delta, "state IN ('accepted', 'dispatching')")
+            + clock.shift_columns(conn, "jobs", "status_published_at", delta, "status_published_at > 0")
+            + clock.shift_columns(conn, "jobs", "cloud_published_at", delta, "cloud_published_at > 0"))

@@ -634,3 +634,9 @@ def add_listener(wake: Callable[[], None]) -> None:
 
 def remove_listener(wake: Callable[[], None]) -> None:
     _listeners.discard(wake)
+
+
+def shift_deadlines(conn: sqlite3.Connection, delta: float) -> int:
+    """Move the queued rows' ``created_at`` (the base of the outbox's oldest age) by
+    ``delta`` s (gateway.clock re-anchored). Rows set aside keep their times (history)."""
+    return clock.shift_columns(conn, "upstream_outbox", "created_at", delta)
