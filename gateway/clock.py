@@ -118,6 +118,16 @@ def shift_columns(conn: sqlite3.Connection, table: str, column: str, delta: floa
     return conn.execute(f"UPDATE {table} SET {column} = {column} + ? WHERE {cond}", (delta,)).rowcount
 
 
+def _stored_timeline(stored: tuple[str | None, float, float, float], boot: str | None, mono: float,
+                     wall: float) -> float:
+    """Where the stored timeline is now: exact on the same boot; after a reboot, the wall
+    clock plus the difference saved last, never before the last saved time."""
+    boot_was, mono_offset, saved_at, saved_wall = stored
+    if boot is not None and boot_was == boot:
+        return mono_offset + mono
+    return max(saved_at, wall + (saved_at - saved_wall))
+
+
 def establish(conn: sqlite3.Connection) -> float:
     """Daemon start, in the caller's transaction: re-anchor the clock to the wall clock and
     shift the stored deadlines by how far that moves the timeline; returns the shift (s).
@@ -132,11 +142,7 @@ def establish(conn: sqlite3.Connection) -> float:
     if stored is None:
         offset = wall - mono
     else:
-        if boot is not None and stored[0] == boot:
-            old_now = stored[1] + mono
-        else:
-            _, _, saved_at, saved_wall = stored
-            old_now = max(saved_at, wall + (saved_at - saved_wall))
+        old_now = _stored_timeline(stored, boot, mono, wall)
         offset = old_now - mono
         if abs(wall - old_now) > REANCHOR_MIN_S:
             delta = wall - old_now
@@ -165,12 +171,14 @@ def save(conn: sqlite3.Connection) -> None:
 
 
 def attach(conn: sqlite3.Connection) -> None:
-    """A CLI process: adopt the daemon's time base if it was set on this boot (read only)."""
+    """A CLI process: write on the stored timeline (read only): the daemon's time base if it
+    was set on this boot, else where the daemon's next start will take the timeline from,
+    so that start shifts what this process wrote with everything else."""
     global _offset
     stored = _stored(conn)
-    boot = boot_id()
-    if stored is not None and boot is not None and stored[0] == boot:
-        _offset = stored[1]
+    if stored is not None:
+        mono = time.monotonic()
+        _offset = _stored_timeline(stored, boot_id(), mono, time.time()) - mono
 
 
 async def start(db: Database) -> None:

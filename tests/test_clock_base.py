@@ -209,7 +209,26 @@ def test_a_cli_process_adopts_the_daemons_time_base_on_the_same_boot_only(monkey
     m.boot = "b"
     clock._offset = m.wall - m.mono
     clock.attach(conn)
-    assert clock.now() == m.wall  # nothing stored for this boot: the wall clock
+    assert clock.now() == m.wall  # nothing stored for this boot, and the last save was in step: the wall clock
+
+
+def test_a_cli_process_after_a_reboot_writes_where_the_daemons_next_start_takes_the_timeline_from(monkeypatch, conn):
+    m = Machine(monkeypatch, wall=1_000_000.0, mono=50.0, boot="a")
+    clock.establish(conn)
+    m.wall -= 3600  # stepped back while running: the timeline is an hour ahead at the last save
+    m.advance(30)
+    clock.save(conn)
+    m.boot, m.mono = "b", 7.0  # reboot; a CLI `send` before the daemon starts
+    m.wall += 100
+    clock._offset = m.wall - m.mono
+    clock.attach(conn)
+    cli_time = clock.now()
+    assert cli_time == pytest.approx(m.wall + 3600)
+    shifts = Recorder(monkeypatch)
+    clock._offset = 0.0
+    clock.establish(conn)  # the daemon starts at once: what the CLI wrote moves with the rest
+    assert shifts.deltas == [pytest.approx(-3600.0)]
+    assert cli_time + shifts.deltas[0] == pytest.approx(clock.now())
 
 
 def test_attach_without_the_table_keeps_the_wall_clock(monkeypatch, conn):
