@@ -157,6 +157,7 @@ def test_establish_shifts_the_owners_deadlines_but_not_history(monkeypatch, conn
     conn.execute("INSERT INTO broker_sessions(client_id, created_at, seen_at) VALUES ('c', ?, ?)", (t, t))
     conn.execute("INSERT INTO upstream_outbox(kind, topic, payload, retain, size, created_at) VALUES ('ack', 't', x'', 0, 0, ?)",
                  (t,))
+    conn.execute("INSERT INTO upstream_outbox_held(topic, payload, size, created_at) VALUES ('t', x'', 0, ?)", (t,))
     m.wall += 3600  # a forward step of an hour, then a restart
     m.advance(5)
     clock._offset = 0.0
@@ -173,6 +174,7 @@ def test_establish_shifts_the_owners_deadlines_but_not_history(monkeypatch, conn
     assert one("SELECT value FROM alarm_meta WHERE name = 'alive_at'") == (t + d,)
     assert one("SELECT created_at, seen_at FROM broker_sessions") == (t, t + d)
     assert one("SELECT created_at FROM upstream_outbox") == (t + d,)
+    assert one("SELECT created_at FROM upstream_outbox_held") == (t + d,)
 
 
 def test_establish_on_an_empty_database_shifts_nothing_and_does_not_fail(monkeypatch, conn):
