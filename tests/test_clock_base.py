@@ -146,6 +146,10 @@ def test_establish_shifts_the_owners_deadlines_but_not_history(monkeypatch, conn
                  (t, t, t + 600, t))
     conn.execute("INSERT INTO jobs(job_id, state, source, target, notification, options, created_at, updated_at, "
                  "expires_at, ttl) VALUES ('done', 'completed', 'mqtt', '{}', '{}', '{}', ?, ?, ?, 600)", (t, t, t + 600))
+    conn.execute("INSERT INTO jobs(job_id, state, source, target, notification, options, created_at, updated_at, "
+                 "expires_at, ttl) VALUES ('resending', 'completed', 'mqtt', '{}', '{}', '{}', ?, ?, ?, 600)", (t, t, t + 600))
+    conn.execute("INSERT INTO deliveries(message_id, job_id, device_id, state, next_at, sent_at, resend_at) "
+                 "VALUES ('r', 'resending', 'c', 'sent', ?, ?, ?)", (t, t, t + 15))
     conn.execute("INSERT INTO deliveries(message_id, job_id, device_id, state, next_at) VALUES ('q', 'open', 'a', 'queued', ?)",
                  (t + 30,))
     conn.execute("INSERT INTO deliveries(message_id, job_id, device_id, state, next_at, sent_at, resend_at) "
@@ -167,6 +171,7 @@ def test_establish_shifts_the_owners_deadlines_but_not_history(monkeypatch, conn
     assert one("SELECT expires_at, created_at, updated_at, status_published_at FROM jobs WHERE job_id = 'open'") == \
         (t + 600 + d, t, t, t + d)
     assert one("SELECT expires_at FROM jobs WHERE job_id = 'done'") == (t + 600,)  # finished: history
+    assert one("SELECT expires_at FROM jobs WHERE job_id = 'resending'") == (t + 600 + d,)  # its resends still count
     assert one("SELECT next_at FROM deliveries WHERE message_id = 'q'") == (t + 30 + d,)
     assert one("SELECT next_at, sent_at, resend_at FROM deliveries WHERE message_id = 's'") == (t, t, t + 15 + d)
     assert one("SELECT since, fired_at, due_at FROM alarms WHERE rule = 'door'") == (t, t, t + 20 + d)

@@ -970,10 +970,13 @@ def delivery_rows(conn: sqlite3.Connection, job_id: str, limit: int = 100000) ->
 def shift_deadlines(conn: sqlite3.Connection, delta: float) -> int:
     """Move the pipeline's pending deadlines by ``delta`` s (gateway.clock re-anchored):
     due times of queued deliveries (backoff, retries), resend times of unacked ones, the
-    TTL expiry of open jobs, and the status publishers' throttle bases. Times of what
+    TTL expiry of open jobs and of jobs with resends to come, and the status publishers' throttle bases. Times of what
     already happened (created_at, sent_at, acked_at, updated_at) are not moved."""
     return (clock.shift_columns(conn, "deliveries", "next_at", delta, "state = 'queued'")
             + clock.shift_columns(conn, "deliveries", "resend_at", delta, "state = 'sent'")
-            + clock.shift_columns(conn, "jobs", "expires_at", delta, "state IN ('accepted', 'dispatching')")
+            + clock.shift_columns(conn, "jobs", "expires_at", delta,
+                                  # a completed job's unacked deliveries are resent while its TTL lasts
+                                  "state IN ('accepted', 'dispatching') OR job_id IN (SELECT job_id FROM deliveries"
+                                  " WHERE state = 'sent' AND resend_at IS NOT NULL)")
             + clock.shift_columns(conn, "jobs", "status_published_at", delta, "status_published_at > 0")
             + clock.shift_columns(conn, "jobs", "cloud_published_at", delta, "cloud_published_at > 0"))
