@@ -159,6 +159,10 @@ def test_establish_shifts_the_owners_deadlines_but_not_history(monkeypatch, conn
     conn.execute("INSERT INTO alarms(rule, akey, state, last_seen, updated_at) VALUES ('beat', 's', 'idle', ?, ?)", (t, t))
     conn.execute("INSERT INTO alarm_meta(name, value) VALUES ('alive_at', ?)", (t,))
     conn.execute("INSERT INTO broker_sessions(client_id, created_at, seen_at) VALUES ('c', ?, ?)", (t, t))
+    conn.execute("INSERT INTO broker_messages(client_id, seq, topic, payload, qos, expires_at) VALUES ('c', 1, 't', x'', 1, ?)",
+                 (t + 60,))
+    conn.execute("INSERT INTO broker_retained(topic, payload, qos, stored_at, expires_at) VALUES ('t', x'', 0, ?, ?)",
+                 (t, t + 60))
     conn.execute("INSERT INTO upstream_outbox(kind, topic, payload, retain, size, created_at) VALUES ('ack', 't', x'', 0, 0, ?)",
                  (t,))
     conn.execute("INSERT INTO upstream_outbox_held(topic, payload, size, created_at) VALUES ('t', x'', 0, ?)", (t,))
@@ -178,6 +182,8 @@ def test_establish_shifts_the_owners_deadlines_but_not_history(monkeypatch, conn
     assert one("SELECT last_seen FROM alarms WHERE rule = 'beat'") == (t + d,)
     assert one("SELECT value FROM alarm_meta WHERE name = 'alive_at'") == (t + d,)
     assert one("SELECT created_at, seen_at FROM broker_sessions") == (t, t + d)
+    assert one("SELECT expires_at FROM broker_messages") == (t + 60 + d,)
+    assert one("SELECT stored_at, expires_at FROM broker_retained") == (t, t + 60 + d)
     assert one("SELECT created_at FROM upstream_outbox") == (t + d,)
     assert one("SELECT created_at FROM upstream_outbox_held") == (t + d,)
 

@@ -485,6 +485,9 @@ def _apply(conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
 
 
 def shift_deadlines(conn: sqlite3.Connection, delta: float) -> int:
-    """Move the persistent sessions' last disconnect (the base of their expiry) by ``delta``
-    s (gateway.clock re-anchored)."""
-    return clock.shift_columns(conn, "broker_sessions", "seen_at", delta)
+    """Move the persistent sessions' last disconnect (the base of their expiry) and the ends
+    of stored messages' and retained messages' Message Expiry Interval by ``delta`` s
+    (gateway.clock re-anchored)."""
+    return (clock.shift_columns(conn, "broker_sessions", "seen_at", delta)
+            + clock.shift_columns(conn, "broker_messages", "expires_at", delta)
+            + clock.shift_columns(conn, "broker_retained", "expires_at", delta))
