@@ -29,6 +29,7 @@ import structlog
 
 from bridges.base import Bridge, BridgeContext, Delivery, Outcome
 from gateway.config import SimulationBridge
+from gateway.secret_files import Problems
 from gateway.storage import is_storage_error
 from gateway.timeutil import iso, utcnow
 
@@ -150,5 +151,10 @@ class SimulatedFleet(Bridge):
                 task.cancel()
 
 
-def build(section: SimulationBridge, ctx: BridgeContext) -> Bridge:
+def load_secrets(section: SimulationBridge, problems: Problems) -> None:
+    """A simulated fleet needs no secret."""
+    return None
+
+
+def build(section: SimulationBridge, ctx: BridgeContext, secrets: None = None) -> Bridge:
     return SimulatedFleet(section, ctx)

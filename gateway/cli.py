@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from gateway.config import Config, ConfigError, load_config
+from gateway.config import Config, ConfigError, LoadedConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="homepot-gateway: edge MQTT broker and durable push fan-out for a HOMEPOT site.")
@@ -43,16 +43,22 @@ def fail(lines: list[str] | str, code: int = 2) -> None:
 
 
 def get_config() -> Config:
-    """The config by the contract's lookup order; then, run as root against a data dir that
-    another user owns (the service's), become that user (gateway/privileges.py)."""
+    """The configuration alone (see :func:`get_loaded`)."""
+    return get_loaded().config
+
+
+def get_loaded() -> LoadedConfig:
+    """The config and its secrets by the contract's lookup order; then, run as root against a
+    data dir that another user owns (the service's), become that user (gateway/privileges.py)."""
     from gateway.config import shadow_note
     from gateway.privileges import become_owner_of
 
     try:
-        cfg = load_config(state.config_path)
+        loaded = load_config(state.config_path)
     except ConfigError as exc:
         fail(exc.lines())
         raise  # unreachable
+    cfg = loaded.config
     from gateway.storage import SqliteTooOld, check_sqlite
 
     try:
@@ -66,7 +72,7 @@ def get_config() -> Config:
         become_owner_of(cfg.data_dir)
     except OSError as exc:
         fail(f"gateway.data_dir: cannot switch to the owner of {cfg.data_dir}: {exc.strerror}")
-    return cfg
+    return loaded
 
 
 def daemon_running(cfg: Config) -> bool | None:
@@ -89,12 +95,12 @@ def check_config() -> None:
 @app.command("run")
 def run() -> None:
     """Run the daemon in the foreground."""
-    cfg = get_config()
+    loaded = get_loaded()
     from gateway.daemon import run_daemon
     from gateway.logs import setup_logging
 
-    setup_logging(cfg.logging.level, cfg.logging.format)
-    raise typer.Exit(run_daemon(cfg))
+    setup_logging(loaded.config.logging.level, loaded.config.logging.format)
+    raise typer.Exit(run_daemon(loaded))
 
 
 @users_app.command("add")

@@ -24,7 +24,7 @@ import structlog
 
 from gateway import __version__, gc_tuning
 from gateway.broker import BrokerStartError, EmbeddedBroker, InternalCredentials
-from gateway.config import Config, ConfigError, load_config
+from gateway.config import Config, ConfigError, LoadedConfig, load_config
 from gateway.lock import AlreadyRunning, DaemonLock
 from gateway.mqtt import ConnectionSettings, GatewayClient, NotConnected
 from gateway.sdnotify import Notifier
@@ -50,9 +50,12 @@ ReloadCallback = Callable[[Config], Awaitable[None] | None]
 
 
 class Daemon:
-    def __init__(self, cfg: Config, service_factory: ServiceFactory | None = None,
+    def __init__(self, loaded: LoadedConfig, service_factory: ServiceFactory | None = None,
                  environ: dict[str, str] | None = None):
-        self.cfg = cfg
+        cfg = loaded.config
+        self.cfg = cfg  # as started; a reload hands callbacks a new one and never swaps this
+        self.secrets = loaded.secrets
+        self.log_level = cfg.logging.level  # the level in force: SIGHUP may change it
         self.topics = Topics(cfg.prefix)
         self.notifier = Notifier(environ)
         self.started_at = iso(utcnow())
@@ -77,7 +80,7 @@ class Daemon:
         is now invalid). A callback drops what it caches from files or accounts (the HTTP
         API's verified credentials, say); it may be a coroutine function; one that raises is
         logged and does not stop the others. ``self.cfg`` keeps the values the daemon
-        started with, except ``logging.level``, which is applied.
+        started with; the new ``logging.level`` is applied (:attr:`log_level`).
         """
         self._reload_callbacks.append((name or getattr(callback, "__qualname__", repr(callback)), callback))
 
@@ -91,7 +94,8 @@ class Daemon:
             username, password = self.internal.username, self.internal.password
         else:
             username = b.username or None
-            password = b.password.get_secret_value() if b.password else None
+            secret = self.secrets.broker.password
+            password = secret.get_secret_value() if secret else None
         return ConnectionSettings(
             url=b.url,
             client_id=f"homepot-gateway-{self.cfg.gateway.site_id}",
@@ -175,19 +179,20 @@ class Daemon:
         effective = self.cfg
         source = self.cfg.source
         try:
-            new = await asyncio.to_thread(load_config, source) if source is not None else None
+            loaded = await asyncio.to_thread(load_config, source) if source is not None else None
+            new = loaded.config if loaded is not None else None
         except ConfigError as exc:
             new = None
             log.error("reload: the config file is invalid; keeping the running configuration",
                       config=str(source), problems=exc.lines())
         if new is not None:
             effective = new
-            if new.logging.level != self.cfg.logging.level:
+            if new.logging.level != self.log_level:
                 from gateway.logs import set_level
 
-                log.info("reload: log level changed", old=self.cfg.logging.level, new=new.logging.level)
+                log.info("reload: log level changed", old=self.log_level, new=new.logging.level)
                 set_level(new.logging.level)
-                self.cfg.logging.level = new.logging.level
+                self.log_level = new.logging.level
                 reloaded.append("logging.level")
             restart = [key for key in _changed_keys(self.cfg.model_dump(mode="json"), new.model_dump(mode="json"))
                        if key != "logging.level"]
@@ -345,16 +350,16 @@ def _core_services(daemon: Daemon) -> list[Service]:
     from gateway.pipeline import Pipeline
 
     if daemon.cfg.upstream is None:
-        pipeline = Pipeline(daemon.cfg, daemon.db)
+        pipeline = Pipeline(daemon.cfg, daemon.db, secrets=daemon.secrets)
         daemon.pipeline = pipeline
         services: list[Service] = [pipeline]
     else:
         from gateway.upstream import UpstreamLink, outbox
 
         # Status changes and acks are queued for the cloud in the pipeline's own transactions.
-        pipeline = Pipeline(daemon.cfg, daemon.db, forward=outbox)
+        pipeline = Pipeline(daemon.cfg, daemon.db, forward=outbox, secrets=daemon.secrets)
         daemon.pipeline = pipeline
-        services = [pipeline, UpstreamLink(daemon.cfg, daemon.db, pipeline)]
+        services = [pipeline, UpstreamLink(daemon.cfg, daemon.db, pipeline, secrets=daemon.secrets.upstream)]
     # Last: its routes come after the pipeline's, so a rule never takes P/jobs or device acks away.
     services.append(AlarmService(daemon.cfg, daemon.db, pipeline))
     return services
@@ -376,9 +381,9 @@ def _observer_services(daemon: Daemon) -> list[Service]:
     return [reporter, http]
 
 
-def run_daemon(cfg: Config) -> int:
+def run_daemon(loaded: LoadedConfig) -> int:
     gc_tuning.tune()
-    return asyncio.run(Daemon(cfg).run())
+    return asyncio.run(Daemon(loaded).run())
 
 
 __all__ = ["Daemon", "run_daemon"]

@@ -15,7 +15,7 @@ import structlog
 
 from bridges.base import Bridge, BridgeConfigError, BridgeContext
 from bridges.registry import build_bridges
-from gateway.config import Config
+from gateway.config import Config, Secrets
 from gateway.mqtt import GatewayClient
 from gateway.pipeline import schema, store
 from gateway.pipeline.dispatcher import Dispatcher, Expander
@@ -37,8 +37,12 @@ CLOSE_S = 0.5  # bridges close (in parallel)
 class Pipeline:
     name = "pipeline"
 
-    def __init__(self, cfg: Config, db: Database, forward: store.Forwarder | None = None):
+    def __init__(self, cfg: Config, db: Database, forward: store.Forwarder | None = None,
+                 secrets: Secrets | None = None):
         self.cfg = cfg
+        # Without loaded secrets only secret-less platforms (simulation, mqtt) can start;
+        # the others refuse with a BridgeConfigError naming the key.
+        self.secrets = secrets if secrets is not None else Secrets()
         self.db = db
         self.topics = Topics(cfg.prefix)
         self.forward = forward
@@ -65,7 +69,7 @@ class Pipeline:
         client.route(self.topics.device_ack(), self._gate(self.intake.on_ack_message), qos=1)
         ctx = BridgeContext(client=client, topics=self.topics, data_dir=self.cfg.data_dir,
                             on_ack=self._bridge_ack, on_acks=self._bridge_acks)
-        self.bridges = build_bridges(self.cfg, ctx)
+        self.bridges = build_bridges(self.cfg, self.secrets, ctx)
         self.expander = Expander(self.db, self.cfg.dispatch.batch_size, self._on_page, platforms=list(self.bridges))
         resend = {name for name in self.bridges if getattr(self.cfg.bridges, name).resend_unacked}
         self.dispatcher = Dispatcher(self.cfg.dispatch, self.db, self.bridges, self.recorder, resend=resend)
