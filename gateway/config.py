@@ -21,7 +21,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -534,11 +534,11 @@ def shadow_note(explicit: str | os.PathLike[str] | None) -> str | None:
 def _leaf_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> dict[str, tuple[tuple[str, ...], Any]]:
     """Map ``SECTION_KEY`` env suffixes to (dotted path, annotation), derived from the models."""
     out: dict[str, tuple[tuple[str, ...], Any]] = {}
-    for name, field in model.model_fields.items():
-        if field.exclude or name == "source":
+    for name, info in model.model_fields.items():
+        if info.exclude or name == "source":
             continue
         path = prefix + (name,)
-        ann = field.annotation
+        ann = info.annotation
         sub = _model_of(ann)
         if sub is not None:
             out.update(_leaf_paths(sub, path))
