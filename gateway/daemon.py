@@ -18,7 +18,7 @@ import json
 import inspect
 import signal
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -32,6 +32,9 @@ from gateway.service import Service
 from gateway.storage import Database
 from gateway.timeutil import iso, utcnow
 from gateway.topics import Topics
+
+if TYPE_CHECKING:
+    from gateway.alarms.service import AlarmService
 
 log = structlog.get_logger(__name__)
 
@@ -340,12 +343,13 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 def default_services(daemon: Daemon) -> list[Service]:
     """The services a daemon runs: the pipeline (and upstream link) and the alarms, then the
     health reporter and, with [http], the HTTP API."""
-    services = _core_services(daemon)
-    return [*services, *_observer_services(daemon)]
+    services, alarms = _core_services(daemon)
+    return [*services, *_observer_services(daemon, alarms)]
 
 
-def _core_services(daemon: Daemon) -> list[Service]:
-    """The pipeline, the upstream link and the alarms."""
+def _core_services(daemon: Daemon) -> tuple[list[Service], AlarmService]:
+    """The pipeline, the upstream link and the alarms (also returned alone: the operator
+    page acknowledges alarms through it)."""
     from gateway.alarms.service import AlarmService
     from gateway.pipeline import Pipeline
 
@@ -361,11 +365,12 @@ def _core_services(daemon: Daemon) -> list[Service]:
         daemon.pipeline = pipeline
         services = [pipeline, UpstreamLink(daemon.cfg, daemon.db, pipeline, secrets=daemon.secrets.upstream)]
     # Last: its routes come after the pipeline's, so a rule never takes P/jobs or device acks away.
-    services.append(AlarmService(daemon.cfg, daemon.db, pipeline))
-    return services
+    alarms = AlarmService(daemon.cfg, daemon.db, pipeline)
+    services.append(alarms)
+    return services, alarms
 
 
-def _observer_services(daemon: Daemon) -> list[Service]:
+def _observer_services(daemon: Daemon, alarms: AlarmService) -> list[Service]:
     """runtime.json for `status`, /healthz and /metrics; the HTTP API when [http] is set."""
     from gateway.health import HealthReporter
 
@@ -374,7 +379,7 @@ def _observer_services(daemon: Daemon) -> list[Service]:
         return [reporter]
     from gateway.http import HttpService
 
-    http = HttpService(daemon, reporter)
+    http = HttpService(daemon, reporter, alarms)
     if daemon.pipeline is not None:
         daemon.pipeline.ack_url = http.ack_url  # every payload carries its signed ack URL (§8)
     daemon.on_reload(http.auth.invalidate, name="http credential cache")  # SIGHUP: forget cached logins

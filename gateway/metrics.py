@@ -15,8 +15,8 @@ Three kinds of source, none of which costs the pipeline anything between scrapes
 (prometheus_client collectors: objects with ``collect()`` yielding metric families); the
 HTTP service registers them at start. ``collect()`` runs in a worker thread: read values
 that are safe to read there (numbers, a snapshot, your own SQLite connection). The alarms
-service could use it; ``homepot_alarms_firing`` and ``homepot_alarms{state}`` are read
-from the alarms table here.
+service could use it; ``homepot_alarms_firing`` and ``homepot_alarms{state}`` come from
+:func:`gateway.alarms.summary.summary`, like `status` and the operator page.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, GCCollector, PlatformC
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from gateway import stats
+from gateway.alarms.summary import summary as alarm_summary
 
 log = structlog.get_logger(__name__)
 
@@ -202,7 +203,7 @@ class DatabaseCollector:
             jobs = stats.jobs_by_state(conn)
             devices = stats.device_count(conn)
             backlog = stats.upstream_backlog(conn)
-            alarms = stats.alarms_by_state(conn)
+            alarms = alarm_summary(conn)
         finally:
             conn.execute("COMMIT")
         deliveries = GaugeMetricFamily(f"{NS}_deliveries", "deliveries now in each state, by platform of the last "
@@ -237,10 +238,10 @@ class DatabaseCollector:
         yield dev
         if alarms is not None:
             firing = GaugeMetricFamily(f"{NS}_alarms_firing", "alarms firing now (sensor rules)")
-            firing.add_metric([], float(alarms.get("firing", 0)))
+            firing.add_metric([], float(alarms.count("firing")))
             yield firing
             by_state = GaugeMetricFamily(f"{NS}_alarms", "alarm records by state", labels=["state"])
-            for state, n in sorted(alarms.items()):
+            for state, n in sorted(alarms.by_state.items()):
                 by_state.add_metric([state], float(n))
             yield by_state
         if backlog is not None:

@@ -318,34 +318,6 @@ def upstream_backlog(conn: sqlite3.Connection) -> dict[str, Any] | None:
         return None  # a schema the upstream link changed: the link's own metrics still count
 
 
-def alarms_firing(conn: sqlite3.Connection) -> list[dict[str, Any]] | None:
-    """Alarms in state ``firing`` when the alarms table exists, else None."""
-    if not has_table(conn, "alarms"):
-        return None
-    try:
-        cols = {r[1] for r in conn.execute("PRAGMA table_info(alarms)")}
-        if "state" not in cols:
-            return None
-        # gateway.alarms.store names the key column ``akey``; shown as ``key`` (AlarmState).
-        names = [(c, "key" if c == "akey" else c) for c in ("rule", "akey", "key", "value", "since", "fired_at")
-                 if c in cols]
-        select = ", ".join(c for c, _ in names) or "state"
-        rows = conn.execute(f"SELECT {select} FROM alarms WHERE state = 'firing' ORDER BY rule").fetchall()
-        return [{label: v for (_, label), v in zip(names, r)} for r in rows]
-    except sqlite3.Error:
-        return None
-
-
-def alarms_by_state(conn: sqlite3.Connection) -> dict[str, int] | None:
-    """Alarm records per state (pending, firing, acknowledged, ...), or None without alarms."""
-    if not has_table(conn, "alarms"):
-        return None
-    try:
-        return {r[0]: int(r[1]) for r in conn.execute("SELECT state, COUNT(*) FROM alarms GROUP BY state")}
-    except sqlite3.Error:
-        return None
-
-
-__all__ = ["LATENCY_BUCKETS_MS", "UNASSIGNED", "ack_latency", "alarms_by_state", "alarms_firing", "counters", "delivery_counts",
+__all__ = ["LATENCY_BUCKETS_MS", "UNASSIGNED", "ack_latency", "counters", "delivery_counts",
            "device_count", "jobs_by_state", "migrate", "oldest_queued", "oldest_queued_overall", "prepare", "recount",
            "snapshot", "apply_changes", "stale", "tracking", "upstream_backlog"]

@@ -33,6 +33,7 @@ from gateway.http.errors import HTTP_CODES, ApiError, error_response
 from gateway.http.reader import Reader
 from gateway.http.routes import Api
 from gateway.http.sessions import SessionStore
+from gateway.http.static import StaticFiles
 from gateway.metrics import Metrics
 from gateway.mqtt import GatewayClient
 from gateway.pipeline.models import MAX_JOB_BYTES
@@ -40,14 +41,14 @@ from gateway.pipeline.models import MAX_JOB_BYTES
 if TYPE_CHECKING:
     from gateway.daemon import Daemon
     from gateway.health import HealthReporter
+    from gateway.http.ui import AlarmAcks
 
 log = structlog.get_logger(__name__)
 
 HEADER_TIMEOUT_S = 10.0
 SHUTDOWN_S = 2.0
 WEB_DIR = Path(devices.__file__).resolve().parent / "web"  # the package's data (pyproject package-data)
-WEB_TYPES = {".js": "text/javascript", ".html": "text/html", ".css": "text/css", ".json": "application/json",
-             ".webmanifest": "application/manifest+json", ".png": "image/png", ".svg": "image/svg+xml"}
+WEB_FILES = StaticFiles(WEB_DIR, "/web/", frozenset({".js", ".html", ".css", ".json", ".webmanifest", ".png", ".svg"}))
 
 
 class HttpStartError(Exception):
@@ -79,11 +80,12 @@ class Pulse:
 class HttpService:
     name = "http"
 
-    def __init__(self, daemon: "Daemon", reporter: "HealthReporter"):
+    def __init__(self, daemon: "Daemon", reporter: "HealthReporter", alarms: "AlarmAcks"):
         assert daemon.cfg.http is not None
         self.daemon = daemon
         self.cfg = daemon.cfg.http
         self.reporter = reporter
+        self.alarms = alarms
         self.started = asyncio.Event()
         self.stopping = asyncio.Event()
         self.changes = Pulse()
@@ -175,13 +177,7 @@ class HttpService:
     async def _web_file(self, request: web.Request) -> web.StreamResponse:
         """The Web Push client (devices/web/): public, static, only the files that exist there."""
         name = request.match_info.get("name", "") or "index.html"
-        path = (WEB_DIR / name).resolve()
-        if path.parent != WEB_DIR.resolve() or path.suffix not in WEB_TYPES or not path.is_file():
-            raise ApiError(404, "not_found", f"no such file: /web/{name}"[:200])
-        headers = {"Content-Type": WEB_TYPES[path.suffix], "Cache-Control": "no-cache"}
-        if name == "sw.js":
-            headers["Service-Worker-Allowed"] = "/web/"
-        return web.FileResponse(path, headers=headers)
+        return WEB_FILES.response(name, {"Service-Worker-Allowed": "/web/"} if name == "sw.js" else None)
 
     # ------------------------------------------------------------------ lifecycle
     def _ssl_context(self) -> ssl.SSLContext | None:

@@ -31,6 +31,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gateway import stats
+from gateway.alarms.summary import AlarmSummary
+from gateway.alarms.summary import summary as alarm_summary
 from gateway.timeutil import iso
 
 COUNT_KEYS = ("queued", "sent", "acknowledged", "failed", "expired", "invalid_address")
@@ -370,27 +372,28 @@ def known_devices(conn: sqlite3.Connection, device_ids: list[str]) -> set[str]:
 
 
 # ------------------------------------------------------------------ alarms
-def _alarm_json(row: sqlite3.Row) -> dict[str, Any]:
+def _alarm_json(row: Any) -> dict[str, Any]:
+    """An alarm row (the table's, or a summary's with ``key``) as the page shows it."""
     def loads(text: str | None) -> Any:
         try:
             return None if text is None else json.loads(text)
         except ValueError:
             return text
 
-    return {"rule": row["rule"], "key": row["akey"], "state": row["state"], "value": loads(row["value"]),
+    key = row["key"] if isinstance(row, dict) else row["akey"]
+    return {"rule": row["rule"], "key": key, "state": row["state"], "value": loads(row["value"]),
             "since": _iso_ts(row["since"]), "fired_at": _iso_ts(row["fired_at"]),
             "acknowledged_by": row["acknowledged_by"], "note": row["note"], "escalation_step": row["escalation_step"],
             "jobs": loads(row["jobs"]) or [], "next_escalation_at": _iso_ts(row["due_at"]) if row["state"] == "firing" else None}
 
 
+def _counts(summary: AlarmSummary | None) -> dict[str, int]:
+    """Every state the page shows, zero when none (or no alarms table)."""
+    return {state: summary.count(state) if summary is not None else 0 for state in ALARM_STATES}
+
+
 def alarm_counts(conn: sqlite3.Connection) -> dict[str, int]:
-    out = dict.fromkeys(ALARM_STATES, 0)
-    if not stats.has_table(conn, "alarms"):
-        return out
-    for state, n in conn.execute("SELECT state, COUNT(*) FROM alarms GROUP BY state"):
-        if state in out:
-            out[state] = n
-    return out
+    return _counts(alarm_summary(conn, firing_limit=0))
 
 
 def alarms_digest(conn: sqlite3.Connection) -> tuple[Any, ...]:
@@ -415,11 +418,6 @@ def alarms_page(conn: sqlite3.Connection, state: str = "firing", after: tuple[st
             "next": [rows[-1]["rule"], rows[-1]["akey"]] if more else None}
 
 
-def alarms_firing(conn: sqlite3.Connection, limit: int = 10) -> list[dict[str, Any]]:
-    if not stats.has_table(conn, "alarms"):
-        return []
-    return [_alarm_json(r) for r in conn.execute(
-        "SELECT * FROM alarms WHERE state = 'firing' ORDER BY fired_at LIMIT ?", (limit,))]
 
 
 def alarm(conn: sqlite3.Connection, rule: str, key: str) -> dict[str, Any] | None:
@@ -455,8 +453,14 @@ def now_from_db(conn: sqlite3.Connection, now: float | None = None) -> dict[str,
         "devices": stats.device_count(conn),
         "jobs_active": active,
         "upstream_backlog": stats.upstream_backlog(conn),
-        "alarms": {"counts": alarm_counts(conn), "firing": alarms_firing(conn)},
+        "alarms": _alarms_now(conn),
     }
+
+
+def _alarms_now(conn: sqlite3.Connection, firing_limit: int = 10) -> dict[str, Any]:
+    """Counts by state and the longest-firing alarms, from the one alarm summary."""
+    summary = alarm_summary(conn, firing_limit)
+    return {"counts": _counts(summary), "firing": [_alarm_json(a) for a in summary.firing] if summary else []}
 
 
 def _bucket_quantile(h: dict[str, Any], q: float) -> float | None:

@@ -113,7 +113,8 @@ class Intake:
         topic = self.topics.device_register(device_id)
         try:
             if not DEVICE_ID_RE.match(device_id):
-                raise InputError("invalid_device", f"device_id: {device_id!r} in the topic must match [A-Za-z0-9._:-]{{1,128}}")
+                raise InputError.at("invalid_device", "device_id",
+                                    f"{device_id!r} in the topic must match [A-Za-z0-9._:-]{{1,128}}")
             if not payload:
                 removed = await self.recorder.remove(device_id)
                 log.info("device removed" if removed else "device to remove was unknown", device_id=device_id)
