@@ -29,6 +29,7 @@ from bridges.base import Bridge, BridgeConfigError, BridgeContext, Delivery, Out
 from devices.models import ApnsChannel
 from gateway.config import ApnsBridge
 from gateway.secret_files import Problems, given, read_secret, require_file
+from gateway.timeutil import iso_ts
 
 log = structlog.get_logger(__name__)
 
@@ -249,11 +250,7 @@ class ApnsBridgeImpl(Bridge):
         if reason in INVALID_ADDRESS or status == 410:
             ts = body.get("timestamp")
             if isinstance(ts, (int, float)):
-                from datetime import UTC, datetime
-
-                from gateway.timeutil import iso
-
-                since = iso(datetime.fromtimestamp(ts / 1000, UTC))
+                since = iso_ts(ts / 1000)
                 return Outcome.invalid_address(f"{reason} since {since}", status), reason
             return Outcome.invalid_address(reason, status), reason
         if reason in CONFIG_ERRORS:

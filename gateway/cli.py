@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from gateway.config import Config, ConfigError, LoadedConfig, load_config
+from gateway.states import DELIVERY_STATES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="homepot-gateway: edge MQTT broker and durable push fan-out for a HOMEPOT site.")
@@ -399,7 +400,7 @@ def jobs_show(job_id: Annotated[str, typer.Argument(metavar="ID")],
     if error:
         typer.echo(f"error: {error.get('code')}: {error.get('message')}", err=True)
     if deliveries:
-        order = ["queued", "sent", "acknowledged", "failed", "expired", "invalid_address"]
+        order = list(DELIVERY_STATES)
         for st in sorted({r["state"] for r in rows}, key=lambda x: order.index(x) if x in order else len(order)):
             group = [r for r in rows if r["state"] == st]
             typer.echo(f"{st} ({len(group)}):")

@@ -34,6 +34,7 @@ from gateway.pipeline.models import (
     parse_job,
     readable_job_id,
 )
+from gateway.states import FINAL_JOB_STATES
 from gateway.storage import STORAGE_ERRORS
 from gateway.timeutil import iso, utcnow
 
@@ -47,7 +48,6 @@ READY_TIMEOUT_S = 5.0
 SSE_POLL_S = 1.0
 SSE_MIN_INTERVAL_S = 0.2
 SSE_KEEPALIVE_S = 15.0
-FINAL_STATES = frozenset({"completed", "acknowledged", "rejected"})
 MAX_LIST = 10_000
 DEFAULT_LIST = 1000
 ACK_CORS = {"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Methods": "POST, OPTIONS",
@@ -207,7 +207,7 @@ class Api:
             if status != last:
                 await resp.write(_event("status", status))
                 last, last_write = status, time.monotonic()
-            if status["state"] in FINAL_STATES or stopping.is_set():
+            if status["state"] in FINAL_JOB_STATES or stopping.is_set():
                 break
             await asyncio.sleep(SSE_MIN_INTERVAL_S)
             await self.svc.changes.wait(SSE_POLL_S, stopping)

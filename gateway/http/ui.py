@@ -45,6 +45,7 @@ from gateway.pipeline.models import (
     decode_json_object,
     parse_job,
 )
+from gateway.states import JobState
 from gateway.storage import STORAGE_ERRORS
 from gateway.timeutil import parse_iso
 
@@ -72,6 +73,8 @@ PAGE_HEADERS = {
     "Cache-Control": "no-store",
 }
 NO_STORE = {"Cache-Control": "no-store"}
+# The page's filter lists them in this order (the API's error message too).
+JOB_STATES = (JobState.ACCEPTED, JobState.REJECTED, JobState.DISPATCHING, JobState.COMPLETED, JobState.ACKNOWLEDGED)
 
 
 class AlarmAcks(Protocol):
@@ -275,8 +278,8 @@ class OperatorPage:
         query = request.query
         limit = _int(query.get("limit"), 20, "limit")
         state = query.get("state", "")
-        if state and state not in ("accepted", "rejected", "dispatching", "completed", "acknowledged"):
-            raise ApiError(400, "bad_request", "state: one of accepted, rejected, dispatching, completed, acknowledged")
+        if state and state not in JOB_STATES:
+            raise ApiError(400, "bad_request", f"state: one of {', '.join(JOB_STATES)}")
         prefix = _prefix(query.get("q", ""), "q")
         before = query.get("before") or None
         return json_response(await self._read(lambda c: q.jobs_page(c, limit, before, state or None, prefix)),

@@ -26,18 +26,17 @@ import json
 import re
 import sqlite3
 import time
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 from gateway import stats
 from gateway.alarms.summary import AlarmSummary
 from gateway.alarms.summary import summary as alarm_summary
-from gateway.timeutil import iso
+from gateway.states import DELIVERY_STATES, PROBLEM_DELIVERY_STATES
+from gateway.timeutil import iso_ts
 
-COUNT_KEYS = ("queued", "sent", "acknowledged", "failed", "expired", "invalid_address")
-DELIVERY_STATES = COUNT_KEYS
-PROBLEM_STATES = ("failed", "expired", "invalid_address")
+COUNT_KEYS = DELIVERY_STATES
+PROBLEM_STATES = PROBLEM_DELIVERY_STATES
 ALARM_STATES = ("firing", "acknowledged", "pending", "cleared")
 ID_CHARS = re.compile(r"^[A-Za-z0-9._:-]{0,128}$")
 MAX_PAGE = 200
@@ -101,10 +100,6 @@ def migrate(conn: sqlite3.Connection) -> None:
 
 
 # ------------------------------------------------------------------ helpers
-def _iso_ts(ts: float | None) -> str | None:
-    return None if ts is None else iso(datetime.fromtimestamp(ts, UTC))
-
-
 def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
     return {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
 
@@ -140,7 +135,7 @@ def job_summary(row: sqlite3.Row) -> dict[str, Any]:
         "job_id": row["job_id"], "state": row["state"],
         "error": json.loads(error) if error else None,
         "counts": {"targets": row["targets"], **{k: row[k] for k in COUNT_KEYS}},
-        "created_at": _iso_ts(row["created_at"]), "updated_at": _iso_ts(row["updated_at"]),
+        "created_at": iso_ts(row["created_at"]), "updated_at": iso_ts(row["updated_at"]),
         "source": row["source"], "title": notification.get("title"), "priority": notification.get("priority"),
         "cursor": encode_job_cursor(row["created_at"], row["job_id"]),  # a page that ends here continues from it
     }
@@ -200,7 +195,7 @@ def job_detail(conn: sqlite3.Connection, job_id: str) -> dict[str, Any] | None:
     except (TypeError, ValueError):
         notification = {}
     out["notification"] = {k: notification.get(k) for k in ("title", "body", "priority", "ttl", "collapse_key", "data")}
-    out["expires_at"] = _iso_ts(row["expires_at"])
+    out["expires_at"] = iso_ts(row["expires_at"])
     out["latency"] = job_latency(conn, job_id)
     return out
 
@@ -255,8 +250,8 @@ def deliveries_page(conn: sqlite3.Connection, job_id: str, states: tuple[str, ..
     rows = rows[:limit]
     return {"deliveries": [{"message_id": r["message_id"], "device_id": r["device_id"], "state": r["state"],
                             "platform": r["platform"], "attempts": r["attempts"], "reason": r["last_error"],
-                            "latency_ms": r["latency_ms"], "sent_at": _iso_ts(r["sent_at"]),
-                            "acked_at": _iso_ts(r["acked_at"])} for r in rows],
+                            "latency_ms": r["latency_ms"], "sent_at": iso_ts(r["sent_at"]),
+                            "acked_at": iso_ts(r["acked_at"])} for r in rows],
             "next": rows[-1]["device_id"] if more else None}
 
 
@@ -294,7 +289,7 @@ def device_summary(row: sqlite3.Row, last_ack: float | None) -> dict[str, Any]:
     except (TypeError, ValueError):
         tags = []
     return {"device_id": row["device_id"], "segment": row["segment"], "tags": tags, "channels": _channels(row),
-            "updated_at": _iso_ts(row["updated_at"]), "last_ack_at": _iso_ts(last_ack)}
+            "updated_at": iso_ts(row["updated_at"]), "last_ack_at": iso_ts(last_ack)}
 
 
 def devices_page(conn: sqlite3.Connection, prefix: str = "", segment: str = "", tag: str = "", after: str = "",
@@ -351,13 +346,13 @@ def device_detail(conn: sqlite3.Connection, device_id: str, recent: int = 20) ->
     ack = conn.execute("SELECT a.status, a.at, a.received_at, a.message_id, d.job_id FROM acks a "
                        "JOIN deliveries d ON d.message_id = a.message_id WHERE d.device_id = ? "
                        "ORDER BY a.received_at DESC LIMIT 1", (device_id,)).fetchone()
-    out["last_ack"] = ({"status": ack["status"], "at": ack["at"], "received_at": _iso_ts(ack["received_at"]),
+    out["last_ack"] = ({"status": ack["status"], "at": ack["at"], "received_at": iso_ts(ack["received_at"]),
                         "job_id": ack["job_id"]} if ack else None)
     rows = conn.execute("SELECT d.job_id, d.state, d.platform, d.attempts, d.last_error, d.latency_ms, j.created_at "
                         "FROM deliveries d JOIN jobs j ON j.job_id = d.job_id WHERE d.device_id = ? "
                         "ORDER BY j.created_at DESC LIMIT ?", (device_id, recent)).fetchall()
     out["recent"] = [{"job_id": r["job_id"], "state": r["state"], "platform": r["platform"], "attempts": r["attempts"],
-                      "reason": r["last_error"], "latency_ms": r["latency_ms"], "created_at": _iso_ts(r["created_at"])}
+                      "reason": r["last_error"], "latency_ms": r["latency_ms"], "created_at": iso_ts(r["created_at"])}
                      for r in rows]
     return out
 
@@ -382,9 +377,9 @@ def _alarm_json(row: Any) -> dict[str, Any]:
 
     key = row["key"] if isinstance(row, dict) else row["akey"]
     return {"rule": row["rule"], "key": key, "state": row["state"], "value": loads(row["value"]),
-            "since": _iso_ts(row["since"]), "fired_at": _iso_ts(row["fired_at"]),
+            "since": iso_ts(row["since"]), "fired_at": iso_ts(row["fired_at"]),
             "acknowledged_by": row["acknowledged_by"], "note": row["note"], "escalation_step": row["escalation_step"],
-            "jobs": loads(row["jobs"]) or [], "next_escalation_at": _iso_ts(row["due_at"]) if row["state"] == "firing" else None}
+            "jobs": loads(row["jobs"]) or [], "next_escalation_at": iso_ts(row["due_at"]) if row["state"] == "firing" else None}
 
 
 def _counts(summary: AlarmSummary | None) -> dict[str, int]:

@@ -32,6 +32,7 @@ from gateway.pipeline.models import (
 )
 from gateway.pipeline.recorder import Recorder
 from gateway.pipeline.status import publish_error
+from gateway.states import JobState
 from gateway.storage import Database
 from gateway.topics import Topics
 
@@ -83,7 +84,7 @@ class Intake:
         is not final: the new payload is judged on its own, so a fixed typo can be sent again."""
         def known(conn: Any) -> bool:
             row = conn.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-            if row is None or row["state"] == "rejected":
+            if row is None or row["state"] == JobState.REJECTED:
                 return False
             store.mark_dirty(conn, job_id)
             return True

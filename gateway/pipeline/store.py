@@ -16,7 +16,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from datetime import UTC, datetime
 
 from pydantic import TypeAdapter
 
@@ -24,10 +23,9 @@ from devices.models import PLATFORMS, Channel, Device, channel_address
 from gateway import stats
 from gateway.pipeline.models import Ack, AckIn, ParsedJob
 from gateway.storage import NotStored
-from gateway.timeutil import iso, utcnow
-
-COUNT_KEYS = ("queued", "sent", "acknowledged", "failed", "expired", "invalid_address")
-FINAL_DELIVERY_STATES = frozenset({"acknowledged", "failed", "expired", "invalid_address"})
+from gateway.states import DELIVERY_STATES as COUNT_KEYS
+from gateway.states import FINAL_JOB_STATES, JobState
+from gateway.timeutil import iso, iso_ts, utcnow
 
 _channel_adapter: TypeAdapter[Any] = TypeAdapter(Channel)
 
@@ -37,18 +35,6 @@ class Forwarder(Protocol):
 
     def enqueue(self, conn: sqlite3.Connection, kind: str, topic: str, payload: bytes,
                 retain: bool, coalesce_key: str | None = None) -> None: ...
-
-
-def _iso_utc(dt: datetime) -> str:
-    """:func:`gateway.timeutil.iso` for the usual case of a time already in UTC (a parsed
-    ack's ``at``), without the conversion and the replace: once per ack."""
-    if dt.tzinfo is UTC:
-        return dt.isoformat(timespec="milliseconds")[:-6] + "Z"
-    return iso(dt)
-
-
-def _iso_ts(ts: float) -> str:
-    return iso(datetime.fromtimestamp(ts, UTC))
 
 
 def bump(conn: sqlite3.Connection, name: str, n: int = 1) -> None:
@@ -130,7 +116,7 @@ def device_json(row: sqlite3.Row) -> dict[str, Any]:
             entry["invalid"] = mark
         out_channels.append(entry)
     return {"device_id": row["device_id"], "segment": row["segment"], "tags": json.loads(row["tags"]),
-            "channels": out_channels, "updated_at": _iso_ts(row["updated_at"])}
+            "channels": out_channels, "updated_at": iso_ts(row["updated_at"])}
 
 
 def get_device(conn: sqlite3.Connection, device_id: str) -> dict[str, Any] | None:
@@ -148,7 +134,7 @@ def mark_invalid(conn: sqlite3.Connection, device_id: str, key: str, reason: str
     if row is None:
         return
     marks = json.loads(row["invalid"])
-    marks[key] = {"at": _iso_ts(now), "reason": reason}
+    marks[key] = {"at": iso_ts(now), "reason": reason}
     conn.execute("UPDATE devices SET invalid = ? WHERE device_id = ?", (json.dumps(marks), device_id))
 
 
@@ -228,7 +214,6 @@ def channel_for(channels: list[dict[str, Any]] | None, invalid: dict[str, Any], 
 
 
 # ------------------------------------------------------------------ jobs
-FINAL_JOB_STATES = ("completed", "acknowledged", "rejected")
 _DIRTY = "status_dirty = 1, cloud_dirty = 1"  # a status is owed locally and to the cloud
 
 
@@ -251,7 +236,7 @@ def insert_job(conn: sqlite3.Connection, parsed: ParsedJob, source: str, now: fl
     now = now or time.time()
     existing = conn.execute("SELECT state FROM jobs WHERE job_id = ?", (parsed.job_id,)).fetchone()
     if existing is not None:
-        if existing["state"] != "rejected":
+        if existing["state"] != JobState.REJECTED:
             return False
         conn.execute("DELETE FROM jobs WHERE job_id = ?", (parsed.job_id,))
     job = parsed.job
@@ -287,7 +272,7 @@ def reject_job(conn: sqlite3.Connection, job_id: str, source: str, code: str, me
     now = now or time.time()
     error = json.dumps({"code": code, "message": message})
     row = conn.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-    if row is not None and row["state"] != "rejected":
+    if row is not None and row["state"] != JobState.REJECTED:
         mark_dirty(conn, job_id)
         return False
     if row is None:
@@ -312,14 +297,14 @@ def status_from_row(row: sqlite3.Row) -> dict[str, Any]:
         "state": row["state"],
         "error": json.loads(error) if error else None,
         "counts": {"targets": row["targets"], **{k: row[k] for k in COUNT_KEYS}},
-        "created_at": _iso_ts(row["created_at"]),
-        "updated_at": _iso_ts(row["updated_at"]),
+        "created_at": iso_ts(row["created_at"]),
+        "updated_at": iso_ts(row["updated_at"]),
     }
 
 
 def rejected_status(job_id: str, code: str, message: str) -> dict[str, Any]:
     now = iso(utcnow())
-    return {"job_id": job_id, "state": "rejected", "error": {"code": code, "message": message},
+    return {"job_id": job_id, "state": JobState.REJECTED.value, "error": {"code": code, "message": message},
             "counts": {"targets": 0, **{k: 0 for k in COUNT_KEYS}}, "created_at": now, "updated_at": now}
 
 
@@ -839,7 +824,7 @@ def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, Ack | AckIn]], no
         job_id, _, state, sent_at, platform_key = row
         first = state in ("queued", "sent")
         at_ts = ack.at.timestamp()
-        at_iso = ack.at_text if type(ack) is Ack else _iso_utc(ack.at)
+        at_iso = ack.at_text if type(ack) is Ack else iso(ack.at)
         send = sends.get(ack.message_id) if first and state == "queued" else None
         latency = None
         if first:
