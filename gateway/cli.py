@@ -43,14 +43,17 @@ def fail(lines: list[str] | str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def get_config() -> Config:
+def get_config(tighten: bool = True) -> Config:
     """The configuration alone (see :func:`get_loaded`)."""
-    return get_loaded().config
+    return get_loaded(tighten).config
 
 
-def get_loaded() -> LoadedConfig:
+def get_loaded(tighten: bool = True) -> LoadedConfig:
     """The config and its secrets by the contract's lookup order; then, run as root against a
-    data dir that another user owns (the service's), become that user (gateway/privileges.py)."""
+    data dir that another user owns (the service's), become that user (gateway/privileges.py);
+    then make whatever this command creates owner-only, and tighten a data dir left loose
+    (gateway/filemodes.py; ``run`` leaves that to the daemon, which logs it)."""
+    from gateway import filemodes
     from gateway.config import shadow_note
     from gateway.privileges import become_owner_of
 
@@ -73,6 +76,12 @@ def get_loaded() -> LoadedConfig:
         become_owner_of(cfg.data_dir)
     except OSError as exc:
         fail(f"gateway.data_dir: cannot switch to the owner of {cfg.data_dir}: {exc.strerror}")
+    filemodes.restrict_umask()
+    if tighten:
+        done = filemodes.tighten(cfg.data_dir)
+        if done.changed:
+            typer.echo(f"note: {cfg.data_dir} made owner-only ({len(done.changed)} entries: {done.summary(5)})",
+                       err=True)
     return loaded
 
 
@@ -96,7 +105,7 @@ def check_config() -> None:
 @app.command("run")
 def run() -> None:
     """Run the daemon in the foreground."""
-    loaded = get_loaded()
+    loaded = get_loaded(tighten=False)
     from gateway.daemon import run_daemon
     from gateway.logs import setup_logging
 
@@ -446,7 +455,7 @@ def alarms_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
 def alarms_ack(
     rule: Annotated[str, typer.Argument(metavar="RULE")],
     key: Annotated[str, typer.Argument(metavar="KEY")],
-    by: Annotated[Optional[str], typer.Option("--by", help="who acknowledges (default cli:<user>)")] = None,
+    by: Annotated[Optional[str], typer.Option("--by", help="who acknowledges (recorded as cli:<by>; default the login name)")] = None,
     note: Annotated[Optional[str], typer.Option("--note")] = None,
 ) -> None:
     """Acknowledge a firing alarm: its escalation stops."""
@@ -461,9 +470,10 @@ def alarms_ack(
         fail(f"RULE: no rule {rule!r} in the config (rules: {', '.join(r.name for r in cfg.rules) or 'none'})")
     if by is None:
         try:
-            by = f"cli:{getpass.getuser()}"
+            by = getpass.getuser()
         except (KeyError, OSError):
-            by = "cli"
+            by = ""
+    by = f"cli:{by}" if by else "cli"  # the channel, then who said so
     conn = _alarms_db(cfg)
     row = alarm_store.get_row(conn, rule, key) or alarm_store.get_row(conn, rule, key_from_level(key))
     if row is None or row.state == "idle":

@@ -169,7 +169,11 @@ def default_acl() -> dict[str, AclRule]:
         ),
         "technician": tech,
         "controller": tech.model_copy(deep=True),
-        "monitor": AclRule(subscribe=["{prefix}/#", "$SYS/#"]),
+        # Read-only: every notification's payload carries its signed ack URL (a capability to
+        # acknowledge it, and so to stop an alarm's escalation), so the devices' notify
+        # topics are not the monitor's to read. It still sees job status, alarms, gateway
+        # status and $SYS.
+        "monitor": AclRule(subscribe=["{prefix}/#", "$SYS/#"], deny=["{prefix}/devices/+/notify"]),
         "admin": AclRule(publish=["#"], subscribe=["#"]),
         "anonymous": AclRule(),
     }
@@ -417,6 +421,10 @@ class HttpSection(_Section):
     certfile: Path | None = Field(default=None,
         description="HTTPS (TLS 1.2+) certificate; together with `keyfile`.")
     keyfile: Path | None = Field(default=None, description="HTTPS private key; together with `certfile`.")
+    max_streams_per_account: int = Field(default=20, ge=1, le=10_000,
+        description="Open event streams (`/ui/api/events`, `/v1/jobs/<id>/events`) one account may hold, "
+                    "whether it logs in on the page or sends HTTP Basic; the excess is answered 429. "
+                    "The gateway holds at most 200 in all.")
 
     @field_validator("bind")
     @classmethod

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from gateway import __version__, gc_tuning
+from gateway import __version__, filemodes, gc_tuning
 from gateway.broker import BrokerStartError, EmbeddedBroker, InternalCredentials
 from gateway.config import Config, ConfigError, LoadedConfig, load_config
 from gateway.lock import AlreadyRunning, DaemonLock
@@ -121,7 +121,7 @@ class Daemon:
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         try:
-            self.cfg.data_dir.mkdir(parents=True, exist_ok=True)
+            self._private_data_dir()
             self.lock.acquire()
         except AlreadyRunning as exc:
             log.error("another gateway runs on this data_dir", error=str(exc))
@@ -143,6 +143,18 @@ class Daemon:
             self.lock.release()
             self._remove_signal_handlers(loop)
             self.notifier.close()
+
+    def _private_data_dir(self) -> None:
+        """Owner-only state whatever the umask (gateway/filemodes.py); say once what was loose."""
+        done = filemodes.make_private(self.cfg.data_dir)
+        if done.changed:
+            log.info("data_dir tightened to owner-only", data_dir=str(self.cfg.data_dir),
+                     entries=len(done.changed), changed=done.summary())
+        if done.failed:
+            log.warning("data_dir entries could not be made owner-only", data_dir=str(self.cfg.data_dir),
+                        entries=[f"{p}: {e}" for p, e in done.failed[:10]])
+        if done.skipped:
+            log.warning("data_dir left as it is", reason=done.skipped)
 
     @staticmethod
     def _remove_signal_handlers(loop: asyncio.AbstractEventLoop) -> None:

@@ -223,7 +223,7 @@ class HealthReporter:
     def _write(self, snap: dict[str, Any]) -> None:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
         tmp.write_text(json.dumps(snap, default=str), encoding="utf-8")
-        os.chmod(tmp, 0o644)  # readable by an operator's `status` (no secrets in it)
+        os.chmod(tmp, 0o600)  # like everything in the data dir (gateway/filemodes.py); `status` runs as its owner
         os.replace(tmp, self.path)
 
 

@@ -1,11 +1,22 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support import GatewayProcess, Mosquitto, base_config, free_port, require_tool, write_config
+
+
+@pytest.fixture(autouse=True)
+def _keep_umask() -> Iterator[None]:
+    """CLI commands invoked in-process (typer's CliRunner) narrow the process umask, as they
+    do in their own process (gateway/filemodes.py); the next test starts with the old one."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield
+    os.umask(old)
 
 
 @pytest.fixture

@@ -41,6 +41,7 @@ log = structlog.get_logger(__name__)
 MAX_BATCH = 2000
 PRUNE_EVERY_S = 3600.0
 DEFAULT_RETENTION_DAYS = 30
+ALARM_TOPIC_CHANNEL = "alarm-topic"  # acknowledged_by of an ack on P/alarms/<rule>/<key>/ack
 
 
 class AlarmAckIn(BaseModel):
@@ -138,7 +139,10 @@ class AlarmService:
             await self._error(topic, err.code, err.message)
             return
         fut = asyncio.get_running_loop().create_future()
-        result = await self._submit(_Item("ack", topic, b"", False, fut, rule=rule, key=key, by=ack.by, note=ack.note))
+        # The gateway cannot see the account behind a message: ``by`` is the publisher's word,
+        # recorded with the channel it came by.
+        result = await self._submit(_Item("ack", topic, b"", False, fut, rule=rule, key=key,
+                                          by=f"{ALARM_TOPIC_CHANNEL}:{ack.by}", note=ack.note))
         if result == "unknown":
             await self._error(topic, "unknown_alarm", f"topic: no alarm {key!r} of rule {rule!r}")
         elif result == "not_firing":

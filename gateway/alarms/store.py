@@ -87,16 +87,20 @@ CREATE TABLE IF NOT EXISTS alarm_meta (
 );
 """
 
+# ``by`` names the channel the ack came by (acks.via): ``mqtt:<device_id>`` (the device's
+# own account: a device may publish on its own ack topic only), ``ack-url`` (whoever holds the
+# signed URL: not necessarily the device), ``simulation:<device_id>``.
 TRIGGER = """
-CREATE TRIGGER IF NOT EXISTS alarm_opened_ack AFTER INSERT ON acks
+CREATE TRIGGER alarm_opened_ack AFTER INSERT ON acks
 WHEN NEW.status = 'opened'
 BEGIN
     INSERT INTO alarm_inbox(rule, akey, episode, by, note, at, source)
-    SELECT j.rule, j.akey, j.episode, 'device:' || NEW.device_id, NULL, NEW.received_at, 'delivery'
+    SELECT j.rule, j.akey, j.episode,
+           CASE WHEN NEW.via = 'ack-url' THEN 'ack-url' ELSE COALESCE(NEW.via, 'device') || ':' || NEW.device_id END,
+           NULL, NEW.received_at, 'delivery'
     FROM deliveries d JOIN alarm_jobs j ON j.job_id = d.job_id
     WHERE d.message_id = NEW.message_id AND j.kind != 'clear';
-END
-"""
+END""".strip()
 
 
 def migrate(conn: sqlite3.Connection) -> None:
@@ -105,7 +109,12 @@ def migrate(conn: sqlite3.Connection) -> None:
     for statement in DDL.split(";\n"):
         if statement.strip():
             conn.execute(statement)
-    conn.execute(TRIGGER)
+    # Replaced only when it differs (an older gateway's): a schema change on every CLI
+    # command would make every other connection re-prepare its statements.
+    row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = 'alarm_opened_ack'").fetchone()
+    if row is None or row[0] != TRIGGER:
+        conn.execute("DROP TRIGGER IF EXISTS alarm_opened_ack")
+        conn.execute(TRIGGER)
 
 
 def has_tables(conn: sqlite3.Connection) -> bool:

@@ -27,6 +27,7 @@ from gateway.pipeline.models import (
     MAX_ACK_BYTES,
     MAX_DEVICE_BYTES,
     MAX_JOB_BYTES,
+    AckVia,
     InputError,
     decode_json_object,
     parse_ack,
@@ -194,9 +195,13 @@ class Api:
 
     async def job_events(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: a ``status`` event with the JobStatus on every change, until final."""
-        await self._reader(request)
+        principal = await self._reader(request)
         job_id = request.match_info["job_id"]
         status = await self._job(job_id)
+        with self.svc.streams.hold(principal.name):
+            return await self._job_stream(request, job_id, status)
+
+    async def _job_stream(self, request: web.Request, job_id: str, status: dict[str, Any]) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
@@ -320,7 +325,7 @@ class Api:
             raise ApiError(404, "not_found", f"no delivery {message_id!r} (pruned, or never sent)", ACK_CORS)
         pipeline = await self._ready()
         try:
-            result = await pipeline.intake.ack(device_id, body, f"http:/v1/acks/{ack.message_id}")
+            result = await pipeline.intake.ack(device_id, body, f"http:/v1/acks/{ack.message_id}", AckVia.ACK_URL)
         except STORAGE_ERRORS as exc:
             raise _not_stored(exc, ACK_CORS) from None
         if result is None or not result.accepted:

@@ -34,6 +34,7 @@ from gateway.http.reader import Reader
 from gateway.http.routes import Api
 from gateway.http.sessions import SessionStore
 from gateway.http.static import StaticFiles
+from gateway.http.streams import StreamSlots
 from gateway.metrics import Metrics
 from gateway.mqtt import GatewayClient
 from gateway.pipeline.models import MAX_JOB_BYTES
@@ -96,6 +97,7 @@ class HttpService:
         # over 100,000 rows never delays an ack's lookup on the API's.
         self.ui_reader = Reader(daemon.cfg.db_path)
         self.sessions = SessionStore(Path(daemon.cfg.broker.auth.password_file))
+        self.streams = StreamSlots(self.cfg.max_streams_per_account)  # every event stream, per account
         self.page: Any = None
         self.start_error: str | None = None
         self.signer: AckSigner

@@ -60,8 +60,7 @@ UI_DIR = Path(__file__).resolve().parent / "ui"
 UI_FILES = StaticFiles(UI_DIR, "/ui/static/", frozenset({".js", ".css", ".svg", ".png"}))
 MAX_LOGIN_BYTES = 4096
 ACK_WAIT_S = 3.0
-MAX_STREAMS = 200
-MAX_STREAMS_PER_SESSION = 8
+MAX_STREAMS_PER_SESSION = 8  # within the account's cap (gateway/http/streams.py)
 KEEPALIVE_S = 15.0
 # No inline script or style, nothing from elsewhere, no framing (clickjacking).
 PAGE_HEADERS = {
@@ -106,7 +105,6 @@ class OperatorPage:
         self.sessions: SessionStore = service.sessions
         self.reader: Reader = service.ui_reader
         self.hub = EventHub(self.reader, service.changes, service.stopping, self.now_view)
-        self.streams = 0
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         r = router
@@ -348,11 +346,15 @@ class OperatorPage:
     # ------------------------------------------------------------------ the event stream
     async def events(self, request: web.Request) -> web.StreamResponse:
         principal, session = await self._viewer(request)
-        if self.streams >= MAX_STREAMS or (session is not None and session.streams >= MAX_STREAMS_PER_SESSION):
-            raise ApiError(503, "not_ready", "too many open event streams; close a page", {"Retry-After": "5"})
+        if session is not None and session.streams >= MAX_STREAMS_PER_SESSION:
+            raise ApiError(503, "not_ready", f"this session has {session.streams} open event streams, the most one "
+                           "session may hold; close a page", {"Retry-After": "5"})
+        with self.svc.streams.hold(principal.name):
+            return await self._stream(request, session)
+
+    async def _stream(self, request: web.Request, session: Session | None) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                            "X-Accel-Buffering": "no"})
-        self.streams += 1
         if session is not None:
             session.streams += 1
         sub = self.hub.subscribe()
@@ -383,7 +385,6 @@ class OperatorPage:
             raise
         finally:
             self.hub.unsubscribe(sub)
-            self.streams -= 1
             if session is not None:
                 session.streams -= 1
         await resp.write_eof()
@@ -448,7 +449,8 @@ class OperatorPage:
             raise ApiError(404, "unknown_alarm", f"rule: no rule {rule!r} in the config")
         try:
             outcome = await asyncio.wait_for(
-                self.svc.alarms.acknowledge(rule, key, session.name, note, source="operator page"), ACK_WAIT_S)
+                self.svc.alarms.acknowledge(rule, key, f"http:{session.name}", note, source="operator page"),
+                ACK_WAIT_S)
         except STORAGE_ERRORS as exc:
             log.error("alarm ack not stored", rule=rule, key=key, error=f"{type(exc).__name__}: {exc}"[:300])
             raise ApiError(503, "not_stored", "the ack could not be stored now; try again", {"Retry-After": "5"}) from None

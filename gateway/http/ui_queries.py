@@ -343,11 +343,14 @@ def device_detail(conn: sqlite3.Connection, device_id: str, recent: int = 20) ->
     if row is None:
         return None
     out = device_summary(row, last_acks(conn, [device_id]).get(device_id))
-    ack = conn.execute("SELECT a.status, a.at, a.received_at, a.message_id, d.job_id FROM acks a "
+    via = "a.via" if "via" in _columns(conn, "acks") else "NULL"
+    ack = conn.execute(f"SELECT a.status, a.at, a.received_at, a.message_id, {via} AS via, d.job_id FROM acks a "
                        "JOIN deliveries d ON d.message_id = a.message_id WHERE d.device_id = ? "
                        "ORDER BY a.received_at DESC LIMIT 1", (device_id,)).fetchone()
+    # via: the channel it came by (mqtt, ack-url, simulation): an ack URL may be used by
+    # anyone who holds it, so the page says when an ack did not come from the device itself.
     out["last_ack"] = ({"status": ack["status"], "at": ack["at"], "received_at": iso_ts(ack["received_at"]),
-                        "job_id": ack["job_id"]} if ack else None)
+                        "job_id": ack["job_id"], "via": ack["via"]} if ack else None)
     rows = conn.execute("SELECT d.job_id, d.state, d.platform, d.attempts, d.last_error, d.latency_ms, j.created_at "
                         "FROM deliveries d JOIN jobs j ON j.job_id = d.job_id WHERE d.device_id = ? "
                         "ORDER BY j.created_at DESC LIMIT ?", (device_id, recent)).fetchall()

@@ -22,6 +22,7 @@ from gateway.pipeline import store
 from gateway.pipeline.models import (
     DEVICE_ID_RE,
     Ack,
+    AckVia,
     MAX_JOB_BYTES,
     InputError,
     decode_json_object,
@@ -135,12 +136,15 @@ class Intake:
         return True
 
     # ----------------------------------------------------------------- acks
-    async def ack(self, device_id: str, payload: bytes, topic: str) -> store.AckResult | None:
+    async def ack(self, device_id: str, payload: bytes, topic: str,
+                  via: AckVia = AckVia.MQTT) -> store.AckResult | None:
+        """``via``: the channel it came by, stored with it (who acknowledged an alarm)."""
         try:
             ack = parse_ack(payload)
         except InputError as err:
             await self._error(topic, err)
             return None
+        ack.via = via
         result = await self.recorder.ack(device_id, ack)
         if not result.accepted:
             log.info("ack refused", device_id=device_id, message_id=ack.message_id, reason=result.reason)
@@ -148,7 +152,8 @@ class Intake:
             self.on_status()
         return result
 
-    async def acks(self, items: list[tuple[str, bytes, str]]) -> list[store.AckResult | None]:
+    async def acks(self, items: list[tuple[str, bytes, str]],
+                   via: AckVia = AckVia.MQTT) -> list[store.AckResult | None]:
         """Many acks (device_id, payload, topic) in one recorder item: each parsed and
         stored exactly as :meth:`ack` does, committed before this returns. None for a
         payload refused as bad input (answered on the errors topic); an ack that could not
@@ -158,7 +163,9 @@ class Intake:
         out: list[store.AckResult | None] = [None] * len(items)
         for n, (device_id, payload, topic) in enumerate(items):
             try:
-                parsed.append((device_id, parse_ack(payload)))
+                ack = parse_ack(payload)
+                ack.via = via
+                parsed.append((device_id, ack))
                 where.append(n)
             except InputError as err:
                 await self._error(topic, err)

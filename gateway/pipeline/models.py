@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator, model_validator
@@ -233,6 +234,16 @@ class AckIn(_Strict):
         return v.lower()
 
 
+class AckVia(StrEnum):
+    """How an ack reached the gateway. Only the MQTT channel proves which account sent it (a
+    device account may publish on its own ack topic only); a signed ack URL proves only that
+    its sender holds the URL."""
+
+    MQTT = "mqtt"  # P/devices/<id>/ack
+    ACK_URL = "ack-url"  # POST /v1/acks/<message_id>?sig=
+    SIMULATION = "simulation"  # the simulation bridge's in-process devices
+
+
 @dataclass(slots=True)
 class Ack:
     """A validated ack, as :func:`parse_ack` gives it to the pipeline."""
@@ -242,6 +253,7 @@ class Ack:
     at: datetime  # aware, UTC
     error: str | None
     at_text: str  # ``at`` as stored and forwarded (gateway.timeutil.iso: UTC, ms, "Z")
+    via: str = AckVia.MQTT  # the channel it came by (stored with it; names who acknowledged an alarm)
 
     @classmethod
     def of(cls, model: AckIn) -> "Ack":

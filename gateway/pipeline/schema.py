@@ -76,7 +76,8 @@ CREATE TABLE IF NOT EXISTS acks (
     status      TEXT NOT NULL,
     at          TEXT NOT NULL,
     error       TEXT,
-    received_at REAL NOT NULL
+    received_at REAL NOT NULL,
+    via         TEXT                      -- the channel it came by: mqtt | ack-url | simulation (NULL: older)
 );
 
 CREATE TABLE IF NOT EXISTS counters (
@@ -101,6 +102,7 @@ ADDED_COLUMNS = [
      "UPDATE jobs SET expanded_rows = (SELECT COUNT(*) FROM deliveries d WHERE d.job_id = jobs.job_id)"),
     ("deliveries", "route", "TEXT", None),
     ("deliveries", "resend_at", "REAL", None),
+    ("acks", "via", "TEXT", None),
 ]
 
 # Indexes an older gateway kept on ``deliveries`` that cost a B-tree insert and delete per

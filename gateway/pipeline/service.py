@@ -20,6 +20,7 @@ from gateway.mqtt import GatewayClient
 from gateway.pipeline import schema, store
 from gateway.pipeline.dispatcher import Dispatcher, Expander
 from gateway.pipeline.intake import Intake
+from gateway.pipeline.models import AckVia
 from gateway.pipeline.recorder import Recorder
 from gateway.pipeline.retention import Pruner
 from gateway.pipeline.status import StatusPublisher
@@ -93,13 +94,14 @@ class Pipeline:
 
     async def _bridge_ack(self, device_id: str, payload: bytes) -> None:
         assert self.intake is not None
-        await self.intake.ack(device_id, payload, self.topics.device_ack(device_id))
+        # Only the simulation bridge acks in process (for its simulated devices).
+        await self.intake.ack(device_id, payload, self.topics.device_ack(device_id), AckVia.SIMULATION)
 
     async def _bridge_acks(self, acks: list[tuple[str, bytes]]) -> list[bool]:
         """A bridge's batch of device acks: one recorder item, one commit (see Intake.acks).
         Bad input counts as handled (True), as an MQTT broker would PUBACK it."""
         assert self.intake is not None
-        results = await self.intake.acks([(d, p, self.topics.device_ack(d)) for d, p in acks])
+        results = await self.intake.acks([(d, p, self.topics.device_ack(d)) for d, p in acks], AckVia.SIMULATION)
         return [r is None or not r.not_stored for r in results]
 
     # ----------------------------------------------------------------- intake API (upstream link)

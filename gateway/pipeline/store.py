@@ -21,7 +21,7 @@ from pydantic import TypeAdapter
 
 from devices.models import PLATFORMS, Channel, Device, channel_address
 from gateway import stats
-from gateway.pipeline.models import Ack, AckIn, ParsedJob
+from gateway.pipeline.models import Ack, AckIn, AckVia, ParsedJob
 from gateway.storage import NotStored
 from gateway.states import DELIVERY_STATES as COUNT_KEYS
 from gateway.states import FINAL_JOB_STATES, JobState
@@ -844,7 +844,7 @@ def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, Ack | AckIn]], no
                 out.append(AckResult(False, f"not stored: {exc}", not_stored=True))
                 continue
             conn.execute("RELEASE ack")
-        inserts.append((ack.message_id, device_id, ack.status, at_iso, ack.error))
+        inserts.append((ack.message_id, device_id, ack.status, at_iso, ack.error, getattr(ack, "via", AckVia.MQTT)))
         if ack.error is not None and "\x00" in ack.error:
             nul = True
         if first:
@@ -871,11 +871,11 @@ def apply_acks(conn: sqlite3.Connection, acks: list[tuple[str, Ack | AckIn]], no
     # The batch's rows go to SQLite as one JSON array each (json_each walks them in order),
     # not a statement step with bound values per row: see _insert_deliveries.
     if inserts and nul:
-        conn.executemany("INSERT INTO acks(message_id, device_id, status, at, error, received_at) "
-                         "VALUES (?, ?, ?, ?, ?, ?)", [(*i, now) for i in inserts])
+        conn.executemany("INSERT INTO acks(message_id, device_id, status, at, error, via, received_at) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?)", [(*i, now) for i in inserts])
     elif inserts:
-        conn.execute("INSERT INTO acks(message_id, device_id, status, at, error, received_at) "
-                     "SELECT value->>0, value->>1, value->>2, value->>3, value->>4, ? FROM json_each(?)",
+        conn.execute("INSERT INTO acks(message_id, device_id, status, at, error, via, received_at) "
+                     "SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, ? FROM json_each(?)",
                      (now, json.dumps(inserts)))
     if inserts:
         bump(conn, "acks_stored", len(inserts))

@@ -198,7 +198,7 @@ def test_escalation_when_nobody_opens_and_none_once_someone_does(gateway_factory
     _, env_b = wait_envelope(probe, "tech-1", "alarm.door.door-b.1")
     ack(probe, "tech-1", env_b["message_id"], "opened")
     acked = wait_state(probe, "door", "door-b", "acknowledged")
-    assert acked["acknowledged_by"] == "device:tech-1" and acked["escalation_step"] == 0
+    assert acked["acknowledged_by"] == "mqtt:tech-1" and acked["escalation_step"] == 0
 
     door("door-c", "open")  # fires after door-b was acknowledged: the barrier for door-b's escalation
 
@@ -224,7 +224,7 @@ def test_escalation_when_nobody_opens_and_none_once_someone_does(gateway_factory
     assert not [e for _, e in envelopes(probe, "lead-1") if e["job_id"].startswith("alarm.door.door-b.")]
     jobs = {j["job_id"]: j for j in alarm_jobs(tmp_path / "var", "alarm.door.door-b.")}
     assert jobs["alarm.door.door-b.2"]["target"] == {"segment": "technicians"}
-    assert wait_state(probe, "door", "door-b", "cleared")["acknowledged_by"] == "device:tech-1"
+    assert wait_state(probe, "door", "door-b", "cleared")["acknowledged_by"] == "mqtt:tech-1"
     probe.close()
     assert gw.stop() == 0
 
@@ -252,13 +252,13 @@ def test_operator_acks_by_cli_and_mqtt_stop_escalation(gateway_factory, tmp_path
 
     res = cli(gw.config, "alarms", "ack", "smoke", "k1", "--by", "alice", "--note", "on my way")
     assert res.returncode == 0, res.stderr
-    assert "acknowledged by alice" in res.stdout
-    assert wait_state(probe, "smoke", "k1", "acknowledged")["acknowledged_by"] == "alice"
+    assert "acknowledged by cli:alice" in res.stdout
+    assert wait_state(probe, "smoke", "k1", "acknowledged")["acknowledged_by"] == "cli:alice"
 
     # A technician may publish the ack topic (default ACL).
     tech = MqttProbe(tech_port)
     tech.publish(f"{P}/alarms/smoke/k2/ack", json.dumps({"by": "bob", "note": "checked, a toaster"}))
-    assert wait_state(probe, "smoke", "k2", "acknowledged")["acknowledged_by"] == "bob"
+    assert wait_state(probe, "smoke", "k2", "acknowledged")["acknowledged_by"] == "alarm-topic:bob"
     # Bad and unknown acks are answered on P/gateway/errors and change nothing.
     tech.publish(f"{P}/alarms/smoke/k2/ack", json.dumps({"by": 5}))
     tech.publish(f"{P}/alarms/smoke/nope/ack", json.dumps({"by": "carol"}))
@@ -275,7 +275,7 @@ def test_operator_acks_by_cli_and_mqtt_stop_escalation(gateway_factory, tmp_path
     assert [j["job_id"] for j in alarm_jobs(tmp_path / "var", "alarm.smoke.k2.")] == ["alarm.smoke.k2.1"]
     listed = alarm_list(tmp_path / "var")
     assert [(a["key"], a["state"], a["acknowledged_by"]) for a in listed] == [
-        ("k1", "acknowledged", "alice"), ("k2", "acknowledged", "bob"), ("k3", "firing", None)]
+        ("k1", "acknowledged", "cli:alice"), ("k2", "acknowledged", "alarm-topic:bob"), ("k3", "firing", None)]
     assert listed[2]["escalation_step"] == 1 and listed[2]["jobs"] == ["alarm.smoke.k3.1", "alarm.smoke.k3.2"]
     probe.close()
     assert gw.stop() == 0

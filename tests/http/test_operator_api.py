@@ -257,11 +257,11 @@ def test_an_alarm_ack_from_the_page_is_applied_in_process_before_the_answer(tmp_
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["result"] == "acknowledged" and body["alarm"]["state"] == "acknowledged"
-        assert body["alarm"]["acknowledged_by"] == "tech" and body["alarm"]["note"] == "door shut"
+        assert body["alarm"]["acknowledged_by"] == "http:tech" and body["alarm"]["note"] == "door shut"
         assert time.monotonic() - t0 < 3
         assert db_rows(api.data_dir, "SELECT COUNT(*) FROM inbox_witness") == [(0,)]
         assert db_rows(api.data_dir, "SELECT state, acknowledged_by FROM alarms WHERE akey = 'fz-1'") == [
-            ("acknowledged", "tech")]
+            ("acknowledged", "http:tech")]
         again = tech.post("/ui/api/alarms/ack", headers={"X-CSRF-Token": csrf}, json={"rule": "freezer-high", "key": "fz-1"})
         assert again.status_code == 200 and again.json()["result"] == "already"
         gone = tech.post("/ui/api/alarms/ack", headers={"X-CSRF-Token": csrf}, json={"rule": "freezer-high", "key": "fz-9"})

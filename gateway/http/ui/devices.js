@@ -48,7 +48,7 @@ export async function openDevice(deviceId) {
     facts([
       ["Segment", d.segment || "–"], ["Tags", d.tags.join(", ") || "–"],
       ["Channels, in order", channels(d.channels)],
-      ["Last ack", d.last_ack ? `${d.last_ack.status} at ${time(d.last_ack.at)} (job ${d.last_ack.job_id})` : "never"],
+      ["Last ack", d.last_ack ? `${d.last_ack.status} at ${time(d.last_ack.at)} (job ${d.last_ack.job_id}${d.last_ack.via ? `, by ${d.last_ack.via}` : ""})` : "never"],
       ["Registered / changed", time(d.updated_at)],
     ]),
     h("h3", {}, "Recent deliveries"),
