@@ -251,3 +251,29 @@ def test_summaries_carry_the_cursor_of_the_page_that_would_follow():
         with pytest.raises(q.QueryError):
             q.decode_job_cursor(bad)
     assert json.dumps(summary)  # what the event stream sends
+
+
+# ------------------------------------------------------------------ static files
+def test_one_static_handler_serves_both_trees_with_one_mime_table(tmp_path: Path):
+    """The page's files and the Web Push client's are answered by the same code: same type
+    for the same suffix, nothing outside the directory, nothing with an unlisted suffix."""
+    from gateway.http.errors import ApiError as Err
+    from gateway.http.service import WEB_FILES
+    from gateway.http.static import MIME_TYPES, StaticFiles
+    from gateway.http.ui import UI_FILES
+
+    page_js, web_js = UI_FILES.response("app.js"), WEB_FILES.response("sw.js", {"Service-Worker-Allowed": "/web/"})
+    assert page_js.headers["Content-Type"] == web_js.headers["Content-Type"] == MIME_TYPES[".js"]
+    assert page_js.headers["X-Content-Type-Options"] == web_js.headers["X-Content-Type-Options"] == "nosniff"
+    assert web_js.headers["Service-Worker-Allowed"] == "/web/"
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.js").write_text("1")
+    (tmp_path / "secret.py").write_text("x")
+    files = StaticFiles(tmp_path / "sub", "/s/", frozenset({".js"}))
+    assert files.response("a.js").headers["Content-Type"].startswith("text/javascript")
+    for bad in ("../secret.py", "../sub/a.js/..", "nope.js", "index.html", "/etc/passwd"):
+        with pytest.raises(Err) as info:
+            files.response(bad)
+        assert info.value.status == 404 and info.value.message.startswith("no such file: /s/")
+    with pytest.raises(ValueError):
+        StaticFiles(tmp_path, "/x/", frozenset({".exe"}))
