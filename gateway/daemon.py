@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from gateway import __version__, filemodes, gc_tuning
+from gateway import __version__, clock, filemodes, gc_tuning
 from gateway.broker import BrokerStartError, EmbeddedBroker, InternalCredentials
 from gateway.config import Config, ConfigError, LoadedConfig, load_config
 from gateway.lock import AlreadyRunning, DaemonLock
@@ -133,6 +133,7 @@ class Daemon:
             return 2
         try:
             await self.db.open()
+            await clock.start(self.db)
             try:
                 return await self._run()
             finally:
@@ -214,6 +215,7 @@ class Daemon:
         if self.broker is not None:
             try:
                 accounts = await asyncio.to_thread(self.broker.reload_passwords)
+                await self.broker.check_accounts()  # removed accounts, changed passwords and roles: now
                 reloaded.append("broker.auth.password_file")
                 log.info("reload: password file read", path=str(self.cfg.broker.auth.password_file),
                          accounts=accounts)
@@ -271,6 +273,7 @@ class Daemon:
         services_stopping = asyncio.Event()
         service_tasks = [asyncio.create_task(svc.run(services_stopping), name=svc.name) for svc in self.services]
         watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
+        clock_keeper = asyncio.create_task(clock.keep_saved(self.db), name="clock")
         status = f"running; broker {cfg.broker.mode} {cfg.broker.url}"
         if await _services_started(self.services, service_tasks):  # e.g. the HTTP API listens
             self.notifier.ready(status)
@@ -309,6 +312,7 @@ class Daemon:
         except TimeoutError:
             log.warning("mqtt client did not disconnect in time")
         watchdog.cancel()
+        clock_keeper.cancel()
         stop_wait.cancel()
         await self._stop_broker()
         log.info("stopped", exit_code=exit_code)

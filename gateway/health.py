@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from gateway import __version__, stats
+from gateway import __version__, clock, stats
 from gateway.mqtt import GatewayClient
 
 if TYPE_CHECKING:
@@ -249,7 +249,7 @@ def bridge_health(pipeline: Any) -> dict[str, dict[str, Any]]:
     slots = getattr(dispatcher, "slots", None)
     if not isinstance(slots, dict):
         return {}
-    now = time.time()
+    now = clock.now()  # paused_until is on the gateway's clock
     out: dict[str, dict[str, Any]] = {}
     for name, slot in slots.items():
         paused_until = float(getattr(slot, "paused_until", 0.0) or 0.0)

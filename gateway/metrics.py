@@ -33,6 +33,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from gateway import clock
 from gateway import stats
 from gateway.alarms.summary import summary as alarm_summary
 
@@ -63,6 +64,16 @@ BROKER_COUNTERS = {
     "wills_published": ("broker_wills_published", "wills published"),
     "protocol_errors": ("broker_protocol_errors", "connections closed for malformed input"),
     "persist_errors": ("broker_persist_errors", "SQLite writes of the broker that failed"),
+    "limited_packet_size": ("broker_limited_packet_size", "connections closed: packet over max_packet_size"),
+    "limited_connections": ("broker_limited_connections", "connections refused: max_connections"),
+    "limited_sessions": ("broker_limited_sessions", "CONNECTs refused: max_sessions_per_account"),
+    "limited_queued_bytes": ("broker_limited_queued_bytes", "queued messages dropped: max_queued_bytes"),
+    "limited_retained": ("broker_limited_retained", "retained messages not kept: retained quota per principal"),
+    "limited_rate": ("broker_limited_rate", "PUBLISHes after which a client over its rate was paused"),
+    "sessions_evicted": ("broker_sessions_evicted", "offline sessions replaced (max_sessions_per_account)"),
+    "sessions_expired": ("broker_sessions_expired", "offline sessions expired (session_expiry_s)"),
+    "accounts_disconnected": ("broker_accounts_disconnected", "clients closed: account removed or password changed"),
+    "accounts_updated": ("broker_accounts_updated", "connected clients given a changed role's ACL"),
 }
 BROKER_GAUGES = {
     "clients_connected": ("broker_clients_connected", "clients connected now"),
@@ -71,6 +82,7 @@ BROKER_GAUGES = {
     "retained": ("broker_retained_messages", "retained messages"),
     "queued": ("broker_queued_messages", "QoS 1/2 messages queued for clients"),
     "inflight": ("broker_inflight_messages", "QoS 1/2 messages in flight to clients"),
+    "queued_bytes": ("broker_queued_bytes", "payload bytes of the queued messages"),
 }
 SKIP_BROKER = {"denied"}  # the sum of the three denied_* counters
 
@@ -195,7 +207,7 @@ class DatabaseCollector:
         conn = self._connection()
         conn.execute("BEGIN")  # one consistent read snapshot for the whole scrape
         try:
-            now = time.time()
+            now = clock.now()
             counts = stats.delivery_counts(conn)
             latency = stats.ack_latency(conn)
             oldest = stats.oldest_queued(conn, now)

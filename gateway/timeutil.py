@@ -7,7 +7,10 @@ from typing import overload
 
 
 def utcnow() -> datetime:
-    return datetime.now(UTC)
+    """The gateway's time (:mod:`gateway.clock`: steady under steps of the system clock)."""
+    from gateway import clock
+
+    return clock.utcnow()
 
 
 def iso(dt: datetime) -> str:

@@ -53,11 +53,16 @@ def test_sighup_reloads_passwords_and_log_level_and_keeps_running(gateway_factor
     gw = gateway_factory()
     assert connect_rc(gw.port, "plc-1", "first-password") == 0
 
-    # Replace the account with another password in a file of the same size and mtime: the
-    # broker's change check (mtime, size) cannot see it; only a reload can.
+    # Replace the account with another password, written in place (same inode) in a file of the
+    # same size and mtime: the broker's change check (mtime, size, inode) cannot see it; only a
+    # reload can. (`users add` replaces the file, a new inode, which the broker sees at once.)
     st = passwd.stat()
-    add_user(passwd, "plc-1", "other-password", "device")
-    assert passwd.stat().st_size == st.st_size
+    staged = tmp_path / "passwd.staged"
+    staged.write_bytes(passwd.read_bytes())
+    add_user(staged, "plc-1", "other-password", "device")
+    with open(passwd, "r+b") as fh:
+        fh.write(staged.read_bytes())
+    assert passwd.stat().st_size == st.st_size and passwd.stat().st_ino == st.st_ino
     os.utime(passwd, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert connect_rc(gw.port, "plc-1", "other-password") != 0
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
+from gateway import clock
 from gateway.alarms import store
 from gateway.alarms.engine import AlarmRow, Engine
 from gateway.alarms.rules import compile_rule, key_from_level, key_level
@@ -204,7 +204,7 @@ class AlarmService:
             publisher.cancel()
             await asyncio.gather(publisher, return_exceptions=True)
             async with self._lock:
-                await self._flush(time.time())
+                await self._flush(clock.now())
 
     async def _start(self, stopping: asyncio.Event) -> bool:
         if self.pipeline is not None:
@@ -226,7 +226,7 @@ class AlarmService:
             await self.db.run(schema.migrate)
         await self.db.run(store.migrate)
         rows, stats, alive_at = await self.db.run(store.load)
-        now = time.time()
+        now = clock.now()
         downtime = max(0.0, now - alive_at) if alive_at is not None else 0.0
         for row in self.engine.load(rows, stats, now, downtime):
             if row.state == "idle":
@@ -244,12 +244,12 @@ class AlarmService:
 
     # ------------------------------------------------------------------ the worker
     async def _worker(self, stopping: asyncio.Event) -> None:
-        now = time.time()
+        now = clock.now()
         next_poll = now if self.rules else float("inf")
         next_flush = now + self.flush_s
         next_prune = now + 60.0
         while True:
-            now = time.time()
+            now = clock.now()
             due = self.engine.next_due()
             wake_at = min(next_poll, next_flush, next_prune, due if due is not None else float("inf"))
             if self._queue.empty() and not stopping.is_set() and wake_at > now:
@@ -262,7 +262,7 @@ class AlarmService:
             items: list[_Item] = []
             while len(items) < MAX_BATCH and not self._queue.empty():
                 items.append(self._queue.get_nowait())
-            now = time.time()
+            now = clock.now()
             due = self.engine.next_due()
             timers_due = due is not None and due <= now
             # An escalation about to go out first looks for an ack that just landed.
@@ -298,7 +298,7 @@ class AlarmService:
         except Exception as exc:
             inbox = []
             self._store_failed(exc)
-        batch = engine.begin(time.time())
+        batch = engine.begin(clock.now())
         for r in inbox:
             outcome = engine.on_ack(batch, r["rule"], r["akey"], r["episode"], r["by"], r["note"])
             batch.inbox_ids.append(r["id"])

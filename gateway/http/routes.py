@@ -52,7 +52,8 @@ SSE_KEEPALIVE_S = 15.0
 MAX_LIST = 10_000
 DEFAULT_LIST = 1000
 ACK_CORS = {"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Methods": "POST, OPTIONS",
-            "Access-Control-Allow-Headers": "Content-Type", "Access-Control-Max-Age": "86400"}
+            "Access-Control-Allow-Headers": "Content-Type", "Access-Control-Max-Age": "86400",
+            "Access-Control-Expose-Headers": "Retry-After"}  # a service worker on another origin honours it
 
 
 async def read_body(request: web.Request, limit: int, what: str) -> bytes:

@@ -23,7 +23,6 @@ import asyncio
 import html
 import json
 import re
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs
@@ -31,6 +30,7 @@ from urllib.parse import parse_qs
 import structlog
 from aiohttp import web
 
+from gateway import clock
 from gateway.http import ui_queries as q
 from gateway.http.errors import ApiError, json_response
 from gateway.http.reader import Reader
@@ -259,7 +259,7 @@ class OperatorPage:
             "gateway": {"site_id": self.cfg.gateway.site_id, "version": snap.get("version"),
                         "state": snap.get("state"), "status": snap.get("status"), "checks": snap.get("checks"),
                         "mode": self.cfg.broker.mode, "started_at": daemon.started_at,
-                        "uptime_s": round(max(0.0, time.time() - started)),
+                        "uptime_s": round(max(0.0, clock.now() - started)),
                         "broker_client_connected": client.get("connected")},
             "bridges": snap.get("bridges") or {},
             "broker": broker,

@@ -29,6 +29,7 @@ from typing import Any
 
 import structlog
 
+from gateway import clock
 from gateway.http import ui_queries as q
 from gateway.http.reader import Reader
 
@@ -121,7 +122,7 @@ class EventHub:
 
     async def _tick(self) -> None:
         self.ticks += 1
-        now = time.time()
+        now = clock.now()
         rows = await self.reader.run(lambda conn: q.jobs_changed_since(conn, now - LOOKBACK_S, MAX_JOBS_PER_EVENT + 1))
         changed: list[dict[str, Any]] = []
         for row in rows[:MAX_JOBS_PER_EVENT]:

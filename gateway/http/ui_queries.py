@@ -29,6 +29,7 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway import clock
 from gateway import stats
 from gateway.alarms.summary import AlarmSummary
 from gateway.alarms.summary import summary as alarm_summary
@@ -428,7 +429,7 @@ def alarm(conn: sqlite3.Connection, rule: str, key: str) -> dict[str, Any] | Non
 # ------------------------------------------------------------------ now
 def now_from_db(conn: sqlite3.Connection, now: float | None = None) -> dict[str, Any]:
     """The database half of the "now" view: a handful of rows whatever the fleet size."""
-    now = time.time() if now is None else now
+    now = clock.now() if now is None else now
     counts = stats.delivery_counts(conn)
     by_state = dict.fromkeys(DELIVERY_STATES, 0)
     queued_by_platform: dict[str, int] = {}

@@ -44,6 +44,7 @@ from typing import Literal
 
 import structlog
 
+from gateway import clock
 from gateway.storage import NotStored
 
 log = structlog.get_logger(__name__)
@@ -310,7 +311,7 @@ def enqueue(conn: sqlite3.Connection, kind: Kind, topic: str, payload: bytes, re
     conn.execute(
         "INSERT INTO upstream_outbox (kind, topic, payload, retain, coalesce_key, size, created_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (kind, topic, payload, 1 if retain else 0, coalesce_key, size, time.time()),
+        (kind, topic, payload, 1 if retain else 0, coalesce_key, size, clock.now()),
     )
     _wake_listeners()
 
@@ -591,7 +592,7 @@ def set_aside(conn: sqlite3.Connection, seq: int, reason: str) -> OutboxRow | No
     conn.execute(
         "INSERT OR REPLACE INTO upstream_outbox_aside (seq, kind, topic, payload, retain, created_at, set_aside_at,"
         " reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (row[0], row[1], row[2], row[3], row[4], row[5], time.time(), reason))
+        (row[0], row[1], row[2], row[3], row[4], row[5], clock.now(), reason))
     conn.execute("DELETE FROM upstream_outbox_aside WHERE seq NOT IN ("
                  " SELECT seq FROM upstream_outbox_aside ORDER BY seq DESC LIMIT ?)", (ASIDE_MAX_ROWS,))
     _delete(conn, [seq])
@@ -620,7 +621,7 @@ def stats(conn: sqlite3.Connection, *, record: bool = False) -> OutboxStats:
      refuse_new) = _state(conn, "bytes, rows, dropped, coalesced, max_bytes, near, coalesced_acks, refused,"
                                 " set_aside, refuse_new")
     oldest = conn.execute("SELECT created_at FROM upstream_outbox ORDER BY seq LIMIT 1").fetchone()
-    age = max(0.0, time.time() - float(oldest[0])) if oldest else None
+    age = max(0.0, clock.now() - float(oldest[0])) if oldest else None
     return OutboxStats(int(used), int(rows), int(dropped), int(coalesced), int(cap), bool(near), age,
                        int(coalesced_acks), int(refused) + (0 if record else _pending_refusals(conn)), int(aside),
                        "refuse-new" if refuse_new else "drop-oldest")
