@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
@@ -86,10 +86,21 @@ class _Pending:
     deletable: list[tuple[str, str]] = field(default_factory=list)  # cleared on the broker; delete at the next flush
 
 
+class JobSink(Protocol):
+    """The pipeline as the alarms see it: they write their jobs straight into SQLite (in the
+    transaction that stores the alarm's state) once it is ready, then wake it."""
+
+    @property
+    def ready(self) -> asyncio.Event: ...
+
+    def wake_for_new_jobs(self) -> None: ...
+
+
 class AlarmService:
     name = "alarms"
+    started: asyncio.Event | None = None
 
-    def __init__(self, cfg: Config, db: Database, pipeline: Any = None, *,
+    def __init__(self, cfg: Config, db: Database, pipeline: JobSink | None = None, *,
                  inbox_poll_s: float = 0.25, flush_s: float = 5.0):
         self.cfg = cfg
         self.db = db
@@ -365,10 +376,8 @@ class AlarmService:
 
     def _wake_pipeline(self) -> None:
         """Our jobs went straight into SQLite; tell the pipeline instead of waiting for its poll."""
-        for part in ("expander", "status"):
-            wake = getattr(getattr(self.pipeline, part, None), "wake", None)
-            if wake is not None:
-                wake.set()
+        if self.pipeline is not None:
+            self.pipeline.wake_for_new_jobs()
 
     def _prune(self, now: float) -> None:
         older = now - retention_days(self.cfg) * 86400

@@ -51,8 +51,7 @@ from gateway.timeutil import parse_iso
 
 if TYPE_CHECKING:
     from gateway.http.auth import Principal
-    from gateway.http.routes import Api
-    from gateway.http.service import HttpService
+    from gateway.http.routes import Api, ApiParts
 
 log = structlog.get_logger(__name__)
 
@@ -96,15 +95,20 @@ def wants_html(request: web.Request) -> bool:
 
 
 class OperatorPage:
-    """Handlers of the page and its JSON routes, bound to the HTTP service."""
+    """Handlers of the page and its JSON routes, bound to the API's parts plus its own:
+    a read connection of its own, the login sessions, the alarm engine (acks) and the
+    daemon's start time."""
 
-    def __init__(self, service: "HttpService", api: "Api"):
-        self.svc = service
+    def __init__(self, parts: "ApiParts", api: "Api", *, ui_reader: Reader, sessions: SessionStore,
+                 alarms: AlarmAcks, started_at: str):
+        self.svc = parts
         self.api = api
-        self.cfg = service.daemon.cfg
-        self.sessions: SessionStore = service.sessions
-        self.reader: Reader = service.ui_reader
-        self.hub = EventHub(self.reader, service.changes, service.stopping, self.now_view)
+        self.cfg = parts.cfg
+        self.alarms = alarms
+        self.started_at = started_at
+        self.sessions = sessions
+        self.reader = ui_reader
+        self.hub = EventHub(self.reader, parts.changes, parts.stopping, self.now_view)
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         r = router
@@ -239,11 +243,10 @@ class OperatorPage:
     async def now_view(self) -> dict[str, Any]:
         """Gateway state (mode, uptime, version), bridges, broker, queue, cloud link, alarms:
         the health snapshot the reporter keeps plus a handful of aggregate rows."""
-        reporter = self.svc.reporter
-        snap = reporter.latest or reporter.snapshot()
+        health = self.svc.health
+        snap = health.latest or health.snapshot()
         db = await self.reader.run(q.now_from_db)
-        daemon = self.svc.daemon
-        started = parse_iso(daemon.started_at).timestamp()
+        started = parse_iso(self.started_at).timestamp()
         client = snap.get("broker_client") or {}
         upstream = snap.get("upstream")
         if upstream is not None or db["upstream_backlog"] is not None:
@@ -258,7 +261,7 @@ class OperatorPage:
         return {
             "gateway": {"site_id": self.cfg.gateway.site_id, "version": snap.get("version"),
                         "state": snap.get("state"), "status": snap.get("status"), "checks": snap.get("checks"),
-                        "mode": self.cfg.broker.mode, "started_at": daemon.started_at,
+                        "mode": self.cfg.broker.mode, "started_at": self.started_at,
                         "uptime_s": round(max(0.0, clock.now() - started)),
                         "broker_client_connected": client.get("connected")},
             "bridges": snap.get("bridges") or {},
@@ -449,7 +452,7 @@ class OperatorPage:
             raise ApiError(404, "unknown_alarm", f"rule: no rule {rule!r} in the config")
         try:
             outcome = await asyncio.wait_for(
-                self.svc.alarms.acknowledge(rule, key, f"http:{session.name}", note, source="operator page"),
+                self.alarms.acknowledge(rule, key, f"http:{session.name}", note, source="operator page"),
                 ACK_WAIT_S)
         except STORAGE_ERRORS as exc:
             log.error("alarm ack not stored", rule=rule, key=key, error=f"{type(exc).__name__}: {exc}"[:300])

@@ -31,6 +31,7 @@ import structlog
 
 from gateway import clock
 from gateway.http import ui_queries as q
+from gateway.http.pulse import Pulse
 from gateway.http.reader import Reader
 
 log = structlog.get_logger(__name__)
@@ -60,7 +61,7 @@ class Subscriber:
 
 
 class EventHub:
-    def __init__(self, reader: Reader, pulse: Any, stopping: asyncio.Event,
+    def __init__(self, reader: Reader, pulse: Pulse, stopping: asyncio.Event,
                  now_view: Callable[[], Awaitable[dict[str, Any]]]):
         self.reader = reader
         self.pulse = pulse
