@@ -104,7 +104,7 @@ class OperatorPage:
         self.svc = parts
         self.api = api
         self.cfg = parts.cfg
-        self.alarms = alarms
+        self.alarm_acks = alarms  # not ``alarms``: that is the handler of /ui/api/alarms
         self.started_at = started_at
         self.sessions = sessions
         self.reader = ui_reader
@@ -452,7 +452,7 @@ class OperatorPage:
             raise ApiError(404, "unknown_alarm", f"rule: no rule {rule!r} in the config")
         try:
             outcome = await asyncio.wait_for(
-                self.alarms.acknowledge(rule, key, f"http:{session.name}", note, source="operator page"),
+                self.alarm_acks.acknowledge(rule, key, f"http:{session.name}", note, source="operator page"),
                 ACK_WAIT_S)
         except STORAGE_ERRORS as exc:
             log.error("alarm ack not stored", rule=rule, key=key, error=f"{type(exc).__name__}: {exc}"[:300])
