@@ -90,7 +90,7 @@ class GatewaySection(_Section):
     @field_validator("site_id")
     @classmethod
     def _site_id(cls, v: str) -> str:
-        if not SITE_ID_RE.match(v):
+        if not SITE_ID_RE.fullmatch(v):
             raise ValueError("must match [A-Za-z0-9_-]{1,64}")
         return v
 
@@ -99,6 +99,8 @@ class GatewaySection(_Section):
     def _prefix(cls, v: str) -> str:
         if not v or any(c in v for c in "+#\0") or v.startswith("$") or v.startswith("/") or v.endswith("/"):
             raise ValueError("must be a non-empty topic without wildcards, '$' or leading/trailing '/'")
+        if any(not c.isprintable() for c in v):  # a newline, tab or control character
+            raise ValueError(f"must be printable: {v!r} has a control character")
         return v
 
 
@@ -286,6 +288,8 @@ class BrokerSection(_MqttLinkSection):
         description="`embedded` runs the MQTT broker inside the gateway; `external` uses an existing broker at `url` and embeds none.")
     max_queued_messages: int = Field(default=1000, ge=1,
         description="Messages kept per offline persistent session; the oldest are dropped and counted.")
+    protocol: Literal["auto", "5", "3.1.1"] = Field(default="auto",
+        description="The MQTT version of the gateway's own client: `5`, `3.1.1`, or `auto` (5 when the broker offers it; the embedded broker does).")
     listeners: list[ListenerSection] = Field(default_factory=list,
         description="Embedded mode: the broker's listeners (`[[broker.listeners]]`, keys below); at least one.")
     auth: AuthSection = Field(default_factory=AuthSection,
@@ -319,7 +323,7 @@ class BrokerSection(_MqttLinkSection):
 
 
 def _check_mqtt_url(v: str) -> str:
-    m = re.match(r"^(mqtt|mqtts|ws|wss)://([^/:]+|\[[0-9a-fA-F:]+\])(:(\d{1,5}))?/?$", v)
+    m = re.fullmatch(r"^(mqtt|mqtts|ws|wss)://([^/:]+|\[[0-9a-fA-F:]+\])(:(\d{1,5}))?/?$", v)
     if not m:
         raise ValueError("expected mqtt://HOST[:PORT] or mqtts://, ws://, wss://")
     return v
@@ -527,7 +531,7 @@ class HttpSection(_Section):
     @field_validator("public_url")
     @classmethod
     def _public_url(cls, v: str) -> str:
-        if v and not re.match(r"^https?://[^/?#\s@]+(/[^?#\s]*)?$", v):
+        if v and not re.fullmatch(r"^https?://[^/?#\s@]+(/[^?#\s]*)?$", v):
             raise ValueError("expected http(s)://HOST[:PORT][/PATH] without query or user info")
         return v.rstrip("/")
 

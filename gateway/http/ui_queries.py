@@ -106,7 +106,7 @@ def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
 
 
 def check_id_prefix(value: str, name: str) -> str:
-    if not ID_CHARS.match(value):
+    if not ID_CHARS.fullmatch(value):
         raise QueryError(f"{name}: an id (prefix) has only letters, digits and . _ : - (up to 128)")
     return value
 
@@ -152,7 +152,7 @@ def decode_job_cursor(cursor: str) -> tuple[float, str]:
         value = float(stamp)
     except ValueError:
         value = float("nan")
-    if not sep or value != value or not ID_CHARS.match(job_id):
+    if not sep or value != value or not ID_CHARS.fullmatch(job_id):
         raise QueryError("before: not a cursor this page gave out")
     return value, job_id
 
