@@ -165,8 +165,9 @@ def test_api_errors_reach_the_page_per_field_as_data_in_the_apis_own_words():
     assert "; ".join(f["message"] for f in error_fields(err)) == err.message  # the API's one message
     with pytest.raises(InputError) as info:
         decode_json_object(b"{", 100, "job")
-    assert error_fields(ApiError.from_input(info.value)) == [
-        {"field": "job", "message": "job: not valid JSON (JSONDecodeError)"}]
+    [only] = error_fields(ApiError.from_input(info.value))
+    assert only["field"] == "job" and only["message"] == info.value.message
+    assert only["message"].startswith("job: not valid JSON (")
     named = ApiError(400, "x", "a: b; c: d", fields=[InputError.at("x", "a", "b; c: d").fields[0]])
     assert error_fields(named) == [{"field": "a", "message": "a: b; c: d"}]
     assert error_fields(ApiError(503, "not_stored", "the gateway could not store this now")) == [
