@@ -23,7 +23,7 @@ import jwt
 import structlog
 from pydantic import SecretStr
 
-from bridges import _http, _mapping
+from bridges import _http, _mapping, keys
 from bridges._auth import Credential, send_with_reauth
 from bridges.base import Bridge, BridgeConfigError, BridgeContext, Delivery, Outcome
 from devices.models import ApnsChannel
@@ -118,26 +118,16 @@ class ApnsBridgeImpl(Bridge):
 
     def __init__(self, cfg: ApnsBridge, ctx: BridgeContext, secrets: ApnsSecrets | None):
         self.cfg = cfg
-        self.signing_key = secrets.signing_key if secrets is not None else None
+        self.secrets = secrets
         self.base = (cfg.endpoint or HOSTS[cfg.environment]).rstrip("/")
         self.cert_auth = cfg.cert_file is not None and str(cfg.cert_file) != ""
         self._key: Any = None
         self._client: _http.PushClient | None = None
 
     async def start(self) -> None:
-        if not self.cert_auth:
-            if self.signing_key is None:
-                raise BridgeConfigError("bridges.apns.key_file: no signing key loaded")
-            from cryptography.hazmat.primitives.asymmetric import ec
-            from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
-            try:
-                key = load_pem_private_key(self.signing_key.get_secret_value().encode(), None)
-            except (ValueError, TypeError):
-                raise BridgeConfigError("bridges.apns.key_file: not a readable PEM private key") from None
-            if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
-                raise BridgeConfigError("bridges.apns.key_file: not a P-256 (ES256) key")
-            self._key = key
+        # The checks `check-config` makes too (bridges.keys).
+        self._key = keys.apns_signing_key(self.cfg, self.secrets)
+        keys.apns_tls(self.cfg)
         try:
             self._client = _http.PushClient(
                 self.cfg.ca_file, http2_only=True,

@@ -148,7 +148,15 @@ def daemon_running(cfg: Config) -> bool | None:
 @app.command("check-config")
 def check_config() -> None:
     """Validate the configuration; print each problem as KEY: message."""
-    cfg = get_config()
+    cfg, secrets = get_loaded()
+    from bridges.keys import problems
+
+    # A push key the bridge would refuse at start (the daemon would run with that bridge
+    # unhealthy): found here, by the same loaders, before the service starts.
+    found = [tuple(fault.split(": ", 1)) for fault in secrets.bridge_faults.values()]
+    found += [p for p in problems(cfg, secrets) if p[0].split(".")[1] not in secrets.bridge_faults]
+    if found:
+        fail([f"{key}: {msg}" for key, msg in found])
     typer.echo(f"ok: {cfg.source}")
 
 
@@ -492,7 +500,10 @@ def jobs_show(job_id: Annotated[str, typer.Argument(metavar="ID")],
                 extra = [r["platform"] or "-", f"attempts={r['attempts']}"]
                 if r.get("latency_ms") is not None:
                     extra.append(f"latency={r['latency_ms']:.0f}ms")
-                reason = f"  {r['last_error']}" if r.get("last_error") else ""
+                text = r.get("reason") or r.get("last_error")
+                reason = f"  {text}" if text else ""
+                if r.get("moved") and r.get("moved") != text:
+                    reason += f"  ({r['moved']})"
                 typer.echo(f"  {r['device_id']}  {' '.join(extra)}{reason}")
 
 

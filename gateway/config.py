@@ -12,6 +12,7 @@ platform's own by its ``load_secrets`` in ``bridges/<platform>.py``), held as
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -385,9 +386,11 @@ class UpstreamSection(_MqttLinkSection):
 
 
 class DispatchSection(_Section):
-    batch_size: int = Field(default=50, ge=1, le=10000,
+    batch_size: int = Field(default=500, ge=1, le=10000,
         description="Devices read per transaction when expanding a job.")
-    max_in_flight: int = Field(default=200, ge=1, le=100000, description="Concurrent sends per bridge.")
+    max_in_flight: int | None = Field(default=None, ge=1, le=100000,
+        description="Concurrent sends per bridge; unset = each bridge's own default "
+                    "(500 for `simulation` and `mqtt`, 200 for the HTTP push platforms).")
     max_attempts: int = Field(default=10, ge=1, description="Attempts (sends and resends) per delivery.")
     backoff_initial_s: float = Field(default=1.0, gt=0,
         description="First retry backoff in seconds (full jitter, doubling).")
@@ -395,6 +398,9 @@ class DispatchSection(_Section):
         description="Largest retry backoff in seconds; also the longest pause of an unhealthy bridge.")
     ack_timeout_s: float = Field(default=60.0, ge=0,
         description="A sent, unacked delivery of a bridge with `resend_unacked` is sent again (same message_id) after this; `0` = never.")
+    fallback_after_s: float = Field(default=30.0, ge=0,
+        description="A delivery waiting on a bridge that has been unhealthy (or unable to start) for this long "
+                    "moves to the device's next channel; `ttl = 0` jobs move at once.")
 
     @model_validator(mode="after")
     def _backoff(self) -> "DispatchSection":
@@ -755,12 +761,16 @@ class Secrets:
     """Everything the configuration's ``*_file`` keys hold, read once at load time.
 
     ``bridges`` maps an enabled platform to what its module's ``load_secrets`` returned
-    (its own typed object, or ``None`` when it has no secret).
+    (its own typed object, or ``None`` when it has no secret). ``bridge_faults``: push
+    bridges whose key file cannot be used (platform → "key: message"): not a config error
+    for ``run`` (the daemon starts with that bridge unhealthy and its devices fall over to
+    their next channel); ``check-config`` reports them.
     """
 
     broker: LinkSecrets = LinkSecrets()
     upstream: LinkSecrets = LinkSecrets()
     bridges: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))
+    bridge_faults: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}))
 
     def bridge(self, platform: str) -> Any:
         return self.bridges.get(platform)
@@ -830,6 +840,11 @@ def _blank_paths_to_none(data: Any) -> Any:
     return data
 
 
+# A push bridge's credential files: one that is missing or broken stops that bridge only.
+BRIDGE_KEY_FILES = frozenset({"service_account_file", "key_file", "cert_file", "cert_key_file",
+                              "client_secret_file", "vapid_private_key_file"})
+
+
 def parse_config(data: dict[str, Any], environ: dict[str, str] | None = None,
                  source: Path | None = None) -> LoadedConfig:
     """Validate a config mapping (after env overrides) and read the secrets it names;
@@ -854,7 +869,16 @@ def parse_config(data: dict[str, Any], environ: dict[str, str] | None = None,
         cfg = cfg.model_copy(update={"source": source})
         if cfg.broker.mode == "embedded" and not cfg.broker.listeners:
             problems.append(("broker.listeners", "embedded mode needs at least one listener"))
-        secrets = _load_secrets(cfg, problems)
+        secret_problems: list[tuple[str, str]] = []
+        secrets = _load_secrets(cfg, secret_problems)
+        faults: dict[str, str] = {}
+        for key, msg in secret_problems:
+            parts = key.split(".")
+            if len(parts) == 3 and parts[0] == "bridges" and parts[2] in BRIDGE_KEY_FILES:
+                faults.setdefault(parts[1], f"{key}: {msg}")
+            else:
+                problems.append((key, msg))
+        secrets = dataclasses.replace(secrets, bridge_faults=types.MappingProxyType(faults))
         problems += check_rules(cfg.rules)
     if problems:
         raise ConfigError(problems)

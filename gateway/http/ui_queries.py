@@ -33,6 +33,7 @@ from gateway import clock
 from gateway import stats
 from gateway.alarms.summary import AlarmSummary
 from gateway.alarms.summary import summary as alarm_summary
+from gateway.pipeline import store
 from gateway.states import DELIVERY_STATES, PROBLEM_DELIVERY_STATES
 from gateway.timeutil import iso_ts
 
@@ -245,12 +246,15 @@ def deliveries_page(conn: sqlite3.Connection, job_id: str, states: tuple[str, ..
         where += f" AND state IN ({','.join('?' * len(states))})"
         args += list(states)
     rows = conn.execute("SELECT message_id, device_id, state, platform, attempts, last_error, latency_ms, sent_at, "
-                        f"acked_at FROM deliveries WHERE {where} ORDER BY device_id LIMIT ?",
+                        f"acked_at, moved, next_at FROM deliveries WHERE {where} ORDER BY device_id LIMIT ?",
                         (*args, limit + 1)).fetchall()
     more = len(rows) > limit
     rows = rows[:limit]
+    now = clock.now()
     return {"deliveries": [{"message_id": r["message_id"], "device_id": r["device_id"], "state": r["state"],
-                            "platform": r["platform"], "attempts": r["attempts"], "reason": r["last_error"],
+                            "platform": r["platform"], "attempts": r["attempts"],
+                            "reason": store.wait_reason(r["state"], r["next_at"], r["last_error"], r["moved"], now)
+                            if r["state"] == "queued" else r["last_error"], "moved": r["moved"],
                             "latency_ms": r["latency_ms"], "sent_at": iso_ts(r["sent_at"]),
                             "acked_at": iso_ts(r["acked_at"])} for r in rows],
             "next": rows[-1]["device_id"] if more else None}
