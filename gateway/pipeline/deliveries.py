@@ -31,10 +31,12 @@ from devices.models import PLATFORMS
 from gateway import clock
 from gateway import stats
 from gateway.pipeline import jobs, registry
+from gateway.states import DeliveryState
 from gateway.pipeline.routing import ChannelCache, decode, route_of
 from gateway.timeutil import iso
 
-FINAL_DELIVERY_STATES = frozenset({"acknowledged", "failed", "expired", "invalid_address"})
+FINAL_DELIVERY_STATES = frozenset(state.value for state in DeliveryState if state is not DeliveryState.QUEUED
+                                  and state is not DeliveryState.SENT)
 
 
 # ------------------------------------------------------------------ what a batch writes
