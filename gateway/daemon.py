@@ -24,11 +24,11 @@ import structlog
 
 from gateway import __version__, filemodes, gc_tuning
 from gateway.broker import BrokerStartError, EmbeddedBroker, InternalCredentials
-from gateway.config import Config, ConfigError, load_config
+from gateway.config import Config, ConfigError, MqttUrl, load_config, split_host_port
 from gateway.lock import AlreadyRunning, DaemonLock
 from gateway.mqtt import ConnectionSettings, GatewayClient, NotConnected
 from gateway.sdnotify import Notifier
-from gateway.service import Service
+from gateway.service import Listening, Service
 from gateway.storage import Database
 from gateway.timeutil import iso, utcnow
 from gateway.topics import Topics
@@ -85,6 +85,29 @@ class Daemon:
     def _status_payload(self, state: str) -> bytes:
         return json.dumps({"state": state, "version": __version__, "started_at": self.started_at}).encode()
 
+    def bound_ports(self) -> dict[str, Any]:
+        """The ports actually listened on: each broker listener by name, and the HTTP API.
+        A ``bind`` ending in ``:0`` gets a free port from the kernel; runtime.json reports it
+        (written before READY=1), so whoever started the daemon can find it without a race."""
+        listening = {svc.name: svc.bound_port for svc in self.services if isinstance(svc, Listening)}
+        return {"broker": self.broker.bound_ports() if self.broker is not None else {},
+                "http": listening.get("http")}
+
+    def _client_url(self) -> str:
+        """``broker.url``; in embedded mode a URL with port 0 means the port the kernel gave
+        the first listener of the URL's transport that binds port 0."""
+        b = self.cfg.broker
+        url = MqttUrl(b.url)
+        if b.mode != "embedded" or url.port != 0 or self.broker is None:
+            return b.url
+        wanted = {"mqtt": "tcp", "mqtts": "tls", "ws": "ws", "wss": "wss"}.get(url.scheme)
+        bound = self.broker.bound_ports()
+        for section in b.listeners:
+            if section.type == wanted and split_host_port(section.bind)[1] == 0 and section.name in bound:
+                host = f"[{url.host}]" if ":" in url.host else url.host
+                return f"{url.scheme}://{host}:{bound[section.name]}"
+        return b.url
+
     def client_settings(self) -> ConnectionSettings:
         b = self.cfg.broker
         if b.mode == "embedded" and not b.username:
@@ -93,7 +116,7 @@ class Daemon:
             username = b.username or None
             password = b.password.get_secret_value() if b.password else None
         return ConnectionSettings(
-            url=b.url,
+            url=self._client_url(),
             client_id=f"homepot-gateway-{self.cfg.gateway.site_id}",
             username=username, password=password,
             ca_file=str(b.ca_file) if b.ca_file else None,
@@ -265,6 +288,7 @@ class Daemon:
         watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
         status = f"running; broker {cfg.broker.mode} {cfg.broker.url}"
         if await _services_started(self.services, service_tasks):  # e.g. the HTTP API listens
+            await self._write_runtime()  # the bound ports are in runtime.json before READY=1
             self.notifier.ready(status)
             self._ready = True
             gc_tuning.freeze()  # startup's objects leave the collector's sight (gateway/gc_tuning.py)
@@ -305,6 +329,13 @@ class Daemon:
         await self._stop_broker()
         log.info("stopped", exit_code=exit_code)
         return exit_code
+
+    async def _write_runtime(self) -> None:
+        from gateway.health import HealthReporter
+
+        for svc in self.services:
+            if isinstance(svc, HealthReporter):
+                await svc.publish()
 
     async def _stop_broker(self) -> None:
         if self.broker is not None:

@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,7 @@ class HealthReporter:
         # Set after the first refresh: READY=1 waits for it (daemon._services_started), so a
         # /healthz right after READY never reports "database: not checked yet".
         self.started = asyncio.Event()
+        self._write_lock = asyncio.Lock()
 
     def attach(self, client: GatewayClient) -> None:
         """Nothing to route: the reporter only reads."""
@@ -143,7 +145,7 @@ class HealthReporter:
                 await self.refresh()
                 self.started.set()
                 try:
-                    await asyncio.to_thread(self._write, self.latest)
+                    await self._write_latest()
                     self._write_error = None
                 except OSError as exc:  # a full disk must not stop the daemon; `status` will say stale
                     if str(exc) != self._write_error:
@@ -178,6 +180,17 @@ class HealthReporter:
         self.latest = self.snapshot()
         return self.latest
 
+    async def publish(self) -> None:
+        """Measure and write ``runtime.json`` now (the daemon calls it once before READY=1)."""
+        await self.refresh()
+        await self._write_latest()
+
+    async def _write_latest(self) -> None:
+        # One write at a time, of the newest snapshot when its turn comes: the loop's write
+        # of an older one can never land after (and hide) the one made before READY=1.
+        async with self._write_lock:
+            await asyncio.to_thread(self._write, self.latest)
+
     def snapshot(self) -> dict[str, Any]:
         d = self.daemon
         client = d.client
@@ -197,6 +210,7 @@ class HealthReporter:
             "bridges": bridge_health(d.pipeline),
             "upstream": self._upstream(d),
             "http": ({"bind": d.cfg.http.bind, "url": d.cfg.http.base_url()} if d.cfg.http is not None else None),
+            "ports": d.bound_ports(),
         }
         status, found = verdict(snap)
         snap["status"] = status
@@ -221,9 +235,13 @@ class HealthReporter:
         return _jsonable(metrics)
 
     def _write(self, snap: dict[str, Any]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(snap, default=str), encoding="utf-8")
-        os.chmod(tmp, 0o600)  # like everything in the data dir (gateway/filemodes.py); `status` runs as its owner
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_native_id()}")
+        # 0600 from creation, whatever the umask, like everything in the data dir
+        # (gateway/filemodes.py); `status` runs as its owner.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o600)  # an older tmp file may have had another mode
+            f.write(json.dumps(snap, default=str))
         os.replace(tmp, self.path)
 
 

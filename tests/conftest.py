@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import GatewayProcess, Mosquitto, base_config, free_port, require_tool, write_config
+from tests.helpers import GatewayProcess, Mosquitto, base_config, free_port, require_tool
 
 
 @pytest.fixture(autouse=True)
@@ -26,17 +26,17 @@ def port() -> int:
 
 @pytest.fixture
 def gateway_factory(tmp_path: Path) -> Iterator:
-    """Start real daemons: ``gateway_factory(extra_config_dict) -> GatewayProcess``."""
+    """Start real daemons: ``gateway_factory(extra_config_dict) -> GatewayProcess``.
+
+    Without ``port`` the broker listener binds port 0; ``gw.port`` (and ``gw.ports``,
+    ``gw.http_port``) are read from the daemon's runtime.json once it is ready."""
     procs: list[GatewayProcess] = []
 
     def make(extra: dict | None = None, port: int | None = None, env: dict | None = None,
              start: bool = True) -> GatewayProcess:
-        p = port or free_port()
-        data = base_config(tmp_path, p, **(extra or {}))
-        cfg = write_config(tmp_path, data, name=f"config-{len(procs)}.toml")
-        gw = GatewayProcess(cfg, tmp_path, env=env or {})
-        gw.port = p  # type: ignore[attr-defined]
-        gw.data = data  # type: ignore[attr-defined]
+        data = base_config(tmp_path, port or 0, **(extra or {}))
+        gw = GatewayProcess.from_data(tmp_path, data, name=f"config-{len(procs)}.toml", env=env)
+        gw.port = port or 0
         procs.append(gw)
         if start:
             gw.start()

@@ -851,6 +851,21 @@ class EmbeddedBroker:
 
     snapshot = metrics
 
+    def bound_ports(self) -> dict[str, int]:
+        """The port each listener actually listens on, by its configured name: what a
+        ``bind`` ending in ``:0`` got from the kernel (tests bind port 0 so two never race)."""
+        out: dict[str, int] = {}
+        if self.broker is None:
+            return out
+        servers = self.broker._servers  # noqa: SLF001 - checked by compat.check_amqtt
+        _, by_name = build_amqtt_config(self._cfg)
+        for key, section in by_name.items():
+            server = servers.get(key)
+            sockets = list(getattr(getattr(server, "instance", None), "sockets", None) or ())
+            if sockets:
+                out[section.name] = sockets[0].getsockname()[1]
+        return out
+
     def reload_passwords(self) -> int:
         """SIGHUP: re-read the password file now; the number of accounts (blocking file I/O)."""
         if self.broker is None:

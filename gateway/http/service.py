@@ -105,6 +105,7 @@ class HttpService:
             self.start_error = f"http.ack_secret_file: cannot use {secret_path(daemon.cfg)}: {exc}"
             self.signer = AckSigner(b"unused" * 4, self.cfg.base_url())
         self.web_config: dict[str, Any] = {}
+        self.bound_port: int | None = None  # set once listening (the kernel's pick for `bind` port 0)
 
     def ack_url(self, message_id: str) -> str:
         """The signed ack URL of a delivery (what the pipeline puts in every payload)."""
@@ -251,6 +252,14 @@ class HttpService:
             await runner.cleanup()
             log.error("http api cannot listen", bind=self.cfg.bind, error=exc.strerror or str(exc))
             raise HttpStartError(f"http.bind: cannot listen on {self.cfg.bind}: {exc.strerror or exc}") from None
+        self.bound_port = runner.addresses[0][1]
+        if port == 0 and not self.cfg.public_url:
+            # The kernel chose the port: ack URLs and the page's API address must carry it.
+            bind_host = self.cfg.bind.rpartition(":")[0]  # IPv6 keeps its brackets
+            base = f"{'https' if self.cfg.tls else 'http'}://{bind_host}:{self.bound_port}"
+            self.signer.base_url = base
+            if self.web_config:
+                self.web_config["api"] = base
         if not self.cfg.public_url and host in ("0.0.0.0", "::", ""):
             log.warning("http.public_url is not set and http.bind is a wildcard address: ack URLs in payloads "
                         "point at it and devices cannot reach them; set http.public_url", bind=self.cfg.bind)
