@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from gateway import clock
 from gateway.config import Config, ConfigError, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -165,6 +166,7 @@ def _db(cfg: Config):  # noqa: ANN202 - sqlite3.Connection, imported lazily
 
     conn = connect(cfg.db_path)
     transaction(conn, schema.migrate)
+    clock.attach(conn)  # write times on the daemon's timeline (gateway.clock)
     return conn
 
 
@@ -476,7 +478,7 @@ def alarms_ack(
         return
     if row.state != "firing":
         fail(f"KEY: alarm {row.key!r} of rule {rule!r} is {row.state}, not firing", 1)
-    _tx(conn, lambda c: alarm_store.request_ack(c, rule, row.key, by, note, time.time()))
+    _tx(conn, lambda c: alarm_store.request_ack(c, rule, row.key, by, note, clock.now()))
     # The running daemon applies it within a fraction of a second; show that it did.
     deadline = time.monotonic() + 3.0
     current = row

@@ -188,6 +188,90 @@ class _MqttLinkSection(_Section):
         return _check_mqtt_url(v)
 
 
+MQTT_MAX_PACKET = 268_435_455   # the largest "remaining length" MQTT can express (§2.2.3)
+
+
+class RoleLimits(_Section):
+    """A ``[broker.limits.<role>]`` table: any key given replaces the ``[broker.limits]`` value
+    for clients of that role; a key left out keeps it. The ``admin`` role (and the gateway's own
+    client, always) is limited only by the keys its table names."""
+
+    max_packet_size: int | None = Field(
+        default=None, ge=16, le=MQTT_MAX_PACKET,
+        description="Largest MQTT packet (bytes, fixed header excluded) a client of this role may send; "
+            "checked from the fixed header before any body byte is read, the client is disconnected.")
+    max_connections: int | None = Field(
+        default=None, ge=0, description="Clients of this role connected at once; 0 = no limit.")
+    max_sessions_per_account: int | None = Field(
+        default=None, ge=0, description="Persistent sessions one principal of this role may hold; 0 = no limit.")
+    session_expiry_s: float | None = Field(
+        default=None, ge=0, description="Seconds a disconnected persistent session is kept; 0 = for ever.")
+    max_queued_bytes: int | None = Field(
+        default=None, ge=0, description="Payload bytes queued per session beside `max_queued_messages`; 0 = no limit.")
+    max_retained_per_principal: int | None = Field(
+        default=None, ge=0, description="Retained topics one principal may hold; 0 = no limit.")
+    max_retained_bytes_per_principal: int | None = Field(
+        default=None, ge=0, description="Bytes (topic + payload) of retained messages one principal may hold; 0 = no limit.")
+    max_publish_rate: float | None = Field(
+        default=None, ge=0, description="PUBLISH packets per second per client; 0 = no limit.")
+    max_publish_bytes_rate: float | None = Field(
+        default=None, ge=0, description="PUBLISH packet bytes (topic and payload) per second per client; 0 = no limit.")
+
+
+class BrokerLimits(_Section):
+    """``[broker.limits]``: what one client may cost the embedded broker (contract §4).
+
+    Every key also exists in ``[broker.limits.<role>]`` tables (:class:`RoleLimits`), which
+    are collected into ``roles`` (a table key that is not a known limit is a role table)."""
+
+    max_packet_size: int = Field(
+        default=1_048_576, ge=16, le=MQTT_MAX_PACKET,
+        description="Largest MQTT packet (bytes, fixed header excluded) a client may send; checked from the "
+            "fixed header before any body byte is read, the client is disconnected. Roles device and "
+            "anonymous default to 65536.")
+    max_connections: int = Field(
+        default=10_000, ge=1, description="Clients connected at once (the gateway's own client and admin not counted against it); "
+            "also caps connections still sending CONNECT.")
+    max_sessions_per_account: int = Field(
+        default=10, ge=0, description="Persistent sessions one principal (username, or anonymous on a listener) may hold; a new "
+            "one replaces the principal's longest-offline session, or is refused when all are "
+            "connected; 0 = no limit.")
+    session_expiry_s: float = Field(
+        default=604_800, ge=0, description="Seconds a disconnected persistent session (MQTT 3.1.1 CleanSession=0 included) is kept "
+            "before it is forgotten; 0 = for ever.")
+    max_queued_bytes: int = Field(
+        default=16_777_216, ge=0, description="Payload bytes queued per session, beside `broker.max_queued_messages`; oldest dropped; 0 "
+            "= no limit.")
+    max_retained_per_principal: int = Field(
+        default=1000, ge=0, description="Retained topics one principal may hold; beyond, a retained message is delivered live but "
+            "not kept; 0 = no limit.")
+    max_retained_bytes_per_principal: int = Field(
+        default=1_048_576, ge=0, description="Bytes (topic + payload) of retained messages one principal may hold; 0 = no limit.")
+    max_publish_rate: float = Field(
+        default=0, ge=0, description="PUBLISH packets per second per client; a faster client is slowed down (its connection is "
+            "not read until it is within the rate); 0 = no limit.")
+    max_publish_bytes_rate: float = Field(
+        default=0, ge=0, description="PUBLISH packet bytes (topic and payload) per second per client, slowed down the same way; 0 = no limit.")
+    roles: dict[str, RoleLimits] = Field(
+        default_factory=dict, description="Per-role overrides, written as `[broker.limits.<role>]` tables.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _role_tables(cls, data: Any) -> Any:
+        """``[broker.limits.device]`` is a table inside ``[broker.limits]``: move every table
+        under a key that is not a limit into ``roles`` (a misspelt scalar key stays, and is
+        reported as an unknown key)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        roles = dict(data.get("roles") or {})
+        for key in [k for k, v in data.items() if isinstance(v, dict) and k not in cls.model_fields]:
+            roles[key] = data.pop(key)
+        if roles:
+            data["roles"] = roles
+        return data
+
+
 class BrokerSection(_MqttLinkSection):
     mode: Literal["embedded", "external"] = Field(default="embedded",
         description="`embedded` runs the MQTT broker inside the gateway; `external` uses an existing broker at `url` and embeds none.")
@@ -199,6 +283,15 @@ class BrokerSection(_MqttLinkSection):
         description="Embedded mode: where the broker's accounts are (`[broker.auth]`).")
     acl: dict[str, AclRule] = Field(default_factory=dict,
         description="Per-role ACLs (`[broker.acl.<role>]`, keys below); a role given here replaces that role's defaults; new roles may be added.")
+    limits: BrokerLimits = Field(default_factory=BrokerLimits,
+        description="Embedded mode: what one client may cost the broker (`[broker.limits]`, keys below).")
+
+    @model_validator(mode="after")
+    def _limit_roles(self) -> "BrokerSection":
+        unknown = sorted(set(self.limits.roles) - set(self.roles()))
+        if unknown:
+            raise ValueError(f"[broker.limits.{unknown[0]}] names no role (known: {', '.join(sorted(self.roles()))})")
+        return self
 
     @model_validator(mode="after")
     def _listeners(self) -> "BrokerSection":
@@ -250,7 +343,7 @@ class UpstreamSection(_MqttLinkSection):
     buffer_max_mb: float = Field(default=256, gt=0,
         description="Store-and-forward cap on disk for what is owed to the cloud, in MB.")
     overflow: Literal["drop-oldest", "refuse-new"] = Field(default="drop-oldest",
-        description="At the cap: `drop-oldest` coalesces, then drops the oldest (counted); `refuse-new` leaves device acks un-PUBACKed until there is room.")
+        description="At the cap: `drop-oldest` coalesces, then drops the oldest (counted); `refuse-new` drops nothing: device acks are stored at once and their copies for the cloud wait outside the buffer until there is room.")
     allow_plaintext: bool = Field(default=False,
         description="Allow a password over `mqtt://` or `ws://`, where it travels in clear.")
     max_inflight: int = Field(default=1000, ge=1, le=10000,
@@ -788,7 +881,7 @@ def parse_config(data: dict[str, Any], environ: dict[str, str] | None = None, so
                 msg = "unknown key"
             elif msg.startswith("Value error, "):
                 msg = msg[len("Value error, "):]
-            problems.append((key, msg))
+            problems.append((key.replace("broker.limits.roles.", "broker.limits."), msg))
     if cfg is not None:
         cfg.source = source
         if cfg.broker.mode == "embedded" and not cfg.broker.listeners:

@@ -26,7 +26,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from gateway.alarms.rules import EscalateStep, RuleSection
-from gateway.config import AclRule, Config, ListenerSection, default_acl
+from gateway.config import AclRule, Config, ListenerSection, RoleLimits, default_acl
 
 MARKER = "<!-- generated below by `python -m gateway.config_docs --write`; do not edit by hand -->"
 DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
@@ -34,7 +34,7 @@ DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 # Tables whose keys are documented as their own section, and the heading each gets.
 _LIST_OF = {ListenerSection: "[[broker.listeners]]", RuleSection: "[[rules]]",
             EscalateStep: "[[rules]] escalate = [{...}]"}
-_DICT_OF = {AclRule: "[broker.acl.<role>]"}
+_DICT_OF = {AclRule: "[broker.acl.<role>]", RoleLimits: "[broker.limits.<role>]"}
 
 
 def _inner(ann: Any) -> tuple[Any, bool]:

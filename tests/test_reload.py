@@ -53,11 +53,16 @@ def test_sighup_reloads_passwords_and_log_level_and_keeps_running(gateway_factor
     gw = gateway_factory()
     assert connect_rc(gw.port, "plc-1", "first-password") == 0
 
-    # Replace the account with another password in a file of the same size and mtime: the
-    # broker's change check (mtime, size) cannot see it; only a reload can.
+    # Replace the account with another password, written in place (same inode) in a file of the
+    # same size and mtime: the broker's change check (mtime, size, inode) cannot see it; only a
+    # reload can. (`users add` replaces the file, a new inode, which the broker sees at once.)
     st = passwd.stat()
-    add_user(passwd, "plc-1", "other-password", "device")
-    assert passwd.stat().st_size == st.st_size
+    staged = tmp_path / "passwd.staged"
+    staged.write_bytes(passwd.read_bytes())
+    add_user(staged, "plc-1", "other-password", "device")
+    with open(passwd, "r+b") as fh:
+        fh.write(staged.read_bytes())
+    assert passwd.stat().st_size == st.st_size and passwd.stat().st_ino == st.st_ino
     os.utime(passwd, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert connect_rc(gw.port, "plc-1", "other-password") != 0
 
@@ -101,6 +106,7 @@ async def test_services_register_reload_callbacks(tmp_path: Path):
     does not stop the others, and each gets the configuration as re-read from the file."""
     from gateway.config import load_config
     from gateway.daemon import Daemon
+    from gateway.wiring import Graph
 
     port = free_port()
     path = write_config(tmp_path, base_config(tmp_path, port))
@@ -115,13 +121,11 @@ async def test_services_register_reload_callbacks(tmp_path: Path):
         calls.append(("async", new_cfg.gateway.site_id))
         second.set()
 
-    def factory(daemon: Daemon) -> list:
-        daemon.on_reload(lambda new_cfg: calls.append(("sync", new_cfg.gateway.site_id)), name="sync-hook")
-        daemon.on_reload(broken)
-        daemon.on_reload(credentials_cache, name="http-credentials")
-        return []
+    def no_services(cfg, db, runtime) -> Graph:  # noqa: ANN001
+        return Graph([], reload_callbacks=[("broken", broken), ("http-credentials", credentials_cache)])
 
-    daemon = Daemon(cfg, service_factory=factory, environ={})
+    daemon = Daemon(cfg, build=no_services, environ={})
+    daemon.on_reload(lambda new_cfg: calls.append(("sync", new_cfg.gateway.site_id)), name="sync-hook")
     task = asyncio.create_task(daemon.run())
     deadline = time.monotonic() + 20
     while not daemon._ready:  # noqa: SLF001 - the handler exists once the daemon is up

@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import deque
 from typing import TYPE_CHECKING
 
 import structlog
 
+from gateway import clock
 from gateway.broker.acl import ClientAcl
 from gateway.broker.codec import PUBREL, encode_ack, encode_publish, encode_topic
+from gateway.broker.limits import UNLIMITED, ClientLimits, ConnectionCount, Limit, LimitRecorder, RateBucket
 from gateway.broker.metrics import BrokerMetrics
 from gateway.broker.state import RELEASED, SENT, StateNotStored, StateStore
 from gateway.broker.throttle import LogThrottle
@@ -54,13 +57,18 @@ BATCH = 256             # packets per write
 class Message:
     """One application message as routed; shared by every client it goes to."""
 
-    __slots__ = ("_qos0", "payload", "topic", "topic_b")
+    __slots__ = ("_qos0", "body_id", "payload", "refs", "shared", "topic", "topic_b")
 
     def __init__(self, topic: str, payload: bytes):
         self.topic = topic
         self.topic_b = encode_topic(topic)
         self.payload = payload
         self._qos0: dict[bool, bytes] = {}
+        self.body_id = 0    # its row in broker_bodies while persistent sessions queue it (StateStore.queue_shared)
+        self.refs = 0       # how many persistent sessions' rows name that body
+        # Routed to more than one session: persistent ones share one stored body. A message for
+        # one session keeps its payload in its own row (one write, as before).
+        self.shared = False
 
     def qos0_packet(self, retain: bool) -> bytes:
         """A QoS 0 PUBLISH is the same bytes for every subscriber: encode it once."""
@@ -94,7 +102,8 @@ class ClientState:
 
     def __init__(self, client_id: str, clean: bool, *, store: StateStore | None, metrics: BrokerMetrics,
                  seq: itertools.count[int], max_queued: int, max_inflight: int = MAX_INFLIGHT,
-                 capped: bool = True, drop_log: LogThrottle | None = None):
+                 capped: bool = True, drop_log: LogThrottle | None = None,
+                 limit_log: LimitRecorder | None = None, connections: ConnectionCount | None = None):
         self.client_id = client_id
         self.clean = clean
         self.username: str | None = None
@@ -107,6 +116,11 @@ class ClientState:
         self.inflight: dict[int, Outgoing] = {}
         self.qos2_in: set[int] = set()
         self.handler: GatewayProtocolHandler | None = None
+        self.limits: ClientLimits = UNLIMITED   # [broker.limits] of its role (gateway.broker.limits)
+        self.rate: RateBucket | None = None      # per connection, when the role has a publish rate
+        self.pending_bytes = 0                   # payload bytes in ``pending``
+        self.offline_since = time.monotonic()    # when the last connection ended (session expiry)
+        self.account_hash: str | None = None     # the password hash it authenticated with (accounts.py)
         self.dropped = 0
         self._store = store
         self._metrics = metrics
@@ -114,6 +128,9 @@ class ClientState:
         self._max_queued = max_queued
         self._max_inflight = max_inflight
         self._drop_log = drop_log or LogThrottle()
+        self._limit_log = limit_log
+        self._connections = connections
+        self._counted: tuple[str | None, bool] | None = None   # its entry in ``connections`` while connected
         self._next_pid = 0
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
@@ -147,27 +164,61 @@ class ClientState:
         store = self._store
         if qos and not self.clean and store is not None:
             out.seq = next(self._seq)
-            store.queue_message(self.client_id, out.seq, msg.topic, msg.payload, qos, retain)
+            if msg.shared:
+                store.queue_shared(self.client_id, out.seq, msg, qos, retain)
+            else:
+                store.queue_message(self.client_id, out.seq, msg.topic, msg.payload, qos, retain)
             durable = True
         pending = self.pending
         pending.append(out)
-        if self.capped and len(pending) > self._max_queued:
-            oldest = pending.popleft()
-            self.dropped += 1
-            self._metrics.dropped += 1
-            if oldest.seq and store is not None:
-                store.message_done(self.client_id, oldest.seq)
-                if not self.clean:
-                    store.dropped(self.client_id, self.dropped)
-            suppressed = self._drop_log(self.client_id)
-            if suppressed is not None:
-                log.warning("client queue full; oldest message dropped (broker.max_queued_messages)",
-                            client_id=self.client_id, username=self.username, connected=online,
-                            max_queued_messages=self._max_queued, dropped_topic=oldest.msg.topic,
-                            dropped_total=self.dropped, suppressed=suppressed)
+        self.pending_bytes += len(msg.payload)
+        if self.capped:
+            max_bytes = self.limits.max_queued_bytes
+            while len(pending) > self._max_queued or (max_bytes and self.pending_bytes > max_bytes and pending):
+                self._drop_oldest(online, by_bytes=len(pending) <= self._max_queued)
         if online:
             self._wake.set()
         return durable
+
+    def _done(self, out: Outgoing) -> None:
+        """A stored message of this session is finished (acknowledged, dropped, withheld)."""
+        store = self._store
+        assert store is not None
+        store.message_done(self.client_id, out.seq)
+        store.release_body(out.msg)
+
+    def release_all(self) -> None:
+        """The session is being forgotten: give up its share of every stored message body
+        (its rows go with the session's delete)."""
+        store = self._store
+        if store is None or self.clean:
+            return
+        for out in (*self.pending, *self.inflight.values()):
+            if out.seq:
+                store.release_body(out.msg)
+
+    def _drop_oldest(self, online: bool, by_bytes: bool) -> None:
+        """The queue is over max_queued_messages (or max_queued_bytes): drop its oldest, count, log."""
+        oldest = self.pending.popleft()
+        self.pending_bytes -= len(oldest.msg.payload)
+        self.dropped += 1
+        self._metrics.dropped += 1
+        store = self._store
+        if oldest.seq and store is not None:
+            self._done(oldest)
+            if not self.clean:
+                store.dropped(self.client_id, self.dropped)
+        if by_bytes and self._limit_log is not None:
+            self._limit_log.hit(Limit.QUEUED_BYTES, self.client_id, username=self.username, connected=online,
+                                max_queued_bytes=self.limits.max_queued_bytes, dropped_topic=oldest.msg.topic,
+                                dropped_total=self.dropped)
+            return
+        suppressed = self._drop_log(self.client_id)
+        if suppressed is not None:
+            log.warning("client queue full; oldest message dropped (broker.max_queued_messages)",
+                        client_id=self.client_id, username=self.username, connected=online,
+                        max_queued_messages=self._max_queued, dropped_topic=oldest.msg.topic,
+                        dropped_total=self.dropped, suppressed=suppressed)
 
     @property
     def backlogged(self) -> bool:
@@ -182,21 +233,39 @@ class ClientState:
                 self.inflight[packet_id] = out
             else:
                 self.pending.append(out)
+                self.pending_bytes += len(out.msg.payload)
 
     # ----------------------------------------------------------------- connection
     def attach(self, handler: GatewayProtocolHandler) -> None:
         self.handler = handler
+        limits = self.limits
+        if self._connections is not None:
+            self._counted = self._connections.add(self.role, limits)
+        self.rate = RateBucket(limits.max_publish_rate, limits.max_publish_bytes_rate) if limits.rate_limited else None
         self._wake = asyncio.Event()
         self._sender = asyncio.get_running_loop().create_task(
             self._run_sender(handler), name=f"mqtt-send:{self.client_id}")
 
+    def recount(self) -> None:
+        """Its role or limits changed while connected: count it under the new ones."""
+        if self._connections is not None and self._counted is not None:
+            self._connections.remove(self._counted)
+            self._counted = self._connections.add(self.role, self.limits)
+
     def detach(self) -> None:
+        if self._connections is not None and self._counted is not None:
+            self._connections.remove(self._counted)
+            self._counted = None
         self.handler = None
         if self._sender is not None:
             self._sender.cancel()
             self._sender = None
+        self.offline_since = time.monotonic()
+        if self.persistent:
+            self._store.session_seen(self.client_id, clock.now())  # type: ignore[union-attr]
         if any(out.qos == 0 for out in self.pending):
             self.pending = deque(out for out in self.pending if out.qos)
+            self.pending_bytes = sum(len(out.msg.payload) for out in self.pending)
 
     def _readable(self, out: Outgoing) -> bool:
         """May this client's role read ``out`` now? If not, it is dropped and counted."""
@@ -205,7 +274,7 @@ class ClientState:
             return True
         self._metrics.dropped_acl += 1
         if out.seq and self._store is not None:
-            self._store.message_done(self.client_id, out.seq)
+            self._done(out)
         suppressed = self._drop_log((self.client_id, "acl"))
         if suppressed is not None:
             log.info("queued message withheld: the client's role may not read its topic (any more)",
@@ -244,6 +313,7 @@ class ClientState:
                     out = pending[0]
                     if not self._readable(out):
                         pending.popleft()
+                        self.pending_bytes -= len(out.msg.payload)
                         continue
                     if out.qos:
                         if len(self.inflight) >= self._max_inflight:
@@ -257,6 +327,7 @@ class ClientState:
                             # or a restarted broker could send the message under a new id.
                             barrier = barrier or out.qos == 2
                     pending.popleft()
+                    self.pending_bytes -= len(out.msg.payload)
                     parts.append(out.packet())
                     nbytes += len(out.msg.payload)
                 if barrier and store is not None:
@@ -284,7 +355,7 @@ class ClientState:
             return  # unknown id: nothing to do (a late PUBACK after a resend)
         del self.inflight[packet_id]
         if out.seq and self._store is not None:
-            self._store.message_done(self.client_id, out.seq)
+            self._done(out)
         if self.pending:
             self._wake.set()
 
@@ -307,6 +378,6 @@ class ClientState:
             return
         del self.inflight[packet_id]
         if out.seq and self._store is not None:
-            self._store.message_done(self.client_id, out.seq)
+            self._done(out)
         if self.pending:
             self._wake.set()

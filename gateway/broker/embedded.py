@@ -50,11 +50,15 @@ from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import Session
 
+from gateway import clock
 from gateway.broker import compat
 from gateway.broker.acl import ClientAcl
 from gateway.broker.clients import GATEWAY_MAX_INFLIGHT, MAX_INFLIGHT, ClientState, Message, Outgoing
+from gateway.broker.accounts import AccountWatcher
 from gateway.broker.codec import PUBACK, PUBCOMP, PUBREC, encode_ack, encode_connack
 from gateway.broker.handler import GatewayProtocolHandler, StallGuard, abort_transport
+from gateway.broker.limits import (MAX_CONNECT_PACKET, SERVER_UNAVAILABLE, ClientLimits, Limit, LimitPolicy,
+                                   ConnectionCount, LimitRecorder, LimitVerdict, RateBucket, RetainedQuota)
 from gateway.broker.matching import SubscriptionIndex, matches, valid_topic_filter, valid_topic_name
 from gateway.broker.metrics import BrokerMetrics
 from gateway.broker.passwords import PasswordFile, PasswordFileError
@@ -71,6 +75,9 @@ INTERNAL_USERNAME = "homepot-gateway"
 CONNECT_TIMEOUT_S = 10.0     # a connection that sends no CONNECT is closed [MQTT-3.1.0-1]
 PACKET_TIMEOUT_S = 60.0      # a keepalive=0 client stalled in the middle of a packet is closed
 STOP_HANDLER_TIMEOUT_S = 2.0
+ACCOUNTS_POLL_S = 1.0        # how often the password file's stamp is checked (accounts.py)
+EXPIRY_SWEEP_MIN_S = 0.25    # session expiry sweeps: a quarter of the shortest expiry, within these
+EXPIRY_SWEEP_MAX_S = 60.0
 
 BAD_USERNAME_PASSWORD = 0x04
 NOT_AUTHORIZED = 0x05
@@ -116,7 +123,7 @@ class GatewayBroker(Broker):
                  reserved_client_id: str | None = None, gateway_usernames: tuple[str, ...] = (),
                  max_retained: int = MAX_RETAINED_MESSAGES, max_retained_bytes: int = MAX_RETAINED_BYTES,
                  connect_timeout_s: float = CONNECT_TIMEOUT_S, packet_timeout_s: float = PACKET_TIMEOUT_S,
-                 **kwargs: Any):
+                 limits: LimitPolicy | None = None, **kwargs: Any):
         super().__init__(config, **kwargs)
         self._gw_listeners = listeners
         self._passwords = passwords
@@ -129,6 +136,10 @@ class GatewayBroker(Broker):
         # routed the message yields once so that the subscriber's sender runs (handler.py).
         self.backlogged = False
         self.metrics = metrics or BrokerMetrics()
+        self.limits = limits or LimitPolicy()
+        self.limit_log = LimitRecorder(self.metrics)
+        self.retained_quota = RetainedQuota()
+        self.connections = ConnectionCount()
         self._clients: dict[str, ClientState] = {}
         self._index: SubscriptionIndex[ClientState] = SubscriptionIndex()
         self._retained: RetainedStore[tuple[Message, int]] = RetainedStore(max_retained, max_retained_bytes)
@@ -142,15 +153,20 @@ class GatewayBroker(Broker):
         self._denied_log = LogThrottle()
         self._drop_log = LogThrottle()
         self._retained_log = LogThrottle()
-        self.started_at = time.time()
+        self.started_mono = time.monotonic()
 
     # ================================================================== state
     def restore(self, loaded: LoadedState) -> None:
         """Retained messages and persistent sessions from SQLite (before ``start``)."""
         self._seq = itertools.count(loaded.next_seq)
         over_limit = 0
-        for topic, (payload, qos) in loaded.retained.items():
-            if not self._retained.put(topic, (Message(topic, payload), qos), _retained_size(topic, payload)):
+        for topic, (payload, qos, principal) in loaded.retained.items():
+            size = _retained_size(topic, payload)
+            gateway = principal is not None and principal in self._gateway_principals
+            owner = None if gateway else principal   # stored before owners were recorded: no one's
+            if self._retained.put(topic, (Message(topic, payload), qos), size, exempt=gateway):
+                self.retained_quota.stored(topic, owner, size)
+            else:
                 over_limit += 1
                 if self._store is not None:
                     self._store.clear_retained(topic)
@@ -158,21 +174,56 @@ class GatewayBroker(Broker):
             log.warning("retained messages over the retained store's limits were deleted at start",
                         deleted=over_limit, max_messages=self._retained.max_messages,
                         max_bytes=self._retained.max_bytes)
+        bodies: dict[int, Message] = {}
         for stored in loaded.sessions.values():
             cs = self._new_client(stored.client_id, clean=False)
             cs.username, cs.role, cs.dropped = stored.username, stored.role, stored.dropped
             cs.owner = stored.owner or self._legacy_owner(stored.username)
             cs.acl = self._compile_acl(stored.role, stored.username)
+            cs.limits = self._client_limits(stored.role, cs.owner)
+            if stored.seen_at is not None:  # the gateway's clock on disk (gateway.clock), monotonic in memory
+                cs.offline_since = time.monotonic() - max(0.0, clock.now() - stored.seen_at)
             for topic_filter, qos in stored.subscriptions.items():
                 cs.subscriptions[topic_filter] = qos
                 self._index.add(topic_filter, cs.client_id, cs, qos)
-            cs.restore([(Outgoing(Message(m.topic, m.payload), m.qos, m.retain, m.seq), m.packet_id, m.state)
+            cs.restore([(Outgoing(self._stored_body(bodies, m), m.qos, m.retain, m.seq), m.packet_id, m.state)
                         for m in stored.messages])
             cs.qos2_in = set(stored.qos2_in)
             self._clients[cs.client_id] = cs
+        self._trim_sessions()
         if loaded.sessions or loaded.retained:
             log.info("broker state restored", sessions=len(loaded.sessions), retained=len(loaded.retained),
                      queued=sum(len(s.messages) for s in loaded.sessions.values()))
+
+    def _trim_sessions(self) -> None:
+        """Principals holding more persistent sessions than max_sessions_per_account (stored
+        before the limit, or under a higher one) keep their most recently seen ones."""
+        by_owner: dict[str | None, list[ClientState]] = {}
+        for cs in self._clients.values():
+            if not cs.clean:
+                by_owner.setdefault(cs.owner, []).append(cs)
+        for owner, held in by_owner.items():
+            cap = held[0].limits.max_sessions_per_account
+            if not cap or len(held) <= cap:
+                continue
+            held.sort(key=lambda cs: cs.offline_since)
+            for cs in held[:len(held) - cap]:
+                self.metrics.sessions_evicted += 1
+                self._discard(cs)
+            log.warning("persistent sessions over broker.limits.max_sessions_per_account forgotten at start "
+                        "(the longest offline)", owner=owner, forgotten=len(held) - cap, kept=cap)
+
+    @staticmethod
+    def _stored_body(bodies: dict[int, Message], m: Any) -> Message:
+        """One Message per stored body, however many sessions queue it (and its references)."""
+        if m.body_id is None:
+            return Message(m.topic, m.payload)
+        msg = bodies.get(m.body_id)
+        if msg is None:
+            msg = bodies[m.body_id] = Message(m.topic, m.payload)
+            msg.body_id, msg.shared = m.body_id, True
+        msg.refs += 1
+        return msg
 
     def _legacy_owner(self, username: str | None) -> str:
         """The owner of a session stored before sessions had owners: its username, else
@@ -187,7 +238,10 @@ class GatewayBroker(Broker):
         return ClientState(client_id, clean, store=self._store, metrics=self.metrics, seq=self._seq,
                            max_queued=self._max_queued, capped=not gateway,
                            max_inflight=GATEWAY_MAX_INFLIGHT if gateway else MAX_INFLIGHT,
-                           drop_log=self._drop_log)
+                           drop_log=self._drop_log, limit_log=self.limit_log, connections=self.connections)
+
+    def _client_limits(self, role: str | None, owner: str | None) -> ClientLimits:
+        return self.limits.for_role(role, gateway=owner in self._gateway_principals)
 
     def _compile_acl(self, role: str | None, username: str | None) -> ClientAcl:
         rule = self._roles.get(role or "") or AclRule()  # a role that vanished from the config: nothing
@@ -195,10 +249,12 @@ class GatewayBroker(Broker):
 
     def _discard(self, cs: ClientState) -> None:
         """Forget a session: its subscriptions, queue and (if persistent) its rows."""
+        cs.release_all()
         for topic_filter in cs.subscriptions:
             self._index.remove(topic_filter, cs.client_id)
         cs.subscriptions.clear()
         cs.pending.clear()
+        cs.pending_bytes = 0
         cs.inflight.clear()
         if self._clients.get(cs.client_id) is cs:
             del self._clients[cs.client_id]
@@ -215,10 +271,11 @@ class GatewayBroker(Broker):
             retained=len(self._retained),
             retained_bytes=self._retained.bytes,
             queued=sum(len(cs.pending) for cs in self._clients.values()),
+            queued_bytes=sum(cs.pending_bytes for cs in self._clients.values()),
             inflight=sum(len(cs.inflight) for cs in self._clients.values()),
             persist_backlog=store.backlog if store is not None else 0,
             persist_failing=int(store.failing) if store is not None else 0,
-            uptime_s=int(time.time() - self.started_at),
+            uptime_s=int(time.monotonic() - self.started_mono),
         )
 
     # ================================================================== TLS
@@ -253,13 +310,20 @@ class GatewayBroker(Broker):
         its length claims; here anything but CONNECT closes the connection at once
         [MQTT-3.1.0-1], and a CONNECT must be complete within ``CONNECT_TIMEOUT_S``.
         """
+        if len(self._connecting) >= self.limits.max_connections:
+            self.limit_log.hit(Limit.CONNECTIONS, None, remote=f"{remote_address}:{remote_port}",
+                               connecting=len(self._connecting))
+            await _close_writer(writer)
+            raise AMQTTError("too many connections waiting for their CONNECT")
         self._connecting.add(writer)
         try:
             first = await asyncio.wait_for(reader.read(1), self._connect_timeout_s)
             if first != b"\x10":
                 raise AMQTTError(f"first packet is not CONNECT (byte {first!r})")
+            # The sender is not known yet: its CONNECT is bounded before a byte of the body is read.
+            header = first + await asyncio.wait_for(self._connect_length(reader), self._connect_timeout_s)
             handler, session = await asyncio.wait_for(
-                GatewayProtocolHandler.init_from_connect(_Prefixed(first, reader), writer, self.plugins_manager),
+                GatewayProtocolHandler.init_from_connect(_Prefixed(header, reader), writer, self.plugins_manager),
                 self._connect_timeout_s)
         except (TimeoutError, AMQTTError, MQTTError, NoDataError, Exception) as exc:
             await _close_writer(writer)
@@ -274,6 +338,41 @@ class GatewayBroker(Broker):
             self._connecting.discard(writer)
         assert isinstance(handler, GatewayProtocolHandler)
         return handler, session
+
+    async def _connect_length(self, reader: ReaderAdapter) -> bytes:
+        """The CONNECT's "remaining length" bytes; over ``MAX_CONNECT_PACKET`` is refused."""
+        raw = b""
+        length, multiplier = 0, 1
+        for _ in range(4):
+            byte = await reader.read(1)
+            if not byte:
+                raise asyncio.IncompleteReadError(raw, None)
+            raw += byte
+            length += (byte[0] & 0x7F) * multiplier
+            if not byte[0] & 0x80:
+                break
+            multiplier *= 128
+        else:
+            raise AMQTTError("CONNECT remaining length over 4 bytes")
+        if length > MAX_CONNECT_PACKET:
+            self.limit_log.hit(Limit.PACKET_SIZE, None, packet="CONNECT", packet_bytes=length,
+                               max_connect_packet=MAX_CONNECT_PACKET)
+            raise AMQTTError(f"CONNECT of {length} bytes (at most {MAX_CONNECT_PACKET})")
+        return raw
+
+    def packet_too_large(self, cs: ClientState, length: int) -> None:
+        """The reader saw a fixed header over the client's max_packet_size: counted, logged;
+        the reader closes the connection without reading the body."""
+        self.limit_log.hit(Limit.PACKET_SIZE, cs.client_id, username=cs.username, role=cs.role,
+                           packet_bytes=length, max_packet_size=cs.limits.max_packet_size)
+
+    async def rate_pause(self, cs: ClientState, pause: float) -> None:
+        """A client over its publish rate: its connection is not read for ``pause`` seconds
+        (TCP pushes back on it; nothing it sent is lost)."""
+        self.limit_log.hit(Limit.RATE, cs.client_id, username=cs.username, role=cs.role,
+                           max_publish_rate=cs.limits.max_publish_rate,
+                           max_publish_bytes_rate=cs.limits.max_publish_bytes_rate)
+        await asyncio.sleep(pause)
 
     async def _authorize(self, session: Session, section: ListenerSection | None) -> tuple[str | None, int]:
         """(role, 0) or (None, CONNACK return code). Passwords are never logged."""
@@ -291,6 +390,7 @@ class GatewayBroker(Broker):
                 return None, NOT_AUTHORIZED
             if account is None:
                 return None, BAD_USERNAME_PASSWORD
+            session.homepot_hash = account.hash  # type: ignore[attr-defined]  # accounts.py: changed → closed
             role = account.role
         elif section is not None and section.allow_anonymous:
             role = section.anonymous_role
@@ -330,6 +430,16 @@ class GatewayBroker(Broker):
                             username=session.username, role=role, listener=listener, return_code=NOT_AUTHORIZED)
                 try:
                     writer.write(encode_connack(False, NOT_AUTHORIZED))
+                    await writer.drain()
+                finally:
+                    await _close_writer(writer)
+                return
+            refused = self._quota_refusal(session, role, owner)
+            if refused is not None:
+                self.limit_log.hit(refused, session.client_id, username=session.username, role=role,
+                                   listener=listener, return_code=SERVER_UNAVAILABLE)
+                try:
+                    writer.write(encode_connack(False, SERVER_UNAVAILABLE))
                     await writer.drain()
                 finally:
                     await _close_writer(writer)
@@ -374,6 +484,93 @@ class GatewayBroker(Broker):
             return "client id belongs to a session of another principal"
         return None
 
+    def _quota_refusal(self, session: Session, role: str, owner: str) -> Limit | None:
+        """max_connections (total and per role) and max_sessions_per_account for a CONNECT that
+        passed authentication and ownership; None: admitted. Nothing is touched before the
+        verdict, except that a principal at its session limit loses its longest-offline
+        session(s) to a new one (only when one is offline; otherwise the CONNECT is refused)."""
+        limits = self._client_limits(role, owner)
+        client_id = session.client_id or ""
+        old = self._clients.get(client_id)
+        if limits.max_connections and not (old is not None and old.handler is not None):  # a takeover adds none
+            if self.connections.total >= self.limits.max_connections:
+                return Limit.CONNECTIONS
+            if self.connections.by_role.get(role, 0) >= limits.max_connections:
+                return Limit.CONNECTIONS
+        cap = limits.max_sessions_per_account
+        if cap and not session.clean_session and (old is None or old.clean):
+            held = [cs for cs in self._clients.values() if not cs.clean and cs.owner == owner]
+            if len(held) >= cap:
+                offline = sorted((cs for cs in held if cs.handler is None), key=lambda cs: cs.offline_since)
+                excess = len(held) - cap + 1
+                if len(offline) < excess:
+                    return Limit.SESSIONS
+                for cs in offline[:excess]:
+                    self.metrics.sessions_evicted += 1
+                    log.info("persistent session forgotten for a newer one of its principal "
+                             "(broker.limits.max_sessions_per_account)", client_id=cs.client_id, owner=owner,
+                             new_client_id=client_id, max_sessions_per_account=cap, queued=len(cs.pending))
+                    self._discard(cs)
+        return None
+
+    # ------------------------------------------------------------------ accounts (accounts.py)
+    def clients(self) -> list[ClientState]:
+        """Every session, connected or persistent offline."""
+        return list(self._clients.values())
+
+    def is_gateway(self, cs: ClientState) -> bool:
+        return cs.owner in self._gateway_principals
+
+    def knows_role(self, role: str) -> bool:
+        return role in self._roles
+
+    def disconnect(self, cs: ClientState) -> None:
+        """Close a client's connection now (its account changed), without its will (the
+        account has no rights left to publish one); a clean session ends with it."""
+        handler = cs.handler
+        if handler is None:
+            return
+        handler.client = None   # _connection_closed then does nothing more for it
+        handler.no_will = True
+        cs.detach()
+        if self._sessions.get(cs.client_id, (None, None))[1] is handler:
+            del self._sessions[cs.client_id]
+        self.metrics.clients_connected -= 1
+        handler.abort()
+        if cs.clean:
+            self._discard(cs)
+
+    def forget(self, cs: ClientState) -> None:
+        """Forget a session with its subscriptions and queue (its account is gone)."""
+        self.disconnect(cs)
+        self._discard(cs)
+
+    def change_role(self, cs: ClientState, role: str) -> None:
+        """The session's account has a new role: its ACL and limits, now."""
+        cs.role = role
+        cs.acl = self._compile_acl(role, cs.username)
+        cs.limits = self._client_limits(role, cs.owner)
+        if cs.handler is not None:
+            cs.rate = (RateBucket(cs.limits.max_publish_rate, cs.limits.max_publish_bytes_rate)
+                       if cs.limits.rate_limited else None)
+            cs.recount()
+        if not cs.clean and self._store is not None:
+            self._store.session(cs.client_id, cs.username, role, cs.owner)
+
+    def expire_sessions(self) -> int:
+        """Forget persistent sessions offline longer than their role's session_expiry_s (also
+        MQTT 3.1.1 ones, like Mosquitto's persistent_client_expiration); the number forgotten."""
+        now = time.monotonic()
+        expired = [cs for cs in self._clients.values()
+                   if not cs.clean and cs.handler is None and cs.limits.session_expiry_s
+                   and now - cs.offline_since >= cs.limits.session_expiry_s]
+        for cs in expired:
+            self.metrics.sessions_expired += 1
+            log.info("persistent session expired (broker.limits.session_expiry_s)", client_id=cs.client_id,
+                     owner=cs.owner, offline_s=round(now - cs.offline_since), queued=len(cs.pending))
+            self._discard(cs)
+        return len(expired)
+
     def _open_session(self, session: Session, role: str, owner: str) -> tuple[ClientState, bool]:
         """Take over a live connection, then resume (CleanSession=0) or start afresh."""
         client_id = session.client_id or ""
@@ -401,6 +598,8 @@ class GatewayBroker(Broker):
             cs = self._new_client(client_id, clean=False)
         cs.username, cs.role, cs.owner = session.username, role, owner
         cs.acl = self._compile_acl(role, session.username)
+        cs.limits = self._client_limits(role, owner)
+        cs.account_hash = getattr(session, "homepot_hash", None)
         self._clients[client_id] = cs
         if not cs.clean and self._store is not None:
             self._store.session(client_id, session.username, role, owner)
@@ -448,32 +647,46 @@ class GatewayBroker(Broker):
             log.info("will denied by ACL", client_id=cs.client_id, topic=topic)
             return
         self.metrics.wills_published += 1
-        self.route(topic, bytes(session.will_message or b""), qos, bool(session.will_retain))
+        self.route(topic, bytes(session.will_message or b""), qos, bool(session.will_retain), publisher=cs)
 
     # ================================================================== publish
-    def route(self, topic: str, payload: bytes, qos: int, retain: bool) -> bool:
-        """Store (retain) and fan out one message; True when it queued durable writes."""
+    def route(self, topic: str, payload: bytes, qos: int, retain: bool,
+              publisher: ClientState | None = None) -> bool:
+        """Store (retain) and fan out one message; True when it queued durable writes.
+
+        A retained message counts against its ``publisher``'s principal (retained quota);
+        the gateway's own retained messages count against no one and pass the store's limits,
+        so no client can crowd out job, alarm and gateway status."""
         durable = False
         msg: Message | None = None
         if retain:
             store = self._store
             if payload:
                 msg = Message(topic, payload)
-                if self._retained.put(topic, (msg, qos), _retained_size(topic, payload)):  # [MQTT-3.3.1-5/7]
+                size = _retained_size(topic, payload)
+                owner = self._retained_owner(publisher)
+                if publisher is not None and not self.retained_quota.admits(topic, owner, size, publisher.limits):
+                    count, nbytes = self.retained_quota.usage(owner or "")
+                    self.limit_log.hit(Limit.RETAINED, publisher.client_id, username=publisher.username,
+                                       topic=topic, retained_topics=count, retained_bytes=nbytes,
+                                       max_retained_per_principal=publisher.limits.max_retained_per_principal,
+                                       max_retained_bytes_per_principal=publisher.limits.max_retained_bytes_per_principal)
+                    durable = self._clear_retained(topic) or durable
+                elif self._retained.put(topic, (msg, qos), size, exempt=owner is None):  # [MQTT-3.3.1-5/7]
+                    self.retained_quota.stored(topic, owner, size)
                     if store is not None:
-                        store.retain(topic, payload, qos)
+                        store.retain(topic, payload, qos, publisher.owner if publisher is not None else None)
                         durable = True
                 else:
                     durable = self._refuse_retained(topic) or durable
-            elif self._retained.remove(topic):  # [MQTT-3.3.1-10/11]
-                if store is not None:
-                    store.clear_retained(topic)
-                    durable = True
+            else:
+                durable = self._clear_retained(topic) or durable  # [MQTT-3.3.1-10/11]
         targets = self._index.match(topic)
         if not targets:
             return durable
         if msg is None:
             msg = Message(topic, payload)
+        msg.shared = len(targets) > 1
         metrics = self.metrics
         for cs, sub_qos in targets.values():
             acl = cs.acl
@@ -497,10 +710,30 @@ class GatewayBroker(Broker):
                         "subscribers only)", topic=topic, retained=len(self._retained),
                         retained_bytes=self._retained.bytes, max_messages=self._retained.max_messages,
                         max_bytes=self._retained.max_bytes, suppressed=suppressed)
+        return self._clear_retained(topic)
+
+    def _clear_retained(self, topic: str) -> bool:
+        """Forget the retained message of ``topic``; True when that queued a durable write."""
+        self.retained_quota.removed(topic)
         if self._retained.remove(topic) and self._store is not None:
             self._store.clear_retained(topic)
             return True
         return False
+
+    def retained_verdict(self, publisher: ClientState, topic: str, payload: bytes) -> LimitVerdict | None:
+        """Would :meth:`route` refuse to keep this retained message (the publisher's retained
+        quota)? For a wire that can say so (MQTT 5: PUBACK 0x97); the message is routed either way."""
+        owner = self._retained_owner(publisher)
+        if not payload or self.retained_quota.admits(topic, owner, _retained_size(topic, payload), publisher.limits):
+            return None
+        return Limit.RETAINED.verdict
+
+    def _retained_owner(self, publisher: ClientState | None) -> str | None:
+        """Whom a retained message counts against: None for the gateway's own client (and
+        for messages from inside the broker)."""
+        if publisher is None or publisher.owner in self._gateway_principals:
+            return None
+        return publisher.owner
 
     def _log_denied_publish(self, cs: ClientState, topic: str) -> None:
         suppressed = self._denied_log((cs.client_id, topic))
@@ -561,7 +794,7 @@ class GatewayBroker(Broker):
             metrics.denied_publish += 1
             self._log_denied_publish(cs, topic)
         else:
-            durable = self.route(topic, payload, qos, retain)
+            durable = self.route(topic, payload, qos, retain, publisher=cs)
         if qos == 0:
             return None
         assert packet_id is not None
@@ -736,7 +969,7 @@ def _retained_size(topic: str, payload: bytes) -> int:
 
 
 class _Prefixed(ReaderAdapter):
-    """A reader that first returns bytes already consumed (the CONNECT's first byte)."""
+    """A reader that first returns bytes already consumed (the CONNECT's fixed header)."""
 
     def __init__(self, prefix: bytes, inner: ReaderAdapter):
         self._prefix = prefix
@@ -744,10 +977,13 @@ class _Prefixed(ReaderAdapter):
 
     async def read(self, n: int = -1) -> bytes:
         if self._prefix and n != 0:
-            head, self._prefix = self._prefix, b""
-            if n == 1:
+            if n < 0:
+                head, self._prefix = self._prefix, b""
+                return head + await self._inner.read(n)
+            head, self._prefix = self._prefix[:n], self._prefix[n:]
+            if len(head) == n:
                 return head
-            return head + await self._inner.read(n - 1 if n > 0 else n)
+            return head + await self._inner.read(n - len(head))
         return await self._inner.read(n)
 
     def feed_eof(self) -> None:
@@ -828,7 +1064,8 @@ class EmbeddedBroker:
     def __init__(self, cfg: Config, internal: InternalCredentials, db: Database | None = None, *,
                  reserved_client_id: str | None = None, sys_interval_s: float = SYS_INTERVAL_S,
                  max_retained: int = MAX_RETAINED_MESSAGES, max_retained_bytes: int = MAX_RETAINED_BYTES,
-                 connect_timeout_s: float = CONNECT_TIMEOUT_S, packet_timeout_s: float = PACKET_TIMEOUT_S):
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S, packet_timeout_s: float = PACKET_TIMEOUT_S,
+                 accounts_poll_s: float = ACCOUNTS_POLL_S):
         self._cfg = cfg
         self.internal = internal
         self.broker: GatewayBroker | None = None
@@ -836,6 +1073,9 @@ class EmbeddedBroker:
         self._own_db: Database | None = None
         self._store: StateStore | None = None
         self._sys: SysPublisher | None = None
+        self._accounts: AccountWatcher | None = None
+        self._expiry: asyncio.Task[None] | None = None
+        self.accounts_poll_s = accounts_poll_s
         self.reserved_client_id = reserved_client_id or gateway_client_id(cfg)
         self._options: dict[str, Any] = dict(
             max_retained=max_retained, max_retained_bytes=max_retained_bytes,
@@ -872,6 +1112,12 @@ class EmbeddedBroker:
             return 0
         return self.broker._passwords.reload()  # noqa: SLF001 - same module
 
+    async def check_accounts(self) -> dict[str, int] | None:
+        """SIGHUP, after :meth:`reload_passwords`: apply the accounts to connected clients now."""
+        if self._accounts is None:
+            return None
+        return await self._accounts.check(force=True)
+
     async def start(self) -> None:
         roles = self._cfg.broker.roles()
         for section in self._cfg.broker.listeners:
@@ -900,7 +1146,7 @@ class EmbeddedBroker:
         broker = GatewayBroker(amqtt_cfg, by_name, passwords, self.internal, roles=roles, prefix=self._cfg.prefix,
                                store=store, max_queued=self._cfg.broker.max_queued_messages, metrics=metrics,
                                reserved_client_id=self.reserved_client_id, gateway_usernames=configured,
-                               **self._options)
+                               limits=LimitPolicy(self._cfg.broker.limits), **self._options)
         try:
             compat.check_amqtt(broker)
         except compat.AmqttMismatch as exc:
@@ -922,10 +1168,30 @@ class EmbeddedBroker:
         self.broker = broker
         self._sys = SysPublisher(broker, self.sys_interval_s)
         self._sys.start()
+        self._accounts = AccountWatcher(broker, passwords, self.accounts_poll_s)
+        self._accounts.start()
+        self._expiry = asyncio.get_running_loop().create_task(self._expire_loop(broker, roles), name="broker-expiry")
         log.info("embedded broker listening",
                  listeners=[f"{s.name}={s.type}://{s.bind}" for s in self._cfg.broker.listeners])
 
+    async def _expire_loop(self, broker: GatewayBroker, roles: dict[str, AclRule]) -> None:
+        """Session expiry: a sweep every quarter of the shortest expiry (at most a minute)."""
+        shortest = broker.limits.shortest_expiry(list(roles))
+        if not shortest:
+            return
+        interval = min(EXPIRY_SWEEP_MAX_S, max(EXPIRY_SWEEP_MIN_S, shortest / 4))
+        while True:
+            broker.expire_sessions()
+            await asyncio.sleep(interval)
+
     async def stop(self) -> None:
+        if self._expiry is not None:
+            task, self._expiry = self._expiry, None
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self._accounts is not None:
+            watcher, self._accounts = self._accounts, None
+            await watcher.stop()
         if self._sys is not None:
             sys_publisher, self._sys = self._sys, None
             await sys_publisher.stop()

@@ -257,6 +257,10 @@ class GatewayProtocolHandler(BrokerProtocolHandler):
                     multiplier *= 128
                 else:
                     raise _Malformed("remaining length over 4 bytes")
+                if length > client.limits.max_packet_size:
+                    gw.packet_too_large(client, length)  # closed before a byte of the body is read
+                    self.abort()
+                    break
                 body = await reader.read(length) if length else b""
                 if len(body) != length:
                     break  # the connection ended inside the packet
@@ -266,6 +270,10 @@ class GatewayProtocolHandler(BrokerProtocolHandler):
                     task = await self._dispatch_amqtt(kind, flags, body)
                 if task is not None:
                     running.append(task)
+                if kind == _PUBLISH and client.rate is not None:
+                    pause = client.rate.take(length)
+                    if pause > 0:  # over its rate: this connection is not read until it is within it
+                        await gw.rate_pause(client, pause)
                 if gw.backlogged:
                     # A subscriber's queue is half full: let its sender move messages into
                     # flight before the next one is routed (a burst read in one piece would

@@ -32,6 +32,17 @@ class BrokerMetrics:
     protocol_errors: int = 0         # connections closed for malformed input
     persist_errors: int = 0          # SQLite commits of broker state that failed (logged once per episode)
     not_acknowledged: int = 0        # PUBLISH/SUBSCRIBE/QoS 2 steps left unacknowledged because state was not stored
+    # [broker.limits] (gateway.broker.limits.Limit.metric): each hit of a limit
+    limited_packet_size: int = 0     # connections closed: a packet's fixed header announced more than max_packet_size
+    limited_connections: int = 0     # connections refused: max_connections (or before CONNECT: too many connecting)
+    limited_sessions: int = 0        # CONNECTs refused: max_sessions_per_account, every session connected
+    limited_queued_bytes: int = 0    # queued messages dropped: max_queued_bytes
+    limited_retained: int = 0        # retained messages not kept: the principal's retained quota
+    limited_rate: int = 0            # PUBLISHes after which the reader paused: max_publish_rate / bytes rate
+    sessions_evicted: int = 0        # offline persistent sessions forgotten for a newer one (max_sessions_per_account)
+    sessions_expired: int = 0        # offline persistent sessions forgotten after session_expiry_s
+    accounts_disconnected: int = 0   # connections closed because their account was removed or its password changed
+    accounts_updated: int = 0        # connected clients whose role changed in the password file (new ACL at once)
 
     def snapshot(self, **gauges: int) -> dict[str, int]:
         out = asdict(self)

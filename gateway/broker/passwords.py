@@ -51,16 +51,22 @@ class PasswordFile:
 
     def __init__(self, path: Path):
         self.path = path
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self._accounts: dict[str, Account] = {}
 
-    def accounts(self) -> dict[str, Account]:
+    def stamp(self) -> tuple[int, int, int] | None:
+        """What tells a changed file apart (writes replace it: a new inode); None if missing."""
         try:
             st = self.path.stat()
         except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def accounts(self) -> dict[str, Account]:
+        stamp = self.stamp()
+        if stamp is None:
             self._stamp, self._accounts = None, {}
             return self._accounts
-        stamp = (st.st_mtime_ns, st.st_size)
         if stamp != self._stamp:
             self._accounts = parse(self.path.read_text(encoding="utf-8"), self.path)
             self._stamp = stamp
@@ -69,8 +75,12 @@ class PasswordFile:
     def reload(self) -> int:
         """Re-read the file now, even if its mtime and size look unchanged (SIGHUP); the number
         of accounts. A broken file raises :class:`PasswordFileError`."""
+        return len(self.reload_accounts())
+
+    def reload_accounts(self) -> dict[str, Account]:
+        """:meth:`accounts`, read from the file now whatever its stamp says."""
         self._stamp = None
-        return len(self.accounts())
+        return self.accounts()
 
     def verify(self, name: str, password: str) -> Account | None:
         """The account if ``password`` matches, else None (unknown user included)."""
@@ -118,8 +128,19 @@ def add_user(path: Path, name: str, password: str, role: str) -> None:
     if not password:
         raise PasswordFileError("password: must not be empty")
     accounts = parse(path.read_text(encoding="utf-8"), path) if path.exists() else {}
-    accounts[name] = Account(name, _hasher.hash(password), role)
+    old = accounts.get(name)
+    # The same password keeps its hash: a connected client is logged out only when its
+    # password really changed (a role change alone applies to it live, see accounts.py).
+    hashed = old.hash if old is not None and _same_password(old.hash, password) else _hasher.hash(password)
+    accounts[name] = Account(name, hashed, role)
     _write_atomic(path, accounts)
+
+
+def _same_password(hashed: str, password: str) -> bool:
+    try:
+        return bool(_hasher.verify(hashed, password))
+    except (VerificationError, InvalidHashError):
+        return False
 
 
 def remove_user(path: Path, name: str) -> bool:

@@ -77,9 +77,10 @@ class RetainedStore(Generic[V]):
         return (self._count + 1 <= self.max_messages and self._bytes + size <= self.max_bytes
                 and self._nodes + missing <= self.max_nodes)
 
-    def put(self, topic: str, value: V, size: int) -> bool:
-        """Store or replace; False (and nothing stored) when it would pass a limit."""
-        if not self.fits(topic, size):
+    def put(self, topic: str, value: V, size: int, exempt: bool = False) -> bool:
+        """Store or replace; False (and nothing stored) when it would pass a limit. ``exempt``
+        (the gateway's own messages) is stored whatever the limits: clients cannot crowd it out."""
+        if not exempt and not self.fits(topic, size):
             return False
         node = self._root
         for level in topic.split("/"):

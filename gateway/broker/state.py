@@ -5,6 +5,12 @@ session (CleanSession=0) its subscriptions, its queued and in-flight QoS 1/2
 messages (with packet id and QoS 2 progress) and the QoS 2 packet ids it has
 published but not yet released. Payloads are BLOBs, so binary data round-trips.
 
+A message queued for many persistent sessions is stored once: its body is one row of
+``broker_bodies`` that every session's ``broker_messages`` row names (``body_id``), and it
+is deleted with the last of them (the broker counts the references in memory; orphans
+left by a crash are deleted at start). Before, each session's row carried the payload,
+so 200 sessions made every QoS 1 message 200 writes of its body.
+
 Writes are queued by the broker as they happen and committed in groups by one
 flusher task ("group commit"): one transaction (one fsync) carries everything that
 accumulated while the previous one ran. Operations on the same row coalesce before
@@ -27,13 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
+from gateway import clock
 from gateway.storage import Database, NotStored
 
 log = structlog.get_logger(__name__)
@@ -53,7 +59,15 @@ CREATE TABLE IF NOT EXISTS broker_messages (
     PRIMARY KEY (client_id, seq));
 CREATE TABLE IF NOT EXISTS broker_qos2_in (
     client_id TEXT NOT NULL, packet_id INTEGER NOT NULL, PRIMARY KEY (client_id, packet_id));
+CREATE TABLE IF NOT EXISTS broker_bodies (id INTEGER PRIMARY KEY, payload BLOB NOT NULL);
 """
+# Columns added after the first release (databases written before get them at start).
+_ADDED_COLUMNS = (
+    ("broker_sessions", "owner", "TEXT"),
+    ("broker_sessions", "seen_at", "REAL"),          # gateway.clock time of the last disconnect (session expiry)
+    ("broker_retained", "owner", "TEXT"),            # principal that set it (retained quota)
+    ("broker_messages", "body_id", "INTEGER"),       # broker_bodies row holding the payload (payload is then '')
+)
 
 # broker_messages.state
 QUEUED = 0      # not sent yet
@@ -76,6 +90,7 @@ class StoredMessage:
     retain: bool
     packet_id: int | None
     state: int
+    body_id: int | None = None   # shared body (broker_bodies): the same id is the same message
 
 
 RETRY_INITIAL_S = 0.2   # first retry of a failed commit; doubles up to RETRY_MAX_S
@@ -93,6 +108,7 @@ class StoredSession:
     role: str | None
     dropped: int = 0
     owner: str | None = None     # the principal the session belongs to (None: written before owners existed)
+    seen_at: float | None = None  # gateway.clock time of its last disconnect (None: not recorded)
     subscriptions: dict[str, int] = field(default_factory=dict)
     messages: list[StoredMessage] = field(default_factory=list)
     qos2_in: set[int] = field(default_factory=set)
@@ -100,37 +116,45 @@ class StoredSession:
 
 @dataclass
 class LoadedState:
-    retained: dict[str, tuple[bytes, int]]
+    retained: dict[str, tuple[bytes, int, str | None]]   # topic -> (payload, qos, principal that set it)
     sessions: dict[str, StoredSession]
     next_seq: int
+    next_body: int = 1
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
     for stmt in _statements():
         conn.execute(stmt)
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(broker_sessions)")}
-    if "owner" not in columns:  # databases written before sessions had owners
-        conn.execute("ALTER TABLE broker_sessions ADD COLUMN owner TEXT")
+    for table, column, kind in _ADDED_COLUMNS:
+        if column not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
 def _load(conn: sqlite3.Connection) -> LoadedState:
-    retained = {row[0]: (bytes(row[1]), int(row[2]))
-                for row in conn.execute("SELECT topic, payload, qos FROM broker_retained")}
+    retained = {row[0]: (bytes(row[1]), int(row[2]), row[3])
+                for row in conn.execute("SELECT topic, payload, qos, owner FROM broker_retained")}
     sessions: dict[str, StoredSession] = {}
-    for cid, username, role, dropped, owner in conn.execute(
-            "SELECT client_id, username, role, dropped, owner FROM broker_sessions"):
-        sessions[cid] = StoredSession(cid, username, role, int(dropped), owner)
+    for cid, username, role, dropped, owner, seen_at in conn.execute(
+            "SELECT client_id, username, role, dropped, owner, seen_at FROM broker_sessions"):
+        sessions[cid] = StoredSession(cid, username, role, int(dropped), owner, seen_at)
     for cid, flt, qos in conn.execute("SELECT client_id, filter, qos FROM broker_subscriptions"):
         if cid in sessions:
             sessions[cid].subscriptions[flt] = int(qos)
     next_seq = 1
-    for cid, seq, topic, payload, qos, retain, pid, state in conn.execute(
-            "SELECT client_id, seq, topic, payload, qos, retain, packet_id, state FROM broker_messages"
-            " ORDER BY seq"):
+    lost: list[tuple[str, int]] = []
+    for cid, seq, topic, payload, qos, retain, pid, state, body_id, body in conn.execute(
+            "SELECT m.client_id, m.seq, m.topic, m.payload, m.qos, m.retain, m.packet_id, m.state, m.body_id,"
+            " b.payload FROM broker_messages m LEFT JOIN broker_bodies b ON b.id = m.body_id ORDER BY m.seq"):
         next_seq = max(next_seq, int(seq) + 1)
+        if body_id is not None and body is None:
+            lost.append((cid, seq))  # cannot happen: the body goes with its last row
+            continue
         if cid in sessions:
-            sessions[cid].messages.append(StoredMessage(int(seq), topic, bytes(payload), int(qos),
-                                                        bool(retain), pid, int(state)))
+            sessions[cid].messages.append(StoredMessage(int(seq), topic, bytes(body if body_id is not None else payload),
+                                                        int(qos), bool(retain), pid, int(state), body_id))
+    if lost:
+        log.error("queued messages without their body were deleted", messages=len(lost))
+        conn.executemany(_MSG_DEL, lost)
     for cid, pid in conn.execute("SELECT client_id, packet_id FROM broker_qos2_in"):
         if cid in sessions:
             sessions[cid].qos2_in.add(int(pid))
@@ -138,7 +162,11 @@ def _load(conn: sqlite3.Connection) -> LoadedState:
     conn.execute("DELETE FROM broker_subscriptions WHERE client_id NOT IN (SELECT client_id FROM broker_sessions)")
     conn.execute("DELETE FROM broker_messages WHERE client_id NOT IN (SELECT client_id FROM broker_sessions)")
     conn.execute("DELETE FROM broker_qos2_in WHERE client_id NOT IN (SELECT client_id FROM broker_sessions)")
-    return LoadedState(retained, sessions, next_seq)
+    # Bodies no row names any more (a crash between the last row's delete and the body's).
+    conn.execute("DELETE FROM broker_bodies WHERE id NOT IN"
+                 " (SELECT body_id FROM broker_messages WHERE body_id IS NOT NULL)")
+    next_body = int(conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM broker_bodies").fetchone()[0])
+    return LoadedState(retained, sessions, next_seq, next_body)
 
 
 # Pending operations are keyed by the row they touch; a later op on the same row
@@ -165,6 +193,7 @@ class StateStore:
         self.failing = False        # a failure episode is going on (logged once)
         self.commits = 0
         self.failed_commits = 0
+        self._next_body = 1
 
     @property
     def backlog(self) -> int:
@@ -173,7 +202,9 @@ class StateStore:
 
     async def open(self) -> LoadedState:
         await self._db.run(_migrate)
-        return await self._db.run(_load)
+        loaded = await self._db.run(_load)
+        self._next_body = max(self._next_body, loaded.next_body)
+        return loaded
 
     # ------------------------------------------------------------------ operations
     def _put(self, key: Key, op: tuple[Any, ...]) -> None:
@@ -181,8 +212,8 @@ class StateStore:
         self._pending[key] = op  # moved to the end: applied after everything before it
         self._schedule()
 
-    def retain(self, topic: str, payload: bytes, qos: int) -> None:
-        self._put(("ret", topic), ("ret_put", topic, payload, qos))
+    def retain(self, topic: str, payload: bytes, qos: int, owner: str | None = None) -> None:
+        self._put(("ret", topic), ("ret_put", topic, payload, qos, owner))
 
     def clear_retained(self, topic: str) -> None:
         self._put(("ret", topic), ("ret_del", topic))
@@ -198,6 +229,10 @@ class StateStore:
             del self._pending[key]
         self._put(("sess_del", client_id), ("sess_del", client_id))
 
+    def session_seen(self, client_id: str, at: float) -> None:
+        """The session's connection ended at wall-clock ``at`` (its expiry counts from here)."""
+        self._put(("seen", client_id), ("sess_seen", client_id, at))
+
     def dropped(self, client_id: str, count: int) -> None:
         self._put(("drop", client_id), ("sess_drop", client_id, count))
 
@@ -210,13 +245,38 @@ class StateStore:
     def queue_message(self, client_id: str, seq: int, topic: str, payload: bytes, qos: int,
                       retain: bool = False) -> None:
         self._put(("msg", client_id, seq),
-                  ("msg_put", client_id, seq, topic, payload, qos, int(retain), None, QUEUED))
+                  ("msg_put", client_id, seq, topic, payload, qos, int(retain), None, QUEUED, None))
+
+    def queue_shared(self, client_id: str, seq: int, msg: Any, qos: int, retain: bool = False) -> None:
+        """Queue ``msg`` (a ``clients.Message``: ``topic``, ``payload``, ``body_id``, ``refs``) for
+        one session, its body stored once for every session that queues it. Each call must be
+        matched by one :meth:`release_body` when the session is done with it."""
+        if not msg.body_id:
+            msg.body_id = self._next_body
+            self._next_body += 1
+            self._put(("body", msg.body_id), ("body_put", msg.body_id, msg.payload))
+        msg.refs += 1
+        self._put(("msg", client_id, seq),
+                  ("msg_put", client_id, seq, msg.topic, b"", qos, int(retain), None, QUEUED, msg.body_id))
+
+    def release_body(self, msg: Any) -> None:
+        """One session is done with ``msg``: the body goes with the last reference."""
+        if not msg.body_id:
+            return
+        msg.refs -= 1
+        if msg.refs > 0:
+            return
+        key = ("body", msg.body_id)
+        earlier = self._pending.pop(key, None)
+        if earlier is None or earlier[0] != "body_put":  # on disk (or retrying): delete it there
+            self._put(key, ("body_del", msg.body_id))
+        msg.body_id, msg.refs = 0, 0
 
     def message_state(self, client_id: str, seq: int, packet_id: int, state: int) -> None:
         key = ("msg", client_id, seq)
         earlier = self._pending.get(key)
         if earlier is not None and earlier[0] == "msg_put":
-            self._put(key, earlier[:7] + (packet_id, state))
+            self._put(key, earlier[:7] + (packet_id, state) + earlier[9:])
         else:
             self._put(key, ("msg_upd", client_id, seq, packet_id, state))
 
@@ -338,8 +398,9 @@ class StateStore:
             log.error("broker state not written at shutdown (the disk kept failing)", operations=self.backlog)
 
 
-_MSG_PUT = ("INSERT OR REPLACE INTO broker_messages (client_id, seq, topic, payload, qos, retain, packet_id, state)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+_MSG_PUT = ("INSERT OR REPLACE INTO broker_messages"
+            " (client_id, seq, topic, payload, qos, retain, packet_id, state, body_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _MSG_UPD = "UPDATE broker_messages SET packet_id = ?, state = ? WHERE client_id = ? AND seq = ?"
 _MSG_DEL = "DELETE FROM broker_messages WHERE client_id = ? AND seq = ?"
 
@@ -349,7 +410,7 @@ def _apply(conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
     (what a stream of QoS 1 messages to a persistent session produces: puts as they are
     routed, state updates as they are sent, deletes as they are acknowledged) goes to
     SQLite as one ``executemany``; the order of the operations is kept as it is."""
-    now = time.time()
+    now = clock.now()
     n = len(ops)
     i = 0
     while i < n:
@@ -369,9 +430,13 @@ def _apply(conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
                 conn.executemany(_MSG_DEL, [o[1:] for o in run])
             continue
         i += 1
-        if kind == "ret_put":
-            conn.execute("INSERT OR REPLACE INTO broker_retained (topic, payload, qos, stored_at) VALUES (?, ?, ?, ?)",
-                         (op[1], op[2], op[3], now))
+        if kind == "body_put":
+            conn.execute("INSERT OR REPLACE INTO broker_bodies (id, payload) VALUES (?, ?)", op[1:])
+        elif kind == "body_del":
+            conn.execute("DELETE FROM broker_bodies WHERE id = ?", op[1:])
+        elif kind == "ret_put":
+            conn.execute("INSERT OR REPLACE INTO broker_retained (topic, payload, qos, stored_at, owner)"
+                         " VALUES (?, ?, ?, ?, ?)", (op[1], op[2], op[3], now, op[4]))
         elif kind == "ret_del":
             conn.execute("DELETE FROM broker_retained WHERE topic = ?", (op[1],))
         elif kind == "sess_put":
@@ -379,6 +444,8 @@ def _apply(conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
                          " VALUES (?, ?, ?, ?, ?) ON CONFLICT (client_id) DO UPDATE SET"
                          " username = excluded.username, role = excluded.role, owner = excluded.owner",
                          (op[1], op[2], op[3], now, op[4]))
+        elif kind == "sess_seen":
+            conn.execute("UPDATE broker_sessions SET seen_at = ? WHERE client_id = ?", (op[2], op[1]))
         elif kind == "sess_drop":
             conn.execute("UPDATE broker_sessions SET dropped = ? WHERE client_id = ?", (op[2], op[1]))
         elif kind == "sess_del":
