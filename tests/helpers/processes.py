@@ -151,21 +151,23 @@ class GatewayProcess:
         return self
 
     # ---------------------------------------------------------------- ports
-    def data_dir(self) -> Path:
+    def runtime_dir(self) -> Path:
         with open(self.config, "rb") as f:
             data_dir = Path(tomllib.load(f).get("gateway", {}).get("data_dir", "./var"))
         return data_dir if data_dir.is_absolute() else self.workdir / data_dir
 
     def runtime(self) -> dict[str, Any]:
-        return json.loads((self.data_dir() / "runtime.json").read_text())
+        return json.loads((self.runtime_dir() / "runtime.json").read_text())
 
     def read_ports(self) -> dict[str, Any]:
         """The ports of this start, from runtime.json (written before READY=1)."""
         self.ports = self.runtime().get("ports") or {}
         broker = self.ports.get("broker") or {}
-        if broker:
+        # A port the test set itself (gw.port = one listener's) is kept: it knows which it means.
+        if broker and not self.port:
             self.port = next(iter(broker.values()))
-        self.http_port = self.ports.get("http")
+        if not self.http_port:
+            self.http_port = self.ports.get("http")
         return self.ports
 
     def _pin_ports(self) -> None:
