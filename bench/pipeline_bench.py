@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sqlite3
 import sys
 import tempfile
@@ -56,9 +57,14 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-def run_daemon(n: int, workdir: Path, profile: Path | None = None) -> dict:
-    daemon = Daemon(workdir, bridges={"simulation": {"latency_ms": 0, "ack": True}},
-                    dispatch={"batch_size": 500, "max_in_flight": 500})
+# What the fan-out runs with: the shipped dispatch defaults, nothing overridden (a test
+# keeps it so); only the simulated fleet is made instantaneous.
+DAEMON_CONFIG: dict = {"bridges": {"simulation": {"latency_ms": 0, "ack": True}}}
+
+
+def run_daemon(n: int, workdir: Path, profile: Path | None = None, dispatch: dict | None = None) -> dict:
+    extra = dict(DAEMON_CONFIG, dispatch=dispatch) if dispatch else dict(DAEMON_CONFIG)
+    daemon = Daemon(workdir, **extra)
     bulk_register(workdir / "var", [{"device_id": f"dev-{i:06}", "channels": [{"platform": "simulation"}]}
                                     for i in range(n)])
     ready_s = daemon.start()
@@ -111,8 +117,8 @@ def run_baseline(n: int, workdir: Path, page: int = 500, batch: int = 500) -> di
     same UPDATE (what ``store.apply_batch`` writes when the send's result and the device's
     ack are in one recorder batch, as they are for a device that acks at once), the job's
     counts and the aggregates moved once. One transaction (one fsync) per page and per batch."""
-    from gateway import stats
-    from gateway.pipeline import schema, store
+    from gateway import migrations, stats
+    from gateway.pipeline import store
     from gateway.storage import WRITER_PRAGMAS, connect
 
     path = workdir / "baseline.db"
@@ -120,8 +126,7 @@ def run_baseline(n: int, workdir: Path, page: int = 500, batch: int = 500) -> di
     for pragma in WRITER_PRAGMAS:
         conn.execute(pragma)
     conn.execute("BEGIN IMMEDIATE")
-    schema.migrate(conn)
-    stats.migrate(conn)
+    migrations.migrate(conn)
     conn.execute("INSERT INTO jobs(job_id, state, source, target, notification, options, created_at, updated_at, "
                  "expires_at, ttl) VALUES ('b', 'accepted', 'x', '{}', '{}', '{}', 0, 0, 0, 0)")
     conn.execute("COMMIT")
@@ -136,7 +141,7 @@ def run_baseline(n: int, workdir: Path, page: int = 500, batch: int = 500) -> di
         conn.execute("BEGIN IMMEDIATE")
         conn.executemany("INSERT INTO deliveries(message_id, job_id, device_id, state, next_at, route) "
                          "VALUES (?,?,?,?,?,?)", rows)
-        stats.apply_changes(conn, {}, {r[0]: ("simulation", "queued", None) for r in rows})
+        stats.apply_counts(conn, {("simulation", "queued"): len(rows)}, {})
         conn.execute("UPDATE jobs SET targets = targets + ?, queued = queued + ? WHERE job_id = 'b'", (len(rows), len(rows)))
         conn.execute("COMMIT")
     for start in range(0, n, batch):
@@ -148,8 +153,8 @@ def run_baseline(n: int, workdir: Path, page: int = 500, batch: int = 500) -> di
         conn.executemany("UPDATE deliveries SET state = 'acknowledged', acked_at = ?, latency_ms = 1, resend_at = NULL, "
                          "last_error = NULL, platform = 'simulation', route = 'simulation', attempts = 1, sent_at = ? "
                          "WHERE message_id = ?", [(now, now, m) for m, _ in chunk])
-        stats.apply_changes(conn, {m: ("simulation", "queued", None) for m, _ in chunk},
-                            {m: ("simulation", "acknowledged", 1.0) for m, _ in chunk})
+        stats.apply_counts(conn, {("simulation", "queued"): -len(chunk), ("simulation", "acknowledged"): len(chunk)},
+                           {("simulation", stats.bucket_of(1.0)): [len(chunk), float(len(chunk))]})
         conn.execute("INSERT INTO counters(name, value) VALUES ('acks_stored', ?) "
                      "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (len(chunk),))
         conn.execute("UPDATE jobs SET queued = queued - ?, acknowledged = acknowledged + ? WHERE job_id = 'b'",
@@ -166,15 +171,18 @@ def main() -> list[dict]:
     ap.add_argument("--devices", type=int, default=100_000)
     ap.add_argument("--profile", type=Path, help="sample the daemon with py-spy into this file (raw) and summarise")
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--dispatch", action="append", default=[], metavar="KEY=INT",
+                    help="override a [dispatch] key (A/B against other settings; the bench itself uses the defaults)")
     args = ap.parse_args()
+    dispatch = {k: int(v) for k, v in (a.split("=", 1) for a in args.dispatch)}
     n = args.devices
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         (work / "d").mkdir()
         (work / "b").mkdir()
-        d = run_daemon(n, work / "d", args.profile)
+        d = run_daemon(n, work / "d", args.profile, dispatch)
         base = run_baseline(n, work / "b") if not args.no_baseline else None
-    print(json.dumps({"devices": n, "daemon": d, "baseline_sqlite_only": base}, indent=2), flush=True)
+    print(json.dumps({"devices": n, "dispatch": dispatch or "defaults", "load_avg": os.getloadavg(), "daemon": d, "baseline_sqlite_only": base}, indent=2), flush=True)
     rows = [
         row(f"fan-out {n:,} devices with acks, deliveries/s", d["deliveries_per_s"], "/s",
             baseline=base["deliveries_per_s"] if base else None, goal=f">= {GOAL_PER_S:,}/s",

@@ -23,6 +23,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from gateway.config import Config
+from gateway.ids import NOT_DOTS, is_id
 from gateway.http.acks import AckSigner
 from gateway.http.auth import BasicAuth, Principal
 from gateway.http.errors import HTTP_CODES, ApiError, error_response, json_response
@@ -30,7 +31,7 @@ from gateway.http.pulse import Pulse
 from gateway.http.reader import Reader
 from gateway.http.streams import StreamSlots
 from gateway.metrics import Metrics
-from gateway.pipeline import store
+from gateway.pipeline import deliveries, registry, store
 from gateway.pipeline.models import (
     DEVICE_ID_RE,
     JOB_ID_RE,
@@ -289,7 +290,7 @@ class Api:
         return principal
 
     async def _job(self, job_id: str) -> dict[str, Any]:
-        if not JOB_ID_RE.match(job_id):
+        if not is_id(JOB_ID_RE, job_id):
             raise ApiError(404, "not_found", f"job_id: {job_id!r} is not a job id")
         status = await self._db(lambda conn: store.job_status(conn, job_id))
         if status is None:
@@ -335,8 +336,9 @@ class Api:
     # ------------------------------------------------------------------ devices
     async def _device_principal(self, request: web.Request, device_id: str) -> Any:
         principal = await self._principal(request)
-        if not DEVICE_ID_RE.match(device_id):
-            raise ApiError(400, "invalid_device", f"device_id: {device_id!r} in the URL must match [A-Za-z0-9._:-]{{1,128}}")
+        if not is_id(DEVICE_ID_RE, device_id):
+            raise ApiError(400, "invalid_device",
+                           f"device_id: {device_id!r} in the URL must match [A-Za-z0-9._:-]{{1,128}} {NOT_DOTS}")
         if not principal.may_manage_device(device_id):
             raise ApiError(403, "forbidden", f"{principal.name!r} ({principal.role}) may not manage device {device_id!r}")
         return principal
@@ -387,11 +389,7 @@ class Api:
         limit = _int_param(request, "limit", DEFAULT_LIST, 1, MAX_LIST)
         after = request.query.get("after", "")
 
-        def page(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-            rows = conn.execute("SELECT * FROM devices WHERE device_id > ? ORDER BY device_id LIMIT ?", (after, limit))
-            return [store.device_json(r) for r in rows]
-
-        devices = await self._db(page)
+        devices = await self._db(lambda conn: registry.devices_after(conn, after, limit))
         headers = {}
         if len(devices) == limit:
             headers["Link"] = f'</v1/devices?after={devices[-1]["device_id"]}&limit={limit}>; rel="next"'
@@ -440,8 +438,7 @@ class Api:
 
 
 def _device_of(conn: sqlite3.Connection, message_id: str) -> str | None:
-    row = conn.execute("SELECT device_id FROM deliveries WHERE message_id = ?", (message_id,)).fetchone()
-    return row[0] if row else None
+    return deliveries.device_of(conn, message_id)
 
 
 def _not_stored(exc: BaseException, headers: dict[str, str] | None = None) -> ApiError:
