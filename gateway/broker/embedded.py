@@ -930,13 +930,9 @@ class EmbeddedBroker:
         out: dict[str, int] = {}
         if self.broker is None:
             return out
-        servers = self.broker._servers  # noqa: SLF001 - checked by compat.check_amqtt
-        _, by_name = build_amqtt_config(self._cfg)
-        for key, section in by_name.items():
-            server = servers.get(key)
-            sockets = list(getattr(getattr(server, "instance", None), "sockets", None) or ())
-            if sockets:
-                out[section.name] = sockets[0].getsockname()[1]
+        for listener in self.broker._listeners:  # noqa: SLF001 - same package
+            if listener.port is not None:
+                out[listener.section.name] = listener.port
         return out
 
     def reload_passwords(self) -> int:
