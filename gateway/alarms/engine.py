@@ -430,7 +430,10 @@ class Engine:
             d.updated_at = now
             d.version += 1
             nxt = d.escalation_step
-            d.due_at = d.fired_at + rule.escalate[nxt].after_s if nxt < len(rule.escalate) else None  # type: ignore[operator]
+            # From the step just due, not from fired_at: a restart that re-anchors the clock
+            # shifts due_at (gateway.clock) but leaves fired_at as it was written.
+            d.due_at = (d.due_at + rule.escalate[nxt].after_s - step.after_s  # type: ignore[operator]
+                        if nxt < len(rule.escalate) else None)
 
     # ------------------------------------------------------------------ acks
     def on_ack(self, batch: Batch, rule: str, key: str, episode: int | None, by: str,

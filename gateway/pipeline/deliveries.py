@@ -159,6 +159,12 @@ class DeliveryWriter:
         k = (new_key, state)
         counts[k] = counts.get(k, 0) + 1
 
+    def shift_deadlines(self, delta: float) -> int:
+        """Move queued rows' due times and sent rows' resend times by ``delta`` s (the
+        gateway clock was re-anchored at start); states and aggregates do not change."""
+        return (clock.shift_columns(self.conn, "deliveries", "next_at", delta, "state = 'queued'")
+                + clock.shift_columns(self.conn, "deliveries", "resend_at", delta, "state = 'sent'"))
+
     def flush(self) -> None:
         """Write what the batch moved: the aggregates, then the jobs' counts (and settle them)."""
         stats.apply_counts(self.conn, self._counts, self._latency)

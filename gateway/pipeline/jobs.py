@@ -236,3 +236,14 @@ def expiring_jobs(conn: sqlite3.Connection, now: float, limit: int = 100) -> lis
     return conn.execute("SELECT job_id, ttl, expires_at FROM jobs WHERE state IN ('accepted', 'dispatching') "
                         "AND queued > 0 AND (expires_at <= ? OR ttl = 0) ORDER BY expires_at LIMIT ?",
                         (now, limit)).fetchall()
+
+
+def shift_deadlines(conn: sqlite3.Connection, delta: float) -> int:
+    """Move the jobs' pending deadlines by ``delta`` s (gateway.clock re-anchored): the TTL
+    expiry of open jobs and of completed jobs whose unacked deliveries are still resent
+    while the TTL lasts, and the status publishers' throttle bases."""
+    return (clock.shift_columns(conn, "jobs", "expires_at", delta,
+                                "state IN ('accepted', 'dispatching') OR job_id IN (SELECT job_id FROM deliveries"
+                                " WHERE state = 'sent' AND resend_at IS NOT NULL)")
+            + clock.shift_columns(conn, "jobs", "status_published_at", delta, "status_published_at > 0")
+            + clock.shift_columns(conn, "jobs", "cloud_published_at", delta, "cloud_published_at > 0"))
