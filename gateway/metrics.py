@@ -16,7 +16,8 @@ yielding metric families) is added with :meth:`Metrics.register`, by the wiring
 (:mod:`gateway.wiring`) that builds both the service it reads and the HTTP service.
 ``collect()`` runs in a worker thread: read values that are safe to read there (numbers, a
 snapshot, your own SQLite connection). ``homepot_alarms_firing`` and
-``homepot_alarms{state}`` are read from the alarms table here.
+``homepot_alarms{state}`` come from :func:`gateway.alarms.summary.summary`, like ``status``
+and the operator page.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from gateway import __version__, clock
 from gateway import stats
+from gateway.alarms.summary import summary as alarm_summary
 from gateway.pipeline.dispatcher import OUTCOME_NAMES
 
 log = structlog.get_logger(__name__)
@@ -259,8 +261,7 @@ class DatabaseCollector:
             jobs = stats.jobs_by_state(conn)
             devices = stats.device_count(conn)
             backlog = stats.upstream_backlog(conn)
-            alarms = stats.alarms_by_state(conn)
-            firing = stats.alarms_firing(conn)
+            alarms = alarm_summary(conn)
             online = _connected_by_segment(conn, self.presence)
         finally:
             conn.execute("COMMIT")
@@ -304,7 +305,7 @@ class DatabaseCollector:
             connected.add_metric([segment], float(n))
         yield connected
         per_rule: dict[str, int] = {name: 0 for name in self.rules}
-        for alarm in firing or []:
+        for alarm in (alarms.firing if alarms is not None else []):
             per_rule[str(alarm.get("rule"))] = per_rule.get(str(alarm.get("rule")), 0) + 1
         firing_family = GaugeMetricFamily(f"{NS}_alarms_firing", "alarms firing now, by rule (0 for a configured "
                                           "rule with none firing)", labels=["rule"])
@@ -313,7 +314,7 @@ class DatabaseCollector:
         yield firing_family
         if alarms is not None:
             by_state = GaugeMetricFamily(f"{NS}_alarms", "alarm records by state", labels=["state"])
-            for state, n in sorted(alarms.items()):
+            for state, n in sorted(alarms.by_state.items()):
                 by_state.add_metric([state], float(n))
             yield by_state
         if backlog is not None:
