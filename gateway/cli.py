@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -415,6 +415,22 @@ def _lines_of(parsed, committed: int) -> str:  # noqa: ANN001 - gateway.device_i
     return f"{sum(parsed.line_counts[:committed])} of {sum(parsed.line_counts)} device lines"
 
 
+def _presence(cfg: Any) -> dict[str, Any] | None:
+    """The running daemon's device presence (its runtime snapshot), None when it is not running."""
+    from gateway import health
+
+    snap, why = health.read_snapshot(cfg.data_dir)
+    return None if snap is None or why else (snap.get("presence") or {})
+
+
+def _presence_text(p: dict[str, Any] | None) -> str:
+    if p is None:
+        return "presence unknown (gateway not running)"
+    if p["connected"]:
+        return f"connected since {p['since']}"
+    return f"not connected (last seen {p['last_seen']})" if p["last_seen"] else "not connected (not seen since start)"
+
+
 @devices_app.command("list")
 def devices_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List registered devices."""
@@ -422,13 +438,20 @@ def devices_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> No
 
     from gateway.pipeline import store
 
-    devices = list(store.iter_devices(_db(get_config())))
+    from gateway.broker.presence import device_presence
+
+    cfg = get_config()
+    devices = list(store.iter_devices(_db(cfg)))
+    presence = _presence(cfg)
+    for d in devices:
+        d["presence"] = device_presence(presence, d["device_id"]) if presence is not None else None
     if as_json:
         typer.echo(json.dumps(devices, indent=2))
         return
     for d in devices:
         chans = ",".join(c["platform"] + ("(invalid)" if "invalid" in c else "") for c in d["channels"])
-        typer.echo(f"{d['device_id']}\t{d['segment'] or '-'}\t{chans}\t{','.join(d['tags']) or '-'}")
+        typer.echo(f"{d['device_id']}\t{d['segment'] or '-'}\t{chans}\t{','.join(d['tags']) or '-'}"
+                   f"\t{_presence_text(d['presence'])}")
 
 
 @devices_app.command("show")
@@ -439,10 +462,17 @@ def devices_show(device_id: Annotated[str, typer.Argument(metavar="ID")],
 
     from gateway.pipeline import store
 
-    dev = store.get_device(_db(get_config()), device_id)
+    from gateway.broker.presence import device_presence
+
+    cfg = get_config()
+    dev = store.get_device(_db(cfg), device_id)
     if dev is None:
         fail(f"ID: no such device {device_id!r}", 1)
+    presence = _presence(cfg)
+    dev["presence"] = device_presence(presence, device_id) if presence is not None else None
     typer.echo(json.dumps(dev) if as_json else json.dumps(dev, indent=2))
+    if not as_json:
+        typer.echo(f"presence: {_presence_text(dev['presence'])}")
 
 
 @devices_app.command("remove")

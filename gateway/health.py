@@ -245,6 +245,8 @@ class HealthReporter:
             "broker_client": {"connected": client.connected, "url": cfg.broker.url, "mode": cfg.broker.mode,
                               "last_error": client.last_error},
             "broker": _metrics_of(probes.broker),
+            # Device accounts seen on the embedded broker: device_id → connected, since, last_seen.
+            "presence": _presence_of(probes.broker),
             "bridges": probes.bridges.bridge_health() if probes.bridges is not None else {},
             "set_aside": set_aside_view(probes),
             "upstream": self._upstream(),
@@ -298,6 +300,11 @@ def set_aside_view(probes: HealthProbes) -> dict[str, Any]:
         recent.extend({"link": name, **m} for m in kept.recent())
     recent.sort(key=lambda m: m["at"])
     return {"counts": counts, "recent": recent[-setaside.KEEP:]}
+
+
+def _presence_of(broker: Any) -> dict[str, Any] | None:
+    presence = getattr(broker, "presence", None)
+    return presence.view() if presence is not None else None
 
 
 def _metrics_of(part: MetricsProbe | None) -> dict[str, Any] | None:

@@ -23,6 +23,8 @@ and the operator page.
 from __future__ import annotations
 
 import asyncio
+import json
+import platform
 import sqlite3
 import threading
 import time
@@ -31,17 +33,25 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, GCCollector, PlatformCollector, ProcessCollector, generate_latest
+from prometheus_client import (CollectorRegistry, Counter, GCCollector, Histogram, PlatformCollector, ProcessCollector,
+                               disable_created_metrics, generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from gateway import clock
+from gateway import __version__, clock
 from gateway import stats
 from gateway.alarms.summary import summary as alarm_summary
+from gateway.pipeline.dispatcher import OUTCOME_NAMES
 
 log = structlog.get_logger(__name__)
+# No ``*_created`` series: they double every counter and no alert reads them.
+disable_created_metrics()
 
 NS = "homepot"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Series that exist with 0 before anything happened, so an alert on them has something to read.
+DELIVERY_STATES = ("queued", "sent", "acknowledged", "failed", "expired", "invalid_address")
+JOB_STATES = ("accepted", "rejected", "dispatching", "completed", "acknowledged")
+HTTP_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 def _platform(name: str) -> str:
@@ -53,8 +63,8 @@ def _platform(name: str) -> str:
 BROKER_COUNTERS = {
     "messages_in": ("broker_messages_received", "PUBLISH packets received from clients"),
     "messages_out": ("broker_messages_sent", "PUBLISH packets written to clients (resends included)"),
-    "bytes_in": ("broker_bytes_received", "payload bytes received"),
-    "bytes_out": ("broker_bytes_sent", "payload bytes written"),
+    "bytes_in": ("broker_received_bytes", "payload bytes received"),
+    "bytes_out": ("broker_sent_bytes", "payload bytes written"),
     "dropped": ("broker_messages_dropped", "queued messages dropped (max_queued_messages)"),
     "denied_publish": ("broker_denied_publish", "PUBLISHes dropped by the ACL"),
     "denied_subscribe": ("broker_denied_subscribe", "SUBSCRIBE filters refused (0x80)"),
@@ -75,6 +85,16 @@ BROKER_COUNTERS = {
     "sessions_expired": ("broker_sessions_expired", "offline sessions expired (session_expiry_s)"),
     "accounts_disconnected": ("broker_accounts_disconnected", "clients closed: account removed or password changed"),
     "accounts_updated": ("broker_accounts_updated", "connected clients given a changed role's ACL"),
+    "dropped_acl": ("broker_dropped_acl_messages", "queued messages withheld when sent: the receiver may not read"),
+    "dropped_too_large": ("broker_dropped_too_large_messages", "messages over the receiver's Maximum Packet Size"),
+    "expired": ("broker_expired_messages", "MQTT 5.0 messages dropped when their expiry passed"),
+    "not_acknowledged": ("broker_not_acknowledged_packets", "packets left unacknowledged: state was not stored"),
+    "packet_timeouts": ("broker_packet_timeouts", "connections closed while stalled in the middle of a packet"),
+    "receive_maximum_exceeded": ("broker_receive_maximum_exceeded", "MQTT 5.0 clients disconnected (0x93)"),
+    "retained_refused": ("broker_retained_refused_messages", "retained messages not kept: the store is at a limit"),
+    "sessions_refused": ("broker_sessions_refused", "CONNECTs refused: client id owned by another principal"),
+    "shared_handed_over": ("broker_shared_handed_over_messages",
+                           "unacknowledged messages of a leaving shared-subscription member given to another"),
 }
 BROKER_GAUGES = {
     "clients_connected": ("broker_clients_connected", "clients connected now"),
@@ -84,6 +104,7 @@ BROKER_GAUGES = {
     "queued": ("broker_queued_messages", "QoS 1/2 messages queued for clients"),
     "inflight": ("broker_inflight_messages", "QoS 1/2 messages in flight to clients"),
     "queued_bytes": ("broker_queued_bytes", "payload bytes of the queued messages"),
+    "uptime_s": ("broker_uptime_seconds", "seconds since the broker started"),
 }
 SKIP_BROKER = {"denied"}  # the sum of the three denied_* counters
 
@@ -96,6 +117,10 @@ class RuntimeCollector:
 
     def collect(self) -> Iterator[Metric]:
         snap = self.snapshot
+        info = GaugeMetricFamily(f"{NS}_build_info", "always 1; the running gateway's version and Python",
+                                 labels=["version", "python"])
+        info.add_metric([__version__, platform.python_version()], 1.0)
+        yield info
         healthy = GaugeMetricFamily(f"{NS}_healthy", "1 when every health check passes (GET /healthz)")
         healthy.add_metric([], 1.0 if snap.get("status") == "ok" else 0.0)
         yield healthy
@@ -112,7 +137,8 @@ class RuntimeCollector:
         aside = CounterMetricFamily(f"{NS}_messages_set_aside",
                                     "MQTT messages acknowledged but not processed: their handling failed "
                                     "for a reason that is not storage (status lists the last ones)", labels=["link"])
-        for link, n in sorted(((snap.get("set_aside") or {}).get("counts") or {}).items()):
+        counts = {"broker": 0, **((snap.get("set_aside") or {}).get("counts") or {})}
+        for link, n in sorted(counts.items()):
             aside.add_metric([link], float(n))
         yield aside
         yield from self._bridges(snap.get("bridges") or {})
@@ -124,11 +150,17 @@ class RuntimeCollector:
         healthy = GaugeMetricFamily(f"{NS}_bridge_healthy", "1 unless the bridge is paused as unhealthy", labels=["platform"])
         in_flight = GaugeMetricFamily(f"{NS}_bridge_in_flight", "sends in progress", labels=["platform"])
         sent = CounterMetricFamily(f"{NS}_bridge_sent", "deliveries the platform accepted (since start)", labels=["platform"])
+        outcomes = CounterMetricFamily(f"{NS}_bridge_outcomes", "platform answers since start, by outcome: accepted, "
+                                       "retried (transient failure), throttled (429 or quota), invalid_address, "
+                                       "failed, unhealthy (the bridge paused)", labels=["platform", "outcome"])
         for name, b in sorted(bridges.items()):
             healthy.add_metric([name], 1.0 if b.get("healthy", True) else 0.0)
             in_flight.add_metric([name], float(b.get("in_flight") or 0))
             sent.add_metric([name], float(b.get("sent") or 0))
-        yield from (healthy, in_flight, sent)
+            counted = b.get("outcomes") or {}
+            for outcome in OUTCOME_NAMES:
+                outcomes.add_metric([name, outcome], float(counted.get(outcome, 0)))
+        yield from (healthy, in_flight, sent, outcomes)
 
     @staticmethod
     def _broker(broker: dict[str, Any] | None) -> Iterator[Metric]:
@@ -141,7 +173,8 @@ class RuntimeCollector:
                 name, doc = BROKER_COUNTERS[key]
                 family: Metric = CounterMetricFamily(f"{NS}_{name}", doc)
             else:
-                name, doc = BROKER_GAUGES.get(key, (f"broker_{key}", f"embedded broker: {key}"))
+                unit = f"{key[:-2]}_seconds" if key.endswith("_s") else key  # units spelled out
+                name, doc = BROKER_GAUGES.get(key, (f"broker_{unit}", f"embedded broker: {key}"))
                 family = GaugeMetricFamily(f"{NS}_{name}", doc)
             family.add_metric([], float(value))
             yield family
@@ -163,7 +196,8 @@ class RuntimeCollector:
                 yield c
         rate = up.get("drain_rate")
         if isinstance(rate, (int, float)):
-            g = GaugeMetricFamily(f"{NS}_upstream_drain_rate", "messages/s acknowledged by the cloud (last interval)")
+            g = GaugeMetricFamily(f"{NS}_upstream_drain_messages_per_second",
+                                  "messages/s acknowledged by the cloud (last interval)")
             g.add_metric([], float(rate))
             yield g
 
@@ -171,8 +205,13 @@ class RuntimeCollector:
 class DatabaseCollector:
     """Pipeline and cloud-link figures from SQLite (read-only connection, worker thread)."""
 
-    def __init__(self, db_path: Path):
+    def __init__(self, db_path: Path, rules: list[str] | None = None):
         self.db_path = db_path
+        # Names that get a series (0) before anything happened: the enabled bridges (set per
+        # scrape from the runtime snapshot) and the configured alarm rules.
+        self.platforms: list[str] = []
+        self.rules = list(rules or [])
+        self.presence: dict[str, Any] = {}  # the broker's device presence, set per scrape
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
         self.last_duration_s = 0.0
@@ -223,25 +262,29 @@ class DatabaseCollector:
             devices = stats.device_count(conn)
             backlog = stats.upstream_backlog(conn)
             alarms = alarm_summary(conn)
+            online = _connected_by_segment(conn, self.presence)
         finally:
             conn.execute("COMMIT")
         deliveries = GaugeMetricFamily(f"{NS}_deliveries", "deliveries now in each state, by platform of the last "
                                        "attempt ('unassigned' = not attempted yet)", labels=["platform", "state"])
         queue = GaugeMetricFamily(f"{NS}_queue_depth", "queued deliveries", labels=["platform"])
-        for (platform, state), n in sorted(counts.items()):
-            deliveries.add_metric([_platform(platform), state], float(n))
+        platforms = sorted({*self.platforms, *(p for p, _ in counts)})
+        filled = {(p, st): 0 for p in platforms for st in DELIVERY_STATES} | counts
+        for (platform_, state), n in sorted(filled.items()):
+            deliveries.add_metric([_platform(platform_), state], float(n))
             if state == "queued":
-                queue.add_metric([_platform(platform)], float(n))
+                queue.add_metric([_platform(platform_)], float(n))
         yield from (deliveries, queue)
         age = GaugeMetricFamily(f"{NS}_queue_oldest_age_seconds", "age of the oldest queued delivery (since its job "
-                                "was accepted)", labels=["platform"])
-        for platform, seconds in sorted(oldest.items()):
-            age.add_metric([_platform(platform)], seconds)
+                                "was accepted; 0 when none is queued)", labels=["platform"])
+        for platform_, seconds in sorted(({p: 0.0 for p in platforms} | oldest).items()):
+            age.add_metric([_platform(platform_)], seconds)
         yield age
         hist = HistogramMetricFamily(f"{NS}_ack_latency_seconds", "first ack time minus send time", labels=["platform"])
-        for platform, h in sorted(latency.items()):
+        empty = {"buckets": [(le, 0) for le in (*stats.LATENCY_BUCKETS_MS, float("inf"))], "sum_ms": 0.0}
+        for platform_, h in sorted(({p: empty for p in self.platforms} | latency).items()):
             buckets = [("+Inf" if le == float("inf") else repr(le / 1000.0), float(n)) for le, n in h["buckets"]]
-            hist.add_metric([_platform(platform)], buckets, h["sum_ms"] / 1000.0)
+            hist.add_metric([_platform(platform_)], buckets, h["sum_ms"] / 1000.0)
         yield hist
         events = CounterMetricFamily(f"{NS}_pipeline_events", "pipeline counters (jobs_accepted, acks_stored, "
                                      "acks_refused, ...)", labels=["event"])
@@ -249,16 +292,27 @@ class DatabaseCollector:
             events.add_metric([name], float(value))
         yield events
         jobs_family = GaugeMetricFamily(f"{NS}_jobs", "jobs by state", labels=["state"])
-        for state, n in sorted(jobs.items()):
+        for state, n in sorted(({s: 0 for s in JOB_STATES} | jobs).items()):
             jobs_family.add_metric([state], float(n))
         yield jobs_family
         dev = GaugeMetricFamily(f"{NS}_devices", "registered devices")
         dev.add_metric([], float(devices))
         yield dev
+        connected = GaugeMetricFamily(f"{NS}_devices_connected", "registered devices connected to the embedded "
+                                      "broker with their device account, by segment (0 for a segment whose "
+                                      "devices were seen since start and all left)", labels=["segment"])
+        for segment, n in sorted(online.items()):
+            connected.add_metric([segment], float(n))
+        yield connected
+        per_rule: dict[str, int] = {name: 0 for name in self.rules}
+        for alarm in (alarms.firing if alarms is not None else []):
+            per_rule[str(alarm.get("rule"))] = per_rule.get(str(alarm.get("rule")), 0) + 1
+        firing_family = GaugeMetricFamily(f"{NS}_alarms_firing", "alarms firing now, by rule (0 for a configured "
+                                          "rule with none firing)", labels=["rule"])
+        for rule, n in sorted(per_rule.items()):
+            firing_family.add_metric([rule], float(n))
+        yield firing_family
         if alarms is not None:
-            firing = GaugeMetricFamily(f"{NS}_alarms_firing", "alarms firing now (sensor rules)")
-            firing.add_metric([], float(alarms.count("firing")))
-            yield firing
             by_state = GaugeMetricFamily(f"{NS}_alarms", "alarm records by state", labels=["state"])
             for state, n in sorted(alarms.by_state.items()):
                 by_state.add_metric([state], float(n))
@@ -273,7 +327,8 @@ class DatabaseCollector:
                 g.add_metric([], float(value) if isinstance(value, (int, float)) else 0.0)
                 yield g
             for key, name, doc in (("buffer_dropped", "upstream_backlog_dropped", "messages dropped at the cap"),
-                                   ("buffer_coalesced", "upstream_backlog_coalesced", "status snapshots superseded")):
+                                   ("buffer_coalesced", "upstream_backlog_coalesced",
+                                    "status snapshots superseded")):
                 value = backlog.get(key)
                 if isinstance(value, (int, float)):
                     c = CounterMetricFamily(f"{NS}_{name}", doc)
@@ -281,13 +336,25 @@ class DatabaseCollector:
                     yield c
 
 
+def _connected_by_segment(conn: sqlite3.Connection, presence: dict[str, Any]) -> dict[str, int]:
+    """segment → devices connected now, over the registered devices the broker has seen."""
+    if not presence:
+        return {}
+    out: dict[str, int] = {}
+    seen = json.dumps(sorted(presence))
+    for device_id, segment in conn.execute("SELECT device_id, COALESCE(segment, '') FROM devices "
+                                           "WHERE device_id IN (SELECT value FROM json_each(?))", (seen,)):
+        out[segment] = out.get(segment, 0) + (1 if presence[device_id].get("connected") else 0)
+    return out
+
+
 class Metrics:
     """The daemon's registry: what ``GET /metrics`` renders."""
 
-    def __init__(self, db_path: Path):
+    def __init__(self, db_path: Path, rules: list[str] | None = None):
         self.registry = CollectorRegistry(auto_describe=False)
         self.runtime = RuntimeCollector()
-        self.database = DatabaseCollector(db_path)
+        self.database = DatabaseCollector(db_path, rules)
         self.registry.register(self.runtime)
         self.registry.register(self.database)
         ProcessCollector(registry=self.registry)
@@ -297,14 +364,24 @@ class Metrics:
                                      ["route", "method", "code"], registry=self.registry)
         self.http_acks = Counter(f"{NS}_http_acks", "acks POSTed to signed ack URLs, by result",
                                  ["result"], registry=self.registry)
+        # Event streams are left out: their duration is how long a page stayed open.
+        self.http_duration = Histogram(f"{NS}_http_request_duration_seconds",
+                                       "HTTP API request handling time by route and method (event streams excluded)",
+                                       ["route", "method"], buckets=HTTP_BUCKETS_S, registry=self.registry)
         self._lock = asyncio.Lock()
 
     def register(self, collector: Any) -> None:
         self.registry.register(collector)
 
+    def observe_http(self, route: str, method: str, seconds: float) -> None:
+        if not route.endswith("/events"):
+            self.http_duration.labels(route, method).observe(seconds)
+
     async def render(self, snapshot: dict[str, Any]) -> bytes:
         async with self._lock:  # one scrape at a time: the runtime snapshot is per scrape
             self.runtime.snapshot = snapshot
+            self.database.platforms = sorted(snapshot.get("bridges") or {})
+            self.database.presence = snapshot.get("presence") or {}
             return await asyncio.to_thread(generate_latest, self.registry)
 
     def close(self) -> None:

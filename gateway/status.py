@@ -55,7 +55,8 @@ def collect(cfg: Config, now: float | None = None) -> dict[str, Any]:
         out["broker"] = {"mode": (snap.get("broker_client") or {}).get("mode"),
                          "client_connected": (snap.get("broker_client") or {}).get("connected"),
                          "clients_connected": broker.get("clients_connected"), "sessions": broker.get("sessions"),
-                         "messages_dropped": broker.get("dropped")}
+                         "messages_dropped": broker.get("dropped"),
+                         "devices_connected": sum(1 for p in (snap.get("presence") or {}).values() if p.get("connected"))}
         out["bridges"] = snap.get("bridges") or {}
         out["upstream"] = snap.get("upstream")
         out["set_aside"] = snap.get("set_aside") or {"counts": {}, "recent": []}
@@ -131,7 +132,8 @@ def render(info: dict[str, Any]) -> None:
     if info.get("broker"):
         b = info["broker"]
         console.print(f"broker ({b.get('mode')}): gateway client {'connected' if b.get('client_connected') else 'NOT connected'}"
-                      + (f", {b['clients_connected']} clients, {b['sessions']} sessions, {b['messages_dropped']} dropped"
+                      + (f", {b['clients_connected']} clients ({b.get('devices_connected', 0)} devices), "
+                         f"{b['sessions']} sessions, {b['messages_dropped']} dropped"
                          if b.get("clients_connected") is not None else ""))
     if info.get("bridges"):
         t = Table(title="bridges", title_justify="left")

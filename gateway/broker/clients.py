@@ -37,6 +37,7 @@ import structlog
 from gateway import clock
 from gateway.broker.acl import ClientAcl
 from gateway.broker.limits import UNLIMITED, ClientLimits, ConnectionCount, Limit, LimitRecorder, RateBucket
+from gateway.broker.presence import Presence
 from gateway.broker.wire.codec import PUBREL_B, V5, send_ack, send_publish, utf8, varint
 from gateway.broker.metrics import BrokerMetrics
 from gateway.broker.state import RELEASED, SENT, StateNotStored, StateStore
@@ -141,9 +142,12 @@ class ClientState:
     def __init__(self, client_id: str, clean: bool, *, store: StateStore | None, metrics: BrokerMetrics,
                  seq: itertools.count[int], max_queued: int, max_inflight: int = MAX_INFLIGHT,
                  capped: bool = True, drop_log: LogThrottle | None = None,
-                 limit_log: LimitRecorder | None = None, connections: ConnectionCount | None = None):
+                 limit_log: LimitRecorder | None = None, connections: ConnectionCount | None = None,
+                 presence: Presence | None = None):
         self.client_id = client_id
         self.clean = clean
+        self._presence = presence
+        self._present_as: tuple[str | None, str | None] = (None, None)  # as counted in ``presence``
         self.username: str | None = None
         self.role: str | None = None
         self.owner: str | None = None    # the principal the session belongs to (see GatewayBroker)
@@ -292,6 +296,9 @@ class ClientState:
     # ----------------------------------------------------------------- connection
     def attach(self, handler: Connection) -> None:
         self.handler = handler
+        if self._presence is not None:
+            self._presence.attached(self.username, self.role)
+            self._present_as = (self.username, self.role)
         limits = self.limits
         if self._connections is not None:
             self._counted = self._connections.add(self.role, limits)
@@ -307,6 +314,8 @@ class ClientState:
             self._counted = self._connections.add(self.role, self.limits)
 
     def detach(self) -> None:
+        if self._presence is not None and self.handler is not None:
+            self._presence.detached(*self._present_as)
         if self._connections is not None and self._counted is not None:
             self._connections.remove(self._counted)
             self._counted = None

@@ -48,6 +48,7 @@ from gateway.broker.acl import ClientAcl
 from gateway.broker.clients import GATEWAY_MAX_INFLIGHT, MAX_INFLIGHT, ClientState, Message, Outgoing
 from gateway.broker.limits import (MAX_CONNECT_PACKET, ClientLimits, ConnectionCount, Limit, LimitPolicy,
                                    LimitRecorder, LimitVerdict, RateBucket, RetainedQuota)
+from gateway.broker.presence import Presence
 from gateway.broker.matching import SubscriptionIndex, matches, valid_topic_name
 from gateway.broker.metrics import BrokerMetrics
 from gateway.broker.passwords import PasswordFile, PasswordFileError
@@ -142,6 +143,7 @@ class GatewayBroker:
         self.retained_quota = RetainedQuota()
         self.connections = ConnectionCount()
         self._clients: dict[str, ClientState] = {}
+        self.presence = Presence()  # device accounts connected now, since when, last seen
         self._index: SubscriptionIndex[ClientState] = SubscriptionIndex()
         self._shared: SubscriptionIndex[SharedGroup] = SubscriptionIndex()
         self._retained: RetainedStore[tuple[Message, int]] = RetainedStore(max_retained, max_retained_bytes)
@@ -251,7 +253,8 @@ class GatewayBroker:
         return ClientState(client_id, clean, store=self._store, metrics=self.metrics, seq=self._seq,
                            max_queued=self._max_queued, capped=not gateway,
                            max_inflight=GATEWAY_MAX_INFLIGHT if gateway else MAX_INFLIGHT,
-                           drop_log=self._drop_log, limit_log=self.limit_log, connections=self.connections)
+                           drop_log=self._drop_log, limit_log=self.limit_log, connections=self.connections,
+                           presence=self.presence)
 
     def _client_limits(self, role: str | None, owner: str | None) -> ClientLimits:
         return self.limits.for_role(role, gateway=owner in self._gateway_principals)
@@ -923,6 +926,11 @@ class EmbeddedBroker:
         return self.broker.snapshot()
 
     snapshot = metrics
+
+    @property
+    def presence(self) -> Presence | None:
+        """Device accounts connected now (see :mod:`gateway.broker.presence`), while running."""
+        return self.broker.presence if self.broker is not None else None
 
     def bound_ports(self) -> dict[str, int]:
         """The port each listener actually listens on, by its configured name: what a

@@ -26,6 +26,7 @@ from gateway.config import Config
 from gateway.ids import NOT_DOTS, is_id
 from gateway.http.acks import AckSigner
 from gateway.http.auth import BasicAuth, Principal
+from gateway.broker.presence import device_presence
 from gateway.http.errors import HTTP_CODES, ApiError, error_response, json_response
 from gateway.http.pulse import Pulse
 from gateway.http.reader import Reader
@@ -157,13 +158,22 @@ def json_errors(metrics: Metrics) -> Middleware:
                        405: f"{request.method} is not allowed here"}.get(exc.status, exc.reason)
             headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
             response = error_response(exc.status, code, message, headers)
-        except (asyncio.CancelledError, ConnectionResetError):
+        except asyncio.CancelledError:
             metrics.http_requests.labels(route, request.method, "499").inc()
             raise
+        except ConnectionResetError:
+            # The client went away (a page closed, a stream dropped): nothing for an operator to
+            # do, so not an error. Answering instead of raising keeps aiohttp from logging the
+            # traceback at ERROR; its write of this answer to the closed transport is dropped.
+            log.debug("http client went away", route=route, method=request.method)
+            metrics.http_requests.labels(route, request.method, "499").inc()
+            metrics.observe_http(route, request.method, time.perf_counter() - t0)
+            return web.Response(status=499)
         except Exception:
             log.exception("http handler failed", route=route, method=request.method)
             response = error_response(500, "internal", "internal error (logged)")
         metrics.http_requests.labels(route, request.method, str(response.status)).inc()
+        metrics.observe_http(route, request.method, time.perf_counter() - t0)
         if response.status >= 500:
             log.warning("http request failed", route=route, method=request.method, status=response.status,
                         duration_ms=round((time.perf_counter() - t0) * 1000, 1))
@@ -367,7 +377,12 @@ class Api:
         device = await self._db(lambda conn: store.get_device(conn, device_id))
         if device is None:
             raise ApiError(404, "not_found", f"no device {device_id!r}")
+        device["presence"] = device_presence(self._presence(), device_id)
         return json_response(device)
+
+    def _presence(self) -> dict[str, Any] | None:
+        """The embedded broker's device presence, read now."""
+        return (self.svc.health.snapshot() or {}).get("presence")
 
     async def delete_device(self, request: web.Request) -> web.Response:
         device_id = request.match_info["device_id"]
@@ -389,6 +404,9 @@ class Api:
         after = request.query.get("after", "")
 
         devices = await self._db(lambda conn: registry.devices_after(conn, after, limit))
+        presence = self._presence()
+        for device in devices:
+            device["presence"] = device_presence(presence, device["device_id"])
         headers = {}
         if len(devices) == limit:
             headers["Link"] = f'</v1/devices?after={devices[-1]["device_id"]}&limit={limit}>; rel="next"'

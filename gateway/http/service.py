@@ -75,7 +75,7 @@ class HttpService:
         self.stopping = asyncio.Event()
         self.changes = changes
         self.auth = BasicAuth(cfg)
-        self.metrics = Metrics(cfg.db_path)
+        self.metrics = Metrics(cfg.db_path, rules=[r.name for r in cfg.rules])
         self.reader = Reader(cfg.db_path)
         # The operator page (gateway.http.ui): its own read connection, so a device search
         # over 100,000 rows never delays an ack's lookup on the API's.

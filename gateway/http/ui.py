@@ -33,6 +33,7 @@ from aiohttp import web
 from gateway import clock
 from gateway.ids import is_id
 from gateway.http import ui_queries as q
+from gateway.broker.presence import device_presence
 from gateway.http.errors import ApiError, json_response
 from gateway.http.reader import Reader
 from gateway.http.sessions import COOKIE, Session, SessionStore, clear_cookie_header, cookie_header
@@ -323,8 +324,15 @@ class OperatorPage:
                 raise ApiError(400, "bad_request", f"{name}: at most 128 characters")
         after = _prefix(query.get("after", ""), "after")
         limit = _int(query.get("limit"), 50, "limit")
-        return json_response(await self._read(lambda c: q.devices_page(c, prefix, segment, tag, after, limit)),
-                             headers=NO_STORE)
+        page = await self._read(lambda c: q.devices_page(c, prefix, segment, tag, after, limit))
+        presence = self._presence()
+        for device in page["devices"]:
+            device["presence"] = device_presence(presence, device["device_id"])
+        return json_response(page, headers=NO_STORE)
+
+    def _presence(self) -> dict[str, Any] | None:
+        """The embedded broker's device presence, read now (see gateway.broker.presence)."""
+        return (self.svc.health.snapshot() or {}).get("presence")
 
     async def device(self, request: web.Request) -> web.Response:
         await self._viewer(request)
@@ -334,6 +342,7 @@ class OperatorPage:
         detail = await self._read(lambda c: q.device_detail(c, device_id))
         if detail is None:
             raise ApiError(404, "not_found", f"no device {device_id!r}")
+        detail["presence"] = device_presence(self._presence(), device_id)
         return json_response(detail, headers=NO_STORE)
 
     async def alarms(self, request: web.Request) -> web.Response:

@@ -19,7 +19,7 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -59,6 +59,22 @@ class JobInfo:
             datetime.fromtimestamp(row["expires_at"], UTC))
 
 
+THROTTLE_WORDS = ("quota", "too many", "toomany", "throttl", "rate limit", "ratelimit")
+OUTCOME_NAMES = ("accepted", "retried", "throttled", "invalid_address", "failed", "unhealthy")
+
+
+def outcome_name(outcome: Outcome) -> str:
+    """The outcome as counted per platform: a retry the platform asked for by throttling (HTTP
+    429, or a quota/rate reason) is told apart from one after a transient failure, because an
+    operator answers the two differently (slow down vs. look at the platform)."""
+    kind = outcome.kind
+    if kind is OutcomeKind.RETRY:
+        reason = outcome.reason.lower().replace("_", " ")
+        throttled = outcome.status == 429 or any(w in reason for w in THROTTLE_WORDS)
+        return "throttled" if throttled else "retried"
+    return kind.value
+
+
 @dataclass
 class BridgeSlot:
     """Concurrency and health of one bridge."""
@@ -70,6 +86,8 @@ class BridgeSlot:
     pause_reason: str = ""
     pauses: int = 0
     sent: int = 0
+    # Platform answers since start, by outcome (OUTCOME_NAMES): what /metrics exports per platform.
+    outcomes: dict[str, int] = field(default_factory=dict)
     unhealthy_since: float | None = None  # gateway clock; the fallback grace counts from here
 
     @property
@@ -525,6 +543,8 @@ class Dispatcher:
                 attempt: int, outcome: Outcome, sent_at: float) -> store.Result:
         now = clock.now()
         self._health(slot, platform, outcome, now)
+        name = outcome_name(outcome)
+        slot.outcomes[name] = slot.outcomes.get(name, 0) + 1
         if row.resend:
             return self._decide_resend(platform, key, row, job, attempt, outcome, now)
         kind = outcome.kind

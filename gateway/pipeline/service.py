@@ -155,7 +155,8 @@ class Pipeline:
             if slot.paused_until > now:
                 paused_for = None if slot.paused_until == float("inf") else round(slot.paused_until - now, 1)
             out[name] = {"healthy": not unhealthy, "reason": (slot.pause_reason or None) if unhealthy else None,
-                         "paused_for_s": paused_for, "in_flight": slot.in_flight, "sent": slot.sent}
+                         "paused_for_s": paused_for, "in_flight": slot.in_flight, "sent": slot.sent,
+                         "outcomes": dict(slot.outcomes)}
         return out
 
     # ----------------------------------------------------------------- run

@@ -121,7 +121,7 @@ def test_a_firing_alarm_shows_in_status_and_metrics(tmp_path):
         assert [(a["rule"], a["key"]) for a in alarms] == [("freezer-high", "fz-1")] and alarms[0]["fired_at"]
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                    for f in text_string_to_metric_families(api.client().get("/metrics").text) for s in f.samples}
-        assert samples[("homepot_alarms_firing", ())] == 1.0
+        assert samples[("homepot_alarms_firing", (("rule", "freezer-high"),))] == 1.0
         code, text = status(api.config)
         assert "alarms firing: 1" in text and "freezer-high" in text
     finally:

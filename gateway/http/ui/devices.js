@@ -14,6 +14,15 @@ function channels(list) {
     c.invalid ? [" ", badge("invalid", "bad"), h("span", {class: "small"}, ` since ${time(c.invalid.at)}: ${c.invalid.reason}`)] : "")));
 }
 
+// Whether an MQTT device's agent is connected to the gateway's broker (its device account).
+function online(d) {
+  const p = d.presence;
+  if (!d.channels.some((c) => c.platform === "mqtt")) return "–";
+  if (p && p.connected) return h("span", {title: `since ${p.since}`}, badge("connected", "ok"), ` since ${ago(p.since)}`);
+  if (p && p.last_seen) return h("span", {title: p.last_seen}, badge("not connected", "bad"), ` last seen ${ago(p.last_seen)}`);
+  return h("span", {}, badge("not connected", "bad"), " not seen since start");
+}
+
 export async function loadDevices(index = 0) {
   const after = view.cursors[index];
   const page = await get("/ui/api/devices", {...view.filter, after, limit: PAGE});
@@ -28,8 +37,9 @@ export async function loadDevices(index = 0) {
     h("td", {}, d.segment || "–"),
     h("td", {}, d.tags.length ? d.tags.map((t) => h("span", {class: "tag"}, t)) : "–"),
     h("td", {}, channels(d.channels)),
+    h("td", {class: "online"}, online(d)),
     h("td", {}, d.last_ack_at ? h("span", {title: d.last_ack_at}, ago(d.last_ack_at)) : "never")))
-    : h("tr", {}, h("td", {colspan: 5, class: "muted"}, "no device matches")));
+    : h("tr", {}, h("td", {colspan: 6, class: "muted"}, "no device matches")));
   const first = index * PAGE + (page.devices.length ? 1 : 0);
   fill($("#dev-total"), `${num(page.total)} ${page.total === 1 ? "device matches" : "devices match"}`);
   fill($("#dev-page"), page.devices.length ? `${num(first)}–${num(index * PAGE + page.devices.length)} of ${num(page.total)}` : "");
@@ -48,6 +58,7 @@ export async function openDevice(deviceId) {
     facts([
       ["Segment", d.segment || "–"], ["Tags", d.tags.join(", ") || "–"],
       ["Channels, in order", channels(d.channels)],
+      ["Connected", online(d)],
       ["Last ack", d.last_ack ? `${d.last_ack.status} at ${time(d.last_ack.at)} (job ${d.last_ack.job_id}${d.last_ack.via ? `, by ${d.last_ack.via}` : ""})` : "never"],
       ["Registered / changed", time(d.updated_at)],
     ]),

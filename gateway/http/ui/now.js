@@ -33,7 +33,8 @@ export function renderNow(now) {
   const bridges = Object.entries(now.bridges);
   fill($("#now-bridges"), bridges.length ? h("div", {class: "scroll"}, h("table", {class: "table compact"},
     h("thead", {}, h("tr", {}, h("th", {scope: "col"}, "Platform"), h("th", {scope: "col"}, "Health"),
-                    h("th", {scope: "col", class: "num"}, "In flight"), h("th", {scope: "col", class: "num"}, "Sent"))),
+                    h("th", {scope: "col", class: "num"}, "In flight"), h("th", {scope: "col", class: "num", title: `counted since the gateway started (${g.started_at})`},
+                      `Sent since ${time(g.started_at)}`))),
     // One tbody per bridge: an unhealthy one's reason gets a row of its own, full width.
     bridges.sort().map(([name, b]) => h("tbody", {"data-bridge": name},
       h("tr", {},
