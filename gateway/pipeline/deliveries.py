@@ -88,8 +88,10 @@ _FINISHED = ("UPDATE deliveries SET state = ?, platform = COALESCE(?, platform),
 # parses a row's JSON again for every ->> (3.40 keeps no parse), and a fan-out has 100,000
 # of them. Floats keep their value through the JSON text (Python writes the shortest text
 # that reads back to the same double).
+# The resends' "no ack after N sends" note is no longer true once the ack is in.
 _ACKNOWLEDGED = ("UPDATE deliveries SET state = 'acknowledged', acked_at = j.value->>1, latency_ms = j.value->>2, "
-                 "resend_at = NULL FROM json_each(?) AS j WHERE deliveries.message_id = j.value->>0")
+                 "resend_at = NULL, last_error = CASE WHEN last_error LIKE 'no ack after %' THEN NULL "
+                 "ELSE last_error END FROM json_each(?) AS j WHERE deliveries.message_id = j.value->>0")
 _ACKNOWLEDGED_WITH_SEND = (
     "UPDATE deliveries SET state = 'acknowledged', acked_at = j.value->>1, latency_ms = j.value->>2, "
     "resend_at = NULL, last_error = NULL, platform = j.value->>3, route = j.value->>3, attempts = j.value->>4, "

@@ -105,3 +105,35 @@ async def test_a_send_and_its_ack_in_one_batch_count_latency_from_the_send(tmp_p
         assert latency["count"] == 4 and abs(latency["sum_ms"] - 800) < 1
     finally:
         await db.close()
+
+
+async def test_an_ack_after_the_last_resend_clears_the_no_ack_note(tmp_path: Path):
+    """A device that acks after its delivery ran out of resends is acknowledged, and the
+    job's detail must not keep saying "no ack after N sends"."""
+    db = await Database(tmp_path / "gw.db").open()
+    try:
+        h = Harness(db, {"simulation": ScriptedBridge("simulation")}, batch_size=50)
+        await h.add_devices([sim("d0")])
+        job_id = await h.submit(job({"all": True}, ttl=600))
+        await db.run(lambda conn: store.expand_page(conn, job_id, 50, time.time(), ["simulation"]))
+        (message_id,) = await db.run(lambda conn: conn.execute(
+            "SELECT message_id FROM deliveries WHERE job_id = ?", (job_id,)).fetchone())
+        now = time.time()
+        sent = store.Result(message_id, job_id, "d0", "sent", "simulation", 1, resend_at=now + 1, sent_at=now)
+        await db.run(lambda conn: store.apply_batch(conn, [sent], [], now))
+        last = store.Result(message_id, job_id, "d0", "sent", "simulation", 10, resend=True,
+                            error="no ack after 10 sends; no more resends")
+        await db.run(lambda conn: store.apply_batch(conn, [last], [], now + 1))
+        note = await db.run(lambda conn: conn.execute(
+            "SELECT last_error FROM deliveries WHERE message_id = ?", (message_id,)).fetchone()[0])
+        assert note.startswith("no ack after 10 sends")
+        at = datetime.fromtimestamp(round(now + 2, 3), UTC)
+        text = at.isoformat(timespec="milliseconds")[:-6] + "Z"
+        out = await db.run(lambda conn: store.apply_batch(conn, [], [("d0", Ack(message_id, "opened", at, None, text))],
+                                                          now + 2))
+        assert out[0].accepted and out[0].first
+        state, error = await db.run(lambda conn: tuple(conn.execute(
+            "SELECT state, last_error FROM deliveries WHERE message_id = ?", (message_id,)).fetchone()))
+        assert (state, error) == ("acknowledged", None)
+    finally:
+        await db.close()
