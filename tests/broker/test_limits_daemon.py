@@ -355,6 +355,28 @@ async def test_publish_rate_slows_the_flooder_not_the_others(gw):
     echo.disconnect()
 
 
+async def test_publish_rate_slows_a_v5_client_rather_than_disconnecting_it(gw):
+    """Over ``max_publish_rate`` a 5.0 client is read more slowly, as a 3.1.1 one is (EMQX's
+    limiter pauses the same way; Mosquitto has no publish rate limit): no DISCONNECT 0x96,
+    every QoS 1 message acknowledged 0x00 (none lost), at the rate."""
+    from tests.broker.v5 import DISCONNECT, RawClient5, ack_reason
+
+    device = RawClient5(gw.port)
+    assert await device.connect5("plc-1-rate5", **_login("plc-1")) == (False, 0)
+    start = time.monotonic()
+    for n in range(60):
+        device.publish5(f"{P}/devices/plc-1/telemetry/rate5", str(n).encode(), 1)
+    reasons = []
+    for _ in range(60):
+        pkt = await device.read(timeout=10)
+        assert pkt is not None and pkt.type != DISCONNECT, pkt
+        assert pkt.type == PUBACK
+        reasons.append(ack_reason(pkt))
+    assert reasons == [0] * 60
+    assert time.monotonic() - start >= 1.5   # 60 at 20/s after a burst of 20: about 2 s
+    device.disconnect5()
+
+
 async def test_connections_per_role(gw):
     """Three anonymous clients at once, no more (CONNACK 0x03); accounts still get in."""
     port = gw.port
