@@ -354,7 +354,9 @@ class UpstreamSection(_MqttLinkSection):
     allow_plaintext: bool = Field(default=False,
         description="Allow a password over `mqtt://` or `ws://`, where it travels in clear.")
     max_inflight: int = Field(default=1000, ge=1, le=10000,
-        description="Publishes awaiting the cloud's PUBACK at once (the drain's window).")
+        description="Publishes awaiting the cloud's PUBACK at once (the drain's window; with MQTT 5.0 at most the cloud broker's Receive Maximum).")
+    protocol: Literal["auto", "5", "3.1.1"] = Field(default="auto",
+        description="The cloud link's MQTT version: `5`, `3.1.1`, or `auto` (5 when the cloud broker offers it, else 3.1.1). With 5.0 a publish the cloud refuses (PUBACK reason 0x80 or above) is set aside at once instead of being retried.")
 
     def plaintext_problems(self) -> list[tuple[str, str]]:
         """``mqtt://``/``ws://`` with secrets or TLS files: (key, message) for each.

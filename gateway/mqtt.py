@@ -156,12 +156,22 @@ class GatewayClient:
 
     # ----------------------------------------------------------------- publish
     async def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False,
-                      timeout: float = 10.0) -> None:
+                      timeout: float = 10.0, *, expiry_s: int | None = None,
+                      user_properties: list[tuple[str, str]] | None = None) -> None:
+        """Publish; ``expiry_s`` (Message Expiry Interval) and ``user_properties`` go with it
+        when the connection speaks 5.0 and are left out over 3.1.1, which has no place for them."""
         client = self._state.client
         if client is None or not self.connected:
             raise NotConnected(f"{self.name}: not connected")
+        props = None
+        if self.protocol_version == aiomqtt.ProtocolVersion.V5 and (expiry_s is not None or user_properties):
+            props = Properties(PacketTypes.PUBLISH)
+            if expiry_s is not None:
+                props.MessageExpiryInterval = expiry_s
+            if user_properties:
+                props.UserProperty = user_properties
         try:
-            await client.publish(topic, payload, qos=qos, retain=retain, timeout=timeout)
+            await client.publish(topic, payload, qos=qos, retain=retain, properties=props, timeout=timeout)
         except aiomqtt.MqttError as exc:
             raise NotConnected(f"{self.name}: publish failed: {exc}") from exc
 

@@ -377,6 +377,35 @@ async def test_publish_rate_slows_a_v5_client_rather_than_disconnecting_it(gw):
     device.disconnect5()
 
 
+async def test_an_mqtt_delivery_carries_message_expiry_and_its_message_id_to_a_v5_device(gw):
+    """The gateway's own client speaks 5.0 to the embedded broker, so an MQTT delivery carries
+    the job's TTL left at send time as Message Expiry Interval (§3.3.2.3.3) and the delivery's
+    ``message_id`` as a User Property (§3.3.2.3.7), as a paho 5.0 device sees them."""
+    from tests.broker.v5 import Paho5
+
+    device = await Paho5(gw.port, "plc-8-v5", username="plc-8", password="pw-plc-8").connect()
+    try:
+        assert device.connack is not None and device.connack[0] == 0
+        assert await device.subscribe(f"{P}/devices/plc-8/notify", 1) == [1]
+        tech = RawClient(gw.port)
+        assert await tech.connect("tech-ttl", **_login("tech-1")) == (False, 0)
+        job = {"job_id": "job-ttl", "target": {"devices": ["plc-8"]},
+               "notification": {"title": "ttl", "body": "b", "ttl": 600}}
+        tech.publish(f"{P}/jobs", json.dumps(job).encode(), 1)
+        await tech.expect(PUBACK)
+        tech.disconnect()
+        deadline = time.monotonic() + 20
+        while not any(b"job-ttl" in m.payload for m in device.messages):
+            assert time.monotonic() < deadline, gw.log()[-6000:]
+            await asyncio.sleep(0.05)
+        got = next(m for m in device.messages if b"job-ttl" in m.payload)
+        envelope = json.loads(got.payload)
+        assert 590 <= got.props["MessageExpiryInterval"] <= 600
+        assert ["message_id", envelope["message_id"]] in [list(p) for p in got.props["UserProperty"]]
+    finally:
+        await device.stop()
+
+
 async def test_connections_per_role(gw):
     """Three anonymous clients at once, no more (CONNACK 0x03); accounts still get in."""
     port = gw.port
