@@ -34,6 +34,7 @@ import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from gateway import mqtt_compat
 from gateway.config import MqttUrl
 from gateway.storage import FailureEpisode, is_storage_error
 from gateway.topics import FilterTree
@@ -198,6 +199,7 @@ class GatewayClient:
             transport=url.transport, tls_context=s.tls_context(), keepalive=s.keepalive,
             will=will, max_inflight_messages=s.max_inflight, timeout=10,
         )
+        mqtt_compat.check(client)   # the private names used below, once per process
         # Ack incoming QoS 1/2 only once a handler has stored the message (see module doc).
         client._client.manual_ack_set(True)  # noqa: SLF001 - aiomqtt 2.x has no public switch
         _register_writes_only_for_open_sockets(client)
