@@ -16,15 +16,17 @@ connection, so the broker keeps the message in our persistent session and redeli
 it (DUP=1) when we are back. Reconnects after such a failure are paced (exponential,
 and a write probe must succeed first), the failure is logged once per episode, and
 nothing else stops. Bad input is the handler's business: it answers and returns.
+
+Any other failure of a handler never holds the link: the message is acknowledged and set
+aside (:mod:`gateway.setaside`: counted, logged once, the last few kept for ``status``),
+and the messages after it flow.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import random
 import ssl
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +38,7 @@ from paho.mqtt.properties import Properties
 
 from gateway import mqtt_compat
 from gateway.config import MqttUrl
+from gateway.setaside import SetAside
 from gateway.storage import FailureEpisode, is_storage_error
 from gateway.topics import FilterTree
 
@@ -44,11 +47,6 @@ log = structlog.get_logger(__name__)
 Handler = Callable[[aiomqtt.Message], Awaitable[None]]
 OnConnect = Callable[["GatewayClient"], Awaitable[None]]
 Probe = Callable[[], Awaitable[None]]
-
-# A message whose handler raised something that is not a storage failure (a bug) is
-# redelivered this many times in all before it is acknowledged and dropped, so one poison
-# message cannot stall the link for ever.
-POISON_DELIVERIES = 3
 
 PROTOCOLS = ("auto", "5", "3.1.1")
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF
@@ -122,10 +120,9 @@ class GatewayClient:
         self._held_last = False
         # From a held message until the next connection: we left the broker ourselves.
         self.left_on_purpose = False
-        self._bugs: OrderedDict[tuple[str, bytes], int] = OrderedDict()
         self.held = 0  # messages left unacknowledged because they could not be stored
         self.backoff_s = 0.0  # the wait before the next connect attempt (0 while connected)
-        self.poison_dropped = 0
+        self.set_aside = SetAside(log, name)  # handled with a failure that is not storage
         if settings.protocol not in PROTOCOLS:
             raise ValueError(f"protocol: {settings.protocol!r} is not one of {', '.join(PROTOCOLS)}")
         # The version the next connect uses; "auto" starts with 5.0.
@@ -408,30 +405,14 @@ class GatewayClient:
                 self._storage.note(exc, link=self.name, topic=topic)
                 held.set()
                 return False
-            ok = self._bug(message, topic)
-            if not ok:
-                held.set()
-            return ok
+            # Anything else would fail again on every redelivery while holding every message
+            # behind it: acknowledged and set aside (module doc), the link keeps flowing.
+            payload = message.payload
+            raw = bytes(payload) if isinstance(payload, (bytes, bytearray)) else str(payload or "").encode()
+            self.set_aside.add(topic, raw, exc, route.topic_filter)
+            return True
         self._storage.ok(link=self.name)
         return True
-
-    def _bug(self, message: aiomqtt.Message, topic: str) -> bool:
-        """A handler raised something that is not a storage failure. It is logged with its
-        traceback and redelivered (it may be transient); after POISON_DELIVERIES it is
-        acknowledged and dropped so that it cannot stall the link for ever."""
-        payload = message.payload if isinstance(message.payload, (bytes, bytearray)) else str(message.payload).encode()
-        key = (topic, hashlib.sha256(payload).digest())
-        seen = self._bugs.pop(key, 0) + 1
-        if seen >= POISON_DELIVERIES:
-            self.poison_dropped += 1
-            log.exception("handler failed; message dropped", link=self.name, topic=topic, deliveries=seen)
-            return True
-        log.exception("handler failed; message not acknowledged, will be redelivered", link=self.name,
-                      topic=topic, deliveries=seen)
-        self._bugs[key] = seen
-        while len(self._bugs) > 1000:
-            self._bugs.popitem(last=False)
-        return False
 
     async def disconnect(self) -> None:
         client = self._state.client
