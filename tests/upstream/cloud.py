@@ -90,9 +90,12 @@ class Cloud:
 
     def plain_section(self, port: int, **overrides: Any) -> dict[str, Any]:
         """``[upstream]`` for a plaintext link to ``port`` (a fault proxy in front of
-        :attr:`plain_port`): same account, so ``allow_plaintext`` must be set."""
+        :attr:`plain_port`): same account, so ``allow_plaintext`` must be set. The fault proxy
+        reads 3.1.1 frames (a 5.0 PUBLISH has properties before its payload), so the link speaks
+        3.1.1 unless told otherwise; tests/upstream/test_v5_link.py covers 5.0."""
         section: dict[str, Any] = {"url": f"mqtt://127.0.0.1:{port}", "username": GW_USER,
-                                   "password_file": str(self.password_file), "allow_plaintext": True}
+                                   "password_file": str(self.password_file), "allow_plaintext": True,
+                                   "protocol": "3.1.1"}
         section.update(overrides)
         return section
 

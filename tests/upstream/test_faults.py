@@ -28,9 +28,6 @@ JOBS = 4
 
 
 def plain_config(cloud: Cloud, proxy: MqttFaultProxy, tmp: Path, **upstream: Any):
-    """The fault proxy reads 3.1.1 frames (a 5.0 PUBLISH has properties before its payload),
-    so these links speak 3.1.1; tests/upstream/test_v5_link.py covers the link over 5.0."""
-    upstream.setdefault("protocol", "3.1.1")
     return parse_config(base_config(tmp, free_port(), upstream=cloud.plain_section(proxy.port, **upstream)),
                         environ={})
 
