@@ -224,12 +224,16 @@ def vapid_keys() -> None:
 
 # ---------------------------------------------------------------------- pipeline commands
 def _db(cfg: Config):  # noqa: ANN202 - sqlite3.Connection, imported lazily
-    from gateway.pipeline import schema
+    from gateway import migrations
     from gateway.storage import connect, transaction
 
     state.db_path = cfg.db_path
     conn = connect(cfg.db_path)
-    transaction(conn, schema.migrate)
+    try:
+        transaction(conn, migrations.migrate)  # the schema registry, as the daemon runs it at start
+    except migrations.SchemaTooNew as exc:
+        conn.close()
+        fail(f"{cfg.db_path}: {exc}", 1)
     clock.attach(conn)  # write times on the daemon's timeline (gateway.clock)
     return conn
 
@@ -493,6 +497,9 @@ def jobs_show(job_id: Annotated[str, typer.Argument(metavar="ID")],
                 extra = [r["platform"] or "-", f"attempts={r['attempts']}"]
                 if r.get("latency_ms") is not None:
                     extra.append(f"latency={r['latency_ms']:.0f}ms")
+                if r.get("acks"):
+                    extra.append("acks=" + ",".join(a["status"] + (f"(+{a['repeats']} repeats)" if a["repeats"] else "")
+                                                    for a in r["acks"]))
                 text = r.get("reason") or r.get("last_error")
                 reason = f"  {text}" if text else ""
                 if r.get("moved") and r.get("moved") != text:
@@ -506,11 +513,7 @@ app.add_typer(alarms_app, name="alarms")
 
 
 def _alarms_db(cfg: Config):  # noqa: ANN202 - sqlite3.Connection
-    from gateway.alarms import store as alarm_store
-
-    conn = _db(cfg)
-    _tx(conn, alarm_store.migrate)
-    return conn
+    return _db(cfg)
 
 
 @alarms_app.command("list")

@@ -26,6 +26,7 @@ from gateway import __version__, clock, filemodes, gc_tuning
 from gateway.broker import BrokerStartError, EmbeddedBroker, InternalCredentials
 from gateway.config import Config, ConfigError, load_config
 from gateway.lock import AlreadyRunning, DaemonLock
+from gateway.migrations import SchemaTooNew
 from gateway.mqtt import ConnectionSettings, GatewayClient, NotConnected
 from gateway.sdnotify import Notifier
 from gateway.service import Service, ServiceStartError
@@ -126,7 +127,12 @@ class Daemon:
             self._remove_signal_handlers(loop)
             return 2
         try:
-            await self.db.open()
+            try:
+                await self.db.open()  # the schema registry migrates, before any service starts
+            except SchemaTooNew as exc:
+                log.error("database schema is newer than this gateway", path=str(self.cfg.db_path), error=str(exc))
+                await self.db.close(timeout=DB_CLOSE_S)
+                return 2
             await clock.start(self.db)
             try:
                 return await self._run()

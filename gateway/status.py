@@ -90,8 +90,7 @@ def _deliveries(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
     if stats.has_table(conn, "delivery_stats"):
         counts = stats.delivery_counts(conn)
     elif stats.has_table(conn, "deliveries"):  # a database the daemon has not opened since upgrading
-        counts = {(r[0], r[1]): r[2] for r in conn.execute(
-            "SELECT COALESCE(platform, ''), state, COUNT(*) FROM deliveries GROUP BY 1, 2")}
+        counts = stats.counted(conn)
     else:
         counts = {}
     out: dict[str, dict[str, int]] = {}

@@ -220,11 +220,7 @@ class AlarmService:
                     queued.append(self._queue.get_nowait())
                 self._fail(queued, RuntimeError("stopped before the alarm engine started"))
                 return False
-        else:
-            from gateway.pipeline import schema
-
-            await self.db.run(schema.migrate)
-        await self.db.run(store.migrate)
+        # The alarm tables exist: the schema registry ran when the database was opened.
         rows, stats, alive_at = await self.db.run(store.load)
         now = clock.now()
         downtime = max(0.0, now - alive_at) if alive_at is not None else 0.0

@@ -31,7 +31,7 @@ from gateway.http.pulse import Pulse
 from gateway.http.reader import Reader
 from gateway.http.streams import StreamSlots
 from gateway.metrics import Metrics
-from gateway.pipeline import store
+from gateway.pipeline import deliveries, registry, store
 from gateway.pipeline.models import (
     DEVICE_ID_RE,
     JOB_ID_RE,
@@ -389,11 +389,7 @@ class Api:
         limit = _int_param(request, "limit", DEFAULT_LIST, 1, MAX_LIST)
         after = request.query.get("after", "")
 
-        def page(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-            rows = conn.execute("SELECT * FROM devices WHERE device_id > ? ORDER BY device_id LIMIT ?", (after, limit))
-            return [store.device_json(r) for r in rows]
-
-        devices = await self._db(page)
+        devices = await self._db(lambda conn: registry.devices_after(conn, after, limit))
         headers = {}
         if len(devices) == limit:
             headers["Link"] = f'</v1/devices?after={devices[-1]["device_id"]}&limit={limit}>; rel="next"'
@@ -442,8 +438,7 @@ class Api:
 
 
 def _device_of(conn: sqlite3.Connection, message_id: str) -> str | None:
-    row = conn.execute("SELECT device_id FROM deliveries WHERE message_id = ?", (message_id,)).fetchone()
-    return row[0] if row else None
+    return deliveries.device_of(conn, message_id)
 
 
 def _not_stored(exc: BaseException, headers: dict[str, str] | None = None) -> ApiError:

@@ -154,27 +154,11 @@ class HttpService:
                 log.warning("web push client gets no VAPID key", error=str(exc))
         self.web_config = {"vapid_public_key": public_key, "api": self.cfg.base_url(), "site_id": cfg.gateway.site_id}
 
-    async def _migrate_ui(self) -> None:
-        """The operator page's indexes and tag table (gateway.http.ui_queries); without them
-        the page still works, only slower, so a failure here does not stop the API."""
-        from gateway.http import ui_queries
-        from gateway.pipeline import schema
-
-        def migrate(conn: Any) -> None:
-            schema.migrate(conn)  # idempotent; whoever is first creates the pipeline's tables
-            ui_queries.migrate(conn)
-
-        try:
-            await self.db.run(migrate)
-        except Exception as exc:
-            log.warning("operator page indexes not created; its searches will be slower", error=str(exc)[:300])
-
     async def run(self, stopping: asyncio.Event) -> None:
         if self.start_error:
             log.error("http api cannot start", error=self.start_error)
             raise HttpStartError(self.start_error)
         await self._load_web_config()
-        await self._migrate_ui()
         ssl_ctx = self._ssl_context()
         host, port = split_host_port(self.cfg.bind)
         runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False,

@@ -8,13 +8,13 @@ BY key LIMIT n``) on an index, so page 1 and page 2,000 cost the same:
   stream sends: ``ui_jobs_by_updated (updated_at)``;
 - a job's deliveries: the ``UNIQUE (job_id, device_id)`` index of the pipeline's table;
 - devices by id prefix: the primary key; by segment: ``devices_by_segment``; by tag:
-  ``ui_device_tags (tag, device_id)``, a table kept by triggers on ``devices`` (tags are a
-  JSON list in the devices row, which no index can reach);
-- alarms: ``alarms_by_state`` and the primary key.
+  ``ui_device_tags (tag, device_id)``, which the pipeline keeps with its ``devices`` table
+  (tags are a JSON list in the devices row, which no index can reach);
+- alarms: ``alarms_by_state (state, rule, akey)`` and the primary key.
 
-:func:`migrate` creates those indexes, the tag table and its triggers (rebuilding the table
-when it or a trigger was missing); the daemon's writer runs it when the API starts. The
-other functions run on the API's read-only connection, inside one snapshot each.
+Those indexes and the tag table are the pipeline's (``gateway.pipeline.schema``, run by the
+schema registry). The functions here run on the API's read-only connection, inside one
+snapshot each.
 
 Device addresses are shown shortened (:func:`redact_channel`): the page has no need for a
 whole push token or subscription, and the page must carry nothing secret.
@@ -44,60 +44,8 @@ MAX_PAGE = 200
 EXACT_PERCENTILES_UP_TO = 20_000
 ID_UPPER = "\x7f"  # above every character an id may contain: the end of a prefix range
 
-DDL = """
-CREATE INDEX IF NOT EXISTS ui_jobs_by_created ON jobs(created_at, job_id);
-CREATE INDEX IF NOT EXISTS ui_jobs_by_updated ON jobs(updated_at);
-CREATE TABLE IF NOT EXISTS ui_device_tags (
-    tag       TEXT NOT NULL,
-    device_id TEXT NOT NULL,
-    PRIMARY KEY (tag, device_id)
-) WITHOUT ROWID
-"""
-
-# Tags of a row as JSON that json_each can always read: a malformed value must never make a
-# device registration fail because of this table.
-_TAGS = "(CASE WHEN json_valid({r}.tags) THEN {r}.tags ELSE '[]' END)"
-TRIGGERS = {
-    "ui_device_tags_insert": f"""
-CREATE TRIGGER ui_device_tags_insert AFTER INSERT ON devices BEGIN
-    INSERT OR IGNORE INTO ui_device_tags(tag, device_id)
-    SELECT value, NEW.device_id FROM json_each({_TAGS.format(r="NEW")}) WHERE type = 'text';
-END""",
-    "ui_device_tags_update": f"""
-CREATE TRIGGER ui_device_tags_update AFTER UPDATE OF tags, device_id ON devices BEGIN
-    DELETE FROM ui_device_tags WHERE device_id = OLD.device_id
-        AND tag IN (SELECT value FROM json_each({_TAGS.format(r="OLD")}) WHERE type = 'text');
-    INSERT OR IGNORE INTO ui_device_tags(tag, device_id)
-    SELECT value, NEW.device_id FROM json_each({_TAGS.format(r="NEW")}) WHERE type = 'text';
-END""",
-    "ui_device_tags_delete": f"""
-CREATE TRIGGER ui_device_tags_delete AFTER DELETE ON devices BEGIN
-    DELETE FROM ui_device_tags WHERE device_id = OLD.device_id
-        AND tag IN (SELECT value FROM json_each({_TAGS.format(r="OLD")}) WHERE type = 'text');
-END""",
-}
-
-
 class QueryError(ValueError):
     """A query parameter the page cannot use; the message names it."""
-
-
-# ------------------------------------------------------------------ schema
-def migrate(conn: sqlite3.Connection) -> None:
-    """Indexes, the tag table and its triggers (idempotent; in the caller's transaction)."""
-    fresh = not stats.has_table(conn, "ui_device_tags")
-    for statement in DDL.split(";\n"):
-        if statement.strip():
-            conn.execute(statement)
-    have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
-    for name, ddl in TRIGGERS.items():
-        if name not in have:
-            conn.execute(ddl)
-            fresh = True
-    if fresh:  # the triggers did not see every write: count again from the devices table
-        conn.execute("DELETE FROM ui_device_tags")
-        conn.execute(f"INSERT OR IGNORE INTO ui_device_tags(tag, device_id) SELECT j.value, d.device_id "
-                     f"FROM devices d, json_each({_TAGS.format(r='d')}) j WHERE j.type = 'text'")
 
 
 # ------------------------------------------------------------------ helpers
@@ -253,13 +201,15 @@ def deliveries_page(conn: sqlite3.Connection, job_id: str, states: tuple[str, ..
                         (*args, limit + 1)).fetchall()
     more = len(rows) > limit
     rows = rows[:limit]
+    acks = store.acks_of(conn, [r["message_id"] for r in rows])
     now = clock.now()
     return {"deliveries": [{"message_id": r["message_id"], "device_id": r["device_id"], "state": r["state"],
                             "platform": r["platform"], "attempts": r["attempts"],
                             "reason": store.wait_reason(r["state"], r["next_at"], r["last_error"], r["moved"], now)
                             if r["state"] == "queued" else r["last_error"], "moved": r["moved"],
                             "latency_ms": r["latency_ms"], "sent_at": _iso_ts(r["sent_at"]),
-                            "acked_at": _iso_ts(r["acked_at"])} for r in rows],
+                            "acked_at": _iso_ts(r["acked_at"]), "acks": acks.get(r["message_id"], [])}
+                           for r in rows],
             "next": rows[-1]["device_id"] if more else None}
 
 
@@ -476,4 +426,4 @@ def _bucket_quantile(h: dict[str, Any], q: float) -> float | None:
 
 __all__ = ["QueryError", "alarm", "alarms_digest", "alarms_page", "check_id_prefix", "deliveries_page",
            "device_detail", "devices_page", "job_detail", "jobs_changed_since", "jobs_page", "known_devices",
-           "migrate", "now_from_db"]
+           "now_from_db"]

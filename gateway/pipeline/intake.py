@@ -148,7 +148,7 @@ class Intake:
         result = await self.recorder.ack(device_id, ack)
         if not result.accepted:
             log.info("ack refused", device_id=device_id, message_id=ack.message_id, reason=result.reason)
-        else:
+        elif not result.repeat:  # a repeat changes no status
             self.on_status()
         return result
 
@@ -173,7 +173,7 @@ class Intake:
         stored = False
         for n, (device_id, ack), result in zip(where, parsed, results):
             out[n] = result
-            if result.accepted:
+            if result.accepted and not result.repeat:
                 stored = True
             elif not result.not_stored:
                 log.info("ack refused", device_id=device_id, message_id=ack.message_id, reason=result.reason)

@@ -19,7 +19,7 @@ from bridges.registry import build_bridges
 from gateway import clock
 from gateway.config import Config
 from gateway.mqtt import GatewayClient
-from gateway.pipeline import schema, store
+from gateway.pipeline import store
 from gateway.pipeline.dispatcher import Dispatcher, Expander
 from gateway.pipeline.intake import Intake
 from gateway.pipeline.models import AckVia
@@ -158,7 +158,6 @@ class Pipeline:
     # ----------------------------------------------------------------- run
     async def run(self, stopping: asyncio.Event) -> None:
         assert self.dispatcher and self.expander and self.status and self.pruner
-        await self.db.run(schema.migrate)
         for name, bridge in list(self.bridges.items()):
             fault = self.cfg.bridge_faults.get(name)
             if fault is not None:

@@ -19,7 +19,7 @@ from gateway.alarms.jobs import job_id_for
 from gateway.alarms.rules import RuleSection, Template, compile_rule, key_from_level, key_level
 from gateway.alarms.values import Unparseable, extract
 from gateway.config import ConfigError, parse_config
-from gateway.pipeline import schema
+from gateway import migrations
 from gateway.pipeline.models import JOB_ID_RE
 from gateway.storage import connect, transaction
 from tests.support import base_config, bulk_register, cli, write_config
@@ -160,8 +160,7 @@ class Harness:
 
     def __init__(self, tmp_path: Path, *rules: dict):
         self.conn = connect(tmp_path / "gateway.db")
-        transaction(self.conn, schema.migrate)
-        transaction(self.conn, store.migrate)
+        transaction(self.conn, migrations.migrate)
         self.sections = [RuleSection.model_validate(r) for r in rules]
         self.engine = Engine([compile_rule(r, PREFIX) for r in self.sections])
         self.engine.load([], {}, 0.0, 0.0)

@@ -14,21 +14,19 @@ from typing import Any
 import pytest
 
 from devices.models import Device
-from gateway import stats
+from gateway import migrations, stats
 from gateway.broker.passwords import add_user, remove_user
 from gateway.http import ui_queries as q
 from gateway.http.sessions import IDLE_S, MAX_AGE_S, SessionStore, cookie_header
 from gateway.http.ui import field_messages
-from gateway.pipeline import schema, store
+from gateway.pipeline import store
 from gateway.pipeline.models import parse_job
 
 
 def fresh_db() -> sqlite3.Connection:
     conn = sqlite3.connect(":memory:", isolation_level=None)
     conn.row_factory = sqlite3.Row
-    schema.migrate(conn)
-    stats.migrate(conn)
-    q.migrate(conn)
+    migrations.migrate(conn)
     return conn
 
 
@@ -59,9 +57,11 @@ def test_the_tag_table_follows_every_registry_write_and_is_rebuilt_when_missing(
     conn.execute("DROP TRIGGER ui_device_tags_insert")
     store.upsert_device(conn, device("d", tags=["t"]), "t")
     assert tag_rows(conn) == {("t", "c")}
-    q.migrate(conn)
+    # ...whose pipeline schema was at the version before the tag table was its own.
+    conn.execute("UPDATE schema_versions SET version = 2 WHERE component = 'pipeline'")
+    migrations.migrate(conn)
     assert tag_rows(conn) == {("t", "c"), ("t", "d")}
-    q.migrate(conn)  # idempotent
+    migrations.migrate(conn)  # idempotent
     assert tag_rows(conn) == {("t", "c"), ("t", "d")}
 
 
@@ -240,3 +240,14 @@ def test_summaries_carry_the_cursor_of_the_page_that_would_follow():
         with pytest.raises(q.QueryError):
             q.decode_job_cursor(bad)
     assert json.dumps(summary)  # what the event stream sends
+
+
+def test_a_device_whose_tags_repeat_one_registers_and_re_registers():
+    """The tag triggers run inside the registry's upsert, whose conflict rule SQLite applies
+    to them too: a repeated tag must not make the registration fail (it did with the page's
+    old ``INSERT OR IGNORE`` triggers)."""
+    conn = fresh_db()
+    store.upsert_device(conn, device("r", tags=["t", "t"]), "t")
+    store.upsert_device(conn, device("r", tags=["u", "u", "t"]), "t")
+    store.upsert_devices(conn, [(device("r", tags=["v", "v"]), "t")], time.time())
+    assert tag_rows(conn) == {("v", "r")}
