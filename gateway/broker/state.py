@@ -72,7 +72,6 @@ _ADDED_COLUMNS = (
     ("broker_messages", "props", "BLOB"),
     ("broker_messages", "expires_at", "REAL"),
     ("broker_messages", "sub_id", "INTEGER"),
-    ("broker_messages", "sub_ids", "TEXT"),        # all of them ("3,7") when overlapping subscriptions matched
     ("broker_sessions", "expiry_s", "INTEGER"),
 )
 
@@ -137,7 +136,14 @@ def _migrate(conn: sqlite3.Connection) -> None:
 
 # The broker's migrations, oldest first, run by the schema registry (gateway.migrations)
 # when the database is opened: never edit a released one.
-MIGRATIONS = (_migrate,)
+def _add_sub_ids(conn: sqlite3.Connection) -> None:
+    """broker_messages.sub_ids: every Subscription Identifier ("3,7") of a message that matched
+    overlapping subscriptions of one client (``sub_id`` keeps a single one)."""
+    if "sub_ids" not in {row[1] for row in conn.execute("PRAGMA table_info(broker_messages)")}:
+        conn.execute("ALTER TABLE broker_messages ADD COLUMN sub_ids TEXT")
+
+
+MIGRATIONS = (_migrate, _add_sub_ids)
 
 
 def _load(conn: sqlite3.Connection) -> LoadedState:
