@@ -29,7 +29,6 @@ import json
 import random
 import signal
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 import aiomqtt
@@ -38,10 +37,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway.config import MqttUrl
+from gateway.timeutil import iso, utcnow
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso(utcnow())
 
 
 def _say(event: str, **fields: object) -> None:

@@ -16,7 +16,8 @@ from typing import Annotated, Optional
 import typer
 
 from gateway import clock
-from gateway.config import Config, ConfigError, load_config
+from gateway.config import Config, ConfigError, LoadedConfig, load_config
+from gateway.states import DELIVERY_STATES
 
 # No locals in a traceback if one ever shows: they would include passwords read from stdin.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -52,9 +53,14 @@ def fail(lines: list[str] | str, code: int = 2) -> None:
 
 
 def get_config(tighten: bool = True) -> Config:
-    """The config by the contract's lookup order; then, run as root against a data dir that
-    another user owns (the service's), become that user (gateway/privileges.py); then make
-    whatever this command creates owner-only, and tighten a data dir left loose
+    """The configuration alone (see :func:`get_loaded`)."""
+    return get_loaded(tighten).config
+
+
+def get_loaded(tighten: bool = True) -> LoadedConfig:
+    """The config and its secrets by the contract's lookup order; then, run as root against a
+    data dir that another user owns (the service's), become that user (gateway/privileges.py);
+    then make whatever this command creates owner-only, and tighten a data dir left loose
     (gateway/filemodes.py; ``run`` leaves that to the daemon, which logs it)."""
     from gateway import filemodes
     from gateway.config import shadow_note
@@ -62,10 +68,11 @@ def get_config(tighten: bool = True) -> Config:
 
     state.command = _command_name()
     try:
-        cfg = load_config(state.config_path)
+        loaded = load_config(state.config_path)
     except ConfigError as exc:
         fail(exc.lines())
         raise  # unreachable
+    cfg = loaded.config
     from gateway.storage import SqliteTooOld, check_sqlite
 
     try:
@@ -85,7 +92,7 @@ def get_config(tighten: bool = True) -> Config:
         if done.changed:
             typer.echo(f"note: {cfg.data_dir} made owner-only ({len(done.changed)} entries: {done.summary(5)})",
                        err=True)
-    return cfg
+    return loaded
 
 
 def _command_name(argv: list[str] | None = None) -> str | None:
@@ -141,13 +148,13 @@ def daemon_running(cfg: Config) -> bool | None:
 @app.command("check-config")
 def check_config() -> None:
     """Validate the configuration; print each problem as KEY: message."""
-    cfg = get_config()
+    cfg, secrets = get_loaded()
     from bridges.keys import problems
 
     # A push key the bridge would refuse at start (the daemon would run with that bridge
     # unhealthy): found here, by the same loaders, before the service starts.
-    found = [tuple(fault.split(": ", 1)) for fault in cfg.bridge_faults.values()]
-    found += [p for p in problems(cfg) if p[0].split(".")[1] not in cfg.bridge_faults]
+    found = [tuple(fault.split(": ", 1)) for fault in secrets.bridge_faults.values()]
+    found += [p for p in problems(cfg, secrets) if p[0].split(".")[1] not in secrets.bridge_faults]
     if found:
         fail([f"{key}: {msg}" for key, msg in found])
     typer.echo(f"ok: {cfg.source}")
@@ -156,12 +163,12 @@ def check_config() -> None:
 @app.command("run")
 def run() -> None:
     """Run the daemon in the foreground."""
-    cfg = get_config(tighten=False)
+    loaded = get_loaded(tighten=False)
     from gateway.daemon import run_daemon
     from gateway.logs import setup_logging
 
-    setup_logging(cfg.logging.level, cfg.logging.format)
-    raise typer.Exit(run_daemon(cfg))
+    setup_logging(loaded.config.logging.level, loaded.config.logging.format)
+    raise typer.Exit(run_daemon(loaded))
 
 
 @users_app.command("add")
@@ -489,7 +496,7 @@ def jobs_show(job_id: Annotated[str, typer.Argument(metavar="ID")],
     if error:
         typer.echo(f"error: {error.get('code')}: {error.get('message')}", err=True)
     if deliveries:
-        order = ["queued", "sent", "acknowledged", "failed", "expired", "invalid_address"]
+        order = list(DELIVERY_STATES)
         for st in sorted({r["state"] for r in rows}, key=lambda x: order.index(x) if x in order else len(order)):
             group = [r for r in rows if r["state"] == st]
             typer.echo(f"{st} ({len(group)}):")

@@ -264,21 +264,6 @@ def upstream_backlog(conn: sqlite3.Connection) -> dict[str, Any] | None:
         return None  # a schema the upstream link changed: the link's own metrics still count
 
 
-def alarms_firing(conn: sqlite3.Connection) -> list[dict[str, Any]] | None:
-    """Alarms in state ``firing`` (rule, key, value, since, fired_at), or None on a database
-    without the alarm tables: read through the alarm package, which owns them."""
-    from gateway.alarms import store as alarms
-
-    return alarms.firing(conn)
-
-
-def alarms_by_state(conn: sqlite3.Connection) -> dict[str, int] | None:
-    """Alarm records per state (pending, firing, acknowledged, ...), or None without alarms."""
-    from gateway.alarms import store as alarms
-
-    return alarms.by_state(conn)
-
-
-__all__ = ["LATENCY_BUCKETS_MS", "MIGRATIONS", "PLATFORM_KEY", "UNASSIGNED", "ack_latency", "alarms_by_state",
-           "alarms_firing", "check", "counters", "delivery_counts", "device_count", "jobs_by_state", "oldest_queued",
-           "oldest_queued_overall", "recount", "apply_counts", "stale", "upstream_backlog"]
+__all__ = ["LATENCY_BUCKETS_MS", "MIGRATIONS", "PLATFORM_KEY", "UNASSIGNED", "ack_latency", "check", "counters",
+           "delivery_counts", "device_count", "jobs_by_state", "oldest_queued", "oldest_queued_overall", "recount",
+           "apply_counts", "stale", "upstream_backlog"]

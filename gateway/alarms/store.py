@@ -22,6 +22,7 @@ import json
 import sqlite3
 from typing import Any
 
+from gateway import clock
 from gateway.alarms.engine import AlarmRow, Batch
 from gateway.alarms.jobs import build_job, job_id_for
 from gateway.pipeline import deliveries as pipeline_deliveries
@@ -316,3 +317,13 @@ def request_ack(conn: sqlite3.Connection, rule: str, key: str, by: str, note: st
     """An operator's ack (the CLI): the running engine applies it within a poll interval."""
     conn.execute("INSERT INTO alarm_inbox(rule, akey, episode, by, note, at, source) VALUES (?, ?, NULL, ?, ?, ?, 'cli')",
                  (rule, key, by, note, now))
+
+
+def shift_deadlines(conn: sqlite3.Connection, delta: float) -> int:
+    """Move the alarm timers by ``delta`` s (gateway.clock re-anchored): ``due_at`` of
+    pending (for_s) and firing (next escalation) alarms, stale watches' ``last_seen``, and
+    the last sign of life the downtime is counted from. ``since`` and ``fired_at`` are
+    history and stay."""
+    return (clock.shift_columns(conn, "alarms", "due_at", delta, "state IN ('pending', 'firing')")
+            + clock.shift_columns(conn, "alarms", "last_seen", delta)
+            + clock.shift_columns(conn, "alarm_meta", "value", delta, "name = 'alive_at'"))

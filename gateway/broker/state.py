@@ -502,3 +502,12 @@ def _apply(conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
             conn.execute("DELETE FROM broker_qos2_in WHERE client_id = ? AND packet_id = ?", op[1:])
         else:  # pragma: no cover - programming error
             raise ValueError(f"unknown broker state operation {kind!r}")
+
+
+def shift_deadlines(conn: sqlite3.Connection, delta: float) -> int:
+    """Move the persistent sessions' last disconnect (the base of their expiry) and the ends
+    of stored messages' and retained messages' Message Expiry Interval by ``delta`` s
+    (gateway.clock re-anchored)."""
+    return (clock.shift_columns(conn, "broker_sessions", "seen_at", delta)
+            + clock.shift_columns(conn, "broker_messages", "expires_at", delta)
+            + clock.shift_columns(conn, "broker_retained", "expires_at", delta))

@@ -31,10 +31,12 @@ from devices.models import PLATFORMS
 from gateway import clock
 from gateway import stats
 from gateway.pipeline import jobs, registry
+from gateway.states import DeliveryState
 from gateway.pipeline.routing import ChannelCache, decode, route_of
 from gateway.timeutil import iso
 
-FINAL_DELIVERY_STATES = frozenset({"acknowledged", "failed", "expired", "invalid_address"})
+FINAL_DELIVERY_STATES = frozenset(state.value for state in DeliveryState if state is not DeliveryState.QUEUED
+                                  and state is not DeliveryState.SENT)
 
 
 # ------------------------------------------------------------------ what a batch writes
@@ -158,6 +160,12 @@ class DeliveryWriter:
         counts[k] = counts.get(k, 0) - 1
         k = (new_key, state)
         counts[k] = counts.get(k, 0) + 1
+
+    def shift_deadlines(self, delta: float) -> int:
+        """Move queued rows' due times and sent rows' resend times by ``delta`` s (the
+        gateway clock was re-anchored at start); states and aggregates do not change."""
+        return (clock.shift_columns(self.conn, "deliveries", "next_at", delta, "state = 'queued'")
+                + clock.shift_columns(self.conn, "deliveries", "resend_at", delta, "state = 'sent'"))
 
     def flush(self) -> None:
         """Write what the batch moved: the aggregates, then the jobs' counts (and settle them)."""

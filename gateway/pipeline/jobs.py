@@ -17,15 +17,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gateway import clock
+from gateway import states
 from gateway.pipeline import registry
+from gateway.states import DELIVERY_STATES
 from gateway.pipeline.models import ParsedJob
-from gateway.timeutil import iso, utcnow
+from gateway.timeutil import iso, iso_ts, utcnow
 
-COUNT_KEYS = ("queued", "sent", "acknowledged", "failed", "expired", "invalid_address")
+COUNT_KEYS = tuple(state.value for state in DELIVERY_STATES)
 
-
-def _iso_ts(ts: float) -> str:
-    return iso(datetime.fromtimestamp(ts, UTC))
 
 
 def bump(conn: sqlite3.Connection, name: str, n: int = 1) -> None:
@@ -37,7 +36,7 @@ def counters(conn: sqlite3.Connection) -> dict[str, int]:
     return {r["name"]: r["value"] for r in conn.execute("SELECT name, value FROM counters")}
 
 
-FINAL_JOB_STATES = ("completed", "acknowledged", "rejected")
+FINAL_JOB_STATES = tuple(sorted(state.value for state in states.FINAL_JOB_STATES))
 _DIRTY = "status_dirty = 1, cloud_dirty = 1"  # a status is owed locally and to the cloud
 
 
@@ -111,8 +110,8 @@ def status_from_row(row: sqlite3.Row) -> dict[str, Any]:
         "state": row["state"],
         "error": json.loads(error) if error else None,
         "counts": {"targets": row["targets"], **{k: row[k] for k in COUNT_KEYS}},
-        "created_at": _iso_ts(row["created_at"]),
-        "updated_at": _iso_ts(row["updated_at"]),
+        "created_at": iso_ts(row["created_at"]),
+        "updated_at": iso_ts(row["updated_at"]),
     }
 
 
@@ -236,3 +235,14 @@ def expiring_jobs(conn: sqlite3.Connection, now: float, limit: int = 100) -> lis
     return conn.execute("SELECT job_id, ttl, expires_at FROM jobs WHERE state IN ('accepted', 'dispatching') "
                         "AND queued > 0 AND (expires_at <= ? OR ttl = 0) ORDER BY expires_at LIMIT ?",
                         (now, limit)).fetchall()
+
+
+def shift_deadlines(conn: sqlite3.Connection, delta: float) -> int:
+    """Move the jobs' pending deadlines by ``delta`` s (gateway.clock re-anchored): the TTL
+    expiry of open jobs and of completed jobs whose unacked deliveries are still resent
+    while the TTL lasts, and the status publishers' throttle bases."""
+    return (clock.shift_columns(conn, "jobs", "expires_at", delta,
+                                "state IN ('accepted', 'dispatching') OR job_id IN (SELECT job_id FROM deliveries"
+                                " WHERE state = 'sent' AND resend_at IS NOT NULL)")
+            + clock.shift_columns(conn, "jobs", "status_published_at", delta, "status_published_at > 0")
+            + clock.shift_columns(conn, "jobs", "cloud_published_at", delta, "cloud_published_at > 0"))

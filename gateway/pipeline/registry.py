@@ -13,7 +13,7 @@ from typing import Any
 from devices.models import Device
 from gateway import clock
 from gateway.pipeline.routing import channel_key
-from gateway.timeutil import iso
+from gateway.timeutil import iso, iso_ts
 
 _UPSERT_DEVICE = (
     "INSERT INTO devices(device_id, segment, tags, channels, invalid, source, updated_at) "
@@ -21,9 +21,6 @@ _UPSERT_DEVICE = (
     "tags = excluded.tags, channels = excluded.channels, invalid = excluded.invalid, "
     "source = excluded.source, updated_at = excluded.updated_at")
 
-
-def _iso_ts(ts: float) -> str:
-    return iso(datetime.fromtimestamp(ts, UTC))
 
 
 def _chunks(items: list[Any], n: int = 500) -> Iterator[list[Any]]:
@@ -77,7 +74,7 @@ def device_json(row: sqlite3.Row) -> dict[str, Any]:
             entry["invalid"] = mark
         out_channels.append(entry)
     return {"device_id": row["device_id"], "segment": row["segment"], "tags": json.loads(row["tags"]),
-            "channels": out_channels, "updated_at": _iso_ts(row["updated_at"])}
+            "channels": out_channels, "updated_at": iso_ts(row["updated_at"])}
 
 
 def get_device(conn: sqlite3.Connection, device_id: str) -> dict[str, Any] | None:
@@ -95,7 +92,7 @@ def mark_invalid(conn: sqlite3.Connection, device_id: str, key: str, reason: str
     if row is None:
         return
     marks = json.loads(row["invalid"])
-    marks[key] = {"at": _iso_ts(now), "reason": reason}
+    marks[key] = {"at": iso_ts(now), "reason": reason}
     conn.execute("UPDATE devices SET invalid = ? WHERE device_id = ?", (json.dumps(marks), device_id))
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import sqlite3
 
+from gateway import clock
+from gateway.pipeline import jobs
 from gateway.pipeline.acks import AckResult, Forwarder, acks_of, apply_acks, apply_batch
 from gateway.pipeline.deliveries import (
     FINAL_DELIVERY_STATES,
@@ -78,11 +80,21 @@ def apply_results(conn: sqlite3.Connection, results: list[Result], now: float) -
         writer.record(results)
 
 
+def shift_deadlines(conn: sqlite3.Connection, delta: float) -> int:
+    """Move the pipeline's pending deadlines by ``delta`` s (gateway.clock re-anchored): the
+    deliveries' due and resend times (:meth:`DeliveryWriter.shift_deadlines`) and the jobs'
+    TTL expiry and status throttles (:func:`gateway.pipeline.jobs.shift_deadlines`). Times
+    of what already happened (created_at, sent_at, acked_at, updated_at) are not moved."""
+    with DeliveryWriter(conn, clock.now()) as writer:
+        moved = writer.shift_deadlines(delta)
+    return moved + jobs.shift_deadlines(conn, delta)
+
+
 __all__ = ["COUNT_KEYS", "FINAL_DELIVERY_STATES", "FINAL_JOB_STATES", "AckResult", "ChannelCache", "ChannelList",
            "DeliveryWriter", "DueDelivery", "Forwarder", "Result", "Route", "acks_of", "apply_acks", "apply_batch",
            "apply_results", "bump", "channel_for", "channel_key", "choose_channel", "clears_done", "count_targets",
            "counters", "delivery_rows", "device_json", "due_deliveries", "due_for_route", "expand_page", "expiring",
            "get_device", "insert_job", "iter_devices", "job_rows", "job_status", "jobs_to_expand", "list_jobs",
            "mark_dirty", "mark_invalid", "movable_for_route", "new_message_id", "new_message_ids", "next_due_at", "next_due_for_route",
-           "next_expiry", "owed_clears", "prune", "reject_job", "rejected_status", "remove_device", "settle_jobs",
+           "next_expiry", "owed_clears", "prune", "reject_job", "rejected_status", "remove_device", "settle_jobs", "shift_deadlines",
            "status_from_row", "submit_job", "unexplained_for_route", "unrouted_due", "wait_reason", "upsert_device", "upsert_devices"]

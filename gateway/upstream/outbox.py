@@ -747,3 +747,10 @@ class Outbox:
             held, self._held_since_warning, self._held_warned_at = self._held_since_warning, 0, now
         log.warning("upstream buffer full; device acks are stored and their upstream copies wait until the cloud"
                     " takes some (overflow = refuse-new)", max_bytes=self._max_bytes, topic=topic, held=held)
+
+
+def shift_deadlines(conn: sqlite3.Connection, delta: float) -> int:
+    """Move the queued and held-back rows' ``created_at`` (the base of the outbox's oldest
+    age) by ``delta`` s (gateway.clock re-anchored). Rows set aside keep their times (history)."""
+    return (clock.shift_columns(conn, "upstream_outbox", "created_at", delta)
+            + clock.shift_columns(conn, "upstream_outbox_held", "created_at", delta))

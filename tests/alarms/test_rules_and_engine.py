@@ -48,7 +48,7 @@ def problems(*rules: dict) -> list[str]:
 
 # ------------------------------------------------------------------ config
 def test_the_contracts_example_rule_is_valid():
-    cfg = parse_config({"broker": LISTENER, "rules": [freezer()]}, environ={})
+    cfg = parse_config({"broker": LISTENER, "rules": [freezer()]}, environ={}).config
     rule = compile_rule(cfg.rules[0], cfg.prefix)
     assert rule.topic_filter == "homepot/site-001/devices/+/telemetry/temp"
     assert rule.kind == "above" and rule.clear_at == -17.0 and rule.escalate[0].after_s == 300
@@ -92,7 +92,7 @@ def test_duplicate_rule_names_and_check_config_exit_2(tmp_path: Path):
 
 
 def test_technicians_may_ack_alarms_by_default():
-    cfg = parse_config({"broker": LISTENER}, environ={})
+    cfg = parse_config({"broker": LISTENER}, environ={}).config
     for role in ("technician", "controller"):
         assert "{prefix}/alarms/+/+/ack" in cfg.broker.roles()[role].publish
     assert "{prefix}/alarms/+/+/ack" not in cfg.broker.roles()["device"].publish

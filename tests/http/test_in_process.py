@@ -63,7 +63,7 @@ class FixedHealth:
 def parts(tmp_path: Path):
     cfg = parse_config({"gateway": {"data_dir": str(tmp_path)}, "broker": {
         "listeners": [{"name": "l", "bind": "127.0.0.1:1"}], "auth": {"password_file": str(tmp_path / "passwd")}},
-        "http": {"bind": "127.0.0.1:8080"}}, environ={})
+        "http": {"bind": "127.0.0.1:8080"}}, environ={}).config
     conn = connect(cfg.db_path)
     tx(conn, migrations.migrate)
     conn.execute("PRAGMA foreign_keys = OFF")  # one delivery row is all the ack route reads

@@ -109,7 +109,7 @@ async def test_logins_are_verified_once_then_cached_and_forgotten_on_invalidate(
 
     cfg = parse_config({"gateway": {"data_dir": str(tmp_path)}, "broker": {
         "listeners": [{"name": "l", "bind": "127.0.0.1:1"}], "auth": {"password_file": str(tmp_path / "passwd")}},
-        "http": {}}, environ={})
+        "http": {}}, environ={}).config
     add_user(tmp_path / "passwd", "tech", "pw", "technician")
     auth = BasicAuth(cfg)
     header = "Basic dGVjaDpwdw=="  # tech:pw
@@ -157,10 +157,10 @@ def test_http_config_keys_are_validated_and_named(tmp_path):
         f"http.certfile: file not found: {tmp_path / 'c.pem'}", f"http.keyfile: file not found: {tmp_path / 'k.pem'}"]
     assert problems({"bnd": "x"}) == ["http.bnd: unknown key"]
     cfg = parse_config({"broker": {"listeners": [{"name": "l", "bind": "127.0.0.1:1"}]}, "http": {"bind": "[::1]:8443"}},
-                       environ={"HOMEPOT_HTTP_PUBLIC_URL": "https://gw.example:8443/"})
+                       environ={"HOMEPOT_HTTP_PUBLIC_URL": "https://gw.example:8443/"}).config
     assert cfg.http.base_url() == "https://gw.example:8443"
     cfg = parse_config({"broker": {"listeners": [{"name": "l", "bind": "127.0.0.1:1"}]}, "http": {"bind": "[::1]:8443"}},
-                       environ={})
+                       environ={}).config
     assert cfg.http.base_url() == "http://[::1]:8443"
 
 
