@@ -48,7 +48,8 @@ async def test_a_refused_topic_is_set_aside_at_once_and_the_link_stays_up(cloud_
     cloud.start()
     ids = await _fill(db)
     with Observer(cloud) as obs, structlog.testing.capture_logs() as logs:
-        link = UpstreamLink(make_config(cloud, tmp_path), db, RecordingIntake(), **FAST)
+        cfg, secrets = make_config(cloud, tmp_path)
+        link = UpstreamLink(cfg, db, RecordingIntake(), secrets=secrets.upstream, **FAST)
         async with running(link):
             await wait_until(lambda: link.metrics().get("buffer_rows") == 0, timeout=20, what="outbox emptied")
             await wait_until(lambda: len(_seen_ids(obs)) >= 10, timeout=10, what="acks seen")
@@ -77,7 +78,8 @@ async def test_protocol_311_cannot_tell_a_refusal(cloud_factory, db: Database, t
     cloud.start()
     ids = await _fill(db)
     with Observer(cloud) as obs:
-        link = UpstreamLink(make_config(cloud, tmp_path, protocol="3.1.1"), db, RecordingIntake(), **FAST)
+        cfg, secrets = make_config(cloud, tmp_path, protocol="3.1.1")
+        link = UpstreamLink(cfg, db, RecordingIntake(), secrets=secrets.upstream, **FAST)
         async with running(link):
             await wait_until(lambda: link.metrics().get("buffer_rows") == 0, timeout=20, what="outbox emptied")
             await wait_until(lambda: len(_seen_ids(obs)) >= 10, timeout=10, what="acks seen")
@@ -100,7 +102,8 @@ async def test_the_window_stays_within_the_cloud_brokers_receive_maximum(cloud: 
 
     await db.run(fill)
     with Observer(cloud) as obs:
-        link = UpstreamLink(make_config(cloud, tmp_path), db, RecordingIntake(), **FAST)
+        cfg, secrets = make_config(cloud, tmp_path)
+        link = UpstreamLink(cfg, db, RecordingIntake(), secrets=secrets.upstream, **FAST)
         async with running(link):
             await wait_until(lambda: link.metrics().get("buffer_rows") == 0, timeout=30, what="outbox emptied")
             await wait_until(lambda: len(_seen_ids(obs)) >= 1500, timeout=10, what="acks seen")
