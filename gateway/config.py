@@ -318,7 +318,8 @@ class BrokerSection(_MqttLinkSection):
         names = [listener.name for listener in self.listeners]
         if len(set(names)) != len(names):
             raise ValueError("listener names must be unique")
-        binds = [listener.bind for listener in self.listeners]
+        # Port 0 is "any free port": each such listener gets its own from the kernel.
+        binds = [listener.bind for listener in self.listeners if split_host_port(listener.bind)[1] != 0]
         if len(set(binds)) != len(binds):
             raise ValueError("two listeners bind the same address")
         return self

@@ -24,7 +24,7 @@ import structlog
 
 from gateway import __version__, clock, filemodes, gc_tuning
 from gateway.broker import BrokerStartError, EmbeddedBroker, InternalCredentials
-from gateway.config import ConfigError, LoadedConfig, load_config
+from gateway.config import Config, ConfigError, LoadedConfig, MqttUrl, load_config, split_host_port
 from gateway.lock import AlreadyRunning, DaemonLock
 from gateway.migrations import SchemaTooNew
 from gateway.mqtt import ConnectionSettings, GatewayClient, NotConnected
@@ -87,6 +87,21 @@ class Daemon:
     def _status_payload(self, state: str) -> bytes:
         return json.dumps({"state": state, "version": __version__, "started_at": self.started_at}).encode()
 
+    def _client_url(self) -> str:
+        """``broker.url``; in embedded mode a URL with port 0 means the port the kernel gave
+        the first listener of the URL's transport that binds port 0."""
+        b = self.cfg.broker
+        url = MqttUrl(b.url)
+        if b.mode != "embedded" or url.port != 0 or self.broker is None:
+            return b.url
+        wanted = {"mqtt": "tcp", "mqtts": "tls", "ws": "ws", "wss": "wss"}.get(url.scheme)
+        bound = self.broker.bound_ports()
+        for section in b.listeners:
+            if section.type == wanted and split_host_port(section.bind)[1] == 0 and section.name in bound:
+                host = f"[{url.host}]" if ":" in url.host else url.host
+                return f"{url.scheme}://{host}:{bound[section.name]}"
+        return b.url
+
     def client_settings(self) -> ConnectionSettings:
         b = self.cfg.broker
         username: str | None
@@ -98,7 +113,7 @@ class Daemon:
             secret = self.secrets.broker.password
             password = secret.get_secret_value() if secret else None
         return ConnectionSettings(
-            url=b.url,
+            url=self._client_url(),
             client_id=f"homepot-gateway-{self.cfg.gateway.site_id}",
             username=username, password=password,
             ca_file=str(b.ca_file) if b.ca_file else None,
@@ -284,6 +299,8 @@ class Daemon:
         clock_keeper = asyncio.create_task(clock.keep_saved(self.db), name="clock")
         status = f"running; broker {cfg.broker.mode} {cfg.broker.url}"
         if await _services_started(self.services, service_tasks):  # e.g. the HTTP API listens
+            for step in graph.before_ready:  # runtime.json with the bound ports, before READY=1
+                await step()
             self.notifier.ready(status)
             self._ready = True
             gc_tuning.freeze()  # startup's objects leave the collector's sight (gateway/gc_tuning.py)

@@ -19,8 +19,9 @@ import asyncio
 import json
 import os
 import sqlite3
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -127,6 +128,18 @@ class BridgeProbe(Protocol):
 
 
 @dataclass(frozen=True)
+class BoundPorts:
+    """The ports the daemon listens on: each broker listener by name, and the HTTP API
+    (None without ``[http]``). A ``bind`` with port 0 shows the port the kernel picked."""
+
+    broker: dict[str, int]
+    http: int | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {"broker": dict(self.broker), "http": self.http}
+
+
+@dataclass(frozen=True)
 class HealthProbes:
     """What the reporter looks at besides the database: the gateway's broker client, and
     the parts that exist in this configuration (None: not running here)."""
@@ -136,6 +149,7 @@ class HealthProbes:
     broker: MetricsProbe | None = None
     bridges: BridgeProbe | None = None
     upstream: MetricsProbe | None = None
+    ports: Callable[[], BoundPorts] | None = None  # runtime.json "ports"
 
 
 # ------------------------------------------------------------------ the reporter service
@@ -159,6 +173,7 @@ class HealthReporter:
         # Set after the first refresh: READY=1 waits for it (daemon._services_started), so a
         # /healthz right after READY never reports "database: not checked yet".
         self.started = asyncio.Event()
+        self._write_lock = asyncio.Lock()
 
     def attach(self, client: GatewayClient) -> None:
         """Nothing to route: the reporter only reads (its client is in :attr:`probes`)."""
@@ -169,7 +184,7 @@ class HealthReporter:
                 await self.refresh()
                 self.started.set()
                 try:
-                    await asyncio.to_thread(self._write, self.latest)
+                    await self._write_latest()
                     self._write_error = None
                 except OSError as exc:  # a full disk must not stop the daemon; `status` will say stale
                     if str(exc) != self._write_error:
@@ -204,6 +219,17 @@ class HealthReporter:
         self.latest = self.snapshot()
         return self.latest
 
+    async def publish(self) -> None:
+        """Measure and write ``runtime.json`` now (the daemon calls it once before READY=1)."""
+        await self.refresh()
+        await self._write_latest()
+
+    async def _write_latest(self) -> None:
+        # One write at a time, of the newest snapshot when its turn comes: the loop's write
+        # of an older one can never land after (and hide) the one made before READY=1.
+        async with self._write_lock:
+            await asyncio.to_thread(self._write, self.latest)
+
     def snapshot(self) -> dict[str, Any]:
         cfg, probes = self.cfg, self.probes
         client = probes.client
@@ -223,6 +249,7 @@ class HealthReporter:
             "set_aside": set_aside_view(probes),
             "upstream": self._upstream(),
             "http": ({"bind": cfg.http.bind, "url": cfg.http.base_url()} if cfg.http is not None else None),
+            "ports": probes.ports().as_dict() if probes.ports is not None else None,
         }
         status, found = verdict(snap)
         snap["status"] = status
@@ -247,9 +274,13 @@ class HealthReporter:
         return _jsonable(metrics)
 
     def _write(self, snap: dict[str, Any]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(snap, default=str), encoding="utf-8")
-        os.chmod(tmp, 0o600)  # like everything in the data dir (gateway/filemodes.py); `status` runs as its owner
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_native_id()}")
+        # 0600 from creation, whatever the umask, like everything in the data dir
+        # (gateway/filemodes.py); `status` runs as its owner.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o600)  # an older tmp file may have had another mode
+            f.write(json.dumps(snap, default=str))
         os.replace(tmp, self.path)
 
 

@@ -29,6 +29,14 @@ class Service(Protocol):
     async def run(self, stopping: asyncio.Event) -> None: ...
 
 
+class Listening(Protocol):
+    """A service with a socket of its own (the HTTP API): ``bound_port`` is the port it
+    listens on once started (what the kernel picked for a configured port 0), else None."""
+
+    @property
+    def bound_port(self) -> int | None: ...
+
+
 class ServiceStartError(Exception):
     """A service cannot serve with its configuration; the daemon exits with ``exit_code``."""
 

@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING
 from gateway.alarms.service import AlarmService
 from gateway.broker import EmbeddedBroker
 from gateway.config import Config, Secrets
-from gateway.health import HealthProbes, HealthReporter
+from gateway.health import BoundPorts, HealthProbes, HealthReporter
 from gateway.mqtt import GatewayClient
 from gateway.pipeline import Pipeline
-from gateway.service import Service
+from gateway.service import Listening, Service
 from gateway.storage import Database
 
 if TYPE_CHECKING:  # aiohttp and the HTTP modules load only with [http]
@@ -58,10 +58,12 @@ class Runtime:
 
 @dataclass
 class Graph:
-    """The built services, in start order, and what SIGHUP must call (name, callback)."""
+    """The built services, in start order, what SIGHUP must call (name, callback), and what
+    must run once every service has started and before READY=1 (runtime.json's ports)."""
 
     services: list[Service]
     reload_callbacks: list[tuple[str, ReloadCallback]] = field(default_factory=list)
+    before_ready: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
 Build = Callable[[Config, Database, Runtime], Graph]
@@ -96,10 +98,17 @@ def build(cfg: Config, db: Database, runtime: Runtime) -> Graph:
     alarms = AlarmService(cfg, db, pipeline)
     services.append(alarms)
 
+    listening: list[Listening] = []  # the HTTP API, once built below
+
+    def bound_ports() -> BoundPorts:
+        return BoundPorts(broker=runtime.broker.bound_ports() if runtime.broker is not None else {},
+                          http=listening[0].bound_port if listening else None)
+
     reporter = HealthReporter(cfg, db, HealthProbes(client=runtime.client, started_at=runtime.started_at,
-                                                    broker=runtime.broker, bridges=pipeline, upstream=link))
+                                                    broker=runtime.broker, bridges=pipeline, upstream=link,
+                                                    ports=bound_ports))
     services.append(reporter)
-    graph = Graph(services)
+    graph = Graph(services, before_ready=[reporter.publish])  # the bound ports are in runtime.json at READY=1
     if signing is not None:
         from gateway.http import HttpService
         from gateway.http.pulse import Pulse
@@ -110,6 +119,7 @@ def build(cfg: Config, db: Database, runtime: Runtime) -> Graph:
         http = HttpService(cfg, db, jobs=pipeline, health=reporter, signer=signer, changes=changes,
                            started_at=runtime.started_at, alarms=alarms, signer_error=signer_error)
         services.append(http)
+        listening.append(http)
         graph.reload_callbacks.append(("http credential cache", http.auth.invalidate))  # SIGHUP: forget logins
     return graph
 

@@ -1,12 +1,72 @@
 from __future__ import annotations
 
+import inspect
 import os
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import GatewayProcess, Mosquitto, base_config, free_port, require_tool, write_config
+from tests.helpers import GatewayProcess, Mosquitto, base_config, free_port, require_tool
+
+# What makes a test end-to-end (marker ``e2e``; ``make test-fast`` runs the others): it
+# starts a process (the daemon, Mosquitto, the CLI, a browser, systemd tools), itself or
+# through a fixture or test helper. Found here from the code the test and its fixtures
+# reference (transitively through the tests' own functions and classes), not from a list
+# kept by hand, so a new end-to-end test is never counted as fast. A module may still set
+# ``pytestmark = pytest.mark.e2e`` itself.
+_PROCESS_NAMES = frozenset({"subprocess", "create_subprocess_exec", "create_subprocess_shell", "sync_playwright",
+                            "async_playwright", "Popen"})
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+def _starts_processes(func: object, memo: dict[object, bool]) -> bool:
+    func = inspect.unwrap(func) if callable(func) else func  # type: ignore[arg-type]
+    if inspect.isclass(func):
+        if not func.__module__.startswith("tests"):
+            return False
+        if func in memo:
+            return memo[func]
+        memo[func] = False
+        memo[func] = any(_starts_processes(m, memo) for m in vars(func).values() if inspect.isfunction(m))
+        return memo[func]
+    code = getattr(func, "__code__", None)
+    if code is None or not getattr(func, "__module__", "").startswith("tests"):
+        return False
+    if code in memo:
+        return memo[code]
+    memo[code] = False  # a cycle adds nothing
+    found = False
+    globals_ = getattr(func, "__globals__", {})
+    for name in _code_names(code):
+        if name in _PROCESS_NAMES:
+            found = True
+            break
+        obj = globals_.get(name)
+        if obj is not None and (inspect.isfunction(obj) or inspect.isclass(obj)) and _starts_processes(obj, memo):
+            found = True
+            break
+    memo[code] = found
+    return found
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    memo: dict[object, bool] = {}
+    for item in items:
+        funcs = [getattr(item, "obj", None)]
+        info = getattr(item, "_fixtureinfo", None)
+        for defs in (info.name2fixturedefs.values() if info is not None else ()):
+            funcs += [d.func for d in defs]
+        if any(f is not None and _starts_processes(f, memo) for f in funcs):
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(autouse=True)
@@ -26,17 +86,17 @@ def port() -> int:
 
 @pytest.fixture
 def gateway_factory(tmp_path: Path) -> Iterator:
-    """Start real daemons: ``gateway_factory(extra_config_dict) -> GatewayProcess``."""
+    """Start real daemons: ``gateway_factory(extra_config_dict) -> GatewayProcess``.
+
+    Without ``port`` the broker listener binds port 0; ``gw.port`` (and ``gw.ports``,
+    ``gw.http_port``) are read from the daemon's runtime.json once it is ready."""
     procs: list[GatewayProcess] = []
 
     def make(extra: dict | None = None, port: int | None = None, env: dict | None = None,
              start: bool = True) -> GatewayProcess:
-        p = port or free_port()
-        data = base_config(tmp_path, p, **(extra or {}))
-        cfg = write_config(tmp_path, data, name=f"config-{len(procs)}.toml")
-        gw = GatewayProcess(cfg, tmp_path, env=env or {})
-        gw.port = p  # type: ignore[attr-defined]
-        gw.data = data  # type: ignore[attr-defined]
+        data = base_config(tmp_path, port or 0, **(extra or {}))
+        gw = GatewayProcess.from_data(tmp_path, data, name=f"config-{len(procs)}.toml", env=env)
+        gw.port = port or 0
         procs.append(gw)
         if start:
             gw.start()

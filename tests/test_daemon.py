@@ -216,3 +216,29 @@ def test_external_broker_down_at_start_then_up(gateway_factory, tmp_path: Path):
         assert "Traceback" not in gw.log()
     finally:
         m.stop()
+
+
+def test_port_zero_listeners_are_reported_in_runtime_json_before_ready(gateway_factory, tmp_path):
+    """Binding port 0 lets the kernel pick (no race between choosing a port and binding it);
+    runtime.json names each port the daemon got, owner-only, by the time READY=1 is sent."""
+    gw = gateway_factory({"broker": {"listeners": [
+        {"name": "local", "type": "tcp", "bind": "127.0.0.1:0", "allow_anonymous": True, "anonymous_role": "admin"},
+        {"name": "shop", "type": "tcp", "bind": "127.0.0.1:0", "allow_anonymous": True, "anonymous_role": "monitor"}]},
+        "http": {"bind": "127.0.0.1:0"}}, start=False)
+    gw.start(wait_ready=False)
+    gw.notify.wait_for("READY", "1", timeout=30)
+    runtime = tmp_path / "var" / "runtime.json"
+    assert runtime.stat().st_mode & 0o777 == 0o600  # present, and private, at READY=1
+    ports = json.loads(runtime.read_text())["ports"]
+    assert set(ports["broker"]) == {"local", "shop"}
+    local, shop, http = ports["broker"]["local"], ports["broker"]["shop"], ports["http"]
+    assert 0 not in (local, shop, http) and len({local, shop, http}) == 3
+    # The gateway's own client found its listener (the url said port 0): it announced itself.
+    assert json.loads(retained(local, "homepot/site-t/gateway/status"))["state"] == "online"
+    assert json.loads(retained(shop, "homepot/site-t/gateway/status"))["state"] == "online"
+    import httpx
+
+    assert httpx.get(f"http://127.0.0.1:{http}/healthz", timeout=30).status_code in (200, 503)
+    gw.read_ports()
+    assert (gw.port, gw.http_port) == (local, http)
+    assert gw.stop() == 0

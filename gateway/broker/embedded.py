@@ -932,6 +932,17 @@ class EmbeddedBroker:
 
     snapshot = metrics
 
+    def bound_ports(self) -> dict[str, int]:
+        """The port each listener actually listens on, by its configured name: what a
+        ``bind`` ending in ``:0`` got from the kernel (tests bind port 0 so two never race)."""
+        out: dict[str, int] = {}
+        if self.broker is None:
+            return out
+        for listener in self.broker._listeners:  # noqa: SLF001 - same package
+            if listener.port is not None:
+                out[listener.section.name] = listener.port
+        return out
+
     def reload_passwords(self) -> int:
         """SIGHUP: re-read the password file now; the number of accounts (blocking file I/O)."""
         if self.broker is None:

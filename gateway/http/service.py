@@ -89,6 +89,8 @@ class HttpService:
                               metrics=self.metrics, signer=signer, changes=changes, stopping=self.stopping,
                               streams=self.streams)
         self.web_config: dict[str, Any] = {}
+        self.bound_port: int | None = None  # set once listening (the kernel's pick for `bind` port 0)
+        self.base_url = self.cfg.base_url()  # with the bound port once listening, for `bind` port 0
 
     def attach(self, client: GatewayClient) -> None:
         """No MQTT routes: the API enters the pipeline through its Python entry points."""
@@ -146,7 +148,7 @@ class HttpService:
                     public_key = vapid.public_key_b64(await asyncio.to_thread(vapid.load_or_create, path))
             except (OSError, ValueError, TypeError) as exc:
                 log.warning("web push client gets no VAPID key", error=str(exc))
-        self.web_config = {"vapid_public_key": public_key, "api": self.cfg.base_url(), "site_id": cfg.gateway.site_id}
+        self.web_config = {"vapid_public_key": public_key, "api": self.base_url, "site_id": cfg.gateway.site_id}
 
     async def run(self, stopping: asyncio.Event) -> None:
         if self.start_error:
@@ -165,6 +167,14 @@ class HttpService:
             await runner.cleanup()
             log.error("http api cannot listen", bind=self.cfg.bind, error=exc.strerror or str(exc))
             raise HttpStartError(f"http.bind: cannot listen on {self.cfg.bind}: {exc.strerror or exc}") from None
+        self.bound_port = runner.addresses[0][1]
+        if port == 0 and not self.cfg.public_url:
+            # The kernel chose the port: ack URLs and the page's API address must carry it.
+            bind_host = self.cfg.bind.rpartition(":")[0]  # IPv6 keeps its brackets
+            base = f"{'https' if self.cfg.tls else 'http'}://{bind_host}:{self.bound_port}"
+            self.base_url = self.signer.base_url = base
+            if self.web_config:
+                self.web_config["api"] = base
         if not self.cfg.public_url and host in ("0.0.0.0", "::", ""):
             log.warning("http.public_url is not set and http.bind is a wildcard address: ack URLs in payloads "
                         "point at it and devices cannot reach them; set http.public_url", bind=self.cfg.bind)

@@ -21,7 +21,7 @@ import paho.mqtt.client as paho
 
 from gateway.broker import EmbeddedBroker, InternalCredentials
 from gateway.config import Config, parse_config
-from tests.support import deep_merge, free_port
+from tests.helpers import deep_merge, free_port, until  # noqa: F401 - until: re-exported
 
 
 def broker_config(tmp: Path, port: int, **extra: Any) -> Config:
@@ -55,23 +55,11 @@ def write_accounts(path: Path, accounts: dict[str, str], password: str | None = 
 async def start_broker(tmp: Path, port: int | None = None, options: dict[str, Any] | None = None,
                        **extra: Any) -> EmbeddedBroker:
     """``extra``: config sections merged in; ``options``: EmbeddedBroker keyword arguments."""
-    port = port or free_port()
-    broker = EmbeddedBroker(broker_config(tmp, port, **extra), InternalCredentials.generate(), **(options or {}))
+    broker = EmbeddedBroker(broker_config(tmp, port or 0, **extra), InternalCredentials.generate(), **(options or {}))
     await broker.start()
-    broker.port = port  # type: ignore[attr-defined]
+    # Port 0 unless given: the kernel picks, nothing can take it between choosing and binding.
+    broker.port = port or next(iter(broker.bound_ports().values()))  # type: ignore[attr-defined]
     return broker
-
-
-async def until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> Any:
-    """Poll without blocking the loop the broker runs on."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(interval)
 
 
 # ---------------------------------------------------------------- raw client

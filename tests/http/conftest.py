@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +12,7 @@ import httpx
 import pytest
 
 from gateway.broker.passwords import add_user
-from tests.support import GatewayProcess, base_config, free_port, write_config
+from tests.helpers import GatewayProcess, base_config, db_rows, wait_until  # noqa: F401 - re-exported
 
 P = "homepot/site-t"
 PASSWORDS = {"tech": ("technician", "tech-pw"), "ctrl": ("controller", "ctrl-pw"), "mon": ("monitor", "mon-pw"),
@@ -22,13 +21,26 @@ PASSWORDS = {"tech": ("technician", "tech-pw"), "ctrl": ("controller", "ctrl-pw"
 
 @dataclass
 class ApiGateway:
+    """A daemon with [http]; its ports are the ones it bound (port 0, from runtime.json)."""
+
     gw: GatewayProcess
-    port: int
-    http_port: int
     tmp: Path
-    base: str
+    scheme: str = "http"
     verify: Any = True
     clients: dict[str, httpx.Client] = field(default_factory=dict)
+
+    @property
+    def port(self) -> int:
+        return self.gw.port
+
+    @property
+    def http_port(self) -> int | None:
+        return self.gw.http_port
+
+    @property
+    def base(self) -> str:
+        assert self.gw.http_port, "the daemon has not started yet"
+        return f"{self.scheme}://127.0.0.1:{self.gw.http_port}"
 
     def client(self, user: str | None = None) -> httpx.Client:
         key = user or ""
@@ -53,28 +65,15 @@ class ApiGateway:
 
 def make_api_gateway(tmp: Path, extra: dict[str, Any] | None = None, users: dict[str, tuple[str, str]] | None = None,
                      start: bool = True, scheme: str = "http") -> ApiGateway:
-    for attempt in range(3):
-        try:
-            return _make_api_gateway(tmp, extra, users, start, scheme)
-        except AssertionError as exc:
-            # free_port() is check-then-use: on a shared machine another test may take the
-            # port first. That is the rig's race, not the gateway's; pick new ports.
-            if "address already in use" not in str(exc) or attempt == 2:
-                raise
-    raise AssertionError("unreachable")
-
-
-def _make_api_gateway(tmp: Path, extra: dict[str, Any] | None, users: dict[str, tuple[str, str]] | None,
-                      start: bool, scheme: str) -> ApiGateway:
-    port, http_port = free_port(), free_port()
+    """The broker listener and the HTTP API bind port 0: no port can be taken by another
+    test between choosing and binding it."""
     extra = dict(extra or {})
-    http = {"bind": f"127.0.0.1:{http_port}", **extra.pop("http", {})}
-    data = base_config(tmp, port, http=http, **extra)
-    cfg = write_config(tmp, data)
+    http = {"bind": "127.0.0.1:0", **extra.pop("http", {})}
+    data = base_config(tmp, 0, http=http, **extra)
     for name, (role, password) in (users if users is not None else PASSWORDS).items():
         add_user(tmp / "var" / "passwd", name, password, role)  # what `users add` does, without a process each
-    gw = GatewayProcess(cfg, tmp)
-    api = ApiGateway(gw, port, http_port, tmp, f"{scheme}://127.0.0.1:{http_port}")
+    gw = GatewayProcess.from_data(tmp, data)
+    api = ApiGateway(gw, tmp, scheme)
     if start:
         gw.start()
     return api
@@ -90,27 +89,6 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiGateway]:
     a.gw.kill()
     if a.gw.notify:
         a.gw.notify.close()
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        time.sleep(interval)
-
-
-def db_rows(data_dir: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    from gateway.storage import connect
-
-    conn = connect(data_dir / "gateway.db")
-    try:
-        return [tuple(r) for r in conn.execute(sql, args).fetchall()]
-    finally:
-        conn.close()
 
 
 def error_of(r: httpx.Response) -> dict[str, str]:

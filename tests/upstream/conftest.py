@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 from gateway.config import LoadedConfig, parse_config
 from gateway.storage import Database
 from gateway.upstream.link import UpstreamLink
-from tests.support import require_tool
+from tests.helpers import open_database, require_tool, until
 from tests.upstream.cloud import Cloud
 
 # Short backoff so reconnects in tests take fractions of a second, not minutes.
@@ -43,13 +42,8 @@ class RecordingIntake:
                 await self.changed.wait()
 
 
-async def wait_until(predicate, timeout: float = 15.0, what: str = "condition") -> None:
-    """Poll ``predicate`` (cheap, in-process state) every 20 ms until it holds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
+# The suite's one polling wait (asyncio flavour), under the name these tests use.
+wait_until = until
 
 
 def make_config(cloud: Cloud, tmp: Path, **upstream: Any) -> LoadedConfig:
@@ -89,7 +83,5 @@ def cloud(cloud_factory) -> Cloud:
 
 @pytest.fixture
 async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    (tmp_path / "var").mkdir(exist_ok=True)
-    database = await Database(tmp_path / "var" / "gateway.db").open()
-    yield database
-    await database.close()
+    async with open_database(tmp_path / "var") as database:
+        yield database

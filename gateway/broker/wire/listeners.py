@@ -178,6 +178,12 @@ class Listener:
             if transport is not None and not transport.is_closing():
                 transport.abort()
 
+    @property
+    def port(self) -> int | None:
+        """The port listened on (the kernel's pick for a ``bind`` with port 0); None before start."""
+        sockets = list(self._server.sockets) if self._server is not None else []
+        return sockets[0].getsockname()[1] if sockets else None
+
     def close(self) -> None:
         """Stop accepting; the broker then closes the connections (:meth:`wait_closed` after)."""
         if self._server is not None:
