@@ -38,8 +38,13 @@ class MqttDeviceBridge(Bridge):
         qos = delivery.options.get("qos", self.default_qos) if isinstance(delivery.options, dict) else self.default_qos
         payload = json.dumps(delivery.envelope(), separators=(",", ":")).encode()
         try:
+            # Over MQTT 5.0 the job's TTL left now is the Message Expiry Interval (the broker
+            # drops it from a device's queue when the job would have expired; at least 1 s:
+            # 0 would mean "deliver now or never" to us but is not a valid "expire now"), and
+            # the delivery's message_id is a User Property a device can read without parsing.
             await self.ctx.client.publish(self.ctx.topics.device_notify(delivery.device_id), payload,
-                                          qos=int(qos), retain=False)
+                                          qos=int(qos), retain=False, expiry_s=max(1, delivery.ttl_remaining),
+                                          user_properties=[("message_id", delivery.message_id)])
         except NotConnected as exc:
             if self.ctx.client.left_on_purpose:
                 # Our own client stepped off the broker to have a message it could not store

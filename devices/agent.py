@@ -14,6 +14,11 @@ drops an ack it may not take still acknowledges it; the agent cannot see that di
 It says what it can: a warning at start when it connects without that account, and a
 warning when a message it already acked comes again (the gateway resends what it never
 saw acked). A subscription the broker refuses is an error.
+
+``--protocol 5`` speaks MQTT 5.0: the session is kept with a Session Expiry Interval that never
+ends (what CleanSession=0 is in 3.1.1), and each ``notify`` line also shows what 5.0 carries
+beside the envelope: the Message Expiry Interval left (the job's TTL) and the User Properties
+(the gateway puts the delivery's ``message_id`` there).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from pathlib import Path
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from gateway.config import MqttUrl
 from gateway.timeutil import iso, utcnow
@@ -48,6 +55,7 @@ class SubscriptionRefused(Exception):
 
 # CONNACK 4/5 in MQTT 3.1.1; paho reports them as the 5.0 reason codes 134/135.
 _REFUSED_CREDENTIALS = {4, 5, 134, 135}
+SESSION_NEVER_EXPIRES = 0xFFFFFFFF
 
 
 class Agent:
@@ -87,9 +95,16 @@ class Agent:
             import ssl
 
             tls = ssl.create_default_context(cafile=self.args.ca_file)
-        return aiomqtt.Client(url.host, url.port, identifier=self.device_id, clean_session=False,
+        if self.args.protocol == "5":
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = SESSION_NEVER_EXPIRES   # a persistent session, as in 3.1.1
+            session: dict[str, object] = {"protocol": aiomqtt.ProtocolVersion.V5, "clean_start": False,
+                                          "properties": props}
+        else:
+            session = {"protocol": aiomqtt.ProtocolVersion.V311, "clean_session": False}
+        return aiomqtt.Client(url.host, url.port, identifier=self.device_id,  # type: ignore[arg-type]
                               username=self.args.username, password=password, tls_context=tls,
-                              transport=url.transport, keepalive=self.args.keepalive)
+                              transport=url.transport, keepalive=self.args.keepalive, **session)
 
     async def run(self) -> int:
         warning = self.account_warning()
@@ -151,7 +166,12 @@ class Agent:
                     continue
                 duplicate = message_id in self.seen
                 self.seen.add(message_id)
-                print(json.dumps({"event": "notify", "duplicate": duplicate, "envelope": envelope}), flush=True)
+                line: dict[str, object] = {"event": "notify", "duplicate": duplicate, "envelope": envelope}
+                props = message.properties
+                if props is not None:
+                    line["message_expiry_s"] = getattr(props, "MessageExpiryInterval", None)
+                    line["user_properties"] = dict(getattr(props, "UserProperty", []) or [])
+                print(json.dumps(line), flush=True)
                 if duplicate and message_id in self.acked and not self.warned_redelivery and not message.retain:
                     # Either our ack was lost in a crash, or the broker refuses our acks.
                     self.warned_redelivery = True
@@ -181,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--password-file", help="file holding that account's password (first line)")
     p.add_argument("--ca-file")
     p.add_argument("--keepalive", type=int, default=30)
+    p.add_argument("--protocol", choices=["3.1.1", "5"], default="3.1.1", help="MQTT version (default 3.1.1)")
     p.add_argument("--register", action="store_true", help="publish this device's registration first")
     p.add_argument("--segment")
     p.add_argument("--ack-status", default="received",

@@ -224,6 +224,8 @@ class RoleLimits(_Section):
         default=None, ge=0, description="Retained topics one principal may hold; 0 = no limit.")
     max_retained_bytes_per_principal: int | None = Field(
         default=None, ge=0, description="Bytes (topic + payload) of retained messages one principal may hold; 0 = no limit.")
+    max_keepalive: int | None = Field(
+        default=None, ge=0, le=65535, description="Longest Keep Alive (seconds) a client of this role may ask for; 0 = no maximum.")
     max_publish_rate: float | None = Field(
         default=None, ge=0, description="PUBLISH packets per second per client; 0 = no limit.")
     max_publish_bytes_rate: float | None = Field(
@@ -259,6 +261,10 @@ class BrokerLimits(_Section):
             "not kept; 0 = no limit.")
     max_retained_bytes_per_principal: int = Field(
         default=1_048_576, ge=0, description="Bytes (topic + payload) of retained messages one principal may hold; 0 = no limit.")
+    max_keepalive: int = Field(
+        default=0, ge=0, le=65535, description="Longest Keep Alive (seconds) a client may ask for, as Mosquitto's `max_keepalive`: an MQTT "
+            "5.0 client asking for more, or for none (0), is told this value as Server Keep Alive in CONNACK and held "
+            "to it; a 3.1.1 client cannot be told, and is refused (CONNACK 0x02); 0 = no maximum.")
     max_publish_rate: float = Field(
         default=0, ge=0, description="PUBLISH packets per second per client; a faster client is slowed down (its connection is "
             "not read until it is within the rate); 0 = no limit.")
@@ -361,7 +367,9 @@ class UpstreamSection(_MqttLinkSection):
     allow_plaintext: bool = Field(default=False,
         description="Allow a password over `mqtt://` or `ws://`, where it travels in clear.")
     max_inflight: int = Field(default=1000, ge=1, le=10000,
-        description="Publishes awaiting the cloud's PUBACK at once (the drain's window).")
+        description="Publishes awaiting the cloud's PUBACK at once (the drain's window; with MQTT 5.0 at most the cloud broker's Receive Maximum).")
+    protocol: Literal["auto", "5", "3.1.1"] = Field(default="auto",
+        description="The cloud link's MQTT version: `5`, `3.1.1`, or `auto` (5 when the cloud broker offers it, else 3.1.1). With 5.0 a publish the cloud refuses (PUBACK reason 0x80 or above) is set aside at once instead of being retried.")
 
     def plaintext_problems(self) -> list[tuple[str, str]]:
         """``mqtt://``/``ws://`` with secrets or TLS files: (key, message) for each.

@@ -36,6 +36,7 @@ import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from gateway import mqtt_compat
 from gateway.config import MqttUrl
 from gateway.setaside import SetAside
 from gateway.storage import FailureEpisode, is_storage_error
@@ -153,12 +154,22 @@ class GatewayClient:
 
     # ----------------------------------------------------------------- publish
     async def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False,
-                      timeout: float = 10.0) -> None:
+                      timeout: float = 10.0, *, expiry_s: int | None = None,
+                      user_properties: list[tuple[str, str]] | None = None) -> None:
+        """Publish; ``expiry_s`` (Message Expiry Interval) and ``user_properties`` go with it
+        when the connection speaks 5.0 and are left out over 3.1.1, which has no place for them."""
         client = self._state.client
         if client is None or not self.connected:
             raise NotConnected(f"{self.name}: not connected")
+        props = None
+        if self.protocol_version == aiomqtt.ProtocolVersion.V5 and (expiry_s is not None or user_properties):
+            props = Properties(PacketTypes.PUBLISH)
+            if expiry_s is not None:
+                props.MessageExpiryInterval = expiry_s
+            if user_properties:
+                props.UserProperty = user_properties
         try:
-            await client.publish(topic, payload, qos=qos, retain=retain, timeout=timeout)
+            await client.publish(topic, payload, qos=qos, retain=retain, properties=props, timeout=timeout)
         except aiomqtt.MqttError as exc:
             raise NotConnected(f"{self.name}: publish failed: {exc}") from exc
 
@@ -185,6 +196,7 @@ class GatewayClient:
             transport=url.transport, tls_context=s.tls_context(), keepalive=s.keepalive,
             will=will, max_inflight_messages=s.max_inflight, timeout=10,
         )
+        mqtt_compat.check(client)   # the private names used below, once per process
         # Ack incoming QoS 1/2 only once a handler has stored the message (see module doc).
         client._client.manual_ack_set(True)  # noqa: SLF001 - aiomqtt 2.x has no public switch
         _register_writes_only_for_open_sockets(client)

@@ -91,3 +91,43 @@ def test_agent_with_wrong_credentials_says_so_and_exits_2(gateway_factory, tmp_p
         agent.terminate()
         agent.wait(timeout=10)
     assert gw.stop() == 0
+
+
+def test_agent_speaks_5_and_shows_message_expiry_and_the_message_id_property(gateway_factory, tmp_path: Path):
+    """``--protocol 5``: the agent connects as 5.0 on a persistent session (a message sent
+    while it is away still reaches it), acks what it gets (the gateway counts the ack), and its
+    notify line shows the Message Expiry Interval (the job's TTL) and the message_id User Property."""
+    gw = gateway_factory(start=False)
+    secret = tmp_path / "plc.password"
+    secret.write_text("plc-5-pw\n")
+    assert cli(gw.config, "users", "add", "plc-5", "--role", "device", "--password-stdin",
+               input="plc-5-pw\n").returncode == 0
+    assert cli(gw.config, "users", "add", "boss", "--role", "admin", "--password-stdin", input="boss-pw\n").returncode == 0
+    gw.start()
+    login = ("--device-id", "plc-5", "--username", "plc-5", "--password-file", str(secret), "--protocol", "5")
+    agent, out, err = start_agent(gw, *login, "--register", "--count", "1", tmp_path=tmp_path)
+    try:
+        wait_event(out, "ready")
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
+    deadline = time.monotonic() + 15
+    while cli(gw.config, "devices", "show", "plc-5").returncode != 0:   # its registration, processed
+        assert time.monotonic() < deadline, "the agent's registration never arrived"
+        time.sleep(0.1)
+    admin = MqttProbe(gw.port, username="boss", password="boss-pw")
+    job = {"job_id": "job-v5", "target": {"devices": ["plc-5"]}, "notification": {"title": "t", "ttl": 900}}
+    admin.publish("homepot/site-t/jobs", json.dumps(job))   # sent while the agent is away
+    admin.close()
+    agent, out, err = start_agent(gw, *login, "--count", "1", tmp_path=tmp_path)
+    try:
+        assert agent.wait(timeout=30) == 0, err.read_text()
+    finally:
+        if agent.poll() is None:
+            agent.terminate()
+    notify = wait_event(out, "notify")
+    assert notify["envelope"]["job_id"] == "job-v5"
+    assert 800 <= notify["message_expiry_s"] <= 900
+    assert notify["user_properties"] == {"message_id": notify["envelope"]["message_id"]}
+    assert not [e for e in events(err) if e["event"] == "warning"]
+    assert gw.stop() == 0

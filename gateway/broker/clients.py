@@ -41,6 +41,7 @@ from gateway.broker.presence import Presence
 from gateway.broker.wire.codec import PUBREL_B, V5, send_ack, send_publish, utf8, varint
 from gateway.broker.metrics import BrokerMetrics
 from gateway.broker.state import RELEASED, SENT, StateNotStored, StateStore
+from gateway.broker.suboptions import NO_IDS, SubIds
 from gateway.broker.throttle import LogThrottle
 
 if TYPE_CHECKING:
@@ -85,26 +86,26 @@ class Message:
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and self.expires_at <= now
 
-    def v5_props(self, sub_id: int) -> bytes:
+    def v5_props(self, sub_ids: SubIds) -> bytes:
         props = self.props
         if self.expires_at is not None:
             remaining = max(1, math.ceil(self.expires_at - time.monotonic()))
             props += b"\x02" + remaining.to_bytes(4, "big")
-        if sub_id:
+        for sub_id in sub_ids:   # one per matching subscription [MQTT-3.3.4-4]
             props += b"\x0b" + varint(sub_id)
         return props
 
-    def aliased(self, qos: int, retain: bool, dup: bool, packet_id: int | None, sub_id: int, alias: int,
+    def aliased(self, qos: int, retain: bool, dup: bool, packet_id: int | None, sub_ids: SubIds, alias: int,
                 with_topic: bool) -> bytes:
         """A 5.0 PUBLISH with a Topic Alias: the first one of a connection carries the topic name
         and sets the alias, later ones an empty topic name (§3.3.2.3.4)."""
-        props = self.v5_props(sub_id) + b"\x23" + alias.to_bytes(2, "big")
+        props = self.v5_props(sub_ids) + b"\x23" + alias.to_bytes(2, "big")
         return send_publish(self.topic_b if with_topic else b"\x00\x00", self.payload, qos, retain, dup, packet_id,
                             props)
 
     def packet(self, version: int, qos: int, retain: bool, dup: bool = False, packet_id: int | None = None,
-               sub_id: int = 0) -> bytes:
-        if qos == 0 and not sub_id and self.expires_at is None:
+               sub_ids: SubIds = NO_IDS) -> bytes:
+        if qos == 0 and not sub_ids and self.expires_at is None:
             # A QoS 0 PUBLISH is the same bytes for every subscriber of a version: encode it once.
             key = (retain, version)
             cached = self._qos0.get(key)
@@ -112,28 +113,28 @@ class Message:
                 cached = self._qos0[key] = send_publish(
                     self.topic_b, self.payload, 0, retain, props=self.props if version == V5 else None)
             return cached
-        props = self.v5_props(sub_id) if version == V5 else None
+        props = self.v5_props(sub_ids) if version == V5 else None
         return send_publish(self.topic_b, self.payload, qos, retain, dup, packet_id, props)
 
 
 class Outgoing:
     """A message on its way to one client, at the QoS it is delivered with."""
 
-    __slots__ = ("group", "msg", "packet_id", "qos", "retain", "seq", "state", "sub_id")
+    __slots__ = ("group", "msg", "packet_id", "qos", "retain", "seq", "state", "sub_ids")
 
-    def __init__(self, msg: Message, qos: int, retain: bool, seq: int = 0, sub_id: int = 0,
+    def __init__(self, msg: Message, qos: int, retain: bool, seq: int = 0, sub_ids: SubIds = NO_IDS,
                  group: SharedGroup | None = None):
         self.msg = msg
         self.group = group      # the shared subscription it came through (handed over if the member leaves)
         self.qos = qos
         self.retain = retain
         self.seq = seq          # row in broker_messages (persistent sessions, QoS > 0), else 0
-        self.sub_id = sub_id
+        self.sub_ids = sub_ids
         self.packet_id: int | None = None
         self.state = 0
 
     def packet(self, version: int, dup: bool = False) -> bytes:
-        return self.msg.packet(version, self.qos, self.retain, dup, self.packet_id, self.sub_id)
+        return self.msg.packet(version, self.qos, self.retain, dup, self.packet_id, self.sub_ids)
 
 
 class ClientState:
@@ -198,24 +199,24 @@ class ClientState:
         raise RuntimeError("no free packet identifier")  # cannot happen: inflight ≤ max_inflight
 
     # ----------------------------------------------------------------- queueing
-    def enqueue(self, msg: Message, qos: int, retain: bool, sub_id: int = 0,
+    def enqueue(self, msg: Message, qos: int, retain: bool, sub_ids: SubIds = NO_IDS,
                 group: SharedGroup | None = None) -> bool:
         """Queue ``msg`` for this client; True when a durable write was queued for it."""
         online = self.handler is not None
         if qos == 0 and not online:
             return False  # QoS 0 is not part of an offline session's state [MQTT-3.1.2-5]
         durable = False
-        out = Outgoing(msg, qos, retain, 0, sub_id, group)
+        out = Outgoing(msg, qos, retain, 0, sub_ids, group)
         store = self._store
         if qos and not self.clean and store is not None:
             out.seq = next(self._seq)
             # On disk on the gateway's clock (gateway.clock): a restart keeps its meaning.
             expires_at = None if msg.expires_at is None else clock.now() + (msg.expires_at - time.monotonic())
             if msg.shared:
-                store.queue_shared(self.client_id, out.seq, msg, qos, retain, expires_at, sub_id)
+                store.queue_shared(self.client_id, out.seq, msg, qos, retain, expires_at, sub_ids)
             else:
                 store.queue_message(self.client_id, out.seq, msg.topic, msg.payload, qos, retain, msg.props,
-                                    expires_at, sub_id)
+                                    expires_at, sub_ids)
             durable = True
         pending = self.pending
         pending.append(out)
@@ -371,10 +372,10 @@ class ClientState:
             topic = out.msg.topic
             alias = aliases.get(topic)
             if alias is not None:
-                return out.msg.aliased(out.qos, out.retain, dup, out.packet_id, out.sub_id, alias, False), None
+                return out.msg.aliased(out.qos, out.retain, dup, out.packet_id, out.sub_ids, alias, False), None
             if len(aliases) < alias_max:
                 alias = aliases[topic] = len(aliases) + 1
-                return out.msg.aliased(out.qos, out.retain, dup, out.packet_id, out.sub_id, alias, True), topic
+                return out.msg.aliased(out.qos, out.retain, dup, out.packet_id, out.sub_ids, alias, True), topic
             return out.packet(version, dup), None
 
         try:

@@ -49,13 +49,13 @@ from gateway.broker.clients import GATEWAY_MAX_INFLIGHT, MAX_INFLIGHT, ClientSta
 from gateway.broker.limits import (MAX_CONNECT_PACKET, ClientLimits, ConnectionCount, Limit, LimitPolicy,
                                    LimitRecorder, LimitVerdict, RateBucket, RetainedQuota)
 from gateway.broker.presence import Presence
-from gateway.broker.matching import SubscriptionIndex, matches, valid_topic_name
+from gateway.broker.matching import SubscriptionIndex, delivery_ids, matches, valid_topic_name
 from gateway.broker.metrics import BrokerMetrics
 from gateway.broker.passwords import PasswordFile, PasswordFileError
 from gateway.broker.retained import MAX_RETAINED_BYTES, MAX_RETAINED_MESSAGES, RetainedStore
 from gateway.broker.shared import SharedGroup
 from gateway.broker.state import LoadedState, StateNotStored, StateStore
-from gateway.broker.suboptions import NO_LOCAL, QOS_MASK, RETAIN_AS_PUBLISHED, SUB_ID_SHIFT
+from gateway.broker.suboptions import NO_LOCAL, QOS_MASK, RETAIN_AS_PUBLISHED, sub_ids_of
 from gateway.broker.systopics import SYS_INTERVAL_S, SysPublisher
 from gateway.broker.throttle import LogThrottle
 from gateway.broker.wire.codec import V5, Reason
@@ -200,7 +200,7 @@ class GatewayBroker:
                 cs.offline_since = time.monotonic() - max(0.0, clock.now() - stored.seen_at)
             for topic_filter, options in stored.subscriptions.items():
                 self.subscribe(cs, topic_filter, options)
-            cs.restore([(Outgoing(self._stored_body(bodies, m), m.qos, m.retain, m.seq, m.sub_id), m.packet_id,
+            cs.restore([(Outgoing(self._stored_body(bodies, m), m.qos, m.retain, m.seq, m.sub_ids), m.packet_id,
                          m.state) for m in stored.messages])
             cs.qos2_in = set(stored.qos2_in)
             self._clients[cs.client_id] = cs
@@ -369,6 +369,10 @@ class GatewayBroker:
         if old is not None and old.owner is not None and old.owner != owner:
             return "client id belongs to a session of another principal"
         return None
+
+    def limits_of(self, role: str | None, owner: str | None) -> ClientLimits:
+        """``[broker.limits]`` as they apply to a client of ``role`` owned by ``owner``."""
+        return self._client_limits(role, owner)
 
     def quota_refusal(self, packet: ConnectPacket, role: str, owner: str) -> Limit | None:
         """max_connections (total and per role) and max_sessions_per_account for a CONNECT that
@@ -580,7 +584,7 @@ class GatewayBroker:
                 continue
             other, options = member
             sub_qos = options & QOS_MASK
-            other.enqueue(out.msg, min(out.qos, sub_qos), out.retain, options >> SUB_ID_SHIFT, group)
+            other.enqueue(out.msg, min(out.qos, sub_qos), out.retain, sub_ids_of(options), group)
             cs.forget_taken(out)
             self.metrics.shared_handed_over += 1
         if kept:  # no other member to take them: they stay in the session, in flight ones first
@@ -653,7 +657,9 @@ class GatewayBroker:
             msg = Message(topic, payload, props, expires_at)
         msg.shared = len(targets) + (len(shared) if shared else 0) > 1
         metrics = self.metrics
-        for cs, options in targets.values():
+        for entry in targets.values():
+            cs = entry[0]
+            options = entry[1]
             if options & NO_LOCAL and cs is publisher:
                 continue  # [MQTT-3.8.3-3]
             acl = cs.acl
@@ -664,19 +670,20 @@ class GatewayBroker:
             # [MQTT-3.3.1-12]) at min(pub, sub) [MQTT-3.8.4-6].
             sub_qos = options & QOS_MASK
             if cs.enqueue(msg, qos if qos < sub_qos else sub_qos, retain and bool(options & RETAIN_AS_PUBLISHED),
-                          options >> SUB_ID_SHIFT):
+                          delivery_ids(entry)):
                 durable = True
             if cs.backlogged:
                 self.backlogged = True  # the reader yields before routing the next message
         if shared:
-            for group, _ in shared.values():
+            for entry in shared.values():
+                group = entry[0]
                 member = group.pick(topic)
                 if member is None:
                     continue
                 cs, options = member
                 sub_qos = options & QOS_MASK
                 if cs.enqueue(msg, qos if qos < sub_qos else sub_qos, retain and bool(options & RETAIN_AS_PUBLISHED),
-                              options >> SUB_ID_SHIFT, group):
+                              sub_ids_of(options), group):
                     durable = True
                 if cs.backlogged:
                     self.backlogged = True
@@ -797,7 +804,7 @@ class GatewayBroker:
         trie walks only what the filter can match. Expired ones are dropped [MQTT-3.3.2-5]."""
         acl = cs.acl
         qos = options & QOS_MASK
-        sub_id = options >> SUB_ID_SHIFT
+        sub_ids = sub_ids_of(options)
         now = time.monotonic()
         expired: list[str] = []
         for topic, (msg, retained_qos) in self._retained.match(topic_filter):
@@ -807,7 +814,7 @@ class GatewayBroker:
             if acl is not None and not acl.may_receive(topic):
                 self.metrics.denied_receive += 1
                 continue
-            cs.enqueue(msg, min(qos, retained_qos), True, sub_id)
+            cs.enqueue(msg, min(qos, retained_qos), True, sub_ids)
         for topic in expired:
             self.metrics.expired += 1
             self._clear_retained(topic)
@@ -821,7 +828,8 @@ class GatewayBroker:
         in the retained count), QoS 0, to current subscribers whose role may read it."""
         msg = Message(topic, payload)
         self._sys_retained[topic] = msg
-        for cs, _ in self._index.match(topic).values():
+        for entry in self._index.match(topic).values():
+            cs = entry[0]
             acl = cs.acl
             if acl is not None and not acl.allow_all and not acl.may_receive(topic):
                 continue

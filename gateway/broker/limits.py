@@ -116,6 +116,7 @@ class ClientLimits:
     max_queued_bytes: int = 0
     max_retained_per_principal: int = 0
     max_retained_bytes_per_principal: int = 0
+    max_keepalive: int = 0
     max_publish_rate: float = 0.0
     max_publish_bytes_rate: float = 0.0
 

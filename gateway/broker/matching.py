@@ -4,13 +4,15 @@ Matching every published topic against every filter (splitting strings per filte
 message) costs in proportion to the filters. Here exact filters are one dict lookup and wildcard
 filters sit in a tree of levels, so routing costs one walk over the topic's levels
 whatever the number of filters. Overlapping subscriptions of one client collapse into one delivery at
-the highest granted QoS [MQTT-3.3.5-1].
+the highest granted QoS [MQTT-3.3.5-1] that carries the Subscription Identifiers of all of them
+[MQTT-3.3.4-4]: such a merged entry is ``(client, options, ids)``, every other one ``(client, options)``.
 """
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
+from gateway.broker.suboptions import QOS_MASK, SUB_ID_SHIFT, SubIds, sub_ids_of
 from gateway.topics import FilterTree
 
 T = TypeVar("T")
@@ -86,15 +88,30 @@ def covers(outer: list[str], inner: list[str]) -> bool:
     return len(outer) == n_inner
 
 
-def _merge(out: dict[str, tuple[T, int]], subs: dict[str, tuple[T, int]]) -> None:
+def _merge(out: dict[str, tuple[Any, ...]], subs: dict[str, tuple[T, int]]) -> None:
     if not out:
         out.update(subs)
         return
     for client_id, entry in subs.items():
         seen = out.get(client_id)
-        # The entry's int is the granted QoS in its two low bits (gateway.broker.suboptions).
-        if seen is None or (seen[1] & 3) < (entry[1] & 3):
-            out[client_id] = entry
+        out[client_id] = entry if seen is None else _overlap(seen, entry)
+
+
+_OPTION_BITS = (1 << SUB_ID_SHIFT) - 1
+
+
+def _overlap(seen: tuple[Any, ...], entry: tuple[T, int]) -> tuple[Any, int, SubIds]:
+    """One client matched through two filters: one delivery, with the options (No Local, Retain
+    As Published) of the subscription with the highest granted QoS [MQTT-3.3.5-1] and the
+    Subscription Identifiers of both (order not significant) [MQTT-3.3.4-4]."""
+    ids = (seen[2] if len(seen) > 2 else sub_ids_of(seen[1])) + sub_ids_of(entry[1])
+    best = seen[1] if (seen[1] & QOS_MASK) >= (entry[1] & QOS_MASK) else entry[1]
+    return seen[0], best & _OPTION_BITS, ids
+
+
+def delivery_ids(entry: tuple[Any, ...]) -> SubIds:
+    """The Subscription Identifiers of one ``match`` entry."""
+    return entry[2] if len(entry) > 2 else sub_ids_of(entry[1])
 
 
 class SubscriptionIndex(Generic[T]):
@@ -141,9 +158,9 @@ class SubscriptionIndex(Generic[T]):
         entry = subs.get(key) if subs else None
         return entry[0] if entry is not None else None
 
-    def match(self, topic: str) -> dict[str, tuple[T, int]]:
-        """Every subscribed client whose filters match, with the maximum granted QoS."""
-        out: dict[str, tuple[T, int]] = {}
+    def match(self, topic: str) -> dict[str, tuple[Any, ...]]:
+        """Every subscribed client whose filters match, with the maximum granted QoS (see ``_overlap``)."""
+        out: dict[str, tuple[Any, ...]] = {}
         exact = self._exact.get(topic)
         if exact:
             out.update(exact)

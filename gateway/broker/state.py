@@ -93,7 +93,7 @@ class StoredMessage:
     body_id: int | None = None   # shared body (broker_bodies): the same id is the same message
     props: bytes = b""              # MQTT 5.0 properties passed through to subscribers (encoded)
     expires_at: float | None = None   # end of the Message Expiry Interval on the gateway clock (gateway.clock)
-    sub_id: int = 0                 # the Subscription Identifier it is delivered with
+    sub_ids: tuple[int, ...] = ()   # the Subscription Identifiers it is delivered with
 
 
 RETRY_INITIAL_S = 0.2   # first retry of a failed commit; doubles up to RETRY_MAX_S
@@ -136,7 +136,14 @@ def _migrate(conn: sqlite3.Connection) -> None:
 
 # The broker's migrations, oldest first, run by the schema registry (gateway.migrations)
 # when the database is opened: never edit a released one.
-MIGRATIONS = (_migrate,)
+def _add_sub_ids(conn: sqlite3.Connection) -> None:
+    """broker_messages.sub_ids: every Subscription Identifier ("3,7") of a message that matched
+    overlapping subscriptions of one client (``sub_id`` keeps a single one)."""
+    if "sub_ids" not in {row[1] for row in conn.execute("PRAGMA table_info(broker_messages)")}:
+        conn.execute("ALTER TABLE broker_messages ADD COLUMN sub_ids TEXT")
+
+
+MIGRATIONS = (_migrate, _add_sub_ids)
 
 
 def _load(conn: sqlite3.Connection) -> LoadedState:
@@ -151,9 +158,9 @@ def _load(conn: sqlite3.Connection) -> LoadedState:
             sessions[cid].subscriptions[flt] = int(qos)
     next_seq = 1
     lost: list[tuple[str, int]] = []
-    for cid, seq, topic, payload, qos, retain, pid, state, body_id, body, props, expires_at, sub_id in conn.execute(
+    for cid, seq, topic, payload, qos, retain, pid, state, body_id, body, props, expires_at, sub_id, sub_ids in conn.execute(
             "SELECT m.client_id, m.seq, m.topic, m.payload, m.qos, m.retain, m.packet_id, m.state, m.body_id,"
-            " b.payload, m.props, m.expires_at, m.sub_id"
+             " b.payload, m.props, m.expires_at, m.sub_id, m.sub_ids"
             " FROM broker_messages m LEFT JOIN broker_bodies b ON b.id = m.body_id ORDER BY m.seq"):
         next_seq = max(next_seq, int(seq) + 1)
         if body_id is not None and body is None:
@@ -162,7 +169,7 @@ def _load(conn: sqlite3.Connection) -> LoadedState:
         if cid in sessions:
             sessions[cid].messages.append(StoredMessage(int(seq), topic, bytes(body if body_id is not None else payload),
                                                         int(qos), bool(retain), pid, int(state), body_id,
-                                                        bytes(props or b""), expires_at, int(sub_id or 0)))
+                                                        bytes(props or b""), expires_at, _load_ids(sub_id, sub_ids)))
     if lost:
         log.error("queued messages without their body were deleted", messages=len(lost))
         conn.executemany(_MSG_DEL, lost)
@@ -257,13 +264,13 @@ class StateStore:
 
     def queue_message(self, client_id: str, seq: int, topic: str, payload: bytes, qos: int,
                       retain: bool = False, props: bytes = b"", expires_at: float | None = None,
-                      sub_id: int = 0) -> None:
+                      sub_ids: tuple[int, ...] = ()) -> None:
         self._put(("msg", client_id, seq),
                   ("msg_put", client_id, seq, topic, payload, qos, int(retain), None, QUEUED, None, props or None,
-                   expires_at, sub_id or None))
+                   expires_at, *_store_ids(sub_ids)))
 
     def queue_shared(self, client_id: str, seq: int, msg: Any, qos: int, retain: bool = False,
-                     expires_at: float | None = None, sub_id: int = 0) -> None:
+                     expires_at: float | None = None, sub_ids: tuple[int, ...] = ()) -> None:
         """Queue ``msg`` (a ``clients.Message``: ``topic``, ``payload``, ``body_id``, ``refs``) for
         one session, its body stored once for every session that queues it. Each call must be
         matched by one :meth:`release_body` when the session is done with it."""
@@ -274,7 +281,7 @@ class StateStore:
         msg.refs += 1
         self._put(("msg", client_id, seq),
                   ("msg_put", client_id, seq, msg.topic, b"", qos, int(retain), None, QUEUED, msg.body_id,
-                   msg.props or None, expires_at, sub_id or None))
+                   msg.props or None, expires_at, *_store_ids(sub_ids)))
 
     def release_body(self, msg: Any) -> None:
         """One session is done with ``msg``: the body goes with the last reference."""
@@ -416,8 +423,24 @@ class StateStore:
 
 
 _MSG_PUT = ("INSERT OR REPLACE INTO broker_messages"
-            " (client_id, seq, topic, payload, qos, retain, packet_id, state, body_id, props, expires_at, sub_id)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+            " (client_id, seq, topic, payload, qos, retain, packet_id, state, body_id, props, expires_at, sub_id,"
+            " sub_ids) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def _store_ids(sub_ids: tuple[int, ...]) -> tuple[int | None, str | None]:
+    """``sub_id`` holds a single identifier (the column older databases have); ``sub_ids`` the
+    list when a message matched overlapping subscriptions that each have one."""
+    if not sub_ids:
+        return None, None
+    if len(sub_ids) == 1:
+        return sub_ids[0], None
+    return sub_ids[0], ",".join(map(str, sub_ids))
+
+
+def _load_ids(sub_id: int | None, sub_ids: str | None) -> tuple[int, ...]:
+    if sub_ids:
+        return tuple(int(x) for x in sub_ids.split(","))
+    return (int(sub_id),) if sub_id else ()
 _MSG_UPD = "UPDATE broker_messages SET packet_id = ?, state = ? WHERE client_id = ? AND seq = ?"
 _MSG_DEL = "DELETE FROM broker_messages WHERE client_id = ? AND seq = ?"
 

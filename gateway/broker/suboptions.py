@@ -8,6 +8,10 @@ subscription (QoS only) is the same number it always was:
 - bit 2: No Local [MQTT-3.8.3-3]; bit 3: Retain As Published [MQTT-3.3.1-12/13];
 - bits 4–5: Retain Handling (0 send retained, 1 only for a new subscription, 2 never);
 - bits 8 and up: the Subscription Identifier (0: none) [MQTT-3.3.4-3].
+
+A delivery carries its Subscription Identifiers as a tuple (``SubIds``): one client's overlapping
+subscriptions collapse into one PUBLISH that carries the identifier of every matching
+subscription that has one [MQTT-3.3.4-4].
 """
 
 from __future__ import annotations
@@ -39,6 +43,16 @@ def qos_of(options: int) -> int:
 
 def sub_id_of(options: int) -> int:
     return options >> SUB_ID_SHIFT
+
+
+SubIds = tuple[int, ...]
+NO_IDS: SubIds = ()
+
+
+def sub_ids_of(options: int) -> SubIds:
+    """The Subscription Identifiers a delivery through this one subscription carries."""
+    sub_id = options >> SUB_ID_SHIFT
+    return (sub_id,) if sub_id else NO_IDS
 
 
 def retain_handling_of(options: int) -> RetainHandling:

@@ -116,6 +116,16 @@ def explain(exc: BaseException, settings: ConnectionSettings) -> str:
     return f"{why}: {text}" if why else text
 
 
+class PublishRefused(Exception):
+    """The cloud broker answered a publish with a PUBACK reason code of 0x80 or more (MQTT
+    5.0): it will not take this message, and sending it again will not change that. The link
+    itself is fine."""
+
+    def __init__(self, reason: ReasonCode):
+        super().__init__(f"PUBACK 0x{reason.value:02x} {reason}")
+        self.code = reason.value
+
+
 class UpstreamClient(GatewayClient):
     """The cloud link's client: clear one-line failures and a prompt ``lost`` signal."""
 
@@ -143,6 +153,9 @@ class UpstreamClient(GatewayClient):
         self.up = asyncio.Event()
         self.lost = asyncio.Event()
         self._socket_error: str | None = None
+        # The cloud broker's Receive Maximum (5.0 CONNACK): the drain keeps no more in flight,
+        # or the broker disconnects it (0x93). 3.1.1 brokers queue instead: no bound.
+        self.receive_maximum: int | None = None
         self.on_connect(self._mark_up)
 
     def progress(self) -> None:
@@ -225,15 +238,23 @@ class UpstreamClient(GatewayClient):
         inner.on_log = self._on_paho_log
         aiomqtt_on_disconnect = inner.on_disconnect
         aiomqtt_on_publish = inner.on_publish
+        aiomqtt_on_connect = inner.on_connect
         acks: dict[int, asyncio.Future[None]] = {}  # this connection's publish_nowait futures
         self._acks = acks
         loop = asyncio.get_running_loop()
         loop_thread = threading.get_ident()
 
+        def on_connect(pc: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any = None) -> None:
+            maximum = getattr(properties, "ReceiveMaximum", None) if properties is not None else None
+            self.receive_maximum = int(maximum) if maximum else (65535 if self._v5 else None)
+            if aiomqtt_on_connect is not None:
+                aiomqtt_on_connect(pc, userdata, flags, reason, properties)
+
         def on_publish(pc: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
             fut = acks.pop(mid, None)
             if fut is not None:
-                _settle(loop, loop_thread, fut, None)
+                refused = isinstance(reason, ReasonCode) and reason.is_failure
+                _settle(loop, loop_thread, fut, PublishRefused(reason) if refused else None)
             if aiomqtt_on_publish is not None:
                 aiomqtt_on_publish(pc, userdata, mid, reason, properties)
 
@@ -256,12 +277,18 @@ class UpstreamClient(GatewayClient):
 
         inner.on_publish = on_publish
         inner.on_disconnect = on_disconnect
+        inner.on_connect = on_connect
         return client
+
+    @property
+    def _v5(self) -> bool:
+        return self.protocol_version == aiomqtt.ProtocolVersion.V5
 
     def publish_nowait(self, topic: str, payload: bytes, *, retain: bool = False) -> asyncio.Future[None]:
         """Hand one QoS 1 publish to paho now; the future resolves on its PUBACK.
 
-        It fails with :class:`NotConnected` when the connection drops first. Unlike
+        It fails with :class:`NotConnected` when the connection drops first, and with
+        :class:`PublishRefused` when a 5.0 PUBACK refuses the message. Unlike
         :meth:`publish` there is no task, no timeout and no aiomqtt bookkeeping per
         message: the drain keeps hundreds in flight and watches their age itself.
         Raises :class:`NotConnected` at once if there is no connection.

@@ -24,6 +24,9 @@ What makes it safe:
   end with the same row as the oldest unconfirmed (the connection dropped shortly after
   it was sent, or its PUBACK never came while later ones did), it is moved to
   ``upstream_outbox_aside`` (kept, counted, logged) and the drain goes on with the rest.
+  Over MQTT 5.0 the broker says so itself: a PUBACK with a reason code of 0x80 or more (0x87
+  not authorized, 0x97 quota, ...) sets the row aside at once, with that reason, and the
+  connection stays up; it counts as settled for the confirmed prefix.
 * **A clean stop waits for what is in flight.** On stop the drain goes on sending only
   while a row sent now can still be confirmed within ``stop_flush_s`` (twice the moving
   average of publish → PUBACK, plus 50 ms), then awaits the PUBACKs still due until
@@ -45,11 +48,11 @@ import structlog
 from gateway.mqtt import NotConnected
 from gateway.storage import Database
 from gateway.upstream.outbox import Outbox, OutboxRow, OutboxStats, wire_payload
-from gateway.upstream.connection import UpstreamClient
+from gateway.upstream.connection import PublishRefused, UpstreamClient
 
 log = structlog.get_logger(__name__)
 
-PENDING, ACKED, FAILED = 0, 1, 2
+PENDING, ACKED, FAILED, REFUSED = 0, 1, 2, 3
 
 
 @dataclass(slots=True)
@@ -57,6 +60,7 @@ class _Slot:
     row: OutboxRow
     sent_at: float
     state: int = PENDING
+    refusal: str = ""   # REFUSED: the cloud broker's PUBACK reason
 
 
 @dataclass
@@ -82,6 +86,7 @@ class _Session:
     inflight: deque[_Slot] = field(default_factory=deque)
     ahead: deque[OutboxRow] = field(default_factory=deque)  # read, not sent yet
     forget: list[int] = field(default_factory=list)  # confirmed prefix, not yet deleted
+    refused: list[tuple[OutboxRow, str]] = field(default_factory=list)  # refused in the prefix, not yet set aside
     cursor: int = 0  # the last seq read
     exhausted: bool = False  # the last read found nothing more
     max_acked: int = 0  # the highest seq acknowledged in this session
@@ -184,14 +189,16 @@ class Drain:
                 if (s.fetching is None and sending and len(s.ahead) < self.window
                         and (not s.exhausted or self.wake.is_set())):
                     s.fetching = self._background(s, self._fetch(s))
-                if s.forget and s.forgetting is None and (
-                        len(s.forget) >= self.forget_batch or not s.inflight
+                if (s.forget or s.refused) and s.forgetting is None and (
+                        s.refused or len(s.forget) >= self.forget_batch or not s.inflight
                         or now - s.last_forget >= self.forget_interval):
                     s.forgetting = self._background(s, self._forget(s))
-                while sending and s.ahead and len(s.inflight) < self.window:
+                # A 5.0 cloud broker disconnects a client over its Receive Maximum (0x93).
+                window = min(self.window, self.client.receive_maximum or self.window)
+                while sending and s.ahead and len(s.inflight) < window:
                     self._send(s, s.ahead.popleft())
                 self.counters.in_flight = len(s.inflight)
-                settled = not s.inflight and not s.forget and not s.busy
+                settled = not s.inflight and not s.forget and not s.refused and not s.busy
                 idle = settled and not s.ahead and s.exhausted
                 if hard_deadline is not None and ((settled and (idle or not sending)) or now >= hard_deadline):
                     break  # stopping: everything sent is confirmed (or the time is up)
@@ -256,7 +263,11 @@ class Drain:
         s.pending.discard(fut)
         if fut.cancelled():
             slot.state = FAILED
-        elif (exc := fut.exception()) is not None:
+        elif isinstance(exc := fut.exception(), PublishRefused):
+            slot.state = REFUSED   # the link is fine: the row goes aside, the rest goes on
+            slot.refusal = str(exc)
+            s.max_acked = max(s.max_acked, slot.row.seq)
+        elif exc is not None:
             slot.state = FAILED
             s.failed = s.failed or str(exc)
         else:
@@ -269,10 +280,13 @@ class Drain:
     def _retire(self, s: _Session) -> None:
         """Move the acknowledged prefix to the forget list."""
         progressed = False
-        while s.inflight and s.inflight[0].state == ACKED:
+        while s.inflight and s.inflight[0].state in (ACKED, REFUSED):
             slot = s.inflight.popleft()
-            s.forget.append(slot.row.seq)
-            self.counters.published += 1
+            if slot.state == REFUSED:
+                s.refused.append((slot.row, slot.refusal))
+            else:
+                s.forget.append(slot.row.seq)
+                self.counters.published += 1
             progressed = True
         if progressed:
             s.gap_since = None
@@ -311,8 +325,11 @@ class Drain:
     async def _forget(self, s: _Session) -> None:
         """Delete the confirmed prefix gathered so far (one transaction for the batch)."""
         done, s.forget = s.forget, []
+        refused, s.refused = s.refused, []
 
         def work(conn: Any) -> OutboxStats:
+            for row, reason in refused:
+                self.outbox.set_aside(conn, row.seq, f"refused by the cloud broker: {reason}")
             self.outbox.delete_sent(conn, done)
             return self.outbox.stats(conn)
 
@@ -320,7 +337,12 @@ class Drain:
             self.stats = await self.db.run(work)
         except BaseException:
             s.forget[:0] = done  # not deleted: still owed to the next attempt
+            s.refused[:0] = refused
             raise
+        for row, reason in refused:
+            self.counters.set_aside += 1
+            log.warning("upstream message set aside: the cloud broker refused it", seq=row.seq, kind=row.kind,
+                        topic=row.topic, reason=reason)
         self.counters.forget_commits += 1
         s.last_forget = time.monotonic()
 
@@ -334,7 +356,7 @@ class Drain:
         for task in (s.fetching, s.forgetting):
             if task is not None:
                 await asyncio.gather(task, return_exceptions=True)  # database work: let it finish
-        if s.forget:
+        if s.forget or s.refused:
             await self._forget(s)
         if ended == "broken":
             self.counters.gaps += 1

@@ -104,6 +104,7 @@ class UpstreamLink:
             will_payload=self._status_payload("offline"),
             will_retain=True,
             max_inflight=window,
+            protocol=up.protocol,
         )
         self.client = UpstreamClient(settings, backoff_initial=backoff_initial, backoff_max=backoff_max,
                                      healthy_after_s=healthy_after_s, storage_probe=db.probe)

@@ -355,6 +355,57 @@ async def test_publish_rate_slows_the_flooder_not_the_others(gw):
     echo.disconnect()
 
 
+async def test_publish_rate_slows_a_v5_client_rather_than_disconnecting_it(gw):
+    """Over ``max_publish_rate`` a 5.0 client is read more slowly, as a 3.1.1 one is (EMQX's
+    limiter pauses the same way; Mosquitto has no publish rate limit): no DISCONNECT 0x96,
+    every QoS 1 message acknowledged 0x00 (none lost), at the rate."""
+    from tests.broker.v5 import DISCONNECT, RawClient5, ack_reason
+
+    device = RawClient5(gw.port)
+    assert await device.connect5("plc-1-rate5", **_login("plc-1")) == (False, 0)
+    start = time.monotonic()
+    for n in range(60):
+        device.publish5(f"{P}/devices/plc-1/telemetry/rate5", str(n).encode(), 1)
+    reasons = []
+    for _ in range(60):
+        pkt = await device.read(timeout=10)
+        assert pkt is not None and pkt.type != DISCONNECT, pkt
+        assert pkt.type == PUBACK
+        reasons.append(ack_reason(pkt))
+    assert reasons == [0] * 60
+    assert time.monotonic() - start >= 1.5   # 60 at 20/s after a burst of 20: about 2 s
+    device.disconnect5()
+
+
+async def test_an_mqtt_delivery_carries_message_expiry_and_its_message_id_to_a_v5_device(gw):
+    """The gateway's own client speaks 5.0 to the embedded broker, so an MQTT delivery carries
+    the job's TTL left at send time as Message Expiry Interval (§3.3.2.3.3) and the delivery's
+    ``message_id`` as a User Property (§3.3.2.3.7), as a paho 5.0 device sees them."""
+    from tests.broker.v5 import Paho5
+
+    device = await Paho5(gw.port, "plc-8-v5", username="plc-8", password="pw-plc-8").connect()
+    try:
+        assert device.connack is not None and device.connack[0] == 0
+        assert await device.subscribe(f"{P}/devices/plc-8/notify", 1) == [1]
+        tech = RawClient(gw.port)
+        assert await tech.connect("tech-ttl", **_login("tech-1")) == (False, 0)
+        job = {"job_id": "job-ttl", "target": {"devices": ["plc-8"]},
+               "notification": {"title": "ttl", "body": "b", "ttl": 600}}
+        tech.publish(f"{P}/jobs", json.dumps(job).encode(), 1)
+        await tech.expect(PUBACK)
+        tech.disconnect()
+        deadline = time.monotonic() + 20
+        while not any(b"job-ttl" in m.payload for m in device.messages):
+            assert time.monotonic() < deadline, gw.log()[-6000:]
+            await asyncio.sleep(0.05)
+        got = next(m for m in device.messages if b"job-ttl" in m.payload)
+        envelope = json.loads(got.payload)
+        assert 590 <= got.props["MessageExpiryInterval"] <= 600
+        assert ["message_id", envelope["message_id"]] in [list(p) for p in got.props["UserProperty"]]
+    finally:
+        await device.stop()
+
+
 async def test_connections_per_role(gw):
     """Three anonymous clients at once, no more (CONNACK 0x03); accounts still get in."""
     port = gw.port

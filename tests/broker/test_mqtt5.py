@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.broker.helpers import PUBACK, PUBCOMP, PUBLISH, PUBREC, PUBREL, RawClient, start_broker, until
-from tests.broker.v5 import DISCONNECT, RawClient5, ack_reason, disconnect_reason
+from tests.broker.v5 import DISCONNECT, RawClient5, ack_reason, decode_props, disconnect_reason
 
 P = "homepot/site-t"
 USER = 0x26
@@ -196,6 +196,43 @@ async def test_subscription_identifiers_and_unsuback_reason_codes(broker):
     assert await c.unsubscribe5("id/a/#", "never/subscribed") == [0x00, 0x11]
     c.disconnect5()
     pub.disconnect()
+
+
+async def test_overlapping_subscriptions_send_one_copy_with_every_identifier(tmp_path):
+    """[MQTT-3.3.4-3/4]: a client whose subscriptions overlap gets one copy, at the highest
+    granted QoS [MQTT-3.3.4-2], carrying the Subscription Identifier of every matching
+    subscription that has one (order not significant); a matching subscription without one adds
+    none. The identifiers of a message queued for an offline session survive a restart."""
+    broker = await start_broker(tmp_path)
+    port = broker.port
+    c = await _client(port, "overlap", clean_start=False, props={0x11: 3600})
+    assert await c.subscribe5(("ov/#", 0), props={0x0B: [1]}) == [0]
+    assert await c.subscribe5(("ov/+/x", 1), props={0x0B: [2]}) == [1]
+    assert await c.subscribe5(("ov/a/x", 0)) == [0]
+    pub = await _client(port, "ovpub")
+    pub.publish5("ov/a/x", b"one", 1, packet_id=1)
+    got = await c.next_publish()
+    assert got.qos == 1 and got.payload == b"one"
+    assert sorted(got.props[0x0B]) == [1, 2]
+    c.send(bytes([PUBACK << 4, 2]) + got.packet_id.to_bytes(2, "big"))
+    assert await c.read(timeout=0.3) is None   # one copy, not one per filter
+    pub.publish5("ov/b/y", b"two", 0)          # only ov/# matches: its identifier alone
+    assert (await c.next_publish()).props[0x0B] == [1]
+    c.disconnect5()
+    await until(lambda: broker.broker._clients["overlap"].handler is None)  # noqa: SLF001 - offline before the publish
+    pub.publish5("ov/q/x", b"queued", 1, packet_id=2)
+    assert ack_reason(await pub.read()) == 0
+    pub.disconnect5()
+    await broker.stop()
+    broker = await start_broker(tmp_path, port)
+    try:
+        c = RawClient5(port)
+        assert await c.connect5("overlap", clean_start=False, props={0x11: 3600}) == (True, 0)
+        got = await c.next_publish()
+        assert got.payload == b"queued" and sorted(got.props[0x0B]) == [1, 2]
+        c.disconnect5()
+    finally:
+        await broker.stop()
 
 
 async def test_session_expiry_and_clean_start(broker):
@@ -531,3 +568,67 @@ async def test_topic_aliases_towards_a_client_that_allows_them(broker):
     c.disconnect5()
     plain.disconnect5()
     pub.disconnect()
+
+
+async def test_server_keep_alive_above_the_roles_maximum(tmp_path):
+    """``[broker.limits] max_keepalive``: a 5.0 client asking for more, or for none, is told the
+    maximum as Server Keep Alive, which it MUST use [MQTT-3.2.2-21], and the broker holds it to
+    that (DISCONNECT 0x8D after 1.5 x); a client within it gets no Server Keep Alive and keeps
+    its own [MQTT-3.2.2-22]. A 3.1.1 client cannot be told: CONNACK 0x02, as Mosquitto does."""
+    b = await start_broker(tmp_path, broker={"limits": {"admin": {"max_keepalive": 2}}})
+    try:
+        long = RawClient5(b.port)
+        assert await long.connect5("ka-long", keepalive=600) == (False, 0)
+        assert long.connack_props[0x13] == 2
+        none = RawClient5(b.port)
+        assert await none.connect5("ka-none", keepalive=0) == (False, 0)
+        assert none.connack_props[0x13] == 2
+        short = RawClient5(b.port)
+        assert await short.connect5("ka-short", keepalive=1) == (False, 0)
+        assert 0x13 not in short.connack_props
+        started = time.monotonic()
+        pkt = await long.expect(DISCONNECT, timeout=10)   # silent: held to 2 s, not its 600
+        assert disconnect_reason(pkt) == 0x8D
+        assert time.monotonic() - started < 6
+        v3 = RawClient(b.port)
+        assert await v3.connect("ka-v3", keepalive=600) == (False, 0x02)
+        ok = RawClient(b.port)
+        assert await ok.connect("ka-v3-ok", keepalive=2) == (False, 0)
+        ok.disconnect()
+    finally:
+        await b.stop()
+
+
+async def test_refusals_carry_a_reason_string_unless_problem_information_is_off(tmp_path):
+    """A refused CONNECT and a refused PUBLISH tell a 5.0 client why in a Reason String
+    (§3.2.2.3.9, §3.4.2.2.2); a client that set Request Problem Information to 0 gets none on the
+    PUBACK [MQTT-3.1.2-29]. Request Response Information 1 gets no Response Information: it is
+    the server's choice (§3.1.2.11.7), and request/response here is Response Topic + Correlation
+    Data, passed through."""
+    from tests.support import free_port
+
+    port = free_port()
+    b = await start_broker(tmp_path, port=port, broker={"listeners": [
+        {"name": "local", "type": "tcp", "bind": f"127.0.0.1:{port}", "allow_anonymous": True,
+         "anonymous_role": "monitor"}]})
+    try:
+        told = await _client(port, "told", props={0x19: 1})
+        assert 0x1A not in told.connack_props
+        told.publish5(f"{P}/jobs", b"{}", 1, packet_id=1)
+        ack = await told.expect(PUBACK)
+        assert ack_reason(ack) == 0x87
+        assert "not authorized" in decode_props(ack.body, 3)[0][0x1F]
+        quiet = await _client(port, "quiet", props={0x17: 0})
+        quiet.publish5(f"{P}/jobs", b"{}", 1, packet_id=1)
+        ack = await quiet.expect(PUBACK)
+        assert ack_reason(ack) == 0x87 and len(ack.body) == 3   # no properties at all
+        told.disconnect5()
+        quiet.disconnect5()
+        c = RawClient5(port)
+        assert await c.connect5("auth", props={0x15: "SCRAM-SHA-1"}) == (False, 0x8C)
+        assert "not supported" in c.connack_props[0x1F]
+        c = RawClient5(port)
+        assert await c.connect5("auth2", props={0x15: "SCRAM-SHA-1", 0x17: 0}) == (False, 0x8C)
+        assert 0x1F not in c.connack_props
+    finally:
+        await b.stop()

@@ -39,7 +39,7 @@ def test_index_routes_like_matching_every_filter(steps, topics):
             subs.pop((topic_filter, client_id), None)
         assert len(index) == len(subs)
         for topic in topics:
-            got = {client_id: qos for client_id, (_, qos) in index.match(topic).items()}
+            got = {client_id: entry[1] for client_id, entry in index.match(topic).items()}
             assert got == _expected(subs, topic), (topic, subs)
 
 

@@ -20,12 +20,15 @@ class RecordingClient:
 
     def __init__(self, fail: bool = False):
         self.published: list[tuple[str, dict, int, bool]] = []
+        self.props: list[tuple[int | None, list[tuple[str, str]] | None]] = []
         self.fail = fail
 
-    async def publish(self, topic, payload, qos=1, retain=False):  # noqa: ANN001
+    async def publish(self, topic, payload, qos=1, retain=False, *, expiry_s=None,  # noqa: ANN001
+                      user_properties=None):  # noqa: ANN001
         if self.fail:
             raise NotConnected("down")
         self.published.append((topic, json.loads(payload), qos, retain))
+        self.props.append((expiry_s, user_properties))
 
 
 def delivery(options: dict) -> Delivery:
@@ -95,3 +98,16 @@ async def test_a_broker_the_gateway_left_on_purpose_pauses_the_bridge_and_spends
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+async def test_the_ttl_left_and_the_message_id_go_with_the_publish():
+    """Message Expiry Interval = the job's TTL left at send time (at least 1 s); the
+    delivery's message_id as a User Property (used by the client over 5.0 only)."""
+    client = RecordingClient()
+    bridge = build(MqttBridge(), BridgeContext(client, Topics("p/s"), Path(".")))  # type: ignore[arg-type]
+    await bridge.send(delivery({}))
+    now = datetime.now(UTC)
+    await bridge.send(Delivery("m-2", "j1", "plc-1", MqttChannel(platform="mqtt"), Notification(title="t"), {},
+                               now, now))
+    assert client.props == [(3600, [("message_id", "0b7f0c6e-6f0e-4c1e-9b0a-6a1f1c2d3e4f")]),
+                            (1, [("message_id", "m-2")])]

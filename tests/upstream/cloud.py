@@ -35,6 +35,7 @@ class Cloud:
     port: int = field(default_factory=free_port)
     plain_port: int = field(default_factory=free_port)  # same accounts, no TLS (for fault proxies)
     mosquitto: Mosquitto | None = None
+    deny: list[str] = field(default_factory=list)   # topics the gateway's account may not use (ACL)
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -67,7 +68,17 @@ class Cloud:
             f"password_file {self.passwd}\nallow_anonymous false\n"
             "max_queued_messages 100000\nmax_inflight_messages 100\n"
             f"listener {self.plain_port} 127.0.0.1\n"
+            + self._acl()
         )
+
+    def _acl(self) -> str:
+        """An ACL file when topics are denied: everything allowed to both accounts but those."""
+        if not self.deny:
+            return ""
+        acl = self.workdir / "acl"
+        acl.write_text(f"user {GW_USER}\n" + "".join(f"topic deny {t}\n" for t in self.deny)
+                       + f"topic readwrite #\nuser {OBSERVER_USER}\ntopic readwrite #\n")
+        return f"acl_file {acl}\n"
 
     def start(self) -> "Cloud":
         self.mosquitto = Mosquitto(self.workdir, self.port, extra_conf=self.conf()).start()
@@ -79,9 +90,12 @@ class Cloud:
 
     def plain_section(self, port: int, **overrides: Any) -> dict[str, Any]:
         """``[upstream]`` for a plaintext link to ``port`` (a fault proxy in front of
-        :attr:`plain_port`): same account, so ``allow_plaintext`` must be set."""
+        :attr:`plain_port`): same account, so ``allow_plaintext`` must be set. The fault proxy
+        reads 3.1.1 frames (a 5.0 PUBLISH has properties before its payload), so the link speaks
+        3.1.1 unless told otherwise; tests/upstream/test_v5_link.py covers 5.0."""
         section: dict[str, Any] = {"url": f"mqtt://127.0.0.1:{port}", "username": GW_USER,
-                                   "password_file": str(self.password_file), "allow_plaintext": True}
+                                   "password_file": str(self.password_file), "allow_plaintext": True,
+                                   "protocol": "3.1.1"}
         section.update(overrides)
         return section
 

@@ -69,6 +69,7 @@ class Connection:
         self.no_will = False         # closed for the broker's own trouble: the client did nothing wrong
         self.closed = False
         self.clean_disconnect = False  # a DISCONNECT that suppresses the will was received
+        self.problem_info = True       # 5.0 Request Problem Information: Reason Strings on acks [MQTT-3.1.2-29]
         # Limits of the peer (5.0): its Receive Maximum and Maximum Packet Size.
         self.send_quota = 65535
         self.max_packet_out: int | None = None

@@ -124,6 +124,26 @@ def _is_utf8(data: bytes) -> bool:
     return True
 
 
+def _refuse(conn: Connection, packet: ConnectPacket, reason: int, why: str) -> None:
+    """A refusing CONNACK; a 5.0 client is told why in a Reason String unless it set Request
+    Problem Information to 0 (a CONNACK may carry one even then [MQTT-3.1.2-29]; we honour the
+    client's wish). The string names the rule, never a secret."""
+    props = b""
+    if packet.version == V5 and packet.props.get(Prop.REQUEST_PROBLEM_INFORMATION, 1):
+        props = P.encode({Prop.REASON_STRING: why})
+    conn.write(send_connack(packet.version, False, reason, props))
+
+
+def _keepalive(packet: ConnectPacket, maximum: int) -> tuple[int, bool]:
+    """The Keep Alive the broker holds the client to, and whether it differs from the asked one
+    (then a 5.0 client is told it as Server Keep Alive, which it MUST use [MQTT-3.2.2-21]; without
+    one the broker uses the asked value [MQTT-3.2.2-22]). ``maximum`` 0: none."""
+    asked = packet.keepalive
+    if maximum and (asked == 0 or asked > maximum):
+        return maximum, True
+    return asked, False
+
+
 async def handle(conn: Connection, body: bytes) -> bool:
     """Decode, authenticate, open the session and answer; True when the client is in."""
     gw = conn.gw
@@ -144,7 +164,7 @@ async def handle(conn: Connection, body: bytes) -> bool:
     if v5 and Prop.AUTHENTICATION_METHOD in packet.props:
         log.info("connection refused: enhanced authentication is not supported", remote=conn.remote,
                  method=packet.props[Prop.AUTHENTICATION_METHOD])
-        conn.write(send_connack(V5, False, Reason.BAD_AUTHENTICATION_METHOD))
+        _refuse(conn, packet, Reason.BAD_AUTHENTICATION_METHOD, "enhanced authentication is not supported")
         return False
     assigned = None
     if not packet.client_id:
@@ -159,7 +179,8 @@ async def handle(conn: Connection, body: bytes) -> bool:
         gw.metrics.auth_failures += 1
         log.info("mqtt connection refused", client_id=packet.client_id, username=packet.username,
                  listener=conn.section.name, reason_code=f"0x{int(reason):02x}")
-        conn.write(send_connack(packet.version, False, reason))
+        _refuse(conn, packet, reason, "bad user name or password" if reason == Reason.BAD_USER_NAME_OR_PASSWORD
+                else "not authorized on this listener")
         return False
     owner = gw.owner_of(packet.username, conn.section)
     refusal = gw.ownership_refusal(packet.client_id, owner)
@@ -168,7 +189,7 @@ async def handle(conn: Connection, body: bytes) -> bool:
         gw.metrics.sessions_refused += 1
         log.warning("mqtt connection refused: " + refusal, client_id=packet.client_id, username=packet.username,
                     role=role, listener=conn.section.name, reason_code="0x87")
-        conn.write(send_connack(packet.version, False, Reason.NOT_AUTHORIZED))
+        _refuse(conn, packet, Reason.NOT_AUTHORIZED, refusal)
         return False
     limit = gw.quota_refusal(packet, role, owner)
     if limit is not None:
@@ -176,11 +197,20 @@ async def handle(conn: Connection, body: bytes) -> bool:
         reason = Reason(limit.verdict.v5_reason)
         gw.limit_log.hit(limit, packet.client_id, username=packet.username, role=role, listener=conn.section.name,
                          reason_code=f"0x{int(reason):02x}")
-        conn.write(send_connack(packet.version, False, reason))
+        _refuse(conn, packet, reason, f"limit reached: {limit.value}")
         return False
-    conn.set_keepalive(packet.keepalive)
+    keepalive, overridden = _keepalive(packet, gw.limits_of(role, owner).max_keepalive)
+    if overridden and not v5:
+        # 3.1.1 has no way to tell the client a shorter Keep Alive; held to one it does not
+        # know, it would be dropped again and again. Refused as Mosquitto does (0x02).
+        log.info("mqtt connection refused: keep alive above the role's max_keepalive", client_id=packet.client_id,
+                 username=packet.username, role=role, keepalive=packet.keepalive, max_keepalive=keepalive)
+        conn.write(send_connack(V311, False, Reason.CLIENT_IDENTIFIER_NOT_VALID))
+        return False
+    conn.set_keepalive(keepalive)
     props: P.Properties = {}
     if v5:
+        conn.problem_info = bool(packet.props.get(Prop.REQUEST_PROBLEM_INFORMATION, 1))
         conn.send_quota = packet.props.get(Prop.RECEIVE_MAXIMUM, 65535)
         conn.max_packet_out = packet.props.get(Prop.MAXIMUM_PACKET_SIZE)
         conn.topic_alias_max_out = packet.props.get(Prop.TOPIC_ALIAS_MAXIMUM, 0)
@@ -188,6 +218,11 @@ async def handle(conn: Connection, body: bytes) -> bool:
         props[Prop.TOPIC_ALIAS_MAXIMUM] = conn.topic_alias_maximum
         if assigned is not None:
             props[Prop.ASSIGNED_CLIENT_IDENTIFIER] = assigned
+        if overridden:
+            props[Prop.SERVER_KEEP_ALIVE] = keepalive   # the client MUST use it [MQTT-3.2.2-21]
+        # Request Response Information: no Response Information is sent (the standard leaves
+        # it to the server, §3.1.2.11.7; Mosquitto sends none either): request/response on
+        # this broker uses Response Topic and Correlation Data, which pass through.
     cs, present = gw.open_session(conn, packet, role, owner, account_hash)
     conn.client = cs
     conn.max_packet_in = cs.limits.max_packet_size   # [broker.limits] of its role, from now on

@@ -125,7 +125,7 @@ def _accept(conn: Connection, cs: ClientState, topic: str, packet_id: int | None
         if v5 and qos:
             metrics.protocol_errors += 1
             log.info("PUBLISH refused: topic name invalid", client_id=cs.client_id, topic=topic)
-            return _answer(conn, qos, packet_id, Reason.TOPIC_NAME_INVALID, False)
+            return _answer(conn, qos, packet_id, Reason.TOPIC_NAME_INVALID, False, "topic name invalid")
         raise Malformed(f"invalid topic name {topic!r}", Reason.TOPIC_NAME_INVALID)
     store = cs.store
     if qos == 2:
@@ -142,7 +142,8 @@ def _accept(conn: Connection, cs: ClientState, topic: str, packet_id: int | None
         metrics.denied_publish += 1
         gw.log_denied_publish(cs, topic, v5)
         if v5:
-            return _answer(conn, qos, packet_id, Reason.NOT_AUTHORIZED, False)   # the exchange ends here
+            return _answer(conn, qos, packet_id, Reason.NOT_AUTHORIZED, False,   # the exchange ends here
+                           "not authorized to publish to this topic")
         # Dropped and counted; still acknowledged: 3.1.1 has no negative PUBACK [MQTT-3.3.5-2].
         durable = False
     else:
@@ -156,7 +157,7 @@ def _accept(conn: Connection, cs: ClientState, topic: str, packet_id: int | None
         if reason:
             # The exchange ends with this answer (a refusing PUBREC too: no PUBREL follows, so
             # the packet id is not remembered).
-            return _answer(conn, qos, packet_id, reason, durable)
+            return _answer(conn, qos, packet_id, reason, durable, "retained quota reached: delivered, not retained")
     if qos == 2:
         assert packet_id is not None
         cs.qos2_in.add(packet_id)
@@ -169,8 +170,10 @@ def _accept(conn: Connection, cs: ClientState, topic: str, packet_id: int | None
 
 
 def _answer(conn: Connection, qos: int, packet_id: int | None, reason: int,
-            durable: bool) -> asyncio.Task[None] | None:
-    """The PUBACK/PUBREC: at once (with the others of this read), or after the commit."""
+            durable: bool, why: str = "") -> asyncio.Task[None] | None:
+    """The PUBACK/PUBREC: at once (with the others of this read), or after the commit. A
+    refusal carries ``why`` as a Reason String to a 5.0 client that did not set Request Problem
+    Information to 0 [MQTT-3.1.2-29]."""
     if qos == 0:
         return None
     assert packet_id is not None
@@ -179,7 +182,8 @@ def _answer(conn: Connection, qos: int, packet_id: int | None, reason: int,
         # Receive Maximum. Counted off when decided rather than when written (after a commit): a
         # client is never disconnected for acknowledgements it has not seen yet.
         conn.unacked_in -= 1
-    ack = send_ack(PUBACK_B if qos == 1 else PUBREC_B, packet_id, reason)
+    props = P.encode({Prop.REASON_STRING: why}) if why and conn.problem_info and conn.version == V5 else b""
+    ack = send_ack(PUBACK_B if qos == 1 else PUBREC_B, packet_id, reason, props)
     if durable:
         shared = conn.gw.shared_commit_barrier()
         if shared is not None:
