@@ -85,7 +85,7 @@ def test_install_is_one_idempotent_step(installed: Installed):
     assert f"created system user {installed.user}" in first and "created system user" not in second
     assert f"wrote {installed.config}" in first and f"kept the existing {installed.config}" in second
     assert "code unchanged since the last install" in second
-    assert "listeners" in first and "allow_anonymous" in first and "bridges" in first  # what to edit next
+    assert "listeners" in first and "no anonymous clients" in first and "bridges" in first  # what to edit next
 
     # The CLI is on the PATH directory, and it runs.
     assert installed.cli.is_symlink() and installed.cli.resolve() == (installed.path("PREFIX") / "bin/homepot-gateway").resolve()
@@ -120,6 +120,44 @@ def test_install_is_one_idempotent_step(installed: Installed):
     verify = subprocess.run([require_tool("systemd-analyze"), "verify", str(unit)], capture_output=True, text=True)
     assert verify.returncode == 0, verify.stderr
     assert "homepot-gateway.service" not in verify.stderr, verify.stderr
+
+
+def test_install_writes_a_closed_production_config_and_an_upgrade_keeps_an_edited_one(installed: Installed):
+    """The demo config (simulation fleet, anonymous technicians on loopback, test rules) is
+    the checkout's, not a site's: the install writes the closed template instead."""
+    import tomllib
+
+    text = installed.config.read_text()
+    cfg = tomllib.loads(text)
+    listeners = cfg["broker"]["listeners"]
+    assert listeners and all(lst.get("allow_anonymous") is False for lst in listeners), listeners
+    assert cfg["bridges"]["simulation"]["enabled"] is False
+    assert "rules" not in cfg and "url" not in cfg["broker"]
+    assert cfg["logging"]["format"] == "json"
+    # TLS and the push platforms are there to uncomment, with paths of this install.
+    assert '# type = "tls"' in text and f'# certfile = "{installed.path("CONFDIR")}/broker.pem"' in text
+    for section in ("# [bridges.fcm]", "# [bridges.apns]", "# [bridges.webpush]"):
+        assert section in text
+    assert "@" + "STATEDIR@" not in text and "@" + "CONFDIR@" not in text
+    # No role that can send jobs gets in without an account: an anonymous CONNECT is refused.
+    port = free_port()
+    installed.config.write_text(text.replace("127.0.0.1:1883", f"127.0.0.1:{port}"))
+    daemon = ServiceDaemon(installed)
+    daemon.start()
+    try:
+        from tests.test_reload import connect_rc
+
+        assert connect_rc(port, None, None) != 0
+    finally:
+        assert daemon.stop() == 0
+    # An upgrade keeps the operator's config byte for byte.
+    edited = text + "\n# edited by the operator\n"
+    installed.config.write_text(edited)
+    res = subprocess.run([str(ROOT / "systemd" / "install.sh")], env={**os.environ, **installed.env},
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"kept the existing {installed.config}" in res.stdout
+    assert installed.config.read_text() == edited
 
 
 class ServiceDaemon:
@@ -169,6 +207,8 @@ def foreign_files(inst: Installed) -> list[str]:
 def test_root_cli_against_the_service_leaves_nothing_the_service_cannot_use(installed: Installed):
     port = free_port()
     text = installed.config.read_text()
+    # The demo fleet is off in the installed config; this test's devices are simulated.
+    text = text.replace("[bridges.simulation]\nenabled = false", "[bridges.simulation]\nenabled = true")
     installed.config.write_text(text.replace("127.0.0.1:1883", f"127.0.0.1:{port}"))
     daemon = ServiceDaemon(installed)
     daemon.start()
@@ -180,7 +220,7 @@ def test_root_cli_against_the_service_leaves_nothing_the_service_cannot_use(inst
 
         assert connect_rc(port, "plc-1", "pw-1") == 0
         assert root_cli(installed, "devices", "add", "sim-1", "--platform", "simulation").returncode == 0
-        res = root_cli(installed, "send", "--title", "t", "--all", "--job-id", "svc-1", "--wait",
+        res = root_cli(installed, "send", "--title", "t", "--all", "--yes", "--job-id", "svc-1", "--wait",
                        "--until", "acknowledged", "--timeout", "60")
         assert res.returncode == 0, res.stderr
         assert "no homepot-gateway daemon" not in res.stderr
@@ -191,7 +231,7 @@ def test_root_cli_against_the_service_leaves_nothing_the_service_cannot_use(inst
         assert daemon.stop() == 0
 
         # With the service down, root's CLI creates the database side files itself.
-        res = root_cli(installed, "send", "--title", "t", "--all", "--job-id", "svc-2")
+        res = root_cli(installed, "send", "--title", "t", "--all", "--yes", "--job-id", "svc-2")
         assert res.returncode == 0 and "no homepot-gateway daemon runs on" in res.stderr
         assert root_cli(installed, "devices", "add", "sim-2", "--platform", "simulation").returncode == 0
         assert root_cli(installed, "users", "add", "plc-2", "--role", "device", "--password-stdin",
@@ -200,7 +240,7 @@ def test_root_cli_against_the_service_leaves_nothing_the_service_cannot_use(inst
 
         # The service starts on that state and finishes the job queued while it was down.
         daemon.start()
-        res = root_cli(installed, "send", "--title", "t", "--all", "--job-id", "svc-3", "--wait",
+        res = root_cli(installed, "send", "--title", "t", "--all", "--yes", "--job-id", "svc-3", "--wait",
                        "--until", "acknowledged", "--timeout", "60")
         assert res.returncode == 0, res.stderr
         shown = json.loads(root_cli(installed, "jobs", "show", "svc-2", "--json").stdout)
@@ -213,3 +253,184 @@ def test_root_cli_against_the_service_leaves_nothing_the_service_cannot_use(inst
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.proc.kill()
             daemon.proc.wait()
+
+
+# --------------------------------------------------------------------------- under a real systemd
+def _prepare_nspawn_host() -> None:
+    """What systemd-nspawn expects of a host that runs systemd, made by hand on one that does
+    not (these machines boot a VM init as PID 1): the inaccessible nodes it bind-mounts over
+    /proc entries, and a tmpfs for its propagation directory (it refuses to clean one up on
+    a disk file system)."""
+    import socket
+    import stat as st
+
+    base = Path("/run/systemd/inaccessible")
+    base.mkdir(parents=True, exist_ok=True)
+    nodes = {"reg": st.S_IFREG, "dir": None, "chr": st.S_IFCHR, "blk": st.S_IFBLK, "fifo": st.S_IFIFO}
+    for name, kind in nodes.items():
+        path = base / name
+        if path.exists():
+            continue
+        if kind is None:
+            path.mkdir(mode=0)
+        else:
+            os.mknod(path, kind | 0, os.makedev(0, 0))
+        path.chmod(0)
+    if not (base / "sock").exists():
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(base / "sock"))
+        sock.close()
+        (base / "sock").chmod(0)
+    propagate = Path("/run/systemd/nspawn")
+    propagate.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mountpoint", "-q", str(propagate)]).returncode != 0:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", str(propagate)], check=True)
+
+
+class Container:
+    """The host's own /usr and /etc under a throw-away overlay, systemd as PID 1
+    (``systemd-nspawn --volatile=overlay --boot``), the install root bound in at its path."""
+
+    def __init__(self, inst: Installed, unit: Path):
+        self.name = f"hpgw{os.getpid() % 100000}"
+        self.log = inst.root / "container.log"
+        self.proc = subprocess.Popen(
+            [require_tool("systemd-nspawn"), "--quiet", "--register=no", "--keep-unit", "--directory=/",
+             "--volatile=overlay", f"--machine={self.name}", f"--bind={inst.root}",
+             f"--bind-ro={unit}:/etc/systemd/system/homepot-gateway.service", "--boot"],
+            stdin=subprocess.DEVNULL, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+        self.leader = self._find_leader()
+        self.wait_booted()
+
+    def _find_leader(self) -> int:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"systemd-nspawn exited {self.proc.returncode}:\n{self.log.read_text()}"
+            todo, seen = [self.proc.pid], set()
+            while todo:
+                pid = todo.pop()
+                seen.add(pid)
+                try:
+                    if Path(f"/proc/{pid}/comm").read_text().strip() == "systemd" and pid != self.proc.pid:
+                        return pid
+                    for task in Path(f"/proc/{pid}/task").iterdir():
+                        todo += [int(c) for c in (task / "children").read_text().split() if int(c) not in seen]
+                except (FileNotFoundError, ProcessLookupError):
+                    continue
+            time.sleep(0.2)
+        raise AssertionError(f"no systemd in the container:\n{self.log.read_text()}")
+
+    def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["nsenter", f"--target={self.leader}", "--all", *args], capture_output=True, text=True,
+                              timeout=timeout, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"})
+
+    def wait_booted(self) -> None:
+        deadline = time.monotonic() + 180
+        state = ""
+        while time.monotonic() < deadline:
+            state = self.run("systemctl", "is-system-running").stdout.strip()
+            if state in ("running", "degraded"):
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"the container's systemd did not finish booting ({state!r}):\n{self.log.read_text()}")
+
+    def show(self, *props: str) -> dict[str, str]:
+        out = self.run("systemctl", "show", "homepot-gateway", "-p", ",".join(props)).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def journal(self) -> list[str]:
+        return self.run("journalctl", "-u", "homepot-gateway", "-o", "cat", "--no-pager").stdout.splitlines()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.run("systemctl", "poweroff", "--no-block")
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def test_the_unit_under_a_real_systemd(installed: Installed):
+    """systemd 252 as PID 1 in a container starts the installed unit with all its hardening:
+    READY=1, watchdog pings, reload, stop within TimeoutStopSec, JSON lines in the journal,
+    argon2 (password check in the daemon) and cffi/libcurl under MemoryDenyWriteExecute and
+    the syscall filter."""
+    require_tool("systemd-nspawn")
+    require_tool("nsenter")
+    _prepare_nspawn_host()
+    port, http_port = free_port(), free_port()
+    text = installed.config.read_text()
+    installed.config.write_text(text.replace("127.0.0.1:1883", f"127.0.0.1:{port}")
+                                .replace("127.0.0.1:8080", f"127.0.0.1:{http_port}"))
+    assert root_cli(installed, "users", "add", "plc-1", "--role", "device", "--password-stdin",
+                    input="pw-1\n").returncode == 0
+    # The installed unit, with a short watchdog so that a missing ping shows within the test.
+    unit = installed.root / "unit-under-test.service"
+    body = (installed.path("UNITDIR") / "homepot-gateway.service").read_text()
+    unit.write_text(body.replace("WatchdogSec=30s", "WatchdogSec=3s"))
+    box = Container(installed, unit)
+    try:
+        started = time.monotonic()
+        res = box.run("systemctl", "start", "homepot-gateway", timeout=90)
+        assert res.returncode == 0, res.stderr + "\n".join(box.journal())
+        # Type=notify: "active (running)" only once the daemon sent READY=1.
+        props = box.show("ActiveState", "SubState", "MainPID", "StatusText", "NRestarts")
+        assert (props["ActiveState"], props["SubState"]) == ("active", "running"), props
+        assert props["StatusText"].startswith("running"), props
+        main_pid = props["MainPID"]
+        ready_s = time.monotonic() - started
+
+        # argon2 in the daemon: a device account logs in.
+        from tests.test_reload import connect_rc
+
+        assert connect_rc(port, "plc-1", "pw-1") == 0
+        assert connect_rc(port, "plc-1", "wrong") != 0
+
+        # The watchdog: pings keep a 3 s watchdog happy for 4 periods (systemd kills a silent one).
+        first = box.show("WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"]
+        time.sleep(12)
+        props = box.show("ActiveState", "MainPID", "NRestarts", "WatchdogTimestampMonotonic", "WatchdogUSec")
+        assert props["WatchdogUSec"] in ("3s", "3000000"), props
+        assert (props["ActiveState"], props["MainPID"], props["NRestarts"]) == ("active", main_pid, "0"), props
+        assert int(props["WatchdogTimestampMonotonic"]) > int(first), (first, props)
+
+        # cffi/libcurl and argon2 under the unit's own sandbox (same user, same hardening).
+        hardening = [line for line in body.splitlines()
+                     if line.split("=", 1)[0] in ("MemoryDenyWriteExecute", "SystemCallFilter", "ProtectSystem",
+                                                  "SystemCallArchitectures", "NoNewPrivileges", "User",
+                                                  "RestrictAddressFamilies", "LockPersonality")]
+        probe = ("import argon2, curl_cffi.requests as r;"
+                 "h = argon2.PasswordHasher(); assert h.verify(h.hash('x'), 'x');"
+                 f"print(r.get('http://127.0.0.1:{http_port}/healthz', timeout=10).status_code)")
+        res = box.run("systemd-run", "--quiet", "--wait", "--pipe", "--collect",
+                      *[f"--property={line}" for line in hardening],
+                      f"{installed.path('PREFIX')}/bin/python", "-c", probe, timeout=120)
+        assert res.returncode == 0 and res.stdout.strip() in ("200", "503"), res.stdout + res.stderr
+
+        # systemctl reload: SIGHUP re-reads the password file, logged.
+        res = box.run("systemctl", "reload", "homepot-gateway")
+        assert res.returncode == 0, res.stderr
+        deadline = time.monotonic() + 20
+        while not any("reload" in line for line in box.journal()):
+            assert time.monotonic() < deadline, "\n".join(box.journal())
+            time.sleep(0.2)
+
+        # stop within TimeoutStopSec (15 s), cleanly.
+        t0 = time.monotonic()
+        res = box.run("systemctl", "stop", "homepot-gateway", timeout=60)
+        stop_s = time.monotonic() - t0
+        assert res.returncode == 0, res.stderr
+        props = box.show("ActiveState", "Result", "ExecMainStatus")
+        assert props == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, props
+        assert stop_s < 15, stop_s
+
+        # The journal holds the daemon's JSON lines (the installed config logs json).
+        lines = [line for line in box.journal() if line.startswith("{")]
+        events = [json.loads(line) for line in lines]
+        assert any(e.get("event") == "gateway ready" for e in events), lines[-20:]
+        assert not [e for e in events if e.get("level") in ("error", "critical")], lines
+        print(f"ready after {ready_s:.1f} s, stopped in {stop_s:.1f} s")
+    finally:
+        box.close()
+        installed.config.write_text(text)
