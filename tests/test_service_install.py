@@ -136,8 +136,10 @@ def test_install_writes_a_closed_production_config_and_an_upgrade_keeps_an_edite
     assert cfg["logging"]["format"] == "json"
     # TLS and the push platforms are there to uncomment, with paths of this install.
     assert '# type = "tls"' in text and f'# certfile = "{installed.path("CONFDIR")}/broker.pem"' in text
-    for section in ("# [bridges.fcm]", "# [bridges.apns]", "# [bridges.webpush]"):
+    for section in ("# [bridges.fcm]", "# [bridges.apns]"):
         assert section in text
+    assert cfg["bridges"]["webpush"] == {"enabled": False,
+                                         "vapid_private_key_file": f"{installed.state}/vapid_private.pem"}
     assert "@" + "STATEDIR@" not in text and "@" + "CONFDIR@" not in text
     # No role that can send jobs gets in without an account: an anonymous CONNECT is refused.
     port = free_port()
