@@ -290,16 +290,20 @@ def _prepare_nspawn_host() -> None:
 
 
 class Container:
-    """The host's own /usr and /etc under a throw-away overlay, systemd as PID 1
-    (``systemd-nspawn --volatile=overlay --boot``), the install root bound in at its path."""
+    """systemd as PID 1 on the host's own /usr with a throw-away tmpfs root
+    (``systemd-nspawn --directory=/ --volatile=yes --boot``; nspawn refuses an overlay on
+    the host's root), the install root bound in at its path, the host's user database (the
+    service user) and the unit bound read-only."""
 
     def __init__(self, inst: Installed, unit: Path):
         self.name = f"hpgw{os.getpid() % 100000}"
         self.log = inst.root / "container.log"
         self.proc = subprocess.Popen(
             [require_tool("systemd-nspawn"), "--quiet", "--register=no", "--keep-unit", "--directory=/",
-             "--volatile=overlay", f"--machine={self.name}", f"--bind={inst.root}",
-             f"--bind-ro={unit}:/etc/systemd/system/homepot-gateway.service", "--boot"],
+             "--volatile=yes", f"--machine={self.name}", f"--bind={inst.root}",
+             "--bind-ro=/etc/passwd", "--bind-ro=/etc/group", "--bind-ro=/etc/nsswitch.conf",
+             f"--bind-ro={unit}:/etc/systemd/system/homepot-gateway.service", "--boot",
+             "systemd.firstboot=off"],
             stdin=subprocess.DEVNULL, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
         self.leader = self._find_leader()
         self.wait_booted()
