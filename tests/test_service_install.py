@@ -57,7 +57,10 @@ def installed() -> Iterator[Installed]:
         pytest.fail("the service install test needs root (CI runs as root)", pytrace=False)
     require_tool("useradd")
     require_tool("systemd-analyze")
-    root = Path(tempfile.mkdtemp(prefix="hpgw-root-", dir="/tmp"))
+    # Not under /tmp: the unit's PrivateTmp= would hide the install from the service when the
+    # real-systemd test starts it.
+    Path("/srv").mkdir(exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="hpgw-root-", dir="/srv"))
     root.chmod(0o755)  # the service user must reach its state dir and the venv below it
     user = f"hpgwtest{os.getpid() % 100000}"
     env = {
