@@ -89,7 +89,7 @@ async def _drain(workdir: Path, proxy_port: int, acks: int, window: int) -> dict
         payload = json.dumps({"message_id": f"m-{i:07}", "status": "received", "at": "2026-01-01T00:00:00.000Z",
                               "device_id": f"dev-{i % 5000}", "job_id": "bench", "latency_ms": 12.5,
                               "n": i}).encode()
-        await db.run(lambda conn, p=payload: outbox.enqueue(conn, "ack", f"{PREFIX}/acks", p, False))
+        await db.run(lambda conn, p=payload: outbox.Outbox().enqueue(conn, "ack", f"{PREFIX}/acks", p, False))
     link = UpstreamLink(cfg, db, NoIntake(), backoff_initial=0.05, backoff_max=0.5)
     stopping = asyncio.Event()
     task = asyncio.create_task(link.run(stopping))

@@ -17,6 +17,8 @@ from gateway.mqtt import NotConnected
 
 log = structlog.get_logger(__name__)
 
+LEFT_ON_PURPOSE_RETRY_S = 1.0  # the client's paced reconnect after a held message starts at 0.5 s
+
 
 class MqttDeviceBridge(Bridge):
     platform = "mqtt"
@@ -37,6 +39,12 @@ class MqttDeviceBridge(Bridge):
             await self.ctx.client.publish(self.ctx.topics.device_notify(delivery.device_id), payload,
                                           qos=int(qos), retain=False)
         except NotConnected as exc:
+            if self.ctx.client.left_on_purpose:
+                # Our own client stepped off the broker to have a message it could not store
+                # redelivered: not the device's broker failing. Wait without spending an
+                # attempt (a delivery must not fail because the gateway disconnected itself).
+                return Outcome.unhealthy("the gateway's client is away while incoming messages cannot be stored",
+                                         retry_after=LEFT_ON_PURPOSE_RETRY_S)
             return Outcome.retry(f"broker unreachable: {exc}")
         return Outcome.accepted()
 

@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperArgument
 
+from gateway import clock
 from gateway.config import Config, ConfigError, load_config
 
 # Plain (click) help: rich markup would eat bracketed words such as [[rules]] and [broker.acl].
@@ -176,6 +177,7 @@ def _db(cfg: Config):  # noqa: ANN202 - sqlite3.Connection, imported lazily
 
     conn = connect(cfg.db_path)
     transaction(conn, schema.migrate)
+    clock.attach(conn)  # write times on the daemon's timeline (gateway.clock)
     return conn
 
 
@@ -569,7 +571,7 @@ def alarms_ack(
         return
     if row.state != "firing":
         fail(f"KEY: alarm {row.key!r} of rule {rule!r} is {row.state}, not firing", 1)
-    _tx(conn, lambda c: alarm_store.request_ack(c, rule, row.key, by, note, time.time()))
+    _tx(conn, lambda c: alarm_store.request_ack(c, rule, row.key, by, note, clock.now()))
     # The running daemon applies it within a fraction of a second; show that it did.
     deadline = time.monotonic() + 3.0
     current = row

@@ -410,7 +410,7 @@ class UpstreamSection(_MqttLinkSection):
     buffer_max_mb: float = Field(default=256, gt=0,
         description="Store-and-forward cap on disk for what is owed to the cloud, in MB.")
     overflow: Literal["drop-oldest", "refuse-new"] = Field(default="drop-oldest",
-        description="At the cap: `drop-oldest` coalesces, then drops the oldest (counted); `refuse-new` leaves device acks un-PUBACKed until there is room.")
+        description="At the cap: `drop-oldest` coalesces, then drops the oldest (counted); `refuse-new` drops nothing: device acks are stored at once and their copies for the cloud wait outside the buffer until there is room.")
     allow_plaintext: bool = Field(default=False,
         description="Allow a password over `mqtt://` or `ws://`, where it travels in clear.")
     max_inflight: int = Field(default=1000, ge=1, le=10000,

@@ -6,32 +6,33 @@ run; systemd hears READY=1 only when all of that holds. Shutdown goes the other
 way, so no in-flight work is cut off by a broker that is already gone.
 
 SIGHUP (``systemctl reload``) re-reads what can change in place — the password file,
-``[logging] level``, and whatever services registered with :meth:`Daemon.on_reload` — and
-names in one log line what else changed in the file and needs a restart.
+``[logging] level``, and whatever the service graph or :meth:`Daemon.on_reload` registered
+— and names in one log line what else changed in the file and needs a restart.
+
+The daemon owns the lifecycle only (lock, signals, reload, start order, stop budget);
+which services run and what each is built with is :mod:`gateway.wiring`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-
 import inspect
+import json
 import signal
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import structlog
 
-from gateway import __version__, filemodes, gc_tuning
+from gateway import __version__, clock, filemodes, gc_tuning
 from gateway.broker import BrokerStartError, EmbeddedBroker, InternalCredentials
 from gateway.config import Config, ConfigError, load_config
 from gateway.lock import AlreadyRunning, DaemonLock
 from gateway.mqtt import ConnectionSettings, GatewayClient, NotConnected
 from gateway.sdnotify import Notifier
-from gateway.service import Service
+from gateway.service import Service, ServiceStartError
 from gateway.storage import Database
 from gateway.timeutil import iso, utcnow
 from gateway.topics import Topics
+from gateway.wiring import Build, ReloadCallback, Runtime, build
 
 log = structlog.get_logger(__name__)
 
@@ -45,13 +46,10 @@ DB_CLOSE_S = 0.4  # the database thread (abandoned after this; SQLite's journal 
 LOCK_WAIT_AT_STOP_S = 2.0  # after this, a locked database fails at once instead of waiting
 
 
-ServiceFactory = Callable[["Daemon"], list[Service]]
-ReloadCallback = Callable[[Config], Awaitable[None] | None]
-
-
 class Daemon:
-    def __init__(self, cfg: Config, service_factory: ServiceFactory | None = None,
-                 environ: dict[str, str] | None = None):
+    """One gateway process: ``build`` makes its services once the broker and the client exist."""
+
+    def __init__(self, cfg: Config, build: Build = build, environ: dict[str, str] | None = None):
         self.cfg = cfg
         self.topics = Topics(cfg.prefix)
         self.notifier = Notifier(environ)
@@ -60,8 +58,7 @@ class Daemon:
         self.broker: EmbeddedBroker | None = None
         self.client: GatewayClient | None = None
         self.services: list[Service] = []
-        self.pipeline: Any = None
-        self._service_factory = service_factory or default_services
+        self._build = build
         self.stop_event = asyncio.Event()
         self.db = Database(cfg.db_path)
         self.lock = DaemonLock(cfg.data_dir)
@@ -79,7 +76,8 @@ class Daemon:
         logged and does not stop the others. ``self.cfg`` keeps the values the daemon
         started with, except ``logging.level``, which is applied.
         """
-        self._reload_callbacks.append((name or getattr(callback, "__qualname__", repr(callback)), callback))
+        label = name if name is not None else str(getattr(callback, "__qualname__", repr(callback)))
+        self._reload_callbacks.append((label, callback))
 
     # ------------------------------------------------------------------ helpers
     def _status_payload(self, state: str) -> bytes:
@@ -87,6 +85,8 @@ class Daemon:
 
     def client_settings(self) -> ConnectionSettings:
         b = self.cfg.broker
+        username: str | None
+        password: str | None
         if b.mode == "embedded" and not b.username:
             username, password = self.internal.username, self.internal.password
         else:
@@ -126,6 +126,7 @@ class Daemon:
             return 2
         try:
             await self.db.open()
+            await clock.start(self.db)
             try:
                 return await self._run()
             finally:
@@ -244,7 +245,10 @@ class Daemon:
 
         client = GatewayClient(self.client_settings(), name="broker", storage_probe=self.db.probe)
         self.client = client
-        self.services = self._service_factory(self)
+        graph = self._build(cfg, self.db, Runtime(started_at=self.started_at, client=client, broker=self.broker))
+        self.services = graph.services
+        for name, callback in graph.reload_callbacks:
+            self.on_reload(callback, name=name)
         for svc in self.services:
             svc.attach(client)
         client.on_connect(self._announce_online)
@@ -264,6 +268,7 @@ class Daemon:
         services_stopping = asyncio.Event()
         service_tasks = [asyncio.create_task(svc.run(services_stopping), name=svc.name) for svc in self.services]
         watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
+        clock_keeper = asyncio.create_task(clock.keep_saved(self.db), name="clock")
         status = f"running; broker {cfg.broker.mode} {cfg.broker.url}"
         if await _services_started(self.services, service_tasks):  # e.g. the HTTP API listens
             self.notifier.ready(status)
@@ -276,9 +281,10 @@ class Daemon:
         await asyncio.wait([stop_wait, *service_tasks], return_when=asyncio.FIRST_COMPLETED)
         exit_code = 0
         for task in service_tasks:
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                log.error("service crashed", service=task.get_name(), error=repr(task.exception()))
-                exit_code = max(exit_code, getattr(task.exception(), "exit_code", 1))
+            error = task.exception() if task.done() and not task.cancelled() else None
+            if error is not None:
+                log.error("service crashed", service=task.get_name(), error=repr(error))
+                exit_code = max(exit_code, error.exit_code if isinstance(error, ServiceStartError) else 1)
 
         # ---------------------------------------------------------- shutdown
         self.notifier.stopping("stopping: finishing in-flight work")
@@ -302,6 +308,7 @@ class Daemon:
         except TimeoutError:
             log.warning("mqtt client did not disconnect in time")
         watchdog.cancel()
+        clock_keeper.cancel()
         stop_wait.cancel()
         await self._stop_broker()
         log.info("stopped", exit_code=exit_code)
@@ -324,18 +331,18 @@ class Daemon:
 
 
 async def _services_started(services: list[Service], tasks: list[asyncio.Task[None]]) -> bool:
-    """Wait for each service that has a ``started`` event (set once it serves); False if one
-    ended first (it failed to start: no READY=1, the daemon stops)."""
+    """Wait for each service's ``started`` event (set once it serves; None: serving once
+    running); False if one ended first (it failed to start: no READY=1, the daemon stops)."""
     for svc, task in zip(services, tasks):
-        started = getattr(svc, "started", None)
-        if isinstance(started, asyncio.Event) and not started.is_set():
+        started = svc.started
+        if started is not None and not started.is_set():
             waiter = asyncio.ensure_future(started.wait())
             await asyncio.wait([waiter, task], return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
     return not any(t.done() for t in tasks)
 
 
-def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+def _changed_keys(old: object, new: object, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ; lists (listeners, rules) are compared whole."""
     if isinstance(old, dict) and isinstance(new, dict):
         out: list[str] = []
@@ -343,50 +350,6 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
             out += _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")
         return out
     return [prefix.rstrip(".")] if old != new else []
-
-
-def default_services(daemon: Daemon) -> list[Service]:
-    """The services a daemon runs: the pipeline (and upstream link) and the alarms, then the
-    health reporter and, with [http], the HTTP API."""
-    services = _core_services(daemon)
-    return [*services, *_observer_services(daemon)]
-
-
-def _core_services(daemon: Daemon) -> list[Service]:
-    """The pipeline, the upstream link and the alarms."""
-    from gateway.alarms.service import AlarmService
-    from gateway.pipeline import Pipeline
-
-    if daemon.cfg.upstream is None:
-        pipeline = Pipeline(daemon.cfg, daemon.db)
-        daemon.pipeline = pipeline
-        services: list[Service] = [pipeline]
-    else:
-        from gateway.upstream import UpstreamLink, outbox
-
-        # Status changes and acks are queued for the cloud in the pipeline's own transactions.
-        pipeline = Pipeline(daemon.cfg, daemon.db, forward=outbox)
-        daemon.pipeline = pipeline
-        services = [pipeline, UpstreamLink(daemon.cfg, daemon.db, pipeline)]
-    # Last: its routes come after the pipeline's, so a rule never takes P/jobs or device acks away.
-    services.append(AlarmService(daemon.cfg, daemon.db, pipeline))
-    return services
-
-
-def _observer_services(daemon: Daemon) -> list[Service]:
-    """runtime.json for `status`, /healthz and /metrics; the HTTP API when [http] is set."""
-    from gateway.health import HealthReporter
-
-    reporter = HealthReporter(daemon)
-    if daemon.cfg.http is None:
-        return [reporter]
-    from gateway.http import HttpService
-
-    http = HttpService(daemon, reporter)
-    if daemon.pipeline is not None:
-        daemon.pipeline.ack_url = http.ack_url  # every payload carries its signed ack URL (§8)
-    daemon.on_reload(http.auth.invalidate, name="http credential cache")  # SIGHUP: forget cached logins
-    return [reporter, http]
 
 
 def run_daemon(cfg: Config) -> int:

@@ -20,17 +20,17 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 
 from gateway import __version__, stats
+from gateway.config import Config
 from gateway.mqtt import GatewayClient
-
-if TYPE_CHECKING:
-    from gateway.daemon import Daemon
+from gateway.storage import Database
 
 log = structlog.get_logger(__name__)
 
@@ -113,16 +113,43 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# ------------------------------------------------------------------ what it probes
+class MetricsProbe(Protocol):
+    """A part whose counters the snapshot shows (the embedded broker, the cloud link)."""
+
+    def metrics(self) -> Mapping[str, Any]: ...
+
+
+class BridgeProbe(Protocol):
+    """Per bridge: healthy, reason, paused_for_s, in_flight, sent (the pipeline)."""
+
+    def bridge_health(self) -> dict[str, dict[str, Any]]: ...
+
+
+@dataclass(frozen=True)
+class HealthProbes:
+    """What the reporter looks at besides the database: the gateway's broker client, and
+    the parts that exist in this configuration (None: not running here)."""
+
+    client: GatewayClient
+    started_at: str
+    broker: MetricsProbe | None = None
+    bridges: BridgeProbe | None = None
+    upstream: MetricsProbe | None = None
+
+
 # ------------------------------------------------------------------ the reporter service
 class HealthReporter:
     """Service ``health``: measures, keeps :attr:`latest`, writes ``runtime.json``."""
 
     name = "health"
 
-    def __init__(self, daemon: "Daemon", interval: float = INTERVAL_S):
-        self.daemon = daemon
+    def __init__(self, cfg: Config, db: Database, probes: HealthProbes, interval: float = INTERVAL_S):
+        self.cfg = cfg
+        self.db = db
+        self.probes = probes
         self.interval = interval
-        self.path = snapshot_path(daemon.cfg.data_dir)
+        self.path = snapshot_path(cfg.data_dir)
         self.loop_lag = 0.0
         self.database: dict[str, Any] = {"ok": False, "error": "not checked yet"}
         self.latest: dict[str, Any] = {}
@@ -134,10 +161,10 @@ class HealthReporter:
         self.started = asyncio.Event()
 
     def attach(self, client: GatewayClient) -> None:
-        """Nothing to route: the reporter only reads."""
+        """Nothing to route: the reporter only reads (its client is in :attr:`probes`)."""
 
     async def run(self, stopping: asyncio.Event) -> None:
-        await self.daemon.db.run(_migrate)
+        await self.db.run(_migrate)
         try:
             while not stopping.is_set():
                 await self.refresh()
@@ -169,7 +196,7 @@ class HealthReporter:
         """Measure the database and rebuild :attr:`latest`."""
         t0 = time.perf_counter()
         try:
-            await asyncio.wait_for(self.daemon.db.run(lambda conn: conn.execute("SELECT 1").fetchone()), DB_TIMEOUT_S)
+            await asyncio.wait_for(self.db.run(lambda conn: conn.execute("SELECT 1").fetchone()), DB_TIMEOUT_S)
             self.database = {"ok": True, "latency_ms": (time.perf_counter() - t0) * 1000, "error": None}
         except TimeoutError:
             self.database = {"ok": False, "error": f"no answer within {DB_TIMEOUT_S:g} s"}
@@ -179,37 +206,36 @@ class HealthReporter:
         return self.latest
 
     def snapshot(self) -> dict[str, Any]:
-        d = self.daemon
-        client = d.client
+        cfg, probes = self.cfg, self.probes
+        client = probes.client
         snap: dict[str, Any] = {
             "state": "running",
             "pid": os.getpid(),
             "version": __version__,
-            "site_id": d.cfg.gateway.site_id,
-            "started_at": d.started_at,
+            "site_id": cfg.gateway.site_id,
+            "started_at": probes.started_at,
             "written_at": time.time(),
             "loop_lag_s": round(self.loop_lag, 4),
             "database": self.database,
-            "broker_client": {"connected": bool(client is not None and client.connected),
-                              "url": d.cfg.broker.url, "mode": d.cfg.broker.mode,
-                              "last_error": getattr(client, "last_error", None)},
-            "broker": _broker_metrics(d),
-            "bridges": bridge_health(d.pipeline),
-            "upstream": self._upstream(d),
-            "http": ({"bind": d.cfg.http.bind, "url": d.cfg.http.base_url()} if d.cfg.http is not None else None),
+            "broker_client": {"connected": client.connected, "url": cfg.broker.url, "mode": cfg.broker.mode,
+                              "last_error": client.last_error},
+            "broker": _metrics_of(probes.broker),
+            "bridges": probes.bridges.bridge_health() if probes.bridges is not None else {},
+            "upstream": self._upstream(),
+            "http": ({"bind": cfg.http.bind, "url": cfg.http.base_url()} if cfg.http is not None else None),
         }
         status, found = verdict(snap)
         snap["status"] = status
         snap["checks"] = {c.name: c.as_dict() for c in found}
         return snap
 
-    def _upstream(self, d: "Daemon") -> dict[str, Any] | None:
-        link = next((s for s in d.services if getattr(s, "name", "") == "upstream"), None)
+    def _upstream(self) -> dict[str, Any] | None:
+        link = self.probes.upstream
         if link is None:
             return None
         try:
-            metrics = dict(link.metrics())  # type: ignore[attr-defined]
-        except Exception as exc:  # the link is being reworked; never let a read break health
+            metrics = dict(link.metrics())
+        except Exception as exc:  # never let a read break health
             return {"error": f"metrics unavailable: {type(exc).__name__}"}
         published = metrics.get("published")
         now = time.monotonic()
@@ -234,36 +260,18 @@ def _migrate(conn: sqlite3.Connection) -> None:
     stats.migrate(conn)
 
 
-def _broker_metrics(d: "Daemon") -> dict[str, Any] | None:
-    if d.broker is None:
+def _metrics_of(part: MetricsProbe | None) -> dict[str, Any] | None:
+    if part is None:
         return None
     try:
-        return _jsonable(dict(d.broker.metrics()))
+        return _jsonable(dict(part.metrics()))
     except Exception as exc:
         return {"error": f"metrics unavailable: {type(exc).__name__}"}
-
-
-def bridge_health(pipeline: Any) -> dict[str, dict[str, Any]]:
-    """Per enabled bridge: healthy (no pause episode running), pause reason, in flight, sent."""
-    dispatcher = getattr(pipeline, "dispatcher", None)
-    slots = getattr(dispatcher, "slots", None)
-    if not isinstance(slots, dict):
-        return {}
-    now = time.time()
-    out: dict[str, dict[str, Any]] = {}
-    for name, slot in slots.items():
-        paused_until = float(getattr(slot, "paused_until", 0.0) or 0.0)
-        unhealthy = bool(getattr(slot, "unhealthy", False)) or paused_until > now
-        out[name] = {"healthy": not unhealthy,
-                     "reason": (getattr(slot, "pause_reason", "") or None) if unhealthy else None,
-                     "paused_for_s": (None if paused_until == float("inf") else round(paused_until - now, 1))
-                     if paused_until > now else 0.0,
-                     "in_flight": int(getattr(slot, "in_flight", 0)), "sent": int(getattr(slot, "sent", 0))}
-    return out
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if v is None or isinstance(v, (bool, int, float, str))}
 
 
-__all__ = ["Check", "HealthReporter", "bridge_health", "checks", "read_snapshot", "snapshot_path", "verdict"]
+__all__ = ["BridgeProbe", "Check", "HealthProbes", "HealthReporter", "MetricsProbe", "checks", "read_snapshot",
+           "snapshot_path", "verdict"]

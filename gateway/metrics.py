@@ -11,12 +11,12 @@ Three kinds of source, none of which costs the pipeline anything between scrapes
 - counters kept in process (HTTP requests) and prometheus_client's process/platform/GC
   collectors.
 
-**Registration point.** Any daemon service may expose ``collectors() -> Iterable[Collector]``
-(prometheus_client collectors: objects with ``collect()`` yielding metric families); the
-HTTP service registers them at start. ``collect()`` runs in a worker thread: read values
-that are safe to read there (numbers, a snapshot, your own SQLite connection). The alarms
-service could use it; ``homepot_alarms_firing`` and ``homepot_alarms{state}`` are read
-from the alarms table here.
+**Registration point.** A prometheus_client collector (an object with ``collect()``
+yielding metric families) is added with :meth:`Metrics.register`, by the wiring
+(:mod:`gateway.wiring`) that builds both the service it reads and the HTTP service.
+``collect()`` runs in a worker thread: read values that are safe to read there (numbers, a
+snapshot, your own SQLite connection). ``homepot_alarms_firing`` and
+``homepot_alarms{state}`` are read from the alarms table here.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from gateway import clock
 from gateway import stats
 
 log = structlog.get_logger(__name__)
@@ -205,7 +206,7 @@ class DatabaseCollector:
         conn = self._connection()
         conn.execute("BEGIN")  # one consistent read snapshot for the whole scrape
         try:
-            now = time.time()
+            now = clock.now()
             counts = stats.delivery_counts(conn)
             latency = stats.ack_latency(conn)
             oldest = stats.oldest_queued(conn, now)
@@ -292,18 +293,6 @@ class Metrics:
 
     def register(self, collector: Any) -> None:
         self.registry.register(collector)
-
-    def register_services(self, services: Iterable[Any]) -> None:
-        """Register what each service's ``collectors()`` returns (see the module docstring)."""
-        for svc in services:
-            provider = getattr(svc, "collectors", None)
-            if not callable(provider):
-                continue
-            for collector in provider():
-                try:
-                    self.registry.register(collector)
-                except ValueError as exc:  # duplicate metric names: say so, keep the rest
-                    log.error("metrics collector not registered", service=getattr(svc, "name", "?"), error=str(exc))
 
     async def render(self, snapshot: dict[str, Any]) -> bytes:
         async with self._lock:  # one scrape at a time: the runtime snapshot is per scrape

@@ -106,6 +106,8 @@ class GatewayClient:
         self._probe = storage_probe
         self._storage = FailureEpisode(log, f"{name}: storing incoming messages", hold_initial, hold_max)
         self._held_last = False
+        # From a held message until the next connection: we left the broker ourselves.
+        self.left_on_purpose = False
         self._bugs: OrderedDict[tuple[str, bytes], int] = OrderedDict()
         self.held = 0  # messages left unacknowledged because they could not be stored
         self.backoff_s = 0.0  # the wait before the next connect attempt (0 while connected)
@@ -201,6 +203,7 @@ class GatewayClient:
                 delay = await self._wait(stop, delay)
                 continue
             self.last_error = None
+            self.left_on_purpose = False
             delay = self._connected(delay)
             self._state.client = client
             self._state.connected.set()
@@ -213,6 +216,7 @@ class GatewayClient:
                 for callback in self._on_connect:
                     await callback(self)
                 held = await self._consume(client, stop)
+                self.left_on_purpose = held
             except (aiomqtt.MqttError, NotConnected) as exc:
                 # NotConnected: the connection dropped while an on-connect callback published.
                 error = str(exc)

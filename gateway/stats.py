@@ -39,11 +39,12 @@ from __future__ import annotations
 import bisect
 import json
 import sqlite3
-import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from gateway import clock
 
 # Ack latency bucket bounds (ms): a push shown on a phone within 100 ms .. a PLC that was
 # offline for an hour.
@@ -267,7 +268,7 @@ def oldest_queued(conn: sqlite3.Connection, now: float | None = None) -> dict[st
     each platform's oldest is found from the oldest job down, one probe of the partial
     index :data:`QUEUED_INDEX` (queued rows only) each.
     """
-    now = time.time() if now is None else now
+    now = clock.now() if now is None else now
     platforms = [p for (p, s), n in delivery_counts(conn).items() if s == "queued" and n > 0]
     if not platforms:
         return {}
@@ -287,7 +288,7 @@ def oldest_queued(conn: sqlite3.Connection, now: float | None = None) -> dict[st
 
 
 def oldest_queued_overall(conn: sqlite3.Connection, now: float | None = None) -> float | None:
-    now = time.time() if now is None else now
+    now = clock.now() if now is None else now
     row = conn.execute("SELECT MIN(created_at) FROM jobs WHERE queued > 0").fetchone()
     return None if row is None or row[0] is None else max(0.0, now - row[0])
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway import health, stats
+from gateway import clock, health, stats
 from gateway.config import Config
 
 EXIT = {"ok": 0, "degraded": 1, "unreachable": 2}
@@ -38,7 +38,8 @@ def open_readonly(db_path: Path) -> sqlite3.Connection | None:
 
 
 def collect(cfg: Config, now: float | None = None) -> dict[str, Any]:
-    now = time.time() if now is None else now
+    given = now
+    now = time.time() if now is None else now  # the snapshot file's written_at is wall-clock time
     snap, why = health.read_snapshot(cfg.data_dir, now)
     out: dict[str, Any] = {"site_id": cfg.gateway.site_id}
     if snap is None or why:
@@ -68,9 +69,11 @@ def collect(cfg: Config, now: float | None = None) -> dict[str, Any]:
     if conn is not None:
         try:
             conn.execute("BEGIN")
+            clock.attach(conn)  # stored times are on the daemon's clock (gateway.clock)
             out["deliveries"] = _deliveries(conn)
             if stats.has_table(conn, "jobs"):
-                out["oldest_queued_age_s"] = _round(stats.oldest_queued_overall(conn, now))
+                out["oldest_queued_age_s"] = _round(stats.oldest_queued_overall(conn, clock.now() if given is None
+                                                                                else given))
             backlog = stats.upstream_backlog(conn)
             if backlog is not None:
                 out["upstream"] = {**(out.get("upstream") or {}), **backlog}

@@ -6,7 +6,10 @@ from datetime import UTC, datetime
 
 
 def utcnow() -> datetime:
-    return datetime.now(UTC)
+    """The gateway's time (:mod:`gateway.clock`: steady under steps of the system clock)."""
+    from gateway import clock
+
+    return clock.utcnow()
 
 
 def iso(dt: datetime) -> str:

@@ -106,6 +106,7 @@ async def test_services_register_reload_callbacks(tmp_path: Path):
     does not stop the others, and each gets the configuration as re-read from the file."""
     from gateway.config import load_config
     from gateway.daemon import Daemon
+    from gateway.wiring import Graph
 
     port = free_port()
     path = write_config(tmp_path, base_config(tmp_path, port))
@@ -120,13 +121,11 @@ async def test_services_register_reload_callbacks(tmp_path: Path):
         calls.append(("async", new_cfg.gateway.site_id))
         second.set()
 
-    def factory(daemon: Daemon) -> list:
-        daemon.on_reload(lambda new_cfg: calls.append(("sync", new_cfg.gateway.site_id)), name="sync-hook")
-        daemon.on_reload(broken)
-        daemon.on_reload(credentials_cache, name="http-credentials")
-        return []
+    def no_services(cfg, db, runtime) -> Graph:  # noqa: ANN001
+        return Graph([], reload_callbacks=[("broken", broken), ("http-credentials", credentials_cache)])
 
-    daemon = Daemon(cfg, service_factory=factory, environ={})
+    daemon = Daemon(cfg, build=no_services, environ={})
+    daemon.on_reload(lambda new_cfg: calls.append(("sync", new_cfg.gateway.site_id)), name="sync-hook")
     task = asyncio.create_task(daemon.run())
     deadline = time.monotonic() + 20
     while not daemon._ready:  # noqa: SLF001 - the handler exists once the daemon is up

@@ -4,6 +4,8 @@
  * 2. Register sw.js (scope /web/), ask for notification permission, subscribe with the key.
  * 3. PUT /v1/devices/<id> with the subscription, as a `device` account whose name is the
  *    device id (or any technician/controller/admin account): HTTP Basic.
+ * 4. On every load (and when the browser comes back online) ask the service worker to send
+ *    the acks it still holds (sw.js keeps them in IndexedDB until the gateway takes them).
  * Everything is exposed as window.homepot so a kiosk script or a test can drive it.
  */
 'use strict';
@@ -74,9 +76,21 @@ async function enable(deviceId, user, password, segment) {
   }
 }
 
-window.homepot = {config, registerWorker, subscribe, register, enable};
+async function flushAcks() {
+  if (!('serviceWorker' in navigator)) return false;
+  const reg = await navigator.serviceWorker.getRegistration();
+  const worker = reg && (reg.active || reg.waiting || reg.installing);
+  if (!worker) return false;
+  worker.postMessage({type: 'flush-acks'});
+  return true;
+}
+
+window.homepot = {config, registerWorker, subscribe, register, enable, flushAcks};
+
+window.addEventListener('online', () => { flushAcks().catch(() => {}); });
 
 document.addEventListener('DOMContentLoaded', () => {
+  flushAcks().catch(() => {});
   const form = document.getElementById('enable');
   if (!form) return;
   registerWorker().catch((err) => say('service worker: ' + err, true));

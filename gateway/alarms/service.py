@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
+from gateway import clock
 from gateway.alarms import store
 from gateway.alarms.engine import AlarmRow, Engine
 from gateway.alarms.rules import compile_rule, key_from_level, key_level
@@ -86,10 +86,21 @@ class _Pending:
     deletable: list[tuple[str, str]] = field(default_factory=list)  # cleared on the broker; delete at the next flush
 
 
+class JobSink(Protocol):
+    """The pipeline as the alarms see it: they write their jobs straight into SQLite (in the
+    transaction that stores the alarm's state) once it is ready, then wake it."""
+
+    @property
+    def ready(self) -> asyncio.Event: ...
+
+    def wake_for_new_jobs(self) -> None: ...
+
+
 class AlarmService:
     name = "alarms"
+    started: asyncio.Event | None = None
 
-    def __init__(self, cfg: Config, db: Database, pipeline: Any = None, *,
+    def __init__(self, cfg: Config, db: Database, pipeline: JobSink | None = None, *,
                  inbox_poll_s: float = 0.25, flush_s: float = 5.0):
         self.cfg = cfg
         self.db = db
@@ -193,7 +204,7 @@ class AlarmService:
             publisher.cancel()
             await asyncio.gather(publisher, return_exceptions=True)
             async with self._lock:
-                await self._flush(time.time())
+                await self._flush(clock.now())
 
     async def _start(self, stopping: asyncio.Event) -> bool:
         if self.pipeline is not None:
@@ -215,7 +226,7 @@ class AlarmService:
             await self.db.run(schema.migrate)
         await self.db.run(store.migrate)
         rows, stats, alive_at = await self.db.run(store.load)
-        now = time.time()
+        now = clock.now()
         downtime = max(0.0, now - alive_at) if alive_at is not None else 0.0
         for row in self.engine.load(rows, stats, now, downtime):
             if row.state == "idle":
@@ -233,12 +244,12 @@ class AlarmService:
 
     # ------------------------------------------------------------------ the worker
     async def _worker(self, stopping: asyncio.Event) -> None:
-        now = time.time()
+        now = clock.now()
         next_poll = now if self.rules else float("inf")
         next_flush = now + self.flush_s
         next_prune = now + 60.0
         while True:
-            now = time.time()
+            now = clock.now()
             due = self.engine.next_due()
             wake_at = min(next_poll, next_flush, next_prune, due if due is not None else float("inf"))
             if self._queue.empty() and not stopping.is_set() and wake_at > now:
@@ -251,7 +262,7 @@ class AlarmService:
             items: list[_Item] = []
             while len(items) < MAX_BATCH and not self._queue.empty():
                 items.append(self._queue.get_nowait())
-            now = time.time()
+            now = clock.now()
             due = self.engine.next_due()
             timers_due = due is not None and due <= now
             # An escalation about to go out first looks for an ack that just landed.
@@ -287,7 +298,7 @@ class AlarmService:
         except Exception as exc:
             inbox = []
             self._store_failed(exc)
-        batch = engine.begin(time.time())
+        batch = engine.begin(clock.now())
         for r in inbox:
             outcome = engine.on_ack(batch, r["rule"], r["akey"], r["episode"], r["by"], r["note"])
             batch.inbox_ids.append(r["id"])
@@ -354,10 +365,8 @@ class AlarmService:
 
     def _wake_pipeline(self) -> None:
         """Our jobs went straight into SQLite; tell the pipeline instead of waiting for its poll."""
-        for part in ("expander", "status"):
-            wake = getattr(getattr(self.pipeline, part, None), "wake", None)
-            if wake is not None:
-                wake.set()
+        if self.pipeline is not None:
+            self.pipeline.wake_for_new_jobs()
 
     def _prune(self, now: float) -> None:
         older = now - retention_days(self.cfg) * 86400

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from gateway import clock
 from gateway.broker.acl import ClientAcl
 from gateway.broker.codec import PUBREL, encode_ack, encode_publish, encode_topic
 from gateway.broker.limits import UNLIMITED, ClientLimits, ConnectionCount, Limit, LimitRecorder, RateBucket
@@ -261,7 +262,7 @@ class ClientState:
             self._sender = None
         self.offline_since = time.monotonic()
         if self.persistent:
-            self._store.session_seen(self.client_id, time.time())  # type: ignore[union-attr]
+            self._store.session_seen(self.client_id, clock.now())  # type: ignore[union-attr]
         if any(out.qos == 0 for out in self.pending):
             self.pending = deque(out for out in self.pending if out.qos)
             self.pending_bytes = sum(len(out.msg.payload) for out in self.pending)

@@ -50,6 +50,7 @@ from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import Session
 
+from gateway import clock
 from gateway.broker import compat
 from gateway.broker.acl import ClientAcl
 from gateway.broker.clients import GATEWAY_MAX_INFLIGHT, MAX_INFLIGHT, ClientState, Message, Outgoing
@@ -152,7 +153,7 @@ class GatewayBroker(Broker):
         self._denied_log = LogThrottle()
         self._drop_log = LogThrottle()
         self._retained_log = LogThrottle()
-        self.started_at = time.time()
+        self.started_mono = time.monotonic()
 
     # ================================================================== state
     def restore(self, loaded: LoadedState) -> None:
@@ -180,8 +181,8 @@ class GatewayBroker(Broker):
             cs.owner = stored.owner or self._legacy_owner(stored.username)
             cs.acl = self._compile_acl(stored.role, stored.username)
             cs.limits = self._client_limits(stored.role, cs.owner)
-            if stored.seen_at is not None:  # wall clock on disk, monotonic in memory
-                cs.offline_since = time.monotonic() - max(0.0, time.time() - stored.seen_at)
+            if stored.seen_at is not None:  # the gateway's clock on disk (gateway.clock), monotonic in memory
+                cs.offline_since = time.monotonic() - max(0.0, clock.now() - stored.seen_at)
             for topic_filter, qos in stored.subscriptions.items():
                 cs.subscriptions[topic_filter] = qos
                 self._index.add(topic_filter, cs.client_id, cs, qos)
@@ -274,7 +275,7 @@ class GatewayBroker(Broker):
             inflight=sum(len(cs.inflight) for cs in self._clients.values()),
             persist_backlog=store.backlog if store is not None else 0,
             persist_failing=int(store.failing) if store is not None else 0,
-            uptime_s=int(time.time() - self.started_at),
+            uptime_s=int(time.monotonic() - self.started_mono),
         )
 
     # ================================================================== TLS

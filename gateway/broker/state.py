@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
+from gateway import clock
 from gateway.storage import Database, NotStored
 
 log = structlog.get_logger(__name__)
@@ -64,7 +64,7 @@ CREATE TABLE IF NOT EXISTS broker_bodies (id INTEGER PRIMARY KEY, payload BLOB N
 # Columns added after the first release (databases written before get them at start).
 _ADDED_COLUMNS = (
     ("broker_sessions", "owner", "TEXT"),
-    ("broker_sessions", "seen_at", "REAL"),          # wall clock of the last disconnect (session expiry)
+    ("broker_sessions", "seen_at", "REAL"),          # gateway.clock time of the last disconnect (session expiry)
     ("broker_retained", "owner", "TEXT"),            # principal that set it (retained quota)
     ("broker_messages", "body_id", "INTEGER"),       # broker_bodies row holding the payload (payload is then '')
 )
@@ -108,7 +108,7 @@ class StoredSession:
     role: str | None
     dropped: int = 0
     owner: str | None = None     # the principal the session belongs to (None: written before owners existed)
-    seen_at: float | None = None  # wall clock of its last disconnect (None: not recorded)
+    seen_at: float | None = None  # gateway.clock time of its last disconnect (None: not recorded)
     subscriptions: dict[str, int] = field(default_factory=dict)
     messages: list[StoredMessage] = field(default_factory=list)
     qos2_in: set[int] = field(default_factory=set)
@@ -410,7 +410,7 @@ def _apply(conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
     (what a stream of QoS 1 messages to a persistent session produces: puts as they are
     routed, state updates as they are sent, deletes as they are acknowledged) goes to
     SQLite as one ``executemany``; the order of the operations is kept as it is."""
-    now = time.time()
+    now = clock.now()
     n = len(ops)
     i = 0
     while i < n:

@@ -77,4 +77,16 @@ class AckSigner:
         return hmac.compare_digest(self.sign(message_id).encode("ascii"), given)
 
 
-__all__ = ["AckSigner", "load_or_create_secret", "secret_path"]
+def load_signer(cfg: Config) -> tuple[AckSigner, str | None]:
+    """The signer of ``[http]`` and, if its secret cannot be used, why (the API then
+    refuses to start with that line; the signer returned meanwhile signs with a dummy key
+    that no URL is ever checked against)."""
+    assert cfg.http is not None
+    try:
+        return AckSigner.from_config(cfg), None
+    except (OSError, ValueError) as exc:
+        return (AckSigner(b"unused" * 4, cfg.http.base_url()),
+                f"http.ack_secret_file: cannot use {secret_path(cfg)}: {exc}")
+
+
+__all__ = ["AckSigner", "load_or_create_secret", "load_signer", "secret_path"]

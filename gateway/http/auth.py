@@ -88,7 +88,7 @@ class BasicAuth:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def invalidate(self, cfg: Config | None = None) -> None:
-        """Forget every verified credential (SIGHUP via ``Daemon.on_reload``, account changes)."""
+        """Forget every verified credential (SIGHUP, through the reload hooks of gateway.wiring; account changes)."""
         if self._cache:
             log.info("http credential cache cleared", entries=len(self._cache))
         self._cache.clear()

@@ -14,12 +14,22 @@ import asyncio
 import json
 import sqlite3
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
-from gateway.http.errors import ApiError, error_response, json_response
+from gateway.config import Config
+from gateway.http.acks import AckSigner
+from gateway.http.auth import BasicAuth, Principal
+from gateway.http.errors import HTTP_CODES, ApiError, error_response, json_response
+from gateway.http.pulse import Pulse
+from gateway.http.reader import Reader
+from gateway.http.streams import StreamSlots
+from gateway.metrics import Metrics
 from gateway.pipeline import store
 from gateway.pipeline.models import (
     DEVICE_ID_RE,
@@ -38,10 +48,9 @@ from gateway.pipeline.models import (
 from gateway.storage import NotStored
 from gateway.timeutil import iso, utcnow
 
-if TYPE_CHECKING:
-    from gateway.http.service import HttpService
-
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 BODY_TIMEOUT_S = 10.0  # a body that trickles in slower than this is answered 408
 READY_TIMEOUT_S = 5.0
@@ -53,7 +62,8 @@ STORAGE_ERRORS = (NotStored, sqlite3.Error, OSError)
 MAX_LIST = 10_000
 DEFAULT_LIST = 1000
 ACK_CORS = {"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Methods": "POST, OPTIONS",
-            "Access-Control-Allow-Headers": "Content-Type", "Access-Control-Max-Age": "86400"}
+            "Access-Control-Allow-Headers": "Content-Type", "Access-Control-Max-Age": "86400",
+            "Access-Control-Expose-Headers": "Retry-After"}  # a service worker on another origin honours it
 
 
 async def read_body(request: web.Request, limit: int, what: str) -> bytes:
@@ -78,54 +88,146 @@ async def read_body(request: web.Request, limit: int, what: str) -> bytes:
     return b"".join(chunks)
 
 
-class Api:
-    """Handlers bound to the service's collaborators."""
+class JobIntake(Protocol):
+    """Where the API's input goes: the pipeline's own entry points (the MQTT path's)."""
 
-    def __init__(self, service: "HttpService"):
-        self.svc = service
+    @property
+    def ready(self) -> asyncio.Event: ...
+
+    async def submit_job(self, payload: bytes, source: str) -> str | None: ...
+
+    async def register_device(self, device_id: str, payload: bytes, source: str) -> bool: ...
+
+    async def ack(self, device_id: str, payload: bytes, source: str, via: AckVia) -> store.AckResult | None: ...
+
+
+class HealthView(Protocol):
+    """The runtime snapshot (:class:`gateway.health.HealthReporter`)."""
+
+    @property
+    def latest(self) -> dict[str, Any]: ...
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class ApiParts:
+    """What the routes use, each typed: built by :class:`gateway.http.service.HttpService`
+    from the daemon's wiring, or by a test with fakes of the ports (:class:`JobIntake`,
+    :class:`HealthView`) and real readers on a test database."""
+
+    cfg: Config
+    jobs: JobIntake
+    health: HealthView
+    reader: Reader
+    auth: BasicAuth
+    metrics: Metrics
+    signer: AckSigner
+    changes: Pulse             # fired after every pipeline commit (event streams re-read)
+    stopping: asyncio.Event    # set when the API stops (event streams end)
+    streams: StreamSlots       # every event stream, counted per account
+
+
+def api_app(parts: ApiParts) -> tuple[web.Application, "Api"]:
+    """An application with the contract's routes (all but ``GET /``, which the operator
+    page answers for browsers too) and the middleware that makes every answer a JSON error
+    and counts it; the HTTP service adds the page and the Web Push client's files."""
+    api = Api(parts)
+    app = web.Application(client_max_size=MAX_JOB_BYTES + 1024, middlewares=[json_errors(parts.metrics)])
+    api.add_routes(app.router)
+    return app, api
+
+
+def json_errors(metrics: Metrics) -> Middleware:
+    """Every answer, including aiohttp's own 404/405 and a handler's bug, is a JSON error,
+    counted in ``homepot_http_requests_total``."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        try:
+            response = await handler(request)
+        except ApiError as err:
+            response = error_response(err.status, err.code, err.message, err.headers)
+        except web.HTTPException as exc:  # aiohttp's own: unknown path, wrong method, body limit
+            code = HTTP_CODES.get(exc.status, "error")
+            message = {404: f"no such route: {request.method} {request.path}"[:300],
+                       405: f"{request.method} is not allowed here"}.get(exc.status, exc.reason)
+            headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+            response = error_response(exc.status, code, message, headers)
+        except (asyncio.CancelledError, ConnectionResetError):
+            metrics.http_requests.labels(route, request.method, "499").inc()
+            raise
+        except Exception:
+            log.exception("http handler failed", route=route, method=request.method)
+            response = error_response(500, "internal", "internal error (logged)")
+        metrics.http_requests.labels(route, request.method, str(response.status)).inc()
+        if response.status >= 500:
+            log.warning("http request failed", route=route, method=request.method, status=response.status,
+                        duration_ms=round((time.perf_counter() - t0) * 1000, 1))
+        return response
+
+    return middleware
+
+
+class Api:
+    """Handlers bound to their collaborators (:class:`ApiParts`)."""
+
+    def __init__(self, parts: ApiParts):
+        self.svc = parts
+
+    def add_routes(self, r: web.UrlDispatcher) -> None:
+        r.add_get("/healthz", self.healthz, allow_head=False)
+        r.add_get("/metrics", self.metrics, allow_head=False)
+        r.add_post("/v1/jobs", self.post_job)
+        r.add_get("/v1/jobs", self.list_jobs, allow_head=False)
+        r.add_get("/v1/jobs/{job_id}", self.get_job, allow_head=False)
+        r.add_get("/v1/jobs/{job_id}/events", self.job_events, allow_head=False)
+        r.add_get("/v1/devices", self.list_devices, allow_head=False)
+        r.add_put("/v1/devices/{device_id}", self.put_device)
+        r.add_get("/v1/devices/{device_id}", self.get_device, allow_head=False)
+        r.add_delete("/v1/devices/{device_id}", self.delete_device)
+        r.add_post("/v1/acks/{message_id}", self.post_ack)
+        r.add_route("OPTIONS", "/v1/acks/{message_id}", self.ack_preflight)
 
     # ------------------------------------------------------------------ helpers
-    @property
-    def pipeline(self) -> Any:
-        return self.svc.daemon.pipeline
-
-    async def _ready(self) -> Any:
-        pipeline = self.pipeline
-        if pipeline is None:
-            raise ApiError(503, "not_ready", "the pipeline is not running")
+    async def _ready(self) -> JobIntake:
+        jobs = self.svc.jobs
         try:
-            await asyncio.wait_for(pipeline.ready.wait(), READY_TIMEOUT_S)
+            await asyncio.wait_for(jobs.ready.wait(), READY_TIMEOUT_S)
         except TimeoutError:
             raise ApiError(503, "not_ready", "the pipeline is still starting", {"Retry-After": "1"}) from None
-        return pipeline
+        return jobs
 
-    async def _db(self, fn: Any) -> Any:
+    async def _db(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """A read (on the API's read-only connection, never queued behind the writer's fsyncs)."""
         try:
             return await self.svc.reader.run(fn)
         except STORAGE_ERRORS as exc:
             raise _not_stored(exc) from None
 
-    async def _principal(self, request: web.Request) -> Any:
+    async def _principal(self, request: web.Request) -> Principal:
         return await self.svc.auth.principal(request.headers.get("Authorization"))
 
     # ------------------------------------------------------------------ public
     async def healthz(self, request: web.Request) -> web.Response:
-        snap = self.svc.reporter.snapshot()
+        snap = self.svc.health.snapshot()
         body = {"status": snap["status"], "checks": snap["checks"]}
         return json_response(body, status=200 if snap["status"] == "ok" else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         from gateway.metrics import CONTENT_TYPE
 
-        data = await self.svc.metrics.render(self.svc.reporter.snapshot())
+        data = await self.svc.metrics.render(self.svc.health.snapshot())
         return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE})
 
     async def index(self, request: web.Request) -> web.Response:
         principal = await self._principal(request)
         if not principal.may_read_jobs():
             raise ApiError(403, "forbidden", f"role {principal.role!r} may not read the gateway's state")
-        return json_response({"service": "homepot-gateway", "site_id": self.svc.daemon.cfg.gateway.site_id,
+        return json_response({"service": "homepot-gateway", "site_id": self.svc.cfg.gateway.site_id,
                               "api": "/v1", "jobs": "/v1/jobs", "devices": "/v1/devices", "health": "/healthz",
                               "metrics": "/metrics", "web_push_client": "/web/"})
 
@@ -326,7 +428,7 @@ class Api:
             raise ApiError(404, "not_found", f"no delivery {message_id!r} (pruned, or never sent)", ACK_CORS)
         pipeline = await self._ready()
         try:
-            result = await pipeline.intake.ack(device_id, body, f"http:/v1/acks/{ack.message_id}", AckVia.ACK_URL)
+            result = await pipeline.ack(device_id, body, f"http:/v1/acks/{ack.message_id}", AckVia.ACK_URL)
         except STORAGE_ERRORS as exc:
             raise _not_stored(exc, ACK_CORS) from None
         if result is None or not result.accepted:

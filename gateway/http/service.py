@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,21 +25,22 @@ from aiohttp import web
 
 import devices
 
-from gateway.config import split_host_port
-from gateway.http.acks import AckSigner, secret_path
+from gateway.config import Config, split_host_port
+from gateway.http.acks import AckSigner
 from gateway.http.auth import BasicAuth
-from gateway.http.errors import HTTP_CODES, ApiError, error_response
+from gateway.http.errors import ApiError
+from gateway.http.pulse import Pulse
 from gateway.http.reader import Reader
-from gateway.http.routes import Api
+from gateway.http.routes import ApiParts, HealthView, JobIntake, api_app
 from gateway.http.sessions import SessionStore
 from gateway.http.streams import StreamSlots
 from gateway.metrics import Metrics
 from gateway.mqtt import GatewayClient
-from gateway.pipeline.models import MAX_JOB_BYTES
+from gateway.service import ServiceStartError
+from gateway.storage import Database
 
 if TYPE_CHECKING:
-    from gateway.daemon import Daemon
-    from gateway.health import HealthReporter
+    from gateway.http.ui import OperatorPage
 
 log = structlog.get_logger(__name__)
 
@@ -51,64 +51,44 @@ WEB_TYPES = {".js": "text/javascript", ".html": "text/html", ".css": "text/css",
              ".webmanifest": "application/manifest+json", ".png": "image/png", ".svg": "image/svg+xml"}
 
 
-class HttpStartError(Exception):
+class HttpStartError(ServiceStartError):
     """The API cannot serve (port in use, unreadable certificate or ack secret)."""
-
-    exit_code = 2  # like a broker that cannot bind: a configuration problem
-
-
-class Pulse:
-    """Wakes every waiter at once when something committed (job status may have changed)."""
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-
-    def fire(self) -> None:
-        self._event.set()
-        self._event = asyncio.Event()
-
-    async def wait(self, timeout: float, stopping: asyncio.Event) -> None:
-        event = self._event
-        waiters = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(stopping.wait())]
-        try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waiters:
-                w.cancel()
 
 
 class HttpService:
+    """Service ``http``. Its collaborators come from the wiring: the pipeline's entry
+    points (``jobs``), the health snapshot, the ack signer (built before the pipeline,
+    which puts its URLs in every payload; ``signer_error`` if the secret was unusable,
+    reported when the API starts), and the pulse the pipeline fires on every commit."""
+
     name = "http"
 
-    def __init__(self, daemon: "Daemon", reporter: "HealthReporter"):
-        assert daemon.cfg.http is not None
-        self.daemon = daemon
-        self.cfg = daemon.cfg.http
-        self.reporter = reporter
+    def __init__(self, cfg: Config, db: Database, jobs: JobIntake, health: HealthView, signer: AckSigner,
+                 changes: Pulse, started_at: str, signer_error: str | None = None):
+        if cfg.http is None:
+            raise ValueError("HttpService needs an [http] section")
+        self.app_cfg = cfg
+        self.cfg = cfg.http
+        self.db = db
+        self.started_at = started_at
         self.started = asyncio.Event()
         self.stopping = asyncio.Event()
-        self.changes = Pulse()
-        self.auth = BasicAuth(daemon.cfg)
-        self.metrics = Metrics(daemon.cfg.db_path)
-        self.reader = Reader(daemon.cfg.db_path)
+        self.changes = changes
+        self.auth = BasicAuth(cfg)
+        self.metrics = Metrics(cfg.db_path)
+        self.reader = Reader(cfg.db_path)
         # The operator page (gateway.http.ui): its own read connection, so a device search
         # over 100,000 rows never delays an ack's lookup on the API's.
-        self.ui_reader = Reader(daemon.cfg.db_path)
-        self.sessions = SessionStore(Path(daemon.cfg.broker.auth.password_file))
+        self.ui_reader = Reader(cfg.db_path)
+        self.sessions = SessionStore(Path(cfg.broker.auth.password_file))
         self.streams = StreamSlots(self.cfg.max_streams_per_account)  # every event stream, per account
-        self.page: Any = None
-        self.start_error: str | None = None
-        self.signer: AckSigner
-        try:
-            self.signer = AckSigner.from_config(daemon.cfg)
-        except (OSError, ValueError) as exc:
-            self.start_error = f"http.ack_secret_file: cannot use {secret_path(daemon.cfg)}: {exc}"
-            self.signer = AckSigner(b"unused" * 4, self.cfg.base_url())
+        self.page: OperatorPage | None = None
+        self.start_error = signer_error
+        self.signer = signer
+        self.parts = ApiParts(cfg=cfg, jobs=jobs, health=health, reader=self.reader, auth=self.auth,
+                              metrics=self.metrics, signer=signer, changes=changes, stopping=self.stopping,
+                              streams=self.streams)
         self.web_config: dict[str, Any] = {}
-
-    def ack_url(self, message_id: str) -> str:
-        """The signed ack URL of a delivery (what the pipeline puts in every payload)."""
-        return self.signer.url(message_id)
 
     def attach(self, client: GatewayClient) -> None:
         """No MQTT routes: the API enters the pipeline through its Python entry points."""
@@ -117,55 +97,16 @@ class HttpService:
     def build_app(self) -> web.Application:
         from gateway.http.ui import OperatorPage
 
-        api = Api(self)
-        self.page = page = OperatorPage(self, api)
-        app = web.Application(client_max_size=MAX_JOB_BYTES + 1024, middlewares=[self._middleware])
+        app, api = api_app(self.parts)
+        self.page = page = OperatorPage(self.parts, api, ui_reader=self.ui_reader, sessions=self.sessions,
+                                        db=self.db, started_at=self.started_at)
         r = app.router
-        r.add_get("/healthz", api.healthz, allow_head=False)
-        r.add_get("/metrics", api.metrics, allow_head=False)
         r.add_get("/", page.index, allow_head=False)  # the page for browsers, the JSON pointer otherwise
-        r.add_post("/v1/jobs", api.post_job)
-        r.add_get("/v1/jobs", api.list_jobs, allow_head=False)
-        r.add_get("/v1/jobs/{job_id}", api.get_job, allow_head=False)
-        r.add_get("/v1/jobs/{job_id}/events", api.job_events, allow_head=False)
-        r.add_get("/v1/devices", api.list_devices, allow_head=False)
-        r.add_put("/v1/devices/{device_id}", api.put_device)
-        r.add_get("/v1/devices/{device_id}", api.get_device, allow_head=False)
-        r.add_delete("/v1/devices/{device_id}", api.delete_device)
-        r.add_post("/v1/acks/{message_id}", api.post_ack)
-        r.add_route("OPTIONS", "/v1/acks/{message_id}", api.ack_preflight)
         r.add_get("/web/config.json", self._web_config, allow_head=False)
         r.add_get("/web/", self._web_file, allow_head=False)
         r.add_get("/web/{name}", self._web_file, allow_head=False)
         page.add_routes(r)
         return app
-
-    @web.middleware
-    async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        t0 = time.perf_counter()
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
-        try:
-            response = await handler(request)
-        except ApiError as err:
-            response = error_response(err.status, err.code, err.message, err.headers)
-        except web.HTTPException as exc:  # aiohttp's own: unknown path, wrong method, body limit
-            code = HTTP_CODES.get(exc.status, "error")
-            message = {404: f"no such route: {request.method} {request.path}"[:300],
-                       405: f"{request.method} is not allowed here"}.get(exc.status, exc.reason)
-            headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
-            response = error_response(exc.status, code, message, headers)
-        except (asyncio.CancelledError, ConnectionResetError):
-            self.metrics.http_requests.labels(route, request.method, "499").inc()
-            raise
-        except Exception:
-            log.exception("http handler failed", route=route, method=request.method)
-            response = error_response(500, "internal", "internal error (logged)")
-        self.metrics.http_requests.labels(route, request.method, str(response.status)).inc()
-        if response.status >= 500:
-            log.warning("http request failed", route=route, method=request.method, status=response.status,
-                        duration_ms=round((time.perf_counter() - t0) * 1000, 1))
-        return response
 
     async def _web_config(self, request: web.Request) -> web.Response:
         from gateway.http.errors import json_response
@@ -200,7 +141,7 @@ class HttpService:
     async def _load_web_config(self) -> None:
         from gateway import vapid
 
-        cfg = self.daemon.cfg
+        cfg = self.app_cfg
         public_key = None
         path = cfg.bridges.webpush.vapid_private_key_file
         if cfg.bridges.webpush.enabled:
@@ -224,7 +165,7 @@ class HttpService:
             ui_queries.migrate(conn)
 
         try:
-            await self.daemon.db.run(migrate)
+            await self.db.run(migrate)
         except Exception as exc:
             log.warning("operator page indexes not created; its searches will be slower", error=str(exc)[:300])
 
@@ -232,11 +173,6 @@ class HttpService:
         if self.start_error:
             log.error("http api cannot start", error=self.start_error)
             raise HttpStartError(self.start_error)
-        pipeline = self.daemon.pipeline
-        recorder = getattr(pipeline, "recorder", None)
-        if recorder is not None and isinstance(getattr(recorder, "on_commit", None), list):
-            recorder.on_commit.append(self.changes.fire)
-        self.metrics.register_services(self.daemon.services)
         await self._load_web_config()
         await self._migrate_ui()
         ssl_ctx = self._ssl_context()

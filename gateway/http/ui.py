@@ -31,6 +31,7 @@ from urllib.parse import parse_qs
 import structlog
 from aiohttp import web
 
+from gateway import clock
 from gateway.http import ui_queries as q
 from gateway.http.errors import ApiError, json_response
 from gateway.http.reader import Reader
@@ -48,8 +49,8 @@ from gateway.timeutil import parse_iso
 
 if TYPE_CHECKING:
     from gateway.http.auth import Principal
-    from gateway.http.routes import Api
-    from gateway.http.service import HttpService
+    from gateway.http.routes import Api, ApiParts
+    from gateway.storage import Database
 
 log = structlog.get_logger(__name__)
 
@@ -92,15 +93,20 @@ def wants_html(request: web.Request) -> bool:
 
 
 class OperatorPage:
-    """Handlers of the page and its JSON routes, bound to the HTTP service."""
+    """Handlers of the page and its JSON routes, bound to the API's parts plus its own:
+    a read connection of its own, the login sessions, the writer (an alarm ack request)
+    and the daemon's start time."""
 
-    def __init__(self, service: "HttpService", api: "Api"):
-        self.svc = service
+    def __init__(self, parts: "ApiParts", api: "Api", *, ui_reader: Reader, sessions: SessionStore,
+                 db: "Database", started_at: str):
+        self.svc = parts
         self.api = api
-        self.cfg = service.daemon.cfg
-        self.sessions: SessionStore = service.sessions
-        self.reader: Reader = service.ui_reader
-        self.hub = EventHub(self.reader, service.changes, service.stopping, self.now_view)
+        self.cfg = parts.cfg
+        self.db = db
+        self.started_at = started_at
+        self.sessions = sessions
+        self.reader = ui_reader
+        self.hub = EventHub(self.reader, parts.changes, parts.stopping, self.now_view)
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         r = router
@@ -245,11 +251,10 @@ class OperatorPage:
     async def now_view(self) -> dict[str, Any]:
         """Gateway state (mode, uptime, version), bridges, broker, queue, cloud link, alarms:
         the health snapshot the reporter keeps plus a handful of aggregate rows."""
-        reporter = self.svc.reporter
-        snap = reporter.latest or reporter.snapshot()
+        health = self.svc.health
+        snap = health.latest or health.snapshot()
         db = await self.reader.run(q.now_from_db)
-        daemon = self.svc.daemon
-        started = parse_iso(daemon.started_at).timestamp()
+        started = parse_iso(self.started_at).timestamp()
         client = snap.get("broker_client") or {}
         upstream = snap.get("upstream")
         if upstream is not None or db["upstream_backlog"] is not None:
@@ -264,8 +269,8 @@ class OperatorPage:
         return {
             "gateway": {"site_id": self.cfg.gateway.site_id, "version": snap.get("version"),
                         "state": snap.get("state"), "status": snap.get("status"), "checks": snap.get("checks"),
-                        "mode": self.cfg.broker.mode, "started_at": daemon.started_at,
-                        "uptime_s": round(max(0.0, time.time() - started)),
+                        "mode": self.cfg.broker.mode, "started_at": self.started_at,
+                        "uptime_s": round(max(0.0, clock.now() - started)),
                         "broker_client_connected": client.get("connected")},
             "bridges": snap.get("bridges") or {},
             "broker": broker,
@@ -461,8 +466,8 @@ class OperatorPage:
         if current["state"] != "firing":
             raise ApiError(409, "alarm_not_firing", f"key: alarm {key!r} of rule {rule!r} is {current['state']}, not firing")
         try:
-            await self.svc.daemon.db.run(lambda c: alarm_store.request_ack(c, rule, key, f"http:{session.name}", note,
-                                                                           time.time()))
+            await self.db.run(lambda c: alarm_store.request_ack(c, rule, key, f"http:{session.name}", note,
+                                                                clock.now()))
         except Exception as exc:
             log.error("alarm ack not stored", rule=rule, key=key, error=f"{type(exc).__name__}: {exc}"[:300])
             raise ApiError(503, "not_stored", "the ack could not be stored now; try again", {"Retry-After": "5"}) from None

@@ -29,7 +29,9 @@ from typing import Any
 
 import structlog
 
+from gateway import clock
 from gateway.http import ui_queries as q
+from gateway.http.pulse import Pulse
 from gateway.http.reader import Reader
 
 log = structlog.get_logger(__name__)
@@ -59,7 +61,7 @@ class Subscriber:
 
 
 class EventHub:
-    def __init__(self, reader: Reader, pulse: Any, stopping: asyncio.Event,
+    def __init__(self, reader: Reader, pulse: Pulse, stopping: asyncio.Event,
                  now_view: Callable[[], Awaitable[dict[str, Any]]]):
         self.reader = reader
         self.pulse = pulse
@@ -121,7 +123,7 @@ class EventHub:
 
     async def _tick(self) -> None:
         self.ticks += 1
-        now = time.time()
+        now = clock.now()
         rows = await self.reader.run(lambda conn: q.jobs_changed_since(conn, now - LOOKBACK_S, MAX_JOBS_PER_EVENT + 1))
         changed: list[dict[str, Any]] = []
         for row in rows[:MAX_JOBS_PER_EVENT]:

@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway import clock
 from gateway import stats
 from gateway.timeutil import iso
 
@@ -435,7 +436,7 @@ def alarm(conn: sqlite3.Connection, rule: str, key: str) -> dict[str, Any] | Non
 # ------------------------------------------------------------------ now
 def now_from_db(conn: sqlite3.Connection, now: float | None = None) -> dict[str, Any]:
     """The database half of the "now" view: a handful of rows whatever the fleet size."""
-    now = time.time() if now is None else now
+    now = clock.now() if now is None else now
     counts = stats.delivery_counts(conn)
     by_state = dict.fromkeys(DELIVERY_STATES, 0)
     queued_by_platform: dict[str, int] = {}

@@ -25,6 +25,7 @@ from typing import Any
 
 import structlog
 
+from gateway import clock
 from bridges.base import Bridge, Delivery, Notification, Outcome, OutcomeKind
 from gateway.config import DispatchSection
 from gateway.pipeline import store
@@ -129,7 +130,7 @@ class Dispatcher:
             self.db_failures.ok()
             if started:
                 continue
-            await _wait(stopping, self.wake, max(0.01, wake_at - time.time()))
+            await _wait(stopping, self.wake, max(0.01, wake_at - clock.now()))
         self._accepting = False
 
     async def drain(self, timeout: float) -> None:
@@ -153,7 +154,7 @@ class Dispatcher:
     async def _dispatch_once(self) -> tuple[int, float]:
         """One pass; returns (work started, when to look again at the latest)."""
         self.passes += 1
-        now = time.time()
+        now = clock.now()
         wake_at = now + IDLE_MAX_S
         if self.record_failures.failing:
             return 0, wake_at  # results wait to be recorded: send nothing more until they are
@@ -193,7 +194,7 @@ class Dispatcher:
             wake_at = min(wake_at, next_expiry)
         every = [r for rows, _ in fetched.values() for r in rows] + unrouted + expiring
         await self._load_jobs({r.job_id for r in every if r.message_id not in self._in_flight})
-        now = time.time()
+        now = clock.now()
         started = 0
         for row in expiring:
             if row.message_id not in self._in_flight and row.job_id in self._jobs:
@@ -248,7 +249,7 @@ class Dispatcher:
                                           attempts=row.attempts, error=error))
         else:
             job = self._jobs.get(row.job_id)
-            now = time.time()
+            now = clock.now()
             self._finish_now(store.Result(row.message_id, row.job_id, row.device_id, "queued", attempts=row.attempts,
                                           next_at=min(now, job.expires_at) if job else now, route=choice.platform))
         return 1
@@ -355,7 +356,7 @@ class Dispatcher:
         delivery = Delivery(
             message_id=row.message_id, job_id=row.job_id, device_id=row.device_id, channel=channel,
             notification=job.notification, options=job.options.get(platform) or {},
-            sent_at=datetime.now(UTC), expires_at=job.expires_dt, attempt=attempt,
+            sent_at=clock.utcnow(), expires_at=job.expires_dt, attempt=attempt,
             ack_url=self.ack_url(row.message_id) if self.ack_url is not None else None)
         released = False
         try:
@@ -404,7 +405,7 @@ class Dispatcher:
 
     def _decide(self, slot: BridgeSlot, platform: str, key: str, row: store.DueDelivery, job: JobInfo,
                 attempt: int, outcome: Outcome) -> store.Result:
-        now = time.time()
+        now = clock.now()
         self._health(slot, platform, outcome, now)
         if row.resend:
             return self._decide_resend(platform, key, row, job, attempt, outcome, now)
@@ -468,8 +469,8 @@ class Dispatcher:
                             error=f"resend: {platform}: {outcome.reason}; no more resends")
 
     def metrics(self) -> dict[str, Any]:
-        return {name: {"in_flight": s.in_flight, "sent": s.sent, "paused": s.paused_until > time.time(),
-                       "pause_reason": s.pause_reason if s.paused_until > time.time() else None}
+        return {name: {"in_flight": s.in_flight, "sent": s.sent, "paused": s.paused_until > clock.now(),
+                       "pause_reason": s.pause_reason if s.paused_until > clock.now() else None}
                 for name, s in self.slots.items()}
 
 
@@ -506,7 +507,7 @@ class Expander:
             done = False
             while not done and not stopping.is_set():
                 done = await self.db.run(
-                    lambda conn, j=job_id: store.expand_page(conn, j, self.batch_size, time.time(), self.platforms))
+                    lambda conn, j=job_id: store.expand_page(conn, j, self.batch_size, clock.now(), self.platforms))
                 self.on_page()
         return bool(job_ids)
 

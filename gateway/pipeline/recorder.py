@@ -15,12 +15,12 @@ be stored on its own (``NotStored`` from the upstream buffer) fails only its own
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
+from gateway import clock
 from gateway.pipeline import store
 from gateway.pipeline.models import Ack
 from gateway.storage import Database, FailureEpisode, NotStored, is_storage_error
@@ -136,7 +136,7 @@ class Recorder:
         forward, topic = self._forward, self._acks_topic
 
         def work(conn: Any) -> tuple[list[store.AckResult], list[Any]]:
-            now = time.time()
+            now = clock.now()
             # Registrations first, in arrival order (a device registered and acked in the
             # same batch is known to the ack), in the batch's transaction, so a burst of
             # registrations costs one fsync per batch. Each run of registrations between

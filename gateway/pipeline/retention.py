@@ -13,11 +13,11 @@ publisher, also later if the broker is away now.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 
 import structlog
 
+from gateway import clock
 from gateway.pipeline import store
 from gateway.storage import Database, FailureEpisode, is_storage_error
 
@@ -58,7 +58,7 @@ class Pruner:
     async def prune_all(self, stopping: asyncio.Event | None = None) -> int:
         total = 0
         while stopping is None or not stopping.is_set():
-            now = time.time()
+            now = clock.now()
             cutoff = now - self.retention_s
             job_ids = await self.db.run(lambda conn: store.prune(conn, cutoff, now, BATCH_ROWS))
             if job_ids:

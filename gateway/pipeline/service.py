@@ -9,12 +9,14 @@ half a second to close."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
 
 from bridges.base import Bridge, BridgeConfigError, BridgeContext
 from bridges.registry import build_bridges
+from gateway import clock
 from gateway.config import Config
 from gateway.mqtt import GatewayClient
 from gateway.pipeline import schema, store
@@ -36,9 +38,17 @@ CLOSE_S = 0.5  # bridges close (in parallel)
 
 
 class Pipeline:
-    name = "pipeline"
+    """Service ``pipeline``. Besides running, it is the entry point of the other services:
+    jobs, registrations and acks from the HTTP API and the cloud link (the methods below
+    ``intake API``), commit notifications (:meth:`on_commit`), bridge health
+    (:meth:`bridge_health`) and wake-ups for jobs written straight to SQLite
+    (:meth:`wake_for_new_jobs`). ``ack_url`` signs each delivery's ack URL (``[http]``)."""
 
-    def __init__(self, cfg: Config, db: Database, forward: store.Forwarder | None = None):
+    name = "pipeline"
+    started: asyncio.Event | None = None  # serves once running; ``ready`` gates its inputs
+
+    def __init__(self, cfg: Config, db: Database, forward: store.Forwarder | None = None,
+                 ack_url: Callable[[str], str] | None = None):
         self.cfg = cfg
         self.db = db
         self.topics = Topics(cfg.prefix)
@@ -52,7 +62,7 @@ class Pipeline:
         self.expander: Expander | None = None
         self.status: StatusPublisher | None = None
         self.pruner: Pruner | None = None
-        self.ack_url: Any = None  # message_id → signed ack URL (set by the daemon when [http] is on)
+        self.ack_url = ack_url  # message_id → signed ack URL (with [http])
 
     # ----------------------------------------------------------------- set-up
     def attach(self, client: GatewayClient) -> None:
@@ -72,7 +82,7 @@ class Pipeline:
         self.dispatcher = Dispatcher(self.cfg.dispatch, self.db, self.bridges, self.recorder, resend=resend)
         self.dispatcher.ack_url = self.ack_url
 
-    def _gate(self, handler: Any) -> Any:
+    def _gate(self, handler: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
         """Messages that arrive before the schema exists wait for it."""
         async def gated(message: Any) -> None:
             await self.ready.wait()
@@ -110,6 +120,40 @@ class Pipeline:
         await self.ready.wait()
         assert self.intake is not None
         return await self.intake.register_device(device_id, payload, source)
+
+    async def ack(self, device_id: str, payload: bytes, source: str, via: AckVia) -> store.AckResult | None:
+        """One device ack from outside MQTT (the HTTP ack URL), stored with the channel it
+        came by; None if it is bad input."""
+        await self.ready.wait()
+        assert self.intake is not None
+        return await self.intake.ack(device_id, payload, source, via)
+
+    def on_commit(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after every commit of outcomes or acks (job statuses may have changed)."""
+        self.recorder.on_commit.append(callback)
+
+    def wake_for_new_jobs(self) -> None:
+        """Jobs were written straight into SQLite (the alarms): expand and report them now
+        instead of at the next poll."""
+        if self.expander is not None:
+            self.expander.wake.set()
+        if self.status is not None:
+            self.status.wake.set()
+
+    def bridge_health(self) -> dict[str, dict[str, Any]]:
+        """Per enabled bridge: healthy (no pause episode running), pause reason, in flight, sent."""
+        if self.dispatcher is None:
+            return {}
+        now = clock.now()  # paused_until is on the gateway's clock
+        out: dict[str, dict[str, Any]] = {}
+        for name, slot in self.dispatcher.slots.items():
+            unhealthy = slot.unhealthy or slot.paused_until > now
+            paused_for: float | None = 0.0
+            if slot.paused_until > now:
+                paused_for = None if slot.paused_until == float("inf") else round(slot.paused_until - now, 1)
+            out[name] = {"healthy": not unhealthy, "reason": (slot.pause_reason or None) if unhealthy else None,
+                         "paused_for_s": paused_for, "in_flight": slot.in_flight, "sent": slot.sent}
+        return out
 
     # ----------------------------------------------------------------- run
     async def run(self, stopping: asyncio.Event) -> None:

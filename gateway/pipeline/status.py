@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any
 
 import structlog
 
+from gateway import clock
 from gateway.mqtt import GatewayClient, NotConnected
 from gateway.pipeline import store
 from gateway.storage import Database, FailureEpisode, NotStored, is_storage_error
@@ -73,7 +73,7 @@ class StatusPublisher:
             await asyncio.sleep(0)  # let a burst of wake-ups coalesce
 
     async def publish_due(self, force: bool = False) -> int:
-        now = time.time()
+        now = clock.now()
         forward = self.forward
         where = "status_dirty = 1 OR cloud_dirty = 1" if forward is not None else "status_dirty = 1"
 
@@ -124,7 +124,7 @@ class StatusPublisher:
                 conn.execute("UPDATE jobs SET status_published_at = ?, status_published_state = ?, "
                              "status_dirty = CASE WHEN updated_at = ? THEN 0 ELSE 1 END"
                              + ("" if forward is not None else ", cloud_dirty = 0") + " WHERE job_id = ?",
-                             (time.time(), state, u, job_id))
+                             (clock.now(), state, u, job_id))
 
             await self.db.run(done)
             count += 1

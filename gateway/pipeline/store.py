@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pydantic import TypeAdapter
 
 from devices.models import PLATFORMS, Channel, Device, channel_address
+from gateway import clock
 from gateway import stats
 from gateway.pipeline.models import Ack, AckIn, AckVia, ParsedJob
 from gateway.storage import NotStored
@@ -78,7 +79,7 @@ def upsert_device(conn: sqlite3.Connection, device: Device, source: str, now: fl
         "source = excluded.source, updated_at = excluded.updated_at",
         (device.device_id, device.segment, json.dumps(device.tags),
          json.dumps([c.model_dump(exclude_none=True) for c in device.channels]), json.dumps(marks),
-         source, now or time.time()),
+         source, now or clock.now()),
     )
 
 
@@ -248,7 +249,7 @@ def insert_job(conn: sqlite3.Connection, parsed: ParsedJob, source: str, now: fl
     A job_id whose job was *rejected* was never dispatched: a valid job may take it (the
     rejection is replaced), so a technician can fix a typo and send again with the same id.
     """
-    now = now or time.time()
+    now = now or clock.now()
     existing = conn.execute("SELECT state FROM jobs WHERE job_id = ?", (parsed.job_id,)).fetchone()
     if existing is not None:
         if existing["state"] != "rejected":
@@ -284,7 +285,7 @@ def reject_job(conn: sqlite3.Connection, job_id: str, source: str, code: str, me
     its status is published like any other (also later, if the broker is away now) and
     ``jobs show`` finds it. False if the id belongs to an accepted job: that job is left
     alone and its status re-published."""
-    now = now or time.time()
+    now = now or clock.now()
     error = json.dumps({"code": code, "message": message})
     row = conn.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
     if row is not None and row["state"] != "rejected":
@@ -456,7 +457,7 @@ def new_message_id() -> str:
 def new_message_ids(n: int) -> list[str]:
     """``n`` ids as :func:`new_message_id` makes them, for one page of rows: one clock
     reading and one read of random bytes for the page instead of one each per row."""
-    ms = (int(time.time() * 1000) & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | 0b10 << 62
+    ms = (int(clock.now() * 1000) & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | 0b10 << 62
     rand = os.urandom(10 * n)
     out = []
     for i in range(0, 10 * n, 10):

@@ -15,7 +15,7 @@ What makes it safe:
   the reconnect. So a resend never lands after a newer message of the same job (a retained
   status on the cloud never ends older than it was), across a lost PUBACK, a reconnect, a
   clean stop or ``kill -9``. The price is duplicates of the rows after the gap; every row
-  carries an ``id`` for the cloud to drop them (:func:`outbox.wire_payload`).
+  carries an ``id`` for the cloud to drop them (:func:`gateway.upstream.outbox.wire_payload`).
 * **A gap is noticed.** MQTT 3.1.1 brokers acknowledge in order; when later rows are
   acknowledged and the oldest is not within ``gap_grace`` (or any publish times out), the
   session ends and the client reconnects, so the resend cannot overtake the original.
@@ -44,7 +44,7 @@ import structlog
 
 from gateway.mqtt import NotConnected
 from gateway.storage import Database
-from gateway.upstream import outbox
+from gateway.upstream.outbox import Outbox, OutboxRow, OutboxStats, wire_payload
 from gateway.upstream.connection import UpstreamClient
 
 log = structlog.get_logger(__name__)
@@ -52,14 +52,9 @@ log = structlog.get_logger(__name__)
 PENDING, ACKED, FAILED = 0, 1, 2
 
 
-def _stats_recorded(conn: Any) -> outbox.OutboxStats:
-    """The outbox's figures, read on the writer: refusals counted in memory are stored first."""
-    return outbox.stats(conn, record=True)
-
-
 @dataclass(slots=True)
 class _Slot:
-    row: outbox.OutboxRow
+    row: OutboxRow
     sent_at: float
     state: int = PENDING
 
@@ -85,7 +80,7 @@ class DrainCounters:
 @dataclass
 class _Session:
     inflight: deque[_Slot] = field(default_factory=deque)
-    ahead: deque[outbox.OutboxRow] = field(default_factory=deque)  # read, not sent yet
+    ahead: deque[OutboxRow] = field(default_factory=deque)  # read, not sent yet
     forget: list[int] = field(default_factory=list)  # confirmed prefix, not yet deleted
     cursor: int = 0  # the last seq read
     exhausted: bool = False  # the last read found nothing more
@@ -108,7 +103,7 @@ class _Session:
 class Drain:
     """Publishes the outbox through an :class:`UpstreamClient`, one session per connection."""
 
-    def __init__(self, db: Database, client: UpstreamClient, *, window: int = 1000,
+    def __init__(self, db: Database, client: UpstreamClient, outbox: Outbox, *, window: int = 1000,
                  publish_timeout: float = 30.0, poll_interval: float = 1.0, gap_grace: float = 2.0,
                  forget_batch: int = 500, forget_interval: float = 0.1, set_aside_after: int = 5,
                  suspect_s: float = 10.0, stop_flush_s: float = 2.0):
@@ -116,6 +111,7 @@ class Drain:
             raise ValueError("window must be at least 1")
         self.db = db
         self.client = client
+        self.outbox = outbox
         self.window = window
         self.publish_timeout = publish_timeout
         self.poll_interval = poll_interval
@@ -127,7 +123,7 @@ class Drain:
         self.stop_flush_s = stop_flush_s
         self.wake = asyncio.Event()  # the pipeline queued a row since the last read
         self.counters = DrainCounters()
-        self.stats: outbox.OutboxStats | None = None
+        self.stats: OutboxStats | None = None
         self._session: _Session | None = None
         self._id_prefix: str | None = None
         self._highest_sent = 0  # rows up to this seq were published before (a resend otherwise)
@@ -147,7 +143,7 @@ class Drain:
         up = self.client.up
         while not stopping.is_set():
             if not up.is_set():
-                self.stats = await self.db.run(_stats_recorded)  # fresh metrics while offline
+                self.stats = await self.db.run(self.outbox.stats)  # fresh metrics while offline
                 await first_of(up.wait(), stopping.wait(), timeout=max(self.poll_interval, 1.0))
                 continue
             try:
@@ -160,7 +156,7 @@ class Drain:
     async def session(self, stopping: asyncio.Event) -> None:
         """Publish in order until the connection drops, a PUBACK goes missing, or we stop."""
         if self._id_prefix is None:
-            self._id_prefix = await self.db.run(outbox.id_prefix)
+            self._id_prefix = await self.db.run(self.outbox.id_prefix)
         self.counters.sessions += 1
         lost = self.client.lost
         s = self._session = _Session()
@@ -240,14 +236,14 @@ class Drain:
         return timeout
 
     # ------------------------------------------------------------------ steps
-    def _send(self, s: _Session, row: outbox.OutboxRow) -> None:
+    def _send(self, s: _Session, row: OutboxRow) -> None:
         slot = _Slot(row, time.monotonic())
         s.inflight.append(slot)
         if row.seq <= self._highest_sent:
             self.counters.resent += 1
         self._highest_sent = max(self._highest_sent, row.seq)
         try:
-            fut = self.client.publish_nowait(row.topic, outbox.wire_payload(row, self._id_prefix or ""),
+            fut = self.client.publish_nowait(row.topic, wire_payload(row, self._id_prefix or ""),
                                              retain=row.retain)
         except NotConnected as exc:
             slot.state = FAILED
@@ -303,8 +299,8 @@ class Drain:
         cursor, limit = s.cursor, self.window
         self.wake.clear()
 
-        def work(conn: Any) -> tuple[list[outbox.OutboxRow], outbox.OutboxStats]:
-            return outbox.fetch(conn, cursor, limit), outbox.stats(conn, record=True)
+        def work(conn: Any) -> tuple[list[OutboxRow], OutboxStats]:
+            return self.outbox.fetch(conn, cursor, limit), self.outbox.stats(conn)
 
         rows, self.stats = await self.db.run(work)
         s.ahead.extend(rows)
@@ -316,9 +312,9 @@ class Drain:
         """Delete the confirmed prefix gathered so far (one transaction for the batch)."""
         done, s.forget = s.forget, []
 
-        def work(conn: Any) -> outbox.OutboxStats:
-            outbox.delete_sent(conn, done)
-            return outbox.stats(conn, record=True)
+        def work(conn: Any) -> OutboxStats:
+            self.outbox.delete_sent(conn, done)
+            return self.outbox.stats(conn)
 
         try:
             self.stats = await self.db.run(work)
@@ -352,7 +348,7 @@ class Drain:
             log.warning("upstream publish not confirmed; reconnecting", error=s.failed)
             await self.client.disconnect()
 
-    async def _strike(self, row: outbox.OutboxRow, ended: str, error: str | None) -> None:
+    async def _strike(self, row: OutboxRow, ended: str, error: str | None) -> None:
         if row.seq == self._strike_seq:
             self._strikes += 1
         else:
@@ -361,7 +357,7 @@ class Drain:
             return
         reason = (f"{self._strikes} sessions in a row ended with this row unconfirmed "
                   f"({'no PUBACK' if ended == 'broken' else 'connection closed after it was sent'})")
-        moved = await self.db.run(lambda conn: outbox.set_aside(conn, row.seq, reason))
+        moved = await self.db.run(lambda conn: self.outbox.set_aside(conn, row.seq, reason))
         self._strike_seq, self._strikes = None, 0
         if moved is not None:
             self.counters.set_aside += 1

@@ -35,7 +35,7 @@ from gateway.mqtt import ConnectionSettings, GatewayClient, NotConnected
 from gateway.storage import Database
 from gateway.timeutil import iso, utcnow
 from gateway.topics import Topics
-from gateway.upstream import outbox
+from gateway.upstream.outbox import Outbox, OutboxStats
 from gateway.upstream.connection import UpstreamClient
 from gateway.upstream.drain import Drain, first_of
 
@@ -66,8 +66,9 @@ class UpstreamLink:
     """Service ``upstream``: keeps the cloud connection and drains the outbox."""
 
     name = "upstream"
+    started: asyncio.Event | None = None  # serves once running (the cloud may be away for days)
 
-    def __init__(self, cfg: Config, db: Database, intake: Intake, *,
+    def __init__(self, cfg: Config, db: Database, intake: Intake, outbox: Outbox | None = None, *,
                  backoff_initial: float = 1.0, backoff_max: float = 60.0, healthy_after_s: float = 30.0,
                  window: int | None = None, publish_timeout: float = 30.0, poll_interval: float = 1.0,
                  stop_flush_s: float = 2.0, gap_grace: float = 2.0, set_aside_after: int = 5):
@@ -81,8 +82,10 @@ class UpstreamLink:
         self.db = db
         self.intake = intake
         self.topics = Topics(cfg.prefix)
-        self.max_bytes = int(up.buffer_max_mb * 1024 * 1024)
-        self.overflow = up.overflow
+        # The pipeline queues into the same instance (the daemon's wiring passes it to both).
+        self.outbox = outbox if outbox is not None else Outbox.for_upstream(up)
+        self.max_bytes = self.outbox.max_bytes
+        self.overflow = self.outbox.overflow
         self.started_at = iso(utcnow())
         self._window = window
         self._backoff_max = backoff_max
@@ -106,7 +109,7 @@ class UpstreamLink:
         self.client.route(self.topics.jobs, self._on_job, qos=1)
         self.client.route(self.topics.device_register(), self._on_register, qos=1)
         self.client.on_connect(self._announce_online)
-        self.drain = Drain(db, self.client, window=window, publish_timeout=publish_timeout,
+        self.drain = Drain(db, self.client, self.outbox, window=window, publish_timeout=publish_timeout,
                            poll_interval=poll_interval, gap_grace=gap_grace, set_aside_after=set_aside_after,
                            stop_flush_s=stop_flush_s)
 
@@ -119,14 +122,14 @@ class UpstreamLink:
         loop = asyncio.get_running_loop()
 
         def wake() -> None:
-            # Called by outbox.enqueue on the database thread inside the pipeline's
+            # Called by Outbox.enqueue on the database thread inside the pipeline's
             # transaction: it must never raise (that would roll the pipeline back).
             try:
                 loop.call_soon_threadsafe(self.drain.notify)
             except RuntimeError:  # loop already closed
                 pass
 
-        outbox.add_listener(wake)
+        self.outbox.add_listener(wake)
         client_stop = asyncio.Event()
         client_task = asyncio.create_task(self._keep_client(client_stop), name="upstream-client")
         stats = self.drain.stats
@@ -136,7 +139,7 @@ class UpstreamLink:
         try:
             await self.drain.run(stopping)  # on stop: waits (bounded) for what is in flight
         finally:
-            outbox.remove_listener(wake)
+            self.outbox.remove_listener(wake)
             await self._announce_offline()
             client_stop.set()
             task = asyncio.current_task()
@@ -159,7 +162,7 @@ class UpstreamLink:
         if self.drain.stats is not None:
             stats = self.drain.stats.as_dict()
         else:  # not read yet: same keys, values unknown
-            stats = {**dict.fromkeys(outbox.OutboxStats(0, 0, 0, 0, 0, False).as_dict()),
+            stats = {**dict.fromkeys(OutboxStats(0, 0, 0, 0, 0, False).as_dict()),
                      "buffer_max_bytes": self.max_bytes, "buffer_overflow": self.overflow}
         return {
             "connected": self.client.connected,
@@ -175,14 +178,12 @@ class UpstreamLink:
         }
 
     async def refresh_metrics(self) -> dict[str, Any]:
-        self.drain.stats = await self.db.run(lambda conn: outbox.stats(conn, record=True))
+        self.drain.stats = await self.db.run(self.outbox.stats)
         return self.metrics()
 
     # ------------------------------------------------------------------ helpers
-    def _prepare(self, conn: sqlite3.Connection) -> outbox.OutboxStats:
-        outbox.ensure_schema(conn)
-        outbox.configure(conn, self.max_bytes, self.overflow)
-        self.drain.stats = outbox.stats(conn, record=True)
+    def _prepare(self, conn: sqlite3.Connection) -> OutboxStats:
+        self.drain.stats = self.outbox.prepare(conn)
         return self.drain.stats
 
     def _status_payload(self, state: str) -> bytes:

@@ -1,7 +1,7 @@
 """The upstream outbox: what the gateway owes the cloud, kept in the gateway's SQLite.
 
 Why a table and not a queue in memory: the cloud may be away for minutes or for days,
-and the gateway may be killed meanwhile. The pipeline calls :func:`enqueue` with its own
+and the gateway may be killed meanwhile. The pipeline calls :meth:`Outbox.enqueue` with its own
 connection inside the transaction that changes a job's status or stores an ack, so the
 forward commits (or rolls back) together with the fact it reports; the drain
 (:mod:`gateway.upstream.drain`) publishes rows in ``seq`` order and deletes only the
@@ -11,7 +11,7 @@ Every row goes up with an ``id`` (:func:`wire_payload`): ``<outbox id>-<seq>``, 
 row across restarts and across a wiped database, so the cloud can de-duplicate a resend.
 
 Bounded by ``upstream.buffer_max_mb`` and governed by ``upstream.overflow`` (both stored
-here by :func:`configure`, so ``enqueue`` needs no config). The size of the buffer is kept
+in the state table by :meth:`Outbox.prepare`, so the hot path needs no config). The size of the buffer is kept
 as a running total in a one-row state table by triggers, so the hot path is one small read
 and one INSERT, never a scan:
 
@@ -23,9 +23,13 @@ and one INSERT, never a scan:
   below 80 %, each new row replaces the unsent ones it supersedes (one index lookup);
 * when a row still does not fit under the cap: ``drop-oldest`` drops rows, oldest acks
   first, then (acks exhausted) the oldest remaining status snapshots, each counted in
-  ``dropped``; ``refuse-new`` raises :class:`OutboxFull` for an ack (the pipeline does not
-  acknowledge it to the device, which keeps it and sends it again) and still takes a status
-  snapshot (the gateway produced it; nobody could resend it), over the cap if need be.
+  ``dropped``; ``refuse-new`` drops nothing: an ack is stored and acknowledged locally as
+  always, and its upstream copy waits outside the buffer (``upstream_outbox_held``, counted
+  in ``refused``) until the cloud has taken enough rows, then joins the buffer in arrival
+  order. Refusing the ack itself would make the gateway leave its local broker to have it
+  resent, and local deliveries went through that same connection (a local job reached no
+  device while the WAN was down). A status snapshot is never held back: it goes in, over
+  the cap if need be.
 
 The counters fall back under the warning level at 80 %, so each warning is logged once
 per episode, not once per row.
@@ -33,6 +37,7 @@ per episode, not once per row.
 
 from __future__ import annotations
 
+import enum
 import json
 import secrets
 import sqlite3
@@ -44,7 +49,8 @@ from typing import Literal
 
 import structlog
 
-from gateway.storage import NotStored
+from gateway import clock
+from gateway.config import UpstreamSection
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +64,7 @@ CLEAR_FRACTION = 0.8  # below this the episode is over (warnings re-armed)
 ROW_OVERHEAD = 64  # bytes counted per row besides topic and payload (seq, flags, index)
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 ASIDE_MAX_ROWS = 1000  # rows set aside are kept for inspection, the newest this many
+HELD_WARNING_INTERVAL_S = 60.0  # the "held back" warning at most this often
 
 # How far an ack's status got, for coalescing acks of one delivery under drop-oldest: the
 # most advanced survives. "opened" is what a sender hopes for; "dismissed" is the other
@@ -95,6 +102,20 @@ END;
 CREATE TRIGGER IF NOT EXISTS upstream_outbox_removed AFTER DELETE ON upstream_outbox BEGIN
     UPDATE upstream_outbox_state SET bytes = bytes - OLD.size, rows = rows - 1 WHERE id = 1;
 END;
+CREATE TABLE IF NOT EXISTS upstream_outbox_held (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,      -- arrival order of the acks held back
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    coalesce_key TEXT,
+    size INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS upstream_outbox_held_added AFTER INSERT ON upstream_outbox_held BEGIN
+    UPDATE upstream_outbox_state SET held = held + 1 WHERE id = 1;
+END;
+CREATE TRIGGER IF NOT EXISTS upstream_outbox_held_removed AFTER DELETE ON upstream_outbox_held BEGIN
+    UPDATE upstream_outbox_state SET held = held - 1 WHERE id = 1;
+END;
 CREATE TABLE IF NOT EXISTS upstream_outbox_aside (
     seq INTEGER PRIMARY KEY,                    -- the row's seq in upstream_outbox
     kind TEXT NOT NULL,
@@ -114,16 +135,8 @@ _STATE_COLUMNS = (
     ("set_aside", "INTEGER NOT NULL DEFAULT 0"),
     ("refuse_new", "INTEGER NOT NULL DEFAULT 0"),   # overflow = "refuse-new"
     ("id_prefix", "TEXT"),                          # random, once per database: ids survive a wipe
+    ("held", "INTEGER NOT NULL DEFAULT 0"),         # acks waiting in upstream_outbox_held (refuse-new)
 )
-
-# Wake-up hooks of running drains (called from the database thread; must be thread-safe).
-_listeners: set[Callable[[], None]] = set()
-
-
-class OutboxFull(NotStored):
-    """``overflow = "refuse-new"`` and no room for this ack: do not acknowledge it to the
-    device (it keeps the ack and sends it again); nothing was written for it."""
-
 
 @dataclass(frozen=True)
 class OutboxRow:
@@ -149,6 +162,7 @@ class OutboxStats:
     refused: int = 0
     set_aside: int = 0
     overflow: str = "drop-oldest"
+    held: int = 0
 
     @property
     def fill(self) -> float:
@@ -166,6 +180,7 @@ class OutboxStats:
             "buffer_coalesced": self.coalesced,
             "buffer_coalesced_acks": self.coalesced_acks,
             "buffer_refused": self.refused,
+            "buffer_held": self.held,
             "buffer_set_aside": self.set_aside,
             "buffer_oldest_age_s": self.oldest_age_s,
         }
@@ -228,14 +243,17 @@ def _state(conn: sqlite3.Connection, columns: str) -> sqlite3.Row | tuple[int, .
     return row
 
 
-def configure(conn: sqlite3.Connection, max_bytes: int, overflow: Overflow = "drop-oldest") -> None:
-    """Store the cap and the overflow policy (``[upstream]``) so :func:`enqueue` needs no config."""
+def _store_policy(conn: sqlite3.Connection, max_bytes: int, overflow: str) -> int:
+    """Store the cap and the overflow policy (``[upstream]``) in the state table, where the
+    hot path reads them with the running size; returns the held acks moved into the buffer."""
     if overflow not in OVERFLOWS:
         raise ValueError(f"overflow must be 'drop-oldest' or 'refuse-new', not {overflow!r}")
     _state(conn, "refuse_new")
     conn.execute("UPDATE upstream_outbox_state SET max_bytes = ?, refuse_new = ? WHERE id = 1",
                  (int(max_bytes), 1 if overflow == "refuse-new" else 0))
+    moved = _release_held(conn)
     _rearm(conn)
+    return moved
 
 
 def row_size(topic: str, payload: bytes) -> int:
@@ -257,18 +275,27 @@ def _ack_fields(payload: bytes) -> tuple[str | None, int, object]:
 # --------------------------------------------------------------------------- hot path
 
 
-def enqueue(conn: sqlite3.Connection, kind: Kind, topic: str, payload: bytes, retain: bool,
-            coalesce_key: str | None = None) -> None:
+class Placed(enum.Enum):
+    """Where :meth:`Outbox.enqueue` put a message."""
+
+    QUEUED = "queued"      # a row in the buffer
+    MERGED = "merged"      # into a more advanced unsent ack of the same delivery (drop-oldest)
+    HELD = "held"          # refuse-new at the cap: waits outside the buffer
+    TOO_BIG = "too_big"    # larger than the whole buffer: dropped and counted
+
+
+def _place(conn: sqlite3.Connection, kind: str, topic: str, payload: bytes, retain: bool,
+           coalesce_key: str | None = None) -> Placed:
     """Queue one message for the cloud, inside the caller's transaction.
 
     ``kind="status"`` with ``coalesce_key`` = job_id for JobStatus snapshots (a newer one
     makes older unsent ones redundant when space is short); ``kind="ack"`` with the ack
     payload of contract §5 (its ``message_id`` is read from it when no key is given).
 
-    A full buffer never fails a status snapshot: the pipeline's own commit must not fail
-    because the WAN is down. For an ack it depends on ``overflow``: ``drop-oldest`` makes
-    room (counted in ``dropped``); ``refuse-new`` raises :class:`OutboxFull` before
-    writing anything for that ack.
+    A full buffer never fails the pipeline's commit: local work must not wait for the WAN.
+    A status snapshot goes in (over the cap if need be); for an ack ``drop-oldest`` makes
+    room (counted in ``dropped``) and ``refuse-new`` holds its copy back until there is
+    room (counted in ``refused``).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be 'status' or 'ack', not {kind!r}")
@@ -276,12 +303,12 @@ def enqueue(conn: sqlite3.Connection, kind: Kind, topic: str, payload: bytes, re
     if kind == "ack" and coalesce_key is None:
         coalesce_key = _ack_fields(payload)[0]  # kept on the row: coalescing must not parse the buffer
     size = row_size(topic, payload)
-    used, cap, near, refuse_new = _state(conn, "bytes, max_bytes, near, refuse_new")
-    if size > cap:  # could never fit, under either policy: refusing would loop for ever
-        conn.execute("UPDATE upstream_outbox_state SET dropped = dropped + 1 WHERE id = 1")
-        log.warning("upstream message larger than the whole buffer; dropped", topic=topic, size=size,
-                    max_bytes=cap)
-        return
+    used, cap, near, refuse_new, held = _state(conn, "bytes, max_bytes, near, refuse_new, held")
+    if size > cap:  # could never fit, under either policy: holding it would hold every later ack
+        _drop_too_big(conn, topic, size, cap)
+        return Placed.TOO_BIG
+    if kind == "ack" and refuse_new and held:  # behind the acks already held back: order kept
+        return _hold(conn, topic, payload, coalesce_key, size)
     if near or used + size > cap * NEAR_FRACTION:
         if not near:
             conn.execute("UPDATE upstream_outbox_state SET near = 1 WHERE id = 1")
@@ -295,29 +322,23 @@ def enqueue(conn: sqlite3.Connection, kind: Kind, topic: str, payload: bytes, re
         elif kind == "ack" and coalesce_key is not None and not refuse_new:
             merged_payload = _coalesce_ack(conn, coalesce_key, payload)
             if merged_payload is None:
-                _wake_listeners()
-                return  # a more advanced ack of this delivery is already waiting
+                return Placed.MERGED  # a more advanced ack of this delivery is already waiting
             payload = merged_payload
             size = row_size(topic, payload)
         used = conn.execute("SELECT bytes FROM upstream_outbox_state WHERE id = 1").fetchone()[0]
         if used + size > cap:
             if refuse_new:
                 if kind == "ack":
-                    _refuse(conn, cap, topic)
-                # a status snapshot is never refused: it goes in over the cap
+                    return _hold(conn, topic, payload, coalesce_key, size)
+                # a status snapshot is never held back: it goes in over the cap
             else:
                 _make_room(conn, cap, size)
     conn.execute(
         "INSERT INTO upstream_outbox (kind, topic, payload, retain, coalesce_key, size, created_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (kind, topic, payload, 1 if retain else 0, coalesce_key, size, time.time()),
+        (kind, topic, payload, 1 if retain else 0, coalesce_key, size, clock.now()),
     )
-    _wake_listeners()
-
-
-def _wake_listeners() -> None:
-    for wake in tuple(_listeners):
-        wake()
+    return Placed.QUEUED
 
 
 def _count(conn: sqlite3.Connection, column: str, n: int) -> None:
@@ -415,65 +436,52 @@ def _coalesce_all_acks(conn: sqlite3.Connection) -> int:
     return n
 
 
-def _refuse(conn: sqlite3.Connection, cap: int, topic: str) -> None:
-    """refuse-new at the cap: count, warn (rate-limited), raise; nothing is written.
+def _drop_too_big(conn: sqlite3.Connection, topic: str, size: int, cap: int) -> None:
+    conn.execute("UPDATE upstream_outbox_state SET dropped = dropped + 1 WHERE id = 1")
+    log.warning("upstream message larger than the whole buffer; dropped", topic=topic, size=size, max_bytes=cap)
 
-    The caller rolls back what it did for this ack (it must, to not acknowledge it), so
-    anything written here would be undone: the refusal is counted in memory, per database
-    file, and moved to the state table by :func:`record_refusals` on the writer's next
-    transaction that asks for it (the link's and the drain's ``stats(..., record=True)``).
+
+def _hold(conn: sqlite3.Connection, topic: str, payload: bytes, coalesce_key: str | None, size: int) -> Placed:
+    """refuse-new at the cap: the ack's upstream copy waits outside the buffer.
+
+    Written in the caller's transaction, so the ack itself is stored and acknowledged
+    like any other (the gateway never leaves its local broker to have it resent, which
+    stopped local deliveries); only its copy for the cloud waits, in arrival order, and
+    moves into the buffer as the cloud takes rows (:func:`_release_held`). Counted in
+    ``refused`` (:class:`Outbox` warns, at most once a minute).
     """
-    global _refused_since_warning, _refuse_warned_at
-    key = _database_key(conn)
-    with _refused_lock:
-        _refused_pending[key] = _refused_pending.get(key, 0) + 1
-    _refused_since_warning += 1
-    now = time.monotonic()
-    if _refuse_warned_at is None or now - _refuse_warned_at >= REFUSE_WARNING_INTERVAL_S:
-        log.warning("upstream buffer full; refusing device acks until the cloud takes some (overflow = refuse-new)",
-                    max_bytes=cap, topic=topic, refused=_refused_since_warning)
-        _refuse_warned_at = now
-        _refused_since_warning = 0
-    raise OutboxFull("upstream buffer full (overflow = refuse-new): the ack is not stored; the device resends it")
+    conn.execute("INSERT INTO upstream_outbox_held (topic, payload, coalesce_key, size, created_at)"
+                 " VALUES (?, ?, ?, ?, ?)", (topic, payload, coalesce_key, size, clock.now()))
+    _count(conn, "refused", 1)
+    return Placed.HELD
 
 
-REFUSE_WARNING_INTERVAL_S = 60.0
-# Refusals not yet added to the state table, per database file. Per file, not one number
-# for the process: a reader (the /metrics scrape, the operator page, on their own
-# connections and threads) only adds them to what it reports, and a count of one
-# database must never be written into another's (as happened between tests in one process).
-_refused_pending: dict[str, int] = {}
-_refused_lock = threading.Lock()
-_refused_since_warning = 0
-_refuse_warned_at: float | None = None
-
-
-def _database_key(conn: sqlite3.Connection) -> str:
-    row = conn.execute("PRAGMA database_list").fetchone()  # (seq, "main", file; "" in memory)
-    return f"{row[2]}" if row[2] else f"memory:{id(conn)}"
-
-
-def _pending_refusals(conn: sqlite3.Connection) -> int:
-    if not _refused_pending:
-        return 0
-    with _refused_lock:
-        return _refused_pending.get(_database_key(conn), 0)
-
-
-def record_refusals(conn: sqlite3.Connection) -> None:
-    """Move the refusals counted in memory into the state table (the writer's transaction)."""
-    if not _refused_pending:
-        return
-    key = _database_key(conn)
-    with _refused_lock:
-        n = _refused_pending.pop(key, 0)
-    if n:
-        try:
-            _count(conn, "refused", n)
-        except BaseException:
-            with _refused_lock:  # not written: keep them for the next try
-                _refused_pending[key] = _refused_pending.get(key, 0) + n
-            raise
+def _release_held(conn: sqlite3.Connection) -> int:
+    """Move held-back acks into the buffer, oldest first, while they fit under the cap
+    (all of them when the policy is no longer refuse-new: enqueue then makes room)."""
+    used, cap, refuse_new, held = _state(conn, "bytes, max_bytes, refuse_new, held")
+    moved = 0
+    while held:
+        batch = conn.execute("SELECT seq, topic, payload, coalesce_key, size, created_at FROM upstream_outbox_held"
+                             " ORDER BY seq LIMIT 64").fetchall()
+        if not batch:
+            break
+        for seq, topic, payload, key, size, created_at in batch:
+            if refuse_new and size <= cap < used + size:
+                return moved  # waits for the drain; every ack behind it waits too (order)
+            conn.execute("DELETE FROM upstream_outbox_held WHERE seq = ?", (seq,))
+            held -= 1
+            if size > cap:  # the cap shrank below it (a restart with a smaller buffer_max_mb)
+                _drop_too_big(conn, topic, size, cap)
+            elif refuse_new:
+                conn.execute(
+                    "INSERT INTO upstream_outbox (kind, topic, payload, retain, coalesce_key, size, created_at)"
+                    " VALUES ('ack', ?, ?, 0, ?, ?, ?)", (topic, payload, key, size, created_at))
+                used += size
+            else:
+                _place(conn, "ack", topic, bytes(payload), False, coalesce_key=key)
+            moved += 1
+    return moved
 
 
 def _make_room(conn: sqlite3.Connection, cap: int, size: int) -> None:
@@ -534,7 +542,7 @@ def fetch(conn: sqlite3.Connection, after_seq: int, limit: int) -> list[OutboxRo
     return [OutboxRow(int(r[0]), str(r[1]), str(r[2]), bytes(r[3]), bool(r[4])) for r in rows]
 
 
-def delete_sent(conn: sqlite3.Connection, seqs: Iterable[int]) -> int:
+def _delete_sent(conn: sqlite3.Connection, seqs: Iterable[int]) -> tuple[int, int]:
     """Forget rows the cloud broker acknowledged (PUBACK); rows already coalesced are skipped.
 
     The drain passes only the acknowledged *prefix* (every row before them confirmed too),
@@ -542,8 +550,9 @@ def delete_sent(conn: sqlite3.Connection, seqs: Iterable[int]) -> int:
     """
     _state(conn, "id")
     n = _delete(conn, seqs)
+    moved = _release_held(conn)
     _rearm(conn)
-    return n
+    return n, moved
 
 
 def id_prefix(conn: sqlite3.Connection) -> str:
@@ -578,7 +587,7 @@ def wire_payload(row: OutboxRow, prefix: str) -> bytes:
     return json.dumps(body).encode()
 
 
-def set_aside(conn: sqlite3.Connection, seq: int, reason: str) -> OutboxRow | None:
+def _set_aside(conn: sqlite3.Connection, seq: int, reason: str) -> tuple[OutboxRow | None, int]:
     """Move one row out of the way (the cloud broker will not take it); keep it, count it.
 
     Kept in ``upstream_outbox_aside`` (the newest :data:`ASIDE_MAX_ROWS`) for an operator
@@ -587,17 +596,18 @@ def set_aside(conn: sqlite3.Connection, seq: int, reason: str) -> OutboxRow | No
     row = conn.execute("SELECT seq, kind, topic, payload, retain, created_at FROM upstream_outbox WHERE seq = ?",
                        (seq,)).fetchone()
     if row is None:
-        return None
+        return None, 0
     conn.execute(
         "INSERT OR REPLACE INTO upstream_outbox_aside (seq, kind, topic, payload, retain, created_at, set_aside_at,"
         " reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (row[0], row[1], row[2], row[3], row[4], row[5], time.time(), reason))
+        (row[0], row[1], row[2], row[3], row[4], row[5], clock.now(), reason))
     conn.execute("DELETE FROM upstream_outbox_aside WHERE seq NOT IN ("
                  " SELECT seq FROM upstream_outbox_aside ORDER BY seq DESC LIMIT ?)", (ASIDE_MAX_ROWS,))
     _delete(conn, [seq])
     _count(conn, "set_aside", 1)
+    moved = _release_held(conn)
     _rearm(conn)
-    return OutboxRow(int(row[0]), str(row[1]), str(row[2]), bytes(row[3]), bool(row[4]))
+    return OutboxRow(int(row[0]), str(row[1]), str(row[2]), bytes(row[3]), bool(row[4])), moved
 
 
 def set_aside_rows(conn: sqlite3.Connection) -> list[dict[str, object]]:
@@ -609,27 +619,139 @@ def set_aside_rows(conn: sqlite3.Connection) -> list[dict[str, object]]:
              "reason": r[5]} for r in rows]
 
 
-def stats(conn: sqlite3.Connection, *, record: bool = False) -> OutboxStats:
-    """The outbox's figures. ``record`` (the writer only) first moves the refusals counted in
-    memory into the state table; without it nothing is written (readers on their own
-    connections call this too) and the pending refusals are added to the count reported."""
+def stats(conn: sqlite3.Connection) -> OutboxStats:
+    """The outbox's figures (nothing is written: readers on their own connections call this too)."""
     _state(conn, "id")
-    if record:
-        record_refusals(conn)
-    (used, rows, dropped, coalesced, cap, near, coalesced_acks, refused, aside,
-     refuse_new) = _state(conn, "bytes, rows, dropped, coalesced, max_bytes, near, coalesced_acks, refused,"
-                                " set_aside, refuse_new")
+    (used, rows, dropped, coalesced, cap, near, coalesced_acks, refused, aside, refuse_new,
+     held) = _state(conn, "bytes, rows, dropped, coalesced, max_bytes, near, coalesced_acks, refused,"
+                          " set_aside, refuse_new, held")
     oldest = conn.execute("SELECT created_at FROM upstream_outbox ORDER BY seq LIMIT 1").fetchone()
-    age = max(0.0, time.time() - float(oldest[0])) if oldest else None
+    age = max(0.0, clock.now() - float(oldest[0])) if oldest else None
     return OutboxStats(int(used), int(rows), int(dropped), int(coalesced), int(cap), bool(near), age,
-                       int(coalesced_acks), int(refused) + (0 if record else _pending_refusals(conn)), int(aside),
-                       "refuse-new" if refuse_new else "drop-oldest")
+                       int(coalesced_acks), int(refused), int(aside),
+                       "refuse-new" if refuse_new else "drop-oldest", int(held))
 
 
-def add_listener(wake: Callable[[], None]) -> None:
-    """Call ``wake`` (thread-safe, cheap) whenever a row is queued in this process."""
-    _listeners.add(wake)
+class Outbox:
+    """The outbox of one gateway: its policy, its listeners and its rate-limited warning.
 
+    One instance is built per daemon and handed to everything that writes the outbox: the
+    pipeline queues through :meth:`enqueue` inside its own transactions, the link's drain
+    reads, deletes and sets rows aside, and the link applies the policy at start
+    (:meth:`prepare`). The rows and the counters live in the database (see the module
+    docstring); what lives here is what only this process needs: who to wake when a row
+    is queued, and when the "held back" warning was last logged. Nothing is shared between
+    two instances, so two daemons (or two tests) in one process never see each other's.
 
-def remove_listener(wake: Callable[[], None]) -> None:
-    _listeners.discard(wake)
+    Methods that take a connection run on the database thread, inside the caller's
+    transaction; listeners are called there too (they must be thread-safe and cheap).
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, overflow: Overflow = "drop-oldest") -> None:
+        self._check(max_bytes, overflow)
+        self._max_bytes = int(max_bytes)
+        self._overflow: Overflow = overflow
+        self._lock = threading.Lock()  # listeners change on the event loop, are called on the database thread
+        self._listeners: set[Callable[[], None]] = set()
+        self._held_since_warning = 0
+        self._held_warned_at: float | None = None
+
+    @classmethod
+    def for_upstream(cls, section: UpstreamSection) -> Outbox:
+        """The outbox ``[upstream]`` asks for (``buffer_max_mb``, ``overflow``)."""
+        return cls(int(section.buffer_max_mb * 1024 * 1024), section.overflow)
+
+    @staticmethod
+    def _check(max_bytes: int, overflow: str) -> None:
+        if overflow not in OVERFLOWS:
+            raise ValueError(f"overflow must be 'drop-oldest' or 'refuse-new', not {overflow!r}")
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, not {max_bytes!r}")
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes
+
+    @property
+    def overflow(self) -> Overflow:
+        return self._overflow
+
+    # ------------------------------------------------------------------ policy
+    def prepare(self, conn: sqlite3.Connection) -> OutboxStats:
+        """At start (the writer): create or upgrade the tables, store this policy, report."""
+        ensure_schema(conn)
+        self._wake_if(_store_policy(conn, self._max_bytes, self._overflow))
+        return stats(conn)
+
+    def configure(self, conn: sqlite3.Connection, max_bytes: int, overflow: Overflow = "drop-oldest") -> None:
+        """Change the cap and the policy and store them (the hot path reads them from the
+        state table with the running size, so they hold for every writer of the database)."""
+        self._check(max_bytes, overflow)
+        self._max_bytes, self._overflow = int(max_bytes), overflow
+        self._wake_if(_store_policy(conn, self._max_bytes, self._overflow))
+
+    # ------------------------------------------------------------------ writers
+    def enqueue(self, conn: sqlite3.Connection, kind: str, topic: str, payload: bytes, retain: bool,
+                coalesce_key: str | None = None) -> None:
+        """Queue one message for the cloud inside the caller's transaction (see :func:`_place`);
+        wakes the listeners. Never fails because the buffer is full."""
+        placed = _place(conn, kind, topic, payload, retain, coalesce_key)
+        if placed is Placed.HELD:
+            self._warn_held(topic)
+        self._wake()
+
+    def delete_sent(self, conn: sqlite3.Connection, seqs: Iterable[int]) -> int:
+        """Forget rows the cloud broker acknowledged (see :func:`_delete_sent`); held-back
+        acks that fit now move in."""
+        n, moved = _delete_sent(conn, seqs)
+        self._wake_if(moved)
+        return n
+
+    def set_aside(self, conn: sqlite3.Connection, seq: int, reason: str) -> OutboxRow | None:
+        """Move one row out of the way, kept and counted (see :func:`_set_aside`)."""
+        row, moved = _set_aside(conn, seq, reason)
+        self._wake_if(moved)
+        return row
+
+    # ------------------------------------------------------------------ readers
+    def fetch(self, conn: sqlite3.Connection, after_seq: int, limit: int) -> list[OutboxRow]:
+        return fetch(conn, after_seq, limit)
+
+    def stats(self, conn: sqlite3.Connection) -> OutboxStats:
+        return stats(conn)
+
+    def id_prefix(self, conn: sqlite3.Connection) -> str:
+        return id_prefix(conn)
+
+    def set_aside_rows(self, conn: sqlite3.Connection) -> list[dict[str, object]]:
+        return set_aside_rows(conn)
+
+    # ------------------------------------------------------------------ listeners
+    def add_listener(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` (thread-safe, cheap, never raising) whenever a row is queued."""
+        with self._lock:
+            self._listeners.add(wake)
+
+    def remove_listener(self, wake: Callable[[], None]) -> None:
+        with self._lock:
+            self._listeners.discard(wake)
+
+    def _wake(self) -> None:
+        with self._lock:
+            listeners = tuple(self._listeners)
+        for wake in listeners:
+            wake()
+
+    def _wake_if(self, moved: int) -> None:
+        if moved:
+            self._wake()
+
+    def _warn_held(self, topic: str) -> None:
+        with self._lock:
+            self._held_since_warning += 1
+            now = time.monotonic()
+            if self._held_warned_at is not None and now - self._held_warned_at < HELD_WARNING_INTERVAL_S:
+                return
+            held, self._held_since_warning, self._held_warned_at = self._held_since_warning, 0, now
+        log.warning("upstream buffer full; device acks are stored and their upstream copies wait until the cloud"
+                    " takes some (overflow = refuse-new)", max_bytes=self._max_bytes, topic=topic, held=held)

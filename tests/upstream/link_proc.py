@@ -49,7 +49,7 @@ async def main(args: argparse.Namespace) -> None:
     db = await Database(cfg.db_path).open()
     for i in range(args.start, args.start + args.enqueue):
         payload = json.dumps({"message_id": f"m-{i}", "n": i}).encode()
-        await db.run(lambda conn, p=payload: outbox.enqueue(conn, "ack", f"{cfg.prefix}/acks", p, False))
+        await db.run(lambda conn, p=payload: outbox.Outbox().enqueue(conn, "ack", f"{cfg.prefix}/acks", p, False))
     print("ENQUEUED", flush=True)
     link = UpstreamLink(cfg, db, FileIntake(cfg.data_dir / "intake.jsonl", args.stuck_intake),
                         backoff_initial=args.backoff, backoff_max=args.backoff_max, poll_interval=0.2)

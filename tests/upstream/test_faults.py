@@ -35,6 +35,7 @@ def plain_config(cloud: Cloud, proxy: MqttFaultProxy, tmp: Path, **upstream: Any
 async def enqueue_mix(db: Database, start: int, count: int) -> list[tuple[str, bytes]]:
     """Status snapshots of a few jobs (each newer than the last) interleaved with acks."""
     sent: list[tuple[str, bytes]] = []
+    ob = outbox.Outbox()
 
     def fill(conn: Any) -> None:
         for i in range(start, start + count):
@@ -42,12 +43,12 @@ async def enqueue_mix(db: Database, start: int, count: int) -> list[tuple[str, b
             if i % 3 == 0:
                 topic = f"{PREFIX}/jobs/{job}/status"
                 payload = json.dumps({"job_id": job, "state": "dispatching", "n": i}).encode()
-                outbox.enqueue(conn, "status", topic, payload, True, coalesce_key=job)
+                ob.enqueue(conn, "status", topic, payload, True, coalesce_key=job)
             else:
                 topic = f"{PREFIX}/acks"
                 payload = json.dumps({"message_id": f"m-{i}", "status": "received", "job_id": job,
                                       "device_id": f"pos-{i}", "latency_ms": 5, "n": i}).encode()
-                outbox.enqueue(conn, "ack", topic, payload, False)
+                ob.enqueue(conn, "ack", topic, payload, False)
             sent.append((topic, payload))
 
     await db.run(fill)  # one transaction, as a pipeline batch commit
@@ -183,7 +184,7 @@ async def test_a_broker_that_kicks_on_one_topic_gets_backoff_and_the_row_is_set_
         return "kick" if p.topic == denied else "forward"
 
     before = await enqueue_mix(db, 0, 30)
-    await db.run(lambda c: outbox.enqueue(c, "status", denied, b'{"job_id": "job-denied"}', True, "job-denied"))
+    await db.run(lambda c: outbox.Outbox().enqueue(c, "status", denied, b'{"job_id": "job-denied"}', True, "job-denied"))
     after = await enqueue_mix(db, 30, 30)
     with (MqttFaultProxy(cloud.plain_port, policy=policy) as proxy, Observer(cloud) as obs,
           structlog.testing.capture_logs() as logs):

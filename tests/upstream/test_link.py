@@ -1,6 +1,6 @@
 """The cloud link in-process against a real Mosquitto with TLS as the cloud broker.
 
-The pipeline is replaced by a recording intake and rows are queued with outbox.enqueue
+The pipeline is replaced by a recording intake and rows are queued with Outbox.enqueue
 directly, as the pipeline does inside its transactions.
 """
 
@@ -21,20 +21,23 @@ from tests.upstream.cloud import PREFIX, Cloud, Observer, Seen
 from tests.upstream.conftest import FAST, RecordingIntake, make_config, running, wait_until
 
 
-async def enqueue_traffic(db: Database, start: int, count: int, jobs: int = 5) -> list[tuple[str, bytes]]:
-    """Statuses and acks as the pipeline would queue them; returns (topic, payload) in order."""
+async def enqueue_traffic(db: Database, start: int, count: int, jobs: int = 5,
+                          ob: outbox.Outbox | None = None) -> list[tuple[str, bytes]]:
+    """Statuses and acks as the pipeline would queue them (into a running link's outbox,
+    which wakes its drain); returns (topic, payload) in order."""
     sent: list[tuple[str, bytes]] = []
+    ob = ob if ob is not None else outbox.Outbox()
 
     def one(conn, i: int) -> None:
         job = f"job-{i % jobs}"
         if i % 3 == 0:
             payload = json.dumps({"job_id": job, "state": "dispatching", "n": i}).encode()
-            outbox.enqueue(conn, "status", f"{PREFIX}/jobs/{job}/status", payload, True, coalesce_key=job)
+            ob.enqueue(conn, "status", f"{PREFIX}/jobs/{job}/status", payload, True, coalesce_key=job)
             sent.append((f"{PREFIX}/jobs/{job}/status", payload))
         else:
             payload = json.dumps({"message_id": f"m-{i}", "status": "received", "job_id": job,
                                   "device_id": f"pos-{i}", "latency_ms": 12, "n": i}).encode()
-            outbox.enqueue(conn, "ack", f"{PREFIX}/acks", payload, False)
+            ob.enqueue(conn, "ack", f"{PREFIX}/acks", payload, False)
             sent.append((f"{PREFIX}/acks", payload))
 
     for i in range(start, start + count):
@@ -68,7 +71,7 @@ async def test_buffered_rows_drain_in_order_and_statuses_are_retained(cloud: Clo
         async with running(UpstreamLink(cfg, db, RecordingIntake(), **FAST)) as link:
             msgs = await asyncio.to_thread(obs.wait_for, lambda m: len(forwarded(m)) >= 150)
             # more traffic while connected goes straight through, after the backlog
-            sent += await enqueue_traffic(db, 150, 30)
+            sent += await enqueue_traffic(db, 150, 30, ob=link.outbox)
             msgs = await asyncio.to_thread(obs.wait_for, lambda m: len(forwarded(m)) >= 180)
             await wait_until(lambda: link.metrics()["buffer_rows"] == 0, what="outbox emptied")
             assert link.metrics()["published"] == 180 and link.metrics()["connected"]
@@ -134,13 +137,13 @@ async def test_outage_buffers_then_drains_everything_in_order(cloud: Cloud, db: 
     cfg = make_config(cloud, tmp_path)
     with Observer(cloud) as obs:  # persistent session: the cloud queues for it across the restart
         async with running(UpstreamLink(cfg, db, RecordingIntake(), **FAST)) as link:
-            sent = await enqueue_traffic(db, 0, 20)
+            sent = await enqueue_traffic(db, 0, 20, ob=link.outbox)
             await asyncio.to_thread(obs.wait_for, lambda m: len(forwarded(m)) >= 20)
 
             cloud.stop()
             await wait_until(lambda: not link.client.connected, what="disconnect noticed")
             t0 = time.monotonic()
-            sent += await enqueue_traffic(db, 20, 120)  # the local pipeline keeps going
+            sent += await enqueue_traffic(db, 20, 120, ob=link.outbox)  # the local pipeline keeps going
             assert time.monotonic() - t0 < 5  # enqueue is not held up by the dead link
             m = await link.refresh_metrics()
             assert m["buffer_rows"] == 120 and not m["connected"] and m["buffer_bytes"] > 0
@@ -162,8 +165,8 @@ async def test_statuses_of_the_same_job_never_regress_on_the_cloud(cloud: Cloud,
     job = "job-x"
 
     def snap(conn, n: int) -> None:
-        outbox.enqueue(conn, "status", f"{PREFIX}/jobs/{job}/status", json.dumps({"job_id": job, "n": n}).encode(),
-                       True, coalesce_key=job)
+        outbox.Outbox().enqueue(conn, "status", f"{PREFIX}/jobs/{job}/status",
+                                json.dumps({"job_id": job, "n": n}).encode(), True, coalesce_key=job)
 
     for n in range(200):
         await db.run(lambda c, n=n: snap(c, n))

@@ -10,11 +10,21 @@ from pathlib import Path
 import pytest
 import structlog
 
-from gateway.storage import Database, NotStored, connect
+from gateway.storage import Database, connect
 from gateway.storage import transaction as tx  # one write transaction, as Database.run
 from gateway.upstream import outbox
 
 P = "homepot/site-t"
+
+
+# The outbox object of the test running now (a fresh one per test: nothing carries over).
+OB = outbox.Outbox()
+
+
+@pytest.fixture(autouse=True)
+def fresh_outbox() -> None:
+    global OB
+    OB = outbox.Outbox()
 
 
 @pytest.fixture
@@ -26,12 +36,12 @@ def conn(tmp_path: Path) -> sqlite3.Connection:
 
 def status(conn: sqlite3.Connection, job: str, n: int, pad: int = 0) -> None:
     payload = json.dumps({"job_id": job, "n": n, "pad": "x" * pad}).encode()
-    outbox.enqueue(conn, "status", f"{P}/jobs/{job}/status", payload, True, coalesce_key=job)
+    OB.enqueue(conn, "status", f"{P}/jobs/{job}/status", payload, True, coalesce_key=job)
 
 
 def ack(conn: sqlite3.Connection, n: int, pad: int = 0) -> None:
     payload = json.dumps({"message_id": f"m{n}", "n": n, "pad": "y" * pad}).encode()
-    outbox.enqueue(conn, "ack", f"{P}/acks", payload, False)
+    OB.enqueue(conn, "ack", f"{P}/acks", payload, False)
 
 
 def rows(conn: sqlite3.Connection) -> list[outbox.OutboxRow]:
@@ -89,18 +99,18 @@ def test_a_rolled_back_pipeline_transaction_leaves_no_forward(conn):
 def test_seq_is_never_reused_after_the_buffer_empties(conn):
     tx(conn, lambda c: [ack(c, i) for i in range(3)])
     last = rows(conn)[-1].seq
-    tx(conn, lambda c: outbox.delete_sent(c, [r.seq for r in rows(c)]))
+    tx(conn, lambda c: OB.delete_sent(c, [r.seq for r in rows(c)]))
     tx(conn, lambda c: ack(c, 9))
     assert rows(conn)[0].seq > last  # a drain cursor at `last` still finds it
 
 
 def test_bad_kind_is_a_programming_error(conn):
     with pytest.raises(ValueError):
-        outbox.enqueue(conn, "telemetry", "t", b"", False)  # type: ignore[arg-type]
+        OB.enqueue(conn, "telemetry", "t", b"", False)  # type: ignore[arg-type]
 
 
 def test_below_the_warning_level_nothing_is_coalesced(conn):
-    tx(conn, lambda c: outbox.configure(c, 1_000_000))
+    tx(conn, lambda c: OB.configure(c, 1_000_000))
     tx(conn, lambda c: [status(c, "job-a", i) for i in range(50)])
     st = consistent(conn)
     assert st.rows == 50 and st.coalesced == 0 and not st.near_cap  # every snapshot is forwarded
@@ -108,7 +118,7 @@ def test_below_the_warning_level_nothing_is_coalesced(conn):
 
 def test_near_the_cap_status_snapshots_are_coalesced_oldest_first_and_acks_kept(conn):
     cap = 20_000
-    tx(conn, lambda c: outbox.configure(c, cap))
+    tx(conn, lambda c: OB.configure(c, cap))
     with structlog.testing.capture_logs() as logs:
         def fill(c):
             n = 0
@@ -147,7 +157,7 @@ def test_near_the_cap_status_snapshots_are_coalesced_oldest_first_and_acks_kept(
 
 def test_at_the_cap_oldest_acks_drop_first_counted_and_warned_once(conn):
     cap = 10_000
-    tx(conn, lambda c: outbox.configure(c, cap))
+    tx(conn, lambda c: OB.configure(c, cap))
     tx(conn, lambda c: [status(c, f"job-{j}", j) for j in range(3)])
     with structlog.testing.capture_logs() as logs:
         for i in range(200):  # far past the cap, one transaction per ack as the pipeline does
@@ -168,7 +178,7 @@ def test_at_the_cap_oldest_acks_drop_first_counted_and_warned_once(conn):
 
 
 def test_statuses_drop_only_when_no_ack_is_left(conn):
-    tx(conn, lambda c: outbox.configure(c, 3_000))
+    tx(conn, lambda c: OB.configure(c, 3_000))
     tx(conn, lambda c: [status(c, f"job-{j}", j, pad=100) for j in range(40)])
     st = consistent(conn)
     assert st.bytes <= 3_000 and st.dropped > 0
@@ -177,12 +187,12 @@ def test_statuses_drop_only_when_no_ack_is_left(conn):
 
 
 def test_the_warning_rearms_after_the_buffer_drains(conn):
-    tx(conn, lambda c: outbox.configure(c, 5_000))
+    tx(conn, lambda c: OB.configure(c, 5_000))
     with structlog.testing.capture_logs() as logs:
         for _ in range(2):
             tx(conn, lambda c: [ack(c, i) for i in range(60)])
             assert outbox.stats(conn).near_cap
-            tx(conn, lambda c: outbox.delete_sent(c, [r.seq for r in rows(c)]))  # the link returned
+            tx(conn, lambda c: OB.delete_sent(c, [r.seq for r in rows(c)]))  # the link returned
             assert not outbox.stats(conn).near_cap
     near = [e for e in logs if e["event"].startswith("upstream buffer nearly full")]
     assert len(near) == 2  # once per episode, not once per row
@@ -190,7 +200,7 @@ def test_the_warning_rearms_after_the_buffer_drains(conn):
 
 def test_counters_stay_exact_under_random_traffic(conn):
     rnd = random.Random(6)
-    tx(conn, lambda c: outbox.configure(c, 8_000))
+    tx(conn, lambda c: OB.configure(c, 8_000))
     for step in range(300):
         op = rnd.random()
         if op < 0.45:
@@ -199,14 +209,14 @@ def test_counters_stay_exact_under_random_traffic(conn):
             tx(conn, lambda c: ack(c, step, pad=rnd.randrange(200)))
         else:
             sent = [r.seq for r in outbox.fetch(conn, 0, rnd.randrange(1, 20))]
-            tx(conn, lambda c: outbox.delete_sent(c, sent))
+            tx(conn, lambda c: OB.delete_sent(c, sent))
         st = consistent(conn)
         assert st.bytes <= 8_000
 
 
 def test_an_oversized_message_is_dropped_not_raised(conn):
-    tx(conn, lambda c: outbox.configure(c, 1_000))
-    tx(conn, lambda c: outbox.enqueue(c, "ack", f"{P}/acks", b"z" * 5_000, False))
+    tx(conn, lambda c: OB.configure(c, 1_000))
+    tx(conn, lambda c: OB.enqueue(c, "ack", f"{P}/acks", b"z" * 5_000, False))
     st = consistent(conn)
     assert st.rows == 0 and st.dropped == 1
 
@@ -214,7 +224,7 @@ def test_an_oversized_message_is_dropped_not_raised(conn):
 async def test_enqueue_through_the_database_thread_and_stats_for_other_processes(tmp_path: Path):
     db = await Database(tmp_path / "gateway.db").open()
     try:
-        await db.run(lambda c: outbox.configure(c, 4 * 1024 * 1024))
+        await db.run(lambda c: OB.configure(c, 4 * 1024 * 1024))
         for i in range(5):
             await db.run(lambda c, i=i: ack(c, i))
     finally:
@@ -236,7 +246,7 @@ def device_ack(conn: sqlite3.Connection, message_id: str, status: str, n: int, l
                pad: int = 0) -> None:
     payload = {"message_id": message_id, "status": status, "device_id": "pos-1", "job_id": "job-a",
                "latency_ms": latency, "n": n, "pad": "z" * pad}
-    outbox.enqueue(conn, "ack", f"{P}/acks", json.dumps(payload).encode(), False)
+    OB.enqueue(conn, "ack", f"{P}/acks", json.dumps(payload).encode(), False)
 
 
 def acks_left(conn: sqlite3.Connection) -> list[dict]:
@@ -245,7 +255,7 @@ def acks_left(conn: sqlite3.Connection) -> list[dict]:
 
 def test_drop_oldest_merges_a_deliverys_acks_into_its_most_advanced_before_dropping(conn):
     cap = 12_000
-    tx(conn, lambda c: outbox.configure(c, cap, "drop-oldest"))
+    tx(conn, lambda c: OB.configure(c, cap, "drop-oldest"))
 
     def fill(c):
         # 20 deliveries, each acked received → displayed → opened (and one dismissed), in waves
@@ -276,7 +286,7 @@ def test_drop_oldest_merges_a_deliverys_acks_into_its_most_advanced_before_dropp
 
 def test_ack_rank_order_and_a_less_advanced_ack_does_not_replace_a_more_advanced_one(conn):
     assert list(outbox.ACK_RANK) == ["received", "failed", "displayed", "dismissed", "opened"]
-    tx(conn, lambda c: outbox.configure(c, 2_000, "drop-oldest"))
+    tx(conn, lambda c: OB.configure(c, 2_000, "drop-oldest"))
     tx(conn, lambda c: [ack(c, i, pad=40) for i in range(12)])  # near the cap
     assert outbox.stats(conn).near_cap
     tx(conn, lambda c: device_ack(c, "late", "opened", 100, latency=12.0))
@@ -286,7 +296,7 @@ def test_ack_rank_order_and_a_less_advanced_ack_does_not_replace_a_more_advanced
 
 
 def test_drop_oldest_at_the_cap_drops_oldest_acks_counted(conn):
-    tx(conn, lambda c: outbox.configure(c, 6_000, "drop-oldest"))
+    tx(conn, lambda c: OB.configure(c, 6_000, "drop-oldest"))
     for i in range(120):
         tx(conn, lambda c, i=i: device_ack(c, f"m{i}", "received", i))
     st = consistent(conn)
@@ -295,38 +305,34 @@ def test_drop_oldest_at_the_cap_drops_oldest_acks_counted(conn):
     assert kept == list(range(120 - len(kept), 120))
 
 
-def test_refuse_new_raises_for_an_ack_and_writes_nothing_for_it(conn):
+def held_rows(conn: sqlite3.Connection) -> list[dict]:
+    return [json.loads(r[0]) for r in conn.execute("SELECT payload FROM upstream_outbox_held ORDER BY seq")]
+
+
+def test_refuse_new_holds_an_acks_upstream_copy_back_and_never_fails_the_callers_commit(conn):
+    """At the cap an ack's transaction still commits (the ack counts locally, the device is
+    acknowledged): only its copy for the cloud waits, outside the buffer, in order."""
     cap = 6_000
-    tx(conn, lambda c: outbox.configure(c, cap, "refuse-new"))
+    tx(conn, lambda c: OB.configure(c, cap, "refuse-new"))
     tx(conn, lambda c: status(c, "job-s", 0))
-    stored = 0
     with structlog.testing.capture_logs() as logs:
         for i in range(200):
-            before = consistent(conn)
-            try:
-                tx(conn, lambda c, i=i: device_ack(c, f"m{i}", "received", i))
-            except outbox.OutboxFull as exc:
-                assert isinstance(exc, NotStored)  # the shared "do not acknowledge" meaning
-                after = consistent(conn)
-                assert (after.bytes, after.rows) == (before.bytes, before.rows)  # nothing written for it
-                continue
-            stored += 1
+            tx(conn, lambda c, i=i: device_ack(c, f"m{i}", "received", i))  # never raises
     st = consistent(conn)
-    assert 0 < stored < 200 and st.dropped == 0
-    # every ack that was stored is still there: refuse-new never drops one
-    assert [a["n"] for a in acks_left(conn)] == list(range(stored))
-    assert st.refused == 200 - stored  # counted (moved to the state table by stats())
-    refusing = [e for e in logs if e["event"].startswith("upstream buffer full; refusing device acks")]
-    assert len(refusing) == 1  # rate-limited, not one line per refused ack
+    queued = [a["n"] for a in acks_left(conn)]
+    held = [a["n"] for a in held_rows(conn)]
+    assert 0 < len(queued) < 200 and st.dropped == 0 and st.bytes <= cap
+    assert queued + held == list(range(200))  # nothing dropped, arrival order kept across both
+    assert st.refused == st.held == len(held)
+    assert st.as_dict()["buffer_held"] == len(held)
+    holding = [e for e in logs if e["event"].startswith("upstream buffer full; device acks are stored")]
+    assert len(holding) == 1  # rate-limited, not one line per held ack
 
 
-def test_refuse_new_never_refuses_a_status_snapshot(conn):
-    tx(conn, lambda c: outbox.configure(c, 4_000, "refuse-new"))
-    while True:
-        try:
-            tx(conn, lambda c: device_ack(c, f"m{outbox.stats(c).rows}", "received", 0, pad=50))
-        except outbox.OutboxFull:
-            break
+def test_refuse_new_never_holds_a_status_snapshot_back(conn):
+    tx(conn, lambda c: OB.configure(c, 4_000, "refuse-new"))
+    while not outbox.stats(conn).held:
+        tx(conn, lambda c: device_ack(c, f"m{outbox.stats(c).rows}", "received", 0, pad=50))
     for n in range(5):  # the buffer is full of acks: snapshots still go in (one per job kept)
         tx(conn, lambda c, n=n: [status(c, f"job-{j}", n, pad=100) for j in range(3)])
     statuses = [json.loads(r.payload) for r in rows(conn) if r.kind == "status"]
@@ -335,23 +341,63 @@ def test_refuse_new_never_refuses_a_status_snapshot(conn):
     assert st.dropped == 0 and st.bytes > 4_000  # over the cap by the snapshots, by design
 
 
-def test_refuse_new_takes_acks_again_once_the_cloud_took_some(conn):
-    tx(conn, lambda c: outbox.configure(c, 3_000, "refuse-new"))
+def test_refuse_new_moves_held_acks_in_as_the_cloud_takes_rows_and_loses_none(conn):
+    cap = 3_000
+    tx(conn, lambda c: OB.configure(c, cap, "refuse-new"))
+    for n in range(40):
+        tx(conn, lambda c, n=n: device_ack(c, f"m{n}", "received", n))
+    assert outbox.stats(conn).held > 0
+    sent: list[int] = []
+    while rows(conn) or held_rows(conn):
+        batch = outbox.fetch(conn, 0, 5)
+        sent += [json.loads(r.payload)["n"] for r in batch]
+        tx(conn, lambda c, batch=batch: OB.delete_sent(c, [r.seq for r in batch]))  # PUBACKed
+        st = consistent(conn)
+        assert st.bytes <= cap and st.held == len(held_rows(conn))
+        if len(sent) == 10:
+            tx(conn, lambda c: device_ack(c, "late", "received", 40))  # behind the held ones
+    assert sent == list(range(41))  # every ack once, in arrival order
+    assert outbox.stats(conn).refused >= 1 and outbox.stats(conn).held == 0
+
+
+def test_a_held_ack_that_can_no_longer_fit_is_dropped_not_left_blocking_the_rest(conn):
+    """Restarted with a smaller buffer_max_mb: a held ack larger than the whole new cap is
+    dropped and counted (it could never move in), the ones behind it still arrive, in order."""
+    tx(conn, lambda c: OB.configure(c, 3_000, "refuse-new"))
     n = 0
-    while True:
-        try:
-            tx(conn, lambda c, n=n: device_ack(c, f"m{n}", "received", n))
-            n += 1
-        except outbox.OutboxFull:
+    while not outbox.stats(conn).held:
+        tx(conn, lambda c, n=n: device_ack(c, f"m{n}", "received", n))
+        n += 1
+    tx(conn, lambda c: device_ack(c, "big", "received", n, pad=1_500))  # held, ~1.7 KB
+    for k in range(n + 1, n + 4):
+        tx(conn, lambda c, k=k: device_ack(c, f"m{k}", "received", k))
+    tx(conn, lambda c: OB.configure(c, 1_000, "refuse-new"))
+    sent: list[int] = []
+    for _ in range(100):  # bounded: a held ack that never fits would block the rest for ever
+        batch = outbox.fetch(conn, 0, 3)
+        if not batch:
             break
-    tx(conn, lambda c: outbox.delete_sent(c, [r.seq for r in outbox.fetch(c, 0, 5)]))  # PUBACKed
-    tx(conn, lambda c: device_ack(c, "again", "received", 999))  # fits again: no exception
-    assert acks_left(conn)[-1]["message_id"] == "again"
+        sent += [json.loads(r.payload)["n"] for r in batch]
+        tx(conn, lambda c, batch=batch: OB.delete_sent(c, [r.seq for r in batch]))
+    assert sent == [k for k in range(n + 4) if k != n]  # only the big one is gone, the rest in order
+    st = consistent(conn)
+    assert st.dropped == 1 and st.held == 0
+
+
+def test_held_acks_join_the_buffer_when_the_policy_becomes_drop_oldest(conn):
+    tx(conn, lambda c: OB.configure(c, 3_000, "refuse-new"))
+    for n in range(30):
+        tx(conn, lambda c, n=n: device_ack(c, f"m{n}", "received", n))
+    assert outbox.stats(conn).held > 0
+    tx(conn, lambda c: OB.configure(c, 3_000, "drop-oldest"))  # restarted with the other policy
+    st = consistent(conn)
+    assert st.held == 0 and not held_rows(conn) and st.bytes <= 3_000
+    assert acks_left(conn)[-1]["n"] == 29  # the newest survive, as drop-oldest promises
 
 
 def test_configure_rejects_an_unknown_overflow(conn):
     with pytest.raises(ValueError):
-        tx(conn, lambda c: outbox.configure(c, 1000, "drop-newest"))  # type: ignore[arg-type]
+        tx(conn, lambda c: OB.configure(c, 1000, "drop-newest"))  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- ids and set-aside (15.3, 15.6)
@@ -392,7 +438,7 @@ def test_wire_payload_keeps_an_existing_id_key_and_odd_payloads(conn):
 def test_a_row_set_aside_is_kept_counted_and_out_of_the_drain(conn):
     tx(conn, lambda c: [ack(c, i) for i in range(3)])
     victim = rows(conn)[1]
-    moved = tx(conn, lambda c: outbox.set_aside(c, victim.seq, "3 sessions in a row"))
+    moved = tx(conn, lambda c: OB.set_aside(c, victim.seq, "3 sessions in a row"))
     assert moved == victim
     assert [json.loads(r.payload)["n"] for r in rows(conn)] == [0, 2]
     st = consistent(conn)
@@ -402,30 +448,21 @@ def test_a_row_set_aside_is_kept_counted_and_out_of_the_drain(conn):
                                                                        "3 sessions in a row")]
 
 
-def test_refusals_belong_to_their_database_and_readers_only_report_them(tmp_path: Path):
-    """Refusals are counted in memory until the writer stores them. A reader on its own
-    read-only connection (the /metrics scrape, the operator page) reports them without
-    writing, and they are never written into another database of the same process (this
-    flaked the upgrade test below when a refusal of an earlier test was still pending)."""
+def test_refusals_are_stored_with_the_ack_and_belong_to_their_database(tmp_path: Path):
+    """A held-back ack is counted in its own transaction: a reader on its own read-only
+    connection (the /metrics scrape, the operator page) sees the count, and another
+    database of the same process never does (this once flaked the upgrade test below)."""
     a, b = connect(tmp_path / "a.db"), connect(tmp_path / "b.db")
-    tx(a, lambda c: outbox.configure(c, 1_000, "refuse-new"))
+    tx(a, lambda c: OB.configure(c, 1_000, "refuse-new"))
     tx(b, outbox.ensure_schema)
-    refused = 0
     for i in range(40):
-        try:
-            tx(a, lambda c, i=i: device_ack(c, f"m{i}", "received", i))
-        except outbox.OutboxFull:
-            refused += 1
+        tx(a, lambda c, i=i: device_ack(c, f"m{i}", "received", i))
+    refused = a.execute("SELECT refused FROM upstream_outbox_state").fetchone()[0]
     assert refused > 0
     reader = connect(tmp_path / "a.db", readonly=True)
-    assert outbox.stats(reader).refused == refused  # reported, nothing written (read-only)
-    assert a.execute("SELECT refused FROM upstream_outbox_state").fetchone()[0] == 0
-    assert tx(b, lambda c: outbox.stats(c, record=True)).refused == 0  # not the other file's
+    assert outbox.stats(reader).refused == refused == outbox.stats(reader).held
     tx(b, lambda c: ack(c, 1))
-    assert b.execute("SELECT refused FROM upstream_outbox_state").fetchone()[0] == 0
-    assert tx(a, lambda c: outbox.stats(c, record=True)).refused == refused  # the writer stores them
-    assert a.execute("SELECT refused FROM upstream_outbox_state").fetchone()[0] == refused
-    assert outbox.stats(reader).refused == refused  # once, not twice
+    assert outbox.stats(b).refused == 0 and outbox.stats(b).held == 0
     for c in (reader, a, b):
         c.close()
 
@@ -448,3 +485,25 @@ def test_a_database_from_the_previous_release_is_upgraded_in_place(tmp_path: Pat
     assert (st.rows, st.dropped, st.max_bytes, st.set_aside, st.refused) == (2, 5, 100000, 0, 0)
     assert outbox.id_prefix(c) not in ("", "None")
     c.close()
+
+
+def test_two_outboxes_in_one_process_share_no_listeners_and_no_warnings(tmp_path: Path):
+    """Each daemon (or test) has its own outbox object: who is woken and when the held-back
+    warning was last logged belong to it, never to the module."""
+    a, b = outbox.Outbox(1_000, "refuse-new"), outbox.Outbox(1_000, "refuse-new")
+    woke: list[str] = []
+    a.add_listener(lambda: woke.append("a"))
+    b.add_listener(lambda: woke.append("b"))
+    ca, cb = connect(tmp_path / "a.db"), connect(tmp_path / "b.db")
+    tx(ca, a.prepare)
+    tx(cb, b.prepare)
+    with structlog.testing.capture_logs() as logs:
+        for i in range(40):
+            tx(ca, lambda c, i=i: a.enqueue(c, "ack", f"{P}/acks", json.dumps({"message_id": f"m{i}"}).encode(),
+                                            False))
+            tx(cb, lambda c, i=i: b.enqueue(c, "ack", f"{P}/acks", json.dumps({"message_id": f"m{i}"}).encode(),
+                                            False))
+    assert woke.count("a") == woke.count("b") == 40
+    assert len([e for e in logs if e["event"].startswith("upstream buffer full; device acks")]) == 2  # one each
+    ca.close()
+    cb.close()
