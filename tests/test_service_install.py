@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -370,8 +371,11 @@ def test_the_unit_under_a_real_systemd(installed: Installed):
     _prepare_nspawn_host()
     port, http_port = free_port(), free_port()
     text = installed.config.read_text()
-    installed.config.write_text(text.replace("127.0.0.1:1883", f"127.0.0.1:{port}")
-                                .replace("127.0.0.1:8080", f"127.0.0.1:{http_port}"))
+    # The listener's bind comes first, [http]'s second (whatever ports earlier tests chose).
+    fresh = iter([port, http_port])
+    moved = re.sub(r'bind = "127\.0\.0\.1:\d+"', lambda m: f'bind = "127.0.0.1:{next(fresh)}"', text, count=2)
+    assert moved.count(f":{port}\"") == 1 and moved.count(f":{http_port}\"") == 1, moved
+    installed.config.write_text(moved)
     assert root_cli(installed, "users", "add", "plc-1", "--role", "device", "--password-stdin",
                     input="pw-1\n").returncode == 0
     # The installed unit, with a short watchdog so that a missing ping shows within the test.
