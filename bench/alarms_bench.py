@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.broker_bench import Client  # noqa: E402
-from gateway.broker.codec import encode_topic, remaining_length  # noqa: E402
+from gateway.broker.wire.codec import utf8 as encode_topic, varint as remaining_length  # noqa: E402
 from tests.support import GatewayProcess, MqttProbe, base_config, free_port, write_config  # noqa: E402
 
 P = "homepot/site-t"

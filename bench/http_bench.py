@@ -131,8 +131,7 @@ def bench_acks(n: int, workdir: Path) -> dict:
 def bench_scrape(n: int, scrapes: int, workdir: Path) -> dict:
     bulk_register(workdir / "var", [{"device_id": f"dev-{i:06}", "channels": [{"platform": "simulation"}]}
                                     for i in range(n)])
-    proc, _, http_port = start_daemon(workdir, {"bridges": {"simulation": {"latency_ms": 0, "ack": True}},
-                                                "dispatch": {"batch_size": 500, "max_in_flight": 500}})
+    proc, _, http_port = start_daemon(workdir, {"bridges": {"simulation": {"latency_ms": 0, "ack": True}}})
     base = f"http://127.0.0.1:{http_port}"
     db = workdir / "var" / "gateway.db"
     try:

@@ -8,7 +8,7 @@ import asyncio
 import struct
 import time
 
-from gateway.broker.codec import encode_publish, encode_topic, remaining_length
+from gateway.broker.wire.codec import send_publish as encode_publish, utf8 as encode_topic, varint as remaining_length
 
 
 def connect_packet(client_id: str) -> bytes:

@@ -53,8 +53,7 @@ def _wait_job(db: Path, job_id: str, timeout: float = 300) -> None:
 
 
 def prepare(workdir: Path, devices: int, retained: int, job: bool) -> Daemon:
-    daemon = Daemon(workdir, bridges={"simulation": {"latency_ms": 0, "ack": True}},
-                    dispatch={"batch_size": 500, "max_in_flight": 500})
+    daemon = Daemon(workdir, bridges={"simulation": {"latency_ms": 0, "ack": True}})
     if devices:
         bulk_register(workdir / "var", [{"device_id": f"dev-{i:06}", "channels": [{"platform": "simulation"}]}
                                         for i in range(devices)])

@@ -38,7 +38,7 @@ def collapse_id(value: str, max_len: int, alphabet: str, pattern: re.Pattern[str
     ``max_len`` characters of its SHA-256 (``alphabet`` "hex" or "base64url"), never cut:
     cutting would make two different keys collapse into each other.
     """
-    if len(value) <= max_len and (pattern is None or pattern.match(value)):
+    if len(value) <= max_len and (pattern is None or pattern.fullmatch(value)):
         return value
     digest = hashlib.sha256(value.encode()).digest()
     if alphabet == "hex":

@@ -22,7 +22,7 @@ from typing import Any
 import jwt
 import structlog
 
-from bridges import _http, _mapping
+from bridges import _http, _mapping, keys
 from bridges._auth import Credential, send_with_reauth
 from bridges.base import Bridge, BridgeConfigError, BridgeContext, Delivery, Outcome
 from devices.models import ApnsChannel
@@ -121,19 +121,9 @@ class ApnsBridgeImpl(Bridge):
         self._client: _http.PushClient | None = None
 
     async def start(self) -> None:
-        if not self.cert_auth:
-            if self.cfg.signing_key is None:
-                raise BridgeConfigError("bridges.apns.key_file: no signing key loaded")
-            from cryptography.hazmat.primitives.asymmetric import ec
-            from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
-            try:
-                key = load_pem_private_key(self.cfg.signing_key.get_secret_value().encode(), None)
-            except (ValueError, TypeError):
-                raise BridgeConfigError("bridges.apns.key_file: not a readable PEM private key") from None
-            if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
-                raise BridgeConfigError("bridges.apns.key_file: not a P-256 (ES256) key")
-            self._key = key
+        # The checks `check-config` makes too (bridges.keys).
+        self._key = keys.apns_signing_key(self.cfg)
+        keys.apns_tls(self.cfg)
         try:
             self._client = _http.PushClient(
                 self.cfg.ca_file, http2_only=True,

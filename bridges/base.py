@@ -155,6 +155,10 @@ class Bridge(abc.ABC):
     """Base class of a platform bridge (see module docstring)."""
 
     platform: ClassVar[str]
+    # Concurrent sends the dispatcher allows when `dispatch.max_in_flight` is unset: a
+    # push platform's HTTP/2 connections take a few hundred streams; in-process and MQTT
+    # sends are cheap and need more in flight to reach the fan-out goal.
+    default_max_in_flight: ClassVar[int] = 200
 
     async def start(self) -> None:
         """Open connection pools, load keys. Raise :class:`BridgeConfigError`."""

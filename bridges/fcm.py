@@ -22,15 +22,15 @@ from typing import Any
 import httpx
 import structlog
 
-from bridges import _http, _mapping
+from bridges import _http, _mapping, keys
 from bridges._auth import AuthFailed, Credential, TokenCache, send_with_reauth
-from bridges.base import Bridge, BridgeConfigError, BridgeContext, Delivery, Outcome
+from bridges.base import Bridge, BridgeContext, Delivery, Outcome
 from devices.models import FcmChannel
 from gateway.config import FcmBridge
 
 log = structlog.get_logger(__name__)
 
-SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
+SCOPE = keys.FCM_SCOPE
 REFRESH_MARGIN_S = 300  # refresh when less than 5 minutes are left
 UNHEALTHY_RETRY_S = 60.0
 QUOTA_DEFAULT_RETRY_S = 60.0
@@ -91,16 +91,7 @@ class FcmBridgeImpl(Bridge):
         return self._tokens.fetches
 
     async def start(self) -> None:
-        from google.oauth2 import service_account
-
-        if not self.cfg.service_account_info or not self.cfg.project_id:
-            raise BridgeConfigError("bridges.fcm.service_account_file: no service account loaded")
-        try:
-            self._creds = service_account.Credentials.from_service_account_info(
-                self.cfg.service_account_info, scopes=[SCOPE])
-        except (ValueError, KeyError) as exc:
-            raise BridgeConfigError(
-                f"bridges.fcm.service_account_file: unusable service account ({type(exc).__name__})") from None
+        self._creds = keys.fcm_credentials(self.cfg)  # the check `check-config` makes too
         self._auth_request = _HttpxAuthRequest(self.cfg.ca_file)
         self._client = _http.PushClient(self.cfg.ca_file, http2_only=False)
 

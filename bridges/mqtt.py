@@ -22,6 +22,7 @@ LEFT_ON_PURPOSE_RETRY_S = 1.0  # the client's paced reconnect after a held messa
 
 class MqttDeviceBridge(Bridge):
     platform = "mqtt"
+    default_max_in_flight = 500
 
     def __init__(self, section: MqttBridge, ctx: BridgeContext):
         self.default_qos = section.qos

@@ -40,6 +40,7 @@ _ACCEPTED = Outcome.accepted(status=200)  # immutable: one for every accepted de
 
 class SimulatedFleet(Bridge):
     platform = "simulation"
+    default_max_in_flight = 500
 
     def __init__(self, section: SimulationBridge, ctx: BridgeContext):
         self.cfg = section

@@ -23,8 +23,8 @@ import httpx
 import jwt
 import structlog
 
-from bridges import _http, _mapping, ssrf
-from bridges.base import Bridge, BridgeConfigError, BridgeContext, Delivery, Outcome
+from bridges import _http, _mapping, keys, ssrf
+from bridges.base import Bridge, BridgeContext, Delivery, Outcome
 from devices.models import WebPushChannel
 from gateway import vapid
 from gateway.config import WebpushBridge
@@ -62,11 +62,7 @@ class WebPushBridgeImpl(Bridge):
         self.vapid_signed = 0
 
     async def start(self) -> None:
-        try:
-            self._key = vapid.load_or_create(self.cfg.vapid_private_key_file)
-        except (OSError, ValueError, TypeError) as exc:
-            raise BridgeConfigError(
-                f"bridges.webpush.vapid_private_key_file: unusable key ({type(exc).__name__})") from None
+        self._key = keys.vapid_key(self.cfg)  # the check `check-config` makes too
         self._public_b64 = vapid.public_key_b64(self._key)
         self._client = _http.async_client(transport=ssrf.GuardedTransport(
             self.policy, _http.tls_context(self.cfg.ca_file), http1=True, http2=True,

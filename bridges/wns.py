@@ -31,9 +31,9 @@ from urllib.parse import urlencode
 import httpx
 import structlog
 
-from bridges import _http, _mapping, ssrf
+from bridges import _http, _mapping, keys, ssrf
 from bridges._auth import AuthFailed, Credential, TokenCache, send_with_reauth
-from bridges.base import Bridge, BridgeConfigError, BridgeContext, Delivery, Outcome
+from bridges.base import Bridge, BridgeContext, Delivery, Outcome
 from devices.models import WnsChannel
 from gateway.config import WnsBridge
 
@@ -85,8 +85,7 @@ class WnsBridgeImpl(Bridge):
         return self._tokens.fetches
 
     async def start(self) -> None:
-        if self.cfg.client_secret is None or not self.cfg.client_id:
-            raise BridgeConfigError("bridges.wns.client_secret_file: no client secret loaded")
+        keys.wns_secret(self.cfg)  # the check `check-config` makes too
         ctx = _http.tls_context(self.cfg.ca_file)
         self._client = _http.async_client(transport=ssrf.GuardedTransport(
             self.policy, ctx, http1=True, http2=False, resolver=self._resolver))

@@ -11,6 +11,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gateway.ids import NOT_DOTS, is_id
+
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 PLATFORMS = ("fcm", "apns", "wns", "webpush", "mqtt", "simulation")
 
@@ -88,8 +90,8 @@ class Device(_Strict):
     @field_validator("device_id")
     @classmethod
     def _device_id(cls, v: str) -> str:
-        if not DEVICE_ID_RE.match(v):
-            raise ValueError("must match [A-Za-z0-9._:-]{1,128}")
+        if not is_id(DEVICE_ID_RE, v):
+            raise ValueError(f"must match [A-Za-z0-9._:-]{{1,128}} {NOT_DOTS}")
         return v
 
 

@@ -1,11 +1,14 @@
 """``homepot-gateway`` command line (contract §3).
 
 Exit codes: 0 ok, 1 the operation ran and failed, 2 bad usage or invalid config/input.
-Errors go to stderr as ``KEY: message`` lines.
+Errors go to stderr as ``KEY: message`` lines. A command that fails on its files or its
+database (disk full, read-only, permissions, locked) prints one line that names the command
+and the cause, exit 1 (:func:`main`): never a traceback.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -26,7 +29,8 @@ def _argument_metavar_only(self: TyperArgument, ctx: object) -> None:
 
 
 TyperArgument.display_type_rich = _argument_metavar_only  # type: ignore[method-assign]  # typer pinned in pyproject
-app = typer.Typer(add_completion=False, no_args_is_help=True, **PLAIN,
+# No locals in a traceback if one ever shows: they would include passwords read from stdin.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, **PLAIN,
                   help="homepot-gateway: edge MQTT broker and durable push fan-out for a HOMEPOT site.")
 users_app = typer.Typer(no_args_is_help=True, **PLAIN, help="Broker accounts (argon2 password file).")
 app.add_typer(users_app, name="users")
@@ -34,10 +38,14 @@ devices_app = typer.Typer(no_args_is_help=True, **PLAIN, help="The device regist
 app.add_typer(devices_app, name="devices")
 jobs_app = typer.Typer(no_args_is_help=True, **PLAIN, help="Jobs and their status.")
 app.add_typer(jobs_app, name="jobs")
+FULL_DISK_BYTES = 64 * 1024  # less free space than this: a write failure is called a full disk
+GROUPS = {"users", "devices", "jobs", "alarms"}  # commands with subcommands (alarms: below)
 
 
 class _State:
     config_path: str | None = None
+    command: str | None = None  # "devices import": for the one-line failure of main()
+    db_path: Path | None = None  # the database the command opened, named when it fails
 
 
 state = _State()
@@ -63,6 +71,7 @@ def get_config(tighten: bool = True) -> Config:
     from gateway.config import shadow_note
     from gateway.privileges import become_owner_of
 
+    state.command = _command_name()
     try:
         cfg = load_config(state.config_path)
     except ConfigError as exc:
@@ -90,6 +99,46 @@ def get_config(tighten: bool = True) -> Config:
     return cfg
 
 
+def _command_name(argv: list[str] | None = None) -> str | None:
+    """The running (sub)command as typed, e.g. "devices import": the first words of the
+    command line that are not options (``--config`` takes a value)."""
+    words: list[str] = []
+    args = iter((sys.argv if argv is None else argv)[1:])
+    for arg in args:
+        if arg == "--config":
+            next(args, None)
+        elif not arg.startswith("-"):
+            words.append(arg)
+            if len(words) == 2 or arg not in GROUPS:
+                break
+    return " ".join(words) or None
+
+
+def failure_cause(exc: BaseException, db_path: Path | None = None) -> str:
+    """One line for a failed file or database operation: the system's words and the file."""
+    import sqlite3
+
+    if isinstance(exc, OSError):
+        text = exc.strerror or str(exc) or type(exc).__name__
+        where = exc.filename or (db_path if exc.filename is None and db_path is not None else None)
+        return f"{text} ({where})" if where else text
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, sqlite3.Error) and db_path is not None:
+        # SQLite says "disk I/O error" when a full disk stops it creating its -wal file.
+        return f"{text} ({db_path}){_full_disk_note(db_path.parent, text)}"
+    return text
+
+
+def _full_disk_note(directory: Path, text: str) -> str:
+    """"; the file system is full" when it is and the error does not already say so."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return ""
+    full = st.f_bavail * st.f_frsize < FULL_DISK_BYTES
+    return "; the file system is full" if full and "full" not in text else ""
+
+
 def daemon_running(cfg: Config) -> bool | None:
     """True/False from the daemon's lock (gateway/lock.py); None when it cannot be told."""
     from gateway.lock import daemon_pid
@@ -104,6 +153,14 @@ def daemon_running(cfg: Config) -> bool | None:
 def check_config() -> None:
     """Validate the configuration; print each problem as KEY: message."""
     cfg = get_config()
+    from bridges.keys import problems
+
+    # A push key the bridge would refuse at start (the daemon would run with that bridge
+    # unhealthy): found here, by the same loaders, before the service starts.
+    found = [tuple(fault.split(": ", 1)) for fault in cfg.bridge_faults.values()]
+    found += [p for p in problems(cfg) if p[0].split(".")[1] not in cfg.bridge_faults]
+    if found:
+        fail([f"{key}: {msg}" for key, msg in found])
     typer.echo(f"ok: {cfg.source}")
 
 
@@ -138,6 +195,9 @@ def users_add(
         add_user(Path(cfg.broker.auth.password_file), name, password, role)
     except PasswordFileError as exc:
         fail(str(exc))
+    except OSError as exc:  # the file is replaced whole or not at all: nothing changed
+        fail(f"users add: {cfg.broker.auth.password_file} not written, user {name} not added: "
+             f"{exc.strerror or exc}", 1)
     typer.echo(f"user {name} ({role}) written to {cfg.broker.auth.password_file}")
 
 
@@ -151,6 +211,9 @@ def users_remove(name: Annotated[str, typer.Argument(metavar="NAME", help="the a
         removed = remove_user(Path(cfg.broker.auth.password_file), name)
     except PasswordFileError as exc:
         fail(str(exc))
+    except OSError as exc:
+        fail(f"users remove: {cfg.broker.auth.password_file} not written, user {name} not removed: "
+             f"{exc.strerror or exc}", 1)
     if not removed:
         fail(f"NAME: no such user {name!r}", 1)
     typer.echo(f"user {name} removed")
@@ -175,6 +238,7 @@ def _db(cfg: Config):  # noqa: ANN202 - sqlite3.Connection, imported lazily
     from gateway.pipeline import schema
     from gateway.storage import connect, transaction
 
+    state.db_path = cfg.db_path
     conn = connect(cfg.db_path)
     transaction(conn, schema.migrate)
     clock.attach(conn)  # write times on the daemon's timeline (gateway.clock)
@@ -253,7 +317,7 @@ def send(
             _confirm_reach(cfg, store.count_targets(conn, parsed.job.target.as_json()), all_devices, segment)
         _tx(conn, lambda c: store.submit_job(c, parsed, "cli"))
     except (sqlite3.Error, OSError, NotStored) as exc:  # disk full, read-only, locked: not queued
-        fail(f"send: the job was not stored ({exc}); nothing was queued", 1)
+        fail(f"send: the job was not stored, nothing was queued: {failure_cause(exc, cfg.db_path)}", 1)
     typer.echo(parsed.job_id)
     running = daemon_running(cfg)
     if running is False:
@@ -339,20 +403,32 @@ def devices_import(
         parsed = read_file(file, fmt)
     except ImportFileError as exc:
         fail(str(exc))
-    conn = _db(get_config())
+    import sqlite3
+
+    from gateway.storage import NotStored
+
+    cfg = get_config()
     devices = parsed.devices
-    console = Console(stderr=True)
-    with progress_bar(console) as bar:
-        task = bar.add_task("importing", total=len(devices))
-        for start in range(0, len(devices), batch_size):
-            batch = devices[start:start + batch_size]
+    committed = 0
+    try:
+        conn = _db(cfg)
+        console = Console(stderr=True)
+        with progress_bar(console) as bar:
+            task = bar.add_task("importing", total=len(devices))
+            for start in range(0, len(devices), batch_size):
+                batch = devices[start:start + batch_size]
 
-            def write(c, batch=batch):  # noqa: ANN001, ANN202
-                for dev in batch:
-                    store.upsert_device(c, dev, "import")
+                def write(c, batch=batch):  # noqa: ANN001, ANN202
+                    for dev in batch:
+                        store.upsert_device(c, dev, "import")
 
-            _tx(conn, write)
-            bar.advance(task, len(batch))
+                _tx(conn, write)
+                committed += len(batch)
+                bar.advance(task, len(batch))
+    except (sqlite3.Error, OSError, NotStored) as exc:
+        # Each batch is one transaction: the ones before the failure are in, the rest not.
+        fail(f"devices import: {committed} of {len(devices)} device(s) committed "
+             f"({_lines_of(parsed, committed)}), the rest not: {failure_cause(exc, cfg.db_path)}", 1)
     typer.echo(f"imported {len(devices)} device(s) from {file}"
                + (f"; refused {len(parsed.refused)} line(s):" if parsed.refused else ""), err=bool(parsed.refused))
     if parsed.refused:
@@ -376,6 +452,11 @@ def _fields(pairs: list[tuple[str, str]]) -> None:
 
 def _channels_text(dev: dict) -> str:
     return ",".join(c["platform"] + ("(invalid)" if "invalid" in c else "") for c in dev["channels"])
+
+
+def _lines_of(parsed, committed: int) -> str:  # noqa: ANN001 - gateway.device_import.Parsed
+    """How many of the file's device lines the first ``committed`` devices came from."""
+    return f"{sum(parsed.line_counts[:committed])} of {sum(parsed.line_counts)} device lines"
 
 
 @devices_app.command("list")
@@ -505,7 +586,10 @@ def jobs_show(job_id: Annotated[str, typer.Argument(metavar="ID")],
                 extra = [r["platform"] or "-", f"attempts={r['attempts']}"]
                 if r.get("latency_ms") is not None:
                     extra.append(f"latency={r['latency_ms']:.0f}ms")
-                reason = f"  {r['last_error']}" if r.get("last_error") else ""
+                text = r.get("reason") or r.get("last_error")
+                reason = f"  {text}" if text else ""
+                if r.get("moved") and r.get("moved") != text:
+                    reason += f"  ({r['moved']})"
                 typer.echo(f"  {r['device_id']}  {' '.join(extra)}{reason}")
 
 
@@ -595,4 +679,15 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="print the statu
 
 
 def main() -> None:
-    app()
+    """Run the command line. A file or database failure that a command did not word itself
+    (disk full, read-only file system, permissions, a locked database) ends in one line
+    naming the command and the cause, exit 1, instead of a traceback."""
+    import sqlite3
+
+    from gateway.storage import NotStored
+
+    try:
+        app()
+    except (OSError, sqlite3.Error, NotStored) as exc:
+        typer.echo(f"{state.command or 'homepot-gateway'}: not done: {failure_cause(exc, state.db_path)}", err=True)
+        raise SystemExit(1) from None

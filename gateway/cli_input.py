@@ -143,7 +143,7 @@ def parse_data(items: Sequence[str]) -> dict[str, str]:
     pairs: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not _DATA_KEY.match(key):
+        if not sep or not _DATA_KEY.fullmatch(key):
             raise OptionError(f"--data: expected K=V, got {item!r}")
         pairs[key] = value
     return pairs

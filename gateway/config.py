@@ -80,7 +80,7 @@ class GatewaySection(_Section):
     @field_validator("site_id")
     @classmethod
     def _site_id(cls, v: str) -> str:
-        if not SITE_ID_RE.match(v):
+        if not SITE_ID_RE.fullmatch(v):
             raise ValueError("must match [A-Za-z0-9_-]{1,64}")
         return v
 
@@ -89,6 +89,8 @@ class GatewaySection(_Section):
     def _prefix(cls, v: str) -> str:
         if not v or any(c in v for c in "+#\0") or v.startswith("$") or v.startswith("/") or v.endswith("/"):
             raise ValueError("must be a non-empty topic without wildcards, '$' or leading/trailing '/'")
+        if any(not c.isprintable() for c in v):  # a newline, tab or control character
+            raise ValueError(f"must be printable: {v!r} has a control character")
         return v
 
 
@@ -282,6 +284,8 @@ class BrokerSection(_MqttLinkSection):
         description="`embedded` runs the MQTT broker inside the gateway; `external` uses an existing broker at `url` and embeds none.")
     max_queued_messages: int = Field(default=1000, ge=1,
         description="Messages kept per offline persistent session; the oldest are dropped and counted.")
+    protocol: Literal["auto", "5", "3.1.1"] = Field(default="auto",
+        description="The MQTT version of the gateway's own client: `5`, `3.1.1`, or `auto` (5 when the broker offers it; the embedded broker does).")
     listeners: list[ListenerSection] = Field(default_factory=list,
         description="Embedded mode: the broker's listeners (`[[broker.listeners]]`, keys below); at least one.")
     auth: AuthSection = Field(default_factory=AuthSection,
@@ -343,7 +347,7 @@ class BrokerSection(_MqttLinkSection):
 
 
 def _check_mqtt_url(v: str) -> str:
-    m = re.match(r"^(mqtt|mqtts|ws|wss)://([^/:]+|\[[0-9a-fA-F:]+\])(:(\d{1,5}))?/?$", v)
+    m = re.fullmatch(r"^(mqtt|mqtts|ws|wss)://([^/:]+|\[[0-9a-fA-F:]+\])(:(\d{1,5}))?/?$", v)
     if not m:
         raise ValueError("expected mqtt://HOST[:PORT] or mqtts://, ws://, wss://")
     return v
@@ -440,9 +444,11 @@ class UpstreamSection(_MqttLinkSection):
 
 
 class DispatchSection(_Section):
-    batch_size: int = Field(default=50, ge=1, le=10000,
+    batch_size: int = Field(default=500, ge=1, le=10000,
         description="Devices read per transaction when expanding a job.")
-    max_in_flight: int = Field(default=200, ge=1, le=100000, description="Concurrent sends per bridge.")
+    max_in_flight: int | None = Field(default=None, ge=1, le=100000,
+        description="Concurrent sends per bridge; unset = each bridge's own default "
+                    "(500 for `simulation` and `mqtt`, 200 for the HTTP push platforms).")
     max_attempts: int = Field(default=10, ge=1, description="Attempts (sends and resends) per delivery.")
     backoff_initial_s: float = Field(default=1.0, gt=0,
         description="First retry backoff in seconds (full jitter, doubling).")
@@ -450,6 +456,9 @@ class DispatchSection(_Section):
         description="Largest retry backoff in seconds; also the longest pause of an unhealthy bridge.")
     ack_timeout_s: float = Field(default=60.0, ge=0,
         description="A sent, unacked delivery of a bridge with `resend_unacked` is sent again (same message_id) after this; `0` = never.")
+    fallback_after_s: float = Field(default=30.0, ge=0,
+        description="A delivery waiting on a bridge that has been unhealthy (or unable to start) for this long "
+                    "moves to the device's next channel; `ttl = 0` jobs move at once.")
 
     @model_validator(mode="after")
     def _backoff(self) -> "DispatchSection":
@@ -589,7 +598,7 @@ class HttpSection(_Section):
     @field_validator("public_url")
     @classmethod
     def _public_url(cls, v: str) -> str:
-        if v and not re.match(r"^https?://[^/?#\s@]+(/[^?#\s]*)?$", v):
+        if v and not re.fullmatch(r"^https?://[^/?#\s@]+(/[^?#\s]*)?$", v):
             raise ValueError("expected http(s)://HOST[:PORT][/PATH] without query or user info")
         return v.rstrip("/")
 
@@ -650,6 +659,10 @@ class Config(_Section):
     # Where the file was read from; relative paths in it are relative to the cwd,
     # like Mosquitto's, so `make run` from the repo works as documented.
     source: Path | None = Field(default=None, exclude=True)
+    # Push bridges whose key file cannot be used (platform → "key: message"): not a
+    # config error for `run` (the daemon starts with that bridge unhealthy and its
+    # devices fall over to their next channel); `check-config` reports them.
+    bridge_faults: dict[str, str] = Field(default_factory=dict, exclude=True)
 
     @property
     def prefix(self) -> str:
@@ -939,6 +952,11 @@ def _blank_paths_to_none(data: Any) -> Any:
     return data
 
 
+# A push bridge's credential files: one that is missing or broken stops that bridge only.
+BRIDGE_KEY_FILES = frozenset({"service_account_file", "key_file", "cert_file", "cert_key_file",
+                              "client_secret_file", "vapid_private_key_file"})
+
+
 def parse_config(data: dict[str, Any], environ: dict[str, str] | None = None, source: Path | None = None) -> Config:
     """Validate a config mapping (after env overrides); raise :class:`ConfigError`."""
     environ = dict(os.environ if environ is None else environ)
@@ -963,7 +981,14 @@ def parse_config(data: dict[str, Any], environ: dict[str, str] | None = None, so
         url_problem = cfg.broker.url_problem()
         if url_problem:
             problems.append(("broker.url", url_problem))
-        _load_secrets(cfg, problems)
+        secret_problems: list[tuple[str, str]] = []
+        _load_secrets(cfg, secret_problems)
+        for key, msg in secret_problems:
+            parts = key.split(".")
+            if len(parts) == 3 and parts[0] == "bridges" and parts[2] in BRIDGE_KEY_FILES:
+                cfg.bridge_faults.setdefault(parts[1], f"{key}: {msg}")
+            else:
+                problems.append((key, msg))
         problems += check_rules(cfg.rules)
     if problems:
         raise ConfigError(problems)

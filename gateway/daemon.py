@@ -102,6 +102,7 @@ class Daemon:
             clean_session=False,
             will_topic=self.topics.gateway_status,
             will_payload=self._status_payload("offline"),
+            protocol=b.protocol,
         )
 
     async def _announce_online(self, client: GatewayClient) -> None:

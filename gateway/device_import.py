@@ -43,6 +43,7 @@ class Parsed:
     devices: list[Device] = field(default_factory=list)
     refused: list[tuple[int, str]] = field(default_factory=list)  # (line, "FIELD: message")
     lines: int = 0
+    line_counts: list[int] = field(default_factory=list)  # the file lines of each of ``devices``
 
     def refuse(self, line: int, message: str) -> None:
         self.refused.append((line, message))
@@ -85,6 +86,9 @@ def parse_jsonl(text: str) -> Parsed:
         except json.JSONDecodeError as exc:
             out.refuse(lineno, f"not valid JSON: {exc.msg} at column {exc.colno}")
             continue
+        except (ValueError, RecursionError) as exc:  # a number over the digit limit, deep nesting
+            out.refuse(lineno, f"not valid JSON: {exc.__class__.__name__}: {str(exc)[:80]}")
+            continue
         if not isinstance(obj, dict):
             out.refuse(lineno, "must be a JSON object (a Device)")
             continue
@@ -101,6 +105,7 @@ def parse_jsonl(text: str) -> Parsed:
             continue
         first_line[device.device_id] = lineno
         out.devices.append(device)
+        out.line_counts.append(1)
     return out
 
 
@@ -171,6 +176,7 @@ def parse_csv(text: str) -> Parsed:
         try:
             out.devices.append(Device.model_validate({"device_id": device_id, "segment": group.segment,
                                                       "tags": group.tags or [], "channels": group.channels}))
+            out.line_counts.append(len(group.lines))
         except ValidationError as exc:
             lines = group.lines
 

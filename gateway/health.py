@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from gateway import __version__, stats
+from gateway import __version__, setaside, stats
 from gateway.config import Config
 from gateway.mqtt import GatewayClient
 from gateway.storage import Database
@@ -221,6 +221,7 @@ class HealthReporter:
                               "last_error": client.last_error},
             "broker": _metrics_of(probes.broker),
             "bridges": probes.bridges.bridge_health() if probes.bridges is not None else {},
+            "set_aside": set_aside_view(probes),
             "upstream": self._upstream(),
             "http": ({"bind": cfg.http.bind, "url": cfg.http.base_url()} if cfg.http is not None else None),
         }
@@ -258,6 +259,22 @@ def _migrate(conn: sqlite3.Connection) -> None:
 
     schema.migrate(conn)  # idempotent; the pipeline runs it too, whoever is first
     stats.migrate(conn)
+
+
+def set_aside_view(probes: HealthProbes) -> dict[str, Any]:
+    """Messages set aside by the gateway's MQTT links (gateway.setaside): a count per link
+    and the last few of all links, newest last, for ``status`` and ``/metrics``."""
+    links = {"broker": probes.client, "upstream": getattr(probes.upstream, "client", None)}
+    counts: dict[str, int] = {}
+    recent: list[dict[str, Any]] = []
+    for name, client in links.items():
+        kept = getattr(client, "set_aside", None)
+        if kept is None:
+            continue
+        counts[name] = kept.count
+        recent.extend({"link": name, **m} for m in kept.recent())
+    recent.sort(key=lambda m: m["at"])
+    return {"counts": counts, "recent": recent[-setaside.KEEP:]}
 
 
 def _metrics_of(part: MetricsProbe | None) -> dict[str, Any] | None:

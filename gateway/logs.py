@@ -1,7 +1,7 @@
 """structlog set-up: JSON lines under systemd, a readable console format for humans.
 
-Third-party stdlib loggers (amqtt, httpx) are routed through the same renderer so the
-journal holds one format; amqtt's chatty INFO lines are kept at WARNING unless the
+Third-party stdlib loggers (websockets, httpx) are routed through the same renderer so the
+journal holds one format; their chatty INFO lines are kept at WARNING unless the
 gateway itself runs at debug.
 """
 
@@ -54,7 +54,7 @@ def setup_logging(level: str = "info", fmt: str = "json") -> None:
     set_level(level)
 
 
-_CHATTY = ("amqtt", "transitions", "websockets", "httpx", "httpcore", "hpack", "h2")
+_CHATTY = ("websockets", "httpx", "httpcore", "hpack", "h2")
 
 
 def set_level(level: str) -> None:

@@ -107,6 +107,12 @@ class RuntimeCollector:
         client = GaugeMetricFamily(f"{NS}_broker_client_connected", "1 when the gateway's own MQTT client is connected")
         client.add_metric([], 1.0 if (snap.get("broker_client") or {}).get("connected") else 0.0)
         yield client
+        aside = CounterMetricFamily(f"{NS}_messages_set_aside",
+                                    "MQTT messages acknowledged but not processed: their handling failed "
+                                    "for a reason that is not storage (status lists the last ones)", labels=["link"])
+        for link, n in sorted(((snap.get("set_aside") or {}).get("counts") or {}).items()):
+            aside.add_metric([link], float(n))
+        yield aside
         yield from self._bridges(snap.get("bridges") or {})
         yield from self._broker(snap.get("broker"))
         yield from self._upstream(snap.get("upstream"))

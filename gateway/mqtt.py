@@ -4,6 +4,11 @@ This is the "one way through": the core publishes and subscribes through this cl
 in embedded and external mode alike. Incoming QoS 1/2 messages are acknowledged only
 after their handler returned, so a job is in SQLite before the broker forgets it.
 
+It speaks MQTT 5.0 or 3.1.1 (``ConnectionSettings.protocol``): "auto" tries 5.0 first and
+falls back to 3.1.1 when the broker refuses 5.0 (and stays there until restarted). A 5.0
+persistent session asks for a Session Expiry Interval that never ends, as CleanSession=0 does
+in 3.1.1: otherwise the broker would drop our session, and its queue, at every disconnect.
+
 A handler that could not store its message (disk full, database read-only or locked:
 any :func:`gateway.storage.is_storage_error`) gets no PUBACK: the client stops taking
 messages, acknowledges none after it (PUBACKs go out in arrival order), and closes the
@@ -11,23 +16,28 @@ connection, so the broker keeps the message in our persistent session and redeli
 it (DUP=1) when we are back. Reconnects after such a failure are paced (exponential,
 and a write probe must succeed first), the failure is logged once per episode, and
 nothing else stops. Bad input is the handler's business: it answers and returns.
+
+Any other failure of a handler never holds the link: the message is acknowledged and set
+aside (:mod:`gateway.setaside`: counted, logged once, the last few kept for ``status``),
+and the messages after it flow.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import random
 import ssl
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiomqtt
 import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from gateway.config import MqttUrl
+from gateway.setaside import SetAside
 from gateway.storage import FailureEpisode, is_storage_error
 from gateway.topics import FilterTree
 
@@ -37,10 +47,10 @@ Handler = Callable[[aiomqtt.Message], Awaitable[None]]
 OnConnect = Callable[["GatewayClient"], Awaitable[None]]
 Probe = Callable[[], Awaitable[None]]
 
-# A message whose handler raised something that is not a storage failure (a bug) is
-# redelivered this many times in all before it is acknowledged and dropped, so one poison
-# message cannot stall the link for ever.
-POISON_DELIVERIES = 3
+PROTOCOLS = ("auto", "5", "3.1.1")
+SESSION_NEVER_EXPIRES = 0xFFFFFFFF
+# CONNACK codes of a broker that does not speak 5.0: 3.1.1's 0x01 or 5.0's 0x84.
+_UNSUPPORTED_PROTOCOL = (1, 0x84)
 
 
 class NotConnected(Exception):
@@ -69,6 +79,7 @@ class ConnectionSettings:
     will_payload: bytes | None = None
     will_retain: bool = True
     max_inflight: int = 100
+    protocol: str = "3.1.1"   # "5", "3.1.1" or "auto" (5.0 when the broker offers it)
 
     def tls_context(self) -> ssl.SSLContext | None:
         if not MqttUrl(self.url).tls:
@@ -108,10 +119,14 @@ class GatewayClient:
         self._held_last = False
         # From a held message until the next connection: we left the broker ourselves.
         self.left_on_purpose = False
-        self._bugs: OrderedDict[tuple[str, bytes], int] = OrderedDict()
         self.held = 0  # messages left unacknowledged because they could not be stored
         self.backoff_s = 0.0  # the wait before the next connect attempt (0 while connected)
-        self.poison_dropped = 0
+        self.set_aside = SetAside(log, name)  # handled with a failure that is not storage
+        if settings.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol: {settings.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        # The version the next connect uses; "auto" starts with 5.0.
+        self.protocol_version = aiomqtt.ProtocolVersion.V311 if settings.protocol == "3.1.1" else \
+            aiomqtt.ProtocolVersion.V5
 
     # ----------------------------------------------------------------- set-up
     def route(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
@@ -149,15 +164,24 @@ class GatewayClient:
 
     # ----------------------------------------------------------------- run
     def _make_client(self) -> aiomqtt.Client:
+        """A client for the next connect, at :attr:`protocol_version` (subclasses extend it)."""
         s = self.settings
+        version = self.protocol_version
         url = MqttUrl(s.url)
         will = None
         if s.will_topic is not None:
             will = aiomqtt.Will(s.will_topic, s.will_payload, qos=1, retain=s.will_retain)
+        if version == aiomqtt.ProtocolVersion.V5:
+            props = Properties(PacketTypes.CONNECT)
+            if not s.clean_session:
+                props.SessionExpiryInterval = SESSION_NEVER_EXPIRES
+            session: dict[str, Any] = {"clean_start": s.clean_session, "properties": props}
+        else:
+            session = {"clean_session": s.clean_session}
         client = aiomqtt.Client(
             url.host, url.port,
             username=s.username or None, password=s.password or None,
-            identifier=s.client_id, clean_session=s.clean_session,
+            identifier=s.client_id, protocol=version, **session,
             transport=url.transport, tls_context=s.tls_context(), keepalive=s.keepalive,
             will=will, max_inflight_messages=s.max_inflight, timeout=10,
         )
@@ -170,7 +194,16 @@ class GatewayClient:
     async def connect_once(self) -> aiomqtt.Client:
         """Connect and subscribe; raise aiomqtt.MqttError on failure."""
         client = self._make_client()
-        await client.__aenter__()
+        try:
+            await client.__aenter__()
+        except aiomqtt.MqttError as exc:
+            if not (self.settings.protocol == "auto" and self.protocol_version == aiomqtt.ProtocolVersion.V5
+                    and getattr(exc, "rc", None) in _UNSUPPORTED_PROTOCOL):
+                raise
+            log.info("broker does not speak MQTT 5.0; using 3.1.1", link=self.name, url=self.settings.url)
+            self.protocol_version = aiomqtt.ProtocolVersion.V311
+            client = self._make_client()
+            await client.__aenter__()
         try:
             for route in self._routes:
                 await client.subscribe(route.topic_filter, qos=route.qos)
@@ -360,30 +393,14 @@ class GatewayClient:
                 self._storage.note(exc, link=self.name, topic=topic)
                 held.set()
                 return False
-            ok = self._bug(message, topic)
-            if not ok:
-                held.set()
-            return ok
+            # Anything else would fail again on every redelivery while holding every message
+            # behind it: acknowledged and set aside (module doc), the link keeps flowing.
+            payload = message.payload
+            raw = bytes(payload) if isinstance(payload, (bytes, bytearray)) else str(payload or "").encode()
+            self.set_aside.add(topic, raw, exc, route.topic_filter)
+            return True
         self._storage.ok(link=self.name)
         return True
-
-    def _bug(self, message: aiomqtt.Message, topic: str) -> bool:
-        """A handler raised something that is not a storage failure. It is logged with its
-        traceback and redelivered (it may be transient); after POISON_DELIVERIES it is
-        acknowledged and dropped so that it cannot stall the link for ever."""
-        payload = message.payload if isinstance(message.payload, (bytes, bytearray)) else str(message.payload).encode()
-        key = (topic, hashlib.sha256(payload).digest())
-        seen = self._bugs.pop(key, 0) + 1
-        if seen >= POISON_DELIVERIES:
-            self.poison_dropped += 1
-            log.exception("handler failed; message dropped", link=self.name, topic=topic, deliveries=seen)
-            return True
-        log.exception("handler failed; message not acknowledged, will be redelivered", link=self.name,
-                      topic=topic, deliveries=seen)
-        self._bugs[key] = seen
-        while len(self._bugs) > 1000:
-            self._bugs.popitem(last=False)
-        return False
 
     async def disconnect(self) -> None:
         client = self._state.client

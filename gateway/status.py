@@ -58,9 +58,10 @@ def collect(cfg: Config, now: float | None = None) -> dict[str, Any]:
                          "messages_dropped": broker.get("dropped")}
         out["bridges"] = snap.get("bridges") or {}
         out["upstream"] = snap.get("upstream")
+        out["set_aside"] = snap.get("set_aside") or {"counts": {}, "recent": []}
     else:
         # Without a live daemon its last checks would only mislead: say when it was last seen.
-        out.update(daemon=None, checks={}, broker=None, bridges={}, upstream=None)
+        out.update(daemon=None, checks={}, broker=None, bridges={}, upstream=None, set_aside=None)
         if snap is not None:
             out["last_seen"] = {"pid": snap.get("pid"), "version": snap.get("version"),
                                 "written_at": snap.get("written_at")}
@@ -154,6 +155,12 @@ def render(info: dict[str, Any]) -> None:
         console.print(f"upstream: {'connected' if up.get('connected') else 'NOT connected'}, backlog "
                       f"{up.get('buffer_rows', '?')} messages / {up.get('buffer_bytes', '?')} bytes, oldest "
                       f"{_age(up.get('buffer_oldest_age_s'))}, drain {_rate(up.get('drain_rate'))}")
+    aside = info.get("set_aside")
+    if aside and any(aside.get("counts", {}).values()):
+        counts = ", ".join(f"{n} from the {link} link" for link, n in sorted(aside["counts"].items()) if n)
+        console.print(f"[yellow]messages set aside (handling failed; acknowledged, not processed): {counts}[/]")
+        for m in aside.get("recent", [])[-5:]:
+            console.print(f"  {m.get('at')} {m.get('link')} {m.get('topic')!r} ({m.get('size')} bytes): {m.get('reason')}")
     alarms = info.get("alarms_firing")
     if alarms is None:
         console.print("alarms: none configured")

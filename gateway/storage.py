@@ -63,6 +63,11 @@ class NotStored(Exception):
     """
 
 
+class DatabaseClosed(NotStored, RuntimeError):
+    """The database was shut down (the daemon is stopping): nothing can be committed, so a
+    message whose handler meets this is held for redelivery, never set aside as a bug."""
+
+
 STORAGE_ERRORS: tuple[type[BaseException], ...] = (NotStored, sqlite3.Error, OSError)
 
 
@@ -216,7 +221,7 @@ class _DaemonThreadExecutor(concurrent.futures.Executor):
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
         if self._shutdown:
-            raise RuntimeError("database executor is shut down")
+            raise DatabaseClosed("database executor is shut down")
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._queue.put((lambda: fn(*args, **kwargs), fut))
         return fut
@@ -331,7 +336,7 @@ class Database:
             answers = self._answers = _Answers(loop)
         fut: asyncio.Future[T] = loop.create_future()
         if self._executor._shutdown:
-            raise RuntimeError("database executor is shut down")
+            raise DatabaseClosed("database executor is shut down")
         self._executor._queue.put((lambda: answers.run(fut, self._call, fn), None))
         return await fut
 

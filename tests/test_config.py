@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -53,12 +54,57 @@ def test_bad_values_name_their_keys():
 
 
 def test_enabled_bridge_with_missing_file_names_key(tmp_path: Path):
-    lines = problems({
+    # Not a reason to refuse the whole daemon: that bridge starts unhealthy (its devices
+    # fall over to their next channel); check-config reports it.
+    cfg = parse_config({
         "broker": {"listeners": [{"name": "a", "bind": "127.0.0.1:1"}]},
         "bridges": {"apns": {"enabled": True, "team_id": "T", "key_id": "K", "topic": "com.x",
                              "key_file": str(tmp_path / "missing.p8")}},
-    })
-    assert lines == [f"bridges.apns.key_file: file not found: {tmp_path / 'missing.p8'}"]
+    }, {})
+    assert cfg.bridge_faults == {"apns": f"bridges.apns.key_file: file not found: {tmp_path / 'missing.p8'}"}
+
+
+def _check_config(tmp_path: Path, bridges: dict) -> subprocess.CompletedProcess[str]:
+    data = {"gateway": {"data_dir": str(tmp_path / "var")},
+            "broker": {"listeners": [{"name": "a", "bind": "127.0.0.1:1"}]}, "bridges": bridges}
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(data))
+    return subprocess.run([sys.executable, "-m", "gateway", "--config", str(path), "check-config"],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_check_config_loads_push_keys_as_the_bridges_do(tmp_path: Path):
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+    def pem(key) -> str:
+        return key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode()
+
+    (tmp_path / "rsa.p8").write_text(pem(rsa.generate_private_key(public_exponent=65537, key_size=2048)))
+    (tmp_path / "sa.json").write_text(json.dumps({
+        "type": "service_account", "project_id": "p", "client_email": "a@p.iam.gserviceaccount.com",
+        "token_uri": "https://oauth2.googleapis.com/token",
+        "private_key": "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n"}))
+    (tmp_path / "wns-secret").write_text("\n")
+    (tmp_path / "vapid.pem").write_text(pem(ec.generate_private_key(ec.SECP384R1())))
+    r = _check_config(tmp_path, {
+        "apns": {"enabled": True, "team_id": "T", "key_id": "K", "topic": "com.x", "key_file": str(tmp_path / "rsa.p8")},
+        "fcm": {"enabled": True, "service_account_file": str(tmp_path / "sa.json")},
+        "wns": {"enabled": True, "client_id": "c", "client_secret_file": str(tmp_path / "wns-secret")},
+        "webpush": {"enabled": True, "vapid_private_key_file": str(tmp_path / "vapid.pem")}})
+    assert r.returncode != 0
+    assert r.stderr.splitlines() == [
+        "bridges.fcm.service_account_file: unusable service account (ValueError)",
+        "bridges.apns.key_file: not a P-256 (ES256) key",
+        "bridges.wns.client_secret_file: no client secret loaded",
+        "bridges.webpush.vapid_private_key_file: unusable key (ValueError)"], r.stderr
+    # Good keys pass; a VAPID key not made yet is created at start, not a problem.
+    (tmp_path / "good.p8").write_text(pem(ec.generate_private_key(ec.SECP256R1())))
+    r = _check_config(tmp_path, {
+        "apns": {"enabled": True, "team_id": "T", "key_id": "K", "topic": "com.x", "key_file": str(tmp_path / "good.p8")},
+        "webpush": {"enabled": True, "vapid_private_key_file": str(tmp_path / "var" / "vapid.pem")}})
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "var" / "vapid.pem").exists()
 
 
 def test_tls_listener_needs_cert():

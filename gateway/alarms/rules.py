@@ -192,7 +192,7 @@ def _template_problems(text: str, allowed: set[str], key: str, why: Mapping[str,
 def check_rule(rule: RuleSection) -> list[tuple[str, str]]:
     """Problems as ``(field, message)``; the caller prefixes ``rules[<name>].``."""
     problems: list[tuple[str, str]] = []
-    if not RULE_NAME_RE.match(rule.name):
+    if not RULE_NAME_RE.fullmatch(rule.name):
         problems.append(("name", "must match [A-Za-z0-9_-]{1,64} (it is a topic level and part of job ids)"))
     condition = rule.condition
     if condition is None:

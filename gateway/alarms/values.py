@@ -31,7 +31,7 @@ def _reject_constant(name: str) -> Any:
 def parse_number(text: str) -> int | float:
     """A decimal number as text (JSON's spelling, plus a leading '+'); no NaN, no infinity."""
     s = text.strip()
-    if len(s) > 400 or not _NUMBER.match(s):
+    if len(s) > 400 or not _NUMBER.fullmatch(s):
         raise Unparseable("not a number")
     if re.fullmatch(r"[+-]?\d+", s):
         return int(s)

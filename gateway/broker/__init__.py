@@ -1,4 +1,4 @@
-"""The embedded broker (amqtt) and its accounts."""
+"""The embedded MQTT 3.1.1/5.0 broker (its wire in :mod:`gateway.broker.wire`) and its accounts."""
 
 from gateway.broker.embedded import BrokerStartError, EmbeddedBroker, InternalCredentials
 

@@ -1,9 +1,9 @@
 """Per-client session state and outgoing delivery of the embedded broker.
 
-amqtt delivers each message in its own task that waits at most 5 s for the PUBACK
-and then forgets the message, so nothing is left to resend when a persistent
-session reconnects, and messages queued while offline are replayed with RETAIN=1.
-Here a :class:`ClientState` outlives connections (CleanSession=0) and owns:
+A delivery must survive its connection: a message not acknowledged when a persistent
+session's connection ends is resent when it is back, and messages queued while offline
+are live messages (RETAIN=0). So a :class:`ClientState` outlives connections
+(CleanSession=0, or a 5.0 Session Expiry Interval) and owns:
 
 - ``pending``: messages not yet written, oldest first, at most
   ``max_queued_messages`` (the oldest is dropped, counted and logged, rate-limited);
@@ -26,22 +26,25 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import structlog
 
 from gateway import clock
 from gateway.broker.acl import ClientAcl
-from gateway.broker.codec import PUBREL, encode_ack, encode_publish, encode_topic
 from gateway.broker.limits import UNLIMITED, ClientLimits, ConnectionCount, Limit, LimitRecorder, RateBucket
+from gateway.broker.wire.codec import PUBREL_B, V5, send_ack, send_publish, utf8, varint
 from gateway.broker.metrics import BrokerMetrics
 from gateway.broker.state import RELEASED, SENT, StateNotStored, StateStore
 from gateway.broker.throttle import LogThrottle
 
 if TYPE_CHECKING:
-    from gateway.broker.handler import GatewayProtocolHandler
+    from gateway.broker.shared import SharedGroup
+    from gateway.broker.wire.connection import Connection
 
 log = structlog.get_logger(__name__)
 
@@ -55,46 +58,81 @@ BATCH = 256             # packets per write
 
 
 class Message:
-    """One application message as routed; shared by every client it goes to."""
+    """One application message as routed; shared by every client it goes to.
 
-    __slots__ = ("_qos0", "body_id", "payload", "refs", "shared", "topic", "topic_b")
+    ``props`` are the MQTT 5.0 properties passed through from the publisher (encoded);
+    ``expires_at`` the end of its Message Expiry Interval on the monotonic clock (None:
+    never). A 3.1.1 receiver gets neither; a 5.0 receiver gets the remaining interval
+    [MQTT-3.3.2-6] and its Subscription Identifier [MQTT-3.3.4-3].
+    """
 
-    def __init__(self, topic: str, payload: bytes):
+    __slots__ = ("_qos0", "body_id", "expires_at", "payload", "props", "refs", "shared", "topic", "topic_b")
+
+    def __init__(self, topic: str, payload: bytes, props: bytes = b"", expires_at: float | None = None):
         self.topic = topic
-        self.topic_b = encode_topic(topic)
+        self.topic_b = utf8(topic)
         self.payload = payload
-        self._qos0: dict[bool, bytes] = {}
+        self.props = props
+        self.expires_at = expires_at
+        self._qos0: dict[tuple[bool, int], bytes] = {}
         self.body_id = 0    # its row in broker_bodies while persistent sessions queue it (StateStore.queue_shared)
         self.refs = 0       # how many persistent sessions' rows name that body
         # Routed to more than one session: persistent ones share one stored body. A message for
         # one session keeps its payload in its own row (one write, as before).
         self.shared = False
 
-    def qos0_packet(self, retain: bool) -> bytes:
-        """A QoS 0 PUBLISH is the same bytes for every subscriber: encode it once."""
-        packet = self._qos0.get(retain)
-        if packet is None:
-            packet = self._qos0[retain] = encode_publish(self.topic_b, self.payload, 0, retain)
-        return packet
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
+
+    def v5_props(self, sub_id: int) -> bytes:
+        props = self.props
+        if self.expires_at is not None:
+            remaining = max(1, math.ceil(self.expires_at - time.monotonic()))
+            props += b"\x02" + remaining.to_bytes(4, "big")
+        if sub_id:
+            props += b"\x0b" + varint(sub_id)
+        return props
+
+    def aliased(self, qos: int, retain: bool, dup: bool, packet_id: int | None, sub_id: int, alias: int,
+                with_topic: bool) -> bytes:
+        """A 5.0 PUBLISH with a Topic Alias: the first one of a connection carries the topic name
+        and sets the alias, later ones an empty topic name (§3.3.2.3.4)."""
+        props = self.v5_props(sub_id) + b"\x23" + alias.to_bytes(2, "big")
+        return send_publish(self.topic_b if with_topic else b"\x00\x00", self.payload, qos, retain, dup, packet_id,
+                            props)
+
+    def packet(self, version: int, qos: int, retain: bool, dup: bool = False, packet_id: int | None = None,
+               sub_id: int = 0) -> bytes:
+        if qos == 0 and not sub_id and self.expires_at is None:
+            # A QoS 0 PUBLISH is the same bytes for every subscriber of a version: encode it once.
+            key = (retain, version)
+            cached = self._qos0.get(key)
+            if cached is None:
+                cached = self._qos0[key] = send_publish(
+                    self.topic_b, self.payload, 0, retain, props=self.props if version == V5 else None)
+            return cached
+        props = self.v5_props(sub_id) if version == V5 else None
+        return send_publish(self.topic_b, self.payload, qos, retain, dup, packet_id, props)
 
 
 class Outgoing:
     """A message on its way to one client, at the QoS it is delivered with."""
 
-    __slots__ = ("msg", "packet_id", "qos", "retain", "seq", "state")
+    __slots__ = ("group", "msg", "packet_id", "qos", "retain", "seq", "state", "sub_id")
 
-    def __init__(self, msg: Message, qos: int, retain: bool, seq: int = 0):
+    def __init__(self, msg: Message, qos: int, retain: bool, seq: int = 0, sub_id: int = 0,
+                 group: SharedGroup | None = None):
         self.msg = msg
+        self.group = group      # the shared subscription it came through (handed over if the member leaves)
         self.qos = qos
         self.retain = retain
         self.seq = seq          # row in broker_messages (persistent sessions, QoS > 0), else 0
+        self.sub_id = sub_id
         self.packet_id: int | None = None
         self.state = 0
 
-    def packet(self, dup: bool = False) -> bytes:
-        if self.qos == 0:
-            return self.msg.qos0_packet(self.retain)
-        return encode_publish(self.msg.topic_b, self.msg.payload, self.qos, self.retain, dup, self.packet_id)
+    def packet(self, version: int, dup: bool = False) -> bytes:
+        return self.msg.packet(version, self.qos, self.retain, dup, self.packet_id, self.sub_id)
 
 
 class ClientState:
@@ -115,13 +153,15 @@ class ClientState:
         self.pending: deque[Outgoing] = deque()
         self.inflight: dict[int, Outgoing] = {}
         self.qos2_in: set[int] = set()
-        self.handler: GatewayProtocolHandler | None = None
+        self.handler: Connection | None = None
         self.limits: ClientLimits = UNLIMITED   # [broker.limits] of its role (gateway.broker.limits)
         self.rate: RateBucket | None = None      # per connection, when the role has a publish rate
         self.pending_bytes = 0                   # payload bytes in ``pending``
         self.offline_since = time.monotonic()    # when the last connection ended (session expiry)
         self.account_hash: str | None = None     # the password hash it authenticated with (accounts.py)
         self.dropped = 0
+        self.expiry_s: int | None = None   # 5.0 Session Expiry Interval once disconnected (None: never)
+        self._expiry: asyncio.TimerHandle | None = None
         self._store = store
         self._metrics = metrics
         self._seq = seq
@@ -154,20 +194,24 @@ class ClientState:
         raise RuntimeError("no free packet identifier")  # cannot happen: inflight ≤ max_inflight
 
     # ----------------------------------------------------------------- queueing
-    def enqueue(self, msg: Message, qos: int, retain: bool) -> bool:
+    def enqueue(self, msg: Message, qos: int, retain: bool, sub_id: int = 0,
+                group: SharedGroup | None = None) -> bool:
         """Queue ``msg`` for this client; True when a durable write was queued for it."""
         online = self.handler is not None
         if qos == 0 and not online:
             return False  # QoS 0 is not part of an offline session's state [MQTT-3.1.2-5]
         durable = False
-        out = Outgoing(msg, qos, retain)
+        out = Outgoing(msg, qos, retain, 0, sub_id, group)
         store = self._store
         if qos and not self.clean and store is not None:
             out.seq = next(self._seq)
+            # On disk on the gateway's clock (gateway.clock): a restart keeps its meaning.
+            expires_at = None if msg.expires_at is None else clock.now() + (msg.expires_at - time.monotonic())
             if msg.shared:
-                store.queue_shared(self.client_id, out.seq, msg, qos, retain)
+                store.queue_shared(self.client_id, out.seq, msg, qos, retain, expires_at, sub_id)
             else:
-                store.queue_message(self.client_id, out.seq, msg.topic, msg.payload, qos, retain)
+                store.queue_message(self.client_id, out.seq, msg.topic, msg.payload, qos, retain, msg.props,
+                                    expires_at, sub_id)
             durable = True
         pending = self.pending
         pending.append(out)
@@ -235,8 +279,18 @@ class ClientState:
                 self.pending.append(out)
                 self.pending_bytes += len(out.msg.payload)
 
+    # ----------------------------------------------------------------- session expiry
+    def arm_expiry(self, seconds: int, expire: Callable[[ClientState], None]) -> None:
+        self.cancel_expiry()
+        self._expiry = asyncio.get_running_loop().call_later(seconds, expire, self)
+
+    def cancel_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+
     # ----------------------------------------------------------------- connection
-    def attach(self, handler: GatewayProtocolHandler) -> None:
+    def attach(self, handler: Connection) -> None:
         self.handler = handler
         limits = self.limits
         if self._connections is not None:
@@ -267,14 +321,22 @@ class ClientState:
             self.pending = deque(out for out in self.pending if out.qos)
             self.pending_bytes = sum(len(out.msg.payload) for out in self.pending)
 
+    def _forget(self, out: Outgoing) -> None:
+        if out.seq and self._store is not None:
+            self._done(out)
+
     def _readable(self, out: Outgoing) -> bool:
-        """May this client's role read ``out`` now? If not, it is dropped and counted."""
+        """May this client's role read ``out`` now, and has it not expired? If not, it is
+        dropped and counted (an expired message is never sent [MQTT-3.3.2-5])."""
+        if out.msg.expires_at is not None and out.msg.expired(time.monotonic()):
+            self._metrics.expired += 1
+            self._forget(out)
+            return False
         acl = self.acl
         if acl is None or acl.allow_all or acl.may_receive(out.msg.topic):
             return True
         self._metrics.dropped_acl += 1
-        if out.seq and self._store is not None:
-            self._done(out)
+        self._forget(out)
         suppressed = self._drop_log((self.client_id, "acl"))
         if suppressed is not None:
             log.info("queued message withheld: the client's role may not read its topic (any more)",
@@ -282,8 +344,30 @@ class ClientState:
                      suppressed=suppressed)
         return False
 
-    async def _run_sender(self, handler: GatewayProtocolHandler) -> None:
+    async def _run_sender(self, handler: Connection) -> None:
         metrics = self._metrics
+        version = handler.version
+        # The client's Receive Maximum bounds what is in flight to it [MQTT-3.3.4-9].
+        window = min(self._max_inflight, handler.send_quota)
+        max_packet = handler.max_packet_out
+        # Topic aliases towards a 5.0 client that allows them: one per topic, first come, for the
+        # connection's life (the client's Topic Alias Maximum bounds how many).
+        alias_max = handler.topic_alias_max_out
+        aliases = handler.aliases_out
+
+        def encode(out: Outgoing, dup: bool = False) -> tuple[bytes, str | None]:
+            """The packet for ``out``, and the topic whose alias it set (None: none set)."""
+            if not alias_max:
+                return out.packet(version, dup), None
+            topic = out.msg.topic
+            alias = aliases.get(topic)
+            if alias is not None:
+                return out.msg.aliased(out.qos, out.retain, dup, out.packet_id, out.sub_id, alias, False), None
+            if len(aliases) < alias_max:
+                alias = aliases[topic] = len(aliases) + 1
+                return out.msg.aliased(out.qos, out.retain, dup, out.packet_id, out.sub_id, alias, True), topic
+            return out.packet(version, dup), None
+
         try:
             if self.inflight:
                 # [MQTT-4.4.0-1]: unacknowledged PUBLISH again with DUP=1, PUBREL again
@@ -291,9 +375,9 @@ class ClientState:
                 parts = []
                 for pid, out in list(self.inflight.items()):
                     if out.state == RELEASED:
-                        parts.append(encode_ack(PUBREL, pid))
+                        parts.append(send_ack(PUBREL_B, pid))
                     elif self._readable(out):
-                        parts.append(out.packet(dup=True))
+                        parts.append(encode(out, dup=True)[0])
                         metrics.messages_out += 1
                     else:
                         del self.inflight[pid]
@@ -301,7 +385,7 @@ class ClientState:
             wake = self._wake
             while True:
                 pending = self.pending
-                if not pending or (pending[0].qos and len(self.inflight) >= self._max_inflight):
+                if not pending or (pending[0].qos and len(self.inflight) >= window):
                     wake.clear()
                     await wake.wait()
                     continue
@@ -316,19 +400,33 @@ class ClientState:
                         self.pending_bytes -= len(out.msg.payload)
                         continue
                     if out.qos:
-                        if len(self.inflight) >= self._max_inflight:
+                        if len(self.inflight) >= window:
                             break
                         pid = self._alloc_packet_id()
-                        out.packet_id, out.state = pid, SENT
+                        out.packet_id = pid
+                        data, new_alias = encode(out)
+                        if max_packet is not None and len(data) > max_packet:
+                            if new_alias is not None:
+                                del aliases[new_alias]   # not sent: the alias was not set
+                            self._too_large(pending.popleft())
+                            continue
+                        out.state = SENT
                         self.inflight[pid] = out
                         if out.seq and store is not None:
                             store.message_state(self.client_id, out.seq, pid, SENT)
                             # A QoS 2 packet id must be on disk before the client sees it,
                             # or a restarted broker could send the message under a new id.
                             barrier = barrier or out.qos == 2
+                    else:
+                        data, new_alias = encode(out)
+                        if max_packet is not None and len(data) > max_packet:
+                            if new_alias is not None:
+                                del aliases[new_alias]
+                            self._too_large(pending.popleft())
+                            continue
                     pending.popleft()
                     self.pending_bytes -= len(out.msg.payload)
-                    parts.append(out.packet())
+                    parts.append(data)
                     nbytes += len(out.msg.payload)
                 if barrier and store is not None:
                     await store.barrier()
@@ -348,6 +446,17 @@ class ClientState:
                         error=repr(exc))
             handler.abort()
 
+    def _too_large(self, out: Outgoing) -> None:
+        """Larger than the client's Maximum Packet Size: not sent, as if delivered [MQTT-3.1.2-25]."""
+        out.packet_id = None
+        self.pending_bytes -= len(out.msg.payload)
+        self._metrics.dropped_too_large += 1
+        self._forget(out)
+        suppressed = self._drop_log((self.client_id, "size"))
+        if suppressed is not None:
+            log.info("message not sent: larger than the client's Maximum Packet Size", client_id=self.client_id,
+                     topic=out.msg.topic, suppressed=suppressed)
+
     # ----------------------------------------------------------------- acknowledgements
     def on_puback(self, packet_id: int) -> None:
         out = self.inflight.get(packet_id)
@@ -359,7 +468,7 @@ class ClientState:
         if self.pending:
             self._wake.set()
 
-    async def on_pubrec(self, packet_id: int, handler: GatewayProtocolHandler) -> None:
+    async def on_pubrec(self, packet_id: int, handler: Connection) -> None:
         out = self.inflight.get(packet_id)
         if out is not None and out.qos == 2 and out.state != RELEASED:
             out.state = RELEASED
@@ -370,7 +479,36 @@ class ClientState:
                 except StateNotStored:
                     handler.close_unstored()  # no PUBREL before RELEASED is on disk
                     return
-        await handler.send_bytes(encode_ack(PUBREL, packet_id))
+        await handler.send_bytes(send_ack(PUBREL_B, packet_id))
+
+    def take_shared(self) -> list[Outgoing]:
+        """The member leaves (its connection ended): remove and return the QoS 1/2 messages it got
+        through a shared subscription and has not acknowledged, so the group's other members get
+        them (at least once). A QoS 2 message whose PUBREC came is the receiver's: it stays."""
+        taken = [out for out in self.pending if out.group is not None and out.qos]
+        if taken:
+            self.pending = deque(out for out in self.pending if out.group is None or not out.qos)
+            self.pending_bytes = sum(len(out.msg.payload) for out in self.pending)
+        for packet_id, out in list(self.inflight.items()):
+            if out.group is not None and out.state != RELEASED:
+                del self.inflight[packet_id]
+                taken.append(out)
+        return taken
+
+    def forget_taken(self, out: Outgoing) -> None:
+        """A message from :meth:`take_shared` was queued elsewhere: its stored row goes."""
+        self._forget(out)
+
+    def on_pubrec_refused(self, packet_id: int) -> None:
+        """A 5.0 PUBREC with a reason code of 0x80 or more: the receiver refused the message and
+        the exchange ends there (no PUBREL) [MQTT-4.3.3-4]; it is not sent again."""
+        out = self.inflight.get(packet_id)
+        if out is None or out.qos != 2 or out.state == RELEASED:
+            return
+        del self.inflight[packet_id]
+        self._forget(out)
+        if self.pending:
+            self._wake.set()
 
     def on_pubcomp(self, packet_id: int) -> None:
         out = self.inflight.get(packet_id)

@@ -1,7 +1,7 @@
 """Topic names, topic filters and the subscription index of the embedded broker.
 
-amqtt matches every published topic against every subscription filter by splitting
-strings per filter per message. Here exact filters are one dict lookup and wildcard
+Matching every published topic against every filter (splitting strings per filter per
+message) costs in proportion to the filters. Here exact filters are one dict lookup and wildcard
 filters sit in a tree of levels, so routing costs one walk over the topic's levels
 whatever the number of filters. Overlapping subscriptions of one client collapse into one delivery at
 the highest granted QoS [MQTT-3.3.5-1].
@@ -92,7 +92,8 @@ def _merge(out: dict[str, tuple[T, int]], subs: dict[str, tuple[T, int]]) -> Non
         return
     for client_id, entry in subs.items():
         seen = out.get(client_id)
-        if seen is None or seen[1] < entry[1]:
+        # The entry's int is the granted QoS in its two low bits (gateway.broker.suboptions).
+        if seen is None or (seen[1] & 3) < (entry[1] & 3):
             out[client_id] = entry
 
 
@@ -133,6 +134,12 @@ class SubscriptionIndex(Generic[T]):
             self._tree.discard(topic_filter)
         else:
             del self._exact[topic_filter]
+
+    def match_filter(self, topic_filter: str, key: str) -> T | None:
+        """The client (or group) stored under exactly ``topic_filter`` and ``key``."""
+        subs = (self._wild if has_wildcard(topic_filter) else self._exact).get(topic_filter)
+        entry = subs.get(key) if subs else None
+        return entry[0] if entry is not None else None
 
     def match(self, topic: str) -> dict[str, tuple[T, int]]:
         """Every subscribed client whose filters match, with the maximum granted QoS."""

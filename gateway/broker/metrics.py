@@ -31,6 +31,10 @@ class BrokerMetrics:
     wills_published: int = 0
     protocol_errors: int = 0         # connections closed for malformed input
     persist_errors: int = 0          # SQLite commits of broker state that failed (logged once per episode)
+    expired: int = 0                 # MQTT 5.0 messages dropped from queues or retained when their expiry passed
+    dropped_too_large: int = 0       # messages not sent: larger than the receiving client's Maximum Packet Size
+    shared_handed_over: int = 0      # unacknowledged messages of a leaving shared-subscription member given to another
+    receive_maximum_exceeded: int = 0  # MQTT 5.0 clients disconnected (0x93) for exceeding the broker's Receive Maximum
     not_acknowledged: int = 0        # PUBLISH/SUBSCRIBE/QoS 2 steps left unacknowledged because state was not stored
     # [broker.limits] (gateway.broker.limits.Limit.metric): each hit of a limit
     limited_packet_size: int = 0     # connections closed: a packet's fixed header announced more than max_packet_size
@@ -40,7 +44,7 @@ class BrokerMetrics:
     limited_retained: int = 0        # retained messages not kept: the principal's retained quota
     limited_rate: int = 0            # PUBLISHes after which the reader paused: max_publish_rate / bytes rate
     sessions_evicted: int = 0        # offline persistent sessions forgotten for a newer one (max_sessions_per_account)
-    sessions_expired: int = 0        # offline persistent sessions forgotten after session_expiry_s
+    sessions_expired: int = 0        # offline persistent sessions forgotten: session_expiry_s, or 5.0 Session Expiry Interval
     accounts_disconnected: int = 0   # connections closed because their account was removed or its password changed
     accounts_updated: int = 0        # connected clients whose role changed in the password file (new ACL at once)
 

@@ -16,6 +16,8 @@ from pathlib import Path
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from gateway.ids import NOT_DOTS, is_id
+
 NAME_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 ROLE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -38,9 +40,10 @@ def parse(text: str, path: Path | str = "passwd") -> dict[str, Account]:
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        # The argon2 hash contains '$' and ',' but never ':'.
-        parts = line.split(":")
-        if len(parts) != 3 or not NAME_RE.match(parts[0]) or not ROLE_RE.match(parts[2]):
+        # The argon2 hash contains '$' and ',' but never ':', nor does a role; a name may
+        # (it allows ':'), so the line is split from the right.
+        parts = line.rsplit(":", 2)
+        if len(parts) != 3 or not NAME_RE.fullmatch(parts[0]) or not ROLE_RE.fullmatch(parts[2]):
             raise PasswordFileError(f"{path}:{lineno}: expected NAME:HASH:ROLE")
         accounts[parts[0]] = Account(parts[0], parts[1], parts[2])
     return accounts
@@ -121,9 +124,9 @@ def _write_atomic(path: Path, accounts: dict[str, Account]) -> None:
 
 
 def add_user(path: Path, name: str, password: str, role: str) -> None:
-    if not NAME_RE.match(name):
-        raise PasswordFileError("NAME: must match [A-Za-z0-9._:@-]{1,128}")
-    if not ROLE_RE.match(role):
+    if not is_id(NAME_RE, name):
+        raise PasswordFileError(f"NAME: must match [A-Za-z0-9._:@-]{{1,128}} {NOT_DOTS}")
+    if not ROLE_RE.fullmatch(role):
         raise PasswordFileError("--role: must match [A-Za-z0-9_-]{1,64}")
     if not password:
         raise PasswordFileError("password: must not be empty")

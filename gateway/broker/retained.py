@@ -1,8 +1,7 @@
 """The broker's retained messages: a topic trie with limits.
 
-amqtt (and the first version of this broker) scanned every retained topic for every
-wildcard subscription, so a site with years of retained job statuses paid for all of
-them on each SUBSCRIBE. Here retained messages hang in a trie keyed by topic level:
+Scanning every retained topic for every wildcard subscription would make a site with
+years of retained job statuses pay for all of them on each SUBSCRIBE. Here retained messages hang in a trie keyed by topic level:
 an exact filter is one walk down, ``+`` visits the children of one node, ``#`` the
 subtree it names. A subscription costs what it can match, not what is stored.
 

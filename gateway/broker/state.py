@@ -24,9 +24,8 @@ and retried first, in order, with backoff, until the disk takes them again. Repl
 them ahead of what was queued since gives the same rows as if the commit had worked,
 so the coalescing rules below need no special case.
 
-Unlike amqtt's SessionDBPlugin, an acknowledged message is deleted (no replay after
-restart), an unsubscribe deletes the filter, and a session that reconnects with
-CleanSession=1 is forgotten.
+An acknowledged message is deleted (no replay after restart), an unsubscribe deletes the
+filter, and a session that reconnects with CleanSession=1 (5.0: Clean Start) is forgotten.
 """
 
 from __future__ import annotations
@@ -67,6 +66,14 @@ _ADDED_COLUMNS = (
     ("broker_sessions", "seen_at", "REAL"),          # gateway.clock time of the last disconnect (session expiry)
     ("broker_retained", "owner", "TEXT"),            # principal that set it (retained quota)
     ("broker_messages", "body_id", "INTEGER"),       # broker_bodies row holding the payload (payload is then '')
+    # MQTT 5.0: properties passed through to subscribers (encoded), the Message Expiry as wall-clock
+    # time, the Subscription Identifier a queued message is delivered with, the Session Expiry Interval.
+    ("broker_retained", "props", "BLOB"),
+    ("broker_retained", "expires_at", "REAL"),
+    ("broker_messages", "props", "BLOB"),
+    ("broker_messages", "expires_at", "REAL"),
+    ("broker_messages", "sub_id", "INTEGER"),
+    ("broker_sessions", "expiry_s", "INTEGER"),
 )
 
 # broker_messages.state
@@ -91,6 +98,9 @@ class StoredMessage:
     packet_id: int | None
     state: int
     body_id: int | None = None   # shared body (broker_bodies): the same id is the same message
+    props: bytes = b""              # MQTT 5.0 properties passed through to subscribers (encoded)
+    expires_at: float | None = None   # end of the Message Expiry Interval on the gateway clock (gateway.clock)
+    sub_id: int = 0                 # the Subscription Identifier it is delivered with
 
 
 RETRY_INITIAL_S = 0.2   # first retry of a failed commit; doubles up to RETRY_MAX_S
@@ -109,6 +119,7 @@ class StoredSession:
     dropped: int = 0
     owner: str | None = None     # the principal the session belongs to (None: written before owners existed)
     seen_at: float | None = None  # gateway.clock time of its last disconnect (None: not recorded)
+    expiry_s: int | None = None  # MQTT 5.0 Session Expiry Interval (None: until removed, as 3.1.1)
     subscriptions: dict[str, int] = field(default_factory=dict)
     messages: list[StoredMessage] = field(default_factory=list)
     qos2_in: set[int] = field(default_factory=set)
@@ -116,7 +127,8 @@ class StoredSession:
 
 @dataclass
 class LoadedState:
-    retained: dict[str, tuple[bytes, int, str | None]]   # topic -> (payload, qos, principal that set it)
+    # topic -> (payload, qos, principal that set it, 5.0 properties, wall-clock expiry)
+    retained: dict[str, tuple[bytes, int, str | None, bytes, float | None]]
     sessions: dict[str, StoredSession]
     next_seq: int
     next_body: int = 1
@@ -131,27 +143,29 @@ def _migrate(conn: sqlite3.Connection) -> None:
 
 
 def _load(conn: sqlite3.Connection) -> LoadedState:
-    retained = {row[0]: (bytes(row[1]), int(row[2]), row[3])
-                for row in conn.execute("SELECT topic, payload, qos, owner FROM broker_retained")}
+    retained = {row[0]: (bytes(row[1]), int(row[2]), row[3], bytes(row[4] or b""), row[5])
+                for row in conn.execute("SELECT topic, payload, qos, owner, props, expires_at FROM broker_retained")}
     sessions: dict[str, StoredSession] = {}
-    for cid, username, role, dropped, owner, seen_at in conn.execute(
-            "SELECT client_id, username, role, dropped, owner, seen_at FROM broker_sessions"):
-        sessions[cid] = StoredSession(cid, username, role, int(dropped), owner, seen_at)
+    for cid, username, role, dropped, owner, seen_at, expiry_s in conn.execute(
+            "SELECT client_id, username, role, dropped, owner, seen_at, expiry_s FROM broker_sessions"):
+        sessions[cid] = StoredSession(cid, username, role, int(dropped), owner, seen_at, expiry_s)
     for cid, flt, qos in conn.execute("SELECT client_id, filter, qos FROM broker_subscriptions"):
         if cid in sessions:
             sessions[cid].subscriptions[flt] = int(qos)
     next_seq = 1
     lost: list[tuple[str, int]] = []
-    for cid, seq, topic, payload, qos, retain, pid, state, body_id, body in conn.execute(
+    for cid, seq, topic, payload, qos, retain, pid, state, body_id, body, props, expires_at, sub_id in conn.execute(
             "SELECT m.client_id, m.seq, m.topic, m.payload, m.qos, m.retain, m.packet_id, m.state, m.body_id,"
-            " b.payload FROM broker_messages m LEFT JOIN broker_bodies b ON b.id = m.body_id ORDER BY m.seq"):
+            " b.payload, m.props, m.expires_at, m.sub_id"
+            " FROM broker_messages m LEFT JOIN broker_bodies b ON b.id = m.body_id ORDER BY m.seq"):
         next_seq = max(next_seq, int(seq) + 1)
         if body_id is not None and body is None:
             lost.append((cid, seq))  # cannot happen: the body goes with its last row
             continue
         if cid in sessions:
             sessions[cid].messages.append(StoredMessage(int(seq), topic, bytes(body if body_id is not None else payload),
-                                                        int(qos), bool(retain), pid, int(state), body_id))
+                                                        int(qos), bool(retain), pid, int(state), body_id,
+                                                        bytes(props or b""), expires_at, int(sub_id or 0)))
     if lost:
         log.error("queued messages without their body were deleted", messages=len(lost))
         conn.executemany(_MSG_DEL, lost)
@@ -212,14 +226,16 @@ class StateStore:
         self._pending[key] = op  # moved to the end: applied after everything before it
         self._schedule()
 
-    def retain(self, topic: str, payload: bytes, qos: int, owner: str | None = None) -> None:
-        self._put(("ret", topic), ("ret_put", topic, payload, qos, owner))
+    def retain(self, topic: str, payload: bytes, qos: int, owner: str | None = None, props: bytes = b"",
+               expires_at: float | None = None) -> None:
+        self._put(("ret", topic), ("ret_put", topic, payload, qos, owner, props or None, expires_at))
 
     def clear_retained(self, topic: str) -> None:
         self._put(("ret", topic), ("ret_del", topic))
 
-    def session(self, client_id: str, username: str | None, role: str | None, owner: str | None = None) -> None:
-        self._put(("sess", client_id), ("sess_put", client_id, username, role, owner))
+    def session(self, client_id: str, username: str | None, role: str | None, owner: str | None = None,
+                expiry_s: int | None = None) -> None:
+        self._put(("sess", client_id), ("sess_put", client_id, username, role, owner, expiry_s))
 
     def forget_session(self, client_id: str) -> None:
         # Drop not-yet-written rows of this client: the delete covers them anyway.
@@ -243,11 +259,14 @@ class StateStore:
         self._put(("sub", client_id, topic_filter), ("sub_del", client_id, topic_filter))
 
     def queue_message(self, client_id: str, seq: int, topic: str, payload: bytes, qos: int,
-                      retain: bool = False) -> None:
+                      retain: bool = False, props: bytes = b"", expires_at: float | None = None,
+                      sub_id: int = 0) -> None:
         self._put(("msg", client_id, seq),
-                  ("msg_put", client_id, seq, topic, payload, qos, int(retain), None, QUEUED, None))
+                  ("msg_put", client_id, seq, topic, payload, qos, int(retain), None, QUEUED, None, props or None,
+                   expires_at, sub_id or None))
 
-    def queue_shared(self, client_id: str, seq: int, msg: Any, qos: int, retain: bool = False) -> None:
+    def queue_shared(self, client_id: str, seq: int, msg: Any, qos: int, retain: bool = False,
+                     expires_at: float | None = None, sub_id: int = 0) -> None:
         """Queue ``msg`` (a ``clients.Message``: ``topic``, ``payload``, ``body_id``, ``refs``) for
         one session, its body stored once for every session that queues it. Each call must be
         matched by one :meth:`release_body` when the session is done with it."""
@@ -257,7 +276,8 @@ class StateStore:
             self._put(("body", msg.body_id), ("body_put", msg.body_id, msg.payload))
         msg.refs += 1
         self._put(("msg", client_id, seq),
-                  ("msg_put", client_id, seq, msg.topic, b"", qos, int(retain), None, QUEUED, msg.body_id))
+                  ("msg_put", client_id, seq, msg.topic, b"", qos, int(retain), None, QUEUED, msg.body_id,
+                   msg.props or None, expires_at, sub_id or None))
 
     def release_body(self, msg: Any) -> None:
         """One session is done with ``msg``: the body goes with the last reference."""
@@ -399,8 +419,8 @@ class StateStore:
 
 
 _MSG_PUT = ("INSERT OR REPLACE INTO broker_messages"
-            " (client_id, seq, topic, payload, qos, retain, packet_id, state, body_id)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+            " (client_id, seq, topic, payload, qos, retain, packet_id, state, body_id, props, expires_at, sub_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _MSG_UPD = "UPDATE broker_messages SET packet_id = ?, state = ? WHERE client_id = ? AND seq = ?"
 _MSG_DEL = "DELETE FROM broker_messages WHERE client_id = ? AND seq = ?"
 
@@ -435,15 +455,15 @@ def _apply(conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
         elif kind == "body_del":
             conn.execute("DELETE FROM broker_bodies WHERE id = ?", op[1:])
         elif kind == "ret_put":
-            conn.execute("INSERT OR REPLACE INTO broker_retained (topic, payload, qos, stored_at, owner)"
-                         " VALUES (?, ?, ?, ?, ?)", (op[1], op[2], op[3], now, op[4]))
+            conn.execute("INSERT OR REPLACE INTO broker_retained (topic, payload, qos, stored_at, owner, props,"
+                         " expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)", (op[1], op[2], op[3], now, op[4], op[5], op[6]))
         elif kind == "ret_del":
             conn.execute("DELETE FROM broker_retained WHERE topic = ?", (op[1],))
         elif kind == "sess_put":
-            conn.execute("INSERT INTO broker_sessions (client_id, username, role, created_at, owner)"
-                         " VALUES (?, ?, ?, ?, ?) ON CONFLICT (client_id) DO UPDATE SET"
-                         " username = excluded.username, role = excluded.role, owner = excluded.owner",
-                         (op[1], op[2], op[3], now, op[4]))
+            conn.execute("INSERT INTO broker_sessions (client_id, username, role, created_at, owner, expiry_s)"
+                         " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (client_id) DO UPDATE SET"
+                         " username = excluded.username, role = excluded.role, owner = excluded.owner,"
+                         " expiry_s = excluded.expiry_s", (op[1], op[2], op[3], now, op[4], op[5]))
         elif kind == "sess_seen":
             conn.execute("UPDATE broker_sessions SET seen_at = ? WHERE client_id = ?", (op[2], op[1]))
         elif kind == "sess_drop":

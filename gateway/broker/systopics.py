@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 import structlog
 
 from gateway import __version__
-from gateway.broker.compat import installed_version
 
 if TYPE_CHECKING:
     from gateway.broker.embedded import GatewayBroker
@@ -32,7 +31,7 @@ def sys_values(broker: GatewayBroker) -> dict[str, str]:
     """Topic (below ``$SYS/broker/``) → payload text."""
     snap = broker.snapshot()
     return {
-        "version": f"homepot-gateway {__version__} (amqtt {installed_version()})",
+        "version": f"homepot-gateway {__version__} (MQTT 3.1.1, 5.0)",
         "uptime": f"{snap['uptime_s']} seconds",
         "clients/connected": str(snap["clients_connected"]),
         # Mosquitto: connected clients plus disconnected persistent sessions.

@@ -23,6 +23,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from gateway.config import Config
+from gateway.ids import NOT_DOTS, is_id
 from gateway.http.acks import AckSigner
 from gateway.http.auth import BasicAuth, Principal
 from gateway.http.errors import HTTP_CODES, ApiError, error_response, json_response
@@ -289,7 +290,7 @@ class Api:
         return principal
 
     async def _job(self, job_id: str) -> dict[str, Any]:
-        if not JOB_ID_RE.match(job_id):
+        if not is_id(JOB_ID_RE, job_id):
             raise ApiError(404, "not_found", f"job_id: {job_id!r} is not a job id")
         status = await self._db(lambda conn: store.job_status(conn, job_id))
         if status is None:
@@ -335,8 +336,9 @@ class Api:
     # ------------------------------------------------------------------ devices
     async def _device_principal(self, request: web.Request, device_id: str) -> Any:
         principal = await self._principal(request)
-        if not DEVICE_ID_RE.match(device_id):
-            raise ApiError(400, "invalid_device", f"device_id: {device_id!r} in the URL must match [A-Za-z0-9._:-]{{1,128}}")
+        if not is_id(DEVICE_ID_RE, device_id):
+            raise ApiError(400, "invalid_device",
+                           f"device_id: {device_id!r} in the URL must match [A-Za-z0-9._:-]{{1,128}} {NOT_DOTS}")
         if not principal.may_manage_device(device_id):
             raise ApiError(403, "forbidden", f"{principal.name!r} ({principal.role}) may not manage device {device_id!r}")
         return principal

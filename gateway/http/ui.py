@@ -32,6 +32,7 @@ import structlog
 from aiohttp import web
 
 from gateway import clock
+from gateway.ids import is_id
 from gateway.http import ui_queries as q
 from gateway.http.errors import ApiError, json_response
 from gateway.http.reader import Reader
@@ -505,7 +506,7 @@ def _prefix(raw: str, name: str) -> str:
 
 def _job_id(request: web.Request) -> str:
     job_id = request.match_info["job_id"]
-    if not JOB_ID_RE.match(job_id):
+    if not is_id(JOB_ID_RE, job_id):
         raise ApiError(404, "not_found", f"job_id: {job_id[:70]!r} is not a job id")
     return job_id
 

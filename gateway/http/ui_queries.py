@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 
 from gateway import clock
 from gateway import stats
+from gateway.pipeline import store
 from gateway.timeutil import iso
 
 COUNT_KEYS = ("queued", "sent", "acknowledged", "failed", "expired", "invalid_address")
@@ -109,7 +110,7 @@ def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
 
 
 def check_id_prefix(value: str, name: str) -> str:
-    if not ID_CHARS.match(value):
+    if not ID_CHARS.fullmatch(value):
         raise QueryError(f"{name}: an id (prefix) has only letters, digits and . _ : - (up to 128)")
     return value
 
@@ -155,7 +156,7 @@ def decode_job_cursor(cursor: str) -> tuple[float, str]:
         value = float(stamp)
     except ValueError:
         value = float("nan")
-    if not sep or value != value or not ID_CHARS.match(job_id):
+    if not sep or value != value or not ID_CHARS.fullmatch(job_id):
         raise QueryError("before: not a cursor this page gave out")
     return value, job_id
 
@@ -248,12 +249,15 @@ def deliveries_page(conn: sqlite3.Connection, job_id: str, states: tuple[str, ..
         where += f" AND state IN ({','.join('?' * len(states))})"
         args += list(states)
     rows = conn.execute("SELECT message_id, device_id, state, platform, attempts, last_error, latency_ms, sent_at, "
-                        f"acked_at FROM deliveries WHERE {where} ORDER BY device_id LIMIT ?",
+                        f"acked_at, moved, next_at FROM deliveries WHERE {where} ORDER BY device_id LIMIT ?",
                         (*args, limit + 1)).fetchall()
     more = len(rows) > limit
     rows = rows[:limit]
+    now = clock.now()
     return {"deliveries": [{"message_id": r["message_id"], "device_id": r["device_id"], "state": r["state"],
-                            "platform": r["platform"], "attempts": r["attempts"], "reason": r["last_error"],
+                            "platform": r["platform"], "attempts": r["attempts"],
+                            "reason": store.wait_reason(r["state"], r["next_at"], r["last_error"], r["moved"], now)
+                            if r["state"] == "queued" else r["last_error"], "moved": r["moved"],
                             "latency_ms": r["latency_ms"], "sent_at": _iso_ts(r["sent_at"]),
                             "acked_at": _iso_ts(r["acked_at"])} for r in rows],
             "next": rows[-1]["device_id"] if more else None}

@@ -70,6 +70,7 @@ class BridgeSlot:
     pause_reason: str = ""
     pauses: int = 0
     sent: int = 0
+    unhealthy_since: float | None = None  # gateway clock; the fallback grace counts from here
 
     @property
     def unhealthy(self) -> bool:
@@ -86,7 +87,7 @@ class Dispatcher:
                  rng: random.Random | None = None, resend: set[str] | frozenset[str] = frozenset()):
         self.cfg = cfg
         self.db = db
-        self.slots = {name: BridgeSlot(b, cfg.max_in_flight) for name, b in bridges.items()}
+        self.slots = {name: BridgeSlot(b, cfg.max_in_flight or b.default_max_in_flight) for name, b in bridges.items()}
         self.recorder = recorder
         self.rng = rng or random.Random()
         self.resend = set(resend)  # bridges with resend_unacked
@@ -105,6 +106,16 @@ class Dispatcher:
         self.record_failures = FailureEpisode(log, "dispatcher: recording results; no new sends until it works")
         # message_id → signed ack URL, put in every payload when [http] is on (contract §8).
         self.ack_url: Callable[[str], str] | None = None
+        # Fallback: bridges unhealthy for longer than ``fallback_after_s`` are "down": a
+        # delivery routed there moves to the device's next channel on a bridge that is not.
+        # The platforms a channel may be chosen from are kept as one object per state (the
+        # channel choice is cached by that object's identity): every bridge while all are
+        # healthy; ``_usable_now`` (for ttl 0 jobs) leaves out every unhealthy bridge.
+        self._down: frozenset[str] = frozenset()
+        self._unhealthy: frozenset[str] = frozenset()
+        self._usable: Any = self.slots
+        self._usable_now: Any = self.slots
+        self._moves_at = 0.0
 
     def new_rows(self) -> None:
         """Expansion made rows: some may have no route yet (no usable channel); look now."""
@@ -115,6 +126,54 @@ class Dispatcher:
         """Hold a bridge in memory (e.g. it could not start); its deliveries keep their times."""
         slot = self.slots[platform]
         slot.paused_until, slot.pause_reason, slot.pauses = until, reason, max(1, slot.pauses)
+        if slot.unhealthy_since is None:
+            slot.unhealthy_since = clock.now()
+        self._refresh_routes(clock.now())
+
+    # ----------------------------------------------------------------- fallback
+    def _refresh_routes(self, now: float) -> float:
+        """Recompute which bridges are down (unhealthy past the grace) and the platforms a
+        channel may be chosen from; returns when the next bridge's grace runs out."""
+        grace = self.cfg.fallback_after_s
+        down: set[str] = set()
+        unhealthy: set[str] = set()
+        next_change = float("inf")
+        for name, slot in self.slots.items():
+            if slot.unhealthy_since is None:
+                continue
+            unhealthy.add(name)
+            if now - slot.unhealthy_since >= grace:
+                down.add(name)
+            else:
+                next_change = min(next_change, slot.unhealthy_since + grace)
+        if down != self._down:
+            self._down = frozenset(down)
+            self._usable = frozenset(set(self.slots) - down) if down else self.slots
+            if down:
+                log.warning("deliveries move to their next channel", down=sorted(down),
+                            grace_s=grace)
+        if unhealthy != self._unhealthy:
+            self._unhealthy = frozenset(unhealthy)
+            self._usable_now = frozenset(set(self.slots) - unhealthy) if unhealthy else self.slots
+        return next_change
+
+    def _choose(self, channels: Any, invalid: Any, ttl0: bool = False,
+                also_invalid: str | None = None) -> store.Route | tuple[str, str]:
+        """The delivery's channel: the first usable one on a bridge that is not down (any
+        unhealthy bridge for ttl 0, "now or never"); when every usable channel is on such a
+        bridge, that bridge's (the delivery waits for it, as without fallback)."""
+        usable = self._usable_now if ttl0 else self._usable
+        picked = store.choose_channel(channels, invalid, usable, also_invalid)
+        if usable is not self.slots and isinstance(picked, tuple):
+            return store.choose_channel(channels, invalid, self.slots, also_invalid)
+        return picked
+
+    def _why_moved(self, frm: str | None, to: str, now: float) -> str | None:
+        slot = self.slots.get(frm or "")
+        if slot is None or slot.unhealthy_since is None or frm == to:
+            return None
+        return (f"moved from {frm} to {to}: {frm} unhealthy for {now - slot.unhealthy_since:.0f} s "
+                f"({slot.pause_reason})")
 
     # ----------------------------------------------------------------- loop
     async def run(self, stopping: asyncio.Event) -> None:
@@ -155,7 +214,7 @@ class Dispatcher:
         """One pass; returns (work started, when to look again at the latest)."""
         self.passes += 1
         now = clock.now()
-        wake_at = now + IDLE_MAX_S
+        wake_at = min(now + IDLE_MAX_S, self._refresh_routes(now))
         if self.record_failures.failing:
             return 0, wake_at  # results wait to be recorded: send nothing more until they are
         wants: dict[str, int] = {}
@@ -170,6 +229,13 @@ class Dispatcher:
         routable = list(self.slots)
         look_unrouted = now >= self._unrouted_at
         resend = self.resend if self.cfg.ack_timeout_s > 0 else set()
+        # Deliveries waiting on a down bridge whose device has a channel elsewhere: moved.
+        sweeping = bool(self._unhealthy) and now >= self._moves_at
+        moving = sorted(self._down) if sweeping else []
+        explaining = sorted(self._unhealthy) if sweeping else []
+        if sweeping:
+            self._moves_at = now + UNROUTED_EVERY_S
+        usable = sorted(p for p in self.slots if p not in self._down)
 
         skip = frozenset(self._in_flight)  # a copy: the scan runs on the database thread
 
@@ -185,19 +251,24 @@ class Dispatcher:
             unrouted = store.unrouted_due(conn, now, routable, 200) if look_unrouted else []
             expiring = store.expiring(conn, now, paused) if sweep else []
             next_expiry = store.next_expiry(conn, now) if paused else None
-            return fetched, unrouted, expiring, next_expiry
+            movable = [r for name in moving for r in store.movable_for_route(conn, name, now, usable, 200, skip)]
+            silent = [r for name in explaining for r in store.unexplained_for_route(conn, name, now, 500, skip)]
+            return fetched, unrouted, expiring, next_expiry, movable + silent
 
-        fetched, unrouted, expiring, next_expiry = await self.db.run(scan)
+        fetched, unrouted, expiring, next_expiry, movable = await self.db.run(scan)
         if look_unrouted:
             self._unrouted_at = now if unrouted else now + UNROUTED_EVERY_S
         if next_expiry is not None:
             wake_at = min(wake_at, next_expiry)
-        every = [r for rows, _ in fetched.values() for r in rows] + unrouted + expiring
+        every = [r for rows, _ in fetched.values() for r in rows] + unrouted + expiring + movable
         await self._load_jobs({r.job_id for r in every if r.message_id not in self._in_flight})
         now = clock.now()
         started = 0
         for row in expiring:
             if row.message_id not in self._in_flight and row.job_id in self._jobs:
+                if self._jobs[row.job_id].ttl == 0 and self._move(row, now, ttl0=True):
+                    started += 1  # "now or never" goes to the next channel at once
+                    continue
                 self._finish_now(store.Result(row.message_id, row.job_id, row.device_id, "expired",
                                               attempts=row.attempts, error=self._expiry_reason(row)))
                 started += 1
@@ -213,7 +284,34 @@ class Dispatcher:
                 if self.slots[name].free <= 0:
                     break
                 started += self._start(row, now)
+        for row in movable:
+            if row.message_id not in self._in_flight and row.job_id in self._jobs:
+                started += self._move(row, now) or self._explain(row, now)
         return started, wake_at
+
+    def _explain(self, row: store.DueDelivery, now: float) -> int:
+        """Say why a delivery waits on an unhealthy bridge (contract §8: a queued delivery
+        shows why it waits); its due time and attempts stay as they are."""
+        slot = self.slots.get(row.route or "")
+        if slot is None or slot.unhealthy_since is None:
+            return 0
+        other = store.choose_channel(row.channels, row.invalid, [p for p in self.slots if p != row.route])
+        later = (f"; moves to the device's next channel {self.cfg.fallback_after_s:.0f} s after it became unhealthy"
+                 if row.route not in self._down and type(other) is store.Route else "; no other channel to move to")
+        self._finish_now(store.Result(row.message_id, row.job_id, row.device_id, "queued", attempts=row.attempts,
+                                      next_at=now, error=f"{row.route} unhealthy: {slot.pause_reason}{later}"))
+        return 1
+
+    def _move(self, row: store.DueDelivery, now: float, ttl0: bool = False) -> int:
+        """Queue a delivery on its device's next channel, recording why; 0 if it has none."""
+        picked = self._choose(row.channels, row.invalid, ttl0=ttl0)
+        if isinstance(picked, tuple) or picked.platform == row.route:
+            return 0
+        job = self._jobs[row.job_id]
+        self._finish_now(store.Result(row.message_id, row.job_id, row.device_id, "queued", attempts=row.attempts,
+                                      next_at=min(now, job.expires_at), route=picked.platform,
+                                      moved=self._why_moved(row.route, picked.platform, now)))
+        return 1
 
     def _expiry_reason(self, row: store.DueDelivery) -> str:
         job = self._jobs[row.job_id]
@@ -242,16 +340,17 @@ class Dispatcher:
 
     def _route(self, row: store.DueDelivery) -> int:
         """A queued delivery without a usable route: give it one (fetched next pass) or finish it."""
-        choice = store.choose_channel(row.channels, row.invalid, self.slots)
+        job = self._jobs.get(row.job_id)
+        choice = self._choose(row.channels, row.invalid, ttl0=job is not None and job.ttl == 0)
         if isinstance(choice, tuple):
             state, error = choice
             self._finish_now(store.Result(row.message_id, row.job_id, row.device_id, state,
                                           attempts=row.attempts, error=error))
         else:
-            job = self._jobs.get(row.job_id)
             now = clock.now()
             self._finish_now(store.Result(row.message_id, row.job_id, row.device_id, "queued", attempts=row.attempts,
-                                          next_at=min(now, job.expires_at) if job else now, route=choice.platform))
+                                          next_at=min(now, job.expires_at) if job else now, route=choice.platform,
+                                          moved=self._why_moved(row.route, choice.platform, now)))
         return 1
 
     def _start(self, row: store.DueDelivery, now: float) -> int:
@@ -260,15 +359,26 @@ class Dispatcher:
             return 0
         if row.resend or job.ttl == 0 or now >= job.expires_at:
             return self._start_other(row, job, now)
-        picked = store.choose_channel(row.channels, row.invalid, self.slots)
+        picked = self._choose(row.channels, row.invalid)
         if type(picked) is not store.Route or picked.platform != row.route:
-            return self._start_other(row, job, now)
+            probe = self._probe(row, now)
+            if probe is None:
+                return self._start_other(row, job, now)
+            picked = probe
         # The usual case: a first attempt on the row's route, well inside the TTL.
         slot = self.slots[picked.platform]
         slot.in_flight += 1
         self._in_flight[row.message_id] = picked.platform
         self._spawn(self._send(slot, picked.platform, picked.channel, picked.key, row, job))
         return 1
+
+    def _probe(self, row: store.DueDelivery, now: float) -> store.Route | None:
+        """A down bridge whose pause is over is probed with one of its own deliveries (else,
+        with every delivery moved away, nothing would find out that it works again)."""
+        slot = self.slots.get(row.route or "")
+        if row.route not in self._down or slot is None or slot.paused_until > now:
+            return None
+        return store.channel_for(row.channels, row.invalid, row.route or "")
 
     def _start_other(self, row: store.DueDelivery, job: JobInfo, now: float) -> int:
         """:meth:`_start` for everything but a plain first attempt: resends, expiry, no usable
@@ -290,13 +400,14 @@ class Dispatcher:
                 self._finish_now(store.Result(**base, state="expired", attempts=row.attempts,
                                               error="ttl elapsed before delivery"))
                 return 1
-            picked = store.choose_channel(row.channels, row.invalid, self.slots)
+            picked = self._choose(row.channels, row.invalid, ttl0=job.ttl == 0)
             if isinstance(picked, tuple):
                 self._finish_now(store.Result(**base, state=picked[0], attempts=row.attempts, error=picked[1]))
                 return 1
-            if picked.platform != row.route:  # the device or the config changed: wait in the other queue
+            if picked.platform != row.route:  # the device, the config or a bridge's health changed
                 self._finish_now(store.Result(**base, state="queued", attempts=row.attempts,
-                                              next_at=min(now, job.expires_at), route=picked.platform))
+                                              next_at=min(now, job.expires_at), route=picked.platform,
+                                              moved=self._why_moved(row.route, picked.platform, now)))
                 return 1
             choice = picked
         slot = self.slots[choice.platform]
@@ -390,7 +501,8 @@ class Dispatcher:
         if outcome.kind is not OutcomeKind.UNHEALTHY:
             if slot.unhealthy:
                 log.warning("bridge healthy again", platform=platform, was=slot.pause_reason)
-                slot.paused_until, slot.pauses = 0.0, 0
+                slot.paused_until, slot.pauses, slot.unhealthy_since = 0.0, 0, None
+                self._refresh_routes(now)
             return
         if slot.paused_until <= now:
             pause = outcome.retry_after or min(self.cfg.backoff_max_s,
@@ -402,6 +514,9 @@ class Dispatcher:
             slot.pauses += 1
             slot.paused_until = now + pause
             slot.pause_reason = outcome.reason
+            if slot.unhealthy_since is None:
+                slot.unhealthy_since = now
+            self._refresh_routes(now)
 
     def _decide(self, slot: BridgeSlot, platform: str, key: str, row: store.DueDelivery, job: JobInfo,
                 attempt: int, outcome: Outcome) -> store.Result:
@@ -418,7 +533,7 @@ class Dispatcher:
         if kind is OutcomeKind.INVALID_ADDRESS:
             # Not an attempt against the delivery: it falls over to the next channel now.
             error = f"{platform}: {outcome.reason}"
-            nxt = store.choose_channel(row.channels, row.invalid, self.slots, also_invalid=key)
+            nxt = self._choose(row.channels, row.invalid, ttl0=job.ttl == 0, also_invalid=key)
             if isinstance(nxt, tuple):
                 return store.Result(**base, state=nxt[0], attempts=row.attempts, error=error, invalid_key=key)
             return store.Result(**base, state="queued", attempts=row.attempts, next_at=min(now, job.expires_at),
@@ -426,6 +541,12 @@ class Dispatcher:
         if kind is OutcomeKind.FAILED:
             return store.Result(**base, state="failed", attempts=attempt, error=f"{platform}: {outcome.reason}")
         if kind is OutcomeKind.UNHEALTHY:
+            # At once for ttl 0, after the grace otherwise: the device's next channel.
+            nxt = self._choose(row.channels, row.invalid, ttl0=job.ttl == 0)
+            if type(nxt) is store.Route and nxt.platform != platform:
+                return store.Result(**base, state="queued", attempts=row.attempts, next_at=min(now, job.expires_at),
+                                    route=nxt.platform, error=f"{platform} unhealthy: {outcome.reason}",
+                                    moved=self._why_moved(platform, nxt.platform, now))
             if job.ttl == 0:
                 return store.Result(**base, state="expired", attempts=row.attempts,
                                     error=f"ttl 0 (now or never) and {platform} is unhealthy: {outcome.reason}")

@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from gateway.ids import NOT_DOTS, is_id
 from gateway.mqtt import GatewayClient, NotConnected
 from gateway.pipeline import store
 from gateway.pipeline.models import (
@@ -113,8 +114,9 @@ class Intake:
     async def register_device(self, device_id: str, payload: bytes, source: str) -> bool:
         topic = self.topics.device_register(device_id)
         try:
-            if not DEVICE_ID_RE.match(device_id):
-                raise InputError("invalid_device", f"device_id: {device_id!r} in the topic must match [A-Za-z0-9._:-]{{1,128}}")
+            if not is_id(DEVICE_ID_RE, device_id):
+                raise InputError("invalid_device",
+                                 f"device_id: {device_id!r} in the topic must match [A-Za-z0-9._:-]{{1,128}} {NOT_DOTS}")
             if not payload:
                 removed = await self.recorder.remove(device_id)
                 log.info("device removed" if removed else "device to remove was unknown", device_id=device_id)

@@ -10,22 +10,30 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator, model_validator
 
-from devices.models import Device
+from devices.models import DEVICE_ID_RE, Device
+from gateway.ids import is_id, not_dot_segment
 from gateway.timeutil import iso, parse_iso, utcnow
 
 MAX_JOB_BYTES = 256 * 1024
 MAX_ACK_BYTES = 16 * 1024
 MAX_DEVICE_BYTES = 64 * 1024
+# Ids become one MQTT topic level and one URL path segment: check them with fullmatch
+# (``$`` also matches before a trailing newline, so ``re.match`` lets "id\n" through).
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# How deep a decoded document may nest (objects and arrays). json.loads itself stops only
+# at the interpreter's recursion limit, and whatever reads the value later (the model, a
+# bridge merging platform options, json.dumps) would each need that much stack again.
+MAX_JSON_DEPTH = 32
+MAX_OPTIONS_DEPTH = 16  # within one platform's options (options.apns, ...)
 MAX_TTL = 28 * 24 * 3600  # FCM's and WNS's own ceiling
 
 
@@ -45,7 +53,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-DeviceId = Annotated[StrictStr, Field(pattern=DEVICE_ID_RE.pattern)]
+DeviceId = Annotated[StrictStr, Field(pattern=DEVICE_ID_RE.pattern), AfterValidator(not_dot_segment)]
+JobId = Annotated[StrictStr, Field(pattern=JOB_ID_RE.pattern), AfterValidator(not_dot_segment)]
 
 
 class Target(_Strict):
@@ -101,9 +110,16 @@ class Options(_Strict):
     webpush: dict[str, Any] = Field(default_factory=dict)
     mqtt: MqttOptions = Field(default_factory=MqttOptions)
 
+    @field_validator("apns", "fcm", "wns", "webpush")
+    @classmethod
+    def _shallow(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if json_depth(v) > MAX_OPTIONS_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_OPTIONS_DEPTH} levels")
+        return v
+
 
 class JobIn(_Strict):
-    job_id: Annotated[StrictStr, Field(pattern=JOB_ID_RE.pattern)] | None = None
+    job_id: JobId | None = None
     target: Target
     notification: NotificationIn
     options: Options = Field(default_factory=Options)
@@ -118,7 +134,7 @@ class LegacyPush(_Strict):
 class LegacyJobIn(_Strict):
     """The older orchestrator's shape (contract §6)."""
 
-    job_id: Annotated[StrictStr, Field(pattern=JOB_ID_RE.pattern)] | None = None
+    job_id: JobId | None = None
     name: Annotated[StrictStr, Field(max_length=256)] | None = None
     push_notification: LegacyPush
     target: Target
@@ -162,17 +178,52 @@ def decode_json_object(payload: bytes, limit: int, what: str) -> dict[str, Any]:
         raise InputError("too_large", f"{what}: {len(payload)} bytes is over the {limit} byte limit")
     try:
         obj = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise InputError("invalid_json", f"{what}: not valid JSON ({exc.__class__.__name__})") from None
+    except Exception as exc:  # noqa: BLE001 - whatever the parser refuses is the input's fault
+        raise InputError("invalid_json", f"{what}: not valid JSON ({_why_not_json(exc)})") from None
     if not isinstance(obj, dict):
         raise InputError("invalid_json", f"{what}: must be a JSON object")
+    if json_depth(obj) > MAX_JSON_DEPTH:
+        raise InputError("invalid_json", f"{what}: nested deeper than {MAX_JSON_DEPTH} levels")
     return obj
+
+
+def _why_not_json(exc: Exception) -> str:
+    """A short reason: the parser's own words are long (the digit limit's names a
+    function to call) or absent."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 at byte {exc.start}"
+    if isinstance(exc, ValueError) and "digits" in str(exc):
+        return f"a number has more than {sys.get_int_max_str_digits()} digits"
+    if isinstance(exc, RecursionError):
+        return "nested too deep"
+    return exc.__class__.__name__
+
+
+def json_depth(value: Any) -> int:
+    """How deep ``value`` nests (a scalar is 0, ``{}`` and ``[]`` are 1), without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        depth += 1
+        if depth > deepest:
+            deepest = depth
+        stack.extend((child, depth) for child in children if isinstance(child, (dict, list)))
+    return deepest
 
 
 def readable_job_id(obj: dict[str, Any]) -> str | None:
     """The job_id if the object carries a valid one (for addressing a rejection)."""
     job_id = obj.get("job_id")
-    return job_id if isinstance(job_id, str) and JOB_ID_RE.match(job_id) else None
+    return job_id if is_id(JOB_ID_RE, job_id) else None
 
 
 def parse_job(obj: dict[str, Any]) -> ParsedJob:

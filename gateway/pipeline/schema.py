@@ -102,6 +102,7 @@ ADDED_COLUMNS = [
      "UPDATE jobs SET expanded_rows = (SELECT COUNT(*) FROM deliveries d WHERE d.job_id = jobs.job_id)"),
     ("deliveries", "route", "TEXT", None),
     ("deliveries", "resend_at", "REAL", None),
+    ("deliveries", "moved", "TEXT", None),  # why it left its channel for the device's next one
     ("acks", "via", "TEXT", None),
 ]
 

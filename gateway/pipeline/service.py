@@ -160,6 +160,11 @@ class Pipeline:
         assert self.dispatcher and self.expander and self.status and self.pruner
         await self.db.run(schema.migrate)
         for name, bridge in list(self.bridges.items()):
+            fault = self.cfg.bridge_faults.get(name)
+            if fault is not None:
+                log.error("bridge cannot start; its deliveries wait or fall over", platform=name, error=fault)
+                self.dispatcher.pause(name, fault)
+                continue
             try:
                 await bridge.start()
             except BridgeConfigError as exc:

@@ -563,6 +563,27 @@ def due_deliveries(conn: sqlite3.Connection, now: float, limit: int) -> list[Due
                                   "ORDER BY d.next_at LIMIT ?", (now, limit)))
 
 
+def movable_for_route(conn: sqlite3.Connection, route: str, now: float, usable: Iterable[str], limit: int,
+                      skip: frozenset[str] | set[str] = frozenset()) -> list[DueDelivery]:
+    """Due queued deliveries of a down bridge whose device has a channel on one of the
+    ``usable`` platforms (the only ones that can move: the rest wait for the bridge)."""
+    rows = conn.execute(_DUE_COLUMNS + "WHERE d.state = 'queued' AND d.route = ? AND d.next_at <= ? "
+                        "AND d.message_id NOT IN (SELECT value FROM json_each(?)) "
+                        "AND EXISTS (SELECT 1 FROM json_each(v.channels) c "
+                        "WHERE c.value->>'platform' IN (SELECT value FROM json_each(?))) LIMIT ?",
+                        (route, now, json.dumps(list(skip)), json.dumps(list(usable)), limit))
+    return _due_rows(rows)
+
+
+def unexplained_for_route(conn: sqlite3.Connection, route: str, now: float, limit: int,
+                          skip: frozenset[str] | set[str] = frozenset()) -> list[DueDelivery]:
+    """Due queued deliveries of an unhealthy bridge that do not say yet why they wait."""
+    rows = conn.execute(_DUE_COLUMNS + "WHERE d.state = 'queued' AND d.route = ? AND d.next_at <= ? "
+                        "AND d.last_error IS NULL AND d.message_id NOT IN (SELECT value FROM json_each(?)) LIMIT ?",
+                        (route, now, json.dumps(list(skip)), limit))
+    return _due_rows(rows)
+
+
 def next_due_for_route(conn: sqlite3.Connection, route: str, now: float, resends: bool = True) -> float | None:
     """When the bridge's next delivery (or resend) falls due after ``now``."""
     a = conn.execute("SELECT MIN(next_at) FROM deliveries WHERE state = 'queued' AND route = ? AND next_at > ?",
@@ -653,6 +674,7 @@ class Result:
     route: str | None = None  # queued: the bridge of the next attempt (None: unchanged)
     resend_at: float | None = None  # sent: when to send it again if still unacked (None: never)
     resend: bool = False  # the delivery was already sent; it stays sent whatever this attempt gave
+    moved: str | None = None  # queued: why it left its channel for the next one (kept once sent)
 
 
 @dataclass(slots=True)
@@ -753,8 +775,8 @@ def _apply_results(conn: sqlite3.Connection, results: list[Result], now: float) 
         elif r.state == "queued":
             conn.execute(
                 "UPDATE deliveries SET platform = COALESCE(?, platform), route = COALESCE(?, route), attempts = ?, "
-                "next_at = ?, last_error = ? WHERE message_id = ? AND state = 'queued'",
-                (r.platform, r.route, r.attempts, r.next_at, r.error, r.message_id))
+                "next_at = ?, last_error = ?, moved = COALESCE(?, moved) WHERE message_id = ? AND state = 'queued'",
+                (r.platform, r.route, r.attempts, r.next_at, r.error, r.moved, r.message_id))
             continue  # no count changes
         else:
             cur = conn.execute(
@@ -966,6 +988,29 @@ def clears_done(conn: sqlite3.Connection, job_ids: list[str]) -> None:
 
 
 def delivery_rows(conn: sqlite3.Connection, job_id: str, limit: int = 100000) -> list[dict[str, Any]]:
-    rows = conn.execute("SELECT message_id, device_id, state, platform, attempts, last_error, latency_ms FROM deliveries "
-                        "WHERE job_id = ? ORDER BY device_id LIMIT ?", (job_id, limit))
-    return [dict(r) for r in rows]
+    rows = conn.execute("SELECT message_id, device_id, state, platform, route, attempts, last_error, latency_ms, "
+                        "moved, next_at FROM deliveries WHERE job_id = ? ORDER BY device_id LIMIT ?", (job_id, limit))
+    from gateway import clock  # next_at is on the gateway's clock
+
+    now = clock.now()
+    out = []
+    for r in rows:
+        row = dict(r)
+        row["reason"] = wait_reason(row["state"], row.pop("next_at"), row["last_error"], row["moved"], now)
+        out.append(row)
+    return out
+
+
+def wait_reason(state: str, next_at: float | None, last_error: str | None, moved: str | None,
+                now: float) -> str | None:
+    """Why a queued delivery waits (contract §8), from what its row holds: a bridge that
+    is unhealthy, a retry's backoff, a move to the device's next channel."""
+    if state != "queued":
+        return None
+    if last_error and " unhealthy" in last_error:
+        return f"bridge {last_error}"  # "bridge fcm unhealthy: <why>"
+    if last_error and next_at is not None and next_at > now:
+        return f"backoff until {_iso_ts(next_at)}: {last_error}"
+    if moved:
+        return moved
+    return last_error

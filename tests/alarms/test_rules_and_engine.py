@@ -107,7 +107,7 @@ def test_job_ids_follow_the_contract_and_stay_within_64_characters():
     ids = {job_id_for("a" * 64, k, n) for k in (long_a, long_b) for n in (1, 2, 123456)}
     assert len(ids) == 6
     for job_id in ids:
-        assert len(job_id) <= 64 and JOB_ID_RE.match(job_id)
+        assert len(job_id) <= 64 and JOB_ID_RE.fullmatch(job_id)
     assert job_id_for("r", long_a, 7) == job_id_for("r", long_a, 7)
     assert job_id_for("r", long_a, 7).endswith(".7")
 

@@ -406,7 +406,7 @@ async def test_malformed_input_never_takes_the_broker_down(broker):
 
 
 async def test_ill_formed_packets_after_connect_close_the_connection(broker):
-    """The broker's own reader (gateway/broker/handler.py): [MQTT-1.5.3-1] a topic that is not
+    """The broker's own reader (gateway/broker/wire/connection.py): [MQTT-1.5.3-1] a topic that is not
     UTF-8, [MQTT-3.1.0-2] a second CONNECT, an acknowledgement whose remaining length is not 2
     and a remaining length over 4 bytes [MQTT-2.2.3] close the connection (the stream can
     no longer be trusted); nothing is routed, the broker serves everyone else."""

@@ -222,13 +222,13 @@ async def test_sockets_waiting_for_their_connect_are_capped(tmp_path: Path):
     b = await start_broker(tmp_path, broker={"limits": {"max_connections": 2}})
     try:
         idle = [await RawClient(b.port).open() for _ in range(2)]
-        await until(lambda: len(b.broker._connecting) == 2)
+        await until(lambda: len(b.broker.connecting) == 2)
         third = await RawClient(b.port).open()
         assert await third.closed(timeout=5)
         assert b.metrics()["limited_connections"] == 1
         for c in idle:
             c.drop()
-        await until(lambda: not b.broker._connecting)
+        await until(lambda: not b.broker.connecting)
         ok = RawClient(b.port)
         assert await ok.connect("after") == (False, 0)
         ok.disconnect()

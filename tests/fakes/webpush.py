@@ -147,7 +147,7 @@ class FakePushService(FakeService):
         if req.header("urgency", "normal") not in ("very-low", "low", "normal", "high"):
             return self._answer(req, 400, "bad Urgency")
         topic = req.header("topic")
-        if topic is not None and not TOPIC_RE.match(topic):
+        if topic is not None and not TOPIC_RE.fullmatch(topic):
             return self._answer(req, 400, "bad Topic")
         problem = self._check_vapid(req, sub)
         if problem:

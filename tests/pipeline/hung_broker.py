@@ -61,6 +61,11 @@ class HungBroker:
                 first, body = self._packet(conn)
                 kind = first >> 4
                 if kind == 1:  # CONNECT
+                    if body[6:7] != b"\x04":
+                        # A 3.1.1 server refuses any other protocol level [MQTT-3.1.2-2].
+                        conn.sendall(b"\x20\x02\x00\x01")
+                        conn.close()
+                        return
                     with self._lock:
                         self.connects += 1
                     conn.sendall(b"\x20\x02\x00\x00")

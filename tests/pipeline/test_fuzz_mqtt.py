@@ -56,6 +56,7 @@ def expected_answer(topic: str, body: bytes) -> tuple[str, str | None]:
     without one, ("error", None) for input answered on P/gateway/errors, ("ack", None) for a
     well-formed ack (stored or refused and counted), ("device", None) for a registration or
     removal that is stored."""
+    from gateway.ids import is_id
     from gateway.pipeline.models import (
         DEVICE_ID_RE,
         MAX_JOB_BYTES,
@@ -87,7 +88,7 @@ def expected_answer(topic: str, body: bytes) -> tuple[str, str | None]:
         except InputError:
             return "error", None
         return "ack", None
-    if not DEVICE_ID_RE.match(device_id):
+    if not is_id(DEVICE_ID_RE, device_id):  # the topic's id: the whole pattern, and not "." or ".."
         return "error", None
     if not body:
         return "device", None

@@ -499,3 +499,103 @@ async def test_one_ack_that_cannot_be_stored_fails_alone_not_its_batch(db):
     stored = await db.run(lambda conn: conn.execute("SELECT device_id FROM acks ORDER BY device_id").fetchall())
     assert [r[0] for r in stored] == ["d1", "d3"]
     assert (await db.run(store.counters))["forwarded"] == 2
+
+
+async def _until(pred, timeout: float = 5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await pred()
+        if value:
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not reached in {timeout} s: {await pred()}")
+
+
+def _start(h: Harness) -> list[asyncio.Task]:
+    return [asyncio.create_task(h.recorder.run()), asyncio.create_task(h.expander.run(h.stopping)),
+            asyncio.create_task(h.dispatcher.run(h.stopping))]
+
+
+async def _stop(h: Harness, tasks: list[asyncio.Task]) -> None:
+    h.stopping.set()
+    await h.dispatcher.drain(1)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_device_falls_over_to_its_next_channel_after_the_grace_and_back_when_healthy(db):
+    bad = ScriptedBridge("fcm", default=Outcome.unhealthy("THIRD_PARTY_AUTH_ERROR", retry_after=0.4))
+    good = ScriptedBridge("simulation")
+    h = Harness(db, {"fcm": bad, "simulation": good}, fallback_after_s=1.0)
+    await h.add_devices([sim(f"d{i}", "fcm", "simulation") for i in range(5)] + [sim("only-fcm", "fcm")])
+    tasks = _start(h)
+    try:
+        t0 = time.monotonic()
+        job_id = await h.submit(job({"all": True}, ttl=600))
+
+        async def rows():
+            return await h.deliveries(job_id)
+        # Within the grace: queued, and each says why it waits.
+        waiting = await _until(lambda: _all_explained(rows), 0.9)
+        assert all(r["state"] == "queued" for r in waiting.values())
+        assert all(r["reason"].startswith("bridge fcm unhealthy: THIRD_PARTY_AUTH_ERROR") for r in waiting.values())
+        # After it: the next channel delivers, and the delivery says why it moved.
+        async def moved():
+            r = await rows()
+            return r if sum(x["state"] == "sent" for x in r.values()) == 5 else None
+        done = await _until(moved, 5)
+        assert time.monotonic() - t0 >= 1.0
+        for i in range(5):
+            assert done[f"d{i}"]["platform"] == "simulation"
+            assert done[f"d{i}"]["moved"].startswith("moved from fcm to simulation: fcm unhealthy for ")
+            assert "THIRD_PARTY_AUTH_ERROR" in done[f"d{i}"]["moved"]
+        assert done["only-fcm"]["state"] == "queued" and "fcm unhealthy" in done["only-fcm"]["reason"]
+        # FCM works again: the next probe finds it, and new deliveries use it again.
+        bad.default = Outcome.accepted()
+        await _until(lambda: _status_is(h, job_id, "completed"), 5)
+        job2 = await h.submit(job({"all": True}, ttl=600))
+        await _until(lambda: _status_is(h, job2, "completed"), 5)
+        job3 = await h.submit(job({"all": True}, ttl=600))
+        await _until(lambda: _status_is(h, job3, "completed"), 5)
+        third = await h.deliveries(job3)
+        assert {r["platform"] for r in third.values()} == {"fcm"}, third
+        assert all(r["moved"] is None for r in third.values())
+    finally:
+        await _stop(h, tasks)
+
+
+async def _all_explained(rows):
+    r = await rows()
+    return r if r and all(x["reason"] for x in r.values()) else None
+
+
+async def _status_is(h: Harness, job_id: str, state: str):
+    status = await h.db.run(lambda conn: store.job_status(conn, job_id))
+    return status if status and status["state"] == state else None
+
+
+async def test_ttl_zero_moves_to_the_next_channel_at_once(db):
+    bad = ScriptedBridge("fcm", default=Outcome.unhealthy("THIRD_PARTY_AUTH_ERROR", retry_after=5))
+    h = Harness(db, {"fcm": bad, "simulation": ScriptedBridge("simulation")})  # default grace: 30 s
+    await h.add_devices([sim("d0", "fcm", "simulation"), sim("d1", "fcm", "simulation")])
+    t0 = time.monotonic()
+    job_id = await h.submit(job({"all": True}, ttl=0))
+    status = await h.run_until_complete(job_id, timeout=5)
+    assert status["counts"]["sent"] == 2 and time.monotonic() - t0 < 5
+    rows = await h.deliveries(job_id)
+    assert {r["platform"] for r in rows.values()} == {"simulation"}
+    assert all(r["moved"].startswith("moved from fcm to simulation") for r in rows.values()), rows
+    assert len(bad.calls) <= 2  # each tried FCM at most once (both may have been in flight together)
+
+
+async def test_a_bridge_that_cannot_start_is_fallen_over_after_the_grace(db):
+    fcm = ScriptedBridge("fcm")
+    h = Harness(db, {"fcm": fcm, "simulation": ScriptedBridge("simulation")}, fallback_after_s=0.3)
+    h.dispatcher.pause("fcm", "bridges.fcm: service_account_file: not valid JSON")
+    await h.add_devices([sim("d0", "fcm", "simulation")])
+    job_id = await h.submit(job({"all": True}, ttl=600))
+    status = await h.run_until_complete(job_id, timeout=5)
+    assert status["counts"]["sent"] == 1 and fcm.calls == []
+    row = (await h.deliveries(job_id))["d0"]
+    assert row["platform"] == "simulation" and "not valid JSON" in row["moved"]

@@ -211,7 +211,8 @@ async function loadDeliveries(index) {
   const body = $("#deliv-table tbody");
   fill(body, page.deliveries.length ? page.deliveries.map((r) => h("tr", {"data-device": r.device_id},
     h("td", {}, r.device_id), h("td", {}, badge(r.state, `d-${r.state}`)), h("td", {}, r.platform || "–"),
-    h("td", {class: "num"}, num(r.attempts)), h("td", {}, r.reason || (r.state === "acknowledged" ? `acked ${time(r.acked_at)}` : "")),
+    h("td", {class: "num"}, num(r.attempts)), h("td", {}, [r.reason || (r.state === "acknowledged" ? `acked ${time(r.acked_at)}` : ""),
+      r.moved && r.moved !== r.reason ? h("span", {class: "small"}, ` (${r.moved})`) : ""]),
     h("td", {class: "num"}, ms(r.latency_ms)))) : h("tr", {}, h("td", {colspan: 6, class: "muted"}, "none")));
   $("#deliv-prev").disabled = index === 0;
   $("#deliv-next").disabled = !page.next;

@@ -1,0 +1,104 @@
+"""The push bridges' credentials, loaded and checked once, by the bridge at start and by
+``check-config`` before the service starts: one function per kind of key, so a key that
+the bridge would refuse is found by the same code before it is needed.
+
+Each loader raises :class:`BridgeConfigError` naming the key (``bridges.fcm.service_account_file:
+…``); :func:`problems` runs every loader of the enabled bridges and returns the problems
+as (key, message) without starting anything (a missing VAPID key is not one: the bridge
+creates it at start).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from bridges.base import BridgeConfigError
+
+if TYPE_CHECKING:
+    from gateway.config import ApnsBridge, Config, FcmBridge, WebPushBridge, WnsBridge
+
+FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
+
+
+def fcm_credentials(cfg: FcmBridge) -> Any:
+    """The service account's signing credentials (google-auth parses the private key)."""
+    from google.oauth2 import service_account
+
+    if not cfg.service_account_info or not cfg.project_id:
+        raise BridgeConfigError("bridges.fcm.service_account_file: no service account loaded")
+    try:
+        return service_account.Credentials.from_service_account_info(cfg.service_account_info, scopes=[FCM_SCOPE])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BridgeConfigError(
+            f"bridges.fcm.service_account_file: unusable service account ({type(exc).__name__})") from None
+
+
+def apns_signing_key(cfg: ApnsBridge) -> Any:
+    """The .p8 token-signing key (P-256), or None with certificate auth."""
+    if cfg.cert_file is not None and str(cfg.cert_file):
+        return None
+    if cfg.signing_key is None:
+        raise BridgeConfigError("bridges.apns.key_file: no signing key loaded")
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(cfg.signing_key.get_secret_value().encode(), None)
+    except (ValueError, TypeError):
+        raise BridgeConfigError("bridges.apns.key_file: not a readable PEM private key") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        raise BridgeConfigError("bridges.apns.key_file: not a P-256 (ES256) key")
+    return key
+
+
+def apns_tls(cfg: ApnsBridge) -> None:
+    """The CA file and, with certificate auth, the client certificate and its key load."""
+    from bridges import _http
+
+    cert = cfg.cert_file if cfg.cert_file is not None and str(cfg.cert_file) else None
+    try:
+        _http.tls_context(cfg.ca_file, cert, cfg.cert_key_file if cert else None)
+    except (OSError, ValueError) as exc:
+        raise BridgeConfigError(f"bridges.apns.cert_file: cannot load TLS material ({type(exc).__name__})") from None
+
+
+def wns_secret(cfg: WnsBridge) -> str:
+    if cfg.client_secret is None or not cfg.client_id or not cfg.client_secret.get_secret_value().strip():
+        raise BridgeConfigError("bridges.wns.client_secret_file: no client secret loaded")
+    return cfg.client_secret.get_secret_value()
+
+
+def vapid_key(cfg: WebPushBridge, create: bool = True) -> Any:
+    """The VAPID signing key (P-256); created when missing if ``create``."""
+    from gateway import vapid
+
+    path = cfg.vapid_private_key_file
+    if not create and not path.exists():
+        return None
+    try:
+        return vapid.load_or_create(path)
+    except (OSError, ValueError, TypeError) as exc:
+        raise BridgeConfigError(
+            f"bridges.webpush.vapid_private_key_file: unusable key ({type(exc).__name__})") from None
+
+
+def problems(cfg: Config) -> list[tuple[str, str]]:
+    """What each enabled push bridge would refuse at start, as (key, message)."""
+    b = cfg.bridges
+    checks = []
+    if b.fcm.enabled:
+        checks.append(lambda: fcm_credentials(b.fcm))
+    if b.apns.enabled:
+        checks += [lambda: apns_signing_key(b.apns), lambda: apns_tls(b.apns)]
+    if b.wns.enabled:
+        checks.append(lambda: wns_secret(b.wns))
+    if b.webpush.enabled:
+        checks.append(lambda: vapid_key(b.webpush, create=False))
+    out = []
+    for check in checks:
+        try:
+            check()
+        except BridgeConfigError as exc:
+            key, _, msg = str(exc).partition(": ")
+            out.append((key, msg))
+    return out

@@ -1,0 +1,216 @@
+"""The broker's listeners: TCP and TLS (asyncio streams), WebSocket and secure WebSocket
+(the ``websockets`` package's server, through its public interface).
+
+Each accepted connection is handed to the broker as a (reader, writer) pair of one
+shape whatever the transport: an :class:`asyncio.StreamReader` and an object with
+``write`` (never blocks), ``drain``, ``abort``, ``is_closing`` and ``close``. For a
+websocket, binary frames are fed into the reader as a byte stream (MQTT packets may span
+frames, §6) and writes are sent as binary frames in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import structlog
+from websockets.asyncio.server import Server as WsServer
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from gateway.config import ListenerSection
+
+log = structlog.get_logger(__name__)
+
+WS_READ_LIMIT = 2 ** 16
+
+
+class Writer(Protocol):
+    def write(self, data: bytes) -> None: ...
+    async def drain(self) -> None: ...
+    def abort(self) -> None: ...
+    def is_closing(self) -> bool: ...
+    def close(self) -> None: ...
+
+
+Accept = Callable[[asyncio.StreamReader, "Writer", ListenerSection, str], Awaitable[None]]
+
+
+class StreamWriter:
+    """An :class:`asyncio.StreamWriter` with ``abort`` (drop the connection without flushing:
+    a dead peer would never drain it)."""
+
+    __slots__ = ("_w", "drain", "write")
+
+    def __init__(self, writer: asyncio.StreamWriter):
+        self._w = writer
+        self.write = writer.write
+        self.drain = writer.drain
+
+    def abort(self) -> None:
+        self._w.transport.abort()
+
+    def is_closing(self) -> bool:
+        return self._w.is_closing()
+
+    def close(self) -> None:
+        self._w.close()
+
+    def peercert(self) -> Any:
+        return self._w.get_extra_info("peercert")
+
+
+class WsWriter:
+    """Writes to a websocket: ``write`` queues bytes, one task sends them as binary frames."""
+
+    def __init__(self, ws: ServerConnection):
+        self._ws = ws
+        self._buffer: list[bytes] = []
+        self._sender: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def write(self, data: bytes) -> None:
+        if self._closed or not data:
+            return
+        self._buffer.append(data)
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.get_running_loop().create_task(self._send())
+
+    async def _send(self) -> None:
+        try:
+            while self._buffer:
+                data = b"".join(self._buffer)
+                self._buffer.clear()
+                await self._ws.send(data)
+        except (ConnectionClosed, ConnectionError):
+            self._closed = True
+            self._buffer.clear()
+
+    async def drain(self) -> None:
+        sender = self._sender
+        if sender is not None and not sender.done():
+            await asyncio.shield(sender)
+        if self._closed:
+            raise ConnectionResetError("websocket closed")
+
+    def abort(self) -> None:
+        self._closed = True
+        self._buffer.clear()
+        transport = self._ws.transport
+        if transport is not None:
+            transport.abort()
+
+    def is_closing(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        self._closed = True
+        transport = self._ws.transport
+        if transport is not None:
+            transport.close()
+
+
+def tls_context(section: ListenerSection) -> ssl.SSLContext:
+    """TLS 1.2+; client certificates required where the listener says so, verified against
+    its ``cafile``; without a ``cafile`` none are asked for."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(section.certfile), str(section.keyfile))
+    if section.cafile:
+        ctx.load_verify_locations(cafile=str(section.cafile))
+        ctx.verify_mode = ssl.CERT_REQUIRED if section.require_client_cert else ssl.CERT_OPTIONAL
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _split_bind(bind: str) -> tuple[str, int]:
+    host, _, port = bind.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class Listener:
+    """One configured listener, serving until :meth:`close`."""
+
+    def __init__(self, section: ListenerSection, accept: Accept):
+        self.section = section
+        self._accept = accept
+        self._server: asyncio.base_events.Server | WsServer | None = None
+        self._ws_pumps: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        section = self.section
+        host, port = _split_bind(section.bind)
+        ctx = tls_context(section) if section.secure else None
+        if section.type in ("ws", "wss"):
+            self._server = await serve(self._serve_ws, host, port, ssl=ctx, subprotocols=["mqtt"],  # type: ignore[list-item]
+                                       compression=None, max_size=None, ping_interval=None,
+                                       select_subprotocol=_select_mqtt)
+        else:
+            self._server = await asyncio.start_server(self._serve_stream, host, port, ssl=ctx)
+
+    async def _serve_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        remote = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            try:
+                import socket
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        await self._accept(reader, StreamWriter(writer), self.section, remote)
+
+    async def _serve_ws(self, ws: ServerConnection) -> None:
+        reader = asyncio.StreamReader(limit=WS_READ_LIMIT)
+        peer = ws.remote_address
+        remote = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
+        pump = asyncio.get_running_loop().create_task(_pump(ws, reader))
+        self._ws_pumps.add(pump)
+        try:
+            await self._accept(reader, WsWriter(ws), self.section, remote)
+        finally:
+            pump.cancel()
+            self._ws_pumps.discard(pump)
+            transport = ws.transport
+            if transport is not None and not transport.is_closing():
+                transport.abort()
+
+    def close(self) -> None:
+        """Stop accepting; the broker then closes the connections (:meth:`wait_closed` after)."""
+        if self._server is not None:
+            self._server.close()
+
+    async def wait_closed(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        for pump in list(self._ws_pumps):
+            pump.cancel()
+        try:
+            await asyncio.wait_for(server.wait_closed(), 1.0)
+        except (TimeoutError, Exception):
+            pass
+
+
+def _select_mqtt(connection: ServerConnection, subprotocols: list[str]) -> Any:
+    """MQTT over websockets uses the "mqtt" subprotocol [MQTT-6.0.0-3]; a client that offers
+    none is served too (as Mosquitto does)."""
+    return "mqtt" if "mqtt" in subprotocols else None
+
+
+async def _pump(ws: ServerConnection, reader: asyncio.StreamReader) -> None:
+    """Binary frames → the reader's byte stream [MQTT-6.0.0-1]; a text frame closes [MQTT-6.0.0-1]."""
+    try:
+        async for frame in ws:
+            if isinstance(frame, str):
+                break
+            reader.feed_data(frame)
+    except (ConnectionClosed, ConnectionError):
+        pass
+    except asyncio.CancelledError:
+        raise
+    finally:
+        reader.feed_eof()
