@@ -67,7 +67,7 @@ async def main():
     cfg = parse_config({"gateway": {"data_dir": data}, "broker": {"url": f"mqtt://127.0.0.1:{port}",
         "max_queued_messages": 100000,
         "listeners": [{"name": "l", "bind": f"127.0.0.1:{port}", "allow_anonymous": True, "anonymous_role": "admin"}],
-        "auth": {"password_file": data + "/passwd"}}}, environ={})
+        "auth": {"password_file": data + "/passwd"}}}, environ={}).config
     async with EmbeddedBroker(cfg, InternalCredentials.generate()):
         await asyncio.Event().wait()
 if len(sys.argv) > 3 and sys.argv[3] == "uvloop":

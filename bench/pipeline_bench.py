@@ -117,8 +117,8 @@ def run_baseline(n: int, workdir: Path, page: int = 500, batch: int = 500) -> di
     same UPDATE (what ``store.apply_batch`` writes when the send's result and the device's
     ack are in one recorder batch, as they are for a device that acks at once), the job's
     counts and the aggregates moved once. One transaction (one fsync) per page and per batch."""
-    from gateway import stats
-    from gateway.pipeline import schema, store
+    from gateway import migrations, stats
+    from gateway.pipeline import store
     from gateway.storage import WRITER_PRAGMAS, connect
 
     path = workdir / "baseline.db"
@@ -126,8 +126,7 @@ def run_baseline(n: int, workdir: Path, page: int = 500, batch: int = 500) -> di
     for pragma in WRITER_PRAGMAS:
         conn.execute(pragma)
     conn.execute("BEGIN IMMEDIATE")
-    schema.migrate(conn)
-    stats.migrate(conn)
+    migrations.migrate(conn)
     conn.execute("INSERT INTO jobs(job_id, state, source, target, notification, options, created_at, updated_at, "
                  "expires_at, ttl) VALUES ('b', 'accepted', 'x', '{}', '{}', '{}', 0, 0, 0, 0)")
     conn.execute("COMMIT")
@@ -142,7 +141,7 @@ def run_baseline(n: int, workdir: Path, page: int = 500, batch: int = 500) -> di
         conn.execute("BEGIN IMMEDIATE")
         conn.executemany("INSERT INTO deliveries(message_id, job_id, device_id, state, next_at, route) "
                          "VALUES (?,?,?,?,?,?)", rows)
-        stats.apply_changes(conn, {}, {r[0]: ("simulation", "queued", None) for r in rows})
+        stats.apply_counts(conn, {("simulation", "queued"): len(rows)}, {})
         conn.execute("UPDATE jobs SET targets = targets + ?, queued = queued + ? WHERE job_id = 'b'", (len(rows), len(rows)))
         conn.execute("COMMIT")
     for start in range(0, n, batch):
@@ -154,8 +153,8 @@ def run_baseline(n: int, workdir: Path, page: int = 500, batch: int = 500) -> di
         conn.executemany("UPDATE deliveries SET state = 'acknowledged', acked_at = ?, latency_ms = 1, resend_at = NULL, "
                          "last_error = NULL, platform = 'simulation', route = 'simulation', attempts = 1, sent_at = ? "
                          "WHERE message_id = ?", [(now, now, m) for m, _ in chunk])
-        stats.apply_changes(conn, {m: ("simulation", "queued", None) for m, _ in chunk},
-                            {m: ("simulation", "acknowledged", 1.0) for m, _ in chunk})
+        stats.apply_counts(conn, {("simulation", "queued"): -len(chunk), ("simulation", "acknowledged"): len(chunk)},
+                           {("simulation", stats.bucket_of(1.0)): [len(chunk), float(len(chunk))]})
         conn.execute("INSERT INTO counters(name, value) VALUES ('acks_stored', ?) "
                      "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (len(chunk),))
         conn.execute("UPDATE jobs SET queued = queued - ?, acknowledged = acknowledged + ? WHERE job_id = 'b'",

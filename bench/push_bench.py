@@ -129,10 +129,11 @@ async def _bench_platform(platform: str, info: dict[str, Any], n: int, concurren
         (tmp / "sa.json").write_text(json.dumps(info["service_account"]))
         section = {"enabled": True, "service_account_file": str(tmp / "sa.json"), "endpoint": info["endpoint"],
                    "ca_file": info["ca_file"]}
-    cfg = parse_config({"gateway": {"data_dir": str(tmp)}, "broker": {"listeners": [{"name": "l"}]},
-                        "bridges": {platform: section}}, environ={})
+    cfg, secrets = parse_config({"gateway": {"data_dir": str(tmp)}, "broker": {"listeners": [{"name": "l"}]},
+                                 "bridges": {platform: section}}, environ={})
     module: Any = apns if platform == "apns" else fcm
-    bridge = module.build(getattr(cfg.bridges, platform), BridgeContext(None, Topics("b/s"), tmp))
+    bridge = module.build(getattr(cfg.bridges, platform), BridgeContext(None, Topics("b/s"), tmp),
+                          secrets.bridge(platform))
     await bridge.start()
 
     deliveries = _deliveries(platform, n)

@@ -81,7 +81,7 @@ async def _drain(workdir: Path, proxy_port: int, acks: int, window: int) -> dict
     data = base_config(workdir, free_port(), upstream={"url": f"mqtt://127.0.0.1:{proxy_port}",
                                                         "client_id": f"bench-{window}", "max_inflight": window})
     data["gateway"]["site_id"] = "site-b"
-    cfg = parse_config(data, environ={})
+    cfg, secrets = parse_config(data, environ={})
     setup_logging("warning", "console")
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     db = await Database(cfg.db_path).open()
@@ -90,7 +90,7 @@ async def _drain(workdir: Path, proxy_port: int, acks: int, window: int) -> dict
                               "device_id": f"dev-{i % 5000}", "job_id": "bench", "latency_ms": 12.5,
                               "n": i}).encode()
         await db.run(lambda conn, p=payload: outbox.Outbox().enqueue(conn, "ack", f"{PREFIX}/acks", p, False))
-    link = UpstreamLink(cfg, db, NoIntake(), backoff_initial=0.05, backoff_max=0.5)
+    link = UpstreamLink(cfg, db, NoIntake(), secrets=secrets.upstream, backoff_initial=0.05, backoff_max=0.5)
     stopping = asyncio.Event()
     task = asyncio.create_task(link.run(stopping))
     await link.client.up.wait()

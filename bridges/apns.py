@@ -21,12 +21,15 @@ from typing import Any
 
 import jwt
 import structlog
+from pydantic import SecretStr
 
 from bridges import _http, _mapping, keys
 from bridges._auth import Credential, send_with_reauth
 from bridges.base import Bridge, BridgeConfigError, BridgeContext, Delivery, Outcome
 from devices.models import ApnsChannel
 from gateway.config import ApnsBridge
+from gateway.secret_files import Problems, given, read_secret, require_file
+from gateway.timeutil import iso_ts
 
 log = structlog.get_logger(__name__)
 
@@ -113,8 +116,9 @@ def _fingerprint(key: Any) -> str:
 class ApnsBridgeImpl(Bridge):
     platform = "apns"
 
-    def __init__(self, cfg: ApnsBridge, ctx: BridgeContext):
+    def __init__(self, cfg: ApnsBridge, ctx: BridgeContext, secrets: ApnsSecrets | None):
         self.cfg = cfg
+        self.secrets = secrets
         self.base = (cfg.endpoint or HOSTS[cfg.environment]).rstrip("/")
         self.cert_auth = cfg.cert_file is not None and str(cfg.cert_file) != ""
         self._key: Any = None
@@ -122,7 +126,7 @@ class ApnsBridgeImpl(Bridge):
 
     async def start(self) -> None:
         # The checks `check-config` makes too (bridges.keys).
-        self._key = keys.apns_signing_key(self.cfg)
+        self._key = keys.apns_signing_key(self.cfg, self.secrets)
         keys.apns_tls(self.cfg)
         try:
             self._client = _http.PushClient(
@@ -236,11 +240,7 @@ class ApnsBridgeImpl(Bridge):
         if reason in INVALID_ADDRESS or status == 410:
             ts = body.get("timestamp")
             if isinstance(ts, (int, float)):
-                from datetime import UTC, datetime
-
-                from gateway.timeutil import iso
-
-                since = iso(datetime.fromtimestamp(ts / 1000, UTC))
+                since = iso_ts(ts / 1000)
                 return Outcome.invalid_address(f"{reason} since {since}", status), reason
             return Outcome.invalid_address(reason, status), reason
         if reason in CONFIG_ERRORS:
@@ -253,5 +253,38 @@ class ApnsBridgeImpl(Bridge):
         return Outcome.failed(reason, status), reason
 
 
-def build(section: ApnsBridge, ctx: BridgeContext) -> Bridge:
-    return ApnsBridgeImpl(section, ctx)
+@dataclass(frozen=True)
+class ApnsSecrets:
+    """The ``.p8`` signing key of token auth (``None`` with certificate auth); never logged."""
+
+    signing_key: SecretStr | None
+
+
+def load_secrets(section: ApnsBridge, problems: Problems) -> ApnsSecrets | None:
+    """Check ``[bridges.apns]`` for one complete way to authenticate and read the signing key."""
+    signing_key = None
+    if not section.topic:
+        problems.append(("bridges.apns.topic", "required (the app's bundle id)"))
+    if given(section.cert_file):
+        require_file(section.cert_file, "bridges.apns.cert_file", problems)
+        if given(section.cert_key_file):
+            require_file(section.cert_key_file, "bridges.apns.cert_key_file", problems)
+    else:
+        for attr in ("team_id", "key_id"):
+            if not getattr(section, attr):
+                problems.append((f"bridges.apns.{attr}", "required for token auth (or set cert_file)"))
+        require_file(section.key_file, "bridges.apns.key_file", problems)
+        if section.key_file and section.key_file.is_file():
+            secret = read_secret(section.key_file, "bridges.apns.key_file", problems)
+            if secret is not None:
+                if "PRIVATE KEY" not in secret:
+                    problems.append(("bridges.apns.key_file", "not a PEM private key (.p8)"))
+                else:
+                    signing_key = SecretStr(secret)
+    if given(section.ca_file):
+        require_file(section.ca_file, "bridges.apns.ca_file", problems)
+    return ApnsSecrets(signing_key=signing_key)
+
+
+def build(section: ApnsBridge, ctx: BridgeContext, secrets: ApnsSecrets | None) -> Bridge:
+    return ApnsBridgeImpl(section, ctx, secrets)

@@ -16,6 +16,9 @@ import asyncio
 import copy
 import json
 import time
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +30,7 @@ from bridges._auth import AuthFailed, Credential, TokenCache, send_with_reauth
 from bridges.base import Bridge, BridgeContext, Delivery, Outcome
 from devices.models import FcmChannel
 from gateway.config import FcmBridge
+from gateway.secret_files import Problems, given, require_file
 
 log = structlog.get_logger(__name__)
 
@@ -78,9 +82,11 @@ class _HttpxAuthRequest:
 class FcmBridgeImpl(Bridge):
     platform = "fcm"
 
-    def __init__(self, cfg: FcmBridge, ctx: BridgeContext):
+    def __init__(self, cfg: FcmBridge, ctx: BridgeContext, secrets: FcmSecrets | None):
         self.cfg = cfg
-        self.url = f"{cfg.endpoint.rstrip('/')}/v1/projects/{cfg.project_id}/messages:send"
+        self.secrets = secrets
+        self.project_id = secrets.project_id if secrets is not None else cfg.project_id
+        self.url = f"{cfg.endpoint.rstrip('/')}/v1/projects/{self.project_id}/messages:send"
         self._creds: Any = None
         self._auth_request: _HttpxAuthRequest | None = None
         self._client: _http.PushClient | None = None
@@ -91,7 +97,7 @@ class FcmBridgeImpl(Bridge):
         return self._tokens.fetches
 
     async def start(self) -> None:
-        self._creds = keys.fcm_credentials(self.cfg)  # the check `check-config` makes too
+        self._creds = keys.fcm_credentials(self.secrets)  # the check `check-config` makes too
         self._auth_request = _HttpxAuthRequest(self.cfg.ca_file)
         self._client = _http.PushClient(self.cfg.ca_file, http2_only=False)
 
@@ -129,7 +135,7 @@ class FcmBridgeImpl(Bridge):
             expires_at = _now() + 3600
         else:
             expires_at = expiry.replace(tzinfo=UTC).timestamp() if expiry.tzinfo is None else expiry.timestamp()
-        log.info("fcm access token refreshed", project_id=self.cfg.project_id,
+        log.info("fcm access token refreshed", project_id=self.project_id,
                  expires_at=datetime.fromtimestamp(expires_at, UTC).isoformat())
         return self._creds.token, expires_at
 
@@ -237,5 +243,39 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build(section: FcmBridge, ctx: BridgeContext) -> Bridge:
-    return FcmBridgeImpl(section, ctx)
+@dataclass(frozen=True)
+class FcmSecrets:
+    """The service account JSON and the project it sends for; never logged."""
+
+    service_account_info: Mapping[str, Any] = field(repr=False)
+    project_id: str
+
+
+def load_secrets(section: FcmBridge, problems: Problems) -> FcmSecrets | None:
+    """Read the service account JSON and check it has what token minting needs; the project
+    is ``project_id`` if set, else the account's."""
+    require_file(section.service_account_file, "bridges.fcm.service_account_file", problems)
+    secrets = None
+    if section.service_account_file and section.service_account_file.is_file():
+        try:
+            info = json.loads(section.service_account_file.read_text(encoding="utf-8"))
+            if not isinstance(info, dict):
+                raise ValueError("not a JSON object")
+            for needed in ("client_email", "private_key", "token_uri"):
+                if needed not in info:
+                    raise ValueError(f"missing {needed!r}")
+            project_id = section.project_id
+            if not project_id:
+                if "project_id" not in info:
+                    raise ValueError("missing 'project_id' (or set bridges.fcm.project_id)")
+                project_id = info["project_id"]
+            secrets = FcmSecrets(service_account_info=types.MappingProxyType(info), project_id=project_id)
+        except ValueError as exc:
+            problems.append(("bridges.fcm.service_account_file", f"not a service account JSON: {exc}"))
+    if given(section.ca_file):
+        require_file(section.ca_file, "bridges.fcm.ca_file", problems)
+    return secrets
+
+
+def build(section: FcmBridge, ctx: BridgeContext, secrets: FcmSecrets | None) -> Bridge:
+    return FcmBridgeImpl(section, ctx, secrets)

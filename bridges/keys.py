@@ -15,35 +15,39 @@ from typing import TYPE_CHECKING, Any
 from bridges.base import BridgeConfigError
 
 if TYPE_CHECKING:
-    from gateway.config import ApnsBridge, Config, FcmBridge, WebPushBridge, WnsBridge
+    from bridges.apns import ApnsSecrets
+    from bridges.fcm import FcmSecrets
+    from bridges.wns import WnsSecrets
+    from gateway.config import ApnsBridge, Config, Secrets, WebPushBridge, WnsBridge
 
 FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 
 
-def fcm_credentials(cfg: FcmBridge) -> Any:
+def fcm_credentials(secrets: FcmSecrets | None) -> Any:
     """The service account's signing credentials (google-auth parses the private key)."""
     from google.oauth2 import service_account
 
-    if not cfg.service_account_info or not cfg.project_id:
+    if secrets is None or not secrets.service_account_info or not secrets.project_id:
         raise BridgeConfigError("bridges.fcm.service_account_file: no service account loaded")
     try:
-        return service_account.Credentials.from_service_account_info(cfg.service_account_info, scopes=[FCM_SCOPE])
+        return service_account.Credentials.from_service_account_info(dict(secrets.service_account_info),
+                                                                      scopes=[FCM_SCOPE])
     except (ValueError, KeyError, TypeError) as exc:
         raise BridgeConfigError(
             f"bridges.fcm.service_account_file: unusable service account ({type(exc).__name__})") from None
 
 
-def apns_signing_key(cfg: ApnsBridge) -> Any:
+def apns_signing_key(cfg: ApnsBridge, secrets: ApnsSecrets | None) -> Any:
     """The .p8 token-signing key (P-256), or None with certificate auth."""
     if cfg.cert_file is not None and str(cfg.cert_file):
         return None
-    if cfg.signing_key is None:
+    if secrets is None or secrets.signing_key is None:
         raise BridgeConfigError("bridges.apns.key_file: no signing key loaded")
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     try:
-        key = load_pem_private_key(cfg.signing_key.get_secret_value().encode(), None)
+        key = load_pem_private_key(secrets.signing_key.get_secret_value().encode(), None)
     except (ValueError, TypeError):
         raise BridgeConfigError("bridges.apns.key_file: not a readable PEM private key") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
@@ -62,10 +66,10 @@ def apns_tls(cfg: ApnsBridge) -> None:
         raise BridgeConfigError(f"bridges.apns.cert_file: cannot load TLS material ({type(exc).__name__})") from None
 
 
-def wns_secret(cfg: WnsBridge) -> str:
-    if cfg.client_secret is None or not cfg.client_id or not cfg.client_secret.get_secret_value().strip():
+def wns_secret(cfg: WnsBridge, secrets: WnsSecrets | None) -> str:
+    if secrets is None or not cfg.client_id or not secrets.client_secret.get_secret_value().strip():
         raise BridgeConfigError("bridges.wns.client_secret_file: no client secret loaded")
-    return cfg.client_secret.get_secret_value()
+    return secrets.client_secret.get_secret_value()
 
 
 def vapid_key(cfg: WebPushBridge, create: bool = True) -> Any:
@@ -82,16 +86,16 @@ def vapid_key(cfg: WebPushBridge, create: bool = True) -> Any:
             f"bridges.webpush.vapid_private_key_file: unusable key ({type(exc).__name__})") from None
 
 
-def problems(cfg: Config) -> list[tuple[str, str]]:
+def problems(cfg: Config, secrets: Secrets) -> list[tuple[str, str]]:
     """What each enabled push bridge would refuse at start, as (key, message)."""
     b = cfg.bridges
     checks = []
     if b.fcm.enabled:
-        checks.append(lambda: fcm_credentials(b.fcm))
+        checks.append(lambda: fcm_credentials(secrets.bridge("fcm")))
     if b.apns.enabled:
-        checks += [lambda: apns_signing_key(b.apns), lambda: apns_tls(b.apns)]
+        checks += [lambda: apns_signing_key(b.apns, secrets.bridge("apns")), lambda: apns_tls(b.apns)]
     if b.wns.enabled:
-        checks.append(lambda: wns_secret(b.wns))
+        checks.append(lambda: wns_secret(b.wns, secrets.bridge("wns")))
     if b.webpush.enabled:
         checks.append(lambda: vapid_key(b.webpush, create=False))
     out = []

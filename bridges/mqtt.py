@@ -14,6 +14,7 @@ import structlog
 from bridges.base import Bridge, BridgeConfigError, BridgeContext, Delivery, Outcome
 from gateway.config import MqttBridge
 from gateway.mqtt import NotConnected
+from gateway.secret_files import Problems
 
 log = structlog.get_logger(__name__)
 
@@ -50,5 +51,10 @@ class MqttDeviceBridge(Bridge):
         return Outcome.accepted()
 
 
-def build(section: MqttBridge, ctx: BridgeContext) -> Bridge:
+def load_secrets(section: MqttBridge, problems: Problems) -> None:
+    """Devices are reached through the gateway's own broker connection: no secret here."""
+    return None
+
+
+def build(section: MqttBridge, ctx: BridgeContext, secrets: None = None) -> Bridge:
     return MqttDeviceBridge(section, ctx)

@@ -23,12 +23,12 @@ import json
 import random
 import time
 from collections import deque
-from datetime import UTC, datetime
 
 import structlog
 
 from bridges.base import Bridge, BridgeContext, Delivery, Outcome
 from gateway.config import SimulationBridge
+from gateway.secret_files import Problems
 from gateway.storage import is_storage_error
 from gateway.timeutil import iso, utcnow
 
@@ -86,9 +86,9 @@ class SimulatedFleet(Bridge):
     def _queue_ack(self, delivery: Delivery) -> None:
         # The device's side of the bench: in a real fleet this runs on the device, here its
         # CPU is charged to the daemon, so it is kept small: the ack's JSON written out (the
-        # message_id JSON-escaped as json.dumps would) and the device's clock formatted as
-        # gateway.timeutil.iso writes it (UTC, ms, "Z") without its conversion step.
-        at = datetime.now(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+        # message_id JSON-escaped as json.dumps would) and the device's clock as the gateway
+        # writes times.
+        at = iso(utcnow())
         payload = f'{{"message_id": {json.dumps(delivery.message_id)}, "status": "received", "at": "{at}"}}'.encode()
         self._due_acks.append((time.monotonic() + self.cfg.latency_ms / 1000, 0.2, delivery.device_id, payload))
         if self._ack_flusher is None or self._ack_flusher.done():
@@ -151,5 +151,10 @@ class SimulatedFleet(Bridge):
                 task.cancel()
 
 
-def build(section: SimulationBridge, ctx: BridgeContext) -> Bridge:
+def load_secrets(section: SimulationBridge, problems: Problems) -> None:
+    """A simulated fleet needs no secret."""
+    return None
+
+
+def build(section: SimulationBridge, ctx: BridgeContext, secrets: None = None) -> Bridge:
     return SimulatedFleet(section, ctx)

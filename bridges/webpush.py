@@ -28,6 +28,7 @@ from bridges.base import Bridge, BridgeContext, Delivery, Outcome
 from devices.models import WebPushChannel
 from gateway import vapid
 from gateway.config import WebpushBridge
+from gateway.secret_files import Problems, given, require_file
 
 log = structlog.get_logger(__name__)
 
@@ -164,5 +165,19 @@ class WebPushBridgeImpl(Bridge):
         return Outcome.failed(reason, status)  # 400, 413 and anything undocumented
 
 
-def build(section: WebpushBridge, ctx: BridgeContext) -> Bridge:
+def load_secrets(section: WebpushBridge, problems: Problems) -> None:
+    """Check the VAPID key file; it is read (or created) when the bridge starts.
+
+    The key may be created by ``homepot-gateway vapid-keys``; a missing one is created at
+    start (like that command), a bad one is an error now.
+    """
+    path = section.vapid_private_key_file
+    if path.exists() and "PRIVATE KEY" not in path.read_text(encoding="utf-8", errors="replace"):
+        problems.append(("bridges.webpush.vapid_private_key_file", "not a PEM private key"))
+    if given(section.ca_file):
+        require_file(section.ca_file, "bridges.webpush.ca_file", problems)
+    return None
+
+
+def build(section: WebpushBridge, ctx: BridgeContext, secrets: None = None) -> Bridge:
     return WebPushBridgeImpl(section, ctx)

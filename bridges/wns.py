@@ -26,16 +26,19 @@ import ipaddress
 import json
 import time
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from urllib.parse import urlencode
 
 import httpx
 import structlog
+from pydantic import SecretStr
 
 from bridges import _http, _mapping, keys, ssrf
 from bridges._auth import AuthFailed, Credential, TokenCache, send_with_reauth
 from bridges.base import Bridge, BridgeContext, Delivery, Outcome
 from devices.models import WnsChannel
 from gateway.config import WnsBridge
+from gateway.secret_files import Problems, given, read_secret, require_file
 
 log = structlog.get_logger(__name__)
 
@@ -57,8 +60,10 @@ _now = time.time  # patched by tests
 class WnsBridgeImpl(Bridge):
     platform = "wns"
 
-    def __init__(self, cfg: WnsBridge, ctx: BridgeContext, resolver: ssrf.Resolver = ssrf.system_resolver):
+    def __init__(self, cfg: WnsBridge, ctx: BridgeContext, secrets: WnsSecrets | None,
+                 resolver: ssrf.Resolver = ssrf.system_resolver):
         self.cfg = cfg
+        self.secrets = secrets
         if cfg.token_url:
             self.token_url = cfg.token_url
         elif cfg.auth == "entra":
@@ -85,7 +90,7 @@ class WnsBridgeImpl(Bridge):
         return self._tokens.fetches
 
     async def start(self) -> None:
-        keys.wns_secret(self.cfg)  # the check `check-config` makes too
+        keys.wns_secret(self.cfg, self.secrets)  # the check `check-config` makes too
         ctx = _http.tls_context(self.cfg.ca_file)
         self._client = _http.async_client(transport=ssrf.GuardedTransport(
             self.policy, ctx, http1=True, http2=False, resolver=self._resolver))
@@ -102,9 +107,9 @@ class WnsBridgeImpl(Bridge):
         return (await self._tokens.get(stale)).value
 
     async def _fetch_token(self) -> tuple[str, float]:
-        assert self._token_client is not None and self.cfg.client_secret is not None
+        assert self._token_client is not None and self.secrets is not None
         form = {"grant_type": "client_credentials", "client_id": self.cfg.client_id,
-                "client_secret": self.cfg.client_secret.get_secret_value(), "scope": self.scope}
+                "client_secret": self.secrets.client_secret.get_secret_value(), "scope": self.scope}
         try:
             r = await self._token_client.post(self.token_url, data=form)
         except httpx.HTTPError as exc:
@@ -287,5 +292,33 @@ def _names_private(host: str) -> bool:
     return True
 
 
-def build(section: WnsBridge, ctx: BridgeContext) -> Bridge:
-    return WnsBridgeImpl(section, ctx)
+@dataclass(frozen=True)
+class WnsSecrets:
+    """The client secret read from ``client_secret_file``; never logged."""
+
+    client_secret: SecretStr
+
+
+def load_secrets(section: WnsBridge, problems: Problems) -> WnsSecrets | None:
+    """Check ``[bridges.wns]`` for what token auth needs and read the client secret."""
+    secrets = None
+    if not section.client_id:
+        problems.append(("bridges.wns.client_id", "required"))
+    if not given(section.client_secret_file):
+        problems.append(("bridges.wns.client_secret_file", "required"))
+    else:
+        assert section.client_secret_file is not None
+        secret = read_secret(section.client_secret_file, "bridges.wns.client_secret_file", problems)
+        if secret is not None:
+            secrets = WnsSecrets(client_secret=SecretStr(secret))
+    if section.auth == "entra" and not section.tenant_id and not section.token_url:
+        problems.append(("bridges.wns.tenant_id", "required when auth = \"entra\""))
+    if not section.allowed_hosts:
+        problems.append(("bridges.wns.allowed_hosts", "must name at least one host"))
+    if given(section.ca_file):
+        require_file(section.ca_file, "bridges.wns.ca_file", problems)
+    return secrets
+
+
+def build(section: WnsBridge, ctx: BridgeContext, secrets: WnsSecrets | None) -> Bridge:
+    return WnsBridgeImpl(section, ctx, secrets)

@@ -24,17 +24,17 @@ import json
 import random
 import signal
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
 
 from gateway.config import MqttUrl
+from gateway.timeutil import iso, utcnow
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso(utcnow())
 
 
 def _say(event: str, **fields: object) -> None:

@@ -17,7 +17,8 @@ import typer
 from typer.core import TyperArgument
 
 from gateway import clock
-from gateway.config import Config, ConfigError, load_config
+from gateway.config import Config, ConfigError, LoadedConfig, load_config
+from gateway.states import DELIVERY_STATES
 
 # Plain (click) help: rich markup would eat bracketed words such as [[rules]] and [broker.acl].
 PLAIN = {"rich_markup_mode": None}
@@ -63,9 +64,14 @@ def fail(lines: list[str] | str, code: int = 2) -> None:
 
 
 def get_config(tighten: bool = True) -> Config:
-    """The config by the contract's lookup order; then, run as root against a data dir that
-    another user owns (the service's), become that user (gateway/privileges.py); then make
-    whatever this command creates owner-only, and tighten a data dir left loose
+    """The configuration alone (see :func:`get_loaded`)."""
+    return get_loaded(tighten).config
+
+
+def get_loaded(tighten: bool = True) -> LoadedConfig:
+    """The config and its secrets by the contract's lookup order; then, run as root against a
+    data dir that another user owns (the service's), become that user (gateway/privileges.py);
+    then make whatever this command creates owner-only, and tighten a data dir left loose
     (gateway/filemodes.py; ``run`` leaves that to the daemon, which logs it)."""
     from gateway import filemodes
     from gateway.config import shadow_note
@@ -73,10 +79,11 @@ def get_config(tighten: bool = True) -> Config:
 
     state.command = _command_name()
     try:
-        cfg = load_config(state.config_path)
+        loaded = load_config(state.config_path)
     except ConfigError as exc:
         fail(exc.lines())
         raise  # unreachable
+    cfg = loaded.config
     from gateway.storage import SqliteTooOld, check_sqlite
 
     try:
@@ -96,7 +103,7 @@ def get_config(tighten: bool = True) -> Config:
         if done.changed:
             typer.echo(f"note: {cfg.data_dir} made owner-only ({len(done.changed)} entries: {done.summary(5)})",
                        err=True)
-    return cfg
+    return loaded
 
 
 def _command_name(argv: list[str] | None = None) -> str | None:
@@ -152,13 +159,13 @@ def daemon_running(cfg: Config) -> bool | None:
 @app.command("check-config")
 def check_config() -> None:
     """Validate the configuration; print each problem as KEY: message."""
-    cfg = get_config()
+    cfg, secrets = get_loaded()
     from bridges.keys import problems
 
     # A push key the bridge would refuse at start (the daemon would run with that bridge
     # unhealthy): found here, by the same loaders, before the service starts.
-    found = [tuple(fault.split(": ", 1)) for fault in cfg.bridge_faults.values()]
-    found += [p for p in problems(cfg) if p[0].split(".")[1] not in cfg.bridge_faults]
+    found = [tuple(fault.split(": ", 1)) for fault in secrets.bridge_faults.values()]
+    found += [p for p in problems(cfg, secrets) if p[0].split(".")[1] not in secrets.bridge_faults]
     if found:
         fail([f"{key}: {msg}" for key, msg in found])
     typer.echo(f"ok: {cfg.source}")
@@ -167,12 +174,12 @@ def check_config() -> None:
 @app.command("run")
 def run() -> None:
     """Run the daemon in the foreground."""
-    cfg = get_config(tighten=False)
+    loaded = get_loaded(tighten=False)
     from gateway.daemon import run_daemon
     from gateway.logs import setup_logging
 
-    setup_logging(cfg.logging.level, cfg.logging.format)
-    raise typer.Exit(run_daemon(cfg))
+    setup_logging(loaded.config.logging.level, loaded.config.logging.format)
+    raise typer.Exit(run_daemon(loaded))
 
 
 @users_app.command("add")
@@ -235,12 +242,16 @@ def vapid_keys() -> None:
 
 # ---------------------------------------------------------------------- pipeline commands
 def _db(cfg: Config):  # noqa: ANN202 - sqlite3.Connection, imported lazily
-    from gateway.pipeline import schema
+    from gateway import migrations
     from gateway.storage import connect, transaction
 
     state.db_path = cfg.db_path
     conn = connect(cfg.db_path)
-    transaction(conn, schema.migrate)
+    try:
+        transaction(conn, migrations.migrate)  # the schema registry, as the daemon runs it at start
+    except migrations.SchemaTooNew as exc:
+        conn.close()
+        fail(f"{cfg.db_path}: {exc}", 1)
     clock.attach(conn)  # write times on the daemon's timeline (gateway.clock)
     return conn
 
@@ -578,7 +589,7 @@ def jobs_show(job_id: Annotated[str, typer.Argument(metavar="ID")],
     if error:
         typer.echo(f"error: {error.get('code')}: {error.get('message')}", err=True)
     if deliveries:
-        order = ["queued", "sent", "acknowledged", "failed", "expired", "invalid_address"]
+        order = list(DELIVERY_STATES)
         for st in sorted({r["state"] for r in rows}, key=lambda x: order.index(x) if x in order else len(order)):
             group = [r for r in rows if r["state"] == st]
             typer.echo(f"{st} ({len(group)}):")
@@ -586,6 +597,9 @@ def jobs_show(job_id: Annotated[str, typer.Argument(metavar="ID")],
                 extra = [r["platform"] or "-", f"attempts={r['attempts']}"]
                 if r.get("latency_ms") is not None:
                     extra.append(f"latency={r['latency_ms']:.0f}ms")
+                if r.get("acks"):
+                    extra.append("acks=" + ",".join(a["status"] + (f"(+{a['repeats']} repeats)" if a["repeats"] else "")
+                                                    for a in r["acks"]))
                 text = r.get("reason") or r.get("last_error")
                 reason = f"  {text}" if text else ""
                 if r.get("moved") and r.get("moved") != text:
@@ -599,11 +613,7 @@ app.add_typer(alarms_app, name="alarms")
 
 
 def _alarms_db(cfg: Config):  # noqa: ANN202 - sqlite3.Connection
-    from gateway.alarms import store as alarm_store
-
-    conn = _db(cfg)
-    _tx(conn, alarm_store.migrate)
-    return conn
+    return _db(cfg)
 
 
 @alarms_app.command("list")

@@ -7,14 +7,27 @@ seconds, so a step of the system clock (NTP, an operator, a VM resume) neither f
 freezes nor repeats a timer: a forward step of a day does not make every deadline due, a
 backward step of an hour does not hold them for an hour.
 
-Stored times must keep their meaning across a restart, so the time base is kept in the
-database (table ``gateway_clock``): the kernel's boot id and the offset from
-``CLOCK_MONOTONIC`` (which is system-wide and counts from boot). A restart on the same boot
-continues the same timeline exactly, whatever the wall clock did meanwhile (the downtime is
+Stored deadlines must keep their meaning across a restart, and the times the gateway
+shows (``created_at``, ``sent_at``, ``fired_at``, ``expires_at``) should be the real time.
+So **every daemon start re-anchors** the clock to the wall clock, and shifts the stored
+future deadlines by the difference between the old timeline and the wall clock, in one
+transaction before any service runs (:func:`establish`): each remaining duration is kept
+exactly, and written times are the system clock's again. Each table's owner shifts its own
+deadlines (``shift_deadlines(conn, delta)``, listed in :func:`_shifters`). Historical
+times (``created_at``, ``sent_at``, ``fired_at``, ...) are not shifted: they stay as the
+timeline they were written on showed them.
+
+Where the old timeline is at the start: the time base (the kernel's boot id and the offset
+from ``CLOCK_MONOTONIC``, which is system-wide and counts from boot) is kept in table
+``gateway_clock``. On the same boot the old timeline is known exactly (the downtime is
 measured by the monotonic clock). After a reboot the monotonic clock starts again, so the
-downtime can only be taken from the wall clock: the timeline resumes at the wall clock plus
-the difference it had at the last save (a few seconds before shutdown), and never before
-the last saved time (a box that boots with its clock in 1970 freezes nothing).
+downtime can only be taken from the wall clock: the old timeline is the wall clock plus
+the difference it had at the last save, and never before the last saved time (a box that
+boots with its clock in 1970 loses no deadline: they are shifted back with it).
+
+A step **while the daemon runs** is detected (:func:`keep_saved` compares the wall clock
+with the monotonic one every few seconds) and logged once; the running timeline is kept,
+so no timer moves, and the next start re-anchors it.
 
 Outside the daemon (CLI commands that write jobs or acks), :func:`attach` adopts the time
 base stored by the daemon on this boot, so both write times on one timeline.
@@ -28,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -39,6 +53,9 @@ log = structlog.get_logger(__name__)
 
 BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
 SAVE_EVERY_S = 10.0  # how often the daemon records where the timeline is (for the next boot)
+CHECK_EVERY_S = 2.0  # how often the daemon looks for a step of the system clock
+STEP_S = 2.0  # a change of wall-minus-monotonic larger than this is a step (slewing is far slower)
+REANCHOR_MIN_S = 1.0  # a start re-anchors (and shifts deadlines) only when off by more than this
 
 # now() = _offset + time.monotonic(); starts as the wall clock at import.
 _offset = time.time() - time.monotonic()
@@ -80,25 +97,67 @@ def _stored(conn: sqlite3.Connection) -> tuple[str | None, float, float, float] 
     return None if row is None else (row[0], float(row[1]), float(row[2]), float(row[3]))
 
 
-def establish(conn: sqlite3.Connection) -> None:
-    """Daemon start: continue the stored timeline (same boot), or resume it after a reboot;
-    the first start of a database takes the wall clock. Runs in the caller's transaction."""
+def _shifters() -> list[Callable[[sqlite3.Connection, float], int]]:
+    """The owners of stored deadlines (imported here: they import this module)."""
+    from gateway.alarms import store as alarms_store
+    from gateway.broker import state as broker_state
+    from gateway.pipeline import store as pipeline_store
+    from gateway.upstream import outbox
+
+    return [pipeline_store.shift_deadlines, alarms_store.shift_deadlines, broker_state.shift_deadlines,
+            outbox.shift_deadlines]
+
+
+def shift_columns(conn: sqlite3.Connection, table: str, column: str, delta: float, where: str = "") -> int:
+    """``column += delta`` on the rows ``where`` selects; a table or column that does not
+    exist yet (an older database, before its owner's migration ran) holds nothing to shift."""
+    have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+    if column not in have:
+        return 0
+    cond = f"{column} IS NOT NULL" + (f" AND ({where})" if where else "")
+    return conn.execute(f"UPDATE {table} SET {column} = {column} + ? WHERE {cond}", (delta,)).rowcount
+
+
+def _stored_timeline(stored: tuple[str | None, float, float, float], boot: str | None, mono: float,
+                     wall: float) -> float:
+    """Where the stored timeline is now: exact on the same boot; after a reboot, the wall
+    clock plus the difference saved last, never before the last saved time."""
+    boot_was, mono_offset, saved_at, saved_wall = stored
+    if boot is not None and boot_was == boot:
+        return mono_offset + mono
+    return max(saved_at, wall + (saved_at - saved_wall))
+
+
+def establish(conn: sqlite3.Connection) -> float:
+    """Daemon start, in the caller's transaction: re-anchor the clock to the wall clock and
+    shift the stored deadlines by how far that moves the timeline; returns the shift (s).
+
+    The first start of a database takes the wall clock. A timeline within
+    ``REANCHOR_MIN_S`` of the wall clock is continued as it is (no rows rewritten)."""
     global _offset
     migrate(conn)
     boot, mono, wall = boot_id(), time.monotonic(), time.time()
     stored = _stored(conn)
+    delta = 0.0
     if stored is None:
         offset = wall - mono
-    elif boot is not None and stored[0] == boot:
-        offset = stored[1]
     else:
-        _, _, saved_at, saved_wall = stored
-        offset = max(saved_at, wall + (saved_at - saved_wall)) - mono
+        old_now = _stored_timeline(stored, boot, mono, wall)
+        offset = old_now - mono
+        if abs(wall - old_now) > REANCHOR_MIN_S:
+            delta = wall - old_now
+            offset = wall - mono
     _offset = offset
-    save(conn)
-    if stored is not None and abs(skew()) > 1.0:
-        log.warning("gateway time differs from the system clock (a clock step); timers keep their own",
-                    ahead_s=round(skew(), 1))
+    try:
+        shifted = sum(shift(conn, delta) for shift in _shifters()) if delta else 0
+        save(conn)
+    except BaseException:
+        _offset = offset - delta  # not stored (the transaction rolls back): keep the old timeline
+        raise
+    if delta:
+        log.warning("gateway clock re-anchored to the system clock (it was stepped); stored deadlines shifted "
+                    "so every remaining duration is kept", step_s=round(delta, 1), rows_shifted=shifted)
+    return delta
 
 
 def save(conn: sqlite3.Connection) -> None:
@@ -112,12 +171,14 @@ def save(conn: sqlite3.Connection) -> None:
 
 
 def attach(conn: sqlite3.Connection) -> None:
-    """A CLI process: adopt the daemon's time base if it was set on this boot (read only)."""
+    """A CLI process: write on the stored timeline (read only): the daemon's time base if it
+    was set on this boot, else where the daemon's next start will take the timeline from,
+    so that start shifts what this process wrote with everything else."""
     global _offset
     stored = _stored(conn)
-    boot = boot_id()
-    if stored is not None and boot is not None and stored[0] == boot:
-        _offset = stored[1]
+    if stored is not None:
+        mono = time.monotonic()
+        _offset = _stored_timeline(stored, boot_id(), mono, time.time()) - mono
 
 
 async def start(db: Database) -> None:
@@ -137,11 +198,38 @@ async def start(db: Database) -> None:
 
 
 async def keep_saved(db: Database) -> None:
-    """Every SAVE_EVERY_S, :func:`save` (until cancelled); a failed write is retried next time."""
+    """Every SAVE_EVERY_S, :func:`save` (a failed write is retried next time); every
+    CHECK_EVERY_S, look for a step of the system clock (until cancelled)."""
+    watch = StepWatch()
+    last_save = time.monotonic()
     while True:
-        await asyncio.sleep(SAVE_EVERY_S)
+        await asyncio.sleep(CHECK_EVERY_S)
+        watch.check()
+        if time.monotonic() - last_save < SAVE_EVERY_S:
+            continue
+        last_save = time.monotonic()
         try:
             await db.run(save)
         except Exception as exc:
             if not is_storage_error(exc):
                 raise
+
+
+class StepWatch:
+    """Notices a step of the system clock: the wall clock minus the monotonic one moves by
+    more than STEP_S between two checks. Logged once per step; the gateway keeps its
+    timeline (its timers are unaffected) and the next start re-anchors it."""
+
+    def __init__(self) -> None:
+        self.base = time.time() - time.monotonic()
+
+    def check(self) -> float | None:
+        """The step since the last check (s), or None."""
+        base = time.time() - time.monotonic()
+        moved, self.base = base - self.base, base
+        if abs(moved) <= STEP_S:
+            return None
+        log.warning("system clock stepped; timers keep the gateway's clock, and times it writes differ from "
+                    "the system clock by ahead_s until the next start re-anchors it",
+                    step_s=round(moved, 1), ahead_s=round(skew(), 1))
+        return moved

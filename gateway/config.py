@@ -1,20 +1,28 @@
 """Configuration: ``config.toml`` validated against the contract (§4).
 
 Every problem is reported as ``KEY: message`` with the dotted key, so an operator
-can fix a file without reading a traceback. Secrets named by ``*_file`` keys are
-read once here, held as :class:`pydantic.SecretStr` and never logged.
+can fix a file without reading a traceback.
+
+The file's schema and what it points at are kept apart: the models here are frozen and
+hold only what the file says; the secrets named by ``*_file`` keys are read once by
+:func:`load_config` into a :class:`Secrets` (the broker and cloud passwords here, each push
+platform's own by its ``load_secrets`` in ``bridges/<platform>.py``), held as
+:class:`pydantic.SecretStr` and never logged. A reload builds a new pair.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -26,7 +34,8 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.alarms.rules import RuleSection, check_rules
+from gateway.rule_schema import RuleSection, check_rules
+from gateway.secret_files import Problems, given, read_secret, require_file
 
 ENV_PREFIX = "HOMEPOT_"
 CONFIG_ENV = "HOMEPOT_GATEWAY_CONFIG"
@@ -47,7 +56,9 @@ class ConfigError(Exception):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Frozen: the loaded configuration is a value; a reload builds a new one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _check_host_port(value: str) -> str:
@@ -179,7 +190,6 @@ class _MqttLinkSection(_Section):
     username: str = Field(default="", description="The gateway's own username on that broker.")
     password_file: Path | None = Field(default=None,
         description="File holding the gateway's password on that broker; read once at start, never logged.")
-    password: SecretStr | None = Field(default=None, exclude=True)  # read from password_file
     ca_file: Path | None = Field(default=None, description="Extra CA to trust for `mqtts://`/`wss://`.")
     cert_file: Path | None = Field(default=None, description="Client certificate for mutual TLS.")
     key_file: Path | None = Field(default=None, description="Client private key for mutual TLS.")
@@ -506,7 +516,6 @@ class FcmBridge(_Section):
     endpoint: str = Field(default="https://fcm.googleapis.com",
         description="FCM API base URL (private deployments, tests).")
     ca_file: Path | None = Field(default=None, description="Extra CA to trust, besides the system's.")
-    service_account_info: dict[str, Any] | None = Field(default=None, exclude=True, repr=False)
 
 
 class ApnsBridge(_Section):
@@ -525,7 +534,6 @@ class ApnsBridge(_Section):
         description="`production` or `sandbox`: which APNs host.")
     endpoint: str = Field(default="", description="Overrides the environment's host.")
     ca_file: Path | None = Field(default=None, description="Extra CA to trust, besides the system's.")
-    signing_key: SecretStr | None = Field(default=None, exclude=True)
 
 
 class WnsBridge(_Section):
@@ -536,7 +544,6 @@ class WnsBridge(_Section):
         description="The app's client id (package SID); required when enabled.")
     client_secret_file: Path | None = Field(default=None,
         description="File holding the client secret; required when enabled.")
-    client_secret: SecretStr | None = Field(default=None, exclude=True)
     auth: Literal["live", "entra"] = Field(default="live",
         description="`live` (login.live.com) or `entra` (Microsoft Entra ID; needs `tenant_id`).")
     tenant_id: str = Field(default="", description="Entra tenant, for `auth = \"entra\"`.")
@@ -659,10 +666,6 @@ class Config(_Section):
     # Where the file was read from; relative paths in it are relative to the cwd,
     # like Mosquitto's, so `make run` from the repo works as documented.
     source: Path | None = Field(default=None, exclude=True)
-    # Push bridges whose key file cannot be used (platform → "key: message"): not a
-    # config error for `run` (the daemon starts with that bridge unhealthy and its
-    # devices fall over to their next channel); `check-config` reports them.
-    bridge_faults: dict[str, str] = Field(default_factory=dict, exclude=True)
 
     @property
     def prefix(self) -> str:
@@ -717,11 +720,11 @@ def shadow_note(explicit: str | os.PathLike[str] | None) -> str | None:
 def _leaf_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> dict[str, tuple[tuple[str, ...], Any]]:
     """Map ``SECTION_KEY`` env suffixes to (dotted path, annotation), derived from the models."""
     out: dict[str, tuple[tuple[str, ...], Any]] = {}
-    for name, field in model.model_fields.items():
-        if field.exclude or name == "source":
+    for name, info in model.model_fields.items():
+        if info.exclude or name == "source":
             continue
         path = prefix + (name,)
-        ann = field.annotation
+        ann = info.annotation
         sub = _model_of(ann)
         if sub is not None:
             out.update(_leaf_paths(sub, path))
@@ -821,123 +824,83 @@ def _loc(err_loc: tuple[Any, ...], data: dict[str, Any]) -> str:
     return ".".join(parts)
 
 
-def _read_secret(path: Path, key: str, problems: list[tuple[str, str]]) -> str | None:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        problems.append((key, f"file not found: {path}"))
-        return None
-    except OSError as exc:
-        problems.append((key, f"cannot read {path}: {exc.strerror}"))
-        return None
-    return text.strip()
+@dataclass(frozen=True)
+class LinkSecrets:
+    """What a ``password_file`` of an MQTT link (``[broker]``, ``[upstream]``) holds."""
+
+    password: SecretStr | None = None
 
 
-def _require_file(path: Path | None, key: str, problems: list[tuple[str, str]], required: bool = True) -> None:
-    if path is None or str(path) == "":
-        if required:
-            problems.append((key, "required"))
-        return
-    if not path.is_file():
-        problems.append((key, f"file not found: {path}"))
+@dataclass(frozen=True)
+class Secrets:
+    """Everything the configuration's ``*_file`` keys hold, read once at load time.
+
+    ``bridges`` maps an enabled platform to what its module's ``load_secrets`` returned
+    (its own typed object, or ``None`` when it has no secret). ``bridge_faults``: push
+    bridges whose key file cannot be used (platform → "key: message"): not a config error
+    for ``run`` (the daemon starts with that bridge unhealthy and its devices fall over to
+    their next channel); ``check-config`` reports them.
+    """
+
+    broker: LinkSecrets = LinkSecrets()
+    upstream: LinkSecrets = LinkSecrets()
+    bridges: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))
+    bridge_faults: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}))
+
+    def bridge(self, platform: str) -> Any:
+        return self.bridges.get(platform)
 
 
-def _load_link_secrets(section: _MqttLinkSection, key: str, problems: list[tuple[str, str]],
-                       check_tls_files: bool) -> None:
-    if section.password_file is not None and str(section.password_file):
-        secret = _read_secret(section.password_file, f"{key}.password_file", problems)
+class LoadedConfig(typing.NamedTuple):
+    """A validated configuration and the secrets its files hold; replaced whole on reload.
+
+    A pair, so ``cfg, secrets = load_config(...)`` reads naturally.
+    """
+
+    config: Config
+    secrets: Secrets
+
+
+def _load_link_secrets(section: _MqttLinkSection, key: str, problems: Problems,
+                       check_tls_files: bool) -> LinkSecrets:
+    password = None
+    if given(section.password_file):
+        assert section.password_file is not None
+        secret = read_secret(section.password_file, f"{key}.password_file", problems)
         if secret is not None:
-            section.password = SecretStr(secret)
+            password = SecretStr(secret)
     if check_tls_files:
         for attr in ("ca_file", "cert_file", "key_file"):
             value = getattr(section, attr)
-            if value is not None and str(value):
-                _require_file(value, f"{key}.{attr}", problems)
+            if given(value):
+                require_file(value, f"{key}.{attr}", problems)
+    return LinkSecrets(password=password)
 
 
-def _load_secrets(cfg: Config, problems: list[tuple[str, str]]) -> None:
-    """Read every ``*_file`` secret of enabled parts once; record missing ones by key."""
-    _load_link_secrets(cfg.broker, "broker", problems, check_tls_files=cfg.broker.mode == "external")
-    for listener_index, listener in enumerate(cfg.broker.listeners):
+def _load_secrets(cfg: Config, problems: Problems) -> Secrets:
+    """Read the core's ``*_file`` secrets and check its files, then each enabled platform's
+    (``bridges.registry.load_secrets``); record missing or bad ones by key."""
+    from bridges.registry import load_secrets as load_bridge_secrets  # the bridges import this module
+
+    broker = _load_link_secrets(cfg.broker, "broker", problems, check_tls_files=cfg.broker.mode == "external")
+    for listener in cfg.broker.listeners:
         key = f"broker.listeners[{listener.name}]"
         if cfg.broker.mode == "embedded":
             for attr in ("certfile", "keyfile", "cafile"):
                 value = getattr(listener, attr)
                 if value is not None:
-                    _require_file(value, f"{key}.{attr}", problems)
+                    require_file(value, f"{key}.{attr}", problems)
+    upstream = LinkSecrets()
     if cfg.upstream is not None:
-        _load_link_secrets(cfg.upstream, "upstream", problems, check_tls_files=True)
+        upstream = _load_link_secrets(cfg.upstream, "upstream", problems, check_tls_files=True)
         problems.extend(cfg.upstream.plaintext_problems())
-
-    b = cfg.bridges
-    if b.fcm.enabled:
-        _require_file(b.fcm.service_account_file, "bridges.fcm.service_account_file", problems)
-        if b.fcm.service_account_file and b.fcm.service_account_file.is_file():
-            import json
-
-            try:
-                info = json.loads(b.fcm.service_account_file.read_text(encoding="utf-8"))
-                if not isinstance(info, dict):
-                    raise ValueError("not a JSON object")
-                for needed in ("client_email", "private_key", "token_uri"):
-                    if needed not in info:
-                        raise ValueError(f"missing {needed!r}")
-                b.fcm.service_account_info = info
-                if not b.fcm.project_id:
-                    if "project_id" not in info:
-                        raise ValueError("missing 'project_id' (or set bridges.fcm.project_id)")
-                    b.fcm.project_id = info["project_id"]
-            except ValueError as exc:
-                problems.append(("bridges.fcm.service_account_file", f"not a service account JSON: {exc}"))
-    if b.apns.enabled:
-        if not b.apns.topic:
-            problems.append(("bridges.apns.topic", "required (the app's bundle id)"))
-        if b.apns.cert_file and str(b.apns.cert_file):
-            _require_file(b.apns.cert_file, "bridges.apns.cert_file", problems)
-            if b.apns.cert_key_file is not None and str(b.apns.cert_key_file):
-                _require_file(b.apns.cert_key_file, "bridges.apns.cert_key_file", problems)
-        else:
-            for attr in ("team_id", "key_id"):
-                if not getattr(b.apns, attr):
-                    problems.append((f"bridges.apns.{attr}", "required for token auth (or set cert_file)"))
-            _require_file(b.apns.key_file, "bridges.apns.key_file", problems)
-            if b.apns.key_file and b.apns.key_file.is_file():
-                secret = _read_secret(b.apns.key_file, "bridges.apns.key_file", problems)
-                if secret is not None:
-                    if "PRIVATE KEY" not in secret:
-                        problems.append(("bridges.apns.key_file", "not a PEM private key (.p8)"))
-                    else:
-                        b.apns.signing_key = SecretStr(secret)
-        if b.apns.ca_file is not None and str(b.apns.ca_file):
-            _require_file(b.apns.ca_file, "bridges.apns.ca_file", problems)
-    if b.wns.enabled:
-        if not b.wns.client_id:
-            problems.append(("bridges.wns.client_id", "required"))
-        if b.wns.client_secret_file is None or not str(b.wns.client_secret_file):
-            problems.append(("bridges.wns.client_secret_file", "required"))
-        else:
-            secret = _read_secret(b.wns.client_secret_file, "bridges.wns.client_secret_file", problems)
-            if secret is not None:
-                b.wns.client_secret = SecretStr(secret)
-        if b.wns.auth == "entra" and not b.wns.tenant_id and not b.wns.token_url:
-            problems.append(("bridges.wns.tenant_id", "required when auth = \"entra\""))
-        if not b.wns.allowed_hosts:
-            problems.append(("bridges.wns.allowed_hosts", "must name at least one host"))
-    if b.webpush.enabled:
-        # The key may be created by `homepot-gateway vapid-keys`; a missing one is
-        # created at start (like the contract's command), a bad one is an error.
-        path = b.webpush.vapid_private_key_file
-        if path.exists() and "PRIVATE KEY" not in path.read_text(encoding="utf-8", errors="replace"):
-            problems.append(("bridges.webpush.vapid_private_key_file", "not a PEM private key"))
+    bridges = load_bridge_secrets(cfg, problems)
     if cfg.http is not None:
         for attr in ("certfile", "keyfile"):
             value = getattr(cfg.http, attr)
             if value is not None:
-                _require_file(value, f"http.{attr}", problems)
-    for name in ("fcm", "wns", "webpush"):
-        ca = getattr(b, name).ca_file
-        if getattr(b, name).enabled and ca is not None and str(ca):
-            _require_file(ca, f"bridges.{name}.ca_file", problems)
+                require_file(value, f"http.{attr}", problems)
+    return Secrets(broker=broker, upstream=upstream, bridges=types.MappingProxyType(bridges))
 
 
 def _blank_paths_to_none(data: Any) -> Any:
@@ -957,8 +920,10 @@ BRIDGE_KEY_FILES = frozenset({"service_account_file", "key_file", "cert_file", "
                               "client_secret_file", "vapid_private_key_file"})
 
 
-def parse_config(data: dict[str, Any], environ: dict[str, str] | None = None, source: Path | None = None) -> Config:
-    """Validate a config mapping (after env overrides); raise :class:`ConfigError`."""
+def parse_config(data: dict[str, Any], environ: dict[str, str] | None = None,
+                 source: Path | None = None) -> LoadedConfig:
+    """Validate a config mapping (after env overrides) and read the secrets it names;
+    raise :class:`ConfigError` with every problem."""
     environ = dict(os.environ if environ is None else environ)
     problems = apply_env(data, environ)
     data = _blank_paths_to_none(data)
@@ -974,29 +939,34 @@ def parse_config(data: dict[str, Any], environ: dict[str, str] | None = None, so
             elif msg.startswith("Value error, "):
                 msg = msg[len("Value error, "):]
             problems.append((key.replace("broker.limits.roles.", "broker.limits."), msg))
+    secrets: Secrets | None = None
     if cfg is not None:
-        cfg.source = source
+        cfg = cfg.model_copy(update={"source": source})
         if cfg.broker.mode == "embedded" and not cfg.broker.listeners:
             problems.append(("broker.listeners", "embedded mode needs at least one listener"))
         url_problem = cfg.broker.url_problem()
         if url_problem:
             problems.append(("broker.url", url_problem))
         secret_problems: list[tuple[str, str]] = []
-        _load_secrets(cfg, secret_problems)
+        secrets = _load_secrets(cfg, secret_problems)
+        faults: dict[str, str] = {}
         for key, msg in secret_problems:
             parts = key.split(".")
             if len(parts) == 3 and parts[0] == "bridges" and parts[2] in BRIDGE_KEY_FILES:
-                cfg.bridge_faults.setdefault(parts[1], f"{key}: {msg}")
+                faults.setdefault(parts[1], f"{key}: {msg}")
             else:
                 problems.append((key, msg))
+        secrets = dataclasses.replace(secrets, bridge_faults=types.MappingProxyType(faults))
         problems += check_rules(cfg.rules)
     if problems:
         raise ConfigError(problems)
-    assert cfg is not None
-    return cfg
+    assert cfg is not None and secrets is not None
+    return LoadedConfig(cfg, secrets)
 
 
-def load_config(path: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None) -> Config:
+def load_config(path: str | os.PathLike[str] | None = None,
+                environ: dict[str, str] | None = None) -> LoadedConfig:
+    """Read, validate and load the configuration file found by :func:`find_config_path`."""
     cfg_path = find_config_path(path)
     try:
         raw = cfg_path.read_bytes()

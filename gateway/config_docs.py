@@ -25,8 +25,8 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from gateway.alarms.rules import EscalateStep, RuleSection
 from gateway.config import AclRule, Config, ListenerSection, RoleLimits, default_acl
+from gateway.rule_schema import EscalateStep, RuleSection
 
 MARKER = "<!-- generated below by `python -m gateway.config_docs --write`; do not edit by hand -->"
 DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
@@ -156,7 +156,7 @@ def render() -> str:
     sections: list[tuple[str, type[BaseModel]]] = []
     _sections(Config, "", sections)
     lines = ["", "## Every key", "",
-             "Generated from the models in `gateway/config.py` and `gateway/alarms/rules.py`. "
+             "Generated from the models in `gateway/config.py` and `gateway/rule_schema.py`. "
              "A key given as an environment variable is `HOMEPOT_<SECTION>_<KEY>` (see above).", ""]
     for heading, model in sections:
         if heading and all(_is_table(f.annotation) for _, f in _fields(model)):

@@ -24,8 +24,9 @@ import structlog
 
 from gateway import __version__, clock, filemodes, gc_tuning
 from gateway.broker import BrokerStartError, EmbeddedBroker, InternalCredentials
-from gateway.config import Config, ConfigError, load_config
+from gateway.config import ConfigError, LoadedConfig, load_config
 from gateway.lock import AlreadyRunning, DaemonLock
+from gateway.migrations import SchemaTooNew
 from gateway.mqtt import ConnectionSettings, GatewayClient, NotConnected
 from gateway.sdnotify import Notifier
 from gateway.service import Service, ServiceStartError
@@ -49,8 +50,11 @@ LOCK_WAIT_AT_STOP_S = 2.0  # after this, a locked database fails at once instead
 class Daemon:
     """One gateway process: ``build`` makes its services once the broker and the client exist."""
 
-    def __init__(self, cfg: Config, build: Build = build, environ: dict[str, str] | None = None):
-        self.cfg = cfg
+    def __init__(self, loaded: LoadedConfig, build: Build = build, environ: dict[str, str] | None = None):
+        cfg = loaded.config
+        self.cfg = cfg  # as started; a reload hands callbacks a new one and never swaps this
+        self.secrets = loaded.secrets
+        self.log_level = cfg.logging.level  # the level in force: SIGHUP may change it
         self.topics = Topics(cfg.prefix)
         self.notifier = Notifier(environ)
         self.started_at = iso(utcnow())
@@ -74,7 +78,7 @@ class Daemon:
         is now invalid). A callback drops what it caches from files or accounts (the HTTP
         API's verified credentials, say); it may be a coroutine function; one that raises is
         logged and does not stop the others. ``self.cfg`` keeps the values the daemon
-        started with, except ``logging.level``, which is applied.
+        started with; the new ``logging.level`` is applied (:attr:`log_level`).
         """
         label = name if name is not None else str(getattr(callback, "__qualname__", repr(callback)))
         self._reload_callbacks.append((label, callback))
@@ -91,7 +95,8 @@ class Daemon:
             username, password = self.internal.username, self.internal.password
         else:
             username = b.username or None
-            password = b.password.get_secret_value() if b.password else None
+            secret = self.secrets.broker.password
+            password = secret.get_secret_value() if secret else None
         return ConnectionSettings(
             url=b.url,
             client_id=f"homepot-gateway-{self.cfg.gateway.site_id}",
@@ -126,7 +131,12 @@ class Daemon:
             self._remove_signal_handlers(loop)
             return 2
         try:
-            await self.db.open()
+            try:
+                await self.db.open()  # the schema registry migrates, before any service starts
+            except SchemaTooNew as exc:
+                log.error("database schema is newer than this gateway", path=str(self.cfg.db_path), error=str(exc))
+                await self.db.close(timeout=DB_CLOSE_S)
+                return 2
             await clock.start(self.db)
             try:
                 return await self._run()
@@ -189,19 +199,20 @@ class Daemon:
         effective = self.cfg
         source = self.cfg.source
         try:
-            new = await asyncio.to_thread(load_config, source) if source is not None else None
+            loaded = await asyncio.to_thread(load_config, source) if source is not None else None
+            new = loaded.config if loaded is not None else None
         except ConfigError as exc:
             new = None
             log.error("reload: the config file is invalid; keeping the running configuration",
                       config=str(source), problems=exc.lines())
         if new is not None:
             effective = new
-            if new.logging.level != self.cfg.logging.level:
+            if new.logging.level != self.log_level:
                 from gateway.logs import set_level
 
-                log.info("reload: log level changed", old=self.cfg.logging.level, new=new.logging.level)
+                log.info("reload: log level changed", old=self.log_level, new=new.logging.level)
                 set_level(new.logging.level)
-                self.cfg.logging.level = new.logging.level
+                self.log_level = new.logging.level
                 reloaded.append("logging.level")
             restart = [key for key in _changed_keys(self.cfg.model_dump(mode="json"), new.model_dump(mode="json"))
                        if key != "logging.level"]
@@ -246,7 +257,8 @@ class Daemon:
 
         client = GatewayClient(self.client_settings(), name="broker", storage_probe=self.db.probe)
         self.client = client
-        graph = self._build(cfg, self.db, Runtime(started_at=self.started_at, client=client, broker=self.broker))
+        graph = self._build(cfg, self.db, Runtime(started_at=self.started_at, secrets=self.secrets, client=client,
+                                                   broker=self.broker))
         self.services = graph.services
         for name, callback in graph.reload_callbacks:
             self.on_reload(callback, name=name)
@@ -353,9 +365,9 @@ def _changed_keys(old: object, new: object, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")] if old != new else []
 
 
-def run_daemon(cfg: Config) -> int:
+def run_daemon(loaded: LoadedConfig) -> int:
     gc_tuning.tune()
-    return asyncio.run(Daemon(cfg).run())
+    return asyncio.run(Daemon(loaded).run())
 
 
 __all__ = ["Daemon", "run_daemon"]

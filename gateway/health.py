@@ -164,7 +164,6 @@ class HealthReporter:
         """Nothing to route: the reporter only reads (its client is in :attr:`probes`)."""
 
     async def run(self, stopping: asyncio.Event) -> None:
-        await self.db.run(_migrate)
         try:
             while not stopping.is_set():
                 await self.refresh()
@@ -252,13 +251,6 @@ class HealthReporter:
         tmp.write_text(json.dumps(snap, default=str), encoding="utf-8")
         os.chmod(tmp, 0o600)  # like everything in the data dir (gateway/filemodes.py); `status` runs as its owner
         os.replace(tmp, self.path)
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    from gateway.pipeline import schema
-
-    schema.migrate(conn)  # idempotent; the pipeline runs it too, whoever is first
-    stats.migrate(conn)
 
 
 def set_aside_view(probes: HealthProbes) -> dict[str, Any]:

@@ -16,7 +16,8 @@ yielding metric families) is added with :meth:`Metrics.register`, by the wiring
 (:mod:`gateway.wiring`) that builds both the service it reads and the HTTP service.
 ``collect()`` runs in a worker thread: read values that are safe to read there (numbers, a
 snapshot, your own SQLite connection). ``homepot_alarms_firing`` and
-``homepot_alarms{state}`` are read from the alarms table here.
+``homepot_alarms{state}`` come from :func:`gateway.alarms.summary.summary`, like ``status``
+and the operator page.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from gateway import clock
 from gateway import stats
+from gateway.alarms.summary import summary as alarm_summary
 
 log = structlog.get_logger(__name__)
 
@@ -220,7 +222,7 @@ class DatabaseCollector:
             jobs = stats.jobs_by_state(conn)
             devices = stats.device_count(conn)
             backlog = stats.upstream_backlog(conn)
-            alarms = stats.alarms_by_state(conn)
+            alarms = alarm_summary(conn)
         finally:
             conn.execute("COMMIT")
         deliveries = GaugeMetricFamily(f"{NS}_deliveries", "deliveries now in each state, by platform of the last "
@@ -255,10 +257,10 @@ class DatabaseCollector:
         yield dev
         if alarms is not None:
             firing = GaugeMetricFamily(f"{NS}_alarms_firing", "alarms firing now (sensor rules)")
-            firing.add_metric([], float(alarms.get("firing", 0)))
+            firing.add_metric([], float(alarms.count("firing")))
             yield firing
             by_state = GaugeMetricFamily(f"{NS}_alarms", "alarm records by state", labels=["state"])
-            for state, n in sorted(alarms.items()):
+            for state, n in sorted(alarms.by_state.items()):
                 by_state.add_metric([state], float(n))
             yield by_state
         if backlog is not None:

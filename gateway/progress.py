@@ -29,8 +29,9 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from gateway.states import PROBLEM_DELIVERY_STATES, JobState
+
 Until = Literal["completed", "acknowledged"]
-FAILED_STATES = ("failed", "expired", "invalid_address")
 _SHORT = {"queued": "queued", "sent": "sent", "acknowledged": "acked", "failed": "failed",
           "expired": "expired", "invalid_address": "invalid"}
 
@@ -53,18 +54,18 @@ def progress_bar(console: Console, *extra: ProgressColumn) -> Progress:
 
 def done_count(counts: dict[str, int], until: Until) -> int:
     if until == "acknowledged":
-        return counts["acknowledged"] + sum(counts[s] for s in FAILED_STATES)
+        return counts["acknowledged"] + sum(counts[s] for s in PROBLEM_DELIVERY_STATES)
     return counts["targets"] - counts["queued"]
 
 
 def finished(status: dict[str, Any], until: Until) -> bool:
     state, c = status["state"], status["counts"]
-    if state in ("rejected", "acknowledged"):
+    if state in (JobState.REJECTED, JobState.ACKNOWLEDGED):
         return True
     if until == "completed":
-        return state == "completed"
+        return state == JobState.COMPLETED
     # Every delivery final, though not every one acked: "acknowledged" will never come.
-    return state == "completed" and c["sent"] == 0
+    return state == JobState.COMPLETED and c["sent"] == 0
 
 
 def summary(status: dict[str, Any]) -> str:
@@ -77,9 +78,9 @@ def exit_code(status: dict[str, Any], until: Until) -> int:
     """0 if no delivery failed, expired or hit an invalid address (and, for --until
     acknowledged, every target acked), else 1 (contract §3)."""
     c = status["counts"]
-    if status["state"] == "rejected" or any(c[s] for s in FAILED_STATES):
+    if status["state"] == JobState.REJECTED or any(c[s] for s in PROBLEM_DELIVERY_STATES):
         return 1
-    if until == "acknowledged" and status["state"] != "acknowledged":
+    if until == "acknowledged" and status["state"] != JobState.ACKNOWLEDGED:
         return 1
     return 0
 

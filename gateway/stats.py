@@ -13,21 +13,20 @@ retention):
   bucket (``le`` in ms, -1 = above the last bound); only ever grows, like a Prometheus
   histogram, also when old deliveries are pruned.
 
-Every write to ``deliveries`` (gateway/pipeline/store.py is the only writer: expansion,
-results, acks, retention) moves the aggregates in its own transaction, once per batch:
-:func:`tracking` reads the rows a batch touches before and after its statements (``IN``
-lookups by primary key) and :func:`apply_changes` makes one upsert per (platform, state)
-whose count moved and per latency bucket that grew. Where the store already knows both
-sides (the rows it inserts as written; the acks, whose rows it has just read and whose
-updates are unconditional) it calls :func:`apply_changes` without the reads. Not row-level
+Every write to ``deliveries`` goes through one class,
+``gateway.pipeline.deliveries.DeliveryWriter`` (a test's SQLite authorizer fails any
+other): it knows each row it changes before and after (it read the row once in the
+transaction, or wrote it), and makes one upsert per (platform, state) whose count moved
+and per latency bucket that grew (:func:`apply_counts`), once per batch. Not row-level
 triggers: those cost two or three trigger statements per changed row (SQLite has no
 statement-level triggers), several times the cost of the row update itself.
 
-``migrate`` creates the tables, drops those triggers where an older gateway made them, and
-recounts both tables from the deliveries table at a start where they cannot be trusted: the
-platform key changed, or the cheap check of :func:`stale` (the total, and the queued rows
+Its migration (``MIGRATIONS``, run by :mod:`gateway.migrations`) creates the tables and
+drops those triggers where an older gateway made them; :func:`check`, at every start,
+recounts both tables from the deliveries table where they cannot be trusted: the cheap
+check of :func:`stale` (the total, and the queued rows
 per platform, read from indexes) disagrees. That is what a writer that bypassed
-:func:`tracking` (a hand-made repair, an older tool) leaves behind when it inserted or
+the one writer (a hand-made repair, an older tool) leaves behind when it inserted or
 deleted rows or touched the queue; a bypass that only moves rows between final states or
 platforms is not seen by that check: ``DELETE FROM delivery_stats`` forces a full recount
 at the next start. Everything else here
@@ -37,14 +36,11 @@ is a read that costs a handful of rows whatever the fleet size.
 from __future__ import annotations
 
 import bisect
-import json
 import sqlite3
-from collections import Counter
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from gateway import clock
+from gateway.storage import run_script
 
 # Ack latency bucket bounds (ms): a push shown on a phone within 100 ms .. a PLC that was
 # offline for an hour.
@@ -75,19 +71,17 @@ OLD_TRIGGERS = ("delivery_stats_insert", "delivery_stats_delete", "delivery_stat
 QUEUED_INDEX = "deliveries_queued_by_platform"
 
 
-def platform_columns(conn: sqlite3.Connection) -> list[str]:
-    """Which delivery columns name its platform, in order of precedence.
-
-    ``platform`` is the channel of the last attempt. A pipeline that also keeps ``route``
-    (the bridge a queued delivery is due on) gives queued work its platform before the first
-    attempt; it is preferred when present."""
-    cols = {r[1] for r in conn.execute("PRAGMA table_info(deliveries)")}
-    return [c for c in ("route", "platform") if c in cols]
+# A delivery's platform: ``route`` (the bridge a queued delivery is due on, or the one it was
+# sent on), else ``platform`` (the channel of the last attempt), else '' (not routed yet).
+# Both columns exist in every database the schema registry migrated.
+PLATFORM_KEY = "COALESCE(route, platform, '')"
 
 
-def platform_key(conn: sqlite3.Connection, alias: str = "") -> str:
-    prefix = f"{alias}." if alias else ""
-    return "COALESCE(" + ", ".join(f"{prefix}{c}" for c in platform_columns(conn)) + ", '')"
+def platform_key(conn: sqlite3.Connection | None = None, alias: str = "") -> str:
+    """:data:`PLATFORM_KEY`, its columns prefixed with ``alias``."""
+    if not alias:
+        return PLATFORM_KEY
+    return f"COALESCE({alias}.route, {alias}.platform, '')"
 
 
 def bucket_of(latency_ms: float) -> float:
@@ -96,64 +90,13 @@ def bucket_of(latency_ms: float) -> float:
     return LATENCY_BUCKETS_MS[i] if i < len(LATENCY_BUCKETS_MS) else -1.0
 
 
-_Row = tuple[str, str, Any]  # platform key, state, latency_ms
-
-
-def snapshot(conn: sqlite3.Connection, ids: list[str]) -> dict[str, _Row]:
-    """message_id → (platform key, state, latency_ms) of those of ``ids`` that exist."""
-    key = platform_key(conn)  # one PRAGMA per batch; the columns may differ between databases
-    out: dict[str, _Row] = {}
-    # The ids as one JSON array: one statement text whatever their number, prepared once
-    # (an IN list of n marks is a new statement for every n).
-    for r in conn.execute(f"SELECT message_id, {key}, state, latency_ms FROM deliveries "
-                          "WHERE message_id IN (SELECT value FROM json_each(?))", (json.dumps(ids),)):
-        out[r[0]] = (r[1], r[2], r[3])
-    return out
-
-
-@contextmanager
-def tracking(conn: sqlite3.Connection, message_ids: Iterable[str], inserted: bool = False) -> Iterator[None]:
-    """Keep the aggregates exact across the deliveries writes made inside the block.
-
-    ``message_ids`` are every delivery the block may insert, change or delete (others are
-    not looked at). ``inserted=True`` says the ids are new (fresh primary keys), so there is
-    nothing to read before. Must run inside the writes' transaction: the aggregates commit
-    or roll back with the rows, so they stay exact after a crash (kill -9) too."""
-    ids = list(dict.fromkeys(message_ids))
-    if not ids:
-        yield
-        return
-    before = {} if inserted else snapshot(conn, ids)
-    yield
-    after = snapshot(conn, ids)
-    apply_changes(conn, before, after)
-
-
-def apply_changes(conn: sqlite3.Connection, before: dict[str, _Row], after: dict[str, _Row]) -> None:
-    """One upsert per (platform, state) whose count moved and per latency bucket that grew."""
-    counts: Counter[tuple[str, str]] = Counter()
-    latency: dict[tuple[str, float], list[float]] = {}
-    for mid, old in before.items():
-        new = after.get(mid)
-        if new is None or new[:2] != old[:2]:
-            counts[old[:2]] -= 1
-    for mid, new in after.items():
-        old = before.get(mid)
-        if old is None or new[:2] != old[:2]:
-            counts[new[:2]] += 1
-        if new[1] == "acknowledged" and (old is None or old[1] != "acknowledged") and new[2] is not None:
-            slot = latency.setdefault((new[0], bucket_of(float(new[2]))), [0, 0.0])
-            slot[0] += 1
-            slot[1] += float(new[2])
-    apply_counts(conn, counts, latency)
-
-
 def apply_counts(conn: sqlite3.Connection, counts: dict[tuple[str, str], int],
                  latency: dict[tuple[str, float], list[float]]) -> None:
     """Move the aggregates by what a batch changed: ``counts`` (platform key, state) → rows
-    gained (negative: lost), ``latency`` (platform key, bucket) → [acks, sum of ms]. For
-    writers that know the changes without a before/after pair (the store's hot paths:
-    expansion, acks); :func:`apply_changes` ends here too."""
+    gained (negative: lost), ``latency`` (platform key, bucket) → [acks, sum of ms]. Called
+    by the deliveries' one writer (gateway.pipeline.deliveries.DeliveryWriter) once per
+    batch, in the batch's transaction: the aggregates commit or roll back with the rows,
+    so they stay exact after a crash (kill -9) too."""
     moved = [(platform, state, n) for (platform, state), n in counts.items() if n]
     if moved:
         conn.executemany("INSERT INTO delivery_stats(platform, state, n) VALUES (?, ?, ?) "
@@ -170,7 +113,7 @@ def stale(conn: sqlite3.Connection) -> bool:
     queued rows per platform (the queue that ``/metrics`` and ``/healthz`` watch). Both are
     read from indexes (the queued ones from the partial :data:`QUEUED_INDEX`): a few ms for
     100,000 rows kept, no scan of the table."""
-    key = platform_key(conn)
+    key = PLATFORM_KEY
     kept = {(p, s): n for p, s, n in conn.execute("SELECT platform, state, n FROM delivery_stats")}
     total = conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
     queued = {p: n for p, n in conn.execute(f"SELECT {key}, COUNT(*) FROM deliveries INDEXED BY {QUEUED_INDEX} "
@@ -179,9 +122,17 @@ def stale(conn: sqlite3.Connection) -> bool:
     return sum(kept.values()) != total or kept_queued != queued
 
 
+def counted(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
+    """(platform, state) → deliveries, counted from the deliveries table (a scan): for a
+    database whose aggregates do not exist yet (made before them, not opened since). The
+    platform is the channel of the last attempt, the one column every version had."""
+    return {(r[0], r[1]): r[2] for r in conn.execute(
+        "SELECT COALESCE(platform, ''), state, COUNT(*) FROM deliveries GROUP BY 1, 2")}
+
+
 def recount(conn: sqlite3.Connection) -> None:
     """Rebuild both aggregates from the deliveries table (a scan of every delivery kept)."""
-    key = platform_key(conn)
+    key = PLATFORM_KEY
     conn.execute("DELETE FROM delivery_stats")
     conn.execute(f"INSERT INTO delivery_stats(platform, state, n) SELECT {key}, state, COUNT(*) "
                  "FROM deliveries GROUP BY 1, 2")
@@ -192,44 +143,36 @@ def recount(conn: sqlite3.Connection) -> None:
                  f"GROUP BY 1, 2")
 
 
-def prepare(conn: sqlite3.Connection) -> None:
-    """Create the tables and drop an older gateway's triggers (they kept the counts exact up
-    to here, so this needs no recount). Run by the pipeline's ``schema.migrate`` too, so
-    that no writer of deliveries ever runs with both the triggers and :func:`tracking`, or
-    without the tables.
-
-    It also makes sure the queued index exists (created on the platform key as it is now
-    when missing; :func:`migrate` re-makes it when the key changed): besides this module's
-    reads, the pipeline's per-job lookups of queued rows (``store.expiring``) use it, so it
-    is the one index on queued rows by job (a second one would cost a B-tree write per delivery)."""
-    for statement in TABLES.strip().split(";"):
-        if statement.strip():
-            conn.execute(statement)
+def _v1_tables(conn: sqlite3.Connection) -> None:
+    """The aggregate tables and the queued index on the platform key; an older gateway's
+    row triggers dropped (they kept the counts exact up to here). An index made on an
+    older key (before deliveries had ``route``) is made again on today's, and the counts
+    recounted on it. Besides this module's reads, the pipeline's per-job lookups of queued
+    rows (``store.expiring``) use the index: it is the one index on queued rows by job."""
+    run_script(conn, TABLES)
     for name in OLD_TRIGGERS:
         conn.execute(f"DROP TRIGGER IF EXISTS {name}")
-    if has_table(conn, "deliveries"):
-        conn.execute(f"CREATE INDEX IF NOT EXISTS {QUEUED_INDEX} ON deliveries(job_id, {platform_key(conn)}) "
-                     "WHERE state = 'queued'")
-
-
-def migrate(conn: sqlite3.Connection) -> None:
-    """Create the tables and the queued index for the deliveries table as it is now, drop an
-    older gateway's triggers, and recount both aggregates when they cannot be trusted.
-
-    A recount happens when the platform key changed (a ``route`` column appeared: the index
-    is re-made on it) or :func:`stale` finds the counts off. Otherwise nothing is recounted:
-    the recount is a scan of every delivery kept (0.3 s for 100,000 rows on the development
-    machine) on the way to READY."""
-    prepare(conn)
-    key = platform_key(conn)
     conn.execute("DROP INDEX IF EXISTS deliveries_queued_by_job")  # this module's earlier name
     index = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?",
                          (QUEUED_INDEX,)).fetchone()
-    changed = index is not None and key not in index[0]
+    changed = index is not None and PLATFORM_KEY not in index[0]
     if changed:
         conn.execute(f"DROP INDEX {QUEUED_INDEX}")  # the columns changed: index the new key
-    conn.execute(f"CREATE INDEX IF NOT EXISTS {QUEUED_INDEX} ON deliveries(job_id, {key}) WHERE state = 'queued'")
-    if changed or stale(conn):
+    conn.execute(f"CREATE INDEX IF NOT EXISTS {QUEUED_INDEX} ON deliveries(job_id, {PLATFORM_KEY}) "
+                 "WHERE state = 'queued'")
+    if changed:
+        recount(conn)
+
+
+# This module's migrations, oldest first (gateway.migrations): never edit a released one.
+MIGRATIONS = (_v1_tables,)
+
+
+def check(conn: sqlite3.Connection) -> None:
+    """At every start (after the migrations): recount both aggregates when :func:`stale`
+    finds them off. Otherwise nothing is recounted: the recount is a scan of every
+    delivery kept (0.3 s for 100,000 rows on the development machine) on the way to READY."""
+    if stale(conn):
         recount(conn)
 
 
@@ -272,7 +215,7 @@ def oldest_queued(conn: sqlite3.Connection, now: float | None = None) -> dict[st
     platforms = [p for (p, s), n in delivery_counts(conn).items() if s == "queued" and n > 0]
     if not platforms:
         return {}
-    key = platform_key(conn)
+    key = PLATFORM_KEY
     out: dict[str, float] = {}
     for job_id, created_at in conn.execute("SELECT job_id, created_at FROM jobs WHERE queued > 0 ORDER BY created_at"):
         for platform in platforms:
@@ -308,8 +251,10 @@ def device_count(conn: sqlite3.Connection) -> int:
 
 
 def upstream_backlog(conn: sqlite3.Connection) -> dict[str, Any] | None:
-    """The cloud link's outbox (rows, bytes, oldest age, dropped), or None without one."""
-    if not has_table(conn, "upstream_outbox_state"):
+    """The cloud link's outbox (rows, bytes, oldest age, dropped), or None without one (its
+    tables exist in every database; its state row once a link used it)."""
+    if not has_table(conn, "upstream_outbox_state") or \
+            conn.execute("SELECT 1 FROM upstream_outbox_state WHERE id = 1").fetchone() is None:
         return None
     try:
         from gateway.upstream import outbox
@@ -319,34 +264,6 @@ def upstream_backlog(conn: sqlite3.Connection) -> dict[str, Any] | None:
         return None  # a schema the upstream link changed: the link's own metrics still count
 
 
-def alarms_firing(conn: sqlite3.Connection) -> list[dict[str, Any]] | None:
-    """Alarms in state ``firing`` when the alarms table exists, else None."""
-    if not has_table(conn, "alarms"):
-        return None
-    try:
-        cols = {r[1] for r in conn.execute("PRAGMA table_info(alarms)")}
-        if "state" not in cols:
-            return None
-        # gateway.alarms.store names the key column ``akey``; shown as ``key`` (AlarmState).
-        names = [(c, "key" if c == "akey" else c) for c in ("rule", "akey", "key", "value", "since", "fired_at")
-                 if c in cols]
-        select = ", ".join(c for c, _ in names) or "state"
-        rows = conn.execute(f"SELECT {select} FROM alarms WHERE state = 'firing' ORDER BY rule").fetchall()
-        return [{label: v for (_, label), v in zip(names, r)} for r in rows]
-    except sqlite3.Error:
-        return None
-
-
-def alarms_by_state(conn: sqlite3.Connection) -> dict[str, int] | None:
-    """Alarm records per state (pending, firing, acknowledged, ...), or None without alarms."""
-    if not has_table(conn, "alarms"):
-        return None
-    try:
-        return {r[0]: int(r[1]) for r in conn.execute("SELECT state, COUNT(*) FROM alarms GROUP BY state")}
-    except sqlite3.Error:
-        return None
-
-
-__all__ = ["LATENCY_BUCKETS_MS", "UNASSIGNED", "ack_latency", "alarms_by_state", "alarms_firing", "counters", "delivery_counts",
-           "device_count", "jobs_by_state", "migrate", "oldest_queued", "oldest_queued_overall", "prepare", "recount",
-           "snapshot", "apply_changes", "stale", "tracking", "upstream_backlog"]
+__all__ = ["LATENCY_BUCKETS_MS", "MIGRATIONS", "PLATFORM_KEY", "UNASSIGNED", "ack_latency", "check", "counters",
+           "delivery_counts", "device_count", "jobs_by_state", "oldest_queued", "oldest_queued_overall", "recount",
+           "apply_counts", "stale", "upstream_backlog"]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import clock, health, stats
+from gateway.alarms.summary import summary as alarm_summary
 from gateway.config import Config
 
 EXIT = {"ok": 0, "degraded": 1, "unreachable": 2}
@@ -78,7 +79,10 @@ def collect(cfg: Config, now: float | None = None) -> dict[str, Any]:
             backlog = stats.upstream_backlog(conn)
             if backlog is not None:
                 out["upstream"] = {**(out.get("upstream") or {}), **backlog}
-            out["alarms_firing"] = stats.alarms_firing(conn)
+            alarms = alarm_summary(conn)
+            out["alarms_firing"] = None if alarms is None else [
+                {k: a[k] for k in ("rule", "key", "value", "since", "fired_at")}
+                for a in sorted(alarms.firing, key=lambda a: (a["rule"], a["key"]))]
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             out["database_error"] = str(exc)
@@ -91,8 +95,7 @@ def _deliveries(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
     if stats.has_table(conn, "delivery_stats"):
         counts = stats.delivery_counts(conn)
     elif stats.has_table(conn, "deliveries"):  # a database the daemon has not opened since upgrading
-        counts = {(r[0], r[1]): r[2] for r in conn.execute(
-            "SELECT COALESCE(platform, ''), state, COUNT(*) FROM deliveries GROUP BY 1, 2")}
+        counts = stats.counted(conn)
     else:
         counts = {}
     out: dict[str, dict[str, int]] = {}

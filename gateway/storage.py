@@ -164,6 +164,33 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+def sql_statements(script: str) -> list[str]:
+    """The statements of an SQL script, to run one by one with ``execute`` inside the
+    caller's transaction (``executescript`` would COMMIT it first). Splits on ``;`` at a
+    line's end, keeping a trigger's body (``CREATE TRIGGER … BEGIN …; END;``) whole;
+    ``--`` comments are dropped."""
+    statements: list[str] = []
+    current = ""
+    for line in script.splitlines():
+        stripped = line.split("--", 1)[0].rstrip()
+        if not stripped:
+            continue
+        current += stripped + "\n"
+        in_trigger = current.lstrip().upper().startswith("CREATE TRIGGER")
+        if stripped.endswith(";") and (not in_trigger or stripped.strip().upper() == "END;"):
+            statements.append(current.strip().rstrip(";"))
+            current = ""
+    if current.strip():
+        statements.append(current.strip())
+    return statements
+
+
+def run_script(conn: sqlite3.Connection, script: str) -> None:
+    """Run every statement of ``script`` (:func:`sql_statements`) in the caller's transaction."""
+    for statement in sql_statements(script):
+        conn.execute(statement)
+
+
 def _rollback(conn: sqlite3.Connection) -> None:
     # After SQLITE_FULL or an I/O error SQLite may already have rolled back; a second
     # ROLLBACK would raise and hide the real error.
@@ -313,11 +340,17 @@ class Database:
         assert self._conn is not None, "database not open"
         return transaction(self._conn, fn, begin=self._begin)
 
-    async def open(self, migrations: list[Migration] | None = None) -> "Database":
+    async def open(self, *, migrate: bool = True) -> "Database":
+        """Open the writer connection and bring the schema up to date: every component's
+        pending migrations (:mod:`gateway.migrations`) in one transaction, before anything
+        else can use the database. ``migrate=False`` only for a test that builds an old
+        database by hand."""
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._open)
-        for migrate in migrations or []:
-            await self.run(migrate)
+        if migrate:
+            from gateway import migrations  # every component's schema: imported late, they import this module
+
+            await self.run(migrations.migrate)
         return self
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:

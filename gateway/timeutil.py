@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import overload
 
 
 def utcnow() -> datetime:
@@ -13,8 +14,20 @@ def utcnow() -> datetime:
 
 
 def iso(dt: datetime) -> str:
-    """ISO-8601 with milliseconds and a ``Z``."""
+    """ISO-8601 with milliseconds and a ``Z``. A time already in UTC (the usual case: a
+    parsed ack's ``at``, :func:`utcnow`) skips the conversion; this runs once per ack."""
+    if dt.tzinfo is UTC:
+        return dt.isoformat(timespec="milliseconds")[:-6] + "Z"
     return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@overload
+def iso_ts(ts: float) -> str: ...
+@overload
+def iso_ts(ts: None) -> None: ...
+def iso_ts(ts: float | None) -> str | None:
+    """:func:`iso` of a Unix time (how SQLite rows keep times); ``None`` stays ``None``."""
+    return None if ts is None else iso(datetime.fromtimestamp(ts, UTC))
 
 
 def parse_iso(text: str) -> datetime:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from gateway.alarms.service import AlarmService
 from gateway.broker import EmbeddedBroker
-from gateway.config import Config
+from gateway.config import Config, Secrets
 from gateway.health import HealthProbes, HealthReporter
 from gateway.mqtt import GatewayClient
 from gateway.pipeline import Pipeline
@@ -46,10 +46,12 @@ ReloadCallback = Callable[[Config], Awaitable[None] | None]
 
 @dataclass(frozen=True)
 class Runtime:
-    """What exists before the services: the daemon's start time, the embedded broker (None
-    in external mode) and the gateway's own client of the broker."""
+    """What exists before the services: the daemon's start time, the secrets the config's
+    files hold (read with it: the cloud link's password, each push platform's keys), the
+    gateway's own client of the broker and the embedded broker (None in external mode)."""
 
     started_at: str
+    secrets: Secrets
     client: GatewayClient
     broker: EmbeddedBroker | None = None
 
@@ -79,7 +81,7 @@ def build(cfg: Config, db: Database, runtime: Runtime) -> Graph:
     services: list[Service] = []
     link = None
     if cfg.upstream is None:
-        pipeline = Pipeline(cfg, db, ack_url=ack_url)
+        pipeline = Pipeline(cfg, db, ack_url=ack_url, secrets=runtime.secrets)
         services.append(pipeline)
     else:
         from gateway.upstream import UpstreamLink
@@ -88,10 +90,11 @@ def build(cfg: Config, db: Database, runtime: Runtime) -> Graph:
         # Status changes and acks are queued for the cloud in the pipeline's own
         # transactions, into the outbox the link drains (its listeners wake the drain).
         outbox = Outbox.for_upstream(cfg.upstream)
-        pipeline = Pipeline(cfg, db, forward=outbox, ack_url=ack_url)
-        link = UpstreamLink(cfg, db, pipeline, outbox)
+        pipeline = Pipeline(cfg, db, forward=outbox, ack_url=ack_url, secrets=runtime.secrets)
+        link = UpstreamLink(cfg, db, pipeline, outbox, secrets=runtime.secrets.upstream)
         services += [pipeline, link]
-    services.append(AlarmService(cfg, db, pipeline))
+    alarms = AlarmService(cfg, db, pipeline)
+    services.append(alarms)
 
     reporter = HealthReporter(cfg, db, HealthProbes(client=runtime.client, started_at=runtime.started_at,
                                                     broker=runtime.broker, bridges=pipeline, upstream=link))
@@ -105,7 +108,7 @@ def build(cfg: Config, db: Database, runtime: Runtime) -> Graph:
         changes = Pulse()
         pipeline.on_commit(changes.fire)  # event streams and the operator page re-read on commits
         http = HttpService(cfg, db, jobs=pipeline, health=reporter, signer=signer, changes=changes,
-                           started_at=runtime.started_at, signer_error=signer_error)
+                           started_at=runtime.started_at, alarms=alarms, signer_error=signer_error)
         services.append(http)
         graph.reload_callbacks.append(("http credential cache", http.auth.invalidate))  # SIGHUP: forget logins
     return graph

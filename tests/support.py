@@ -321,12 +321,13 @@ def cli(config: Path, *args: str, timeout: float = 120, input: str | None = None
 def bulk_register(data_dir: Path, devices: list[dict[str, Any]]) -> None:
     """Put many devices in the registry the way `devices add` does (same store code), in one transaction."""
     from devices.models import Device
-    from gateway.pipeline import schema, store
+    from gateway import migrations
+    from gateway.pipeline import store
     from gateway.storage import connect
 
     conn = connect(data_dir / "gateway.db")
     conn.execute("BEGIN IMMEDIATE")
-    schema.migrate(conn)
+    migrations.migrate(conn)
     for d in devices:
         store.upsert_device(conn, Device.model_validate(d), "test")
     conn.execute("COMMIT")

@@ -17,8 +17,8 @@ FAN_OUT_KEYS = ("batch_size", "max_in_flight")
 
 def test_the_fan_out_bench_runs_the_shipped_dispatch_defaults(tmp_path: Path):
     assert "dispatch" not in DAEMON_CONFIG
-    bench_cfg = parse_config(base_config(tmp_path, 1883, **DAEMON_CONFIG), {})
-    shipped = parse_config(tomllib.loads((ROOT / "config.toml").read_text()), {})
+    bench_cfg = parse_config(base_config(tmp_path, 1883, **DAEMON_CONFIG), {}).config
+    shipped = parse_config(tomllib.loads((ROOT / "config.toml").read_text()), {}).config
     defaults = DispatchSection()
     for key in FAN_OUT_KEYS:
         assert getattr(bench_cfg.dispatch, key) == getattr(shipped.dispatch, key) == getattr(defaults, key), key

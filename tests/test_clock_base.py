@@ -1,5 +1,7 @@
-"""gateway.clock's time base: continued on the same boot, resumed after a reboot, never
-earlier than the last saved time (no real clock is stepped here; see test_clock_step.py)."""
+"""gateway.clock's time base: every start re-anchors it to the wall clock and shifts the
+stored deadlines by how far the old timeline was off (known exactly on the same boot, from
+the last save after a reboot, never earlier than the last saved time); a step while running
+is noticed and logged (no real clock is stepped here; see test_clock_step.py)."""
 
 from __future__ import annotations
 
@@ -44,18 +46,45 @@ def test_first_start_takes_the_wall_clock_then_ignores_its_steps(monkeypatch, co
     assert clock.now() == 1_000_015.0
 
 
-def test_restart_on_the_same_boot_continues_the_timeline(monkeypatch, conn):
+class Recorder:
+    """Collects the shifts establish() asks the deadline owners for."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.deltas: list[float] = []
+        monkeypatch.setattr(clock, "_shifters", lambda: [self.shift])
+
+    def shift(self, conn, delta: float) -> int:
+        self.deltas.append(delta)
+        return 0
+
+
+def test_restart_on_the_same_boot_re_anchors_to_the_stepped_wall_clock(monkeypatch, conn):
     m = Machine(monkeypatch, wall=1_000_000.0, mono=50.0, boot="a")
+    shifts = Recorder(monkeypatch)
     clock.establish(conn)
     m.wall -= 3600  # stepped back an hour while running, then a restart 20 s later
     m.advance(20)
     clock._offset = 0.0  # a new process knows nothing
+    assert clock.establish(conn) == -3600.0
+    assert clock.now() == m.wall  # written times are the system clock's again
+    assert shifts.deltas == [-3600.0]  # deadlines keep their remaining durations
+
+
+def test_restart_without_a_step_rewrites_nothing(monkeypatch, conn):
+    m = Machine(monkeypatch, wall=1_000_000.0, mono=50.0, boot="a")
+    shifts = Recorder(monkeypatch)
     clock.establish(conn)
-    assert clock.now() == 1_000_020.0
+    m.advance(20)
+    m.wall += 0.5  # slewing, not a step
+    clock._offset = 0.0
+    assert clock.establish(conn) == 0.0
+    assert clock.now() == 1_000_020.0  # the timeline continues
+    assert shifts.deltas == []
 
 
 def test_after_a_reboot_the_downtime_comes_from_the_wall_clock(monkeypatch, conn):
     m = Machine(monkeypatch, wall=1_000_000.0, mono=50.0, boot="a")
+    shifts = Recorder(monkeypatch)
     clock.establish(conn)
     m.wall -= 3600  # stepped back an hour during the run: the timeline is an hour ahead
     m.advance(30)
@@ -64,18 +93,117 @@ def test_after_a_reboot_the_downtime_comes_from_the_wall_clock(monkeypatch, conn
     m.wall += 100
     clock._offset = 0.0
     clock.establish(conn)
-    assert clock.now() == pytest.approx(1_000_030.0 + 100)
+    assert clock.now() == m.wall
+    assert shifts.deltas == [pytest.approx(-3600.0)]  # the old timeline was at wall + 3600
 
 
-def test_after_a_reboot_with_the_clock_far_behind_the_timeline_does_not_go_back(monkeypatch, conn):
+def test_after_a_reboot_with_the_clock_far_behind_deadlines_move_back_with_it(monkeypatch, conn):
     m = Machine(monkeypatch, wall=1_000_000.0, mono=50.0, boot="a")
+    shifts = Recorder(monkeypatch)
     clock.establish(conn)
     m.advance(30)
     clock.save(conn)
     m.boot, m.mono, m.wall = "b", 7.0, 0.0  # a box without RTC boots in 1970
     clock._offset = 0.0
     clock.establish(conn)
-    assert clock.now() == 1_000_030.0
+    assert clock.now() == 0.0
+    # The old timeline is taken at its last saved time (no downtime): nothing falls due, nothing freezes.
+    assert shifts.deltas == [-1_000_030.0]
+
+
+def test_a_failed_shift_keeps_the_old_timeline(monkeypatch, conn):
+    m = Machine(monkeypatch, wall=1_000_000.0, mono=50.0, boot="a")
+    clock.establish(conn)
+    m.wall += 3600
+    m.advance(10)
+
+    def refuse(conn, delta):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(clock, "_shifters", lambda: [refuse])
+    clock._offset = 0.0
+    with pytest.raises(sqlite3.OperationalError):
+        clock.establish(conn)
+    assert clock.now() == 1_000_010.0  # deadlines were not shifted, so the clock is not moved either
+
+
+def test_establish_shifts_the_owners_deadlines_but_not_history(monkeypatch, conn):
+    """The real owners' shift functions on their real tables."""
+    from gateway import migrations
+
+    migrations.migrate(conn)
+    m = Machine(monkeypatch, wall=1_000_000.0, mono=50.0, boot="a")
+    clock.establish(conn)
+    t = 1_000_000.0
+    conn.execute("INSERT INTO jobs(job_id, state, source, target, notification, options, created_at, updated_at, "
+                 "expires_at, ttl, status_published_at) VALUES ('open', 'dispatching', 'mqtt', '{}', '{}', '{}', ?, ?, ?, 600, ?)",
+                 (t, t, t + 600, t))
+    conn.execute("INSERT INTO jobs(job_id, state, source, target, notification, options, created_at, updated_at, "
+                 "expires_at, ttl) VALUES ('done', 'completed', 'mqtt', '{}', '{}', '{}', ?, ?, ?, 600)", (t, t, t + 600))
+    conn.execute("INSERT INTO jobs(job_id, state, source, target, notification, options, created_at, updated_at, "
+                 "expires_at, ttl) VALUES ('resending', 'completed', 'mqtt', '{}', '{}', '{}', ?, ?, ?, 600)", (t, t, t + 600))
+    conn.execute("INSERT INTO deliveries(message_id, job_id, device_id, state, next_at, sent_at, resend_at) "
+                 "VALUES ('r', 'resending', 'c', 'sent', ?, ?, ?)", (t, t, t + 15))
+    conn.execute("INSERT INTO deliveries(message_id, job_id, device_id, state, next_at) VALUES ('q', 'open', 'a', 'queued', ?)",
+                 (t + 30,))
+    conn.execute("INSERT INTO deliveries(message_id, job_id, device_id, state, next_at, sent_at, resend_at) "
+                 "VALUES ('s', 'open', 'b', 'sent', ?, ?, ?)", (t, t, t + 15))
+    conn.execute("INSERT INTO alarms(rule, akey, state, since, fired_at, due_at, last_seen, updated_at) "
+                 "VALUES ('door', 'a', 'firing', ?, ?, ?, NULL, ?)", (t, t, t + 20, t))
+    conn.execute("INSERT INTO alarms(rule, akey, state, last_seen, updated_at) VALUES ('beat', 's', 'idle', ?, ?)", (t, t))
+    conn.execute("INSERT INTO alarm_meta(name, value) VALUES ('alive_at', ?)", (t,))
+    conn.execute("INSERT INTO broker_sessions(client_id, created_at, seen_at) VALUES ('c', ?, ?)", (t, t))
+    conn.execute("INSERT INTO broker_messages(client_id, seq, topic, payload, qos, expires_at) VALUES ('c', 1, 't', x'', 1, ?)",
+                 (t + 60,))
+    conn.execute("INSERT INTO broker_retained(topic, payload, qos, stored_at, expires_at) VALUES ('t', x'', 0, ?, ?)",
+                 (t, t + 60))
+    conn.execute("INSERT INTO upstream_outbox(kind, topic, payload, retain, size, created_at) VALUES ('ack', 't', x'', 0, 0, ?)",
+                 (t,))
+    conn.execute("INSERT INTO upstream_outbox_held(topic, payload, size, created_at) VALUES ('t', x'', 0, ?)", (t,))
+    m.wall += 3600  # a forward step of an hour, then a restart
+    m.advance(5)
+    clock._offset = 0.0
+    assert clock.establish(conn) == 3600.0
+    d = 3600.0
+    one = lambda sql: conn.execute(sql).fetchone()  # noqa: E731
+    assert one("SELECT expires_at, created_at, updated_at, status_published_at FROM jobs WHERE job_id = 'open'") == \
+        (t + 600 + d, t, t, t + d)
+    assert one("SELECT expires_at FROM jobs WHERE job_id = 'done'") == (t + 600,)  # finished: history
+    assert one("SELECT expires_at FROM jobs WHERE job_id = 'resending'") == (t + 600 + d,)  # its resends still count
+    assert one("SELECT next_at FROM deliveries WHERE message_id = 'q'") == (t + 30 + d,)
+    assert one("SELECT next_at, sent_at, resend_at FROM deliveries WHERE message_id = 's'") == (t, t, t + 15 + d)
+    assert one("SELECT since, fired_at, due_at FROM alarms WHERE rule = 'door'") == (t, t, t + 20 + d)
+    assert one("SELECT last_seen FROM alarms WHERE rule = 'beat'") == (t + d,)
+    assert one("SELECT value FROM alarm_meta WHERE name = 'alive_at'") == (t + d,)
+    assert one("SELECT created_at, seen_at FROM broker_sessions") == (t, t + d)
+    assert one("SELECT expires_at FROM broker_messages") == (t + 60 + d,)
+    assert one("SELECT stored_at, expires_at FROM broker_retained") == (t, t + 60 + d)
+    assert one("SELECT created_at FROM upstream_outbox") == (t + d,)
+    assert one("SELECT created_at FROM upstream_outbox_held") == (t + d,)
+
+
+def test_establish_on_an_empty_database_shifts_nothing_and_does_not_fail(monkeypatch, conn):
+    m = Machine(monkeypatch, wall=1_000_000.0, mono=50.0, boot="a")
+    clock.establish(conn)
+    m.wall -= 86400
+    clock._offset = 0.0
+    assert clock.establish(conn) == -86400.0  # no owner's table exists yet: nothing to shift
+    assert clock.now() == m.wall
+
+
+def test_a_step_while_running_is_noticed_once(monkeypatch):
+    m = Machine(monkeypatch, wall=1_000_000.0, mono=50.0, boot="a")
+    watch = clock.StepWatch()
+    m.advance(2)
+    m.wall += 0.3
+    assert watch.check() is None  # slewing
+    m.wall += 3600
+    m.advance(2)
+    assert watch.check() == pytest.approx(3600.0)
+    m.advance(2)
+    assert watch.check() is None  # logged once, not at every check
+    m.wall -= 7200
+    assert watch.check() == pytest.approx(-7200.0)
 
 
 def test_a_cli_process_adopts_the_daemons_time_base_on_the_same_boot_only(monkeypatch, conn):
@@ -88,7 +216,26 @@ def test_a_cli_process_adopts_the_daemons_time_base_on_the_same_boot_only(monkey
     m.boot = "b"
     clock._offset = m.wall - m.mono
     clock.attach(conn)
-    assert clock.now() == m.wall  # nothing stored for this boot: the wall clock
+    assert clock.now() == m.wall  # nothing stored for this boot, and the last save was in step: the wall clock
+
+
+def test_a_cli_process_after_a_reboot_writes_where_the_daemons_next_start_takes_the_timeline_from(monkeypatch, conn):
+    m = Machine(monkeypatch, wall=1_000_000.0, mono=50.0, boot="a")
+    clock.establish(conn)
+    m.wall -= 3600  # stepped back while running: the timeline is an hour ahead at the last save
+    m.advance(30)
+    clock.save(conn)
+    m.boot, m.mono = "b", 7.0  # reboot; a CLI `send` before the daemon starts
+    m.wall += 100
+    clock._offset = m.wall - m.mono
+    clock.attach(conn)
+    cli_time = clock.now()
+    assert cli_time == pytest.approx(m.wall + 3600)
+    shifts = Recorder(monkeypatch)
+    clock._offset = 0.0
+    clock.establish(conn)  # the daemon starts at once: what the CLI wrote moves with the rest
+    assert shifts.deltas == [pytest.approx(-3600.0)]
+    assert cli_time + shifts.deltas[0] == pytest.approx(clock.now())
 
 
 def test_attach_without_the_table_keeps_the_wall_clock(monkeypatch, conn):

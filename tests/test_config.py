@@ -20,7 +20,7 @@ def problems(data: dict, env: dict | None = None) -> list[str]:
 
 
 def test_repo_config_is_valid_and_embedded():
-    cfg = load_config(ROOT / "config.toml", environ={})
+    cfg = load_config(ROOT / "config.toml", environ={}).config
     assert cfg.broker.mode == "embedded"
     assert cfg.broker.listeners[0].bind == "127.0.0.1:1883"
     assert cfg.broker.listeners[0].allow_anonymous is True
@@ -56,12 +56,12 @@ def test_bad_values_name_their_keys():
 def test_enabled_bridge_with_missing_file_names_key(tmp_path: Path):
     # Not a reason to refuse the whole daemon: that bridge starts unhealthy (its devices
     # fall over to their next channel); check-config reports it.
-    cfg = parse_config({
+    _, secrets = parse_config({
         "broker": {"listeners": [{"name": "a", "bind": "127.0.0.1:1"}]},
         "bridges": {"apns": {"enabled": True, "team_id": "T", "key_id": "K", "topic": "com.x",
                              "key_file": str(tmp_path / "missing.p8")}},
     }, {})
-    assert cfg.bridge_faults == {"apns": f"bridges.apns.key_file: file not found: {tmp_path / 'missing.p8'}"}
+    assert secrets.bridge_faults == {"apns": f"bridges.apns.key_file: file not found: {tmp_path / 'missing.p8'}"}
 
 
 def _check_config(tmp_path: Path, bridges: dict) -> subprocess.CompletedProcess[str]:
@@ -121,7 +121,7 @@ def test_env_overrides_are_typed_and_checked():
     cfg = parse_config(dict(base), {"HOMEPOT_BRIDGES_SIMULATION_ENABLED": "false",
                                     "HOMEPOT_DISPATCH_MAX_IN_FLIGHT": "7",
                                     "HOMEPOT_GATEWAY_SITE_ID": "shop-9",
-                                    "HOMEPOT_GATEWAY_CONFIG": "/ignored.toml"})
+                                    "HOMEPOT_GATEWAY_CONFIG": "/ignored.toml"}).config
     assert cfg.bridges.simulation.enabled is False
     assert cfg.dispatch.max_in_flight == 7
     assert cfg.prefix == "homepot/shop-9"
@@ -133,11 +133,28 @@ def test_env_overrides_are_typed_and_checked():
 def test_secret_files_are_read_and_never_shown(tmp_path: Path):
     secret = tmp_path / "pw"
     secret.write_text("hunter2-very-secret\n")
-    cfg = parse_config({"broker": {"mode": "external", "url": "mqtt://127.0.0.1:1",
-                                   "username": "gw", "password_file": str(secret)}}, {})
-    assert cfg.broker.password.get_secret_value() == "hunter2-very-secret"
-    assert "hunter2" not in repr(cfg) and "hunter2" not in str(cfg.model_dump())
+    loaded = parse_config({"broker": {"mode": "external", "url": "mqtt://127.0.0.1:1",
+                                      "username": "gw", "password_file": str(secret)}}, {})
+    cfg, secrets = loaded
+    assert secrets.broker.password.get_secret_value() == "hunter2-very-secret"
+    assert "hunter2" not in repr(loaded) and "hunter2" not in str(cfg.model_dump())
     assert "hunter2" not in cfg.model_dump_json()
+
+
+def test_the_loaded_config_is_frozen_and_holds_no_secret(tmp_path: Path):
+    """The file's schema is a value (a reload builds a new one); what its files hold is apart."""
+    from pydantic import ValidationError
+
+    secret = tmp_path / "pw"
+    secret.write_text("hunter2-very-secret\n")
+    cfg, secrets = parse_config({"broker": {"mode": "external", "url": "mqtt://127.0.0.1:1",
+                                            "username": "gw", "password_file": str(secret)}}, {})
+    with pytest.raises(ValidationError):
+        cfg.logging.level = "debug"
+    with pytest.raises(ValidationError):
+        cfg.broker.username = "other"
+    assert "password" not in type(cfg.broker).model_fields
+    assert secrets.upstream.password is None and dict(secrets.bridges) == {"simulation": None, "mqtt": None}
 
 
 def test_check_config_cli_exit_codes(tmp_path: Path):
@@ -190,7 +207,7 @@ def test_env_overrides_follow_the_field_types():
         "HOMEPOT_BROKER_LISTENERS": '[{name = "env", bind = "127.0.0.1:2883", allow_anonymous = true}]',
         "HOMEPOT_BROKER_ACL": '{ops = {publish = ["#"]}}',
         "HOMEPOT_UPSTREAM_URL": "mqtts://cloud.example:8883",   # an optional section comes into being
-    })
+    }).config
     assert cfg.gateway.site_id == "1234" and cfg.prefix == "true/1234"
     assert str(cfg.data_dir) == "/srv/gw 1"
     assert cfg.broker.username == "007"
@@ -236,3 +253,16 @@ def test_lookup_order_and_a_note_when_the_checkout_shadows_the_service(tmp_path:
     assert config_mod.shadow_note("x.toml") is None                     # chosen explicitly: no note
     monkeypatch.setenv("HOMEPOT_GATEWAY_CONFIG", str(etc))
     assert config_mod.find_config_path(None) == etc and config_mod.shadow_note(None) is None
+
+
+def test_the_config_does_not_import_the_alarms_package():
+    """``[[rules]]`` is validated from the neutral schema module; the dependency points from
+    the alarms package to the configuration, never back."""
+    import subprocess
+    import sys
+
+    code = ("import sys, gateway.config as c; c.parse_config({'broker': {'listeners': [{'name': 'l'}]}, "
+            "'rules': []}, environ={}); "
+            "print(sorted(m for m in sys.modules if m.startswith('gateway.alarms')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"

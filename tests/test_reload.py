@@ -139,3 +139,31 @@ async def test_services_register_reload_callbacks(tmp_path: Path):
     assert daemon.cfg.gateway.site_id == "site-t"  # the running configuration is not swapped
     daemon.stop_event.set()
     assert await asyncio.wait_for(task, 15) == 0
+
+
+async def test_a_reload_builds_a_new_configuration_and_keeps_the_level_in_force_apart(tmp_path: Path):
+    """The running configuration is a frozen value: SIGHUP's new log level is applied and
+    remembered by the daemon (``log_level``), never written into ``daemon.cfg``; the next
+    reload compares against the level in force, so it is not applied twice."""
+    import logging
+
+    from gateway.config import load_config
+    from gateway.daemon import Daemon
+
+    path = write_config(tmp_path, base_config(tmp_path, free_port()))
+    seen: list[str] = []
+    daemon = Daemon(load_config(path, environ={}), environ={})
+    daemon.on_reload(lambda new_cfg: seen.append(new_cfg.logging.level), name="probe")
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))]
+    before = {lg: lg.level for lg in loggers}
+    try:
+        path.write_text(path.read_text().replace('level = "info"', 'level = "debug"'))
+        first = await daemon.reload()
+        assert "logging.level" in first["reloaded"] and first["restart_needed"] == []
+        assert daemon.log_level == "debug" and logging.getLogger().level == logging.DEBUG
+        assert daemon.cfg.logging.level == "info"  # the configuration the daemon started with
+        second = await daemon.reload()
+        assert "logging.level" not in second["reloaded"] and seen == ["debug", "debug"]
+    finally:
+        for lg, level in before.items():  # set_level is process-wide: leave it as it was
+            lg.setLevel(level)

@@ -46,19 +46,21 @@ def test_the_graph_is_built_without_a_daemon_with_one_outbox_and_the_signer_firs
     from gateway.storage import Database
     from gateway.wiring import Runtime, build
 
-    cfg = parse_config({"gateway": {"data_dir": str(tmp_path)}, "broker": {
+    cfg, secrets = parse_config({"gateway": {"data_dir": str(tmp_path)}, "broker": {
         "listeners": [{"name": "l", "bind": "127.0.0.1:1"}], "auth": {"password_file": str(tmp_path / "passwd")}},
         "http": {"bind": "127.0.0.1:8080"},
         "upstream": {"url": "mqtts://cloud.example:8883", "buffer_max_mb": 1, "overflow": "refuse-new"}},
         environ={})
     client = GatewayClient(ConnectionSettings(url="mqtt://127.0.0.1:1", client_id="gw"))
-    graph = build(cfg, Database(cfg.db_path), Runtime(started_at="2026-01-01T00:00:00Z", client=client))
+    graph = build(cfg, Database(cfg.db_path), Runtime(started_at="2026-01-01T00:00:00Z", secrets=secrets,
+                                                            client=client))
     pipeline, link, alarms, health, http = graph.services
     assert [s.name for s in graph.services] == ["pipeline", "upstream", "alarms", "health", "http"]
     assert pipeline.forward is link.outbox and link.drain.outbox is link.outbox  # type: ignore[attr-defined]
     assert (link.outbox.max_bytes, link.outbox.overflow) == (1024 * 1024, "refuse-new")  # type: ignore[attr-defined]
     assert pipeline.ack_url("m-1") == http.signer.url("m-1")  # type: ignore[attr-defined]
     assert alarms.pipeline is pipeline and health.probes.bridges is pipeline  # type: ignore[attr-defined]
+    assert http.alarms is alarms  # type: ignore[attr-defined]  # the page acks alarms in process
     assert health.probes.upstream is link and health.probes.client is client  # type: ignore[attr-defined]
     assert [name for name, _ in graph.reload_callbacks] == ["http credential cache"]
     for part in (http.metrics, http.auth, http.reader, http.ui_reader):  # type: ignore[attr-defined]

@@ -33,8 +33,7 @@ import structlog
 from gateway.alarms.jobs import JobPlan
 from gateway.alarms.rules import CompiledRule, format_value
 from gateway.alarms.values import Payload, Unparseable, extract
-from gateway.timeutil import iso
-from datetime import UTC, datetime
+from gateway.timeutil import iso_ts
 
 log = structlog.get_logger(__name__)
 
@@ -42,10 +41,6 @@ RowKey = tuple[str, str]
 ACTIVE = frozenset({"pending", "firing", "acknowledged"})
 MAX_LOGGED_BAD = 10_000
 TOPIC_CACHE = 10_000
-
-
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else iso(datetime.fromtimestamp(ts, UTC))
 
 
 @dataclass
@@ -83,7 +78,7 @@ class AlarmRow:
     def state_json(self) -> dict[str, Any]:
         """AlarmState (contract §11)."""
         return {"rule": self.rule, "key": self.key, "state": self.state, "value": self.value,
-                "since": _iso(self.since), "fired_at": _iso(self.fired_at),
+                "since": iso_ts(self.since), "fired_at": iso_ts(self.fired_at),
                 "acknowledged_by": self.acknowledged_by, "escalation_step": self.escalation_step,
                 "jobs": list(self.jobs)}
 
@@ -430,7 +425,10 @@ class Engine:
             d.updated_at = now
             d.version += 1
             nxt = d.escalation_step
-            d.due_at = d.fired_at + rule.escalate[nxt].after_s if nxt < len(rule.escalate) else None  # type: ignore[operator]
+            # From the step just due, not from fired_at: a restart that re-anchors the clock
+            # shifts due_at (gateway.clock) but leaves fired_at as it was written.
+            d.due_at = (d.due_at + rule.escalate[nxt].after_s - step.after_s  # type: ignore[operator]
+                        if nxt < len(rule.escalate) else None)
 
     # ------------------------------------------------------------------ acks
     def on_ack(self, batch: Batch, rule: str, key: str, episode: int | None, by: str,

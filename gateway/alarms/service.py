@@ -32,14 +32,13 @@ from gateway.alarms.engine import AlarmRow, Engine
 from gateway.alarms.rules import compile_rule, key_from_level, key_level
 from gateway.config import Config
 from gateway.mqtt import GatewayClient, NotConnected
-from gateway.pipeline.models import InputError, decode_json_object, field_errors
+from gateway.pipeline.models import MAX_ACK_BYTES, InputError, decode_json_object
 from gateway.storage import Database, NotStored
 from gateway.topics import Topics
 
 log = structlog.get_logger(__name__)
 
 MAX_BATCH = 2000
-MAX_ACK_BYTES = 16 * 1024
 PRUNE_EVERY_S = 3600.0
 DEFAULT_RETENTION_DAYS = 30
 ALARM_TOPIC_CHANNEL = "alarm-topic"  # acknowledged_by of an ack on P/alarms/<rule>/<key>/ack
@@ -58,7 +57,7 @@ def parse_alarm_ack(payload: bytes) -> AlarmAckIn:
     try:
         return AlarmAckIn.model_validate(obj)
     except ValidationError as exc:
-        raise InputError("invalid_alarm_ack", field_errors(exc)) from None
+        raise InputError.from_validation("invalid_alarm_ack", exc) from None
 
 
 def retention_days(cfg: Config) -> float:
@@ -78,6 +77,7 @@ class _Item:
     key: str = ""
     by: str = ""
     note: str | None = None
+    source: str = "mqtt"
 
 
 @dataclass
@@ -159,6 +159,17 @@ class AlarmService:
         elif result == "not_firing":
             await self._error(topic, "alarm_not_firing", f"topic: alarm {key!r} of rule {rule!r} is not firing")
 
+    async def acknowledge(self, rule: str, key: str, by: str, note: str | None, source: str) -> str:
+        """Acknowledge a firing alarm in this process (the operator page); resolves once the
+        engine applied it and the new state is committed.
+
+        The outcome is ``acknowledged``, ``already``, ``unknown`` (no such alarm) or
+        ``not_firing``; raises :class:`NotStored` when the state could not be committed.
+        """
+        fut = asyncio.get_running_loop().create_future()
+        return await self._submit(_Item("ack", self.state_topic(rule, key) + "/ack", b"", False, fut,
+                                        rule=rule, key=key, by=by, note=note, source=source))
+
     async def _error(self, topic: str, code: str, message: str) -> None:
         log.info("alarm ack refused", topic=topic, code=code, error=message)
         payload = json.dumps({"topic": topic, "error": {"code": code, "message": message}}).encode()
@@ -220,11 +231,7 @@ class AlarmService:
                     queued.append(self._queue.get_nowait())
                 self._fail(queued, RuntimeError("stopped before the alarm engine started"))
                 return False
-        else:
-            from gateway.pipeline import schema
-
-            await self.db.run(schema.migrate)
-        await self.db.run(store.migrate)
+        # The alarm tables exist: the schema registry ran when the database was opened.
         rows, stats, alive_at = await self.db.run(store.load)
         now = clock.now()
         downtime = max(0.0, now - alive_at) if alive_at is not None else 0.0
@@ -314,7 +321,7 @@ class AlarmService:
                 else:
                     outcome = engine.on_ack(batch, item.rule, item.key, None, item.by, item.note)
                     if outcome in ("acknowledged", "already"):
-                        log.info("alarm ack applied", rule=item.rule, key=item.key, by=item.by, source="mqtt",
+                        log.info("alarm ack applied", rule=item.rule, key=item.key, by=item.by, source=item.source,
                                  outcome=outcome)
                     results.append(outcome)
             except Exception:

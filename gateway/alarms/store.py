@@ -22,10 +22,15 @@ import json
 import sqlite3
 from typing import Any
 
+from gateway import clock
 from gateway.alarms.engine import AlarmRow, Batch
 from gateway.alarms.jobs import build_job, job_id_for
+from gateway.pipeline import deliveries as pipeline_deliveries
+from gateway.pipeline import jobs as pipeline_jobs
+from gateway.pipeline import registry as pipeline_registry
 from gateway.pipeline import store as pipeline_store
 from gateway.pipeline.models import InputError
+from gateway.storage import run_script
 
 STATES = ("pending", "firing", "acknowledged", "cleared")
 MAX_NOTIFIED_DEVICES = 100_000
@@ -103,18 +108,27 @@ BEGIN
 END""".strip()
 
 
-def migrate(conn: sqlite3.Connection) -> None:
-    """Create the alarm tables; the pipeline's tables (``acks``, ``deliveries``) must exist."""
-    # executescript() would COMMIT the caller's transaction; run statements one by one.
-    for statement in DDL.split(";\n"):
-        if statement.strip():
-            conn.execute(statement)
-    # Replaced only when it differs (an older gateway's): a schema change on every CLI
-    # command would make every other connection re-prepare its statements.
+def _v1_tables(conn: sqlite3.Connection) -> None:
+    """The alarm tables and the opened-ack trigger (the pipeline's ``acks`` and
+    ``deliveries`` exist: the registry migrates the pipeline first). An older gateway's
+    trigger (one that named every ack ``device:<id>``) is replaced; an equal one is left
+    alone (a schema change makes every other connection re-prepare its statements)."""
+    run_script(conn, DDL)
     row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = 'alarm_opened_ack'").fetchone()
     if row is None or row[0] != TRIGGER:
         conn.execute("DROP TRIGGER IF EXISTS alarm_opened_ack")
         conn.execute(TRIGGER)
+
+
+def _v2_state_index(conn: sqlite3.Connection) -> None:
+    """Alarms of a state in key order from the index alone (the page lists them by rule
+    and key, a page at a time): ``alarms_by_state`` gains the key columns."""
+    conn.execute("DROP INDEX IF EXISTS alarms_by_state")
+    conn.execute("CREATE INDEX alarms_by_state ON alarms(state, rule, akey)")
+
+
+# The alarm tables' migrations, oldest first (gateway.migrations): never edit a released one.
+MIGRATIONS = (_v1_tables, _v2_state_index)
 
 
 def has_tables(conn: sqlite3.Connection) -> bool:
@@ -170,8 +184,7 @@ def _notified_target(conn: sqlite3.Connection, job_ids: list[str]) -> dict[str, 
     """Everyone an episode's jobs reached or are about to reach, as one job target."""
     if not job_ids:
         return None
-    marks = ",".join("?" * len(job_ids))
-    rows = conn.execute(f"SELECT job_id, target, expanded FROM jobs WHERE job_id IN ({marks})", job_ids).fetchall()
+    rows = list(pipeline_jobs.job_rows(conn, job_ids).values())
     targets = [json.loads(r["target"]) for r in rows]
     if not targets:
         return None
@@ -183,12 +196,11 @@ def _notified_target(conn: sqlite3.Connection, job_ids: list[str]) -> dict[str, 
     devices: set[str] = set()
     for r, target in zip(rows, targets):
         if r["expanded"]:
-            devices.update(d[0] for d in conn.execute("SELECT device_id FROM deliveries WHERE job_id = ?", (r["job_id"],)))
+            devices.update(pipeline_deliveries.devices_of_job(conn, r["job_id"]))
         elif "devices" in target:
             devices.update(target["devices"])
         elif "segment" in target:
-            devices.update(d[0] for d in conn.execute("SELECT device_id FROM devices WHERE segment = ?",
-                                                      (target["segment"],)))
+            devices.update(pipeline_registry.in_segment(conn, target["segment"]))
     if not devices:
         return None
     return {"devices": sorted(devices)[:MAX_NOTIFIED_DEVICES]}
@@ -263,6 +275,22 @@ def get_row(conn: sqlite3.Connection, rule: str, key: str) -> AlarmRow | None:
     return row_from_db(r) if r else None
 
 
+def firing(conn: sqlite3.Connection) -> list[dict[str, Any]] | None:
+    """Alarms firing now, by rule: ``rule``, ``key``, ``value`` (as stored), ``since`` and
+    ``fired_at`` (epoch s), for ``status``; None on a database without the alarm tables."""
+    if not has_tables(conn):
+        return None
+    return [{"rule": r[0], "key": r[1], "value": r[2], "since": r[3], "fired_at": r[4]} for r in conn.execute(
+        "SELECT rule, akey, value, since, fired_at FROM alarms WHERE state = 'firing' ORDER BY rule")]
+
+
+def by_state(conn: sqlite3.Connection) -> dict[str, int] | None:
+    """Alarm records per state, idle included (``/metrics``); None without the alarm tables."""
+    if not has_tables(conn):
+        return None
+    return {r[0]: int(r[1]) for r in conn.execute("SELECT state, COUNT(*) FROM alarms GROUP BY state")}
+
+
 def counts(conn: sqlite3.Connection) -> dict[str, int]:
     """Alarms per state plus the per-rule counters summed, for ``status`` and ``/metrics``:
     ``{"pending", "firing", "acknowledged", "cleared", "evaluated", "unparseable"}``.
@@ -289,3 +317,13 @@ def request_ack(conn: sqlite3.Connection, rule: str, key: str, by: str, note: st
     """An operator's ack (the CLI): the running engine applies it within a poll interval."""
     conn.execute("INSERT INTO alarm_inbox(rule, akey, episode, by, note, at, source) VALUES (?, ?, NULL, ?, ?, ?, 'cli')",
                  (rule, key, by, note, now))
+
+
+def shift_deadlines(conn: sqlite3.Connection, delta: float) -> int:
+    """Move the alarm timers by ``delta`` s (gateway.clock re-anchored): ``due_at`` of
+    pending (for_s) and firing (next escalation) alarms, stale watches' ``last_seen``, and
+    the last sign of life the downtime is counted from. ``since`` and ``fired_at`` are
+    history and stay."""
+    return (clock.shift_columns(conn, "alarms", "due_at", delta, "state IN ('pending', 'firing')")
+            + clock.shift_columns(conn, "alarms", "last_seen", delta)
+            + clock.shift_columns(conn, "alarm_meta", "value", delta, "name = 'alive_at'"))

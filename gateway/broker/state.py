@@ -32,14 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from gateway import clock
-from gateway.storage import Database, NotStored
+from gateway.storage import Database, NotStored, run_script
 
 log = structlog.get_logger(__name__)
 
@@ -80,12 +79,6 @@ _ADDED_COLUMNS = (
 QUEUED = 0      # not sent yet
 SENT = 1        # PUBLISH sent, waiting for PUBACK / PUBREC
 RELEASED = 2    # QoS 2: PUBREC received, PUBREL sent, waiting for PUBCOMP
-
-
-def _statements() -> Iterator[str]:
-    for stmt in SCHEMA.split(";"):
-        if stmt.strip():
-            yield stmt
 
 
 @dataclass
@@ -135,11 +128,15 @@ class LoadedState:
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
-    for stmt in _statements():
-        conn.execute(stmt)
+    run_script(conn, SCHEMA)
     for table, column, kind in _ADDED_COLUMNS:
         if column not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
+
+# The broker's migrations, oldest first, run by the schema registry (gateway.migrations)
+# when the database is opened: never edit a released one.
+MIGRATIONS = (_migrate,)
 
 
 def _load(conn: sqlite3.Connection) -> LoadedState:
@@ -215,7 +212,7 @@ class StateStore:
         return len(self._pending) + len(self._retry)
 
     async def open(self) -> LoadedState:
-        await self._db.run(_migrate)
+        """The stored state (the tables exist: the database was opened with its migrations)."""
         loaded = await self._db.run(_load)
         self._next_body = max(self._next_body, loaded.next_body)
         return loaded
@@ -482,3 +479,12 @@ def _apply(conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
             conn.execute("DELETE FROM broker_qos2_in WHERE client_id = ? AND packet_id = ?", op[1:])
         else:  # pragma: no cover - programming error
             raise ValueError(f"unknown broker state operation {kind!r}")
+
+
+def shift_deadlines(conn: sqlite3.Connection, delta: float) -> int:
+    """Move the persistent sessions' last disconnect (the base of their expiry) and the ends
+    of stored messages' and retained messages' Message Expiry Interval by ``delta`` s
+    (gateway.clock re-anchored)."""
+    return (clock.shift_columns(conn, "broker_sessions", "seen_at", delta)
+            + clock.shift_columns(conn, "broker_messages", "expires_at", delta)
+            + clock.shift_columns(conn, "broker_retained", "expires_at", delta))

@@ -8,26 +8,40 @@ Input errors reuse the MQTT side's codes and field-naming messages
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
 
-from gateway.pipeline.models import InputError
+from gateway.pipeline.models import FieldError, InputError
 
 
 class ApiError(Exception):
-    """Raised by a handler; the middleware answers it as a JSON error."""
+    """Raised by a handler; the middleware answers it as a JSON error.
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+    ``fields`` holds the problems one per field (:class:`FieldError`), as validation found
+    them; the operator page answers them as its ``fields`` list. Without any, the error is
+    about the request as a whole (``field ""``).
+    """
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                 fields: Sequence[FieldError] | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers or {}
+        self.fields: tuple[FieldError, ...] = tuple(fields) if fields else (FieldError("", message),)
 
     @classmethod
-    def from_input(cls, err: InputError) -> "ApiError":
-        return cls(413 if err.code == "too_large" else 400, err.code, err.message)
+    def at(cls, status: int, code: str, field: str, text: str) -> "ApiError":
+        """One problem of one field: the message is ``"<field>: <text>"``."""
+        message = f"{field}: {text}"
+        return cls(status, code, message, fields=[FieldError(field, message)])
+
+    @classmethod
+    def from_input(cls, err: InputError, headers: dict[str, str] | None = None) -> "ApiError":
+        return cls(413 if err.code == "too_large" else 400, err.code, err.message, headers, err.fields)
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:

@@ -31,7 +31,7 @@ from gateway.http.pulse import Pulse
 from gateway.http.reader import Reader
 from gateway.http.streams import StreamSlots
 from gateway.metrics import Metrics
-from gateway.pipeline import store
+from gateway.pipeline import deliveries, registry, store
 from gateway.pipeline.models import (
     DEVICE_ID_RE,
     JOB_ID_RE,
@@ -46,7 +46,8 @@ from gateway.pipeline.models import (
     parse_job,
     readable_job_id,
 )
-from gateway.storage import NotStored
+from gateway.states import FINAL_JOB_STATES
+from gateway.storage import STORAGE_ERRORS
 from gateway.timeutil import iso, utcnow
 
 log = structlog.get_logger(__name__)
@@ -58,8 +59,6 @@ READY_TIMEOUT_S = 5.0
 SSE_POLL_S = 1.0
 SSE_MIN_INTERVAL_S = 0.2
 SSE_KEEPALIVE_S = 15.0
-FINAL_STATES = frozenset({"completed", "acknowledged", "rejected"})
-STORAGE_ERRORS = (NotStored, sqlite3.Error, OSError)
 MAX_LIST = 10_000
 DEFAULT_LIST = 1000
 ACK_CORS = {"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Methods": "POST, OPTIONS",
@@ -316,7 +315,7 @@ class Api:
             if status != last:
                 await resp.write(_event("status", status))
                 last, last_write = status, time.monotonic()
-            if status["state"] in FINAL_STATES or stopping.is_set():
+            if status["state"] in FINAL_JOB_STATES or stopping.is_set():
                 break
             await asyncio.sleep(SSE_MIN_INTERVAL_S)
             await self.svc.changes.wait(SSE_POLL_S, stopping)
@@ -389,11 +388,7 @@ class Api:
         limit = _int_param(request, "limit", DEFAULT_LIST, 1, MAX_LIST)
         after = request.query.get("after", "")
 
-        def page(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-            rows = conn.execute("SELECT * FROM devices WHERE device_id > ? ORDER BY device_id LIMIT ?", (after, limit))
-            return [store.device_json(r) for r in rows]
-
-        devices = await self._db(page)
+        devices = await self._db(lambda conn: registry.devices_after(conn, after, limit))
         headers = {}
         if len(devices) == limit:
             headers["Link"] = f'</v1/devices?after={devices[-1]["device_id"]}&limit={limit}>; rel="next"'
@@ -416,14 +411,14 @@ class Api:
             obj = decode_json_object(payload, MAX_ACK_BYTES, "ack")
             given = obj.get("message_id")
             if given is not None and (not isinstance(given, str) or given.lower() != message_id.lower()):
-                raise InputError("invalid_ack", "message_id: differs from the one in the URL (leave it out)")
+                raise InputError.at("invalid_ack", "message_id", "differs from the one in the URL (leave it out)")
             obj["message_id"] = message_id
             obj.setdefault("at", iso(utcnow()))  # absent = when the gateway got it (§9)
             body = json.dumps(obj).encode()
             ack = parse_ack(body)
         except InputError as err:
             self.svc.metrics.http_acks.labels("invalid").inc()
-            raise ApiError(413 if err.code == "too_large" else 400, err.code, err.message, ACK_CORS) from None
+            raise ApiError.from_input(err, ACK_CORS) from None
         device_id = await self._db(lambda conn: _device_of(conn, ack.message_id))
         if device_id is None:
             self.svc.metrics.http_acks.labels("unknown").inc()
@@ -442,8 +437,7 @@ class Api:
 
 
 def _device_of(conn: sqlite3.Connection, message_id: str) -> str | None:
-    row = conn.execute("SELECT device_id FROM deliveries WHERE message_id = ?", (message_id,)).fetchone()
-    return row[0] if row else None
+    return deliveries.device_of(conn, message_id)
 
 
 def _not_stored(exc: BaseException, headers: dict[str, str] | None = None) -> ApiError:

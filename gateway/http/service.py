@@ -28,11 +28,11 @@ import devices
 from gateway.config import Config, split_host_port
 from gateway.http.acks import AckSigner
 from gateway.http.auth import BasicAuth
-from gateway.http.errors import ApiError
 from gateway.http.pulse import Pulse
 from gateway.http.reader import Reader
 from gateway.http.routes import ApiParts, HealthView, JobIntake, api_app
 from gateway.http.sessions import SessionStore
+from gateway.http.static import StaticFiles
 from gateway.http.streams import StreamSlots
 from gateway.metrics import Metrics
 from gateway.mqtt import GatewayClient
@@ -40,15 +40,14 @@ from gateway.service import ServiceStartError
 from gateway.storage import Database
 
 if TYPE_CHECKING:
-    from gateway.http.ui import OperatorPage
+    from gateway.http.ui import AlarmAcks, OperatorPage
 
 log = structlog.get_logger(__name__)
 
 HEADER_TIMEOUT_S = 10.0
 SHUTDOWN_S = 2.0
 WEB_DIR = Path(devices.__file__).resolve().parent / "web"  # the package's data (pyproject package-data)
-WEB_TYPES = {".js": "text/javascript", ".html": "text/html", ".css": "text/css", ".json": "application/json",
-             ".webmanifest": "application/manifest+json", ".png": "image/png", ".svg": "image/svg+xml"}
+WEB_FILES = StaticFiles(WEB_DIR, "/web/", frozenset({".js", ".html", ".css", ".json", ".webmanifest", ".png", ".svg"}))
 
 
 class HttpStartError(ServiceStartError):
@@ -64,13 +63,14 @@ class HttpService:
     name = "http"
 
     def __init__(self, cfg: Config, db: Database, jobs: JobIntake, health: HealthView, signer: AckSigner,
-                 changes: Pulse, started_at: str, signer_error: str | None = None):
+                 changes: Pulse, started_at: str, alarms: "AlarmAcks", signer_error: str | None = None):
         if cfg.http is None:
             raise ValueError("HttpService needs an [http] section")
         self.app_cfg = cfg
         self.cfg = cfg.http
         self.db = db
         self.started_at = started_at
+        self.alarms = alarms
         self.started = asyncio.Event()
         self.stopping = asyncio.Event()
         self.changes = changes
@@ -99,7 +99,7 @@ class HttpService:
 
         app, api = api_app(self.parts)
         self.page = page = OperatorPage(self.parts, api, ui_reader=self.ui_reader, sessions=self.sessions,
-                                        db=self.db, started_at=self.started_at)
+                                        alarms=self.alarms, started_at=self.started_at)
         r = app.router
         r.add_get("/", page.index, allow_head=False)  # the page for browsers, the JSON pointer otherwise
         r.add_get("/web/config.json", self._web_config, allow_head=False)
@@ -118,13 +118,7 @@ class HttpService:
     async def _web_file(self, request: web.Request) -> web.StreamResponse:
         """The Web Push client (devices/web/): public, static, only the files that exist there."""
         name = request.match_info.get("name", "") or "index.html"
-        path = (WEB_DIR / name).resolve()
-        if path.parent != WEB_DIR.resolve() or path.suffix not in WEB_TYPES or not path.is_file():
-            raise ApiError(404, "not_found", f"no such file: /web/{name}"[:200])
-        headers = {"Content-Type": WEB_TYPES[path.suffix], "Cache-Control": "no-cache"}
-        if name == "sw.js":
-            headers["Service-Worker-Allowed"] = "/web/"
-        return web.FileResponse(path, headers=headers)
+        return WEB_FILES.response(name, {"Service-Worker-Allowed": "/web/"} if name == "sw.js" else None)
 
     # ------------------------------------------------------------------ lifecycle
     def _ssl_context(self) -> ssl.SSLContext | None:
@@ -154,27 +148,11 @@ class HttpService:
                 log.warning("web push client gets no VAPID key", error=str(exc))
         self.web_config = {"vapid_public_key": public_key, "api": self.cfg.base_url(), "site_id": cfg.gateway.site_id}
 
-    async def _migrate_ui(self) -> None:
-        """The operator page's indexes and tag table (gateway.http.ui_queries); without them
-        the page still works, only slower, so a failure here does not stop the API."""
-        from gateway.http import ui_queries
-        from gateway.pipeline import schema
-
-        def migrate(conn: Any) -> None:
-            schema.migrate(conn)  # idempotent; whoever is first creates the pipeline's tables
-            ui_queries.migrate(conn)
-
-        try:
-            await self.db.run(migrate)
-        except Exception as exc:
-            log.warning("operator page indexes not created; its searches will be slower", error=str(exc)[:300])
-
     async def run(self, stopping: asyncio.Event) -> None:
         if self.start_error:
             log.error("http api cannot start", error=self.start_error)
             raise HttpStartError(self.start_error)
         await self._load_web_config()
-        await self._migrate_ui()
         ssl_ctx = self._ssl_context()
         host, port = split_host_port(self.cfg.bind)
         runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False,

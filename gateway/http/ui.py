@@ -23,9 +23,8 @@ import asyncio
 import html
 import json
 import re
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs
 
 import structlog
@@ -37,32 +36,32 @@ from gateway.http import ui_queries as q
 from gateway.http.errors import ApiError, json_response
 from gateway.http.reader import Reader
 from gateway.http.sessions import COOKIE, Session, SessionStore, clear_cookie_header, cookie_header
+from gateway.http.static import StaticFiles, file_response
 from gateway.http.ui_events import EventHub
 from gateway.pipeline.models import (
     JOB_ID_RE,
+    MAX_ACK_BYTES,
     MAX_JOB_BYTES,
     InputError,
     decode_json_object,
     parse_job,
 )
-from gateway.storage import NotStored
+from gateway.states import JobState
+from gateway.storage import STORAGE_ERRORS
 from gateway.timeutil import parse_iso
 
 if TYPE_CHECKING:
     from gateway.http.auth import Principal
     from gateway.http.routes import Api, ApiParts
-    from gateway.storage import Database
 
 log = structlog.get_logger(__name__)
 
 UI_DIR = Path(__file__).resolve().parent / "ui"
-STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml", ".png": "image/png"}
+UI_FILES = StaticFiles(UI_DIR, "/ui/static/", frozenset({".js", ".css", ".svg", ".png"}))
 MAX_LOGIN_BYTES = 4096
-MAX_ACK_BYTES = 4096
 ACK_WAIT_S = 3.0
 MAX_STREAMS_PER_SESSION = 8  # within the account's cap (gateway/http/streams.py)
 KEEPALIVE_S = 15.0
-STORAGE_ERRORS = (NotStored, OSError)
 # No inline script or style, nothing from elsewhere, no framing (clickjacking).
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -73,20 +72,23 @@ PAGE_HEADERS = {
     "Cache-Control": "no-store",
 }
 NO_STORE = {"Cache-Control": "no-store"}
-LOC = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*): ")
+# The page's filter lists them in this order (the API's error message too).
+JOB_STATES = (JobState.ACCEPTED, JobState.REJECTED, JobState.DISPATCHING, JobState.COMPLETED, JobState.ACKNOWLEDGED)
 
 
-def field_messages(message: str) -> list[dict[str, str]]:
-    """The API's error message split per field: ``"a.b: x; c: y"`` → ``[{field a.b, message
-    "a.b: x"}, ...]`` (the page shows each next to its control, in the API's own words)."""
-    out: list[dict[str, str]] = []
-    for part in message.split("; "):
-        m = LOC.match(part)
-        if m or not out:
-            out.append({"field": m.group(1) if m else "", "message": part})
-        else:
-            out[-1]["message"] += "; " + part
-    return out
+class AlarmAcks(Protocol):
+    """What the page needs of the alarm engine (:class:`gateway.alarms.service.AlarmService`)."""
+
+    async def acknowledge(self, rule: str, key: str, by: str, note: str | None, source: str) -> str:
+        """Apply an ack; resolves once committed: ``acknowledged``, ``already``, ``unknown``,
+        ``not_firing``; raises :class:`gateway.storage.NotStored` when not committed."""
+        ...
+
+
+def error_fields(err: ApiError) -> list[dict[str, str]]:
+    """The error's problems one per field, as validation reported them (the page shows each
+    next to its control, in the API's own words)."""
+    return [f.as_dict() for f in err.fields]
 
 
 def wants_html(request: web.Request) -> bool:
@@ -95,15 +97,15 @@ def wants_html(request: web.Request) -> bool:
 
 class OperatorPage:
     """Handlers of the page and its JSON routes, bound to the API's parts plus its own:
-    a read connection of its own, the login sessions, the writer (an alarm ack request)
-    and the daemon's start time."""
+    a read connection of its own, the login sessions, the alarm engine (acks) and the
+    daemon's start time."""
 
     def __init__(self, parts: "ApiParts", api: "Api", *, ui_reader: Reader, sessions: SessionStore,
-                 db: "Database", started_at: str):
+                 alarms: AlarmAcks, started_at: str):
         self.svc = parts
         self.api = api
         self.cfg = parts.cfg
-        self.db = db
+        self.alarm_acks = alarms  # not ``alarms``: that is the handler of /ui/api/alarms
         self.started_at = started_at
         self.sessions = sessions
         self.reader = ui_reader
@@ -172,7 +174,7 @@ class OperatorPage:
         session = await self._session(request)
         if session is None:
             return self._login_page()
-        return self._file_response("index.html", PAGE_HEADERS)
+        return file_response(UI_DIR / "index.html", PAGE_HEADERS)
 
     def _login_page(self, error: str = "", username: str = "", status: int = 200) -> web.Response:
         text = (UI_DIR / "login.html").read_text(encoding="utf-8")
@@ -218,17 +220,7 @@ class OperatorPage:
         return web.Response(status=204, headers={"Set-Cookie": clear_cookie_header(self._secure(request)), **NO_STORE})
 
     async def static(self, request: web.Request) -> web.StreamResponse:
-        name = request.match_info["name"]
-        path = (UI_DIR / name).resolve()
-        if path.parent != UI_DIR or path.suffix not in STATIC_TYPES or not path.is_file():
-            raise ApiError(404, "not_found", f"no such file: /ui/static/{name}"[:200])
-        return self._file_response(name, {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
-
-    @staticmethod
-    def _file_response(name: str, headers: dict[str, str]) -> web.FileResponse:
-        path = UI_DIR / name
-        kind = "text/html" if path.suffix == ".html" else STATIC_TYPES[path.suffix]
-        return web.FileResponse(path, headers={"Content-Type": f"{kind}; charset=utf-8", **headers})
+        return UI_FILES.response(request.match_info["name"])
 
     # ------------------------------------------------------------------ reads
     async def _read(self, fn: Any) -> Any:
@@ -236,7 +228,7 @@ class OperatorPage:
             return await self.reader.run(fn)
         except q.QueryError as err:
             raise ApiError(400, "bad_request", str(err)) from None
-        except Exception as exc:  # sqlite3.Error, OSError: the database cannot answer now
+        except STORAGE_ERRORS as exc:  # the database cannot answer now
             log.error("operator page read failed", error=f"{type(exc).__name__}: {exc}"[:300])
             raise ApiError(503, "not_ready", "the database cannot answer now; try again", {"Retry-After": "2"}) from None
 
@@ -288,8 +280,8 @@ class OperatorPage:
         query = request.query
         limit = _int(query.get("limit"), 20, "limit")
         state = query.get("state", "")
-        if state and state not in ("accepted", "rejected", "dispatching", "completed", "acknowledged"):
-            raise ApiError(400, "bad_request", "state: one of accepted, rejected, dispatching, completed, acknowledged")
+        if state and state not in JOB_STATES:
+            raise ApiError(400, "bad_request", f"state: one of {', '.join(JOB_STATES)}")
         prefix = _prefix(query.get("q", ""), "q")
         before = query.get("before") or None
         return json_response(await self._read(lambda c: q.jobs_page(c, limit, before, state or None, prefix)),
@@ -425,24 +417,24 @@ class OperatorPage:
                 unknown = sorted(set(devices) - known)
                 if unknown:
                     more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-                    raise ApiError(400, "unknown_device", "target.devices: no registered device "
-                                   + ", ".join(repr(d) for d in unknown[:5]) + more)
+                    raise ApiError.at(400, "unknown_device", "target.devices", "no registered device "
+                                      + ", ".join(repr(d) for d in unknown[:5]) + more)
                 status = await self.api.submit_job(principal, payload)
         except ApiError as err:
             return json_response({"error": {"code": err.code, "message": err.message},
-                                  "fields": field_messages(err.message)}, status=err.status, headers=err.headers)
+                                  "fields": error_fields(err)}, status=err.status, headers=err.headers)
         log.info("job sent from the operator page", job_id=status["job_id"], user=session.name)
         return json_response(status, status=202, headers={"Location": f"/v1/jobs/{status['job_id']}"})
 
     async def ack_alarm(self, request: web.Request) -> web.Response:
-        """What ``homepot-gateway alarms ack RULE KEY`` does, as the logged-in user: an inbox
-        row the alarm engine applies (escalation stops), then the alarm as it is after that."""
-        from gateway.alarms import store as alarm_store
+        """What ``homepot-gateway alarms ack RULE KEY`` does, as the logged-in user, applied by
+        the alarm engine in this process (escalation stops) before the answer, which carries
+        the alarm as it is then."""
         from gateway.alarms.rules import key_level
         from gateway.http.routes import read_body
 
         principal, session = await self._actor(request)
-        body = await read_body(request, MAX_ACK_BYTES, "alarm ack")
+        body = await read_body(request, MAX_ACK_BYTES, "alarm ack")  # an ack, device's or alarm's
         try:
             obj = decode_json_object(body, MAX_ACK_BYTES, "alarm ack")
         except InputError as err:
@@ -459,29 +451,23 @@ class OperatorPage:
             raise ApiError(403, "forbidden", f"role {principal.role!r} may not acknowledge alarms")
         if rule not in {r.name for r in self.cfg.rules}:
             raise ApiError(404, "unknown_alarm", f"rule: no rule {rule!r} in the config")
-        current = await self._read(lambda c: q.alarm(c, rule, key))
-        if current is None:
-            raise ApiError(404, "unknown_alarm", f"key: no alarm {key!r} of rule {rule!r}")
-        if current["state"] == "acknowledged":
-            return json_response({"result": "already", "alarm": current})
-        if current["state"] != "firing":
-            raise ApiError(409, "alarm_not_firing", f"key: alarm {key!r} of rule {rule!r} is {current['state']}, not firing")
         try:
-            await self.db.run(lambda c: alarm_store.request_ack(c, rule, key, f"http:{session.name}", note,
-                                                                clock.now()))
-        except Exception as exc:
+            outcome = await asyncio.wait_for(
+                self.alarm_acks.acknowledge(rule, key, f"http:{session.name}", note, source="operator page"),
+                ACK_WAIT_S)
+        except STORAGE_ERRORS as exc:
             log.error("alarm ack not stored", rule=rule, key=key, error=f"{type(exc).__name__}: {exc}"[:300])
             raise ApiError(503, "not_stored", "the ack could not be stored now; try again", {"Retry-After": "5"}) from None
-        log.info("alarm ack requested on the operator page", rule=rule, key=key, by=session.name)
-        deadline = time.monotonic() + ACK_WAIT_S
-        while time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-            current = await self._read(lambda c: q.alarm(c, rule, key))
-            if current is None or current["state"] != "firing":
-                break
-        acknowledged = current is not None and current["state"] == "acknowledged"
-        return json_response({"result": "acknowledged" if acknowledged else "recorded", "alarm": current},
-                             status=200 if acknowledged else 202)
+        except TimeoutError:
+            raise ApiError(503, "not_ready", "the alarm engine did not answer in time; try again",
+                           {"Retry-After": "2"}) from None
+        current = await self._read(lambda c: q.alarm(c, rule, key))
+        if outcome == "unknown" or current is None:
+            raise ApiError(404, "unknown_alarm", f"key: no alarm {key!r} of rule {rule!r}")
+        if outcome == "not_firing":
+            raise ApiError(409, "alarm_not_firing", f"key: alarm {key!r} of rule {rule!r} is {current['state']}, not firing")
+        log.info("alarm acknowledged on the operator page", rule=rule, key=key, by=session.name, outcome=outcome)
+        return json_response({"result": outcome, "alarm": current})
 
 
 def _may_ack_alarms(principal: "Principal") -> bool:
@@ -515,4 +501,4 @@ def _event(name: str, data: Any) -> bytes:
     return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'), default=str)}\n\n".encode()
 
 
-__all__ = ["OperatorPage", "field_messages", "wants_html"]
+__all__ = ["AlarmAcks", "OperatorPage", "error_fields", "wants_html"]

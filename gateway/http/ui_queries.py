@@ -8,13 +8,13 @@ BY key LIMIT n``) on an index, so page 1 and page 2,000 cost the same:
   stream sends: ``ui_jobs_by_updated (updated_at)``;
 - a job's deliveries: the ``UNIQUE (job_id, device_id)`` index of the pipeline's table;
 - devices by id prefix: the primary key; by segment: ``devices_by_segment``; by tag:
-  ``ui_device_tags (tag, device_id)``, a table kept by triggers on ``devices`` (tags are a
-  JSON list in the devices row, which no index can reach);
-- alarms: ``alarms_by_state`` and the primary key.
+  ``ui_device_tags (tag, device_id)``, which the pipeline keeps with its ``devices`` table
+  (tags are a JSON list in the devices row, which no index can reach);
+- alarms: ``alarms_by_state (state, rule, akey)`` and the primary key.
 
-:func:`migrate` creates those indexes, the tag table and its triggers (rebuilding the table
-when it or a trigger was missing); the daemon's writer runs it when the API starts. The
-other functions run on the API's read-only connection, inside one snapshot each.
+Those indexes and the tag table are the pipeline's (``gateway.pipeline.schema``, run by the
+schema registry). The functions here run on the API's read-only connection, inside one
+snapshot each.
 
 Device addresses are shown shortened (:func:`redact_channel`): the page has no need for a
 whole push token or subscription, and the page must carry nothing secret.
@@ -26,85 +26,30 @@ import json
 import re
 import sqlite3
 import time
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 from gateway import clock
 from gateway import stats
+from gateway.alarms.summary import AlarmSummary
+from gateway.alarms.summary import summary as alarm_summary
 from gateway.pipeline import store
-from gateway.timeutil import iso
+from gateway.states import DELIVERY_STATES, PROBLEM_DELIVERY_STATES
+from gateway.timeutil import iso_ts
 
-COUNT_KEYS = ("queued", "sent", "acknowledged", "failed", "expired", "invalid_address")
-DELIVERY_STATES = COUNT_KEYS
-PROBLEM_STATES = ("failed", "expired", "invalid_address")
+COUNT_KEYS = DELIVERY_STATES
+PROBLEM_STATES = PROBLEM_DELIVERY_STATES
 ALARM_STATES = ("firing", "acknowledged", "pending", "cleared")
 ID_CHARS = re.compile(r"^[A-Za-z0-9._:-]{0,128}$")
 MAX_PAGE = 200
 EXACT_PERCENTILES_UP_TO = 20_000
 ID_UPPER = "\x7f"  # above every character an id may contain: the end of a prefix range
 
-DDL = """
-CREATE INDEX IF NOT EXISTS ui_jobs_by_created ON jobs(created_at, job_id);
-CREATE INDEX IF NOT EXISTS ui_jobs_by_updated ON jobs(updated_at);
-CREATE TABLE IF NOT EXISTS ui_device_tags (
-    tag       TEXT NOT NULL,
-    device_id TEXT NOT NULL,
-    PRIMARY KEY (tag, device_id)
-) WITHOUT ROWID
-"""
-
-# Tags of a row as JSON that json_each can always read: a malformed value must never make a
-# device registration fail because of this table.
-_TAGS = "(CASE WHEN json_valid({r}.tags) THEN {r}.tags ELSE '[]' END)"
-TRIGGERS = {
-    "ui_device_tags_insert": f"""
-CREATE TRIGGER ui_device_tags_insert AFTER INSERT ON devices BEGIN
-    INSERT OR IGNORE INTO ui_device_tags(tag, device_id)
-    SELECT value, NEW.device_id FROM json_each({_TAGS.format(r="NEW")}) WHERE type = 'text';
-END""",
-    "ui_device_tags_update": f"""
-CREATE TRIGGER ui_device_tags_update AFTER UPDATE OF tags, device_id ON devices BEGIN
-    DELETE FROM ui_device_tags WHERE device_id = OLD.device_id
-        AND tag IN (SELECT value FROM json_each({_TAGS.format(r="OLD")}) WHERE type = 'text');
-    INSERT OR IGNORE INTO ui_device_tags(tag, device_id)
-    SELECT value, NEW.device_id FROM json_each({_TAGS.format(r="NEW")}) WHERE type = 'text';
-END""",
-    "ui_device_tags_delete": f"""
-CREATE TRIGGER ui_device_tags_delete AFTER DELETE ON devices BEGIN
-    DELETE FROM ui_device_tags WHERE device_id = OLD.device_id
-        AND tag IN (SELECT value FROM json_each({_TAGS.format(r="OLD")}) WHERE type = 'text');
-END""",
-}
-
-
 class QueryError(ValueError):
     """A query parameter the page cannot use; the message names it."""
 
 
-# ------------------------------------------------------------------ schema
-def migrate(conn: sqlite3.Connection) -> None:
-    """Indexes, the tag table and its triggers (idempotent; in the caller's transaction)."""
-    fresh = not stats.has_table(conn, "ui_device_tags")
-    for statement in DDL.split(";\n"):
-        if statement.strip():
-            conn.execute(statement)
-    have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
-    for name, ddl in TRIGGERS.items():
-        if name not in have:
-            conn.execute(ddl)
-            fresh = True
-    if fresh:  # the triggers did not see every write: count again from the devices table
-        conn.execute("DELETE FROM ui_device_tags")
-        conn.execute(f"INSERT OR IGNORE INTO ui_device_tags(tag, device_id) SELECT j.value, d.device_id "
-                     f"FROM devices d, json_each({_TAGS.format(r='d')}) j WHERE j.type = 'text'")
-
-
 # ------------------------------------------------------------------ helpers
-def _iso_ts(ts: float | None) -> str | None:
-    return None if ts is None else iso(datetime.fromtimestamp(ts, UTC))
-
-
 def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
     return {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
 
@@ -140,7 +85,7 @@ def job_summary(row: sqlite3.Row) -> dict[str, Any]:
         "job_id": row["job_id"], "state": row["state"],
         "error": json.loads(error) if error else None,
         "counts": {"targets": row["targets"], **{k: row[k] for k in COUNT_KEYS}},
-        "created_at": _iso_ts(row["created_at"]), "updated_at": _iso_ts(row["updated_at"]),
+        "created_at": iso_ts(row["created_at"]), "updated_at": iso_ts(row["updated_at"]),
         "source": row["source"], "title": notification.get("title"), "priority": notification.get("priority"),
         "cursor": encode_job_cursor(row["created_at"], row["job_id"]),  # a page that ends here continues from it
     }
@@ -200,7 +145,7 @@ def job_detail(conn: sqlite3.Connection, job_id: str) -> dict[str, Any] | None:
     except (TypeError, ValueError):
         notification = {}
     out["notification"] = {k: notification.get(k) for k in ("title", "body", "priority", "ttl", "collapse_key", "data")}
-    out["expires_at"] = _iso_ts(row["expires_at"])
+    out["expires_at"] = iso_ts(row["expires_at"])
     out["latency"] = job_latency(conn, job_id)
     return out
 
@@ -253,13 +198,15 @@ def deliveries_page(conn: sqlite3.Connection, job_id: str, states: tuple[str, ..
                         (*args, limit + 1)).fetchall()
     more = len(rows) > limit
     rows = rows[:limit]
+    acks = store.acks_of(conn, [r["message_id"] for r in rows])
     now = clock.now()
     return {"deliveries": [{"message_id": r["message_id"], "device_id": r["device_id"], "state": r["state"],
                             "platform": r["platform"], "attempts": r["attempts"],
                             "reason": store.wait_reason(r["state"], r["next_at"], r["last_error"], r["moved"], now)
                             if r["state"] == "queued" else r["last_error"], "moved": r["moved"],
-                            "latency_ms": r["latency_ms"], "sent_at": _iso_ts(r["sent_at"]),
-                            "acked_at": _iso_ts(r["acked_at"])} for r in rows],
+                            "latency_ms": r["latency_ms"], "sent_at": iso_ts(r["sent_at"]),
+                            "acked_at": iso_ts(r["acked_at"]), "acks": acks.get(r["message_id"], [])}
+                           for r in rows],
             "next": rows[-1]["device_id"] if more else None}
 
 
@@ -297,7 +244,7 @@ def device_summary(row: sqlite3.Row, last_ack: float | None) -> dict[str, Any]:
     except (TypeError, ValueError):
         tags = []
     return {"device_id": row["device_id"], "segment": row["segment"], "tags": tags, "channels": _channels(row),
-            "updated_at": _iso_ts(row["updated_at"]), "last_ack_at": _iso_ts(last_ack)}
+            "updated_at": iso_ts(row["updated_at"]), "last_ack_at": iso_ts(last_ack)}
 
 
 def devices_page(conn: sqlite3.Connection, prefix: str = "", segment: str = "", tag: str = "", after: str = "",
@@ -357,13 +304,13 @@ def device_detail(conn: sqlite3.Connection, device_id: str, recent: int = 20) ->
                        "ORDER BY a.received_at DESC LIMIT 1", (device_id,)).fetchone()
     # via: the channel it came by (mqtt, ack-url, simulation): an ack URL may be used by
     # anyone who holds it, so the page says when an ack did not come from the device itself.
-    out["last_ack"] = ({"status": ack["status"], "at": ack["at"], "received_at": _iso_ts(ack["received_at"]),
+    out["last_ack"] = ({"status": ack["status"], "at": ack["at"], "received_at": iso_ts(ack["received_at"]),
                         "job_id": ack["job_id"], "via": ack["via"]} if ack else None)
     rows = conn.execute("SELECT d.job_id, d.state, d.platform, d.attempts, d.last_error, d.latency_ms, j.created_at "
                         "FROM deliveries d JOIN jobs j ON j.job_id = d.job_id WHERE d.device_id = ? "
                         "ORDER BY j.created_at DESC LIMIT ?", (device_id, recent)).fetchall()
     out["recent"] = [{"job_id": r["job_id"], "state": r["state"], "platform": r["platform"], "attempts": r["attempts"],
-                      "reason": r["last_error"], "latency_ms": r["latency_ms"], "created_at": _iso_ts(r["created_at"])}
+                      "reason": r["last_error"], "latency_ms": r["latency_ms"], "created_at": iso_ts(r["created_at"])}
                      for r in rows]
     return out
 
@@ -378,27 +325,28 @@ def known_devices(conn: sqlite3.Connection, device_ids: list[str]) -> set[str]:
 
 
 # ------------------------------------------------------------------ alarms
-def _alarm_json(row: sqlite3.Row) -> dict[str, Any]:
+def _alarm_json(row: Any) -> dict[str, Any]:
+    """An alarm row (the table's, or a summary's with ``key``) as the page shows it."""
     def loads(text: str | None) -> Any:
         try:
             return None if text is None else json.loads(text)
         except ValueError:
             return text
 
-    return {"rule": row["rule"], "key": row["akey"], "state": row["state"], "value": loads(row["value"]),
-            "since": _iso_ts(row["since"]), "fired_at": _iso_ts(row["fired_at"]),
+    key = row["key"] if isinstance(row, dict) else row["akey"]
+    return {"rule": row["rule"], "key": key, "state": row["state"], "value": loads(row["value"]),
+            "since": iso_ts(row["since"]), "fired_at": iso_ts(row["fired_at"]),
             "acknowledged_by": row["acknowledged_by"], "note": row["note"], "escalation_step": row["escalation_step"],
-            "jobs": loads(row["jobs"]) or [], "next_escalation_at": _iso_ts(row["due_at"]) if row["state"] == "firing" else None}
+            "jobs": loads(row["jobs"]) or [], "next_escalation_at": iso_ts(row["due_at"]) if row["state"] == "firing" else None}
+
+
+def _counts(summary: AlarmSummary | None) -> dict[str, int]:
+    """Every state the page shows, zero when none (or no alarms table)."""
+    return {state: summary.count(state) if summary is not None else 0 for state in ALARM_STATES}
 
 
 def alarm_counts(conn: sqlite3.Connection) -> dict[str, int]:
-    out = dict.fromkeys(ALARM_STATES, 0)
-    if not stats.has_table(conn, "alarms"):
-        return out
-    for state, n in conn.execute("SELECT state, COUNT(*) FROM alarms GROUP BY state"):
-        if state in out:
-            out[state] = n
-    return out
+    return _counts(alarm_summary(conn, firing_limit=0))
 
 
 def alarms_digest(conn: sqlite3.Connection) -> tuple[Any, ...]:
@@ -423,11 +371,6 @@ def alarms_page(conn: sqlite3.Connection, state: str = "firing", after: tuple[st
             "next": [rows[-1]["rule"], rows[-1]["akey"]] if more else None}
 
 
-def alarms_firing(conn: sqlite3.Connection, limit: int = 10) -> list[dict[str, Any]]:
-    if not stats.has_table(conn, "alarms"):
-        return []
-    return [_alarm_json(r) for r in conn.execute(
-        "SELECT * FROM alarms WHERE state = 'firing' ORDER BY fired_at LIMIT ?", (limit,))]
 
 
 def alarm(conn: sqlite3.Connection, rule: str, key: str) -> dict[str, Any] | None:
@@ -463,8 +406,14 @@ def now_from_db(conn: sqlite3.Connection, now: float | None = None) -> dict[str,
         "devices": stats.device_count(conn),
         "jobs_active": active,
         "upstream_backlog": stats.upstream_backlog(conn),
-        "alarms": {"counts": alarm_counts(conn), "firing": alarms_firing(conn)},
+        "alarms": _alarms_now(conn),
     }
+
+
+def _alarms_now(conn: sqlite3.Connection, firing_limit: int = 10) -> dict[str, Any]:
+    """Counts by state and the longest-firing alarms, from the one alarm summary."""
+    summary = alarm_summary(conn, firing_limit)
+    return {"counts": _counts(summary), "firing": [_alarm_json(a) for a in summary.firing] if summary else []}
 
 
 def _bucket_quantile(h: dict[str, Any], q: float) -> float | None:
@@ -476,4 +425,4 @@ def _bucket_quantile(h: dict[str, Any], q: float) -> float | None:
 
 __all__ = ["QueryError", "alarm", "alarms_digest", "alarms_page", "check_id_prefix", "deliveries_page",
            "device_detail", "devices_page", "job_detail", "jobs_changed_since", "jobs_page", "known_devices",
-           "migrate", "now_from_db"]
+           "now_from_db"]

@@ -89,6 +89,7 @@ class Dispatcher:
         self.db = db
         self.slots = {name: BridgeSlot(b, cfg.max_in_flight or b.default_max_in_flight) for name, b in bridges.items()}
         self.recorder = recorder
+        self.channels = store.ChannelCache()  # devices' channel lists decoded once per distinct text
         self.rng = rng or random.Random()
         self.resend = set(resend)  # bridges with resend_unacked
         self.wake = asyncio.Event()
@@ -243,13 +244,14 @@ class Dispatcher:
                                      list[store.DueDelivery], list[store.DueDelivery], float | None]:
             fetched = {}
             for name, limit in wants.items():
-                rows = store.due_for_route(conn, name, now, limit, resends=name in resend, skip=skip)
+                rows = store.due_for_route(conn, name, now, limit, resends=name in resend, skip=skip,
+                                           channels=self.channels)
                 # With sends in flight, their completion wakes us anyway; else look ahead.
                 idle = len(rows) < limit and self.slots[name].in_flight == 0
                 fetched[name] = (rows, store.next_due_for_route(conn, name, now, resends=name in resend)
                                  if idle else None)
-            unrouted = store.unrouted_due(conn, now, routable, 200) if look_unrouted else []
-            expiring = store.expiring(conn, now, paused) if sweep else []
+            unrouted = store.unrouted_due(conn, now, routable, 200, self.channels) if look_unrouted else []
+            expiring = store.expiring(conn, now, paused, channels=self.channels) if sweep else []
             next_expiry = store.next_expiry(conn, now) if paused else None
             movable = [r for name in moving for r in store.movable_for_route(conn, name, now, usable, 200, skip)]
             silent = [r for name in explaining for r in store.unexplained_for_route(conn, name, now, 500, skip)]
@@ -464,10 +466,11 @@ class Dispatcher:
     async def _send(self, slot: BridgeSlot, platform: str, channel: Any, key: str,
                     row: store.DueDelivery, job: JobInfo) -> None:
         attempt = row.attempts + 1
+        sent_at = clock.utcnow()
         delivery = Delivery(
             message_id=row.message_id, job_id=row.job_id, device_id=row.device_id, channel=channel,
             notification=job.notification, options=job.options.get(platform) or {},
-            sent_at=clock.utcnow(), expires_at=job.expires_dt, attempt=attempt,
+            sent_at=sent_at, expires_at=job.expires_dt, attempt=attempt,
             ack_url=self.ack_url(row.message_id) if self.ack_url is not None else None)
         released = False
         try:
@@ -478,7 +481,7 @@ class Dispatcher:
             except Exception as exc:  # a bridge bug must not stop the pipeline
                 log.exception("bridge raised", platform=platform, message_id=row.message_id)
                 outcome = Outcome.retry(f"bridge error: {exc.__class__.__name__}")
-            result = self._decide(slot, platform, key, row, job, attempt, outcome)
+            result = self._decide(slot, platform, key, row, job, attempt, outcome, sent_at.timestamp())
             # The bridge is free again; the row stays excluded from fetching until committed.
             slot.in_flight -= 1
             released = True
@@ -519,7 +522,7 @@ class Dispatcher:
             self._refresh_routes(now)
 
     def _decide(self, slot: BridgeSlot, platform: str, key: str, row: store.DueDelivery, job: JobInfo,
-                attempt: int, outcome: Outcome) -> store.Result:
+                attempt: int, outcome: Outcome, sent_at: float) -> store.Result:
         now = clock.now()
         self._health(slot, platform, outcome, now)
         if row.resend:
@@ -528,7 +531,7 @@ class Dispatcher:
         if kind is OutcomeKind.ACCEPTED:  # the usual case: built positionally, no keyword dict
             slot.sent += 1
             return store.Result(row.message_id, row.job_id, row.device_id, "sent", platform, attempt,
-                                resend_at=self._resend_at(platform, attempt, job, now))
+                                resend_at=self._resend_at(platform, attempt, job, now), sent_at=sent_at)
         base = dict(message_id=row.message_id, job_id=row.job_id, device_id=row.device_id, platform=platform)
         if kind is OutcomeKind.INVALID_ADDRESS:
             # Not an attempt against the delivery: it falls over to the next channel now.
@@ -603,6 +606,7 @@ class Expander:
         self.batch_size = batch_size
         self.on_page = on_page
         self.platforms = platforms
+        self.channels = store.ChannelCache()  # the registry's channel lists decoded once per distinct text
         self.wake = asyncio.Event()
         self.failures = FailureEpisode(log, "expanding jobs")
 
@@ -628,7 +632,8 @@ class Expander:
             done = False
             while not done and not stopping.is_set():
                 done = await self.db.run(
-                    lambda conn, j=job_id: store.expand_page(conn, j, self.batch_size, clock.now(), self.platforms))
+                    lambda conn, j=job_id: store.expand_page(conn, j, self.batch_size, clock.now(), self.platforms,
+                                                             self.channels))
                 self.on_page()
         return bool(job_ids)
 

@@ -34,6 +34,7 @@ from gateway.pipeline.models import (
 )
 from gateway.pipeline.recorder import Recorder
 from gateway.pipeline.status import publish_error
+from gateway.states import JobState
 from gateway.storage import Database
 from gateway.topics import Topics
 
@@ -85,7 +86,7 @@ class Intake:
         is not final: the new payload is judged on its own, so a fixed typo can be sent again."""
         def known(conn: Any) -> bool:
             row = conn.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-            if row is None or row["state"] == "rejected":
+            if row is None or row["state"] == JobState.REJECTED:
                 return False
             store.mark_dirty(conn, job_id)
             return True
@@ -115,8 +116,8 @@ class Intake:
         topic = self.topics.device_register(device_id)
         try:
             if not is_id(DEVICE_ID_RE, device_id):
-                raise InputError("invalid_device",
-                                 f"device_id: {device_id!r} in the topic must match [A-Za-z0-9._:-]{{1,128}} {NOT_DOTS}")
+                raise InputError.at("invalid_device", "device_id",
+                                    f"{device_id!r} in the topic must match [A-Za-z0-9._:-]{{1,128}} {NOT_DOTS}")
             if not payload:
                 removed = await self.recorder.remove(device_id)
                 log.info("device removed" if removed else "device to remove was unknown", device_id=device_id)
@@ -148,7 +149,7 @@ class Intake:
         result = await self.recorder.ack(device_id, ack)
         if not result.accepted:
             log.info("ack refused", device_id=device_id, message_id=ack.message_id, reason=result.reason)
-        else:
+        elif not result.repeat:  # a repeat changes no status
             self.on_status()
         return result
 
@@ -173,7 +174,7 @@ class Intake:
         stored = False
         for n, (device_id, ack), result in zip(where, parsed, results):
             out[n] = result
-            if result.accepted:
+            if result.accepted and not result.repeat:
                 stored = True
             elif not result.not_stored:
                 log.info("ack refused", device_id=device_id, message_id=ack.message_id, reason=result.reason)

@@ -12,6 +12,7 @@ import json
 import re
 import sys
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -37,13 +38,39 @@ MAX_OPTIONS_DEPTH = 16  # within one platform's options (options.apns, ...)
 MAX_TTL = 28 * 24 * 3600  # FCM's and WNS's own ceiling
 
 
-class InputError(ValueError):
-    """Input that cannot be accepted; ``code`` is machine-readable, ``message`` names the field."""
+@dataclass(frozen=True, slots=True)
+class FieldError:
+    """One problem of one field, as data: ``field`` is its dotted path (``""`` = the input as
+    a whole), ``message`` the API's words for it, field included (``"notification.ttl: ..."``).
+    The operator page shows each next to its control without parsing the joined message."""
 
-    def __init__(self, code: str, message: str):
+    field: str
+    message: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"field": self.field, "message": self.message}
+
+
+class InputError(ValueError):
+    """Input that cannot be accepted; ``code`` is machine-readable, ``message`` names the field,
+    ``fields`` holds the same problems one per field (the message is their join)."""
+
+    def __init__(self, code: str, message: str, fields: Sequence[FieldError] | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.fields: tuple[FieldError, ...] = tuple(fields) if fields else (FieldError("", message),)
+
+    @classmethod
+    def at(cls, code: str, field: str, text: str) -> "InputError":
+        """One problem of one field: the message is ``"<field>: <text>"``."""
+        message = f"{field}: {text}"
+        return cls(code, message, [FieldError(field, message)])
+
+    @classmethod
+    def from_validation(cls, code: str, exc: ValidationError, prefix: str = "") -> "InputError":
+        fields = field_error_list(exc, prefix)
+        return cls(code, "; ".join(f.message for f in fields), fields)
 
     def as_dict(self) -> dict[str, str]:
         return {"code": self.code, "message": self.message}
@@ -158,6 +185,11 @@ class ParsedJob:
 
 
 def field_errors(exc: ValidationError, prefix: str = "") -> str:
+    """The message naming each field (the first five), ``"a.b: x; c: y"``."""
+    return "; ".join(f.message for f in field_error_list(exc, prefix))
+
+
+def field_error_list(exc: ValidationError, prefix: str = "") -> list[FieldError]:
     parts = []
     for err in exc.errors()[:5]:
         loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "model-"))))
@@ -169,21 +201,21 @@ def field_errors(exc: ValidationError, prefix: str = "") -> str:
             msg = "required"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
-        parts.append(f"{loc}: {msg}")
-    return "; ".join(parts)
+        parts.append(FieldError(loc, f"{loc}: {msg}"))
+    return parts
 
 
 def decode_json_object(payload: bytes, limit: int, what: str) -> dict[str, Any]:
     if len(payload) > limit:
-        raise InputError("too_large", f"{what}: {len(payload)} bytes is over the {limit} byte limit")
+        raise InputError.at("too_large", what, f"{len(payload)} bytes is over the {limit} byte limit")
     try:
         obj = json.loads(payload)
     except Exception as exc:  # noqa: BLE001 - whatever the parser refuses is the input's fault
-        raise InputError("invalid_json", f"{what}: not valid JSON ({_why_not_json(exc)})") from None
+        raise InputError.at("invalid_json", what, f"not valid JSON ({_why_not_json(exc)})") from None
     if not isinstance(obj, dict):
-        raise InputError("invalid_json", f"{what}: must be a JSON object")
+        raise InputError.at("invalid_json", what, "must be a JSON object")
     if json_depth(obj) > MAX_JSON_DEPTH:
-        raise InputError("invalid_json", f"{what}: nested deeper than {MAX_JSON_DEPTH} levels")
+        raise InputError.at("invalid_json", what, f"nested deeper than {MAX_JSON_DEPTH} levels")
     return obj
 
 
@@ -233,7 +265,7 @@ def parse_job(obj: dict[str, Any]) -> ParsedJob:
         else:
             job = JobIn.model_validate(obj)
     except ValidationError as exc:
-        raise InputError("invalid_job", field_errors(exc)) from None
+        raise InputError.from_validation("invalid_job", exc) from None
     if job.job_id is None:
         return ParsedJob(str(uuid.uuid4()), job, True)
     return ParsedJob(job.job_id, job, False)
@@ -314,7 +346,7 @@ def parse_ack(payload: bytes) -> Ack:
     try:
         return Ack.of(AckIn.model_validate(obj))
     except ValidationError as exc:
-        raise InputError("invalid_ack", field_errors(exc)) from None
+        raise InputError.from_validation("invalid_ack", exc) from None
 
 
 def parse_device(payload: bytes, topic_device_id: str | None = None) -> Device:
@@ -336,7 +368,8 @@ def parse_device(payload: bytes, topic_device_id: str | None = None) -> Device:
         try:
             device = Device.model_validate(obj)
         except ValidationError as exc:
-            raise InputError("invalid_device", field_errors(exc)) from None
+            raise InputError.from_validation("invalid_device", exc) from None
     if topic_device_id is not None and device.device_id != topic_device_id:
-        raise InputError("invalid_device", f"device_id: {device.device_id!r} does not match the topic's {topic_device_id!r}")
+        raise InputError.at("invalid_device", "device_id",
+                            f"{device.device_id!r} does not match the topic's {topic_device_id!r}")
     return device

@@ -13,12 +13,13 @@ publisher, also later if the broker is away now.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Callable
 
 import structlog
 
 from gateway import clock
-from gateway.pipeline import store
+from gateway.pipeline import acks, deliveries, jobs
 from gateway.storage import Database, FailureEpisode, is_storage_error
 
 log = structlog.get_logger(__name__)
@@ -60,13 +61,11 @@ class Pruner:
         while stopping is None or not stopping.is_set():
             now = clock.now()
             cutoff = now - self.retention_s
-            job_ids = await self.db.run(lambda conn: store.prune(conn, cutoff, now, BATCH_ROWS))
+            job_ids = await self.db.run(lambda conn: prune(conn, cutoff, now, BATCH_ROWS))
             if job_ids:
                 total += len(job_ids)
                 self.on_pruned()
-            more = await self.db.run(lambda conn: conn.execute(
-                "SELECT 1 FROM jobs WHERE state IN ('completed', 'acknowledged', 'rejected') AND updated_at < ? "
-                "LIMIT 1", (cutoff,)).fetchone() is not None)
+            more = await self.db.run(lambda conn: bool(jobs.finished_before(conn, cutoff, 1)))
             if not more:
                 break
             await asyncio.sleep(0.05)  # let the hot path have the writer
@@ -74,3 +73,27 @@ class Pruner:
             self.pruned += total
             log.info("pruned finished jobs", jobs=total, retention_days=round(self.retention_s / 86400, 6))
         return total
+
+
+def prune(conn: sqlite3.Connection, cutoff: float, now: float, max_rows: int = 2000) -> list[str]:
+    """Delete finished jobs last changed before ``cutoff`` with their deliveries and acks,
+    touching about ``max_rows`` rows (one small transaction; a big job takes several).
+    Returns the job_ids whose job row went: their retained status is now owed a clear
+    (``status_clears``), published by the status publisher."""
+    pruned: list[str] = []
+    budget = max_rows
+    with deliveries.DeliveryWriter(conn, now) as writer:
+        for job_id in jobs.finished_before(conn, cutoff):
+            if budget <= 0:
+                break
+            ids = deliveries.of_job(conn, job_id, budget)
+            acks.delete_of(conn, ids)
+            writer.delete(ids)
+            if len(ids) >= budget:
+                break  # more rows of this job next time
+            budget -= len(ids) + 1
+            jobs.delete_job(conn, job_id, now)
+            pruned.append(job_id)
+    if pruned:
+        jobs.bump(conn, "jobs_pruned", len(pruned))
+    return pruned

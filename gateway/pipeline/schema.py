@@ -1,13 +1,16 @@
-"""The pipeline's tables. Counts per job are kept incrementally in ``jobs`` (one row
-update per batch) so status never needs a scan of a 100,000-row job."""
+"""The pipeline's tables (devices, jobs, deliveries, acks, counters, status_clears) and
+their migrations, run by the schema registry (:mod:`gateway.migrations`). Counts per job
+are kept incrementally in ``jobs`` (one row update per batch) so status never needs a scan
+of a 100,000-row job.
+
+The DDL below is the schema as of the first migration: later changes are migrations of
+their own (the acks' repeat count, the page's tag table), not edits of it."""
 
 from __future__ import annotations
 
 import sqlite3
 
-from gateway import stats
-
-VERSION = 2
+from gateway.storage import run_script
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -69,7 +72,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     UNIQUE (job_id, device_id)
 );
 
-CREATE TABLE IF NOT EXISTS acks (
+CREATE TABLE IF NOT EXISTS acks (        -- version 2: one row per status of a delivery
     id          INTEGER PRIMARY KEY,
     message_id  TEXT NOT NULL,
     device_id   TEXT NOT NULL,
@@ -126,9 +129,10 @@ CREATE INDEX IF NOT EXISTS acks_by_message ON acks(message_id);
 """
 
 
-def migrate(conn: sqlite3.Connection) -> None:
-    """Create or upgrade the tables in the caller's transaction (idempotent; also run by the CLI)."""
-    _run_script(conn, TABLES)
+def _v1_base(conn: sqlite3.Connection) -> None:
+    """The tables as the gateway kept them before the schema registry, from any older
+    layout (columns added when missing, the wasted indexes dropped)."""
+    run_script(conn, TABLES)
     for table, column, decl, backfill in ADDED_COLUMNS:
         have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
         if column not in have:
@@ -137,14 +141,88 @@ def migrate(conn: sqlite3.Connection) -> None:
                 conn.execute(backfill)
     for name in DROPPED_INDEXES:
         conn.execute(f"DROP INDEX IF EXISTS {name}")
-    _run_script(conn, INDEXES)
-    stats.prepare(conn)  # the aggregates every write of deliveries keeps (gateway.stats.tracking)
-    if conn.execute("PRAGMA user_version").fetchone()[0] != VERSION:
-        conn.execute(f"PRAGMA user_version = {VERSION}")
+    run_script(conn, INDEXES)
 
 
-def _run_script(conn: sqlite3.Connection, script: str) -> None:
-    # executescript() would COMMIT the caller's transaction; run statements one by one.
-    for statement in script.split(";"):
-        if statement.strip():
-            conn.execute(statement)
+def _v2_acks_once(conn: sqlite3.Connection) -> None:
+    """Each status of a delivery is stored once (``acks_once``); later acks of it are
+    counted on that row (``repeats``, ``last_received_at``). Acks stored before keep the
+    first of each status and count the others as its repeats; the unique index replaces
+    the plain one on message_id."""
+    have = {r[1] for r in conn.execute("PRAGMA table_info(acks)")}
+    if "repeats" not in have:
+        conn.execute("ALTER TABLE acks ADD COLUMN repeats INTEGER NOT NULL DEFAULT 0")
+    if "last_received_at" not in have:
+        conn.execute("ALTER TABLE acks ADD COLUMN last_received_at REAL")
+    conn.execute("CREATE TEMP TABLE acks_kept AS SELECT MIN(id) AS id, COUNT(*) - 1 AS repeats, "
+                 "MAX(received_at) AS last_received_at FROM acks GROUP BY message_id, status HAVING COUNT(*) > 1")
+    conn.execute("UPDATE acks SET repeats = k.repeats, last_received_at = k.last_received_at "
+                 "FROM acks_kept AS k WHERE acks.id = k.id")
+    conn.execute("DELETE FROM acks WHERE id NOT IN (SELECT MIN(id) FROM acks GROUP BY message_id, status)")
+    conn.execute("DROP TABLE temp.acks_kept")
+    conn.execute("DROP INDEX IF EXISTS acks_by_message")
+    conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS acks_once ON acks(message_id, status)")
+
+
+# Read paths of the operator page over the pipeline's tables: jobs newest first and by last
+# change, and devices by tag. Tags are a JSON list in the devices row, which no index can
+# reach, so ``device_tags`` keeps (tag, device_id) pairs, written by triggers on
+# ``devices`` in the same statement as the row (a malformed tags value must never make a
+# registration fail: it counts as no tags). The names are those the HTTP package gave them
+# when it kept them (a database it made has them already).
+DEVICE_TAGS = """
+CREATE INDEX IF NOT EXISTS ui_jobs_by_created ON jobs(created_at, job_id);
+CREATE INDEX IF NOT EXISTS ui_jobs_by_updated ON jobs(updated_at);
+CREATE TABLE IF NOT EXISTS ui_device_tags (
+    tag       TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    PRIMARY KEY (tag, device_id)
+) WITHOUT ROWID;
+"""
+_TAGS = "(CASE WHEN json_valid({r}.tags) THEN {r}.tags ELSE '[]' END)"
+DEVICE_TAG_TRIGGERS = {
+    "ui_device_tags_insert": f"""
+CREATE TRIGGER ui_device_tags_insert AFTER INSERT ON devices BEGIN
+    INSERT INTO ui_device_tags(tag, device_id)
+    SELECT value, NEW.device_id FROM json_each({_TAGS.format(r="NEW")}) WHERE type = 'text' ON CONFLICT DO NOTHING;
+END""",
+    "ui_device_tags_update": f"""
+CREATE TRIGGER ui_device_tags_update AFTER UPDATE OF tags, device_id ON devices BEGIN
+    DELETE FROM ui_device_tags WHERE device_id = OLD.device_id
+        AND tag IN (SELECT value FROM json_each({_TAGS.format(r="OLD")}) WHERE type = 'text');
+    INSERT INTO ui_device_tags(tag, device_id)
+    SELECT value, NEW.device_id FROM json_each({_TAGS.format(r="NEW")}) WHERE type = 'text' ON CONFLICT DO NOTHING;
+END""",
+    "ui_device_tags_delete": f"""
+CREATE TRIGGER ui_device_tags_delete AFTER DELETE ON devices BEGIN
+    DELETE FROM ui_device_tags WHERE device_id = OLD.device_id
+        AND tag IN (SELECT value FROM json_each({_TAGS.format(r="OLD")}) WHERE type = 'text');
+END""",
+}
+
+
+def _v3_device_tags(conn: sqlite3.Connection) -> None:
+    """The page's read paths (:data:`DEVICE_TAGS`), kept by the registry's owner. The tag
+    table is counted again from ``devices`` unless it and every trigger were already there
+    (made by the HTTP package of an older gateway, which kept it exact since). The triggers
+    are made anew either way: the HTTP package's used ``INSERT OR IGNORE``, which the
+    registry's own upsert of a device overrides (SQLite applies the outer statement's
+    conflict rule inside triggers), so a device whose tags repeat one failed to register."""
+    fresh = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ui_device_tags'").fetchone() is None
+    run_script(conn, DEVICE_TAGS)
+    have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+    for name, ddl in DEVICE_TAG_TRIGGERS.items():
+        if name not in have:
+            fresh = True
+        conn.execute(f"DROP TRIGGER IF EXISTS {name}")
+        conn.execute(ddl)
+    if fresh:
+        conn.execute("DELETE FROM ui_device_tags")
+        conn.execute(f"INSERT OR IGNORE INTO ui_device_tags(tag, device_id) SELECT j.value, d.device_id "
+                     f"FROM devices d, json_each({_TAGS.format(r='d')}) j WHERE j.type = 'text'")
+
+
+# The pipeline's migrations, oldest first (gateway.migrations): never edit one that was
+# released. Each is idempotent too (a database restored without its schema_versions row
+# runs them again harmlessly).
+MIGRATIONS = (_v1_base, _v2_acks_once, _v3_device_tags)

@@ -17,9 +17,9 @@ import structlog
 from bridges.base import Bridge, BridgeConfigError, BridgeContext
 from bridges.registry import build_bridges
 from gateway import clock
-from gateway.config import Config
+from gateway.config import Config, Secrets
 from gateway.mqtt import GatewayClient
-from gateway.pipeline import schema, store
+from gateway.pipeline import store
 from gateway.pipeline.dispatcher import Dispatcher, Expander
 from gateway.pipeline.intake import Intake
 from gateway.pipeline.models import AckVia
@@ -48,8 +48,11 @@ class Pipeline:
     started: asyncio.Event | None = None  # serves once running; ``ready`` gates its inputs
 
     def __init__(self, cfg: Config, db: Database, forward: store.Forwarder | None = None,
-                 ack_url: Callable[[str], str] | None = None):
+                 ack_url: Callable[[str], str] | None = None, secrets: Secrets | None = None):
         self.cfg = cfg
+        # Without loaded secrets only secret-less platforms (simulation, mqtt) can start;
+        # the others refuse with a BridgeConfigError naming the key.
+        self.secrets = secrets if secrets is not None else Secrets()
         self.db = db
         self.topics = Topics(cfg.prefix)
         self.forward = forward
@@ -76,7 +79,7 @@ class Pipeline:
         client.route(self.topics.device_ack(), self._gate(self.intake.on_ack_message), qos=1)
         ctx = BridgeContext(client=client, topics=self.topics, data_dir=self.cfg.data_dir,
                             on_ack=self._bridge_ack, on_acks=self._bridge_acks)
-        self.bridges = build_bridges(self.cfg, ctx)
+        self.bridges = build_bridges(self.cfg, self.secrets, ctx)
         self.expander = Expander(self.db, self.cfg.dispatch.batch_size, self._on_page, platforms=list(self.bridges))
         resend = {name for name in self.bridges if getattr(self.cfg.bridges, name).resend_unacked}
         self.dispatcher = Dispatcher(self.cfg.dispatch, self.db, self.bridges, self.recorder, resend=resend)
@@ -158,9 +161,8 @@ class Pipeline:
     # ----------------------------------------------------------------- run
     async def run(self, stopping: asyncio.Event) -> None:
         assert self.dispatcher and self.expander and self.status and self.pruner
-        await self.db.run(schema.migrate)
         for name, bridge in list(self.bridges.items()):
-            fault = self.cfg.bridge_faults.get(name)
+            fault = self.secrets.bridge_faults.get(name)
             if fault is not None:
                 log.error("bridge cannot start; its deliveries wait or fall over", platform=name, error=fault)
                 self.dispatcher.pause(name, fault)

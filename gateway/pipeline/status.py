@@ -26,18 +26,18 @@ from gateway import clock
 from gateway.mqtt import GatewayClient, NotConnected
 from gateway.pipeline import store
 from gateway.storage import Database, FailureEpisode, NotStored, is_storage_error
+from gateway.states import FINAL_JOB_STATES, JobState
 from gateway.topics import Topics
 
 log = structlog.get_logger(__name__)
 
 THROTTLE_S = 1.0
-FINAL_STATES = frozenset({"completed", "acknowledged", "rejected"})
-LOGGED_STATES = frozenset({"accepted", *FINAL_STATES})
+LOGGED_STATES = frozenset({JobState.ACCEPTED, *FINAL_JOB_STATES})
 
 
 def _due(row: Any, published_at: str, published_state: str, now: float, force: bool) -> bool:
     return (force or now - row[published_at] >= THROTTLE_S
-            or (row["state"] in FINAL_STATES and row["state"] != row[published_state]))
+            or (row["state"] in FINAL_JOB_STATES and row["state"] != row[published_state]))
 
 
 class StatusPublisher:
@@ -159,12 +159,12 @@ class StatusPublisher:
 
 
 def _logged_as(row: Any) -> str:
-    return row["state"] if row["state"] in LOGGED_STATES else "accepted"
+    return row["state"] if row["state"] in LOGGED_STATES else JobState.ACCEPTED
 
 
 def _loggable(row: Any) -> bool:
     return row["logged_state"] != _logged_as(row) and not (
-        row["logged_state"] is not None and _logged_as(row) == "accepted")
+        row["logged_state"] is not None and _logged_as(row) == JobState.ACCEPTED)
 
 
 def _log_lifecycle(row: Any) -> None:
@@ -172,12 +172,12 @@ def _log_lifecycle(row: Any) -> None:
     state with the counts); a job that matched no device is a warning."""
     status = store.status_from_row(row)
     state, counts, error = status["state"], status["counts"], status["error"]
-    if row["logged_state"] is None and state != "rejected":
+    if row["logged_state"] is None and state != JobState.REJECTED:
         log.info("job accepted", job_id=row["job_id"], source=row["source"], targets=counts["targets"])
-    if state == "rejected":
+    if state == JobState.REJECTED:
         log.info("job rejected", job_id=row["job_id"], source=row["source"], code=error and error["code"],
                  error=error and error["message"])
-    elif state in FINAL_STATES:
+    elif state in FINAL_JOB_STATES:
         if error and error.get("code") == "no_targets":
             log.warning("job matched no device", job_id=row["job_id"], error=error["message"])
         log.info(f"job {state}", job_id=row["job_id"], **counts)

@@ -30,7 +30,7 @@ import aiomqtt
 import structlog
 
 from gateway import __version__
-from gateway.config import Config
+from gateway.config import Config, LinkSecrets
 from gateway.mqtt import ConnectionSettings, GatewayClient, NotConnected
 from gateway.storage import Database
 from gateway.timeutil import iso, utcnow
@@ -69,6 +69,7 @@ class UpstreamLink:
     started: asyncio.Event | None = None  # serves once running (the cloud may be away for days)
 
     def __init__(self, cfg: Config, db: Database, intake: Intake, outbox: Outbox | None = None, *,
+                 secrets: LinkSecrets,
                  backoff_initial: float = 1.0, backoff_max: float = 60.0, healthy_after_s: float = 30.0,
                  window: int | None = None, publish_timeout: float = 30.0, poll_interval: float = 1.0,
                  stop_flush_s: float = 2.0, gap_grace: float = 2.0, set_aside_after: int = 5):
@@ -94,7 +95,7 @@ class UpstreamLink:
             url=up.url,
             client_id=up.client_id or f"gw-{cfg.gateway.site_id}",
             username=up.username or None,
-            password=up.password.get_secret_value() if up.password else None,
+            password=secrets.password.get_secret_value() if secrets.password else None,
             ca_file=str(up.ca_file) if up.ca_file else None,
             cert_file=str(up.cert_file) if up.cert_file else None,
             key_file=str(up.key_file) if up.key_file else None,

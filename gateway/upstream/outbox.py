@@ -51,6 +51,7 @@ import structlog
 
 from gateway import clock
 from gateway.config import UpstreamSection
+from gateway.storage import run_script
 
 log = structlog.get_logger(__name__)
 
@@ -189,18 +190,20 @@ class OutboxStats:
 # --------------------------------------------------------------------------- schema
 
 
-def ensure_schema(conn: sqlite3.Connection) -> None:
-    """Create (or bring up to date) the outbox tables; safe to call any number of times.
-
-    Uses ``execute`` per statement (not ``executescript``, which would commit the
-    caller's open transaction).
-    """
-    for statement in _split_sql(_SCHEMA):
-        conn.execute(statement)
+def _tables(conn: sqlite3.Connection) -> None:
+    """The outbox tables, as the gateway kept them before the schema registry, from any
+    older layout. No state row: one exists only once a cloud link (or a write for one) used
+    the outbox, which is how status and the page tell that there is a link at all."""
+    run_script(conn, _SCHEMA)
     have = {r[1] for r in conn.execute("PRAGMA table_info(upstream_outbox_state)")}
     for name, decl in _STATE_COLUMNS:
         if name not in have:
             conn.execute(f"ALTER TABLE upstream_outbox_state ADD COLUMN {name} {decl}")
+
+
+def ensure_schema(conn: sqlite3.Connection) -> None:
+    """The tables (:func:`_tables`) and the state row; safe to call any number of times."""
+    _tables(conn)
     conn.execute(
         "INSERT OR IGNORE INTO upstream_outbox_state (id, max_bytes) VALUES (1, ?)", (DEFAULT_MAX_BYTES,)
     )
@@ -208,20 +211,9 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
                  (secrets.token_hex(4),))
 
 
-def _split_sql(script: str) -> list[str]:
-    """Split the schema on statement ends, keeping trigger bodies whole."""
-    statements: list[str] = []
-    current = ""
-    for line in script.splitlines():
-        stripped = line.split("--", 1)[0].rstrip()
-        if not stripped:
-            continue
-        current += stripped + "\n"
-        if stripped.endswith(";") and (not current.lstrip().upper().startswith("CREATE TRIGGER")
-                                       or stripped.strip().upper() == "END;"):
-            statements.append(current.strip())
-            current = ""
-    return statements
+# The outbox's migrations, oldest first, run by the schema registry (gateway.migrations)
+# when the database is opened: never edit a released one.
+MIGRATIONS = (_tables,)
 
 
 def _state(conn: sqlite3.Connection, columns: str) -> sqlite3.Row | tuple[int, ...]:
@@ -755,3 +747,10 @@ class Outbox:
             held, self._held_since_warning, self._held_warned_at = self._held_since_warning, 0, now
         log.warning("upstream buffer full; device acks are stored and their upstream copies wait until the cloud"
                     " takes some (overflow = refuse-new)", max_bytes=self._max_bytes, topic=topic, held=held)
+
+
+def shift_deadlines(conn: sqlite3.Connection, delta: float) -> int:
+    """Move the queued and held-back rows' ``created_at`` (the base of the outbox's oldest
+    age) by ``delta`` s (gateway.clock re-anchored). Rows set aside keep their times (history)."""
+    return (clock.shift_columns(conn, "upstream_outbox", "created_at", delta)
+            + clock.shift_columns(conn, "upstream_outbox_held", "created_at", delta))

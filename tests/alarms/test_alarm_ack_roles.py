@@ -93,25 +93,22 @@ END"""
 def test_an_older_database_gets_the_channel_column_and_trigger_once(tmp_path: Path):
     """A database of a gateway before acks recorded their channel: the column is added, the
     trigger replaced, and a second migration (every CLI command runs one) changes nothing."""
+    from gateway import migrations
     from gateway.alarms import store as alarm_store
-    from gateway.pipeline import schema
-    from gateway.storage import connect
+    from gateway.storage import connect, run_script
 
     conn = connect(tmp_path / "gateway.db")
     conn.execute("CREATE TABLE acks (id INTEGER PRIMARY KEY, message_id TEXT NOT NULL, device_id TEXT NOT NULL, "
                  "status TEXT NOT NULL, at TEXT NOT NULL, error TEXT, received_at REAL NOT NULL)")
     conn.execute("INSERT INTO acks(message_id, device_id, status, at, received_at) VALUES ('m', 'd', 'opened', 'x', 1)")
-    schema.migrate(conn)
-    for statement in alarm_store.DDL.split(";\n"):
-        if statement.strip():
-            conn.execute(statement)
+    run_script(conn, alarm_store.DDL)
     conn.execute(OLD_TRIGGER)
-    alarm_store.migrate(conn)
+    migrations.migrate(conn)  # the schema registry: the pipeline's, then the alarms' migrations
     assert "via" in {r[1] for r in conn.execute("PRAGMA table_info(acks)")}
     assert [tuple(r) for r in conn.execute("SELECT via FROM acks")] == [(None,)]
     trigger = lambda: conn.execute("SELECT sql FROM sqlite_master WHERE name = 'alarm_opened_ack'").fetchone()[0]  # noqa: E731
     assert trigger() == alarm_store.TRIGGER
     cookie = conn.execute("PRAGMA schema_version").fetchone()[0]
-    alarm_store.migrate(conn)
+    migrations.migrate(conn)
     assert conn.execute("PRAGMA schema_version").fetchone()[0] == cookie  # nothing re-created
     conn.close()

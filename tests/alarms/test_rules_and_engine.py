@@ -19,7 +19,7 @@ from gateway.alarms.jobs import job_id_for
 from gateway.alarms.rules import RuleSection, Template, compile_rule, key_from_level, key_level
 from gateway.alarms.values import Unparseable, extract
 from gateway.config import ConfigError, parse_config
-from gateway.pipeline import schema
+from gateway import migrations
 from gateway.pipeline.models import JOB_ID_RE
 from gateway.storage import connect, transaction
 from tests.support import base_config, bulk_register, cli, write_config
@@ -48,7 +48,7 @@ def problems(*rules: dict) -> list[str]:
 
 # ------------------------------------------------------------------ config
 def test_the_contracts_example_rule_is_valid():
-    cfg = parse_config({"broker": LISTENER, "rules": [freezer()]}, environ={})
+    cfg = parse_config({"broker": LISTENER, "rules": [freezer()]}, environ={}).config
     rule = compile_rule(cfg.rules[0], cfg.prefix)
     assert rule.topic_filter == "homepot/site-001/devices/+/telemetry/temp"
     assert rule.kind == "above" and rule.clear_at == -17.0 and rule.escalate[0].after_s == 300
@@ -92,7 +92,7 @@ def test_duplicate_rule_names_and_check_config_exit_2(tmp_path: Path):
 
 
 def test_technicians_may_ack_alarms_by_default():
-    cfg = parse_config({"broker": LISTENER}, environ={})
+    cfg = parse_config({"broker": LISTENER}, environ={}).config
     for role in ("technician", "controller"):
         assert "{prefix}/alarms/+/+/ack" in cfg.broker.roles()[role].publish
     assert "{prefix}/alarms/+/+/ack" not in cfg.broker.roles()["device"].publish
@@ -160,8 +160,7 @@ class Harness:
 
     def __init__(self, tmp_path: Path, *rules: dict):
         self.conn = connect(tmp_path / "gateway.db")
-        transaction(self.conn, schema.migrate)
-        transaction(self.conn, store.migrate)
+        transaction(self.conn, migrations.migrate)
         self.sections = [RuleSection.model_validate(r) for r in rules]
         self.engine = Engine([compile_rule(r, PREFIX) for r in self.sections])
         self.engine.load([], {}, 0.0, 0.0)

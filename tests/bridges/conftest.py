@@ -41,6 +41,12 @@ def bridge_config(tmp_path: Path, bridges: dict[str, Any]) -> Any:
     return parse_config(data, environ={})
 
 
+def build_bridge(module: Any, tmp_path: Path, platform: str, section: dict[str, Any]) -> Any:
+    """``module.build`` with the section and the secrets the config loader read for it."""
+    cfg, secrets = bridge_config(tmp_path, {platform: section})
+    return module.build(getattr(cfg.bridges, platform), context(tmp_path), secrets.bridge(platform))
+
+
 def context(tmp_path: Path) -> BridgeContext:
     return BridgeContext(client=None, topics=Topics("homepot/site-t"), data_dir=tmp_path / "var")
 

@@ -13,7 +13,7 @@ import structlog
 
 from bridges import apns
 from bridges.base import OutcomeKind
-from tests.bridges.conftest import bridge_config, context, delivery
+from tests.bridges.conftest import build_bridge, delivery
 from tests.fakes.apns import FakeApns
 from tests.fakes.common import Pki
 
@@ -25,8 +25,7 @@ async def make_bridge(tmp_path: Path, fake: FakeApns, pki: Pki, **overrides: obj
     key_file.write_text(overrides.pop("key_pem", fake.key_pem))  # type: ignore[arg-type]
     section = {"enabled": True, "team_id": fake.team_id, "key_id": fake.key_id, "key_file": str(key_file),
                "topic": fake.topic, "endpoint": fake.endpoint, "ca_file": str(pki.ca_file), **overrides}
-    cfg = bridge_config(tmp_path, {"apns": section})
-    bridge = apns.build(cfg.bridges.apns, context(tmp_path))
+    bridge = build_bridge(apns, tmp_path, "apns", section)
     await bridge.start()
     return bridge  # type: ignore[return-value]
 
@@ -200,7 +199,7 @@ async def test_certificate_auth_sends_no_jwt(tmp_path, pki):
     try:
         section = {"enabled": True, "cert_file": str(pki.client_cert_file), "cert_key_file": str(pki.client_key_file),
                    "topic": fake.topic, "endpoint": fake.endpoint, "ca_file": str(pki.ca_file)}
-        bridge = apns.build(bridge_config(tmp_path, {"apns": section}).bridges.apns, context(tmp_path))
+        bridge = build_bridge(apns, tmp_path, "apns", section)
         await bridge.start()
         outcome = await bridge.send(delivery({"platform": "apns", "token": TOKEN}))
         await bridge.close()
@@ -214,7 +213,7 @@ async def test_certificate_auth_sends_no_jwt(tmp_path, pki):
         key_file = tmp_path / "k.p8"
         key_file.write_text(fake.key_pem)
         section.update(team_id=fake.team_id, key_id=fake.key_id, key_file=str(key_file))
-        bridge = apns.build(bridge_config(tmp_path, {"apns": section}).bridges.apns, context(tmp_path))
+        bridge = build_bridge(apns, tmp_path, "apns", section)
         await bridge.start()
         outcome = await bridge.send(delivery({"platform": "apns", "token": TOKEN}))
         await bridge.close()

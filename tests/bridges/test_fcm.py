@@ -14,7 +14,7 @@ import structlog
 
 from bridges import fcm
 from bridges.base import OutcomeKind
-from tests.bridges.conftest import bridge_config, context, delivery, write_json
+from tests.bridges.conftest import build_bridge, delivery, write_json
 from tests.fakes.common import Injection, Pki
 from tests.fakes.fcm import FakeFcm
 
@@ -25,7 +25,7 @@ async def make_bridge(tmp_path: Path, fake: FakeFcm, pki: Pki, **overrides: obje
     sa = write_json(tmp_path / "sa.json", overrides.pop("service_account", fake.service_account()))
     section = {"enabled": True, "service_account_file": str(sa), "endpoint": fake.endpoint,
                "ca_file": str(pki.ca_file), **overrides}
-    bridge = fcm.build(bridge_config(tmp_path, {"fcm": section}).bridges.fcm, context(tmp_path))
+    bridge = build_bridge(fcm, tmp_path, "fcm", section)
     await bridge.start()
     return bridge  # type: ignore[return-value]
 

@@ -22,7 +22,7 @@ async def make_bridge(tmp_path: Path, pki: Pki, resolver=None, **overrides: obje
     section = {"enabled": True, "vapid_private_key_file": str(tmp_path / "vapid.pem"),
                "subject": "mailto:ops@example.com", "allow_private_endpoints": True,
                "ca_file": str(pki.ca_file), **overrides}
-    cfg = bridge_config(tmp_path, {"webpush": section}).bridges.webpush
+    cfg = bridge_config(tmp_path, {"webpush": section}).config.bridges.webpush
     bridge = webpush.WebPushBridgeImpl(cfg, context(tmp_path), **({"resolver": resolver} if resolver else {}))
     await bridge.start()
     return bridge

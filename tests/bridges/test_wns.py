@@ -11,7 +11,7 @@ import structlog
 
 from bridges import wns
 from bridges.base import OutcomeKind
-from tests.bridges.conftest import bridge_config, context, delivery
+from tests.bridges.conftest import bridge_config, build_bridge, context, delivery
 from tests.fakes.common import Pki
 from tests.fakes.wns import FakeWns
 
@@ -25,7 +25,7 @@ async def make_bridge(tmp_path: Path, fake: FakeWns, pki: Pki, **overrides: obje
                **overrides}
     if auth == "entra":
         section.setdefault("tenant_id", fake.tenant)
-    bridge = wns.build(bridge_config(tmp_path, {"wns": section}).bridges.wns, context(tmp_path))
+    bridge = build_bridge(wns, tmp_path, "wns", section)
     await bridge.start()
     return bridge  # type: ignore[return-value]
 
@@ -185,10 +185,11 @@ async def test_allowed_name_resolving_to_loopback_is_refused_at_connect(tmp_path
 
     secret = tmp_path / "s"
     secret.write_text(fake_wns.client_secret)
-    cfg = bridge_config(tmp_path, {"wns": {"enabled": True, "client_id": fake_wns.client_id,
+    cfg, secrets = bridge_config(tmp_path, {"wns": {"enabled": True, "client_id": fake_wns.client_id,
                                            "client_secret_file": str(secret), "token_url": fake_wns.token_url(),
                                            "ca_file": str(pki.ca_file)}})
-    bridge = wns.WnsBridgeImpl(cfg.bridges.wns, context(tmp_path), resolver=rebinding_resolver)
+    bridge = wns.WnsBridgeImpl(cfg.bridges.wns, context(tmp_path), secrets.bridge("wns"),
+                               resolver=rebinding_resolver)
     await bridge.start()
     outcome = await bridge.send(delivery(channel(f"https://db5.notify.windows.com:{fake_wns.server.port}/w/?token=x")))
     await bridge.close()

@@ -34,7 +34,7 @@ def broker_config(tmp: Path, port: int, **extra: Any) -> Config:
             "auth": {"password_file": str(tmp / "var" / "passwd")},
         },
     }
-    return parse_config(deep_merge(data, extra), environ={})
+    return parse_config(deep_merge(data, extra), environ={}).config
 
 
 def write_accounts(path: Path, accounts: dict[str, str], password: str | None = "pw") -> None:

@@ -213,7 +213,7 @@ def test_limits_config_errors_name_the_key():
     assert "[broker.limits.nosuchrole] names no role" in problems({"nosuchrole": {"max_connections": 1}})[0]
     cfg = parse_config({"broker": {"listeners": listeners, "acl": {"kiosk": {}},
                                    "limits": {"kiosk": {"max_publish_rate": 2}}}},
-                       {"HOMEPOT_BROKER_LIMITS_MAX_CONNECTIONS": "50"})
+                       {"HOMEPOT_BROKER_LIMITS_MAX_CONNECTIONS": "50"}).config
     assert cfg.broker.limits.max_connections == 50 and cfg.broker.limits.roles["kiosk"].max_publish_rate == 2
 
 

@@ -22,7 +22,8 @@ from gateway.http.reader import Reader
 from gateway.http.routes import ApiParts, api_app
 from gateway.http.streams import StreamSlots
 from gateway.metrics import Metrics
-from gateway.pipeline import schema, store
+from gateway import migrations
+from gateway.pipeline import store
 from gateway.pipeline.models import AckVia
 from gateway.storage import connect
 from gateway.storage import transaction as tx
@@ -62,9 +63,9 @@ class FixedHealth:
 def parts(tmp_path: Path):
     cfg = parse_config({"gateway": {"data_dir": str(tmp_path)}, "broker": {
         "listeners": [{"name": "l", "bind": "127.0.0.1:1"}], "auth": {"password_file": str(tmp_path / "passwd")}},
-        "http": {"bind": "127.0.0.1:8080"}}, environ={})
+        "http": {"bind": "127.0.0.1:8080"}}, environ={}).config
     conn = connect(cfg.db_path)
-    tx(conn, schema.migrate)
+    tx(conn, migrations.migrate)
     conn.execute("PRAGMA foreign_keys = OFF")  # one delivery row is all the ack route reads
     conn.execute("INSERT INTO deliveries(message_id, job_id, device_id, state, next_at, route) "
                  "VALUES (?, 'job-1', 'plc-1', 'sent', 0, 'mqtt')", (MID,))

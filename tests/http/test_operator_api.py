@@ -221,3 +221,52 @@ def test_alarm_acks_are_checked_before_anything_is_written(api):
         "code": "unknown_alarm", "message": "rule: no rule 'r' in the config"}
     assert db_rows(api.data_dir, "SELECT COUNT(*) FROM alarm_inbox") == [(0,)]
     tech.close()
+
+
+def test_an_alarm_ack_from_the_page_is_applied_in_process_before_the_answer(tmp_path):
+    """The page asks the alarm engine directly: the answer comes once the ack is committed,
+    with the alarm acknowledged by the session's user, and nothing goes through the inbox
+    that the CLI (another process) uses."""
+    from tests.http.conftest import make_api_gateway
+    from tests.support import MqttProbe
+
+    rule = {"name": "freezer-high", "topic": "{prefix}/devices/+/telemetry/temp", "value": "", "above": -15.0,
+            "key": "{device_id}", "target": {"segment": "techs"}, "escalate": [{"after_s": 600, "target": {"all": True}}]}
+    api = make_api_gateway(tmp_path, {"rules": [rule]}, users={"tech": ("technician", "tech-pw")})
+    try:
+        probe = MqttProbe(api.port)
+        probe.publish("homepot/site-t/devices/fz-1/telemetry/temp", "-3")
+        probe.close()
+        tech = httpx.Client(base_url=api.base, timeout=30)
+        assert wait_until(lambda: tech.get("/ui/api/alarms", auth=("tech", "tech-pw")).json()["counts"]["firing"] == 1,
+                          timeout=20)
+        tech.close()
+        from gateway.storage import connect
+
+        conn = connect(api.data_dir / "gateway.db")  # a witness of any write to the inbox
+        try:
+            conn.execute("CREATE TABLE inbox_witness(n INTEGER)")
+            conn.execute("CREATE TRIGGER inbox_witnessed AFTER INSERT ON alarm_inbox "
+                         "BEGIN INSERT INTO inbox_witness VALUES (1); END")
+        finally:
+            conn.close()
+        tech, csrf = session(api, "tech", "tech-pw")
+        t0 = time.monotonic()
+        r = tech.post("/ui/api/alarms/ack", headers={"X-CSRF-Token": csrf},
+                      json={"rule": "freezer-high", "key": "fz-1", "note": "door shut"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["result"] == "acknowledged" and body["alarm"]["state"] == "acknowledged"
+        assert body["alarm"]["acknowledged_by"] == "http:tech" and body["alarm"]["note"] == "door shut"
+        assert time.monotonic() - t0 < 3
+        assert db_rows(api.data_dir, "SELECT COUNT(*) FROM inbox_witness") == [(0,)]
+        assert db_rows(api.data_dir, "SELECT state, acknowledged_by FROM alarms WHERE akey = 'fz-1'") == [
+            ("acknowledged", "http:tech")]
+        again = tech.post("/ui/api/alarms/ack", headers={"X-CSRF-Token": csrf}, json={"rule": "freezer-high", "key": "fz-1"})
+        assert again.status_code == 200 and again.json()["result"] == "already"
+        gone = tech.post("/ui/api/alarms/ack", headers={"X-CSRF-Token": csrf}, json={"rule": "freezer-high", "key": "fz-9"})
+        assert error_of(gone) == {"code": "unknown_alarm", "message": "key: no alarm 'fz-9' of rule 'freezer-high'"}
+        tech.close()
+    finally:
+        api.close()
+    assert api.gw.stop() == 0

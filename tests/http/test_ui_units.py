@@ -1,6 +1,6 @@
 """In-process checks of the operator page's parts that a browser cannot see: the query
 plans stay on indexes (so 100,000 devices cost what 1,000 do), the tag table follows every
-registry write, sessions end when they must, and API errors split per field."""
+registry write, sessions end when they must, and API errors reach the page per field."""
 
 from __future__ import annotations
 
@@ -14,21 +14,20 @@ from typing import Any
 import pytest
 
 from devices.models import Device
-from gateway import stats
+from gateway import migrations, stats
 from gateway.broker.passwords import add_user, remove_user
 from gateway.http import ui_queries as q
 from gateway.http.sessions import IDLE_S, MAX_AGE_S, SessionStore, cookie_header
-from gateway.http.ui import field_messages
-from gateway.pipeline import schema, store
-from gateway.pipeline.models import parse_job
+from gateway.http.errors import ApiError
+from gateway.http.ui import error_fields
+from gateway.pipeline import store
+from gateway.pipeline.models import InputError, decode_json_object, parse_job
 
 
 def fresh_db() -> sqlite3.Connection:
     conn = sqlite3.connect(":memory:", isolation_level=None)
     conn.row_factory = sqlite3.Row
-    schema.migrate(conn)
-    stats.migrate(conn)
-    q.migrate(conn)
+    migrations.migrate(conn)
     return conn
 
 
@@ -59,9 +58,11 @@ def test_the_tag_table_follows_every_registry_write_and_is_rebuilt_when_missing(
     conn.execute("DROP TRIGGER ui_device_tags_insert")
     store.upsert_device(conn, device("d", tags=["t"]), "t")
     assert tag_rows(conn) == {("t", "c")}
-    q.migrate(conn)
+    # ...whose pipeline schema was at the version before the tag table was its own.
+    conn.execute("UPDATE schema_versions SET version = 2 WHERE component = 'pipeline'")
+    migrations.migrate(conn)
     assert tag_rows(conn) == {("t", "c"), ("t", "d")}
-    q.migrate(conn)  # idempotent
+    migrations.migrate(conn)  # idempotent
     assert tag_rows(conn) == {("t", "c"), ("t", "d")}
 
 
@@ -151,14 +152,25 @@ def test_addresses_are_shown_shortened():
     assert q.redact_channel({"platform": "mqtt"}) == ""
 
 
-def test_api_messages_are_split_per_field_in_the_apis_own_words():
-    assert field_messages("notification.ttl: Input should be greater than or equal to 0; target.devices.0: "
-                          "String should match pattern '^x;y$'") == [
-        {"field": "notification.ttl", "message": "notification.ttl: Input should be greater than or equal to 0"},
-        {"field": "target.devices.0", "message": "target.devices.0: String should match pattern '^x;y$'"}]
-    assert field_messages("job: not valid JSON (JSONDecodeError)") == [
-        {"field": "job", "message": "job: not valid JSON (JSONDecodeError)"}]
-    assert field_messages("the gateway could not store this now") == [
+def test_api_errors_reach_the_page_per_field_as_data_in_the_apis_own_words():
+    """Validation keeps each problem with its field; the page gets them as data, never by
+    parsing the joined message (which a field's own text could break, e.g. a pattern with ';')."""
+    with pytest.raises(InputError) as info:
+        parse_job({"target": {"devices": ["ok-1", "not ok"]}, "notification": {"ttl": -1}})
+    err = ApiError.from_input(info.value)
+    assert error_fields(err) == [
+        {"field": "target.devices.1", "message": "target.devices.1: String should match pattern "
+                                                 "'^[A-Za-z0-9._:-]{1,128}$'"},
+        {"field": "notification.ttl", "message": "notification.ttl: Input should be greater than or equal to 0"}]
+    assert "; ".join(f["message"] for f in error_fields(err)) == err.message  # the API's one message
+    with pytest.raises(InputError) as info:
+        decode_json_object(b"{", 100, "job")
+    [only] = error_fields(ApiError.from_input(info.value))
+    assert only["field"] == "job" and only["message"] == info.value.message
+    assert only["message"].startswith("job: not valid JSON (")
+    named = ApiError(400, "x", "a: b; c: d", fields=[InputError.at("x", "a", "b; c: d").fields[0]])
+    assert error_fields(named) == [{"field": "a", "message": "a: b; c: d"}]
+    assert error_fields(ApiError(503, "not_stored", "the gateway could not store this now")) == [
         {"field": "", "message": "the gateway could not store this now"}]
 
 
@@ -240,3 +252,40 @@ def test_summaries_carry_the_cursor_of_the_page_that_would_follow():
         with pytest.raises(q.QueryError):
             q.decode_job_cursor(bad)
     assert json.dumps(summary)  # what the event stream sends
+
+
+def test_a_device_whose_tags_repeat_one_registers_and_re_registers():
+    """The tag triggers run inside the registry's upsert, whose conflict rule SQLite applies
+    to them too: a repeated tag must not make the registration fail (it did with the page's
+    old ``INSERT OR IGNORE`` triggers)."""
+    conn = fresh_db()
+    store.upsert_device(conn, device("r", tags=["t", "t"]), "t")
+    store.upsert_device(conn, device("r", tags=["u", "u", "t"]), "t")
+    store.upsert_devices(conn, [(device("r", tags=["v", "v"]), "t")], time.time())
+    assert tag_rows(conn) == {("v", "r")}
+
+
+# ------------------------------------------------------------------ static files
+def test_one_static_handler_serves_both_trees_with_one_mime_table(tmp_path: Path):
+    """The page's files and the Web Push client's are answered by the same code: same type
+    for the same suffix, nothing outside the directory, nothing with an unlisted suffix."""
+    from gateway.http.errors import ApiError as Err
+    from gateway.http.service import WEB_FILES
+    from gateway.http.static import MIME_TYPES, StaticFiles
+    from gateway.http.ui import UI_FILES
+
+    page_js, web_js = UI_FILES.response("app.js"), WEB_FILES.response("sw.js", {"Service-Worker-Allowed": "/web/"})
+    assert page_js.headers["Content-Type"] == web_js.headers["Content-Type"] == MIME_TYPES[".js"]
+    assert page_js.headers["X-Content-Type-Options"] == web_js.headers["X-Content-Type-Options"] == "nosniff"
+    assert web_js.headers["Service-Worker-Allowed"] == "/web/"
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.js").write_text("1")
+    (tmp_path / "secret.py").write_text("x")
+    files = StaticFiles(tmp_path / "sub", "/s/", frozenset({".js"}))
+    assert files.response("a.js").headers["Content-Type"].startswith("text/javascript")
+    for bad in ("../secret.py", "../sub/a.js/..", "nope.js", "index.html", "/etc/passwd"):
+        with pytest.raises(Err) as info:
+            files.response(bad)
+        assert info.value.status == 404 and info.value.message.startswith("no such file: /s/")
+    with pytest.raises(ValueError):
+        StaticFiles(tmp_path, "/x/", frozenset({".exe"}))

@@ -9,12 +9,13 @@ import time
 
 import pytest
 
-from gateway import stats
+from gateway import migrations, stats
 from gateway.config import parse_config
 from gateway.http.acks import AckSigner, load_or_create_secret
 from gateway.http.auth import BasicAuth
 from gateway.http.errors import ApiError
-from gateway.pipeline import schema, store
+from gateway.pipeline import store
+from gateway.pipeline.deliveries import DeliveryWriter
 from gateway.pipeline.models import AckIn, parse_job
 from gateway.timeutil import iso, utcnow
 
@@ -22,8 +23,7 @@ from gateway.timeutil import iso, utcnow
 def fresh_db() -> sqlite3.Connection:
     conn = sqlite3.connect(":memory:", isolation_level=None)
     conn.row_factory = sqlite3.Row
-    schema.migrate(conn)
-    stats.migrate(conn)
+    migrations.migrate(conn)
     return conn
 
 
@@ -56,19 +56,19 @@ def test_delivery_stats_follow_every_pipeline_write_and_survive_a_recount():
     assert latency["count"] == 12 and latency["buckets"][-1] == (float("inf"), 12)
     assert [n for _, n in latency["buckets"]] == sorted(n for _, n in latency["buckets"])  # cumulative
     failed = [r[0] for r in conn.execute("SELECT message_id FROM deliveries WHERE state = 'failed'")]
-    with stats.tracking(conn, failed):  # a deletion, as retention (store.prune) makes it
-        conn.execute("DELETE FROM deliveries WHERE state = 'failed'")
+    with DeliveryWriter(conn, time.time()) as writer:  # a deletion, as retention (store.prune) makes it
+        writer.delete(failed)
     assert stats.delivery_counts(conn) == grouped(conn)
     assert stats.oldest_queued(conn)[""] >= 0 and set(stats.oldest_queued(conn)) == {""}
-    stats.migrate(conn)  # a start with exact counts: nothing to repair
+    migrations.migrate(conn)  # a start with exact counts: nothing to repair
     assert not stats.stale(conn) and stats.delivery_counts(conn) == grouped(conn)
-    conn.execute("UPDATE deliveries SET state = 'expired' WHERE state = 'queued'")  # a writer bypassing tracking...
+    conn.execute("UPDATE deliveries SET state = 'expired' WHERE state = 'queued'")  # a writer bypassing the writer...
     assert stats.delivery_counts(conn) != grouped(conn) and stats.stale(conn)
-    stats.migrate(conn)  # ...the next start finds the counts off and recounts them
+    migrations.migrate(conn)  # ...the next start finds the counts off and recounts them
     assert stats.delivery_counts(conn) == grouped(conn)
     assert stats.ack_latency(conn)["mqtt"]["count"] == 12
     conn.execute("DELETE FROM delivery_stats")  # how an operator forces a full recount
-    stats.migrate(conn)
+    migrations.migrate(conn)
     assert stats.delivery_counts(conn) == grouped(conn)
     conn.execute("UPDATE jobs SET state = 'completed', updated_at = 0 WHERE job_id = 'j'")
     store.prune(conn, time.time(), time.time(), max_rows=7)  # retention: part of the job's rows...
@@ -94,12 +94,12 @@ def test_a_database_kept_by_the_old_triggers_loses_them_without_a_recount():
                  "VALUES ('m0', 'j', 'd0', 'acknowledged', 0, 'fcm')")  # the trigger counts it
     assert stats.delivery_counts(conn) == {("fcm", "queued"): 7, ("fcm", "acknowledged"): 1}
     conn.execute("UPDATE delivery_stats SET n = 1 WHERE state = 'queued'")  # exact again
-    schema.migrate(conn)
+    conn.execute("DROP TABLE schema_versions")  # that gateway had no schema registry
+    migrations.migrate(conn)
     assert conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'deliveries'"
                         ).fetchone()[0] == 0
-    with stats.tracking(conn, ["m2"], inserted=True):
-        conn.execute("INSERT INTO deliveries(message_id, job_id, device_id, state, next_at, route) "
-                     "VALUES ('m2', 'j', 'd2', 'queued', 0, 'fcm')")
+    with DeliveryWriter(conn, time.time()) as writer:
+        writer.insert("j", [("d2", "fcm")], "queued", None, 0)
     assert stats.delivery_counts(conn) == {("fcm", "queued"): 2, ("fcm", "acknowledged"): 1} == grouped_by(
         conn, "COALESCE(route, platform, '')")
 
@@ -109,7 +109,7 @@ async def test_logins_are_verified_once_then_cached_and_forgotten_on_invalidate(
 
     cfg = parse_config({"gateway": {"data_dir": str(tmp_path)}, "broker": {
         "listeners": [{"name": "l", "bind": "127.0.0.1:1"}], "auth": {"password_file": str(tmp_path / "passwd")}},
-        "http": {}}, environ={})
+        "http": {}}, environ={}).config
     add_user(tmp_path / "passwd", "tech", "pw", "technician")
     auth = BasicAuth(cfg)
     header = "Basic dGVjaDpwdw=="  # tech:pw
@@ -157,34 +157,32 @@ def test_http_config_keys_are_validated_and_named(tmp_path):
         f"http.certfile: file not found: {tmp_path / 'c.pem'}", f"http.keyfile: file not found: {tmp_path / 'k.pem'}"]
     assert problems({"bnd": "x"}) == ["http.bnd: unknown key"]
     cfg = parse_config({"broker": {"listeners": [{"name": "l", "bind": "127.0.0.1:1"}]}, "http": {"bind": "[::1]:8443"}},
-                       environ={"HOMEPOT_HTTP_PUBLIC_URL": "https://gw.example:8443/"})
+                       environ={"HOMEPOT_HTTP_PUBLIC_URL": "https://gw.example:8443/"}).config
     assert cfg.http.base_url() == "https://gw.example:8443"
     cfg = parse_config({"broker": {"listeners": [{"name": "l", "bind": "127.0.0.1:1"}]}, "http": {"bind": "[::1]:8443"}},
-                       environ={})
+                       environ={}).config
     assert cfg.http.base_url() == "http://[::1]:8443"
 
 
 def test_a_route_column_gives_queued_work_its_platform_before_the_first_attempt():
     """A pipeline that routes deliveries (a ``route`` column) is followed at the next start."""
     conn = sqlite3.connect(":memory:", isolation_level=None)
-    schema.migrate(conn)
-    stats.migrate(conn)
+    migrations.migrate(conn)
     conn.execute("INSERT INTO jobs(job_id, state, source, target, notification, options, created_at, updated_at, "
                  "expires_at, ttl, queued) VALUES ('j', 'dispatching', 't', '{}', '{}', '{}', 0, 0, 9e9, 60, 2)")
-    with stats.tracking(conn, ["m1"], inserted=True):
-        conn.execute("INSERT INTO deliveries(message_id, job_id, device_id, state, next_at) "
-                     "VALUES ('m1', 'j', 'd1', 'queued', 0)")
+    with DeliveryWriter(conn, time.time()) as writer:
+        writer.insert("j", [("d1", None)], "queued", None, 0)
+    m1 = conn.execute("SELECT message_id FROM deliveries WHERE device_id = 'd1'").fetchone()[0]
     assert stats.delivery_counts(conn) == {("", "queued"): 1}
     if "route" not in {r[1] for r in conn.execute("PRAGMA table_info(deliveries)")}:
         conn.execute("ALTER TABLE deliveries ADD COLUMN route TEXT")
     conn.execute("UPDATE deliveries SET route = 'fcm'")  # an upgrade's backfill, not tracked
-    stats.migrate(conn)  # the next start: the platform key changed, so it recounts
+    migrations.migrate(conn)  # the next start: the queued rows' platform changed, so it recounts
     assert stats.delivery_counts(conn) == {("fcm", "queued"): 1} == grouped_by(conn, "COALESCE(route, platform, '')")
-    with stats.tracking(conn, ["m2"], inserted=True):
-        conn.execute("INSERT INTO deliveries(message_id, job_id, device_id, state, next_at, route) "
-                     "VALUES ('m2', 'j', 'd2', 'queued', 0, 'wns')")
-    with stats.tracking(conn, ["m1"]):  # a queued delivery routed to another bridge
-        conn.execute("UPDATE deliveries SET route = 'apns' WHERE message_id = 'm1'")
+    with DeliveryWriter(conn, time.time()) as writer:
+        writer.insert("j", [("d2", "wns")], "queued", None, 0)
+    with DeliveryWriter(conn, time.time()) as writer:  # a queued delivery routed to another bridge
+        writer.record([store.Result(m1, "j", "d1", "queued", route="apns", next_at=0)])
     assert stats.delivery_counts(conn) == {("apns", "queued"): 1, ("wns", "queued"): 1}
     assert set(stats.oldest_queued(conn)) == {"apns", "wns"}
     plan = conn.execute("EXPLAIN QUERY PLAN SELECT 1 FROM deliveries WHERE job_id = 'j' AND state = 'queued' "

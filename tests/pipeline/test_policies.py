@@ -18,12 +18,14 @@ import pytest
 from bridges.base import Bridge, Delivery, Outcome
 from devices.models import Device
 from gateway.config import DispatchSection
-from gateway.pipeline import schema, store
+from gateway.pipeline import store
 from gateway.pipeline.backoff import backoff_delay, retry_delay
 from gateway.pipeline.dispatcher import Dispatcher, Expander
 from gateway.pipeline.models import parse_job
 from gateway.pipeline.recorder import Recorder
 from gateway.storage import Database
+
+from .writer_guard import guard_deliveries
 
 
 class ScriptedBridge(Bridge):
@@ -98,9 +100,13 @@ class Harness:
 
 @pytest.fixture
 async def db(tmp_path: Path):
-    database = await Database(tmp_path / "gw.db").open([schema.migrate])
+    """The real database, with the guard that refuses a write of deliveries outside its one
+    writer (tests/pipeline/writer_guard.py)."""
+    database = await Database(tmp_path / "gw.db").open()
+    violations = await database.run(guard_deliveries)
     yield database
     await database.close()
+    assert violations == []
 
 
 def sim(device_id: str, *platforms: str, segment: str | None = None) -> dict:
@@ -358,7 +364,7 @@ async def test_targets_are_counted_when_the_job_is_accepted_and_an_empty_target_
 
 
 async def test_a_paused_bridge_does_not_make_the_dispatcher_poll(tmp_path: Path):
-    db = await CountingDatabase(tmp_path / "gw.db").open([schema.migrate])
+    db = await CountingDatabase(tmp_path / "gw.db").open()
     try:
         h = Harness(db, {"fcm": ScriptedBridge("fcm")})
         await h.add_devices([sim(f"f{i}", "fcm") for i in range(20)])

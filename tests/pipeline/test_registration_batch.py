@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from devices.models import Device
-from gateway.pipeline import schema, store
+from gateway import migrations
+from gateway.pipeline import store
 from gateway.storage import connect, transaction
 
 IDS = ["d-1", "d-2", "d-3", "d-4"]
@@ -39,7 +40,7 @@ before = st.lists(st.tuples(devices, st.lists(st.integers(0, 2), max_size=3)), m
 
 def _db(path: Path) -> sqlite3.Connection:
     conn = connect(path)
-    schema.migrate(conn)
+    migrations.migrate(conn)
     return conn
 
 
@@ -98,7 +99,7 @@ async def test_the_recorder_keeps_arrival_order_across_removals(tmp_path):
     from gateway.pipeline.recorder import Recorder
     from gateway.storage import Database
 
-    db = await Database(tmp_path / "gw.db").open([schema.migrate])
+    db = await Database(tmp_path / "gw.db").open()
     try:
         fcm = lambda tok: Device.model_validate({"device_id": "d-1", "channels": [{"platform": "fcm", "token": tok}]})
         await db.run(lambda c: store.upsert_device(c, fcm("t"), "old", 1.0))

@@ -8,8 +8,8 @@ import sqlite3
 import time
 from pathlib import Path
 
-from gateway import stats
-from gateway.pipeline import schema, store
+from gateway import migrations, stats
+from gateway.pipeline import store
 from gateway.storage import Database
 
 from .test_policies import Harness, ScriptedBridge, job, sim
@@ -33,7 +33,7 @@ def _plan(conn: sqlite3.Connection, sql: str, args: tuple = ()) -> str:
 async def test_an_older_database_drops_the_wasted_indexes_and_finishes_its_job(tmp_path: Path):
     path = tmp_path / "gw.db"
     # The old gateway: its schema, a job expanded and half sent, then stopped.
-    old = await Database(path).open([schema.migrate, stats.migrate])
+    old = await Database(path).open()
     await old.run(lambda conn: [conn.execute(sql) for sql in OLD_INDEXES])
     h = Harness(old, {"simulation": ScriptedBridge("simulation")}, batch_size=10)
     await h.add_devices([sim(f"d{i:03}") for i in range(40)])
@@ -44,10 +44,11 @@ async def test_an_older_database_drops_the_wasted_indexes_and_finishes_its_job(t
         store.Result(r.message_id, r.job_id, r.device_id, "sent", platform="simulation", attempts=1) for r in due],
         time.time()))
     assert {"deliveries_due", "deliveries_job_queued"} <= await old.run(_indexes)
+    await old.run(lambda conn: conn.execute("DROP TABLE schema_versions"))  # it had no schema registry
     await old.close()
 
-    # The new gateway opens the same file (as the daemon does: the pipeline's and the stats' migrations).
-    db = await Database(path).open([schema.migrate, stats.migrate])
+    # The new gateway opens the same file (as the daemon does: the schema registry's migrations).
+    db = await Database(path).open()
     try:
         names = await db.run(_indexes)
         assert not names & {"deliveries_due", "deliveries_job_queued"}, names
@@ -76,7 +77,7 @@ async def test_an_older_database_drops_the_wasted_indexes_and_finishes_its_job(t
 
 def test_next_due_at_is_the_earliest_over_every_route():
     conn = sqlite3.connect(":memory:", isolation_level=None)
-    schema.migrate(conn)
+    migrations.migrate(conn)
     conn.execute("INSERT INTO jobs(job_id, state, source, target, notification, options, created_at, updated_at, "
                  "expires_at, ttl) VALUES ('j', 'dispatching', 't', '{}', '{}', '{}', 0, 0, 9e9, 60)")
     rows = [("m1", "d1", "queued", 50.0, "fcm"), ("m2", "d2", "queued", 40.0, None), ("m3", "d3", "queued", 30.0, "wns"),

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway import stats
-from gateway.pipeline import schema, store
+from gateway.pipeline import store
 from gateway.pipeline.models import Ack
 from gateway.storage import Database
 
@@ -21,7 +21,7 @@ ERRORS = [None, "plain", "quote \" backslash \\ newline \n tab \t", "emoji 😀 
 
 
 async def test_ack_rows_and_first_ack_updates_keep_every_value_exactly(tmp_path: Path):
-    db = await Database(tmp_path / "gw.db").open([schema.migrate, stats.migrate])
+    db = await Database(tmp_path / "gw.db").open()
     try:
         h = Harness(db, {"simulation": ScriptedBridge("simulation")}, batch_size=50)
         await h.add_devices([sim(f"d.{i:03}:x-y") for i in range(30)])
@@ -74,3 +74,34 @@ def test_an_sqlite_older_than_the_batched_writes_need_is_refused_by_name():
     check_sqlite(MIN_SQLITE)
     with pytest.raises(SqliteTooOld, match=r"SQLite 3\.37\.2 is too old: the gateway needs 3\.38\.0"):
         check_sqlite((3, 37, 2))
+
+
+async def test_a_send_and_its_ack_in_one_batch_count_latency_from_the_send(tmp_path: Path):
+    """The merged write (result and first ack in one batch) stores the send's own time, and
+    the latency runs from it to the device's ack: not from the batch's commit, which is
+    later than the ack and would read 0 ms."""
+    db = await Database(tmp_path / "gw.db").open()
+    try:
+        h = Harness(db, {"simulation": ScriptedBridge("simulation")}, batch_size=50)
+        await h.add_devices([sim(f"d{i}") for i in range(4)])
+        job_id = await h.submit(job({"all": True}, ttl=600))
+        await db.run(lambda conn: store.expand_page(conn, job_id, 50, time.time(), ["simulation"]))
+        rows = await db.run(lambda conn: conn.execute(
+            "SELECT message_id, device_id FROM deliveries WHERE job_id = ? ORDER BY device_id", (job_id,)).fetchall())
+        sent = round(time.time() - 1.0, 3)
+        at = datetime.fromtimestamp(round(sent + 0.2, 3), UTC)
+        text = at.isoformat(timespec="milliseconds")[:-6] + "Z"
+        # Two merged with their send in the ack's batch, two whose send was recorded before.
+        early = [store.Result(m, job_id, d, "sent", "simulation", 1, sent_at=sent) for m, d in rows[2:]]
+        await db.run(lambda conn: store.apply_batch(conn, early, [], sent + 0.5))
+        merged = [store.Result(m, job_id, d, "sent", "simulation", 1, sent_at=sent) for m, d in rows[:2]]
+        acks = [(d, Ack(m, "received", at, None, text)) for m, d in rows]
+        out = await db.run(lambda conn: store.apply_batch(conn, merged, acks, sent + 0.9))
+        assert [round(o.latency_ms) for o in out] == [200] * 4
+        stored = await db.run(lambda conn: conn.execute(
+            "SELECT sent_at, acked_at, latency_ms FROM deliveries WHERE job_id = ?", (job_id,)).fetchall())
+        assert all(s == sent and a > s and round(lat) == 200 for s, a, lat in stored), [tuple(r) for r in stored]
+        latency = (await db.run(stats.ack_latency))["simulation"]
+        assert latency["count"] == 4 and abs(latency["sum_ms"] - 800) < 1
+    finally:
+        await db.close()

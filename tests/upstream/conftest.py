@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gateway.config import Config, parse_config
+from gateway.config import LoadedConfig, parse_config
 from gateway.storage import Database
 from gateway.upstream.link import UpstreamLink
 from tests.support import require_tool
@@ -52,7 +52,7 @@ async def wait_until(predicate, timeout: float = 15.0, what: str = "condition") 
         await asyncio.sleep(0.02)
 
 
-def make_config(cloud: Cloud, tmp: Path, **upstream: Any) -> Config:
+def make_config(cloud: Cloud, tmp: Path, **upstream: Any) -> LoadedConfig:
     return parse_config(cloud.config_data(tmp, **upstream), environ={})
 
 

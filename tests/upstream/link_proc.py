@@ -43,7 +43,7 @@ class FileIntake:
 
 
 async def main(args: argparse.Namespace) -> None:
-    cfg = load_config(args.config, environ={})
+    cfg, secrets = load_config(args.config, environ={})
     setup_logging(cfg.logging.level, cfg.logging.format)
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     db = await Database(cfg.db_path).open()
@@ -52,7 +52,7 @@ async def main(args: argparse.Namespace) -> None:
         await db.run(lambda conn, p=payload: outbox.Outbox().enqueue(conn, "ack", f"{cfg.prefix}/acks", p, False))
     print("ENQUEUED", flush=True)
     link = UpstreamLink(cfg, db, FileIntake(cfg.data_dir / "intake.jsonl", args.stuck_intake),
-                        backoff_initial=args.backoff, backoff_max=args.backoff_max, poll_interval=0.2)
+                        secrets=secrets.upstream, backoff_initial=args.backoff, backoff_max=args.backoff_max, poll_interval=0.2)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stopping.set)

@@ -40,11 +40,11 @@ def test_a_password_over_plain_mqtt_is_refused_naming_the_key(tmp_path: Path):
 
 
 def test_allow_plaintext_accepts_it_and_tls_needs_nothing(tmp_path: Path):
-    cfg = parse_config(config(tmp_path, password_file="SECRET", allow_plaintext=True), environ={})
+    cfg, secrets = parse_config(config(tmp_path, password_file="SECRET", allow_plaintext=True), environ={})
     assert cfg.upstream is not None and cfg.upstream.allow_plaintext
-    assert cfg.upstream.password is not None and cfg.upstream.password.get_secret_value() == "s3cret"
+    assert secrets.upstream.password is not None and secrets.upstream.password.get_secret_value() == "s3cret"
     tls = parse_config(config(tmp_path, url="mqtts://cloud.example.com:8883", password_file="SECRET",
-                              ca_file="CA"), environ={})
+                              ca_file="CA"), environ={}).config
     assert tls.upstream is not None and not tls.upstream.allow_plaintext
     # no secret over plaintext: nothing to refuse (e.g. a broker on the same host)
     parse_config(config(tmp_path), environ={})
@@ -58,15 +58,15 @@ def test_tls_files_with_plain_mqtt_are_refused_even_with_allow_plaintext(tmp_pat
 
 
 def test_overflow_and_max_inflight_are_validated(tmp_path: Path):
-    cfg = parse_config(config(tmp_path), environ={})
+    cfg = parse_config(config(tmp_path), environ={}).config
     assert cfg.upstream is not None
     assert (cfg.upstream.overflow, cfg.upstream.max_inflight, cfg.upstream.allow_plaintext) == (
         "drop-oldest", 1000, False)
     assert [k for k, _ in problems(config(tmp_path, overflow="drop-newest"))] == ["upstream.overflow"]
     assert [k for k, _ in problems(config(tmp_path, max_inflight=0))] == ["upstream.max_inflight"]
-    ok = parse_config(config(tmp_path, overflow="refuse-new", max_inflight=100), environ={})
+    ok = parse_config(config(tmp_path, overflow="refuse-new", max_inflight=100), environ={}).config
     assert ok.upstream is not None and ok.upstream.overflow == "refuse-new"
-    env = parse_config(config(tmp_path), environ={"HOMEPOT_UPSTREAM_OVERFLOW": "refuse-new"})
+    env = parse_config(config(tmp_path), environ={"HOMEPOT_UPSTREAM_OVERFLOW": "refuse-new"}).config
     assert env.upstream is not None and env.upstream.overflow == "refuse-new"
 
 

@@ -120,8 +120,8 @@ async def test_a_lost_puback_never_lets_an_older_status_win(cloud: Cloud, db: Da
 
     sent = await enqueue_mix(db, 0, 300)
     with MqttFaultProxy(cloud.plain_port, policy=policy) as proxy, Observer(cloud) as obs:
-        cfg = plain_config(cloud, proxy, tmp_path)
-        async with running(UpstreamLink(cfg, db, RecordingIntake(), **FAST)) as link:
+        cfg, secrets = plain_config(cloud, proxy, tmp_path)
+        async with running(UpstreamLink(cfg, db, RecordingIntake(), secrets=secrets.upstream, **FAST)) as link:
             await wait_until(lambda: link.metrics().get("buffer_rows") == 0 and link.metrics()["connected"],
                              what="outbox emptied")
             msgs = await everything_seen(cloud, obs)
@@ -142,8 +142,8 @@ async def test_a_slow_link_keeps_a_window_in_flight_and_deletes_in_batches(cloud
     """Issue 15.4: at 200 ms round trip the link keeps hundreds of publishes in flight."""
     sent = await enqueue_mix(db, 0, 1500)
     with MqttFaultProxy(cloud.plain_port, delay_s=0.1) as proxy, Observer(cloud) as obs:
-        cfg = plain_config(cloud, proxy, tmp_path, max_inflight=400)
-        async with running(UpstreamLink(cfg, db, RecordingIntake(), **FAST)) as link:
+        cfg, secrets = plain_config(cloud, proxy, tmp_path, max_inflight=400)
+        async with running(UpstreamLink(cfg, db, RecordingIntake(), secrets=secrets.upstream, **FAST)) as link:
             await wait_until(lambda: link.metrics().get("buffer_rows") == 0, timeout=30, what="outbox emptied")
             msgs = await everything_seen(cloud, obs)
             metrics = link.metrics()
@@ -162,8 +162,8 @@ async def test_cuts_after_n_publishes_resend_only_the_unconfirmed_suffix(cloud: 
 
     sent = await enqueue_mix(db, 0, 600)
     with MqttFaultProxy(cloud.plain_port, policy=policy, delay_s=0.02) as proxy, Observer(cloud) as obs:
-        cfg = plain_config(cloud, proxy, tmp_path)
-        async with running(UpstreamLink(cfg, db, RecordingIntake(), **FAST)) as link:
+        cfg, secrets = plain_config(cloud, proxy, tmp_path)
+        async with running(UpstreamLink(cfg, db, RecordingIntake(), secrets=secrets.upstream, **FAST)) as link:
             await wait_until(lambda: link.metrics().get("buffer_rows") == 0, timeout=30, what="outbox emptied")
             msgs = await everything_seen(cloud, obs)
             metrics = link.metrics()
@@ -188,8 +188,8 @@ async def test_a_broker_that_kicks_on_one_topic_gets_backoff_and_the_row_is_set_
     after = await enqueue_mix(db, 30, 30)
     with (MqttFaultProxy(cloud.plain_port, policy=policy) as proxy, Observer(cloud) as obs,
           structlog.testing.capture_logs() as logs):
-        cfg = plain_config(cloud, proxy, tmp_path)
-        link = UpstreamLink(cfg, db, RecordingIntake(), backoff_initial=0.1, backoff_max=0.4,
+        cfg, secrets = plain_config(cloud, proxy, tmp_path)
+        link = UpstreamLink(cfg, db, RecordingIntake(), secrets=secrets.upstream, backoff_initial=0.1, backoff_max=0.4,
                             poll_interval=0.2, set_aside_after=4)
         async with running(link):
             await wait_until(lambda: link.metrics().get("buffer_rows") == 0, timeout=20, what="outbox emptied")
@@ -220,14 +220,14 @@ async def test_a_clean_stop_mid_drain_sends_nothing_twice(cloud: Cloud, db: Data
     """Issue 15.6: stopping while hundreds are in flight waits for their PUBACKs."""
     sent = await enqueue_mix(db, 0, 3000)
     with MqttFaultProxy(cloud.plain_port, delay_s=0.05) as proxy, Observer(cloud) as obs:
-        cfg = plain_config(cloud, proxy, tmp_path, max_inflight=300)
-        link = UpstreamLink(cfg, db, RecordingIntake(), stop_flush_s=0.6, **FAST)
+        cfg, secrets = plain_config(cloud, proxy, tmp_path, max_inflight=300)
+        link = UpstreamLink(cfg, db, RecordingIntake(), secrets=secrets.upstream, stop_flush_s=0.6, **FAST)
         async with running(link):
             await wait_until(lambda: link.metrics()["published"] >= 300,
                              what="a window in flight")
         stopped = await link.refresh_metrics()
         assert 0 < stopped["buffer_rows"] < 3000  # stopped mid-drain
-        async with running(UpstreamLink(cfg, db, RecordingIntake(), **FAST)) as again:
+        async with running(UpstreamLink(cfg, db, RecordingIntake(), secrets=secrets.upstream, **FAST)) as again:
             await wait_until(lambda: again.metrics().get("buffer_rows") == 0, timeout=30, what="outbox emptied")
             msgs = await everything_seen(cloud, obs)
     assert [(m.topic, m.body) for m in rows_seen(msgs)] == sent  # once each, in order, across the stop

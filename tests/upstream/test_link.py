@@ -65,10 +65,10 @@ def first_occurrences(items: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]
 
 
 async def test_buffered_rows_drain_in_order_and_statuses_are_retained(cloud: Cloud, db: Database, tmp_path: Path):
-    cfg = make_config(cloud, tmp_path)
+    cfg, secrets = make_config(cloud, tmp_path)
     sent = await enqueue_traffic(db, 0, 150)
     with Observer(cloud) as obs:
-        async with running(UpstreamLink(cfg, db, RecordingIntake(), **FAST)) as link:
+        async with running(UpstreamLink(cfg, db, RecordingIntake(), secrets=secrets.upstream, **FAST)) as link:
             msgs = await asyncio.to_thread(obs.wait_for, lambda m: len(forwarded(m)) >= 150)
             # more traffic while connected goes straight through, after the backlog
             sent += await enqueue_traffic(db, 150, 30, ob=link.outbox)
@@ -89,11 +89,11 @@ async def test_buffered_rows_drain_in_order_and_statuses_are_retained(cloud: Clo
 
 
 async def test_jobs_and_registrations_from_the_cloud_reach_the_intake(cloud: Cloud, db: Database, tmp_path: Path):
-    cfg = make_config(cloud, tmp_path)
+    cfg, secrets = make_config(cloud, tmp_path)
     intake = RecordingIntake()
     job = json.dumps({"job_id": "cloud-1", "target": {"all": True},
                       "notification": {"title": "Config update", "body": "2.1.0"}}).encode()
-    async with running(UpstreamLink(cfg, db, intake, **FAST)) as link:
+    async with running(UpstreamLink(cfg, db, intake, secrets=secrets.upstream, **FAST)) as link:
         await wait_until(lambda: link.client.connected, what="connected")
         # 'connected' is set before the on-connect announcement is published; read the
         # retained status off the loop (cloud.retained blocks) until the announcement is there.
@@ -115,18 +115,18 @@ async def test_jobs_and_registrations_from_the_cloud_reach_the_intake(cloud: Clo
     # persistent session: a job published while the gateway is away waits on the cloud broker
     cloud.publish(f"{PREFIX}/jobs", b'{"job_id":"while-away"}')
     intake2 = RecordingIntake()
-    async with running(UpstreamLink(cfg, db, intake2, **FAST)):
+    async with running(UpstreamLink(cfg, db, intake2, secrets=secrets.upstream, **FAST)):
         await intake2.wait(lambda i: len(i.jobs) == 1)
     assert intake2.jobs == [(b'{"job_id":"while-away"}', SOURCE)]
 
 
 async def test_mutual_tls(cloud_factory, db: Database, tmp_path: Path):
     cloud = cloud_factory(require_certificate=True)
-    cfg = make_config(cloud, tmp_path)
+    cfg, secrets = make_config(cloud, tmp_path)
     sent = await enqueue_traffic(db, 0, 6)
     intake = RecordingIntake()
     with Observer(cloud) as obs:
-        async with running(UpstreamLink(cfg, db, intake, **FAST)):
+        async with running(UpstreamLink(cfg, db, intake, secrets=secrets.upstream, **FAST)):
             msgs = await asyncio.to_thread(obs.wait_for, lambda m: len(forwarded(m)) >= 6)
             cloud.publish(f"{PREFIX}/jobs", b'{"job_id":"mtls"}')
             await intake.wait(lambda i: len(i.jobs) == 1)
@@ -134,9 +134,9 @@ async def test_mutual_tls(cloud_factory, db: Database, tmp_path: Path):
 
 
 async def test_outage_buffers_then_drains_everything_in_order(cloud: Cloud, db: Database, tmp_path: Path):
-    cfg = make_config(cloud, tmp_path)
+    cfg, secrets = make_config(cloud, tmp_path)
     with Observer(cloud) as obs:  # persistent session: the cloud queues for it across the restart
-        async with running(UpstreamLink(cfg, db, RecordingIntake(), **FAST)) as link:
+        async with running(UpstreamLink(cfg, db, RecordingIntake(), secrets=secrets.upstream, **FAST)) as link:
             sent = await enqueue_traffic(db, 0, 20, ob=link.outbox)
             await asyncio.to_thread(obs.wait_for, lambda m: len(forwarded(m)) >= 20)
 
@@ -161,7 +161,7 @@ async def test_outage_buffers_then_drains_everything_in_order(cloud: Cloud, db: 
 
 async def test_statuses_of_the_same_job_never_regress_on_the_cloud(cloud: Cloud, db: Database, tmp_path: Path):
     """Ordering matters for retained statuses: the last one the cloud keeps is the newest."""
-    cfg = make_config(cloud, tmp_path)
+    cfg, secrets = make_config(cloud, tmp_path)
     job = "job-x"
 
     def snap(conn, n: int) -> None:
@@ -170,7 +170,7 @@ async def test_statuses_of_the_same_job_never_regress_on_the_cloud(cloud: Cloud,
 
     for n in range(200):
         await db.run(lambda c, n=n: snap(c, n))
-    async with running(UpstreamLink(cfg, db, RecordingIntake(), window=100, **FAST)) as link:
+    async with running(UpstreamLink(cfg, db, RecordingIntake(), secrets=secrets.upstream, window=100, **FAST)) as link:
         await wait_until(lambda: link.metrics()["published"] >= 200, what="all published")
     assert json.loads(cloud.retained(f"{PREFIX}/jobs/{job}/status"))["n"] == 199
 
@@ -205,9 +205,9 @@ async def test_bad_credentials_or_certificates_retry_with_backoff(case: str, clo
         garbage.write_text("-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n")
         overrides["ca_file"] = str(garbage)
         expect = "cannot load the TLS files"
-    cfg = make_config(cloud, tmp_path, **overrides)
+    cfg, secrets = make_config(cloud, tmp_path, **overrides)
     await enqueue_traffic(db, 0, 3)
-    link = UpstreamLink(cfg, db, RecordingIntake(), backoff_initial=0.05, backoff_max=0.4, poll_interval=0.2)
+    link = UpstreamLink(cfg, db, RecordingIntake(), secrets=secrets.upstream, backoff_initial=0.05, backoff_max=0.4, poll_interval=0.2)
     async with running(link):
         t0 = time.monotonic()
         await wait_until(lambda: link.client.connect_failures >= 4, timeout=6, what="retries")
@@ -224,8 +224,8 @@ def test_the_password_is_used_but_never_shown(cloud_factory, tmp_path: Path):
     from tests.upstream.cloud import GW_PASSWORD
 
     cloud = cloud_factory(start=False)
-    cfg = make_config(cloud, tmp_path)
-    link = UpstreamLink(cfg, Database(tmp_path / "unused.db"), RecordingIntake())
+    cfg, secrets = make_config(cloud, tmp_path)
+    link = UpstreamLink(cfg, Database(tmp_path / "unused.db"), RecordingIntake(), secrets=secrets.upstream)
     assert link.client.settings.password == GW_PASSWORD
     assert GW_PASSWORD not in repr(link.client.settings) and GW_PASSWORD not in repr(cfg)
     assert link.client.settings.client_id == "gw-site-t"  # default gw-<site_id>
@@ -249,9 +249,9 @@ async def test_a_cloud_job_that_cannot_be_stored_is_not_acked_and_arrives_once_t
         cloud: Cloud, db: Database, tmp_path: Path):
     """Issue 9.3 for the cloud link: the job stays with the cloud broker (no PUBACK) until it
     is stored, later jobs keep their order, and holding it is not a dropped connection."""
-    cfg = make_config(cloud, tmp_path)
+    cfg, secrets = make_config(cloud, tmp_path)
     intake = FullDiskIntake(failures=2)
-    async with running(UpstreamLink(cfg, db, intake, **FAST)) as link:
+    async with running(UpstreamLink(cfg, db, intake, secrets=secrets.upstream, **FAST)) as link:
         await wait_until(lambda: link.client.connected, what="connected")
         for n in range(3):
             cloud.publish(f"{PREFIX}/jobs", f'{{"job_id":"disk-{n}"}}'.encode())

@@ -49,9 +49,7 @@ async function acknowledge(button, a) {
   try {
     const res = await post("/ui/api/alarms/ack", {rule: a.rule, key: a.key});
     const by = res.alarm && res.alarm.acknowledged_by;
-    msg.textContent = res.result === "recorded"
-      ? `Acknowledgement of ${a.rule} ${a.key} recorded; the gateway applies it shortly.`
-      : `${a.rule} ${a.key} acknowledged by ${by}: escalation stopped.`;
+    msg.textContent = `${a.rule} ${a.key} acknowledged by ${by}: escalation stopped.`;
     msg.className = "ok";
     await loadAlarms(view.index);
   } catch (err) {

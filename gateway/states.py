@@ -1,0 +1,42 @@
+"""The states a job and a delivery go through (contract §6, §7), named once.
+
+Each is a :class:`enum.StrEnum`: a member is the string the database, the JSON and MQTT
+carry (``JobState.COMPLETED == "completed"``), so rows and payloads need no conversion and
+code never spells a state by hand. The SQL that filters on states (an index's ``WHERE``)
+writes them out because SQLite needs literals there; those must match these.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class JobState(StrEnum):
+    ACCEPTED = "accepted"
+    DISPATCHING = "dispatching"
+    COMPLETED = "completed"  # nothing queued: every delivery sent or final
+    ACKNOWLEDGED = "acknowledged"  # every target acked
+    REJECTED = "rejected"  # invalid; never dispatched
+
+
+# A job in one of these never changes again (retention prunes it, event streams end).
+FINAL_JOB_STATES = frozenset({JobState.COMPLETED, JobState.ACKNOWLEDGED, JobState.REJECTED})
+
+
+class DeliveryState(StrEnum):
+    """In the order the counts are shown (``JobStatus.counts``, ``status``, the page)."""
+
+    QUEUED = "queued"
+    SENT = "sent"
+    ACKNOWLEDGED = "acknowledged"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    INVALID_ADDRESS = "invalid_address"
+
+
+DELIVERY_STATES: tuple[DeliveryState, ...] = tuple(DeliveryState)
+# Deliveries that went wrong: a send with one of these fails the CLI's exit code.
+PROBLEM_DELIVERY_STATES = (DeliveryState.FAILED, DeliveryState.EXPIRED, DeliveryState.INVALID_ADDRESS)
+
+__all__ = ["DELIVERY_STATES", "FINAL_JOB_STATES", "PROBLEM_DELIVERY_STATES",
+           "DeliveryState", "JobState"]
