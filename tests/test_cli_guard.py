@@ -135,7 +135,7 @@ def test_broker_url_follows_the_listeners_and_a_stray_url_fails_check_config(tmp
 def test_derived_broker_url(listeners: list[dict], url: str):
     from gateway.config import parse_config
 
-    assert parse_config({"broker": {"listeners": listeners}}, {}).broker.url == url
+    assert parse_config({"broker": {"listeners": listeners}}, {}).config.broker.url == url
 
 
 @pytest.mark.parametrize(("url", "ok"), [
