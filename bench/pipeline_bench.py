@@ -81,7 +81,7 @@ def run_daemon(n: int, workdir: Path, profile: Path | None = None, dispatch: dic
             time.sleep(1.0)
         cpu0 = cpu_s(pid)
         t0 = time.perf_counter()
-        daemon.cli("send", "--title", "bench", "--all", "--job-id", "bench-1")
+        daemon.cli("send", "--title", "bench", "--all", "--yes", "--job-id", "bench-1")
         conn = sqlite3.connect(workdir / "var" / "gateway.db")
         first_sent = None
         while True:

@@ -64,7 +64,7 @@ def prepare(workdir: Path, devices: int, retained: int, job: bool) -> Daemon:
             msgs = [(f"{prefix}/bench/retained/{i:05}", json.dumps({"v": i}).encode()) for i in range(retained)]
             asyncio.run(publish_all(daemon.port, msgs, "bench-retain", 500, retain=True))
         if devices and job:
-            daemon.cli("send", "--title", "bench", "--all", "--job-id", "startup-1")
+            daemon.cli("send", "--title", "bench", "--all", "--yes", "--job-id", "startup-1")
             _wait_job(workdir / "var" / "gateway.db", "startup-1")
     finally:
         daemon.stop()

@@ -14,19 +14,30 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperArgument
 
 from gateway import clock
 from gateway.config import Config, ConfigError, LoadedConfig, load_config
 from gateway.states import DELIVERY_STATES
 
+# Plain (click) help: rich markup would eat bracketed words such as [[rules]] and [broker.acl].
+PLAIN = {"rich_markup_mode": None}
+
+
+def _argument_metavar_only(self: TyperArgument, ctx: object) -> None:
+    """Typer labels every argument with its Python type (``ID <str>``); the metavar says it."""
+    return None
+
+
+TyperArgument.display_type_rich = _argument_metavar_only  # type: ignore[method-assign]  # typer pinned in pyproject
 # No locals in a traceback if one ever shows: they would include passwords read from stdin.
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, **PLAIN,
                   help="homepot-gateway: edge MQTT broker and durable push fan-out for a HOMEPOT site.")
-users_app = typer.Typer(no_args_is_help=True, help="Broker accounts (argon2 password file).")
+users_app = typer.Typer(no_args_is_help=True, **PLAIN, help="Broker accounts (argon2 password file).")
 app.add_typer(users_app, name="users")
-devices_app = typer.Typer(no_args_is_help=True, help="The device registry (works while the daemon runs).")
+devices_app = typer.Typer(no_args_is_help=True, **PLAIN, help="The device registry (works while the daemon runs).")
 app.add_typer(devices_app, name="devices")
-jobs_app = typer.Typer(no_args_is_help=True, help="Jobs and their status.")
+jobs_app = typer.Typer(no_args_is_help=True, **PLAIN, help="Jobs and their status.")
 app.add_typer(jobs_app, name="jobs")
 FULL_DISK_BYTES = 64 * 1024  # less free space than this: a write failure is called a full disk
 GROUPS = {"users", "devices", "jobs", "alarms"}  # commands with subcommands (alarms: below)
@@ -42,7 +53,7 @@ state = _State()
 
 
 @app.callback()
-def _global(config: Annotated[Optional[str], typer.Option("--config", help="Config file (else $HOMEPOT_GATEWAY_CONFIG, ./config.toml, /etc/homepot-gateway/config.toml)")] = None) -> None:
+def _global(config: Annotated[Optional[str], typer.Option("--config", metavar="FILE", help="Config file (else $HOMEPOT_GATEWAY_CONFIG, ./config.toml, /etc/homepot-gateway/config.toml)")] = None) -> None:
     state.config_path = config
 
 
@@ -173,8 +184,8 @@ def run() -> None:
 
 @users_app.command("add")
 def users_add(
-    name: str,
-    role: Annotated[str, typer.Option("--role", help="ACL role: device, technician, controller, monitor, admin, or one from [broker.acl]")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="the account's username")],
+    role: Annotated[str, typer.Option("--role", metavar="ROLE", help="ACL role: device, technician, controller, monitor, admin, or one from [broker.acl]")],
     password_stdin: Annotated[bool, typer.Option("--password-stdin", help="Read the password from stdin (first line)")] = False,
 ) -> None:
     """Add or replace a broker account."""
@@ -198,7 +209,7 @@ def users_add(
 
 
 @users_app.command("remove")
-def users_remove(name: str) -> None:
+def users_remove(name: Annotated[str, typer.Argument(metavar="NAME", help="the account's username")]) -> None:
     """Remove a broker account."""
     from gateway.broker.passwords import PasswordFileError, remove_user
 
@@ -226,6 +237,8 @@ def vapid_keys() -> None:
         key = vapid.load_or_create(path)
     except ValueError as exc:
         fail(f"bridges.webpush.vapid_private_key_file: {exc}")
+    except OSError as exc:
+        fail(f"bridges.webpush.vapid_private_key_file: cannot write {path}: {exc.strerror or exc}", 1)
     typer.echo(vapid.public_key_b64(key))
 
 
@@ -253,21 +266,27 @@ def _tx(conn, fn):  # noqa: ANN001, ANN202
 
 @app.command("send")
 def send(
-    title: Annotated[Optional[str], typer.Option("--title")] = None,
-    body: Annotated[Optional[str], typer.Option("--body")] = None,
-    data: Annotated[Optional[list[str]], typer.Option("--data", help="K=V (repeatable)")] = None,
-    priority: Annotated[str, typer.Option("--priority", help="low|normal|high|critical")] = "normal",
-    ttl: Annotated[int, typer.Option("--ttl", help="seconds; 0 = now or never")] = 3600,
-    collapse_key: Annotated[Optional[str], typer.Option("--collapse-key")] = None,
-    job_id: Annotated[Optional[str], typer.Option("--job-id")] = None,
-    device: Annotated[Optional[list[str]], typer.Option("--device", help="target device (repeatable)")] = None,
-    segment: Annotated[Optional[str], typer.Option("--segment")] = None,
-    all_devices: Annotated[bool, typer.Option("--all")] = False,
+    title: Annotated[Optional[str], typer.Option("--title", metavar="TEXT", help="notification title (give --title, --body or --data)")] = None,
+    body: Annotated[Optional[str], typer.Option("--body", metavar="TEXT", help="notification text")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", metavar="K=V", help="data for the app (repeatable); a data-only job is valid")] = None,
+    priority: Annotated[str, typer.Option("--priority", metavar="LEVEL", help="low|normal|high|critical")] = "normal",
+    ttl: Annotated[int, typer.Option("--ttl", metavar="SECONDS", help="how long the job may wait for a device; 0 = now or never")] = 3600,
+    collapse_key: Annotated[Optional[str], typer.Option("--collapse-key", metavar="KEY", help="a newer job with the same key replaces this one on the device")] = None,
+    job_id: Annotated[Optional[str], typer.Option("--job-id", metavar="ID", help="idempotency key (default: generated)")] = None,
+    device: Annotated[Optional[list[str]], typer.Option("--device", metavar="ID", help="target: this device (repeatable)")] = None,
+    segment: Annotated[Optional[str], typer.Option("--segment", metavar="NAME", help="target: every device of this segment")] = None,
+    all_devices: Annotated[bool, typer.Option("--all", help="target: every registered device (asks first; see --yes)")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="send to --all or to more than [cli] confirm_above devices without asking")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="show progress until the job reaches --until")] = False,
-    timeout: Annotated[float, typer.Option("--timeout", help="seconds to wait with --wait")] = 300.0,
-    until: Annotated[str, typer.Option("--until", help="completed (nothing queued) | acknowledged (every target acked)")] = "completed",
+    timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS", help="how long --wait waits")] = 300.0,
+    until: Annotated[str, typer.Option("--until", metavar="STATE", help="completed (nothing queued) | acknowledged (every target acked)")] = "completed",
 ) -> None:
-    """Submit a job to the running gateway; print its job_id."""
+    """Submit a job to the running gateway; print its job_id.
+
+    Needs one target (--device, --segment or --all) and something to say (--title, --body
+    or --data). Sending to --all, or to more devices than [cli] confirm_above, asks for
+    confirmation on a terminal; without one it needs --yes.
+    """
     from pydantic import ValidationError
 
     from gateway.cli_input import OptionError, job_errors, parse_data
@@ -307,6 +326,8 @@ def send(
 
     try:
         conn = _db(cfg)
+        if not yes:
+            _confirm_reach(cfg, store.count_targets(conn, parsed.job.target.as_json()), all_devices, segment)
         _tx(conn, lambda c: store.submit_job(c, parsed, "cli"))
     except (sqlite3.Error, OSError, NotStored) as exc:  # disk full, read-only, locked: not queued
         fail(f"send: the job was not stored, nothing was queued: {failure_cause(exc, cfg.db_path)}", 1)
@@ -325,13 +346,30 @@ def send(
                                       store.job_status, lambda: daemon_running(cfg) is not False, cfg.data_dir))
 
 
+def _confirm_reach(cfg: Config, count: int, all_devices: bool, segment: str | None) -> None:
+    """A big send is one keystroke from a typo: ask on a terminal, else demand --yes."""
+    if not all_devices and count <= cfg.cli.confirm_above:
+        return
+    what = "every registered device" if all_devices else f"segment {segment!r}" if segment is not None else "the devices given"
+    question = f"Send to {count} device(s) ({what})?"
+    if sys.stdin.isatty():
+        # The question goes to stderr whole (click's confirm leaves a space on stdout, where
+        # the job id goes).
+        typer.echo(f"{question} [y/N]: ", err=True, nl=False)
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            fail("send: not confirmed; nothing was queued", 1)
+        return
+    fail(f"--yes: this job goes to {count} device(s) ({what}); confirm with --yes "
+         f"(asked on a terminal; [cli] confirm_above = {cfg.cli.confirm_above})")
+
+
 @devices_app.command("add")
 def devices_add(
     device_id: Annotated[str, typer.Argument(metavar="ID")],
-    platform: Annotated[list[str], typer.Option("--platform", help="fcm|apns|wns|webpush|mqtt|simulation (repeat, in order of preference)")],
-    address: Annotated[Optional[list[str]], typer.Option("--address", help="token, channel URI, subscription JSON, or empty")] = None,
-    segment: Annotated[Optional[str], typer.Option("--segment")] = None,
-    tag: Annotated[Optional[list[str]], typer.Option("--tag")] = None,
+    platform: Annotated[list[str], typer.Option("--platform", metavar="PLATFORM", help="fcm|apns|wns|webpush|mqtt|simulation (repeat, in order of preference)")],
+    address: Annotated[Optional[list[str]], typer.Option("--address", metavar="ADDRESS", help="token, channel URI, subscription JSON, or empty")] = None,
+    segment: Annotated[Optional[str], typer.Option("--segment", metavar="NAME", help="the device's segment (a group jobs can target)")] = None,
+    tag: Annotated[Optional[list[str]], typer.Option("--tag", metavar="TAG", help="a tag (repeatable)")] = None,
 ) -> None:
     """Register (or replace) a device."""
     from pydantic import ValidationError
@@ -364,8 +402,8 @@ def devices_add(
 @devices_app.command("import")
 def devices_import(
     file: Annotated[Path, typer.Argument(metavar="FILE", help="JSON lines of Device objects, or CSV id,platform,address,segment,tags")],
-    fmt: Annotated[Optional[str], typer.Option("--format", help="jsonl|csv (default: from the file name, else its content)")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=100000, help="devices per transaction")] = 500,
+    fmt: Annotated[Optional[str], typer.Option("--format", metavar="FORMAT", help="jsonl|csv (default: from the file name, else its content)")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", metavar="N", min=1, max=100000, help="devices per transaction")] = 500,
 ) -> None:
     """Register many devices from a file, a batch per transaction; refused lines are listed."""
     from rich.console import Console
@@ -410,6 +448,25 @@ def devices_import(
         fail([f"line {line}: {message}" for line, message in parsed.refused])
 
 
+def _table(headers: list[str], rows: list[list[str]]) -> None:
+    """Columns padded to their widest cell, a header line first; the last column is not padded."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    for line in [headers, *rows]:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(line[:-1], widths)) + ("  " if len(line) > 1 else "")
+                   + line[-1])
+
+
+def _fields(pairs: list[tuple[str, str]]) -> None:
+    """A readable record: one ``key: value`` line each, keys aligned."""
+    width = max(len(k) for k, _ in pairs)
+    for key, value in pairs:
+        typer.echo(f"{key + ':':<{width + 1}} {value}")
+
+
+def _channels_text(dev: dict) -> str:
+    return ",".join(c["platform"] + ("(invalid)" if "invalid" in c else "") for c in dev["channels"])
+
+
 def _lines_of(parsed, committed: int) -> str:  # noqa: ANN001 - gateway.device_import.Parsed
     """How many of the file's device lines the first ``committed`` devices came from."""
     return f"{sum(parsed.line_counts[:committed])} of {sum(parsed.line_counts)} device lines"
@@ -431,9 +488,20 @@ def _presence_text(p: dict[str, Any] | None) -> str:
     return f"not connected (last seen {p['last_seen']})" if p["last_seen"] else "not connected (not seen since start)"
 
 
+def _connected_cell(p: dict[str, Any] | None) -> str:
+    """The list's short form of a presence (``devices show`` has the long one)."""
+    return "?" if p is None else ("yes" if p["connected"] else "no")
+
+
 @devices_app.command("list")
-def devices_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """List registered devices."""
+def devices_list(
+    segment: Annotated[Optional[str], typer.Option("--segment", metavar="NAME", help="only this segment")] = None,
+    platform: Annotated[Optional[str], typer.Option("--platform", metavar="PLATFORM", help="only devices with a channel on this platform")] = None,
+    tag: Annotated[Optional[list[str]], typer.Option("--tag", metavar="TAG", help="only devices with this tag (repeat: all of them)")] = None,
+    limit: Annotated[int, typer.Option("--limit", metavar="N", min=0, help="at most N devices; 0 = all")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON: a list of Device objects")] = False,
+) -> None:
+    """List registered devices, by id."""
     import json
 
     from gateway.pipeline import store
@@ -441,23 +509,31 @@ def devices_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> No
     from gateway.broker.presence import device_presence
 
     cfg = get_config()
-    devices = list(store.iter_devices(_db(cfg)))
     presence = _presence(cfg)
-    for d in devices:
+    devices = []
+    for d in store.iter_devices(_db(cfg)):
+        if segment is not None and d["segment"] != segment:
+            continue
+        if platform is not None and platform not in {c["platform"] for c in d["channels"]}:
+            continue
+        if tag and not set(tag) <= set(d["tags"]):
+            continue
         d["presence"] = device_presence(presence, d["device_id"]) if presence is not None else None
+        devices.append(d)
+        if limit and len(devices) >= limit:
+            break
     if as_json:
         typer.echo(json.dumps(devices, indent=2))
         return
-    for d in devices:
-        chans = ",".join(c["platform"] + ("(invalid)" if "invalid" in c else "") for c in d["channels"])
-        typer.echo(f"{d['device_id']}\t{d['segment'] or '-'}\t{chans}\t{','.join(d['tags']) or '-'}"
-                   f"\t{_presence_text(d['presence'])}")
+    _table(["DEVICE", "SEGMENT", "CHANNELS", "TAGS", "CONNECTED"],
+           [[d["device_id"], d["segment"] or "-", _channels_text(d), ",".join(d["tags"]) or "-",
+             _connected_cell(d["presence"])] for d in devices])
 
 
 @devices_app.command("show")
 def devices_show(device_id: Annotated[str, typer.Argument(metavar="ID")],
-                 as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Show one device."""
+                 as_json: Annotated[bool, typer.Option("--json", help="JSON: the Device object")] = False) -> None:
+    """Show one device: segment, tags and each channel in order of preference."""
     import json
 
     from gateway.pipeline import store
@@ -470,9 +546,19 @@ def devices_show(device_id: Annotated[str, typer.Argument(metavar="ID")],
         fail(f"ID: no such device {device_id!r}", 1)
     presence = _presence(cfg)
     dev["presence"] = device_presence(presence, device_id) if presence is not None else None
-    typer.echo(json.dumps(dev) if as_json else json.dumps(dev, indent=2))
-    if not as_json:
-        typer.echo(f"presence: {_presence_text(dev['presence'])}")
+    if as_json:
+        typer.echo(json.dumps(dev, indent=2))
+        return
+    pairs = [("device", dev["device_id"]), ("segment", dev["segment"] or "-"),
+             ("tags", ",".join(dev["tags"]) or "-"), ("updated", dev["updated_at"]),
+             ("presence", _presence_text(dev["presence"]))]
+    for i, ch in enumerate(dev["channels"]):
+        address = {k: v for k, v in ch.items() if k not in ("platform", "invalid")}
+        text = ch["platform"] + (f" {json.dumps(address)}" if address else "")
+        if "invalid" in ch:
+            text += f"  INVALID: {json.dumps(ch['invalid'])}"
+        pairs.append((f"channel {i + 1}", text))
+    _fields(pairs)
 
 
 @devices_app.command("remove")
@@ -486,27 +572,35 @@ def devices_remove(device_id: Annotated[str, typer.Argument(metavar="ID")]) -> N
     typer.echo(f"device {device_id} removed")
 
 
+JOB_STATES = ("accepted", "rejected", "dispatching", "completed", "acknowledged")  # contract §6
+
+
 @jobs_app.command("list")
-def jobs_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """List jobs, newest first."""
+def jobs_list(
+    job_state: Annotated[Optional[str], typer.Option("--state", metavar="STATE", help="only jobs in this state: " + "|".join(JOB_STATES))] = None,
+    limit: Annotated[int, typer.Option("--limit", metavar="N", min=1, help="at most N jobs")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON: a list of job status objects")] = False,
+) -> None:
+    """List jobs, newest first, with their delivery counts."""
     import json
 
     from gateway.pipeline import store
 
-    jobs = store.list_jobs(_db(get_config()))
+    if job_state is not None and job_state not in JOB_STATES:
+        fail(f"--state: expected one of {', '.join(JOB_STATES)}, got {job_state!r}")
+    jobs = store.list_jobs(_db(get_config()), limit, job_state)
     if as_json:
         typer.echo(json.dumps(jobs, indent=2))
         return
-    for j in jobs:
-        c = j["counts"]
-        typer.echo(f"{j['job_id']}\t{j['state']}\ttargets={c['targets']} queued={c['queued']} sent={c['sent']} "
-                   f"acked={c['acknowledged']} failed={c['failed']} expired={c['expired']} "
-                   f"invalid={c['invalid_address']}\t{j['created_at']}")
+    keys = [("targets", "TARGETS"), ("queued", "QUEUED"), ("sent", "SENT"), ("acknowledged", "ACKED"),
+            ("failed", "FAILED"), ("expired", "EXPIRED"), ("invalid_address", "INVALID")]
+    _table(["JOB", "STATE", *[h for _, h in keys], "CREATED"],
+           [[j["job_id"], j["state"], *[str(j["counts"][k]) for k, _ in keys], j["created_at"]] for j in jobs])
 
 
 @jobs_app.command("show")
 def jobs_show(job_id: Annotated[str, typer.Argument(metavar="ID")],
-              as_json: Annotated[bool, typer.Option("--json")] = False,
+              as_json: Annotated[bool, typer.Option("--json", help="JSON: the job status object (with --deliveries, its deliveries too)")] = False,
               deliveries: Annotated[bool, typer.Option("--deliveries", help="list the job's devices by state, with the platform's reason")] = False) -> None:
     """Show one job's status (and, with --deliveries, where each device stands)."""
     import json
@@ -519,9 +613,13 @@ def jobs_show(job_id: Annotated[str, typer.Argument(metavar="ID")],
         fail(f"ID: no such job {job_id!r}", 1)
     rows = store.delivery_rows(conn, job_id) if deliveries else []
     if as_json:
-        typer.echo(json.dumps({**status, "deliveries": rows} if deliveries else status))
+        typer.echo(json.dumps({**status, "deliveries": rows} if deliveries else status, indent=2))
         return
-    typer.echo(json.dumps(status, indent=2))
+    counts = status["counts"]
+    _fields([("job", status["job_id"]), ("state", status["state"]),
+             ("targets", str(counts["targets"])),
+             ("counts", "  ".join(f"{k}={v}" for k, v in counts.items() if k != "targets")),
+             ("created", status["created_at"]), ("updated", status["updated_at"])])
     error = status.get("error")
     if error:
         typer.echo(f"error: {error.get('code')}: {error.get('message')}", err=True)
@@ -545,7 +643,7 @@ def jobs_show(job_id: Annotated[str, typer.Argument(metavar="ID")],
 
 
 # ---------------------------------------------------------------------- alarms
-alarms_app = typer.Typer(no_args_is_help=True, help="Sensor alarms ([[rules]]) and their states.")
+alarms_app = typer.Typer(no_args_is_help=True, **PLAIN, help="Sensor alarms ([[rules]]) and their states.")
 app.add_typer(alarms_app, name="alarms")
 
 
@@ -554,7 +652,7 @@ def _alarms_db(cfg: Config):  # noqa: ANN202 - sqlite3.Connection
 
 
 @alarms_app.command("list")
-def alarms_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def alarms_list(as_json: Annotated[bool, typer.Option("--json", help="JSON: a list of AlarmState objects")] = False) -> None:
     """List alarm states (AlarmState objects), by rule and key."""
     import json
 
@@ -574,8 +672,8 @@ def alarms_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
 def alarms_ack(
     rule: Annotated[str, typer.Argument(metavar="RULE")],
     key: Annotated[str, typer.Argument(metavar="KEY")],
-    by: Annotated[Optional[str], typer.Option("--by", help="who acknowledges (recorded as cli:<by>; default the login name)")] = None,
-    note: Annotated[Optional[str], typer.Option("--note")] = None,
+    by: Annotated[Optional[str], typer.Option("--by", metavar="NAME", help="who acknowledges (recorded as cli:NAME; default the login name)")] = None,
+    note: Annotated[Optional[str], typer.Option("--note", metavar="TEXT", help="recorded with the acknowledgement")] = None,
 ) -> None:
     """Acknowledge a firing alarm: its escalation stops."""
     import getpass

@@ -127,6 +127,8 @@ def job_errors(exc: ValidationError, devices: Sequence[str] | None) -> list[str]
             out.append(f"--data{name}: {msg}")
         elif key in _JOB_OPTION or tuple(loc[:1]) in _JOB_OPTION:
             out.append(f"{_JOB_OPTION.get(key) or _JOB_OPTION[tuple(loc[:1])]}: {msg}")
+        elif loc == ["notification"] and msg.startswith("nothing to notify"):
+            out.append("--title, --body, --data: nothing to notify: give at least one of them")
         elif loc == ["target"]:
             out.append(f"target: {msg.replace('devices, segment or all', '--device, --segment or --all')}")
         else:

@@ -291,6 +291,11 @@ class BrokerLimits(_Section):
 
 
 class BrokerSection(_MqttLinkSection):
+    url: str = Field(default="",
+        description="The broker the gateway's own client connects to: `mqtt://HOST[:PORT]`, `mqtts://`, `ws://` or "
+            "`wss://`. Embedded mode: leave it out and it is derived from the listeners (the first `tcp` one, "
+            "else `tls`, `ws`, `wss`; a wildcard bind is reached on loopback); when given it must point at one of "
+            "them. External mode: the broker's URL (default `mqtt://127.0.0.1:1883`).")
     mode: Literal["embedded", "external"] = Field(default="embedded",
         description="`embedded` runs the MQTT broker inside the gateway; `external` uses an existing broker at `url` and embeds none.")
     max_queued_messages: int = Field(default=1000, ge=1,
@@ -324,6 +329,34 @@ class BrokerSection(_MqttLinkSection):
             raise ValueError("two listeners bind the same address")
         return self
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return _check_mqtt_url(v) if v else v
+
+    @model_validator(mode="after")
+    def _client_url(self) -> "BrokerSection":
+        """One place to change a port: the client's URL follows the listeners unless set,
+        and a URL set by hand that reaches none of them is an error here, not a "Bad user
+        name or password" from whatever else listens on that port."""
+        if not self.url:
+            if self.mode == "external" or not self.listeners:  # no listener: reported by parse_config
+                url = "mqtt://127.0.0.1:1883"
+            else:
+                url = listener_url(_preferred_listener(self.listeners))
+            self.__dict__["url"] = url  # not an assignment: validate_assignment would re-enter here
+        return self
+
+    def url_problem(self) -> str | None:
+        """Embedded mode: why ``url`` reaches none of the listeners, or None."""
+        if self.mode != "embedded" or not self.listeners:
+            return None
+        if any(url_reaches(self.url, listener) for listener in self.listeners):
+            return None
+        listed = ", ".join(f"{lst.name} {lst.type} {lst.bind}" for lst in self.listeners)
+        return (f"{self.url} points at none of the listeners ({listed}); leave broker.url out to derive "
+                "it from them")
+
     def roles(self) -> dict[str, AclRule]:
         merged = default_acl()
         merged.update(self.acl)
@@ -335,6 +368,41 @@ def _check_mqtt_url(v: str) -> str:
     if not m:
         raise ValueError("expected mqtt://HOST[:PORT] or mqtts://, ws://, wss://")
     return v
+
+
+_SCHEME_OF = {"tcp": "mqtt", "tls": "mqtts", "ws": "ws", "wss": "wss"}
+_WILDCARDS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1", "[::]": "::1"}
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def _preferred_listener(listeners: list[ListenerSection]) -> ListenerSection:
+    for kind in ("tcp", "tls", "ws", "wss"):
+        for listener in listeners:
+            if listener.type == kind:
+                return listener
+    return listeners[0]
+
+
+def listener_url(listener: ListenerSection) -> str:
+    """The URL a client on this host uses to reach ``listener`` (a wildcard bind on loopback)."""
+    host, port = split_host_port(listener.bind)
+    host = _WILDCARDS.get(host, host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{_SCHEME_OF[listener.type]}://{host}:{port}"
+
+
+def url_reaches(url: str, listener: ListenerSection) -> bool:
+    """Whether a client connecting to ``url`` lands on ``listener``: same port and scheme,
+    and the listener's address (a wildcard one takes any, loopback included)."""
+    target = MqttUrl(url)
+    host, port = split_host_port(listener.bind)
+    if target.port != port or target.scheme != _SCHEME_OF[listener.type]:
+        return False
+    want = target.host.strip("[]")
+    if host.strip("[]") in _WILDCARDS:
+        return True
+    return want == host.strip("[]") or (want in _LOOPBACK and host.strip("[]") in _LOOPBACK)
 
 
 class MqttUrl:
@@ -584,6 +652,12 @@ class LoggingSection(_Section):
         return v.lower() if isinstance(v, str) else v
 
 
+class CliSection(_Section):
+    confirm_above: int = Field(default=100, ge=0,
+        description="`send` to more devices than this (and always to `--all`) asks for confirmation on a terminal; "
+            "without a terminal it needs `--yes`. 0 asks for every job.")
+
+
 class Config(_Section):
     gateway: GatewaySection = Field(default_factory=GatewaySection, description="`[gateway]`.")
     broker: BrokerSection = Field(default_factory=BrokerSection, description="`[broker]`.")
@@ -594,6 +668,7 @@ class Config(_Section):
     http: HttpSection | None = Field(default=None, description="`[http]`: the HTTP API; absent = off.")
     storage: StorageSection = Field(default_factory=StorageSection, description="`[storage]`.")
     logging: LoggingSection = Field(default_factory=LoggingSection, description="`[logging]`.")
+    cli: CliSection = Field(default_factory=CliSection, description="`[cli]`: how the command line guards big sends.")
     rules: list[RuleSection] = Field(default_factory=list,
         description="`[[rules]]`: sensor alarms, any number.")
 
@@ -878,6 +953,9 @@ def parse_config(data: dict[str, Any], environ: dict[str, str] | None = None,
         cfg = cfg.model_copy(update={"source": source})
         if cfg.broker.mode == "embedded" and not cfg.broker.listeners:
             problems.append(("broker.listeners", "embedded mode needs at least one listener"))
+        url_problem = cfg.broker.url_problem()
+        if url_problem:
+            problems.append(("broker.url", url_problem))
         secret_problems: list[tuple[str, str]] = []
         secrets = _load_secrets(cfg, secret_problems)
         faults: dict[str, str] = {}

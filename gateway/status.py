@@ -24,6 +24,7 @@ from gateway.config import Config
 
 EXIT = {"ok": 0, "degraded": 1, "unreachable": 2}
 STATES = ("queued", "sent", "acknowledged", "failed", "expired", "invalid_address")
+SHORT = {"acknowledged": "acked", "invalid_address": "invalid"}  # `status` headings
 
 
 def open_readonly(db_path: Path) -> sqlite3.Connection | None:
@@ -109,6 +110,7 @@ def _round(v: float | None) -> float | None:
 
 
 def render(info: dict[str, Any]) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -143,10 +145,11 @@ def render(info: dict[str, Any]) -> None:
             t.add_row(name, "[green]healthy[/]" if br.get("healthy") else "[red]unhealthy[/]",
                       str(br.get("in_flight", "")), str(br.get("sent", "")), br.get("reason") or "")
         console.print(t)
-    t = Table(title="deliveries", title_justify="left")
+    # Short headings and no vertical rules: seven columns fit 80 columns with 7-digit counts.
+    t = Table(title="deliveries", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     t.add_column("platform")
     for state in STATES:
-        t.add_column(state, justify="right")
+        t.add_column(SHORT.get(state, state), justify="right")
     for platform, by_state in sorted(info.get("deliveries", {}).items()):
         t.add_row(platform, *(str(by_state.get(s, 0)) for s in STATES))
     console.print(t)

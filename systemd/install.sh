@@ -1,7 +1,8 @@
 #!/bin/sh
 # Install (or upgrade) homepot-gateway as a systemd service, from this checkout.
 # Run as root: `sudo make install-service` or `sudo systemd/install.sh`. Safe to run again:
-# the venv and the code are brought up to date, an existing config is never overwritten.
+# the venv and the code are brought up to date, an existing config is never overwritten (a new
+# one is written from systemd/config.toml, the closed production template).
 #
 # Every location can be moved with an environment variable (the defaults are the contract's):
 #   PYTHON=/usr/bin/python3              interpreter for the venv (the system's, not a user's pyenv)
@@ -75,13 +76,11 @@ CONFIG="$CONFDIR/config.toml"
 if [ -e "$CONFIG" ]; then
   say "kept the existing $CONFIG"
 else
+  # A closed production template (systemd/config.toml), not the checkout's demo config.toml:
+  # no anonymous clients, no simulation fleet, no rules; TLS and push shown commented.
   tmp=$(mktemp)
-  sed -e "1,2c\\
-# homepot-gateway — the service's configuration (written by systemd/install.sh).\\
-# Every key is documented in $DOCDIR/docs/configuration.md; unknown keys are errors." \
-      -e "s|\"\\./var|\"$STATEDIR|g" \
-      -e 's|^format = "console"|format = "json"|' \
-      "$SRC/config.toml" > "$tmp"
+  sed -e "s|@STATEDIR@|$STATEDIR|g" -e "s|@CONFDIR@|$CONFDIR|g" -e "s|@DOCDIR@|$DOCDIR|g" \
+      -e "s|@CONFIG@|$CONFIG|g" "$SRC/systemd/config.toml" > "$tmp"
   install -m 0640 -o root -g "$GROUP" "$tmp" "$CONFIG"
   rm -f "$tmp"
   say "wrote $CONFIG"
@@ -132,12 +131,10 @@ cat <<NEXT
 
 Next:
   1. Edit $CONFIG:
-     - [[broker.listeners]]: the shipped listener is loopback only and lets anonymous local
-       clients in as technician. For devices on the LAN add a listener (tls is best) with
-       allow_anonymous = false; set allow_anonymous = false on loopback too if local users
-       must not send jobs.
-     - [bridges.*]: enable fcm/apns/wns/webpush with their key files (keep secrets in
-       $CONFDIR, mode 0640 root:$GROUP); [bridges.simulation] is a demo fleet.
+     - [[broker.listeners]]: one loopback listener, accounts only (no anonymous clients).
+       For devices on the LAN uncomment the tls listener; to move the port change its bind.
+     - [bridges.*]: uncomment fcm/apns/webpush with their key files (keep secrets in
+       $CONFDIR, mode 0640 root:$GROUP). The simulation fleet is off.
      - [upstream] for the cloud controller, [logging] level.
      Check it: homepot-gateway --config $CONFIG check-config
   2. Accounts for devices and technicians:

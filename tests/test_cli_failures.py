@@ -49,7 +49,7 @@ def test_every_writing_command_fails_in_one_line_on_a_full_disk(full_site, tmp_p
     assert FULL.search(one_line_failure(res, "devices remove: not done: "))
     res = cli(config, "users", "add", "tech", "--role", "technician", "--password-stdin", input="pw\n")
     assert "No space left on device" in one_line_failure(res, f"users add: {var / 'passwd'} not written")
-    res = cli(config, "send", "--title", "t", "--all", "--job-id", "full-1")
+    res = cli(config, "send", "--title", "t", "--all", "--yes", "--job-id", "full-1")
     assert FULL.search(one_line_failure(res, "send: the job was not stored"))
 
     # Then room for some of the import: the batches before the disk fills are committed.
@@ -77,7 +77,7 @@ def test_every_writing_command_fails_in_one_line_on_a_full_disk(full_site, tmp_p
 
 @pytest.mark.parametrize("args", [("devices", "list"), ("devices", "show", "x"), ("devices", "add", "x", "--platform", "mqtt"),
                                   ("devices", "remove", "x"), ("jobs", "list"), ("jobs", "show", "x"),
-                                  ("alarms", "list"), ("send", "--title", "t", "--all")])
+                                  ("alarms", "list"), ("send", "--title", "t", "--all", "--yes")])
 def test_no_command_prints_a_traceback_for_a_broken_database(tmp_path: Path, args: tuple[str, ...]):
     """The generic guard: a database error that no command words itself still ends in one
     line naming the command, the cause and the file."""

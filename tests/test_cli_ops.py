@@ -46,11 +46,11 @@ def run_inproc(cfg: Path, *args: str) -> tuple[int, str]:
     (["devices", "add", "a", "--platform", "pager"], "--platform: unknown platform 'pager'"),
     (["devices", "add", "a", "--platform", "mqtt", "--address", "x"], "--address: mqtt takes no address"),
     (["send", "--title", "t", "--device", "ok-1", "--device", "x y"], "--device 'x y': must match [A-Za-z0-9._:-]{1,128}"),
-    (["send", "--title", "t", "--all", "--ttl", "-1"], "--ttl: Input should be greater than or equal to 0"),
-    (["send", "--title", "t", "--all", "--priority", "urgent"], "--priority: Input should be 'low', 'normal', 'high' or 'critical'"),
-    (["send", "--title", "t", "--all", "--job-id", "a/b"], "--job-id: must match [A-Za-z0-9._:-]{1,64}"),
-    (["send", "--title", "t", "--all", "--data", "novalue"], "--data: expected K=V, got 'novalue'"),
-    (["send", "--title", "t", "--all", "--until", "forever"], "--until: expected completed or acknowledged"),
+    (["send", "--title", "t", "--all", "--yes", "--ttl", "-1"], "--ttl: Input should be greater than or equal to 0"),
+    (["send", "--title", "t", "--all", "--yes", "--priority", "urgent"], "--priority: Input should be 'low', 'normal', 'high' or 'critical'"),
+    (["send", "--title", "t", "--all", "--yes", "--job-id", "a/b"], "--job-id: must match [A-Za-z0-9._:-]{1,64}"),
+    (["send", "--title", "t", "--all", "--yes", "--data", "novalue"], "--data: expected K=V, got 'novalue'"),
+    (["send", "--title", "t", "--all", "--yes", "--until", "forever"], "--until: expected completed or acknowledged"),
 ])
 def test_cli_errors_name_the_option_not_the_json_path(cfg_path: Path, args: list[str], expected: str):
     code, err = run_inproc(cfg_path, *args)
@@ -147,12 +147,12 @@ def sims(n: int, prefix: str = "sim") -> list[dict]:
 def test_send_without_a_daemon_says_so_and_a_second_daemon_is_refused(gateway_factory, tmp_path: Path):
     gw = gateway_factory(start=False)
     bulk_register(tmp_path / "var", sims(2))
-    res = cli(gw.config, "send", "--title", "t", "--all", "--job-id", "early")
+    res = cli(gw.config, "send", "--title", "t", "--all", "--yes", "--job-id", "early")
     assert res.returncode == 0 and res.stdout.strip() == "early"
     assert f"no homepot-gateway daemon runs on {tmp_path / 'var'}" in res.stderr
     assert "job early is stored and goes out when the daemon starts" in res.stderr
     t0 = time.monotonic()
-    res = cli(gw.config, "send", "--title", "t", "--all", "--wait", "--timeout", "60")
+    res = cli(gw.config, "send", "--title", "t", "--all", "--yes", "--wait", "--timeout", "60")
     assert res.returncode == 1 and "not waiting" in res.stderr and time.monotonic() - t0 < 10
 
     gw.start()
@@ -160,7 +160,7 @@ def test_send_without_a_daemon_says_so_and_a_second_daemon_is_refused(gateway_fa
     second.start(wait_ready=False)
     assert second.wait(timeout=20) == 2
     assert f"another homepot-gateway (pid {gw.proc.pid}) runs on" in second.log()
-    res = cli(gw.config, "send", "--title", "t", "--all", "--wait", "--until", "acknowledged", "--timeout", "30")
+    res = cli(gw.config, "send", "--title", "t", "--all", "--yes", "--wait", "--until", "acknowledged", "--timeout", "30")
     assert res.returncode == 0, res.stderr
     assert "no homepot-gateway daemon" not in res.stderr
     assert "acknowledged: targets=2" in res.stderr
@@ -215,7 +215,7 @@ def test_send_wait_draws_a_progress_bar_on_a_terminal(gateway_factory, tmp_path:
     master, slave = pty.openpty()
     env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "180", "LINES": "40"}
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "--config", str(gw.config), "send", "--title", "t",
-                             "--all", "--job-id", "bar-1", "--wait", "--until", "acknowledged", "--timeout", "60"],
+                             "--all", "--yes", "--job-id", "bar-1", "--wait", "--until", "acknowledged", "--timeout", "60"],
                             cwd=gw.config.parent, stdout=subprocess.PIPE, stderr=slave, env=env)
     os.close(slave)
     chunks: list[bytes] = []

@@ -18,7 +18,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from devices.models import Device
-from gateway.alarms.rules import RuleSection, check_rule
+from gateway.rule_schema import RuleSection, check_rule
 from gateway.broker import passwords
 from gateway.config import GatewaySection
 from gateway.pipeline.models import InputError, JobIn, decode_json_object, parse_device, parse_job, readable_job_id
@@ -70,7 +70,7 @@ def test_every_accepted_device_or_job_id_is_one_topic_level_and_one_url_segment(
         "Device.device_id": lambda: _device(value),
         "register topic id": lambda: parse_device(json.dumps({"device_id": value, "channels": [{"platform": "mqtt"}]})
                                                   .encode(), value),
-        "target.devices": lambda: JobIn.model_validate({"target": {"devices": [value]}, "notification": {}}),
+        "target.devices": lambda: JobIn.model_validate({"target": {"devices": [value]}, "notification": {"title": "t"}}),
         "job_id": lambda: parse_job(job),
         "job_id over MQTT/HTTP": lambda: parse_job(decode_json_object(json.dumps(job).encode(), 1 << 20, "job")),
     }

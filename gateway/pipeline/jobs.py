@@ -126,8 +126,12 @@ def job_status(conn: sqlite3.Connection, job_id: str) -> dict[str, Any] | None:
     return status_from_row(row) if row else None
 
 
-def list_jobs(conn: sqlite3.Connection, limit: int = 1000) -> list[dict[str, Any]]:
-    rows = conn.execute("SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,)).fetchall()
+def list_jobs(conn: sqlite3.Connection, limit: int = 1000, state: str | None = None) -> list[dict[str, Any]]:
+    if state is None:
+        rows = conn.execute("SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,)).fetchall()
+    else:
+        rows = conn.execute("SELECT * FROM jobs WHERE state = ? ORDER BY created_at DESC LIMIT ?",
+                            (state, limit)).fetchall()
     return [status_from_row(r) for r in rows]
 
 

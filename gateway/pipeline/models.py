@@ -115,6 +115,14 @@ class NotificationIn(_Strict):
     ttl: Annotated[StrictInt, Field(ge=0, le=MAX_TTL)] = 3600
     collapse_key: Annotated[StrictStr, Field(min_length=1, max_length=64)] | None = None
 
+    @model_validator(mode="after")
+    def _says_something(self) -> "NotificationIn":
+        """A job without a title, a body or data notifies nothing: refuse it rather than
+        wake every target with an empty message (a data-only job is valid, contract §6)."""
+        if not self.title and not self.body and not self.data:
+            raise ValueError("nothing to notify: give notification.title, notification.body or notification.data")
+        return self
+
 
 class MqttOptions(_Strict):
     qos: Literal[0, 1, 2] | None = None  # None: the bridge's [bridges.mqtt] qos

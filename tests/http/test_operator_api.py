@@ -104,7 +104,7 @@ def test_job_errors_are_the_apis_split_per_field_and_unknown_devices_are_named(a
     assert [f["field"] for f in page.json()["fields"]] == ["target.devices.1", "notification.ttl", "notification.tll"]
     assert "; ".join(f["message"] for f in page.json()["fields"]) == v1.json()["error"]["message"]
     unknown = tech.post("/ui/api/jobs", headers={"X-CSRF-Token": csrf},
-                        json={"job_id": "ui-ghost", "target": {"devices": ["ghost-1", "ghost-2"]}, "notification": {}})
+                        json={"job_id": "ui-ghost", "target": {"devices": ["ghost-1", "ghost-2"]}, "notification": {"title": "t"}})
     assert unknown.status_code == 400 and unknown.json()["fields"] == [
         {"field": "target.devices", "message": "target.devices: no registered device 'ghost-1', 'ghost-2'"}]
     assert db_rows(api.data_dir, "SELECT COUNT(*) FROM jobs WHERE job_id = 'ui-ghost'") == [(0,)]

@@ -130,7 +130,7 @@ def test_job_latency_is_exact_for_small_jobs_and_a_bucket_bound_for_huge_ones(mo
     conn = fresh_db()
     for i in range(100):
         store.upsert_device(conn, device(f"d-{i:03}"), "t")
-    store.insert_job(conn, parse_job({"job_id": "j", "target": {"all": True}, "notification": {}}), "t")
+    store.insert_job(conn, parse_job({"job_id": "j", "target": {"all": True}, "notification": {"title": "t"}}), "t")
     while not store.expand_page(conn, "j", 50, time.time()):
         pass
     conn.executemany("UPDATE deliveries SET state = 'acknowledged', latency_ms = ? WHERE device_id = ?",

@@ -38,7 +38,7 @@ def test_10000_simulated_devices_complete_with_exact_counts(gateway_factory, tmp
     bulk_register(tmp_path / "var", sim_devices(10_000))
     probe = MqttProbe(gw.port, [f"{P}/jobs/+/status"])
     t0 = time.monotonic()
-    res = cli(gw.config, "send", "--title", "Config update", "--body", "2.1.0", "--all", "--job-id", "big-1",
+    res = cli(gw.config, "send", "--title", "Config update", "--body", "2.1.0", "--all", "--yes", "--job-id", "big-1",
               "--wait", "--timeout", "120")
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "big-1"
@@ -207,7 +207,7 @@ def test_status_is_throttled_to_one_per_second_plus_final(gateway_factory, tmp_p
                           "dispatch": {"max_in_flight": 4}})
     bulk_register(tmp_path / "var", sim_devices(500))
     probe = MqttProbe(gw.port, [f"{P}/jobs/+/status"])
-    assert cli(gw.config, "send", "--title", "t", "--all", "--job-id", "slow-1").returncode == 0
+    assert cli(gw.config, "send", "--title", "t", "--all", "--yes", "--job-id", "slow-1").returncode == 0
     final_status(probe, "slow-1", "completed", timeout=60)
     times = [t for t, _, p, _ in probe.on(f"{P}/jobs/slow-1/status")]
     states = [json.loads(p)["state"] for _, _, p, _ in probe.on(f"{P}/jobs/slow-1/status")]
@@ -255,7 +255,7 @@ def test_transient_failures_are_retried_and_send_wait_exit_codes(gateway_factory
                           "dispatch": {"max_attempts": 5}})
     bulk_register(tmp_path / "var", sim_devices(20))
     t0 = time.monotonic()
-    ok = cli(gw.config, "send", "--title", "t", "--all", "--wait", "--timeout", "30")
+    ok = cli(gw.config, "send", "--title", "t", "--all", "--yes", "--wait", "--timeout", "30")
     assert ok.returncode == 0, ok.stderr
     assert time.monotonic() - t0 >= 0.6  # two Retry-After waits
     job_id = ok.stdout.strip()
@@ -276,13 +276,13 @@ def test_ttl_and_backoff_with_simulation_fault_injection(gateway_factory, tmp_pa
     gw = gateway_factory({"bridges": {"simulation": {"latency_ms": 0, "throttle_rate": 1.0, "retry_after_s": 5}},
                           "dispatch": {"max_attempts": 3, "backoff_initial_s": 0.1, "backoff_max_s": 0.2}})
     bulk_register(tmp_path / "var", sim_devices(4))
-    res = cli(gw.config, "send", "--title", "t", "--all", "--ttl", "2", "--wait", "--timeout", "30")
+    res = cli(gw.config, "send", "--title", "t", "--all", "--yes", "--ttl", "2", "--wait", "--timeout", "30")
     assert res.returncode == 1 and "expired=4" in res.stderr
     assert gw.stop() == 0
     gw2 = gateway_factory({"bridges": {"simulation": {"latency_ms": 0, "fail_rate": 1.0}},
                            "dispatch": {"max_attempts": 3, "backoff_initial_s": 0.1, "backoff_max_s": 0.2}})
     bulk_register(tmp_path / "var", sim_devices(4))
-    res = cli(gw2.config, "send", "--title", "t", "--all", "--job-id", "doomed", "--wait", "--timeout", "30")
+    res = cli(gw2.config, "send", "--title", "t", "--all", "--yes", "--job-id", "doomed", "--wait", "--timeout", "30")
     assert res.returncode == 1 and "failed=4" in res.stderr
     from gateway.storage import connect
     conn = connect(tmp_path / "var" / "gateway.db")

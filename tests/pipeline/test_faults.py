@@ -82,7 +82,7 @@ def test_full_disk_nothing_publishers_saw_acknowledged_is_lost(gateway_factory, 
         probe.wait_for(lambda _m: any(s["counts"]["acknowledged"] >= 10 for s in statuses(probe, "mid")))
 
         filler = fill_disk(small_disk / "filler")
-        refused = cli(gw.config, "send", "--title", "t", "--all", "--job-id", "cli-full")
+        refused = cli(gw.config, "send", "--title", "t", "--all", "--yes", "--job-id", "cli-full")
         assert refused.returncode == 1, refused
         assert refused.stderr.count("\n") == 1 and refused.stderr.startswith("send: the job was not stored")
         assert "Traceback" not in refused.stderr and refused.stdout == ""
@@ -182,7 +182,7 @@ def test_a_bridge_that_cannot_start_delivers_after_the_key_is_fixed_and_a_restar
             time.sleep(0.05)
         bulk_register(tmp_path / "var", [{"device_id": "ios-1", "channels": [{"platform": "apns", "token": "ab" * 32}]},
                                          {"device_id": "sim-1", "channels": [{"platform": "simulation"}]}])
-        assert cli(gw.config, "send", "--title", "t", "--all", "--job-id", "keyfix", "--ttl", "600").returncode == 0
+        assert cli(gw.config, "send", "--title", "t", "--all", "--yes", "--job-id", "keyfix", "--ttl", "600").returncode == 0
         deadline = time.monotonic() + 15
         while (job_status_from_db(tmp_path / "var", "keyfix") or {"counts": {"acknowledged": 0}})["counts"]["acknowledged"] < 1:
             assert time.monotonic() < deadline
@@ -225,7 +225,7 @@ def test_stop_fits_the_10_s_budget_with_a_hung_broker_bridge_and_a_locked_databa
                               "dispatch": {"max_in_flight": 10}})
         bulk_register(tmp_path / "var", sims(3000, "sim", "s")
                       + [{"device_id": f"plc-{i}", "segment": "s", "channels": [{"platform": "mqtt"}]} for i in range(5)])
-        assert cli(gw.config, "send", "--title", "t", "--segment", "s", "--job-id", "hang-1").returncode == 0
+        assert cli(gw.config, "send", "--title", "t", "--segment", "s", "--yes", "--job-id", "hang-1").returncode == 0
         deadline = time.monotonic() + 20
         while not (any(t.endswith("/notify") for t in hung.publishes)
                    and ((job_status_from_db(tmp_path / "var", "hang-1") or {}).get("counts") or {}).get("acknowledged", 0) > 20):
