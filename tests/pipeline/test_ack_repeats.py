@@ -92,9 +92,13 @@ def test_5000_repeated_acks_over_mqtt_store_a_row_per_status_and_count_the_rest(
     assert rows[0][2].startswith("try 0 ") and rows[1][2].startswith("try 0 ")  # the first of each is kept
     counters = dict(db_rows(gw.data_dir, "SELECT name, value FROM counters"))
     assert counters["acks_repeated"] == REPEATS - 1 + 2 and counters["acks_stored"] == REPEATS + 3
-    # 5,000 acks with 1 KiB of error text each would be ~5 MiB as rows; as counts, a few pages.
+    # 5,000 acks with 1 KiB of error text each would be ~5 MiB (1,300+ pages) as rows; as
+    # counts, a few pages. Measured once the broker's store has let go of the flood (it
+    # keeps the messages for the gateway's session until they are stored, and its pages are
+    # reused, not returned, while it deletes them).
+    wait_until(lambda: int(db_rows(gw.data_dir, "SELECT COUNT(*) FROM broker_messages")[0][0]) == 0, timeout=30)
     grown = _db_pages(gw.data_dir) - before
-    assert grown <= 8, f"the database grew by {grown} pages"
+    assert grown <= 32, f"the database grew by {grown} pages"
 
     # Visible in jobs show and in the operator page's API.
     shown = cli(gw.config, "jobs", "show", "flood-1", "--deliveries", "--json")
