@@ -70,7 +70,7 @@ async def test_tls_and_wss_listeners_require_client_certificates(tmp_path, pki):
 async def test_tls_listener_without_client_certificate_requirement(tmp_path, pki):
     """Without require_client_cert (and no cafile) a server-authenticated TLS client gets in."""
     port = free_port()
-    cfg = broker_config(tmp_path, port, broker={"listeners": [
+    cfg = broker_config(tmp_path, port, broker={"url": f"mqtts://127.0.0.1:{port}", "listeners": [
         {"name": "tls", "type": "tls", "bind": f"127.0.0.1:{port}", "certfile": str(pki["cert"]),
          "keyfile": str(pki["key"]), "allow_anonymous": True, "anonymous_role": "admin"}]})
     broker = EmbeddedBroker(cfg, InternalCredentials.generate())
