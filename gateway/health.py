@@ -30,7 +30,9 @@ import structlog
 
 from gateway import __version__, setaside, stats
 from gateway.config import Config
+from gateway.broker.presence import Presence
 from gateway.mqtt import GatewayClient
+from gateway.setaside import SetAside
 from gateway.storage import Database
 
 log = structlog.get_logger(__name__)
@@ -150,6 +152,8 @@ class HealthProbes:
     bridges: BridgeProbe | None = None
     upstream: MetricsProbe | None = None
     ports: Callable[[], BoundPorts] | None = None  # runtime.json "ports"
+    presence: Presence | None = None  # device accounts on the embedded broker
+    upstream_set_aside: SetAside | None = None  # the cloud link's set-aside messages
 
 
 # ------------------------------------------------------------------ the reporter service
@@ -246,7 +250,7 @@ class HealthReporter:
                               "last_error": client.last_error},
             "broker": _metrics_of(probes.broker),
             # Device accounts seen on the embedded broker: device_id → connected, since, last_seen.
-            "presence": _presence_of(probes.broker),
+            "presence": _presence_of(probes.presence),
             "bridges": probes.bridges.bridge_health() if probes.bridges is not None else {},
             "set_aside": set_aside_view(probes),
             "upstream": self._upstream(),
@@ -289,11 +293,10 @@ class HealthReporter:
 def set_aside_view(probes: HealthProbes) -> dict[str, Any]:
     """Messages set aside by the gateway's MQTT links (gateway.setaside): a count per link
     and the last few of all links, newest last, for ``status`` and ``/metrics``."""
-    links = {"broker": probes.client, "upstream": getattr(probes.upstream, "client", None)}
+    links = {"broker": probes.client.set_aside, "upstream": probes.upstream_set_aside}
     counts: dict[str, int] = {}
     recent: list[dict[str, Any]] = []
-    for name, client in links.items():
-        kept = getattr(client, "set_aside", None)
+    for name, kept in links.items():
         if kept is None:
             continue
         counts[name] = kept.count
@@ -302,8 +305,7 @@ def set_aside_view(probes: HealthProbes) -> dict[str, Any]:
     return {"counts": counts, "recent": recent[-setaside.KEEP:]}
 
 
-def _presence_of(broker: Any) -> dict[str, Any] | None:
-    presence = getattr(broker, "presence", None)
+def _presence_of(presence: Presence | None) -> dict[str, Any] | None:
     return presence.view() if presence is not None else None
 
 

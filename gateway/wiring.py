@@ -106,7 +106,9 @@ def build(cfg: Config, db: Database, runtime: Runtime) -> Graph:
 
     reporter = HealthReporter(cfg, db, HealthProbes(client=runtime.client, started_at=runtime.started_at,
                                                     broker=runtime.broker, bridges=pipeline, upstream=link,
-                                                    ports=bound_ports))
+                                                    ports=bound_ports,
+                                                    presence=runtime.broker.presence if runtime.broker else None,
+                                                    upstream_set_aside=link.client.set_aside if link else None))
     services.append(reporter)
     graph = Graph(services, before_ready=[reporter.publish])  # the bound ports are in runtime.json at READY=1
     if signing is not None:
