@@ -174,7 +174,7 @@ def expanded_page(conn: sqlite3.Connection, job_id: str, target: dict[str, Any],
         if "segment" in target:
             why = f"target.segment: no registered device is in segment {target['segment']!r}"
         elif "people" in target:
-            why = "target.people: none of these persons lists a device"
+            why = "target.people: no such person, or none of them lists a device"
         else:
             why = "target.all: no device is registered"
         conn.execute(
