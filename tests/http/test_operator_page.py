@@ -63,8 +63,8 @@ def _devices() -> list[dict[str, Any]]:
             {"device_id": "nobridge-1", "segment": "odd", "channels": [{"platform": "apns", "token": "ab" * 32}]},
             {"device_id": LONG_DEV, "segment": LONG_SEGMENT, "tags": ["t" * 64],
              "channels": [{"platform": "simulation"}]},
-            {"device_id": "ackee-1", "segment": "ackees", "channels": [{"platform": "mqtt"}]},
-            {"device_id": "ackee-2", "segment": "ackees", "channels": [{"platform": "mqtt"}]},
+            {"device_id": "mq-ack-1", "segment": "ackees", "channels": [{"platform": "mqtt"}]},
+            {"device_id": "mq-ack-2", "segment": "ackees", "channels": [{"platform": "mqtt"}]},
             {"device_id": "win-1", "segment": "windows",
              "channels": [{"platform": "wns", "channel_uri": "https://localhost:9/w/?token=win-1"}]}]
     return out
@@ -601,7 +601,7 @@ def test_a_jobs_ack_latency_never_says_no_acks_above_acknowledged_rows(gw, conte
     and its rows' read, are both counted in "Ack latency"."""
     probe = MqttProbe(gw.port, [f"{P}/devices/+/notify"])
     r = httpx.post(f"{gw.base}/v1/jobs", auth=("tech", "tech-pw"), json={
-        "job_id": "acks-1", "target": {"devices": ["ackee-1", "ackee-2"]}, "notification": {"title": "Ack me"}})
+        "job_id": "acks-1", "target": {"devices": ["mq-ack-1", "mq-ack-2"]}, "notification": {"title": "Ack me"}})
     assert r.status_code == 202, r.text
     urls = probe.wait_for(lambda m: (lambda got: got if len(got) == 2 else None)(
         {t.split("/")[-2]: json.loads(p)["ack_url"] for _, t, p, _ in m
@@ -614,12 +614,12 @@ def test_a_jobs_ack_latency_never_says_no_acks_above_acknowledged_rows(gw, conte
     detail = page.locator("#job-detail")
     latency = detail.locator("dt:text-is('Ack latency') + dd")
     expect(detail.locator("#deliv-table tbody tr")).to_have_count(2)
-    expect(detail.locator('#deliv-table tr[data-device="ackee-1"] .badge')).to_have_text("sent")
+    expect(detail.locator('#deliv-table tr[data-device="mq-ack-1"] .badge')).to_have_text("sent")
     expect(latency).to_have_text("no acks yet")
 
     # An ack while the detail is open: the row and the latency change together.
-    assert httpx.post(urls["ackee-1"], json={"status": "received"}).status_code == 202
-    expect(detail.locator('#deliv-table tr[data-device="ackee-1"] .badge')).to_have_text("acknowledged")
+    assert httpx.post(urls["mq-ack-1"], json={"status": "received"}).status_code == 202
+    expect(detail.locator('#deliv-table tr[data-device="mq-ack-1"] .badge')).to_have_text("acknowledged")
     expect(latency).to_contain_text(re.compile(r"^1 ack · mean \d"))
     shot(page, tmp_path, "job-acked-while-open")
 
@@ -627,9 +627,9 @@ def test_a_jobs_ack_latency_never_says_no_acks_above_acknowledged_rows(gw, conte
     detail.get_by_role("button", name="Close job details").click()
 
     def ack_first(route: Any) -> None:
-        assert httpx.post(urls["ackee-2"], json={"status": "received"}).status_code == 202
+        assert httpx.post(urls["mq-ack-2"], json={"status": "received"}).status_code == 202
         wait_until(lambda: db_rows(gw.data_dir, "SELECT state FROM deliveries WHERE job_id = 'acks-1' AND "
-                                   "device_id = 'ackee-2'") == [("acknowledged",)], timeout=10)
+                                   "device_id = 'mq-ack-2'") == [("acknowledged",)], timeout=10)
         route.continue_()
 
     page.route("**/ui/api/jobs/acks-1/deliveries*", ack_first)
@@ -704,7 +704,8 @@ def test_no_tab_scrolls_sideways_on_a_phone_in_the_degraded_state_with_details_o
         page.get_by_role("tab", name="Alarms").click()
         row = page.locator(f'#alarm-table tr[data-alarm="fault/{LONG_DEV}"]')
         expect(row).to_contain_text(FAULT)
-        expect(page.get_by_role("button", name=f"Acknowledge alarm fault {LONG_DEV}")).to_be_in_viewport()
+        row.scroll_into_view_if_needed()
+        expect(page.get_by_role("button", name=f"Acknowledge alarm fault {LONG_DEV}")).to_be_in_viewport(ratio=1)
         shot(page, tmp_path, "alarms-degraded-phone")
         sideways["Alarms"] = overflow(page)
         assert sideways == {"Now": 0, "Jobs": 0, "Devices": 0, "Alarms": 0}, f"px scrolled sideways per tab: {sideways}"
