@@ -651,7 +651,8 @@ def test_no_tab_scrolls_sideways_on_a_phone_in_the_degraded_state_with_details_o
     characters without a space, a long alarm: at 390 px every tab, each with its details
     open, fits the screen."""
     r = httpx.post(f"{gw.base}/v1/jobs", auth=("tech", "tech-pw"), json={
-        "job_id": LONG_JOB, "target": {"devices": [LONG_DEV]}, "notification": {"title": LONG_TITLE, "body": LONG_TITLE}})
+        "job_id": LONG_JOB, "target": {"devices": [LONG_DEV]},
+        "notification": {"title": LONG_TITLE, "body": LONG_TITLE}})
     assert r.status_code == 202, r.text
     probe = MqttProbe(gw.port)
     probe.publish(f"{P}/devices/{LONG_DEV}/telemetry/fault", FAULT)
