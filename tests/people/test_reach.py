@@ -219,8 +219,8 @@ def test_a_forward_step_of_the_system_clock_does_not_fire_the_next_turn_early(ga
         step(offset, "+1d")
         wait_until(lambda: tablet.times, timeout=30, what="the tablet's turn")
         assert tablet.times[0] - phone.times[0] >= 2.8, tablet.times[0] - phone.times[0]
-        assert wait_until(lambda: (s := job_status_from_db(gw.runtime_dir(), "reach-step")) and
-                          s["state"] == "acknowledged")
+        wait_until(lambda: (s := job_status_from_db(gw.runtime_dir(), "reach-step")) and s["state"] == "acknowledged",
+                   timeout=40, what=f"dee reached (tablet acks sent: {tablet.acks_published})")
     finally:
         phone.close()
         tablet.close()
