@@ -313,6 +313,32 @@ def rule_stats(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
             for r in conn.execute("SELECT * FROM alarm_stats ORDER BY rule")}
 
 
+# ------------------------------------------------------------------ readers (the operator page)
+def digest(conn: sqlite3.Connection) -> tuple[Any, ...]:
+    """Changes whenever an alarm changes state or escalates (what a view must refetch on);
+    empty without the alarm tables."""
+    if not has_tables(conn):
+        return ()
+    return tuple(conn.execute("SELECT state, COUNT(*), MAX(updated_at), SUM(version) FROM alarms "
+                              "WHERE state != 'idle' GROUP BY state ORDER BY state").fetchall())
+
+
+def rows_in_state(conn: sqlite3.Connection, state: str, after: tuple[str, str], limit: int) -> list[sqlite3.Row]:
+    """Up to ``limit`` stored rows in ``state`` by (rule, key) after ``after`` (index
+    ``alarms_by_state``); empty without the alarm tables."""
+    if not has_tables(conn):
+        return []
+    return conn.execute("SELECT * FROM alarms WHERE state = ? AND (rule, akey) > (?, ?) "
+                        "ORDER BY rule, akey LIMIT ?", (state, after[0], after[1], limit)).fetchall()
+
+
+def stored_row(conn: sqlite3.Connection, rule: str, key: str) -> sqlite3.Row | None:
+    """One stored row as it is (``idle`` included), or None."""
+    if not has_tables(conn):
+        return None
+    return conn.execute("SELECT * FROM alarms WHERE rule = ? AND akey = ?", (rule, key)).fetchone()
+
+
 def request_ack(conn: sqlite3.Connection, rule: str, key: str, by: str, note: str | None, now: float) -> None:
     """An operator's ack (the CLI): the running engine applies it within a poll interval."""
     conn.execute("INSERT INTO alarm_inbox(rule, akey, episode, by, note, at, source) VALUES (?, ?, NULL, ?, ?, ?, 'cli')",

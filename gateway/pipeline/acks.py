@@ -222,4 +222,13 @@ def delete_of(conn: sqlite3.Connection, message_ids: list[str]) -> None:
         conn.execute("DELETE FROM acks WHERE message_id IN (SELECT value FROM json_each(?))", (json.dumps(message_ids),))
 
 
-__all__ = ["AckResult", "Forwarder", "acks_of", "acks_of_job", "apply_acks", "apply_batch", "delete_of"]
+
+def last_of_device(conn: sqlite3.Connection, device_id: str) -> sqlite3.Row | None:
+    """The latest ack a device's deliveries received: status, at, received_at, message_id,
+    via (the channel it came by; NULL on a database from before it was kept) and job_id."""
+    via = "a.via" if "via" in {r[1] for r in conn.execute("PRAGMA table_info(acks)")} else "NULL"
+    return conn.execute(f"SELECT a.status, a.at, a.received_at, a.message_id, {via} AS via, d.job_id FROM acks a "
+                        "JOIN deliveries d ON d.message_id = a.message_id WHERE d.device_id = ? "
+                        "ORDER BY a.received_at DESC LIMIT 1", (device_id,)).fetchone()
+
+__all__ = ["AckResult", "Forwarder", "acks_of", "acks_of_job", "apply_acks", "apply_batch", "delete_of", "last_of_device"]

@@ -574,6 +574,66 @@ def _chunks(items: list[Any], n: int = 500) -> Iterator[list[Any]]:
         yield items[i:i + n]
 
 
-__all__ = ["DeliveryWriter", "DueDelivery", "FINAL_DELIVERY_STATES", "FirstAck", "Result", "delivery_rows",
+
+# ------------------------------------------------------------------ reads for other packages
+# The operator page's views of deliveries (read-only connections, pages on indexes).
+def acked_latency(conn: sqlite3.Connection, job_id: str) -> tuple[int, float | None, float | None]:
+    """(count, mean, max) of the ack latency of a job's acknowledged deliveries, ms."""
+    row = conn.execute("SELECT COUNT(latency_ms), AVG(latency_ms), MAX(latency_ms) FROM deliveries "
+                       "WHERE job_id = ? AND state = 'acknowledged'", (job_id,)).fetchone()
+    return int(row[0] or 0), row[1], row[2]
+
+
+def acked_latencies(conn: sqlite3.Connection, job_id: str) -> list[float]:
+    """Every ack latency of a job's acknowledged deliveries, ms, ascending."""
+    values = [r[0] for r in conn.execute("SELECT latency_ms FROM deliveries WHERE job_id = ? AND "
+                                         "state = 'acknowledged' AND latency_ms IS NOT NULL", (job_id,))]
+    values.sort()
+    return values
+
+
+def acked_latency_histogram(conn: sqlite3.Connection, job_id: str, bounds: Iterable[float]) -> dict[int, int]:
+    """bucket index → how many of a job's ack latencies fall in it (``latency <= bounds[i]``;
+    ``len(bounds)`` above the last), in one pass without sorting."""
+    bounds = list(bounds)
+    case = ("CASE " + " ".join(f"WHEN latency_ms <= {b!r} THEN {i}" for i, b in enumerate(bounds))
+            + f" ELSE {len(bounds)} END")
+    return {int(b): int(n) for b, n in conn.execute(
+        f"SELECT {case} AS b, COUNT(*) FROM deliveries WHERE job_id = ? AND state = 'acknowledged' "
+        "AND latency_ms IS NOT NULL GROUP BY b", (job_id,))}
+
+
+def job_deliveries_after(conn: sqlite3.Connection, job_id: str, after: str, limit: int,
+                         states: tuple[str, ...] = ()) -> list[sqlite3.Row]:
+    """Up to ``limit`` of a job's deliveries by device_id after ``after`` (the ``UNIQUE
+    (job_id, device_id)`` index), optionally only some states."""
+    where = "job_id = ? AND device_id > ?"
+    args: list[Any] = [job_id, after]
+    if states:
+        where += f" AND state IN ({','.join('?' * len(states))})"
+        args += list(states)
+    return conn.execute("SELECT message_id, device_id, state, platform, attempts, last_error, latency_ms, sent_at, "
+                        f"acked_at, moved, next_at FROM deliveries WHERE {where} ORDER BY device_id LIMIT ?",
+                        (*args, limit)).fetchall()
+
+
+def last_acked_at(conn: sqlite3.Connection, device_ids: list[str]) -> dict[str, float]:
+    """device_id → when its latest acknowledged delivery was acked (index deliveries_by_device)."""
+    if not device_ids:
+        return {}
+    marks = ",".join("?" * len(device_ids))
+    return {r[0]: r[1] for r in conn.execute(
+        f"SELECT device_id, MAX(acked_at) FROM deliveries WHERE device_id IN ({marks}) AND acked_at IS NOT NULL "
+        "GROUP BY device_id", device_ids)}
+
+
+def recent_of_device(conn: sqlite3.Connection, device_id: str, limit: int) -> list[sqlite3.Row]:
+    """A device's latest deliveries, newest job first, with their job's ``created_at``."""
+    return conn.execute("SELECT d.job_id, d.state, d.platform, d.attempts, d.last_error, d.latency_ms, j.created_at "
+                        "FROM deliveries d JOIN jobs j ON j.job_id = d.job_id WHERE d.device_id = ? "
+                        "ORDER BY j.created_at DESC LIMIT ?", (device_id, limit)).fetchall()
+
+__all__ = ["DeliveryWriter", "acked_latencies", "acked_latency", "acked_latency_histogram", "job_deliveries_after",
+           "last_acked_at", "recent_of_device", "DueDelivery", "FINAL_DELIVERY_STATES", "FirstAck", "Result", "delivery_rows",
            "device_of", "devices_of_job", "due_deliveries", "due_for_route", "movable_for_route", "unexplained_for_route", "wait_reason", "expand_page", "expiring", "new_message_id", "new_message_ids",
            "next_due_at", "next_due_for_route", "of_job", "unrouted_due"]

@@ -250,3 +250,50 @@ def shift_deadlines(conn: sqlite3.Connection, delta: float) -> int:
                                 " WHERE state = 'sent' AND resend_at IS NOT NULL)")
             + clock.shift_columns(conn, "jobs", "status_published_at", delta, "status_published_at > 0")
             + clock.shift_columns(conn, "jobs", "cloud_published_at", delta, "cloud_published_at > 0"))
+
+
+# ------------------------------------------------------------------ reads for other packages
+# The operator page's views of jobs (read-only connections, keyset pages on indexes).
+_VIEW_COLUMNS = ("job_id, state, source, target, notification, created_at, updated_at, expires_at, ttl, targets, "
+                 + ", ".join(COUNT_KEYS))
+
+
+def _view_select(conn: sqlite3.Connection) -> str:
+    extra = ", error" if "error" in {r[1] for r in conn.execute("PRAGMA table_info(jobs)")} else ""
+    return f"SELECT {_VIEW_COLUMNS}{extra} FROM jobs"
+
+
+def jobs_newest_first(conn: sqlite3.Connection, limit: int, before: tuple[float, str] | None = None,
+                      state: str | None = None, prefix: str = "", id_upper: str = "\x7f") -> list[sqlite3.Row]:
+    """Up to ``limit`` jobs, newest first, older than the ``(created_at, job_id)`` cursor
+    ``before`` (a range on ``ui_jobs_by_created``), of one state and an id prefix."""
+    where: list[str] = []
+    args: list[Any] = []
+    if before is not None:
+        where.append("(created_at, job_id) < (?, ?)")  # a row value: a range on ui_jobs_by_created
+        args += [before[0], before[1]]
+    if state:
+        where.append("state = ?")
+        args.append(state)
+    if prefix:
+        where.append("job_id >= ? AND job_id < ?")
+        args += [prefix, prefix + id_upper]
+    sql = _view_select(conn) + (" WHERE " + " AND ".join(where) if where else "")
+    return conn.execute(sql + " ORDER BY created_at DESC, job_id DESC LIMIT ?", (*args, limit)).fetchall()
+
+
+def jobs_updated_since(conn: sqlite3.Connection, since: float, limit: int = 500) -> list[sqlite3.Row]:
+    """Jobs changed after ``since`` (index ``ui_jobs_by_updated``), oldest change first."""
+    return conn.execute(_view_select(conn) + " WHERE updated_at > ? ORDER BY updated_at LIMIT ?",
+                        (since, limit)).fetchall()
+
+
+def job_view(conn: sqlite3.Connection, job_id: str) -> sqlite3.Row | None:
+    """One job with the columns the views show (:func:`jobs_newest_first`)."""
+    return conn.execute(_view_select(conn) + " WHERE job_id = ?", (job_id,)).fetchone()
+
+
+def open_job_count(conn: sqlite3.Connection) -> int:
+    """Jobs still accepted or dispatching (literals: the partial index ``jobs_open`` covers them)."""
+    return int(conn.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('accepted', 'dispatching')").fetchone()[0])
+
