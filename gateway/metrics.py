@@ -23,7 +23,6 @@ and the operator page.
 from __future__ import annotations
 
 import asyncio
-import json
 import platform
 import sqlite3
 import threading
@@ -40,7 +39,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from gateway import __version__, clock
 from gateway import stats
 from gateway.alarms.summary import summary as alarm_summary
+from gateway.pipeline import deliveries as deliveries_of
+from gateway.pipeline import jobs as jobs_of
+from gateway.pipeline import registry
 from gateway.pipeline.dispatcher import OUTCOME_NAMES
+from gateway.upstream import outbox
 
 log = structlog.get_logger(__name__)
 # No ``*_created`` series: they double every counter and no alert reads them.
@@ -256,11 +259,11 @@ class DatabaseCollector:
             now = clock.now()
             counts = stats.delivery_counts(conn)
             latency = stats.ack_latency(conn)
-            oldest = stats.oldest_queued(conn, now)
-            counters = stats.counters(conn)
-            jobs = stats.jobs_by_state(conn)
-            devices = stats.device_count(conn)
-            backlog = stats.upstream_backlog(conn)
+            oldest = deliveries_of.oldest_queued(conn, now)
+            counters = jobs_of.counters(conn)
+            jobs = jobs_of.count_by_state(conn)
+            devices = registry.count(conn)
+            backlog = outbox.backlog(conn)
             alarms = alarm_summary(conn)
             online = _connected_by_segment(conn, self.presence)
         finally:
@@ -341,9 +344,7 @@ def _connected_by_segment(conn: sqlite3.Connection, presence: dict[str, Any]) ->
     if not presence:
         return {}
     out: dict[str, int] = {}
-    seen = json.dumps(sorted(presence))
-    for device_id, segment in conn.execute("SELECT device_id, COALESCE(segment, '') FROM devices "
-                                           "WHERE device_id IN (SELECT value FROM json_each(?))", (seen,)):
+    for device_id, segment in registry.segments_of(conn, presence).items():
         out[segment] = out.get(segment, 0) + (1 if presence[device_id].get("connected") else 0)
     return out
 

@@ -40,6 +40,7 @@ from gateway.pipeline import acks as pipeline_acks
 from gateway.pipeline import deliveries, jobs, registry
 from gateway.states import DELIVERY_STATES, PROBLEM_DELIVERY_STATES
 from gateway.timeutil import iso_ts
+from gateway.upstream import outbox
 
 COUNT_KEYS = DELIVERY_STATES
 PROBLEM_STATES = PROBLEM_DELIVERY_STATES
@@ -316,15 +317,16 @@ def now_from_db(conn: sqlite3.Connection, now: float | None = None) -> dict[str,
             latency[platform or "unassigned"] = {"count": h["count"], "mean_ms": h["sum_ms"] / h["count"],
                                                  "p50_le_ms": _bucket_quantile(h, 0.5), "p95_le_ms": _bucket_quantile(h, 0.95)}
     active = jobs.open_job_count(conn)
-    oldest = stats.oldest_queued_overall(conn, now)
+    created = jobs.oldest_with_queued(conn)
+    oldest = None if created is None else max(0.0, now - created)
     return {
         "deliveries": by_state,
         "queue": {"depth": by_state.get("queued", 0), "by_platform": queued_by_platform,
                   "oldest_age_s": None if oldest is None else round(oldest, 1)},
         "ack_latency": latency,
-        "devices": stats.device_count(conn),
+        "devices": registry.count(conn),
         "jobs_active": active,
-        "upstream_backlog": stats.upstream_backlog(conn),
+        "upstream_backlog": outbox.backlog(conn),
         "alarms": _alarms_now(conn),
     }
 

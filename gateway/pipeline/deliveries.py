@@ -633,7 +633,32 @@ def recent_of_device(conn: sqlite3.Connection, device_id: str, limit: int) -> li
                         "FROM deliveries d JOIN jobs j ON j.job_id = d.job_id WHERE d.device_id = ? "
                         "ORDER BY j.created_at DESC LIMIT ?", (device_id, limit)).fetchall()
 
+
+def oldest_queued(conn: sqlite3.Connection, now: float | None = None) -> dict[str, float]:
+    """platform → age (s) of the oldest queued delivery, counted from its job's creation.
+
+    Only jobs with queued deliveries are visited (their count is kept on the job row), and
+    each platform's oldest is found from the oldest job down, one probe of the partial
+    index of queued rows each; the platforms with queued rows come from the aggregates.
+    """
+    now = clock.now() if now is None else now
+    platforms = [p for (p, s), n in stats.delivery_counts(conn).items() if s == "queued" and n > 0]
+    if not platforms:
+        return {}
+    out: dict[str, float] = {}
+    for job_id, created_at in jobs.with_queued_oldest_first(conn):
+        for platform in platforms:
+            if platform in out:
+                continue
+            hit = conn.execute(f"SELECT 1 FROM deliveries WHERE job_id = ? AND state = 'queued' "
+                               f"AND {stats.PLATFORM_KEY} = ? LIMIT 1", (job_id, platform)).fetchone()
+            if hit is not None:
+                out[platform] = max(0.0, now - created_at)
+        if len(out) == len(platforms):
+            break
+    return out
+
 __all__ = ["DeliveryWriter", "acked_latencies", "acked_latency", "acked_latency_histogram", "job_deliveries_after",
-           "last_acked_at", "recent_of_device", "DueDelivery", "FINAL_DELIVERY_STATES", "FirstAck", "Result", "delivery_rows",
+           "last_acked_at", "oldest_queued", "recent_of_device", "DueDelivery", "FINAL_DELIVERY_STATES", "FirstAck", "Result", "delivery_rows",
            "device_of", "devices_of_job", "due_deliveries", "due_for_route", "movable_for_route", "unexplained_for_route", "wait_reason", "expand_page", "expiring", "new_message_id", "new_message_ids",
            "next_due_at", "next_due_for_route", "of_job", "unrouted_due"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sqlite3
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,7 +33,10 @@ def bump(conn: sqlite3.Connection, name: str, n: int = 1) -> None:
 
 
 def counters(conn: sqlite3.Connection) -> dict[str, int]:
-    return {r["name"]: r["value"] for r in conn.execute("SELECT name, value FROM counters")}
+    """The event counters (``/metrics``); empty on a database the pipeline never ran on."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'counters'").fetchone() is None:
+        return {}
+    return {r[0]: int(r[1]) for r in conn.execute("SELECT name, value FROM counters")}
 
 
 FINAL_JOB_STATES = tuple(sorted(state.value for state in states.FINAL_JOB_STATES))
@@ -297,3 +300,20 @@ def open_job_count(conn: sqlite3.Connection) -> int:
     """Jobs still accepted or dispatching (literals: the partial index ``jobs_open`` covers them)."""
     return int(conn.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('accepted', 'dispatching')").fetchone()[0])
 
+
+def count_by_state(conn: sqlite3.Connection) -> dict[str, int]:
+    """state → how many jobs are in it."""
+    return {r[0]: int(r[1]) for r in conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
+
+
+def with_queued_oldest_first(conn: sqlite3.Connection) -> Iterator[tuple[str, float]]:
+    """(job_id, created_at) of the jobs that still have queued deliveries (their count is
+    kept on the row), oldest first."""
+    for r in conn.execute("SELECT job_id, created_at FROM jobs WHERE queued > 0 ORDER BY created_at"):
+        yield str(r[0]), float(r[1])
+
+
+def oldest_with_queued(conn: sqlite3.Connection) -> float | None:
+    """``created_at`` of the oldest job that still has queued deliveries, or None."""
+    row = conn.execute("SELECT MIN(created_at) FROM jobs WHERE queued > 0").fetchone()
+    return None if row is None or row[0] is None else float(row[0])

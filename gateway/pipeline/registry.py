@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -186,5 +186,18 @@ def matching(conn: sqlite3.Connection, prefix: str = "", segment: str = "", tag:
                         (*args, after, limit)).fetchall()
     return total, rows
 
-__all__ = ["channel_key", "channels_of", "count_targets", "device_json", "devices_after", "in_segment", "get_device", "device_row", "known", "matching", "iter_devices", "mark_invalid",
+
+def count(conn: sqlite3.Connection) -> int:
+    """How many devices are registered."""
+    return int(conn.execute("SELECT COUNT(*) FROM devices").fetchone()[0])
+
+
+def segments_of(conn: sqlite3.Connection, device_ids: Iterable[str]) -> dict[str, str]:
+    """device_id → segment ('' for none) of those of ``device_ids`` that are registered."""
+    ids = json.dumps(sorted(device_ids))
+    return {str(r[0]): str(r[1]) for r in conn.execute(
+        "SELECT device_id, COALESCE(segment, '') FROM devices WHERE device_id IN (SELECT value FROM json_each(?))",
+        (ids,))}
+
+__all__ = ["channel_key", "channels_of", "count_targets", "device_json", "devices_after", "in_segment", "get_device", "count", "device_row", "known", "matching", "segments_of", "iter_devices", "mark_invalid",
            "page_after", "remove_device", "upsert_device", "upsert_devices"]

@@ -623,6 +623,18 @@ def stats(conn: sqlite3.Connection) -> OutboxStats:
                        "refuse-new" if refuse_new else "drop-oldest", int(held))
 
 
+def backlog(conn: sqlite3.Connection) -> dict[str, float | int | bool | str | None] | None:
+    """The buffer's figures for ``status``, ``/metrics`` and the page (:meth:`OutboxStats.as_dict`),
+    or None when no cloud link ever used this database (no state row; nothing is written,
+    so a read-only connection will do)."""
+    try:
+        if conn.execute("SELECT 1 FROM upstream_outbox_state WHERE id = 1").fetchone() is None:
+            return None
+        return stats(conn).as_dict()
+    except (sqlite3.Error, ValueError, TypeError):
+        return None  # a database the schema registry has not migrated yet: the link's own metrics still count
+
+
 class Outbox:
     """The outbox of one gateway: its policy, its listeners and its rate-limited warning.
 

@@ -14,7 +14,7 @@ from gateway.config import parse_config
 from gateway.http.acks import AckSigner, load_or_create_secret
 from gateway.http.auth import BasicAuth
 from gateway.http.errors import ApiError
-from gateway.pipeline import store
+from gateway.pipeline import deliveries, store
 from gateway.pipeline.deliveries import DeliveryWriter
 from gateway.pipeline.models import AckIn, parse_job
 from gateway.timeutil import iso, utcnow
@@ -59,7 +59,7 @@ def test_delivery_stats_follow_every_pipeline_write_and_survive_a_recount():
     with DeliveryWriter(conn, time.time()) as writer:  # a deletion, as retention (store.prune) makes it
         writer.delete(failed)
     assert stats.delivery_counts(conn) == grouped(conn)
-    assert stats.oldest_queued(conn)[""] >= 0 and set(stats.oldest_queued(conn)) == {""}
+    assert deliveries.oldest_queued(conn)[""] >= 0 and set(deliveries.oldest_queued(conn)) == {""}
     migrations.migrate(conn)  # a start with exact counts: nothing to repair
     assert not stats.stale(conn) and stats.delivery_counts(conn) == grouped(conn)
     conn.execute("UPDATE deliveries SET state = 'expired' WHERE state = 'queued'")  # a writer bypassing the writer...
@@ -184,7 +184,7 @@ def test_a_route_column_gives_queued_work_its_platform_before_the_first_attempt(
     with DeliveryWriter(conn, time.time()) as writer:  # a queued delivery routed to another bridge
         writer.record([store.Result(m1, "j", "d1", "queued", route="apns", next_at=0)])
     assert stats.delivery_counts(conn) == {("apns", "queued"): 1, ("wns", "queued"): 1}
-    assert set(stats.oldest_queued(conn)) == {"apns", "wns"}
+    assert set(deliveries.oldest_queued(conn)) == {"apns", "wns"}
     plan = conn.execute("EXPLAIN QUERY PLAN SELECT 1 FROM deliveries WHERE job_id = 'j' AND state = 'queued' "
                         f"AND {stats.platform_key(conn)} = 'wns' LIMIT 1").fetchall()
     assert stats.QUEUED_INDEX in str(plan)
