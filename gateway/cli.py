@@ -18,7 +18,7 @@ from typer.core import TyperArgument
 
 from gateway import clock
 from gateway.config import Config, ConfigError, LoadedConfig, load_config
-from gateway.states import DELIVERY_STATES
+from gateway.states import DELIVERY_STATES, AlarmState, JobState
 
 # Plain (click) help: rich markup would eat bracketed words such as [[rules]] and [broker.acl].
 PLAIN = {"rich_markup_mode": None}
@@ -293,7 +293,7 @@ def send(
     from gateway.pipeline import store
     from gateway.pipeline.models import InputError, JobIn, parse_job
 
-    if until not in ("completed", "acknowledged"):
+    if until not in (JobState.COMPLETED, JobState.ACKNOWLEDGED):
         fail(f"--until: expected completed or acknowledged, got {until!r}")
     chosen = [name for name, given in (("--device", bool(device)), ("--segment", segment is not None),
                                        ("--all", all_devices)) if given]
@@ -572,7 +572,7 @@ def devices_remove(device_id: Annotated[str, typer.Argument(metavar="ID")]) -> N
     typer.echo(f"device {device_id} removed")
 
 
-JOB_STATES = ("accepted", "rejected", "dispatching", "completed", "acknowledged")  # contract §6
+JOB_STATES = (JobState.ACCEPTED, JobState.REJECTED, JobState.DISPATCHING, JobState.COMPLETED, JobState.ACKNOWLEDGED)
 
 
 @jobs_app.command("list")
@@ -693,12 +693,12 @@ def alarms_ack(
     by = f"cli:{by}" if by else "cli"  # the channel, then who said so
     conn = _alarms_db(cfg)
     row = alarm_store.get_row(conn, rule, key) or alarm_store.get_row(conn, rule, key_from_level(key))
-    if row is None or row.state == "idle":
+    if row is None or row.state == AlarmState.IDLE:
         fail(f"KEY: no alarm {key!r} of rule {rule!r}", 1)
-    if row.state == "acknowledged":
+    if row.state == AlarmState.ACKNOWLEDGED:
         typer.echo(f"{rule} {row.key}: already acknowledged by {row.acknowledged_by}")
         return
-    if row.state != "firing":
+    if row.state != AlarmState.FIRING:
         fail(f"KEY: alarm {row.key!r} of rule {rule!r} is {row.state}, not firing", 1)
     _tx(conn, lambda c: alarm_store.request_ack(c, rule, row.key, by, note, clock.now()))
     # The running daemon applies it within a fraction of a second; show that it did.
@@ -706,10 +706,10 @@ def alarms_ack(
     current = row
     while time.monotonic() < deadline:
         current = alarm_store.get_row(conn, rule, row.key)
-        if current is None or current.state != "firing" or current.episode != row.episode:
+        if current is None or current.state != AlarmState.FIRING or current.episode != row.episode:
             break
         time.sleep(0.1)
-    if current is not None and current.state == "acknowledged":
+    if current is not None and current.state == AlarmState.ACKNOWLEDGED:
         typer.echo(f"{rule} {row.key}: acknowledged by {current.acknowledged_by}")
     else:
         typer.echo(f"{rule} {row.key}: ack recorded; the gateway applies it when it runs")

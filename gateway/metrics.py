@@ -43,6 +43,7 @@ from gateway.pipeline import deliveries as deliveries_of
 from gateway.pipeline import jobs as jobs_of
 from gateway.pipeline import registry
 from gateway.pipeline.dispatcher import OUTCOME_NAMES
+from gateway.states import DeliveryState, JobState
 from gateway.upstream import outbox
 
 log = structlog.get_logger(__name__)
@@ -52,8 +53,8 @@ disable_created_metrics()
 NS = "homepot"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Series that exist with 0 before anything happened, so an alert on them has something to read.
-DELIVERY_STATES = ("queued", "sent", "acknowledged", "failed", "expired", "invalid_address")
-JOB_STATES = ("accepted", "rejected", "dispatching", "completed", "acknowledged")
+DELIVERY_STATES = tuple(s.value for s in DeliveryState)
+JOB_STATES = tuple(s.value for s in JobState)
 HTTP_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -275,7 +276,7 @@ class DatabaseCollector:
         filled = {(p, st): 0 for p in platforms for st in DELIVERY_STATES} | counts
         for (platform_, state), n in sorted(filled.items()):
             deliveries.add_metric([_platform(platform_), state], float(n))
-            if state == "queued":
+            if state == DeliveryState.QUEUED:
                 queue.add_metric([_platform(platform_)], float(n))
         yield from (deliveries, queue)
         age = GaugeMetricFamily(f"{NS}_queue_oldest_age_seconds", "age of the oldest queued delivery (since its job "

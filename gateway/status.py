@@ -22,11 +22,12 @@ from gateway import clock, health, stats
 from gateway.alarms.summary import summary as alarm_summary
 from gateway.config import Config
 from gateway.pipeline import jobs
+from gateway.states import DELIVERY_STATES, DeliveryState
 from gateway.upstream import outbox
 
 EXIT = {"ok": 0, "degraded": 1, "unreachable": 2}
-STATES = ("queued", "sent", "acknowledged", "failed", "expired", "invalid_address")
-SHORT = {"acknowledged": "acked", "invalid_address": "invalid"}  # `status` headings
+STATES = tuple(s.value for s in DELIVERY_STATES)
+SHORT = {DeliveryState.ACKNOWLEDGED: "acked", DeliveryState.INVALID_ADDRESS: "invalid"}  # `status` headings
 
 
 def open_readonly(db_path: Path) -> sqlite3.Connection | None:

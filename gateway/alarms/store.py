@@ -30,9 +30,9 @@ from gateway.pipeline import jobs as pipeline_jobs
 from gateway.pipeline import registry as pipeline_registry
 from gateway.pipeline import store as pipeline_store
 from gateway.pipeline.models import InputError
+from gateway.states import ALARM_STATES, AlarmState
 from gateway.storage import run_script
 
-STATES = ("pending", "firing", "acknowledged", "cleared")
 MAX_NOTIFIED_DEVICES = 100_000
 
 DDL = """
@@ -150,7 +150,7 @@ def _loads(text: str | None) -> Any:
 
 def row_from_db(r: sqlite3.Row) -> AlarmRow:
     return AlarmRow(
-        rule=r["rule"], key=r["akey"], state=r["state"], topic=r["topic"], value=_loads(r["value"]),
+        rule=r["rule"], key=r["akey"], state=AlarmState(r["state"]), topic=r["topic"], value=_loads(r["value"]),
         last_value=_loads(r["last_value"]), since=r["since"], fired_at=r["fired_at"],
         acknowledged_by=r["acknowledged_by"], note=r["note"], escalation_step=r["escalation_step"],
         episode=r["episode"], seq=r["seq"], jobs=json.loads(r["jobs"]), due_at=r["due_at"], last_seen=r["last_seen"],
@@ -295,7 +295,7 @@ def counts(conn: sqlite3.Connection) -> dict[str, int]:
     """Alarms per state plus the per-rule counters summed, for ``status`` and ``/metrics``:
     ``{"pending", "firing", "acknowledged", "cleared", "evaluated", "unparseable"}``.
     Works on a database the alarm service never ran on (all zero)."""
-    out = {s: 0 for s in STATES} | {"evaluated": 0, "unparseable": 0}
+    out = {s.value: 0 for s in ALARM_STATES} | {"evaluated": 0, "unparseable": 0}
     if not has_tables(conn):
         return out
     for r in conn.execute("SELECT state, COUNT(*) FROM alarms WHERE state != 'idle' GROUP BY state"):

@@ -38,13 +38,14 @@ from gateway.alarms.summary import AlarmSummary
 from gateway.alarms.summary import summary as alarm_summary
 from gateway.pipeline import acks as pipeline_acks
 from gateway.pipeline import deliveries, jobs, registry
-from gateway.states import DELIVERY_STATES, PROBLEM_DELIVERY_STATES
+from gateway.states import DELIVERY_STATES, PROBLEM_DELIVERY_STATES, AlarmState, DeliveryState
 from gateway.timeutil import iso_ts
 from gateway.upstream import outbox
 
 COUNT_KEYS = DELIVERY_STATES
 PROBLEM_STATES = PROBLEM_DELIVERY_STATES
-ALARM_STATES = ("firing", "acknowledged", "pending", "cleared")
+# The page lists what needs an operator first.
+ALARM_STATES = (AlarmState.FIRING, AlarmState.ACKNOWLEDGED, AlarmState.PENDING, AlarmState.CLEARED)
 ID_CHARS = re.compile(r"^[A-Za-z0-9._:-]{0,128}$")
 MAX_PAGE = 200
 EXACT_PERCENTILES_UP_TO = 20_000
@@ -170,7 +171,7 @@ def deliveries_page(conn: sqlite3.Connection, job_id: str, states: tuple[str, ..
     return {"deliveries": [{"message_id": r["message_id"], "device_id": r["device_id"], "state": r["state"],
                             "platform": r["platform"], "attempts": r["attempts"],
                             "reason": deliveries.wait_reason(r["state"], r["next_at"], r["last_error"], r["moved"], now)
-                            if r["state"] == "queued" else r["last_error"], "moved": r["moved"],
+                            if r["state"] == DeliveryState.QUEUED else r["last_error"], "moved": r["moved"],
                             "latency_ms": r["latency_ms"], "sent_at": iso_ts(r["sent_at"]),
                             "acked_at": iso_ts(r["acked_at"]), "acks": acks.get(r["message_id"], [])}
                            for r in rows],
@@ -264,7 +265,7 @@ def _alarm_json(row: Any) -> dict[str, Any]:
     return {"rule": row["rule"], "key": key, "state": row["state"], "value": loads(row["value"]),
             "since": iso_ts(row["since"]), "fired_at": iso_ts(row["fired_at"]),
             "acknowledged_by": row["acknowledged_by"], "note": row["note"], "escalation_step": row["escalation_step"],
-            "jobs": loads(row["jobs"]) or [], "next_escalation_at": iso_ts(row["due_at"]) if row["state"] == "firing" else None}
+            "jobs": loads(row["jobs"]) or [], "next_escalation_at": iso_ts(row["due_at"]) if row["state"] == AlarmState.FIRING else None}
 
 
 def _counts(summary: AlarmSummary | None) -> dict[str, int]:
@@ -281,7 +282,7 @@ def alarms_digest(conn: sqlite3.Connection) -> tuple[Any, ...]:
     return alarm_store.digest(conn)
 
 
-def alarms_page(conn: sqlite3.Connection, state: str = "firing", after: tuple[str, str] | None = None,
+def alarms_page(conn: sqlite3.Connection, state: str = AlarmState.FIRING, after: tuple[str, str] | None = None,
                 limit: int = 50) -> dict[str, Any]:
     limit = _limit(limit)
     if not alarm_store.has_tables(conn):
@@ -297,7 +298,7 @@ def alarms_page(conn: sqlite3.Connection, state: str = "firing", after: tuple[st
 
 def alarm(conn: sqlite3.Connection, rule: str, key: str) -> dict[str, Any] | None:
     row = alarm_store.stored_row(conn, rule, key)
-    return _alarm_json(row) if row is not None and row["state"] != "idle" else None
+    return _alarm_json(row) if row is not None and row["state"] != AlarmState.IDLE else None
 
 
 # ------------------------------------------------------------------ now
@@ -309,7 +310,7 @@ def now_from_db(conn: sqlite3.Connection, now: float | None = None) -> dict[str,
     queued_by_platform: dict[str, int] = {}
     for (platform, state), n in counts.items():
         by_state[state] = by_state.get(state, 0) + n
-        if state == "queued" and n:
+        if state == DeliveryState.QUEUED and n:
             queued_by_platform[platform or "unassigned"] = n
     latency = {}
     for platform, h in stats.ack_latency(conn).items():

@@ -19,7 +19,7 @@ from typing import Any
 from gateway import clock
 from gateway import states
 from gateway.pipeline import registry
-from gateway.states import DELIVERY_STATES
+from gateway.states import DELIVERY_STATES, JobState
 from gateway.pipeline.models import ParsedJob
 from gateway.timeutil import iso, iso_ts, utcnow
 
@@ -52,7 +52,7 @@ def insert_job(conn: sqlite3.Connection, parsed: ParsedJob, source: str, now: fl
     now = now or clock.now()
     existing = conn.execute("SELECT state FROM jobs WHERE job_id = ?", (parsed.job_id,)).fetchone()
     if existing is not None:
-        if existing["state"] != "rejected":
+        if existing["state"] != JobState.REJECTED:
             return False
         conn.execute("DELETE FROM jobs WHERE job_id = ?", (parsed.job_id,))
     job = parsed.job
@@ -88,7 +88,7 @@ def reject_job(conn: sqlite3.Connection, job_id: str, source: str, code: str, me
     now = now or clock.now()
     error = json.dumps({"code": code, "message": message})
     row = conn.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-    if row is not None and row["state"] != "rejected":
+    if row is not None and row["state"] != JobState.REJECTED:
         mark_dirty(conn, job_id)
         return False
     if row is None:
