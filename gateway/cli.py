@@ -290,7 +290,8 @@ def send(
     from pydantic import ValidationError
 
     from gateway.cli_input import OptionError, job_errors, parse_data
-    from gateway.pipeline import store
+    from gateway.pipeline import registry
+    from gateway.pipeline import jobs as pipeline_jobs
     from gateway.pipeline.models import InputError, JobIn, parse_job
 
     if until not in (JobState.COMPLETED, JobState.ACKNOWLEDGED):
@@ -327,8 +328,8 @@ def send(
     try:
         conn = _db(cfg)
         if not yes:
-            _confirm_reach(cfg, store.count_targets(conn, parsed.job.target.as_json()), all_devices, segment)
-        _tx(conn, lambda c: store.submit_job(c, parsed, "cli"))
+            _confirm_reach(cfg, registry.count_targets(conn, parsed.job.target.as_json()), all_devices, segment)
+        _tx(conn, lambda c: pipeline_jobs.submit_job(c, parsed, "cli"))
     except (sqlite3.Error, OSError, NotStored) as exc:  # disk full, read-only, locked: not queued
         fail(f"send: the job was not stored, nothing was queued: {failure_cause(exc, cfg.db_path)}", 1)
     typer.echo(parsed.job_id)
@@ -343,7 +344,7 @@ def send(
         from gateway.progress import wait_for_job
 
         raise typer.Exit(wait_for_job(conn, parsed.job_id, timeout, until,  # type: ignore[arg-type]
-                                      store.job_status, lambda: daemon_running(cfg) is not False, cfg.data_dir))
+                                      pipeline_jobs.job_status, lambda: daemon_running(cfg) is not False, cfg.data_dir))
 
 
 def _confirm_reach(cfg: Config, count: int, all_devices: bool, segment: str | None) -> None:
@@ -376,7 +377,7 @@ def devices_add(
 
     from devices.models import Device
     from gateway.cli_input import OptionError, add_device_errors, build_channel
-    from gateway.pipeline import store
+    from gateway.pipeline import registry
 
     addresses = list(address or [])
     if len(addresses) > len(platform):
@@ -395,7 +396,7 @@ def devices_add(
     except ValidationError as exc:
         fail(add_device_errors(exc, platform))
     conn = _db(get_config())
-    _tx(conn, lambda c: store.upsert_device(c, dev, "cli"))
+    _tx(conn, lambda c: registry.upsert_device(c, dev, "cli"))
     typer.echo(f"device {device_id} registered ({', '.join(platform)})")
 
 
@@ -409,7 +410,7 @@ def devices_import(
     from rich.console import Console
 
     from gateway.device_import import ImportFileError, read_file
-    from gateway.pipeline import store
+    from gateway.pipeline import registry
     from gateway.progress import progress_bar
 
     try:
@@ -433,7 +434,7 @@ def devices_import(
 
                 def write(c, batch=batch):  # noqa: ANN001, ANN202
                     for dev in batch:
-                        store.upsert_device(c, dev, "import")
+                        registry.upsert_device(c, dev, "import")
 
                 _tx(conn, write)
                 committed += len(batch)
@@ -504,14 +505,14 @@ def devices_list(
     """List registered devices, by id."""
     import json
 
-    from gateway.pipeline import store
+    from gateway.pipeline import registry
 
     from gateway.broker.presence import device_presence
 
     cfg = get_config()
     presence = _presence(cfg)
     devices = []
-    for d in store.iter_devices(_db(cfg)):
+    for d in registry.iter_devices(_db(cfg)):
         if segment is not None and d["segment"] != segment:
             continue
         if platform is not None and platform not in {c["platform"] for c in d["channels"]}:
@@ -536,12 +537,12 @@ def devices_show(device_id: Annotated[str, typer.Argument(metavar="ID")],
     """Show one device: segment, tags and each channel in order of preference."""
     import json
 
-    from gateway.pipeline import store
+    from gateway.pipeline import registry
 
     from gateway.broker.presence import device_presence
 
     cfg = get_config()
-    dev = store.get_device(_db(cfg), device_id)
+    dev = registry.get_device(_db(cfg), device_id)
     if dev is None:
         fail(f"ID: no such device {device_id!r}", 1)
     presence = _presence(cfg)
@@ -564,10 +565,10 @@ def devices_show(device_id: Annotated[str, typer.Argument(metavar="ID")],
 @devices_app.command("remove")
 def devices_remove(device_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
     """Remove a device; its queued deliveries fail as 'device removed'."""
-    from gateway.pipeline import store
+    from gateway.pipeline import registry
 
     conn = _db(get_config())
-    if not _tx(conn, lambda c: store.remove_device(c, device_id)):
+    if not _tx(conn, lambda c: registry.remove_device(c, device_id)):
         fail(f"ID: no such device {device_id!r}", 1)
     typer.echo(f"device {device_id} removed")
 
@@ -584,11 +585,11 @@ def jobs_list(
     """List jobs, newest first, with their delivery counts."""
     import json
 
-    from gateway.pipeline import store
+    from gateway.pipeline import jobs as pipeline_jobs
 
     if job_state is not None and job_state not in JOB_STATES:
         fail(f"--state: expected one of {', '.join(JOB_STATES)}, got {job_state!r}")
-    jobs = store.list_jobs(_db(get_config()), limit, job_state)
+    jobs = pipeline_jobs.list_jobs(_db(get_config()), limit, job_state)
     if as_json:
         typer.echo(json.dumps(jobs, indent=2))
         return
@@ -605,13 +606,14 @@ def jobs_show(job_id: Annotated[str, typer.Argument(metavar="ID")],
     """Show one job's status (and, with --deliveries, where each device stands)."""
     import json
 
-    from gateway.pipeline import store
+    from gateway.pipeline import deliveries as pipeline_deliveries
+    from gateway.pipeline import jobs as pipeline_jobs
 
     conn = _db(get_config())
-    status = store.job_status(conn, job_id)
+    status = pipeline_jobs.job_status(conn, job_id)
     if status is None:
         fail(f"ID: no such job {job_id!r}", 1)
-    rows = store.delivery_rows(conn, job_id) if deliveries else []
+    rows = pipeline_deliveries.delivery_rows(conn, job_id) if deliveries else []
     if as_json:
         typer.echo(json.dumps({**status, "deliveries": rows} if deliveries else status, indent=2))
         return

@@ -107,11 +107,11 @@ def _shifters() -> list[Callable[[sqlite3.Connection, float], int]]:
     """The owners of stored deadlines (imported here: they import this module)."""
     from gateway.alarms import store as alarms_store
     from gateway.broker import state as broker_state
-    from gateway.pipeline import store as pipeline_store
+    from gateway.pipeline import deliveries, jobs
     from gateway.upstream import outbox
 
-    return [pipeline_store.shift_deadlines, alarms_store.shift_deadlines, broker_state.shift_deadlines,
-            outbox.shift_deadlines]
+    return [deliveries.shift_deadlines, jobs.shift_deadlines, alarms_store.shift_deadlines,
+            broker_state.shift_deadlines, outbox.shift_deadlines]
 
 
 def shift_columns(conn: sqlite3.Connection, table: str, column: str, delta: float, where: str = "") -> int:

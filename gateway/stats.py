@@ -148,7 +148,7 @@ def _v1_tables(conn: sqlite3.Connection) -> None:
     row triggers dropped (they kept the counts exact up to here). An index made on an
     older key (before deliveries had ``route``) is made again on today's, and the counts
     recounted on it. Besides this module's reads, the pipeline's per-job lookups of queued
-    rows (``store.expiring``) use the index: it is the one index on queued rows by job."""
+    rows (``deliveries.expiring``) use the index: it is the one index on queued rows by job."""
     run_script(conn, TABLES)
     for name in OLD_TRIGGERS:
         conn.execute(f"DROP TRIGGER IF EXISTS {name}")

@@ -16,7 +16,7 @@ import pytest
 
 from gateway import migrations, stats
 from gateway.alarms import store as alarm_store
-from gateway.pipeline import store
+from gateway.pipeline import jobs, registry
 from gateway.storage import Database, connect
 from gateway.upstream import outbox
 from tests.support import cli
@@ -48,12 +48,12 @@ def _grouped(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
 async def test_a_database_made_by_main_at_2c3a5d9_is_upgraded_in_place(tmp_path: Path):
     path = _old_copy(tmp_path)
     before = _read(path, lambda c: {
-        "jobs": {j: store.job_status(c, j) for j in ("old-done", "old-half")},
-        "devices": list(store.iter_devices(c)),
+        "jobs": {j: jobs.job_status(c, j) for j in ("old-done", "old-half")},
+        "devices": list(registry.iter_devices(c)),
         "deliveries": c.execute("SELECT message_id, state, platform, attempts, sent_at, acked_at, latency_ms "
                                 "FROM deliveries ORDER BY message_id").fetchall(),
         "acks": c.execute("SELECT message_id, status, COUNT(*), MIN(id) FROM acks GROUP BY 1, 2").fetchall(),
-        "counters": store.counters(c),
+        "counters": jobs.counters(c),
     })
     assert migrations.versions(sqlite3.connect(FIXTURE)) == {}  # made before the registry
     assert sum(n for _, _, n, _ in before["acks"]) == 8  # the old code stored every ack
@@ -62,12 +62,12 @@ async def test_a_database_made_by_main_at_2c3a5d9_is_upgraded_in_place(tmp_path:
     try:
         after = await db.run(lambda c: {
             "versions": migrations.versions(c),
-            "jobs": {j: store.job_status(c, j) for j in ("old-done", "old-half")},
-            "devices": list(store.iter_devices(c)),
+            "jobs": {j: jobs.job_status(c, j) for j in ("old-done", "old-half")},
+            "devices": list(registry.iter_devices(c)),
             "deliveries": c.execute("SELECT message_id, state, platform, attempts, sent_at, acked_at, latency_ms "
                                     "FROM deliveries ORDER BY message_id").fetchall(),
             "acks": c.execute("SELECT message_id, status, repeats, id FROM acks").fetchall(),
-            "counters": store.counters(c),
+            "counters": jobs.counters(c),
             "stats": stats.delivery_counts(c), "grouped": _grouped(c), "stale": stats.stale(c),
             "tags": c.execute("SELECT tag, COUNT(*) FROM ui_device_tags GROUP BY tag ORDER BY tag").fetchall(),
             "indexes": {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'index'")},

@@ -6,7 +6,7 @@ the engine (the CLI, and ``opened`` acks on an alarm's deliveries); ``alarm_stat
 ``alarm_meta`` keep per-rule counters and the gateway's last sign of life.
 
 **Opened acks.** The trigger ``alarm_opened_ack`` runs inside the pipeline's own ack
-transaction (``store.apply_acks``, MQTT and HTTP acks alike): an ``opened`` ack on a
+transaction (``gateway.pipeline.acks.apply_acks``, MQTT and HTTP acks alike): an ``opened`` ack on a
 delivery of an alarm's job adds an inbox row in the same commit as the ack itself. So the
 pipeline needs no knowledge of alarms, and an ack that was acknowledged to the device is
 never lost to the alarm. The engine (the only writer of ``alarms``) applies and deletes
@@ -28,7 +28,7 @@ from gateway.alarms.jobs import build_job, job_id_for
 from gateway.pipeline import deliveries as pipeline_deliveries
 from gateway.pipeline import jobs as pipeline_jobs
 from gateway.pipeline import registry as pipeline_registry
-from gateway.pipeline import store as pipeline_store
+from gateway.pipeline import jobs as pipeline_jobs
 from gateway.pipeline.models import InputError
 from gateway.states import ALARM_STATES, AlarmState
 from gateway.storage import run_script
@@ -223,10 +223,10 @@ def commit(conn: sqlite3.Connection, batch: Batch) -> list[str]:
                 parsed = build_job(job_id, plan, target)
             except InputError:
                 # Cannot happen for a checked rule; never let one alarm stop the others.
-                pipeline_store.bump(conn, "alarm_jobs_invalid")
+                pipeline_jobs.bump(conn, "alarm_jobs_invalid")
                 job_id = ""
                 break
-            if pipeline_store.insert_job(conn, parsed, "alarm", batch.now):
+            if pipeline_jobs.insert_job(conn, parsed, "alarm", batch.now):
                 break
         if not job_id:
             continue

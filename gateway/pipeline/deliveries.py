@@ -660,7 +660,21 @@ def oldest_queued(conn: sqlite3.Connection, now: float | None = None) -> dict[st
             break
     return out
 
-__all__ = ["DeliveryWriter", "acked_latencies", "acked_latency", "acked_latency_histogram", "job_deliveries_after",
+
+def apply_results(conn: sqlite3.Connection, results: list[Result], now: float) -> None:
+    """The dispatcher's results of one batch (:meth:`DeliveryWriter.record`)."""
+    with DeliveryWriter(conn, now) as writer:
+        writer.record(results)
+
+
+def shift_deadlines(conn: sqlite3.Connection, delta: float) -> int:
+    """Move the deliveries' due and resend times by ``delta`` s (gateway.clock re-anchored;
+    :meth:`DeliveryWriter.shift_deadlines`). Times of what already happened (sent_at,
+    acked_at) are not moved."""
+    with DeliveryWriter(conn, clock.now()) as writer:
+        return writer.shift_deadlines(delta)
+
+__all__ = ["DeliveryWriter", "apply_results", "shift_deadlines", "acked_latencies", "acked_latency", "acked_latency_histogram", "job_deliveries_after",
            "last_acked_at", "oldest_queued", "recent_of_device", "DueDelivery", "FINAL_DELIVERY_STATES", "FirstAck", "Result", "delivery_rows",
            "device_of", "devices_of_job", "due_deliveries", "due_for_route", "movable_for_route", "unexplained_for_route", "wait_reason", "expand_page", "expiring", "new_message_id", "new_message_ids",
            "next_due_at", "next_due_for_route", "of_job", "unrouted_due"]
