@@ -58,6 +58,7 @@ class Result:
     route: str | None = None  # queued: the bridge of the next attempt (None: unchanged)
     resend_at: float | None = None  # sent: when to send it again if still unacked (None: never)
     resend: bool = False  # the delivery was already sent; it stays sent whatever this attempt gave
+    until_ack: bool = False  # a resend's error is a note an ack makes untrue ("no ack after N sends")
     # sent: when the send was handed to the bridge; the ack latency is counted from it.
     # None: the time the result is recorded (tools and tests that write results by hand).
     sent_at: float | None = None
@@ -75,11 +76,12 @@ FirstAck = tuple[str, float, float, "Result | None"]
 
 
 _SENT = ("UPDATE deliveries SET state = 'sent', platform = ?, route = ?, attempts = ?, sent_at = ?, resend_at = ?, "
-         "last_error = NULL WHERE message_id = ? AND state = 'queued'")
+         "last_error = NULL, error_until_ack = 0 WHERE message_id = ? AND state = 'queued'")
 _SENT_AFTER_ACK = ("UPDATE deliveries SET platform = ?, route = ?, attempts = MAX(attempts, ?), "
                    "sent_at = COALESCE(sent_at, ?) WHERE message_id = ? AND state = 'acknowledged'")
 _RESENT = ("UPDATE deliveries SET attempts = MAX(attempts, ?), resend_at = CASE WHEN state = 'sent' THEN ? END, "
-           "last_error = CASE WHEN state = 'sent' THEN ? ELSE last_error END WHERE message_id = ?")
+           "last_error = CASE WHEN state = 'sent' THEN ? ELSE last_error END, "
+           "error_until_ack = CASE WHEN state = 'sent' THEN ? ELSE error_until_ack END WHERE message_id = ?")
 _REQUEUED = ("UPDATE deliveries SET platform = COALESCE(?, platform), route = COALESCE(?, route), attempts = ?, "
              "next_at = ?, last_error = ?, moved = COALESCE(?, moved) WHERE message_id = ? AND state = 'queued'")
 _FINISHED = ("UPDATE deliveries SET state = ?, platform = COALESCE(?, platform), attempts = ?, last_error = ? "
@@ -90,13 +92,14 @@ _FINISHED = ("UPDATE deliveries SET state = ?, platform = COALESCE(?, platform),
 # parses a row's JSON again for every ->> (3.40 keeps no parse), and a fan-out has 100,000
 # of them. Floats keep their value through the JSON text (Python writes the shortest text
 # that reads back to the same double).
-# The resends' "no ack after N sends" note is no longer true once the ack is in.
+# A note that only held until an ack (``error_until_ack``: the resends' "no ack after N
+# sends") is no longer true once the ack is in; any other error stays.
 _ACKNOWLEDGED = ("UPDATE deliveries SET state = 'acknowledged', acked_at = j.value->>1, latency_ms = j.value->>2, "
-                 "resend_at = NULL, last_error = CASE WHEN last_error LIKE 'no ack after %' THEN NULL "
-                 "ELSE last_error END FROM json_each(?) AS j WHERE deliveries.message_id = j.value->>0")
+                 "resend_at = NULL, last_error = CASE WHEN error_until_ack THEN NULL ELSE last_error END, "
+                 "error_until_ack = 0 FROM json_each(?) AS j WHERE deliveries.message_id = j.value->>0")
 _ACKNOWLEDGED_WITH_SEND = (
     "UPDATE deliveries SET state = 'acknowledged', acked_at = j.value->>1, latency_ms = j.value->>2, "
-    "resend_at = NULL, last_error = NULL, platform = j.value->>3, route = j.value->>3, attempts = j.value->>4, "
+    "resend_at = NULL, last_error = NULL, error_until_ack = 0, platform = j.value->>3, route = j.value->>3, attempts = j.value->>4, "
     "sent_at = j.value->>5 FROM json_each(?) AS j WHERE deliveries.message_id = j.value->>0")
 
 
@@ -225,7 +228,7 @@ class DeliveryWriter:
                 registry.mark_invalid(conn, r.device_id, r.invalid_key, r.error or "invalid address", now)
             if r.resend:
                 # The attempt counts even if the device's ack (to this very resend) came first.
-                sql, params = _RESENT, (r.attempts, r.resend_at, r.error, r.message_id)
+                sql, params = _RESENT, (r.attempts, r.resend_at, r.error, 1 if r.until_ack else 0, r.message_id)
             else:
                 row = rows.get(r.message_id)
                 if row is None:

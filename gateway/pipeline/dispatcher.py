@@ -599,7 +599,7 @@ class Dispatcher:
         if kind is OutcomeKind.ACCEPTED:
             self.slots[platform].sent += 1
             at = self._resend_at(platform, attempt, job, now)
-            return pipeline_deliveries.Result(**base, attempts=attempt, resend_at=at,
+            return pipeline_deliveries.Result(**base, attempts=attempt, resend_at=at, until_ack=at is None,
                                 error=None if at is not None else f"no ack after {attempt} sends; no more resends")
         if kind is OutcomeKind.UNHEALTHY:
             return pipeline_deliveries.Result(**base, attempts=row.attempts, resend_at=now,

@@ -122,8 +122,8 @@ async def test_an_ack_after_the_last_resend_clears_the_no_ack_note(tmp_path: Pat
         now = time.time()
         sent = deliveries.Result(message_id, job_id, "d0", "sent", "simulation", 1, resend_at=now + 1, sent_at=now)
         await db.run(lambda conn: pipeline_acks.apply_batch(conn, [sent], [], now))
-        last = deliveries.Result(message_id, job_id, "d0", "sent", "simulation", 10, resend=True,
-                            error="no ack after 10 sends; no more resends")
+        last = deliveries.Result(message_id, job_id, "d0", "sent", "simulation", 10, resend=True, until_ack=True,
+                                 error="no ack after 10 sends; no more resends")
         await db.run(lambda conn: pipeline_acks.apply_batch(conn, [last], [], now + 1))
         note = await db.run(lambda conn: conn.execute(
             "SELECT last_error FROM deliveries WHERE message_id = ?", (message_id,)).fetchone()[0])
@@ -138,3 +138,55 @@ async def test_an_ack_after_the_last_resend_clears_the_no_ack_note(tmp_path: Pat
         assert (state, error) == ("acknowledged", None)
     finally:
         await db.close()
+
+
+async def test_an_ack_clears_the_no_ack_note_by_its_flag_not_by_its_wording(tmp_path: Path):
+    """Only the note the dispatcher flags as true until an ack is cleared by the ack: a
+    resend's other error stays, even one that happens to read like the note; and a database
+    made before the flag has its notes flagged by the migration."""
+    db = await Database(tmp_path / "gw.db").open()
+    try:
+        h = Harness(db, {"simulation": ScriptedBridge("simulation")}, batch_size=50)
+        await h.add_devices([sim("d0"), sim("d1")])
+        job_id = await h.submit(job({"all": True}, ttl=600))
+        await db.run(lambda conn: deliveries.expand_page(conn, job_id, 50, time.time(), ["simulation"]))
+        ids = dict(await db.run(lambda conn: conn.execute(
+            "SELECT device_id, message_id FROM deliveries WHERE job_id = ?", (job_id,)).fetchall()))
+        now = time.time()
+        sent = [deliveries.Result(ids[d], job_id, d, "sent", "simulation", 1, resend_at=now + 1, sent_at=now)
+                for d in ("d0", "d1")]
+        await db.run(lambda conn: pipeline_acks.apply_batch(conn, sent, [], now))
+        last = [deliveries.Result(ids["d0"], job_id, "d0", "sent", "simulation", 3, resend=True,
+                                  error="no ack after lunch: the bridge said so"),
+                deliveries.Result(ids["d1"], job_id, "d1", "sent", "simulation", 3, resend=True, until_ack=True,
+                                  error="no ack after 3 sends; no more resends")]
+        await db.run(lambda conn: pipeline_acks.apply_batch(conn, last, [], now + 1))
+        at = datetime.fromtimestamp(round(now + 2, 3), UTC)
+        text = at.isoformat(timespec="milliseconds")[:-6] + "Z"
+        acks = [(d, Ack(ids[d], "opened", at, None, text)) for d in ("d0", "d1")]
+        out = await db.run(lambda conn: pipeline_acks.apply_batch(conn, [], acks, now + 2))
+        assert all(o.accepted and o.first for o in out)
+        rows = dict(await db.run(lambda conn: [(r[0], (r[1], r[2])) for r in conn.execute(
+            "SELECT device_id, state, last_error FROM deliveries WHERE job_id = ?", (job_id,))]))
+        assert rows == {"d0": ("acknowledged", "no ack after lunch: the bridge said so"),
+                        "d1": ("acknowledged", None)}
+    finally:
+        await db.close()
+
+
+def test_the_migration_flags_the_notes_of_a_database_made_before_the_flag(tmp_path: Path):
+    import sqlite3
+
+    from gateway.pipeline import schema
+
+    conn = sqlite3.connect(tmp_path / "old.db")
+    for step in schema.MIGRATIONS[:3]:
+        step(conn)
+    conn.executemany("INSERT INTO deliveries(message_id, job_id, device_id, state, next_at, last_error) VALUES (?, 'j', ?, ?, 0, ?)",
+                     [("m0", "d0", "sent", "no ack after 4 sends; no more resends"),
+                      ("m1", "d1", "sent", "no ack after lunch"), ("m2", "d2", "failed", "fcm: 404")])
+    schema.MIGRATIONS[3](conn)
+    assert conn.execute("SELECT message_id, error_until_ack FROM deliveries ORDER BY message_id").fetchall() == [
+        ("m0", 1), ("m1", 0), ("m2", 0)]
+    conn.close()
+
