@@ -228,18 +228,28 @@ def users_remove(name: Annotated[str, typer.Argument(metavar="NAME", help="the a
 
 
 @app.command("vapid-keys")
-def vapid_keys() -> None:
+def vapid_keys(
+    app_name: Annotated[Optional[str], typer.Option("--app", metavar="NAME", help="the key of [bridges.webpush.apps.NAME] instead of the section's")] = None,
+) -> None:
     """Create the Web Push VAPID key pair if missing; print the public key (base64url)."""
     from gateway import vapid
 
     cfg = get_config()
-    path = cfg.bridges.webpush.vapid_private_key_file
+    section: Any = cfg.bridges.webpush
+    key_name = "bridges.webpush.vapid_private_key_file"
+    if app_name is not None:
+        if app_name not in section.apps:
+            fail(f"--app: no app {app_name!r} in [bridges.webpush.apps] "
+                 f"(configured: {', '.join(sorted(section.apps)) or 'none'})")
+        section = section.apps[app_name]
+        key_name = f"bridges.webpush.apps.{app_name}.vapid_private_key_file"
+    path = section.vapid_private_key_file
     try:
         key = vapid.load_or_create(path)
     except ValueError as exc:
-        fail(f"bridges.webpush.vapid_private_key_file: {exc}")
+        fail(f"{key_name}: {exc}")
     except OSError as exc:
-        fail(f"bridges.webpush.vapid_private_key_file: cannot write {path}: {exc.strerror or exc}", 1)
+        fail(f"{key_name}: cannot write {path}: {exc.strerror or exc}", 1)
     typer.echo(vapid.public_key_b64(key))
 
 

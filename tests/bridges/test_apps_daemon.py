@@ -51,12 +51,6 @@ def two_apps_config(tmp: Path, f: Fakes) -> dict[str, Any]:
     return cfg
 
 
-def vapid_public(path: Path) -> str:
-    """The application server key a browser subscribes with (the key is made now, as `vapid-keys` does)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return vapid.public_key_b64(vapid.load_or_create(path))
-
-
 def add(gw: Any, device_id: str, *channels: tuple[str, str, str]) -> None:
     args = ["devices", "add", device_id]
     for platform, address, app in channels:
@@ -73,9 +67,14 @@ def metrics(gw: Any) -> dict[tuple[str, tuple], float]:
 
 
 def test_each_device_is_reached_with_its_own_apps_credentials(tmp_path, fakes, gateway_factory):  # noqa: F811
-    main_key = vapid_public(tmp_path / "var" / "vapid.pem")
-    shop_key = vapid_public(tmp_path / "var" / "shop-vapid.pem")
     gw = gateway_factory(two_apps_config(tmp_path, fakes), start=False)
+    # The application server keys the browsers subscribe with, as an operator gets them.
+    main_key = cli(gw, "vapid-keys").stdout.strip()
+    shop_key = cli(gw, "vapid-keys", "--app", "shop-app").stdout.strip()
+    assert main_key and shop_key and main_key != shop_key
+    assert shop_key == vapid.public_key_b64(vapid.load_or_create(tmp_path / "var" / "shop-vapid.pem"))
+    r = cli(gw, "vapid-keys", "--app", "nope")
+    assert r.returncode != 0 and r.stderr.startswith("--app: no app 'nope' in [bridges.webpush.apps]"), r.stderr
     r = subprocess.run([sys.executable, "-m", "gateway", "--config", str(gw.config), "users", "add", "ops", "--role",
                         "admin", "--password-stdin"], input="pa55word\n", capture_output=True, text=True,
                        cwd=gw.workdir, timeout=60)
