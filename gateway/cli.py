@@ -493,7 +493,10 @@ def _fields(pairs: list[tuple[str, str]]) -> None:
 
 
 def _channels_text(dev: dict) -> str:
-    return ",".join(c["platform"] + ("(invalid)" if "invalid" in c else "") for c in dev["channels"])
+    from devices.models import raw_bridge_key
+
+    # A channel of another app of its platform reads as its bridge: fcm:shop-app.
+    return ",".join((raw_bridge_key(c) or "?") + ("(invalid)" if "invalid" in c else "") for c in dev["channels"])
 
 
 def _lines_of(parsed, committed: int) -> str:  # noqa: ANN001 - gateway.device_import.Parsed

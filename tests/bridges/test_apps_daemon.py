@@ -91,6 +91,8 @@ def test_each_device_is_reached_with_its_own_apps_credentials(tmp_path, fakes, g
     add(gw, "web-main", ("webpush", json.dumps(main_sub), ""))
     add(gw, "web-shop", ("webpush", json.dumps(shop_sub), "shop-app"))
 
+    listed = cli(gw, "devices", "list").stdout
+    assert "fcm:shop-app" in listed and "apns:shop-app" in listed, listed
     devices = ["android-main", "android-shop", "ios-main", "ios-shop", "win-main", "win-shop", "web-main", "web-shop"]
     r = cli(gw, "send", "--title", "T", "--body", "B", "--wait", "--timeout", "40",
             *[a for d in devices for a in ("--device", d)])
