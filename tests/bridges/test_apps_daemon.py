@@ -9,6 +9,7 @@ other apps of the platform delivering.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import subprocess
@@ -20,6 +21,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.mqttpub import publish_all
 from gateway import vapid
 from tests.bridges.test_e2e_daemon import APNS_OK, FCM_OK, Fakes, add_device, cli, cloud_config, fakes  # noqa: F401
 from tests.bridges.test_fallback_daemon import deliveries, send, wait_for
@@ -156,6 +158,13 @@ def test_one_apps_broken_key_moves_only_its_devices(tmp_path, fakes, gateway_fac
     assert "bridges.fcm.service_account_file" not in r.stderr  # the main app's key is fine
 
     gw.start()  # runs with the shop app's FCM bridge unhealthy, the main one healthy
+    # Over MQTT (contract §7), an unknown app is refused and a known one registered.
+    register = lambda d, app: (f"homepot/site-t/devices/{d}/register", json.dumps(  # noqa: E731
+        {"device_id": d, "channels": [{"platform": "fcm", "token": SHOP_FCM, "app": app}]}).encode())
+    asyncio.run(publish_all(gw.port, [register("mqtt-nope", "nope"), register("mqtt-shop", "shop-app")], "test-apps"))
+    wait_for(lambda: cli(gw, "devices", "show", "mqtt-shop").returncode == 0, 15, "the MQTT registration")
+    assert cli(gw, "devices", "show", "mqtt-nope").returncode != 0
+    assert "channels.0.app: no app 'nope' in [bridges.fcm.apps] (configured: shop-app)" in gw.log()
     add(gw, "android-main", ("fcm", FCM_OK, ""))
     add(gw, "phone-shop", ("fcm", SHOP_FCM, "shop-app"), ("webpush", json.dumps(fakes.push.subscribe()), ""))
     add(gw, "android-shop", ("fcm", SHOP_FCM, "shop-app"))
