@@ -185,7 +185,7 @@ def run() -> None:
 @users_app.command("add")
 def users_add(
     name: Annotated[str, typer.Argument(metavar="NAME", help="the account's username")],
-    role: Annotated[str, typer.Option("--role", metavar="ROLE", help="ACL role: device, technician, controller, monitor, admin, or one from [broker.acl]")],
+    role: Annotated[str, typer.Option("--role", metavar="ROLE", help="ACL role: device, technician, controller, monitor, admin, user (a person: /v1/me and /me only), or one from [broker.acl]")],
     password_stdin: Annotated[bool, typer.Option("--password-stdin", help="Read the password from stdin (first line)")] = False,
 ) -> None:
     """Add or replace a broker account."""
