@@ -136,6 +136,7 @@ class OperatorPage:
         r.add_get("/ui/api/devices/{device_id}", self.device, allow_head=False)
         r.add_get("/ui/api/alarms", self.alarms, allow_head=False)
         r.add_post("/ui/api/alarms/ack", self.ack_alarm)
+        r.add_get("/ui/api/people", self.people, allow_head=False)
 
     # ------------------------------------------------------------------ who
     def _secure(self, request: web.Request) -> bool:
@@ -178,7 +179,7 @@ class OperatorPage:
         if session is None:
             return self._login_page()
         if session.role == USER_ROLE:  # a person: their own page, not the site's
-            raise web.HTTPSeeOther("/me")
+            return web.Response(status=303, headers={"Location": "/me", **NO_STORE})
         return file_response(UI_DIR / "index.html", PAGE_HEADERS)
 
     def login_page(self) -> web.Response:
@@ -364,6 +365,18 @@ class OperatorPage:
             after = (request.query.get("after_rule", ""), request.query.get("after_key", ""))
         limit = _int(request.query.get("limit"), 50, "limit")
         return json_response(await self._read(lambda c: q.alarms_page(c, state, after, limit)), headers=NO_STORE)
+
+    async def people(self, request: web.Request) -> web.Response:
+        """The People tab: persons by id (prefix ``q``), ``limit`` at a time after ``after``."""
+        from gateway.http.ui_people import people_page
+
+        await self._viewer(request)
+        prefix = _prefix(request.query.get("q", "").strip(), "q")
+        after = _prefix(request.query.get("after", ""), "after")
+        limit = _int(request.query.get("limit"), 50, "limit")
+        defaults = self.cfg.people
+        return json_response(await self._read(lambda c: people_page(
+            c, defaults.quiet_hours_default, defaults.reach_after_s, prefix, after, limit)), headers=NO_STORE)
 
     # ------------------------------------------------------------------ the event stream
     async def events(self, request: web.Request) -> web.StreamResponse:
