@@ -454,3 +454,23 @@ async def test_people_tab_lists_persons_with_devices_in_reach_order_and_defaults
     assert r.status == 400 and "q:" in (await r.json())["error"]["message"]
     r = await client.get("/ui/api/people", headers=basic("mon"))
     assert r.status == 200  # a monitor sees every tab
+
+
+def test_the_inbox_reads_only_the_persons_rows_through_indexes(tmp_path: Path):
+    """However many deliveries the site has, an inbox page reads the person's own: by the
+    person index and the device index, never a scan of ``deliveries``; the one sort is of
+    those rows."""
+    from gateway import migrations
+    from gateway.http import me_queries as mq
+    from gateway.storage import connect, transaction
+
+    conn = connect(tmp_path / "g.db")
+    transaction(conn, migrations.migrate)
+    cond, args = mq.Mine("anna", ("anna-phone", "anna-browser")).where()
+    for sql, values in ((mq._SELECT + f"WHERE {cond} ORDER BY j.created_at DESC, d.message_id DESC LIMIT ?",
+                         [*args, 20]),
+                        (mq._SELECT + f"WHERE d.message_id = ? AND {cond}", ["m", *args])):
+        plan = [r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, values)]
+        assert not [p for p in plan if p.startswith("SCAN")], plan
+        assert any("deliveries_by_person" in p or "sqlite_autoindex_deliveries" in p for p in plan), plan
+    conn.close()
