@@ -241,6 +241,12 @@ async def test_login_sends_a_user_to_me_and_the_operator_routes_refuse_its_sessi
         r = await client.get(path)
         assert r.status in (401, 403), (path, r.status)
         no_data_of_ben(await r.text())
+    # Log out (the page's button): the session ends, /me shows the form again.
+    csrf = (await client.get("/v1/me")).headers["X-CSRF-Token"]
+    r = await client.post("/ui/logout", headers={"X-CSRF-Token": csrf})
+    assert r.status == 204
+    assert (await client.get("/v1/me")).status == 401
+    assert 'action="/ui/login"' in await (await client.get("/me", headers=html)).text()
     # An operator's session on /me is sent to the operator page.
     client.session.cookie_jar.clear()
     r = await client.post("/ui/login", data={"username": "tech", "password": "tech-pw"}, allow_redirects=False)
