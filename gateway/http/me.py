@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 from aiohttp import web
 
+from devices.models import DEVICE_ID_RE
 from gateway.config import USER_ROLE
 from gateway.http.errors import ApiError, json_response
 from gateway.http import me_queries as mq
@@ -35,7 +36,7 @@ from gateway.ids import NOT_DOTS, is_id
 from gateway.people import store as people_store
 from gateway.people.model import MAX_DEVICES
 from gateway.people.own import PersonGone
-from gateway.pipeline.models import DEVICE_ID_RE, MAX_DEVICE_BYTES, AckVia, InputError, decode_json_object, parse_device
+from gateway.pipeline.models import MAX_DEVICE_BYTES, AckVia, InputError, decode_json_object, parse_device
 from gateway.storage import STORAGE_ERRORS
 from gateway.timeutil import iso, utcnow
 
