@@ -93,7 +93,7 @@ async def test_a_person_subscribes_on_me_gets_the_push_and_opens_it_from_the_inb
             assert person["devices"] == ["anna-browser"]
 
             # A job to anna arrives as a push in this browser; the worker acks it received.
-            r = await tech.post("/v1/jobs", json={"job_id": "me-1", "target": {"devices": ["anna-browser"]},
+            r = await tech.post("/v1/jobs", json={"job_id": "me-1", "target": {"people": ["anna"]},
                                                   "notification": {"title": "Freezer 3", "body": "Above -15 C",
                                                                    "priority": "high"}})
             assert r.status_code == 202, r.text
@@ -140,6 +140,7 @@ async def test_a_person_subscribes_on_me_gets_the_push_and_opens_it_from_the_inb
     assert shown.returncode == 0, shown.stderr
     status = json.loads(shown.stdout)
     assert status["state"] == "acknowledged" and status["counts"]["acknowledged"] == 1
+    assert status["people"] == {"targets": 1, "reached": 1, "held": 0}
     [delivery] = status["deliveries"]
     assert delivery["device_id"] == "anna-browser"
     assert sorted(a["status"] for a in delivery["acks"]) == ["opened", "received"]
