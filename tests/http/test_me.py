@@ -193,6 +193,17 @@ def test_user_role_has_no_mqtt_rights_by_default():
         assert not acl.may_subscribe(topic), topic
 
 
+def test_users_add_makes_a_user_account(tmp_path: Path):
+    from tests.helpers import base_config, cli, write_config
+
+    cfg = write_config(tmp_path, base_config(tmp_path, 0))
+    res = cli(cfg, "users", "add", "anna", "--role", "user", "--password-stdin", input="anna-pw\n")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("user anna (user) written")
+    name, _, role = (tmp_path / "var" / "passwd").read_text().strip().split(":")
+    assert (name, role) == ("anna", "user")
+
+
 async def test_a_user_reaches_only_its_own_routes(env):
     client, intake, mids, _ = env
     anna = basic("anna")
