@@ -39,6 +39,13 @@ function stateText(n) {
   return n.state.replace("_", " ");
 }
 
+// Why a notification still waits, in the person's words (the gateway's are the operator's).
+function reasonText(n) {
+  if (!n.reason) return null;
+  const text = n.reason.replace("waiting for the person's earlier device", "your earlier device first");
+  return h("div", {class: "reason-text small muted"}, text.replace(/\d{4}-\d\d-\d\dT[\d:.]+Z/g, (iso) => time(iso)));
+}
+
 function item(n) {
   return h("li", {class: n.opened ? "opened" : "unopened", "data-message": n.message_id, "data-job": n.job_id},
     h("div", {class: "title"}, n.title || "(no title)"),
@@ -49,6 +56,7 @@ function item(n) {
       n.opened ? badge("opened", "ok") : null,
       h("span", {title: n.created_at}, time(n.created_at)),
       h("span", {}, `on ${n.device_id}`)),
+    reasonText(n),
     n.opened ? null : h("button", {type: "button", class: "open", onclick: () => openItem(n),
                                    "aria-label": `Open ${n.title || n.message_id}`}, "Open"));
 }
