@@ -502,3 +502,29 @@ def test_the_inbox_reads_only_the_persons_rows_through_indexes(tmp_path: Path):
         assert not [p for p in plan if p.startswith(("SCAN d", "SCAN j", "SCAN deliveries", "SCAN jobs"))], plan
         assert any("deliveries_by_person" in p or "sqlite_autoindex_deliveries" in p for p in plan), plan
     conn.close()
+
+
+def test_an_alarm_opened_on_me_names_the_page_and_the_device(tmp_path: Path):
+    """An ``opened`` ack stored with via ``me`` (what Open on /me makes) acknowledges the
+    alarm of its job as ``me:<device_id>``, through the alarm tables' own trigger."""
+    from gateway import migrations
+    from gateway.storage import connect, transaction
+
+    conn = connect(tmp_path / "g.db")
+    transaction(conn, migrations.migrate)
+    mid = str(uuid.uuid4())
+
+    def seed(c: Any) -> None:
+        c.execute("PRAGMA defer_foreign_keys = ON")
+        c.execute("INSERT INTO alarm_jobs(job_id, rule, akey, episode, kind) VALUES ('alarm.door.a.1', 'door', 'a', 1, 'fire')")
+        c.execute("INSERT INTO jobs(job_id, state, source, target, notification, options, created_at, updated_at, "
+                  "expires_at, ttl) VALUES ('alarm.door.a.1', 'completed', 'alarm', '{}', '{}', '{}', 0, 0, 9e9, 3600)")
+        c.execute("INSERT INTO deliveries(message_id, job_id, device_id, state, next_at, person_id) "
+                  "VALUES (?, 'alarm.door.a.1', 'anna-browser', 'sent', 0, 'anna')", (mid,))
+        c.execute("INSERT INTO acks(message_id, device_id, status, at, via, received_at) "
+                  "VALUES (?, 'anna-browser', 'opened', '2026-01-01T00:00:00.000Z', ?, 1.0)", (mid, str(AckVia.ME)))
+
+    transaction(conn, seed)
+    assert [tuple(r) for r in conn.execute("SELECT rule, akey, by, source FROM alarm_inbox")] == [
+        ("door", "a", "me:anna-browser", "delivery")]
+    conn.close()
