@@ -12,15 +12,14 @@ from typing import Any
 
 from gateway.http.ui_queries import ID_UPPER, _limit
 from gateway.people import store
+from gateway.pipeline import registry
 from gateway.people.model import Person, QuietWindow, quiet_text
 
 
 def _platforms(conn: sqlite3.Connection, device_ids: list[str]) -> dict[str, list[str]]:
     """device_id → its channels' platforms in order, for those that are registered."""
     out: dict[str, list[str]] = {}
-    for device_id, channels in conn.execute(
-            "SELECT device_id, channels FROM devices WHERE device_id IN (SELECT value FROM json_each(?))",
-            (json.dumps(device_ids),)):
+    for device_id, (channels, _) in registry.channels_of(conn, device_ids).items():
         try:
             out[device_id] = [str(c.get("platform")) for c in json.loads(channels)]
         except (TypeError, ValueError, AttributeError):
@@ -48,19 +47,13 @@ def person_row(person: Person, platforms: dict[str, list[str]], quiet_default: l
 def people_page(conn: sqlite3.Connection, quiet_default: list[QuietWindow], reach_default: float,
                 prefix: str = "", after: str = "", limit: int = 50) -> dict[str, Any]:
     limit = _limit(limit)
-    where, args = "1", []
-    if prefix:
-        where, args = "person_id >= ? AND person_id < ?", [prefix, prefix + ID_UPPER]
-    total = conn.execute(f"SELECT COUNT(*) FROM persons WHERE {where}", args).fetchone()[0]
-    ids = [r[0] for r in conn.execute(f"SELECT person_id FROM persons WHERE {where} AND person_id > ? "
-                                      "ORDER BY person_id LIMIT ?", (*args, after, limit + 1))]
-    more = len(ids) > limit
-    ids = ids[:limit]
-    found = store.get_many(conn, ids)
-    people = [found[i] for i in ids if i in found]
+    total = store.count(conn, prefix, ID_UPPER)
+    people = store.page(conn, prefix, after, limit + 1, ID_UPPER)
+    more = len(people) > limit
+    people = people[:limit]
     platforms = _platforms(conn, sorted({d for p in people for d in p.devices}))
     return {"people": [person_row(p, platforms, quiet_default, reach_default) for p in people], "total": total,
-            "next": ids[-1] if more else None}
+            "next": people[-1].person_id if more else None}
 
 
 __all__ = ["people_page", "person_row"]

@@ -31,7 +31,7 @@ from gateway.http.pulse import Pulse
 from gateway.http.service import HttpService
 from gateway.people import store as people
 from gateway.people.model import parse_person
-from gateway.pipeline import registry, store
+from gateway.pipeline import acks, registry
 from gateway.pipeline.models import AckVia, InputError, parse_device
 from gateway.people.own import PREFERENCES, with_preferences
 from gateway.storage import Database
@@ -63,10 +63,10 @@ class StrictIntake:
         await self.db.run(lambda c: registry.upsert_device(c, device, source))
         return True
 
-    async def ack(self, device_id: str, payload: bytes, source: str, via: AckVia) -> store.AckResult | None:
+    async def ack(self, device_id: str, payload: bytes, source: str, via: AckVia) -> acks.AckResult | None:
         body = json.loads(payload)
         self.acks.append((device_id, body, source, str(via)))
-        return store.AckResult(True, job_id="j", latency_ms=5.0, first=True)
+        return acks.AckResult(True, job_id="j", latency_ms=5.0, first=True)
 
 
 class NoAlarms:
@@ -349,14 +349,14 @@ async def test_devices_are_the_persons_own_and_another_persons_are_refused(env):
     assert (await r.json())["owner"] == "anna"
     person = (await (await client.get("/v1/me")).json())
     assert person["devices"] == ["anna-phone", "anna-browser", "kiosk", "anna-laptop"]
-    stored = await db.run(lambda c: store.get_device(c, "anna-laptop"))
+    stored = await db.run(lambda c: registry.get_device(c, "anna-laptop"))
     assert stored["owner"] == "anna" and stored["channels"][0]["subscription"]["endpoint"] == sub["endpoint"]
     r = await client.put("/v1/me/devices/anna-laptop", headers=h, json={"channels": [{"platform": "mqtt"}]})
     assert r.status == 200
     assert (await (await client.get("/v1/me")).json())["devices"][-1] == "anna-laptop"  # kept in its place
 
     # Ben's device: not writable, not removable, nothing of it read back.
-    before = await db.run(lambda c: store.get_device(c, "ben-phone"))
+    before = await db.run(lambda c: registry.get_device(c, "ben-phone"))
     intake.registered.clear()
     r = await client.put("/v1/me/devices/ben-phone", headers=h, json={"channels": [{"platform": "mqtt"}]})
     assert r.status == 403
@@ -364,13 +364,13 @@ async def test_devices_are_the_persons_own_and_another_persons_are_refused(env):
     r = await client.delete("/v1/me/devices/ben-phone", headers=h)
     assert r.status == 404
     assert intake.registered == []
-    assert await db.run(lambda c: store.get_device(c, "ben-phone")) == before
+    assert await db.run(lambda c: registry.get_device(c, "ben-phone")) == before
     # Nor made ben's, nor given an owner other than anna.
     r = await client.put("/v1/me/devices/anna-tab", headers=h, json={"owner": "ben", "channels": [{"platform": "mqtt"}]})
     assert r.status == 400 and (await r.json())["fields"][0]["field"] == "owner"
     r = await client.put("/v1/me/devices/anna-tab", headers=h, json={"channels": [{"platform": "telepathy"}]})
     assert r.status == 400 and (await r.json())["fields"][0]["field"].startswith("channels.0")
-    assert await db.run(lambda c: store.get_device(c, "anna-tab")) is None
+    assert await db.run(lambda c: registry.get_device(c, "anna-tab")) is None
 
     # The shared kiosk (no owner, in both lists): not hers to change; her removal takes it
     # off her list only.
@@ -378,12 +378,12 @@ async def test_devices_are_the_persons_own_and_another_persons_are_refused(env):
     assert r.status == 403
     r = await client.delete("/v1/me/devices/kiosk", headers=h)
     assert r.status == 204
-    assert await db.run(lambda c: store.get_device(c, "kiosk")) is not None
+    assert await db.run(lambda c: registry.get_device(c, "kiosk")) is not None
     assert (await db.run(lambda c: people.get(c, "ben"))).devices == ["ben-phone", "kiosk"]
     # Her own laptop leaves the registry too.
     r = await client.delete("/v1/me/devices/anna-laptop", headers=h)
     assert r.status == 204
-    assert await db.run(lambda c: store.get_device(c, "anna-laptop")) is None
+    assert await db.run(lambda c: registry.get_device(c, "anna-laptop")) is None
     assert (await (await client.get("/v1/me")).json())["devices"] == ["anna-phone", "anna-browser"]
     r = await client.put("/v1/me/devices/..", headers=h, json={"channels": [{"platform": "mqtt"}]})
     assert r.status in (400, 404)
@@ -485,20 +485,28 @@ async def test_people_tab_lists_persons_with_devices_in_reach_order_and_defaults
 
 def test_the_inbox_reads_only_the_persons_rows_through_indexes(tmp_path: Path):
     """However many deliveries the site has, an inbox page reads the person's own: by the
-    person index and the device index, never a scan of ``deliveries``; the one sort is of
-    those rows."""
+    person index and the device index, never a scan of ``deliveries`` or ``jobs``; the one
+    sort is of those rows (the materialized "mine")."""
     from gateway import migrations
-    from gateway.http import me_queries as mq
+    from gateway.pipeline import deliveries
     from gateway.storage import connect, transaction
 
     conn = connect(tmp_path / "g.db")
     transaction(conn, migrations.migrate)
-    cond, args = mq.Mine("anna", ("anna-phone", "anna-browser")).where()
-    page = mq._ROWS.format(cond=cond) + "WHERE (m.person_id IS NULL OR m.pick = 1) ORDER BY j.created_at DESC LIMIT ?"
-    for sql, values in ((page, [*args, 20]),
-                        (mq._ROWS.format(cond=f"d.message_id = ? AND {cond}"), ["m", *args])):
+    seen: list[tuple[str, list[Any]]] = []
+    real_execute = conn.execute
+
+    class Recording:
+        def execute(self, sql: str, args: Any = ()) -> Any:
+            seen.append((sql, list(args)))
+            return real_execute(sql, args)
+
+    deliveries.person_page(Recording(), "anna", ("anna-phone", "anna-browser"), 20)  # type: ignore[arg-type]
+    deliveries.person_page(Recording(), "anna", ("anna-phone",), 20, before="m")  # type: ignore[arg-type]
+    deliveries.person_row(Recording(), "anna", ("anna-phone", "anna-browser"), "m")  # type: ignore[arg-type]
+    assert len(seen) == 3
+    for sql, values in seen:
         plan = [r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, values)]
-        # The scans are of the person's own rows (the materialized "mine"), never a table's.
         assert not [p for p in plan if p.startswith(("SCAN d", "SCAN j", "SCAN deliveries", "SCAN jobs"))], plan
         assert any("deliveries_by_person" in p or "sqlite_autoindex_deliveries" in p for p in plan), plan
     conn.close()
