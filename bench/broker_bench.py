@@ -132,6 +132,9 @@ class Client:
     acked: asyncio.Queue[int] | None = None
     clean: bool = True
     protocol: int = 0     # 4 or 5; 0: the module's PROTOCOL
+    username: str | None = None
+    password: str | None = None
+    topic: str = TOPIC    # subscribed to and published on
 
     def __post_init__(self) -> None:
         self.protocol = self.protocol or PROTOCOL
@@ -141,8 +144,11 @@ class Client:
         v5 = self.protocol == 5
         # MQTT 5.0: a persistent session needs a Session Expiry Interval (here: never expires).
         props = (b"\x05\x11\xff\xff\xff\xff" if not self.clean else b"\x00") if v5 else b""
-        var = encode_topic("MQTT") + bytes([self.protocol, 0x02 if self.clean else 0x00]) + struct.pack("!H", 0) + props
+        flags = (0x02 if self.clean else 0x00) | (0xC0 if self.username is not None else 0)
+        var = encode_topic("MQTT") + bytes([self.protocol, flags]) + struct.pack("!H", 0) + props
         payload = encode_topic(self.client_id)
+        if self.username is not None:
+            payload += encode_topic(self.username) + encode_topic(self.password or "")
         self.writer.write(b"\x10" + remaining_length(len(var) + len(payload)) + var + payload)
         head = await self.reader.readexactly(2)
         body = await self.reader.readexactly(head[1])
@@ -152,12 +158,12 @@ class Client:
         self.task = asyncio.create_task(self._read())
 
     async def subscribe(self, qos: int) -> None:
-        body = struct.pack("!H", 1) + (b"\x00" if self.protocol == 5 else b"") + encode_topic(TOPIC) + bytes([qos])
+        body = struct.pack("!H", 1) + (b"\x00" if self.protocol == 5 else b"") + encode_topic(self.topic) + bytes([qos])
         self.writer.write(b"\x82" + remaining_length(len(body)) + body)
         await asyncio.wait_for(self.subacked.wait(), 10)
 
     def publish(self, pid: int, qos: int, payload: bytes) -> None:
-        body = encode_topic(TOPIC) + (struct.pack("!H", pid) if qos else b"") + self._props + payload
+        body = encode_topic(self.topic) + (struct.pack("!H", pid) if qos else b"") + self._props + payload
         self.writer.write(bytes([0x30 | (qos << 1)]) + remaining_length(len(body)) + body)
 
     @property

@@ -179,6 +179,9 @@ class ClientState:
         self._next_pid = 0
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
+        # The sender cannot move messages now: its window is full of unacknowledged messages, or
+        # the socket does not take more. Yielding to it would not help (see ``backlogged``).
+        self._stuck = False
 
     # ----------------------------------------------------------------- helpers
     @property
@@ -271,8 +274,12 @@ class ClientState:
 
     @property
     def backlogged(self) -> bool:
-        """Connected with a capped queue at least half full: its sender should run soon."""
-        return self.handler is not None and self.capped and 2 * len(self.pending) >= self._max_queued
+        """Connected with a capped queue at least half full and a sender that can move messages
+        into flight now: it should run before the next message is routed. A subscriber that
+        neither reads nor acknowledges is not backlogged in this sense: publishers yielding to it
+        after every message only slowed everyone (its queue drops its oldest instead)."""
+        return (self.handler is not None and self.capped and not self._stuck
+                and 2 * len(self.pending) >= self._max_queued)
 
     def restore(self, messages: list[tuple[Outgoing, int | None, int]]) -> None:
         """Messages loaded from SQLite: written ones go back in flight, the rest queue."""
@@ -297,6 +304,7 @@ class ClientState:
     # ----------------------------------------------------------------- connection
     def attach(self, handler: Connection) -> None:
         self.handler = handler
+        self._stuck = False
         if self._presence is not None:
             self._presence.attached(self.username, self.role)
             self._present_as = (self.username, self.role)
@@ -396,8 +404,10 @@ class ClientState:
             while True:
                 pending = self.pending
                 if not pending or (pending[0].qos and len(self.inflight) >= window):
+                    self._stuck = bool(pending)
                     wake.clear()
                     await wake.wait()
+                    self._stuck = False
                     continue
                 parts = []
                 barrier = False
@@ -442,7 +452,9 @@ class ClientState:
                     await store.barrier()
                 if not parts:
                     continue
+                self._stuck = True
                 await handler.send_bytes(b"".join(parts))
+                self._stuck = False
                 metrics.messages_out += len(parts)
                 metrics.bytes_out += nbytes
         except asyncio.CancelledError:

@@ -10,7 +10,8 @@ rate), so the hooks can move with the wire code.
 - :class:`LimitPolicy` resolves ``[broker.limits]`` and ``[broker.limits.<role>]`` into
   one :class:`ClientLimits` per role. The gateway's own client is never limited; the
   ``admin`` role only by the keys a ``[broker.limits.admin]`` table names; roles
-  ``device`` and ``anonymous`` get a small ``max_packet_size`` unless configured.
+  ``device`` and ``anonymous`` get a small ``max_packet_size`` and a ``max_publish_rate``
+  unless their role table sets them.
 - :class:`Limit` names each limit (metric ``limited_<name>``, log field ``limit``);
   :class:`LimitVerdict` is the MQTT 5 reason code a limit maps to. The 3.1.1 answer
   has no reason code: a refused CONNECT gets CONNACK 0x03, a too-large packet closes
@@ -55,6 +56,10 @@ log = structlog.get_logger(__name__)
 
 SMALL_PACKET = 65_536            # max_packet_size default of roles device and anonymous
 SMALL_PACKET_ROLES = ("device", "anonymous")
+# max_publish_rate default of the same roles: a device publishes telemetry, registrations and
+# acks, far below this; unlimited, one device flooding denied PUBLISHes took the broker's event
+# loop from everyone (bench/hostile_bench.py: a technician's QoS 1 rate fell to 0.08-0.34x).
+SMALL_PUBLISH_RATE = 1000.0
 MAX_CONNECT_PACKET = 65_536      # a CONNECT is read before its sender is known: bounded for everyone
 SERVER_UNAVAILABLE = 0x03        # MQTT 3.1.1 CONNACK return code for a refused-by-quota CONNECT
 
@@ -155,7 +160,9 @@ class LimitPolicy:
         else:
             limits = self._base
             if role in SMALL_PACKET_ROLES:
-                limits = replace(limits, max_packet_size=min(SMALL_PACKET, limits.max_packet_size))
+                rate = limits.max_publish_rate
+                limits = replace(limits, max_packet_size=min(SMALL_PACKET, limits.max_packet_size),
+                                 max_publish_rate=min(rate, SMALL_PUBLISH_RATE) if rate else SMALL_PUBLISH_RATE)
             limits = replace(limits, **given)
         self._cache[role] = limits
         return limits

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.broker.clients import Message
-from gateway.broker.limits import (MAX_CONNECT_PACKET, SMALL_PACKET, UNLIMITED, Limit, LimitPolicy, LimitVerdict,
+from gateway.broker.limits import (MAX_CONNECT_PACKET, SMALL_PACKET, SMALL_PUBLISH_RATE, UNLIMITED, Limit, LimitPolicy, LimitVerdict,
                                    RateBucket, RetainedQuota)
 from gateway.broker.state import StateStore
 from gateway.config import BrokerLimits
@@ -30,6 +30,13 @@ def test_policy_per_role_admin_and_gateway():
     device = policy.for_role("device")
     assert (device.max_packet_size, device.max_publish_rate) == (SMALL_PACKET, 50)   # small by default
     assert policy.for_role("anonymous").max_packet_size == SMALL_PACKET
+    # Devices and anonymous clients are rate-limited by default; the base rate applies when lower;
+    # their role table may lift it (0).
+    assert LimitPolicy().for_role("device").max_publish_rate == SMALL_PUBLISH_RATE == 1000
+    assert policy.for_role("anonymous").max_publish_rate == 5
+    assert LimitPolicy().for_role("technician").max_publish_rate == 0
+    assert LimitPolicy(BrokerLimits.model_validate({"device": {"max_publish_rate": 0}})).for_role(
+        "device").max_publish_rate == 0
     assert policy.for_role("monitor").max_packet_size == 1000
     admin = policy.for_role("admin")     # only what [broker.limits.admin] names
     assert admin.max_connections == 7 and admin.max_packet_size == UNLIMITED.max_packet_size
