@@ -37,8 +37,11 @@ async def test_a_flooding_client_leaves_the_loop_to_the_others(tmp_path: Path):
                 break   # the flood was over during this round trip
             per_round_trip.append(after - before)
         assert len(per_round_trip) >= 5, per_round_trip
+        # One round trip of this test's client (in the same event loop, wait_for per read) takes
+        # about a dozen loop turns: ~13 x FAIR_SHARE denied packets. Read whole, the flooder's
+        # socket took ~30,000 per round trip.
         average = sum(per_round_trip) / len(per_round_trip)
-        assert average <= 8 * FAIR_SHARE, per_round_trip
+        assert average <= 40 * FAIR_SHARE, per_round_trip
         await until(lambda: b.metrics()["denied_publish"] == FLOOD, timeout=30)
     finally:
         await b.stop()
