@@ -313,7 +313,7 @@ class GatewayBroker:
             writer.abort()
             return
         conn = Connection(self, reader, writer, section, remote)
-        conn.max_packet_in = MAX_CONNECT_PACKET   # the sender is not known yet: its CONNECT is bounded
+        conn.limit_packets_in(MAX_CONNECT_PACKET)   # the sender is not known yet: its CONNECT is bounded
         self._connections.add(conn)
         try:
             await conn.serve()
@@ -447,7 +447,7 @@ class GatewayBroker:
             cs.rate = (RateBucket(cs.limits.max_publish_rate, cs.limits.max_publish_bytes_rate)
                        if cs.limits.rate_limited else None)
             cs.recount()
-            conn.max_packet_in = cs.limits.max_packet_size
+            conn.limit_packets_in(cs.limits.max_packet_size)
         if not cs.clean and self._store is not None:
             self._store.session(cs.client_id, cs.username, role, cs.owner, cs.expiry_s)
 
@@ -466,15 +466,16 @@ class GatewayBroker:
             self._discard(cs)
         return len(expired)
 
-    def packet_too_large(self, cs: ClientState | None, length: int) -> None:
-        """The reader saw a fixed header over the client's max_packet_size: counted, logged;
-        the reader closes the connection without reading the body."""
+    def packet_too_large(self, cs: ClientState | None, length: int | None, limit: int | None = None) -> None:
+        """The reader saw a fixed header over the client's max_packet_size (``length``), or a
+        websocket frame over one such packet (``length`` None; the cap is ``limit`` plus the fixed
+        header): counted, logged; the connection is closed without reading the body."""
+        how = {"packet_bytes": length} if length is not None else {"websocket_frame_over": limit}
         if cs is None:
-            self.limit_log.hit(Limit.PACKET_SIZE, None, packet="CONNECT", packet_bytes=length,
-                               max_connect_packet=MAX_CONNECT_PACKET)
+            self.limit_log.hit(Limit.PACKET_SIZE, None, packet="CONNECT", max_connect_packet=MAX_CONNECT_PACKET, **how)
             return
         self.limit_log.hit(Limit.PACKET_SIZE, cs.client_id, username=cs.username, role=cs.role,
-                           packet_bytes=length, max_packet_size=cs.limits.max_packet_size)
+                           max_packet_size=cs.limits.max_packet_size, **how)
 
     async def rate_pause(self, cs: ClientState, pause: float) -> None:
         """A client over its publish rate: its connection is not read for ``pause`` seconds

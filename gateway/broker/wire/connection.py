@@ -108,6 +108,10 @@ class Connection:
             try:
                 body = await asyncio.wait_for(self._read_connect(), gw.connect_timeout_s)
             except (TimeoutError, Malformed, asyncio.IncompleteReadError, ConnectionError) as exc:
+                if self.writer.frame_too_large:
+                    self._frame_too_large()
+                    self.close_now()
+                    return
                 self._refuse_early(exc)
                 return
             accepted = await handle_connect.handle(self, body)
@@ -150,6 +154,18 @@ class Connection:
         log.info("connection refused before CONNECT completed", remote=self.remote,
                  error=str(exc) or type(exc).__name__)
         self.close_now()
+
+    def limit_packets_in(self, max_packet: int) -> None:
+        """The largest packet (remaining length) this client may send from now on; a websocket
+        frame larger than one such packet is refused before it is buffered."""
+        self.max_packet_in = max_packet
+        self.writer.limit_frames(max_packet)
+
+    def _frame_too_large(self) -> None:
+        """The websocket listener refused a frame over the cap (it closed the connection, code
+        1009): counted and logged as the packet it would have been."""
+        if self.writer.frame_too_large:
+            self.gw.packet_too_large(self.client, None, limit=self.max_packet_in)
 
     def set_keepalive(self, seconds: int) -> None:
         if seconds > 0:
@@ -223,6 +239,7 @@ class Connection:
             log.warning("reader failed; closing connection", client_id=client.client_id, error=repr(exc))
             self.abort()
         finally:
+            self._frame_too_large()
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
