@@ -266,3 +266,29 @@ async def test_sessions_over_the_limit_from_before_are_trimmed_at_start(tmp_path
         assert rows == [("old-3",), ("old-4",), ("old-5",)]
     finally:
         await b.stop()
+
+
+async def test_concurrent_connects_cannot_overshoot_the_role_connection_cap(tmp_path: Path):
+    """Twenty CONNECTs of one role at once (each awaits its argon2 check in a thread) against
+    max_connections = 3 for that role: exactly three are accepted, the rest refused (0x03), and
+    a slot freed by a disconnect is taken by exactly one of the next wave."""
+    write_accounts(tmp_path / "var" / "passwd", {f"t{i}": "technician" for i in range(20)})
+    b = await start_broker(tmp_path, broker={"limits": {"technician": {"max_connections": 3}}})
+    try:
+        async def attempt(i: int) -> tuple[RawClient, int]:
+            c = RawClient(b.port)
+            _, code = await c.connect(f"c{i}", username=f"t{i}", password="pw")
+            return c, code
+
+        results = await asyncio.gather(*(attempt(i) for i in range(20)))
+        accepted = [c for c, code in results if code == 0]
+        assert len(accepted) == 3 and all(code in (0, 3) for _, code in results)
+        assert b.broker.connections.by_role["technician"] == 3
+        accepted[0].disconnect()
+        await until(lambda: b.broker.connections.by_role["technician"] == 2)
+        again = await asyncio.gather(*(attempt(i) for i in range(3, 13)))
+        assert sum(code == 0 for _, code in again) == 1
+        assert b.broker.connections.by_role["technician"] == 3
+        assert b.metrics()["limited_connections"] == 17 + 9
+    finally:
+        await b.stop()
