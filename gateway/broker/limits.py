@@ -60,6 +60,10 @@ SMALL_PACKET_ROLES = ("device", "anonymous")
 # acks, far below this; unlimited, one device flooding denied PUBLISHes took the broker's event
 # loop from everyone (bench/hostile_bench.py: a technician's QoS 1 rate fell to 0.08-0.34x).
 SMALL_PUBLISH_RATE = 1000.0
+# The shortest pause of a client over its rate. Paused only until its debt was paid, a flooder
+# at 1000 messages/s was paused (a timer and a wake-up of its reader) once per message; paused
+# at least this long, it is read in bursts of what the pause refilled, ~20 pauses a second.
+MIN_PAUSE_S = 0.05
 MAX_CONNECT_PACKET = 65_536      # a CONNECT is read before its sender is known: bounded for everyone
 SERVER_UNAVAILABLE = 0x03        # MQTT 3.1.1 CONNACK return code for a refused-by-quota CONNECT
 
@@ -274,8 +278,8 @@ class RateBucket:
 
     Each holds one second's worth (a burst of a second is allowed). :meth:`take` charges one
     message of ``nbytes`` and returns how long the reader should wait before reading the next
-    packet (0: within the rate). A message larger than a second's bytes leaves a debt that the
-    wait pays off. Monotonic clock."""
+    packet (0: within the rate; else at least ``MIN_PAUSE_S``). A message larger than a second's
+    bytes leaves a debt that the wait pays off. Monotonic clock."""
 
     __slots__ = ("_bytes", "_clock", "_last", "_msgs", "byte_rate", "msg_rate")
 
@@ -299,4 +303,4 @@ class RateBucket:
             self._bytes = min(self.byte_rate, self._bytes + elapsed * self.byte_rate) - nbytes
             if self._bytes < 0:
                 wait = max(wait, -self._bytes / self.byte_rate)
-        return wait
+        return max(wait, MIN_PAUSE_S) if wait else 0.0

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.broker.clients import Message
-from gateway.broker.limits import (MAX_CONNECT_PACKET, SMALL_PACKET, SMALL_PUBLISH_RATE, UNLIMITED, Limit, LimitPolicy, LimitVerdict,
+from gateway.broker.limits import (MAX_CONNECT_PACKET, MIN_PAUSE_S, SMALL_PACKET, SMALL_PUBLISH_RATE, UNLIMITED, Limit, LimitPolicy, LimitVerdict,
                                    RateBucket, RetainedQuota)
 from gateway.broker.state import StateStore
 from gateway.config import BrokerLimits
@@ -60,6 +60,26 @@ def test_rate_bucket_allows_a_seconds_burst_then_paces():
     by_bytes = RateBucket(0, 1000, clock=lambda: now[0])
     assert by_bytes.take(600) == 0.0
     assert by_bytes.take(2400) == pytest.approx(2.0)   # a debt larger than the burst: paid by waiting
+
+
+def test_a_flooder_over_its_rate_is_paused_in_bursts_not_per_message():
+    """At 1000 messages/s, a client that always has the next PUBLISH ready is paused about 20
+    times a second (each pause a timer and a wake-up of the broker's loop), not 1000 times, and
+    still gets no more than its rate."""
+    now = [0.0]
+    bucket = RateBucket(1000, 0, clock=lambda: now[0])
+    for _ in range(1000):
+        assert bucket.take(64) == 0.0   # a second's burst
+    pauses = sent = 0
+    while now[0] < 5.0:
+        wait = bucket.take(64)
+        sent += 1
+        if wait:
+            assert wait >= MIN_PAUSE_S
+            pauses += 1
+            now[0] += wait
+    assert pauses <= 5 * (1 / MIN_PAUSE_S) + 2, pauses
+    assert sent <= 5 * 1000 + 1000 // 20 + 1, sent
 
 
 def test_retained_quota_counts_topics_and_bytes_per_principal():
