@@ -131,10 +131,16 @@ def hostile(kind: str, port: int, topic_prefix: str, stop_file: Path, report: Pa
         burst = packet * (262144 // len(packet))
         sock = _connected(port, "hostile", "hostile")
         done["connections"] = 1
+        sock.settimeout(0.2)   # a paused reader blocks the send: look at the stop file meanwhile
+        view, pos = memoryview(burst), 0
         try:
             while not stop_file.exists():
-                sock.sendall(burst)
-                done["bytes"] += len(burst)
+                try:
+                    sent = sock.send(view[pos:])
+                except TimeoutError:
+                    continue
+                done["bytes"] += sent
+                pos = (pos + sent) % len(burst)
         except OSError:
             pass
     elif kind == "slow reader":
