@@ -205,6 +205,15 @@ class GatewayBroker:
             cs.qos2_in = set(stored.qos2_in)
             self._clients[cs.client_id] = cs
             self._arm_expiry(cs)
+        for stored_will in loaded.wills:
+            will_cs = self._clients.get(stored_will.client_id)
+            if will_cs is None:
+                continue
+            will = Will(stored_will.topic, stored_will.payload, stored_will.qos, stored_will.retain, stored_will.props,
+                        stored_will.expiry_s)
+            # Due on the gateway's clock: a restart in between does not reset the Will Delay Interval.
+            self._pending_wills[will_cs.client_id] = asyncio.get_running_loop().call_later(
+                max(0.0, stored_will.due_at - clock.now()), self._delayed_will, will_cs.client_id, will_cs, will)
         self._trim_sessions()
         if loaded.sessions or loaded.retained:
             log.info("broker state restored", sessions=len(loaded.sessions), retained=len(loaded.retained),
@@ -496,6 +505,8 @@ class GatewayBroker:
         will = self._pending_wills.pop(client_id, None)
         if will is not None:
             will.cancel()   # the client is back before its Will Delay Interval ran out [MQTT-3.1.3-9]
+            if self._store is not None:
+                self._store.will_done(client_id)
         old = self._clients.get(client_id)
         if old is not None and old.handler is not None:
             # [MQTT-3.1.4-2] the existing connection is closed (5.0: DISCONNECT 0x8E). Its will is
@@ -601,9 +612,15 @@ class GatewayBroker:
         client_id = cs.client_id
         self._pending_wills[client_id] = asyncio.get_running_loop().call_later(
             delay, self._delayed_will, client_id, cs, will)
+        if cs.persistent:
+            # Kept across a restart (the session is; a will with no session left is published at once).
+            self._store.will_delayed(client_id, will.topic, will.payload, will.qos, will.retain,  # type: ignore[union-attr]
+                                     will.props, will.expiry_s, clock.now() + delay)
 
     def _delayed_will(self, client_id: str, cs: ClientState, will: Will) -> None:
         self._pending_wills.pop(client_id, None)
+        if cs.persistent:
+            self._store.will_done(client_id)  # type: ignore[union-attr]
         self._publish_will(cs, will)
 
     def _publish_will(self, cs: ClientState, will: Will) -> None:
@@ -846,7 +863,7 @@ class GatewayBroker:
         for conn in list(self.connecting):
             conn.abort()
         for handle in self._pending_wills.values():
-            handle.cancel()   # a restart forgets a delayed will, as Mosquitto does
+            handle.cancel()   # a persistent session's delayed will stays in SQLite: re-armed at start
         self._pending_wills.clear()
         for cs in list(self._clients.values()):
             cs.cancel_expiry()

@@ -2,8 +2,8 @@
 
 What survives a restart or ``kill -9``: retained messages, and for every persistent
 session (CleanSession=0) its subscriptions, its queued and in-flight QoS 1/2
-messages (with packet id and QoS 2 progress) and the QoS 2 packet ids it has
-published but not yet released. Payloads are BLOBs, so binary data round-trips.
+messages (with packet id and QoS 2 progress), the QoS 2 packet ids it has
+published but not yet released, and its will while it waits for its Will Delay Interval. Payloads are BLOBs, so binary data round-trips.
 
 A message queued for many persistent sessions is stored once: its body is one row of
 ``broker_bodies`` that every session's ``broker_messages`` row names (``body_id``), and it
@@ -119,12 +119,27 @@ class StoredSession:
 
 
 @dataclass
+class StoredWill:
+    """A will waiting for its Will Delay Interval; ``due_at`` on the gateway clock."""
+
+    client_id: str
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    props: bytes
+    expiry_s: int | None
+    due_at: float
+
+
+@dataclass
 class LoadedState:
     # topic -> (payload, qos, principal that set it, 5.0 properties, wall-clock expiry)
     retained: dict[str, tuple[bytes, int, str | None, bytes, float | None]]
     sessions: dict[str, StoredSession]
     next_seq: int
     next_body: int = 1
+    wills: list[StoredWill] = field(default_factory=list)
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -143,7 +158,15 @@ def _add_sub_ids(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE broker_messages ADD COLUMN sub_ids TEXT")
 
 
-MIGRATIONS = (_migrate, _add_sub_ids)
+def _add_wills(conn: sqlite3.Connection) -> None:
+    """broker_wills: a will waiting for its Will Delay Interval (MQTT 5.0), so a restart in
+    between publishes it when it is due instead of forgetting it."""
+    conn.execute("CREATE TABLE IF NOT EXISTS broker_wills (client_id TEXT PRIMARY KEY, topic TEXT NOT NULL,"
+                 " payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, props BLOB,"
+                 " expiry_s INTEGER, due_at REAL NOT NULL)")
+
+
+MIGRATIONS = (_migrate, _add_sub_ids, _add_wills)
 
 
 def _load(conn: sqlite3.Connection) -> LoadedState:
@@ -184,7 +207,11 @@ def _load(conn: sqlite3.Connection) -> LoadedState:
     conn.execute("DELETE FROM broker_bodies WHERE id NOT IN"
                  " (SELECT body_id FROM broker_messages WHERE body_id IS NOT NULL)")
     next_body = int(conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM broker_bodies").fetchone()[0])
-    return LoadedState(retained, sessions, next_seq, next_body)
+    conn.execute("DELETE FROM broker_wills WHERE client_id NOT IN (SELECT client_id FROM broker_sessions)")
+    wills = [StoredWill(cid, topic, bytes(payload), int(qos), bool(retain), bytes(props or b""), expiry_s, due_at)
+             for cid, topic, payload, qos, retain, props, expiry_s, due_at in conn.execute(
+                 "SELECT client_id, topic, payload, qos, retain, props, expiry_s, due_at FROM broker_wills")]
+    return LoadedState(retained, sessions, next_seq, next_body, wills)
 
 
 # Pending operations are keyed by the row they touch; a later op on the same row
@@ -310,6 +337,20 @@ class StateStore:
         if earlier is not None and earlier[0] == "msg_put":
             return  # queued and finished before it reached the disk
         self._put(key, ("msg_del", client_id, seq))
+
+    def will_delayed(self, client_id: str, topic: str, payload: bytes, qos: int, retain: bool, props: bytes,
+                     expiry_s: int | None, due_at: float) -> None:
+        """A persistent session's will waits for its Will Delay Interval until ``due_at`` (gateway clock)."""
+        self._put(("will", client_id), ("will_put", client_id, topic, payload, qos, int(retain), props or None,
+                                         expiry_s, due_at))
+
+    def will_done(self, client_id: str) -> None:
+        """The will was published, or cancelled by the client's return."""
+        key = ("will", client_id)
+        earlier = self._pending.pop(key, None)
+        if earlier is not None and earlier[0] == "will_put":
+            return
+        self._put(key, ("will_del", client_id))
 
     def qos2_received(self, client_id: str, packet_id: int) -> None:
         self._put(("q2", client_id, packet_id), ("q2_put", client_id, packet_id))
@@ -488,8 +529,14 @@ def _apply(conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
             conn.execute("UPDATE broker_sessions SET seen_at = ? WHERE client_id = ?", (op[2], op[1]))
         elif kind == "sess_drop":
             conn.execute("UPDATE broker_sessions SET dropped = ? WHERE client_id = ?", (op[2], op[1]))
+        elif kind == "will_put":
+            conn.execute("INSERT OR REPLACE INTO broker_wills (client_id, topic, payload, qos, retain, props, expiry_s,"
+                         " due_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", op[1:])
+        elif kind == "will_del":
+            conn.execute("DELETE FROM broker_wills WHERE client_id = ?", op[1:])
         elif kind == "sess_del":
-            for table in ("broker_sessions", "broker_subscriptions", "broker_messages", "broker_qos2_in"):
+            for table in ("broker_sessions", "broker_subscriptions", "broker_messages", "broker_qos2_in",
+                          "broker_wills"):
                 conn.execute(f"DELETE FROM {table} WHERE client_id = ?", (op[1],))
         elif kind == "sub_put":
             conn.execute("INSERT OR REPLACE INTO broker_subscriptions (client_id, filter, qos) VALUES (?, ?, ?)",
@@ -509,5 +556,6 @@ def shift_deadlines(conn: sqlite3.Connection, delta: float) -> int:
     of stored messages' and retained messages' Message Expiry Interval by ``delta`` s
     (gateway.clock re-anchored)."""
     return (clock.shift_columns(conn, "broker_sessions", "seen_at", delta)
+            + clock.shift_columns(conn, "broker_wills", "due_at", delta)
             + clock.shift_columns(conn, "broker_messages", "expires_at", delta)
             + clock.shift_columns(conn, "broker_retained", "expires_at", delta))

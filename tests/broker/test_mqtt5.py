@@ -632,3 +632,38 @@ async def test_refusals_carry_a_reason_string_unless_problem_information_is_off(
         assert 0x1F not in c.connack_props
     finally:
         await b.stop()
+
+
+async def test_a_delayed_will_survives_a_broker_restart(tmp_path):
+    """[MQTT-3.1.3-9] across a restart: a will waiting for its Will Delay Interval when the broker
+    stops is published when it is due after the start (the delay counted from the client's drop,
+    not from the start), and not at all for a client that came back in time."""
+    b = await start_broker(tmp_path)
+    a = await _client(b.port, "wr-a", props={0x11: 60}, will=("wr/a", b"a-gone", 0, False, {0x18: 3}))
+    c = await _client(b.port, "wr-c", props={0x11: 60}, will=("wr/c", b"c-gone", 0, False, {0x18: 3}))
+    t0 = time.monotonic()
+    a.drop()
+    c.drop()
+    await until(lambda: b.metrics()["clients_connected"] == 0)
+    await b.stop()
+    assert time.monotonic() - t0 < 2.5, "the broker must stop before the wills are due"
+    b2 = await start_broker(tmp_path)
+    try:
+        watcher = await _client(b2.port, "wr-w")
+        await watcher.subscribe5(("wr/#", 0))
+        back = RawClient5(b2.port)
+        assert await back.connect5("wr-c", clean_start=False, props={0x11: 60}) == (True, 0)
+        got = await watcher.next_publish(timeout=10)
+        assert got.payload == b"a-gone" and time.monotonic() - t0 >= 2.9
+        assert b2.metrics()["wills_published"] == 1
+        assert await watcher.read(timeout=1.5) is None   # wr-c came back in time
+        back.disconnect5()
+        watcher.disconnect5()
+    finally:
+        await b2.stop()
+    b3 = await start_broker(tmp_path)   # published or cancelled: nothing is left to publish again
+    try:
+        await asyncio.sleep(0.5)
+        assert b3.metrics()["wills_published"] == 0
+    finally:
+        await b3.stop()
