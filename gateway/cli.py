@@ -161,11 +161,12 @@ def check_config() -> None:
     """Validate the configuration; print each problem as KEY: message."""
     cfg, secrets = get_loaded()
     from bridges.keys import problems
+    from bridges.registry import bridge_of_key
 
-    # A push key the bridge would refuse at start (the daemon would run with that bridge
-    # unhealthy): found here, by the same loaders, before the service starts.
+    # A push key the bridge would refuse at start (the daemon would run with that bridge,
+    # or that app of it, unhealthy): found here, by the same loaders, before the service starts.
     found = [tuple(fault.split(": ", 1)) for fault in secrets.bridge_faults.values()]
-    found += [p for p in problems(cfg, secrets) if p[0].split(".")[1] not in secrets.bridge_faults]
+    found += [p for p in problems(cfg, secrets) if bridge_of_key(p[0]) not in secrets.bridge_faults]
     if found:
         fail([f"{key}: {msg}" for key, msg in found])
     typer.echo(f"ok: {cfg.source}")
@@ -227,18 +228,28 @@ def users_remove(name: Annotated[str, typer.Argument(metavar="NAME", help="the a
 
 
 @app.command("vapid-keys")
-def vapid_keys() -> None:
+def vapid_keys(
+    app_name: Annotated[Optional[str], typer.Option("--app", metavar="NAME", help="the key of [bridges.webpush.apps.NAME] instead of the section's")] = None,
+) -> None:
     """Create the Web Push VAPID key pair if missing; print the public key (base64url)."""
     from gateway import vapid
 
     cfg = get_config()
-    path = cfg.bridges.webpush.vapid_private_key_file
+    section: Any = cfg.bridges.webpush
+    key_name = "bridges.webpush.vapid_private_key_file"
+    if app_name is not None:
+        if app_name not in section.apps:
+            fail(f"--app: no app {app_name!r} in [bridges.webpush.apps] "
+                 f"(configured: {', '.join(sorted(section.apps)) or 'none'})")
+        section = section.apps[app_name]
+        key_name = f"bridges.webpush.apps.{app_name}.vapid_private_key_file"
+    path = section.vapid_private_key_file
     try:
         key = vapid.load_or_create(path)
     except ValueError as exc:
-        fail(f"bridges.webpush.vapid_private_key_file: {exc}")
+        fail(f"{key_name}: {exc}")
     except OSError as exc:
-        fail(f"bridges.webpush.vapid_private_key_file: cannot write {path}: {exc.strerror or exc}", 1)
+        fail(f"{key_name}: cannot write {path}: {exc.strerror or exc}", 1)
     typer.echo(vapid.public_key_b64(key))
 
 
@@ -370,11 +381,13 @@ def devices_add(
     address: Annotated[Optional[list[str]], typer.Option("--address", metavar="ADDRESS", help="token, channel URI, subscription JSON, or empty")] = None,
     segment: Annotated[Optional[str], typer.Option("--segment", metavar="NAME", help="the device's segment (a group jobs can target)")] = None,
     tag: Annotated[Optional[list[str]], typer.Option("--tag", metavar="TAG", help="a tag (repeatable)")] = None,
+    app: Annotated[Optional[list[str]], typer.Option("--app", metavar="NAME", help="the channel's app of [bridges.<platform>.apps]; pairs up with --platform in order like --address (empty: the section's own credentials)")] = None,
 ) -> None:
     """Register (or replace) a device."""
     from pydantic import ValidationError
 
-    from devices.models import Device
+    from bridges.registry import app_names
+    from devices.models import PUSH_PLATFORMS, Device
     from gateway.cli_input import OptionError, add_device_errors, build_channel
     from gateway.pipeline import store
 
@@ -382,19 +395,34 @@ def devices_add(
     if len(addresses) > len(platform):
         fail("--address: more --address than --platform options (they pair up in order)")
     addresses += [""] * (len(platform) - len(addresses))
+    apps = list(app or [])
+    if len(apps) > len(platform):
+        fail("--app: more --app than --platform options (they pair up in order)")
+    apps += [""] * (len(platform) - len(apps))
     many = len(platform) > 1
+    cfg = get_config()
+    known = app_names(cfg)
     channels = []
-    for i, (plat, addr) in enumerate(zip(platform, addresses)):
+    for i, (plat, addr, name) in enumerate(zip(platform, addresses, apps)):
         try:
-            channels.append(build_channel(plat, addr, where=f"--address[{i}] ({plat})" if many else "--address",
-                                          platform_where=f"--platform[{i}]" if many else "--platform"))
+            channel = build_channel(plat, addr, where=f"--address[{i}] ({plat})" if many else "--address",
+                                    platform_where=f"--platform[{i}]" if many else "--platform")
         except OptionError as exc:
             fail(str(exc))
+        if name:
+            where = f"--app[{i}] ({plat})" if many else "--app"
+            if plat not in PUSH_PLATFORMS:
+                fail(f"{where}: {plat} has no apps (only {', '.join(PUSH_PLATFORMS)} do)")
+            if name not in known.get(plat, ()):
+                fail(f"{where}: no app {name!r} in [bridges.{plat}.apps] "
+                     f"(configured: {', '.join(sorted(known.get(plat, ()))) or 'none'})")
+            channel["app"] = name
+        channels.append(channel)
     try:
         dev = Device.model_validate({"device_id": device_id, "segment": segment, "tags": tag or [], "channels": channels})
     except ValidationError as exc:
         fail(add_device_errors(exc, platform))
-    conn = _db(get_config())
+    conn = _db(cfg)
     _tx(conn, lambda c: store.upsert_device(c, dev, "cli"))
     typer.echo(f"device {device_id} registered ({', '.join(platform)})")
 
@@ -408,12 +436,13 @@ def devices_import(
     """Register many devices from a file, a batch per transaction; refused lines are listed."""
     from rich.console import Console
 
+    from bridges.registry import app_names
     from gateway.device_import import ImportFileError, read_file
     from gateway.pipeline import store
     from gateway.progress import progress_bar
 
     try:
-        parsed = read_file(file, fmt)
+        parsed = read_file(file, fmt, app_names(get_config()))
     except ImportFileError as exc:
         fail(str(exc))
     import sqlite3
@@ -464,7 +493,10 @@ def _fields(pairs: list[tuple[str, str]]) -> None:
 
 
 def _channels_text(dev: dict) -> str:
-    return ",".join(c["platform"] + ("(invalid)" if "invalid" in c else "") for c in dev["channels"])
+    from devices.models import raw_bridge_key
+
+    # A channel of another app of its platform reads as its bridge: fcm:shop-app.
+    return ",".join((raw_bridge_key(c) or "?") + ("(invalid)" if "invalid" in c else "") for c in dev["channels"])
 
 
 def _lines_of(parsed, committed: int) -> str:  # noqa: ANN001 - gateway.device_import.Parsed

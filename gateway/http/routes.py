@@ -22,6 +22,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from bridges.registry import app_names
 from gateway.config import Config
 from gateway.ids import NOT_DOTS, is_id
 from gateway.http.acks import AckSigner
@@ -357,7 +358,7 @@ class Api:
         principal = await self._device_principal(request, device_id)
         payload = await read_body(request, MAX_DEVICE_BYTES, "device")
         try:
-            parse_device(payload, device_id)
+            parse_device(payload, device_id, app_names(self.svc.cfg))
         except InputError as err:
             raise ApiError.from_input(err) from None
         pipeline = await self._ready()

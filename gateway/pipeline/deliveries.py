@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from devices.models import PLATFORMS
 from gateway import clock
 from gateway import stats
 from gateway.pipeline import jobs, registry
@@ -437,15 +436,19 @@ def due_deliveries(conn: sqlite3.Connection, now: float, limit: int) -> list[Due
                                   "ORDER BY d.next_at LIMIT ?", (now, limit)))
 
 
+# A stored channel's bridge in SQL, as devices.models.raw_bridge_key: "fcm", or "fcm:<app>".
+_CHANNEL_BRIDGE = "(c.value->>'platform' || COALESCE(':' || (c.value->>'app'), ''))"
+
+
 def movable_for_route(conn: sqlite3.Connection, route: str, now: float, usable: Iterable[str], limit: int,
                       skip: frozenset[str] | set[str] = frozenset(), channels: ChannelCache | None = None,
                       ) -> list[DueDelivery]:
     """Due queued deliveries of a down bridge whose device has a channel on one of the
-    ``usable`` platforms (the only ones that can move: the rest wait for the bridge)."""
+    ``usable`` bridges (the only ones that can move: the rest wait for the bridge)."""
     rows = conn.execute(_DUE_COLUMNS + "WHERE d.state = 'queued' AND d.route = ? AND d.next_at <= ? "
                         "AND d.message_id NOT IN (SELECT value FROM json_each(?)) "
                         "AND EXISTS (SELECT 1 FROM json_each(v.channels) c "
-                        "WHERE c.value->>'platform' IN (SELECT value FROM json_each(?))) LIMIT ?",
+                        f"WHERE {_CHANNEL_BRIDGE} IN (SELECT value FROM json_each(?))) LIMIT ?",
                         (route, now, json.dumps(list(skip)), json.dumps(list(usable)), limit))
     return _due_rows(rows, channels=channels)
 
@@ -476,10 +479,15 @@ def unrouted_due(conn: sqlite3.Connection, now: float, routable: Iterable[str], 
     enabled = set(routable)
     out = _due_rows(conn.execute(_DUE_COLUMNS + "WHERE d.state = 'queued' AND d.route IS NULL AND d.next_at <= ? "
                                  "LIMIT ?", (now, limit)), channels=channels)
-    for platform in PLATFORMS:
-        if platform not in enabled and len(out) < limit:
+    # The routes of queued rows, walked on the index one route to the next (as next_due_at):
+    # a platform, or an app of one, that is no longer in the config.
+    route = conn.execute("SELECT MIN(route) FROM deliveries WHERE state = 'queued' AND route IS NOT NULL").fetchone()[0]
+    while route is not None and len(out) < limit:
+        if route not in enabled:
             out += _due_rows(conn.execute(_DUE_COLUMNS + "WHERE d.state = 'queued' AND d.route = ? AND d.next_at <= ? "
-                                          "LIMIT ?", (platform, now, limit - len(out))), channels=channels)
+                                          "LIMIT ?", (route, now, limit - len(out))), channels=channels)
+        route = conn.execute("SELECT MIN(route) FROM deliveries WHERE state = 'queued' AND route > ?",
+                             (route,)).fetchone()[0]
     return out
 
 

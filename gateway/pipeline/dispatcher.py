@@ -27,6 +27,7 @@ import structlog
 
 from gateway import clock
 from bridges.base import Bridge, Delivery, Notification, Outcome, OutcomeKind
+from devices.models import split_bridge_key
 from gateway.config import DispatchSection
 from gateway.pipeline import store
 from gateway.pipeline.backoff import retry_delay
@@ -487,7 +488,7 @@ class Dispatcher:
         sent_at = clock.utcnow()
         delivery = Delivery(
             message_id=row.message_id, job_id=row.job_id, device_id=row.device_id, channel=channel,
-            notification=job.notification, options=job.options.get(platform) or {},
+            notification=job.notification, options=job.options.get(split_bridge_key(platform)[0]) or {},
             sent_at=sent_at, expires_at=job.expires_dt, attempt=attempt,
             ack_url=self.ack_url(row.message_id) if self.ack_url is not None else None)
         released = False

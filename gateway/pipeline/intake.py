@@ -12,7 +12,7 @@ the message and the sender keeps it."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import structlog
@@ -47,8 +47,10 @@ _stdlog = logging.getLogger(__name__)
 class Intake:
     def __init__(self, db: Database, client: GatewayClient, topics: Topics, recorder: Recorder,
                  on_job: Callable[[], None], on_status: Callable[[], None],
-                 forward: store.Forwarder | None = None):
+                 forward: store.Forwarder | None = None, apps: Mapping[str, Collection[str]] | None = None):
         self.db = db
+        # platform → its [bridges.<platform>.apps] names: a channel naming another is refused.
+        self.apps = apps
         self.client = client
         self.topics = topics
         self.recorder = recorder
@@ -122,7 +124,7 @@ class Intake:
                 removed = await self.recorder.remove(device_id)
                 log.info("device removed" if removed else "device to remove was unknown", device_id=device_id)
                 return removed
-            device = parse_device(payload, device_id)
+            device = parse_device(payload, device_id, self.apps)
         except InputError as err:
             await self._error(topic, err)
             return False

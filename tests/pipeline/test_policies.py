@@ -605,3 +605,48 @@ async def test_a_bridge_that_cannot_start_is_fallen_over_after_the_grace(db):
     assert status["counts"]["sent"] == 1 and fcm.calls == []
     row = (await h.deliveries(job_id))["d0"]
     assert row["platform"] == "simulation" and "not valid JSON" in row["moved"]
+
+
+def app_device(device_id: str, app: str | None) -> dict:
+    fcm = {"platform": "fcm", "token": f"tok-{device_id}", **({"app": app} if app else {})}
+    return {"device_id": device_id, "channels": [fcm, {"platform": "simulation"}]}
+
+
+async def test_one_apps_unhealthy_bridge_moves_only_its_devices(db):
+    """Each app of a platform is its own bridge slot: the shop app's broken key moves its
+    devices to their next channel after the grace, the main app's devices stay on FCM."""
+    main = ScriptedBridge("fcm")
+    shop = ScriptedBridge("fcm", default=Outcome.unhealthy("oauth token refresh refused", retry_after=5))
+    h = Harness(db, {"fcm": main, "fcm:shop": shop, "simulation": ScriptedBridge("simulation")},
+                fallback_after_s=0.5)
+    await h.add_devices([app_device("main-1", None), app_device("shop-1", "shop")])
+    job_id = await h.submit(job({"all": True}, ttl=600) | {"options": {"fcm": {"android": {"restricted_package_name": "x"}}}})
+    status = await h.run_until_complete(job_id, timeout=10)
+    assert status["counts"]["sent"] == 2
+    rows = await h.deliveries(job_id)
+    assert rows["main-1"]["platform"] == "fcm" and rows["shop-1"]["platform"] == "simulation", rows
+    assert rows["shop-1"]["moved"].startswith("moved from fcm:shop to simulation: fcm:shop unhealthy for "), rows
+    # The platform's job options reach every app of it.
+    assert [d.options for _, d in shop.calls[:1]] == [{"android": {"restricted_package_name": "x"}}]
+    assert [d.device_id for _, d in main.calls] == ["main-1"] and {d.device_id for _, d in shop.calls} == {"shop-1"}
+
+
+async def test_deliveries_routed_to_an_app_no_longer_configured_take_the_next_channel(db):
+    gone = ScriptedBridge("fcm", delay=30)  # never answers while this dispatcher runs
+    first = Harness(db, {"fcm:gone": gone, "simulation": ScriptedBridge("simulation")})
+    await first.add_devices([app_device("d1", "gone")])
+    job_id = await first.submit(job({"all": True}, ttl=600))
+    tasks = _start(first)
+    try:
+        await _until(lambda: first.deliveries(job_id), 5)
+        rows = await first.deliveries(job_id)
+        assert rows["d1"]["state"] == "queued"
+    finally:
+        await _stop(first, tasks)  # the send in flight is cancelled: the row stays queued on fcm:gone
+    route = await db.run(lambda c: c.execute("SELECT route FROM deliveries WHERE job_id = ?", (job_id,)).fetchone()[0])
+    assert route == "fcm:gone"
+    # Restarted without [bridges.fcm.apps.gone]: the delivery is routed again, to the next channel.
+    second = Harness(db, {"fcm": ScriptedBridge("fcm"), "simulation": ScriptedBridge("simulation")})
+    status = await second.run_until_complete(job_id, timeout=10)
+    assert status["counts"]["sent"] == 1
+    assert (await second.deliveries(job_id))["d1"]["platform"] == "simulation"
