@@ -105,3 +105,47 @@ async def test_an_oversized_websocket_frame_is_refused_before_it_is_buffered(gw:
         await ws.send(_publish(f"{P}/big", 2 * MiB, qos=1))
         ack = await asyncio.wait_for(ws.recv(), 20)
         assert ack == b"\x40\x02\x00\x01"
+
+
+async def test_a_websocket_client_over_its_rate_is_not_buffered(tmp_path: Path):
+    """A websocket client over its publish rate is read more slowly, like a TCP one: its frames
+    wait in websockets' bounded queue and in TCP, not in the daemon. (The pump fed every frame
+    into the reader while the connection was paused, so the daemon's memory grew with whatever
+    the client sent.)"""
+    data = base_config(tmp_path, 0, broker={
+        "listeners": [{"name": "local", "type": "tcp", "bind": "127.0.0.1:0", "allow_anonymous": True,
+                       "anonymous_role": "admin"},
+                      {"name": "web", "type": "ws", "bind": "127.0.0.1:0", "allow_anonymous": True,
+                       "anonymous_role": "anonymous"}],
+        "limits": {"anonymous": {"max_publish_rate": 5}}},
+        http={"bind": "127.0.0.1:0"})
+    proc = GatewayProcess(write_config(tmp_path, data), tmp_path)
+    proc.start()
+    try:
+        url = f"ws://127.0.0.1:{proc.ports['broker']['web']}"
+        pid = proc.proc.pid
+        baseline = _vm(pid, "VmRSS")
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        ws = await ws_connect(url, subprotocols=["mqtt"], max_size=None, compression=None)  # type: ignore[list-item]
+        await ws.send(_connect("fast"))
+        assert (await asyncio.wait_for(ws.recv(), 10))[:4] == b"\x20\x02\x00\x00"
+        frame = _publish(f"{P}/x", 60_000)     # under the 64 KiB packet limit, denied, over the rate
+        sent = 0
+
+        async def flood() -> None:
+            nonlocal sent
+            while True:
+                await ws.send(frame)
+                sent += len(frame)
+
+        task = asyncio.create_task(flood())
+        await asyncio.sleep(4)
+        task.cancel()
+        grown_mb = (_vm(pid, "VmHWM") - baseline) / 1024
+        assert sent < 40 * MiB, f"the client sent {sent / MiB:.0f} MiB: it was not pushed back"
+        assert grown_mb < 12, f"the daemon's peak RSS grew by {grown_mb:.1f} MB ({sent / MiB:.0f} MiB sent)"
+        ws.transport.abort()
+    finally:
+        proc.kill()
+        if proc.notify:
+            proc.notify.close()

@@ -160,6 +160,52 @@ class WsWriter:
             transport.close()
 
 
+class WsReader(asyncio.StreamReader):
+    """The byte stream of a websocket's binary frames, with the back-pressure a TCP reader has.
+
+    A StreamReader fed by hand never pauses anything: while the connection was not read (a
+    client over its publish rate), the pump kept taking frames from websockets and feeding
+    them in, and the buffer grew with whatever the client sent. The pump now waits (:meth:`room`)
+    while more than ``limit`` bytes are unread; websockets then stops reading the socket once
+    its own queue is full, and TCP pushes back on the client, as for a TCP listener."""
+
+    def __init__(self, limit: int = WS_READ_LIMIT):
+        super().__init__(limit=limit)
+        self.ws_unread = 0
+        self._ws_cap = limit
+        self._ws_room = asyncio.Event()
+        self._ws_room.set()
+
+    def feed_data(self, data: bytes) -> None:
+        super().feed_data(data)
+        self.ws_unread += len(data)
+        if self.ws_unread > self._ws_cap:
+            self._ws_room.clear()
+
+    def feed_eof(self) -> None:
+        super().feed_eof()
+        self._ws_room.set()
+
+    async def read(self, n: int = -1) -> bytes:
+        data = await super().read(n)
+        self._consumed(len(data))
+        return data
+
+    async def readexactly(self, n: int) -> bytes:
+        data = await super().readexactly(n)
+        self._consumed(n)
+        return data
+
+    def _consumed(self, n: int) -> None:
+        self.ws_unread -= n
+        if self.ws_unread <= self._ws_cap:
+            self._ws_room.set()
+
+    async def room(self) -> None:
+        """Return once at most ``limit`` bytes are unread (or the stream ended)."""
+        await self._ws_room.wait()
+
+
 def tls_context(section: ListenerSection) -> ssl.SSLContext:
     """TLS 1.2+; client certificates required where the listener says so, verified against
     its ``cafile``; without a ``cafile`` none are asked for."""
@@ -214,7 +260,7 @@ class Listener:
         await self._accept(reader, StreamWriter(writer), self.section, remote)
 
     async def _serve_ws(self, ws: ServerConnection) -> None:
-        reader = asyncio.StreamReader(limit=WS_READ_LIMIT)
+        reader = WsReader()
         peer = ws.remote_address
         remote = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
         writer = WsWriter(ws)
@@ -258,13 +304,15 @@ def _select_mqtt(connection: ServerConnection, subprotocols: list[str]) -> Any:
     return "mqtt" if "mqtt" in subprotocols else None
 
 
-async def _pump(ws: ServerConnection, reader: asyncio.StreamReader, writer: WsWriter) -> None:
-    """Binary frames → the reader's byte stream [MQTT-6.0.0-1]; a text frame closes [MQTT-6.0.0-1]."""
+async def _pump(ws: ServerConnection, reader: WsReader, writer: WsWriter) -> None:
+    """Binary frames → the reader's byte stream [MQTT-6.0.0-1]; a text frame closes [MQTT-6.0.0-1].
+    The next frame is taken only once the reader has room (see :class:`WsReader`)."""
     try:
         async for frame in ws:
             if isinstance(frame, str):
                 break
             reader.feed_data(frame)
+            await reader.room()
     except ConnectionClosed as exc:
         # websockets refused a frame over the cap from its header and closed with 1009.
         writer.refused_frame = exc.sent is not None and exc.sent.code == CloseCode.MESSAGE_TOO_BIG
