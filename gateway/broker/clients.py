@@ -215,11 +215,12 @@ class ClientState:
             out.seq = next(self._seq)
             # On disk on the gateway's clock (gateway.clock): a restart keeps its meaning.
             expires_at = None if msg.expires_at is None else clock.now() + (msg.expires_at - time.monotonic())
+            share = group.subscription if group is not None else None
             if msg.shared:
-                store.queue_shared(self.client_id, out.seq, msg, qos, retain, expires_at, sub_ids)
+                store.queue_shared(self.client_id, out.seq, msg, qos, retain, expires_at, sub_ids, share)
             else:
                 store.queue_message(self.client_id, out.seq, msg.topic, msg.payload, qos, retain, msg.props,
-                                    expires_at, sub_ids)
+                                    expires_at, sub_ids, share)
             durable = True
         pending = self.pending
         pending.append(out)
@@ -503,16 +504,22 @@ class ClientState:
                     return
         await handler.send_bytes(send_ack(PUBREL_B, packet_id))
 
-    def take_shared(self) -> list[Outgoing]:
+    def take_shared(self, group: SharedGroup | None = None, reader: ClientAcl | None = None) -> list[Outgoing]:
         """The member leaves (its connection ended): remove and return the QoS 1/2 messages it got
         through a shared subscription and has not acknowledged, so the group's other members get
-        them (at least once). A QoS 2 message whose PUBREC came is the receiver's: it stays."""
-        taken = [out for out in self.pending if out.group is not None and out.qos]
+        them (at least once). A QoS 2 message whose PUBREC came is the receiver's: it stays.
+        ``group``: only that group's; ``reader``: only messages that ACL may receive."""
+
+        def wanted(out: Outgoing) -> bool:
+            return (out.group is not None and (group is None or out.group is group)
+                    and (reader is None or reader.allow_all or reader.may_receive(out.msg.topic)))
+
+        taken = [out for out in self.pending if out.qos and wanted(out)]
         if taken:
-            self.pending = deque(out for out in self.pending if out.group is None or not out.qos)
+            self.pending = deque(out for out in self.pending if not (out.qos and wanted(out)))
             self.pending_bytes = sum(len(out.msg.payload) for out in self.pending)
         for packet_id, out in list(self.inflight.items()):
-            if out.group is not None and out.state != RELEASED:
+            if out.state != RELEASED and wanted(out):
                 del self.inflight[packet_id]
                 taken.append(out)
         return taken

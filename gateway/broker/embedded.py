@@ -200,8 +200,8 @@ class GatewayBroker:
                 cs.offline_since = time.monotonic() - max(0.0, clock.now() - stored.seen_at)
             for topic_filter, options in stored.subscriptions.items():
                 self.subscribe(cs, topic_filter, options)
-            cs.restore([(Outgoing(self._stored_body(bodies, m), m.qos, m.retain, m.seq, m.sub_ids), m.packet_id,
-                         m.state) for m in stored.messages])
+            cs.restore([(Outgoing(self._stored_body(bodies, m), m.qos, m.retain, m.seq, m.sub_ids,
+                                  self._group_of(m.share)), m.packet_id, m.state) for m in stored.messages])
             cs.qos2_in = set(stored.qos2_in)
             self._clients[cs.client_id] = cs
             self._arm_expiry(cs)
@@ -539,7 +539,36 @@ class GatewayBroker:
         self._clients[client_id] = cs
         if not cs.clean and self._store is not None:
             self._store.session(client_id, packet.username, role, owner, cs.expiry_s)
+        self._collect_shared(cs)
         return cs, present
+
+    def _group_of(self, subscription: str | None) -> SharedGroup | None:
+        """The group of a ``$share/<group>/<filter>`` subscription (None: not one, or no member left)."""
+        if not subscription:
+            return None
+        try:
+            parsed = split_shared(subscription)
+        except ValueError:
+            return None
+        return self._shared.match_filter(parsed[1], subscription) if parsed is not None else None
+
+    def _collect_shared(self, cs: ClientState) -> None:
+        """A member of shared subscriptions connects: the QoS 1/2 messages that offline members of
+        its groups got through the group and never acknowledged come to it. They were kept by a
+        member whose connection ended while no other member was connected, or when the broker
+        stopped (a restart ends every connection and hands nothing over)."""
+        for subscription, options in cs.subscriptions.items():
+            group = self._group_of(subscription)
+            if group is None:
+                continue
+            sub_qos = options & QOS_MASK
+            for other, _ in list(group.members.values()):
+                if other is cs or other.handler is not None:
+                    continue
+                for out in other.take_shared(group, cs.acl):
+                    cs.enqueue(out.msg, min(out.qos, sub_qos), out.retain, sub_ids_of(options), group)
+                    other.forget_taken(out)
+                    self.metrics.shared_handed_over += 1
 
     def set_session_expiry(self, cs: ClientState, expiry: int | None) -> None:
         """A 5.0 DISCONNECT changed the Session Expiry Interval [MQTT-3.14.2-2]."""

@@ -94,6 +94,7 @@ class StoredMessage:
     props: bytes = b""              # MQTT 5.0 properties passed through to subscribers (encoded)
     expires_at: float | None = None   # end of the Message Expiry Interval on the gateway clock (gateway.clock)
     sub_ids: tuple[int, ...] = ()   # the Subscription Identifiers it is delivered with
+    share: str | None = None        # the shared subscription it came through ($share/<group>/<filter>)
 
 
 RETRY_INITIAL_S = 0.2   # first retry of a failed commit; doubles up to RETRY_MAX_S
@@ -166,7 +167,14 @@ def _add_wills(conn: sqlite3.Connection) -> None:
                  " expiry_s INTEGER, due_at REAL NOT NULL)")
 
 
-MIGRATIONS = (_migrate, _add_sub_ids, _add_wills)
+def _add_share(conn: sqlite3.Connection) -> None:
+    """broker_messages.share: the shared subscription (``$share/<group>/<filter>``) a queued message
+    came through, so it can still be handed to another member of the group after a restart."""
+    if "share" not in {row[1] for row in conn.execute("PRAGMA table_info(broker_messages)")}:
+        conn.execute("ALTER TABLE broker_messages ADD COLUMN share TEXT")
+
+
+MIGRATIONS = (_migrate, _add_sub_ids, _add_wills, _add_share)
 
 
 def _load(conn: sqlite3.Connection) -> LoadedState:
@@ -181,9 +189,10 @@ def _load(conn: sqlite3.Connection) -> LoadedState:
             sessions[cid].subscriptions[flt] = int(qos)
     next_seq = 1
     lost: list[tuple[str, int]] = []
-    for cid, seq, topic, payload, qos, retain, pid, state, body_id, body, props, expires_at, sub_id, sub_ids in conn.execute(
+    for (cid, seq, topic, payload, qos, retain, pid, state, body_id, body, props, expires_at, sub_id, sub_ids,
+         share) in conn.execute(
             "SELECT m.client_id, m.seq, m.topic, m.payload, m.qos, m.retain, m.packet_id, m.state, m.body_id,"
-             " b.payload, m.props, m.expires_at, m.sub_id, m.sub_ids"
+             " b.payload, m.props, m.expires_at, m.sub_id, m.sub_ids, m.share"
             " FROM broker_messages m LEFT JOIN broker_bodies b ON b.id = m.body_id ORDER BY m.seq"):
         next_seq = max(next_seq, int(seq) + 1)
         if body_id is not None and body is None:
@@ -192,7 +201,8 @@ def _load(conn: sqlite3.Connection) -> LoadedState:
         if cid in sessions:
             sessions[cid].messages.append(StoredMessage(int(seq), topic, bytes(body if body_id is not None else payload),
                                                         int(qos), bool(retain), pid, int(state), body_id,
-                                                        bytes(props or b""), expires_at, _load_ids(sub_id, sub_ids)))
+                                                        bytes(props or b""), expires_at, _load_ids(sub_id, sub_ids),
+                                                        share))
     if lost:
         log.error("queued messages without their body were deleted", messages=len(lost))
         conn.executemany(_MSG_DEL, lost)
@@ -291,13 +301,13 @@ class StateStore:
 
     def queue_message(self, client_id: str, seq: int, topic: str, payload: bytes, qos: int,
                       retain: bool = False, props: bytes = b"", expires_at: float | None = None,
-                      sub_ids: tuple[int, ...] = ()) -> None:
+                      sub_ids: tuple[int, ...] = (), share: str | None = None) -> None:
         self._put(("msg", client_id, seq),
                   ("msg_put", client_id, seq, topic, payload, qos, int(retain), None, QUEUED, None, props or None,
-                   expires_at, *_store_ids(sub_ids)))
+                   expires_at, *_store_ids(sub_ids), share))
 
     def queue_shared(self, client_id: str, seq: int, msg: Any, qos: int, retain: bool = False,
-                     expires_at: float | None = None, sub_ids: tuple[int, ...] = ()) -> None:
+                     expires_at: float | None = None, sub_ids: tuple[int, ...] = (), share: str | None = None) -> None:
         """Queue ``msg`` (a ``clients.Message``: ``topic``, ``payload``, ``body_id``, ``refs``) for
         one session, its body stored once for every session that queues it. Each call must be
         matched by one :meth:`release_body` when the session is done with it."""
@@ -308,7 +318,7 @@ class StateStore:
         msg.refs += 1
         self._put(("msg", client_id, seq),
                   ("msg_put", client_id, seq, msg.topic, b"", qos, int(retain), None, QUEUED, msg.body_id,
-                   msg.props or None, expires_at, *_store_ids(sub_ids)))
+                   msg.props or None, expires_at, *_store_ids(sub_ids), share))
 
     def release_body(self, msg: Any) -> None:
         """One session is done with ``msg``: the body goes with the last reference."""
@@ -465,7 +475,7 @@ class StateStore:
 
 _MSG_PUT = ("INSERT OR REPLACE INTO broker_messages"
             " (client_id, seq, topic, payload, qos, retain, packet_id, state, body_id, props, expires_at, sub_id,"
-            " sub_ids) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+            " sub_ids, share) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 def _store_ids(sub_ids: tuple[int, ...]) -> tuple[int | None, str | None]:

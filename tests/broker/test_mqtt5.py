@@ -667,3 +667,46 @@ async def test_a_delayed_will_survives_a_broker_restart(tmp_path):
         assert b3.metrics()["wills_published"] == 0
     finally:
         await b3.stop()
+
+
+async def test_shared_messages_of_a_member_are_handed_over_after_a_restart(tmp_path):
+    """§4.8.2 across a restart: messages a member of ``$share/<group>/...`` received and did not
+    acknowledge before the broker stopped go to another member of the group when it connects
+    after the start, although their first member never comes back (they stayed with it)."""
+    b = await start_broker(tmp_path)
+    lazy = await _client(b.port, "lazy-r", props={0x11: 300})
+    busy = await _client(b.port, "busy-r", props={0x11: 300})
+    assert await lazy.subscribe5(("$share/work/task/#", 1)) == [1]
+    assert await busy.subscribe5(("$share/work/task/#", 1)) == [1]
+    busy.disconnect5()   # persistent, offline: every message goes to the connected member
+    await until(lambda: b.metrics()["clients_connected"] == 1)
+    pub = await _client(b.port, "boss-r")
+    for i in range(4):
+        pub.publish5("task/x", str(i).encode(), 1)
+    for _ in range(4):
+        await pub.expect(PUBACK)
+    got = []
+    while len(got) < 4:
+        pkt = await lazy.expect(PUBLISH)
+        got.append(pkt.body[-1:])    # received, never acknowledged
+    pub.disconnect5()
+    await b.stop()                   # lazy's connection ends with the broker: nothing handed over
+    b2 = await start_broker(tmp_path)
+    try:
+        back = RawClient5(b2.port)
+        assert await back.connect5("busy-r", clean_start=False, props={0x11: 300}) == (True, 0)
+        handed = []
+        while len(handed) < 4:
+            pkt = await back.expect(PUBLISH)
+            handed.append(pkt.body[-1:])
+            back.ack(4, pkt.packet_id)
+        assert sorted(handed) == sorted(got)
+        assert b2.metrics()["shared_handed_over"] == 4
+        back.disconnect5()
+        # The first member comes back: they are no longer its (it would get them twice).
+        again = RawClient5(b2.port)
+        assert await again.connect5("lazy-r", clean_start=False, props={0x11: 300}) == (True, 0)
+        assert await again.read(timeout=1) is None
+        again.disconnect5()
+    finally:
+        await b2.stop()
