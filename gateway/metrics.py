@@ -23,7 +23,6 @@ and the operator page.
 from __future__ import annotations
 
 import asyncio
-import json
 import platform
 import sqlite3
 import threading
@@ -41,7 +40,12 @@ from devices.models import split_bridge_key
 from gateway import __version__, clock
 from gateway import stats
 from gateway.alarms.summary import summary as alarm_summary
+from gateway.pipeline import deliveries as deliveries_of
+from gateway.pipeline import jobs as jobs_of
+from gateway.pipeline import registry
 from gateway.pipeline.dispatcher import OUTCOME_NAMES
+from gateway.states import DeliveryState, JobState
+from gateway.upstream import outbox
 
 log = structlog.get_logger(__name__)
 # No ``*_created`` series: they double every counter and no alert reads them.
@@ -50,8 +54,8 @@ disable_created_metrics()
 NS = "homepot"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Series that exist with 0 before anything happened, so an alert on them has something to read.
-DELIVERY_STATES = ("queued", "sent", "acknowledged", "failed", "expired", "invalid_address")
-JOB_STATES = ("accepted", "rejected", "dispatching", "completed", "acknowledged")
+DELIVERY_STATES = tuple(s.value for s in DeliveryState)
+JOB_STATES = tuple(s.value for s in JobState)
 HTTP_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -260,11 +264,11 @@ class DatabaseCollector:
             now = clock.now()
             counts = stats.delivery_counts(conn)
             latency = stats.ack_latency(conn)
-            oldest = stats.oldest_queued(conn, now)
-            counters = stats.counters(conn)
-            jobs = stats.jobs_by_state(conn)
-            devices = stats.device_count(conn)
-            backlog = stats.upstream_backlog(conn)
+            oldest = deliveries_of.oldest_queued(conn, now)
+            counters = jobs_of.counters(conn)
+            jobs = jobs_of.count_by_state(conn)
+            devices = registry.count(conn)
+            backlog = outbox.backlog(conn)
             alarms = alarm_summary(conn)
             online = _connected_by_segment(conn, self.presence)
         finally:
@@ -276,7 +280,7 @@ class DatabaseCollector:
         filled = {(p, st): 0 for p in platforms for st in DELIVERY_STATES} | counts
         for (platform_, state), n in sorted(filled.items()):
             deliveries.add_metric([*_platform(platform_), state], float(n))
-            if state == "queued":
+            if state == DeliveryState.QUEUED:
                 queue.add_metric(_platform(platform_), float(n))
         yield from (deliveries, queue)
         age = GaugeMetricFamily(f"{NS}_queue_oldest_age_seconds", "age of the oldest queued delivery (since its job "
@@ -345,9 +349,7 @@ def _connected_by_segment(conn: sqlite3.Connection, presence: dict[str, Any]) ->
     if not presence:
         return {}
     out: dict[str, int] = {}
-    seen = json.dumps(sorted(presence))
-    for device_id, segment in conn.execute("SELECT device_id, COALESCE(segment, '') FROM devices "
-                                           "WHERE device_id IN (SELECT value FROM json_each(?))", (seen,)):
+    for device_id, segment in registry.segments_of(conn, presence).items():
         out[segment] = out.get(segment, 0) + (1 if presence[device_id].get("connected") else 0)
     return out
 

@@ -20,7 +20,7 @@ from devices.models import split_bridge_key
 from gateway import clock
 from gateway.config import Config, Secrets
 from gateway.mqtt import GatewayClient
-from gateway.pipeline import store
+from gateway.pipeline import acks as pipeline_acks
 from gateway.pipeline.dispatcher import Dispatcher, Expander
 from gateway.pipeline.intake import Intake
 from gateway.pipeline.models import AckVia
@@ -48,7 +48,7 @@ class Pipeline:
     name = "pipeline"
     started: asyncio.Event | None = None  # serves once running; ``ready`` gates its inputs
 
-    def __init__(self, cfg: Config, db: Database, forward: store.Forwarder | None = None,
+    def __init__(self, cfg: Config, db: Database, forward: pipeline_acks.Forwarder | None = None,
                  ack_url: Callable[[str], str] | None = None, secrets: Secrets | None = None):
         self.cfg = cfg
         # Without loaded secrets only secret-less platforms (simulation, mqtt) can start;
@@ -125,7 +125,7 @@ class Pipeline:
         assert self.intake is not None
         return await self.intake.register_device(device_id, payload, source)
 
-    async def ack(self, device_id: str, payload: bytes, source: str, via: AckVia) -> store.AckResult | None:
+    async def ack(self, device_id: str, payload: bytes, source: str, via: AckVia) -> pipeline_acks.AckResult | None:
         """One device ack from outside MQTT (the HTTP ack URL), stored with the channel it
         came by; None if it is bad input."""
         await self.ready.wait()
