@@ -40,7 +40,7 @@ app.add_typer(devices_app, name="devices")
 jobs_app = typer.Typer(no_args_is_help=True, **PLAIN, help="Jobs and their status.")
 app.add_typer(jobs_app, name="jobs")
 FULL_DISK_BYTES = 64 * 1024  # less free space than this: a write failure is called a full disk
-GROUPS = {"users", "devices", "jobs", "alarms"}  # commands with subcommands (alarms: below)
+GROUPS = {"users", "devices", "jobs", "alarms", "people"}  # commands with subcommands (alarms: below)
 
 
 class _State:
@@ -287,6 +287,7 @@ def send(
     device: Annotated[Optional[list[str]], typer.Option("--device", metavar="ID", help="target: this device (repeatable)")] = None,
     segment: Annotated[Optional[str], typer.Option("--segment", metavar="NAME", help="target: every device of this segment")] = None,
     all_devices: Annotated[bool, typer.Option("--all", help="target: every registered device (asks first; see --yes)")] = False,
+    person: Annotated[Optional[list[str]], typer.Option("--person", metavar="ID", help="target: this person, reached device by device (repeatable)")] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="send to --all or to more than [cli] confirm_above devices without asking")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="show progress until the job reaches --until")] = False,
     timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS", help="how long --wait waits")] = 300.0,
@@ -294,7 +295,7 @@ def send(
 ) -> None:
     """Submit a job to the running gateway; print its job_id.
 
-    Needs one target (--device, --segment or --all) and something to say (--title, --body
+    Needs one target (--device, --segment, --all or --person) and something to say (--title, --body
     or --data). Sending to --all, or to more devices than [cli] confirm_above, asks for
     confirmation on a terminal; without one it needs --yes.
     """
@@ -308,14 +309,15 @@ def send(
     if until not in (JobState.COMPLETED, JobState.ACKNOWLEDGED):
         fail(f"--until: expected completed or acknowledged, got {until!r}")
     chosen = [name for name, given in (("--device", bool(device)), ("--segment", segment is not None),
-                                       ("--all", all_devices)) if given]
+                                       ("--all", all_devices), ("--person", bool(person))) if given]
     if len(chosen) != 1:
-        fail("target: give exactly one of --device, --segment, --all")
+        fail("target: give exactly one of --device, --segment, --all, --person")
     try:
         pairs = parse_data(data or [])
     except OptionError as exc:
         fail(str(exc))
-    target = {"devices": device} if device else {"segment": segment} if segment is not None else {"all": True}
+    target = ({"devices": device} if device else {"segment": segment} if segment is not None
+              else {"people": person} if person else {"all": True})
     notification: dict = {"data": pairs, "priority": priority, "ttl": ttl}
     for k, v in (("title", title), ("body", body), ("collapse_key", collapse_key)):
         if v is not None:
@@ -383,6 +385,7 @@ def devices_add(
     segment: Annotated[Optional[str], typer.Option("--segment", metavar="NAME", help="the device's segment (a group jobs can target)")] = None,
     tag: Annotated[Optional[list[str]], typer.Option("--tag", metavar="TAG", help="a tag (repeatable)")] = None,
     app: Annotated[Optional[list[str]], typer.Option("--app", metavar="NAME", help="the channel's app of [bridges.<platform>.apps]; pairs up with --platform in order like --address (empty: the section's own credentials)")] = None,
+    owner: Annotated[Optional[str], typer.Option("--owner", metavar="PERSON", help="the person the device belongs to (a label; reach order is the person's --device list)")] = None,
 ) -> None:
     """Register (or replace) a device."""
     from pydantic import ValidationError
@@ -420,7 +423,8 @@ def devices_add(
             channel["app"] = name
         channels.append(channel)
     try:
-        dev = Device.model_validate({"device_id": device_id, "segment": segment, "tags": tag or [], "channels": channels})
+        dev = Device.model_validate({"device_id": device_id, "segment": segment, "tags": tag or [], "channels": channels,
+                                     "owner": owner or None})
     except ValidationError as exc:
         fail(add_device_errors(exc, platform))
     conn = _db(cfg)
@@ -558,9 +562,9 @@ def devices_list(
     if as_json:
         typer.echo(json.dumps(devices, indent=2))
         return
-    _table(["DEVICE", "SEGMENT", "CHANNELS", "TAGS", "CONNECTED"],
+    _table(["DEVICE", "SEGMENT", "CHANNELS", "TAGS", "OWNER", "CONNECTED"],
            [[d["device_id"], d["segment"] or "-", _channels_text(d), ",".join(d["tags"]) or "-",
-             _connected_cell(d["presence"])] for d in devices])
+             d.get("owner") or "-", _connected_cell(d["presence"])] for d in devices])
 
 
 @devices_app.command("show")
@@ -583,7 +587,7 @@ def devices_show(device_id: Annotated[str, typer.Argument(metavar="ID")],
         typer.echo(json.dumps(dev, indent=2))
         return
     pairs = [("device", dev["device_id"]), ("segment", dev["segment"] or "-"),
-             ("tags", ",".join(dev["tags"]) or "-"), ("updated", dev["updated_at"]),
+             ("tags", ",".join(dev["tags"]) or "-"), ("owner", dev.get("owner") or "-"), ("updated", dev["updated_at"]),
              ("presence", _presence_text(dev["presence"]))]
     for i, ch in enumerate(dev["channels"]):
         address = {k: v for k, v in ch.items() if k not in ("platform", "invalid")}
@@ -654,6 +658,14 @@ def jobs_show(job_id: Annotated[str, typer.Argument(metavar="ID")],
              ("targets", str(counts["targets"])),
              ("counts", "  ".join(f"{k}={v}" for k, v in counts.items() if k != "targets")),
              ("created", status["created_at"]), ("updated", status["updated_at"])])
+    if "people" in status:
+        from gateway.pipeline import reach
+
+        p = status["people"]
+        typer.echo(f"people: targets={p['targets']}  reached={p['reached']}  held={p['held']}")
+        for row in reach.people_of_job(conn, job_id):
+            how = f" by {row['reached_by']} at {row['reached_at']}" if row["reached_by"] else ""
+            typer.echo(f"  {row['person_id']}  {row['state']}{how}" + (f"  ({row['note']})" if row["note"] else ""))
     error = status.get("error")
     if error:
         typer.echo(f"error: {error.get('code')}: {error.get('message')}", err=True)
@@ -755,6 +767,9 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="print the statu
     from gateway.status import main as status_main
 
     raise typer.Exit(status_main(get_config(), as_json))
+
+
+import gateway.cli_people  # noqa: E402,F401 - registers the people commands on app
 
 
 def main() -> None:

@@ -34,6 +34,16 @@ class DeliveryState(StrEnum):
     INVALID_ADDRESS = "invalid_address"
 
 
+class ReachState(StrEnum):
+    """Where a person of a job that targets people stands (``job_people.state``, §12)."""
+
+    REACHING = "reaching"  # their devices are being tried, in order
+    REACHED = "reached"  # one of their devices acked
+    UNKNOWN = "unknown"  # no such person when the job was expanded
+    NO_DEVICES = "no_devices"  # the person lists no device
+    REMOVED = "removed"  # removed from the registry while being reached
+
+
 DELIVERY_STATES: tuple[DeliveryState, ...] = tuple(DeliveryState)
 # Deliveries that went wrong: a send with one of these fails the CLI's exit code.
 PROBLEM_DELIVERY_STATES = (DeliveryState.FAILED, DeliveryState.EXPIRED, DeliveryState.INVALID_ADDRESS)
@@ -59,4 +69,4 @@ ALARM_STATES: tuple[AlarmState, ...] = (AlarmState.PENDING, AlarmState.FIRING, A
 ACTIVE_ALARM_STATES = frozenset({AlarmState.PENDING, AlarmState.FIRING, AlarmState.ACKNOWLEDGED})
 
 __all__ = ["ACTIVE_ALARM_STATES", "ALARM_STATES", "DELIVERY_STATES", "FINAL_JOB_STATES", "PROBLEM_DELIVERY_STATES",
-           "AlarmState", "DeliveryState", "JobState"]
+           "AlarmState", "DeliveryState", "JobState", "ReachState"]

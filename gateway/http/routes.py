@@ -29,6 +29,7 @@ from gateway.http.acks import AckSigner
 from gateway.http.auth import BasicAuth, Principal
 from gateway.broker.presence import device_presence
 from gateway.http.errors import HTTP_CODES, ApiError, error_response, json_response
+from gateway.http.people import PeopleRegistry, PeopleRoutes
 from gateway.http.pulse import Pulse
 from gateway.http.reader import Reader
 from gateway.http.streams import StreamSlots
@@ -129,6 +130,7 @@ class ApiParts:
     changes: Pulse             # fired after every pipeline commit (event streams re-read)
     stopping: asyncio.Event    # set when the API stops (event streams end)
     streams: StreamSlots       # every event stream, counted per account
+    people: PeopleRegistry     # the person registry's writes (/v1/people)
 
 
 def api_app(parts: ApiParts) -> tuple[web.Application, "Api"]:
@@ -203,6 +205,7 @@ class Api:
         r.add_delete("/v1/devices/{device_id}", self.delete_device)
         r.add_post("/v1/acks/{message_id}", self.post_ack)
         r.add_route("OPTIONS", "/v1/acks/{message_id}", self.ack_preflight)
+        PeopleRoutes(self, self.svc.people).add_routes(r)
 
     # ------------------------------------------------------------------ helpers
     async def _ready(self) -> JobIntake:
@@ -212,6 +215,11 @@ class Api:
         except TimeoutError:
             raise ApiError(503, "not_ready", "the pipeline is still starting", {"Retry-After": "1"}) from None
         return jobs
+
+    async def intake(self) -> JobIntake:
+        """The pipeline's entry points once it runs (503 ``not_ready`` meanwhile): for the
+        routes of other modules (gateway.http.me) that enter it the same way."""
+        return await self._ready()
 
     async def _db(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """A read (on the API's read-only connection, never queued behind the writer's fsyncs)."""

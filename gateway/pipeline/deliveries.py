@@ -70,7 +70,7 @@ class Result:
 FirstAck = tuple[str, float, float, "Result | None"]
 
 
-# A delivery as the writer knows it: [job_id, device_id, state, route, platform, sent_at].
+# A delivery as the writer knows it: [job_id, device_id, state, route, platform, sent_at, person_id].
 # Its platform for the aggregates (gateway.stats.PLATFORM_KEY) is route, else platform, else ''.
 
 
@@ -134,7 +134,7 @@ class DeliveryWriter:
     def read(self, message_ids: Iterable[str]) -> dict[str, list[Any]]:
         """The rows of ``message_ids`` that exist (read once per transaction; later reads
         come from what the writer knows): message_id → [job_id, device_id, state, route,
-        platform, sent_at]. Read only: the writer keeps them current."""
+        platform, sent_at, person_id]. Read only: the writer keeps them current."""
         rows = self._rows
         missing = [m for m in message_ids if m not in rows] if rows else list(message_ids)
         if missing:
@@ -143,7 +143,8 @@ class DeliveryWriter:
             # the connection's Row objects: one list per row, made by the unpacking.
             cur = self.conn.cursor()
             cur.row_factory = None
-            for mid, *row in cur.execute("SELECT message_id, job_id, device_id, state, route, platform, sent_at "
+            for mid, *row in cur.execute("SELECT message_id, job_id, device_id, state, route, platform, sent_at, "
+                                         "person_id "
                                          "FROM deliveries WHERE message_id IN (SELECT value FROM json_each(?))",
                                          (json.dumps(missing),)):
                 rows[mid] = row
@@ -209,6 +210,63 @@ class DeliveryWriter:
                     counts[k] = counts.get(k, 0) + 1
         return cur.rowcount
 
+    def insert_steps(self, job_id: str, rows: list[tuple[str, str | None, str, float, str, str | None]]
+                     ) -> tuple[int, int]:
+        """A people job's rows (:mod:`gateway.pipeline.reach`): (device_id, route, person_id,
+        next_at, state, error) each, ``queued`` or ``failed``; a device that already has a
+        row in the job is left alone (a page expanded again after a crash, or a device two
+        persons share). (rows that went in, of which failed). The job's counts are
+        expansion's, as for :meth:`insert`."""
+        if not rows:
+            return 0, 0
+        ids = new_message_ids(len(rows))
+        cur = self.conn.execute(
+            "INSERT OR IGNORE INTO deliveries(message_id, job_id, device_id, person_id, next_at, state, last_error, route) "
+            "SELECT value->>0, ?, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6 FROM json_each(?)",
+            (job_id, json.dumps([[m, d, p, at, st, err, route] for m, (d, route, p, at, st, err) in zip(ids, rows)])))
+        known = self.read(ids)
+        counts = self._counts
+        failed = 0
+        for m in ids:
+            row = known.get(m)
+            if row is not None:
+                k = (row[3] if row[3] is not None else "", row[2])
+                counts[k] = counts.get(k, 0) + 1
+                failed += row[2] == DeliveryState.FAILED
+        return cur.rowcount, failed
+
+    def count_reached(self, job_id: str) -> None:
+        """A person of the job was reached (``people_reached``, written with the batch)."""
+        self._jobs[job_id]["people_reached"] += 1
+
+    def withdraw(self, message_ids: list[str]) -> None:
+        """Delete queued rows that were never attempted: a person's later steps once the
+        person was reached (:mod:`gateway.pipeline.reach`). They leave the aggregates and the
+        job's counts, ``targets`` included: the job did not make those deliveries after all."""
+        rows = self.read(message_ids)
+        counts = self._counts
+        gone = []
+        for m in message_ids:
+            row = rows.get(m)
+            if row is None or row[2] != DeliveryState.QUEUED:
+                continue
+            gone.append(m)
+            rows.pop(m)
+            k = (row[3] if row[3] is not None else (row[4] if row[4] is not None else ""), row[2])
+            counts[k] = counts.get(k, 0) - 1
+            by_job = self._jobs[row[0]]
+            by_job["queued"] -= 1
+            by_job["targets"] -= 1
+            by_job["expanded_rows"] -= 1
+        if gone:
+            self.conn.execute("DELETE FROM deliveries WHERE message_id IN (SELECT value FROM json_each(?)) "
+                              "AND state = 'queued'", (json.dumps(gone),))
+
+    def stop_resends(self, job_id: str, person_id: str) -> None:
+        """A reached person's other devices are not sent their notification again."""
+        self.conn.execute("UPDATE deliveries SET resend_at = NULL WHERE person_id = ? AND job_id = ? "
+                          "AND state = 'sent' AND resend_at IS NOT NULL", (person_id, job_id))
+
     def record(self, results: list[Result]) -> None:
         """Attempts' outcomes, in order. A delivery moves only from ``queued`` (a result
         for a row that moved on meanwhile changes nothing, but for a send recorded after
@@ -222,6 +280,7 @@ class DeliveryWriter:
         groups: list[tuple[str, list[tuple[Any, ...]]]] = []
         by_sql: dict[str, list[tuple[Any, ...]]] = {}
         move, now, conn = self._move, self.now, self.conn
+        dead_steps: list[tuple[str, str]] = []  # (job_id, person_id) whose tried device will never ack
         for r in results:
             if r.invalid_key:
                 registry.mark_invalid(conn, r.device_id, r.invalid_key, r.error or "invalid address", now)
@@ -256,6 +315,8 @@ class DeliveryWriter:
                 else:  # failed | expired | invalid_address
                     sql, params = _FINISHED, (r.state, r.platform, r.attempts, r.error, r.message_id)
                     move(row, r.state, row[3], r.platform if r.platform is not None else row[4])
+                    if row[6] is not None and r.state != DeliveryState.EXPIRED:
+                        dead_steps.append((row[0], row[6]))
             if ordered:
                 if groups and groups[-1][0] == sql:
                     groups[-1][1].append(params)
@@ -269,6 +330,17 @@ class DeliveryWriter:
                 batch.append(params)
         for sql, batch in groups:
             conn.executemany(sql, batch)
+        if dead_steps:
+            self._next_step_now(dead_steps)
+
+    def _next_step_now(self, steps: list[tuple[str, str]]) -> None:
+        """A person's device that failed (or whose address is invalid) will not ack: their
+        next waiting device is due now instead of at its turn (a due time, no state moves)."""
+        now = clock.now()
+        self.conn.executemany(
+            "UPDATE deliveries SET next_at = ? WHERE message_id = (SELECT message_id FROM deliveries "
+            "WHERE person_id = ? AND job_id = ? AND state = 'queued' AND attempts = 0 AND next_at > ? "
+            "ORDER BY next_at LIMIT 1)", [(now, p, j, now) for j, p in dict.fromkeys(steps)])
 
     def acknowledge(self, acks: list[FirstAck]) -> None:
         """Deliveries' first acks (each delivery once, read before and still queued or
@@ -279,8 +351,11 @@ class DeliveryWriter:
         rows, latency, bucket_of, move, now = self._rows, self._latency, stats.bucket_of, self._move, self.now
         items: list[list[Any]] = []
         with_send: list[list[Any]] = []
+        people: list[tuple[str, str, str, float]] = []
         for mid, acked_at, latency_ms, send in acks:
             row = rows[mid]
+            if row[6] is not None:  # a step of reaching a person (gateway.pipeline.reach)
+                people.append((row[0], row[6], row[1], acked_at))
             if send is not None and send.platform is not None:
                 key = send.platform
                 sent_at = send.sent_at or now
@@ -301,6 +376,10 @@ class DeliveryWriter:
             self.conn.execute(_ACKNOWLEDGED, (json.dumps(items),))
         if with_send:
             self.conn.execute(_ACKNOWLEDGED_WITH_SEND, (json.dumps(with_send),))
+        if people:
+            from gateway.pipeline import reach
+
+            reach.reached(self, people, clock.now())  # the database thread's now: see reach.reached
 
     def delete(self, message_ids: list[str]) -> None:
         """Delete rows (retention): they leave the per-state counts; the latency histogram
@@ -342,7 +421,8 @@ def new_message_ids(n: int) -> list[str]:
 
 # ------------------------------------------------------------------ expansion
 def expand_page(conn: sqlite3.Connection, job_id: str, batch_size: int, now: float,
-                platforms: Iterable[str] | None = None, channels: ChannelCache | None = None) -> bool:
+                platforms: Iterable[str] | None = None, channels: ChannelCache | None = None,
+                reach_after_s: float = 120.0) -> bool:
     """Turn the next page of the job's target into delivery rows; True when done.
 
     The cursor (last device_id) is committed with the rows, so a crash mid-job resumes
@@ -350,7 +430,9 @@ def expand_page(conn: sqlite3.Connection, job_id: str, batch_size: int, now: flo
     Each row gets its route (the bridge of its first attempt among ``platforms``), so
     the dispatcher can fetch due work per bridge. Rows made now were counted as queued
     when the job was accepted; unknown devices move to failed
-    (:func:`gateway.pipeline.jobs.expanded_page`)."""
+    (:func:`gateway.pipeline.jobs.expanded_page`). A people target makes each person's
+    steps (:func:`gateway.pipeline.reach.expand_page`; ``reach_after_s``: the
+    ``[people]`` default)."""
     job = jobs.expansion_state(conn, job_id)
     if job is None or job["expanded"]:
         return True
@@ -359,6 +441,18 @@ def expand_page(conn: sqlite3.Connection, job_id: str, batch_size: int, now: flo
     cursor = job["expand_cursor"] or ""
     unknown: list[str] = []
     enabled = set(platforms) if platforms is not None else None
+    if "people" in target:
+        from gateway.pipeline import reach
+
+        wanted = target["people"]
+        start = bisect.bisect_right(wanted, cursor) if cursor else 0
+        page = wanted[start:start + max(1, batch_size // 8)]  # up to 32 devices a person
+        done = start + len(page) >= len(wanted)
+        with DeliveryWriter(conn, now) as writer:
+            made, failed = reach.expand_page(writer, job_id, page, due, job["expires_at"], reach_after_s, enabled,
+                                             channels)
+        jobs.expanded_page(conn, job_id, target, made, failed, page[-1] if page else cursor, done, now)
+        return done
     if "devices" in target:
         wanted: list[str] = target["devices"]
         start = bisect.bisect_right(wanted, cursor) if cursor else 0
@@ -557,9 +651,13 @@ def delivery_rows(conn: sqlite3.Connection, job_id: str, limit: int = 100000) ->
     now = clock.now()  # next_at is on the gateway's clock
     rows = []
     for r in conn.execute("SELECT message_id, device_id, state, platform, route, attempts, last_error, latency_ms, "
-                          "moved, next_at FROM deliveries WHERE job_id = ? ORDER BY device_id LIMIT ?", (job_id, limit)):
+                          "moved, next_at, person_id FROM deliveries WHERE job_id = ? ORDER BY device_id LIMIT ?",
+                          (job_id, limit)):
         row = dict(r)
-        row["reason"] = wait_reason(row["state"], row.pop("next_at"), row["last_error"], row["moved"], now)
+        if row["person_id"] is None:
+            del row["person_id"]  # only a people job's deliveries are for a person
+        row["reason"] = wait_reason(row["state"], row.pop("next_at"), row["last_error"], row["moved"], now,
+                                    row.get("person_id") is not None and row["attempts"] == 0)
         rows.append(row)
     stored = acks.acks_of_job(conn, job_id)
     for row in rows:
@@ -568,11 +666,16 @@ def delivery_rows(conn: sqlite3.Connection, job_id: str, limit: int = 100000) ->
 
 
 def wait_reason(state: str, next_at: float | None, last_error: str | None, moved: str | None,
-                now: float) -> str | None:
+                now: float, step: bool = False) -> str | None:
     """Why a queued delivery waits (contract §8), from what its row holds: a bridge that
-    is unhealthy, a retry's backoff, a move to the device's next channel."""
+    is unhealthy, a retry's backoff, a move to the device's next channel, or (``step``: a
+    person's delivery not tried yet) the person's earlier device's turn."""
     if state != _IS_QUEUED:
         return None
+    if step and not last_error and next_at is not None and next_at > now:
+        from gateway.pipeline.reach import WAITING
+
+        return f"{WAITING} until {iso(datetime.fromtimestamp(next_at, UTC))}"
     if last_error and " unhealthy" in last_error:
         return f"bridge {last_error}"  # "bridge fcm unhealthy: <why>"
     if last_error and next_at is not None and next_at > now:
@@ -647,6 +750,57 @@ def recent_of_device(conn: sqlite3.Connection, device_id: str, limit: int) -> li
                         "ORDER BY j.created_at DESC LIMIT ?", (device_id, limit)).fetchall()
 
 
+# A person's own notifications (their page, gateway/http/me.py): the deliveries made for
+# them (``person_id``) and those to a device in their reach list from jobs for no person.
+# A job that reaches them makes a row for each of their devices up front, the later ones
+# waiting their turn (gateway.pipeline.reach): such a job is one row here, the delivery that
+# got furthest (acknowledged, sent, queued, the rest; the earliest turn first). Keyset order
+# (job created_at, message_id) descending. Reads go through deliveries_by_person and
+# deliveries_by_device; the one sort is of the person's own rows.
+_PERSON_ROWS = """
+WITH mine AS (
+    SELECT d.message_id, d.job_id, d.device_id, d.state, d.person_id, d.attempts, d.next_at, d.last_error, d.moved,
+           ROW_NUMBER() OVER (PARTITION BY d.job_id, d.person_id ORDER BY
+               CASE d.state WHEN 'acknowledged' THEN 0 WHEN 'sent' THEN 1 WHEN 'queued' THEN 2 ELSE 3 END,
+               d.attempts DESC, d.next_at, d.message_id) AS pick
+    FROM deliveries d WHERE {cond})
+SELECT m.*, j.notification, j.created_at FROM mine m JOIN jobs j ON j.job_id = m.job_id
+"""
+
+
+def _of_person(person_id: str, device_ids: Iterable[str]) -> tuple[str, list[Any]]:
+    """The condition (on ``deliveries d``) that a delivery is the person's, and its values."""
+    ids = list(device_ids)
+    sql = "(d.person_id = ?"
+    if ids:
+        sql += f" OR (d.person_id IS NULL AND d.device_id IN ({','.join('?' * len(ids))}))"
+    return sql + ")", [person_id, *ids]
+
+
+def person_page(conn: sqlite3.Connection, person_id: str, device_ids: Iterable[str], limit: int,
+                before: str | None = None) -> list[sqlite3.Row] | None:
+    """Up to ``limit`` of the person's rows (see above), newest first, after the one whose
+    message_id is ``before``; None when ``before`` is not one of the person's deliveries."""
+    cond, args = _of_person(person_id, device_ids)
+    where, more = "WHERE (m.person_id IS NULL OR m.pick = 1) ", []
+    if before is not None:
+        cursor = conn.execute(f"SELECT j.created_at FROM deliveries d JOIN jobs j ON j.job_id = d.job_id "
+                              f"WHERE d.message_id = ? AND {cond}", [before, *args]).fetchone()
+        if cursor is None:
+            return None
+        where += "AND (j.created_at < ? OR (j.created_at = ? AND m.message_id < ?)) "
+        more = [cursor[0], cursor[0], before]
+    return conn.execute(_PERSON_ROWS.format(cond=cond) + where + "ORDER BY j.created_at DESC, m.message_id DESC "
+                        "LIMIT ?", [*args, *more, limit]).fetchall()
+
+
+def person_row(conn: sqlite3.Connection, person_id: str, device_ids: Iterable[str],
+               message_id: str) -> sqlite3.Row | None:
+    """One of the person's deliveries (any row of a job that reaches them), or None."""
+    cond, args = _of_person(person_id, device_ids)
+    return conn.execute(_PERSON_ROWS.format(cond=f"d.message_id = ? AND {cond}"), [message_id, *args]).fetchone()
+
+
 def oldest_queued(conn: sqlite3.Connection, now: float | None = None) -> dict[str, float]:
     """platform → age (s) of the oldest queued delivery, counted from its job's creation.
 
@@ -686,6 +840,6 @@ def shift_deadlines(conn: sqlite3.Connection, delta: float) -> int:
         return writer.shift_deadlines(delta)
 
 __all__ = ["DeliveryWriter", "apply_results", "shift_deadlines", "acked_latencies", "acked_latency", "acked_latency_histogram", "job_deliveries_after",
-           "last_acked_at", "oldest_queued", "recent_of_device", "DueDelivery", "FINAL_DELIVERY_STATES", "FirstAck", "Result", "delivery_rows",
+           "last_acked_at", "oldest_queued", "person_page", "person_row", "recent_of_device", "DueDelivery", "FINAL_DELIVERY_STATES", "FirstAck", "Result", "delivery_rows",
            "device_of", "devices_of_job", "due_deliveries", "due_for_route", "movable_for_route", "unexplained_for_route", "wait_reason", "expand_page", "expiring", "new_message_id", "new_message_ids",
            "next_due_at", "next_due_for_route", "of_job", "unrouted_due"]
