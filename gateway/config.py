@@ -157,6 +157,9 @@ class AclRule(_Section):
         description="Filters this role may neither publish, subscribe to, nor receive.")
 
 
+USER_ROLE = "user"  # a person's account (contract §5, §12): the HTTP API's /v1/me and /me only
+
+
 def default_acl() -> dict[str, AclRule]:
     """Contract §5 defaults; a role given in the config replaces its default."""
     tech = AclRule(publish=["{prefix}/jobs", "{prefix}/devices/+/register",
@@ -179,6 +182,9 @@ def default_acl() -> dict[str, AclRule]:
         # status and $SYS.
         "monitor": AclRule(subscribe=["{prefix}/#", "$SYS/#"], deny=["{prefix}/devices/+/notify"]),
         "admin": AclRule(publish=["#"], subscribe=["#"]),
+        # A person (contract §12): logs in to the HTTP API's /v1/me routes and the /me page,
+        # which check the role by name; nothing on MQTT unless [broker.acl.user] grants it.
+        USER_ROLE: AclRule(),
         "anonymous": AclRule(),
     }
 
@@ -268,7 +274,8 @@ class BrokerLimits(_Section):
             "to it; a 3.1.1 client cannot be told, and is refused (CONNACK 0x02); 0 = no maximum.")
     max_publish_rate: float = Field(
         default=0, ge=0, description="PUBLISH packets per second per client; a faster client is slowed down (its connection is "
-            "not read until it is within the rate); 0 = no limit.")
+            "not read until it is within the rate); 0 = no limit. Roles device and anonymous default to 1000 (set "
+            "it in their `[broker.limits.<role>]` table to change it; 0 there lifts it).")
     max_publish_bytes_rate: float = Field(
         default=0, ge=0, description="PUBLISH packet bytes (topic and payload) per second per client, slowed down the same way; 0 = no limit.")
     roles: dict[str, RoleLimits] = Field(
