@@ -116,6 +116,7 @@ def delivery_or_none(data_dir: Path, job_id: str) -> dict | None:
         conn.close()
 
 
+@pytest.mark.slow
 def test_forward_step_of_a_day_fires_no_stale_alarm_and_expires_no_resend(gateway_factory, tmp_path: Path):
     offset = tmp_path / "offset"
     rule = {"name": "heartbeat", "topic": "{prefix}/devices/+/telemetry/heartbeat", "stale_s": STALE_S,
@@ -165,6 +166,7 @@ def test_forward_step_of_a_day_fires_no_stale_alarm_and_expires_no_resend(gatewa
     assert gw.stop() == 0
 
 
+@pytest.mark.slow
 def test_backward_step_of_an_hour_freezes_neither_escalation_nor_resends(gateway_factory, tmp_path: Path):
     offset = tmp_path / "offset"
     rule = {"name": "door", "topic": "{prefix}/devices/+/telemetry/door", "equals": "open", "key": "{device_id}",
@@ -256,6 +258,7 @@ def alarm_due_at(data_dir: Path, rule: str, key: str) -> float:
 WAIT_S = 45.0  # resend, retry and escalation timers set before the step: longer than a restart on a loaded machine
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("offset,step_s", [("+1h", 3600.0), ("-1h", -3600.0)])
 def test_restart_after_a_step_shows_the_system_clock_and_keeps_every_remaining_duration(
         gateway_factory, tmp_path: Path, offset: str, step_s: float):

@@ -105,6 +105,7 @@ def password_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("passwd")
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(value=candidates)
 @example(value="tech\n")

@@ -223,6 +223,7 @@ def _answered_or_closed(s: socket.socket, deadline_s: float) -> str:
     return "silent"
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
 @given(packet=v5_packets())

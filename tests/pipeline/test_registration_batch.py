@@ -10,6 +10,7 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -61,6 +62,7 @@ def _rows(conn: sqlite3.Connection) -> list[tuple]:
     return [tuple(r) for r in conn.execute("SELECT * FROM devices ORDER BY device_id")]
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(existing=before, batch=st.lists(st.tuples(devices, st.sampled_from(["mqtt", "http"])), min_size=1, max_size=8))
 def test_batched_upserts_leave_what_one_upsert_each_leaves(tmp_path_factory, existing, batch):
