@@ -39,7 +39,22 @@ devices = st.builds(
 before = st.lists(st.tuples(devices, st.lists(st.integers(0, 2), max_size=3)), max_size=4)
 
 
+_TEMPLATE: list[bytes] = []
+
+
 def _db(path: Path) -> sqlite3.Connection:
+    """A fresh database at ``path``: a copy of one migrated once for the module (building
+    the whole schema twice per example was most of this module's time); ``migrate`` still
+    runs on the copy, finding nothing to do but its start-up steps."""
+    if not _TEMPLATE:
+        template = path.with_name("template.db")
+        conn = connect(template)
+        migrations.migrate(conn)
+        conn.commit()
+        conn.close()
+        _TEMPLATE.append(template.read_bytes())
+        template.unlink()
+    path.write_bytes(_TEMPLATE[0])
     conn = connect(path)
     # What rows the upserts leave is the subject here, not durability: no fsync per commit
     # (hundreds of examples, each committing to two databases).
@@ -62,7 +77,6 @@ def _rows(conn: sqlite3.Connection) -> list[tuple]:
     return [tuple(r) for r in conn.execute("SELECT * FROM devices ORDER BY device_id")]
 
 
-@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(existing=before, batch=st.lists(st.tuples(devices, st.sampled_from(["mqtt", "http"])), min_size=1, max_size=8))
 def test_batched_upserts_leave_what_one_upsert_each_leaves(tmp_path_factory, existing, batch):
