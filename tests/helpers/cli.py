@@ -8,13 +8,23 @@ to) uses :func:`tests.helpers.processes.cli`."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 
-def cli_in_process(config: Path, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+@dataclass(frozen=True)
+class CliResult:
+    """What ``subprocess.run`` gives for ``cli()``: the same fields, so a test reads either."""
+
+    args: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli_in_process(config: Path, *args: str, input: str | None = None) -> CliResult:
     """``cli()``'s result, run in-process from the config's directory. An exception that
     escapes ``main`` ends up in ``stderr`` as the traceback a real process prints, so
     checks for "no traceback" hold here too."""
@@ -46,4 +56,4 @@ def cli_in_process(config: Path, *args: str, input: str | None = None) -> subpro
             sys.argv = old_argv
             os.chdir(cwd)
         stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
-    return subprocess.CompletedProcess(["homepot-gateway", *argv], code, stdout, stderr)
+    return CliResult(["homepot-gateway", *argv], code, stdout, stderr)
