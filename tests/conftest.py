@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import dis
 import inspect
 import os
+import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +28,24 @@ def _code_names(code: types.CodeType) -> set[str]:
         if isinstance(const, types.CodeType):
             names |= _code_names(const)
     return names
+
+
+def _local_imports(code: types.CodeType) -> list[object]:
+    """What a function imports inside its body from the tests' own modules (``from
+    tests.support import GatewayProcess`` in a fixture): not in its globals, still called."""
+    found: list[object] = []
+    module = None
+    for ins in dis.get_instructions(code):
+        if ins.opname == "IMPORT_NAME":
+            module = ins.argval
+        elif ins.opname == "IMPORT_FROM" and isinstance(module, str) and module.startswith("tests"):
+            obj = getattr(sys.modules.get(module), ins.argval, None)
+            if obj is not None:
+                found.append(obj)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            found += _local_imports(const)
+    return found
 
 
 def _starts_processes(func: object, memo: dict[object, bool]) -> bool:
@@ -54,6 +74,9 @@ def _starts_processes(func: object, memo: dict[object, bool]) -> bool:
         if obj is not None and (inspect.isfunction(obj) or inspect.isclass(obj)) and _starts_processes(obj, memo):
             found = True
             break
+    if not found:
+        found = any((inspect.isfunction(obj) or inspect.isclass(obj)) and _starts_processes(obj, memo)
+                    for obj in _local_imports(code))
     memo[code] = found
     return found
 
