@@ -1,4 +1,4 @@
-"""The states a job and a delivery go through (contract §6, §7), named once.
+"""The states a job, a delivery and an alarm go through (contract §6, §7, §11), named once.
 
 Each is a :class:`enum.StrEnum`: a member is the string the database, the JSON and MQTT
 carry (``JobState.COMPLETED == "completed"``), so rows and payloads need no conversion and
@@ -38,5 +38,25 @@ DELIVERY_STATES: tuple[DeliveryState, ...] = tuple(DeliveryState)
 # Deliveries that went wrong: a send with one of these fails the CLI's exit code.
 PROBLEM_DELIVERY_STATES = (DeliveryState.FAILED, DeliveryState.EXPIRED, DeliveryState.INVALID_ADDRESS)
 
-__all__ = ["DELIVERY_STATES", "FINAL_JOB_STATES", "PROBLEM_DELIVERY_STATES",
-           "DeliveryState", "JobState"]
+
+
+class AlarmState(StrEnum):
+    """An alarm record's state (``alarms.state``); ``idle`` is a watch that is not alarming
+    (kept for its timers, never shown)."""
+
+    IDLE = "idle"
+    PENDING = "pending"  # the condition holds, for_s not yet over
+    FIRING = "firing"
+    ACKNOWLEDGED = "acknowledged"  # firing, and an operator has seen it
+    CLEARED = "cleared"
+
+
+# The states an alarm is shown and counted in (status, /metrics, the page), in the order
+# ``status`` and ``/metrics`` list them.
+ALARM_STATES: tuple[AlarmState, ...] = (AlarmState.PENDING, AlarmState.FIRING, AlarmState.ACKNOWLEDGED,
+                                        AlarmState.CLEARED)
+# The alarm is in an episode: the condition held (pending) or fired and has not cleared.
+ACTIVE_ALARM_STATES = frozenset({AlarmState.PENDING, AlarmState.FIRING, AlarmState.ACKNOWLEDGED})
+
+__all__ = ["ACTIVE_ALARM_STATES", "ALARM_STATES", "DELIVERY_STATES", "FINAL_JOB_STATES", "PROBLEM_DELIVERY_STATES",
+           "AlarmState", "DeliveryState", "JobState"]

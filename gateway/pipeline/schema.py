@@ -222,7 +222,17 @@ def _v3_device_tags(conn: sqlite3.Connection) -> None:
                      f"FROM devices d, json_each({_TAGS.format(r='d')}) j WHERE j.type = 'text'")
 
 
+def _v4_error_until_ack(conn: sqlite3.Connection) -> None:
+    """``deliveries.error_until_ack``: the delivery's ``last_error`` is a note that an ack
+    makes untrue (the resends' "no ack after N sends"), so the first ack clears it by this
+    flag, not by the note's wording. Rows that hold the note now are flagged."""
+    if "error_until_ack" not in {r[1] for r in conn.execute("PRAGMA table_info(deliveries)")}:
+        conn.execute("ALTER TABLE deliveries ADD COLUMN error_until_ack INTEGER NOT NULL DEFAULT 0")
+    conn.execute("UPDATE deliveries SET error_until_ack = 1 WHERE state = 'sent' "
+                 "AND last_error LIKE 'no ack after % sends; no more resends'")
+
+
 # The pipeline's migrations, oldest first (gateway.migrations): never edit one that was
 # released. Each is idempotent too (a database restored without its schema_versions row
 # runs them again harmlessly).
-MIGRATIONS = (_v1_base, _v2_acks_once, _v3_device_tags)
+MIGRATIONS = (_v1_base, _v2_acks_once, _v3_device_tags, _v4_error_until_ack)
