@@ -35,6 +35,8 @@ def _local_imports(code: types.CodeType) -> list[object]:
     tests.support import GatewayProcess`` in a fixture): not in its globals, still called."""
     found: list[object] = []
     module = None
+    if not any(name.startswith("tests.") or name == "tests" for name in code.co_names):
+        return [obj for const in code.co_consts if isinstance(const, types.CodeType) for obj in _local_imports(const)]
     for ins in dis.get_instructions(code):
         if ins.opname == "IMPORT_NAME":
             module = ins.argval
