@@ -57,12 +57,12 @@ run: $(STAMP)
 	$(VENV)/bin/homepot-gateway --config ./config.toml run
 
 test: $(TEST_STAMP) debian-test-deps
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 ## The unit-level tests only: everything not marked e2e (tests/conftest.py marks a test that
 ## starts a process: the daemon, Mosquitto, the CLI, a browser). Under a minute on 2 cores.
 test-fast: $(TEST_STAMP)
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not e2e" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not e2e" $(PYTEST_ARGS)
 
 ## The service: venv in /opt/homepot-gateway, CLI linked into /usr/local/bin, user homepot,
 ## /etc/homepot-gateway/config.toml, the unit. Root; safe to run again (systemd/install.sh).

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import dis
 import inspect
 import os
+import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +28,26 @@ def _code_names(code: types.CodeType) -> set[str]:
         if isinstance(const, types.CodeType):
             names |= _code_names(const)
     return names
+
+
+def _local_imports(code: types.CodeType) -> list[object]:
+    """What a function imports inside its body from the tests' own modules (``from
+    tests.support import GatewayProcess`` in a fixture): not in its globals, still called."""
+    found: list[object] = []
+    module = None
+    if not any(name.startswith("tests.") or name == "tests" for name in code.co_names):
+        return [obj for const in code.co_consts if isinstance(const, types.CodeType) for obj in _local_imports(const)]
+    for ins in dis.get_instructions(code):
+        if ins.opname == "IMPORT_NAME":
+            module = ins.argval
+        elif ins.opname == "IMPORT_FROM" and isinstance(module, str) and module.startswith("tests"):
+            obj = getattr(sys.modules.get(module), ins.argval, None)
+            if obj is not None:
+                found.append(obj)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            found += _local_imports(const)
+    return found
 
 
 def _starts_processes(func: object, memo: dict[object, bool]) -> bool:
@@ -54,6 +76,9 @@ def _starts_processes(func: object, memo: dict[object, bool]) -> bool:
         if obj is not None and (inspect.isfunction(obj) or inspect.isclass(obj)) and _starts_processes(obj, memo):
             found = True
             break
+    if not found:
+        found = any((inspect.isfunction(obj) or inspect.isclass(obj)) and _starts_processes(obj, memo)
+                    for obj in _local_imports(code))
     memo[code] = found
     return found
 
@@ -67,6 +92,65 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             funcs += [d.func for d in defs]
         if any(f is not None and _starts_processes(f, memo) for f in funcs):
             item.add_marker(pytest.mark.e2e)
+    _longest_modules_first(config, items)
+
+
+# Test files in the order the workers should take them: longest first. xdist's loadfile
+# hands out one file at a time in collection order (with ``--no-loadscope-reorder``; its
+# default puts the files with the most tests first, which are the quick unit files, and
+# leaves the few long end-to-end files to run one after another at the end). The length
+# of a file is what it took in the last complete-enough run (pytest's cache), else a guess
+# from what its tests do: a process-starting test costs seconds, a unit test milliseconds.
+DURATIONS_KEY = "homepot-gateway/module-seconds"
+GUESS_S = {"slow": 60.0, "e2e": 8.0, "unit": 0.2}
+
+
+def _module_of(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
+def _longest_modules_first(config: pytest.Config, items: list[pytest.Item]) -> None:
+    cache = getattr(config, "cache", None)
+    known: dict[str, float] = (cache.get(DURATIONS_KEY, {}) if cache is not None else {}) or {}
+    guess: dict[str, float] = {}
+    first: dict[str, int] = {}
+    for i, item in enumerate(items):
+        module = _module_of(item.nodeid)
+        first.setdefault(module, i)
+        kind = "slow" if item.get_closest_marker("slow") else "e2e" if item.get_closest_marker("e2e") else "unit"
+        guess[module] = guess.get(module, 0.0) + GUESS_S[kind]
+
+    def cost(module: str) -> float:
+        seconds = known.get(module)
+        return float(seconds) if isinstance(seconds, (int, float)) else guess[module]
+
+    # Stable: every worker computes the same order from the same cache (xdist checks that).
+    items.sort(key=lambda item: (-cost(_module_of(item.nodeid)), first[_module_of(item.nodeid)]))
+
+
+_seconds: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _seconds[_module_of(report.nodeid)] = _seconds.get(_module_of(report.nodeid), 0.0) + report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remembers each file's time (in the process that ran or collected the reports: the
+    xdist controller, or a run without workers) for the next run's order. Only runs that
+    ran whole files count: none chosen by -k, -m or a test id, none cut short by -x."""
+    config = session.config
+    cache = getattr(config, "cache", None)
+    if cache is None or hasattr(config, "workerinput") or not _seconds:
+        return
+    if config.option.keyword or config.option.markexpr or any("::" in str(a) for a in config.args):
+        return
+    if exitstatus not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) or (
+            config.option.maxfail and session.testsfailed):
+        return
+    known = cache.get(DURATIONS_KEY, {}) or {}
+    known.update({module: round(seconds, 2) for module, seconds in _seconds.items()})
+    cache.set(DURATIONS_KEY, known)
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,8 @@ from typer.main import get_command
 from typer.testing import CliRunner
 
 from gateway.cli import app
-from tests.support import GatewayProcess, base_config, bulk_register, cli, free_port, write_config
+from tests.helpers import cli_in_process
+from tests.support import GatewayProcess, base_config, bulk_register, free_port, write_config
 
 
 def sims(n: int, prefix: str = "sim", segment: str = "demo") -> list[dict]:
@@ -33,22 +34,22 @@ def cfg_path(tmp_path: Path) -> Path:
 
 
 def stored_jobs(cfg: Path) -> list[str]:
-    return [j["job_id"] for j in json.loads(cli(cfg, "jobs", "list", "--json").stdout)]
+    return [j["job_id"] for j in json.loads(cli_in_process(cfg, "jobs", "list", "--json").stdout)]
 
 
 # ------------------------------------------------------------------ send: confirmation
 def test_send_to_all_or_to_many_needs_yes_without_a_terminal(tmp_path: Path, cfg_path: Path):
     bulk_register(tmp_path / "var", sims(2) + sims(4, "pos", "pos"))
-    res = cli(cfg_path, "send", "--body", "x", "--all")
+    res = cli_in_process(cfg_path, "send", "--body", "x", "--all")
     assert res.returncode == 2, res.stderr
     assert "--yes: this job goes to 6 device(s) (every registered device); confirm with --yes" in res.stderr
     assert res.stdout == "" and stored_jobs(cfg_path) == []
     # A segment over [cli] confirm_above (3) too; one within it goes without a question.
-    res = cli(cfg_path, "send", "--body", "x", "--segment", "pos", "--job-id", "pos-1")
+    res = cli_in_process(cfg_path, "send", "--body", "x", "--segment", "pos", "--job-id", "pos-1")
     assert res.returncode == 2 and "4 device(s) (segment 'pos')" in res.stderr, res.stderr
-    assert cli(cfg_path, "send", "--body", "x", "--segment", "demo", "--job-id", "demo-1").returncode == 0
-    assert cli(cfg_path, "send", "--body", "x", "--all", "--yes", "--job-id", "all-1").returncode == 0
-    assert cli(cfg_path, "send", "--body", "x", "--segment", "pos", "-y", "--job-id", "pos-2").returncode == 0
+    assert cli_in_process(cfg_path, "send", "--body", "x", "--segment", "demo", "--job-id", "demo-1").returncode == 0
+    assert cli_in_process(cfg_path, "send", "--body", "x", "--all", "--yes", "--job-id", "all-1").returncode == 0
+    assert cli_in_process(cfg_path, "send", "--body", "x", "--segment", "pos", "-y", "--job-id", "pos-2").returncode == 0
     assert sorted(stored_jobs(cfg_path)) == ["all-1", "demo-1", "pos-2"]
 
 
@@ -90,13 +91,13 @@ def test_a_job_with_no_title_body_or_data_is_refused_naming_the_fields(tmp_path:
     from gateway.pipeline.models import InputError, parse_job
 
     bulk_register(tmp_path / "var", sims(1))
-    res = cli(cfg_path, "send", "--device", "sim-000", "--priority", "high")
+    res = cli_in_process(cfg_path, "send", "--device", "sim-000", "--priority", "high")
     assert res.returncode == 2
     assert res.stderr.strip() == "--title, --body, --data: nothing to notify: give at least one of them"
     assert stored_jobs(cfg_path) == []
     # Data only is a valid job (contract §6), so is a title or a body alone.
     for args in (["--data", "recipe=7"], ["--title", "t"], ["--body", "b"]):
-        assert cli(cfg_path, "send", "--device", "sim-000", *args).returncode == 0, args
+        assert cli_in_process(cfg_path, "send", "--device", "sim-000", *args).returncode == 0, args
     # The same rule for jobs that arrive over MQTT or HTTP.
     with pytest.raises(InputError) as err:
         parse_job({"target": {"all": True}, "notification": {"priority": "high", "data": {}}})
@@ -109,7 +110,7 @@ def test_broker_url_follows_the_listeners_and_a_stray_url_fails_check_config(tmp
     data = base_config(tmp_path, port)
     del data["broker"]["url"]
     cfg = write_config(tmp_path, data)
-    res = cli(cfg, "check-config")
+    res = cli_in_process(cfg, "check-config")
     assert res.returncode == 0, res.stderr
     # The daemon's own client finds the broker on the moved port: it gets ready.
     gw = GatewayProcess(cfg, tmp_path).start()
@@ -120,7 +121,7 @@ def test_broker_url_follows_the_listeners_and_a_stray_url_fails_check_config(tmp
     # A URL left at the old port is caught before the start, naming the key and the listeners.
     data["broker"]["url"] = "mqtt://127.0.0.1:1883"
     stray = write_config(tmp_path, data, name="stray.toml")
-    res = cli(stray, "check-config")
+    res = cli_in_process(stray, "check-config")
     assert res.returncode == 2
     assert (f"broker.url: mqtt://127.0.0.1:1883 points at none of the listeners (local tcp 127.0.0.1:{port}); "
             "leave broker.url out to derive it from them") in res.stderr
@@ -162,7 +163,7 @@ def test_devices_list_has_headers_filters_and_a_limit(tmp_path: Path, cfg_path: 
         {"device_id": "plc-2", "segment": "plant", "tags": ["line-2"],
          "channels": [{"platform": "mqtt"}, {"platform": "simulation"}]},
     ])
-    lines = cli(cfg_path, "devices", "list").stdout.splitlines()
+    lines = cli_in_process(cfg_path, "devices", "list").stdout.splitlines()
     assert re.split(r"\s{2,}", lines[0]) == ["DEVICE", "SEGMENT", "CHANNELS", "TAGS", "OWNER", "CONNECTED"]
     assert re.split(r"\s{2,}", lines[-1]) == ["sim-002", "demo", "simulation", "-", "-", "?"]  # no gateway running
     assert len(lines) == 6
@@ -170,7 +171,7 @@ def test_devices_list_has_headers_filters_and_a_limit(tmp_path: Path, cfg_path: 
     assert all(line[col - 2:col] == "  " for line in lines)  # aligned columns
 
     def ids(*args: str) -> list[str]:
-        out = cli(cfg_path, "devices", "list", *args)
+        out = cli_in_process(cfg_path, "devices", "list", *args)
         assert out.returncode == 0, out.stderr
         return [line.split()[0] for line in out.stdout.splitlines()[1:]]
 
@@ -179,30 +180,30 @@ def test_devices_list_has_headers_filters_and_a_limit(tmp_path: Path, cfg_path: 
     assert ids("--tag", "north") == ["plc-1"]
     assert ids("--tag", "line-1", "--tag", "line-2") == []
     assert ids("--limit", "2") == ["plc-1", "plc-2"]
-    listed = json.loads(cli(cfg_path, "devices", "list", "--segment", "plant", "--json").stdout)
+    listed = json.loads(cli_in_process(cfg_path, "devices", "list", "--segment", "plant", "--json").stdout)
     assert [d["device_id"] for d in listed] == ["plc-1", "plc-2"]
 
-    shown = cli(cfg_path, "devices", "show", "plc-2").stdout
+    shown = cli_in_process(cfg_path, "devices", "show", "plc-2").stdout
     assert re.search(r"^segment:\s+plant$", shown, re.M) and re.search(r"^channel 2:\s+simulation$", shown, re.M)
-    assert json.loads(cli(cfg_path, "devices", "show", "plc-2", "--json").stdout)["tags"] == ["line-2"]
+    assert json.loads(cli_in_process(cfg_path, "devices", "show", "plc-2", "--json").stdout)["tags"] == ["line-2"]
 
 
 def test_jobs_list_has_headers_a_state_filter_and_a_limit(tmp_path: Path, cfg_path: Path):
     bulk_register(tmp_path / "var", sims(2))
     for job in ("j-1", "j-2", "j-3"):
-        assert cli(cfg_path, "send", "--title", "t", "--device", "sim-000", "--job-id", job).returncode == 0
-    lines = cli(cfg_path, "jobs", "list").stdout.splitlines()
+        assert cli_in_process(cfg_path, "send", "--title", "t", "--device", "sim-000", "--job-id", job).returncode == 0
+    lines = cli_in_process(cfg_path, "jobs", "list").stdout.splitlines()
     assert lines[0].split() == ["JOB", "STATE", "TARGETS", "QUEUED", "SENT", "ACKED", "FAILED", "EXPIRED", "INVALID",
                                 "CREATED"]
     assert [line.split()[0] for line in lines[1:]] == ["j-3", "j-2", "j-1"]
-    assert len(cli(cfg_path, "jobs", "list", "--limit", "2").stdout.splitlines()) == 3
-    assert cli(cfg_path, "jobs", "list", "--state", "acknowledged").stdout.splitlines()[1:] == []
-    assert len(cli(cfg_path, "jobs", "list", "--state", "accepted").stdout.splitlines()) == 4
-    bad = cli(cfg_path, "jobs", "list", "--state", "done")
+    assert len(cli_in_process(cfg_path, "jobs", "list", "--limit", "2").stdout.splitlines()) == 3
+    assert cli_in_process(cfg_path, "jobs", "list", "--state", "acknowledged").stdout.splitlines()[1:] == []
+    assert len(cli_in_process(cfg_path, "jobs", "list", "--state", "accepted").stdout.splitlines()) == 4
+    bad = cli_in_process(cfg_path, "jobs", "list", "--state", "done")
     assert bad.returncode == 2 and "--state: expected one of accepted, rejected" in bad.stderr
-    shown = cli(cfg_path, "jobs", "show", "j-1").stdout
+    shown = cli_in_process(cfg_path, "jobs", "show", "j-1").stdout
     assert re.search(r"^state:\s+accepted$", shown, re.M) and re.search(r"^targets:\s+1$", shown, re.M), shown
-    assert json.loads(cli(cfg_path, "jobs", "show", "j-1", "--json").stdout)["job_id"] == "j-1"
+    assert json.loads(cli_in_process(cfg_path, "jobs", "show", "j-1", "--json").stdout)["job_id"] == "j-1"
 
 
 # ------------------------------------------------------------------ help

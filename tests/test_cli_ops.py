@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gateway.cli import app
+from tests.helpers import cli_in_process
 from tests.support import base_config, bulk_register, cli, free_port, write_config
 
 
@@ -75,7 +76,7 @@ def test_devices_import_jsonl_reports_refused_lines_and_imports_the_rest(tmp_pat
              json.dumps(good[4])]
     path = tmp_path / "fleet.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    res = cli(cfg_path, "devices", "import", str(path), "--batch-size", "2")
+    res = cli_in_process(cfg_path, "devices", "import", str(path), "--batch-size", "2")
     assert res.returncode == 2, res.stderr
     err = res.stderr
     assert "imported 5 device(s)" in err and "refused 5 line(s)" in err
@@ -83,7 +84,7 @@ def test_devices_import_jsonl_reports_refused_lines_and_imports_the_rest(tmp_pat
     assert "line 4: chanels: unknown field" in err and "line 4: channels: required" in err
     assert "line 6: channels.0: token: required" in err or "line 6: channels.0: required" in err
     assert "line 9: device_id: 'pos-1' is already on line 1" in err
-    listed = json.loads(cli(cfg_path, "devices", "list", "--json").stdout)
+    listed = json.loads(cli_in_process(cfg_path, "devices", "list", "--json").stdout)
     assert sorted(d["device_id"] for d in listed) == [f"pos-{i}" for i in range(1, 6)]
     assert all(d["segment"] == "pos" and d["tags"] == ["floor-2"] for d in listed)
 
@@ -103,7 +104,7 @@ def test_devices_import_csv_channels_in_row_order_and_field_names_as_columns(tmp
     ]) + "\n"
     path = tmp_path / "fleet.csv"
     path.write_text(csv_text)
-    res = cli(cfg_path, "devices", "import", str(path))
+    res = cli_in_process(cfg_path, "devices", "import", str(path))
     assert res.returncode == 2, res.stderr
     err = res.stderr
     assert "line 5: platform: unknown platform 'pager'" in err
@@ -111,15 +112,15 @@ def test_devices_import_csv_channels_in_row_order_and_field_names_as_columns(tmp
     assert "line 8: id: must match [A-Za-z0-9._:-]{1,128}" in err
     assert "line 9: address: subscription.keys.auth: required" in err
     assert "imported 2 device(s)" in err
-    phone = json.loads(cli(cfg_path, "devices", "show", "phone-1", "--json").stdout)
+    phone = json.loads(cli_in_process(cfg_path, "devices", "show", "phone-1", "--json").stdout)
     assert [c["platform"] for c in phone["channels"]] == ["apns", "simulation"]
     assert phone["segment"] == "field" and phone["tags"] == ["oncall", "floor-2"]
-    assert cli(cfg_path, "devices", "show", "plc-3").returncode == 1  # a device with a refused row is not imported
+    assert cli_in_process(cfg_path, "devices", "show", "plc-3").returncode == 1  # a device with a refused row is not imported
 
     # A clean file of many devices: exit 0; the header is optional; batches of 500.
     big = tmp_path / "big.csv"
     big.write_text("".join(f"term-{i:05d},simulation,,stores,\n" for i in range(1500)))
-    ok = cli(cfg_path, "devices", "import", str(big))
+    ok = cli_in_process(cfg_path, "devices", "import", str(big))
     assert ok.returncode == 0, ok.stderr
     assert "imported 1500 device(s)" in ok.stdout
     from gateway.storage import connect

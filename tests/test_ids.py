@@ -9,6 +9,7 @@ and the dot-segments "." and ".."; whatever it accepts must survive both uses un
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +102,18 @@ def test_every_accepted_site_id_and_rule_name_is_one_topic_level(value: str):
 
 
 @pytest.fixture(scope="module")
-def password_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("passwd")
+def password_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Where the names are written, with a cheap argon2 while this module runs: what is
+    checked is the name in the file, and the real parameters (64 MiB, 3 passes) cost a
+    tenth of a second per example. The hashing itself is checked in test_cli_accounts."""
+    from argon2 import PasswordHasher
+
+    real = passwords._hasher
+    passwords._hasher = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+    try:
+        yield tmp_path_factory.mktemp("passwd")
+    finally:
+        passwords._hasher = real
 
 
 @settings(max_examples=60, deadline=None)

@@ -104,6 +104,7 @@ async def test_a_database_made_by_main_at_2c3a5d9_is_upgraded_in_place(tmp_path:
         await again.close()
 
 
+@pytest.mark.slow
 def test_the_daemon_finishes_the_old_gateways_half_sent_job(gateway_factory, tmp_path: Path):
     _old_copy(tmp_path / "var")
     gw = gateway_factory({"bridges": {"simulation": {"latency_ms": 0, "ack": True}}})

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 WIRING = ROOT / "gateway" / "wiring.py"
 
@@ -18,6 +20,7 @@ def mypy(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_mypy_passes_on_the_service_graph():
     out = mypy()  # the files and the flags come from [tool.mypy]
     assert out.returncode == 0, out.stdout + out.stderr

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.alarms.test_alarms_daemon import MS, P, alarm_jobs, iso_ts, states, wait_state
 from tests.support import ROOT, MqttProbe
 
@@ -76,6 +78,7 @@ def wait_registered(tmp_path: Path, *device_ids: str, timeout: float = 15) -> No
     raise TimeoutError(f"devices {device_ids} not registered")
 
 
+@pytest.mark.slow
 def test_kill_9_during_for_s_fires_exactly_once_after_restart(gateway_factory, tmp_path: Path):
     rule = {"name": "pressure", "topic": "{prefix}/devices/+/telemetry/pressure", "above": 50.0, "for_s": 2.5,
             "key": "{device_id}", "target": {"devices": ["plc-1"]}, "title": "{device_id} at {value} bar"}
@@ -111,6 +114,7 @@ def test_kill_9_during_for_s_fires_exactly_once_after_restart(gateway_factory, t
         agent.stop()
 
 
+@pytest.mark.slow
 def test_kill_9_during_escalation_resumes_it_on_time(gateway_factory, tmp_path: Path):
     rule = {"name": "pressure", "topic": "{prefix}/devices/+/telemetry/pressure", "above": 50.0,
             "key": "{device_id}", "target": {"devices": ["plc-1"]},

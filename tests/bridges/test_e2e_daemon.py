@@ -98,6 +98,7 @@ def send_wait(gw: Any, *devices: str, **extra: str) -> tuple[int, str]:
     return r.returncode, r.stdout.strip().splitlines()[0] if r.stdout.strip() else r.stderr
 
 
+@pytest.mark.slow
 def test_jobs_reach_every_platform_fall_over_retry_and_keep_secrets(tmp_path, fakes, gateway_factory):
     gw = gateway_factory(cloud_config(tmp_path, fakes))
     sub = fakes.push.subscribe()
@@ -162,6 +163,7 @@ def test_jobs_reach_every_platform_fall_over_retry_and_keep_secrets(tmp_path, fa
     assert "PRIVATE KEY" not in log
 
 
+@pytest.mark.slow
 def test_configuration_error_pauses_the_bridge_and_keeps_the_work(tmp_path, fakes, gateway_factory):
     cfg = cloud_config(tmp_path, fakes)
     cfg["bridges"]["apns"]["topic"] = "com.example.wrong"  # Apple answers 400 TopicDisallowed

@@ -8,6 +8,8 @@ import json
 import re
 import time
 
+import pytest
+
 from tests.bridges.test_e2e_daemon import FCM_OK, add_device, cli, cloud_config, fakes  # noqa: F401  (fixture)
 from tests.fakes.common import Injection
 
@@ -55,6 +57,7 @@ def send(gw, device: str, *extra: str) -> str:
     return r.stdout.strip()
 
 
+@pytest.mark.slow
 def test_a_phone_is_reached_by_web_push_while_fcm_refuses_the_key(tmp_path, fakes, gateway_factory):  # noqa: F811
     reject_fcm_key(fakes)
     gw = gateway_factory(fcm_and_webpush(tmp_path, fakes))
@@ -86,6 +89,7 @@ def test_a_phone_is_reached_by_web_push_while_fcm_refuses_the_key(tmp_path, fake
     assert gw.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_broken_key_file_is_found_by_check_config_and_the_daemon_runs_with_fcm_down(tmp_path, fakes, gateway_factory):  # noqa: F811
     cfg = fcm_and_webpush(tmp_path, fakes)
     account = fakes.fcm.service_account()

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import paho.mqtt.client as paho
+import pytest
 
 from gateway.broker import EmbeddedBroker, InternalCredentials
 from gateway.broker.passwords import add_user
@@ -42,6 +43,7 @@ def connack(port: int, username: str | None = None, password: str | None = None)
     return {134: 4, 135: 5}.get(codes[0], codes[0]) if codes else -1
 
 
+@pytest.mark.slow
 def test_users_from_the_cli_and_anonymous_per_listener(gateway_factory, tmp_path):
     closed_port = free_port()
     gw = gateway_factory({"broker": {"listeners": [

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 
+import pytest
 from playwright.sync_api import expect, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -48,6 +49,7 @@ def page_online(api) -> dict[str, str]:
             browser.close()
 
 
+@pytest.mark.slow
 def test_an_agent_connecting_and_killed_shows_in_api_cli_status_and_metrics(tmp_path):
     api = make_api_gateway(tmp_path)
     agent = None

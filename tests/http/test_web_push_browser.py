@@ -220,6 +220,7 @@ async def wait_acknowledged(tech: httpx.AsyncClient, job_id: str, timeout: float
     raise AssertionError(f"{job_id} not acknowledged: {state}")
 
 
+@pytest.mark.slow
 async def test_ack_refused_with_503_on_a_full_disk_arrives_when_there_is_room(tmp_path, push_service, started):
     """The gateway answers 503 + Retry-After while its disk is full: the worker keeps the ack
     (IndexedDB), waits as asked, and the delivery is acknowledged once the disk has room."""

@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import paho.mqtt.client as paho
+import pytest
 
 from tests.support import GatewayProcess, bulk_register
 from tests.upstream.proxy import MqttFaultProxy
@@ -82,6 +83,7 @@ def online(cloud: Cloud) -> bool:
     return json.loads(cloud.retained(f"{PREFIX}/gateway/status", timeout=0.5) or b"{}").get("state") == "online"
 
 
+@pytest.mark.slow
 def test_a_cloud_job_is_delivered_locally_and_its_acks_and_status_come_back_up(gateway_factory, cloud: Cloud):
     with Observer(cloud) as obs:
         gw = start_gateway(gateway_factory, cloud)
@@ -119,6 +121,7 @@ def test_a_cloud_job_is_delivered_locally_and_its_acks_and_status_come_back_up(g
     assert "Traceback" not in log and GW_PASSWORD not in log
 
 
+@pytest.mark.slow
 def test_acks_and_final_status_survive_a_cloud_outage_and_kill9(gateway_factory, cloud: Cloud):
     with Observer(cloud) as obs:  # a persistent session: the cloud keeps what it missed
         gw = start_gateway(gateway_factory, cloud)
@@ -154,6 +157,7 @@ def test_acks_and_final_status_survive_a_cloud_outage_and_kill9(gateway_factory,
     assert "Traceback" not in gw.log()
 
 
+@pytest.mark.slow
 def test_kill9_with_a_batch_in_flight_then_every_row_arrives_in_order(gateway_factory, cloud: Cloud,
                                                                      tmp_path: Path):
     """Issue 15.8: the daemon is killed while hundreds of rows await their PUBACK (500 ms

@@ -9,6 +9,8 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from gateway.storage import connect
 from gateway.upstream import outbox
 from tests.pipeline.devices import MqttDevice
@@ -35,6 +37,7 @@ def outbox_figures(db_path: Path) -> dict[str, object]:
         conn.close()
 
 
+@pytest.mark.slow
 def test_refused_acks_never_stop_local_delivery_and_reach_the_cloud_later(gateway_factory, cloud: Cloud,
                                                                           tmp_path: Path):
     fleet = [f"plc-{i:03}" for i in range(N_DEVICES)]
