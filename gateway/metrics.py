@@ -38,7 +38,7 @@ from prometheus_client import (CollectorRegistry, Counter, GCCollector, Histogra
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from gateway import __version__, clock
-from gateway import stats
+from gateway import states, stats
 from gateway.alarms.summary import summary as alarm_summary
 from gateway.pipeline.dispatcher import OUTCOME_NAMES
 
@@ -49,7 +49,7 @@ disable_created_metrics()
 NS = "homepot"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Series that exist with 0 before anything happened, so an alert on them has something to read.
-DELIVERY_STATES = ("queued", "sent", "acknowledged", "failed", "expired", "invalid_address")
+DELIVERY_STATES = tuple(s.value for s in states.DELIVERY_STATES)
 JOB_STATES = ("accepted", "rejected", "dispatching", "completed", "acknowledged")
 HTTP_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 

@@ -32,11 +32,14 @@ class DeliveryState(StrEnum):
     FAILED = "failed"
     EXPIRED = "expired"
     INVALID_ADDRESS = "invalid_address"
+    SUPPRESSED = "suppressed"  # final: the person it was for muted its segment or alarm rule (§12)
 
 
 DELIVERY_STATES: tuple[DeliveryState, ...] = tuple(DeliveryState)
 # Deliveries that went wrong: a send with one of these fails the CLI's exit code.
 PROBLEM_DELIVERY_STATES = (DeliveryState.FAILED, DeliveryState.EXPIRED, DeliveryState.INVALID_ADDRESS)
+# Deliveries that will never be sent and are not a problem: the person asked not to get them.
+QUIET_DELIVERY_STATES = (DeliveryState.SUPPRESSED,)
 
-__all__ = ["DELIVERY_STATES", "FINAL_JOB_STATES", "PROBLEM_DELIVERY_STATES",
+__all__ = ["DELIVERY_STATES", "FINAL_JOB_STATES", "PROBLEM_DELIVERY_STATES", "QUIET_DELIVERY_STATES",
            "DeliveryState", "JobState"]

@@ -21,9 +21,12 @@ from typing import Any
 from gateway import clock, health, stats
 from gateway.alarms.summary import summary as alarm_summary
 from gateway.config import Config
+from gateway.states import DELIVERY_STATES, DeliveryState
 
 EXIT = {"ok": 0, "degraded": 1, "unreachable": 2}
-STATES = ("queued", "sent", "acknowledged", "failed", "expired", "invalid_address")
+# The deliveries table's columns; ``suppressed`` (muted by the person) is one total under it,
+# so the table stays within 80 columns with 7-digit counts.
+STATES = tuple(s.value for s in DELIVERY_STATES if s is not DeliveryState.SUPPRESSED)
 SHORT = {"acknowledged": "acked", "invalid_address": "invalid"}  # `status` headings
 
 
@@ -153,6 +156,9 @@ def render(info: dict[str, Any]) -> None:
     for platform, by_state in sorted(info.get("deliveries", {}).items()):
         t.add_row(platform, *(str(by_state.get(s, 0)) for s in STATES))
     console.print(t)
+    muted = sum(by_state.get(DeliveryState.SUPPRESSED, 0) for by_state in info.get("deliveries", {}).values())
+    if muted:
+        console.print(f"suppressed (muted by the person they were for): {muted}")
     oldest = info.get("oldest_queued_age_s")
     console.print(f"oldest queued delivery: {'none queued' if oldest is None else f'{oldest:.0f} s'}")
     up = info.get("upstream")

@@ -253,7 +253,7 @@ def test_status_fits_80_columns_with_a_busy_site(monkeypatch, capsys):
         "bridges": {p: {"healthy": p != "fcm", "in_flight": 500, "sent": 1234567, "reason": reason if p == "fcm" else ""}
                     for p in ("apns", "fcm", "mqtt", "simulation", "webpush", "wns")},
         "deliveries": {p: {s: 1234567 for s in ("queued", "sent", "acknowledged", "failed", "expired",
-                                               "invalid_address")}
+                                               "invalid_address", "suppressed")}
                        for p in ("apns", "fcm", "mqtt", "simulation", "unassigned", "webpush", "wns")},
         "oldest_queued_age_s": 12.0,
         "upstream": {"connected": False, "buffer_rows": 123456, "buffer_bytes": 98765432,

@@ -35,6 +35,8 @@ from gateway.states import DeliveryState
 from gateway.pipeline.routing import ChannelCache, decode, route_of
 from gateway.timeutil import iso
 
+QUIET_HOLD = "quiet hours until "  # gateway.people.quiet.HOLD_PREFIX: a person's quiet hours hold it
+
 FINAL_DELIVERY_STATES = frozenset(state.value for state in DeliveryState if state is not DeliveryState.QUEUED
                                   and state is not DeliveryState.SENT)
 
@@ -47,7 +49,7 @@ class Result:
     message_id: str
     job_id: str
     device_id: str
-    state: str  # queued (retry later) | sent | failed | expired | invalid_address
+    state: str  # queued (retry later) | sent | failed | expired | invalid_address | suppressed
     platform: str | None = None
     attempts: int = 0
     next_at: float = 0.0
@@ -249,7 +251,7 @@ class DeliveryWriter:
                                               r.message_id)
                     move(row, "queued", r.route if r.route is not None else row[3],
                          r.platform if r.platform is not None else row[4])
-                else:  # failed | expired | invalid_address
+                else:  # failed | expired | invalid_address | suppressed
                     sql, params = _FINISHED, (r.state, r.platform, r.attempts, r.error, r.message_id)
                     move(row, r.state, row[3], r.platform if r.platform is not None else row[4])
             if ordered:
@@ -386,6 +388,7 @@ class DueDelivery:
     invalid: dict[str, Any]
     route: str | None = None
     resend: bool = False  # already sent, unacked: this is a resend on ``route``
+    person_id: str | None = None  # the person a job that targets people reaches through this delivery
 
 
 _DUE_COLUMNS = ("SELECT d.message_id, d.job_id, d.device_id, d.attempts, v.channels, v.invalid, d.route "
@@ -560,6 +563,8 @@ def wait_reason(state: str, next_at: float | None, last_error: str | None, moved
     is unhealthy, a retry's backoff, a move to the device's next channel."""
     if state != "queued":
         return None
+    if last_error and last_error.startswith(QUIET_HOLD):
+        return last_error  # "quiet hours until 2026-12-08 06:00 CET (Europe/Berlin)"
     if last_error and " unhealthy" in last_error:
         return f"bridge {last_error}"  # "bridge fcm unhealthy: <why>"
     if last_error and next_at is not None and next_at > now:

@@ -104,12 +104,14 @@ def reject_job(conn: sqlite3.Connection, job_id: str, source: str, code: str, me
 
 
 def status_from_row(row: sqlite3.Row) -> dict[str, Any]:
-    error = row["error"] if "error" in row.keys() else None
+    keys = row.keys()
+    error = row["error"] if "error" in keys else None
     return {
         "job_id": row["job_id"],
         "state": row["state"],
         "error": json.loads(error) if error else None,
-        "counts": {"targets": row["targets"], **{k: row[k] for k in COUNT_KEYS}},
+        # A row read before the migration that added a count (suppressed) has none of it.
+        "counts": {"targets": row["targets"], **{k: row[k] if k in keys else 0 for k in COUNT_KEYS}},
         "created_at": iso_ts(row["created_at"]),
         "updated_at": iso_ts(row["updated_at"]),
     }
