@@ -86,12 +86,22 @@ class Device(_Strict):
     segment: Annotated[str, Field(max_length=128)] | None = None
     tags: Annotated[list[Annotated[str, Field(min_length=1, max_length=128)]], Field(max_length=64)] = Field(default_factory=list)
     channels: Annotated[list[Channel], Field(min_length=1, max_length=16)]
+    # The person (contract §12) the device belongs to: a label shown with the device; whom
+    # a job reaches through it is the person's own reach order (Person.devices).
+    owner: Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,64}$")] | None = None
 
     @field_validator("device_id")
     @classmethod
     def _device_id(cls, v: str) -> str:
         if not is_id(DEVICE_ID_RE, v):
             raise ValueError(f"must match [A-Za-z0-9._:-]{{1,128}} {NOT_DOTS}")
+        return v
+
+    @field_validator("owner")
+    @classmethod
+    def _owner(cls, v: str | None) -> str | None:
+        if v is not None and v in (".", ".."):
+            raise ValueError(f"must match [A-Za-z0-9._:-]{{1,64}} {NOT_DOTS} (a person_id)")
         return v
 
 

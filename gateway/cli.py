@@ -40,7 +40,7 @@ app.add_typer(devices_app, name="devices")
 jobs_app = typer.Typer(no_args_is_help=True, **PLAIN, help="Jobs and their status.")
 app.add_typer(jobs_app, name="jobs")
 FULL_DISK_BYTES = 64 * 1024  # less free space than this: a write failure is called a full disk
-GROUPS = {"users", "devices", "jobs", "alarms"}  # commands with subcommands (alarms: below)
+GROUPS = {"users", "devices", "jobs", "alarms", "people"}  # commands with subcommands (alarms: below)
 
 
 class _State:
@@ -370,6 +370,7 @@ def devices_add(
     address: Annotated[Optional[list[str]], typer.Option("--address", metavar="ADDRESS", help="token, channel URI, subscription JSON, or empty")] = None,
     segment: Annotated[Optional[str], typer.Option("--segment", metavar="NAME", help="the device's segment (a group jobs can target)")] = None,
     tag: Annotated[Optional[list[str]], typer.Option("--tag", metavar="TAG", help="a tag (repeatable)")] = None,
+    owner: Annotated[Optional[str], typer.Option("--owner", metavar="PERSON", help="the person the device belongs to (a label; reach order is the person's --device list)")] = None,
 ) -> None:
     """Register (or replace) a device."""
     from pydantic import ValidationError
@@ -391,7 +392,8 @@ def devices_add(
         except OptionError as exc:
             fail(str(exc))
     try:
-        dev = Device.model_validate({"device_id": device_id, "segment": segment, "tags": tag or [], "channels": channels})
+        dev = Device.model_validate({"device_id": device_id, "segment": segment, "tags": tag or [], "channels": channels,
+                                     "owner": owner or None})
     except ValidationError as exc:
         fail(add_device_errors(exc, platform))
     conn = _db(get_config())
@@ -525,9 +527,9 @@ def devices_list(
     if as_json:
         typer.echo(json.dumps(devices, indent=2))
         return
-    _table(["DEVICE", "SEGMENT", "CHANNELS", "TAGS", "CONNECTED"],
+    _table(["DEVICE", "SEGMENT", "CHANNELS", "TAGS", "OWNER", "CONNECTED"],
            [[d["device_id"], d["segment"] or "-", _channels_text(d), ",".join(d["tags"]) or "-",
-             _connected_cell(d["presence"])] for d in devices])
+             d.get("owner") or "-", _connected_cell(d["presence"])] for d in devices])
 
 
 @devices_app.command("show")
@@ -550,7 +552,7 @@ def devices_show(device_id: Annotated[str, typer.Argument(metavar="ID")],
         typer.echo(json.dumps(dev, indent=2))
         return
     pairs = [("device", dev["device_id"]), ("segment", dev["segment"] or "-"),
-             ("tags", ",".join(dev["tags"]) or "-"), ("updated", dev["updated_at"]),
+             ("tags", ",".join(dev["tags"]) or "-"), ("owner", dev.get("owner") or "-"), ("updated", dev["updated_at"]),
              ("presence", _presence_text(dev["presence"]))]
     for i, ch in enumerate(dev["channels"]):
         address = {k: v for k, v in ch.items() if k not in ("platform", "invalid")}
@@ -721,6 +723,9 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="print the statu
     from gateway.status import main as status_main
 
     raise typer.Exit(status_main(get_config(), as_json))
+
+
+import gateway.cli_people  # noqa: E402,F401 - registers the people commands on app
 
 
 def main() -> None:

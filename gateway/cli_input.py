@@ -100,7 +100,7 @@ def add_device_errors(exc: ValidationError, platforms: Sequence[str]) -> list[st
         return f"--address[{index}] ({platforms[index]})" if many and index < len(platforms) else "--address"
 
     pairs = device_errors(exc, where, {"device_id": "ID", "segment": "--segment", "tags": "--tag",
-                                       "channels": "--platform"})
+                                       "channels": "--platform", "owner": "--owner"})
     return [f"{where_}: {message}" for where_, message in pairs]
 
 

@@ -34,6 +34,7 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.people.model import QuietWindow
 from gateway.rule_schema import RuleSection, check_rules
 from gateway.secret_files import Problems, given, read_secret, require_file
 
@@ -658,6 +659,17 @@ class CliSection(_Section):
             "without a terminal it needs `--yes`. 0 asks for every job.")
 
 
+class PeopleSection(_Section):
+    quiet_hours_default: list[QuietWindow] = Field(default_factory=list,
+        description="Quiet hours of a person who has none of their own (contract §12), each "
+                    "`{ days = [\"mon\", ...], from = \"22:00\", to = \"06:00\" }` in the person's time zone; "
+                    "a window whose `to` is not after its `from` ends the next day. Empty: no quiet hours.")
+    reach_after_s: float = Field(default=120.0, ge=0, le=86400,
+        description="A person's next device gets the notification when the previous one has not acked "
+                    "within this many seconds (for a person who sets no `reach_after_s` of their own); "
+                    "0 = all their devices at once.")
+
+
 class Config(_Section):
     gateway: GatewaySection = Field(default_factory=GatewaySection, description="`[gateway]`.")
     broker: BrokerSection = Field(default_factory=BrokerSection, description="`[broker]`.")
@@ -669,6 +681,8 @@ class Config(_Section):
     storage: StorageSection = Field(default_factory=StorageSection, description="`[storage]`.")
     logging: LoggingSection = Field(default_factory=LoggingSection, description="`[logging]`.")
     cli: CliSection = Field(default_factory=CliSection, description="`[cli]`: how the command line guards big sends.")
+    people: PeopleSection = Field(default_factory=PeopleSection,
+        description="`[people]`: defaults for persons (contract §12).")
     rules: list[RuleSection] = Field(default_factory=list,
         description="`[[rules]]`: sensor alarms, any number.")
 

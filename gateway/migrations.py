@@ -59,10 +59,12 @@ def components() -> tuple[Component, ...]:
     from gateway import clock, stats
     from gateway.alarms import store as alarms
     from gateway.broker import state as broker
+    from gateway.people import store as people
     from gateway.pipeline import schema as pipeline
     from gateway.upstream import outbox
 
     return (
+        Component("people", people.MIGRATIONS),  # persons (the pipeline's people jobs read them)
         Component("pipeline", pipeline.MIGRATIONS),  # devices, jobs, deliveries, acks, counters
         Component("stats", stats.MIGRATIONS, on_start=stats.check),  # aggregates of deliveries
         Component("alarms", alarms.MIGRATIONS),  # its trigger reads deliveries and acks

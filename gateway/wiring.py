@@ -114,12 +114,14 @@ def build(cfg: Config, db: Database, runtime: Runtime) -> Graph:
     if signing is not None:
         from gateway.http import HttpService
         from gateway.http.pulse import Pulse
+        from gateway.people.service import PeopleWriter
 
         signer, signer_error = signing
         changes = Pulse()
         pipeline.on_commit(changes.fire)  # event streams and the operator page re-read on commits
         http = HttpService(cfg, db, jobs=pipeline, health=reporter, signer=signer, changes=changes,
-                           started_at=runtime.started_at, alarms=alarms, signer_error=signer_error)
+                           started_at=runtime.started_at, alarms=alarms, people=PeopleWriter(db),
+                           signer_error=signer_error)
         services.append(http)
         listening.append(http)
         graph.reload_callbacks.append(("http credential cache", http.auth.invalidate))  # SIGHUP: forget logins

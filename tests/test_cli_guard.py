@@ -163,8 +163,8 @@ def test_devices_list_has_headers_filters_and_a_limit(tmp_path: Path, cfg_path: 
          "channels": [{"platform": "mqtt"}, {"platform": "simulation"}]},
     ])
     lines = cli(cfg_path, "devices", "list").stdout.splitlines()
-    assert re.split(r"\s{2,}", lines[0]) == ["DEVICE", "SEGMENT", "CHANNELS", "TAGS", "CONNECTED"]
-    assert re.split(r"\s{2,}", lines[-1]) == ["sim-002", "demo", "simulation", "-", "?"]  # no gateway running
+    assert re.split(r"\s{2,}", lines[0]) == ["DEVICE", "SEGMENT", "CHANNELS", "TAGS", "OWNER", "CONNECTED"]
+    assert re.split(r"\s{2,}", lines[-1]) == ["sim-002", "demo", "simulation", "-", "-", "?"]  # no gateway running
     assert len(lines) == 6
     col = lines[0].index("SEGMENT")
     assert all(line[col - 2:col] == "  " for line in lines)  # aligned columns

@@ -77,7 +77,7 @@ async def test_a_database_made_by_main_at_2c3a5d9_is_upgraded_in_place(tmp_path:
         })
     finally:
         await db.close()
-    assert after["versions"] == LATEST == {"pipeline": 4, "stats": 1, "alarms": 2, "broker": 2, "upstream": 1, "clock": 1}
+    assert after["versions"] == LATEST == {"people": 1, "pipeline": 5, "stats": 1, "alarms": 2, "broker": 2, "upstream": 1, "clock": 1}
     # What the old gateway kept is kept: jobs, devices, deliveries, counters.
     assert after["jobs"] == before["jobs"] and after["devices"] == before["devices"]
     assert [tuple(r) for r in after["deliveries"]] == [tuple(r) for r in before["deliveries"]]
@@ -135,7 +135,7 @@ async def test_a_database_from_a_newer_gateway_is_refused_unchanged(gateway_fact
     await db.close()
     schema_before = _read(path, lambda c: c.execute("SELECT type, name, sql FROM sqlite_master").fetchall())
 
-    with pytest.raises(migrations.SchemaTooNew, match="pipeline schema version 99, this gateway knows up to 4"):
+    with pytest.raises(migrations.SchemaTooNew, match=f"pipeline schema version 99, this gateway knows up to {LATEST['pipeline']}"):
         await Database(path).open()
     gw = gateway_factory(start=False)
     res = cli(gw.config, "devices", "list")

@@ -68,6 +68,11 @@ class Principal:
         # A literal '+' level is matched only by a wildcard in the role's publish filters.
         return self.acl.may_publish(self.topics.device_register("+"))
 
+    def may_manage_people(self) -> bool:
+        """The person registry (contract §10: technician, controller, admin) is theirs who
+        may register any device: a person is reached through devices."""
+        return self.may_list_devices()
+
 
 class BasicAuth:
     def __init__(self, cfg: Config):

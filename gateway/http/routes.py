@@ -28,6 +28,7 @@ from gateway.http.acks import AckSigner
 from gateway.http.auth import BasicAuth, Principal
 from gateway.broker.presence import device_presence
 from gateway.http.errors import HTTP_CODES, ApiError, error_response, json_response
+from gateway.http.people import PeopleRegistry, PeopleRoutes
 from gateway.http.pulse import Pulse
 from gateway.http.reader import Reader
 from gateway.http.streams import StreamSlots
@@ -127,6 +128,7 @@ class ApiParts:
     changes: Pulse             # fired after every pipeline commit (event streams re-read)
     stopping: asyncio.Event    # set when the API stops (event streams end)
     streams: StreamSlots       # every event stream, counted per account
+    people: PeopleRegistry     # the person registry's writes (/v1/people)
 
 
 def api_app(parts: ApiParts) -> tuple[web.Application, "Api"]:
@@ -201,6 +203,7 @@ class Api:
         r.add_delete("/v1/devices/{device_id}", self.delete_device)
         r.add_post("/v1/acks/{message_id}", self.post_ack)
         r.add_route("OPTIONS", "/v1/acks/{message_id}", self.ack_preflight)
+        PeopleRoutes(self, self.svc.people).add_routes(r)
 
     # ------------------------------------------------------------------ helpers
     async def _ready(self) -> JobIntake:

@@ -28,6 +28,7 @@ import devices
 from gateway.config import Config, split_host_port
 from gateway.http.acks import AckSigner
 from gateway.http.auth import BasicAuth
+from gateway.http.people import PeopleRegistry
 from gateway.http.pulse import Pulse
 from gateway.http.reader import Reader
 from gateway.http.routes import ApiParts, HealthView, JobIntake, api_app
@@ -63,7 +64,8 @@ class HttpService:
     name = "http"
 
     def __init__(self, cfg: Config, db: Database, jobs: JobIntake, health: HealthView, signer: AckSigner,
-                 changes: Pulse, started_at: str, alarms: "AlarmAcks", signer_error: str | None = None):
+                 changes: Pulse, started_at: str, alarms: "AlarmAcks", people: PeopleRegistry,
+                 signer_error: str | None = None):
         if cfg.http is None:
             raise ValueError("HttpService needs an [http] section")
         self.app_cfg = cfg
@@ -87,7 +89,7 @@ class HttpService:
         self.signer = signer
         self.parts = ApiParts(cfg=cfg, jobs=jobs, health=health, reader=self.reader, auth=self.auth,
                               metrics=self.metrics, signer=signer, changes=changes, stopping=self.stopping,
-                              streams=self.streams)
+                              streams=self.streams, people=people)
         self.web_config: dict[str, Any] = {}
         self.bound_port: int | None = None  # set once listening (the kernel's pick for `bind` port 0)
         self.base_url = self.cfg.base_url()  # with the bound port once listening, for `bind` port 0

@@ -16,10 +16,10 @@ from gateway.pipeline.routing import channel_key
 from gateway.timeutil import iso, iso_ts
 
 _UPSERT_DEVICE = (
-    "INSERT INTO devices(device_id, segment, tags, channels, invalid, source, updated_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET segment = excluded.segment, "
+    "INSERT INTO devices(device_id, segment, tags, channels, invalid, source, updated_at, owner) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET segment = excluded.segment, "
     "tags = excluded.tags, channels = excluded.channels, invalid = excluded.invalid, "
-    "source = excluded.source, updated_at = excluded.updated_at")
+    "source = excluded.source, updated_at = excluded.updated_at, owner = excluded.owner")
 
 
 
@@ -49,7 +49,7 @@ def upsert_devices(conn: sqlite3.Connection, devices: list[tuple[Device, str]], 
             marks = marks_of[device.device_id] = {k: v for k, v in marks.items() if k in keys}
         rows.append((device.device_id, device.segment, json.dumps(device.tags) if device.tags else "[]",
                      json.dumps([c.model_dump(exclude_none=True) for c in device.channels]),
-                     json.dumps(marks) if marks else "{}", source, now))
+                     json.dumps(marks) if marks else "{}", source, now, device.owner))
     conn.executemany(_UPSERT_DEVICE, rows)
 
 
@@ -74,7 +74,8 @@ def device_json(row: sqlite3.Row) -> dict[str, Any]:
             entry["invalid"] = mark
         out_channels.append(entry)
     return {"device_id": row["device_id"], "segment": row["segment"], "tags": json.loads(row["tags"]),
-            "channels": out_channels, "updated_at": iso_ts(row["updated_at"])}
+            "channels": out_channels, "owner": row["owner"] if "owner" in row.keys() else None,  # (a database not migrated yet)
+            "updated_at": iso_ts(row["updated_at"])}
 
 
 def get_device(conn: sqlite3.Connection, device_id: str) -> dict[str, Any] | None:

@@ -222,7 +222,41 @@ def _v3_device_tags(conn: sqlite3.Connection) -> None:
                      f"FROM devices d, json_each({_TAGS.format(r='d')}) j WHERE j.type = 'text'")
 
 
-def _v4_suppressed(conn: sqlite3.Connection) -> None:
+# People (contract §12): a device's owner; a job that targets people keeps one row per
+# (job, person) in ``job_people`` (whether and by which device the person was reached), the
+# person each delivery is for (``deliveries.person_id``, NULL for other jobs: the partial
+# index costs nothing for them) and the person counts of its JobStatus (``people_targets``
+# NULL = the job targets no people).
+PEOPLE = """
+CREATE TABLE IF NOT EXISTS job_people (
+    job_id     TEXT NOT NULL,
+    person_id  TEXT NOT NULL,
+    state      TEXT NOT NULL,         -- gateway.states.ReachState
+    reached_at REAL,
+    reached_by TEXT,                  -- the device whose ack reached the person
+    note       TEXT,                  -- why the person was not (or not yet) reached
+    PRIMARY KEY (job_id, person_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deliveries_by_person ON deliveries(person_id, job_id) WHERE person_id IS NOT NULL;
+"""
+PEOPLE_COLUMNS = [
+    ("devices", "owner", "TEXT"),
+    ("deliveries", "person_id", "TEXT"),
+    ("jobs", "people_targets", "INTEGER"),
+    ("jobs", "people_reached", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "people_held", "INTEGER NOT NULL DEFAULT 0"),
+]
+
+
+def _v4_people(conn: sqlite3.Connection) -> None:
+    """Devices' owners, and what a job that targets people keeps (:data:`PEOPLE`)."""
+    for table, column, decl in PEOPLE_COLUMNS:
+        if column not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+    run_script(conn, PEOPLE)
+
+
+def _v5_suppressed(conn: sqlite3.Connection) -> None:
     """A job counts its ``suppressed`` deliveries (those for a person who muted the job's
     segment or alarm rule) beside the other states; older jobs had none."""
     have = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
@@ -233,4 +267,4 @@ def _v4_suppressed(conn: sqlite3.Connection) -> None:
 # The pipeline's migrations, oldest first (gateway.migrations): never edit one that was
 # released. Each is idempotent too (a database restored without its schema_versions row
 # runs them again harmlessly).
-MIGRATIONS = (_v1_base, _v2_acks_once, _v3_device_tags, _v4_suppressed)
+MIGRATIONS = (_v1_base, _v2_acks_once, _v3_device_tags, _v4_people, _v5_suppressed)

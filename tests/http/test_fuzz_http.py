@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from tests.http.conftest import PASSWORDS, make_api_gateway
 
 ALLOWED = {200, 201, 202, 204, 400, 401, 403, 404, 405, 408, 413}
-ROUTES = ["/healthz", "/metrics", "/", "/v1/jobs", "/v1/jobs/{id}", "/v1/jobs/{id}/events", "/v1/devices",
+ROUTES = ["/healthz", "/metrics", "/", "/v1/jobs", "/v1/jobs/{id}", "/v1/jobs/{id}/events", "/v1/devices", "/v1/people", "/v1/people/{id}",
           "/v1/devices/{id}", "/v1/acks/{id}?sig={sig}", "/web/{id}", "/{id}", "/v1/{id}/{id}"]
 
 json_values = st.recursive(

@@ -51,6 +51,16 @@ class StrictIntake:
         return store.AckResult(True, job_id="job-1", latency_ms=42.0, first=len(self.acks) == 1)
 
 
+class StrictPeople:
+    """The person registry's writes, refused: these tests make none."""
+
+    async def put(self, person: Any, source: str) -> bool:
+        raise AssertionError(f"unexpected person put from {source}")
+
+    async def remove(self, person_id: str, source: str) -> bool:
+        raise AssertionError(f"unexpected person remove {person_id} from {source}")
+
+
 class FixedHealth:
     def __init__(self, status: str) -> None:
         self.latest = {"status": status, "checks": {"database": {"ok": status == "ok", "detail": "test"}}}
@@ -72,7 +82,8 @@ def parts(tmp_path: Path):
     conn.close()
     made = ApiParts(cfg=cfg, jobs=StrictIntake(), health=FixedHealth("degraded"), reader=Reader(cfg.db_path),
                     auth=BasicAuth(cfg), metrics=Metrics(cfg.db_path), signer=AckSigner(b"k" * 32, "http://gw"),
-                    changes=Pulse(), stopping=asyncio.Event(), streams=StreamSlots(4))
+                    changes=Pulse(), stopping=asyncio.Event(), streams=StreamSlots(4),
+                    people=StrictPeople())
     yield made
     made.reader.close()
     made.metrics.close()
