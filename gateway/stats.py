@@ -246,6 +246,18 @@ def jobs_by_state(conn: sqlite3.Connection) -> dict[str, int]:
     return {r[0]: int(r[1]) for r in conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
 
 
+def people_held(conn: sqlite3.Connection) -> int:
+    """Persons held by quiet hours now, summed over the open jobs (``jobs.people_held``; a
+    person held by two jobs counts twice). The open jobs are an index's rows."""
+    try:
+        row = conn.execute("SELECT SUM(people_held) FROM jobs WHERE state IN ('accepted', 'dispatching')").fetchone()
+    except sqlite3.OperationalError as exc:
+        if "no such column" in str(exc):
+            return 0
+        raise
+    return int(row[0] or 0)
+
+
 def device_count(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT COUNT(*) FROM devices").fetchone()[0])
 

@@ -201,6 +201,11 @@ def _notified_target(conn: sqlite3.Connection, job_ids: list[str]) -> dict[str, 
             devices.update(target["devices"])
         elif "segment" in target:
             devices.update(pipeline_registry.in_segment(conn, target["segment"]))
+        elif "people" in target:  # not expanded yet: each person's devices, as the job would try them
+            from gateway.people import store as people_store
+
+            for person in people_store.get_many(conn, list(target["people"])).values():
+                devices.update(person.devices)
     if not devices:
         return None
     return {"devices": sorted(devices)[:MAX_NOTIFIED_DEVICES]}

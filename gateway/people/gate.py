@@ -16,6 +16,10 @@ job that targets people), else the person or persons whose reach order lists the
 (``person_devices``). A device listed by several persons is held only while all of them
 are quiet (until the earliest end) and suppressed only when all of them muted the job.
 
+A job that reaches a person holds each of their devices' deliveries; when the quiet stretch
+ends the first device is due, and each later one ``reach_after_s`` after the one before it,
+as if the job had come at the window's end.
+
 Times are the gateway's clock (:mod:`gateway.clock`): quiet hours are read at
 ``clock.now()``, and a hold's end is stored as a due time on that clock, so a step of the
 system clock while the daemon runs neither releases nor freezes a held delivery.
@@ -65,16 +69,27 @@ class Policy:
     bypass: int  # rank of bypass_priority: a job at or above it goes through quiet hours
     muted_segments: frozenset[str]
     muted_rules: frozenset[str]
+    devices: tuple[str, ...] = ()  # reach order
+    reach_after_s: float = 0.0
 
     @classmethod
-    def of(cls, person: Any, default_windows: Sequence[Window]) -> "Policy":
-        """From a Person (gateway.people.model): its own quiet hours, else the config's."""
+    def of(cls, person: Any, default_windows: Sequence[Window], reach_after_s: float = 0.0) -> "Policy":
+        """From a Person (gateway.people.model): its own quiet hours and reach time, else the config's."""
         own = getattr(person, "quiet_hours", None)
         muted = getattr(person, "muted", None)
+        reach = getattr(person, "reach_after_s", None)
         return cls(person.person_id, quiet.zone(person.timezone),
                    quiet.windows(own) if own is not None else tuple(default_windows),
                    rank(getattr(person, "bypass_priority", "critical")),
-                   frozenset(getattr(muted, "segments", ()) or ()), frozenset(getattr(muted, "rules", ()) or ()))
+                   frozenset(getattr(muted, "segments", ()) or ()), frozenset(getattr(muted, "rules", ()) or ()),
+                   tuple(getattr(person, "devices", ()) or ()), float(reach if reach is not None else reach_after_s))
+
+    def turn(self, device_id: str) -> float:
+        """How long after the first device this device's turn comes in the reach order (s)."""
+        try:
+            return self.devices.index(device_id) * self.reach_after_s
+        except ValueError:
+            return 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +124,9 @@ EMPTY = Snapshot({}, {}, ())
 class PeopleGate:
     """Decides for due deliveries of persons (see the module docstring)."""
 
-    def __init__(self, default_windows: Iterable[Any] = ()):
+    def __init__(self, default_windows: Iterable[Any] = (), reach_after_s: float = 0.0):
         self.default_windows = quiet.windows(default_windows)
+        self.reach_after_s = reach_after_s  # [people] reach_after_s
         self.snapshot = EMPTY
         self.checked_at = float("-inf")  # gateway clock of the last fingerprint check
         self.decided = {"held": 0, "suppressed": 0}  # since start (metrics)
@@ -139,7 +155,7 @@ class PeopleGate:
             for row in conn.execute("SELECT person_id, body FROM persons"):
                 try:
                     person = people_store.person_of_row(row)
-                    persons[row[0]] = Policy.of(person, self.default_windows)
+                    persons[row[0]] = Policy.of(person, self.default_windows, self.reach_after_s)
                 except ValueError as exc:
                     log.warning("person left out of quiet hours and mutes: cannot read it", person_id=row[0],
                                 error=str(exc))
@@ -192,7 +208,10 @@ class PeopleGate:
             ends.append((end, p))
         end, who = min(ends, key=lambda e: e[0])
         self.decided["held"] += 1
-        return Verdict(True, end.timestamp(), quiet.hold_reason(end, who.tz))
+        # A job that reaches this person: their later devices keep their turns after the
+        # window (the second one reach_after_s after it ends), not all at its end.
+        turn = who.turn(device_id) if person_id is not None else 0.0
+        return Verdict(True, end.timestamp() + turn, quiet.hold_reason(end, who.tz))
 
 
 def _muted(p: Policy, job: JobFacts) -> str | None:

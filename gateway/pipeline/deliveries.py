@@ -111,7 +111,7 @@ class DeliveryWriter:
             writer.record(results)
     """
 
-    __slots__ = ("conn", "now", "_rows", "_counts", "_latency", "_jobs")
+    __slots__ = ("conn", "now", "_rows", "_counts", "_latency", "_jobs", "_touched")
 
     def __init__(self, conn: sqlite3.Connection, now: float):
         self.conn = conn
@@ -120,6 +120,7 @@ class DeliveryWriter:
         self._counts: dict[tuple[str, str], int] = {}
         self._latency: dict[tuple[str, float], list[float]] = {}
         self._jobs: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self._touched: set[str] = set()  # jobs whose deliveries' results were recorded (people_held)
 
     def __enter__(self) -> "DeliveryWriter":
         return self
@@ -174,6 +175,9 @@ class DeliveryWriter:
     def flush(self) -> None:
         """Write what the batch moved: the aggregates, then the jobs' counts (and settle them)."""
         stats.apply_counts(self.conn, self._counts, self._latency)
+        if self._touched:
+            jobs.count_held(self.conn, self._touched, QUIET_HOLD, self.now)
+            self._touched = set()
         if self._jobs:
             jobs.move_counts(self.conn, self._jobs, self.now)
         self._counts, self._latency = {}, {}
@@ -220,6 +224,7 @@ class DeliveryWriter:
         groups: list[tuple[str, list[tuple[Any, ...]]]] = []
         by_sql: dict[str, list[tuple[Any, ...]]] = {}
         move, now, conn = self._move, self.now, self.conn
+        self._touched.update(r.job_id for r in results if not r.resend)
         for r in results:
             if r.invalid_key:
                 registry.mark_invalid(conn, r.device_id, r.invalid_key, r.error or "invalid address", now)
@@ -391,7 +396,7 @@ class DueDelivery:
     person_id: str | None = None  # the person a job that targets people reaches through this delivery
 
 
-_DUE_COLUMNS = ("SELECT d.message_id, d.job_id, d.device_id, d.attempts, v.channels, v.invalid, d.route "
+_DUE_COLUMNS = ("SELECT d.message_id, d.job_id, d.device_id, d.attempts, v.channels, v.invalid, d.route, d.person_id "
                 "FROM deliveries d LEFT JOIN devices v ON v.device_id = d.device_id ")
 
 
@@ -401,7 +406,7 @@ def _due_rows(rows: Iterable[Any], resend: bool = False, skip: frozenset[str] | 
     # under a large job most fetched rows are still in flight, and this runs on the
     # database thread, where every microsecond delays the next commit.
     return [DueDelivery(r[0], r[1], r[2], r[3], decode(r[4], channels) if r[4] else None,
-                        json.loads(r[5]) if r[5] and r[5] != "{}" else {}, r[6], resend)
+                        json.loads(r[5]) if r[5] and r[5] != "{}" else {}, r[6], resend, r[7])
             for r in rows if r[0] not in skip]
 
 

@@ -189,6 +189,19 @@ def move_counts(conn: sqlite3.Connection, by_job: dict[str, dict[str, int]], now
     settle_jobs(conn, by_job.keys(), now)
 
 
+def count_held(conn: sqlite3.Connection, job_ids: Iterable[str], hold_prefix: str, now: float) -> None:
+    """``people_held`` of the jobs that target people among ``job_ids``: their persons with
+    a delivery held by quiet hours now (queued, its reason ``quiet hours until …``). Counted
+    again from the job's rows (a few per person) when a batch recorded results of the job,
+    and written, with the status owed, only when it changed; a job of no people costs one
+    look-up of its row."""
+    held = ("(SELECT COUNT(DISTINCT d.person_id) FROM deliveries d WHERE d.job_id = jobs.job_id "
+            "AND d.state = 'queued' AND d.person_id IS NOT NULL AND d.last_error LIKE ? || '%')")
+    conn.execute(f"UPDATE jobs SET people_held = {held}, updated_at = ?, {_DIRTY} "
+                 f"WHERE job_id IN (SELECT value FROM json_each(?)) AND people_targets IS NOT NULL "
+                 f"AND people_held != {held}", (hold_prefix, now, json.dumps(sorted(job_ids)), hold_prefix))
+
+
 def settle_jobs(conn: sqlite3.Connection, job_ids: Iterable[str], now: float) -> None:
     """Move jobs to completed / acknowledged from their counts (contract §6)."""
     for job_id in job_ids:

@@ -83,7 +83,7 @@ class Pipeline:
         self.bridges = build_bridges(self.cfg, self.secrets, ctx)
         self.expander = Expander(self.db, self.cfg.dispatch.batch_size, self._on_page, platforms=list(self.bridges))
         resend = {name for name in self.bridges if getattr(self.cfg.bridges, name).resend_unacked}
-        self.people = PeopleGate(self.cfg.people.quiet_hours_default)
+        self.people = PeopleGate(self.cfg.people.quiet_hours_default, self.cfg.people.reach_after_s)
         self.dispatcher = Dispatcher(self.cfg.dispatch, self.db, self.bridges, self.recorder, resend=resend,
                                      people=self.people)
         self.dispatcher.ack_url = self.ack_url

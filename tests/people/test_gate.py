@@ -81,3 +81,14 @@ def test_a_person_without_quiet_hours_of_their_own_takes_the_default():
     assert p.windows == windows(default) and p.bypass == rank("critical")
     own = SimpleNamespace(**{**vars(person), "quiet_hours": []})
     assert Policy.of(own, windows(default)).windows == ()  # an empty list of their own: never quiet
+
+
+def test_a_persons_later_devices_keep_their_turns_after_the_window():
+    p = Policy("anna", BERLIN, NIGHT, rank("critical"), frozenset(), frozenset(), ("phone", "browser"), 120.0)
+    g = gate(p, devices={"phone": ("anna",), "browser": ("anna",)})
+    end = datetime(2026, 12, 8, 5, 0, tzinfo=UTC).timestamp()
+    assert g.decide("anna", "phone", JobFacts("normal"), MIDNIGHT_BERLIN).until == end
+    later = g.decide("anna", "browser", JobFacts("normal"), MIDNIGHT_BERLIN)
+    assert later.until == end + 120 and later.reason == "quiet hours until 2026-12-08 06:00 CET (Europe/Berlin)"
+    # A segment job to the same device is no step of reaching her: due at the end.
+    assert g.decide(None, "browser", JobFacts("normal"), MIDNIGHT_BERLIN).until == end
