@@ -192,7 +192,7 @@ def test_jobs_list_has_headers_a_state_filter_and_a_limit(tmp_path: Path, cfg_pa
     for job in ("j-1", "j-2", "j-3"):
         assert cli(cfg_path, "send", "--title", "t", "--device", "sim-000", "--job-id", job).returncode == 0
     lines = cli(cfg_path, "jobs", "list").stdout.splitlines()
-    assert lines[0].split() == ["JOB", "STATE", "TARGETS", "QUEUED", "SENT", "ACKED", "FAILED", "EXPIRED", "INVALID",
+    assert lines[0].split() == ["JOB", "STATE", "TARGETS", "QUEUED", "SENT", "ACKED", "FAILED", "EXPIRED", "INVALID", "MUTED",
                                 "CREATED"]
     assert [line.split()[0] for line in lines[1:]] == ["j-3", "j-2", "j-1"]
     assert len(cli(cfg_path, "jobs", "list", "--limit", "2").stdout.splitlines()) == 3
