@@ -276,6 +276,7 @@ def send(
     device: Annotated[Optional[list[str]], typer.Option("--device", metavar="ID", help="target: this device (repeatable)")] = None,
     segment: Annotated[Optional[str], typer.Option("--segment", metavar="NAME", help="target: every device of this segment")] = None,
     all_devices: Annotated[bool, typer.Option("--all", help="target: every registered device (asks first; see --yes)")] = False,
+    person: Annotated[Optional[list[str]], typer.Option("--person", metavar="ID", help="target: this person, reached device by device (repeatable)")] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="send to --all or to more than [cli] confirm_above devices without asking")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="show progress until the job reaches --until")] = False,
     timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS", help="how long --wait waits")] = 300.0,
@@ -283,7 +284,7 @@ def send(
 ) -> None:
     """Submit a job to the running gateway; print its job_id.
 
-    Needs one target (--device, --segment or --all) and something to say (--title, --body
+    Needs one target (--device, --segment, --all or --person) and something to say (--title, --body
     or --data). Sending to --all, or to more devices than [cli] confirm_above, asks for
     confirmation on a terminal; without one it needs --yes.
     """
@@ -296,14 +297,15 @@ def send(
     if until not in ("completed", "acknowledged"):
         fail(f"--until: expected completed or acknowledged, got {until!r}")
     chosen = [name for name, given in (("--device", bool(device)), ("--segment", segment is not None),
-                                       ("--all", all_devices)) if given]
+                                       ("--all", all_devices), ("--person", bool(person))) if given]
     if len(chosen) != 1:
-        fail("target: give exactly one of --device, --segment, --all")
+        fail("target: give exactly one of --device, --segment, --all, --person")
     try:
         pairs = parse_data(data or [])
     except OptionError as exc:
         fail(str(exc))
-    target = {"devices": device} if device else {"segment": segment} if segment is not None else {"all": True}
+    target = ({"devices": device} if device else {"segment": segment} if segment is not None
+              else {"people": person} if person else {"all": True})
     notification: dict = {"data": pairs, "priority": priority, "ttl": ttl}
     for k, v in (("title", title), ("body", body), ("collapse_key", collapse_key)):
         if v is not None:
@@ -622,6 +624,14 @@ def jobs_show(job_id: Annotated[str, typer.Argument(metavar="ID")],
              ("targets", str(counts["targets"])),
              ("counts", "  ".join(f"{k}={v}" for k, v in counts.items() if k != "targets")),
              ("created", status["created_at"]), ("updated", status["updated_at"])])
+    if "people" in status:
+        from gateway.pipeline import reach
+
+        p = status["people"]
+        typer.echo(f"people: targets={p['targets']}  reached={p['reached']}  held={p['held']}")
+        for row in reach.people_of_job(conn, job_id):
+            how = f" by {row['reached_by']} at {row['reached_at']}" if row["reached_by"] else ""
+            typer.echo(f"  {row['person_id']}  {row['state']}{how}" + (f"  ({row['note']})" if row["note"] else ""))
     error = status.get("error")
     if error:
         typer.echo(f"error: {error.get('code')}: {error.get('message')}", err=True)

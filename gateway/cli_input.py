@@ -117,7 +117,9 @@ def job_errors(exc: ValidationError, devices: Sequence[str] | None) -> list[str]
         loc = _loc(err)
         msg = _message(err)
         key = tuple(loc[:2])
-        if loc[:2] == ["target", "devices"]:
+        if loc[:2] == ["target", "people"]:
+            out.append(f"--person: {msg}" if len(loc) < 3 else f"--person[{loc[2]}]: {msg}")
+        elif loc[:2] == ["target", "devices"]:
             if len(loc) >= 3 and isinstance(loc[2], int) and devices and loc[2] < len(devices):
                 out.append(f"--device {devices[loc[2]]!r}: {msg}")
             else:
@@ -130,7 +132,7 @@ def job_errors(exc: ValidationError, devices: Sequence[str] | None) -> list[str]
         elif loc == ["notification"] and msg.startswith("nothing to notify"):
             out.append("--title, --body, --data: nothing to notify: give at least one of them")
         elif loc == ["target"]:
-            out.append(f"target: {msg.replace('devices, segment or all', '--device, --segment or --all')}")
+            out.append(f"target: {msg.replace('devices, segment, all or people', '--device, --segment, --all or --person')}")
         else:
             out.append(f"{'.'.join(str(p) for p in loc) or 'job'}: {msg}")
     return out

@@ -35,6 +35,16 @@ class DeliveryState(StrEnum):
     SUPPRESSED = "suppressed"  # final: the person it was for muted its segment or alarm rule (§12)
 
 
+class ReachState(StrEnum):
+    """Where a person of a job that targets people stands (``job_people.state``, §12)."""
+
+    REACHING = "reaching"  # their devices are being tried, in order
+    REACHED = "reached"  # one of their devices acked
+    UNKNOWN = "unknown"  # no such person when the job was expanded
+    NO_DEVICES = "no_devices"  # the person lists no device
+    REMOVED = "removed"  # removed from the registry while being reached
+
+
 DELIVERY_STATES: tuple[DeliveryState, ...] = tuple(DeliveryState)
 # Deliveries that went wrong: a send with one of these fails the CLI's exit code.
 PROBLEM_DELIVERY_STATES = (DeliveryState.FAILED, DeliveryState.EXPIRED, DeliveryState.INVALID_ADDRESS)
@@ -42,4 +52,4 @@ PROBLEM_DELIVERY_STATES = (DeliveryState.FAILED, DeliveryState.EXPIRED, Delivery
 QUIET_DELIVERY_STATES = (DeliveryState.SUPPRESSED,)
 
 __all__ = ["DELIVERY_STATES", "FINAL_JOB_STATES", "PROBLEM_DELIVERY_STATES", "QUIET_DELIVERY_STATES",
-           "DeliveryState", "JobState"]
+           "DeliveryState", "JobState", "ReachState"]

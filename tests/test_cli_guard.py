@@ -233,7 +233,7 @@ def test_bracketed_config_names_survive_in_help():
     assert "Sensor alarms ([[rules]]) and their states." in runner.invoke(app, ["alarms", "--help"]).output
     assert "one from [broker.acl]" in " ".join(runner.invoke(app, ["users", "add", "--help"]).output.split())
     send = " ".join(runner.invoke(app, ["send", "--help"]).output.split())
-    assert "Needs one target (--device, --segment or --all) and something to say (--title, --body or --data)." in send
+    assert "Needs one target (--device, --segment, --all or --person) and something to say (--title, --body or --data)." in send
 
 
 # ------------------------------------------------------------------ status

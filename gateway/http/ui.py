@@ -310,7 +310,10 @@ class OperatorPage:
             raise ApiError(400, "bad_request", f"state: one of problems, {', '.join(q.DELIVERY_STATES)}")
         after = _prefix(request.query.get("after", ""), "after")
         limit = _int(request.query.get("limit"), 50, "limit")
-        return json_response(await self._read(lambda c: q.deliveries_page(c, job_id, states, after, limit)),
+        # The job's ack latency comes with its rows, from the same snapshot: the page never
+        # says "no acks yet" above a row that shows an ack.
+        return json_response(await self._read(lambda c: {**q.deliveries_page(c, job_id, states, after, limit),
+                                                         "latency": q.job_latency(c, job_id)}),
                              headers=NO_STORE)
 
     async def devices(self, request: web.Request) -> web.Response:

@@ -424,5 +424,5 @@ def _bucket_quantile(h: dict[str, Any], q: float) -> float | None:
 
 
 __all__ = ["QueryError", "alarm", "alarms_digest", "alarms_page", "check_id_prefix", "deliveries_page",
-           "device_detail", "devices_page", "job_detail", "jobs_changed_since", "jobs_page", "known_devices",
-           "now_from_db"]
+           "device_detail", "devices_page", "job_detail", "job_latency", "jobs_changed_since", "jobs_page",
+           "known_devices", "now_from_db"]

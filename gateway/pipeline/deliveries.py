@@ -70,7 +70,7 @@ class Result:
 FirstAck = tuple[str, float, float, "Result | None"]
 
 
-# A delivery as the writer knows it: [job_id, device_id, state, route, platform, sent_at].
+# A delivery as the writer knows it: [job_id, device_id, state, route, platform, sent_at, person_id].
 # Its platform for the aggregates (gateway.stats.PLATFORM_KEY) is route, else platform, else ''.
 
 
@@ -133,7 +133,7 @@ class DeliveryWriter:
     def read(self, message_ids: Iterable[str]) -> dict[str, list[Any]]:
         """The rows of ``message_ids`` that exist (read once per transaction; later reads
         come from what the writer knows): message_id → [job_id, device_id, state, route,
-        platform, sent_at]. Read only: the writer keeps them current."""
+        platform, sent_at, person_id]. Read only: the writer keeps them current."""
         rows = self._rows
         missing = [m for m in message_ids if m not in rows] if rows else list(message_ids)
         if missing:
@@ -142,7 +142,8 @@ class DeliveryWriter:
             # the connection's Row objects: one list per row, made by the unpacking.
             cur = self.conn.cursor()
             cur.row_factory = None
-            for mid, *row in cur.execute("SELECT message_id, job_id, device_id, state, route, platform, sent_at "
+            for mid, *row in cur.execute("SELECT message_id, job_id, device_id, state, route, platform, sent_at, "
+                                         "person_id "
                                          "FROM deliveries WHERE message_id IN (SELECT value FROM json_each(?))",
                                          (json.dumps(missing),)):
                 rows[mid] = row
@@ -211,6 +212,64 @@ class DeliveryWriter:
                     counts[k] = counts.get(k, 0) + 1
         return cur.rowcount
 
+    def insert_steps(self, job_id: str, rows: list[tuple[str, str | None, str, float, str, str | None]]
+                     ) -> tuple[int, int]:
+        """A people job's rows (:mod:`gateway.pipeline.reach`): (device_id, route, person_id,
+        next_at, state, error) each, ``queued`` or ``failed``; a device that already has a
+        row in the job is left alone (a page expanded again after a crash, or a device two
+        persons share). (rows that went in, of which failed). The job's counts are
+        expansion's, as for :meth:`insert`."""
+        if not rows:
+            return 0, 0
+        ids = new_message_ids(len(rows))
+        cur = self.conn.execute(
+            "INSERT OR IGNORE INTO deliveries(message_id, job_id, device_id, person_id, next_at, state, last_error, route) "
+            "SELECT value->>0, ?, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6 FROM json_each(?)",
+            (job_id, json.dumps([[m, d, p, at, st, err, route] for m, (d, route, p, at, st, err) in zip(ids, rows)])))
+        known = self.read(ids)
+        counts = self._counts
+        failed = 0
+        for m in ids:
+            row = known.get(m)
+            if row is not None:
+                k = (row[3] if row[3] is not None else "", row[2])
+                counts[k] = counts.get(k, 0) + 1
+                failed += row[2] == DeliveryState.FAILED
+        return cur.rowcount, failed
+
+    def count_reached(self, job_id: str) -> None:
+        """A person of the job was reached (``people_reached``, written with the batch)."""
+        self._jobs[job_id]["people_reached"] += 1
+
+    def withdraw(self, message_ids: list[str]) -> None:
+        """Delete queued rows that were never attempted: a person's later steps once the
+        person was reached (:mod:`gateway.pipeline.reach`). They leave the aggregates and the
+        job's counts, ``targets`` included: the job did not make those deliveries after all."""
+        rows = self.read(message_ids)
+        counts = self._counts
+        gone = []
+        for m in message_ids:
+            row = rows.get(m)
+            if row is None or row[2] != DeliveryState.QUEUED:
+                continue
+            gone.append(m)
+            rows.pop(m)
+            k = (row[3] if row[3] is not None else (row[4] if row[4] is not None else ""), row[2])
+            counts[k] = counts.get(k, 0) - 1
+            by_job = self._jobs[row[0]]
+            by_job["queued"] -= 1
+            by_job["targets"] -= 1
+            by_job["expanded_rows"] -= 1
+            self._touched.add(row[0])  # a withdrawn row may have been held by quiet hours
+        if gone:
+            self.conn.execute("DELETE FROM deliveries WHERE message_id IN (SELECT value FROM json_each(?)) "
+                              "AND state = 'queued'", (json.dumps(gone),))
+
+    def stop_resends(self, job_id: str, person_id: str) -> None:
+        """A reached person's other devices are not sent their notification again."""
+        self.conn.execute("UPDATE deliveries SET resend_at = NULL WHERE person_id = ? AND job_id = ? "
+                          "AND state = 'sent' AND resend_at IS NOT NULL", (person_id, job_id))
+
     def record(self, results: list[Result]) -> None:
         """Attempts' outcomes, in order. A delivery moves only from ``queued`` (a result
         for a row that moved on meanwhile changes nothing, but for a send recorded after
@@ -225,6 +284,7 @@ class DeliveryWriter:
         by_sql: dict[str, list[tuple[Any, ...]]] = {}
         move, now, conn = self._move, self.now, self.conn
         self._touched.update(r.job_id for r in results if not r.resend)
+        dead_steps: list[tuple[str, str]] = []  # (job_id, person_id) whose tried device will never ack
         for r in results:
             if r.invalid_key:
                 registry.mark_invalid(conn, r.device_id, r.invalid_key, r.error or "invalid address", now)
@@ -259,6 +319,8 @@ class DeliveryWriter:
                 else:  # failed | expired | invalid_address | suppressed
                     sql, params = _FINISHED, (r.state, r.platform, r.attempts, r.error, r.message_id)
                     move(row, r.state, row[3], r.platform if r.platform is not None else row[4])
+                    if row[6] is not None and r.state != DeliveryState.EXPIRED:
+                        dead_steps.append((row[0], row[6]))
             if ordered:
                 if groups and groups[-1][0] == sql:
                     groups[-1][1].append(params)
@@ -272,6 +334,17 @@ class DeliveryWriter:
                 batch.append(params)
         for sql, batch in groups:
             conn.executemany(sql, batch)
+        if dead_steps:
+            self._next_step_now(dead_steps)
+
+    def _next_step_now(self, steps: list[tuple[str, str]]) -> None:
+        """A person's device that failed (or whose address is invalid) will not ack: their
+        next waiting device is due now instead of at its turn (a due time, no state moves)."""
+        now = clock.now()
+        self.conn.executemany(
+            "UPDATE deliveries SET next_at = ? WHERE message_id = (SELECT message_id FROM deliveries "
+            "WHERE person_id = ? AND job_id = ? AND state = 'queued' AND attempts = 0 AND next_at > ? "
+            "ORDER BY next_at LIMIT 1)", [(now, p, j, now) for j, p in dict.fromkeys(steps)])
 
     def acknowledge(self, acks: list[FirstAck]) -> None:
         """Deliveries' first acks (each delivery once, read before and still queued or
@@ -282,8 +355,11 @@ class DeliveryWriter:
         rows, latency, bucket_of, move, now = self._rows, self._latency, stats.bucket_of, self._move, self.now
         items: list[list[Any]] = []
         with_send: list[list[Any]] = []
+        people: list[tuple[str, str, str, float]] = []
         for mid, acked_at, latency_ms, send in acks:
             row = rows[mid]
+            if row[6] is not None:  # a step of reaching a person (gateway.pipeline.reach)
+                people.append((row[0], row[6], row[1], acked_at))
             if send is not None and send.platform is not None:
                 key = send.platform
                 sent_at = send.sent_at or now
@@ -304,6 +380,10 @@ class DeliveryWriter:
             self.conn.execute(_ACKNOWLEDGED, (json.dumps(items),))
         if with_send:
             self.conn.execute(_ACKNOWLEDGED_WITH_SEND, (json.dumps(with_send),))
+        if people:
+            from gateway.pipeline import reach
+
+            reach.reached(self, people, clock.now())  # the database thread's now: see reach.reached
 
     def delete(self, message_ids: list[str]) -> None:
         """Delete rows (retention): they leave the per-state counts; the latency histogram
@@ -345,7 +425,8 @@ def new_message_ids(n: int) -> list[str]:
 
 # ------------------------------------------------------------------ expansion
 def expand_page(conn: sqlite3.Connection, job_id: str, batch_size: int, now: float,
-                platforms: Iterable[str] | None = None, channels: ChannelCache | None = None) -> bool:
+                platforms: Iterable[str] | None = None, channels: ChannelCache | None = None,
+                reach_after_s: float = 120.0) -> bool:
     """Turn the next page of the job's target into delivery rows; True when done.
 
     The cursor (last device_id) is committed with the rows, so a crash mid-job resumes
@@ -353,7 +434,9 @@ def expand_page(conn: sqlite3.Connection, job_id: str, batch_size: int, now: flo
     Each row gets its route (the bridge of its first attempt among ``platforms``), so
     the dispatcher can fetch due work per bridge. Rows made now were counted as queued
     when the job was accepted; unknown devices move to failed
-    (:func:`gateway.pipeline.jobs.expanded_page`)."""
+    (:func:`gateway.pipeline.jobs.expanded_page`). A people target makes each person's
+    steps (:func:`gateway.pipeline.reach.expand_page`; ``reach_after_s``: the
+    ``[people]`` default)."""
     job = jobs.expansion_state(conn, job_id)
     if job is None or job["expanded"]:
         return True
@@ -362,6 +445,18 @@ def expand_page(conn: sqlite3.Connection, job_id: str, batch_size: int, now: flo
     cursor = job["expand_cursor"] or ""
     unknown: list[str] = []
     enabled = set(platforms) if platforms is not None else None
+    if "people" in target:
+        from gateway.pipeline import reach
+
+        wanted = target["people"]
+        start = bisect.bisect_right(wanted, cursor) if cursor else 0
+        page = wanted[start:start + max(1, batch_size // 8)]  # up to 32 devices a person
+        done = start + len(page) >= len(wanted)
+        with DeliveryWriter(conn, now) as writer:
+            made, failed = reach.expand_page(writer, job_id, page, due, job["expires_at"], reach_after_s, enabled,
+                                             channels)
+        jobs.expanded_page(conn, job_id, target, made, failed, page[-1] if page else cursor, done, now)
+        return done
     if "devices" in target:
         wanted: list[str] = target["devices"]
         start = bisect.bisect_right(wanted, cursor) if cursor else 0
@@ -552,9 +647,13 @@ def delivery_rows(conn: sqlite3.Connection, job_id: str, limit: int = 100000) ->
     now = clock.now()  # next_at is on the gateway's clock
     rows = []
     for r in conn.execute("SELECT message_id, device_id, state, platform, route, attempts, last_error, latency_ms, "
-                          "moved, next_at FROM deliveries WHERE job_id = ? ORDER BY device_id LIMIT ?", (job_id, limit)):
+                          "moved, next_at, person_id FROM deliveries WHERE job_id = ? ORDER BY device_id LIMIT ?",
+                          (job_id, limit)):
         row = dict(r)
-        row["reason"] = wait_reason(row["state"], row.pop("next_at"), row["last_error"], row["moved"], now)
+        if row["person_id"] is None:
+            del row["person_id"]  # only a people job's deliveries are for a person
+        row["reason"] = wait_reason(row["state"], row.pop("next_at"), row["last_error"], row["moved"], now,
+                                    row.get("person_id") is not None and row["attempts"] == 0)
         rows.append(row)
     stored = acks.acks_of_job(conn, job_id)
     for row in rows:
@@ -563,13 +662,18 @@ def delivery_rows(conn: sqlite3.Connection, job_id: str, limit: int = 100000) ->
 
 
 def wait_reason(state: str, next_at: float | None, last_error: str | None, moved: str | None,
-                now: float) -> str | None:
+                now: float, step: bool = False) -> str | None:
     """Why a queued delivery waits (contract §8), from what its row holds: a bridge that
-    is unhealthy, a retry's backoff, a move to the device's next channel."""
+    is unhealthy, a retry's backoff, a move to the device's next channel, or (``step``: a
+    person's delivery not tried yet) the person's earlier device's turn."""
     if state != "queued":
         return None
     if last_error and last_error.startswith(QUIET_HOLD):
         return last_error  # "quiet hours until 2026-12-08 06:00 CET (Europe/Berlin)"
+    if step and not last_error and next_at is not None and next_at > now:
+        from gateway.pipeline.reach import WAITING
+
+        return f"{WAITING} until {iso(datetime.fromtimestamp(next_at, UTC))}"
     if last_error and " unhealthy" in last_error:
         return f"bridge {last_error}"  # "bridge fcm unhealthy: <why>"
     if last_error and next_at is not None and next_at > now:

@@ -673,9 +673,11 @@ class Dispatcher:
 class Expander:
     """Turns accepted jobs into delivery rows, one page (``batch_size``) per transaction."""
 
-    def __init__(self, db: Database, batch_size: int, on_page: Any, platforms: list[str] | None = None):
+    def __init__(self, db: Database, batch_size: int, on_page: Any, platforms: list[str] | None = None,
+                 reach_after_s: float = 120.0):
         self.db = db
         self.batch_size = batch_size
+        self.reach_after_s = reach_after_s  # [people] reach_after_s: a person's steps without their own
         self.on_page = on_page
         self.platforms = platforms
         self.channels = store.ChannelCache()  # the registry's channel lists decoded once per distinct text
@@ -705,7 +707,7 @@ class Expander:
             while not done and not stopping.is_set():
                 done = await self.db.run(
                     lambda conn, j=job_id: store.expand_page(conn, j, self.batch_size, clock.now(), self.platforms,
-                                                             self.channels))
+                                                             self.channels, self.reach_after_s))
                 self.on_page()
         return bool(job_ids)
 

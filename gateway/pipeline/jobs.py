@@ -58,10 +58,11 @@ def insert_job(conn: sqlite3.Connection, parsed: ParsedJob, source: str, now: fl
     targets = registry.count_targets(conn, target)
     conn.execute(
         "INSERT INTO jobs(job_id, state, source, target, notification, options, created_at, "
-        "updated_at, expires_at, ttl, targets, queued, status_dirty, cloud_dirty) "
-        "VALUES (?, 'accepted', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, 1)",
+        "updated_at, expires_at, ttl, targets, queued, status_dirty, cloud_dirty, people_targets) "
+        "VALUES (?, 'accepted', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, 1, ?)",
         (parsed.job_id, source, json.dumps(target), n.model_dump_json(),
-         job.options.model_dump_json(exclude_none=True), now, now, now + n.ttl, n.ttl, targets, targets),
+         job.options.model_dump_json(exclude_none=True), now, now, now + n.ttl, n.ttl, targets, targets,
+         len(target["people"]) if "people" in target else None),
     )
     conn.execute("DELETE FROM status_clears WHERE job_id = ?", (parsed.job_id,))
     bump(conn, "jobs_accepted")
@@ -106,15 +107,19 @@ def reject_job(conn: sqlite3.Connection, job_id: str, source: str, code: str, me
 def status_from_row(row: sqlite3.Row) -> dict[str, Any]:
     keys = row.keys()
     error = row["error"] if "error" in keys else None
-    return {
+    status = {
         "job_id": row["job_id"],
         "state": row["state"],
         "error": json.loads(error) if error else None,
         # A row read before the migration that added a count (suppressed) has none of it.
         "counts": {"targets": row["targets"], **{k: row[k] if k in keys else 0 for k in COUNT_KEYS}},
-        "created_at": iso_ts(row["created_at"]),
-        "updated_at": iso_ts(row["updated_at"]),
     }
+    if "people_targets" in keys and row["people_targets"] is not None:  # only a job that targets people (§6)
+        status["people"] = {"targets": row["people_targets"], "reached": row["people_reached"],
+                            "held": row["people_held"]}
+    status["created_at"] = iso_ts(row["created_at"])
+    status["updated_at"] = iso_ts(row["updated_at"])
+    return status
 
 
 def rejected_status(job_id: str, code: str, message: str) -> dict[str, Any]:
@@ -169,6 +174,8 @@ def expanded_page(conn: sqlite3.Connection, job_id: str, target: dict[str, Any],
     if done:
         if "segment" in target:
             why = f"target.segment: no registered device is in segment {target['segment']!r}"
+        elif "people" in target:
+            why = "target.people: no such person, or none of them lists a device"
         else:
             why = "target.all: no device is registered"
         conn.execute(
@@ -203,11 +210,16 @@ def count_held(conn: sqlite3.Connection, job_ids: Iterable[str], hold_prefix: st
 
 
 def settle_jobs(conn: sqlite3.Connection, job_ids: Iterable[str], now: float) -> None:
-    """Move jobs to completed / acknowledged from their counts (contract §6)."""
+    """Move jobs to completed / acknowledged from their counts (contract §6). A job that
+    targets people is acknowledged when every person was reached (a person's devices that
+    were tried before the one that acked stay unacked)."""
     for job_id in job_ids:
         conn.execute(
             "UPDATE jobs SET state = CASE "
-            " WHEN expanded = 1 AND queued = 0 AND targets > 0 AND acknowledged = targets THEN 'acknowledged' "
+            " WHEN expanded = 1 AND queued = 0 AND people_targets IS NULL AND targets > 0 AND acknowledged = targets "
+            "  THEN 'acknowledged' "
+            " WHEN expanded = 1 AND queued = 0 AND people_targets > 0 AND people_reached = people_targets "
+            "  THEN 'acknowledged' "
             " WHEN expanded = 1 AND queued = 0 THEN 'completed' ELSE state END, "
             f" updated_at = ?, {_DIRTY} WHERE job_id = ? AND state != 'rejected'",
             (now, job_id),

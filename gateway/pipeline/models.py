@@ -84,16 +84,22 @@ DeviceId = Annotated[StrictStr, Field(pattern=DEVICE_ID_RE.pattern), AfterValida
 JobId = Annotated[StrictStr, Field(pattern=JOB_ID_RE.pattern), AfterValidator(not_dot_segment)]
 
 
+PERSON_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")  # gateway.people.model's (contract §12)
+PersonId = Annotated[StrictStr, Field(pattern=PERSON_ID_RE.pattern), AfterValidator(not_dot_segment)]
+MAX_PEOPLE = 1000  # persons of one job: each is reached device by device
+
+
 class Target(_Strict):
     devices: Annotated[list[DeviceId], Field(min_length=1, max_length=100_000)] | None = None
     segment: Annotated[StrictStr, Field(min_length=1, max_length=128)] | None = None
     all: StrictBool | None = None
+    people: Annotated[list[PersonId], Field(min_length=1, max_length=MAX_PEOPLE)] | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "Target":
-        given = [k for k in ("devices", "segment", "all") if getattr(self, k) is not None]
+        given = [k for k in ("devices", "segment", "all", "people") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("exactly one of devices, segment or all is required")
+            raise ValueError("exactly one of devices, segment, all or people is required")
         if self.all is False:
             raise ValueError("all must be true when given")
         return self
@@ -104,6 +110,9 @@ class Target(_Strict):
             return {"devices": sorted(set(self.devices))}
         if self.segment is not None:
             return {"segment": self.segment}
+        if self.people is not None:
+            # de-duplicated, sorted: expansion pages through it by person_id
+            return {"people": sorted(set(self.people))}
         return {"all": True}
 
 

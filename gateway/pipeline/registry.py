@@ -113,6 +113,10 @@ def count_targets(conn: sqlite3.Connection, target: dict[str, Any]) -> int:
     still change while it is expanded; expansion corrects the count at its end)."""
     if "devices" in target:
         return len(target["devices"])
+    if "people" in target:
+        from gateway.pipeline import reach  # it reads this module's devices
+
+        return reach.count_targets(conn, target["people"])
     if "segment" in target:
         return conn.execute("SELECT COUNT(*) FROM devices WHERE segment = ?", (target["segment"],)).fetchone()[0]
     return conn.execute("SELECT COUNT(*) FROM devices").fetchone()[0]

@@ -95,5 +95,8 @@ def prune(conn: sqlite3.Connection, cutoff: float, now: float, max_rows: int = 2
             jobs.delete_job(conn, job_id, now)
             pruned.append(job_id)
     if pruned:
+        from gateway.pipeline import reach
+
+        reach.delete_of_jobs(conn, pruned)  # who of a people job was reached goes with it
         jobs.bump(conn, "jobs_pruned", len(pruned))
     return pruned

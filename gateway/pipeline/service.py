@@ -81,7 +81,8 @@ class Pipeline:
         ctx = BridgeContext(client=client, topics=self.topics, data_dir=self.cfg.data_dir,
                             on_ack=self._bridge_ack, on_acks=self._bridge_acks)
         self.bridges = build_bridges(self.cfg, self.secrets, ctx)
-        self.expander = Expander(self.db, self.cfg.dispatch.batch_size, self._on_page, platforms=list(self.bridges))
+        self.expander = Expander(self.db, self.cfg.dispatch.batch_size, self._on_page, platforms=list(self.bridges),
+                                 reach_after_s=self.cfg.people.reach_after_s)
         resend = {name for name in self.bridges if getattr(self.cfg.bridges, name).resend_unacked}
         self.people = PeopleGate(self.cfg.people.quiet_hours_default, self.cfg.people.reach_after_s)
         self.dispatcher = Dispatcher(self.cfg.dispatch, self.db, self.bridges, self.recorder, resend=resend,

@@ -68,7 +68,7 @@ def test_the_contracts_example_rule_is_valid():
     ({"topic": "{prefix}/sensors/+"}, "rules[freezer-high].key: {device_id} needs a topic filter with a devices/<id>"),
     ({"title": "{temp}"}, "rules[freezer-high].title: unknown placeholder {temp}"),
     ({"body": "50 { 60"}, "rules[freezer-high].body: unmatched '{'"),
-    ({"target": {"segment": "a", "all": True}}, "rules[freezer-high].target: exactly one of devices, segment or all"),
+    ({"target": {"segment": "a", "all": True}}, "rules[freezer-high].target: exactly one of devices, segment, all or people"),
     ({"target": {"devices": ["ok", "not ok"]}}, "rules[freezer-high].target.devices[1]: String should match pattern"),
     ({"escalate": [{"after_s": 60, "target": {"segmnt": "x"}}]}, "rules[freezer-high].escalate[0].target.segmnt: unknown key"),
     ({"escalate": [{"after_s": -1, "target": {"all": True}}]}, "rules[freezer-high].escalate[0].after_s: Input should be greater than 0"),

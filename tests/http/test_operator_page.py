@@ -15,10 +15,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import httpx
 import pytest
@@ -36,6 +39,15 @@ ESCALATE_AFTER_S = 10.0  # the time the test has to see door-a fire and acknowle
 DOOR_RULE = {"name": "door", "topic": "{prefix}/devices/+/telemetry/door", "equals": "open", "key": "{device_id}",
              "target": {"devices": ["tech-1"]}, "title": "Door {device_id} is {value}",
              "escalate": [{"after_s": ESCALATE_AFTER_S, "target": {"devices": ["lead-1"]}}]}
+# The longest texts the gateway lets in, none with a space to wrap at: the page must fit a
+# phone's width with all of them on screen.
+LONG_DEV = "xl-" + "0123456789abcdef" * 7 + "0123456789abc"  # 128, the longest device id
+LONG_SEGMENT = "segment-" + "s" * 120  # 128, the longest segment
+LONG_JOB = "long-job-" + "j" * 55  # 64, the longest job id
+LONG_TITLE = "Title:" + "T" * 294  # 300
+FAULT = "E" + "0123456789" * 20  # an alarm value of 201 characters
+FAULT_RULE = {"name": "fault", "topic": "{prefix}/devices/+/telemetry/fault", "equals": FAULT, "key": "{device_id}",
+              "target": {"devices": [LONG_DEV]}, "title": "Fault {device_id}: {value}"}
 
 
 def _devices() -> list[dict[str, Any]]:
@@ -48,8 +60,57 @@ def _devices() -> list[dict[str, Any]]:
     out += [{"device_id": "tech-1", "segment": "techs", "channels": [{"platform": "mqtt"}]},
             {"device_id": "lead-1", "segment": "leads", "channels": [{"platform": "mqtt"}]},
             {"device_id": "gone-1", "segment": "odd", "channels": [{"platform": "fcm", "token": "fcm-token-of-gone-1-abcdef"}]},
-            {"device_id": "nobridge-1", "segment": "odd", "channels": [{"platform": "apns", "token": "ab" * 32}]}]
+            {"device_id": "nobridge-1", "segment": "odd", "channels": [{"platform": "apns", "token": "ab" * 32}]},
+            {"device_id": LONG_DEV, "segment": LONG_SEGMENT, "tags": ["t" * 64],
+             "channels": [{"platform": "simulation"}]},
+            {"device_id": "mq-ack-1", "segment": "ackees", "channels": [{"platform": "mqtt"}]},
+            {"device_id": "mq-ack-2", "segment": "ackees", "channels": [{"platform": "mqtt"}]},
+            {"device_id": "win-1", "segment": "windows",
+             "channels": [{"platform": "wns", "channel_uri": "https://localhost:9/w/?token=win-1"}]}]
     return out
+
+
+# What a token endpoint answers when it refuses the client: the WNS bridge goes unhealthy
+# with it as its reason, and the page shows that reason (300 characters, no space).
+TOKEN_REFUSAL = ("invalid_client:AADSTS7000215:" + "the-client-secret-provided-is-not-valid." * 8)[:300]
+
+
+class RefusingTokenEndpoint:
+    """WNS's token endpoint refusing the client's credentials, as Microsoft's does: a 400
+    with an ``error`` to the client-credentials form POSTed to it; 404 or 405 otherwise."""
+
+    def __init__(self) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the http.server API
+                form = parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
+                if self.path != "/accesstoken.srf":
+                    return self._answer(404, {"error": "not_found"})
+                if (self.headers["Content-Type"] != "application/x-www-form-urlencoded"
+                        or form.get("grant_type") != ["client_credentials"]):
+                    return self._answer(400, {"error": "invalid_request"})
+                return self._answer(400, {"error": TOKEN_REFUSAL})
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._answer(405, {"error": "method"})
+
+            def _answer(self, status: int, body: dict[str, str]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/accesstoken.srf"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -57,17 +118,27 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiGateway]:
     assert shutil.which("chromium") == CHROMIUM, "Debian's chromium is required (make test installs it)"
     tmp = tmp_path_factory.mktemp("ui")
     # 1,000 deliveries at 100 in flight and 200 ms each: about 2 s, long enough to watch.
-    a = make_api_gateway(tmp, {"bridges": {"simulation": {"latency_ms": 200}}, "dispatch": {"max_in_flight": 100},
-                               "rules": [DOOR_RULE]}, users=USERS, start=False)
+    # Degraded on purpose: the WNS bridge is refused its token (one device, win-1, uses it).
+    refusing = RefusingTokenEndpoint()
+    (tmp / "wns-secret").write_text("not-the-secret")
+    wns = {"enabled": True, "client_id": "ms-app://s-1-15-2-1", "client_secret_file": str(tmp / "wns-secret"),
+           "token_url": refusing.url, "allowed_hosts": ["localhost"]}
+    a = make_api_gateway(tmp, {"bridges": {"simulation": {"latency_ms": 200}, "wns": wns},
+                               "dispatch": {"max_in_flight": 100}, "rules": [DOOR_RULE, FAULT_RULE]},
+                         users=USERS, start=False)
     bulk_register(tmp / "var", _devices())
     _mark_invalid(tmp / "var", "store-0007", "fcm|fcm-token-of-store-0007-0123456789", "Unregistered (FCM 404)")
     _mark_invalid(tmp / "var", "gone-1", "fcm|fcm-token-of-gone-1-abcdef", "Unregistered (FCM 404)")
     a.gw.start()
+    r = httpx.post(f"{a.base}/v1/jobs", auth=("tech", "tech-pw"), json={
+        "job_id": "win-1", "target": {"devices": ["win-1"]}, "notification": {"title": "To Windows"}})
+    assert r.status_code == 202, r.text
     yield a
     a.close()
     a.gw.kill()
     if a.gw.notify:
         a.gw.notify.close()
+    refusing.close()
 
 
 def _mark_invalid(data_dir: Path, device_id: str, key: str, reason: str) -> None:
@@ -351,12 +422,12 @@ def test_devices_are_searched_and_paged_on_the_server(gw, context, tmp_path):
     page.on("response", lambda r: responses.append(r) if "/ui/api/devices?" in r.url else None)
     page.get_by_role("tab", name="Devices").click()
     rows = page.locator("#dev-table tbody tr")
-    expect(page.locator("#dev-total")).to_have_text("3,004 devices match")
+    expect(page.locator("#dev-total")).to_have_text("3,008 devices match")
     expect(rows).to_have_count(50)
     expect(rows.first).to_have_attribute("data-device", "fleet-0000")
     page.locator("#panel-devices").get_by_role("button", name="Next").click()
     expect(rows.first).to_have_attribute("data-device", "fleet-0050")
-    expect(page.locator("#dev-page")).to_have_text("51–100 of 3,004")
+    expect(page.locator("#dev-page")).to_have_text("51–100 of 3,008")
     page.locator("#panel-devices").get_by_role("button", name="Previous").click()
     expect(rows.first).to_have_attribute("data-device", "fleet-0000")
 
@@ -476,3 +547,225 @@ def test_a_jobs_failed_and_invalid_address_deliveries_are_shown_with_their_reaso
     detail.get_by_label("Show").select_option("")
     expect(shown).to_have_count(3)
     expect(detail.locator('#deliv-table tr[data-device="fleet-0001"]')).to_contain_text("simulation")
+
+
+# ------------------------------------------------------------------ ages, ack latency
+def test_ages_keep_counting_with_no_new_event(gw, context):
+    """"3 s ago" drawn once would say so forever while nothing about its row changes."""
+    r = httpx.post(f"{gw.base}/v1/jobs", auth=("tech", "tech-pw"), json={
+        "job_id": "tick-1", "target": {"devices": ["fleet-0003"]}, "notification": {"title": "Tick"}})
+    assert r.status_code == 202, r.text
+    wait_until(lambda: db_rows(gw.data_dir, "SELECT state FROM jobs WHERE job_id = 'tick-1'") == [("acknowledged",)],
+               timeout=20)
+    page = login(context, gw, "mon")
+    # A device's row is drawn once per search, never by an event: the same element must count on.
+    page.get_by_role("tab", name="Devices").click()
+    panel = page.locator("#panel-devices")
+    panel.get_by_label("Device id starts with").fill("fleet-0003")
+    panel.get_by_role("button", name="Search").click()
+    last_ack = page.locator('#dev-table tr[data-device="fleet-0003"] > td:nth-child(6)')
+    expect(last_ack).to_have_text(re.compile(r"^\d+ s ago$"))
+    last_ack.evaluate("el => { el.dataset.probe = 'drawn once'; }")
+    first = last_ack.inner_text()
+    expect(last_ack).not_to_have_text(first, timeout=5_000)
+    expect(last_ack).to_have_text(re.compile(r"^\d+ s ago$"))
+    assert last_ack.get_attribute("data-probe") == "drawn once", "the row was redrawn: that proves nothing"
+    # The job's row counts on too (a finished job gets no more events).
+    page.get_by_role("tab", name="Jobs").click()
+    created = page.locator('#jobs-list li[data-job-id="tick-1"] .jobhead .muted')
+    expect(created).to_have_text(re.compile(r"^http · \d+ s ago$"))
+    first = created.inner_text()
+    expect(created).not_to_have_text(first, timeout=5_000)
+
+
+ACK_LATENCY_TRUTH = """() => {
+    // "Ack latency" must never count fewer acks than the acknowledged rows shown under it.
+    window.lies = [];
+    const check = () => {
+        const detail = document.querySelector('#job-detail');
+        if (!detail || detail.hidden) return;
+        const dt = [...detail.querySelectorAll('dt')].find(d => d.textContent === 'Ack latency');
+        if (!dt) return;
+        const text = dt.nextElementSibling.textContent;
+        const said = text === 'no acks yet' ? 0 : parseInt(text.replace(/,/g, ''), 10);
+        const shown = detail.querySelectorAll('#deliv-table tbody .badge.d-acknowledged').length;
+        if (said < shown) window.lies.push([text, shown]);
+    };
+    new MutationObserver(check).observe(document.body, {childList: true, subtree: true, characterData: true,
+                                                        attributes: true, attributeFilter: ['hidden']});
+}"""
+
+
+def test_a_jobs_ack_latency_never_says_no_acks_above_acknowledged_rows(gw, context, tmp_path):
+    """Acks that come while the detail is open, and acks that land between the detail's read
+    and its rows' read, are both counted in "Ack latency"."""
+    probe = MqttProbe(gw.port, [f"{P}/devices/+/notify"])
+    r = httpx.post(f"{gw.base}/v1/jobs", auth=("tech", "tech-pw"), json={
+        "job_id": "acks-1", "target": {"devices": ["mq-ack-1", "mq-ack-2"]}, "notification": {"title": "Ack me"}})
+    assert r.status_code == 202, r.text
+    urls = probe.wait_for(lambda m: (lambda got: got if len(got) == 2 else None)(
+        {t.split("/")[-2]: json.loads(p)["ack_url"] for _, t, p, _ in m
+         if t.endswith("/notify") and json.loads(p)["job_id"] == "acks-1"}), timeout=20)
+    probe.close()
+    page = login(context, gw, "mon")
+    page.evaluate(ACK_LATENCY_TRUTH)
+    page.get_by_role("tab", name="Jobs").click()
+    page.get_by_role("button", name="Show job acks-1").click()
+    detail = page.locator("#job-detail")
+    latency = detail.locator("dt:text-is('Ack latency') + dd")
+    expect(detail.locator("#deliv-table tbody tr")).to_have_count(2)
+    expect(detail.locator('#deliv-table tr[data-device="mq-ack-1"] .badge')).to_have_text("sent")
+    expect(latency).to_have_text("no acks yet")
+
+    # An ack while the detail is open: the row and the latency change together.
+    assert httpx.post(urls["mq-ack-1"], json={"status": "received"}).status_code == 202
+    expect(detail.locator('#deliv-table tr[data-device="mq-ack-1"] .badge')).to_have_text("acknowledged")
+    expect(latency).to_contain_text(re.compile(r"^1 ack · mean \d"))
+    shot(page, tmp_path, "job-acked-while-open")
+
+    # Reopened, with the second ack landing between the detail's read and its rows' read.
+    detail.get_by_role("button", name="Close job details").click()
+
+    def ack_first(route: Any) -> None:
+        assert httpx.post(urls["mq-ack-2"], json={"status": "received"}).status_code == 202
+        wait_until(lambda: db_rows(gw.data_dir, "SELECT state FROM deliveries WHERE job_id = 'acks-1' AND "
+                                   "device_id = 'mq-ack-2'") == [("acknowledged",)], timeout=10)
+        route.continue_()
+
+    page.route("**/ui/api/jobs/acks-1/deliveries*", ack_first)
+    page.get_by_role("button", name="Show job acks-1").click()
+    expect(detail.locator("#deliv-table tbody .badge.d-acknowledged")).to_have_count(2)
+    expect(latency).to_contain_text(re.compile(r"^2 acks · mean \d"))
+    page.unroute("**/ui/api/jobs/acks-1/deliveries*")
+    assert page.evaluate("window.lies") == []
+
+
+# ------------------------------------------------------------------ phones, degraded
+def overflow(page: Page) -> int:
+    """How far the page scrolls sideways (0: it does not)."""
+    return page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+
+
+def test_no_tab_scrolls_sideways_on_a_phone_in_the_degraded_state_with_details_open(gw, browser, tmp_path):
+    """The longest ids, a 300-character title, a bridge failing with a reason of over 300
+    characters without a space, a long alarm: at 390 px every tab, each with its details
+    open, fits the screen."""
+    r = httpx.post(f"{gw.base}/v1/jobs", auth=("tech", "tech-pw"), json={
+        "job_id": LONG_JOB, "target": {"devices": [LONG_DEV]},
+        "notification": {"title": LONG_TITLE, "body": LONG_TITLE}})
+    assert r.status_code == 202, r.text
+    probe = MqttProbe(gw.port)
+    probe.publish(f"{P}/devices/{LONG_DEV}/telemetry/fault", FAULT)
+    ctx = browser.new_context(viewport={"width": 390, "height": 844})
+    ctx.set_default_timeout(20_000)
+    try:
+        body = wait_until(lambda: (lambda b: b if not b["bridges"]["wns"]["healthy"] else None)(
+            httpx.get(f"{gw.base}/ui/api/now", auth=("mon", "mon-pw")).json()), timeout=20)
+        assert TOKEN_REFUSAL in body["bridges"]["wns"]["reason"] and len(TOKEN_REFUSAL) == 300, body["bridges"]
+        wait_until(lambda: db_rows(gw.data_dir, f"SELECT state FROM jobs WHERE job_id = '{LONG_JOB}'")
+                   in ([("completed",)], [("acknowledged",)]), timeout=20)
+        page = login(ctx, gw, "tech")
+
+        # Now: the failing check in the header and on the Gateway card, the bridge's reason,
+        # the long job in the latest jobs, the firing alarm.
+        expect(page.locator("#health")).to_contain_text(TOKEN_REFUSAL)
+        expect(page.locator("#now-gateway")).to_contain_text(TOKEN_REFUSAL)
+        expect(page.locator("#now-bridges [data-bridge=wns] .reason")).to_contain_text(TOKEN_REFUSAL)
+        expect(page.locator(f'#now-jobs li[data-job-id="{LONG_JOB}"]')).to_contain_text(LONG_TITLE)
+        expect(page.locator("#now-alarms")).to_contain_text(FAULT)
+        shot(page, tmp_path, "now-degraded-phone")
+        sideways = {"Now": overflow(page)}
+
+        # Jobs: the send form open with a long field error, and the long job's detail.
+        page.get_by_role("tab", name="Jobs").click()
+        page.locator("#send > summary").click()
+        page.get_by_label("Title", exact=True).fill(LONG_TITLE)
+        page.get_by_label("Device ids (comma or space separated)").fill("ghost-" + "g" * 122)
+        page.get_by_role("button", name="Send job").click()
+        expect(page.locator("#f-devices-error")).to_contain_text("no registered device")
+        page.get_by_role("button", name=f"Show job {LONG_JOB}").click()
+        detail = page.locator("#job-detail")
+        expect(detail.get_by_role("heading", name=f"Job {LONG_JOB}")).to_be_in_viewport()
+        expect(detail.locator(f'#deliv-table tr[data-device="{LONG_DEV}"]')).to_be_visible()
+        shot(page, tmp_path, "jobs-degraded-phone")
+        sideways["Jobs"] = overflow(page)
+
+        # Devices: the long device (its id, segment, tag) and its detail.
+        page.get_by_role("tab", name="Devices").click()
+        panel = page.locator("#panel-devices")
+        panel.get_by_label("Device id starts with").fill("xl-")
+        panel.get_by_role("button", name="Search").click()
+        page.get_by_role("button", name=f"Show device {LONG_DEV}").click()
+        expect(page.get_by_role("heading", name=f"Device {LONG_DEV}")).to_be_in_viewport()
+        expect(page.locator("#device-detail")).to_contain_text(LONG_JOB)
+        shot(page, tmp_path, "devices-degraded-phone")
+        sideways["Devices"] = overflow(page)
+
+        # Alarms: the fault alarm (its 128-character key and 201-character value).
+        page.get_by_role("tab", name="Alarms").click()
+        row = page.locator(f'#alarm-table tr[data-alarm="fault/{LONG_DEV}"]')
+        expect(row).to_contain_text(FAULT)
+        row.scroll_into_view_if_needed()
+        expect(page.get_by_role("button", name=f"Acknowledge alarm fault {LONG_DEV}")).to_be_in_viewport(ratio=1)
+        shot(page, tmp_path, "alarms-degraded-phone")
+        sideways["Alarms"] = overflow(page)
+        assert sideways == {"Now": 0, "Jobs": 0, "Devices": 0, "Alarms": 0}, f"px scrolled sideways per tab: {sideways}"
+    finally:
+        ctx.close()
+        probe.publish(f"{P}/devices/{LONG_DEV}/telemetry/fault", "ok")  # clears it: other tests count firing alarms
+        wait_until(lambda: db_rows(gw.data_dir, "SELECT state FROM alarms WHERE rule = 'fault'") in ([("cleared",)], []),
+                   timeout=20)
+        probe.close()
+
+
+# ------------------------------------------------------------------ details where they are asked for
+def test_details_open_under_the_clicked_row_and_a_link_scrolls_to_its_detail(gw, browser, tmp_path):
+    for i in range(21):  # one more than a page: pos-00 is on the second page
+        r = httpx.post(f"{gw.base}/v1/jobs", auth=("tech", "tech-pw"), json={
+            "job_id": f"pos-{i:02}", "target": {"devices": ["fleet-0002"]}, "notification": {"title": f"Pos {i}"}})
+        assert r.status_code == 202, r.text
+    ctx = browser.new_context(viewport={"width": 390, "height": 844})
+    ctx.set_default_timeout(20_000)
+    try:
+        page = login(ctx, gw, "mon")
+        page.get_by_role("tab", name="Jobs").click()
+        row = page.locator('#jobs-list li[data-job-id="pos-10"]')
+        row.scroll_into_view_if_needed()
+        row.get_by_role("button", name="Show job pos-10").click()
+        heading = page.get_by_role("heading", name="Job pos-10")
+        expect(heading).to_be_in_viewport()
+        expect(row).to_be_in_viewport()  # the page did not jump away from where the operator clicked
+        assert row.evaluate("r => r.nextElementSibling.contains(document.querySelector('#job-detail'))"), \
+            "the detail opens right under its row"
+        shot(page, tmp_path, "job-detail-at-row-phone", full_page=False)
+
+        page.get_by_role("tab", name="Devices").click()
+        device = page.locator('#dev-table tr[data-device="fleet-0030"]')
+        device.scroll_into_view_if_needed()
+        device.get_by_role("button", name="Show device fleet-0030").click()
+        expect(page.get_by_role("heading", name="Device fleet-0030")).to_be_in_viewport()
+        expect(device.get_by_role("button", name="Show device fleet-0030")).to_be_in_viewport()
+        assert device.evaluate("r => r.nextElementSibling.contains(document.querySelector('#device-detail'))")
+        assert overflow(page) == 0
+        shot(page, tmp_path, "device-detail-at-row-phone", full_page=False)
+
+        # Opened by URL: the detail is scrolled into view, under its row when the row is shown,
+        # above the list when it is not.
+        for fragment, heading_name, row_selector in (
+                ("#job=pos-03", "Job pos-03", '#jobs-list li[data-job-id="pos-03"]'),
+                ("#job=pos-00", "Job pos-00", None),
+                ("#device=fleet-0040", "Device fleet-0040", '#dev-table tr[data-device="fleet-0040"]')):
+            linked = ctx.new_page()
+            linked.goto(gw.base + "/" + fragment)
+            linked.wait_for_selector("body[data-ready=true]", state="attached")
+            expect(linked.get_by_role("heading", name=heading_name)).to_be_in_viewport()
+            section = "#job-detail" if fragment.startswith("#job") else "#device-detail"
+            if row_selector:
+                assert linked.locator(row_selector).evaluate(
+                    f"r => r.nextElementSibling.contains(document.querySelector('{section}'))"), fragment
+            else:
+                assert linked.locator(section).evaluate("s => s.parentElement.id") == "job-detail-home"
+            shot(linked, tmp_path, f"linked-{fragment[1:].replace('=', '-')}", full_page=False)
+            linked.close()
+    finally:
+        ctx.close()

@@ -1,6 +1,7 @@
 // The operator page: session, tabs, and the one event stream that keeps everything live.
 
 import {$, fill} from "./dom.js";
+import {AGE_TICK_MS, tickAges} from "./format.js";
 import {get, post, setCsrf} from "./api.js";
 import {renderNow} from "./now.js";
 import {initJobs, jobsChanged, loadJobs, loadLatest, openJob} from "./jobs.js";
@@ -97,6 +98,7 @@ async function main() {
   route();
   await loadLatest();
   connect();
+  setInterval(tickAges, AGE_TICK_MS);  // "… ago" keeps counting between events
   document.body.dataset.ready = "true";
 }
 

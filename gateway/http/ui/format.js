@@ -37,12 +37,34 @@ export function time(iso) {
   return today ? d.toLocaleTimeString() : d.toLocaleString();
 }
 
-export function ago(iso) {
-  if (!iso) return "–";
+function agoText(iso) {
   const d = new Date(iso);
   if (Number.isNaN(d.getTime())) return iso;
   return `${age((Date.now() - d.getTime()) / 1000)} ago`;
 }
+
+/** "12 s ago" as a <time> element that keeps counting (see tickAges): an age drawn once
+ * would read "2 s ago" for as long as nothing about its row changes. */
+export function ago(iso) {
+  if (!iso) return "–";
+  const el = document.createElement("time");
+  el.dateTime = iso;
+  el.dataset.ago = iso;
+  el.title = iso;
+  el.textContent = agoText(iso);
+  return el;
+}
+
+/** Redraw every age on the page from the clock; only the texts that changed are touched,
+ * so screen readers and observers see one change per visible change. */
+export function tickAges(root = document) {
+  for (const el of root.querySelectorAll("[data-ago]")) {
+    const text = agoText(el.dataset.ago);
+    if (el.textContent !== text) el.textContent = text;
+  }
+}
+
+export const AGE_TICK_MS = 1000;
 
 export function value(v) {
   if (v === null || v === undefined) return "–";

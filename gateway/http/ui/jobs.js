@@ -1,6 +1,6 @@
 // The "Jobs" tab: the latest jobs with live progress, one job's deliveries, the send form.
 
-import {$, h, fill, facts, badge} from "./dom.js";
+import {$, h, fill, facts, badge, placeDetail, revealDetail} from "./dom.js";
 import {ago, ms, num, time, value} from "./format.js";
 import {get, post, ApiError} from "./api.js";
 
@@ -48,11 +48,11 @@ export function jobRow(job) {
   const li = h("li", {class: "job", "data-job-id": job.job_id, "data-state": job.state,
                       "data-acked": job.counts.acknowledged, "data-done": job.counts.targets - job.counts.queued},
     h("div", {class: "jobhead"},
-      h("button", {type: "button", class: "link", onclick: () => openJob(job.job_id),
+      h("button", {type: "button", class: "link", onclick: (ev) => openJob(job.job_id, {from: ev.currentTarget}),
                    "aria-label": `Show job ${job.job_id}`}, job.job_id),
       badge(job.state, `state-${job.state}`),
       job.title ? h("span", {class: "title"}, job.title) : null,
-      h("span", {class: "muted small"}, `${job.source || ""} · ${ago(job.created_at)}`)),
+      h("span", {class: "muted small"}, `${job.source || ""} · `, ago(job.created_at))),
     progress(job),
     h("div", {class: "small counts"}, countsText(job)),
     job.error ? h("div", {class: "error small"}, `${job.error.code}: ${job.error.message}`) : null);
@@ -60,7 +60,13 @@ export function jobRow(job) {
 }
 
 // ------------------------------------------------------------------ list
-export async function loadJobs(cursorIndex = 0) {
+export function loadJobs(cursorIndex = 0) {
+  // Kept while it runs: a job opened meanwhile is placed under its row once the list is in.
+  view.loading = fetchJobs(cursorIndex);
+  return view.loading;
+}
+
+async function fetchJobs(cursorIndex) {
   const before = view.cursors[cursorIndex];
   const page = await get("/ui/api/jobs", {limit: PAGE, before, q: view.filter.q, state: view.filter.state});
   view.jobs = page.jobs;
@@ -74,6 +80,7 @@ export async function loadJobs(cursorIndex = 0) {
 function renderList() {
   const list = $("#jobs-list");
   fill(list, view.jobs.length ? view.jobs.map(jobRow) : h("li", {class: "muted"}, "no jobs"));
+  if (view.open) placeJobDetail();
   $("#jobs-newer").disabled = !view.index;
   $("#jobs-older").disabled = !view.next;
 }
@@ -136,7 +143,19 @@ function renderLatest() {
 }
 
 // ------------------------------------------------------------------ one job
-export async function openJob(jobId, {focus = true} = {}) {
+/** The row a job's detail belongs under: its row in the Jobs list, if shown. */
+function jobListRow(jobId) {
+  return $(`#jobs-list li.job[data-job-id="${CSS.escape(jobId)}"]`);
+}
+
+function placeJobDetail() {
+  placeDetail($("#job-detail"), jobListRow(view.open.job_id), $("#job-detail-home"));
+}
+
+/** Open a job's detail under its row. ``from``: the control used on the Jobs tab (a row's
+ * button, the send form): the detail opens under the row and the page moves only if it must.
+ * Opened otherwise (the URL, a link, the Now tab) the detail is brought to the top. */
+export async function openJob(jobId, {focus = true, from = null} = {}) {
   const detail = await get(`/ui/api/jobs/${encodeURIComponent(jobId)}`);
   view.open = detail;
   view.deliveries = {state: FINAL.has(detail.state) && (detail.counts.failed || detail.counts.invalid_address || detail.counts.expired) ? "problems" : "",
@@ -144,9 +163,22 @@ export async function openJob(jobId, {focus = true} = {}) {
   renderDetail();
   await loadDeliveries(0);
   onOpen("job", jobId);
+  if (view.loading) await view.loading.catch(() => {});
+  if (!view.open || view.open.job_id !== jobId) return;  // another job was opened meanwhile
   const section = $("#job-detail");
+  placeJobDetail();
   section.hidden = false;
-  if (focus) $("#job-detail-title").focus();
+  const onThisTab = Boolean(from && from.closest("#panel-jobs"));
+  revealDetail(section, jobListRow(jobId), !onThisTab);
+  if (focus) $("#job-detail-title").focus({preventScroll: true});
+}
+
+/** "Ack latency" of the open job, from the same read as the deliveries shown under it. */
+function latencyText(lat) {
+  if (!lat || !lat.count) return "no acks yet";
+  const le = lat.exact ? "" : "≤ ";
+  return `${num(lat.count)} ${lat.count === 1 ? "ack" : "acks"} · mean ${ms(lat.mean_ms)} · p50 ${le}${ms(lat.p50_ms)}` +
+         ` · p95 ${le}${ms(lat.p95_ms)} · max ${ms(lat.max_ms)}`;
 }
 
 function renderDetail() {
@@ -167,8 +199,7 @@ function renderDetail() {
       ["Target", d.target ? value(d.target) : "–"], ["Priority", n.priority || "–"],
       ["TTL", n.ttl === undefined || n.ttl === null ? "–" : `${n.ttl} s (expires ${time(d.expires_at)})`],
       ["Source", d.source], ["Created", time(d.created_at)],
-      ["Ack latency", lat.count ? `${num(lat.count)} acks · mean ${ms(lat.mean_ms)} · p50 ${lat.exact ? "" : "≤ "}${ms(lat.p50_ms)}` +
-                                  ` · p95 ${lat.exact ? "" : "≤ "}${ms(lat.p95_ms)} · max ${ms(lat.max_ms)}` : "no acks yet"],
+      ["Ack latency", h("span", {id: "job-latency"}, latencyText(lat))],
     ]),
     h("h3", {}, "Deliveries"),
     h("div", {class: "toolbar"},
@@ -206,11 +237,16 @@ async function loadDeliveries(index) {
   if (index < 0) return;
   const after = dv.cursors[index];
   if (after === undefined) return;
-  const page = await get(`/ui/api/jobs/${encodeURIComponent(view.open.job_id)}/deliveries`,
+  const jobId = view.open.job_id;
+  const page = await get(`/ui/api/jobs/${encodeURIComponent(jobId)}/deliveries`,
                          {state: dv.state, after, limit: 50});
+  if (!view.open || view.open.job_id !== jobId || view.deliveries !== dv) return;  // closed or replaced meanwhile
   dv.index = index;
   dv.cursors.length = index + 1;
   if (page.next) dv.cursors.push(page.next);
+  // The latency and the rows come from one read: "no acks yet" is never drawn above an
+  // acknowledged row, whether the acks came before the detail was opened or while it is.
+  if (page.latency) fill($("#job-latency"), latencyText(page.latency));
   const body = $("#deliv-table tbody");
   fill(body, page.deliveries.length ? page.deliveries.map((r) => h("tr", {"data-device": r.device_id},
     h("td", {}, r.device_id), h("td", {}, badge(r.state, `d-${r.state}`)), h("td", {}, r.platform || "–"),
@@ -223,7 +259,9 @@ async function loadDeliveries(index) {
 
 function closeJob() {
   view.open = null;
-  $("#job-detail").hidden = true;
+  const section = $("#job-detail");
+  section.hidden = true;
+  placeDetail(section, null, $("#job-detail-home"));
   onOpen("job", null);
 }
 
@@ -304,7 +342,7 @@ async function submitJob(ev) {
     ok.textContent = `Job ${status.job_id} ${status.state}.`;
     ok.hidden = false;
     jobsChanged([{...status, source: "http", title: job.notification.title || null}]);
-    openJob(status.job_id, {focus: false});
+    openJob(status.job_id, {focus: false, from: form});
   } catch (err) {
     if (!(err instanceof ApiError)) throw err;
     let placed = false;

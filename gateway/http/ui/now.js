@@ -7,12 +7,15 @@ export function renderNow(now) {
   const g = now.gateway;
   const failing = Object.entries(g.checks || {}).filter(([, c]) => !c.ok);
   const status = g.status === "ok" ? "healthy" : (g.status || "unknown");
-  fill($("#health"), badge(status, g.status === "ok" ? "ok" : "bad"),
-       failing.length ? ` ${failing.map(([k, c]) => `${k}: ${c.detail}`).join("; ")}` : "");
+  const why = failing.map(([k, c]) => `${k}: ${c.detail}`).join("; ");
+  const health = $("#health");
+  fill(health, badge(status, g.status === "ok" ? "ok" : "bad"), why ? ` ${why}` : "");
+  // The header shows two lines of it (whole in the tooltip and on the Gateway card).
+  if (why) health.title = why; else health.removeAttribute("title");
   fill($("#site"), g.site_id);
   fill($("#now-gateway"), facts([
     ["State", [badge(status, g.status === "ok" ? "ok" : "bad"), ` ${g.state || ""}`]],
-    failing.length ? ["Failing", failing.map(([k, c]) => `${k}: ${c.detail}`).join("; ")] : null,
+    why ? ["Failing", why] : null,
     ["Mode", `${g.mode} broker`],
     ["Uptime", h("span", {title: `since ${g.started_at}`}, age(g.uptime_s))],
     ["Version", g.version || "–"],
