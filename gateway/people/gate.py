@@ -211,7 +211,8 @@ class PeopleGate:
         # A job that reaches this person: their later devices keep their turns after the
         # window (the second one reach_after_s after it ends), not all at its end.
         turn = who.turn(device_id) if person_id is not None else 0.0
-        return Verdict(True, end.timestamp() + turn, quiet.hold_reason(end, who.tz))
+        reason = (quiet.ALWAYS_REASON if end - at >= quiet.LONGEST_STRETCH else quiet.hold_reason(end, who.tz))
+        return Verdict(True, end.timestamp() + turn, reason)
 
 
 def _muted(p: Policy, job: JobFacts) -> str | None:

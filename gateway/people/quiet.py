@@ -202,6 +202,8 @@ def hold_reason(end: datetime, tz: ZoneInfo) -> str:
 
 
 HOLD_PREFIX = "quiet hours until "
+# The reason when the person's windows leave no gap for LONGEST_STRETCH: the TTL decides.
+ALWAYS_REASON = f"{HOLD_PREFIX}further notice (the windows cover the whole week)"
 
-__all__ = ["DAY_NAMES", "HOLD_PREFIX", "LONGEST_STRETCH", "Window", "describe_until", "first_instant",
+__all__ = ["ALWAYS_REASON", "DAY_NAMES", "HOLD_PREFIX", "LONGEST_STRETCH", "Window", "describe_until", "first_instant",
            "hold_reason", "is_quiet", "last_instant", "quiet_until", "windows", "zone"]

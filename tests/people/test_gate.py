@@ -92,3 +92,10 @@ def test_a_persons_later_devices_keep_their_turns_after_the_window():
     assert later.until == end + 120 and later.reason == "quiet hours until 2026-12-08 06:00 CET (Europe/Berlin)"
     # A segment job to the same device is no step of reaching her: due at the end.
     assert g.decide(None, "browser", JobFacts("normal"), MIDNIGHT_BERLIN).until == end
+
+
+def test_windows_that_cover_the_week_hold_until_further_notice():
+    week = windows([{"days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"], "from": "00:00", "to": "12:00"},
+                    {"days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"], "from": "12:00", "to": "00:00"}])
+    v = gate(policy("anna", ws=week)).decide("anna", "x", JobFacts("normal"), NOON_BERLIN)
+    assert v.hold and v.reason == "quiet hours until further notice (the windows cover the whole week)"

@@ -148,3 +148,31 @@ async def test_muted_segment_and_rule_are_suppressed_and_counted(db, gateway_tim
     # The aggregates /metrics and `status` read count them too.
     counts = await db.run(stats.delivery_counts)
     assert counts[("simulation", "suppressed")] == 2
+
+
+async def test_a_people_job_holds_the_person_then_reaches_them_in_turn_after_the_window(db, gateway_time):
+    end = at(2026, 12, 7, 22, 0)
+    gateway_time(end - 1.5)
+    h, bridge = await people_harness(
+        db, [{"person_id": "ulf", "devices": ["ulf-phone", "ulf-browser"], "timezone": "UTC", "reach_after_s": 1,
+              "quiet_hours": [{"days": EVERY_DAY, "from": "21:00", "to": "22:00"}]},
+             {"person_id": "eve", "devices": ["eve-phone"], "timezone": "UTC"}],
+        [sim("ulf-phone"), sim("ulf-browser"), sim("eve-phone")])
+    job_id = await h.submit(job({"people": ["ulf", "eve"]}))
+
+    async def held():
+        rows = await h.deliveries(job_id)
+        return len(rows) == 3 and rows["ulf-phone"]["reason"] and rows["eve-phone"]["state"] == "sent"
+    await run_for(h, 5, held)
+    rows = await h.deliveries(job_id)
+    assert rows["ulf-phone"]["reason"] == "quiet hours until 2026-12-07 22:00 UTC (UTC)"
+    # The browser waits its turn (1 s after the job), then for the window's end and its turn after it.
+    assert rows["ulf-browser"]["state"] == "queued"
+    status = await db.run(lambda conn: store.job_status(conn, job_id))
+    assert status["people"] == {"targets": 2, "reached": 0, "held": 1}
+    status = await h.run_until_complete(job_id, timeout=10)
+    assert status["people"] == {"targets": 2, "reached": 0, "held": 0}
+    sent = {d.device_id: d.sent_at.timestamp() for _, d in bridge.calls}
+    assert end <= sent["ulf-phone"] < end + 0.9, sent["ulf-phone"] - end
+    # The browser's turn comes reach_after_s after the phone's, as if the job came at 22:00.
+    assert end + 1 <= sent["ulf-browser"] < end + 1.9, sent["ulf-browser"] - end
