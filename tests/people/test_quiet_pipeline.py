@@ -33,9 +33,9 @@ def gateway_time(monkeypatch):
     return set_to
 
 
-async def people_harness(db, persons: list[dict], devices: list[dict]) -> tuple[Harness, ScriptedBridge]:
+async def people_harness(db, persons: list[dict], devices: list[dict], **dispatch) -> tuple[Harness, ScriptedBridge]:
     bridge = ScriptedBridge("simulation")
-    h = Harness(db, {"simulation": bridge})
+    h = Harness(db, {"simulation": bridge}, **dispatch)
     h.dispatcher.people = PeopleGate()
     await h.add_devices(devices)
 
@@ -176,3 +176,27 @@ async def test_a_people_job_holds_the_person_then_reaches_them_in_turn_after_the
     assert end <= sent["ulf-phone"] < end + 0.9, sent["ulf-phone"] - end
     # The browser's turn comes reach_after_s after the phone's, as if the job came at 22:00.
     assert end + 1 <= sent["ulf-browser"] < end + 1.9, sent["ulf-browser"] - end
+
+
+async def test_an_unacked_deliverys_resend_waits_for_the_end_of_quiet_hours(db, gateway_time):
+    start = at(2026, 12, 7, 22, 0)
+    gateway_time(start - 0.4)  # sent just before the window; its resend would fall inside it
+    h, bridge = await people_harness(
+        db, [{"person_id": "ulf", "devices": ["ulf-phone"], "timezone": "UTC",
+              "quiet_hours": [{"days": EVERY_DAY, "from": "22:00", "to": "23:00"}]}], [sim("ulf-phone")],
+        ack_timeout_s=0.8)
+    h.dispatcher.resend = {"simulation"}
+    job_id = await h.submit(job({"devices": ["ulf-phone"]}, ttl=7200))
+
+    async def resend_held():
+        rows = await db.run(lambda conn: conn.execute("SELECT resend_at, last_error FROM deliveries").fetchall())
+        return rows and rows[0][1] and rows[0]
+    await run_for(h, 5, resend_held)
+    resend_at, reason = await resend_of(db)
+    assert reason == "quiet hours until 2026-12-07 23:00 UTC (UTC)"
+    assert resend_at == at(2026, 12, 7, 23, 0)
+    assert len(bridge.calls) == 1 and bridge.calls[0][1].sent_at.timestamp() < start
+
+
+async def resend_of(db):
+    return tuple((await db.run(lambda conn: conn.execute("SELECT resend_at, last_error FROM deliveries").fetchall()))[0])
