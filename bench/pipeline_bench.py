@@ -114,11 +114,11 @@ def run_baseline(n: int, workdir: Path, page: int = 500, batch: int = 500) -> di
     synchronous=FULL, ``storage.WRITER_PRAGMAS``), its message_id layout, its batch sizes.
     Per page: the delivery rows inserted (aggregates moved as written). Per batch of acks:
     the acks stored and each delivery moved to acknowledged with its send recorded in the
-    same UPDATE (what ``store.apply_batch`` writes when the send's result and the device's
+    same UPDATE (what ``acks.apply_batch`` writes when the send's result and the device's
     ack are in one recorder batch, as they are for a device that acks at once), the job's
     counts and the aggregates moved once. One transaction (one fsync) per page and per batch."""
     from gateway import migrations, stats
-    from gateway.pipeline import store
+    from gateway.pipeline import deliveries
     from gateway.storage import WRITER_PRAGMAS, connect
 
     path = workdir / "baseline.db"
@@ -136,7 +136,7 @@ def run_baseline(n: int, workdir: Path, page: int = 500, batch: int = 500) -> di
     messages: list[tuple[str, str]] = []
     for start in range(0, n, page):
         chunk = ids[start:start + page]
-        rows = [(store.new_message_id(), "b", d, "queued", 0.0, "simulation") for d in chunk]
+        rows = [(deliveries.new_message_id(), "b", d, "queued", 0.0, "simulation") for d in chunk]
         messages += [(r[0], r[2]) for r in rows]
         conn.execute("BEGIN IMMEDIATE")
         conn.executemany("INSERT INTO deliveries(message_id, job_id, device_id, state, next_at, route) "

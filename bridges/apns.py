@@ -116,8 +116,9 @@ def _fingerprint(key: Any) -> str:
 class ApnsBridgeImpl(Bridge):
     platform = "apns"
 
-    def __init__(self, cfg: ApnsBridge, ctx: BridgeContext, secrets: ApnsSecrets | None):
+    def __init__(self, cfg: ApnsBridge, ctx: BridgeContext, secrets: ApnsSecrets | None, key: str = "bridges.apns"):
         self.cfg = cfg
+        self.key = key  # the config section: bridges.apns, or bridges.apns.apps.<name> for an app
         self.secrets = secrets
         self.base = (cfg.endpoint or HOSTS[cfg.environment]).rstrip("/")
         self.cert_auth = cfg.cert_file is not None and str(cfg.cert_file) != ""
@@ -126,15 +127,15 @@ class ApnsBridgeImpl(Bridge):
 
     async def start(self) -> None:
         # The checks `check-config` makes too (bridges.keys).
-        self._key = keys.apns_signing_key(self.cfg, self.secrets)
-        keys.apns_tls(self.cfg)
+        self._key = keys.apns_signing_key(self.cfg, self.secrets, self.key)
+        keys.apns_tls(self.cfg, self.key)
         try:
             self._client = _http.PushClient(
                 self.cfg.ca_file, http2_only=True,
                 cert_file=self.cfg.cert_file if self.cert_auth else None,
                 key_file=self.cfg.cert_key_file if self.cert_auth else None)
         except (OSError, ValueError) as exc:
-            raise BridgeConfigError(f"bridges.apns.cert_file: cannot load TLS material ({type(exc).__name__})") from None
+            raise BridgeConfigError(f"{self.key}.cert_file: cannot load TLS material ({type(exc).__name__})") from None
 
     async def close(self) -> None:
         if self._client is not None:
@@ -260,31 +261,32 @@ class ApnsSecrets:
     signing_key: SecretStr | None
 
 
-def load_secrets(section: ApnsBridge, problems: Problems) -> ApnsSecrets | None:
-    """Check ``[bridges.apns]`` for one complete way to authenticate and read the signing key."""
+def load_secrets(section: ApnsBridge, problems: Problems, key: str = "bridges.apns") -> ApnsSecrets | None:
+    """Check the section (or an app's, named under ``key``) for one complete way to
+    authenticate and read the signing key."""
     signing_key = None
     if not section.topic:
-        problems.append(("bridges.apns.topic", "required (the app's bundle id)"))
+        problems.append((f"{key}.topic", "required (the app's bundle id)"))
     if given(section.cert_file):
-        require_file(section.cert_file, "bridges.apns.cert_file", problems)
+        require_file(section.cert_file, f"{key}.cert_file", problems)
         if given(section.cert_key_file):
-            require_file(section.cert_key_file, "bridges.apns.cert_key_file", problems)
+            require_file(section.cert_key_file, f"{key}.cert_key_file", problems)
     else:
         for attr in ("team_id", "key_id"):
             if not getattr(section, attr):
-                problems.append((f"bridges.apns.{attr}", "required for token auth (or set cert_file)"))
-        require_file(section.key_file, "bridges.apns.key_file", problems)
+                problems.append((f"{key}.{attr}", "required for token auth (or set cert_file)"))
+        require_file(section.key_file, f"{key}.key_file", problems)
         if section.key_file and section.key_file.is_file():
-            secret = read_secret(section.key_file, "bridges.apns.key_file", problems)
+            secret = read_secret(section.key_file, f"{key}.key_file", problems)
             if secret is not None:
                 if "PRIVATE KEY" not in secret:
-                    problems.append(("bridges.apns.key_file", "not a PEM private key (.p8)"))
+                    problems.append((f"{key}.key_file", "not a PEM private key (.p8)"))
                 else:
                     signing_key = SecretStr(secret)
-    if given(section.ca_file):
+    if given(section.ca_file) and key == "bridges.apns":  # the section's, checked once
         require_file(section.ca_file, "bridges.apns.ca_file", problems)
     return ApnsSecrets(signing_key=signing_key)
 
 
-def build(section: ApnsBridge, ctx: BridgeContext, secrets: ApnsSecrets | None) -> Bridge:
-    return ApnsBridgeImpl(section, ctx, secrets)
+def build(section: ApnsBridge, ctx: BridgeContext, secrets: ApnsSecrets | None, key: str = "bridges.apns") -> Bridge:
+    return ApnsBridgeImpl(section, ctx, secrets, key)

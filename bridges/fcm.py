@@ -82,8 +82,9 @@ class _HttpxAuthRequest:
 class FcmBridgeImpl(Bridge):
     platform = "fcm"
 
-    def __init__(self, cfg: FcmBridge, ctx: BridgeContext, secrets: FcmSecrets | None):
+    def __init__(self, cfg: FcmBridge, ctx: BridgeContext, secrets: FcmSecrets | None, key: str = "bridges.fcm"):
         self.cfg = cfg
+        self.key = key  # the config section: bridges.fcm, or bridges.fcm.apps.<name> for an app
         self.secrets = secrets
         self.project_id = secrets.project_id if secrets is not None else cfg.project_id
         self.url = f"{cfg.endpoint.rstrip('/')}/v1/projects/{self.project_id}/messages:send"
@@ -97,7 +98,7 @@ class FcmBridgeImpl(Bridge):
         return self._tokens.fetches
 
     async def start(self) -> None:
-        self._creds = keys.fcm_credentials(self.secrets)  # the check `check-config` makes too
+        self._creds = keys.fcm_credentials(self.secrets, self.key)  # the check `check-config` makes too
         self._auth_request = _HttpxAuthRequest(self.cfg.ca_file)
         self._client = _http.PushClient(self.cfg.ca_file, http2_only=False)
 
@@ -135,7 +136,7 @@ class FcmBridgeImpl(Bridge):
             expires_at = _now() + 3600
         else:
             expires_at = expiry.replace(tzinfo=UTC).timestamp() if expiry.tzinfo is None else expiry.timestamp()
-        log.info("fcm access token refreshed", project_id=self.project_id,
+        log.info("fcm access token refreshed", section=self.key, project_id=self.project_id,
                  expires_at=datetime.fromtimestamp(expires_at, UTC).isoformat())
         return self._creds.token, expires_at
 
@@ -251,10 +252,11 @@ class FcmSecrets:
     project_id: str
 
 
-def load_secrets(section: FcmBridge, problems: Problems) -> FcmSecrets | None:
+def load_secrets(section: FcmBridge, problems: Problems, key: str = "bridges.fcm") -> FcmSecrets | None:
     """Read the service account JSON and check it has what token minting needs; the project
-    is ``project_id`` if set, else the account's."""
-    require_file(section.service_account_file, "bridges.fcm.service_account_file", problems)
+    is ``project_id`` if set, else the account's. Problems are named under ``key`` (the
+    section, or an app's ``bridges.fcm.apps.<name>``)."""
+    require_file(section.service_account_file, f"{key}.service_account_file", problems)
     secrets = None
     if section.service_account_file and section.service_account_file.is_file():
         try:
@@ -267,15 +269,15 @@ def load_secrets(section: FcmBridge, problems: Problems) -> FcmSecrets | None:
             project_id = section.project_id
             if not project_id:
                 if "project_id" not in info:
-                    raise ValueError("missing 'project_id' (or set bridges.fcm.project_id)")
+                    raise ValueError(f"missing 'project_id' (or set {key}.project_id)")
                 project_id = info["project_id"]
             secrets = FcmSecrets(service_account_info=types.MappingProxyType(info), project_id=project_id)
         except ValueError as exc:
-            problems.append(("bridges.fcm.service_account_file", f"not a service account JSON: {exc}"))
-    if given(section.ca_file):
+            problems.append((f"{key}.service_account_file", f"not a service account JSON: {exc}"))
+    if given(section.ca_file) and key == "bridges.fcm":  # the section's, checked once
         require_file(section.ca_file, "bridges.fcm.ca_file", problems)
     return secrets
 
 
-def build(section: FcmBridge, ctx: BridgeContext, secrets: FcmSecrets | None) -> Bridge:
-    return FcmBridgeImpl(section, ctx, secrets)
+def build(section: FcmBridge, ctx: BridgeContext, secrets: FcmSecrets | None, key: str = "bridges.fcm") -> Bridge:
+    return FcmBridgeImpl(section, ctx, secrets, key)

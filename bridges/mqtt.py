@@ -56,10 +56,10 @@ class MqttDeviceBridge(Bridge):
         return Outcome.accepted()
 
 
-def load_secrets(section: MqttBridge, problems: Problems) -> None:
+def load_secrets(section: MqttBridge, problems: Problems, key: str = "") -> None:
     """Devices are reached through the gateway's own broker connection: no secret here."""
     return None
 
 
-def build(section: MqttBridge, ctx: BridgeContext, secrets: None = None) -> Bridge:
+def build(section: MqttBridge, ctx: BridgeContext, secrets: None = None, key: str = "") -> Bridge:
     return MqttDeviceBridge(section, ctx)

@@ -151,10 +151,10 @@ class SimulatedFleet(Bridge):
                 task.cancel()
 
 
-def load_secrets(section: SimulationBridge, problems: Problems) -> None:
+def load_secrets(section: SimulationBridge, problems: Problems, key: str = "") -> None:
     """A simulated fleet needs no secret."""
     return None
 
 
-def build(section: SimulationBridge, ctx: BridgeContext, secrets: None = None) -> Bridge:
+def build(section: SimulationBridge, ctx: BridgeContext, secrets: None = None, key: str = "") -> Bridge:
     return SimulatedFleet(section, ctx)

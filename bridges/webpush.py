@@ -52,8 +52,10 @@ class _VapidToken:
 class WebPushBridgeImpl(Bridge):
     platform = "webpush"
 
-    def __init__(self, cfg: WebpushBridge, ctx: BridgeContext, resolver: ssrf.Resolver = ssrf.system_resolver):
+    def __init__(self, cfg: WebpushBridge, ctx: BridgeContext, resolver: ssrf.Resolver = ssrf.system_resolver,
+                 key: str = "bridges.webpush"):
         self.cfg = cfg
+        self.key = key  # the config section: bridges.webpush, or bridges.webpush.apps.<name> for an app
         self.policy = ssrf.Policy(allow_private=cfg.allow_private_endpoints)
         self._resolver = resolver
         self._key: Any = None
@@ -63,7 +65,7 @@ class WebPushBridgeImpl(Bridge):
         self.vapid_signed = 0
 
     async def start(self) -> None:
-        self._key = keys.vapid_key(self.cfg)  # the check `check-config` makes too
+        self._key = keys.vapid_key(self.cfg, key=self.key)  # the check `check-config` makes too
         self._public_b64 = vapid.public_key_b64(self._key)
         self._client = _http.async_client(transport=ssrf.GuardedTransport(
             self.policy, _http.tls_context(self.cfg.ca_file), http1=True, http2=True,
@@ -165,19 +167,20 @@ class WebPushBridgeImpl(Bridge):
         return Outcome.failed(reason, status)  # 400, 413 and anything undocumented
 
 
-def load_secrets(section: WebpushBridge, problems: Problems) -> None:
-    """Check the VAPID key file; it is read (or created) when the bridge starts.
+def load_secrets(section: WebpushBridge, problems: Problems, key: str = "bridges.webpush") -> None:
+    """Check the VAPID key file (the section's, or an app's named under ``key``); it is read
+    (or created) when the bridge starts.
 
     The key may be created by ``homepot-gateway vapid-keys``; a missing one is created at
     start (like that command), a bad one is an error now.
     """
     path = section.vapid_private_key_file
     if path.exists() and "PRIVATE KEY" not in path.read_text(encoding="utf-8", errors="replace"):
-        problems.append(("bridges.webpush.vapid_private_key_file", "not a PEM private key"))
-    if given(section.ca_file):
+        problems.append((f"{key}.vapid_private_key_file", "not a PEM private key"))
+    if given(section.ca_file) and key == "bridges.webpush":  # the section's, checked once
         require_file(section.ca_file, "bridges.webpush.ca_file", problems)
     return None
 
 
-def build(section: WebpushBridge, ctx: BridgeContext, secrets: None = None) -> Bridge:
-    return WebPushBridgeImpl(section, ctx)
+def build(section: WebpushBridge, ctx: BridgeContext, secrets: None = None, key: str = "bridges.webpush") -> Bridge:
+    return WebPushBridgeImpl(section, ctx, key=key)

@@ -61,8 +61,9 @@ class WnsBridgeImpl(Bridge):
     platform = "wns"
 
     def __init__(self, cfg: WnsBridge, ctx: BridgeContext, secrets: WnsSecrets | None,
-                 resolver: ssrf.Resolver = ssrf.system_resolver):
+                 resolver: ssrf.Resolver = ssrf.system_resolver, key: str = "bridges.wns"):
         self.cfg = cfg
+        self.key = key  # the config section: bridges.wns, or bridges.wns.apps.<name> for an app
         self.secrets = secrets
         if cfg.token_url:
             self.token_url = cfg.token_url
@@ -90,7 +91,7 @@ class WnsBridgeImpl(Bridge):
         return self._tokens.fetches
 
     async def start(self) -> None:
-        keys.wns_secret(self.cfg, self.secrets)  # the check `check-config` makes too
+        keys.wns_secret(self.cfg, self.secrets, self.key)  # the check `check-config` makes too
         ctx = _http.tls_context(self.cfg.ca_file)
         self._client = _http.async_client(transport=ssrf.GuardedTransport(
             self.policy, ctx, http1=True, http2=False, resolver=self._resolver))
@@ -124,7 +125,7 @@ class WnsBridgeImpl(Bridge):
             lifetime = float(body.get("expires_in", 86400))
         except (TypeError, ValueError):
             lifetime = 86400.0
-        log.info("wns access token obtained", auth=self.cfg.auth, expires_in=int(lifetime))
+        log.info("wns access token obtained", section=self.key, auth=self.cfg.auth, expires_in=int(lifetime))
         return body["access_token"], _now() + lifetime
 
     # ------------------------------------------------------------------ request building
@@ -257,7 +258,7 @@ class WnsBridgeImpl(Bridge):
         self._forbidden_unproven.add(channel_uri)
         if len(self._forbidden_unproven) >= 2:
             return Outcome.unhealthy(f"{reason} (refused for {len(self._forbidden_unproven)} channels; "
-                                     "check bridges.wns.client_id)", UNHEALTHY_RETRY_S, status), False
+                                     f"check {self.key}.client_id)", UNHEALTHY_RETRY_S, status), False
         return Outcome.retry(f"{reason} (channel or credentials; not known yet)", status=status), False
 
     def classify(self, r: httpx.Response) -> Outcome:
@@ -299,26 +300,28 @@ class WnsSecrets:
     client_secret: SecretStr
 
 
-def load_secrets(section: WnsBridge, problems: Problems) -> WnsSecrets | None:
-    """Check ``[bridges.wns]`` for what token auth needs and read the client secret."""
+def load_secrets(section: WnsBridge, problems: Problems, key: str = "bridges.wns") -> WnsSecrets | None:
+    """Check the section (or an app's, named under ``key``) for what token auth needs and
+    read the client secret."""
     secrets = None
     if not section.client_id:
-        problems.append(("bridges.wns.client_id", "required"))
+        problems.append((f"{key}.client_id", "required"))
     if not given(section.client_secret_file):
-        problems.append(("bridges.wns.client_secret_file", "required"))
+        problems.append((f"{key}.client_secret_file", "required"))
     else:
         assert section.client_secret_file is not None
-        secret = read_secret(section.client_secret_file, "bridges.wns.client_secret_file", problems)
+        secret = read_secret(section.client_secret_file, f"{key}.client_secret_file", problems)
         if secret is not None:
             secrets = WnsSecrets(client_secret=SecretStr(secret))
     if section.auth == "entra" and not section.tenant_id and not section.token_url:
-        problems.append(("bridges.wns.tenant_id", "required when auth = \"entra\""))
-    if not section.allowed_hosts:
-        problems.append(("bridges.wns.allowed_hosts", "must name at least one host"))
-    if given(section.ca_file):
-        require_file(section.ca_file, "bridges.wns.ca_file", problems)
+        problems.append((f"{key}.tenant_id", "required when auth = \"entra\""))
+    if key == "bridges.wns":  # the section's own keys, checked once
+        if not section.allowed_hosts:
+            problems.append(("bridges.wns.allowed_hosts", "must name at least one host"))
+        if given(section.ca_file):
+            require_file(section.ca_file, "bridges.wns.ca_file", problems)
     return secrets
 
 
-def build(section: WnsBridge, ctx: BridgeContext, secrets: WnsSecrets | None) -> Bridge:
-    return WnsBridgeImpl(section, ctx, secrets)
+def build(section: WnsBridge, ctx: BridgeContext, secrets: WnsSecrets | None, key: str = "bridges.wns") -> Bridge:
+    return WnsBridgeImpl(section, ctx, secrets, key=key)

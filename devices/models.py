@@ -7,6 +7,7 @@ channel carries. Unknown fields are errors that name the field.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Mapping
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -15,6 +16,31 @@ from gateway.ids import NOT_DOTS, is_id
 
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 PLATFORMS = ("fcm", "apns", "wns", "webpush", "mqtt", "simulation")
+PUSH_PLATFORMS = ("fcm", "apns", "wns", "webpush")  # those with `[bridges.<platform>.apps]`
+# An app of [bridges.<platform>.apps]; a channel without one uses the section's own credentials.
+AppName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+def bridge_key(platform: str, app: str | None = None) -> str:
+    """The bridge a channel goes through: its platform, or ``<platform>:<app>`` for an app
+    of ``[bridges.<platform>.apps]`` (each app is its own bridge: credentials, token cache,
+    connections, health)."""
+    return f"{platform}:{app}" if app else platform
+
+
+def split_bridge_key(key: str) -> tuple[str, str | None]:
+    """``"fcm:shop-app"`` → ``("fcm", "shop-app")``; ``"fcm"`` → ``("fcm", None)``."""
+    platform, _, app = key.partition(":")
+    return platform, app or None
+
+
+def raw_bridge_key(raw: dict) -> str | None:
+    """:func:`bridge_key` of a stored channel (a JSON object), without validating it."""
+    platform = raw.get("platform")
+    app = raw.get("app")
+    if app and isinstance(platform, str):
+        return f"{platform}:{app}"
+    return platform if isinstance(platform, str) else None
 
 
 class _Strict(BaseModel):
@@ -24,11 +50,13 @@ class _Strict(BaseModel):
 class FcmChannel(_Strict):
     platform: Literal["fcm"]
     token: Annotated[str, Field(min_length=1, max_length=4096)]
+    app: AppName | None = None
 
 
 class ApnsChannel(_Strict):
     platform: Literal["apns"]
     token: str
+    app: AppName | None = None
 
     @field_validator("token")
     @classmethod
@@ -41,6 +69,7 @@ class ApnsChannel(_Strict):
 class WnsChannel(_Strict):
     platform: Literal["wns"]
     channel_uri: Annotated[str, Field(min_length=1, max_length=2048)]
+    app: AppName | None = None
 
     @field_validator("channel_uri")
     @classmethod
@@ -65,6 +94,7 @@ class WebPushSubscription(_Strict):
 class WebPushChannel(_Strict):
     platform: Literal["webpush"]
     subscription: WebPushSubscription
+    app: AppName | None = None
 
 
 class MqttChannel(_Strict):
@@ -103,6 +133,24 @@ class Device(_Strict):
         if v is not None and v in (".", ".."):
             raise ValueError(f"must match [A-Za-z0-9._:-]{{1,64}} {NOT_DOTS} (a person_id)")
         return v
+
+
+def channel_bridge(channel: BaseModel) -> str:
+    """:func:`bridge_key` of a validated channel."""
+    return bridge_key(channel.platform, getattr(channel, "app", None))  # type: ignore[attr-defined]
+
+
+def app_problems(device: Device, apps: Mapping[str, Collection[str]]) -> list[tuple[str, str]]:
+    """(field, message) for each channel naming an app its platform's section does not have
+    (``apps``: platform → the names of ``[bridges.<platform>.apps]``)."""
+    out = []
+    for i, channel in enumerate(device.channels):
+        app = getattr(channel, "app", None)
+        if app is not None and app not in apps.get(channel.platform, ()):
+            known = ", ".join(sorted(apps.get(channel.platform, ()))) or "none"
+            out.append((f"channels.{i}.app",
+                        f"no app {app!r} in [bridges.{channel.platform}.apps] (configured: {known})"))
+    return out
 
 
 def channel_address(channel: BaseModel) -> str:

@@ -18,7 +18,7 @@ from typer.core import TyperArgument
 
 from gateway import clock
 from gateway.config import Config, ConfigError, LoadedConfig, load_config
-from gateway.states import DELIVERY_STATES
+from gateway.states import DELIVERY_STATES, AlarmState, JobState
 
 # Plain (click) help: rich markup would eat bracketed words such as [[rules]] and [broker.acl].
 PLAIN = {"rich_markup_mode": None}
@@ -161,11 +161,12 @@ def check_config() -> None:
     """Validate the configuration; print each problem as KEY: message."""
     cfg, secrets = get_loaded()
     from bridges.keys import problems
+    from bridges.registry import bridge_of_key
 
-    # A push key the bridge would refuse at start (the daemon would run with that bridge
-    # unhealthy): found here, by the same loaders, before the service starts.
+    # A push key the bridge would refuse at start (the daemon would run with that bridge,
+    # or that app of it, unhealthy): found here, by the same loaders, before the service starts.
     found = [tuple(fault.split(": ", 1)) for fault in secrets.bridge_faults.values()]
-    found += [p for p in problems(cfg, secrets) if p[0].split(".")[1] not in secrets.bridge_faults]
+    found += [p for p in problems(cfg, secrets) if bridge_of_key(p[0]) not in secrets.bridge_faults]
     if found:
         fail([f"{key}: {msg}" for key, msg in found])
     typer.echo(f"ok: {cfg.source}")
@@ -227,18 +228,28 @@ def users_remove(name: Annotated[str, typer.Argument(metavar="NAME", help="the a
 
 
 @app.command("vapid-keys")
-def vapid_keys() -> None:
+def vapid_keys(
+    app_name: Annotated[Optional[str], typer.Option("--app", metavar="NAME", help="the key of [bridges.webpush.apps.NAME] instead of the section's")] = None,
+) -> None:
     """Create the Web Push VAPID key pair if missing; print the public key (base64url)."""
     from gateway import vapid
 
     cfg = get_config()
-    path = cfg.bridges.webpush.vapid_private_key_file
+    section: Any = cfg.bridges.webpush
+    key_name = "bridges.webpush.vapid_private_key_file"
+    if app_name is not None:
+        if app_name not in section.apps:
+            fail(f"--app: no app {app_name!r} in [bridges.webpush.apps] "
+                 f"(configured: {', '.join(sorted(section.apps)) or 'none'})")
+        section = section.apps[app_name]
+        key_name = f"bridges.webpush.apps.{app_name}.vapid_private_key_file"
+    path = section.vapid_private_key_file
     try:
         key = vapid.load_or_create(path)
     except ValueError as exc:
-        fail(f"bridges.webpush.vapid_private_key_file: {exc}")
+        fail(f"{key_name}: {exc}")
     except OSError as exc:
-        fail(f"bridges.webpush.vapid_private_key_file: cannot write {path}: {exc.strerror or exc}", 1)
+        fail(f"{key_name}: cannot write {path}: {exc.strerror or exc}", 1)
     typer.echo(vapid.public_key_b64(key))
 
 
@@ -291,10 +302,11 @@ def send(
     from pydantic import ValidationError
 
     from gateway.cli_input import OptionError, job_errors, parse_data
-    from gateway.pipeline import store
+    from gateway.pipeline import registry
+    from gateway.pipeline import jobs as pipeline_jobs
     from gateway.pipeline.models import InputError, JobIn, parse_job
 
-    if until not in ("completed", "acknowledged"):
+    if until not in (JobState.COMPLETED, JobState.ACKNOWLEDGED):
         fail(f"--until: expected completed or acknowledged, got {until!r}")
     chosen = [name for name, given in (("--device", bool(device)), ("--segment", segment is not None),
                                        ("--all", all_devices), ("--person", bool(person))) if given]
@@ -329,8 +341,8 @@ def send(
     try:
         conn = _db(cfg)
         if not yes:
-            _confirm_reach(cfg, store.count_targets(conn, parsed.job.target.as_json()), all_devices, segment)
-        _tx(conn, lambda c: store.submit_job(c, parsed, "cli"))
+            _confirm_reach(cfg, registry.count_targets(conn, parsed.job.target.as_json()), all_devices, segment)
+        _tx(conn, lambda c: pipeline_jobs.submit_job(c, parsed, "cli"))
     except (sqlite3.Error, OSError, NotStored) as exc:  # disk full, read-only, locked: not queued
         fail(f"send: the job was not stored, nothing was queued: {failure_cause(exc, cfg.db_path)}", 1)
     typer.echo(parsed.job_id)
@@ -345,7 +357,7 @@ def send(
         from gateway.progress import wait_for_job
 
         raise typer.Exit(wait_for_job(conn, parsed.job_id, timeout, until,  # type: ignore[arg-type]
-                                      store.job_status, lambda: daemon_running(cfg) is not False, cfg.data_dir))
+                                      pipeline_jobs.job_status, lambda: daemon_running(cfg) is not False, cfg.data_dir))
 
 
 def _confirm_reach(cfg: Config, count: int, all_devices: bool, segment: str | None) -> None:
@@ -373,33 +385,50 @@ def devices_add(
     segment: Annotated[Optional[str], typer.Option("--segment", metavar="NAME", help="the device's segment (a group jobs can target)")] = None,
     tag: Annotated[Optional[list[str]], typer.Option("--tag", metavar="TAG", help="a tag (repeatable)")] = None,
     owner: Annotated[Optional[str], typer.Option("--owner", metavar="PERSON", help="the person the device belongs to (a label; reach order is the person's --device list)")] = None,
+    app: Annotated[Optional[list[str]], typer.Option("--app", metavar="NAME", help="the channel's app of [bridges.<platform>.apps]; pairs up with --platform in order like --address (empty: the section's own credentials)")] = None,
 ) -> None:
     """Register (or replace) a device."""
     from pydantic import ValidationError
 
-    from devices.models import Device
+    from bridges.registry import app_names
+    from devices.models import PUSH_PLATFORMS, Device
     from gateway.cli_input import OptionError, add_device_errors, build_channel
-    from gateway.pipeline import store
+    from gateway.pipeline import registry
 
     addresses = list(address or [])
     if len(addresses) > len(platform):
         fail("--address: more --address than --platform options (they pair up in order)")
     addresses += [""] * (len(platform) - len(addresses))
+    apps = list(app or [])
+    if len(apps) > len(platform):
+        fail("--app: more --app than --platform options (they pair up in order)")
+    apps += [""] * (len(platform) - len(apps))
     many = len(platform) > 1
+    cfg = get_config()
+    known = app_names(cfg)
     channels = []
-    for i, (plat, addr) in enumerate(zip(platform, addresses)):
+    for i, (plat, addr, name) in enumerate(zip(platform, addresses, apps)):
         try:
-            channels.append(build_channel(plat, addr, where=f"--address[{i}] ({plat})" if many else "--address",
-                                          platform_where=f"--platform[{i}]" if many else "--platform"))
+            channel = build_channel(plat, addr, where=f"--address[{i}] ({plat})" if many else "--address",
+                                    platform_where=f"--platform[{i}]" if many else "--platform")
         except OptionError as exc:
             fail(str(exc))
+        if name:
+            where = f"--app[{i}] ({plat})" if many else "--app"
+            if plat not in PUSH_PLATFORMS:
+                fail(f"{where}: {plat} has no apps (only {', '.join(PUSH_PLATFORMS)} do)")
+            if name not in known.get(plat, ()):
+                fail(f"{where}: no app {name!r} in [bridges.{plat}.apps] "
+                     f"(configured: {', '.join(sorted(known.get(plat, ()))) or 'none'})")
+            channel["app"] = name
+        channels.append(channel)
     try:
         dev = Device.model_validate({"device_id": device_id, "segment": segment, "tags": tag or [], "channels": channels,
                                      "owner": owner or None})
     except ValidationError as exc:
         fail(add_device_errors(exc, platform))
-    conn = _db(get_config())
-    _tx(conn, lambda c: store.upsert_device(c, dev, "cli"))
+    conn = _db(cfg)
+    _tx(conn, lambda c: registry.upsert_device(c, dev, "cli"))
     typer.echo(f"device {device_id} registered ({', '.join(platform)})")
 
 
@@ -412,12 +441,13 @@ def devices_import(
     """Register many devices from a file, a batch per transaction; refused lines are listed."""
     from rich.console import Console
 
+    from bridges.registry import app_names
     from gateway.device_import import ImportFileError, read_file
-    from gateway.pipeline import store
+    from gateway.pipeline import registry
     from gateway.progress import progress_bar
 
     try:
-        parsed = read_file(file, fmt)
+        parsed = read_file(file, fmt, app_names(get_config()))
     except ImportFileError as exc:
         fail(str(exc))
     import sqlite3
@@ -437,7 +467,7 @@ def devices_import(
 
                 def write(c, batch=batch):  # noqa: ANN001, ANN202
                     for dev in batch:
-                        store.upsert_device(c, dev, "import")
+                        registry.upsert_device(c, dev, "import")
 
                 _tx(conn, write)
                 committed += len(batch)
@@ -468,7 +498,10 @@ def _fields(pairs: list[tuple[str, str]]) -> None:
 
 
 def _channels_text(dev: dict) -> str:
-    return ",".join(c["platform"] + ("(invalid)" if "invalid" in c else "") for c in dev["channels"])
+    from devices.models import raw_bridge_key
+
+    # A channel of another app of its platform reads as its bridge: fcm:shop-app.
+    return ",".join((raw_bridge_key(c) or "?") + ("(invalid)" if "invalid" in c else "") for c in dev["channels"])
 
 
 def _lines_of(parsed, committed: int) -> str:  # noqa: ANN001 - gateway.device_import.Parsed
@@ -508,14 +541,14 @@ def devices_list(
     """List registered devices, by id."""
     import json
 
-    from gateway.pipeline import store
+    from gateway.pipeline import registry
 
     from gateway.broker.presence import device_presence
 
     cfg = get_config()
     presence = _presence(cfg)
     devices = []
-    for d in store.iter_devices(_db(cfg)):
+    for d in registry.iter_devices(_db(cfg)):
         if segment is not None and d["segment"] != segment:
             continue
         if platform is not None and platform not in {c["platform"] for c in d["channels"]}:
@@ -540,12 +573,12 @@ def devices_show(device_id: Annotated[str, typer.Argument(metavar="ID")],
     """Show one device: segment, tags and each channel in order of preference."""
     import json
 
-    from gateway.pipeline import store
+    from gateway.pipeline import registry
 
     from gateway.broker.presence import device_presence
 
     cfg = get_config()
-    dev = store.get_device(_db(cfg), device_id)
+    dev = registry.get_device(_db(cfg), device_id)
     if dev is None:
         fail(f"ID: no such device {device_id!r}", 1)
     presence = _presence(cfg)
@@ -568,15 +601,15 @@ def devices_show(device_id: Annotated[str, typer.Argument(metavar="ID")],
 @devices_app.command("remove")
 def devices_remove(device_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
     """Remove a device; its queued deliveries fail as 'device removed'."""
-    from gateway.pipeline import store
+    from gateway.pipeline import registry
 
     conn = _db(get_config())
-    if not _tx(conn, lambda c: store.remove_device(c, device_id)):
+    if not _tx(conn, lambda c: registry.remove_device(c, device_id)):
         fail(f"ID: no such device {device_id!r}", 1)
     typer.echo(f"device {device_id} removed")
 
 
-JOB_STATES = ("accepted", "rejected", "dispatching", "completed", "acknowledged")  # contract §6
+JOB_STATES = (JobState.ACCEPTED, JobState.REJECTED, JobState.DISPATCHING, JobState.COMPLETED, JobState.ACKNOWLEDGED)
 
 
 @jobs_app.command("list")
@@ -588,11 +621,11 @@ def jobs_list(
     """List jobs, newest first, with their delivery counts."""
     import json
 
-    from gateway.pipeline import store
+    from gateway.pipeline import jobs as pipeline_jobs
 
     if job_state is not None and job_state not in JOB_STATES:
         fail(f"--state: expected one of {', '.join(JOB_STATES)}, got {job_state!r}")
-    jobs = store.list_jobs(_db(get_config()), limit, job_state)
+    jobs = pipeline_jobs.list_jobs(_db(get_config()), limit, job_state)
     if as_json:
         typer.echo(json.dumps(jobs, indent=2))
         return
@@ -609,13 +642,14 @@ def jobs_show(job_id: Annotated[str, typer.Argument(metavar="ID")],
     """Show one job's status (and, with --deliveries, where each device stands)."""
     import json
 
-    from gateway.pipeline import store
+    from gateway.pipeline import deliveries as pipeline_deliveries
+    from gateway.pipeline import jobs as pipeline_jobs
 
     conn = _db(get_config())
-    status = store.job_status(conn, job_id)
+    status = pipeline_jobs.job_status(conn, job_id)
     if status is None:
         fail(f"ID: no such job {job_id!r}", 1)
-    rows = store.delivery_rows(conn, job_id) if deliveries else []
+    rows = pipeline_deliveries.delivery_rows(conn, job_id) if deliveries else []
     if as_json:
         typer.echo(json.dumps({**status, "deliveries": rows} if deliveries else status, indent=2))
         return
@@ -705,12 +739,12 @@ def alarms_ack(
     by = f"cli:{by}" if by else "cli"  # the channel, then who said so
     conn = _alarms_db(cfg)
     row = alarm_store.get_row(conn, rule, key) or alarm_store.get_row(conn, rule, key_from_level(key))
-    if row is None or row.state == "idle":
+    if row is None or row.state == AlarmState.IDLE:
         fail(f"KEY: no alarm {key!r} of rule {rule!r}", 1)
-    if row.state == "acknowledged":
+    if row.state == AlarmState.ACKNOWLEDGED:
         typer.echo(f"{rule} {row.key}: already acknowledged by {row.acknowledged_by}")
         return
-    if row.state != "firing":
+    if row.state != AlarmState.FIRING:
         fail(f"KEY: alarm {row.key!r} of rule {rule!r} is {row.state}, not firing", 1)
     _tx(conn, lambda c: alarm_store.request_ack(c, rule, row.key, by, note, clock.now()))
     # The running daemon applies it within a fraction of a second; show that it did.
@@ -718,10 +752,10 @@ def alarms_ack(
     current = row
     while time.monotonic() < deadline:
         current = alarm_store.get_row(conn, rule, row.key)
-        if current is None or current.state != "firing" or current.episode != row.episode:
+        if current is None or current.state != AlarmState.FIRING or current.episode != row.episode:
             break
         time.sleep(0.1)
-    if current is not None and current.state == "acknowledged":
+    if current is not None and current.state == AlarmState.ACKNOWLEDGED:
         typer.echo(f"{rule} {row.key}: acknowledged by {current.acknowledged_by}")
     else:
         typer.echo(f"{rule} {row.key}: ack recorded; the gateway applies it when it runs")

@@ -82,9 +82,15 @@ def boot_id() -> str | None:
         return None
 
 
-def migrate(conn: sqlite3.Connection) -> None:
+def _v1_table(conn: sqlite3.Connection) -> None:
+    """The time base's one row, as the gateway kept it before the schema registry."""
     conn.execute("CREATE TABLE IF NOT EXISTS gateway_clock (id INTEGER PRIMARY KEY CHECK (id = 1), "
                  "boot_id TEXT, mono_offset REAL NOT NULL, saved_at REAL NOT NULL, saved_wall REAL NOT NULL)")
+
+
+# The clock's migrations, oldest first, run by the schema registry (gateway.migrations)
+# when the database is opened: never edit a released one.
+MIGRATIONS = (_v1_table,)
 
 
 def _stored(conn: sqlite3.Connection) -> tuple[str | None, float, float, float] | None:
@@ -101,11 +107,11 @@ def _shifters() -> list[Callable[[sqlite3.Connection, float], int]]:
     """The owners of stored deadlines (imported here: they import this module)."""
     from gateway.alarms import store as alarms_store
     from gateway.broker import state as broker_state
-    from gateway.pipeline import store as pipeline_store
+    from gateway.pipeline import deliveries, jobs
     from gateway.upstream import outbox
 
-    return [pipeline_store.shift_deadlines, alarms_store.shift_deadlines, broker_state.shift_deadlines,
-            outbox.shift_deadlines]
+    return [deliveries.shift_deadlines, jobs.shift_deadlines, alarms_store.shift_deadlines,
+            broker_state.shift_deadlines, outbox.shift_deadlines]
 
 
 def shift_columns(conn: sqlite3.Connection, table: str, column: str, delta: float, where: str = "") -> int:
@@ -135,7 +141,6 @@ def establish(conn: sqlite3.Connection) -> float:
     The first start of a database takes the wall clock. A timeline within
     ``REANCHOR_MIN_S`` of the wall clock is continued as it is (no rows rewritten)."""
     global _offset
-    migrate(conn)
     boot, mono, wall = boot_id(), time.monotonic(), time.time()
     stored = _stored(conn)
     delta = 0.0
@@ -163,7 +168,6 @@ def establish(conn: sqlite3.Connection) -> float:
 def save(conn: sqlite3.Connection) -> None:
     """Store the time base and where the timeline is against the wall clock (the latter is
     used only after a reboot)."""
-    migrate(conn)
     conn.execute("INSERT INTO gateway_clock(id, boot_id, mono_offset, saved_at, saved_wall) VALUES (1, ?, ?, ?, ?) "
                  "ON CONFLICT(id) DO UPDATE SET boot_id = excluded.boot_id, mono_offset = excluded.mono_offset, "
                  "saved_at = excluded.saved_at, saved_wall = excluded.saved_wall",

@@ -516,6 +516,65 @@ class MqttBridge(_Section):
         description="QoS of notify publishes unless the job's `options.mqtt.qos` says otherwise.")
 
 
+APP_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _check_app_names(apps: dict[str, Any]) -> dict[str, Any]:
+    for name in apps:
+        if not APP_NAME_RE.fullmatch(name):
+            raise ValueError(f"app name {name!r} must match [A-Za-z0-9_-]{{1,64}}")
+    return apps
+
+
+class _App(_Section):
+    """Another app's credentials on a push platform (``[bridges.<platform>.apps.<name>]``).
+
+    A key left out is the section's own: two iOS apps of one team share the ``.p8`` key
+    and differ in ``topic`` only. The section's transport keys (endpoint, CA, allowed
+    hosts, ``enabled``, ``resend_unacked``) are not per app."""
+
+    def overrides(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump(exclude_unset=True).items() if v is not None}
+
+
+class FcmApp(_App):
+    service_account_file: Path = Field(description="This app's service account JSON; required.")
+    project_id: str | None = Field(default=None,
+        description="This app's FCM project; read from its service account unless set.")
+
+
+class ApnsApp(_App):
+    team_id: str | None = Field(default=None, description="This app's Apple team id (default: the section's).")
+    key_id: str | None = Field(default=None, description="Key id of this app's `.p8` key (default: the section's).")
+    key_file: Path | None = Field(default=None, description="This app's `.p8` signing key (default: the section's).")
+    cert_file: Path | None = Field(default=None,
+        description="This app's client certificate (certificate auth; default: the section's).")
+    cert_key_file: Path | None = Field(default=None, description="Private key of this app's `cert_file`.")
+    topic: str = Field(min_length=1, description="This app's bundle id (`apns-topic`); required.")
+
+
+class WnsApp(_App):
+    client_id: str = Field(min_length=1, description="This app's client id (package SID); required.")
+    client_secret_file: Path = Field(description="File holding this app's client secret; required.")
+    auth: Literal["live", "entra"] | None = Field(default=None,
+        description="`live` or `entra` for this app (default: the section's).")
+    tenant_id: str | None = Field(default=None, description="Entra tenant of this app (default: the section's).")
+    token_url: str | None = Field(default=None, description="This app's token endpoint (default: the section's).")
+
+
+class WebpushApp(_App):
+    vapid_private_key_file: Path = Field(
+        description="This app's VAPID private key (PEM); required; created at start if missing.")
+    subject: str | None = Field(default=None, description="This app's VAPID `sub` (default: the section's).")
+
+    @field_validator("subject")
+    @classmethod
+    def _subject(cls, v: str | None) -> str | None:
+        if v is not None and not (v.startswith("mailto:") or v.startswith("https://")):
+            raise ValueError("must start with mailto: or https:")
+        return v
+
+
 class FcmBridge(_Section):
     enabled: bool = Field(default=False, description="Deliver through Firebase Cloud Messaging.")
     resend_unacked: bool = Field(default=False,
@@ -526,6 +585,15 @@ class FcmBridge(_Section):
     endpoint: str = Field(default="https://fcm.googleapis.com",
         description="FCM API base URL (private deployments, tests).")
     ca_file: Path | None = Field(default=None, description="Extra CA to trust, besides the system's.")
+    apps: dict[str, FcmApp] = Field(default_factory=dict,
+        description="More apps on this platform, each `[bridges.fcm.apps.<name>]` with its own credentials "
+                    "(the keys of this section; one left out is the section's). A device channel names its "
+                    "app with `\"app\": \"<name>\"`.")
+
+    @field_validator("apps", mode="before")
+    @classmethod
+    def _apps(cls, v: Any) -> Any:
+        return _check_app_names(v) if isinstance(v, dict) else v
 
 
 class ApnsBridge(_Section):
@@ -544,6 +612,15 @@ class ApnsBridge(_Section):
         description="`production` or `sandbox`: which APNs host.")
     endpoint: str = Field(default="", description="Overrides the environment's host.")
     ca_file: Path | None = Field(default=None, description="Extra CA to trust, besides the system's.")
+    apps: dict[str, ApnsApp] = Field(default_factory=dict,
+        description="More apps on this platform, each `[bridges.apns.apps.<name>]` with its own credentials "
+                    "(the keys of this section; one left out is the section's). A device channel names its "
+                    "app with `\"app\": \"<name>\"`.")
+
+    @field_validator("apps", mode="before")
+    @classmethod
+    def _apps(cls, v: Any) -> Any:
+        return _check_app_names(v) if isinstance(v, dict) else v
 
 
 class WnsBridge(_Section):
@@ -561,6 +638,15 @@ class WnsBridge(_Section):
     allowed_hosts: list[str] = Field(default_factory=lambda: ["notify.windows.com"],
         description="A channel URI's host must equal or be a subdomain of one of these.")
     ca_file: Path | None = Field(default=None, description="Extra CA to trust, besides the system's.")
+    apps: dict[str, WnsApp] = Field(default_factory=dict,
+        description="More apps on this platform, each `[bridges.wns.apps.<name>]` with its own credentials "
+                    "(the keys of this section; one left out is the section's). A device channel names its "
+                    "app with `\"app\": \"<name>\"`.")
+
+    @field_validator("apps", mode="before")
+    @classmethod
+    def _apps(cls, v: Any) -> Any:
+        return _check_app_names(v) if isinstance(v, dict) else v
 
 
 class WebpushBridge(_Section):
@@ -574,6 +660,15 @@ class WebpushBridge(_Section):
     allow_private_endpoints: bool = Field(default=False,
         description="Allow push endpoints on loopback or private addresses.")
     ca_file: Path | None = Field(default=None, description="Extra CA to trust, besides the system's.")
+    apps: dict[str, WebpushApp] = Field(default_factory=dict,
+        description="More apps on this platform, each `[bridges.webpush.apps.<name>]` with its own credentials "
+                    "(the keys of this section; one left out is the section's). A device channel names its "
+                    "app with `\"app\": \"<name>\"`.")
+
+    @field_validator("apps", mode="before")
+    @classmethod
+    def _apps(cls, v: Any) -> Any:
+        return _check_app_names(v) if isinstance(v, dict) else v
 
     @field_validator("subject")
     @classmethod
@@ -858,9 +953,10 @@ class LinkSecrets:
 class Secrets:
     """Everything the configuration's ``*_file`` keys hold, read once at load time.
 
-    ``bridges`` maps an enabled platform to what its module's ``load_secrets`` returned
+    ``bridges`` maps an enabled bridge (as ``bridge_faults``) to what its module's ``load_secrets`` returned
     (its own typed object, or ``None`` when it has no secret). ``bridge_faults``: push
-    bridges whose key file cannot be used (platform → "key: message"): not a config error
+    bridges whose key file cannot be used (bridge → "key: message"; a bridge is a platform,
+    or ``<platform>:<app>`` for an app of ``[bridges.<platform>.apps]``): not a config error
     for ``run`` (the daemon starts with that bridge unhealthy and its devices fall over to
     their next channel); ``check-config`` reports them.
     """
@@ -977,6 +1073,8 @@ def parse_config(data: dict[str, Any], environ: dict[str, str] | None = None,
             parts = key.split(".")
             if len(parts) == 3 and parts[0] == "bridges" and parts[2] in BRIDGE_KEY_FILES:
                 faults.setdefault(parts[1], f"{key}: {msg}")
+            elif len(parts) == 5 and parts[0] == "bridges" and parts[2] == "apps" and parts[4] in BRIDGE_KEY_FILES:
+                faults.setdefault(f"{parts[1]}:{parts[3]}", f"{key}: {msg}")  # that app only
             else:
                 problems.append((key, msg))
         secrets = dataclasses.replace(secrets, bridge_faults=types.MappingProxyType(faults))

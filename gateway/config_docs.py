@@ -25,7 +25,8 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from gateway.config import AclRule, Config, ListenerSection, RoleLimits, default_acl
+from gateway.config import (AclRule, ApnsApp, Config, FcmApp, ListenerSection, RoleLimits, WebpushApp, WnsApp,
+                            default_acl)
 from gateway.rule_schema import EscalateStep, RuleSection
 
 MARKER = "<!-- generated below by `python -m gateway.config_docs --write`; do not edit by hand -->"
@@ -34,7 +35,9 @@ DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 # Tables whose keys are documented as their own section, and the heading each gets.
 _LIST_OF = {ListenerSection: "[[broker.listeners]]", RuleSection: "[[rules]]",
             EscalateStep: "[[rules]] escalate = [{...}]"}
-_DICT_OF = {AclRule: "[broker.acl.<role>]", RoleLimits: "[broker.limits.<role>]"}
+_DICT_OF = {AclRule: "[broker.acl.<role>]", RoleLimits: "[broker.limits.<role>]",
+            FcmApp: "[bridges.fcm.apps.<name>]", ApnsApp: "[bridges.apns.apps.<name>]",
+            WnsApp: "[bridges.wns.apps.<name>]", WebpushApp: "[bridges.webpush.apps.<name>]"}
 
 
 def _inner(ann: Any) -> tuple[Any, bool]:

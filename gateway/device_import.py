@@ -21,13 +21,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from devices.models import Device
+from devices.models import Device, app_problems
 from gateway.cli_input import OptionError, build_channel, device_errors
 
 Format = Literal["jsonl", "csv"]
@@ -62,7 +63,9 @@ def detect_format(path: Path, text: str, given: str | None) -> Format:
     return "jsonl" if text.lstrip().startswith("{") else "csv"
 
 
-def read_file(path: Path, fmt: str | None = None) -> Parsed:
+def read_file(path: Path, fmt: str | None = None, apps: Mapping[str, Collection[str]] | None = None) -> Parsed:
+    """``apps``: platform → its ``[bridges.<platform>.apps]`` names (a channel naming another
+    app is a refused line)."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
@@ -71,10 +74,10 @@ def read_file(path: Path, fmt: str | None = None) -> Parsed:
         raise ImportFileError(f"FILE: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise ImportFileError(f"FILE: cannot read {path}: {exc.strerror}") from None
-    return parse_jsonl(text) if detect_format(path, text, fmt) == "jsonl" else parse_csv(text)
+    return parse_jsonl(text, apps) if detect_format(path, text, fmt) == "jsonl" else parse_csv(text)
 
 
-def parse_jsonl(text: str) -> Parsed:
+def parse_jsonl(text: str, apps: Mapping[str, Collection[str]] | None = None) -> Parsed:
     out = Parsed()
     first_line: dict[str, int] = {}
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -99,6 +102,11 @@ def parse_jsonl(text: str) -> Parsed:
                                                 {"device_id": "device_id", "segment": "segment", "tags": "tags",
                                                  "channels": "channels"}):
                 out.refuse(lineno, f"{where}: {message}")
+            continue
+        unknown = app_problems(device, apps) if apps is not None else []
+        for where, message in unknown:
+            out.refuse(lineno, f"{where}: {message}")
+        if unknown:
             continue
         if device.device_id in first_line:
             out.refuse(lineno, f"device_id: {device.device_id!r} is already on line {first_line[device.device_id]}")

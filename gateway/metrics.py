@@ -23,7 +23,6 @@ and the operator page.
 from __future__ import annotations
 
 import asyncio
-import json
 import platform
 import sqlite3
 import threading
@@ -37,10 +36,16 @@ from prometheus_client import (CollectorRegistry, Counter, GCCollector, Histogra
                                disable_created_metrics, generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from devices.models import split_bridge_key
 from gateway import __version__, clock
-from gateway import states, stats
+from gateway import stats
 from gateway.alarms.summary import summary as alarm_summary
+from gateway.pipeline import deliveries as deliveries_of
+from gateway.pipeline import jobs as jobs_of
+from gateway.pipeline import registry
 from gateway.pipeline.dispatcher import OUTCOME_NAMES
+from gateway.states import DeliveryState, JobState
+from gateway.upstream import outbox
 
 log = structlog.get_logger(__name__)
 # No ``*_created`` series: they double every counter and no alert reads them.
@@ -49,13 +54,16 @@ disable_created_metrics()
 NS = "homepot"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Series that exist with 0 before anything happened, so an alert on them has something to read.
-DELIVERY_STATES = tuple(s.value for s in states.DELIVERY_STATES)
-JOB_STATES = ("accepted", "rejected", "dispatching", "completed", "acknowledged")
+DELIVERY_STATES = tuple(s.value for s in DeliveryState)
+JOB_STATES = tuple(s.value for s in JobState)
 HTTP_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
-def _platform(name: str) -> str:
-    return name or "unassigned"
+def _platform(name: str) -> list[str]:
+    """The ``platform`` and ``app`` labels of a bridge name (``fcm``, ``fcm:shop-app``; ``''`` =
+    not attempted yet): the app is ``""`` for the section's own credentials."""
+    platform, app = split_bridge_key(name)
+    return [platform or "unassigned", app or ""]
 
 
 # Broker counters of EmbeddedBroker.metrics(): key → (metric name, help). Gauges below;
@@ -147,19 +155,19 @@ class RuntimeCollector:
 
     @staticmethod
     def _bridges(bridges: dict[str, Any]) -> Iterator[Metric]:
-        healthy = GaugeMetricFamily(f"{NS}_bridge_healthy", "1 unless the bridge is paused as unhealthy", labels=["platform"])
-        in_flight = GaugeMetricFamily(f"{NS}_bridge_in_flight", "sends in progress", labels=["platform"])
-        sent = CounterMetricFamily(f"{NS}_bridge_sent", "deliveries the platform accepted (since start)", labels=["platform"])
+        healthy = GaugeMetricFamily(f"{NS}_bridge_healthy", "1 unless the bridge is paused as unhealthy", labels=["platform", "app"])
+        in_flight = GaugeMetricFamily(f"{NS}_bridge_in_flight", "sends in progress", labels=["platform", "app"])
+        sent = CounterMetricFamily(f"{NS}_bridge_sent", "deliveries the platform accepted (since start)", labels=["platform", "app"])
         outcomes = CounterMetricFamily(f"{NS}_bridge_outcomes", "platform answers since start, by outcome: accepted, "
                                        "retried (transient failure), throttled (429 or quota), invalid_address, "
-                                       "failed, unhealthy (the bridge paused)", labels=["platform", "outcome"])
+                                       "failed, unhealthy (the bridge paused)", labels=["platform", "app", "outcome"])
         for name, b in sorted(bridges.items()):
-            healthy.add_metric([name], 1.0 if b.get("healthy", True) else 0.0)
-            in_flight.add_metric([name], float(b.get("in_flight") or 0))
-            sent.add_metric([name], float(b.get("sent") or 0))
+            healthy.add_metric(_platform(name), 1.0 if b.get("healthy", True) else 0.0)
+            in_flight.add_metric(_platform(name), float(b.get("in_flight") or 0))
+            sent.add_metric(_platform(name), float(b.get("sent") or 0))
             counted = b.get("outcomes") or {}
             for outcome in OUTCOME_NAMES:
-                outcomes.add_metric([name, outcome], float(counted.get(outcome, 0)))
+                outcomes.add_metric([*_platform(name), outcome], float(counted.get(outcome, 0)))
         yield from (healthy, in_flight, sent, outcomes)
 
     @staticmethod
@@ -256,36 +264,36 @@ class DatabaseCollector:
             now = clock.now()
             counts = stats.delivery_counts(conn)
             latency = stats.ack_latency(conn)
-            oldest = stats.oldest_queued(conn, now)
-            counters = stats.counters(conn)
-            jobs = stats.jobs_by_state(conn)
-            devices = stats.device_count(conn)
-            held = stats.people_held(conn)
-            backlog = stats.upstream_backlog(conn)
+            oldest = deliveries_of.oldest_queued(conn, now)
+            counters = jobs_of.counters(conn)
+            jobs = jobs_of.count_by_state(conn)
+            devices = registry.count(conn)
+            held = jobs_of.people_held(conn)
+            backlog = outbox.backlog(conn)
             alarms = alarm_summary(conn)
             online = _connected_by_segment(conn, self.presence)
         finally:
             conn.execute("COMMIT")
         deliveries = GaugeMetricFamily(f"{NS}_deliveries", "deliveries now in each state, by platform of the last "
-                                       "attempt ('unassigned' = not attempted yet)", labels=["platform", "state"])
-        queue = GaugeMetricFamily(f"{NS}_queue_depth", "queued deliveries", labels=["platform"])
+                                       "attempt ('unassigned' = not attempted yet)", labels=["platform", "app", "state"])
+        queue = GaugeMetricFamily(f"{NS}_queue_depth", "queued deliveries", labels=["platform", "app"])
         platforms = sorted({*self.platforms, *(p for p, _ in counts)})
         filled = {(p, st): 0 for p in platforms for st in DELIVERY_STATES} | counts
         for (platform_, state), n in sorted(filled.items()):
-            deliveries.add_metric([_platform(platform_), state], float(n))
-            if state == "queued":
-                queue.add_metric([_platform(platform_)], float(n))
+            deliveries.add_metric([*_platform(platform_), state], float(n))
+            if state == DeliveryState.QUEUED:
+                queue.add_metric(_platform(platform_), float(n))
         yield from (deliveries, queue)
         age = GaugeMetricFamily(f"{NS}_queue_oldest_age_seconds", "age of the oldest queued delivery (since its job "
-                                "was accepted; 0 when none is queued)", labels=["platform"])
+                                "was accepted; 0 when none is queued)", labels=["platform", "app"])
         for platform_, seconds in sorted(({p: 0.0 for p in platforms} | oldest).items()):
-            age.add_metric([_platform(platform_)], seconds)
+            age.add_metric(_platform(platform_), seconds)
         yield age
-        hist = HistogramMetricFamily(f"{NS}_ack_latency_seconds", "first ack time minus send time", labels=["platform"])
+        hist = HistogramMetricFamily(f"{NS}_ack_latency_seconds", "first ack time minus send time", labels=["platform", "app"])
         empty = {"buckets": [(le, 0) for le in (*stats.LATENCY_BUCKETS_MS, float("inf"))], "sum_ms": 0.0}
         for platform_, h in sorted(({p: empty for p in self.platforms} | latency).items()):
             buckets = [("+Inf" if le == float("inf") else repr(le / 1000.0), float(n)) for le, n in h["buckets"]]
-            hist.add_metric([_platform(platform_)], buckets, h["sum_ms"] / 1000.0)
+            hist.add_metric(_platform(platform_), buckets, h["sum_ms"] / 1000.0)
         yield hist
         events = CounterMetricFamily(f"{NS}_pipeline_events", "pipeline counters (jobs_accepted, acks_stored, "
                                      "acks_refused, ...)", labels=["event"])
@@ -346,9 +354,7 @@ def _connected_by_segment(conn: sqlite3.Connection, presence: dict[str, Any]) ->
     if not presence:
         return {}
     out: dict[str, int] = {}
-    seen = json.dumps(sorted(presence))
-    for device_id, segment in conn.execute("SELECT device_id, COALESCE(segment, '') FROM devices "
-                                           "WHERE device_id IN (SELECT value FROM json_each(?))", (seen,)):
+    for device_id, segment in registry.segments_of(conn, presence).items():
         out[segment] = out.get(segment, 0) + (1 if presence[device_id].get("connected") else 0)
     return out
 

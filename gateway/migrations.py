@@ -56,7 +56,7 @@ class Component:
 def components() -> tuple[Component, ...]:
     """Every component, in the order their migrations run. Imported here, not at module
     level: each component's module imports gateway.storage, which opens through this one."""
-    from gateway import clock, stats
+    from gateway import clock, stats, storage
     from gateway.alarms import store as alarms
     from gateway.broker import state as broker
     from gateway.people import store as people
@@ -70,7 +70,8 @@ def components() -> tuple[Component, ...]:
         Component("alarms", alarms.MIGRATIONS),  # its trigger reads deliveries and acks
         Component("broker", broker.MIGRATIONS),
         Component("upstream", outbox.MIGRATIONS),
-        Component("clock", (clock.migrate,)),  # the gateway's time base
+        Component("clock", clock.MIGRATIONS),  # the gateway's time base
+        Component("storage", storage.MIGRATIONS),  # the write probe's scratch row
     )
 
 

@@ -121,7 +121,7 @@ def wait_for_job(conn: sqlite3.Connection, job_id: str, timeout: float, until: U
         console.print(f"timeout: job {job_id} not {what} after {timeout:g} s"
                       + (f" ({summary(status)})" if status else ""), highlight=False, soft_wrap=True, markup=False)
         return 1
-    if status["state"] == "rejected" and status.get("error"):
+    if status["state"] == JobState.REJECTED and status.get("error"):
         err = status["error"]
         console.print(f"rejected: {err.get('code')}: {err.get('message')}", highlight=False, soft_wrap=True, markup=False)
     console.print(summary(status), highlight=False, soft_wrap=True, markup=False)

@@ -1,4 +1,4 @@
-"""The states a job and a delivery go through (contract §6, §7), named once.
+"""The states a job, a delivery and an alarm go through (contract §6, §7, §11), named once.
 
 Each is a :class:`enum.StrEnum`: a member is the string the database, the JSON and MQTT
 carry (``JobState.COMPLETED == "completed"``), so rows and payloads need no conversion and
@@ -51,5 +51,25 @@ PROBLEM_DELIVERY_STATES = (DeliveryState.FAILED, DeliveryState.EXPIRED, Delivery
 # Deliveries that will never be sent and are not a problem: the person asked not to get them.
 QUIET_DELIVERY_STATES = (DeliveryState.SUPPRESSED,)
 
-__all__ = ["DELIVERY_STATES", "FINAL_JOB_STATES", "PROBLEM_DELIVERY_STATES", "QUIET_DELIVERY_STATES",
-           "DeliveryState", "JobState", "ReachState"]
+
+
+class AlarmState(StrEnum):
+    """An alarm record's state (``alarms.state``); ``idle`` is a watch that is not alarming
+    (kept for its timers, never shown)."""
+
+    IDLE = "idle"
+    PENDING = "pending"  # the condition holds, for_s not yet over
+    FIRING = "firing"
+    ACKNOWLEDGED = "acknowledged"  # firing, and an operator has seen it
+    CLEARED = "cleared"
+
+
+# The states an alarm is shown and counted in (status, /metrics, the page), in the order
+# ``status`` and ``/metrics`` list them.
+ALARM_STATES: tuple[AlarmState, ...] = (AlarmState.PENDING, AlarmState.FIRING, AlarmState.ACKNOWLEDGED,
+                                        AlarmState.CLEARED)
+# The alarm is in an episode: the condition held (pending) or fired and has not cleared.
+ACTIVE_ALARM_STATES = frozenset({AlarmState.PENDING, AlarmState.FIRING, AlarmState.ACKNOWLEDGED})
+
+__all__ = ["ACTIVE_ALARM_STATES", "ALARM_STATES", "DELIVERY_STATES", "FINAL_JOB_STATES", "PROBLEM_DELIVERY_STATES",
+           "QUIET_DELIVERY_STATES", "AlarmState", "DeliveryState", "JobState", "ReachState"]

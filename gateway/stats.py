@@ -148,7 +148,7 @@ def _v1_tables(conn: sqlite3.Connection) -> None:
     row triggers dropped (they kept the counts exact up to here). An index made on an
     older key (before deliveries had ``route``) is made again on today's, and the counts
     recounted on it. Besides this module's reads, the pipeline's per-job lookups of queued
-    rows (``store.expiring``) use the index: it is the one index on queued rows by job."""
+    rows (``deliveries.expiring``) use the index: it is the one index on queued rows by job."""
     run_script(conn, TABLES)
     for name in OLD_TRIGGERS:
         conn.execute(f"DROP TRIGGER IF EXISTS {name}")
@@ -204,78 +204,5 @@ def ack_latency(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
     return out
 
 
-def oldest_queued(conn: sqlite3.Connection, now: float | None = None) -> dict[str, float]:
-    """platform → age (s) of the oldest queued delivery, counted from its job's creation.
-
-    Only jobs with queued deliveries are visited (their count is kept on the job row), and
-    each platform's oldest is found from the oldest job down, one probe of the partial
-    index :data:`QUEUED_INDEX` (queued rows only) each.
-    """
-    now = clock.now() if now is None else now
-    platforms = [p for (p, s), n in delivery_counts(conn).items() if s == "queued" and n > 0]
-    if not platforms:
-        return {}
-    key = PLATFORM_KEY
-    out: dict[str, float] = {}
-    for job_id, created_at in conn.execute("SELECT job_id, created_at FROM jobs WHERE queued > 0 ORDER BY created_at"):
-        for platform in platforms:
-            if platform in out:
-                continue
-            hit = conn.execute(f"SELECT 1 FROM deliveries WHERE job_id = ? AND state = 'queued' "
-                               f"AND {key} = ? LIMIT 1", (job_id, platform)).fetchone()
-            if hit is not None:
-                out[platform] = max(0.0, now - created_at)
-        if len(out) == len(platforms):
-            break
-    return out
-
-
-def oldest_queued_overall(conn: sqlite3.Connection, now: float | None = None) -> float | None:
-    now = clock.now() if now is None else now
-    row = conn.execute("SELECT MIN(created_at) FROM jobs WHERE queued > 0").fetchone()
-    return None if row is None or row[0] is None else max(0.0, now - row[0])
-
-
-def counters(conn: sqlite3.Connection) -> dict[str, int]:
-    if not has_table(conn, "counters"):
-        return {}
-    return {r[0]: int(r[1]) for r in conn.execute("SELECT name, value FROM counters")}
-
-
-def jobs_by_state(conn: sqlite3.Connection) -> dict[str, int]:
-    return {r[0]: int(r[1]) for r in conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
-
-
-def people_held(conn: sqlite3.Connection) -> int:
-    """Persons held by quiet hours now, summed over the open jobs (``jobs.people_held``; a
-    person held by two jobs counts twice). The open jobs are an index's rows."""
-    try:
-        row = conn.execute("SELECT SUM(people_held) FROM jobs WHERE state IN ('accepted', 'dispatching')").fetchone()
-    except sqlite3.OperationalError as exc:
-        if "no such column" in str(exc):
-            return 0
-        raise
-    return int(row[0] or 0)
-
-
-def device_count(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("SELECT COUNT(*) FROM devices").fetchone()[0])
-
-
-def upstream_backlog(conn: sqlite3.Connection) -> dict[str, Any] | None:
-    """The cloud link's outbox (rows, bytes, oldest age, dropped), or None without one (its
-    tables exist in every database; its state row once a link used it)."""
-    if not has_table(conn, "upstream_outbox_state") or \
-            conn.execute("SELECT 1 FROM upstream_outbox_state WHERE id = 1").fetchone() is None:
-        return None
-    try:
-        from gateway.upstream import outbox
-
-        return outbox.stats(conn).as_dict()
-    except (sqlite3.Error, ValueError, TypeError, AttributeError):
-        return None  # a schema the upstream link changed: the link's own metrics still count
-
-
-__all__ = ["LATENCY_BUCKETS_MS", "MIGRATIONS", "PLATFORM_KEY", "UNASSIGNED", "ack_latency", "check", "counters",
-           "delivery_counts", "device_count", "jobs_by_state", "oldest_queued", "oldest_queued_overall", "recount",
-           "apply_counts", "stale", "upstream_backlog"]
+__all__ = ["LATENCY_BUCKETS_MS", "MIGRATIONS", "PLATFORM_KEY", "UNASSIGNED", "ack_latency", "apply_counts", "check",
+           "delivery_counts", "has_table", "recount", "stale"]

@@ -21,13 +21,15 @@ from typing import Any
 from gateway import clock, health, stats
 from gateway.alarms.summary import summary as alarm_summary
 from gateway.config import Config
+from gateway.pipeline import jobs
 from gateway.states import DELIVERY_STATES, DeliveryState
+from gateway.upstream import outbox
 
 EXIT = {"ok": 0, "degraded": 1, "unreachable": 2}
 # The deliveries table's columns; ``suppressed`` (muted by the person) is one total under it,
 # so the table stays within 80 columns with 7-digit counts.
 STATES = tuple(s.value for s in DELIVERY_STATES if s is not DeliveryState.SUPPRESSED)
-SHORT = {"acknowledged": "acked", "invalid_address": "invalid"}  # `status` headings
+SHORT = {DeliveryState.ACKNOWLEDGED: "acked", DeliveryState.INVALID_ADDRESS: "invalid"}  # `status` headings
 
 
 def open_readonly(db_path: Path) -> sqlite3.Connection | None:
@@ -78,9 +80,10 @@ def collect(cfg: Config, now: float | None = None) -> dict[str, Any]:
             clock.attach(conn)  # stored times are on the daemon's clock (gateway.clock)
             out["deliveries"] = _deliveries(conn)
             if stats.has_table(conn, "jobs"):
-                out["oldest_queued_age_s"] = _round(stats.oldest_queued_overall(conn, clock.now() if given is None
-                                                                                else given))
-            backlog = stats.upstream_backlog(conn)
+                created = jobs.oldest_with_queued(conn)
+                at = clock.now() if given is None else given
+                out["oldest_queued_age_s"] = _round(None if created is None else max(0.0, at - created))
+            backlog = outbox.backlog(conn)
             if backlog is not None:
                 out["upstream"] = {**(out.get("upstream") or {}), **backlog}
             alarms = alarm_summary(conn)

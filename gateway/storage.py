@@ -303,6 +303,16 @@ class _Answers:
                 fut.set_exception(value)
 
 
+def _v1_probe_table(conn: sqlite3.Connection) -> None:
+    """The one-row table :meth:`Database.probe` rewrites to see whether a write commits."""
+    conn.execute("CREATE TABLE IF NOT EXISTS storage_probe (id INTEGER PRIMARY KEY, pad BLOB)")
+
+
+# The storage layer's own migrations, run by the schema registry (gateway.migrations):
+# never edit a released one.
+MIGRATIONS = (_v1_probe_table,)
+
+
 class Database:
     """Serialises all access on one thread; ``run`` wraps each call in a transaction."""
 
@@ -382,7 +392,6 @@ class Database:
     async def probe(self) -> None:
         """Raise unless a small write commits now (used to pace retries after a failure)."""
         def write(conn: sqlite3.Connection) -> None:
-            conn.execute("CREATE TABLE IF NOT EXISTS storage_probe (id INTEGER PRIMARY KEY, pad BLOB)")
             conn.execute("INSERT OR REPLACE INTO storage_probe(id, pad) VALUES (1, randomblob(16384))")
         await self.run(write)
 

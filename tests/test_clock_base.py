@@ -9,7 +9,7 @@ import sqlite3
 
 import pytest
 
-from gateway import clock
+from gateway import clock, migrations
 
 
 class Machine:
@@ -30,6 +30,7 @@ class Machine:
 @pytest.fixture
 def conn():
     c = sqlite3.connect(":memory:")
+    migrations.migrate(c, only=tuple(x for x in migrations.components() if x.name == "clock"))
     yield c
     c.close()
 
@@ -129,8 +130,6 @@ def test_a_failed_shift_keeps_the_old_timeline(monkeypatch, conn):
 
 def test_establish_shifts_the_owners_deadlines_but_not_history(monkeypatch, conn):
     """The real owners' shift functions on their real tables."""
-    from gateway import migrations
-
     migrations.migrate(conn)
     m = Machine(monkeypatch, wall=1_000_000.0, mono=50.0, boot="a")
     clock.establish(conn)

@@ -16,7 +16,7 @@ import pytest
 
 from gateway import migrations, stats
 from gateway.alarms import store as alarm_store
-from gateway.pipeline import store
+from gateway.pipeline import jobs, registry
 from gateway.storage import Database, connect
 from gateway.upstream import outbox
 from tests.support import cli
@@ -48,12 +48,12 @@ def _grouped(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
 async def test_a_database_made_by_main_at_2c3a5d9_is_upgraded_in_place(tmp_path: Path):
     path = _old_copy(tmp_path)
     before = _read(path, lambda c: {
-        "jobs": {j: store.job_status(c, j) for j in ("old-done", "old-half")},
-        "devices": list(store.iter_devices(c)),
+        "jobs": {j: jobs.job_status(c, j) for j in ("old-done", "old-half")},
+        "devices": list(registry.iter_devices(c)),
         "deliveries": c.execute("SELECT message_id, state, platform, attempts, sent_at, acked_at, latency_ms "
                                 "FROM deliveries ORDER BY message_id").fetchall(),
         "acks": c.execute("SELECT message_id, status, COUNT(*), MIN(id) FROM acks GROUP BY 1, 2").fetchall(),
-        "counters": store.counters(c),
+        "counters": jobs.counters(c),
     })
     assert migrations.versions(sqlite3.connect(FIXTURE)) == {}  # made before the registry
     assert sum(n for _, _, n, _ in before["acks"]) == 8  # the old code stored every ack
@@ -62,12 +62,12 @@ async def test_a_database_made_by_main_at_2c3a5d9_is_upgraded_in_place(tmp_path:
     try:
         after = await db.run(lambda c: {
             "versions": migrations.versions(c),
-            "jobs": {j: store.job_status(c, j) for j in ("old-done", "old-half")},
-            "devices": list(store.iter_devices(c)),
+            "jobs": {j: jobs.job_status(c, j) for j in ("old-done", "old-half")},
+            "devices": list(registry.iter_devices(c)),
             "deliveries": c.execute("SELECT message_id, state, platform, attempts, sent_at, acked_at, latency_ms "
                                     "FROM deliveries ORDER BY message_id").fetchall(),
             "acks": c.execute("SELECT message_id, status, repeats, id FROM acks").fetchall(),
-            "counters": store.counters(c),
+            "counters": jobs.counters(c),
             "stats": stats.delivery_counts(c), "grouped": _grouped(c), "stale": stats.stale(c),
             "tags": c.execute("SELECT tag, COUNT(*) FROM ui_device_tags GROUP BY tag ORDER BY tag").fetchall(),
             "indexes": {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'index'")},
@@ -77,7 +77,8 @@ async def test_a_database_made_by_main_at_2c3a5d9_is_upgraded_in_place(tmp_path:
         })
     finally:
         await db.close()
-    assert after["versions"] == LATEST == {"people": 1, "pipeline": 5, "stats": 1, "alarms": 2, "broker": 2, "upstream": 1, "clock": 1}
+    assert after["versions"] == LATEST == {"people": 1, "pipeline": 6, "stats": 1, "alarms": 2, "broker": 2, "upstream": 1,
+                                           "clock": 1, "storage": 1}
     # What the old gateway kept is kept: jobs, devices, deliveries, counters.
     assert after["jobs"] == before["jobs"] and after["devices"] == before["devices"]
     assert [tuple(r) for r in after["deliveries"]] == [tuple(r) for r in before["deliveries"]]
@@ -146,3 +147,49 @@ async def test_a_database_from_a_newer_gateway_is_refused_unchanged(gateway_fact
     assert gw.wait(timeout=30) == 2
     assert "database schema is newer than this gateway" in gw.log()
     assert _read(path, lambda c: c.execute("SELECT type, name, sql FROM sqlite_master").fetchall()) == schema_before
+
+
+def test_no_table_is_created_outside_the_modules_of_registered_migrations():
+    """Schema statements live only where a registered migration lives: a service that
+    creates its own table (run by whoever starts first) cannot come back unnoticed."""
+    import inspect
+    import re
+
+    root = Path(migrations.__file__).parent
+    owners = {Path(inspect.getfile(step)).resolve() for c in migrations.components() for step in c.migrations}
+    ddl = re.compile(r"\bCREATE\s+(?:TEMP\s+|TEMPORARY\s+)?TABLE\b", re.IGNORECASE)
+    offenders = sorted(str(p.relative_to(root.parent)) for p in root.rglob("*.py")
+                       if p.resolve() not in owners and p.resolve() != Path(migrations.__file__).resolve()
+                       and ddl.search(p.read_text()))
+    assert offenders == []
+
+
+async def test_after_the_migrations_no_service_start_or_write_changes_the_schema(tmp_path: Path):
+    """The former self-creators (the clock's time base, the outbox, the write probe) run
+    their start and hot paths on a migrated database without one schema statement."""
+    from gateway import clock
+
+    db = await Database(tmp_path / "gateway.db").open()
+    denied: list[tuple[int, str | None]] = []
+    schema_actions = {sqlite3.SQLITE_CREATE_TABLE, sqlite3.SQLITE_CREATE_INDEX, sqlite3.SQLITE_CREATE_TRIGGER,
+                      sqlite3.SQLITE_ALTER_TABLE, sqlite3.SQLITE_DROP_TABLE, sqlite3.SQLITE_CREATE_VIEW}
+
+    def guard(action: int, arg1: str | None, *_: object) -> int:
+        if action in schema_actions:
+            denied.append((action, arg1))
+            return sqlite3.SQLITE_DENY
+        return sqlite3.SQLITE_OK
+
+    ob = outbox.Outbox()
+    try:
+        await db.run(lambda c: c.set_authorizer(guard))
+        await clock.start(db)
+        await db.run(clock.save)
+        await db.run(ob.prepare)
+        await db.run(lambda c: ob.enqueue(c, "ack", "p/acks", b'{"message_id": "m1"}', False))
+        assert await db.run(lambda c: outbox.stats(c).rows) == 1
+        await db.probe()
+    finally:
+        await db.run(lambda c: c.set_authorizer(None))
+        await db.close()
+    assert denied == []

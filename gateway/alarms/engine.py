@@ -33,12 +33,13 @@ import structlog
 from gateway.alarms.jobs import JobPlan
 from gateway.alarms.rules import CompiledRule, format_value
 from gateway.alarms.values import Payload, Unparseable, extract
+from gateway.states import ACTIVE_ALARM_STATES, AlarmState
 from gateway.timeutil import iso_ts
 
 log = structlog.get_logger(__name__)
 
 RowKey = tuple[str, str]
-ACTIVE = frozenset({"pending", "firing", "acknowledged"})
+ACTIVE = ACTIVE_ALARM_STATES
 MAX_LOGGED_BAD = 10_000
 TOPIC_CACHE = 10_000
 
@@ -50,7 +51,7 @@ class AlarmRow:
 
     rule: str
     key: str
-    state: str = "idle"  # idle | pending | firing | acknowledged | cleared
+    state: AlarmState = AlarmState.IDLE
     topic: str | None = None
     value: Any = None  # the value when the state last changed
     last_value: Any = None  # the latest value seen (texts, stale alarms)
@@ -170,7 +171,7 @@ class Engine:
                 row.last_seen += downtime
                 self.lazy_dirty.add(row.rk)
             self.rows[row.rk] = row
-            if row.version > row.published_version and row.state != "idle":
+            if row.version > row.published_version and row.state != AlarmState.IDLE:
                 self.unpublished.add(row.rk)
         for name, (evaluated, unparseable) in stats.items():
             if name in self.stats:
@@ -194,7 +195,7 @@ class Engine:
             self._track_escalation(row)
 
     def _track_escalation(self, row: AlarmRow) -> None:
-        if row.state == "firing" and row.due_at is not None:
+        if row.state == AlarmState.FIRING and row.due_at is not None:
             self._escalating[row.rk] = row.due_at
         else:
             self._escalating.pop(row.rk, None)
@@ -219,9 +220,9 @@ class Engine:
         rule = self.rules.get(row.rule)
         if rule is None:
             return None
-        if row.state in ("pending", "firing"):
+        if row.state in (AlarmState.PENDING, AlarmState.FIRING):
             return row.due_at
-        if rule.kind == "stale" and row.state in ("idle", "cleared") and row.last_seen is not None:
+        if rule.kind == "stale" and row.state in (AlarmState.IDLE, AlarmState.CLEARED) and row.last_seen is not None:
             return row.last_seen + rule.stale_s  # type: ignore[operator]
         return None
 
@@ -250,7 +251,7 @@ class Engine:
         return draft
 
     @staticmethod
-    def _changed(batch: Batch, row: AlarmRow, state: str) -> None:
+    def _changed(batch: Batch, row: AlarmRow, state: AlarmState) -> None:
         row.state = state
         row.since = batch.now
         row.updated_at = batch.now
@@ -261,7 +262,7 @@ class Engine:
         for rk, draft in batch.drafts.items():
             self.rows[rk] = draft
             self.lazy_dirty.discard(rk)
-            if draft.version > draft.published_version and draft.state != "idle":
+            if draft.version > draft.published_version and draft.state != AlarmState.IDLE:
                 self.unpublished.add(rk)
             due = self.due(draft)
             if due is not None:
@@ -321,20 +322,20 @@ class Engine:
                 self.lazy_dirty.add(rk)
             return
 
-        state = row.state if row is not None else "idle"
-        if state in ("idle", "cleared"):
+        state = row.state if row is not None else AlarmState.IDLE
+        if state in (AlarmState.IDLE, AlarmState.CLEARED):
             if rule.active(value):
                 d = self._edit(batch, rk)
                 d.topic, d.value, d.last_value = topic, value, value
-                self._changed(batch, d, "pending")
+                self._changed(batch, d, AlarmState.PENDING)
                 d.due_at = now + rule.for_s
                 if rule.for_s <= 0:
                     self._fire(batch, rule, d)
-        elif state == "pending":
+        elif state == AlarmState.PENDING:
             if not rule.active(value):
                 d = self._edit(batch, rk)
                 d.topic, d.value, d.last_value = topic, value, value
-                self._changed(batch, d, "cleared")
+                self._changed(batch, d, AlarmState.CLEARED)
                 d.due_at = None
             elif row is not None:
                 row.last_value, row.topic = value, topic  # texts show the latest; not worth a write
@@ -348,9 +349,9 @@ class Engine:
 
     def _settle(self, batch: Batch, rule: CompiledRule, d: AlarmRow, value: Any) -> None:
         """The condition is gone: a pending alarm just ends; a fired one sends ``Cleared``."""
-        fired = d.state in ("firing", "acknowledged")
+        fired = d.state in (AlarmState.FIRING, AlarmState.ACKNOWLEDGED)
         d.value = value
-        self._changed(batch, d, "cleared")
+        self._changed(batch, d, AlarmState.CLEARED)
         d.due_at = None
         if fired and d.jobs:
             ctx = self._context(rule, d)
@@ -358,7 +359,7 @@ class Engine:
                 kind="clear", episode=d.episode, target=None,
                 title="Cleared: " + rule.title_t.render(ctx),
                 body=f"{rule.name} on {d.key} is back to normal" + (f" ({ctx['value']})" if value is not None else ""),
-                priority="normal", data=self._data(rule, d, "cleared", value), episode_jobs=d.jobs)))
+                priority="normal", data=self._data(rule, d, AlarmState.CLEARED, value), episode_jobs=d.jobs)))
 
     # ------------------------------------------------------------------ timers
     def on_timers(self, batch: Batch) -> None:
@@ -379,14 +380,14 @@ class Engine:
                 self._schedule(rk, actual)
                 continue
             d = self._edit(batch, rk)
-            if d.state == "pending":
+            if d.state == AlarmState.PENDING:
                 self._fire(batch, rule, d)
-            elif d.state == "firing":
+            elif d.state == AlarmState.FIRING:
                 self._escalate(batch, rule, d)
             else:  # a stale watch ran out
                 stale_at = d.last_seen + rule.stale_s  # type: ignore[operator]
                 d.value = d.last_value
-                self._changed(batch, d, "pending")
+                self._changed(batch, d, AlarmState.PENDING)
                 d.since = stale_at
                 d.due_at = stale_at + rule.for_s
                 if d.due_at <= now:
@@ -395,7 +396,7 @@ class Engine:
     def _fire(self, batch: Batch, rule: CompiledRule, d: AlarmRow) -> None:
         now = batch.now
         d.value = d.last_value
-        self._changed(batch, d, "firing")
+        self._changed(batch, d, AlarmState.FIRING)
         d.fired_at = now
         d.episode += 1
         d.jobs = []
@@ -413,7 +414,7 @@ class Engine:
     def _escalate(self, batch: Batch, rule: CompiledRule, d: AlarmRow) -> None:
         """Every step whose time has come (several at once after a long outage)."""
         now = batch.now
-        while d.state == "firing" and d.due_at is not None and d.due_at <= now \
+        while d.state == AlarmState.FIRING and d.due_at is not None and d.due_at <= now \
                 and d.escalation_step < len(rule.escalate):
             step = rule.escalate[d.escalation_step]
             ctx = self._context(rule, d)
@@ -436,16 +437,16 @@ class Engine:
         """``acknowledged``, ``already`` (no change), ``not_firing``, ``unknown`` or ``superseded``."""
         rk = (rule, key)
         row = self._row(batch, rk)
-        if row is None or rule not in self.rules or row.state == "idle":
+        if row is None or rule not in self.rules or row.state == AlarmState.IDLE:
             return "unknown"
         if episode is not None and episode != row.episode:
             return "superseded"  # an answer to an earlier firing
-        if row.state == "acknowledged":
+        if row.state == AlarmState.ACKNOWLEDGED:
             return "already"
-        if row.state != "firing":
+        if row.state != AlarmState.FIRING:
             return "not_firing"
         d = self._edit(batch, rk)
-        self._changed(batch, d, "acknowledged")
+        self._changed(batch, d, AlarmState.ACKNOWLEDGED)
         d.acknowledged_by = by
         d.note = note
         d.due_at = None
@@ -454,7 +455,7 @@ class Engine:
     # ------------------------------------------------------------------ removal
     def take_prunable(self, older_than: float) -> list[AlarmRow]:
         """Cleared alarms last changed before ``older_than`` leave the engine."""
-        out = [r for r in self.rows.values() if r.state == "cleared" and r.updated_at < older_than
+        out = [r for r in self.rows.values() if r.state == AlarmState.CLEARED and r.updated_at < older_than
                and self.rules.get(r.rule) is not None and self.rules[r.rule].kind != "stale"]
         for r in out:
             del self.rows[r.rk]

@@ -33,6 +33,7 @@ from gateway.alarms.rules import compile_rule, key_from_level, key_level
 from gateway.config import Config
 from gateway.mqtt import GatewayClient, NotConnected
 from gateway.pipeline.models import MAX_ACK_BYTES, InputError, decode_json_object
+from gateway.states import ACTIVE_ALARM_STATES, ALARM_STATES, AlarmState
 from gateway.storage import Database, NotStored
 from gateway.topics import Topics
 
@@ -236,14 +237,14 @@ class AlarmService:
         now = clock.now()
         downtime = max(0.0, now - alive_at) if alive_at is not None else 0.0
         for row in self.engine.load(rows, stats, now, downtime):
-            if row.state == "idle":
+            if row.state == AlarmState.IDLE:
                 self._pending.deletable.append(row.rk)
             else:
                 self._pending.removed[row.rk] = self.state_topic(*row.rk)
         if self._pending.removed or self._pending.deletable:
             log.warning("alarms of rules no longer configured are dropped",
                         rules=sorted({rk[0] for rk in [*self._pending.removed, *self._pending.deletable]}))
-        active = sum(1 for r in self.engine.rows.values() if r.state in ("pending", "firing", "acknowledged"))
+        active = sum(1 for r in self.engine.rows.values() if r.state in ACTIVE_ALARM_STATES)
         log.info("alarms running", rules=[r.name for r in self.rules], active=active,
                  downtime_s=round(downtime, 1) if self._has_stale else None)
         self._publish_wake.set()
@@ -343,10 +344,10 @@ class AlarmService:
             engine.merge(batch)
             self.jobs_submitted += len(submitted)
             for rk, draft in batch.drafts.items():
-                if before.get(rk) != draft.state and draft.state != "idle":
+                if before.get(rk) != draft.state and draft.state != AlarmState.IDLE:
                     log.info(f"alarm {draft.state}", rule=rk[0], key=rk[1], value=draft.value,
                              escalation_step=draft.escalation_step, jobs=draft.jobs)
-                elif before.get(rk) == draft.state == "firing":
+                elif before.get(rk) == draft.state == AlarmState.FIRING:
                     log.info("alarm escalated", rule=rk[0], key=rk[1], escalation_step=draft.escalation_step,
                              jobs=draft.jobs)
             if submitted:
@@ -446,7 +447,7 @@ class AlarmService:
 
     # ------------------------------------------------------------------ introspection
     def metrics(self) -> dict[str, Any]:
-        by_state = {s: 0 for s in store.STATES}
+        by_state = {s.value: 0 for s in ALARM_STATES}
         for row in self.engine.rows.values():
             if row.state in by_state:
                 by_state[row.state] += 1

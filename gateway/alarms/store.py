@@ -6,7 +6,7 @@ the engine (the CLI, and ``opened`` acks on an alarm's deliveries); ``alarm_stat
 ``alarm_meta`` keep per-rule counters and the gateway's last sign of life.
 
 **Opened acks.** The trigger ``alarm_opened_ack`` runs inside the pipeline's own ack
-transaction (``store.apply_acks``, MQTT and HTTP acks alike): an ``opened`` ack on a
+transaction (``gateway.pipeline.acks.apply_acks``, MQTT and HTTP acks alike): an ``opened`` ack on a
 delivery of an alarm's job adds an inbox row in the same commit as the ack itself. So the
 pipeline needs no knowledge of alarms, and an ack that was acknowledged to the device is
 never lost to the alarm. The engine (the only writer of ``alarms``) applies and deletes
@@ -28,11 +28,11 @@ from gateway.alarms.jobs import build_job, job_id_for
 from gateway.pipeline import deliveries as pipeline_deliveries
 from gateway.pipeline import jobs as pipeline_jobs
 from gateway.pipeline import registry as pipeline_registry
-from gateway.pipeline import store as pipeline_store
+from gateway.pipeline import jobs as pipeline_jobs
 from gateway.pipeline.models import InputError
+from gateway.states import ALARM_STATES, AlarmState
 from gateway.storage import run_script
 
-STATES = ("pending", "firing", "acknowledged", "cleared")
 MAX_NOTIFIED_DEVICES = 100_000
 
 DDL = """
@@ -150,7 +150,7 @@ def _loads(text: str | None) -> Any:
 
 def row_from_db(r: sqlite3.Row) -> AlarmRow:
     return AlarmRow(
-        rule=r["rule"], key=r["akey"], state=r["state"], topic=r["topic"], value=_loads(r["value"]),
+        rule=r["rule"], key=r["akey"], state=AlarmState(r["state"]), topic=r["topic"], value=_loads(r["value"]),
         last_value=_loads(r["last_value"]), since=r["since"], fired_at=r["fired_at"],
         acknowledged_by=r["acknowledged_by"], note=r["note"], escalation_step=r["escalation_step"],
         episode=r["episode"], seq=r["seq"], jobs=json.loads(r["jobs"]), due_at=r["due_at"], last_seen=r["last_seen"],
@@ -228,10 +228,10 @@ def commit(conn: sqlite3.Connection, batch: Batch) -> list[str]:
                 parsed = build_job(job_id, plan, target)
             except InputError:
                 # Cannot happen for a checked rule; never let one alarm stop the others.
-                pipeline_store.bump(conn, "alarm_jobs_invalid")
+                pipeline_jobs.bump(conn, "alarm_jobs_invalid")
                 job_id = ""
                 break
-            if pipeline_store.insert_job(conn, parsed, "alarm", batch.now):
+            if pipeline_jobs.insert_job(conn, parsed, "alarm", batch.now):
                 break
         if not job_id:
             continue
@@ -243,6 +243,14 @@ def commit(conn: sqlite3.Connection, batch: Batch) -> list[str]:
     if batch.inbox_ids:
         conn.executemany("DELETE FROM alarm_inbox WHERE id = ?", [(i,) for i in batch.inbox_ids])
     return submitted
+
+
+def rules_of_jobs(conn: sqlite3.Connection, job_ids: list[str]) -> dict[str, str]:
+    """job_id → the rule that submitted it, for those of ``job_ids`` that are alarm jobs
+    (the pipeline asks: a person may have muted the rule)."""
+    rows = conn.execute("SELECT job_id, rule FROM alarm_jobs WHERE job_id IN (SELECT value FROM json_each(?))",
+                        (json.dumps(job_ids),))
+    return {r[0]: r[1] for r in rows}
 
 
 def read_inbox(conn: sqlite3.Connection, limit: int = 500) -> list[sqlite3.Row]:
@@ -300,7 +308,7 @@ def counts(conn: sqlite3.Connection) -> dict[str, int]:
     """Alarms per state plus the per-rule counters summed, for ``status`` and ``/metrics``:
     ``{"pending", "firing", "acknowledged", "cleared", "evaluated", "unparseable"}``.
     Works on a database the alarm service never ran on (all zero)."""
-    out = {s: 0 for s in STATES} | {"evaluated": 0, "unparseable": 0}
+    out = {s.value: 0 for s in ALARM_STATES} | {"evaluated": 0, "unparseable": 0}
     if not has_tables(conn):
         return out
     for r in conn.execute("SELECT state, COUNT(*) FROM alarms WHERE state != 'idle' GROUP BY state"):
@@ -316,6 +324,32 @@ def rule_stats(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
         return {}
     return {r["rule"]: {"evaluated": r["evaluated"], "unparseable": r["unparseable"]}
             for r in conn.execute("SELECT * FROM alarm_stats ORDER BY rule")}
+
+
+# ------------------------------------------------------------------ readers (the operator page)
+def digest(conn: sqlite3.Connection) -> tuple[Any, ...]:
+    """Changes whenever an alarm changes state or escalates (what a view must refetch on);
+    empty without the alarm tables."""
+    if not has_tables(conn):
+        return ()
+    return tuple(conn.execute("SELECT state, COUNT(*), MAX(updated_at), SUM(version) FROM alarms "
+                              "WHERE state != 'idle' GROUP BY state ORDER BY state").fetchall())
+
+
+def rows_in_state(conn: sqlite3.Connection, state: str, after: tuple[str, str], limit: int) -> list[sqlite3.Row]:
+    """Up to ``limit`` stored rows in ``state`` by (rule, key) after ``after`` (index
+    ``alarms_by_state``); empty without the alarm tables."""
+    if not has_tables(conn):
+        return []
+    return conn.execute("SELECT * FROM alarms WHERE state = ? AND (rule, akey) > (?, ?) "
+                        "ORDER BY rule, akey LIMIT ?", (state, after[0], after[1], limit)).fetchall()
+
+
+def stored_row(conn: sqlite3.Connection, rule: str, key: str) -> sqlite3.Row | None:
+    """One stored row as it is (``idle`` included), or None."""
+    if not has_tables(conn):
+        return None
+    return conn.execute("SELECT * FROM alarms WHERE rule = ? AND akey = ?", (rule, key)).fetchone()
 
 
 def request_ack(conn: sqlite3.Connection, rule: str, key: str, by: str, note: str | None, now: float) -> None:

@@ -22,6 +22,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from bridges.registry import app_names
 from gateway.config import Config
 from gateway.ids import NOT_DOTS, is_id
 from gateway.http.acks import AckSigner
@@ -33,7 +34,8 @@ from gateway.http.pulse import Pulse
 from gateway.http.reader import Reader
 from gateway.http.streams import StreamSlots
 from gateway.metrics import Metrics
-from gateway.pipeline import deliveries, registry, store
+from gateway.pipeline import acks, deliveries, registry
+from gateway.pipeline import jobs as pipeline_jobs
 from gateway.pipeline.models import (
     DEVICE_ID_RE,
     JOB_ID_RE,
@@ -100,7 +102,7 @@ class JobIntake(Protocol):
 
     async def register_device(self, device_id: str, payload: bytes, source: str) -> bool: ...
 
-    async def ack(self, device_id: str, payload: bytes, source: str, via: AckVia) -> store.AckResult | None: ...
+    async def ack(self, device_id: str, payload: bytes, source: str, via: AckVia) -> acks.AckResult | None: ...
 
 
 class HealthView(Protocol):
@@ -281,7 +283,7 @@ class Api:
             if problem is not None:
                 raise ApiError.from_input(problem)
             raise ApiError(503, "not_stored", "the job was not stored; try again", {"Retry-After": "5"})
-        status = await self._db(lambda conn: store.job_status(conn, accepted))
+        status = await self._db(lambda conn: pipeline_jobs.job_status(conn, accepted))
         if status is None:
             raise ApiError(503, "not_stored", "the job could not be read back; try again")
         return status
@@ -289,7 +291,7 @@ class Api:
     async def list_jobs(self, request: web.Request) -> web.Response:
         await self._reader(request)
         limit = _int_param(request, "limit", DEFAULT_LIST, 1, MAX_LIST)
-        return json_response(await self._db(lambda conn: store.list_jobs(conn, limit)))
+        return json_response(await self._db(lambda conn: pipeline_jobs.list_jobs(conn, limit)))
 
     async def get_job(self, request: web.Request) -> web.Response:
         await self._reader(request)
@@ -304,7 +306,7 @@ class Api:
     async def _job(self, job_id: str) -> dict[str, Any]:
         if not is_id(JOB_ID_RE, job_id):
             raise ApiError(404, "not_found", f"job_id: {job_id!r} is not a job id")
-        status = await self._db(lambda conn: store.job_status(conn, job_id))
+        status = await self._db(lambda conn: pipeline_jobs.job_status(conn, job_id))
         if status is None:
             raise ApiError(404, "not_found", f"no job {job_id!r}")
         return status
@@ -336,7 +338,7 @@ class Api:
                 await resp.write(b": keepalive\n\n")
                 last_write = time.monotonic()
             try:
-                fresh = await self.svc.reader.run(lambda conn: store.job_status(conn, job_id))
+                fresh = await self.svc.reader.run(lambda conn: pipeline_jobs.job_status(conn, job_id))
             except STORAGE_ERRORS:
                 continue  # a transient database error: keep the stream, try again
             if fresh is None:
@@ -360,24 +362,24 @@ class Api:
         principal = await self._device_principal(request, device_id)
         payload = await read_body(request, MAX_DEVICE_BYTES, "device")
         try:
-            parse_device(payload, device_id)
+            parse_device(payload, device_id, app_names(self.svc.cfg))
         except InputError as err:
             raise ApiError.from_input(err) from None
         pipeline = await self._ready()
-        existed = await self._db(lambda conn: store.get_device(conn, device_id) is not None)
+        existed = await self._db(lambda conn: registry.get_device(conn, device_id) is not None)
         try:
             stored = await pipeline.register_device(device_id, payload, f"http:{principal.name}")
         except STORAGE_ERRORS as exc:
             raise _not_stored(exc) from None
         if not stored:
             raise ApiError(503, "not_stored", "the device was not stored; try again")
-        device = await self._db(lambda conn: store.get_device(conn, device_id))
+        device = await self._db(lambda conn: registry.get_device(conn, device_id))
         return json_response(device, status=200 if existed else 201)
 
     async def get_device(self, request: web.Request) -> web.Response:
         device_id = request.match_info["device_id"]
         await self._device_principal(request, device_id)
-        device = await self._db(lambda conn: store.get_device(conn, device_id))
+        device = await self._db(lambda conn: registry.get_device(conn, device_id))
         if device is None:
             raise ApiError(404, "not_found", f"no device {device_id!r}")
         device["presence"] = device_presence(self._presence(), device_id)

@@ -47,7 +47,7 @@ from gateway.pipeline.models import (
     decode_json_object,
     parse_job,
 )
-from gateway.states import JobState
+from gateway.states import AlarmState, JobState
 from gateway.storage import STORAGE_ERRORS
 from gateway.timeutil import parse_iso
 
@@ -350,7 +350,7 @@ class OperatorPage:
 
     async def alarms(self, request: web.Request) -> web.Response:
         await self._viewer(request)
-        state = request.query.get("state", "firing")
+        state = request.query.get("state", AlarmState.FIRING)
         if state not in q.ALARM_STATES:
             raise ApiError(400, "bad_request", f"state: one of {', '.join(q.ALARM_STATES)}")
         after = None

@@ -134,15 +134,10 @@ class PeopleGate:
     # ------------------------------------------------------------ the registry in memory
     @staticmethod
     def fingerprint(conn: sqlite3.Connection) -> tuple[Any, ...]:
-        """Changes whenever a person is added, changed or removed (small tables, indexed)."""
-        try:
-            row = conn.execute("SELECT COUNT(*), MAX(updated_at), (SELECT COUNT(*) FROM person_devices) "
-                               "FROM persons").fetchone()
-        except sqlite3.OperationalError as exc:
-            if "no such table" in str(exc):
-                return ()
-            raise
-        return tuple(row)
+        """Changes whenever a person is added, changed or removed (the registry's own)."""
+        from gateway.people import store as people_store
+
+        return people_store.fingerprint(conn)
 
     def load(self, conn: sqlite3.Connection, fingerprint: tuple[Any, ...]) -> Snapshot:
         """Every person's policy (database thread). A person whose stored body no longer
@@ -152,7 +147,7 @@ class PeopleGate:
 
         persons: dict[str, Policy] = {}
         if fingerprint:
-            for row in conn.execute("SELECT person_id, body FROM persons"):
+            for row in people_store.raw_rows(conn):
                 try:
                     person = people_store.person_of_row(row)
                     persons[row[0]] = Policy.of(person, self.default_windows, self.reach_after_s)
@@ -161,8 +156,7 @@ class PeopleGate:
                                 error=str(exc))
         by_device: dict[str, list[str]] = {}
         if fingerprint:
-            for device_id, person_id in conn.execute("SELECT device_id, person_id FROM person_devices "
-                                                     "ORDER BY device_id, person_id"):
+            for device_id, person_id in people_store.device_index(conn):
                 if person_id in persons:
                     by_device.setdefault(device_id, []).append(person_id)
         return Snapshot(persons, {d: tuple(p) for d, p in by_device.items()}, fingerprint)
@@ -237,18 +231,13 @@ def job_facts(notification: Mapping[str, Any], target: Any, rule: str | None) ->
 
 def alarm_rules(conn: sqlite3.Connection, job_ids: Iterable[str]) -> dict[str, str]:
     """job_id → the alarm rule that submitted it, for those of ``job_ids`` that are alarm
-    jobs (``alarm_jobs`` is the alarms package's; read only here)."""
+    jobs (asked of the alarms package, which owns ``alarm_jobs``)."""
     ids = list(job_ids)
     if not ids:
         return {}
-    try:
-        rows = conn.execute("SELECT job_id, rule FROM alarm_jobs WHERE job_id IN (SELECT value FROM json_each(?))",
-                            (json.dumps(ids),))
-        return {r[0]: r[1] for r in rows}
-    except sqlite3.OperationalError as exc:
-        if "no such table" in str(exc):
-            return {}
-        raise
+    from gateway.alarms import store as alarms_store  # the alarms package imports the pipeline's
+
+    return alarms_store.rules_of_jobs(conn, ids)
 
 
 __all__ = ["JobFacts", "PRIORITIES", "PeopleGate", "Policy", "REFRESH_S", "Snapshot", "Verdict", "alarm_rules",

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from devices.models import PLATFORMS
 from gateway import clock
 from gateway import stats
 from gateway.pipeline import jobs, registry
@@ -37,6 +36,8 @@ from gateway.timeutil import iso
 
 QUIET_HOLD = "quiet hours until "  # gateway.people.quiet.HOLD_PREFIX: a person's quiet hours hold it
 
+# Bound once: an enum member read through its class costs ~4x a name on the per-row paths.
+_IS_QUEUED, _IS_SENT, _IS_ACKED = DeliveryState.QUEUED, DeliveryState.SENT, DeliveryState.ACKNOWLEDGED
 FINAL_DELIVERY_STATES = frozenset(state.value for state in DeliveryState if state is not DeliveryState.QUEUED
                                   and state is not DeliveryState.SENT)
 
@@ -58,6 +59,7 @@ class Result:
     route: str | None = None  # queued: the bridge of the next attempt (None: unchanged)
     resend_at: float | None = None  # sent: when to send it again if still unacked (None: never)
     resend: bool = False  # the delivery was already sent; it stays sent whatever this attempt gave
+    until_ack: bool = False  # a resend's error is a note an ack makes untrue ("no ack after N sends")
     # sent: when the send was handed to the bridge; the ack latency is counted from it.
     # None: the time the result is recorded (tools and tests that write results by hand).
     sent_at: float | None = None
@@ -75,11 +77,12 @@ FirstAck = tuple[str, float, float, "Result | None"]
 
 
 _SENT = ("UPDATE deliveries SET state = 'sent', platform = ?, route = ?, attempts = ?, sent_at = ?, resend_at = ?, "
-         "last_error = NULL WHERE message_id = ? AND state = 'queued'")
+         "last_error = NULL, error_until_ack = 0 WHERE message_id = ? AND state = 'queued'")
 _SENT_AFTER_ACK = ("UPDATE deliveries SET platform = ?, route = ?, attempts = MAX(attempts, ?), "
                    "sent_at = COALESCE(sent_at, ?) WHERE message_id = ? AND state = 'acknowledged'")
 _RESENT = ("UPDATE deliveries SET attempts = MAX(attempts, ?), resend_at = CASE WHEN state = 'sent' THEN ? END, "
-           "last_error = CASE WHEN state = 'sent' THEN ? ELSE last_error END WHERE message_id = ?")
+           "last_error = CASE WHEN state = 'sent' THEN ? ELSE last_error END, "
+           "error_until_ack = CASE WHEN state = 'sent' THEN ? ELSE error_until_ack END WHERE message_id = ?")
 _REQUEUED = ("UPDATE deliveries SET platform = COALESCE(?, platform), route = COALESCE(?, route), attempts = ?, "
              "next_at = ?, last_error = ?, moved = COALESCE(?, moved) WHERE message_id = ? AND state = 'queued'")
 _FINISHED = ("UPDATE deliveries SET state = ?, platform = COALESCE(?, platform), attempts = ?, last_error = ? "
@@ -90,13 +93,14 @@ _FINISHED = ("UPDATE deliveries SET state = ?, platform = COALESCE(?, platform),
 # parses a row's JSON again for every ->> (3.40 keeps no parse), and a fan-out has 100,000
 # of them. Floats keep their value through the JSON text (Python writes the shortest text
 # that reads back to the same double).
-# The resends' "no ack after N sends" note is no longer true once the ack is in.
+# A note that only held until an ack (``error_until_ack``: the resends' "no ack after N
+# sends") is no longer true once the ack is in; any other error stays.
 _ACKNOWLEDGED = ("UPDATE deliveries SET state = 'acknowledged', acked_at = j.value->>1, latency_ms = j.value->>2, "
-                 "resend_at = NULL, last_error = CASE WHEN last_error LIKE 'no ack after %' THEN NULL "
-                 "ELSE last_error END FROM json_each(?) AS j WHERE deliveries.message_id = j.value->>0")
+                 "resend_at = NULL, last_error = CASE WHEN error_until_ack THEN NULL ELSE last_error END, "
+                 "error_until_ack = 0 FROM json_each(?) AS j WHERE deliveries.message_id = j.value->>0")
 _ACKNOWLEDGED_WITH_SEND = (
     "UPDATE deliveries SET state = 'acknowledged', acked_at = j.value->>1, latency_ms = j.value->>2, "
-    "resend_at = NULL, last_error = NULL, platform = j.value->>3, route = j.value->>3, attempts = j.value->>4, "
+    "resend_at = NULL, last_error = NULL, error_until_ack = 0, platform = j.value->>3, route = j.value->>3, attempts = j.value->>4, "
     "sent_at = j.value->>5 FROM json_each(?) AS j WHERE deliveries.message_id = j.value->>0")
 
 
@@ -290,28 +294,28 @@ class DeliveryWriter:
                 registry.mark_invalid(conn, r.device_id, r.invalid_key, r.error or "invalid address", now)
             if r.resend:
                 # The attempt counts even if the device's ack (to this very resend) came first.
-                sql, params = _RESENT, (r.attempts, r.resend_at, r.error, r.message_id)
+                sql, params = _RESENT, (r.attempts, r.resend_at, r.error, 1 if r.until_ack else 0, r.message_id)
             else:
                 row = rows.get(r.message_id)
                 if row is None:
                     continue  # pruned meanwhile: nothing to update
                 state = row[2]
-                if r.state == "sent":
+                if r.state == _IS_SENT:
                     sent_at = r.sent_at or now
-                    if state == "queued":
+                    if state == _IS_QUEUED:
                         sql, params = _SENT, (r.platform, r.platform, r.attempts, sent_at, r.resend_at, r.message_id)
                         move(row, "sent", r.platform, r.platform)
                         row[5] = sent_at
-                    elif state == "acknowledged":  # acked before this result was recorded: keep what the send was
+                    elif state == _IS_ACKED:  # acked before this result was recorded: keep what the send was
                         sql, params = _SENT_AFTER_ACK, (r.platform, r.platform, r.attempts, sent_at, r.message_id)
                         move(row, "acknowledged", r.platform, r.platform)
                         if row[5] is None:
                             row[5] = sent_at
                     else:
                         continue
-                elif state != "queued":
+                elif state != _IS_QUEUED:
                     continue
-                elif r.state == "queued":  # tried again later, maybe on another bridge
+                elif r.state == _IS_QUEUED:  # tried again later, maybe on another bridge
                     sql, params = _REQUEUED, (r.platform, r.route, r.attempts, r.next_at, r.error, r.moved,
                                               r.message_id)
                     move(row, "queued", r.route if r.route is not None else row[3],
@@ -540,15 +544,19 @@ def due_deliveries(conn: sqlite3.Connection, now: float, limit: int) -> list[Due
                                   "ORDER BY d.next_at LIMIT ?", (now, limit)))
 
 
+# A stored channel's bridge in SQL, as devices.models.raw_bridge_key: "fcm", or "fcm:<app>".
+_CHANNEL_BRIDGE = "(c.value->>'platform' || COALESCE(':' || (c.value->>'app'), ''))"
+
+
 def movable_for_route(conn: sqlite3.Connection, route: str, now: float, usable: Iterable[str], limit: int,
                       skip: frozenset[str] | set[str] = frozenset(), channels: ChannelCache | None = None,
                       ) -> list[DueDelivery]:
     """Due queued deliveries of a down bridge whose device has a channel on one of the
-    ``usable`` platforms (the only ones that can move: the rest wait for the bridge)."""
+    ``usable`` bridges (the only ones that can move: the rest wait for the bridge)."""
     rows = conn.execute(_DUE_COLUMNS + "WHERE d.state = 'queued' AND d.route = ? AND d.next_at <= ? "
                         "AND d.message_id NOT IN (SELECT value FROM json_each(?)) "
                         "AND EXISTS (SELECT 1 FROM json_each(v.channels) c "
-                        "WHERE c.value->>'platform' IN (SELECT value FROM json_each(?))) LIMIT ?",
+                        f"WHERE {_CHANNEL_BRIDGE} IN (SELECT value FROM json_each(?))) LIMIT ?",
                         (route, now, json.dumps(list(skip)), json.dumps(list(usable)), limit))
     return _due_rows(rows, channels=channels)
 
@@ -579,10 +587,15 @@ def unrouted_due(conn: sqlite3.Connection, now: float, routable: Iterable[str], 
     enabled = set(routable)
     out = _due_rows(conn.execute(_DUE_COLUMNS + "WHERE d.state = 'queued' AND d.route IS NULL AND d.next_at <= ? "
                                  "LIMIT ?", (now, limit)), channels=channels)
-    for platform in PLATFORMS:
-        if platform not in enabled and len(out) < limit:
+    # The routes of queued rows, walked on the index one route to the next (as next_due_at):
+    # a platform, or an app of one, that is no longer in the config.
+    route = conn.execute("SELECT MIN(route) FROM deliveries WHERE state = 'queued' AND route IS NOT NULL").fetchone()[0]
+    while route is not None and len(out) < limit:
+        if route not in enabled:
             out += _due_rows(conn.execute(_DUE_COLUMNS + "WHERE d.state = 'queued' AND d.route = ? AND d.next_at <= ? "
-                                          "LIMIT ?", (platform, now, limit - len(out))), channels=channels)
+                                          "LIMIT ?", (route, now, limit - len(out))), channels=channels)
+        route = conn.execute("SELECT MIN(route) FROM deliveries WHERE state = 'queued' AND route > ?",
+                             (route,)).fetchone()[0]
     return out
 
 
@@ -666,7 +679,7 @@ def wait_reason(state: str, next_at: float | None, last_error: str | None, moved
     """Why a queued delivery waits (contract §8), from what its row holds: a bridge that
     is unhealthy, a retry's backoff, a move to the device's next channel, or (``step``: a
     person's delivery not tried yet) the person's earlier device's turn."""
-    if state != "queued":
+    if state != _IS_QUEUED:
         return None
     if last_error and last_error.startswith(QUIET_HOLD):
         return last_error  # "quiet hours until 2026-12-08 06:00 CET (Europe/Berlin)"
@@ -688,6 +701,105 @@ def _chunks(items: list[Any], n: int = 500) -> Iterator[list[Any]]:
         yield items[i:i + n]
 
 
-__all__ = ["DeliveryWriter", "DueDelivery", "FINAL_DELIVERY_STATES", "FirstAck", "Result", "delivery_rows",
+
+# ------------------------------------------------------------------ reads for other packages
+# The operator page's views of deliveries (read-only connections, pages on indexes).
+def acked_latency(conn: sqlite3.Connection, job_id: str) -> tuple[int, float | None, float | None]:
+    """(count, mean, max) of the ack latency of a job's acknowledged deliveries, ms."""
+    row = conn.execute("SELECT COUNT(latency_ms), AVG(latency_ms), MAX(latency_ms) FROM deliveries "
+                       "WHERE job_id = ? AND state = 'acknowledged'", (job_id,)).fetchone()
+    return int(row[0] or 0), row[1], row[2]
+
+
+def acked_latencies(conn: sqlite3.Connection, job_id: str) -> list[float]:
+    """Every ack latency of a job's acknowledged deliveries, ms, ascending."""
+    values = [r[0] for r in conn.execute("SELECT latency_ms FROM deliveries WHERE job_id = ? AND "
+                                         "state = 'acknowledged' AND latency_ms IS NOT NULL", (job_id,))]
+    values.sort()
+    return values
+
+
+def acked_latency_histogram(conn: sqlite3.Connection, job_id: str, bounds: Iterable[float]) -> dict[int, int]:
+    """bucket index → how many of a job's ack latencies fall in it (``latency <= bounds[i]``;
+    ``len(bounds)`` above the last), in one pass without sorting."""
+    bounds = list(bounds)
+    case = ("CASE " + " ".join(f"WHEN latency_ms <= {b!r} THEN {i}" for i, b in enumerate(bounds))
+            + f" ELSE {len(bounds)} END")
+    return {int(b): int(n) for b, n in conn.execute(
+        f"SELECT {case} AS b, COUNT(*) FROM deliveries WHERE job_id = ? AND state = 'acknowledged' "
+        "AND latency_ms IS NOT NULL GROUP BY b", (job_id,))}
+
+
+def job_deliveries_after(conn: sqlite3.Connection, job_id: str, after: str, limit: int,
+                         states: tuple[str, ...] = ()) -> list[sqlite3.Row]:
+    """Up to ``limit`` of a job's deliveries by device_id after ``after`` (the ``UNIQUE
+    (job_id, device_id)`` index), optionally only some states."""
+    where = "job_id = ? AND device_id > ?"
+    args: list[Any] = [job_id, after]
+    if states:
+        where += f" AND state IN ({','.join('?' * len(states))})"
+        args += list(states)
+    return conn.execute("SELECT message_id, device_id, state, platform, attempts, last_error, latency_ms, sent_at, "
+                        f"acked_at, moved, next_at FROM deliveries WHERE {where} ORDER BY device_id LIMIT ?",
+                        (*args, limit)).fetchall()
+
+
+def last_acked_at(conn: sqlite3.Connection, device_ids: list[str]) -> dict[str, float]:
+    """device_id → when its latest acknowledged delivery was acked (index deliveries_by_device)."""
+    if not device_ids:
+        return {}
+    marks = ",".join("?" * len(device_ids))
+    return {r[0]: r[1] for r in conn.execute(
+        f"SELECT device_id, MAX(acked_at) FROM deliveries WHERE device_id IN ({marks}) AND acked_at IS NOT NULL "
+        "GROUP BY device_id", device_ids)}
+
+
+def recent_of_device(conn: sqlite3.Connection, device_id: str, limit: int) -> list[sqlite3.Row]:
+    """A device's latest deliveries, newest job first, with their job's ``created_at``."""
+    return conn.execute("SELECT d.job_id, d.state, d.platform, d.attempts, d.last_error, d.latency_ms, j.created_at "
+                        "FROM deliveries d JOIN jobs j ON j.job_id = d.job_id WHERE d.device_id = ? "
+                        "ORDER BY j.created_at DESC LIMIT ?", (device_id, limit)).fetchall()
+
+
+def oldest_queued(conn: sqlite3.Connection, now: float | None = None) -> dict[str, float]:
+    """platform → age (s) of the oldest queued delivery, counted from its job's creation.
+
+    Only jobs with queued deliveries are visited (their count is kept on the job row), and
+    each platform's oldest is found from the oldest job down, one probe of the partial
+    index of queued rows each; the platforms with queued rows come from the aggregates.
+    """
+    now = clock.now() if now is None else now
+    platforms = [p for (p, s), n in stats.delivery_counts(conn).items() if s == "queued" and n > 0]
+    if not platforms:
+        return {}
+    out: dict[str, float] = {}
+    for job_id, created_at in jobs.with_queued_oldest_first(conn):
+        for platform in platforms:
+            if platform in out:
+                continue
+            hit = conn.execute(f"SELECT 1 FROM deliveries WHERE job_id = ? AND state = 'queued' "
+                               f"AND {stats.PLATFORM_KEY} = ? LIMIT 1", (job_id, platform)).fetchone()
+            if hit is not None:
+                out[platform] = max(0.0, now - created_at)
+        if len(out) == len(platforms):
+            break
+    return out
+
+
+def apply_results(conn: sqlite3.Connection, results: list[Result], now: float) -> None:
+    """The dispatcher's results of one batch (:meth:`DeliveryWriter.record`)."""
+    with DeliveryWriter(conn, now) as writer:
+        writer.record(results)
+
+
+def shift_deadlines(conn: sqlite3.Connection, delta: float) -> int:
+    """Move the deliveries' due and resend times by ``delta`` s (gateway.clock re-anchored;
+    :meth:`DeliveryWriter.shift_deadlines`). Times of what already happened (sent_at,
+    acked_at) are not moved."""
+    with DeliveryWriter(conn, clock.now()) as writer:
+        return writer.shift_deadlines(delta)
+
+__all__ = ["DeliveryWriter", "apply_results", "shift_deadlines", "acked_latencies", "acked_latency", "acked_latency_histogram", "job_deliveries_after",
+           "last_acked_at", "oldest_queued", "recent_of_device", "DueDelivery", "FINAL_DELIVERY_STATES", "FirstAck", "Result", "delivery_rows",
            "device_of", "devices_of_job", "due_deliveries", "due_for_route", "movable_for_route", "unexplained_for_route", "wait_reason", "expand_page", "expiring", "new_message_id", "new_message_ids",
            "next_due_at", "next_due_for_route", "of_job", "unrouted_due"]

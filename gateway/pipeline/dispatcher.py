@@ -27,8 +27,10 @@ import structlog
 
 from gateway import clock
 from bridges.base import Bridge, Delivery, Notification, Outcome, OutcomeKind
+from devices.models import split_bridge_key
 from gateway.config import DispatchSection
-from gateway.pipeline import store
+from gateway.pipeline import jobs, routing
+from gateway.pipeline import deliveries as pipeline_deliveries
 from gateway.pipeline.backoff import retry_delay
 from gateway.pipeline.recorder import Recorder
 from gateway.people.gate import REFRESH_S as PEOPLE_REFRESH_S
@@ -114,7 +116,7 @@ class Dispatcher:
         self.db = db
         self.slots = {name: BridgeSlot(b, cfg.max_in_flight or b.default_max_in_flight) for name, b in bridges.items()}
         self.recorder = recorder
-        self.channels = store.ChannelCache()  # devices' channel lists decoded once per distinct text
+        self.channels = routing.ChannelCache()  # devices' channel lists decoded once per distinct text
         self.rng = rng or random.Random()
         self.resend = set(resend)  # bridges with resend_unacked
         self.wake = asyncio.Event()
@@ -122,7 +124,7 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         # Results decided in this turn of the event loop, handed to the recorder together
         # (one recorder item and one future for all of them: see _record_soon).
-        self._results: list[store.Result] = []
+        self._results: list[pipeline_deliveries.Result] = []
         self._flush_scheduled = False
         self._jobs: OrderedDict[str, JobInfo] = OrderedDict()
         self._accepting = True
@@ -184,14 +186,14 @@ class Dispatcher:
         return next_change
 
     def _choose(self, channels: Any, invalid: Any, ttl0: bool = False,
-                also_invalid: str | None = None) -> store.Route | tuple[str, str]:
+                also_invalid: str | None = None) -> routing.Route | tuple[str, str]:
         """The delivery's channel: the first usable one on a bridge that is not down (any
         unhealthy bridge for ttl 0, "now or never"); when every usable channel is on such a
         bridge, that bridge's (the delivery waits for it, as without fallback)."""
         usable = self._usable_now if ttl0 else self._usable
-        picked = store.choose_channel(channels, invalid, usable, also_invalid)
+        picked = routing.choose_channel(channels, invalid, usable, also_invalid)
         if usable is not self.slots and isinstance(picked, tuple):
-            return store.choose_channel(channels, invalid, self.slots, also_invalid)
+            return routing.choose_channel(channels, invalid, self.slots, also_invalid)
         return picked
 
     def _why_moved(self, frm: str | None, to: str, now: float) -> str | None:
@@ -270,21 +272,21 @@ class Dispatcher:
             assert gate is not None
             gate.checked_at = now
 
-        def scan(conn: Any) -> tuple[dict[str, tuple[list[store.DueDelivery], float | None]],
-                                     list[store.DueDelivery], list[store.DueDelivery], float | None]:
+        def scan(conn: Any) -> tuple[dict[str, tuple[list[pipeline_deliveries.DueDelivery], float | None]],
+                                     list[pipeline_deliveries.DueDelivery], list[pipeline_deliveries.DueDelivery], float | None]:
             fetched = {}
             for name, limit in wants.items():
-                rows = store.due_for_route(conn, name, now, limit, resends=name in resend, skip=skip,
+                rows = pipeline_deliveries.due_for_route(conn, name, now, limit, resends=name in resend, skip=skip,
                                            channels=self.channels)
                 # With sends in flight, their completion wakes us anyway; else look ahead.
                 idle = len(rows) < limit and self.slots[name].in_flight == 0
-                fetched[name] = (rows, store.next_due_for_route(conn, name, now, resends=name in resend)
+                fetched[name] = (rows, pipeline_deliveries.next_due_for_route(conn, name, now, resends=name in resend)
                                  if idle else None)
-            unrouted = store.unrouted_due(conn, now, routable, 200, self.channels) if look_unrouted else []
-            expiring = store.expiring(conn, now, paused, channels=self.channels) if sweep else []
-            next_expiry = store.next_expiry(conn, now) if paused else None
-            movable = [r for name in moving for r in store.movable_for_route(conn, name, now, usable, 200, skip)]
-            silent = [r for name in explaining for r in store.unexplained_for_route(conn, name, now, 500, skip)]
+            unrouted = pipeline_deliveries.unrouted_due(conn, now, routable, 200, self.channels) if look_unrouted else []
+            expiring = pipeline_deliveries.expiring(conn, now, paused, channels=self.channels) if sweep else []
+            next_expiry = jobs.next_expiry(conn, now) if paused else None
+            movable = [r for name in moving for r in pipeline_deliveries.movable_for_route(conn, name, now, usable, 200, skip)]
+            silent = [r for name in explaining for r in pipeline_deliveries.unexplained_for_route(conn, name, now, 500, skip)]
             people = gate.refresh(conn) if look_people and gate is not None else None
             return fetched, unrouted, expiring, next_expiry, movable + silent, people
 
@@ -304,7 +306,7 @@ class Dispatcher:
                 if self._jobs[row.job_id].ttl == 0 and self._move(row, now, ttl0=True):
                     started += 1  # "now or never" goes to the next channel at once
                     continue
-                self._finish_now(store.Result(row.message_id, row.job_id, row.device_id, "expired",
+                self._finish_now(pipeline_deliveries.Result(row.message_id, row.job_id, row.device_id, "expired",
                                               attempts=row.attempts, error=self._expiry_reason(row)))
                 started += 1
         for row in unrouted:
@@ -324,31 +326,31 @@ class Dispatcher:
                 started += self._move(row, now) or self._explain(row, now)
         return started, wake_at
 
-    def _explain(self, row: store.DueDelivery, now: float) -> int:
+    def _explain(self, row: pipeline_deliveries.DueDelivery, now: float) -> int:
         """Say why a delivery waits on an unhealthy bridge (contract §8: a queued delivery
         shows why it waits); its due time and attempts stay as they are."""
         slot = self.slots.get(row.route or "")
         if slot is None or slot.unhealthy_since is None:
             return 0
-        other = store.choose_channel(row.channels, row.invalid, [p for p in self.slots if p != row.route])
+        other = routing.choose_channel(row.channels, row.invalid, [p for p in self.slots if p != row.route])
         later = (f"; moves to the device's next channel {self.cfg.fallback_after_s:.0f} s after it became unhealthy"
-                 if row.route not in self._down and type(other) is store.Route else "; no other channel to move to")
-        self._finish_now(store.Result(row.message_id, row.job_id, row.device_id, "queued", attempts=row.attempts,
+                 if row.route not in self._down and type(other) is routing.Route else "; no other channel to move to")
+        self._finish_now(pipeline_deliveries.Result(row.message_id, row.job_id, row.device_id, "queued", attempts=row.attempts,
                                       next_at=now, error=f"{row.route} unhealthy: {slot.pause_reason}{later}"))
         return 1
 
-    def _move(self, row: store.DueDelivery, now: float, ttl0: bool = False) -> int:
+    def _move(self, row: pipeline_deliveries.DueDelivery, now: float, ttl0: bool = False) -> int:
         """Queue a delivery on its device's next channel, recording why; 0 if it has none."""
         picked = self._choose(row.channels, row.invalid, ttl0=ttl0)
         if isinstance(picked, tuple) or picked.platform == row.route:
             return 0
         job = self._jobs[row.job_id]
-        self._finish_now(store.Result(row.message_id, row.job_id, row.device_id, "queued", attempts=row.attempts,
+        self._finish_now(pipeline_deliveries.Result(row.message_id, row.job_id, row.device_id, "queued", attempts=row.attempts,
                                       next_at=min(now, job.expires_at), route=picked.platform,
                                       moved=self._why_moved(row.route, picked.platform, now)))
         return 1
 
-    def _expiry_reason(self, row: store.DueDelivery) -> str:
+    def _expiry_reason(self, row: pipeline_deliveries.DueDelivery) -> str:
         job = self._jobs[row.job_id]
         if job.ttl == 0:
             return f"ttl 0 (now or never) and {row.route} is paused: {self.slots[row.route].pause_reason}" \
@@ -359,7 +361,7 @@ class Dispatcher:
         missing = [j for j in job_ids if j not in self._jobs]
         if missing:
             def read(conn: Any) -> tuple[dict[str, Any], dict[str, str]]:
-                rows = store.job_rows(conn, missing)
+                rows = jobs.job_rows(conn, missing)
                 alarm_jobs = [j for j, r in rows.items() if r["source"] == "alarm"]
                 return rows, alarm_rules(conn, alarm_jobs) if self.people is not None else {}
 
@@ -378,22 +380,22 @@ class Dispatcher:
             return attempts > 0  # "deliver now or never": one attempt, no retries
         return now >= job.expires_at
 
-    def _route(self, row: store.DueDelivery) -> int:
+    def _route(self, row: pipeline_deliveries.DueDelivery) -> int:
         """A queued delivery without a usable route: give it one (fetched next pass) or finish it."""
         job = self._jobs.get(row.job_id)
         choice = self._choose(row.channels, row.invalid, ttl0=job is not None and job.ttl == 0)
         if isinstance(choice, tuple):
             state, error = choice
-            self._finish_now(store.Result(row.message_id, row.job_id, row.device_id, state,
+            self._finish_now(pipeline_deliveries.Result(row.message_id, row.job_id, row.device_id, state,
                                           attempts=row.attempts, error=error))
         else:
             now = clock.now()
-            self._finish_now(store.Result(row.message_id, row.job_id, row.device_id, "queued", attempts=row.attempts,
+            self._finish_now(pipeline_deliveries.Result(row.message_id, row.job_id, row.device_id, "queued", attempts=row.attempts,
                                           next_at=min(now, job.expires_at) if job else now, route=choice.platform,
                                           moved=self._why_moved(row.route, choice.platform, now)))
         return 1
 
-    def _start(self, row: store.DueDelivery, now: float) -> int:
+    def _start(self, row: pipeline_deliveries.DueDelivery, now: float) -> int:
         job = self._jobs.get(row.job_id)
         if job is None:
             return 0
@@ -403,7 +405,7 @@ class Dispatcher:
         if row.resend or job.ttl == 0 or now >= job.expires_at:
             return self._start_other(row, job, now)
         picked = self._choose(row.channels, row.invalid)
-        if type(picked) is not store.Route or picked.platform != row.route:
+        if type(picked) is not routing.Route or picked.platform != row.route:
             probe = self._probe(row, now)
             if probe is None:
                 return self._start_other(row, job, now)
@@ -415,7 +417,7 @@ class Dispatcher:
         self._spawn(self._send(slot, picked.platform, picked.channel, picked.key, row, job))
         return 1
 
-    def _gated(self, gate: PeopleGate, row: store.DueDelivery, job: JobInfo, now: float) -> bool:
+    def _gated(self, gate: PeopleGate, row: pipeline_deliveries.DueDelivery, job: JobInfo, now: float) -> bool:
         """Apply the person's mutes and quiet hours to a due delivery (contract §12): True
         when it was suppressed or held (its result is on its way to the recorder)."""
         if row.resend and now >= job.expires_at:
@@ -426,58 +428,58 @@ class Dispatcher:
         base = dict(message_id=row.message_id, job_id=row.job_id, device_id=row.device_id)
         if verdict.hold and job.ttl > 0 and now >= job.expires_at:
             # Held until its ttl ended: it expires, saying why it was never sent.
-            self._finish_now(store.Result(**base, state="expired", attempts=row.attempts,
+            self._finish_now(pipeline_deliveries.Result(**base, state="expired", attempts=row.attempts,
                                           error=f"ttl elapsed during {verdict.reason}"))
         elif not verdict.hold:
-            self._finish_now(store.Result(**base, state="suppressed", attempts=row.attempts, error=verdict.reason))
+            self._finish_now(pipeline_deliveries.Result(**base, state="suppressed", attempts=row.attempts, error=verdict.reason))
         elif row.resend:
             # Sent once and unacked: its next resend waits for the end of quiet hours too.
             at = verdict.until if verdict.until < job.expires_at else None
-            self._finish_now(store.Result(**base, state="sent", attempts=row.attempts, resend=True, resend_at=at,
+            self._finish_now(pipeline_deliveries.Result(**base, state="sent", attempts=row.attempts, resend=True, resend_at=at,
                                           error=verdict.reason if at is not None
                                           else f"{verdict.reason}, after the ttl; no more resends"))
         elif job.ttl == 0:
-            self._finish_now(store.Result(**base, state="expired", attempts=row.attempts,
+            self._finish_now(pipeline_deliveries.Result(**base, state="expired", attempts=row.attempts,
                                           error=f"ttl 0 (now or never) and {verdict.reason}"))
         else:
-            self._finish_now(store.Result(**base, state="queued", attempts=row.attempts,
+            self._finish_now(pipeline_deliveries.Result(**base, state="queued", attempts=row.attempts,
                                           next_at=min(verdict.until, job.expires_at), error=verdict.reason))
         return True
 
-    def _probe(self, row: store.DueDelivery, now: float) -> store.Route | None:
+    def _probe(self, row: pipeline_deliveries.DueDelivery, now: float) -> store.Route | None:
         """A down bridge whose pause is over is probed with one of its own deliveries (else,
         with every delivery moved away, nothing would find out that it works again)."""
         slot = self.slots.get(row.route or "")
         if row.route not in self._down or slot is None or slot.paused_until > now:
             return None
-        return store.channel_for(row.channels, row.invalid, row.route or "")
+        return routing.channel_for(row.channels, row.invalid, row.route or "")
 
-    def _start_other(self, row: store.DueDelivery, job: JobInfo, now: float) -> int:
+    def _start_other(self, row: pipeline_deliveries.DueDelivery, job: JobInfo, now: float) -> int:
         """:meth:`_start` for everything but a plain first attempt: resends, expiry, no usable
         channel, a route that changed."""
         base = dict(message_id=row.message_id, job_id=row.job_id, device_id=row.device_id)
         if row.resend:
             if job.ttl == 0 or now >= job.expires_at:
-                self._finish_now(store.Result(**base, state="sent", attempts=row.attempts, resend=True,
+                self._finish_now(pipeline_deliveries.Result(**base, state="sent", attempts=row.attempts, resend=True,
                                               error="ttl ended; no more resends"))
                 return 1
-            found = store.channel_for(row.channels, row.invalid, row.route or "")
+            found = routing.channel_for(row.channels, row.invalid, row.route or "")
             if found is None:
-                self._finish_now(store.Result(**base, state="sent", attempts=row.attempts, resend=True,
+                self._finish_now(pipeline_deliveries.Result(**base, state="sent", attempts=row.attempts, resend=True,
                                               error=f"no usable {row.route} channel left; no more resends"))
                 return 1
-            choice: store.Route = found
+            choice: routing.Route = found
         else:
             if self._expired(job, row.attempts, now):
-                self._finish_now(store.Result(**base, state="expired", attempts=row.attempts,
+                self._finish_now(pipeline_deliveries.Result(**base, state="expired", attempts=row.attempts,
                                               error="ttl elapsed before delivery"))
                 return 1
             picked = self._choose(row.channels, row.invalid, ttl0=job.ttl == 0)
             if isinstance(picked, tuple):
-                self._finish_now(store.Result(**base, state=picked[0], attempts=row.attempts, error=picked[1]))
+                self._finish_now(pipeline_deliveries.Result(**base, state=picked[0], attempts=row.attempts, error=picked[1]))
                 return 1
             if picked.platform != row.route:  # the device, the config or a bridge's health changed
-                self._finish_now(store.Result(**base, state="queued", attempts=row.attempts,
+                self._finish_now(pipeline_deliveries.Result(**base, state="queued", attempts=row.attempts,
                                               next_at=min(now, job.expires_at), route=picked.platform,
                                               moved=self._why_moved(row.route, picked.platform, now)))
                 return 1
@@ -493,11 +495,11 @@ class Dispatcher:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _finish_now(self, result: store.Result) -> None:
+    def _finish_now(self, result: pipeline_deliveries.Result) -> None:
         self._in_flight[result.message_id] = None
         self._record_soon(result)
 
-    def _record_soon(self, result: store.Result) -> None:
+    def _record_soon(self, result: pipeline_deliveries.Result) -> None:
         """Queue a result for the recorder. Every result decided in this turn of the event
         loop goes in one recorder item (one future, one waiting task), instead of a future
         and a coroutine per delivery; the commit is the recorder's batch either way."""
@@ -512,7 +514,7 @@ class Dispatcher:
             results, self._results = self._results, []
             self._spawn(self._record(results))
 
-    async def _record(self, results: list[store.Result]) -> None:
+    async def _record(self, results: list[pipeline_deliveries.Result]) -> None:
         """Commit results; while the database refuses (disk full), keep them and try again
         (the rows stay out of fetching, so they are neither lost nor sent twice meanwhile)."""
         try:
@@ -534,12 +536,12 @@ class Dispatcher:
 
     # ----------------------------------------------------------------- one send
     async def _send(self, slot: BridgeSlot, platform: str, channel: Any, key: str,
-                    row: store.DueDelivery, job: JobInfo) -> None:
+                    row: pipeline_deliveries.DueDelivery, job: JobInfo) -> None:
         attempt = row.attempts + 1
         sent_at = clock.utcnow()
         delivery = Delivery(
             message_id=row.message_id, job_id=row.job_id, device_id=row.device_id, channel=channel,
-            notification=job.notification, options=job.options.get(platform) or {},
+            notification=job.notification, options=job.options.get(split_bridge_key(platform)[0]) or {},
             sent_at=sent_at, expires_at=job.expires_dt, attempt=attempt,
             ack_url=self.ack_url(row.message_id) if self.ack_url is not None else None)
         released = False
@@ -591,8 +593,8 @@ class Dispatcher:
                 slot.unhealthy_since = now
             self._refresh_routes(now)
 
-    def _decide(self, slot: BridgeSlot, platform: str, key: str, row: store.DueDelivery, job: JobInfo,
-                attempt: int, outcome: Outcome, sent_at: float) -> store.Result:
+    def _decide(self, slot: BridgeSlot, platform: str, key: str, row: pipeline_deliveries.DueDelivery, job: JobInfo,
+                attempt: int, outcome: Outcome, sent_at: float) -> pipeline_deliveries.Result:
         now = clock.now()
         self._health(slot, platform, outcome, now)
         name = outcome_name(outcome)
@@ -602,7 +604,7 @@ class Dispatcher:
         kind = outcome.kind
         if kind is OutcomeKind.ACCEPTED:  # the usual case: built positionally, no keyword dict
             slot.sent += 1
-            return store.Result(row.message_id, row.job_id, row.device_id, "sent", platform, attempt,
+            return pipeline_deliveries.Result(row.message_id, row.job_id, row.device_id, "sent", platform, attempt,
                                 resend_at=self._resend_at(platform, attempt, job, now), sent_at=sent_at)
         base = dict(message_id=row.message_id, job_id=row.job_id, device_id=row.device_id, platform=platform)
         if kind is OutcomeKind.INVALID_ADDRESS:
@@ -610,38 +612,38 @@ class Dispatcher:
             error = f"{platform}: {outcome.reason}"
             nxt = self._choose(row.channels, row.invalid, ttl0=job.ttl == 0, also_invalid=key)
             if isinstance(nxt, tuple):
-                return store.Result(**base, state=nxt[0], attempts=row.attempts, error=error, invalid_key=key)
-            return store.Result(**base, state="queued", attempts=row.attempts, next_at=min(now, job.expires_at),
+                return pipeline_deliveries.Result(**base, state=nxt[0], attempts=row.attempts, error=error, invalid_key=key)
+            return pipeline_deliveries.Result(**base, state="queued", attempts=row.attempts, next_at=min(now, job.expires_at),
                                 route=nxt.platform, error=error, invalid_key=key)
         if kind is OutcomeKind.FAILED:
-            return store.Result(**base, state="failed", attempts=attempt, error=f"{platform}: {outcome.reason}")
+            return pipeline_deliveries.Result(**base, state="failed", attempts=attempt, error=f"{platform}: {outcome.reason}")
         if kind is OutcomeKind.UNHEALTHY:
             # At once for ttl 0, after the grace otherwise: the device's next channel.
             nxt = self._choose(row.channels, row.invalid, ttl0=job.ttl == 0)
-            if type(nxt) is store.Route and nxt.platform != platform:
-                return store.Result(**base, state="queued", attempts=row.attempts, next_at=min(now, job.expires_at),
+            if type(nxt) is routing.Route and nxt.platform != platform:
+                return pipeline_deliveries.Result(**base, state="queued", attempts=row.attempts, next_at=min(now, job.expires_at),
                                     route=nxt.platform, error=f"{platform} unhealthy: {outcome.reason}",
                                     moved=self._why_moved(platform, nxt.platform, now))
             if job.ttl == 0:
-                return store.Result(**base, state="expired", attempts=row.attempts,
+                return pipeline_deliveries.Result(**base, state="expired", attempts=row.attempts,
                                     error=f"ttl 0 (now or never) and {platform} is unhealthy: {outcome.reason}")
             # Waits (no attempt spent) while the bridge is paused in memory; stored time stays finite.
-            return store.Result(**base, state="queued", attempts=row.attempts, next_at=min(now, job.expires_at),
+            return pipeline_deliveries.Result(**base, state="queued", attempts=row.attempts, next_at=min(now, job.expires_at),
                                 error=f"{platform} unhealthy: {outcome.reason}")
         # RETRY
         if attempt >= self.cfg.max_attempts:
-            return store.Result(**base, state="failed", attempts=attempt,
+            return pipeline_deliveries.Result(**base, state="failed", attempts=attempt,
                                 error=f"{platform}: {outcome.reason} (gave up after {attempt} attempts)")
         delay = retry_delay(attempt, outcome.retry_after, self.cfg.backoff_initial_s, self.cfg.backoff_max_s, self.rng)
         next_at = now + delay
         if job.ttl == 0 or next_at >= job.expires_at:
-            return store.Result(**base, state="expired", attempts=attempt,
+            return pipeline_deliveries.Result(**base, state="expired", attempts=attempt,
                                 error=f"{platform}: {outcome.reason}; ttl ends before the next attempt")
-        return store.Result(**base, state="queued", attempts=attempt, next_at=next_at,
+        return pipeline_deliveries.Result(**base, state="queued", attempts=attempt, next_at=next_at,
                             error=f"{platform}: {outcome.reason}")
 
-    def _decide_resend(self, platform: str, key: str, row: store.DueDelivery, job: JobInfo, attempt: int,
-                       outcome: Outcome, now: float) -> store.Result:
+    def _decide_resend(self, platform: str, key: str, row: pipeline_deliveries.DueDelivery, job: JobInfo, attempt: int,
+                       outcome: Outcome, now: float) -> pipeline_deliveries.Result:
         """A resend never changes the delivery's state (it was accepted once and stays
         ``sent``); it counts as an attempt and decides when, if ever, to send again."""
         base = dict(message_id=row.message_id, job_id=row.job_id, device_id=row.device_id, platform=platform,
@@ -650,17 +652,17 @@ class Dispatcher:
         if kind is OutcomeKind.ACCEPTED:
             self.slots[platform].sent += 1
             at = self._resend_at(platform, attempt, job, now)
-            return store.Result(**base, attempts=attempt, resend_at=at,
+            return pipeline_deliveries.Result(**base, attempts=attempt, resend_at=at, until_ack=at is None,
                                 error=None if at is not None else f"no ack after {attempt} sends; no more resends")
         if kind is OutcomeKind.UNHEALTHY:
-            return store.Result(**base, attempts=row.attempts, resend_at=now,
+            return pipeline_deliveries.Result(**base, attempts=row.attempts, resend_at=now,
                                 error=f"{platform} unhealthy: {outcome.reason}")
         if kind is OutcomeKind.RETRY and attempt < self.cfg.max_attempts:
             at = now + retry_delay(attempt, outcome.retry_after, self.cfg.backoff_initial_s,
                                    self.cfg.backoff_max_s, self.rng)
-            return store.Result(**base, attempts=attempt, resend_at=at if at < job.expires_at else None,
+            return pipeline_deliveries.Result(**base, attempts=attempt, resend_at=at if at < job.expires_at else None,
                                 error=f"resend: {platform}: {outcome.reason}")
-        return store.Result(**base, attempts=attempt, resend_at=None,
+        return pipeline_deliveries.Result(**base, attempts=attempt, resend_at=None,
                             invalid_key=key if kind is OutcomeKind.INVALID_ADDRESS else None,
                             error=f"resend: {platform}: {outcome.reason}; no more resends")
 
@@ -680,7 +682,7 @@ class Expander:
         self.reach_after_s = reach_after_s  # [people] reach_after_s: a person's steps without their own
         self.on_page = on_page
         self.platforms = platforms
-        self.channels = store.ChannelCache()  # the registry's channel lists decoded once per distinct text
+        self.channels = routing.ChannelCache()  # the registry's channel lists decoded once per distinct text
         self.wake = asyncio.Event()
         self.failures = FailureEpisode(log, "expanding jobs")
 
@@ -701,12 +703,12 @@ class Expander:
             await _wait(stopping, self.wake, 0.5)
 
     async def _expand(self, stopping: asyncio.Event) -> bool:
-        job_ids = await self.db.run(store.jobs_to_expand)
+        job_ids = await self.db.run(jobs.jobs_to_expand)
         for job_id in job_ids:
             done = False
             while not done and not stopping.is_set():
                 done = await self.db.run(
-                    lambda conn, j=job_id: store.expand_page(conn, j, self.batch_size, clock.now(), self.platforms,
+                    lambda conn, j=job_id: pipeline_deliveries.expand_page(conn, j, self.batch_size, clock.now(), self.platforms,
                                                              self.channels, self.reach_after_s))
                 self.on_page()
         return bool(job_ids)

@@ -12,14 +12,15 @@ the message and the sender keeps it."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import structlog
 
 from gateway.ids import NOT_DOTS, is_id
 from gateway.mqtt import GatewayClient, NotConnected
-from gateway.pipeline import store
+from gateway.pipeline import jobs
+from gateway.pipeline import acks as pipeline_acks
 from gateway.pipeline.models import (
     DEVICE_ID_RE,
     Ack,
@@ -47,8 +48,10 @@ _stdlog = logging.getLogger(__name__)
 class Intake:
     def __init__(self, db: Database, client: GatewayClient, topics: Topics, recorder: Recorder,
                  on_job: Callable[[], None], on_status: Callable[[], None],
-                 forward: store.Forwarder | None = None):
+                 forward: pipeline_acks.Forwarder | None = None, apps: Mapping[str, Collection[str]] | None = None):
         self.db = db
+        # platform → its [bridges.<platform>.apps] names: a channel naming another is refused.
+        self.apps = apps
         self.client = client
         self.topics = topics
         self.recorder = recorder
@@ -72,7 +75,7 @@ class Intake:
         except InputError as err:
             await self._reject(job_id, topic, source, err)
             return None
-        inserted = await self.db.run(lambda conn: store.submit_job(conn, parsed, source))
+        inserted = await self.db.run(lambda conn: jobs.submit_job(conn, parsed, source))
         if not inserted:
             log.info("job already known; status re-published", job_id=parsed.job_id, source=source)
         # "job accepted" (with its target count) is logged by the status publisher's pass,
@@ -88,7 +91,7 @@ class Intake:
             row = conn.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
             if row is None or row["state"] == JobState.REJECTED:
                 return False
-            store.mark_dirty(conn, job_id)
+            jobs.mark_dirty(conn, job_id)
             return True
 
         if await self.db.run(known):
@@ -102,7 +105,7 @@ class Intake:
         if job_id is not None:
             # Stored (state rejected, with its error) before the message is acknowledged;
             # the status publisher publishes it locally and queues it for the cloud.
-            await self.db.run(lambda conn: store.reject_job(conn, job_id, source, err.code, err.message))
+            await self.db.run(lambda conn: jobs.reject_job(conn, job_id, source, err.code, err.message))
             self.on_status()
             return
         log.info("job rejected", code=err.code, error=err.message, source=source)
@@ -122,7 +125,7 @@ class Intake:
                 removed = await self.recorder.remove(device_id)
                 log.info("device removed" if removed else "device to remove was unknown", device_id=device_id)
                 return removed
-            device = parse_device(payload, device_id)
+            device = parse_device(payload, device_id, self.apps)
         except InputError as err:
             await self._error(topic, err)
             return False
@@ -138,7 +141,7 @@ class Intake:
 
     # ----------------------------------------------------------------- acks
     async def ack(self, device_id: str, payload: bytes, topic: str,
-                  via: AckVia = AckVia.MQTT) -> store.AckResult | None:
+                  via: AckVia = AckVia.MQTT) -> pipeline_acks.AckResult | None:
         """``via``: the channel it came by, stored with it (who acknowledged an alarm)."""
         try:
             ack = parse_ack(payload)
@@ -154,14 +157,14 @@ class Intake:
         return result
 
     async def acks(self, items: list[tuple[str, bytes, str]],
-                   via: AckVia = AckVia.MQTT) -> list[store.AckResult | None]:
+                   via: AckVia = AckVia.MQTT) -> list[pipeline_acks.AckResult | None]:
         """Many acks (device_id, payload, topic) in one recorder item: each parsed and
         stored exactly as :meth:`ack` does, committed before this returns. None for a
         payload refused as bad input (answered on the errors topic); an ack that could not
         be stored alone comes back ``not_stored``. A storage failure of the batch raises."""
         parsed: list[tuple[str, Ack]] = []
         where: list[int] = []
-        out: list[store.AckResult | None] = [None] * len(items)
+        out: list[pipeline_acks.AckResult | None] = [None] * len(items)
         for n, (device_id, payload, topic) in enumerate(items):
             try:
                 ack = parse_ack(payload)

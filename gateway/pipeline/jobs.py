@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 import sqlite3
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 from gateway import clock
 from gateway import states
 from gateway.pipeline import registry
-from gateway.states import DELIVERY_STATES
+from gateway.states import DELIVERY_STATES, JobState
 from gateway.pipeline.models import ParsedJob
 from gateway.timeutil import iso, iso_ts, utcnow
 
@@ -33,7 +33,10 @@ def bump(conn: sqlite3.Connection, name: str, n: int = 1) -> None:
 
 
 def counters(conn: sqlite3.Connection) -> dict[str, int]:
-    return {r["name"]: r["value"] for r in conn.execute("SELECT name, value FROM counters")}
+    """The event counters (``/metrics``); empty on a database the pipeline never ran on."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'counters'").fetchone() is None:
+        return {}
+    return {r[0]: int(r[1]) for r in conn.execute("SELECT name, value FROM counters")}
 
 
 FINAL_JOB_STATES = tuple(sorted(state.value for state in states.FINAL_JOB_STATES))
@@ -49,7 +52,7 @@ def insert_job(conn: sqlite3.Connection, parsed: ParsedJob, source: str, now: fl
     now = now or clock.now()
     existing = conn.execute("SELECT state FROM jobs WHERE job_id = ?", (parsed.job_id,)).fetchone()
     if existing is not None:
-        if existing["state"] != "rejected":
+        if existing["state"] != JobState.REJECTED:
             return False
         conn.execute("DELETE FROM jobs WHERE job_id = ?", (parsed.job_id,))
     job = parsed.job
@@ -86,7 +89,7 @@ def reject_job(conn: sqlite3.Connection, job_id: str, source: str, code: str, me
     now = now or clock.now()
     error = json.dumps({"code": code, "message": message})
     row = conn.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-    if row is not None and row["state"] != "rejected":
+    if row is not None and row["state"] != JobState.REJECTED:
         mark_dirty(conn, job_id)
         return False
     if row is None:
@@ -277,3 +280,74 @@ def shift_deadlines(conn: sqlite3.Connection, delta: float) -> int:
                                 " WHERE state = 'sent' AND resend_at IS NOT NULL)")
             + clock.shift_columns(conn, "jobs", "status_published_at", delta, "status_published_at > 0")
             + clock.shift_columns(conn, "jobs", "cloud_published_at", delta, "cloud_published_at > 0"))
+
+
+# ------------------------------------------------------------------ reads for other packages
+# The operator page's views of jobs (read-only connections, keyset pages on indexes).
+_VIEW_COLUMNS = ("job_id, state, source, target, notification, created_at, updated_at, expires_at, ttl, targets, "
+                 + ", ".join(COUNT_KEYS))
+
+
+def _view_select(conn: sqlite3.Connection) -> str:
+    extra = ", error" if "error" in {r[1] for r in conn.execute("PRAGMA table_info(jobs)")} else ""
+    return f"SELECT {_VIEW_COLUMNS}{extra} FROM jobs"
+
+
+def jobs_newest_first(conn: sqlite3.Connection, limit: int, before: tuple[float, str] | None = None,
+                      state: str | None = None, prefix: str = "", id_upper: str = "\x7f") -> list[sqlite3.Row]:
+    """Up to ``limit`` jobs, newest first, older than the ``(created_at, job_id)`` cursor
+    ``before`` (a range on ``ui_jobs_by_created``), of one state and an id prefix."""
+    where: list[str] = []
+    args: list[Any] = []
+    if before is not None:
+        where.append("(created_at, job_id) < (?, ?)")  # a row value: a range on ui_jobs_by_created
+        args += [before[0], before[1]]
+    if state:
+        where.append("state = ?")
+        args.append(state)
+    if prefix:
+        where.append("job_id >= ? AND job_id < ?")
+        args += [prefix, prefix + id_upper]
+    sql = _view_select(conn) + (" WHERE " + " AND ".join(where) if where else "")
+    return conn.execute(sql + " ORDER BY created_at DESC, job_id DESC LIMIT ?", (*args, limit)).fetchall()
+
+
+def jobs_updated_since(conn: sqlite3.Connection, since: float, limit: int = 500) -> list[sqlite3.Row]:
+    """Jobs changed after ``since`` (index ``ui_jobs_by_updated``), oldest change first."""
+    return conn.execute(_view_select(conn) + " WHERE updated_at > ? ORDER BY updated_at LIMIT ?",
+                        (since, limit)).fetchall()
+
+
+def job_view(conn: sqlite3.Connection, job_id: str) -> sqlite3.Row | None:
+    """One job with the columns the views show (:func:`jobs_newest_first`)."""
+    return conn.execute(_view_select(conn) + " WHERE job_id = ?", (job_id,)).fetchone()
+
+
+def open_job_count(conn: sqlite3.Connection) -> int:
+    """Jobs still accepted or dispatching (literals: the partial index ``jobs_open`` covers them)."""
+    return int(conn.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('accepted', 'dispatching')").fetchone()[0])
+
+
+def people_held(conn: sqlite3.Connection) -> int:
+    """Persons held by quiet hours now, summed over the open jobs (``people_held``; a person
+    held by two jobs counts twice). The open jobs are an index's rows."""
+    row = conn.execute("SELECT SUM(people_held) FROM jobs WHERE state IN ('accepted', 'dispatching')").fetchone()
+    return int(row[0] or 0)
+
+
+def count_by_state(conn: sqlite3.Connection) -> dict[str, int]:
+    """state → how many jobs are in it."""
+    return {r[0]: int(r[1]) for r in conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
+
+
+def with_queued_oldest_first(conn: sqlite3.Connection) -> Iterator[tuple[str, float]]:
+    """(job_id, created_at) of the jobs that still have queued deliveries (their count is
+    kept on the row), oldest first."""
+    for r in conn.execute("SELECT job_id, created_at FROM jobs WHERE queued > 0 ORDER BY created_at"):
+        yield str(r[0]), float(r[1])
+
+
+def oldest_with_queued(conn: sqlite3.Connection) -> float | None:
+    """``created_at`` of the oldest job that still has queued deliveries, or None."""
+    row = conn.execute("SELECT MIN(created_at) FROM jobs WHERE queued > 0").fetchone()
+    return None if row is None or row[0] is None else float(row[0])

@@ -12,7 +12,7 @@ import json
 import re
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator, model_validator
 
-from devices.models import DEVICE_ID_RE, Device
+from devices.models import DEVICE_ID_RE, Device, app_problems
 from gateway.ids import is_id, not_dot_segment
 from gateway.timeutil import iso, parse_iso, utcnow
 
@@ -358,14 +358,16 @@ def parse_ack(payload: bytes) -> Ack:
         raise InputError.from_validation("invalid_ack", exc) from None
 
 
-def parse_device(payload: bytes, topic_device_id: str | None = None) -> Device:
+def parse_device(payload: bytes, topic_device_id: str | None = None,
+                 apps: Mapping[str, Collection[str]] | None = None) -> Device:
     """Validate a Device (contract §7). A payload within the size limit is first given
     to the model as JSON (``model_validate_json``: pydantic-core parses and validates in
     one pass, about half the cost of ``json.loads`` and ``model_validate``; a
     registration burst is thousands a second). Whatever that refuses (invalid JSON in
     any form, a wrong field) is judged again the usual way, which gives the error that
     names the field; both paths give the same device or the same error
-    (tests/pipeline/test_registration_parse.py)."""
+    (tests/pipeline/test_registration_parse.py). With ``apps`` (platform → the names of its
+    ``[bridges.<platform>.apps]``), a channel naming another app is refused by its field."""
     device: Device | None = None
     if len(payload) <= MAX_DEVICE_BYTES:
         try:
@@ -381,4 +383,9 @@ def parse_device(payload: bytes, topic_device_id: str | None = None) -> Device:
     if topic_device_id is not None and device.device_id != topic_device_id:
         raise InputError.at("invalid_device", "device_id",
                             f"{device.device_id!r} does not match the topic's {topic_device_id!r}")
+    if apps is not None:
+        unknown = app_problems(device, apps)
+        if unknown:
+            raise InputError("invalid_device", "; ".join(f"{f}: {m}" for f, m in unknown),
+                             [FieldError(f, f"{f}: {m}") for f, m in unknown])
     return device

@@ -21,7 +21,9 @@ from typing import Any
 import structlog
 
 from gateway import clock
-from gateway.pipeline import store
+from gateway.pipeline import deliveries
+from gateway.pipeline import acks as pipeline_acks
+from gateway.pipeline import registry as pipeline_registry
 from gateway.pipeline.models import Ack
 from gateway.storage import Database, FailureEpisode, NotStored, is_storage_error
 
@@ -52,7 +54,7 @@ def _log_registered(registry: list[_Item]) -> None:
 
 
 class Recorder:
-    def __init__(self, db: Database, forward: store.Forwarder | None = None, acks_topic: str | None = None):
+    def __init__(self, db: Database, forward: pipeline_acks.Forwarder | None = None, acks_topic: str | None = None):
         self._db = db
         self._forward = forward
         self._acks_topic = acks_topic
@@ -61,19 +63,19 @@ class Recorder:
         self.on_commit: list[Any] = []  # callables() run after each commit
         self.failures = FailureEpisode(log, "recording outcomes and acks")
 
-    async def result(self, result: store.Result) -> None:
+    async def result(self, result: deliveries.Result) -> None:
         await self._submit("result", result)
 
-    async def results(self, results: list[store.Result]) -> None:
+    async def results(self, results: list[deliveries.Result]) -> None:
         """Many results, one future (the dispatcher's results of one loop iteration): the
         same commit as :meth:`result`, without a future and a waiting coroutine per delivery."""
         if results:
             await self._submit("results", results)
 
-    async def ack(self, device_id: str, ack: Ack) -> store.AckResult:
+    async def ack(self, device_id: str, ack: Ack) -> pipeline_acks.AckResult:
         return await self._submit("ack", (device_id, ack))
 
-    async def acks(self, acks: list[tuple[str, Ack]]) -> list[store.AckResult]:
+    async def acks(self, acks: list[tuple[str, Ack]]) -> list[pipeline_acks.AckResult]:
         """Many acks, one future (a bridge's batch of device acks): the same commit as
         :meth:`ack`; an ack that could not be stored alone comes back ``not_stored``."""
         if not acks:
@@ -104,7 +106,7 @@ class Recorder:
                 # One turn of the event loop before the batch is cut: what the callbacks and
                 # tasks already due in this turn hand over joins it (the dispatcher's results
                 # of a wave of sends and the acks those sends caused meet in one batch, where
-                # a send and its first ack are written once: store.apply_batch).
+                # a send and its first ack are written once: pipeline_acks.apply_batch).
                 await asyncio.sleep(0)
             finally:  # also when cancelled there: the items taken are committed first
                 while len(items) < MAX_BATCH and not self._queue.empty():
@@ -120,7 +122,7 @@ class Recorder:
             await self._commit(items)
 
     async def _commit(self, items: list[_Item]) -> None:
-        results: list[store.Result] = []
+        results: list[deliveries.Result] = []
         for i in items:
             if i.kind == "result":
                 results.append(i.payload)
@@ -135,12 +137,12 @@ class Recorder:
         registry = [i for i in items if i.kind in ("device", "remove")]
         forward, topic = self._forward, self._acks_topic
 
-        def work(conn: Any) -> tuple[list[store.AckResult], list[Any]]:
+        def work(conn: Any) -> tuple[list[pipeline_acks.AckResult], list[Any]]:
             now = clock.now()
             # Registrations first, in arrival order (a device registered and acked in the
             # same batch is known to the ack), in the batch's transaction, so a burst of
             # registrations costs one fsync per batch. Each run of registrations between
-            # removals is one store.upsert_devices (a SELECT per 500, one executemany).
+            # removals is one pipeline_registry.upsert_devices (a SELECT per 500, one executemany).
             changed: list[Any] = []
             run: list[tuple[Any, str]] = []
             for i in registry:
@@ -149,12 +151,12 @@ class Recorder:
                     changed.append(None)
                     continue
                 if run:
-                    store.upsert_devices(conn, run, now)
+                    pipeline_registry.upsert_devices(conn, run, now)
                     run = []
-                changed.append(store.remove_device(conn, i.payload))
+                changed.append(pipeline_registry.remove_device(conn, i.payload))
             if run:
-                store.upsert_devices(conn, run, now)
-            return store.apply_batch(conn, results, acks, now, forward, topic), changed
+                pipeline_registry.upsert_devices(conn, run, now)
+            return pipeline_acks.apply_batch(conn, results, acks, now, forward, topic), changed
 
         try:
             ack_results, changed = await self._db.run(work)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -143,5 +143,66 @@ def page_after(conn: sqlite3.Connection, cursor: str, limit: int, segment: str |
     return [(r[0], r[1], r[2]) for r in rows]
 
 
-__all__ = ["channel_key", "channels_of", "count_targets", "device_json", "devices_after", "in_segment", "get_device", "iter_devices", "mark_invalid",
+
+# ------------------------------------------------------------------ reads for other packages
+def device_row(conn: sqlite3.Connection, device_id: str) -> sqlite3.Row | None:
+    """The stored row of one device (every column), or None."""
+    return conn.execute("SELECT * FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+
+
+def known(conn: sqlite3.Connection, device_ids: list[str]) -> set[str]:
+    """Which of ``device_ids`` are registered."""
+    found: set[str] = set()
+    for chunk in _chunks(device_ids):
+        marks = ",".join("?" * len(chunk))
+        found.update(r[0] for r in conn.execute(f"SELECT device_id FROM devices WHERE device_id IN ({marks})", chunk))
+    return found
+
+
+def matching(conn: sqlite3.Connection, prefix: str = "", segment: str = "", tag: str = "", after: str = "",
+             limit: int = 50, id_upper: str = "\x7f") -> tuple[int, list[sqlite3.Row]]:
+    """(how many match, the first ``limit`` rows by device_id after ``after``) of the devices
+    with an id prefix, a segment and a tag (each optional). A tag is found through
+    ``ui_device_tags (tag, device_id)`` (the range and the cursor go on its device_id); a
+    database without that table is searched in the JSON, slower and still right."""
+    source, key = "devices d", "d.device_id"
+    tag_table = bool(tag) and conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ui_device_tags'").fetchone() is not None
+    if tag_table:
+        source, key = "ui_device_tags t JOIN devices d ON d.device_id = t.device_id", "t.device_id"
+    where: list[str] = []
+    args: list[Any] = []
+    if tag_table:
+        where.append("t.tag = ?")
+        args.append(tag)
+    elif tag:
+        where.append("EXISTS (SELECT 1 FROM json_each(CASE WHEN json_valid(d.tags) THEN d.tags ELSE '[]' END) "
+                     "WHERE value = ?)")
+        args.append(tag)
+    if prefix:
+        where.append(f"{key} >= ? AND {key} < ?")
+        args += [prefix, prefix + id_upper]
+    if segment:
+        where.append("d.segment = ?")
+        args.append(segment)
+    cond = " AND ".join(where) or "1"
+    total = int(conn.execute(f"SELECT COUNT(*) FROM {source} WHERE {cond}", args).fetchone()[0])
+    rows = conn.execute(f"SELECT d.* FROM {source} WHERE {cond} AND {key} > ? ORDER BY {key} LIMIT ?",
+                        (*args, after, limit)).fetchall()
+    return total, rows
+
+
+def count(conn: sqlite3.Connection) -> int:
+    """How many devices are registered."""
+    return int(conn.execute("SELECT COUNT(*) FROM devices").fetchone()[0])
+
+
+def segments_of(conn: sqlite3.Connection, device_ids: Iterable[str]) -> dict[str, str]:
+    """device_id → segment ('' for none) of those of ``device_ids`` that are registered."""
+    ids = json.dumps(sorted(device_ids))
+    return {str(r[0]): str(r[1]) for r in conn.execute(
+        "SELECT device_id, COALESCE(segment, '') FROM devices WHERE device_id IN (SELECT value FROM json_each(?))",
+        (ids,))}
+
+__all__ = ["channel_key", "channels_of", "count_targets", "device_json", "devices_after", "in_segment", "get_device", "count", "device_row", "known", "matching", "segments_of", "iter_devices", "mark_invalid",
            "page_after", "remove_device", "upsert_device", "upsert_devices"]

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from devices.models import Channel, channel_address
+from devices.models import Channel, channel_address, channel_bridge, raw_bridge_key
 
 _channel_adapter: TypeAdapter[Any] = TypeAdapter(Channel)
 
@@ -32,6 +32,8 @@ def channel_key(channel: Any) -> str:
 class Route:
     """The channel a delivery's next attempt uses."""
 
+    # The bridge: the channel's platform, or ``<platform>:<app>`` for a channel naming an
+    # app of ``[bridges.<platform>.apps]`` (devices.models.bridge_key).
     platform: str
     channel: Any
     key: str
@@ -102,7 +104,7 @@ def _choose_channel(channels: list[dict[str, Any]], invalid: dict[str, Any] | It
     enabled = platforms if isinstance(platforms, (set, frozenset, dict)) else set(platforms)
     saw_invalid = False
     for raw in channels:
-        if raw.get("platform") not in enabled and not invalid and also_invalid is None:
+        if raw_bridge_key(raw) not in enabled and not invalid and also_invalid is None:
             continue  # no marks to look for: skip parsing channels we cannot use
         try:
             channel = _channel_adapter.validate_python(raw)
@@ -112,17 +114,18 @@ def _choose_channel(channels: list[dict[str, Any]], invalid: dict[str, Any] | It
         if key in invalid or key == also_invalid:
             saw_invalid = True
             continue
-        if channel.platform in enabled:
-            return Route(channel.platform, channel, key)
+        bridge = channel_bridge(channel)
+        if bridge in enabled:
+            return Route(bridge, channel, key)
     if saw_invalid:
         return "invalid_address", "every channel's address is invalid"
     return "failed", "no enabled bridge for any of the device's channels"
 
 
 def channel_for(channels: list[dict[str, Any]] | None, invalid: dict[str, Any], platform: str) -> Route | None:
-    """The device's first usable channel on ``platform`` (a resend goes where the send went)."""
+    """The device's first usable channel on bridge ``platform`` (a resend goes where the send went)."""
     for raw in channels or []:
-        if raw.get("platform") != platform:
+        if raw_bridge_key(raw) != platform:
             continue
         try:
             channel = _channel_adapter.validate_python(raw)
@@ -142,7 +145,7 @@ def route_of(channels: str, invalid: str, platforms: set[str] | None, cache: Cha
         return None
     marks = json.loads(invalid) if invalid != "{}" else None  # no marks: the usual case, nothing to decode
     if not marks:  # the common case: the first channel on an enabled bridge, no parsing needed
-        return next((c.get("platform") for c in decode(channels, cache) if c.get("platform") in platforms), None)
+        return next((b for b in map(raw_bridge_key, decode(channels, cache)) if b in platforms), None)
     choice = choose_channel(decode(channels, cache), marks, platforms)
     return choice.platform if isinstance(choice, Route) else None
 

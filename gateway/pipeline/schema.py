@@ -222,6 +222,16 @@ def _v3_device_tags(conn: sqlite3.Connection) -> None:
                      f"FROM devices d, json_each({_TAGS.format(r='d')}) j WHERE j.type = 'text'")
 
 
+def _v4_error_until_ack(conn: sqlite3.Connection) -> None:
+    """``deliveries.error_until_ack``: the delivery's ``last_error`` is a note that an ack
+    makes untrue (the resends' "no ack after N sends"), so the first ack clears it by this
+    flag, not by the note's wording. Rows that hold the note now are flagged."""
+    if "error_until_ack" not in {r[1] for r in conn.execute("PRAGMA table_info(deliveries)")}:
+        conn.execute("ALTER TABLE deliveries ADD COLUMN error_until_ack INTEGER NOT NULL DEFAULT 0")
+    conn.execute("UPDATE deliveries SET error_until_ack = 1 WHERE state = 'sent' "
+                 "AND last_error LIKE 'no ack after % sends; no more resends'")
+
+
 # People (contract §12): a device's owner; a job that targets people keeps one row per
 # (job, person) in ``job_people`` (whether and by which device the person was reached), the
 # person each delivery is for (``deliveries.person_id``, NULL for other jobs: the partial
@@ -248,7 +258,7 @@ PEOPLE_COLUMNS = [
 ]
 
 
-def _v4_people(conn: sqlite3.Connection) -> None:
+def _v5_people(conn: sqlite3.Connection) -> None:
     """Devices' owners, and what a job that targets people keeps (:data:`PEOPLE`)."""
     for table, column, decl in PEOPLE_COLUMNS:
         if column not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
@@ -256,7 +266,7 @@ def _v4_people(conn: sqlite3.Connection) -> None:
     run_script(conn, PEOPLE)
 
 
-def _v5_suppressed(conn: sqlite3.Connection) -> None:
+def _v6_suppressed(conn: sqlite3.Connection) -> None:
     """A job counts its ``suppressed`` deliveries (those for a person who muted the job's
     segment or alarm rule) beside the other states; older jobs had none."""
     have = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
@@ -267,4 +277,4 @@ def _v5_suppressed(conn: sqlite3.Connection) -> None:
 # The pipeline's migrations, oldest first (gateway.migrations): never edit one that was
 # released. Each is idempotent too (a database restored without its schema_versions row
 # runs them again harmlessly).
-MIGRATIONS = (_v1_base, _v2_acks_once, _v3_device_tags, _v4_people, _v5_suppressed)
+MIGRATIONS = (_v1_base, _v2_acks_once, _v3_device_tags, _v4_error_until_ack, _v5_people, _v6_suppressed)

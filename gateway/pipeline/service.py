@@ -15,11 +15,12 @@ from typing import Any
 import structlog
 
 from bridges.base import Bridge, BridgeConfigError, BridgeContext
-from bridges.registry import build_bridges
+from bridges.registry import app_names, build_bridges, platform_of
+from devices.models import split_bridge_key
 from gateway import clock
 from gateway.config import Config, Secrets
 from gateway.mqtt import GatewayClient
-from gateway.pipeline import store
+from gateway.pipeline import acks as pipeline_acks
 from gateway.people.gate import PeopleGate
 from gateway.pipeline.dispatcher import Dispatcher, Expander
 from gateway.pipeline.intake import Intake
@@ -48,7 +49,7 @@ class Pipeline:
     name = "pipeline"
     started: asyncio.Event | None = None  # serves once running; ``ready`` gates its inputs
 
-    def __init__(self, cfg: Config, db: Database, forward: store.Forwarder | None = None,
+    def __init__(self, cfg: Config, db: Database, forward: pipeline_acks.Forwarder | None = None,
                  ack_url: Callable[[str], str] | None = None, secrets: Secrets | None = None):
         self.cfg = cfg
         # Without loaded secrets only secret-less platforms (simulation, mqtt) can start;
@@ -74,7 +75,7 @@ class Pipeline:
         self.status = StatusPublisher(self.db, client, self.topics, self.forward)
         self.pruner = Pruner(self.db, self.cfg.storage.retention_days, self.status.clears_due)
         self.intake = Intake(self.db, client, self.topics, self.recorder, on_job=self._wake_expander,
-                             on_status=self.status.wake.set, forward=self.forward)
+                             on_status=self.status.wake.set, forward=self.forward, apps=app_names(self.cfg))
         client.route(self.topics.jobs, self._gate(self.intake.on_jobs_message), qos=1)
         client.route(self.topics.device_register(), self._gate(self.intake.on_register_message), qos=1)
         client.route(self.topics.device_ack(), self._gate(self.intake.on_ack_message), qos=1)
@@ -83,7 +84,7 @@ class Pipeline:
         self.bridges = build_bridges(self.cfg, self.secrets, ctx)
         self.expander = Expander(self.db, self.cfg.dispatch.batch_size, self._on_page, platforms=list(self.bridges),
                                  reach_after_s=self.cfg.people.reach_after_s)
-        resend = {name for name in self.bridges if getattr(self.cfg.bridges, name).resend_unacked}
+        resend = {name for name in self.bridges if getattr(self.cfg.bridges, platform_of(name)).resend_unacked}
         self.people = PeopleGate(self.cfg.people.quiet_hours_default, self.cfg.people.reach_after_s)
         self.dispatcher = Dispatcher(self.cfg.dispatch, self.db, self.bridges, self.recorder, resend=resend,
                                      people=self.people)
@@ -128,7 +129,7 @@ class Pipeline:
         assert self.intake is not None
         return await self.intake.register_device(device_id, payload, source)
 
-    async def ack(self, device_id: str, payload: bytes, source: str, via: AckVia) -> store.AckResult | None:
+    async def ack(self, device_id: str, payload: bytes, source: str, via: AckVia) -> pipeline_acks.AckResult | None:
         """One device ack from outside MQTT (the HTTP ack URL), stored with the channel it
         came by; None if it is bad input."""
         await self.ready.wait()
@@ -148,7 +149,8 @@ class Pipeline:
             self.status.wake.set()
 
     def bridge_health(self) -> dict[str, dict[str, Any]]:
-        """Per enabled bridge: healthy (no pause episode running), pause reason, in flight, sent."""
+        """Per enabled bridge (a platform, or ``<platform>:<app>`` for each app of one): its
+        platform and app, healthy (no pause episode running), pause reason, in flight, sent."""
         if self.dispatcher is None:
             return {}
         now = clock.now()  # paused_until is on the gateway's clock
@@ -158,7 +160,8 @@ class Pipeline:
             paused_for: float | None = 0.0
             if slot.paused_until > now:
                 paused_for = None if slot.paused_until == float("inf") else round(slot.paused_until - now, 1)
-            out[name] = {"healthy": not unhealthy, "reason": (slot.pause_reason or None) if unhealthy else None,
+            platform, app = split_bridge_key(name)
+            out[name] = {"platform": platform, "app": app, "healthy": not unhealthy, "reason": (slot.pause_reason or None) if unhealthy else None,
                          "paused_for_s": paused_for, "in_flight": slot.in_flight, "sent": slot.sent,
                          "outcomes": dict(slot.outcomes)}
         return out

@@ -24,7 +24,7 @@ import structlog
 
 from gateway import clock
 from gateway.mqtt import GatewayClient, NotConnected
-from gateway.pipeline import store
+from gateway.pipeline import acks, jobs
 from gateway.storage import Database, FailureEpisode, NotStored, is_storage_error
 from gateway.states import FINAL_JOB_STATES, JobState
 from gateway.topics import Topics
@@ -42,7 +42,7 @@ def _due(row: Any, published_at: str, published_state: str, now: float, force: b
 
 class StatusPublisher:
     def __init__(self, db: Database, client: GatewayClient, topics: Topics,
-                 forward: store.Forwarder | None = None, tick: float = 0.2):
+                 forward: acks.Forwarder | None = None, tick: float = 0.2):
         self.db = db
         self.client = client
         self.topics = topics
@@ -84,7 +84,7 @@ class StatusPublisher:
             for row in rows:
                 if forward is not None and row["cloud_dirty"] and _due(row, "cloud_published_at",
                                                                       "cloud_published_state", now, force):
-                    payload = json.dumps(store.status_from_row(row)).encode()
+                    payload = json.dumps(jobs.status_from_row(row)).encode()
                     conn.execute("SAVEPOINT cloud")
                     try:
                         forward.enqueue(conn, "status", self.topics.job_status(row["job_id"]), payload, True,
@@ -110,7 +110,7 @@ class StatusPublisher:
         for row in rows:
             if not row["status_dirty"] or not _due(row, "status_published_at", "status_published_state", now, force):
                 continue
-            status = store.status_from_row(row)
+            status = jobs.status_from_row(row)
             payload = json.dumps(status).encode()
             topic = self.topics.job_status(row["job_id"])
             try:
@@ -141,7 +141,7 @@ class StatusPublisher:
         """Empty retained payloads for pruned jobs (retention); owed in SQLite until sent."""
         if not self.clears_owed:
             return
-        job_ids = await self.db.run(store.owed_clears)
+        job_ids = await self.db.run(jobs.owed_clears)
         if not job_ids:
             self.clears_owed = False
             return
@@ -154,7 +154,7 @@ class StatusPublisher:
             pass  # still owed (in SQLite, and clears_owed stays set)
         finally:
             if sent:
-                await self.db.run(lambda conn: store.clears_done(conn, sent))
+                await self.db.run(lambda conn: jobs.clears_done(conn, sent))
                 self.cleared += len(sent)
 
 
@@ -170,7 +170,7 @@ def _loggable(row: Any) -> bool:
 def _log_lifecycle(row: Any) -> None:
     """One info line per lifecycle step (accepted with its target count, then the final
     state with the counts); a job that matched no device is a warning."""
-    status = store.status_from_row(row)
+    status = jobs.status_from_row(row)
     state, counts, error = status["state"], status["counts"], status["error"]
     if row["logged_state"] is None and state != JobState.REJECTED:
         log.info("job accepted", job_id=row["job_id"], source=row["source"], targets=counts["targets"])

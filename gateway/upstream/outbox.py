@@ -201,9 +201,8 @@ def _tables(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE upstream_outbox_state ADD COLUMN {name} {decl}")
 
 
-def ensure_schema(conn: sqlite3.Connection) -> None:
-    """The tables (:func:`_tables`) and the state row; safe to call any number of times."""
-    _tables(conn)
+def ensure_state(conn: sqlite3.Connection) -> None:
+    """The state row (the tables are the schema registry's); safe to call any number of times."""
     conn.execute(
         "INSERT OR IGNORE INTO upstream_outbox_state (id, max_bytes) VALUES (1, ?)", (DEFAULT_MAX_BYTES,)
     )
@@ -217,20 +216,15 @@ MIGRATIONS = (_tables,)
 
 
 def _state(conn: sqlite3.Connection, columns: str) -> sqlite3.Row | tuple[int, ...]:
-    """Read the state row, creating or upgrading the schema first if needed.
+    """Read the state row, creating it first if needed.
 
     enqueue must work even if the pipeline writes before the link's start ran
-    ensure_schema (or on a database from an older release); trying the read first costs
-    nothing on the hot path (the error is raised when the statement is prepared and leaves
-    the caller's transaction intact).
+    :func:`ensure_state`; the tables themselves exist from the migrations run at open.
     """
     sql = f"SELECT {columns} FROM upstream_outbox_state WHERE id = 1"
-    try:
-        row = conn.execute(sql).fetchone()
-    except sqlite3.OperationalError:
-        row = None
+    row = conn.execute(sql).fetchone()
     if row is None:
-        ensure_schema(conn)
+        ensure_state(conn)
         row = conn.execute(sql).fetchone()
     return row
 
@@ -548,8 +542,13 @@ def _delete_sent(conn: sqlite3.Connection, seqs: Iterable[int]) -> tuple[int, in
 
 
 def id_prefix(conn: sqlite3.Connection) -> str:
-    """This database's random prefix of the ``id`` every row carries upstream."""
-    return str(_state(conn, "id_prefix")[0])
+    """This database's random prefix of the ``id`` every row carries upstream (drawn now
+    if the state row is older than the prefix: the writer's connection)."""
+    prefix = _state(conn, "id_prefix")[0]
+    if prefix is None:
+        ensure_state(conn)
+        prefix = _state(conn, "id_prefix")[0]
+    return str(prefix)
 
 
 def wire_payload(row: OutboxRow, prefix: str) -> bytes:
@@ -624,6 +623,18 @@ def stats(conn: sqlite3.Connection) -> OutboxStats:
                        "refuse-new" if refuse_new else "drop-oldest", int(held))
 
 
+def backlog(conn: sqlite3.Connection) -> dict[str, float | int | bool | str | None] | None:
+    """The buffer's figures for ``status``, ``/metrics`` and the page (:meth:`OutboxStats.as_dict`),
+    or None when no cloud link ever used this database (no state row; nothing is written,
+    so a read-only connection will do)."""
+    try:
+        if conn.execute("SELECT 1 FROM upstream_outbox_state WHERE id = 1").fetchone() is None:
+            return None
+        return stats(conn).as_dict()
+    except (sqlite3.Error, ValueError, TypeError):
+        return None  # a database the schema registry has not migrated yet: the link's own metrics still count
+
+
 class Outbox:
     """The outbox of one gateway: its policy, its listeners and its rate-limited warning.
 
@@ -670,8 +681,8 @@ class Outbox:
 
     # ------------------------------------------------------------------ policy
     def prepare(self, conn: sqlite3.Connection) -> OutboxStats:
-        """At start (the writer): create or upgrade the tables, store this policy, report."""
-        ensure_schema(conn)
+        """At start (the writer): the state row, this policy stored, a report."""
+        ensure_state(conn)
         self._wake_if(_store_policy(conn, self._max_bytes, self._overflow))
         return stats(conn)
 

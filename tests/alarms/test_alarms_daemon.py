@@ -59,7 +59,7 @@ def iso_ts(text: str) -> float:
 
 
 def alarm_jobs(data_dir: Path, prefix: str) -> list[dict]:
-    from gateway.pipeline import store
+    from gateway.pipeline import jobs as pipeline_jobs
     from gateway.storage import connect
 
     conn = connect(data_dir / "gateway.db")
@@ -67,7 +67,7 @@ def alarm_jobs(data_dir: Path, prefix: str) -> list[dict]:
         rows = conn.execute("SELECT job_id, target, notification FROM jobs WHERE job_id LIKE ? ORDER BY created_at",
                             (prefix + "%",)).fetchall()
         return [{"job_id": r[0], "target": json.loads(r[1]), "notification": json.loads(r[2]),
-                 "status": store.job_status(conn, r[0])} for r in rows]
+                 "status": pipeline_jobs.job_status(conn, r[0])} for r in rows]
     finally:
         conn.close()
 

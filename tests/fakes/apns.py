@@ -6,6 +6,11 @@ ExpiredProviderToken; a token replaced within 20 min → TooManyProviderTokenUpd
 ``apns-topic``, ``apns-push-type``/``apns-priority`` consistency, ``apns-expiration``,
 ``apns-collapse-id`` length, ``apns-id`` form, a JSON body with ``aps`` and ≤ 4096 bytes.
 Answers with Apple's reasons; any reason can be injected per token.
+
+Several apps (:meth:`FakeApns.add_app`): each has its own key (``kid``) and team (``iss``)
+and topic; a device token may belong to one topic (``device_topics``). A JWT signed by
+another app's key for this topic → 403 InvalidProviderToken; a topic not of the JWT's team →
+400 TopicDisallowed; a device token of another topic → 400 DeviceTokenNotForTopic.
 """
 
 from __future__ import annotations
@@ -42,8 +47,13 @@ class FakeApns(FakeService):
         self.seen: list[Seen] = []
         self.accepted: list[Seen] = []
         self.jwts_seen: list[str] = []  # distinct provider tokens, in order of first use
-        self._jwt_switched_at: float | None = None
+        self._jwt_switched_at: dict[str, float] = {}  # key id → when its provider token last changed
         self._verified: dict[str, dict[str, object]] = {}
+        # key id → (key, team); topic → the key ids that may send to it; device token → its topic.
+        self.keys: dict[str, tuple[ec.EllipticCurvePrivateKey, str]] = {key_id: (self.key, team_id)}
+        self.topic_keys: dict[str, set[str]] = {topic: {key_id}}
+        self.device_topics: dict[str, str] = {}
+        self.accepted_by_topic: dict[str, list[Seen]] = {}
         self.server = TlsHttpServer(self.handle, pki.server_context(require_client_cert=cert_auth),
                                     protocols=("h2",))
 
@@ -51,6 +61,13 @@ class FakeApns(FakeService):
     @property
     def endpoint(self) -> str:
         return self.origin
+
+    def add_app(self, topic: str, key_id: str, team_id: str | None = None) -> str:
+        """Another app (bundle id ``topic``) with its own ``.p8`` key; returns the key's PEM."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        self.keys[key_id] = (key, team_id or self.team_id)
+        self.topic_keys.setdefault(topic, set()).add(key_id)
+        return key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode()
 
     def inject(self, token: str, status: int, reason: str, retry_after: int | None = None,
                count: int = 1, timestamp: int | None = None) -> None:
@@ -65,7 +82,7 @@ class FakeApns(FakeService):
         headers = {"apns-id": req.header("apns-id") or str(uuid.uuid4())}
         return json_response(status, {"reason": reason, **extra}, headers)
 
-    def _check_jwt(self, req: Request) -> tuple[int, str] | None:
+    def _check_jwt(self, req: Request, topic: str | None) -> tuple[int, str] | None:
         auth = req.header("authorization")
         if auth is None:
             return 403, "MissingProviderToken"
@@ -83,11 +100,17 @@ class FakeApns(FakeService):
             return 403, "InvalidProviderToken"
         if now - claims["iat"] > 3600:
             return 403, "ExpiredProviderToken"
+        kid = str(claims["kid"])
+        if topic is not None and topic in self.topic_keys and kid not in self.topic_keys[topic]:
+            if self.keys[kid][1] != next(self.keys[k][1] for k in self.topic_keys[topic]):
+                return 400, "TopicDisallowed"  # the topic is not an app of this key's team
+            return 403, "InvalidProviderToken"  # signed by a key that is not this app's
         if token not in self.jwts_seen:
-            if self._jwt_switched_at is not None and now - self._jwt_switched_at < 20 * 60:
+            switched = self._jwt_switched_at.get(kid)
+            if switched is not None and now - switched < 20 * 60:
                 return 429, "TooManyProviderTokenUpdates"
             self.jwts_seen.append(token)
-            self._jwt_switched_at = now
+            self._jwt_switched_at[kid] = now
         return None
 
     def _verify(self, token: str) -> dict[str, object] | None:
@@ -95,15 +118,16 @@ class FakeApns(FakeService):
         (as APNs does: the signature of a reused token is not re-checked per request)."""
         try:
             header = jwt.get_unverified_header(token)
-            if header.get("alg") != "ES256" or header.get("kid") != self.key_id:
+            if header.get("alg") != "ES256" or header.get("kid") not in self.keys:
                 return None
-            claims = jwt.decode(token, self.key.public_key(), algorithms=["ES256"],
+            key, team = self.keys[header["kid"]]
+            claims = jwt.decode(token, key.public_key(), algorithms=["ES256"],
                                 options={"verify_exp": False, "verify_iat": False, "require": ["iss", "iat"]})
         except jwt.PyJWTError:
             return None
-        if claims.get("iss") != self.team_id or not isinstance(claims.get("iat"), int):
+        if claims.get("iss") != team or not isinstance(claims.get("iat"), int):
             return None
-        return claims
+        return {**claims, "kid": header["kid"]}
 
     async def handle(self, req: Request) -> Response:
         if req.http_version != "2":
@@ -115,7 +139,7 @@ class FakeApns(FakeService):
             return self._error(req, 404, "BadPath")
         token = m.group(1)
         if not self.cert_auth:
-            problem = self._check_jwt(req)
+            problem = self._check_jwt(req, req.header("apns-topic"))
             if problem:
                 return self._error(req, *problem)
         apns_id = req.header("apns-id")
@@ -124,8 +148,10 @@ class FakeApns(FakeService):
         topic = req.header("apns-topic")
         if topic is None:
             return self._error(req, 400, "MissingTopic")
-        if topic != self.topic:
+        if topic not in self.topic_keys:
             return self._error(req, 400, "TopicDisallowed")
+        if self.device_topics.get(token, topic) != topic:
+            return self._error(req, 400, "DeviceTokenNotForTopic")
         push_type = req.header("apns-push-type")
         if push_type not in PUSH_TYPES:
             return self._error(req, 400, "InvalidPushType")
@@ -164,4 +190,5 @@ class FakeApns(FakeService):
         seen = Seen(req, 200, "", payload)
         self.seen.append(seen)
         self.accepted.append(seen)
+        self.accepted_by_topic.setdefault(topic, []).append(seen)
         return Response(200, b"", {"apns-id": apns_id or str(uuid.uuid4())})

@@ -3,7 +3,9 @@
 Token endpoint (``POST /token``): the JWT-bearer grant; the assertion must be RS256-signed
 by the service account's key, ``iss`` = its email, ``aud`` = Google's token URL, the FCM
 scope, ``exp - iat`` ≤ 3600 and not expired. Send endpoint
-(``POST /v1/projects/<id>/messages:send``): a current bearer token this fake issued, a
+(``POST /v1/projects/<id>/messages:send``): a current bearer token this fake issued *for
+that project's service account* (several projects, one per app: :meth:`FakeFcm.add_project`;
+another project's token is refused with 403 PERMISSION_DENIED, as Google does), a
 JSON ``{"message": ...}`` with exactly one target, string-only ``data``, known
 notification/android fields, ``ttl`` as a duration, ≤ 4096 bytes of payload. Errors are
 Google's shape with an FcmError ``errorCode``; any can be injected per token.
@@ -54,6 +56,10 @@ class FakeFcm(FakeService):
         self.token_lifetime = token_lifetime
         self.sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.client_email = f"gateway@{project_id}.iam.gserviceaccount.com"
+        # client_email → (its key, its project): the accounts the token endpoint knows.
+        self.accounts: dict[str, tuple[Any, str]] = {self.client_email: (self.sa_key, project_id)}
+        self.token_projects: dict[str, str] = {}  # access token → the project its account belongs to
+        self.accepted_by_project: dict[str, list[Seen]] = {}
         self.clock = Clock()
         self.injections = Injections()
         self.token_injections = Injections()
@@ -69,11 +75,21 @@ class FakeFcm(FakeService):
     def endpoint(self) -> str:
         return self.origin
 
-    def service_account(self) -> dict[str, Any]:
-        pem = self.sa_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode()
-        return {"type": "service_account", "project_id": self.project_id, "private_key_id": "k1",
-                "private_key": pem, "client_email": self.client_email, "client_id": "1",
+    def service_account(self, project_id: str | None = None) -> dict[str, Any]:
+        """The service account JSON of ``project_id`` (default: the first project)."""
+        project_id = project_id or self.project_id
+        email = next(e for e, (_, p) in self.accounts.items() if p == project_id)
+        key = self.accounts[email][0]
+        pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode()
+        return {"type": "service_account", "project_id": project_id, "private_key_id": "k1",
+                "private_key": pem, "client_email": email, "client_id": "1",
                 "token_uri": f"{self.endpoint}/token"}
+
+    def add_project(self, project_id: str) -> dict[str, Any]:
+        """Another Firebase project (another app) with its own service account; returns its JSON."""
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.accounts[f"gateway@{project_id}.iam.gserviceaccount.com"] = (key, project_id)
+        return self.service_account(project_id)
 
     def inject(self, token: str, error_code: str, retry_after: int | None = None, count: int = 1,
                message: str = "", details: list[dict[str, Any]] | None = None) -> None:
@@ -91,13 +107,18 @@ class FakeFcm(FakeService):
         m = re.fullmatch(r"/v1/projects/([^/]+)/messages:send", req.path)
         if not m or req.method != "POST":
             return self._err(req, 404, "NOT_FOUND", "not found")
-        if m.group(1) != self.project_id:
+        project = m.group(1)
+        if project not in {p for _, p in self.accounts.values()}:
             return self._fcm(req, "PERMISSION_DENIED", "project mismatch")
         auth = req.header("authorization") or ""
         token = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
         if not token or self.tokens.get(token, 0) < self.clock():
             return self._err(req, 401, "UNAUTHENTICATED", "Request had invalid authentication credentials.",
                              [{"@type": FCM_ERROR, "errorCode": "UNAUTHENTICATED"}])
+        if self.token_projects.get(token) != project:
+            # Authenticated, but as another project's service account.
+            return self._fcm(req, "PERMISSION_DENIED",
+                             f"Permission 'cloudmessaging.messages.create' denied on resource '//cloudresourcemanager.googleapis.com/projects/{project}'")
         if not (req.header("content-type") or "").startswith("application/json"):
             return self._fcm(req, "INVALID_ARGUMENT", "content-type must be application/json")
         try:
@@ -118,7 +139,8 @@ class FakeFcm(FakeService):
         seen = Seen(req, 200, "", message)
         self.seen.append(seen)
         self.accepted.append(seen)
-        return json_response(200, {"name": f"projects/{self.project_id}/messages/{secrets.token_hex(8)}"})
+        self.accepted_by_project.setdefault(project, []).append(seen)
+        return json_response(200, {"name": f"projects/{project}/messages/{secrets.token_hex(8)}"})
 
     def _validate(self, body: Any) -> str | None:
         if not isinstance(body, dict) or set(body) - {"message", "validate_only"} or not isinstance(body.get("message"), dict):
@@ -170,18 +192,25 @@ class FakeFcm(FakeService):
         if req.method != "POST" or form.get("grant_type") != "urn:ietf:params:oauth:grant-type:jwt-bearer":
             return json_response(400, {"error": "unsupported_grant_type"})
         try:
-            claims = jwt.decode(form.get("assertion", ""), self.sa_key.public_key(), algorithms=["RS256"],
+            issuer = jwt.decode(form.get("assertion", ""), options={"verify_signature": False}).get("iss")
+        except jwt.PyJWTError as exc:
+            return json_response(400, {"error": "invalid_grant", "error_description": f"Invalid JWT: {exc}"})
+        if issuer not in self.accounts:
+            return json_response(400, {"error": "invalid_grant", "error_description": "Invalid issuer"})
+        account_key, project = self.accounts[issuer]
+        try:
+            claims = jwt.decode(form.get("assertion", ""), account_key.public_key(), algorithms=["RS256"],
                                 audience=GOOGLE_TOKEN_AUD, options={"verify_exp": False, "verify_iat": False,
                                                                      "require": ["iss", "aud", "iat", "exp"]})
         except jwt.PyJWTError as exc:
             return json_response(400, {"error": "invalid_grant", "error_description": f"Invalid JWT: {exc}"})
         now = self.clock()
-        if claims["iss"] != self.client_email:
-            return json_response(400, {"error": "invalid_grant", "error_description": "Invalid issuer"})
+
         if SCOPE not in str(claims.get("scope", "")).split():
             return json_response(400, {"error": "invalid_scope"})
         if claims["exp"] - claims["iat"] > 3600 or claims["exp"] < now or claims["iat"] > now + 300:
             return json_response(400, {"error": "invalid_grant", "error_description": "Invalid JWT: Token must be a short-lived token"})
         token = "ya29." + secrets.token_urlsafe(24)
         self.tokens[token] = now + self.token_lifetime
+        self.token_projects[token] = project
         return json_response(200, {"access_token": token, "expires_in": self.token_lifetime, "token_type": "Bearer"})

@@ -5,6 +5,10 @@ a token from the other flow is refused at send time (they are not interchangeabl
 channel endpoint is HTTP/1.1 only and checks ``Content-Length``, the bearer token,
 ``X-WNS-Type`` against ``Content-Type``, well-formed XML whose root matches the type, the
 optional headers' ranges and the 5000-byte limit; answers carry ``X-WNS-Status``.
+
+Several apps (:meth:`FakeWns.add_client`): a token is issued to one client, a channel
+belongs to one client (``new_channel(client_id=...)``), and a token of another client is
+refused with 403, as WNS refuses a cloud service not authorized for the channel URI.
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ class FakeWns(FakeService):
         self.token_lifetime = token_lifetime
         self.clock = Clock()
         self.tokens: dict[str, tuple[str, float]] = {}  # token → (flow, expiry)
+        self.clients: dict[str, str] = {client_id: client_secret}  # client id → its secret
+        self.token_clients: dict[str, str] = {}  # token → the client it was issued to
+        self.channel_clients: dict[str, str] = {}  # channel id → the client (app) it belongs to
+        self.accepted_by_client: dict[str, list[Seen]] = {}
         self.token_requests = 0
         self.token_forms: list[dict[str, str]] = []
         self.channels: set[str] = set()  # valid channel ids (the `token` query parameter)
@@ -49,9 +57,14 @@ class FakeWns(FakeService):
             return f"{self.server.origin}/accesstoken.srf"
         return f"{self.server.origin}/{self.tenant}/oauth2/v2.0/token"
 
-    def new_channel(self, host: str = "localhost") -> str:
+    def add_client(self, client_id: str, client_secret: str) -> None:
+        """Another app with its own client credentials."""
+        self.clients[client_id] = client_secret
+
+    def new_channel(self, host: str = "localhost", client_id: str | None = None) -> str:
         channel = secrets.token_urlsafe(12)
         self.channels.add(channel)
+        self.channel_clients[channel] = client_id or self.client_id
         return f"https://{host}:{self.server.port}/w/?token={channel}"
 
     def inject(self, channel_uri: str, status: int, headers: dict[str, str] | None = None, count: int = 1) -> None:
@@ -78,13 +91,14 @@ class FakeWns(FakeService):
             return json_response(400, {"error": "invalid_request"})
         if form.get("grant_type") != "client_credentials":
             return json_response(400, {"error": "unsupported_grant_type"})
-        if form.get("client_id") != self.client_id or form.get("client_secret") != self.client_secret:
+        if form.get("client_id") not in self.clients or form.get("client_secret") != self.clients[form["client_id"]]:
             return json_response(400 if flow == "live" else 401, {"error": "invalid_client"})
         expected_scope = LIVE_SCOPE if flow == "live" else ENTRA_SCOPE
         if form.get("scope") != expected_scope:
             return json_response(400, {"error": "invalid_scope"})
         token = secrets.token_urlsafe(24)
         self.tokens[token] = (flow, self.clock() + self.token_lifetime)
+        self.token_clients[token] = form["client_id"]
         return json_response(200, {"access_token": token, "token_type": "bearer",
                                    "expires_in": self.token_lifetime})
 
@@ -143,9 +157,13 @@ class FakeWns(FakeService):
             return self._answer(req, 410, "channel expired")
         if channel not in self.channels:
             return self._answer(req, 404, "unknown channel")
+        owner = self.channel_clients.get(channel, self.client_id)
+        if self.token_clients.get(token) != owner:
+            return self._answer(req, 403, "token of another app", {"x-wns-error-description": "Forbidden"})
         seen = Seen(req, 200, "", decoded)
         self.seen.append(seen)
         self.accepted.append(seen)
+        self.accepted_by_client.setdefault(owner, []).append(seen)
         headers = {"x-wns-msg-id": secrets.token_hex(8), "x-wns-debug-trace": "fake"}
         if req.header("x-wns-requestforstatus") == "true":
             headers["x-wns-status"] = "received"

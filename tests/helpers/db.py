@@ -14,25 +14,25 @@ def bulk_register(data_dir: Path, devices: list[dict[str, Any]]) -> None:
     """Put many devices in the registry the way `devices add` does (same store code), in one transaction."""
     from devices.models import Device
     from gateway import migrations
-    from gateway.pipeline import store
+    from gateway.pipeline import registry
     from gateway.storage import connect
 
     conn = connect(data_dir / "gateway.db")
     conn.execute("BEGIN IMMEDIATE")
     migrations.migrate(conn)
     for d in devices:
-        store.upsert_device(conn, Device.model_validate(d), "test")
+        registry.upsert_device(conn, Device.model_validate(d), "test")
     conn.execute("COMMIT")
     conn.close()
 
 
 def job_status_from_db(data_dir: Path, job_id: str) -> dict[str, Any] | None:
-    from gateway.pipeline import store
+    from gateway.pipeline import jobs
     from gateway.storage import connect
 
     conn = connect(data_dir / "gateway.db")
     try:
-        return store.job_status(conn, job_id)
+        return jobs.job_status(conn, job_id)
     finally:
         conn.close()
 

@@ -60,10 +60,10 @@ def test_ack_latency_of_a_200_ms_fleet_reads_200_ms_everywhere(gw: ApiGateway):
     families = {f.name: f for f in text_string_to_metric_families(gw.client().get("/metrics").text)}
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for s in families["homepot_ack_latency_seconds"].samples}
-    count = samples[("homepot_ack_latency_seconds_count", (("platform", "simulation"),))]
-    total = samples[("homepot_ack_latency_seconds_sum", (("platform", "simulation"),))]
+    count = samples[("homepot_ack_latency_seconds_count", (("app", ""), ("platform", "simulation"),))]
+    total = samples[("homepot_ack_latency_seconds_sum", (("app", ""), ("platform", "simulation"),))]
     assert count == DEVICES and LOW / 1000 <= total / count <= HIGH / 1000, (count, total)
-    below = samples[("homepot_ack_latency_seconds_bucket", (("le", "0.1"), ("platform", "simulation")))]
+    below = samples[("homepot_ack_latency_seconds_bucket", (("app", ""), ("le", "0.1"), ("platform", "simulation")))]
     assert below == 0, samples  # none in the fast buckets
 
     # The operator page's API: the job's latency summary and its deliveries.

@@ -220,10 +220,10 @@ def test_metrics_are_prometheus_text_that_its_own_parser_reads(api):
         assert name in families, (name, sorted(families))
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
     sent = db_rows(api.data_dir, "SELECT COUNT(*) FROM deliveries WHERE platform = 'simulation' AND state = 'sent'")[0][0]
-    assert samples[("homepot_deliveries", (("platform", "simulation"), ("state", "sent")))] == sent
+    assert samples[("homepot_deliveries", (("app", ""), ("platform", "simulation"), ("state", "sent")))] == sent
     assert samples[("homepot_healthy", ())] == 1.0
-    assert samples[("homepot_bridge_healthy", (("platform", "simulation"),))] == 1.0
-    assert samples[("homepot_ack_latency_seconds_count", (("platform", "mqtt"),))] >= 1  # the http ack test's
+    assert samples[("homepot_bridge_healthy", (("app", ""), ("platform", "simulation")))] == 1.0
+    assert samples[("homepot_ack_latency_seconds_count", (("app", ""), ("platform", "mqtt")))] >= 1  # the http ack test's
     assert any(n == "homepot_http_requests_total" and dict(lb).get("route") == "/v1/jobs" for n, lb in samples)
     assert samples[("homepot_devices", ())] == db_rows(api.data_dir, "SELECT COUNT(*) FROM devices")[0][0]
     t0 = time.perf_counter()

@@ -68,7 +68,7 @@ def test_a_bridge_that_cannot_start_degrades_healthz_metrics_and_status(tmp_path
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                    for f in text_string_to_metric_families(api.client().get("/metrics").text) for s in f.samples}
         assert samples[("homepot_healthy", ())] == 0.0
-        assert samples[("homepot_bridge_healthy", (("platform", "apns"),))] == 0.0
+        assert samples[("homepot_bridge_healthy", (("app", ""), ("platform", "apns")))] == 0.0
         assert samples[("homepot_health_check", (("check", "bridges"),))] == 0.0
         wait_until(lambda: json.loads((api.data_dir / "runtime.json").read_text())["status"] == "degraded")
         code, out = status(api.config, "--json")

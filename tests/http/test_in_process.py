@@ -23,7 +23,7 @@ from gateway.http.routes import ApiParts, api_app
 from gateway.http.streams import StreamSlots
 from gateway.metrics import Metrics
 from gateway import migrations
-from gateway.pipeline import store
+from gateway.pipeline import acks
 from gateway.pipeline.models import AckVia
 from gateway.storage import connect
 from gateway.storage import transaction as tx
@@ -46,9 +46,9 @@ class StrictIntake:
     async def register_device(self, device_id: str, payload: bytes, source: str) -> bool:
         raise AssertionError(f"unexpected register_device {device_id} from {source}")
 
-    async def ack(self, device_id: str, payload: bytes, source: str, via: AckVia) -> store.AckResult | None:
+    async def ack(self, device_id: str, payload: bytes, source: str, via: AckVia) -> acks.AckResult | None:
         self.acks.append((device_id, json.loads(payload), f"{source} via {via}"))
-        return store.AckResult(True, job_id="job-1", latency_ms=42.0, first=len(self.acks) == 1)
+        return acks.AckResult(True, job_id="job-1", latency_ms=42.0, first=len(self.acks) == 1)
 
 
 class StrictPeople:

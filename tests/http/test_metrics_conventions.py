@@ -48,9 +48,9 @@ def test_a_live_scrape_passes_promtool_and_has_the_series_alerts_need(tmp_path: 
     try:
         # Before any traffic: the series an alert reads exist, at 0.
         first = samples_of(api.client().get("/metrics").text)
-        assert first[("homepot_queue_depth", (("platform", "fcm"),))] == 0.0
-        assert first[("homepot_deliveries", (("platform", "fcm"), ("state", "queued")))] == 0.0
-        assert first[("homepot_bridge_outcomes_total", (("outcome", "throttled"), ("platform", "fcm")))] == 0.0
+        assert first[("homepot_queue_depth", (("app", ""), ("platform", "fcm"),))] == 0.0
+        assert first[("homepot_deliveries", (("app", ""), ("platform", "fcm"), ("state", "queued")))] == 0.0
+        assert first[("homepot_bridge_outcomes_total", (("app", ""), ("outcome", "throttled"), ("platform", "fcm")))] == 0.0
         assert first[("homepot_alarms_firing", (("rule", "freezer-high"),))] == 0.0
         assert first[("homepot_jobs", (("state", "dispatching"),))] == 0.0
 
@@ -78,11 +78,11 @@ def test_a_live_scrape_passes_promtool_and_has_the_series_alerts_need(tmp_path: 
         lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
         assert lint.returncode == 0, lint.stdout + lint.stderr
         s = samples_of(text)
-        assert s[("homepot_bridge_outcomes_total", (("outcome", "throttled"), ("platform", "fcm")))] == 1.0
-        assert s[("homepot_bridge_outcomes_total", (("outcome", "accepted"), ("platform", "fcm")))] == 2.0
-        assert s[("homepot_bridge_outcomes_total", (("outcome", "invalid_address"), ("platform", "fcm")))] == 0.0
+        assert s[("homepot_bridge_outcomes_total", (("app", ""), ("outcome", "throttled"), ("platform", "fcm")))] == 1.0
+        assert s[("homepot_bridge_outcomes_total", (("app", ""), ("outcome", "accepted"), ("platform", "fcm")))] == 2.0
+        assert s[("homepot_bridge_outcomes_total", (("app", ""), ("outcome", "invalid_address"), ("platform", "fcm")))] == 0.0
         assert s[("homepot_alarms_firing", (("rule", "door-open"),))] == 0.0
-        assert s[("homepot_queue_depth", (("platform", "fcm"),))] == 0.0
+        assert s[("homepot_queue_depth", (("app", ""), ("platform", "fcm"),))] == 0.0
         builds = [k for k in s if k[0] == "homepot_build_info"]
         assert len(builds) == 1 and s[builds[0]] == 1.0 and dict(builds[0][1])["version"]
         assert s[("homepot_http_request_duration_seconds_count", (("method", "POST"), ("route", "/v1/jobs")))] >= 1

@@ -143,12 +143,12 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiGateway]:
 
 def _mark_invalid(data_dir: Path, device_id: str, key: str, reason: str) -> None:
     """What the pipeline records when a platform reports an address invalid (same store code)."""
-    from gateway.pipeline import store
+    from gateway.pipeline import registry
     from gateway.storage import connect
 
     conn = connect(data_dir / "gateway.db")
     conn.execute("BEGIN IMMEDIATE")
-    store.mark_invalid(conn, device_id, key, reason, time.time() - 3600)
+    registry.mark_invalid(conn, device_id, key, reason, time.time() - 3600)
     conn.execute("COMMIT")
     conn.close()
 

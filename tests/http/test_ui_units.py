@@ -20,7 +20,7 @@ from gateway.http import ui_queries as q
 from gateway.http.sessions import IDLE_S, MAX_AGE_S, SessionStore, cookie_header
 from gateway.http.errors import ApiError
 from gateway.http.ui import error_fields
-from gateway.pipeline import store
+from gateway.pipeline import deliveries, jobs, registry
 from gateway.pipeline.models import InputError, decode_json_object, parse_job
 
 
@@ -42,21 +42,21 @@ def tag_rows(conn: sqlite3.Connection) -> set[tuple[str, str]]:
 
 def test_the_tag_table_follows_every_registry_write_and_is_rebuilt_when_missing():
     conn = fresh_db()
-    store.upsert_device(conn, device("a", tags=["x", "y"]), "t")
-    store.upsert_device(conn, device("b", tags=["y"]), "t")
+    registry.upsert_device(conn, device("a", tags=["x", "y"]), "t")
+    registry.upsert_device(conn, device("b", tags=["y"]), "t")
     assert tag_rows(conn) == {("x", "a"), ("y", "a"), ("y", "b")}
-    store.upsert_device(conn, device("a", tags=["z"]), "t")  # re-registration replaces the tags
+    registry.upsert_device(conn, device("a", tags=["z"]), "t")  # re-registration replaces the tags
     assert tag_rows(conn) == {("z", "a"), ("y", "b")}
-    store.remove_device(conn, "b")
+    registry.remove_device(conn, "b")
     assert tag_rows(conn) == {("z", "a")}
     # A malformed tags value (no writer makes one) never makes a registry write fail.
     conn.execute("UPDATE devices SET tags = 'not json' WHERE device_id = 'a'")
     assert tag_rows(conn) == set()
     conn.execute("DELETE FROM devices")
-    store.upsert_device(conn, device("c", tags=["t"]), "t")
+    registry.upsert_device(conn, device("c", tags=["t"]), "t")
     # Written while the triggers were away (an older gateway): the next start recounts.
     conn.execute("DROP TRIGGER ui_device_tags_insert")
-    store.upsert_device(conn, device("d", tags=["t"]), "t")
+    registry.upsert_device(conn, device("d", tags=["t"]), "t")
     assert tag_rows(conn) == {("t", "c")}
     # ...whose pipeline schema was at the version before the tag table was its own.
     conn.execute("UPDATE schema_versions SET version = 2 WHERE component = 'pipeline'")
@@ -82,11 +82,11 @@ def test_every_page_is_read_through_an_index_whatever_the_fleet_size():
     conn = fresh_db()
     conn.execute("BEGIN")
     for i in range(5000):
-        store.upsert_device(conn, device(f"d-{i:05}", f"s{i % 10}", [f"t{i % 7}"]), "t")
+        registry.upsert_device(conn, device(f"d-{i:05}", f"s{i % 10}", [f"t{i % 7}"]), "t")
     for j in range(50):
-        store.insert_job(conn, parse_job({"job_id": f"job-{j:03}", "target": {"segment": "s1"},
+        jobs.insert_job(conn, parse_job({"job_id": f"job-{j:03}", "target": {"segment": "s1"},
                                           "notification": {"title": "x"}}), "t", now=1000.0 + j)
-    while not store.expand_page(conn, "job-049", 200, time.time()):
+    while not deliveries.expand_page(conn, "job-049", 200, time.time()):
         pass
     conn.execute("COMMIT")
     conn.execute("ANALYZE")
@@ -129,9 +129,9 @@ def test_every_page_is_read_through_an_index_whatever_the_fleet_size():
 def test_job_latency_is_exact_for_small_jobs_and_a_bucket_bound_for_huge_ones(monkeypatch):
     conn = fresh_db()
     for i in range(100):
-        store.upsert_device(conn, device(f"d-{i:03}"), "t")
-    store.insert_job(conn, parse_job({"job_id": "j", "target": {"all": True}, "notification": {"title": "t"}}), "t")
-    while not store.expand_page(conn, "j", 50, time.time()):
+        registry.upsert_device(conn, device(f"d-{i:03}"), "t")
+    jobs.insert_job(conn, parse_job({"job_id": "j", "target": {"all": True}, "notification": {"title": "t"}}), "t")
+    while not deliveries.expand_page(conn, "j", 50, time.time()):
         pass
     conn.executemany("UPDATE deliveries SET state = 'acknowledged', latency_ms = ? WHERE device_id = ?",
                      [(float(i * 10), f"d-{i:03}") for i in range(100)])
@@ -243,7 +243,7 @@ def test_the_cookie_is_httponly_samesite_strict_and_secure_over_https():
 
 def test_summaries_carry_the_cursor_of_the_page_that_would_follow():
     conn = fresh_db()
-    store.insert_job(conn, parse_job({"job_id": "a", "target": {"all": True}, "notification": {"title": "T"}}), "mqtt",
+    jobs.insert_job(conn, parse_job({"job_id": "a", "target": {"all": True}, "notification": {"title": "T"}}), "mqtt",
                      now=5.5)
     [summary] = q.jobs_page(conn, 5)["jobs"]
     assert summary["cursor"] == q.encode_job_cursor(5.5, "a") and summary["title"] == "T" and summary["source"] == "mqtt"
@@ -259,9 +259,9 @@ def test_a_device_whose_tags_repeat_one_registers_and_re_registers():
     to them too: a repeated tag must not make the registration fail (it did with the page's
     old ``INSERT OR IGNORE`` triggers)."""
     conn = fresh_db()
-    store.upsert_device(conn, device("r", tags=["t", "t"]), "t")
-    store.upsert_device(conn, device("r", tags=["u", "u", "t"]), "t")
-    store.upsert_devices(conn, [(device("r", tags=["v", "v"]), "t")], time.time())
+    registry.upsert_device(conn, device("r", tags=["t", "t"]), "t")
+    registry.upsert_device(conn, device("r", tags=["u", "u", "t"]), "t")
+    registry.upsert_devices(conn, [(device("r", tags=["v", "v"]), "t")], time.time())
     assert tag_rows(conn) == {("v", "r")}
 
 

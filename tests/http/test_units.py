@@ -14,7 +14,8 @@ from gateway.config import parse_config
 from gateway.http.acks import AckSigner, load_or_create_secret
 from gateway.http.auth import BasicAuth
 from gateway.http.errors import ApiError
-from gateway.pipeline import store
+from gateway.pipeline import deliveries, jobs, registry, retention
+from gateway.pipeline import acks as pipeline_acks
 from gateway.pipeline.deliveries import DeliveryWriter
 from gateway.pipeline.models import AckIn, parse_job
 from gateway.timeutil import iso, utcnow
@@ -37,29 +38,29 @@ def test_delivery_stats_follow_every_pipeline_write_and_survive_a_recount():
     from devices.models import Device
 
     for i in range(30):
-        store.upsert_device(conn, Device.model_validate({"device_id": f"d-{i:02}", "channels": [{"platform": "mqtt"}]}), "t")
+        registry.upsert_device(conn, Device.model_validate({"device_id": f"d-{i:02}", "channels": [{"platform": "mqtt"}]}), "t")
     job = parse_job({"job_id": "j", "target": {"all": True}, "notification": {"title": "x"}})
-    store.insert_job(conn, job, "t")
-    assert not store.expand_page(conn, "j", 20, time.time()) and store.expand_page(conn, "j", 20, time.time())
-    assert store.job_status(conn, "j")["counts"]["targets"] == 30  # rowcount, not trigger writes
+    jobs.insert_job(conn, job, "t")
+    assert not deliveries.expand_page(conn, "j", 20, time.time()) and deliveries.expand_page(conn, "j", 20, time.time())
+    assert jobs.job_status(conn, "j")["counts"]["targets"] == 30  # rowcount, not trigger writes
     assert stats.delivery_counts(conn) == {("", "queued"): 30} == grouped(conn)
-    rows = store.due_deliveries(conn, time.time() + 1, 100)
-    results = [store.Result(r.message_id, r.job_id, r.device_id, "sent", platform="mqtt", attempts=1) for r in rows[:20]]
-    results += [store.Result(r.message_id, r.job_id, r.device_id, "failed", platform="fcm", attempts=1) for r in rows[20:25]]
-    store.apply_results(conn, results, time.time())
+    rows = deliveries.due_deliveries(conn, time.time() + 1, 100)
+    results = [deliveries.Result(r.message_id, r.job_id, r.device_id, "sent", platform="mqtt", attempts=1) for r in rows[:20]]
+    results += [deliveries.Result(r.message_id, r.job_id, r.device_id, "failed", platform="fcm", attempts=1) for r in rows[20:25]]
+    deliveries.apply_results(conn, results, time.time())
     acks = [(r.device_id, AckIn(message_id=r.message_id, status="received", at=iso(utcnow()))) for r in rows[:12]]
-    store.apply_acks(conn, acks, time.time() + 0.2)
-    store.apply_acks(conn, acks[:3], time.time())  # second acks: stored, not counted again
+    pipeline_acks.apply_acks(conn, acks, time.time() + 0.2)
+    pipeline_acks.apply_acks(conn, acks[:3], time.time())  # second acks: stored, not counted again
     assert stats.delivery_counts(conn) == grouped(conn) == {
         ("", "queued"): 5, ("mqtt", "sent"): 8, ("mqtt", "acknowledged"): 12, ("fcm", "failed"): 5}
     latency = stats.ack_latency(conn)["mqtt"]
     assert latency["count"] == 12 and latency["buckets"][-1] == (float("inf"), 12)
     assert [n for _, n in latency["buckets"]] == sorted(n for _, n in latency["buckets"])  # cumulative
     failed = [r[0] for r in conn.execute("SELECT message_id FROM deliveries WHERE state = 'failed'")]
-    with DeliveryWriter(conn, time.time()) as writer:  # a deletion, as retention (store.prune) makes it
+    with DeliveryWriter(conn, time.time()) as writer:  # a deletion, as retention (retention.prune) makes it
         writer.delete(failed)
     assert stats.delivery_counts(conn) == grouped(conn)
-    assert stats.oldest_queued(conn)[""] >= 0 and set(stats.oldest_queued(conn)) == {""}
+    assert deliveries.oldest_queued(conn)[""] >= 0 and set(deliveries.oldest_queued(conn)) == {""}
     migrations.migrate(conn)  # a start with exact counts: nothing to repair
     assert not stats.stale(conn) and stats.delivery_counts(conn) == grouped(conn)
     conn.execute("UPDATE deliveries SET state = 'expired' WHERE state = 'queued'")  # a writer bypassing the writer...
@@ -71,9 +72,9 @@ def test_delivery_stats_follow_every_pipeline_write_and_survive_a_recount():
     migrations.migrate(conn)
     assert stats.delivery_counts(conn) == grouped(conn)
     conn.execute("UPDATE jobs SET state = 'completed', updated_at = 0 WHERE job_id = 'j'")
-    store.prune(conn, time.time(), time.time(), max_rows=7)  # retention: part of the job's rows...
+    retention.prune(conn, time.time(), time.time(), max_rows=7)  # retention: part of the job's rows...
     assert stats.delivery_counts(conn) == grouped(conn) and sum(grouped(conn).values()) == 25 - 7
-    store.prune(conn, time.time(), time.time())  # ...then the rest and the job
+    retention.prune(conn, time.time(), time.time())  # ...then the rest and the job
     assert stats.delivery_counts(conn) == grouped(conn) == {} and not stats.stale(conn)
     assert stats.ack_latency(conn)["mqtt"]["count"] == 12  # a histogram only grows
 
@@ -182,9 +183,9 @@ def test_a_route_column_gives_queued_work_its_platform_before_the_first_attempt(
     with DeliveryWriter(conn, time.time()) as writer:
         writer.insert("j", [("d2", "wns")], "queued", None, 0)
     with DeliveryWriter(conn, time.time()) as writer:  # a queued delivery routed to another bridge
-        writer.record([store.Result(m1, "j", "d1", "queued", route="apns", next_at=0)])
+        writer.record([deliveries.Result(m1, "j", "d1", "queued", route="apns", next_at=0)])
     assert stats.delivery_counts(conn) == {("apns", "queued"): 1, ("wns", "queued"): 1}
-    assert set(stats.oldest_queued(conn)) == {"apns", "wns"}
+    assert set(deliveries.oldest_queued(conn)) == {"apns", "wns"}
     plan = conn.execute("EXPLAIN QUERY PLAN SELECT 1 FROM deliveries WHERE job_id = 'j' AND state = 'queued' "
                         f"AND {stats.platform_key(conn)} = 'wns' LIMIT 1").fetchall()
     assert stats.QUEUED_INDEX in str(plan)

@@ -15,7 +15,7 @@ from gateway import clock, stats
 from gateway.people import store as people_store
 from gateway.people.gate import PeopleGate
 from gateway.people.model import Person
-from gateway.pipeline import store
+from gateway.pipeline import jobs as pipeline_jobs
 from tests.pipeline.test_policies import Harness, ScriptedBridge, db, job, sim  # noqa: F401 - db is a fixture
 
 EVERY_DAY = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
@@ -168,7 +168,7 @@ async def test_a_people_job_holds_the_person_then_reaches_them_in_turn_after_the
     assert rows["ulf-phone"]["reason"] == "quiet hours until 2026-12-07 22:00 UTC (UTC)"
     # The browser waits its turn (1 s after the job), then for the window's end and its turn after it.
     assert rows["ulf-browser"]["state"] == "queued"
-    status = await db.run(lambda conn: store.job_status(conn, job_id))
+    status = await db.run(lambda conn: pipeline_jobs.job_status(conn, job_id))
     assert status["people"] == {"targets": 2, "reached": 0, "held": 1}
     status = await h.run_until_complete(job_id, timeout=10)
     assert status["people"] == {"targets": 2, "reached": 0, "held": 0}

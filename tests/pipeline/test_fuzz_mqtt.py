@@ -149,13 +149,13 @@ def test_every_fuzzed_mqtt_input_is_answered_and_the_daemon_keeps_working(gatewa
     errors = [json.loads(p) for _, t, p, _ in msgs if t == f"{P}/gateway/errors"]
     assert Counter(e["topic"] for e in errors) == errors_per_topic  # exactly one answer each
     assert all(e["error"]["code"] and ":" in e["error"]["message"] for e in errors)
-    from gateway.pipeline import store
+    from gateway.pipeline import jobs
     from gateway.storage import connect
 
     deadline = time.monotonic() + 30
     while True:
         conn = connect(tmp_path / "var" / "gateway.db")
-        counts = store.counters(conn)
+        counts = jobs.counters(conn)
         conn.close()
         if counts.get("acks_refused", 0) + counts.get("acks_stored", 0) >= well_formed_acks:
             break

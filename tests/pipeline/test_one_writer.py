@@ -15,7 +15,8 @@ import pytest
 
 from bridges.base import Outcome
 from gateway import stats
-from gateway.pipeline import retention, store
+from gateway.pipeline import deliveries, jobs, registry, retention
+from gateway.pipeline import acks as pipeline_acks
 from gateway.pipeline.models import Ack
 from gateway.storage import Database
 
@@ -32,10 +33,10 @@ def _job_counts(conn: sqlite3.Connection) -> list[tuple[str, dict[str, int]]]:
     """Each job's kept counts next to its rows counted."""
     out = []
     for (job_id,) in conn.execute("SELECT job_id FROM jobs ORDER BY job_id").fetchall():
-        kept = store.job_status(conn, job_id)["counts"]
+        kept = jobs.job_status(conn, job_id)["counts"]
         rows = dict(conn.execute("SELECT state, COUNT(*) FROM deliveries WHERE job_id = ? GROUP BY state",
                                  (job_id,)).fetchall())
-        out.append((job_id, {k: kept[k] for k in store.COUNT_KEYS}, {k: rows.get(k, 0) for k in store.COUNT_KEYS}))
+        out.append((job_id, {k: kept[k] for k in jobs.COUNT_KEYS}, {k: rows.get(k, 0) for k in jobs.COUNT_KEYS}))
     return out
 
 
@@ -71,23 +72,23 @@ async def test_a_fan_out_with_acks_removal_and_retention_writes_deliveries_only_
         acks += [(rows[0][1], _ack(rows[0][0], "received", rows[0][2] + 0.06)),
                  (rows[0][1], _ack(rows[0][0], "opened", rows[0][2] + 1)),
                  (rows[1][1], _ack("00000000-0000-7000-8000-000000000000", "received", time.time()))]
-        out = await db.run(lambda conn: store.apply_acks(conn, acks, time.time()))
+        out = await db.run(lambda conn: pipeline_acks.apply_acks(conn, acks, time.time()))
         assert sum(o.first for o in out) == 30 and sum(o.repeat for o in out) == 1 and not out[-1].accepted
-        await db.run(lambda conn: store.apply_acks(conn, acks[:5], time.time()))  # all repeats now
+        await db.run(lambda conn: pipeline_acks.apply_acks(conn, acks[:5], time.time()))  # all repeats now
 
         # A delivery whose send result and ack meet in one batch (one update writes both).
         await h.add_devices([sim("late")])
         second = await h.submit(job({"devices": ["late", "d010"]}, ttl=600))
-        await db.run(lambda conn: store.expand_page(conn, second, 10, time.time(), ["simulation"]))
+        await db.run(lambda conn: deliveries.expand_page(conn, second, 10, time.time(), ["simulation"]))
         mid_late = await db.run(lambda conn: conn.execute(
             "SELECT message_id FROM deliveries WHERE job_id = ? AND device_id = 'late'", (second,)).fetchone()[0])
         sent_at = time.time()
-        await db.run(lambda conn: store.apply_batch(
-            conn, [store.Result(mid_late, second, "late", "sent", "simulation", 1, sent_at=sent_at)],
+        await db.run(lambda conn: pipeline_acks.apply_batch(
+            conn, [deliveries.Result(mid_late, second, "late", "sent", "simulation", 1, sent_at=sent_at)],
             [("late", _ack(mid_late, "displayed", sent_at + 0.02))], sent_at + 0.5))
 
         # A device removed while its delivery waits: the dispatcher fails it.
-        await db.run(lambda conn: store.remove_device(conn, "d010"))
+        await db.run(lambda conn: registry.remove_device(conn, "d010"))
         h2 = Harness(db, {"simulation": ScriptedBridge("simulation")})
         status = await h2.run_until_complete(second)
         assert status["counts"]["acknowledged"] == 1 and status["counts"]["failed"] == 1, status

@@ -18,7 +18,9 @@ import pytest
 from bridges.base import Bridge, Delivery, Outcome
 from devices.models import Device
 from gateway.config import DispatchSection
-from gateway.pipeline import store
+from gateway.pipeline import jobs, registry
+from gateway.pipeline import acks as pipeline_acks
+from gateway.pipeline import deliveries as pipeline_deliveries
 from gateway.pipeline.backoff import backoff_delay, retry_delay
 from gateway.pipeline.dispatcher import Dispatcher, Expander
 from gateway.pipeline.models import parse_job
@@ -66,12 +68,12 @@ class Harness:
     async def add_devices(self, devices: list[dict]) -> None:
         def work(conn):
             for d in devices:
-                store.upsert_device(conn, Device.model_validate(d), "test")
+                registry.upsert_device(conn, Device.model_validate(d), "test")
         await self.db.run(work)
 
     async def submit(self, job: dict) -> str:
         parsed = parse_job(job)
-        await self.db.run(lambda conn: store.insert_job(conn, parsed, "test"))
+        await self.db.run(lambda conn: jobs.insert_job(conn, parsed, "test"))
         self.expander.wake.set()
         return parsed.job_id
 
@@ -81,7 +83,7 @@ class Harness:
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                status = await self.db.run(lambda conn: store.job_status(conn, job_id))
+                status = await self.db.run(lambda conn: jobs.job_status(conn, job_id))
                 if status and status["state"] in ("completed", "acknowledged"):
                     return status
                 await asyncio.sleep(0.02)
@@ -94,7 +96,7 @@ class Harness:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def deliveries(self, job_id: str) -> dict[str, dict]:
-        rows = await self.db.run(lambda conn: store.delivery_rows(conn, job_id))
+        rows = await self.db.run(lambda conn: pipeline_deliveries.delivery_rows(conn, job_id))
         return {r["device_id"]: r for r in rows}
 
 
@@ -205,7 +207,7 @@ async def test_invalid_address_marks_channel_and_falls_over(db):
     assert status["counts"]["sent"] == 1 and status["counts"]["invalid_address"] == 1
     rows = await h.deliveries(job_id)
     assert rows["d1"]["platform"] == "simulation" and rows["d1"]["state"] == "sent"
-    device = await db.run(lambda conn: store.get_device(conn, "d1"))
+    device = await db.run(lambda conn: registry.get_device(conn, "d1"))
     mark = device["channels"][0]["invalid"]
     assert mark["reason"].startswith("fcm: UNREGISTERED") and mark["at"].endswith("Z")
     # The mark is kept: the next job skips the invalid channel without asking FCM again.
@@ -219,11 +221,11 @@ async def test_invalid_address_marks_channel_and_falls_over(db):
 async def test_reregistering_with_a_new_token_clears_the_mark(db):
     h = Harness(db, {"fcm": ScriptedBridge("fcm")})
     await h.add_devices([sim("d1", "fcm")])
-    await db.run(lambda conn: store.mark_invalid(conn, "d1", "fcm|tok-d1", "UNREGISTERED", time.time()))
+    await db.run(lambda conn: registry.mark_invalid(conn, "d1", "fcm|tok-d1", "UNREGISTERED", time.time()))
     await h.add_devices([sim("d1", "fcm")])  # same token: mark kept
-    assert "invalid" in (await db.run(lambda c: store.get_device(c, "d1")))["channels"][0]
+    assert "invalid" in (await db.run(lambda c: registry.get_device(c, "d1")))["channels"][0]
     await h.add_devices([{"device_id": "d1", "channels": [{"platform": "fcm", "token": "new"}]}])
-    assert "invalid" not in (await db.run(lambda c: store.get_device(c, "d1")))["channels"][0]
+    assert "invalid" not in (await db.run(lambda c: registry.get_device(c, "d1")))["channels"][0]
 
 
 async def test_unhealthy_bridge_pauses_and_others_flow(db):
@@ -235,7 +237,7 @@ async def test_unhealthy_bridge_pauses_and_others_flow(db):
     tasks = [asyncio.create_task(h.recorder.run()), asyncio.create_task(h.expander.run(h.stopping)),
              asyncio.create_task(h.dispatcher.run(h.stopping))]
     await asyncio.sleep(1.3)
-    status = await db.run(lambda conn: store.job_status(conn, job_id))
+    status = await db.run(lambda conn: jobs.job_status(conn, job_id))
     # The healthy bridge delivered everything; the FCM deliveries wait (not failed, no attempts spent).
     assert status["counts"]["sent"] == 5 and status["counts"]["queued"] == 5 and status["counts"]["failed"] == 0
     rows = await h.deliveries(job_id)
@@ -246,7 +248,7 @@ async def test_unhealthy_bridge_pauses_and_others_flow(db):
     bad.default = Outcome.accepted()
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        status = await db.run(lambda conn: store.job_status(conn, job_id))
+        status = await db.run(lambda conn: jobs.job_status(conn, job_id))
         if status["state"] == "completed":
             break
         await asyncio.sleep(0.05)
@@ -306,20 +308,20 @@ async def test_acks_first_moves_state_every_ack_stored_foreign_refused(db):
         ("d2", parse_ack(f'{{"message_id":"{m1}","status":"received","at":"2030-01-01T10:00:00Z"}}'.encode())),
         ("d1", parse_ack(b'{"message_id":"00000000-0000-0000-0000-000000000000","status":"received","at":"2030-01-01T10:00:00Z"}')),
     ]
-    results = await db.run(lambda conn: store.apply_acks(conn, acks, time.time()))
+    results = await db.run(lambda conn: pipeline_acks.apply_acks(conn, acks, time.time()))
     assert [r.accepted for r in results] == [True, True, False, False]
     assert results[0].first and not results[1].first
     stored = await db.run(lambda conn: conn.execute("SELECT status, at FROM acks ORDER BY id").fetchall())
     # naive time = UTC; +02:00 converted to UTC
     assert [tuple(r) for r in stored] == [("received", "2030-01-01T10:00:00.000Z"), ("opened", "2030-01-01T10:00:00.000Z")]
-    status = await db.run(lambda conn: store.job_status(conn, job_id))
+    status = await db.run(lambda conn: jobs.job_status(conn, job_id))
     assert status["counts"]["acknowledged"] == 1 and status["counts"]["sent"] == 1 and status["state"] == "completed"
-    counts = await db.run(store.counters)
+    counts = await db.run(jobs.counters)
     assert counts["acks_refused"] == 2 and counts["acks_stored"] == 2
     m2 = rows["d2"]["message_id"]
-    await db.run(lambda conn: store.apply_acks(conn, [("d2", parse_ack(
+    await db.run(lambda conn: pipeline_acks.apply_acks(conn, [("d2", parse_ack(
         f'{{"message_id":"{m2}","status":"received","at":"2030-01-01T10:00:00Z"}}'.encode()))], time.time()))
-    assert (await db.run(lambda conn: store.job_status(conn, job_id)))["state"] == "acknowledged"
+    assert (await db.run(lambda conn: jobs.job_status(conn, job_id)))["state"] == "acknowledged"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,7 +354,7 @@ async def test_targets_are_counted_when_the_job_is_accepted_and_an_empty_target_
     await h.add_devices([sim(f"d{i}", segment="pos") for i in range(7)])
     job_id = await h.submit(job({"segment": "pos"}))
     # Before any expansion: the first status already has the right total, and counts add up.
-    status = await db.run(lambda conn: store.job_status(conn, job_id))
+    status = await db.run(lambda conn: jobs.job_status(conn, job_id))
     assert status["state"] == "accepted" and status["counts"]["targets"] == 7 and status["counts"]["queued"] == 7
     done = await h.run_until_complete(job_id)
     assert done["counts"]["targets"] == 7 and done["counts"]["sent"] == 7 and done["error"] is None
@@ -428,10 +430,10 @@ async def test_a_saturated_bridge_does_not_hold_other_bridges_behind_it(db):
         await asyncio.sleep(0.5)  # the slow bridge is saturated with 600 due deliveries
         t0 = time.monotonic()
         small = await h.submit(job({"segment": "plcs"}))
-        while (await db.run(lambda conn: store.job_status(conn, small)))["state"] != "completed":
+        while (await db.run(lambda conn: jobs.job_status(conn, small)))["state"] != "completed":
             assert time.monotonic() - t0 < 2.0, "the small job waited behind the saturated bridge"
             await asyncio.sleep(0.02)
-        assert (await db.run(lambda conn: store.job_status(conn, big)))["counts"]["queued"] > 400
+        assert (await db.run(lambda conn: jobs.job_status(conn, big)))["counts"]["queued"] > 400
         assert len(fast.calls) == 5
     finally:
         h.stopping.set()
@@ -455,7 +457,7 @@ async def test_unacked_deliveries_are_resent_until_acked_or_out_of_attempts(db):
     m1 = rows["plc-1"]["message_id"]
     await run_for(h, 0.45)  # one ack timeout later: each sent once more
     ack = parse_ack(f'{{"message_id":"{m1}","status":"received","at":"2030-01-01T10:00:00Z"}}'.encode())
-    await db.run(lambda conn: store.apply_acks(conn, [("plc-1", ack)], time.time()))
+    await db.run(lambda conn: pipeline_acks.apply_acks(conn, [("plc-1", ack)], time.time()))
     await run_for(h, 1.2)  # plc-2 runs out of attempts (3); plc-1 is acked: no more resends
     sent = defaultdict(list)
     for _, d in mqtt.calls:
@@ -465,10 +467,10 @@ async def test_unacked_deliveries_are_resent_until_acked_or_out_of_attempts(db):
     rows = await h.deliveries(job_id)
     assert rows["plc-2"]["state"] == "sent" and rows["plc-2"]["attempts"] == 3
     assert "no more resends" in rows["plc-2"]["last_error"]
-    status = await db.run(lambda conn: store.job_status(conn, job_id))
+    status = await db.run(lambda conn: jobs.job_status(conn, job_id))
     c = status["counts"]
     assert (c["sent"], c["acknowledged"], c["queued"]) == (1, 1, 0) and status["state"] == "completed"
-    assert sum(c[k] for k in store.COUNT_KEYS) == c["targets"]
+    assert sum(c[k] for k in jobs.COUNT_KEYS) == c["targets"]
 
 
 async def test_one_ack_that_cannot_be_stored_fails_alone_not_its_batch(db):
@@ -504,7 +506,7 @@ async def test_one_ack_that_cannot_be_stored_fails_alone_not_its_batch(db):
     assert states == {"d1": "acknowledged", "d2": "sent", "d3": "acknowledged"}
     stored = await db.run(lambda conn: conn.execute("SELECT device_id FROM acks ORDER BY device_id").fetchall())
     assert [r[0] for r in stored] == ["d1", "d3"]
-    assert (await db.run(store.counters))["forwarded"] == 2
+    assert (await db.run(jobs.counters))["forwarded"] == 2
 
 
 async def _until(pred, timeout: float = 5.0):
@@ -577,7 +579,7 @@ async def _all_explained(rows):
 
 
 async def _status_is(h: Harness, job_id: str, state: str):
-    status = await h.db.run(lambda conn: store.job_status(conn, job_id))
+    status = await h.db.run(lambda conn: jobs.job_status(conn, job_id))
     return status if status and status["state"] == state else None
 
 
@@ -605,3 +607,48 @@ async def test_a_bridge_that_cannot_start_is_fallen_over_after_the_grace(db):
     assert status["counts"]["sent"] == 1 and fcm.calls == []
     row = (await h.deliveries(job_id))["d0"]
     assert row["platform"] == "simulation" and "not valid JSON" in row["moved"]
+
+
+def app_device(device_id: str, app: str | None) -> dict:
+    fcm = {"platform": "fcm", "token": f"tok-{device_id}", **({"app": app} if app else {})}
+    return {"device_id": device_id, "channels": [fcm, {"platform": "simulation"}]}
+
+
+async def test_one_apps_unhealthy_bridge_moves_only_its_devices(db):
+    """Each app of a platform is its own bridge slot: the shop app's broken key moves its
+    devices to their next channel after the grace, the main app's devices stay on FCM."""
+    main = ScriptedBridge("fcm")
+    shop = ScriptedBridge("fcm", default=Outcome.unhealthy("oauth token refresh refused", retry_after=5))
+    h = Harness(db, {"fcm": main, "fcm:shop": shop, "simulation": ScriptedBridge("simulation")},
+                fallback_after_s=0.5)
+    await h.add_devices([app_device("main-1", None), app_device("shop-1", "shop")])
+    job_id = await h.submit(job({"all": True}, ttl=600) | {"options": {"fcm": {"android": {"restricted_package_name": "x"}}}})
+    status = await h.run_until_complete(job_id, timeout=10)
+    assert status["counts"]["sent"] == 2
+    rows = await h.deliveries(job_id)
+    assert rows["main-1"]["platform"] == "fcm" and rows["shop-1"]["platform"] == "simulation", rows
+    assert rows["shop-1"]["moved"].startswith("moved from fcm:shop to simulation: fcm:shop unhealthy for "), rows
+    # The platform's job options reach every app of it.
+    assert [d.options for _, d in shop.calls[:1]] == [{"android": {"restricted_package_name": "x"}}]
+    assert [d.device_id for _, d in main.calls] == ["main-1"] and {d.device_id for _, d in shop.calls} == {"shop-1"}
+
+
+async def test_deliveries_routed_to_an_app_no_longer_configured_take_the_next_channel(db):
+    gone = ScriptedBridge("fcm", delay=30)  # never answers while this dispatcher runs
+    first = Harness(db, {"fcm:gone": gone, "simulation": ScriptedBridge("simulation")})
+    await first.add_devices([app_device("d1", "gone")])
+    job_id = await first.submit(job({"all": True}, ttl=600))
+    tasks = _start(first)
+    try:
+        await _until(lambda: first.deliveries(job_id), 5)
+        rows = await first.deliveries(job_id)
+        assert rows["d1"]["state"] == "queued"
+    finally:
+        await _stop(first, tasks)  # the send in flight is cancelled: the row stays queued on fcm:gone
+    route = await db.run(lambda c: c.execute("SELECT route FROM deliveries WHERE job_id = ?", (job_id,)).fetchone()[0])
+    assert route == "fcm:gone"
+    # Restarted without [bridges.fcm.apps.gone]: the delivery is routed again, to the next channel.
+    second = Harness(db, {"fcm": ScriptedBridge("fcm"), "simulation": ScriptedBridge("simulation")})
+    status = await second.run_until_complete(job_id, timeout=10)
+    assert status["counts"]["sent"] == 1
+    assert (await second.deliveries(job_id))["d1"]["platform"] == "simulation"

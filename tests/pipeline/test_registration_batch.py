@@ -1,6 +1,6 @@
-"""The recorder writes a batch of registrations with store.upsert_devices (one SELECT per
+"""The recorder writes a batch of registrations with registry.upsert_devices (one SELECT per
 500 devices, one executemany; issue 11). Whatever the batch, the registry must end
-exactly as one store.upsert_device per registration, in arrival order, leaves it:
+exactly as one registry.upsert_device per registration, in arrival order, leaves it:
 last registration wins, and a channel's invalid mark survives only while every later
 registration in the batch keeps that channel's address."""
 
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from devices.models import Device
 from gateway import migrations
-from gateway.pipeline import store
+from gateway.pipeline import registry, routing
 from gateway.storage import connect, transaction
 
 IDS = ["d-1", "d-2", "d-3", "d-4"]
@@ -50,10 +50,10 @@ def _db(path: Path) -> sqlite3.Connection:
 def _fill(conn: sqlite3.Connection, existing: list[tuple[Device, list[int]]]) -> None:
     def work(c: sqlite3.Connection) -> None:
         for device, marked in existing:
-            store.upsert_device(c, device, "old", 1.0)
+            registry.upsert_device(c, device, "old", 1.0)
             for n in marked:
                 if n < len(device.channels):
-                    store.mark_invalid(c, device.device_id, store.channel_key(device.channels[n]), f"bad {n}", 2.0)
+                    registry.mark_invalid(c, device.device_id, routing.channel_key(device.channels[n]), f"bad {n}", 2.0)
     transaction(conn, work)
 
 
@@ -69,8 +69,8 @@ def test_batched_upserts_leave_what_one_upsert_each_leaves(tmp_path_factory, exi
     try:
         _fill(one, existing)
         _fill(many, existing)
-        transaction(one, lambda c: [store.upsert_device(c, device, source, 5.0) for device, source in batch])
-        transaction(many, lambda c: store.upsert_devices(c, batch, 5.0))
+        transaction(one, lambda c: [registry.upsert_device(c, device, source, 5.0) for device, source in batch])
+        transaction(many, lambda c: registry.upsert_devices(c, batch, 5.0))
         assert _rows(many) == _rows(one)
     finally:
         one.close()
@@ -84,10 +84,10 @@ def test_a_batch_larger_than_one_select(tmp_path):
     try:
         fcm = {"platform": "fcm", "token": "t"}
         batch = [(Device.model_validate({"device_id": f"d-{i:04}", "channels": [fcm]}), "mqtt") for i in range(1200)]
-        transaction(conn, lambda c: store.upsert_devices(c, batch[:1], 1.0))
-        transaction(conn, lambda c: store.upsert_devices(c, batch[1100:1101], 1.0))
-        transaction(conn, lambda c: store.mark_invalid(c, "d-1100", "fcm|t", "gone", 2.0))
-        transaction(conn, lambda c: store.upsert_devices(c, batch, 3.0))
+        transaction(conn, lambda c: registry.upsert_devices(c, batch[:1], 1.0))
+        transaction(conn, lambda c: registry.upsert_devices(c, batch[1100:1101], 1.0))
+        transaction(conn, lambda c: registry.mark_invalid(c, "d-1100", "fcm|t", "gone", 2.0))
+        transaction(conn, lambda c: registry.upsert_devices(c, batch, 3.0))
         assert conn.execute("SELECT COUNT(*) FROM devices").fetchone()[0] == 1200
         assert '"reason": "gone"' in conn.execute("SELECT invalid FROM devices WHERE device_id = 'd-1100'").fetchone()[0]
         assert conn.execute("SELECT invalid FROM devices WHERE device_id = 'd-0000'").fetchone()[0] == "{}"
@@ -105,8 +105,8 @@ async def test_the_recorder_keeps_arrival_order_across_removals(tmp_path):
     db = await Database(tmp_path / "gw.db").open()
     try:
         fcm = lambda tok: Device.model_validate({"device_id": "d-1", "channels": [{"platform": "fcm", "token": tok}]})
-        await db.run(lambda c: store.upsert_device(c, fcm("t"), "old", 1.0))
-        await db.run(lambda c: store.mark_invalid(c, "d-1", "fcm|t", "gone", 2.0))
+        await db.run(lambda c: registry.upsert_device(c, fcm("t"), "old", 1.0))
+        await db.run(lambda c: registry.mark_invalid(c, "d-1", "fcm|t", "gone", 2.0))
         recorder = Recorder(db)
         runner = asyncio.create_task(recorder.run())
         first = asyncio.ensure_future(recorder.register(fcm("t"), "mqtt"))

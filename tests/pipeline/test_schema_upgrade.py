@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from gateway import migrations, stats
-from gateway.pipeline import store
+from gateway.pipeline import deliveries
 from gateway.storage import Database
 
 from .test_policies import Harness, ScriptedBridge, job, sim
@@ -38,10 +38,10 @@ async def test_an_older_database_drops_the_wasted_indexes_and_finishes_its_job(t
     h = Harness(old, {"simulation": ScriptedBridge("simulation")}, batch_size=10)
     await h.add_devices([sim(f"d{i:03}") for i in range(40)])
     job_id = await h.submit(job({"all": True}, ttl=600))
-    await old.run(lambda conn: store.expand_page(conn, job_id, 40, time.time(), ["simulation"]))
-    due = await old.run(lambda conn: store.due_for_route(conn, "simulation", time.time() + 1, 20))
-    await old.run(lambda conn: store.apply_results(conn, [
-        store.Result(r.message_id, r.job_id, r.device_id, "sent", platform="simulation", attempts=1) for r in due],
+    await old.run(lambda conn: deliveries.expand_page(conn, job_id, 40, time.time(), ["simulation"]))
+    due = await old.run(lambda conn: deliveries.due_for_route(conn, "simulation", time.time() + 1, 20))
+    await old.run(lambda conn: deliveries.apply_results(conn, [
+        deliveries.Result(r.message_id, r.job_id, r.device_id, "sent", platform="simulation", attempts=1) for r in due],
         time.time()))
     assert {"deliveries_due", "deliveries_job_queued"} <= await old.run(_indexes)
     await old.run(lambda conn: conn.execute("DROP TABLE schema_versions"))  # it had no schema registry
@@ -62,13 +62,13 @@ async def test_an_older_database_drops_the_wasted_indexes_and_finishes_its_job(t
         ])
         for p in plans:
             assert "USING" in p and "SCAN" not in p, plans
-        assert await db.run(store.next_due_at) is not None  # 20 rows still queued, due now
+        assert await db.run(deliveries.next_due_at) is not None  # 20 rows still queued, due now
         h2 = Harness(db, {"simulation": ScriptedBridge("simulation")})
         status = await h2.run_until_complete(job_id)
         assert status["counts"] == {"targets": 40, "queued": 0, "sent": 40, "acknowledged": 0, "failed": 0,
                                     "expired": 0, "invalid_address": 0, "suppressed": 0}
         assert len(h2.dispatcher.slots["simulation"].bridge.calls) == 20  # the other half, once each
-        assert await db.run(store.next_due_at) is None
+        assert await db.run(deliveries.next_due_at) is None
         counts = await db.run(stats.delivery_counts)
         assert counts == {("simulation", "sent"): 40} and not await db.run(stats.stale)
     finally:
@@ -84,10 +84,10 @@ def test_next_due_at_is_the_earliest_over_every_route():
             ("m4", "d4", "sent", 1.0, "apns"), ("m5", "d5", "queued", 20.0, "zz-unknown")]
     conn.executemany("INSERT INTO deliveries(message_id, job_id, device_id, state, next_at, route) "
                      "VALUES (?, 'j', ?, ?, ?, ?)", rows)
-    assert store.next_due_at(conn) == 20.0
+    assert deliveries.next_due_at(conn) == 20.0
     conn.execute("DELETE FROM deliveries WHERE message_id = 'm5'")
-    assert store.next_due_at(conn) == 30.0
+    assert deliveries.next_due_at(conn) == 30.0
     conn.execute("UPDATE deliveries SET state = 'sent' WHERE route IS NOT NULL")
-    assert store.next_due_at(conn) == 40.0
+    assert deliveries.next_due_at(conn) == 40.0
     conn.execute("DELETE FROM deliveries WHERE route IS NULL")
-    assert store.next_due_at(conn) is None
+    assert deliveries.next_due_at(conn) is None

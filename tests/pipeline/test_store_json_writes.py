@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway import stats
-from gateway.pipeline import store
+from gateway.pipeline import deliveries
+from gateway.pipeline import acks as pipeline_acks
 from gateway.pipeline.models import Ack
 from gateway.storage import Database
 
@@ -26,7 +27,7 @@ async def test_ack_rows_and_first_ack_updates_keep_every_value_exactly(tmp_path:
         h = Harness(db, {"simulation": ScriptedBridge("simulation")}, batch_size=50)
         await h.add_devices([sim(f"d.{i:03}:x-y") for i in range(30)])
         job_id = await h.submit(job({"all": True}, ttl=600))
-        await db.run(lambda conn: store.expand_page(conn, job_id, 50, time.time(), ["simulation"]))
+        await db.run(lambda conn: deliveries.expand_page(conn, job_id, 50, time.time(), ["simulation"]))
         rows = await db.run(lambda conn: conn.execute(
             "SELECT message_id, device_id, route, state FROM deliveries WHERE job_id = ? ORDER BY rowid",
             (job_id,)).fetchall())
@@ -41,8 +42,8 @@ async def test_ack_rows_and_first_ack_updates_keep_every_value_exactly(tmp_path:
             acks.append((r[1], Ack(r[0], "received", datetime.fromisoformat(text[:-1] + "+00:00"),
                                    ERRORS[n % len(ERRORS)], text)))
         # Half of them with their send in the same batch (the UPDATE that records both).
-        sends = [store.Result(r[0], job_id, r[1], "sent", "simulation", 1) for r in rows[::2]]
-        out = await db.run(lambda conn: store.apply_batch(conn, sends, acks, now))
+        sends = [deliveries.Result(r[0], job_id, r[1], "sent", "simulation", 1) for r in rows[::2]]
+        out = await db.run(lambda conn: pipeline_acks.apply_batch(conn, sends, acks, now))
         assert all(o.accepted and o.first for o in out)
 
         stored = await db.run(lambda conn: conn.execute(
@@ -85,18 +86,18 @@ async def test_a_send_and_its_ack_in_one_batch_count_latency_from_the_send(tmp_p
         h = Harness(db, {"simulation": ScriptedBridge("simulation")}, batch_size=50)
         await h.add_devices([sim(f"d{i}") for i in range(4)])
         job_id = await h.submit(job({"all": True}, ttl=600))
-        await db.run(lambda conn: store.expand_page(conn, job_id, 50, time.time(), ["simulation"]))
+        await db.run(lambda conn: deliveries.expand_page(conn, job_id, 50, time.time(), ["simulation"]))
         rows = await db.run(lambda conn: conn.execute(
             "SELECT message_id, device_id FROM deliveries WHERE job_id = ? ORDER BY device_id", (job_id,)).fetchall())
         sent = round(time.time() - 1.0, 3)
         at = datetime.fromtimestamp(round(sent + 0.2, 3), UTC)
         text = at.isoformat(timespec="milliseconds")[:-6] + "Z"
         # Two merged with their send in the ack's batch, two whose send was recorded before.
-        early = [store.Result(m, job_id, d, "sent", "simulation", 1, sent_at=sent) for m, d in rows[2:]]
-        await db.run(lambda conn: store.apply_batch(conn, early, [], sent + 0.5))
-        merged = [store.Result(m, job_id, d, "sent", "simulation", 1, sent_at=sent) for m, d in rows[:2]]
+        early = [deliveries.Result(m, job_id, d, "sent", "simulation", 1, sent_at=sent) for m, d in rows[2:]]
+        await db.run(lambda conn: pipeline_acks.apply_batch(conn, early, [], sent + 0.5))
+        merged = [deliveries.Result(m, job_id, d, "sent", "simulation", 1, sent_at=sent) for m, d in rows[:2]]
         acks = [(d, Ack(m, "received", at, None, text)) for m, d in rows]
-        out = await db.run(lambda conn: store.apply_batch(conn, merged, acks, sent + 0.9))
+        out = await db.run(lambda conn: pipeline_acks.apply_batch(conn, merged, acks, sent + 0.9))
         assert [round(o.latency_ms) for o in out] == [200] * 4
         stored = await db.run(lambda conn: conn.execute(
             "SELECT sent_at, acked_at, latency_ms FROM deliveries WHERE job_id = ?", (job_id,)).fetchall())
@@ -115,21 +116,21 @@ async def test_an_ack_after_the_last_resend_clears_the_no_ack_note(tmp_path: Pat
         h = Harness(db, {"simulation": ScriptedBridge("simulation")}, batch_size=50)
         await h.add_devices([sim("d0")])
         job_id = await h.submit(job({"all": True}, ttl=600))
-        await db.run(lambda conn: store.expand_page(conn, job_id, 50, time.time(), ["simulation"]))
+        await db.run(lambda conn: deliveries.expand_page(conn, job_id, 50, time.time(), ["simulation"]))
         (message_id,) = await db.run(lambda conn: conn.execute(
             "SELECT message_id FROM deliveries WHERE job_id = ?", (job_id,)).fetchone())
         now = time.time()
-        sent = store.Result(message_id, job_id, "d0", "sent", "simulation", 1, resend_at=now + 1, sent_at=now)
-        await db.run(lambda conn: store.apply_batch(conn, [sent], [], now))
-        last = store.Result(message_id, job_id, "d0", "sent", "simulation", 10, resend=True,
-                            error="no ack after 10 sends; no more resends")
-        await db.run(lambda conn: store.apply_batch(conn, [last], [], now + 1))
+        sent = deliveries.Result(message_id, job_id, "d0", "sent", "simulation", 1, resend_at=now + 1, sent_at=now)
+        await db.run(lambda conn: pipeline_acks.apply_batch(conn, [sent], [], now))
+        last = deliveries.Result(message_id, job_id, "d0", "sent", "simulation", 10, resend=True, until_ack=True,
+                                 error="no ack after 10 sends; no more resends")
+        await db.run(lambda conn: pipeline_acks.apply_batch(conn, [last], [], now + 1))
         note = await db.run(lambda conn: conn.execute(
             "SELECT last_error FROM deliveries WHERE message_id = ?", (message_id,)).fetchone()[0])
         assert note.startswith("no ack after 10 sends")
         at = datetime.fromtimestamp(round(now + 2, 3), UTC)
         text = at.isoformat(timespec="milliseconds")[:-6] + "Z"
-        out = await db.run(lambda conn: store.apply_batch(conn, [], [("d0", Ack(message_id, "opened", at, None, text))],
+        out = await db.run(lambda conn: pipeline_acks.apply_batch(conn, [], [("d0", Ack(message_id, "opened", at, None, text))],
                                                           now + 2))
         assert out[0].accepted and out[0].first
         state, error = await db.run(lambda conn: tuple(conn.execute(
@@ -137,3 +138,55 @@ async def test_an_ack_after_the_last_resend_clears_the_no_ack_note(tmp_path: Pat
         assert (state, error) == ("acknowledged", None)
     finally:
         await db.close()
+
+
+async def test_an_ack_clears_the_no_ack_note_by_its_flag_not_by_its_wording(tmp_path: Path):
+    """Only the note the dispatcher flags as true until an ack is cleared by the ack: a
+    resend's other error stays, even one that happens to read like the note; and a database
+    made before the flag has its notes flagged by the migration."""
+    db = await Database(tmp_path / "gw.db").open()
+    try:
+        h = Harness(db, {"simulation": ScriptedBridge("simulation")}, batch_size=50)
+        await h.add_devices([sim("d0"), sim("d1")])
+        job_id = await h.submit(job({"all": True}, ttl=600))
+        await db.run(lambda conn: deliveries.expand_page(conn, job_id, 50, time.time(), ["simulation"]))
+        ids = dict(await db.run(lambda conn: conn.execute(
+            "SELECT device_id, message_id FROM deliveries WHERE job_id = ?", (job_id,)).fetchall()))
+        now = time.time()
+        sent = [deliveries.Result(ids[d], job_id, d, "sent", "simulation", 1, resend_at=now + 1, sent_at=now)
+                for d in ("d0", "d1")]
+        await db.run(lambda conn: pipeline_acks.apply_batch(conn, sent, [], now))
+        last = [deliveries.Result(ids["d0"], job_id, "d0", "sent", "simulation", 3, resend=True,
+                                  error="no ack after lunch: the bridge said so"),
+                deliveries.Result(ids["d1"], job_id, "d1", "sent", "simulation", 3, resend=True, until_ack=True,
+                                  error="no ack after 3 sends; no more resends")]
+        await db.run(lambda conn: pipeline_acks.apply_batch(conn, last, [], now + 1))
+        at = datetime.fromtimestamp(round(now + 2, 3), UTC)
+        text = at.isoformat(timespec="milliseconds")[:-6] + "Z"
+        acks = [(d, Ack(ids[d], "opened", at, None, text)) for d in ("d0", "d1")]
+        out = await db.run(lambda conn: pipeline_acks.apply_batch(conn, [], acks, now + 2))
+        assert all(o.accepted and o.first for o in out)
+        rows = dict(await db.run(lambda conn: [(r[0], (r[1], r[2])) for r in conn.execute(
+            "SELECT device_id, state, last_error FROM deliveries WHERE job_id = ?", (job_id,))]))
+        assert rows == {"d0": ("acknowledged", "no ack after lunch: the bridge said so"),
+                        "d1": ("acknowledged", None)}
+    finally:
+        await db.close()
+
+
+def test_the_migration_flags_the_notes_of_a_database_made_before_the_flag(tmp_path: Path):
+    import sqlite3
+
+    from gateway.pipeline import schema
+
+    conn = sqlite3.connect(tmp_path / "old.db")
+    for step in schema.MIGRATIONS[:3]:
+        step(conn)
+    conn.executemany("INSERT INTO deliveries(message_id, job_id, device_id, state, next_at, last_error) VALUES (?, 'j', ?, ?, 0, ?)",
+                     [("m0", "d0", "sent", "no ack after 4 sends; no more resends"),
+                      ("m1", "d1", "sent", "no ack after lunch"), ("m2", "d2", "failed", "fcm: 404")])
+    schema.MIGRATIONS[3](conn)
+    assert conn.execute("SELECT message_id, error_until_ack FROM deliveries ORDER BY message_id").fetchall() == [
+        ("m0", 1), ("m1", 0), ("m2", 0)]
+    conn.close()
+

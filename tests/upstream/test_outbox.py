@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import structlog
 
+from gateway import migrations
 from gateway.storage import Database, connect
 from gateway.storage import transaction as tx  # one write transaction, as Database.run
 from gateway.upstream import outbox
@@ -27,9 +28,16 @@ def fresh_outbox() -> None:
     OB = outbox.Outbox()
 
 
+def migrated(path: Path) -> sqlite3.Connection:
+    """A connection to a database the schema registry has migrated, as the daemon opens it."""
+    c = connect(path)
+    tx(c, migrations.migrate)
+    return c
+
+
 @pytest.fixture
 def conn(tmp_path: Path) -> sqlite3.Connection:
-    c = connect(tmp_path / "gateway.db")
+    c = migrated(tmp_path / "gateway.db")
     yield c
     c.close()
 
@@ -56,10 +64,10 @@ def consistent(conn: sqlite3.Connection) -> outbox.OutboxStats:
     return st
 
 
-def test_enqueue_works_without_explicit_schema_and_ensure_schema_is_repeatable(conn):
+def test_enqueue_works_without_a_state_row_and_ensure_state_is_repeatable(conn):
     tx(conn, lambda c: ack(c, 1))  # the pipeline may write before the link started
-    tx(conn, outbox.ensure_schema)
-    tx(conn, outbox.ensure_schema)
+    tx(conn, outbox.ensure_state)
+    tx(conn, outbox.ensure_state)
     tx(conn, lambda c: ack(c, 2))
     got = rows(conn)
     assert [json.loads(r.payload)["n"] for r in got] == [1, 2]
@@ -85,7 +93,7 @@ def test_rows_come_back_in_enqueue_order_with_retain_flags(conn):
 
 
 def test_a_rolled_back_pipeline_transaction_leaves_no_forward(conn):
-    tx(conn, outbox.ensure_schema)
+    tx(conn, outbox.ensure_state)
 
     def fails(c):
         ack(c, 1)
@@ -405,7 +413,7 @@ def test_configure_rejects_an_unknown_overflow(conn):
 
 def test_every_row_goes_up_with_an_id_that_survives_resends_and_a_wiped_database(tmp_path: Path):
     def ids_of(path: Path) -> list[str]:
-        c = connect(path)
+        c = migrated(path)
         try:
             tx(c, lambda c: [ack(c, i) for i in range(3)])
             tx(c, lambda c: status(c, "job-a", 1))
@@ -452,9 +460,9 @@ def test_refusals_are_stored_with_the_ack_and_belong_to_their_database(tmp_path:
     """A held-back ack is counted in its own transaction: a reader on its own read-only
     connection (the /metrics scrape, the operator page) sees the count, and another
     database of the same process never does (this once flaked the upgrade test below)."""
-    a, b = connect(tmp_path / "a.db"), connect(tmp_path / "b.db")
+    a, b = migrated(tmp_path / "a.db"), migrated(tmp_path / "b.db")
     tx(a, lambda c: OB.configure(c, 1_000, "refuse-new"))
-    tx(b, outbox.ensure_schema)
+    tx(b, outbox.ensure_state)
     for i in range(40):
         tx(a, lambda c, i=i: device_ack(c, f"m{i}", "received", i))
     refused = a.execute("SELECT refused FROM upstream_outbox_state").fetchone()[0]
@@ -480,7 +488,8 @@ def test_a_database_from_the_previous_release_is_upgraded_in_place(tmp_path: Pat
     c.execute("INSERT INTO upstream_outbox (kind, topic, payload, retain, coalesce_key, size, created_at) "
               "VALUES ('ack', 't', '{\"n\": 0}', 0, NULL, 73, 0)")
     c.execute("INSERT INTO upstream_outbox_state (id, bytes, rows, dropped, max_bytes) VALUES (1, 73, 1, 5, 100000)")
-    tx(c, lambda c: ack(c, 1))  # the pipeline writes first: the upgrade happens on the way
+    tx(c, migrations.migrate)  # the upgrade happens when the database is opened
+    tx(c, lambda c: ack(c, 1))  # the pipeline writes first
     st = consistent(c)
     assert (st.rows, st.dropped, st.max_bytes, st.set_aside, st.refused) == (2, 5, 100000, 0, 0)
     assert outbox.id_prefix(c) not in ("", "None")
@@ -494,7 +503,7 @@ def test_two_outboxes_in_one_process_share_no_listeners_and_no_warnings(tmp_path
     woke: list[str] = []
     a.add_listener(lambda: woke.append("a"))
     b.add_listener(lambda: woke.append("b"))
-    ca, cb = connect(tmp_path / "a.db"), connect(tmp_path / "b.db")
+    ca, cb = migrated(tmp_path / "a.db"), migrated(tmp_path / "b.db")
     tx(ca, a.prepare)
     tx(cb, b.prepare)
     with structlog.testing.capture_logs() as logs:
