@@ -269,6 +269,13 @@ class DeliveryWriter:
             self.conn.execute("DELETE FROM deliveries WHERE message_id IN (SELECT value FROM json_each(?)) "
                               "AND state = 'queued'", (json.dumps(gone),))
 
+    def wake_held(self, now: float) -> int:
+        """Deliveries held by quiet hours are due now, to be decided again (a person's
+        preferences changed, or the daemon started): a due time, no state moves. Those
+        still quiet are held again."""
+        return self.conn.execute("UPDATE deliveries SET next_at = ? WHERE state = 'queued' AND next_at > ? "
+                                 "AND last_error LIKE ? || '%'", (now, now, QUIET_HOLD)).rowcount
+
     def stop_resends(self, job_id: str, person_id: str) -> None:
         """A reached person's other devices are not sent their notification again."""
         self.conn.execute("UPDATE deliveries SET resend_at = NULL WHERE person_id = ? AND job_id = ? "

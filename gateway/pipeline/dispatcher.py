@@ -288,6 +288,9 @@ class Dispatcher:
             movable = [r for name in moving for r in pipeline_deliveries.movable_for_route(conn, name, now, usable, 200, skip)]
             silent = [r for name in explaining for r in pipeline_deliveries.unexplained_for_route(conn, name, now, 500, skip)]
             people = gate.refresh(conn) if look_people and gate is not None else None
+            if people is not None:  # preferences changed (or the first look): held ones are decided again
+                with pipeline_deliveries.DeliveryWriter(conn, now) as writer:
+                    writer.wake_held(now)
             return fetched, unrouted, expiring, next_expiry, movable + silent, people
 
         fetched, unrouted, expiring, next_expiry, movable, people = await self.db.run(scan)

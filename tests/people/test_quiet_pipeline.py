@@ -200,3 +200,21 @@ async def test_an_unacked_deliverys_resend_waits_for_the_end_of_quiet_hours(db, 
 
 async def resend_of(db):
     return tuple((await db.run(lambda conn: conn.execute("SELECT resend_at, last_error FROM deliveries").fetchall()))[0])
+
+
+async def test_a_changed_preference_decides_held_deliveries_again(db, gateway_time):
+    gateway_time(at(2026, 12, 8, 2, 0))
+    anna = {"person_id": "anna", "devices": ["anna-phone"], "timezone": "Europe/Berlin",
+            "quiet_hours": [{"days": EVERY_DAY, "from": "22:00", "to": "06:00"}]}
+    h, bridge = await people_harness(db, [anna], [sim("anna-phone")])
+    job_id = await h.submit(job({"devices": ["anna-phone"]}))
+
+    async def held():
+        return (await h.deliveries(job_id)).get("anna-phone", {}).get("reason")
+    await run_for(h, 5, held)
+    assert bridge.calls == []
+    # She turns quiet hours off (as `people set` or /v1/me/preferences would): sent now, not at 06:00.
+    await db.run(lambda conn: people_store.put(conn, Person.model_validate({**anna, "quiet_hours": []})))
+    h.stopping = asyncio.Event()
+    status = await h.run_until_complete(job_id, timeout=10)
+    assert status["counts"]["sent"] == 1 and len(bridge.calls) == 1
