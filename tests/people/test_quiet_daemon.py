@@ -154,7 +154,8 @@ def test_autumn_night_hold_release_expiry_bypass_mute_and_a_clock_step(gateway_f
     assert gw.stop() == 0
 
 
-def test_spring_night_ends_at_the_hour_the_clocks_skip_to(gateway_factory, tmp_path: Path):
+def test_spring_night_ends_at_the_hour_the_clocks_skip_to_and_a_step_back_freezes_nothing(gateway_factory,
+                                                                                         tmp_path: Path):
     # Sunday 2026-03-29, 01:00 UTC: Berlin goes from 02:00 CET to 03:00 CEST. A night to 03:00
     # ends then (not at 02:00 UTC, as a fixed +01:00 would say); so does one to 02:30, a time
     # that does not exist that night.
@@ -165,7 +166,7 @@ def test_spring_night_ends_at_the_hour_the_clocks_skip_to(gateway_factory, tmp_p
         {"person_id": "gap", "devices": ["gap-phone"], "timezone": "Europe/Berlin",
          "quiet_hours": [{"days": ["sat"], "from": "23:00", "to": "02:30"}]},
     ]
-    gw, _ = start_at(gateway_factory, tmp_path, release - 15, devices=[mqtt("anna-phone"), mqtt("gap-phone")],
+    gw, offset = start_at(gateway_factory, tmp_path, release - 15, devices=[mqtt("anna-phone"), mqtt("gap-phone")],
                      persons=persons)
     data = tmp_path / "var"
     probe = MqttProbe(gw.port, [f"{P}/devices/+/notify"])
@@ -178,6 +179,8 @@ def test_spring_night_ends_at_the_hour_the_clocks_skip_to(gateway_factory, tmp_p
     assert held == {"anna-phone": "quiet hours until 2026-03-29 03:00 CEST (Europe/Berlin)",
                     "gap-phone": "quiet hours until 2026-03-29 03:00 CEST (Europe/Berlin)"}
     status = job_status_from_db(data, "night")
+    # A step of the wall clock back by an hour (to 01:00 CET, deep in the night) freezes nothing.
+    step(offset, f"{release - 15 - 3600 - time.time():+.3f}")
     got = wait_until(lambda: arrivals(probe, "anna-phone", "night") and arrivals(probe, "gap-phone", "night"),
                      timeout=LEAD_S + 10)
     for device in ("anna-phone", "gap-phone"):
