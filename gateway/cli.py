@@ -384,8 +384,8 @@ def devices_add(
     address: Annotated[Optional[list[str]], typer.Option("--address", metavar="ADDRESS", help="token, channel URI, subscription JSON, or empty")] = None,
     segment: Annotated[Optional[str], typer.Option("--segment", metavar="NAME", help="the device's segment (a group jobs can target)")] = None,
     tag: Annotated[Optional[list[str]], typer.Option("--tag", metavar="TAG", help="a tag (repeatable)")] = None,
-    owner: Annotated[Optional[str], typer.Option("--owner", metavar="PERSON", help="the person the device belongs to (a label; reach order is the person's --device list)")] = None,
     app: Annotated[Optional[list[str]], typer.Option("--app", metavar="NAME", help="the channel's app of [bridges.<platform>.apps]; pairs up with --platform in order like --address (empty: the section's own credentials)")] = None,
+    owner: Annotated[Optional[str], typer.Option("--owner", metavar="PERSON", help="the person the device belongs to (a label; reach order is the person's --device list)")] = None,
 ) -> None:
     """Register (or replace) a device."""
     from pydantic import ValidationError

@@ -5,7 +5,6 @@ thread), committed before the answer."""
 
 from __future__ import annotations
 
-import json
 from typing import Any, Protocol
 
 from aiohttp import web

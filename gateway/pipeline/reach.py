@@ -40,7 +40,6 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from gateway.people import store as people
-from gateway.people.model import Person
 from gateway.pipeline import registry
 from gateway.pipeline.routing import ChannelCache, route_of
 from gateway.states import DeliveryState, ReachState

@@ -133,3 +133,20 @@ def test_any_put_body_is_stored_as_given_back_or_refused_naming_a_field(api, bod
     err = error_of(r)
     assert err["code"] == "invalid_person"
     assert err["message"].split(":")[0].split(".")[0] in body, (err, body)
+
+
+def test_a_job_for_people_over_http_carries_their_counts(api):
+    tech = api.client("tech")
+    tech.put("/v1/devices/jo-phone", content=dumps({"device_id": "jo-phone", "channels": [{"platform": "simulation"}]}))
+    tech.put("/v1/people/jo", content=dumps({"devices": ["jo-phone"]}))
+    r = tech.post("/v1/jobs", content=dumps({"job_id": "for-jo", "target": {"people": ["jo", "nobody-here"]},
+                                             "notification": {"title": "T"}}))
+    assert r.status_code == 202, r.text
+    assert r.json()["people"] == {"targets": 2, "reached": 0, "held": 0}
+    plain = tech.post("/v1/jobs", content=dumps({"job_id": "for-devices", "target": {"devices": ["jo-phone"]},
+                                                 "notification": {"title": "T"}}))
+    assert "people" not in plain.json()  # only a job that targets people has them
+    bad = tech.post("/v1/jobs", content=dumps({"target": {"people": ["a b"]}, "notification": {"title": "T"}}))
+    assert bad.status_code == 400 and error_of(bad)["message"].startswith("target.people.0: ")
+    both = tech.post("/v1/jobs", content=dumps({"target": {"people": ["jo"], "all": True}, "notification": {"title": "T"}}))
+    assert error_of(both)["message"] == "target: exactly one of devices, segment, all or people is required"

@@ -14,10 +14,7 @@ from devices.models import Device
 from gateway import clock, migrations, stats
 from gateway.people import store as people
 from gateway.people.model import Person
-from gateway.pipeline import acks as pipeline_acks
-from gateway.pipeline import deliveries as pipeline_deliveries
-from gateway.pipeline import jobs as pipeline_jobs
-from gateway.pipeline import reach, registry
+from gateway.pipeline import acks, deliveries, jobs, reach, registry
 from gateway.pipeline.deliveries import Result
 from gateway.pipeline.models import parse_ack, parse_job
 from gateway.storage import connect
@@ -35,7 +32,7 @@ def conn(tmp_path: Path):
 
 def _consistent(conn: sqlite3.Connection, job_id: str) -> dict:
     """The job's counts agree with its rows, and the aggregates with a recount."""
-    status = pipeline_jobs.job_status(conn, job_id)
+    status = jobs.job_status(conn, job_id)
     rows = dict(conn.execute("SELECT state, COUNT(*) FROM deliveries WHERE job_id = ? GROUP BY state", (job_id,)).fetchall())
     assert {k: v for k, v in status["counts"].items() if k != "targets" and v} == rows
     assert status["counts"]["targets"] == sum(rows.values())
@@ -53,10 +50,10 @@ def test_steps_the_first_ack_and_a_removal(conn):
     tx(conn, lambda c: people.put(c, Person(person_id="nobody")))
     job = parse_job({"job_id": "j", "target": {"people": ["ben", "anna", "zed", "nobody", "anna"]},
                      "notification": {"title": "t", "ttl": 25}})
-    tx(conn, lambda c: pipeline_jobs.submit_job(c, job, "t"))
-    assert pipeline_jobs.job_status(conn, "j")["people"] == {"targets": 4, "reached": 0, "held": 0}
+    tx(conn, lambda c: jobs.submit_job(c, job, "t"))
+    assert jobs.job_status(conn, "j")["people"] == {"targets": 4, "reached": 0, "held": 0}
     now = clock.now()
-    assert tx(conn, lambda c: pipeline_deliveries.expand_page(c, "j", 500, now, ["simulation"], reach_after_s=99))
+    assert tx(conn, lambda c: deliveries.expand_page(c, "j", 500, now, ["simulation"], reach_after_s=99))
     due = {r[0]: (r[1], r[2], r[3]) for r in conn.execute(
         "SELECT device_id, person_id, state, next_at - ? FROM deliveries WHERE job_id = 'j'", (now,))}
     # anna: her own 10 s; the shared device is anna's (her id sorts first); the ghost failed
@@ -69,18 +66,18 @@ def test_steps_the_first_ack_and_a_removal(conn):
     _consistent(conn, "j")
 
     mid = {r[0]: r[1] for r in conn.execute("SELECT device_id, message_id FROM deliveries WHERE job_id = 'j'")}
-    tx(conn, lambda c: pipeline_deliveries.apply_results(c, [Result(mid["a1"], "j", "a1", "sent", platform="simulation", attempts=1,
+    tx(conn, lambda c: deliveries.apply_results(c, [Result(mid["a1"], "j", "a1", "sent", platform="simulation", attempts=1,
                                                       resend_at=now + 5)], now))
     ack = parse_ack(json.dumps({"message_id": mid["a2"], "status": "received"}).encode())
     # a2 acks (say, it got it from an earlier job's retry): anna is reached, her later turns go.
-    tx(conn, lambda c: pipeline_acks.apply_acks(c, [("a2", ack)], clock.now()))
+    tx(conn, lambda c: acks.apply_acks(c, [("a2", ack)], clock.now()))
     status = _consistent(conn, "j")
     assert status["people"]["reached"] == 1 and status["counts"]["targets"] == 4
     assert set(mid) - {d for (d,) in conn.execute("SELECT device_id FROM deliveries WHERE job_id = 'j'")} == {"shared", "a3"}
     assert conn.execute("SELECT resend_at FROM deliveries WHERE message_id = ?", (mid["a1"],)).fetchone()[0] is None
     # A second ack of anna's reaches no one twice.
     again = parse_ack(json.dumps({"message_id": mid["a1"], "status": "opened"}).encode())
-    tx(conn, lambda c: pipeline_acks.apply_acks(c, [("a1", again)], clock.now()))
+    tx(conn, lambda c: acks.apply_acks(c, [("a1", again)], clock.now()))
     assert _consistent(conn, "j")["people"]["reached"] == 1
 
     assert tx(conn, lambda c: reach.remove_person(c, "ben", clock.now()))
@@ -96,12 +93,12 @@ def test_a_device_that_fails_hands_its_turn_on(conn):
     for d in ("c1", "c2", "c3"):
         tx(conn, lambda c, d=d: registry.upsert_device(c, Device(device_id=d, channels=[{"platform": "simulation"}]), "t"))
     tx(conn, lambda c: people.put(c, Person(person_id="cy", devices=["c1", "c2", "c3"], reach_after_s=60)))
-    tx(conn, lambda c: pipeline_jobs.submit_job(c, parse_job({"job_id": "k", "target": {"people": ["cy"]},
+    tx(conn, lambda c: jobs.submit_job(c, parse_job({"job_id": "k", "target": {"people": ["cy"]},
                                                       "notification": {"title": "t"}}), "t"))
     now = clock.now()
-    tx(conn, lambda c: pipeline_deliveries.expand_page(c, "k", 500, now, ["simulation"]))
+    tx(conn, lambda c: deliveries.expand_page(c, "k", 500, now, ["simulation"]))
     mid = {r[0]: r[1] for r in conn.execute("SELECT device_id, message_id FROM deliveries WHERE job_id = 'k'")}
-    tx(conn, lambda c: pipeline_deliveries.apply_results(c, [Result(mid["c1"], "k", "c1", "invalid_address", attempts=1,
+    tx(conn, lambda c: deliveries.apply_results(c, [Result(mid["c1"], "k", "c1", "invalid_address", attempts=1,
                                                       error="unregistered")], clock.now()))
     nxt = dict(conn.execute("SELECT device_id, next_at FROM deliveries WHERE job_id = 'k' AND state = 'queued'"))
     assert nxt["c2"] <= clock.now() and nxt["c3"] - now == pytest.approx(120, abs=1)
@@ -109,9 +106,9 @@ def test_a_device_that_fails_hands_its_turn_on(conn):
 
 
 def test_an_unknown_person_alone_is_no_target(conn):
-    tx(conn, lambda c: pipeline_jobs.submit_job(c, parse_job({"job_id": "u", "target": {"people": ["zed"]},
+    tx(conn, lambda c: jobs.submit_job(c, parse_job({"job_id": "u", "target": {"people": ["zed"]},
                                                       "notification": {"title": "t"}}), "t"))
-    tx(conn, lambda c: pipeline_deliveries.expand_page(c, "u", 500, clock.now(), ["simulation"]))
-    status = pipeline_jobs.job_status(conn, "u")
+    tx(conn, lambda c: deliveries.expand_page(c, "u", 500, clock.now(), ["simulation"]))
+    status = jobs.job_status(conn, "u")
     assert status["state"] == "completed" and status["error"]["code"] == "no_targets"
     assert status["people"] == {"targets": 1, "reached": 0, "held": 0}
