@@ -129,7 +129,6 @@ class PeopleGate:
         self.reach_after_s = reach_after_s  # [people] reach_after_s
         self.snapshot = EMPTY
         self.checked_at = float("-inf")  # gateway clock of the last fingerprint check
-        self.decided = {"held": 0, "suppressed": 0}  # since start (metrics)
 
     # ------------------------------------------------------------ the registry in memory
     @staticmethod
@@ -188,7 +187,6 @@ class PeopleGate:
             return None
         mutes = [_muted(p, job) for p in policies]
         if all(mutes):
-            self.decided["suppressed"] += 1
             return Verdict(False, now, "; ".join(dict.fromkeys(m for m in mutes if m)))
         priority = rank(job.priority)
         at = datetime.fromtimestamp(now, UTC)
@@ -201,7 +199,6 @@ class PeopleGate:
                 return None  # one of them is awake
             ends.append((end, p))
         end, who = min(ends, key=lambda e: e[0])
-        self.decided["held"] += 1
         # A job that reaches this person: their later devices keep their turns after the
         # window (the second one reach_after_s after it ends), not all at its end.
         turn = who.turn(device_id) if person_id is not None else 0.0

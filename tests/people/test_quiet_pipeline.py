@@ -173,9 +173,10 @@ async def test_a_people_job_holds_the_person_then_reaches_them_in_turn_after_the
     status = await h.run_until_complete(job_id, timeout=10)
     assert status["people"] == {"targets": 2, "reached": 0, "held": 0}
     sent = {d.device_id: d.sent_at.timestamp() for _, d in bridge.calls}
-    assert end <= sent["ulf-phone"] < end + 0.9, sent["ulf-phone"] - end
-    # The browser's turn comes reach_after_s after the phone's, as if the job came at 22:00.
-    assert end + 1 <= sent["ulf-browser"] < end + 1.9, sent["ulf-browser"] - end
+    # Not before the window's end (the upper bounds leave room for a loaded machine).
+    assert end <= sent["ulf-phone"] < end + 3, sent["ulf-phone"] - end
+    # The browser's turn comes reach_after_s after the window's end, as if the job came at 22:00.
+    assert end + 1 <= sent["ulf-browser"] < end + 4, sent["ulf-browser"] - end
 
 
 async def test_an_unacked_deliverys_resend_waits_for_the_end_of_quiet_hours(db, gateway_time):
