@@ -14,6 +14,7 @@ is due the dispatcher sleeps until the next due time, a pause's end or a wake-up
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import random
 import time
@@ -35,6 +36,7 @@ from gateway.pipeline.backoff import retry_delay
 from gateway.pipeline.recorder import Recorder
 from gateway.people.gate import REFRESH_S as PEOPLE_REFRESH_S
 from gateway.people.gate import JobFacts, PeopleGate, alarm_rules, job_facts
+from gateway.states import DeliveryState
 from gateway.storage import Database, FailureEpisode, is_storage_error
 
 log = structlog.get_logger(__name__)
@@ -428,28 +430,26 @@ class Dispatcher:
         verdict = gate.decide(row.person_id, row.device_id, job.facts, now)
         if verdict is None:
             return False
-        base = dict(message_id=row.message_id, job_id=row.job_id, device_id=row.device_id)
+        result = functools.partial(pipeline_deliveries.Result, row.message_id, row.job_id, row.device_id,
+                                   attempts=row.attempts)
         if verdict.hold and job.ttl > 0 and now >= job.expires_at:
             # Held until its ttl ended: it expires, saying why it was never sent.
-            self._finish_now(pipeline_deliveries.Result(**base, state="expired", attempts=row.attempts,
-                                          error=f"ttl elapsed during {verdict.reason}"))
+            self._finish_now(result(DeliveryState.EXPIRED, error=f"ttl elapsed during {verdict.reason}"))
         elif not verdict.hold:
-            self._finish_now(pipeline_deliveries.Result(**base, state="suppressed", attempts=row.attempts, error=verdict.reason))
+            self._finish_now(result(DeliveryState.SUPPRESSED, error=verdict.reason))
         elif row.resend:
             # Sent once and unacked: its next resend waits for the end of quiet hours too.
             at = verdict.until if verdict.until < job.expires_at else None
-            self._finish_now(pipeline_deliveries.Result(**base, state="sent", attempts=row.attempts, resend=True, resend_at=at,
-                                          error=verdict.reason if at is not None
-                                          else f"{verdict.reason}, after the ttl; no more resends"))
+            self._finish_now(result(DeliveryState.SENT, resend=True, resend_at=at, error=verdict.reason
+                                    if at is not None else f"{verdict.reason}, after the ttl; no more resends"))
         elif job.ttl == 0:
-            self._finish_now(pipeline_deliveries.Result(**base, state="expired", attempts=row.attempts,
-                                          error=f"ttl 0 (now or never) and {verdict.reason}"))
+            self._finish_now(result(DeliveryState.EXPIRED, error=f"ttl 0 (now or never) and {verdict.reason}"))
         else:
-            self._finish_now(pipeline_deliveries.Result(**base, state="queued", attempts=row.attempts,
-                                          next_at=min(verdict.until, job.expires_at), error=verdict.reason))
+            self._finish_now(result(DeliveryState.QUEUED, next_at=min(verdict.until, job.expires_at),
+                                    error=verdict.reason))
         return True
 
-    def _probe(self, row: pipeline_deliveries.DueDelivery, now: float) -> store.Route | None:
+    def _probe(self, row: pipeline_deliveries.DueDelivery, now: float) -> routing.Route | None:
         """A down bridge whose pause is over is probed with one of its own deliveries (else,
         with every delivery moved away, nothing would find out that it works again)."""
         slot = self.slots.get(row.route or "")
