@@ -268,7 +268,8 @@ class BrokerLimits(_Section):
             "to it; a 3.1.1 client cannot be told, and is refused (CONNACK 0x02); 0 = no maximum.")
     max_publish_rate: float = Field(
         default=0, ge=0, description="PUBLISH packets per second per client; a faster client is slowed down (its connection is "
-            "not read until it is within the rate); 0 = no limit.")
+            "not read until it is within the rate); 0 = no limit. Roles device and anonymous default to 1000 (set "
+            "it in their `[broker.limits.<role>]` table to change it; 0 there lifts it).")
     max_publish_bytes_rate: float = Field(
         default=0, ge=0, description="PUBLISH packet bytes (topic and payload) per second per client, slowed down the same way; 0 = no limit.")
     roles: dict[str, RoleLimits] = Field(

@@ -179,6 +179,9 @@ class ClientState:
         self._next_pid = 0
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
+        # The sender cannot move messages now: its window is full of unacknowledged messages, or
+        # the socket does not take more. Yielding to it would not help (see ``backlogged``).
+        self._stuck = False
 
     # ----------------------------------------------------------------- helpers
     @property
@@ -212,11 +215,12 @@ class ClientState:
             out.seq = next(self._seq)
             # On disk on the gateway's clock (gateway.clock): a restart keeps its meaning.
             expires_at = None if msg.expires_at is None else clock.now() + (msg.expires_at - time.monotonic())
+            share = group.subscription if group is not None else None
             if msg.shared:
-                store.queue_shared(self.client_id, out.seq, msg, qos, retain, expires_at, sub_ids)
+                store.queue_shared(self.client_id, out.seq, msg, qos, retain, expires_at, sub_ids, share)
             else:
                 store.queue_message(self.client_id, out.seq, msg.topic, msg.payload, qos, retain, msg.props,
-                                    expires_at, sub_ids)
+                                    expires_at, sub_ids, share)
             durable = True
         pending = self.pending
         pending.append(out)
@@ -271,8 +275,12 @@ class ClientState:
 
     @property
     def backlogged(self) -> bool:
-        """Connected with a capped queue at least half full: its sender should run soon."""
-        return self.handler is not None and self.capped and 2 * len(self.pending) >= self._max_queued
+        """Connected with a capped queue at least half full and a sender that can move messages
+        into flight now: it should run before the next message is routed. A subscriber that
+        neither reads nor acknowledges is not backlogged in this sense: publishers yielding to it
+        after every message only slowed everyone (its queue drops its oldest instead)."""
+        return (self.handler is not None and self.capped and not self._stuck
+                and 2 * len(self.pending) >= self._max_queued)
 
     def restore(self, messages: list[tuple[Outgoing, int | None, int]]) -> None:
         """Messages loaded from SQLite: written ones go back in flight, the rest queue."""
@@ -297,6 +305,7 @@ class ClientState:
     # ----------------------------------------------------------------- connection
     def attach(self, handler: Connection) -> None:
         self.handler = handler
+        self._stuck = False
         if self._presence is not None:
             self._presence.attached(self.username, self.role)
             self._present_as = (self.username, self.role)
@@ -396,8 +405,10 @@ class ClientState:
             while True:
                 pending = self.pending
                 if not pending or (pending[0].qos and len(self.inflight) >= window):
+                    self._stuck = bool(pending)
                     wake.clear()
                     await wake.wait()
+                    self._stuck = False
                     continue
                 parts = []
                 barrier = False
@@ -442,7 +453,9 @@ class ClientState:
                     await store.barrier()
                 if not parts:
                     continue
+                self._stuck = True
                 await handler.send_bytes(b"".join(parts))
+                self._stuck = False
                 metrics.messages_out += len(parts)
                 metrics.bytes_out += nbytes
         except asyncio.CancelledError:
@@ -491,16 +504,22 @@ class ClientState:
                     return
         await handler.send_bytes(send_ack(PUBREL_B, packet_id))
 
-    def take_shared(self) -> list[Outgoing]:
+    def take_shared(self, group: SharedGroup | None = None, reader: ClientAcl | None = None) -> list[Outgoing]:
         """The member leaves (its connection ended): remove and return the QoS 1/2 messages it got
         through a shared subscription and has not acknowledged, so the group's other members get
-        them (at least once). A QoS 2 message whose PUBREC came is the receiver's: it stays."""
-        taken = [out for out in self.pending if out.group is not None and out.qos]
+        them (at least once). A QoS 2 message whose PUBREC came is the receiver's: it stays.
+        ``group``: only that group's; ``reader``: only messages that ACL may receive."""
+
+        def wanted(out: Outgoing) -> bool:
+            return (out.group is not None and (group is None or out.group is group)
+                    and (reader is None or reader.allow_all or reader.may_receive(out.msg.topic)))
+
+        taken = [out for out in self.pending if out.qos and wanted(out)]
         if taken:
-            self.pending = deque(out for out in self.pending if out.group is None or not out.qos)
+            self.pending = deque(out for out in self.pending if not (out.qos and wanted(out)))
             self.pending_bytes = sum(len(out.msg.payload) for out in self.pending)
         for packet_id, out in list(self.inflight.items()):
-            if out.group is not None and out.state != RELEASED:
+            if out.state != RELEASED and wanted(out):
                 del self.inflight[packet_id]
                 taken.append(out)
         return taken

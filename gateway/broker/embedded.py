@@ -200,11 +200,20 @@ class GatewayBroker:
                 cs.offline_since = time.monotonic() - max(0.0, clock.now() - stored.seen_at)
             for topic_filter, options in stored.subscriptions.items():
                 self.subscribe(cs, topic_filter, options)
-            cs.restore([(Outgoing(self._stored_body(bodies, m), m.qos, m.retain, m.seq, m.sub_ids), m.packet_id,
-                         m.state) for m in stored.messages])
+            cs.restore([(Outgoing(self._stored_body(bodies, m), m.qos, m.retain, m.seq, m.sub_ids,
+                                  self._group_of(m.share)), m.packet_id, m.state) for m in stored.messages])
             cs.qos2_in = set(stored.qos2_in)
             self._clients[cs.client_id] = cs
             self._arm_expiry(cs)
+        for stored_will in loaded.wills:
+            will_cs = self._clients.get(stored_will.client_id)
+            if will_cs is None:
+                continue
+            will = Will(stored_will.topic, stored_will.payload, stored_will.qos, stored_will.retain, stored_will.props,
+                        stored_will.expiry_s)
+            # Due on the gateway's clock: a restart in between does not reset the Will Delay Interval.
+            self._pending_wills[will_cs.client_id] = asyncio.get_running_loop().call_later(
+                max(0.0, stored_will.due_at - clock.now()), self._delayed_will, will_cs.client_id, will_cs, will)
         self._trim_sessions()
         if loaded.sessions or loaded.retained:
             log.info("broker state restored", sessions=len(loaded.sessions), retained=len(loaded.retained),
@@ -313,7 +322,7 @@ class GatewayBroker:
             writer.abort()
             return
         conn = Connection(self, reader, writer, section, remote)
-        conn.max_packet_in = MAX_CONNECT_PACKET   # the sender is not known yet: its CONNECT is bounded
+        conn.limit_packets_in(MAX_CONNECT_PACKET)   # the sender is not known yet: its CONNECT is bounded
         self._connections.add(conn)
         try:
             await conn.serve()
@@ -447,7 +456,7 @@ class GatewayBroker:
             cs.rate = (RateBucket(cs.limits.max_publish_rate, cs.limits.max_publish_bytes_rate)
                        if cs.limits.rate_limited else None)
             cs.recount()
-            conn.max_packet_in = cs.limits.max_packet_size
+            conn.limit_packets_in(cs.limits.max_packet_size)
         if not cs.clean and self._store is not None:
             self._store.session(cs.client_id, cs.username, role, cs.owner, cs.expiry_s)
 
@@ -466,15 +475,16 @@ class GatewayBroker:
             self._discard(cs)
         return len(expired)
 
-    def packet_too_large(self, cs: ClientState | None, length: int) -> None:
-        """The reader saw a fixed header over the client's max_packet_size: counted, logged;
-        the reader closes the connection without reading the body."""
+    def packet_too_large(self, cs: ClientState | None, length: int | None, limit: int | None = None) -> None:
+        """The reader saw a fixed header over the client's max_packet_size (``length``), or a
+        websocket frame over one such packet (``length`` None; the cap is ``limit`` plus the fixed
+        header): counted, logged; the connection is closed without reading the body."""
+        how = {"packet_bytes": length} if length is not None else {"websocket_frame_over": limit}
         if cs is None:
-            self.limit_log.hit(Limit.PACKET_SIZE, None, packet="CONNECT", packet_bytes=length,
-                               max_connect_packet=MAX_CONNECT_PACKET)
+            self.limit_log.hit(Limit.PACKET_SIZE, None, packet="CONNECT", max_connect_packet=MAX_CONNECT_PACKET, **how)
             return
         self.limit_log.hit(Limit.PACKET_SIZE, cs.client_id, username=cs.username, role=cs.role,
-                           packet_bytes=length, max_packet_size=cs.limits.max_packet_size)
+                           max_packet_size=cs.limits.max_packet_size, **how)
 
     async def rate_pause(self, cs: ClientState, pause: float) -> None:
         """A client over its publish rate: its connection is not read for ``pause`` seconds
@@ -495,6 +505,8 @@ class GatewayBroker:
         will = self._pending_wills.pop(client_id, None)
         if will is not None:
             will.cancel()   # the client is back before its Will Delay Interval ran out [MQTT-3.1.3-9]
+            if self._store is not None:
+                self._store.will_done(client_id)
         old = self._clients.get(client_id)
         if old is not None and old.handler is not None:
             # [MQTT-3.1.4-2] the existing connection is closed (5.0: DISCONNECT 0x8E). Its will is
@@ -527,7 +539,36 @@ class GatewayBroker:
         self._clients[client_id] = cs
         if not cs.clean and self._store is not None:
             self._store.session(client_id, packet.username, role, owner, cs.expiry_s)
+        self._collect_shared(cs)
         return cs, present
+
+    def _group_of(self, subscription: str | None) -> SharedGroup | None:
+        """The group of a ``$share/<group>/<filter>`` subscription (None: not one, or no member left)."""
+        if not subscription:
+            return None
+        try:
+            parsed = split_shared(subscription)
+        except ValueError:
+            return None
+        return self._shared.match_filter(parsed[1], subscription) if parsed is not None else None
+
+    def _collect_shared(self, cs: ClientState) -> None:
+        """A member of shared subscriptions connects: the QoS 1/2 messages that offline members of
+        its groups got through the group and never acknowledged come to it. They were kept by a
+        member whose connection ended while no other member was connected, or when the broker
+        stopped (a restart ends every connection and hands nothing over)."""
+        for subscription, options in cs.subscriptions.items():
+            group = self._group_of(subscription)
+            if group is None:
+                continue
+            sub_qos = options & QOS_MASK
+            for other, _ in list(group.members.values()):
+                if other is cs or other.handler is not None:
+                    continue
+                for out in other.take_shared(group, cs.acl):
+                    cs.enqueue(out.msg, min(out.qos, sub_qos), out.retain, sub_ids_of(options), group)
+                    other.forget_taken(out)
+                    self.metrics.shared_handed_over += 1
 
     def set_session_expiry(self, cs: ClientState, expiry: int | None) -> None:
         """A 5.0 DISCONNECT changed the Session Expiry Interval [MQTT-3.14.2-2]."""
@@ -600,9 +641,15 @@ class GatewayBroker:
         client_id = cs.client_id
         self._pending_wills[client_id] = asyncio.get_running_loop().call_later(
             delay, self._delayed_will, client_id, cs, will)
+        if cs.persistent:
+            # Kept across a restart (the session is; a will with no session left is published at once).
+            self._store.will_delayed(client_id, will.topic, will.payload, will.qos, will.retain,  # type: ignore[union-attr]
+                                     will.props, will.expiry_s, clock.now() + delay)
 
     def _delayed_will(self, client_id: str, cs: ClientState, will: Will) -> None:
         self._pending_wills.pop(client_id, None)
+        if cs.persistent:
+            self._store.will_done(client_id)  # type: ignore[union-attr]
         self._publish_will(cs, will)
 
     def _publish_will(self, cs: ClientState, will: Will) -> None:
@@ -845,7 +892,7 @@ class GatewayBroker:
         for conn in list(self.connecting):
             conn.abort()
         for handle in self._pending_wills.values():
-            handle.cancel()   # a restart forgets a delayed will, as Mosquitto does
+            handle.cancel()   # a persistent session's delayed will stays in SQLite: re-armed at start
         self._pending_wills.clear()
         for cs in list(self._clients.values()):
             cs.cancel_expiry()

@@ -10,7 +10,8 @@ rate), so the hooks can move with the wire code.
 - :class:`LimitPolicy` resolves ``[broker.limits]`` and ``[broker.limits.<role>]`` into
   one :class:`ClientLimits` per role. The gateway's own client is never limited; the
   ``admin`` role only by the keys a ``[broker.limits.admin]`` table names; roles
-  ``device`` and ``anonymous`` get a small ``max_packet_size`` unless configured.
+  ``device`` and ``anonymous`` get a small ``max_packet_size`` and a ``max_publish_rate``
+  unless their role table sets them.
 - :class:`Limit` names each limit (metric ``limited_<name>``, log field ``limit``);
   :class:`LimitVerdict` is the MQTT 5 reason code a limit maps to. The 3.1.1 answer
   has no reason code: a refused CONNECT gets CONNACK 0x03, a too-large packet closes
@@ -55,6 +56,14 @@ log = structlog.get_logger(__name__)
 
 SMALL_PACKET = 65_536            # max_packet_size default of roles device and anonymous
 SMALL_PACKET_ROLES = ("device", "anonymous")
+# max_publish_rate default of the same roles: a device publishes telemetry, registrations and
+# acks, far below this; unlimited, one device flooding denied PUBLISHes took the broker's event
+# loop from everyone (bench/hostile_bench.py: a technician's QoS 1 rate fell to 0.08-0.34x).
+SMALL_PUBLISH_RATE = 1000.0
+# The shortest pause of a client over its rate. Paused only until its debt was paid, a flooder
+# at 1000 messages/s was paused (a timer and a wake-up of its reader) once per message; paused
+# at least this long, it is read in bursts of what the pause refilled, ~20 pauses a second.
+MIN_PAUSE_S = 0.05
 MAX_CONNECT_PACKET = 65_536      # a CONNECT is read before its sender is known: bounded for everyone
 SERVER_UNAVAILABLE = 0x03        # MQTT 3.1.1 CONNACK return code for a refused-by-quota CONNECT
 
@@ -155,7 +164,9 @@ class LimitPolicy:
         else:
             limits = self._base
             if role in SMALL_PACKET_ROLES:
-                limits = replace(limits, max_packet_size=min(SMALL_PACKET, limits.max_packet_size))
+                rate = limits.max_publish_rate
+                limits = replace(limits, max_packet_size=min(SMALL_PACKET, limits.max_packet_size),
+                                 max_publish_rate=min(rate, SMALL_PUBLISH_RATE) if rate else SMALL_PUBLISH_RATE)
             limits = replace(limits, **given)
         self._cache[role] = limits
         return limits
@@ -267,8 +278,8 @@ class RateBucket:
 
     Each holds one second's worth (a burst of a second is allowed). :meth:`take` charges one
     message of ``nbytes`` and returns how long the reader should wait before reading the next
-    packet (0: within the rate). A message larger than a second's bytes leaves a debt that the
-    wait pays off. Monotonic clock."""
+    packet (0: within the rate; else at least ``MIN_PAUSE_S``). A message larger than a second's
+    bytes leaves a debt that the wait pays off. Monotonic clock."""
 
     __slots__ = ("_bytes", "_clock", "_last", "_msgs", "byte_rate", "msg_rate")
 
@@ -292,4 +303,4 @@ class RateBucket:
             self._bytes = min(self.byte_rate, self._bytes + elapsed * self.byte_rate) - nbytes
             if self._bytes < 0:
                 wait = max(wait, -self._bytes / self.byte_rate)
-        return wait
+        return max(wait, MIN_PAUSE_S) if wait else 0.0

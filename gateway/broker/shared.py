@@ -5,7 +5,9 @@ round robin over the members that are connected, and over every member (their se
 queue it) when none is. When a member's connection ends, the QoS 1/2 messages it got through
 the group and has not acknowledged are handed to another connected member (at least once: the
 leaving member may have received one without acknowledging it); with no other member
-connected they stay in its session.
+connected they stay in its session until another member connects, which then takes them
+(``GatewayBroker._collect_shared``; the group is stored with each queued message, so this
+holds across a restart, when every connection ended with nothing handed over).
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ class SharedGroup:
     """The members of one ``$share/<group>/<filter>`` with their subscription options."""
 
     __slots__ = ("_next", "filter", "members", "name")
+
+    @property
+    def subscription(self) -> str:
+        """``$share/<group>/<filter>``, as subscribed (and stored with a queued message)."""
+        return f"$share/{self.name}/{self.filter}"
 
     def __init__(self, name: str, topic_filter: str):
         self.name = name

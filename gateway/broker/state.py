@@ -2,8 +2,8 @@
 
 What survives a restart or ``kill -9``: retained messages, and for every persistent
 session (CleanSession=0) its subscriptions, its queued and in-flight QoS 1/2
-messages (with packet id and QoS 2 progress) and the QoS 2 packet ids it has
-published but not yet released. Payloads are BLOBs, so binary data round-trips.
+messages (with packet id and QoS 2 progress), the QoS 2 packet ids it has
+published but not yet released, and its will while it waits for its Will Delay Interval. Payloads are BLOBs, so binary data round-trips.
 
 A message queued for many persistent sessions is stored once: its body is one row of
 ``broker_bodies`` that every session's ``broker_messages`` row names (``body_id``), and it
@@ -94,6 +94,7 @@ class StoredMessage:
     props: bytes = b""              # MQTT 5.0 properties passed through to subscribers (encoded)
     expires_at: float | None = None   # end of the Message Expiry Interval on the gateway clock (gateway.clock)
     sub_ids: tuple[int, ...] = ()   # the Subscription Identifiers it is delivered with
+    share: str | None = None        # the shared subscription it came through ($share/<group>/<filter>)
 
 
 RETRY_INITIAL_S = 0.2   # first retry of a failed commit; doubles up to RETRY_MAX_S
@@ -119,12 +120,27 @@ class StoredSession:
 
 
 @dataclass
+class StoredWill:
+    """A will waiting for its Will Delay Interval; ``due_at`` on the gateway clock."""
+
+    client_id: str
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    props: bytes
+    expiry_s: int | None
+    due_at: float
+
+
+@dataclass
 class LoadedState:
     # topic -> (payload, qos, principal that set it, 5.0 properties, wall-clock expiry)
     retained: dict[str, tuple[bytes, int, str | None, bytes, float | None]]
     sessions: dict[str, StoredSession]
     next_seq: int
     next_body: int = 1
+    wills: list[StoredWill] = field(default_factory=list)
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -143,7 +159,22 @@ def _add_sub_ids(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE broker_messages ADD COLUMN sub_ids TEXT")
 
 
-MIGRATIONS = (_migrate, _add_sub_ids)
+def _add_wills(conn: sqlite3.Connection) -> None:
+    """broker_wills: a will waiting for its Will Delay Interval (MQTT 5.0), so a restart in
+    between publishes it when it is due instead of forgetting it."""
+    conn.execute("CREATE TABLE IF NOT EXISTS broker_wills (client_id TEXT PRIMARY KEY, topic TEXT NOT NULL,"
+                 " payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, props BLOB,"
+                 " expiry_s INTEGER, due_at REAL NOT NULL)")
+
+
+def _add_share(conn: sqlite3.Connection) -> None:
+    """broker_messages.share: the shared subscription (``$share/<group>/<filter>``) a queued message
+    came through, so it can still be handed to another member of the group after a restart."""
+    if "share" not in {row[1] for row in conn.execute("PRAGMA table_info(broker_messages)")}:
+        conn.execute("ALTER TABLE broker_messages ADD COLUMN share TEXT")
+
+
+MIGRATIONS = (_migrate, _add_sub_ids, _add_wills, _add_share)
 
 
 def _load(conn: sqlite3.Connection) -> LoadedState:
@@ -158,9 +189,10 @@ def _load(conn: sqlite3.Connection) -> LoadedState:
             sessions[cid].subscriptions[flt] = int(qos)
     next_seq = 1
     lost: list[tuple[str, int]] = []
-    for cid, seq, topic, payload, qos, retain, pid, state, body_id, body, props, expires_at, sub_id, sub_ids in conn.execute(
+    for (cid, seq, topic, payload, qos, retain, pid, state, body_id, body, props, expires_at, sub_id, sub_ids,
+         share) in conn.execute(
             "SELECT m.client_id, m.seq, m.topic, m.payload, m.qos, m.retain, m.packet_id, m.state, m.body_id,"
-             " b.payload, m.props, m.expires_at, m.sub_id, m.sub_ids"
+             " b.payload, m.props, m.expires_at, m.sub_id, m.sub_ids, m.share"
             " FROM broker_messages m LEFT JOIN broker_bodies b ON b.id = m.body_id ORDER BY m.seq"):
         next_seq = max(next_seq, int(seq) + 1)
         if body_id is not None and body is None:
@@ -169,7 +201,8 @@ def _load(conn: sqlite3.Connection) -> LoadedState:
         if cid in sessions:
             sessions[cid].messages.append(StoredMessage(int(seq), topic, bytes(body if body_id is not None else payload),
                                                         int(qos), bool(retain), pid, int(state), body_id,
-                                                        bytes(props or b""), expires_at, _load_ids(sub_id, sub_ids)))
+                                                        bytes(props or b""), expires_at, _load_ids(sub_id, sub_ids),
+                                                        share))
     if lost:
         log.error("queued messages without their body were deleted", messages=len(lost))
         conn.executemany(_MSG_DEL, lost)
@@ -184,7 +217,11 @@ def _load(conn: sqlite3.Connection) -> LoadedState:
     conn.execute("DELETE FROM broker_bodies WHERE id NOT IN"
                  " (SELECT body_id FROM broker_messages WHERE body_id IS NOT NULL)")
     next_body = int(conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM broker_bodies").fetchone()[0])
-    return LoadedState(retained, sessions, next_seq, next_body)
+    conn.execute("DELETE FROM broker_wills WHERE client_id NOT IN (SELECT client_id FROM broker_sessions)")
+    wills = [StoredWill(cid, topic, bytes(payload), int(qos), bool(retain), bytes(props or b""), expiry_s, due_at)
+             for cid, topic, payload, qos, retain, props, expiry_s, due_at in conn.execute(
+                 "SELECT client_id, topic, payload, qos, retain, props, expiry_s, due_at FROM broker_wills")]
+    return LoadedState(retained, sessions, next_seq, next_body, wills)
 
 
 # Pending operations are keyed by the row they touch; a later op on the same row
@@ -264,13 +301,13 @@ class StateStore:
 
     def queue_message(self, client_id: str, seq: int, topic: str, payload: bytes, qos: int,
                       retain: bool = False, props: bytes = b"", expires_at: float | None = None,
-                      sub_ids: tuple[int, ...] = ()) -> None:
+                      sub_ids: tuple[int, ...] = (), share: str | None = None) -> None:
         self._put(("msg", client_id, seq),
                   ("msg_put", client_id, seq, topic, payload, qos, int(retain), None, QUEUED, None, props or None,
-                   expires_at, *_store_ids(sub_ids)))
+                   expires_at, *_store_ids(sub_ids), share))
 
     def queue_shared(self, client_id: str, seq: int, msg: Any, qos: int, retain: bool = False,
-                     expires_at: float | None = None, sub_ids: tuple[int, ...] = ()) -> None:
+                     expires_at: float | None = None, sub_ids: tuple[int, ...] = (), share: str | None = None) -> None:
         """Queue ``msg`` (a ``clients.Message``: ``topic``, ``payload``, ``body_id``, ``refs``) for
         one session, its body stored once for every session that queues it. Each call must be
         matched by one :meth:`release_body` when the session is done with it."""
@@ -281,7 +318,7 @@ class StateStore:
         msg.refs += 1
         self._put(("msg", client_id, seq),
                   ("msg_put", client_id, seq, msg.topic, b"", qos, int(retain), None, QUEUED, msg.body_id,
-                   msg.props or None, expires_at, *_store_ids(sub_ids)))
+                   msg.props or None, expires_at, *_store_ids(sub_ids), share))
 
     def release_body(self, msg: Any) -> None:
         """One session is done with ``msg``: the body goes with the last reference."""
@@ -310,6 +347,20 @@ class StateStore:
         if earlier is not None and earlier[0] == "msg_put":
             return  # queued and finished before it reached the disk
         self._put(key, ("msg_del", client_id, seq))
+
+    def will_delayed(self, client_id: str, topic: str, payload: bytes, qos: int, retain: bool, props: bytes,
+                     expiry_s: int | None, due_at: float) -> None:
+        """A persistent session's will waits for its Will Delay Interval until ``due_at`` (gateway clock)."""
+        self._put(("will", client_id), ("will_put", client_id, topic, payload, qos, int(retain), props or None,
+                                         expiry_s, due_at))
+
+    def will_done(self, client_id: str) -> None:
+        """The will was published, or cancelled by the client's return."""
+        key = ("will", client_id)
+        earlier = self._pending.pop(key, None)
+        if earlier is not None and earlier[0] == "will_put":
+            return
+        self._put(key, ("will_del", client_id))
 
     def qos2_received(self, client_id: str, packet_id: int) -> None:
         self._put(("q2", client_id, packet_id), ("q2_put", client_id, packet_id))
@@ -424,7 +475,7 @@ class StateStore:
 
 _MSG_PUT = ("INSERT OR REPLACE INTO broker_messages"
             " (client_id, seq, topic, payload, qos, retain, packet_id, state, body_id, props, expires_at, sub_id,"
-            " sub_ids) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+            " sub_ids, share) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 def _store_ids(sub_ids: tuple[int, ...]) -> tuple[int | None, str | None]:
@@ -488,8 +539,14 @@ def _apply(conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
             conn.execute("UPDATE broker_sessions SET seen_at = ? WHERE client_id = ?", (op[2], op[1]))
         elif kind == "sess_drop":
             conn.execute("UPDATE broker_sessions SET dropped = ? WHERE client_id = ?", (op[2], op[1]))
+        elif kind == "will_put":
+            conn.execute("INSERT OR REPLACE INTO broker_wills (client_id, topic, payload, qos, retain, props, expiry_s,"
+                         " due_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", op[1:])
+        elif kind == "will_del":
+            conn.execute("DELETE FROM broker_wills WHERE client_id = ?", op[1:])
         elif kind == "sess_del":
-            for table in ("broker_sessions", "broker_subscriptions", "broker_messages", "broker_qos2_in"):
+            for table in ("broker_sessions", "broker_subscriptions", "broker_messages", "broker_qos2_in",
+                          "broker_wills"):
                 conn.execute(f"DELETE FROM {table} WHERE client_id = ?", (op[1],))
         elif kind == "sub_put":
             conn.execute("INSERT OR REPLACE INTO broker_subscriptions (client_id, filter, qos) VALUES (?, ?, ?)",
@@ -509,5 +566,6 @@ def shift_deadlines(conn: sqlite3.Connection, delta: float) -> int:
     of stored messages' and retained messages' Message Expiry Interval by ``delta`` s
     (gateway.clock re-anchored)."""
     return (clock.shift_columns(conn, "broker_sessions", "seen_at", delta)
+            + clock.shift_columns(conn, "broker_wills", "due_at", delta)
             + clock.shift_columns(conn, "broker_messages", "expires_at", delta)
             + clock.shift_columns(conn, "broker_retained", "expires_at", delta))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.broker.clients import Message
-from gateway.broker.limits import (MAX_CONNECT_PACKET, SMALL_PACKET, UNLIMITED, Limit, LimitPolicy, LimitVerdict,
+from gateway.broker.limits import (MAX_CONNECT_PACKET, MIN_PAUSE_S, SMALL_PACKET, SMALL_PUBLISH_RATE, UNLIMITED, Limit, LimitPolicy, LimitVerdict,
                                    RateBucket, RetainedQuota)
 from gateway.broker.state import StateStore
 from gateway.config import BrokerLimits
@@ -30,6 +30,13 @@ def test_policy_per_role_admin_and_gateway():
     device = policy.for_role("device")
     assert (device.max_packet_size, device.max_publish_rate) == (SMALL_PACKET, 50)   # small by default
     assert policy.for_role("anonymous").max_packet_size == SMALL_PACKET
+    # Devices and anonymous clients are rate-limited by default; the base rate applies when lower;
+    # their role table may lift it (0).
+    assert LimitPolicy().for_role("device").max_publish_rate == SMALL_PUBLISH_RATE == 1000
+    assert policy.for_role("anonymous").max_publish_rate == 5
+    assert LimitPolicy().for_role("technician").max_publish_rate == 0
+    assert LimitPolicy(BrokerLimits.model_validate({"device": {"max_publish_rate": 0}})).for_role(
+        "device").max_publish_rate == 0
     assert policy.for_role("monitor").max_packet_size == 1000
     admin = policy.for_role("admin")     # only what [broker.limits.admin] names
     assert admin.max_connections == 7 and admin.max_packet_size == UNLIMITED.max_packet_size
@@ -53,6 +60,26 @@ def test_rate_bucket_allows_a_seconds_burst_then_paces():
     by_bytes = RateBucket(0, 1000, clock=lambda: now[0])
     assert by_bytes.take(600) == 0.0
     assert by_bytes.take(2400) == pytest.approx(2.0)   # a debt larger than the burst: paid by waiting
+
+
+def test_a_flooder_over_its_rate_is_paused_in_bursts_not_per_message():
+    """At 1000 messages/s, a client that always has the next PUBLISH ready is paused about 20
+    times a second (each pause a timer and a wake-up of the broker's loop), not 1000 times, and
+    still gets no more than its rate."""
+    now = [0.0]
+    bucket = RateBucket(1000, 0, clock=lambda: now[0])
+    for _ in range(1000):
+        assert bucket.take(64) == 0.0   # a second's burst
+    pauses = sent = 0
+    while now[0] < 5.0:
+        wait = bucket.take(64)
+        sent += 1
+        if wait:
+            assert wait >= MIN_PAUSE_S
+            pauses += 1
+            now[0] += wait
+    assert pauses <= 5 * (1 / MIN_PAUSE_S) + 2, pauses
+    assert sent <= 5 * 1000 + 1000 // 20 + 1, sent
 
 
 def test_retained_quota_counts_topics_and_bytes_per_principal():
@@ -257,5 +284,31 @@ async def test_sessions_over_the_limit_from_before_are_trimmed_at_start(tmp_path
         rows = sqlite3.connect(tmp_path / "var" / "gateway.db").execute(
             "SELECT client_id FROM broker_sessions ORDER BY client_id").fetchall()
         assert rows == [("old-3",), ("old-4",), ("old-5",)]
+    finally:
+        await b.stop()
+
+
+async def test_concurrent_connects_cannot_overshoot_the_role_connection_cap(tmp_path: Path):
+    """Twenty CONNECTs of one role at once (each awaits its argon2 check in a thread) against
+    max_connections = 3 for that role: exactly three are accepted, the rest refused (0x03), and
+    a slot freed by a disconnect is taken by exactly one of the next wave."""
+    write_accounts(tmp_path / "var" / "passwd", {f"t{i}": "technician" for i in range(20)})
+    b = await start_broker(tmp_path, broker={"limits": {"technician": {"max_connections": 3}}})
+    try:
+        async def attempt(i: int) -> tuple[RawClient, int]:
+            c = RawClient(b.port)
+            _, code = await c.connect(f"c{i}", username=f"t{i}", password="pw")
+            return c, code
+
+        results = await asyncio.gather(*(attempt(i) for i in range(20)))
+        accepted = [c for c, code in results if code == 0]
+        assert len(accepted) == 3 and all(code in (0, 3) for _, code in results)
+        assert b.broker.connections.by_role["technician"] == 3
+        accepted[0].disconnect()
+        await until(lambda: b.broker.connections.by_role["technician"] == 2)
+        again = await asyncio.gather(*(attempt(i) for i in range(3, 13)))
+        assert sum(code == 0 for _, code in again) == 1
+        assert b.broker.connections.by_role["technician"] == 3
+        assert b.metrics()["limited_connections"] == 17 + 9
     finally:
         await b.stop()

@@ -632,3 +632,81 @@ async def test_refusals_carry_a_reason_string_unless_problem_information_is_off(
         assert 0x1F not in c.connack_props
     finally:
         await b.stop()
+
+
+async def test_a_delayed_will_survives_a_broker_restart(tmp_path):
+    """[MQTT-3.1.3-9] across a restart: a will waiting for its Will Delay Interval when the broker
+    stops is published when it is due after the start (the delay counted from the client's drop,
+    not from the start), and not at all for a client that came back in time."""
+    b = await start_broker(tmp_path)
+    a = await _client(b.port, "wr-a", props={0x11: 60}, will=("wr/a", b"a-gone", 0, False, {0x18: 3}))
+    c = await _client(b.port, "wr-c", props={0x11: 60}, will=("wr/c", b"c-gone", 0, False, {0x18: 3}))
+    t0 = time.monotonic()
+    a.drop()
+    c.drop()
+    await until(lambda: b.metrics()["clients_connected"] == 0)
+    await b.stop()
+    assert time.monotonic() - t0 < 2.5, "the broker must stop before the wills are due"
+    b2 = await start_broker(tmp_path)
+    try:
+        watcher = await _client(b2.port, "wr-w")
+        await watcher.subscribe5(("wr/#", 0))
+        back = RawClient5(b2.port)
+        assert await back.connect5("wr-c", clean_start=False, props={0x11: 60}) == (True, 0)
+        got = await watcher.next_publish(timeout=10)
+        assert got.payload == b"a-gone" and time.monotonic() - t0 >= 2.9
+        assert b2.metrics()["wills_published"] == 1
+        assert await watcher.read(timeout=1.5) is None   # wr-c came back in time
+        back.disconnect5()
+        watcher.disconnect5()
+    finally:
+        await b2.stop()
+    b3 = await start_broker(tmp_path)   # published or cancelled: nothing is left to publish again
+    try:
+        await asyncio.sleep(0.5)
+        assert b3.metrics()["wills_published"] == 0
+    finally:
+        await b3.stop()
+
+
+async def test_shared_messages_of_a_member_are_handed_over_after_a_restart(tmp_path):
+    """§4.8.2 across a restart: messages a member of ``$share/<group>/...`` received and did not
+    acknowledge before the broker stopped go to another member of the group when it connects
+    after the start, although their first member never comes back (they stayed with it)."""
+    b = await start_broker(tmp_path)
+    lazy = await _client(b.port, "lazy-r", props={0x11: 300})
+    busy = await _client(b.port, "busy-r", props={0x11: 300})
+    assert await lazy.subscribe5(("$share/work/task/#", 1)) == [1]
+    assert await busy.subscribe5(("$share/work/task/#", 1)) == [1]
+    busy.disconnect5()   # persistent, offline: every message goes to the connected member
+    await until(lambda: b.metrics()["clients_connected"] == 1)
+    pub = await _client(b.port, "boss-r")
+    for i in range(4):
+        pub.publish5("task/x", str(i).encode(), 1)
+    for _ in range(4):
+        await pub.expect(PUBACK)
+    got = []
+    while len(got) < 4:
+        pkt = await lazy.expect(PUBLISH)
+        got.append(pkt.body[-1:])    # received, never acknowledged
+    pub.disconnect5()
+    await b.stop()                   # lazy's connection ends with the broker: nothing handed over
+    b2 = await start_broker(tmp_path)
+    try:
+        back = RawClient5(b2.port)
+        assert await back.connect5("busy-r", clean_start=False, props={0x11: 300}) == (True, 0)
+        handed = []
+        while len(handed) < 4:
+            pkt = await back.expect(PUBLISH)
+            handed.append(pkt.body[-1:])
+            back.ack(4, pkt.packet_id)
+        assert sorted(handed) == sorted(got)
+        assert b2.metrics()["shared_handed_over"] == 4
+        back.disconnect5()
+        # The first member comes back: they are no longer its (it would get them twice).
+        again = RawClient5(b2.port)
+        assert await again.connect5("lazy-r", clean_start=False, props={0x11: 300}) == (True, 0)
+        assert await again.read(timeout=1) is None
+        again.disconnect5()
+    finally:
+        await b2.stop()

@@ -123,9 +123,9 @@ def test_property_decoder_raises_only_malformed(block: bytes, packet_type: int) 
 @settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow])
 @given(block=property_blocks(), tail=st.binary(max_size=6))
 def test_the_publish_property_decoder_agrees_with_the_generic_one(block: bytes, tail: bytes) -> None:
-    """The hot path's flat PUBLISH decoder (P.decode_publish) accepts and refuses exactly what
-    the generic decoder does, with the same reason code, and forwards exactly the pass-through
-    properties [MQTT-3.3.2-4/15/16/17/20]."""
+    """The PUBLISH entry of the one property decoder (P.decode_publish, on the hot path) accepts
+    and refuses what P.decode does, with the same reason code, and forwards exactly the
+    pass-through properties [MQTT-3.3.2-4/15/16/17/20]."""
     data = block + tail
     expected: P.Properties | int
     try:
@@ -239,3 +239,14 @@ def test_every_input_is_answered_or_the_connection_closed(live_broker: int, pack
         assert _answered_or_closed(probe, 5.0) == "answered"
     finally:
         probe.close()
+
+
+def test_a_property_identifier_in_a_longer_varint_is_refused() -> None:
+    """Identifiers are Variable Byte Integers in their minimum number of bytes [MQTT-1.5.5-1]:
+    0x91 0x00 (Session Expiry Interval written in two bytes) is malformed, in every packet type.
+    (The decoder for packets other than PUBLISH used to accept it; the PUBLISH one refused it.)"""
+    for packet_type, block in ((P.CONNECT, b"\x06\x91\x00\x00\x00\x00\x3c"), (PUBLISH, b"\x03\x81\x00\x01")):
+        with pytest.raises(Malformed) as exc:
+            P.decode(Body(block), packet_type)
+        assert int(exc.value.reason) == 0x81
+    assert P.decode(Body(b"\x05\x11\x00\x00\x00\x3c"), P.CONNECT) == {0x11: 60}

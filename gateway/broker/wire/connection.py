@@ -51,6 +51,12 @@ SERVER_TOPIC_ALIAS_MAXIMUM = 64
 # Packet types whose fixed-header flags are 0010; every other (but PUBLISH) has 0000 [MQTT-2.2.2-2].
 _FLAGS_0010 = frozenset({PUBREL, SUBSCRIBE, UNSUBSCRIBE})
 _YIELD = -1
+# Packets handled from one connection before its reader lets the other connections run. A
+# client that keeps its socket full (a flood of denied publishes) otherwise held the event loop
+# for a whole read of ~1,600 small packets at every turn, and each of the round trips of every
+# other client waited behind one such turn: a legitimate QoS 1 publisher fell to 0.08x of its
+# rate (bench/hostile_bench.py).
+FAIR_SHARE = 64
 
 
 class Connection:
@@ -102,6 +108,10 @@ class Connection:
             try:
                 body = await asyncio.wait_for(self._read_connect(), gw.connect_timeout_s)
             except (TimeoutError, Malformed, asyncio.IncompleteReadError, ConnectionError) as exc:
+                if self.writer.frame_too_large:
+                    self._frame_too_large()
+                    self.close_now()
+                    return
                 self._refuse_early(exc)
                 return
             accepted = await handle_connect.handle(self, body)
@@ -145,6 +155,18 @@ class Connection:
                  error=str(exc) or type(exc).__name__)
         self.close_now()
 
+    def limit_packets_in(self, max_packet: int) -> None:
+        """The largest packet (remaining length) this client may send from now on; a websocket
+        frame larger than one such packet is refused before it is buffered."""
+        self.max_packet_in = max_packet
+        self.writer.limit_frames(max_packet)
+
+    def _frame_too_large(self) -> None:
+        """The websocket listener refused a frame over the cap (it closed the connection, code
+        1009): counted and logged as the packet it would have been."""
+        if self.writer.frame_too_large:
+            self.gw.packet_too_large(self.client, None, limit=self.max_packet_in)
+
     def set_keepalive(self, seconds: int) -> None:
         if seconds > 0:
             self.keepalive = seconds * 1.5
@@ -185,6 +207,7 @@ class Connection:
                         # A subscriber's queue is half full: let its sender move messages into
                         # flight before the next one is routed (a burst read in one piece would
                         # otherwise overflow max_queued_messages before the sender ran once).
+                        # Or this connection had its FAIR_SHARE of the loop: the others' turn.
                         gw.backlogged = False
                         await asyncio.sleep(0)
                         continue
@@ -216,6 +239,7 @@ class Connection:
             log.warning("reader failed; closing connection", client_id=client.client_id, error=repr(exc))
             self.abort()
         finally:
+            self._frame_too_large()
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
@@ -229,6 +253,7 @@ class Connection:
         n = len(buf)
         max_in = self.max_packet_in
         gw = self.gw
+        share = FAIR_SHARE
         while pos < n:
             # fixed header: type/flags byte, 1-4 bytes of remaining length (§2.1)
             length, shift, i = 0, 0, pos + 1
@@ -260,7 +285,8 @@ class Connection:
                 if pause > 0:
                     self._pause = pause
                     return pos, _YIELD
-            if gw.backlogged and pos < n:
+            share -= 1
+            if (gw.backlogged or not share) and pos < n:
                 return pos, _YIELD
         return pos, 0
 

@@ -225,7 +225,7 @@ async def handle(conn: Connection, body: bytes) -> bool:
         # this broker uses Response Topic and Correlation Data, which pass through.
     cs, present = gw.open_session(conn, packet, role, owner, account_hash)
     conn.client = cs
-    conn.max_packet_in = cs.limits.max_packet_size   # [broker.limits] of its role, from now on
+    conn.limit_packets_in(cs.limits.max_packet_size)   # [broker.limits] of its role, from now on
     gw.metrics.clients_connected += 1
     gw.metrics.connections_total += 1
     if v5 and conn.max_packet_in is not None and conn.max_packet_in < MQTT_MAX_PACKET:

@@ -43,18 +43,20 @@ def split_shared(topic_filter: str) -> tuple[str, str] | None:
     return group, inner
 
 
-async def on_subscribe(conn: Connection, cs: ClientState, data: bytes) -> None:
-    gw = conn.gw
-    v5 = conn.version == V5
+def decode(data: bytes, kind: int, v5: bool) -> tuple[int, P.Properties, list[tuple[str, int]]]:
+    """A SUBSCRIBE or UNSUBSCRIBE body: (packet id, properties, [(topic filter, subscription
+    options)]); an UNSUBSCRIBE's options are 0. Both packets share this layout (§3.8.2-3, §3.10.2-3)."""
+    name = "SUBSCRIBE" if kind == SUBSCRIBE else "UNSUBSCRIBE"
     body = Body(data)
-    try:
-        packet_id = body.u16("packet identifier")
-        if not packet_id:
-            raise Malformed("SUBSCRIBE with packet id 0")
-        props = P.decode(body, SUBSCRIBE) if v5 else {}
-        requests: list[tuple[str, int]] = []
-        while body.remaining:
-            topic_filter = body.text("topic filter")
+    packet_id = body.u16("packet identifier")
+    if not packet_id:
+        raise Malformed(f"{name} with packet id 0")   # [MQTT-2.3.1-1]
+    props = P.decode(body, kind) if v5 else {}
+    entries: list[tuple[str, int]] = []
+    while body.remaining:
+        topic_filter = body.text("topic filter")
+        options = 0
+        if kind == SUBSCRIBE:
             options = body.u8("subscription options")
             if options & (0xC0 if v5 else 0xFC):
                 raise Malformed("reserved bits of the subscription options set")  # [MQTT-3.8.3-5]
@@ -62,9 +64,18 @@ async def on_subscribe(conn: Connection, cs: ClientState, data: bytes) -> None:
                 raise Malformed("retain handling 3", Reason.PROTOCOL_ERROR)
             if v5 and options & 0x03 == 3:
                 raise Malformed("subscription QoS 3")
-            requests.append((topic_filter, options))
-        if not requests:
-            raise Malformed("SUBSCRIBE without a topic filter", Reason.PROTOCOL_ERROR)  # [MQTT-3.8.3-3]
+        entries.append((topic_filter, options))
+    if not entries:
+        # [MQTT-3.8.3-3], [MQTT-3.10.3-2]
+        raise Malformed(f"{name} without a topic filter", Reason.PROTOCOL_ERROR)
+    return packet_id, props, entries
+
+
+async def on_subscribe(conn: Connection, cs: ClientState, data: bytes) -> None:
+    gw = conn.gw
+    v5 = conn.version == V5
+    try:
+        packet_id, props, requests = decode(data, SUBSCRIBE, v5)
     except Malformed as exc:
         raise_or_close(conn, exc)
         return
@@ -117,25 +128,14 @@ async def on_subscribe(conn: Connection, cs: ClientState, data: bytes) -> None:
 
 async def on_unsubscribe(conn: Connection, cs: ClientState, data: bytes) -> None:
     gw = conn.gw
-    v5 = conn.version == V5
-    body = Body(data)
     try:
-        packet_id = body.u16("packet identifier")
-        if not packet_id:
-            raise Malformed("UNSUBSCRIBE with packet id 0")
-        if v5:
-            P.decode(body, UNSUBSCRIBE)
-        filters: list[str] = []
-        while body.remaining:
-            filters.append(body.text("topic filter"))
-        if not filters:
-            raise Malformed("UNSUBSCRIBE without a topic filter", Reason.PROTOCOL_ERROR)  # [MQTT-3.10.3-2]
+        packet_id, _, entries = decode(data, UNSUBSCRIBE, conn.version == V5)
     except Malformed as exc:
         raise_or_close(conn, exc)
         return
     store = cs.store
     codes: list[int] = []
-    for topic_filter in filters:
+    for topic_filter, _ in entries:
         if gw.unsubscribe(cs, topic_filter):
             if store is not None:
                 store.unsubscribe(cs.client_id, topic_filter)

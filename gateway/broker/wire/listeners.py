@@ -6,6 +6,15 @@ shape whatever the transport: an :class:`asyncio.StreamReader` and an object wit
 ``write`` (never blocks), ``drain``, ``abort``, ``is_closing`` and ``close``. For a
 websocket, binary frames are fed into the reader as a byte stream (MQTT packets may span
 frames, §6) and writes are sent as binary frames in order.
+
+A websocket frame is read whole by ``websockets`` before any byte of it reaches the MQTT
+reader, so the packet-size check on the fixed header came too late: a 255 MiB frame was
+buffered (twice) first. Frames are therefore capped at the largest packet the client may send
+(its role's ``max_packet_size`` plus the 5-byte fixed header; before CONNECT,
+``MAX_CONNECT_PACKET``): a larger frame is refused from its frame header, the connection is
+closed with websocket code 1009 (message too big) and the limit counted like a too-large
+packet. The per-connection cap is the one name of ``websockets`` used outside its public
+interface (``ServerConnection.protocol.max_fragment_size``; pinned, checked at start).
 """
 
 from __future__ import annotations
@@ -19,12 +28,30 @@ import structlog
 from websockets.asyncio.server import Server as WsServer
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+from websockets.server import ServerProtocol
 
+from gateway.broker.limits import MAX_CONNECT_PACKET
 from gateway.config import ListenerSection
 
 log = structlog.get_logger(__name__)
 
 WS_READ_LIMIT = 2 ** 16
+FIXED_HEADER_MAX = 5            # a type byte and at most 4 bytes of remaining length
+
+
+class WebsocketsMismatch(RuntimeError):
+    """The installed websockets lacks the per-connection frame cap the ws listeners need."""
+
+
+def check_websockets() -> None:
+    """The frame cap is set per connection on ``ServerConnection.protocol.max_fragment_size``:
+    fail at start, naming the version, if an upgrade renamed it (pyproject.toml pins it)."""
+    from importlib.metadata import version
+    if not hasattr(ServerProtocol(), "max_fragment_size"):
+        raise WebsocketsMismatch(f"websockets {version('websockets')} has no Protocol.max_fragment_size, which the "
+                                 "broker's ws/wss listeners use to cap frames; install the version pinned in "
+                                 "pyproject.toml")
 
 
 class Writer(Protocol):
@@ -33,6 +60,9 @@ class Writer(Protocol):
     def abort(self) -> None: ...
     def is_closing(self) -> bool: ...
     def close(self) -> None: ...
+    def limit_frames(self, max_packet: int) -> None: ...
+    @property
+    def frame_too_large(self) -> bool: ...
 
 
 Accept = Callable[[asyncio.StreamReader, "Writer", ListenerSection, str], Awaitable[None]]
@@ -61,6 +91,13 @@ class StreamWriter:
     def peercert(self) -> Any:
         return self._w.get_extra_info("peercert")
 
+    def limit_frames(self, max_packet: int) -> None:
+        """TCP has no frames: the reader's fixed-header check is the only bound needed."""
+
+    @property
+    def frame_too_large(self) -> bool:
+        return False
+
 
 class WsWriter:
     """Writes to a websocket: ``write`` queues bytes, one task sends them as binary frames."""
@@ -70,6 +107,17 @@ class WsWriter:
         self._buffer: list[bytes] = []
         self._sender: asyncio.Task[None] | None = None
         self._closed = False
+        self.refused_frame = False   # set by the pump: websockets closed it with 1009 (frame over the cap)
+
+    def limit_frames(self, max_packet: int) -> None:
+        """Frames larger than one packet of ``max_packet`` bytes (remaining length) are refused
+        from their frame header (see the module's docstring)."""
+        self._ws.protocol.max_fragment_size = max_packet + FIXED_HEADER_MAX
+
+    @property
+    def frame_too_large(self) -> bool:
+        """The connection ended because the client sent a frame over the cap (close code 1009)."""
+        return self.refused_frame
 
     def write(self, data: bytes) -> None:
         if self._closed or not data:
@@ -112,6 +160,52 @@ class WsWriter:
             transport.close()
 
 
+class WsReader(asyncio.StreamReader):
+    """The byte stream of a websocket's binary frames, with the back-pressure a TCP reader has.
+
+    A StreamReader fed by hand never pauses anything: while the connection was not read (a
+    client over its publish rate), the pump kept taking frames from websockets and feeding
+    them in, and the buffer grew with whatever the client sent. The pump now waits (:meth:`room`)
+    while more than ``limit`` bytes are unread; websockets then stops reading the socket once
+    its own queue is full, and TCP pushes back on the client, as for a TCP listener."""
+
+    def __init__(self, limit: int = WS_READ_LIMIT):
+        super().__init__(limit=limit)
+        self.ws_unread = 0
+        self._ws_cap = limit
+        self._ws_room = asyncio.Event()
+        self._ws_room.set()
+
+    def feed_data(self, data: bytes) -> None:
+        super().feed_data(data)
+        self.ws_unread += len(data)
+        if self.ws_unread > self._ws_cap:
+            self._ws_room.clear()
+
+    def feed_eof(self) -> None:
+        super().feed_eof()
+        self._ws_room.set()
+
+    async def read(self, n: int = -1) -> bytes:
+        data = await super().read(n)
+        self._consumed(len(data))
+        return data
+
+    async def readexactly(self, n: int) -> bytes:
+        data = await super().readexactly(n)
+        self._consumed(n)
+        return data
+
+    def _consumed(self, n: int) -> None:
+        self.ws_unread -= n
+        if self.ws_unread <= self._ws_cap:
+            self._ws_room.set()
+
+    async def room(self) -> None:
+        """Return once at most ``limit`` bytes are unread (or the stream ended)."""
+        await self._ws_room.wait()
+
+
 def tls_context(section: ListenerSection) -> ssl.SSLContext:
     """TLS 1.2+; client certificates required where the listener says so, verified against
     its ``cafile``; without a ``cafile`` none are asked for."""
@@ -145,9 +239,11 @@ class Listener:
         host, port = _split_bind(section.bind)
         ctx = tls_context(section) if section.secure else None
         if section.type in ("ws", "wss"):
+            check_websockets()
+            # Until CONNECT is accepted a frame may hold at most a CONNECT (WsWriter.limit_frames).
             self._server = await serve(self._serve_ws, host, port, ssl=ctx, subprotocols=["mqtt"],  # type: ignore[list-item]
-                                       compression=None, max_size=None, ping_interval=None,
-                                       select_subprotocol=_select_mqtt)
+                                       compression=None, max_size=(None, MAX_CONNECT_PACKET + FIXED_HEADER_MAX),
+                                       ping_interval=None, select_subprotocol=_select_mqtt)
         else:
             self._server = await asyncio.start_server(self._serve_stream, host, port, ssl=ctx)
 
@@ -164,13 +260,14 @@ class Listener:
         await self._accept(reader, StreamWriter(writer), self.section, remote)
 
     async def _serve_ws(self, ws: ServerConnection) -> None:
-        reader = asyncio.StreamReader(limit=WS_READ_LIMIT)
+        reader = WsReader()
         peer = ws.remote_address
         remote = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
-        pump = asyncio.get_running_loop().create_task(_pump(ws, reader))
+        writer = WsWriter(ws)
+        pump = asyncio.get_running_loop().create_task(_pump(ws, reader, writer))
         self._ws_pumps.add(pump)
         try:
-            await self._accept(reader, WsWriter(ws), self.section, remote)
+            await self._accept(reader, writer, self.section, remote)
         finally:
             pump.cancel()
             self._ws_pumps.discard(pump)
@@ -207,14 +304,19 @@ def _select_mqtt(connection: ServerConnection, subprotocols: list[str]) -> Any:
     return "mqtt" if "mqtt" in subprotocols else None
 
 
-async def _pump(ws: ServerConnection, reader: asyncio.StreamReader) -> None:
-    """Binary frames → the reader's byte stream [MQTT-6.0.0-1]; a text frame closes [MQTT-6.0.0-1]."""
+async def _pump(ws: ServerConnection, reader: WsReader, writer: WsWriter) -> None:
+    """Binary frames → the reader's byte stream [MQTT-6.0.0-1]; a text frame closes [MQTT-6.0.0-1].
+    The next frame is taken only once the reader has room (see :class:`WsReader`)."""
     try:
         async for frame in ws:
             if isinstance(frame, str):
                 break
             reader.feed_data(frame)
-    except (ConnectionClosed, ConnectionError):
+            await reader.room()
+    except ConnectionClosed as exc:
+        # websockets refused a frame over the cap from its header and closed with 1009.
+        writer.refused_frame = exc.sent is not None and exc.sent.code == CloseCode.MESSAGE_TOO_BIG
+    except ConnectionError:
         pass
     except asyncio.CancelledError:
         raise
