@@ -157,6 +157,9 @@ class AclRule(_Section):
         description="Filters this role may neither publish, subscribe to, nor receive.")
 
 
+USER_ROLE = "user"  # a person's account (contract §5, §12): the HTTP API's /v1/me and /me only
+
+
 def default_acl() -> dict[str, AclRule]:
     """Contract §5 defaults; a role given in the config replaces its default."""
     tech = AclRule(publish=["{prefix}/jobs", "{prefix}/devices/+/register",
@@ -179,6 +182,9 @@ def default_acl() -> dict[str, AclRule]:
         # status and $SYS.
         "monitor": AclRule(subscribe=["{prefix}/#", "$SYS/#"], deny=["{prefix}/devices/+/notify"]),
         "admin": AclRule(publish=["#"], subscribe=["#"]),
+        # A person (contract §12): logs in to the HTTP API's /v1/me routes and the /me page,
+        # which check the role by name; nothing on MQTT unless [broker.acl.user] grants it.
+        USER_ROLE: AclRule(),
         "anonymous": AclRule(),
     }
 

@@ -6,9 +6,13 @@
  *    device id (or any technician/controller/admin account): HTTP Basic.
  * 4. On every load (and when the browser comes back online) ask the service worker to send
  *    the acks it still holds (sw.js keeps them in IndexedDB until the gateway takes them).
- * Everything is exposed as window.homepot so a kiosk script or a test can drive it.
+ * Everything is exposed as window.homepot so a kiosk script or a test can drive it; other
+ * pages of the gateway (a person's /me) load this file from /web/ and use it the same way,
+ * so its own files are found next to it, not next to the page that loaded it.
  */
 'use strict';
+
+const HERE = new URL('.', (document.currentScript && document.currentScript.src) || window.location.href);
 
 function b64urlToBytes(text) {
   const pad = '='.repeat((4 - (text.length % 4)) % 4);
@@ -30,15 +34,26 @@ function say(text, isError) {
 }
 
 async function config() {
-  const r = await fetch('config.json', {cache: 'no-store'});
+  const r = await fetch(new URL('config.json', HERE), {cache: 'no-store'});
   if (!r.ok) throw new Error('config.json: HTTP ' + r.status);
   return r.json();
 }
 
+// The registration once its worker is active. Not navigator.serviceWorker.ready: that waits
+// for a worker whose scope covers the page, which never comes for a page outside /web/.
+function activated(reg) {
+  if (reg.active) return Promise.resolve(reg);
+  const worker = reg.installing || reg.waiting;
+  return new Promise((resolve, reject) => {
+    worker.addEventListener('statechange', () => {
+      if (worker.state === 'activated') resolve(reg);
+      else if (worker.state === 'redundant') reject(new Error('the service worker failed to install'));
+    });
+  });
+}
+
 async function registerWorker() {
-  const reg = await navigator.serviceWorker.register('sw.js', {scope: './'});
-  await navigator.serviceWorker.ready;
-  return reg;
+  return activated(await navigator.serviceWorker.register(new URL('sw.js', HERE), {scope: HERE.pathname}));
 }
 
 async function subscribe() {
@@ -78,7 +93,7 @@ async function enable(deviceId, user, password, segment) {
 
 async function flushAcks() {
   if (!('serviceWorker' in navigator)) return false;
-  const reg = await navigator.serviceWorker.getRegistration();
+  const reg = await navigator.serviceWorker.getRegistration(HERE.href);
   const worker = reg && (reg.active || reg.waiting || reg.installing);
   if (!worker) return false;
   worker.postMessage({type: 'flush-acks'});

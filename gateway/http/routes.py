@@ -216,6 +216,11 @@ class Api:
             raise ApiError(503, "not_ready", "the pipeline is still starting", {"Retry-After": "1"}) from None
         return jobs
 
+    async def intake(self) -> JobIntake:
+        """The pipeline's entry points once it runs (503 ``not_ready`` meanwhile): for the
+        routes of other modules (gateway.http.me) that enter it the same way."""
+        return await self._ready()
+
     async def _db(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """A read (on the API's read-only connection, never queued behind the writer's fsyncs)."""
         try:

@@ -110,6 +110,12 @@ class HttpService:
         r.add_get("/web/", self._web_file, allow_head=False)
         r.add_get("/web/{name}", self._web_file, allow_head=False)
         page.add_routes(r)
+        # A person's own page and routes (/me, /v1/me*): same sessions and login form.
+        from gateway.http.me import MeRoutes
+        from gateway.people.own import OwnChanges
+
+        MeRoutes(self.parts, api, sessions=self.sessions, people=OwnChanges(self.db),
+                 login_page=page.login_page).add_routes(r)
         return app
 
     async def _web_config(self, request: web.Request) -> web.Response:

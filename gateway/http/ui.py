@@ -31,12 +31,20 @@ import structlog
 from aiohttp import web
 
 from gateway import clock
+from gateway.config import USER_ROLE
 from gateway.ids import is_id
 from gateway.http import ui_queries as q
 from gateway.broker.presence import device_presence
 from gateway.http.errors import ApiError, json_response
 from gateway.http.reader import Reader
-from gateway.http.sessions import COOKIE, Session, SessionStore, clear_cookie_header, cookie_header
+from gateway.http.sessions import (
+    COOKIE,
+    Session,
+    SessionStore,
+    check_same_origin,
+    clear_cookie_header,
+    cookie_header,
+)
 from gateway.http.static import StaticFiles, file_response
 from gateway.http.ui_events import EventHub
 from gateway.pipeline.models import (
@@ -128,6 +136,7 @@ class OperatorPage:
         r.add_get("/ui/api/devices/{device_id}", self.device, allow_head=False)
         r.add_get("/ui/api/alarms", self.alarms, allow_head=False)
         r.add_post("/ui/api/alarms/ack", self.ack_alarm)
+        r.add_get("/ui/api/people", self.people, allow_head=False)
 
     # ------------------------------------------------------------------ who
     def _secure(self, request: web.Request) -> bool:
@@ -160,13 +169,7 @@ class OperatorPage:
             raise ApiError(403, "csrf", "X-CSRF-Token: missing or not this session's token (reload the page)")
         return self.svc.auth.principal_for(session.name, session.role), session
 
-    @staticmethod
-    def _same_origin(request: web.Request) -> None:
-        if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
-            raise ApiError(403, "csrf", "Sec-Fetch-Site: a request from another site is refused")
-        origin = request.headers.get("Origin")
-        if origin is not None and origin != f"{request.scheme}://{request.host}":
-            raise ApiError(403, "csrf", f"Origin: {origin[:100]!r} is not this gateway's origin")
+    _same_origin = staticmethod(check_same_origin)
 
     # ------------------------------------------------------------------ pages
     async def index(self, request: web.Request) -> web.StreamResponse:
@@ -175,7 +178,13 @@ class OperatorPage:
         session = await self._session(request)
         if session is None:
             return self._login_page()
+        if session.role == USER_ROLE:  # a person: their own page, not the site's
+            return web.Response(status=303, headers={"Location": "/me", **NO_STORE})
         return file_response(UI_DIR / "index.html", PAGE_HEADERS)
+
+    def login_page(self) -> web.Response:
+        """The login form (``GET /me`` without a session shows it too)."""
+        return self._login_page()
 
     def _login_page(self, error: str = "", username: str = "", status: int = 200) -> web.Response:
         text = (UI_DIR / "login.html").read_text(encoding="utf-8")
@@ -201,7 +210,8 @@ class OperatorPage:
         except ApiError as err:
             log.info("operator page login refused", user=username[:64], reason=err.code, peer=request.remote)
             return self._login_page(err.message, username, err.status)
-        if not principal.may_read_jobs():
+        person = principal.role == USER_ROLE  # a person's account: their own page (/me)
+        if not principal.may_read_jobs() and not person:
             log.info("operator page login refused", user=principal.name, role=principal.role, reason="role")
             return self._login_page(f"{principal.name} ({principal.role}) may not use the operator page",
                                     username, 403)
@@ -210,8 +220,8 @@ class OperatorPage:
             return self._login_page("wrong user name or password", username, 401)
         token, _ = created
         log.info("operator page login", user=principal.name, role=principal.role, peer=request.remote)
-        return web.Response(status=303, headers={"Location": "/", "Set-Cookie": cookie_header(token, self._secure(request)),
-                                                 **NO_STORE})
+        return web.Response(status=303, headers={"Location": "/me" if person else "/",
+                                                 "Set-Cookie": cookie_header(token, self._secure(request)), **NO_STORE})
 
     async def logout(self, request: web.Request) -> web.Response:
         await self._actor(request)
@@ -358,6 +368,18 @@ class OperatorPage:
             after = (request.query.get("after_rule", ""), request.query.get("after_key", ""))
         limit = _int(request.query.get("limit"), 50, "limit")
         return json_response(await self._read(lambda c: q.alarms_page(c, state, after, limit)), headers=NO_STORE)
+
+    async def people(self, request: web.Request) -> web.Response:
+        """The People tab: persons by id (prefix ``q``), ``limit`` at a time after ``after``."""
+        from gateway.http.ui_people import people_page
+
+        await self._viewer(request)
+        prefix = _prefix(request.query.get("q", "").strip(), "q")
+        after = _prefix(request.query.get("after", ""), "after")
+        limit = _int(request.query.get("limit"), 50, "limit")
+        defaults = self.cfg.people
+        return json_response(await self._read(lambda c: people_page(
+            c, defaults.quiet_hours_default, defaults.reach_after_s, prefix, after, limit)), headers=NO_STORE)
 
     # ------------------------------------------------------------------ the event stream
     async def events(self, request: web.Request) -> web.StreamResponse:

@@ -156,9 +156,22 @@ def persons_of_device(conn: sqlite3.Connection, device_id: str) -> list[tuple[st
         "SELECT person_id, position FROM person_devices WHERE device_id = ? ORDER BY person_id", (device_id,))]
 
 
-def count(conn: sqlite3.Connection) -> int:
-    return conn.execute("SELECT COUNT(*) FROM persons").fetchone()[0]
+def count(conn: sqlite3.Connection, prefix: str = "", upper: str = "\x7f") -> int:
+    """How many persons there are (whose person_id starts with ``prefix``: the range up to
+    ``prefix + upper``, a character above every one an id may hold), on the primary key."""
+    if not prefix:
+        return conn.execute("SELECT COUNT(*) FROM persons").fetchone()[0]
+    return conn.execute("SELECT COUNT(*) FROM persons WHERE person_id >= ? AND person_id < ?",
+                        (prefix, prefix + upper)).fetchone()[0]
 
 
-__all__ = ["AccountTaken", "MIGRATIONS", "by_account", "count", "get", "get_many", "iter_all", "list_all",
+def page(conn: sqlite3.Connection, prefix: str, after: str, limit: int, upper: str = "\x7f") -> list[Person]:
+    """Persons by person_id after ``after`` whose id starts with ``prefix`` (the operator
+    page's People tab), a keyset page on the primary key."""
+    rows = conn.execute("SELECT person_id, body FROM persons WHERE person_id >= ? AND person_id < ? AND person_id > ? "
+                        "ORDER BY person_id LIMIT ?", (prefix, prefix + upper, after, limit))
+    return [_person(r) for r in rows]
+
+
+__all__ = ["AccountTaken", "MIGRATIONS", "by_account", "count", "get", "get_many", "iter_all", "list_all", "page",
            "persons_of_device", "put", "remove", "updated_at"]

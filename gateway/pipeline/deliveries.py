@@ -768,6 +768,57 @@ def recent_of_device(conn: sqlite3.Connection, device_id: str, limit: int) -> li
                         "ORDER BY j.created_at DESC LIMIT ?", (device_id, limit)).fetchall()
 
 
+# A person's own notifications (their page, gateway/http/me.py): the deliveries made for
+# them (``person_id``) and those to a device in their reach list from jobs for no person.
+# A job that reaches them makes a row for each of their devices up front, the later ones
+# waiting their turn (gateway.pipeline.reach): such a job is one row here, the delivery that
+# got furthest (acknowledged, sent, queued, the rest; the earliest turn first). Keyset order
+# (job created_at, message_id) descending. Reads go through deliveries_by_person and
+# deliveries_by_device; the one sort is of the person's own rows.
+_PERSON_ROWS = """
+WITH mine AS (
+    SELECT d.message_id, d.job_id, d.device_id, d.state, d.person_id, d.attempts, d.next_at, d.last_error, d.moved,
+           ROW_NUMBER() OVER (PARTITION BY d.job_id, d.person_id ORDER BY
+               CASE d.state WHEN 'acknowledged' THEN 0 WHEN 'sent' THEN 1 WHEN 'queued' THEN 2 ELSE 3 END,
+               d.attempts DESC, d.next_at, d.message_id) AS pick
+    FROM deliveries d WHERE {cond})
+SELECT m.*, j.notification, j.created_at FROM mine m JOIN jobs j ON j.job_id = m.job_id
+"""
+
+
+def _of_person(person_id: str, device_ids: Iterable[str]) -> tuple[str, list[Any]]:
+    """The condition (on ``deliveries d``) that a delivery is the person's, and its values."""
+    ids = list(device_ids)
+    sql = "(d.person_id = ?"
+    if ids:
+        sql += f" OR (d.person_id IS NULL AND d.device_id IN ({','.join('?' * len(ids))}))"
+    return sql + ")", [person_id, *ids]
+
+
+def person_page(conn: sqlite3.Connection, person_id: str, device_ids: Iterable[str], limit: int,
+                before: str | None = None) -> list[sqlite3.Row] | None:
+    """Up to ``limit`` of the person's rows (see above), newest first, after the one whose
+    message_id is ``before``; None when ``before`` is not one of the person's deliveries."""
+    cond, args = _of_person(person_id, device_ids)
+    where, more = "WHERE (m.person_id IS NULL OR m.pick = 1) ", []
+    if before is not None:
+        cursor = conn.execute(f"SELECT j.created_at FROM deliveries d JOIN jobs j ON j.job_id = d.job_id "
+                              f"WHERE d.message_id = ? AND {cond}", [before, *args]).fetchone()
+        if cursor is None:
+            return None
+        where += "AND (j.created_at < ? OR (j.created_at = ? AND m.message_id < ?)) "
+        more = [cursor[0], cursor[0], before]
+    return conn.execute(_PERSON_ROWS.format(cond=cond) + where + "ORDER BY j.created_at DESC, m.message_id DESC "
+                        "LIMIT ?", [*args, *more, limit]).fetchall()
+
+
+def person_row(conn: sqlite3.Connection, person_id: str, device_ids: Iterable[str],
+               message_id: str) -> sqlite3.Row | None:
+    """One of the person's deliveries (any row of a job that reaches them), or None."""
+    cond, args = _of_person(person_id, device_ids)
+    return conn.execute(_PERSON_ROWS.format(cond=f"d.message_id = ? AND {cond}"), [message_id, *args]).fetchone()
+
+
 def oldest_queued(conn: sqlite3.Connection, now: float | None = None) -> dict[str, float]:
     """platform → age (s) of the oldest queued delivery, counted from its job's creation.
 
@@ -807,6 +858,6 @@ def shift_deadlines(conn: sqlite3.Connection, delta: float) -> int:
         return writer.shift_deadlines(delta)
 
 __all__ = ["DeliveryWriter", "apply_results", "shift_deadlines", "acked_latencies", "acked_latency", "acked_latency_histogram", "job_deliveries_after",
-           "last_acked_at", "oldest_queued", "recent_of_device", "DueDelivery", "FINAL_DELIVERY_STATES", "FirstAck", "Result", "delivery_rows",
+           "last_acked_at", "oldest_queued", "person_page", "person_row", "recent_of_device", "DueDelivery", "FINAL_DELIVERY_STATES", "FirstAck", "Result", "delivery_rows",
            "device_of", "devices_of_job", "due_deliveries", "due_for_route", "movable_for_route", "unexplained_for_route", "wait_reason", "expand_page", "expiring", "new_message_id", "new_message_ids",
            "next_due_at", "next_due_for_route", "of_job", "unrouted_due"]

@@ -310,6 +310,7 @@ class AckVia(StrEnum):
     MQTT = "mqtt"  # P/devices/<id>/ack
     ACK_URL = "ack-url"  # POST /v1/acks/<message_id>?sig=
     SIMULATION = "simulation"  # the simulation bridge's in-process devices
+    ME = "me"  # POST /v1/me/inbox/<message_id>/open: the person the delivery's device belongs to
 
 
 @dataclass(slots=True)

@@ -769,3 +769,29 @@ def test_details_open_under_the_clicked_row_and_a_link_scrolls_to_its_detail(gw,
             linked.close()
     finally:
         ctx.close()
+
+
+# ------------------------------------------------------------------ people
+def test_the_people_tab_shows_devices_in_reach_order_quiet_hours_and_mutes_on_a_phone(gw, context, tmp_path):
+    with httpx.Client(base_url=gw.base, auth=("tech", "tech-pw"), timeout=30) as tech:
+        r = tech.put("/v1/people/lead", json={
+            "name": "Shift lead", "devices": ["lead-1", "tech-1", "ghost-9"], "timezone": "Europe/Berlin",
+            "quiet_hours": [{"days": ["mon", "tue", "wed", "thu", "fri"], "from": "22:00", "to": "06:00"}],
+            "bypass_priority": "high", "muted": {"segments": ["store"], "rules": ["door"]}, "reach_after_s": 90})
+        assert r.status_code in (200, 201), r.text
+    page = login(context, gw, "tech")
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.get_by_role("tab", name="People").click()
+    row = page.locator("#people-table tr[data-person=lead]")
+    expect(row).to_contain_text("Shift lead")
+    reach = row.locator("ol.channels li")
+    expect(reach).to_have_text(["lead-1 mqtt", "tech-1 mqtt", "ghost-9 not registered"])
+    expect(row).to_contain_text("next device after 90 s")
+    expect(row).to_contain_text("Europe/Berlin")
+    expect(row).to_contain_text("mon-fri 22:00-06:00")
+    expect(row).to_contain_text("through them from high")
+    expect(row).to_contain_text("segments: store; rules: door")
+    assert page.url.endswith("#people") or page.evaluate("location.hash") in ("", "#people")
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, f"the People tab scrolls sideways on a phone ({width} px)"
+    shot(page, tmp_path, "people-phone")

@@ -35,3 +35,5 @@ export const get = (path, params) => {
   return call("GET", qs && qs.toString() ? `${path}?${qs}` : path);
 };
 export const post = (path, body) => call("POST", path, body);
+export const put = (path, body) => call("PUT", path, body);
+export const del = (path) => call("DELETE", path);

@@ -7,8 +7,9 @@ import {renderNow} from "./now.js";
 import {initJobs, jobsChanged, loadJobs, loadLatest, openJob} from "./jobs.js";
 import {initDevices, loadDevices, openDevice} from "./devices.js";
 import {alarmsChanged, initAlarms, showAlarms} from "./alarms.js";
+import {initPeople, showPeople} from "./people.js";
 
-const TABS = ["now", "jobs", "devices", "alarms"];
+const TABS = ["now", "jobs", "devices", "alarms", "people"];
 const loaded = new Set();
 let current = "now";
 
@@ -28,10 +29,11 @@ function select(name, {focus = false} = {}) {
     if (name === "devices") loadDevices(0).catch(() => {});
   }
   if (name === "alarms") showAlarms();
+  if (name === "people") showPeople();
 }
 
 function route() {
-  // #jobs, #job=<id>, #devices, #device=<id>, #alarms (ids only: nothing secret in a URL)
+  // #jobs, #job=<id>, #devices, #device=<id>, #alarms, #people (ids only: nothing secret in a URL)
   const hash = decodeURIComponent(window.location.hash.slice(1));
   const [what, id] = hash.split("=", 2);
   if (what === "job" && id) { select("jobs"); openJob(id, {focus: false}).catch(() => {}); return; }
@@ -94,6 +96,7 @@ async function main() {
   initJobs(session, opened);
   initDevices(opened);
   initAlarms(session);
+  initPeople();
   window.addEventListener("hashchange", route);
   route();
   await loadLatest();
