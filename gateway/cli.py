@@ -630,7 +630,7 @@ def jobs_list(
         typer.echo(json.dumps(jobs, indent=2))
         return
     keys = [("targets", "TARGETS"), ("queued", "QUEUED"), ("sent", "SENT"), ("acknowledged", "ACKED"),
-            ("failed", "FAILED"), ("expired", "EXPIRED"), ("invalid_address", "INVALID")]
+            ("failed", "FAILED"), ("expired", "EXPIRED"), ("invalid_address", "INVALID"), ("suppressed", "MUTED")]
     _table(["JOB", "STATE", *[h for _, h in keys], "CREATED"],
            [[j["job_id"], j["state"], *[str(j["counts"][k]) for k, _ in keys], j["created_at"]] for j in jobs])
 

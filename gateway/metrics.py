@@ -268,6 +268,7 @@ class DatabaseCollector:
             counters = jobs_of.counters(conn)
             jobs = jobs_of.count_by_state(conn)
             devices = registry.count(conn)
+            held = jobs_of.people_held(conn)
             backlog = outbox.backlog(conn)
             alarms = alarm_summary(conn)
             online = _connected_by_segment(conn, self.presence)
@@ -306,6 +307,10 @@ class DatabaseCollector:
         dev = GaugeMetricFamily(f"{NS}_devices", "registered devices")
         dev.add_metric([], float(devices))
         yield dev
+        people = GaugeMetricFamily(f"{NS}_people_held", "persons whose notifications are held by their quiet "
+                                   "hours now, over the open jobs (JobStatus people.held summed)")
+        people.add_metric([], float(held))
+        yield people
         connected = GaugeMetricFamily(f"{NS}_devices_connected", "registered devices connected to the embedded "
                                       "broker with their device account, by segment (0 for a segment whose "
                                       "devices were seen since start and all left)", labels=["segment"])

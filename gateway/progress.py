@@ -29,11 +29,11 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from gateway.states import PROBLEM_DELIVERY_STATES, JobState
+from gateway.states import PROBLEM_DELIVERY_STATES, QUIET_DELIVERY_STATES, JobState
 
 Until = Literal["completed", "acknowledged"]
 _SHORT = {"queued": "queued", "sent": "sent", "acknowledged": "acked", "failed": "failed",
-          "expired": "expired", "invalid_address": "invalid"}
+          "expired": "expired", "invalid_address": "invalid", "suppressed": "muted"}
 
 
 class RateColumn(ProgressColumn):
@@ -54,7 +54,7 @@ def progress_bar(console: Console, *extra: ProgressColumn) -> Progress:
 
 def done_count(counts: dict[str, int], until: Until) -> int:
     if until == "acknowledged":
-        return counts["acknowledged"] + sum(counts[s] for s in PROBLEM_DELIVERY_STATES)
+        return counts["acknowledged"] + sum(counts.get(s, 0) for s in PROBLEM_DELIVERY_STATES + QUIET_DELIVERY_STATES)
     return counts["targets"] - counts["queued"]
 
 
@@ -71,7 +71,8 @@ def finished(status: dict[str, Any], until: Until) -> bool:
 def summary(status: dict[str, Any]) -> str:
     c = status["counts"]
     return (f"{status['state']}: targets={c['targets']} sent={c['sent']} acknowledged={c['acknowledged']} "
-            f"failed={c['failed']} expired={c['expired']} invalid_address={c['invalid_address']}")
+            f"failed={c['failed']} expired={c['expired']} invalid_address={c['invalid_address']}"
+            + (f" suppressed={c['suppressed']}" if c.get("suppressed") else ""))
 
 
 def exit_code(status: dict[str, Any], until: Until) -> int:
@@ -100,7 +101,7 @@ def wait_for_job(conn: sqlite3.Connection, job_id: str, timeout: float, until: U
             status = read_status(conn, job_id)
             if status is not None:
                 c = status["counts"]
-                shown = "  ".join(f"{_SHORT[k]} {c[k]}" for k in _SHORT if c[k] or k in ("queued", "acknowledged"))
+                shown = "  ".join(f"{_SHORT[k]} {c.get(k, 0)}" for k in _SHORT if c.get(k) or k in ("queued", "acknowledged"))
                 bar.update(task, total=c["targets"] or None, completed=done_count(c, until),
                            counts=f"{status['state']}  {shown}")
                 if finished(status, until):

@@ -36,7 +36,9 @@ class EscalateStep(_RuleModel):
     after_s: PositiveSeconds = Field(
         description="Seconds after firing at which this step's job goes out, while the alarm fires unacknowledged.")
     target: dict[str, Any] = Field(
-        description="A Job target: `{devices = [...]}`, `{segment = \"...\"}` or `{all = true}`.")
+        description="A Job target: `{devices = [...]}`, `{segment = \"...\"}`, `{all = true}` or "
+                    "`{people = [...]}` (each person reached through their devices in order; an `opened` ack "
+                    "by one of them acknowledges the alarm).")
 
 
 class RuleSection(_RuleModel):
@@ -61,7 +63,9 @@ class RuleSection(_RuleModel):
     key: str = Field(default="{topic}",
         description="One alarm per rendered key: `{device_id}`, `{1}`, `{2}`… (the filter's wildcards), `{topic}`.")
     target: dict[str, Any] = Field(
-        description="A Job target: `{devices = [...]}`, `{segment = \"...\"}` or `{all = true}`.")
+        description="A Job target: `{devices = [...]}`, `{segment = \"...\"}`, `{all = true}` or "
+                    "`{people = [...]}` (each person reached through their devices in order; an `opened` ack "
+                    "by one of them acknowledges the alarm).")
     title: str | None = Field(default=None,
         description="Template of the job's title (placeholders of the key plus `{value}`, `{rule}`, `{key}`); default `Alarm {rule}: {key}`.")
     body: str | None = Field(default=None,

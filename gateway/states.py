@@ -32,6 +32,7 @@ class DeliveryState(StrEnum):
     FAILED = "failed"
     EXPIRED = "expired"
     INVALID_ADDRESS = "invalid_address"
+    SUPPRESSED = "suppressed"  # final: the person it was for muted its segment or alarm rule (§12)
 
 
 class ReachState(StrEnum):
@@ -47,6 +48,8 @@ class ReachState(StrEnum):
 DELIVERY_STATES: tuple[DeliveryState, ...] = tuple(DeliveryState)
 # Deliveries that went wrong: a send with one of these fails the CLI's exit code.
 PROBLEM_DELIVERY_STATES = (DeliveryState.FAILED, DeliveryState.EXPIRED, DeliveryState.INVALID_ADDRESS)
+# Deliveries that will never be sent and are not a problem: the person asked not to get them.
+QUIET_DELIVERY_STATES = (DeliveryState.SUPPRESSED,)
 
 
 
@@ -69,4 +72,4 @@ ALARM_STATES: tuple[AlarmState, ...] = (AlarmState.PENDING, AlarmState.FIRING, A
 ACTIVE_ALARM_STATES = frozenset({AlarmState.PENDING, AlarmState.FIRING, AlarmState.ACKNOWLEDGED})
 
 __all__ = ["ACTIVE_ALARM_STATES", "ALARM_STATES", "DELIVERY_STATES", "FINAL_JOB_STATES", "PROBLEM_DELIVERY_STATES",
-           "AlarmState", "DeliveryState", "JobState", "ReachState"]
+           "QUIET_DELIVERY_STATES", "AlarmState", "DeliveryState", "JobState", "ReachState"]

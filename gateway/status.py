@@ -26,7 +26,9 @@ from gateway.states import DELIVERY_STATES, DeliveryState
 from gateway.upstream import outbox
 
 EXIT = {"ok": 0, "degraded": 1, "unreachable": 2}
-STATES = tuple(s.value for s in DELIVERY_STATES)
+# The deliveries table's columns; ``suppressed`` (muted by the person) is one total under it,
+# so the table stays within 80 columns with 7-digit counts.
+STATES = tuple(s.value for s in DELIVERY_STATES if s is not DeliveryState.SUPPRESSED)
 SHORT = {DeliveryState.ACKNOWLEDGED: "acked", DeliveryState.INVALID_ADDRESS: "invalid"}  # `status` headings
 
 
@@ -157,6 +159,9 @@ def render(info: dict[str, Any]) -> None:
     for platform, by_state in sorted(info.get("deliveries", {}).items()):
         t.add_row(platform, *(str(by_state.get(s, 0)) for s in STATES))
     console.print(t)
+    muted = sum(by_state.get(DeliveryState.SUPPRESSED, 0) for by_state in info.get("deliveries", {}).values())
+    if muted:
+        console.print(f"suppressed (muted by the person they were for): {muted}")
     oldest = info.get("oldest_queued_age_s")
     console.print(f"oldest queued delivery: {'none queued' if oldest is None else f'{oldest:.0f} s'}")
     up = info.get("upstream")

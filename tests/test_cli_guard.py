@@ -193,7 +193,7 @@ def test_jobs_list_has_headers_a_state_filter_and_a_limit(tmp_path: Path, cfg_pa
     for job in ("j-1", "j-2", "j-3"):
         assert cli_in_process(cfg_path, "send", "--title", "t", "--device", "sim-000", "--job-id", job).returncode == 0
     lines = cli_in_process(cfg_path, "jobs", "list").stdout.splitlines()
-    assert lines[0].split() == ["JOB", "STATE", "TARGETS", "QUEUED", "SENT", "ACKED", "FAILED", "EXPIRED", "INVALID",
+    assert lines[0].split() == ["JOB", "STATE", "TARGETS", "QUEUED", "SENT", "ACKED", "FAILED", "EXPIRED", "INVALID", "MUTED",
                                 "CREATED"]
     assert [line.split()[0] for line in lines[1:]] == ["j-3", "j-2", "j-1"]
     assert len(cli_in_process(cfg_path, "jobs", "list", "--limit", "2").stdout.splitlines()) == 3
@@ -254,7 +254,7 @@ def test_status_fits_80_columns_with_a_busy_site(monkeypatch, capsys):
         "bridges": {p: {"healthy": p != "fcm", "in_flight": 500, "sent": 1234567, "reason": reason if p == "fcm" else ""}
                     for p in ("apns", "fcm", "mqtt", "simulation", "webpush", "wns")},
         "deliveries": {p: {s: 1234567 for s in ("queued", "sent", "acknowledged", "failed", "expired",
-                                               "invalid_address")}
+                                               "invalid_address", "suppressed")}
                        for p in ("apns", "fcm", "mqtt", "simulation", "unassigned", "webpush", "wns")},
         "oldest_queued_age_s": 12.0,
         "upstream": {"connected": False, "buffer_rows": 123456, "buffer_bytes": 98765432,

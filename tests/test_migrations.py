@@ -77,8 +77,8 @@ async def test_a_database_made_by_main_at_2c3a5d9_is_upgraded_in_place(tmp_path:
         })
     finally:
         await db.close()
-    assert after["versions"] == LATEST == {"people": 1, "pipeline": 5, "stats": 1, "alarms": 2, "broker": 4, "upstream": 1,
-                                                 "clock": 1, "storage": 1}
+    assert after["versions"] == LATEST == {"people": 1, "pipeline": 6, "stats": 1, "alarms": 2, "broker": 4, "upstream": 1,
+                                           "clock": 1, "storage": 1}
     # What the old gateway kept is kept: jobs, devices, deliveries, counters.
     assert after["jobs"] == before["jobs"] and after["devices"] == before["devices"]
     assert [tuple(r) for r in after["deliveries"]] == [tuple(r) for r in before["deliveries"]]
@@ -122,7 +122,7 @@ def test_the_daemon_finishes_the_old_gateways_half_sent_job(gateway_factory, tmp
         assert time.monotonic() < deadline, half()
         time.sleep(0.2)
     assert half()["counts"] == {"targets": 3, "queued": 0, "sent": 0, "acknowledged": 3, "failed": 0, "expired": 0,
-                                "invalid_address": 0}
+                                "invalid_address": 0, "suppressed": 0}
     shown = json.loads(cli(gw.config, "jobs", "show", "old-done", "--deliveries", "--json").stdout)
     repeated = [d["acks"] for d in shown["deliveries"] if len(d["acks"]) > 1]
     assert [[(a["status"], a["repeats"]) for a in acks] for acks in repeated] == [[("received", 2), ("opened", 0)]]

@@ -8,6 +8,7 @@ import re
 from datetime import UTC, datetime, timedelta, timezone
 
 from gateway.pipeline import schema
+from gateway.pipeline import deliveries as pipeline_deliveries
 from gateway.pipeline import jobs as pipeline_jobs
 from gateway.states import DELIVERY_STATES, FINAL_JOB_STATES, PROBLEM_DELIVERY_STATES, DeliveryState, JobState
 from gateway.timeutil import iso, iso_ts
@@ -27,8 +28,9 @@ def test_the_sql_literals_that_must_stay_literals_match_the_enums():
 
 
 def test_states_are_their_strings_in_rows_and_json():
-    assert DELIVERY_STATES == ("queued", "sent", "acknowledged", "failed", "expired", "invalid_address")
-    assert set(PROBLEM_DELIVERY_STATES) == set(DeliveryState) - {"queued", "sent", "acknowledged"}
+    assert DELIVERY_STATES == ("queued", "sent", "acknowledged", "failed", "expired", "invalid_address", "suppressed")
+    assert set(PROBLEM_DELIVERY_STATES) == set(DeliveryState) - {"queued", "sent", "acknowledged", "suppressed"}
+    assert "suppressed" in pipeline_deliveries.FINAL_DELIVERY_STATES
     status = pipeline_jobs.rejected_status("j-1", "invalid_job", "x: required")
     assert json.loads(json.dumps(status))["counts"] == {"targets": 0, **dict.fromkeys(DELIVERY_STATES, 0)}
     assert json.dumps({"state": JobState.REJECTED}) == '{"state": "rejected"}'

@@ -201,6 +201,11 @@ def _notified_target(conn: sqlite3.Connection, job_ids: list[str]) -> dict[str, 
             devices.update(target["devices"])
         elif "segment" in target:
             devices.update(pipeline_registry.in_segment(conn, target["segment"]))
+        elif "people" in target:  # not expanded yet: each person's devices, as the job would try them
+            from gateway.people import store as people_store
+
+            for person in people_store.get_many(conn, list(target["people"])).values():
+                devices.update(person.devices)
     if not devices:
         return None
     return {"devices": sorted(devices)[:MAX_NOTIFIED_DEVICES]}
@@ -238,6 +243,14 @@ def commit(conn: sqlite3.Connection, batch: Batch) -> list[str]:
     if batch.inbox_ids:
         conn.executemany("DELETE FROM alarm_inbox WHERE id = ?", [(i,) for i in batch.inbox_ids])
     return submitted
+
+
+def rules_of_jobs(conn: sqlite3.Connection, job_ids: list[str]) -> dict[str, str]:
+    """job_id → the rule that submitted it, for those of ``job_ids`` that are alarm jobs
+    (the pipeline asks: a person may have muted the rule)."""
+    rows = conn.execute("SELECT job_id, rule FROM alarm_jobs WHERE job_id IN (SELECT value FROM json_each(?))",
+                        (json.dumps(job_ids),))
+    return {r[0]: r[1] for r in rows}
 
 
 def read_inbox(conn: sqlite3.Connection, limit: int = 500) -> list[sqlite3.Row]:

@@ -84,6 +84,28 @@ def _person(row: sqlite3.Row | tuple[Any, ...]) -> Person:
     return Person.model_validate({"person_id": row[0], **json.loads(row[1])})
 
 
+person_of_row = _person  # (person_id, body) as read from ``persons``: for readers of the whole table
+
+
+def fingerprint(conn: sqlite3.Connection) -> tuple[Any, ...]:
+    """Changes whenever a person is added, changed or removed (the pipeline's people gate
+    reads the registry again only then); two small tables, one statement."""
+    return tuple(conn.execute("SELECT COUNT(*), MAX(updated_at), (SELECT COUNT(*) FROM person_devices) "
+                              "FROM persons").fetchone())
+
+
+def raw_rows(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    """Every (person_id, body) as stored, for :data:`person_of_row` one by one (a reader
+    that must survive one unreadable person)."""
+    return [(r[0], r[1]) for r in conn.execute("SELECT person_id, body FROM persons")]
+
+
+def device_index(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    """Every (device_id, person_id) of the persons' reach orders."""
+    return [(r[0], r[1]) for r in conn.execute("SELECT device_id, person_id FROM person_devices "
+                                               "ORDER BY device_id, person_id")]
+
+
 def get(conn: sqlite3.Connection, person_id: str) -> Person | None:
     row = conn.execute("SELECT person_id, body FROM persons WHERE person_id = ?", (person_id,)).fetchone()
     return _person(row) if row else None

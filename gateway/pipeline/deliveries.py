@@ -34,6 +34,8 @@ from gateway.states import DeliveryState
 from gateway.pipeline.routing import ChannelCache, decode, route_of
 from gateway.timeutil import iso
 
+QUIET_HOLD = "quiet hours until "  # gateway.people.quiet.HOLD_PREFIX: a person's quiet hours hold it
+
 # Bound once: an enum member read through its class costs ~4x a name on the per-row paths.
 _IS_QUEUED, _IS_SENT, _IS_ACKED = DeliveryState.QUEUED, DeliveryState.SENT, DeliveryState.ACKNOWLEDGED
 FINAL_DELIVERY_STATES = frozenset(state.value for state in DeliveryState if state is not DeliveryState.QUEUED
@@ -48,7 +50,7 @@ class Result:
     message_id: str
     job_id: str
     device_id: str
-    state: str  # queued (retry later) | sent | failed | expired | invalid_address
+    state: str  # queued (retry later) | sent | failed | expired | invalid_address | suppressed
     platform: str | None = None
     attempts: int = 0
     next_at: float = 0.0
@@ -113,7 +115,7 @@ class DeliveryWriter:
             writer.record(results)
     """
 
-    __slots__ = ("conn", "now", "_rows", "_counts", "_latency", "_jobs")
+    __slots__ = ("conn", "now", "_rows", "_counts", "_latency", "_jobs", "_touched")
 
     def __init__(self, conn: sqlite3.Connection, now: float):
         self.conn = conn
@@ -122,6 +124,7 @@ class DeliveryWriter:
         self._counts: dict[tuple[str, str], int] = {}
         self._latency: dict[tuple[str, float], list[float]] = {}
         self._jobs: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self._touched: set[str] = set()  # jobs whose deliveries' results were recorded (people_held)
 
     def __enter__(self) -> "DeliveryWriter":
         return self
@@ -177,6 +180,9 @@ class DeliveryWriter:
     def flush(self) -> None:
         """Write what the batch moved: the aggregates, then the jobs' counts (and settle them)."""
         stats.apply_counts(self.conn, self._counts, self._latency)
+        if self._touched:
+            jobs.count_held(self.conn, self._touched, QUIET_HOLD, self.now)
+            self._touched = set()
         if self._jobs:
             jobs.move_counts(self.conn, self._jobs, self.now)
         self._counts, self._latency = {}, {}
@@ -258,9 +264,17 @@ class DeliveryWriter:
             by_job["queued"] -= 1
             by_job["targets"] -= 1
             by_job["expanded_rows"] -= 1
+            self._touched.add(row[0])  # a withdrawn row may have been held by quiet hours
         if gone:
             self.conn.execute("DELETE FROM deliveries WHERE message_id IN (SELECT value FROM json_each(?)) "
                               "AND state = 'queued'", (json.dumps(gone),))
+
+    def wake_held(self, now: float) -> int:
+        """Deliveries held by quiet hours are due now, to be decided again (a person's
+        preferences changed, or the daemon started): a due time, no state moves. Those
+        still quiet are held again."""
+        return self.conn.execute("UPDATE deliveries SET next_at = ? WHERE state = 'queued' AND next_at > ? "
+                                 "AND last_error LIKE ? || '%'", (now, now, QUIET_HOLD)).rowcount
 
     def stop_resends(self, job_id: str, person_id: str) -> None:
         """A reached person's other devices are not sent their notification again."""
@@ -280,6 +294,7 @@ class DeliveryWriter:
         groups: list[tuple[str, list[tuple[Any, ...]]]] = []
         by_sql: dict[str, list[tuple[Any, ...]]] = {}
         move, now, conn = self._move, self.now, self.conn
+        self._touched.update(r.job_id for r in results if not r.resend)
         dead_steps: list[tuple[str, str]] = []  # (job_id, person_id) whose tried device will never ack
         for r in results:
             if r.invalid_key:
@@ -312,7 +327,7 @@ class DeliveryWriter:
                                               r.message_id)
                     move(row, "queued", r.route if r.route is not None else row[3],
                          r.platform if r.platform is not None else row[4])
-                else:  # failed | expired | invalid_address
+                else:  # failed | expired | invalid_address | suppressed
                     sql, params = _FINISHED, (r.state, r.platform, r.attempts, r.error, r.message_id)
                     move(row, r.state, row[3], r.platform if r.platform is not None else row[4])
                     if row[6] is not None and r.state != DeliveryState.EXPIRED:
@@ -484,9 +499,10 @@ class DueDelivery:
     invalid: dict[str, Any]
     route: str | None = None
     resend: bool = False  # already sent, unacked: this is a resend on ``route``
+    person_id: str | None = None  # the person a job that targets people reaches through this delivery
 
 
-_DUE_COLUMNS = ("SELECT d.message_id, d.job_id, d.device_id, d.attempts, v.channels, v.invalid, d.route "
+_DUE_COLUMNS = ("SELECT d.message_id, d.job_id, d.device_id, d.attempts, v.channels, v.invalid, d.route, d.person_id "
                 "FROM deliveries d LEFT JOIN devices v ON v.device_id = d.device_id ")
 
 
@@ -496,7 +512,7 @@ def _due_rows(rows: Iterable[Any], resend: bool = False, skip: frozenset[str] | 
     # under a large job most fetched rows are still in flight, and this runs on the
     # database thread, where every microsecond delays the next commit.
     return [DueDelivery(r[0], r[1], r[2], r[3], decode(r[4], channels) if r[4] else None,
-                        json.loads(r[5]) if r[5] and r[5] != "{}" else {}, r[6], resend)
+                        json.loads(r[5]) if r[5] and r[5] != "{}" else {}, r[6], resend, r[7])
             for r in rows if r[0] not in skip]
 
 
@@ -672,6 +688,8 @@ def wait_reason(state: str, next_at: float | None, last_error: str | None, moved
     person's delivery not tried yet) the person's earlier device's turn."""
     if state != _IS_QUEUED:
         return None
+    if last_error and last_error.startswith(QUIET_HOLD):
+        return last_error  # "quiet hours until 2026-12-08 06:00 CET (Europe/Berlin)"
     if step and not last_error and next_at is not None and next_at > now:
         from gateway.pipeline.reach import WAITING
 

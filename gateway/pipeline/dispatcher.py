@@ -14,6 +14,7 @@ is due the dispatcher sleeps until the next due time, a pause's end or a wake-up
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import random
 import time
@@ -33,6 +34,9 @@ from gateway.pipeline import jobs, routing
 from gateway.pipeline import deliveries as pipeline_deliveries
 from gateway.pipeline.backoff import retry_delay
 from gateway.pipeline.recorder import Recorder
+from gateway.people.gate import REFRESH_S as PEOPLE_REFRESH_S
+from gateway.people.gate import JobFacts, PeopleGate, alarm_rules, job_facts
+from gateway.states import DeliveryState
 from gateway.storage import Database, FailureEpisode, is_storage_error
 
 log = structlog.get_logger(__name__)
@@ -49,16 +53,17 @@ class JobInfo:
     expires_at: float
     ttl: int
     expires_dt: datetime  # expires_at as the Delivery carries it (made once per job, not per send)
+    facts: JobFacts  # what a person's quiet hours and mutes look at (gateway.people.gate)
 
     @classmethod
-    def from_row(cls, row: Any) -> "JobInfo":
+    def from_row(cls, row: Any, rule: str | None = None) -> "JobInfo":
         n = json.loads(row["notification"])
         return cls(
             Notification(title=n.get("title"), body=n.get("body"), data=n.get("data") or {},
                          priority=n.get("priority", "normal"), ttl=n.get("ttl", 3600),
                          collapse_key=n.get("collapse_key")),
             json.loads(row["options"]), row["created_at"], row["expires_at"], row["ttl"],
-            datetime.fromtimestamp(row["expires_at"], UTC))
+            datetime.fromtimestamp(row["expires_at"], UTC), job_facts(n, row["target"], rule))
 
 
 THROTTLE_WORDS = ("quota", "too many", "toomany", "throttl", "rate limit", "ratelimit")
@@ -104,8 +109,12 @@ class BridgeSlot:
 
 class Dispatcher:
     def __init__(self, cfg: DispatchSection, db: Database, bridges: dict[str, Bridge], recorder: Recorder,
-                 rng: random.Random | None = None, resend: set[str] | frozenset[str] = frozenset()):
+                 rng: random.Random | None = None, resend: set[str] | frozenset[str] = frozenset(),
+                 people: PeopleGate | None = None):
         self.cfg = cfg
+        # Quiet hours and mutes of persons (contract §12), asked once per due delivery of a
+        # person; the registry is looked at again at most once a second.
+        self.people = people
         self.db = db
         self.slots = {name: BridgeSlot(b, cfg.max_in_flight or b.default_max_in_flight) for name, b in bridges.items()}
         self.recorder = recorder
@@ -259,6 +268,11 @@ class Dispatcher:
         usable = sorted(p for p in self.slots if p not in self._down)
 
         skip = frozenset(self._in_flight)  # a copy: the scan runs on the database thread
+        gate = self.people
+        look_people = gate is not None and now - gate.checked_at >= PEOPLE_REFRESH_S
+        if look_people:
+            assert gate is not None
+            gate.checked_at = now
 
         def scan(conn: Any) -> tuple[dict[str, tuple[list[pipeline_deliveries.DueDelivery], float | None]],
                                      list[pipeline_deliveries.DueDelivery], list[pipeline_deliveries.DueDelivery], float | None]:
@@ -275,9 +289,15 @@ class Dispatcher:
             next_expiry = jobs.next_expiry(conn, now) if paused else None
             movable = [r for name in moving for r in pipeline_deliveries.movable_for_route(conn, name, now, usable, 200, skip)]
             silent = [r for name in explaining for r in pipeline_deliveries.unexplained_for_route(conn, name, now, 500, skip)]
-            return fetched, unrouted, expiring, next_expiry, movable + silent
+            people = gate.refresh(conn) if look_people and gate is not None else None
+            if people is not None:  # preferences changed (or the first look): held ones are decided again
+                with pipeline_deliveries.DeliveryWriter(conn, now) as writer:
+                    writer.wake_held(now)
+            return fetched, unrouted, expiring, next_expiry, movable + silent, people
 
-        fetched, unrouted, expiring, next_expiry, movable = await self.db.run(scan)
+        fetched, unrouted, expiring, next_expiry, movable, people = await self.db.run(scan)
+        if people is not None and gate is not None:
+            gate.snapshot = people  # swapped here, on the loop's thread, between decisions
         if look_unrouted:
             self._unrouted_at = now if unrouted else now + UNROUTED_EVERY_S
         if next_expiry is not None:
@@ -345,9 +365,14 @@ class Dispatcher:
     async def _load_jobs(self, job_ids: set[str]) -> None:
         missing = [j for j in job_ids if j not in self._jobs]
         if missing:
-            rows = await self.db.run(lambda conn: jobs.job_rows(conn, missing))
+            def read(conn: Any) -> tuple[dict[str, Any], dict[str, str]]:
+                rows = jobs.job_rows(conn, missing)
+                alarm_jobs = [j for j, r in rows.items() if r["source"] == "alarm"]
+                return rows, alarm_rules(conn, alarm_jobs) if self.people is not None else {}
+
+            rows, rules = await self.db.run(read)
             for job_id, row in rows.items():
-                self._jobs[job_id] = JobInfo.from_row(row)
+                self._jobs[job_id] = JobInfo.from_row(row, rules.get(job_id))
         for j in job_ids:
             if j in self._jobs:
                 self._jobs.move_to_end(j)
@@ -379,6 +404,9 @@ class Dispatcher:
         job = self._jobs.get(row.job_id)
         if job is None:
             return 0
+        gate = self.people
+        if gate is not None and gate.concerns(row.person_id, row.device_id) and self._gated(gate, row, job, now):
+            return 1
         if row.resend or job.ttl == 0 or now >= job.expires_at:
             return self._start_other(row, job, now)
         picked = self._choose(row.channels, row.invalid)
@@ -393,6 +421,33 @@ class Dispatcher:
         self._in_flight[row.message_id] = picked.platform
         self._spawn(self._send(slot, picked.platform, picked.channel, picked.key, row, job))
         return 1
+
+    def _gated(self, gate: PeopleGate, row: pipeline_deliveries.DueDelivery, job: JobInfo, now: float) -> bool:
+        """Apply the person's mutes and quiet hours to a due delivery (contract §12): True
+        when it was suppressed or held (its result is on its way to the recorder)."""
+        if row.resend and now >= job.expires_at:
+            return False  # its resends end with the ttl anyway
+        verdict = gate.decide(row.person_id, row.device_id, job.facts, now)
+        if verdict is None:
+            return False
+        result = functools.partial(pipeline_deliveries.Result, row.message_id, row.job_id, row.device_id,
+                                   attempts=row.attempts)
+        if verdict.hold and job.ttl > 0 and now >= job.expires_at:
+            # Held until its ttl ended: it expires, saying why it was never sent.
+            self._finish_now(result(DeliveryState.EXPIRED, error=f"ttl elapsed during {verdict.reason}"))
+        elif not verdict.hold:
+            self._finish_now(result(DeliveryState.SUPPRESSED, error=verdict.reason))
+        elif row.resend:
+            # Sent once and unacked: its next resend waits for the end of quiet hours too.
+            at = verdict.until if verdict.until < job.expires_at else None
+            self._finish_now(result(DeliveryState.SENT, resend=True, resend_at=at, error=verdict.reason
+                                    if at is not None else f"{verdict.reason}, after the ttl; no more resends"))
+        elif job.ttl == 0:
+            self._finish_now(result(DeliveryState.EXPIRED, error=f"ttl 0 (now or never) and {verdict.reason}"))
+        else:
+            self._finish_now(result(DeliveryState.QUEUED, next_at=min(verdict.until, job.expires_at),
+                                    error=verdict.reason))
+        return True
 
     def _probe(self, row: pipeline_deliveries.DueDelivery, now: float) -> routing.Route | None:
         """A down bridge whose pause is over is probed with one of its own deliveries (else,

@@ -114,7 +114,8 @@ def status_from_row(row: sqlite3.Row) -> dict[str, Any]:
         "job_id": row["job_id"],
         "state": row["state"],
         "error": json.loads(error) if error else None,
-        "counts": {"targets": row["targets"], **{k: row[k] for k in COUNT_KEYS}},
+        # A row read before the migration that added a count (suppressed) has none of it.
+        "counts": {"targets": row["targets"], **{k: row[k] if k in keys else 0 for k in COUNT_KEYS}},
     }
     if "people_targets" in keys and row["people_targets"] is not None:  # only a job that targets people (§6)
         status["people"] = {"targets": row["people_targets"], "reached": row["people_reached"],
@@ -196,6 +197,19 @@ def move_counts(conn: sqlite3.Connection, by_job: dict[str, dict[str, int]], now
         conn.execute(f"UPDATE jobs SET {sets}updated_at = ?, {_DIRTY} WHERE job_id = ?",
                      (*moved.values(), now, job_id))
     settle_jobs(conn, by_job.keys(), now)
+
+
+def count_held(conn: sqlite3.Connection, job_ids: Iterable[str], hold_prefix: str, now: float) -> None:
+    """``people_held`` of the jobs that target people among ``job_ids``: their persons with
+    a delivery held by quiet hours now (queued, its reason ``quiet hours until …``). Counted
+    again from the job's rows (a few per person) when a batch recorded results of the job,
+    and written, with the status owed, only when it changed; a job of no people costs one
+    look-up of its row."""
+    held = ("(SELECT COUNT(DISTINCT d.person_id) FROM deliveries d WHERE d.job_id = jobs.job_id "
+            "AND d.state = 'queued' AND d.person_id IS NOT NULL AND d.last_error LIKE ? || '%')")
+    conn.execute(f"UPDATE jobs SET people_held = {held}, updated_at = ?, {_DIRTY} "
+                 f"WHERE job_id IN (SELECT value FROM json_each(?)) AND people_targets IS NOT NULL "
+                 f"AND people_held != {held}", (hold_prefix, now, json.dumps(sorted(job_ids)), hold_prefix))
 
 
 def settle_jobs(conn: sqlite3.Connection, job_ids: Iterable[str], now: float) -> None:
@@ -312,6 +326,13 @@ def job_view(conn: sqlite3.Connection, job_id: str) -> sqlite3.Row | None:
 def open_job_count(conn: sqlite3.Connection) -> int:
     """Jobs still accepted or dispatching (literals: the partial index ``jobs_open`` covers them)."""
     return int(conn.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('accepted', 'dispatching')").fetchone()[0])
+
+
+def people_held(conn: sqlite3.Connection) -> int:
+    """Persons held by quiet hours now, summed over the open jobs (``people_held``; a person
+    held by two jobs counts twice). The open jobs are an index's rows."""
+    row = conn.execute("SELECT SUM(people_held) FROM jobs WHERE state IN ('accepted', 'dispatching')").fetchone()
+    return int(row[0] or 0)
 
 
 def count_by_state(conn: sqlite3.Connection) -> dict[str, int]:

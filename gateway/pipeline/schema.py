@@ -266,7 +266,15 @@ def _v5_people(conn: sqlite3.Connection) -> None:
     run_script(conn, PEOPLE)
 
 
+def _v6_suppressed(conn: sqlite3.Connection) -> None:
+    """A job counts its ``suppressed`` deliveries (those for a person who muted the job's
+    segment or alarm rule) beside the other states; older jobs had none."""
+    have = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
+    if "suppressed" not in have:
+        conn.execute("ALTER TABLE jobs ADD COLUMN suppressed INTEGER NOT NULL DEFAULT 0")
+
+
 # The pipeline's migrations, oldest first (gateway.migrations): never edit one that was
 # released. Each is idempotent too (a database restored without its schema_versions row
 # runs them again harmlessly).
-MIGRATIONS = (_v1_base, _v2_acks_once, _v3_device_tags, _v4_error_until_ack, _v5_people)
+MIGRATIONS = (_v1_base, _v2_acks_once, _v3_device_tags, _v4_error_until_ack, _v5_people, _v6_suppressed)

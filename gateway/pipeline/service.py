@@ -21,6 +21,7 @@ from gateway import clock
 from gateway.config import Config, Secrets
 from gateway.mqtt import GatewayClient
 from gateway.pipeline import acks as pipeline_acks
+from gateway.people.gate import PeopleGate
 from gateway.pipeline.dispatcher import Dispatcher, Expander
 from gateway.pipeline.intake import Intake
 from gateway.pipeline.models import AckVia
@@ -84,7 +85,9 @@ class Pipeline:
         self.expander = Expander(self.db, self.cfg.dispatch.batch_size, self._on_page, platforms=list(self.bridges),
                                  reach_after_s=self.cfg.people.reach_after_s)
         resend = {name for name in self.bridges if getattr(self.cfg.bridges, platform_of(name)).resend_unacked}
-        self.dispatcher = Dispatcher(self.cfg.dispatch, self.db, self.bridges, self.recorder, resend=resend)
+        self.people = PeopleGate(self.cfg.people.quiet_hours_default, self.cfg.people.reach_after_s)
+        self.dispatcher = Dispatcher(self.cfg.dispatch, self.db, self.bridges, self.recorder, resend=resend,
+                                     people=self.people)
         self.dispatcher.ack_url = self.ack_url
 
     def _gate(self, handler: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:

@@ -184,7 +184,7 @@ def test_job_events_stream_until_final(api):
     assert events and all(n == "status" for n, _ in events)
     assert events[-1][1]["state"] == "completed"
     assert events[-1][1]["counts"] == {"targets": 2, "queued": 0, "sent": 1, "acknowledged": 0, "failed": 1,
-                                       "expired": 0, "invalid_address": 0}
+                                       "expired": 0, "invalid_address": 0, "suppressed": 0}
     assert api.client("plc-1").get("/v1/jobs/ev-job/events").status_code == 403
     assert api.client("mon").get("/v1/jobs/nope/events").status_code == 404
 

@@ -195,7 +195,7 @@ def test_kill_9_in_the_middle_of_a_step_neither_repeats_nor_skips_one(gateway_fa
         status = wait_until(lambda: (s := job_status_from_db(gw.runtime_dir(), "reach-k")) and s["state"] == "completed"
                             and s, timeout=40, what="every step sent")
         assert status["counts"] == {"targets": 4, "queued": 0, "sent": 4, "acknowledged": 0, "failed": 0,
-                                    "expired": 0, "invalid_address": 0}
+                                    "expired": 0, "invalid_address": 0, "suppressed": 0}
         devices["anna-2"].release()  # an ack, any device, any time: the person is reached
         status = wait_until(lambda: (s := job_status_from_db(gw.runtime_dir(), "reach-k")) and s["state"] == "acknowledged"
                             and s, timeout=40, what="anna reached")

@@ -45,7 +45,7 @@ def test_10000_simulated_devices_complete_with_exact_counts(gateway_factory, tmp
     status = final_status(probe, "big-1")
     elapsed = time.monotonic() - t0
     assert status["counts"] == {"targets": 10_000, "queued": 0, "sent": 0, "acknowledged": 10_000, "failed": 0,
-                                "expired": 0, "invalid_address": 0}
+                                "expired": 0, "invalid_address": 0, "suppressed": 0}
     # Status was throttled: far fewer snapshots than deliveries.
     assert len(probe.on(f"{P}/jobs/big-1/status")) <= elapsed + 3
     shown = json.loads(cli(gw.config, "jobs", "show", "big-1", "--json").stdout)

@@ -109,7 +109,7 @@ def test_full_disk_nothing_publishers_saw_acknowledged_is_lost(gateway_factory, 
         for i in range(3):
             done = wait_state(probe, f"full-{i}", ("acknowledged",), timeout=45)
             assert done["counts"] == {"targets": 7, "queued": 0, "sent": 0, "acknowledged": 7, "failed": 0,
-                                      "expired": 0, "invalid_address": 0}
+                                      "expired": 0, "invalid_address": 0, "suppressed": 0}
             for plc in plcs:
                 plc.wait_for_job(f"full-{i}", timeout=5)
         assert wait_state(probe, "before", ("acknowledged",))["counts"]["acknowledged"] == 7
@@ -150,7 +150,7 @@ def test_an_offline_mqtt_device_gets_its_notification_by_resend_and_acks_it(gate
         finally:
             plc.close()
         assert done["counts"] == {"targets": 1, "queued": 0, "sent": 0, "acknowledged": 1, "failed": 0,
-                                  "expired": 0, "invalid_address": 0}
+                                  "expired": 0, "invalid_address": 0, "suppressed": 0}
         from gateway.storage import connect
         conn = connect(tmp_path / "var" / "gateway.db")
         row = conn.execute("SELECT message_id, attempts, state FROM deliveries WHERE job_id = 'resend-1'").fetchone()

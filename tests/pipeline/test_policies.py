@@ -130,7 +130,7 @@ async def test_every_device_gets_one_delivery_with_exact_counts(db):
     status = await h.run_until_complete(job_id)
     assert status["state"] == "completed"
     assert status["counts"] == {"targets": 25, "queued": 0, "sent": 25, "acknowledged": 0, "failed": 0,
-                                "expired": 0, "invalid_address": 0}
+                                "expired": 0, "invalid_address": 0, "suppressed": 0}
     assert sorted(d.device_id for _, d in bridge.calls) == [f"d{i:03}" for i in range(1, 50, 2)]
     assert all(d.message_id == d.message_id.lower() and len(d.message_id) == 36 for _, d in bridge.calls)
 

@@ -66,7 +66,7 @@ async def test_an_older_database_drops_the_wasted_indexes_and_finishes_its_job(t
         h2 = Harness(db, {"simulation": ScriptedBridge("simulation")})
         status = await h2.run_until_complete(job_id)
         assert status["counts"] == {"targets": 40, "queued": 0, "sent": 40, "acknowledged": 0, "failed": 0,
-                                    "expired": 0, "invalid_address": 0}
+                                    "expired": 0, "invalid_address": 0, "suppressed": 0}
         assert len(h2.dispatcher.slots["simulation"].bridge.calls) == 20  # the other half, once each
         assert await db.run(deliveries.next_due_at) is None
         counts = await db.run(stats.delivery_counts)

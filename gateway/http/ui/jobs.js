@@ -7,7 +7,8 @@ import {get, post, ApiError} from "./api.js";
 const PAGE = 20;
 const SEGMENTS = [  // stacking order of the progress bar
   ["acknowledged", "acknowledged"], ["sent", "sent, not acked"], ["failed", "failed"],
-  ["expired", "expired"], ["invalid_address", "invalid address"], ["queued", "queued"]];
+  ["expired", "expired"], ["invalid_address", "invalid address"], ["suppressed", "suppressed (muted)"],
+  ["queued", "queued"]];
 const FINAL = new Set(["completed", "acknowledged", "rejected"]);
 
 const view = {jobs: [], cursors: [null], next: null, filter: {q: "", state: ""}, open: null, deliveries: null};
@@ -38,6 +39,7 @@ function countsText(job) {
   if (c.failed) parts.push(`${num(c.failed)} failed`);
   if (c.expired) parts.push(`${num(c.expired)} expired`);
   if (c.invalid_address) parts.push(`${num(c.invalid_address)} invalid address`);
+  if (c.suppressed) parts.push(`${num(c.suppressed)} suppressed (muted by the person)`);
   return parts.join(" · ");
 }
 
@@ -205,7 +207,8 @@ function renderDetail() {
         h("label", {for: "deliv-state"}, "Show"),
         h("select", {id: "deliv-state", onchange: (e) => { view.deliveries.state = e.target.value; loadDeliveries(0); }},
           [["", "all"], ["problems", "failed, expired, invalid address"], ["queued", "queued"], ["sent", "sent, not acked"],
-           ["acknowledged", "acknowledged"], ["failed", "failed"], ["invalid_address", "invalid address"], ["expired", "expired"]]
+           ["acknowledged", "acknowledged"], ["failed", "failed"], ["invalid_address", "invalid address"], ["expired", "expired"],
+           ["suppressed", "suppressed (muted)"]]
             .map(([v, t]) => h("option", {value: v, selected: v === view.deliveries.state}, t))))),
     h("div", {class: "scroll"}, h("table", {class: "table", id: "deliv-table"},
       h("caption", {class: "sr-only"}, `Deliveries of job ${d.job_id}`),

@@ -31,6 +31,7 @@ export function renderNow(now) {
     ...Object.entries(q.by_platform).map(([p, n]) => [`Queued on ${p}`, num(n)]),
     ["Sent, awaiting ack", num(now.deliveries.sent)],
     ["Failed / expired / invalid", `${num(now.deliveries.failed)} / ${num(now.deliveries.expired)} / ${num(now.deliveries.invalid_address)}`],
+    ["Suppressed (muted by the person)", num(now.deliveries.suppressed || 0)],
   ]));
 
   const bridges = Object.entries(now.bridges);
