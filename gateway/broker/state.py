@@ -249,11 +249,12 @@ class StateStore:
         self.commits = 0
         self.failed_commits = 0
         self._next_body = 1
+        self._writing = 0           # operations in the commit now running: not on disk yet either
 
     @property
     def backlog(self) -> int:
-        """Operations not yet on disk (queued or waiting for a retry)."""
-        return len(self._pending) + len(self._retry)
+        """Operations not yet on disk (queued, being written, or waiting for a retry)."""
+        return len(self._pending) + len(self._retry) + self._writing
 
     async def open(self) -> LoadedState:
         """The stored state (the tables exist: the database was opened with its migrations)."""
@@ -423,9 +424,11 @@ class StateStore:
             self._retry, self._pending = [], {}
             waiters, self._waiters = self._waiters, []
             if ops:
+                self._writing = len(ops)
                 try:
                     await self._db.run(lambda conn: _apply(conn, ops))
                 except Exception as exc:  # disk full, I/O error, read-only: keep serving, acknowledge nothing
+                    self._writing = 0
                     self._retry = ops
                     self.failed_commits += 1
                     if not self.failing:
@@ -450,6 +453,7 @@ class StateStore:
                     self.failing = False
                     log.warning("broker state writes resumed", failed_commits=self.failed_commits,
                                 operations=len(ops))
+                self._writing = 0  # after `failing` is cleared: an empty backlog means a healthy store
                 delay = 0.0
             for fut in waiters:
                 if not fut.done():
