@@ -17,7 +17,7 @@ import re
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictStr, ValidationError, field_serializer, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictStr, ValidationError, field_serializer, field_validator
 
 from devices.models import DEVICE_ID_RE
 from gateway.ids import NOT_DOTS, is_id, not_dot_segment
@@ -62,7 +62,7 @@ class QuietWindow(_Strict):
     days: Annotated[list[Day], Field(min_length=1, max_length=7,
                                      description="Days the window starts on: `mon` .. `sun`.")]
     from_: HhMm = Field(alias="from", description="Start, `HH:MM` (24 h) in the person's time zone.")
-    to: HhMm = Field(description="End, `HH:MM`; not after `from`: the next day.")
+    to: HhMm = Field(description="End, `HH:MM`; not after `from`: the next day (equal to `from`: a whole day).")
 
     @field_validator("days")
     @classmethod
@@ -71,12 +71,6 @@ class QuietWindow(_Strict):
         if twice:
             raise ValueError(f"{', '.join(twice)} given twice")
         return sorted(v, key=DAYS.index)
-
-    @model_validator(mode="after")
-    def _not_empty(self) -> "QuietWindow":
-        if self.from_ == self.to:
-            raise ValueError("from and to are the same time: the window would be empty")
-        return self
 
     def as_json(self) -> dict[str, Any]:
         return {"days": list(self.days), "from": self.from_, "to": self.to}

@@ -34,7 +34,7 @@ def test_the_contracts_example_round_trips():
     ({"devices": ["bad id"]}, "devices.0"),
     ({"quiet_hours": [{"days": ["mon"], "from": "24:00", "to": "06:00"}]}, "quiet_hours.0.from"),
     ({"quiet_hours": [{"days": ["monday"], "from": "22:00", "to": "06:00"}]}, "quiet_hours.0.days.0"),
-    ({"quiet_hours": [{"days": ["mon"], "from": "22:00", "to": "22:00"}]}, "quiet_hours.0"),
+    ({"quiet_hours": [{"days": ["mon"], "from": "22:00", "to": "22:60"}]}, "quiet_hours.0.to"),
     ({"quiet_hours": [{"days": [], "from": "22:00", "to": "06:00"}]}, "quiet_hours.0.days"),
     ({"bypass_priority": "urgent"}, "bypass_priority"),
     ({"muted": {"rules": ["x"], "segmnts": []}}, "muted.segmnts"),
@@ -70,10 +70,13 @@ def test_the_clis_quiet_form(text, days, span):
     assert parse_quiet(quiet_text(window)) == window
 
 
+def test_a_window_ending_when_it_starts_is_a_whole_day():
+    assert parse_quiet("sun 00:00-00:00") == {"days": ["sun"], "from": "00:00", "to": "00:00"}
+
+
 @pytest.mark.parametrize(("text", "says"), [
     ("mon-fry 22:00-06:00", "'fry' is not a day"),
     ("mon 22:00", "expected DAYS HH:MM-HH:MM"),
-    ("mon 22:00-22:00", "from and to are the same time"),
     ("mon 22:00-24:30", "to: must be a time of day"),
 ])
 def test_a_bad_quiet_form_says_what_is_wrong(text, says):
