@@ -295,9 +295,9 @@ async def test_concurrent_connects_cannot_overshoot_the_role_connection_cap(tmp_
     write_accounts(tmp_path / "var" / "passwd", {f"t{i}": "technician" for i in range(20)})
     b = await start_broker(tmp_path, broker={"limits": {"technician": {"max_connections": 3}}})
     try:
-        async def attempt(i: int) -> tuple[RawClient, int]:
-            c = RawClient(b.port)
-            _, code = await c.connect(f"c{i}", username=f"t{i}", password="pw")
+        async def attempt(i: int, wave: int = 1) -> tuple[RawClient, int]:
+            c = RawClient(b.port)  # client ids unique across waves: a reused one would take its session over
+            _, code = await c.connect(f"c{wave}-{i}", username=f"t{i}", password="pw")
             return c, code
 
         results = await asyncio.gather(*(attempt(i) for i in range(20)))
@@ -306,7 +306,7 @@ async def test_concurrent_connects_cannot_overshoot_the_role_connection_cap(tmp_
         assert b.broker.connections.by_role["technician"] == 3
         accepted[0].disconnect()
         await until(lambda: b.broker.connections.by_role["technician"] == 2)
-        again = await asyncio.gather(*(attempt(i) for i in range(3, 13)))
+        again = await asyncio.gather(*(attempt(i, wave=2) for i in range(3, 13)))
         assert sum(code == 0 for _, code in again) == 1
         assert b.broker.connections.by_role["technician"] == 3
         assert b.metrics()["limited_connections"] == 17 + 9
