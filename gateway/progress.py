@@ -121,9 +121,11 @@ def wait_for_job(conn: sqlite3.Connection, job_id: str, timeout: float, until: U
         console.print(f"timeout: job {job_id} not {what} after {timeout:g} s"
                       + (f" ({summary(status)})" if status else ""), highlight=False, soft_wrap=True, markup=False)
         return 1
-    if status["state"] == JobState.REJECTED and status.get("error"):
-        err = status["error"]
+    err = status.get("error") or {}
+    if status["state"] == JobState.REJECTED and err:
         console.print(f"rejected: {err.get('code')}: {err.get('message')}", highlight=False, soft_wrap=True, markup=False)
+    elif err.get("code") == "no_targets":  # a job that reached nobody says why, not only "targets=0"
+        console.print(f"no targets: {err.get('message')}", highlight=False, soft_wrap=True, markup=False)
     console.print(summary(status), highlight=False, soft_wrap=True, markup=False)
     return exit_code(status, until)
 
