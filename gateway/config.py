@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -526,11 +527,25 @@ class MqttBridge(_Section):
 APP_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
-def _check_app_names(apps: dict[str, Any]) -> dict[str, Any]:
-    for name in apps:
-        if not APP_NAME_RE.fullmatch(name):
-            raise ValueError(f"app name {name!r} must match [A-Za-z0-9_-]{{1,64}}")
+def _check_app_names(apps: Any) -> Any:
+    if isinstance(apps, dict):
+        for name in apps:
+            if not APP_NAME_RE.fullmatch(name):
+                raise ValueError(f"app name {name!r} must match [A-Za-z0-9_-]{{1,64}}")
     return apps
+
+
+def _apps_field(platform: str) -> Any:
+    """The ``apps`` table of one push platform's section, documented the same way for each."""
+    return Field(default_factory=dict,
+        description=f"More apps on this platform, each `[bridges.{platform}.apps.<name>]` with its own credentials "
+                    "(the keys of this section; one left out is the section's). A device channel names its "
+                    "app with `\"app\": \"<name>\"`.")
+
+
+_AppT = typing.TypeVar("_AppT")
+# A platform's ``apps`` table: names checked before the apps themselves are validated.
+AppsOf = typing.Annotated[dict[str, _AppT], BeforeValidator(_check_app_names)]
 
 
 class _App(_Section):
@@ -592,15 +607,7 @@ class FcmBridge(_Section):
     endpoint: str = Field(default="https://fcm.googleapis.com",
         description="FCM API base URL (private deployments, tests).")
     ca_file: Path | None = Field(default=None, description="Extra CA to trust, besides the system's.")
-    apps: dict[str, FcmApp] = Field(default_factory=dict,
-        description="More apps on this platform, each `[bridges.fcm.apps.<name>]` with its own credentials "
-                    "(the keys of this section; one left out is the section's). A device channel names its "
-                    "app with `\"app\": \"<name>\"`.")
-
-    @field_validator("apps", mode="before")
-    @classmethod
-    def _apps(cls, v: Any) -> Any:
-        return _check_app_names(v) if isinstance(v, dict) else v
+    apps: AppsOf[FcmApp] = _apps_field("fcm")
 
 
 class ApnsBridge(_Section):
@@ -619,15 +626,7 @@ class ApnsBridge(_Section):
         description="`production` or `sandbox`: which APNs host.")
     endpoint: str = Field(default="", description="Overrides the environment's host.")
     ca_file: Path | None = Field(default=None, description="Extra CA to trust, besides the system's.")
-    apps: dict[str, ApnsApp] = Field(default_factory=dict,
-        description="More apps on this platform, each `[bridges.apns.apps.<name>]` with its own credentials "
-                    "(the keys of this section; one left out is the section's). A device channel names its "
-                    "app with `\"app\": \"<name>\"`.")
-
-    @field_validator("apps", mode="before")
-    @classmethod
-    def _apps(cls, v: Any) -> Any:
-        return _check_app_names(v) if isinstance(v, dict) else v
+    apps: AppsOf[ApnsApp] = _apps_field("apns")
 
 
 class WnsBridge(_Section):
@@ -645,15 +644,7 @@ class WnsBridge(_Section):
     allowed_hosts: list[str] = Field(default_factory=lambda: ["notify.windows.com"],
         description="A channel URI's host must equal or be a subdomain of one of these.")
     ca_file: Path | None = Field(default=None, description="Extra CA to trust, besides the system's.")
-    apps: dict[str, WnsApp] = Field(default_factory=dict,
-        description="More apps on this platform, each `[bridges.wns.apps.<name>]` with its own credentials "
-                    "(the keys of this section; one left out is the section's). A device channel names its "
-                    "app with `\"app\": \"<name>\"`.")
-
-    @field_validator("apps", mode="before")
-    @classmethod
-    def _apps(cls, v: Any) -> Any:
-        return _check_app_names(v) if isinstance(v, dict) else v
+    apps: AppsOf[WnsApp] = _apps_field("wns")
 
 
 class WebpushBridge(_Section):
@@ -667,15 +658,7 @@ class WebpushBridge(_Section):
     allow_private_endpoints: bool = Field(default=False,
         description="Allow push endpoints on loopback or private addresses.")
     ca_file: Path | None = Field(default=None, description="Extra CA to trust, besides the system's.")
-    apps: dict[str, WebpushApp] = Field(default_factory=dict,
-        description="More apps on this platform, each `[bridges.webpush.apps.<name>]` with its own credentials "
-                    "(the keys of this section; one left out is the section's). A device channel names its "
-                    "app with `\"app\": \"<name>\"`.")
-
-    @field_validator("apps", mode="before")
-    @classmethod
-    def _apps(cls, v: Any) -> Any:
-        return _check_app_names(v) if isinstance(v, dict) else v
+    apps: AppsOf[WebpushApp] = _apps_field("webpush")
 
     @field_validator("subject")
     @classmethod
