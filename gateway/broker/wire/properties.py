@@ -173,24 +173,30 @@ def decode_publish(data: bytes, pos: int) -> tuple[Properties, bytes, int]:
     return _decode(data, pos, len(data), PUBLISH, True)
 
 
+
+def _varint(data: bytes, pos: int, limit: int, what: str) -> tuple[int, int]:
+    """A variable byte integer at ``pos`` (at most 4 bytes, before ``limit``): its value and
+    the position after it."""
+    value, shift = 0, 0
+    while True:
+        if pos >= limit:
+            raise Malformed(f"packet ends inside {what}")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 21:
+            raise Malformed(f"{what}: variable byte integer longer than 4 bytes")
+
 def _decode(data: bytes, pos: int, limit: int, packet_type: int,
             forward: bool) -> tuple[Properties, bytes, int]:
     """The one property decoder: (properties, the raw pass-through pairs when ``forward``, the
     offset after the block). Flat over the bytes, by the kind of each identifier, because it is
     on the PUBLISH hot path: a decoder going through :class:`Body` per field and re-encoding the
     pass-through properties cost ~10x what the ``mqtt5`` wheel does (bench/mqtt5_codec.py)."""
-    length, shift = 0, 0
-    while True:
-        if pos >= limit:
-            raise Malformed("packet ends inside the property length")
-        byte = data[pos]
-        pos += 1
-        length |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            break
-        shift += 7
-        if shift > 21:
-            raise Malformed("property length: variable byte integer longer than 4 bytes")
+    length, pos = _varint(data, pos, limit, "the property length")
     end = pos + length
     if end > limit:
         raise Malformed("property length beyond the packet")
@@ -245,18 +251,7 @@ def _decode(data: bytes, pos: int, limit: int, packet_type: int,
                     forwarded.append(data[start:pos])
                 continue
             else:   # Kind.VARINT
-                value, shift = 0, 0
-                while True:
-                    if pos >= end:
-                        raise Malformed(f"packet ends inside {NAMES[ident]}")
-                    byte = data[pos]
-                    pos += 1
-                    value |= (byte & 0x7F) << shift
-                    if not byte & 0x80:
-                        break
-                    shift += 7
-                    if shift > 21:
-                        raise Malformed(f"{NAMES[ident]}: variable byte integer longer than 4 bytes")
+                value, pos = _varint(data, pos, end, NAMES[ident])
             if pos > end:
                 raise Malformed(f"packet ends inside {NAMES[ident]}")
             if ident in props:
