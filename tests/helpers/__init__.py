@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tests.helpers.cli import cli_in_process
 from tests.helpers.config import base_config, deep_merge, to_toml, write_config
-from tests.helpers.db import bulk_register, db_rows, job_status_from_db, open_database
+from tests.helpers.db import bulk_register, db_rows, job_status_from_db, open_database, put_persons
 from tests.helpers.disks import fill_disk, mounted_tmpfs
 from tests.helpers.processes import (
     MOSQUITTO, GatewayProcess, Mosquitto, MqttProbe, NotifySocket, cli, free_port, require_tool, wait_port,
@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 
 __all__ = [
     "MOSQUITTO", "ROOT", "GatewayProcess", "Mosquitto", "MqttProbe", "NotifySocket", "WaitTimeout", "base_config",
-    "bulk_register", "cli", "cli_in_process", "db_rows", "deep_merge", "fill_disk", "free_port", "job_status_from_db",
+    "bulk_register",
+    "put_persons", "cli", "cli_in_process", "db_rows", "deep_merge", "fill_disk", "free_port", "job_status_from_db",
     "mounted_tmpfs", "open_database", "require_tool", "to_toml", "until", "wait_port", "wait_until",
     "write_config",
 ]

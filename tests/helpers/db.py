@@ -26,6 +26,22 @@ def bulk_register(data_dir: Path, devices: list[dict[str, Any]]) -> None:
     conn.close()
 
 
+def put_persons(data_dir: Path, persons: list[dict[str, Any]]) -> None:
+    """Persons in the registry the way `people add/set` store them (same store code), in one transaction."""
+    from gateway import migrations
+    from gateway.people import store
+    from gateway.people.model import Person
+    from gateway.storage import connect
+
+    conn = connect(data_dir / "gateway.db")
+    conn.execute("BEGIN IMMEDIATE")
+    migrations.migrate(conn)
+    for p in persons:
+        store.put(conn, Person.model_validate(p))
+    conn.execute("COMMIT")
+    conn.close()
+
+
 def job_status_from_db(data_dir: Path, job_id: str) -> dict[str, Any] | None:
     from gateway.pipeline import jobs
     from gateway.storage import connect

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway.timeutil import parse_iso
-from tests.helpers import MqttProbe, bulk_register, cli, db_rows, job_status_from_db, wait_until
+from tests.helpers import MqttProbe, bulk_register, cli, db_rows, job_status_from_db, put_persons, wait_until
 from tests.test_clock_step import faketime_env, step
 
 P = "homepot/site-t"
@@ -25,22 +25,6 @@ LEAD_S = 25.0
 
 def at(*a: int) -> float:
     return datetime(*a, tzinfo=UTC).timestamp()
-
-
-def put_persons(data_dir: Path, persons: list[dict]) -> None:
-    """Persons in the registry the way `people add/set` store them (same store code)."""
-    from gateway import migrations
-    from gateway.people import store as people_store
-    from gateway.people.model import Person
-    from gateway.storage import connect
-
-    conn = connect(data_dir / "gateway.db")
-    conn.execute("BEGIN IMMEDIATE")
-    migrations.migrate(conn)
-    for p in persons:
-        people_store.put(conn, Person.model_validate(p))
-    conn.execute("COMMIT")
-    conn.close()
 
 
 def before_release(data_dir: Path, job_id: str, release: float) -> None:

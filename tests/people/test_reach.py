@@ -15,7 +15,7 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 
-from tests.helpers import cli, db_rows, job_status_from_db, wait_until
+from tests.helpers import cli, db_rows, job_status_from_db, put_persons, wait_until
 from tests.pipeline.devices import MqttDevice
 
 
@@ -36,22 +36,6 @@ class TimedDevice(MqttDevice):
 
     def message_ids(self) -> set[str]:
         return {e["message_id"] for e in list(self.received)}
-
-
-def put_people(data_dir: Path, *persons: dict[str, Any]) -> None:
-    """Persons into the registry the way `people add` writes them (same store code)."""
-    from gateway import migrations
-    from gateway.people import store
-    from gateway.people.model import Person
-    from gateway.storage import connect
-
-    conn = connect(data_dir / "gateway.db")
-    conn.execute("BEGIN IMMEDIATE")
-    migrations.migrate(conn)
-    for p in persons:
-        store.put(conn, Person.model_validate(p))
-    conn.execute("COMMIT")
-    conn.close()
 
 
 def register(gw: Any, *device_ids: str) -> None:
@@ -77,7 +61,7 @@ def test_devices_are_tried_in_order_and_the_first_ack_stops_the_reach(gateway_fa
     # even on a loaded machine.
     gw = gateway_factory({"people": {"reach_after_s": 3}})
     register(gw, "anna-phone", "anna-tablet", "anna-browser")
-    put_people(gw.runtime_dir(), {"person_id": "anna", "devices": ["anna-phone", "anna-tablet", "anna-browser"]})
+    put_persons(gw.runtime_dir(), [{"person_id": "anna", "devices": ["anna-phone", "anna-tablet", "anna-browser"]}])
     phone = TimedDevice(gw.port, "anna-phone", auto_ack=False)  # off in a pocket: never acks
     tablet = TimedDevice(gw.port, "anna-tablet")
     browser = TimedDevice(gw.port, "anna-browser")
@@ -107,7 +91,7 @@ def test_devices_are_tried_in_order_and_the_first_ack_stops_the_reach(gateway_fa
 def test_a_waiting_step_says_why_and_a_removed_person_ends_it_with_a_reason(gateway_factory):
     gw = gateway_factory({"people": {"reach_after_s": 60}})
     register(gw, "ben-phone", "ben-browser")
-    put_people(gw.runtime_dir(), {"person_id": "ben", "devices": ["ben-phone", "ben-browser"]})
+    put_persons(gw.runtime_dir(), [{"person_id": "ben", "devices": ["ben-phone", "ben-browser"]}])
     phone = TimedDevice(gw.port, "ben-phone", auto_ack=False)
     try:
         send(gw, "reach-2", "ben")
@@ -132,8 +116,8 @@ def test_a_waiting_step_says_why_and_a_removed_person_ends_it_with_a_reason(gate
 def test_a_removed_device_fails_with_a_reason_and_the_next_one_is_tried_at_once(gateway_factory):
     gw = gateway_factory({"people": {"reach_after_s": 60}})
     register(gw, "cy-phone", "cy-tablet", "cy-browser")
-    put_people(gw.runtime_dir(), {"person_id": "cy", "devices": ["cy-phone", "cy-tablet", "cy-browser"],
-                                  "reach_after_s": 12})
+    put_persons(gw.runtime_dir(), [{"person_id": "cy", "devices": ["cy-phone", "cy-tablet", "cy-browser"],
+                                  "reach_after_s": 12}])
     phone = TimedDevice(gw.port, "cy-phone", auto_ack=False)
     browser = TimedDevice(gw.port, "cy-browser")
     try:
@@ -171,7 +155,7 @@ def test_kill_9_in_the_middle_of_a_step_neither_repeats_nor_skips_one(gateway_fa
     gw = gateway_factory({"people": {"reach_after_s": r}})
     names = ["anna-0", "anna-1", "anna-2", "anna-3"]
     register(gw, *names)
-    put_people(gw.runtime_dir(), {"person_id": "anna", "devices": names})
+    put_persons(gw.runtime_dir(), [{"person_id": "anna", "devices": names}])
     killed = threading.Event()
 
     def kill() -> None:
@@ -213,7 +197,7 @@ def test_a_forward_step_of_the_system_clock_does_not_fire_the_next_turn_early(ga
     offset = tmp_path / "offset"
     gw = gateway_factory({"people": {"reach_after_s": 6}}, env=faketime_env(offset))
     register(gw, "dee-phone", "dee-tablet")
-    put_people(gw.runtime_dir(), {"person_id": "dee", "devices": ["dee-phone", "dee-tablet"]})
+    put_persons(gw.runtime_dir(), [{"person_id": "dee", "devices": ["dee-phone", "dee-tablet"]}])
     phone = TimedDevice(gw.port, "dee-phone", auto_ack=False)
     tablet = TimedDevice(gw.port, "dee-tablet")
     try:
