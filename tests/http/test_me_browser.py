@@ -16,8 +16,6 @@ the fake's; the page registers it exactly as its button does after subscribing.
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import json
 import shutil
 
@@ -25,29 +23,15 @@ import httpx
 from playwright.async_api import async_playwright, expect
 
 from tests.http.conftest import db_rows, make_api_gateway
-from tests.http.test_web_push_browser import CHROMIUM, FLAGS, push_service  # noqa: F401 - the fixture
-from tests.helpers import cli
+from tests.http.test_web_push_browser import CHROMIUM, FLAGS, push_service, webpush_config  # noqa: F401 - the fixture
+from tests.helpers import cli, until
 
-
-async def until(fn, what: str, timeout: float = 30.0):  # noqa: ANN001, ANN201 - a predicate, plain or async
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = fn()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
 
 
 async def test_a_person_subscribes_on_me_gets_the_push_and_opens_it_from_the_inbox(tmp_path, push_service):
     assert shutil.which("chromium") == CHROMIUM, "Debian's chromium is required (make test installs it)"
     pki, fake = push_service
-    api = make_api_gateway(tmp_path, {"bridges": {"simulation": {"enabled": False}, "mqtt": {"enabled": False},
-                                                  "webpush": {"enabled": True, "allow_private_endpoints": True,
-                                                              "vapid_private_key_file": str(tmp_path / "var" / "vapid.pem"),
-                                                              "ca_file": str(pki.ca_file)}}},
+    api = make_api_gateway(tmp_path, webpush_config(tmp_path, pki),
                            users={"tech": ("technician", "tech-pw"), "anna": ("user", "anna-pw")})
     origin = api.base
     try:
@@ -80,7 +64,7 @@ async def test_a_person_subscribes_on_me_gets_the_push_and_opens_it_from_the_inb
             # /me by the Web Push client's own code; the subscription goes through the page.
             await page.evaluate("homepot.registerWorker().then(() => true)")
             registration_id = await until(lambda: registrations.get(f"{origin}/web/"),
-                                          "the service worker's registration")
+                                          timeout=30, what="the service worker's registration")
             config = await page.evaluate("homepot.config()")
             sub = fake.subscribe(app_server_key=config["vapid_public_key"])
             await page.locator("#s-device_id").fill("anna-browser")
@@ -98,11 +82,11 @@ async def test_a_person_subscribes_on_me_gets_the_push_and_opens_it_from_the_inb
                                                                    "priority": "high"}})
             assert r.status_code == 202, r.text
             pushed = await until(lambda: [p.decoded for p in fake.accepted if p.decoded.get("job_id") == "me-1"],
-                                 "the push at the push service")
+                                 timeout=30, what="the push at the push service")
             payload = pushed[0]
             await cdp.send("ServiceWorker.deliverPushMessage",
                            {"origin": origin, "registrationId": registration_id, "data": json.dumps(payload)})
-            await until(lambda: _acks(api, payload["message_id"], "received"), "the worker's received ack")
+            await until(lambda: _acks(api, payload["message_id"], "received"), timeout=30, what="the worker's received ack")
 
             # The inbox shows it (Refresh: what the page does when it comes into view); Open acks it.
             await page.get_by_role("button", name="Refresh").click()

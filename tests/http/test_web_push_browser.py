@@ -47,10 +47,7 @@ def push_service(tmp_path):
 async def test_service_worker_shows_the_push_and_acks_it_through_the_gateway(tmp_path, push_service):
     assert shutil.which("chromium") == CHROMIUM, "Debian's chromium is required (make test installs it)"
     pki, fake = push_service
-    api = make_api_gateway(tmp_path, {"bridges": {"simulation": {"enabled": False}, "mqtt": {"enabled": False},
-                                                  "webpush": {"enabled": True, "allow_private_endpoints": True,
-                                                              "vapid_private_key_file": str(tmp_path / "var" / "vapid.pem"),
-                                                              "ca_file": str(pki.ca_file)}}},
+    api = make_api_gateway(tmp_path, webpush_config(tmp_path, pki),
                            users={"tech": ("technician", "tech-pw"), "web-1": ("device", "web1-pw")})
     origin = api.base
     try:
@@ -186,6 +183,14 @@ class Browser:
             await asyncio.sleep(0.1)
 
 
+def webpush_config(tmp_path, pki) -> dict:  # noqa: ANN001
+    """A gateway that delivers only through Web Push, to the fake push service of ``pki``."""
+    return {"bridges": {"simulation": {"enabled": False}, "mqtt": {"enabled": False},
+                        "webpush": {"enabled": True, "allow_private_endpoints": True,
+                                    "vapid_private_key_file": str(tmp_path / "var" / "vapid.pem"),
+                                    "ca_file": str(pki.ca_file)}}}
+
+
 @pytest.fixture
 def started(push_service):
     """Daemons a test started; killed before the fake push service stops (a failed test's
@@ -197,10 +202,7 @@ def started(push_service):
 
 
 def webpush_gateway(tmp_path, pki, started):
-    api = make_api_gateway(tmp_path, {"bridges": {"simulation": {"enabled": False}, "mqtt": {"enabled": False},
-                                                  "webpush": {"enabled": True, "allow_private_endpoints": True,
-                                                              "vapid_private_key_file": str(tmp_path / "var" / "vapid.pem"),
-                                                              "ca_file": str(pki.ca_file)}}},
+    api = make_api_gateway(tmp_path, webpush_config(tmp_path, pki),
                            users={"tech": ("technician", "tech-pw"), "web-1": ("device", "web1-pw")})
     started.append(api)
     return api
