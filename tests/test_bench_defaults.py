@@ -31,6 +31,15 @@ def test_no_bench_overrides_the_fan_out_settings():
             assert f'"{key}":' not in text, f"{path.name} sets dispatch.{key}"
 
 
+def test_no_bench_overrides_the_broker_limits():
+    """The broker and hostile-client benches measure what a site runs: the shipped
+    `[broker.limits]`, per role included."""
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        text = path.read_text()
+        for key in ('"limits":', "max_publish_rate", "max_packet_size", "max_sessions_per_account", "max_queued_bytes"):
+            assert key not in text, f"{path.name} sets broker.limits ({key})"
+
+
 def test_the_defaults_reach_the_goal_settings_and_push_platforms_stay_modest():
     # What bench/README.md measured the >= 10,000 deliveries/s goal with.
     assert DispatchSection().batch_size == 500
