@@ -278,6 +278,32 @@ async def test_subscribe_and_unsubscribe_take_effect_before_the_next_packet(brok
     c.disconnect5()
 
 
+async def test_disconnect_reason_reaches_a_client_that_keeps_sending(broker):
+    """[MQTT-3.3.4-7]: a client over the Receive Maximum is sent DISCONNECT 0x93, and it must be
+    able to read it although it is still answering the PUBRECs before it with PUBRELs, as every
+    client does. Closed outright, the broker's socket answered those PUBRELs with a TCP reset,
+    which made the client's kernel drop the PUBRECs and the DISCONNECT it had not read yet: the
+    client saw "connection reset", never the reason (the Eclipse Paho interoperability suite's
+    test_flow_control2). The broker half-closes and reads what still comes until the client
+    closes too."""
+    c = RawClient5(broker.port)
+    await c.connect5("pipelining")
+    maximum = c.connack_props[0x21]
+    for _ in range(maximum + 1):
+        c.publish5("flood/x", b"x", 2)
+    await c.writer.drain()
+    reasons = []
+    while not reasons:
+        pkt = await c.read(timeout=5)
+        assert pkt is not None, "connection ended without the DISCONNECT"
+        if pkt.type == PUBREC:
+            c.ack(PUBREL, pkt.packet_id)
+        elif pkt.type == DISCONNECT:
+            reasons.append(disconnect_reason(pkt))
+    assert reasons == [0x93]
+    assert await c.closed()
+
+
 async def test_session_expiry_and_clean_start(broker):
     """[MQTT-3.1.2-23]: Session Expiry Interval 0 ends the session with the connection; a
     session with an interval is resumed within it (session present [MQTT-3.2.2-3]) and gone
