@@ -128,7 +128,7 @@ def test_slow_clients_are_cut_off_and_do_not_block_others(tmp_path):
 
 
 def test_a_changed_password_is_refused_at_once_though_logins_are_cached(tmp_path):
-    api = make_api_gateway(tmp_path, users={"tech": ("technician", "old-pw")})
+    api = make_api_gateway(tmp_path, users={"tech": ("technician", "old-pw")}, shipped_hashes=True)
     try:
         old = httpx.Client(base_url=api.base, auth=("tech", "old-pw"))
         t0 = time.monotonic()
