@@ -238,30 +238,37 @@ def serve_api(tmp: Path, extra: dict[str, Any] | None = None, users: dict[str, t
             run.result()  # the service's own start error
         assert served.svc.started.is_set(), "the HTTP service did not start listening"
 
-    async def stop() -> None:
+    async def stop() -> BaseException | None:
+        """Stop as the daemon stops the service; what its run() raised, if anything."""
+        failed: BaseException | None = None
         if stopping is not None:
             stopping.set()
         if tasks:
             run, *others = tasks
-            await asyncio.wait_for(asyncio.gather(run, return_exceptions=True), 10)
+            [failed] = await asyncio.wait_for(asyncio.gather(run, return_exceptions=True), 10)
             for t in others:
                 t.cancel()
             await asyncio.gather(*others, return_exceptions=True)
         if served.db is not None:
             await served.db.close()
+        return failed
 
+    body_done = False
     try:
         asyncio.run_coroutine_threadsafe(start(), loop).result(START_TIMEOUT_S + 5)
         yield served
         assert served.unexpected == [], f"the fakes were asked what no test scripted: {served.unexpected}"
+        body_done = True
     finally:
         served.close()
         try:
-            asyncio.run_coroutine_threadsafe(stop(), loop).result(20)
+            failed = asyncio.run_coroutine_threadsafe(stop(), loop).result(20)
         finally:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(10)
             loop.close()
+        if body_done and failed is not None:
+            raise AssertionError(f"the HTTP service did not stop cleanly: {failed!r}") from failed
 
 
 __all__ = ["GivenBridges", "GivenBroker", "PipelineEntry", "RecordingClient", "ServedApi", "StrictAlarms",
