@@ -11,28 +11,23 @@ cache that exists because of it) uses :func:`gateway.broker.passwords.add_user`.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from argon2 import PasswordHasher
 
-from gateway.broker.passwords import Account, parse
+from gateway.broker.passwords import Account, _write_atomic, parse
 
 CHEAP = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 
 
 def write_accounts(path: Path, users: dict[str, tuple[str, str]]) -> Path:
-    """``users`` (name → (role, password)) added to the account file at ``path`` (created
-    private, 0600, like ``users add`` makes it), each hashed at the cheapest argon2id cost."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """``users`` (name → (role, password)) added to the account file at ``path``, each
+    hashed at the cheapest argon2id cost, written by the same atomic, private (0600) writer
+    as ``users add``."""
     accounts = parse(path.read_text(encoding="utf-8"), path) if path.exists() else {}
     for name, (role, password) in users.items():
         accounts[name] = Account(name, CHEAP.hash(password), role)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.writelines(f"{a.name}:{a.hash}:{a.role}\n" for a in accounts.values())
-    os.replace(tmp, path)
+    _write_atomic(path, accounts)
     return path
 
 
