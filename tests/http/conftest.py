@@ -1,15 +1,14 @@
-"""Fixtures for the HTTP API tests: a real daemon with [http], accounts, an httpx client."""
+"""Helpers for the HTTP API tests: a real daemon with [http], accounts, an httpx client (the
+HTTP service served in-process is tests/helpers/http_app.py)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from gateway.broker.passwords import add_user
 from tests.helpers import GatewayProcess, base_config, db_rows, wait_until, write_accounts  # noqa: F401 - re-exported
@@ -83,18 +82,6 @@ def make_api_gateway(tmp: Path, extra: dict[str, Any] | None = None, users: dict
     if start:
         gw.start()
     return api
-
-
-@pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiGateway]:
-    """One daemon for a module: simulation (no acks) and mqtt bridges, every role's account."""
-    tmp = tmp_path_factory.mktemp("api")
-    a = make_api_gateway(tmp, {"bridges": {"simulation": {"latency_ms": 0, "ack": False}}})
-    yield a
-    a.close()
-    a.gw.kill()
-    if a.gw.notify:
-        a.gw.notify.close()
 
 
 def error_of(r: httpx.Response) -> dict[str, str]:

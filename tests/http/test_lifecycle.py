@@ -16,6 +16,7 @@ import threading
 import time
 
 import httpx
+import pytest
 import trustme
 
 from gateway.broker.passwords import remove_user
@@ -98,6 +99,7 @@ def test_stop_within_budget_with_an_event_stream_open(tmp_path):
     assert "http api stopped" in api.gw.log()
 
 
+@pytest.mark.e2e  # no process, but it waits out the real 10 s header timeout: not for `make test-fast`
 def test_slow_clients_are_cut_off_and_do_not_block_others(tmp_path):
     # The listener's timeouts are the HTTP service's own: served in-process.
     slow: list[socket.socket] = []
