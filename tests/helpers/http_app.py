@@ -234,6 +234,7 @@ def serve_api(tmp: Path, extra: dict[str, Any] | None = None, users: dict[str, t
         tasks.insert(0, run)
         started = asyncio.get_running_loop().create_task(served.svc.started.wait())
         await asyncio.wait([run, started], timeout=START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
         if run.done():
             run.result()  # the service's own start error
         assert served.svc.started.is_set(), "the HTTP service did not start listening"
