@@ -39,6 +39,7 @@ POLL_S = 1.0
 def reconcile(broker: GatewayBroker, accounts: dict[str, Account]) -> dict[str, int]:
     """Apply ``accounts`` to the sessions of named accounts; counts of what was done."""
     closed = updated = forgotten = 0
+    broker.logins.forget_changed(accounts)   # a remembered good password of a changed account is not its own
     for cs in list(broker.clients()):
         username = cs.username
         if username is None or broker.is_gateway(cs):
