@@ -370,7 +370,20 @@ class GatewayBroker:
         if role not in self._roles:
             log.warning("account has a role the configuration does not define", username=username, role=role)
             return None, Reason.NOT_AUTHORIZED, None
+        if username is not None and not await self.logins.admit(user_principal(username)):
+            self.metrics.logins_throttled += 1
+            return None, Reason.SERVER_BUSY, None
         return role, Reason.SUCCESS, account_hash
+
+    def violated(self, conn: Connection) -> None:
+        """``conn`` is being closed for a protocol violation or a packet over its limit: its
+        account's next CONNECTs wait if it keeps doing that (logins.Logins.violated)."""
+        cs = conn.client
+        if cs is None or cs.username is None or self.is_gateway(cs):
+            # Anonymous clients are not counted: many may share one address (a NAT, a test
+            # suite on 127.0.0.1), and slowing the address would slow them all.
+            return
+        self.logins.violated(user_principal(cs.username))
 
     def owner_of(self, username: str | None, section: ListenerSection) -> str:
         return user_principal(username) if username is not None else anonymous_principal(section.name)

@@ -17,6 +17,11 @@ one (bench/hostile_bench.py). So:
   fast-hash verifier of each password that logged in since the start (only of those);
 - **one argon2 check at a time** (a semaphore): unknown names, wrong passwords and first
   logins queue for one core instead of taking both;
+- **an account that keeps getting itself disconnected waits**: a client closed for a protocol
+  violation or a packet over its ``max_packet_size`` that reconnects in a loop cost a
+  connection's work each time (and, in the hostile bench, its own CPU beside the broker's);
+  the same progressive wait as for failed checks applies to the account's next CONNECTs,
+  password known or not (anonymous clients are not counted: many may share an address);
 - **a source address that keeps failing waits**: after :data:`FREE_FAILURES` failed checks
   in a row, each further check from the address waits its turn, the spacing doubling from
   :data:`BASE_DELAY_S` up to :data:`MAX_DELAY_S`; a check whose turn is further away than
@@ -72,7 +77,8 @@ class Logins:
         self._key = secrets.token_bytes(32)
         self._good: dict[str, tuple[str, bytes]] = {}   # name -> (argon2 hash matched, HMAC of the password)
         self._hashing = asyncio.Semaphore(1)
-        self._failures: OrderedDict[str, _Failures] = OrderedDict()
+        self._failures = Backoff(clock)      # failed checks per source address
+        self._violations = Backoff(clock)    # disconnections for a protocol violation or limit, per principal
         self.hashes = 0             # argon2 checks run (tests and the bench read it)
 
     async def verify(self, name: str, password: str, source: str) -> tuple[Verdict, Account | None]:
@@ -86,7 +92,7 @@ class Logins:
             known = self._good.get(name)
             if known is not None and known[0] == account.hash and hmac.compare_digest(known[1], digest):
                 return Verdict.GOOD, account
-        wait = self._turn(source)
+        wait = self._failures.turn(source)
         if wait is None:
             return Verdict.THROTTLED, None
         if wait > 0:
@@ -96,9 +102,9 @@ class Logins:
             ok = await asyncio.to_thread(check_password, account, password)
             self.hashes += 1
         if not ok or account is None:
-            self._failed(source)
+            self._failures.event(source)
             return Verdict.BAD, None
-        self._failures.pop(source, None)
+        self._failures.clear(source)
         self._good[name] = (account.hash, digest)
         return Verdict.GOOD, account
 
@@ -110,6 +116,23 @@ class Logins:
             if account is None or account.hash != hashed:
                 del self._good[name]
 
+    async def admit(self, principal: str) -> bool:
+        """A client of ``principal`` (an account) that was disconnected for breaking the protocol or a limit
+        (:meth:`violated`) more than :data:`FREE_FAILURES` times in a row waits before its next
+        CONNECT goes on, as a failing address does; False: refused now (its turn is too far)."""
+        wait = self._violations.turn(principal)
+        if wait is None:
+            return False
+        if wait > 0:
+            await asyncio.sleep(wait)
+        return True
+
+    def violated(self, principal: str) -> None:
+        """A connection of ``principal`` was closed for a protocol violation or a packet over its
+        limit. A client that does that in a loop (reconnect, send it again) cost the broker a
+        connection's work each time and kept the host busy: it is slowed down (:meth:`admit`)."""
+        self._violations.event(principal)
+
     def remembered(self) -> int:
         """Accounts whose good password is remembered."""
         return len(self._good)
@@ -118,36 +141,55 @@ class Logins:
         data = name.encode("utf-8", "surrogatepass") + b"\0" + password.encode("utf-8", "surrogatepass")
         return hmac.new(self._key, data, sha256).digest()
 
-    # ------------------------------------------------------------------ failures per address
-    def _turn(self, source: str) -> float | None:
-        """Seconds to wait before checking a password from ``source``; None: refuse now."""
-        entry = self._failures.get(source)
+
+
+class Backoff:
+    """Events (failed checks, violations) per key, and the wait they earn: after
+    :data:`FREE_FAILURES` in a row, each further attempt of the key waits its turn, the spacing
+    doubling from :data:`BASE_DELAY_S` up to :data:`MAX_DELAY_S`; an attempt whose turn is
+    further away than that is refused. :data:`FORGET_S` without an event, or :meth:`clear`,
+    starts the key afresh; at most ``max_keys`` keys (the least recent forgotten first)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, max_keys: int = MAX_SOURCES):
+        self._clock = clock
+        self._max_keys = max_keys
+        self._keys: OrderedDict[str, _Failures] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def turn(self, key: str) -> float | None:
+        """Seconds to wait before the attempt of ``key`` goes on; None: refuse it now."""
+        entry = self._keys.get(key)
         if entry is None or entry.count < FREE_FAILURES:
             return 0.0
         now = self._clock()
         if now - entry.last >= FORGET_S:
-            del self._failures[source]
+            del self._keys[key]
             return 0.0
         start = max(now, entry.next_at)
         if start - now > MAX_DELAY_S:
             return None
-        entry.next_at = start + _spacing(entry.count)   # parallel connections queue behind each other
+        entry.next_at = start + _spacing(entry.count)   # parallel attempts queue behind each other
         return start - now
 
-    def _failed(self, source: str) -> None:
+    def event(self, key: str) -> None:
         now = self._clock()
-        entry = self._failures.pop(source, None)
+        entry = self._keys.pop(key, None)
         if entry is None:
             entry = _Failures()
-            if len(self._failures) >= MAX_SOURCES:
-                self._failures.popitem(last=False)
+            if len(self._keys) >= self._max_keys:
+                self._keys.popitem(last=False)
         elif now - entry.last >= FORGET_S:
             entry = _Failures()
         entry.count += 1
         entry.last = now
         if entry.count >= FREE_FAILURES:
             entry.next_at = max(entry.next_at, now + _spacing(entry.count))
-        self._failures[source] = entry   # most recently failing last
+        self._keys[key] = entry   # most recent last
+
+    def clear(self, key: str) -> None:
+        self._keys.pop(key, None)
 
 
 def _spacing(count: int) -> float:

@@ -453,6 +453,7 @@ class Connection:
         self.close_now()
 
     def protocol_error(self, exc: Malformed) -> None:
+        self.gw.violated(self)
         if isinstance(exc, TooLarge):
             # Logged once a minute per client as a limit hit (limits.LimitRecorder), not once per
             # connection: a client disconnected for it that reconnects in a loop wrote a line each time.

@@ -126,7 +126,7 @@ def _is_utf8(data: bytes) -> bool:
 
 _REFUSALS = {
     Reason.BAD_USER_NAME_OR_PASSWORD: "bad user name or password",
-    Reason.SERVER_BUSY: "too many failed logins from this address: try again later",
+    Reason.SERVER_BUSY: "too many failed logins or protocol violations: try again later",
 }
 
 
