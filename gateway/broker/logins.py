@@ -79,7 +79,6 @@ class Logins:
         self._hashing = asyncio.Semaphore(1)
         self._failures = Backoff(clock)      # failed checks per source address
         self._violations = Backoff(clock)    # disconnections for a protocol violation or limit, per principal
-        self.hashes = 0             # argon2 checks run (tests and the bench read it)
 
     async def verify(self, name: str, password: str, source: str) -> tuple[Verdict, Account | None]:
         """The verdict and, when GOOD, the account. :class:`PasswordFileError` if the file is broken."""
@@ -100,7 +99,6 @@ class Logins:
         async with self._hashing:
             # argon2 takes tens of milliseconds of CPU: never on the event loop.
             ok = await asyncio.to_thread(check_password, account, password)
-            self.hashes += 1
         if not ok or account is None:
             self._failures.event(source)
             return Verdict.BAD, None
@@ -117,9 +115,11 @@ class Logins:
                 del self._good[name]
 
     async def admit(self, principal: str) -> bool:
-        """A client of ``principal`` (an account) that was disconnected for breaking the protocol or a limit
-        (:meth:`violated`) more than :data:`FREE_FAILURES` times in a row waits before its next
-        CONNECT goes on, as a failing address does; False: refused now (its turn is too far)."""
+        """A client of ``principal`` (an account) disconnected for breaking the protocol or a limit
+        (:meth:`violated`) :data:`FREE_FAILURES` times, each within :data:`FORGET_S` of the last,
+        waits before its next CONNECT goes on, as a failing address does; False: refused now
+        (its turn is too far). Only time clears it: a clean connection in between would let a
+        client reset its count for the price of one more connection."""
         wait = self._violations.turn(principal)
         if wait is None:
             return False
@@ -193,7 +193,7 @@ class Backoff:
 
 
 def _spacing(count: int) -> float:
-    return min(MAX_DELAY_S, BASE_DELAY_S * 2 ** (count - FREE_FAILURES))
+    return min(MAX_DELAY_S, BASE_DELAY_S * 2.0 ** (count - FREE_FAILURES))
 
 
 def source_of(remote: str) -> str:

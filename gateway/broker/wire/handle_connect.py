@@ -181,6 +181,8 @@ async def handle(conn: Connection, body: bytes) -> bool:
         # [MQTT-3.1.3-6], [MQTT-3.2.2-16]: a unique id, told to a 5.0 client.
         packet.client_id = assigned = "auto-" + secrets.token_hex(12)
     role, reason, account_hash = await gw.authorize(packet.username, packet.password, conn.section, conn.remote)
+    if conn.closed:
+        return False   # aborted while its password was checked or it waited its turn (shutdown)
     if role is None:
         gw.metrics.auth_failures += 1
         if reason != Reason.SERVER_BUSY:   # that one is logged by the broker, once a minute per address
