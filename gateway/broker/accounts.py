@@ -12,7 +12,9 @@ session of a named account:
 - password changed (another hash) → its connection is closed; the client must log in
   again with the new password; its session stays for when it does;
 - role changed → the new role's ACL and limits apply at once, to what it publishes,
-  subscribes to and receives (queued messages are checked again when sent).
+  subscribes to and receives (queued messages are checked again when sent);
+- a remembered good password (logins.py) of an account that is gone or has another hash is
+  forgotten (logins refuse it anyway: they compare the hash it matched with the file's).
 
 ``users add`` with the same password keeps the account's hash (passwords.add_user), so a
 role change alone does not log the client out.
