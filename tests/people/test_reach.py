@@ -192,7 +192,7 @@ def test_kill_9_in_the_middle_of_a_step_neither_repeats_nor_skips_one(gateway_fa
 def test_a_forward_step_of_the_system_clock_does_not_fire_the_next_turn_early(gateway_factory, tmp_path: Path):
     """The turns are due times on the gateway's clock: a day's jump of the wall clock right
     after the first device got it leaves the next turn reach_after_s later, as it was."""
-    from tests.test_clock_step import faketime_env, step
+    from tests.helpers.faketime import faketime_env, step
 
     offset = tmp_path / "offset"
     gw = gateway_factory({"people": {"reach_after_s": 6}}, env=faketime_env(offset))
