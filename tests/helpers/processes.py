@@ -308,8 +308,10 @@ class MqttProbe:
         raise TimeoutError(f"condition not met; got {[(t, p[:200]) for _, t, p, _ in self.messages[-10:]]}")
 
     def close(self) -> None:
-        self.client.loop_stop()
+        # DISCONNECT first: it wakes the network thread at once; stopping the thread first
+        # leaves it in its one-second select (a second per probe).
         self.client.disconnect()
+        self.client.loop_stop()
 
 
 def cli(config: Path, *args: str, timeout: float = 120, input: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -19,7 +19,7 @@ import pytest
 
 from tests.helpers import bulk_register, db_rows, job_status_from_db, put_persons, wait_until
 from tests.helpers import cli_in_process as cli
-from tests.pipeline.devices import MqttDevice
+from tests.pipeline.devices import MqttDevice, close_all
 
 
 class TimedDevice(MqttDevice):
@@ -86,8 +86,7 @@ def test_devices_are_tried_in_order_and_the_first_ack_stops_the_reach(gateway_fa
         assert "people: targets=1  reached=1  held=0" in shown and "anna  reached by anna-tablet" in shown
         assert not browser.times and len(phone.message_ids()) == 1
     finally:
-        for d in (phone, tablet, browser):
-            d.close()
+        close_all([phone, tablet, browser])
 
 
 def test_a_waiting_step_says_why_and_a_removed_person_ends_it_with_a_reason(gateway_factory):
@@ -187,8 +186,7 @@ def test_kill_9_in_the_middle_of_a_step_neither_repeats_nor_skips_one(gateway_fa
                             and s, timeout=40, what="anna reached")
         assert status["people"] == {"targets": 1, "reached": 1, "held": 0}
     finally:
-        for d in devices.values():
-            d.close()
+        close_all(list(devices.values()))
 
 
 def test_a_forward_step_of_the_system_clock_does_not_fire_the_next_turn_early(gateway_factory, tmp_path: Path):

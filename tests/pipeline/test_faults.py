@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.pipeline.devices import P, MqttDevice
+from tests.pipeline.devices import P, MqttDevice, close_all
 from tests.support import (
     MqttProbe,
     Mosquitto,
@@ -126,8 +126,7 @@ def test_full_disk_nothing_publishers_saw_acknowledged_is_lost(gateway_factory, 
         assert gw.proc.poll() is None
         assert gw.stop() == 0
     finally:
-        for plc in plcs:
-            plc.close()
+        close_all(plcs)
         probe.close()
 
 
