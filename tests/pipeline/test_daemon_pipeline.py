@@ -11,7 +11,8 @@ from pathlib import Path
 
 from gateway import stats
 from tests.conftest import needs_mosquitto_clients
-from tests.support import ROOT, MqttProbe, bulk_register, cli, job_status_from_db
+from tests.helpers import cli_in_process as cli  # the operator's commands, in this process: no interpreter start each
+from tests.support import ROOT, MqttProbe, bulk_register, job_status_from_db
 
 P = "homepot/site-t"
 

@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import cli_in_process as cli  # the operator's commands, in this process: no interpreter start each
 from tests.pipeline.devices import P, MqttDevice, close_all
 from tests.support import (
     MqttProbe,
     Mosquitto,
     bulk_register,
-    cli,
     fill_disk,
     free_port,
     job_status_from_db,
