@@ -30,7 +30,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -141,7 +141,7 @@ class Message:
             # 3.1.1 (no properties, whatever the subscription), or 5.0 with the publisher's only.
             key = (qos, retain, dup, version)
         encoded = self._encoded
-        cached = encoded.get(key)
+        cached: Any = encoded.get(key)   # bytes for QoS 0, (head, property block) for QoS 1/2
         if cached is None:
             first = 0x30 | (0x08 if dup and qos else 0) | (qos << 1) | (1 if retain else 0)
             cached = self._encode(version, first, sub_ids, remaining)
@@ -149,8 +149,8 @@ class Message:
                 del encoded[next(iter(encoded))]
             encoded[key] = cached
         if not qos:
-            return cached   # type: ignore[return-value]
-        head, props = cached   # type: ignore[misc]
+            return cached   # type: ignore[no-any-return]
+        head, props = cached
         return b"".join((head, packet_id.to_bytes(2, "big"), props, self.payload))  # type: ignore[union-attr]
 
     def _encode(self, version: int, first: int, sub_ids: SubIds, remaining: int) -> bytes | tuple[bytes, bytes]:
