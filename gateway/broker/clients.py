@@ -139,7 +139,7 @@ class Message:
             key = (qos, retain, dup, sub_ids, remaining)
         else:
             # 3.1.1 (no properties, whatever the subscription), or 5.0 with the publisher's only.
-            key = (qos, retain, dup, version)
+            key = (qos, retain, dup, version) if qos else (retain, version)
         encoded = self._encoded
         cached: Any = encoded.get(key)   # bytes for QoS 0, (head, property block) for QoS 1/2
         if cached is None:
@@ -156,10 +156,13 @@ class Message:
     def _encode(self, version: int, first: int, sub_ids: SubIds, remaining: int) -> bytes | tuple[bytes, bytes]:
         """What :meth:`packet` keeps: the whole QoS 0 packet, or for QoS 1/2 the bytes before the
         packet id and the property block (5.0; empty for 3.1.1) after it."""
-        props = self.v5_props(sub_ids, remaining or None) if version == V5 else None
+        props = None
+        if version == V5:
+            # The publisher's properties as they came, unless there is an expiry or an identifier to add.
+            props = self.v5_props(sub_ids, remaining) if sub_ids or remaining else self.props
         if not first & 0x06:
             return send_publish(self.topic_b, self.payload, 0, bool(first & 1), props=props)
-        block = b"" if props is None else varint(len(props)) + props
+        block = b"" if props is None else varint(len(props)) + props if props else b"\x00"
         body_len = len(self.topic_b) + 2 + len(block) + len(self.payload)
         return bytes((first,)) + varint(body_len) + self.topic_b, block
 
