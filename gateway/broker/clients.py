@@ -124,13 +124,21 @@ class Message:
                sub_ids: SubIds = NO_IDS) -> bytes:
         """The PUBLISH for one receiver, encoded once per fan-out and shared.
 
-        Receivers of one version that get the same first byte (QoS, RETAIN, DUP), the same
-        Subscription Identifiers and (5.0) the same whole seconds of remaining expiry get the
-        same bytes but the packet id. So a QoS 0 PUBLISH is kept whole and returned as is;
-        a QoS 1/2 one is kept as the part before the packet id (fixed header, topic) and the
-        property block after it, and only the packet id and payload are joined per receiver
-        (the payload is not copied into what is kept: a message waiting in a slow subscriber's
-        queue holds it once)."""
+        A message routed to several sessions (``shared``) keeps what it encoded: receivers of
+        one version that get the same first byte (QoS, RETAIN, DUP), the same Subscription
+        Identifiers and (5.0) the same whole seconds of remaining expiry get the same bytes but
+        the packet id. So a QoS 0 PUBLISH is kept whole and returned as is; a QoS 1/2 one is
+        kept as the part before the packet id (fixed header, topic) and the property block
+        after it, and only the packet id and payload are joined per receiver (the payload is
+        not copied into what is kept: a message waiting in a slow subscriber's queue holds it
+        once)."""
+        if not self.shared:
+            # Routed to one session (or a retained message handed out as subscriptions come):
+            # nothing to share, and keeping a form would only cost.
+            props = None
+            if version == V5:
+                props = self.v5_props(sub_ids) if sub_ids or self.expires_at is not None else self.props
+            return send_publish(self.topic_b, self.payload, qos, retain, dup, packet_id, props)
         remaining = 0
         key: tuple[int | bool | SubIds, ...]
         if version == V5 and (sub_ids or self.expires_at is not None):
