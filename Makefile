@@ -56,13 +56,20 @@ debian-test-deps:
 run: $(STAMP)
 	$(VENV)/bin/homepot-gateway --config ./config.toml run
 
+## Python writes bytecode caches for the run (__pycache__/, gitignored) even where the
+## environment says PYTHONDONTWRITEBYTECODE: without them each worker parses and rewrites
+## the asserts of every test module again, ~4 s of CPU per worker per run.
+TEST_ENV := PYTHONDONTWRITEBYTECODE=
+
 test: $(TEST_STAMP) debian-test-deps
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	$(TEST_ENV) HYPOTHESIS_PROFILE=full $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 ## The unit-level tests only: everything not marked e2e (tests/conftest.py marks a test that
 ## starts a process: the daemon, Mosquitto, the CLI, a browser). Under a minute on 2 cores.
+## The hypothesis tests run a tenth of their examples here (profile "fast",
+## tests/helpers/fuzz.py); `make test` runs the full counts.
 test-fast: $(TEST_STAMP)
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not e2e" $(PYTEST_ARGS)
+	$(TEST_ENV) HYPOTHESIS_PROFILE=fast $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not e2e" $(PYTEST_ARGS)
 
 ## The service: venv in /opt/homepot-gateway, CLI linked into /usr/local/bin, user homepot,
 ## /etc/homepot-gateway/config.toml, the unit. Root; safe to run again (systemd/install.sh).

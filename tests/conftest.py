@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import GatewayProcess, Mosquitto, base_config, free_port, require_tool
+from tests.helpers import fuzz  # noqa: F401 - loads the hypothesis profile HYPOTHESIS_PROFILE names
 
 # What makes a test end-to-end (marker ``e2e``; ``make test-fast`` runs the others): it
 # starts a process (the daemon, Mosquitto, the CLI, a browser, systemd tools), itself or
