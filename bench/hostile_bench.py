@@ -52,6 +52,8 @@ BROKER = """
 import asyncio, sys
 from gateway.config import parse_config
 from gateway.broker import EmbeddedBroker, InternalCredentials
+from gateway.logs import setup_logging
+setup_logging("info", "json")   # as the daemon logs on the shipped defaults ([logging])
 async def main():
     port, data = int(sys.argv[1]), sys.argv[2]
     cfg = parse_config({"gateway": {"data_dir": data},
@@ -101,7 +103,8 @@ def _connected(port: int, client_id: str, username: str) -> socket.socket:
 
 
 def hostile(kind: str, port: int, topic_prefix: str, stop_file: Path, report: Path) -> None:
-    """Run one hostile client until ``stop_file`` exists; write what it got through to ``report``."""
+    """Run one hostile client until ``stop_file`` exists; write what it got through to ``report``.
+    ``report`` gets ``{}`` as soon as the client is at work (its first CONNECT accepted)."""
     denied = utf8(f"{topic_prefix}/jobs")
     done = {"connections": 0, "bytes": 0, "refused": 0}
     if kind == "oversized":
@@ -115,6 +118,8 @@ def hostile(kind: str, port: int, topic_prefix: str, stop_file: Path, report: Pa
                 done["refused"] += 1
                 continue
             done["connections"] += 1
+            if done["connections"] == 1:
+                report.write_text("{}")
             try:
                 sock.sendall(head)
                 sent = len(head)
@@ -131,6 +136,7 @@ def hostile(kind: str, port: int, topic_prefix: str, stop_file: Path, report: Pa
         burst = packet * (262144 // len(packet))
         sock = _connected(port, "hostile", "hostile")
         done["connections"] = 1
+        report.write_text("{}")
         sock.settimeout(0.2)   # a paused reader blocks the send: look at the stop file meanwhile
         view, pos = memoryview(burst), 0
         try:
@@ -150,9 +156,12 @@ def hostile(kind: str, port: int, topic_prefix: str, stop_file: Path, report: Pa
         filt = utf8(f"{topic_prefix}/devices/+/register")
         body = struct.pack("!H", 1) + filt + b"\x01"
         sock.sendall(b"\x82" + varint(len(body)) + body)
+        report.write_text("{}")
         while not stop_file.exists():   # never reads: the broker's writes to it back up
             time.sleep(0.05)
-    report.write_text(json.dumps(done))
+    tmp = report.with_suffix(".tmp")
+    tmp.write_text(json.dumps(done))
+    tmp.replace(report)
 
 
 # ------------------------------------------------------------------ the legitimate clients
@@ -204,9 +213,15 @@ def run_with(kind: str | None, broker: BrokerProc, topic_prefix: str, messages: 
                              "--port", str(broker.port), "--prefix", topic_prefix, "--stop-file", str(stop),
                              "--report", str(report)], env=env)
     try:
-        time.sleep(1.0)   # the hostile client is at work before the legitimate ones start
-        if proc.poll() is not None:
-            raise RuntimeError(f"hostile client ({kind}) ended early: exit status {proc.returncode}")
+        # The hostile client is at work before the legitimate ones start: its first CONNECT (a
+        # full password check) was accepted, then a second more. A fixed second alone let the
+        # first check of a slow start overlap the measured run.
+        deadline = time.monotonic() + 60
+        while not report.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(1.0)
+        if proc.poll() is not None or not report.exists():
+            raise RuntimeError(f"hostile client ({kind}) not at work: exit status {proc.poll()}")
         result = asyncio.run(legit_run(broker.proc.pid, broker.port, topic_prefix, messages))
     finally:
         stop.touch()

@@ -47,6 +47,10 @@ class _State:
     config_path: str | None = None
     command: str | None = None  # "devices import": for the one-line failure of main()
     db_path: Path | None = None  # the database the command opened, named when it fails
+    # Connections the command opened, closed by main() when it ends: a process exit would
+    # close them anyway, but main() also runs in-process (the tests' cli_in_process), where
+    # an open connection kept the daemon's -wal file alive after the daemon stopped.
+    connections: list = []  # list[sqlite3.Connection]
 
 
 state = _State()
@@ -266,6 +270,7 @@ def _db(cfg: Config):  # noqa: ANN202 - sqlite3.Connection, imported lazily
         conn.close()
         fail(f"{cfg.db_path}: {exc}", 1)
     clock.attach(conn)  # write times on the daemon's timeline (gateway.clock)
+    state.connections.append(conn)
     return conn
 
 
@@ -785,3 +790,6 @@ def main() -> None:
     except (OSError, sqlite3.Error, NotStored) as exc:
         typer.echo(f"{state.command or 'homepot-gateway'}: not done: {failure_cause(exc, state.db_path)}", err=True)
         raise SystemExit(1) from None
+    finally:
+        while state.connections:
+            state.connections.pop().close()

@@ -79,6 +79,7 @@ BROKER_COUNTERS = {
     "denied_receive": ("broker_denied_receive", "deliveries withheld by the receiver's ACL"),
     "connections_total": ("broker_connections", "connections accepted"),
     "auth_failures": ("broker_auth_failures", "CONNECTs refused for bad credentials"),
+    "logins_throttled": ("broker_logins_throttled", "CONNECTs refused unchecked: their address failed too often"),
     "keepalive_timeouts": ("broker_keepalive_timeouts", "connections closed after 1.5 x keepalive"),
     "wills_published": ("broker_wills_published", "wills published"),
     "protocol_errors": ("broker_protocol_errors", "connections closed for malformed input"),

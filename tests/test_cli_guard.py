@@ -268,3 +268,14 @@ def test_status_fits_80_columns_with_a_busy_site(monkeypatch, capsys):
     header = next(line for line in out.splitlines() if "platform" in line and "queued" in line)
     assert header.split() == ["platform", "queued", "sent", "acked", "failed", "expired", "invalid"]
     assert out.count("1234567") >= 7 * 6
+
+
+def test_a_command_closes_its_database_when_it_ends(cfg_path: Path):
+    """Run in-process (as here, or from another program), a command leaves no connection
+    open behind it: the last connection to close checkpoints and removes the -wal file, so
+    a daemon started and stopped later finds the database as the CLI left it."""
+    db = cfg_path.parent / "var" / "gateway.db"
+    assert cli_in_process(cfg_path, "devices", "add", "tab-1", "--platform", "simulation").returncode == 0
+    assert cli_in_process(cfg_path, "send", "--body", "x", "--device", "tab-1", "--job-id", "j-1").returncode == 0
+    assert db.exists()
+    assert not Path(f"{db}-wal").exists(), "a connection of the CLI is still open"

@@ -12,7 +12,9 @@ session of a named account:
 - password changed (another hash) → its connection is closed; the client must log in
   again with the new password; its session stays for when it does;
 - role changed → the new role's ACL and limits apply at once, to what it publishes,
-  subscribes to and receives (queued messages are checked again when sent).
+  subscribes to and receives (queued messages are checked again when sent);
+- a remembered good password (logins.py) of an account that is gone or has another hash is
+  forgotten (logins refuse it anyway: they compare the hash it matched with the file's).
 
 ``users add`` with the same password keeps the account's hash (passwords.add_user), so a
 role change alone does not log the client out.
@@ -39,6 +41,7 @@ POLL_S = 1.0
 def reconcile(broker: GatewayBroker, accounts: dict[str, Account]) -> dict[str, int]:
     """Apply ``accounts`` to the sessions of named accounts; counts of what was done."""
     closed = updated = forgotten = 0
+    broker.logins.forget_changed(accounts)   # a remembered good password of a changed account is not its own
     for cs in list(broker.clients()):
         username = cs.username
         if username is None or broker.is_gateway(cs):

@@ -182,6 +182,10 @@ class ClientState:
         # The sender cannot move messages now: its window is full of unacknowledged messages, or
         # the socket does not take more. Yielding to it would not help (see ``backlogged``).
         self._stuck = False
+        # The sender waits for acknowledgements (its window is full): a new message cannot move,
+        # so it is not woken for one. A subscriber that never acknowledges woke its sender for
+        # every message routed to it, only to find the window still full.
+        self._full = False
 
     # ----------------------------------------------------------------- helpers
     @property
@@ -229,7 +233,7 @@ class ClientState:
             max_bytes = self.limits.max_queued_bytes
             while len(pending) > self._max_queued or (max_bytes and self.pending_bytes > max_bytes and pending):
                 self._drop_oldest(online, by_bytes=len(pending) <= self._max_queued)
-        if online:
+        if online and not self._full:
             self._wake.set()
         return durable
 
@@ -305,7 +309,7 @@ class ClientState:
     # ----------------------------------------------------------------- connection
     def attach(self, handler: Connection) -> None:
         self.handler = handler
-        self._stuck = False
+        self._stuck = self._full = False
         if self._presence is not None:
             self._presence.attached(self.username, self.role)
             self._present_as = (self.username, self.role)
@@ -405,10 +409,10 @@ class ClientState:
             while True:
                 pending = self.pending
                 if not pending or (pending[0].qos and len(self.inflight) >= window):
-                    self._stuck = bool(pending)
+                    self._stuck = self._full = bool(pending)
                     wake.clear()
                     await wake.wait()
-                    self._stuck = False
+                    self._stuck = self._full = False
                     continue
                 parts = []
                 barrier = False

@@ -49,6 +49,7 @@ from gateway.broker.clients import GATEWAY_MAX_INFLIGHT, MAX_INFLIGHT, ClientSta
 from gateway.broker.limits import (MAX_CONNECT_PACKET, ClientLimits, ConnectionCount, Limit, LimitPolicy,
                                    LimitRecorder, LimitVerdict, RateBucket, RetainedQuota)
 from gateway.broker.presence import Presence
+from gateway.broker.logins import Logins, Verdict, source_of
 from gateway.broker.matching import SubscriptionIndex, delivery_ids, matches, valid_topic_name
 from gateway.broker.metrics import BrokerMetrics
 from gateway.broker.passwords import PasswordFile, PasswordFileError
@@ -129,6 +130,7 @@ class GatewayBroker:
         self._sections = listeners
         self._listeners: list[Listener] = []
         self._passwords = passwords
+        self.logins = Logins(passwords)   # argon2 once per good password; guesses bounded
         self._internal = internal
         self._roles = roles
         self._prefix = prefix
@@ -159,6 +161,7 @@ class GatewayBroker:
         self._denied_log = LogThrottle()
         self._drop_log = LogThrottle()
         self._retained_log = LogThrottle()
+        self._throttled_log = LogThrottle()
         self.started_mono = time.monotonic()
 
     # ================================================================== state
@@ -334,21 +337,29 @@ class GatewayBroker:
             self._connections.discard(conn)
 
     # ================================================================== connect
-    async def authorize(self, username: str | None, password: str | None,
-                        section: ListenerSection) -> tuple[str | None, Reason, str | None]:
+    async def authorize(self, username: str | None, password: str | None, section: ListenerSection,
+                        remote: str = "") -> tuple[str | None, Reason, str | None]:
         """(role, SUCCESS, the account's password hash) or (None, the refusal, None). Passwords
-        are never logged; the hash lets accounts.py close the connection when the password changes."""
+        are never logged; the hash lets accounts.py close the connection when the password
+        changes. ``remote`` (host:port) is where repeated failures are counted (logins.py)."""
         role: str | None
         if username is not None:
             if username == self._internal.username:
                 ok = secrets.compare_digest((password or "").encode(), self._internal.password.encode())
                 return ("admin", Reason.SUCCESS, None) if ok else (None, Reason.BAD_USER_NAME_OR_PASSWORD, None)
             try:
-                # argon2 takes tens of milliseconds of CPU: never on the event loop.
-                account = await asyncio.to_thread(self._passwords.verify, username, password or "")
+                verdict, account = await self.logins.verify(username, password or "", source_of(remote))
             except PasswordFileError as exc:
                 log.error("password file unreadable", error=str(exc))
                 return None, Reason.NOT_AUTHORIZED, None
+            if verdict is Verdict.THROTTLED:
+                self.metrics.logins_throttled += 1
+                suppressed = self._throttled_log(source_of(remote))
+                if suppressed is not None:
+                    log.warning("mqtt connection refused unchecked: too many failed logins from this address "
+                                "(this line repeats at most once a minute per address)", remote=remote,
+                                username=username, listener=section.name, suppressed_since_last=suppressed)
+                return None, Reason.SERVER_BUSY, None
             if account is None:
                 return None, Reason.BAD_USER_NAME_OR_PASSWORD, None
             role, account_hash = account.role, account.hash
@@ -359,7 +370,20 @@ class GatewayBroker:
         if role not in self._roles:
             log.warning("account has a role the configuration does not define", username=username, role=role)
             return None, Reason.NOT_AUTHORIZED, None
+        if username is not None and not await self.logins.admit(user_principal(username)):
+            self.metrics.logins_throttled += 1
+            return None, Reason.SERVER_BUSY, None
         return role, Reason.SUCCESS, account_hash
+
+    def violated(self, conn: Connection) -> None:
+        """``conn`` is being closed for a protocol violation or a packet over its limit: its
+        account's next CONNECTs wait if it keeps doing that (logins.Logins.violated)."""
+        cs = conn.client
+        if cs is None or cs.username is None or self.is_gateway(cs):
+            # Anonymous clients are not counted: many may share one address (a NAT, a test
+            # suite on 127.0.0.1), and slowing the address would slow them all.
+            return
+        self.logins.violated(user_principal(cs.username))
 
     def owner_of(self, username: str | None, section: ListenerSection) -> str:
         return user_principal(username) if username is not None else anonymous_principal(section.name)

@@ -15,6 +15,7 @@ class BrokerMetrics:
     clients_connected: int = 0
     connections_total: int = 0
     auth_failures: int = 0
+    logins_throttled: int = 0        # CONNECTs refused unchecked (0x89 / 3.1.1 0x03): their address failed too often
     messages_in: int = 0             # PUBLISH packets received from clients
     messages_out: int = 0            # PUBLISH packets written to clients (resends included)
     bytes_in: int = 0                # payload bytes received

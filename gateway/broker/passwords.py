@@ -85,21 +85,29 @@ class PasswordFile:
         self._stamp = None
         return self.accounts()
 
+    def current(self) -> dict[str, Account] | None:
+        """The accounts as read, if the file has not changed since (a ``stat``, no read: cheap
+        enough for the event loop); None when it has and must be read again (:meth:`accounts`)."""
+        if self._stamp is None or self.stamp() != self._stamp:
+            return None
+        return self._accounts
+
     def verify(self, name: str, password: str) -> Account | None:
         """The account if ``password`` matches, else None (unknown user included)."""
         account = self.accounts().get(name)
+        return account if check_password(account, password) and account is not None else None
+
+
+def check_password(account: Account | None, password: str) -> bool:
+    """A full argon2 check of ``password`` against the account's hash. An unknown account
+    (None) costs the same time as a real check, so user names cannot be probed."""
+    try:
         if account is None:
-            # Spend the same time as a real check so user names cannot be probed.
-            try:
-                _hasher.verify(_DUMMY_HASH, password)
-            except VerificationError:
-                pass
-            return None
-        try:
-            _hasher.verify(account.hash, password)
-        except (VerificationError, InvalidHashError):
-            return None
-        return account
+            _hasher.verify(_DUMMY_HASH, password)
+            return False
+        return bool(_hasher.verify(account.hash, password))
+    except (VerificationError, InvalidHashError):
+        return False
 
 
 # A well-formed hash with the hasher's own cost parameters that no password matches: verifying

@@ -15,15 +15,15 @@ from pathlib import Path
 import httpx
 import paho.mqtt.client as paho
 
-from gateway.broker.passwords import add_user
 from tests.alarms.test_alarms_daemon import P, mqtt_device, wait_envelope, wait_state
+from tests.helpers import write_accounts
 from tests.support import MqttProbe, bulk_register, free_port
 
 
 def test_a_monitor_gets_no_ack_capability_and_acks_name_their_channel(gateway_factory, tmp_path: Path):
     data_dir = tmp_path / "var"
-    for name, role in (("mon", "monitor"), ("dev-a", "device"), ("tech", "technician")):
-        add_user(data_dir / "passwd", name, f"{name}-pw", role)
+    write_accounts(data_dir / "passwd", {name: (role, f"{name}-pw") for name, role in (
+        ("mon", "monitor"), ("dev-a", "device"), ("tech", "technician"))})
     bulk_register(data_dir, [mqtt_device("dev-a", "technicians")])
     rule = {"name": "door", "topic": "{prefix}/devices/+/telemetry/door", "equals": "open", "key": "{device_id}",
             "target": {"segment": "technicians"}, "title": "Door {device_id} is {value}",

@@ -4,9 +4,11 @@ time, so they hold on a loaded machine)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 FAIR_SHARE = 64
+from gateway.broker.clients import MAX_INFLIGHT
 from tests.broker.helpers import PUBACK, RawClient, start_broker, until
 
 FLOOD = 60_000
@@ -64,5 +66,38 @@ async def test_a_subscriber_that_never_reads_does_not_slow_publishers(tmp_path: 
         assert len(cs.inflight) + len(cs.pending) > 0
         assert 2 * len(cs.pending) >= 50   # half full and more: the old rule said "backlogged"
         assert not cs.backlogged
+    finally:
+        await b.stop()
+
+
+async def test_a_subscriber_waiting_for_acknowledgements_is_not_woken_per_message(tmp_path: Path):
+    """A subscriber that acknowledges nothing has a full window: each message routed to it woke
+    its sender, only for the sender to find the window still full (a task step per message,
+    for nothing). Now only an acknowledgement wakes it, and then it moves the next message."""
+    b = await start_broker(tmp_path, broker={"max_queued_messages": 50})
+    try:
+        lurker, pub = RawClient(b.port), RawClient(b.port)
+        assert await lurker.connect("lurker") == (False, 0)
+        assert await lurker.subscribe(("t/lurk", 1)) == [1]
+        assert await pub.connect("pub") == (False, 0)
+        cs = b.broker._clients["lurker"]  # noqa: SLF001 - the broker's view of the session
+        for _ in range(MAX_INFLIGHT):
+            pub.publish("t/lurk", b"y" * 32, qos=1)
+        await until(lambda: len(cs.inflight) == MAX_INFLIGHT, timeout=15)
+        wake = cs._wake  # noqa: SLF001 - the sender clears it each time it wakes up to look
+        woken = []
+        real_clear = wake.clear
+        wake.clear = lambda: (woken.append(1), real_clear())  # type: ignore[method-assign]
+        for _ in range(30):   # in 30 separate reads: the old sender woke at each
+            for _ in range(10):
+                pub.publish("t/lurk", b"y" * 32, qos=1)
+            await asyncio.sleep(0.01)
+        await until(lambda: b.metrics()["dropped"] >= 250, timeout=15)
+        assert len(woken) <= 1    # once, to find its window full; then not again
+        assert len(cs.pending) == 50
+        before = len(woken)
+        lurker.ack(PUBACK, next(iter(cs.inflight)))
+        await until(lambda: len(cs.pending) == 49 and len(cs.inflight) == MAX_INFLIGHT, timeout=5)
+        assert len(woken) == before + 1   # the acknowledgement woke it, and it sent the next one
     finally:
         await b.stop()

@@ -1,18 +1,17 @@
-"""Fixtures for the HTTP API tests: a real daemon with [http], accounts, an httpx client."""
+"""Helpers for the HTTP API tests: a real daemon with [http], accounts, an httpx client (the
+HTTP service served in-process is tests/helpers/http_app.py)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from gateway.broker.passwords import add_user
-from tests.helpers import GatewayProcess, base_config, db_rows, wait_until  # noqa: F401 - re-exported
+from tests.helpers import GatewayProcess, base_config, db_rows, wait_until, write_accounts  # noqa: F401 - re-exported
 
 P = "homepot/site-t"
 PASSWORDS = {"tech": ("technician", "tech-pw"), "ctrl": ("controller", "ctrl-pw"), "mon": ("monitor", "mon-pw"),
@@ -64,31 +63,25 @@ class ApiGateway:
 
 
 def make_api_gateway(tmp: Path, extra: dict[str, Any] | None = None, users: dict[str, tuple[str, str]] | None = None,
-                     start: bool = True, scheme: str = "http") -> ApiGateway:
+                     start: bool = True, scheme: str = "http", shipped_hashes: bool = False) -> ApiGateway:
     """The broker listener and the HTTP API bind port 0: no port can be taken by another
-    test between choosing and binding it."""
+    test between choosing and binding it. Accounts are hashed at argon2's cheapest cost
+    (:func:`tests.helpers.write_accounts`) unless ``shipped_hashes`` (a test of what the
+    hashing costs)."""
     extra = dict(extra or {})
     http = {"bind": "127.0.0.1:0", **extra.pop("http", {})}
     data = base_config(tmp, 0, http=http, **extra)
-    for name, (role, password) in (users if users is not None else PASSWORDS).items():
-        add_user(tmp / "var" / "passwd", name, password, role)  # what `users add` does, without a process each
+    accounts = users if users is not None else PASSWORDS
+    if shipped_hashes:
+        for name, (role, password) in accounts.items():
+            add_user(tmp / "var" / "passwd", name, password, role)  # what `users add` does, without a process each
+    elif accounts:
+        write_accounts(tmp / "var" / "passwd", accounts)
     gw = GatewayProcess.from_data(tmp, data)
     api = ApiGateway(gw, tmp, scheme)
     if start:
         gw.start()
     return api
-
-
-@pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiGateway]:
-    """One daemon for a module: simulation (no acks) and mqtt bridges, every role's account."""
-    tmp = tmp_path_factory.mktemp("api")
-    a = make_api_gateway(tmp, {"bridges": {"simulation": {"latency_ms": 0, "ack": False}}})
-    yield a
-    a.close()
-    a.gw.kill()
-    if a.gw.notify:
-        a.gw.notify.close()
 
 
 def error_of(r: httpx.Response) -> dict[str, str]:

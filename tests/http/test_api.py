@@ -11,12 +11,26 @@ import json
 import re
 import socket
 import time
+from collections.abc import Iterator
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.http.conftest import P, db_rows, dumps, error_of, job, wait_until
+from tests.http.conftest import P, ApiGateway, db_rows, dumps, error_of, job, make_api_gateway, wait_until
 from tests.support import MqttProbe, job_status_from_db
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiGateway]:
+    """One daemon for the module: simulation (no acks) and mqtt bridges, every role's account."""
+    tmp = tmp_path_factory.mktemp("api")
+    a = make_api_gateway(tmp, {"bridges": {"simulation": {"latency_ms": 0, "ack": False}}})
+    yield a
+    a.close()
+    a.gw.kill()
+    if a.gw.notify:
+        a.gw.notify.close()
 
 
 def test_health_and_the_index_pointer(api):

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.http.conftest import db_rows, make_api_gateway, wait_until
+from tests.helpers import cli_in_process
 from tests.support import cli
 
 
@@ -24,12 +25,16 @@ def rsa_pem(path: Path) -> Path:
 
 
 def status(cfg: Path, *extra: str) -> tuple[int, str]:
-    r = cli(cfg, "status", *extra, timeout=60)
+    """``homepot-gateway status`` run in the test's process (tests/helpers/cli.py): it reads
+    the daemon's runtime.json and pid from outside the daemon all the same."""
+    r = cli_in_process(cfg, "status", *extra)
     return r.returncode, r.stdout + r.stderr
 
 
 def test_status_without_http_healthy_then_unreachable(gateway_factory, tmp_path):
     gw = gateway_factory({"bridges": {"simulation": {"latency_ms": 0}}})
+    # Processes of their own: a connection the CLI left open in this process would keep the
+    # daemon's -wal after it stopped, which the read-only check below looks for.
     assert cli(gw.config, "devices", "add", "s-1", "--platform", "simulation").returncode == 0
     assert cli(gw.config, "send", "--title", "x", "--device", "s-1", "--wait").returncode == 0
     wait_until(lambda: (tmp_path / "var" / "runtime.json").exists())
@@ -46,9 +51,10 @@ def test_status_without_http_healthy_then_unreachable(gateway_factory, tmp_path)
     assert gw.stop() == 0
     code, out = status(gw.config, "--json")
     assert code == 2 and json.loads(out)["reason"].startswith("the daemon stopped")
-    # Read only: no -wal/-shm (nor anything else) left by the CLI after the daemon stopped.
+    # Read only: no -wal/-shm (nor anything else) left by the CLI after the daemon stopped
+    # (a process of its own here: what it leaves behind when it exits).
     before = sorted(p.name for p in (tmp_path / "var").iterdir())
-    status(gw.config)
+    assert cli(gw.config, "status", timeout=60).returncode == 2
     assert sorted(p.name for p in (tmp_path / "var").iterdir()) == before
     assert not any(n.endswith(("-wal", "-shm")) for n in before)
 

@@ -116,3 +116,30 @@ async def test_a_signed_ack_goes_to_the_pipeline_and_a_forged_one_never_does(par
     counted = {s.labels["result"]: s.value for m in parts.metrics.registry.collect() for s in m.samples
                if s.name == "homepot_http_acks_total"}
     assert counted == {"bad_signature": 1.0, "stored": 1.0}
+
+
+def test_the_served_service_fails_the_test_when_a_fake_is_asked_what_no_test_scripted(tmp_path: Path):
+    """tests/helpers/http_app.py: its alarm engine answers only scripted acks. An unscripted
+    one is a 500 to the client (the handler's bug path) and, so that no test passes on it,
+    an AssertionError when the service is closed; a scripted one is answered as given."""
+    import httpx
+
+    from tests.helpers.http_app import serve_api
+
+    rule = {"name": "door", "topic": "{prefix}/devices/+/telemetry/door", "equals": "open", "key": "{device_id}",
+            "target": {"all": True}}
+    with pytest.raises(AssertionError, match="alarm ack door/d-1 by http:tech"):
+        with serve_api(tmp_path, {"rules": [rule]}, users={"tech": ("technician", "tech-pw")}) as served:
+            login = httpx.post(f"{served.base}/ui/login", data={"username": "tech", "password": "tech-pw"})
+            assert login.status_code == 303, login.text
+            with httpx.Client(base_url=served.base, cookies=login.cookies) as tech:
+                csrf = tech.get("/ui/api/session").json()["csrf"]
+                assert served.alarms is not None
+                served.alarms.outcomes.append("unknown")
+                scripted = tech.post("/ui/api/alarms/ack", json={"rule": "door", "key": "d-0"},
+                                     headers={"X-CSRF-Token": csrf})
+                assert scripted.status_code == 404 and scripted.json()["error"]["code"] == "unknown_alarm"
+                unscripted = tech.post("/ui/api/alarms/ack", json={"rule": "door", "key": "d-1"},
+                                       headers={"X-CSRF-Token": csrf})
+                assert unscripted.status_code == 500
+            assert [c[:3] for c in served.alarms.calls] == [("door", "d-0", "http:tech"), ("door", "d-1", "http:tech")]

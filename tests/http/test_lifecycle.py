@@ -1,8 +1,14 @@
 """The HTTP service's life in the daemon: READY only once it listens, a port in use, HTTPS,
-a stop within the budget with streams open, hostile clients, account changes."""
+a stop within the budget with streams open, hostile clients, account changes, a full disk.
+
+HTTPS and the slow clients are the listener's own behaviour: those two serve the HTTP
+service in-process (tests/helpers/http_app.py); the rest need the daemon's process (its
+READY, exit code, signals, SIGHUP, its storage on a full disk). The CLI commands they run
+beside the daemon run in the test's process (tests/helpers/cli.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -10,12 +16,15 @@ import threading
 import time
 
 import httpx
+import pytest
 import trustme
 
 from gateway.broker.passwords import remove_user
 
+from tests.helpers import cli_in_process
+from tests.helpers.http_app import serve_api
 from tests.http.conftest import dumps, error_of, job, make_api_gateway, wait_until
-from tests.support import GatewayProcess, base_config, cli, free_port, mounted_tmpfs, write_config
+from tests.support import GatewayProcess, base_config, free_port, mounted_tmpfs, write_config
 
 
 def test_ready_only_once_the_api_listens_and_a_port_in_use_is_exit_2(tmp_path):
@@ -42,12 +51,13 @@ def test_https_with_certfile_and_keyfile(tmp_path):
     cert = ca.issue_cert("127.0.0.1", "localhost")
     cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    api = make_api_gateway(tmp_path, {"http": {"certfile": str(tmp_path / "server.pem"),
-                                               "keyfile": str(tmp_path / "server.pem")},
-                                      "bridges": {"simulation": {"latency_ms": 0, "ack": False}}},
-                           users={"tech": ("technician", "tech-pw")}, scheme="https")
-    api.verify = str(tmp_path / "ca.pem")
-    try:
+    # The listener's TLS is the HTTP service's own: served in-process (tests/helpers/http_app.py),
+    # whose close fails the test unless the service stops cleanly (the daemon's exit 0).
+    with serve_api(tmp_path, {"http": {"certfile": str(tmp_path / "server.pem"),
+                                       "keyfile": str(tmp_path / "server.pem")},
+                              "bridges": {"simulation": {"latency_ms": 0, "ack": False}}},
+                   users={"tech": ("technician", "tech-pw")}, scheme="https") as api:
+        api.verify = str(tmp_path / "ca.pem")
         assert api.client().get("/healthz").status_code == 200
         with socket.create_connection(("127.0.0.1", api.http_port), timeout=5) as s:
             s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # plain HTTP at a TLS port: no answer in clear
@@ -56,9 +66,6 @@ def test_https_with_certfile_and_keyfile(tmp_path):
         tech.put("/v1/devices/s-1", content=dumps({"device_id": "s-1", "channels": [{"platform": "mqtt"}]}))
         assert tech.post("/v1/jobs", content=dumps(job("tls-1"))).status_code == 202
         tech.close()
-    finally:
-        api.close()
-    assert api.gw.stop() == 0
 
 
 def test_stop_within_budget_with_an_event_stream_open(tmp_path):
@@ -66,7 +73,7 @@ def test_stop_within_budget_with_an_event_stream_open(tmp_path):
     api = make_api_gateway(tmp_path, {"bridges": {"simulation": {"latency_ms": 0, "transient_attempts": 5,
                                                                  "retry_after_s": 60}}},
                            users={"mon": ("monitor", "mon-pw"), "tech": ("technician", "tech-pw")})
-    cli(api.config, "devices", "add", "slow-1", "--platform", "simulation")
+    assert cli_in_process(api.config, "devices", "add", "slow-1", "--platform", "simulation").returncode == 0
     tech = httpx.Client(base_url=api.base, auth=("tech", "tech-pw"))
     assert tech.post("/v1/jobs", content=dumps(job("slow-job", target={"devices": ["slow-1"]}))).status_code == 202
     tech.close()
@@ -92,10 +99,12 @@ def test_stop_within_budget_with_an_event_stream_open(tmp_path):
     assert "http api stopped" in api.gw.log()
 
 
+@pytest.mark.e2e  # no process, but it waits out the real 10 s header timeout: not for `make test-fast`
 def test_slow_clients_are_cut_off_and_do_not_block_others(tmp_path):
-    api = make_api_gateway(tmp_path, users={})
+    # The listener's timeouts are the HTTP service's own: served in-process.
     slow: list[socket.socket] = []
-    try:
+    with serve_api(tmp_path) as api, contextlib.ExitStack() as closing:
+        closing.callback(lambda: [s.close() for s in slow])
         for _ in range(100):  # slowloris: headers that never finish
             s = socket.create_connection(("127.0.0.1", api.http_port), timeout=30)
             s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
@@ -120,15 +129,10 @@ def test_slow_clients_are_cut_off_and_do_not_block_others(tmp_path):
             s.sendall(b"POST /v1/acks/x?sig=00 HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
             assert s.recv(4096).startswith(b"HTTP/1.1 403")  # the signature is checked before the body
         assert api.client().get("/healthz").status_code == 200
-    finally:
-        for s in slow:
-            s.close()
-        api.close()
-    assert api.gw.stop() == 0
 
 
 def test_a_changed_password_is_refused_at_once_though_logins_are_cached(tmp_path):
-    api = make_api_gateway(tmp_path, users={"tech": ("technician", "old-pw")})
+    api = make_api_gateway(tmp_path, users={"tech": ("technician", "old-pw")}, shipped_hashes=True)
     try:
         old = httpx.Client(base_url=api.base, auth=("tech", "old-pw"))
         t0 = time.monotonic()
@@ -139,7 +143,8 @@ def test_a_changed_password_is_refused_at_once_though_logins_are_cached(tmp_path
         api.gw.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: "http credential cache cleared" in api.gw.log(), timeout=10)
         assert old.get("/v1/jobs").status_code == 200  # verified again, still valid
-        r = cli(api.config, "users", "add", "tech", "--role", "technician", "--password-stdin", input="new-pw\n")
+        r = cli_in_process(api.config, "users", "add", "tech", "--role", "technician", "--password-stdin",
+                           input="new-pw\n")
         assert r.returncode == 0
         wait_until(lambda: old.get("/v1/jobs").status_code == 401, timeout=5)
         assert httpx.get(f"{api.base}/v1/jobs", auth=("tech", "new-pw")).status_code == 200

@@ -24,7 +24,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.broker.acl import ClientAcl
-from gateway.broker.passwords import add_user
 from gateway.config import parse_config
 from gateway.http.acks import AckSigner
 from gateway.http.pulse import Pulse
@@ -35,6 +34,7 @@ from gateway.pipeline import acks, registry
 from gateway.pipeline.models import AckVia, InputError, parse_device
 from gateway.people.own import PREFERENCES, with_preferences
 from gateway.storage import Database
+from tests.helpers import write_accounts
 
 P = "homepot/site-me"
 ACCOUNTS = {"anna": ("user", "anna-pw"), "ben": ("user", "ben-pw"), "nobody": ("user", "nobody-pw"),
@@ -135,11 +135,8 @@ def _seed(conn: Any) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def passwords(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    """The accounts' password file, hashed once (argon2 is slow on purpose)."""
-    passwd = tmp_path_factory.mktemp("accounts") / "passwd"
-    for name, (role, pw) in ACCOUNTS.items():
-        add_user(passwd, name, pw, role)
-    return passwd.read_bytes()
+    """The accounts' password file, hashed once at argon2's cheapest cost."""
+    return write_accounts(tmp_path_factory.mktemp("accounts") / "passwd", ACCOUNTS).read_bytes()
 
 
 @pytest.fixture
@@ -201,10 +198,10 @@ def test_user_role_has_no_mqtt_rights_by_default():
 
 
 def test_users_add_makes_a_user_account(tmp_path: Path):
-    from tests.helpers import base_config, cli, write_config
+    from tests.helpers import base_config, cli_in_process, write_config
 
     cfg = write_config(tmp_path, base_config(tmp_path, 0))
-    res = cli(cfg, "users", "add", "anna", "--role", "user", "--password-stdin", input="anna-pw\n")
+    res = cli_in_process(cfg, "users", "add", "anna", "--role", "user", "--password-stdin", input="anna-pw\n")
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("user anna (user) written")
     name, _, role = (tmp_path / "var" / "passwd").read_text().strip().split(":")

@@ -1,22 +1,38 @@
-"""The operator page's login, session, CSRF and JSON routes against the real daemon, with a
-plain HTTP client: what a forged, stale or hostile request gets (the browser tests in
-test_operator_page.py show what a user sees)."""
+"""The operator page's login, session, CSRF and JSON routes with a plain HTTP client: what a
+forged, stale or hostile request gets (the browser tests in test_operator_page.py show what
+a user sees, against the real daemon).
+
+These are the HTTP service's own behaviour, so the service is served in-process
+(tests/helpers/http_app.py: the real HttpService and the pipeline's real intake on a test
+database; the health snapshot is the real reporter's over a given broker and bridges). The
+one test of an alarm ack reaching the alarm engine runs against the real daemon."""
 
 from __future__ import annotations
 
 import json
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.broker.passwords import add_user, remove_user
-from tests.http.conftest import db_rows, error_of, wait_until
+from gateway.broker.passwords import remove_user
+from tests.helpers import write_accounts
+from tests.helpers.http_app import ServedApi, serve_api
+from tests.http.conftest import PASSWORDS, db_rows, error_of, wait_until
 
 HTML = {"Accept": "text/html,application/xhtml+xml"}
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedApi]:
+    """One served HTTP service for the module, every role's account."""
+    with serve_api(tmp_path_factory.mktemp("operator-api"), users=PASSWORDS) as served:
+        yield served
 
 
 def login(api: Any, user: str, password: str, **headers: str) -> httpx.Response:
@@ -130,14 +146,14 @@ def test_reads_take_a_session_or_basic_and_a_role_that_may_see(api):
 
 def test_a_session_ends_at_logout_and_when_its_account_changes(api):
     passwd = api.data_dir / "passwd"
-    add_user(passwd, "tmp-tech", "pw-1", "technician")
+    write_accounts(passwd, {"tmp-tech": ("technician", "pw-1")})
     client, csrf = session(api, "tmp-tech", "pw-1")
     assert client.get("/ui/api/now").status_code == 200
     remove_user(passwd, "tmp-tech")
     wait_until(lambda: client.get("/ui/api/now").status_code == 401, timeout=5)
-    add_user(passwd, "tmp-tech", "pw-1", "technician")
+    write_accounts(passwd, {"tmp-tech": ("technician", "pw-1")})
     client, csrf = session(api, "tmp-tech", "pw-1")
-    add_user(passwd, "tmp-tech", "pw-2", "technician")  # a new password
+    write_accounts(passwd, {"tmp-tech": ("technician", "pw-2")})  # a new password
     wait_until(lambda: client.get("/ui/api/now").status_code == 401, timeout=5)
     client, csrf = session(api, "tmp-tech", "pw-2")
     assert client.post("/ui/logout").status_code == 403  # even a logout needs the token

@@ -3,6 +3,10 @@
 One account must not hold the streams every other operator needs: HTTP Basic requests, which
 carry no session, used to bypass the per-session cap, so one monitor could open all of the
 gateway's streams and every operator's page got 503.
+
+The cap is the HTTP service's own (its routes and :class:`gateway.http.streams.StreamSlots`),
+so the service is served in-process (tests/helpers/http_app.py) with the pipeline's real
+intake: no daemon is started.
 """
 
 from __future__ import annotations
@@ -15,18 +19,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.http.conftest import ApiGateway, error_of, make_api_gateway
+from tests.helpers.http_app import ServedApi, serve_api
+from tests.http.conftest import PASSWORDS, error_of
 from tests.http.test_operator_api import session
 
 DEFAULT_CAP = 20  # [http] max_streams_per_account
 
 
 @pytest.fixture
-def gw(tmp_path: Path) -> Iterator[ApiGateway]:
-    a = make_api_gateway(tmp_path, {"bridges": {"simulation": {"latency_ms": 0}}})
-    yield a
-    a.close()
-    a.gw.kill()
+def gw(tmp_path: Path) -> Iterator[ServedApi]:
+    with serve_api(tmp_path, {"bridges": {"simulation": {"latency_ms": 0}}}, users=PASSWORDS) as a:
+        yield a
 
 
 def open_stream(stack: contextlib.ExitStack, client: httpx.Client, path: str = "/ui/api/events") -> httpx.Response:
@@ -43,7 +46,7 @@ def refused(client: httpx.Client, path: str = "/ui/api/events") -> httpx.Respons
         return r
 
 
-def test_one_account_gets_its_cap_of_streams_and_the_others_still_get_theirs(gw: ApiGateway):
+def test_one_account_gets_its_cap_of_streams_and_the_others_still_get_theirs(gw: ServedApi):
     basic_mon = httpx.Client(base_url=gw.base, auth=("mon", "mon-pw"), timeout=30,
                              limits=httpx.Limits(max_connections=100))
     with contextlib.ExitStack() as stack:
@@ -88,14 +91,10 @@ def test_one_account_gets_its_cap_of_streams_and_the_others_still_get_theirs(gw:
 
 
 def test_the_cap_is_a_setting(tmp_path: Path):
-    a = make_api_gateway(tmp_path, {"http": {"max_streams_per_account": 2}})
-    try:
+    with serve_api(tmp_path, {"http": {"max_streams_per_account": 2}}, users=PASSWORDS) as a:
         mon = httpx.Client(base_url=a.base, auth=("mon", "mon-pw"), timeout=30)
         with contextlib.ExitStack() as stack:
             stack.callback(mon.close)
             assert [open_stream(stack, mon).status_code for _ in range(2)] == [200, 200]
             over = refused(mon)
             assert over.status_code == 429 and "max_streams_per_account = 2" in error_of(over)["message"]
-    finally:
-        a.close()
-        a.gw.kill()

@@ -1,6 +1,9 @@
 """The person registry against the real daemon (contract §3, §10, §12): ``/v1/people`` for
 the roles that manage devices, the CLI while the daemon runs (each sees what the other
-wrote), a device's owner, and hypothesis over what a client may PUT."""
+wrote), a device's owner, and hypothesis over what a client may PUT.
+
+The CLI runs in the test's process (tests/helpers/cli.py): still another process than the
+daemon whose database it shares, without an interpreter start per command."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import cli
+from tests.helpers import cli_in_process as cli
 from tests.http.conftest import PASSWORDS, ApiGateway, dumps, error_of, make_api_gateway
 from tests.people.test_person_model import ANNA, person_like
 

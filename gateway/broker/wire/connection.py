@@ -148,8 +148,12 @@ class Connection:
             self.close_now()  # closed before a byte: port probes
             return
         if isinstance(exc, TooLarge):
+            # Counted and logged (once a minute) as a limit hit: a client that reconnects in a
+            # loop must not write a line per connection.
             self.gw.packet_too_large(None, exc.length)
-        elif not isinstance(exc, ConnectionError):
+            self.close_now()
+            return
+        if not isinstance(exc, ConnectionError):
             self.gw.metrics.protocol_errors += 1
         log.info("connection refused before CONNECT completed", remote=self.remote,
                  error=str(exc) or type(exc).__name__)
@@ -449,12 +453,15 @@ class Connection:
         self.close_now()
 
     def protocol_error(self, exc: Malformed) -> None:
+        self.gw.violated(self)
         if isinstance(exc, TooLarge):
+            # Logged once a minute per client as a limit hit (limits.LimitRecorder), not once per
+            # connection: a client disconnected for it that reconnects in a loop wrote a line each time.
             self.gw.packet_too_large(self.client, exc.length)
         else:
             self.gw.metrics.protocol_errors += 1
-        log.info("malformed packet; closing connection", client_id=self.client.client_id if self.client else None,
-                 reason=str(exc), reason_code=f"0x{int(exc.reason):02x}")
+            log.info("malformed packet; closing connection", client_id=self.client.client_id if self.client else None,
+                     reason=str(exc), reason_code=f"0x{int(exc.reason):02x}")
         if self.version == V5 and not self.closed:
             self.writer.write(send_disconnect(exc.reason))
             self.close_now()

@@ -124,6 +124,12 @@ def _is_utf8(data: bytes) -> bool:
     return True
 
 
+_REFUSALS = {
+    Reason.BAD_USER_NAME_OR_PASSWORD: "bad user name or password",
+    Reason.SERVER_BUSY: "too many failed logins or protocol violations: try again later",
+}
+
+
 def _refuse(conn: Connection, packet: ConnectPacket, reason: int, why: str) -> None:
     """A refusing CONNACK; a 5.0 client is told why in a Reason String unless it set Request
     Problem Information to 0 (a CONNACK may carry one even then [MQTT-3.1.2-29]; we honour the
@@ -174,13 +180,15 @@ async def handle(conn: Connection, body: bytes) -> bool:
             return False
         # [MQTT-3.1.3-6], [MQTT-3.2.2-16]: a unique id, told to a 5.0 client.
         packet.client_id = assigned = "auto-" + secrets.token_hex(12)
-    role, reason, account_hash = await gw.authorize(packet.username, packet.password, conn.section)
+    role, reason, account_hash = await gw.authorize(packet.username, packet.password, conn.section, conn.remote)
+    if conn.closed:
+        return False   # aborted while its password was checked or it waited its turn (shutdown)
     if role is None:
         gw.metrics.auth_failures += 1
-        log.info("mqtt connection refused", client_id=packet.client_id, username=packet.username,
-                 listener=conn.section.name, reason_code=f"0x{int(reason):02x}")
-        _refuse(conn, packet, reason, "bad user name or password" if reason == Reason.BAD_USER_NAME_OR_PASSWORD
-                else "not authorized on this listener")
+        if reason != Reason.SERVER_BUSY:   # that one is logged by the broker, once a minute per address
+            log.info("mqtt connection refused", client_id=packet.client_id, username=packet.username,
+                     listener=conn.section.name, reason_code=f"0x{int(reason):02x}")
+        _refuse(conn, packet, reason, _REFUSALS.get(reason, "not authorized on this listener"))
         return False
     owner = gw.owner_of(packet.username, conn.section)
     refusal = gw.ownership_refusal(packet.client_id, owner)
