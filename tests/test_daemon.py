@@ -29,8 +29,8 @@ def retained(port: int, topic: str, timeout: float = 5.0, **auth) -> bytes | Non
     deadline = time.monotonic() + timeout
     while not got and time.monotonic() < deadline:
         time.sleep(0.05)
+    c.disconnect()  # first: it wakes the network thread, which loop_stop() then joins at once
     c.loop_stop()
-    c.disconnect()
     return got[0] if got else None
 
 
@@ -140,8 +140,8 @@ def test_tls_listener_serves_with_a_real_certificate(gateway_factory, tmp_path: 
     deadline = time.monotonic() + 5
     while not got and time.monotonic() < deadline:
         time.sleep(0.05)
+    c.disconnect()  # first: it wakes the network thread, which loop_stop() then joins at once
     c.loop_stop()
-    c.disconnect()
     assert got and json.loads(got[0])["state"] == "online"
     assert gw.stop() == 0
 

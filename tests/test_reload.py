@@ -27,8 +27,8 @@ def connect_rc(port: int, username: str, password: str) -> int:
     deadline = time.monotonic() + 10
     while not result and time.monotonic() < deadline:
         time.sleep(0.02)
+    c.disconnect()  # first: it wakes the network thread, which loop_stop alone leaves in a 1 s select
     c.loop_stop()
-    c.disconnect()
     assert result, "no CONNACK"
     return result[0]
 

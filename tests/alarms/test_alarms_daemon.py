@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.support import MqttProbe, bulk_register, cli, free_port
+from tests.helpers import cli_in_process as cli  # the operator's commands, in this process: no interpreter start each
+from tests.support import MqttProbe, bulk_register, free_port
 
 P = "homepot/site-t"
 
@@ -233,7 +234,7 @@ def test_escalation_when_nobody_opens_and_none_once_someone_does(gateway_factory
 def test_operator_acks_by_cli_and_mqtt_stop_escalation(gateway_factory, tmp_path: Path):
     rule = {"name": "smoke", "topic": "{prefix}/devices/+/telemetry/smoke", "value": "detected", "equals": True,
             "key": "{device_id}", "target": {"segment": "technicians"},
-            "escalate": [{"after_s": 8.0, "target": {"devices": ["lead-1"]}}]}
+            "escalate": [{"after_s": 5.0, "target": {"devices": ["lead-1"]}}]}
     port, tech_port = free_port(), free_port()
     listeners = [{"name": "local", "type": "tcp", "bind": f"127.0.0.1:{port}", "allow_anonymous": True,
                   "anonymous_role": "admin"},

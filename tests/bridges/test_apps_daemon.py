@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,6 +23,7 @@ from bench.mqttpub import publish_all
 from gateway import vapid
 from tests.bridges.test_e2e_daemon import APNS_OK, FCM_OK, Fakes, add_device, cli, cloud_config, fakes  # noqa: F401
 from tests.bridges.test_fallback_daemon import deliveries, send, wait_for
+from tests.helpers.cli import cli_in_process
 
 SHOP_FCM = "fcm-token-shop-" + "d" * 30
 SHOP_APNS = "5a" * 32
@@ -77,9 +76,7 @@ def test_each_device_is_reached_with_its_own_apps_credentials(tmp_path, fakes, g
     assert shop_key == vapid.public_key_b64(vapid.load_or_create(tmp_path / "var" / "shop-vapid.pem"))
     r = cli(gw, "vapid-keys", "--app", "nope")
     assert r.returncode != 0 and r.stderr.startswith("--app: no app 'nope' in [bridges.webpush.apps]"), r.stderr
-    r = subprocess.run([sys.executable, "-m", "gateway", "--config", str(gw.config), "users", "add", "ops", "--role",
-                        "admin", "--password-stdin"], input="pa55word\n", capture_output=True, text=True,
-                       cwd=gw.workdir, timeout=60)
+    r = cli_in_process(gw.config, "users", "add", "ops", "--role", "admin", "--password-stdin", input="pa55word\n")
     assert r.returncode == 0, r.stderr
     gw.start()
     main_sub, shop_sub = fakes.push.subscribe(app_server_key=main_key), fakes.push.subscribe(app_server_key=shop_key)

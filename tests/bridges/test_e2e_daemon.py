@@ -1,14 +1,13 @@
 """End to end: the real daemon (subprocess) delivers jobs through the cloud bridges to the fakes.
 
-Devices and jobs go in through the CLI (``devices add``, ``send --wait``) exactly as an
-operator would; the fakes run on their own loop in a thread and record what arrived.
+Devices and jobs go in through the CLI (``devices add``, ``send --wait``, run in this
+process) exactly as an operator would; the fakes run on their own loop in a thread and
+record what arrived.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from tests.fakes.fcm import FakeFcm
 from tests.fakes.thread import LoopThread
 from tests.fakes.webpush import FakePushService
 from tests.fakes.wns import FakeWns
+from tests.helpers.cli import CliResult, cli_in_process
 
 APNS_OK = "ab" * 32
 APNS_GONE = "cd" * 32
@@ -74,9 +74,10 @@ def cloud_config(tmp: Path, f: Fakes) -> dict[str, Any]:
     }
 
 
-def cli(gw: Any, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway", "--config", str(gw.config), *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=gw.workdir)
+def cli(gw: Any, *args: str) -> CliResult:
+    """An operator's command against the daemon's config, run in this process (the same
+    code and output as ``python -m gateway``, without an interpreter start each)."""
+    return cli_in_process(gw.config, *args)
 
 
 def add_device(gw: Any, device_id: str, *channels: tuple[str, str]) -> None:

@@ -307,9 +307,17 @@ class MqttProbe:
             time.sleep(0.02)
         raise TimeoutError(f"condition not met; got {[(t, p[:200]) for _, t, p, _ in self.messages[-10:]]}")
 
-    def close(self) -> None:
-        self.client.loop_stop()
+    def close(self, timeout: float = 10.0) -> None:
+        """What was published goes out first (as paho's ``loop_stop`` would wait for it),
+        then DISCONNECT, which wakes the network thread at once (``loop_stop`` alone leaves
+        it in its one-second select: a second per probe)."""
+        deadline = time.monotonic() + timeout
+        # paho-mqtt is pinned exactly: its queues of unsent packets and unacknowledged publishes.
+        while (self.client.is_connected() and (self.client._out_packet or self.client._out_messages)
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
         self.client.disconnect()
+        self.client.loop_stop()
 
 
 def cli(config: Path, *args: str, timeout: float = 120, input: str | None = None) -> subprocess.CompletedProcess[str]:

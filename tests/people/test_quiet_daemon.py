@@ -15,7 +15,7 @@ from pathlib import Path
 
 from gateway.timeutil import parse_iso
 from tests.helpers import MqttProbe, bulk_register, cli, db_rows, job_status_from_db, put_persons, wait_until
-from tests.test_clock_step import faketime_env, step
+from tests.helpers.faketime import faketime_env, step
 
 P = "homepot/site-t"
 # The daemon starts this long before the instant a window ends: its start-up (several seconds
@@ -39,7 +39,7 @@ def start_at(gateway_factory, tmp_path: Path, instant: float, extra: dict | None
     offset = tmp_path / "offset"
     # libfaketime reads the offset file at most once a second (reading it on every call of
     # the clock makes the daemon's start twice as slow on a loaded machine).
-    env = {**faketime_env(offset), "FAKETIME_NO_CACHE": "0", "FAKETIME_CACHE_DURATION": "1"}
+    env = faketime_env(offset, cache_s=1)
     gw = gateway_factory(extra or {}, env=env, start=False)
     bulk_register(tmp_path / "var", list(devices))
     put_persons(tmp_path / "var", list(persons))

@@ -89,5 +89,14 @@ class MqttDevice:
         raise TimeoutError(f"{self.device_id} never got job {job_id}; got {sorted(self.jobs())}")
 
     def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        close_all([self])
+
+
+def close_all(devices: "list[MqttDevice] | tuple[MqttDevice, ...]") -> None:
+    """Disconnect every device, then wait for their network threads. Each thread notices
+    the disconnect within a second (paho's reconnect wait once the broker is gone), so
+    they wind down together instead of a second each, one after the other."""
+    for d in devices:
+        d.client.disconnect()
+    for d in devices:
+        d.client.loop_stop()

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from gateway import stats
 from tests.conftest import needs_mosquitto_clients
-from tests.support import ROOT, MqttProbe, bulk_register, cli, job_status_from_db
+from tests.helpers import cli_in_process as cli  # the operator's commands, in this process: no interpreter start each
+from tests.support import ROOT, MqttProbe, bulk_register, job_status_from_db
 
 P = "homepot/site-t"
 
@@ -94,7 +95,7 @@ def test_kill_9_twice_mid_work_then_every_device_got_every_notification(gateway_
     every MQTT device — a real paho client with a persistent session, the independent
     receiver — got every job's notification at least once, always under the same
     message_id, and acked it; every job ends acknowledged."""
-    from tests.pipeline.devices import MqttDevice
+    from tests.pipeline.devices import MqttDevice, close_all
 
     n_devices, n_jobs = 12, 30
     gw = gateway_factory({"dispatch": {"max_in_flight": 10, "ack_timeout_s": 3.0}})
@@ -156,8 +157,7 @@ def test_kill_9_twice_mid_work_then_every_device_got_every_notification(gateway_
                 assert ids == {message_ids[(device.device_id, job_id)]}, (device.device_id, job_id, ids)
         assert gw.stop() == 0
     finally:
-        for device in devices:
-            device.close()
+        close_all(devices)
 
 
 def test_jobs_over_mqtt_validation_idempotency_and_legacy_shape(gateway_factory, tmp_path: Path):

@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from tests.pipeline.devices import P, MqttDevice
+from tests.helpers import cli_in_process as cli  # the operator's commands, in this process: no interpreter start each
+from tests.pipeline.devices import P, MqttDevice, close_all
 from tests.support import (
     MqttProbe,
     Mosquitto,
     bulk_register,
-    cli,
     fill_disk,
     free_port,
     job_status_from_db,
@@ -126,8 +126,7 @@ def test_full_disk_nothing_publishers_saw_acknowledged_is_lost(gateway_factory, 
         assert gw.proc.poll() is None
         assert gw.stop() == 0
     finally:
-        for plc in plcs:
-            plc.close()
+        close_all(plcs)
         probe.close()
 
 

@@ -4,8 +4,6 @@ as the cloud controller's broker."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -13,6 +11,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 
+from tests.helpers import cli_in_process
 from tests.support import GatewayProcess, bulk_register
 from tests.upstream.proxy import MqttFaultProxy
 from tests.upstream.test_link_process import outbox_rows
@@ -42,8 +41,9 @@ def local_publish(gw: GatewayProcess, topic: str, payload: bytes | str) -> None:
 
 
 def cli_json(gw: GatewayProcess, *args: str) -> object:
-    out = subprocess.run([sys.executable, "-m", "gateway", "--config", str(gw.config), *args, "--json"],
-                         cwd=gw.workdir, capture_output=True, text=True, timeout=30)
+    """An operator's command with ``--json``, run in this process (the same code and output
+    as ``python -m gateway``, without an interpreter start each: the waits poll with it)."""
+    out = cli_in_process(gw.config, *args, "--json")
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -52,7 +52,7 @@ def wait(predicate, timeout: float = 15.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+        time.sleep(0.05)
 
 
 def wait_devices(gw: GatewayProcess, expected: list[str]) -> None:

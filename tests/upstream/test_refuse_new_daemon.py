@@ -13,7 +13,7 @@ import pytest
 
 from gateway.storage import connect
 from gateway.upstream import outbox
-from tests.pipeline.devices import MqttDevice
+from tests.pipeline.devices import MqttDevice, close_all
 from tests.support import MqttProbe, bulk_register, job_status_from_db
 from tests.upstream.cloud import PREFIX, Cloud, Observer
 from tests.upstream.test_e2e import acks_of, online, wait
@@ -94,7 +94,6 @@ def test_refused_acks_never_stop_local_delivery_and_reach_the_cloud_later(gatewa
             wait(lambda: outbox_figures(db_path)["buffer_held"] == 0, what="nothing held back any more")
             assert gw.stop() == 0
         finally:
-            for d in devices:
-                d.close()
+            close_all(devices)
     log = gw.log()
     assert "Traceback" not in log and "gave up" not in log
