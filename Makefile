@@ -7,7 +7,9 @@ TEST_STAMP := $(VENV)/.installed-test
 PYTEST_ARGS ?=
 ## Test files run on this many workers (pytest-xdist; one file stays on one worker, so a
 ## module's fixtures, e.g. the service install, are built once). 0 runs them in this process.
-PYTEST_WORKERS ?= 2
+## Four on 2 cores: the suite waits on timers and processes about as long as it computes
+## (~440 s of CPU in ~1,300 s of test time), so two workers left the cores half idle.
+PYTEST_WORKERS ?= 4
 ## test-fast's workers. Its tests wait more than they compute (protocol timers: will delays,
 ## keep-alives, expiries, fall-over graces; ~70 s of waiting to ~45 s of CPU in one process),
 ## so four workers on 2 cores run one's waits beside the others' work.
