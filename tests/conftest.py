@@ -11,6 +11,14 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import GatewayProcess, Mosquitto, base_config, free_port, require_tool
+from tests.helpers import fuzz  # noqa: F401 - loads the hypothesis profile HYPOTHESIS_PROFILE names
+
+# The system CAs stay trusted, looked up one by one in the hashed directory (/etc/ssl/certs)
+# when a chain needs one, instead of the whole bundle file being parsed into every TLS client
+# context: ~30 ms of CPU per context, and the tests build a few hundred (each bridge, each
+# fake's client), in this process and in the daemons it starts, which inherit this. No test
+# peer uses a system CA: the fakes have their own. A value set by whoever runs the tests wins.
+os.environ.setdefault("SSL_CERT_FILE", os.devnull)
 
 # What makes a test end-to-end (marker ``e2e``; ``make test-fast`` runs the others): it
 # starts a process (the daemon, Mosquitto, the CLI, a browser, systemd tools), itself or
@@ -101,8 +109,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # leaves the few long end-to-end files to run one after another at the end). The length
 # of a file is what it took in the last complete-enough run (pytest's cache), else a guess
 # from what its tests do: a process-starting test costs seconds, a unit test milliseconds.
-DURATIONS_KEY = "homepot-gateway/module-seconds"
+DURATIONS_KEY = "homepot-gateway/module-seconds"  # + the -m expression of a run that had one
 GUESS_S = {"slow": 60.0, "e2e": 8.0, "unit": 0.2}
+
+
+def _durations_key(config: pytest.Config) -> str:
+    """A file's time depends on which of its tests run: ``make test-fast`` (``-m "not e2e"``)
+    keeps its own times, so its order follows what its files take without their e2e tests."""
+    markexpr = config.option.markexpr
+    return f"{DURATIONS_KEY}[{markexpr}]" if markexpr else DURATIONS_KEY
 
 
 def _module_of(nodeid: str) -> str:
@@ -111,7 +126,7 @@ def _module_of(nodeid: str) -> str:
 
 def _longest_modules_first(config: pytest.Config, items: list[pytest.Item]) -> None:
     cache = getattr(config, "cache", None)
-    known: dict[str, float] = (cache.get(DURATIONS_KEY, {}) if cache is not None else {}) or {}
+    known: dict[str, float] = (cache.get(_durations_key(config), {}) if cache is not None else {}) or {}
     guess: dict[str, float] = {}
     first: dict[str, int] = {}
     for i, item in enumerate(items):
@@ -138,19 +153,21 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Remembers each file's time (in the process that ran or collected the reports: the
     xdist controller, or a run without workers) for the next run's order. Only runs that
-    ran whole files count: none chosen by -k, -m or a test id, none cut short by -x."""
+    ran whole files (of the tests an -m expression selects) count: none chosen by -k or a test
+    id, none cut short by -x."""
     config = session.config
     cache = getattr(config, "cache", None)
     if cache is None or hasattr(config, "workerinput") or not _seconds:
         return
-    if config.option.keyword or config.option.markexpr or any("::" in str(a) for a in config.args):
+    if config.option.keyword or any("::" in str(a) for a in config.args):
         return
     if exitstatus not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) or (
             config.option.maxfail and session.testsfailed):
         return
-    known = cache.get(DURATIONS_KEY, {}) or {}
+    key = _durations_key(config)
+    known = cache.get(key, {}) or {}
     known.update({module: round(seconds, 2) for module, seconds in _seconds.items()})
-    cache.set(DURATIONS_KEY, known)
+    cache.set(key, known)
 
 
 @pytest.fixture(autouse=True)

@@ -1,21 +1,21 @@
-"""``users add/remove`` and ``vapid-keys`` as an operator runs them."""
+"""``users add/remove`` and ``vapid-keys`` as an operator runs them (in this process: what
+the commands say and store; tests/test_cli_ops.py and tests/test_filemodes.py run the CLI
+as a process)."""
 
 from __future__ import annotations
 
 import base64
-import subprocess
-import sys
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
 from gateway.broker.passwords import PasswordFile
+from tests.helpers import CliResult, cli_in_process
 from tests.support import base_config, free_port, write_config
 
 
-def cli(cfg: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway", "--config", str(cfg), *args], input=stdin,
-                          capture_output=True, text=True, cwd=cfg.parent)
+def cli(cfg: Path, *args: str, stdin: str | None = None) -> CliResult:
+    return cli_in_process(cfg, *args, input=stdin)
 
 
 def test_users_add_writes_argon2_and_remove(tmp_path: Path):

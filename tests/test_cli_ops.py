@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from gateway.cli import app
 from tests.helpers import cli_in_process
-from tests.support import base_config, bulk_register, cli, free_port, write_config
+from tests.support import base_config, bulk_register, free_port, write_config
 
 
 @pytest.fixture
@@ -148,12 +148,12 @@ def sims(n: int, prefix: str = "sim") -> list[dict]:
 def test_send_without_a_daemon_says_so_and_a_second_daemon_is_refused(gateway_factory, tmp_path: Path):
     gw = gateway_factory(start=False)
     bulk_register(tmp_path / "var", sims(2))
-    res = cli(gw.config, "send", "--title", "t", "--all", "--yes", "--job-id", "early")
+    res = cli_in_process(gw.config, "send", "--title", "t", "--all", "--yes", "--job-id", "early")
     assert res.returncode == 0 and res.stdout.strip() == "early"
     assert f"no homepot-gateway daemon runs on {tmp_path / 'var'}" in res.stderr
     assert "job early is stored and goes out when the daemon starts" in res.stderr
     t0 = time.monotonic()
-    res = cli(gw.config, "send", "--title", "t", "--all", "--yes", "--wait", "--timeout", "60")
+    res = cli_in_process(gw.config, "send", "--title", "t", "--all", "--yes", "--wait", "--timeout", "60")
     assert res.returncode == 1 and "not waiting" in res.stderr and time.monotonic() - t0 < 10
 
     gw.start()
@@ -161,32 +161,33 @@ def test_send_without_a_daemon_says_so_and_a_second_daemon_is_refused(gateway_fa
     second.start(wait_ready=False)
     assert second.wait(timeout=20) == 2
     assert f"another homepot-gateway (pid {gw.proc.pid}) runs on" in second.log()
-    res = cli(gw.config, "send", "--title", "t", "--all", "--yes", "--wait", "--until", "acknowledged", "--timeout", "30")
+    res = cli_in_process(gw.config, "send", "--title", "t", "--all", "--yes", "--wait", "--until", "acknowledged",
+                         "--timeout", "30")
     assert res.returncode == 0, res.stderr
     assert "no homepot-gateway daemon" not in res.stderr
     assert "acknowledged: targets=2" in res.stderr
-    assert json.loads(cli(gw.config, "jobs", "show", "early", "--json").stdout)["state"] == "acknowledged"
+    assert json.loads(cli_in_process(gw.config, "jobs", "show", "early", "--json").stdout)["state"] == "acknowledged"
     assert gw.stop() == 0
 
 
 def test_until_deliveries_and_a_daemon_that_goes_away(gateway_factory, tmp_path: Path):
     gw = gateway_factory({"bridges": {"simulation": {"latency_ms": 0, "ack": False}}})
     bulk_register(tmp_path / "var", sims(2))
-    done = cli(gw.config, "send", "--title", "t", "--device", "sim-000", "--device", "sim-001", "--device", "ghost",
-               "--job-id", "j1", "--wait")
+    done = cli_in_process(gw.config, "send", "--title", "t", "--device", "sim-000", "--device", "sim-001",
+                          "--device", "ghost", "--job-id", "j1", "--wait")
     assert done.returncode == 1  # ghost is unknown: a failed delivery
     assert "completed: targets=3 sent=2 acknowledged=0 failed=1" in done.stderr
-    shown = cli(gw.config, "jobs", "show", "j1", "--deliveries")
+    shown = cli_in_process(gw.config, "jobs", "show", "j1", "--deliveries")
     assert shown.returncode == 0
     text = shown.stdout
     assert "sent (2):" in text and "failed (1):" in text
     assert [line for line in text.splitlines() if line.strip().startswith("ghost")][0].endswith("unknown device")
-    as_json = json.loads(cli(gw.config, "jobs", "show", "j1", "--json", "--deliveries").stdout)
+    as_json = json.loads(cli_in_process(gw.config, "jobs", "show", "j1", "--json", "--deliveries").stdout)
     assert {d["device_id"]: d["state"] for d in as_json["deliveries"]} == {"ghost": "failed", "sim-000": "sent",
                                                                           "sim-001": "sent"}
     # Nothing acks: --until acknowledged gives up at the timeout and says which state it waited for.
-    res = cli(gw.config, "send", "--title", "t", "--segment", "demo", "--wait", "--until", "acknowledged",
-              "--timeout", "2")
+    res = cli_in_process(gw.config, "send", "--title", "t", "--segment", "demo", "--wait", "--until", "acknowledged",
+                         "--timeout", "2")
     assert res.returncode == 1 and "not acknowledged after 2 s" in res.stderr and "sent=2" in res.stderr
 
     # The daemon stops while a CLI waits: the CLI says so within about a second instead of timing out.

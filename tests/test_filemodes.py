@@ -2,8 +2,11 @@
 
 Outside the shipped unit (``make run``, containers: umask 022) the database, its WAL and
 shm, the lock, keys, the ack secret and the runtime snapshot hold notification text,
-signed ack URLs, push tokens and password hashes. The real daemon and the real CLI run
-here with a loose umask, and every entry of the data dir is checked.
+signed ack URLs, push tokens and password hashes. The real daemon and the CLI run here
+with a loose umask, and every entry of the data dir is checked. The CLI runs in this
+process (it narrows the umask of the process it runs in, here as in its own) except as
+root, where it becomes the service user, and for one ``status`` that proves a CLI process
+started under a loose umask leaves nothing loose either.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import base_config, cli, free_port, write_config
+from tests.helpers import CliResult, cli_in_process
+from tests.support import base_config, free_port, write_config
 
 
 def loose(data_dir: Path) -> list[str]:
@@ -43,7 +47,15 @@ def config_with_everything(tmp_path: Path, port: int) -> Path:
     return write_config(tmp_path, data)
 
 
-def run_cli(config: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(config: Path, *args: str, stdin: str | None = None) -> CliResult:
+    res = cli_in_process(config, *args, input=stdin)
+    assert res.returncode == 0, f"{args}: {res.stdout}{res.stderr}"
+    return res
+
+
+def run_cli_process(config: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI in its own process: for the root case, where it gives up root for the data
+    dir's owner (this process must not)."""
     res = subprocess.run([sys.executable, "-m", "gateway", "--config", str(config), *args], input=stdin,
                          capture_output=True, text=True, cwd=config.parent, timeout=120)
     assert res.returncode == 0, f"{args}: {res.stdout}{res.stderr}"
@@ -61,7 +73,7 @@ def test_daemon_and_cli_leave_only_owner_files_whatever_the_umask(tmp_path: Path
     port = free_port()
     config = config_with_everything(tmp_path, port)
     data_dir = tmp_path / "var"
-    old = os.umask(umask)  # the children inherit it; the autouse fixture restores ours
+    old = os.umask(umask)  # the daemon inherits it; the autouse fixture restores ours
     try:
         run_cli(config, "users", "add", "tech", "--role", "technician", "--password-stdin", stdin="pw-123456\n")
         run_cli(config, "vapid-keys")
@@ -127,7 +139,7 @@ def test_the_cli_tightens_and_says_so(tmp_path: Path):
     os.chmod(data_dir, 0o755)
     (data_dir / "gateway.db").touch()
     os.chmod(data_dir / "gateway.db", 0o644)
-    res = cli(config, "devices", "list")
+    res = cli_in_process(config, "devices", "list")
     assert res.returncode == 0, res.stderr
     assert f"note: {data_dir} made owner-only (2 entries" in res.stderr, res.stderr
     assert loose(data_dir) == []
@@ -149,9 +161,9 @@ def test_cli_as_root_leaves_the_service_user_owner_only_files(tmp_path: Path):
         config = write_config(root, data)
         old = os.umask(0o022)
         try:
-            run_cli(config, "users", "add", "tech", "--role", "technician", "--password-stdin", stdin="pw-123456\n")
-            run_cli(config, "vapid-keys")
-            run_cli(config, "devices", "add", "dev-1", "--platform", "simulation", "--address", "")
+            run_cli_process(config, "users", "add", "tech", "--role", "technician", "--password-stdin", stdin="pw-123456\n")
+            run_cli_process(config, "vapid-keys")
+            run_cli_process(config, "devices", "add", "dev-1", "--platform", "simulation", "--address", "")
         finally:
             os.umask(old)
         entries = [data_dir, *data_dir.rglob("*")]

@@ -24,6 +24,8 @@ from gateway.broker import passwords
 from gateway.config import GatewaySection
 from gateway.pipeline.models import InputError, JobIn, decode_json_object, parse_device, parse_job, readable_job_id
 from gateway.topics import Topics
+from tests.helpers.fuzz import examples
+
 
 PREFIX = "homepot/site-t"
 # RFC 3986 pchar without percent-escapes: what a path segment may carry as it is.
@@ -60,7 +62,7 @@ def _device(value: str) -> Device:
     return Device.model_validate({"device_id": value, "channels": [{"platform": "mqtt"}]})
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(value=candidates)
 @example(value="dev-z\n")
 @example(value="nl\n")
@@ -85,7 +87,7 @@ def test_every_accepted_device_or_job_id_is_one_topic_level_and_one_url_segment(
         assert Topics(PREFIX).job_status(readable).split("/")[3] == readable
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(value=candidates)
 @example(value="site-a\n")
 @example(value="freezer\n")
@@ -116,7 +118,7 @@ def password_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         passwords._hasher = real
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(value=candidates)
 @example(value="tech\n")
 @example(value="..")

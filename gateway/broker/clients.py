@@ -30,7 +30,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -59,6 +59,13 @@ GATEWAY_MAX_INFLIGHT = 1000
 BATCH = 256             # packets per write
 
 
+# Encoded forms of one message kept on it (see Message.packet): one per distinct
+# (version, QoS, RETAIN, DUP, Subscription Identifiers, remaining expiry). A fan-out to subscribers
+# that differ in none of these shares one; a message that meets more variants than this
+# evicts the oldest, so what it holds stays bounded (a QoS 0 form holds a copy of the payload).
+ENCODED_MAX = 4
+
+
 class Message:
     """One application message as routed; shared by every client it goes to.
 
@@ -68,7 +75,7 @@ class Message:
     [MQTT-3.3.2-6] and its Subscription Identifier [MQTT-3.3.4-3].
     """
 
-    __slots__ = ("_qos0", "body_id", "expires_at", "payload", "props", "refs", "shared", "topic", "topic_b")
+    __slots__ = ("_encoded", "body_id", "expires_at", "payload", "props", "refs", "shared", "topic", "topic_b")
 
     def __init__(self, topic: str, payload: bytes, props: bytes = b"", expires_at: float | None = None):
         self.topic = topic
@@ -76,7 +83,7 @@ class Message:
         self.payload = payload
         self.props = props
         self.expires_at = expires_at
-        self._qos0: dict[tuple[bool, int], bytes] = {}
+        self._encoded: dict[tuple[int | bool | SubIds, ...], bytes | tuple[bytes, bytes]] = {}
         self.body_id = 0    # its row in broker_bodies while persistent sessions queue it (StateStore.queue_shared)
         self.refs = 0       # how many persistent sessions' rows name that body
         # Routed to more than one session: persistent ones share one stored body. A message for
@@ -86,12 +93,22 @@ class Message:
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and self.expires_at <= now
 
-    def v5_props(self, sub_ids: SubIds) -> bytes:
+    def remaining_expiry(self) -> int:
+        """Whole seconds left of its Message Expiry Interval, at least 1 (the receiver's copy
+        carries what is left [MQTT-3.3.2-6]); only for a message that has one."""
+        assert self.expires_at is not None
+        return max(1, math.ceil(self.expires_at - time.monotonic()))
+
+    def v5_props(self, sub_ids: SubIds, remaining: int | None = None) -> bytes:
+        """The property block a 5.0 receiver gets: the publisher's, the remaining expiry
+        (``remaining``, or computed now) and one Subscription Identifier per matching
+        subscription [MQTT-3.3.4-4]."""
         props = self.props
         if self.expires_at is not None:
-            remaining = max(1, math.ceil(self.expires_at - time.monotonic()))
+            if remaining is None:
+                remaining = self.remaining_expiry()
             props += b"\x02" + remaining.to_bytes(4, "big")
-        for sub_id in sub_ids:   # one per matching subscription [MQTT-3.3.4-4]
+        for sub_id in sub_ids:
             props += b"\x0b" + varint(sub_id)
         return props
 
@@ -105,16 +122,57 @@ class Message:
 
     def packet(self, version: int, qos: int, retain: bool, dup: bool = False, packet_id: int | None = None,
                sub_ids: SubIds = NO_IDS) -> bytes:
-        if qos == 0 and not sub_ids and self.expires_at is None:
-            # A QoS 0 PUBLISH is the same bytes for every subscriber of a version: encode it once.
-            key = (retain, version)
-            cached = self._qos0.get(key)
-            if cached is None:
-                cached = self._qos0[key] = send_publish(
-                    self.topic_b, self.payload, 0, retain, props=self.props if version == V5 else None)
-            return cached
-        props = self.v5_props(sub_ids) if version == V5 else None
-        return send_publish(self.topic_b, self.payload, qos, retain, dup, packet_id, props)
+        """The PUBLISH for one receiver, encoded once per fan-out and shared.
+
+        A message routed to several sessions (``shared``) keeps what it encoded: receivers of
+        one version that get the same first byte (QoS, RETAIN, DUP), the same Subscription
+        Identifiers and (5.0) the same whole seconds of remaining expiry get the same bytes but
+        the packet id. So a QoS 0 PUBLISH is kept whole and returned as is; a QoS 1/2 one is
+        kept as the part before the packet id (fixed header, topic) and the property block
+        after it, and only the packet id and payload are joined per receiver (the payload is
+        not copied into what is kept: a message waiting in a slow subscriber's queue holds it
+        once)."""
+        if not self.shared:
+            # Routed to one session (or a retained message handed out as subscriptions come):
+            # nothing to share, and keeping a form would only cost.
+            props = None
+            if version == V5:
+                props = self.v5_props(sub_ids) if sub_ids or self.expires_at is not None else self.props
+            return send_publish(self.topic_b, self.payload, qos, retain, dup, packet_id, props)
+        remaining = 0
+        key: tuple[int | bool | SubIds, ...]
+        if version == V5 and (sub_ids or self.expires_at is not None):
+            if self.expires_at is not None:
+                remaining = self.remaining_expiry()
+            key = (qos, retain, dup, sub_ids, remaining)
+        else:
+            # 3.1.1 (no properties, whatever the subscription), or 5.0 with the publisher's only.
+            key = (qos, retain, dup, version) if qos else (retain, version)
+        encoded = self._encoded
+        cached: Any = encoded.get(key)   # bytes for QoS 0, (head, property block) for QoS 1/2
+        if cached is None:
+            first = 0x30 | (0x08 if dup and qos else 0) | (qos << 1) | (1 if retain else 0)
+            cached = self._encode(version, first, sub_ids, remaining)
+            if len(encoded) >= ENCODED_MAX:
+                del encoded[next(iter(encoded))]
+            encoded[key] = cached
+        if not qos:
+            return cached   # type: ignore[no-any-return]
+        head, props = cached
+        return b"".join((head, packet_id.to_bytes(2, "big"), props, self.payload))  # type: ignore[union-attr]
+
+    def _encode(self, version: int, first: int, sub_ids: SubIds, remaining: int) -> bytes | tuple[bytes, bytes]:
+        """What :meth:`packet` keeps: the whole QoS 0 packet, or for QoS 1/2 the bytes before the
+        packet id and the property block (5.0; empty for 3.1.1) after it."""
+        props = None
+        if version == V5:
+            # The publisher's properties as they came, unless there is an expiry or an identifier to add.
+            props = self.v5_props(sub_ids, remaining) if sub_ids or remaining else self.props
+        if not first & 0x06:
+            return send_publish(self.topic_b, self.payload, 0, bool(first & 1), props=props)
+        block = b"" if props is None else varint(len(props)) + props if props else b"\x00"
+        body_len = len(self.topic_b) + 2 + len(block) + len(self.payload)
+        return bytes((first,)) + varint(body_len) + self.topic_b, block
 
 
 class Outgoing:

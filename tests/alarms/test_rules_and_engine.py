@@ -22,6 +22,7 @@ from gateway.config import ConfigError, parse_config
 from gateway import migrations
 from gateway.pipeline.models import JOB_ID_RE
 from gateway.storage import connect, transaction
+from tests.helpers.fuzz import examples
 from tests.support import base_config, bulk_register, cli, write_config
 
 PREFIX = "homepot/site-t"
@@ -296,7 +297,7 @@ def test_a_batch_that_cannot_be_committed_changes_nothing_and_fires_once_later(t
     assert [(r.state, r.jobs) for r in rows] == [("firing", ["alarm.t.d.1"])]
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(payload=st.binary(max_size=200) | st.text(max_size=60).map(str.encode)
        | st.recursive(st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=8),
                       lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["a", "b", "0"]),

@@ -109,7 +109,7 @@ async def test_401_unauthenticated_refreshes_once_and_resends(tmp_path, fake_fcm
 
 
 async def test_a_service_account_google_rejects_makes_the_bridge_unhealthy(tmp_path, fake_fcm, pki):
-    other = FakeFcm(pki)  # another key, same email: the assertion's signature does not verify
+    other = FakeFcm(pki, key_name="another account")  # another key, same email: the signature does not verify
     sa = fake_fcm.service_account()
     sa["private_key"] = other.service_account()["private_key"]
     bridge = await make_bridge(tmp_path, fake_fcm, pki, service_account=sa)

@@ -39,17 +39,10 @@ def broker_config(tmp: Path, port: int, **extra: Any) -> Config:
 
 def write_accounts(path: Path, accounts: dict[str, str], password: str | None = "pw") -> None:
     """Broker accounts NAME -> ROLE in the password file, all with ``password`` (or ``pw-NAME``
-    when password is None). Real argon2id hashes, verified by the real code, but with cheap
-    parameters (argon2 reads them from the hash) so tests that log in often stay fast."""
-    from argon2 import PasswordHasher
+    when password is None), hashed cheaply by :func:`tests.helpers.accounts.write_accounts`."""
+    from tests.helpers.accounts import write_accounts as write
 
-    from gateway.broker.passwords import Account, _write_atomic, parse
-
-    cheap = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-    existing = parse(path.read_text(encoding="utf-8"), path) if path.exists() else {}
-    for name, role in accounts.items():
-        existing[name] = Account(name, cheap.hash(password or f"pw-{name}"), role)
-    _write_atomic(path, existing)
+    write(path, {name: (role, password or f"pw-{name}") for name, role in accounts.items()})
 
 
 async def start_broker(tmp: Path, port: int | None = None, options: dict[str, Any] | None = None,

@@ -13,8 +13,8 @@ import paho.mqtt.client as paho
 import pytest
 
 from gateway.broker import EmbeddedBroker, InternalCredentials
-from gateway.broker.passwords import add_user
 from tests.broker.helpers import PUBACK, PUBLISH, Paho, RawClient, broker_config, until
+from tests.helpers import write_accounts
 from tests.support import free_port, write_config
 
 P = "homepot/site-t"
@@ -74,8 +74,7 @@ def test_users_from_the_cli_and_anonymous_per_listener(gateway_factory, tmp_path
 
 async def test_role_acls_on_subscribe_publish_and_delivery(tmp_path):
     passwd = tmp_path / "var" / "passwd"
-    for name, role in (("pos-1", "device"), ("mon", "monitor"), ("aud", "auditor")):
-        add_user(passwd, name, "pw", role)
+    write_accounts(passwd, {"pos-1": ("device", "pw"), "mon": ("monitor", "pw"), "aud": ("auditor", "pw")})
     port = free_port()
     cfg = broker_config(tmp_path, port, broker={
         # A role added in the config: everything under P, except the devices' notifications.

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from gateway.broker.matching import matches, valid_topic_filter
 from gateway.mqtt import _RouteIndex
+from tests.helpers.fuzz import examples
+
 
 LEVEL = st.sampled_from(["a", "b", "c", "", "$SYS", "$x", "dev-1"])
 TOPICS = st.lists(LEVEL, min_size=1, max_size=5).map("/".join)
@@ -17,7 +19,7 @@ FILTERS = st.lists(st.one_of(LEVEL, st.just("+"), st.just("#")), min_size=1, max
     valid_topic_filter)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(filters=st.lists(FILTERS, min_size=1, max_size=12), topics=st.lists(TOPICS, min_size=1, max_size=20))
 def test_first_matching_route_is_the_one_a_filter_by_filter_scan_finds(filters, topics):
     index = _RouteIndex()

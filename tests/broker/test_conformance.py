@@ -174,10 +174,10 @@ async def test_persistent_session_keeps_subscriptions_and_queues_qos1_qos2(broke
 
 async def test_named_session_on_anonymous_listener_gets_an_offline_queue(tmp_path):
     """amqtt treated every session as anonymous when allow_anonymous was on, and queued nothing."""
-    from gateway.broker.passwords import add_user
     from tests.broker.helpers import start_broker
+    from tests.helpers import write_accounts
 
-    add_user(tmp_path / "var" / "passwd", "plc-1", "pw-1", "admin")
+    write_accounts(tmp_path / "var" / "passwd", {"plc-1": ("admin", "pw-1")})
     b = await start_broker(tmp_path)
     try:
         plc = await Paho(b.port, "plc-1", clean=False, username="plc-1", password="pw-1").connect()

@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 from gateway.broker.matching import matches, valid_topic_filter
 from gateway.broker.retained import RetainedStore
+from tests.helpers.fuzz import examples
+
 
 LEVEL = st.sampled_from(["a", "b", "c", "", "$SYS", "$x", "dev-1"])
 TOPICS = st.lists(LEVEL, min_size=1, max_size=4).map("/".join)
@@ -15,7 +17,7 @@ FILTERS = st.lists(st.one_of(LEVEL, st.just("+"), st.just("#")), min_size=1, max
     valid_topic_filter)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(topics=st.lists(TOPICS, max_size=30), filters=st.lists(FILTERS, min_size=1, max_size=10))
 def test_trie_matches_like_mqtt(topics, filters):
     """[MQTT-4.7.1-2] '#' also matches the parent level, [MQTT-4.7.1-3] '+' one level,

@@ -8,6 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.broker.matching import SubscriptionIndex, matches, valid_topic_filter
+from tests.helpers.fuzz import examples
+
 
 LEVEL = st.sampled_from(["a", "b", "c", "", "$SYS", "$x", "dev-1"])
 TOPICS = st.lists(LEVEL, min_size=1, max_size=5).map("/".join)
@@ -25,7 +27,7 @@ def _expected(subs: dict[tuple[str, str], int], topic: str) -> dict[str, int]:
     return out
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(steps=STEPS, topics=st.lists(TOPICS, min_size=1, max_size=15))
 def test_index_routes_like_matching_every_filter(steps, topics):
     index: SubscriptionIndex[str] = SubscriptionIndex()

@@ -21,6 +21,7 @@ from gateway.broker.wire import properties as P
 from gateway.broker.wire.codec import PUBLISH, Body, Malformed
 from gateway.broker.wire.handle_connect import Refused, decode
 from tests.broker.helpers import _rl, _s, start_broker
+from tests.helpers.fuzz import examples
 
 # ------------------------------------------------------------------ building blocks
 bad_utf8 = st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80", b"a\x00b", b"\xf4\x90\x80\x80"])
@@ -104,7 +105,7 @@ def v5_packets(draw: st.DrawFn) -> bytes:
 
 
 # ------------------------------------------------------------------ the decoders alone
-@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(400), suppress_health_check=[HealthCheck.too_slow])
 @given(block=property_blocks(), packet_type=st.sampled_from(sorted(P.ALLOWED)))
 def test_property_decoder_raises_only_malformed(block: bytes, packet_type: int) -> None:
     body = Body(block + b"tail")
@@ -120,7 +121,7 @@ def test_property_decoder_raises_only_malformed(block: bytes, packet_type: int) 
     assert P.decode(again, packet_type) == props
 
 
-@settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(600), suppress_health_check=[HealthCheck.too_slow])
 @given(block=property_blocks(), tail=st.binary(max_size=6))
 def test_the_publish_property_decoder_agrees_with_the_generic_one(block: bytes, tail: bytes) -> None:
     """The PUBLISH entry of the one property decoder (P.decode_publish, on the hot path) accepts
@@ -144,7 +145,7 @@ def test_the_publish_property_decoder_agrees_with_the_generic_one(block: bytes, 
     assert P.decode(Body(_rl(len(forwarded)) + forwarded), PUBLISH) == passed
 
 
-@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(400), suppress_health_check=[HealthCheck.too_slow])
 @given(flags=st.integers(0, 255), keepalive=st.integers(0, 65535), props=property_blocks(),
        client_id=text, rest=st.binary(max_size=24), level=st.sampled_from([3, 4, 5, 5, 5, 6]),
        cut=st.integers(0, 64))
@@ -232,7 +233,7 @@ def _answered_or_closed(s: socket.socket, deadline_s: float) -> str:
 
 
 @pytest.mark.slow
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
 @given(packet=v5_packets())
 @example(packet=b"@\x04\x00\x00")  # a PUBACK two bytes short: the first PINGREQ completes it

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from functools import cache
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -49,12 +50,23 @@ def fcm_error(error_code: str, message: str = "", details: list[dict[str, Any]] 
     return status, body
 
 
+@cache
+def service_account_key(name: str) -> rsa.RSAPrivateKey:
+    """The RSA key of the service account called ``name`` (its project, by default), made
+    once per test process: a 2048-bit key takes ~90 ms of CPU to generate and every FCM test
+    builds a fake. Distinct names give distinct keys."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
 class FakeFcm(FakeService):
-    def __init__(self, pki: Pki, project_id: str = "homepot-test", token_lifetime: int = 3599):
+    def __init__(self, pki: Pki, project_id: str = "homepot-test", token_lifetime: int = 3599,
+                 key_name: str | None = None):
+        """``key_name`` picks the service account's key (:func:`service_account_key`; default
+        the project id): a fake with another name stands for another account of the project."""
         self.pki = pki
         self.project_id = project_id
         self.token_lifetime = token_lifetime
-        self.sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.sa_key = service_account_key(key_name or project_id)
         self.client_email = f"gateway@{project_id}.iam.gserviceaccount.com"
         # client_email → (its key, its project): the accounts the token endpoint knows.
         self.accounts: dict[str, tuple[Any, str]] = {self.client_email: (self.sa_key, project_id)}
@@ -87,7 +99,7 @@ class FakeFcm(FakeService):
 
     def add_project(self, project_id: str) -> dict[str, Any]:
         """Another Firebase project (another app) with its own service account; returns its JSON."""
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        key = service_account_key(project_id)
         self.accounts[f"gateway@{project_id}.iam.gserviceaccount.com"] = (key, project_id)
         return self.service_account(project_id)
 

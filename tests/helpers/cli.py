@@ -27,13 +27,17 @@ class CliResult:
 def cli_in_process(config: Path, *args: str, input: str | None = None) -> CliResult:
     """``cli()``'s result, run in-process from the config's directory. An exception that
     escapes ``main`` ends up in ``stderr`` as the traceback a real process prints, so
-    checks for "no traceback" hold here too."""
+    checks for "no traceback" hold here too. The umask the CLI narrows (gateway/filemodes.py)
+    is put back after, as a process of its own leaves its parent's: the next call, or a
+    daemon started next, gets the caller's umask."""
     from typer.testing import CliRunner
 
     from gateway.cli import main
 
     argv = ["--config", str(config), *args]
     cwd, old_argv = os.getcwd(), sys.argv
+    umask = os.umask(0o077)
+    os.umask(umask)
     code = 0
     with CliRunner().isolation(input=input) as (out, err, *_):
         os.chdir(config.parent)
@@ -55,5 +59,6 @@ def cli_in_process(config: Path, *args: str, input: str | None = None) -> CliRes
             sys.stderr.flush()
             sys.argv = old_argv
             os.chdir(cwd)
+            os.umask(umask)
         stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
     return CliResult(["homepot-gateway", *argv], code, stdout, stderr)

@@ -34,6 +34,7 @@ from gateway.pipeline import acks, registry
 from gateway.pipeline.models import AckVia, InputError, parse_device
 from gateway.people.own import PREFERENCES, with_preferences
 from gateway.storage import Database
+from tests.helpers.fuzz import examples
 from tests.helpers import write_accounts
 
 P = "homepot/site-me"
@@ -428,7 +429,7 @@ PREF_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st
                                             ["mon", "sun", "xyz"]), max_size=3)), max_size=3))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(prefs=st.dictionaries(st.sampled_from(["timezone", "quiet_hours", "bypass_priority", "muted", "reach_after_s",
                                               "account", "devices", "nonsense"]), PREF_VALUES, max_size=4))
 def test_any_preference_input_gives_a_whole_valid_person_or_errors_naming_fields(prefs):

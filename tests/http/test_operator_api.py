@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.broker.passwords import remove_user
+from tests.helpers.fuzz import examples
 from tests.helpers import write_accounts
 from tests.helpers.http_app import ServedApi, serve_api
 from tests.http.conftest import PASSWORDS, db_rows, error_of, wait_until
@@ -208,7 +209,7 @@ QUERY = st.dictionaries(st.sampled_from(["q", "segment", "tag", "after", "limit"
                         max_size=4)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(path=st.sampled_from(["/ui/api/jobs", "/ui/api/devices", "/ui/api/alarms", "/ui/api/jobs/x/deliveries"]),
        query=QUERY)
 def test_hostile_query_parameters_get_a_json_answer_never_a_crash(api, path, query):

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from gateway.people.model import Person, parse_person, parse_quiet, quiet_text
 from gateway.pipeline.models import InputError
+from tests.helpers.fuzz import examples
+
 
 ANNA = {"person_id": "anna", "name": "Anna K.", "account": "anna", "devices": ["anna-phone", "anna-browser"],
         "timezone": "Europe/Berlin",
@@ -99,7 +101,7 @@ person_like = st.dictionaries(st.sampled_from(KEYS), json_values | st.lists(wind
                               max_size=6)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(body=person_like)
 def test_any_body_is_a_person_that_round_trips_or_an_error_naming_a_field_it_has(body):
     try:

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from gateway.people import quiet
 from gateway.people.quiet import DAY_NAMES, Window, hold_reason, is_quiet, quiet_until, windows
+from tests.helpers.fuzz import examples
+
 
 BERLIN = ZoneInfo("Europe/Berlin")
 FIXED = ["UTC", "Asia/Kolkata", "Asia/Tokyo", "Etc/GMT+5"]  # no DST: the wall clock is a plain shift
@@ -54,7 +56,7 @@ def steady(tz: ZoneInfo, at: datetime) -> bool:
 
 
 # ------------------------------------------------------------------ properties
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(ws=windows_st, zone_name=st.sampled_from(FIXED + DST), at=instants)
 def test_the_end_is_after_now_and_not_quiet_and_everything_before_it_is(ws, zone_name, at):
     tz = ZoneInfo(zone_name)
@@ -72,14 +74,14 @@ def test_the_end_is_after_now_and_not_quiet_and_everything_before_it_is(ws, zone
             assert quiet_until(ws, tz, inside) == end
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(ws=windows_st, zone_name=st.sampled_from(FIXED), at=instants)
 def test_without_dst_quiet_is_the_wall_clock_reading(ws, zone_name, at):
     tz = ZoneInfo(zone_name)
     assert is_quiet(ws, tz, at) == oracle(ws, at.astimezone(tz))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(ws=windows_st, zone_name=st.sampled_from(DST), at=instants)
 def test_with_dst_away_from_a_change_quiet_is_the_wall_clock_reading(ws, zone_name, at):
     tz = ZoneInfo(zone_name)
@@ -87,14 +89,14 @@ def test_with_dst_away_from_a_change_quiet_is_the_wall_clock_reading(ws, zone_na
     assert is_quiet(ws, tz, at) == oracle(ws, at.astimezone(tz))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(zone_name=st.sampled_from(FIXED + DST), at=instants)
 def test_no_windows_is_never_quiet(zone_name, at):
     assert quiet_until((), ZoneInfo(zone_name), at) is None
     assert not is_quiet(windows(None), ZoneInfo(zone_name), at)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(raw=st.one_of(
     st.fixed_dictionaries({"days": st.one_of(st.lists(st.text(max_size=4)), st.text(), st.none(), st.integers()),
                            "from": st.one_of(st.text(max_size=6), st.none(), st.integers()),

@@ -12,6 +12,8 @@ from pydantic import ValidationError
 
 from gateway.pipeline.models import Ack, AckIn, InputError, field_errors, parse_ack
 from gateway.timeutil import iso
+from tests.helpers.fuzz import examples
+
 
 STATUSES = ["received", "displayed", "opened", "dismissed", "failed"]
 
@@ -50,7 +52,7 @@ def by_parse(obj: dict) -> Ack | str:
         return err.message
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=examples(600), deadline=None)
 @given(acks)
 @example({"message_id": "ABC", "status": "received", "at": "2030-01-01T10:00:00+02:00"})
 @example({"message_id": "abc", "status": "received", "at": "2030-01-01T10:00:00Z", "error": None})

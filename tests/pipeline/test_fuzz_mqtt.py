@@ -16,6 +16,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from tests.helpers.fuzz import examples
 from tests.support import MqttProbe, bulk_register, cli
 
 P = "homepot/site-t"
@@ -172,7 +173,7 @@ def test_every_fuzzed_mqtt_input_is_answered_and_the_daemon_keeps_working(gatewa
     assert gw.stop() == 0
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(body=st.one_of(job_like.map(lambda o: json.dumps(o).encode()), ack_like.map(lambda o: json.dumps(o).encode()),
                       device_like.map(lambda o: json.dumps(o).encode()), raw_bytes))
 def test_parsers_only_ever_raise_input_errors_that_name_a_field(body: bytes):

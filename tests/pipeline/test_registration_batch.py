@@ -18,6 +18,8 @@ from devices.models import Device
 from gateway import migrations
 from gateway.pipeline import registry, routing
 from gateway.storage import connect, transaction
+from tests.helpers.fuzz import examples
+
 
 IDS = ["d-1", "d-2", "d-3", "d-4"]
 CHANNELS = [
@@ -77,7 +79,7 @@ def _rows(conn: sqlite3.Connection) -> list[tuple]:
     return [tuple(r) for r in conn.execute("SELECT * FROM devices ORDER BY device_id")]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(existing=before, batch=st.lists(st.tuples(devices, st.sampled_from(["mqtt", "http"])), min_size=1, max_size=8))
 def test_batched_upserts_leave_what_one_upsert_each_leaves(tmp_path_factory, existing, batch):
     d = tmp_path_factory.mktemp("reg")

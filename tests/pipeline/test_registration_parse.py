@@ -12,6 +12,8 @@ from pydantic import ValidationError
 
 from devices.models import Device
 from gateway.pipeline.models import MAX_DEVICE_BYTES, InputError, decode_json_object, field_errors, parse_device
+from tests.helpers.fuzz import examples
+
 
 values = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=20),
                    st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(), max_size=1))
@@ -107,7 +109,7 @@ def by_parse(payload: bytes, topic_id: str) -> tuple | str:
         return f"{err.code}: {err.message}"
 
 
-@settings(max_examples=800, deadline=None)
+@settings(max_examples=examples(800), deadline=None)
 @given(st.one_of(good_devices, devices))
 @example({"device_id": "dev-1", "segment": "bench", "channels": [{"platform": "simulation"}]})
 @example({"device_id": "dev-1", "channels": [{"platform": "apns", "token": "AB" * 32}]})
@@ -127,7 +129,7 @@ def test_raw_payloads_give_what_the_model_gives(payload):
     assert by_parse(payload, "dev-1") == by_model(payload, "dev-1")
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.binary(max_size=80))
 def test_any_bytes_give_what_the_model_gives(payload):
     assert by_parse(payload, "dev-1") == by_model(payload, "dev-1")

@@ -237,7 +237,7 @@ def send_publish(topic_b: bytes, payload: bytes, qos: int, retain: bool, dup: bo
     and the encoded property block (without its length) for 5.0."""
     first = 0x30 | (0x08 if dup and qos else 0) | (qos << 1) | (1 if retain else 0)
     if props is not None:
-        plen = varint(len(props))
+        plen = varint(len(props)) if props else b"\x00"
         if qos:
             body_len = len(topic_b) + 2 + len(plen) + len(props) + len(payload)
             return b"".join((bytes((first,)), varint(body_len), topic_b, packet_id.to_bytes(2, "big"),  # type: ignore[union-attr]

@@ -1,0 +1,64 @@
+"""What keeps ``make test-fast`` quick without weakening ``make test``: the hypothesis
+example counts per profile, the make targets that pick them, and the in-process CLI
+leaving its caller as a separate process would."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, base_config, cli_in_process, free_port, fuzz, write_config
+
+
+def test_full_runs_each_tests_own_count_and_fast_a_tenth_of_it_but_at_least_ten(monkeypatch):
+    monkeypatch.setattr(fuzz, "PROFILE", fuzz.FULL)
+    assert [fuzz.examples(n) for n in (600, 60, 5)] == [600, 60, 5]
+    monkeypatch.setattr(fuzz, "PROFILE", fuzz.FAST)
+    assert [fuzz.examples(n) for n in (600, 60, 5)] == [60, 10, 5]
+
+
+def _recipe(target: str) -> str:
+    text = (ROOT / "Makefile").read_text(encoding="utf-8")
+    m = re.search(rf"^{re.escape(target)}:[^\n]*\n\t([^\n]+)", text, re.M)
+    assert m, f"no recipe for {target}"
+    return m.group(1)
+
+
+def test_make_test_runs_the_full_fuzz_bar_and_test_fast_the_fast_profile_on_more_workers():
+    assert "HYPOTHESIS_PROFILE=full" in _recipe("test") and "-n $(PYTEST_WORKERS)" in _recipe("test")
+    fast = _recipe("test-fast")
+    assert "HYPOTHESIS_PROFILE=fast" in fast and "-n $(FAST_WORKERS)" in fast and '-m "not e2e"' in fast
+
+
+def test_the_cli_in_process_narrows_the_umask_for_its_files_and_gives_the_callers_back(tmp_path: Path):
+    config = write_config(tmp_path, base_config(tmp_path, free_port()))
+    old = os.umask(0o022)
+    try:
+        res = cli_in_process(config, "devices", "add", "dev-1", "--platform", "simulation", "--address", "")
+        assert res.returncode == 0, res.stderr
+        now = os.umask(0o022)
+    finally:
+        os.umask(old)
+    assert now == 0o022  # as after a child process: a daemon started next gets the caller's umask
+    db = tmp_path / "var" / "gateway.db"
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600
+
+
+def test_an_unknown_profile_is_refused_by_name():
+    import importlib
+
+    started = os.environ.get("HYPOTHESIS_PROFILE")
+    os.environ["HYPOTHESIS_PROFILE"] = "quick"
+    try:
+        with pytest.raises(ValueError, match="HYPOTHESIS_PROFILE: 'quick' is not one of"):
+            importlib.reload(fuzz)
+    finally:
+        if started is None:
+            del os.environ["HYPOTHESIS_PROFILE"]
+        else:
+            os.environ["HYPOTHESIS_PROFILE"] = started
+        importlib.reload(fuzz)  # back to the profile this run started with
