@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from tests.broker.helpers import PUBACK, PUBCOMP, PUBLISH, PUBREC, PUBREL, RawClient, start_broker, until
-from tests.broker.v5 import DISCONNECT, RawClient5, ack_reason, decode_props, disconnect_reason
+from tests.broker.helpers import PUBACK, PUBCOMP, PUBLISH, PUBREC, PUBREL, SUBACK, RawClient, start_broker, until
+from tests.broker.v5 import DISCONNECT, RawClient5, ack_reason, decode_props, disconnect_reason, encode_props, varint
 
 P = "homepot/site-t"
 USER = 0x26
@@ -233,6 +233,75 @@ async def test_overlapping_subscriptions_send_one_copy_with_every_identifier(tmp
         c.disconnect5()
     finally:
         await broker.stop()
+
+
+def _subscribe_packet(packet_id: int, topic_filter: str, options: int, sub_id: int) -> bytes:
+    body = (packet_id.to_bytes(2, "big") + encode_props({0x0B: [sub_id]}) + len(topic_filter).to_bytes(2, "big")
+            + topic_filter.encode() + bytes([options]))
+    return bytes([0x82]) + varint(len(body)) + body
+
+
+def _publish_packet(topic: str, payload: bytes, qos: int, packet_id: int = 0) -> bytes:
+    body = (len(topic).to_bytes(2, "big") + topic.encode() + (packet_id.to_bytes(2, "big") if qos else b"")
+            + encode_props(None) + payload)
+    return bytes([0x30 | qos << 1]) + varint(len(body)) + body
+
+
+def _unsubscribe_packet(packet_id: int, topic_filter: str) -> bytes:
+    body = packet_id.to_bytes(2, "big") + encode_props(None) + len(topic_filter).to_bytes(2, "big") + topic_filter.encode()
+    return bytes([0xA2]) + varint(len(body)) + body
+
+
+@pytest.mark.parametrize("session_expiry", [0, 3600])
+async def test_subscribe_and_unsubscribe_take_effect_before_the_next_packet(broker, session_expiry):
+    """A client's packets take effect in the order it sent them: a SUBSCRIBE followed, in the
+    same TCP segment, by a PUBLISH the new filter matches routes that PUBLISH with the new
+    subscription too (one copy carrying both Subscription Identifiers [MQTT-3.3.4-4]); an
+    UNSUBSCRIBE followed by a PUBLISH to that filter delivers nothing [MQTT-3.10.4-2] ("MUST
+    stop adding any new messages ... for delivery to the Client"). The SUBACK, which waits for
+    the commit of a persistent session, must not hold the subscription back. (The Eclipse Paho
+    interoperability suite's subscription identifier test sends exactly this.)"""
+    c = await _client(broker.port, f"order-{session_expiry}", props={0x11: session_expiry})
+    assert await c.subscribe5(("ord/a", 1), props={0x0B: [1]}) == [1]
+    c.send(_subscribe_packet(c.next_pid(), "ord/#", 1, 2) + _publish_packet("ord/a", b"both", 1, packet_id=500))
+    got = await c.next_publish()
+    assert got.payload == b"both" and sorted(got.props[0x0B]) == [1, 2]
+    c.send(bytes([PUBACK << 4, 2]) + got.packet_id.to_bytes(2, "big"))
+    await c.expect(SUBACK)
+    assert (await c.expect(PUBACK)).packet_id == 500
+
+    assert await c.subscribe5(("gone/x", 0), ("gone/y", 0)) == [0, 0]
+    c.send(_unsubscribe_packet(c.next_pid(), "gone/x") + _publish_packet("gone/x", b"after unsubscribe", 0)
+           + _publish_packet("gone/y", b"barrier", 0))
+    got = await c.next_publish()
+    assert got.payload == b"barrier", got   # the message to gone/x would have come first
+    c.disconnect5()
+
+
+async def test_disconnect_reason_reaches_a_client_that_keeps_sending(broker):
+    """[MQTT-3.3.4-7]: a client over the Receive Maximum is sent DISCONNECT 0x93, and it must be
+    able to read it although it is still answering the PUBRECs before it with PUBRELs, as every
+    client does. Closed outright, the broker's socket answered those PUBRELs with a TCP reset,
+    which made the client's kernel drop the PUBRECs and the DISCONNECT it had not read yet: the
+    client saw "connection reset", never the reason (the Eclipse Paho interoperability suite's
+    test_flow_control2). The broker half-closes and reads what still comes until the client
+    closes too."""
+    c = RawClient5(broker.port)
+    await c.connect5("pipelining")
+    maximum = c.connack_props[0x21]
+    for _ in range(maximum + 1):
+        c.publish5("flood/x", b"x", 2)
+    await c.writer.drain()
+    reasons = []
+    while not reasons:
+        pkt = await c.read(timeout=5)
+        assert pkt is not None, "connection ended without the DISCONNECT"
+        if pkt.type == PUBREC:
+            c.ack(PUBREL, pkt.packet_id)
+        elif pkt.type == DISCONNECT:
+            reasons.append(disconnect_reason(pkt))
+    assert reasons == [0x93]
+    assert await c.closed()
 
 
 async def test_session_expiry_and_clean_start(broker):

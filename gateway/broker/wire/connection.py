@@ -311,9 +311,9 @@ class Connection:
         if PUBACK <= kind <= PUBCOMP:
             task = handle_publish.on_ack(self, client, kind, body)
         elif kind == SUBSCRIBE:
-            task = asyncio.get_running_loop().create_task(handle_subscribe.on_subscribe(self, client, body))
+            task = handle_subscribe.on_subscribe(self, client, body)
         elif kind == UNSUBSCRIBE:
-            task = asyncio.get_running_loop().create_task(handle_subscribe.on_unsubscribe(self, client, body))
+            task = handle_subscribe.on_unsubscribe(self, client, body)
         elif kind == PINGREQ:
             if body:
                 raise Malformed("PINGREQ with a body")

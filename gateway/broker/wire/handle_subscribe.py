@@ -8,10 +8,17 @@ are kept with the subscription (:mod:`gateway.broker.suboptions`), and on disk w
 the group (§4.8.2); retained messages are not sent for it (§4.8.2: "Retained messages are
 not sent to the Session when it establishes a new Shared Subscription").
 The SUBACK / UNSUBACK is written once the subscription is on disk (persistent sessions).
+
+A SUBSCRIBE or UNSUBSCRIBE takes effect in the reader, before the next packet of the same
+connection is looked at: a client that subscribes and at once publishes to a topic the new
+filter matches gets that message (with the new Subscription Identifier), and one that
+unsubscribes and at once publishes does not [MQTT-3.10.4-2]. Only the acknowledgement (after
+the commit) and the retained messages run in a task.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 import structlog
@@ -71,14 +78,12 @@ def decode(data: bytes, kind: int, v5: bool) -> tuple[int, P.Properties, list[tu
     return packet_id, props, entries
 
 
-async def on_subscribe(conn: Connection, cs: ClientState, data: bytes) -> None:
+def on_subscribe(conn: Connection, cs: ClientState, data: bytes) -> asyncio.Task[None]:
+    """Apply the subscriptions now (a Malformed is raised to the reader); the task writes the
+    SUBACK once they are stored, then the retained messages."""
     gw = conn.gw
     v5 = conn.version == V5
-    try:
-        packet_id, props, requests = decode(data, SUBSCRIBE, v5)
-    except Malformed as exc:
-        raise_or_close(conn, exc)
-        return
+    packet_id, props, requests = decode(data, SUBSCRIBE, v5)
     sub_id = props.get(Prop.SUBSCRIPTION_IDENTIFIER, 0)
     codes: list[int] = []
     granted: list[tuple[str, int, bool]] = []
@@ -94,8 +99,7 @@ async def on_subscribe(conn: Connection, cs: ClientState, data: bytes) -> None:
             continue
         inner = shared[1] if shared else topic_filter
         if shared and no_local:
-            raise_or_close(conn, Malformed("No Local on a shared subscription", Reason.PROTOCOL_ERROR))  # [MQTT-3.8.3-4]
-            return
+            raise Malformed("No Local on a shared subscription", Reason.PROTOCOL_ERROR)  # [MQTT-3.8.3-4]
         if qos == 3 or not valid_topic_filter(inner):
             codes.append(Reason.TOPIC_FILTER_INVALID if v5 else V311_FAILURE)
             continue
@@ -114,7 +118,14 @@ async def on_subscribe(conn: Connection, cs: ClientState, data: bytes) -> None:
             store.subscribe(cs.client_id, topic_filter, packed)
         codes.append(qos)
         granted.append((topic_filter, packed, existed))
-    if not await gw.durable(conn, store is not None and bool(granted)):
+    return asyncio.get_running_loop().create_task(
+        _acknowledge_subscribe(conn, cs, packet_id, codes, granted, store is not None and bool(granted)))
+
+
+async def _acknowledge_subscribe(conn: Connection, cs: ClientState, packet_id: int, codes: list[int],
+                                 granted: list[tuple[str, int, bool]], stored: bool) -> None:
+    gw = conn.gw
+    if not await gw.durable(conn, stored):
         return
     conn.write(send_suback(conn.version, packet_id, codes))
     for topic_filter, packed, existed in granted:
@@ -126,13 +137,11 @@ async def on_subscribe(conn: Connection, cs: ClientState, data: bytes) -> None:
         gw.send_retained(cs, topic_filter, packed)
 
 
-async def on_unsubscribe(conn: Connection, cs: ClientState, data: bytes) -> None:
+def on_unsubscribe(conn: Connection, cs: ClientState, data: bytes) -> asyncio.Task[None]:
+    """Remove the subscriptions now (a Malformed is raised to the reader); the task writes the
+    UNSUBACK once the removal is stored."""
     gw = conn.gw
-    try:
-        packet_id, _, entries = decode(data, UNSUBSCRIBE, conn.version == V5)
-    except Malformed as exc:
-        raise_or_close(conn, exc)
-        return
+    packet_id, _, entries = decode(data, UNSUBSCRIBE, conn.version == V5)
     store = cs.store
     codes: list[int] = []
     for topic_filter, _ in entries:
@@ -142,11 +151,11 @@ async def on_unsubscribe(conn: Connection, cs: ClientState, data: bytes) -> None
             codes.append(Reason.SUCCESS)
         else:
             codes.append(Reason.NO_SUBSCRIPTION_EXISTED)
-    if not await gw.durable(conn, store is not None):
+    return asyncio.get_running_loop().create_task(
+        _acknowledge_unsubscribe(conn, packet_id, codes, store is not None))
+
+
+async def _acknowledge_unsubscribe(conn: Connection, packet_id: int, codes: list[int], stored: bool) -> None:
+    if not await conn.gw.durable(conn, stored):
         return
     conn.write(send_unsuback(conn.version, packet_id, codes))
-
-
-def raise_or_close(conn: Connection, exc: Malformed) -> None:
-    """A protocol error found in a task (not in the reader): close the same way the reader would."""
-    conn.protocol_error(exc)

@@ -68,6 +68,37 @@ class Writer(Protocol):
 Accept = Callable[[asyncio.StreamReader, "Writer", ListenerSection, str], Awaitable[None]]
 
 
+LINGER_BYTES = 256 * 1024      # what a closing TCP connection reads and drops before it is cut
+
+
+class _Linger(asyncio.Protocol):
+    """A half-closed TCP connection: the peer's late bytes are dropped, its FIN closes the
+    socket, more than :data:`LINGER_BYTES` aborts it. Flow control and the final
+    ``connection_lost`` still reach the stream's own protocol (a ``drain`` waiting there ends)."""
+
+    def __init__(self, transport: asyncio.Transport, inner: asyncio.BaseProtocol):
+        self._transport = transport
+        self._inner = inner
+        self._left = LINGER_BYTES
+
+    def data_received(self, data: bytes) -> None:
+        self._left -= len(data)
+        if self._left < 0:
+            self._transport.abort()
+
+    def eof_received(self) -> bool:
+        return False   # the transport closes
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._inner.connection_lost(exc)
+
+
 class StreamWriter:
     """An :class:`asyncio.StreamWriter` with ``abort`` (drop the connection without flushing:
     a dead peer would never drain it)."""
@@ -86,7 +117,19 @@ class StreamWriter:
         return self._w.is_closing()
 
     def close(self) -> None:
-        self._w.close()
+        """Flush, then send FIN and keep reading (discarding) until the peer closes too, for at
+        most :data:`LINGER_BYTES`; the caller aborts after its grace period anyway. A plain
+        close with the peer's bytes still arriving makes the kernel answer them with a reset,
+        and a reset makes the peer's kernel drop what it had not read yet: the DISCONNECT
+        with its reason code (or a refusing CONNACK) never reached a client that had more
+        packets on the way (RFC 2525 §2.17). TLS cannot half-close: closed as before."""
+        transport = self._w.transport
+        if transport.is_closing() or not transport.can_write_eof():
+            self._w.close()
+            return
+        transport.set_protocol(_Linger(transport, transport.get_protocol()))
+        transport.write_eof()
+        transport.resume_reading()
 
     def peercert(self) -> Any:
         return self._w.get_extra_info("peercert")
