@@ -49,17 +49,23 @@ async def test_a_flooding_client_leaves_the_loop_to_the_others(tmp_path: Path):
         await b.stop()
 
 
+async def lurker_beside_publisher(b) -> tuple[RawClient, RawClient, object]:  # noqa: ANN001 - a started broker
+    """A subscriber "lurker" to ``t/lurk`` at QoS 1 that reads nothing, a publisher beside it,
+    and the broker's own view of the lurker's session."""
+    lurker, pub = RawClient(b.port), RawClient(b.port)
+    assert await lurker.connect("lurker") == (False, 0)
+    assert await lurker.subscribe(("t/lurk", 1)) == [1]
+    assert await pub.connect("pub") == (False, 0)
+    return lurker, pub, b.broker._clients["lurker"]  # noqa: SLF001 - the broker's view of the session
+
+
 async def test_a_subscriber_that_never_reads_does_not_slow_publishers(tmp_path: Path):
     """A subscriber with a full window of unacknowledged messages (it reads nothing) cannot take
     more: publishers must not yield to it after every message (its queue drops its oldest
     instead). A subscriber whose sender can move messages still gets the yield."""
     b = await start_broker(tmp_path, broker={"max_queued_messages": 50})
     try:
-        lurker, pub = RawClient(b.port), RawClient(b.port)
-        assert await lurker.connect("lurker") == (False, 0)
-        assert await lurker.subscribe(("t/lurk", 1)) == [1]
-        assert await pub.connect("pub") == (False, 0)
-        cs = b.broker._clients["lurker"]  # noqa: SLF001 - the broker's view of the session
+        lurker, pub, cs = await lurker_beside_publisher(b)
         for _ in range(400):
             pub.publish("t/lurk", b"y" * 32, qos=1)
         await until(lambda: b.metrics()["dropped"] > 0, timeout=15)
@@ -76,11 +82,7 @@ async def test_a_subscriber_waiting_for_acknowledgements_is_not_woken_per_messag
     for nothing). Now only an acknowledgement wakes it, and then it moves the next message."""
     b = await start_broker(tmp_path, broker={"max_queued_messages": 50})
     try:
-        lurker, pub = RawClient(b.port), RawClient(b.port)
-        assert await lurker.connect("lurker") == (False, 0)
-        assert await lurker.subscribe(("t/lurk", 1)) == [1]
-        assert await pub.connect("pub") == (False, 0)
-        cs = b.broker._clients["lurker"]  # noqa: SLF001 - the broker's view of the session
+        lurker, pub, cs = await lurker_beside_publisher(b)
         for _ in range(MAX_INFLIGHT):
             pub.publish("t/lurk", b"y" * 32, qos=1)
         await until(lambda: len(cs.inflight) == MAX_INFLIGHT, timeout=15)
