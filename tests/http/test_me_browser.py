@@ -23,7 +23,7 @@ import httpx
 from playwright.async_api import async_playwright, expect
 
 from tests.http.conftest import db_rows, make_api_gateway
-from tests.http.test_web_push_browser import CHROMIUM, FLAGS, push_service, webpush_config  # noqa: F401 - the fixture
+from tests.http.test_web_push_browser import CHROMIUM, FLAGS, open_push_page, push_service, webpush_config  # noqa: F401 - the fixture
 from tests.helpers import cli, until
 
 
@@ -40,15 +40,9 @@ async def test_a_person_subscribes_on_me_gets_the_push_and_opens_it_from_the_inb
             r = await tech.put("/v1/people/anna", json={"name": "Anna K.", "account": "anna", "timezone": "Europe/Berlin"})
             assert r.status_code == 201, r.text
             browser = await pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-            context = await browser.new_context(viewport={"width": 390, "height": 844})
-            context.set_default_timeout(20_000)
-            await context.grant_permissions(["notifications"], origin=origin)
-            page = await context.new_page()
-            cdp = await context.new_cdp_session(page)
-            registrations: dict[str, str] = {}
-            cdp.on("ServiceWorker.workerRegistrationUpdated",
-                   lambda ev: registrations.update({r["scopeURL"]: r["registrationId"] for r in ev["registrations"]}))
-            await cdp.send("ServiceWorker.enable")
+            opened = await open_push_page(browser, origin, viewport={"width": 390, "height": 844})
+            opened.context.set_default_timeout(20_000)
+            page, cdp, registrations = opened.page, opened.cdp, opened.registrations
 
             # Log in: /me shows the form, the form sends a user back to /me.
             await page.goto(f"{origin}/me")

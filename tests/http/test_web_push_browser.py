@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
-from playwright.async_api import async_playwright
+from playwright.async_api import Browser, BrowserContext, CDPSession, Page, async_playwright
 
 from tests.fakes.common import Pki
 from tests.fakes.thread import LoopThread
@@ -32,6 +34,30 @@ from tests.support import fill_disk, mounted_tmpfs
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@dataclass
+class PushPage:
+    """A page in a context allowed to show notifications, with Chrome's DevTools session and
+    the service-worker registrations it reports (scope URL → registration id; the id is what
+    ``ServiceWorker.deliverPushMessage`` takes, as a push service's delivery would)."""
+
+    context: BrowserContext
+    page: Page
+    cdp: CDPSession
+    registrations: dict[str, str]
+
+
+async def open_push_page(browser: Browser, origin: str, **context_options: Any) -> PushPage:
+    context = await browser.new_context(**context_options)
+    await context.grant_permissions(["notifications"], origin=origin)
+    page = await context.new_page()
+    cdp = await context.new_cdp_session(page)
+    registrations: dict[str, str] = {}
+    cdp.on("ServiceWorker.workerRegistrationUpdated",
+           lambda ev: registrations.update({r["scopeURL"]: r["registrationId"] for r in ev["registrations"]}))
+    await cdp.send("ServiceWorker.enable")
+    return PushPage(context, page, cdp, registrations)
 
 
 @pytest.fixture
@@ -53,14 +79,8 @@ async def test_service_worker_shows_the_push_and_acks_it_through_the_gateway(tmp
     try:
         async with async_playwright() as pw:
             browser = await pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-            context = await browser.new_context()
-            await context.grant_permissions(["notifications"], origin=origin)
-            page = await context.new_page()
-            cdp = await context.new_cdp_session(page)
-            registrations: dict[str, str] = {}
-            cdp.on("ServiceWorker.workerRegistrationUpdated",
-                   lambda ev: registrations.update({r["scopeURL"]: r["registrationId"] for r in ev["registrations"]}))
-            await cdp.send("ServiceWorker.enable")
+            opened = await open_push_page(browser, origin)
+            page, cdp, registrations = opened.page, opened.cdp, opened.registrations
             await page.goto(f"{origin}/web/")
             await page.evaluate("navigator.serviceWorker.ready.then(() => true)")
             registration_id = registrations[f"{origin}/web/"]
@@ -125,23 +145,17 @@ PENDING_ACKS = """() => new Promise((resolve, reject) => {
 })"""
 
 
-class Browser:
+class ChromiumPage:
     """Chromium with the gateway's page open, its worker registered, device web-1 subscribed."""
 
     def __init__(self, api, fake, pw):
         self.api, self.fake, self.pw = api, fake, pw
         self.origin = api.base
 
-    async def __aenter__(self) -> "Browser":
+    async def __aenter__(self) -> "ChromiumPage":
         self.browser = await self.pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        context = await self.browser.new_context()
-        await context.grant_permissions(["notifications"], origin=self.origin)
-        self.page = await context.new_page()
-        self.cdp = await context.new_cdp_session(self.page)
-        registrations: dict[str, str] = {}
-        self.cdp.on("ServiceWorker.workerRegistrationUpdated",
-                    lambda ev: registrations.update({r["scopeURL"]: r["registrationId"] for r in ev["registrations"]}))
-        await self.cdp.send("ServiceWorker.enable")
+        opened = await open_push_page(self.browser, self.origin)
+        self.page, self.cdp, registrations = opened.page, opened.cdp, opened.registrations
         await self.page.goto(f"{self.origin}/web/")
         await self.page.evaluate("navigator.serviceWorker.ready.then(() => true)")
         self.registration_id = registrations[f"{self.origin}/web/"]
@@ -230,7 +244,7 @@ async def test_ack_refused_with_503_on_a_full_disk_arrives_when_there_is_room(tm
     with mounted_tmpfs(tmp_path / "var", "24m") as var:
         api = webpush_gateway(tmp_path, pki, started)
         try:
-            async with async_playwright() as pw, Browser(api, fake, pw) as b, \
+            async with async_playwright() as pw, ChromiumPage(api, fake, pw) as b, \
                     httpx.AsyncClient(base_url=api.base, auth=("tech", "tech-pw"), timeout=30) as tech:
                 payload = await b.pushed(tech, "full-1")
                 filler = fill_disk(var / "filler")
@@ -255,7 +269,7 @@ async def test_ack_sent_while_the_gateway_restarts_arrives_after_it_is_back(tmp_
     pki, fake = push_service
     api = webpush_gateway(tmp_path, pki, started)
     try:
-        async with async_playwright() as pw, Browser(api, fake, pw) as b, \
+        async with async_playwright() as pw, ChromiumPage(api, fake, pw) as b, \
                 httpx.AsyncClient(base_url=api.base, auth=("tech", "tech-pw"), timeout=30) as tech:
             payload = await b.pushed(tech, "restart-1")
             assert api.gw.stop() == 0  # connections are refused until it is back
@@ -276,7 +290,7 @@ async def test_page_load_sends_acks_left_unsent(tmp_path, push_service, started)
     pki, fake = push_service
     api = webpush_gateway(tmp_path, pki, started)
     try:
-        async with async_playwright() as pw, Browser(api, fake, pw) as b, \
+        async with async_playwright() as pw, ChromiumPage(api, fake, pw) as b, \
                 httpx.AsyncClient(base_url=api.base, auth=("tech", "tech-pw"), timeout=30) as tech:
             payload = await b.pushed(tech, "left-1")
             # What the worker leaves behind when the browser stops its event: a stored ack, due.
