@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from typer.core import TyperArgument
@@ -19,6 +19,9 @@ from typer.core import TyperArgument
 from gateway import clock
 from gateway.config import Config, ConfigError, LoadedConfig, load_config
 from gateway.states import DELIVERY_STATES, AlarmState, JobState
+
+if TYPE_CHECKING:
+    import sqlite3
 
 # Plain (click) help: rich markup would eat bracketed words such as [[rules]] and [broker.acl].
 PLAIN = {"rich_markup_mode": None}
@@ -47,10 +50,12 @@ class _State:
     config_path: str | None = None
     command: str | None = None  # "devices import": for the one-line failure of main()
     db_path: Path | None = None  # the database the command opened, named when it fails
-    # Connections the command opened, closed by main() when it ends: a process exit would
-    # close them anyway, but main() also runs in-process (the tests' cli_in_process), where
-    # an open connection kept the daemon's -wal file alive after the daemon stopped.
-    connections: list = []  # list[sqlite3.Connection]
+
+    def __init__(self) -> None:
+        # Connections the command opened, closed by main() when it ends: a process exit would
+        # close them anyway, but main() also runs in-process (the tests' cli_in_process), where
+        # an open connection kept the daemon's -wal file alive after the daemon stopped.
+        self.connections: list[sqlite3.Connection] = []
 
 
 state = _State()
