@@ -1,4 +1,4 @@
-"""Password checks of the embedded broker: argon2 once per good password, never both cores for guesses.
+"""Password checks of the embedded broker and the HTTP API: argon2 once per good password, never both cores for guesses.
 
 Every CONNECT with a user name was a full argon2 check in a thread: tens of milliseconds of
 CPU by design, spread over several threads. A client that reconnects in a loop (one
@@ -132,6 +132,12 @@ class Logins:
         limit. A client that does that in a loop (reconnect, send it again) cost the broker a
         connection's work each time and kept the host busy: it is slowed down (:meth:`admit`)."""
         self._violations.event(principal)
+
+    def forget_all(self) -> int:
+        """Drop every remembered good password (a reload that re-reads everything); how many."""
+        count = len(self._good)
+        self._good.clear()
+        return count
 
     def remembered(self) -> int:
         """Accounts whose good password is remembered."""

@@ -92,7 +92,7 @@ class MeRoutes:
         """HTTP Basic when the request carries it (scripts); else the page's session, and
         for a write also its CSRF token and a same-origin request (as the operator page)."""
         if request.headers.get("Authorization"):
-            return await self.svc.auth.principal(request.headers.get("Authorization")), None
+            return await self.svc.auth.principal(request.headers.get("Authorization"), request.remote or ""), None
         session = await self.sessions.get(request.cookies.get(COOKIE))
         if session is None:
             raise ApiError(401, "unauthorized", "log in on /me, or use HTTP Basic with a `user` account")

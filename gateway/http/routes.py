@@ -229,7 +229,7 @@ class Api:
             raise _not_stored(exc) from None
 
     async def _principal(self, request: web.Request) -> Principal:
-        return await self.svc.auth.principal(request.headers.get("Authorization"))
+        return await self.svc.auth.principal(request.headers.get("Authorization"), request.remote or "")
 
     # ------------------------------------------------------------------ public
     async def healthz(self, request: web.Request) -> web.Response:

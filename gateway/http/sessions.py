@@ -18,7 +18,7 @@ gets a session:
 - A session ends after :data:`IDLE_S` without a request (an open page's event stream counts
   as use), after :data:`MAX_AGE_S` in any case, on logout, and as soon as its account is
   removed, changes role or changes password (the password file is looked at, at most once a
-  second, like the credential cache's). Sessions live in memory: a daemon restart logs
+  second). Sessions live in memory: a daemon restart logs
   everyone out.
 """
 

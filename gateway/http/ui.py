@@ -151,7 +151,7 @@ class OperatorPage:
         if session is not None:
             principal = self.svc.auth.principal_for(session.name, session.role)
         elif request.headers.get("Authorization"):
-            principal = await self.svc.auth.principal(request.headers.get("Authorization"))
+            principal = await self.svc.auth.principal(request.headers.get("Authorization"), request.remote or "")
         else:
             raise ApiError(401, "unauthorized", "log in on the operator page (/) or use HTTP Basic")
         if not principal.may_read_jobs():
@@ -206,7 +206,7 @@ class OperatorPage:
         if not username or not password:
             return self._login_page("user name and password are required", username, 400)
         try:
-            principal = await self.svc.auth.check(username, password)
+            principal = await self.svc.auth.check(username, password, request.remote or "")
         except ApiError as err:
             log.info("operator page login refused", user=username[:64], reason=err.code, peer=request.remote)
             return self._login_page(err.message, username, err.status)

@@ -105,25 +105,42 @@ def test_a_database_kept_by_the_old_triggers_loses_them_without_a_recount():
         conn, "COALESCE(route, platform, '')")
 
 
-async def test_logins_are_verified_once_then_cached_and_forgotten_on_invalidate(tmp_path):
+async def test_logins_are_verified_once_then_cached_and_forgotten_on_invalidate(tmp_path, monkeypatch):
+    from gateway.broker import logins as logins_mod
     from gateway.broker.passwords import add_user
 
     cfg = parse_config({"gateway": {"data_dir": str(tmp_path)}, "broker": {
         "listeners": [{"name": "l", "bind": "127.0.0.1:1"}], "auth": {"password_file": str(tmp_path / "passwd")}},
         "http": {}}, environ={}).config
     add_user(tmp_path / "passwd", "tech", "pw", "technician")
+    checks: list[str] = []
+    real = logins_mod.check_password
+    monkeypatch.setattr(logins_mod, "check_password", lambda account, password: checks.append(password) or real(account, password))
     auth = BasicAuth(cfg)
     header = "Basic dGVjaDpwdw=="  # tech:pw
     for _ in range(5):
-        principal = await auth.principal(header)
-    assert principal.role == "technician" and principal.may_submit_jobs() and auth.verifications == 1
-    assert all(b"pw" not in k for k in auth._cache)  # keyed by an HMAC, not the password
+        principal = await auth.principal(header, "10.0.0.7")
+    assert principal.role == "technician" and principal.may_submit_jobs() and len(checks) == 1
+    assert all(b"pw" not in verifier for _, verifier in auth._logins._good.values())  # an HMAC, not the password
     auth.invalidate()  # SIGHUP
-    await auth.principal(header)
-    assert auth.verifications == 2
+    await auth.principal(header, "10.0.0.7")
+    assert len(checks) == 2
     with pytest.raises(ApiError) as err:
-        await auth.principal("Basic dGVjaDp3cm9uZw==")  # tech:wrong
-    assert err.value.status == 401 and auth.failures == 1
+        await auth.principal("Basic dGVjaDp3cm9uZw==", "10.0.0.7")  # tech:wrong
+    assert err.value.status == 401 and len(checks) == 3
+    # The password changes: the remembered one is refused at once, with no reload.
+    add_user(tmp_path / "passwd", "tech", "new-pw", "technician")
+    with pytest.raises(ApiError) as err:
+        await auth.principal(header, "10.0.0.7")
+    assert err.value.status == 401
+    # An address the checks throttle (tests/broker/test_logins.py) is answered 503, Retry-After.
+    async def throttled(name: str, password: str, source: str):  # noqa: ANN202
+        assert source == "10.0.0.9"
+        return logins_mod.Verdict.THROTTLED, None
+    monkeypatch.setattr(auth._logins, "verify", throttled)
+    with pytest.raises(ApiError) as err:
+        await auth.principal("Basic dGVjaDp3cm9uZw==", "10.0.0.9")
+    assert err.value.status == 503 and err.value.headers == {"Retry-After": "8"}
     auth.close()
 
 
