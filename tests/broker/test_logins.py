@@ -130,6 +130,28 @@ async def test_an_address_that_keeps_failing_waits_but_a_known_password_does_not
         await b.stop()
 
 
+async def test_a_guess_whose_turn_is_too_far_is_refused_unchecked_and_counted(tmp_path: Path, monkeypatch):
+    """Guesses in parallel from one failing address queue behind each other; one whose turn is
+    further than MAX_DELAY_S is answered at once (3.1.1: 0x03 server unavailable) without an
+    argon2 check, and /metrics' logins_throttled counts exactly those."""
+    write_accounts(tmp_path / "var" / "passwd", {"tech": "technician"})
+    monkeypatch.setattr(logins_mod, "MAX_DELAY_S", 0.3)
+    b = await start_broker(tmp_path)
+    try:
+        assert await login(b.port, "tech", "pw") == 0
+        for _ in range(logins_mod.FREE_FAILURES):
+            assert await login(b.port, "tech", "guess") == BAD_PASSWORD
+        spy = ArgonSpy(monkeypatch)
+        codes = await asyncio.gather(*(login(b.port, "tech", "guess", f"g-{i}") for i in range(6)))
+        refused = codes.count(SERVER_UNAVAILABLE)
+        assert refused >= 1 and set(codes) <= {BAD_PASSWORD, SERVER_UNAVAILABLE}, codes
+        assert spy.calls == codes.count(BAD_PASSWORD)          # the refused ones were never hashed
+        assert b.metrics()["logins_throttled"] == refused
+        assert await login(b.port, "tech", "pw") == 0           # the known password still passes
+    finally:
+        await b.stop()
+
+
 async def test_an_account_disconnected_for_oversized_packets_in_a_loop_is_slowed_down(tmp_path: Path, monkeypatch):
     """The hostile bench's "oversized" client: a device account announces a PUBLISH over its
     max_packet_size (64 KiB), is disconnected after the fixed header, and reconnects. After
