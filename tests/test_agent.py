@@ -14,7 +14,7 @@ import time
 import uuid
 from pathlib import Path
 
-from tests.support import MqttProbe, cli, free_port
+from tests.support import MqttProbe, cli
 
 
 def start_agent(gw, *args: str, tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:  # noqa: ANN001
@@ -39,10 +39,10 @@ def wait_event(path: Path, name: str, timeout: float = 15.0) -> dict:
 
 
 def test_anonymous_agent_warns_and_notices_a_redelivered_acked_message(gateway_factory, tmp_path: Path):
-    port = free_port()  # the shipped config's listener: anonymous local clients are technicians
-    gw = gateway_factory({"broker": {"listeners": [{"name": "local", "type": "tcp", "bind": f"127.0.0.1:{port}",
+    # The shipped config's listener: anonymous local clients are technicians.
+    gw = gateway_factory({"broker": {"listeners": [{"name": "local", "type": "tcp", "bind": "127.0.0.1:0",
                                                     "allow_anonymous": True, "anonymous_role": "technician"}]}},
-                         port=port, start=False)
+                         start=False)
     assert cli(gw.config, "users", "add", "boss", "--role", "admin", "--password-stdin", input="boss-pw\n").returncode == 0
     gw.start()
     agent, out, err = start_agent(gw, "--device-id", "plc-9", tmp_path=tmp_path)
