@@ -54,12 +54,15 @@ GROUP=$(id -gn "$SERVICE_USER")
 if [ ! -x "$PREFIX/bin/python" ]; then
   # --upgrade-deps: the pip that a distribution's venv brings can be years old (Debian 12:
   # pip 23.0), and an old pip spends most of the install matching the index's files against
-  # the platform (this project's first install: ~21 s of CPU with pip 23.0, ~17 s with a
-  # current pip, the upgrade included).
+  # the platform (this project's first install.sh run: ~26 s of CPU with pip 23.0, ~21 s
+  # with a current pip, the upgrade included).
   "$PYTHON" -m venv --upgrade-deps "$PREFIX"
 fi
+# What the package is built from (pyproject.toml's packages and its readme). A file the
+# build needs from the checkout's top level (e.g. a LICENSE) must be added here.
+PACKAGE_SOURCES="pyproject.toml README.md gateway bridges devices"
 # Reinstall only when the code changed since the last run (a fingerprint of the sources).
-FINGERPRINT=$(cd "$SRC" && find pyproject.toml README.md docs gateway bridges devices -type f \
+FINGERPRINT=$(cd "$SRC" && find $PACKAGE_SOURCES docs -type f \
                 ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$PREFIX/.source-sha256" 2>/dev/null)" = "$FINGERPRINT" ] && [ -x "$PREFIX/bin/homepot-gateway" ]; then
   say "code unchanged since the last install; venv kept"
@@ -70,7 +73,7 @@ else
   # build/ and *.egg-info behind in the user's checkout).
   BUILD=$(mktemp -d)
   trap 'rm -rf "$BUILD"' EXIT
-  (cd "$SRC" && tar -cf - --exclude=__pycache__ --exclude='*.pyc' pyproject.toml README.md gateway bridges devices) \
+  (cd "$SRC" && tar -cf - --exclude=__pycache__ --exclude='*.pyc' $PACKAGE_SOURCES) \
     | tar -xf - -C "$BUILD"
   "$PREFIX/bin/python" -m pip install --quiet --disable-pip-version-check "$BUILD"
   rm -rf "$BUILD"
