@@ -201,11 +201,23 @@ class _MqttLinkSection(_Section):
     ca_file: Path | None = Field(default=None, description="Extra CA to trust for `mqtts://`/`wss://`.")
     cert_file: Path | None = Field(default=None, description="Client certificate for mutual TLS.")
     key_file: Path | None = Field(default=None, description="Client private key for mutual TLS.")
+    reconnect_initial_s: float = Field(default=0.5, gt=0, le=3600,
+        description="After a failed connect (the broker down, also at start) the next attempt comes after a "
+                    "random wait between half this and this many seconds; each further failure doubles it, up to "
+                    "`reconnect_max_s`. A connection that comes up starts again from here.")
+    reconnect_max_s: float = Field(default=30.0, gt=0, le=3600,
+        description="The longest wait between two connect attempts, in seconds (jittered the same way).")
 
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
         return _check_mqtt_url(v)
+
+    @model_validator(mode="after")
+    def _reconnect(self) -> "_MqttLinkSection":
+        if self.reconnect_max_s < self.reconnect_initial_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_initial_s")
+        return self
 
 
 MQTT_MAX_PACKET = 268_435_455   # the largest "remaining length" MQTT can express (§2.2.3)
@@ -437,6 +449,12 @@ class MqttUrl:
 class UpstreamSection(_MqttLinkSection):
     url: str = Field(description="The cloud controller's broker, e.g. `mqtts://cloud.example.com:8883`.")
     client_id: str = Field(default="", description="Client id on the cloud broker (persistent session).")
+    reconnect_initial_s: float = Field(default=1.0, gt=0, le=3600,
+        description="After a failed connect to the cloud broker (or a session that ended before it proved healthy) "
+                    "the next attempt comes after a random wait between half this and this many seconds; each "
+                    "further failure doubles it, up to `reconnect_max_s`.")
+    reconnect_max_s: float = Field(default=60.0, gt=0, le=3600,
+        description="The longest wait between two connect attempts to the cloud broker, in seconds.")
     buffer_max_mb: float = Field(default=256, gt=0,
         description="Store-and-forward cap on disk for what is owed to the cloud, in MB.")
     overflow: Literal["drop-oldest", "refuse-new"] = Field(default="drop-oldest",

@@ -122,6 +122,7 @@ class GatewayClient:
         self.left_on_purpose = False
         self.held = 0  # messages left unacknowledged because they could not be stored
         self.backoff_s = 0.0  # the wait before the next connect attempt (0 while connected)
+        self._attempted = asyncio.Event()  # the first connect attempt has succeeded or failed
         self.set_aside = SetAside(log, name)  # handled with a failure that is not storage
         if settings.protocol not in PROTOCOLS:
             raise ValueError(f"protocol: {settings.protocol!r} is not one of {', '.join(PROTOCOLS)}")
@@ -151,6 +152,15 @@ class GatewayClient:
             return True
         except TimeoutError:
             return False
+
+    async def wait_first_attempt(self, timeout: float | None = None) -> bool:
+        """Wait until the first connect attempt has an outcome (not for the retries after a
+        failure); return whether the client is connected."""
+        try:
+            await asyncio.wait_for(self._attempted.wait(), timeout)
+        except TimeoutError:
+            pass
+        return self.connected
 
     # ----------------------------------------------------------------- publish
     async def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False,
@@ -245,6 +255,7 @@ class GatewayClient:
                 message = str(exc)
                 self._connect_failed(message)
                 self.last_error = message
+                self._attempted.set()
                 delay = await self._wait(stop, delay)
                 continue
             self.last_error = None
@@ -252,6 +263,7 @@ class GatewayClient:
             delay = self._connected(delay)
             self._state.client = client
             self._state.connected.set()
+            self._attempted.set()
             # While stored messages keep failing we reconnect every few seconds; say it once.
             (log.debug if self._storage.failing else log.info)("mqtt connected", link=self.name,
                                                                url=self.settings.url)
