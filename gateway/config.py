@@ -35,6 +35,7 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.mqtt_url import MqttUrl
 from gateway.people.model import QuietWindow
 from gateway.rule_schema import RuleSection, check_rules
 from gateway.secret_files import Problems, given, read_secret, require_file
@@ -424,26 +425,6 @@ def url_reaches(url: str, listener: ListenerSection) -> bool:
     if host.strip("[]") in _WILDCARDS:
         return True
     return want == host.strip("[]") or (want in _LOOPBACK and host.strip("[]") in _LOOPBACK)
-
-
-class MqttUrl:
-    """Parsed ``mqtt://host:port`` URL (only what aiomqtt needs)."""
-
-    DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443}
-
-    def __init__(self, url: str):
-        scheme, rest = url.split("://", 1)
-        rest = rest.rstrip("/")
-        if rest.startswith("["):
-            host, _, port = rest[1:].partition("]")
-            port = port.lstrip(":")
-        else:
-            host, _, port = rest.partition(":")
-        self.scheme = scheme
-        self.host = host
-        self.port = int(port) if port else self.DEFAULT_PORTS[scheme]
-        self.tls = scheme in ("mqtts", "wss")
-        self.transport = "websockets" if scheme in ("ws", "wss") else "tcp"
 
 
 class UpstreamSection(_MqttLinkSection):

@@ -37,7 +37,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway import mqtt_compat
-from gateway.config import MqttUrl
+from gateway.mqtt_url import MqttUrl
 from gateway.setaside import SetAside
 from gateway.storage import FailureEpisode, is_storage_error
 from gateway.topics import FilterTree

@@ -110,3 +110,12 @@ def test_rich_stays_importable_after_structlog(tmp_path: Path):
     progress bar with rich afterwards."""
     loaded = modules_after("import gateway.clock\nimport structlog\nfrom rich.console import Console\n", tmp_path)
     assert {"structlog", "rich.console"} <= loaded
+
+
+def test_device_agent_imports_no_config_models(tmp_path: Path):
+    """The reference device agent (started many times by the tests, and on every test bench)
+    parses its broker URL with gateway.mqtt_url: no config models, pydantic or rich."""
+    loaded = modules_after("import devices.agent\n", tmp_path)
+    assert {"devices.agent", "aiomqtt"} <= loaded
+    unwanted = tops(loaded) & {"pydantic", "rich", *PLATFORM_SDKS} | loaded & {"gateway.config"}
+    assert not unwanted, f"devices.agent imported {sorted(unwanted)}"
