@@ -35,7 +35,7 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.mqtt_url import MqttUrl
+from gateway.mqtt_url import MqttUrl as MqttUrl  # re-exported
 from gateway.people.model import QuietWindow
 from gateway.rule_schema import RuleSection, check_rules
 from gateway.secret_files import Problems, given, read_secret, require_file

@@ -23,11 +23,13 @@ import signal
 import structlog
 
 from gateway import __version__, clock, filemodes, gc_tuning
-from gateway.broker import BrokerStartError, EmbeddedBroker, InternalCredentials
-from gateway.config import Config, ConfigError, LoadedConfig, MqttUrl, load_config, split_host_port
+from gateway.broker.embedded import BrokerStartError, EmbeddedBroker, InternalCredentials
+from gateway.config import Config, ConfigError, LoadedConfig, load_config, split_host_port
 from gateway.lock import AlreadyRunning, DaemonLock
 from gateway.migrations import SchemaTooNew
-from gateway.mqtt import ConnectionSettings, GatewayClient, NotConnected
+from gateway.mqtt import ConnectionSettings, GatewayClient
+from gateway.mqtt_errors import NotConnected
+from gateway.mqtt_url import MqttUrl
 from gateway.sdnotify import Notifier
 from gateway.service import Service, ServiceStartError
 from gateway.storage import Database

@@ -37,6 +37,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway import mqtt_compat
+from gateway.mqtt_errors import NotConnected as NotConnected  # re-exported: its importers predate the module
 from gateway.mqtt_url import MqttUrl
 from gateway.setaside import SetAside
 from gateway.storage import FailureEpisode, is_storage_error
@@ -52,10 +53,6 @@ PROTOCOLS = ("auto", "5", "3.1.1")
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF
 # CONNACK codes of a broker that does not speak 5.0: 3.1.1's 0x01 or 5.0's 0x84.
 _UNSUPPORTED_PROTOCOL = (1, 0x84)
-
-
-class NotConnected(Exception):
-    """Publishing while the broker is unreachable; callers keep the work and retry."""
 
 
 @dataclass
