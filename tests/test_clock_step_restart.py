@@ -4,8 +4,7 @@ times the daemon writes are the system clock's, and the timers set before the st
 
 Its own file (the two directions take half a minute each, mostly waiting on timers), so
 the test workers share it with the other clock-step tests. libfaketime as in
-test_clock_step.py; the offset file is read at most once a second, the daemon's start
-stays fast (the step is made while the daemon is stopped, the new one reads it at start).
+test_clock_step.py (the step is made while the daemon is stopped, the new one reads it at start).
 """
 
 from __future__ import annotations
@@ -73,7 +72,7 @@ def test_restart_after_a_step_shows_the_system_clock_and_keeps_every_remaining_d
               "key": "{device_id}", "target": {"devices": ["tech-1"]}, "title": "{device_id} is silent"}]
     gw = gateway_factory({"rules": rules, "dispatch": {"ack_timeout_s": WAIT_S, "max_attempts": 100},
                           "bridges": {"simulation": {"latency_ms": 0, "transient_attempts": 1, "retry_after_s": WAIT_S}}},
-                         env=faketime_env(clock_file, cache_s=1))
+                         env=faketime_env(clock_file))
     data = tmp_path / "var"
     bulk_register(data, [mqtt_device("tech-1", "technicians"), mqtt_device("lead-1", "shift-leads"),
                          mqtt_device("phone-r"), {"device_id": "sim-1", "channels": [{"platform": "simulation"}]}])

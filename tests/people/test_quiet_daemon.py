@@ -37,9 +37,7 @@ def start_at(gateway_factory, tmp_path: Path, instant: float, extra: dict | None
              devices: list[dict] = (), persons: list[dict] = ()):
     """A daemon whose wall clock reads ``instant`` when it starts (about), registered first."""
     offset = tmp_path / "offset"
-    # libfaketime reads the offset file at most once a second (reading it on every call of
-    # the clock makes the daemon's start twice as slow on a loaded machine).
-    env = faketime_env(offset, cache_s=1)
+    env = faketime_env(offset)
     gw = gateway_factory(extra or {}, env=env, start=False)
     bulk_register(tmp_path / "var", list(devices))
     put_persons(tmp_path / "var", list(persons))
