@@ -146,10 +146,10 @@ def test_forward_step_of_a_day_fires_no_stale_alarm_and_expires_no_resend(gatewa
 
     beater = threading.Thread(target=heartbeats, daemon=True)
     try:
+        beater.start()
         # A delivery that is never acked: resent every ack_timeout_s while its 10-minute TTL lasts.
         send_job(probe, "resend-me", "phone-r", ttl=600)
         wait_count(probe, "phone-r", "resend-me", 2, timeout=20)
-        beater.start()
         # Heard a few times at the old clock (barrier: the broker passed on each sensor's
         # second beat, the gateway's subscription came before the probe's).
         probe.wait_for(lambda _m: all(len(probe.on(f"{P}/devices/s-{i}/telemetry/heartbeat")) >= 2
