@@ -22,10 +22,10 @@ from tests.helpers.faketime import faketime_env, step
 P = "homepot/site-t"
 # When the daemon is ready its clock reads at least this long before the instant a window
 # ends: what the test checks before the release (holds, a step noticed) fits in it.
-READY_LEAD_S = 8.0
+READY_LEAD_S = 6.0
 # A start's allowance in the first try; a slower start is measured and the daemon started
 # again that much earlier (the window's end is a fixed instant: a DST night).
-START_S = 3.0
+START_S = 4.0
 
 
 def at(*a: int) -> float:
