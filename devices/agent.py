@@ -36,6 +36,7 @@ from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from gateway import mqtt_compat
 from gateway.mqtt_url import MqttUrl
 from gateway.timeutil import iso, utcnow
 
@@ -64,7 +65,7 @@ async def _publish_while_connected(client: aiomqtt.Client, topic: str, payload: 
     whose ack was in flight when the broker went away (a gateway killed and restarted) came
     back 10 s late and missed what was sent meanwhile for as long."""
     publish = asyncio.ensure_future(client.publish(topic, payload, qos=1))
-    lost = client._disconnected  # aiomqtt 2.5.1 (pinned): the future its message iterator also waits on
+    lost = client._disconnected  # checked by mqtt_compat: the future its message iterator also waits on
     await asyncio.wait({publish, lost}, return_when=asyncio.FIRST_COMPLETED)
     if not publish.done():
         publish.cancel()
@@ -116,9 +117,11 @@ class Agent:
                                           "properties": props}
         else:
             session = {"protocol": aiomqtt.ProtocolVersion.V311, "clean_session": False}
-        return aiomqtt.Client(url.host, url.port, identifier=self.device_id,  # type: ignore[arg-type]
-                              username=self.args.username, password=password, tls_context=tls,
-                              transport=url.transport, keepalive=self.args.keepalive, **session)
+        client = aiomqtt.Client(url.host, url.port, identifier=self.device_id,  # type: ignore[arg-type]
+                                username=self.args.username, password=password, tls_context=tls,
+                                transport=url.transport, keepalive=self.args.keepalive, **session)
+        mqtt_compat.check(client)  # the private names this agent and the gateway reach (pinned aiomqtt)
+        return client
 
     async def run(self) -> int:
         warning = self.account_warning()
