@@ -176,8 +176,8 @@ def test_install_writes_a_closed_production_config_and_an_upgrade_keeps_an_edite
                                          "vapid_private_key_file": f"{installed.state}/vapid_private.pem"}
     assert "@" + "STATEDIR@" not in text and "@" + "CONFDIR@" not in text
     # No role that can send jobs gets in without an account: an anonymous CONNECT is refused.
-    port = free_port()
-    installed.config.write_text(text.replace("127.0.0.1:1883", f"127.0.0.1:{port}"))
+    moved, port, _ = on_free_ports(text)
+    installed.config.write_text(moved)
     daemon = ServiceDaemon(installed)
     daemon.start()
     try:
@@ -224,6 +224,17 @@ class ServiceDaemon:
         return self.proc.wait(timeout=20)
 
 
+def on_free_ports(text: str) -> tuple[str, int, int]:
+    """The installed config with its broker listener and [http] on ports free a moment ago
+    (whatever ports earlier tests chose), not 1883/8080: other processes on a test machine
+    may hold those. The listener's bind comes first, [http]'s second."""
+    port, http_port = free_port(), free_port()
+    fresh = iter([port, http_port])
+    moved = re.sub(r'bind = "127\.0\.0\.1:\d+"', lambda m: f'bind = "127.0.0.1:{next(fresh)}"', text, count=2)
+    assert moved.count(f":{port}\"") == 1 and moved.count(f":{http_port}\"") == 1, moved
+    return moved, port, http_port
+
+
 def root_cli(inst: Installed, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
     """The operator's `sudo homepot-gateway ...`: root, from an unrelated directory."""
     return subprocess.run([str(inst.cli), "--config", str(inst.config), *args], capture_output=True, text=True,
@@ -241,11 +252,11 @@ def foreign_files(inst: Installed) -> list[str]:
 
 
 def test_root_cli_against_the_service_leaves_nothing_the_service_cannot_use(installed: Installed):
-    port = free_port()
     text = installed.config.read_text()
     # The demo fleet is off in the installed config; this test's devices are simulated.
     text = text.replace("[bridges.simulation]\nenabled = false", "[bridges.simulation]\nenabled = true")
-    installed.config.write_text(text.replace("127.0.0.1:1883", f"127.0.0.1:{port}"))
+    moved, port, _ = on_free_ports(text)
+    installed.config.write_text(moved)
     daemon = ServiceDaemon(installed)
     daemon.start()
     try:
@@ -402,12 +413,7 @@ def test_the_unit_under_a_real_systemd(installed: Installed):
     require_tool("systemd-nspawn")
     require_tool("nsenter")
     _prepare_nspawn_host()
-    port, http_port = free_port(), free_port()
-    text = installed.config.read_text()
-    # The listener's bind comes first, [http]'s second (whatever ports earlier tests chose).
-    fresh = iter([port, http_port])
-    moved = re.sub(r'bind = "127\.0\.0\.1:\d+"', lambda m: f'bind = "127.0.0.1:{next(fresh)}"', text, count=2)
-    assert moved.count(f":{port}\"") == 1 and moved.count(f":{http_port}\"") == 1, moved
+    moved, port, http_port = on_free_ports(installed.config.read_text())
     installed.config.write_text(moved)
     assert root_cli(installed, "users", "add", "plc-1", "--role", "device", "--password-stdin",
                     input="pw-1\n").returncode == 0

@@ -643,6 +643,11 @@ async def test_deliveries_routed_to_an_app_no_longer_configured_take_the_next_ch
         await _until(lambda: first.deliveries(job_id), 5)
         rows = await first.deliveries(job_id)
         assert rows["d1"]["state"] == "queued"
+
+        async def in_flight() -> bool:  # the dispatcher has routed it and is sending it
+            return bool(gone.calls)
+
+        await _until(in_flight, 5)
     finally:
         await _stop(first, tasks)  # the send in flight is cancelled: the row stays queued on fcm:gone
     route = await db.run(lambda c: c.execute("SELECT route FROM deliveries WHERE job_id = ?", (job_id,)).fetchone()[0])
