@@ -17,19 +17,19 @@ the fake's; the page registers it exactly as its button does after subscribing.
 from __future__ import annotations
 
 import json
-import shutil
 
 import httpx
 from playwright.async_api import async_playwright, expect
 
 from tests.http.conftest import db_rows, make_api_gateway
-from tests.http.test_web_push_browser import CHROMIUM, FLAGS, open_push_page, push_service, webpush_config  # noqa: F401 - the fixture
+from tests.helpers.browser import CHROMIUM, FLAGS, require_browser
+from tests.http.test_web_push_browser import open_push_page, push_service, webpush_config  # noqa: F401 - the fixture
 from tests.helpers import cli, until
 
 
 
 async def test_a_person_subscribes_on_me_gets_the_push_and_opens_it_from_the_inbox(tmp_path, push_service):
-    assert shutil.which("chromium") == CHROMIUM, "Debian's chromium is required (make test installs it)"
+    require_browser(CHROMIUM)
     pki, fake = push_service
     api = make_api_gateway(tmp_path, webpush_config(tmp_path, pki),
                            users={"tech": ("technician", "tech-pw"), "anna": ("user", "anna-pw")})

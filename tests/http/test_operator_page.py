@@ -1,4 +1,4 @@
-"""The operator page (issue 13) in a real browser: Debian's chromium, headless, driven over
+"""The operator page (issue 13) in a real browser: Debian's chromium headless shell, driven over
 the DevTools protocol by Playwright for Python, against the real daemon.
 
 One daemon for the module: 1,000 simulated devices in segment ``fleet`` (the job whose
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -27,13 +26,11 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
+from tests.helpers.browser import FLAGS, HEADLESS_SHELL, require_browser
 from tests.http.conftest import P, ApiGateway, db_rows, make_api_gateway, wait_until
 from tests.http.test_health_status import rsa_pem
 from tests.support import MqttProbe, bulk_register, free_port
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"]
 USERS = {"tech": ("technician", "tech-pw"), "mon": ("monitor", "mon-pw"), "plc-1": ("device", "plc1-pw")}
 ESCALATE_AFTER_S = 10.0  # the time the test has to see door-a fire and acknowledge it, on a busy machine
 DOOR_RULE = {"name": "door", "topic": "{prefix}/devices/+/telemetry/door", "equals": "open", "key": "{device_id}",
@@ -115,7 +112,6 @@ class RefusingTokenEndpoint:
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiGateway]:
-    assert shutil.which("chromium") == CHROMIUM, "Debian's chromium is required (make test installs it)"
     tmp = tmp_path_factory.mktemp("ui")
     # 1,000 deliveries at 100 in flight and 200 ms each: about 2 s, long enough to watch.
     # Degraded on purpose: the WNS bridge is refused its token (one device, win-1, uses it).
@@ -156,7 +152,7 @@ def _mark_invalid(data_dir: Path, device_id: str, key: str, reason: str) -> None
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        b = pw.chromium.launch(executable_path=require_browser(HEADLESS_SHELL), args=FLAGS)
         yield b
         b.close()
 

@@ -1,4 +1,5 @@
-"""The Web Push service worker in a real browser (Debian's chromium, headless, over CDP).
+"""The Web Push service worker in a real browser (Debian's chromium, headless, over CDP: the
+headless shell of the page tests shows no notifications).
 
 The job goes through the real daemon and its Web Push bridge to the strict fake push
 service, which decrypts it (RFC 8291) as a browser's push service would hand it over;
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +28,10 @@ from playwright.async_api import Browser, BrowserContext, CDPSession, Page, asyn
 from tests.fakes.common import Pki
 from tests.fakes.thread import LoopThread
 from tests.fakes.webpush import FakePushService
+from tests.helpers.browser import CHROMIUM, FLAGS, require_browser
 from tests.http.conftest import db_rows, make_api_gateway
 from tests.support import fill_disk, mounted_tmpfs
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 @dataclass
@@ -71,7 +69,7 @@ def push_service(tmp_path):
 
 
 async def test_service_worker_shows_the_push_and_acks_it_through_the_gateway(tmp_path, push_service):
-    assert shutil.which("chromium") == CHROMIUM, "Debian's chromium is required (make test installs it)"
+    require_browser(CHROMIUM)
     pki, fake = push_service
     api = make_api_gateway(tmp_path, webpush_config(tmp_path, pki),
                            users={"tech": ("technician", "tech-pw"), "web-1": ("device", "web1-pw")})
@@ -153,7 +151,7 @@ class ChromiumPage:
         self.origin = api.base
 
     async def __aenter__(self) -> "ChromiumPage":
-        self.browser = await self.pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        self.browser = await self.pw.chromium.launch(executable_path=require_browser(CHROMIUM), args=FLAGS)
         opened = await open_push_page(self.browser, self.origin)
         self.page, self.cdp, registrations = opened.page, opened.cdp, opened.registrations
         await self.page.goto(f"{self.origin}/web/")
