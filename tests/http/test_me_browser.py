@@ -24,7 +24,7 @@ from playwright.async_api import async_playwright, expect
 from tests.http.conftest import db_rows, make_api_gateway
 from tests.helpers.browser import CHROMIUM, FLAGS, require_browser
 from tests.http.test_web_push_browser import open_push_page, push_service, webpush_config  # noqa: F401 - the fixture
-from tests.helpers import cli, until
+from tests.helpers import cli_in_process, until
 
 
 
@@ -113,8 +113,9 @@ async def test_a_person_subscribes_on_me_gets_the_push_and_opens_it_from_the_inb
     finally:
         api.close()
 
-    # What `jobs show` says: the delivery to anna-browser with both acks, opened on her page.
-    shown = cli(api.config, "jobs", "show", "me-1", "--deliveries", "--json")
+    # What `jobs show` says (the command in this process, reading the daemon's database): the
+    # delivery to anna-browser with both acks, opened on her page.
+    shown = cli_in_process(api.config, "jobs", "show", "me-1", "--deliveries", "--json")
     assert shown.returncode == 0, shown.stderr
     status = json.loads(shown.stdout)
     assert status["state"] == "acknowledged" and status["counts"]["acknowledged"] == 1
