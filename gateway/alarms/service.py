@@ -23,6 +23,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol
 
+import aiomqtt
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
@@ -137,16 +138,16 @@ class AlarmService:
         return f"{self.topics.prefix}/alarms/{rule}/{key_level(key)}"
 
     # ------------------------------------------------------------------ MQTT handlers
-    async def _on_telemetry(self, message: Any) -> None:
+    async def _on_telemetry(self, message: aiomqtt.Message) -> None:
         fut = asyncio.get_running_loop().create_future()
-        await self._submit(_Item("msg", message.topic.value, _payload(message), bool(message.retain), fut))
+        await self._submit(_Item("msg", message.topic.value, message.payload, bool(message.retain), fut))
 
-    async def _on_ack_message(self, message: Any) -> None:
+    async def _on_ack_message(self, message: aiomqtt.Message) -> None:
         topic = message.topic.value
         levels = topic.split("/")
         rule, key = levels[-3], key_from_level(levels[-2])
         try:
-            ack = parse_alarm_ack(_payload(message))
+            ack = parse_alarm_ack(message.payload)
         except InputError as err:
             await self._error(topic, err.code, err.message)
             return
@@ -458,15 +459,6 @@ class AlarmService:
 
     def alarm(self, rule: str, key: str) -> AlarmRow | None:
         return self.engine.rows.get((rule, key))
-
-
-def _payload(message: Any) -> bytes:
-    p = message.payload
-    if isinstance(p, (bytes, bytearray)):
-        return bytes(p)
-    if p is None:
-        return b""
-    return str(p).encode()
 
 
 __all__ = ["AlarmService", "parse_alarm_ack"]

@@ -20,8 +20,9 @@ entry (:meth:`JobIntake.ack`), stored once like any ack, with ``via`` ``me`` (an
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
@@ -176,11 +177,9 @@ class MeRoutes:
             raise ApiError(404, "not_found", f"message_id: {message_id[:64]!r} is not in your inbox")
         body = json.dumps({"message_id": item["message_id"], "status": "opened", "at": iso(utcnow())}).encode()
         pipeline = await self.api.intake()
-        try:
+        with _written():
             result = await pipeline.ack(item["device_id"], body, f"http:/v1/me/inbox/{item['message_id']}/open",
                                         AckVia.ME)
-        except STORAGE_ERRORS as exc:
-            raise _not_stored(exc) from None
         if result is None or result.not_stored:
             raise ApiError(503, "not_stored", "the ack could not be stored now; try again", {"Retry-After": "5"})
         if not result.accepted:
@@ -197,13 +196,10 @@ class MeRoutes:
         payload = await read_body(request, MAX_PREFERENCES_BYTES, "preferences")
         try:
             obj = decode_json_object(payload, MAX_PREFERENCES_BYTES, "preferences")
-            stored = await self.people.set_preferences(person["person_id"], obj)
+            with _written():
+                stored = await self.people.set_preferences(person["person_id"], obj)
         except InputError as err:
             return field_errors(err)
-        except PersonGone:
-            raise ApiError(404, "not_found", "your person was removed meanwhile") from None
-        except STORAGE_ERRORS as exc:
-            raise _not_stored(exc) from None
         log.info("preferences changed on the person's page", person_id=person["person_id"], user=principal.name,
                  fields=sorted(obj))
         return json_response(stored, headers=NO_STORE)
@@ -242,15 +238,12 @@ class MeRoutes:
             raise ApiError(403, "forbidden", f"device_id: {device_id!r} is not one of your devices")
         pipeline = await self.api.intake()
         try:
-            stored = await pipeline.register_device(device_id, body, f"http:me:{principal.name}")
-            if stored and not listed:
-                await self.people.add_device(person_id, device_id)
+            with _written():
+                stored = await pipeline.register_device(device_id, body, f"http:me:{principal.name}")
+                if stored and not listed:
+                    await self.people.add_device(person_id, device_id)
         except InputError as err:
             return field_errors(err)
-        except PersonGone:
-            raise ApiError(404, "not_found", "your person was removed meanwhile") from None
-        except STORAGE_ERRORS as exc:
-            raise _not_stored(exc) from None
         if not stored:
             raise ApiError(503, "not_stored", "the device was not stored; try again", {"Retry-After": "5"})
         device = (await self._read(lambda c: mq.devices(c, [device_id])))[0]
@@ -268,14 +261,10 @@ class MeRoutes:
             raise ApiError(404, "not_found", f"device_id: {device_id!r} is not one of your devices")
         existing, others = await self._read(lambda c: _device_and_others(c, device_id, person_id))
         pipeline = await self.api.intake()
-        try:
+        with _written():
             if not existing.get("missing") and _owns(person_id, True, existing, others):
                 await pipeline.register_device(device_id, b"", f"http:me:{principal.name}")
             await self.people.remove_device(person_id, device_id)
-        except PersonGone:
-            raise ApiError(404, "not_found", "your person was removed meanwhile") from None
-        except STORAGE_ERRORS as exc:
-            raise _not_stored(exc) from None
         log.info("device removed on the person's page", person_id=person_id, device_id=device_id)
         return web.Response(status=204)
 
@@ -325,10 +314,20 @@ def _not_ready(exc: BaseException) -> ApiError:
     return ApiError(503, "not_ready", "the database cannot answer now; try again", {"Retry-After": "2"})
 
 
-def _not_stored(exc: BaseException) -> ApiError:
-    log.error("person page write not stored", error=f"{type(exc).__name__}: {exc}"[:300])
-    return ApiError(503, "not_stored", "the gateway could not store this now (disk or database); try again",
-                    {"Retry-After": "5"})
+@contextlib.contextmanager
+def _written() -> Iterator[None]:
+    """What a write of the person's can meet, as the page answers it: their person removed
+    meanwhile (by an operator) is 404; storage that cannot take it now is 503 with a retry
+    hint, logged as an ERROR because a full disk or a broken database needs an operator.
+    Bad input (:class:`InputError`) passes through for the caller's field errors."""
+    try:
+        yield
+    except PersonGone:
+        raise ApiError(404, "not_found", "your person was removed meanwhile") from None
+    except STORAGE_ERRORS as exc:
+        log.error("person page write not stored", error=f"{type(exc).__name__}: {exc}"[:300])
+        raise ApiError(503, "not_stored", "the gateway could not store this now (disk or database); try again",
+                       {"Retry-After": "5"}) from None
 
 
 __all__ = ["MeRoutes", "OwnPeople", "USER_ROLE", "is_user"]

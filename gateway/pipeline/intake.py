@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
+import aiomqtt
 import structlog
 
 from gateway.ids import NOT_DOTS, is_id
@@ -194,26 +195,17 @@ class Intake:
             pass
 
     # ----------------------------------------------------------------- MQTT handlers
-    async def on_jobs_message(self, message: Any) -> None:
-        await self.submit_job(_payload(message), "mqtt", message.topic.value)
+    async def on_jobs_message(self, message: aiomqtt.Message) -> None:
+        await self.submit_job(message.payload, "mqtt", message.topic.value)
 
-    async def on_register_message(self, message: Any) -> None:
+    async def on_register_message(self, message: aiomqtt.Message) -> None:
         device_id = self.topics.device_id_of(message.topic.value) or ""
-        await self.register_device(device_id, _payload(message), "mqtt")
+        await self.register_device(device_id, message.payload, "mqtt")
 
-    async def on_ack_message(self, message: Any) -> None:
+    async def on_ack_message(self, message: aiomqtt.Message) -> None:
         topic = message.topic.value
         device_id = self.topics.device_id_of(topic) or ""
-        await self.ack(device_id, _payload(message), topic)
-
-
-def _payload(message: Any) -> bytes:
-    p = message.payload
-    if isinstance(p, (bytes, bytearray)):
-        return bytes(p)
-    if p is None:
-        return b""
-    return str(p).encode()
+        await self.ack(device_id, message.payload, topic)
 
 
 __all__ = ["Intake"]
