@@ -23,16 +23,17 @@ from playwright.async_api import async_playwright, expect
 
 from tests.http.conftest import db_rows, make_api_gateway
 from tests.helpers.browser import CHROMIUM, FLAGS, require_browser
-from tests.http.test_web_push_browser import open_push_page, push_service, webpush_config  # noqa: F401 - the fixture
+from tests.http.test_web_push_browser import open_push_page, push_service, started, webpush_config  # noqa: F401 - fixtures
 from tests.helpers import cli_in_process, until
 
 
 
-async def test_a_person_subscribes_on_me_gets_the_push_and_opens_it_from_the_inbox(tmp_path, push_service):
+async def test_a_person_subscribes_on_me_gets_the_push_and_opens_it_from_the_inbox(tmp_path, push_service, started):
     require_browser(CHROMIUM)
     pki, fake = push_service
     api = make_api_gateway(tmp_path, webpush_config(tmp_path, pki),
                            users={"tech": ("technician", "tech-pw"), "anna": ("user", "anna-pw")})
+    started.append(api)  # killed at teardown if the test fails before it stops the daemon
     origin = api.base
     try:
         async with httpx.AsyncClient(base_url=origin, auth=("tech", "tech-pw"), timeout=30) as tech, \

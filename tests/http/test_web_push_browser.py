@@ -84,10 +84,10 @@ def push_service(tmp_path):
     thread.stop()
 
 
-async def test_service_worker_shows_the_push_and_acks_it_through_the_gateway(tmp_path, push_service, browser):
+async def test_service_worker_shows_the_push_and_acks_it_through_the_gateway(tmp_path, push_service, started,
+                                                                            browser):
     pki, fake = push_service
-    api = make_api_gateway(tmp_path, webpush_config(tmp_path, pki),
-                           users={"tech": ("technician", "tech-pw"), "web-1": ("device", "web1-pw")})
+    api = webpush_gateway(tmp_path, pki, started)
     origin = api.base
     try:
         opened = await open_push_page(browser, origin)
