@@ -13,7 +13,7 @@ import structlog
 
 from bridges.base import Bridge, BridgeConfigError, BridgeContext, Delivery, Outcome
 from gateway.config import MqttBridge
-from gateway.mqtt import NotConnected
+from gateway.mqtt_errors import NotConnected
 from gateway.secret_files import Problems
 
 log = structlog.get_logger(__name__)

@@ -36,7 +36,7 @@ from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway.config import MqttUrl
+from gateway.mqtt_url import MqttUrl
 from gateway.timeutil import iso, utcnow
 
 

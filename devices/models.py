@@ -12,9 +12,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from gateway.ids import NOT_DOTS, is_id
+from gateway.ids import DEVICE_ID_RE, NOT_DOTS, is_id
 
-DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 PLATFORMS = ("fcm", "apns", "wns", "webpush", "mqtt", "simulation")
 PUSH_PLATFORMS = ("fcm", "apns", "wns", "webpush")  # those with `[bridges.<platform>.apps]`
 # An app of [bridges.<platform>.apps]; a channel without one uses the section's own credentials.

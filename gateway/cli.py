@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 from typer.core import TyperArgument
 
-from gateway import clock
-from gateway.config import Config, ConfigError, LoadedConfig, load_config
 from gateway.states import DELIVERY_STATES, AlarmState, JobState
 
+# The configuration (pydantic and every model), the clock and storage (structlog, asyncio)
+# are imported by the commands that use them: `--help` and a usage error need none of it.
 if TYPE_CHECKING:
     import sqlite3
+
+    from gateway.config import Config, LoadedConfig
 
 # Plain (click) help: rich markup would eat bracketed words such as [[rules]] and [broker.acl].
 PLAIN = {"rich_markup_mode": None}
@@ -83,7 +85,7 @@ def get_loaded(tighten: bool = True) -> LoadedConfig:
     then make whatever this command creates owner-only, and tighten a data dir left loose
     (gateway/filemodes.py; ``run`` leaves that to the daemon, which logs it)."""
     from gateway import filemodes
-    from gateway.config import shadow_note
+    from gateway.config import ConfigError, load_config, shadow_note
     from gateway.privileges import become_owner_of
 
     state.command = _command_name()
@@ -264,7 +266,7 @@ def vapid_keys(
 
 # ---------------------------------------------------------------------- pipeline commands
 def _db(cfg: Config):  # noqa: ANN202 - sqlite3.Connection, imported lazily
-    from gateway import migrations
+    from gateway import clock, migrations
     from gateway.storage import connect, transaction
 
     state.db_path = cfg.db_path
@@ -756,6 +758,8 @@ def alarms_ack(
         return
     if row.state != AlarmState.FIRING:
         fail(f"KEY: alarm {row.key!r} of rule {rule!r} is {row.state}, not firing", 1)
+    from gateway import clock
+
     _tx(conn, lambda c: alarm_store.request_ack(c, rule, row.key, by, note, clock.now()))
     # The running daemon applies it within a fraction of a second; show that it did.
     deadline = time.monotonic() + 3.0
@@ -788,11 +792,13 @@ def main() -> None:
     naming the command and the cause, exit 1, instead of a traceback."""
     import sqlite3
 
-    from gateway.storage import NotStored
-
     try:
         app()
-    except (OSError, sqlite3.Error, NotStored) as exc:
+    except Exception as exc:
+        from gateway.storage import NotStored  # imported on a failure only: it brings structlog and asyncio
+
+        if not isinstance(exc, (OSError, sqlite3.Error, NotStored)):
+            raise
         typer.echo(f"{state.command or 'homepot-gateway'}: not done: {failure_cause(exc, state.db_path)}", err=True)
         raise SystemExit(1) from None
     finally:

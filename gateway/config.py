@@ -35,6 +35,7 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.mqtt_url import MqttUrl as MqttUrl  # re-exported
 from gateway.people.model import QuietWindow
 from gateway.rule_schema import RuleSection, check_rules
 from gateway.secret_files import Problems, given, read_secret, require_file
@@ -201,11 +202,23 @@ class _MqttLinkSection(_Section):
     ca_file: Path | None = Field(default=None, description="Extra CA to trust for `mqtts://`/`wss://`.")
     cert_file: Path | None = Field(default=None, description="Client certificate for mutual TLS.")
     key_file: Path | None = Field(default=None, description="Client private key for mutual TLS.")
+    reconnect_initial_s: float = Field(default=0.5, gt=0, le=3600,
+        description="After a failed connect (the broker down, also at start) the next attempt comes after a "
+                    "random wait between half this and this many seconds; each further failure doubles it, up to "
+                    "`reconnect_max_s`. A connection that comes up starts again from here.")
+    reconnect_max_s: float = Field(default=30.0, gt=0, le=3600,
+        description="The longest wait between two connect attempts, in seconds (jittered the same way).")
 
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
         return _check_mqtt_url(v)
+
+    @model_validator(mode="after")
+    def _reconnect(self) -> "_MqttLinkSection":
+        if self.reconnect_max_s < self.reconnect_initial_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_initial_s")
+        return self
 
 
 MQTT_MAX_PACKET = 268_435_455   # the largest "remaining length" MQTT can express (§2.2.3)
@@ -414,29 +427,15 @@ def url_reaches(url: str, listener: ListenerSection) -> bool:
     return want == host.strip("[]") or (want in _LOOPBACK and host.strip("[]") in _LOOPBACK)
 
 
-class MqttUrl:
-    """Parsed ``mqtt://host:port`` URL (only what aiomqtt needs)."""
-
-    DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443}
-
-    def __init__(self, url: str):
-        scheme, rest = url.split("://", 1)
-        rest = rest.rstrip("/")
-        if rest.startswith("["):
-            host, _, port = rest[1:].partition("]")
-            port = port.lstrip(":")
-        else:
-            host, _, port = rest.partition(":")
-        self.scheme = scheme
-        self.host = host
-        self.port = int(port) if port else self.DEFAULT_PORTS[scheme]
-        self.tls = scheme in ("mqtts", "wss")
-        self.transport = "websockets" if scheme in ("ws", "wss") else "tcp"
-
-
 class UpstreamSection(_MqttLinkSection):
     url: str = Field(description="The cloud controller's broker, e.g. `mqtts://cloud.example.com:8883`.")
     client_id: str = Field(default="", description="Client id on the cloud broker (persistent session).")
+    reconnect_initial_s: float = Field(default=1.0, gt=0, le=3600,
+        description="After a failed connect to the cloud broker (or a session that ended before it proved healthy) "
+                    "the next attempt comes after a random wait between half this and this many seconds; each "
+                    "further failure doubles it, up to `reconnect_max_s`.")
+    reconnect_max_s: float = Field(default=60.0, gt=0, le=3600,
+        description="The longest wait between two connect attempts to the cloud broker, in seconds.")
     buffer_max_mb: float = Field(default=256, gt=0,
         description="Store-and-forward cap on disk for what is owed to the cloud, in MB.")
     overflow: Literal["drop-oldest", "refuse-new"] = Field(default="drop-oldest",

@@ -23,11 +23,13 @@ import signal
 import structlog
 
 from gateway import __version__, clock, filemodes, gc_tuning
-from gateway.broker import BrokerStartError, EmbeddedBroker, InternalCredentials
-from gateway.config import Config, ConfigError, LoadedConfig, MqttUrl, load_config, split_host_port
+from gateway.broker.embedded import BrokerStartError, EmbeddedBroker, InternalCredentials
+from gateway.config import Config, ConfigError, LoadedConfig, load_config, split_host_port
 from gateway.lock import AlreadyRunning, DaemonLock
 from gateway.migrations import SchemaTooNew
-from gateway.mqtt import ConnectionSettings, GatewayClient, NotConnected
+from gateway.mqtt import ConnectionSettings, GatewayClient
+from gateway.mqtt_errors import NotConnected
+from gateway.mqtt_url import MqttUrl
 from gateway.sdnotify import Notifier
 from gateway.service import Service, ServiceStartError
 from gateway.storage import Database
@@ -270,7 +272,8 @@ class Daemon:
                 self.broker = None
                 return 2
 
-        client = GatewayClient(self.client_settings(), name="broker", storage_probe=self.db.probe)
+        client = GatewayClient(self.client_settings(), name="broker", storage_probe=self.db.probe,
+                               backoff_initial=cfg.broker.reconnect_initial_s, backoff_max=cfg.broker.reconnect_max_s)
         self.client = client
         graph = self._build(cfg, self.db, Runtime(started_at=self.started_at, secrets=self.secrets, client=client,
                                                    broker=self.broker))
@@ -283,7 +286,13 @@ class Daemon:
 
         client_stop = asyncio.Event()
         client_task = asyncio.create_task(client.run(client_stop), name="mqtt-client")
-        connected = await client.wait_connected(timeout=10)
+        if cfg.broker.mode == "embedded":
+            connected = await client.wait_connected(timeout=10)
+        else:
+            # An external broker may come up after the gateway (its own unit, another host): the
+            # first attempt's outcome is logged and the client retries in the background with
+            # backoff (broker.reconnect_initial_s/_max_s); READY=1 does not wait for the retries.
+            connected = await client.wait_first_attempt(timeout=10)
         if not connected and cfg.broker.mode == "embedded":
             log.error("cannot connect to the embedded broker", url=cfg.broker.url, error=client.last_error)
             client_stop.set()

@@ -24,16 +24,18 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
 from gateway import __version__, setaside, stats
 from gateway.config import Config
-from gateway.broker.presence import Presence
-from gateway.mqtt import GatewayClient
 from gateway.setaside import SetAside
 from gateway.storage import Database
+
+if TYPE_CHECKING:  # annotations only: `devices list` reads the snapshot without the MQTT client
+    from gateway.broker.presence import Presence
+    from gateway.mqtt import GatewayClient
 
 log = structlog.get_logger(__name__)
 

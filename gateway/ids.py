@@ -14,6 +14,9 @@ import re
 from typing import Any
 
 DOT_SEGMENTS = frozenset((".", ".."))
+# Here, not in devices/models.py, so that checking a device id (the people and config models)
+# does not build every device model.
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 NOT_DOTS = "and not be '.' or '..'"
 
 
@@ -29,4 +32,4 @@ def not_dot_segment(value: str) -> str:
     return value
 
 
-__all__ = ["DOT_SEGMENTS", "NOT_DOTS", "is_id", "not_dot_segment"]
+__all__ = ["DEVICE_ID_RE", "DOT_SEGMENTS", "NOT_DOTS", "is_id", "not_dot_segment"]

@@ -30,7 +30,9 @@ def setup_logging(level: str = "info", fmt: str = "json") -> None:
         renderer = structlog.processors.JSONRenderer()
         shared.append(structlog.processors.format_exc_info)
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        # Tracebacks as Python prints them: rich is kept out of structlog (gateway/plain_structlog.py).
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(),
+                                                 exception_formatter=structlog.dev.plain_traceback)
     structlog.configure(
         # filter_by_level first: a call below the level stops there (about 1 µs) instead of
         # running the processors and being dropped by the stdlib afterwards (about 25 µs, on

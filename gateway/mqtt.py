@@ -37,7 +37,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway import mqtt_compat
-from gateway.config import MqttUrl
+from gateway.mqtt_errors import NotConnected as NotConnected  # re-exported: its importers predate the module
+from gateway.mqtt_url import MqttUrl
 from gateway.setaside import SetAside
 from gateway.storage import FailureEpisode, is_storage_error
 from gateway.topics import FilterTree
@@ -52,10 +53,6 @@ PROTOCOLS = ("auto", "5", "3.1.1")
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF
 # CONNACK codes of a broker that does not speak 5.0: 3.1.1's 0x01 or 5.0's 0x84.
 _UNSUPPORTED_PROTOCOL = (1, 0x84)
-
-
-class NotConnected(Exception):
-    """Publishing while the broker is unreachable; callers keep the work and retry."""
 
 
 @dataclass
@@ -122,6 +119,7 @@ class GatewayClient:
         self.left_on_purpose = False
         self.held = 0  # messages left unacknowledged because they could not be stored
         self.backoff_s = 0.0  # the wait before the next connect attempt (0 while connected)
+        self._attempted = asyncio.Event()  # the first connect attempt has succeeded or failed
         self.set_aside = SetAside(log, name)  # handled with a failure that is not storage
         if settings.protocol not in PROTOCOLS:
             raise ValueError(f"protocol: {settings.protocol!r} is not one of {', '.join(PROTOCOLS)}")
@@ -151,6 +149,15 @@ class GatewayClient:
             return True
         except TimeoutError:
             return False
+
+    async def wait_first_attempt(self, timeout: float | None = None) -> bool:
+        """Wait until the first connect attempt has an outcome (not for the retries after a
+        failure); return whether the client is connected."""
+        try:
+            await asyncio.wait_for(self._attempted.wait(), timeout)
+        except TimeoutError:
+            pass
+        return self.connected
 
     # ----------------------------------------------------------------- publish
     async def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False,
@@ -245,6 +252,7 @@ class GatewayClient:
                 message = str(exc)
                 self._connect_failed(message)
                 self.last_error = message
+                self._attempted.set()
                 delay = await self._wait(stop, delay)
                 continue
             self.last_error = None
@@ -252,6 +260,7 @@ class GatewayClient:
             delay = self._connected(delay)
             self._state.client = client
             self._state.connected.set()
+            self._attempted.set()
             # While stored messages keep failing we reconnect every few seconds; say it once.
             (log.debug if self._storage.failing else log.info)("mqtt connected", link=self.name,
                                                                url=self.settings.url)

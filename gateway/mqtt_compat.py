@@ -11,8 +11,6 @@ them into a clear error at start instead of a failure on the first message.
 
 from __future__ import annotations
 
-from importlib.metadata import version
-
 import aiomqtt
 import paho.mqtt.client as paho
 
@@ -44,6 +42,8 @@ def check(client: aiomqtt.Client) -> None:
     else:
         missing += [f"paho.Client.{n}" for n in PAHO_NAMES if not hasattr(inner, n)]
     if missing:
+        from importlib.metadata import version  # only to name them in the error
+
         raise MqttLibraryMismatch(
             f"aiomqtt {version('aiomqtt')} / paho-mqtt {version('paho-mqtt')} lack what the gateway's MQTT "
             f"client uses: {', '.join(missing)}; install the versions pinned in pyproject.toml")

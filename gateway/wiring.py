@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from gateway.alarms.service import AlarmService
-from gateway.broker import EmbeddedBroker
+from gateway.broker.embedded import EmbeddedBroker
 from gateway.config import Config, Secrets
 from gateway.health import BoundPorts, HealthProbes, HealthReporter
 from gateway.mqtt import GatewayClient
-from gateway.pipeline import Pipeline
+from gateway.pipeline.service import Pipeline
 from gateway.service import Listening, Service
 from gateway.storage import Database
 
@@ -86,7 +86,7 @@ def build(cfg: Config, db: Database, runtime: Runtime) -> Graph:
         pipeline = Pipeline(cfg, db, ack_url=ack_url, secrets=runtime.secrets)
         services.append(pipeline)
     else:
-        from gateway.upstream import UpstreamLink
+        from gateway.upstream.link import UpstreamLink
         from gateway.upstream.outbox import Outbox
 
         # Status changes and acks are queued for the cloud in the pipeline's own

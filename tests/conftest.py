@@ -15,10 +15,28 @@ from tests.helpers import fuzz  # noqa: F401 - loads the hypothesis profile HYPO
 
 # The system CAs stay trusted, looked up one by one in the hashed directory (/etc/ssl/certs)
 # when a chain needs one, instead of the whole bundle file being parsed into every TLS client
-# context: ~30 ms of CPU per context, and the tests build a few hundred (each bridge, each
-# fake's client), in this process and in the daemons it starts, which inherit this. No test
-# peer uses a system CA: the fakes have their own. A value set by whoever runs the tests wins.
-os.environ.setdefault("SSL_CERT_FILE", os.devnull)
+# context: ~40 ms of CPU per context, and the tests build a few hundred (each bridge, each
+# fake's client, each ``httpx`` client: ``httpx.get`` makes one per call), in this process and
+# in the daemons it starts, which inherit this. ``SSL_CERT_FILE`` names a file holding one
+# public root (the first of certifi's bundle), not an empty file: httpx loads that variable
+# as its ``cafile`` and refuses a file without a certificate. Set whatever the environment
+# says: a machine that points it at the full bundle (for its other tools) paid the parse in
+# every context. No test peer uses a system CA: the fakes have their own.
+def _one_root_ca() -> str:
+    import certifi
+
+    bundle = Path(certifi.where()).read_text(encoding="utf-8")
+    end = "-----END CERTIFICATE-----"
+    path = Path(__file__).parent / ".one-root-ca.pem"
+    first = bundle[bundle.index("-----BEGIN CERTIFICATE-----"):bundle.index(end) + len(end)] + "\n"
+    if not path.exists() or path.read_text(encoding="ascii") != first:
+        tmp = path.with_name(f"{path.name}.{os.getpid()}")
+        tmp.write_text(first, encoding="ascii")
+        tmp.replace(path)  # workers write the same file at once: each rename is whole
+    return str(path)
+
+
+os.environ["SSL_CERT_FILE"] = _one_root_ca()
 
 # What makes a test end-to-end (marker ``e2e``; ``make test-fast`` runs the others): it
 # starts a process (the daemon, Mosquitto, the CLI, a browser, systemd tools), itself or

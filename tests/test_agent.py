@@ -14,7 +14,8 @@ import time
 import uuid
 from pathlib import Path
 
-from tests.support import MqttProbe, cli
+from tests.helpers import cli_in_process, write_accounts
+from tests.support import MqttProbe
 
 
 def start_agent(gw, *args: str, tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:  # noqa: ANN001
@@ -43,7 +44,7 @@ def test_anonymous_agent_warns_and_notices_a_redelivered_acked_message(gateway_f
     gw = gateway_factory({"broker": {"listeners": [{"name": "local", "type": "tcp", "bind": "127.0.0.1:0",
                                                     "allow_anonymous": True, "anonymous_role": "technician"}]}},
                          start=False)
-    assert cli(gw.config, "users", "add", "boss", "--role", "admin", "--password-stdin", input="boss-pw\n").returncode == 0
+    write_accounts(tmp_path / "var" / "passwd", {"boss": ("admin", "boss-pw")})
     gw.start()
     agent, out, err = start_agent(gw, "--device-id", "plc-9", tmp_path=tmp_path)
     try:
@@ -73,8 +74,7 @@ def test_agent_with_wrong_credentials_says_so_and_exits_2(gateway_factory, tmp_p
     gw = gateway_factory()
     secret = tmp_path / "plc.password"
     secret.write_text("right-one\n")
-    assert cli(gw.config, "users", "add", "plc-3", "--role", "device", "--password-stdin",
-               input="right-one\n").returncode == 0
+    write_accounts(tmp_path / "var" / "passwd", {"plc-3": ("device", "right-one")})  # the daemon reads it as it changes
     wrong = tmp_path / "wrong.password"
     wrong.write_text("not-it\n")
     agent, out, err = start_agent(gw, "--device-id", "plc-3", "--username", "plc-3", "--password-file", str(wrong),
@@ -100,9 +100,7 @@ def test_agent_speaks_5_and_shows_message_expiry_and_the_message_id_property(gat
     gw = gateway_factory(start=False)
     secret = tmp_path / "plc.password"
     secret.write_text("plc-5-pw\n")
-    assert cli(gw.config, "users", "add", "plc-5", "--role", "device", "--password-stdin",
-               input="plc-5-pw\n").returncode == 0
-    assert cli(gw.config, "users", "add", "boss", "--role", "admin", "--password-stdin", input="boss-pw\n").returncode == 0
+    write_accounts(tmp_path / "var" / "passwd", {"plc-5": ("device", "plc-5-pw"), "boss": ("admin", "boss-pw")})
     gw.start()
     login = ("--device-id", "plc-5", "--username", "plc-5", "--password-file", str(secret), "--protocol", "5")
     agent, out, err = start_agent(gw, *login, "--register", "--count", "1", tmp_path=tmp_path)
@@ -112,7 +110,7 @@ def test_agent_speaks_5_and_shows_message_expiry_and_the_message_id_property(gat
         agent.terminate()
         agent.wait(timeout=10)
     deadline = time.monotonic() + 15
-    while cli(gw.config, "devices", "show", "plc-5").returncode != 0:   # its registration, processed
+    while cli_in_process(gw.config, "devices", "show", "plc-5").returncode != 0:   # its registration, processed
         assert time.monotonic() < deadline, "the agent's registration never arrived"
         time.sleep(0.1)
     admin = MqttProbe(gw.port, username="boss", password="boss-pw")

@@ -4,6 +4,7 @@ no words and shows no Python types."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pty
@@ -207,7 +208,10 @@ def test_jobs_list_has_headers_a_state_filter_and_a_limit(tmp_path: Path, cfg_pa
 
 
 # ------------------------------------------------------------------ help
+@functools.cache
 def _commands():
+    """Every command with its path, built once (typer builds the whole tree, ~30 ms, at each
+    get_command): read by each parametrized help test."""
     def walk(cmd, path):
         yield path, cmd
         for name, sub in getattr(cmd, "commands", {}).items():

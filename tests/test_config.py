@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import ConfigError, load_config, parse_config
+from tests.helpers import CliResult, cli_in_process
 from tests.support import ROOT, to_toml
 
 
@@ -64,13 +66,14 @@ def test_enabled_bridge_with_missing_file_names_key(tmp_path: Path):
     assert secrets.bridge_faults == {"apns": f"bridges.apns.key_file: file not found: {tmp_path / 'missing.p8'}"}
 
 
-def _check_config(tmp_path: Path, bridges: dict) -> subprocess.CompletedProcess[str]:
+def _check_config(tmp_path: Path, bridges: dict) -> CliResult:
+    """``check-config`` in this process: the same entry point and guard, what it loads and
+    says is the point, not an interpreter start."""
     data = {"gateway": {"data_dir": str(tmp_path / "var")},
             "broker": {"listeners": [{"name": "a", "bind": "127.0.0.1:1"}]}, "bridges": bridges}
     path = tmp_path / "config.toml"
     path.write_text(to_toml(data))
-    return subprocess.run([sys.executable, "-m", "gateway", "--config", str(path), "check-config"],
-                          capture_output=True, text=True, timeout=60)
+    return cli_in_process(path, "check-config")
 
 
 def test_check_config_loads_push_keys_as_the_bridges_do(tmp_path: Path):
@@ -157,7 +160,7 @@ def test_the_loaded_config_is_frozen_and_holds_no_secret(tmp_path: Path):
     assert secrets.upstream.password is None and dict(secrets.bridges) == {"simulation": None, "mqtt": None}
 
 
-def test_check_config_cli_exit_codes(tmp_path: Path):
+def test_check_config_cli_exit_codes(tmp_path: Path, monkeypatch):
     good = tmp_path / "good.toml"
     good.write_text((ROOT / "config.toml").read_text())
     bad = tmp_path / "bad.toml"
@@ -165,17 +168,17 @@ def test_check_config_cli_exit_codes(tmp_path: Path):
                             "dispatch": {"tll": 3}}))
     broken = tmp_path / "broken.toml"
     broken.write_text("[gateway\n")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "gateway", *a], capture_output=True, text=True,
-                                    cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
-    ok = run("--config", str(good), "check-config")
+    for name in [n for n in os.environ if n.startswith("HOMEPOT_")]:  # no override from the caller's environment
+        monkeypatch.delenv(name)
+    ok = cli_in_process(good, "check-config")  # the entry point with its guard, in this process
     assert ok.returncode == 0, ok.stderr
-    res = run("--config", str(bad), "check-config")
+    res = cli_in_process(bad, "check-config")
     assert res.returncode == 2
     assert res.stderr.strip() == "dispatch.tll: unknown key"
     assert "Traceback" not in res.stderr
-    res = run("--config", str(broken), "check-config")
+    res = cli_in_process(broken, "check-config")
     assert res.returncode == 2 and "not valid TOML" in res.stderr and "Traceback" not in res.stderr
-    res = run("--config", str(tmp_path / "nope.toml"), "check-config")
+    res = cli_in_process(tmp_path / "nope.toml", "check-config")
     assert res.returncode == 2 and "config file not found" in res.stderr
 
 

@@ -199,12 +199,16 @@ def test_external_mode_with_credentials(gateway_factory, tmp_path: Path):
 
 
 def test_external_broker_down_at_start_then_up(gateway_factory, tmp_path: Path):
-    """External mode does not crash-loop when the broker is late: it retries and connects."""
+    """External mode does not crash-loop when the broker is late: READY=1 follows the first
+    failed attempt (not a fixed wait), the client retries with the configured backoff
+    (broker.reconnect_initial_s/_max_s) and connects once the broker is up."""
     from tests.support import Mosquitto
 
     port = free_port()
-    gw = gateway_factory(port=port, extra={"broker": {"mode": "external", "url": f"mqtt://127.0.0.1:{port}",
-                                                       "listeners": []}})
+    gw = gateway_factory(port=port, extra={"broker": {
+        "mode": "external", "url": f"mqtt://127.0.0.1:{port}", "listeners": [],
+        "reconnect_initial_s": 0.05, "reconnect_max_s": 0.2}})
+    assert "external broker unreachable; retrying in the background" in gw.log()  # down at start
     m = Mosquitto(tmp_path, port).start()
     try:
         deadline = time.monotonic() + 20

@@ -23,9 +23,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from gateway.broker.passwords import add_user
 from gateway.http.acks import AckSigner, load_or_create_secret
 from tests.pipeline.test_fuzz_mqtt import expected_answer
+from tests.helpers import write_accounts
 from tests.support import MqttProbe, bulk_register, free_port
 
 P = "homepot/site-t"
@@ -77,8 +77,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Any:
                        upstream={"url": f"mqtt://127.0.0.1:{cloud.port}", "allow_plaintext": True},
                        bridges={"simulation": {"latency_ms": 0}})
     cfg = write_config(tmp, data)
-    for name, (role, password) in USERS.items():
-        add_user(tmp / "var" / "passwd", name, password, role)
+    write_accounts(tmp / "var" / "passwd", USERS)
     bulk_register(tmp / "var", [{"device_id": f"d{i}", "channels": [{"platform": "simulation"}]} for i in range(3)])
     gw = GatewayProcess(cfg, tmp).start()
     local = MqttProbe(port, [f"{P}/jobs/+/status", f"{P}/gateway/errors"])

@@ -19,7 +19,7 @@ from gateway.alarms import store as alarm_store
 from gateway.pipeline import jobs, registry
 from gateway.storage import Database, connect
 from gateway.upstream import outbox
-from tests.support import cli
+from tests.helpers import cli_in_process as cli  # the operator's commands, in this process: no interpreter start each
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gateway-2c3a5d9.db"
 LATEST = {c.name: c.version for c in migrations.components()}

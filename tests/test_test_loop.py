@@ -62,3 +62,38 @@ def test_an_unknown_profile_is_refused_by_name():
         else:
             os.environ["HYPOTHESIS_PROFILE"] = started
         importlib.reload(fuzz)  # back to the profile this run started with
+
+
+def test_the_tests_trust_one_root_whatever_the_environment_set_and_httpx_accepts_it():
+    """A machine whose environment points ``SSL_CERT_FILE`` at the full bundle made every TLS
+    context and every ``httpx`` client of the tests parse ~140 certificates (~40 ms of CPU
+    each); an empty file, the other way to skip that, is refused by httpx as its cafile."""
+    import ssl
+
+    import httpx
+
+    path = Path(os.environ["SSL_CERT_FILE"])
+    assert path.read_text(encoding="ascii").count("-----BEGIN CERTIFICATE-----") == 1
+    assert ssl.create_default_context(cafile=str(path)).cert_store_stats()["x509_ca"] == 1
+    httpx.Client().close()  # verify=True loads SSL_CERT_FILE as its cafile: an empty file raises here
+
+
+def test_the_cli_in_process_builds_the_command_once_and_each_call_runs_its_own(tmp_path: Path, monkeypatch):
+    """typer builds its click command at every ``app()``; the in-process CLI builds it once
+    per app and reuses it, every call still parsing its own arguments."""
+    import importlib
+
+    import typer.main
+
+    helper = importlib.import_module("tests.helpers.cli")  # the module (tests.helpers.cli is also a function's name)
+    built = []
+    real = typer.main.get_command
+    monkeypatch.setattr(typer.main, "get_command", lambda app: built.append(app) or real(app))
+    monkeypatch.setattr(helper, "_built", {}, raising=False)
+    config = write_config(tmp_path, base_config(tmp_path, free_port()))
+    assert cli_in_process(config, "devices", "add", "plc-1", "--platform", "mqtt").returncode == 0
+    shown = cli_in_process(config, "devices", "show", "plc-1")
+    missing = cli_in_process(config, "devices", "show", "plc-2")
+    assert shown.returncode == 0 and "plc-1" in shown.stdout
+    assert missing.returncode == 1 and "plc-2" in missing.stderr
+    assert len(built) == 1

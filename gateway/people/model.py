@@ -19,8 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictStr, ValidationError, field_serializer, field_validator
 
-from devices.models import DEVICE_ID_RE
-from gateway.ids import NOT_DOTS, is_id, not_dot_segment
+from gateway.ids import DEVICE_ID_RE, NOT_DOTS, is_id, not_dot_segment
 
 PERSON_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 ACCOUNT_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")  # gateway.broker.passwords.NAME_RE

@@ -1,5 +1,6 @@
-"""The durable notification pipeline: jobs in, deliveries out, acks and status back."""
+"""The durable notification pipeline: jobs in, deliveries out, acks and status back.
 
-from gateway.pipeline.service import Pipeline
-
-__all__ = ["Pipeline"]
+The service (:class:`gateway.pipeline.service.Pipeline`) is not imported here: CLI commands
+use the pipeline's table modules (``registry``, ``jobs``, ``deliveries``) alone, and the
+service brings the dispatcher, the MQTT client and the bridges with it.
+"""

@@ -36,7 +36,7 @@ import structlog
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.reasoncodes import ReasonCode
 
-from gateway.config import MqttUrl
+from gateway.mqtt_url import MqttUrl
 from gateway.mqtt import ConnectionSettings, GatewayClient, NotConnected, Probe
 
 log = structlog.get_logger(__name__)

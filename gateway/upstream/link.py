@@ -70,12 +70,16 @@ class UpstreamLink:
 
     def __init__(self, cfg: Config, db: Database, intake: Intake, outbox: Outbox | None = None, *,
                  secrets: LinkSecrets,
-                 backoff_initial: float = 1.0, backoff_max: float = 60.0, healthy_after_s: float = 30.0,
+                 backoff_initial: float | None = None, backoff_max: float | None = None,
+                 healthy_after_s: float = 30.0,
                  window: int | None = None, publish_timeout: float = 30.0, poll_interval: float = 1.0,
                  stop_flush_s: float = 2.0, gap_grace: float = 2.0, set_aside_after: int = 5):
         if cfg.upstream is None:
             raise ValueError("UpstreamLink needs an [upstream] section")
         up = cfg.upstream
+        # The config's reconnect_initial_s/reconnect_max_s unless a test gives its own.
+        backoff_initial = up.reconnect_initial_s if backoff_initial is None else backoff_initial
+        backoff_max = up.reconnect_max_s if backoff_max is None else backoff_max
         window = up.max_inflight if window is None else window
         if not 1 <= window <= MAX_WINDOW:
             raise ValueError(f"window must be 1..{MAX_WINDOW}")

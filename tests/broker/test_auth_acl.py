@@ -4,8 +4,6 @@ and the role ACLs of contract §5 on publish, subscribe and delivery (retained i
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,15 +12,16 @@ import pytest
 
 from gateway.broker import EmbeddedBroker, InternalCredentials
 from tests.broker.helpers import PUBACK, PUBLISH, Paho, RawClient, broker_config, until
-from tests.helpers import write_accounts
+from tests.helpers import CliResult, cli_in_process, write_accounts
 from tests.support import free_port, write_config
 
 P = "homepot/site-t"
 
 
-def cli(cfg: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway", "--config", str(cfg), *args], input=stdin,
-                          capture_output=True, text=True, cwd=cfg.parent, timeout=60)
+def cli(cfg: Path, *args: str, stdin: str | None = None) -> CliResult:
+    """The command, in this process (what it writes to the account file is the point, not an
+    interpreter start per call)."""
+    return cli_in_process(cfg, *args, input=stdin)
 
 
 def connack(port: int, username: str | None = None, password: str | None = None) -> int:

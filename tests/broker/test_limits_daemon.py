@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from tests.broker.helpers import PUBACK, PUBLISH, RawClient, _rl, write_accounts
-from tests.support import GatewayProcess, base_config, bulk_register, cli, free_port, write_config
+from tests.helpers import cli_in_process
+from tests.support import GatewayProcess, base_config, bulk_register, free_port, write_config
 
 P = "homepot/site-t"
 ACCOUNTS = {"plc-1": "device", "plc-8": "device", "tech-1": "technician", "ctl-1": "controller",
@@ -425,14 +426,16 @@ async def test_connections_per_role(gw):
 
 async def test_account_changes_reach_connected_clients(gw):
     """`users remove` closes the account's open connection; `users add` with a new role (same
-    password) applies the new ACL to the open connection at once; a new password closes it."""
+    password) applies the new ACL to the open connection at once; a new password closes it.
+    The commands run in this process (what they write to the account file is the point); the
+    daemon's side is the real process."""
     port = gw.port
     cfg = gw.config
     # acct-a publishes jobs and reads notifications; then its account is removed.
     a = RawClient(port)
     assert await a.connect("acct-a-1", **_login("acct-a")) == (False, 0)
     assert await a.subscribe((f"{P}/#", 1)) == [1]
-    removed = await asyncio.to_thread(cli, cfg, "users", "remove", "acct-a")
+    removed = cli_in_process(cfg, "users", "remove", "acct-a")
     assert removed.returncode == 0, removed.stderr
     assert await a.closed(timeout=5)
     again = RawClient(port)
@@ -446,8 +449,8 @@ async def test_account_changes_reach_connected_clients(gw):
     await b.expect(PUBACK)
     await _until(lambda: _db(gw, "SELECT job_id FROM jobs WHERE job_id = 'by-acct-b'"))
     denied = _metrics(gw).get("homepot_broker_denied_publish", 0)
-    changed = await asyncio.to_thread(cli, cfg, "users", "add", "acct-b", "--role", "monitor", "--password-stdin",
-                                      input="pw-acct-b\n")
+    changed = cli_in_process(cfg, "users", "add", "acct-b", "--role", "monitor", "--password-stdin",
+                             input="pw-acct-b\n")
     assert changed.returncode == 0, changed.stderr
     await _until(lambda: _metrics(gw).get("homepot_broker_accounts_updated", 0) >= 1)
     job["job_id"] = "by-monitor"
@@ -462,8 +465,8 @@ async def test_account_changes_reach_connected_clients(gw):
     admin.publish(f"{P}/recv/x", b"as-monitor", 1)
     await admin.expect(PUBACK)
     assert (await b.expect(PUBLISH)).payload == b"as-monitor"
-    changed = await asyncio.to_thread(cli, cfg, "users", "add", "acct-b", "--role", "device", "--password-stdin",
-                                      input="pw-acct-b\n")
+    changed = cli_in_process(cfg, "users", "add", "acct-b", "--role", "device", "--password-stdin",
+                             input="pw-acct-b\n")
     assert changed.returncode == 0, changed.stderr
     await _until(lambda: _metrics(gw).get("homepot_broker_accounts_updated", 0) >= 2)
     withheld = _metrics(gw)["homepot_broker_denied_receive"]
@@ -475,8 +478,8 @@ async def test_account_changes_reach_connected_clients(gw):
     # acct-c: a new password closes its connection; the new password works.
     c = RawClient(port)
     assert await c.connect("acct-c-1", **_login("acct-c")) == (False, 0)
-    changed = await asyncio.to_thread(cli, cfg, "users", "add", "acct-c", "--role", "technician",
-                                      "--password-stdin", input="new-secret\n")
+    changed = cli_in_process(cfg, "users", "add", "acct-c", "--role", "technician",
+                             "--password-stdin", input="new-secret\n")
     assert changed.returncode == 0, changed.stderr
     assert await c.closed(timeout=5)
     c2 = RawClient(port)

@@ -43,16 +43,21 @@ def varints(draw: st.DrawFn) -> bytes:
     return b"\x80" * draw(st.integers(1, 4))
 
 
+# Built once: a strategy made inside a composite is built again at every draw.
+_idents = st.one_of(st.sampled_from(sorted(P.KINDS)), st.integers(0, 0x7F))
+_bytes, _u16, _u32 = st.integers(0, 255), st.integers(0, 65535), st.integers(0, 2 ** 32 - 1)
+
+
 @st.composite
 def a_property(draw: st.DrawFn) -> bytes:
-    ident = draw(st.one_of(st.sampled_from(sorted(P.KINDS)), st.integers(0, 0x7F)))
+    ident = draw(_idents)
     kind = P.KINDS.get(ident)
     if kind is P.Kind.BYTE or kind is None:
-        value = bytes([draw(st.integers(0, 255))])
+        value = bytes([draw(_bytes)])
     elif kind is P.Kind.U16:
-        value = draw(st.integers(0, 65535)).to_bytes(2, "big")
+        value = draw(_u16).to_bytes(2, "big")
     elif kind is P.Kind.U32:
-        value = draw(st.integers(0, 2 ** 32 - 1)).to_bytes(4, "big")
+        value = draw(_u32).to_bytes(4, "big")
     elif kind is P.Kind.VARINT:
         value = draw(varints())
     elif kind is P.Kind.PAIR:
@@ -62,13 +67,17 @@ def a_property(draw: st.DrawFn) -> bytes:
     return _rl(ident) + value
 
 
+_property_lists = st.lists(a_property(), max_size=5)
+_length_errors = st.sampled_from([0, 0, 0, -1, 1, 7])
+
+
 @st.composite
 def property_blocks(draw: st.DrawFn) -> bytes:
-    props = draw(st.lists(a_property(), max_size=5))
+    props = draw(_property_lists)
     if props and draw(st.booleans()):
         props.append(props[0])   # a duplicate
     raw = b"".join(props)
-    length = len(raw) + draw(st.sampled_from([0, 0, 0, -1, 1, 7]))
+    length = len(raw) + draw(_length_errors)
     return _rl(max(length, 0)) + raw
 
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,34 @@ class CliResult:
     returncode: int
     stdout: str
     stderr: str
+
+
+_built: dict[tuple[int, int, int], Any] = {}
+
+
+@contextmanager
+def _command_built_once() -> Iterator[None]:
+    """typer turns the app into click commands at every call (``app()`` runs
+    ``typer.main.get_command``): the annotations of every command evaluated again, ~30 ms of
+    CPU, ten times what a command like ``devices show`` then costs. A process pays it once;
+    here it is paid once per app, and the same click command (it keeps no state between
+    runs: each gets its own context) serves every call. The key changes if a command or
+    group is registered after the first call."""
+    import typer.main
+
+    build: Callable[[Any], Any] = typer.main.get_command
+
+    def built(app: Any) -> Any:
+        key = (id(app), len(app.registered_commands), len(app.registered_groups))
+        if key not in _built:
+            _built[key] = build(app)
+        return _built[key]
+
+    typer.main.get_command = built
+    try:
+        yield
+    finally:
+        typer.main.get_command = build
 
 
 def cli_in_process(config: Path, *args: str, input: str | None = None) -> CliResult:
@@ -43,7 +74,8 @@ def cli_in_process(config: Path, *args: str, input: str | None = None) -> CliRes
         os.chdir(config.parent)
         sys.argv = ["homepot-gateway", *argv]
         try:
-            main()
+            with _command_built_once():
+                main()
         except SystemExit as exc:
             if isinstance(exc.code, int) or exc.code is None:
                 code = exc.code or 0

@@ -13,7 +13,8 @@ import paho.mqtt.client as paho
 import pytest
 
 from tests.http.conftest import ApiGateway, db_rows, make_api_gateway, wait_until
-from tests.support import MqttProbe, bulk_register, cli
+from tests.helpers import cli_in_process as cli  # the operator's commands, in this process: no interpreter start each
+from tests.support import MqttProbe, bulk_register
 
 P = "homepot/site-t"
 REPEATS = 5000

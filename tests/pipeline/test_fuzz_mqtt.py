@@ -16,8 +16,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import cli_in_process as cli  # the operator's commands, in this process: no interpreter start each
 from tests.helpers.fuzz import examples
-from tests.support import MqttProbe, bulk_register, cli
+from tests.support import MqttProbe, bulk_register
 
 P = "homepot/site-t"
 
