@@ -36,6 +36,7 @@ from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from gateway import mqtt_compat
 from gateway.mqtt_url import MqttUrl
 from gateway.timeutil import iso, utcnow
 
@@ -56,6 +57,20 @@ class SubscriptionRefused(Exception):
 # CONNACK 4/5 in MQTT 3.1.1; paho reports them as the 5.0 reason codes 134/135.
 _REFUSED_CREDENTIALS = {4, 5, 134, 135}
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF
+
+
+async def _publish_while_connected(client: aiomqtt.Client, topic: str, payload: str) -> None:
+    """A QoS 1 publish that fails as soon as the connection is lost. aiomqtt's own wait for
+    the PUBACK does not end with the connection but with its timeout (10 s), so an agent
+    whose ack was in flight when the broker went away (a gateway killed and restarted) came
+    back 10 s late and missed what was sent meanwhile for as long."""
+    publish = asyncio.ensure_future(client.publish(topic, payload, qos=1))
+    lost = client._disconnected  # checked by mqtt_compat: the future its message iterator also waits on
+    await asyncio.wait({publish, lost}, return_when=asyncio.FIRST_COMPLETED)
+    if not publish.done():
+        publish.cancel()
+        raise aiomqtt.MqttError("connection lost while an ack waited for its PUBACK")
+    publish.result()
 
 
 class Agent:
@@ -102,9 +117,11 @@ class Agent:
                                           "properties": props}
         else:
             session = {"protocol": aiomqtt.ProtocolVersion.V311, "clean_session": False}
-        return aiomqtt.Client(url.host, url.port, identifier=self.device_id,  # type: ignore[arg-type]
-                              username=self.args.username, password=password, tls_context=tls,
-                              transport=url.transport, keepalive=self.args.keepalive, **session)
+        client = aiomqtt.Client(url.host, url.port, identifier=self.device_id,  # type: ignore[arg-type]
+                                username=self.args.username, password=password, tls_context=tls,
+                                transport=url.transport, keepalive=self.args.keepalive, **session)
+        mqtt_compat.check(client)  # the private names this agent and the gateway reach (pinned aiomqtt)
+        return client
 
     async def run(self) -> int:
         warning = self.account_warning()
@@ -182,7 +199,8 @@ class Agent:
                               f"gateway's log for a denied publish")
                 if not self.args.no_ack:
                     ack = {"message_id": message_id, "status": self.args.ack_status, "at": _now()}
-                    await client.publish(f"{self.prefix}/devices/{self.device_id}/ack", json.dumps(ack), qos=1)
+                    await _publish_while_connected(client, f"{self.prefix}/devices/{self.device_id}/ack",
+                                                   json.dumps(ack))
                     self.acked.add(message_id)
                 if not duplicate:
                     self.received += 1

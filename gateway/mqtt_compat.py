@@ -14,8 +14,9 @@ from __future__ import annotations
 import aiomqtt
 import paho.mqtt.client as paho
 
-# aiomqtt.Client: its paho client, and the future its CONNACK resolves.
-AIOMQTT_NAMES = ("_client", "_connected")
+# aiomqtt.Client: its paho client, the future its CONNACK resolves, and the one a lost
+# connection resolves (the reference agent stops waiting for a PUBACK on it).
+AIOMQTT_NAMES = ("_client", "_connected", "_disconnected")
 # paho.Client: the socket the chunked reader checks against; the public calls it relies on.
 PAHO_NAMES = ("_sock", "manual_ack_set", "ack", "on_publish", "on_connect", "on_disconnect", "publish")
 

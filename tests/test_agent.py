@@ -14,7 +14,7 @@ import time
 import uuid
 from pathlib import Path
 
-from tests.helpers import cli_in_process, write_accounts
+from tests.helpers import cli_in_process, wait_until, write_accounts
 from tests.support import MqttProbe
 
 
@@ -129,3 +129,29 @@ def test_agent_speaks_5_and_shows_message_expiry_and_the_message_id_property(gat
     assert notify["user_properties"] == {"message_id": notify["envelope"]["message_id"]}
     assert not [e for e in events(err) if e["event"] == "warning"]
     assert gw.stop() == 0
+
+
+def test_an_agent_whose_ack_waits_on_a_broker_that_went_away_reconnects_at_once(tmp_path: Path):
+    """The broker goes away while the agent's ack waits for its PUBACK (a gateway killed
+    with kill -9 mid-ack): the agent is back at once, not after the publish's 10 s timeout."""
+    from tests.pipeline.hung_broker import HungBroker
+
+    broker = HungBroker().start()  # it never PUBACKs: the ack waits until the connection ends
+    out = tmp_path / "agent.out"
+    proc = subprocess.Popen([sys.executable, "-m", "devices.agent", "--url", f"mqtt://127.0.0.1:{broker.port}",
+                             "--prefix", "homepot/site-t", "--device-id", "plc-1"],
+                            stdout=open(out, "wb"), stderr=open(tmp_path / "agent.err", "wb"))
+    try:
+        wait_event(out, "ready")
+        envelope = {"message_id": str(uuid.uuid4()), "job_id": "j", "title": "t", "body": "b", "data": {},
+                    "priority": "normal", "sent_at": "2030-01-01T00:00:00Z", "expires_at": "2030-01-01T01:00:00Z"}
+        broker.send("homepot/site-t/devices/plc-1/notify", json.dumps(envelope).encode())
+        wait_until(lambda: "homepot/site-t/devices/plc-1/ack" in broker.publishes, what="the agent's ack")
+        broker.drop()
+        dropped = time.monotonic()
+        wait_until(lambda: broker.connects >= 2, timeout=20, what="the agent connected again")
+        assert time.monotonic() - dropped < 3.0, round(time.monotonic() - dropped, 2)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        broker.stop()

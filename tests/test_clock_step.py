@@ -3,13 +3,14 @@ timers: stale sensors, escalation, resends of unacked deliveries (across a resta
 test_clock_step_restart.py).
 
 The daemon runs under libfaketime (Debian ``faketime``, :mod:`tests.helpers.faketime`): its
-offset is read from a file (at most a second old), which the test rewrites to step the
+offset is read from a file, which the test rewrites to step the
 clock mid-run; ``CLOCK_MONOTONIC`` is left alone, as a real step by NTP or an operator
 leaves it. Receivers and the test itself run on the real clock.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 import sys
@@ -47,6 +48,30 @@ def test_faketime_steps_wall_clock_but_not_monotonic(tmp_path: Path):
     proc.wait(10)
     assert 86400 - 5 < wall1 - wall0 < 86400 + 5
     assert 0 <= mono1 - mono0 < 5
+
+
+def test_a_timed_wait_under_faketime_waits_its_time(tmp_path: Path):
+    """A timed wait on a ``CLOCK_MONOTONIC`` condition variable (how CPython waits for its
+    GIL) lasts its time under the tool: returning at once makes every thread that wants the
+    GIL spin, and a daemon under libfaketime burns a core's third while idle."""
+    code = ("import ctypes, time\n"
+            "libc = ctypes.CDLL(None)\n"
+            "class Timespec(ctypes.Structure):\n"
+            "    _fields_ = [('tv_sec', ctypes.c_long), ('tv_nsec', ctypes.c_long)]\n"
+            "attr, cond, mutex = (ctypes.create_string_buffer(128) for _ in range(3))\n"
+            "assert libc.pthread_condattr_init(attr) == 0\n"
+            "assert libc.pthread_condattr_setclock(attr, time.CLOCK_MONOTONIC) == 0\n"
+            "assert libc.pthread_cond_init(cond, attr) == 0 and libc.pthread_mutex_init(mutex, None) == 0\n"
+            "assert libc.pthread_mutex_lock(mutex) == 0\n"
+            "start = time.monotonic()\n"
+            "due = time.clock_gettime(time.CLOCK_MONOTONIC) + 0.3\n"
+            "rc = libc.pthread_cond_timedwait(cond, mutex, ctypes.byref(Timespec(int(due), int(due % 1 * 1e9))))\n"
+            "print(rc, time.monotonic() - start)\n")
+    out = subprocess.run([sys.executable, "-c", code], env={**faketime_env(tmp_path / "offset"), "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    rc, waited = out.stdout.split()
+    assert int(rc) == errno.ETIMEDOUT and float(waited) >= 0.3 - 0.01, out.stdout
 
 
 def mqtt_device(device_id: str, segment: str | None = None) -> dict:
@@ -107,7 +132,7 @@ def test_forward_step_of_a_day_fires_no_stale_alarm_and_expires_no_resend(gatewa
     rule = {"name": "heartbeat", "topic": "{prefix}/devices/+/telemetry/heartbeat", "stale_s": STALE_S,
             "key": "{device_id}", "target": {"devices": ["tech-1"]}, "title": "{device_id} is silent"}
     gw = gateway_factory({"rules": [rule], "dispatch": {"ack_timeout_s": 1.0, "max_attempts": 100}},
-                         env=faketime_env(offset, cache_s=1))
+                         env=faketime_env(offset))
     bulk_register(tmp_path / "var", [mqtt_device("tech-1"), mqtt_device("phone-r")])
     probe = MqttProbe(gw.port, [f"{P}/devices/+/notify", f"{P}/devices/+/telemetry/heartbeat"])
     alive = {f"s-{i}" for i in range(10)}
@@ -121,10 +146,10 @@ def test_forward_step_of_a_day_fires_no_stale_alarm_and_expires_no_resend(gatewa
 
     beater = threading.Thread(target=heartbeats, daemon=True)
     try:
+        beater.start()
         # A delivery that is never acked: resent every ack_timeout_s while its 10-minute TTL lasts.
         send_job(probe, "resend-me", "phone-r", ttl=600)
         wait_count(probe, "phone-r", "resend-me", 2, timeout=20)
-        beater.start()
         # Heard a few times at the old clock (barrier: the broker passed on each sensor's
         # second beat, the gateway's subscription came before the probe's).
         probe.wait_for(lambda _m: all(len(probe.on(f"{P}/devices/s-{i}/telemetry/heartbeat")) >= 2
@@ -160,7 +185,7 @@ def test_backward_step_of_an_hour_freezes_neither_escalation_nor_resends(gateway
     rule = {"name": "door", "topic": "{prefix}/devices/+/telemetry/door", "equals": "open", "key": "{device_id}",
             "target": {"segment": "technicians"}, "title": "Door {device_id} is {value}",
             "escalate": [{"after_s": 3.0, "target": {"segment": "shift-leads"}}]}
-    env = faketime_env(offset, cache_s=1)
+    env = faketime_env(offset)
     # The simulation bridge answers the first 3 attempts of every delivery 503, Retry-After 2 s.
     gw = gateway_factory({"rules": [rule], "dispatch": {"ack_timeout_s": 1.0, "max_attempts": 100},
                           "bridges": {"simulation": {"latency_ms": 0, "transient_attempts": 3, "retry_after_s": 2.0}}},

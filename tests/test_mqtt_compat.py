@@ -31,3 +31,21 @@ async def test_a_library_without_one_of_them_is_refused_by_name(monkeypatch: pyt
             GatewayClient(ConnectionSettings(url="mqtt://127.0.0.1:1", client_id="x"))._make_client()
     finally:
         mqtt_compat.reset()
+
+
+async def test_the_future_a_lost_connection_resolves_is_checked_too(monkeypatch: pytest.MonkeyPatch):
+    """The reference agent stops waiting for a PUBACK when the connection drops, on aiomqtt's
+    ``_disconnected``; a release without it is refused by name, not found out as a hang."""
+    original = aiomqtt.Client.__init__
+
+    def without(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        original(self, *args, **kwargs)
+        del self._disconnected
+
+    monkeypatch.setattr(aiomqtt.Client, "__init__", without)
+    mqtt_compat.reset()
+    try:
+        with pytest.raises(mqtt_compat.MqttLibraryMismatch, match=r"aiomqtt.Client._disconnected"):
+            mqtt_compat.check(aiomqtt.Client("127.0.0.1", 1))
+    finally:
+        mqtt_compat.reset()

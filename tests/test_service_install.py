@@ -9,6 +9,7 @@ as systemd would start it, while root uses the linked CLI on the same state.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import pwd
@@ -35,6 +36,8 @@ class Installed:
     user: str
     env: dict[str, str]
     runs: list[subprocess.CompletedProcess[str]]
+    # The checkout's build artifacts (build/, *.egg-info; path -> mtime) before and after.
+    artifacts: tuple[dict[str, int], dict[str, int]]
 
     def path(self, key: str) -> Path:
         return Path(self.env[key])
@@ -50,6 +53,13 @@ class Installed:
     @property
     def state(self) -> Path:
         return self.path("STATEDIR")
+
+
+def build_artifacts() -> dict[str, int]:
+    """What a build in the checkout leaves there (setuptools' build/ and *.egg-info)."""
+    paths = [p for top in [ROOT / "build", *ROOT.glob("*.egg-info")] for p in [top, *top.rglob("*")]
+             if p.exists()]
+    return {str(p.relative_to(ROOT)): p.stat().st_mtime_ns for p in paths}
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +82,13 @@ def installed() -> Iterator[Installed]:
     }
     runs = []
     try:
+        before = build_artifacts()
         for _ in range(2):  # idempotent: the second run changes nothing and succeeds
             res = subprocess.run([str(ROOT / "systemd" / "install.sh")], env={**os.environ, **env},
                                  capture_output=True, text=True, timeout=600)
             assert res.returncode == 0, res.stdout + res.stderr
             runs.append(res)
-        yield Installed(root, user, env, runs)
+        yield Installed(root, user, env, runs, (before, build_artifacts()))
     finally:
         subprocess.run(["userdel", user], capture_output=True)
         subprocess.run(["groupdel", user], capture_output=True)
@@ -90,6 +101,21 @@ def test_install_is_one_idempotent_step(installed: Installed):
     assert f"wrote {installed.config}" in first and f"kept the existing {installed.config}" in second
     assert "code unchanged since the last install" in second
     assert "listeners" in first and "no anonymous clients" in first and "bridges" in first  # what to edit next
+
+    # The venv's pip was brought up to date at its creation (an old distribution pip spends
+    # most of the install matching index files): as current as the one `make install-test`
+    # upgraded this checkout's venv to, not the one the system's venv bundles.
+    dists = list(installed.path("PREFIX").glob("lib/python3*/site-packages/pip-*.dist-info"))
+    assert len(dists) == 1, dists
+    assert _release(dists[0].name.removesuffix(".dist-info").split("-")[1]) >= _release(importlib.metadata.version("pip"))
+
+    # The install wrote nothing into the checkout, and it installed exactly the checkout's
+    # modules (a build in the checkout would keep, in build/lib, every module it ever copied).
+    assert installed.artifacts[1] == installed.artifacts[0]
+    site = dists[0].parent
+    for package in ("gateway", "bridges", "devices"):
+        assert ({p.relative_to(site) for p in (site / package).rglob("*.py")}
+                == {p.relative_to(ROOT) for p in (ROOT / package).rglob("*.py")}), package
 
     # The CLI is on the PATH directory, and it runs.
     assert installed.cli.is_symlink() and installed.cli.resolve() == (installed.path("PREFIX") / "bin/homepot-gateway").resolve()
@@ -124,6 +150,10 @@ def test_install_is_one_idempotent_step(installed: Installed):
     verify = subprocess.run([require_tool("systemd-analyze"), "verify", str(unit)], capture_output=True, text=True)
     assert verify.returncode == 0, verify.stderr
     assert "homepot-gateway.service" not in verify.stderr, verify.stderr
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
 
 
 def test_install_writes_a_closed_production_config_and_an_upgrade_keeps_an_edited_one(installed: Installed):
@@ -297,7 +327,10 @@ class Container:
     """systemd as PID 1 on the host's own /usr with a throw-away tmpfs root
     (``systemd-nspawn --directory=/ --volatile=yes --boot``; nspawn refuses an overlay on
     the host's root), the install root bound in at its path, the host's user database (the
-    service user) and the unit bound read-only."""
+    service user) and the unit bound read-only. It boots to basic.target: the services
+    of a multi-user boot (the unit itself among them, enabled by the first boot's presets;
+    logind, networkd, ...) would each start and cost CPU before the test starts the unit
+    itself."""
 
     def __init__(self, inst: Installed, unit: Path):
         self.name = f"hpgw{os.getpid() % 100000}"
@@ -307,7 +340,7 @@ class Container:
              "--volatile=yes", f"--machine={self.name}", f"--bind={inst.root}",
              "--bind-ro=/etc/passwd", "--bind-ro=/etc/group", "--bind-ro=/etc/nsswitch.conf",
              f"--bind-ro={unit}:/etc/systemd/system/homepot-gateway.service", "--boot",
-             "systemd.firstboot=off"],
+             "systemd.firstboot=off", "systemd.unit=basic.target"],
             stdin=subprocess.DEVNULL, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
         self.leader = self._find_leader()
         self.wait_booted()
@@ -384,8 +417,7 @@ def test_the_unit_under_a_real_systemd(installed: Installed):
     unit.write_text(body.replace("WatchdogSec=30s", "WatchdogSec=3s"))
     box = Container(installed, unit)
     try:
-        # A first boot applies the presets (enable *), so the unit may already run from boot;
-        # restart it to time a start of our own.
+        # `restart`, not `start`: the same call whether or not something started it already.
         started = time.monotonic()
         res = box.run("systemctl", "restart", "homepot-gateway", timeout=90)
         assert res.returncode == 0, res.stderr + "\n".join(box.journal())

@@ -10,13 +10,17 @@ from pathlib import Path
 from tests.helpers.processes import require_tool
 
 
-def faketime_env(offset_file: Path, cache_s: int | None = None) -> dict[str, str]:
-    """The environment of a process under libfaketime, its offset "+0" until :func:`step`.
+def faketime_env(offset_file: Path) -> dict[str, str]:
+    """The environment of a process under libfaketime, its offset "+0" until :func:`step`;
+    the offset file is read on every call of the clock, so a step is seen at once (with the
+    setting below that costs no measurable CPU).
 
-    Without ``cache_s`` the offset file is read on every call of the clock, so a step is
-    seen at once; with it, at most once every ``cache_s`` seconds (reading it on every call
-    makes the daemon's start twice as slow on a loaded machine), for tests that step the
-    clock while the daemon is stopped or can wait that long for the step to be seen."""
+    ``FAKETIME_FORCE_MONOTONIC_FIX=0``: libfaketime's "monotonic fix" (on by default with
+    this glibc) converts the deadline of a timed wait on a ``CLOCK_MONOTONIC`` condition
+    variable with the *faked* monotonic time although it is not faked here, so every such
+    wait returns at once. CPython waits for its GIL that way: each thread that wants the GIL
+    spun instead of sleeping, an idle daemon burnt a third of a core and its start took twice
+    the CPU (tests/test_clock_step.py checks that a timed wait waits)."""
     import pytest
 
     require_tool("faketime")  # the Debian package that ships libfaketime
@@ -24,11 +28,8 @@ def faketime_env(offset_file: Path, cache_s: int | None = None) -> dict[str, str
     if not libs:
         pytest.fail("libfaketime.so.1 not found although faketime is installed", pytrace=False)
     offset_file.write_text("+0\n")
-    env = {"LD_PRELOAD": libs[0], "FAKETIME_TIMESTAMP_FILE": str(offset_file), "FAKETIME_NO_CACHE": "1",
-           "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
-    if cache_s is not None:
-        env.update({"FAKETIME_NO_CACHE": "0", "FAKETIME_CACHE_DURATION": str(cache_s)})
-    return env
+    return {"LD_PRELOAD": libs[0], "FAKETIME_TIMESTAMP_FILE": str(offset_file), "FAKETIME_NO_CACHE": "1",
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_FORCE_MONOTONIC_FIX": "0"}
 
 
 def step(offset_file: Path, offset: str) -> None:

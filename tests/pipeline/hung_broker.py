@@ -90,6 +90,28 @@ class HungBroker:
         finally:
             conn.close()
 
+    def send(self, topic: str, payload: bytes) -> None:
+        """A QoS 0 PUBLISH to every client connected now (whatever it subscribed)."""
+        body = struct.pack("!H", len(topic.encode())) + topic.encode() + payload
+        length, n = b"", len(body)
+        while True:
+            n, digit = n // 128, n % 128
+            length += bytes([digit | (0x80 if n else 0)])
+            if not n:
+                break
+        for conn in list(self._conns):
+            conn.sendall(b"\x30" + length + body)
+
+    def drop(self) -> None:
+        """Close every connection (the broker went away); new ones are still accepted."""
+        conns, self._conns = self._conns, []
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+            except OSError:
+                pass
+
     def stop(self) -> None:
         self._stop.set()
         self.sock.close()
