@@ -18,9 +18,9 @@ FAST_WORKERS ?= 4
 ## Debian packages the test suite drives. A missing one is a test failure, not a skip:
 ## `make test` installs them when it runs as root, and stops with a clear message otherwise.
 ## Extend the list here when a test needs another tool (e.g. chromium for browser tests).
-DEBIAN_TEST_PACKAGES := mosquitto mosquitto-clients systemd passwd python3-venv chromium curl faketime prometheus systemd-container util-linux
+DEBIAN_TEST_PACKAGES := mosquitto mosquitto-clients systemd passwd python3-venv chromium chromium-headless-shell curl faketime prometheus systemd-container util-linux
 ## Commands the tests call, checked after the install.
-TEST_TOOLS := mosquitto mosquitto_sub mosquitto_pub mosquitto_passwd systemd-analyze useradd userdel chromium curl faketime promtool systemd-nspawn nsenter
+TEST_TOOLS := mosquitto mosquitto_sub mosquitto_pub mosquitto_passwd systemd-analyze useradd userdel chromium chromium-headless-shell curl faketime promtool systemd-nspawn nsenter
 
 .PHONY: run test test-fast install install-test install-service debian-test-deps bytecode bench clean
 

@@ -1,7 +1,8 @@
 """Test helpers, one place for each: process starters (:mod:`.processes`), the polling wait
 (:mod:`.waits`), database helpers (:mod:`.db`), config builders written with a TOML library
 (:mod:`.config`), small disks (:mod:`.disks`), account files hashed cheaply (:mod:`.accounts`),
-hypothesis example counts per profile (:mod:`.fuzz`). ``tests/support.py`` re-exports the same
+hypothesis example counts per profile (:mod:`.fuzz`), the browsers the page tests drive
+(:mod:`.browser`). ``tests/support.py`` re-exports the same
 names for older imports."""
 
 from pathlib import Path

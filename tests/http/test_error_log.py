@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import socket
 import struct
 
 from playwright.sync_api import sync_playwright
 
 from tests.http.conftest import dumps, job, make_api_gateway, wait_until
-from tests.http.test_operator_page import CHROMIUM, FLAGS
+from tests.helpers.browser import FLAGS, HEADLESS_SHELL, require_browser
 
 USERS = {"tech": ("technician", "tech-pw"), "mon": ("monitor", "mon-pw")}
 
@@ -47,7 +46,6 @@ def closed_streams(api, route: str) -> float:
 
 
 def test_ordinary_use_logs_no_error_line(tmp_path):
-    assert shutil.which("chromium") == CHROMIUM, "Debian's chromium is required (make test installs it)"
     api = make_api_gateway(tmp_path, {"bridges": {"simulation": {"latency_ms": 50}}}, users=USERS)
     try:
         tech = api.client("tech")
@@ -65,7 +63,7 @@ def test_ordinary_use_logs_no_error_line(tmp_path):
         assert api.client().post("/v1/acks/not-a-message?sig=x", content=b"{}").status_code in (400, 403, 404)
 
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+            browser = pw.chromium.launch(executable_path=require_browser(HEADLESS_SHELL), args=FLAGS)
             for _ in range(2):  # opened and closed while its event stream runs, twice
                 ctx = browser.new_context(viewport={"width": 1280, "height": 900})
                 ctx.set_default_timeout(20_000)

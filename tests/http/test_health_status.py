@@ -33,10 +33,10 @@ def status(cfg: Path, *extra: str) -> tuple[int, str]:
 
 def test_status_without_http_healthy_then_unreachable(gateway_factory, tmp_path):
     gw = gateway_factory({"bridges": {"simulation": {"latency_ms": 0}}})
-    # Processes of their own: a connection the CLI left open in this process would keep the
-    # daemon's -wal after it stopped, which the read-only check below looks for.
-    assert cli(gw.config, "devices", "add", "s-1", "--platform", "simulation").returncode == 0
-    assert cli(gw.config, "send", "--title", "x", "--device", "s-1", "--wait").returncode == 0
+    # In this process: the commands close their database connections (the read-only check
+    # below would find the daemon's -wal left behind by one kept open).
+    assert cli_in_process(gw.config, "devices", "add", "s-1", "--platform", "simulation").returncode == 0
+    assert cli_in_process(gw.config, "send", "--title", "x", "--device", "s-1", "--wait").returncode == 0
     wait_until(lambda: (tmp_path / "var" / "runtime.json").exists())
     code, out = status(gw.config, "--json")
     assert code == 0, out

@@ -17,22 +17,23 @@ the fake's; the page registers it exactly as its button does after subscribing.
 from __future__ import annotations
 
 import json
-import shutil
 
 import httpx
 from playwright.async_api import async_playwright, expect
 
 from tests.http.conftest import db_rows, make_api_gateway
-from tests.http.test_web_push_browser import CHROMIUM, FLAGS, open_push_page, push_service, webpush_config  # noqa: F401 - the fixture
-from tests.helpers import cli, until
+from tests.helpers.browser import CHROMIUM, FLAGS, require_browser
+from tests.http.test_web_push_browser import open_push_page, push_service, started, webpush_config  # noqa: F401 - fixtures
+from tests.helpers import cli_in_process, until
 
 
 
-async def test_a_person_subscribes_on_me_gets_the_push_and_opens_it_from_the_inbox(tmp_path, push_service):
-    assert shutil.which("chromium") == CHROMIUM, "Debian's chromium is required (make test installs it)"
+async def test_a_person_subscribes_on_me_gets_the_push_and_opens_it_from_the_inbox(tmp_path, push_service, started):
+    require_browser(CHROMIUM)
     pki, fake = push_service
     api = make_api_gateway(tmp_path, webpush_config(tmp_path, pki),
                            users={"tech": ("technician", "tech-pw"), "anna": ("user", "anna-pw")})
+    started.append(api)  # killed at teardown if the test fails before it stops the daemon
     origin = api.base
     try:
         async with httpx.AsyncClient(base_url=origin, auth=("tech", "tech-pw"), timeout=30) as tech, \
@@ -113,8 +114,9 @@ async def test_a_person_subscribes_on_me_gets_the_push_and_opens_it_from_the_inb
     finally:
         api.close()
 
-    # What `jobs show` says: the delivery to anna-browser with both acks, opened on her page.
-    shown = cli(api.config, "jobs", "show", "me-1", "--deliveries", "--json")
+    # What `jobs show` says (the command in this process, reading the daemon's database): the
+    # delivery to anna-browser with both acks, opened on her page.
+    shown = cli_in_process(api.config, "jobs", "show", "me-1", "--deliveries", "--json")
     assert shown.returncode == 0, shown.stderr
     status = json.loads(shown.stdout)
     assert status["state"] == "acknowledged" and status["counts"]["acknowledged"] == 1

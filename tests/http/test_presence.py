@@ -17,7 +17,7 @@ from playwright.sync_api import Browser, expect, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.http.conftest import dumps, make_api_gateway, wait_until
-from tests.http.test_operator_page import CHROMIUM, FLAGS
+from tests.helpers.browser import FLAGS, HEADLESS_SHELL, require_browser
 from tests.helpers import cli_in_process as cli
 from tests.support import require_tool
 
@@ -59,7 +59,7 @@ def test_an_agent_connecting_and_killed_shows_in_api_cli_status_and_metrics(tmp_
     agent = None
     pw = sync_playwright().start()
     try:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        browser = pw.chromium.launch(executable_path=require_browser(HEADLESS_SHELL), args=FLAGS)
         tech = api.client("tech")
         for device_id in ("plc-1", "plc-8"):
             r = tech.put(f"/v1/devices/{device_id}", content=dumps(

@@ -1,4 +1,5 @@
-"""The Web Push service worker in a real browser (Debian's chromium, headless, over CDP).
+"""The Web Push service worker in a real browser (Debian's chromium, headless, over CDP: the
+headless shell of the page tests shows no notifications).
 
 The job goes through the real daemon and its Web Push bridge to the strict fake push
 service, which decrypts it (RFC 8291) as a browser's push service would hand it over;
@@ -17,23 +18,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
+import pytest_asyncio
 from playwright.async_api import Browser, BrowserContext, CDPSession, Page, async_playwright
 
 from tests.fakes.common import Pki
 from tests.fakes.thread import LoopThread
 from tests.fakes.webpush import FakePushService
+from tests.helpers.browser import CHROMIUM, FLAGS, require_browser
 from tests.http.conftest import db_rows, make_api_gateway
 from tests.support import fill_disk, mounted_tmpfs
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 @dataclass
@@ -60,6 +59,21 @@ async def open_push_page(browser: Browser, origin: str, **context_options: Any) 
     return PushPage(context, page, cdp, registrations)
 
 
+# The tests and the module's browser share one event loop (Playwright's objects belong to it).
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser() -> Browser:
+    """One Chromium (and Playwright driver) for the module; each test opens a context of its
+    own: a fresh profile, with its own service worker registrations, IndexedDB and
+    notification permission."""
+    async with async_playwright() as pw:
+        b = await pw.chromium.launch(executable_path=require_browser(CHROMIUM), args=FLAGS)
+        yield b
+        await b.close()
+
+
 @pytest.fixture
 def push_service(tmp_path):
     pki = Pki(tmp_path / "pki")
@@ -70,16 +84,14 @@ def push_service(tmp_path):
     thread.stop()
 
 
-async def test_service_worker_shows_the_push_and_acks_it_through_the_gateway(tmp_path, push_service):
-    assert shutil.which("chromium") == CHROMIUM, "Debian's chromium is required (make test installs it)"
+async def test_service_worker_shows_the_push_and_acks_it_through_the_gateway(tmp_path, push_service, started,
+                                                                            browser):
     pki, fake = push_service
-    api = make_api_gateway(tmp_path, webpush_config(tmp_path, pki),
-                           users={"tech": ("technician", "tech-pw"), "web-1": ("device", "web1-pw")})
+    api = webpush_gateway(tmp_path, pki, started)
     origin = api.base
     try:
-        async with async_playwright() as pw:
-            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-            opened = await open_push_page(browser, origin)
+        opened = await open_push_page(browser, origin)
+        try:
             page, cdp, registrations = opened.page, opened.cdp, opened.registrations
             await page.goto(f"{origin}/web/")
             await page.evaluate("navigator.serviceWorker.ready.then(() => true)")
@@ -120,7 +132,8 @@ async def test_service_worker_shows_the_push_and_acks_it_through_the_gateway(tmp
             shown = await page.evaluate("""navigator.serviceWorker.ready.then(r => r.getNotifications()).then(ns =>
                 ns.map(n => ({title: n.title, body: n.body, data: n.data, tag: n.tag,
                               requireInteraction: n.requireInteraction})))""")
-            await browser.close()
+        finally:
+            await opened.context.close()
     finally:
         api.close()
     assert shown == [{"title": "Freezer 3", "body": "Above -15 C", "tag": "freezer-3", "requireInteraction": True,
@@ -146,16 +159,16 @@ PENDING_ACKS = """() => new Promise((resolve, reject) => {
 
 
 class ChromiumPage:
-    """Chromium with the gateway's page open, its worker registered, device web-1 subscribed."""
+    """A context of the module's Chromium with the gateway's page open, its worker
+    registered, device web-1 subscribed."""
 
-    def __init__(self, api, fake, pw):
-        self.api, self.fake, self.pw = api, fake, pw
+    def __init__(self, api, fake, browser):
+        self.api, self.fake, self.browser = api, fake, browser
         self.origin = api.base
 
     async def __aenter__(self) -> "ChromiumPage":
-        self.browser = await self.pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         opened = await open_push_page(self.browser, self.origin)
-        self.page, self.cdp, registrations = opened.page, opened.cdp, opened.registrations
+        self.context, self.page, self.cdp, registrations = opened.context, opened.page, opened.cdp, opened.registrations
         await self.page.goto(f"{self.origin}/web/")
         await self.page.evaluate("navigator.serviceWorker.ready.then(() => true)")
         self.registration_id = registrations[f"{self.origin}/web/"]
@@ -165,7 +178,7 @@ class ChromiumPage:
         return self
 
     async def __aexit__(self, *exc) -> None:
-        await self.browser.close()
+        await self.context.close()
 
     async def pushed(self, tech: httpx.AsyncClient, job_id: str) -> dict:
         """Send a job to web-1; the payload the push service got for it (decrypted)."""
@@ -237,14 +250,14 @@ async def wait_acknowledged(tech: httpx.AsyncClient, job_id: str, timeout: float
 
 
 @pytest.mark.slow
-async def test_ack_refused_with_503_on_a_full_disk_arrives_when_there_is_room(tmp_path, push_service, started):
+async def test_ack_refused_with_503_on_a_full_disk_arrives_when_there_is_room(tmp_path, push_service, started, browser):
     """The gateway answers 503 + Retry-After while its disk is full: the worker keeps the ack
     (IndexedDB), waits as asked, and the delivery is acknowledged once the disk has room."""
     pki, fake = push_service
     with mounted_tmpfs(tmp_path / "var", "24m") as var:
         api = webpush_gateway(tmp_path, pki, started)
         try:
-            async with async_playwright() as pw, ChromiumPage(api, fake, pw) as b, \
+            async with ChromiumPage(api, fake, browser) as b, \
                     httpx.AsyncClient(base_url=api.base, auth=("tech", "tech-pw"), timeout=30) as tech:
                 payload = await b.pushed(tech, "full-1")
                 filler = fill_disk(var / "filler")
@@ -265,11 +278,11 @@ async def test_ack_refused_with_503_on_a_full_disk_arrives_when_there_is_room(tm
         assert api.gw.stop() == 0
 
 
-async def test_ack_sent_while_the_gateway_restarts_arrives_after_it_is_back(tmp_path, push_service, started):
+async def test_ack_sent_while_the_gateway_restarts_arrives_after_it_is_back(tmp_path, push_service, started, browser):
     pki, fake = push_service
     api = webpush_gateway(tmp_path, pki, started)
     try:
-        async with async_playwright() as pw, ChromiumPage(api, fake, pw) as b, \
+        async with ChromiumPage(api, fake, browser) as b, \
                 httpx.AsyncClient(base_url=api.base, auth=("tech", "tech-pw"), timeout=30) as tech:
             payload = await b.pushed(tech, "restart-1")
             assert api.gw.stop() == 0  # connections are refused until it is back
@@ -284,13 +297,13 @@ async def test_ack_sent_while_the_gateway_restarts_arrives_after_it_is_back(tmp_
     assert api.gw.stop() == 0
 
 
-async def test_page_load_sends_acks_left_unsent(tmp_path, push_service, started):
+async def test_page_load_sends_acks_left_unsent(tmp_path, push_service, started, browser):
     """An ack left in the worker's store (its event ran out of time) goes out when a page of
     the app loads, without a new push."""
     pki, fake = push_service
     api = webpush_gateway(tmp_path, pki, started)
     try:
-        async with async_playwright() as pw, ChromiumPage(api, fake, pw) as b, \
+        async with ChromiumPage(api, fake, browser) as b, \
                 httpx.AsyncClient(base_url=api.base, auth=("tech", "tech-pw"), timeout=30) as tech:
             payload = await b.pushed(tech, "left-1")
             # What the worker leaves behind when the browser stops its event: a stored ack, due.
