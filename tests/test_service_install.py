@@ -413,7 +413,8 @@ def test_the_unit_under_a_real_systemd(installed: Installed):
     require_tool("systemd-nspawn")
     require_tool("nsenter")
     _prepare_nspawn_host()
-    moved, port, http_port = on_free_ports(installed.config.read_text())
+    text = installed.config.read_text()
+    moved, port, http_port = on_free_ports(text)
     installed.config.write_text(moved)
     assert root_cli(installed, "users", "add", "plc-1", "--role", "device", "--password-stdin",
                     input="pw-1\n").returncode == 0
