@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import cli_in_process as cli  # the operator's commands, in this process: no interpreter start each
+from tests.helpers import wait_until
 from tests.pipeline.devices import P, MqttDevice, close_all
 from tests.support import (
     MqttProbe,
@@ -152,9 +153,15 @@ def test_an_offline_mqtt_device_gets_its_notification_by_resend_and_acks_it(gate
                                   "expired": 0, "invalid_address": 0, "suppressed": 0}
         from gateway.storage import connect
         conn = connect(tmp_path / "var" / "gateway.db")
-        row = conn.execute("SELECT message_id, attempts, state FROM deliveries WHERE job_id = 'resend-1'").fetchone()
-        assert row["message_id"] == envelope["message_id"] and row["attempts"] >= 2 and row["state"] == "acknowledged"
-        conn.close()
+        try:
+            # The resend's attempt is recorded in the writer's next batch, which may come
+            # after the ack it brought (the ack keeps the row acknowledged; attempts still grow).
+            row = wait_until(lambda: (r := conn.execute("SELECT message_id, attempts, state FROM deliveries "
+                                                        "WHERE job_id = 'resend-1'").fetchone())["attempts"] >= 2 and r,
+                             timeout=10, what="the resend counted in attempts")
+        finally:
+            conn.close()
+        assert row["message_id"] == envelope["message_id"] and row["state"] == "acknowledged"
         assert gw.stop() == 0
     finally:
         probe.close()
