@@ -7,9 +7,11 @@ TEST_STAMP := $(VENV)/.installed-test
 PYTEST_ARGS ?=
 ## Test files run on this many workers (pytest-xdist; one file stays on one worker, so a
 ## module's fixtures, e.g. the service install, are built once). 0 runs them in this process.
-## Four on 2 cores: the suite waits on timers and processes about as long as it computes
-## (~440 s of CPU in ~1,300 s of test time), so two workers left the cores half idle.
-PYTEST_WORKERS ?= 4
+## Six on 2 cores: the suite waits on timers and processes far longer than it computes
+## (~300 s of CPU, Chromium's renderers included, in ~800 s of test time). Measured on one
+## 2-core machine: 4 workers 198 s, 6 workers 167-169 s, and 206 s / 241 s at 6 with one /
+## two busy loops beside it (every test passed).
+PYTEST_WORKERS ?= 6
 ## test-fast's workers. Its tests wait more than they compute (protocol timers: will delays,
 ## keep-alives, expiries, fall-over graces; ~70 s of waiting to ~45 s of CPU in one process),
 ## so four workers on 2 cores run one's waits beside the others' work.
