@@ -461,6 +461,37 @@ def test_devices_are_searched_and_paged_on_the_server(gw, context, tmp_path):
     assert sum(len(body["devices"]) for _, body in pages) < 300, "the page never loads the fleet"
 
 
+def test_a_search_keeps_its_result_when_the_tabs_first_load_answers_after_it(gw, context):
+    """A list shows the answer to the newest request made of it: the Devices tab's first
+    load (the whole fleet), answered only after the search typed meanwhile was drawn, does
+    not put the fleet back under the search field."""
+    page = login(context, gw, "tech")
+    held: list[Any] = []
+
+    def hold_the_first(route: Any) -> None:
+        if not held:
+            held.append(route)
+        else:
+            route.continue_()
+
+    page.route("**/ui/api/devices?*", hold_the_first)
+    page.get_by_role("tab", name="Devices").click()
+    while not held:
+        page.wait_for_timeout(20)  # lets Playwright dispatch the route
+    assert "q=" not in held[0].request.url, held[0].request.url
+    panel = page.locator("#panel-devices")
+    panel.get_by_label("Device id starts with").fill("fleet-0003")
+    panel.get_by_role("button", name="Search").click()
+    expect(panel.locator("#dev-total")).to_have_text("1 device matches")
+    with page.expect_response(lambda r: r.request == held[0].request) as late:
+        held[0].continue_()
+    late.value.finished()
+    page.evaluate("() => new Promise((r) => setTimeout(r, 300))")  # its handler has run by now
+    expect(panel.locator("#dev-total")).to_have_text("1 device matches")
+    expect(page.locator("#dev-table tbody tr")).to_have_count(1)
+    page.unroute("**/ui/api/devices?*")
+
+
 # ------------------------------------------------------------------ the Now tab under load
 def test_the_now_tab_shows_the_oldest_queued_delivery_and_the_cloud_backlog(browser, tmp_path):
     """A slow bridge keeps deliveries queued and an unreachable cloud broker lets the
@@ -562,6 +593,7 @@ def test_ages_keep_counting_with_no_new_event(gw, context):
     panel = page.locator("#panel-devices")
     panel.get_by_label("Device id starts with").fill("fleet-0003")
     panel.get_by_role("button", name="Search").click()
+    expect(panel.locator("#dev-total")).to_have_text("1 device matches")  # the search's draw, not the tab's
     last_ack = page.locator('#dev-table tr[data-device="fleet-0003"] > td:nth-child(6)')
     expect(last_ack).to_have_text(re.compile(r"^\d+ s ago$"))
     last_ack.evaluate("el => { el.dataset.probe = 'drawn once'; }")

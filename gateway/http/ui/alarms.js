@@ -2,7 +2,9 @@
 
 import {$, h, fill, badge} from "./dom.js";
 import {time, value} from "./format.js";
-import {get, post, ApiError} from "./api.js";
+import {newest, post, ApiError} from "./api.js";
+
+const getList = newest();
 
 const PAGE = 50;
 const view = {state: "firing", cursors: [null], index: 0, rev: -1, stale: true};
@@ -19,8 +21,9 @@ function escalation(a) {
 
 export async function loadAlarms(index = 0) {
   const after = view.cursors[index];
-  const page = await get("/ui/api/alarms", {state: view.state, limit: PAGE,
-                                            after_rule: after ? after[0] : null, after_key: after ? after[1] : null});
+  const page = await getList("/ui/api/alarms", {state: view.state, limit: PAGE,
+                                                after_rule: after ? after[0] : null, after_key: after ? after[1] : null});
+  if (!page) return;  // overtaken by a newer state filter, page or refresh
   view.index = index;
   view.cursors.length = index + 1;
   if (page.next) view.cursors.push(page.next);

@@ -34,6 +34,17 @@ export const get = (path, params) => {
   const qs = params ? new URLSearchParams(Object.entries(params).filter(([, v]) => v !== "" && v !== null && v !== undefined)) : "";
   return call("GET", qs && qs.toString() ? `${path}?${qs}` : path);
 };
+/** A ``get`` for one list whose answer counts only if no newer request of that list was made
+ * meanwhile (it resolves to null then): a search or page asked while an earlier one (the tab's
+ * first load, say) is still on its way is what the list shows, whichever answer comes last. */
+export function newest() {
+  let asked = 0;
+  return async (path, params) => {
+    const mine = ++asked;
+    const answer = await get(path, params);
+    return mine === asked ? answer : null;
+  };
+}
 export const post = (path, body) => call("POST", path, body);
 export const put = (path, body) => call("PUT", path, body);
 export const del = (path) => call("DELETE", path);

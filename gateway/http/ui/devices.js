@@ -2,7 +2,9 @@
 
 import {$, h, fill, facts, badge, placeDetail, revealDetail} from "./dom.js";
 import {ago, ms, num, time} from "./format.js";
-import {get} from "./api.js";
+import {get, newest} from "./api.js";
+
+const getList = newest();
 
 const PAGE = 50;
 const view = {filter: {q: "", segment: "", tag: ""}, cursors: [""], index: 0, total: 0, open: null, loading: null};
@@ -31,7 +33,8 @@ export function loadDevices(index = 0) {
 
 async function fetchDevices(index) {
   const after = view.cursors[index];
-  const page = await get("/ui/api/devices", {...view.filter, after, limit: PAGE});
+  const page = await getList("/ui/api/devices", {...view.filter, after, limit: PAGE});
+  if (!page) return;  // overtaken by a newer search or page
   view.index = index;
   view.cursors.length = index + 1;
   if (page.next) view.cursors.push(page.next);

@@ -2,7 +2,9 @@
 
 import {$, h, fill, facts, badge, placeDetail, revealDetail} from "./dom.js";
 import {ago, ms, num, time, value} from "./format.js";
-import {get, post, ApiError} from "./api.js";
+import {get, newest, post, ApiError} from "./api.js";
+
+const getList = newest();
 
 const PAGE = 20;
 const SEGMENTS = [  // stacking order of the progress bar
@@ -68,7 +70,8 @@ export function loadJobs(cursorIndex = 0) {
 
 async function fetchJobs(cursorIndex) {
   const before = view.cursors[cursorIndex];
-  const page = await get("/ui/api/jobs", {limit: PAGE, before, q: view.filter.q, state: view.filter.state});
+  const page = await getList("/ui/api/jobs", {limit: PAGE, before, q: view.filter.q, state: view.filter.state});
+  if (!page) return;  // overtaken by a newer search, page or refresh
   view.jobs = page.jobs;
   view.cursors.length = cursorIndex + 1;
   view.index = cursorIndex;

@@ -3,13 +3,14 @@
 // answer for the logged-in person only.
 
 import {$, h, fill, badge} from "./dom.js";
-import {ApiError, get, post, put, del, setCsrf} from "./api.js";
+import {ApiError, get, newest, post, put, del, setCsrf} from "./api.js";
 import {time} from "./format.js";
 
 const PAGE = 20;
 const DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
 const THIS_BROWSER = "homepot-me-browser";  // localStorage: the device id this browser is registered as
 const inbox = {cursors: [null], index: 0};
+const getInbox = newest();
 let person = null;
 
 function showError(err) {
@@ -62,7 +63,8 @@ function item(n) {
 }
 
 async function loadInbox(index = inbox.index) {
-  const items = await get("/v1/me/inbox", {limit: PAGE, before: inbox.cursors[index]});
+  const items = await getInbox("/v1/me/inbox", {limit: PAGE, before: inbox.cursors[index]});
+  if (!items) return;  // overtaken by a newer page or refresh
   inbox.index = index;
   inbox.cursors.length = index + 1;
   if (items.length === PAGE) inbox.cursors.push(items[items.length - 1].message_id);

@@ -2,11 +2,12 @@
 // bypass priority and mutes, a page at a time (server-side, by person_id).
 
 import {$, h, fill, badge} from "./dom.js";
-import {get} from "./api.js";
+import {newest} from "./api.js";
 import {num} from "./format.js";
 
 const PAGE = 50;
 const view = {q: "", cursors: [""], index: 0, loaded: false};
+const getList = newest();
 
 function reachList(p) {
   if (!p.devices.length) return h("span", {class: "muted"}, "none");
@@ -33,7 +34,8 @@ function muted(p) {
 const cell = (label, ...children) => h("td", {"data-label": label}, h("div", {class: "cell"}, ...children));
 
 export async function loadPeople(index = 0) {
-  const page = await get("/ui/api/people", {q: view.q, after: view.cursors[index], limit: PAGE});
+  const page = await getList("/ui/api/people", {q: view.q, after: view.cursors[index], limit: PAGE});
+  if (!page) return;  // overtaken by a newer search or page
   view.index = index;
   view.cursors.length = index + 1;
   if (page.next) view.cursors.push(page.next);
