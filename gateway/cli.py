@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional, TypedDict, TypeVar
 
 import typer
 from typer.core import TyperArgument
@@ -23,13 +24,28 @@ from gateway.states import DELIVERY_STATES, AlarmState, JobState
 if TYPE_CHECKING:
     import sqlite3
 
+    import click
+
+    from devices.models import Device
+    from gateway.alarms.engine import AlarmRow
     from gateway.config import Config, LoadedConfig
+    from gateway.device_import import Parsed
+    from gateway.progress import Until
+
+T = TypeVar("T")
+
+
+class _PlainHelp(TypedDict):
+    """Typed, so that ``**PLAIN`` reaches ``typer.Typer`` as its ``rich_markup_mode`` argument."""
+
+    rich_markup_mode: None
+
 
 # Plain (click) help: rich markup would eat bracketed words such as [[rules]] and [broker.acl].
-PLAIN = {"rich_markup_mode": None}
+PLAIN: _PlainHelp = {"rich_markup_mode": None}
 
 
-def _argument_metavar_only(self: TyperArgument, ctx: object) -> None:
+def _argument_metavar_only(self: object, ctx: click.Context) -> str | None:
     """Typer labels every argument with its Python type (``ID <str>``); the metavar says it."""
     return None
 
@@ -68,7 +84,9 @@ def _global(config: Annotated[Optional[str], typer.Option("--config", metavar="F
     state.config_path = config
 
 
-def fail(lines: list[str] | str, code: int = 2) -> None:
+def fail(lines: list[str] | str, code: int = 2) -> NoReturn:
+    """Print the error lines and exit with ``code``. ``NoReturn``: after ``if row is None:
+    fail(...)`` mypy knows the row is there (the checks in tests/test_wiring.py)."""
     for line in [lines] if isinstance(lines, str) else lines:
         typer.echo(line, err=True)
     raise typer.Exit(code)
@@ -93,7 +111,6 @@ def get_loaded(tighten: bool = True) -> LoadedConfig:
         loaded = load_config(state.config_path)
     except ConfigError as exc:
         fail(exc.lines())
-        raise  # unreachable
     cfg = loaded.config
     from gateway.storage import SqliteTooOld, check_sqlite
 
@@ -265,7 +282,7 @@ def vapid_keys(
 
 
 # ---------------------------------------------------------------------- pipeline commands
-def _db(cfg: Config):  # noqa: ANN202 - sqlite3.Connection, imported lazily
+def _db(cfg: Config) -> sqlite3.Connection:
     from gateway import clock, migrations
     from gateway.storage import connect, transaction
 
@@ -281,7 +298,7 @@ def _db(cfg: Config):  # noqa: ANN202 - sqlite3.Connection, imported lazily
     return conn
 
 
-def _tx(conn, fn):  # noqa: ANN001, ANN202
+def _tx(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
     from gateway.storage import transaction
 
     return transaction(conn, fn)
@@ -330,11 +347,11 @@ def send(
         fail(str(exc))
     target = ({"devices": device} if device else {"segment": segment} if segment is not None
               else {"people": person} if person else {"all": True})
-    notification: dict = {"data": pairs, "priority": priority, "ttl": ttl}
+    notification: dict[str, Any] = {"data": pairs, "priority": priority, "ttl": ttl}
     for k, v in (("title", title), ("body", body), ("collapse_key", collapse_key)):
         if v is not None:
             notification[k] = v
-    obj: dict = {"target": target, "notification": notification}
+    obj: dict[str, Any] = {"target": target, "notification": notification}
     if job_id is not None:
         obj["job_id"] = job_id
     try:
@@ -368,7 +385,8 @@ def send(
     if wait:
         from gateway.progress import wait_for_job
 
-        raise typer.Exit(wait_for_job(conn, parsed.job_id, timeout, until,  # type: ignore[arg-type]
+        goal: Until = "acknowledged" if until == JobState.ACKNOWLEDGED else "completed"  # checked at the start
+        raise typer.Exit(wait_for_job(conn, parsed.job_id, timeout, goal,
                                       pipeline_jobs.job_status, lambda: daemon_running(cfg) is not False, cfg.data_dir))
 
 
@@ -477,7 +495,7 @@ def devices_import(
             for start in range(0, len(devices), batch_size):
                 batch = devices[start:start + batch_size]
 
-                def write(c, batch=batch):  # noqa: ANN001, ANN202
+                def write(c: sqlite3.Connection, batch: list[Device] = batch) -> None:
                     for dev in batch:
                         registry.upsert_device(c, dev, "import")
 
@@ -509,14 +527,14 @@ def _fields(pairs: list[tuple[str, str]]) -> None:
         typer.echo(f"{key + ':':<{width + 1}} {value}")
 
 
-def _channels_text(dev: dict) -> str:
+def _channels_text(dev: dict[str, Any]) -> str:
     from devices.models import raw_bridge_key
 
     # A channel of another app of its platform reads as its bridge: fcm:shop-app.
     return ",".join((raw_bridge_key(c) or "?") + ("(invalid)" if "invalid" in c else "") for c in dev["channels"])
 
 
-def _lines_of(parsed, committed: int) -> str:  # noqa: ANN001 - gateway.device_import.Parsed
+def _lines_of(parsed: Parsed, committed: int) -> str:
     """How many of the file's device lines the first ``committed`` devices came from."""
     return f"{sum(parsed.line_counts[:committed])} of {sum(parsed.line_counts)} device lines"
 
@@ -705,7 +723,7 @@ alarms_app = typer.Typer(no_args_is_help=True, **PLAIN, help="Sensor alarms ([[r
 app.add_typer(alarms_app, name="alarms")
 
 
-def _alarms_db(cfg: Config):  # noqa: ANN202 - sqlite3.Connection
+def _alarms_db(cfg: Config) -> sqlite3.Connection:
     return _db(cfg)
 
 
@@ -763,7 +781,7 @@ def alarms_ack(
     _tx(conn, lambda c: alarm_store.request_ack(c, rule, row.key, by, note, clock.now()))
     # The running daemon applies it within a fraction of a second; show that it did.
     deadline = time.monotonic() + 3.0
-    current = row
+    current: AlarmRow | None = row
     while time.monotonic() < deadline:
         current = alarm_store.get_row(conn, rule, row.key)
         if current is None or current.state != AlarmState.FIRING or current.episode != row.episode:

@@ -62,6 +62,21 @@ def test_cli_errors_name_the_option_not_the_json_path(cfg_path: Path, args: list
     assert not (cfg_path.parent / "var" / "gateway.db").exists()  # nothing written for bad input
 
 
+@pytest.mark.parametrize(("args", "expected"), [
+    (["jobs", "show", "nope"], "ID: no such job 'nope'"),
+    (["jobs", "show", "nope", "--json", "--deliveries"], "ID: no such job 'nope'"),
+    (["devices", "show", "nope"], "ID: no such device 'nope'"),
+    (["devices", "show", "nope", "--json"], "ID: no such device 'nope'"),
+    (["devices", "remove", "nope"], "ID: no such device 'nope'"),
+])
+def test_an_unknown_id_is_named_and_fails_without_a_traceback(cfg_path: Path, args: list[str], expected: str):
+    """An id the operator typed that is not stored: one line naming it, exit 1, nothing on stdout."""
+    res = cli_in_process(cfg_path, *args)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.strip().splitlines()[-1] == expected, res.stderr
+    assert "Traceback" not in res.stderr and res.stdout == "", res.stdout + res.stderr
+
+
 # ------------------------------------------------------------------ devices import
 def test_devices_import_jsonl_reports_refused_lines_and_imports_the_rest(tmp_path: Path, cfg_path: Path):
     good = [{"device_id": f"pos-{i}", "segment": "pos", "tags": ["floor-2"], "channels": [{"platform": "simulation"}]}

@@ -1,5 +1,6 @@
-"""The service graph is typed: mypy checks the wiring, the daemon, the Service protocol and
-the health reporter (with the configuration in pyproject.toml), and that configuration
+"""The service graph is typed: mypy checks the wiring, the daemon, the Service protocol,
+the health reporter and the operator's CLI (gateway/cli.py: a row looked up by a typed id
+is checked before use) with the configuration in pyproject.toml, and that configuration
 rejects an ``Any`` on the graph and a service handed a collaborator that lacks what its
 port asks for."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -21,9 +23,10 @@ def mypy(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
-def test_mypy_passes_on_the_service_graph():
+def test_mypy_passes_on_the_service_graph_and_the_cli():
     out = mypy()  # the files and the flags come from [tool.mypy]
     assert out.returncode == 0, out.stdout + out.stderr
+    assert "gateway/cli.py" in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]["files"]
     assert "Success" in out.stdout
 
 
