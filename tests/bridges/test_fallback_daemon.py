@@ -51,6 +51,13 @@ def deliveries(gw, job_id: str) -> dict[str, dict]:
     return {d["device_id"]: d for d in json.loads(r.stdout)["deliveries"]}
 
 
+def recorded(gw, job_id: str, device: str) -> dict:
+    """The device's delivery once the gateway has recorded the send the push service took:
+    the service's 201 comes before the writer's next commit."""
+    return wait_for(lambda: (d := deliveries(gw, job_id)[device])["state"] != "queued" and d, 10,
+                    f"{device}'s send recorded")
+
+
 def send(gw, device: str, *extra: str) -> str:
     r = cli(gw, "send", "--title", "T", "--body", "B", "--device", device, *extra)
     assert r.returncode == 0, r.stderr
@@ -67,7 +74,7 @@ def test_a_phone_is_reached_by_web_push_while_fcm_refuses_the_key(tmp_path, fake
     # ttl 0 ("now or never"): moves to Web Push at once, not after the grace.
     now_job = send(gw, "phone-1", "--ttl", "0")
     wait_for(lambda: len(fakes.push.accepted) == 1, 10, "ttl 0 delivery on Web Push")
-    row = deliveries(gw, now_job)["phone-1"]
+    row = recorded(gw, now_job, "phone-1")
     assert row["state"] == "sent" and row["platform"] == "webpush", row
     assert row["moved"].startswith("moved from fcm to webpush: fcm unhealthy for "), row
     assert unhealthy_for(row["moved"]) < GRACE_S, row  # at once, not after the grace
@@ -76,7 +83,7 @@ def test_a_phone_is_reached_by_web_push_while_fcm_refuses_the_key(tmp_path, fake
     job_id = send(gw, "phone-1", "--ttl", "600")
     only = send(gw, "android-only", "--ttl", "600")
     wait_for(lambda: len(fakes.push.accepted) == 2, GRACE_S + 10, "delivery moved to Web Push")
-    row = deliveries(gw, job_id)["phone-1"]
+    row = recorded(gw, job_id, "phone-1")
     assert row["state"] == "sent" and row["platform"] == "webpush", row
     assert unhealthy_for(row["moved"]) >= GRACE_S, row  # not before the grace ran out
     assert "fcm unhealthy" in row["moved"] and "oauth token refresh refused" in row["moved"], row
@@ -103,7 +110,7 @@ def test_a_broken_key_file_is_found_by_check_config_and_the_daemon_runs_with_fcm
     add_device(gw, "phone-1", ("fcm", FCM_OK), ("webpush", json.dumps(fakes.push.subscribe())))
     job_id = send(gw, "phone-1", "--ttl", "600")
     wait_for(lambda: len(fakes.push.accepted) == 1, GRACE_S + 10, "delivery moved to Web Push")
-    row = deliveries(gw, job_id)["phone-1"]
+    row = recorded(gw, job_id, "phone-1")
     assert row["platform"] == "webpush" and "unusable service account" in row["moved"], row
     assert fakes.fcm.seen == []
     assert "bridge cannot start" in gw.log()
