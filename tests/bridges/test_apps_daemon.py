@@ -171,7 +171,12 @@ def test_one_apps_broken_key_moves_only_its_devices(tmp_path, fakes, gateway_fac
     # the grace; the shop device with no other channel waits, naming its app's bridge.
     wait_for(lambda: len(fakes.fcm.accepted) == 1, 15, "the main app's delivery")
     wait_for(lambda: len(fakes.push.accepted) == 1, GRACE_S + 15, "the shop phone moved to Web Push")
-    rows = deliveries(gw, job)
+    # Both sends recorded (the services' answers come before the gateway's commit).
+    def recorded() -> dict[str, Any] | None:
+        rows = deliveries(gw, job)
+        return rows if rows["android-main"]["state"] != "queued" and rows["phone-shop"]["state"] != "queued" else None
+
+    rows = wait_for(recorded, 10, "the sends recorded")
     assert rows["android-main"]["state"] == "sent" and rows["android-main"]["platform"] == "fcm", rows
     assert rows["phone-shop"]["state"] == "sent" and rows["phone-shop"]["platform"] == "webpush", rows
     assert rows["phone-shop"]["moved"].startswith("moved from fcm:shop-app to webpush: fcm:shop-app unhealthy"), rows
