@@ -97,3 +97,25 @@ def test_the_cli_in_process_builds_the_command_once_and_each_call_runs_its_own(t
     assert shown.returncode == 0 and "plc-1" in shown.stdout
     assert missing.returncode == 1 and "plc-2" in missing.stderr
     assert len(built) == 1
+
+
+def test_the_cli_in_process_starts_on_the_wall_clock_and_gives_the_callers_back(tmp_path: Path):
+    """A command starts the gateway's clock at the wall clock, as a new process does, whatever
+    an earlier in-process command attached to; the caller's clock is put back after."""
+    import sqlite3
+    import time
+
+    from gateway import clock
+
+    config = write_config(tmp_path, base_config(tmp_path, free_port()))
+    stepped = clock._offset - 44 * 86400  # a timeline another test's database left behind
+    clock._offset = stepped
+    try:
+        assert cli_in_process(config, "send", "--title", "t", "--all", "--yes", "--job-id", "now").returncode == 0
+        assert clock._offset == stepped
+    finally:
+        clock._offset = time.time() - time.monotonic()
+    conn = sqlite3.connect(tmp_path / "var" / "gateway.db")
+    (created_at,) = conn.execute("SELECT created_at FROM jobs WHERE job_id = 'now'").fetchone()
+    conn.close()
+    assert abs(created_at - time.time()) < 60, created_at

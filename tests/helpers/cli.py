@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -60,15 +61,22 @@ def cli_in_process(config: Path, *args: str, input: str | None = None) -> CliRes
     escapes ``main`` ends up in ``stderr`` as the traceback a real process prints, so
     checks for "no traceback" hold here too. The umask the CLI narrows (gateway/filemodes.py)
     is put back after, as a process of its own leaves its parent's: the next call, or a
-    daemon started next, gets the caller's umask."""
+    daemon started next, gets the caller's umask. The same for the gateway's clock: a process
+    starts it at the wall clock and ``clock.attach`` may move it to a database's stored
+    timeline; here each call starts from the wall clock too and the caller's is put back (one
+    command attached to a database stepped 44 days back once stamped the next test's jobs
+    44 days old: expired at once)."""
     from typer.testing import CliRunner
 
+    from gateway import clock
     from gateway.cli import main
 
     argv = ["--config", str(config), *args]
     cwd, old_argv = os.getcwd(), sys.argv
     umask = os.umask(0o077)
     os.umask(umask)
+    callers_clock = clock._offset
+    clock._offset = time.time() - time.monotonic()  # as at a new process's import
     code = 0
     with CliRunner().isolation(input=input) as (out, err, *_):
         os.chdir(config.parent)
@@ -92,5 +100,6 @@ def cli_in_process(config: Path, *args: str, input: str | None = None) -> CliRes
             sys.argv = old_argv
             os.chdir(cwd)
             os.umask(umask)
+            clock._offset = callers_clock
         stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
     return CliResult(["homepot-gateway", *argv], code, stdout, stderr)
