@@ -77,7 +77,7 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
 GATEWAY = """
 import asyncio, sys
 from gateway.config import parse_config
-from gateway.broker import EmbeddedBroker, InternalCredentials
+from gateway.broker.embedded import EmbeddedBroker, InternalCredentials
 async def main():
     port, data = int(sys.argv[1]), sys.argv[2]
     cfg = parse_config({"gateway": {"data_dir": data}, "broker": {"url": f"mqtt://127.0.0.1:{port}",

@@ -51,7 +51,7 @@ KINDS = ("oversized", "denied flood", "slow reader")
 BROKER = """
 import asyncio, sys
 from gateway.config import parse_config
-from gateway.broker import EmbeddedBroker, InternalCredentials
+from gateway.broker.embedded import EmbeddedBroker, InternalCredentials
 from gateway.logs import setup_logging
 setup_logging("info", "json")   # as the daemon logs on the shipped defaults ([logging])
 async def main():

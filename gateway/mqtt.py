@@ -37,7 +37,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway import mqtt_compat
-from gateway.mqtt_errors import NotConnected as NotConnected  # re-exported: its importers predate the module
+from gateway.mqtt_errors import NotConnected as NotConnected  # part of the client's interface (re-exported)
 from gateway.mqtt_url import MqttUrl
 from gateway.setaside import SetAside
 from gateway.storage import FailureEpisode, is_storage_error

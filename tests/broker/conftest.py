@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.broker import EmbeddedBroker
+from gateway.broker.embedded import EmbeddedBroker
 from tests.broker.helpers import start_broker
 
 

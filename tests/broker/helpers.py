@@ -19,7 +19,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-from gateway.broker import EmbeddedBroker, InternalCredentials
+from gateway.broker.embedded import EmbeddedBroker, InternalCredentials
 from gateway.config import Config, parse_config
 from tests.helpers import deep_merge, free_port, until  # noqa: F401 - until: re-exported
 

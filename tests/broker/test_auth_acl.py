@@ -10,7 +10,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 
-from gateway.broker import EmbeddedBroker, InternalCredentials
+from gateway.broker.embedded import EmbeddedBroker, InternalCredentials
 from tests.broker.helpers import PUBACK, PUBLISH, Paho, RawClient, broker_config, until
 from tests.helpers import CliResult, cli_in_process, write_accounts
 from tests.support import free_port, write_config

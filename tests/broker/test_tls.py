@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from gateway.broker import EmbeddedBroker, InternalCredentials
+from gateway.broker.embedded import EmbeddedBroker, InternalCredentials
 from tests.broker.helpers import Paho, broker_config, until
 from tests.support import free_port
 
